@@ -1,0 +1,6 @@
+//! One module per subcommand.
+
+pub mod health;
+pub mod migrate;
+pub mod provision;
+pub mod schema;

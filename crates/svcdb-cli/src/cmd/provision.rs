@@ -1,0 +1,58 @@
+//! `svcdb provision`: a login role owning the service's schema, nothing for PUBLIC.
+
+use anyhow::{Context, Result};
+use svcdb::{provision, DedicatedConn, Ident, Password, ProvisionSpec};
+
+use crate::global::Global;
+use crate::{output, Outcome};
+
+/// Options of `svcdb provision` (the schema is the global `--schema`).
+#[derive(clap::Args)]
+pub struct Args {
+    /// The service's name; the role is named after it unless --role says otherwise.
+    #[arg(long)]
+    service: String,
+
+    /// The login role to create; default: the service name.
+    #[arg(long)]
+    role: Option<String>,
+
+    /// Name of an environment variable holding the role's password (never pass a password
+    /// on the command line: other users can read it in the process list).
+    #[arg(long, value_name = "VAR")]
+    password_env: Option<String>,
+}
+
+/// Provisions with the admin connection given by `--database-url`.
+pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
+    let schema = global
+        .schema
+        .as_deref()
+        .context("no schema given: pass --schema or set SVCDB_SCHEMA")?;
+    Ident::new("service", &args.service)?;
+    let mut spec = ProvisionSpec::new(args.role.as_deref().unwrap_or(&args.service), schema)?;
+    if let Some(list) = &global.extra_schemas {
+        spec.extra_schemas = Ident::parse_list("schema", list)?;
+    }
+    if let Some(var) = &args.password_env {
+        let password = std::env::var(var)
+            .with_context(|| format!("--password-env names {var}, which is not set"))?;
+        spec.password = Some(Password::new(password));
+    }
+    let admin_config = svcdb::config::parse_url(global.database_url()?)?;
+    let mut admin = DedicatedConn::connect(&admin_config).await?;
+    let report = provision(&mut admin, &spec).await?;
+    if global.json {
+        output::json(&report)?;
+    } else if report.changes.is_empty() {
+        println!(
+            "nothing to do: role {} and schema {} are already provisioned in {}",
+            report.role, report.schema, report.database
+        );
+    } else {
+        for change in &report.changes {
+            println!("{change}");
+        }
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,69 @@
+//! Options every subcommand shares, and the library configuration built from them.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use svcdb::{Config, ServiceDb};
+
+/// Connection and output options shared by every subcommand.
+#[derive(clap::Args)]
+pub struct Global {
+    /// PostgreSQL URL: postgres://user[:password]@host[:port]/dbname
+    // hide_env_values: the URL may hold a password, and --help must not print it.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// The service's schema.
+    #[arg(long, env = "SVCDB_SCHEMA", global = true)]
+    pub schema: Option<String>,
+
+    /// Schemas searched after the service schema, comma-separated (e.g. public,extensions).
+    #[arg(long, env = "SVCDB_EXTRA_SCHEMAS", global = true)]
+    pub extra_schemas: Option<String>,
+
+    /// The migrations folder.
+    #[arg(
+        long,
+        env = "SVCDB_MIGRATIONS_DIR",
+        global = true,
+        default_value = "./migrations"
+    )]
+    pub dir: PathBuf,
+
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Global {
+    /// The URL, or an error saying how to give it.
+    pub fn database_url(&self) -> Result<&str> {
+        self.database_url
+            .as_deref()
+            .context("no database given: pass --database-url or set DATABASE_URL")
+    }
+
+    /// The service configuration: these options first, then the `SVCDB_*` environment for
+    /// everything else (pool sizes, timeouts; see the library's `config` module).
+    pub fn config(&self) -> Result<Config> {
+        let url = self.database_url()?;
+        let schema = self
+            .schema
+            .as_deref()
+            .context("no schema given: pass --schema or set SVCDB_SCHEMA")?;
+        let mut config = Config::from_lookup(|key| match key {
+            "DATABASE_URL" => Some(url.to_owned()),
+            "SVCDB_SCHEMA" => Some(schema.to_owned()),
+            "SVCDB_EXTRA_SCHEMAS" => self.extra_schemas.clone(),
+            other => std::env::var(other).ok(),
+        })?;
+        // A command-line run needs one connection, not a warm pool of five.
+        config.pool_min = config.pool_min.min(1);
+        Ok(config)
+    }
+
+    /// Connects the service pool.
+    pub async fn connect(&self) -> Result<ServiceDb> {
+        Ok(ServiceDb::connect(self.config()?).await?)
+    }
+}

@@ -1,0 +1,91 @@
+//! Compile-time embedding of svcdb migrations. Use it as `svcdb::embed_migrations!`.
+//!
+//! The macro only reads the folder and emits `include_bytes!` for its files; all parsing and
+//! validation happens at run time in `svcdb::migrate::Migrations::from_embedded`, the same code
+//! that reads a folder, so an embedded source and a folder behave identically.
+
+use std::path::{Path, PathBuf};
+
+use proc_macro::TokenStream;
+use quote::quote;
+use syn::{parse_macro_input, LitStr};
+
+/// Embeds a migrations folder (relative to the calling crate's `Cargo.toml`) in the binary, as
+/// a `svcdb::migrate::EmbeddedMigrations` constant expression.
+///
+/// ```ignore
+/// static MIGRATIONS: svcdb::migrate::EmbeddedMigrations = svcdb::embed_migrations!("migrations");
+///
+/// let migrations = svcdb::migrate::Migrations::from_embedded(&MIGRATIONS)?;
+/// ```
+///
+/// Every file of the folder and of its direct sub-folders (the diesel layout) is embedded with
+/// `include_bytes!`, so editing a file rebuilds the crate. Adding or removing a file is not
+/// seen by Cargo on its own: add a `build.rs` with
+/// `println!("cargo:rerun-if-changed=migrations");` to rebuild on those too.
+/// Hidden files (`.gitkeep`, editor swap files) are skipped.
+#[proc_macro]
+pub fn embed_migrations(input: TokenStream) -> TokenStream {
+    let dir = parse_macro_input!(input as LitStr);
+    match expand(&dir) {
+        Ok(tokens) => tokens.into(),
+        Err(message) => syn::Error::new(dir.span(), message)
+            .to_compile_error()
+            .into(),
+    }
+}
+
+fn expand(dir: &LitStr) -> Result<proc_macro2::TokenStream, String> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")
+        .map_err(|_| "CARGO_MANIFEST_DIR is not set: build with Cargo".to_owned())?;
+    let root = Path::new(&manifest_dir).join(dir.value());
+    let files = collect(&root)
+        .map_err(|e| format!("cannot read migrations folder {}: {e}", root.display()))?;
+    let entries = files.iter().map(|(rel, abs)| {
+        let abs = abs.to_str().expect("checked to be UTF-8 in collect");
+        quote! { ::svcdb::migrate::EmbeddedFile { path: #rel, contents: include_bytes!(#abs) } }
+    });
+    let shown = dir.value();
+    Ok(quote! {
+        ::svcdb::migrate::EmbeddedMigrations::new(#shown, &[ #(#entries),* ])
+    })
+}
+
+/// `(relative path with '/', absolute path)` of every non-hidden file in `root` and in its
+/// direct sub-folders, sorted.
+fn collect(root: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for (name, path) in entries(root)? {
+        if path.is_dir() {
+            for (inner, inner_path) in entries(&path)? {
+                if inner_path.is_file() {
+                    out.push((format!("{name}/{inner}"), inner_path));
+                }
+            }
+        } else if path.is_file() {
+            out.push((name, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Non-hidden entries of `dir` with UTF-8 names (the path goes into `include_bytes!`, which
+/// takes a string).
+fn entries(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not a UTF-8 file name; rename it", path.display()),
+            ));
+        };
+        if !name.starts_with('.') {
+            out.push((name, path));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,427 @@
+//! Configuration of one service's database access, from code or from the environment.
+//!
+//! | environment variable | field | default | meaning |
+//! |---|---|---|---|
+//! | `DATABASE_URL` | [`Config::connection`] | (required) | `postgres://user[:password]@host[:port]/dbname`, or `key=value` pairs |
+//! | `SVCDB_PASSWORD`, `PGPASSWORD` | (password) | none | used when the URL carries no password, so it stays out of URLs |
+//! | `SVCDB_SCHEMA` | [`Config::schema`] | (required) | the service's schema, pinned on every connection |
+//! | `SVCDB_EXTRA_SCHEMAS` | [`Config::extra_schemas`] | none | comma-separated schemas appended to the search path (`public`, `extensions`) |
+//! | `SVCDB_CREATE_SCHEMA` | [`Config::create_schema`] | `false` | create the schema at connect time if it is missing |
+//! | `SVCDB_POOL_MIN` | [`Config::pool_min`] | `5` | connections opened at start and kept open while idle |
+//! | `SVCDB_POOL_MAX` | [`Config::pool_max`] | `25` | most connections open at once |
+//! | `SVCDB_ACQUIRE_TIMEOUT` | [`Config::acquire_timeout`] | `5s` | longest wait for a connection before an error |
+//! | `SVCDB_CONNECT_TIMEOUT` | [`Config::connect_timeout`] | `3s` | longest wait for one connection attempt |
+//! | `SVCDB_IDLE_TIMEOUT` | [`Config::idle_timeout`] | `10m` | close connections idle this long (above `pool_min`); `0` disables |
+//! | `SVCDB_MAX_LIFETIME` | [`Config::max_lifetime`] | `30m` | close connections this old, once idle; `0` disables |
+//! | `SVCDB_MAX_LIFETIME_JITTER` | [`Config::max_lifetime_jitter`] | `2m` | up to this much added per connection so they don't all expire at once |
+//! | `SVCDB_VERIFY_AFTER_IDLE` | [`Config::verify_after_idle`] | `1s` | a connection idle longer than this is pinged before it is handed out |
+//! | `SVCDB_APPLICATION_NAME` | [`Config::application_name`] | `svcdb/<schema>` | shown in `pg_stat_activity` |
+//!
+//! Durations take a unit (`500ms`, `5s`, `2m`, `1h`); a bare number means seconds.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::ident::Ident;
+
+/// How one service reaches its slice of the database.
+///
+/// Build it with [`Config::new`] or [`Config::from_env`], adjust the public fields, and hand it
+/// to [`ServiceDb::connect`](crate::ServiceDb::connect), which validates it. `Debug` never shows
+/// the password.
+#[derive(Clone)]
+pub struct Config {
+    /// Host, port, user, password and database. Its password is never printed.
+    pub connection: tokio_postgres::Config,
+    /// The service's schema: first on the search path of every connection. Required.
+    pub schema: Ident,
+    /// Schemas searched after the service schema, in order (e.g. `public` for shared
+    /// extension types). Default: none.
+    pub extra_schemas: Vec<Ident>,
+    /// Create the schema when connecting if it does not exist. Default: false (in production
+    /// the schema is made by `svcdb provision`, owned by the service's role).
+    pub create_schema: bool,
+    /// Connections opened at start and kept open while idle. Default: 5.
+    pub pool_min: usize,
+    /// Most connections open at once. Default: 25.
+    pub pool_max: usize,
+    /// Longest wait for a connection from the pool, including opening one. Default: 5 s.
+    pub acquire_timeout: Duration,
+    /// Longest wait for one attempt to open a connection. Default: 3 s.
+    pub connect_timeout: Duration,
+    /// Close connections idle longer than this, down to `pool_min`. Default: 10 min.
+    pub idle_timeout: Option<Duration>,
+    /// Close connections older than this when they are next idle. Default: 30 min.
+    pub max_lifetime: Option<Duration>,
+    /// Up to this much is added to `max_lifetime`, differently for each connection, so that
+    /// connections opened together do not all close together. Default: 2 min.
+    pub max_lifetime_jitter: Duration,
+    /// A connection idle for longer than this is checked with an empty query before it is
+    /// handed out (a busy connection is not: it proved itself moments ago). Default: 1 s.
+    pub verify_after_idle: Duration,
+    /// Shown in `pg_stat_activity.application_name`. Default: `svcdb/<schema>`.
+    pub application_name: Option<String>,
+}
+
+impl Config {
+    /// A configuration with the documented defaults for `database_url` and `schema`.
+    pub fn new(database_url: &str, schema: &str) -> Result<Self> {
+        Ok(Self::with_connection(
+            parse_url(database_url)?,
+            Ident::new("schema", schema)?,
+        ))
+    }
+
+    /// A configuration with the documented defaults for an already parsed connection.
+    pub fn with_connection(connection: tokio_postgres::Config, schema: Ident) -> Self {
+        Self {
+            connection,
+            schema,
+            extra_schemas: Vec::new(),
+            create_schema: false,
+            pool_min: 5,
+            pool_max: 25,
+            acquire_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: Some(Duration::from_secs(600)),
+            max_lifetime: Some(Duration::from_secs(1800)),
+            max_lifetime_jitter: Duration::from_secs(120),
+            verify_after_idle: Duration::from_secs(1),
+            application_name: None,
+        }
+    }
+
+    /// Reads the configuration from the process environment (see the module table).
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Reads the configuration through `lookup` (the environment, a map in tests, …).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |key: &str| lookup(key).filter(|v| !v.trim().is_empty());
+        let url = get("DATABASE_URL").ok_or_else(|| {
+            Error::config(
+                "DATABASE_URL",
+                "not set; set it to postgres://user@host:5432/dbname",
+            )
+        })?;
+        let schema = get("SVCDB_SCHEMA").ok_or_else(|| {
+            Error::config("SVCDB_SCHEMA", "not set; set it to the service's schema")
+        })?;
+        let mut config = Self::new(&url, &schema)?;
+        if config.connection.get_password().is_none() {
+            if let Some(pw) = get("SVCDB_PASSWORD").or_else(|| get("PGPASSWORD")) {
+                config.connection.password(pw);
+            }
+        }
+        if let Some(v) = get("SVCDB_EXTRA_SCHEMAS") {
+            config.extra_schemas = Ident::parse_list("schema", &v)?;
+        }
+        if let Some(v) = get("SVCDB_CREATE_SCHEMA") {
+            config.create_schema = parse_bool("SVCDB_CREATE_SCHEMA", &v)?;
+        }
+        if let Some(v) = get("SVCDB_POOL_MIN") {
+            config.pool_min = parse_count("SVCDB_POOL_MIN", &v)?;
+        }
+        if let Some(v) = get("SVCDB_POOL_MAX") {
+            config.pool_max = parse_count("SVCDB_POOL_MAX", &v)?;
+        }
+        if let Some(v) = get("SVCDB_ACQUIRE_TIMEOUT") {
+            config.acquire_timeout = parse_duration("SVCDB_ACQUIRE_TIMEOUT", &v)?;
+        }
+        if let Some(v) = get("SVCDB_CONNECT_TIMEOUT") {
+            config.connect_timeout = parse_duration("SVCDB_CONNECT_TIMEOUT", &v)?;
+        }
+        if let Some(v) = get("SVCDB_IDLE_TIMEOUT") {
+            config.idle_timeout = parse_optional_duration("SVCDB_IDLE_TIMEOUT", &v)?;
+        }
+        if let Some(v) = get("SVCDB_MAX_LIFETIME") {
+            config.max_lifetime = parse_optional_duration("SVCDB_MAX_LIFETIME", &v)?;
+        }
+        if let Some(v) = get("SVCDB_MAX_LIFETIME_JITTER") {
+            config.max_lifetime_jitter = parse_duration("SVCDB_MAX_LIFETIME_JITTER", &v)?;
+        }
+        if let Some(v) = get("SVCDB_VERIFY_AFTER_IDLE") {
+            config.verify_after_idle = parse_duration("SVCDB_VERIFY_AFTER_IDLE", &v)?;
+        }
+        config.application_name = get("SVCDB_APPLICATION_NAME");
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the settings against each other; [`ServiceDb::connect`](crate::ServiceDb::connect)
+    /// calls it too.
+    pub fn validate(&self) -> Result<()> {
+        if self.pool_max == 0 {
+            return Err(Error::config("pool_max", "must be at least 1"));
+        }
+        if self.pool_min > self.pool_max {
+            return Err(Error::config(
+                "pool_min",
+                format!(
+                    "{} is more than pool_max ({}); lower SVCDB_POOL_MIN or raise SVCDB_POOL_MAX",
+                    self.pool_min, self.pool_max
+                ),
+            ));
+        }
+        if self.acquire_timeout.is_zero() {
+            return Err(Error::config(
+                "acquire_timeout",
+                "must be more than zero: a pool must never wait forever",
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::config("connect_timeout", "must be more than zero"));
+        }
+        if self.connection.get_user().is_none() {
+            return Err(Error::config(
+                "DATABASE_URL",
+                "names no user; write postgres://user@host/dbname",
+            ));
+        }
+        if self.connection.get_hosts().is_empty() {
+            return Err(Error::config(
+                "DATABASE_URL",
+                "names no host; write postgres://user@host/dbname",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The search path every connection gets: the service schema, then the extra schemas.
+    pub fn search_path(&self) -> Vec<Ident> {
+        std::iter::once(self.schema.clone())
+            .chain(self.extra_schemas.iter().cloned())
+            .collect()
+    }
+
+    /// `user@host:port/dbname`, for messages; never the password.
+    pub fn target(&self) -> String {
+        describe_target(&self.connection)
+    }
+
+    /// The driver configuration with the schema pinned as a startup option, so it holds for
+    /// the whole session and survives `RESET ALL`, `DISCARD ALL` and pool recycling.
+    pub fn session_config(&self) -> tokio_postgres::Config {
+        let mut pg = self.connection.clone();
+        let path = self
+            .search_path()
+            .iter()
+            .map(Ident::as_str)
+            .collect::<Vec<_>>()
+            .join(",");
+        // Startup options are split on whitespace; validated names hold none.
+        let pin = format!("-c search_path={path}");
+        let options = match pg.get_options() {
+            Some(existing) if !existing.trim().is_empty() => format!("{existing} {pin}"),
+            _ => pin,
+        };
+        pg.options(options);
+        pg.application_name(
+            self.application_name
+                .clone()
+                .unwrap_or_else(|| format!("svcdb/{}", self.schema.as_str())),
+        );
+        pg.connect_timeout(self.connect_timeout);
+        pg
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("target", &self.target())
+            .field(
+                "password",
+                &self.connection.get_password().map(|_| "<redacted>"),
+            )
+            .field("schema", &self.schema)
+            .field("extra_schemas", &self.extra_schemas)
+            .field("create_schema", &self.create_schema)
+            .field("pool_min", &self.pool_min)
+            .field("pool_max", &self.pool_max)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_lifetime", &self.max_lifetime)
+            .field("max_lifetime_jitter", &self.max_lifetime_jitter)
+            .field("verify_after_idle", &self.verify_after_idle)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+/// Parses a `DATABASE_URL` (URL or `key=value` form). The error never repeats the input,
+/// which may hold a password.
+pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
+    database_url.parse().map_err(|e: tokio_postgres::Error| {
+        let why = std::error::Error::source(&e)
+            .map(ToString::to_string)
+            .unwrap_or_else(|| e.to_string());
+        // The driver's message names the option at fault, never the password's value.
+        Error::config(
+            "DATABASE_URL",
+            format!(
+                "cannot parse it ({why}); expected postgres://user[:password]@host[:port]/dbname"
+            ),
+        )
+    })
+}
+
+/// `user@host:port/dbname` of a driver configuration; never the password.
+pub fn describe_target(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match pg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = pg.get_user().unwrap_or("?");
+    let db = pg.get_dbname().unwrap_or(user);
+    format!("{user}@{host}:{port}/{db}")
+}
+
+fn parse_count(key: &str, v: &str) -> Result<usize> {
+    v.trim()
+        .parse()
+        .map_err(|_| Error::config(key, format!("{v:?} is not a whole number")))
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(Error::config(key, format!("{v:?} is not true or false"))),
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(key: &str, v: &str) -> Result<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    }
+    humantime::parse_duration(v).map_err(|e| {
+        Error::config(
+            key,
+            format!("{v:?} is not a duration ({e}); write e.g. 500ms, 5s or 2m"),
+        )
+    })
+}
+
+fn parse_optional_duration(key: &str, v: &str) -> Result<Option<Duration>> {
+    let d = parse_duration(key, v)?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::new("postgres://svc@127.0.0.1/shop", "catalog").unwrap();
+        assert_eq!((c.pool_min, c.pool_max), (5, 25));
+        assert_eq!(c.acquire_timeout, Duration::from_secs(5));
+        assert!(c.extra_schemas.is_empty());
+        assert_eq!(c.target(), "svc@127.0.0.1:5432/shop");
+    }
+
+    #[test]
+    fn reads_every_key_from_the_environment() {
+        let c = Config::from_lookup(lookup(&[
+            ("DATABASE_URL", "postgres://svc@db:6543/shop"),
+            ("SVCDB_SCHEMA", "orders"),
+            ("SVCDB_EXTRA_SCHEMAS", "public, extensions"),
+            ("SVCDB_CREATE_SCHEMA", "yes"),
+            ("SVCDB_POOL_MIN", "2"),
+            ("SVCDB_POOL_MAX", "8"),
+            ("SVCDB_ACQUIRE_TIMEOUT", "250ms"),
+            ("SVCDB_CONNECT_TIMEOUT", "1"),
+            ("SVCDB_IDLE_TIMEOUT", "0"),
+            ("SVCDB_MAX_LIFETIME", "1h"),
+            ("SVCDB_MAX_LIFETIME_JITTER", "10s"),
+            ("SVCDB_VERIFY_AFTER_IDLE", "2s"),
+            ("SVCDB_APPLICATION_NAME", "orders-api"),
+            ("SVCDB_PASSWORD", "s3cret"),
+        ]))
+        .unwrap();
+        assert_eq!(c.schema.as_str(), "orders");
+        assert_eq!(c.extra_schemas.len(), 2);
+        assert!(c.create_schema);
+        assert_eq!((c.pool_min, c.pool_max), (2, 8));
+        assert_eq!(c.acquire_timeout, Duration::from_millis(250));
+        assert_eq!(c.connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.max_lifetime, Some(Duration::from_secs(3600)));
+        assert_eq!(c.max_lifetime_jitter, Duration::from_secs(10));
+        assert_eq!(c.verify_after_idle, Duration::from_secs(2));
+        assert_eq!(c.application_name.as_deref(), Some("orders-api"));
+        assert_eq!(c.connection.get_password(), Some(&b"s3cret"[..]));
+        let opts = c.session_config().get_options().unwrap().to_owned();
+        assert_eq!(opts, "-c search_path=orders,public,extensions");
+    }
+
+    #[test]
+    fn malformed_values_name_the_key() {
+        let base = [
+            ("DATABASE_URL", "postgres://svc@db/shop"),
+            ("SVCDB_SCHEMA", "orders"),
+        ];
+        for (key, bad) in [
+            ("SVCDB_POOL_MAX", "lots"),
+            ("SVCDB_ACQUIRE_TIMEOUT", "soon"),
+            ("SVCDB_CREATE_SCHEMA", "maybe"),
+        ] {
+            let mut pairs = base.to_vec();
+            pairs.push((key, bad));
+            match Config::from_lookup(lookup(&pairs)) {
+                Err(Error::Config { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{key}: expected a config error, got {other:?}"),
+            }
+        }
+        let mut pairs = base.to_vec();
+        pairs.push(("SVCDB_POOL_MIN", "30"));
+        assert!(matches!(
+            Config::from_lookup(lookup(&pairs)),
+            Err(Error::Config { .. })
+        ));
+        assert!(matches!(
+            Config::from_lookup(lookup(&[("DATABASE_URL", "postgres://svc@db/shop")])),
+            Err(Error::Config { .. })
+        ));
+        assert!(matches!(
+            Config::from_lookup(lookup(&[
+                ("DATABASE_URL", "postgres://svc@db/shop"),
+                ("SVCDB_SCHEMA", "x;drop")
+            ])),
+            Err(Error::Ident(_))
+        ));
+    }
+
+    #[test]
+    fn password_never_printed() {
+        let secret = "hunter2-very-secret";
+        let c = Config::new(&format!("postgres://svc:{secret}@db/shop"), "orders").unwrap();
+        let shown = format!("{c:?} {}", c.target());
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("<redacted>"));
+        let bad = parse_url(&format!("postgres://svc:{secret}@db:notaport/shop")).unwrap_err();
+        assert!(!bad.to_string().contains(secret), "{bad}");
+        assert!(!format!("{bad:?}").contains(secret));
+    }
+}

@@ -1,0 +1,174 @@
+//! The library's error type.
+//!
+//! Match on the variant for the kind of failure and on [`Error::code`] for the SQLSTATE the
+//! server reported; the `Display` text is for people and may change.
+
+use std::fmt;
+use std::time::Duration;
+
+pub use tokio_postgres::error::SqlState;
+
+use crate::ident::IdentError;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in svcdb's connection layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is missing or malformed.
+    #[error("invalid configuration: {key}: {message}")]
+    Config {
+        /// The setting (environment variable or field) at fault.
+        key: String,
+        /// What is wrong with it and what to do.
+        message: String,
+    },
+
+    /// A schema, role or table name was refused before any SQL was sent.
+    #[error(transparent)]
+    Ident(#[from] IdentError),
+
+    /// No connection could be handed out within the acquire timeout.
+    ///
+    /// `cause` is the last error met while opening a connection (authentication failed,
+    /// connection refused, …); `None` means every connection was busy the whole time.
+    #[error("{}", AcquireTimeoutDisplay(self))]
+    AcquireTimeout {
+        /// How long the caller waited.
+        waited: Duration,
+        /// `user@host:port/dbname`, never with the password.
+        target: String,
+        /// Connections open when the wait ended.
+        size: usize,
+        /// The pool's maximum size.
+        max_size: usize,
+        /// The last connection error, if opening a connection failed.
+        #[source]
+        cause: Option<tokio_postgres::Error>,
+    },
+
+    /// The pool was closed (the service is shutting down).
+    #[error("the connection pool is closed")]
+    PoolClosed,
+
+    /// A dedicated (unpooled) connection could not be opened.
+    #[error("cannot connect to {target}: {}", pg_message(source))]
+    Connect {
+        /// `user@host:port/dbname`, never with the password.
+        target: String,
+        /// The driver's error.
+        source: tokio_postgres::Error,
+    },
+
+    /// A statement failed; [`Error::code`] gives the SQLSTATE.
+    #[error("{}", pg_message(.0))]
+    Db(#[from] tokio_postgres::Error),
+}
+
+impl Error {
+    /// The SQLSTATE reported by the server, for this error or its cause
+    /// (for [`Error::AcquireTimeout`], the cause's code: `28P01` for a wrong password, …).
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            Error::Db(e) | Error::Connect { source: e, .. } => e.code(),
+            Error::AcquireTimeout { cause: Some(e), .. } => e.code(),
+            _ => None,
+        }
+    }
+
+    /// True when retrying the whole transaction may succeed: serialization failure (40001)
+    /// or deadlock (40P01).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Db(e) if is_retryable(e))
+    }
+
+    /// True for an acquire timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::AcquireTimeout { .. })
+    }
+
+    pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// True for serialization failures (40001) and deadlocks (40P01).
+pub(crate) fn is_retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+/// Renders a driver error with its cause: tokio-postgres' own `Display` says only
+/// "db error" and leaves the server's message in the source chain.
+pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            s.push_str(&format!("; detail: {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            s.push_str(&format!("; hint: {hint}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        // io::Error repeats its inner error as its source; print each message once.
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s
+}
+
+struct AcquireTimeoutDisplay<'a>(&'a Error);
+
+impl fmt::Display for AcquireTimeoutDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Error::AcquireTimeout {
+            waited,
+            target,
+            size,
+            max_size,
+            cause,
+        } = self.0
+        else {
+            unreachable!("AcquireTimeoutDisplay wraps only AcquireTimeout")
+        };
+        write!(
+            f,
+            "timed out after {waited:.1?} waiting for a connection to {target}"
+        )?;
+        match cause {
+            Some(e) => {
+                write!(f, ": last connection attempt failed: {}", pg_message(e))?;
+                let hint = match e.code() {
+                    Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+                        "check the user and password in DATABASE_URL, or run `svcdb provision` to create the service's role"
+                    }
+                    Some(c) if *c == SqlState::INVALID_CATALOG_NAME => {
+                        "the database does not exist: create it or fix DATABASE_URL"
+                    }
+                    Some(_) => "see the server's message above",
+                    None => "check that PostgreSQL is running and that DATABASE_URL names the right host and port",
+                };
+                write!(f, "\n  hint: {hint}")
+            }
+            None => write!(
+                f,
+                ": all {size} of {max_size} connections stayed busy\n  hint: raise SVCDB_POOL_MAX or SVCDB_ACQUIRE_TIMEOUT, or look for connections held across slow work"
+            ),
+        }
+    }
+}

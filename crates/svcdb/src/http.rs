@@ -1,0 +1,1 @@
+//! HTTP health endpoints (being written).

@@ -1,0 +1,72 @@
+//! svcdb gives each microservice of a PostgreSQL system its own safe slice of one database: a
+//! connection pool pinned to the service's schema, isolation enforced by PostgreSQL roles,
+//! transactions that roll back on error, and (in the modules below) migrations, a start-up gate
+//! and health reports.
+//!
+//! # Layout
+//!
+//! | concept | module |
+//! |---|---|
+//! | configuration from code or the environment, every key with its default | [`config`] |
+//! | the pool: schema pinned per connection, acquire timeout, min/max, status | [`pool`] ([`ServiceDb`]) |
+//! | connections outside the pool (locks, long jobs) | [`connection`] |
+//! | transactions: commit on `Ok`, rollback on error or drop, retry on 40001/40P01 | [`tx`] |
+//! | a login role per service owning its schema; nothing for `PUBLIC` | [`provision`] |
+//! | validated, always-quoted schema/role/table names | [`ident`] |
+//! | errors, matched by variant and SQLSTATE | [`error`] |
+//! | migrations: sources (native, diesel, embedded), history, advisory lock, runner | [`migrate`] |
+//! | table and schema checks, the start-up gate | [`schema`] |
+//! | health report: reachability, latency, pool, version, gate | [`health`] |
+//! | `/healthz` and `/readyz` as an axum `Router` (feature `http`) | [`http`] |
+//! | a throwaway database per test | [`testing`] |
+//!
+//! # Example
+//!
+//! ```no_run
+//! use svcdb::{Config, ServiceDb};
+//!
+//! # async fn demo() -> Result<(), svcdb::Error> {
+//! // DATABASE_URL=postgres://catalog@127.0.0.1/shop SVCDB_SCHEMA=catalog_schema
+//! let db = ServiceDb::connect(Config::from_env()?).await?;
+//! let names: Vec<String> = db
+//!     .transaction(async |tx| {
+//!         tx.execute("INSERT INTO products (name) VALUES ($1)", &[&"lamp"]).await?;
+//!         let rows = tx.query("SELECT name FROM products ORDER BY name", &[]).await?;
+//!         Ok::<_, svcdb::Error>(rows.iter().map(|r| r.get(0)).collect())
+//!     })
+//!     .await?;
+//! println!("{names:?} — pool: {:?}", db.status());
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod health;
+#[cfg(feature = "http")]
+pub mod http;
+pub mod ident;
+pub mod migrate;
+pub mod pool;
+pub mod provision;
+pub mod schema;
+pub mod testing;
+pub mod tx;
+
+pub use config::Config;
+pub use connection::DedicatedConn;
+pub use error::{Error, Result, SqlState};
+pub use ident::Ident;
+pub use pool::{PoolStatus, PooledConn, ServiceDb};
+pub use provision::{provision, Password, ProvisionReport, ProvisionSpec};
+pub use tx::{IsolationLevel, Retryable, Transaction, TxOptions};
+
+/// The driver, re-exported so services use the same version as svcdb.
+pub use tokio_postgres;
+pub use svcdb_macros::embed_migrations;
+
+// Compiles the README's examples as doc tests, so the README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,196 @@
+//! Migration errors.
+//!
+//! Match on the variant; [`MigrateError::code`] gives the SQLSTATE of a database failure. The
+//! messages are for people: they say what went wrong and what to do, and may change.
+
+use std::time::Duration;
+
+use crate::error::{pg_message, SqlState};
+
+/// Everything that can stop a migration command.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrateError {
+    /// A file that looks like a migration cannot be used (bad name, duplicate version, empty,
+    /// not UTF-8, a down without an up, bad `metadata.toml`), or a folder cannot be read.
+    #[error("{path}: {message}")]
+    Source {
+        /// The file or folder at fault.
+        path: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+
+    /// A database or connection error outside any migration's own SQL.
+    #[error(transparent)]
+    Db(#[from] crate::Error),
+
+    /// Another runner held the schema's migration lock longer than `lock_wait`.
+    #[error("timed out after {waited:?} waiting for the migration lock of schema {schema}: another runner is migrating it\n  hint: wait for it to finish, or raise the lock wait (MigrateOptions::lock_wait)")]
+    LockTimeout {
+        /// The schema.
+        schema: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+
+    /// An applied migration's up file changed since it was applied.
+    #[error("migration {version} was changed after it was applied: {path} no longer matches the checksum in the history\n  hint: restore the file and put the change in a new migration; or, if the edit is harmless, run `svcdb migrate repair` to accept it (or pass `allow_changed`)")]
+    Changed {
+        /// The version.
+        version: i64,
+        /// The up file.
+        path: String,
+    },
+
+    /// A pending migration is older than the newest applied one.
+    #[error("migration {version} ({path}) is pending but older than the newest applied migration {newest_applied}\n  hint: give it a version above {newest_applied}, or pass `allow_out_of_order` to run it anyway")]
+    OutOfOrder {
+        /// The pending version.
+        version: i64,
+        /// Its up file.
+        path: String,
+        /// The newest applied version.
+        newest_applied: i64,
+    },
+
+    /// An applied migration has no file in the source.
+    #[error("migration {version} ({name}) is applied but its file is missing from the migrations folder\n  hint: restore the file, or pass `ignore_missing` if it was removed on purpose")]
+    Missing {
+        /// The applied version.
+        version: i64,
+        /// Its name in the history table.
+        name: String,
+    },
+
+    /// A non-transactional migration failed part-way earlier: the schema is in an unknown state.
+    #[error("schema {schema} is dirty: non-transactional migration {version} ({name}) failed part-way and may be half-applied\n  hint: inspect the schema and finish or undo that migration's statements by hand, then run `svcdb migrate repair` so it counts as pending again")]
+    Dirty {
+        /// The schema.
+        schema: String,
+        /// The dirty version.
+        version: i64,
+        /// Its name.
+        name: String,
+    },
+
+    /// `down` would have to cross a migration that has no down script.
+    #[error("cannot revert migration {version}: {path} has no down script\n  hint: add a down script for it, or revert by hand")]
+    NoDown {
+        /// The version.
+        version: i64,
+        /// Its up file.
+        path: String,
+    },
+
+    /// A migration's SQL failed; the [`MigrationFailure`] says what this command left behind.
+    #[error(transparent)]
+    Failed(Box<MigrationFailure>),
+}
+
+/// A migration script that failed, and what the command did about it (boxed in
+/// [`MigrateError::Failed`] to keep the error small).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", failed_message(self))]
+pub struct MigrationFailure {
+    /// The failing migration's version.
+    pub version: i64,
+    /// Its name.
+    pub name: String,
+    /// Up or down.
+    pub direction: super::Direction,
+    /// The server's error.
+    #[source]
+    pub cause: tokio_postgres::Error,
+    /// Versions this command applied (or reverted, for a down) that stay in effect.
+    pub applied: Vec<i64>,
+    /// Versions this command applied and then undid with their down scripts, newest first.
+    pub undone: Vec<i64>,
+    /// Why undoing stopped early (a down script failed or is missing), if it did; the
+    /// versions in `applied` are then still in effect.
+    pub undo_error: Option<String>,
+    /// True when everything this command did was rolled back in one transaction.
+    pub rolled_back: bool,
+    /// True when the failing migration was non-transactional and the schema is now dirty.
+    pub dirty: bool,
+    /// For a non-transactional script: how many of its statements succeeded before the
+    /// failing one (they stay in effect).
+    pub statements_done: Option<usize>,
+}
+
+impl MigrateError {
+    /// The SQLSTATE of the database error behind this one, if any.
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            MigrateError::Db(e) => e.code(),
+            MigrateError::Failed(f) => f.cause.code(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn source_file(path: impl Into<String>, message: impl Into<String>) -> Self {
+        MigrateError::Source {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for MigrateError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        MigrateError::Db(crate::Error::Db(e))
+    }
+}
+
+fn failed_message(f: &MigrationFailure) -> String {
+    let MigrationFailure {
+        version,
+        name,
+        direction,
+        cause,
+        applied,
+        undone,
+        undo_error,
+        rolled_back,
+        dirty,
+        statements_done,
+    } = f;
+    let list = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+    let mut s = format!(
+        "migration {version} ({name}) failed ({direction}): {}",
+        pg_message(cause)
+    );
+    if *dirty {
+        let done = statements_done.unwrap_or(0);
+        s.push_str(&format!(
+            "\n  the migration is not transactional: {done} of its statements ran before the failing one, so the schema is marked dirty"
+        ));
+    }
+    if *rolled_back {
+        s.push_str("\n  everything this command did was rolled back; the schema is as it was");
+    }
+    if !undone.is_empty() {
+        s.push_str(&format!(
+            "\n  undone with their down scripts: {}",
+            list(undone)
+        ));
+    }
+    if let Some(why) = undo_error {
+        s.push_str(&format!("\n  undoing stopped: {why}"));
+    }
+    if !applied.is_empty() {
+        s.push_str(&format!(
+            "\n  still in effect from this command: {}",
+            list(applied)
+        ));
+    }
+    s.push_str(if *dirty {
+        "\n  hint: undo (or finish) those statements by hand, fix the migration, run `svcdb migrate repair`, then run again"
+    } else {
+        "\n  hint: fix the migration and run again"
+    });
+    if !applied.is_empty() && !*dirty {
+        s.push_str("; the migrations still in effect are recorded as applied and will be skipped");
+    }
+    s
+}

@@ -1,0 +1,97 @@
+//! Progress events, for a CLI that prints each migration as it runs.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// Which script of a migration runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The up script.
+    Up,
+    /// The down script.
+    Down,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Up => "up",
+            Direction::Down => "down",
+        })
+    }
+}
+
+/// Progress, reported as it happens to the observer of [`Migrator::up_with`](super::Migrator::up_with) and friends.
+///
+/// In an atomic deploy `Finished` means the script ran inside the deploy's transaction; it is
+/// committed only when the call returns `Ok`. The `Display` form is one line for a terminal.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum MigrateEvent {
+    /// Another runner holds the schema's lock; we wait (at most `lock_wait`).
+    WaitingForLock {
+        /// The schema.
+        schema: String,
+    },
+    /// A script starts.
+    Started {
+        /// Its version.
+        version: i64,
+        /// Its name.
+        name: String,
+        /// Up or down.
+        direction: Direction,
+        /// Whether it runs in a transaction.
+        transactional: bool,
+    },
+    /// A script finished without error.
+    Finished {
+        /// Its version.
+        version: i64,
+        /// Its name.
+        name: String,
+        /// Up or down.
+        direction: Direction,
+        /// How long it took, in milliseconds.
+        duration_ms: f64,
+    },
+}
+
+impl fmt::Display for MigrateEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrateEvent::WaitingForLock { schema } => {
+                write!(
+                    f,
+                    "waiting for another runner to finish migrating schema {schema}…"
+                )
+            }
+            MigrateEvent::Started {
+                version,
+                name,
+                direction,
+                transactional,
+            } => {
+                let mode = if *transactional {
+                    ""
+                } else {
+                    " (no transaction)"
+                };
+                write!(f, "{direction} {version} {name}{mode}…")
+            }
+            MigrateEvent::Finished {
+                version,
+                name,
+                direction,
+                duration_ms,
+            } => {
+                write!(
+                    f,
+                    "{direction} {version} {name} done in {duration_ms:.1} ms"
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The history table, `svcdb_migrations`, in the service's own schema.
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS <schema>.svcdb_migrations (
+//!     version       bigint PRIMARY KEY,
+//!     name          text        NOT NULL,
+//!     checksum      text        NOT NULL,  -- SHA-256 of the up script, hex (see Checksum)
+//!     applied_at    timestamptz NOT NULL DEFAULT now(),
+//!     execution_us  bigint      NOT NULL,  -- microseconds the up script took
+//!     applied_by    text        NOT NULL DEFAULT current_user,
+//!     transactional boolean     NOT NULL,
+//!     dirty         boolean     NOT NULL DEFAULT false  -- a non-transactional script failed part-way
+//! );
+//! ```
+//!
+//! A row exists for every applied migration. A *dirty* row marks a non-transactional migration
+//! that was started and did not finish: runners refuse to run until `repair` deletes it.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::types::Type;
+use tokio_postgres::GenericClient;
+
+use super::migration::Migration;
+use crate::error::SqlState;
+use crate::ident::Ident;
+
+/// The history table's name (in the service schema).
+pub const HISTORY_TABLE: &str = "svcdb_migrations";
+
+/// One row of the history table.
+#[derive(Debug, Clone)]
+pub(crate) struct HistoryRow {
+    pub version: i64,
+    pub name: String,
+    pub checksum: String,
+    pub dirty: bool,
+    /// Filled by [`read`] with `full`; the no-op `up` path does not fetch it.
+    pub detail: Option<HistoryDetail>,
+}
+
+/// The columns only `status` shows.
+#[derive(Debug, Clone)]
+pub(crate) struct HistoryDetail {
+    pub applied_at: DateTime<Utc>,
+    pub execution: Duration,
+    pub applied_by: String,
+    pub transactional: bool,
+}
+
+/// The history table as read: absent, or its rows sorted by version.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct History {
+    pub exists: bool,
+    pub rows: Vec<HistoryRow>,
+}
+
+impl History {
+    pub fn get(&self, version: i64) -> Option<&HistoryRow> {
+        self.rows
+            .binary_search_by_key(&version, |r| r.version)
+            .ok()
+            .map(|i| &self.rows[i])
+    }
+}
+
+/// `"schema".svcdb_migrations`.
+fn table(schema: &Ident) -> String {
+    format!("{schema}.{HISTORY_TABLE}")
+}
+
+/// The DDL, with the schema quoted.
+pub(crate) fn create_table_sql(schema: &Ident) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+            version bigint PRIMARY KEY,
+            name text NOT NULL,
+            checksum text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now(),
+            execution_us bigint NOT NULL,
+            applied_by text NOT NULL DEFAULT current_user,
+            transactional boolean NOT NULL,
+            dirty boolean NOT NULL DEFAULT false
+        )",
+        table(schema)
+    )
+}
+
+/// Drops the history table (when a failed deploy that created it undid everything).
+pub(crate) fn drop_table_sql(schema: &Ident) -> String {
+    format!("DROP TABLE IF EXISTS {}", table(schema))
+}
+
+/// Reads the history in one round trip (`query_typed` sends parse, bind and execute at once).
+/// A missing table (42P01) is an empty history. `full` adds the columns only `status` shows;
+/// without it the read is what the no-op `up` costs.
+pub(crate) async fn read(
+    client: &impl GenericClient,
+    schema: &Ident,
+    full: bool,
+) -> Result<History, tokio_postgres::Error> {
+    let extra = if full {
+        ", applied_at, execution_us, applied_by, transactional"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT version, name, checksum, dirty{extra} FROM {} ORDER BY version",
+        table(schema)
+    );
+    let rows = match client.query_typed(&sql, &[]).await {
+        Ok(rows) => rows,
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(History::default()),
+        Err(e) => return Err(e),
+    };
+    let rows = rows
+        .iter()
+        .map(|r| HistoryRow {
+            version: r.get(0),
+            name: r.get(1),
+            checksum: r.get(2),
+            dirty: r.get(3),
+            detail: full.then(|| HistoryDetail {
+                applied_at: r.get(4),
+                execution: Duration::from_micros(r.get::<_, i64>(5).max(0) as u64),
+                applied_by: r.get(6),
+                transactional: r.get(7),
+            }),
+        })
+        .collect();
+    Ok(History { exists: true, rows })
+}
+
+/// Inserts rows for `migrations` in one statement, whatever their number.
+pub(crate) async fn insert(
+    client: &impl GenericClient,
+    schema: &Ident,
+    migrations: &[(&Migration, Duration)],
+    dirty: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let versions: Vec<i64> = migrations.iter().map(|(m, _)| m.version).collect();
+    let names: Vec<&str> = migrations.iter().map(|(m, _)| m.name.as_str()).collect();
+    let checksums: Vec<String> = migrations
+        .iter()
+        .map(|(m, _)| m.checksum.to_hex())
+        .collect();
+    let micros: Vec<i64> = migrations
+        .iter()
+        .map(|(_, d)| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .collect();
+    let transactional: Vec<bool> = migrations.iter().map(|(m, _)| m.transactional).collect();
+    let sql = format!(
+        "INSERT INTO {} (version, name, checksum, execution_us, transactional, dirty)
+         SELECT v, n, c, e, t, $6 FROM unnest($1, $2, $3, $4, $5) AS u(v, n, c, e, t)",
+        table(schema)
+    );
+    client
+        .execute_typed(
+            &sql,
+            &[
+                (&versions, Type::INT8_ARRAY),
+                (&names, Type::TEXT_ARRAY),
+                (&checksums, Type::TEXT_ARRAY),
+                (&micros, Type::INT8_ARRAY),
+                (&transactional, Type::BOOL_ARRAY),
+                (&dirty, Type::BOOL),
+            ],
+        )
+        .await
+        .map(drop)
+}
+
+/// Sets or clears the dirty mark; clearing also records how long the script took.
+pub(crate) async fn set_dirty(
+    client: &impl GenericClient,
+    schema: &Ident,
+    version: i64,
+    dirty: bool,
+    execution: Option<Duration>,
+) -> Result<(), tokio_postgres::Error> {
+    let micros = execution.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let sql = format!(
+        "UPDATE {} SET dirty = $2, execution_us = coalesce($3, execution_us) WHERE version = $1",
+        table(schema)
+    );
+    client
+        .execute_typed(
+            &sql,
+            &[
+                (&version, Type::INT8),
+                (&dirty, Type::BOOL),
+                (&micros, Type::INT8),
+            ],
+        )
+        .await
+        .map(drop)
+}
+
+/// Deletes the rows of `versions`.
+pub(crate) async fn delete(
+    client: &impl GenericClient,
+    schema: &Ident,
+    versions: &[i64],
+) -> Result<(), tokio_postgres::Error> {
+    let sql = format!("DELETE FROM {} WHERE version = ANY($1)", table(schema));
+    client
+        .execute_typed(&sql, &[(&versions, Type::INT8_ARRAY)])
+        .await
+        .map(drop)
+}
+
+/// Records the file's current checksum and name for an applied version (`repair`).
+pub(crate) async fn realign(
+    client: &impl GenericClient,
+    schema: &Ident,
+    migration: &Migration,
+) -> Result<(), tokio_postgres::Error> {
+    let sql = format!(
+        "UPDATE {} SET checksum = $2, name = $3 WHERE version = $1",
+        table(schema)
+    );
+    client
+        .execute_typed(
+            &sql,
+            &[
+                (&migration.version, Type::INT8),
+                (&migration.checksum.to_hex(), Type::TEXT),
+                (&migration.name, Type::TEXT),
+            ],
+        )
+        .await
+        .map(drop)
+}

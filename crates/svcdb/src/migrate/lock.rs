@@ -1,0 +1,111 @@
+//! One runner at a time per (database, schema): a PostgreSQL session advisory lock.
+//!
+//! The lock lives on a dedicated connection (never a pooled one, which would carry the lock
+//! back into the pool). It is released explicitly on success, and on every other path (error,
+//! panic, cancelled future) by dropping the connection: closing the socket ends the session,
+//! and PostgreSQL releases session locks with it. Different schemas hash to different keys, so
+//! their runners never wait for each other.
+
+use std::ops::{Deref, DerefMut};
+use std::time::{Duration, Instant};
+
+use super::error::MigrateError;
+use crate::connection::DedicatedConn;
+use crate::pool::ServiceDb;
+
+/// The first pause between two tries of a busy lock; it doubles up to [`MAX_POLL`].
+const FIRST_POLL: Duration = Duration::from_millis(10);
+
+/// The longest pause between two tries: how late, at most, a waiter notices the lock is free.
+const MAX_POLL: Duration = Duration::from_millis(200);
+
+/// A held migration lock and the connection that holds it (migrations run on it).
+#[derive(Debug)]
+pub struct MigrationLock {
+    conn: DedicatedConn,
+    /// The SQL expression of the lock key, reused by the unlock.
+    key: String,
+}
+
+impl MigrationLock {
+    /// Opens a dedicated connection and takes the lock of `db`'s schema, waiting at most
+    /// `wait` for another runner. `on_wait` is called once if the lock is busy, before
+    /// waiting, so a CLI can say why it pauses.
+    ///
+    /// The wait polls `pg_try_advisory_lock` instead of blocking in `pg_advisory_lock` (with
+    /// `lock_timeout` as the bound): a session blocked in a statement holds a snapshot, and
+    /// `CREATE INDEX CONCURRENTLY` in the lock holder's migration waits for every older
+    /// snapshot to go away, so holder and waiter would deadlock. Between polls the waiter holds
+    /// nothing.
+    pub async fn acquire(
+        db: &ServiceDb,
+        wait: Duration,
+        on_wait: impl FnOnce(),
+    ) -> Result<Self, MigrateError> {
+        let conn = db.dedicated().await?;
+        // The schema goes in as a string literal so that each try is one simple query; an
+        // `Ident` holds only `[a-z0-9_$]`, so it cannot break out of the quotes.
+        let key = format!(
+            "hashtextextended('svcdb.migrate.' || current_database() || '.' || '{}', 0)",
+            db.schema().as_str()
+        );
+        let try_lock = format!("SELECT pg_try_advisory_lock({key})");
+        let deadline = Instant::now() + wait;
+        let mut on_wait = Some(on_wait);
+        let mut pause = FIRST_POLL;
+        while first_value(&conn, &try_lock).await?.as_deref() != Some("t") {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(MigrateError::LockTimeout {
+                    schema: db.schema().as_str().to_owned(),
+                    waited: wait,
+                });
+            }
+            if let Some(f) = on_wait.take() {
+                f();
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(MAX_POLL);
+        }
+        Ok(Self { conn, key })
+    }
+
+    /// The connection holding the lock, as a driver client.
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.conn
+    }
+
+    /// Unlocks and closes the connection.
+    pub async fn release(self) -> Result<(), MigrateError> {
+        self.conn
+            .simple_query(&format!("SELECT pg_advisory_unlock({})", self.key))
+            .await?;
+        Ok(())
+    }
+}
+
+/// The first column of the last row a simple query returned.
+async fn first_value(conn: &DedicatedConn, sql: &str) -> Result<Option<String>, MigrateError> {
+    let messages = conn.simple_query(sql).await?;
+    Ok(messages
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_owned)),
+            _ => None,
+        })
+        .flatten())
+}
+
+impl Deref for MigrationLock {
+    type Target = DedicatedConn;
+    fn deref(&self) -> &DedicatedConn {
+        &self.conn
+    }
+}
+
+impl DerefMut for MigrationLock {
+    fn deref_mut(&mut self) -> &mut DedicatedConn {
+        &mut self.conn
+    }
+}

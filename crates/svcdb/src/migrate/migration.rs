@@ -1,0 +1,131 @@
+//! One migration and its checksum.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+/// The first line that makes a migration run outside a transaction (needed for
+/// `CREATE INDEX CONCURRENTLY`, `ALTER TYPE … ADD VALUE` on old servers, `VACUUM`, …).
+pub const NO_TRANSACTION_DIRECTIVE: &str = "-- svcdb:no-transaction";
+
+/// A parsed migration: what runs, what undoes it, and how.
+///
+/// Built by [`Migrations`](super::Migrations); the fields are public for reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    /// The version: the digits of the file name's prefix (`0003_x` → 3,
+    /// `2017-09-23-182408_x` → 20170923182408).
+    pub version: i64,
+    /// The name after the first `_`, spaces and all.
+    pub name: String,
+    /// The up script, with any UTF-8 byte-order mark removed.
+    pub up: String,
+    /// The down script, if there is one; `down` refuses to cross a migration without it.
+    pub down: Option<String>,
+    /// SHA-256 of the up script with a byte-order mark removed and CRLF turned into LF, so a
+    /// line-ending-only change is not a change.
+    pub checksum: Checksum,
+    /// False when the up script starts with [`NO_TRANSACTION_DIRECTIVE`] or diesel's
+    /// `metadata.toml` says `run_in_transaction = false`: it is then split into statements sent
+    /// one by one.
+    pub transactional: bool,
+    /// Like `transactional`, for the down script.
+    pub down_transactional: bool,
+    /// Where the up script came from, relative to the source folder (`0003_x.up.sql`,
+    /// `0003_x/up.sql`), for messages.
+    pub path: String,
+}
+
+/// A SHA-256 digest, shown and serialized as 64 lowercase hex digits (what the history table
+/// stores).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Checksum(pub [u8; 32]);
+
+impl Checksum {
+    /// The checksum of a script: BOM stripped, CRLF read as LF.
+    pub fn of(script: &str) -> Self {
+        let script = strip_bom(script);
+        let mut hasher = Sha256::new();
+        // Hash piecewise rather than allocating a normalized copy: drop each `\r` that
+        // precedes a `\n`.
+        let bytes = script.as_bytes();
+        let mut start = 0;
+        for (i, w) in bytes.windows(2).enumerate() {
+            if w == b"\r\n" {
+                hasher.update(&bytes[start..i]);
+                start = i + 1;
+            }
+        }
+        hasher.update(&bytes[start..]);
+        Self(hasher.finalize().into())
+    }
+
+    /// Lowercase hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for Checksum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Checksum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Checksum({})", self.to_hex())
+    }
+}
+
+impl serde::Serialize for Checksum {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+/// The script without a leading UTF-8 byte-order mark (which PostgreSQL would read as a
+/// syntax error).
+pub(crate) fn strip_bom(script: &str) -> &str {
+    script.strip_prefix('\u{feff}').unwrap_or(script)
+}
+
+/// True when the script's first line is the no-transaction directive.
+pub(crate) fn has_no_transaction_directive(script: &str) -> bool {
+    strip_bom(script).lines().next().map(str::trim_end) == Some(NO_TRANSACTION_DIRECTIVE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_endings_and_bom_do_not_change_the_checksum() {
+        let lf = Checksum::of("CREATE TABLE a (id int);\nSELECT 1;\n");
+        assert_eq!(
+            Checksum::of("CREATE TABLE a (id int);\r\nSELECT 1;\r\n"),
+            lf
+        );
+        assert_eq!(
+            Checksum::of("\u{feff}CREATE TABLE a (id int);\r\nSELECT 1;\n"),
+            lf
+        );
+        assert_ne!(Checksum::of("CREATE TABLE a (id bigint);\nSELECT 1;\n"), lf);
+        // A lone CR is content, not a line ending.
+        assert_ne!(Checksum::of("CREATE TABLE a (id int);\rSELECT 1;\n"), lf);
+        assert_eq!(lf.to_hex().len(), 64);
+    }
+
+    #[test]
+    fn directive_is_the_first_line_only() {
+        assert!(has_no_transaction_directive(
+            "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY i ON t (a);"
+        ));
+        assert!(has_no_transaction_directive(
+            "\u{feff}-- svcdb:no-transaction\r\nSELECT 1;"
+        ));
+        assert!(!has_no_transaction_directive(
+            "SELECT 1;\n-- svcdb:no-transaction\n"
+        ));
+    }
+}

@@ -1,0 +1,102 @@
+//! Versioned, reversible, lock-safe migrations for one service schema.
+//!
+//! ```no_run
+//! use svcdb::migrate::{Migrations, Migrator, UpOptions};
+//!
+//! # async fn demo(db: svcdb::ServiceDb) -> Result<(), svcdb::migrate::MigrateError> {
+//! let migrator = Migrator::new(db, Migrations::from_dir("migrations")?);
+//! let report = migrator
+//!     .up_with(&UpOptions::default(), &mut |event| println!("{event}"))
+//!     .await?;
+//! println!("{} applied, now at {:?}", report.migrations.len(), report.current_version);
+//! # Ok(()) }
+//! ```
+//!
+//! To ship the files inside the service binary instead (edits to them rebuild it):
+//!
+//! ```ignore
+//! static MIGRATIONS: svcdb::migrate::EmbeddedMigrations = svcdb::embed_migrations!("migrations");
+//! let migrator = Migrator::new(db, Migrations::from_embedded(&MIGRATIONS)?);
+//! ```
+//!
+//! # Layout
+//!
+//! | concept | module |
+//! |---|---|
+//! | sources: native (`1_x.up.sql`), diesel (`1_x/up.sql`), embedded; `new` | [`source`] ([`Migrations`], [`EmbeddedMigrations`], [`new_migration`]) |
+//! | one migration, its checksum, its transaction mode | [`migration`] ([`Migration`], [`Checksum`]) |
+//! | splitting a non-transactional migration into statements | [`split`] ([`split_statements`]) |
+//! | the `svcdb_migrations` history table | [`history`] |
+//! | the per-(database, schema) advisory lock | [`lock`] |
+//! | status of every migration, drift checks | [`status`] ([`StatusReport`], [`MigrationState`]) |
+//! | the runner: up, down, redo, validate, baseline, repair | [`runner`] ([`Migrator`]) |
+//! | options: drift allowances, lock wait, lock and statement timeouts; per-call up/down options | [`options`] ([`MigrateOptions`], [`UpOptions`], [`DownOptions`]) |
+//! | progress events for a CLI, printed as each migration runs | [`event`] ([`MigrateEvent`]) |
+//! | what each command did, serde-serializable | [`report`] ([`UpReport`], [`DownReport`], …) |
+//! | errors, matched by variant (and [`MigrateError::code`] for SQLSTATE) | [`error`] ([`MigrateError`]) |
+//!
+//! # Rules
+//!
+//! * **Sources.** A migration is `<version>_<name>.up.sql` (+ optional `.down.sql`) or a folder
+//!   `<version>_<name>/` holding `up.sql` (+ optional `down.sql`, `metadata.toml`). The version is
+//!   the digits of the prefix (`2017-09-23-182408` → 20170923182408), sorted numerically. Other
+//!   files are ignored; a file that looks like a migration but is unusable is an error naming it.
+//! * **Run once.** Applied versions are skipped. With nothing pending, `up` costs one query on a
+//!   pooled connection and takes no lock.
+//! * **One runner at a time per schema**, through a session advisory lock on a dedicated
+//!   connection (released on every path; see [`lock`]). Different schemas never wait.
+//! * **Atomic deploy.** When every pending migration is transactional, all of them and their
+//!   history rows run in one transaction: a failure leaves the schema as it was. With a
+//!   non-transactional migration (first line `-- svcdb:no-transaction`, or diesel
+//!   `run_in_transaction = false`) in the batch, each migration runs on its own, and a failure
+//!   undoes what this deploy applied with the down scripts, newest first
+//!   ([`MigrateError::Failed`]'s [`MigrationFailure`] lists them). A non-transactional
+//!   migration that fails part-way leaves the schema *dirty*: every run refuses until `repair`.
+//! * **Scripts** must not hold `BEGIN`/`COMMIT`: the runner owns the transaction (a `COMMIT`
+//!   in a script would end the deploy's transaction early and break its atomicity).
+//! * **Timeouts.** Migrations run with `lock_timeout` 10 s (a DDL statement stuck behind live
+//!   traffic fails instead of queueing that table's queries behind it) and no
+//!   `statement_timeout`; both are in [`MigrateOptions`].
+//! * **Drift.** A changed applied file, a pending version older than the newest applied one and
+//!   an applied version without a file are refused, unless [`MigrateOptions`] allows them.
+//!
+//! # API summary
+//!
+//! ```text
+//! Migrations::from_dir(path) / from_embedded(&EmbeddedMigrations) -> Result<Migrations>
+//! Migrations::{iter, get(version), len, is_empty, latest}
+//! new_migration(dir, name) -> Result<NewMigration>        // files for `svcdb migrate new`
+//! Migrator::new(ServiceDb, Migrations).with_options(MigrateOptions)
+//!   .status()   -> StatusReport        // no lock, read-only
+//!   .validate() -> StatusReport        // Err on dirty / changed / missing / out-of-order
+//!   .up()  / .up_with(&UpOptions { to, dry_run }, &mut |&MigrateEvent| ..)   -> UpReport  // observer: dyn FnMut + Send
+//!   .down(&DownOptions { steps, to, dry_run }) / .down_with(.., observer)    -> DownReport
+//!   .redo() / .redo_with(observer)                                           -> RedoReport
+//!   .baseline(version) -> BaselineReport
+//!   .repair()          -> RepairReport
+//! ```
+
+pub mod error;
+pub mod event;
+pub mod history;
+pub mod lock;
+pub mod migration;
+pub mod options;
+pub mod report;
+pub mod runner;
+pub mod source;
+pub mod split;
+pub mod status;
+
+pub use error::{MigrateError, MigrationFailure};
+pub use event::{Direction, MigrateEvent};
+pub use history::HISTORY_TABLE;
+pub use migration::{Checksum, Migration};
+pub use options::{DownOptions, MigrateOptions, UpOptions};
+pub use report::{
+    BaselineReport, DownReport, RedoReport, RepairAction, RepairReport, RunEntry, UpReport,
+};
+pub use runner::Migrator;
+pub use source::{new_migration, EmbeddedFile, EmbeddedMigrations, Migrations, NewMigration};
+pub use split::split_statements;
+pub use status::{MigrationState, StatusEntry, StatusReport};

@@ -1,0 +1,70 @@
+//! What the runner is allowed to do and how long it may wait: [`MigrateOptions`] for every
+//! command, [`UpOptions`] and [`DownOptions`] per call.
+
+use std::time::Duration;
+
+/// How the runner treats drift and how long it lets things wait.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Accept applied migrations whose up file changed (`repair` records the new checksum for
+    /// good). Default: false.
+    pub allow_changed: bool,
+    /// Run pending migrations older than the newest applied one. Default: false.
+    pub allow_out_of_order: bool,
+    /// Accept applied versions that have no file. Default: false.
+    pub ignore_missing: bool,
+    /// How long to wait for another runner's lock on the same schema before failing with
+    /// [`MigrateError::LockTimeout`]. Default: 10 min (a long deploy of another replica).
+    pub lock_wait: Duration,
+    /// `lock_timeout` while migrating: a DDL statement waiting this long for a table lock held by
+    /// live traffic fails instead of queueing every later query of that table behind it.
+    /// Default: 10 s. `Duration::ZERO` means no limit.
+    pub lock_timeout: Duration,
+    /// `statement_timeout` while migrating; `None` means no limit (the server default is not
+    /// inherited: a backfill may legitimately run long). Default: `None`.
+    pub statement_timeout: Option<Duration>,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            allow_changed: false,
+            allow_out_of_order: false,
+            ignore_missing: false,
+            lock_wait: Duration::from_secs(600),
+            lock_timeout: Duration::from_secs(10),
+            statement_timeout: None,
+        }
+    }
+}
+
+/// What `up` runs.
+#[derive(Debug, Clone, Default)]
+pub struct UpOptions {
+    /// Apply pending migrations up to and including this version only. Default: all.
+    pub to: Option<i64>,
+    /// Report what would run without running it (and without taking the lock). Default: false.
+    pub dry_run: bool,
+}
+
+/// What `down` reverts.
+#[derive(Debug, Clone)]
+pub struct DownOptions {
+    /// Revert this many applied migrations, newest first. Default: 1. Ignored when `to` is set.
+    pub steps: usize,
+    /// Revert every applied migration newer than this version (`Some(0)`: all of them, when versions start at 1).
+    /// Default: `None`.
+    pub to: Option<i64>,
+    /// Report what would be reverted without reverting it. Default: false.
+    pub dry_run: bool,
+}
+
+impl Default for DownOptions {
+    fn default() -> Self {
+        Self {
+            steps: 1,
+            to: None,
+            dry_run: false,
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! What each command did, serde-serializable for `--json` output.
+
+use serde::Serialize;
+
+/// One migration run (or, in a dry run, to be run).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunEntry {
+    /// Its version.
+    pub version: i64,
+    /// Its name.
+    pub name: String,
+    /// Whether its script ran in a transaction.
+    pub transactional: bool,
+    /// How long the script took, in milliseconds (0 in a dry run or a baseline).
+    pub duration_ms: f64,
+}
+
+/// What `up` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpReport {
+    /// The service schema.
+    pub schema: String,
+    /// True when nothing ran: `migrations` is what would run.
+    pub dry_run: bool,
+    /// True when every migration ran in one transaction.
+    pub atomic: bool,
+    /// Applied, oldest first (empty when up to date).
+    pub migrations: Vec<RunEntry>,
+    /// The newest applied version afterwards.
+    pub current_version: Option<i64>,
+}
+
+/// What `down` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DownReport {
+    /// The service schema.
+    pub schema: String,
+    /// True when nothing ran: `migrations` is what would be reverted.
+    pub dry_run: bool,
+    /// Reverted, newest first.
+    pub migrations: Vec<RunEntry>,
+    /// The newest applied version afterwards.
+    pub current_version: Option<i64>,
+}
+
+/// What `redo` did: the newest migration reverted and applied again.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedoReport {
+    /// The revert.
+    pub down: DownReport,
+    /// The re-apply.
+    pub up: UpReport,
+}
+
+/// What `baseline` recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineReport {
+    /// The service schema.
+    pub schema: String,
+    /// Migrations recorded as applied without running them.
+    pub recorded: Vec<RunEntry>,
+}
+
+/// One thing `repair` did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum RepairAction {
+    /// Deleted a dirty history row: the migration counts as pending again.
+    ClearedDirty {
+        /// The version.
+        version: i64,
+        /// Its name.
+        name: String,
+    },
+    /// Recorded the current checksum of a changed applied file.
+    RealignedChecksum {
+        /// The version.
+        version: i64,
+        /// Its name.
+        name: String,
+        /// The checksum recorded before.
+        old: String,
+        /// The file's checksum, recorded now.
+        new: String,
+    },
+}
+
+/// What `repair` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairReport {
+    /// The service schema.
+    pub schema: String,
+    /// Each change, by version; empty when there was nothing to repair.
+    pub actions: Vec<RepairAction>,
+}

@@ -1,0 +1,674 @@
+//! The runner: `up`, `down`, `redo`, `status`, `validate`, `baseline`, `repair`.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::error::{MigrateError, MigrationFailure};
+use super::event::{Direction, MigrateEvent};
+use super::history::{self, History};
+use super::lock::MigrationLock;
+use super::migration::Migration;
+use super::options::{DownOptions, MigrateOptions, UpOptions};
+use super::report::{
+    BaselineReport, DownReport, RedoReport, RepairAction, RepairReport, RunEntry, UpReport,
+};
+use super::source::Migrations;
+use super::split::split_statements;
+use super::status::StatusReport;
+use crate::pool::ServiceDb;
+
+/// Runs a service's migrations against its schema.
+///
+/// ```no_run
+/// # async fn demo(db: svcdb::ServiceDb) -> Result<(), svcdb::migrate::MigrateError> {
+/// use svcdb::migrate::{Migrations, Migrator};
+/// let migrator = Migrator::new(db, Migrations::from_dir("migrations")?);
+/// migrator.up().await?;
+/// assert!(migrator.status().await?.is_up_to_date());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Migrator {
+    db: ServiceDb,
+    migrations: Migrations,
+    options: MigrateOptions,
+}
+
+/// The observer of calls without one.
+fn ignore(_: &MigrateEvent) {}
+
+/// A failure of one script, told apart from a failure of the bookkeeping around it.
+enum StepError {
+    /// The script (or its commit) failed: the migration's fault. For a non-transactional
+    /// script, the number of statements that succeeded first.
+    Script(tokio_postgres::Error, Option<usize>),
+    /// Anything else.
+    Other(MigrateError),
+}
+
+impl From<tokio_postgres::Error> for StepError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StepError::Other(e.into())
+    }
+}
+
+impl Migrator {
+    /// A runner for `migrations` on `db`'s schema, with default [`MigrateOptions`].
+    pub fn new(db: ServiceDb, migrations: Migrations) -> Self {
+        Self {
+            db,
+            migrations,
+            options: MigrateOptions::default(),
+        }
+    }
+
+    /// Replaces the options.
+    pub fn with_options(mut self, options: MigrateOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The source.
+    pub fn migrations(&self) -> &Migrations {
+        &self.migrations
+    }
+
+    /// The options.
+    pub fn options(&self) -> &MigrateOptions {
+        &self.options
+    }
+
+    fn schema(&self) -> String {
+        self.db.schema().as_str().to_owned()
+    }
+
+    /// Where every migration stands. Read-only, takes no lock; one query on a pooled
+    /// connection.
+    pub async fn status(&self) -> Result<StatusReport, MigrateError> {
+        let conn = self.db.get().await?;
+        let history = history::read(client(&conn), self.db.schema(), true).await?;
+        Ok(StatusReport::build(
+            self.db.schema().as_str(),
+            &self.migrations,
+            &history,
+        ))
+    }
+
+    /// [`status`](Self::status), failing on a dirty schema, changed files, missing files and
+    /// out-of-order pending migrations (each unless [`MigrateOptions`] allows it).
+    pub async fn validate(&self) -> Result<StatusReport, MigrateError> {
+        let status = self.status().await?;
+        self.plan_up(&status, None)?;
+        Ok(status)
+    }
+
+    /// Applies every pending migration; see [`up_with`](Self::up_with).
+    pub async fn up(&self) -> Result<UpReport, MigrateError> {
+        self.up_with(&UpOptions::default(), &mut ignore).await
+    }
+
+    /// Applies pending migrations, telling `observer` about each as it runs.
+    ///
+    /// With nothing pending this is one query on a pooled connection and takes no lock.
+    /// Otherwise it takes the schema's lock, reads the history again (another replica may have
+    /// just migrated), and runs what is still pending: all in one transaction when every one is
+    /// transactional, else one by one, undoing this call's work with the down scripts if one
+    /// fails (see [`MigrateError::Failed`]).
+    pub async fn up_with(
+        &self,
+        options: &UpOptions,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<UpReport, MigrateError> {
+        let history = {
+            let conn = self.db.get().await?;
+            history::read(client(&conn), self.db.schema(), false).await?
+        };
+        let plan = self.plan_up(
+            &StatusReport::build(&self.schema(), &self.migrations, &history),
+            options.to,
+        )?;
+        if plan.is_empty() || options.dry_run {
+            return Ok(UpReport {
+                schema: self.schema(),
+                dry_run: options.dry_run,
+                atomic: is_atomic(&plan),
+                migrations: plan.iter().map(|m| planned(m)).collect(),
+                current_version: current_version(&history),
+            });
+        }
+        let (mut lock, history) = self.lock(observer).await?;
+        let plan = self.plan_up(
+            &StatusReport::build(&self.schema(), &self.migrations, &history),
+            options.to,
+        )?;
+        let atomic = is_atomic(&plan);
+        let done = self
+            .run(&mut lock, &plan, Direction::Up, history.exists, observer)
+            .await?;
+        lock.release().await?;
+        let current = done
+            .last()
+            .map(|e| e.version)
+            .max(current_version(&history));
+        Ok(UpReport {
+            schema: self.schema(),
+            dry_run: false,
+            atomic,
+            migrations: done,
+            current_version: current,
+        })
+    }
+
+    /// Reverts applied migrations, newest first; see [`down_with`](Self::down_with).
+    pub async fn down(&self, options: &DownOptions) -> Result<DownReport, MigrateError> {
+        self.down_with(options, &mut ignore).await
+    }
+
+    /// Reverts `options.steps` applied migrations (or all newer than `options.to`), newest
+    /// first. Refuses, before running anything, to cross a migration without a down script
+    /// ([`MigrateError::NoDown`]) or without a file. Transactional downs run in one transaction.
+    pub async fn down_with(
+        &self,
+        options: &DownOptions,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<DownReport, MigrateError> {
+        let (mut lock, history) = self.lock(observer).await?;
+        let report = self.revert(&mut lock, &history, options, observer).await?;
+        lock.release().await?;
+        Ok(report)
+    }
+
+    /// Reverts the newest applied migration and applies it again (checks that its down script
+    /// really undoes it), under one lock.
+    pub async fn redo(&self) -> Result<RedoReport, MigrateError> {
+        self.redo_with(&mut ignore).await
+    }
+
+    /// [`redo`](Self::redo) with an observer.
+    pub async fn redo_with(
+        &self,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<RedoReport, MigrateError> {
+        let (mut lock, history) = self.lock(observer).await?;
+        let down = self
+            .revert(&mut lock, &history, &DownOptions::default(), observer)
+            .await?;
+        let plan: Vec<&Migration> = down
+            .migrations
+            .iter()
+            .filter_map(|e| self.migrations.get(e.version))
+            .collect();
+        let done = self
+            .run(&mut lock, &plan, Direction::Up, true, observer)
+            .await?;
+        lock.release().await?;
+        let up = UpReport {
+            schema: self.schema(),
+            dry_run: false,
+            atomic: is_atomic(&plan),
+            migrations: done,
+            current_version: current_version(&history),
+        };
+        Ok(RedoReport { down, up })
+    }
+
+    /// Records every migration of the source with a version ≤ `version` as applied, without
+    /// running it: adopts a database whose schema was made before svcdb managed it. Versions
+    /// already recorded are left alone.
+    pub async fn baseline(&self, version: i64) -> Result<BaselineReport, MigrateError> {
+        let (lock, history) = self.lock(&mut ignore).await?;
+        if let Some(dirty) = history.rows.iter().find(|r| r.dirty) {
+            return Err(MigrateError::Dirty {
+                schema: self.schema(),
+                version: dirty.version,
+                name: dirty.name.clone(),
+            });
+        }
+        let rows: Vec<(&Migration, Duration)> = self
+            .migrations
+            .iter()
+            .filter(|m| m.version <= version && history.get(m.version).is_none())
+            .map(|m| (m, Duration::ZERO))
+            .collect();
+        if !history.exists {
+            lock.batch_execute(&history::create_table_sql(self.db.schema()))
+                .await?;
+        }
+        history::insert(lock.client(), self.db.schema(), &rows, false).await?;
+        lock.release().await?;
+        Ok(BaselineReport {
+            schema: self.schema(),
+            recorded: rows.iter().map(|(m, _)| planned(m)).collect(),
+        })
+    }
+
+    /// Deletes dirty history rows (so those migrations count as pending again; fix the schema
+    /// by hand first) and records the current checksum of changed applied files. One
+    /// transaction; each action is reported.
+    pub async fn repair(&self) -> Result<RepairReport, MigrateError> {
+        let (mut lock, history) = self.lock(&mut ignore).await?;
+        let schema = self.db.schema().clone();
+        let mut actions = Vec::new();
+        let tx = lock.transaction().await?;
+        for row in &history.rows {
+            if row.dirty {
+                history::delete(&tx, &schema, &[row.version]).await?;
+                actions.push(RepairAction::ClearedDirty {
+                    version: row.version,
+                    name: row.name.clone(),
+                });
+            } else if let Some(m) = self
+                .migrations
+                .get(row.version)
+                .filter(|m| m.checksum.to_hex() != row.checksum)
+            {
+                history::realign(&tx, &schema, m).await?;
+                actions.push(RepairAction::RealignedChecksum {
+                    version: m.version,
+                    name: m.name.clone(),
+                    old: row.checksum.clone(),
+                    new: m.checksum.to_hex(),
+                });
+            }
+        }
+        tx.commit().await?;
+        lock.release().await?;
+        Ok(RepairReport {
+            schema: self.schema(),
+            actions,
+        })
+    }
+
+    /// Pending migrations up to `to`, after the drift and order checks.
+    fn plan_up(
+        &self,
+        status: &StatusReport,
+        to: Option<i64>,
+    ) -> Result<Vec<&Migration>, MigrateError> {
+        status.check_drift(&self.options)?;
+        let plan: Vec<&Migration> = status
+            .pending()
+            .filter(|e| to.is_none_or(|to| e.version <= to))
+            .filter_map(|e| self.migrations.get(e.version))
+            .collect();
+        status.check_order(&plan, &self.options)?;
+        Ok(plan)
+    }
+
+    /// Takes the schema's lock, applies the session settings, creates the schema if
+    /// configured to, and reads the history under the lock.
+    async fn lock(
+        &self,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<(MigrationLock, History), MigrateError> {
+        let schema = self.db.schema();
+        let lock = MigrationLock::acquire(&self.db, self.options.lock_wait, || {
+            observer(&MigrateEvent::WaitingForLock {
+                schema: schema.as_str().to_owned(),
+            })
+        })
+        .await?;
+        // client_connection_check_interval (PostgreSQL 14+; set through pg_settings so older
+        // servers skip it) makes the server notice a vanished runner (cancelled task, killed
+        // process) during a long statement and end the session, releasing the lock, instead of
+        // running on until the statement ends.
+        let mut setup = format!(
+            "SELECT set_config(name, '1000', false) FROM pg_settings WHERE name = 'client_connection_check_interval';
+             SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms';",
+            self.options.lock_timeout.as_millis(),
+            self.options.statement_timeout.map_or(0, |d| d.as_millis().max(1))
+        );
+        if self.db.config().create_schema {
+            setup.push_str(&format!(" CREATE SCHEMA IF NOT EXISTS {schema};"));
+        }
+        lock.batch_execute(&setup).await?;
+        let history = history::read(lock.client(), schema, true).await?;
+        Ok((lock, history))
+    }
+
+    /// Reverts what `options` selects (under the caller's lock).
+    async fn revert(
+        &self,
+        lock: &mut MigrationLock,
+        history: &History,
+        options: &DownOptions,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<DownReport, MigrateError> {
+        StatusReport::build(&self.schema(), &self.migrations, history)
+            .check_drift(&self.options)?;
+        let applied = history.rows.iter().rev();
+        let targets: Vec<_> = match options.to {
+            Some(to) => applied.take_while(|r| r.version > to).collect(),
+            None => applied.take(options.steps).collect(),
+        };
+        let mut plan = Vec::with_capacity(targets.len());
+        for row in targets {
+            let m = self
+                .migrations
+                .get(row.version)
+                .ok_or_else(|| MigrateError::Missing {
+                    version: row.version,
+                    name: row.name.clone(),
+                })?;
+            if m.down.is_none() {
+                return Err(MigrateError::NoDown {
+                    version: m.version,
+                    path: m.path.clone(),
+                });
+            }
+            plan.push(m);
+        }
+        let migrations = if options.dry_run {
+            plan.iter().map(|m| planned(m)).collect()
+        } else {
+            self.run(lock, &plan, Direction::Down, true, observer)
+                .await?
+        };
+        let reverted_all = !options.dry_run;
+        let current_version = history
+            .rows
+            .iter()
+            .rev()
+            .map(|r| r.version)
+            .find(|v| !(reverted_all && plan.iter().any(|m| m.version == *v)));
+        Ok(DownReport {
+            schema: self.schema(),
+            dry_run: options.dry_run,
+            migrations,
+            current_version,
+        })
+    }
+
+    /// Runs `plan` in `direction`: in one transaction when every script is transactional,
+    /// else one by one (undoing this call's ups with their downs if one fails).
+    async fn run(
+        &self,
+        conn: &mut Client,
+        plan: &[&Migration],
+        direction: Direction,
+        history_exists: bool,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<Vec<RunEntry>, MigrateError> {
+        let schema = self.db.schema();
+        if plan.is_empty() {
+            // Another runner applied everything while we waited for the lock.
+            return Ok(Vec::new());
+        }
+        if plan.iter().all(|m| transactional(m, direction)) {
+            return self
+                .run_atomic(conn, plan, direction, history_exists, observer)
+                .await;
+        }
+        if !history_exists {
+            conn.batch_execute(&history::create_table_sql(schema))
+                .await?;
+        }
+        let mut done: Vec<RunEntry> = Vec::with_capacity(plan.len());
+        for m in plan {
+            match step(conn, schema, m, direction, observer).await {
+                Ok(entry) => done.push(entry),
+                Err(StepError::Other(e)) => return Err(e),
+                Err(StepError::Script(cause, statements_done)) => {
+                    let dirty = !transactional(m, direction);
+                    // Undo this deploy's ups unless the failing step left the schema in an
+                    // unknown state: running downs over a half-applied step would only make
+                    // the mess bigger. Downs are never "undone" by running ups again.
+                    let (undone, undo_error) = if direction == Direction::Up && !dirty {
+                        self.undo(conn, &done, observer).await
+                    } else {
+                        (Vec::new(), None)
+                    };
+                    let applied: Vec<i64> = done
+                        .iter()
+                        .map(|e| e.version)
+                        .filter(|v| !undone.contains(v))
+                        .collect();
+                    if direction == Direction::Up && !history_exists && !dirty && applied.is_empty()
+                    {
+                        // Everything was undone: drop the history table this call created too,
+                        // so the schema is exactly as before. Best effort: an empty table is
+                        // harmless if this fails.
+                        let drop_table = history::drop_table_sql(schema);
+                        if let Err(e) = conn.batch_execute(&drop_table).await {
+                            tracing::warn!(target: "svcdb::migrate", error = %crate::error::pg_message(&e), "cannot drop the history table");
+                        }
+                    }
+                    return Err(MigrateError::Failed(Box::new(MigrationFailure {
+                        applied,
+                        undone,
+                        undo_error,
+                        dirty,
+                        statements_done,
+                        ..failure(m, direction, cause)
+                    })));
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Every script and the history rows in one transaction; a failure rolls all of it back
+    /// (the history table too, if this call created it).
+    async fn run_atomic(
+        &self,
+        conn: &mut Client,
+        plan: &[&Migration],
+        direction: Direction,
+        history_exists: bool,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<Vec<RunEntry>, MigrateError> {
+        let schema = self.db.schema();
+        let tx = conn.transaction().await?;
+        if !history_exists {
+            tx.batch_execute(&history::create_table_sql(schema)).await?;
+        }
+        let mut done = Vec::with_capacity(plan.len());
+        for m in plan {
+            let (script, _) = script(m, direction);
+            let start = started(m, direction, observer);
+            if let Err(cause) = tx.batch_execute(script).await {
+                // Dropping `tx` rolls back.
+                return Err(MigrateError::Failed(Box::new(MigrationFailure {
+                    rolled_back: true,
+                    ..failure(m, direction, cause)
+                })));
+            }
+            done.push(finished(m, direction, start, observer));
+        }
+        match direction {
+            Direction::Up => {
+                let rows: Vec<(&Migration, Duration)> = plan
+                    .iter()
+                    .zip(&done)
+                    .map(|(m, e)| (*m, Duration::from_secs_f64(e.duration_ms / 1e3)))
+                    .collect();
+                history::insert(&tx, schema, &rows, false).await?;
+            }
+            Direction::Down => {
+                let versions: Vec<i64> = plan.iter().map(|m| m.version).collect();
+                history::delete(&tx, schema, &versions).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Runs the down scripts of `done` (this call's ups), newest first, stopping at the first
+    /// that is missing or fails; returns the versions undone and why it stopped early.
+    async fn undo(
+        &self,
+        conn: &mut Client,
+        done: &[RunEntry],
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> (Vec<i64>, Option<String>) {
+        let mut undone = Vec::new();
+        for entry in done.iter().rev() {
+            let Some(m) = self
+                .migrations
+                .get(entry.version)
+                .filter(|m| m.down.is_some())
+            else {
+                return (
+                    undone,
+                    Some(format!("migration {} has no down script", entry.version)),
+                );
+            };
+            let failure = match step(conn, self.db.schema(), m, Direction::Down, observer).await {
+                Ok(_) => {
+                    undone.push(m.version);
+                    continue;
+                }
+                Err(StepError::Script(e, _)) => crate::error::pg_message(&e),
+                Err(StepError::Other(e)) => e.to_string(),
+            };
+            return (
+                undone,
+                Some(format!(
+                    "the down script of migration {} failed: {failure}",
+                    m.version
+                )),
+            );
+        }
+        (undone, None)
+    }
+}
+
+/// The script of `m` for `direction` and whether it runs in a transaction. `run` checked that
+/// a down exists before planning it.
+fn script(m: &Migration, direction: Direction) -> (&str, bool) {
+    match direction {
+        Direction::Up => (&m.up, m.transactional),
+        Direction::Down => (m.down.as_deref().unwrap_or_default(), m.down_transactional),
+    }
+}
+
+fn transactional(m: &Migration, direction: Direction) -> bool {
+    script(m, direction).1
+}
+
+fn started(
+    m: &Migration,
+    direction: Direction,
+    observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+) -> Instant {
+    observer(&MigrateEvent::Started {
+        version: m.version,
+        name: m.name.clone(),
+        direction,
+        transactional: transactional(m, direction),
+    });
+    Instant::now()
+}
+
+fn finished(
+    m: &Migration,
+    direction: Direction,
+    start: Instant,
+    observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+) -> RunEntry {
+    let duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    observer(&MigrateEvent::Finished {
+        version: m.version,
+        name: m.name.clone(),
+        direction,
+        duration_ms,
+    });
+    RunEntry {
+        version: m.version,
+        name: m.name.clone(),
+        transactional: transactional(m, direction),
+        duration_ms,
+    }
+}
+
+/// A failure of `m` that changed nothing else; callers fill in what they did.
+fn failure(m: &Migration, direction: Direction, cause: tokio_postgres::Error) -> MigrationFailure {
+    MigrationFailure {
+        version: m.version,
+        name: m.name.clone(),
+        direction,
+        cause,
+        applied: Vec::new(),
+        undone: Vec::new(),
+        undo_error: None,
+        rolled_back: false,
+        dirty: false,
+        statements_done: None,
+    }
+}
+
+/// True when `plan` runs as one transaction (and there is something to run).
+fn is_atomic(plan: &[&Migration]) -> bool {
+    !plan.is_empty() && plan.iter().all(|m| m.transactional)
+}
+
+fn planned(m: &Migration) -> RunEntry {
+    RunEntry {
+        version: m.version,
+        name: m.name.clone(),
+        transactional: m.transactional,
+        duration_ms: 0.0,
+    }
+}
+
+/// The driver client behind a pooled connection.
+fn client(conn: &crate::PooledConn) -> &Client {
+    conn
+}
+
+fn current_version(history: &History) -> Option<i64> {
+    history
+        .rows
+        .iter()
+        .filter(|r| !r.dirty)
+        .map(|r| r.version)
+        .max()
+}
+
+/// One script with its bookkeeping. Transactional: script and history change commit together.
+/// Not transactional: the row is marked dirty first, the statements run one by one (a
+/// multi-statement message would be one implicit transaction), then the mark is cleared (up)
+/// or the row deleted (down); a failure in between leaves the dirty mark.
+async fn step(
+    conn: &mut Client,
+    schema: &crate::Ident,
+    m: &Migration,
+    direction: Direction,
+    observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+) -> Result<RunEntry, StepError> {
+    let (sql, in_tx) = script(m, direction);
+    if in_tx {
+        let start = started(m, direction, observer);
+        let tx = conn.transaction().await?;
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| StepError::Script(e, None))?;
+        let elapsed = start.elapsed();
+        match direction {
+            Direction::Up => history::insert(&tx, schema, &[(m, elapsed)], false).await?,
+            Direction::Down => history::delete(&tx, schema, &[m.version]).await?,
+        }
+        // A deferred constraint fails at commit: that is the script's failure.
+        tx.commit().await.map_err(|e| StepError::Script(e, None))?;
+        return Ok(finished(m, direction, start, observer));
+    }
+    match direction {
+        Direction::Up => history::insert(&*conn, schema, &[(m, Duration::ZERO)], true).await?,
+        Direction::Down => history::set_dirty(&*conn, schema, m.version, true, None).await?,
+    }
+    let start = started(m, direction, observer);
+    for (done, statement) in split_statements(sql).into_iter().enumerate() {
+        conn.batch_execute(statement)
+            .await
+            .map_err(|e| StepError::Script(e, Some(done)))?;
+    }
+
+    match direction {
+        Direction::Up => {
+            history::set_dirty(&*conn, schema, m.version, false, Some(start.elapsed())).await?
+        }
+        Direction::Down => history::delete(&*conn, schema, &[m.version]).await?,
+    }
+    Ok(finished(m, direction, start, observer))
+}

@@ -1,0 +1,225 @@
+//! Where each migration stands, and the drift checks built on it.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::error::MigrateError;
+use super::history::History;
+use super::migration::Migration;
+use super::options::MigrateOptions;
+use super::source::Migrations;
+
+/// Where one migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Applied, and the file still matches.
+    Applied,
+    /// In the source, not applied.
+    Pending,
+    /// Applied, but the up file changed since.
+    Changed,
+    /// Applied, but no file has this version.
+    Missing,
+    /// A non-transactional migration that failed part-way; see [`MigrateError::Dirty`].
+    Dirty,
+}
+
+/// One row of [`StatusReport`].
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusEntry {
+    /// The version.
+    pub version: i64,
+    /// The file's name, or the history's for a missing file.
+    pub name: String,
+    /// Where it stands.
+    pub state: MigrationState,
+    /// The up file, `None` when missing.
+    pub path: Option<String>,
+    /// Whether it runs in a transaction (from the file, else from the history).
+    pub transactional: bool,
+    /// When it was applied.
+    pub applied_at: Option<DateTime<Utc>>,
+    /// How long its up script took, in milliseconds.
+    pub execution_ms: Option<f64>,
+    /// The database user that applied it.
+    pub applied_by: Option<String>,
+}
+
+/// The state of every migration of a schema: the output of `svcdb migrate status` and what the
+/// start-up gate asks.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// The service schema.
+    pub schema: String,
+    /// False before the first `up` (or `baseline`).
+    pub history_exists: bool,
+    /// The newest applied version that is not dirty.
+    pub current_version: Option<i64>,
+    /// The version marked dirty, if any: nothing runs until `repair`.
+    pub dirty: Option<i64>,
+    /// Every migration of the source and every applied version, by version.
+    pub entries: Vec<StatusEntry>,
+}
+
+impl StatusReport {
+    /// Builds the report from the source and the history table.
+    pub(crate) fn build(schema: &str, migrations: &Migrations, history: &History) -> Self {
+        let mut entries: Vec<StatusEntry> = migrations
+            .iter()
+            .map(|m| {
+                let row = history.get(m.version);
+                let state = match row {
+                    None => MigrationState::Pending,
+                    Some(r) if r.dirty => MigrationState::Dirty,
+                    Some(r) if r.checksum != m.checksum.to_hex() => MigrationState::Changed,
+                    Some(_) => MigrationState::Applied,
+                };
+                entry(
+                    m.version,
+                    m.name.clone(),
+                    state,
+                    Some(m.path.clone()),
+                    m.transactional,
+                    row,
+                )
+            })
+            .collect();
+        for row in history
+            .rows
+            .iter()
+            .filter(|r| migrations.get(r.version).is_none())
+        {
+            let state = if row.dirty {
+                MigrationState::Dirty
+            } else {
+                MigrationState::Missing
+            };
+            let transactional = row.detail.as_ref().is_none_or(|d| d.transactional);
+            entries.push(entry(
+                row.version,
+                row.name.clone(),
+                state,
+                None,
+                transactional,
+                Some(row),
+            ));
+        }
+        entries.sort_by_key(|e| e.version);
+        Self {
+            schema: schema.to_owned(),
+            history_exists: history.exists,
+            current_version: history
+                .rows
+                .iter()
+                .filter(|r| !r.dirty)
+                .map(|r| r.version)
+                .max(),
+            dirty: history.rows.iter().find(|r| r.dirty).map(|r| r.version),
+            entries,
+        }
+    }
+
+    /// Entries in `state`.
+    pub fn in_state(&self, state: MigrationState) -> impl Iterator<Item = &StatusEntry> {
+        self.entries.iter().filter(move |e| e.state == state)
+    }
+
+    /// Migrations not yet applied.
+    pub fn pending(&self) -> impl Iterator<Item = &StatusEntry> {
+        self.in_state(MigrationState::Pending)
+    }
+
+    /// Applied migrations whose file changed.
+    pub fn changed(&self) -> impl Iterator<Item = &StatusEntry> {
+        self.in_state(MigrationState::Changed)
+    }
+
+    /// Applied versions with no file.
+    pub fn missing(&self) -> impl Iterator<Item = &StatusEntry> {
+        self.in_state(MigrationState::Missing)
+    }
+
+    /// True when nothing is pending, changed or dirty. Missing files do not count: during a
+    /// rolling deploy an older binary meets a database migrated by a newer one, which is fine
+    /// as long as migrations stay backward compatible.
+    pub fn is_up_to_date(&self) -> bool {
+        self.entries
+            .iter()
+            .all(|e| matches!(e.state, MigrationState::Applied | MigrationState::Missing))
+    }
+
+    /// Refuses a dirty schema, changed files and missing files (unless `options` allow them).
+    pub(crate) fn check_drift(&self, options: &MigrateOptions) -> Result<(), MigrateError> {
+        for e in &self.entries {
+            match e.state {
+                MigrationState::Dirty => {
+                    return Err(MigrateError::Dirty {
+                        schema: self.schema.clone(),
+                        version: e.version,
+                        name: e.name.clone(),
+                    })
+                }
+                MigrationState::Changed if !options.allow_changed => {
+                    return Err(MigrateError::Changed {
+                        version: e.version,
+                        path: e.path.clone().unwrap_or_default(),
+                    })
+                }
+                MigrationState::Missing if !options.ignore_missing => {
+                    return Err(MigrateError::Missing {
+                        version: e.version,
+                        name: e.name.clone(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses to run a migration older than the newest applied one, unless allowed.
+    pub(crate) fn check_order(
+        &self,
+        plan: &[&Migration],
+        options: &MigrateOptions,
+    ) -> Result<(), MigrateError> {
+        let newest_applied = self
+            .entries
+            .iter()
+            .filter(|e| e.state != MigrationState::Pending)
+            .map(|e| e.version)
+            .max();
+        match (plan.first(), newest_applied) {
+            (Some(m), Some(newest)) if m.version < newest && !options.allow_out_of_order => {
+                Err(MigrateError::OutOfOrder {
+                    version: m.version,
+                    path: m.path.clone(),
+                    newest_applied: newest,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn entry(
+    version: i64,
+    name: String,
+    state: MigrationState,
+    path: Option<String>,
+    transactional: bool,
+    row: Option<&super::history::HistoryRow>,
+) -> StatusEntry {
+    let detail = row.and_then(|r| r.detail.as_ref());
+    StatusEntry {
+        version,
+        name,
+        state,
+        path,
+        transactional,
+        applied_at: detail.map(|d| d.applied_at),
+        execution_ms: detail.map(|d| d.execution.as_secs_f64() * 1e3),
+        applied_by: detail.map(|d| d.applied_by.clone()),
+    }
+}

@@ -1,0 +1,267 @@
+//! [`ServiceDb`]: one service's connection pool, its schema pinned on every connection.
+//!
+//! The pool itself is deadpool-postgres; this module adds what a service needs around it:
+//! the schema pinned at connect time, an acquire timeout whose error carries the last connection
+//! error, a minimum of warm connections, idle and lifetime limits, a ping for connections that
+//! sat idle, and wait statistics.
+
+mod maintenance;
+mod status;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{
+    HookError, Manager, ManagerConfig, Pool, PoolError, QueueMode, RecyclingMethod, Runtime,
+    Timeouts,
+};
+use tokio_postgres::NoTls;
+
+pub use status::{PoolStatus, WaitPercentiles};
+
+use crate::config::Config;
+use crate::connection::DedicatedConn;
+use crate::error::{pg_message, Error, Result, SqlState};
+use crate::ident::Ident;
+use status::PoolStats;
+
+/// A connection borrowed from a [`ServiceDb`]; it goes back to the pool when dropped.
+///
+/// It dereferences to [`tokio_postgres::Client`], and its `prepare_cached` reuses prepared
+/// statements across borrows.
+pub type PooledConn = deadpool_postgres::Object;
+
+/// One service's access to its schema: a pool of connections whose `search_path` is pinned to
+/// the service schema at connect time.
+///
+/// Cheap to clone; clones share the pool. Dropping the last clone closes the connections.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), svcdb::Error> {
+/// let db = svcdb::ServiceDb::connect(svcdb::Config::from_env()?).await?;
+/// let conn = db.get().await?;
+/// let row = conn.query_one("SELECT current_schema()", &[]).await?;
+/// assert_eq!(row.get::<_, String>(0), db.schema().as_str());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ServiceDb {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The deadpool pool; its manager opens connections with the session config.
+    pool: Pool,
+    /// The validated configuration this pool was built from.
+    config: Config,
+    /// The driver config with the schema pinned (what every connection uses).
+    session: tokio_postgres::Config,
+    /// Wait histogram, timeout count, last connection error.
+    stats: Arc<PoolStats>,
+    /// Keeps the pool at `pool_min` and retires idle and old connections; aborted on drop.
+    maintenance: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.maintenance.abort();
+        self.pool.close();
+    }
+}
+
+impl std::fmt::Debug for ServiceDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceDb")
+            .field("config", &self.inner.config)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl ServiceDb {
+    /// Builds the pool without touching the network; connections open on first use and the
+    /// background task warms the pool up to `pool_min`. Must be called inside a Tokio runtime.
+    pub fn new(config: Config) -> Result<Self> {
+        config.validate()?;
+        let session = config.session_config();
+        let manager = Manager::from_config(
+            session.clone(),
+            NoTls,
+            ManagerConfig {
+                // `Fast` checks only that the socket is open; the hook below pings connections
+                // that sat idle, so a hot connection costs no extra round trip.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let verify_after = config.verify_after_idle;
+        let ping_timeout = config.connect_timeout;
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_max)
+            .runtime(Runtime::Tokio1)
+            // Last in, first out: busy periods reuse the warmest connections and the rest age
+            // out through the idle timeout.
+            .queue_mode(QueueMode::Lifo)
+            .post_recycle(deadpool_postgres::Hook::async_fn(move |client, metrics| {
+                Box::pin(async move {
+                    if metrics.last_used() < verify_after {
+                        return Ok(());
+                    }
+                    match tokio::time::timeout(ping_timeout, client.simple_query("")).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(HookError::Backend(e)),
+                        Err(_) => Err(HookError::message("ping timed out")),
+                    }
+                })
+            }))
+            .build()
+            .map_err(|e| Error::config("pool", e.to_string()))?;
+        let stats = Arc::new(PoolStats::new());
+        let maintenance = tokio::spawn(maintenance::run(
+            pool.weak(),
+            maintenance::Limits::from(&config),
+            stats.clone(),
+        ));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                config,
+                session,
+                stats,
+                maintenance,
+            }),
+        })
+    }
+
+    /// Builds the pool, creates the schema if configured to, and opens `pool_min`
+    /// connections, so that a wrong URL, password or host fails here, at start-up.
+    pub async fn connect(config: Config) -> Result<Self> {
+        let db = Self::new(config)?;
+        let first = db.get().await?;
+        if db.inner.config.create_schema {
+            create_schema_if_missing(&first, &db.inner.config.schema).await?;
+        }
+        let more = db.inner.config.pool_min.saturating_sub(1);
+        let warm = futures_util::future::join_all((0..more).map(|_| db.get())).await;
+        drop(first);
+        for conn in warm {
+            drop(conn?);
+        }
+        Ok(db)
+    }
+
+    /// Borrows a connection, waiting at most `acquire_timeout`.
+    ///
+    /// A connection that was closed (server restart, `pg_terminate_backend`) is never handed
+    /// out: it is dropped and another one taken or opened. If no connection can be had in time
+    /// the error is [`Error::AcquireTimeout`], carrying the last connection error.
+    pub async fn get(&self) -> Result<PooledConn> {
+        let started = Instant::now();
+        let deadline = started + self.inner.config.acquire_timeout;
+        let mut last_error: Option<tokio_postgres::Error> = None;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            let timeouts = Timeouts {
+                wait: Some(remaining),
+                create: Some(remaining.min(self.inner.config.connect_timeout)),
+                recycle: Some(remaining.min(self.inner.config.connect_timeout)),
+            };
+            match self.inner.pool.timeout_get(&timeouts).await {
+                Ok(conn) => {
+                    self.inner.stats.record_wait(started.elapsed());
+                    if last_error.is_some() {
+                        self.inner.stats.set_connect_error(None);
+                    }
+                    return Ok(conn);
+                }
+                Err(PoolError::Backend(e)) => {
+                    let message = pg_message(&e);
+                    if last_error.is_none() {
+                        tracing::warn!(target: "svcdb::pool", target_db = %self.inner.config.target(), error = %message, "cannot open a connection; retrying until the acquire timeout");
+                    }
+                    self.inner.stats.set_connect_error(Some(message));
+                    last_error = Some(e);
+                    // Retry: a restarting server or a role being provisioned comes back soon.
+                    tokio::time::sleep(
+                        backoff.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                }
+                Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => break,
+                Err(PoolError::Timeout(_)) => continue,
+                Err(PoolError::Closed) => return Err(Error::PoolClosed),
+                Err(PoolError::PostCreateHook(e)) => {
+                    return Err(Error::config(
+                        "pool",
+                        format!("post-create hook failed: {e}"),
+                    ))
+                }
+                Err(PoolError::NoRuntimeSpecified) => {
+                    unreachable!("the pool is built with Runtime::Tokio1")
+                }
+            }
+        }
+        self.inner.stats.record_timeout();
+        let status = self.inner.pool.status();
+        Err(Error::AcquireTimeout {
+            waited: started.elapsed(),
+            target: self.inner.config.target(),
+            size: status.size,
+            max_size: status.max_size,
+            cause: last_error,
+        })
+    }
+
+    /// Opens a connection outside the pool, with the same pinned schema. For work that must not
+    /// return a connection to the pool in an odd state: session advisory locks, `LISTEN`, long
+    /// migrations. It closes when dropped.
+    pub async fn dedicated(&self) -> Result<DedicatedConn> {
+        DedicatedConn::connect(&self.inner.session).await
+    }
+
+    /// Sizes, waiters and wait percentiles; no I/O.
+    pub fn status(&self) -> PoolStatus {
+        self.inner.stats.snapshot(&self.inner.pool.status())
+    }
+
+    /// The configuration the pool was built from.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The service schema every connection is pinned to.
+    pub fn schema(&self) -> &Ident {
+        &self.inner.config.schema
+    }
+
+    /// The driver configuration with the pinned schema (password included: do not print it
+    /// with anything but its own redacting `Debug`).
+    pub fn session_config(&self) -> &tokio_postgres::Config {
+        &self.inner.session
+    }
+
+    /// Closes the pool: waiting and future `get` calls fail with [`Error::PoolClosed`]; borrowed
+    /// connections close when returned.
+    pub fn close(&self) {
+        self.inner.maintenance.abort();
+        self.inner.pool.close();
+    }
+}
+
+/// `CREATE SCHEMA IF NOT EXISTS` still fails when two sessions create the schema at the same
+/// moment; losing that race is success.
+async fn create_schema_if_missing(client: &tokio_postgres::Client, schema: &Ident) -> Result<()> {
+    match client
+        .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .await
+    {
+        Err(e) if matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_SCHEMA) => {
+            Ok(())
+        }
+        other => Ok(other?),
+    }
+}

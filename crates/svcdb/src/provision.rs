@@ -1,0 +1,282 @@
+//! Provisioning: a login role per service owning its schema, enforced by PostgreSQL privileges.
+//!
+//! After [`provision`], a service connected as its own role can use its schema and nothing
+//! else: another service's schema answers `permission denied` (SQLSTATE 42501), because each
+//! schema is owned by its service's role and grants nothing to `PUBLIC`. Running it again
+//! changes nothing.
+
+use std::fmt;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::error::Result;
+use crate::ident::{quoted_list, Ident};
+
+/// A password that never shows in `Debug` or `Display`.
+#[derive(Clone)]
+pub struct Password(String);
+
+impl Password {
+    /// Wraps a password.
+    pub fn new(password: impl Into<String>) -> Self {
+        Self(password.into())
+    }
+
+    /// The password itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// What to provision for one service.
+#[derive(Debug, Clone)]
+pub struct ProvisionSpec {
+    /// The service's login role. Default: the service name.
+    pub role: Ident,
+    /// The service's schema, owned by `role`.
+    pub schema: Ident,
+    /// Schemas searched after the service schema (`public`, `extensions`); the role is granted
+    /// `USAGE` on each and they are appended to its default `search_path`. Default: none.
+    pub extra_schemas: Vec<Ident>,
+    /// Password for the role, sent to the server only as a SCRAM-SHA-256 verifier. Default:
+    /// none (the role authenticates however `pg_hba.conf` says).
+    pub password: Option<Password>,
+}
+
+impl ProvisionSpec {
+    /// The spec for `service` using `schema`, with the role named after the service.
+    pub fn new(service: &str, schema: &str) -> Result<Self> {
+        Ok(Self {
+            role: Ident::new("role", service)?,
+            schema: Ident::new("schema", schema)?,
+            extra_schemas: Vec::new(),
+            password: None,
+        })
+    }
+}
+
+/// What [`provision`] did; `changes` is empty when everything was already in place.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProvisionReport {
+    /// The service's role.
+    pub role: String,
+    /// The service's schema.
+    pub schema: String,
+    /// The database provisioned in.
+    pub database: String,
+    /// One line per change made, in order.
+    pub changes: Vec<String>,
+}
+
+/// Creates or completes, in one transaction, the role and schema of one service:
+///
+/// 1. a `LOGIN` role (not superuser, no `CREATEDB`/`CREATEROLE`), with its password if given;
+/// 2. `CONNECT` on the current database;
+/// 3. the schema, owned by the role;
+/// 4. no privileges for `PUBLIC` on the schema;
+/// 5. `USAGE` on each extra schema;
+/// 6. the role's default `search_path` in this database: the schema, then the extras.
+///
+/// `admin` must be allowed to create roles (a superuser, or a role with `CREATEROLE` that owns
+/// the database). Concurrent calls serialize on an advisory lock.
+pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<ProvisionReport> {
+    let tx = admin.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('svcdb.provision', 0))",
+        &[],
+    )
+    .await?;
+    let role = &spec.role;
+    let schema = &spec.schema;
+    let db_row = tx
+        .query_one(
+            "SELECT current_database(), quote_ident(current_database())",
+            &[],
+        )
+        .await?;
+    let database: String = db_row.get(0);
+    let database_sql: String = db_row.get(1);
+    let mut changes = Vec::new();
+
+    // 1. The role.
+    let password_clause = spec
+        .password
+        .as_ref()
+        .map(|p| {
+            // Only the salted verifier crosses the wire, so the password cannot land in the
+            // server log even with log_statement = 'all'.
+            let verifier = postgres_protocol::password::scram_sha_256(p.expose().as_bytes());
+            format!(" PASSWORD '{verifier}'")
+        })
+        .unwrap_or_default();
+    let existing = tx
+        .query_opt(
+            "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1",
+            &[&role.as_str()],
+        )
+        .await?;
+    match existing {
+        None => {
+            tx.batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE{password_clause}"
+            ))
+            .await?;
+            changes.push(format!("created login role {}", role.as_str()));
+        }
+        Some(row) => {
+            if !row.get::<_, bool>(0) {
+                tx.batch_execute(&format!("ALTER ROLE {role} LOGIN"))
+                    .await?;
+                changes.push(format!("allowed role {} to log in", role.as_str()));
+            }
+            if spec.password.is_some() {
+                tx.batch_execute(&format!("ALTER ROLE {role}{password_clause}"))
+                    .await?;
+                changes.push(format!("set the password of role {}", role.as_str()));
+            }
+        }
+    }
+
+    // 2. CONNECT on this database (PUBLIC usually has it; a locked-down database does not).
+    let can_connect: bool = tx
+        .query_one(
+            "SELECT has_database_privilege($1, current_database(), 'CONNECT')",
+            &[&role.as_str()],
+        )
+        .await?
+        .get(0);
+    if !can_connect {
+        tx.batch_execute(&format!(
+            "GRANT CONNECT ON DATABASE {database_sql} TO {role}"
+        ))
+        .await?;
+        changes.push(format!(
+            "granted CONNECT on database {database} to {}",
+            role.as_str()
+        ));
+    }
+
+    // 3. The schema, owned by the role.
+    let owner: Option<String> = tx
+        .query_opt(
+            "SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = $1",
+            &[&schema.as_str()],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match owner {
+        None => {
+            tx.batch_execute(&format!("CREATE SCHEMA {schema} AUTHORIZATION {role}"))
+                .await?;
+            changes.push(format!(
+                "created schema {} owned by {}",
+                schema.as_str(),
+                role.as_str()
+            ));
+        }
+        Some(owner) if owner != role.as_str() => {
+            tx.batch_execute(&format!("ALTER SCHEMA {schema} OWNER TO {role}"))
+                .await?;
+            changes.push(format!(
+                "gave schema {} to role {} (it was owned by {owner}; objects already in it keep their owners)",
+                schema.as_str(),
+                role.as_str()
+            ));
+        }
+        Some(_) => {}
+    }
+
+    // 4. Nothing for PUBLIC on the schema.
+    let public_has_any: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a \
+             WHERE n.nspname = $1 AND a.grantee = 0)",
+            &[&schema.as_str()],
+        )
+        .await?
+        .get(0);
+    if public_has_any {
+        tx.batch_execute(&format!("REVOKE ALL ON SCHEMA {schema} FROM PUBLIC"))
+            .await?;
+        changes.push(format!(
+            "revoked PUBLIC's privileges on schema {}",
+            schema.as_str()
+        ));
+    }
+
+    // 5. USAGE on the extra schemas.
+    for extra in &spec.extra_schemas {
+        let usage: Option<bool> = tx
+            .query_opt(
+                "SELECT has_schema_privilege($1, nspname, 'USAGE') FROM pg_namespace WHERE nspname = $2",
+                &[&role.as_str(), &extra.as_str()],
+            )
+            .await?
+            .map(|r| r.get(0));
+        match usage {
+            None => {
+                return Err(crate::Error::config(
+                    "extra_schemas",
+                    format!(
+                    "schema {} does not exist; create it first or leave it out of --extra-schemas",
+                    extra.as_str()
+                ),
+                ))
+            }
+            Some(false) => {
+                tx.batch_execute(&format!("GRANT USAGE ON SCHEMA {extra} TO {role}"))
+                    .await?;
+                changes.push(format!(
+                    "granted USAGE on schema {} to {}",
+                    extra.as_str(),
+                    role.as_str()
+                ));
+            }
+            Some(true) => {}
+        }
+    }
+
+    // 6. The role's default search_path in this database.
+    let mut path = vec![schema.clone()];
+    path.extend(spec.extra_schemas.iter().cloned());
+    let wanted = path.iter().map(Ident::as_str).collect::<Vec<_>>().join(",");
+    let current: Option<String> = tx
+        .query_opt(
+            "SELECT substr(c, length('search_path=') + 1) \
+             FROM pg_db_role_setting s \
+             JOIN pg_database d ON d.oid = s.setdatabase AND d.datname = current_database() \
+             JOIN pg_roles r ON r.oid = s.setrole AND r.rolname = $1, \
+             unnest(s.setconfig) c WHERE c LIKE 'search_path=%'",
+            &[&role.as_str()],
+        )
+        .await?
+        .map(|r| r.get(0));
+    // The server stores the list re-quoted and with spaces; compare the bare names.
+    let normalize = |s: &str| s.replace(['"', ' '], "");
+    if current.as_deref().map(normalize) != Some(wanted.clone()) {
+        tx.batch_execute(&format!(
+            "ALTER ROLE {role} IN DATABASE {database_sql} SET search_path TO {}",
+            quoted_list(&path)
+        ))
+        .await?;
+        changes.push(format!(
+            "set the default search_path of {} in {database} to {wanted}",
+            role.as_str()
+        ));
+    }
+
+    tx.commit().await?;
+    Ok(ProvisionReport {
+        role: role.as_str().to_owned(),
+        schema: schema.as_str().to_owned(),
+        database,
+        changes,
+    })
+}

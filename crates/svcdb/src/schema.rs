@@ -1,0 +1,1 @@
+//! Schema utilities and the start-up gate (being written).

@@ -1,0 +1,171 @@
+//! Transactions that commit when the closure succeeds and roll back when it fails, panics or
+//! is cancelled, with an optional retry on serialization failures and deadlocks.
+
+use std::time::Duration;
+
+pub use deadpool_postgres::Transaction;
+pub use tokio_postgres::IsolationLevel;
+
+use crate::error::Error;
+use crate::pool::ServiceDb;
+
+/// Errors that can say whether running the whole transaction again may succeed.
+///
+/// Implemented for [`Error`] and [`tokio_postgres::Error`]; implement it for your own error
+/// type to use [`ServiceDb::transaction_with`] with it.
+pub trait Retryable {
+    /// True for serialization failures (SQLSTATE 40001) and deadlocks (40P01).
+    fn is_retryable(&self) -> bool;
+}
+
+impl Retryable for Error {
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
+}
+
+impl Retryable for tokio_postgres::Error {
+    fn is_retryable(&self) -> bool {
+        crate::error::is_retryable(self)
+    }
+}
+
+/// How [`ServiceDb::transaction_with`] runs a transaction.
+#[derive(Debug, Clone)]
+pub struct TxOptions {
+    /// Isolation level. Default: read committed (the server's default).
+    pub isolation: IsolationLevel,
+    /// Start the transaction `READ ONLY`. Default: false.
+    pub read_only: bool,
+    /// Attempts in all, the first included, while the error is [`Retryable`]. Default: 5.
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubled for each later one, with random jitter so that
+    /// the transactions that collided do not collide again. Default: 5 ms.
+    pub backoff: Duration,
+}
+
+impl Default for TxOptions {
+    fn default() -> Self {
+        Self {
+            isolation: IsolationLevel::ReadCommitted,
+            read_only: false,
+            max_attempts: 5,
+            backoff: Duration::from_millis(5),
+        }
+    }
+}
+
+impl TxOptions {
+    /// `SERIALIZABLE`, retried up to 5 times: the usual choice for read-modify-write logic.
+    pub fn serializable() -> Self {
+        Self {
+            isolation: IsolationLevel::Serializable,
+            ..Self::default()
+        }
+    }
+}
+
+impl ServiceDb {
+    /// Runs `f` in a transaction on a pooled connection: commits if it returns `Ok`, rolls
+    /// back if it returns `Err`, panics or is cancelled (the transaction rolls back on drop).
+    ///
+    /// ```no_run
+    /// # async fn demo(db: &svcdb::ServiceDb) -> Result<(), svcdb::Error> {
+    /// let id: i64 = db
+    ///     .transaction(async |tx| {
+    ///         let row = tx.query_one("INSERT INTO products (name) VALUES ($1) RETURNING id", &[&"lamp"]).await?;
+    ///         Ok::<_, svcdb::Error>(row.get(0))
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn transaction<T, E>(
+        &self,
+        f: impl AsyncFnOnce(&mut Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<Error>,
+    {
+        let mut conn = self.get().await?;
+        let mut tx = conn.transaction().await.map_err(Error::from)?;
+        match f(&mut tx).await {
+            Ok(value) => {
+                tx.commit().await.map_err(Error::from)?;
+                Ok(value)
+            }
+            Err(e) => {
+                // A failed rollback means the connection broke; the pool discards it.
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Like [`ServiceDb::transaction`], with an isolation level, and running `f` again (on a
+    /// fresh transaction) while it or the commit fails with a [`Retryable`] error, up to
+    /// `max_attempts` in all. The last error is returned as it is.
+    ///
+    /// Inside a spawned task or an axum handler (futures that must be `Send`), write the
+    /// closure as `async move |tx| …` and move clones (of `Arc`s, ids) into it: a closure that
+    /// borrows its captures makes the future lose `Send`, a current limit of rustc's async
+    /// closures.
+    ///
+    /// ```no_run
+    /// # async fn demo(db: svcdb::ServiceDb, order_id: i64) -> Result<(), svcdb::Error> {
+    /// use svcdb::TxOptions;
+    /// tokio::spawn(async move {
+    ///     db.transaction_with(&TxOptions::serializable(), async move |tx| {
+    ///         let n: i32 = tx.query_one("SELECT stock FROM items WHERE id = $1", &[&order_id]).await?.get(0);
+    ///         tx.execute("UPDATE items SET stock = $1 WHERE id = $2", &[&(n - 1), &order_id]).await?;
+    ///         Ok::<_, svcdb::Error>(())
+    ///     })
+    ///     .await
+    /// });
+    /// # Ok(()) }
+    /// ```
+    pub async fn transaction_with<T, E>(
+        &self,
+        options: &TxOptions,
+        mut f: impl AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<Error> + Retryable,
+    {
+        let mut attempt = 1;
+        let mut backoff = options.backoff;
+        loop {
+            // No inner `async` block here: one that borrows `f` makes the returned future
+            // lose `Send` for callers that spawn it (rustc's higher-ranked auto-trait limits).
+            let mut conn = self.get().await?;
+            let mut tx = conn
+                .build_transaction()
+                .isolation_level(options.isolation)
+                .read_only(options.read_only)
+                .start()
+                .await
+                .map_err(Error::from)?;
+            let outcome = match f(&mut tx).await {
+                Ok(value) => tx
+                    .commit()
+                    .await
+                    .map(|()| value)
+                    .map_err(|e| E::from(Error::from(e))),
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    Err(e)
+                }
+            };
+            match outcome {
+                Err(e) if e.is_retryable() && attempt < options.max_attempts => {
+                    drop(conn);
+                    tracing::debug!(target: "svcdb::tx", attempt, "transaction conflicted; retrying");
+                    let jitter = backoff.mul_f64(rand::random::<f64>());
+                    tokio::time::sleep(backoff + jitter).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}

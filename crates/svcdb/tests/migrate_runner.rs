@@ -1,0 +1,1016 @@
+//! The migration runner against a real PostgreSQL: run-once, the advisory lock, atomic deploys,
+//! undo with down scripts, dirty state, drift, down/redo/baseline/repair.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use svcdb::migrate::{
+    Direction, DownOptions, MigrateError, MigrateEvent, MigrateOptions, MigrationFailure,
+    MigrationState, Migrations, Migrator, RepairAction, UpOptions,
+};
+use svcdb::testing::TestDb;
+use svcdb::ServiceDb;
+
+/// Writes `files` (name, contents) into `dir`.
+fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (rel, contents) in files {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+}
+
+fn migrator(svc: &ServiceDb, dir: &Path) -> Migrator {
+    Migrator::new(svc.clone(), Migrations::from_dir(dir).unwrap())
+}
+
+/// Applied versions, from the history table.
+async fn history(svc: &ServiceDb) -> Vec<i64> {
+    let conn = svc.get().await.unwrap();
+    let sql = format!(
+        "SELECT version FROM {}.svcdb_migrations ORDER BY version",
+        svc.schema()
+    );
+    conn.query(&sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// `pg_dump --schema-only` of one schema, without the lines that change between runs.
+fn dump(db: &TestDb, schema: &str) -> String {
+    let out = std::process::Command::new("pg_dump")
+        .args([
+            "--schema-only",
+            "--no-owner",
+            &format!("--schema={schema}"),
+            "-d",
+            &db.url(),
+        ])
+        .output()
+        .expect("pg_dump on PATH");
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The failure inside a `MigrateError::Failed`.
+fn failure(err: &MigrateError) -> &MigrationFailure {
+    match err {
+        MigrateError::Failed(f) => f,
+        other => panic!("expected a failed migration, got {other}"),
+    }
+}
+
+fn options() -> MigrateOptions {
+    MigrateOptions::default()
+}
+
+/// Three migrations, each with a down.
+const THREE: &[(&str, &str)] = &[
+    (
+        "0001_items.up.sql",
+        "CREATE TABLE items (id bigint PRIMARY KEY);",
+    ),
+    ("0001_items.down.sql", "DROP TABLE items;"),
+    (
+        "0002_label.up.sql",
+        "ALTER TABLE items ADD COLUMN label text;",
+    ),
+    (
+        "0002_label.down.sql",
+        "ALTER TABLE items DROP COLUMN label;",
+    ),
+    (
+        "0003_seed.up.sql",
+        "INSERT INTO items VALUES (1, 'one'), (2, 'two');",
+    ),
+    ("0003_seed.down.sql", "DELETE FROM items;"),
+];
+
+#[tokio::test]
+async fn up_applies_once_and_status_reports_each_migration() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), THREE);
+    let m = migrator(&svc, dir.path());
+
+    let before = m.status().await.unwrap();
+    assert!(!before.history_exists);
+    assert_eq!(before.pending().count(), 3);
+    assert!(!before.is_up_to_date());
+
+    let mut events = Vec::new();
+    let report = m
+        .up_with(&UpOptions::default(), &mut |e| events.push(e.clone()))
+        .await
+        .unwrap();
+    assert!(report.atomic && !report.dry_run);
+    assert_eq!(
+        report
+            .migrations
+            .iter()
+            .map(|e| e.version)
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(report.current_version, Some(3));
+    assert_eq!(
+        events.len(),
+        6,
+        "started + finished per migration: {events:?}"
+    );
+    assert!(matches!(
+        &events[0],
+        MigrateEvent::Started { version: 1, .. }
+    ));
+    assert!(matches!(
+        &events[5],
+        MigrateEvent::Finished { version: 3, .. }
+    ));
+
+    let again = m.up().await.unwrap();
+    assert!(again.migrations.is_empty(), "applied versions are skipped");
+    assert_eq!(again.current_version, Some(3));
+    let conn = svc.get().await.unwrap();
+    let n: i64 = conn
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "the seed ran once");
+
+    let status = m.status().await.unwrap();
+    assert!(status.history_exists && status.is_up_to_date());
+    assert_eq!(status.current_version, Some(3));
+    assert_eq!(status.dirty, None);
+    for e in &status.entries {
+        assert_eq!(e.state, MigrationState::Applied);
+        assert!(e.applied_at.is_some() && e.execution_ms.is_some());
+        assert_eq!(e.applied_by.as_deref(), Some("postgres"));
+    }
+    // The report is what the CLI prints with --json.
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["entries"][0]["state"], "applied");
+}
+
+#[tokio::test]
+async fn dry_run_and_target_version() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), THREE);
+    let m = migrator(&svc, dir.path());
+
+    let dry = m
+        .up_with(
+            &UpOptions {
+                to: None,
+                dry_run: true,
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+    assert!(dry.dry_run);
+    assert_eq!(dry.migrations.len(), 3);
+    assert!(
+        !m.status().await.unwrap().history_exists,
+        "a dry run changes nothing"
+    );
+
+    let to2 = m
+        .up_with(
+            &UpOptions {
+                to: Some(2),
+                dry_run: false,
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        to2.migrations.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(history(&svc).await, [1, 2]);
+}
+
+/// The lock key the runner uses for `schema` in the current database.
+fn lock_sql(schema: &str) -> String {
+    format!("SELECT pg_advisory_lock(hashtextextended('svcdb.migrate.' || current_database() || '.' || '{schema}', 0))")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noop_up_takes_no_lock_and_a_pending_up_waits_for_it_boundedly() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), THREE);
+    migrator(&svc, dir.path()).up().await.unwrap();
+
+    // Another session holds the schema's migration lock.
+    let holder = db.admin().await;
+    holder.batch_execute(&lock_sql("shop")).await.unwrap();
+
+    let m = migrator(&svc, dir.path()).with_options(MigrateOptions {
+        lock_wait: Duration::from_millis(300),
+        ..options()
+    });
+    let start = Instant::now();
+    assert!(m.up().await.unwrap().migrations.is_empty());
+    assert!(
+        start.elapsed() < Duration::from_millis(250),
+        "no-op up waited: {:?}",
+        start.elapsed()
+    );
+
+    write(
+        dir.path(),
+        &[("0004_more.up.sql", "CREATE TABLE more (id int);")],
+    );
+    let m = migrator(&svc, dir.path()).with_options(MigrateOptions {
+        lock_wait: Duration::from_millis(300),
+        ..options()
+    });
+    let mut waited = false;
+    let err = m
+        .up_with(&UpOptions::default(), &mut |e| {
+            waited |= matches!(e, MigrateEvent::WaitingForLock { .. })
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MigrateError::LockTimeout { .. }), "{err}");
+    assert!(waited, "the observer heard about the wait");
+
+    drop(holder); // closing the session releases its lock
+    assert_eq!(m.up().await.unwrap().migrations.len(), 1);
+}
+
+#[tokio::test]
+async fn noop_up_is_fast_with_a_thousand_applied() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<(String, String)> = (1..=1000)
+        .map(|v| {
+            (
+                format!("{v:04}_m{v}.up.sql"),
+                format!("CREATE TABLE t{v} (id int);"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    write(dir.path(), &refs);
+    let m = migrator(&svc, dir.path());
+    assert_eq!(m.up().await.unwrap().migrations.len(), 1000);
+    m.up().await.unwrap(); // warm the pool
+    let runs = 20;
+    let start = Instant::now();
+    for _ in 0..runs {
+        assert!(m.up().await.unwrap().migrations.is_empty());
+    }
+    let each = start.elapsed() / runs;
+    eprintln!("no-op up with 1000 applied: {each:?}");
+    // The target is 10 ms on a quiet machine (release build); leave room for a debug build on
+    // a busy one.
+    assert!(each < Duration::from_millis(50), "no-op up took {each:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_runners_apply_each_migration_exactly_once() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("1_log.up.sql", "CREATE TABLE log (version int); INSERT INTO log VALUES (1);"),
+            ("2_slow.up.sql", "SELECT pg_sleep(0.2); INSERT INTO log VALUES (2);"),
+            ("3_more.up.sql", "-- svcdb:no-transaction\nINSERT INTO log VALUES (3);\nCREATE INDEX CONCURRENTLY log_v ON log (version);"),
+        ],
+    );
+    let mut services = Vec::new();
+    for _ in 0..8 {
+        services.push(db.service("shop").await);
+    }
+    let tasks: Vec<_> = services
+        .iter()
+        .map(|svc| {
+            let m = migrator(svc, dir.path());
+            tokio::spawn(async move { m.up().await })
+        })
+        .collect();
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await.unwrap().expect("no runner fails").migrations.len();
+    }
+    assert_eq!(applied, 3, "each migration applied by exactly one runner");
+    let conn = services[0].get().await.unwrap();
+    let log: Vec<i32> = conn
+        .query("SELECT version FROM log ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(log, [1, 2, 3]);
+    assert_eq!(history(&services[0]).await, [1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schemas_never_wait_for_each_other() {
+    let db = TestDb::new().await;
+    let slow_dir = tempfile::tempdir().unwrap();
+    write(slow_dir.path(), &[("1_slow.up.sql", "SELECT pg_sleep(2);")]);
+    let fast_dir = tempfile::tempdir().unwrap();
+    write(
+        fast_dir.path(),
+        &[("1_fast.up.sql", "CREATE TABLE fast (id int);")],
+    );
+    let slow = migrator(&db.service("slow").await, slow_dir.path());
+    let fast = migrator(&db.service("fast").await, fast_dir.path());
+
+    let start = Instant::now();
+    let slow_task = tokio::spawn(async move { slow.up().await.map(|_| Instant::now()) });
+    tokio::time::sleep(Duration::from_millis(300)).await; // the slow one holds its lock now
+    fast.up().await.unwrap();
+    let fast_done = start.elapsed();
+    let slow_done = slow_task.await.unwrap().unwrap() - start;
+    assert!(
+        fast_done < Duration::from_millis(1200),
+        "the other schema waited: {fast_done:?}"
+    );
+    assert!(slow_done >= Duration::from_secs(2));
+}
+
+/// Five migrations whose third fails.
+const FAILS_AT_3: &[(&str, &str)] = &[
+    ("0002_a.up.sql", "CREATE TABLE a (id int);"),
+    ("0002_a.down.sql", "DROP TABLE a;"),
+    (
+        "0003_b.up.sql",
+        "CREATE TABLE b (id int); CREATE INDEX b_id ON b (id);",
+    ),
+    ("0003_b.down.sql", "DROP TABLE b;"),
+    (
+        "0004_broken.up.sql",
+        "CREATE TABLE c (id int); SELECT 1 / 0;",
+    ),
+    ("0004_broken.down.sql", "DROP TABLE c;"),
+    ("0005_d.up.sql", "CREATE TABLE d (id int);"),
+    ("0006_e.up.sql", "CREATE TABLE e (id int);"),
+];
+
+#[tokio::test]
+async fn failure_at_step_3_of_5_leaves_the_schema_as_it_was() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // From nothing: the history table created by the deploy is rolled back too.
+    write(dir.path(), FAILS_AT_3);
+    let before = dump(&db, "shop");
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    let f = failure(&err);
+    assert_eq!(
+        (f.version, f.rolled_back, f.applied.is_empty()),
+        (4, true, true),
+        "{err}"
+    );
+    assert_eq!(err.code(), Some(&svcdb::SqlState::DIVISION_BY_ZERO));
+    assert_eq!(dump(&db, "shop"), before);
+
+    // From an applied first migration.
+    write(
+        dir.path(),
+        &[("0001_base.up.sql", "CREATE TABLE base (id int);")],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up_with(
+        &UpOptions {
+            to: Some(1),
+            dry_run: false,
+        },
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let before = dump(&db, "shop");
+    assert_eq!(failure(&m.up().await.unwrap_err()).version, 4);
+    assert_eq!(dump(&db, "shop"), before);
+    assert_eq!(history(&svc).await, [1]);
+}
+
+/// A table, a non-transactional index migration, then a failure.
+const NON_TX_BATCH: &[(&str, &str)] = &[
+    ("0001_a.up.sql", "CREATE TABLE a (id int, label text);"),
+    ("0001_a.down.sql", "DROP TABLE a;"),
+    ("0002_index.up.sql", "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY a_label ON a (label);\nCREATE INDEX CONCURRENTLY a_id ON a (id);\n"),
+    ("0002_index.down.sql", "-- svcdb:no-transaction\nDROP INDEX CONCURRENTLY a_id;\nDROP INDEX CONCURRENTLY a_label;"),
+    ("0003_broken.up.sql", "CREATE TABLE c (id int); SELECT 1 / 0;"),
+    ("0004_d.up.sql", "CREATE TABLE d (id int);"),
+];
+
+#[tokio::test]
+async fn failure_in_a_batch_with_a_non_transactional_migration_runs_the_downs() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let before = dump(&db, "shop");
+    write(dir.path(), NON_TX_BATCH);
+    let mut events = Vec::new();
+    let err = migrator(&svc, dir.path())
+        .up_with(&UpOptions::default(), &mut |e| events.push(e.clone()))
+        .await
+        .unwrap_err();
+    let f = failure(&err);
+    assert_eq!(f.version, 3);
+    assert_eq!(f.undone, [2, 1], "{err}");
+    assert!(f.applied.is_empty(), "{err}");
+    assert!(
+        f.undo_error.is_none() && !f.dirty && !f.rolled_back,
+        "{err}"
+    );
+    let downs: Vec<i64> = events
+        .iter()
+        .filter_map(|e| match e {
+            MigrateEvent::Finished {
+                version,
+                direction: Direction::Down,
+                ..
+            } => Some(*version),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(downs, [2, 1]);
+    // The history table this deploy created is gone too.
+    assert_eq!(dump(&db, "shop"), before);
+    assert!(
+        !migrator(&svc, dir.path())
+            .status()
+            .await
+            .unwrap()
+            .history_exists
+    );
+}
+
+#[tokio::test]
+async fn undoing_stops_at_a_migration_without_a_down_and_says_so() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), NON_TX_BATCH);
+    std::fs::remove_file(dir.path().join("0001_a.down.sql")).unwrap();
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    eprintln!("{err}");
+    let f = failure(&err);
+    assert_eq!(f.version, 3);
+    assert_eq!(
+        (f.undone.as_slice(), f.applied.as_slice()),
+        (&[2][..], &[1][..]),
+        "{err}"
+    );
+    assert!(f.undo_error.is_some(), "{err}");
+    assert_eq!(
+        history(&svc).await,
+        [1],
+        "what stays in effect stays recorded"
+    );
+}
+
+#[tokio::test]
+async fn non_transactional_failure_marks_dirty_until_repair() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("0001_a.up.sql", "CREATE TABLE a (id int);"),
+            (
+                "0002_half.up.sql",
+                "-- svcdb:no-transaction\nCREATE TABLE half (id int);\nSELECT 1 / 0;\n",
+            ),
+        ],
+    );
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    eprintln!("{err}");
+    let f = failure(&err);
+    assert_eq!(
+        (f.version, f.dirty, f.statements_done),
+        (2, true, Some(1)),
+        "{err}"
+    );
+
+    let m = migrator(&svc, dir.path());
+    let status = m.status().await.unwrap();
+    assert_eq!(status.dirty, Some(2));
+    assert_eq!(status.current_version, Some(1));
+    assert_eq!(status.entries[1].state, MigrationState::Dirty);
+    assert!(matches!(
+        m.up().await,
+        Err(MigrateError::Dirty { version: 2, .. })
+    ));
+    assert!(matches!(
+        m.validate().await,
+        Err(MigrateError::Dirty { version: 2, .. })
+    ));
+    assert!(matches!(
+        m.down(&DownOptions::default()).await,
+        Err(MigrateError::Dirty { .. })
+    ));
+
+    // The operator cleans up by hand, fixes the file and repairs.
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("DROP TABLE half")
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "0002_half.up.sql",
+            "-- svcdb:no-transaction\nCREATE TABLE half (id int);\n",
+        )],
+    );
+    let m = migrator(&svc, dir.path());
+    let repair = m.repair().await.unwrap();
+    assert!(
+        matches!(
+            repair.actions.as_slice(),
+            [RepairAction::ClearedDirty { version: 2, .. }]
+        ),
+        "{repair:?}"
+    );
+    assert_eq!(
+        m.status().await.unwrap().entries[1].state,
+        MigrationState::Pending
+    );
+    assert_eq!(m.up().await.unwrap().migrations.len(), 1);
+    assert!(m.validate().await.unwrap().is_up_to_date());
+}
+
+#[tokio::test]
+async fn crlf_edit_passes_a_real_edit_fails_until_allowed_or_repaired() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "0001_a.up.sql",
+            "CREATE TABLE a (id int);\nCREATE TABLE b (id int);\n",
+        )],
+    );
+    migrator(&svc, dir.path()).up().await.unwrap();
+
+    write(
+        dir.path(),
+        &[(
+            "0001_a.up.sql",
+            "\u{feff}CREATE TABLE a (id int);\r\nCREATE TABLE b (id int);\r\n",
+        )],
+    );
+    assert!(migrator(&svc, dir.path())
+        .validate()
+        .await
+        .unwrap()
+        .is_up_to_date());
+
+    write(
+        dir.path(),
+        &[(
+            "0001_a.up.sql",
+            "CREATE TABLE a (id bigint);\nCREATE TABLE b (id int);\n",
+        )],
+    );
+    let m = migrator(&svc, dir.path());
+    let status = m.status().await.unwrap();
+    assert_eq!(status.changed().count(), 1);
+    assert!(!status.is_up_to_date());
+    match m.validate().await {
+        Err(MigrateError::Changed { version: 1, path }) => assert!(path.ends_with("0001_a.up.sql")),
+        other => panic!("expected Changed, got {other:?}"),
+    }
+    assert!(matches!(m.up().await, Err(MigrateError::Changed { .. })));
+    let allowing = migrator(&svc, dir.path()).with_options(MigrateOptions {
+        allow_changed: true,
+        ..options()
+    });
+    allowing.validate().await.unwrap();
+    allowing.up().await.unwrap();
+
+    let repair = m.repair().await.unwrap();
+    assert!(
+        matches!(
+            repair.actions.as_slice(),
+            [RepairAction::RealignedChecksum { version: 1, .. }]
+        ),
+        "{repair:?}"
+    );
+    assert!(m.validate().await.unwrap().is_up_to_date());
+    assert!(m.repair().await.unwrap().actions.is_empty());
+}
+
+#[tokio::test]
+async fn diesel_layout_with_a_concurrent_index_and_names_with_spaces() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("2017-09-23-182408_create users/up.sql", "CREATE TABLE users (id int, email text);"),
+            ("2017-09-23-182408_create users/down.sql", "DROP TABLE users;"),
+            ("2017-09-24-000000_index email/up.sql", "CREATE INDEX CONCURRENTLY users_email ON users (email);\nCREATE INDEX CONCURRENTLY users_id ON users (id);"),
+            ("2017-09-24-000000_index email/down.sql", "DROP INDEX CONCURRENTLY users_email;\nDROP INDEX CONCURRENTLY users_id;"),
+            ("2017-09-24-000000_index email/metadata.toml", "run_in_transaction = false\n"),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    let report = m.up().await.unwrap();
+    assert!(!report.atomic);
+    assert_eq!(report.migrations[1].version, 20170924000000);
+    assert_eq!(report.migrations[1].name, "index email");
+    assert!(!report.migrations[1].transactional);
+    let conn = svc.get().await.unwrap();
+    let indexes: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = 'shop' AND tablename = 'users'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(indexes, 2);
+    let status = m.status().await.unwrap();
+    assert_eq!(status.entries[0].name, "create users");
+    assert!(!status.entries[1].transactional);
+
+    let down = m.down(&DownOptions::default()).await.unwrap();
+    assert_eq!(down.migrations[0].version, 20170924000000);
+    assert_eq!(down.current_version, Some(20170923182408));
+    assert_eq!(history(&svc).await, [20170923182408]);
+}
+
+#[tokio::test]
+async fn down_by_steps_and_to_refuses_to_cross_an_up_without_a_down() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), THREE);
+    write(
+        dir.path(),
+        &[
+            ("0004_no_down.up.sql", "CREATE TABLE x (id int);"),
+            ("0005_last.up.sql", "CREATE TABLE y (id int);"),
+            ("0005_last.down.sql", "DROP TABLE y;"),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up().await.unwrap();
+
+    let dry = m
+        .down(&DownOptions {
+            to: Some(4),
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(dry.migrations.len(), 1);
+    assert_eq!(history(&svc).await, [1, 2, 3, 4, 5]);
+
+    let one = m.down(&DownOptions::default()).await.unwrap();
+    assert_eq!(
+        one.migrations.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [5]
+    );
+    assert_eq!(one.current_version, Some(4));
+    match m.down(&DownOptions::default()).await {
+        Err(MigrateError::NoDown { version: 4, path }) => {
+            assert!(path.ends_with("0004_no_down.up.sql"))
+        }
+        other => panic!("expected NoDown, got {other:?}"),
+    }
+    assert!(matches!(
+        m.down(&DownOptions {
+            to: Some(0),
+            ..Default::default()
+        })
+        .await,
+        Err(MigrateError::NoDown { version: 4, .. })
+    ));
+    assert_eq!(
+        history(&svc).await,
+        [1, 2, 3, 4],
+        "a refused down runs nothing"
+    );
+
+    // Take 4 out by hand, then revert 3 and 2 in one go.
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("DROP TABLE x; DELETE FROM svcdb_migrations WHERE version = 4")
+        .await
+        .unwrap();
+    let two = m
+        .down(&DownOptions {
+            steps: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        two.migrations.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [3, 2]
+    );
+    assert_eq!(two.current_version, Some(1));
+    let redo = m.redo().await.unwrap();
+    assert_eq!(
+        (
+            redo.down.migrations[0].version,
+            redo.up.migrations[0].version
+        ),
+        (1, 1)
+    );
+    assert_eq!(history(&svc).await, [1]);
+}
+
+#[tokio::test]
+async fn a_failing_transactional_down_batch_rolls_back() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), THREE);
+    write(
+        dir.path(),
+        &[("0002_label.down.sql", "ALTER TABLE items DROP COLUMN nope;")],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up().await.unwrap();
+    let before = dump(&db, "shop");
+    let err = m
+        .down(&DownOptions {
+            to: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let f = failure(&err);
+    assert_eq!(
+        (f.version, f.rolled_back, f.direction),
+        (2, true, Direction::Down),
+        "{err}"
+    );
+    assert_eq!(err.code(), Some(&svcdb::SqlState::UNDEFINED_COLUMN));
+    assert_eq!(dump(&db, "shop"), before);
+    assert_eq!(history(&svc).await, [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn baseline_adopts_an_existing_schema() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), THREE);
+    let m = migrator(&svc, dir.path());
+    let baseline = m.baseline(1).await.unwrap();
+    assert_eq!(
+        baseline
+            .recorded
+            .iter()
+            .map(|e| e.version)
+            .collect::<Vec<_>>(),
+        [1]
+    );
+    assert!(
+        m.baseline(1).await.unwrap().recorded.is_empty(),
+        "baseline is idempotent"
+    );
+    assert_eq!(
+        m.up()
+            .await
+            .unwrap()
+            .migrations
+            .iter()
+            .map(|e| e.version)
+            .collect::<Vec<_>>(),
+        [2, 3]
+    );
+}
+
+#[tokio::test]
+async fn out_of_order_is_refused_then_allowed() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("0001_a.up.sql", "CREATE TABLE a (id int);"),
+            ("0003_c.up.sql", "CREATE TABLE c (id int);"),
+        ],
+    );
+    migrator(&svc, dir.path()).up().await.unwrap();
+    write(dir.path(), &[("0002_b.up.sql", "CREATE TABLE b (id int);")]);
+    let m = migrator(&svc, dir.path());
+    match m.up().await {
+        Err(MigrateError::OutOfOrder {
+            version: 2,
+            newest_applied: 3,
+            path,
+        }) => assert!(path.ends_with("0002_b.up.sql")),
+        other => panic!("expected OutOfOrder, got {other:?}"),
+    }
+    assert!(matches!(
+        m.validate().await,
+        Err(MigrateError::OutOfOrder { .. })
+    ));
+    let allowed = m.with_options(MigrateOptions {
+        allow_out_of_order: true,
+        ..options()
+    });
+    assert_eq!(allowed.up().await.unwrap().migrations[0].version, 2);
+    assert_eq!(history(&svc).await, [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn missing_files_are_reported_then_ignored() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), THREE);
+    migrator(&svc, dir.path()).up().await.unwrap();
+    std::fs::remove_file(dir.path().join("0003_seed.up.sql")).unwrap();
+    std::fs::remove_file(dir.path().join("0003_seed.down.sql")).unwrap();
+    let m = migrator(&svc, dir.path());
+    let status = m.status().await.unwrap();
+    let missing: Vec<_> = status
+        .missing()
+        .map(|e| (e.version, e.name.as_str()))
+        .collect();
+    assert_eq!(missing, [(3, "seed")]);
+    assert!(
+        status.is_up_to_date(),
+        "an older binary may run against a newer schema"
+    );
+    assert!(matches!(
+        m.up().await,
+        Err(MigrateError::Missing { version: 3, .. })
+    ));
+    assert!(matches!(
+        m.validate().await,
+        Err(MigrateError::Missing { version: 3, .. })
+    ));
+    let ignoring = m.with_options(MigrateOptions {
+        ignore_missing: true,
+        ..options()
+    });
+    ignoring.validate().await.unwrap();
+    assert!(ignoring.up().await.unwrap().migrations.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_runner_releases_the_lock() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let slow = tempfile::tempdir().unwrap();
+    write(
+        slow.path(),
+        &[(
+            "1_a.up.sql",
+            "SELECT pg_sleep(30); CREATE TABLE a (id int);",
+        )],
+    );
+    let fast = tempfile::tempdir().unwrap();
+    write(fast.path(), &[("1_a.up.sql", "CREATE TABLE a (id int);")]);
+
+    let m = migrator(&svc, slow.path());
+    let task = tokio::spawn(async move { m.up().await });
+    tokio::time::sleep(Duration::from_millis(500)).await; // inside pg_sleep, holding the lock
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+
+    let start = Instant::now();
+    let m = migrator(&svc, fast.path()).with_options(MigrateOptions {
+        lock_wait: Duration::from_secs(10),
+        ..options()
+    });
+    assert_eq!(m.up().await.unwrap().migrations.len(), 1);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the lock outlived the cancelled runner: {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_observer_releases_the_lock_and_changes_nothing() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), THREE);
+    let m = migrator(&svc, dir.path());
+    let task = tokio::spawn(async move {
+        m.up_with(&UpOptions::default(), &mut |e| {
+            if matches!(e, MigrateEvent::Finished { version: 2, .. }) {
+                panic!("observer bug");
+            }
+        })
+        .await
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    let m = migrator(&svc, dir.path()).with_options(MigrateOptions {
+        lock_wait: Duration::from_secs(2),
+        ..options()
+    });
+    assert!(
+        !m.status().await.unwrap().history_exists,
+        "the deploy's transaction rolled back"
+    );
+    assert_eq!(m.up().await.unwrap().migrations.len(), 3);
+}
+
+#[tokio::test]
+async fn lock_timeout_and_statement_timeout_stop_a_stuck_migration() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &THREE[..2]);
+    migrator(&svc, dir.path()).up().await.unwrap();
+
+    // Live traffic holds a lock on the table the next migration alters.
+    let mut traffic = db.admin().await;
+    let tx = traffic.transaction().await.unwrap();
+    tx.batch_execute("SELECT * FROM shop.items FOR UPDATE")
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "0002_label.up.sql",
+            "ALTER TABLE items ADD COLUMN label text;",
+        )],
+    );
+    let short = MigrateOptions {
+        lock_timeout: Duration::from_millis(200),
+        statement_timeout: Some(Duration::from_millis(500)),
+        ..options()
+    };
+    let start = Instant::now();
+    let err = migrator(&svc, dir.path())
+        .with_options(short.clone())
+        .up()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&svcdb::SqlState::LOCK_NOT_AVAILABLE),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+    drop(tx);
+
+    write(dir.path(), &[("0003_slow.up.sql", "SELECT pg_sleep(5);")]);
+    let err = migrator(&svc, dir.path())
+        .with_options(short)
+        .up()
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&svcdb::SqlState::QUERY_CANCELED), "{err}");
+    assert_eq!(history(&svc).await, [1], "both deploys rolled back");
+}
+
+#[tokio::test]
+async fn validate_accepts_pending_migrations_on_a_fresh_schema() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), THREE);
+    let status = migrator(&svc, dir.path()).validate().await.unwrap();
+    assert!(!status.history_exists);
+    assert_eq!(status.current_version, None);
+    assert_eq!(status.pending().count(), 3);
+}

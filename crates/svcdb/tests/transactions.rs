@@ -1,0 +1,211 @@
+//! Transactions: commit on Ok, rollback on error, drop and panic; retry on serialization
+//! failure.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use svcdb::testing::TestDb;
+use svcdb::{Error, ServiceDb, SqlState, TxOptions};
+
+async fn setup() -> (TestDb, ServiceDb) {
+    let db = TestDb::new().await;
+    let svc = db.service("orders").await;
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL)")
+        .await
+        .unwrap();
+    (db, svc)
+}
+
+async fn count(svc: &ServiceDb) -> i64 {
+    svc.get()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn commits_on_ok() {
+    let (_db, svc) = setup().await;
+    let inserted = svc
+        .transaction(async |tx| {
+            tx.execute("INSERT INTO t VALUES (1, 0)", &[]).await?;
+            Ok::<_, Error>(1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(inserted, 1);
+    assert_eq!(count(&svc).await, 1);
+}
+
+#[tokio::test]
+async fn rolls_back_when_the_closure_returns_an_error() {
+    let (_db, svc) = setup().await;
+    let err = svc
+        .transaction(async |tx| {
+            tx.execute("INSERT INTO t VALUES (1, 0)", &[]).await?;
+            tx.execute("INSERT INTO t VALUES (1, 0)", &[]).await?; // duplicate key
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION));
+    assert_eq!(count(&svc).await, 0);
+
+    #[derive(Debug)]
+    enum AppError {
+        OutOfStock,
+        Db(#[allow(dead_code)] Error),
+    }
+    impl From<Error> for AppError {
+        fn from(e: Error) -> Self {
+            AppError::Db(e)
+        }
+    }
+    let err = svc
+        .transaction(async |tx| {
+            tx.execute("INSERT INTO t VALUES (2, 0)", &[])
+                .await
+                .map_err(Error::from)?;
+            Err::<(), _>(AppError::OutOfStock)
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AppError::OutOfStock));
+    assert_eq!(count(&svc).await, 0, "an application error rolls back too");
+}
+
+#[tokio::test]
+async fn rolls_back_when_dropped_uncommitted() {
+    let (_db, svc) = setup().await;
+    {
+        let mut conn = svc.get().await.unwrap();
+        let tx = conn.transaction().await.unwrap();
+        tx.execute("INSERT INTO t VALUES (1, 0)", &[])
+            .await
+            .unwrap();
+        // dropped without commit
+    }
+    assert_eq!(count(&svc).await, 0);
+}
+
+#[tokio::test]
+async fn rolls_back_when_the_closure_panics_or_is_cancelled() {
+    let (_db, svc) = setup().await;
+    let panicking = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            svc.transaction(async |tx| {
+                tx.execute("INSERT INTO t VALUES (1, 0)", &[]).await?;
+                panic!("handler bug");
+                #[allow(unreachable_code)]
+                Ok::<_, Error>(())
+            })
+            .await
+        })
+    };
+    assert!(panicking.await.unwrap_err().is_panic());
+
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        svc.transaction(async |tx| {
+            tx.execute("INSERT INTO t VALUES (2, 0)", &[]).await?;
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            Ok::<_, Error>(())
+        }),
+    )
+    .await;
+    assert!(cancelled.is_err());
+    assert_eq!(count(&svc).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_a_provoked_serialization_failure() {
+    let (_db, svc) = setup().await;
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO t VALUES (1, 0)")
+        .await
+        .unwrap();
+
+    // Two serializable read-modify-write transactions on one row, made to overlap with a
+    // barrier: one of them must fail with 40001 and be retried.
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let attempts = Arc::new(AtomicU32::new(0));
+    let run = |svc: ServiceDb, barrier: Arc<tokio::sync::Barrier>, attempts: Arc<AtomicU32>| async move {
+        svc.transaction_with(&TxOptions::serializable(), async move |tx| {
+            let first = attempts.fetch_add(1, Ordering::SeqCst) < 2;
+            let n: i32 = tx
+                .query_one("SELECT n FROM t WHERE id = 1", &[])
+                .await?
+                .get(0);
+            if first {
+                barrier.wait().await; // both have read before either writes
+            }
+            tx.execute("UPDATE t SET n = $1 WHERE id = 1", &[&(n + 1)])
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+    };
+    let a = tokio::spawn(run(svc.clone(), barrier.clone(), attempts.clone()));
+    let b = tokio::spawn(run(svc.clone(), barrier.clone(), attempts.clone()));
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    assert!(
+        attempts.load(Ordering::SeqCst) >= 3,
+        "one transaction was retried"
+    );
+    let n: i32 = svc
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT n FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "both increments applied exactly once");
+}
+
+#[tokio::test]
+async fn gives_up_after_max_attempts_with_the_last_error() {
+    let (_db, svc) = setup().await;
+    let attempts = AtomicU32::new(0);
+    let options = TxOptions {
+        max_attempts: 3,
+        ..TxOptions::serializable()
+    };
+    let err = svc
+        .transaction_with(&options, async |tx| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            // Raise a real 40001 from the server.
+            tx.batch_execute(
+                "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
+            )
+            .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+
+    // A non-retryable error is not retried.
+    let attempts = AtomicU32::new(0);
+    let err = svc
+        .transaction_with(&options, async |tx| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            tx.batch_execute("SELECT 1/0").await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+}
