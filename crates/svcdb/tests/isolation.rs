@@ -1,8 +1,6 @@
 //! Isolation enforced by PostgreSQL roles: provisioning, idempotence, cross-service refusal,
 //! and names refused before anything reaches the server.
 
-use std::time::{Duration, Instant};
-
 use svcdb::testing::TestDb;
 use svcdb::{Error, ProvisionSpec, ServiceDb, SqlState};
 
@@ -188,7 +186,6 @@ async fn injection_shaped_names_are_refused_before_reaching_the_server() {
         "pg_toast",
         "",
     ] {
-        let started = Instant::now();
         assert!(
             matches!(svcdb::Config::new(url, bad), Err(Error::Ident(_))),
             "{bad:?}"
@@ -201,7 +198,6 @@ async fn injection_shaped_names_are_refused_before_reaching_the_server() {
             matches!(ProvisionSpec::new("ok_role", bad), Err(Error::Ident(_))),
             "{bad:?}"
         );
-        assert!(started.elapsed() < Duration::from_millis(50));
     }
     let too_long = "a".repeat(64);
     assert!(matches!(

@@ -224,14 +224,15 @@ async fn noop_up_takes_no_lock_and_a_pending_up_waits_for_it_boundedly() {
     let holder = db.admin().await;
     holder.batch_execute(&lock_sql("shop")).await.unwrap();
 
+    // Were the no-op to take the lock, it would wait the full minute and fail LockTimeout.
     let m = migrator(&svc, dir.path()).with_options(MigrateOptions {
-        lock_wait: Duration::from_millis(300),
+        lock_wait: Duration::from_secs(60),
         ..options()
     });
     let start = Instant::now();
     assert!(m.up().await.unwrap().migrations.is_empty());
     assert!(
-        start.elapsed() < Duration::from_millis(250),
+        start.elapsed() < Duration::from_secs(30),
         "no-op up waited: {:?}",
         start.elapsed()
     );
@@ -259,7 +260,8 @@ async fn noop_up_takes_no_lock_and_a_pending_up_waits_for_it_boundedly() {
 }
 
 #[tokio::test]
-async fn noop_up_is_fast_with_a_thousand_applied() {
+async fn noop_up_with_a_thousand_applied_runs_nothing() {
+    // Its speed is measured by `svcdb-bench migrate` (docs/benchmarks.md), not timed here.
     let db = TestDb::new().await;
     let svc = db.service("shop").await;
     let dir = tempfile::tempdir().unwrap();
@@ -278,17 +280,12 @@ async fn noop_up_is_fast_with_a_thousand_applied() {
     write(dir.path(), &refs);
     let m = migrator(&svc, dir.path());
     assert_eq!(m.up().await.unwrap().migrations.len(), 1000);
-    m.up().await.unwrap(); // warm the pool
-    let runs = 20;
-    let start = Instant::now();
-    for _ in 0..runs {
-        assert!(m.up().await.unwrap().migrations.is_empty());
-    }
-    let each = start.elapsed() / runs;
-    eprintln!("no-op up with 1000 applied: {each:?}");
-    // The target is 10 ms on a quiet machine (release build); leave room for a debug build on
-    // a busy one.
-    assert!(each < Duration::from_millis(50), "no-op up took {each:?}");
+    let again = m.up().await.unwrap();
+    assert!(again.migrations.is_empty());
+    assert_eq!(again.current_version, Some(1000));
+    let status = m.status().await.unwrap();
+    assert!(status.is_up_to_date());
+    assert_eq!(status.entries.len(), 1000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,7 +332,7 @@ async fn eight_concurrent_runners_apply_each_migration_exactly_once() {
 async fn two_schemas_never_wait_for_each_other() {
     let db = TestDb::new().await;
     let slow_dir = tempfile::tempdir().unwrap();
-    write(slow_dir.path(), &[("1_slow.up.sql", "SELECT pg_sleep(2);")]);
+    write(slow_dir.path(), &[("1_slow.up.sql", "SELECT pg_sleep(3);")]);
     let fast_dir = tempfile::tempdir().unwrap();
     write(
         fast_dir.path(),
@@ -344,17 +341,15 @@ async fn two_schemas_never_wait_for_each_other() {
     let slow = migrator(&db.service("slow").await, slow_dir.path());
     let fast = migrator(&db.service("fast").await, fast_dir.path());
 
-    let start = Instant::now();
-    let slow_task = tokio::spawn(async move { slow.up().await.map(|_| Instant::now()) });
+    let slow_task = tokio::spawn(async move { slow.up().await });
     tokio::time::sleep(Duration::from_millis(300)).await; // the slow one holds its lock now
     fast.up().await.unwrap();
-    let fast_done = start.elapsed();
-    let slow_done = slow_task.await.unwrap().unwrap() - start;
+    // Ordering, not a stopwatch: the fast schema finished while the slow one still migrates.
     assert!(
-        fast_done < Duration::from_millis(1200),
-        "the other schema waited: {fast_done:?}"
+        !slow_task.is_finished(),
+        "the fast schema waited for the slow one"
     );
-    assert!(slow_done >= Duration::from_secs(2));
+    assert_eq!(slow_task.await.unwrap().unwrap().migrations.len(), 1);
 }
 
 /// Five migrations whose third fails.
