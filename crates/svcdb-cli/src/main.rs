@@ -17,8 +17,10 @@ use global::Global;
 const EXIT_CODES: &str = "\
 Exit codes:
   0   success; for `migrate status` up to date; for `schema verify` ready
-  1   error; for `schema verify` not ready (every problem is listed)
-  2   `migrate status`: migrations are pending
+  1   error; for `migrate status` what `migrate up` would refuse (dirty schema, changed,
+      missing or out-of-order migrations); for `schema verify` and `health` not ready
+      (every problem is listed)
+  2   `migrate status`: migrations are pending and nothing else is wrong
   64  invalid command line";
 
 /// Give each microservice its own safe slice of one PostgreSQL database.
@@ -95,15 +97,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes on one line, each message once: svcdb's errors already include
-/// their cause's text, which anyhow's `{:#}` would print again.
+/// The error and its causes on one line, each message once. svcdb's errors already hold their
+/// causes' text (better worded than the driver's `db error: …`), so the chain stops at them.
 fn render_error(e: &anyhow::Error) -> String {
-    let mut text = e.to_string();
-    for cause in e.chain().skip(1) {
-        let cause = cause.to_string();
-        if !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
+    let mut text = String::new();
+    for cause in e.chain() {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&message);
+        }
+        if cause.is::<svcdb::Error>() || cause.is::<svcdb::migrate::MigrateError>() {
+            break;
         }
     }
     text

@@ -1,15 +1,620 @@
-//! `svcdb migrate` (wired when the library module lands).
+//! `svcdb migrate`: run, revert and inspect the service's migrations (`--dir`) on its schema.
+//!
+//! Every subcommand but `new` reads the folder, connects, calls one [`Migrator`] operation and
+//! prints its report: lines and tables, or with `--json` exactly one JSON object (the
+//! library's serde report) on stdout. `up`, `down` and `redo` print each script as it runs, on
+//! stdout, or on stderr with `--json`.
+//!
+//! Exit codes: 0 success; 1 error (main prints it); 64 invalid command line. `status` adds
+//! its own: 0 up to date, 2 pending and nothing else wrong, 1 when `up` would refuse (a dirty
+//! schema, or changed, missing or out-of-order migrations not allowed by the drift flags).
+//! `validate` exits 0 with migrations pending: it checks that `up` may run, not that it did.
+
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use comfy_table::Table;
+use svcdb::migrate::{
+    new_migration, Direction, DownOptions, MigrateError, MigrateEvent, MigrateOptions, Migration,
+    MigrationFailure, MigrationState, Migrations, Migrator, RepairAction, RunEntry, StatusReport,
+    UpOptions,
+};
+use svcdb::tokio_postgres::error::ErrorPosition;
 
 use crate::global::Global;
-use crate::Outcome;
+use crate::{output, Outcome};
 
 /// Subcommands.
 #[derive(clap::Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Apply pending migrations, printing each with its duration as it runs.
+    Up(UpArgs),
+    /// Revert applied migrations, newest first (default: the newest one).
+    Down(DownArgs),
+    /// Revert the newest migration and apply it again, to check that its down script undoes it.
+    Redo(RunArgs),
+    /// Show where every migration stands.
+    #[command(after_help = "\
+Exit codes:
+  0  up to date
+  1  `migrate up` would refuse: the schema is dirty, or a migration changed, is missing or is
+     pending but older than the newest applied one (unless the matching flag allows it);
+     or an error
+  2  migrations are pending and nothing else is wrong")]
+    Status(Drift),
+    /// Check that the migrations may run (no dirty schema, changed, missing or out-of-order
+    /// migration) without running them; pending migrations are fine.
+    Validate(Drift),
+    /// Create <version>_<name>.up.sql and .down.sql in --dir; needs no database.
+    New {
+        /// What the migration does, e.g. create_products; becomes part of the file names.
+        name: String,
+    },
+    /// Record every migration up to VERSION as applied without running it, to adopt a schema
+    /// made before svcdb managed it.
+    Baseline {
+        /// The newest version that is already in effect.
+        // Not named `version`: that is the id of the propagated `--version` flag.
+        #[arg(value_name = "VERSION")]
+        up_to: i64,
+        #[command(flatten)]
+        timeouts: Timeouts,
+    },
+    /// Clear a dirty mark (after fixing the schema by hand) and accept the current checksum of
+    /// changed migration files.
+    Repair(Timeouts),
+}
+
+/// Which drift the runner accepts; by default each is refused before anything runs.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Drift")]
+pub struct Drift {
+    /// Accept applied migrations whose file changed since (`repair` accepts them for good).
+    #[arg(long)]
+    allow_changed: bool,
+
+    /// Run pending migrations older than the newest applied one.
+    #[arg(long)]
+    allow_out_of_order: bool,
+
+    /// Accept applied migrations that have no file, e.g. an older release meeting a schema
+    /// migrated by a newer one.
+    #[arg(long)]
+    ignore_missing: bool,
+}
+
+/// How long a run may wait; unset options keep the library's defaults (shown in brackets).
+#[derive(clap::Args)]
+#[command(next_help_heading = "Timeouts")]
+pub struct Timeouts {
+    /// How long to wait for another runner (another replica's deploy) to release the schema's
+    /// migration lock [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    lock_wait: Option<Duration>,
+
+    /// How long a statement may wait for a table lock: a DDL statement queued behind live
+    /// traffic would hold up every later query of that table; 0: no limit [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    lock_timeout: Option<Duration>,
+
+    /// How long one statement may run; 0: no limit [default: no limit].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    statement_timeout: Option<Duration>,
+}
+
+/// Options of the commands that run scripts.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    drift: Drift,
+    #[command(flatten)]
+    timeouts: Timeouts,
+}
+
+/// Options of `migrate up`.
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Apply pending migrations up to and including this version only.
+    #[arg(long, value_name = "VERSION")]
+    to: Option<i64>,
+
+    /// List what would run without running anything.
+    #[arg(long)]
+    dry_run: bool,
+
+    // Last: its help headings would otherwise apply to the options after it.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Options of `migrate down`.
+#[derive(clap::Args)]
+pub struct DownArgs {
+    /// Revert this many migrations, newest first [default: 1].
+    #[arg(long, value_name = "N", conflicts_with = "to",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    steps: Option<usize>,
+
+    /// Revert every migration newer than this version (0: all of them).
+    #[arg(long, value_name = "VERSION")]
+    to: Option<i64>,
+
+    /// List what would be reverted without reverting anything.
+    #[arg(long)]
+    dry_run: bool,
+
+    // Last: its help headings would otherwise apply to the options after it.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+impl Drift {
+    fn options(&self) -> MigrateOptions {
+        MigrateOptions {
+            allow_changed: self.allow_changed,
+            allow_out_of_order: self.allow_out_of_order,
+            ignore_missing: self.ignore_missing,
+            ..MigrateOptions::default()
+        }
+    }
+}
+
+impl Timeouts {
+    fn apply(&self, mut options: MigrateOptions) -> MigrateOptions {
+        if let Some(wait) = self.lock_wait {
+            options.lock_wait = wait;
+        }
+        if let Some(timeout) = self.lock_timeout {
+            options.lock_timeout = timeout;
+        }
+        if let Some(timeout) = self.statement_timeout {
+            options.statement_timeout = (!timeout.is_zero()).then_some(timeout);
+        }
+        options
+    }
+}
+
+impl RunArgs {
+    fn options(&self) -> MigrateOptions {
+        self.timeouts.apply(self.drift.options())
+    }
+}
+
+/// Parses `500ms`, `10s`, `2m` or bare seconds, like the `SVCDB_*` durations.
+fn duration(value: &str) -> Result<Duration, String> {
+    svcdb::config::parse_duration("duration", value).map_err(|e| match e {
+        // The key is clap's to name (it quotes the option); keep only what is wrong.
+        svcdb::Error::Config { message, .. } => message,
+        other => other.to_string(),
+    })
+}
 
 /// Runs one subcommand.
-pub async fn run(_global: &Global, command: Command) -> Result<Outcome> {
-    match command {}
+pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
+    match command {
+        Command::Up(args) => up(global, args).await,
+        Command::Down(args) => down(global, args).await,
+        Command::Redo(args) => redo(global, args).await,
+        Command::Status(drift) => status(global, drift).await,
+        Command::Validate(drift) => validate(global, drift).await,
+        Command::New { name } => new(global, &name),
+        Command::Baseline { up_to, timeouts } => baseline(global, up_to, timeouts).await,
+        Command::Repair(timeouts) => repair(global, timeouts).await,
+    }
+}
+
+/// The runner for `--dir` on the service schema. The folder is read first, so a broken
+/// migration file is reported before any connection is tried.
+async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> {
+    let migrations = Migrations::from_dir(&global.dir)?;
+    Ok(Migrator::new(global.connect().await?, migrations).with_options(options))
+}
+
+/// An observer printing each event as it happens (see [`output::progress`]).
+fn progress(json: bool) -> impl FnMut(&MigrateEvent) + Send {
+    move |event| output::progress(json, event)
+}
+
+async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
+    let migrator = migrator(global, args.run.options()).await?;
+    let options = UpOptions {
+        to: args.to,
+        dry_run: args.dry_run,
+    };
+    let started = Instant::now();
+    let report = migrator
+        .up_with(&options, &mut progress(global.json))
+        .await
+        .map_err(|e| explain(migrator.migrations(), e))?;
+    let elapsed = started.elapsed();
+    output::report(global.json, &report, |r| {
+        let idle = match args.to {
+            Some(to) => format!(
+                "nothing to do up to version {to}: {}",
+                at(r.current_version)
+            ),
+            None => format!("nothing to do: up to date {}", at(r.current_version)),
+        };
+        RunText {
+            would: "apply",
+            did: "applied",
+            mode: if r.atomic { " in one transaction" } else { "" },
+            entries: &r.migrations,
+            dry_run: r.dry_run,
+            current: r.current_version,
+            elapsed,
+            idle,
+        }
+        .render()
+    })?;
+    Ok(Outcome::Success)
+}
+
+async fn down(global: &Global, args: DownArgs) -> Result<Outcome> {
+    let migrator = migrator(global, args.run.options()).await?;
+    let options = DownOptions {
+        steps: args.steps.unwrap_or(DownOptions::default().steps),
+        to: args.to,
+        dry_run: args.dry_run,
+    };
+    let started = Instant::now();
+    let report = migrator
+        .down_with(&options, &mut progress(global.json))
+        .await
+        .map_err(|e| explain(migrator.migrations(), e))?;
+    let elapsed = started.elapsed();
+    output::report(global.json, &report, |r| {
+        let idle = format!(
+            "nothing to revert: schema {} is {}",
+            r.schema,
+            at(r.current_version)
+        );
+        RunText {
+            would: "revert",
+            did: "reverted",
+            mode: "",
+            entries: &r.migrations,
+            dry_run: r.dry_run,
+            current: r.current_version,
+            elapsed,
+            idle,
+        }
+        .render()
+    })?;
+    Ok(Outcome::Success)
+}
+
+async fn redo(global: &Global, args: RunArgs) -> Result<Outcome> {
+    let migrator = migrator(global, args.options()).await?;
+    let report = migrator
+        .redo_with(&mut progress(global.json))
+        .await
+        .map_err(|e| explain(migrator.migrations(), e))?;
+    output::report(global.json, &report, |r| {
+        match (r.down.migrations.first(), r.up.migrations.first()) {
+            (Some(down), Some(up)) => format!(
+                "redid migration {} {}: reverted in {}, applied again in {}; now {}",
+                up.version,
+                up.name,
+                output::millis(down.duration_ms),
+                output::millis(up.duration_ms),
+                at(r.up.current_version)
+            ),
+            _ => format!(
+                "nothing to redo: schema {} is {}",
+                r.down.schema,
+                at(r.down.current_version)
+            ),
+        }
+    })?;
+    Ok(Outcome::Success)
+}
+
+async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
+    let migrator = migrator(global, drift.options()).await?;
+    let report = migrator.status().await?;
+    // `validate` applies the drift rules and allowances exactly as `up` does, so exit 1 means
+    // precisely "`up` would refuse", with the library's message saying why and what to do.
+    let refusal = match migrator.validate().await {
+        Ok(_) => None,
+        Err(
+            e @ (MigrateError::Dirty { .. }
+            | MigrateError::Changed { .. }
+            | MigrateError::Missing { .. }
+            | MigrateError::OutOfOrder { .. }),
+        ) => Some(e),
+        Err(e) => return Err(e.into()),
+    };
+    output::report(global.json, &report, |r| {
+        let mut summary = summary(r);
+        if refusal.is_none() && r.pending().next().is_some() {
+            summary.push_str("; run `svcdb migrate up`");
+        }
+        if r.entries.is_empty() {
+            summary
+        } else {
+            format!("{}\n{summary}", status_table(r))
+        }
+    })?;
+    Ok(if let Some(e) = refusal {
+        eprintln!("not up to date: {e}");
+        Outcome::NotReady
+    } else if report.pending().next().is_some() {
+        Outcome::Pending
+    } else {
+        Outcome::Success
+    })
+}
+
+async fn validate(global: &Global, drift: Drift) -> Result<Outcome> {
+    let report = migrator(global, drift.options()).await?.validate().await?;
+    output::report(global.json, &report, |r| format!("valid: {}", summary(r)))?;
+    Ok(Outcome::Success)
+}
+
+fn new(global: &Global, name: &str) -> Result<Outcome> {
+    let created = new_migration(&global.dir, name)?;
+    output::report(global.json, &created, |c| {
+        format!(
+            "created {}\ncreated {}",
+            c.up_path.display(),
+            c.down_path.display()
+        )
+    })?;
+    Ok(Outcome::Success)
+}
+
+async fn baseline(global: &Global, version: i64, timeouts: Timeouts) -> Result<Outcome> {
+    let migrator = migrator(global, timeouts.apply(MigrateOptions::default())).await?;
+    let report = migrator.baseline(version).await?;
+    output::report(global.json, &report, |r| {
+        if r.recorded.is_empty() {
+            return format!(
+                "nothing to record: every migration up to version {version} is already recorded in schema {}",
+                r.schema
+            );
+        }
+        let mut lines: Vec<String> = r
+            .recorded
+            .iter()
+            .map(|m| format!("recorded {} {} as applied", m.version, m.name))
+            .collect();
+        lines.push(format!(
+            "baselined schema {}: {} recorded without running",
+            r.schema,
+            count(r.recorded.len())
+        ));
+        lines.join("\n")
+    })?;
+    Ok(Outcome::Success)
+}
+
+async fn repair(global: &Global, timeouts: Timeouts) -> Result<Outcome> {
+    let migrator = migrator(global, timeouts.apply(MigrateOptions::default())).await?;
+    let report = migrator.repair().await?;
+    output::report(global.json, &report, |r| {
+        if r.actions.is_empty() {
+            return format!("nothing to repair in schema {}", r.schema);
+        }
+        let lines: Vec<String> = r.actions.iter().map(repair_line).collect();
+        lines.join("\n")
+    })?;
+    Ok(Outcome::Success)
+}
+
+fn repair_line(action: &RepairAction) -> String {
+    // 12 hex digits tell two checksums apart; all 64 are in the JSON.
+    let short = |hex: &str| hex.get(..12).unwrap_or(hex).to_owned();
+    match action {
+        RepairAction::ClearedDirty { version, name } => format!(
+            "cleared the dirty mark of migration {version} {name}: it counts as pending again"
+        ),
+        RepairAction::RealignedChecksum {
+            version,
+            name,
+            old,
+            new,
+        } => format!(
+            "accepted the changed file of migration {version} {name}: checksum {}… is now {}…",
+            short(old),
+            short(new)
+        ),
+    }
+}
+
+/// The text of an `up` or `down` run. Each script was already printed as it ran: this is the
+/// summary, or for a dry run the list of what would run.
+struct RunText<'a> {
+    /// The verb of a dry run's lines: `apply`, `revert`.
+    would: &'static str,
+    /// The verb of the summary: `applied`, `reverted`.
+    did: &'static str,
+    /// How they ran, for the summary: ` in one transaction` or nothing.
+    mode: &'static str,
+    entries: &'a [RunEntry],
+    dry_run: bool,
+    current: Option<i64>,
+    elapsed: Duration,
+    /// The whole text when nothing ran.
+    idle: String,
+}
+
+impl RunText<'_> {
+    fn render(self) -> String {
+        let n = count(self.entries.len());
+        if self.entries.is_empty() {
+            self.idle
+        } else if self.dry_run {
+            let mut lines: Vec<String> = self
+                .entries
+                .iter()
+                .map(|m| {
+                    let mode = if m.transactional {
+                        ""
+                    } else {
+                        " (no transaction)"
+                    };
+                    format!("would {} {} {}{mode}", self.would, m.version, m.name)
+                })
+                .collect();
+            lines.push(format!(
+                "dry run: nothing changed; {n} to {}{}",
+                self.would, self.mode
+            ));
+            lines.join("\n")
+        } else {
+            format!(
+                "{} {n}{} in {}; now {}",
+                self.did,
+                self.mode,
+                output::millis(self.elapsed.as_secs_f64() * 1e3),
+                at(self.current)
+            )
+        }
+    }
+}
+
+/// `1 migration`, `3 migrations`.
+fn count(n: usize) -> String {
+    format!("{n} migration{}", if n == 1 { "" } else { "s" })
+}
+
+/// Where a schema stands, after "is" or "now".
+fn at(version: Option<i64>) -> String {
+    version.map_or_else(
+        || "before the first migration".to_owned(),
+        |v| format!("at version {v}"),
+    )
+}
+
+/// The word `--json` uses for a state.
+fn state_name(state: MigrationState) -> &'static str {
+    match state {
+        MigrationState::Applied => "applied",
+        MigrationState::Pending => "pending",
+        MigrationState::Changed => "changed",
+        MigrationState::Missing => "missing",
+        MigrationState::Dirty => "dirty",
+    }
+}
+
+/// One line on where the schema stands: `schema s at version 3: 2 pending, 1 changed`.
+fn summary(report: &StatusReport) -> String {
+    let counts: Vec<String> = [
+        MigrationState::Pending,
+        MigrationState::Changed,
+        MigrationState::Missing,
+        MigrationState::Dirty,
+    ]
+    .into_iter()
+    .filter_map(|state| {
+        let n = report.in_state(state).count();
+        (n > 0).then(|| format!("{n} {}", state_name(state)))
+    })
+    .collect();
+    let state = if counts.is_empty() {
+        "up to date".to_owned()
+    } else {
+        counts.join(", ")
+    };
+    format!(
+        "schema {} {}: {state}",
+        report.schema,
+        at(report.current_version)
+    )
+}
+
+/// One row per migration: version, name, state, when it was applied and how long it took.
+fn status_table(report: &StatusReport) -> Table {
+    let mut table = output::table(["version", "name", "state", "applied at", "duration"]);
+    for e in &report.entries {
+        table.add_row([
+            e.version.to_string(),
+            e.name.clone(),
+            state_name(e.state).to_owned(),
+            e.applied_at.map_or_else(String::new, |t| {
+                t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+            }),
+            e.execution_ms.map_or_else(String::new, output::millis),
+        ]);
+    }
+    table
+}
+
+/// A migration command's error, with the failing script's file (and line, when the server
+/// points at one) in front: the library's message says which migration failed, the SQL error
+/// and what was rolled back or undone, but not where to look.
+fn explain(migrations: &Migrations, e: MigrateError) -> anyhow::Error {
+    let location = match &e {
+        MigrateError::Failed(failure) => migrations
+            .get(failure.version)
+            .map(|m| location(m, failure)),
+        _ => None,
+    };
+    match location {
+        Some(location) => anyhow::Error::new(e).context(location),
+        None => e.into(),
+    }
+}
+
+/// `path` or `path, line N` of the script that failed.
+fn location(m: &Migration, failure: &MigrationFailure) -> String {
+    let (path, script) = match failure.direction {
+        Direction::Up => (m.path.clone(), m.up.as_str()),
+        // The down script sits next to the up script in both layouts: `x.up.sql` and
+        // `x.down.sql`, or `x/up.sql` and `x/down.sql`.
+        Direction::Down => (
+            format!(
+                "{}down.sql",
+                m.path.strip_suffix("up.sql").unwrap_or(&m.path)
+            ),
+            m.down.as_deref().unwrap_or_default(),
+        ),
+    };
+    match error_line(failure, script) {
+        Some(line) => format!("{path}, line {line}"),
+        None => path,
+    }
+}
+
+/// The line of `script` the server's error points at. A non-transactional script is sent one
+/// statement at a time, so there the position counts from the start of the failing statement.
+fn error_line(failure: &MigrationFailure, script: &str) -> Option<usize> {
+    let ErrorPosition::Original(position) = failure.cause.as_db_error()?.position()? else {
+        return None;
+    };
+    let mut start = 0;
+    if let Some(done) = failure.statements_done {
+        let mut end = 0;
+        for statement in svcdb::migrate::split_statements(script)
+            .into_iter()
+            .take(done + 1)
+        {
+            start = end + script[end..].find(statement)?;
+            end = start + statement.len();
+        }
+    }
+    // The position is 1-based, in characters.
+    let chars = usize::try_from(*position).ok()?.checked_sub(1)?;
+    let newlines = script[..start].matches('\n').count()
+        + script[start..]
+            .chars()
+            .take(chars)
+            .filter(|&c| c == '\n')
+            .count();
+    Some(newlines + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks a subcommand's definition only when that subcommand is parsed (a clash
+    /// with the propagated `--version` panics at run time): check all of them at once.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        let cli = clap::Command::new("svcdb")
+            .version("0")
+            .propagate_version(true);
+        let cli = <crate::global::Global as clap::Args>::augment_args(cli);
+        <super::Command as clap::Subcommand>::augment_subcommands(cli).debug_assert();
+    }
 }

@@ -26,7 +26,7 @@ pub enum MigrateError {
     Db(#[from] crate::Error),
 
     /// Another runner held the schema's migration lock longer than `lock_wait`.
-    #[error("timed out after {waited:?} waiting for the migration lock of schema {schema}: another runner is migrating it\n  hint: wait for it to finish, or raise the lock wait (MigrateOptions::lock_wait)")]
+    #[error("timed out after {waited:?} waiting for the migration lock of schema {schema}: another runner is migrating it\n  hint: wait for it to finish, or raise the lock wait (`--lock-wait`, MigrateOptions::lock_wait)")]
     LockTimeout {
         /// The schema.
         schema: String,
@@ -35,7 +35,7 @@ pub enum MigrateError {
     },
 
     /// An applied migration's up file changed since it was applied.
-    #[error("migration {version} was changed after it was applied: {path} no longer matches the checksum in the history\n  hint: restore the file and put the change in a new migration; or, if the edit is harmless, run `svcdb migrate repair` to accept it (or pass `allow_changed`)")]
+    #[error("migration {version} was changed after it was applied: {path} no longer matches the checksum in the history\n  hint: restore the file and put the change in a new migration; or, if the edit is harmless, run `svcdb migrate repair` to accept it (or pass `--allow-changed`, MigrateOptions::allow_changed)")]
     Changed {
         /// The version.
         version: i64,
@@ -44,7 +44,7 @@ pub enum MigrateError {
     },
 
     /// A pending migration is older than the newest applied one.
-    #[error("migration {version} ({path}) is pending but older than the newest applied migration {newest_applied}\n  hint: give it a version above {newest_applied}, or pass `allow_out_of_order` to run it anyway")]
+    #[error("migration {version} ({path}) is pending but older than the newest applied migration {newest_applied}\n  hint: give it a version above {newest_applied}, or pass `--allow-out-of-order` (MigrateOptions::allow_out_of_order) to run it anyway")]
     OutOfOrder {
         /// The pending version.
         version: i64,
@@ -55,7 +55,7 @@ pub enum MigrateError {
     },
 
     /// An applied migration has no file in the source.
-    #[error("migration {version} ({name}) is applied but its file is missing from the migrations folder\n  hint: restore the file, or pass `ignore_missing` if it was removed on purpose")]
+    #[error("migration {version} ({name}) is applied but its file is missing from the migrations folder\n  hint: restore the file, or pass `--ignore-missing` (MigrateOptions::ignore_missing) if it was removed on purpose")]
     Missing {
         /// The applied version.
         version: i64,

@@ -31,8 +31,8 @@ pub struct Migration {
     pub transactional: bool,
     /// Like `transactional`, for the down script.
     pub down_transactional: bool,
-    /// Where the up script came from, relative to the source folder (`0003_x.up.sql`,
-    /// `0003_x/up.sql`), for messages.
+    /// Where the up script came from, for messages: the source's origin joined with the file
+    /// (`migrations/0003_x.up.sql`, `migrations/0003_x/up.sql`).
     pub path: String,
 }
 
