@@ -93,7 +93,10 @@ async fn connect_warms_pool_min_connections_and_reports_status() {
     );
     assert!(status.acquire_wait.p50_ms <= status.acquire_wait.p99_ms);
     let line = status.to_string();
-    assert!(line.starts_with("size=4/4 idle=4 in_use=0 waiting=0 wait_p50="), "{line}");
+    assert!(
+        line.starts_with("size=4/4 idle=4 in_use=0 waiting=0 wait_p50="),
+        "{line}"
+    );
 }
 
 #[tokio::test]
