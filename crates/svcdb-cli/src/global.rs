@@ -1,9 +1,14 @@
 //! Options every subcommand shares, and the library configuration built from them.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use svcdb::{Config, ServiceDb};
+
+/// The default of `--dir`; `schema verify` and `health` skip the migration checks when this
+/// default folder is absent (a folder named explicitly must exist).
+pub const DEFAULT_MIGRATIONS_DIR: &str = "./migrations";
 
 /// Connection and output options shared by every subcommand.
 #[derive(clap::Args)]
@@ -26,7 +31,7 @@ pub struct Global {
         long,
         env = "SVCDB_MIGRATIONS_DIR",
         global = true,
-        default_value = "./migrations"
+        default_value = DEFAULT_MIGRATIONS_DIR
     )]
     pub dir: PathBuf,
 
@@ -66,4 +71,14 @@ impl Global {
     pub async fn connect(&self) -> Result<ServiceDb> {
         Ok(ServiceDb::connect(self.config()?).await?)
     }
+}
+
+/// Parses `500ms`, `10s`, `2m` or bare seconds, like the `SVCDB_*` durations: the value parser
+/// of every duration option.
+pub fn duration(value: &str) -> Result<Duration, String> {
+    svcdb::config::parse_duration("duration", value).map_err(|e| match e {
+        // The key is clap's to name (it quotes the option); keep only what is wrong.
+        svcdb::Error::Config { message, .. } => message,
+        other => other.to_string(),
+    })
 }

@@ -65,6 +65,21 @@ pub enum Error {
     /// A statement failed; [`Error::code`] gives the SQLSTATE.
     #[error("{}", pg_message(.0))]
     Db(#[from] tokio_postgres::Error),
+
+    /// Tables the service needs are missing from its schema
+    /// ([`ServiceDb::require_tables`](crate::ServiceDb::require_tables)).
+    #[error("schema {schema} lacks {}: {}\n  hint: {}", if tables.len() == 1 { "table" } else { "tables" }, tables.join(", "), crate::schema::MISSING_TABLES_HINT)]
+    MissingTables {
+        /// The service schema.
+        schema: String,
+        /// Every missing table, in the order asked for.
+        tables: Vec<String>,
+    },
+
+    /// The start-up gate found problems; the report lists every one
+    /// ([`GateReport::ensure_ready`](crate::schema::GateReport::ensure_ready)).
+    #[error("{0}")]
+    NotReady(Box<crate::schema::GateReport>),
 }
 
 impl Error {

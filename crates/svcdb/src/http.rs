@@ -1,1 +1,71 @@
-//! HTTP health endpoints (being written).
+//! `/healthz` and `/readyz` for Kubernetes probes, as an axum [`Router`] (feature `http`, on by
+//! default).
+//!
+//! ```no_run
+//! # async fn demo(db: svcdb::ServiceDb, gate: svcdb::schema::Gate) -> std::io::Result<()> {
+//! let app = axum::Router::new()
+//!     // .route("/orders", …) — the service's own routes
+//!     .merge(svcdb::http::router(db, gate));
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await?;
+//! axum::serve(listener, app).await
+//! # }
+//! ```
+//!
+//! | path | answers | use as |
+//! |---|---|---|
+//! | `/healthz` | `200 ok` whenever the process answers; never touches the database | `livenessProbe` |
+//! | `/readyz` | `200` and the [`HealthReport`] as JSON when the database answers and the gate passes; `503` and the report, naming each problem, otherwise | `readinessProbe` |
+//!
+//! Liveness leaves the database out on purpose: a database outage would otherwise make
+//! Kubernetes restart every replica, which cures nothing and turns a blip into a cold start.
+//! Readiness takes the replica out of the load balancer until the database is back.
+//!
+//! `/readyz` answers within the gate's timeout (default 2 s) even when the database is gone,
+//! so give the probe `timeoutSeconds: 3`. After [`ServiceDb::close`] it answers `503`, which
+//! drains traffic during a graceful shutdown.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::health::HealthReport;
+use crate::pool::ServiceDb;
+use crate::schema::Gate;
+
+/// What the handlers share.
+struct Probe {
+    db: ServiceDb,
+    gate: Gate,
+}
+
+/// A router with `/healthz` and `/readyz` for `db` checked against `gate`; merge it into the
+/// service's own router (it fits a router of any state type).
+pub fn router<S>(db: ServiceDb, gate: Gate) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(Arc::new(Probe { db, gate }))
+}
+
+/// Liveness: the process answers.
+async fn healthz() -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "no-store")], "ok\n")
+}
+
+/// Readiness: the health report, `200` when ready and `503` otherwise.
+async fn readyz(State(probe): State<Arc<Probe>>) -> impl IntoResponse {
+    let report: HealthReport = probe.db.health(&probe.gate).await;
+    let status = if report.gate.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, [(header::CACHE_CONTROL, "no-store")], Json(report))
+}

@@ -57,14 +57,16 @@ pub mod tx;
 pub use config::Config;
 pub use connection::DedicatedConn;
 pub use error::{Error, Result, SqlState};
+pub use health::HealthReport;
 pub use ident::Ident;
 pub use pool::{PoolStatus, PooledConn, ServiceDb};
 pub use provision::{provision, Password, ProvisionReport, ProvisionSpec};
+pub use schema::{Gate, GateReport, Problem, TableInfo, TableKind};
 pub use tx::{IsolationLevel, Retryable, Transaction, TxOptions};
 
+pub use svcdb_macros::embed_migrations;
 /// The driver, re-exported so services use the same version as svcdb.
 pub use tokio_postgres;
-pub use svcdb_macros::embed_migrations;
 
 // Compiles the README's examples as doc tests, so the README cannot drift from the API.
 #[cfg(doctest)]

@@ -1,15 +1,23 @@
-//! `svcdb health` (wired when the library module lands).
+//! `svcdb health`: the report `/readyz` serves, from the command line.
 
 use anyhow::Result;
 
+use super::schema::{outcome, GateArgs};
 use crate::global::Global;
-use crate::Outcome;
+use crate::{output, Outcome};
 
-/// Options.
+/// Options of `svcdb health`: the gate's (see `svcdb schema verify`).
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    gate: GateArgs,
+}
 
-/// Runs.
-pub async fn run(_global: &Global, _args: Args) -> Result<Outcome> {
-    Ok(Outcome::Success)
+/// Prints the health report; exit 0 when ready, 1 when not (the database unreachable, or a
+/// problem of the gate). Never waits longer than `--timeout`.
+pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
+    let (db, gate) = args.gate.prepare(global)?;
+    let report = db.health(&gate).await;
+    output::report(global.json, &report, ToString::to_string)?;
+    Ok(outcome(report.gate.ready))
 }

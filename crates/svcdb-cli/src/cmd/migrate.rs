@@ -89,16 +89,16 @@ pub struct Drift {
 pub struct Timeouts {
     /// How long to wait for another runner (another replica's deploy) to release the schema's
     /// migration lock [default: 10m].
-    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::global::duration)]
     lock_wait: Option<Duration>,
 
     /// How long a statement may wait for a table lock: a DDL statement queued behind live
     /// traffic would hold up every later query of that table; 0: no limit [default: 10s].
-    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::global::duration)]
     lock_timeout: Option<Duration>,
 
     /// How long one statement may run; 0: no limit [default: no limit].
-    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::global::duration)]
     statement_timeout: Option<Duration>,
 }
 
@@ -178,15 +178,6 @@ impl RunArgs {
     fn options(&self) -> MigrateOptions {
         self.timeouts.apply(self.drift.options())
     }
-}
-
-/// Parses `500ms`, `10s`, `2m` or bare seconds, like the `SVCDB_*` durations.
-fn duration(value: &str) -> Result<Duration, String> {
-    svcdb::config::parse_duration("duration", value).map_err(|e| match e {
-        // The key is clap's to name (it quotes the option); keep only what is wrong.
-        svcdb::Error::Config { message, .. } => message,
-        other => other.to_string(),
-    })
 }
 
 /// Runs one subcommand.

@@ -1,15 +1,107 @@
-//! `svcdb schema` (wired when the library module lands).
+//! `svcdb schema`: the service schema's tables, and the start-up gate.
+
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Result;
+use serde::Serialize;
+use svcdb::migrate::Migrations;
+use svcdb::schema::{Gate, TableInfo};
+use svcdb::ServiceDb;
 
-use crate::global::Global;
-use crate::Outcome;
+use crate::global::{Global, DEFAULT_MIGRATIONS_DIR};
+use crate::{output, Outcome};
 
-/// Subcommands.
+/// Subcommands of `svcdb schema`.
 #[derive(clap::Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// List the tables and views of the service schema, with their kind.
+    Tables,
+    /// Run the start-up gate: exit 0 when ready, 1 when not, listing every problem.
+    ///
+    /// Checks that connections use the service schema; that every migration in --dir is
+    /// applied, unchanged, with none dirty and none applied that --dir lacks; and that the
+    /// --require tables exist. When --dir is left at its default and ./migrations does not
+    /// exist, migrations are not checked (the report says so); a folder named with --dir or
+    /// SVCDB_MIGRATIONS_DIR must exist. Changes nothing in the database.
+    Verify(GateArgs),
+}
+
+/// What the gate checks besides the schema, and how long it may wait; `svcdb health` takes
+/// the same options.
+#[derive(clap::Args)]
+pub struct GateArgs {
+    /// Tables (or views) that must exist in the service schema, comma-separated.
+    #[arg(long, value_name = "TABLES", value_delimiter = ',')]
+    require: Vec<String>,
+
+    /// Longest wait for the database (connecting included) before it counts as unreachable.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = crate::global::duration)]
+    timeout: Duration,
+}
+
+impl GateArgs {
+    /// The pool and the gate. The pool is lazy (`ServiceDb::new`): an unreachable database
+    /// becomes a problem in the report rather than an error before it, and nothing is created
+    /// (not even with `SVCDB_CREATE_SCHEMA`), since a check must not change what it checks.
+    pub fn prepare(&self, global: &Global) -> Result<(ServiceDb, Gate)> {
+        let mut gate = Gate::new().timeout(self.timeout).require(&self.require)?;
+        if global.dir.exists() || global.dir != Path::new(DEFAULT_MIGRATIONS_DIR) {
+            gate = gate.with_migrations(Migrations::from_dir(&global.dir)?);
+        } else {
+            eprintln!(
+                "note: no {DEFAULT_MIGRATIONS_DIR} folder, so migrations are not checked; pass --dir to check them"
+            );
+        }
+        Ok((ServiceDb::new(global.config()?)?, gate))
+    }
+}
+
+/// Exit 0 when ready, 1 when not.
+pub fn outcome(ready: bool) -> Outcome {
+    if ready {
+        Outcome::Success
+    } else {
+        Outcome::NotReady
+    }
+}
 
 /// Runs one subcommand.
-pub async fn run(_global: &Global, command: Command) -> Result<Outcome> {
-    match command {}
+pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
+    match command {
+        Command::Tables => tables(global).await,
+        Command::Verify(args) => {
+            let (db, gate) = args.prepare(global)?;
+            let report = db.verify(&gate).await;
+            output::report(global.json, &report, ToString::to_string)?;
+            Ok(outcome(report.ready))
+        }
+    }
+}
+
+/// `svcdb schema tables --json`: the schema and its tables.
+#[derive(Serialize)]
+struct Listing<'a> {
+    schema: &'a str,
+    tables: &'a [TableInfo],
+}
+
+async fn tables(global: &Global) -> Result<Outcome> {
+    let db = global.connect().await?;
+    let tables = db.list_tables().await?;
+    let listing = Listing {
+        schema: db.schema().as_str(),
+        tables: &tables,
+    };
+    output::report(global.json, &listing, |l| {
+        if l.tables.is_empty() {
+            return format!("schema {} has no tables or views", l.schema);
+        }
+        let mut table = output::table(["name", "kind"]);
+        for t in l.tables {
+            table.add_row([t.name.as_str(), t.kind.as_str()]);
+        }
+        table.to_string()
+    })?;
+    Ok(Outcome::Success)
 }

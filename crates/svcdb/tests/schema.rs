@@ -1,0 +1,403 @@
+//! Schema utilities and the start-up gate against a real PostgreSQL: table kinds, missing
+//! tables listed together, and a gate that names every problem (pending, changed, unknown and
+//! dirty migrations, a wrong or missing schema, missing tables) at once.
+
+use std::path::Path;
+
+use svcdb::migrate::{Migrations, Migrator};
+use svcdb::schema::{Gate, Problem, TableKind};
+use svcdb::testing::TestDb;
+use svcdb::{Error, ServiceDb};
+
+/// Two migrations: the orders table, then its lines.
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_orders.up.sql",
+        "CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL);",
+    ),
+    ("0001_orders.down.sql", "DROP TABLE orders;"),
+    (
+        "0002_lines.up.sql",
+        "CREATE TABLE order_lines (order_id bigint REFERENCES orders, sku text);",
+    ),
+    ("0002_lines.down.sql", "DROP TABLE order_lines;"),
+];
+
+/// A migrations folder holding `files`.
+fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, sql) in files {
+        std::fs::write(dir.path().join(name), sql).unwrap();
+    }
+    dir
+}
+
+fn migrations(dir: &Path) -> Migrations {
+    Migrations::from_dir(dir).unwrap()
+}
+
+/// Applies every migration in `dir`.
+async fn migrate(svc: &ServiceDb, dir: &Path) {
+    Migrator::new(svc.clone(), migrations(dir))
+        .up()
+        .await
+        .unwrap();
+}
+
+async fn exec(svc: &ServiceDb, sql: &str) {
+    svc.get().await.unwrap().batch_execute(sql).await.unwrap();
+}
+
+/// The gate the orders service would run: its migrations and both tables.
+fn orders_gate(dir: &Path) -> Gate {
+    Gate::new()
+        .with_migrations(migrations(dir))
+        .require(["orders", "order_lines"])
+        .unwrap()
+}
+
+#[tokio::test]
+async fn lists_tables_and_views_with_their_kind() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    exec(
+        &svc,
+        "CREATE TABLE orders (id int);
+         CREATE VIEW open_orders AS SELECT * FROM orders;
+         CREATE MATERIALIZED VIEW order_counts AS SELECT count(*) FROM orders;
+         CREATE TABLE events (at date) PARTITION BY RANGE (at);
+         CREATE SEQUENCE order_numbers;
+         CREATE INDEX orders_id ON orders (id);
+         CREATE TABLE public.elsewhere (id int);",
+    )
+    .await;
+
+    let tables = svc.list_tables().await.unwrap();
+    let seen: Vec<(&str, TableKind)> = tables.iter().map(|t| (t.name.as_str(), t.kind)).collect();
+    assert_eq!(
+        seen,
+        [
+            ("events", TableKind::PartitionedTable),
+            ("open_orders", TableKind::View),
+            ("order_counts", TableKind::MaterializedView),
+            ("orders", TableKind::Table),
+        ],
+        "sequences, indexes and other schemas' tables are left out"
+    );
+    assert_eq!(
+        serde_json::to_value(&tables[2]).unwrap(),
+        serde_json::json!({"name": "order_counts", "kind": "materialized_view"})
+    );
+    assert_eq!(
+        svc.current_schema().await.unwrap().as_deref(),
+        Some("orders_svc")
+    );
+    assert!(svc.table_exists("open_orders").await.unwrap());
+    assert!(!svc.table_exists("elsewhere").await.unwrap());
+    assert!(!svc.table_exists("order_numbers").await.unwrap());
+}
+
+#[tokio::test]
+async fn require_tables_names_every_missing_table() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    exec(&svc, "CREATE TABLE orders (id int)").await;
+
+    svc.require_tables(&["orders"]).await.unwrap();
+    let err = svc
+        .require_tables(&["payments", "orders", "order_lines"])
+        .await
+        .unwrap_err();
+    match &err {
+        Error::MissingTables { schema, tables } => {
+            assert_eq!(schema, "orders_svc");
+            assert_eq!(tables, &["payments", "order_lines"]);
+        }
+        other => panic!("expected missing tables, got {other:?}"),
+    }
+    assert!(err.to_string().contains("svcdb migrate up"), "{err}");
+}
+
+#[tokio::test]
+async fn table_names_are_validated_before_any_sql() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    for name in ["orders; DROP TABLE x", "Orders", "pg_class", ""] {
+        assert!(
+            matches!(svc.table_exists(name).await, Err(Error::Ident(_))),
+            "{name:?}"
+        );
+    }
+    assert!(matches!(
+        svc.require_tables(&["ok", "not ok"]).await,
+        Err(Error::Ident(_))
+    ));
+    assert!(matches!(
+        Gate::new().require(["x\"y"]),
+        Err(Error::Ident(_))
+    ));
+}
+
+#[tokio::test]
+async fn gate_passes_when_migrated_and_reports_the_version() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    let dir = folder(MIGRATIONS);
+    migrate(&svc, dir.path()).await;
+
+    let report = svc.verify(&orders_gate(dir.path())).await;
+    assert!(report.ready, "{report}");
+    assert!(report.problems.is_empty());
+    assert_eq!(report.migration_version, Some(2));
+    assert!(report.migrations_checked);
+    report.ensure_ready().unwrap();
+}
+
+#[tokio::test]
+async fn service_deployed_without_migrations_refuses_to_start() {
+    // The notes' scenario: nothing ran, and the service would crash on the first order.
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    let dir = folder(MIGRATIONS);
+
+    let report = svc.verify(&orders_gate(dir.path())).await;
+    assert!(!report.ready);
+    assert_eq!(
+        report.problems,
+        [
+            Problem::NoHistory {
+                schema: "orders_svc".into(),
+                pending: 2
+            },
+            Problem::MissingTable {
+                schema: "orders_svc".into(),
+                table: "orders".into()
+            },
+            Problem::MissingTable {
+                schema: "orders_svc".into(),
+                table: "order_lines".into()
+            },
+        ]
+    );
+    match report.ensure_ready() {
+        Err(Error::NotReady(report)) => {
+            let shown = report.to_string();
+            assert!(shown.contains("svcdb migrate up"), "{shown}");
+        }
+        other => panic!("expected NotReady, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn pending_migration_is_named() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    let dir = folder(&MIGRATIONS[..2]);
+    migrate(&svc, dir.path()).await;
+    let dir = folder(MIGRATIONS); // the new release ships 0002
+
+    let report = svc
+        .verify(&Gate::new().with_migrations(migrations(dir.path())))
+        .await;
+    assert_eq!(
+        report.problems,
+        [Problem::Pending {
+            version: 2,
+            name: "lines".into()
+        }]
+    );
+    assert_eq!(report.migration_version, Some(1));
+}
+
+#[tokio::test]
+async fn changed_applied_migration_is_named() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    let dir = folder(MIGRATIONS);
+    migrate(&svc, dir.path()).await;
+    std::fs::write(
+        dir.path().join("0001_orders.up.sql"),
+        "CREATE TABLE orders (id bigint PRIMARY KEY, customer text);",
+    )
+    .unwrap();
+
+    let report = svc.verify(&orders_gate(dir.path())).await;
+    match report.problems.as_slice() {
+        [Problem::Changed {
+            version: 1,
+            name,
+            path,
+        }] => {
+            assert_eq!(name, "orders");
+            assert!(path.ends_with("0001_orders.up.sql"), "{path}");
+        }
+        other => panic!("expected one changed migration, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn migration_unknown_to_this_release_is_named_unless_allowed() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    let newer = folder(MIGRATIONS);
+    migrate(&svc, newer.path()).await;
+    let older = folder(&MIGRATIONS[..2]); // a rolled-back binary ships 0001 only
+
+    let gate = Gate::new().with_migrations(migrations(older.path()));
+    let report = svc.verify(&gate).await;
+    assert_eq!(
+        report.problems,
+        [Problem::UnknownApplied {
+            version: 2,
+            name: "lines".into()
+        }]
+    );
+    assert!(svc.verify(&gate.allow_unknown_applied(true)).await.ready);
+}
+
+#[tokio::test]
+async fn dirty_migration_is_named_even_without_migrations() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    let dir = folder(MIGRATIONS);
+    migrate(&svc, dir.path()).await;
+    exec(
+        &svc,
+        "UPDATE svcdb_migrations SET dirty = true WHERE version = 2",
+    )
+    .await;
+
+    let dirty = [Problem::Dirty {
+        version: 2,
+        name: "lines".into(),
+    }];
+    assert_eq!(svc.verify(&orders_gate(dir.path())).await.problems, dirty);
+    let without = svc.verify(&Gate::new()).await;
+    assert_eq!(without.problems, dirty);
+    assert!(!without.migrations_checked);
+    assert_eq!(without.migration_version, Some(1));
+}
+
+#[tokio::test]
+async fn search_path_changed_on_a_pooled_connection_is_named() {
+    let db = TestDb::new().await;
+    let mut config = db.config("orders_svc");
+    config.pool_max = 1; // the gate gets the connection the SET ran on
+    let svc = ServiceDb::connect(config).await.unwrap();
+    exec(&svc, "SET search_path = public").await;
+
+    let report = svc.verify(&Gate::new()).await;
+    assert_eq!(
+        report.problems,
+        [Problem::WrongSchema {
+            expected: "orders_svc".into(),
+            active: Some("public".into())
+        }]
+    );
+    assert_eq!(
+        svc.current_schema().await.unwrap().as_deref(),
+        Some("public")
+    );
+}
+
+#[tokio::test]
+async fn missing_schema_and_everything_else_are_listed_together() {
+    let db = TestDb::new().await;
+    let mut config = db.config("orders_svc");
+    config.create_schema = false; // never provisioned
+    let svc = ServiceDb::connect(config).await.unwrap();
+    let dir = folder(MIGRATIONS);
+
+    let report = svc.verify(&orders_gate(dir.path())).await;
+    let kinds: Vec<_> = serde_json::to_value(&report).unwrap()["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["no_schema", "no_history", "missing_table", "missing_table"]
+    );
+    assert_eq!(svc.current_schema().await.unwrap(), None);
+    let shown = report.to_string();
+    assert!(
+        shown.starts_with("not ready: schema orders_svc has 4 problems"),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn schema_the_role_may_not_use_is_named() {
+    let db = TestDb::new().await;
+    let (role, _) = db.provision("orders", "orders_svc").await;
+    let intruder = db.role_name("intruder");
+    db.admin()
+        .await
+        .batch_execute(&format!("CREATE ROLE {intruder} LOGIN"))
+        .await
+        .unwrap();
+    let svc = ServiceDb::connect(db.config_as(&intruder, "orders_svc"))
+        .await
+        .unwrap();
+
+    let report = svc.verify(&Gate::new()).await;
+    assert_eq!(
+        report.problems,
+        [Problem::NoSchemaAccess {
+            schema: "orders_svc".into(),
+            role: intruder.clone()
+        }],
+        "the schema belongs to {role}"
+    );
+}
+
+#[tokio::test]
+async fn several_problems_at_once_are_all_listed() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    let applied = folder(MIGRATIONS);
+    migrate(&svc, applied.path()).await;
+    exec(&svc, "DROP TABLE order_lines").await;
+    let shipped = folder(&[
+        (
+            "0001_orders.up.sql",
+            "CREATE TABLE orders (id bigint PRIMARY KEY);", // changed
+        ),
+        ("0003_payments.up.sql", "CREATE TABLE payments (id int);"), // pending
+    ]); // and 0002 unknown to it
+
+    let gate = Gate::new()
+        .with_migrations(migrations(shipped.path()))
+        .require(["orders", "order_lines", "payments"])
+        .unwrap();
+    let report = svc.verify(&gate).await;
+    assert!(!report.ready);
+    let expected = [
+        "changed",
+        "unknown_applied",
+        "pending",
+        "missing_table",
+        "missing_table",
+    ];
+    let json = serde_json::to_value(&report).unwrap();
+    let kinds: Vec<&str> = json["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, expected);
+    assert_eq!(json["problems"][3]["table"], "order_lines");
+    assert_eq!(json["problems"][4]["table"], "payments");
+    let shown = report.to_string();
+    for needle in [
+        "0001_orders.up.sql",
+        "migration 2",
+        "migration 3",
+        "order_lines",
+        "payments",
+    ] {
+        assert!(shown.contains(needle), "{needle} in {shown}");
+    }
+}
