@@ -58,7 +58,8 @@ impl ServiceDb {
             gate,
             database: DatabaseHealth {
                 reachable: latency.is_some(),
-                latency_ms: latency.map(|d| d.as_secs_f64() * 1e3),
+                // Whole microseconds: finer digits are noise, and they clutter the JSON.
+                latency_ms: latency.map(|d| d.as_micros() as f64 / 1e3),
             },
             pool: self.status(),
         }

@@ -593,7 +593,8 @@ impl Problem {
                 active.as_deref().unwrap_or("(none)")
             ),
             Problem::NoHistory { schema, pending } => format!(
-                "migrations never ran in schema {schema}: its history table {HISTORY_TABLE} does not exist ({pending} migrations to apply)"
+                "migrations never ran in schema {schema}: its history table {HISTORY_TABLE} does not exist ({pending} migration{} to apply)",
+                if *pending == 1 { "" } else { "s" }
             ),
             Problem::Dirty { version, name } => format!(
                 "migration {version} ({name}) is dirty: it failed part-way and may be half-applied"
