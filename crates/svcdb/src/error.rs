@@ -26,9 +26,15 @@ pub enum Error {
         message: String,
     },
 
-    /// A schema, role or table name was refused before any SQL was sent.
+    /// A schema, role or table name (or an event consumer, exchange or routing key) was
+    /// refused before any SQL was sent.
     #[error(transparent)]
     Ident(#[from] IdentError),
+
+    /// An event svcdb was asked to store or read is not a valid envelope
+    /// ([`outbox::enqueue`](crate::outbox::enqueue)).
+    #[error(transparent)]
+    Event(#[from] crate::event::EventError),
 
     /// No connection could be handed out within the acquire timeout.
     ///
@@ -117,6 +123,20 @@ pub(crate) fn is_retryable(e: &tokio_postgres::Error) -> bool {
     matches!(
         e.code(),
         Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+/// True when a `CREATE … IF NOT EXISTS` failed only because another session created the same
+/// object at the same moment: both passed the existence check, and the loser hit the catalog's
+/// unique index (23505, on `pg_type` or `pg_class`) or the duplicate check (42P06, 42P07,
+/// 42710) once the winner committed.
+pub(crate) fn is_lost_create_race(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION
+            || *c == SqlState::DUPLICATE_SCHEMA
+            || *c == SqlState::DUPLICATE_TABLE
+            || *c == SqlState::DUPLICATE_OBJECT
     )
 }
 

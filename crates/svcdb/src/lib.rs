@@ -11,13 +11,16 @@
 //! | the pool: schema pinned per connection, acquire timeout, min/max, status | [`pool`] ([`ServiceDb`]) |
 //! | connections outside the pool (locks, long jobs) | [`connection`] |
 //! | transactions: commit on `Ok`, rollback on error or drop, retry on 40001/40P01 | [`tx`] |
-//! | a login role per service owning its schema; nothing for `PUBLIC` | [`provision`] |
+//! | a login role per service owning its schema; nothing for `PUBLIC` | [`mod@provision`] |
 //! | validated, always-quoted schema/role/table names | [`ident`] |
 //! | errors, matched by variant and SQLSTATE | [`error`] |
 //! | migrations: sources (native, diesel, embedded), history, advisory lock, runner | [`migrate`] |
 //! | table and schema checks, the start-up gate | [`schema`] |
 //! | health report: reachability, latency, pool, version, gate | [`health`] |
 //! | `/healthz` and `/readyz` as an axum `Router` (feature `http`) | [`http`] |
+//! | the event envelope on the wire, and why a message is not one | [`event`] ([`Envelope`], [`EventError`]) |
+//! | handling each event once: the claim commits with the handler's writes | [`idempotency`] ([`ServiceDb::process_once`], [`Processed`]) |
+//! | the transactional outbox and its relay (`FOR UPDATE SKIP LOCKED`, retries) | [`outbox`] ([`outbox::enqueue`], [`Outbox`]) |
 //! | a throwaway database per test | [`testing`] |
 //!
 //! # Example
@@ -43,11 +46,14 @@
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod event;
 pub mod health;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod idempotency;
 pub mod ident;
 pub mod migrate;
+pub mod outbox;
 pub mod pool;
 pub mod provision;
 pub mod schema;
@@ -57,8 +63,11 @@ pub mod tx;
 pub use config::Config;
 pub use connection::DedicatedConn;
 pub use error::{Error, Result, SqlState};
+pub use event::{Envelope, EventError};
 pub use health::HealthReport;
+pub use idempotency::Processed;
 pub use ident::Ident;
+pub use outbox::{Outbox, OutboxMessage};
 pub use pool::{PoolStatus, PooledConn, ServiceDb};
 pub use provision::{provision, Password, ProvisionReport, ProvisionSpec};
 pub use schema::{Gate, GateReport, Problem, TableInfo, TableKind};

@@ -21,7 +21,7 @@ pub use status::{PoolStatus, WaitPercentiles};
 
 use crate::config::Config;
 use crate::connection::DedicatedConn;
-use crate::error::{pg_message, Error, Result, SqlState};
+use crate::error::{is_lost_create_race, pg_message, Error, Result};
 use crate::ident::Ident;
 use status::PoolStats;
 
@@ -259,9 +259,7 @@ async fn create_schema_if_missing(client: &tokio_postgres::Client, schema: &Iden
         .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
         .await
     {
-        Err(e) if matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_SCHEMA) => {
-            Ok(())
-        }
+        Err(e) if is_lost_create_race(&e) => Ok(()),
         other => Ok(other?),
     }
 }

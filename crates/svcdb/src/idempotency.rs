@@ -1,0 +1,386 @@
+//! Handling each event once although RabbitMQ delivers it at least once.
+//!
+//! A message can arrive twice: the broker redelivers when the consumer's acknowledgement was
+//! lost (network timeout, consumer restart), and a producer's outbox may publish twice. Without
+//! a record of what was handled, the design notes' `ProductStockReserved` event (abc123,
+//! quantity 5) delivered twice reserves 10 units.
+//!
+//! The record is a row in `svcdb_processed_events`, in the service's own schema, keyed by
+//! (consumer, event id), and the point is *where* it is written: in the same transaction as the
+//! handler's business writes. Either both commit, and a redelivery finds the row and skips the
+//! work, or neither does (an error, a panic, a crash before commit), and a redelivery does the
+//! work as if for the first time. A claim made in one transaction and business writes in
+//! another would lose one or the other whenever the process dies between them.
+//!
+//! ```no_run
+//! use svcdb::event::Envelope;
+//! use svcdb::idempotency::Processed;
+//!
+//! # async fn demo(db: svcdb::ServiceDb, event: Envelope) -> Result<(), svcdb::Error> {
+//! db.install_idempotency().await?; // at start-up; or PROCESSED_EVENTS_SQL in a migration
+//!
+//! let outcome = db
+//!     .process_once("catalog.reserve-stock", &event, async |tx| {
+//!         tx.execute("UPDATE products SET stock = stock - 5 WHERE id = 'abc123'", &[]).await?;
+//!         Ok::<_, svcdb::Error>(())
+//!     })
+//!     .await?;
+//! match outcome {
+//!     Processed::Done(()) => {}   // the stock moved; acknowledge the message
+//!     Processed::Duplicate => {}  // handled before; acknowledge it, changing nothing
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! On an `Err` (or a panic) nothing was recorded: leave the message for redelivery (reject
+//! with requeue), and it is handled again from scratch.
+//!
+//! # What a claim covers
+//!
+//! * **Scope.** The consumer name scopes claims: two handlers in one service that both react
+//!   to an event (`"orders.reserve-stock"`, `"orders.send-receipt"`) each handle it once. Use a
+//!   stable name per handler; renaming one makes every event new to it.
+//! * **Concurrent duplicates.** Two deliveries of one event handled at once (two replicas, a
+//!   redelivery while the first is still running): the second claim waits on the first's
+//!   uncommitted row; if the first commits, the second is a [`Processed::Duplicate`]; if it
+//!   rolls back, the second handles the event.
+//! * **Only the database.** The claim makes the handler's *database* writes happen once. An
+//!   HTTP call or an email sent from inside the handler happens again on a retry; publish
+//!   follow-up events through the [outbox](crate::outbox) in the same transaction instead.
+//! * **Retention.** Claims are kept until [`ServiceDb::purge_processed`] deletes them; an event
+//!   redelivered after its claim was purged is handled again. Keep claims well beyond the
+//!   longest a message can spend in a queue (retries, dead-letter replays).
+
+use std::time::Duration;
+
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::event::Envelope;
+use crate::ident::IdentError;
+use crate::pool::ServiceDb;
+use crate::tx::{Retryable, Transaction, TxOptions};
+
+/// The claims table's name, in the service schema.
+pub const PROCESSED_EVENTS_TABLE: &str = "svcdb_processed_events";
+
+/// The claims table, for [`ServiceDb::install_idempotency`] or a team's own migration.
+/// Names are unqualified: it creates the table in the first schema of the `search_path`,
+/// which svcdb pins to the service schema.
+///
+/// `kind` is informational (what was handled) and `NULL` when the caller gave only an id; the
+/// index on `processed_at` keeps [`ServiceDb::purge_processed`] from scanning the table.
+pub const PROCESSED_EVENTS_SQL: &str = "\
+CREATE TABLE IF NOT EXISTS svcdb_processed_events (
+    consumer     text        NOT NULL,
+    event_id     uuid        NOT NULL,
+    kind         text,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, event_id)
+);
+CREATE INDEX IF NOT EXISTS svcdb_processed_events_processed_at_idx
+    ON svcdb_processed_events (processed_at);
+";
+
+/// The longest consumer name accepted, in bytes.
+pub const MAX_CONSUMER_BYTES: usize = 128;
+
+/// What [`ServiceDb::process_once`] did with an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Processed<T> {
+    /// First delivery: the handler ran and its writes committed with the claim.
+    Done(T),
+    /// Already handled by this consumer (or being handled and since committed): the handler
+    /// did not run. Acknowledge the message.
+    Duplicate,
+}
+
+impl<T> Processed<T> {
+    /// True for [`Processed::Duplicate`].
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, Processed::Duplicate)
+    }
+
+    /// The handler's value, `None` for a duplicate.
+    pub fn done(self) -> Option<T> {
+        match self {
+            Processed::Done(value) => Some(value),
+            Processed::Duplicate => None,
+        }
+    }
+}
+
+/// The event a claim is for: its id and, when known, its kind (stored for people reading the
+/// table). Made from a [`Uuid`] or an [`&Envelope`](Envelope).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRef<'a> {
+    /// The event's id, the idempotency key.
+    pub id: Uuid,
+    /// The event's kind, if known.
+    pub kind: Option<&'a str>,
+}
+
+impl From<Uuid> for EventRef<'_> {
+    fn from(id: Uuid) -> Self {
+        Self { id, kind: None }
+    }
+}
+
+impl<'a> From<&'a Envelope> for EventRef<'a> {
+    fn from(envelope: &'a Envelope) -> Self {
+        Self {
+            id: envelope.id,
+            kind: Some(&envelope.kind),
+        }
+    }
+}
+
+/// Claims `event` for `consumer` inside the caller's transaction: `true` if this is the first
+/// claim (go ahead, and commit the claim with the business writes), `false` if the event was
+/// already handled (roll back or skip the work).
+///
+/// For callers that run their own transaction; [`ServiceDb::process_once`] does this for you.
+/// `tx` must be the transaction of the business writes: a claim committed on its own defeats
+/// the point. Waits while another transaction holds an uncommitted claim on the same event.
+///
+/// ```no_run
+/// # async fn demo(db: svcdb::ServiceDb, event: svcdb::event::Envelope) -> Result<(), svcdb::Error> {
+/// let mut conn = db.get().await?;
+/// let tx = conn.transaction().await?;
+/// if svcdb::idempotency::claim(&tx, "orders.reserve-stock", &event).await? {
+///     tx.execute("UPDATE products SET stock = stock - 5 WHERE id = 'abc123'", &[]).await?;
+///     tx.commit().await?;
+/// } // else: dropped, rolled back
+/// # Ok(()) }
+/// ```
+pub async fn claim<'e>(
+    tx: &tokio_postgres::Transaction<'_>,
+    consumer: &str,
+    event: impl Into<EventRef<'e>>,
+) -> Result<bool> {
+    check_consumer(consumer)?;
+    Ok(insert_claim(tx, consumer, event.into()).await?)
+}
+
+/// The claim itself, on a validated consumer name.
+async fn insert_claim(
+    tx: &tokio_postgres::Transaction<'_>,
+    consumer: &str,
+    event: EventRef<'_>,
+) -> Result<bool, tokio_postgres::Error> {
+    // query_typed: parse, bind and execute in one round trip. RETURNING tells an inserted row
+    // from a conflict without a second statement.
+    let rows = tx
+        .query_typed(
+            "INSERT INTO svcdb_processed_events (consumer, event_id, kind) VALUES ($1, $2, $3)
+             ON CONFLICT (consumer, event_id) DO NOTHING RETURNING true",
+            &[
+                (&consumer, Type::TEXT),
+                (&event.id, Type::UUID),
+                (&event.kind, Type::TEXT),
+            ],
+        )
+        .await?;
+    Ok(!rows.is_empty())
+}
+
+/// A claim's values, owned. The closures that [`ServiceDb::process_once`] hands to the
+/// transaction helpers capture this rather than the caller's `&str`s: a closure capturing
+/// borrows makes the returned future lose `Send` (rustc's higher-ranked auto-trait limits),
+/// and a consumer loop must be able to spawn it.
+struct OwnedClaim {
+    consumer: String,
+    id: Uuid,
+    kind: Option<String>,
+}
+
+impl OwnedClaim {
+    fn new(consumer: &str, event: EventRef<'_>) -> Self {
+        Self {
+            consumer: consumer.to_owned(),
+            id: event.id,
+            kind: event.kind.map(str::to_owned),
+        }
+    }
+
+    async fn insert(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let event = EventRef {
+            id: self.id,
+            kind: self.kind.as_deref(),
+        };
+        insert_claim(tx, &self.consumer, event).await
+    }
+}
+
+/// Consumer names are data (bind parameters, never SQL text), so any printable name works;
+/// the bounds keep them meaningful in the table and in logs.
+fn check_consumer(name: &str) -> Result<(), IdentError> {
+    let refuse = |reason: String| IdentError {
+        what: "consumer",
+        shown: format!("{name:?}"),
+        reason,
+    };
+    if name.trim().is_empty() {
+        return Err(refuse(
+            "the name is empty; name the handler, such as \"orders.reserve-stock\"".into(),
+        ));
+    }
+    if name.len() > MAX_CONSUMER_BYTES {
+        return Err(refuse(format!(
+            "it is {} bytes long; consumer names hold at most {MAX_CONSUMER_BYTES}",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(refuse(
+            "control characters are not allowed; use letters, digits and punctuation".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl ServiceDb {
+    /// Runs `f` once per (`consumer`, event): in one transaction, claims the event and, if it
+    /// was not handled before, runs `f` on that transaction and commits both.
+    ///
+    /// * First delivery: [`Processed::Done`] with `f`'s value.
+    /// * Already handled: [`Processed::Duplicate`]; `f` does not run and nothing is written.
+    /// * `f` returns `Err` or panics (or the future is dropped): everything rolls back, the
+    ///   claim included, so a redelivery handles the event again; the error is returned as is.
+    ///
+    /// `event` is an [`&Envelope`](Envelope) (its kind is recorded too) or a bare [`Uuid`].
+    /// For retries of serialization failures and deadlocks, use
+    /// [`ServiceDb::process_once_with`].
+    pub async fn process_once<'e, T, E>(
+        &self,
+        consumer: &str,
+        event: impl Into<EventRef<'e>>,
+        f: impl AsyncFnOnce(&mut Transaction<'_>) -> Result<T, E>,
+    ) -> Result<Processed<T>, E>
+    where
+        E: From<Error>,
+    {
+        check_consumer(consumer).map_err(Error::from)?;
+        let claim = OwnedClaim::new(consumer, event.into());
+        self.transaction(async move |tx| {
+            if !claim.insert(tx).await.map_err(Error::from)? {
+                return Ok(Processed::Duplicate);
+            }
+            f(tx).await.map(Processed::Done)
+        })
+        .await
+    }
+
+    /// Like [`ServiceDb::process_once`], in a transaction run by
+    /// [`ServiceDb::transaction_with`]: with `options`' isolation level, and claiming and
+    /// running `f` again on a fresh transaction when it fails with a serialization failure or
+    /// deadlock. Under `REPEATABLE READ` and `SERIALIZABLE`, a duplicate delivery that raced
+    /// the first one fails with a serialization failure and is retried into a
+    /// [`Processed::Duplicate`].
+    ///
+    /// Inside a spawned task (a consumer loop), write the closure as `async move |tx| …` with
+    /// owned captures, as for [`ServiceDb::transaction_with`]:
+    ///
+    /// ```no_run
+    /// # async fn demo(db: svcdb::ServiceDb, event: svcdb::event::Envelope) {
+    /// use svcdb::TxOptions;
+    /// tokio::spawn(async move {
+    ///     let quantity: i32 = event.payload["quantity"].as_i64().unwrap_or(0) as i32;
+    ///     db.process_once_with(&TxOptions::serializable(), "catalog.reserve-stock", &event, async move |tx| {
+    ///         tx.execute("UPDATE products SET stock = stock - $1 WHERE id = 'abc123'", &[&quantity]).await?;
+    ///         Ok::<_, svcdb::Error>(())
+    ///     })
+    ///     .await
+    /// });
+    /// # }
+    /// ```
+    pub async fn process_once_with<'e, T, E>(
+        &self,
+        options: &TxOptions,
+        consumer: &str,
+        event: impl Into<EventRef<'e>>,
+        mut f: impl AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
+    ) -> Result<Processed<T>, E>
+    where
+        E: From<Error> + Retryable,
+    {
+        check_consumer(consumer).map_err(Error::from)?;
+        let claim = OwnedClaim::new(consumer, event.into());
+        self.transaction_with(options, async move |tx| {
+            if !claim.insert(tx).await.map_err(Error::from)? {
+                return Ok(Processed::Duplicate);
+            }
+            f(tx).await.map(Processed::Done)
+        })
+        .await
+    }
+
+    /// True when `consumer` has a committed claim on `event_id`. For diagnostics and tests;
+    /// a handler must not check first and claim later (a duplicate can slip in between): use
+    /// [`ServiceDb::process_once`] or [`claim`].
+    pub async fn is_processed(&self, consumer: &str, event_id: Uuid) -> Result<bool> {
+        check_consumer(consumer)?;
+        let conn = self.get().await?;
+        let rows = conn
+            .query_typed(
+                "SELECT FROM svcdb_processed_events WHERE consumer = $1 AND event_id = $2",
+                &[(&consumer, Type::TEXT), (&event_id, Type::UUID)],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Deletes claims recorded more than `older_than` ago (by the database's clock), for every
+    /// consumer, and returns how many. Run it periodically; an event redelivered after its
+    /// claim is gone is handled again, so keep claims far longer than a message can wait in a
+    /// queue (days, not minutes).
+    pub async fn purge_processed(&self, older_than: Duration) -> Result<u64> {
+        let conn = self.get().await?;
+        Ok(conn
+            .execute_typed(
+                "DELETE FROM svcdb_processed_events
+                  WHERE processed_at < now() - make_interval(secs => $1)",
+                &[(&older_than.as_secs_f64(), Type::FLOAT8)],
+            )
+            .await?)
+    }
+
+    /// Creates `svcdb_processed_events` in the service schema if it is missing
+    /// ([`PROCESSED_EVENTS_SQL`]). Idempotent, and safe when several replicas start at once.
+    /// Needs `CREATE` on the schema (the service role owns it after `svcdb provision`).
+    pub async fn install_idempotency(&self) -> Result<()> {
+        crate::event::install_ddl(self, PROCESSED_EVENTS_SQL).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_names_are_bounded_and_printable() {
+        for ok in [
+            "orders.reserve-stock",
+            "x",
+            "Reserve Stock (v2)",
+            &"a".repeat(128),
+        ] {
+            check_consumer(ok).unwrap();
+        }
+        for bad in ["", "  ", "a\nb", "tab\there", &"a".repeat(129)] {
+            let e = check_consumer(bad).unwrap_err();
+            assert_eq!(e.what, "consumer", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn processed_accessors() {
+        assert_eq!(Processed::Done(3).done(), Some(3));
+        assert!(Processed::<()>::Duplicate.is_duplicate());
+        assert!(!Processed::Done(()).is_duplicate());
+    }
+}

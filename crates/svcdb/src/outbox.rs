@@ -1,0 +1,449 @@
+//! The transactional outbox: events are stored in the service's database in the transaction
+//! of the business write, and a relay publishes them to RabbitMQ afterwards.
+//!
+//! Publishing straight to the broker from a handler has two failure modes: the transaction
+//! commits and the publish fails (the order exists, nobody hears of it), or the publish
+//! succeeds and the transaction rolls back (everybody hears of an order that does not exist).
+//! [`enqueue`] writes the event as a row of `svcdb_outbox` inside the caller's transaction, so
+//! the event exists if and only if the business write committed. A relay then moves rows to
+//! the broker with [`Outbox::relay_batch`]:
+//!
+//! ```no_run
+//! use svcdb::event::Envelope;
+//! use svcdb::outbox::{self, Outbox};
+//!
+//! # async fn demo(db: svcdb::ServiceDb) -> Result<(), svcdb::Error> {
+//! db.install_outbox().await?; // at start-up; or OUTBOX_SQL in a migration
+//!
+//! // In the request handler or event handler: the order and its event commit together.
+//! db.transaction(async |tx| {
+//!     tx.execute("INSERT INTO orders (id, customer) VALUES (1, 'ada')", &[]).await?;
+//!     let placed = Envelope::new("OrderPlaced", "orders", serde_json::json!({ "order_id": 1 }));
+//!     outbox::enqueue(tx, "orders", "order.placed", &placed).await?;
+//!     Ok::<_, svcdb::Error>(())
+//! })
+//! .await?;
+//!
+//! // In the relay (one or more replicas): claim, publish, mark, in one transaction.
+//! let relay = Outbox::new(db.clone());
+//! let report = relay
+//!     .relay_batch(100, async |messages| {
+//!         // publish each message (exchange, routing_key, body()) and await the broker's
+//!         // confirms; one result per message, in order
+//!         messages.iter().map(|_m| Ok::<(), String>(())).collect()
+//!     })
+//!     .await?;
+//! println!("{} published, {} to retry", report.published, report.failed);
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! * **At least once.** A row is marked published only after the publisher reported success
+//!   for it, in the transaction that claimed it. A relay that dies after publishing and before
+//!   committing leaves the row unpublished and it is published again: consumers deduplicate by
+//!   the envelope id ([`ServiceDb::process_once`](crate::ServiceDb::process_once)).
+//! * **No two relays publish one row at once.** Rows are claimed with
+//!   `FOR UPDATE SKIP LOCKED` and stay locked while the publisher runs; other replicas take
+//!   the next rows instead of waiting. Keep the publisher's work bounded (a publish timeout):
+//!   the rows and a pooled connection are held until it returns.
+//! * **Order.** Each batch is in id order, which for UUID v7 ids ([`Envelope::new`]) is
+//!   creation order. Across replicas and retries there is no global order: a failed message is
+//!   retried after later ones went out.
+//! * **Retries.** A failed publish increments `attempts`, records `last_error`, and pushes
+//!   `next_attempt_at` back exponentially ([`RelayOptions`]); the row is retried when it is
+//!   due, indefinitely. Watch [`Outbox::pending_count`] and rows with many attempts.
+
+use std::fmt::Display;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::event::{Envelope, EventError, MAX_ENVELOPE_BYTES};
+use crate::ident::IdentError;
+use crate::pool::ServiceDb;
+
+/// The outbox table's name, in the service schema.
+pub const OUTBOX_TABLE: &str = "svcdb_outbox";
+
+/// The outbox table, for [`ServiceDb::install_outbox`] or a team's own migration. Names are
+/// unqualified: it creates the table in the first schema of the `search_path`, which svcdb
+/// pins to the service schema.
+///
+/// `id` is the envelope's id. The partial index holds only unpublished rows, so the relay's
+/// claim stays an index scan however many published rows wait for
+/// [`Outbox::purge_published`]. `last_error` keeps the most recent failure, also after a later
+/// success.
+pub const OUTBOX_SQL: &str = "\
+CREATE TABLE IF NOT EXISTS svcdb_outbox (
+    id              uuid        PRIMARY KEY,
+    exchange        text        NOT NULL,
+    routing_key     text        NOT NULL,
+    envelope        jsonb       NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    published_at    timestamptz,
+    attempts        integer     NOT NULL DEFAULT 0,
+    last_error      text,
+    next_attempt_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS svcdb_outbox_unpublished_idx
+    ON svcdb_outbox (id) WHERE published_at IS NULL;
+";
+
+/// The longest exchange name or routing key AMQP carries (a short string), in bytes.
+pub const MAX_AMQP_NAME_BYTES: usize = 255;
+
+/// The longest `last_error` stored, in characters; longer publisher errors are cut.
+const MAX_ERROR_CHARS: usize = 2000;
+
+/// Stores `envelope` in the outbox inside `tx`, to be published to `exchange` with
+/// `routing_key` once `tx` commits (and never if it rolls back).
+///
+/// `tx` is the transaction of the business write: a [`Transaction`](crate::Transaction) from
+/// [`ServiceDb::transaction`] or [`ServiceDb::process_once`], or any tokio-postgres
+/// transaction on a connection pinned to the service schema.
+///
+/// Refused before any SQL is sent, so that the relay never holds a row the broker cannot take:
+/// an invalid envelope or one over [`MAX_ENVELOPE_BYTES`] ([`Error::Event`]), an exchange name
+/// other than letters, digits, `-`, `_`, `.` and `:` (empty names the default exchange) or a
+/// routing key over 255 bytes ([`Error::Ident`]). Enqueueing one envelope id twice fails with
+/// a unique violation (SQLSTATE 23505): make a new [`Envelope`] per event.
+pub async fn enqueue(
+    tx: &tokio_postgres::Transaction<'_>,
+    exchange: &str,
+    routing_key: &str,
+    envelope: &Envelope,
+) -> Result<()> {
+    check_exchange(exchange)?;
+    check_routing_key(routing_key)?;
+    envelope.validate()?;
+    let json = serde_json::to_string(envelope).expect("an envelope always serializes");
+    if json.len() > MAX_ENVELOPE_BYTES {
+        return Err(EventError::TooLarge {
+            size: json.len(),
+            max: MAX_ENVELOPE_BYTES,
+        }
+        .into());
+    }
+    tx.execute_typed(
+        "INSERT INTO svcdb_outbox (id, exchange, routing_key, envelope)
+         VALUES ($1, $2, $3, $4::jsonb)",
+        &[
+            (&envelope.id, Type::UUID),
+            (&exchange, Type::TEXT),
+            (&routing_key, Type::TEXT),
+            (&json, Type::TEXT),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// RabbitMQ's rule for exchange names.
+fn check_exchange(name: &str) -> Result<(), IdentError> {
+    check_amqp_name("exchange", name)?;
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        return Err(IdentError {
+            what: "exchange",
+            shown: format!("{name:?}"),
+            reason: format!("{bad:?} is not allowed; use letters, digits, `-`, `_`, `.` and `:`"),
+        });
+    }
+    Ok(())
+}
+
+fn check_routing_key(key: &str) -> Result<(), IdentError> {
+    check_amqp_name("routing key", key)
+}
+
+fn check_amqp_name(what: &'static str, name: &str) -> Result<(), IdentError> {
+    if name.len() > MAX_AMQP_NAME_BYTES {
+        return Err(IdentError {
+            what,
+            shown: format!("{:?}…", name.chars().take(40).collect::<String>()),
+            reason: format!(
+                "it is {} bytes long; AMQP carries at most {MAX_AMQP_NAME_BYTES}",
+                name.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// One claimed row, handed to the publisher by [`Outbox::relay_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    /// The row's id: the envelope's id. Publish it as the AMQP `message_id`.
+    pub id: Uuid,
+    /// The exchange to publish to (empty: the default exchange).
+    pub exchange: String,
+    /// The routing key.
+    pub routing_key: String,
+    /// The event.
+    pub envelope: Envelope,
+    /// Earlier publish attempts of this row (0 the first time).
+    pub attempts: i32,
+    /// When the row was enqueued (the database's clock).
+    pub created_at: DateTime<Utc>,
+}
+
+impl OutboxMessage {
+    /// The message body to publish: the envelope's JSON.
+    pub fn body(&self) -> Vec<u8> {
+        self.envelope.to_json_bytes()
+    }
+}
+
+/// How the relay spaces out retries of a failed publish.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Wait after the first failure; doubled after each further one. Default: 1 s.
+    pub retry_backoff: Duration,
+    /// The longest wait between attempts. Default: 5 min.
+    pub max_retry_backoff: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        Self {
+            retry_backoff: Duration::from_secs(1),
+            max_retry_backoff: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// What one [`Outbox::relay_batch`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayReport {
+    /// Rows claimed. Fewer than the limit means the outbox had no more rows due.
+    pub claimed: usize,
+    /// Rows the publisher reported published, now marked so.
+    pub published: usize,
+    /// Rows whose publish failed (or whose stored envelope is unreadable), rescheduled.
+    pub failed: usize,
+}
+
+/// The relay side of a service's outbox: claims due rows, hands them to a publisher, records
+/// the outcome. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    db: ServiceDb,
+    options: RelayOptions,
+}
+
+/// Due, unpublished rows in id order, locked; rows locked by another relay are skipped.
+const CLAIM_SQL: &str = "\
+SELECT id, exchange, routing_key, envelope, attempts, created_at
+  FROM svcdb_outbox
+ WHERE published_at IS NULL AND next_attempt_at <= now()
+ ORDER BY id
+ LIMIT $1
+   FOR UPDATE SKIP LOCKED";
+
+const MARK_PUBLISHED_SQL: &str = "\
+UPDATE svcdb_outbox SET published_at = now(), attempts = attempts + 1
+ WHERE id = ANY($1)";
+
+/// `$3` first backoff and `$4` largest backoff, in seconds. `attempts` in the expression is
+/// the count before this failure; the exponent is capped so `power` cannot overflow.
+const MARK_FAILED_SQL: &str = "\
+UPDATE svcdb_outbox o
+   SET attempts = o.attempts + 1,
+       last_error = f.error,
+       next_attempt_at = now() + make_interval(secs => least($3 * power(2, least(o.attempts, 30)), $4))
+  FROM unnest($1::uuid[], $2::text[]) AS f(id, error)
+ WHERE o.id = f.id";
+
+impl Outbox {
+    /// The outbox of `db`'s service schema, with default [`RelayOptions`].
+    pub fn new(db: ServiceDb) -> Self {
+        Self {
+            db,
+            options: RelayOptions::default(),
+        }
+    }
+
+    /// Replaces the retry options.
+    #[must_use]
+    pub fn with_options(mut self, options: RelayOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Relays up to `limit` due rows, in one transaction:
+    ///
+    /// 1. claims them (`FOR UPDATE SKIP LOCKED`, in id order);
+    /// 2. calls `publish` with them, which publishes each and returns one result per message,
+    ///    in the same order (a missing result counts as a failure);
+    /// 3. marks the successes published and reschedules the failures (`attempts + 1`,
+    ///    `last_error`, `next_attempt_at` backed off), then commits.
+    ///
+    /// A row whose stored envelope cannot be read (written by hand) is not given to `publish`
+    /// and is recorded as failed with the reason. `publish` is not called when no row is due.
+    /// If `publish` panics, or the future is dropped, the transaction rolls back and the rows
+    /// are claimed again by the next batch. The error is a database error; publish failures are
+    /// counted in the [`RelayReport`] and logged, not returned.
+    ///
+    /// In a spawned relay loop, write `publish` as `async move |messages| …` with owned
+    /// captures (clones of the channel), as for [`ServiceDb::transaction_with`].
+    pub async fn relay_batch<P: Display>(
+        &self,
+        limit: usize,
+        publish: impl AsyncFnOnce(&[OutboxMessage]) -> Vec<Result<(), P>>,
+    ) -> Result<RelayReport> {
+        if limit == 0 {
+            return Ok(RelayReport::default());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let backoff = self.options.retry_backoff.as_secs_f64();
+        let max_backoff = self.options.max_retry_backoff.as_secs_f64();
+        self.db
+            .transaction(async move |tx| {
+                let rows = tx.query_typed(CLAIM_SQL, &[(&limit, Type::INT8)]).await?;
+                let claimed = rows.len();
+                let mut messages = Vec::with_capacity(rows.len());
+                let mut failures: Vec<(Uuid, String)> = Vec::new();
+                for row in rows {
+                    let id: Uuid = row.get(0);
+                    match Envelope::try_from(row.get::<_, Value>(3)) {
+                        Ok(envelope) => messages.push(OutboxMessage {
+                            id,
+                            exchange: row.get(1),
+                            routing_key: row.get(2),
+                            envelope,
+                            attempts: row.get(4),
+                            created_at: row.get(5),
+                        }),
+                        Err(e) => failures.push((id, format!("the stored envelope is invalid: {e}"))),
+                    }
+                }
+                let mut results = if messages.is_empty() {
+                    Vec::new()
+                } else {
+                    publish(&messages).await
+                }
+                .into_iter();
+                let mut published = Vec::with_capacity(messages.len());
+                for message in &messages {
+                    match results.next() {
+                        Some(Ok(())) => published.push(message.id),
+                        Some(Err(e)) => failures.push((message.id, e.to_string())),
+                        None => failures.push((
+                            message.id,
+                            "the publisher returned no result for this message".into(),
+                        )),
+                    }
+                }
+                if !published.is_empty() {
+                    tx.execute_typed(MARK_PUBLISHED_SQL, &[(&published, Type::UUID_ARRAY)])
+                        .await?;
+                }
+                let failed = failures.len();
+                if !failures.is_empty() {
+                    // One line per batch: with the broker down, every row fails.
+                    let (first_id, first_error) = &failures[0];
+                    tracing::warn!(target: "svcdb::outbox", failed, %first_id, %first_error, "outbox messages were not published; they will be retried");
+                    for (id, error) in &failures[1..] {
+                        tracing::debug!(target: "svcdb::outbox", %id, %error, "outbox message not published");
+                    }
+                    let (ids, errors): (Vec<Uuid>, Vec<String>) = failures
+                        .into_iter()
+                        .map(|(id, e)| (id, truncate(e, MAX_ERROR_CHARS)))
+                        .unzip();
+                    tx.execute_typed(
+                        MARK_FAILED_SQL,
+                        &[
+                            (&ids, Type::UUID_ARRAY),
+                            (&errors, Type::TEXT_ARRAY),
+                            (&backoff, Type::FLOAT8),
+                            (&max_backoff, Type::FLOAT8),
+                        ],
+                    )
+                    .await?;
+                }
+                Ok::<_, Error>(RelayReport {
+                    claimed,
+                    published: published.len(),
+                    failed,
+                })
+            })
+            .await
+    }
+
+    /// Rows not yet published, due or waiting for a retry.
+    pub async fn pending_count(&self) -> Result<u64> {
+        let conn = self.db.get().await?;
+        let rows = conn
+            .query_typed(
+                "SELECT count(*) FROM svcdb_outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await?;
+        let count: i64 = rows[0].get(0);
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    /// Deletes rows published more than `older_than` ago (by the database's clock) and returns
+    /// how many. Unpublished rows are never deleted.
+    pub async fn purge_published(&self, older_than: Duration) -> Result<u64> {
+        let conn = self.db.get().await?;
+        Ok(conn
+            .execute_typed(
+                "DELETE FROM svcdb_outbox
+                  WHERE published_at < now() - make_interval(secs => $1)",
+                &[(&older_than.as_secs_f64(), Type::FLOAT8)],
+            )
+            .await?)
+    }
+}
+
+fn truncate(mut s: String, max_chars: usize) -> String {
+    if let Some((at, _)) = s.char_indices().nth(max_chars) {
+        s.truncate(at);
+        s.push('…');
+    }
+    s
+}
+
+impl ServiceDb {
+    /// Creates `svcdb_outbox` in the service schema if it is missing ([`OUTBOX_SQL`]).
+    /// Idempotent, and safe when several replicas start at once. Needs `CREATE` on the schema
+    /// (the service role owns it after `svcdb provision`).
+    pub async fn install_outbox(&self) -> Result<()> {
+        crate::event::install_ddl(self, OUTBOX_SQL).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchange_and_routing_key_rules() {
+        for ok in ["", "orders", "amq.topic", "orders-v2_x:y"] {
+            check_exchange(ok).unwrap();
+        }
+        for bad in ["with space", "x;y", "naïve", &"a".repeat(256)] {
+            assert_eq!(check_exchange(bad).unwrap_err().what, "exchange", "{bad:?}");
+        }
+        check_routing_key("order.placed.eu #").unwrap();
+        check_routing_key(&"k".repeat(255)).unwrap();
+        assert_eq!(
+            check_routing_key(&"k".repeat(256)).unwrap_err().what,
+            "routing key"
+        );
+    }
+
+    #[test]
+    fn truncates_errors_on_char_boundaries() {
+        assert_eq!(truncate("ééé".into(), 2), "éé…");
+        assert_eq!(truncate("ab".into(), 2), "ab");
+    }
+}
