@@ -1,0 +1,313 @@
+//! Where the broker is and how to talk to it: [`AmqpConfig`], from code or the environment,
+//! and [`AmqpConfig::connect`].
+//!
+//! | environment variable | default | meaning |
+//! |---|---|---|
+//! | `AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` | `amqp://user:password@host:port/vhost` (`%2f` is the vhost `/`) |
+//! | `SVCDB_AMQP_PREFETCH` | `32` | unacknowledged messages a consumer holds at once (its concurrency bound) |
+//! | `SVCDB_AMQP_CONNECTION_NAME` | none | shown in the management UI's connection list |
+//! | `SVCDB_AMQP_CONNECT_TIMEOUT` | `5s` | longest wait for TCP plus the AMQP handshake |
+//!
+//! The URL usually holds a password. It never appears in `Debug` output, errors or logs:
+//! they show [`redact_url`]'s form, `amqp://user@host:5672/%2f`.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::{Connection, ConnectionProperties};
+
+use crate::error::{Error, Result};
+
+/// The URL used when `AMQP_URL` is not set: RabbitMQ's out-of-the-box local broker.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The default prefetch: enough messages in flight to keep a few database connections busy,
+/// few enough that a slow handler does not hoard a queue's backlog from other replicas.
+pub const DEFAULT_PREFETCH: u16 = 32;
+
+/// The default bound on connecting (TCP connect plus AMQP handshake).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to reach RabbitMQ. `Debug` shows the URL without its password.
+#[derive(Clone)]
+pub struct AmqpConfig {
+    /// `amqp://user:password@host:port/vhost`. Held as given (lapin needs the password);
+    /// shown only through [`redact_url`].
+    pub url: String,
+    /// Unacknowledged deliveries the broker sends one consumer before waiting for acks
+    /// (`basic.qos`). Consumers handle at most this many messages at once; 0 is refused,
+    /// because AMQP reads it as "unlimited".
+    pub prefetch: u16,
+    /// The connection name the management UI shows, so operators can tell services apart.
+    pub connection_name: Option<String>,
+    /// Longest wait for one connection attempt, TCP and handshake together: a black-holed
+    /// host fails within this instead of hanging start-up.
+    pub connect_timeout: Duration,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self::new(DEFAULT_URL)
+    }
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact_url(&self.url))
+            .field("prefetch", &self.prefetch)
+            .field("connection_name", &self.connection_name)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl AmqpConfig {
+    /// A configuration for `url` with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefetch: DEFAULT_PREFETCH,
+            connection_name: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+
+    /// Reads the configuration from the process environment (see the module table).
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Reads the configuration through `lookup` (the environment, a map in tests, …).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |key: &str| lookup(key).filter(|v| !v.trim().is_empty());
+        let mut config = Self::new(get("AMQP_URL").unwrap_or_else(|| DEFAULT_URL.to_owned()));
+        if let Some(v) = get("SVCDB_AMQP_PREFETCH") {
+            config.prefetch = v.trim().parse().map_err(|_| {
+                Error::config(
+                    "SVCDB_AMQP_PREFETCH",
+                    format!("{v:?} is not a count from 1 to 65535"),
+                )
+            })?;
+        }
+        config.connection_name = get("SVCDB_AMQP_CONNECTION_NAME");
+        if let Some(v) = get("SVCDB_AMQP_CONNECT_TIMEOUT") {
+            config.connect_timeout =
+                svcdb::config::parse_duration("SVCDB_AMQP_CONNECT_TIMEOUT", &v).map_err(
+                    |e| match e {
+                        svcdb::Error::Config { key, message } => Error::Config { key, message },
+                        other => Error::Db(other),
+                    },
+                )?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Sets the connection name shown in the management UI.
+    #[must_use]
+    pub fn with_connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+
+    /// Sets the prefetch (see [`AmqpConfig::prefetch`]).
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// The URL without its password, for messages.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// Checks the settings without touching the network; [`AmqpConfig::connect`] calls it.
+    pub fn validate(&self) -> Result<()> {
+        let uri = self.parse_url()?;
+        if uri.scheme == AMQPScheme::AMQPS {
+            return Err(Error::config(
+                "AMQP_URL",
+                format!(
+                    "{} uses TLS (amqps://), which this build of svcdb-amqp does not include; use amqp:// inside a trusted network or a TLS-terminating sidecar",
+                    self.redacted_url()
+                ),
+            ));
+        }
+        if self.prefetch == 0 {
+            return Err(Error::config(
+                "SVCDB_AMQP_PREFETCH",
+                "0 means unlimited in AMQP, which removes the bound on messages in flight; use a count such as 32",
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::config(
+                "SVCDB_AMQP_CONNECT_TIMEOUT",
+                "0 leaves no time to connect; use a duration such as 5s",
+            ));
+        }
+        Ok(())
+    }
+
+    fn parse_url(&self) -> Result<AMQPUri> {
+        AMQPUri::from_str(&self.url).map_err(|e| {
+            Error::config(
+                "AMQP_URL",
+                format!(
+                    "{} is not an AMQP URL ({e}); write amqp://user:password@host:5672/%2f",
+                    self.redacted_url()
+                ),
+            )
+        })
+    }
+
+    /// Opens a connection, bounded by [`AmqpConfig::connect_timeout`], and says clearly why
+    /// it failed: [`Error::Unreachable`] (refused, unresolvable), [`Error::AccessRefused`]
+    /// (wrong user or password), [`Error::Refused`] (unknown vhost, …) or
+    /// [`Error::ConnectTimeout`].
+    ///
+    /// Must be called inside a Tokio runtime: lapin runs its I/O on it.
+    pub async fn connect(&self) -> Result<Connection> {
+        let uri = self.parse_url()?;
+        self.validate()?;
+        let url = self.redacted_url();
+        let mut properties = ConnectionProperties::default();
+        if let Some(name) = &self.connection_name {
+            properties = properties.with_connection_name(name.clone().into());
+        }
+        let attempt = Connection::connect(&self.url, properties);
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Err(_) => Err(Error::ConnectTimeout {
+                url,
+                timeout: self.connect_timeout,
+            }),
+            Ok(Ok(connection)) => {
+                tracing::debug!(target: "svcdb_amqp::config", %url, "connected to RabbitMQ");
+                Ok(connection)
+            }
+            Ok(Err(e)) => Err(classify_connect_error(
+                e,
+                url,
+                uri.authority.userinfo.username,
+            )),
+        }
+    }
+}
+
+/// Sorts a failed connection attempt into the variant that says what to fix.
+fn classify_connect_error(e: lapin::Error, url: String, user: String) -> Error {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    match e.kind() {
+        lapin::ErrorKind::IOError(io) => Error::Unreachable {
+            url,
+            reason: io.to_string(),
+            source: Box::new(e),
+        },
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Error::AccessRefused { url, user },
+            _ => Error::Refused {
+                url,
+                reason: amqp.get_message().to_string(),
+                source: Box::new(e),
+            },
+        },
+        _ => Error::Refused {
+            url,
+            reason: e.to_string(),
+            source: Box::new(e),
+        },
+    }
+}
+
+/// `url` with the password removed: `amqp://guest:secret@host:5672/%2f` becomes
+/// `amqp://guest@host:5672/%2f`. Works on strings that do not parse, so even a malformed
+/// URL is safe to print.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        // Not a URL; if it looks like it holds credentials, drop everything before the '@'.
+        return match url.rfind('@') {
+            Some(at) => format!("***{}", &url[at..]),
+            None => url.to_owned(),
+        };
+    };
+    let rest_start = scheme_end + 3;
+    let rest = &url[rest_start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    format!(
+        "{}{}{}",
+        &url[..rest_start],
+        user,
+        &rest[at..] // '@', host, port, path
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("amqp://guest:s3cr:et@host:5672/%2f"),
+            "amqp://guest@host:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://u:p@h"), "amqp://u@h");
+        assert_eq!(redact_url("amqp://h:5672/v?x=@"), "amqp://h:5672/v?x=@");
+        assert_eq!(redact_url("amqp://h/%2f"), "amqp://h/%2f");
+        assert_eq!(redact_url("u:pw@host"), "***@host");
+    }
+
+    #[test]
+    fn debug_and_errors_hide_the_password() {
+        let config = AmqpConfig::new("amqp://svc:hunter2@127.0.0.1:5672/%2f");
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let bad = AmqpConfig::new("amqps://svc:hunter2@127.0.0.1:5671/%2f");
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("amqps://svc@127.0.0.1:5671/%2f"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let bad = AmqpConfig::new("http://svc:hunter2@host");
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn reads_the_environment() {
+        let env: HashMap<&str, &str> = [
+            ("AMQP_URL", "amqp://a:b@h:1/v"),
+            ("SVCDB_AMQP_PREFETCH", "7"),
+            ("SVCDB_AMQP_CONNECTION_NAME", "orders"),
+            ("SVCDB_AMQP_CONNECT_TIMEOUT", "250ms"),
+        ]
+        .into();
+        let config = AmqpConfig::from_lookup(|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(config.prefetch, 7);
+        assert_eq!(config.connection_name.as_deref(), Some("orders"));
+        assert_eq!(config.connect_timeout, Duration::from_millis(250));
+
+        let defaults = AmqpConfig::from_lookup(|_| None).unwrap();
+        assert_eq!(defaults.url, DEFAULT_URL);
+        assert_eq!(defaults.prefetch, DEFAULT_PREFETCH);
+
+        for (key, value) in [
+            ("SVCDB_AMQP_PREFETCH", "0"),
+            ("SVCDB_AMQP_PREFETCH", "lots"),
+            ("SVCDB_AMQP_CONNECT_TIMEOUT", "soon"),
+        ] {
+            let e = AmqpConfig::from_lookup(|k| (k == key).then(|| value.to_string())).unwrap_err();
+            assert!(
+                matches!(&e, Error::Config { key: k, .. } if k == key),
+                "{e}"
+            );
+        }
+    }
+}

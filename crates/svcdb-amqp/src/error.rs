@@ -1,0 +1,181 @@
+//! The crate's error type.
+//!
+//! Match on the variant for the kind of failure; the `Display` text says what went wrong and
+//! what to do, and may change. No variant carries an AMQP URL with its password: URLs are
+//! stored redacted ([`crate::config::redact_url`]).
+
+use std::time::Duration;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong talking to RabbitMQ (and, through the outbox, PostgreSQL).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is missing or malformed.
+    #[error("invalid AMQP configuration: {key}: {message}")]
+    Config {
+        /// The setting (environment variable or field) at fault.
+        key: String,
+        /// What is wrong with it and what to do.
+        message: String,
+    },
+
+    /// An exchange, queue or event kind name was refused before anything was sent.
+    #[error("invalid {what} name {name:?}: {reason}")]
+    InvalidName {
+        /// What the name is for: `"exchange"`, `"queue"`, `"event kind"`, …
+        what: &'static str,
+        /// The name as given (cut to 80 characters).
+        name: String,
+        /// What is wrong with it and what it should be.
+        reason: String,
+    },
+
+    /// No TCP connection to the broker: refused, unresolvable host, network down.
+    #[error("cannot reach RabbitMQ at {url}: {reason}\n  hint: check that RabbitMQ is running and that AMQP_URL names the right host and port")]
+    Unreachable {
+        /// The URL, without its password.
+        url: String,
+        /// The I/O error's message.
+        reason: String,
+        /// lapin's error (boxed: it is large, and errors travel through every `Result`).
+        #[source]
+        source: Box<lapin::Error>,
+    },
+
+    /// The connection (TCP and AMQP handshake) did not complete in time.
+    #[error("timed out after {timeout:?} connecting to RabbitMQ at {url}\n  hint: check that the host and port in AMQP_URL are RabbitMQ's AMQP listener (5672), not a firewalled or HTTP port")]
+    ConnectTimeout {
+        /// The URL, without its password.
+        url: String,
+        /// The bound that expired.
+        timeout: Duration,
+    },
+
+    /// The broker refused the login (`ACCESS_REFUSED`): wrong user or password, or the user
+    /// may not use the virtual host.
+    #[error("RabbitMQ at {url} refused the login of user {user:?} (ACCESS_REFUSED)\n  hint: check the user and password in AMQP_URL, and that the user has permissions on the vhost (rabbitmqctl list_permissions)")]
+    AccessRefused {
+        /// The URL, without its password.
+        url: String,
+        /// The user that was refused.
+        user: String,
+    },
+
+    /// The broker closed the connection during the handshake for another reason, such as a
+    /// virtual host that does not exist (`NOT_ALLOWED`).
+    #[error("RabbitMQ at {url} refused the connection: {reason}\n  hint: check the virtual host at the end of AMQP_URL (`%2f` is the default vhost `/`)")]
+    Refused {
+        /// The URL, without its password.
+        url: String,
+        /// The broker's reply text.
+        reason: String,
+        /// lapin's error (boxed: it is large, and errors travel through every `Result`).
+        #[source]
+        source: Box<lapin::Error>,
+    },
+
+    /// An AMQP operation failed: a declaration the broker refused, a publish on a closed
+    /// channel, …
+    #[error("{action} failed: {source}{}", amqp_hint(source))]
+    Amqp {
+        /// What was being done: `"declaring queue orders.reserve-stock"`.
+        action: String,
+        /// lapin's error, with the broker's reply code and text when it sent one (boxed: it
+        /// is large).
+        #[source]
+        source: Box<lapin::Error>,
+    },
+
+    /// The broker did not confirm a publish within the timeout; it may or may not have taken
+    /// the message.
+    #[error("the broker did not confirm {what} within {timeout:?}; it is retried (consumers absorb the duplicate if it did arrive)")]
+    ConfirmTimeout {
+        /// What was published.
+        what: String,
+        /// The bound that expired.
+        timeout: Duration,
+    },
+
+    /// The broker answered a publish with a negative confirm, or returned it as unroutable.
+    #[error("the broker did not take {what}: {reason}")]
+    NotConfirmed {
+        /// What was published.
+        what: String,
+        /// Why: nacked, or returned with the broker's reply text.
+        reason: String,
+    },
+
+    /// The connection or the consumer's channel went away while consuming.
+    #[error("lost the connection to RabbitMQ: {reason}; unacknowledged messages are redelivered once a consumer is back")]
+    ConnectionLost {
+        /// What lapin or the broker reported.
+        reason: String,
+    },
+
+    /// A database error, from svcdb.
+    #[error(transparent)]
+    Db(#[from] svcdb::Error),
+}
+
+impl Error {
+    /// True when the cause is the connection rather than the request: unreachable, timed
+    /// out, lost, or an AMQP operation that failed on I/O or a connection-level error.
+    /// Reconnecting (with backoff) may help; repeating the same declaration will not.
+    pub fn is_connection_error(&self) -> bool {
+        match self {
+            Error::Unreachable { .. }
+            | Error::ConnectTimeout { .. }
+            | Error::ConnectionLost { .. } => true,
+            Error::Amqp { source, .. } => is_connection_level(source),
+            _ => false,
+        }
+    }
+
+    pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn amqp(action: impl Into<String>, source: lapin::Error) -> Self {
+        Error::Amqp {
+            action: action.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
+/// True for errors that mean the connection itself is gone or unusable.
+pub(crate) fn is_connection_level(e: &lapin::Error) -> bool {
+    use lapin::ErrorKind;
+    e.is_io_error()
+        || e.is_amqp_hard_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::InvalidConnectionState(_) | ErrorKind::MissingHeartbeatError
+        )
+}
+
+/// A hint for the broker replies people meet while declaring topology.
+fn amqp_hint(e: &lapin::Error) -> &'static str {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return "";
+    };
+    match amqp.kind() {
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => {
+            "\n  hint: it exists with other arguments (type, durability, dead-letter settings); delete it or declare it as it is"
+        }
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => {
+            "\n  hint: declare the exchange or queue first (topology::Topology::declare)"
+        }
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+            "\n  hint: the user lacks configure/write/read permission on this resource (rabbitmqctl set_permissions)"
+        }
+        _ => "",
+    }
+}

@@ -1,0 +1,97 @@
+//! RabbitMQ for svcdb services: the topology each service declares, a consumer runtime that
+//! handles every event once in the service's database, and the relay that publishes the
+//! transactional outbox.
+//!
+//! svcdb gives the database half of reliable messaging: [`svcdb::outbox::enqueue`] stores an
+//! event in the business transaction, and [`ServiceDb::process_once`](svcdb::ServiceDb::process_once)
+//! commits a consumer's claim on an event with its writes. This crate is the broker half, on
+//! [lapin](https://docs.rs/lapin): what is declared, how deliveries are acknowledged (only
+//! after the commit), what happens to messages that cannot be handled (a dead-letter queue,
+//! with the reason), and how outbox rows reach the broker (publisher confirms, reconnection).
+//!
+//! # Layout
+//!
+//! | concept | module |
+//! |---|---|
+//! | the broker URL (password never shown), prefetch, connection name; connecting with a bounded timeout | [`config`] ([`AmqpConfig`]) |
+//! | exchanges per producing service, quorum queues per handler with a delivery limit, dead-letter exchange and queue per queue | [`topology`] ([`Topology`], [`QueueSpec`]) |
+//! | handlers: a trait with an `async fn`, or closures; how their errors are retried | [`handler`] ([`EventHandler`], [`HandlerError`]) |
+//! | the consumer runtime: decode, claim and handle in one transaction, ack after commit, dead-letter, graceful shutdown, reconnect | [`consumer`] ([`Consumer`]) |
+//! | the message properties of an event; confirmed publishing | [`publish`] |
+//! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status | [`relay`] ([`Relay`]) |
+//! | errors, matched by variant | [`error`] ([`Error`]) |
+//!
+//! # A service end to end
+//!
+//! ```no_run
+//! use svcdb::{outbox, Envelope, Outbox, ServiceDb};
+//! use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
+//! use svcdb_amqp::{AmqpConfig, Consumer, Relay};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! let db = ServiceDb::connect(svcdb::Config::from_env()?).await?;
+//! db.install_idempotency().await?;
+//! db.install_outbox().await?;
+//!
+//! // Declare what orders publishes and consumes (idempotent; every replica, every start).
+//! let amqp = AmqpConfig::from_env()?.with_connection_name("orders");
+//! let queue = QueueSpec::new("orders.reserve-stock").bind(events_exchange("catalog"), "product.stock.*");
+//! let connection = amqp.connect().await?;
+//! Topology::new().exchange(events_exchange("orders")).queue(queue.clone()).declare(&connection).await?;
+//!
+//! // Handle ProductStockReserved once per event id; announce OrderConfirmed in the same tx.
+//! let consumer = Consumer::new(&amqp, db.clone(), &queue, "orders.reserve-stock").on(
+//!     "ProductStockReserved",
+//!     |tx, event| Box::pin(async move {
+//!         let order_id = event.payload["order_id"].as_i64().unwrap_or_default();
+//!         tx.execute("UPDATE orders SET status = 'confirmed' WHERE id = $1", &[&order_id]).await?;
+//!         let confirmed = Envelope::new("OrderConfirmed", "orders", serde_json::json!({ "order_id": order_id }))
+//!             .caused_by(event);
+//!         outbox::enqueue(tx, &events_exchange("orders"), "order.confirmed", &confirmed).await?;
+//!         Ok(())
+//!     }),
+//! );
+//! let relay = Relay::new(&amqp, Outbox::new(db));
+//!
+//! let shutdown = CancellationToken::new();
+//! let consuming = tokio::spawn({ let s = shutdown.clone(); async move { consumer.run(s).await } });
+//! let relaying = tokio::spawn({ let s = shutdown.clone(); async move { relay.run(s).await } });
+//! tokio::signal::ctrl_c().await?;
+//! shutdown.cancel(); // stop taking messages, finish in-flight ones, flush the relay's batch
+//! consuming.await??;
+//! relaying.await??;
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! * **Effects once.** A delivery is acknowledged only after its handler's transaction (with
+//!   the claim) committed; a redelivery, a duplicate publish or a concurrent copy is a
+//!   [`Processed::Duplicate`](svcdb::Processed::Duplicate) and is acknowledged unchanged.
+//! * **Nothing lost between database and broker.** Outbox rows are marked published only
+//!   after the broker's confirm; while the broker is unreachable they wait.
+//! * **No endless loops.** A message is delivered at most
+//!   [`QueueSpec::max_deliveries`](topology::QueueSpec::max_deliveries) times, counted by the
+//!   broker even across crashes, then dead-lettered.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod handler;
+pub mod publish;
+pub mod relay;
+pub mod topology;
+
+pub use config::AmqpConfig;
+pub use consumer::{Consumer, ConsumerOptions, ConsumerStats, UnknownKind};
+pub use error::{Error, Result};
+pub use handler::{EventHandler, HandlerError, HandlerFuture};
+pub use relay::{Relay, RelayConfig, RelayStatus};
+pub use topology::{QueueSpec, Topology};
+
+/// The AMQP client, re-exported so services use the same version as svcdb-amqp.
+pub use lapin;
+/// The shutdown signal that [`Consumer::run`] and [`Relay::run`] take.
+pub use tokio_util::sync::CancellationToken;

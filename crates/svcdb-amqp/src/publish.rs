@@ -1,0 +1,193 @@
+//! Publishing envelopes with publisher confirms: the AMQP properties an event carries, and a
+//! confirmed publish for tools and tests. Services publish through the outbox
+//! ([`svcdb::outbox::enqueue`] and the [`relay`](crate::relay)), not with this directly: a
+//! publish outside the business transaction can announce what then rolls back.
+//!
+//! Every event is published
+//!
+//! * **persistent** (`delivery_mode` 2), so it survives a broker restart in a durable queue;
+//! * with **`message_id`** = the envelope id (the consumers' idempotency key, visible in the
+//!   management UI and to non-svcdb consumers), `content_type` `application/json`, `type` =
+//!   the kind, `app_id` = the source, `correlation_id` and `timestamp` from the envelope;
+//! * **mandatory**, so a message no queue is bound for comes back instead of vanishing
+//!   ([`Unroutable`] says what that means);
+//! * on a channel in **confirm mode**, and counted as sent only once the broker confirmed it
+//!   (for durable queues, after it is written to disk).
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use svcdb::Envelope;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+
+/// The broker's `delivery_mode` for messages written to disk.
+pub const PERSISTENT: u8 = 2;
+
+/// The content type of every event.
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// What a publisher does with a message the broker returned as unroutable (no queue bound
+/// for its routing key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unroutable {
+    /// Count it as failed: the outbox row stays and is retried with backoff until a queue is
+    /// bound. Nothing is lost when a producer starts before its consumers declared their
+    /// queues; an event nobody subscribes to is retried (with growing pauses, up to the
+    /// outbox's maximum backoff) and shows in [`Outbox::pending_count`].
+    ///
+    /// [`Outbox::pending_count`]: svcdb::Outbox::pending_count
+    #[default]
+    Retry,
+    /// Count it as published and log it: for exchanges where events nobody consumes are
+    /// normal.
+    Drop,
+}
+
+/// The AMQP properties of `envelope` (see the module documentation).
+pub fn envelope_properties(envelope: &Envelope) -> BasicProperties {
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type(CONTENT_TYPE.into())
+        .with_message_id(envelope.id.to_string().into())
+        .with_type(short(&envelope.kind))
+        .with_app_id(short(&envelope.source));
+    if let Ok(secs) = u64::try_from(envelope.occurred_at.timestamp()) {
+        properties = properties.with_timestamp(secs);
+    }
+    if let Some(correlation) = envelope.correlation_id {
+        properties = properties.with_correlation_id(correlation.to_string().into());
+    }
+    properties
+}
+
+/// A short string property; AMQP carries at most 255 bytes, so longer values are cut on a
+/// character boundary (the full value is in the body).
+pub(crate) fn short(value: &str) -> ShortString {
+    let mut end = value.len().min(255);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    value[..end].into()
+}
+
+/// Opens a channel in confirm mode, for [`publish_envelope`].
+pub async fn confirm_channel(connection: &Connection) -> Result<Channel> {
+    let channel = crate::topology::open_channel(connection, "publishing").await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| Error::amqp("enabling publisher confirms", e))?;
+    Ok(channel)
+}
+
+/// Publishes `envelope` to `exchange` with `routing_key` and waits up to `confirm_timeout`
+/// for the broker's confirm. `channel` must be in confirm mode ([`confirm_channel`]).
+///
+/// An unroutable message is an error ([`Error::NotConfirmed`]), as is a negative confirm;
+/// no confirm in time is [`Error::ConfirmTimeout`].
+pub async fn publish_envelope(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    envelope: &Envelope,
+    confirm_timeout: Duration,
+) -> Result<()> {
+    let what = describe(exchange, routing_key, envelope);
+    let confirm = start(
+        channel,
+        exchange,
+        routing_key,
+        &envelope.to_json_bytes(),
+        envelope_properties(envelope),
+        &what,
+    )
+    .await?;
+    finish(
+        confirm,
+        Instant::now() + confirm_timeout,
+        confirm_timeout,
+        what,
+        Unroutable::Retry,
+    )
+    .await
+}
+
+/// How a message is named in errors and logs.
+pub(crate) fn describe(exchange: &str, routing_key: &str, envelope: &Envelope) -> String {
+    format!(
+        "{} event {} to exchange {exchange:?} with routing key {routing_key:?}",
+        envelope.kind, envelope.id
+    )
+}
+
+/// Sends one message (mandatory) and returns its pending confirm. Names over 255 bytes are
+/// refused here (lapin would panic on them); the outbox checks them at enqueue time, but a
+/// row written by hand is not checked.
+pub(crate) async fn start(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    what: &str,
+) -> Result<PublisherConfirm> {
+    let name = |kind: &'static str, value: &str| {
+        ShortString::try_new(value).map_err(|_| Error::InvalidName {
+            what: kind,
+            name: value.chars().take(80).collect(),
+            reason: format!("it is {} bytes long; AMQP carries at most 255", value.len()),
+        })
+    };
+    let exchange = name("exchange", exchange)?;
+    let routing_key = name("routing key", routing_key)?;
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    channel
+        .basic_publish(exchange, routing_key, options, body, properties)
+        .await
+        .map_err(|e| Error::amqp(format!("publishing {what}"), e))
+}
+
+/// Waits for one confirm until `deadline` and says whether the message is safely with the
+/// broker.
+pub(crate) async fn finish(
+    confirm: PublisherConfirm,
+    deadline: Instant,
+    timeout: Duration,
+    what: String,
+    unroutable: Unroutable,
+) -> Result<()> {
+    match tokio::time::timeout_at(deadline, confirm).await {
+        Err(_) => Err(Error::ConfirmTimeout { what, timeout }),
+        Ok(Err(e)) => Err(Error::amqp(format!("publishing {what}"), e)),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+            let reason = format!(
+                "no queue is bound for it ({} {}); declare the consumers' queues, or relay with Unroutable::Drop",
+                returned.reply_code, returned.reply_text
+            );
+            match unroutable {
+                Unroutable::Retry => Err(Error::NotConfirmed { what, reason }),
+                Unroutable::Drop => {
+                    tracing::info!(target: "svcdb_amqp::publish", %what, "dropped an unroutable message: {reason}");
+                    Ok(())
+                }
+            }
+        }
+        Ok(Ok(Confirmation::Nack(_))) => Err(Error::NotConfirmed {
+            what,
+            reason: "the broker nacked it (an internal error or a full queue with reject-publish)"
+                .into(),
+        }),
+        Ok(Ok(Confirmation::NotRequested)) => Err(Error::NotConfirmed {
+            what,
+            reason: "the channel is not in confirm mode, so the broker never said it took the message; publish on a channel from confirm_channel".into(),
+        }),
+    }
+}

@@ -1,0 +1,340 @@
+//! Shared test helpers: the real broker and database, unique names, clean-up on drop.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use svcdb::testing::TestDb;
+use svcdb::{Envelope, ServiceDb};
+use svcdb_amqp::topology::Topology;
+use svcdb_amqp::AmqpConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// The broker tests use: `SVCDB_TEST_AMQP_URL`, else `AMQP_URL`, else the local default.
+pub fn amqp_url() -> String {
+    std::env::var("SVCDB_TEST_AMQP_URL")
+        .or_else(|_| std::env::var("AMQP_URL"))
+        .unwrap_or_else(|_| svcdb_amqp::config::DEFAULT_URL.to_owned())
+}
+
+pub fn amqp() -> AmqpConfig {
+    AmqpConfig::new(amqp_url()).with_connection_name("svcdb-amqp tests")
+}
+
+/// `t.<prefix>.<random>`: unique per test, recognisable as a test's leftover.
+pub fn unique(prefix: &str) -> String {
+    let random = uuid::Uuid::now_v7().simple().to_string();
+    format!("t.{prefix}.{}", &random[random.len() - 10..])
+}
+
+/// A connection to the real broker, and the topology declared through it, deleted on drop
+/// (also when the test panics).
+pub struct Broker {
+    pub config: AmqpConfig,
+    pub connection: Connection,
+    declared: Mutex<Vec<Topology>>,
+}
+
+impl Broker {
+    pub async fn new() -> Self {
+        let config = amqp();
+        let connection = config.connect().await.unwrap_or_else(|e| {
+            panic!("tests need RabbitMQ: {e}\n  hint: run scripts/services, or set SVCDB_TEST_AMQP_URL")
+        });
+        Self {
+            config,
+            connection,
+            declared: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Declares `topology` and deletes it when the broker guard drops.
+    pub async fn declare(&self, topology: Topology) {
+        self.declared.lock().unwrap().push(topology.clone());
+        topology.declare(&self.connection).await.unwrap();
+    }
+
+    /// Remembers `topology` for deletion without declaring it (the code under test does).
+    pub fn delete_later(&self, topology: Topology) {
+        self.declared.lock().unwrap().push(topology);
+    }
+
+    pub async fn channel(&self) -> Channel {
+        svcdb_amqp::publish::confirm_channel(&self.connection)
+            .await
+            .unwrap()
+    }
+
+    /// Publishes `envelope` with confirms.
+    pub async fn publish(&self, exchange: &str, routing_key: &str, envelope: &Envelope) {
+        let channel = self.channel().await;
+        svcdb_amqp::publish::publish_envelope(
+            &channel,
+            exchange,
+            routing_key,
+            envelope,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let _ = channel.close(200, "OK".into()).await;
+    }
+
+    /// Publishes raw bytes (for malformed messages), with confirms.
+    pub async fn publish_raw(&self, exchange: &str, routing_key: &str, body: &[u8]) {
+        let channel = self.channel().await;
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            matches!(confirm, lapin::Confirmation::Ack(None)),
+            "{confirm:?}"
+        );
+        let _ = channel.close(200, "OK".into()).await;
+    }
+
+    /// Ready (not delivered, not unacknowledged) messages in `queue`.
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = channel.close(200, "OK".into()).await;
+        q.message_count()
+    }
+
+    /// Takes (and acks) every message of `queue` that arrives within `wait`, expecting at least
+    /// `at_least`.
+    pub async fn take(
+        &self,
+        queue: &str,
+        at_least: usize,
+        wait: Duration,
+    ) -> Vec<lapin::message::Delivery> {
+        let channel = self.connection.create_channel().await.unwrap();
+        let mut taken = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match channel
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                Some(message) => {
+                    message
+                        .delivery
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .unwrap();
+                    taken.push(message.delivery);
+                }
+                None if taken.len() >= at_least || tokio::time::Instant::now() >= deadline => break,
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let _ = channel.close(200, "OK".into()).await;
+        assert!(
+            taken.len() >= at_least,
+            "expected at least {at_least} messages in {queue}, got {}",
+            taken.len()
+        );
+        taken
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let declared =
+            std::mem::take(&mut *self.declared.lock().unwrap_or_else(|p| p.into_inner()));
+        if declared.is_empty() {
+            return;
+        }
+        let config = self.config.clone();
+        // Drop can't await, and the test's runtime may be gone: clean up on a thread of our own.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let connection = config.connect().await?;
+                for topology in declared {
+                    topology.delete(&connection).await?;
+                }
+                let _ = connection.close(200, "OK".into()).await;
+                Ok::<_, svcdb_amqp::Error>(())
+            })
+        });
+        match cleanup.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("warning: broker clean-up failed: {e}"),
+            Err(_) => eprintln!("warning: broker clean-up panicked"),
+        }
+    }
+}
+
+/// A string header of a message, if present.
+pub fn header(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// A throwaway database with a service schema holding the idempotency and outbox tables and
+/// an `effects` table: one row per business effect, deliberately without a unique key, so a
+/// handler that ran twice shows as two rows.
+pub async fn service() -> (TestDb, ServiceDb) {
+    let test_db = TestDb::new().await;
+    let db = test_db.service("svc").await;
+    db.install_idempotency().await.unwrap();
+    db.install_outbox().await.unwrap();
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE effects (n bigserial PRIMARY KEY, event_id uuid NOT NULL, note text)",
+        )
+        .await
+        .unwrap();
+    (test_db, db)
+}
+
+/// Rows in `effects` for `event_id`.
+pub async fn effects(db: &ServiceDb, event_id: uuid::Uuid) -> i64 {
+    db.get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM effects WHERE event_id = $1",
+            &[&event_id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Polls `condition` every 20 ms for up to 10 s; panics with `what` if it never holds.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if condition().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after 10 s waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A TCP forwarder to the real broker on a port of our choosing, that can be started late
+/// and can cut its connections: a broker that is down, comes up, and drops connections.
+pub struct Proxy {
+    listener: JoinHandle<()>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+fn broker_address() -> String {
+    let uri = lapin::uri::AMQPUri::from_str(&amqp_url()).unwrap();
+    format!("{}:{}", uri.authority.host, uri.authority.port)
+}
+
+/// The test broker's URL with the host and port replaced.
+pub fn url_via(port: u16) -> String {
+    let uri = lapin::uri::AMQPUri::from_str(&amqp_url()).unwrap();
+    let vhost = if uri.vhost == "/" {
+        "%2f".to_owned()
+    } else {
+        uri.vhost.clone()
+    };
+    let user = &uri.authority.userinfo;
+    format!(
+        "amqp://{}:{}@127.0.0.1:{port}/{vhost}",
+        user.username, user.password
+    )
+}
+
+/// A port with nothing listening on it.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+impl Proxy {
+    pub async fn start(port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let tracked = connections.clone();
+        let upstream = broker_address();
+        let listener = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let forward = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tracked.lock().unwrap().push(forward);
+            }
+        });
+        Self {
+            listener,
+            connections,
+        }
+    }
+
+    /// Drops every forwarded connection (the relay sees its connection reset).
+    pub fn cut(&self) {
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.listener.abort();
+        self.cut();
+    }
+}

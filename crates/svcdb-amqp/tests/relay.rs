@@ -1,0 +1,450 @@
+//! The outbox relay against the real RabbitMQ and PostgreSQL.
+
+mod common;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use common::{closed_port, effects, eventually, service, url_via, Broker, Proxy};
+use serde_json::json;
+use svcdb::outbox::{self, RelayOptions};
+use svcdb::{Envelope, Outbox, ServiceDb};
+use svcdb_amqp::topology::{QueueSpec, Topology};
+use svcdb_amqp::{AmqpConfig, Consumer, ConsumerOptions, Relay, RelayConfig, RelayStatus, Result};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Quick polling and reconnection, so tests take milliseconds.
+fn fast() -> RelayConfig {
+    RelayConfig {
+        poll_interval: Duration::from_millis(20),
+        reconnect_backoff: Duration::from_millis(20),
+        max_reconnect_backoff: Duration::from_millis(200),
+        ..RelayConfig::default()
+    }
+}
+
+/// Retries of failed rows after 20 ms instead of 1 s.
+fn fast_outbox(db: &ServiceDb) -> Outbox {
+    Outbox::new(db.clone()).with_options(RelayOptions {
+        retry_backoff: Duration::from_millis(20),
+        max_retry_backoff: Duration::from_millis(100),
+    })
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<RelayStatus>>,
+    status: watch::Receiver<RelayStatus>,
+}
+
+fn start(amqp: &AmqpConfig, outbox: Outbox) -> Running {
+    let relay = Relay::new(amqp, outbox).with_config(fast());
+    let status = relay.status();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    Running {
+        shutdown,
+        task,
+        status,
+    }
+}
+
+impl Running {
+    async fn stop(self) -> RelayStatus {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the relay stops within 10 s")
+            .unwrap()
+            .unwrap()
+    }
+}
+
+async fn enqueue(db: &ServiceDb, exchange: &str, routing_key: &str, event: &Envelope) {
+    let (exchange, routing_key, event) =
+        (exchange.to_owned(), routing_key.to_owned(), event.clone());
+    db.transaction(async move |tx| {
+        tx.execute(
+            "INSERT INTO effects (event_id, note) VALUES ($1, 'order placed')",
+            &[&event.id],
+        )
+        .await?;
+        outbox::enqueue(tx, &exchange, &routing_key, &event).await
+    })
+    .await
+    .unwrap();
+}
+
+async fn pending(db: &ServiceDb) -> u64 {
+    Outbox::new(db.clone()).pending_count().await.unwrap()
+}
+
+/// An exchange for the service and a plain queue bound to all of it.
+async fn exchange_and_queue(broker: &Broker) -> (String, QueueSpec) {
+    let exchange = common::unique("orders.events");
+    let queue = QueueSpec::new(common::unique("audit")).bind(&exchange, "#");
+    broker
+        .declare(Topology::new().exchange(&exchange).queue(queue.clone()))
+        .await;
+    (exchange, queue)
+}
+
+#[tokio::test]
+async fn committed_events_are_published_with_their_properties() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    let relay = start(&broker.config, fast_outbox(&db));
+
+    let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 7 }));
+    enqueue(&db, &exchange, "order.placed", &placed).await;
+    let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    eventually("the row is marked published", || async {
+        pending(&db).await == 0
+    })
+    .await;
+    let status = relay.stop().await;
+
+    assert_eq!(got.len(), 1);
+    let message = &got[0];
+    assert_eq!(Envelope::from_slice(&message.data).unwrap(), placed);
+    assert_eq!(message.routing_key.as_str(), "order.placed");
+    let p = &message.properties;
+    assert_eq!(
+        p.message_id().as_ref().map(|s| s.to_string()),
+        Some(placed.id.to_string())
+    );
+    assert_eq!(
+        p.content_type().as_ref().map(|s| s.to_string()).as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(*p.delivery_mode(), Some(2));
+    assert_eq!(
+        p.kind().as_ref().map(|s| s.to_string()).as_deref(),
+        Some("OrderPlaced")
+    );
+    assert_eq!(
+        p.app_id().as_ref().map(|s| s.to_string()).as_deref(),
+        Some("orders")
+    );
+    assert_eq!(
+        (status.published, status.failed, status.consecutive_errors),
+        (1, 0, 0)
+    );
+    assert!(!status.connected, "closed at shutdown");
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_publishes_nothing() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    let relay = start(&broker.config, fast_outbox(&db));
+
+    let abandoned = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 1 }));
+    let (x, e) = (exchange.clone(), abandoned.clone());
+    let outcome = db
+        .transaction(async move |tx| {
+            outbox::enqueue(tx, &x, "order.placed", &e).await?;
+            Err::<(), _>(svcdb::Error::Config {
+                key: "test".into(),
+                message: "card declined".into(),
+            })
+        })
+        .await;
+    assert!(outcome.is_err());
+    assert_eq!(pending(&db).await, 0);
+
+    // A committed event behind it: once it arrives, the abandoned one had its chance.
+    let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 2 }));
+    enqueue(&db, &exchange, "order.placed", &placed).await;
+    let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    let status = relay.stop().await;
+
+    let ids: Vec<_> = got
+        .iter()
+        .map(|m| Envelope::from_slice(&m.data).unwrap().id)
+        .collect();
+    assert_eq!(ids, vec![placed.id]);
+    assert_eq!(broker.ready(&queue.name).await, 0);
+    assert_eq!(status.published, 1);
+}
+
+#[tokio::test]
+async fn the_relay_keeps_rows_while_the_broker_is_unreachable_and_publishes_after_reconnecting() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    let port = closed_port();
+    let relay = start(&AmqpConfig::new(url_via(port)), fast_outbox(&db));
+
+    let first = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 1 }));
+    enqueue(&db, &exchange, "order.placed", &first).await;
+    let mut status = relay.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.consecutive_errors >= 2),
+    )
+    .await
+    .expect("the relay reports its failed connection attempts")
+    .unwrap();
+    let reported = relay.status.borrow().clone();
+    let error = reported.last_error.clone().unwrap();
+    assert!(
+        error.contains("cannot reach RabbitMQ") && error.contains(&format!("127.0.0.1:{port}")),
+        "{error}"
+    );
+    let password = lapin::uri::AMQPUri::from_str(&common::amqp_url())
+        .unwrap()
+        .authority
+        .userinfo
+        .password;
+    assert!(
+        !error.contains(&format!(":{password}@")),
+        "the password leaked: {error}"
+    );
+    assert!(!reported.connected);
+    // Not claimed while there is no broker: still pending, and not counted as a failed attempt.
+    assert_eq!(pending(&db).await, 1);
+    let attempts: i32 = db
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT attempts FROM svcdb_outbox WHERE id = $1",
+            &[&first.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 0);
+
+    // The broker "comes up".
+    let proxy = Proxy::start(port).await;
+    let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, first.id);
+    eventually("the first row is marked published", || async {
+        pending(&db).await == 0
+    })
+    .await;
+    assert!(relay.status.borrow().connected);
+
+    // The connection drops; the next event still gets through once the relay reconnects.
+    proxy.cut();
+    let second = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 2 }));
+    enqueue(&db, &exchange, "order.placed", &second).await;
+    let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, second.id);
+    eventually("the second row is marked published", || async {
+        pending(&db).await == 0
+    })
+    .await;
+
+    let status = relay.stop().await;
+    assert_eq!(status.published, 2);
+    drop(proxy);
+}
+
+#[tokio::test]
+async fn unroutable_events_stay_in_the_outbox_until_a_queue_is_bound() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let exchange = common::unique("orders.events");
+    broker.declare(Topology::new().exchange(&exchange)).await;
+    let relay = start(&broker.config, fast_outbox(&db));
+
+    let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 3 }));
+    enqueue(&db, &exchange, "order.placed", &placed).await;
+    eventually("the publish is reported as failed", || async {
+        relay.status.borrow().failed >= 1
+    })
+    .await;
+    let reported = relay.status.borrow().last_error.clone().unwrap();
+    assert!(reported.contains("no queue is bound"), "{reported}");
+    let last_error: Option<String> = db
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT last_error FROM svcdb_outbox WHERE id = $1",
+            &[&placed.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let last_error = last_error.unwrap();
+    assert!(
+        last_error.contains("no queue is bound") && last_error.contains("NO_ROUTE"),
+        "{last_error}"
+    );
+    assert_eq!(pending(&db).await, 1);
+
+    let queue = QueueSpec::new(common::unique("late")).bind(&exchange, "order.*");
+    broker.declare(Topology::new().queue(queue.clone())).await;
+    let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, placed.id);
+    eventually("the row is marked published", || async {
+        pending(&db).await == 0
+    })
+    .await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_enqueued_by_a_handler_is_relayed_and_consumed_downstream() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    // catalog.events → orders.reserve-stock (handler enqueues OrderConfirmed in its tx)
+    // orders.events  → orders.audit (records OrderConfirmed)
+    let catalog = common::unique("catalog.events");
+    let orders = common::unique("orders.events");
+    let reserve = QueueSpec::new(common::unique("orders.reserve")).bind(&catalog, "product.#");
+    let audit = QueueSpec::new(common::unique("orders.audit")).bind(&orders, "order.#");
+    broker
+        .declare(
+            Topology::new()
+                .exchange(&catalog)
+                .exchange(&orders)
+                .queue(reserve.clone())
+                .queue(audit.clone()),
+        )
+        .await;
+
+    let options = ConsumerOptions {
+        retry_delay: Duration::from_millis(10),
+        ..ConsumerOptions::default()
+    };
+    let downstream = orders.clone();
+    let reserving = Consumer::new(&broker.config, db.clone(), &reserve, "orders.reserve-stock")
+        .on("ProductStockReserved", move |tx, event| {
+            let exchange = downstream.clone();
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO effects (event_id, note) VALUES ($1, 'reserved')",
+                    &[&event.id],
+                )
+                .await?;
+                let confirmed = Envelope::new("OrderConfirmed", "orders", json!({ "order_id": 9 }))
+                    .caused_by(event);
+                outbox::enqueue(tx, &exchange, "order.confirmed", &confirmed).await?;
+                Ok(())
+            })
+        })
+        .with_options(options.clone());
+    let auditing = Consumer::new(&broker.config, db.clone(), &audit, "orders.audit")
+        .on("OrderConfirmed", |tx, event| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO effects (event_id, note) VALUES ($1, $2)",
+                    &[&event.id, &event.causation_id.map(|c| c.to_string())],
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .with_options(options);
+    let shutdown = CancellationToken::new();
+    let tasks: Vec<JoinHandle<Result<()>>> = [reserving.clone(), auditing.clone()]
+        .into_iter()
+        .map(|c| {
+            let s = shutdown.clone();
+            tokio::spawn(async move { c.run(s).await })
+        })
+        .collect();
+    let relay = start(&broker.config, fast_outbox(&db));
+
+    let reserved = Envelope::new(
+        "ProductStockReserved",
+        "catalog",
+        json!({ "product_id": "abc123" }),
+    );
+    broker
+        .publish(&catalog, "product.stock.reserved", &reserved)
+        .await;
+    eventually("the downstream consumer handled OrderConfirmed", || async {
+        auditing.stats().handled == 1
+    })
+    .await;
+
+    relay.stop().await;
+    shutdown.cancel();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(effects(&db, reserved.id).await, 1);
+    let caused: i64 = db
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM effects WHERE note = $1",
+            &[&reserved.id.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        caused, 1,
+        "OrderConfirmed arrived once, caused by ProductStockReserved"
+    );
+    assert_eq!(pending(&db).await, 0);
+}
+
+#[tokio::test]
+async fn a_service_without_the_outbox_table_is_refused_at_start() {
+    let broker = Broker::new().await;
+    let test_db = svcdb::testing::TestDb::new().await;
+    let db = test_db.service("bare").await; // no install_outbox
+    let relay = Relay::new(&broker.config, Outbox::new(db));
+    let e = relay.run(CancellationToken::new()).await.unwrap_err();
+    assert!(matches!(e, svcdb_amqp::Error::Config { .. }), "{e}");
+    assert!(e.to_string().contains("install_outbox"), "{e}");
+}
+
+#[tokio::test]
+async fn a_missing_exchange_fails_its_row_and_the_relay_carries_on() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    let relay = start(&broker.config, fast_outbox(&db));
+
+    // Publishing to an exchange that does not exist closes the relay's channel (NOT_FOUND).
+    let lost = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 4 }));
+    enqueue(
+        &db,
+        &common::unique("never.declared"),
+        "order.placed",
+        &lost,
+    )
+    .await;
+    eventually("the publish is reported as failed", || async {
+        relay.status.borrow().failed >= 1
+    })
+    .await;
+    let reported = relay.status.borrow().last_error.clone().unwrap();
+    assert!(reported.contains("NOT_FOUND"), "{reported}");
+
+    // A new channel carries the next event.
+    let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 5 }));
+    enqueue(&db, &exchange, "order.placed", &placed).await;
+    let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, placed.id);
+    let status = relay.stop().await;
+    assert_eq!(status.published, 1);
+    assert_eq!(
+        pending(&db).await,
+        1,
+        "the row for the missing exchange waits for it"
+    );
+}
