@@ -1,0 +1,281 @@
+//! `shop`: the reference system built on svcdb and svcdb-amqp.
+//!
+//! * `shop demo` provisions a database, starts the four services in this process and drives
+//!   the design notes' scenario through their HTTP APIs with faults injected, then checks the
+//!   invariants (exit 0 only if every one holds) and cleans up.
+//! * `shop serve <service>` runs one service on its own, configured from the environment.
+//!
+//! # Layout
+//!
+//! | module | what |
+//! |---|---|
+//! | [`platform`] | what every service shares: definition, names, start-up sequence, HTTP errors |
+//! | [`users`], [`catalog`], [`cart`], [`orders`] | the services: schema, migrations, routes, handlers |
+//! | [`events`] | the events between them (the contract) |
+//! | [`deploy`] | the operator's side: database, roles, provisioning |
+//! | [`client`] | the JSON-over-HTTP client (the demo's shoppers, orders → cart) |
+//! | [`faults`] | the injected faults: broker links that drop, a crash after commit, a broken release, duplicates, poison |
+//! | [`scenario`] | `shop demo`: the narrated scenario |
+//! | [`report`] | the invariants, the figures, the JSON summary |
+
+mod cart;
+mod catalog;
+mod client;
+mod deploy;
+mod events;
+mod faults;
+mod orders;
+mod platform;
+mod report;
+mod scenario;
+mod users;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use svcdb_amqp::AmqpConfig;
+use tracing_subscriber::EnvFilter;
+
+use crate::platform::{Launch, Names, ServiceDef, Tuning};
+use crate::scenario::DemoOptions;
+
+/// The reference system: users, catalog, cart and orders on one PostgreSQL database (a schema
+/// and role each) and RabbitMQ, built on svcdb and svcdb-amqp.
+#[derive(Parser)]
+#[command(name = "shop", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the design notes' scenario from scratch with faults injected, check the invariants
+    /// and clean up. Exit 0 only if every invariant holds.
+    Demo(DemoArgs),
+    /// Remove what `shop demo --keep` left: the database, the roles, the exchanges and queues.
+    Clean(Target),
+    /// Run one service on its own, configured from the environment: DATABASE_URL (as the
+    /// service's role), AMQP_URL, and SHOP_CART_URL for orders. Ctrl-C stops it gracefully.
+    Serve(ServeArgs),
+}
+
+/// Where the demo runs.
+#[derive(Args)]
+struct Target {
+    /// An admin's URL (superuser, or CREATEDB and CREATEROLE): it creates the database and the
+    /// services' roles. The services connect as their own roles.
+    #[arg(
+        long,
+        env = "SHOP_ADMIN_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    database_url: String,
+    /// The broker.
+    #[arg(long, env = "AMQP_URL", default_value = svcdb_amqp::config::DEFAULT_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// The demo's database, dropped and created anew. Its name also prefixes the roles
+    /// (shop_catalog), exchanges and queues (shop.catalog.events), so runs on different
+    /// databases never meet.
+    #[arg(long, default_value = "shop")]
+    database: String,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    target: Target,
+    /// A password for the services' roles (stored as a SCRAM verifier); none by default.
+    #[arg(long, env = "SHOP_SERVICE_PASSWORD", hide_env_values = true)]
+    service_password: Option<String>,
+    /// Orders to place.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(5..=100_000))]
+    orders: u32,
+    /// Copies of already handled OrderPlaced events to publish (the notes' 600 duplicates a
+    /// day, scaled down).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    duplicates: u32,
+    /// Shoppers placing orders at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    shoppers: u32,
+    /// Seed of the shoppers' choices.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print one JSON object with the counts and "ok" as the last line.
+    #[arg(long)]
+    json: bool,
+    /// Leave the database, roles, exchanges and queues for inspection.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    service: ServiceName,
+    /// Where to serve HTTP.
+    #[arg(long, env = "SHOP_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Run the service's migrations before the start-up gate (a deploy step). Without it the
+    /// gate refuses a schema whose migrations did not run.
+    #[arg(long)]
+    migrate: bool,
+    /// Prefix of the exchanges and queues (the demo uses its database's name).
+    #[arg(long, env = "SHOP_NAMESPACE", default_value = "shop")]
+    namespace: String,
+    /// The broker.
+    #[arg(long, env = "AMQP_URL", default_value = svcdb_amqp::config::DEFAULT_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// The cart service's base URL (orders reads carts through it).
+    #[arg(long, env = "SHOP_CART_URL")]
+    cart_url: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ServiceName {
+    Users,
+    Catalog,
+    Cart,
+    Orders,
+}
+
+impl ServiceName {
+    fn def(self) -> &'static ServiceDef {
+        match self {
+            ServiceName::Users => &users::SERVICE,
+            ServiceName::Catalog => &catalog::SERVICE,
+            ServiceName::Cart => &cart::SERVICE,
+            ServiceName::Orders => &orders::SERVICE,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo narrates on stdout; the libraries' own logs of the injected faults would
+    // drown it, so they show only with RUST_LOG (e.g. RUST_LOG=svcdb_amqp=warn).
+    let default_filter = match cli.command {
+        Command::Demo(_) | Command::Clean(_) => "error,lapin=off",
+        Command::Serve(_) => "info,tokio_postgres=warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Demo(args) => demo(args).await,
+        Command::Clean(target) => {
+            exit(scenario::clean(&target.database_url, &target.amqp_url, &target.database).await)
+        }
+        Command::Serve(args) => exit(serve(args).await),
+    }
+}
+
+fn exit(outcome: anyhow::Result<()>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(args: DemoArgs) -> ExitCode {
+    let options = DemoOptions {
+        admin_url: args.target.database_url,
+        amqp_url: args.target.amqp_url,
+        database: args.target.database,
+        service_password: args.service_password,
+        orders: args.orders as usize,
+        duplicates: args.duplicates as usize,
+        shoppers: args.shoppers as usize,
+        seed: args.seed,
+        keep: args.keep,
+    };
+    match scenario::run(options).await {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("the report serializes")
+                );
+            }
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": false, "error": format!("{e:#}") })
+                );
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One service, as a deployment would run it: connect as its role (DATABASE_URL), optionally
+/// migrate, pass the gate, serve until Ctrl-C.
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let def = args.service.def();
+    // SVCDB_SCHEMA defaults to the service's own schema; every other key as svcdb documents.
+    let db = svcdb::Config::from_lookup(|key| {
+        std::env::var(key)
+            .ok()
+            .or_else(|| (key == "SVCDB_SCHEMA").then(|| def.schema.to_owned()))
+    })?;
+    let mut peers = HashMap::new();
+    if let Some(cart) = args.cart_url {
+        peers.insert("cart", cart.trim_end_matches('/').to_owned());
+    }
+    // SVCDB_AMQP_PREFETCH and the other keys as svcdb-amqp documents; the URL from --amqp-url.
+    let mut amqp = AmqpConfig::from_env()?;
+    amqp.url = args.amqp_url;
+    if amqp.connection_name.is_none() {
+        amqp.connection_name = Some(format!("shop/{}", def.name));
+    }
+    let launch = Launch {
+        def,
+        db,
+        amqp,
+        names: Arc::new(Names::new(&args.namespace)?),
+        peers,
+        faults: Arc::default(),
+        http: client::ApiClient::new(),
+        listen: args.listen,
+        migrate: args.migrate,
+        tuning: Tuning::production(),
+    };
+    let started = platform::start(launch).await?;
+    if let Some(report) = &started.migrations {
+        tracing::info!(
+            applied = report.migrations.len(),
+            version = report.current_version,
+            "migrated"
+        );
+    }
+    println!(
+        "{}: {}; serving {} (Ctrl-C to stop)",
+        def.name,
+        started.gate,
+        started.service.url("")
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    println!("{}: stopping", def.name);
+    started.service.stop().await
+}

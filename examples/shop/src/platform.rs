@@ -1,0 +1,574 @@
+//! What every service shares, written once: how a service is described ([`ServiceDef`]), the
+//! names of its role and broker objects ([`Names`]), and how it starts ([`start`]): connect as
+//! its own role, migrate, install svcdb's tables, pass the start-up gate, declare its topology,
+//! then serve HTTP, relay its outbox and consume its queues until stopped ([`Running::stop`]).
+//!
+//! A service module (users, catalog, cart, orders) only says what is its own: schema, migrations,
+//! tables, routes, and which events it handles.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use svcdb::migrate::{EmbeddedMigrations, Migrations, Migrator, UpReport};
+use svcdb::outbox::{self, RelayOptions};
+use svcdb::{Envelope, Gate, GateReport, Ident, Outbox, ServiceDb, Transaction};
+use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
+use svcdb_amqp::{
+    AmqpConfig, CancellationToken, Consumer, ConsumerOptions, ConsumerStats, EventHandler,
+    HandlerError, Relay, RelayConfig, RelayStatus,
+};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::client::ApiClient;
+use crate::events::Event;
+use crate::faults::Faults;
+
+/// One service, as the platform needs to know it.
+pub struct ServiceDef {
+    /// `catalog`: names its role, queues and exchange.
+    pub name: &'static str,
+    /// `catalog_schema`: the schema it owns and is pinned to.
+    pub schema: &'static str,
+    /// Its migrations, compiled in.
+    pub migrations: &'static EmbeddedMigrations,
+    /// Tables the start-up gate requires (svcdb's own are added as the service needs them).
+    pub tables: &'static [&'static str],
+    /// True when it publishes events: it gets an exchange, an outbox and a relay.
+    pub publishes: bool,
+    /// Its HTTP API (the platform adds `/healthz` and `/readyz`).
+    pub routes: fn() -> Router<Ctx>,
+    /// The events it consumes, one queue per handler.
+    pub subscriptions: &'static [Subscription],
+}
+
+/// One queue of a service: what it is bound to and the handlers that consume it.
+pub struct Subscription {
+    /// `reserve-stock`: the queue is `<namespace>.<service>.<handler>`, and `<service>.<handler>`
+    /// scopes the idempotency claims (stable across namespaces and releases).
+    pub handler: &'static str,
+    /// `(producing service, routing key pattern)` pairs the queue is bound to.
+    pub sources: &'static [(&'static str, &'static str)],
+    /// Registers the handlers, by event kind, on the consumer.
+    pub register: fn(Consumer, &Ctx) -> Consumer,
+}
+
+impl ServiceDef {
+    pub fn migrations(&self) -> anyhow::Result<Migrations> {
+        Migrations::from_embedded(self.migrations)
+            .with_context(|| format!("the {} service's embedded migrations", self.name))
+    }
+
+    /// Every table the gate requires: the service's own, and svcdb's outbox and claims tables
+    /// when it publishes or consumes (the library installs those, see [`start`]).
+    pub fn required_tables(&self) -> Vec<&'static str> {
+        let mut tables = self.tables.to_vec();
+        if self.publishes {
+            tables.push(svcdb::outbox::OUTBOX_TABLE);
+        }
+        if !self.subscriptions.is_empty() {
+            tables.push(svcdb::idempotency::PROCESSED_EVENTS_TABLE);
+        }
+        tables
+    }
+
+    pub fn gate(&self) -> anyhow::Result<Gate> {
+        Ok(Gate::new()
+            .with_migrations(self.migrations()?)
+            .require(self.required_tables())?)
+    }
+}
+
+/// The names one deployment of the shop uses. The namespace (the database's name) prefixes
+/// everything that is not inside the database, because roles are cluster-wide and exchanges and
+/// queues are vhost-wide: two deployments (the demo and a test run) never share one.
+#[derive(Debug, Clone)]
+pub struct Names {
+    namespace: String,
+}
+
+impl Names {
+    /// `namespace` must be a plain identifier: it goes into role names.
+    pub fn new(namespace: &str) -> anyhow::Result<Self> {
+        Ident::new("namespace", namespace)?;
+        anyhow::ensure!(
+            namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "namespace {namespace:?}: use letters, digits and underscores (it names roles, exchanges and queues)"
+        );
+        Ok(Self {
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The service's login role: `shop_catalog`.
+    pub fn role(&self, service: &str) -> String {
+        format!("{}_{service}", self.namespace)
+    }
+
+    /// The exchange a service publishes to: `shop.catalog.events`.
+    pub fn exchange(&self, service: &str) -> String {
+        events_exchange(&format!("{}.{service}", self.namespace))
+    }
+
+    /// A subscription's queue, bound to its sources' exchanges.
+    pub fn queue(&self, service: &str, subscription: &Subscription) -> QueueSpec {
+        let name = format!("{}.{service}.{}", self.namespace, subscription.handler);
+        subscription
+            .sources
+            .iter()
+            .fold(QueueSpec::new(name), |queue, (producer, key)| {
+                queue.bind(self.exchange(producer), *key)
+            })
+    }
+
+    /// What the service declares at start-up: its exchange if it publishes, and its queues.
+    pub fn topology(&self, def: &ServiceDef) -> Topology {
+        let mut topology = Topology::new();
+        if def.publishes {
+            topology = topology.exchange(self.exchange(def.name));
+        }
+        def.subscriptions
+            .iter()
+            .fold(topology, |t, s| t.queue(self.queue(def.name, s)))
+    }
+}
+
+/// Settings that differ between `shop demo` (everything on one machine, faults injected,
+/// quick recovery wanted) and a service run for real (the libraries' defaults).
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub consumer: ConsumerOptions,
+    pub relay: RelayConfig,
+    pub outbox: RelayOptions,
+}
+
+impl Tuning {
+    /// The libraries' defaults.
+    pub fn production() -> Self {
+        Self {
+            consumer: ConsumerOptions::default(),
+            relay: RelayConfig::default(),
+            outbox: RelayOptions::default(),
+        }
+    }
+
+    /// Short pauses, so an injected outage heals in about a second instead of the production
+    /// backoffs' several; nothing else changes.
+    pub fn demo() -> Self {
+        let quick = Duration::from_millis(100);
+        let cap = Duration::from_secs(1);
+        Self {
+            consumer: ConsumerOptions {
+                retry_delay: quick,
+                max_retry_delay: cap,
+                reconnect_backoff: quick,
+                max_reconnect_backoff: cap,
+                shutdown_timeout: Duration::from_secs(10),
+                ..ConsumerOptions::default()
+            },
+            relay: RelayConfig {
+                poll_interval: Duration::from_millis(50),
+                reconnect_backoff: quick,
+                max_reconnect_backoff: cap,
+                ..RelayConfig::default()
+            },
+            outbox: RelayOptions {
+                retry_backoff: Duration::from_millis(200),
+                max_retry_backoff: Duration::from_secs(2),
+            },
+        }
+    }
+}
+
+/// What a request or event handler of a service can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The service's name.
+    pub service: &'static str,
+    /// Its pool, pinned to its schema, logged in as its role.
+    pub db: ServiceDb,
+    /// For calls to other services' APIs.
+    pub http: ApiClient,
+    names: Arc<Names>,
+    peers: Arc<HashMap<&'static str, String>>,
+    faults: Arc<Faults>,
+}
+
+impl Ctx {
+    /// Stores `event` in this service's outbox inside `tx`, the business write's transaction:
+    /// it is published (by the relay) if and only if `tx` commits. `cause`, the event being
+    /// handled, links the two for tracing (correlation and causation ids).
+    pub async fn publish<E: Event>(
+        &self,
+        tx: &svcdb::tokio_postgres::Transaction<'_>,
+        event: &E,
+        cause: Option<&Envelope>,
+    ) -> svcdb::Result<Envelope> {
+        let payload = serde_json::to_value(event).expect("event payloads serialize");
+        let mut envelope = Envelope::new(E::KIND, self.service, payload);
+        if let Some(cause) = cause {
+            envelope = envelope.caused_by(cause);
+        }
+        outbox::enqueue(
+            tx,
+            &self.names.exchange(self.service),
+            E::ROUTING_KEY,
+            &envelope,
+        )
+        .await?;
+        Ok(envelope)
+    }
+
+    /// The base URL of another service's API.
+    pub fn peer(&self, service: &str) -> Result<&str, ApiError> {
+        self.peers.get(service).map(String::as_str).ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!(
+                "the {} service does not know where {service} is (set SHOP_{}_URL)",
+                self.service,
+                service.to_uppercase()
+            ))
+        })
+    }
+
+    /// `handler`, with the demo's fault point after it (see [`Faults::after_handler`]); a
+    /// no-op outside the demo. Services register every handler through this.
+    pub fn handler<H: EventHandler>(&self, handler: H) -> impl EventHandler {
+        FaultPoint {
+            inner: handler,
+            service: self.service,
+            faults: self.faults.clone(),
+        }
+    }
+}
+
+/// Runs a handler, then the fault point: a "crash" there happens after the handler's writes
+/// and before the consumer acknowledges the message.
+struct FaultPoint<H> {
+    inner: H,
+    service: &'static str,
+    faults: Arc<Faults>,
+}
+
+impl<H: EventHandler> EventHandler for FaultPoint<H> {
+    async fn handle(&self, tx: &mut Transaction<'_>, event: &Envelope) -> Result<(), HandlerError> {
+        self.inner.handle(tx, event).await?;
+        self.faults.after_handler(self.service, event).await;
+        Ok(())
+    }
+}
+
+/// An API error: its status and a JSON body `{"error": "…"}`.
+#[derive(Debug)]
+pub enum ApiError {
+    NotFound(String),
+    Conflict(String),
+    /// The request is well-formed but cannot be done (yet): an unknown user, an empty cart.
+    Unprocessable(String),
+    Internal(anyhow::Error),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
+            ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m),
+            ApiError::Internal(e) => {
+                tracing::error!(error = format!("{e:#}"), "request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+            }
+        };
+        (status, Json(serde_json::json!({ "error": message }))).into_response()
+    }
+}
+
+impl From<svcdb::Error> for ApiError {
+    fn from(e: svcdb::Error) -> Self {
+        ApiError::Internal(e.into())
+    }
+}
+
+impl From<svcdb::tokio_postgres::Error> for ApiError {
+    fn from(e: svcdb::tokio_postgres::Error) -> Self {
+        svcdb::Error::from(e).into()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::Internal(e)
+    }
+}
+
+/// Everything [`start`] needs to bring one service up.
+pub struct Launch {
+    pub def: &'static ServiceDef,
+    /// Its database access: its own role, its schema.
+    pub db: svcdb::Config,
+    /// Its broker (in the demo, through the service's own faulty link).
+    pub amqp: AmqpConfig,
+    pub names: Arc<Names>,
+    /// Base URLs of the services it calls.
+    pub peers: HashMap<&'static str, String>,
+    pub faults: Arc<Faults>,
+    pub http: ApiClient,
+    /// Where to serve HTTP (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Run the service's migrations before the gate. False is a deploy that forgot them.
+    pub migrate: bool,
+    pub tuning: Tuning,
+}
+
+/// A service that passed its gate and is serving.
+pub struct Started {
+    pub service: Running,
+    /// What the migration run did, when there was one.
+    pub migrations: Option<UpReport>,
+    /// The gate's verdict (ready).
+    pub gate: GateReport,
+}
+
+/// Brings a service up, in the order a real one must:
+///
+/// 1. connect as the service's role (a wrong password or host fails here);
+/// 2. run its migrations, if this deploy does (atomically: a failure leaves the schema as it was);
+/// 3. create svcdb's outbox and claims tables if the service needs them (idempotent; the
+///    library owns their definition, so no service copies it);
+/// 4. the start-up gate: every migration applied and unchanged, every table there, the right
+///    schema; otherwise refuse, listing each problem, before taking any traffic;
+/// 5. declare its exchange and queues (idempotent);
+/// 6. serve HTTP with `/healthz` and `/readyz`, relay its outbox, consume its queues.
+pub async fn start(launch: Launch) -> anyhow::Result<Started> {
+    let Launch {
+        def,
+        db,
+        amqp,
+        names,
+        peers,
+        faults,
+        http,
+        listen,
+        migrate,
+        tuning,
+    } = launch;
+    let name = def.name;
+    let db = ServiceDb::connect(db)
+        .await
+        .with_context(|| format!("{name}: connecting to its schema"))?;
+    let migrations = if migrate {
+        let report = Migrator::new(db.clone(), def.migrations()?)
+            .up()
+            .await
+            .with_context(|| format!("{name}: migrating"))?;
+        Some(report)
+    } else {
+        None
+    };
+    if def.publishes {
+        db.install_outbox().await?;
+    }
+    if !def.subscriptions.is_empty() {
+        db.install_idempotency().await?;
+    }
+    let gate = def.gate()?;
+    // The error is svcdb's NotReady, carrying the report; callers may downcast it.
+    let report = db.verify(&gate).await.ensure_ready()?;
+
+    let topology = names.topology(def);
+    let connection = amqp
+        .connect()
+        .await
+        .with_context(|| format!("{name}: connecting to RabbitMQ"))?;
+    let declared = topology.declare(&connection).await;
+    let _ = connection.close(200, "OK".into()).await;
+    declared.with_context(|| format!("{name}: declaring its exchange and queues"))?;
+
+    let ctx = Ctx {
+        service: name,
+        db: db.clone(),
+        http,
+        names: names.clone(),
+        peers: Arc::new(peers),
+        faults,
+    };
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let router = (def.routes)()
+        .with_state(ctx.clone())
+        .merge(svcdb::http::router(db.clone(), gate));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("{name}: listening on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+            .with_context(|| format!("{name}: HTTP server"))
+    });
+
+    let (mut relay_status, mut outbox) = (None, None);
+    if def.publishes {
+        let relay_outbox = Outbox::new(db.clone()).with_options(tuning.outbox.clone());
+        let relay = Relay::new(&amqp, relay_outbox.clone()).with_config(tuning.relay.clone());
+        relay_status = Some(relay.status());
+        outbox = Some(relay_outbox);
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            relay
+                .run(stop)
+                .await
+                .map(drop)
+                .with_context(|| format!("{name}: outbox relay"))
+        });
+    }
+
+    let mut consumers = Vec::new();
+    for subscription in def.subscriptions {
+        let queue = names.queue(name, subscription);
+        let consumer = Consumer::new(
+            &amqp,
+            db.clone(),
+            &queue,
+            format!("{name}.{}", subscription.handler),
+        )
+        .with_options(tuning.consumer.clone());
+        let consumer = (subscription.register)(consumer, &ctx);
+        consumers.push((subscription.handler, consumer.clone()));
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            consumer
+                .run(stop)
+                .await
+                .with_context(|| format!("{name}: consumer of {}", queue.name))
+        });
+    }
+
+    Ok(Started {
+        service: Running {
+            def,
+            db,
+            addr,
+            consumers,
+            relay: relay_status,
+            outbox,
+            shutdown,
+            tasks,
+        },
+        migrations,
+        gate: report,
+    })
+}
+
+/// A service serving HTTP, relaying and consuming, until [`Running::stop`].
+pub struct Running {
+    pub def: &'static ServiceDef,
+    pub db: ServiceDb,
+    pub addr: SocketAddr,
+    /// Its consumers by handler name, for their statistics.
+    pub consumers: Vec<(&'static str, Consumer)>,
+    /// Its relay's status, if it publishes.
+    pub relay: Option<watch::Receiver<RelayStatus>>,
+    /// Its outbox, if it publishes (for the pending count).
+    pub outbox: Option<Outbox>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// One consumer's statistics.
+    pub fn stats(&self, handler: &str) -> ConsumerStats {
+        self.consumers
+            .iter()
+            .find(|(h, _)| *h == handler)
+            .map(|(_, c)| c.stats())
+            .unwrap_or_default()
+    }
+
+    /// All its consumers' statistics, added up.
+    pub fn total_stats(&self) -> ConsumerStats {
+        self.consumers
+            .iter()
+            .map(|(_, c)| c.stats())
+            .fold(ConsumerStats::default(), |a, s| ConsumerStats {
+                handled: a.handled + s.handled,
+                duplicates: a.duplicates + s.duplicates,
+                requeued: a.requeued + s.requeued,
+                dead_lettered: a.dead_lettered + s.dead_lettered,
+                ignored: a.ignored + s.ignored,
+            })
+    }
+
+    pub fn relay_status(&self) -> RelayStatus {
+        self.relay
+            .as_ref()
+            .map(|r| r.borrow().clone())
+            .unwrap_or_default()
+    }
+
+    /// Unpublished outbox rows (0 for a service that does not publish).
+    pub async fn outbox_pending(&self) -> anyhow::Result<u64> {
+        match &self.outbox {
+            Some(outbox) => Ok(outbox.pending_count().await?),
+            None => Ok(0),
+        }
+    }
+
+    /// A task that ended on its own is a failure: they run until shutdown.
+    pub fn failure(&mut self) -> Option<String> {
+        match self.tasks.try_join_next()? {
+            Ok(Ok(())) => Some(format!("{}: a task stopped early", self.def.name)),
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(e) => Some(format!("{}: a task panicked: {e}", self.def.name)),
+        }
+    }
+
+    /// Graceful shutdown: stop taking requests and messages, finish the ones in flight (their
+    /// acks included), flush the relay's batch, close the pool. Returns the first error of a
+    /// task, if any.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let mut first_error = None;
+        let all = async {
+            while let Some(joined) = self.tasks.join_next().await {
+                let outcome = joined
+                    .map_err(anyhow::Error::from)
+                    .and_then(|result| result);
+                if let Err(e) = outcome {
+                    first_error.get_or_insert(e);
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(20), all)
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+            first_error.get_or_insert(anyhow::anyhow!(
+                "{}: tasks did not stop within 20 s",
+                self.def.name
+            ));
+        }
+        self.db.close();
+        first_error.map_or(Ok(()), Err)
+    }
+}
