@@ -1,0 +1,668 @@
+//! `svcdb-bench migrate`: what svcdb's migration runner costs on top of the SQL it runs.
+//!
+//! On a generated corpus (see [`corpus`]) it measures, each in a fresh database so that no
+//! measurement inherits another's objects, dead tuples or dirty buffers:
+//!
+//! * `up` from empty and `down` to zero through [`svcdb::migrate::Migrator`];
+//! * the no-op `up` (everything applied), the call every service replica makes at start-up:
+//!   the median of many calls, with the corpus applied and with 1 000 versions applied;
+//! * the floor: every up script concatenated and sent through one `psql -f` session, which
+//!   pays for the SQL and nothing else;
+//! * `psql -f` once per file: the naive shell-loop runner.
+//!
+//! `up`, `down` and the floor run `--rounds` times, svcdb and psql alternating, and the
+//! medians are reported: on a shared machine one round can meet a build. The part of `up`
+//! spent outside every migration (connecting, the advisory lock, session settings, history
+//! reads) is reported on its own, from the runner's own per-migration timings, so a miss
+//! against the floor points at the fixed cost or at the per-migration one.
+//!
+//! The schemas the three `up` paths produce are compared object by object, so the runner and
+//! the references provably did the same work, and after `down` the schema must hold nothing
+//! but the history table, which proves every down script reverts its up script.
+
+pub mod corpus;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use svcdb::migrate::{DownOptions, MigrateEvent, Migrations, Migrator, UpOptions};
+use svcdb::{DedicatedConn, Ident, ServiceDb};
+
+use crate::pg::{self, Server};
+use crate::report::{self, Bound, Figures, Target};
+
+/// The schema every measurement migrates (in its own database).
+const SCHEMA: &str = "bench";
+
+/// Options of `svcdb-bench migrate`.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// Print every figure as one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+
+    /// Realistic migrations to generate and run.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(3..=9999))]
+    count: u32,
+
+    /// Applied migrations for the second no-op figure (a cheap corpus of this many versions).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=9999))]
+    applied: u32,
+
+    /// No-op `up` calls per figure; the median is reported.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    noop_calls: u32,
+
+    /// Rounds of svcdb up/down and the one-session floor, alternated; medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
+
+    /// Rows each data backfill inserts.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    backfill_rows: u32,
+
+    /// Prefix of the benchmark's databases (`<prefix>_svcdb`, …), dropped and recreated.
+    #[arg(long, default_value = "svcdb_bench_migrate")]
+    database_prefix: String,
+
+    /// Write the corpora here and keep them, for reading or for rerunning by hand; its
+    /// `realistic/` and `applied/` folders are replaced (default: a temporary directory,
+    /// removed at the end).
+    #[arg(long)]
+    corpus_dir: Option<PathBuf>,
+}
+
+/// One pass of svcdb over a corpus, in a fresh database.
+struct SvcdbRun {
+    up: Duration,
+    /// The part of `up` not spent in any migration (each migration's time, as the runner
+    /// reports it, covers its transaction, script and history row): connecting, the lock,
+    /// session settings, reading the history. What a deploy pays whatever its size.
+    outside_migrations: Duration,
+    /// With no-op calls asked for.
+    noop: Option<NoopFigures>,
+    /// When `down` to zero was asked for.
+    down: Option<Duration>,
+    /// Objects in the schema after `up` (tables, indexes, sequences, functions, triggers,
+    /// constraints), the history table left out.
+    objects: Fingerprint,
+}
+
+/// Repeated no-op `up` calls.
+#[derive(Debug, Clone, Copy)]
+struct NoopFigures {
+    median: Duration,
+    max: Duration,
+}
+
+/// A schema's objects, for comparing what two runs built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    count: i64,
+    /// Sorted `kind:name[:columns]` items, comma-separated.
+    items: String,
+}
+
+/// The generated corpora on disk, and the realistic one as svcdb read it.
+struct Corpus {
+    realistic: Vec<corpus::MigrationFile>,
+    migrations: Migrations,
+    /// How long `Migrations::from_dir` took for the realistic corpus.
+    load: Duration,
+    up_files: Vec<PathBuf>,
+    concatenated: PathBuf,
+    applied: Migrations,
+}
+
+impl Corpus {
+    /// Generates both corpora into `dir/realistic` and `dir/applied` (replacing what a previous
+    /// run left there: a stale file would become a migration) plus `dir/all_up.sql`, and reads
+    /// them back the way a service does.
+    fn write(dir: &Path, args: &MigrateArgs) -> Result<Self> {
+        let count = args.count as usize;
+        let realistic_dir = dir.join("realistic");
+        let applied_dir = dir.join("applied");
+        for stale in [&realistic_dir, &applied_dir] {
+            if stale.exists() {
+                std::fs::remove_dir_all(stale)
+                    .with_context(|| format!("cannot clear {}", stale.display()))?;
+            }
+        }
+        let realistic = corpus::realistic(count, args.backfill_rows);
+        let up_files = corpus::write(&realistic_dir, &realistic)?;
+        let concatenated = dir.join("all_up.sql");
+        std::fs::write(&concatenated, corpus::concatenated_up(&realistic, SCHEMA))?;
+        corpus::write(&applied_dir, &corpus::trivial(args.applied as usize))?;
+        let started = Instant::now();
+        let migrations = Migrations::from_dir(&realistic_dir)?;
+        let load = started.elapsed();
+        ensure!(
+            migrations.len() == count,
+            "svcdb read {} of {count} migrations",
+            migrations.len()
+        );
+        Ok(Self {
+            realistic,
+            migrations,
+            load,
+            up_files,
+            concatenated,
+            applied: Migrations::from_dir(&applied_dir)?,
+        })
+    }
+
+    fn non_transactional(&self) -> usize {
+        self.realistic.iter().filter(|m| !m.transactional()).count()
+    }
+}
+
+/// Everything measured, before it is turned into figures.
+struct Results {
+    /// svcdb `up` from empty, per round.
+    ups: Vec<Duration>,
+    /// The part of each `up` outside any migration.
+    outside: Vec<Duration>,
+    /// svcdb `down` to zero, per round.
+    downs: Vec<Duration>,
+    /// One `psql -f` session, per round (empty without psql).
+    floors: Vec<Duration>,
+    /// No-op `up` with the realistic corpus applied.
+    noop: NoopFigures,
+    /// What the realistic corpus builds.
+    objects: Fingerprint,
+    /// `up` of the cheap corpus, from empty.
+    applied_up: Duration,
+    /// No-op `up` with the cheap corpus applied.
+    applied_noop: NoopFigures,
+    /// `psql -f` once per file (`None` without psql).
+    per_file: Option<Duration>,
+}
+
+impl Results {
+    fn up(&self) -> Duration {
+        report::median(&self.ups)
+    }
+
+    fn floor(&self) -> Option<Duration> {
+        (!self.floors.is_empty()).then(|| report::median(&self.floors))
+    }
+
+    fn up_vs_floor(&self) -> Option<f64> {
+        report::ratio(Some(secs(self.up())), self.floor().map(secs))
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn all_secs(ds: &[Duration]) -> Vec<f64> {
+    ds.iter().copied().map(secs).collect()
+}
+
+/// Runs the whole benchmark and prints the report.
+pub async fn run(server: &Server, args: &MigrateArgs) -> Result<()> {
+    let machine = report::Machine::now(server.version());
+    let psql = pg::find_tool("psql");
+    let temp;
+    let dir = match &args.corpus_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::tempdir()?;
+            temp.path().to_owned()
+        }
+    };
+    let corpus = Corpus::write(&dir, args)?;
+    let results = measure(server, args, &corpus, psql.as_deref()).await?;
+    let (figures, targets) = figures(args, &machine, &corpus, &results);
+    let text = human_report(args, &machine, &corpus, &results);
+    report::print(&text, &figures, &targets, args.json);
+    Ok(())
+}
+
+/// Every measurement, in the order that keeps them fair (see the module documentation).
+async fn measure(
+    server: &Server,
+    args: &MigrateArgs,
+    corpus: &Corpus,
+    psql: Option<&Path>,
+) -> Result<Results> {
+    let count = corpus.migrations.len();
+    let db_name = |suffix: &str| format!("{}_{suffix}", args.database_prefix);
+    // Rounds alternate svcdb and the floor, so that a burst of load from elsewhere on the
+    // machine hits both sides alike, and the medians shrug off one unlucky round.
+    let (mut ups, mut outside, mut downs, mut floors) = (vec![], vec![], vec![], vec![]);
+    let mut noop = None;
+    let mut objects: Option<Fingerprint> = None;
+    for round in 1..=args.rounds {
+        eprintln!(
+            "round {round}/{}: svcdb up and down, {count} migrations…",
+            args.rounds
+        );
+        let calls = if round == 1 { args.noop_calls } else { 0 };
+        let run = svcdb_run(server, &db_name("svcdb"), &corpus.migrations, calls, true).await?;
+        ups.push(run.up);
+        outside.push(run.outside_migrations);
+        downs.push(run.down.expect("down was asked for"));
+        noop = noop.or(run.noop);
+        let objects = match &objects {
+            Some(first) => {
+                same_schema(first, &run.objects, "an earlier svcdb round")?;
+                first
+            }
+            None => objects.insert(run.objects),
+        };
+        if let Some(psql) = psql {
+            eprintln!("round {round}/{}: psql -f, one session…", args.rounds);
+            let single = std::slice::from_ref(&corpus.concatenated);
+            let (floor, built) =
+                psql_timed(server, psql, &db_name("psql_single"), single, false).await?;
+            same_schema(objects, &built, "one psql session")?;
+            floors.push(floor);
+        }
+    }
+    let objects = objects.expect("at least one round");
+
+    eprintln!("svcdb no-op up with {} applied…", args.applied);
+    let applied = svcdb_run(
+        server,
+        &db_name("applied"),
+        &corpus.applied,
+        args.noop_calls,
+        false,
+    )
+    .await?;
+
+    let per_file = match psql {
+        Some(psql) => {
+            eprintln!("psql -f, one session per file ({count} sessions)…");
+            let (elapsed, built) = psql_timed(
+                server,
+                psql,
+                &db_name("psql_per_file"),
+                &corpus.up_files,
+                true,
+            )
+            .await?;
+            same_schema(&objects, &built, "psql per file")?;
+            Some(elapsed)
+        }
+        None => {
+            eprintln!("psql not found: the psql references are left out");
+            None
+        }
+    };
+    Ok(Results {
+        ups,
+        outside,
+        downs,
+        floors,
+        noop: noop.expect("no-op calls in round 1"),
+        objects,
+        applied_up: applied.up,
+        applied_noop: applied.noop.expect("no-op calls asked for"),
+        per_file,
+    })
+}
+
+/// The JSON figures and the targets they are held to.
+fn figures(
+    args: &MigrateArgs,
+    machine: &report::Machine,
+    corpus: &Corpus,
+    r: &Results,
+) -> (Figures, Vec<Target>) {
+    let applied = args.applied;
+    let mut f = Figures::new();
+    f.set("benchmark", "migrate");
+    machine.add_to(&mut f);
+    f.set("count", args.count);
+    f.set("backfill_rows", args.backfill_rows);
+    f.set("non_transactional", corpus.non_transactional());
+    f.set("schema_objects", r.objects.count);
+    f.set("rounds", args.rounds);
+    f.set("load_ms", report::ms(corpus.load));
+    f.set("up_s", secs(r.up()));
+    f.set("up_s_rounds", all_secs(&r.ups));
+    f.set(
+        "up_outside_migrations_ms",
+        report::ms(report::median(&r.outside)),
+    );
+    f.set("down_s", secs(report::median(&r.downs)));
+    f.set("down_s_rounds", all_secs(&r.downs));
+    f.set("noop_calls", args.noop_calls);
+    f.set("noop_up_ms", report::ms(r.noop.median));
+    f.set("noop_up_max_ms", report::ms(r.noop.max));
+    f.set(format!("up_{applied}_s"), secs(r.applied_up));
+    f.set(
+        format!("noop_up_ms_{applied}"),
+        report::ms(r.applied_noop.median),
+    );
+    f.set(
+        format!("noop_up_max_ms_{applied}"),
+        report::ms(r.applied_noop.max),
+    );
+    f.set("psql_single_session_s", r.floor().map(secs));
+    f.set("psql_single_session_s_rounds", all_secs(&r.floors));
+    f.set("psql_per_file_s", r.per_file.map(secs));
+    f.set("up_vs_floor", r.up_vs_floor());
+    f.set(
+        "psql_per_file_vs_floor",
+        report::ratio(r.per_file.map(secs), r.floor().map(secs)),
+    );
+    let targets = vec![
+        Target {
+            key: "up_vs_floor".into(),
+            what: "up / one psql session (the floor)".into(),
+            value: r.up_vs_floor(),
+            bound: Bound::AtMost(1.1),
+            unit: "×",
+        },
+        Target {
+            key: "noop_up_ms".into(),
+            what: format!("no-op up, {} applied (median)", args.count),
+            value: Some(report::ms(r.noop.median)),
+            bound: Bound::AtMost(5.0),
+            unit: " ms",
+        },
+        Target {
+            key: format!("noop_up_ms_{applied}"),
+            what: format!("no-op up, {applied} applied (median)"),
+            value: Some(report::ms(r.applied_noop.median)),
+            bound: Bound::AtMost(10.0),
+            unit: " ms",
+        },
+    ];
+    f.set_targets(&targets);
+    (f, targets)
+}
+
+/// The table and the context a reader needs to judge it.
+fn human_report(
+    args: &MigrateArgs,
+    machine: &report::Machine,
+    corpus: &Corpus,
+    r: &Results,
+) -> String {
+    let count = args.count;
+    let floor = r.floor();
+    let list = |values: Vec<f64>| {
+        values
+            .into_iter()
+            .map(report::num)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let seconds = |what: String, d: Option<Duration>, rounds: &[Duration]| {
+        let value = d.map(secs);
+        vec![
+            what,
+            value.map_or_else(|| "—".to_owned(), |s| format!("{} s", report::num(s))),
+            report::ratio(value, floor.map(secs))
+                .map_or_else(|| "—".to_owned(), |x| format!("{}×", report::num(x))),
+            list(all_secs(rounds)),
+        ]
+    };
+    let noop = |what: String, n: NoopFigures| {
+        vec![
+            what,
+            format!(
+                "{} ms (max {} ms)",
+                report::num(report::ms(n.median)),
+                report::num(report::ms(n.max))
+            ),
+            "—".to_owned(),
+            String::new(),
+        ]
+    };
+    let mut table = report::table(&["measurement", "time", "vs floor", "rounds"]);
+    table.add_row(seconds(
+        format!("svcdb up, {count} migrations from empty"),
+        Some(r.up()),
+        &r.ups,
+    ));
+    table.add_row(vec![
+        "… of which outside any migration (connect, lock, history reads)".to_owned(),
+        format!("{} ms", report::num(report::ms(report::median(&r.outside)))),
+        "—".to_owned(),
+        list(r.outside.iter().copied().map(report::ms).collect()),
+    ]);
+    table.add_row(seconds(
+        format!("svcdb down to zero, {count} migrations"),
+        Some(report::median(&r.downs)),
+        &r.downs,
+    ));
+    table.add_row(seconds(
+        "psql -f, one session (the floor)".into(),
+        floor,
+        &r.floors,
+    ));
+    table.add_row(seconds(
+        format!("psql -f, one session per file ({count})"),
+        r.per_file,
+        &[],
+    ));
+    let calls = args.noop_calls;
+    table.add_row(noop(
+        format!("svcdb no-op up, {count} applied (median of {calls})"),
+        r.noop,
+    ));
+    table.add_row(noop(
+        format!(
+            "svcdb no-op up, {} applied (median of {calls})",
+            args.applied
+        ),
+        r.applied_noop,
+    ));
+    format!(
+        "Migrate benchmark: {count} generated migrations ({} outside a transaction, {} schema \
+         objects, backfills of {} rows), median of {} rounds; {} applied for the second no-op \
+         figure\n{}; corpus read in {} ms\n\n{table}",
+        corpus.non_transactional(),
+        r.objects.count,
+        args.backfill_rows,
+        args.rounds,
+        args.applied,
+        machine.line(),
+        report::num(report::ms(corpus.load)),
+    )
+}
+
+/// Refuses a comparison between runs that built different schemas.
+fn same_schema(svcdb: &Fingerprint, other: &Fingerprint, what: &str) -> Result<()> {
+    if svcdb != other {
+        bail!(
+            "svcdb and {what} built different schemas ({} vs {} objects); the comparison would be unfair",
+            svcdb.count,
+            other.count
+        );
+    }
+    Ok(())
+}
+
+/// In a fresh database `name`: `up` from empty (timed), `noop_calls` no-op `up`s, and with
+/// `down`, `down` to zero (timed) and a check that it left nothing behind. Drops the
+/// database at the end.
+async fn svcdb_run(
+    server: &Server,
+    name: &str,
+    migrations: &Migrations,
+    noop_calls: u32,
+    down: bool,
+) -> Result<SvcdbRun> {
+    let bench = bench_db(server, name, migrations.clone()).await?;
+    let expected = migrations.len();
+    server.checkpoint().await;
+    let mut in_migrations = 0.0;
+    let started = Instant::now();
+    let report = bench
+        .up_with(&UpOptions::default(), &mut |event| {
+            if let MigrateEvent::Finished { duration_ms, .. } = event {
+                in_migrations += duration_ms;
+            }
+        })
+        .await?;
+    let up = started.elapsed();
+    ensure!(
+        report.migrations.len() == expected,
+        "up applied {} of {expected} migrations",
+        report.migrations.len()
+    );
+    let objects = bench.objects().await?;
+
+    let mut samples = Vec::with_capacity(noop_calls as usize);
+    for _ in 0..noop_calls {
+        let started = Instant::now();
+        let report = bench.up().await?;
+        samples.push(started.elapsed());
+        ensure!(
+            report.migrations.is_empty(),
+            "a no-op up applied migrations"
+        );
+    }
+    let noop = (!samples.is_empty()).then(|| NoopFigures {
+        median: report::median(&samples),
+        max: samples.iter().copied().max().unwrap_or_default(),
+    });
+
+    let down = if down {
+        server.checkpoint().await;
+        let started = Instant::now();
+        let report = bench
+            .down(&DownOptions {
+                to: Some(0),
+                ..DownOptions::default()
+            })
+            .await?;
+        let elapsed = started.elapsed();
+        ensure!(
+            report.migrations.len() == expected,
+            "down reverted {} of {expected} migrations",
+            report.migrations.len()
+        );
+        let left = bench.objects().await?;
+        ensure!(
+            left.count == 0,
+            "down to zero left {} objects behind: {}",
+            left.count,
+            left.items
+        );
+        Some(elapsed)
+    } else {
+        None
+    };
+    drop(bench);
+    server.drop_database(name).await?;
+    Ok(SvcdbRun {
+        up,
+        outside_migrations: up.saturating_sub(Duration::from_secs_f64(in_migrations / 1e3)),
+        noop,
+        down,
+        objects,
+    })
+}
+
+/// A fresh database `name` and a runner for `migrations` on its schema `bench` (created by
+/// svcdb, as `SVCDB_CREATE_SCHEMA` would).
+async fn bench_db(server: &Server, name: &str, migrations: Migrations) -> Result<Bench> {
+    server.recreate_database(name).await?;
+    let mut config =
+        svcdb::Config::with_connection(server.database(name), Ident::new("schema", SCHEMA)?);
+    config.create_schema = true;
+    config.pool_min = 1;
+    config.pool_max = 2;
+    config.application_name = Some("svcdb-bench/migrate".into());
+    let db = ServiceDb::connect(config).await?;
+    Ok(Bench {
+        migrator: Migrator::new(db.clone(), migrations),
+        db,
+    })
+}
+
+/// A runner with its pool (for looking at the schema it built).
+struct Bench {
+    migrator: Migrator,
+    db: ServiceDb,
+}
+
+impl Bench {
+    /// What the schema holds now.
+    async fn objects(&self) -> Result<Fingerprint> {
+        let conn = self.db.get().await?;
+        fingerprint(&conn).await
+    }
+}
+
+impl std::ops::Deref for Bench {
+    type Target = Migrator;
+    fn deref(&self) -> &Migrator {
+        &self.migrator
+    }
+}
+
+/// Runs `psql -X -q -v ON_ERROR_STOP=1 -f <file>` for each file into a fresh database whose
+/// schema `bench` exists; returns the total time and what it built. With `pin_schema`, the
+/// search path goes in `PGOPTIONS` (a startup option, exactly as svcdb pins it); otherwise
+/// the file sets it itself.
+async fn psql_timed(
+    server: &Server,
+    psql: &Path,
+    name: &str,
+    files: &[PathBuf],
+    pin_schema: bool,
+) -> Result<(Duration, Fingerprint)> {
+    server.recreate_database(name).await?;
+    let conn = DedicatedConn::connect(&server.database(name)).await?;
+    conn.batch_execute(&format!("CREATE SCHEMA {SCHEMA}"))
+        .await?;
+    server.checkpoint().await;
+    let started = Instant::now();
+    for file in files {
+        let mut cmd = server.tool(psql, name);
+        cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(file);
+        if pin_schema {
+            cmd.env("PGOPTIONS", format!("-c search_path={SCHEMA}"));
+        }
+        pg::run_tool(cmd, &format!("psql -f {}", file.display())).await?;
+    }
+    let elapsed = started.elapsed();
+    let objects = fingerprint(&conn).await?;
+    drop(conn);
+    server.drop_database(name).await?;
+    Ok((elapsed, objects))
+}
+
+/// The objects of schema `bench`, without svcdb's history table: relations (with their column
+/// count), functions, triggers and constraints.
+async fn fingerprint(conn: &tokio_postgres::Client) -> Result<Fingerprint> {
+    let row = conn
+        .query_one(
+            "WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = $1),
+                  items AS (
+                      SELECT c.relkind::text || ':' || c.relname || ':' || c.relnatts AS item
+                        FROM pg_class c
+                       WHERE c.relnamespace = (SELECT oid FROM ns)
+                         AND c.relname NOT IN ('svcdb_migrations', 'svcdb_migrations_pkey')
+                      UNION ALL
+                      SELECT 'f:' || p.proname FROM pg_proc p WHERE p.pronamespace = (SELECT oid FROM ns)
+                      UNION ALL
+                      SELECT 't:' || t.tgname
+                        FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                       WHERE c.relnamespace = (SELECT oid FROM ns) AND NOT t.tgisinternal
+                      UNION ALL
+                      SELECT 'k:' || k.conname
+                        FROM pg_constraint k
+                       WHERE k.connamespace = (SELECT oid FROM ns)
+                         AND k.conname <> 'svcdb_migrations_pkey')
+             SELECT count(*), coalesce(string_agg(item, ',' ORDER BY item), '') FROM items",
+            &[&SCHEMA],
+        )
+        .await
+        .context("cannot list the schema's objects")?;
+    Ok(Fingerprint {
+        count: row.get(0),
+        items: row.get(1),
+    })
+}
