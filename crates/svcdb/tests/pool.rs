@@ -237,6 +237,29 @@ async fn idle_connections_above_min_are_retired_and_min_is_restored() {
     assert_eq!(svc.status().size, 2, "retired down to pool_min");
 }
 
+/// Regression: idle time was counted from the last checkout (deadpool's `last_used`), so a
+/// connection held longer than the idle timeout was retired the moment it came back.
+#[tokio::test]
+async fn a_connection_held_longer_than_the_idle_timeout_is_not_retired_on_return() {
+    let db = TestDb::new().await;
+    let mut cfg = db.config("catalog");
+    cfg.pool_min = 1;
+    cfg.pool_max = 2;
+    cfg.idle_timeout = Some(Duration::from_secs(1));
+    let svc = ServiceDb::connect(cfg).await.unwrap();
+    let held = (svc.get().await.unwrap(), svc.get().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(2000)).await; // longer than the idle timeout
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(700)).await; // at least one maintenance scan
+    assert_eq!(svc.status().size, 2, "just returned: not idle yet");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        svc.status().size,
+        1,
+        "idle past the timeout: retired to pool_min"
+    );
+}
+
 #[tokio::test]
 async fn connections_past_max_lifetime_are_replaced() {
     let db = TestDb::new().await;

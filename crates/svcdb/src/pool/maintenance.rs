@@ -1,6 +1,7 @@
 //! The pool's background task: keeps `pool_min` connections open and retires connections that
 //! are closed, idle too long or too old. deadpool leaves both to the application.
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,13 +43,14 @@ pub(super) async fn run(pool: deadpool_postgres::WeakPool, limits: Limits, stats
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry_at = Instant::now();
     let mut backoff = TICK;
+    let mut idle = IdleSince::default();
     loop {
         interval.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         if pool.is_closed() {
             return;
         }
-        retire(&pool, &limits);
+        retire(&pool, &limits, &mut idle);
         if Instant::now() >= retry_at {
             match top_up(&pool, &limits).await {
                 Ok(()) => backoff = TICK,
@@ -64,24 +66,52 @@ pub(super) async fn run(pool: deadpool_postgres::WeakPool, limits: Limits, stats
     }
 }
 
+/// When each idle connection was first seen back in the pool, keyed by its creation instant.
+///
+/// deadpool's `Metrics::last_used` counts from the last *checkout*, so a connection held for
+/// ten minutes would look idle for ten minutes the moment it is returned and be retired at
+/// once. Its `recycled` instant changes on every checkout, so a connection seen with a new one
+/// has been borrowed and returned since the last scan: its idle time starts now (accurate to one
+/// [`TICK`]).
+#[derive(Default)]
+struct IdleSince {
+    /// Creation instant → (the `recycled` instant seen, when it was first seen idle with it).
+    seen: HashMap<Instant, (Option<Instant>, Instant)>,
+}
+
+impl IdleSince {
+    /// How long the connection has been idle, recording it in `next` (connections not seen in
+    /// a scan are borrowed or gone, and are forgotten).
+    fn idle_for(&self, metrics: &Metrics, now: Instant, next: &mut Self) -> Duration {
+        let since = match self.seen.get(&metrics.created) {
+            Some(&(recycled, since)) if recycled == metrics.recycled => since,
+            _ => now,
+        };
+        next.seen.insert(metrics.created, (metrics.recycled, since));
+        now - since
+    }
+}
+
 /// Drops idle connections that are closed, past their (jittered) lifetime, or idle past the
 /// idle timeout while the pool holds more than `min`.
-fn retire(pool: &deadpool_postgres::Pool, limits: &Limits) {
+fn retire(pool: &deadpool_postgres::Pool, limits: &Limits, idle: &mut IdleSince) {
     let mut size = pool.status().size;
+    let now = Instant::now();
+    let mut next = IdleSince::default();
     let result = pool.retain(|client, metrics| {
         let expired = limits
             .max_lifetime
             .is_some_and(|max| metrics.age() > max + jitter_for(&metrics, limits.jitter));
-        let idle_too_long = size > limits.min
-            && limits
-                .idle_timeout
-                .is_some_and(|idle| metrics.last_used() > idle);
+        let idle_for = idle.idle_for(&metrics, now, &mut next);
+        let idle_too_long =
+            size > limits.min && limits.idle_timeout.is_some_and(|limit| idle_for > limit);
         let keep = !(client.is_closed() || expired || idle_too_long);
         if !keep {
             size -= 1;
         }
         keep
     });
+    *idle = next;
     if !result.removed.is_empty() {
         tracing::debug!(target: "svcdb::pool", retired = result.removed.len(), "retired idle connections");
     }

@@ -103,6 +103,8 @@ impl ServiceDb {
             .queue_mode(QueueMode::Lifo)
             .post_recycle(deadpool_postgres::Hook::async_fn(move |client, metrics| {
                 Box::pin(async move {
+                    // `last_used` counts from the previous checkout, so a connection that was
+                    // held that long is pinged too: one cheap round trip, never a stale socket.
                     if metrics.last_used() < verify_after {
                         return Ok(());
                     }
