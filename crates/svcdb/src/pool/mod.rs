@@ -161,15 +161,19 @@ impl ServiceDb {
         let deadline = started + self.inner.config.acquire_timeout;
         let mut last_error: Option<tokio_postgres::Error> = None;
         let mut backoff = Duration::from_millis(10);
+        // First ask for a free connection without waiting: on the hot path that arms no timer.
+        let mut free_only = true;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 break;
             }
             let timeouts = Timeouts {
-                wait: Some(remaining),
+                wait: Some(if free_only { Duration::ZERO } else { remaining }),
                 create: Some(remaining.min(self.inner.config.connect_timeout)),
-                recycle: Some(remaining.min(self.inner.config.connect_timeout)),
+                // `RecyclingMethod::Fast` does no I/O, and the post-recycle hook bounds its own
+                // ping, so recycling needs no timer of its own.
+                recycle: None,
             };
             match self.inner.pool.timeout_get(&timeouts).await {
                 Ok(conn) => {
@@ -179,7 +183,11 @@ impl ServiceDb {
                     }
                     return Ok(conn);
                 }
+                Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) if free_only => {
+                    free_only = false; // every connection is busy: wait for one
+                }
                 Err(PoolError::Backend(e)) => {
+                    free_only = false;
                     let message = pg_message(&e);
                     if last_error.is_none() {
                         tracing::warn!(target: "svcdb::pool", target_db = %self.inner.config.target(), error = %message, "cannot open a connection; retrying until the acquire timeout");
