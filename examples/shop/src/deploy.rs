@@ -8,6 +8,10 @@ use svcdb::{DedicatedConn, Ident, Password, ProvisionReport, ProvisionSpec};
 
 use crate::platform::{Names, ServiceDef};
 
+/// The comment `shop demo` puts on its database, so that `shop demo` and `shop clean` drop only
+/// databases they made.
+const DEMO_MARK: &str = "made by shop demo; `shop clean` removes it";
+
 /// One shop database and the roles of its services.
 pub struct Deployment {
     /// The admin connection's settings (to the maintenance database).
@@ -86,11 +90,17 @@ impl Deployment {
     pub async fn recreate(&self, services: &[&ServiceDef]) -> anyhow::Result<bool> {
         let existed = self.drop(services).await?;
         let db = self.database_ident()?;
-        self.maintenance()
-            .await?
-            .batch_execute(&format!("CREATE DATABASE {db}"))
-            .await
-            .with_context(|| format!("creating database {}", self.database))?;
+        let maintenance = self.maintenance().await?;
+        // Two messages: CREATE DATABASE cannot share the implicit transaction of one.
+        for sql in [
+            format!("CREATE DATABASE {db}"),
+            format!("COMMENT ON DATABASE {db} IS '{DEMO_MARK}'"),
+        ] {
+            maintenance
+                .batch_execute(&sql)
+                .await
+                .with_context(|| format!("creating database {}", self.database))?;
+        }
         Ok(existed)
     }
 
@@ -99,13 +109,23 @@ impl Deployment {
     pub async fn drop(&self, services: &[&ServiceDef]) -> anyhow::Result<bool> {
         let db = self.database_ident()?;
         let admin = self.maintenance().await?;
-        let existed = admin
+        let mark: Option<Option<String>> = admin
             .query_opt(
-                "SELECT 1 FROM pg_database WHERE datname = $1",
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
                 &[&self.database],
             )
             .await?
-            .is_some();
+            .map(|row| row.get(0));
+        let existed = mark.is_some();
+        // Never drop a database the demo did not make: `shop` is a likely name for a user's own.
+        if let Some(mark) = mark {
+            anyhow::ensure!(
+                mark.as_deref() == Some(DEMO_MARK),
+                "database {} exists and was not made by `shop demo`, so it is left alone\n  \
+                 hint: pass --database with another name, or drop it yourself if it is expendable",
+                self.database
+            );
+        }
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
             .await

@@ -239,3 +239,34 @@ async fn serve_refuses_a_schema_whose_migrations_did_not_run() {
         );
     }
 }
+
+/// Regression: `shop demo` dropped any database with its name, and `shop` is a likely name
+/// for a user's own database.
+#[tokio::test]
+async fn a_database_the_demo_did_not_make_is_left_alone() {
+    let db = svcdb::testing::TestDb::new().await;
+    db.admin()
+        .await
+        .batch_execute("CREATE TABLE precious (id int); INSERT INTO precious VALUES (1)")
+        .await
+        .unwrap();
+    for command in ["demo", "clean"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_shop"))
+            .args([command, "--database", db.name()])
+            .args(["--database-url", &admin_url(), "--amqp-url", &amqp_url()])
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "shop {command}: {stderr}");
+        assert!(stderr.contains("was not made by `shop demo`"), "{stderr}");
+    }
+    let kept: i64 = db
+        .admin()
+        .await
+        .query_one("SELECT count(*) FROM precious", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1, "the database and its data are untouched");
+}
