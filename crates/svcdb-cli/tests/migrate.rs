@@ -369,6 +369,20 @@ async fn baseline_records_versions_without_running_them() {
         .expect_code(2)
         .json();
     assert_eq!(states(&status), ["applied", "applied", "pending"]);
+    let baselined: Vec<&Value> = status["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["baselined"])
+        .collect();
+    assert_eq!(baselined, [true, true, false]);
+    let table = p.run(&["migrate", "status"]).expect_code(2);
+    assert_eq!(
+        table.stdout.matches("baselined").count(),
+        2,
+        "{}",
+        table.stdout
+    );
     let up = p.run(&["migrate", "up", "--json"]).expect_code(0).json();
     assert_eq!(versions(&up["migrations"]), [3]);
 }

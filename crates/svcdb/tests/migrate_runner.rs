@@ -814,6 +814,17 @@ async fn baseline_adopts_an_existing_schema() {
             .collect::<Vec<_>>(),
         [2, 3]
     );
+    // A baselined migration never ran here: status says so rather than showing a duration.
+    let status = m.status().await.unwrap();
+    let shown: Vec<(i64, bool, bool)> = status
+        .entries
+        .iter()
+        .map(|e| (e.version, e.baselined, e.execution_ms.is_some()))
+        .collect();
+    assert_eq!(
+        shown,
+        [(1, true, false), (2, false, true), (3, false, true)]
+    );
 }
 
 #[tokio::test]

@@ -526,7 +526,11 @@ fn status_table(report: &StatusReport) -> Table {
             e.applied_at.map_or_else(String::new, |t| {
                 t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
             }),
-            e.execution_ms.map_or_else(String::new, output::millis),
+            if e.baselined {
+                "baselined".to_owned()
+            } else {
+                e.execution_ms.map_or_else(String::new, output::millis)
+            },
         ]);
     }
     table

@@ -6,7 +6,7 @@
 //!     name          text        NOT NULL,
 //!     checksum      text        NOT NULL,  -- SHA-256 of the up script, hex (see Checksum)
 //!     applied_at    timestamptz NOT NULL DEFAULT now(),
-//!     execution_us  bigint      NOT NULL,  -- microseconds the up script took
+//!     execution_us  bigint,                -- microseconds the up script took; NULL: never run (baseline)
 //!     applied_by    text        NOT NULL DEFAULT current_user,
 //!     transactional boolean     NOT NULL,
 //!     dirty         boolean     NOT NULL DEFAULT false  -- a non-transactional script failed part-way
@@ -44,7 +44,9 @@ pub(crate) struct HistoryRow {
 #[derive(Debug, Clone)]
 pub(crate) struct HistoryDetail {
     pub applied_at: DateTime<Utc>,
-    pub execution: Duration,
+    /// `None` for a baselined migration (recorded, never run) and for one still running
+    /// outside a transaction.
+    pub execution: Option<Duration>,
     pub applied_by: String,
     pub transactional: bool,
 }
@@ -78,7 +80,7 @@ pub(crate) fn create_table_sql(schema: &Ident) -> String {
             name text NOT NULL,
             checksum text NOT NULL,
             applied_at timestamptz NOT NULL DEFAULT now(),
-            execution_us bigint NOT NULL,
+            execution_us bigint,
             applied_by text NOT NULL DEFAULT current_user,
             transactional boolean NOT NULL,
             dirty boolean NOT NULL DEFAULT false
@@ -123,7 +125,9 @@ pub(crate) async fn read(
             dirty: r.get(3),
             detail: full.then(|| HistoryDetail {
                 applied_at: r.get(4),
-                execution: Duration::from_micros(r.get::<_, i64>(5).max(0) as u64),
+                execution: r
+                    .get::<_, Option<i64>>(5)
+                    .map(|us| Duration::from_micros(us.max(0) as u64)),
                 applied_by: r.get(6),
                 transactional: r.get(7),
             }),
@@ -132,11 +136,12 @@ pub(crate) async fn read(
     Ok(History { exists: true, rows })
 }
 
-/// Inserts rows for `migrations` in one statement, whatever their number.
+/// Inserts rows for `migrations` in one statement, whatever their number; a `None` duration
+/// records a migration that did not run (yet).
 pub(crate) async fn insert(
     client: &impl GenericClient,
     schema: &Ident,
-    migrations: &[(&Migration, Duration)],
+    migrations: &[(&Migration, Option<Duration>)],
     dirty: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let versions: Vec<i64> = migrations.iter().map(|(m, _)| m.version).collect();
@@ -145,9 +150,9 @@ pub(crate) async fn insert(
         .iter()
         .map(|(m, _)| m.checksum.to_hex())
         .collect();
-    let micros: Vec<i64> = migrations
+    let micros: Vec<Option<i64>> = migrations
         .iter()
-        .map(|(_, d)| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .map(|(_, d)| d.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
         .collect();
     let transactional: Vec<bool> = migrations.iter().map(|(m, _)| m.transactional).collect();
     let sql = format!(

@@ -225,11 +225,11 @@ impl Migrator {
                 name: dirty.name.clone(),
             });
         }
-        let rows: Vec<(&Migration, Duration)> = self
+        let rows: Vec<(&Migration, Option<Duration>)> = self
             .migrations
             .iter()
             .filter(|m| m.version <= version && history.get(m.version).is_none())
-            .map(|m| (m, Duration::ZERO))
+            .map(|m| (m, None))
             .collect();
         if !history.exists {
             lock.batch_execute(&history::create_table_sql(self.db.schema()))
@@ -478,10 +478,10 @@ impl Migrator {
         }
         match direction {
             Direction::Up => {
-                let rows: Vec<(&Migration, Duration)> = plan
+                let rows: Vec<(&Migration, Option<Duration>)> = plan
                     .iter()
                     .zip(&done)
-                    .map(|(m, e)| (*m, Duration::from_secs_f64(e.duration_ms / 1e3)))
+                    .map(|(m, e)| (*m, Some(Duration::from_secs_f64(e.duration_ms / 1e3))))
                     .collect();
                 history::insert(&tx, schema, &rows, false).await?;
             }
@@ -646,7 +646,7 @@ async fn step(
             .map_err(|e| StepError::Script(e, None))?;
         let elapsed = start.elapsed();
         match direction {
-            Direction::Up => history::insert(&tx, schema, &[(m, elapsed)], false).await?,
+            Direction::Up => history::insert(&tx, schema, &[(m, Some(elapsed))], false).await?,
             Direction::Down => history::delete(&tx, schema, &[m.version]).await?,
         }
         // A deferred constraint fails at commit: that is the script's failure.
@@ -654,7 +654,7 @@ async fn step(
         return Ok(finished(m, direction, start, observer));
     }
     match direction {
-        Direction::Up => history::insert(&*conn, schema, &[(m, Duration::ZERO)], true).await?,
+        Direction::Up => history::insert(&*conn, schema, &[(m, None)], true).await?,
         Direction::Down => history::set_dirty(&*conn, schema, m.version, true, None).await?,
     }
     let start = started(m, direction, observer);

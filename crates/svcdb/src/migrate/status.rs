@@ -40,8 +40,10 @@ pub struct StatusEntry {
     pub transactional: bool,
     /// When it was applied.
     pub applied_at: Option<DateTime<Utc>>,
-    /// How long its up script took, in milliseconds.
+    /// How long its up script took, in milliseconds; `None` when it never ran here.
     pub execution_ms: Option<f64>,
+    /// Recorded by `baseline` as applied without running (an adopted database).
+    pub baselined: bool,
     /// The database user that applied it.
     pub applied_by: Option<String>,
 }
@@ -219,7 +221,10 @@ fn entry(
         path,
         transactional,
         applied_at: detail.map(|d| d.applied_at),
-        execution_ms: detail.map(|d| d.execution.as_secs_f64() * 1e3),
+        execution_ms: detail
+            .and_then(|d| d.execution)
+            .map(|d| d.as_secs_f64() * 1e3),
+        baselined: row.is_some_and(|r| !r.dirty) && detail.is_some_and(|d| d.execution.is_none()),
         applied_by: detail.map(|d| d.applied_by.clone()),
     }
 }
