@@ -4,11 +4,15 @@
 //! * `svcdb-bench pool`: the pool against a new connection per request and against
 //!   `pgbench -S` (see [`pool`]).
 //! * `svcdb-bench migrate`: the migration runner against `psql -f` (see [`migrate`]).
+//! * `svcdb-bench events`: outbox, relay and exactly-once consumer end to end against raw
+//!   lapin publishing and consuming (see [`events`]).
 //!
-//! Both work in databases of their own (`svcdb_bench`, `svcdb_bench_migrate_*`), never in the
-//! one `--database-url` names, so pointing them at a real server touches no user data. Results
-//! and the machine they were measured on are in `docs/benchmarks.md`.
+//! All work in databases of their own (`svcdb_bench`, `svcdb_bench_migrate_*`,
+//! `svcdb_bench_events`), never in the one `--database-url` names, so pointing them at a real
+//! server touches no user data. Results and the machine they were measured on are in
+//! `docs/benchmarks.md`.
 
+mod events;
 mod migrate;
 mod pg;
 mod pool;
@@ -51,6 +55,8 @@ enum Command {
     Pool(pool::PoolArgs),
     /// The migration runner (up, down, no-op up) vs `psql -f`.
     Migrate(migrate::MigrateArgs),
+    /// Outbox + relay + exactly-once consumer vs raw lapin publish/consume, end to end.
+    Events(events::EventsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Pool(args) => pool::run(&server, &args, worker_threads).await,
             Command::Migrate(args) => migrate::run(&server, &args).await,
+            Command::Events(args) => events::run(&server, &args).await,
         }
     })
 }

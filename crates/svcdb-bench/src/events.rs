@@ -1,0 +1,612 @@
+//! `svcdb-bench events`: what exactly-once event handling costs, end to end, against the
+//! plainest at-least-once pipeline on the same broker and database.
+//!
+//! * **svcdb**: N events, each stored with [`svcdb::outbox::enqueue`] in a transaction of its
+//!   own (`--producers` at once); then the [`Relay`] drains the outbox to RabbitMQ (batches of
+//!   100 with publisher confirms); then a [`Consumer`] handles every event inside
+//!   `process_once` (the claim plus one `INSERT` into `effects`, one transaction) and acks
+//!   after the commit. The stages run one after another, so each has a rate of its own; the
+//!   end-to-end rate is N over the time from the first enqueue to the last event handled.
+//! * **raw lapin**: the same N envelopes published straight to the broker (batches of 100
+//!   with publisher confirms, like the relay), then a plain lapin consumer (same prefetch,
+//!   same pool, deliveries handled concurrently) that decodes each, does the same `INSERT` in
+//!   a transaction of its own and acks: no outbox, no claim, at least once.
+//! * **duplicates**: N new envelopes, each published twice in a row straight into the svcdb
+//!   consumer's queue (so copies of one event are often handled concurrently); the run fails
+//!   unless exactly N business effects result.
+//!
+//! Everything happens in a database of its own (`svcdb_bench_events`, recreated, dropped at
+//! the end) and on an exchange and queues with a random suffix (deleted at the end).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use futures_util::StreamExt;
+use rand::Rng;
+use serde_json::json;
+use svcdb::{outbox, Envelope, Ident, Outbox, ServiceDb, Transaction};
+use svcdb_amqp::lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use svcdb_amqp::lapin::types::FieldTable;
+use svcdb_amqp::lapin::{Channel, Confirmation, Connection};
+use svcdb_amqp::topology::{QueueSpec, Topology};
+use svcdb_amqp::{AmqpConfig, CancellationToken, Consumer, HandlerError, Relay, RelayConfig};
+use tokio::task::JoinSet;
+
+use crate::pg::Server;
+use crate::report::{self, Figures};
+
+/// The benchmark's own database, recreated at start and dropped at the end.
+const DATABASE: &str = "svcdb_bench_events";
+
+/// The event kind every envelope carries.
+const KIND: &str = "BenchEventHappened";
+
+/// The consumer name: the idempotency scope of the claims.
+const CONSUMER: &str = "svcdb-bench.events";
+
+/// Messages per publisher-confirm batch, for the relay and for raw publishing alike.
+const BATCH: usize = 100;
+
+/// Unacknowledged deliveries per consumer, svcdb's and raw; the pool has as many connections.
+const PREFETCH: u16 = 32;
+
+/// Longest wait for any one stage; a stage that takes longer is a broken run.
+const STAGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Options of `svcdb-bench events`.
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Print every figure as one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+
+    /// Events per path (svcdb, raw lapin, and the duplicates check).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    events: u32,
+
+    /// Concurrent producers enqueueing (each event in a transaction of its own).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    producers: u16,
+
+    /// The broker: `amqp://user:password@host:port/vhost`.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = svcdb_amqp::config::DEFAULT_URL,
+        hide_env_values = true
+    )]
+    amqp_url: String,
+}
+
+/// The exchange and queues of one run, unique to it.
+struct Names {
+    exchange: String,
+    svcdb_queue: QueueSpec,
+    raw_queue: QueueSpec,
+}
+
+impl Names {
+    fn new() -> Self {
+        let suffix: u64 = rand::rng().random();
+        let base = format!("svcdb-bench.{suffix:016x}");
+        let exchange = format!("{base}.events");
+        Self {
+            svcdb_queue: QueueSpec::new(format!("{base}.svcdb")).bind(&exchange, "svcdb.#"),
+            raw_queue: QueueSpec::new(format!("{base}.raw")).bind(&exchange, "raw.#"),
+            exchange,
+        }
+    }
+
+    fn topology(&self) -> Topology {
+        Topology::new()
+            .exchange(&self.exchange)
+            .queue(self.svcdb_queue.clone())
+            .queue(self.raw_queue.clone())
+    }
+}
+
+/// Everything measured in one run.
+struct Results {
+    machine: report::Machine,
+    events: u64,
+    producers: u16,
+    enqueue: Duration,
+    relay: Duration,
+    svcdb_consume: Duration,
+    svcdb_end_to_end: Duration,
+    raw_publish: Duration,
+    raw_consume: Duration,
+    raw_end_to_end: Duration,
+    dup_deliveries: u64,
+    dup_handled: u64,
+    dup_duplicates: u64,
+    dup_effects: i64,
+    dup_elapsed: Duration,
+    /// Failed attempts the svcdb consumer requeued over the whole run (0 in a healthy run).
+    requeued: u64,
+}
+
+/// Events per second.
+fn rate(events: u64, elapsed: Duration) -> f64 {
+    events as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+pub async fn run(server: &Server, args: &EventsArgs) -> Result<()> {
+    let machine = report::Machine::now(server.version());
+    let amqp = AmqpConfig::new(&args.amqp_url)
+        .with_connection_name("svcdb-bench events")
+        .with_prefetch(PREFETCH);
+    let connection = amqp
+        .connect()
+        .await
+        .context("cannot reach RabbitMQ (start it with scripts/services, or set --amqp-url)")?;
+    let names = Names::new();
+    let topology = names.topology();
+
+    server.recreate_database(DATABASE).await?;
+    let outcome = async {
+        topology.declare(&connection).await?;
+        measure(server, args, &amqp, connection, &names, machine).await
+    }
+    .await;
+
+    // Clean up whatever happened; a clean-up failure is reported, but the run's own error
+    // (if any) is the one returned.
+    let cleanup = async {
+        let connection = amqp.connect().await?;
+        let deleted = topology.delete(&connection).await;
+        let _ = connection.close(200, "OK".into()).await;
+        deleted?;
+        server.drop_database(DATABASE).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let results = outcome?;
+    cleanup.context("cleaning up the benchmark's queues and database")?;
+
+    let (figures, text) = (figures(&results), human_report(&results));
+    report::print(&text, &figures, &[], args.json);
+    Ok(())
+}
+
+async fn measure(
+    server: &Server,
+    args: &EventsArgs,
+    amqp: &AmqpConfig,
+    connection: Connection,
+    names: &Names,
+    machine: report::Machine,
+) -> Result<Results> {
+    let n = u64::from(args.events);
+    let mut config =
+        svcdb::Config::with_connection(server.database(DATABASE), Ident::new("schema", "public")?);
+    config.pool_min = usize::from(PREFETCH);
+    config.pool_max = usize::from(PREFETCH);
+    config.application_name = Some("svcdb-bench/events".into());
+    let db = ServiceDb::connect(config).await?;
+    db.install_idempotency().await?;
+    db.install_outbox().await?;
+    // One row per business effect, deliberately without a unique key: a handler that ran
+    // twice for one event shows as two rows.
+    db.get()
+        .await?
+        .batch_execute(
+            "CREATE TABLE effects (n bigserial PRIMARY KEY, event_id uuid NOT NULL, phase text NOT NULL)",
+        )
+        .await?;
+    let connection = Arc::new(connection);
+
+    let consumer = Consumer::new(amqp, db.clone(), &names.svcdb_queue, CONSUMER)
+        .on(KIND, |tx, event| Box::pin(business_write(tx, event)));
+
+    // 1. svcdb: enqueue, relay, consume, one stage after another.
+    let envelopes: Vec<Envelope> = (0..n).map(|i| envelope("svcdb", i)).collect();
+    server.checkpoint().await;
+    eprintln!(
+        "svcdb: enqueueing {n} events, {} producers…",
+        args.producers
+    );
+    let started = Instant::now();
+    enqueue_all(&db, &names.exchange, &envelopes, args.producers).await?;
+    let enqueue = started.elapsed();
+
+    eprintln!("svcdb: relaying…");
+    let relay_started = Instant::now();
+    let relay = Relay::new(amqp, Outbox::new(db.clone())).with_config(RelayConfig {
+        batch_size: BATCH,
+        ..RelayConfig::default()
+    });
+    let mut status = relay.status();
+    let relay_stop = CancellationToken::new();
+    let relay_task = tokio::spawn({
+        let stop = relay_stop.clone();
+        async move { relay.run(stop).await }
+    });
+    // Only whether it happened: the `Ref` that `wait_for` returns holds the watch's lock,
+    // and the relay (updating its status) would block on it.
+    let waited = tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.published >= n))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let relay_elapsed = relay_started.elapsed();
+    relay_stop.cancel();
+    let last = relay_task.await??;
+    ensure!(
+        waited,
+        "the relay published {} of {n} events in {STAGE_TIMEOUT:?} (last error: {:?})",
+        last.published,
+        last.last_error
+    );
+    ensure!(
+        last.published == n,
+        "the relay published {} events, expected {n}",
+        last.published
+    );
+
+    eprintln!("svcdb: consuming…");
+    let consume_started = Instant::now();
+    let consumer_stop = CancellationToken::new();
+    let consumer_task = tokio::spawn({
+        let consumer = consumer.clone();
+        let stop = consumer_stop.clone();
+        let connection = connection.clone();
+        async move { consumer.run_on(&connection, &stop).await }
+    });
+    let consumed = wait_until(|| consumer.stats().handled >= n).await;
+    let svcdb_done = Instant::now();
+    let (svcdb_consume, svcdb_end_to_end) = (svcdb_done - consume_started, svcdb_done - started);
+    if !consumed {
+        consumer_stop.cancel();
+        let _ = consumer_task.await;
+        bail!(
+            "the svcdb consumer handled {} of {n} events in {STAGE_TIMEOUT:?}: {:?}",
+            consumer.stats().handled,
+            consumer.stats()
+        );
+    }
+
+    // 2. Raw lapin: publish the same envelopes with confirms, then consume and ack each after
+    // the same write in a transaction of its own.
+    server.checkpoint().await;
+    eprintln!("raw lapin: publishing {n} events…");
+    let channel = svcdb_amqp::publish::confirm_channel(&connection).await?;
+    let started = Instant::now();
+    let copies: Vec<&Envelope> = envelopes.iter().collect();
+    publish_all(&channel, &names.exchange, "raw.bench", &copies).await?;
+    let raw_publish = started.elapsed();
+    eprintln!("raw lapin: consuming…");
+    let raw_done = raw_consume(&connection, &db, &names.raw_queue.name, n).await?;
+    let (raw_consume, raw_end_to_end) = (raw_done - started - raw_publish, raw_done - started);
+
+    // 3. Duplicates: every new envelope twice, into the svcdb consumer's queue.
+    server.checkpoint().await;
+    eprintln!("duplicates: publishing {n} events twice into the svcdb queue…");
+    let before = consumer.stats();
+    let dups: Vec<Envelope> = (0..n).map(|i| envelope("dup", i)).collect();
+    let twice: Vec<&Envelope> = dups.iter().flat_map(|e| [e, e]).collect();
+    let started = Instant::now();
+    publish_all(&channel, &names.exchange, "svcdb.dup", &twice).await?;
+    let delivered = wait_until(|| {
+        let s = consumer.stats();
+        (s.handled + s.duplicates) - (before.handled + before.duplicates) >= 2 * n
+    })
+    .await;
+    let dup_elapsed = started.elapsed();
+    let _ = channel.close(200, "OK".into()).await;
+    consumer_stop.cancel();
+    consumer_task.await??;
+    let after = consumer.stats();
+    ensure!(
+        delivered,
+        "the svcdb consumer settled {} of {} duplicate deliveries in {STAGE_TIMEOUT:?}: {after:?}",
+        (after.handled + after.duplicates) - (before.handled + before.duplicates),
+        2 * n
+    );
+
+    let counts = db
+        .get()
+        .await?
+        .query(
+            "SELECT phase, count(*), count(DISTINCT event_id) FROM effects GROUP BY phase",
+            &[],
+        )
+        .await?;
+    let count = |phase: &str| -> (i64, i64) {
+        counts
+            .iter()
+            .find(|r| r.get::<_, &str>(0) == phase)
+            .map_or((0, 0), |r| (r.get(1), r.get(2)))
+    };
+    let expected = i64::try_from(n)?;
+    for phase in ["svcdb", "raw", "dup"] {
+        let (rows, distinct) = count(phase);
+        if rows != expected || distinct != expected {
+            bail!(
+                "correctness check failed: {phase} events have {rows} business effects \
+                 ({distinct} distinct events); expected exactly {n}"
+            );
+        }
+    }
+    db.close();
+    if let Ok(connection) = Arc::try_unwrap(connection) {
+        let _ = connection.close(200, "OK".into()).await;
+    }
+
+    Ok(Results {
+        machine,
+        events: n,
+        producers: args.producers,
+        enqueue,
+        relay: relay_elapsed,
+        svcdb_consume,
+        svcdb_end_to_end,
+        raw_publish,
+        raw_consume,
+        raw_end_to_end,
+        dup_deliveries: 2 * n,
+        dup_handled: after.handled - before.handled,
+        dup_duplicates: after.duplicates - before.duplicates,
+        dup_effects: count("dup").0,
+        requeued: after.requeued,
+        dup_elapsed,
+    })
+}
+
+/// Event `seq` of `phase`; the phase is in the payload, for the business write.
+fn envelope(phase: &str, seq: u64) -> Envelope {
+    Envelope::new(KIND, "svcdb-bench", json!({ "phase": phase, "seq": seq }))
+}
+
+/// The business effect of one event, the same on every path.
+const EFFECT_SQL: &str = "INSERT INTO effects (event_id, phase) VALUES ($1, $2)";
+
+/// The svcdb handler: the business write, inside the consumer's `process_once` transaction.
+async fn business_write(tx: &mut Transaction<'_>, event: &Envelope) -> Result<(), HandlerError> {
+    let phase = event.payload["phase"].as_str().unwrap_or("unknown");
+    tx.execute(EFFECT_SQL, &[&event.id, &phase]).await?;
+    Ok(())
+}
+
+/// Enqueues every envelope in a transaction of its own, `producers` at a time.
+async fn enqueue_all(
+    db: &ServiceDb,
+    exchange: &str,
+    envelopes: &[Envelope],
+    producers: u16,
+) -> Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let envelopes = Arc::new(envelopes.to_vec());
+    let mut tasks = JoinSet::new();
+    for _ in 0..producers {
+        let (db, next, envelopes) = (db.clone(), next.clone(), envelopes.clone());
+        let exchange = exchange.to_owned();
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(envelope) = usize::try_from(i).ok().and_then(|i| envelopes.get(i)) else {
+                    return anyhow::Ok(());
+                };
+                db.transaction(async |tx| {
+                    outbox::enqueue(tx, &exchange, "svcdb.bench", envelope).await
+                })
+                .await?;
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined??;
+    }
+    Ok(())
+}
+
+/// Publishes `envelopes` (mandatory, persistent, svcdb's message properties) in batches of
+/// [`BATCH`], waiting for each batch's confirms before the next, as the relay does.
+async fn publish_all(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    envelopes: &[&Envelope],
+) -> Result<()> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    for batch in envelopes.chunks(BATCH) {
+        let mut confirms = Vec::with_capacity(batch.len());
+        for envelope in batch {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.into(),
+                        options,
+                        &envelope.to_json_bytes(),
+                        svcdb_amqp::publish::envelope_properties(envelope),
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            match confirm.await? {
+                Confirmation::Ack(None) => {}
+                other => bail!("the broker did not take a message: {other:?}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Consumes `n` messages from `queue`: each decoded, written in a transaction of its own
+/// (no claim) and acked after the commit, up to [`PREFETCH`] at once. Returns when the last
+/// was acked.
+async fn raw_consume(
+    connection: &Connection,
+    db: &ServiceDb,
+    queue: &str,
+    n: u64,
+) -> Result<Instant> {
+    let channel = connection.create_channel().await?;
+    channel.basic_qos(PREFETCH, Default::default()).await?;
+    let mut deliveries = channel
+        .basic_consume(
+            queue.into(),
+            "svcdb-bench.raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut tasks = JoinSet::new();
+    let mut received = 0;
+    let mut acked = 0;
+    let deadline = tokio::time::Instant::now() + STAGE_TIMEOUT;
+    while acked < n {
+        tokio::select! {
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                joined??;
+                acked += 1;
+            }
+            next = deliveries.next(), if received < n => {
+                let delivery = next.context("the broker cancelled the raw consumer")??;
+                received += 1;
+                let db = db.clone();
+                tasks.spawn(async move {
+                    let event = Envelope::from_slice(&delivery.data)?;
+                    // The same envelopes as the svcdb path (payload phase "svcdb"): the
+                    // effects are told apart by the path that wrote them.
+                    let phase = "raw";
+                    db.transaction(async |tx| {
+                        tx.execute(EFFECT_SQL, &[&event.id, &phase]).await?;
+                        Ok::<_, svcdb::Error>(())
+                    })
+                    .await?;
+                    delivery.ack(BasicAckOptions::default()).await?;
+                    anyhow::Ok(())
+                });
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                bail!("the raw consumer acked {acked} of {n} events in {STAGE_TIMEOUT:?}");
+            }
+        }
+    }
+    let done = Instant::now();
+    let _ = channel.close(200, "OK".into()).await;
+    Ok(done)
+}
+
+/// Polls `condition` every millisecond, up to [`STAGE_TIMEOUT`]; false if it never held.
+async fn wait_until(condition: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + STAGE_TIMEOUT;
+    while !condition() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
+/// The JSON figures.
+fn figures(r: &Results) -> Figures {
+    let mut f = Figures::new();
+    f.set("benchmark", "events");
+    r.machine.add_to(&mut f);
+    f.set("events", r.events);
+    f.set("producers", r.producers);
+    f.set("prefetch", PREFETCH);
+    f.set("batch_size", BATCH as u64);
+    f.set("enqueue_per_s", rate(r.events, r.enqueue));
+    f.set("relay_per_s", rate(r.events, r.relay));
+    f.set("svcdb_consume_per_s", rate(r.events, r.svcdb_consume));
+    f.set("svcdb_end_to_end_per_s", rate(r.events, r.svcdb_end_to_end));
+    f.set("svcdb_end_to_end_s", r.svcdb_end_to_end.as_secs_f64());
+    f.set("raw_publish_per_s", rate(r.events, r.raw_publish));
+    f.set("raw_consume_per_s", rate(r.events, r.raw_consume));
+    f.set("raw_end_to_end_per_s", rate(r.events, r.raw_end_to_end));
+    f.set("raw_end_to_end_s", r.raw_end_to_end.as_secs_f64());
+    f.set(
+        "svcdb_vs_raw",
+        report::ratio(
+            Some(rate(r.events, r.svcdb_end_to_end)),
+            Some(rate(r.events, r.raw_end_to_end)),
+        ),
+    );
+    f.set("duplicate_deliveries", r.dup_deliveries);
+    f.set("duplicate_handled", r.dup_handled);
+    f.set("duplicate_absorbed", r.dup_duplicates);
+    f.set("duplicate_effects", r.dup_effects);
+    f.set(
+        "duplicate_deliveries_per_s",
+        rate(r.dup_deliveries, r.dup_elapsed),
+    );
+    f.set("svcdb_requeued", r.requeued);
+    f.set(
+        "exactly_once",
+        r.dup_effects == i64::try_from(r.events).unwrap_or(-1),
+    );
+    f
+}
+
+/// The table and the context a reader needs to judge it.
+fn human_report(r: &Results) -> String {
+    let mut table = report::table(&["stage", "events", "seconds", "events/s"]);
+    let line = |stage: &str, events: u64, elapsed: Duration| {
+        vec![
+            stage.to_owned(),
+            events.to_string(),
+            report::num(elapsed.as_secs_f64()),
+            report::num(rate(events, elapsed)),
+        ]
+    };
+    table.add_row(line(
+        &format!(
+            "svcdb: outbox::enqueue, 1 tx each, {} producers",
+            r.producers
+        ),
+        r.events,
+        r.enqueue,
+    ));
+    table.add_row(line("svcdb: Relay drain (confirms)", r.events, r.relay));
+    table.add_row(line(
+        "svcdb: Consumer (process_once + INSERT)",
+        r.events,
+        r.svcdb_consume,
+    ));
+    table.add_row(line("svcdb: end to end", r.events, r.svcdb_end_to_end));
+    table.add_row(line(
+        "raw lapin: publish (confirms)",
+        r.events,
+        r.raw_publish,
+    ));
+    table.add_row(line(
+        "raw lapin: consume (INSERT tx, ack)",
+        r.events,
+        r.raw_consume,
+    ));
+    table.add_row(line("raw lapin: end to end", r.events, r.raw_end_to_end));
+    table.add_row(line(
+        "duplicates: every event published twice",
+        r.dup_deliveries,
+        r.dup_elapsed,
+    ));
+    let ratio = report::ratio(
+        Some(rate(r.events, r.svcdb_end_to_end)),
+        Some(rate(r.events, r.raw_end_to_end)),
+    );
+    format!(
+        "Events benchmark: {} events per path; stages run one after another; \
+         publisher confirms per batch of {BATCH}; prefetch {PREFETCH}, pool of {PREFETCH}\n{}\n\n\
+         {table}\n\n\
+         svcdb / raw lapin, end to end: {}× (the cost of the outbox and exactly-once claims)\n\
+         Duplicates: {} deliveries → {} handled, {} absorbed as duplicates, {} business effects \
+         (expected {}): exactly once",
+        r.events,
+        r.machine.line(),
+        ratio.map_or_else(|| "n/a".to_owned(), report::num),
+        r.dup_deliveries,
+        r.dup_handled,
+        r.dup_duplicates,
+        r.dup_effects,
+        r.events,
+    )
+}
