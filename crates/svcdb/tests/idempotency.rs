@@ -443,51 +443,6 @@ async fn invalid_consumer_names_are_refused_before_any_sql() {
     assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn install_is_idempotent_and_safe_from_concurrent_replicas() {
-    let db = TestDb::new().await;
-    // Eight replicas start at once, each with its own pool, each installing the table.
-    let mut replicas = Vec::new();
-    for _ in 0..8 {
-        replicas.push(db.service("catalog").await);
-    }
-    let barrier = Arc::new(tokio::sync::Barrier::new(8));
-    let tasks: Vec<_> = replicas
-        .iter()
-        .cloned()
-        .map(|svc| {
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                barrier.wait().await;
-                svc.install_idempotency().await
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap().unwrap();
-    }
-    let svc = &replicas[0];
-    svc.install_idempotency().await.unwrap(); // and once more, later
-    assert!(svc
-        .table_exists(idempotency::PROCESSED_EVENTS_TABLE)
-        .await
-        .unwrap());
-    let schemas: Vec<String> = svc
-        .get()
-        .await
-        .unwrap()
-        .query(
-            "SELECT schemaname::text FROM pg_tables WHERE tablename = $1",
-            &[&idempotency::PROCESSED_EVENTS_TABLE],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(schemas, ["catalog"], "in the service schema, nowhere else");
-}
-
 #[tokio::test]
 async fn install_refuses_a_missing_schema_instead_of_using_public() {
     let db = TestDb::new().await;

@@ -492,6 +492,7 @@ async fn purge_deletes_old_published_rows_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_is_idempotent_and_safe_from_concurrent_replicas() {
+    // Eight replicas start at once, each with its own pool, each installing both tables.
     let db = TestDb::new().await;
     let mut replicas = Vec::new();
     for _ in 0..8 {
@@ -514,8 +515,37 @@ async fn install_is_idempotent_and_safe_from_concurrent_replicas() {
         task.await.unwrap().unwrap();
     }
     let svc = &replicas[0];
-    svc.install_outbox().await.unwrap();
-    assert!(svc.table_exists(outbox::OUTBOX_TABLE).await.unwrap());
+    svc.install_outbox().await.unwrap(); // and once more, later
+    svc.install_idempotency().await.unwrap();
+    let placed: Vec<(String, String)> = svc
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT tablename::text, schemaname::text FROM pg_tables
+              WHERE tablename = ANY($1) ORDER BY tablename",
+            &[&[
+                outbox::OUTBOX_TABLE,
+                svcdb::idempotency::PROCESSED_EVENTS_TABLE,
+            ]
+            .as_slice()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            (outbox::OUTBOX_TABLE.to_owned(), "orders".to_owned()),
+            (
+                svcdb::idempotency::PROCESSED_EVENTS_TABLE.to_owned(),
+                "orders".to_owned()
+            ),
+        ],
+        "both in the service schema, nowhere else"
+    );
     let index: Option<String> = svc
         .get()
         .await
