@@ -6,7 +6,7 @@
 //!     name          text        NOT NULL,
 //!     checksum      text        NOT NULL,  -- SHA-256 of the up script, hex (see Checksum)
 //!     applied_at    timestamptz NOT NULL DEFAULT now(),
-//!     execution_us  bigint,                -- microseconds the up script took; NULL: never run (baseline)
+//!     execution_us  bigint,                -- microseconds the up script took; NULL: not run here (baseline) or still running
 //!     applied_by    text        NOT NULL DEFAULT current_user,
 //!     transactional boolean     NOT NULL,
 //!     dirty         boolean     NOT NULL DEFAULT false  -- a non-transactional script failed part-way
