@@ -1,5 +1,5 @@
 //! `svcdb-bench pool`: what the pool buys over a new connection per request, and what it costs
-//! against the best a client can do (`pgbench -S`, C and libpq, prepared statements).
+//! against the best a client can do (`pgbench -S`, C and libpq).
 //!
 //! The query is pgbench's own select-only transaction, `SELECT abalance FROM pgbench_accounts
 //! WHERE aid = $1` with a random `aid`, on pgbench's table at scale 10 (1 000 000 rows, fully
@@ -8,12 +8,20 @@
 //!
 //! * **pooled**: `ServiceDb::get`, `prepare_cached` (one parse per connection, then only
 //!   bind/execute), the query, the connection back to the pool;
-//! * **pgbench**: `pgbench -S -M prepared -c N -j N`, its tps without initial connection time;
+//! * **pgbench -S**: `pgbench -S -c N -j N`, its tps without initial connection time, in its
+//!   default query mode (`simple`: the SQL text is sent, parsed and planned for every
+//!   transaction), which is the reference the target names;
+//! * **pgbench -S -M prepared**: the same with the statement parsed once per connection, as
+//!   the pool's `prepare_cached` does: the stricter reference, reported beside it;
 //! * **tokio-postgres, no pool**: one connection per task held for the whole run, the
 //!   statement prepared once: the same driver and runtime without the pool, which splits the
 //!   distance to pgbench into the pool's share and the driver's;
 //! * **connect-per-request**: connect (TCP, startup, a new backend process), the query
 //!   (parse + bind/execute, nothing to reuse), close.
+//!
+//! The pooled run and the two pgbench runs are repeated `--rounds` times back to back, so each
+//! round's ratios compare runs seconds apart; the reported ratio is the median of the rounds'
+//! ratios, which a burst of load from elsewhere during one round does not move.
 //!
 //! Each in-process measurement runs N tasks in a loop for `--duration` seconds after an
 //! unrecorded warm-up; throughput is the requests completed in the measured window, latency
@@ -54,8 +62,13 @@ pub struct PoolArgs {
     json: bool,
 
     /// Seconds each measurement runs (pgbench rounds up to whole seconds).
-    #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
+    #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
     duration: f64,
+
+    /// Rounds of the pooled run and the two pgbench runs, back to back; the ratios reported are
+    /// the medians of the rounds' ratios.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 
     /// Unrecorded seconds before each in-process measurement: connections opened, statements
     /// prepared, caches warm, as in a service that has been up for a while.
@@ -197,15 +210,92 @@ struct PgbenchFigures {
     client_cpu_us: Option<f64>,
 }
 
+/// pgbench's query modes (`-M`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueryMode {
+    /// pgbench's default, what `pgbench -S` runs: the SQL text with the value inlined, parsed
+    /// and planned by the server for every transaction.
+    Simple,
+    /// Parsed once per connection, then bind/execute only: what the pool's `prepare_cached`
+    /// does, so the comparison with the least server work on pgbench's side.
+    Prepared,
+}
+
+impl QueryMode {
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Simple => "simple",
+            Self::Prepared => "prepared",
+        }
+    }
+
+    /// The method's name in the report.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Simple => "pgbench -S",
+            Self::Prepared => "pgbench -S -M prepared",
+        }
+    }
+}
+
+/// One round at one client count: the pooled run and the two pgbench runs, back to back.
+struct Round {
+    pooled: Measured,
+    pgbench: Option<PgbenchFigures>,
+    pgbench_prepared: Option<PgbenchFigures>,
+}
+
+impl Round {
+    fn pgbench(&self, mode: QueryMode) -> Option<PgbenchFigures> {
+        match mode {
+            QueryMode::Simple => self.pgbench,
+            QueryMode::Prepared => self.pgbench_prepared,
+        }
+    }
+
+    /// Pooled throughput over pgbench's in this round.
+    fn pooled_vs(&self, mode: QueryMode) -> Option<f64> {
+        report::ratio(Some(self.pooled.tps), self.pgbench(mode).map(|p| p.tps))
+    }
+}
+
 /// The figures at one client count.
 struct Row {
     clients: u16,
     /// Checkouts without queries (see [`Checkout`]).
     checkout: Measured,
-    pooled: Measured,
+    /// At least one.
+    rounds: Vec<Round>,
     direct: Measured,
     connect_per_request: Measured,
-    pgbench: Option<PgbenchFigures>,
+}
+
+impl Row {
+    /// The pooled run of median throughput, with its own latencies.
+    fn pooled(&self) -> &Measured {
+        &report::median_by(&self.rounds, |r| r.pooled.tps).pooled
+    }
+
+    /// The pgbench run of median throughput in `mode`.
+    fn pgbench(&self, mode: QueryMode) -> Option<PgbenchFigures> {
+        let runs: Vec<PgbenchFigures> =
+            self.rounds.iter().filter_map(|r| r.pgbench(mode)).collect();
+        (!runs.is_empty()).then(|| *report::median_by(&runs, |p| p.tps))
+    }
+
+    /// Each round's pooled / pgbench ratio in `mode`.
+    fn pooled_vs_rounds(&self, mode: QueryMode) -> Vec<f64> {
+        self.rounds
+            .iter()
+            .filter_map(|r| r.pooled_vs(mode))
+            .collect()
+    }
+
+    /// The median of the rounds' pooled / pgbench ratios in `mode`.
+    fn pooled_vs(&self, mode: QueryMode) -> Option<f64> {
+        let ratios = self.pooled_vs_rounds(mode);
+        (!ratios.is_empty()).then(|| report::median_f64(&ratios))
+    }
 }
 
 /// Everything one run measured, and what it ran on.
@@ -235,8 +325,9 @@ pub async fn run(server: &Server, args: &PoolArgs, worker_threads: usize) -> Res
     Ok(())
 }
 
-/// Prepares the table and the pool, then measures each client count: pooled, pgbench, the
-/// driver without the pool, connect-per-request, and the pool's checkout alone.
+/// Prepares the table and the pool, then measures each client count: rounds of pooled and
+/// pgbench (both modes), the driver without the pool, connect-per-request, and the pool's
+/// checkout alone.
 async fn measure_all(server: &Server, args: &PoolArgs, worker_threads: usize) -> Result<Results> {
     let machine = report::Machine::now(server.version());
     let mut clients = args.clients.clone();
@@ -273,19 +364,38 @@ async fn measure_all(server: &Server, args: &PoolArgs, worker_threads: usize) ->
     let duration = Duration::from_secs_f64(args.duration);
     let mut rows = Vec::new();
     for &n in &clients {
-        eprintln!("pooled, {n} clients, {:.1} s…", args.duration);
-        let tasks = (0..n).map(|_| Pooled(db.clone())).collect();
-        let pooled = measure(tasks, accounts, warmup, duration).await?;
-        // pgbench right after the pooled run, so the pair compared most closely runs under the
-        // same conditions (the connect-per-request run leaves the server reaping backends).
-        let pgbench = match &pgbench {
-            Some(path) => {
+        let mut rounds = Vec::new();
+        for round in 1..=args.rounds {
+            let of = args.rounds;
+            eprintln!(
+                "round {round}/{of}: pooled, {n} clients, {:.1} s…",
+                args.duration
+            );
+            let tasks = (0..n).map(|_| Pooled(db.clone())).collect();
+            let pooled = measure(tasks, accounts, warmup, duration).await?;
+            // pgbench right after the pooled run, so the runs compared run under the same
+            // conditions (the connect-per-request run leaves the server reaping backends).
+            let pgbench_run = async |mode: QueryMode| -> Result<Option<PgbenchFigures>> {
+                let Some(path) = &pgbench else {
+                    return Ok(None);
+                };
                 let secs = whole_seconds(args.duration);
-                eprintln!("pgbench -S, {n} clients, {secs} s…");
-                Some(run_pgbench(server, path, &args.database, n, secs).await?)
-            }
-            None => None,
-        };
+                eprintln!(
+                    "round {round}/{of}: {}, {n} clients, {secs} s…",
+                    mode.label()
+                );
+                Ok(Some(
+                    run_pgbench(server, path, &args.database, mode, n, secs).await?,
+                ))
+            };
+            let simple = pgbench_run(QueryMode::Simple).await?;
+            let prepared = pgbench_run(QueryMode::Prepared).await?;
+            rounds.push(Round {
+                pooled,
+                pgbench: simple,
+                pgbench_prepared: prepared,
+            });
+        }
         eprintln!(
             "tokio-postgres without pool, {n} clients, {:.1} s…",
             args.duration
@@ -306,10 +416,9 @@ async fn measure_all(server: &Server, args: &PoolArgs, worker_threads: usize) ->
         rows.push(Row {
             clients: n,
             checkout,
-            pooled,
+            rounds,
             direct,
             connect_per_request,
-            pgbench,
         });
     }
     let acquire_wait_p99_ms = db.status().acquire_wait.p99_ms;
@@ -333,6 +442,7 @@ fn figures(args: &PoolArgs, r: &Results) -> (Figures, Vec<Target>) {
     f.set("accounts", r.accounts);
     f.set("duration_s", args.duration);
     f.set("warmup_s", args.warmup);
+    f.set("rounds", args.rounds);
     f.set(
         "clients",
         r.rows.iter().map(|row| row.clients).collect::<Vec<_>>(),
@@ -343,7 +453,7 @@ fn figures(args: &PoolArgs, r: &Results) -> (Figures, Vec<Target>) {
     for row in &r.rows {
         let n = row.clients;
         for (method, m) in [
-            ("pooled", &row.pooled),
+            ("pooled", row.pooled()),
             ("direct", &row.direct),
             ("connect_per_request", &row.connect_per_request),
         ] {
@@ -359,32 +469,43 @@ fn figures(args: &PoolArgs, r: &Results) -> (Figures, Vec<Target>) {
             format!("pool_checkout_cpu_us_{n}"),
             row.checkout.client_cpu_us,
         );
-        let pg_tps = row.pgbench.map(|p| p.tps);
-        f.set(format!("pgbench_tps_{n}"), pg_tps);
         f.set(
-            format!("pgbench_latency_avg_ms_{n}"),
-            row.pgbench.map(|p| p.latency_avg_ms),
+            format!("pooled_tps_rounds_{n}"),
+            row.rounds.iter().map(|r| r.pooled.tps).collect::<Vec<_>>(),
         );
-        f.set(
-            format!("pgbench_client_cpu_us_{n}"),
-            row.pgbench.and_then(|p| p.client_cpu_us),
-        );
-        let pooled = Some(row.pooled.tps);
+        // `pgbench_*` is `pgbench -S` as run by default; `pgbench_prepared_*` with -M prepared.
+        for (key, mode) in [
+            ("pgbench", QueryMode::Simple),
+            ("pgbench_prepared", QueryMode::Prepared),
+        ] {
+            let run = row.pgbench(mode);
+            f.set(format!("{key}_tps_{n}"), run.map(|p| p.tps));
+            f.set(
+                format!("{key}_latency_avg_ms_{n}"),
+                run.map(|p| p.latency_avg_ms),
+            );
+            f.set(
+                format!("{key}_client_cpu_us_{n}"),
+                run.and_then(|p| p.client_cpu_us),
+            );
+            f.set(format!("pooled_vs_{key}_{n}"), row.pooled_vs(mode));
+            f.set(
+                format!("pooled_vs_{key}_rounds_{n}"),
+                row.pooled_vs_rounds(mode),
+            );
+            f.set(
+                format!("direct_vs_{key}_{n}"),
+                report::ratio(Some(row.direct.tps), run.map(|p| p.tps)),
+            );
+        }
+        let pooled = Some(row.pooled().tps);
         f.set(
             format!("pooled_vs_connect_per_request_{n}"),
             report::ratio(pooled, Some(row.connect_per_request.tps)),
         );
         f.set(
-            format!("pooled_vs_pgbench_{n}"),
-            report::ratio(pooled, pg_tps),
-        );
-        f.set(
             format!("pooled_vs_direct_{n}"),
             report::ratio(pooled, Some(row.direct.tps)),
-        );
-        f.set(
-            format!("direct_vs_pgbench_{n}"),
-            report::ratio(Some(row.direct.tps), pg_tps),
         );
     }
     f.set("pool_acquire_wait_p99_ms", r.acquire_wait_p99_ms);
@@ -395,14 +516,14 @@ fn figures(args: &PoolArgs, r: &Results) -> (Figures, Vec<Target>) {
         Target {
             key: format!("pooled_vs_connect_per_request_{n}"),
             what: format!("pooled / connect-per-request, {n} clients"),
-            value: report::ratio(Some(top.pooled.tps), Some(top.connect_per_request.tps)),
+            value: report::ratio(Some(top.pooled().tps), Some(top.connect_per_request.tps)),
             bound: Bound::AtLeast(100.0),
             unit: "×",
         },
         Target {
             key: format!("pooled_vs_pgbench_{n}"),
-            what: format!("pooled / pgbench -S, {n} clients"),
-            value: report::ratio(Some(top.pooled.tps), top.pgbench.map(|p| p.tps)),
+            what: format!("pooled / pgbench -S, {n} clients (median of the rounds)"),
+            value: top.pooled_vs(QueryMode::Simple),
             bound: Bound::AtLeast(0.9),
             unit: "×",
         },
@@ -438,25 +559,43 @@ fn human_report(args: &PoolArgs, r: &Results) -> String {
                 format!("{}×", report::num(m.tps / base)),
             ]
         };
-        table.add_row(line("svcdb pool (prepare_cached)", &row.pooled));
-        match row.pgbench {
-            Some(p) => table.add_row(vec![
-                "pgbench -S -M prepared".to_owned(),
-                row.clients.to_string(),
-                report::num(p.tps),
-                "—".into(),
-                "—".into(),
-                report::num(p.latency_avg_ms),
-                cpu(p.client_cpu_us),
-                format!("{}×", report::num(p.tps / base)),
-            ]),
-            None => table.add_row(vec![
-                "pgbench -S (not available)".to_owned(),
-                row.clients.to_string(),
-            ]),
-        };
+        table.add_row(line("svcdb pool (prepare_cached)", row.pooled()));
+        for mode in [QueryMode::Simple, QueryMode::Prepared] {
+            match row.pgbench(mode) {
+                Some(p) => table.add_row(vec![
+                    mode.label().to_owned(),
+                    row.clients.to_string(),
+                    report::num(p.tps),
+                    "—".into(),
+                    "—".into(),
+                    report::num(p.latency_avg_ms),
+                    cpu(p.client_cpu_us),
+                    format!("{}×", report::num(p.tps / base)),
+                ]),
+                None => table.add_row(vec![
+                    format!("{} (not available)", mode.label()),
+                    row.clients.to_string(),
+                ]),
+            };
+        }
         table.add_row(line("tokio-postgres, no pool", &row.direct));
         table.add_row(line("connect per request", &row.connect_per_request));
+    }
+    let mut rounds = String::new();
+    for row in &r.rows {
+        for mode in [QueryMode::Simple, QueryMode::Prepared] {
+            let ratios = row.pooled_vs_rounds(mode);
+            if let Some(median) = row.pooled_vs(mode) {
+                let each: Vec<String> = ratios.iter().map(|&v| report::num(v)).collect();
+                rounds.push_str(&format!(
+                    "\npooled / {} at clients = {}: {}× (median; rounds {})",
+                    mode.label(),
+                    row.clients,
+                    report::num(median),
+                    each.join(", "),
+                ));
+            }
+        }
     }
     let checkout = r
         .rows
@@ -466,14 +605,16 @@ fn human_report(args: &PoolArgs, r: &Results) -> String {
         .join(", ");
     format!(
         "Pool benchmark: {QUERY}\n\
-         scale {} ({} accounts), {} s per measurement after {} s warm-up; \
-         {} tokio worker threads\n{}; {}\n\n{table}\n\n\
+         scale {} ({} accounts), {} s per measurement after {} s warm-up, {} rounds of pooled \
+         and pgbench (the table shows each method's median round); \
+         {} tokio worker threads\n{}; {}\n\n{table}\n{rounds}\n\n\
          The pool alone (get + prepare_cached + return, no query), client CPU per checkout: \
          {checkout} clients",
         args.scale,
         i64::from(args.scale) * ACCOUNTS_PER_SCALE,
         report::num(args.duration),
         report::num(args.warmup),
+        args.rounds,
         r.worker_threads,
         r.machine.line(),
         r.pgbench_version
@@ -608,18 +749,19 @@ fn whole_seconds(seconds: f64) -> u64 {
     seconds.ceil().max(1.0) as u64
 }
 
-/// Runs `pgbench -S -M prepared -c N -j N -T secs` (`-n`: no vacuum first; the in-process
-/// measurements do not get one either).
+/// Runs `pgbench -S -M <mode> -c N -j N -T secs` (`-n`: no vacuum first; the in-process
+/// measurements do not get one either; `-j N`: a thread per client, pgbench's fastest).
 async fn run_pgbench(
     server: &Server,
     pgbench: &Path,
     database: &str,
+    mode: QueryMode,
     clients: u16,
     seconds: u64,
 ) -> Result<PgbenchFigures> {
     let mut cmd = server.tool(pgbench, database);
     let n = clients.to_string();
-    cmd.args(["-n", "-S", "-M", "prepared", "-c", &n, "-j", &n, "-T"])
+    cmd.args(["-n", "-S", "-M", mode.flag(), "-c", &n, "-j", &n, "-T"])
         .arg(seconds.to_string());
     let before = report::cpu_times();
     let output = pg::run_tool(cmd, "pgbench -S").await?;

@@ -75,6 +75,28 @@ pub fn median(samples: &[Duration]) -> Duration {
     }
 }
 
+/// The median of `values`, as [`median`] for plain numbers (ratios measured once per round).
+pub fn median_f64(values: &[f64]) -> f64 {
+    assert!(!values.is_empty(), "median of no values");
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+/// The item whose `key` is the median (the lower middle for an even count), whole: one
+/// round's figures reported together rather than medians taken field by field.
+pub fn median_by<T>(items: &[T], key: impl Fn(&T) -> f64) -> &T {
+    assert!(!items.is_empty(), "median of no items");
+    let mut order: Vec<&T> = items.iter().collect();
+    order.sort_unstable_by(|a, b| key(a).total_cmp(&key(b)));
+    order[(order.len() - 1) / 2]
+}
+
 /// CPUs this process may use.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
