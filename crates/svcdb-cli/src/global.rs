@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use svcdb::migrate::Migrations;
 use svcdb::{Config, ServiceDb};
 
 /// The default of `--dir`; `schema verify` and `health` skip the migration checks when this
@@ -70,6 +71,32 @@ impl Global {
     /// Connects the service pool.
     pub async fn connect(&self) -> Result<ServiceDb> {
         Ok(ServiceDb::connect(self.config()?).await?)
+    }
+
+    /// Reads the migrations folder (`--dir`), with a warning on stderr when it holds `.sql`
+    /// files that are not migrations: a folder named for another tool would otherwise just
+    /// look up to date.
+    pub fn migrations(&self) -> Result<Migrations> {
+        /// File names listed in the warning; the rest are counted.
+        const LISTED: usize = 5;
+        let migrations = Migrations::from_dir(&self.dir)?;
+        let ignored = migrations.ignored();
+        if !ignored.is_empty() {
+            let mut names = ignored[..ignored.len().min(LISTED)].join(", ");
+            if ignored.len() > LISTED {
+                names.push_str(&format!(" and {} more", ignored.len() - LISTED));
+            }
+            let (files, are) = match ignored.len() {
+                1 => ("file", "is not a migration"),
+                _ => ("files", "are not migrations"),
+            };
+            eprintln!(
+                "warning: ignored {} .sql {files} in {} that {are} ({names}); migration files are named <version>_<name>.sql, <version>_<name>.up.sql/.down.sql, V<version>__<name>.sql or <version>_<name>/up.sql",
+                ignored.len(),
+                migrations.origin()
+            );
+        }
+        Ok(migrations)
     }
 }
 

@@ -401,6 +401,51 @@ async fn timeouts_apply_to_the_migration_session() {
     );
 }
 
+#[tokio::test]
+async fn ignored_sql_files_are_a_warning_on_stderr_and_json_stays_clean() {
+    let p = Project::new().await;
+    p.write(&[
+        (
+            "20240101120000_create_a.sql",
+            "-- +goose Up\nCREATE TABLE a (id int);\n-- +goose Down\nDROP TABLE a;\n",
+        ),
+        ("notes.sql", "SELECT 'not a migration';"),
+        ("seed.sql", "INSERT INTO a VALUES (1);"),
+    ]);
+    let out = p.run(&["migrate", "status", "--json"]).expect_code(2);
+    let warning = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("warning: ignored 2 .sql files"))
+        .unwrap_or_else(|| panic!("no warning; {out}"));
+    assert!(warning.contains("(notes.sql, seed.sql)"), "{out}");
+    let status = out.json();
+    assert_eq!(versions(&status["entries"]), [20240101120000]);
+    assert_eq!(states(&status), ["pending"]);
+}
+
+#[tokio::test]
+async fn failing_goose_scripts_are_located_in_their_file() {
+    let p = Project::new().await;
+    p.write(&[(
+        "20240101120000_a.sql",
+        "-- +goose Up\nCREATE TABLE a (id int);\n\n-- +goose Down\nSELECT * FROM no_such_table;\n",
+    )]);
+    p.run(&["migrate", "up"]).expect_code(0);
+    let out = p.run(&["migrate", "down"]).expect_code(1);
+    assert!(out.stderr.contains("20240101120000_a.sql, line 5"), "{out}");
+
+    p.write(&[(
+        "20240102000000_broken.sql",
+        "-- header\n-- +goose Up\nCREATE TABLE b (id int);\nSELECT * FROM no_such_table;\n",
+    )]);
+    let out = p.run(&["migrate", "up"]).expect_code(1);
+    assert!(
+        out.stderr.contains("20240102000000_broken.sql, line 4"),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_missing_database_url_is_an_error_with_a_hint() {
     let root = tempfile::tempdir().unwrap();

@@ -664,6 +664,54 @@ async fn diesel_layout_with_a_concurrent_index_and_names_with_spaces() {
 }
 
 #[tokio::test]
+async fn goose_files_go_up_and_down() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "20240101120000_create_a.sql",
+                "-- +goose Up\n-- +goose StatementBegin\nCREATE TABLE a (id int);\n-- +goose StatementEnd\n\n-- +goose Down\nDROP TABLE a;\n",
+            ),
+            (
+                "20240102000000_index_a.sql",
+                "-- +goose NO TRANSACTION\n-- +goose Up\nCREATE INDEX CONCURRENTLY a_id ON a (id);\n-- +goose Down\nDROP INDEX CONCURRENTLY a_id;\n",
+            ),
+        ],
+    );
+    let table_a = || async {
+        let sql = "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'shop' AND table_name = 'a'";
+        let n: i64 = svc
+            .get()
+            .await
+            .unwrap()
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    let m = migrator(&svc, dir.path());
+    let up = m.up().await.unwrap();
+    assert!(!up.atomic, "the index runs outside a transaction");
+    assert_eq!(history(&svc).await, [20240101120000, 20240102000000]);
+    assert_eq!(table_a().await, 1);
+
+    let down = m
+        .down(&DownOptions {
+            to: Some(0),
+            ..DownOptions::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(down.migrations.len(), 2);
+    assert_eq!(history(&svc).await, [] as [i64; 0]);
+    assert_eq!(table_a().await, 0);
+}
+
+#[tokio::test]
 async fn down_by_steps_and_to_refuses_to_cross_an_up_without_a_down() {
     let db = TestDb::new().await;
     let svc = db.service("shop").await;

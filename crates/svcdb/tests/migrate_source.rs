@@ -1,9 +1,9 @@
-//! Migration sources without a database: layouts, versions, ignored files, every malformed-file
-//! case, embedding, and `new_migration`.
+//! Migration sources without a database: layouts (native, diesel, one-file sqlx/goose/dbmate,
+//! Flyway), versions, ignored files, every malformed-file case, embedding, and `new_migration`.
 
 use std::path::Path;
 
-use svcdb::migrate::{new_migration, EmbeddedMigrations, MigrateError, Migrations};
+use svcdb::migrate::{new_migration, Checksum, EmbeddedMigrations, MigrateError, Migrations};
 
 /// Writes `files` (path relative to `dir`, contents) into `dir`.
 fn write(dir: &Path, files: &[(&str, &[u8])]) {
@@ -149,6 +149,16 @@ fn two_migrations_with_one_version() {
     // Across layouts too.
     let path = source_error_path(&[("1_a.up.sql", b"SELECT 1;"), ("1_a/up.sql", b"SELECT 1;")]);
     assert!(path.contains("1_a"), "{path}");
+    let path = source_error_path(&[
+        ("0001_a.sql", b"SELECT 1;"),
+        ("0001_a.up.sql", b"SELECT 1;"),
+    ]);
+    assert!(path.contains("0001_a."), "{path}");
+    let path = source_error_path(&[("V1__a.sql", b"SELECT 1;"), ("1_b.sql", b"SELECT 1;")]);
+    assert!(
+        path.ends_with("V1__a.sql") || path.ends_with("1_b.sql"),
+        "{path}"
+    );
 }
 
 #[test]
@@ -160,6 +170,11 @@ fn unparseable_names() {
         "12a_x.up.sql",
         "99999999999999999999_huge.up.sql",
         "_x.up.sql",
+        "0001.sql",
+        "12a_x.sql",
+        "V1_init.sql",
+        "V1a__x.sql",
+        "V2__.sql",
     ] {
         let path = source_error_path(&[(bad, b"SELECT 1;")]);
         assert!(path.ends_with(bad), "{bad}: {path}");
@@ -219,6 +234,203 @@ fn missing_folder_is_a_source_error() {
     );
 }
 
+#[test]
+fn sqlx_simple_files_are_up_only_migrations() {
+    let text = "CREATE TABLE a (id int);\n";
+    let m = parse(&[
+        ("20240101120000_create_a.sql", text.as_bytes()),
+        ("00001_x.sql", b"SELECT 1;"),
+    ])
+    .unwrap();
+    let a = m.get(20240101120000).unwrap();
+    assert_eq!(a.name, "create_a");
+    assert_eq!(a.up, text);
+    assert_eq!(a.down, None);
+    assert_eq!(a.down_path, None);
+    assert!(a.transactional);
+    assert_eq!(
+        a.checksum,
+        Checksum::of(text),
+        "the whole file, as for `.up.sql`"
+    );
+    assert!(
+        a.path.ends_with("20240101120000_create_a.sql"),
+        "{}",
+        a.path
+    );
+    assert_eq!(a.up_line, 1);
+    assert_eq!(m.get(1).unwrap().name, "x");
+}
+
+/// A goose file: header comments, `NO TRANSACTION`, markers in mixed case and spacing.
+const GOOSE: &str = "\
+-- Adds the index without locking writes.
+-- +goose NO TRANSACTION
+
+--   +goose   up
+-- +goose StatementBegin
+CREATE INDEX CONCURRENTLY a_id ON a (id);
+-- +goose StatementEnd
+
+-- +GOOSE DOWN
+DROP INDEX CONCURRENTLY a_id;
+";
+
+#[test]
+fn goose_file_with_up_down_and_no_transaction() {
+    let m = parse(&[("20240102000000_index_a.sql", GOOSE.as_bytes())]).unwrap();
+    let index = m.get(20240102000000).unwrap();
+    let up = "-- +goose StatementBegin\nCREATE INDEX CONCURRENTLY a_id ON a (id);\n-- +goose StatementEnd\n\n";
+    assert_eq!(index.up, up);
+    assert_eq!(
+        index.down.as_deref(),
+        Some("DROP INDEX CONCURRENTLY a_id;\n")
+    );
+    assert!(!index.transactional && !index.down_transactional);
+    assert_eq!(index.checksum, Checksum::of(up), "the up section only");
+    assert_eq!((index.up_line, index.down_line), (5, 10));
+    assert_eq!(index.down_path.as_ref(), Some(&index.path));
+
+    // CRLF line endings: same scripts, same checksum.
+    let crlf = GOOSE.replace('\n', "\r\n");
+    let m = parse(&[("20240102000000_index_a.sql", crlf.as_bytes())]).unwrap();
+    assert_eq!(m.get(20240102000000).unwrap().checksum, index.checksum);
+}
+
+#[test]
+fn dbmate_file_with_transaction_false_and_an_empty_down() {
+    let m = parse(&[(
+        "20240103000000_index_b.sql",
+        b"-- migrate:up transaction:false\nCREATE INDEX CONCURRENTLY b_id ON b (id);\n\n-- migrate:down\n-- nothing to undo\n\n",
+    )])
+    .unwrap();
+    let index = m.get(20240103000000).unwrap();
+    assert_eq!(index.up, "CREATE INDEX CONCURRENTLY b_id ON b (id);\n\n");
+    assert_eq!(index.down, None, "a down section of comments is no down");
+    assert_eq!(index.down_path, None);
+    assert!(!index.transactional);
+    assert_eq!(index.up_line, 2);
+}
+
+#[test]
+fn flyway_versioned_migrations_with_an_undo() {
+    let m = parse(&[
+        ("V1__init.sql", b"CREATE TABLE a (id int);"),
+        ("V2__create_b.sql", b"CREATE TABLE b (id int);"),
+        ("U2__create_b.sql", b"DROP TABLE b;"),
+        ("v3__lower_case.sql", b"SELECT 3;"),
+    ])
+    .unwrap();
+    let versions: Vec<i64> = m.iter().map(|m| m.version).collect();
+    assert_eq!(versions, [1, 2, 3]);
+    let b = m.get(2).unwrap();
+    assert_eq!(b.name, "create_b");
+    assert_eq!(b.down.as_deref(), Some("DROP TABLE b;"));
+    assert!(b.path.ends_with("V2__create_b.sql"), "{}", b.path);
+    assert!(b
+        .down_path
+        .as_deref()
+        .unwrap()
+        .ends_with("U2__create_b.sql"));
+    assert_eq!(m.get(1).unwrap().down, None);
+    assert_eq!(m.get(3).unwrap().name, "lower_case");
+}
+
+#[test]
+fn flyway_undo_without_its_migration() {
+    assert!(source_error_path(&[("U3__x.sql", b"DROP TABLE x;")]).ends_with("U3__x.sql"));
+    // The `V` must be there: another layout's migration of that version does not count.
+    let path = source_error_path(&[
+        ("0003_x.up.sql", b"CREATE TABLE x (id int);"),
+        ("U3__x.sql", b"DROP TABLE x;"),
+    ]);
+    assert!(path.ends_with("U3__x.sql"), "{path}");
+}
+
+#[test]
+fn flyway_repeatable_migrations_are_refused() {
+    let path = source_error_path(&[
+        ("V1__init.sql", b"SELECT 1;"),
+        ("R__views.sql", b"CREATE OR REPLACE VIEW v AS SELECT 1;"),
+    ]);
+    assert!(path.ends_with("R__views.sql"), "{path}");
+}
+
+#[test]
+fn flyway_dotted_versions_are_refused() {
+    for bad in ["V1.1__x.sql", "V1_1__x.sql", "U1.1__x.sql"] {
+        let path = source_error_path(&[(bad, b"SELECT 1;")]);
+        assert!(path.ends_with(bad), "{bad}: {path}");
+    }
+}
+
+#[test]
+fn misplaced_or_unknown_markers() {
+    for (why, text) in [
+        (
+            "down before up",
+            "-- +goose Down\nDROP TABLE a;\n-- +goose Up\nCREATE TABLE a (id int);\n",
+        ),
+        ("down without up", "-- migrate:down\nDROP TABLE a;\n"),
+        (
+            "two ups",
+            "-- +goose Up\nSELECT 1;\n-- +goose Up\nSELECT 2;\n",
+        ),
+        (
+            "SQL before the up marker",
+            "SELECT 0;\n-- +goose Up\nSELECT 1;\n",
+        ),
+        (
+            "an empty up section",
+            "-- +goose Up\n\n-- +goose Down\nSELECT 1;\n",
+        ),
+        (
+            "an unknown annotation",
+            "-- +goose ENVSUB ON\n-- +goose Up\nSELECT '${X}';\n",
+        ),
+        (
+            "an unknown dbmate option",
+            "-- migrate:up transaction:maybe\nSELECT 1;\n",
+        ),
+    ] {
+        match parse(&[("1_a.sql", text.as_bytes())]) {
+            Err(MigrateError::Source { path, .. }) => {
+                assert!(path.ends_with("1_a.sql"), "{why}: {path}")
+            }
+            other => panic!("{why}: expected a source error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn ignored_sql_files_are_listed() {
+    let m = parse(&[
+        ("0001_a.up.sql", b"SELECT 1;"),
+        ("0002_b.sql", b"SELECT 2;"),
+        ("V3__c.sql", b"SELECT 3;"),
+        ("2017-09-23-182408_d/up.sql", b"SELECT 4;"),
+        ("notes.sql", b"SELECT 'notes';"),
+        ("seed.sql", b"INSERT INTO a VALUES (1);"),
+        ("schema.sql", b"CREATE TABLE a (id int);"),
+        (
+            "20240101000000_init/migration.sql",
+            b"CREATE TABLE p (id int);",
+        ),
+        ("README.md", b"# not SQL"),
+    ])
+    .unwrap();
+    assert_eq!(m.len(), 4);
+    assert_eq!(
+        m.ignored(),
+        [
+            "20240101000000_init/migration.sql",
+            "notes.sql",
+            "schema.sql",
+            "seed.sql"
+        ]
+    );
+}
+
 static EMBEDDED: EmbeddedMigrations = svcdb::embed_migrations!("tests/fixtures/migrate/embedded");
 
 #[test]
@@ -249,6 +461,8 @@ fn embedded_parses_like_the_folder() {
             )
         );
     }
+    assert_eq!(embedded.ignored(), ["notes.sql"]);
+    assert_eq!(embedded.ignored(), dir.ignored());
     let index = embedded.get(2).unwrap();
     assert_eq!(index.name, "add index");
     assert!(!index.transactional, "metadata.toml is embedded and read");

@@ -197,7 +197,7 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
 /// The runner for `--dir` on the service schema. The folder is read first, so a broken
 /// migration file is reported before any connection is tried.
 async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> {
-    let migrations = Migrations::from_dir(&global.dir)?;
+    let migrations = global.migrations()?;
     Ok(Migrator::new(global.connect().await?, migrations).with_options(options))
 }
 
@@ -554,21 +554,18 @@ fn explain(migrations: &Migrations, e: MigrateError) -> anyhow::Error {
 
 /// `path` or `path, line N` of the script that failed.
 fn location(m: &Migration, failure: &MigrationFailure) -> String {
-    let (path, script) = match failure.direction {
-        Direction::Up => (m.path.clone(), m.up.as_str()),
-        // The down script sits next to the up script in both layouts: `x.up.sql` and
-        // `x.down.sql`, or `x/up.sql` and `x/down.sql`.
+    let (path, script, first_line) = match failure.direction {
+        Direction::Up => (m.path.as_str(), m.up.as_str(), m.up_line),
         Direction::Down => (
-            format!(
-                "{}down.sql",
-                m.path.strip_suffix("up.sql").unwrap_or(&m.path)
-            ),
+            m.down_path.as_deref().unwrap_or(&m.path),
             m.down.as_deref().unwrap_or_default(),
+            m.down_line,
         ),
     };
     match error_line(failure, script) {
-        Some(line) => format!("{path}, line {line}"),
-        None => path,
+        // The script may start further down its file (a goose or dbmate file).
+        Some(line) => format!("{path}, line {}", first_line + line - 1),
+        None => path.to_owned(),
     }
 }
 

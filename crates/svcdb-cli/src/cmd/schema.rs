@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::Result;
 use serde::Serialize;
-use svcdb::migrate::Migrations;
 use svcdb::schema::{Gate, TableInfo};
 use svcdb::ServiceDb;
 
@@ -47,7 +46,7 @@ impl GateArgs {
     pub fn prepare(&self, global: &Global) -> Result<(ServiceDb, Gate)> {
         let mut gate = Gate::new().timeout(self.timeout).require(&self.require)?;
         if global.dir.exists() || global.dir != Path::new(DEFAULT_MIGRATIONS_DIR) {
-            gate = gate.with_migrations(Migrations::from_dir(&global.dir)?);
+            gate = gate.with_migrations(global.migrations()?);
         } else {
             eprintln!(
                 "note: no {DEFAULT_MIGRATIONS_DIR} folder, so migrations are not checked; pass --dir to check them"

@@ -12,7 +12,9 @@ use crate::error::{pg_message, SqlState};
 #[non_exhaustive]
 pub enum MigrateError {
     /// A file that looks like a migration cannot be used (bad name, duplicate version, empty,
-    /// not UTF-8, a down without an up, bad `metadata.toml`), or a folder cannot be read.
+    /// not UTF-8, a down without an up, bad `metadata.toml`, misplaced or unknown goose/dbmate
+    /// markers, a Flyway repeatable or dotted-version migration, an undo script without its
+    /// migration), or the folder is missing or cannot be read.
     #[error("{path}: {message}")]
     Source {
         /// The file or folder at fault.

@@ -14,26 +14,38 @@ pub const NO_TRANSACTION_DIRECTIVE: &str = "-- svcdb:no-transaction";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migration {
     /// The version: the digits of the file name's prefix (`0003_x` → 3,
-    /// `2017-09-23-182408_x` → 20170923182408).
+    /// `2017-09-23-182408_x` → 20170923182408, `V3__x` → 3).
     pub version: i64,
-    /// The name after the first `_`, spaces and all.
+    /// The name after the first `_` (after `__` for `V3__x`), spaces and all.
     pub name: String,
-    /// The up script, with any UTF-8 byte-order mark removed.
+    /// The up script, with any UTF-8 byte-order mark removed; for a goose or dbmate file, the
+    /// text between its up and down markers.
     pub up: String,
     /// The down script, if there is one; `down` refuses to cross a migration without it.
     pub down: Option<String>,
     /// SHA-256 of the up script with a byte-order mark removed and CRLF turned into LF, so a
     /// line-ending-only change is not a change.
     pub checksum: Checksum,
-    /// False when the up script starts with [`NO_TRANSACTION_DIRECTIVE`] or diesel's
-    /// `metadata.toml` says `run_in_transaction = false`: it is then split into statements sent
-    /// one by one.
+    /// False when the up script starts with [`NO_TRANSACTION_DIRECTIVE`], diesel's
+    /// `metadata.toml` says `run_in_transaction = false`, a goose file says
+    /// `-- +goose NO TRANSACTION` or a dbmate file `-- migrate:up transaction:false`: it is then
+    /// split into statements sent one by one.
     pub transactional: bool,
     /// Like `transactional`, for the down script.
     pub down_transactional: bool,
     /// Where the up script came from, for messages: the source's origin joined with the file
-    /// (`migrations/0003_x.up.sql`, `migrations/0003_x/up.sql`).
+    /// (`migrations/0003_x.up.sql`, `migrations/0003_x/up.sql`, `migrations/0003_x.sql`).
     pub path: String,
+    /// The line of [`path`](Self::path) the up script starts on: 1, except in a goose or dbmate
+    /// file, where it is the line after the up marker. A line of the script is line
+    /// `up_line + n - 1` of the file.
+    pub up_line: usize,
+    /// Where the down script came from, like `path` (`…/0003_x.down.sql`, `…/0003_x/down.sql`,
+    /// Flyway's `…/U3__x.sql`, or the up file itself for goose and dbmate); `None` without a
+    /// down script.
+    pub down_path: Option<String>,
+    /// The line of [`down_path`](Self::down_path) the down script starts on (1 without one).
+    pub down_line: usize,
 }
 
 /// A SHA-256 digest, shown and serialized as 64 lowercase hex digits (what the history table

@@ -23,7 +23,7 @@
 //!
 //! | concept | module |
 //! |---|---|
-//! | sources: native (`1_x.up.sql`), diesel (`1_x/up.sql`), embedded; `new` | [`source`] ([`Migrations`], [`EmbeddedMigrations`], [`new_migration`]) |
+//! | sources: native (`1_x.up.sql`), diesel (`1_x/up.sql`), single files (sqlx, goose, dbmate: `1_x.sql`), Flyway (`V1__x.sql`), embedded; `new` | [`source`] ([`Migrations`], [`EmbeddedMigrations`], [`new_migration`]) |
 //! | one migration, its checksum, its transaction mode | [`migration`] ([`Migration`], [`Checksum`]) |
 //! | splitting a non-transactional migration into statements | [`split`] ([`split_statements`]) |
 //! | the `svcdb_migrations` history table | [`history`] |
@@ -37,10 +37,14 @@
 //!
 //! # Rules
 //!
-//! * **Sources.** A migration is `<version>_<name>.up.sql` (+ optional `.down.sql`) or a folder
-//!   `<version>_<name>/` holding `up.sql` (+ optional `down.sql`, `metadata.toml`). The version is
-//!   the digits of the prefix (`2017-09-23-182408` → 20170923182408), sorted numerically. Other
-//!   files are ignored; a file that looks like a migration but is unusable is an error naming it.
+//! * **Sources.** A migration is `<version>_<name>.up.sql` (+ optional `.down.sql`), a folder
+//!   `<version>_<name>/` holding `up.sql` (+ optional `down.sql`, `metadata.toml`), a single
+//!   `<version>_<name>.sql` (up only, or split at goose's `-- +goose Up/Down` or dbmate's
+//!   `-- migrate:up/down` markers), or Flyway's `V<version>__<name>.sql` (+ optional
+//!   `U<version>__<name>.sql`). The version is the digits of the prefix
+//!   (`2017-09-23-182408` → 20170923182408), sorted numerically. Other files are ignored
+//!   ([`Migrations::ignored`] lists the `.sql` ones, which the CLI warns about); a file that
+//!   looks like a migration but is unusable is an error naming it.
 //! * **Run once.** Applied versions are skipped. With nothing pending, `up` costs one query on a
 //!   pooled connection and takes no lock.
 //! * **One runner at a time per schema**, through a session advisory lock on a dedicated
@@ -64,7 +68,7 @@
 //!
 //! ```text
 //! Migrations::from_dir(path) / from_embedded(&EmbeddedMigrations) -> Result<Migrations>
-//! Migrations::{iter, get(version), len, is_empty, latest}
+//! Migrations::{iter, get(version), len, is_empty, latest, ignored}
 //! new_migration(dir, name) -> Result<NewMigration>        // files for `svcdb migrate new`
 //! Migrator::new(ServiceDb, Migrations).with_options(MigrateOptions)
 //!   .status()   -> StatusReport        // no lock, read-only

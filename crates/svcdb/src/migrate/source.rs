@@ -1,12 +1,24 @@
 //! Where migrations come from: a folder read at run time or files embedded at compile time,
-//! in the native layout or diesel's, parsed by one code path.
+//! in any of these layouts (mixed freely in one folder), parsed by one code path.
 //!
-//! | layout | up | down (optional) | transaction mode |
+//! | layout | up | down (optional) | no transaction |
 //! |---|---|---|---|
 //! | native (also golang-migrate, sqlx reversible) | `<version>_<name>.up.sql` | `<version>_<name>.down.sql` | first line `-- svcdb:no-transaction` |
 //! | diesel | `<version>_<name>/up.sql` | `<version>_<name>/down.sql` | `metadata.toml`: `run_in_transaction = false`, or the directive |
+//! | one file (sqlx simple, goose, dbmate) | `<version>_<name>.sql`: all of it, or what follows `-- +goose Up` / `-- migrate:up` | in the same file, after `-- +goose Down` / `-- migrate:down` | `-- +goose NO TRANSACTION` (both scripts), `-- migrate:up transaction:false` (`migrate:down` for the down), or the directive |
+//! | Flyway, refinery | `V<version>__<name>.sql` | Flyway's undo `U<version>__<name>.sql` | the directive |
 //!
-//! Anything else (a README, a loose `notes.sql`, hidden files) is ignored.
+//! The directive is the first line of the script itself (for a one-file migration, the line
+//! after the marker). In a one-file migration only blank lines and comments may come before the
+//! up marker, each marker appears once, up before down, and a down section holding only
+//! comments means no down. goose's `StatementBegin`/`StatementEnd` are left in the scripts as
+//! comments: a script goes to the server as one message.
+//!
+//! Refused with an error naming the file: Flyway's repeatable `R__<name>.sql`, versions that are
+//! not integers (`V1.1__x.sql`), a `U<version>__` file without its `V<version>__` (refinery's
+//! unversioned migrations), and unknown `-- +goose` annotations. A `.sql` file that is no
+//! migration (`notes.sql`, `seed.sql`, a Prisma `<name>/migration.sql`) is ignored and listed by
+//! [`Migrations::ignored`]; other files (a README, hidden files) are ignored silently.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -14,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::MigrateError;
 use super::migration::{has_no_transaction_directive, strip_bom, Checksum, Migration};
+use super::split::split_statements;
 
 /// Versions below this are "small sequential numbers" (`0001`), as opposed to timestamps,
 /// when [`new_migration`] picks the next version.
@@ -57,7 +70,9 @@ impl EmbeddedMigrations {
     }
 }
 
-/// A parsed, validated set of migrations, sorted by version.
+/// A parsed, validated set of migrations, sorted by version, in any of the layouts of the
+/// [module documentation](self) (native, diesel, one-file sqlx/goose/dbmate, Flyway/refinery),
+/// plus the `.sql` files that were not migrations ([`ignored`](Self::ignored)).
 #[derive(Debug, Clone)]
 pub struct Migrations {
     /// Sorted by version, versions unique.
@@ -66,6 +81,8 @@ pub struct Migrations {
     origin: String,
     /// The widest digit prefix among the file names, so [`new_migration`] can keep `0001` style.
     prefix_width: usize,
+    /// `.sql` files that are no migration, relative to the folder, sorted.
+    ignored: Vec<String>,
 }
 
 /// A file handed to the parser: path relative to the source folder and its bytes.
@@ -74,12 +91,43 @@ struct SourceFile<'a> {
     contents: Cow<'a, [u8]>,
 }
 
-/// What a file is to a migration.
+/// How a migration's files are laid out. Part of the grouping key, so that `1_a.up.sql`,
+/// `1_a/up.sql` and `1_a.sql` are three migrations (and then a duplicate version), not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Layout {
+    /// `<version>_<name>.up.sql` and `.down.sql`.
+    Native,
+    /// `<version>_<name>/up.sql`, `down.sql`, `metadata.toml`.
+    Diesel,
+    /// `<version>_<name>.sql`, maybe cut in two by goose or dbmate markers.
+    OneFile,
+    /// `V<version>__<name>.sql`, with Flyway's undo `U<version>__<name>.sql`.
+    Flyway,
+}
+
+/// What a file is to its migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
+    /// The up script (for [`Layout::OneFile`], the whole file, cut at its markers later).
     Up,
     Down,
     Metadata,
+}
+
+/// What a file is, from its name alone.
+enum Class {
+    /// One of the files of the migration `stem` (`<version>_<name>`; for Flyway's
+    /// `V2__x.sql` too: `2_x`).
+    Part {
+        stem: String,
+        layout: Layout,
+        role: Role,
+    },
+    /// Flyway's `U<version>__<name>.sql`: the down script of the `V` migration of that version
+    /// (`stem` as for `Part`).
+    Undo { stem: String },
+    /// A migration file svcdb cannot use: what is wrong and what to do.
+    Refused(String),
 }
 
 /// The files of one migration, before validation.
@@ -88,6 +136,26 @@ struct Group<'a> {
     up: Option<SourceFile<'a>>,
     down: Option<SourceFile<'a>>,
     metadata: Option<SourceFile<'a>>,
+}
+
+/// A migration's scripts, read from its files, before the transaction rules.
+struct Scripts {
+    up: String,
+    /// The line of the up file the up script starts on.
+    up_line: usize,
+    down: Option<Down>,
+    /// Made non-transactional by a marker or `metadata.toml` (the directive is checked later).
+    up_no_tx: bool,
+    down_no_tx: bool,
+}
+
+/// A down script and where it came from.
+struct Down {
+    sql: String,
+    /// The file, as shown in messages.
+    path: String,
+    /// The line of that file the script starts on.
+    line: usize,
 }
 
 /// diesel's `metadata.toml`.
@@ -106,24 +174,41 @@ impl Migrations {
         };
         let mut files = Vec::new();
         let mut consider = |rel: String, abs: &Path| -> Result<(), MigrateError> {
-            // Read only what the parser will look at; it classifies again itself, so that
-            // embedded files (all of which are handed over) go through the same rule.
-            if classify(&rel).is_some() {
-                let contents = std::fs::read(abs).map_err(|e| unreadable(abs, e))?;
-                files.push(SourceFile {
-                    path: rel,
-                    contents: Cow::Owned(contents),
-                });
-            }
+            // Read only what the parser will look at: it classifies again itself (so that
+            // embedded files, all of which are handed over, go through the same rule) and
+            // needs only the names of the others, to list the ignored `.sql` files.
+            let contents = if classify(&rel).is_some() {
+                std::fs::read(abs).map_err(|e| unreadable(abs, e))?
+            } else {
+                Vec::new()
+            };
+            files.push(SourceFile {
+                path: rel,
+                contents: Cow::Owned(contents),
+            });
             Ok(())
         };
-        for entry in read_dir(dir).map_err(|e| unreadable(dir, e))? {
+        let entries = read_dir(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => MigrateError::source_file(
+                &origin,
+                "the migrations folder does not exist\n  hint: create it, or give the right folder (`--dir` or SVCDB_MIGRATIONS_DIR)",
+            ),
+            std::io::ErrorKind::NotADirectory => MigrateError::source_file(
+                &origin,
+                "is a file, not the migrations folder\n  hint: give the folder that holds the migration files (`--dir` or SVCDB_MIGRATIONS_DIR)",
+            ),
+            _ => unreadable(dir, e),
+        })?;
+        for entry in entries {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
             if path.is_dir() {
                 for inner in read_dir(&path).map_err(|e| unreadable(&path, e))? {
-                    let inner_name = inner.file_name().to_string_lossy().into_owned();
-                    consider(format!("{name}/{inner_name}"), &inner.path())?;
+                    // One level only, files only, as `embed_migrations!` collects them.
+                    if inner.path().is_file() {
+                        let inner_name = inner.file_name().to_string_lossy().into_owned();
+                        consider(format!("{name}/{inner_name}"), &inner.path())?;
+                    }
                 }
             } else {
                 consider(name, &path)?;
@@ -178,16 +263,49 @@ impl Migrations {
         &self.origin
     }
 
+    /// The `.sql` files of the folder (and of its direct sub-folders) that are not migrations,
+    /// such as `notes.sql`, `seed.sql` or a Prisma `20240101000000_init/migration.sql`: paths
+    /// relative to the folder, `/`-separated, sorted. Worth a warning: a folder named for a
+    /// tool whose layout svcdb does not read would otherwise just look like no migrations.
+    pub fn ignored(&self) -> &[String] {
+        &self.ignored
+    }
+
     fn parse(origin: String, files: Vec<SourceFile<'_>>) -> Result<Self, MigrateError> {
         let display = |rel: &str| format!("{}/{rel}", origin.trim_end_matches('/'));
-        // Keyed by (stem, is_diesel): `1_a.up.sql` and `1_a/up.sql` are two migrations (and
-        // then a duplicate version), not one.
-        let mut groups: BTreeMap<(String, bool), Group<'_>> = BTreeMap::new();
+        let refuse = |file: &SourceFile<'_>, message: String| {
+            MigrateError::source_file(display(&file.path), message)
+        };
+        let mut groups: BTreeMap<(String, Layout), Group<'_>> = BTreeMap::new();
+        // Flyway undo scripts (and their names) by version, each taken by the `V` migration of
+        // its version.
+        let mut undo: BTreeMap<i64, (SourceFile<'_>, String)> = BTreeMap::new();
+        let mut ignored = Vec::new();
         for file in files {
-            let Some((stem, role, diesel)) = classify(&file.path) else {
+            let Some(class) = classify(&file.path) else {
+                if file.path.to_ascii_lowercase().ends_with(".sql") {
+                    ignored.push(file.path);
+                }
                 continue;
             };
-            let group = groups.entry((stem.to_owned(), diesel)).or_default();
+            let (stem, layout, role) = match class {
+                Class::Part { stem, layout, role } => (stem, layout, role),
+                Class::Refused(why) => return Err(refuse(&file, why)),
+                Class::Undo { stem } => {
+                    let (version, name, _) = parse_stem(&stem).map_err(|m| refuse(&file, m))?;
+                    if let Some((other, _)) = undo.get(&version) {
+                        let message = format!(
+                            "version {version} has a second undo script, {}; remove one of them",
+                            display(&other.path)
+                        );
+                        return Err(refuse(&file, message));
+                    }
+                    let name = name.to_owned();
+                    undo.insert(version, (file, name));
+                    continue;
+                }
+            };
+            let group = groups.entry((stem, layout)).or_default();
             let slot = match role {
                 Role::Up => &mut group.up,
                 Role::Down => &mut group.down,
@@ -197,54 +315,81 @@ impl Migrations {
         }
         let mut list: Vec<Migration> = Vec::with_capacity(groups.len());
         let mut prefix_width = 0;
-        for ((stem, _), group) in groups {
+        for ((stem, layout), group) in groups {
             let Some(up) = group.up else {
                 // A metadata.toml alone does not make a folder a migration.
                 if let Some(down) = group.down {
-                    return Err(MigrateError::source_file(
-                        display(&down.path),
-                        "a down script without an up script; add the up script or remove this file",
-                    ));
+                    let up_name = match layout {
+                        Layout::Diesel => format!("{stem}/up.sql"),
+                        _ => format!("{stem}.up.sql"),
+                    };
+                    let message = format!(
+                        "a down script without its up script {up_name}; add the up script or remove this file"
+                    );
+                    return Err(refuse(&down, message));
                 }
                 continue;
             };
-            let (version, name, width) =
-                parse_stem(&stem).map_err(|m| MigrateError::source_file(display(&up.path), m))?;
+            let (version, name, width) = parse_stem(&stem).map_err(|m| refuse(&up, m))?;
             prefix_width = prefix_width.max(width);
-            let up_sql = script(&up, &display)?;
-            let down_sql = group
-                .down
-                .as_ref()
-                .map(|d| script(d, &display))
-                .transpose()?;
-            let metadata_says_no_tx = match &group.metadata {
-                Some(meta) => {
-                    let text = std::str::from_utf8(&meta.contents).map_err(|_| {
-                        MigrateError::source_file(display(&meta.path), "is not valid UTF-8")
-                    })?;
-                    let parsed: Metadata = toml::from_str(text).map_err(|e| {
-                        MigrateError::source_file(
-                            display(&meta.path),
-                            format!("is not valid TOML: {e}"),
-                        )
-                    })?;
-                    parsed.run_in_transaction == Some(false)
-                }
-                None => false,
+            let up_path = display(&up.path);
+            let text = script(&up, &display)?;
+            let down_file = |file: &SourceFile<'_>| -> Result<Down, MigrateError> {
+                Ok(Down {
+                    sql: script(file, &display)?,
+                    path: display(&file.path),
+                    line: 1,
+                })
             };
+            let scripts = match layout {
+                Layout::OneFile => cut_at_markers(&text)
+                    .map_err(|m| refuse(&up, m))?
+                    .into_scripts(&up_path),
+                Layout::Flyway => Scripts::whole(
+                    text,
+                    undo.remove(&version)
+                        .map(|(file, _)| down_file(&file))
+                        .transpose()?,
+                    false,
+                ),
+                Layout::Native | Layout::Diesel => Scripts::whole(
+                    text,
+                    group.down.as_ref().map(down_file).transpose()?,
+                    match &group.metadata {
+                        Some(meta) => metadata_says_no_tx(meta).map_err(|m| refuse(meta, m))?,
+                        None => false,
+                    },
+                ),
+            };
+            let Scripts {
+                up: up_sql,
+                up_line,
+                down,
+                up_no_tx,
+                down_no_tx,
+            } = scripts;
             list.push(Migration {
                 version,
                 name: name.to_owned(),
                 checksum: Checksum::of(&up_sql),
-                transactional: !(metadata_says_no_tx || has_no_transaction_directive(&up_sql)),
-                down_transactional: !(metadata_says_no_tx
-                    || down_sql
-                        .as_deref()
-                        .is_some_and(has_no_transaction_directive)),
-                up: strip_bom(&up_sql).to_owned(),
-                down: down_sql.map(|d| strip_bom(&d).to_owned()),
-                path: display(&up.path),
+                transactional: !(up_no_tx || has_no_transaction_directive(&up_sql)),
+                down_transactional: !(down_no_tx
+                    || down
+                        .as_ref()
+                        .is_some_and(|d| has_no_transaction_directive(&d.sql))),
+                up: up_sql,
+                up_line,
+                down_line: down.as_ref().map_or(1, |d| d.line),
+                down_path: down.as_ref().map(|d| d.path.clone()),
+                down: down.map(|d| d.sql),
+                path: up_path,
             });
+        }
+        if let Some((version, (file, name))) = undo.into_iter().next() {
+            let message = format!(
+                "a Flyway undo script without its migration: there is no `V{version}__<name>.sql` for it to undo\n  hint: add that migration, or remove this file; refinery's unversioned `U` migrations are not supported: to run it as a migration, rename it to `V{version}__{name}.sql`"
+            );
+            return Err(refuse(&file, message));
         }
         list.sort_by_key(|m| m.version);
         if let Some(pair) = list.windows(2).find(|w| w[0].version == w[1].version) {
@@ -256,11 +401,26 @@ impl Migrations {
                 ),
             ));
         }
+        ignored.sort();
         Ok(Self {
             list,
             origin,
             prefix_width,
+            ignored,
         })
+    }
+}
+
+impl Scripts {
+    /// Scripts that are whole files: the up file and the down file, if any.
+    fn whole(up: String, down: Option<Down>, no_tx: bool) -> Self {
+        Scripts {
+            up,
+            up_line: 1,
+            down,
+            up_no_tx: no_tx,
+            down_no_tx: no_tx,
+        }
     }
 }
 
@@ -274,15 +434,32 @@ fn read_dir(dir: &Path) -> std::io::Result<Vec<std::fs::DirEntry>> {
     Ok(entries)
 }
 
-/// `(stem, role, is_diesel)` for a path that belongs to a migration; `None` for other files.
-fn classify(rel: &str) -> Option<(&str, Role, bool)> {
+/// What the file at `rel` is to a migration; `None` for other files.
+fn classify(rel: &str) -> Option<Class> {
+    let part = |stem: &str, layout, role| {
+        Some(Class::Part {
+            stem: stem.to_owned(),
+            layout,
+            role,
+        })
+    };
     match rel.split_once('/') {
         None => {
             if let Some(stem) = rel.strip_suffix(".up.sql") {
-                Some((stem, Role::Up, false))
-            } else {
-                rel.strip_suffix(".down.sql")
-                    .map(|stem| (stem, Role::Down, false))
+                return part(stem, Layout::Native, Role::Up);
+            }
+            if let Some(stem) = rel.strip_suffix(".down.sql") {
+                return part(stem, Layout::Native, Role::Down);
+            }
+            let stem = rel.strip_suffix(".sql")?;
+            let mut chars = stem.chars();
+            match (chars.next()?, chars.next()) {
+                (c, _) if c.is_ascii_digit() => part(stem, Layout::OneFile, Role::Up),
+                ('V' | 'v' | 'U' | 'u', Some(c)) if c.is_ascii_digit() => Some(flyway(stem)),
+                ('R' | 'r', Some('_')) if stem[1..].starts_with("__") => Some(Class::Refused(
+                    "Flyway repeatable migrations are not supported: svcdb runs each migration once, by version\n  hint: put the SQL in a versioned migration (`V<version>__<name>.sql`), and re-create objects in a new migration when they change".to_owned(),
+                )),
+                _ => None,
             }
         }
         Some((dir, file)) if !dir.starts_with('.') => {
@@ -292,16 +469,55 @@ fn classify(rel: &str) -> Option<(&str, Role, bool)> {
                 "metadata.toml" => Role::Metadata,
                 _ => return None,
             };
-            Some((dir, role, true))
+            part(dir, Layout::Diesel, role)
         }
         Some(_) => None,
     }
 }
 
+/// A Flyway-style stem: `V<version>__<name>` or `U<version>__<name>`, any case, with a digit
+/// after the letter.
+fn flyway(stem: &str) -> Class {
+    let (letter, rest) = stem.split_at(1);
+    let letter = letter.to_ascii_uppercase();
+    let expected =
+        format!("expected `{letter}<version>__<name>.sql`, e.g. `{letter}2__create_users.sql`");
+    let integer = |version: &str| version.chars().all(|c| c.is_ascii_digit());
+    let refused = match rest.split_once("__") {
+        None => format!(
+            "a Flyway-style name needs two underscores between the version and the name; {expected}"
+        ),
+        Some((version, _)) if !integer(version) && integer(&version.replace(['.', '_'], "")) => {
+            format!(
+                "version {version} is not an integer: svcdb orders migrations by integer versions\n  hint: rename the files with integer versions that keep their order, e.g. `V1.1__` to `V101__`, `V1.2__` to `V102__`, `V2.0__` to `V200__`"
+            )
+        }
+        Some((version, _)) if !integer(version) => {
+            format!("cannot read a version from the name: {version:?} is not a number; {expected}")
+        }
+        Some((_, name)) if name.trim().is_empty() => {
+            format!("the name after the version is empty; {expected}")
+        }
+        Some((version, name)) => {
+            let stem = format!("{version}_{name}");
+            return if letter == "U" {
+                Class::Undo { stem }
+            } else {
+                Class::Part {
+                    stem,
+                    layout: Layout::Flyway,
+                    role: Role::Up,
+                }
+            };
+        }
+    };
+    Class::Refused(refused)
+}
+
 /// `(version, name, digit count)` from `<version>_<name>`, or what is wrong with it.
 fn parse_stem(stem: &str) -> Result<(i64, &str, usize), String> {
     const EXPECTED: &str =
-        "expected `<version>_<name>`, e.g. `0001_create_users.up.sql` or `20261124093000_create_users/up.sql`";
+        "expected `<version>_<name>`, e.g. `0001_create_users.up.sql`, `20261124093000_create_users.sql` or `20261124093000_create_users/up.sql`";
     let Some((prefix, name)) = stem.split_once('_') else {
         return Err(format!(
             "cannot read a version from the name: no `_` after the version; {EXPECTED}"
@@ -325,7 +541,7 @@ fn parse_stem(stem: &str) -> Result<(i64, &str, usize), String> {
     Ok((version, name, digits.len()))
 }
 
-/// The file's text, refusing non-UTF-8 and empty files.
+/// The file's text without a byte-order mark, refusing non-UTF-8 and empty files.
 fn script(file: &SourceFile<'_>, display: &dyn Fn(&str) -> String) -> Result<String, MigrateError> {
     let text = String::from_utf8(file.contents.to_vec()).map_err(|e| {
         MigrateError::source_file(
@@ -336,13 +552,217 @@ fn script(file: &SourceFile<'_>, display: &dyn Fn(&str) -> String) -> Result<Str
             ),
         )
     })?;
-    if strip_bom(&text).trim().is_empty() {
+    let text = match strip_bom(&text) {
+        stripped if stripped.len() < text.len() => stripped.to_owned(),
+        _ => text,
+    };
+    if text.trim().is_empty() {
         return Err(MigrateError::source_file(
             display(&file.path),
             "is empty; write the migration's SQL (a comment is enough for a no-op) or remove the file",
         ));
     }
     Ok(text)
+}
+
+/// Whether diesel's `metadata.toml` says `run_in_transaction = false`, or what is wrong with it.
+fn metadata_says_no_tx(meta: &SourceFile<'_>) -> Result<bool, String> {
+    let text = std::str::from_utf8(&meta.contents).map_err(|_| "is not valid UTF-8".to_owned())?;
+    let parsed: Metadata = toml::from_str(text).map_err(|e| format!("is not valid TOML: {e}"))?;
+    Ok(parsed.run_in_transaction == Some(false))
+}
+
+/// A one-file migration cut at its goose or dbmate markers (a file without markers is all up).
+struct Sections<'t> {
+    up: &'t str,
+    /// The line the up script starts on.
+    up_line: usize,
+    /// The down script (`None` when the down section holds only comments) and its first line.
+    down: Option<(&'t str, usize)>,
+    up_no_tx: bool,
+    down_no_tx: bool,
+}
+
+impl Sections<'_> {
+    fn into_scripts(self, path: &str) -> Scripts {
+        Scripts {
+            up: self.up.to_owned(),
+            up_line: self.up_line,
+            down: self.down.map(|(sql, line)| Down {
+                sql: sql.to_owned(),
+                path: path.to_owned(),
+                line,
+            }),
+            up_no_tx: self.up_no_tx,
+            down_no_tx: self.down_no_tx,
+        }
+    }
+}
+
+/// A goose annotation or dbmate marker line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    /// `-- +goose Up`, `-- migrate:up` (`transaction:false` sets `no_tx`).
+    Up { no_tx: bool },
+    /// `-- +goose Down`, `-- migrate:down`.
+    Down { no_tx: bool },
+    /// `-- +goose NO TRANSACTION`: both scripts.
+    NoTransaction,
+    /// `-- +goose StatementBegin` / `StatementEnd`: a comment to us.
+    Statement,
+}
+
+/// The marker on `line`, if it is one; an error for an annotation we do not know.
+fn marker(line: &str) -> Result<Option<Marker>, String> {
+    let Some(comment) = line.trim().strip_prefix("--") else {
+        return Ok(None);
+    };
+    let comment = comment.trim_start();
+    // What follows `prefix` (in any case) at the start of `comment`.
+    let after = |prefix: &str| {
+        comment
+            .get(..prefix.len())
+            .filter(|head| head.eq_ignore_ascii_case(prefix))
+            .map(|_| &comment[prefix.len()..])
+    };
+    if let Some(rest) =
+        after("+goose").filter(|r| r.is_empty() || r.starts_with(char::is_whitespace))
+    {
+        let words: Vec<String> = rest
+            .split_whitespace()
+            .map(str::to_ascii_lowercase)
+            .collect();
+        return match words.join(" ").as_str() {
+            "up" => Ok(Some(Marker::Up { no_tx: false })),
+            "down" => Ok(Some(Marker::Down { no_tx: false })),
+            "no transaction" => Ok(Some(Marker::NoTransaction)),
+            "statementbegin" | "statementend" => Ok(Some(Marker::Statement)),
+            _ => Err(format!(
+                "unknown goose annotation `{}`: svcdb reads `-- +goose Up`, `Down`, `NO TRANSACTION`, `StatementBegin` and `StatementEnd`, and substitutes no environment variables\n  hint: remove the annotation (and write any `${{VAR}}` out)",
+                line.trim()
+            )),
+        };
+    }
+    let Some(rest) = after("migrate:") else {
+        return Ok(None);
+    };
+    let mut words = rest.split_whitespace();
+    // `migrate:up` is one word: `-- migrate: up the …` is prose.
+    let up = match words.next() {
+        Some(w) if rest.starts_with(w) && w.eq_ignore_ascii_case("up") => true,
+        Some(w) if rest.starts_with(w) && w.eq_ignore_ascii_case("down") => false,
+        _ => return Ok(None),
+    };
+    let mut no_tx = false;
+    for option in words {
+        match option.to_ascii_lowercase().as_str() {
+            "transaction:false" => no_tx = true,
+            "transaction:true" => no_tx = false,
+            _ => {
+                return Err(format!(
+                    "unknown dbmate option `{option}` in `{}`: svcdb reads `transaction:false`\n  hint: remove the option",
+                    line.trim()
+                ))
+            }
+        }
+    }
+    Ok(Some(if up {
+        Marker::Up { no_tx }
+    } else {
+        Marker::Down { no_tx }
+    }))
+}
+
+/// Cuts a one-file migration at its markers, or says what is wrong with them.
+fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
+    /// Where a marker line starts, where the text after it starts, and its line number.
+    struct Seen {
+        at: usize,
+        after: usize,
+        line: usize,
+    }
+    let mut up: Option<Seen> = None;
+    let mut down: Option<Seen> = None;
+    let (mut any, mut no_tx, mut up_no_tx, mut down_no_tx) = (false, false, false, false);
+    let mut offset = 0;
+    for (index, text_line) in text.split_inclusive('\n').enumerate() {
+        let seen = Seen {
+            at: offset,
+            after: offset + text_line.len(),
+            line: index + 1,
+        };
+        offset = seen.after;
+        let Some(found) = marker(text_line).map_err(|m| format!("line {}: {m}", seen.line))? else {
+            continue;
+        };
+        any = true;
+        match found {
+            Marker::Up { no_tx } => {
+                if let Some(first) = &up {
+                    return Err(format!(
+                        "a second up marker on line {} (the first is on line {}): a file holds one migration\n  hint: move the second migration into a file of its own",
+                        seen.line, first.line
+                    ));
+                }
+                if let Some(down) = &down {
+                    return Err(format!(
+                        "the up marker on line {} comes after the down marker on line {}\n  hint: put the up section first, then the down section",
+                        seen.line, down.line
+                    ));
+                }
+                up_no_tx = no_tx;
+                up = Some(seen);
+            }
+            Marker::Down { no_tx } => {
+                if let Some(first) = &down {
+                    return Err(format!(
+                        "a second down marker on line {} (the first is on line {}); a migration has one down section\n  hint: merge them",
+                        seen.line, first.line
+                    ));
+                }
+                down_no_tx = no_tx;
+                down = Some(seen);
+            }
+            Marker::NoTransaction => no_tx = true,
+            Marker::Statement => {}
+        }
+    }
+    if !any {
+        return Ok(Sections {
+            up: text,
+            up_line: 1,
+            down: None,
+            up_no_tx: false,
+            down_no_tx: false,
+        });
+    }
+    let Some(up) = up else {
+        return Err(
+            "has goose or dbmate markers but no up marker\n  hint: put `-- +goose Up` (or `-- migrate:up`) on the line before the up SQL".to_owned(),
+        );
+    };
+    if !split_statements(&text[..up.at]).is_empty() {
+        return Err(format!(
+            "SQL before the up marker on line {}: it would belong to neither script\n  hint: move it below the marker, or remove it",
+            up.line
+        ));
+    }
+    let up_sql = &text[up.after..down.as_ref().map_or(text.len(), |d| d.at)];
+    if up_sql.trim().is_empty() {
+        return Err(format!(
+            "the up section after line {} is empty\n  hint: write the migration's SQL there (a comment is enough for a no-op)",
+            up.line
+        ));
+    }
+    Ok(Sections {
+        up: up_sql,
+        up_line: up.line + 1,
+        down: down
+            .map(|d| (&text[d.after..], d.line + 1))
+            .filter(|(sql, _)| !split_statements(sql).is_empty()),
+        up_no_tx: no_tx || up_no_tx,
+        down_no_tx: no_tx || down_no_tx,
+    })
 }
 
 /// The files [`new_migration`] created.
