@@ -1068,3 +1068,34 @@ async fn validate_accepts_pending_migrations_on_a_fresh_schema() {
     assert_eq!(status.current_version, None);
     assert_eq!(status.pending().count(), 3);
 }
+
+/// Regression: `up` on a schema nobody created surfaced the server's bare "schema does not
+/// exist"; it is now its own error, saying how to create the schema, and nothing is left behind.
+#[tokio::test]
+async fn up_on_a_schema_that_does_not_exist_says_how_to_create_it() {
+    let db = TestDb::new().await;
+    let mut config = db.config("never_made");
+    config.create_schema = false;
+    let svc = ServiceDb::connect(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), THREE);
+    let m = migrator(&svc, dir.path());
+
+    for err in [m.up().await.unwrap_err(), m.baseline(2).await.unwrap_err()] {
+        assert!(
+            matches!(&err, MigrateError::SchemaMissing { schema } if schema == "never_made"),
+            "{err}"
+        );
+        assert_eq!(err.code(), Some(&svcdb::SqlState::INVALID_SCHEMA_NAME));
+    }
+    let conn = db.admin().await;
+    let schemas: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'never_made'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schemas, 0);
+}

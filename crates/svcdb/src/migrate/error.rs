@@ -76,6 +76,14 @@ pub enum MigrateError {
         name: String,
     },
 
+    /// The service's schema does not exist, so its history table cannot be made (SQLSTATE
+    /// 3F000 from the server).
+    #[error("schema {schema} does not exist\n  hint: create it with the service's own role, `svcdb provision --service <name> --schema {schema}`; or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)")]
+    SchemaMissing {
+        /// The schema, as configured.
+        schema: String,
+    },
+
     /// `down` would have to cross a migration that has no down script.
     #[error("cannot revert migration {version}: {path} has no down script\n  hint: add a down script for it, or revert by hand")]
     NoDown {
@@ -126,6 +134,7 @@ impl MigrateError {
         match self {
             MigrateError::Db(e) => e.code(),
             MigrateError::Failed(f) => f.cause.code(),
+            MigrateError::SchemaMissing { .. } => Some(&SqlState::INVALID_SCHEMA_NAME),
             _ => None,
         }
     }

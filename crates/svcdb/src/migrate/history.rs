@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
+use super::error::MigrateError;
 use super::migration::Migration;
 use crate::error::SqlState;
 use crate::ident::Ident;
@@ -72,9 +73,14 @@ fn table(schema: &Ident) -> String {
     format!("{schema}.{HISTORY_TABLE}")
 }
 
-/// The DDL, with the schema quoted.
-pub(crate) fn create_table_sql(schema: &Ident) -> String {
-    format!(
+/// Creates the table if it is missing. A schema that does not exist is
+/// [`MigrateError::SchemaMissing`], which says how to make it, rather than the server's bare
+/// "schema does not exist".
+pub(crate) async fn create_table(
+    client: &impl GenericClient,
+    schema: &Ident,
+) -> Result<(), MigrateError> {
+    let sql = format!(
         "CREATE TABLE IF NOT EXISTS {} (
             version bigint PRIMARY KEY,
             name text NOT NULL,
@@ -86,7 +92,16 @@ pub(crate) fn create_table_sql(schema: &Ident) -> String {
             dirty boolean NOT NULL DEFAULT false
         )",
         table(schema)
-    )
+    );
+    client.batch_execute(&sql).await.map_err(|e| {
+        if e.code() == Some(&SqlState::INVALID_SCHEMA_NAME) {
+            MigrateError::SchemaMissing {
+                schema: schema.as_str().to_owned(),
+            }
+        } else {
+            e.into()
+        }
+    })
 }
 
 /// Drops the history table (when a failed deploy that created it undid everything).

@@ -232,8 +232,7 @@ impl Migrator {
             .map(|m| (m, None))
             .collect();
         if !history.exists {
-            lock.batch_execute(&history::create_table_sql(self.db.schema()))
-                .await?;
+            history::create_table(lock.client(), self.db.schema()).await?;
         }
         history::insert(lock.client(), self.db.schema(), &rows, false).await?;
         lock.release().await?;
@@ -401,8 +400,7 @@ impl Migrator {
                 .await;
         }
         if !history_exists {
-            conn.batch_execute(&history::create_table_sql(schema))
-                .await?;
+            history::create_table(&*conn, schema).await?;
         }
         let mut done: Vec<RunEntry> = Vec::with_capacity(plan.len());
         for m in plan {
@@ -461,7 +459,7 @@ impl Migrator {
         let schema = self.db.schema();
         let tx = conn.transaction().await?;
         if !history_exists {
-            tx.batch_execute(&history::create_table_sql(schema)).await?;
+            history::create_table(&tx, schema).await?;
         }
         let mut done = Vec::with_capacity(plan.len());
         for m in plan {
