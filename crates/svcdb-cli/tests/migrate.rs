@@ -80,11 +80,50 @@ fn new_creates_both_files_without_a_database() {
     .expect_code(0)
     .json();
     for key in ["up_path", "down_path"] {
-        let path = json[key].as_str().unwrap();
-        assert!(std::path::Path::new(path).is_file(), "{key}: {json}");
+        let file = json[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key}: {json}"));
+        assert!(std::path::Path::new(file).is_file(), "{json}");
     }
     let first: i64 = names[0].split('_').next().unwrap().parse().unwrap();
     assert!(json["version"].as_i64().unwrap() > first, "{json}");
+}
+
+#[test]
+fn new_in_a_goose_folder_creates_one_goose_file_and_warns_about_ignored_files() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    std::fs::write(
+        dir.join("00001_create_a.sql"),
+        "-- +goose Up\nCREATE TABLE a (id int);\n-- +goose Down\nDROP TABLE a;\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("seed.sql"), "INSERT INTO a VALUES (1);").unwrap();
+    let out = svcdb(
+        &["migrate", "new", "add_b", "--dir", dir.to_str().unwrap()],
+        &[],
+        None,
+    )
+    .expect_code(0);
+    let created = dir.join("00002_add_b.sql");
+    let text = std::fs::read_to_string(&created).unwrap();
+    assert!(text.starts_with("-- +goose Up\n"), "{text}");
+    assert!(text.contains("\n-- +goose Down\n"), "{text}");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["00001_create_a.sql", "00002_add_b.sql", "seed.sql"]);
+    assert_eq!(
+        out.stdout.trim(),
+        format!("created {}", created.display()),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains("warning: ignored 1 .sql file") && out.stderr.contains("seed.sql"),
+        "{out}"
+    );
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! Migration sources without a database: layouts (native, diesel, one-file sqlx/goose/dbmate,
-//! Flyway), versions, ignored files, every malformed-file case, embedding, and `new_migration`.
+//! Flyway), versions, ignored files, every malformed-file case, what only psql can run,
+//! embedding, and `new_migration` in each layout.
 
 use std::path::Path;
 
@@ -482,10 +483,12 @@ fn new_migration_uses_timestamps_or_continues_sequential_numbers() {
         "{}",
         created.version
     );
-    assert!(created
-        .up_path
-        .ends_with(format!("{}_create users.up.sql", created.version)));
-    assert!(created.down_path.exists());
+    let (up, Some(down)) = (&created.up_path, &created.down_path) else {
+        panic!("{created:?}")
+    };
+    assert!(up.ends_with(format!("{}_create users.up.sql", created.version)));
+    assert!(down.ends_with(format!("{}_create users.down.sql", created.version)));
+    assert!(up.is_file() && down.is_file());
     // A second one in the same second still gets a higher version.
     let second = new_migration(&fresh, "second").unwrap();
     assert!(second.version > created.version);
@@ -505,11 +508,7 @@ fn new_migration_uses_timestamps_or_continues_sequential_numbers() {
     );
     let next = new_migration(&seq, "c").unwrap();
     assert_eq!(next.version, 3);
-    assert!(
-        next.up_path.ends_with("0003_c.up.sql"),
-        "{}",
-        next.up_path.display()
-    );
+    assert!(next.up_path.ends_with("0003_c.up.sql"), "{next:?}");
 
     assert!(matches!(
         new_migration(&seq, "a/b"),
@@ -519,4 +518,263 @@ fn new_migration_uses_timestamps_or_continues_sequential_numbers() {
         new_migration(&seq, " "),
         Err(MigrateError::Source { .. })
     ));
+}
+
+/// The path of a `Source` error and the line its message starts with (`line N: …`).
+fn refused_at(files: &[(&str, &[u8])]) -> (String, usize) {
+    match parse(files) {
+        Err(MigrateError::Source { path, message }) => {
+            let line = message
+                .strip_prefix("line ")
+                .and_then(|rest| rest.split_once(':'))
+                .and_then(|(n, _)| n.parse().ok())
+                .unwrap_or_else(|| panic!("no line in {message:?}"));
+            (path, line)
+        }
+        other => panic!("expected a source error, got {other:?}"),
+    }
+}
+
+/// The 1-based number of the first line of `text` starting with `start`.
+fn line_of(text: &str, start: &str) -> usize {
+    text.lines().position(|l| l.starts_with(start)).unwrap() + 1
+}
+
+/// The shape of `pg_dump` output (since 17.6, 16.10, 15.14): `\restrict`, then a data section.
+const PG_DUMP: &str = "\
+--
+-- PostgreSQL database dump
+--
+
+\\restrict p2pTPzcmK7wXf1gLbKqcX1yBqfxbWZmXc3QRLGS4v4j5eGD1LTMhIhOxEcgtmIa
+
+-- Dumped from database version 15.14
+-- Dumped by pg_dump version 17.6
+
+SET statement_timeout = 0;
+SET standard_conforming_strings = on;
+SELECT pg_catalog.set_config('search_path', '', false);
+
+CREATE TABLE public.items (
+    id integer NOT NULL,
+    name text
+);
+
+--
+-- Data for Name: items; Type: TABLE DATA; Schema: public; Owner: postgres
+--
+
+COPY public.items (id, name) FROM stdin;
+1\tapple
+2\tpear\\tgreen
+\\.
+
+--
+-- PostgreSQL database dump complete
+--
+
+\\unrestrict p2pTPzcmK7wXf1gLbKqcX1yBqfxbWZmXc3QRLGS4v4j5eGD1LTMhIhOxEcgtmIa
+";
+
+#[test]
+fn pg_dump_output_is_refused_at_its_psql_lines() {
+    let (path, line) = refused_at(&[("0001_dump.up.sql", PG_DUMP.as_bytes())]);
+    assert!(path.ends_with("0001_dump.up.sql"), "{path}");
+    assert_eq!(line, line_of(PG_DUMP, "\\restrict"));
+
+    // Without the psql commands, the data section is what cannot run.
+    let unrestricted: String = PG_DUMP
+        .split_inclusive('\n')
+        .filter(|l| !l.contains("restrict "))
+        .collect();
+    let (path, line) = refused_at(&[("0001_dump.up.sql", unrestricted.as_bytes())]);
+    assert!(path.ends_with("0001_dump.up.sql"), "{path}");
+    assert_eq!(line, line_of(&unrestricted, "COPY public.items"));
+
+    // In a goose file, counted from the top of the file; any case, any spacing.
+    let goose = "-- +goose Up\nCREATE TABLE t (a int);\ncopy t (a)\n  from\tSTDIN;\n1\n\\.\n";
+    let (path, line) = refused_at(&[("20240101000000_load.sql", goose.as_bytes())]);
+    assert!(path.ends_with("20240101000000_load.sql"), "{path}");
+    assert_eq!(line, 3);
+}
+
+#[test]
+fn psql_meta_commands_in_down_scripts_are_refused() {
+    let (path, line) = refused_at(&[
+        ("0001_a.up.sql", b"CREATE TABLE a (id int);"),
+        (
+            "0001_a.down.sql",
+            b"-- undo\n\\set ON_ERROR_STOP on\nDROP TABLE a;",
+        ),
+    ]);
+    assert!(path.ends_with("0001_a.down.sql"), "{path}");
+    assert_eq!(line, 2);
+
+    let dbmate = "-- migrate:up\nCREATE TABLE a (id int);\n\n-- migrate:down\n\\connect other\nDROP TABLE a;\n";
+    let (path, line) = refused_at(&[("20240101000000_a.sql", dbmate.as_bytes())]);
+    assert!(path.ends_with("20240101000000_a.sql"), "{path}");
+    assert_eq!(line, 5);
+}
+
+#[test]
+fn backslashes_in_strings_bodies_and_comments_and_server_side_copy_are_accepted() {
+    let up = r#"-- \restrict in a comment
+/* \connect in a /* nested */ comment */
+CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    -- \set in the body
+    RETURN E'a\\b\'' || '\n' || $q$\.$q$;
+END
+$$;
+SELECT 'C:\temp\' AS path, "odd\name" FROM (SELECT 1 AS "odd\name") s;
+COPY t FROM '/tmp/x.csv' WITH (FORMAT csv);
+COPY t TO STDOUT;
+COPY (SELECT a FROM stdin) TO STDOUT;
+"#;
+    let m = parse(&[("0001_a.up.sql", up.as_bytes())]).unwrap();
+    assert_eq!(m.get(1).unwrap().up, up);
+}
+
+/// A folder holding `files`, and what `new_migration` created in it, relative to it.
+fn new_in(files: &[(&str, &[u8])], name: &str) -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), files);
+    let created = new_migration(dir.path(), name).unwrap();
+    let rel = created
+        .files()
+        .map(|f| {
+            let rel = f.strip_prefix(dir.path()).unwrap();
+            rel.to_str().unwrap().replace('\\', "/")
+        })
+        .collect();
+    (dir, rel)
+}
+
+/// The text of the file `rel` of `dir`.
+fn read(dir: &tempfile::TempDir, rel: &str) -> String {
+    std::fs::read_to_string(dir.path().join(rel)).unwrap()
+}
+
+#[test]
+fn new_migration_in_a_diesel_folder_keeps_its_folders_and_dashes() {
+    let (dir, files) = new_in(
+        &[("2017-09-23-182408_create_users/up.sql", b"SELECT 1;")],
+        "add_email",
+    );
+    let [up, down] = &files[..] else {
+        panic!("{files:?}")
+    };
+    let stem = up.strip_suffix("/up.sql").unwrap();
+    assert_eq!(down, &format!("{stem}/down.sql"));
+    // `YYYY-MM-DD-HHMMSS_add_email`, as diesel writes it.
+    let (version, name) = stem.split_once('_').unwrap();
+    assert_eq!(name, "add_email");
+    assert_eq!(
+        version
+            .match_indices('-')
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>(),
+        [4, 7, 10],
+        "{stem}"
+    );
+    let m = Migrations::from_dir(dir.path()).unwrap();
+    assert_eq!(m.latest().unwrap().name, "add_email");
+    assert!(m.latest().unwrap().down.is_some());
+
+    // Without dashes in the folder's names, none in the new one.
+    let (_dir, files) = new_in(&[("20240101000000_a/up.sql", b"SELECT 1;")], "b");
+    assert!(
+        files[0].chars().take(14).all(|c| c.is_ascii_digit()),
+        "{files:?}"
+    );
+}
+
+#[test]
+fn new_migration_in_a_goose_folder_writes_one_file_with_both_sections() {
+    let (dir, files) = new_in(&[("00001_a.sql", GOOSE.as_bytes())], "b");
+    assert_eq!(files, ["00002_b.sql"]);
+    let text = read(&dir, "00002_b.sql");
+    assert!(text.starts_with("-- +goose Up\n"), "{text}");
+    assert!(text.contains("\n-- +goose Down\n"), "{text}");
+    let m = Migrations::from_dir(dir.path()).unwrap();
+    let b = m.get(2).unwrap();
+    assert_eq!(b.up_line, 2);
+    assert_eq!(b.down, None, "the down section holds only a comment");
+}
+
+#[test]
+fn new_migration_in_a_dbmate_folder_writes_dbmate_markers() {
+    let (dir, files) = new_in(
+        &[(
+            "20240101000000_a.sql",
+            b"-- migrate:up\nCREATE TABLE a (id int);\n-- migrate:down\nDROP TABLE a;\n",
+        )],
+        "b",
+    );
+    let [file] = &files[..] else {
+        panic!("{files:?}")
+    };
+    assert!(
+        file.ends_with("_b.sql") && !file.ends_with(".up.sql"),
+        "{file}"
+    );
+    let text = read(&dir, file);
+    assert!(text.starts_with("-- migrate:up\n"), "{text}");
+    assert!(text.contains("\n-- migrate:down\n"), "{text}");
+    assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 2);
+}
+
+#[test]
+fn new_migration_in_an_sqlx_folder_writes_one_plain_file() {
+    let (dir, files) = new_in(&[("0001_a.sql", b"CREATE TABLE a (id int);")], "b");
+    assert_eq!(files, ["0002_b.sql"]);
+    let text = read(&dir, "0002_b.sql");
+    assert!(
+        !text.contains("goose") && !text.contains("migrate:"),
+        "{text}"
+    );
+    let m = Migrations::from_dir(dir.path()).unwrap();
+    assert_eq!((m.len(), m.get(2).unwrap().down.as_deref()), (2, None));
+}
+
+#[test]
+fn new_migration_in_a_flyway_folder_writes_a_versioned_file() {
+    let (dir, files) = new_in(
+        &[("V1__init.sql", b"SELECT 1;"), ("V2__b.sql", b"SELECT 2;")],
+        "add_c",
+    );
+    assert_eq!(files, ["V3__add_c.sql"]);
+    assert_eq!(
+        Migrations::from_dir(dir.path())
+            .unwrap()
+            .get(3)
+            .unwrap()
+            .name,
+        "add_c"
+    );
+}
+
+#[test]
+fn new_migration_follows_the_newest_migration_when_layouts_mix() {
+    let goose_then_native = [
+        ("0001_a.sql", GOOSE.as_bytes()),
+        ("0002_b.up.sql", b"SELECT 2;"),
+    ];
+    let (_dir, files) = new_in(&goose_then_native, "c");
+    assert_eq!(files, ["0003_c.up.sql", "0003_c.down.sql"]);
+    let native_then_goose = [
+        ("0001_a.up.sql", b"SELECT 1;" as &[u8]),
+        ("0002_b.sql", GOOSE.as_bytes()),
+    ];
+    let (_dir, files) = new_in(&native_then_goose, "c");
+    assert_eq!(files, ["0003_c.sql"]);
+
+    // A name that would make the one file read as a native `.up.sql` is refused.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &native_then_goose);
+    assert!(matches!(
+        new_migration(dir.path(), "c.up"),
+        Err(MigrateError::Source { .. })
+    ));
+    assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 2);
 }

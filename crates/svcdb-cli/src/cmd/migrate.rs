@@ -45,7 +45,17 @@ Exit codes:
     /// Check that the migrations may run (no dirty schema, changed, missing or out-of-order
     /// migration) without running them; pending migrations are fine.
     Validate(Drift),
-    /// Create <version>_<name>.up.sql and .down.sql in --dir; needs no database.
+    /// Create a new migration's files in --dir, laid out like the newest migration there;
+    /// needs no database.
+    ///
+    /// In an empty folder, or after a native migration: <version>_<name>.up.sql and .down.sql.
+    /// After a diesel one: <version>_<name>/up.sql and down.sql. After a one-file migration:
+    /// <version>_<name>.sql, with `-- +goose Up`/`Down` or `-- migrate:up`/`down` sections when
+    /// that file has them (goose, dbmate), without for plain sqlx files. After a Flyway one:
+    /// V<version>__<name>.sql. Each script holds a comment to replace with the SQL.
+    ///
+    /// The version continues small sequential numbers (0001, 0002); otherwise it is the UTC
+    /// time, YYYYMMDDHHMMSS (YYYY-MM-DD-HHMMSS after a diesel-style dashed version).
     New {
         /// What the migration does, e.g. create_products; becomes part of the file names.
         name: String,
@@ -344,13 +354,18 @@ async fn validate(global: &Global, drift: Drift) -> Result<Outcome> {
 }
 
 fn new(global: &Global, name: &str) -> Result<Outcome> {
+    // Read through `Global` for the other subcommands' warning about `.sql` files that are not
+    // migrations; `new_migration` reads the folder again (a few ms), and creates it if missing.
+    if global.dir.exists() {
+        global.migrations()?;
+    }
     let created = new_migration(&global.dir, name)?;
     output::report(global.json, &created, |c| {
-        format!(
-            "created {}\ncreated {}",
-            c.up_path.display(),
-            c.down_path.display()
-        )
+        let lines: Vec<String> = c
+            .files()
+            .map(|f| format!("created {}", f.display()))
+            .collect();
+        lines.join("\n")
     })?;
     Ok(Outcome::Success)
 }

@@ -16,9 +16,14 @@
 //!
 //! Refused with an error naming the file: Flyway's repeatable `R__<name>.sql`, versions that are
 //! not integers (`V1.1__x.sql`), a `U<version>__` file without its `V<version>__` (refinery's
-//! unversioned migrations), and unknown `-- +goose` annotations. A `.sql` file that is no
-//! migration (`notes.sql`, `seed.sql`, a Prisma `<name>/migration.sql`) is ignored and listed by
+//! unversioned migrations), and unknown `-- +goose` annotations. Refused with the line as well:
+//! what only psql can run, as `pg_dump` writes it for `psql -f`, a backslash meta-command
+//! (`\restrict`, `\connect`) or `COPY … FROM stdin` with its data rows; the server would reject
+//! it only when it runs, with a bare syntax error. A `.sql` file that is no migration
+//! (`notes.sql`, `seed.sql`, a Prisma `<name>/migration.sql`) is ignored and listed by
 //! [`Migrations::ignored`]; other files (a README, hidden files) are ignored silently.
+//!
+//! [`new_migration`] writes a new migration in the layout of the folder's newest one.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -26,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::MigrateError;
 use super::migration::{has_no_transaction_directive, strip_bom, Checksum, Migration};
-use super::split::split_statements;
+use super::split::{psql_only, split_statements, PsqlOnly};
 
 /// Versions below this are "small sequential numbers" (`0001`), as opposed to timestamps,
 /// when [`new_migration`] picks the next version.
@@ -81,6 +86,8 @@ pub struct Migrations {
     origin: String,
     /// The widest digit prefix among the file names, so [`new_migration`] can keep `0001` style.
     prefix_width: usize,
+    /// How the newest migration is written, so [`new_migration`] can write the next one alike.
+    newest: Option<Newest>,
     /// `.sql` files that are no migration, relative to the folder, sorted.
     ignored: Vec<String>,
 }
@@ -103,6 +110,23 @@ enum Layout {
     OneFile,
     /// `V<version>__<name>.sql`, with Flyway's undo `U<version>__<name>.sql`.
     Flyway,
+}
+
+/// The tool whose markers cut a one-file migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    Goose,
+    Dbmate,
+}
+
+/// How a migration is written: what [`new_migration`] copies from the newest one.
+#[derive(Debug, Clone, Copy)]
+struct Newest {
+    layout: Layout,
+    /// For a one-file migration, whose markers cut it (`None`: a plain sqlx file).
+    markers: Option<Tool>,
+    /// Whether its version is written with dashes, as diesel writes `2017-09-23-182408`.
+    dashed: bool,
 }
 
 /// What a file is to its migration.
@@ -315,6 +339,7 @@ impl Migrations {
         }
         let mut list: Vec<Migration> = Vec::with_capacity(groups.len());
         let mut prefix_width = 0;
+        let mut newest: Option<(i64, Newest)> = None;
         for ((stem, layout), group) in groups {
             let Some(up) = group.up else {
                 // A metadata.toml alone does not make a folder a migration.
@@ -341,10 +366,13 @@ impl Migrations {
                     line: 1,
                 })
             };
+            let mut markers = None;
             let scripts = match layout {
-                Layout::OneFile => cut_at_markers(&text)
-                    .map_err(|m| refuse(&up, m))?
-                    .into_scripts(&up_path),
+                Layout::OneFile => {
+                    let sections = cut_at_markers(&text).map_err(|m| refuse(&up, m))?;
+                    markers = sections.markers;
+                    sections.into_scripts(&up_path)
+                }
                 Layout::Flyway => Scripts::whole(
                     text,
                     undo.remove(&version)
@@ -368,6 +396,19 @@ impl Migrations {
                 up_no_tx,
                 down_no_tx,
             } = scripts;
+            refuse_psql_only(&up_sql, &up_path, up_line)?;
+            if let Some(d) = &down {
+                refuse_psql_only(&d.sql, &d.path, d.line)?;
+            }
+            if newest.is_none_or(|(v, _)| version > v) {
+                let dashed = stem.split_once('_').is_some_and(|(p, _)| p.contains('-'));
+                let written = Newest {
+                    layout,
+                    markers,
+                    dashed,
+                };
+                newest = Some((version, written));
+            }
             list.push(Migration {
                 version,
                 name: name.to_owned(),
@@ -406,6 +447,7 @@ impl Migrations {
             list,
             origin,
             prefix_width,
+            newest: newest.map(|(_, written)| written),
             ignored,
         })
     }
@@ -422,6 +464,24 @@ impl Scripts {
             down_no_tx: no_tx,
         }
     }
+}
+
+/// Refuses a script holding what only psql can run, naming its line (`first_line` is the line
+/// of `path` the script starts on).
+fn refuse_psql_only(script: &str, path: &str, first_line: usize) -> Result<(), MigrateError> {
+    let Some((at, found)) = psql_only(script) else {
+        return Ok(());
+    };
+    let line = first_line + script[..at].matches('\n').count();
+    let message = match found {
+        PsqlOnly::MetaCommand(command) => format!(
+            "line {line}: psql meta-command {command} cannot run: svcdb sends SQL to the server, not through psql\n  hint: delete psql lines (\\restrict, \\connect, \\set …) from the file"
+        ),
+        PsqlOnly::CopyFromStdin => format!(
+            "line {line}: COPY … FROM stdin needs psql to stream the data rows that follow it\n  hint: turn the rows into INSERT statements (pg_dump --inserts or --column-inserts), or load them with COPY FROM a file on the server"
+        ),
+    };
+    Err(MigrateError::source_file(path, message))
 }
 
 /// Sorted directory entries, so errors and embedding are deterministic. Hidden entries
@@ -581,6 +641,8 @@ struct Sections<'t> {
     down: Option<(&'t str, usize)>,
     up_no_tx: bool,
     down_no_tx: bool,
+    /// Whose up marker the file has (`None`: no markers).
+    markers: Option<Tool>,
 }
 
 impl Sections<'_> {
@@ -603,7 +665,7 @@ impl Sections<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Marker {
     /// `-- +goose Up`, `-- migrate:up` (`transaction:false` sets `no_tx`).
-    Up { no_tx: bool },
+    Up { no_tx: bool, tool: Tool },
     /// `-- +goose Down`, `-- migrate:down`.
     Down { no_tx: bool },
     /// `-- +goose NO TRANSACTION`: both scripts.
@@ -633,7 +695,10 @@ fn marker(line: &str) -> Result<Option<Marker>, String> {
             .map(str::to_ascii_lowercase)
             .collect();
         return match words.join(" ").as_str() {
-            "up" => Ok(Some(Marker::Up { no_tx: false })),
+            "up" => Ok(Some(Marker::Up {
+                no_tx: false,
+                tool: Tool::Goose,
+            })),
             "down" => Ok(Some(Marker::Down { no_tx: false })),
             "no transaction" => Ok(Some(Marker::NoTransaction)),
             "statementbegin" | "statementend" => Ok(Some(Marker::Statement)),
@@ -667,7 +732,10 @@ fn marker(line: &str) -> Result<Option<Marker>, String> {
         }
     }
     Ok(Some(if up {
-        Marker::Up { no_tx }
+        Marker::Up {
+            no_tx,
+            tool: Tool::Dbmate,
+        }
     } else {
         Marker::Down { no_tx }
     }))
@@ -683,6 +751,7 @@ fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
     }
     let mut up: Option<Seen> = None;
     let mut down: Option<Seen> = None;
+    let mut markers = None;
     let (mut any, mut no_tx, mut up_no_tx, mut down_no_tx) = (false, false, false, false);
     let mut offset = 0;
     for (index, text_line) in text.split_inclusive('\n').enumerate() {
@@ -697,7 +766,7 @@ fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
         };
         any = true;
         match found {
-            Marker::Up { no_tx } => {
+            Marker::Up { no_tx, tool } => {
                 if let Some(first) = &up {
                     return Err(format!(
                         "a second up marker on line {} (the first is on line {}): a file holds one migration\n  hint: move the second migration into a file of its own",
@@ -711,6 +780,7 @@ fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
                     ));
                 }
                 up_no_tx = no_tx;
+                markers = Some(tool);
                 up = Some(seen);
             }
             Marker::Down { no_tx } => {
@@ -734,6 +804,7 @@ fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
             down: None,
             up_no_tx: false,
             down_no_tx: false,
+            markers: None,
         });
     }
     let Some(up) = up else {
@@ -762,6 +833,7 @@ fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
             .filter(|(sql, _)| !split_statements(sql).is_empty()),
         up_no_tx: no_tx || up_no_tx,
         down_no_tx: no_tx || down_no_tx,
+        markers,
     })
 }
 
@@ -770,15 +842,36 @@ fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
 pub struct NewMigration {
     /// The version chosen.
     pub version: i64,
-    /// The up script.
+    /// The file holding the up script (and, for goose and dbmate, the down section too).
     pub up_path: PathBuf,
-    /// The down script.
-    pub down_path: PathBuf,
+    /// The down script's own file, in the native and diesel layouts; `None` where one file
+    /// holds the migration (sqlx simple, goose, dbmate, Flyway without its undo file).
+    pub down_path: Option<PathBuf>,
 }
 
-/// Creates `<version>_<name>.up.sql` and `.down.sql` in `dir` (created if missing).
+impl NewMigration {
+    /// Every file created, the up file first.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.up_path.as_path()).chain(self.down_path.as_deref())
+    }
+}
+
+/// Creates the files of a new migration in `dir` (created if missing), laid out like the newest
+/// migration there:
 ///
-/// The version is the UTC time as `YYYYMMDDHHMMSS`, or, when the folder already numbers its
+/// | newest migration | files created |
+/// |---|---|
+/// | none, or native | `<version>_<name>.up.sql` and `.down.sql` |
+/// | diesel | `<version>_<name>/up.sql` and `down.sql` |
+/// | goose, dbmate | `<version>_<name>.sql` with `-- +goose Up`/`Down` or `-- migrate:up`/`down` |
+/// | sqlx simple (one file, no markers) | `<version>_<name>.sql` |
+/// | Flyway | `V<version>__<name>.sql` |
+///
+/// Each script (each section of a goose or dbmate file) holds a comment to replace with the
+/// SQL, so the folder parses meanwhile; a down of comments only counts as no down.
+///
+/// The version is the UTC time as `YYYYMMDDHHMMSS` (with dashes, `YYYY-MM-DD-HHMMSS`, when the
+/// newest version is written so, as diesel does), or, when the folder already numbers its
 /// migrations with small sequential numbers (`0001`), the next number with the same width. It
 /// is always above the newest existing version. The folder must parse (a broken migration
 /// already there is reported), and `name` must be usable in a file name.
@@ -799,34 +892,83 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
         })?;
         Migrations::parse(shown.clone(), Vec::new())?
     };
-    let latest = existing.latest().map(|m| m.version);
-    let prefix = match latest {
-        Some(v) if v < SEQUENTIAL_LIMIT => {
-            format!("{:0width$}", v + 1, width = existing.prefix_width)
-        }
-        _ => {
+    let newest = existing.newest.unwrap_or(Newest {
+        layout: Layout::Native,
+        markers: None,
+        dashed: false,
+    });
+    let (version, prefix) = match existing.latest().map(|m| m.version) {
+        Some(v) if v < SEQUENTIAL_LIMIT => (
+            v + 1,
+            format!("{:0width$}", v + 1, width = existing.prefix_width),
+        ),
+        latest => {
             let now: i64 = chrono::Utc::now()
                 .format("%Y%m%d%H%M%S")
                 .to_string()
                 .parse()
                 .expect("a 14-digit timestamp fits in i64");
-            latest.map_or(now, |v| now.max(v + 1)).to_string()
+            let version = latest.map_or(now, |v| now.max(v + 1));
+            let digits = version.to_string();
+            // Keep diesel's dashes: diesel orders versions as text, where `2026-11-24-…` sorts
+            // before `20261123…`, so a folder mixing both would run in another order there.
+            let prefix = match digits.len() {
+                14 if newest.dashed => format!(
+                    "{}-{}-{}-{}",
+                    &digits[..4],
+                    &digits[4..6],
+                    &digits[6..8],
+                    &digits[8..]
+                ),
+                _ => digits,
+            };
+            (version, prefix)
         }
     };
-    let version = prefix.parse().expect("digits only");
-    let up_path = dir.join(format!("{prefix}_{name}.up.sql"));
-    let down_path = dir.join(format!("{prefix}_{name}.down.sql"));
-    for (path, body) in [
-        (&up_path, format!("-- {prefix} {name}: the change.\n")),
-        (
-            &down_path,
-            format!("-- {prefix} {name}: undo the change.\n"),
-        ),
-    ] {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
+    let stem = format!("{prefix}_{name}");
+    let up = format!("-- {prefix} {name}: the change.\n");
+    let undo = format!("-- {prefix} {name}: undo the change.\n");
+    let files = match (newest.layout, newest.markers) {
+        (Layout::Native, _) => vec![
+            (format!("{stem}.up.sql"), up),
+            (format!("{stem}.down.sql"), undo),
+        ],
+        (Layout::Diesel, _) => vec![
+            (format!("{stem}/up.sql"), up),
+            (format!("{stem}/down.sql"), undo),
+        ],
+        (Layout::OneFile, None) => vec![(format!("{stem}.sql"), up)],
+        (Layout::OneFile, Some(Tool::Goose)) => vec![(
+            format!("{stem}.sql"),
+            format!("-- +goose Up\n{up}\n-- +goose Down\n{undo}"),
+        )],
+        (Layout::OneFile, Some(Tool::Dbmate)) => vec![(
+            format!("{stem}.sql"),
+            format!("-- migrate:up\n{up}\n-- migrate:down\n{undo}"),
+        )],
+        (Layout::Flyway, _) => vec![(format!("V{prefix}__{name}.sql"), up)],
+    };
+    // `x.up` makes the one file `0003_x.up.sql`, which would read as a native up script.
+    let misread = files.iter().find(|(rel, _)| {
+        !matches!(classify(rel), Some(Class::Part { layout, .. }) if layout == newest.layout)
+    });
+    if let Some((rel, _)) = misread {
+        return Err(MigrateError::source_file(
+            shown,
+            format!("{name:?} cannot be a migration name in this folder's layout: its file {rel} would be read as a file of another layout\n  hint: choose a name that does not end in `.up` or `.down`"),
+        ));
+    }
+    let mut created = Vec::with_capacity(files.len());
+    for (rel, body) in files {
+        let path = dir.join(rel);
+        let parent = path.parent().expect("a file in `dir`");
+        std::fs::create_dir_all(parent)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+            })
             .and_then(|mut f| std::io::Write::write_all(&mut f, body.as_bytes()))
             .map_err(|e| {
                 MigrateError::source_file(
@@ -834,10 +976,12 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
                     format!("cannot create it: {e}"),
                 )
             })?;
+        created.push(path);
     }
+    let mut created = created.into_iter();
     Ok(NewMigration {
         version,
-        up_path,
-        down_path,
+        up_path: created.next().expect("every layout creates the up file"),
+        down_path: created.next(),
     })
 }

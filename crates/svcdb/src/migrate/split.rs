@@ -1,4 +1,5 @@
-//! Splits a script into statements, for migrations that must run outside a transaction.
+//! Splits a script into statements, for migrations that must run outside a transaction, and
+//! finds what in a script only psql can run.
 //!
 //! A multi-statement simple-query message runs as one implicit transaction in PostgreSQL, so
 //! `CREATE INDEX CONCURRENTLY` inside it fails; a non-transactional migration is therefore sent
@@ -10,6 +11,8 @@
 //! Known limit: a SQL-standard function body (`BEGIN ATOMIC … END`) holds bare `;` and is split
 //! wrongly; write such functions with a dollar-quoted body, or in a transactional migration.
 
+use std::ops::Range;
+
 /// The statements of `sql`, each trimmed and without its terminating `;`. Pieces holding only
 /// whitespace and comments are dropped.
 ///
@@ -18,65 +21,181 @@
 /// assert_eq!(s, ["SELECT ';'", "/* ; */ SELECT $x$;$x$"]);
 /// ```
 pub fn split_statements(sql: &str) -> Vec<&str> {
-    let bytes = sql.as_bytes();
     let mut out = Vec::new();
     let mut start = 0;
     // Whether the current piece holds anything but whitespace and comments.
     let mut has_code = false;
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        let prev_is_word = i > 0 && is_word_byte(bytes[i - 1]);
-        match b {
-            b';' => {
+    for (token, range) in tokens(sql) {
+        match token {
+            Token::Semicolon => {
                 if has_code {
-                    out.push(sql[start..i].trim());
+                    out.push(sql[start..range.start].trim());
                 }
-                start = i + 1;
+                start = range.end;
                 has_code = false;
-                i += 1;
             }
-            b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                i = bytes[i..]
-                    .iter()
-                    .position(|&c| c == b'\n')
-                    .map_or(bytes.len(), |p| i + p + 1);
-            }
-            b'/' if bytes.get(i + 1) == Some(&b'*') => i = skip_block_comment(bytes, i),
-            b'\'' => {
-                // `E'…'` (any case) takes backslash escapes; the `E` must start a word.
-                let escapes = i > 0
-                    && matches!(bytes[i - 1], b'e' | b'E')
-                    && !(i > 1 && is_word_byte(bytes[i - 2]));
-                i = skip_quoted(bytes, i, b'\'', escapes);
-                has_code = true;
-            }
-            b'"' => {
-                i = skip_quoted(bytes, i, b'"', false);
-                has_code = true;
-            }
-            b'$' if !prev_is_word => {
-                i = match dollar_tag(bytes, i) {
-                    Some(tag) => {
-                        let body = i + tag.len();
-                        find(bytes, body, tag).map_or(bytes.len(), |p| p + tag.len())
-                    }
-                    None => i + 1,
-                };
-                has_code = true;
-            }
-            _ => {
-                if !b.is_ascii_whitespace() {
-                    has_code = true;
-                }
-                i += 1;
-            }
+            Token::Space | Token::Comment => {}
+            Token::Quoted | Token::Word | Token::Symbol => has_code = true,
         }
     }
     if has_code {
         out.push(sql[start..].trim());
     }
     out
+}
+
+/// Something only psql can run: sent to the server, it is a syntax error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PsqlOnly<'a> {
+    /// A backslash command (`\restrict`, `\connect`, `\set`, `\.`), up to the next whitespace.
+    MetaCommand(&'a str),
+    /// `COPY … FROM stdin`: psql sends the data rows that follow the statement.
+    CopyFromStdin,
+}
+
+/// The first thing in `sql` that only psql can run, and the byte offset it starts at (for
+/// `COPY`, the statement's). A backslash outside strings, quoted identifiers, dollar quotes and
+/// comments is always psql's: PostgreSQL's own grammar has no use for one there.
+pub(crate) fn psql_only(sql: &str) -> Option<(usize, PsqlOnly<'_>)> {
+    /// How far the current statement has got towards `COPY … FROM stdin`.
+    #[derive(Clone, Copy)]
+    enum Step {
+        /// No code yet.
+        Start,
+        /// After `COPY`, `depth` parentheses deep: a `FROM` inside them belongs to a query.
+        Copy { depth: usize },
+        /// After `COPY … FROM`.
+        From,
+        /// Anything else.
+        Other,
+    }
+    let mut step = Step::Start;
+    let mut statement = 0;
+    for (token, range) in tokens(sql) {
+        let text = &sql[range.clone()];
+        let word = |w: &str| token == Token::Word && text.eq_ignore_ascii_case(w);
+        step = match (token, step) {
+            (Token::Space | Token::Comment, step) => step,
+            (Token::Semicolon, _) => Step::Start,
+            (Token::Symbol, _) if text == "\\" => {
+                let command = sql[range.start..]
+                    .split(char::is_whitespace)
+                    .next()
+                    .unwrap_or(text);
+                return Some((range.start, PsqlOnly::MetaCommand(command)));
+            }
+            (_, Step::Start) => {
+                statement = range.start;
+                if word("copy") {
+                    Step::Copy { depth: 0 }
+                } else {
+                    Step::Other
+                }
+            }
+            (Token::Symbol, Step::Copy { depth }) if text == "(" => Step::Copy { depth: depth + 1 },
+            (Token::Symbol, Step::Copy { depth }) if text == ")" => Step::Copy {
+                depth: depth.saturating_sub(1),
+            },
+            (_, Step::Copy { depth: 0 }) if word("from") => Step::From,
+            (_, Step::Copy { depth: 0 }) if word("to") => Step::Other,
+            (_, Step::From) if word("stdin") => {
+                return Some((statement, PsqlOnly::CopyFromStdin));
+            }
+            // `FROM 'file'`, `FROM PROGRAM …`: the server reads the data itself.
+            (_, Step::From) => Step::Other,
+            (_, step) => step,
+        };
+    }
+    None
+}
+
+/// What a run of a script is to PostgreSQL's lexer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    /// ASCII whitespace.
+    Space,
+    /// `-- …` with its newline, or `/* … */`.
+    Comment,
+    /// A string, quoted identifier or dollar-quoted text, quotes included.
+    Quoted,
+    /// A keyword, identifier, number or parameter (`$1`).
+    Word,
+    /// A `;` ending a statement.
+    Semicolon,
+    /// Any other (ASCII) byte: an operator, punctuation, a backslash.
+    Symbol,
+}
+
+/// The tokens of `sql` with their byte ranges, which cover it. An unterminated comment or
+/// quote runs to the end. Every range starts and ends on a character boundary: each ends on an
+/// ASCII byte or at the end.
+fn tokens(sql: &str) -> impl Iterator<Item = (Token, Range<usize>)> + '_ {
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    // The index of the first byte at or after `from` that does not satisfy `keep`.
+    let run = move |from: usize, keep: fn(u8) -> bool| {
+        bytes[from..]
+            .iter()
+            .position(|&c| !keep(c))
+            .map_or(bytes.len(), |p| from + p)
+    };
+    std::iter::from_fn(move || {
+        let start = i;
+        let b = *bytes.get(i)?;
+        let prev_is_word = i > 0 && is_word_byte(bytes[i - 1]);
+        let token = match b {
+            b';' => {
+                i += 1;
+                Token::Semicolon
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                i = run(i, |c| c != b'\n');
+                i = (i + 1).min(bytes.len());
+                Token::Comment
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i = skip_block_comment(bytes, i);
+                Token::Comment
+            }
+            b'\'' => {
+                // `E'…'` (any case) takes backslash escapes; the `E` must start a word.
+                let escapes = i > 0
+                    && matches!(bytes[i - 1], b'e' | b'E')
+                    && !(i > 1 && is_word_byte(bytes[i - 2]));
+                i = skip_quoted(bytes, i, b'\'', escapes);
+                Token::Quoted
+            }
+            b'"' => {
+                i = skip_quoted(bytes, i, b'"', false);
+                Token::Quoted
+            }
+            b'$' if !prev_is_word => match dollar_tag(bytes, i) {
+                Some(tag) => {
+                    let body = i + tag.len();
+                    i = find(bytes, body, tag).map_or(bytes.len(), |p| p + tag.len());
+                    Token::Quoted
+                }
+                // `$1`.
+                None => {
+                    i = run(i, is_word_byte);
+                    Token::Word
+                }
+            },
+            c if c.is_ascii_whitespace() => {
+                i = run(i, |c| c.is_ascii_whitespace());
+                Token::Space
+            }
+            c if is_word_byte(c) => {
+                i = run(i, is_word_byte);
+                Token::Word
+            }
+            _ => {
+                i += 1;
+                Token::Symbol
+            }
+        };
+        Some((token, start..i))
+    })
 }
 
 /// Letters, digits, `_`, `$` and any non-ASCII byte (PostgreSQL identifiers may hold those).
@@ -142,6 +261,7 @@ fn find(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::split_statements as split;
+    use super::{psql_only, PsqlOnly};
 
     #[test]
     fn plain_statements_are_trimmed_and_empty_pieces_dropped() {
@@ -248,5 +368,32 @@ mod tests {
             split("SELECT 'héllo;'; SELECT \"ünï\""),
             ["SELECT 'héllo;'", "SELECT \"ünï\""]
         );
+    }
+
+    #[test]
+    fn psql_only_finds_backslash_commands_and_copy_from_stdin() {
+        // What was found, and the text at its offset.
+        let found = |sql| psql_only(sql).map(|(at, what)| (what, &sql[at..at + 4]));
+        assert_eq!(
+            found("SELECT 1;\n\\restrict abc\n"),
+            Some((PsqlOnly::MetaCommand(r"\restrict"), r"\res"))
+        );
+        // Anywhere in code, not only at the start of a statement: `\gexec` ends a query.
+        assert_eq!(
+            found("SELECT 'x'\\gexec\n"),
+            Some((PsqlOnly::MetaCommand(r"\gexec"), r"\gex"))
+        );
+        assert_eq!(
+            found("-- load\ncopy t (a, b) from\n  STDIN;\n1\t2\n\\.\n"),
+            Some((PsqlOnly::CopyFromStdin, "copy"))
+        );
+        for fine in [
+            r#"SELECT E'\\', '\', "a\b", $$ \x $$, $f$ \. $f$; -- \connect"#,
+            r"/* \set /* \i */ */ SELECT 1",
+            "COPY t FROM '/tmp/x.csv'; COPY t FROM PROGRAM 'cat x'",
+            "COPY t TO STDOUT; COPY (SELECT a FROM stdin) TO STDOUT",
+        ] {
+            assert_eq!(psql_only(fine), None, "{fine}");
+        }
     }
 }
