@@ -196,6 +196,9 @@ struct Measured {
     /// driver, runtime). On a machine where client and server share the CPUs, every
     /// microsecond here is one the server does not get.
     client_cpu_us: Option<f64>,
+    /// The machine's CPU left idle during the window, in percent: time neither this client
+    /// nor the server used (waiting on wake-ups rather than working).
+    idle_pct: Option<f64>,
 }
 
 /// What pgbench reports, and what it cost.
@@ -208,6 +211,8 @@ struct PgbenchFigures {
     transactions: u64,
     /// pgbench's CPU time per transaction (from the finished child's accounting).
     client_cpu_us: Option<f64>,
+    /// The machine's CPU left idle while pgbench ran, in percent (see [`Measured`]).
+    idle_pct: Option<f64>,
 }
 
 /// pgbench's query modes (`-M`).
@@ -464,6 +469,7 @@ fn figures(args: &PoolArgs, r: &Results) -> (Figures, Vec<Target>) {
             f.set(format!("{method}_max_ms_{n}"), m.latency.max_ms);
             f.set(format!("{method}_requests_{n}"), m.latency.count);
             f.set(format!("{method}_client_cpu_us_{n}"), m.client_cpu_us);
+            f.set(format!("{method}_idle_pct_{n}"), m.idle_pct);
         }
         f.set(
             format!("pool_checkout_cpu_us_{n}"),
@@ -488,6 +494,7 @@ fn figures(args: &PoolArgs, r: &Results) -> (Figures, Vec<Target>) {
                 format!("{key}_client_cpu_us_{n}"),
                 run.and_then(|p| p.client_cpu_us),
             );
+            f.set(format!("{key}_idle_pct_{n}"), run.and_then(|p| p.idle_pct));
             f.set(format!("pooled_vs_{key}_{n}"), row.pooled_vs(mode));
             f.set(
                 format!("pooled_vs_{key}_rounds_{n}"),
@@ -542,9 +549,11 @@ fn human_report(args: &PoolArgs, r: &Results) -> String {
         "p99 ms",
         "mean ms",
         "client CPU µs/req",
+        "idle CPU %",
         "vs connect-per-request",
     ]);
     let cpu = |us: Option<f64>| us.map_or_else(|| "—".to_owned(), report::num);
+    let idle = |pct: Option<f64>| pct.map_or_else(|| "—".to_owned(), |p| format!("{p:.1}"));
     for row in &r.rows {
         let base = row.connect_per_request.tps;
         let line = |name: &str, m: &Measured| {
@@ -556,6 +565,7 @@ fn human_report(args: &PoolArgs, r: &Results) -> String {
                 report::num(m.latency.p99_ms),
                 report::num(m.latency.mean_ms),
                 cpu(m.client_cpu_us),
+                idle(m.idle_pct),
                 format!("{}×", report::num(m.tps / base)),
             ]
         };
@@ -570,6 +580,7 @@ fn human_report(args: &PoolArgs, r: &Results) -> String {
                     "—".into(),
                     report::num(p.latency_avg_ms),
                     cpu(p.client_cpu_us),
+                    idle(p.idle_pct),
                     format!("{}×", report::num(p.tps / base)),
                 ]),
                 None => table.add_row(vec![
@@ -665,16 +676,18 @@ async fn measure<W: Workload>(
     // The window ends when the last request finishes, a request's length after the deadline.
     let window = window_start.elapsed().as_secs_f64();
     ensure!(all.count() > 0, "no request completed in {window:.1} s");
-    let client_cpu_us = match (cpu_at_window_start.await?, report::cpu_times()) {
-        (Some(start), Some(end)) => {
-            Some((end.own - start.own).as_secs_f64() * 1e6 / all.count() as f64)
-        }
-        _ => None,
+    let (client_cpu_us, idle_pct) = match (cpu_at_window_start.await?, report::cpu_times()) {
+        (Some(start), Some(end)) => (
+            Some((end.own - start.own).as_secs_f64() * 1e6 / all.count() as f64),
+            Some(start.idle_percent(&end, Duration::from_secs_f64(window))),
+        ),
+        _ => (None, None),
     };
     Ok(Measured {
         tps: all.count() as f64 / window,
         latency: all.summary(),
         client_cpu_us,
+        idle_pct,
     })
 }
 
@@ -764,7 +777,9 @@ async fn run_pgbench(
     cmd.args(["-n", "-S", "-M", mode.flag(), "-c", &n, "-j", &n, "-T"])
         .arg(seconds.to_string());
     let before = report::cpu_times();
+    let started = Instant::now();
     let output = pg::run_tool(cmd, "pgbench -S").await?;
+    let elapsed = started.elapsed();
     let after = report::cpu_times();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let mut figures =
@@ -774,6 +789,7 @@ async fn run_pgbench(
             (after.children - before.children).as_secs_f64() * 1e6
                 / figures.transactions.max(1) as f64,
         );
+        figures.idle_pct = Some(before.idle_percent(&after, elapsed));
     }
     Ok(figures)
 }
@@ -804,6 +820,7 @@ fn parse_pgbench(stdout: &str) -> Result<PgbenchFigures> {
             latency_avg_ms,
             transactions,
             client_cpu_us: None,
+            idle_pct: None,
         }),
         _ => {
             bail!("no tps (without initial connection time), latency average or transactions line")
@@ -838,6 +855,7 @@ tps = 30012.345678 (without initial connection time)
                 latency_avg_ms: 0.266,
                 transactions: 150000,
                 client_cpu_us: None,
+                idle_pct: None,
             }
         );
     }

@@ -163,12 +163,40 @@ pub struct CpuTimes {
     pub own: Duration,
     /// By its children that have exited and been waited for (pgbench).
     pub children: Duration,
+    /// Idle time of the whole machine, summed over its CPUs (`/proc/stat`'s idle and iowait):
+    /// CPU that neither client nor server used.
+    pub machine_idle: Duration,
 }
 
-/// Reads [`CpuTimes`] from `/proc/self/stat` (Linux; `None` elsewhere). The kernel counts in
-/// clock ticks of 1/100 s (`USER_HZ`), fine enough over runs of seconds.
+impl CpuTimes {
+    /// The share of the machine's CPU time left idle between `self` and `later`, `elapsed`
+    /// apart, in percent.
+    pub fn idle_percent(&self, later: &CpuTimes, elapsed: Duration) -> f64 {
+        let capacity = elapsed.as_secs_f64() * cpus() as f64;
+        (later.machine_idle - self.machine_idle).as_secs_f64() / capacity * 100.0
+    }
+}
+
+/// Reads [`CpuTimes`] from `/proc/self/stat` and `/proc/stat` (Linux; `None` elsewhere). The
+/// kernel counts in clock ticks of 1/100 s (`USER_HZ`), fine enough over runs of seconds.
 pub fn cpu_times() -> Option<CpuTimes> {
     const TICK: Duration = Duration::from_millis(10);
+    let ticks = |n: u64| TICK * u32::try_from(n).unwrap_or(u32::MAX);
+    // The first line sums all CPUs: `cpu user nice system idle iowait irq softirq …`.
+    let machine = std::fs::read_to_string("/proc/stat").ok()?;
+    let totals: Vec<u64> = machine
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(5)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let machine_idle = match totals[..] {
+        [_, _, _, idle, iowait] => ticks(idle + iowait),
+        _ => return None,
+    };
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces; the first
     // of them is field 3 (state), so utime (14), stime, cutime, cstime (17) are 11..=14.
@@ -181,11 +209,11 @@ pub fn cpu_times() -> Option<CpuTimes> {
         .map(str::parse)
         .collect::<Result<_, _>>()
         .ok()?;
-    let ticks = |n: u64| TICK * u32::try_from(n).unwrap_or(u32::MAX);
     match fields[..] {
         [utime, stime, cutime, cstime] => Some(CpuTimes {
             own: ticks(utime + stime),
             children: ticks(cutime + cstime),
+            machine_idle,
         }),
         _ => None,
     }
