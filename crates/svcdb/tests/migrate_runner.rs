@@ -1099,3 +1099,43 @@ async fn up_on_a_schema_that_does_not_exist_says_how_to_create_it() {
         .get(0);
     assert_eq!(schemas, 0);
 }
+
+/// Regression: a golang-migrate folder (each file wrapped in `BEGIN; … COMMIT;`) failing at
+/// step 2 left step 1's table behind, unrecorded, while the error said everything was rolled
+/// back: the file's COMMIT had ended the deploy's transaction. The wrapper now runs inside it.
+#[tokio::test]
+async fn golang_migrate_wrapped_files_fail_atomically() {
+    let db = TestDb::new().await;
+    let svc = db.service("gm").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "000001_a.up.sql",
+                "BEGIN;\nCREATE TABLE a (id int);\nCOMMIT;\n",
+            ),
+            ("000001_a.down.sql", "BEGIN;\nDROP TABLE a;\nCOMMIT;\n"),
+            (
+                "000002_b.up.sql",
+                "BEGIN;\nCREATE TABLE b (id int);\nSELECT 1/0;\nCOMMIT;\n",
+            ),
+        ],
+    );
+    let before = dump(&db, "gm");
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    let failed = failure(&err);
+    assert_eq!(failed.version, 2);
+    assert!(failed.rolled_back && failed.applied.is_empty());
+    assert_eq!(dump(&db, "gm"), before, "the schema is as it was");
+
+    write(
+        dir.path(),
+        &[(
+            "000002_b.up.sql",
+            "BEGIN;\nCREATE TABLE b (id int);\nCOMMIT;\n",
+        )],
+    );
+    migrator(&svc, dir.path()).up().await.unwrap();
+    assert_eq!(history(&svc).await, [1, 2]);
+}

@@ -778,3 +778,39 @@ fn new_migration_follows_the_newest_migration_when_layouts_mix() {
     ));
     assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 2);
 }
+
+/// golang-migrate runs files as they are, so its users wrap them in `BEGIN; … COMMIT;`: that
+/// wrapper is accepted (and blanked, keeping the checksum and the line numbers); any other
+/// transaction control is refused at its line.
+#[test]
+fn golang_migrate_wrappers_are_accepted_other_transaction_control_refused() {
+    let wrapped = "BEGIN;\nCREATE TABLE a (id int);\nCOMMIT;\n";
+    let migrations = parse(&[
+        ("000001_a.up.sql", wrapped.as_bytes()),
+        ("000001_a.down.sql", b"BEGIN;\nDROP TABLE a;\nCOMMIT;\n"),
+    ])
+    .unwrap();
+    let m = migrations.get(1).unwrap();
+    assert_eq!(m.up, "      \nCREATE TABLE a (id int);\n       \n");
+    assert_eq!(m.down.as_deref(), Some("      \nDROP TABLE a;\n       \n"));
+    assert_eq!(m.checksum, svcdb::migrate::Checksum::of(wrapped));
+    assert!(m.transactional);
+
+    let mid_commit = "CREATE TABLE a (id int);\nCOMMIT;\nCREATE TABLE b (id int);\n";
+    let (path, line) = refused_at(&[("0001_a.up.sql", mid_commit.as_bytes())]);
+    assert!(
+        path.ends_with("0001_a.up.sql") && line == 2,
+        "{path}:{line}"
+    );
+    let goose =
+        "-- +goose Up\nCREATE TABLE a (id int);\n-- +goose Down\nDROP TABLE a;\nROLLBACK;\n";
+    let (path, line) = refused_at(&[("0001_a.sql", goose.as_bytes())]);
+    assert!(path.ends_with("0001_a.sql") && line == 5, "{path}:{line}");
+    let no_tx =
+        "-- svcdb:no-transaction\nBEGIN;\nCREATE INDEX CONCURRENTLY i ON a (id);\nCOMMIT;\n";
+    let (path, line) = refused_at(&[("0001_a.up.sql", no_tx.as_bytes())]);
+    assert!(
+        path.ends_with("0001_a.up.sql") && line == 2,
+        "{path}:{line}"
+    );
+}

@@ -56,8 +56,12 @@
 //!   undoes what this deploy applied with the down scripts, newest first
 //!   ([`MigrateError::Failed`]'s [`MigrationFailure`] lists them). A non-transactional
 //!   migration that fails part-way leaves the schema *dirty*: every run refuses until `repair`.
-//! * **Scripts** must not hold `BEGIN`/`COMMIT`: the runner owns the transaction (a `COMMIT`
-//!   in a script would end the deploy's transaction early and break its atomicity).
+//! * **Scripts** must not control the transaction: the runner owns it (a `COMMIT` in a script
+//!   would end the deploy's transaction early and break its atomicity), so `COMMIT`,
+//!   `ROLLBACK` or `BEGIN` mid-script is refused when the folder is read, naming the line. A
+//!   script wrapped whole in `BEGIN; … COMMIT;`, as golang-migrate users write them, is
+//!   accepted: the two statements are blanked and the rest runs inside the runner's
+//!   transaction (the checksum stays the file's).
 //! * **Timeouts.** Migrations run with `lock_timeout` 10 s (a DDL statement stuck behind live
 //!   traffic fails instead of queueing that table's queries behind it) and no
 //!   `statement_timeout`; both are in [`MigrateOptions`].

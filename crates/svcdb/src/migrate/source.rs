@@ -30,8 +30,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::error::MigrateError;
-use super::migration::{has_no_transaction_directive, strip_bom, Checksum, Migration};
-use super::split::{psql_only, split_statements, PsqlOnly};
+use super::migration::{
+    has_no_transaction_directive, strip_bom, Checksum, Migration, NO_TRANSACTION_DIRECTIVE,
+};
+use super::split::{psql_only, split_statements, transaction_control, PsqlOnly, TxControl};
 
 /// Versions below this are "small sequential numbers" (`0001`), as opposed to timestamps,
 /// when [`new_migration`] picks the next version.
@@ -409,15 +411,28 @@ impl Migrations {
                 };
                 newest = Some((version, written));
             }
+            // The checksum is the file's: blanking a `BEGIN`/`COMMIT` wrapper below is not an
+            // edit, and histories written before it was done still match.
+            let checksum = Checksum::of(&up_sql);
+            let transactional = !(up_no_tx || has_no_transaction_directive(&up_sql));
+            let down_transactional = !(down_no_tx
+                || down
+                    .as_ref()
+                    .is_some_and(|d| has_no_transaction_directive(&d.sql)));
+            let up_sql = unwrap_transaction(up_sql, transactional, &up_path, up_line)?;
+            let down = match down {
+                Some(d) => Some(Down {
+                    sql: unwrap_transaction(d.sql, down_transactional, &d.path, d.line)?,
+                    ..d
+                }),
+                None => None,
+            };
             list.push(Migration {
                 version,
                 name: name.to_owned(),
-                checksum: Checksum::of(&up_sql),
-                transactional: !(up_no_tx || has_no_transaction_directive(&up_sql)),
-                down_transactional: !(down_no_tx
-                    || down
-                        .as_ref()
-                        .is_some_and(|d| has_no_transaction_directive(&d.sql))),
+                checksum,
+                transactional,
+                down_transactional,
                 up: up_sql,
                 up_line,
                 down_line: down.as_ref().map_or(1, |d| d.line),
@@ -482,6 +497,53 @@ fn refuse_psql_only(script: &str, path: &str, first_line: usize) -> Result<(), M
         ),
     };
     Err(MigrateError::source_file(path, message))
+}
+
+/// The script to run: one wrapped whole in `BEGIN; … COMMIT;` (as golang-migrate users write
+/// them) has the two statements blanked out, line breaks kept so errors still point at the
+/// file's lines, and runs inside the runner's transaction like any other. Any other
+/// transaction control is refused, naming its line: a `COMMIT` would end the deploy's
+/// transaction early (leaving what ran so far applied but unrecorded, and the rest outside any
+/// transaction), and a non-transactional script runs statement by statement precisely so it is
+/// in none.
+fn unwrap_transaction(
+    script: String,
+    transactional: bool,
+    path: &str,
+    first_line: usize,
+) -> Result<String, MigrateError> {
+    let line = |at: usize| first_line + script[..at].matches('\n').count();
+    let refuse = |at: usize, keyword: &str, what: &str| {
+        let message = format!(
+            "line {}: {keyword} {what}: svcdb runs each migration in a transaction it owns (a deploy's pending migrations in one), so the script must not control it\n  hint: remove the transaction statements (a file wrapped whole in BEGIN; … COMMIT; is accepted as it is); a migration that must run outside a transaction starts with `{NO_TRANSACTION_DIRECTIVE}`",
+            line(at)
+        );
+        MigrateError::source_file(path, message)
+    };
+    match transaction_control(&script) {
+        TxControl::None => Ok(script),
+        TxControl::Misplaced(statement) => Err(refuse(
+            statement.range.start,
+            &statement.keyword,
+            "controls the transaction",
+        )),
+        TxControl::Wrapped([open, _]) if !transactional => Err(refuse(
+            open.range.start,
+            &open.keyword,
+            "opens a transaction in a migration marked to run outside one",
+        )),
+        TxControl::Wrapped(wrapper) => {
+            let mut bytes = script.into_bytes();
+            for statement in wrapper {
+                for b in &mut bytes[statement.range] {
+                    if *b != b'\n' {
+                        *b = b' ';
+                    }
+                }
+            }
+            Ok(String::from_utf8(bytes).expect("blanking ASCII-bounded ranges keeps UTF-8"))
+        }
+    }
 }
 
 /// Sorted directory entries, so errors and embedding are deterministic. Hidden entries

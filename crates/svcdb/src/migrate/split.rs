@@ -1,5 +1,5 @@
 //! Splits a script into statements, for migrations that must run outside a transaction, and
-//! finds what in a script only psql can run.
+//! finds what in a script only psql can run and where it controls the transaction itself.
 //!
 //! A multi-statement simple-query message runs as one implicit transaction in PostgreSQL, so
 //! `CREATE INDEX CONCURRENTLY` inside it fails; a non-transactional migration is therefore sent
@@ -107,6 +107,132 @@ pub(crate) fn psql_only(sql: &str) -> Option<(usize, PsqlOnly<'_>)> {
         };
     }
     None
+}
+
+/// A transaction-control statement found in a script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TxStatement {
+    /// From its first word to its `;` (or the end of the script).
+    pub range: Range<usize>,
+    /// Its first word as written (`BEGIN`, `commit`, `START`, …).
+    pub keyword: String,
+}
+
+/// How a script uses transaction-control statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TxControl {
+    /// None at all.
+    None,
+    /// The script is wrapped whole: its first statement is a bare `BEGIN` (or
+    /// `START TRANSACTION`), its last a bare `COMMIT` (or `END`), and nothing between controls
+    /// the transaction. golang-migrate runs files as they are, so its users write this.
+    Wrapped([TxStatement; 2]),
+    /// Anything else: the first statement that ends, opens or aborts a transaction where the
+    /// runner owns it (`COMMIT` mid-script, `ROLLBACK`, `BEGIN ISOLATION LEVEL …`, …).
+    Misplaced(TxStatement),
+}
+
+/// What transaction control `sql` holds. Savepoints (`SAVEPOINT`, `RELEASE`, `ROLLBACK TO`)
+/// stay inside the runner's transaction and are fine; the `END` closing a SQL-standard function
+/// body (`BEGIN ATOMIC … END`) is not a transaction's.
+pub(crate) fn transaction_control(sql: &str) -> TxControl {
+    /// A statement's extent and its first code tokens (enough to classify it).
+    struct Statement<'a> {
+        range: Range<usize>,
+        first: Vec<&'a str>,
+        code_tokens: usize,
+        opens_atomic_body: bool,
+    }
+    let mut statements: Vec<Statement<'_>> = Vec::new();
+    let mut current: Option<Statement<'_>> = None;
+    let mut previous_word = "";
+    for (token, range) in tokens(sql) {
+        match token {
+            Token::Space | Token::Comment => continue,
+            Token::Semicolon => {
+                if let Some(mut statement) = current.take() {
+                    statement.range.end = range.end;
+                    statements.push(statement);
+                }
+                previous_word = "";
+                continue;
+            }
+            Token::Quoted | Token::Word | Token::Symbol => {}
+        }
+        let text = &sql[range.clone()];
+        let statement = current.get_or_insert_with(|| Statement {
+            range: range.start..sql.len(),
+            first: Vec::new(),
+            code_tokens: 0,
+            opens_atomic_body: false,
+        });
+        if statement.first.len() < 3 {
+            statement.first.push(text);
+        }
+        statement.code_tokens += 1;
+        if token == Token::Word
+            && previous_word.eq_ignore_ascii_case("begin")
+            && text.eq_ignore_ascii_case("atomic")
+        {
+            statement.opens_atomic_body = true;
+        }
+        previous_word = if token == Token::Word { text } else { "" };
+    }
+    statements.extend(current);
+
+    /// What a statement is to the transaction the runner holds.
+    #[derive(PartialEq)]
+    enum Kind {
+        Open,
+        Close,
+        Misplaced,
+    }
+    let mut atomic_bodies = 0usize;
+    let mut found: Vec<(usize, Kind)> = Vec::new();
+    for (index, statement) in statements.iter().enumerate() {
+        let word = |i: usize| statement.first.get(i).map(|w| w.to_ascii_lowercase());
+        // `BEGIN`, `BEGIN WORK`, `BEGIN TRANSACTION`: nothing else (an isolation level, READ
+        // ONLY) can be carried over into the runner's transaction.
+        let bare = statement.code_tokens == 1
+            || (statement.code_tokens == 2
+                && matches!(word(1).as_deref(), Some("work" | "transaction")));
+        let kind = match (word(0).as_deref(), word(1).as_deref()) {
+            (Some("end"), _) if atomic_bodies > 0 => {
+                atomic_bodies -= 1;
+                None
+            }
+            (Some("begin"), _) if bare => Some(Kind::Open),
+            (Some("start"), Some("transaction")) if statement.code_tokens == 2 => Some(Kind::Open),
+            (Some("commit" | "end"), _) if bare => Some(Kind::Close),
+            (Some("rollback" | "abort"), Some("to")) => None,
+            (Some("begin" | "start" | "commit" | "end" | "rollback" | "abort"), _) => {
+                Some(Kind::Misplaced)
+            }
+            (Some("prepare"), Some("transaction")) => Some(Kind::Misplaced),
+            _ => None,
+        };
+        if statement.opens_atomic_body {
+            atomic_bodies += 1;
+        }
+        if let Some(kind) = kind {
+            found.push((index, kind));
+        }
+    }
+    let control = |index: usize| {
+        let statement = &statements[index];
+        TxStatement {
+            range: statement.range.clone(),
+            keyword: statement.first[0].to_owned(),
+        }
+    };
+    match &found[..] {
+        [] => TxControl::None,
+        [(0, Kind::Open), (last, Kind::Close)] if *last == statements.len() - 1 => {
+            TxControl::Wrapped([control(0), control(*last)])
+        }
+        [(0, Kind::Open), (second, _), ..] => TxControl::Misplaced(control(*second)),
+        [(first, _), ..] => TxControl::Misplaced(control(*first)),
+    }
 }
 
 /// What a run of a script is to PostgreSQL's lexer.
@@ -261,7 +387,7 @@ fn find(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::split_statements as split;
-    use super::{psql_only, PsqlOnly};
+    use super::{psql_only, transaction_control, PsqlOnly, TxControl};
 
     #[test]
     fn plain_statements_are_trimmed_and_empty_pieces_dropped() {
@@ -395,5 +521,71 @@ mod tests {
         ] {
             assert_eq!(psql_only(fine), None, "{fine}");
         }
+    }
+
+    /// The keyword and the text of each transaction statement `sql` holds, or of the misplaced
+    /// one.
+    fn control(sql: &str) -> (&'static str, Vec<&str>) {
+        match transaction_control(sql) {
+            TxControl::None => ("none", vec![]),
+            TxControl::Wrapped(w) => ("wrapped", w.iter().map(|t| &sql[t.range.clone()]).collect()),
+            TxControl::Misplaced(t) => ("misplaced", vec![&sql[t.range]]),
+        }
+    }
+
+    #[test]
+    fn a_whole_file_wrapper_is_recognised_and_anything_else_is_misplaced() {
+        assert_eq!(control("CREATE TABLE a (id int);"), ("none", vec![]));
+        assert_eq!(
+            control("-- up\nBEGIN;\nCREATE TABLE a (id int);\nCOMMIT;\n"),
+            ("wrapped", vec!["BEGIN;", "COMMIT;"])
+        );
+        assert_eq!(
+            control("start transaction; SELECT 1; end work"),
+            ("wrapped", vec!["start transaction;", "end work"])
+        );
+        assert_eq!(
+            control("SELECT 1; COMMIT; SELECT 2;"),
+            ("misplaced", vec!["COMMIT;"])
+        );
+        assert_eq!(
+            control("BEGIN; SELECT 1; COMMIT; SELECT 2;"),
+            ("misplaced", vec!["COMMIT;"])
+        );
+        assert_eq!(control("BEGIN; SELECT 1;"), ("misplaced", vec!["BEGIN;"]));
+        assert_eq!(
+            control("BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT 1; COMMIT;"),
+            ("misplaced", vec!["BEGIN ISOLATION LEVEL SERIALIZABLE;"])
+        );
+        assert_eq!(
+            control("SELECT 1; ROLLBACK;"),
+            ("misplaced", vec!["ROLLBACK;"])
+        );
+        assert_eq!(
+            control("BEGIN; SELECT 1; COMMIT AND CHAIN; COMMIT;"),
+            ("misplaced", vec!["COMMIT AND CHAIN;"])
+        );
+    }
+
+    #[test]
+    fn savepoints_bodies_strings_and_atomic_function_ends_are_not_transaction_control() {
+        assert_eq!(
+            control("SAVEPOINT s; SELECT 1; ROLLBACK TO SAVEPOINT s; RELEASE s;"),
+            ("none", vec![])
+        );
+        assert_eq!(
+            control("DO $$ BEGIN PERFORM 1; COMMIT; END $$; SELECT 'COMMIT;'; -- COMMIT;\n"),
+            ("none", vec![])
+        );
+        assert_eq!(
+            control(
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END; SELECT 2;"
+            ),
+            ("none", vec![])
+        );
+        assert_eq!(
+            control("BEGIN; CREATE FUNCTION f() RETURNS int LANGUAGE sql\nBEGIN ATOMIC\n SELECT 1;\nEND;\nCOMMIT;"),
+            ("wrapped", vec!["BEGIN;", "COMMIT;"])
+        );
     }
 }
