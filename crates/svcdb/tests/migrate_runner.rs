@@ -1139,3 +1139,32 @@ async fn golang_migrate_wrapped_files_fail_atomically() {
     migrator(&svc, dir.path()).up().await.unwrap();
     assert_eq!(history(&svc).await, [1, 2]);
 }
+
+/// A statement that cannot run in a transaction (golang-migrate folders have them unmarked):
+/// the deploy rolls back, the error carries SQLSTATE 25001 and names the directive that fixes it.
+#[tokio::test]
+async fn a_concurrent_index_in_a_transactional_migration_points_at_the_directive() {
+    let db = TestDb::new().await;
+    let svc = db.service("ci").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("1_a.up.sql", "CREATE TABLE a (id int);"),
+            ("2_idx.up.sql", "CREATE INDEX CONCURRENTLY a_id ON a (id);"),
+        ],
+    );
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    assert_eq!(err.code(), Some(&svcdb::SqlState::ACTIVE_SQL_TRANSACTION));
+    assert!(failure(&err).rolled_back);
+    assert!(
+        err.to_string()
+            .contains(svcdb::migrate::NO_TRANSACTION_DIRECTIVE),
+        "{err}"
+    );
+    let status = migrator(&svc, dir.path()).status().await.unwrap();
+    assert!(
+        !status.history_exists,
+        "nothing recorded, not even the history table"
+    );
+}

@@ -197,6 +197,10 @@ fn failed_message(f: &MigrationFailure) -> String {
     }
     s.push_str(if *dirty {
         "\n  hint: undo (or finish) those statements by hand, fix the migration, run `svcdb migrate repair`, then run again"
+    } else if cause.code() == Some(&SqlState::ACTIVE_SQL_TRANSACTION) {
+        // CREATE INDEX CONCURRENTLY, VACUUM, ALTER TYPE … ADD VALUE (before PostgreSQL 12): the
+        // migration itself is fine, it only needs to run outside a transaction.
+        "\n  hint: this statement cannot run inside a transaction: make the migration non-transactional (first line `-- svcdb:no-transaction`; goose `-- +goose NO TRANSACTION`; dbmate `-- migrate:up transaction:false`; diesel `run_in_transaction = false`), then run again"
     } else {
         "\n  hint: fix the migration and run again"
     });

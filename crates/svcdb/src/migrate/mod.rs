@@ -99,7 +99,7 @@ pub mod status;
 pub use error::{MigrateError, MigrationFailure};
 pub use event::{Direction, MigrateEvent};
 pub use history::HISTORY_TABLE;
-pub use migration::{Checksum, Migration};
+pub use migration::{Checksum, Migration, NO_TRANSACTION_DIRECTIVE};
 pub use options::{DownOptions, MigrateOptions, UpOptions};
 pub use report::{
     BaselineReport, DownReport, RedoReport, RepairAction, RepairReport, RunEntry, UpReport,
