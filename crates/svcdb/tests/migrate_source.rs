@@ -263,6 +263,26 @@ fn sqlx_simple_files_are_up_only_migrations() {
     assert_eq!(m.get(1).unwrap().name, "x");
 }
 
+/// sqlx marks a migration that must run outside a transaction with `-- no-transaction`.
+#[test]
+fn sqlx_no_transaction_first_line_is_honoured() {
+    let m = parse(&[
+        (
+            "20240101120000_index.up.sql",
+            b"-- no-transaction\nCREATE INDEX CONCURRENTLY i ON a (id);\n",
+        ),
+        (
+            "20240101120000_index.down.sql",
+            b"-- no-transaction\nDROP INDEX CONCURRENTLY i;\n",
+        ),
+        ("20240102000000_x.sql", b"SELECT 1; -- no-transaction\n"),
+    ])
+    .unwrap();
+    let index = m.get(20240101120000).unwrap();
+    assert!(!index.transactional && !index.down_transactional);
+    assert!(m.get(20240102000000).unwrap().transactional);
+}
+
 /// A goose file: header comments, `NO TRANSACTION`, markers in mixed case and spacing.
 const GOOSE: &str = "\
 -- Adds the index without locking writes.

@@ -8,6 +8,9 @@ use sha2::{Digest, Sha256};
 /// `CREATE INDEX CONCURRENTLY`, `ALTER TYPE … ADD VALUE` on old servers, `VACUUM`, …).
 pub const NO_TRANSACTION_DIRECTIVE: &str = "-- svcdb:no-transaction";
 
+/// sqlx's spelling of the same first line, honoured so sqlx folders run as they are.
+const SQLX_NO_TRANSACTION: &str = "-- no-transaction";
+
 /// A parsed migration: what runs, what undoes it, and how.
 ///
 /// Built by [`Migrations`](super::Migrations); the fields are public for reading.
@@ -102,9 +105,12 @@ pub(crate) fn strip_bom(script: &str) -> &str {
     script.strip_prefix('\u{feff}').unwrap_or(script)
 }
 
-/// True when the script's first line is the no-transaction directive.
+/// True when the script's first line is the no-transaction directive (svcdb's or sqlx's).
 pub(crate) fn has_no_transaction_directive(script: &str) -> bool {
-    strip_bom(script).lines().next().map(str::trim_end) == Some(NO_TRANSACTION_DIRECTIVE)
+    matches!(
+        strip_bom(script).lines().next().map(str::trim_end),
+        Some(NO_TRANSACTION_DIRECTIVE | SQLX_NO_TRANSACTION)
+    )
 }
 
 #[cfg(test)]

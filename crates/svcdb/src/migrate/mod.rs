@@ -51,7 +51,8 @@
 //!   connection (released on every path; see [`lock`]). Different schemas never wait.
 //! * **Atomic deploy.** When every pending migration is transactional, all of them and their
 //!   history rows run in one transaction: a failure leaves the schema as it was. With a
-//!   non-transactional migration (first line `-- svcdb:no-transaction`, or diesel
+//!   non-transactional migration (first line `-- svcdb:no-transaction` or sqlx's
+//!   `-- no-transaction`, or diesel
 //!   `run_in_transaction = false`) in the batch, each migration runs on its own, and a failure
 //!   undoes what this deploy applied with the down scripts, newest first
 //!   ([`MigrateError::Failed`]'s [`MigrationFailure`] lists them). A non-transactional
