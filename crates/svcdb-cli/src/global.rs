@@ -14,7 +14,8 @@ pub const DEFAULT_MIGRATIONS_DIR: &str = "./migrations";
 /// Connection and output options shared by every subcommand.
 #[derive(clap::Args)]
 pub struct Global {
-    /// PostgreSQL URL: postgres://user[:password]@host[:port]/dbname
+    /// PostgreSQL URL: postgres://user[:password]@host[:port]/dbname, with libpq's
+    /// ?sslmode=disable|allow|prefer|require|verify-ca|verify-full and &sslrootcert=<CA file>
     // hide_env_values: the URL may hold a password, and --help must not print it.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,

@@ -3,6 +3,8 @@
 //! | environment variable | field | default | meaning |
 //! |---|---|---|---|
 //! | `DATABASE_URL` | [`Config::connection`] | (required) | `postgres://user[:password]@host[:port]/dbname`, or `key=value` pairs |
+//! | `DATABASE_URL`'s `sslmode` | [`Config::tls`] | `disable` | libpq's: `disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full` (below) |
+//! | `DATABASE_URL`'s `sslrootcert` | [`Config::ssl_root_cert`] | none | PEM file of the CA that signed the server's certificate; `system`: the system's roots |
 //! | `SVCDB_PASSWORD`, `PGPASSWORD` | (password) | none | used when the URL carries no password, so it stays out of URLs |
 //! | `SVCDB_SCHEMA` | [`Config::schema`] | (required) | the service's schema, pinned on every connection |
 //! | `SVCDB_EXTRA_SCHEMAS` | [`Config::extra_schemas`] | none | comma-separated schemas appended to the search path (`public`, `extensions`) |
@@ -18,12 +20,18 @@
 //! | `SVCDB_APPLICATION_NAME` | [`Config::application_name`] | `svcdb/<schema>` | shown in `pg_stat_activity` |
 //!
 //! Durations take a unit (`500ms`, `5s`, `2m`, `1h`); a bare number means seconds.
+//!
+//! `sslmode` and `sslrootcert` go in the URL's query (`?sslmode=verify-full&sslrootcert=ca.pem`)
+//! or among the `key=value` pairs, as for libpq; svcdb takes them out and hands the rest to the
+//! driver. What each mode encrypts and checks: [`tls`](crate::tls).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::ident::Ident;
+use crate::tls::{is_system_roots, TlsMode};
 
 /// How one service reaches its slice of the database.
 ///
@@ -32,8 +40,18 @@ use crate::ident::Ident;
 /// the password.
 #[derive(Clone)]
 pub struct Config {
-    /// Host, port, user, password and database. Its password is never printed.
+    /// Host, port, user, password and database. Its password is never printed. Its `ssl_mode`
+    /// is not used: [`tls`](Self::tls) decides.
     pub connection: tokio_postgres::Config,
+    /// Whether to encrypt, and what to check of the server's certificate: libpq's `sslmode`.
+    /// Default: `disable` ([`TlsMode::Require`] when built with
+    /// [`with_connection`](Self::with_connection) from a driver config whose `ssl_mode` is
+    /// `Require`).
+    pub tls: TlsMode,
+    /// PEM file of the root certificates the server's must chain to (libpq's `sslrootcert`);
+    /// `system` means the system's roots. Read by `require`, `verify-ca` and `verify-full` only,
+    /// when the pool is built. Default: none (the system's roots, for the `verify-*` modes).
+    pub ssl_root_cert: Option<PathBuf>,
     /// The service's schema: first on the search path of every connection. Required.
     pub schema: Ident,
     /// Schemas searched after the service schema, in order (e.g. `public` for shared
@@ -65,17 +83,28 @@ pub struct Config {
 }
 
 impl Config {
-    /// A configuration with the documented defaults for `database_url` and `schema`.
+    /// A configuration with the documented defaults for `database_url` and `schema`; the URL's
+    /// `sslmode` and `sslrootcert` set [`tls`](Self::tls) and
+    /// [`ssl_root_cert`](Self::ssl_root_cert).
     pub fn new(database_url: &str, schema: &str) -> Result<Self> {
-        Ok(Self::with_connection(
-            parse_url(database_url)?,
-            Ident::new("schema", schema)?,
-        ))
+        let url = TlsParams::take(database_url)?;
+        let mut config =
+            Self::with_connection(parse_url(&url.rest)?, Ident::new("schema", schema)?);
+        config.tls = match (url.mode, &url.root_cert) {
+            (Some(mode), _) => mode,
+            // libpq 16: the system's roots make verify-full the default.
+            (None, Some(root)) if is_system_roots(root) => TlsMode::VerifyFull,
+            (None, _) => TlsMode::Disable,
+        };
+        config.ssl_root_cert = url.root_cert;
+        Ok(config)
     }
 
     /// A configuration with the documented defaults for an already parsed connection.
     pub fn with_connection(connection: tokio_postgres::Config, schema: Ident) -> Self {
         Self {
+            tls: TlsMode::of_driver_config(&connection),
+            ssl_root_cert: None,
             connection,
             schema,
             extra_schemas: Vec::new(),
@@ -236,6 +265,8 @@ impl fmt::Debug for Config {
                 "password",
                 &self.connection.get_password().map(|_| "<redacted>"),
             )
+            .field("tls", &self.tls)
+            .field("ssl_root_cert", &self.ssl_root_cert)
             .field("schema", &self.schema)
             .field("extra_schemas", &self.extra_schemas)
             .field("create_schema", &self.create_schema)
@@ -252,8 +283,9 @@ impl fmt::Debug for Config {
     }
 }
 
-/// Parses a `DATABASE_URL` (URL or `key=value` form). The error never repeats the input,
-/// which may hold a password.
+/// Parses a `DATABASE_URL` (URL or `key=value` form) as the driver does: of `sslmode` it knows
+/// `disable`, `prefer` and `require`, and `sslrootcert` it refuses; [`Config::new`] takes every
+/// libpq TLS setting. The error never repeats the input, which may hold a password.
 pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
     database_url.parse().map_err(|e: tokio_postgres::Error| {
         let why = std::error::Error::source(&e)
@@ -267,6 +299,168 @@ pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
             ),
         )
     })
+}
+
+/// A `DATABASE_URL` with libpq's TLS keys taken out: the driver knows only three `sslmode`
+/// values and refuses `sslrootcert`. Everything else is left as written, for the driver.
+struct TlsParams {
+    /// The URL or `key=value` string without `sslmode` and `sslrootcert`.
+    rest: String,
+    /// The last `sslmode`, parsed.
+    mode: Option<TlsMode>,
+    /// The last `sslrootcert`.
+    root_cert: Option<PathBuf>,
+}
+
+impl TlsParams {
+    fn take(database_url: &str) -> Result<Self> {
+        let (rest, found) = match ["postgres://", "postgresql://"]
+            .iter()
+            .find_map(|prefix| database_url.strip_prefix(prefix))
+        {
+            Some(body) => take_from_url(database_url, body),
+            None => take_from_pairs(database_url),
+        };
+        let mut params = Self {
+            rest,
+            mode: None,
+            root_cert: None,
+        };
+        for (key, value) in found {
+            match key {
+                TlsKey::Mode => params.mode = Some(value.parse()?),
+                TlsKey::RootCert => params.root_cert = Some(PathBuf::from(value)),
+            }
+        }
+        Ok(params)
+    }
+}
+
+/// The keys svcdb reads itself.
+#[derive(Clone, Copy)]
+enum TlsKey {
+    Mode,
+    RootCert,
+}
+
+impl TlsKey {
+    fn of(key: &str) -> Option<Self> {
+        match key {
+            "sslmode" => Some(TlsKey::Mode),
+            "sslrootcert" => Some(TlsKey::RootCert),
+            _ => None,
+        }
+    }
+}
+
+/// Takes the TLS keys out of a URL's query. `body` is `url` after its scheme. The query is
+/// found and split as the driver does: credentials run to the first `@`, the query starts at
+/// the next `?`, a key runs to the next `=` and its value to the next `&`; keys and values are
+/// percent-decoded.
+fn take_from_url(url: &str, body: &str) -> (String, Vec<(TlsKey, String)>) {
+    let body_start = url.len() - body.len();
+    let after_credentials = body.find('@').map_or(body_start, |at| body_start + at + 1);
+    let Some(question) = url[after_credentials..].find('?') else {
+        return (url.to_owned(), Vec::new());
+    };
+    let query_start = after_credentials + question + 1;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|d| d.into_owned())
+    };
+    let (mut kept, mut found) = (Vec::new(), Vec::new());
+    let mut query = &url[query_start..];
+    while !query.is_empty() {
+        let Some(eq) = query.find('=') else {
+            kept.push(query); // the driver reports the unterminated parameter
+            break;
+        };
+        let end = query[eq + 1..]
+            .find('&')
+            .map_or(query.len(), |amp| eq + 1 + amp);
+        let (param, key, value) = (&query[..end], &query[..eq], &query[eq + 1..end]);
+        match (
+            decode(key).ok().as_deref().and_then(TlsKey::of),
+            decode(value),
+        ) {
+            (Some(tls_key), Ok(value)) => found.push((tls_key, value)),
+            // Not ours, or not decodable: the driver keeps or refuses it.
+            _ => kept.push(param),
+        }
+        query = query.get(end + 1..).unwrap_or("");
+    }
+    let mut rest = url[..query_start - 1].to_owned();
+    if !kept.is_empty() {
+        rest.push('?');
+        rest.push_str(&kept.join("&"));
+    }
+    (rest, found)
+}
+
+/// Takes the TLS keys out of `key=value` pairs, read as the driver reads them: whitespace
+/// around `=` allowed, values either bare or in single quotes, `\` escaping the next
+/// character. From the first thing the driver would refuse on, the text is left to it.
+fn take_from_pairs(s: &str) -> (String, Vec<(TlsKey, String)>) {
+    let (mut kept, mut found) = (Vec::new(), Vec::new());
+    let mut chars = s.char_indices().peekable();
+    let position = |chars: &mut std::iter::Peekable<std::str::CharIndices>| {
+        chars.peek().map_or(s.len(), |&(i, _)| i)
+    };
+    loop {
+        while chars.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
+        let start = position(&mut chars);
+        while chars
+            .next_if(|&(_, c)| !c.is_whitespace() && c != '=')
+            .is_some()
+        {}
+        let key = &s[start..position(&mut chars)];
+        if key.is_empty() {
+            break;
+        }
+        while chars.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
+        let value = chars.next_if(|&(_, c)| c == '=').and_then(|_| {
+            while chars.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
+            pair_value(&mut chars)
+        });
+        match (value, TlsKey::of(key)) {
+            (Some(value), Some(tls_key)) => found.push((tls_key, value)),
+            (Some(_), None) => kept.push(&s[start..position(&mut chars)]),
+            (None, _) => {
+                kept.push(&s[start..]);
+                break;
+            }
+        }
+    }
+    (kept.join(" "), found)
+}
+
+/// One `key=value` value, unescaped: `'quoted'` or bare up to whitespace. `None` where the
+/// driver would fail (nothing there, an unterminated quote).
+fn pair_value(chars: &mut std::iter::Peekable<std::str::CharIndices>) -> Option<String> {
+    let quoted = chars.next_if(|&(_, c)| c == '\'').is_some();
+    let mut value = String::new();
+    loop {
+        match chars.peek() {
+            None if quoted => return None,
+            Some(&(_, '\'')) if quoted => {
+                chars.next();
+                return Some(value);
+            }
+            Some(&(_, c)) if !quoted && c.is_whitespace() => break,
+            None => break,
+            Some(_) => {}
+        }
+        let (_, c) = chars.next()?;
+        if c == '\\' {
+            if let Some((_, escaped)) = chars.next() {
+                value.push(escaped);
+            }
+        } else {
+            value.push(c);
+        }
+    }
+    (!value.is_empty()).then_some(value)
 }
 
 /// `user@host:port/dbname` of a driver configuration; never the password.
@@ -411,6 +605,87 @@ mod tests {
             ])),
             Err(Error::Ident(_))
         ));
+    }
+
+    #[test]
+    fn tls_keys_leave_the_url_and_the_rest_reaches_the_driver() {
+        let c = Config::new(
+            "postgres://svc:p%3Fw@db:6543/shop?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fmy%20ca.pem&connect_timeout=7",
+            "orders",
+        )
+        .unwrap();
+        assert_eq!(c.tls, TlsMode::VerifyFull);
+        assert_eq!(c.ssl_root_cert, Some(PathBuf::from("/etc/my ca.pem")));
+        assert_eq!(c.connection.get_password(), Some(&b"p?w"[..]));
+        assert_eq!(c.connection.get_application_name(), Some("x"));
+        assert_eq!(
+            c.connection.get_connect_timeout(),
+            Some(&Duration::from_secs(7))
+        );
+        assert_eq!(c.target(), "svc@db:6543/shop");
+
+        let c = Config::new("postgresql://svc@db/shop?sslmode=require", "orders").unwrap();
+        assert_eq!(
+            (c.tls, c.ssl_root_cert.as_deref()),
+            (TlsMode::Require, None)
+        );
+        assert_eq!(c.target(), "svc@db:5432/shop");
+
+        let c = Config::new("postgres://svc@db/shop", "orders").unwrap();
+        assert_eq!(c.tls, TlsMode::Disable);
+        let c = Config::new("postgres://svc@db/shop?sslrootcert=system", "orders").unwrap();
+        assert_eq!(
+            c.tls,
+            TlsMode::VerifyFull,
+            "libpq 16's default with system roots"
+        );
+    }
+
+    #[test]
+    fn tls_keys_leave_key_value_pairs_too() {
+        let c = Config::new(
+            r"host=db user=svc sslmode = verify-ca  sslrootcert='/etc/my ca.pem' password='a\'b c' dbname=shop",
+            "orders",
+        )
+        .unwrap();
+        assert_eq!(c.tls, TlsMode::VerifyCa);
+        assert_eq!(c.ssl_root_cert, Some(PathBuf::from("/etc/my ca.pem")));
+        assert_eq!(c.connection.get_password(), Some(&b"a'b c"[..]));
+        assert_eq!(c.target(), "svc@db:5432/shop");
+        // The driver still refuses what it refused, with its own reason.
+        assert!(matches!(
+            Config::new("host=db user=svc sslmode=require bogus=1", "orders"),
+            Err(Error::Config { .. })
+        ));
+    }
+
+    #[test]
+    fn an_unknown_sslmode_is_a_config_error_naming_the_key() {
+        for url in [
+            "postgres://svc:hunter2@db/shop?sslmode=verify_full",
+            "host=db user=svc password=hunter2 sslmode=verify_full",
+        ] {
+            match Config::new(url, "orders") {
+                Err(e @ Error::Config { .. }) => {
+                    let Error::Config { key, .. } = &e else {
+                        unreachable!()
+                    };
+                    assert_eq!(key, "sslmode");
+                    assert!(!format!("{e} {e:?}").contains("hunter2"), "{e:?}");
+                }
+                other => panic!("{url}: expected a config error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_driver_config_asking_for_tls_keeps_asking() {
+        let pg = parse_url("postgres://svc@db/shop?sslmode=require").unwrap();
+        let c = Config::with_connection(pg, Ident::new("schema", "orders").unwrap());
+        assert_eq!(c.tls, TlsMode::Require);
+        let pg = parse_url("postgres://svc@db/shop").unwrap();
+        let c = Config::with_connection(pg, Ident::new("schema", "orders").unwrap());
+        assert_eq!(c.tls, TlsMode::Disable);
     }
 
     #[test]

@@ -2,10 +2,12 @@
 
 use std::ops::{Deref, DerefMut};
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, NoTls, Socket};
 
 use crate::config::describe_target;
 use crate::error::{Error, Result};
+use crate::tls::{Tls, TlsMode};
 
 /// A connection of its own, outside any pool. Dropping it closes the socket, which also
 /// releases every session-level lock it held, even if the task holding it panicked or was
@@ -20,15 +22,37 @@ pub struct DedicatedConn {
 impl DedicatedConn {
     /// Opens a connection with `config` (which should carry the pinned schema; see
     /// [`Config::session_config`](crate::Config::session_config)).
+    ///
+    /// Plain unless `config`'s `ssl_mode` is `Require`: then encrypted, the certificate
+    /// unchecked (libpq's `require`). For `verify-ca`/`verify-full` use
+    /// [`connect_with`](Self::connect_with) with the pool's [`Tls`], or one built from
+    /// [`Config::tls`](crate::Config::tls).
     pub async fn connect(config: &tokio_postgres::Config) -> Result<Self> {
-        let (client, connection) =
-            config
-                .connect(NoTls)
-                .await
-                .map_err(|source| Error::Connect {
-                    target: describe_target(config),
-                    source,
-                })?;
+        let tls = Tls::new(TlsMode::of_driver_config(config), None)?;
+        Self::connect_with(config, &tls).await
+    }
+
+    /// Opens a connection with `config`, encrypted and checked as `tls` says (its mode replaces
+    /// `config`'s `ssl_mode`).
+    pub async fn connect_with(config: &tokio_postgres::Config, tls: &Tls) -> Result<Self> {
+        let config = tls.driver_config(config);
+        match tls.rustls() {
+            None => Self::open(&config, NoTls).await,
+            Some(rustls) => Self::open(&config, rustls.clone()).await,
+        }
+    }
+
+    /// Connects and spawns the task driving the socket; generic because the stream type
+    /// differs with and without TLS.
+    async fn open<T>(config: &tokio_postgres::Config, tls: T) -> Result<Self>
+    where
+        T: MakeTlsConnect<Socket>,
+        T::Stream: Send + 'static,
+    {
+        let (client, connection) = config.connect(tls).await.map_err(|source| Error::Connect {
+            target: describe_target(config),
+            source,
+        })?;
         let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(target: "svcdb::connection", error = %crate::error::pg_message(&e), "dedicated connection ended");

@@ -9,6 +9,7 @@ use std::time::Duration;
 pub use tokio_postgres::error::SqlState;
 
 use crate::ident::IdentError;
+use crate::tls::TlsFailure;
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -60,7 +61,11 @@ pub enum Error {
     PoolClosed,
 
     /// A dedicated (unpooled) connection could not be opened.
-    #[error("cannot connect to {target}: {}", pg_message(source))]
+    #[error(
+        "cannot connect to {target}: {}{}",
+        pg_message(source),
+        TlsHint(source)
+    )]
     Connect {
         /// `user@host:port/dbname`, never with the password.
         target: String,
@@ -92,11 +97,14 @@ impl Error {
     /// The SQLSTATE reported by the server, for this error or its cause
     /// (for [`Error::AcquireTimeout`], the cause's code: `28P01` for a wrong password, …).
     pub fn code(&self) -> Option<&SqlState> {
-        match self {
-            Error::Db(e) | Error::Connect { source: e, .. } => e.code(),
-            Error::AcquireTimeout { cause: Some(e), .. } => e.code(),
-            _ => None,
-        }
+        self.driver_error()?.code()
+    }
+
+    /// Why the connection failed in TLS, for this error or its cause (for
+    /// [`Error::AcquireTimeout`], the last attempt's): the server refused TLS, or its
+    /// certificate was untrusted or named another host. `None` for every other error.
+    pub fn tls_failure(&self) -> Option<TlsFailure> {
+        TlsFailure::of(self.driver_error()?)
     }
 
     /// True when retrying the whole transaction may succeed: serialization failure (40001)
@@ -108,6 +116,15 @@ impl Error {
     /// True for an acquire timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::AcquireTimeout { .. })
+    }
+
+    /// The driver's error this error is or carries.
+    fn driver_error(&self) -> Option<&tokio_postgres::Error> {
+        match self {
+            Error::Db(e) | Error::Connect { source: e, .. } => Some(e),
+            Error::AcquireTimeout { cause, .. } => cause.as_ref(),
+            _ => None,
+        }
     }
 
     pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
@@ -188,15 +205,18 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
         match cause {
             Some(e) => {
                 write!(f, ": last connection attempt failed: {}", pg_message(e))?;
-                let hint = match e.code() {
-                    Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+                // A TLS failure has no SQLSTATE, yet the server answered: not the "is it
+                // running" case.
+                let hint = match (TlsFailure::of(e), e.code()) {
+                    (Some(tls), _) => tls.hint(),
+                    (None, Some(c)) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
                         "check the user and password in DATABASE_URL, or run `svcdb provision` to create the service's role"
                     }
-                    Some(c) if *c == SqlState::INVALID_CATALOG_NAME => {
+                    (None, Some(c)) if *c == SqlState::INVALID_CATALOG_NAME => {
                         "the database does not exist: create it or fix DATABASE_URL"
                     }
-                    Some(_) => "see the server's message above",
-                    None => "check that PostgreSQL is running and that DATABASE_URL names the right host and port",
+                    (None, Some(_)) => "see the server's message above",
+                    (None, None) => "check that PostgreSQL is running and that DATABASE_URL names the right host and port",
                 };
                 write!(f, "\n  hint: {hint}")
             }
@@ -204,6 +224,18 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
                 f,
                 ": all {size} of {max_size} connections stayed busy\n  hint: raise SVCDB_POOL_MAX or SVCDB_ACQUIRE_TIMEOUT, or look for connections held across slow work"
             ),
+        }
+    }
+}
+
+/// `\n  hint: …` after a connection error that failed in TLS; nothing otherwise.
+struct TlsHint<'a>(&'a tokio_postgres::Error);
+
+impl fmt::Display for TlsHint<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match TlsFailure::of(self.0) {
+            Some(failure) => write!(f, "\n  hint: {}", failure.hint()),
+            None => Ok(()),
         }
     }
 }

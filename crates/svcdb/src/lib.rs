@@ -9,6 +9,7 @@
 //! |---|---|
 //! | configuration from code or the environment, every key with its default | [`config`] |
 //! | the pool: schema pinned per connection, acquire timeout, min/max, status | [`pool`] ([`ServiceDb`]) |
+//! | TLS: libpq's `sslmode`/`sslrootcert` on rustls, one connector per pool, why a handshake failed | [`tls`] ([`Tls`], [`TlsMode`], [`TlsFailure`]) |
 //! | connections outside the pool (locks, long jobs) | [`connection`] |
 //! | transactions: commit on `Ok`, rollback on error or drop, retry on 40001/40P01 | [`tx`] |
 //! | a login role per service owning its schema; nothing for `PUBLIC` | [`mod@provision`] |
@@ -58,6 +59,7 @@ pub mod pool;
 pub mod provision;
 pub mod schema;
 pub mod testing;
+pub mod tls;
 pub mod tx;
 
 pub use config::Config;
@@ -71,6 +73,7 @@ pub use outbox::{Outbox, OutboxMessage};
 pub use pool::{PoolStatus, PooledConn, ServiceDb};
 pub use provision::{provision, Password, ProvisionReport, ProvisionSpec};
 pub use schema::{Gate, GateReport, Problem, TableInfo, TableKind};
+pub use tls::{Tls, TlsFailure, TlsMode};
 pub use tx::{IsolationLevel, Retryable, Transaction, TxOptions};
 
 pub use svcdb_macros::embed_migrations;

@@ -1,7 +1,7 @@
 //! `svcdb provision`: a login role owning the service's schema, nothing for PUBLIC.
 
 use anyhow::{Context, Result};
-use svcdb::{provision, DedicatedConn, Ident, Password, ProvisionSpec};
+use svcdb::{provision, Config, DedicatedConn, Ident, Password, ProvisionSpec, Tls};
 
 use crate::global::Global;
 use crate::{output, Outcome};
@@ -39,8 +39,11 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
             .with_context(|| format!("--password-env names {var}, which is not set"))?;
         spec.password = Some(Password::new(password));
     }
-    let admin_config = svcdb::config::parse_url(global.database_url()?)?;
-    let mut admin = DedicatedConn::connect(&admin_config).await?;
+    // Read as a service's URL is, so that every libpq sslmode (and sslrootcert) holds for the
+    // admin connection too; the driver's own parser knows only three modes.
+    let admin_config = Config::new(global.database_url()?, schema)?;
+    let tls = Tls::new(admin_config.tls, admin_config.ssl_root_cert.as_deref())?;
+    let mut admin = DedicatedConn::connect_with(&admin_config.connection, &tls).await?;
     let report = provision(&mut admin, &spec).await?;
     if global.json {
         output::json(&report)?;

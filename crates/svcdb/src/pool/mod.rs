@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::connection::DedicatedConn;
 use crate::error::{is_lost_create_race, pg_message, Error, Result};
 use crate::ident::Ident;
+use crate::tls::Tls;
 use status::PoolStats;
 
 /// A connection borrowed from a [`ServiceDb`]; it goes back to the pool when dropped.
@@ -54,8 +55,11 @@ struct Inner {
     pool: Pool,
     /// The validated configuration this pool was built from.
     config: Config,
-    /// The driver config with the schema pinned (what every connection uses).
+    /// The driver config with the schema pinned and the TLS mode set (what every connection
+    /// uses).
     session: tokio_postgres::Config,
+    /// The connector of the pool and of its dedicated connections.
+    tls: Tls,
     /// Wait histogram, timeout count, last connection error.
     stats: Arc<PoolStats>,
     /// Keeps the pool at `pool_min` and retires idle and old connections; aborted on drop.
@@ -81,18 +85,25 @@ impl std::fmt::Debug for ServiceDb {
 impl ServiceDb {
     /// Builds the pool without touching the network; connections open on first use and the
     /// background task warms the pool up to `pool_min`. Must be called inside a Tokio runtime.
+    ///
+    /// Reads `ssl_root_cert` (or the system's roots) when the TLS mode checks certificates; a
+    /// file that cannot be used is an [`Error::Config`] naming it.
     pub fn new(config: Config) -> Result<Self> {
         config.validate()?;
-        let session = config.session_config();
-        let manager = Manager::from_config(
-            session.clone(),
-            NoTls,
-            ManagerConfig {
-                // `Fast` checks only that the socket is open; the hook below pings connections
-                // that sat idle, so a hot connection costs no extra round trip.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        // Built once: the root certificates are read here, and every connection shares them.
+        let tls = Tls::new(config.tls, config.ssl_root_cert.as_deref())?;
+        let session = tls.driver_config(&config.session_config());
+        let manager_config = ManagerConfig {
+            // `Fast` checks only that the socket is open; the hook below pings connections
+            // that sat idle, so a hot connection costs no extra round trip.
+            recycling_method: RecyclingMethod::Fast,
+        };
+        // The manager boxes its connector, so the choice is made once, here: without TLS the
+        // pool's connections are `NoTls` ones, exactly as before svcdb had TLS.
+        let manager = match tls.rustls() {
+            None => Manager::from_config(session.clone(), NoTls, manager_config),
+            Some(rustls) => Manager::from_config(session.clone(), rustls.clone(), manager_config),
+        };
         let verify_after = config.verify_after_idle;
         let ping_timeout = config.connect_timeout;
         let pool = Pool::builder(manager)
@@ -128,6 +139,7 @@ impl ServiceDb {
                 pool,
                 config,
                 session,
+                tls,
                 stats,
                 maintenance,
             }),
@@ -230,7 +242,7 @@ impl ServiceDb {
     /// return a connection to the pool in an odd state: session advisory locks, `LISTEN`, long
     /// migrations. It closes when dropped.
     pub async fn dedicated(&self) -> Result<DedicatedConn> {
-        DedicatedConn::connect(&self.inner.session).await
+        DedicatedConn::connect_with(&self.inner.session, &self.inner.tls).await
     }
 
     /// Sizes, waiters and wait percentiles; no I/O.

@@ -1,0 +1,444 @@
+//! TLS to PostgreSQL: libpq's `sslmode` and `sslrootcert`, on rustls with the ring provider.
+//!
+//! | `sslmode` | encrypted | certificate checked |
+//! |---|---|---|
+//! | `disable` (svcdb's default; libpq's is `prefer`) | never | — |
+//! | `allow`, `prefer` | when the server offers TLS, else plain | no |
+//! | `require` | always, or the connection fails | no; with `sslrootcert`, its chain (as `verify-ca`) |
+//! | `verify-ca` | always | its chain, against `sslrootcert` or the system's roots; not the host name |
+//! | `verify-full` | always | its chain and that it names the host connected to |
+//!
+//! `sslrootcert=system` means the system's roots and, as in libpq 16, needs `verify-full`.
+//!
+//! A [`Tls`] is built once per [`ServiceDb`](crate::ServiceDb), reading the root certificates
+//! then, and shared by its pool and its dedicated connections. With TLS off it connects with
+//! tokio-postgres' `NoTls`, so a plain connection costs exactly what it did before TLS existed.
+//!
+//! A connection that fails in TLS says why in [`Error::tls_failure`](crate::Error::tls_failure).
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::verify_server_cert_signed_by_trust_anchor;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::error::{Error, Result};
+
+/// True for the `sslrootcert` value that means the system's trusted roots (libpq 16 and
+/// later), not a file.
+pub(crate) fn is_system_roots(root_cert: &Path) -> bool {
+    root_cert.as_os_str() == "system"
+}
+
+/// libpq's `sslmode`: whether to encrypt, and what to check of the server's certificate (see
+/// the module table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// Never encrypt. svcdb's default, unlike libpq's `prefer`: a pool on a private network
+    /// pays nothing for TLS unless asked to.
+    #[default]
+    Disable,
+    /// As `prefer` (libpq tries plain first and TLS second; the driver cannot).
+    Allow,
+    /// Encrypt when the server offers TLS, without checking its certificate; plain otherwise.
+    Prefer,
+    /// Encrypt or fail. The certificate is not checked, unless
+    /// [`Config::ssl_root_cert`](crate::Config::ssl_root_cert) is set: then its chain is, as
+    /// with `VerifyCa` (libpq does the same).
+    Require,
+    /// Encrypt, and check that the certificate chains to `ssl_root_cert` (or to the system's
+    /// roots); the host name is not checked.
+    VerifyCa,
+    /// Encrypt, and check the chain and that the certificate names the host connected to.
+    VerifyFull,
+}
+
+impl TlsMode {
+    /// Every mode, weakest first.
+    pub const ALL: [TlsMode; 6] = [
+        TlsMode::Disable,
+        TlsMode::Allow,
+        TlsMode::Prefer,
+        TlsMode::Require,
+        TlsMode::VerifyCa,
+        TlsMode::VerifyFull,
+    ];
+
+    /// The mode as written in `sslmode=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Allow => "allow",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// The mode a bare driver configuration asks for: `require` when its `ssl_mode` says so,
+    /// else `disable`. The driver's default is `prefer`, which cannot be told from "not set",
+    /// and a plain connection is what svcdb made of it before it had TLS.
+    pub(crate) fn of_driver_config(pg: &tokio_postgres::Config) -> Self {
+        match pg.get_ssl_mode() {
+            SslMode::Require => TlsMode::Require,
+            _ => TlsMode::Disable,
+        }
+    }
+
+    /// What the driver is told: whether to ask the server for TLS, and whether a refusal ends
+    /// the attempt. Verification is the connector's.
+    fn driver_mode(self) -> SslMode {
+        match self {
+            TlsMode::Disable => SslMode::Disable,
+            TlsMode::Allow | TlsMode::Prefer => SslMode::Prefer,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+        }
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TlsMode {
+    type Err = Error;
+
+    /// Parses an `sslmode` value; the error names the key and lists the allowed values.
+    fn from_str(s: &str) -> Result<Self> {
+        TlsMode::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == s)
+            .ok_or_else(|| {
+                let allowed = TlsMode::ALL.map(TlsMode::as_str).join(", ");
+                Error::config("sslmode", format!("{s:?} is not one of {allowed}"))
+            })
+    }
+}
+
+/// Why a connection failed in TLS, from [`Error::tls_failure`](crate::Error::tls_failure).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// The server does not accept TLS (`ssl = off`), and the `sslmode` requires it.
+    NotOffered,
+    /// The server's certificate does not chain to a trusted root (`sslrootcert`, or the
+    /// system's roots).
+    Untrusted,
+    /// The certificate is trusted but does not name the host connected to (`verify-full`).
+    NameMismatch,
+    /// Any other handshake failure: an expired or malformed certificate, no protocol version
+    /// or cipher suite in common, …
+    Handshake,
+}
+
+impl TlsFailure {
+    /// The failure behind a driver error, if it is a TLS one.
+    pub(crate) fn of(e: &tokio_postgres::Error) -> Option<Self> {
+        // tokio-postgres exposes no error kind; its TLS kind displays as this fixed text, with
+        // the cause in the source chain.
+        if e.to_string() != "error performing TLS handshake" {
+            return None;
+        }
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            if let Some(rustls) = rustls_error(cause) {
+                return Some(match rustls {
+                    rustls::Error::InvalidCertificate(
+                        CertificateError::NotValidForName
+                        | CertificateError::NotValidForNameContext { .. },
+                    ) => TlsFailure::NameMismatch,
+                    rustls::Error::InvalidCertificate(
+                        CertificateError::UnknownIssuer | CertificateError::BadSignature,
+                    ) => TlsFailure::Untrusted,
+                    _ => TlsFailure::Handshake,
+                });
+            }
+            // The driver's own refusal carries only this text (a boxed string).
+            if cause.to_string() == "server does not support TLS" {
+                return Some(TlsFailure::NotOffered);
+            }
+            source = cause.source();
+        }
+        Some(TlsFailure::Handshake)
+    }
+
+    /// What to do about it, as error messages put it.
+    pub fn hint(self) -> &'static str {
+        match self {
+            TlsFailure::NotOffered => {
+                "the server does not accept TLS: turn `ssl` on in its postgresql.conf, or use sslmode=prefer (or disable) in DATABASE_URL to connect unencrypted"
+            }
+            TlsFailure::Untrusted => {
+                "the server's certificate is not trusted: pass sslrootcert=<CA file> in DATABASE_URL, or use sslmode=require to encrypt without verifying"
+            }
+            TlsFailure::NameMismatch => {
+                "the server's certificate does not name the host in DATABASE_URL: connect by a name the certificate lists, or use sslmode=verify-ca to check the chain but not the name"
+            }
+            TlsFailure::Handshake => {
+                "the TLS handshake failed: check the server's certificate and the sslmode and sslrootcert in DATABASE_URL"
+            }
+        }
+    }
+}
+
+/// The rustls error in a link of a driver error's source chain. tokio-rustls wraps it in an
+/// `io::Error`, whose `source()` skips the wrapped error, so that link is opened by hand.
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    e.downcast_ref::<rustls::Error>().or_else(|| {
+        e.downcast_ref::<std::io::Error>()?
+            .get_ref()?
+            .downcast_ref::<rustls::Error>()
+    })
+}
+
+/// How connections are encrypted: one per pool, shared by its connections. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo(pg: svcdb::tokio_postgres::Config) -> Result<(), svcdb::Error> {
+/// use svcdb::tls::{Tls, TlsMode};
+/// let ca = std::path::Path::new("/etc/ssl/certs/db-ca.pem");
+/// let tls = Tls::new(TlsMode::VerifyFull, Some(ca))?;
+/// let admin = svcdb::DedicatedConn::connect_with(&pg, &tls).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Tls {
+    /// What the driver asks of the server.
+    mode: TlsMode,
+    /// `None` when TLS is off: connections then use `NoTls`.
+    rustls: Option<MakeRustlsConnect>,
+}
+
+impl Tls {
+    /// The connector for `mode`, reading `root_cert` (PEM, one or more certificates) or the
+    /// system's roots now when the mode checks certificates. A root file that is missing,
+    /// unreadable or holds no usable certificate is an [`Error::Config`] naming it.
+    pub fn new(mode: TlsMode, root_cert: Option<&Path>) -> Result<Self> {
+        if root_cert.is_some_and(is_system_roots) && mode != TlsMode::VerifyFull {
+            // libpq's rule: the system's roots trust every public CA, so only the host name
+            // check makes them mean anything.
+            return Err(Error::config(
+                "sslmode",
+                format!("sslrootcert=system needs sslmode=verify-full, not {mode}"),
+            ));
+        }
+        let checks = match mode {
+            TlsMode::Disable => return Ok(Self { mode, rustls: None }),
+            // Encryption when it is to be had, never a refused certificate: a given
+            // sslrootcert is not read.
+            TlsMode::Allow | TlsMode::Prefer => Checks::NameBlind(None),
+            TlsMode::Require => Checks::NameBlind(root_cert.map(read_roots).transpose()?),
+            TlsMode::VerifyCa => Checks::NameBlind(Some(roots(root_cert)?)),
+            TlsMode::VerifyFull => Checks::Full(roots(root_cert)?),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let algorithms = provider.signature_verification_algorithms;
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring's provider supports TLS 1.2 and 1.3");
+        let config = match checks {
+            Checks::Full(roots) => builder.with_root_certificates(roots),
+            Checks::NameBlind(roots) => {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NameBlindVerifier {
+                        roots,
+                        algorithms,
+                    }))
+            }
+        }
+        .with_no_client_auth();
+        Ok(Self {
+            mode,
+            rustls: Some(MakeRustlsConnect::new(config)),
+        })
+    }
+
+    /// The mode this connector was built for.
+    pub fn mode(&self) -> TlsMode {
+        self.mode
+    }
+
+    /// `pg` with the driver's `ssl_mode` set to match this connector, whatever it said before.
+    pub(crate) fn driver_config(&self, pg: &tokio_postgres::Config) -> tokio_postgres::Config {
+        let mut pg = pg.clone();
+        pg.ssl_mode(self.mode.driver_mode());
+        pg
+    }
+
+    /// The rustls connector; `None` means connect with `NoTls`.
+    pub(crate) fn rustls(&self) -> Option<&MakeRustlsConnect> {
+        self.rustls.as_ref()
+    }
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls").field("mode", &self.mode).finish()
+    }
+}
+
+/// What a connector checks of the server's certificate.
+enum Checks {
+    /// The chain against these roots, or nothing without roots; never the host name.
+    NameBlind(Option<RootCertStore>),
+    /// Chain and host name: rustls' own verifier (`verify-full`).
+    Full(RootCertStore),
+}
+
+/// The roots of `root_cert`, or the system's when it is absent or `system`.
+fn roots(root_cert: Option<&Path>) -> Result<RootCertStore> {
+    match root_cert {
+        Some(path) if !is_system_roots(path) => read_roots(path),
+        _ => system_roots(),
+    }
+}
+
+/// Every certificate of a PEM file, as trust anchors.
+fn read_roots(path: &Path) -> Result<RootCertStore> {
+    let bad = |why: String| Error::config("sslrootcert", format!("{}: {why}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| {
+        bad(format!(
+            "cannot read it ({e}); point sslrootcert at the PEM file of the CA that signed the server's certificate"
+        ))
+    })?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| bad(format!("is not valid PEM ({e})")))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("holds a certificate that cannot be a root ({e})")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(
+            "holds no certificate (no -----BEGIN CERTIFICATE----- block); point sslrootcert at the CA's PEM file".into(),
+        ));
+    }
+    Ok(roots)
+}
+
+/// The system's trusted roots (OpenSSL's locations, or `SSL_CERT_FILE`/`SSL_CERT_DIR`).
+fn system_roots() -> Result<RootCertStore> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        let why = found
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(Error::config(
+            "sslrootcert",
+            format!(
+                "none given, and no trusted root certificate found on this system ({why}); pass sslrootcert=<CA file> in DATABASE_URL"
+            ),
+        ));
+    }
+    Ok(roots)
+}
+
+/// libpq's checks below `verify-full`: the certificate's chain against `roots` when there are
+/// some, nothing when there are none, never the host name. The handshake signature is always
+/// checked, so the server proves it holds the key of the certificate it sent.
+#[derive(Debug)]
+struct NameBlindVerifier {
+    /// `None`: any certificate (`prefer`, `require` without `sslrootcert`).
+    roots: Option<RootCertStore>,
+    /// The provider's signature algorithms, for chains and handshake signatures.
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for NameBlindVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_as_written_and_unknown_ones_list_the_allowed() {
+        for mode in TlsMode::ALL {
+            assert_eq!(mode.as_str().parse::<TlsMode>().unwrap(), mode);
+        }
+        match "verify_full".parse::<TlsMode>() {
+            Err(Error::Config { key, message }) => {
+                assert_eq!(key, "sslmode");
+                assert!(TlsMode::ALL.iter().all(|m| message.contains(m.as_str())));
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn system_roots_need_verify_full() {
+        let system = Some(Path::new("system"));
+        for mode in [TlsMode::Disable, TlsMode::Require, TlsMode::VerifyCa] {
+            assert!(
+                matches!(Tls::new(mode, system), Err(Error::Config { .. })),
+                "{mode}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_disabled_connector_has_no_rustls() {
+        assert!(Tls::new(TlsMode::Disable, None).unwrap().rustls().is_none());
+        assert!(Tls::new(TlsMode::Prefer, None).unwrap().rustls().is_some());
+    }
+}
