@@ -3,8 +3,8 @@
 //! | environment variable | field | default | meaning |
 //! |---|---|---|---|
 //! | `DATABASE_URL` | [`Config::connection`] | (required) | `postgres://user[:password]@host[:port]/dbname`, or `key=value` pairs |
-//! | `DATABASE_URL`'s `sslmode` | [`Config::tls`] | `disable` | libpq's: `disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full` (below) |
-//! | `DATABASE_URL`'s `sslrootcert` | [`Config::ssl_root_cert`] | none | PEM file of the CA that signed the server's certificate; `system`: the system's roots |
+//! | `DATABASE_URL`'s `sslmode`, else `PGSSLMODE` | [`Config::tls`] | `disable` | libpq's: `disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full` (below) |
+//! | `DATABASE_URL`'s `sslrootcert`, else `PGSSLROOTCERT` | [`Config::ssl_root_cert`] | none | PEM file of the CA that signed the server's certificate; `system`: the system's roots |
 //! | `SVCDB_PASSWORD`, `PGPASSWORD` | (password) | none | used when the URL carries no password, so it stays out of URLs |
 //! | `SVCDB_SCHEMA` | [`Config::schema`] | (required) | the service's schema, pinned on every connection |
 //! | `SVCDB_EXTRA_SCHEMAS` | [`Config::extra_schemas`] | none | comma-separated schemas appended to the search path (`public`, `extensions`) |
@@ -87,16 +87,23 @@ impl Config {
     /// `sslmode` and `sslrootcert` set [`tls`](Self::tls) and
     /// [`ssl_root_cert`](Self::ssl_root_cert).
     pub fn new(database_url: &str, schema: &str) -> Result<Self> {
+        Self::with_tls_defaults(database_url, schema, TlsParams::default())
+    }
+
+    /// [`new`](Self::new), with `defaults` standing in for the TLS keys the URL does not set
+    /// (libpq's `PGSSLMODE` and `PGSSLROOTCERT`: the URL wins, as in libpq).
+    fn with_tls_defaults(database_url: &str, schema: &str, defaults: TlsParams) -> Result<Self> {
         let url = TlsParams::take(database_url)?;
         let mut config =
             Self::with_connection(parse_url(&url.rest)?, Ident::new("schema", schema)?);
-        config.tls = match (url.mode, &url.root_cert) {
+        let root = url.root_cert.or(defaults.root_cert);
+        config.tls = match (url.mode.or(defaults.mode), &root) {
             (Some(mode), _) => mode,
             // libpq 16: the system's roots make verify-full the default.
             (None, Some(root)) if is_system_roots(root) => TlsMode::VerifyFull,
             (None, _) => TlsMode::Disable,
         };
-        config.ssl_root_cert = url.root_cert;
+        config.ssl_root_cert = root;
         Ok(config)
     }
 
@@ -138,7 +145,21 @@ impl Config {
         let schema = get("SVCDB_SCHEMA").ok_or_else(|| {
             Error::config("SVCDB_SCHEMA", "not set; set it to the service's schema")
         })?;
-        let mut config = Self::new(&url, &schema)?;
+        // An environment that sets libpq's variables for psql expects them honoured here too:
+        // ignoring PGSSLMODE=require would connect unencrypted without a word.
+        let tls_defaults = TlsParams {
+            mode: get("PGSSLMODE")
+                .map(|v| {
+                    v.trim().parse().map_err(|e: Error| match e {
+                        Error::Config { message, .. } => Error::config("PGSSLMODE", message),
+                        other => other,
+                    })
+                })
+                .transpose()?,
+            root_cert: get("PGSSLROOTCERT").map(PathBuf::from),
+            ..TlsParams::default()
+        };
+        let mut config = Self::with_tls_defaults(&url, &schema, tls_defaults)?;
         if config.connection.get_password().is_none() {
             if let Some(pw) = get("SVCDB_PASSWORD").or_else(|| get("PGPASSWORD")) {
                 config.connection.password(pw);
@@ -303,6 +324,7 @@ pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
 
 /// A `DATABASE_URL` with libpq's TLS keys taken out: the driver knows only three `sslmode`
 /// values and refuses `sslrootcert`. Everything else is left as written, for the driver.
+#[derive(Default)]
 struct TlsParams {
     /// The URL or `key=value` string without `sslmode` and `sslrootcert`.
     rest: String,
@@ -656,6 +678,32 @@ mod tests {
         assert!(matches!(
             Config::new("host=db user=svc sslmode=require bogus=1", "orders"),
             Err(Error::Config { .. })
+        ));
+    }
+
+    #[test]
+    fn pgsslmode_and_pgsslrootcert_fill_in_what_the_url_does_not_say() {
+        let env = |url: &'static str, mode: &'static str| {
+            Config::from_lookup(lookup(&[
+                ("DATABASE_URL", url),
+                ("SVCDB_SCHEMA", "orders"),
+                ("PGSSLMODE", mode),
+                ("PGSSLROOTCERT", "/etc/ca.pem"),
+            ]))
+        };
+        let c = env("postgres://svc@db/shop", "verify-full").unwrap();
+        assert_eq!(c.tls, TlsMode::VerifyFull);
+        assert_eq!(c.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        let c = env(
+            "postgres://svc@db/shop?sslmode=disable&sslrootcert=mine.pem",
+            "require",
+        )
+        .unwrap();
+        assert_eq!(c.tls, TlsMode::Disable, "the URL wins");
+        assert_eq!(c.ssl_root_cert, Some(PathBuf::from("mine.pem")));
+        assert!(matches!(
+            env("postgres://svc@db/shop", "sometimes"),
+            Err(Error::Config { key, .. }) if key == "PGSSLMODE"
         ));
     }
 
