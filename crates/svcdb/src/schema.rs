@@ -456,10 +456,14 @@ impl Gate {
     /// The problem for checks that outlived the timeout, with the pool's last connection
     /// error when there is one (the usual reason).
     fn timed_out(&self, db: &ServiceDb) -> Problem {
-        let mut error = format!("no answer within {:?}", self.timeout);
-        if let Some(cause) = db.status().last_connect_error {
-            error.push_str(&format!("; last connection attempt failed: {cause}"));
-        }
+        // A server that refused (unknown database, bad password) did answer: say so.
+        let error = match db.status().last_connect_error {
+            Some(cause) => format!(
+                "could not connect within {:?}; last connection attempt failed: {cause}",
+                self.timeout
+            ),
+            None => format!("no answer within {:?}", self.timeout),
+        };
         Problem::Unreachable {
             error,
             hint: UNREACHABLE_HINT.into(),
