@@ -515,3 +515,18 @@ fn an_invalid_command_line_exits_64() {
         assert!(!out.stderr.is_empty(), "{args:?}: {out}");
     }
 }
+
+/// Regression: on a schema nobody created, `status` said "2 pending; run `svcdb migrate up`"
+/// (exit 2) although `up` could only fail. It now exits 1, as for everything `up` refuses.
+#[tokio::test]
+async fn status_on_a_schema_that_does_not_exist_exits_1() {
+    let p = Project::new().await;
+    p.write(THREE);
+    let out = p
+        .run_with_env(&["migrate", "status"], &[("SVCDB_CREATE_SCHEMA", "false")])
+        .expect_code(1);
+    assert!(out.stderr.contains("svcdb provision"), "{out}");
+    p.run(&["migrate", "up"]).expect_code(0);
+    p.run_with_env(&["migrate", "status"], &[("SVCDB_CREATE_SCHEMA", "false")])
+        .expect_code(0);
+}

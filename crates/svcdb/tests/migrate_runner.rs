@@ -1081,7 +1081,11 @@ async fn up_on_a_schema_that_does_not_exist_says_how_to_create_it() {
     write(dir.path(), THREE);
     let m = migrator(&svc, dir.path());
 
-    for err in [m.up().await.unwrap_err(), m.baseline(2).await.unwrap_err()] {
+    for err in [
+        m.validate().await.unwrap_err(),
+        m.up().await.unwrap_err(),
+        m.baseline(2).await.unwrap_err(),
+    ] {
         assert!(
             matches!(&err, MigrateError::SchemaMissing { schema } if schema == "never_made"),
             "{err}"

@@ -322,7 +322,8 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
             e @ (MigrateError::Dirty { .. }
             | MigrateError::Changed { .. }
             | MigrateError::Missing { .. }
-            | MigrateError::OutOfOrder { .. }),
+            | MigrateError::OutOfOrder { .. }
+            | MigrateError::SchemaMissing { .. }),
         ) => Some(e),
         Err(e) => return Err(e.into()),
     };

@@ -97,8 +97,26 @@ impl Migrator {
 
     /// [`status`](Self::status), failing on a dirty schema, changed files, missing files and
     /// out-of-order pending migrations (each unless [`MigrateOptions`] allows it).
+    ///
+    /// Before the first `up` it also checks that the schema exists (one more query, only then),
+    /// since `up` could not create its history table: [`MigrateError::SchemaMissing`].
     pub async fn validate(&self) -> Result<StatusReport, MigrateError> {
         let status = self.status().await?;
+        if !status.history_exists {
+            let conn = self.db.get().await?;
+            let exists: bool = conn
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                    &[&self.db.schema().as_str()],
+                )
+                .await?
+                .get(0);
+            if !exists {
+                return Err(MigrateError::SchemaMissing {
+                    schema: self.schema(),
+                });
+            }
+        }
         self.plan_up(&status, None)?;
         Ok(status)
     }
