@@ -205,25 +205,33 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
         match cause {
             Some(e) => {
                 write!(f, ": last connection attempt failed: {}", pg_message(e))?;
-                // A TLS failure has no SQLSTATE, yet the server answered: not the "is it
-                // running" case.
-                let hint = match (TlsFailure::of(e), e.code()) {
-                    (Some(tls), _) => tls.hint(),
-                    (None, Some(c)) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
-                        "check the user and password in DATABASE_URL, or run `svcdb provision` to create the service's role"
-                    }
-                    (None, Some(c)) if *c == SqlState::INVALID_CATALOG_NAME => {
-                        "the database does not exist: create it or fix DATABASE_URL"
-                    }
-                    (None, Some(_)) => "see the server's message above",
-                    (None, None) => "check that PostgreSQL is running and that DATABASE_URL names the right host and port",
-                };
-                write!(f, "\n  hint: {hint}")
+                write!(f, "\n  hint: {}", connect_hint(e))
             }
             None => write!(
                 f,
                 ": all {size} of {max_size} connections stayed busy\n  hint: raise SVCDB_POOL_MAX or SVCDB_ACQUIRE_TIMEOUT, or look for connections held across slow work"
             ),
+        }
+    }
+}
+
+/// What to do about a failed connection attempt, by its cause.
+pub(crate) fn connect_hint(e: &tokio_postgres::Error) -> &'static str {
+    // A TLS failure has no SQLSTATE, yet the server answered: not the "is it running" case.
+    match (TlsFailure::of(e), e.code()) {
+        (Some(tls), _) => tls.hint(),
+        (None, Some(c))
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            "check the user and password in DATABASE_URL, or run `svcdb provision` to create the service's role"
+        }
+        (None, Some(c)) if *c == SqlState::INVALID_CATALOG_NAME => {
+            "the database does not exist: create it or fix DATABASE_URL"
+        }
+        (None, Some(_)) => "see the server's message above",
+        (None, None) => {
+            "check that PostgreSQL is running and that DATABASE_URL names the right host and port"
         }
     }
 }

@@ -466,7 +466,7 @@ impl Gate {
         };
         Problem::Unreachable {
             error,
-            hint: UNREACHABLE_HINT.into(),
+            hint: db.last_connect_hint().unwrap_or(UNREACHABLE_HINT).into(),
         }
     }
 }

@@ -209,3 +209,29 @@ async fn closed_pool_is_not_ready() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json["problems"][0]["kind"], "unreachable");
 }
+
+/// Regression: a gate that gave up while the pool kept failing in TLS said "check that
+/// PostgreSQL is running"; the hint now follows the last connection error's cause.
+#[tokio::test]
+async fn the_unreachable_hint_follows_the_last_connection_error() {
+    let db = TestDb::new().await;
+    let mut config =
+        Config::new(&format!("{} sslmode=verify-full", db.url()), "orders_svc").unwrap();
+    config.pool_min = 0;
+    let svc = ServiceDb::new(config).unwrap();
+    let report = svc
+        .health(&Gate::new().timeout(Duration::from_millis(300)))
+        .await;
+    match report.gate.problems.as_slice() {
+        [Problem::Unreachable { hint, .. }] => {
+            // 127.0.0.1 is not the certificate's name; on a server whose certificate is not in
+            // the system roots, the chain fails first.
+            let tls_hints = [
+                svcdb::TlsFailure::NameMismatch.hint(),
+                svcdb::TlsFailure::Untrusted.hint(),
+            ];
+            assert!(tls_hints.contains(&hint.as_str()), "{hint}");
+        }
+        other => panic!("expected unreachable, got {other:?}"),
+    }
+}

@@ -57,7 +57,7 @@ pub(super) async fn run(pool: deadpool_postgres::WeakPool, limits: Limits, stats
                 Err(e) => {
                     let message = pg_message(&e);
                     tracing::warn!(target: "svcdb::pool", error = %message, retry_in = ?backoff, "cannot open connections to reach pool_min");
-                    stats.set_connect_error(Some(message));
+                    stats.set_connect_error(Some(&e));
                     retry_at = Instant::now() + backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }

@@ -204,7 +204,7 @@ impl ServiceDb {
                     if last_error.is_none() {
                         tracing::warn!(target: "svcdb::pool", target_db = %self.inner.config.target(), error = %message, "cannot open a connection; retrying until the acquire timeout");
                     }
-                    self.inner.stats.set_connect_error(Some(message));
+                    self.inner.stats.set_connect_error(Some(&e));
                     last_error = Some(e);
                     // Retry: a restarting server or a role being provisioned comes back soon.
                     tokio::time::sleep(
@@ -248,6 +248,12 @@ impl ServiceDb {
     /// Sizes, waiters and wait percentiles; no I/O.
     pub fn status(&self) -> PoolStatus {
         self.inner.stats.snapshot(&self.inner.pool.status())
+    }
+
+    /// What to do about the last failed connection attempt (the health report's hint), while
+    /// the last attempt is a failure.
+    pub(crate) fn last_connect_hint(&self) -> Option<&'static str> {
+        self.inner.stats.last_connect_hint()
     }
 
     /// The configuration the pool was built from.

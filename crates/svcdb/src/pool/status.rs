@@ -6,6 +6,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::error::{connect_hint, pg_message};
+
 /// A snapshot of a pool, cheap to take (one mutex, no I/O).
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolStatus {
@@ -71,7 +73,9 @@ pub(crate) struct PoolStats {
     /// constant memory, whatever the number of acquires.
     waits: Mutex<Histogram<u64>>,
     timeouts: std::sync::atomic::AtomicU64,
-    last_connect_error: Mutex<Option<String>>,
+    /// The last failed connection attempt's message and what to do about it; cleared by the
+    /// next success.
+    last_connect_error: Mutex<Option<(String, &'static str)>>,
 }
 
 impl PoolStats {
@@ -99,11 +103,20 @@ impl PoolStats {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub(crate) fn set_connect_error(&self, error: Option<String>) {
+    pub(crate) fn set_connect_error(&self, error: Option<&tokio_postgres::Error>) {
         *self
             .last_connect_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = error;
+            .unwrap_or_else(|p| p.into_inner()) = error.map(|e| (pg_message(e), connect_hint(e)));
+    }
+
+    /// The hint for the last failed connection attempt, if the last attempt failed.
+    pub(crate) fn last_connect_hint(&self) -> Option<&'static str> {
+        self.last_connect_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, hint)| *hint)
     }
 
     pub(crate) fn snapshot(&self, pool: &deadpool_postgres::Status) -> PoolStatus {
@@ -132,7 +145,8 @@ impl PoolStats {
                 .last_connect_error
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+                .as_ref()
+                .map(|(message, _)| message.clone()),
         }
     }
 }
