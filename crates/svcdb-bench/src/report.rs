@@ -64,18 +64,12 @@ impl Latencies {
 /// for repeated short calls: one call that meets a checkpoint or a scheduler hiccup should not
 /// move the figure.
 pub fn median(samples: &[Duration]) -> Duration {
-    assert!(!samples.is_empty(), "median of no samples");
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable();
-    let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        (sorted[mid - 1] + sorted[mid]) / 2
-    }
+    let secs: Vec<f64> = samples.iter().map(Duration::as_secs_f64).collect();
+    Duration::from_secs_f64(median_f64(&secs))
 }
 
-/// The median of `values`, as [`median`] for plain numbers (ratios measured once per round).
+/// The median of `values` (the mean of the middle two for an even count): ratios measured
+/// once per round, and [`median`]'s durations.
 pub fn median_f64(values: &[f64]) -> f64 {
     assert!(!values.is_empty(), "median of no values");
     let mut sorted = values.to_vec();
