@@ -149,12 +149,7 @@ impl Config {
         // ignoring PGSSLMODE=require would connect unencrypted without a word.
         let tls_defaults = TlsParams {
             mode: get("PGSSLMODE")
-                .map(|v| {
-                    v.trim().parse().map_err(|e: Error| match e {
-                        Error::Config { message, .. } => Error::config("PGSSLMODE", message),
-                        other => other,
-                    })
-                })
+                .map(|v| TlsMode::parse_setting("PGSSLMODE", v.trim()))
                 .transpose()?,
             root_cert: get("PGSSLROOTCERT").map(PathBuf::from),
             ..TlsParams::default()

@@ -117,12 +117,20 @@ impl FromStr for TlsMode {
 
     /// Parses an `sslmode` value; the error names the key and lists the allowed values.
     fn from_str(s: &str) -> Result<Self> {
+        TlsMode::parse_setting("sslmode", s)
+    }
+}
+
+impl TlsMode {
+    /// Parses a value of `key` (`sslmode`, `PGSSLMODE`); the error names `key` and lists the
+    /// allowed values.
+    pub(crate) fn parse_setting(key: &str, value: &str) -> Result<Self> {
         TlsMode::ALL
             .into_iter()
-            .find(|mode| mode.as_str() == s)
+            .find(|mode| mode.as_str() == value)
             .ok_or_else(|| {
                 let allowed = TlsMode::ALL.map(TlsMode::as_str).join(", ");
-                Error::config("sslmode", format!("{s:?} is not one of {allowed}"))
+                Error::config(key, format!("{value:?} is not one of {allowed}"))
             })
     }
 }
