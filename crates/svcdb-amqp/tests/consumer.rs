@@ -41,6 +41,28 @@ async fn setup(max_deliveries: u32) -> Setup {
     }
 }
 
+impl Setup {
+    /// The consumer under test, before its handlers: the test queue, the claims of
+    /// `orders.reserve-stock`, fast retries.
+    fn consumer(&self, db: &ServiceDb) -> Consumer {
+        Consumer::new(
+            &self.broker.config,
+            db.clone(),
+            &self.queue,
+            "orders.reserve-stock",
+        )
+        .with_options(fast())
+    }
+
+    /// Publishes `envelope` to the test exchange (routing key `product.stock.reserved`),
+    /// with confirms.
+    async fn publish(&self, envelope: &Envelope) {
+        self.broker
+            .publish(&self.exchange, "product.stock.reserved", envelope)
+            .await;
+    }
+}
+
 /// Fast retries, so tests of redelivery take milliseconds.
 fn fast() -> ConsumerOptions {
     ConsumerOptions {
@@ -61,14 +83,8 @@ async fn record(tx: &mut Transaction<'_>, event: &Envelope) -> Result<(), Handle
 }
 
 fn recording_consumer(s: &Setup, db: &ServiceDb) -> Consumer {
-    Consumer::new(
-        &s.broker.config,
-        db.clone(),
-        &s.queue,
-        "orders.reserve-stock",
-    )
-    .on(KIND, |tx, event| Box::pin(record(tx, event)))
-    .with_options(fast())
+    s.consumer(db)
+        .on(KIND, |tx, event| Box::pin(record(tx, event)))
 }
 
 fn start(consumer: &Consumer) -> (CancellationToken, JoinHandle<Result<()>>) {
@@ -106,9 +122,7 @@ async fn an_event_is_handled_once_and_acknowledged() {
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &reserved)
-        .await;
+    s.publish(&reserved).await;
     eventually("the event is handled", || async {
         consumer.stats().handled == 1
     })
@@ -138,12 +152,8 @@ async fn the_same_envelope_twice_has_its_effect_once() {
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &reserved)
-        .await;
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &reserved)
-        .await;
+    s.publish(&reserved).await;
+    s.publish(&reserved).await;
     eventually("both copies are acknowledged", || async {
         let stats = consumer.stats();
         stats.handled + stats.duplicates == 2
@@ -163,26 +173,17 @@ async fn eight_concurrent_copies_have_their_effect_once() {
     let (_test_db, db) = service().await;
     // The handler lingers inside its transaction, so the copies overlap: the others wait on
     // the first one's uncommitted claim and then find it committed.
-    let consumer = Consumer::new(
-        &s.broker.config,
-        db.clone(),
-        &s.queue,
-        "orders.reserve-stock",
-    )
-    .on(KIND, |tx, event| {
+    let consumer = s.consumer(&db).on(KIND, |tx, event| {
         Box::pin(async move {
             record(tx, event).await?;
             tokio::time::sleep(Duration::from_millis(100)).await;
             Ok(())
         })
-    })
-    .with_options(fast());
+    });
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
-    let broker = &s.broker;
-    let publishes =
-        (0..8).map(|_| broker.publish(&s.exchange, "product.stock.reserved", &reserved));
+    let publishes = (0..8).map(|_| s.publish(&reserved));
     futures_util::future::join_all(publishes).await;
     eventually("all 8 copies are acknowledged", || async {
         let stats = consumer.stats();
@@ -218,25 +219,16 @@ async fn a_failed_handler_is_redelivered_until_it_succeeds() {
     let s = setup(5).await;
     let (_test_db, db) = service().await;
     let attempts = Arc::new(AtomicU32::new(0));
-    let consumer = Consumer::new(
-        &s.broker.config,
-        db.clone(),
-        &s.queue,
-        "orders.reserve-stock",
-    )
-    .on_handler(
+    let consumer = s.consumer(&db).on_handler(
         KIND,
         Flaky {
             attempts: attempts.clone(),
         },
-    )
-    .with_options(fast());
+    );
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &reserved)
-        .await;
+    s.publish(&reserved).await;
     eventually("the third attempt succeeds", || async {
         consumer.stats().handled == 1
     })
@@ -260,27 +252,18 @@ async fn a_handler_that_always_fails_ends_in_the_dead_letter_queue() {
     let (_test_db, db) = service().await;
     let attempts = Arc::new(AtomicU32::new(0));
     let counter = attempts.clone();
-    let consumer = Consumer::new(
-        &s.broker.config,
-        db.clone(),
-        &s.queue,
-        "orders.reserve-stock",
-    )
-    .on(KIND, move |tx, event| {
+    let consumer = s.consumer(&db).on(KIND, move |tx, event| {
         let counter = counter.clone();
         Box::pin(async move {
             counter.fetch_add(1, Ordering::SeqCst);
             record(tx, event).await?;
             Err(HandlerError::msg("product abc123 is locked by an audit"))
         })
-    })
-    .with_options(fast());
+    });
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &reserved)
-        .await;
+    s.publish(&reserved).await;
     let dead = s
         .broker
         .take(&s.queue.dead_letter_queue(), 1, Duration::from_secs(10))
@@ -350,9 +333,7 @@ async fn malformed_messages_and_unknown_kinds_are_dead_lettered_without_retries(
         .await;
     // The consumer is still alive afterwards and handles a good event.
     let good = event();
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &good)
-        .await;
+    s.publish(&good).await;
 
     let dead = s
         .broker
@@ -400,13 +381,7 @@ async fn database_outages_are_retried_without_spending_deliveries() {
     let (_test_db, db) = service().await;
     let attempts = Arc::new(AtomicU32::new(0));
     let counter = attempts.clone();
-    let consumer = Consumer::new(
-        &s.broker.config,
-        db.clone(),
-        &s.queue,
-        "orders.reserve-stock",
-    )
-    .on(KIND, move |tx, event| {
+    let consumer = s.consumer(&db).on(KIND, move |tx, event| {
         let counter = counter.clone();
         Box::pin(async move {
             if counter.fetch_add(1, Ordering::SeqCst) < 2 {
@@ -414,14 +389,11 @@ async fn database_outages_are_retried_without_spending_deliveries() {
             }
             record(tx, event).await
         })
-    })
-    .with_options(fast());
+    });
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &reserved)
-        .await;
+    s.publish(&reserved).await;
     eventually("the event is handled", || async {
         consumer.stats().handled == 1
     })
@@ -441,13 +413,7 @@ async fn shutdown_waits_for_the_handler_in_flight() {
     let started = Arc::new(Notify::new());
     let release = Arc::new(Notify::new());
     let (on_start, gate) = (started.clone(), release.clone());
-    let consumer = Consumer::new(
-        &s.broker.config,
-        db.clone(),
-        &s.queue,
-        "orders.reserve-stock",
-    )
-    .on(KIND, move |tx, event| {
+    let consumer = s.consumer(&db).on(KIND, move |tx, event| {
         let (on_start, gate) = (on_start.clone(), gate.clone());
         Box::pin(async move {
             record(tx, event).await?;
@@ -455,14 +421,11 @@ async fn shutdown_waits_for_the_handler_in_flight() {
             gate.notified().await;
             Ok(())
         })
-    })
-    .with_options(fast());
+    });
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &reserved)
-        .await;
+    s.publish(&reserved).await;
     tokio::time::timeout(Duration::from_secs(10), started.notified())
         .await
         .expect("the handler starts");
@@ -491,12 +454,7 @@ async fn shutdown_waits_for_the_handler_in_flight() {
 async fn a_consumer_without_handlers_or_queue_is_refused() {
     let s = setup(5).await;
     let (_test_db, db) = service().await;
-    let bare = Consumer::new(
-        &s.broker.config,
-        db.clone(),
-        &s.queue,
-        "orders.reserve-stock",
-    );
+    let bare = s.consumer(&db);
     let e = bare.run(CancellationToken::new()).await.unwrap_err();
     assert!(matches!(e, svcdb_amqp::Error::Config { .. }), "{e}");
 
@@ -528,9 +486,7 @@ async fn the_consumer_reconnects_after_losing_the_broker() {
     let (shutdown, task) = start(&consumer);
 
     let first = event();
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &first)
-        .await;
+    s.publish(&first).await;
     eventually("the first event is handled", || async {
         consumer.stats().handled == 1
     })
@@ -538,9 +494,7 @@ async fn the_consumer_reconnects_after_losing_the_broker() {
 
     proxy.cut(); // the broker "restarts": the consumer's connection drops
     let second = event();
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &second)
-        .await;
+    s.publish(&second).await;
     eventually("the second event is handled after reconnecting", || async {
         consumer.stats().handled == 2
     })
@@ -565,8 +519,6 @@ async fn a_service_without_the_claims_table_is_refused_at_start() {
     );
     // Nothing was consumed.
     let reserved = event();
-    s.broker
-        .publish(&s.exchange, "product.stock.reserved", &reserved)
-        .await;
+    s.publish(&reserved).await;
     assert_eq!(s.broker.ready(&s.queue.name).await, 1);
 }
