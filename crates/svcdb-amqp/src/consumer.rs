@@ -102,7 +102,6 @@ use lapin::{Channel, Connection};
 use svcdb::{Envelope, Processed, ServiceDb, TxOptions};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AmqpConfig;
@@ -148,6 +147,9 @@ pub struct ConsumerOptions {
     pub reconnect_backoff: Duration,
     /// The longest pause between reconnection attempts. Default: 5 s.
     pub max_reconnect_backoff: Duration,
+    /// How long [`Consumer::run`] keeps claims before deleting them in the background.
+    /// Default: [`Retention::claims`](crate::Retention::claims) (7 days, checked hourly).
+    pub retention: crate::Retention,
 }
 
 impl Default for ConsumerOptions {
@@ -161,6 +163,7 @@ impl Default for ConsumerOptions {
             shutdown_timeout: Duration::from_secs(30),
             reconnect_backoff: Duration::from_millis(100),
             max_reconnect_backoff: Duration::from_secs(5),
+            retention: crate::Retention::claims(),
         }
     }
 }
@@ -373,6 +376,7 @@ impl Consumer {
     /// configuration.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         self.check()?;
+        let _purging = crate::retention::purge_claims(&self.db, &self.options.retention, &shutdown);
         let mut backoff = self.options.reconnect_backoff;
         loop {
             let connection = tokio::select! {
@@ -828,6 +832,7 @@ async fn publish_dead_letter(
         "a dead letter from {} to exchange {exchange}",
         context.queue.name
     );
+    let deadline = crate::publish::Deadline::after(context.options.confirm_timeout);
     let confirm = crate::publish::start(
         &context.dead_letters,
         &exchange,
@@ -835,15 +840,8 @@ async fn publish_dead_letter(
         &delivery.data,
         properties,
         &what,
+        deadline,
     )
     .await?;
-    let timeout = context.options.confirm_timeout;
-    crate::publish::finish(
-        confirm,
-        Instant::now() + timeout,
-        timeout,
-        what,
-        crate::publish::Unroutable::Retry,
-    )
-    .await
+    crate::publish::finish(confirm, deadline, what, crate::publish::Unroutable::Retry).await
 }

@@ -19,6 +19,7 @@
 //! | the consumer runtime: decode, claim and handle in one transaction, ack after commit, dead-letter, graceful shutdown, reconnect | [`consumer`] ([`Consumer`]) |
 //! | the message properties of an event; confirmed publishing | [`publish`] |
 //! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status | [`relay`] ([`Relay`]) |
+//! | deleting old claims and published outbox rows on a schedule | [`retention`] ([`Retention`]) |
 //! | errors, matched by variant | [`error`] ([`Error`]) |
 //!
 //! # A service end to end
@@ -82,6 +83,7 @@ pub mod error;
 pub mod handler;
 pub mod publish;
 pub mod relay;
+pub mod retention;
 pub mod topology;
 
 pub use config::AmqpConfig;
@@ -89,6 +91,7 @@ pub use consumer::{Consumer, ConsumerOptions, ConsumerStats, UnknownKind};
 pub use error::{Error, Result};
 pub use handler::{EventHandler, HandlerError, HandlerFuture};
 pub use relay::{Relay, RelayConfig, RelayStatus};
+pub use retention::Retention;
 pub use topology::{QueueSpec, Topology};
 
 /// The AMQP client, re-exported so services use the same version as svcdb-amqp.

@@ -12,7 +12,14 @@
 //! * **mandatory**, so a message no queue is bound for comes back instead of vanishing
 //!   ([`Unroutable`] says what that means);
 //! * on a channel in **confirm mode**, and counted as sent only once the broker confirmed it
-//!   (for durable queues, after it is written to disk).
+//!   (for durable queues, after it is written to disk);
+//! * within a **deadline** that covers writing the frames as well as the confirm. Writing
+//!   can wait forever: under a memory or disk alarm RabbitMQ sends `connection.blocked` and
+//!   stops reading from publishing connections, and lapin then stops writing (its io loop
+//!   holds frames while the connection is blocked); a broker that went silent never answers.
+//!   A publish that misses its deadline is [`Error::ConfirmTimeout`], and the channel must be
+//!   replaced: its frames may still go out, and a late confirm must not be taken for another
+//!   message's.
 
 use std::time::Duration;
 
@@ -85,10 +92,12 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel> {
 }
 
 /// Publishes `envelope` to `exchange` with `routing_key` and waits up to `confirm_timeout`
-/// for the broker's confirm. `channel` must be in confirm mode ([`confirm_channel`]).
+/// for the frames to be written and the broker's confirm. `channel` must be in confirm mode
+/// ([`confirm_channel`]).
 ///
 /// An unroutable message is an error ([`Error::NotConfirmed`]), as is a negative confirm;
-/// no confirm in time is [`Error::ConfirmTimeout`].
+/// no confirm in time (the broker is slow, silent, or has blocked the connection) is
+/// [`Error::ConfirmTimeout`].
 pub async fn publish_envelope(
     channel: &Channel,
     exchange: &str,
@@ -97,6 +106,7 @@ pub async fn publish_envelope(
     confirm_timeout: Duration,
 ) -> Result<()> {
     let what = describe(exchange, routing_key, envelope);
+    let deadline = Deadline::after(confirm_timeout);
     let confirm = start(
         channel,
         exchange,
@@ -104,16 +114,33 @@ pub async fn publish_envelope(
         &envelope.to_json_bytes(),
         envelope_properties(envelope),
         &what,
+        deadline,
     )
     .await?;
-    finish(
-        confirm,
-        Instant::now() + confirm_timeout,
-        confirm_timeout,
-        what,
-        Unroutable::Retry,
-    )
-    .await
+    finish(confirm, deadline, what, Unroutable::Retry).await
+}
+
+/// When a publish (or a batch of them) must be done by, and the timeout it came from (for
+/// the error).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    /// The instant.
+    pub(crate) at: Instant,
+    /// The bound it was made from.
+    pub(crate) timeout: Duration,
+}
+
+impl Deadline {
+    /// `timeout` from now.
+    pub(crate) fn after(timeout: Duration) -> Self {
+        Self {
+            // Saturates: a huge configured timeout means "no practical bound", not a panic.
+            at: Instant::now()
+                .checked_add(timeout)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)),
+            timeout,
+        }
+    }
 }
 
 /// How a message is named in errors and logs.
@@ -124,9 +151,11 @@ pub(crate) fn describe(exchange: &str, routing_key: &str, envelope: &Envelope) -
     )
 }
 
-/// Sends one message (mandatory) and returns its pending confirm. Names over 255 bytes are
-/// refused here (lapin would panic on them); the outbox checks them at enqueue time, but a
-/// row written by hand is not checked.
+/// Sends one message (mandatory) and returns its pending confirm, or
+/// [`Error::ConfirmTimeout`] if its frames are not written by `deadline` (see the module
+/// documentation: the channel must then be replaced). Names over 255 bytes are refused here
+/// (lapin would panic on them); the outbox checks them at enqueue time, but a row written by
+/// hand is not checked.
 pub(crate) async fn start(
     channel: &Channel,
     exchange: &str,
@@ -134,6 +163,7 @@ pub(crate) async fn start(
     body: &[u8],
     properties: BasicProperties,
     what: &str,
+    deadline: Deadline,
 ) -> Result<PublisherConfirm> {
     let name = |kind: &'static str, value: &str| {
         ShortString::try_new(value).map_err(|_| Error::InvalidName {
@@ -148,23 +178,29 @@ pub(crate) async fn start(
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    channel
-        .basic_publish(exchange, routing_key, options, body, properties)
-        .await
-        .map_err(|e| Error::amqp(format!("publishing {what}"), e))
+    let publish = channel.basic_publish(exchange, routing_key, options, body, properties);
+    match tokio::time::timeout_at(deadline.at, publish).await {
+        Err(_) => Err(Error::ConfirmTimeout {
+            what: what.to_owned(),
+            timeout: deadline.timeout,
+        }),
+        Ok(result) => result.map_err(|e| Error::amqp(format!("publishing {what}"), e)),
+    }
 }
 
 /// Waits for one confirm until `deadline` and says whether the message is safely with the
 /// broker.
 pub(crate) async fn finish(
     confirm: PublisherConfirm,
-    deadline: Instant,
-    timeout: Duration,
+    deadline: Deadline,
     what: String,
     unroutable: Unroutable,
 ) -> Result<()> {
-    match tokio::time::timeout_at(deadline, confirm).await {
-        Err(_) => Err(Error::ConfirmTimeout { what, timeout }),
+    match tokio::time::timeout_at(deadline.at, confirm).await {
+        Err(_) => Err(Error::ConfirmTimeout {
+            what,
+            timeout: deadline.timeout,
+        }),
         Ok(Err(e)) => Err(Error::amqp(format!("publishing {what}"), e)),
         Ok(Ok(Confirmation::Ack(None))) => Ok(()),
         Ok(Ok(Confirmation::Ack(Some(returned)))) => {

@@ -14,10 +14,25 @@
 //!   [`RelayConfig::max_reconnect_backoff`]), and the rows wait, unpublished and not counted
 //!   as failed. A connection lost during a batch fails that batch's unconfirmed rows, which
 //!   the outbox retries after its own backoff ([`svcdb::outbox::RelayOptions`]).
+//! * **A silent or blocked broker.** Every publish, every channel opened and every close is
+//!   bounded by [`RelayConfig::confirm_timeout`]: a broker that stops answering (a network
+//!   partition that keeps the TCP connection open) fails the batch's rows after that long,
+//!   and the relay starts over on a fresh channel. Under a memory or disk alarm RabbitMQ
+//!   sends `connection.blocked` and stops reading publishes; the relay then claims no rows
+//!   (they wait, not counted as failed), shows the broker's reason in
+//!   [`RelayStatus::blocked`], and resumes at `connection.unblocked`.
+//! * **A bad row.** A row whose exchange does not exist makes the broker close the channel
+//!   (`NOT_FOUND`), which would fail every later row of the batch. The relay then publishes
+//!   the batch's remaining rows one at a time on fresh channels: only the bad row fails and
+//!   backs off; the others are published in the same run.
 //! * **Errors** are logged (the first of a streak as a warning) and kept in the
 //!   [`RelayStatus`] that [`Relay::status`] watches, for a health endpoint or a test.
-//! * **Shutdown.** Cancelling the token lets the batch in progress finish (it is bounded by
-//!   the confirm timeout), then closes the channel and the connection.
+//! * **Retention.** Published rows older than [`RelayConfig::retention`] (24 hours) are
+//!   deleted in the background, in small batches ([`crate::retention`]).
+//! * **Shutdown.** Cancelling the token gives the batch in progress up to the confirm timeout
+//!   to finish; a batch still waiting then is dropped, so its transaction rolls back and its
+//!   rows stay for the next run. The channel and the connection are closed within the same
+//!   bound.
 //!
 //! ```no_run
 //! use svcdb::Outbox;
@@ -41,19 +56,22 @@
 //! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use lapin::{Channel, Connection};
 use svcdb::{Outbox, OutboxMessage};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AmqpConfig;
 use crate::consumer::close_connection;
 use crate::error::{Error, Result};
-use crate::publish::{self, Unroutable};
+use crate::publish::{self, Deadline, Unroutable};
+use crate::retention::{self, Retention};
 use crate::topology::close_channel;
 
 /// How a [`Relay`] batches, waits and reconnects. Every field has a default.
@@ -63,8 +81,10 @@ pub struct RelayConfig {
     pub batch_size: usize,
     /// Sleep after a batch that was not full (the outbox is drained). Default: 100 ms.
     pub poll_interval: Duration,
-    /// Longest wait for the broker's confirms of one batch; unconfirmed rows are retried.
-    /// The batch's rows stay locked meanwhile, so keep it short. Default: 5 s.
+    /// Longest wait for one batch's publishes (writing them and the broker's confirms);
+    /// unconfirmed rows are retried. Also bounds opening and closing channels, and how long
+    /// shutdown waits for a batch in progress. The batch's rows stay locked meanwhile, so
+    /// keep it short. Default: 5 s.
     pub confirm_timeout: Duration,
     /// First pause after a failed connection attempt or database error, doubled per
     /// consecutive failure. Default: 100 ms.
@@ -74,6 +94,9 @@ pub struct RelayConfig {
     /// What an unroutable message (no queue bound for it) counts as. Default: failed, so
     /// it is retried ([`Unroutable::Retry`]).
     pub unroutable: Unroutable,
+    /// How long published rows are kept before the relay deletes them, and how often it
+    /// checks. Default: [`Retention::published`] (24 hours, checked hourly).
+    pub retention: Retention,
 }
 
 impl Default for RelayConfig {
@@ -85,6 +108,7 @@ impl Default for RelayConfig {
             reconnect_backoff: Duration::from_millis(100),
             max_reconnect_backoff: Duration::from_secs(5),
             unroutable: Unroutable::default(),
+            retention: Retention::published(),
         }
     }
 }
@@ -103,6 +127,10 @@ pub struct RelayStatus {
     pub last_error: Option<String>,
     /// Errors since the last successful step; 0 when healthy.
     pub consecutive_errors: u32,
+    /// The broker's reason while it has blocked the relay's connection (`connection.blocked`,
+    /// sent under a memory or disk alarm, e.g. `"low on memory"`); `None` otherwise. The
+    /// relay claims no rows while blocked; they are published once the alarm clears.
+    pub blocked: Option<String>,
 }
 
 /// Publishes a service's outbox to RabbitMQ until shut down. See the module documentation.
@@ -133,6 +161,24 @@ struct Session {
     connection: Connection,
     /// Publishes with confirms.
     channel: Channel,
+    /// Copies the connection's blocked/unblocked notifications into the status.
+    watcher: JoinHandle<()>,
+}
+
+impl Session {
+    /// Closes the channel and the connection, waiting at most until `deadline`: a silent or
+    /// blocked broker never answers a close (lapin writes nothing while blocked), and then
+    /// the connection is dropped instead.
+    async fn close(self, deadline: Instant) {
+        self.watcher.abort();
+        let close = async {
+            close_channel(&self.channel).await;
+            close_connection(&self.connection).await;
+        };
+        if tokio::time::timeout_at(deadline, close).await.is_err() {
+            tracing::debug!(target: "svcdb_amqp::relay", "closing the connection to RabbitMQ timed out; dropping it");
+        }
+    }
 }
 
 impl Relay {
@@ -180,11 +226,12 @@ impl Relay {
                 ));
             }
         }
+        let _purging = retention::purge_published(&self.outbox, &self.config.retention, &shutdown);
         let mut session: Option<Session> = None;
         let mut backoff = self.config.reconnect_backoff;
         while !shutdown.is_cancelled() {
-            let channel = match self.ensure_session(&mut session, &shutdown).await {
-                Ok(Some(channel)) => channel,
+            let current = match self.ensure_session(&mut session, &shutdown).await {
+                Ok(Some(current)) => current,
                 Ok(None) => break, // shut down while connecting
                 Err(e) => {
                     self.record_error(&e.to_string(), Failure::Broker);
@@ -195,21 +242,51 @@ impl Relay {
                     continue;
                 }
             };
-            let flags = Arc::new(BatchFlags::default());
-            let (confirm_timeout, unroutable) =
-                (self.config.confirm_timeout, self.config.unroutable);
-            let shared = flags.clone();
-            let batch = self
-                .outbox
-                .relay_batch(self.config.batch_size, async move |messages| {
-                    publish_batch(&channel, messages, confirm_timeout, unroutable, &shared).await
-                })
-                .await;
+            if current.connection.status().blocked() {
+                // Every publish would wait out its timeout and count against its row: leave
+                // the rows unclaimed until the broker unblocks the connection.
+                if !pause(&shutdown, self.config.poll_interval).await {
+                    break;
+                }
+                continue;
+            }
+            let flags = BatchFlags::default();
+            // In a block of its own: the batch future borrows the session until dropped.
+            let batch = {
+                let publisher = Publisher {
+                    connection: &current.connection,
+                    channel: current.channel.clone(),
+                    config: &self.config,
+                    flags: &flags,
+                };
+                let batch = self
+                    .outbox
+                    .relay_batch(self.config.batch_size, async move |messages| {
+                        publisher.publish(messages).await
+                    });
+                tokio::pin!(batch);
+                tokio::select! {
+                    biased;
+                    batch = &mut batch => batch,
+                    _ = shutdown.cancelled() => {
+                        // The batch's publishes are bounded by the confirm timeout; past it, drop
+                        // the batch: its transaction rolls back and the rows stay for the next run.
+                        match tokio::time::timeout(self.config.confirm_timeout, batch).await {
+                            Ok(batch) => batch,
+                            Err(_) => {
+                                tracing::info!(target: "svcdb_amqp::relay", timeout = ?self.config.confirm_timeout, "the batch in progress did not finish within the confirm timeout at shutdown; rolled back, its rows stay for the next run");
+                                break;
+                            }
+                        }
+                    }
+                }
+            };
             if flags.broken.load(Ordering::Relaxed) {
-                // A timed-out confirm or a closed channel: start over on a fresh channel, so
+                // A timed-out publish or a closed channel: start over on a fresh channel, so
                 // late confirms cannot be taken for new ones.
                 if let Some(old) = session.as_mut() {
-                    close_channel(&old.channel).await;
+                    let deadline = Instant::now() + self.config.confirm_timeout;
+                    let _ = tokio::time::timeout_at(deadline, close_channel(&old.channel)).await;
                 }
                 self.status.send_modify(|s| s.connected = false);
             }
@@ -263,33 +340,40 @@ impl Relay {
             }
         }
         if let Some(session) = session.take() {
-            close_channel(&session.channel).await;
-            close_connection(&session.connection).await;
+            session
+                .close(Instant::now() + self.config.confirm_timeout)
+                .await;
         }
-        self.status.send_modify(|s| s.connected = false);
+        self.status.send_modify(|s| {
+            s.connected = false;
+            s.blocked = None;
+        });
         let last = self.status.borrow().clone();
         tracing::info!(target: "svcdb_amqp::relay", published = last.published, failed = last.failed, "outbox relay stopped");
         Ok(last)
     }
 
-    /// A usable confirm-mode channel: the current one, a new one on the current connection,
-    /// or a new connection. `Ok(None)` when shutdown came first.
-    async fn ensure_session(
+    /// A usable session: the current one, the current connection with a new confirm-mode
+    /// channel, or a new connection. `Ok(None)` when shutdown came first. Opening a channel
+    /// is bounded by the confirm timeout: a silent broker never answers `channel.open`.
+    async fn ensure_session<'s>(
         &self,
-        session: &mut Option<Session>,
+        session: &'s mut Option<Session>,
         shutdown: &CancellationToken,
-    ) -> Result<Option<Channel>> {
+    ) -> Result<Option<&'s Session>> {
+        let timeout = self.config.confirm_timeout;
         if let Some(current) = session.as_mut() {
             if current.connection.status().connected() {
                 if current.channel.status().connected() {
-                    return Ok(Some(current.channel.clone()));
+                    return Ok(session.as_ref());
                 }
-                match publish::confirm_channel(&current.connection).await {
-                    Ok(channel) => {
-                        current.channel = channel.clone();
+                match self.open_channel(&current.connection, shutdown).await {
+                    Ok(Some(channel)) => {
+                        current.channel = channel;
                         self.status.send_modify(|s| s.connected = true);
-                        return Ok(Some(channel));
+                        return Ok(session.as_ref());
                     }
+                    Ok(None) => return Ok(None),
                     Err(e) => {
                         tracing::debug!(target: "svcdb_amqp::relay", error = %e, "cannot open a channel; reconnecting")
                     }
@@ -300,7 +384,8 @@ impl Relay {
                     tracing::warn!(target: "svcdb_amqp::relay", url = %self.amqp.redacted_url(), "outbox relay lost its connection to RabbitMQ; reconnecting");
                     self.status.send_modify(|s| s.connected = false);
                 }
-                close_connection(&old.connection).await;
+                old.close(Instant::now() + timeout).await;
+                self.status.send_modify(|s| s.blocked = None);
             }
         }
         let connection = tokio::select! {
@@ -308,11 +393,18 @@ impl Relay {
             _ = shutdown.cancelled() => return Ok(None),
             connection = self.amqp.connect() => connection?,
         };
-        let channel = match publish::confirm_channel(&connection).await {
-            Ok(channel) => channel,
-            Err(e) => {
-                close_connection(&connection).await;
-                return Err(e);
+        // Listen before anything is published: lapin drops notifications nobody listens to.
+        let watcher = tokio::spawn(watch_blocked(
+            connection.events_listener(),
+            self.status.clone(),
+        ));
+        let channel = match self.open_channel(&connection, shutdown).await {
+            Ok(Some(channel)) => channel,
+            outcome => {
+                watcher.abort();
+                let deadline = Instant::now() + timeout;
+                let _ = tokio::time::timeout_at(deadline, close_connection(&connection)).await;
+                return outcome.map(|_| None);
             }
         };
         if self.status.borrow().consecutive_errors > 0 {
@@ -324,9 +416,30 @@ impl Relay {
         });
         *session = Some(Session {
             connection,
-            channel: channel.clone(),
+            channel,
+            watcher,
         });
-        Ok(Some(channel))
+        Ok(session.as_ref())
+    }
+
+    /// A confirm-mode channel on `connection`, within the confirm timeout; `Ok(None)` when
+    /// shutdown came first.
+    async fn open_channel(
+        &self,
+        connection: &Connection,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Channel>> {
+        let timeout = self.config.confirm_timeout;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => Ok(None),
+            opened = tokio::time::timeout(timeout, publish::confirm_channel(connection)) => match opened {
+                Ok(channel) => channel.map(Some),
+                Err(_) => Err(Error::ConnectionLost {
+                    reason: format!("RabbitMQ did not open a channel within {timeout:?}; the connection is unresponsive"),
+                }),
+            },
+        }
     }
 
     /// Keeps `error` in the status and logs it: the first of a streak as a warning, the
@@ -350,10 +463,32 @@ impl Relay {
     }
 }
 
+/// Mirrors the broker's `connection.blocked` / `connection.unblocked` notifications into
+/// [`RelayStatus::blocked`] until the connection's event stream ends.
+async fn watch_blocked(
+    events: impl futures_util::Stream<Item = lapin::Event>,
+    status: watch::Sender<RelayStatus>,
+) {
+    futures_util::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            lapin::Event::ConnectionBlocked(reason) => {
+                tracing::warn!(target: "svcdb_amqp::relay", %reason, "RabbitMQ blocked the relay's connection (a memory or disk alarm); rows wait until it is unblocked");
+                status.send_modify(|s| s.blocked = Some(reason));
+            }
+            lapin::Event::ConnectionUnblocked => {
+                tracing::info!(target: "svcdb_amqp::relay", "RabbitMQ unblocked the relay's connection");
+                status.send_modify(|s| s.blocked = None);
+            }
+            _ => {}
+        }
+    }
+}
+
 /// What a batch's publisher tells the loop besides the per-message results.
 #[derive(Debug, Default)]
 struct BatchFlags {
-    /// The channel should be replaced: it closed, or a confirm timed out (a late confirm
+    /// The channel should be replaced: it closed, or a publish timed out (a late confirm
     /// must not be taken for a new message's).
     broken: AtomicBool,
     /// The first message's error, for [`RelayStatus::last_error`].
@@ -380,65 +515,187 @@ async fn pause(shutdown: &CancellationToken, duration: Duration) -> bool {
     }
 }
 
-/// Publishes every message, then collects the confirms (pipelined: one round trip's wait for
-/// the batch, not one per message). One result per message, in order, as
-/// [`Outbox::relay_batch`] expects. Sets `broken` when the channel should be replaced.
-async fn publish_batch(
-    channel: &Channel,
-    messages: &[OutboxMessage],
-    confirm_timeout: Duration,
-    unroutable: Unroutable,
-    flags: &BatchFlags,
-) -> Vec<Result<(), String>> {
-    let broken = &flags.broken;
-    let mut pending = Vec::with_capacity(messages.len());
-    for message in messages {
-        let what = publish::describe(&message.exchange, &message.routing_key, &message.envelope);
-        let started = if flags.broken.load(Ordering::Relaxed) {
-            // The channel failed on an earlier message of this batch; don't pile on.
-            Err("not sent: the channel failed on an earlier message of this batch".to_owned())
-        } else {
-            publish::start(
-                channel,
-                &message.exchange,
-                &message.routing_key,
-                &message.body(),
-                publish::envelope_properties(&message.envelope),
-                &what,
-            )
-            .await
-            .map_err(|e| {
-                if e.is_connection_error() || !channel.status().connected() {
-                    broken.store(true, Ordering::Relaxed);
-                }
-                e.to_string()
-            })
-        };
-        pending.push(started.map(|confirm| (confirm, what)));
-    }
-    let deadline = Instant::now() + confirm_timeout;
-    let mut results = Vec::with_capacity(pending.len());
-    for started in pending {
-        results.push(match started {
-            Err(e) => Err(e),
-            Ok((confirm, what)) => {
-                publish::finish(confirm, deadline, confirm_timeout, what, unroutable)
-                    .await
-                    .map_err(|e| {
-                        if matches!(e, Error::ConfirmTimeout { .. } | Error::Amqp { .. }) {
-                            broken.store(true, Ordering::Relaxed);
-                        }
-                        e.to_string()
-                    })
+/// Publishes one batch of outbox rows.
+struct Publisher<'a> {
+    /// For fresh channels after a channel-level error.
+    connection: &'a Connection,
+    /// The session's confirm-mode channel.
+    channel: Channel,
+    /// The confirm timeout and what unroutable messages count as.
+    config: &'a RelayConfig,
+    /// Reported back to the loop.
+    flags: &'a BatchFlags,
+}
+
+/// One row's outcome within a batch; `None` while it was not sent.
+type Sent = Option<Result<()>>;
+
+impl Publisher<'_> {
+    /// Publishes every message within one confirm timeout and returns one result per
+    /// message, in order, as [`Outbox::relay_batch`] expects. Sets `broken` when the
+    /// session's channel should be replaced.
+    ///
+    /// First pipelined on the session's channel: every message sent, then the confirms
+    /// collected (one round trip's wait for the batch, not one per message). If a
+    /// channel-level error (a missing exchange: `NOT_FOUND`) closed the channel while the
+    /// connection stays up, the rows it took down with it are published again one at a time
+    /// ([`Publisher::one_by_one`]), so that only the bad row fails.
+    async fn publish(self, messages: &[OutboxMessage]) -> Vec<Result<(), String>> {
+        let deadline = Deadline::after(self.config.confirm_timeout);
+        let mut results = self.pipelined(messages, deadline).await;
+        if !self.channel.status().connected() {
+            self.flags.broken.store(true, Ordering::Relaxed);
+            if self.connection.status().connected() {
+                self.one_by_one(messages, &mut results, deadline).await;
             }
-        });
+        }
+        let results: Vec<Result<(), String>> = results
+            .into_iter()
+            .map(|sent| match sent {
+                Some(result) => result.map_err(|e| e.to_string()),
+                None => Err(
+                    "not sent: the channel failed on an earlier message of this batch".to_owned(),
+                ),
+            })
+            .collect();
+        if let Some(Err(first)) = results.iter().find(|r| r.is_err()) {
+            *self
+                .flags
+                .first_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(first.clone());
+        }
+        results
     }
-    if !channel.status().connected() {
-        // A channel-level error (a missing exchange: NOT_FOUND) closed it.
-        broken.store(true, Ordering::Relaxed);
+
+    /// Sends every message on the session's channel, then awaits the confirms until
+    /// `deadline`. Stops sending once the channel or the connection failed.
+    async fn pipelined(&self, messages: &[OutboxMessage], deadline: Deadline) -> Vec<Sent> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in messages {
+            if self.flags.broken.load(Ordering::Relaxed) || !self.channel.status().connected() {
+                // Don't pile on a failed channel.
+                pending.push(None);
+                continue;
+            }
+            let what = describe(message);
+            match self.start(&self.channel, message, &what, deadline).await {
+                Ok(confirm) => pending.push(Some(Ok((confirm, what)))),
+                Err(e) => pending.push(Some(Err(e))),
+            }
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for sent in pending {
+            results.push(match sent {
+                None => None,
+                Some(Err(e)) => Some(Err(e)),
+                Some(Ok((confirm, what))) => Some(self.finish(confirm, what, deadline).await),
+            });
+        }
+        results
     }
-    if let Some(Err(first)) = results.iter().find(|r| r.is_err()) {
-        *flags.first_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(first.clone());
+
+    /// Publishes again, one at a time, each message the closed channel took down (not sent,
+    /// or failed with a channel-level error), each on an open channel and awaiting its
+    /// confirm before the next: a message that closes its channel fails alone, and the next
+    /// one gets a fresh channel. Messages already confirmed, nacked or returned keep their
+    /// result. A message whose first copy did reach a queue is published twice; consumers
+    /// absorb the duplicate.
+    async fn one_by_one(
+        &self,
+        messages: &[OutboxMessage],
+        results: &mut [Sent],
+        deadline: Deadline,
+    ) {
+        let mut channel: Option<Channel> = None;
+        for (message, result) in messages.iter().zip(results.iter_mut()) {
+            let retry = match result {
+                None => true,
+                Some(Err(Error::Amqp { source, .. })) => !crate::error::is_connection_level(source),
+                Some(_) => false,
+            };
+            if !retry {
+                continue;
+            }
+            if !self.connection.status().connected() {
+                break;
+            }
+            let open = match channel.take() {
+                Some(open) if open.status().connected() => open,
+                closed => {
+                    if let Some(closed) = closed {
+                        close_channel(&closed).await;
+                    }
+                    let opened = tokio::time::timeout_at(
+                        deadline.at,
+                        publish::confirm_channel(self.connection),
+                    )
+                    .await;
+                    match opened {
+                        Ok(Ok(open)) => open,
+                        Ok(Err(e)) => {
+                            *result = Some(Err(e));
+                            break;
+                        }
+                        Err(_) => break, // out of time: the rest keep their errors
+                    }
+                }
+            };
+            let what = describe(message);
+            *result = Some(match self.start(&open, message, &what, deadline).await {
+                Ok(confirm) => self.finish(confirm, what, deadline).await,
+                Err(e) => Err(e),
+            });
+            channel = Some(open);
+        }
+        if let Some(channel) = channel {
+            let _ = tokio::time::timeout_at(deadline.at, close_channel(&channel)).await;
+        }
     }
-    results
+
+    /// Sends one message on `channel`; a connection failure marks the session broken.
+    async fn start(
+        &self,
+        channel: &Channel,
+        message: &OutboxMessage,
+        what: &str,
+        deadline: Deadline,
+    ) -> Result<lapin::PublisherConfirm> {
+        publish::start(
+            channel,
+            &message.exchange,
+            &message.routing_key,
+            &message.body(),
+            publish::envelope_properties(&message.envelope),
+            what,
+            deadline,
+        )
+        .await
+        .inspect_err(|e| {
+            if matches!(e, Error::ConfirmTimeout { .. }) || e.is_connection_error() {
+                self.flags.broken.store(true, Ordering::Relaxed);
+            }
+        })
+    }
+
+    /// Awaits one confirm; a timeout or an AMQP error marks the session broken.
+    async fn finish(
+        &self,
+        confirm: lapin::PublisherConfirm,
+        what: String,
+        deadline: Deadline,
+    ) -> Result<()> {
+        publish::finish(confirm, deadline, what, self.config.unroutable)
+            .await
+            .inspect_err(|e| {
+                if matches!(e, Error::ConfirmTimeout { .. } | Error::Amqp { .. }) {
+                    self.flags.broken.store(true, Ordering::Relaxed);
+                }
+            })
+    }
+}
+
+/// How a row is named in errors and logs.
+fn describe(message: &OutboxMessage) -> String {
+    publish::describe(&message.exchange, &message.routing_key, &message.envelope)
 }

@@ -335,18 +335,15 @@ impl ServiceDb {
     }
 
     /// Deletes claims recorded more than `older_than` ago (by the database's clock), for every
-    /// consumer, and returns how many. Run it periodically; an event redelivered after its
-    /// claim is gone is handled again, so keep claims far longer than a message can wait in a
-    /// queue (days, not minutes).
+    /// consumer, and returns how many. An event redelivered after its claim is gone is handled
+    /// again, so keep claims far longer than a message can wait in a queue (days, not
+    /// minutes). The consumer runtime of svcdb-amqp runs this on a schedule (its `Retention`).
+    ///
+    /// Deletes in batches of [`PURGE_BATCH_ROWS`], each its own short transaction that skips
+    /// locked rows, so a purge of millions of rows never holds a long lock or a long
+    /// transaction (which would hold back vacuum) and handlers keep claiming meanwhile.
     pub async fn purge_processed(&self, older_than: Duration) -> Result<u64> {
-        let conn = self.get().await?;
-        Ok(conn
-            .execute_typed(
-                "DELETE FROM svcdb_processed_events
-                  WHERE processed_at < now() - make_interval(secs => $1)",
-                &[(&older_than.as_secs_f64(), Type::FLOAT8)],
-            )
-            .await?)
+        purge_in_batches(self, PROCESSED_EVENTS_TABLE, "processed_at", older_than).await
     }
 
     /// Creates `svcdb_processed_events` in the service schema if it is missing
@@ -354,6 +351,54 @@ impl ServiceDb {
     /// Needs `CREATE` on the schema (the service role owns it after `svcdb provision`).
     pub async fn install_idempotency(&self) -> Result<()> {
         crate::event::install_ddl(self, PROCESSED_EVENTS_SQL).await
+    }
+}
+
+/// Rows deleted per statement by [`ServiceDb::purge_processed`] and
+/// [`Outbox::purge_published`](crate::Outbox::purge_published): small enough that each
+/// statement takes milliseconds, large enough that a purge of a million rows is a thousand
+/// round trips.
+pub const PURGE_BATCH_ROWS: i64 = 1000;
+
+/// The longest retention honoured; longer ones purge as if it were this (nothing that old
+/// exists), instead of overflowing PostgreSQL's interval.
+const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Deletes the rows of `table` whose `column` is older than `older_than`, [`PURGE_BATCH_ROWS`]
+/// at a time, and returns how many. The one implementation behind both purges.
+///
+/// Each batch is one statement in its own (autocommit) transaction, on a connection taken
+/// from the pool for that statement only: between batches the purge holds no lock and no
+/// connection. `FOR UPDATE SKIP LOCKED` leaves rows another transaction holds (a relay's
+/// batch, a concurrent purge on another replica) for later instead of waiting on them. The
+/// `ctid` lookup deletes exactly the rows the subquery locked, whatever the table's key.
+pub(crate) async fn purge_in_batches(
+    db: &ServiceDb,
+    table: &'static str,
+    column: &'static str,
+    older_than: Duration,
+) -> Result<u64> {
+    let sql = format!(
+        "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM {table}
+              WHERE {column} < now() - make_interval(secs => $1)
+              LIMIT $2 FOR UPDATE SKIP LOCKED))"
+    );
+    let secs = older_than.min(MAX_RETENTION).as_secs_f64();
+    let mut total = 0;
+    loop {
+        let deleted = db
+            .get()
+            .await?
+            .execute_typed(
+                &sql,
+                &[(&secs, Type::FLOAT8), (&PURGE_BATCH_ROWS, Type::INT8)],
+            )
+            .await?;
+        total += deleted;
+        if deleted < PURGE_BATCH_ROWS as u64 {
+            return Ok(total);
+        }
     }
 }
 

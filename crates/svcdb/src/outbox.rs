@@ -74,9 +74,10 @@ pub const OUTBOX_TABLE: &str = "svcdb_outbox";
 /// unqualified: it creates the table in the first schema of the `search_path`, which svcdb
 /// pins to the service schema.
 ///
-/// `id` is the envelope's id. The partial index holds only unpublished rows, so the relay's
-/// claim stays an index scan however many published rows wait for
-/// [`Outbox::purge_published`]. `last_error` keeps the most recent failure, also after a later
+/// `id` is the envelope's id. The first partial index holds only unpublished rows, so the
+/// relay's claim stays an index scan however many published rows wait for
+/// [`Outbox::purge_published`]; the second finds those rows for the purge without scanning
+/// the table. `last_error` keeps the most recent failure, also after a later
 /// success.
 pub const OUTBOX_SQL: &str = "\
 CREATE TABLE IF NOT EXISTS svcdb_outbox (
@@ -92,6 +93,8 @@ CREATE TABLE IF NOT EXISTS svcdb_outbox (
 );
 CREATE INDEX IF NOT EXISTS svcdb_outbox_unpublished_idx
     ON svcdb_outbox (id) WHERE published_at IS NULL;
+CREATE INDEX IF NOT EXISTS svcdb_outbox_published_at_idx
+    ON svcdb_outbox (published_at) WHERE published_at IS NOT NULL;
 ";
 
 /// The longest exchange name or routing key AMQP carries (a short string), in bytes.
@@ -391,16 +394,15 @@ impl Outbox {
     }
 
     /// Deletes rows published more than `older_than` ago (by the database's clock) and returns
-    /// how many. Unpublished rows are never deleted.
+    /// how many. Unpublished rows are never deleted. The relay of svcdb-amqp runs this on a
+    /// schedule (its `Retention`).
+    ///
+    /// Deletes in batches of [`PURGE_BATCH_ROWS`](crate::idempotency::PURGE_BATCH_ROWS), each
+    /// its own short transaction that skips locked rows, as
+    /// [`ServiceDb::purge_processed`] does: the relay keeps publishing meanwhile.
     pub async fn purge_published(&self, older_than: Duration) -> Result<u64> {
-        let conn = self.db.get().await?;
-        Ok(conn
-            .execute_typed(
-                "DELETE FROM svcdb_outbox
-                  WHERE published_at < now() - make_interval(secs => $1)",
-                &[(&older_than.as_secs_f64(), Type::FLOAT8)],
-            )
-            .await?)
+        crate::idempotency::purge_in_batches(&self.db, OUTBOX_TABLE, "published_at", older_than)
+            .await
     }
 }
 
