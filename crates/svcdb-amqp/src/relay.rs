@@ -228,6 +228,8 @@ impl Relay {
         }
         let _purging = retention::purge_published(&self.outbox, &self.config.retention, &shutdown);
         let mut session: Option<Session> = None;
+        // Set when shutdown came during a batch: by when the relay must be done.
+        let mut stop_by: Option<Instant> = None;
         let mut backoff = self.config.reconnect_backoff;
         while !shutdown.is_cancelled() {
             let current = match self.ensure_session(&mut session, &shutdown).await {
@@ -271,7 +273,9 @@ impl Relay {
                     _ = shutdown.cancelled() => {
                         // The batch's publishes are bounded by the confirm timeout; past it, drop
                         // the batch: its transaction rolls back and the rows stay for the next run.
-                        match tokio::time::timeout(self.config.confirm_timeout, batch).await {
+                        // Closing the session gets what is left of the same bound.
+                        let deadline = *stop_by.insert(Instant::now() + self.config.confirm_timeout);
+                        match tokio::time::timeout_at(deadline, batch).await {
                             Ok(batch) => batch,
                             Err(_) => {
                                 tracing::info!(target: "svcdb_amqp::relay", timeout = ?self.config.confirm_timeout, "the batch in progress did not finish within the confirm timeout at shutdown; rolled back, its rows stay for the next run");
@@ -283,8 +287,9 @@ impl Relay {
             };
             if flags.broken.load(Ordering::Relaxed) {
                 // A timed-out publish or a closed channel: start over on a fresh channel, so
-                // late confirms cannot be taken for new ones.
-                if let Some(old) = session.as_mut() {
+                // late confirms cannot be taken for new ones (at shutdown, closing the session
+                // below closes it).
+                if let Some(old) = session.as_mut().filter(|_| stop_by.is_none()) {
                     let deadline = Instant::now() + self.config.confirm_timeout;
                     let _ = tokio::time::timeout_at(deadline, close_channel(&old.channel)).await;
                 }
@@ -341,7 +346,7 @@ impl Relay {
         }
         if let Some(session) = session.take() {
             session
-                .close(Instant::now() + self.config.confirm_timeout)
+                .close(stop_by.unwrap_or_else(|| Instant::now() + self.config.confirm_timeout))
                 .await;
         }
         self.status.send_modify(|s| {

@@ -40,7 +40,11 @@ struct Running {
 }
 
 fn start(amqp: &AmqpConfig, outbox: Outbox) -> Running {
-    let relay = Relay::new(amqp, outbox).with_config(fast());
+    start_with(amqp, outbox, fast())
+}
+
+fn start_with(amqp: &AmqpConfig, outbox: Outbox, config: RelayConfig) -> Running {
+    let relay = Relay::new(amqp, outbox).with_config(config);
     let status = relay.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn({
@@ -447,4 +451,194 @@ async fn a_missing_exchange_fails_its_row_and_the_relay_carries_on() {
         1,
         "the row for the missing exchange waits for it"
     );
+}
+
+/// `(attempts, last_error, published)` of the row for `event`.
+async fn row(db: &ServiceDb, event: &Envelope) -> (i32, Option<String>, bool) {
+    let row = db
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT attempts, last_error, published_at IS NOT NULL FROM svcdb_outbox WHERE id = $1",
+            &[&event.id],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test]
+async fn a_row_for_a_missing_exchange_does_not_fail_the_rest_of_its_batch() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    // One batch, in id order: a good row, the bad one, three more good ones. The bad row's
+    // publish closes the channel (NOT_FOUND) while the rows after it are in flight.
+    let good: Vec<Envelope> = (0..4)
+        .map(|n| Envelope::new("OrderPlaced", "orders", json!({ "order_id": n })))
+        .collect();
+    let bad = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 99 }));
+    enqueue(&db, &exchange, "order.placed", &good[0]).await;
+    enqueue(&db, &common::unique("never.declared"), "order.placed", &bad).await;
+    for event in &good[1..] {
+        enqueue(&db, &exchange, "order.placed", event).await;
+    }
+    // Failed rows retried only after a minute: what is published, is published in the run
+    // that first claimed it.
+    let outbox = Outbox::new(db.clone()).with_options(RelayOptions {
+        retry_backoff: Duration::from_secs(60),
+        max_retry_backoff: Duration::from_secs(60),
+    });
+    let relay = start(&broker.config, outbox);
+
+    let got = broker.take(&queue.name, 4, Duration::from_secs(10)).await;
+    eventually("the good rows are marked published", || async {
+        pending(&db).await == 1
+    })
+    .await;
+    let status = relay.stop().await;
+
+    let mut ids: Vec<_> = got
+        .iter()
+        .map(|m| Envelope::from_slice(&m.data).unwrap().id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids, good.iter().map(|e| e.id).collect::<Vec<_>>());
+    for event in &good {
+        assert_eq!(
+            row(&db, event).await,
+            (1, None, true),
+            "published on the first attempt, never failed"
+        );
+    }
+    let (attempts, error, published) = row(&db, &bad).await;
+    assert_eq!((attempts, published), (1, false));
+    assert!(error.unwrap().contains("NOT_FOUND"));
+    assert_eq!((status.published, status.failed), (4, 1));
+}
+
+/// Fails unless no row of the outbox is locked: `FOR UPDATE NOWAIT` fails with 55P03 on a
+/// row a transaction (a relay's batch) still holds.
+async fn assert_no_row_locked(db: &ServiceDb) {
+    let conn = db.get().await.unwrap();
+    conn.batch_execute("BEGIN").await.unwrap();
+    let locked = conn
+        .query("SELECT id FROM svcdb_outbox FOR UPDATE NOWAIT", &[])
+        .await;
+    conn.batch_execute("ROLLBACK").await.unwrap();
+    if let Err(e) = locked {
+        panic!("a row is still locked: {e}");
+    }
+}
+
+#[tokio::test]
+async fn a_silent_broker_neither_hangs_the_relay_nor_its_shutdown() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    let port = closed_port();
+    let proxy = Proxy::start(port).await;
+    let timeout = Duration::from_secs(2);
+    let config = RelayConfig {
+        confirm_timeout: timeout,
+        ..fast()
+    };
+    let relay = start_with(&AmqpConfig::new(url_via(port)), fast_outbox(&db), config);
+
+    let first = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 1 }));
+    enqueue(&db, &exchange, "order.placed", &first).await;
+    broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    eventually("the first row is marked published", || async {
+        pending(&db).await == 0
+    })
+    .await;
+
+    // The broker goes silent, the TCP connection stays open.
+    proxy.silence();
+    let second = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 2 }));
+    enqueue(&db, &exchange, "order.placed", &second).await;
+    // Shut down while the batch waits on the broker: the row is claimed (locked).
+    eventually("the relay claims the row", || async {
+        let conn = db.get().await.unwrap();
+        conn.batch_execute("BEGIN").await.unwrap();
+        let locked = conn
+            .query("SELECT id FROM svcdb_outbox FOR UPDATE NOWAIT", &[])
+            .await
+            .is_err_and(|e| e.code() == Some(&svcdb::SqlState::LOCK_NOT_AVAILABLE));
+        conn.batch_execute("ROLLBACK").await.unwrap();
+        locked
+    })
+    .await;
+    let stopping = std::time::Instant::now();
+    relay.shutdown.cancel();
+    // The bound is the behaviour: the batch in progress and closing the connection share one
+    // confirm timeout (plus scheduling slack).
+    let bound = timeout + Duration::from_millis(500);
+    let stopped = tokio::time::timeout(bound, relay.task)
+        .await
+        .expect("the relay stops within the confirm timeout of the shutdown signal");
+    let last = stopped.unwrap().unwrap();
+    assert!(stopping.elapsed() <= bound, "{:?}", stopping.elapsed());
+    assert_eq!(last.published, 1);
+    assert_eq!(pending(&db).await, 1, "the row stays for the next run");
+    assert_no_row_locked(&db).await;
+
+    // The next run, on a broker that answers, publishes it.
+    proxy.resume();
+    let relay = start(&broker.config, fast_outbox(&db));
+    let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, second.id);
+    eventually("the second row is marked published", || async {
+        pending(&db).await == 0
+    })
+    .await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_blocked_connection_is_reported_and_its_rows_wait_until_unblocked() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    let port = closed_port();
+    let proxy = Proxy::start(port).await;
+    let relay = start(&AmqpConfig::new(url_via(port)), fast_outbox(&db));
+    let mut status = relay.status.clone();
+    tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.connected))
+        .await
+        .expect("the relay connects")
+        .unwrap();
+
+    proxy.block("low on memory");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.blocked.is_some()),
+    )
+    .await
+    .expect("the relay reports the blocked connection")
+    .unwrap();
+    assert_eq!(
+        relay.status.borrow().blocked.as_deref(),
+        Some("low on memory")
+    );
+    let event = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 1 }));
+    enqueue(&db, &exchange, "order.placed", &event).await;
+
+    proxy.resume();
+    let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, event.id);
+    eventually("the row is marked published", || async {
+        pending(&db).await == 0
+    })
+    .await;
+    assert_eq!(relay.status.borrow().blocked, None, "unblocked");
+    let last = relay.stop().await;
+    // While blocked the row was not claimed: published on its first attempt.
+    assert_eq!(row(&db, &event).await, (1, None, true));
+    assert_eq!((last.published, last.failed), (1, 0));
 }

@@ -13,7 +13,9 @@ use svcdb::testing::TestDb;
 use svcdb::{Envelope, ServiceDb};
 use svcdb_amqp::topology::Topology;
 use svcdb_amqp::AmqpConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// The broker tests use: `SVCDB_TEST_AMQP_URL`, else `AMQP_URL`, else the local default.
@@ -268,11 +270,35 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// A TCP forwarder to the real broker on a port of our choosing, that can be started late
-/// and can cut its connections: a broker that is down, comes up, and drops connections.
+/// A TCP forwarder to the real broker on a port of our choosing, that can be started late,
+/// can cut its connections, and can go silent without closing them: a broker that is down,
+/// comes up, drops connections, stops answering, or blocks publishers under an alarm.
 pub struct Proxy {
     listener: JoinHandle<()>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    flow: watch::Sender<Flow>,
+}
+
+/// What the forwarder passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Flow {
+    /// Everything, both ways.
+    Open,
+    /// Nothing, either way, and the connections stay open: a partition or a hung broker.
+    Silent,
+    /// What RabbitMQ does under a memory or disk alarm: it sends `connection.blocked` with
+    /// this reason and stops reading from the client, while still talking to it.
+    Blocked(String),
+}
+
+impl Flow {
+    fn upstream_open(&self) -> bool {
+        *self == Flow::Open
+    }
+
+    fn downstream_open(&self) -> bool {
+        *self != Flow::Silent
+    }
 }
 
 fn broker_address() -> String {
@@ -307,12 +333,15 @@ impl Proxy {
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let tracked = connections.clone();
         let upstream = broker_address();
+        let flow = watch::Sender::new(Flow::Open);
+        let flows = flow.clone();
         let listener = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
+                let flow = flows.subscribe();
                 let forward = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = TcpStream::connect(&upstream).await {
+                        forward(inbound, outbound, flow).await;
                     }
                 });
                 tracked.lock().unwrap().push(forward);
@@ -321,6 +350,7 @@ impl Proxy {
         Self {
             listener,
             connections,
+            flow,
         }
     }
 
@@ -330,11 +360,121 @@ impl Proxy {
             connection.abort();
         }
     }
+
+    /// Stops passing bytes either way, keeping the connections open: a broker gone silent.
+    pub fn silence(&self) {
+        self.flow.send_replace(Flow::Silent);
+    }
+
+    /// Sends the client `connection.blocked` with `reason` and stops passing what it sends,
+    /// as RabbitMQ does under a memory or disk alarm.
+    pub fn block(&self, reason: &str) {
+        self.flow.send_replace(Flow::Blocked(reason.to_owned()));
+    }
+
+    /// Passes everything again; a blocked client is sent `connection.unblocked` first.
+    pub fn resume(&self) {
+        self.flow.send_replace(Flow::Open);
+    }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.listener.abort();
         self.cut();
+    }
+}
+
+/// `connection.blocked` (class 10, method 60, a short-string reason) or, with `None`,
+/// `connection.unblocked` (method 61): method frames on channel 0, as the broker sends them.
+fn blocked_frame(reason: Option<&str>) -> Vec<u8> {
+    let mut payload = vec![0, 10, 0, if reason.is_some() { 60 } else { 61 }];
+    if let Some(reason) = reason {
+        payload.push(u8::try_from(reason.len()).unwrap());
+        payload.extend_from_slice(reason.as_bytes());
+    }
+    let mut frame = vec![1, 0, 0];
+    frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&payload);
+    frame.push(0xCE);
+    frame
+}
+
+/// Forwards one connection as `flow` allows until either side closes. The broker's side is
+/// forwarded frame by frame, so that `connection.blocked` lands between two frames.
+async fn forward(inbound: TcpStream, outbound: TcpStream, flow: watch::Receiver<Flow>) {
+    let (mut client_in, mut client_out) = inbound.into_split();
+    let (mut broker_in, mut broker_out) = outbound.into_split();
+    let mut up_flow = flow.clone();
+    let upstream = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if up_flow.wait_for(Flow::upstream_open).await.is_err() {
+                return;
+            }
+            let n = match client_in.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if up_flow.wait_for(Flow::upstream_open).await.is_err()
+                || broker_out.write_all(&buf[..n]).await.is_err()
+            {
+                return;
+            }
+        }
+    };
+    let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let read_frames = async move {
+        loop {
+            let mut header = [0u8; 7];
+            if broker_in.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let size = u32::from_be_bytes(header[3..7].try_into().unwrap()) as usize;
+            let mut frame = header.to_vec();
+            frame.resize(7 + size + 1, 0);
+            if broker_in.read_exact(&mut frame[7..]).await.is_err()
+                || frames_tx.send(frame).await.is_err()
+            {
+                return;
+            }
+        }
+    };
+    let mut down_flow = flow;
+    let downstream = async move {
+        let mut blocked = false;
+        loop {
+            tokio::select! {
+                changed = down_flow.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = down_flow.borrow_and_update().clone();
+                    let inject = match (&now, blocked) {
+                        (Flow::Blocked(reason), false) => Some(blocked_frame(Some(reason))),
+                        (Flow::Open, true) => Some(blocked_frame(None)),
+                        _ => None,
+                    };
+                    blocked = matches!(now, Flow::Blocked(_));
+                    if let Some(frame) = inject {
+                        if client_out.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                frame = frames_rx.recv() => {
+                    let Some(frame) = frame else { return };
+                    if down_flow.wait_for(Flow::downstream_open).await.is_err()
+                        || client_out.write_all(&frame).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = upstream => {}
+        _ = async { tokio::join!(read_frames, downstream) } => {}
     }
 }
