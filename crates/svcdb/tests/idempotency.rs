@@ -413,6 +413,48 @@ async fn purge_deletes_claims_older_than_the_retention() {
 }
 
 #[tokio::test]
+async fn a_purge_deletes_more_than_one_batch_and_does_not_wait_on_locked_claims() {
+    let (_db, svc) = setup().await;
+    let old = 2 * idempotency::PURGE_BATCH_ROWS + 1;
+    svc.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO svcdb_processed_events (consumer, event_id, processed_at)
+             SELECT $1, gen_random_uuid(), now() - interval '3 days' FROM generate_series(1, $2::bigint)",
+            &[&CONSUMER, &old],
+        )
+        .await
+        .unwrap();
+    // Another transaction holds one old claim (a replica's purge, a handler's re-claim).
+    let mut holder = svc.get().await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    let held: Uuid = tx
+        .query_one(
+            "SELECT event_id FROM svcdb_processed_events LIMIT 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // One unbounded DELETE would wait on the held row for as long as it is held.
+    let day = Duration::from_secs(24 * 3600);
+    let purged = tokio::time::timeout(Duration::from_secs(10), svc.purge_processed(day))
+        .await
+        .expect("the purge skips the locked row instead of waiting on it")
+        .unwrap();
+    assert_eq!(purged, old as u64 - 1);
+    assert!(svc.is_processed(CONSUMER, held).await.unwrap());
+    drop(tx);
+    assert_eq!(
+        svc.purge_processed(day).await.unwrap(),
+        1,
+        "taken next time"
+    );
+}
+
+#[tokio::test]
 async fn invalid_consumer_names_are_refused_before_any_sql() {
     // No claims table: a refusal that reached the server would be 42P01 instead.
     let db = TestDb::new().await;
