@@ -1,4 +1,5 @@
-//! `svcdb`: provision service roles, run migrations, check schemas and health.
+//! `svcdb`: provision service roles, run migrations, check schemas and health, purge event
+//! tables.
 //!
 //! A thin binary over the `svcdb` library: each subcommand parses its options, calls one
 //! library operation and prints its report (a table, or JSON with `--json`).
@@ -45,6 +46,9 @@ enum Command {
     Schema(cmd::schema::Command),
     /// Report database reachability, latency, pool, migration version and gate problems.
     Health(cmd::health::Args),
+    /// Maintain the event tables: purge old claims and published outbox rows.
+    #[command(subcommand)]
+    Events(cmd::events::Command),
 }
 
 /// What a subcommand asks `main` to exit with, besides errors.
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
             Command::Migrate(command) => cmd::migrate::run(&cli.global, command).await,
             Command::Schema(command) => cmd::schema::run(&cli.global, command).await,
             Command::Health(args) => cmd::health::run(&cli.global, args).await,
+            Command::Events(command) => cmd::events::run(&cli.global, command).await,
         }
     });
     match result {

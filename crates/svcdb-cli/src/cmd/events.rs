@@ -1,0 +1,164 @@
+//! `svcdb events purge`: deletes old claims and published outbox rows by hand, or from a
+//! scheduled job, as the consumer and relay runtimes do on their own schedule.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use svcdb::idempotency::PROCESSED_EVENTS_TABLE;
+use svcdb::outbox::OUTBOX_TABLE;
+use svcdb::{Outbox, SqlState};
+
+use crate::global::{duration, Global};
+use crate::{output, Outcome};
+
+/// `svcdb events …`.
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Delete claims (svcdb_processed_events) and published outbox rows (svcdb_outbox) older
+    /// than a retention, in small batches that never hold a long lock: safe while the
+    /// service runs. Unpublished outbox rows are never deleted.
+    #[command(after_help = PURGE_EXIT_CODES)]
+    Purge(PurgeArgs),
+}
+
+/// The exit codes of `svcdb events purge`, shown in its `--help`.
+const PURGE_EXIT_CODES: &str = "\
+Exit codes:
+  0   purged (also when nothing was old enough, or with --table all when a table does not exist)
+  1   error: the database is unreachable, or the table named by --table does not exist
+  64  invalid command line";
+
+/// Which table `svcdb events purge` cleans.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Table {
+    /// Both, skipping one the service does not have.
+    All,
+    /// The consumers' claims (svcdb_processed_events), by when they were processed.
+    Claims,
+    /// The published rows of the outbox (svcdb_outbox), by when they were published.
+    Outbox,
+}
+
+/// Options of `svcdb events purge`.
+#[derive(clap::Args)]
+pub struct PurgeArgs {
+    /// Delete rows older than this: 7d, 24h, 90m. A claim purged while its message can still
+    /// be redelivered lets that message be handled again: keep claims for days.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    older_than: Duration,
+
+    /// Which table to purge.
+    #[arg(long, value_enum, default_value_t = Table::All)]
+    table: Table,
+}
+
+/// What one purge did, as `--json` prints it:
+/// `{"older_than_secs":604800,"tables":[{"table":"svcdb_processed_events","exists":true,"deleted":120}, …]}`.
+#[derive(Serialize)]
+struct Report {
+    /// The retention, in seconds.
+    older_than_secs: f64,
+    /// One entry per table purged, claims first.
+    tables: Vec<Purged>,
+}
+
+/// One table's outcome.
+#[derive(Serialize)]
+struct Purged {
+    /// The table's name in the service schema.
+    table: &'static str,
+    /// False when the service does not have the table (only with `--table all`).
+    exists: bool,
+    /// Rows deleted.
+    deleted: u64,
+}
+
+/// Runs `svcdb events …`.
+pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
+    match command {
+        Command::Purge(args) => purge(global, args).await,
+    }
+}
+
+async fn purge(global: &Global, args: PurgeArgs) -> Result<Outcome> {
+    if args.older_than.is_zero() {
+        bail!("--older-than 0 would delete every claim, also those of messages still waiting in a queue (they would be handled again)\n  hint: give a retention longer than a message can wait, such as --older-than 7d");
+    }
+    let db = global.connect().await?;
+    let mut tables = Vec::new();
+    if args.table != Table::Outbox {
+        let purged = db.purge_processed(args.older_than).await;
+        tables.push(outcome(
+            PROCESSED_EVENTS_TABLE,
+            purged,
+            args.table,
+            "install_idempotency",
+        )?);
+    }
+    if args.table != Table::Claims {
+        let purged = Outbox::new(db.clone())
+            .purge_published(args.older_than)
+            .await;
+        tables.push(outcome(OUTBOX_TABLE, purged, args.table, "install_outbox")?);
+    }
+    let report = Report {
+        older_than_secs: args.older_than.as_secs_f64(),
+        tables,
+    };
+    output::report(global.json, &report, |report| {
+        let older = readable(args.older_than);
+        report
+            .tables
+            .iter()
+            .map(|t| {
+                if t.exists {
+                    format!("{}: deleted {} rows older than {older}", t.table, t.deleted)
+                } else {
+                    format!("{}: absent from the schema; nothing to purge", t.table)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    Ok(Outcome::Success)
+}
+
+/// A table's result; a missing table is skipped under `--table all` and an error when it was
+/// asked for by name.
+fn outcome(
+    table: &'static str,
+    purged: svcdb::Result<u64>,
+    asked: Table,
+    installer: &str,
+) -> Result<Purged> {
+    match purged {
+        Ok(deleted) => Ok(Purged {
+            table,
+            exists: true,
+            deleted,
+        }),
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) && asked == Table::All => {
+            Ok(Purged {
+                table,
+                exists: false,
+                deleted: 0,
+            })
+        }
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => bail!(
+            "the service schema has no {table} table: {e}\n  hint: check --schema; a service creates the table with ServiceDb::{installer} at start-up"
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `7d`, `24h`, `90m` or `1.5s`, for the text report.
+fn readable(d: Duration) -> String {
+    match d.as_secs() {
+        _ if d.subsec_nanos() != 0 => format!("{d:?}"),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
