@@ -607,7 +607,12 @@ async fn a_blocked_connection_is_reported_and_its_rows_wait_until_unblocked() {
     let (exchange, queue) = exchange_and_queue(&broker).await;
     let port = closed_port();
     let proxy = Proxy::start(port).await;
-    let relay = start(&AmqpConfig::new(url_via(port)), fast_outbox(&db));
+    let timeout = Duration::from_millis(200);
+    let config = RelayConfig {
+        confirm_timeout: timeout,
+        ..fast()
+    };
+    let relay = start_with(&AmqpConfig::new(url_via(port)), fast_outbox(&db), config);
     let mut status = relay.status.clone();
     tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.connected))
         .await
@@ -628,6 +633,12 @@ async fn a_blocked_connection_is_reported_and_its_rows_wait_until_unblocked() {
     );
     let event = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 1 }));
     enqueue(&db, &exchange, "order.placed", &event).await;
+    // Not claimed while blocked. The window is five confirm timeouts: a relay that claimed
+    // the row would have had its publish time out, and the row counted as failed, in it.
+    tokio::time::sleep(5 * timeout).await;
+    assert_eq!(row(&db, &event).await, (0, None, false), "not attempted");
+    assert_eq!(relay.status.borrow().failed, 0);
+    assert_no_row_locked(&db).await;
 
     proxy.resume();
     let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
@@ -638,7 +649,10 @@ async fn a_blocked_connection_is_reported_and_its_rows_wait_until_unblocked() {
     .await;
     assert_eq!(relay.status.borrow().blocked, None, "unblocked");
     let last = relay.stop().await;
-    // While blocked the row was not claimed: published on its first attempt.
-    assert_eq!(row(&db, &event).await, (1, None, true));
+    assert_eq!(
+        row(&db, &event).await,
+        (1, None, true),
+        "published on its first attempt"
+    );
     assert_eq!((last.published, last.failed), (1, 0));
 }
