@@ -133,11 +133,13 @@ pub(crate) struct Deadline {
 impl Deadline {
     /// `timeout` from now.
     pub(crate) fn after(timeout: Duration) -> Self {
+        // Saturates: a huge configured timeout means "no practical bound", not a panic.
+        const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+        let now = Instant::now();
         Self {
-            // Saturates: a huge configured timeout means "no practical bound", not a panic.
-            at: Instant::now()
+            at: now
                 .checked_add(timeout)
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)),
+                .unwrap_or_else(|| now + CENTURY.min(timeout)),
             timeout,
         }
     }

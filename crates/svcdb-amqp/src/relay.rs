@@ -274,7 +274,7 @@ impl Relay {
                         // The batch's publishes are bounded by the confirm timeout; past it, drop
                         // the batch: its transaction rolls back and the rows stay for the next run.
                         // Closing the session gets what is left of the same bound.
-                        let deadline = *stop_by.insert(Instant::now() + self.config.confirm_timeout);
+                        let deadline = *stop_by.insert(Deadline::after(self.config.confirm_timeout).at);
                         match tokio::time::timeout_at(deadline, batch).await {
                             Ok(batch) => batch,
                             Err(_) => {
@@ -290,7 +290,7 @@ impl Relay {
                 // late confirms cannot be taken for new ones (at shutdown, closing the session
                 // below closes it).
                 if let Some(old) = session.as_mut().filter(|_| stop_by.is_none()) {
-                    let deadline = Instant::now() + self.config.confirm_timeout;
+                    let deadline = Deadline::after(self.config.confirm_timeout).at;
                     let _ = tokio::time::timeout_at(deadline, close_channel(&old.channel)).await;
                 }
                 self.status.send_modify(|s| s.connected = false);
@@ -346,7 +346,7 @@ impl Relay {
         }
         if let Some(session) = session.take() {
             session
-                .close(stop_by.unwrap_or_else(|| Instant::now() + self.config.confirm_timeout))
+                .close(stop_by.unwrap_or_else(|| Deadline::after(self.config.confirm_timeout).at))
                 .await;
         }
         self.status.send_modify(|s| {
@@ -389,7 +389,7 @@ impl Relay {
                     tracing::warn!(target: "svcdb_amqp::relay", url = %self.amqp.redacted_url(), "outbox relay lost its connection to RabbitMQ; reconnecting");
                     self.status.send_modify(|s| s.connected = false);
                 }
-                old.close(Instant::now() + timeout).await;
+                old.close(Deadline::after(timeout).at).await;
                 self.status.send_modify(|s| s.blocked = None);
             }
         }
@@ -407,7 +407,7 @@ impl Relay {
             Ok(Some(channel)) => channel,
             outcome => {
                 watcher.abort();
-                let deadline = Instant::now() + timeout;
+                let deadline = Deadline::after(timeout).at;
                 let _ = tokio::time::timeout_at(deadline, close_connection(&connection)).await;
                 return outcome.map(|_| None);
             }
