@@ -292,3 +292,20 @@ async fn schema_owner_hint(e: &anyhow::Error, global: &Global) -> Option<String>
     }
     Some(hint)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Context that repeats its cause's hint (as a wrapper quoting the error would) shows it once.
+    #[test]
+    fn a_hint_repeated_down_the_chain_is_shown_once() {
+        let e = anyhow::Error::new(Usage::new("no schema given", "pass --schema"))
+            .context("cannot list tables\n  hint: pass --schema");
+        let failure = Failure::new(&e);
+        assert_eq!(failure.hint.as_deref(), Some("pass --schema"));
+        assert_eq!(failure.text().matches("hint:").count(), 1, "{failure:?}");
+        assert_eq!(failure.error, "cannot list tables: no schema given");
+        assert_eq!((failure.code.as_str(), failure.exit), ("usage", 64));
+    }
+}
