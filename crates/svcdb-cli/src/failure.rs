@@ -249,7 +249,9 @@ async fn schema_owner_hint(e: &anyhow::Error, global: &Global) -> Option<String>
     if *db.code() != SqlState::INSUFFICIENT_PRIVILEGE {
         return None;
     }
-    // PostgreSQL's aclcheck_error: "permission denied for schema %s", the name unquoted.
+    // PostgreSQL's aclcheck_error: "permission denied for schema %s", the name unquoted. The
+    // name is in no field of its own, only in the message: a server whose lc_messages is not
+    // English gets no owner hint (the error itself is unchanged).
     let schema = db.message().strip_prefix("permission denied for schema ")?;
     let config = global.config().ok()?;
     let tls = Tls::new(config.tls, config.ssl_root_cert.as_deref()).ok()?;
@@ -271,7 +273,11 @@ async fn schema_owner_hint(e: &anyhow::Error, global: &Global) -> Option<String>
         .ok()?
     };
     let row = tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await.ok()??;
-    let (owner, me, own): (String, String, Vec<String>) = (row.get(0), row.get(1), row.get(2));
+    let (owner, me, own): (String, String, Vec<String>) = (
+        row.try_get(0).ok()?,
+        row.try_get(1).ok()?,
+        row.try_get(2).ok()?,
+    );
     if owner == me {
         return None;
     }
