@@ -96,5 +96,10 @@ pub use topology::{QueueSpec, Topology};
 
 /// The AMQP client, re-exported so services use the same version as svcdb-amqp.
 pub use lapin;
-/// The shutdown signal that [`Consumer::run`] and [`Relay::run`] take.
-pub use tokio_util::sync::CancellationToken;
+/// The shutdown signal that [`Consumer::run`] and [`Relay::run`] take: make one with
+/// `CancellationToken::new()`, give each task a `clone()`, and call `cancel()` (on SIGTERM,
+/// say) to stop them all: each shuts down gracefully and returns.
+///
+/// tokio-util's token, under svcdb-amqp's name so that a service needs no dependency of its
+/// own on tokio-util.
+pub type CancellationToken = tokio_util::sync::CancellationToken;

@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use svcdb::migrate::Migrations;
 use svcdb::{Config, ServiceDb};
+
+use crate::failure::Usage;
 
 /// The default of `--dir`; `schema verify` and `health` skip the migration checks when this
 /// default folder is absent (a folder named explicitly must exist).
@@ -43,21 +45,33 @@ pub struct Global {
 }
 
 impl Global {
-    /// The URL, or an error saying how to give it.
+    /// The URL, or a usage error (exit 64) saying how to give it.
     pub fn database_url(&self) -> Result<&str> {
-        self.database_url
-            .as_deref()
-            .context("no database given: pass --database-url or set DATABASE_URL")
+        self.database_url.as_deref().ok_or_else(|| {
+            Usage::new(
+                "no database given",
+                "pass --database-url or set DATABASE_URL, e.g. postgres://catalog@127.0.0.1/appdb",
+            )
+            .into()
+        })
+    }
+
+    /// The service schema, or a usage error (exit 64) saying how to give it.
+    pub fn schema(&self) -> Result<&str> {
+        self.schema.as_deref().ok_or_else(|| {
+            Usage::new(
+                "no schema given",
+                "pass --schema or set SVCDB_SCHEMA to the service's schema",
+            )
+            .into()
+        })
     }
 
     /// The service configuration: these options first, then the `SVCDB_*` environment for
     /// everything else (pool sizes, timeouts; see the library's `config` module).
     pub fn config(&self) -> Result<Config> {
         let url = self.database_url()?;
-        let schema = self
-            .schema
-            .as_deref()
-            .context("no schema given: pass --schema or set SVCDB_SCHEMA")?;
+        let schema = self.schema()?;
         let mut config = Config::from_lookup(|key| match key {
             "DATABASE_URL" => Some(url.to_owned()),
             "SVCDB_SCHEMA" => Some(schema.to_owned()),

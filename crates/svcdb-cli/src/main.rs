@@ -5,6 +5,7 @@
 //! library operation and prints its report (a table, or JSON with `--json`).
 
 mod cmd;
+mod failure;
 mod global;
 mod output;
 
@@ -12,17 +13,21 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use failure::Failure;
 use global::Global;
 
 /// Exit codes, shown in `--help`.
-const EXIT_CODES: &str = "\
-Exit codes:
+const EXIT_CODES: &str = r#"Exit codes:
   0   success; for `migrate status` up to date; for `schema verify` ready
   1   error; for `migrate status` what `migrate up` would refuse (dirty schema, changed,
       missing or out-of-order migrations); for `schema verify` and `health` not ready
       (every problem is listed)
   2   `migrate status`: migrations are pending and nothing else is wrong
-  64  invalid command line";
+  64  invalid command line, or no database or schema given
+
+With --json, stdout holds one JSON object whatever the outcome: the report, or on error
+{"error": what went wrong, "hint": what to do or null, "code": the SQLSTATE (e.g. "42501")
+or the kind of error (e.g. "usage", "connect", "changed")}; the text is on stderr too."#;
 
 /// Give each microservice its own safe slice of one PostgreSQL database.
 #[derive(Parser)]
@@ -64,10 +69,18 @@ pub enum Outcome {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() { 64 } else { 0 };
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: not errors.
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // Parsing failed, so whether --json was given is read from the raw arguments.
+            if json_requested() {
+                println!("{}", Failure::from_clap(&e).json());
+            }
+            let _ = e.print();
+            return ExitCode::from(64);
         }
     };
     init_tracing();
@@ -78,47 +91,37 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            let e = anyhow::Error::new(e).context("cannot start the async runtime");
+            return ExitCode::from(Failure::new(&e).print(cli.global.json));
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        let result = match cli.command {
             Command::Provision(args) => cmd::provision::run(&cli.global, args).await,
             Command::Migrate(command) => cmd::migrate::run(&cli.global, command).await,
             Command::Schema(command) => cmd::schema::run(&cli.global, command).await,
             Command::Health(args) => cmd::health::run(&cli.global, args).await,
             Command::Events(command) => cmd::events::run(&cli.global, command).await,
+        };
+        match result {
+            Ok(outcome) => Ok(outcome),
+            Err(e) => Err(Failure::explain(&e, &cli.global).await),
         }
     });
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::NotReady) => ExitCode::from(1),
         Ok(Outcome::Pending) => ExitCode::from(2),
-        Err(e) => {
-            eprintln!("error: {}", render_error(&e));
-            ExitCode::from(1)
-        }
+        Err(failure) => ExitCode::from(failure.print(cli.global.json)),
     }
 }
 
-/// The error and its causes on one line, each message once. svcdb's errors already hold their
-/// causes' text (better worded than the driver's `db error: …`), so the chain stops at them.
-fn render_error(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let message = cause.to_string();
-        if !text.contains(&message) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&message);
-        }
-        if cause.is::<svcdb::Error>() || cause.is::<svcdb::migrate::MigrateError>() {
-            break;
-        }
-    }
-    text
+/// True when the raw arguments hold `--json` before any `--`.
+fn json_requested() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
 }
 
 /// Logs go to stderr, off unless `RUST_LOG` asks (stdout is for reports).

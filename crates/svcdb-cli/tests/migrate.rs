@@ -496,7 +496,7 @@ fn a_missing_database_url_is_an_error_with_a_hint() {
         ],
         None,
     )
-    .expect_code(1);
+    .expect_code(64);
     assert!(out.stderr.contains("DATABASE_URL"), "{out}");
 }
 

@@ -6,7 +6,14 @@
 use std::fmt;
 use std::time::Duration;
 
-pub use tokio_postgres::error::SqlState;
+/// A SQLSTATE, the server's five-character error code: compare [`Error::code`] (or
+/// [`MigrateError::code`](crate::migrate::MigrateError::code)) with its constants, such as
+/// `SqlState::UNIQUE_VIOLATION` (23505) or `SqlState::INSUFFICIENT_PRIVILEGE` (42501), and
+/// get the five characters with `code()`. Every constant is listed in PostgreSQL's
+/// [error codes appendix](https://www.postgresql.org/docs/current/errcodes-appendix.html),
+/// upper-cased (`unique_violation` is `UNIQUE_VIOLATION`). The driver's type
+/// (tokio-postgres), under svcdb's name.
+pub type SqlState = tokio_postgres::error::SqlState;
 
 use crate::ident::IdentError;
 use crate::tls::TlsFailure;

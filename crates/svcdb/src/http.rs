@@ -1,5 +1,7 @@
-//! `/healthz` and `/readyz` for Kubernetes probes, as an axum [`Router`] (feature `http`, on by
-//! default).
+//! `/healthz` and `/readyz` for Kubernetes probes, as an axum [`Router`][axum-router] (feature `http`,
+//! on by default).
+//!
+//! [axum-router]: https://docs.rs/axum/0.8/axum/struct.Router.html
 //!
 //! ```no_run
 //! # async fn demo(db: svcdb::ServiceDb, gate: svcdb::schema::Gate) -> std::io::Result<()> {

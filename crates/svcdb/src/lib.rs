@@ -23,6 +23,10 @@
 //! | handling each event once: the claim commits with the handler's writes | [`idempotency`] ([`ServiceDb::process_once`], [`Processed`]) |
 //! | the transactional outbox and its relay (`FOR UPDATE SKIP LOCKED`, retries) | [`outbox`] ([`outbox::enqueue`], [`Outbox`]) |
 //! | a throwaway database per test | [`testing`] |
+//! | the driver's types a service uses, under svcdb's names | [`Transaction`], [`IsolationLevel`], [`SqlState`], [`PooledConn`] |
+//! | the driver itself, the same version as svcdb's, for its other types (`Row`, `types::ToSql`, …) | [`tokio_postgres`][pg] |
+//!
+//! [pg]: https://docs.rs/tokio-postgres/0.7/tokio_postgres/
 //!
 //! # Example
 //!
@@ -76,6 +80,8 @@ pub use schema::{Gate, GateReport, Problem, TableInfo, TableKind};
 pub use tls::{Tls, TlsFailure, TlsMode};
 pub use tx::{IsolationLevel, Retryable, Transaction, TxOptions};
 
+/// Compiles a migrations folder into the binary, as a
+/// [`migrate::EmbeddedMigrations`] for [`migrate::Migrations::from_embedded`].
 pub use svcdb_macros::embed_migrations;
 /// The driver, re-exported so services use the same version as svcdb.
 pub use tokio_postgres;

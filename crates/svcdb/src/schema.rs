@@ -386,11 +386,14 @@ impl Gate {
             }
             _ => {}
         }
-        let schema_usable = row.usable == Some(true);
+        if row.usable != Some(true) {
+            // The history and the tables live in the schema: without it (or without USAGE on
+            // it) they are missing for the same reason, and their hint (`svcdb migrate up`)
+            // would fail for that reason too. The schema problem alone says what to do.
+            return (problems, None);
+        }
         let version = match history {
             Ok(history) => self.assess_history(&name, &history, &mut problems),
-            // Without the schema the history cannot be read; the schema problem says why.
-            Err(_) if !schema_usable => None,
             Err(e) => {
                 problems.push(Problem::from_error(&Error::Db(e)));
                 None

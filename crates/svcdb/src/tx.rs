@@ -3,16 +3,41 @@
 
 use std::time::Duration;
 
-pub use deadpool_postgres::Transaction;
-pub use tokio_postgres::IsolationLevel;
-
 use crate::error::Error;
 use crate::pool::ServiceDb;
 
+/// The transaction [`ServiceDb::transaction`] and [`ServiceDb::transaction_with`] hand to
+/// their closure, on a connection of the service's pool (so on the service schema).
+///
+/// svcdb commits it when the closure returns `Ok` and rolls it back when it returns `Err`,
+/// panics or is cancelled: the closure does not call `commit` or `rollback` itself. It
+/// dereferences to [`tokio_postgres::Transaction`][pg-tx], whose methods run statements
+/// (`query`, `query_one`, `query_opt`, `execute`, `batch_execute`, …; savepoints with
+/// `savepoint`), and adds `prepare_cached`, which prepares a statement once per pooled
+/// connection rather than once per call.
+///
+/// An alias of deadpool-postgres' `Transaction`, under svcdb's name so that a service needs
+/// no dependency of its own on deadpool-postgres.
+///
+/// [pg-tx]: https://docs.rs/tokio-postgres/0.7/tokio_postgres/struct.Transaction.html
+pub type Transaction<'a> = deadpool_postgres::Transaction<'a>;
+
+/// The isolation level of a transaction, set with [`TxOptions::isolation`]:
+/// `ReadUncommitted`, `ReadCommitted` (PostgreSQL's default), `RepeatableRead` or
+/// `Serializable`.
+///
+/// Under `RepeatableRead` and `Serializable`, PostgreSQL may abort a transaction with a
+/// serialization failure (SQLSTATE 40001); [`ServiceDb::transaction_with`] runs it again
+/// (up to [`TxOptions::max_attempts`]), and [`TxOptions::serializable`] is the usual choice
+/// for read-modify-write logic. The driver's enum (tokio-postgres), under svcdb's name.
+pub type IsolationLevel = tokio_postgres::IsolationLevel;
+
 /// Errors that can say whether running the whole transaction again may succeed.
 ///
-/// Implemented for [`Error`] and [`tokio_postgres::Error`]; implement it for your own error
-/// type to use [`ServiceDb::transaction_with`] with it.
+/// Implemented for [`Error`] and [`tokio_postgres::Error`][pg-error]; implement it for your
+/// own error type to use [`ServiceDb::transaction_with`] with it.
+///
+/// [pg-error]: https://docs.rs/tokio-postgres/0.7/tokio_postgres/struct.Error.html
 pub trait Retryable {
     /// True for serialization failures (SQLSTATE 40001) and deadlocks (40P01).
     fn is_retryable(&self) -> bool;

@@ -25,10 +25,7 @@ pub struct Args {
 
 /// Provisions with the admin connection given by `--database-url`.
 pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
-    let schema = global
-        .schema
-        .as_deref()
-        .context("no schema given: pass --schema or set SVCDB_SCHEMA")?;
+    let schema = global.schema()?;
     Ident::new("service", &args.service)?;
     let mut spec = ProvisionSpec::new(args.role.as_deref().unwrap_or(&args.service), schema)?;
     if let Some(list) = &global.extra_schemas {

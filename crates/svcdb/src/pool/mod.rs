@@ -28,8 +28,10 @@ use status::PoolStats;
 
 /// A connection borrowed from a [`ServiceDb`]; it goes back to the pool when dropped.
 ///
-/// It dereferences to [`tokio_postgres::Client`], and its `prepare_cached` reuses prepared
-/// statements across borrows.
+/// It dereferences to [`tokio_postgres::Client`][pg-client], and its `prepare_cached` reuses
+/// prepared statements across borrows.
+///
+/// [pg-client]: https://docs.rs/tokio-postgres/0.7/tokio_postgres/struct.Client.html
 pub type PooledConn = deadpool_postgres::Object;
 
 /// One service's access to its schema: a pool of connections whose `search_path` is pinned to

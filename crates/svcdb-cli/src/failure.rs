@@ -1,0 +1,317 @@
+//! How the binary reports a failure: as text on stderr (`error: …` and one `  hint: …` line
+//! per distinct hint) and, with `--json`, also as one JSON object on stdout, so that a script
+//! can parse every outcome, not only the successful ones.
+//!
+//! The JSON object has three fields:
+//!
+//! * `error`: what went wrong, the same text as on stderr without `error: ` and the hints;
+//! * `hint`: what to do, or `null`; several distinct hints are separated by newlines;
+//! * `code`: the SQLSTATE the server reported (`"42501"`, `"28P01"`, …), else the kind of
+//!   error (see [`Failure::code`]).
+//!
+//! Every error of the binary goes through [`Failure`]: svcdb's errors carry their hints in their
+//! text (`\n  hint: …`), and an error wrapped in context would otherwise print a cause's hint
+//! twice, or a hint apart from its error.
+
+use std::time::Duration;
+
+use svcdb::migrate::MigrateError;
+use svcdb::tokio_postgres::error::DbError;
+use svcdb::{DedicatedConn, SqlState, Tls};
+
+use crate::global::Global;
+
+/// Where a hint starts in svcdb's error texts.
+const HINT: &str = "\n  hint: ";
+
+/// An invalid command line that clap cannot see: a required setting given neither as an option
+/// nor in the environment. Exits 64, as clap's own errors do.
+#[derive(Debug)]
+pub struct Usage {
+    /// What is missing or wrong.
+    message: String,
+    /// How to give it.
+    hint: String,
+}
+
+impl Usage {
+    /// A usage error saying what is wrong (`message`) and how to fix it (`hint`).
+    pub fn new(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{HINT}{}", self.message, self.hint)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A failed command, ready to print.
+#[derive(Debug)]
+pub struct Failure {
+    /// What went wrong: the error and its causes, each message once.
+    error: String,
+    /// What to do: every distinct hint, one per line.
+    hint: Option<String>,
+    /// The SQLSTATE, else the kind of error.
+    code: String,
+    /// The exit code: 64 for a usage error, else 1.
+    exit: u8,
+}
+
+impl Failure {
+    /// The failure `e` describes: its text split into error and hints, and its code.
+    pub fn new(e: &anyhow::Error) -> Self {
+        let mut error = String::new();
+        let mut hints: Vec<String> = Vec::new();
+        for cause in e.chain() {
+            let text = cause.to_string();
+            let mut parts = text.split(HINT);
+            let message = parts.next().unwrap_or_default();
+            if !error.contains(message) {
+                if !error.is_empty() {
+                    error.push_str(": ");
+                }
+                error.push_str(message);
+            }
+            for hint in parts {
+                if !hints.iter().any(|h| h == hint) {
+                    hints.push(hint.to_owned());
+                }
+            }
+            // svcdb's errors already hold their causes' text (better worded than the driver's
+            // `db error: …`), so the chain stops at them.
+            if cause.is::<svcdb::Error>() || cause.is::<MigrateError>() {
+                break;
+            }
+        }
+        let usage = e.chain().any(|c| c.is::<Usage>());
+        Self {
+            error,
+            hint: (!hints.is_empty()).then(|| hints.join("\n")),
+            code: Self::code(e),
+            exit: if usage { 64 } else { 1 },
+        }
+    }
+
+    /// [`new`](Self::new), with what only the database can tell added to the hint: for
+    /// `permission denied for schema X` (42501), the role that owns X.
+    pub async fn explain(e: &anyhow::Error, global: &Global) -> Self {
+        let mut failure = Self::new(e);
+        if let Some(hint) = schema_owner_hint(e, global).await {
+            failure.hint = Some(match failure.hint {
+                Some(hints) => format!("{hint}\n{hints}"),
+                None => hint,
+            });
+        }
+        failure
+    }
+
+    /// An invalid command line as clap reports it (clap prints its own text).
+    pub fn from_clap(e: &clap::Error) -> Self {
+        let text = e.to_string();
+        let mut lines = text.lines();
+        let error = lines
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ")
+            .to_owned();
+        let tips: Vec<&str> = lines
+            .filter_map(|l| l.trim_start().strip_prefix("tip: "))
+            .collect();
+        let hint = if tips.is_empty() {
+            "run `svcdb --help` (or `svcdb <command> --help`) for the options".to_owned()
+        } else {
+            tips.join("\n")
+        };
+        Self {
+            error,
+            hint: Some(hint),
+            code: "usage".to_owned(),
+            exit: 64,
+        }
+    }
+
+    /// The `code` field: the SQLSTATE the server reported for the error or a cause, else the
+    /// kind of error: `usage` (exit 64: a missing `DATABASE_URL` or schema, a bad option),
+    /// `config`, `invalid_name`, `invalid_event`, `connect` (no connection and no SQLSTATE:
+    /// refused, TLS, timed out), `acquire_timeout` (every connection stayed busy),
+    /// `pool_closed`, `connection_lost`, `missing_tables`, `not_ready`; for migrations
+    /// `migration_source` (a file or the folder), `lock_timeout`, `changed`, `out_of_order`,
+    /// `missing`, `dirty`, `no_down`, `migration_failed`; `error` for anything else.
+    fn code(e: &anyhow::Error) -> String {
+        if e.chain().any(|c| c.is::<Usage>()) {
+            return "usage".to_owned();
+        }
+        let sqlstate = e.chain().find_map(|cause| {
+            if let Some(db) = cause.downcast_ref::<DbError>() {
+                Some(db.code())
+            } else if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
+                e.code()
+            } else if let Some(e) = cause.downcast_ref::<MigrateError>() {
+                e.code()
+            } else {
+                None
+            }
+        });
+        if let Some(code) = sqlstate {
+            return code.code().to_owned();
+        }
+        let kind = e.chain().find_map(|cause| {
+            if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
+                Some(error_kind(e))
+            } else if let Some(e) = cause.downcast_ref::<MigrateError>() {
+                Some(migrate_kind(e))
+            } else if cause.is::<svcdb::ident::IdentError>() {
+                Some("invalid_name")
+            } else {
+                None
+            }
+        });
+        kind.unwrap_or("error").to_owned()
+    }
+
+    /// Prints the failure (text on stderr; with `json`, the object on stdout too) and returns
+    /// the exit code.
+    pub fn print(&self, json: bool) -> u8 {
+        if json {
+            println!("{}", self.json());
+        }
+        eprintln!("{}", self.text());
+        self.exit
+    }
+
+    /// The failure for scripts: one line of JSON.
+    pub fn json(&self) -> String {
+        serde_json::json!({"error": self.error, "hint": self.hint, "code": self.code}).to_string()
+    }
+
+    /// The failure for people: `error: …`, then each hint on a line of its own.
+    fn text(&self) -> String {
+        let mut text = format!("error: {}", self.error);
+        for hint in self.hint.iter().flat_map(|h| h.lines()) {
+            text.push_str(HINT);
+            text.push_str(hint);
+        }
+        text
+    }
+}
+
+/// The kind of a library error without a SQLSTATE (see [`Failure::code`]).
+fn error_kind(e: &svcdb::Error) -> &'static str {
+    match e {
+        svcdb::Error::Config { .. } => "config",
+        svcdb::Error::Ident(_) => "invalid_name",
+        svcdb::Error::Event(_) => "invalid_event",
+        svcdb::Error::AcquireTimeout { cause: Some(_), .. } | svcdb::Error::Connect { .. } => {
+            "connect"
+        }
+        svcdb::Error::AcquireTimeout { cause: None, .. } => "acquire_timeout",
+        svcdb::Error::PoolClosed => "pool_closed",
+        // A driver error without a SQLSTATE: the connection broke during the statement.
+        svcdb::Error::Db(_) => "connection_lost",
+        svcdb::Error::MissingTables { .. } => "missing_tables",
+        svcdb::Error::NotReady(_) => "not_ready",
+        _ => "error",
+    }
+}
+
+/// The kind of a migration error without a SQLSTATE (see [`Failure::code`]).
+fn migrate_kind(e: &MigrateError) -> &'static str {
+    match e {
+        MigrateError::Source { .. } => "migration_source",
+        MigrateError::Db(e) => error_kind(e),
+        MigrateError::LockTimeout { .. } => "lock_timeout",
+        MigrateError::Changed { .. } => "changed",
+        MigrateError::OutOfOrder { .. } => "out_of_order",
+        MigrateError::Missing { .. } => "missing",
+        MigrateError::Dirty { .. } => "dirty",
+        MigrateError::NoDown { .. } => "no_down",
+        MigrateError::Failed(_) => "migration_failed",
+        _ => "error",
+    }
+}
+
+/// For `permission denied for schema X` (42501): which role owns X, and what the connected
+/// role could do instead. The server's error names the schema but not its owner, so this asks
+/// the database, on a connection of its own made as the failed one was; `None` when the error
+/// is another one or the question cannot be answered.
+async fn schema_owner_hint(e: &anyhow::Error, global: &Global) -> Option<String> {
+    /// Longest wait for the answer: the hint must not hold up the error.
+    const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+    let db = e.chain().find_map(|c| c.downcast_ref::<DbError>())?;
+    if *db.code() != SqlState::INSUFFICIENT_PRIVILEGE {
+        return None;
+    }
+    // PostgreSQL's aclcheck_error: "permission denied for schema %s", the name unquoted. The
+    // name is in no field of its own, only in the message: a server whose lc_messages is not
+    // English gets no owner hint (the error itself is unchanged).
+    let schema = db.message().strip_prefix("permission denied for schema ")?;
+    let config = global.config().ok()?;
+    let tls = Tls::new(config.tls, config.ssl_root_cert.as_deref()).ok()?;
+    let lookup = async {
+        let conn = DedicatedConn::connect_with(&config.session_config(), &tls)
+            .await
+            .ok()?;
+        conn.query_opt(
+            "SELECT pg_catalog.pg_get_userbyid(n.nspowner)::text, current_user::text,
+                    ARRAY(SELECT nspname::text FROM pg_catalog.pg_namespace
+                           WHERE nspowner = (SELECT oid FROM pg_catalog.pg_roles
+                                              WHERE rolname = current_user)
+                           ORDER BY 1)
+               FROM pg_catalog.pg_namespace n
+              WHERE n.nspname = $1",
+            &[&schema],
+        )
+        .await
+        .ok()?
+    };
+    let row = tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await.ok()??;
+    let (owner, me, own): (String, String, Vec<String>) = (
+        row.try_get(0).ok()?,
+        row.try_get(1).ok()?,
+        row.try_get(2).ok()?,
+    );
+    if owner == me {
+        return None;
+    }
+    let mut hint = format!(
+        "schema {schema} is owned by role {owner}, and {me} (the user DATABASE_URL connects as) has no rights on it: run this as {owner}"
+    );
+    if schema == config.schema.as_str() && !own.is_empty() {
+        // The service schema itself: most likely the wrong schema for this role, or the wrong
+        // role for this schema.
+        hint.push_str(&format!(
+            "; or, if {me} is the right role, set SVCDB_SCHEMA to its own schema ({})",
+            own.join(", ")
+        ));
+    } else {
+        hint.push_str(&format!(
+            ", or have {owner} grant the rights (GRANT USAGE, CREATE ON SCHEMA {schema} TO {me})"
+        ));
+    }
+    Some(hint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Context that repeats its cause's hint (as a wrapper quoting the error would) shows it once.
+    #[test]
+    fn a_hint_repeated_down_the_chain_is_shown_once() {
+        let e = anyhow::Error::new(Usage::new("no schema given", "pass --schema"))
+            .context("cannot list tables\n  hint: pass --schema");
+        let failure = Failure::new(&e);
+        assert_eq!(failure.hint.as_deref(), Some("pass --schema"));
+        assert_eq!(failure.text().matches("hint:").count(), 1, "{failure:?}");
+        assert_eq!(failure.error, "cannot list tables: no schema given");
+        assert_eq!((failure.code.as_str(), failure.exit), ("usage", 64));
+    }
+}
