@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::error::MigrateError;
 use crate::connection::DedicatedConn;
+use crate::ident::Ident;
 use crate::pool::ServiceDb;
 
 /// The first pause between two tries of a busy lock; it doubles up to [`MAX_POLL`].
@@ -43,12 +44,7 @@ impl MigrationLock {
         on_wait: impl FnOnce(),
     ) -> Result<Self, MigrateError> {
         let conn = db.dedicated().await?;
-        // The schema goes in as a string literal so that each try is one simple query; an
-        // `Ident` holds only `[a-z0-9_$]`, so it cannot break out of the quotes.
-        let key = format!(
-            "hashtextextended('svcdb.migrate.' || current_database() || '.' || '{}', 0)",
-            db.schema().as_str()
-        );
+        let key = key_sql(db.schema());
         let try_lock = format!("SELECT pg_try_advisory_lock({key})");
         let deadline = Instant::now() + wait;
         let mut on_wait = Some(on_wait);
@@ -82,6 +78,32 @@ impl MigrationLock {
             .await?;
         Ok(())
     }
+}
+
+/// The SQL expression of `schema`'s lock key in the current database. The schema goes in as a
+/// string literal so that each try is one simple query; an [`Ident`] holds only `[a-z0-9_$]`,
+/// so it cannot break out of the quotes.
+fn key_sql(schema: &Ident) -> String {
+    format!(
+        "hashtextextended('svcdb.migrate.' || current_database() || '.' || '{}', 0)",
+        schema.as_str()
+    )
+}
+
+/// A boolean SQL expression: another session holds `schema`'s migration lock, i.e. a runner is
+/// migrating it right now. Read from `pg_locks`, which every role may read, so asking takes no
+/// lock and changes nothing. A `bigint` advisory key shows there as its high half in `classid`,
+/// its low half in `objid` and `objsubid = 1` (PostgreSQL docs, "pg_locks"). The asking session
+/// is left out: a runner reading the history under its own lock must not see itself.
+pub(crate) fn held_by_another_sql(schema: &Ident) -> String {
+    format!(
+        "EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                    AND l.pid <> pg_backend_pid()
+                    AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+                    AND ((l.classid::int8 << 32) | l.objid::int8) = {})",
+        key_sql(schema)
+    )
 }
 
 /// The first column of the last row a simple query returned.
