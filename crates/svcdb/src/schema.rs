@@ -901,6 +901,34 @@ mod tests {
     }
 
     #[test]
+    fn notices_serialize_with_kind_fields_and_message_and_show_as_notes() {
+        let report = GateReport {
+            ready: true,
+            schema: "orders".into(),
+            migration_version: Some(3),
+            migrations_checked: true,
+            problems: Vec::new(),
+            notices: vec![Notice::MigrationInProgress {
+                version: 4,
+                name: "sku_index".into(),
+                running_ms: 1500.0,
+            }],
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["notices"][0]["kind"], "migration_in_progress");
+        assert_eq!(json["notices"][0]["version"], 4);
+        assert_eq!(json["notices"][0]["running_ms"], 1500.0);
+        assert_eq!(
+            json["notices"][0]["message"],
+            "migration 4 (sku_index) is in progress: running for 1.5 s"
+        );
+        assert_eq!(
+            report.to_string(),
+            "ready: schema orders, migration 3\n  note: migration 4 (sku_index) is in progress: running for 1.5 s"
+        );
+    }
+
+    #[test]
     fn report_lists_every_problem_and_each_hint_once() {
         let pending = |version| Problem::Pending {
             version,
