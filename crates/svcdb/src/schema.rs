@@ -416,7 +416,9 @@ impl Gate {
 
     /// Dirty rows always count, and a migration in progress is always noted; the rest only
     /// against the service's migrations. Reuses the runner's [`StatusReport`], so the gate and
-    /// `svcdb migrate status` cannot disagree.
+    /// `svcdb migrate status` see the same states; only where they lead differs: applied
+    /// migrations newer than every shipped one are a notice here, while the runner refuses
+    /// them as missing files unless told to ignore them.
     fn assess_history(
         &self,
         schema: &str,

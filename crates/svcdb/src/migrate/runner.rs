@@ -98,7 +98,8 @@ impl Migrator {
     }
 
     /// [`status`](Self::status), failing on a dirty schema, changed files, missing files and
-    /// out-of-order pending migrations (each unless [`MigrateOptions`] allows it).
+    /// out-of-order pending migrations (each unless [`MigrateOptions`] allows it). A migration
+    /// in progress is no failure: `up` would wait for its runner.
     ///
     /// Before the first `up` it also checks that the schema exists (one more query, only then),
     /// since `up` could not create its history table: [`MigrateError::SchemaMissing`].
