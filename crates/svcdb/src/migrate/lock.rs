@@ -5,6 +5,10 @@
 //! panic, cancelled future) by dropping the connection: closing the socket ends the session,
 //! and PostgreSQL releases session locks with it. Different schemas hash to different keys, so
 //! their runners never wait for each other.
+//!
+//! The lock also tells a dirty history row in progress from a failed one: a live runner holds
+//! it for as long as its script runs, and a session that ended (failure, crash, killed pod)
+//! holds nothing. Readers of the history ask `pg_locks` without taking it.
 
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
