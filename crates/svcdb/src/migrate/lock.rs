@@ -82,6 +82,27 @@ impl MigrationLock {
             .await?;
         Ok(())
     }
+
+    /// Releases the lock whatever `result` is, then returns it (or the release's error after
+    /// a success). On a failure the unlock is explicit too: dropping the connection would
+    /// release the lock only once the server noticed the closed socket, and until then a
+    /// failed migration's dirty row would read as in progress. A failing unlock after a
+    /// failure is only logged: the failure is the news, and dropping the connection still
+    /// ends the session.
+    pub async fn release_after<T>(
+        self,
+        result: Result<T, MigrateError>,
+    ) -> Result<T, MigrateError> {
+        match result {
+            Ok(value) => self.release().await.map(|()| value),
+            Err(e) => {
+                if let Err(unlock) = self.release().await {
+                    tracing::warn!(target: "svcdb::migrate", error = %unlock, "cannot release the migration lock after a failure; closing its connection");
+                }
+                Err(e)
+            }
+        }
+    }
 }
 
 /// The SQL expression of `schema`'s lock key in the current database. The schema goes in as a

@@ -161,15 +161,18 @@ impl Migrator {
             });
         }
         let (mut lock, history) = self.lock(observer).await?;
-        let plan = self.plan_up(
-            &StatusReport::build(&self.schema(), &self.migrations, &history),
-            options.to,
-        )?;
-        let atomic = is_atomic(&plan);
-        let done = self
-            .run(&mut lock, &plan, Direction::Up, history.exists, observer)
-            .await?;
-        lock.release().await?;
+        let result = async {
+            let plan = self.plan_up(
+                &StatusReport::build(&self.schema(), &self.migrations, &history),
+                options.to,
+            )?;
+            let done = self
+                .run(&mut lock, &plan, Direction::Up, history.exists, observer)
+                .await?;
+            Ok((is_atomic(&plan), done))
+        }
+        .await;
+        let (atomic, done) = lock.release_after(result).await?;
         let current = done
             .last()
             .map(|e| e.version)
@@ -197,9 +200,8 @@ impl Migrator {
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<DownReport, MigrateError> {
         let (mut lock, history) = self.lock(observer).await?;
-        let report = self.revert(&mut lock, &history, options, observer).await?;
-        lock.release().await?;
-        Ok(report)
+        let report = self.revert(&mut lock, &history, options, observer).await;
+        lock.release_after(report).await
     }
 
     /// Reverts the newest applied migration and applies it again (checks that its down script
@@ -214,22 +216,26 @@ impl Migrator {
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<RedoReport, MigrateError> {
         let (mut lock, history) = self.lock(observer).await?;
-        let down = self
-            .revert(&mut lock, &history, &DownOptions::default(), observer)
-            .await?;
-        let plan: Vec<&Migration> = down
-            .migrations
-            .iter()
-            .filter_map(|e| self.migrations.get(e.version))
-            .collect();
-        let done = self
-            .run(&mut lock, &plan, Direction::Up, true, observer)
-            .await?;
-        lock.release().await?;
+        let result = async {
+            let down = self
+                .revert(&mut lock, &history, &DownOptions::default(), observer)
+                .await?;
+            let plan: Vec<&Migration> = down
+                .migrations
+                .iter()
+                .filter_map(|e| self.migrations.get(e.version))
+                .collect();
+            let done = self
+                .run(&mut lock, &plan, Direction::Up, true, observer)
+                .await?;
+            Ok((down, is_atomic(&plan), done))
+        }
+        .await;
+        let (down, atomic, done) = lock.release_after(result).await?;
         let up = UpReport {
             schema: self.schema(),
             dry_run: false,
-            atomic: is_atomic(&plan),
+            atomic,
             migrations: done,
             current_version: current_version(&history),
         };
@@ -241,24 +247,28 @@ impl Migrator {
     /// already recorded are left alone.
     pub async fn baseline(&self, version: i64) -> Result<BaselineReport, MigrateError> {
         let (lock, history) = self.lock(&mut ignore).await?;
-        if let Some(dirty) = history.rows.iter().find(|r| r.dirty) {
-            return Err(MigrateError::Dirty {
-                schema: self.schema(),
-                version: dirty.version,
-                name: dirty.name.clone(),
-            });
+        let result = async {
+            if let Some(dirty) = history.rows.iter().find(|r| r.dirty) {
+                return Err(MigrateError::Dirty {
+                    schema: self.schema(),
+                    version: dirty.version,
+                    name: dirty.name.clone(),
+                });
+            }
+            let rows: Vec<(&Migration, Option<Duration>)> = self
+                .migrations
+                .iter()
+                .filter(|m| m.version <= version && history.get(m.version).is_none())
+                .map(|m| (m, None))
+                .collect();
+            if !history.exists {
+                history::create_table(lock.client(), self.db.schema()).await?;
+            }
+            history::insert(lock.client(), self.db.schema(), &rows, false).await?;
+            Ok(rows)
         }
-        let rows: Vec<(&Migration, Option<Duration>)> = self
-            .migrations
-            .iter()
-            .filter(|m| m.version <= version && history.get(m.version).is_none())
-            .map(|m| (m, None))
-            .collect();
-        if !history.exists {
-            history::create_table(lock.client(), self.db.schema()).await?;
-        }
-        history::insert(lock.client(), self.db.schema(), &rows, false).await?;
-        lock.release().await?;
+        .await;
+        let rows = lock.release_after(result).await?;
         Ok(BaselineReport {
             schema: self.schema(),
             recorded: rows.iter().map(|(m, _)| planned(m)).collect(),
@@ -272,12 +282,27 @@ impl Migrator {
     /// and drops none: [`RepairReport::invalid_indexes`].
     pub async fn repair(&self) -> Result<RepairReport, MigrateError> {
         let (mut lock, history) = self.lock(&mut ignore).await?;
-        let schema = self.db.schema().clone();
+        let result = self.repair_locked(&mut lock, &history).await;
+        let (actions, invalid_indexes) = lock.release_after(result).await?;
+        Ok(RepairReport {
+            schema: self.schema(),
+            actions,
+            invalid_indexes,
+        })
+    }
+
+    /// [`repair`](Self::repair)'s work under the lock: the actions, and the invalid indexes.
+    async fn repair_locked(
+        &self,
+        lock: &mut MigrationLock,
+        history: &History,
+    ) -> Result<(Vec<RepairAction>, Vec<InvalidIndex>), MigrateError> {
+        let schema = self.db.schema();
         let mut actions = Vec::new();
         let tx = lock.transaction().await?;
         for row in &history.rows {
             if row.dirty {
-                history::delete(&tx, &schema, &[row.version]).await?;
+                history::delete(&tx, schema, &[row.version]).await?;
                 actions.push(RepairAction::ClearedDirty {
                     version: row.version,
                     name: row.name.clone(),
@@ -287,7 +312,7 @@ impl Migrator {
                 .get(row.version)
                 .filter(|m| m.checksum.to_hex() != row.checksum)
             {
-                history::realign(&tx, &schema, m).await?;
+                history::realign(&tx, schema, m).await?;
                 actions.push(RepairAction::RealignedChecksum {
                     version: m.version,
                     name: m.name.clone(),
@@ -297,13 +322,7 @@ impl Migrator {
             }
         }
         tx.commit().await?;
-        let invalid_indexes = invalid_indexes(lock.client(), &schema).await?;
-        lock.release().await?;
-        Ok(RepairReport {
-            schema: self.schema(),
-            actions,
-            invalid_indexes,
-        })
+        Ok((actions, invalid_indexes(lock.client(), schema).await?))
     }
 
     /// Pending migrations up to `to`, after the drift and order checks.
