@@ -1269,6 +1269,18 @@ async fn a_running_migration_is_not_reported_dirty() {
         ),
         "{health}"
     );
+    // A replica of the release before, which does not ship migration 2: ready too.
+    let older = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join("0001_items.up.sql"),
+        older.path().join("0001_items.up.sql"),
+    )
+    .unwrap();
+    let older_gate =
+        svcdb::schema::Gate::new().with_migrations(Migrations::from_dir(older.path()).unwrap());
+    let health = replica.health(&older_gate).await;
+    assert!(health.gate.ready, "{health}");
+
     let m = migrator(&replica, dir.path());
     let status = m.status().await.unwrap();
     assert_eq!(status.entries[1].state, MigrationState::InProgress);
