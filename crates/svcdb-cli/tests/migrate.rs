@@ -530,3 +530,89 @@ async fn status_on_a_schema_that_does_not_exist_exits_1() {
     p.run_with_env(&["migrate", "status"], &[("SVCDB_CREATE_SCHEMA", "false")])
         .expect_code(0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_migration_is_in_progress_not_dirty() {
+    let p = Project::new().await;
+    // The migration's first statement waits for an advisory lock the test holds.
+    p.write(&[
+        ("0001_items.up.sql", "CREATE TABLE items (id int);"),
+        (
+            "0002_slow.up.sql",
+            "-- svcdb:no-transaction\nSELECT pg_advisory_lock_shared(4242);\nCREATE INDEX CONCURRENTLY items_id ON items (id);",
+        ),
+    ]);
+    p.run(&["migrate", "up", "--to", "1"]).expect_code(0);
+    let test_session = p.db.admin().await;
+    test_session
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    // Another replica's runner, through the library; no lock_timeout, so its statement
+    // waits for the test, not for a clock.
+    let svc = p.db.service(&p.schema).await;
+    let migrations = svcdb::migrate::Migrations::from_dir(p.migrations()).unwrap();
+    let runner = svcdb::migrate::Migrator::new(svc, migrations).with_options(
+        svcdb::migrate::MigrateOptions {
+            lock_timeout: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let (started, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+    let runner = tokio::spawn(async move {
+        let mut observer = move |e: &svcdb::migrate::MigrateEvent| {
+            if matches!(e, svcdb::migrate::MigrateEvent::Started { version: 2, .. }) {
+                let _ = started.send(());
+            }
+        };
+        runner.up_with(&Default::default(), &mut observer).await
+    });
+    // `Started` of a non-transactional script comes once its history row is marked dirty.
+    tokio::time::timeout(std::time::Duration::from_secs(60), started_rx.recv())
+        .await
+        .expect("the migration started within a minute")
+        .expect("the runner reported it");
+
+    let out = p.run(&["migrate", "status", "--json"]).expect_code(2);
+    let status = out.json();
+    assert_eq!(states(&status), ["applied", "in_progress"], "{out}");
+    assert_eq!(status["in_progress"], 2);
+    assert!(status["dirty"].is_null(), "{out}");
+    let out = p.run(&["migrate", "status"]).expect_code(2);
+    assert!(out.stdout.contains("in progress"), "{out}");
+    let health = p.run(&["health", "--json"]).expect_code(0).json();
+    assert_eq!(health["notices"][0]["kind"], "migration_in_progress");
+
+    test_session
+        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .unwrap();
+    assert_eq!(runner.await.unwrap().unwrap().migrations.len(), 1);
+    p.run(&["migrate", "status"]).expect_code(0);
+}
+
+#[tokio::test]
+async fn a_failed_concurrent_index_is_named_with_the_statement_to_drop_it() {
+    let p = Project::new().await;
+    p.write(&[
+        (
+            "0001_items.up.sql",
+            "CREATE TABLE items (sku text); INSERT INTO items VALUES ('a'), ('a');",
+        ),
+        (
+            "0002_unique_sku.up.sql",
+            "-- svcdb:no-transaction\nCREATE UNIQUE INDEX CONCURRENTLY items_sku_key ON items (sku);",
+        ),
+    ]);
+    let drop = "DROP INDEX CONCURRENTLY svc.items_sku_key";
+    let out = p.run(&["migrate", "up"]).expect_code(1);
+    assert!(out.stderr.contains(drop), "{out}");
+    let repair = p
+        .run(&["migrate", "repair", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(repair["invalid_indexes"][0]["name"], "items_sku_key");
+    assert_eq!(repair["invalid_indexes"][0]["drop_statement"], drop);
+    let out = p.run(&["migrate", "repair"]).expect_code(0);
+    assert!(out.stdout.contains(drop), "{out}");
+}

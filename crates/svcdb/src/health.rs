@@ -25,7 +25,7 @@ use crate::schema::{Gate, GateReport};
 ///
 /// As JSON the gate's fields come first, at the top level:
 /// `{"ready":true,"schema":"orders","migration_version":3,"migrations_checked":true,
-/// "problems":[],"database":{"reachable":true,"latency_ms":0.4},"pool":{…}}`.
+/// "problems":[],"notices":[],"database":{"reachable":true,"latency_ms":0.4},"pool":{…}}`.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthReport {
     /// The gate's verdict: ready, schema, migration version, problems (an unreachable

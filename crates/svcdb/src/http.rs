@@ -18,6 +18,10 @@
 //! | `/healthz` | `200 ok` whenever the process answers; never touches the database | `livenessProbe` |
 //! | `/readyz` | `200` and the [`HealthReport`] as JSON when the database answers and the gate passes; `503` and the report, naming each problem, otherwise | `readinessProbe` |
 //!
+//! A migration in progress (another replica's long `CREATE INDEX CONCURRENTLY`) and migrations
+//! applied by a newer release are listed under `notices` and keep `200`: they are the normal
+//! states of a rolling deploy, and answering `503` then would take every replica out at once.
+//!
 //! Liveness leaves the database out on purpose: a database outage would otherwise make
 //! Kubernetes restart every replica, which cures nothing and turns a blip into a cold start.
 //! Readiness takes the replica out of the load balancer until the database is back.

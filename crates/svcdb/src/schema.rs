@@ -245,7 +245,13 @@ impl ServiceDb {
 ///
 /// It checks that connections use the configured schema, that the required tables exist and,
 /// when given the service's migrations, that the history table exists, is not dirty, has every
-/// migration applied unchanged and nothing the service does not know.
+/// migration applied unchanged and no unknown migration older than the newest one the service
+/// ships.
+///
+/// Two states of a rolling deploy are reported as [`Notice`]s and do not fail it: a migration
+/// in progress (a runner holds the schema's migration lock, e.g. a long
+/// `CREATE INDEX CONCURRENTLY`), and applied migrations newer than every one the service ships
+/// (a newer release migrated first: expand, then roll out).
 #[derive(Debug, Clone)]
 pub struct Gate {
     migrations: Option<Migrations>,
@@ -290,11 +296,12 @@ impl Gate {
         Ok(self)
     }
 
-    /// Accepts applied migrations the service does not ship. By default they fail the gate: a
-    /// binary older than its schema (a rollback) may not understand it. During a rolling
-    /// deploy, though, the new release's migrations make the old replicas' `/readyz` fail
-    /// before the new replicas are ready; a service whose migrations are always backward
-    /// compatible can allow them.
+    /// Also accepts applied migrations the service does not ship that are *older* than the
+    /// newest one it ships. Applied migrations newer than every shipped one never fail the
+    /// gate (a newer release migrated during a rolling deploy; they are reported as
+    /// [`Notice::NewerApplied`]); an unknown one in between is a gap, by default a
+    /// [`Problem::UnknownApplied`]: a branch's or another release's migration this binary
+    /// has never seen changed the schema. Allow it only if it is known to be harmless.
     pub fn allow_unknown_applied(mut self, allow: bool) -> Self {
         self.allow_unknown_applied = allow;
         self
@@ -334,9 +341,10 @@ impl Gate {
             );
             Ok::<_, Error>((row, history, started.elapsed()))
         };
+        let mut notices = Vec::new();
         let (problems, version, latency) = match tokio::time::timeout(self.timeout, queries).await {
             Ok(Ok((Ok(row), history, latency))) => {
-                let (problems, version) = self.assess(schema, row, history);
+                let (problems, version) = self.assess(schema, row, history, &mut notices);
                 (problems, version, Some(latency))
             }
             Ok(Ok((Err(e), _, latency))) => (
@@ -357,16 +365,19 @@ impl Gate {
             migration_version: version,
             migrations_checked: self.migrations.is_some(),
             problems,
+            notices,
         };
         (report, latency.filter(|_| answered))
     }
 
-    /// The problems in what the database answered, and the current migration version.
+    /// The problems (and notices) in what the database answered, and the current migration
+    /// version.
     fn assess(
         &self,
         schema: &Ident,
         row: SchemaRow,
         history: Result<History, tokio_postgres::Error>,
+        notices: &mut Vec<Notice>,
     ) -> (Vec<Problem>, Option<i64>) {
         let name = schema.as_str().to_owned();
         let mut problems = Vec::new();
@@ -393,7 +404,7 @@ impl Gate {
             return (problems, None);
         }
         let version = match history {
-            Ok(history) => self.assess_history(&name, &history, &mut problems),
+            Ok(history) => self.assess_history(&name, &history, &mut problems, notices),
             Err(e) => {
                 problems.push(Problem::from_error(&Error::Db(e)));
                 None
@@ -406,13 +417,17 @@ impl Gate {
         (problems, version)
     }
 
-    /// Dirty rows always count; the rest only against the service's migrations. Reuses the
-    /// runner's [`StatusReport`], so the gate and `svcdb migrate status` cannot disagree.
+    /// Dirty rows always count, and a migration in progress is always noted; the rest only
+    /// against the service's migrations. Reuses the runner's [`StatusReport`], so the gate and
+    /// `svcdb migrate status` see the same states; only where they lead differs: applied
+    /// migrations newer than every shipped one are a notice here, while the runner refuses
+    /// them as missing files unless told to ignore them.
     fn assess_history(
         &self,
         schema: &str,
         history: &History,
         problems: &mut Vec<Problem>,
+        notices: &mut Vec<Notice>,
     ) -> Option<i64> {
         // StatusReport needs a source; against an empty one every row is "missing", which
         // counts only with the service's own migrations (below).
@@ -434,10 +449,19 @@ impl Gate {
             });
             return None;
         }
+        let newest_shipped = source.latest().map(|m| m.version);
         for e in &status.entries {
             let (version, name) = (e.version, e.name.clone());
             let problem = match e.state {
                 MigrationState::Dirty => Problem::Dirty { version, name },
+                MigrationState::InProgress => {
+                    notices.push(Notice::MigrationInProgress {
+                        version,
+                        name,
+                        running_ms: e.running_ms.unwrap_or_default(),
+                    });
+                    continue;
+                }
                 // Without the service's migrations, only a dirty row means anything.
                 _ if self.migrations.is_none() => continue,
                 MigrationState::Pending => Problem::Pending { version, name },
@@ -446,10 +470,23 @@ impl Gate {
                     name,
                     path: e.path.clone().unwrap_or_default(),
                 },
-                MigrationState::Missing if !self.allow_unknown_applied => {
-                    Problem::UnknownApplied { version, name }
-                }
-                MigrationState::Missing | MigrationState::Applied => continue,
+                MigrationState::Missing => match newest_shipped {
+                    Some(newest) if version < newest => {
+                        if self.allow_unknown_applied {
+                            continue;
+                        }
+                        Problem::UnknownApplied {
+                            version,
+                            name,
+                            newest_shipped: newest,
+                        }
+                    }
+                    _ => {
+                        notices.push(Notice::NewerApplied { version, name });
+                        continue;
+                    }
+                },
+                MigrationState::Applied => continue,
             };
             problems.push(problem);
         }
@@ -549,13 +586,17 @@ pub enum Problem {
         /// Its up file.
         path: String,
     },
-    /// A migration is applied that the service does not ship: a newer release migrated the
-    /// schema (this one was rolled back?).
+    /// A migration is applied that the service does not ship although it ships newer ones: a
+    /// gap (a branch's or another release's migration ran on this database). Unknown
+    /// migrations newer than every shipped one are not a problem but a
+    /// [`Notice::NewerApplied`].
     UnknownApplied {
         /// Its version.
         version: i64,
         /// Its name in the history table.
         name: String,
+        /// The newest version the service ships (newer than this one).
+        newest_shipped: i64,
     },
     /// A required table is missing from the service schema.
     MissingTable {
@@ -604,7 +645,7 @@ impl Problem {
                 if *pending == 1 { "" } else { "s" }
             ),
             Problem::Dirty { version, name } => format!(
-                "migration {version} ({name}) is dirty: it failed part-way and may be half-applied"
+                "migration {version} ({name}) is dirty: it failed part-way and may be half-applied (no runner is migrating the schema)"
             ),
             Problem::Pending { version, name } => {
                 format!("migration {version} ({name}) is not applied")
@@ -616,8 +657,12 @@ impl Problem {
             } => format!(
                 "migration {version} ({name}) was changed after it was applied: {path} no longer matches the history's checksum"
             ),
-            Problem::UnknownApplied { version, name } => format!(
-                "migration {version} ({name}) is applied but this release does not ship it: a newer release migrated the schema"
+            Problem::UnknownApplied {
+                version,
+                name,
+                newest_shipped,
+            } => format!(
+                "migration {version} ({name}) is applied but this release does not ship it, though it ships newer ones (up to {newest_shipped}): a branch's or another release's migration ran here"
             ),
             Problem::MissingTable { schema, table } => {
                 format!("table {table} is missing from schema {schema}")
@@ -643,13 +688,13 @@ impl Problem {
             }
             Problem::NoHistory { .. } | Problem::Pending { .. } => "run `svcdb migrate up`",
             Problem::Dirty { .. } => {
-                "finish or undo that migration's statements by hand, then run `svcdb migrate repair`"
+                "finish or undo that migration's statements by hand (`svcdb migrate repair` names the invalid indexes to drop), then run `svcdb migrate repair`"
             }
             Problem::Changed { .. } => {
                 "restore the file and put the change in a new migration, or run `svcdb migrate repair` if the edit is harmless"
             }
             Problem::UnknownApplied { .. } => {
-                "deploy the release that ships it, or revert it with that release's `svcdb migrate down`"
+                "find the branch or release that ships it: add its file to this release if it belongs, or revert it with that release's `svcdb migrate down` (Gate::allow_unknown_applied accepts it as it is)"
             }
             Problem::MissingTable { .. } => MISSING_TABLES_HINT,
         })
@@ -677,6 +722,62 @@ pub struct GateReport {
     /// Every problem found, schema first, then migrations, then tables.
     #[serde(serialize_with = "serialize_problems")]
     pub problems: Vec<Problem>,
+    /// What is worth knowing but does not stop the service (a migration in progress, newer
+    /// migrations applied by a newer release), by version.
+    #[serde(serialize_with = "serialize_notices")]
+    pub notices: Vec<Notice>,
+}
+
+/// A state of the history the gate reports without failing on it: the normal states of a
+/// rolling deploy. Serialized like a [`Problem`]: `kind`, the fields and a `message`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Notice {
+    /// A non-transactional migration is running right now: its history row is marked dirty
+    /// and a runner holds the schema's migration lock (a long `CREATE INDEX CONCURRENTLY`).
+    MigrationInProgress {
+        /// Its version.
+        version: i64,
+        /// Its name.
+        name: String,
+        /// How long its script has run, in milliseconds.
+        running_ms: f64,
+    },
+    /// An applied migration newer than every migration the service ships: a newer release
+    /// migrated the schema. Fine while migrations stay backward compatible (expand first, then
+    /// roll out, contract later).
+    NewerApplied {
+        /// Its version.
+        version: i64,
+        /// Its name in the history table.
+        name: String,
+    },
+}
+
+impl Notice {
+    /// What it is, in one line.
+    pub fn message(&self) -> String {
+        match self {
+            Notice::MigrationInProgress {
+                version,
+                name,
+                running_ms,
+            } => format!(
+                "migration {version} ({name}) is in progress: running for {:.1} s",
+                running_ms / 1e3
+            ),
+            Notice::NewerApplied { version, name } => format!(
+                "migration {version} ({name}) is applied by a newer release; this one does not ship it"
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Notice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message())
+    }
 }
 
 impl GateReport {
@@ -692,7 +793,7 @@ impl GateReport {
 }
 
 /// `ready: schema orders, migration 3`, or `not ready: schema orders has 2 problems:` followed
-/// by one line per problem and each distinct hint once.
+/// by one line per problem and each distinct hint once; then a `note:` line per notice.
 impl fmt::Display for GateReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.ready {
@@ -704,7 +805,7 @@ impl fmt::Display for GateReport {
             if !self.migrations_checked {
                 write!(f, " (migrations not checked)")?;
             }
-            return Ok(());
+            return self.write_notices(f);
         }
         let n = self.problems.len();
         write!(
@@ -725,8 +826,31 @@ impl fmt::Display for GateReport {
         for hint in hints {
             write!(f, "\n  hint: {hint}")?;
         }
+        self.write_notices(f)
+    }
+}
+
+impl GateReport {
+    fn write_notices(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for notice in &self.notices {
+            write!(f, "\n  note: {notice}")?;
+        }
         Ok(())
     }
+}
+
+/// Notices as JSON objects: `kind`, the variant's fields and `message`.
+fn serialize_notices<S: Serializer>(notices: &[Notice], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Shown<'a> {
+        #[serde(flatten)]
+        notice: &'a Notice,
+        message: String,
+    }
+    s.collect_seq(notices.iter().map(|notice| Shown {
+        notice,
+        message: notice.message(),
+    }))
 }
 
 /// Problems as JSON objects: `kind`, the variant's fields, `message` and `hint`.
@@ -756,6 +880,7 @@ mod tests {
             schema: "orders".into(),
             migration_version: Some(3),
             migrations_checked: true,
+            notices: Vec::new(),
             problems: vec![
                 Problem::MissingTable {
                     schema: "orders".into(),
@@ -781,6 +906,34 @@ mod tests {
     }
 
     #[test]
+    fn notices_serialize_with_kind_fields_and_message_and_show_as_notes() {
+        let report = GateReport {
+            ready: true,
+            schema: "orders".into(),
+            migration_version: Some(3),
+            migrations_checked: true,
+            problems: Vec::new(),
+            notices: vec![Notice::MigrationInProgress {
+                version: 4,
+                name: "sku_index".into(),
+                running_ms: 1500.0,
+            }],
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["notices"][0]["kind"], "migration_in_progress");
+        assert_eq!(json["notices"][0]["version"], 4);
+        assert_eq!(json["notices"][0]["running_ms"], 1500.0);
+        assert_eq!(
+            json["notices"][0]["message"],
+            "migration 4 (sku_index) is in progress: running for 1.5 s"
+        );
+        assert_eq!(
+            report.to_string(),
+            "ready: schema orders, migration 3\n  note: migration 4 (sku_index) is in progress: running for 1.5 s"
+        );
+    }
+
+    #[test]
     fn report_lists_every_problem_and_each_hint_once() {
         let pending = |version| Problem::Pending {
             version,
@@ -791,6 +944,7 @@ mod tests {
             schema: "orders".into(),
             migration_version: None,
             migrations_checked: true,
+            notices: Vec::new(),
             problems: vec![pending(1), pending(2)],
         };
         let shown = report.to_string();

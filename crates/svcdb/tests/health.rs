@@ -98,6 +98,34 @@ async fn healthy_service_is_ready_with_the_report() {
 }
 
 #[tokio::test]
+async fn an_old_release_answers_200_after_a_newer_one_migrated() {
+    let db = TestDb::new().await;
+    let (svc, release_1_gate, release_1) = migrated_orders(&db).await;
+    // Release 2 ships one more migration and runs it before its replicas are up.
+    let release_2 = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(release_1.path()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, release_2.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        release_2.path().join("0002_notes.up.sql"),
+        "ALTER TABLE orders ADD COLUMN notes text;",
+    )
+    .unwrap();
+    let migrations = svcdb::migrate::Migrations::from_dir(release_2.path()).unwrap();
+    svcdb::migrate::Migrator::new(svc.clone(), migrations)
+        .up()
+        .await
+        .unwrap();
+
+    let (status, json, _) = get(&svc, &release_1_gate, "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["problems"], serde_json::json!([]));
+    assert_eq!(json["notices"][0]["kind"], "newer_applied");
+    assert_eq!(json["notices"][0]["version"], 2);
+}
+
+#[tokio::test]
 async fn table_dropped_behind_the_services_back_makes_readyz_503_naming_it() {
     let db = TestDb::new().await;
     let (svc, gate, _dir) = migrated_orders(&db).await;

@@ -1172,3 +1172,216 @@ async fn a_concurrent_index_in_a_transactional_migration_points_at_the_directive
         "nothing recorded, not even the history table"
     );
 }
+
+/// An advisory lock key a test holds to keep a migration's statement waiting: the migration
+/// runs `SELECT pg_advisory_lock_shared(HELD_BY_TEST)` and stays in progress until the test
+/// lets go, however slow the machine.
+const HELD_BY_TEST: i64 = 4242;
+
+/// The next event out of `events` that `wanted` accepts, within a generous deadline.
+async fn wait_for_event(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<MigrateEvent>,
+    wanted: impl Fn(&MigrateEvent) -> bool,
+) -> MigrateEvent {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let event = events.recv().await.expect("the runner ended first");
+            if wanted(&event) {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("the event came within a minute")
+}
+
+/// Runs `m.up_with` in a task, sending each event it reports into the returned receiver.
+fn spawn_up(
+    m: Migrator,
+) -> (
+    tokio::task::JoinHandle<Result<svcdb::migrate::UpReport, MigrateError>>,
+    tokio::sync::mpsc::UnboundedReceiver<MigrateEvent>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut observer = move |e: &MigrateEvent| drop(tx.send(e.clone()));
+        m.up_with(&UpOptions::default(), &mut observer).await
+    });
+    (task, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_migration_is_not_reported_dirty() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hold = format!("SELECT pg_advisory_lock_shared({HELD_BY_TEST});");
+    write(
+        dir.path(),
+        &[
+            ("0001_items.up.sql", "CREATE TABLE items (id bigint);"),
+            (
+                "0002_slow_index.up.sql",
+                &format!("-- svcdb:no-transaction\n{hold}\nCREATE INDEX CONCURRENTLY items_id ON items (id);\n"),
+            ),
+        ],
+    );
+    migrator(&svc, dir.path())
+        .up_with(
+            &UpOptions {
+                to: Some(1),
+                dry_run: false,
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+
+    // The test holds the key the migration's first statement waits for.
+    let test_session = db.admin().await;
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_lock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
+    // No lock_timeout: the statement waits for the test, not for a clock.
+    let first = migrator(&svc, dir.path()).with_options(MigrateOptions {
+        lock_timeout: Duration::ZERO,
+        ..options()
+    });
+    let (first, mut first_events) = spawn_up(first);
+    // `Started` of a non-transactional script comes after its history row is marked dirty,
+    // and the runner holds the schema's lock until it returns.
+    wait_for_event(&mut first_events, |e| {
+        matches!(e, MigrateEvent::Started { version: 2, .. })
+    })
+    .await;
+
+    // Another replica of the same release: ready, with the migration in progress noted.
+    let replica = db.service("shop").await;
+    let gate =
+        svcdb::schema::Gate::new().with_migrations(Migrations::from_dir(dir.path()).unwrap());
+    let health = replica.health(&gate).await;
+    assert!(health.gate.ready, "{health}");
+    assert!(
+        matches!(
+            health.gate.notices.as_slice(),
+            [svcdb::schema::Notice::MigrationInProgress { version: 2, .. }]
+        ),
+        "{health}"
+    );
+    // A replica of the release before, which does not ship migration 2: ready too.
+    let older = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join("0001_items.up.sql"),
+        older.path().join("0001_items.up.sql"),
+    )
+    .unwrap();
+    let older_gate =
+        svcdb::schema::Gate::new().with_migrations(Migrations::from_dir(older.path()).unwrap());
+    let health = replica.health(&older_gate).await;
+    assert!(health.gate.ready, "{health}");
+
+    let m = migrator(&replica, dir.path());
+    let status = m.status().await.unwrap();
+    assert_eq!(status.entries[1].state, MigrationState::InProgress);
+    assert_eq!((status.dirty, status.in_progress), (None, Some(2)));
+    assert!(status.entries[1].running_ms.is_some(), "{status:?}");
+    m.validate()
+        .await
+        .expect("a migration in progress is valid");
+
+    // Its `up` waits for the lock instead of failing on a dirty row...
+    let second = migrator(&replica, dir.path()).with_options(MigrateOptions {
+        lock_wait: Duration::from_secs(120),
+        ..options()
+    });
+    let (second, mut second_events) = spawn_up(second);
+    wait_for_event(&mut second_events, |e| {
+        matches!(e, MigrateEvent::WaitingForLock { .. })
+    })
+    .await;
+    assert!(
+        !second.is_finished(),
+        "the second runner waits for the lock"
+    );
+
+    // ...and, once the first runner is done, finds nothing to do.
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_unlock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.migrations.len(), 1);
+    let second = second.await.unwrap().unwrap();
+    assert!(second.migrations.is_empty(), "{second:?}");
+    assert_eq!(second.current_version, Some(2));
+    let status = m.status().await.unwrap();
+    assert!(status.is_up_to_date(), "{status:?}");
+    assert!(replica.health(&gate).await.gate.notices.is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_concurrent_index_is_named_with_the_statement_to_drop_it() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "0001_items.up.sql",
+                "CREATE TABLE items (sku text); INSERT INTO items VALUES ('a'), ('a');",
+            ),
+            (
+                "0002_unique_sku.up.sql",
+                "-- svcdb:no-transaction\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS items_sku_key ON items (sku);\n",
+            ),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    let err = m.up().await.unwrap_err();
+    eprintln!("{err}");
+    assert_eq!(
+        err.code(),
+        Some(&svcdb::SqlState::UNIQUE_VIOLATION),
+        "{err}"
+    );
+    let invalid = [svcdb::migrate::InvalidIndex {
+        name: "items_sku_key".into(),
+        table: "items".into(),
+        drop_statement: "DROP INDEX CONCURRENTLY shop.items_sku_key".into(),
+    }];
+    let f = failure(&err);
+    assert!(f.dirty, "{err}");
+    assert_eq!(f.invalid_indexes, invalid);
+
+    let repair = m.repair().await.unwrap();
+    assert!(
+        matches!(
+            repair.actions.as_slice(),
+            [RepairAction::ClearedDirty { version: 2, .. }]
+        ),
+        "{repair:?}"
+    );
+    assert_eq!(repair.invalid_indexes, invalid);
+
+    // The named statement drops it; the data fixed, the migration builds a valid index.
+    let conn = svc.get().await.unwrap();
+    conn.batch_execute(&invalid[0].drop_statement)
+        .await
+        .unwrap();
+    conn.batch_execute("DELETE FROM items WHERE ctid <> (SELECT min(ctid) FROM items)")
+        .await
+        .unwrap();
+    assert!(m.repair().await.unwrap().invalid_indexes.is_empty());
+    assert_eq!(m.up().await.unwrap().migrations.len(), 1);
+    let valid: bool = conn
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'shop.items_sku_key'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(valid);
+}

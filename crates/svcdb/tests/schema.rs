@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use svcdb::migrate::{Migrations, Migrator};
-use svcdb::schema::{Gate, Problem, TableKind};
+use svcdb::schema::{Gate, Notice, Problem, TableKind};
 use svcdb::testing::TestDb;
 use svcdb::{Error, ServiceDb};
 
@@ -236,22 +236,54 @@ async fn changed_applied_migration_is_named() {
 }
 
 #[tokio::test]
-async fn migration_unknown_to_this_release_is_named_unless_allowed() {
+async fn an_old_release_stays_ready_after_a_newer_one_migrated() {
     let db = TestDb::new().await;
     let svc = db.service("orders_svc").await;
-    let newer = folder(MIGRATIONS);
-    migrate(&svc, newer.path()).await;
-    let older = folder(&MIGRATIONS[..2]); // a rolled-back binary ships 0001 only
+    let release_1 = folder(&MIGRATIONS[..2]); // ships 0001 only
+    let release_2 = folder(MIGRATIONS);
+    migrate(&svc, release_1.path()).await;
+    let gate = Gate::new().with_migrations(migrations(release_1.path()));
+    assert!(svc.verify(&gate).await.ready);
 
-    let gate = Gate::new().with_migrations(migrations(older.path()));
+    // Rolling deploy: release 2 migrates before its replicas replace release 1's.
+    migrate(&svc, release_2.path()).await;
     let report = svc.verify(&gate).await;
+    assert!(report.ready, "{report}");
     assert_eq!(
-        report.problems,
-        [Problem::UnknownApplied {
+        report.notices,
+        [Notice::NewerApplied {
             version: 2,
             name: "lines".into()
         }]
     );
+    assert_eq!(report.migration_version, Some(2));
+}
+
+#[tokio::test]
+async fn an_unknown_migration_older_than_the_newest_shipped_one_is_a_gap() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    let third = (
+        "0003_notes.up.sql",
+        "ALTER TABLE orders ADD COLUMN notes text;",
+    );
+    let branch = folder(&[MIGRATIONS[0], MIGRATIONS[2], third]);
+    migrate(&svc, branch.path()).await;
+    // This release ships 0001 and 0003; 0002 came from a branch it never saw.
+    let release = folder(&[MIGRATIONS[0], third]);
+
+    let gate = Gate::new().with_migrations(migrations(release.path()));
+    let report = svc.verify(&gate).await;
+    assert!(!report.ready);
+    assert_eq!(
+        report.problems,
+        [Problem::UnknownApplied {
+            version: 2,
+            name: "lines".into(),
+            newest_shipped: 3,
+        }]
+    );
+    assert!(report.notices.is_empty(), "{report}");
     assert!(svc.verify(&gate.allow_unknown_applied(true)).await.ready);
 }
 

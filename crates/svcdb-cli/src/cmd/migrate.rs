@@ -6,8 +6,9 @@
 //! stdout, or on stderr with `--json`.
 //!
 //! Exit codes: 0 success; 1 error (main prints it); 64 invalid command line. `status` adds
-//! its own: 0 up to date, 2 pending and nothing else wrong, 1 when `up` would refuse (a dirty
-//! schema, or changed, missing or out-of-order migrations not allowed by the drift flags).
+//! its own: 0 up to date, 2 pending or in progress (another runner is migrating) and nothing
+//! else wrong, 1 when `up` would refuse (a dirty schema, or changed, missing or out-of-order
+//! migrations not allowed by the drift flags).
 //! `validate` exits 0 with migrations pending: it checks that `up` may run, not that it did.
 
 use std::time::{Duration, Instant};
@@ -37,10 +38,12 @@ pub enum Command {
     #[command(after_help = "\
 Exit codes:
   0  up to date
-  1  `migrate up` would refuse: the schema is dirty, or a migration changed, is missing or is
+  1  `migrate up` would refuse: the schema is dirty (a non-transactional migration failed
+     part-way and no runner holds the lock), or a migration changed, is missing or is
      pending but older than the newest applied one (unless the matching flag allows it);
      or an error
-  2  migrations are pending and nothing else is wrong")]
+  2  migrations are pending, or one is in progress (another runner holds the schema's
+     migration lock: `migrate up` waits for it), and nothing else is wrong")]
     Status(Drift),
     /// Check that the migrations may run (no dirty schema, changed, missing or out-of-order
     /// migration) without running them; pending migrations are fine.
@@ -71,7 +74,8 @@ Exit codes:
         timeouts: Timeouts,
     },
     /// Clear a dirty mark (after fixing the schema by hand) and accept the current checksum of
-    /// changed migration files.
+    /// changed migration files; name every invalid index of the schema (left by a failed
+    /// CREATE INDEX CONCURRENTLY) with the statement that drops it.
     Repair(Timeouts),
 }
 
@@ -329,7 +333,9 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
     };
     output::report(global.json, &report, |r| {
         let mut summary = summary(r);
-        if refusal.is_none() && r.pending().next().is_some() {
+        if refusal.is_none() && r.in_progress.is_some() {
+            summary.push_str("; another runner holds the schema's migration lock, and `svcdb migrate up` waits for it");
+        } else if refusal.is_none() && r.pending().next().is_some() {
             summary.push_str("; run `svcdb migrate up`");
         }
         if r.entries.is_empty() {
@@ -341,7 +347,7 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
     Ok(if let Some(e) = refusal {
         eprintln!("not up to date: {e}");
         Outcome::NotReady
-    } else if report.pending().next().is_some() {
+    } else if report.pending().next().is_some() || report.in_progress.is_some() {
         Outcome::Pending
     } else {
         Outcome::Success
@@ -400,10 +406,16 @@ async fn repair(global: &Global, timeouts: Timeouts) -> Result<Outcome> {
     let migrator = migrator(global, timeouts.apply(MigrateOptions::default())).await?;
     let report = migrator.repair().await?;
     output::report(global.json, &report, |r| {
-        if r.actions.is_empty() {
-            return format!("nothing to repair in schema {}", r.schema);
+        let mut lines: Vec<String> = r.actions.iter().map(repair_line).collect();
+        if lines.is_empty() {
+            lines.push(format!("nothing to repair in schema {}", r.schema));
         }
-        let lines: Vec<String> = r.actions.iter().map(repair_line).collect();
+        for index in &r.invalid_indexes {
+            lines.push(format!(
+                "invalid index {} on table {} (a failed CREATE INDEX CONCURRENTLY leaves one; IF NOT EXISTS would accept it): drop it with\n  {};",
+                index.name, index.table, index.drop_statement
+            ));
+        }
         lines.join("\n")
     })?;
     Ok(Outcome::Success)
@@ -494,7 +506,7 @@ fn at(version: Option<i64>) -> String {
     )
 }
 
-/// The word `--json` uses for a state.
+/// A state in the text output (`--json` spells `in progress` as `in_progress`).
 fn state_name(state: MigrationState) -> &'static str {
     match state {
         MigrationState::Applied => "applied",
@@ -502,6 +514,7 @@ fn state_name(state: MigrationState) -> &'static str {
         MigrationState::Changed => "changed",
         MigrationState::Missing => "missing",
         MigrationState::Dirty => "dirty",
+        MigrationState::InProgress => "in progress",
     }
 }
 
@@ -512,6 +525,7 @@ fn summary(report: &StatusReport) -> String {
         MigrationState::Changed,
         MigrationState::Missing,
         MigrationState::Dirty,
+        MigrationState::InProgress,
     ]
     .into_iter()
     .filter_map(|state| {
@@ -544,6 +558,8 @@ fn status_table(report: &StatusReport) -> Table {
             }),
             if e.baselined {
                 "baselined".to_owned()
+            } else if let Some(ms) = e.running_ms {
+                format!("running for {}", output::millis(ms))
             } else {
                 e.execution_ms.map_or_else(String::new, output::millis)
             },

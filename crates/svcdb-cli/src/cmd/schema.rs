@@ -19,8 +19,9 @@ pub enum Command {
     /// Run the start-up gate: exit 0 when ready, 1 when not, listing every problem.
     ///
     /// Checks that connections use the service schema; that every migration in --dir is
-    /// applied, unchanged, with none dirty and none applied that --dir lacks; and that the
-    /// --require tables exist. When --dir is left at its default and ./migrations does not
+    /// applied, unchanged, with none dirty and none applied that --dir lacks but for newer
+    /// ones (a newer release's, noted); and that the --require tables exist. A migration in
+    /// progress (another runner holds the lock) is noted, not a problem. When --dir is left at its default and ./migrations does not
     /// exist, migrations are not checked (the report says so); a folder named with --dir or
     /// SVCDB_MIGRATIONS_DIR must exist. Changes nothing in the database.
     Verify(GateArgs),

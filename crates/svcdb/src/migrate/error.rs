@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use super::report::InvalidIndex;
 use crate::error::{pg_message, SqlState};
 
 /// Everything that can stop a migration command.
@@ -65,8 +66,10 @@ pub enum MigrateError {
         name: String,
     },
 
-    /// A non-transactional migration failed part-way earlier: the schema is in an unknown state.
-    #[error("schema {schema} is dirty: non-transactional migration {version} ({name}) failed part-way and may be half-applied\n  hint: inspect the schema and finish or undo that migration's statements by hand, then run `svcdb migrate repair` so it counts as pending again")]
+    /// A non-transactional migration failed part-way earlier: its history row is marked dirty
+    /// and no runner holds the schema's migration lock (a migration still running is waited
+    /// for, not refused). The schema is in an unknown state.
+    #[error("schema {schema} is dirty: non-transactional migration {version} ({name}) failed part-way and may be half-applied (no runner is migrating the schema)\n  hint: inspect the schema and finish or undo that migration's statements by hand (`svcdb migrate repair` also names the invalid indexes a failed CREATE INDEX CONCURRENTLY left, with the statement to drop each), then run `svcdb migrate repair` so it counts as pending again")]
     Dirty {
         /// The schema.
         schema: String,
@@ -126,6 +129,11 @@ pub struct MigrationFailure {
     /// For a non-transactional script: how many of its statements succeeded before the
     /// failing one (they stay in effect).
     pub statements_done: Option<usize>,
+    /// After a failure outside one transaction: every invalid index of the schema (a failed
+    /// `CREATE INDEX CONCURRENTLY` leaves one, which `CREATE INDEX IF NOT EXISTS` would then
+    /// silently accept), with the statement that drops it. Empty when the deploy ran in one
+    /// transaction, or when the schema could not be asked.
+    pub invalid_indexes: Vec<InvalidIndex>,
 }
 
 impl MigrateError {
@@ -165,6 +173,7 @@ fn failed_message(f: &MigrationFailure) -> String {
         rolled_back,
         dirty,
         statements_done,
+        invalid_indexes,
     } = f;
     let list = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
     let mut s = format!(
@@ -195,14 +204,24 @@ fn failed_message(f: &MigrationFailure) -> String {
             list(applied)
         ));
     }
+    for index in invalid_indexes {
+        s.push_str(&format!(
+            "\n  invalid index {} on table {} (queries ignore it, IF NOT EXISTS accepts it): drop it with `{}`",
+            index.name, index.table, index.drop_statement
+        ));
+    }
+    s.push_str("\n  hint: ");
+    if !invalid_indexes.is_empty() {
+        s.push_str("drop the invalid indexes, then ");
+    }
     s.push_str(if *dirty {
-        "\n  hint: undo (or finish) those statements by hand, fix the migration, run `svcdb migrate repair`, then run again"
+        "undo (or finish) those statements by hand, fix the migration, run `svcdb migrate repair`, then run again"
     } else if cause.code() == Some(&SqlState::ACTIVE_SQL_TRANSACTION) {
         // CREATE INDEX CONCURRENTLY, VACUUM, ALTER TYPE … ADD VALUE (before PostgreSQL 12): the
         // migration itself is fine, it only needs to run outside a transaction.
-        "\n  hint: this statement cannot run inside a transaction: make the migration non-transactional (first line `-- svcdb:no-transaction`; goose `-- +goose NO TRANSACTION`; dbmate `-- migrate:up transaction:false`; diesel `run_in_transaction = false`), then run again"
+        "this statement cannot run inside a transaction: make the migration non-transactional (first line `-- svcdb:no-transaction`; goose `-- +goose NO TRANSACTION`; dbmate `-- migrate:up transaction:false`; diesel `run_in_transaction = false`), then run again"
     } else {
-        "\n  hint: fix the migration and run again"
+        "fix the migration and run again"
     });
     if !applied.is_empty() && !*dirty {
         s.push_str("; the migrations still in effect are recorded as applied and will be skipped");

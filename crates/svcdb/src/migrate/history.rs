@@ -5,7 +5,7 @@
 //!     version       bigint PRIMARY KEY,
 //!     name          text        NOT NULL,
 //!     checksum      text        NOT NULL,  -- SHA-256 of the up script, hex (see Checksum)
-//!     applied_at    timestamptz NOT NULL DEFAULT now(),
+//!     applied_at    timestamptz NOT NULL DEFAULT now(),  -- for a dirty row: when its script started
 //!     execution_us  bigint,                -- microseconds the up script took; NULL: not run here (baseline) or still running
 //!     applied_by    text        NOT NULL DEFAULT current_user,
 //!     transactional boolean     NOT NULL,
@@ -13,8 +13,12 @@
 //! );
 //! ```
 //!
-//! A row exists for every applied migration. A *dirty* row marks a non-transactional migration
-//! that was started and did not finish: runners refuse to run until `repair` deletes it.
+//! A row exists for every applied migration. A *dirty* row marks a non-transactional script
+//! that was started and did not finish. While the runner that started it still holds the
+//! schema's migration lock ([`lock`](super::lock)), the script is *in progress* (a long
+//! `CREATE INDEX CONCURRENTLY`): other runners wait for the lock and the start-up gate stays
+//! ready. With nobody holding the lock the script failed part-way, and runners refuse to run
+//! until `repair` deletes the row.
 
 use std::time::Duration;
 
@@ -37,6 +41,8 @@ pub(crate) struct HistoryRow {
     pub name: String,
     pub checksum: String,
     pub dirty: bool,
+    /// For a dirty row: how long ago its script started (by the database's clock).
+    pub dirty_for: Option<Duration>,
     /// Filled by [`read`] with `full`; the no-op `up` path does not fetch it.
     pub detail: Option<HistoryDetail>,
 }
@@ -57,6 +63,9 @@ pub(crate) struct HistoryDetail {
 pub(crate) struct History {
     pub exists: bool,
     pub rows: Vec<HistoryRow>,
+    /// Another session held the schema's migration lock when a row was dirty: that row's
+    /// script is in progress, not failed. Only asked when a row is dirty.
+    pub locked: bool,
 }
 
 impl History {
@@ -112,7 +121,28 @@ pub(crate) fn drop_table_sql(schema: &Ident) -> String {
 /// Reads the history in one round trip (`query_typed` sends parse, bind and execute at once).
 /// A missing table (42P01) is an empty history. `full` adds the columns only `status` shows;
 /// without it the read is what the no-op `up` costs.
+///
+/// For dirty rows the same statement asks `pg_locks` whether a runner holds the schema's lock
+/// ([`History::locked`]); the lock lookup is an uncorrelated subquery under `CASE WHEN dirty`,
+/// which PostgreSQL evaluates once and only when a row is dirty, so a clean history costs no
+/// look at `pg_locks`.
+///
+/// The rows come from the statement's snapshot, the lock from a moment later: a runner that
+/// finished its script and released the lock in between would look dirty and unlocked. So a
+/// dirty, unlocked answer is read once more; a script that really failed is still dirty then.
 pub(crate) async fn read(
+    client: &impl GenericClient,
+    schema: &Ident,
+    full: bool,
+) -> Result<History, tokio_postgres::Error> {
+    let history = read_once(client, schema, full).await?;
+    if history.locked || !history.rows.iter().any(|r| r.dirty) {
+        return Ok(history);
+    }
+    read_once(client, schema, full).await
+}
+
+async fn read_once(
     client: &impl GenericClient,
     schema: &Ident,
     full: bool,
@@ -123,7 +153,11 @@ pub(crate) async fn read(
         ""
     };
     let sql = format!(
-        "SELECT version, name, checksum, dirty{extra} FROM {} ORDER BY version",
+        "SELECT version, name, checksum, dirty,
+                CASE WHEN dirty THEN extract(epoch FROM now() - applied_at)::float8 END,
+                CASE WHEN dirty THEN {} END{extra}
+           FROM {} ORDER BY version",
+        super::lock::held_by_another_sql(schema),
         table(schema)
     );
     let rows = match client.query_typed(&sql, &[]).await {
@@ -131,6 +165,9 @@ pub(crate) async fn read(
         Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(History::default()),
         Err(e) => return Err(e),
     };
+    let locked = rows
+        .iter()
+        .any(|r| r.get::<_, Option<bool>>(5) == Some(true));
     let rows = rows
         .iter()
         .map(|r| HistoryRow {
@@ -138,17 +175,25 @@ pub(crate) async fn read(
             name: r.get(1),
             checksum: r.get(2),
             dirty: r.get(3),
+            // A clock step back can make the difference negative: read it as just started.
+            dirty_for: r
+                .get::<_, Option<f64>>(4)
+                .map(|secs| Duration::try_from_secs_f64(secs).unwrap_or_default()),
             detail: full.then(|| HistoryDetail {
-                applied_at: r.get(4),
+                applied_at: r.get(6),
                 execution: r
-                    .get::<_, Option<i64>>(5)
+                    .get::<_, Option<i64>>(7)
                     .map(|us| Duration::from_micros(us.max(0) as u64)),
-                applied_by: r.get(6),
-                transactional: r.get(7),
+                applied_by: r.get(8),
+                transactional: r.get(9),
             }),
         })
         .collect();
-    Ok(History { exists: true, rows })
+    Ok(History {
+        exists: true,
+        rows,
+        locked,
+    })
 }
 
 /// Inserts rows for `migrations` in one statement, whatever their number; a `None` duration
@@ -191,7 +236,9 @@ pub(crate) async fn insert(
         .map(drop)
 }
 
-/// Sets or clears the dirty mark; clearing also records how long the script took.
+/// Sets or clears the dirty mark; clearing also records how long the script took. Setting it
+/// (before a non-transactional down script) stamps `applied_at` with the start, so an
+/// in-progress down reports how long it has run.
 pub(crate) async fn set_dirty(
     client: &impl GenericClient,
     schema: &Ident,
@@ -201,7 +248,9 @@ pub(crate) async fn set_dirty(
 ) -> Result<(), tokio_postgres::Error> {
     let micros = execution.map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
     let sql = format!(
-        "UPDATE {} SET dirty = $2, execution_us = coalesce($3, execution_us) WHERE version = $1",
+        "UPDATE {} SET dirty = $2, execution_us = coalesce($3, execution_us),
+                applied_at = CASE WHEN $2 THEN now() ELSE applied_at END
+          WHERE version = $1",
         table(schema)
     );
     client

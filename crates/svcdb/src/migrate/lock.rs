@@ -5,12 +5,17 @@
 //! panic, cancelled future) by dropping the connection: closing the socket ends the session,
 //! and PostgreSQL releases session locks with it. Different schemas hash to different keys, so
 //! their runners never wait for each other.
+//!
+//! The lock also tells a dirty history row in progress from a failed one: a live runner holds
+//! it for as long as its script runs, and a session that ended (failure, crash, killed pod)
+//! holds nothing. Readers of the history ask `pg_locks` without taking it.
 
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
 use super::error::MigrateError;
 use crate::connection::DedicatedConn;
+use crate::ident::Ident;
 use crate::pool::ServiceDb;
 
 /// The first pause between two tries of a busy lock; it doubles up to [`MAX_POLL`].
@@ -43,12 +48,7 @@ impl MigrationLock {
         on_wait: impl FnOnce(),
     ) -> Result<Self, MigrateError> {
         let conn = db.dedicated().await?;
-        // The schema goes in as a string literal so that each try is one simple query; an
-        // `Ident` holds only `[a-z0-9_$]`, so it cannot break out of the quotes.
-        let key = format!(
-            "hashtextextended('svcdb.migrate.' || current_database() || '.' || '{}', 0)",
-            db.schema().as_str()
-        );
+        let key = key_sql(db.schema());
         let try_lock = format!("SELECT pg_try_advisory_lock({key})");
         let deadline = Instant::now() + wait;
         let mut on_wait = Some(on_wait);
@@ -82,6 +82,53 @@ impl MigrationLock {
             .await?;
         Ok(())
     }
+
+    /// Releases the lock whatever `result` is, then returns it (or the release's error after
+    /// a success). On a failure the unlock is explicit too: dropping the connection would
+    /// release the lock only once the server noticed the closed socket, and until then a
+    /// failed migration's dirty row would read as in progress. A failing unlock after a
+    /// failure is only logged: the failure is the news, and dropping the connection still
+    /// ends the session.
+    pub async fn release_after<T>(
+        self,
+        result: Result<T, MigrateError>,
+    ) -> Result<T, MigrateError> {
+        match result {
+            Ok(value) => self.release().await.map(|()| value),
+            Err(e) => {
+                if let Err(unlock) = self.release().await {
+                    tracing::warn!(target: "svcdb::migrate", error = %unlock, "cannot release the migration lock after a failure; closing its connection");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The SQL expression of `schema`'s lock key in the current database. The schema goes in as a
+/// string literal so that each try is one simple query; an [`Ident`] holds only `[a-z0-9_$]`,
+/// so it cannot break out of the quotes.
+fn key_sql(schema: &Ident) -> String {
+    format!(
+        "hashtextextended('svcdb.migrate.' || current_database() || '.' || '{}', 0)",
+        schema.as_str()
+    )
+}
+
+/// A boolean SQL expression: another session holds `schema`'s migration lock, i.e. a runner is
+/// migrating it right now. Read from `pg_locks`, which every role may read, so asking takes no
+/// lock and changes nothing. A `bigint` advisory key shows there as its high half in `classid`,
+/// its low half in `objid` and `objsubid = 1` (PostgreSQL docs, "pg_locks"). The asking session
+/// is left out: a runner reading the history under its own lock must not see itself.
+pub(crate) fn held_by_another_sql(schema: &Ident) -> String {
+    format!(
+        "EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                    AND l.pid <> pg_backend_pid()
+                    AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+                    AND ((l.classid::int8 << 32) | l.objid::int8) = {})",
+        key_sql(schema)
+    )
 }
 
 /// The first column of the last row a simple query returned.

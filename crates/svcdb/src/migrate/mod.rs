@@ -56,7 +56,12 @@
 //!   `run_in_transaction = false`) in the batch, each migration runs on its own, and a failure
 //!   undoes what this deploy applied with the down scripts, newest first
 //!   ([`MigrateError::Failed`]'s [`MigrationFailure`] lists them). A non-transactional
-//!   migration that fails part-way leaves the schema *dirty*: every run refuses until `repair`.
+//!   migration's history row is marked dirty while it runs. While its runner holds the lock
+//!   it is *in progress* ([`MigrationState::InProgress`]): other runners' `up` waits for the
+//!   lock and then finds it done, and the start-up gate stays ready. If it fails part-way, the
+//!   schema is *dirty*: every run refuses until `repair`. After such a failure, and in
+//!   `repair`, every invalid index of the schema (what a failed `CREATE INDEX CONCURRENTLY`
+//!   leaves, and `IF NOT EXISTS` would accept) is named with the statement that drops it.
 //! * **Scripts** must not control the transaction: the runner owns it (a `COMMIT` in a script
 //!   would end the deploy's transaction early and break its atomicity), so `COMMIT`,
 //!   `ROLLBACK` or `BEGIN` mid-script is refused when the folder is read, naming the line. A
@@ -77,12 +82,12 @@
 //! new_migration(dir, name) -> Result<NewMigration>        // files for `svcdb migrate new`
 //! Migrator::new(ServiceDb, Migrations).with_options(MigrateOptions)
 //!   .status()   -> StatusReport        // no lock, read-only
-//!   .validate() -> StatusReport        // Err on dirty / changed / missing / out-of-order
+//!   .validate() -> StatusReport        // Err on dirty / changed / missing / out-of-order (in progress is fine)
 //!   .up()  / .up_with(&UpOptions { to, dry_run }, &mut |&MigrateEvent| ..)   -> UpReport  // observer: dyn FnMut + Send
 //!   .down(&DownOptions { steps, to, dry_run }) / .down_with(.., observer)    -> DownReport
 //!   .redo() / .redo_with(observer)                                           -> RedoReport
 //!   .baseline(version) -> BaselineReport
-//!   .repair()          -> RepairReport
+//!   .repair()          -> RepairReport  // clears dirty marks, accepts changed files, names invalid indexes
 //! ```
 
 pub mod error;
@@ -103,7 +108,8 @@ pub use history::HISTORY_TABLE;
 pub use migration::{Checksum, Migration, NO_TRANSACTION_DIRECTIVE};
 pub use options::{DownOptions, MigrateOptions, UpOptions};
 pub use report::{
-    BaselineReport, DownReport, RedoReport, RepairAction, RepairReport, RunEntry, UpReport,
+    BaselineReport, DownReport, InvalidIndex, RedoReport, RepairAction, RepairReport, RunEntry,
+    UpReport,
 };
 pub use runner::Migrator;
 pub use source::{new_migration, EmbeddedFile, EmbeddedMigrations, Migrations, NewMigration};

@@ -13,8 +13,9 @@ pub struct MigrateOptions {
     pub allow_out_of_order: bool,
     /// Accept applied versions that have no file. Default: false.
     pub ignore_missing: bool,
-    /// How long to wait for another runner's lock on the same schema before failing with
-    /// [`MigrateError::LockTimeout`](super::MigrateError::LockTimeout). Default: 10 min (a long deploy of another replica).
+    /// How long to wait for another runner's lock on the same schema (a long deploy of another
+    /// replica, e.g. a migration in progress building an index concurrently) before failing
+    /// with [`MigrateError::LockTimeout`](super::MigrateError::LockTimeout). Default: 10 min.
     pub lock_wait: Duration,
     /// `lock_timeout` while migrating: a DDL statement waiting this long for a table lock held by
     /// live traffic fails instead of queueing every later query of that table behind it.

@@ -92,4 +92,23 @@ pub struct RepairReport {
     pub schema: String,
     /// Each change, by version; empty when there was nothing to repair.
     pub actions: Vec<RepairAction>,
+    /// Every invalid index of the schema, each with the statement that drops it: `repair`
+    /// names them and leaves dropping them to the operator.
+    pub invalid_indexes: Vec<InvalidIndex>,
+}
+
+/// An index PostgreSQL marked invalid (`pg_index.indisvalid = false`): left behind by a
+/// `CREATE INDEX CONCURRENTLY` (or `REINDEX CONCURRENTLY`) that failed or was cancelled, or
+/// still being built. Queries never use it, but writes keep updating it, and
+/// `CREATE INDEX IF NOT EXISTS` takes it for the index it wanted: drop it, then build it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InvalidIndex {
+    /// The index, without the schema.
+    pub name: String,
+    /// The table it indexes, without the schema.
+    pub table: String,
+    /// The statement that drops it, e.g. `DROP INDEX CONCURRENTLY shop.items_sku_key`
+    /// (without `CONCURRENTLY` for an index of a partitioned table, which cannot be dropped
+    /// concurrently).
+    pub drop_statement: String,
 }

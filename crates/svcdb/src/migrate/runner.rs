@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use super::error::{MigrateError, MigrationFailure};
@@ -11,7 +12,8 @@ use super::lock::MigrationLock;
 use super::migration::Migration;
 use super::options::{DownOptions, MigrateOptions, UpOptions};
 use super::report::{
-    BaselineReport, DownReport, RedoReport, RepairAction, RepairReport, RunEntry, UpReport,
+    BaselineReport, DownReport, InvalidIndex, RedoReport, RepairAction, RepairReport, RunEntry,
+    UpReport,
 };
 use super::source::Migrations;
 use super::split::split_statements;
@@ -96,7 +98,8 @@ impl Migrator {
     }
 
     /// [`status`](Self::status), failing on a dirty schema, changed files, missing files and
-    /// out-of-order pending migrations (each unless [`MigrateOptions`] allows it).
+    /// out-of-order pending migrations (each unless [`MigrateOptions`] allows it). A migration
+    /// in progress is no failure: `up` would wait for its runner.
     ///
     /// Before the first `up` it also checks that the schema exists (one more query, only then),
     /// since `up` could not create its history table: [`MigrateError::SchemaMissing`].
@@ -128,9 +131,11 @@ impl Migrator {
 
     /// Applies pending migrations, telling `observer` about each as it runs.
     ///
-    /// With nothing pending this is one query on a pooled connection and takes no lock.
-    /// Otherwise it takes the schema's lock, reads the history again (another replica may have
-    /// just migrated), and runs what is still pending: all in one transaction when every one is
+    /// With nothing pending and nothing in progress this is one query on a pooled connection
+    /// and takes no lock. Otherwise it takes the schema's lock (waiting up to
+    /// [`MigrateOptions::lock_wait`] for a runner in progress, e.g. another replica's long
+    /// `CREATE INDEX CONCURRENTLY`), reads the history again (that runner may have just
+    /// migrated), and runs what is still pending: all in one transaction when every one is
     /// transactional, else one by one, undoing this call's work with the down scripts if one
     /// fails (see [`MigrateError::Failed`]).
     pub async fn up_with(
@@ -142,11 +147,11 @@ impl Migrator {
             let conn = self.db.get().await?;
             history::read(client(&conn), self.db.schema(), false).await?
         };
-        let plan = self.plan_up(
-            &StatusReport::build(&self.schema(), &self.migrations, &history),
-            options.to,
-        )?;
-        if plan.is_empty() || options.dry_run {
+        let status = StatusReport::build(&self.schema(), &self.migrations, &history);
+        let plan = self.plan_up(&status, options.to)?;
+        // A migration in progress may be one this call would run, or may fail: only under the
+        // lock, once its runner is done, is there nothing to do.
+        if (plan.is_empty() && status.in_progress.is_none()) || options.dry_run {
             return Ok(UpReport {
                 schema: self.schema(),
                 dry_run: options.dry_run,
@@ -156,15 +161,18 @@ impl Migrator {
             });
         }
         let (mut lock, history) = self.lock(observer).await?;
-        let plan = self.plan_up(
-            &StatusReport::build(&self.schema(), &self.migrations, &history),
-            options.to,
-        )?;
-        let atomic = is_atomic(&plan);
-        let done = self
-            .run(&mut lock, &plan, Direction::Up, history.exists, observer)
-            .await?;
-        lock.release().await?;
+        let result = async {
+            let plan = self.plan_up(
+                &StatusReport::build(&self.schema(), &self.migrations, &history),
+                options.to,
+            )?;
+            let done = self
+                .run(&mut lock, &plan, Direction::Up, history.exists, observer)
+                .await?;
+            Ok((is_atomic(&plan), done))
+        }
+        .await;
+        let (atomic, done) = lock.release_after(result).await?;
         let current = done
             .last()
             .map(|e| e.version)
@@ -192,9 +200,8 @@ impl Migrator {
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<DownReport, MigrateError> {
         let (mut lock, history) = self.lock(observer).await?;
-        let report = self.revert(&mut lock, &history, options, observer).await?;
-        lock.release().await?;
-        Ok(report)
+        let report = self.revert(&mut lock, &history, options, observer).await;
+        lock.release_after(report).await
     }
 
     /// Reverts the newest applied migration and applies it again (checks that its down script
@@ -209,22 +216,26 @@ impl Migrator {
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<RedoReport, MigrateError> {
         let (mut lock, history) = self.lock(observer).await?;
-        let down = self
-            .revert(&mut lock, &history, &DownOptions::default(), observer)
-            .await?;
-        let plan: Vec<&Migration> = down
-            .migrations
-            .iter()
-            .filter_map(|e| self.migrations.get(e.version))
-            .collect();
-        let done = self
-            .run(&mut lock, &plan, Direction::Up, true, observer)
-            .await?;
-        lock.release().await?;
+        let result = async {
+            let down = self
+                .revert(&mut lock, &history, &DownOptions::default(), observer)
+                .await?;
+            let plan: Vec<&Migration> = down
+                .migrations
+                .iter()
+                .filter_map(|e| self.migrations.get(e.version))
+                .collect();
+            let done = self
+                .run(&mut lock, &plan, Direction::Up, true, observer)
+                .await?;
+            Ok((down, is_atomic(&plan), done))
+        }
+        .await;
+        let (down, atomic, done) = lock.release_after(result).await?;
         let up = UpReport {
             schema: self.schema(),
             dry_run: false,
-            atomic: is_atomic(&plan),
+            atomic,
             migrations: done,
             current_version: current_version(&history),
         };
@@ -236,24 +247,28 @@ impl Migrator {
     /// already recorded are left alone.
     pub async fn baseline(&self, version: i64) -> Result<BaselineReport, MigrateError> {
         let (lock, history) = self.lock(&mut ignore).await?;
-        if let Some(dirty) = history.rows.iter().find(|r| r.dirty) {
-            return Err(MigrateError::Dirty {
-                schema: self.schema(),
-                version: dirty.version,
-                name: dirty.name.clone(),
-            });
+        let result = async {
+            if let Some(dirty) = history.rows.iter().find(|r| r.dirty) {
+                return Err(MigrateError::Dirty {
+                    schema: self.schema(),
+                    version: dirty.version,
+                    name: dirty.name.clone(),
+                });
+            }
+            let rows: Vec<(&Migration, Option<Duration>)> = self
+                .migrations
+                .iter()
+                .filter(|m| m.version <= version && history.get(m.version).is_none())
+                .map(|m| (m, None))
+                .collect();
+            if !history.exists {
+                history::create_table(lock.client(), self.db.schema()).await?;
+            }
+            history::insert(lock.client(), self.db.schema(), &rows, false).await?;
+            Ok(rows)
         }
-        let rows: Vec<(&Migration, Option<Duration>)> = self
-            .migrations
-            .iter()
-            .filter(|m| m.version <= version && history.get(m.version).is_none())
-            .map(|m| (m, None))
-            .collect();
-        if !history.exists {
-            history::create_table(lock.client(), self.db.schema()).await?;
-        }
-        history::insert(lock.client(), self.db.schema(), &rows, false).await?;
-        lock.release().await?;
+        .await;
+        let rows = lock.release_after(result).await?;
         Ok(BaselineReport {
             schema: self.schema(),
             recorded: rows.iter().map(|(m, _)| planned(m)).collect(),
@@ -262,15 +277,32 @@ impl Migrator {
 
     /// Deletes dirty history rows (so those migrations count as pending again; fix the schema
     /// by hand first) and records the current checksum of changed applied files. One
-    /// transaction; each action is reported.
+    /// transaction; each action is reported. It also names every invalid index of the schema
+    /// (what a failed `CREATE INDEX CONCURRENTLY` leaves) with the statement that drops it,
+    /// and drops none: [`RepairReport::invalid_indexes`].
     pub async fn repair(&self) -> Result<RepairReport, MigrateError> {
         let (mut lock, history) = self.lock(&mut ignore).await?;
-        let schema = self.db.schema().clone();
+        let result = self.repair_locked(&mut lock, &history).await;
+        let (actions, invalid_indexes) = lock.release_after(result).await?;
+        Ok(RepairReport {
+            schema: self.schema(),
+            actions,
+            invalid_indexes,
+        })
+    }
+
+    /// [`repair`](Self::repair)'s work under the lock: the actions, and the invalid indexes.
+    async fn repair_locked(
+        &self,
+        lock: &mut MigrationLock,
+        history: &History,
+    ) -> Result<(Vec<RepairAction>, Vec<InvalidIndex>), MigrateError> {
+        let schema = self.db.schema();
         let mut actions = Vec::new();
         let tx = lock.transaction().await?;
         for row in &history.rows {
             if row.dirty {
-                history::delete(&tx, &schema, &[row.version]).await?;
+                history::delete(&tx, schema, &[row.version]).await?;
                 actions.push(RepairAction::ClearedDirty {
                     version: row.version,
                     name: row.name.clone(),
@@ -280,7 +312,7 @@ impl Migrator {
                 .get(row.version)
                 .filter(|m| m.checksum.to_hex() != row.checksum)
             {
-                history::realign(&tx, &schema, m).await?;
+                history::realign(&tx, schema, m).await?;
                 actions.push(RepairAction::RealignedChecksum {
                     version: m.version,
                     name: m.name.clone(),
@@ -290,11 +322,7 @@ impl Migrator {
             }
         }
         tx.commit().await?;
-        lock.release().await?;
-        Ok(RepairReport {
-            schema: self.schema(),
-            actions,
-        })
+        Ok((actions, invalid_indexes(lock.client(), schema).await?))
     }
 
     /// Pending migrations up to `to`, after the drift and order checks.
@@ -450,12 +478,21 @@ impl Migrator {
                             tracing::warn!(target: "svcdb::migrate", error = %crate::error::pg_message(&e), "cannot drop the history table");
                         }
                     }
+                    // Best effort: the failure is the news, and a connection that broke cannot
+                    // be asked.
+                    let invalid_indexes = invalid_indexes(conn, schema)
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(target: "svcdb::migrate", error = %e, "cannot list the schema's invalid indexes");
+                            Vec::new()
+                        });
                     return Err(MigrateError::Failed(Box::new(MigrationFailure {
                         applied,
                         undone,
                         undo_error,
                         dirty,
                         statements_done,
+                        invalid_indexes,
                         ..failure(m, direction, cause)
                     })));
                 }
@@ -611,7 +648,40 @@ fn failure(m: &Migration, direction: Direction, cause: tokio_postgres::Error) ->
         rolled_back: false,
         dirty: false,
         statements_done: None,
+        invalid_indexes: Vec::new(),
     }
+}
+
+/// Every invalid index of `schema` (`pg_index.indisvalid` false), by name, with the statement
+/// that drops it. An index of a partitioned table cannot be dropped `CONCURRENTLY` (PostgreSQL
+/// docs, DROP INDEX), so its statement is a plain `DROP INDEX`.
+async fn invalid_indexes(
+    client: &Client,
+    schema: &crate::Ident,
+) -> Result<Vec<InvalidIndex>, MigrateError> {
+    let rows = client
+        .query_typed(
+            "SELECT c.relname::text, t.relname::text,
+                    format('DROP INDEX %s%I.%I',
+                           CASE WHEN c.relkind = 'I' THEN '' ELSE 'CONCURRENTLY ' END,
+                           n.nspname, c.relname)
+               FROM pg_catalog.pg_index i
+               JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+               JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND NOT i.indisvalid
+              ORDER BY c.relname",
+            &[(&schema.as_str(), Type::TEXT)],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| InvalidIndex {
+            name: r.get(0),
+            table: r.get(1),
+            drop_statement: r.get(2),
+        })
+        .collect())
 }
 
 /// True when `plan` runs as one transaction (and there is something to run).

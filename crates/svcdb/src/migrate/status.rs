@@ -11,7 +11,7 @@ use super::source::Migrations;
 
 /// Where one migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum MigrationState {
     /// Applied, and the file still matches.
     Applied,
@@ -21,8 +21,14 @@ pub enum MigrationState {
     Changed,
     /// Applied, but no file has this version.
     Missing,
-    /// A non-transactional migration that failed part-way; see [`MigrateError::Dirty`].
+    /// A non-transactional migration that failed part-way: its history row is marked dirty
+    /// and no runner holds the schema's migration lock; see [`MigrateError::Dirty`].
     Dirty,
+    /// A non-transactional migration a runner is applying or reverting right now (a long
+    /// `CREATE INDEX CONCURRENTLY`): its history row is marked dirty while that runner holds
+    /// the schema's migration lock. Not a problem: `up` waits for the lock, the gate stays
+    /// ready. [`StatusEntry::running_ms`] says how long it has run.
+    InProgress,
 }
 
 /// One row of [`StatusReport`].
@@ -46,6 +52,8 @@ pub struct StatusEntry {
     pub baselined: bool,
     /// The database user that applied it.
     pub applied_by: Option<String>,
+    /// For a migration in progress: how long its script has been running, in milliseconds.
+    pub running_ms: Option<f64>,
 }
 
 /// The state of every migration of a schema: the output of `svcdb migrate status` and what the
@@ -58,8 +66,12 @@ pub struct StatusReport {
     pub history_exists: bool,
     /// The newest applied version that is not dirty.
     pub current_version: Option<i64>,
-    /// The version marked dirty, if any: nothing runs until `repair`.
+    /// The version marked dirty with no runner holding the lock, if any: nothing runs until
+    /// `repair`.
     pub dirty: Option<i64>,
+    /// The version another runner is migrating right now, if any (see
+    /// [`MigrationState::InProgress`]).
+    pub in_progress: Option<i64>,
     /// Every migration of the source and every applied version, by version.
     pub entries: Vec<StatusEntry>,
 }
@@ -73,7 +85,7 @@ impl StatusReport {
                 let row = history.get(m.version);
                 let state = match row {
                     None => MigrationState::Pending,
-                    Some(r) if r.dirty => MigrationState::Dirty,
+                    Some(r) if r.dirty => dirty_state(history),
                     Some(r) if r.checksum != m.checksum.to_hex() => MigrationState::Changed,
                     Some(_) => MigrationState::Applied,
                 };
@@ -93,7 +105,7 @@ impl StatusReport {
             .filter(|r| migrations.get(r.version).is_none())
         {
             let state = if row.dirty {
-                MigrationState::Dirty
+                dirty_state(history)
             } else {
                 MigrationState::Missing
             };
@@ -117,7 +129,16 @@ impl StatusReport {
                 .filter(|r| !r.dirty)
                 .map(|r| r.version)
                 .max(),
-            dirty: history.rows.iter().find(|r| r.dirty).map(|r| r.version),
+            dirty: history
+                .rows
+                .iter()
+                .find(|r| r.dirty && !history.locked)
+                .map(|r| r.version),
+            in_progress: history
+                .rows
+                .iter()
+                .find(|r| r.dirty && history.locked)
+                .map(|r| r.version),
             entries,
         }
     }
@@ -142,7 +163,7 @@ impl StatusReport {
         self.in_state(MigrationState::Missing)
     }
 
-    /// True when nothing is pending, changed or dirty. Missing files do not count: during a
+    /// True when nothing is pending, changed, dirty or in progress. Missing files do not count: during a
     /// rolling deploy an older binary meets a database migrated by a newer one, which is fine
     /// as long as migrations stay backward compatible.
     pub fn is_up_to_date(&self) -> bool {
@@ -205,6 +226,15 @@ impl StatusReport {
     }
 }
 
+/// A dirty row's state: in progress while another session holds the schema's lock.
+fn dirty_state(history: &History) -> MigrationState {
+    if history.locked {
+        MigrationState::InProgress
+    } else {
+        MigrationState::Dirty
+    }
+}
+
 fn entry(
     version: i64,
     name: String,
@@ -226,5 +256,9 @@ fn entry(
             .map(|d| d.as_secs_f64() * 1e3),
         baselined: row.is_some_and(|r| !r.dirty) && detail.is_some_and(|d| d.execution.is_none()),
         applied_by: detail.map(|d| d.applied_by.clone()),
+        running_ms: (state == MigrationState::InProgress)
+            .then(|| row.and_then(|r| r.dirty_for))
+            .flatten()
+            .map(|d| d.as_secs_f64() * 1e3),
     }
 }
