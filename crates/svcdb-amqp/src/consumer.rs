@@ -840,7 +840,7 @@ async fn publish_dead_letter(
     let timeout = context.options.confirm_timeout;
     crate::publish::finish(
         confirm,
-        Instant::now() + timeout,
+        Instant::now() + svcdb::config::capped_wait(timeout),
         timeout,
         what,
         crate::publish::Unroutable::Retry,

@@ -108,7 +108,7 @@ pub async fn publish_envelope(
     .await?;
     finish(
         confirm,
-        Instant::now() + confirm_timeout,
+        Instant::now() + svcdb::config::capped_wait(confirm_timeout),
         confirm_timeout,
         what,
         Unroutable::Retry,

@@ -416,7 +416,7 @@ async fn publish_batch(
         };
         pending.push(started.map(|confirm| (confirm, what)));
     }
-    let deadline = Instant::now() + confirm_timeout;
+    let deadline = Instant::now() + svcdb::config::capped_wait(confirm_timeout);
     let mut results = Vec::with_capacity(pending.len());
     for started in pending {
         results.push(match started {
