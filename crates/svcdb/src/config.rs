@@ -4,7 +4,7 @@
 //! |---|---|---|---|
 //! | `DATABASE_URL` | [`Config::connection`] | (required) | `postgres://user[:password]@host[:port]/dbname`, or `key=value` pairs |
 //! | `DATABASE_URL`'s `sslmode`, else `PGSSLMODE` | [`Config::tls`] | `disable` | libpq's: `disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full` (below) |
-//! | `DATABASE_URL`'s `sslrootcert`, else `PGSSLROOTCERT` | [`Config::ssl_root_cert`] | none | PEM file of the CA that signed the server's certificate; `system`: the system's roots |
+//! | `DATABASE_URL`'s `sslrootcert`, else `PGSSLROOTCERT` | [`Config::ssl_root_cert`] | none | PEM file of the CA that signed the server's certificate (required by `verify-ca` and `verify-full`); `system`: the system's roots (`verify-full` only) |
 //! | `SVCDB_PASSWORD`, `PGPASSWORD` | (password) | none | used when the URL carries no password, so it stays out of URLs |
 //! | `SVCDB_SCHEMA` | [`Config::schema`] | (required) | the service's schema, pinned on every connection |
 //! | `SVCDB_EXTRA_SCHEMAS` | [`Config::extra_schemas`] | none | comma-separated schemas appended to the search path (`public`, `extensions`) |
@@ -49,8 +49,9 @@ pub struct Config {
     /// `Require`).
     pub tls: TlsMode,
     /// PEM file of the root certificates the server's must chain to (libpq's `sslrootcert`);
-    /// `system` means the system's roots. Read by `require`, `verify-ca` and `verify-full` only,
-    /// when the pool is built. Default: none (the system's roots, for the `verify-*` modes).
+    /// `system` means the system's roots (with `verify-full` only). Read by `require`,
+    /// `verify-ca` and `verify-full` only, when the pool is built. Default: none, which
+    /// `verify-ca` and `verify-full` refuse, as libpq does.
     pub ssl_root_cert: Option<PathBuf>,
     /// The service's schema: first on the search path of every connection. Required.
     pub schema: Ident,
@@ -198,6 +199,7 @@ impl Config {
     /// Checks the settings against each other; [`ServiceDb::connect`](crate::ServiceDb::connect)
     /// calls it too.
     pub fn validate(&self) -> Result<()> {
+        crate::tls::check_root_cert(self.tls, self.ssl_root_cert.as_deref())?;
         if self.pool_max == 0 {
             return Err(Error::config("pool_max", "must be at least 1"));
         }
@@ -303,18 +305,89 @@ impl fmt::Debug for Config {
 /// `disable`, `prefer` and `require`, and `sslrootcert` it refuses; [`Config::new`] takes every
 /// libpq TLS setting. The error never repeats the input, which may hold a password.
 pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
+    refuse_ambiguous_credentials(database_url)?;
     database_url.parse().map_err(|e: tokio_postgres::Error| {
         let why = std::error::Error::source(&e)
             .map(ToString::to_string)
             .unwrap_or_else(|| e.to_string());
-        // The driver's message names the option at fault, never the password's value.
         Error::config(
             "DATABASE_URL",
             format!(
-                "cannot parse it ({why}); expected postgres://user[:password]@host[:port]/dbname"
+                "cannot parse it ({}); expected postgres://user[:password]@host[:port]/dbname",
+                without_input(&why)
             ),
         )
     })
+}
+
+/// Refuses a URL with more than one '@'. The driver (like libpq) ends the credentials at the
+/// first: a second means a password (or user) with an unencoded '@', whose tail the driver
+/// would take for the host, the database or a parameter, and print in errors.
+fn refuse_ambiguous_credentials(database_url: &str) -> Result<()> {
+    match url_body(database_url) {
+        Some(body) if body.matches('@').count() > 1 => Err(Error::config(
+            "DATABASE_URL",
+            "holds more than one '@'; write an '@' in the user name, password or a parameter as %40",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A URL's text after `postgres://` or `postgresql://`; `None` for `key=value` pairs.
+fn url_body(database_url: &str) -> Option<&str> {
+    ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|prefix| database_url.strip_prefix(prefix))
+}
+
+/// libpq's connection keywords the driver does not know: an unknown option with one of these
+/// names is named in the error; any other name may be a piece of a password (an unquoted
+/// `password=` value with a space in it), so it is not.
+const LIBPQ_ONLY_KEYWORDS: [&str; 24] = [
+    "channel_binding",
+    "client_encoding",
+    "fallback_application_name",
+    "gssdelegation",
+    "gssencmode",
+    "gsslib",
+    "krbsrvname",
+    "max_protocol_version",
+    "min_protocol_version",
+    "passfile",
+    "replication",
+    "require_auth",
+    "requirepeer",
+    "service",
+    "ssl_max_protocol_version",
+    "ssl_min_protocol_version",
+    "sslcert",
+    "sslcertmode",
+    "sslcompression",
+    "sslcrl",
+    "sslcrldir",
+    "sslkey",
+    "sslpassword",
+    "sslsni",
+];
+
+/// The driver's parse error without the parts of the input it repeats: an unknown option's
+/// name (unless it is a libpq keyword) and the character it stumbled on. The rest of its
+/// messages name only fixed option names.
+fn without_input(why: &str) -> String {
+    if let Some(name) = why
+        .strip_prefix("unknown option `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        return if LIBPQ_ONLY_KEYWORDS.contains(&name) {
+            format!("libpq's option `{name}`, which this driver does not support")
+        } else {
+            "an option it does not know, not named here since it may be part of a password; quote a password holding spaces: password='…'".into()
+        };
+    }
+    match why.find(": expected `") {
+        Some(cut) if why.starts_with("unexpected character") => why[..cut].to_owned(),
+        _ => why.to_owned(),
+    }
 }
 
 /// A `DATABASE_URL` with libpq's TLS keys taken out: the driver knows only three `sslmode`
@@ -331,10 +404,10 @@ struct TlsParams {
 
 impl TlsParams {
     fn take(database_url: &str) -> Result<Self> {
-        let (rest, found) = match ["postgres://", "postgresql://"]
-            .iter()
-            .find_map(|prefix| database_url.strip_prefix(prefix))
-        {
+        // Before anything is read from the query: with a stray '@' a piece of the password
+        // would be read as a parameter (an sslrootcert path an error then names).
+        refuse_ambiguous_credentials(database_url)?;
+        let (rest, found) = match url_body(database_url) {
             Some(body) => take_from_url(database_url, body),
             None => take_from_pairs(database_url),
         };
@@ -488,6 +561,12 @@ pub fn describe_target(pg: &tokio_postgres::Config) -> String {
         #[cfg(unix)]
         Some(Host::Unix(p)) => p.display().to_string(),
         None => "localhost".into(),
+    };
+    // A host name never holds '@'; one that does came from a password with an unencoded '@'
+    // in a URL the driver parsed (svcdb's own parsing refuses those): keep only what follows.
+    let host = match host.rfind('@') {
+        Some(at) => host[at + 1..].to_owned(),
+        None => host,
     };
     let port = pg.get_ports().first().copied().unwrap_or(5432);
     let user = pg.get_user().unwrap_or("?");
