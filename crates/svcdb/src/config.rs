@@ -944,6 +944,38 @@ mod tests {
     }
 
     #[test]
+    fn a_password_with_an_unencoded_at_sign_is_refused_not_misread() {
+        // The driver would read "cd@db" as the host, and print it in every error.
+        match Config::new("postgres://svc:ab@cd@db/shop", "orders") {
+            Err(Error::Config { key, message }) => {
+                assert_eq!(key, "DATABASE_URL");
+                assert!(message.contains("%40"), "says how: {message}");
+                assert!(
+                    !message.contains("ab") && !message.contains("cd"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        let c = Config::new("postgres://svc:ab%40cd@db/shop", "orders").unwrap();
+        assert_eq!(c.connection.get_password(), Some(&b"ab@cd"[..]));
+    }
+
+    #[test]
+    fn unknown_options_are_named_only_when_they_are_libpq_keywords() {
+        let message = |url: &str| match parse_url(url) {
+            Err(Error::Config { message, .. }) => message,
+            other => panic!("{url}: expected a config error, got {other:?}"),
+        };
+        // libpq's, so not a piece of a password: worth naming.
+        assert!(message("host=db user=svc sslcert=/c.pem").contains("`sslcert`"));
+        // A password with a space, unquoted: its second half is read as an option name.
+        let shown = message("host=db user=svc password=first hunter2=x");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("password='"), "says how: {shown}");
+    }
+
+    #[test]
     fn password_never_printed() {
         let secret = "hunter2-very-secret";
         let c = Config::new(&format!("postgres://svc:{secret}@db/shop"), "orders").unwrap();
