@@ -387,7 +387,7 @@ async fn isolate_role(
         return Err(crate::Error::config(
             "role",
             format!(
-                "role {name} exists with {found}, which let it past the isolation provisioning sets up\n  \
+                "role {name} exists with {found}, which bypass or widen the privileges that isolate it\n  \
                  hint: remove them with `{};`, or provision with --fix (ProvisionSpec::fix) to have them removed",
                 statements.join("; ")
             ),
