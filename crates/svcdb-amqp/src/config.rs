@@ -154,11 +154,13 @@ impl AmqpConfig {
 
     fn parse_url(&self) -> Result<AMQPUri> {
         AMQPUri::from_str(&self.url).map_err(|e| {
+            let url = self.redacted_url();
+            // lapin's "Invalid URL: '<url>'" repeats the whole input, password included.
+            let why = e.replace(&self.url, &url);
             Error::config(
                 "AMQP_URL",
                 format!(
-                    "{} is not an AMQP URL ({e}); write amqp://user:password@host:5672/%2f",
-                    self.redacted_url()
+                    "{url} is not an AMQP URL ({why}); write amqp://user:password@host:5672/%2f, with any '/', '?', '#' or '@' in the password written as %2F, %3F, %23, %40"
                 ),
             )
         })
@@ -225,29 +227,46 @@ fn classify_connect_error(e: lapin::Error, url: String, user: String) -> Error {
 /// `url` with the password removed: `amqp://guest:secret@host:5672/%2f` becomes
 /// `amqp://guest@host:5672/%2f`. Works on strings that do not parse, so even a malformed
 /// URL is safe to print.
+///
+/// The credentials are taken to run to the *last* `@`: a password may hold `@`, `/`, `?`,
+/// `#` or `:` unencoded (`amqp://svc:ab/cd@host/%2f`), and then no parser agrees on where it
+/// ends. A vhost or query with a raw `@` in it loses what comes before that `@` too: printing
+/// too little is the safe side.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
+    // Only a real scheme counts: a "://" inside a password of a scheme-less string does not.
+    let rest_start = url
+        .find("://")
+        .filter(|&end| is_scheme(&url[..end]))
+        .map(|end| end + 3);
+    let Some(rest_start) = rest_start else {
         // Not a URL; if it looks like it holds credentials, drop everything before the '@'.
         return match url.rfind('@') {
             Some(at) => format!("***{}", &url[at..]),
             None => url.to_owned(),
         };
     };
-    let rest_start = scheme_end + 3;
     let rest = &url[rest_start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
+    let Some(at) = rest.rfind('@') else {
         return url.to_owned();
     };
-    let userinfo = &authority[..at];
-    let user = userinfo.split(':').next().unwrap_or("");
-    format!(
-        "{}{}{}",
-        &url[..rest_start],
-        user,
-        &rest[at..] // '@', host, port, path
-    )
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}{}",
+            &url[..rest_start],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        // A user name and no password.
+        None => url.to_owned(),
+    }
+}
+
+/// RFC 3986's scheme: a letter, then letters, digits, `+`, `-` or `.`.
+fn is_scheme(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 #[cfg(test)]
@@ -262,7 +281,18 @@ mod tests {
             "amqp://guest@host:5672/%2f"
         );
         assert_eq!(redact_url("amqp://u:p@h"), "amqp://u@h");
-        assert_eq!(redact_url("amqp://h:5672/v?x=@"), "amqp://h:5672/v?x=@");
+        // Unencoded '/', '?', '#', '@' and ':' in the password.
+        for password in ["ab/cd", "a?b", "a#b", "a@b", "a:b", "a/b@c?d#e:f", "x://y"] {
+            assert_eq!(
+                redact_url(&format!("amqp://svc:{password}@host/%2f")),
+                "amqp://svc@host/%2f",
+                "{password}"
+            );
+        }
+        assert_eq!(redact_url("u:x://y@host"), "***@host");
+        // A raw '@' after the host: over-redacted rather than guessed at.
+        assert_eq!(redact_url("amqp://h:5672/v?x=@"), "amqp://h@");
+        assert_eq!(redact_url("amqp://u@h/v"), "amqp://u@h/v");
         assert_eq!(redact_url("amqp://h/%2f"), "amqp://h/%2f");
         assert_eq!(redact_url("u:pw@host"), "***@host");
     }
@@ -308,6 +338,27 @@ mod tests {
                 matches!(&e, Error::Config { key: k, .. } if k == key),
                 "{e}"
             );
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn no_connect_timeout_setting_panics(text in prop_oneof![
+            any::<f64>().prop_map(|x| format!("{x:e}")),
+            any::<u128>().prop_map(|x| format!("{x}s")),
+            "\\PC{0,24}",
+        ]) {
+            let env = |key: &str| (key == "SVCDB_AMQP_CONNECT_TIMEOUT").then(|| text.clone());
+            match AmqpConfig::from_lookup(env) {
+                // Connecting bounds itself with tokio's timeout, which saturates.
+                Ok(config) => prop_assert!(!config.connect_timeout.is_zero()),
+                Err(e) => prop_assert!(
+                    matches!(&e, Error::Config { key, .. } if key == "SVCDB_AMQP_CONNECT_TIMEOUT"),
+                    "{text:?}: {e:?}"
+                ),
+            }
         }
     }
 }

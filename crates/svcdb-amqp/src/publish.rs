@@ -134,12 +134,8 @@ impl Deadline {
     /// `timeout` from now.
     pub(crate) fn after(timeout: Duration) -> Self {
         // Saturates: a huge configured timeout means "no practical bound", not a panic.
-        const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-        let now = Instant::now();
         Self {
-            at: now
-                .checked_add(timeout)
-                .unwrap_or_else(|| now + CENTURY.min(timeout)),
+            at: Instant::now() + svcdb::config::capped_wait(timeout),
             timeout,
         }
     }

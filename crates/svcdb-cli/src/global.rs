@@ -124,3 +124,61 @@ pub fn duration(value: &str) -> Result<Duration, String> {
         other => other.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use proptest::prelude::*;
+
+    /// Every duration flag, as the command line spells it.
+    const DURATION_FLAGS: [&[&str]; 6] = [
+        &["migrate", "up", "--lock-wait"],
+        &["migrate", "up", "--lock-timeout"],
+        &["migrate", "up", "--statement-timeout"],
+        &["migrate", "repair", "--lock-wait"],
+        &["schema", "verify", "--timeout"],
+        &["health", "--timeout"],
+    ];
+
+    /// Numbers as people (and fuzzers) write them, with and without units, and anything else.
+    fn duration_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<f64>().prop_map(|x| x.to_string()),
+            any::<f64>().prop_map(|x| format!("{x:e}")),
+            any::<u128>().prop_map(|x| x.to_string()),
+            (
+                any::<u64>(),
+                prop::sample::select(vec!["ms", "s", "m", "h", "d", "y"])
+            )
+                .prop_map(|(n, unit)| format!("{n}{unit}")),
+            "\\PC{0,24}",
+        ]
+    }
+
+    #[test]
+    fn out_of_range_durations_are_usage_errors() {
+        for text in ["1e30", "NaN", "-1", "inf", "99999999999999999999999y"] {
+            let flag = format!("--lock-wait={text}");
+            let parsed = crate::Cli::try_parse_from(["svcdb", "migrate", "up", &flag]);
+            match parsed {
+                Err(e) => assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{text}"),
+                Ok(_) => panic!("{text} was accepted"),
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn no_duration_flag_panics(index in 0..DURATION_FLAGS.len(), text in duration_text()) {
+            // `--flag=value`: a value starting with '-' is then a value, not another flag.
+            let (flag, command) = DURATION_FLAGS[index].split_last().unwrap();
+            let flag = format!("{flag}={text}");
+            let mut args = vec!["svcdb"];
+            args.extend(command);
+            args.push(&flag);
+            // Ok (a duration every deadline computation caps) or clap's usage error.
+            let parsed = crate::Cli::try_parse_from(&args);
+            prop_assert_eq!(parsed.is_ok(), super::duration(&text).is_ok(), "{:?}", args);
+        }
+    }
+}

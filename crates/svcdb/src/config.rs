@@ -4,7 +4,7 @@
 //! |---|---|---|---|
 //! | `DATABASE_URL` | [`Config::connection`] | (required) | `postgres://user[:password]@host[:port]/dbname`, or `key=value` pairs |
 //! | `DATABASE_URL`'s `sslmode`, else `PGSSLMODE` | [`Config::tls`] | `disable` | libpq's: `disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full` (below) |
-//! | `DATABASE_URL`'s `sslrootcert`, else `PGSSLROOTCERT` | [`Config::ssl_root_cert`] | none | PEM file of the CA that signed the server's certificate; `system`: the system's roots |
+//! | `DATABASE_URL`'s `sslrootcert`, else `PGSSLROOTCERT` | [`Config::ssl_root_cert`] | none | PEM file of the CA that signed the server's certificate (required by `verify-ca` and `verify-full`); `system`: the system's roots (`verify-full` only) |
 //! | `SVCDB_PASSWORD`, `PGPASSWORD` | (password) | none | used when the URL carries no password, so it stays out of URLs |
 //! | `SVCDB_SCHEMA` | [`Config::schema`] | (required) | the service's schema, pinned on every connection |
 //! | `SVCDB_EXTRA_SCHEMAS` | [`Config::extra_schemas`] | none | comma-separated schemas appended to the search path (`public`, `extensions`) |
@@ -49,8 +49,9 @@ pub struct Config {
     /// `Require`).
     pub tls: TlsMode,
     /// PEM file of the root certificates the server's must chain to (libpq's `sslrootcert`);
-    /// `system` means the system's roots. Read by `require`, `verify-ca` and `verify-full` only,
-    /// when the pool is built. Default: none (the system's roots, for the `verify-*` modes).
+    /// `system` means the system's roots (with `verify-full` only). Read by `require`,
+    /// `verify-ca` and `verify-full` only, when the pool is built. Default: none, which
+    /// `verify-ca` and `verify-full` refuse, as libpq does.
     pub ssl_root_cert: Option<PathBuf>,
     /// The service's schema: first on the search path of every connection. Required.
     pub schema: Ident,
@@ -198,6 +199,7 @@ impl Config {
     /// Checks the settings against each other; [`ServiceDb::connect`](crate::ServiceDb::connect)
     /// calls it too.
     pub fn validate(&self) -> Result<()> {
+        crate::tls::check_root_cert(self.tls, self.ssl_root_cert.as_deref())?;
         if self.pool_max == 0 {
             return Err(Error::config("pool_max", "must be at least 1"));
         }
@@ -303,18 +305,89 @@ impl fmt::Debug for Config {
 /// `disable`, `prefer` and `require`, and `sslrootcert` it refuses; [`Config::new`] takes every
 /// libpq TLS setting. The error never repeats the input, which may hold a password.
 pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
+    refuse_ambiguous_credentials(database_url)?;
     database_url.parse().map_err(|e: tokio_postgres::Error| {
         let why = std::error::Error::source(&e)
             .map(ToString::to_string)
             .unwrap_or_else(|| e.to_string());
-        // The driver's message names the option at fault, never the password's value.
         Error::config(
             "DATABASE_URL",
             format!(
-                "cannot parse it ({why}); expected postgres://user[:password]@host[:port]/dbname"
+                "cannot parse it ({}); expected postgres://user[:password]@host[:port]/dbname",
+                without_input(&why)
             ),
         )
     })
+}
+
+/// Refuses a URL with more than one '@'. The driver (like libpq) ends the credentials at the
+/// first: a second means a password (or user) with an unencoded '@', whose tail the driver
+/// would take for the host, the database or a parameter, and print in errors.
+fn refuse_ambiguous_credentials(database_url: &str) -> Result<()> {
+    match url_body(database_url) {
+        Some(body) if body.matches('@').count() > 1 => Err(Error::config(
+            "DATABASE_URL",
+            "holds more than one '@'; write an '@' in the user name, password or a parameter as %40",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A URL's text after `postgres://` or `postgresql://`; `None` for `key=value` pairs.
+fn url_body(database_url: &str) -> Option<&str> {
+    ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|prefix| database_url.strip_prefix(prefix))
+}
+
+/// libpq's connection keywords the driver does not know: an unknown option with one of these
+/// names is named in the error; any other name may be a piece of a password (an unquoted
+/// `password=` value with a space in it), so it is not.
+const LIBPQ_ONLY_KEYWORDS: [&str; 24] = [
+    "channel_binding",
+    "client_encoding",
+    "fallback_application_name",
+    "gssdelegation",
+    "gssencmode",
+    "gsslib",
+    "krbsrvname",
+    "max_protocol_version",
+    "min_protocol_version",
+    "passfile",
+    "replication",
+    "require_auth",
+    "requirepeer",
+    "service",
+    "ssl_max_protocol_version",
+    "ssl_min_protocol_version",
+    "sslcert",
+    "sslcertmode",
+    "sslcompression",
+    "sslcrl",
+    "sslcrldir",
+    "sslkey",
+    "sslpassword",
+    "sslsni",
+];
+
+/// The driver's parse error without the parts of the input it repeats: an unknown option's
+/// name (unless it is a libpq keyword) and the character it stumbled on. The rest of its
+/// messages name only fixed option names.
+fn without_input(why: &str) -> String {
+    if let Some(name) = why
+        .strip_prefix("unknown option `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        return if LIBPQ_ONLY_KEYWORDS.contains(&name) {
+            format!("libpq's option `{name}`, which this driver does not support")
+        } else {
+            "an option it does not know, not named here since it may be part of a password; quote a password holding spaces: password='…'".into()
+        };
+    }
+    match why.find(": expected `") {
+        Some(cut) if why.starts_with("unexpected character") => why[..cut].to_owned(),
+        _ => why.to_owned(),
+    }
 }
 
 /// A `DATABASE_URL` with libpq's TLS keys taken out: the driver knows only three `sslmode`
@@ -331,10 +404,10 @@ struct TlsParams {
 
 impl TlsParams {
     fn take(database_url: &str) -> Result<Self> {
-        let (rest, found) = match ["postgres://", "postgresql://"]
-            .iter()
-            .find_map(|prefix| database_url.strip_prefix(prefix))
-        {
+        // Before anything is read from the query: with a stray '@' a piece of the password
+        // would be read as a parameter (an sslrootcert path an error then names).
+        refuse_ambiguous_credentials(database_url)?;
+        let (rest, found) = match url_body(database_url) {
             Some(body) => take_from_url(database_url, body),
             None => take_from_pairs(database_url),
         };
@@ -489,6 +562,12 @@ pub fn describe_target(pg: &tokio_postgres::Config) -> String {
         Some(Host::Unix(p)) => p.display().to_string(),
         None => "localhost".into(),
     };
+    // A host name never holds '@'; one that does came from a password with an unencoded '@'
+    // in a URL the driver parsed (svcdb's own parsing refuses those): keep only what follows.
+    let host = match host.rfind('@') {
+        Some(at) => host[at + 1..].to_owned(),
+        None => host,
+    };
     let port = pg.get_ports().first().copied().unwrap_or(5432);
     let user = pg.get_user().unwrap_or("?");
     let db = pg.get_dbname().unwrap_or(user);
@@ -509,19 +588,47 @@ fn parse_bool(key: &str, v: &str) -> Result<bool> {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h` or a bare number of seconds.
+/// Parses `500ms`, `5s`, `2m`, `1h` or a bare number of seconds. A negative, non-finite
+/// (`NaN`, `inf`) or unrepresentable (`1e30`) value is an [`Error::Config`] naming `key`,
+/// never a panic. A value this accepts may still be too long for a clock: deadlines computed
+/// from it go through [`capped_wait`].
 pub fn parse_duration(key: &str, v: &str) -> Result<Duration> {
     let v = v.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Ok(Duration::from_secs_f64(secs));
-        }
+    let bad = |why: String| Error::config(key, format!("{v:?} {why}; write e.g. 500ms, 5s or 2m"));
+    match v.parse::<f64>() {
+        // `Duration::from_secs_f64` panics on all of these; `try_` says which it was.
+        Ok(secs) if secs.is_nan() => Err(bad("is not a number of seconds".into())),
+        Ok(secs) if secs < 0.0 => Err(bad("is negative".into())),
+        Ok(secs) => Duration::try_from_secs_f64(secs).map_err(|_| {
+            bad(format!(
+                "is more seconds than a duration holds (at most {})",
+                u64::MAX
+            ))
+        }),
+        Err(_) => humantime::parse_duration(v).map_err(|e| bad(format!("is not a duration ({e})"))),
     }
-    humantime::parse_duration(v).map_err(|e| {
-        Error::config(
-            key,
-            format!("{v:?} is not a duration ({e}); write e.g. 500ms, 5s or 2m"),
-        )
+}
+
+/// The longest wait svcdb computes a deadline for: 30 years, the cap tokio puts on its own
+/// timers. Longer means "never" in practice, and `Instant::now() + wait` beyond what the
+/// clock can represent panics.
+pub const MAX_WAIT: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+
+/// `wait`, at most [`MAX_WAIT`]: what every deadline is computed from, so that a huge
+/// configured timeout (`SVCDB_ACQUIRE_TIMEOUT=1e18`, `--lock-wait 1e19`) waits "forever"
+/// instead of panicking in `Instant::now() + wait`.
+pub fn capped_wait(wait: Duration) -> Duration {
+    wait.min(MAX_WAIT)
+}
+
+/// `secs` seconds as a [`Duration`], saturating where `Duration::from_secs_f64` would panic:
+/// zero for negative and `NaN`, [`Duration::MAX`] for too many. For values svcdb did not
+/// parse itself (a `float8` read back from a table).
+pub fn saturating_secs_f64(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs).unwrap_or(if secs > 0.0 {
+        Duration::MAX
+    } else {
+        Duration::ZERO
     })
 }
 
@@ -729,6 +836,143 @@ mod tests {
         let pg = parse_url("postgres://svc@db/shop").unwrap();
         let c = Config::with_connection(pg, Ident::new("schema", "orders").unwrap());
         assert_eq!(c.tls, TlsMode::Disable);
+    }
+
+    /// Every duration setting of the environment table.
+    const DURATION_KEYS: [&str; 6] = [
+        "SVCDB_ACQUIRE_TIMEOUT",
+        "SVCDB_CONNECT_TIMEOUT",
+        "SVCDB_IDLE_TIMEOUT",
+        "SVCDB_MAX_LIFETIME",
+        "SVCDB_MAX_LIFETIME_JITTER",
+        "SVCDB_VERIFY_AFTER_IDLE",
+    ];
+
+    #[test]
+    fn out_of_range_durations_are_config_errors_not_panics() {
+        for bad in [
+            "1e30",
+            "NaN",
+            "nan",
+            "inf",
+            "-inf",
+            "-1",
+            "-0.5",
+            "1e20",
+            "18446744073709551616",
+        ] {
+            match parse_duration("SVCDB_ACQUIRE_TIMEOUT", bad) {
+                Err(Error::Config { key, .. }) => assert_eq!(key, "SVCDB_ACQUIRE_TIMEOUT", "{bad}"),
+                other => panic!("{bad}: expected a config error, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            parse_duration("k", "1e19").unwrap(),
+            Duration::from_secs(10_000_000_000_000_000_000)
+        );
+        assert_eq!(
+            parse_duration("k", "0.25").unwrap(),
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn saturating_secs_f64_saturates() {
+        assert_eq!(saturating_secs_f64(f64::NAN), Duration::ZERO);
+        assert_eq!(saturating_secs_f64(-3.0), Duration::ZERO);
+        assert_eq!(saturating_secs_f64(1e300), Duration::MAX);
+        assert_eq!(saturating_secs_f64(f64::INFINITY), Duration::MAX);
+        assert_eq!(saturating_secs_f64(1.5), Duration::from_millis(1500));
+        assert_eq!(capped_wait(Duration::MAX), MAX_WAIT);
+        assert_eq!(capped_wait(Duration::from_secs(5)), Duration::from_secs(5));
+        // The cap is one the clock can add: a deadline from it exists.
+        assert!(std::time::Instant::now().checked_add(MAX_WAIT).is_some());
+    }
+
+    /// Numbers as people (and fuzzers) write them: any float, in plain and exponent form.
+    fn number_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<f64>().prop_map(|x| x.to_string()),
+            any::<f64>().prop_map(|x| format!("{x:e}")),
+            any::<u128>().prop_map(|x| x.to_string()),
+            (
+                any::<u64>(),
+                prop::sample::select(vec!["ns", "ms", "s", "m", "h", "d", "w", "y"])
+            )
+                .prop_map(|(n, unit)| format!("{n}{unit}")),
+            "\\PC{0,24}",
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_duration_parser_never_panics(text in number_text()) {
+            if let Ok(secs) = text.trim().parse::<f64>() {
+                let parsed = parse_duration("k", &text);
+                proptest::prop_assert_eq!(
+                    parsed.is_ok(),
+                    Duration::try_from_secs_f64(secs).is_ok(),
+                    "{:?} -> {:?}", text, parsed
+                );
+            } else if let Err(e) = parse_duration("k", &text) {
+                proptest::prop_assert!(matches!(&e, Error::Config { key, .. } if key == "k"), "{e:?}");
+            }
+        }
+
+        #[test]
+        fn no_duration_setting_panics(index in 0..DURATION_KEYS.len(), text in number_text()) {
+            let key = DURATION_KEYS[index];
+            let pairs = [
+                ("DATABASE_URL", "postgres://svc@db/shop"),
+                ("SVCDB_SCHEMA", "orders"),
+                (key, text.as_str()),
+            ];
+            match Config::from_lookup(lookup(&pairs)) {
+                Ok(config) => {
+                    // What the pool computes from it, at the extremes the value allows.
+                    let now = std::time::Instant::now();
+                    let _ = now + capped_wait(config.acquire_timeout);
+                    let _ = config.session_config();
+                }
+                Err(e) => proptest::prop_assert!(
+                    matches!(&e, Error::Config { .. }),
+                    "{key}={text:?}: {e:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_password_with_an_unencoded_at_sign_is_refused_not_misread() {
+        // The driver would read "cd@db" as the host, and print it in every error.
+        match Config::new("postgres://svc:ab@cd@db/shop", "orders") {
+            Err(Error::Config { key, message }) => {
+                assert_eq!(key, "DATABASE_URL");
+                assert!(message.contains("%40"), "says how: {message}");
+                assert!(
+                    !message.contains("ab") && !message.contains("cd"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        let c = Config::new("postgres://svc:ab%40cd@db/shop", "orders").unwrap();
+        assert_eq!(c.connection.get_password(), Some(&b"ab@cd"[..]));
+    }
+
+    #[test]
+    fn unknown_options_are_named_only_when_they_are_libpq_keywords() {
+        let message = |url: &str| match parse_url(url) {
+            Err(Error::Config { message, .. }) => message,
+            other => panic!("{url}: expected a config error, got {other:?}"),
+        };
+        // libpq's, so not a piece of a password: worth naming.
+        assert!(message("host=db user=svc sslcert=/c.pem").contains("`sslcert`"));
+        // A password with a space, unquoted: its second half is read as an option name.
+        let shown = message("host=db user=svc password=first hunter2=x");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("password='"), "says how: {shown}");
     }
 
     #[test]

@@ -4,6 +4,14 @@
 //! else: another service's schema answers `permission denied` (SQLSTATE 42501), because each
 //! schema is owned by its service's role and grants nothing to `PUBLIC`. Running it again
 //! changes nothing.
+//!
+//! It never reports isolation it cannot give. An existing role with an attribute that
+//! bypasses privileges (`SUPERUSER`, `BYPASSRLS`), widens them (`CREATEROLE`, `CREATEDB`,
+//! `REPLICATION`) or that is a member of another role (another service's, or a predefined one
+//! like `pg_read_all_data`) is refused, naming each, unless [`ProvisionSpec::fix`] asks for
+//! them to be removed. And `PUBLIC`'s `CREATE` on an extra schema (schema `public` has it by
+//! default up to PostgreSQL 14) is revoked: with it, any role could plant a table or function
+//! there that shadows what the service means to find on its search path (CVE-2018-1058).
 
 use std::fmt;
 
@@ -48,6 +56,11 @@ pub struct ProvisionSpec {
     /// Password for the role, sent to the server only as a SCRAM-SHA-256 verifier. Default:
     /// none (the role authenticates however `pg_hba.conf` says).
     pub password: Option<Password>,
+    /// Remove what breaks the role's isolation instead of refusing it: its `SUPERUSER`,
+    /// `CREATEROLE`, `CREATEDB`, `REPLICATION` and `BYPASSRLS` attributes, and its memberships
+    /// in other roles (`svcdb provision --fix`). Never done to the role provisioning connects
+    /// as. Default: false (refused, with the statements that would fix it).
+    pub fix: bool,
 }
 
 impl ProvisionSpec {
@@ -58,6 +71,7 @@ impl ProvisionSpec {
             schema: Ident::new("schema", schema)?,
             extra_schemas: Vec::new(),
             password: None,
+            fix: false,
         })
     }
 }
@@ -77,15 +91,24 @@ pub struct ProvisionReport {
 
 /// Creates or completes, in one transaction, the role and schema of one service:
 ///
-/// 1. a `LOGIN` role (not superuser, no `CREATEDB`/`CREATEROLE`), with its password if given;
+/// 1. a `LOGIN` role without `SUPERUSER`, `CREATEROLE`, `CREATEDB`, `REPLICATION`,
+///    `BYPASSRLS` or membership in any other role, with its password if given;
 /// 2. `CONNECT` on the current database;
 /// 3. the schema, owned by the role;
 /// 4. no privileges for `PUBLIC` on the schema;
-/// 5. `USAGE` on each extra schema;
+/// 5. `USAGE` on each extra schema, and no `CREATE` on it for `PUBLIC`;
 /// 6. the role's default `search_path` in this database: the schema, then the extras.
 ///
+/// An existing role with any of those attributes or memberships is an [`Error::Config`]
+/// (key `role`) naming each and the statements that remove them, and nothing is changed;
+/// with [`ProvisionSpec::fix`] they are removed instead. The role `admin` connects as is
+/// never changed so (it is refused: provision a dedicated role).
+///
 /// `admin` must be allowed to create roles (a superuser, or a role with `CREATEROLE` that owns
-/// the database). Concurrent calls serialize on an advisory lock.
+/// the database; removing `SUPERUSER`, `REPLICATION` or `BYPASSRLS` takes a superuser).
+/// Concurrent calls serialize on an advisory lock.
+///
+/// [`Error::Config`]: crate::Error::Config
 pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<ProvisionReport> {
     let tx = admin.transaction().await?;
     tx.execute(
@@ -125,12 +148,13 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
     match existing {
         None => {
             tx.batch_execute(&format!(
-                "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE{password_clause}"
+                "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS{password_clause}"
             ))
             .await?;
             changes.push(format!("created login role {}", role.as_str()));
         }
         Some(row) => {
+            isolate_role(&tx, role, spec.fix, &mut changes).await?;
             if !row.get::<_, bool>(0) {
                 tx.batch_execute(&format!("ALTER ROLE {role} LOGIN"))
                     .await?;
@@ -211,8 +235,9 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
         ));
     }
 
-    // 5. USAGE on the extra schemas.
+    // 5. USAGE on the extra schemas, and no CREATE there for PUBLIC.
     for extra in &spec.extra_schemas {
+        revoke_public_create(&tx, extra, &mut changes).await?;
         let usage: Option<bool> = tx
             .query_opt(
                 "SELECT has_schema_privilege($1, nspname, 'USAGE') FROM pg_namespace WHERE nspname = $2",
@@ -279,4 +304,146 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
         database,
         changes,
     })
+}
+
+/// The role attributes that break isolation: each lets the role past the privileges
+/// provisioning sets up (`SUPERUSER`, `BYPASSRLS`) or lets it widen them (`CREATEROLE` can
+/// grant itself any role but superusers, `CREATEDB` makes databases it owns, `REPLICATION`
+/// streams every schema's changes). `pg_roles` column, keyword, what removes it.
+const UNSAFE_ATTRIBUTES: [(&str, &str, &str); 5] = [
+    ("rolsuper", "SUPERUSER", "NOSUPERUSER"),
+    ("rolcreaterole", "CREATEROLE", "NOCREATEROLE"),
+    ("rolcreatedb", "CREATEDB", "NOCREATEDB"),
+    ("rolreplication", "REPLICATION", "NOREPLICATION"),
+    ("rolbypassrls", "BYPASSRLS", "NOBYPASSRLS"),
+];
+
+/// Refuses (or, with `fix`, removes) what an existing `role` has beyond a service's needs:
+/// the [`UNSAFE_ATTRIBUTES`] and membership in other roles, through which it holds another
+/// service's privileges (or a predefined role's, like `pg_read_all_data`).
+async fn isolate_role(
+    tx: &tokio_postgres::Transaction<'_>,
+    role: &Ident,
+    fix: bool,
+    changes: &mut Vec<String>,
+) -> Result<()> {
+    let columns = UNSAFE_ATTRIBUTES.map(|(column, _, _)| column).join(", ");
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT {columns}, rolname = current_user, \
+                 ARRAY(SELECT quote_ident(g.rolname) FROM pg_auth_members m \
+                       JOIN pg_roles g ON g.oid = m.roleid \
+                       WHERE m.member = r.oid ORDER BY g.rolname) \
+                 FROM pg_roles r WHERE rolname = $1"
+            ),
+            &[&role.as_str()],
+        )
+        .await?;
+    let attributes: Vec<_> = UNSAFE_ATTRIBUTES
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| row.get::<_, bool>(i))
+        .map(|(_, &attribute)| attribute)
+        .collect();
+    let is_connected_role: bool = row.get(UNSAFE_ATTRIBUTES.len());
+    let memberships: Vec<String> = row.get(UNSAFE_ATTRIBUTES.len() + 1);
+    if attributes.is_empty() && memberships.is_empty() {
+        return Ok(());
+    }
+
+    let name = role.as_str();
+    let mut statements = Vec::new();
+    if !attributes.is_empty() {
+        let removals: Vec<_> = attributes.iter().map(|(_, _, removal)| *removal).collect();
+        statements.push(format!("ALTER ROLE {role} {}", removals.join(" ")));
+    }
+    statements.extend(
+        memberships
+            .iter()
+            .map(|granted| format!("REVOKE {granted} FROM {role}")),
+    );
+    let mut found: Vec<String> = attributes
+        .iter()
+        .map(|(_, keyword, _)| keyword.to_string())
+        .collect();
+    found.extend(
+        memberships
+            .iter()
+            .map(|granted| format!("membership in {granted}")),
+    );
+    let found = found.join(", ");
+
+    if is_connected_role {
+        return Err(crate::Error::config(
+            "role",
+            format!(
+                "role {name} has {found}, and it is the role provisioning connects as, so it is not changed\n  \
+                 hint: give the service a role of its own (--role), and connect as an administrator"
+            ),
+        ));
+    }
+    if !fix {
+        return Err(crate::Error::config(
+            "role",
+            format!(
+                "role {name} exists with {found}, which bypass or widen the privileges that isolate it\n  \
+                 hint: remove them with `{};`, or provision with --fix (ProvisionSpec::fix) to have them removed",
+                statements.join("; ")
+            ),
+        ));
+    }
+    for statement in &statements {
+        tx.batch_execute(statement).await?;
+    }
+    // On PostgreSQL 16 and later a membership granted by several roles survives a REVOKE of
+    // the grant made by the current one: check rather than report what did not happen.
+    let left: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
+             WHERE r.rolname = $1",
+            &[&name],
+        )
+        .await?
+        .get(0);
+    if left > 0 {
+        return Err(crate::Error::config(
+            "role",
+            format!(
+                "role {name} is still a member of another role after REVOKE: the membership was granted by another role too\n  \
+                 hint: as a superuser, run REVOKE <role> FROM {role} GRANTED BY <grantor> for each grantor in pg_auth_members"
+            ),
+        ));
+    }
+    changes.push(format!("removed {found} from role {name}"));
+    Ok(())
+}
+
+/// Revokes `PUBLIC`'s `CREATE` on an extra schema, which PostgreSQL 14 and older grant on
+/// schema `public` by default. While it holds, any role can create a table or function there
+/// that the service finds on its search path before the one it meant (CVE-2018-1058):
+/// PostgreSQL 15 dropped that default, and its documentation's secure schema usage pattern
+/// revokes it. Revoked rather than refused because a service needs only `USAGE` on a shared
+/// schema, and no role should need `CREATE` there through `PUBLIC`.
+async fn revoke_public_create(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &Ident,
+    changes: &mut Vec<String>,
+) -> Result<()> {
+    let public_creates: Option<bool> = tx
+        .query_opt(
+            "SELECT has_schema_privilege('public', oid, 'CREATE') FROM pg_namespace WHERE nspname = $1",
+            &[&schema.as_str()],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if public_creates == Some(true) {
+        tx.batch_execute(&format!("REVOKE CREATE ON SCHEMA {schema} FROM PUBLIC"))
+            .await?;
+        changes.push(format!(
+            "revoked PUBLIC's CREATE on schema {} (any role could plant objects on the service's search path)",
+            schema.as_str()
+        ));
+    }
+    Ok(())
 }

@@ -5,10 +5,14 @@
 //! | `disable` (svcdb's default; libpq's is `prefer`) | never | — |
 //! | `allow`, `prefer` | when the server offers TLS, else plain | no |
 //! | `require` | always, or the connection fails | no; with `sslrootcert`, its chain (as `verify-ca`) |
-//! | `verify-ca` | always | its chain, against `sslrootcert` or the system's roots; not the host name |
-//! | `verify-full` | always | its chain and that it names the host connected to |
+//! | `verify-ca` | always | its chain, against `sslrootcert` (required); not the host name |
+//! | `verify-full` | always | its chain, against `sslrootcert` (required), and that it names the host connected to |
 //!
-//! `sslrootcert=system` means the system's roots and, as in libpq 16, needs `verify-full`.
+//! As in libpq, `verify-ca` and `verify-full` without a root certificate are refused at
+//! start-up: there would be nothing to verify against. `sslrootcert=system` means the system's
+//! roots and, as in libpq 16, needs `verify-full` (every public CA is trusted, so only the host
+//! name check makes them mean anything). Unlike libpq, svcdb does not fall back to
+//! `~/.postgresql/root.crt`: name the file.
 //!
 //! A [`Tls`] is built once per [`ServiceDb`](crate::ServiceDb), reading the root certificates
 //! then, and shared by its pool and its dedicated connections. With TLS off it connects with
@@ -55,10 +59,12 @@ pub enum TlsMode {
     /// [`Config::ssl_root_cert`](crate::Config::ssl_root_cert) is set: then its chain is, as
     /// with `VerifyCa` (libpq does the same).
     Require,
-    /// Encrypt, and check that the certificate chains to `ssl_root_cert` (or to the system's
-    /// roots); the host name is not checked.
+    /// Encrypt, and check that the certificate chains to
+    /// [`Config::ssl_root_cert`](crate::Config::ssl_root_cert), which must be set (a file; not
+    /// `system`); the host name is not checked.
     VerifyCa,
-    /// Encrypt, and check the chain and that the certificate names the host connected to.
+    /// Encrypt, and check the chain (to `ssl_root_cert`, which must be set; `system` for the
+    /// system's roots) and that the certificate names the host connected to.
     VerifyFull,
 }
 
@@ -130,7 +136,9 @@ impl TlsMode {
             .find(|mode| mode.as_str() == value)
             .ok_or_else(|| {
                 let allowed = TlsMode::ALL.map(TlsMode::as_str).join(", ");
-                Error::config(key, format!("{value:?} is not one of {allowed}"))
+                // The value is not repeated: in a malformed DATABASE_URL it can be a piece of a
+                // password.
+                Error::config(key, format!("must be one of {allowed}"))
             })
     }
 }
@@ -211,6 +219,38 @@ fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rust
     })
 }
 
+/// Refuses what libpq refuses of `sslrootcert` before connecting: none with `verify-ca` or
+/// `verify-full` (nothing to verify against), and `system` with anything but `verify-full`.
+/// [`Config::validate`](crate::Config::validate) and [`Tls::new`] call it.
+pub(crate) fn check_root_cert(mode: TlsMode, root_cert: Option<&Path>) -> Result<()> {
+    match root_cert {
+        // libpq's rule: the system's roots trust every public CA, so only the host name check
+        // makes them mean anything.
+        Some(root) if is_system_roots(root) && mode != TlsMode::VerifyFull => Err(Error::config(
+            "sslmode",
+            format!("sslrootcert=system needs sslmode=verify-full, not {mode}"),
+        )),
+        None if matches!(mode, TlsMode::VerifyCa | TlsMode::VerifyFull) => {
+            Err(missing_root_cert(mode))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The error for a `verify-*` mode without `sslrootcert`. Without it, svcdb used to verify
+/// against the system's roots, which every publicly issued certificate chains to: with
+/// `verify-ca`, which checks no host name, that verified nothing.
+fn missing_root_cert(mode: TlsMode) -> Error {
+    Error::config(
+        "sslrootcert",
+        format!(
+            "not set, and sslmode={mode} verifies the server's certificate against it (libpq refuses this too)\n  \
+             hint: set sslrootcert=<CA file> in DATABASE_URL (or PGSSLROOTCERT) to the CA that signed the server's certificate; \
+             sslrootcert=system with sslmode=verify-full for the system's trusted roots; or sslmode=require to encrypt without verifying"
+        ),
+    )
+}
+
 /// How connections are encrypted: one per pool, shared by its connections. Cheap to clone.
 ///
 /// ```no_run
@@ -230,26 +270,20 @@ pub struct Tls {
 }
 
 impl Tls {
-    /// The connector for `mode`, reading `root_cert` (PEM, one or more certificates) or the
-    /// system's roots now when the mode checks certificates. A root file that is missing,
-    /// unreadable or holds no usable certificate is an [`Error::Config`] naming it.
+    /// The connector for `mode`, reading `root_cert` (PEM, one or more certificates; `system`:
+    /// the system's roots) now when the mode checks certificates. `verify-ca` and
+    /// `verify-full` without `root_cert`, and a root file that is missing, unreadable or holds
+    /// no usable certificate, are an [`Error::Config`] naming `sslrootcert`.
     pub fn new(mode: TlsMode, root_cert: Option<&Path>) -> Result<Self> {
-        if root_cert.is_some_and(is_system_roots) && mode != TlsMode::VerifyFull {
-            // libpq's rule: the system's roots trust every public CA, so only the host name
-            // check makes them mean anything.
-            return Err(Error::config(
-                "sslmode",
-                format!("sslrootcert=system needs sslmode=verify-full, not {mode}"),
-            ));
-        }
+        check_root_cert(mode, root_cert)?;
         let checks = match mode {
             TlsMode::Disable => return Ok(Self { mode, rustls: None }),
             // Encryption when it is to be had, never a refused certificate: a given
             // sslrootcert is not read.
             TlsMode::Allow | TlsMode::Prefer => Checks::NameBlind(None),
             TlsMode::Require => Checks::NameBlind(root_cert.map(read_roots).transpose()?),
-            TlsMode::VerifyCa => Checks::NameBlind(Some(roots(root_cert)?)),
-            TlsMode::VerifyFull => Checks::Full(roots(root_cert)?),
+            TlsMode::VerifyCa => Checks::NameBlind(Some(roots(mode, root_cert)?)),
+            TlsMode::VerifyFull => Checks::Full(roots(mode, root_cert)?),
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let algorithms = provider.signature_verification_algorithms;
@@ -306,11 +340,12 @@ enum Checks {
     Full(RootCertStore),
 }
 
-/// The roots of `root_cert`, or the system's when it is absent or `system`.
-fn roots(root_cert: Option<&Path>) -> Result<RootCertStore> {
+/// The roots `mode` verifies against: `root_cert`'s, or the system's for `system`.
+fn roots(mode: TlsMode, root_cert: Option<&Path>) -> Result<RootCertStore> {
     match root_cert {
-        Some(path) if !is_system_roots(path) => read_roots(path),
-        _ => system_roots(),
+        Some(path) if is_system_roots(path) => system_roots(),
+        Some(path) => read_roots(path),
+        None => Err(missing_root_cert(mode)),
     }
 }
 
@@ -352,7 +387,7 @@ fn system_roots() -> Result<RootCertStore> {
         return Err(Error::config(
             "sslrootcert",
             format!(
-                "none given, and no trusted root certificate found on this system ({why}); pass sslrootcert=<CA file> in DATABASE_URL"
+                "is system, and no trusted root certificate was found on this system ({why}); install the system's CA certificates, or set sslrootcert=<CA file> in DATABASE_URL"
             ),
         ));
     }
@@ -442,6 +477,25 @@ mod tests {
                 "{mode}"
             );
         }
+    }
+
+    #[test]
+    fn verify_modes_need_a_root_certificate_and_others_do_not() {
+        for mode in [TlsMode::VerifyCa, TlsMode::VerifyFull] {
+            assert!(
+                matches!(Tls::new(mode, None), Err(Error::Config { key, .. }) if key == "sslrootcert"),
+                "{mode}"
+            );
+        }
+        for mode in [
+            TlsMode::Disable,
+            TlsMode::Allow,
+            TlsMode::Prefer,
+            TlsMode::Require,
+        ] {
+            assert!(check_root_cert(mode, None).is_ok(), "{mode}");
+        }
+        assert!(check_root_cert(TlsMode::VerifyFull, Some(Path::new("system"))).is_ok());
     }
 
     #[test]

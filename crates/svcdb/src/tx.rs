@@ -185,8 +185,8 @@ impl ServiceDb {
                     drop(conn);
                     tracing::debug!(target: "svcdb::tx", attempt, "transaction conflicted; retrying");
                     let jitter = backoff.mul_f64(rand::random::<f64>());
-                    tokio::time::sleep(backoff + jitter).await;
-                    backoff *= 2;
+                    tokio::time::sleep(backoff.saturating_add(jitter)).await;
+                    backoff = backoff.saturating_mul(2);
                     attempt += 1;
                 }
                 other => return other,

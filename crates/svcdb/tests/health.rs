@@ -243,8 +243,11 @@ async fn closed_pool_is_not_ready() {
 #[tokio::test]
 async fn the_unreachable_hint_follows_the_last_connection_error() {
     let db = TestDb::new().await;
-    let mut config =
-        Config::new(&format!("{} sslmode=verify-full", db.url()), "orders_svc").unwrap();
+    let mut config = Config::new(
+        &format!("{} sslmode=verify-full sslrootcert=system", db.url()),
+        "orders_svc",
+    )
+    .unwrap();
     config.pool_min = 0;
     let svc = ServiceDb::new(config).unwrap();
     let report = svc

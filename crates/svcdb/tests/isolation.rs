@@ -205,3 +205,222 @@ async fn injection_shaped_names_are_refused_before_reaching_the_server() {
         Err(Error::Ident(_))
     ));
 }
+
+/// Provisions `spec` with the test database's admin connection.
+async fn provision(db: &TestDb, spec: &ProvisionSpec) -> Result<svcdb::ProvisionReport, Error> {
+    svcdb::provision(&mut *db.admin().await, spec).await
+}
+
+/// The `pg_roles` flags of `role`, in the order of `attributes`.
+async fn role_flags(db: &TestDb, role: &str) -> [bool; 5] {
+    let row = db
+        .admin()
+        .await
+        .query_one(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls \
+             FROM pg_roles WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .unwrap();
+    [0, 1, 2, 3, 4].map(|i| row.get(i))
+}
+
+/// Whether the schema exists: a refused provisioning changes nothing.
+async fn schema_exists(db: &TestDb, schema: &str) -> bool {
+    db.admin()
+        .await
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn an_existing_role_with_a_privileged_attribute_is_refused_not_reported_as_provisioned() {
+    let db = TestDb::new().await;
+    for (i, attribute) in [
+        "SUPERUSER",
+        "CREATEROLE",
+        "CREATEDB",
+        "REPLICATION",
+        "BYPASSRLS",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let role = db.role_name("svc");
+        db.admin()
+            .await
+            .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN {attribute}"))
+            .await
+            .unwrap();
+        let mut spec = ProvisionSpec::new(&role, "svc_schema").unwrap();
+        match provision(&db, &spec).await {
+            Err(Error::Config { key, message }) => {
+                assert_eq!(key, "role", "{attribute}");
+                assert!(message.contains(attribute), "names it: {message}");
+                assert!(
+                    message.contains(&format!("NO{attribute}")),
+                    "says how: {message}"
+                );
+            }
+            other => panic!("{attribute}: expected a refusal, got {other:?}"),
+        }
+        assert!(role_flags(&db, &role).await[i], "{attribute} untouched");
+        assert!(
+            !schema_exists(&db, "svc_schema").await,
+            "nothing was changed"
+        );
+
+        spec.fix = true;
+        let report = provision(&db, &spec).await.unwrap();
+        assert!(
+            report.changes.iter().any(|c| c.contains(attribute)),
+            "{:?}",
+            report.changes
+        );
+        assert_eq!(
+            role_flags(&db, &role).await,
+            [false; 5],
+            "{attribute} removed"
+        );
+        // Fixed for good: the next run, without --fix, has nothing to do.
+        spec.fix = false;
+        let again = provision(&db, &spec).await.unwrap();
+        assert!(again.changes.is_empty(), "{:?}", again.changes);
+        db.admin()
+            .await
+            .batch_execute("DROP SCHEMA svc_schema")
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_service_role_that_is_a_member_of_another_services_role_is_refused() {
+    let db = TestDb::new().await;
+    let (catalog, _) = db.provision("catalog", "catalog_schema").await;
+    ServiceDb::connect(db.config_as(&catalog, "catalog_schema"))
+        .await
+        .unwrap()
+        .get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE products (id int); INSERT INTO products VALUES (1)")
+        .await
+        .unwrap();
+    let orders = db.role_name("orders");
+    let admin = db.admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{orders}\" LOGIN; GRANT \"{catalog}\" TO \"{orders}\""
+        ))
+        .await
+        .unwrap();
+    let mut spec = ProvisionSpec::new(&orders, "orders_schema").unwrap();
+    match provision(&db, &spec).await {
+        Err(Error::Config { key, message }) => {
+            assert_eq!(key, "role");
+            assert!(
+                message.contains(&catalog),
+                "names the membership: {message}"
+            );
+            assert!(message.contains("REVOKE"), "says how: {message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // The control: the membership really is a hole, reading the other service's table.
+    let read = |role: String| {
+        let db = &db;
+        async move {
+            let mut pg = db.connection();
+            pg.user(&role);
+            let conn = svcdb::DedicatedConn::connect(&pg).await.unwrap();
+            conn.query("SELECT * FROM catalog_schema.products", &[])
+                .await
+                .map(|rows| rows.len())
+        }
+    };
+    assert_eq!(read(orders.clone()).await.unwrap(), 1);
+
+    spec.fix = true;
+    let report = provision(&db, &spec).await.unwrap();
+    assert!(
+        report.changes.iter().any(|c| c.contains(&catalog)),
+        "{:?}",
+        report.changes
+    );
+    let err = read(orders.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+}
+
+#[tokio::test]
+async fn the_role_provisioning_connects_as_is_never_stripped() {
+    let db = TestDb::new().await;
+    // A superuser of the test's own, standing in for the administrator.
+    let admin_role = db.role_name("admin");
+    db.admin()
+        .await
+        .batch_execute(&format!("CREATE ROLE \"{admin_role}\" LOGIN SUPERUSER"))
+        .await
+        .unwrap();
+    let mut pg = db.connection();
+    pg.user(&admin_role);
+    let mut admin = svcdb::DedicatedConn::connect(&pg).await.unwrap();
+    let mut spec = ProvisionSpec::new(&admin_role, "admin_schema").unwrap();
+    spec.fix = true;
+    match svcdb::provision(&mut admin, &spec).await {
+        Err(Error::Config { key, message }) => {
+            assert_eq!(key, "role");
+            assert!(message.contains("connects as"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(role_flags(&db, &admin_role).await[0], "still a superuser");
+}
+
+#[tokio::test]
+async fn public_create_on_an_extra_schema_is_revoked() {
+    let db = TestDb::new().await;
+    // PostgreSQL 14 and older grant this by default; 15 does not, so the test grants it.
+    db.admin()
+        .await
+        .batch_execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
+        .await
+        .unwrap();
+    let (other, _) = db.provision("other", "other_schema").await;
+    let plant = |role: String| {
+        let db = &db;
+        async move {
+            let mut pg = db.connection();
+            pg.user(&role);
+            let conn = svcdb::DedicatedConn::connect(&pg).await.unwrap();
+            conn.batch_execute("CREATE TABLE public.planted (id int); DROP TABLE public.planted")
+                .await
+        }
+    };
+    // The control: any role can plant objects on a path that includes public.
+    plant(other.clone()).await.unwrap();
+
+    let cart = db.role_name("cart");
+    let mut spec = ProvisionSpec::new(&cart, "cart_schema").unwrap();
+    spec.extra_schemas = vec![svcdb::Ident::new("schema", "public").unwrap()];
+    let report = provision(&db, &spec).await.unwrap();
+    assert!(
+        report
+            .changes
+            .iter()
+            .any(|c| c.contains("CREATE on schema public")),
+        "{:?}",
+        report.changes
+    );
+    let err = plant(other).await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+    let again = provision(&db, &spec).await.unwrap();
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
+}

@@ -133,9 +133,50 @@ async fn prefer_and_allow_encrypt_when_the_server_offers_tls() {
 }
 
 #[tokio::test]
-async fn verify_full_without_sslrootcert_fails_on_the_certificate() {
+async fn verify_ca_without_sslrootcert_is_refused_at_start_up_as_libpq_does() {
     let db = TestDb::new().await;
-    let (_, failure) = refused(config(&db, "sslmode=verify-full")).await;
+    // Before, verify-ca without a root verified against the system's roots, which any
+    // publicly issued certificate for any domain chains to (and which, on Debian, hold this
+    // server's snakeoil certificate): "verified" meant nothing. libpq refuses both modes.
+    for mode in ["verify-ca", "verify-full"] {
+        let expect_refused = |what: &str, result: Result<(), Error>| match result {
+            Err(Error::Config { key, message }) => {
+                assert_eq!(key, "sslrootcert", "{mode}, {what}");
+                assert!(message.contains(mode), "names the mode: {message}");
+            }
+            other => panic!("{mode}, {what}: expected a config error, got {other:?}"),
+        };
+        // In the URL's key=value form; the pool refuses to start.
+        let cfg = config(&db, &format!("sslmode={mode}"));
+        expect_refused("validate", cfg.validate());
+        expect_refused("connect", ServiceDb::connect(cfg).await.map(drop));
+        expect_refused("Tls::new", Tls::new(mode.parse().unwrap(), None).map(drop));
+        // In the URL form, and from PGSSLMODE.
+        let url = format!("postgres://svc@127.0.0.1/shop?sslmode={mode}");
+        expect_refused("URL", Config::new(&url, "tls").unwrap().validate());
+        let env = Config::from_lookup(|key| match key {
+            "DATABASE_URL" => Some("postgres://svc@127.0.0.1/shop".into()),
+            "SVCDB_SCHEMA" => Some("tls".into()),
+            "PGSSLMODE" => Some(mode.into()),
+            _ => None,
+        });
+        expect_refused("PGSSLMODE", env.map(drop));
+        // The control: with a root named, the same settings are accepted.
+        let env = Config::from_lookup(|key| match key {
+            "DATABASE_URL" => Some("postgres://svc@127.0.0.1/shop".into()),
+            "SVCDB_SCHEMA" => Some("tls".into()),
+            "PGSSLMODE" => Some(mode.into()),
+            "PGSSLROOTCERT" => Some("/etc/ca.pem".into()),
+            _ => None,
+        });
+        assert!(env.is_ok(), "{mode} with PGSSLROOTCERT: {env:?}");
+    }
+}
+
+#[tokio::test]
+async fn verify_full_with_the_system_roots_checks_the_certificate() {
+    let db = TestDb::new().await;
+    let (_, failure) = refused(config(&db, "sslmode=verify-full sslrootcert=system")).await;
     // Untrusted where the system's roots lack the snakeoil; where they hold it (Debian links
     // it into /etc/ssl/certs, which OpenSSL's directory lookup reads), the name is wrong.
     assert!(

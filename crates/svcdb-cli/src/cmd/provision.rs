@@ -1,4 +1,5 @@
-//! `svcdb provision`: a login role owning the service's schema, nothing for PUBLIC.
+//! `svcdb provision`: a login role owning the service's schema, nothing for PUBLIC; an
+//! existing role with more than that is refused, or stripped with `--fix`.
 
 use anyhow::{Context, Result};
 use svcdb::{provision, Config, DedicatedConn, Ident, Password, ProvisionSpec, Tls};
@@ -21,6 +22,11 @@ pub struct Args {
     /// on the command line: other users can read it in the process list).
     #[arg(long, value_name = "VAR")]
     password_env: Option<String>,
+
+    /// Remove what breaks an existing role's isolation (SUPERUSER, CREATEROLE, CREATEDB,
+    /// REPLICATION, BYPASSRLS, membership in other roles) instead of refusing it.
+    #[arg(long)]
+    fix: bool,
 }
 
 /// Provisions with the admin connection given by `--database-url`.
@@ -28,6 +34,7 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
     let schema = global.schema()?;
     Ident::new("service", &args.service)?;
     let mut spec = ProvisionSpec::new(args.role.as_deref().unwrap_or(&args.service), schema)?;
+    spec.fix = args.fix;
     if let Some(list) = &global.extra_schemas {
         spec.extra_schemas = Ident::parse_list("schema", list)?;
     }

@@ -50,7 +50,7 @@ impl MigrationLock {
         let conn = db.dedicated().await?;
         let key = key_sql(db.schema());
         let try_lock = format!("SELECT pg_try_advisory_lock({key})");
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now() + crate::config::capped_wait(wait);
         let mut on_wait = Some(on_wait);
         let mut pause = FIRST_POLL;
         while first_value(&conn, &try_lock).await?.as_deref() != Some("t") {

@@ -534,7 +534,12 @@ impl Migrator {
                 let rows: Vec<(&Migration, Option<Duration>)> = plan
                     .iter()
                     .zip(&done)
-                    .map(|(m, e)| (*m, Some(Duration::from_secs_f64(e.duration_ms / 1e3))))
+                    .map(|(m, e)| {
+                        (
+                            *m,
+                            Some(crate::config::saturating_secs_f64(e.duration_ms / 1e3)),
+                        )
+                    })
                     .collect();
                 history::insert(&tx, schema, &rows, false).await?;
             }

@@ -99,9 +99,9 @@ fn retire(pool: &deadpool_postgres::Pool, limits: &Limits, idle: &mut IdleSince)
     let now = Instant::now();
     let mut next = IdleSince::default();
     let result = pool.retain(|client, metrics| {
-        let expired = limits
-            .max_lifetime
-            .is_some_and(|max| metrics.age() > max + jitter_for(&metrics, limits.jitter));
+        let expired = limits.max_lifetime.is_some_and(|max| {
+            metrics.age() > max.saturating_add(jitter_for(&metrics, limits.jitter))
+        });
         let idle_for = idle.idle_for(&metrics, now, &mut next);
         let idle_too_long =
             size > limits.min && limits.idle_timeout.is_some_and(|limit| idle_for > limit);

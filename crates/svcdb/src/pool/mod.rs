@@ -172,7 +172,7 @@ impl ServiceDb {
     /// the error is [`Error::AcquireTimeout`], carrying the last connection error.
     pub async fn get(&self) -> Result<PooledConn> {
         let started = Instant::now();
-        let deadline = started + self.inner.config.acquire_timeout;
+        let deadline = started + crate::config::capped_wait(self.inner.config.acquire_timeout);
         let mut last_error: Option<tokio_postgres::Error> = None;
         let mut backoff = Duration::from_millis(10);
         // First ask for a free connection without waiting: on the hot path that arms no timer.
