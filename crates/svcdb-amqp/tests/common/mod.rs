@@ -13,6 +13,7 @@ use svcdb::testing::TestDb;
 use svcdb::{Envelope, ServiceDb};
 use svcdb_amqp::topology::Topology;
 use svcdb_amqp::AmqpConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -88,6 +89,20 @@ impl Broker {
 
     /// Publishes raw bytes (for malformed messages), with confirms.
     pub async fn publish_raw(&self, exchange: &str, routing_key: &str, body: &[u8]) {
+        let properties = BasicProperties::default().with_delivery_mode(2);
+        self.publish_with(exchange, routing_key, body, properties)
+            .await;
+    }
+
+    /// Publishes `body` with `properties` as given (headers included), with confirms: what a
+    /// person replaying a dead letter does.
+    pub async fn publish_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
         let channel = self.channel().await;
         let confirm = channel
             .basic_publish(
@@ -98,7 +113,7 @@ impl Broker {
                     ..Default::default()
                 },
                 body,
-                BasicProperties::default().with_delivery_mode(2),
+                properties,
             )
             .await
             .unwrap()
@@ -127,6 +142,29 @@ impl Broker {
             .unwrap();
         let _ = channel.close(200, "OK".into()).await;
         q.message_count()
+    }
+
+    /// Whether this broker counts a `basic.nack` with requeue in a quorum queue's
+    /// `x-delivery-count`: RabbitMQ before 4.3 does, 4.3 and later do not (rabbitmq-server
+    /// PR 15387). Found out on a scratch queue rather than from the version string.
+    pub async fn nack_spends_a_delivery(&self) -> bool {
+        let queue = svcdb_amqp::QueueSpec::new(unique("nack-control"));
+        self.declare(Topology::new().queue(queue.clone())).await;
+        self.publish_raw("", &queue.name, b"control").await;
+        let channel = self.connection.create_channel().await.unwrap();
+        let first = get_one(&channel, &queue.name).await;
+        first
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .unwrap();
+        let second = get_one(&channel, &queue.name).await;
+        assert!(second.redelivered, "the control message came back");
+        second.ack(BasicAckOptions::default()).await.unwrap();
+        let _ = channel.close(200, "OK".into()).await;
+        count_header(&second, "x-delivery-count") > 0
     }
 
     /// Takes (and acks) every message of `queue` that arrives within `wait`, expecting at least
@@ -196,6 +234,38 @@ impl Drop for Broker {
             Ok(Err(e)) => eprintln!("warning: broker clean-up failed: {e}"),
             Err(_) => eprintln!("warning: broker clean-up panicked"),
         }
+    }
+}
+
+/// The next message of `queue`, waiting up to 10 s for one.
+async fn get_one(channel: &Channel, queue: &str) -> lapin::message::Delivery {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap();
+        if let Some(message) = got {
+            return message.delivery;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 10 s waiting for a message in {queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A numeric header of a message (`x-delivery-count`, …); 0 when absent.
+pub fn count_header(delivery: &lapin::message::Delivery, name: &str) -> i64 {
+    let headers = delivery.properties.headers();
+    match headers.as_ref().and_then(|h| h.inner().get(name)) {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        None => 0,
+        Some(other) => panic!("header {name} is not a count: {other:?}"),
     }
 }
 
@@ -269,10 +339,55 @@ pub fn init_tracing() {
 }
 
 /// A TCP forwarder to the real broker on a port of our choosing, that can be started late
-/// and can cut its connections: a broker that is down, comes up, and drops connections.
+/// and can cut its connections: a broker that is down, comes up, and drops connections. It
+/// also notes the AMQP methods the clients send ([`Proxy::methods`]).
 pub struct Proxy {
     listener: JoinHandle<()>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    methods: Arc<Mutex<Vec<Method>>>,
+}
+
+/// An AMQP 0-9-1 method: (class id, method id).
+pub type Method = (u16, u16);
+/// `basic.ack`
+pub const BASIC_ACK: Method = (60, 80);
+/// `basic.reject`
+pub const BASIC_REJECT: Method = (60, 90);
+/// `basic.nack`
+pub const BASIC_NACK: Method = (60, 120);
+
+/// Reads the client's side of an AMQP connection: the 8-byte protocol header, then frames
+/// (type, channel, size, payload, end octet); a method frame's payload starts with its class
+/// and method ids.
+#[derive(Default)]
+struct MethodReader {
+    header_seen: bool,
+    buffer: Vec<u8>,
+}
+
+impl MethodReader {
+    fn feed(&mut self, bytes: &[u8], methods: &Mutex<Vec<Method>>) {
+        self.buffer.extend_from_slice(bytes);
+        if !self.header_seen {
+            if self.buffer.len() < 8 {
+                return;
+            }
+            self.buffer.drain(..8);
+            self.header_seen = true;
+        }
+        while self.buffer.len() >= 7 {
+            let size = u32::from_be_bytes(self.buffer[3..7].try_into().unwrap()) as usize;
+            if self.buffer.len() < 8 + size {
+                return;
+            }
+            if self.buffer[0] == 1 && size >= 4 {
+                let class = u16::from_be_bytes([self.buffer[7], self.buffer[8]]);
+                let method = u16::from_be_bytes([self.buffer[9], self.buffer[10]]);
+                methods.lock().unwrap().push((class, method));
+            }
+            self.buffer.drain(..8 + size);
+        }
+    }
 }
 
 fn broker_address() -> String {
@@ -305,14 +420,37 @@ impl Proxy {
     pub async fn start(port: u16) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let methods: Arc<Mutex<Vec<Method>>> = Arc::default();
         let tracked = connections.clone();
+        let noted = methods.clone();
         let upstream = broker_address();
         let listener = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
+                let noted = noted.clone();
                 let forward = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    let Ok(outbound) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_broker, mut to_broker) = outbound.into_split();
+                    let up = async {
+                        let mut reader = MethodReader::default();
+                        let mut buffer = vec![0; 64 * 1024];
+                        loop {
+                            let n = from_client.read(&mut buffer).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            reader.feed(&buffer[..n], &noted);
+                            to_broker.write_all(&buffer[..n]).await?;
+                        }
+                    };
+                    let down = tokio::io::copy(&mut from_broker, &mut to_client);
+                    // Either side closing ends both, as a broker or network would.
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
                     }
                 });
                 tracked.lock().unwrap().push(forward);
@@ -321,7 +459,18 @@ impl Proxy {
         Self {
             listener,
             connections,
+            methods,
         }
+    }
+
+    /// The AMQP methods clients sent through this proxy so far, in order.
+    pub fn methods(&self) -> Vec<Method> {
+        self.methods.lock().unwrap().clone()
+    }
+
+    /// How many times clients sent `method`.
+    pub fn sent(&self, method: Method) -> usize {
+        self.methods().iter().filter(|m| **m == method).count()
     }
 
     /// Drops every forwarded connection (the relay sees its connection reset).
