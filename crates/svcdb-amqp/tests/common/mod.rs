@@ -144,6 +144,36 @@ impl Broker {
         q.message_count()
     }
 
+    /// A classic queue bound to `exchange` (any routing key), exclusive to this connection
+    /// so it goes with it: it receives a copy of what is published there exactly as sent
+    /// (a quorum queue sets its own `x-delivery-count` on what it delivers).
+    pub async fn tap(&self, exchange: &str) -> String {
+        let name = unique("tap");
+        let channel = self.connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                "#".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        name
+    }
+
     /// Whether this broker counts a `basic.nack` with requeue in a quorum queue's
     /// `x-delivery-count`: RabbitMQ before 4.3 does, 4.3 and later do not (rabbitmq-server
     /// PR 15387). Found out on a scratch queue rather than from the version string.
