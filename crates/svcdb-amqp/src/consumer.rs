@@ -219,7 +219,7 @@ pub struct ConsumerStats {
     /// Times the consumer stopped taking deliveries until the database answered again.
     pub paused: u64,
     /// Messages sent to the dead-letter queue (by the consumer, or rejected to the broker's
-    /// dead-lettering when that failed).
+    /// dead-lettering when that failed), counted once the attempt is over.
     pub dead_lettered: u64,
     /// Events without a handler acknowledged under [`UnknownKind::Ack`].
     pub ignored: u64,
@@ -635,11 +635,10 @@ async fn cancel_and_drain(
     tasks: &mut JoinSet<()>,
 ) {
     let queue = context.queue.name.as_str();
-    match channel
-        .basic_cancel(crate::publish::short(tag), BasicCancelOptions::default())
-        .await
-    {
-        Ok(()) => {
+    let cancel = channel.basic_cancel(crate::publish::short(tag), BasicCancelOptions::default());
+    // Bounded: a broker that went silent never confirms the cancel.
+    match tokio::time::timeout(DRAIN_TIMEOUT, cancel).await {
+        Ok(Ok(())) => {
             let drain = async {
                 while let Some(Ok(delivery)) = deliveries.next().await {
                     tasks.spawn(handle_delivery(context.clone(), delivery));
@@ -649,8 +648,11 @@ async fn cancel_and_drain(
                 tracing::debug!(target: "svcdb_amqp::consumer", %queue, "consumer stream did not end after basic.cancel; going on anyway");
             }
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::debug!(target: "svcdb_amqp::consumer", %queue, error = %e, "basic.cancel failed; the channel is closed with the consumer")
+        }
+        Err(_) => {
+            tracing::debug!(target: "svcdb_amqp::consumer", %queue, timeout = ?DRAIN_TIMEOUT, "the broker did not confirm basic.cancel; going on anyway")
         }
     }
 }
@@ -993,7 +995,6 @@ const BROKER_COUNTING_HEADERS: [&str; 9] = [
 /// the copy is not confirmed in time, rejects it so the broker dead-letters it instead.
 async fn dead_letter(context: &Context, delivery: &Delivery, reason: &str, deliveries: u32) {
     let queue = context.queue.name.as_str();
-    Counters::bump(&context.counters.dead_lettered);
     let timeout = context.options.confirm_timeout;
     let deadline = Instant::now() + timeout;
     // One bound on both halves: `basic_publish` waits for its frames to be written, which
@@ -1020,6 +1021,7 @@ async fn dead_letter(context: &Context, delivery: &Delivery, reason: &str, deliv
             settle(context, None, "reject a message to dead-letter it", reject).await;
         }
     }
+    Counters::bump(&context.counters.dead_lettered);
 }
 
 async fn publish_dead_letter(

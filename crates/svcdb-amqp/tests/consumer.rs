@@ -557,6 +557,42 @@ async fn a_first_delivery_is_number_one_whatever_count_its_headers_carry() {
 }
 
 #[tokio::test]
+async fn a_dead_letter_publish_to_a_silent_broker_gives_up_at_the_timeout() {
+    let s = setup(5).await;
+    let (_test_db, db) = service().await;
+    let port = common::closed_port();
+    let proxy = Arc::new(common::Proxy::start(port).await);
+    let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
+    let silence = proxy.clone();
+    let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
+        .on(KIND, move |_tx, _event| {
+            // The broker goes silent while the handler runs: the dead-letter copy that
+            // follows is never written, let alone confirmed.
+            silence.freeze();
+            Box::pin(async {
+                Err(HandlerError::permanent(HandlerError::msg(
+                    "unknown product",
+                )))
+            })
+        })
+        .with_options(ConsumerOptions {
+            confirm_timeout: Duration::from_millis(200),
+            // Far beyond the test's wait: only the publish's own bound can end the attempt.
+            shutdown_timeout: Duration::from_secs(3600),
+            ..fast()
+        });
+    let (shutdown, task) = start(&consumer);
+
+    s.publish(&event()).await;
+    eventually("the dead-letter attempt ends", || async {
+        consumer.stats().dead_lettered == 1
+    })
+    .await;
+    proxy.cut(); // the connection drops; the message, never settled, is redelivered later
+    stop(shutdown, task).await;
+}
+
+#[tokio::test]
 async fn a_primary_turned_read_only_pauses_the_consumer_instead_of_dead_lettering() {
     // Two deliveries: a failure counted for the read-only attempt (or a return counted per
     // retry, as 3.x counts nacks) would dead-letter the event.

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -375,6 +376,29 @@ pub struct Proxy {
     listener: JoinHandle<()>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     methods: Arc<Mutex<Vec<Method>>>,
+    frozen: Arc<AtomicBool>,
+}
+
+/// Copies `from` to `to`, showing each chunk to `seen`, until either closes; once `frozen`,
+/// it holds what it read and waits forever with both sockets open.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: &AtomicBool,
+    mut seen: impl FnMut(&[u8]),
+) -> std::io::Result<()> {
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let n = from.read(&mut buffer).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if frozen.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        seen(&buffer[..n]);
+        to.write_all(&buffer[..n]).await?;
+    }
 }
 
 /// An AMQP 0-9-1 method: (class id, method id).
@@ -451,32 +475,27 @@ impl Proxy {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let methods: Arc<Mutex<Vec<Method>>> = Arc::default();
+        let frozen: Arc<AtomicBool> = Arc::default();
         let tracked = connections.clone();
+        let freeze = frozen.clone();
         let noted = methods.clone();
         let upstream = broker_address();
         let listener = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
                 let noted = noted.clone();
+                let frozen = frozen.clone();
                 let forward = tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&upstream).await else {
                         return;
                     };
-                    let (mut from_client, mut to_client) = inbound.into_split();
-                    let (mut from_broker, mut to_broker) = outbound.into_split();
-                    let up = async {
-                        let mut reader = MethodReader::default();
-                        let mut buffer = vec![0; 64 * 1024];
-                        loop {
-                            let n = from_client.read(&mut buffer).await?;
-                            if n == 0 {
-                                return Ok::<_, std::io::Error>(());
-                            }
-                            reader.feed(&buffer[..n], &noted);
-                            to_broker.write_all(&buffer[..n]).await?;
-                        }
-                    };
-                    let down = tokio::io::copy(&mut from_broker, &mut to_client);
+                    let (from_client, to_client) = inbound.into_split();
+                    let (from_broker, to_broker) = outbound.into_split();
+                    let mut reader = MethodReader::default();
+                    let up = pump(from_client, to_broker, &frozen, |bytes| {
+                        reader.feed(bytes, &noted)
+                    });
+                    let down = pump(from_broker, to_client, &frozen, |_| {});
                     // Either side closing ends both, as a broker or network would.
                     tokio::select! {
                         _ = up => {}
@@ -490,7 +509,14 @@ impl Proxy {
             listener,
             connections,
             methods,
+            frozen: freeze,
         }
+    }
+
+    /// Stops passing bytes either way without closing anything: a broker that went silent
+    /// (or blocked the connection under an alarm).
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
     }
 
     /// The AMQP methods clients sent through this proxy so far, in order.
