@@ -561,20 +561,13 @@ async fn a_dead_letter_publish_to_a_silent_broker_gives_up_at_the_timeout() {
     let s = setup(5).await;
     let (_test_db, db) = service().await;
     let port = common::closed_port();
-    let proxy = Arc::new(common::Proxy::start(port).await);
+    let proxy = common::Proxy::start(port).await;
+    // The broker goes silent when the dead-letter copy starts: its frames pile up in the
+    // socket buffers until they are full, and lapin's writes stop there.
+    proxy.freeze_at(common::BASIC_PUBLISH);
     let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
-    let silence = proxy.clone();
     let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
-        .on(KIND, move |_tx, _event| {
-            // The broker goes silent while the handler runs: the dead-letter copy that
-            // follows is never written, let alone confirmed.
-            silence.freeze();
-            Box::pin(async {
-                Err(HandlerError::permanent(HandlerError::msg(
-                    "unknown product",
-                )))
-            })
-        })
+        .on(KIND, |tx, event| Box::pin(record(tx, event)))
         .with_options(ConsumerOptions {
             confirm_timeout: Duration::from_millis(200),
             // Far beyond the test's wait: only the publish's own bound can end the attempt.
@@ -583,13 +576,19 @@ async fn a_dead_letter_publish_to_a_silent_broker_gives_up_at_the_timeout() {
         });
     let (shutdown, task) = start(&consumer);
 
-    s.publish(&event()).await;
+    // Too large to be an event, so dead-lettered at once, and too large for the buffers.
+    let body = vec![b'x'; 32 * 1024 * 1024];
+    s.broker
+        .publish_raw(&s.exchange, "product.stock.reserved", &body)
+        .await;
     eventually("the dead-letter attempt ends", || async {
         consumer.stats().dead_lettered == 1
     })
     .await;
+    assert_eq!(proxy.sent(common::BASIC_PUBLISH), 1);
     proxy.cut(); // the connection drops; the message, never settled, is redelivered later
     stop(shutdown, task).await;
+    assert_eq!(s.broker.ready(&s.queue.name).await, 1);
 }
 
 #[tokio::test]

@@ -377,6 +377,7 @@ pub struct Proxy {
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     methods: Arc<Mutex<Vec<Method>>>,
     frozen: Arc<AtomicBool>,
+    freeze_at: Arc<Mutex<Option<Method>>>,
 }
 
 /// Copies `from` to `to`, showing each chunk to `seen`, until either closes; once `frozen`,
@@ -393,16 +394,18 @@ async fn pump(
         if n == 0 {
             return Ok(());
         }
+        seen(&buffer[..n]);
         if frozen.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
-        seen(&buffer[..n]);
         to.write_all(&buffer[..n]).await?;
     }
 }
 
 /// An AMQP 0-9-1 method: (class id, method id).
 pub type Method = (u16, u16);
+/// `basic.publish`
+pub const BASIC_PUBLISH: Method = (60, 40);
 /// `basic.ack`
 pub const BASIC_ACK: Method = (60, 80);
 /// `basic.reject`
@@ -420,11 +423,13 @@ struct MethodReader {
 }
 
 impl MethodReader {
-    fn feed(&mut self, bytes: &[u8], methods: &Mutex<Vec<Method>>) {
+    /// The methods whose frames `bytes` completed.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<Method> {
+        let mut methods = Vec::new();
         self.buffer.extend_from_slice(bytes);
         if !self.header_seen {
             if self.buffer.len() < 8 {
-                return;
+                return methods;
             }
             self.buffer.drain(..8);
             self.header_seen = true;
@@ -432,15 +437,16 @@ impl MethodReader {
         while self.buffer.len() >= 7 {
             let size = u32::from_be_bytes(self.buffer[3..7].try_into().unwrap()) as usize;
             if self.buffer.len() < 8 + size {
-                return;
+                break;
             }
             if self.buffer[0] == 1 && size >= 4 {
                 let class = u16::from_be_bytes([self.buffer[7], self.buffer[8]]);
                 let method = u16::from_be_bytes([self.buffer[9], self.buffer[10]]);
-                methods.lock().unwrap().push((class, method));
+                methods.push((class, method));
             }
             self.buffer.drain(..8 + size);
         }
+        methods
     }
 }
 
@@ -478,6 +484,8 @@ impl Proxy {
         let frozen: Arc<AtomicBool> = Arc::default();
         let tracked = connections.clone();
         let freeze = frozen.clone();
+        let freeze_at: Arc<Mutex<Option<Method>>> = Arc::default();
+        let freeze_at_later = freeze_at.clone();
         let noted = methods.clone();
         let upstream = broker_address();
         let listener = tokio::spawn(async move {
@@ -485,6 +493,7 @@ impl Proxy {
                 let upstream = upstream.clone();
                 let noted = noted.clone();
                 let frozen = frozen.clone();
+                let freeze_at = freeze_at.clone();
                 let forward = tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&upstream).await else {
                         return;
@@ -493,7 +502,12 @@ impl Proxy {
                     let (from_broker, to_broker) = outbound.into_split();
                     let mut reader = MethodReader::default();
                     let up = pump(from_client, to_broker, &frozen, |bytes| {
-                        reader.feed(bytes, &noted)
+                        for method in reader.feed(bytes) {
+                            noted.lock().unwrap().push(method);
+                            if *freeze_at.lock().unwrap() == Some(method) {
+                                frozen.store(true, Ordering::SeqCst);
+                            }
+                        }
                     });
                     let down = pump(from_broker, to_client, &frozen, |_| {});
                     // Either side closing ends both, as a broker or network would.
@@ -510,7 +524,13 @@ impl Proxy {
             connections,
             methods,
             frozen: freeze,
+            freeze_at: freeze_at_later,
         }
+    }
+
+    /// Freezes ([`Proxy::freeze`]) as soon as a client sends `method`, before passing it on.
+    pub fn freeze_at(&self, method: Method) {
+        *self.freeze_at.lock().unwrap() = Some(method);
     }
 
     /// Stops passing bytes either way without closing anything: a broker that went silent
