@@ -174,9 +174,9 @@ pub struct ConsumerOptions {
     /// The longest such pause, and the longest between checks of an unavailable database.
     /// Default: 10 s.
     pub max_retry_delay: Duration,
-    /// Bound on publishing a dead-letter copy (until the broker confirmed it) and on each
-    /// acknowledgement: a broker that went silent, or blocked the connection under a memory or
-    /// disk alarm, must not hang the consumer. Default: 5 s.
+    /// Bound on publishing a dead-letter copy (until the broker confirmed it) and on writing
+    /// each ack, reject or nack: a broker that went silent, or blocked the connection under a
+    /// memory or disk alarm, must not hang the consumer. Default: 5 s.
     pub confirm_timeout: Duration,
     /// Longest wait, at shutdown, for in-flight handlers; after it they are aborted (their
     /// transactions roll back and the broker redelivers their messages). Default: 30 s.
@@ -556,6 +556,7 @@ impl Consumer {
     ) -> Result<()> {
         let queue = self.queue.name.as_str();
         let shutdown = &context.shutdown;
+        let mut resuming = false;
         loop {
             // A tag per basic.consume, prefixed with the consumer name, so the management UI
             // shows which service and replica holds which messages.
@@ -569,7 +570,18 @@ impl Consumer {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| Error::amqp(format!("consuming from queue {queue}"), e))?;
+                .map_err(|e| {
+                    if resuming && !channel.status().connected() {
+                        // Lost while paused (a broker restart): reconnecting helps.
+                        Error::ConnectionLost {
+                            reason: format!(
+                                "the channel closed while the consumer was paused: {e}"
+                            ),
+                        }
+                    } else {
+                        Error::amqp(format!("consuming from queue {queue}"), e)
+                    }
+                })?;
             context.flow.send_replace(Flow::Consuming);
             tracing::info!(target: "svcdb_amqp::consumer", %queue, consumer = %self.name, %tag, prefetch = self.config.prefetch, "consuming");
 
@@ -621,6 +633,7 @@ impl Consumer {
                 }
             }
             tracing::info!(target: "svcdb_amqp::consumer", %queue, consumer = %self.name, "the database answers again; taking deliveries");
+            resuming = true;
         }
     }
 }
