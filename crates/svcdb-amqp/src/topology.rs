@@ -34,8 +34,11 @@
 //! (classic queues, a header incremented on each republish) cannot count the attempts that
 //! matter most: a handler that crashes the process, or hangs until the pod is killed, never
 //! gets to republish, so the poison message comes back uncounted and kills the next replica
-//! too. Quorum queues count every return to the queue in the broker (`x-delivery-count`), crash
-//! or nack alike, and dead-letter the message once `x-delivery-limit` is exceeded. They are
+//! too. Quorum queues count failed deliveries in the broker (`x-delivery-count`): a channel
+//! closed with the message unacknowledged (a crash) or a `basic.reject`, and before RabbitMQ
+//! 4.3 every other return as well (see the consumer's
+//! [delivery counting](crate::consumer#delivery-counting)); they dead-letter the message once
+//! `x-delivery-limit` is exceeded. They are
 //! also replicated and fsync'd (the durable choice on a cluster), and RabbitMQ 3.10 supports
 //! at-least-once dead-lettering for them (`x-dead-letter-strategy`), so a poison message is not
 //! lost on its way to the DLQ either. [`QueueSpec::max_deliveries`] is the number of
