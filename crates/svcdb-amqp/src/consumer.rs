@@ -12,21 +12,49 @@
 //!    commit, so delivery is at least once, and a redelivery after a lost ack finds the claim
 //!    and changes nothing.
 //! 4. A failed handler: everything rolled back. See [`HandlerError`] for retry, requeue and
-//!    dead-lettering; the queue's delivery limit ([`QueueSpec::max_deliveries`]) bounds the
-//!    attempts even when the process crashes mid-handler. That count comes from the quorum
-//!    queue's `x-delivery-count` header: on a classic queue declared elsewhere nothing counts,
-//!    and a message that always fails is retried (with [`ConsumerOptions::retry_delay`])
-//!    until it is removed by hand; declare queues with [`crate::topology`].
+//!    dead-lettering, and [Delivery counting](#delivery-counting) for how attempts are
+//!    bounded even when the process crashes mid-handler.
+//! 5. The database unavailable (a terminated backend, a read-only primary after a failover,
+//!    no connection: [`HandlerError::is_database_unavailable`]): not the event's fault. The
+//!    message is handed back without spending a delivery and the consumer pauses: it cancels
+//!    its `basic.consume`, so the broker sends it nothing more, checks the database with
+//!    backoff (up to [`ConsumerOptions::max_retry_delay`]) until it hands out a connection
+//!    that can write, and consumes again. A failover does not dead-letter the backlog.
 //!
 //! An event kind with no handler is dead-lettered by default ([`UnknownKind`]): a binding wider
 //! than the handlers, or a handler not yet deployed, should be visible and replayable, not
 //! silently acknowledged.
 //!
+//! # Delivery counting
+//!
+//! The consumer numbers each delivery from the quorum queue's `x-delivery-count` (failed
+//! deliveries before this one) and dead-letters the failure of the last one allowed
+//! ([`QueueSpec::max_deliveries`]) itself, with the handler's error; the queue's
+//! `x-delivery-limit` is the backstop for handlers that crash the process. How it hands a
+//! message back decides whether the return counts:
+//!
+//! | return | method | RabbitMQ 4.3 and later | RabbitMQ 3.x to 4.2 |
+//! |---|---|---|---|
+//! | the handler failed | `basic.reject`, requeue | counts | counts |
+//! | database unavailable, shutdown | `basic.nack`, requeue | does not count | counts |
+//! | the channel closed with the message unacknowledged (crash) | — | counts | counts |
+//!
+//! Since 4.3 a quorum queue counts only failed deliveries in `x-delivery-count`: `basic.reject`
+//! means the processing failed, `basic.nack` means the consumer could not process the message
+//! now (rabbitmq-server PR 15387, <https://www.rabbitmq.com/docs/4.3/nack>). Before 4.3 every
+//! return counts, so there a database outage costs each message in flight one delivery: one,
+//! not one per retry, because the consumer pauses instead of retrying. `x-acquired-count`
+//! (4.3+, every assignment) is not used. A first delivery (`redelivered` unset) is number 1
+//! whatever headers it carries. On a classic queue declared elsewhere nothing counts, and a
+//! message that always fails is retried (with [`ConsumerOptions::retry_delay`]) until it is
+//! removed by hand; declare queues with [`crate::topology`].
+//!
 //! # Dead letters
 //!
 //! The consumer republishes a message it gives up on to the queue's dead-letter exchange
 //! (`<queue>.dlx`) itself, with its original body and properties plus headers saying why, and
-//! acknowledges it once the broker confirmed the copy:
+//! acknowledges it once the broker confirmed the copy (bounded by
+//! [`ConsumerOptions::confirm_timeout`]):
 //!
 //! | header | value |
 //! |---|---|
@@ -35,17 +63,24 @@
 //! | `x-svcdb-original-exchange`, `x-svcdb-original-routing-key` | where to replay it |
 //! | `x-svcdb-deliveries` | deliveries so far, this one included |
 //!
-//! If that publish fails (the exchange is missing, the channel broke) the message is rejected
-//! without requeue instead, and the broker dead-letters it with its own `x-death` headers; the
-//! reason is then only in the log. Messages the broker dead-letters after the delivery limit
-//! (a handler that crashed the process every time) carry `x-death` with reason
-//! `delivery_limit`.
+//! The copy starts afresh: the broker's counting headers (`x-delivery-count`,
+//! `x-acquired-count`, `x-death` and the `x-first-death-*` / `x-last-death-*` summaries) are
+//! removed from it, so a message replayed from the dead-letter queue after a fix gets every
+//! delivery again instead of arriving "at 5 of 5".
+//!
+//! If that publish fails (the exchange is missing, the channel broke, no confirm in time) the
+//! message is rejected without requeue instead, and the broker dead-letters it with its own
+//! `x-death` headers; the reason is then only in the log. Messages the broker dead-letters
+//! after the delivery limit (a handler that crashed the process every time) carry `x-death`
+//! with reason `delivery_limit`.
 //!
 //! # Concurrency and shutdown
 //!
 //! The broker sends at most `prefetch` unacknowledged messages ([`AmqpConfig::prefetch`]);
 //! each is handled on its own task, at most `min(prefetch, pool_max)` at once, so handlers
-//! queue for a permit rather than time out waiting for a database connection. Cancelling the
+//! queue for a permit rather than time out waiting for a database connection. A permit is
+//! held only while the handler's transaction runs: a failed message waiting out its pause
+//! before redelivery holds none, so failing messages do not stall healthy ones. Cancelling the
 //! shutdown token stops consuming (`basic.cancel`), handles the deliveries already received,
 //! waits for in-flight handlers to commit and acknowledge (up to
 //! [`ConsumerOptions::shutdown_timeout`]), then closes the channels.
@@ -100,7 +135,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection};
 use svcdb::{Envelope, Processed, ServiceDb, TxOptions};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -129,15 +164,18 @@ pub struct ConsumerOptions {
     pub tx: TxOptions,
     /// What to do with an event kind that has no handler. Default: dead-letter.
     pub unknown_kind: UnknownKind,
-    /// Pause before requeueing a failed message, doubled for each earlier delivery: it gives a
-    /// conflicting writer or a briefly unavailable dependency time to clear, instead of
-    /// spending every delivery in a few milliseconds. The message (and its prefetch slot) is
-    /// held meanwhile. Default: 500 ms.
+    /// Pause before returning a failed message for redelivery, doubled for each earlier
+    /// delivery: it gives a conflicting writer or a briefly unavailable dependency time to
+    /// clear, instead of spending every delivery in a few milliseconds. The message (and its
+    /// prefetch slot) is held meanwhile, but not a database permit. Also the first pause
+    /// before checking an unavailable database, doubled per check. Default: 500 ms.
     pub retry_delay: Duration,
-    /// The longest such pause, and the longest between in-process retries of infrastructure
-    /// failures. Default: 10 s.
+    /// The longest such pause, and the longest between checks of an unavailable database.
+    /// Default: 10 s.
     pub max_retry_delay: Duration,
-    /// Bound on the broker's confirm of a dead-letter copy. Default: 5 s.
+    /// Bound on publishing a dead-letter copy (until the broker confirmed it) and on writing
+    /// each ack, reject or nack: a broker that went silent, or blocked the connection under a
+    /// memory or disk alarm, must not hang the consumer. Default: 5 s.
     pub confirm_timeout: Duration,
     /// Longest wait, at shutdown, for in-flight handlers; after it they are aborted (their
     /// transactions roll back and the broker redelivers their messages). Default: 30 s.
@@ -175,10 +213,16 @@ pub struct ConsumerStats {
     pub handled: u64,
     /// Deliveries of events already handled (acknowledged, nothing changed).
     pub duplicates: u64,
-    /// Failed attempts handed back to the queue for redelivery.
+    /// Failed attempts handed back to the queue for redelivery (`basic.reject`): each spends
+    /// one of the message's deliveries.
     pub requeued: u64,
+    /// Messages handed back unprocessed (`basic.nack`), because the database was unavailable
+    /// or the consumer was shutting down: on RabbitMQ 4.3+ they spend no delivery.
+    pub returned: u64,
+    /// Times the consumer stopped taking deliveries until the database answered again.
+    pub paused: u64,
     /// Messages sent to the dead-letter queue (by the consumer, or rejected to the broker's
-    /// dead-lettering when that failed).
+    /// dead-lettering when that failed), counted once the attempt is over.
     pub dead_lettered: u64,
     /// Events without a handler acknowledged under [`UnknownKind::Ack`].
     pub ignored: u64,
@@ -190,6 +234,8 @@ struct Counters {
     handled: AtomicU64,
     duplicates: AtomicU64,
     requeued: AtomicU64,
+    returned: AtomicU64,
+    paused: AtomicU64,
     dead_lettered: AtomicU64,
     ignored: AtomicU64,
 }
@@ -315,6 +361,8 @@ impl Consumer {
             handled: c.handled.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
             requeued: c.requeued.load(Ordering::Relaxed),
+            returned: c.returned.load(Ordering::Relaxed),
+            paused: c.paused.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             ignored: c.ignored.load(Ordering::Relaxed),
         }
@@ -455,19 +503,6 @@ impl Consumer {
                     e,
                 )
             })?;
-        // A tag per run, prefixed with the consumer name, so the management UI shows which
-        // service and replica holds which messages.
-        let random = uuid::Uuid::now_v7().simple().to_string();
-        let tag = format!("{}.{}", self.name, &random[random.len() - 8..]);
-        let mut deliveries = channel
-            .basic_consume(
-                queue.into(),
-                crate::publish::short(&tag),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::amqp(format!("consuming from queue {queue}"), e))?;
         let permits = usize::from(self.config.prefetch).min(self.db.config().pool_max.max(1));
         let context = Arc::new(Context {
             db: self.db.clone(),
@@ -479,49 +514,16 @@ impl Consumer {
             permits: Semaphore::new(permits),
             shutdown: shutdown.clone(),
             counters: self.counters.clone(),
+            flow: watch::Sender::new(Flow::Consuming),
         });
-        tracing::info!(target: "svcdb_amqp::consumer", %queue, consumer = %self.name, %tag, prefetch = self.config.prefetch, "consuming");
 
         let mut tasks = JoinSet::new();
-        let outcome = loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break Ok(()),
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
-                next = deliveries.next() => match next {
-                    Some(Ok(delivery)) => {
-                        tasks.spawn(handle_delivery(context.clone(), delivery));
-                    }
-                    Some(Err(e)) => break Err(Error::ConnectionLost { reason: e.to_string() }),
-                    None => break Err(Error::ConnectionLost {
-                        reason: format!("the broker cancelled the consumer of {queue} (was the queue deleted?)"),
-                    }),
-                },
-            }
-        };
-
-        if outcome.is_ok() {
-            // Stop the flow, then handle what the broker sent before it saw the cancel: those
-            // messages are ours until acked, and handling them now spares them a redelivery.
-            match channel
-                .basic_cancel(crate::publish::short(&tag), BasicCancelOptions::default())
-                .await
-            {
-                Ok(()) => {
-                    let drain = async {
-                        while let Some(Ok(delivery)) = deliveries.next().await {
-                            tasks.spawn(handle_delivery(context.clone(), delivery));
-                        }
-                    };
-                    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
-                        tracing::debug!(target: "svcdb_amqp::consumer", %queue, "consumer stream did not end after basic.cancel; closing anyway");
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(target: "svcdb_amqp::consumer", %queue, error = %e, "basic.cancel failed; closing the channel instead")
-                }
-            }
-        }
+        let outcome = self
+            .consume_until_stopped(channel, &context, &mut tasks)
+            .await;
+        // Tasks waiting for the pause to hand their message back must not wait for a loop
+        // that has ended.
+        context.flow.send_replace(Flow::Stopped);
 
         let in_flight = tasks.len();
         let finish = async {
@@ -546,6 +548,145 @@ impl Consumer {
             }
         }
         outcome
+    }
+
+    /// Consumes, spawning a task per delivery into `tasks`, until shutdown (`Ok`) or the
+    /// channel is lost; pauses while the database is unavailable.
+    async fn consume_until_stopped(
+        &self,
+        channel: &Channel,
+        context: &Arc<Context>,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<()> {
+        let queue = self.queue.name.as_str();
+        let shutdown = &context.shutdown;
+        let mut resuming = false;
+        loop {
+            // A tag per basic.consume, prefixed with the consumer name, so the management UI
+            // shows which service and replica holds which messages.
+            let random = uuid::Uuid::now_v7().simple().to_string();
+            let tag = format!("{}.{}", self.name, &random[random.len() - 8..]);
+            let mut deliveries = channel
+                .basic_consume(
+                    queue.into(),
+                    crate::publish::short(&tag),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| {
+                    if resuming && !channel.status().connected() {
+                        // Lost while paused (a broker restart): reconnecting helps.
+                        Error::ConnectionLost {
+                            reason: format!(
+                                "the channel closed while the consumer was paused: {e}"
+                            ),
+                        }
+                    } else {
+                        Error::amqp(format!("consuming from queue {queue}"), e)
+                    }
+                })?;
+            context.flow.send_replace(Flow::Consuming);
+            tracing::info!(target: "svcdb_amqp::consumer", %queue, consumer = %self.name, %tag, prefetch = self.config.prefetch, "consuming");
+
+            let mut flow = context.flow.subscribe();
+            let pause = loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break false,
+                    Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
+                    _ = flow.wait_for(|f| *f == Flow::PauseRequested) => break true,
+                    next = deliveries.next() => match next {
+                        Some(Ok(delivery)) => {
+                            tasks.spawn(handle_delivery(context.clone(), delivery));
+                        }
+                        Some(Err(e)) => return Err(Error::ConnectionLost { reason: e.to_string() }),
+                        None => return Err(Error::ConnectionLost {
+                            reason: format!("the broker cancelled the consumer of {queue} (was the queue deleted?)"),
+                        }),
+                    },
+                }
+            };
+            // Stop the flow, then handle what the broker sent before it saw the cancel: those
+            // messages are ours until settled, and handling them now spares them a
+            // redelivery (while paused, they are handed back if the database is still out).
+            cancel_and_drain(channel, &tag, &mut deliveries, context, tasks).await;
+            if !pause {
+                return Ok(());
+            }
+
+            context.flow.send_replace(Flow::Paused);
+            Counters::bump(&context.counters.paused);
+            tracing::warn!(target: "svcdb_amqp::consumer", %queue, consumer = %self.name, "the database is unavailable; stopped taking deliveries until it answers");
+            let mut wait = self.options.retry_delay;
+            loop {
+                if !sleep_unless_shutdown(shutdown, wait).await {
+                    return Ok(());
+                }
+                let check = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(()),
+                    check = database_can_write(&self.db) => check,
+                };
+                match check {
+                    Ok(()) => break,
+                    Err(reason) => {
+                        wait = (wait * 2).min(self.options.max_retry_delay);
+                        tracing::debug!(target: "svcdb_amqp::consumer", %queue, %reason, check_in = ?wait, "the database is still unavailable");
+                    }
+                }
+            }
+            tracing::info!(target: "svcdb_amqp::consumer", %queue, consumer = %self.name, "the database answers again; taking deliveries");
+            resuming = true;
+        }
+    }
+}
+
+/// Cancels the consumer `tag` and spawns a task for each delivery the broker sent before it
+/// saw the cancel.
+async fn cancel_and_drain(
+    channel: &Channel,
+    tag: &str,
+    deliveries: &mut lapin::Consumer,
+    context: &Arc<Context>,
+    tasks: &mut JoinSet<()>,
+) {
+    let queue = context.queue.name.as_str();
+    let cancel = channel.basic_cancel(crate::publish::short(tag), BasicCancelOptions::default());
+    // Bounded: a broker that went silent never confirms the cancel.
+    match tokio::time::timeout(DRAIN_TIMEOUT, cancel).await {
+        Ok(Ok(())) => {
+            let drain = async {
+                while let Some(Ok(delivery)) = deliveries.next().await {
+                    tasks.spawn(handle_delivery(context.clone(), delivery));
+                }
+            };
+            if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+                tracing::debug!(target: "svcdb_amqp::consumer", %queue, "consumer stream did not end after basic.cancel; going on anyway");
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(target: "svcdb_amqp::consumer", %queue, error = %e, "basic.cancel failed; the channel is closed with the consumer")
+        }
+        Err(_) => {
+            tracing::debug!(target: "svcdb_amqp::consumer", %queue, timeout = ?DRAIN_TIMEOUT, "the broker did not confirm basic.cancel; going on anyway")
+        }
+    }
+}
+
+/// `Ok` when the database hands out a connection that can write; else why not. Handlers'
+/// transactions always write (the claim), so a connection to a primary that turned read-only
+/// is not "back".
+async fn database_can_write(db: &ServiceDb) -> std::result::Result<(), String> {
+    let conn = db.get().await.map_err(|e| e.to_string())?;
+    let row = conn
+        .query_one("SELECT current_setting('transaction_read_only')", &[])
+        .await
+        .map_err(|e| svcdb::error::pg_message(&e))?;
+    match row.try_get::<_, String>(0).as_deref() {
+        Ok("off") => Ok(()),
+        Ok(_) => Err("the database accepts only read-only transactions".to_owned()),
+        Err(e) => Err(svcdb::error::pg_message(e)),
     }
 }
 
@@ -593,6 +734,21 @@ fn log_join(joined: std::result::Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// Whether the consumer takes deliveries: a delivery task that met an unavailable database
+/// asks for a pause, and hands its message back once the broker sends nothing more (else the
+/// broker could hand it straight back to this consumer, spending a delivery before 4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// `basic.consume` is active.
+    Consuming,
+    /// A task met an unavailable database; the consume loop is to cancel.
+    PauseRequested,
+    /// Cancelled, until the database answers again.
+    Paused,
+    /// The consume loop ended (shutdown, lost channel).
+    Stopped,
+}
+
 /// What each delivery task needs, shared.
 struct Context {
     /// The service's pool.
@@ -613,14 +769,13 @@ struct Context {
     shutdown: CancellationToken,
     /// The consumer's counters.
     counters: Arc<Counters>,
+    /// Consuming or paused for the database.
+    flow: watch::Sender<Flow>,
 }
 
-/// Handles one delivery to the end: acked, requeued or dead-lettered.
+/// Handles one delivery to the end: acked, handed back, or dead-lettered.
 async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
-    let Ok(_permit) = context.permits.acquire().await else {
-        return; // never closed
-    };
-    let deliveries = delivery_count(&delivery).saturating_add(1);
+    let deliveries = delivery_number(&delivery);
     let queue = context.queue.name.as_str();
     let envelope = match Envelope::from_slice(&delivery.data) {
         Ok(envelope) => envelope,
@@ -636,7 +791,7 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
         return match context.options.unknown_kind {
             UnknownKind::Ack => {
                 tracing::debug!(target: "svcdb_amqp::consumer", %queue, %id, %kind, "no handler for this kind; acknowledged");
-                ack(&delivery, queue, id).await;
+                ack(&context, &delivery, id).await;
                 Counters::bump(&context.counters.ignored);
             }
             UnknownKind::DeadLetter => {
@@ -650,52 +805,65 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
         };
     };
 
-    let mut pause = context.options.retry_delay;
-    loop {
-        match process(&context, &handler, &envelope).await {
-            Ok(Processed::Done(())) => {
-                tracing::debug!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, "handled");
-                ack(&delivery, queue, id).await;
-                return Counters::bump(&context.counters.handled);
-            }
-            Ok(Processed::Duplicate) => {
-                tracing::debug!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, "duplicate; already handled");
-                ack(&delivery, queue, id).await;
-                return Counters::bump(&context.counters.duplicates);
-            }
-            Err(e) if e.is_infrastructure() => {
-                // The database, not the event: keep the message and try again without
-                // spending a delivery (at shutdown, hand it back for another replica).
-                if context.shutdown.is_cancelled() {
-                    return nack_requeue(&context, &delivery, id).await;
+    let outcome = {
+        let Ok(_permit) = context.permits.acquire().await else {
+            return; // never closed
+        };
+        process(&context, &handler, &envelope).await
+        // The permit goes back here: what follows waits (for a pause, a backoff, the broker)
+        // and must not keep healthy messages from the database.
+    };
+    match outcome {
+        Ok(Processed::Done(())) => {
+            tracing::debug!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, "handled");
+            ack(&context, &delivery, id).await;
+            Counters::bump(&context.counters.handled);
+        }
+        Ok(Processed::Duplicate) => {
+            tracing::debug!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, "duplicate; already handled");
+            ack(&context, &delivery, id).await;
+            Counters::bump(&context.counters.duplicates);
+        }
+        Err(e) if e.is_database_unavailable() => {
+            // The database, not the event: hand the message back without counting a failure,
+            // once this consumer takes no more deliveries (it pauses until the database
+            // answers; at shutdown it stops anyway).
+            tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, error = %e, "database unavailable; handing the event back and pausing");
+            context.flow.send_if_modified(|flow| {
+                let request = *flow == Flow::Consuming;
+                if request {
+                    *flow = Flow::PauseRequested;
                 }
-                tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, error = %e, retry_in = ?pause, "database unavailable; retrying the event");
-                if !sleep_unless_shutdown(&context.shutdown, pause).await {
-                    return nack_requeue(&context, &delivery, id).await;
-                }
-                pause = (pause * 2).min(context.options.max_retry_delay);
+                request
+            });
+            let mut flow = context.flow.subscribe();
+            // The consume loop sets Paused or Stopped on every path out of Consuming.
+            let _ = flow
+                .wait_for(|f| matches!(f, Flow::Paused | Flow::Stopped))
+                .await;
+            return_unprocessed(&context, &delivery, id).await;
+        }
+        Err(e) => {
+            let max = context.queue.max_deliveries;
+            if e.is_permanent() || deliveries >= max {
+                let reason = if e.is_permanent() {
+                    format!("handler refused the event for good: {e}")
+                } else {
+                    format!("handler failed on delivery {deliveries} of {max}: {e}")
+                };
+                tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, %reason, "dead-lettering");
+                return dead_letter(&context, &delivery, &reason, deliveries).await;
             }
-            Err(e) => {
-                let max = context.queue.max_deliveries;
-                if e.is_permanent() || deliveries >= max {
-                    let reason = if e.is_permanent() {
-                        format!("handler refused the event for good: {e}")
-                    } else {
-                        format!("handler failed on delivery {deliveries} of {max}: {e}")
-                    };
-                    tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, %reason, "dead-lettering");
-                    return dead_letter(&context, &delivery, &reason, deliveries).await;
-                }
-                let exponent = deliveries.saturating_sub(1).min(16);
-                let pause = context
-                    .options
-                    .retry_delay
-                    .saturating_mul(1 << exponent)
-                    .min(context.options.max_retry_delay);
-                tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, max, error = %e, requeue_in = ?pause, "handler failed; the event will be redelivered");
-                sleep_unless_shutdown(&context.shutdown, pause).await;
-                return nack_requeue(&context, &delivery, id).await;
-            }
+            let exponent = deliveries.saturating_sub(1).min(16);
+            let pause = context
+                .options
+                .retry_delay
+                .saturating_mul(1 << exponent)
+                .min(context.options.max_retry_delay);
+            tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, max, error = %e, requeue_in = ?pause, "handler failed; the event will be redelivered");
+            // Cut short at shutdown; the attempt failed all the same, so it still counts.
+            sleep_unless_shutdown(&context.shutdown, pause).await;
+            return_failed(&context, &delivery, id).await;
         }
     }
 }
@@ -743,11 +911,20 @@ async fn sleep_unless_shutdown(shutdown: &CancellationToken, pause: Duration) ->
     }
 }
 
-/// Earlier deliveries of this message, as counted by a quorum queue (`x-delivery-count`,
-/// absent on the first delivery). Classic queues do not count; they report 0.
-fn delivery_count(delivery: &Delivery) -> u32 {
+/// This delivery's number, the first being 1: the failed deliveries the quorum queue counted
+/// before it (`x-delivery-count`, absent on a first delivery), plus one. See the module's
+/// "Delivery counting" for what counts on which RabbitMQ version.
+///
+/// A delivery the broker does not flag `redelivered` is the message's first from this queue,
+/// whatever its headers say: a message republished by hand (from a dead-letter queue, say)
+/// may still carry the count of its earlier life. Classic queues do not count; on them every
+/// delivery is number 1.
+fn delivery_number(delivery: &Delivery) -> u32 {
+    if !delivery.redelivered {
+        return 1;
+    }
     let Some(headers) = delivery.properties.headers() else {
-        return 0;
+        return 1;
     };
     let count = match headers.inner().get("x-delivery-count") {
         Some(AMQPValue::LongLongInt(n)) => *n,
@@ -756,50 +933,102 @@ fn delivery_count(delivery: &Delivery) -> u32 {
         Some(AMQPValue::LongUInt(n)) => i64::from(*n),
         _ => 0,
     };
-    u32::try_from(count).unwrap_or(0)
+    u32::try_from(count).unwrap_or(0).saturating_add(1)
 }
 
-async fn ack(delivery: &Delivery, queue: &str, id: uuid::Uuid) {
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-        // Committed but not acknowledged: the broker redelivers it and the claim makes the
-        // redelivery a duplicate.
-        tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, error = %e, "could not acknowledge a handled event; its redelivery will be a duplicate");
-    }
-}
-
-async fn nack_requeue(context: &Context, delivery: &Delivery, id: uuid::Uuid) {
+/// Waits for a settlement (ack, reject, nack) to be written, up to the confirm timeout: a
+/// connection the broker blocked (memory or disk alarm) writes nothing. A message left
+/// unsettled is redelivered when the channel closes.
+async fn settle<T>(
+    context: &Context,
+    id: Option<uuid::Uuid>,
+    what: &str,
+    settlement: impl Future<Output = lapin::Result<T>>,
+) {
     let queue = context.queue.name.as_str();
-    Counters::bump(&context.counters.requeued);
-    let options = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    if let Err(e) = delivery.nack(options).await {
-        tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, error = %e, "could not requeue a failed event; the broker redelivers it when the channel closes");
+    match tokio::time::timeout(context.options.confirm_timeout, settlement).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(target: "svcdb_amqp::consumer", %queue, ?id, error = %e, "could not {what}; the broker redelivers the message when the channel closes");
+        }
+        Err(_) => {
+            tracing::warn!(target: "svcdb_amqp::consumer", %queue, ?id, timeout = ?context.options.confirm_timeout, "could not {what} in time (is the connection blocked?); the broker redelivers the message when the channel closes");
+        }
     }
+}
+
+async fn ack(context: &Context, delivery: &Delivery, id: uuid::Uuid) {
+    // Committed but not acknowledged: the redelivery finds the claim and is a duplicate.
+    let ack = delivery.ack(BasicAckOptions::default());
+    settle(context, Some(id), "acknowledge a handled event", ack).await;
+}
+
+/// Hands back a message whose handler failed, with `basic.reject` and requeue: a failed
+/// delivery on every RabbitMQ version. (Before 4.3 every return counts; since 4.3 only
+/// `basic.reject` and a closed channel do, `basic.nack` does not: rabbitmq-server PR 15387,
+/// <https://www.rabbitmq.com/docs/4.3/nack>. A nack here would retry a poison message
+/// forever on 4.3, its `x-delivery-count` stuck.)
+async fn return_failed(context: &Context, delivery: &Delivery, id: uuid::Uuid) {
+    Counters::bump(&context.counters.requeued);
+    let reject = delivery.reject(BasicRejectOptions { requeue: true });
+    settle(context, Some(id), "requeue a failed event", reject).await;
+}
+
+/// Hands back a message that was not processed (database unavailable, shutdown), with
+/// `basic.nack` and requeue: since RabbitMQ 4.3 a return without failure that leaves
+/// `x-delivery-count` as it is (rabbitmq-server PR 15387,
+/// <https://www.rabbitmq.com/docs/4.3/nack>). Before 4.3 a quorum queue counts every return,
+/// this one too: a database outage then costs each message in flight one delivery (one per
+/// outage, as the consumer pauses rather than retries).
+async fn return_unprocessed(context: &Context, delivery: &Delivery, id: uuid::Uuid) {
+    Counters::bump(&context.counters.returned);
+    let nack = delivery.nack(BasicNackOptions {
+        requeue: true,
+        multiple: false, // a multiple nack never counts on 4.3 either, but takes others along
+    });
+    settle(context, Some(id), "hand back an unprocessed event", nack).await;
 }
 
 /// The longest reason kept in the dead-letter header, in characters.
 const MAX_REASON_CHARS: usize = 2000;
 
+/// Headers with which the broker counts a message's deliveries and dead-letterings. A
+/// dead-letter copy goes without them: replayed after a fix, it starts with every delivery
+/// (else it would arrive "at 5 of 5" and go back to the dead-letter queue on its first
+/// transient failure).
+const BROKER_COUNTING_HEADERS: [&str; 9] = [
+    "x-delivery-count",
+    "x-acquired-count",
+    "x-death",
+    "x-first-death-reason",
+    "x-first-death-queue",
+    "x-first-death-exchange",
+    "x-last-death-reason",
+    "x-last-death-queue",
+    "x-last-death-exchange",
+];
+
 /// Copies the message to the dead-letter exchange with the reason, then acknowledges it; if
-/// the copy is not confirmed, rejects it so the broker dead-letters it instead.
+/// the copy is not confirmed in time, rejects it so the broker dead-letters it instead.
 async fn dead_letter(context: &Context, delivery: &Delivery, reason: &str, deliveries: u32) {
     let queue = context.queue.name.as_str();
-    Counters::bump(&context.counters.dead_lettered);
-    match publish_dead_letter(context, delivery, reason, deliveries).await {
+    // One bound on both halves (`publish::start` and `finish`): `basic_publish` waits for its
+    // frames to be written, which stops while the broker blocks the connection (memory or
+    // disk alarm) or goes silent.
+    let deadline = crate::publish::Deadline::after(context.options.confirm_timeout);
+    let published = publish_dead_letter(context, delivery, reason, deliveries, deadline).await;
+    match published {
         Ok(()) => {
-            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                tracing::warn!(target: "svcdb_amqp::consumer", %queue, error = %e, "could not acknowledge a dead-lettered message; it will be delivered again");
-            }
+            let ack = delivery.ack(BasicAckOptions::default());
+            settle(context, None, "acknowledge a dead-lettered message", ack).await;
         }
         Err(e) => {
             tracing::warn!(target: "svcdb_amqp::consumer", %queue, error = %e, "could not copy the message to the dead-letter exchange; rejecting it so the broker dead-letters it (without the reason header)");
-            if let Err(e) = delivery.reject(BasicRejectOptions { requeue: false }).await {
-                tracing::warn!(target: "svcdb_amqp::consumer", %queue, error = %e, "could not reject the message; it will be delivered again");
-            }
+            let reject = delivery.reject(BasicRejectOptions { requeue: false });
+            settle(context, None, "reject a message to dead-letter it", reject).await;
         }
     }
+    Counters::bump(&context.counters.dead_lettered);
 }
 
 async fn publish_dead_letter(
@@ -807,9 +1036,22 @@ async fn publish_dead_letter(
     delivery: &Delivery,
     reason: &str,
     deliveries: u32,
+    deadline: crate::publish::Deadline,
 ) -> Result<()> {
     let exchange = context.queue.dead_letter_exchange();
-    let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
+    let mut headers: FieldTable = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map(|h| {
+            h.inner()
+                .iter()
+                .filter(|(name, _)| !BROKER_COUNTING_HEADERS.contains(&name.as_str()))
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+                .into()
+        })
+        .unwrap_or_default();
     let text = |s: &str| AMQPValue::LongString(LongString::from(s));
     let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
     headers.insert("x-svcdb-reason".into(), text(&reason));
@@ -823,6 +1065,7 @@ async fn publish_dead_letter(
         "x-svcdb-original-routing-key".into(),
         text(delivery.routing_key.as_str()),
     );
+    // Replaces the count of an earlier dead-lettering of a replayed message.
     headers.insert(
         "x-svcdb-deliveries".into(),
         AMQPValue::LongLongInt(i64::from(deliveries)),
@@ -832,7 +1075,6 @@ async fn publish_dead_letter(
         "a dead letter from {} to exchange {exchange}",
         context.queue.name
     );
-    let deadline = crate::publish::Deadline::after(context.options.confirm_timeout);
     let confirm = crate::publish::start(
         &context.dead_letters,
         &exchange,

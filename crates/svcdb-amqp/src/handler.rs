@@ -92,13 +92,14 @@ impl<H: EventHandler> DynHandler for H {
 ///
 /// * **Permanent** ([`HandlerError::permanent`], or an [`svcdb::EventError`] such as a payload
 ///   of the wrong shape): retrying cannot help, so the message is dead-lettered at once.
-/// * **Infrastructure** (the pool timed out or is closed, the database connection broke):
-///   the event is not at fault, so the consumer keeps the message and retries it itself, with
-///   backoff, without spending one of the queue's deliveries; a database failover does not
-///   dead-letter the backlog.
-/// * **Anything else**: the message is requeued after a pause and redelivered, up to the
-///   queue's [`max_deliveries`](crate::topology::QueueSpec::max_deliveries); the last failure
-///   is dead-lettered with this error's text.
+/// * **Database unavailable** ([`HandlerError::is_database_unavailable`]: no connection, a
+///   terminated backend, a read-only primary after a failover, …): the event is not at fault,
+///   so the message is handed back without spending one of the queue's deliveries and the
+///   consumer pauses until the database answers again; a failover does not dead-letter the
+///   backlog.
+/// * **Anything else**: the message is returned as failed after a pause and redelivered, up
+///   to the queue's [`max_deliveries`](crate::topology::QueueSpec::max_deliveries); the last
+///   failure is dead-lettered with this error's text.
 ///
 /// Serialization failures and deadlocks never get here: the transaction is retried first
 /// ([`ConsumerOptions::tx`](crate::consumer::ConsumerOptions::tx)).
@@ -132,20 +133,27 @@ impl HandlerError {
         self.permanent || self.inner.downcast_ref::<svcdb::EventError>().is_some()
     }
 
-    /// True when the failure lies with the database connection rather than the event: the
-    /// consumer retries these without spending a delivery.
-    pub fn is_infrastructure(&self) -> bool {
-        match self.inner.downcast_ref::<svcdb::Error>() {
-            Some(svcdb::Error::AcquireTimeout { .. } | svcdb::Error::PoolClosed) => true,
-            Some(svcdb::Error::Connect { .. }) => true,
-            // No SQLSTATE: the connection failed (closed, reset), not the statement.
-            Some(svcdb::Error::Db(e)) => e.code().is_none() && e.is_closed(),
-            Some(_) => false,
-            None => self
-                .inner
-                .downcast_ref::<PgError>()
-                .is_some_and(|e| e.code().is_none() && e.is_closed()),
+    /// True when the database, not the event, is at fault: no connection, a backend
+    /// terminated mid-statement, a primary that turned read-only after a failover, too many
+    /// connections ([`svcdb::Error::is_database_unavailable`] lists them). The error may be
+    /// returned as is, or wrapped: every error in its source chain is looked at. The consumer
+    /// hands the message back without spending a delivery and pauses until the database
+    /// answers again.
+    pub fn is_database_unavailable(&self) -> bool {
+        let mut next: Option<&(dyn StdError + 'static)> = Some(&*self.inner);
+        while let Some(e) = next {
+            if let Some(e) = e.downcast_ref::<svcdb::Error>() {
+                if e.is_database_unavailable() {
+                    return true;
+                }
+            } else if let Some(e) = e.downcast_ref::<PgError>() {
+                if svcdb::error::is_database_unavailable(e) {
+                    return true;
+                }
+            }
+            next = e.source();
         }
+        false
     }
 
     /// The error as returned, for downcasting.
@@ -208,7 +216,7 @@ mod tests {
     #[test]
     fn classifies_errors() {
         let plain = HandlerError::msg("stock table is locked");
-        assert!(!plain.is_permanent() && !plain.is_infrastructure() && !plain.is_retryable());
+        assert!(!plain.is_permanent() && !plain.is_database_unavailable() && !plain.is_retryable());
         assert_eq!(plain.to_string(), "stock table is locked");
 
         let permanent = HandlerError::permanent(HandlerError::msg("unknown product"));
@@ -218,6 +226,13 @@ mod tests {
         assert!(payload.is_permanent());
 
         let pool: HandlerError = svcdb::Error::PoolClosed.into();
-        assert!(pool.is_infrastructure() && !pool.is_permanent());
+        assert!(pool.is_database_unavailable() && !pool.is_permanent());
+
+        // Wrapped: found in the source chain.
+        #[derive(Debug, thiserror::Error)]
+        #[error("reserving stock")]
+        struct Wrapped(#[source] svcdb::Error);
+        let wrapped: HandlerError = Wrapped(svcdb::Error::PoolClosed).into();
+        assert!(wrapped.is_database_unavailable());
     }
 }

@@ -34,8 +34,11 @@
 //! (classic queues, a header incremented on each republish) cannot count the attempts that
 //! matter most: a handler that crashes the process, or hangs until the pod is killed, never
 //! gets to republish, so the poison message comes back uncounted and kills the next replica
-//! too. Quorum queues count every return to the queue in the broker (`x-delivery-count`), crash
-//! or nack alike, and dead-letter the message once `x-delivery-limit` is exceeded. They are
+//! too. Quorum queues count failed deliveries in the broker (`x-delivery-count`): a channel
+//! closed with the message unacknowledged (a crash) or a `basic.reject`, and before RabbitMQ
+//! 4.3 every other return as well (see the consumer's
+//! [delivery counting](crate::consumer#delivery-counting)); they dead-letter the message once
+//! `x-delivery-limit` is exceeded. They are
 //! also replicated and fsync'd (the durable choice on a cluster), and RabbitMQ 3.10 supports
 //! at-least-once dead-lettering for them (`x-dead-letter-strategy`), so a poison message is not
 //! lost on its way to the DLQ either. [`QueueSpec::max_deliveries`] is the number of
@@ -334,11 +337,21 @@ pub(crate) async fn open_channel(connection: &Connection, purpose: &str) -> Resu
         .map_err(|e| Error::amqp(format!("opening a channel for {purpose}"), e))
 }
 
+/// Longest wait for the broker to confirm a channel's close: one that went silent must not
+/// stall a shutdown (the connection's close, bounded too, ends the channel anyway).
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Closes a channel we opened, ignoring a channel the broker already closed.
 pub(crate) async fn close_channel(channel: &Channel) {
     if channel.status().connected() {
-        if let Err(e) = channel.close(200, "OK".into()).await {
-            tracing::debug!(target: "svcdb_amqp::topology", error = %e, "closing a channel failed");
+        match tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(target: "svcdb_amqp::topology", error = %e, "closing a channel failed")
+            }
+            Err(_) => {
+                tracing::debug!(target: "svcdb_amqp::topology", timeout = ?CLOSE_TIMEOUT, "closing a channel timed out")
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -374,18 +374,102 @@ async fn malformed_messages_and_unknown_kinds_are_dead_lettered_without_retries(
     assert_eq!(s.broker.ready(&s.queue.name).await, 0);
 }
 
+/// Runs `statements` one by one (each its own transaction) on the test database as the
+/// admin, outside the service's pool.
+async fn admin(test_db: &svcdb::testing::TestDb, statements: &[&str]) {
+    let conn = test_db.admin().await;
+    for statement in statements {
+        conn.batch_execute(statement).await.unwrap();
+    }
+}
+
+/// Ends every session on the test database but the caller's: a failover, seen from the
+/// service (its pooled connections die, new ones go wherever the server sends them).
+const TERMINATE_OTHER_SESSIONS: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+     WHERE datname = current_database() AND pid <> pg_backend_pid()";
+
 #[tokio::test]
-async fn database_outages_are_retried_without_spending_deliveries() {
-    // One delivery allowed: a requeue would dead-letter the event.
-    let s = setup(1).await;
+async fn poison_messages_are_counted_on_every_rabbitmq_version() {
+    // Failures go back with basic.reject, which counts on 3.x and 4.3+ alike; a database
+    // outage goes back with basic.nack, which 4.3+ does not count. Seen on the wire through
+    // the proxy, and in the count the consumer dead-letters with.
+    let s = setup(4).await;
     let (_test_db, db) = service().await;
+    let nack_counts = s.broker.nack_spends_a_delivery().await;
+    let port = common::closed_port();
+    let proxy = common::Proxy::start(port).await;
+    let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
     let attempts = Arc::new(AtomicU32::new(0));
     let counter = attempts.clone();
+    let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
+        .on(KIND, move |tx, _event| {
+            let counter = counter.clone();
+            Box::pin(async move {
+                if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // A real outage for this attempt: its own backend terminated (57P01).
+                    tx.execute("SELECT pg_terminate_backend(pg_backend_pid())", &[])
+                        .await?;
+                    unreachable!("the backend was terminated under its statement");
+                }
+                Err(HandlerError::msg("product abc123 is locked by an audit"))
+            })
+        })
+        .with_options(fast());
+    let (shutdown, task) = start(&consumer);
+
+    let reserved = event();
+    s.publish(&reserved).await;
+    let dead = s
+        .broker
+        .take(&s.queue.dead_letter_queue(), 1, Duration::from_secs(10))
+        .await;
+    stop(shutdown, task).await;
+
+    // Deliveries 1 to 4, as the consumer counted them; the outage's return counted as one
+    // only where the broker counts a nack.
+    let reason = header(&dead[0], "x-svcdb-reason").unwrap();
+    assert!(reason.contains("delivery 4 of 4"), "{reason}");
+    assert_eq!(header(&dead[0], "x-svcdb-deliveries").as_deref(), Some("4"));
+    let free_return = u32::from(!nack_counts);
+    assert_eq!(attempts.load(Ordering::SeqCst), 4 + free_return);
+    let failures_returned = 2 + free_return as usize;
+    assert_eq!(proxy.sent(common::BASIC_REJECT), failures_returned);
+    assert_eq!(
+        proxy.sent(common::BASIC_NACK),
+        1,
+        "only the outage is nacked"
+    );
+    let stats = consumer.stats();
+    assert_eq!(
+        (
+            stats.requeued,
+            stats.returned,
+            stats.paused,
+            stats.dead_lettered
+        ),
+        (failures_returned as u64, 1, 1, 1)
+    );
+}
+
+#[tokio::test]
+async fn a_message_replayed_from_the_dead_letter_queue_starts_with_a_fresh_count() {
+    let s = setup(2).await;
+    let (_test_db, db) = service().await;
+    // The copies as the consumer publishes them, before the dead-letter queue (a quorum
+    // queue) sets its own count on them.
+    let copies = s.broker.tap(&s.queue.dead_letter_exchange()).await;
+    let fixed = Arc::new(AtomicBool::new(false));
+    let after_fix = Arc::new(AtomicU32::new(0));
+    let (is_fixed, counter) = (fixed.clone(), after_fix.clone());
     let consumer = s.consumer(&db).on(KIND, move |tx, event| {
-        let counter = counter.clone();
+        let (is_fixed, counter) = (is_fixed.clone(), counter.clone());
         Box::pin(async move {
-            if counter.fetch_add(1, Ordering::SeqCst) < 2 {
-                return Err(svcdb::Error::PoolClosed.into()); // what a failover looks like
+            if !is_fixed.load(Ordering::SeqCst) {
+                return Err(HandlerError::msg("bug: quantity read as a string"));
+            }
+            // Fixed, yet the first attempt meets a transient failure.
+            if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(HandlerError::msg("stock row briefly locked"));
             }
             record(tx, event).await
         })
@@ -394,16 +478,299 @@ async fn database_outages_are_retried_without_spending_deliveries() {
 
     let reserved = event();
     s.publish(&reserved).await;
-    eventually("the event is handled", || async {
+    let dead = s.broker.take(&copies, 1, Duration::from_secs(10)).await;
+    let copy = &dead[0];
+    for counting in ["x-delivery-count", "x-acquired-count", "x-death"] {
+        assert_eq!(header(copy, counting), None, "{counting} left on the copy");
+    }
+    assert_eq!(header(copy, "x-svcdb-deliveries").as_deref(), Some("2"));
+
+    // The fix is deployed; a person replays the dead letter as it is, headers and all.
+    fixed.store(true, Ordering::SeqCst);
+    let exchange = header(copy, "x-svcdb-original-exchange").unwrap();
+    let routing_key = header(copy, "x-svcdb-original-routing-key").unwrap();
+    s.broker
+        .publish_with(&exchange, &routing_key, &copy.data, copy.properties.clone())
+        .await;
+    eventually("the replayed event is handled", || async {
         consumer.stats().handled == 1
     })
     .await;
     stop(shutdown, task).await;
 
-    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        after_fix.load(Ordering::SeqCst),
+        2,
+        "one transient failure, then done"
+    );
+    assert_eq!(effects(&db, reserved.id).await, 1);
+    assert_eq!(
+        consumer.stats().dead_lettered,
+        1,
+        "dead-lettered once, before the fix"
+    );
+    assert_eq!(s.broker.ready(&s.queue.dead_letter_queue()).await, 1);
+}
+
+#[tokio::test]
+async fn a_first_delivery_is_number_one_whatever_count_its_headers_carry() {
+    // A copy dead-lettered by the broker (or by RabbitMQ 4.x, which carries the count across
+    // dead-lettering) and replayed by hand still says "4 earlier deliveries".
+    let s = setup(5).await;
+    let (_test_db, db) = service().await;
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counter = attempts.clone();
+    let consumer = s.consumer(&db).on(KIND, move |tx, event| {
+        let counter = counter.clone();
+        Box::pin(async move {
+            if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(HandlerError::msg("stock row briefly locked"));
+            }
+            record(tx, event).await
+        })
+    });
+    let (shutdown, task) = start(&consumer);
+
+    let reserved = event();
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-delivery-count".into(),
+        lapin::types::AMQPValue::LongLongInt(4),
+    );
+    let properties = svcdb_amqp::publish::envelope_properties(&reserved).with_headers(headers);
+    s.broker
+        .publish_with(
+            &s.exchange,
+            "product.stock.reserved",
+            &reserved.to_json_bytes(),
+            properties,
+        )
+        .await;
+    eventually("the event is handled on its second delivery", || async {
+        consumer.stats().handled == 1
+    })
+    .await;
+    stop(shutdown, task).await;
+
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(consumer.stats().dead_lettered, 0);
+}
+
+#[tokio::test]
+async fn a_dead_letter_publish_to_a_silent_broker_gives_up_at_the_timeout() {
+    let s = setup(5).await;
+    let (_test_db, db) = service().await;
+    let port = common::closed_port();
+    let proxy = common::Proxy::start(port).await;
+    // The broker goes silent when the dead-letter copy starts: its frames pile up in the
+    // socket buffers until they are full, and lapin's writes stop there.
+    proxy.freeze_at(common::BASIC_PUBLISH);
+    let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
+    let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
+        .on(KIND, |tx, event| Box::pin(record(tx, event)))
+        .with_options(ConsumerOptions {
+            confirm_timeout: Duration::from_millis(200),
+            // Far beyond the test's wait: only the publish's own bound can end the attempt.
+            shutdown_timeout: Duration::from_secs(3600),
+            ..fast()
+        });
+    let (shutdown, task) = start(&consumer);
+
+    // Too large to be an event, so dead-lettered at once, and too large for the buffers.
+    let body = vec![b'x'; 32 * 1024 * 1024];
+    s.broker
+        .publish_raw(&s.exchange, "product.stock.reserved", &body)
+        .await;
+    eventually("the dead-letter attempt ends", || async {
+        consumer.stats().dead_lettered == 1
+    })
+    .await;
+    assert_eq!(proxy.sent(common::BASIC_PUBLISH), 1);
+    proxy.cut(); // the connection drops; the message, never settled, is redelivered later
+    stop(shutdown, task).await;
+    assert_eq!(s.broker.ready(&s.queue.name).await, 1);
+}
+
+#[tokio::test]
+async fn a_primary_turned_read_only_pauses_the_consumer_instead_of_dead_lettering() {
+    // Two deliveries: a failure counted for the read-only attempt (or a return counted per
+    // retry, as 3.x counts nacks) would dead-letter the event.
+    let s = setup(2).await;
+    let (test_db, db) = service().await;
+    // svcdb begins its transactions READ WRITE explicitly, which overrides the database's
+    // default; the handler applies the default to its transaction itself, as a transaction
+    // begun without a mode would.
+    let consumer = s.consumer(&db).on(KIND, |tx, event| {
+        Box::pin(async move {
+            tx.execute(
+                "SELECT set_config('transaction_read_only', current_setting('default_transaction_read_only'), true)",
+                &[],
+            )
+            .await?;
+            record(tx, event).await
+        })
+    });
+    let (shutdown, task) = start(&consumer);
+    let warm_up = event();
+    s.publish(&warm_up).await;
+    eventually("the consumer is up", || async {
+        consumer.stats().handled == 1
+    })
+    .await;
+
+    // Failover to a node that refuses writes (25006): existing sessions end, new ones are
+    // read-only.
+    let database = test_db.name().to_owned();
+    admin(
+        &test_db,
+        &[
+            &format!("ALTER DATABASE \"{database}\" SET default_transaction_read_only = on"),
+            TERMINATE_OTHER_SESSIONS,
+        ],
+    )
+    .await;
+    let reserved = event();
+    s.publish(&reserved).await;
+    eventually("the consumer hands the event back and pauses", || async {
+        let stats = consumer.stats();
+        stats.returned >= 1 && stats.paused == 1
+    })
+    .await;
+    assert_eq!(effects(&db, reserved.id).await, 0);
+
+    // The writable primary is back; the read-only sessions end with the failover.
+    admin(
+        &test_db,
+        &[
+            "SET default_transaction_read_only = off", // this session started read-only too
+            &format!("ALTER DATABASE \"{database}\" RESET default_transaction_read_only"),
+            TERMINATE_OTHER_SESSIONS,
+        ],
+    )
+    .await;
+    eventually(
+        "the event is handled once the database can write",
+        || async { consumer.stats().handled == 2 },
+    )
+    .await;
+    stop(shutdown, task).await;
+
     assert_eq!(effects(&db, reserved.id).await, 1);
     let stats = consumer.stats();
     assert_eq!((stats.requeued, stats.dead_lettered), (0, 0));
+    assert_eq!(s.broker.ready(&s.queue.dead_letter_queue()).await, 0);
+    assert_eq!(s.broker.ready(&s.queue.name).await, 0);
+}
+
+#[tokio::test]
+async fn a_backend_terminated_mid_statement_is_not_a_handler_failure() {
+    let s = setup(2).await;
+    let (test_db, db) = service().await;
+    let (pid_tx, pid_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counter = attempts.clone();
+    let consumer = s.consumer(&db).on(KIND, move |tx, event| {
+        let (pid_tx, counter) = (pid_tx.clone(), counter.clone());
+        Box::pin(async move {
+            if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                pid_tx.send(pid).unwrap();
+                tx.execute("SELECT pg_sleep(60)", &[]).await?; // terminated here
+            }
+            record(tx, event).await
+        })
+    });
+    let (shutdown, task) = start(&consumer);
+
+    let reserved = event();
+    s.publish(&reserved).await;
+    let mut pid_rx = pid_rx;
+    let pid = tokio::time::timeout(Duration::from_secs(10), pid_rx.recv())
+        .await
+        .expect("the handler starts")
+        .unwrap();
+    let terminated: bool = test_db
+        .admin()
+        .await
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    eventually("the event is handled on the next attempt", || async {
+        consumer.stats().handled == 1
+    })
+    .await;
+    stop(shutdown, task).await;
+
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(effects(&db, reserved.id).await, 1);
+    let stats = consumer.stats();
+    assert_eq!(
+        (
+            stats.returned,
+            stats.paused,
+            stats.requeued,
+            stats.dead_lettered
+        ),
+        (1, 1, 0, 0),
+        "handed back and paused, not counted as a failure"
+    );
+    assert_eq!(s.broker.ready(&s.queue.dead_letter_queue()).await, 0);
+}
+
+#[tokio::test]
+async fn failed_messages_waiting_to_be_retried_do_not_stall_healthy_ones() {
+    // The test pool has 5 connections, so the consumer runs 5 handlers at once; ten failed
+    // messages wait out an hour's pause before their redelivery.
+    let s = setup(5).await;
+    let (_test_db, db) = service().await;
+    let failures = Arc::new(AtomicU32::new(0));
+    let counter = failures.clone();
+    let consumer = s
+        .consumer(&db)
+        .on(KIND, move |tx, event| {
+            let counter = counter.clone();
+            Box::pin(async move {
+                if event.payload["fail"] == json!(true) {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    return Err(HandlerError::msg("stock service rejects this product"));
+                }
+                record(tx, event).await
+            })
+        })
+        .with_options(ConsumerOptions {
+            retry_delay: Duration::from_secs(3600),
+            max_retry_delay: Duration::from_secs(3600),
+            ..fast()
+        });
+    assert!(db.config().pool_max < 10);
+    let (shutdown, task) = start(&consumer);
+
+    for _ in 0..10 {
+        s.publish(&Envelope::new(KIND, "catalog", json!({ "fail": true })))
+            .await;
+    }
+    eventually("all ten failed and wait for their redelivery", || async {
+        failures.load(Ordering::SeqCst) == 10
+    })
+    .await;
+    let healthy: Vec<Envelope> = (0..5).map(|_| event()).collect();
+    for e in &healthy {
+        s.publish(e).await;
+    }
+    eventually("the healthy events are handled meanwhile", || async {
+        consumer.stats().handled == 5
+    })
+    .await;
+    // Shutdown cuts the pauses short; each failure still counts as one.
+    stop(shutdown, task).await;
+
+    for e in &healthy {
+        assert_eq!(effects(&db, e.id).await, 1);
+    }
+    let stats = consumer.stats();
+    assert_eq!((stats.requeued, stats.dead_lettered), (10, 0));
 }
 
 #[tokio::test]

@@ -125,6 +125,20 @@ impl Error {
         matches!(self, Error::AcquireTimeout { .. })
     }
 
+    /// True when the database, not the request, is at fault: no connection could be had
+    /// ([`Error::AcquireTimeout`], [`Error::Connect`], [`Error::PoolClosed`]), or the statement
+    /// failed because the server is going away, cannot serve writes, or is full (see
+    /// [`is_database_unavailable`] for the SQLSTATEs). The same request may succeed unchanged
+    /// once the database answers again, so a consumer waits for it instead of counting the
+    /// attempt as a failure of the event.
+    pub fn is_database_unavailable(&self) -> bool {
+        match self {
+            Error::AcquireTimeout { .. } | Error::Connect { .. } | Error::PoolClosed => true,
+            Error::Db(e) => is_database_unavailable(e),
+            _ => false,
+        }
+    }
+
     /// The driver's error this error is or carries.
     fn driver_error(&self) -> Option<&tokio_postgres::Error> {
         match self {
@@ -148,6 +162,30 @@ pub(crate) fn is_retryable(e: &tokio_postgres::Error) -> bool {
         e.code(),
         Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
     )
+}
+
+/// True when a driver error means the database cannot serve the request right now, whatever
+/// the request: [`Error::is_database_unavailable`] for errors that reached svcdb's type.
+///
+/// * the connection closed under the statement (no SQLSTATE: reset, server gone);
+/// * `57P01` admin shutdown (`pg_terminate_backend`, a fast shutdown), `57P02` crash
+///   shutdown, `57P03` cannot connect now (starting up, shutting down, in recovery);
+/// * class `08`, connection exceptions;
+/// * `25006` read-only SQL transaction: after a failover the old primary (or a standby the
+///   connection string names) refuses writes until connections reach the new primary;
+/// * `53300` too many connections.
+pub fn is_database_unavailable(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => e.is_closed(),
+        Some(c) => {
+            *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::READ_ONLY_SQL_TRANSACTION
+                || *c == SqlState::TOO_MANY_CONNECTIONS
+                || c.code().starts_with("08")
+        }
+    }
 }
 
 /// True when a `CREATE … IF NOT EXISTS` failed only because another session created the same

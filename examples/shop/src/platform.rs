@@ -513,6 +513,8 @@ impl Running {
                 handled: a.handled + s.handled,
                 duplicates: a.duplicates + s.duplicates,
                 requeued: a.requeued + s.requeued,
+                returned: a.returned + s.returned,
+                paused: a.paused + s.paused,
                 dead_lettered: a.dead_lettered + s.dead_lettered,
                 ignored: a.ignored + s.ignored,
             })

@@ -90,6 +90,20 @@ impl Broker {
 
     /// Publishes raw bytes (for malformed messages), with confirms.
     pub async fn publish_raw(&self, exchange: &str, routing_key: &str, body: &[u8]) {
+        let properties = BasicProperties::default().with_delivery_mode(2);
+        self.publish_with(exchange, routing_key, body, properties)
+            .await;
+    }
+
+    /// Publishes `body` with `properties` as given (headers included), with confirms: what a
+    /// person replaying a dead letter does.
+    pub async fn publish_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
         let channel = self.channel().await;
         let confirm = channel
             .basic_publish(
@@ -100,7 +114,7 @@ impl Broker {
                     ..Default::default()
                 },
                 body,
-                BasicProperties::default().with_delivery_mode(2),
+                properties,
             )
             .await
             .unwrap()
@@ -129,6 +143,59 @@ impl Broker {
             .unwrap();
         let _ = channel.close(200, "OK".into()).await;
         q.message_count()
+    }
+
+    /// A classic queue bound to `exchange` (any routing key), exclusive to this connection
+    /// so it goes with it: it receives a copy of what is published there exactly as sent
+    /// (a quorum queue sets its own `x-delivery-count` on what it delivers).
+    pub async fn tap(&self, exchange: &str) -> String {
+        let name = unique("tap");
+        let channel = self.connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                "#".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        name
+    }
+
+    /// Whether this broker counts a `basic.nack` with requeue in a quorum queue's
+    /// `x-delivery-count`: RabbitMQ before 4.3 does, 4.3 and later do not (rabbitmq-server
+    /// PR 15387). Found out on a scratch queue rather than from the version string.
+    pub async fn nack_spends_a_delivery(&self) -> bool {
+        let queue = svcdb_amqp::QueueSpec::new(unique("nack-control"));
+        self.declare(Topology::new().queue(queue.clone())).await;
+        self.publish_raw("", &queue.name, b"control").await;
+        let channel = self.connection.create_channel().await.unwrap();
+        let first = get_one(&channel, &queue.name).await;
+        first
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .unwrap();
+        let second = get_one(&channel, &queue.name).await;
+        assert!(second.redelivered, "the control message came back");
+        second.ack(BasicAckOptions::default()).await.unwrap();
+        let _ = channel.close(200, "OK".into()).await;
+        count_header(&second, "x-delivery-count") > 0
     }
 
     /// Takes (and acks) every message of `queue` that arrives within `wait`, expecting at least
@@ -198,6 +265,38 @@ impl Drop for Broker {
             Ok(Err(e)) => eprintln!("warning: broker clean-up failed: {e}"),
             Err(_) => eprintln!("warning: broker clean-up panicked"),
         }
+    }
+}
+
+/// The next message of `queue`, waiting up to 10 s for one.
+async fn get_one(channel: &Channel, queue: &str) -> lapin::message::Delivery {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap();
+        if let Some(message) = got {
+            return message.delivery;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 10 s waiting for a message in {queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A numeric header of a message (`x-delivery-count`, …); 0 when absent.
+pub fn count_header(delivery: &lapin::message::Delivery, name: &str) -> i64 {
+    let headers = delivery.properties.headers();
+    match headers.as_ref().and_then(|h| h.inner().get(name)) {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        None => 0,
+        Some(other) => panic!("header {name} is not a count: {other:?}"),
     }
 }
 
@@ -271,12 +370,15 @@ pub fn init_tracing() {
 }
 
 /// A TCP forwarder to the real broker on a port of our choosing, that can be started late,
-/// can cut its connections, and can go silent without closing them: a broker that is down,
+/// can cut its connections, can go silent without closing them, and notes the AMQP methods
+/// the clients send ([`Proxy::methods`]): a broker that is down,
 /// comes up, drops connections, stops answering, or blocks publishers under an alarm.
 pub struct Proxy {
     listener: JoinHandle<()>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     flow: watch::Sender<Flow>,
+    methods: Arc<Mutex<Vec<Method>>>,
+    freeze_at: Arc<Mutex<Option<Method>>>,
 }
 
 /// What the forwarder passes.
@@ -298,6 +400,54 @@ impl Flow {
 
     fn downstream_open(&self) -> bool {
         *self != Flow::Silent
+    }
+}
+
+/// An AMQP 0-9-1 method: (class id, method id).
+pub type Method = (u16, u16);
+/// `basic.publish`
+pub const BASIC_PUBLISH: Method = (60, 40);
+/// `basic.ack`
+pub const BASIC_ACK: Method = (60, 80);
+/// `basic.reject`
+pub const BASIC_REJECT: Method = (60, 90);
+/// `basic.nack`
+pub const BASIC_NACK: Method = (60, 120);
+
+/// Reads the client's side of an AMQP connection: the 8-byte protocol header, then frames
+/// (type, channel, size, payload, end octet); a method frame's payload starts with its class
+/// and method ids.
+#[derive(Default)]
+struct MethodReader {
+    header_seen: bool,
+    buffer: Vec<u8>,
+}
+
+impl MethodReader {
+    /// The methods whose frames `bytes` completed.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<Method> {
+        let mut methods = Vec::new();
+        self.buffer.extend_from_slice(bytes);
+        if !self.header_seen {
+            if self.buffer.len() < 8 {
+                return methods;
+            }
+            self.buffer.drain(..8);
+            self.header_seen = true;
+        }
+        while self.buffer.len() >= 7 {
+            let size = u32::from_be_bytes(self.buffer[3..7].try_into().unwrap()) as usize;
+            if self.buffer.len() < 8 + size {
+                break;
+            }
+            if self.buffer[0] == 1 && size >= 4 {
+                let class = u16::from_be_bytes([self.buffer[7], self.buffer[8]]);
+                let method = u16::from_be_bytes([self.buffer[9], self.buffer[10]]);
+                methods.push((class, method));
+            }
+            self.buffer.drain(..8 + size);
+        }
+        methods
     }
 }
 
@@ -332,6 +482,10 @@ impl Proxy {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let tracked = connections.clone();
+        let noted: Arc<Mutex<Vec<Method>>> = Arc::default();
+        let methods = noted.clone();
+        let freeze_later: Arc<Mutex<Option<Method>>> = Arc::default();
+        let freeze_at = freeze_later.clone();
         let upstream = broker_address();
         let flow = watch::Sender::new(Flow::Open);
         let flows = flow.clone();
@@ -339,9 +493,14 @@ impl Proxy {
             while let Ok((inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
                 let flow = flows.subscribe();
+                let recorder = Recorder {
+                    methods: methods.clone(),
+                    freeze_at: freeze_at.clone(),
+                    flow: flows.clone(),
+                };
                 let forward = tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(&upstream).await {
-                        forward(inbound, outbound, flow).await;
+                        forward(inbound, outbound, flow, recorder).await;
                     }
                 });
                 tracked.lock().unwrap().push(forward);
@@ -351,7 +510,24 @@ impl Proxy {
             listener,
             connections,
             flow,
+            methods: noted,
+            freeze_at: freeze_later,
         }
+    }
+
+    /// Goes silent ([`Proxy::silence`]) as soon as a client sends `method`, before passing it on.
+    pub fn freeze_at(&self, method: Method) {
+        *self.freeze_at.lock().unwrap() = Some(method);
+    }
+
+    /// The AMQP methods clients sent through this proxy so far, in order.
+    pub fn methods(&self) -> Vec<Method> {
+        self.methods.lock().unwrap().clone()
+    }
+
+    /// How many times clients sent `method`.
+    pub fn sent(&self, method: Method) -> usize {
+        self.methods().iter().filter(|m| **m == method).count()
     }
 
     /// Drops every forwarded connection (the relay sees its connection reset).
@@ -385,6 +561,24 @@ impl Drop for Proxy {
     }
 }
 
+/// Notes the methods a client sends, and silences the proxy at the one asked for.
+struct Recorder {
+    methods: Arc<Mutex<Vec<Method>>>,
+    freeze_at: Arc<Mutex<Option<Method>>>,
+    flow: watch::Sender<Flow>,
+}
+
+impl Recorder {
+    fn note(&self, reader: &mut MethodReader, bytes: &[u8]) {
+        for method in reader.feed(bytes) {
+            self.methods.lock().unwrap().push(method);
+            if *self.freeze_at.lock().unwrap() == Some(method) {
+                self.flow.send_replace(Flow::Silent);
+            }
+        }
+    }
+}
+
 /// `connection.blocked` (class 10, method 60, a short-string reason) or, with `None`,
 /// `connection.unblocked` (method 61): method frames on channel 0, as the broker sends them.
 fn blocked_frame(reason: Option<&str>) -> Vec<u8> {
@@ -402,11 +596,17 @@ fn blocked_frame(reason: Option<&str>) -> Vec<u8> {
 
 /// Forwards one connection as `flow` allows until either side closes. The broker's side is
 /// forwarded frame by frame, so that `connection.blocked` lands between two frames.
-async fn forward(inbound: TcpStream, outbound: TcpStream, flow: watch::Receiver<Flow>) {
+async fn forward(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    flow: watch::Receiver<Flow>,
+    recorder: Recorder,
+) {
     let (mut client_in, mut client_out) = inbound.into_split();
     let (mut broker_in, mut broker_out) = outbound.into_split();
     let mut up_flow = flow.clone();
     let upstream = async move {
+        let mut reader = MethodReader::default();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             if up_flow.wait_for(Flow::upstream_open).await.is_err() {
@@ -416,6 +616,7 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, flow: watch::Receiver<
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            recorder.note(&mut reader, &buf[..n]);
             if up_flow.wait_for(Flow::upstream_open).await.is_err()
                 || broker_out.write_all(&buf[..n]).await.is_err()
             {
