@@ -60,11 +60,13 @@ pub enum Error {
     #[error("the connection pool is closed")]
     PoolClosed,
 
-    /// A dedicated (unpooled) connection could not be opened.
+    /// A connection could not be opened: a dedicated (unpooled) one, or a pooled one that
+    /// failed in a way no retry fixes (a wrong or missing password, a role or database that does
+    /// not exist), reported on the first attempt instead of after the acquire timeout.
     #[error(
         "cannot connect to {target}: {}{}",
         pg_message(source),
-        TlsHint(source)
+        ConnectHint(source)
     )]
     Connect {
         /// `user@host:port/dbname`, never with the password.
@@ -87,6 +89,19 @@ pub enum Error {
         tables: Vec<String>,
     },
 
+    /// The service schema does not exist and [`Config::create_schema`](crate::Config::create_schema)
+    /// is off ([`ServiceDb::connect`](crate::ServiceDb::connect)); [`Error::code`] says 3F000.
+    #[error("{}", SchemaMissingDisplay(self))]
+    SchemaMissing {
+        /// The schema, as configured.
+        schema: String,
+        /// `user@host:port/dbname` it was looked for in, never with the password.
+        target: String,
+        /// Schemas of that database whose names look like it (a typo away, or one a prefix of
+        /// the other), closest first; empty when none does.
+        similar: Vec<String>,
+    },
+
     /// The start-up gate found problems; the report lists every one
     /// ([`GateReport::ensure_ready`](crate::schema::GateReport::ensure_ready)).
     #[error("{0}")]
@@ -97,6 +112,9 @@ impl Error {
     /// The SQLSTATE reported by the server, for this error or its cause
     /// (for [`Error::AcquireTimeout`], the cause's code: `28P01` for a wrong password, …).
     pub fn code(&self) -> Option<&SqlState> {
+        if let Error::SchemaMissing { .. } = self {
+            return Some(&SqlState::INVALID_SCHEMA_NAME);
+        }
         self.driver_error()?.code()
     }
 
@@ -116,6 +134,11 @@ impl Error {
     /// True for an acquire timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::AcquireTimeout { .. })
+    }
+
+    /// True when the service schema does not exist ([`Error::SchemaMissing`]).
+    pub fn is_schema_missing(&self) -> bool {
+        matches!(self, Error::SchemaMissing { .. })
     }
 
     /// The driver's error this error is or carries.
@@ -155,6 +178,36 @@ pub(crate) fn is_lost_create_race(e: &tokio_postgres::Error) -> bool {
             || *c == SqlState::DUPLICATE_TABLE
             || *c == SqlState::DUPLICATE_OBJECT
     )
+}
+
+/// True when a connection attempt failed in a way no retry fixes: the server refused the role
+/// or its password (28000, 28P01), the database does not exist (3D000), or the driver could not
+/// even try (the server asked for a password and none was given, or for an authentication method
+/// the driver lacks). A refused or reset connection, a server starting up (57P03) or out of
+/// connection slots (53300) may pass on its own.
+pub(crate) fn is_permanent_connect_error(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(c) => {
+            *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                || *c == SqlState::INVALID_CATALOG_NAME
+        }
+        // tokio-postgres exposes no error kind; its `Config` and `Authentication` kinds display
+        // as these fixed texts, with the detail in the source chain.
+        None => matches!(
+            e.to_string().as_str(),
+            DRIVER_CONFIG_ERROR | "authentication error"
+        ),
+    }
+}
+
+/// How tokio-postgres displays its `Config` error kind ("password missing" is its source).
+const DRIVER_CONFIG_ERROR: &str = "invalid configuration";
+
+/// True when the server asked for a password and the connection had none.
+fn is_password_missing(e: &tokio_postgres::Error) -> bool {
+    e.to_string() == DRIVER_CONFIG_ERROR
+        && std::error::Error::source(e).is_some_and(|s| s.to_string() == "password missing")
 }
 
 /// Renders a driver error with its cause: tokio-postgres' own `Display` says only
@@ -220,30 +273,57 @@ pub(crate) fn connect_hint(e: &tokio_postgres::Error) -> &'static str {
     // A TLS failure has no SQLSTATE, yet the server answered: not the "is it running" case.
     match (TlsFailure::of(e), e.code()) {
         (Some(tls), _) => tls.hint(),
-        (None, Some(c))
-            if *c == SqlState::INVALID_PASSWORD
-                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
-        {
-            "check the user and password in DATABASE_URL, or run `svcdb provision` to create the service's role"
+        (None, Some(c)) if *c == SqlState::INVALID_PASSWORD => {
+            "the password was refused: check the one in DATABASE_URL (postgres://user:password@host/dbname), else SVCDB_PASSWORD, else PGPASSWORD, used in that order"
+        }
+        (None, Some(c)) if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            "check the user in DATABASE_URL, or run `svcdb provision` to create the service's role"
         }
         (None, Some(c)) if *c == SqlState::INVALID_CATALOG_NAME => {
             "the database does not exist: create it or fix DATABASE_URL"
         }
         (None, Some(_)) => "see the server's message above",
+        (None, None) if is_password_missing(e) => {
+            "the server asks for a password and none was given: put it in DATABASE_URL (postgres://user:password@host/dbname), or set SVCDB_PASSWORD or PGPASSWORD"
+        }
         (None, None) => {
             "check that PostgreSQL is running and that DATABASE_URL names the right host and port"
         }
     }
 }
 
-/// `\n  hint: …` after a connection error that failed in TLS; nothing otherwise.
-struct TlsHint<'a>(&'a tokio_postgres::Error);
+/// `\n  hint: …` after a connection error: what to do about its cause.
+struct ConnectHint<'a>(&'a tokio_postgres::Error);
 
-impl fmt::Display for TlsHint<'_> {
+impl fmt::Display for ConnectHint<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match TlsFailure::of(self.0) {
-            Some(failure) => write!(f, "\n  hint: {}", failure.hint()),
-            None => Ok(()),
+        write!(f, "\n  hint: {}", connect_hint(self.0))
+    }
+}
+
+struct SchemaMissingDisplay<'a>(&'a Error);
+
+impl fmt::Display for SchemaMissingDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Error::SchemaMissing {
+            schema,
+            target,
+            similar,
+        } = self.0
+        else {
+            unreachable!("SchemaMissingDisplay wraps only SchemaMissing")
+        };
+        write!(f, "schema {schema} does not exist in {target}")?;
+        // A misspelling is the likelier mistake when a look-alike exists: say so first.
+        if !similar.is_empty() {
+            write!(
+                f,
+                "; similar: {}\n  hint: if SVCDB_SCHEMA is misspelled, set it to the right one;",
+                similar.join(", ")
+            )?;
+        } else {
+            f.write_str("\n  hint:")?;
         }
+        write!(f, " create the schema with the service's own role, `svcdb provision --service <name> --schema {schema}`, or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)")
     }
 }

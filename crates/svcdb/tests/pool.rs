@@ -156,24 +156,6 @@ async fn acquire_timeout_carries_the_cause_for_a_closed_port() {
 }
 
 #[tokio::test]
-async fn acquire_timeout_carries_the_cause_for_a_missing_role() {
-    let db = TestDb::new().await;
-    let mut cfg = db.config_as("no_such_role_svcdb", "catalog");
-    cfg.acquire_timeout = Duration::from_millis(300);
-    let err = ServiceDb::connect(cfg).await.unwrap_err();
-    assert!(err.is_timeout(), "{err:?}");
-    assert_eq!(
-        err.code(),
-        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
-    );
-    let svc_status_error = err.to_string();
-    assert!(
-        svc_status_error.contains("no_such_role_svcdb"),
-        "{svc_status_error}"
-    );
-}
-
-#[tokio::test]
 async fn lazy_pool_reports_the_last_connect_error_in_status() {
     let mut cfg = svcdb::Config::new(
         &format!("postgres://postgres@127.0.0.1:{}/postgres", closed_port()),

@@ -305,7 +305,8 @@ async fn missing_schema_and_everything_else_are_listed_together() {
     let db = TestDb::new().await;
     let mut config = db.config("orders_svc");
     config.create_schema = false; // never provisioned
-    let svc = ServiceDb::connect(config).await.unwrap();
+                                  // `new`: `connect` itself refuses a schema that does not exist.
+    let svc = ServiceDb::new(config).unwrap();
     let dir = folder(MIGRATIONS);
 
     let report = svc.verify(&orders_gate(dir.path())).await;
