@@ -69,11 +69,6 @@ impl Forwarder {
         }
     }
 
-    /// The port to connect to.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
