@@ -99,8 +99,8 @@ async fn rolls_back_when_the_closure_returns_an_error() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION));
-    assert_eq!(count(&svc).await, 0);
     assert_nothing_left_open(&db, &[1]).await;
+    assert_eq!(count(&svc).await, 0);
 
     #[derive(Debug)]
     enum AppError {
@@ -122,8 +122,8 @@ async fn rolls_back_when_the_closure_returns_an_error() {
         .await
         .unwrap_err();
     assert!(matches!(err, AppError::OutOfStock));
-    assert_eq!(count(&svc).await, 0, "an application error rolls back too");
     assert_nothing_left_open(&db, &[1, 2]).await;
+    assert_eq!(count(&svc).await, 0, "an application error rolls back too");
 }
 
 #[tokio::test]
@@ -137,8 +137,8 @@ async fn rolls_back_when_dropped_uncommitted() {
             .unwrap();
         // dropped without commit
     }
-    assert_eq!(count(&svc).await, 0);
     assert_nothing_left_open(&db, &[1]).await;
+    assert_eq!(count(&svc).await, 0);
 }
 
 #[tokio::test]
@@ -168,8 +168,8 @@ async fn rolls_back_when_the_closure_panics_or_is_cancelled() {
     )
     .await;
     assert!(cancelled.is_err());
-    assert_eq!(count(&svc).await, 0);
     assert_nothing_left_open(&db, &[1, 2]).await;
+    assert_eq!(count(&svc).await, 0);
 }
 
 /// Two transactions lock two rows in opposite orders: PostgreSQL's deadlock detector aborts one
