@@ -39,8 +39,9 @@ pub enum Error {
 
     /// No connection could be handed out within the acquire timeout.
     ///
-    /// `cause` is the last error met while opening a connection (authentication failed,
-    /// connection refused, …); `None` means every connection was busy the whole time.
+    /// `cause` is the last error met while opening a connection (connection refused, …), and
+    /// `no_answer_within` says the last attempt got no answer at all; with neither, every
+    /// connection was busy the whole time.
     #[error("{}", AcquireTimeoutDisplay(self))]
     AcquireTimeout {
         /// How long the caller waited.
@@ -54,6 +55,9 @@ pub enum Error {
         /// The last connection error, if opening a connection failed.
         #[source]
         cause: Option<tokio_postgres::Error>,
+        /// How long the last attempt to open a connection waited for the server, when it got
+        /// no answer in that time (something accepted the connection and said nothing).
+        no_answer_within: Option<Duration>,
     },
 
     /// The pool was closed (the service is shutting down).
@@ -247,6 +251,7 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
             size,
             max_size,
             cause,
+            no_answer_within,
         } = self.0
         else {
             unreachable!("AcquireTimeoutDisplay wraps only AcquireTimeout")
@@ -255,18 +260,25 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
             f,
             "timed out after {waited:.1?} waiting for a connection to {target}"
         )?;
-        match cause {
-            Some(e) => {
+        match (cause, no_answer_within) {
+            (Some(e), _) => {
                 write!(f, ": last connection attempt failed: {}", pg_message(e))?;
                 write!(f, "\n  hint: {}", connect_hint(e))
             }
-            None => write!(
+            (None, Some(d)) => write!(
+                f,
+                ": the server accepted the connection and did not answer within {d:.1?}\n  hint: {NO_ANSWER_HINT}"
+            ),
+            (None, None) => write!(
                 f,
                 ": all {size} of {max_size} connections stayed busy\n  hint: raise SVCDB_POOL_MAX or SVCDB_ACQUIRE_TIMEOUT, or look for connections held across slow work"
             ),
         }
     }
 }
+
+/// What to do about connection attempts that got no answer.
+pub(crate) const NO_ANSWER_HINT: &str = "check that DATABASE_URL names PostgreSQL's host and port (what answers there is not PostgreSQL, or is stuck); for a slow server or network, raise SVCDB_CONNECT_TIMEOUT";
 
 /// What to do about a failed connection attempt, by its cause.
 pub(crate) fn connect_hint(e: &tokio_postgres::Error) -> &'static str {

@@ -183,6 +183,8 @@ impl ServiceDb {
         let started = Instant::now();
         let deadline = started + self.inner.config.acquire_timeout;
         let mut last_error: Option<tokio_postgres::Error> = None;
+        // Set when the last attempt got no answer within its create timeout (then no error).
+        let mut no_answer_within: Option<Duration> = None;
         let mut backoff = Duration::from_millis(10);
         // First ask for a free connection without waiting: on the hot path that arms no timer.
         let mut free_only = true;
@@ -191,9 +193,10 @@ impl ServiceDb {
             if remaining.is_zero() {
                 break;
             }
+            let create = remaining.min(self.inner.config.connect_timeout);
             let timeouts = Timeouts {
                 wait: Some(if free_only { Duration::ZERO } else { remaining }),
-                create: Some(remaining.min(self.inner.config.connect_timeout)),
+                create: Some(create),
                 // `RecyclingMethod::Fast` does no I/O, and the post-recycle hook bounds its own
                 // ping, so recycling needs no timer of its own.
                 recycle: None,
@@ -201,7 +204,7 @@ impl ServiceDb {
             match self.inner.pool.timeout_get(&timeouts).await {
                 Ok(conn) => {
                     self.inner.stats.record_wait(started.elapsed());
-                    if last_error.is_some() {
+                    if last_error.is_some() || no_answer_within.is_some() {
                         self.inner.stats.set_connect_error(None);
                     }
                     return Ok(conn);
@@ -224,6 +227,7 @@ impl ServiceDb {
                         tracing::warn!(target: "svcdb::pool", target_db = %self.inner.config.target(), error = %message, "cannot open a connection; retrying until the acquire timeout");
                     }
                     last_error = Some(e);
+                    no_answer_within = None;
                     // Retry: a restarting server comes back soon.
                     tokio::time::sleep(
                         backoff.min(deadline.saturating_duration_since(Instant::now())),
@@ -232,7 +236,15 @@ impl ServiceDb {
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
                 Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => break,
-                Err(PoolError::Timeout(_)) => continue,
+                Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Create)) => {
+                    // Something accepted the connection and said nothing (the driver's own
+                    // connect timeout covers only TCP): try again, with a fresh connection.
+                    free_only = false;
+                    self.inner.stats.set_no_answer(create);
+                    last_error = None;
+                    no_answer_within = Some(create);
+                }
+                Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Recycle)) => continue,
                 Err(PoolError::Closed) => return Err(Error::PoolClosed),
                 Err(PoolError::PostCreateHook(e)) => {
                     return Err(Error::config(
@@ -253,6 +265,7 @@ impl ServiceDb {
             size: status.size,
             max_size: status.max_size,
             cause: last_error,
+            no_answer_within,
         })
     }
 
