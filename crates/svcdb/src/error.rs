@@ -114,7 +114,8 @@ pub enum Error {
 
 impl Error {
     /// The SQLSTATE reported by the server, for this error or its cause
-    /// (for [`Error::AcquireTimeout`], the cause's code: `28P01` for a wrong password, …).
+    /// (`28P01` for a wrong password, `3F000` for [`Error::SchemaMissing`]; for
+    /// [`Error::AcquireTimeout`], its cause's code: `57P03` for a server starting up, …).
     pub fn code(&self) -> Option<&SqlState> {
         if let Error::SchemaMissing { .. } = self {
             return Some(&SqlState::INVALID_SCHEMA_NAME);
