@@ -331,12 +331,12 @@ impl fmt::Display for SchemaMissingDisplay<'_> {
         if !similar.is_empty() {
             write!(
                 f,
-                "; similar: {}\n  hint: if SVCDB_SCHEMA is misspelled, set it to the right one;",
+                "; similar: {}\n  hint: if SVCDB_SCHEMA is misspelled, set it to the right one; otherwise create",
                 similar.join(", ")
             )?;
         } else {
-            f.write_str("\n  hint:")?;
+            f.write_str("\n  hint: create")?;
         }
-        write!(f, " create the schema with the service's own role, `svcdb provision --service <name> --schema {schema}`, or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)")
+        write!(f, " the schema with the service's own role, `svcdb provision --service <name> --schema {schema}`, or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)")
     }
 }
