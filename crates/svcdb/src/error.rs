@@ -46,8 +46,9 @@ pub enum Error {
 
     /// No connection could be handed out within the acquire timeout.
     ///
-    /// `cause` is the last error met while opening a connection (authentication failed,
-    /// connection refused, …); `None` means every connection was busy the whole time.
+    /// `cause` is the last error met while opening a connection (connection refused, …), and
+    /// `no_answer_within` says the last attempt got no answer at all; with neither, every
+    /// connection was busy the whole time.
     #[error("{}", AcquireTimeoutDisplay(self))]
     AcquireTimeout {
         /// How long the caller waited.
@@ -61,17 +62,22 @@ pub enum Error {
         /// The last connection error, if opening a connection failed.
         #[source]
         cause: Option<tokio_postgres::Error>,
+        /// How long the last attempt to open a connection waited for the server, when it got
+        /// no answer in that time (something accepted the connection and said nothing).
+        no_answer_within: Option<Duration>,
     },
 
     /// The pool was closed (the service is shutting down).
     #[error("the connection pool is closed")]
     PoolClosed,
 
-    /// A dedicated (unpooled) connection could not be opened.
+    /// A connection could not be opened: a dedicated (unpooled) one, or a pooled one that
+    /// failed in a way no retry fixes (a wrong or missing password, a role or database that does
+    /// not exist), reported on the first attempt instead of after the acquire timeout.
     #[error(
         "cannot connect to {target}: {}{}",
         pg_message(source),
-        TlsHint(source)
+        ConnectHint(source)
     )]
     Connect {
         /// `user@host:port/dbname`, never with the password.
@@ -94,6 +100,19 @@ pub enum Error {
         tables: Vec<String>,
     },
 
+    /// The service schema does not exist and [`Config::create_schema`](crate::Config::create_schema)
+    /// is off ([`ServiceDb::connect`](crate::ServiceDb::connect)); [`Error::code`] says 3F000.
+    #[error("{}", SchemaMissingDisplay(self))]
+    SchemaMissing {
+        /// The schema, as configured.
+        schema: String,
+        /// `user@host:port/dbname` it was looked for in, never with the password.
+        target: String,
+        /// Schemas of that database whose names look like it (a typo away, or one a prefix of
+        /// the other), closest first; empty when none does.
+        similar: Vec<String>,
+    },
+
     /// The start-up gate found problems; the report lists every one
     /// ([`GateReport::ensure_ready`](crate::schema::GateReport::ensure_ready)).
     #[error("{0}")]
@@ -102,8 +121,12 @@ pub enum Error {
 
 impl Error {
     /// The SQLSTATE reported by the server, for this error or its cause
-    /// (for [`Error::AcquireTimeout`], the cause's code: `28P01` for a wrong password, …).
+    /// (`28P01` for a wrong password, `3F000` for [`Error::SchemaMissing`]; for
+    /// [`Error::AcquireTimeout`], its cause's code: `57P03` for a server starting up, …).
     pub fn code(&self) -> Option<&SqlState> {
+        if let Error::SchemaMissing { .. } = self {
+            return Some(&SqlState::INVALID_SCHEMA_NAME);
+        }
         self.driver_error()?.code()
     }
 
@@ -137,6 +160,11 @@ impl Error {
             Error::Db(e) => is_database_unavailable(e),
             _ => false,
         }
+    }
+
+    /// True when the service schema does not exist ([`Error::SchemaMissing`]).
+    pub fn is_schema_missing(&self) -> bool {
+        matches!(self, Error::SchemaMissing { .. })
     }
 
     /// The driver's error this error is or carries.
@@ -202,6 +230,36 @@ pub(crate) fn is_lost_create_race(e: &tokio_postgres::Error) -> bool {
     )
 }
 
+/// True when a connection attempt failed in a way no retry fixes: the server refused the role
+/// or its password (28000, 28P01), the database does not exist (3D000), or the driver could not
+/// even try (the server asked for a password and none was given, or for an authentication method
+/// the driver lacks). A refused or reset connection, a server starting up (57P03) or out of
+/// connection slots (53300) may pass on its own.
+pub(crate) fn is_permanent_connect_error(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(c) => {
+            *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                || *c == SqlState::INVALID_CATALOG_NAME
+        }
+        // tokio-postgres exposes no error kind; its `Config` and `Authentication` kinds display
+        // as these fixed texts, with the detail in the source chain.
+        None => matches!(
+            e.to_string().as_str(),
+            DRIVER_CONFIG_ERROR | "authentication error"
+        ),
+    }
+}
+
+/// How tokio-postgres displays its `Config` error kind ("password missing" is its source).
+const DRIVER_CONFIG_ERROR: &str = "invalid configuration";
+
+/// True when the server asked for a password and the connection had none.
+fn is_password_missing(e: &tokio_postgres::Error) -> bool {
+    e.to_string() == DRIVER_CONFIG_ERROR
+        && std::error::Error::source(e).is_some_and(|s| s.to_string() == "password missing")
+}
+
 /// Renders a driver error with its cause: tokio-postgres' own `Display` says only
 /// "db error" and leaves the server's message in the source chain.
 pub fn pg_message(e: &tokio_postgres::Error) -> String {
@@ -239,6 +297,7 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
             size,
             max_size,
             cause,
+            no_answer_within,
         } = self.0
         else {
             unreachable!("AcquireTimeoutDisplay wraps only AcquireTimeout")
@@ -247,12 +306,16 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
             f,
             "timed out after {waited:.1?} waiting for a connection to {target}"
         )?;
-        match cause {
-            Some(e) => {
+        match (cause, no_answer_within) {
+            (Some(e), _) => {
                 write!(f, ": last connection attempt failed: {}", pg_message(e))?;
                 write!(f, "\n  hint: {}", connect_hint(e))
             }
-            None => write!(
+            (None, Some(d)) => write!(
+                f,
+                ": the server accepted the connection and did not answer within {d:.1?}\n  hint: {NO_ANSWER_HINT}"
+            ),
+            (None, None) => write!(
                 f,
                 ": all {size} of {max_size} connections stayed busy\n  hint: raise SVCDB_POOL_MAX or SVCDB_ACQUIRE_TIMEOUT, or look for connections held across slow work"
             ),
@@ -260,35 +323,65 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
     }
 }
 
+/// What to do about connection attempts that got no answer.
+pub(crate) const NO_ANSWER_HINT: &str = "check that DATABASE_URL names PostgreSQL's host and port (what answers there is not PostgreSQL, or is stuck); for a slow server or network, raise SVCDB_CONNECT_TIMEOUT";
+
 /// What to do about a failed connection attempt, by its cause.
 pub(crate) fn connect_hint(e: &tokio_postgres::Error) -> &'static str {
     // A TLS failure has no SQLSTATE, yet the server answered: not the "is it running" case.
     match (TlsFailure::of(e), e.code()) {
         (Some(tls), _) => tls.hint(),
-        (None, Some(c))
-            if *c == SqlState::INVALID_PASSWORD
-                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
-        {
-            "check the user and password in DATABASE_URL, or run `svcdb provision` to create the service's role"
+        (None, Some(c)) if *c == SqlState::INVALID_PASSWORD => {
+            "the password was refused: check the one in DATABASE_URL (postgres://user:password@host/dbname), else SVCDB_PASSWORD, else PGPASSWORD, used in that order"
+        }
+        (None, Some(c)) if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            "check the user in DATABASE_URL, or run `svcdb provision` to create the service's role"
         }
         (None, Some(c)) if *c == SqlState::INVALID_CATALOG_NAME => {
             "the database does not exist: create it or fix DATABASE_URL"
         }
         (None, Some(_)) => "see the server's message above",
+        (None, None) if is_password_missing(e) => {
+            "the server asks for a password and none was given: put it in DATABASE_URL (postgres://user:password@host/dbname), or set SVCDB_PASSWORD or PGPASSWORD"
+        }
         (None, None) => {
             "check that PostgreSQL is running and that DATABASE_URL names the right host and port"
         }
     }
 }
 
-/// `\n  hint: …` after a connection error that failed in TLS; nothing otherwise.
-struct TlsHint<'a>(&'a tokio_postgres::Error);
+/// `\n  hint: …` after a connection error: what to do about its cause.
+struct ConnectHint<'a>(&'a tokio_postgres::Error);
 
-impl fmt::Display for TlsHint<'_> {
+impl fmt::Display for ConnectHint<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match TlsFailure::of(self.0) {
-            Some(failure) => write!(f, "\n  hint: {}", failure.hint()),
-            None => Ok(()),
+        write!(f, "\n  hint: {}", connect_hint(self.0))
+    }
+}
+
+struct SchemaMissingDisplay<'a>(&'a Error);
+
+impl fmt::Display for SchemaMissingDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Error::SchemaMissing {
+            schema,
+            target,
+            similar,
+        } = self.0
+        else {
+            unreachable!("SchemaMissingDisplay wraps only SchemaMissing")
+        };
+        write!(f, "schema {schema} does not exist in {target}")?;
+        // A misspelling is the likelier mistake when a look-alike exists: say so first.
+        if !similar.is_empty() {
+            write!(
+                f,
+                "; similar: {}\n  hint: if SVCDB_SCHEMA is misspelled, set it to the right one; otherwise create",
+                similar.join(", ")
+            )?;
+        } else {
+            f.write_str("\n  hint: create")?;
         }
+        write!(f, " the schema with the service's own role, `svcdb provision --service <name> --schema {schema}`, or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)")
     }
 }

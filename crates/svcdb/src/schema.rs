@@ -960,6 +960,7 @@ mod tests {
             size: 5,
             max_size: 5,
             cause: None,
+            no_answer_within: None,
         };
         match Problem::from_error(&e) {
             Problem::Unreachable { error, hint } => {

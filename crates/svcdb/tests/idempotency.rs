@@ -491,7 +491,8 @@ async fn install_refuses_a_missing_schema_instead_of_using_public() {
     let mut config = db.config("missing_schema");
     config.create_schema = false;
     config.extra_schemas = vec![svcdb::Ident::new("schema", "public").unwrap()];
-    let svc = ServiceDb::connect(config).await.unwrap();
+    // `new`: `connect` itself refuses a schema that does not exist.
+    let svc = ServiceDb::new(config).unwrap();
     let err = svc.install_idempotency().await.unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::INVALID_SCHEMA_NAME));
     let in_public: i64 = db

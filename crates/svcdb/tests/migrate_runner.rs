@@ -1076,7 +1076,8 @@ async fn up_on_a_schema_that_does_not_exist_says_how_to_create_it() {
     let db = TestDb::new().await;
     let mut config = db.config("never_made");
     config.create_schema = false;
-    let svc = ServiceDb::connect(config).await.unwrap();
+    // `new`: `connect` itself refuses a schema that does not exist.
+    let svc = ServiceDb::new(config).unwrap();
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), THREE);
     let m = migrator(&svc, dir.path());

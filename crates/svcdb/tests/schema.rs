@@ -339,7 +339,8 @@ async fn a_missing_schema_is_the_one_problem_not_the_tables_it_would_hold() {
     let db = TestDb::new().await;
     let mut config = db.config("orders_svc");
     config.create_schema = false; // never provisioned
-    let svc = ServiceDb::connect(config).await.unwrap();
+                                  // `new`: `connect` itself refuses a schema that does not exist.
+    let svc = ServiceDb::new(config).unwrap();
     let dir = folder(MIGRATIONS);
 
     let report = svc.verify(&orders_gate(dir.path())).await;

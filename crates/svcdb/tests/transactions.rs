@@ -1,5 +1,5 @@
 //! Transactions: commit on Ok, rollback on error, drop and panic; retry on serialization
-//! failure.
+//! failure and on a real deadlock.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -17,6 +17,50 @@ async fn setup() -> (TestDb, ServiceDb) {
         .await
         .unwrap();
     (db, svc)
+}
+
+/// Fails unless every transaction on the test database has ended, and the rows with `ids` are
+/// neither there nor locked. Counting rows from another session cannot tell: it never sees
+/// uncommitted rows. A transaction left open holds its row locks, so inserting the same keys
+/// would wait on them (and fail at the lock timeout, 55P03); it also shows as a backend
+/// `idle in transaction`.
+async fn assert_nothing_left_open(db: &TestDb, ids: &[i32]) {
+    let admin = db.admin().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // A dropped transaction's ROLLBACK is sent without waiting: give it time to arrive.
+        let open: Vec<String> = admin
+            .query(
+                "SELECT coalesce(query, '') FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.get(0))
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "transactions left open, last statements: {open:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    admin
+        .batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'")
+        .await
+        .unwrap();
+    for id in ids {
+        admin
+            .execute("INSERT INTO orders.t VALUES ($1, 0)", &[id])
+            .await
+            .unwrap_or_else(|e| panic!("row {id}: {}", svcdb::error::pg_message(&e)));
+    }
+    admin.batch_execute("ROLLBACK").await.unwrap();
 }
 
 async fn count(svc: &ServiceDb) -> i64 {
@@ -45,7 +89,7 @@ async fn commits_on_ok() {
 
 #[tokio::test]
 async fn rolls_back_when_the_closure_returns_an_error() {
-    let (_db, svc) = setup().await;
+    let (db, svc) = setup().await;
     let err = svc
         .transaction(async |tx| {
             tx.execute("INSERT INTO t VALUES (1, 0)", &[]).await?;
@@ -55,6 +99,7 @@ async fn rolls_back_when_the_closure_returns_an_error() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION));
+    assert_nothing_left_open(&db, &[1]).await;
     assert_eq!(count(&svc).await, 0);
 
     #[derive(Debug)]
@@ -77,12 +122,13 @@ async fn rolls_back_when_the_closure_returns_an_error() {
         .await
         .unwrap_err();
     assert!(matches!(err, AppError::OutOfStock));
+    assert_nothing_left_open(&db, &[1, 2]).await;
     assert_eq!(count(&svc).await, 0, "an application error rolls back too");
 }
 
 #[tokio::test]
 async fn rolls_back_when_dropped_uncommitted() {
-    let (_db, svc) = setup().await;
+    let (db, svc) = setup().await;
     {
         let mut conn = svc.get().await.unwrap();
         let tx = conn.transaction().await.unwrap();
@@ -91,12 +137,13 @@ async fn rolls_back_when_dropped_uncommitted() {
             .unwrap();
         // dropped without commit
     }
+    assert_nothing_left_open(&db, &[1]).await;
     assert_eq!(count(&svc).await, 0);
 }
 
 #[tokio::test]
 async fn rolls_back_when_the_closure_panics_or_is_cancelled() {
-    let (_db, svc) = setup().await;
+    let (db, svc) = setup().await;
     let panicking = {
         let svc = svc.clone();
         tokio::spawn(async move {
@@ -121,7 +168,67 @@ async fn rolls_back_when_the_closure_panics_or_is_cancelled() {
     )
     .await;
     assert!(cancelled.is_err());
+    assert_nothing_left_open(&db, &[1, 2]).await;
     assert_eq!(count(&svc).await, 0);
+}
+
+/// Two transactions lock two rows in opposite orders: PostgreSQL's deadlock detector aborts one
+/// with 40P01 (after `deadlock_timeout`, 1 s by default), and `transaction_with` runs it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_a_provoked_deadlock() {
+    let (_db, svc) = setup().await;
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO t VALUES (1, 0), (2, 0)")
+        .await
+        .unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let attempts = Arc::new(AtomicU32::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let run = |svc: ServiceDb, order: [i32; 2]| {
+        let (barrier, attempts, failures) = (barrier.clone(), attempts.clone(), failures.clone());
+        async move {
+            svc.transaction_with(&TxOptions::default(), async move |tx| {
+                let first = attempts.fetch_add(1, Ordering::SeqCst) < 2;
+                for (i, id) in order.iter().enumerate() {
+                    if i == 1 && first {
+                        barrier.wait().await; // each holds its first row before taking the other
+                    }
+                    let updated = tx
+                        .execute("UPDATE t SET n = n + 1 WHERE id = $1", &[id])
+                        .await;
+                    if let Err(e) = &updated {
+                        failures.lock().unwrap().push(e.code().cloned());
+                    }
+                    updated?;
+                }
+                Ok::<_, Error>(())
+            })
+            .await
+        }
+    };
+    let a = tokio::spawn(run(svc.clone(), [1, 2]));
+    let b = tokio::spawn(run(svc.clone(), [2, 1]));
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    assert_eq!(
+        *failures.lock().unwrap(),
+        [Some(SqlState::T_R_DEADLOCK_DETECTED)],
+        "one of them was chosen as the deadlock's victim"
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 3, "the victim ran again");
+    let rows: Vec<(i32, i32)> = svc
+        .get()
+        .await
+        .unwrap()
+        .query("SELECT id, n FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(rows, [(1, 2), (2, 2)], "each applied exactly once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

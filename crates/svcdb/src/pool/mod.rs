@@ -21,7 +21,7 @@ pub use status::{PoolStatus, WaitPercentiles};
 
 use crate::config::Config;
 use crate::connection::DedicatedConn;
-use crate::error::{is_lost_create_race, pg_message, Error, Result};
+use crate::error::{is_lost_create_race, is_permanent_connect_error, pg_message, Error, Result};
 use crate::ident::Ident;
 use crate::tls::Tls;
 use status::PoolStats;
@@ -149,12 +149,20 @@ impl ServiceDb {
     }
 
     /// Builds the pool, creates the schema if configured to, and opens `pool_min`
-    /// connections, so that a wrong URL, password or host fails here, at start-up.
+    /// connections, so that a wrong URL, password, host or schema fails here, at start-up.
+    ///
+    /// A wrong or missing password and a role or database that does not exist fail on the first
+    /// attempt ([`Error::Connect`]); a server that refuses connections or is starting up is
+    /// retried until the acquire timeout. Without [`Config::create_schema`], a schema that does
+    /// not exist is [`Error::SchemaMissing`], naming the database's schemas that look like it
+    /// (the first query would fail otherwise). [`new`](Self::new) checks none of this.
     pub async fn connect(config: Config) -> Result<Self> {
         let db = Self::new(config)?;
         let first = db.get().await?;
         if db.inner.config.create_schema {
             create_schema_if_missing(&first, &db.inner.config.schema).await?;
+        } else {
+            require_schema(&first, &db.inner.config).await?;
         }
         let more = db.inner.config.pool_min.saturating_sub(1);
         let warm = futures_util::future::join_all((0..more).map(|_| db.get())).await;
@@ -168,12 +176,17 @@ impl ServiceDb {
     /// Borrows a connection, waiting at most `acquire_timeout`.
     ///
     /// A connection that was closed (server restart, `pg_terminate_backend`) is never handed
-    /// out: it is dropped and another one taken or opened. If no connection can be had in time
-    /// the error is [`Error::AcquireTimeout`], carrying the last connection error.
+    /// out: it is dropped and another one taken or opened. Opening one is retried until the
+    /// timeout, except when it fails in a way no retry fixes (a wrong or missing password, a role
+    /// or database that does not exist): that is [`Error::Connect`], at once. If no connection
+    /// can be had in time the error is [`Error::AcquireTimeout`], carrying the last connection
+    /// error.
     pub async fn get(&self) -> Result<PooledConn> {
         let started = Instant::now();
         let deadline = started + crate::config::capped_wait(self.inner.config.acquire_timeout);
         let mut last_error: Option<tokio_postgres::Error> = None;
+        // Set when the last attempt got no answer within its create timeout (then no error).
+        let mut no_answer_within: Option<Duration> = None;
         let mut backoff = Duration::from_millis(10);
         // First ask for a free connection without waiting: on the hot path that arms no timer.
         let mut free_only = true;
@@ -182,9 +195,10 @@ impl ServiceDb {
             if remaining.is_zero() {
                 break;
             }
+            let create = remaining.min(self.inner.config.connect_timeout);
             let timeouts = Timeouts {
                 wait: Some(if free_only { Duration::ZERO } else { remaining }),
-                create: Some(remaining.min(self.inner.config.connect_timeout)),
+                create: Some(create),
                 // `RecyclingMethod::Fast` does no I/O, and the post-recycle hook bounds its own
                 // ping, so recycling needs no timer of its own.
                 recycle: None,
@@ -192,7 +206,7 @@ impl ServiceDb {
             match self.inner.pool.timeout_get(&timeouts).await {
                 Ok(conn) => {
                     self.inner.stats.record_wait(started.elapsed());
-                    if last_error.is_some() {
+                    if last_error.is_some() || no_answer_within.is_some() {
                         self.inner.stats.set_connect_error(None);
                     }
                     return Ok(conn);
@@ -202,13 +216,21 @@ impl ServiceDb {
                 }
                 Err(PoolError::Backend(e)) => {
                     free_only = false;
+                    self.inner.stats.set_connect_error(Some(&e));
+                    if is_permanent_connect_error(&e) {
+                        // Every attempt would fail alike: the cause now, not a timeout later.
+                        return Err(Error::Connect {
+                            target: self.inner.config.target(),
+                            source: e,
+                        });
+                    }
                     let message = pg_message(&e);
                     if last_error.is_none() {
                         tracing::warn!(target: "svcdb::pool", target_db = %self.inner.config.target(), error = %message, "cannot open a connection; retrying until the acquire timeout");
                     }
-                    self.inner.stats.set_connect_error(Some(&e));
                     last_error = Some(e);
-                    // Retry: a restarting server or a role being provisioned comes back soon.
+                    no_answer_within = None;
+                    // Retry: a restarting server comes back soon.
                     tokio::time::sleep(
                         backoff.min(deadline.saturating_duration_since(Instant::now())),
                     )
@@ -216,7 +238,15 @@ impl ServiceDb {
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
                 Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => break,
-                Err(PoolError::Timeout(_)) => continue,
+                Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Create)) => {
+                    // Something accepted the connection and said nothing (the driver's own
+                    // connect timeout covers only TCP): try again, with a fresh connection.
+                    free_only = false;
+                    self.inner.stats.set_no_answer(create);
+                    last_error = None;
+                    no_answer_within = Some(create);
+                }
+                Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Recycle)) => continue,
                 Err(PoolError::Closed) => return Err(Error::PoolClosed),
                 Err(PoolError::PostCreateHook(e)) => {
                     return Err(Error::config(
@@ -237,6 +267,7 @@ impl ServiceDb {
             size: status.size,
             max_size: status.max_size,
             cause: last_error,
+            no_answer_within,
         })
     }
 
@@ -280,6 +311,50 @@ impl ServiceDb {
         self.inner.maintenance.abort();
         self.inner.pool.close();
     }
+}
+
+/// Fails with [`Error::SchemaMissing`] unless the service schema exists. `pg_namespace` lists
+/// every schema of the database to every role, so the look-alikes include schemas the role may
+/// not use (the start-up gate reports that separately).
+async fn require_schema(client: &tokio_postgres::Client, config: &Config) -> Result<()> {
+    let schema = config.schema.as_str();
+    let names: Vec<String> = client
+        .query(
+            "SELECT nspname::text FROM pg_namespace \
+             WHERE nspname = $1 OR (nspname !~ '^pg_' AND nspname <> 'information_schema')",
+            &[&schema],
+        )
+        .await?
+        .into_iter()
+        .map(|row| row.get(0))
+        .collect();
+    if names.iter().any(|name| name == schema) {
+        return Ok(());
+    }
+    Err(Error::SchemaMissing {
+        schema: schema.to_owned(),
+        target: config.target(),
+        similar: look_alike(schema, names),
+    })
+}
+
+/// The names that look like `wanted`: a few edits away (at most a third of its length, as
+/// rustc's suggestions), equal but for case, or one a prefix of the other (`orders` and
+/// `orders_svc`); closest first, at most five.
+fn look_alike(wanted: &str, names: Vec<String>) -> Vec<String> {
+    let wanted_lower = wanted.to_lowercase();
+    let max_edits = (wanted.chars().count() / 3).max(1);
+    let mut close: Vec<(usize, String)> = names
+        .into_iter()
+        .filter_map(|name| {
+            let lower = name.to_lowercase();
+            let edits = strsim::levenshtein(&wanted_lower, &lower);
+            let prefix = lower.starts_with(&wanted_lower) || wanted_lower.starts_with(&lower);
+            (edits <= max_edits || prefix).then_some((edits, name))
+        })
+        .collect();
+    close.sort();
+    close.into_iter().take(5).map(|(_, name)| name).collect()
 }
 
 /// `CREATE SCHEMA IF NOT EXISTS` still fails when two sessions create the schema at the same

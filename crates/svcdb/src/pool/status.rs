@@ -6,7 +6,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::error::{connect_hint, pg_message};
+use crate::error::{connect_hint, pg_message, NO_ANSWER_HINT};
 
 /// A snapshot of a pool, cheap to take (one mutex, no I/O).
 #[derive(Debug, Clone, Serialize)]
@@ -108,6 +108,17 @@ impl PoolStats {
             .last_connect_error
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = error.map(|e| (pg_message(e), connect_hint(e)));
+    }
+
+    /// Records an attempt that got no answer within `waited`.
+    pub(crate) fn set_no_answer(&self, waited: Duration) {
+        *self
+            .last_connect_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((
+            format!("no answer from the server within {waited:.1?}"),
+            NO_ANSWER_HINT,
+        ));
     }
 
     /// The hint for the last failed connection attempt, if the last attempt failed.
