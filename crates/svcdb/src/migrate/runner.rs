@@ -133,6 +133,11 @@ impl Migrator {
     /// just migrated), and runs what is still pending: all in one transaction when every one is
     /// transactional, else one by one, undoing this call's work with the down scripts if one
     /// fails (see [`MigrateError::Failed`]).
+    ///
+    /// Before anything runs (dry runs included), the pending migrations are
+    /// [linted](super::lint): an error-level finding that neither its file
+    /// (`-- svcdb:allow <rule>`) nor [`MigrateOptions::allow_unsafe`] allows refuses the call
+    /// with [`MigrateError::Unsafe`]; other findings go to `observer` as [`MigrateEvent::Lint`].
     pub async fn up_with(
         &self,
         options: &UpOptions,
@@ -146,6 +151,7 @@ impl Migrator {
             &StatusReport::build(&self.schema(), &self.migrations, &history),
             options.to,
         )?;
+        super::lint::check_before_up(&plan, self.options.allow_unsafe, observer)?;
         if plan.is_empty() || options.dry_run {
             return Ok(UpReport {
                 schema: self.schema(),
