@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod health;
+pub mod lint;
 pub mod migrate;
 pub mod provision;
 pub mod schema;
