@@ -58,14 +58,20 @@ fn lint_all_needs_no_database_and_exits_1_on_an_error() {
             .contains("0002_label.up.sql:2: error[index-without-concurrently]"),
         "{out}"
     );
-    assert!(out.stdout.contains("fix: CREATE INDEX CONCURRENTLY"), "{out}");
+    assert!(
+        out.stdout.contains("fix: CREATE INDEX CONCURRENTLY"),
+        "{out}"
+    );
     let report = lint_all(&[ITEMS, INDEX], &["--json"]).expect_code(1).json();
     assert_eq!(
         rules(&report),
         [finding("index-without-concurrently", "error", false)]
     );
     let f = &report["findings"][0];
-    assert_eq!((f["version"].as_i64(), f["line"].as_i64()), (Some(2), Some(2)));
+    assert_eq!(
+        (f["version"].as_i64(), f["line"].as_i64()),
+        (Some(2), Some(2))
+    );
     assert!(f["path"].as_str().unwrap().ends_with("0002_label.up.sql"));
     assert!(!f["message"].as_str().unwrap().is_empty());
     assert!(!f["fix"].as_str().unwrap().is_empty());
@@ -142,7 +148,10 @@ async fn up_refuses_an_unsafe_migration_unless_allow_unsafe() {
             && out.stderr.contains("index-without-concurrently"),
         "{out}"
     );
-    let status = p.run(&["migrate", "status", "--json"]).expect_code(2).json();
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
     assert_eq!(status["entries"][1]["state"], "pending", "{status}");
 
     let out = p.run(&["migrate", "up", "--allow-unsafe"]).expect_code(0);
@@ -160,7 +169,14 @@ fn the_shop_migrations_pass_the_lint() {
     for entry in std::fs::read_dir(&root).unwrap() {
         let dir = entry.unwrap().path();
         let out = svcdb(
-            &["migrate", "lint", "--all", "--json", "--dir", dir.to_str().unwrap()],
+            &[
+                "migrate",
+                "lint",
+                "--all",
+                "--json",
+                "--dir",
+                dir.to_str().unwrap(),
+            ],
             &[],
             None,
         )

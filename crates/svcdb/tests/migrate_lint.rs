@@ -104,10 +104,16 @@ fn concurrently_is_flagged_only_in_a_transactional_migration() {
             "1_i.sql",
             format!("-- +goose NO TRANSACTION\n-- +goose Up\n{index}"),
         )],
-        vec![("1_i.sql", format!("-- migrate:up transaction:false\n{index}"))],
+        vec![(
+            "1_i.sql",
+            format!("-- migrate:up transaction:false\n{index}"),
+        )],
         vec![
             ("1_i/up.sql", index.to_owned()),
-            ("1_i/metadata.toml", "run_in_transaction = false\n".to_owned()),
+            (
+                "1_i/metadata.toml",
+                "run_in_transaction = false\n".to_owned(),
+            ),
         ],
     ] {
         let files: Vec<(&str, &str)> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
@@ -313,7 +319,9 @@ fn findings_point_at_the_statement_line_of_the_file() {
     assert!(finding.path.ends_with("7_m.up.sql"), "{}", finding.path);
     assert!(!finding.message.is_empty() && !finding.fix.is_empty());
     assert!(
-        finding.to_string().contains("7_m.up.sql:1: error[lock-table]"),
+        finding
+            .to_string()
+            .contains("7_m.up.sql:1: error[lock-table]"),
         "{finding}"
     );
 }
@@ -321,9 +329,7 @@ fn findings_point_at_the_statement_line_of_the_file() {
 #[test]
 fn an_allow_comment_allows_its_rules_in_its_own_file_only() {
     let index = "CREATE INDEX u_a ON users (a);\n";
-    let allowed = format!(
-        "-- svcdb:allow index-without-concurrently: users has 12 rows\n{index}"
-    );
+    let allowed = format!("-- svcdb:allow index-without-concurrently: users has 12 rows\n{index}");
     assert_eq!(
         findings(&[("1_m.up.sql", &allowed)]),
         [(Rule::IndexWithoutConcurrently, 2, true)]
@@ -334,7 +340,9 @@ fn an_allow_comment_allows_its_rules_in_its_own_file_only() {
     assert_eq!(
         findings(&[(
             "1_m.up.sql",
-            &format!("-- svcdb:allow lock-table, index-without-concurrently\n{index}LOCK TABLE users;")
+            &format!(
+                "-- svcdb:allow lock-table, index-without-concurrently\n{index}LOCK TABLE users;"
+            )
         )]),
         [
             (Rule::IndexWithoutConcurrently, 2, true),
@@ -344,10 +352,19 @@ fn an_allow_comment_allows_its_rules_in_its_own_file_only() {
     // Another rule, a misspelt one, or the comment in another migration: still blocking.
     for files in [
         vec![("1_m.up.sql", format!("-- svcdb:allow lock-table\n{index}"))],
-        vec![("1_m.up.sql", format!("-- svcdb:allow index-without-concurency\n{index}"))],
-        vec![("1_m.up.sql", format!("SELECT '-- svcdb:allow index-without-concurrently';\n{index}"))],
+        vec![(
+            "1_m.up.sql",
+            format!("-- svcdb:allow index-without-concurency\n{index}"),
+        )],
+        vec![(
+            "1_m.up.sql",
+            format!("SELECT '-- svcdb:allow index-without-concurrently';\n{index}"),
+        )],
         vec![
-            ("1_a.up.sql", "-- svcdb:allow index-without-concurrently\nSELECT 1;".to_owned()),
+            (
+                "1_a.up.sql",
+                "-- svcdb:allow index-without-concurrently\nSELECT 1;".to_owned(),
+            ),
             ("2_m.up.sql", index.to_owned()),
         ],
     ] {
@@ -434,7 +451,10 @@ const ITEMS: (&str, &str) = (
     "1_items.up.sql",
     "CREATE TABLE items (id int PRIMARY KEY, label text);",
 );
-const INDEX: (&str, &str) = ("2_label.up.sql", "CREATE INDEX items_label ON items (label);");
+const INDEX: (&str, &str) = (
+    "2_label.up.sql",
+    "CREATE INDEX items_label ON items (label);",
+);
 const TAGS: (&str, &str) = ("3_tags.up.sql", "CREATE TABLE tags (id int);");
 
 #[tokio::test]
@@ -534,7 +554,10 @@ async fn an_allow_comment_in_the_file_lets_up_run_it_silently() {
         })
         .await
         .unwrap();
-    assert_eq!(events, 0, "an allowed finding is not repeated on every deploy");
+    assert_eq!(
+        events, 0,
+        "an allowed finding is not repeated on every deploy"
+    );
     assert!(has_index(&svc, "items_label").await);
 }
 
@@ -558,7 +581,11 @@ async fn an_empty_up_is_applied_and_recorded_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     write(
         dir.path(),
-        &[ITEMS, ("2_later.up.sql", ""), ("3_noop.up.sql", "-- nothing\n")],
+        &[
+            ITEMS,
+            ("2_later.up.sql", ""),
+            ("3_noop.up.sql", "-- nothing\n"),
+        ],
     );
     let mut warned = Vec::new();
     let report = migrator(&svc, dir.path(), MigrateOptions::default())
@@ -590,7 +617,10 @@ async fn an_empty_down_makes_down_refuse_before_reverting_anything() {
             ITEMS,
             ("1_items.down.sql", "DROP TABLE items;"),
             TAGS,
-            ("3_tags.down.sql", "-- This file should undo anything in `up.sql`\n"),
+            (
+                "3_tags.down.sql",
+                "-- This file should undo anything in `up.sql`\n",
+            ),
             ("4_more.up.sql", "CREATE TABLE more (id int);"),
             ("4_more.down.sql", "DROP TABLE more;"),
         ],

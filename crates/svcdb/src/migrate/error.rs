@@ -94,7 +94,7 @@ pub enum MigrateError {
     },
 
     /// `up` refused before running anything: pending migrations hold statements that
-    /// [`lint`](super::lint) reports as errors and nothing allows (neither
+    /// [`lint`](mod@super::lint) reports as errors and nothing allows (neither
     /// `-- svcdb:allow <rule>` in the file nor [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe)).
     #[error("{}", unsafe_message(findings))]
     Unsafe {

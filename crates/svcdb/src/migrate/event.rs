@@ -57,7 +57,7 @@ pub enum MigrateEvent {
         /// How long it took, in milliseconds.
         duration_ms: f64,
     },
-    /// Before anything runs: a [lint](super::lint) finding that does not stop `up` (a
+    /// Before anything runs: a [lint](mod@super::lint) finding that does not stop `up` (a
     /// warning, or an error let through by
     /// [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe)).
     Lint {

@@ -6,7 +6,7 @@
 //! anything, when a finding is an [error](Severity::Error) that neither
 //! [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe) (`--allow-unsafe`) nor a
 //! `-- svcdb:allow <rule>` comment in that migration's file allows; warnings are reported as
-//! [`MigrateEvent::Lint`](super::MigrateEvent::Lint) and do not stop it. `svcdb migrate lint`
+//! [`MigrateEvent::Lint`] and do not stop it. `svcdb migrate lint`
 //! prints the same findings without running anything.
 //!
 //! What a stand-alone linter cannot know and this one does:

@@ -26,7 +26,7 @@
 //! | sources: native (`1_x.up.sql`), diesel (`1_x/up.sql`), single files (sqlx, goose, dbmate: `1_x.sql`), Flyway (`V1__x.sql`), embedded; `new` | [`source`] ([`Migrations`], [`EmbeddedMigrations`], [`new_migration`]) |
 //! | one migration, its checksum, its transaction mode | [`migration`] ([`Migration`], [`Checksum`]) |
 //! | splitting a non-transactional migration into statements | [`split`] ([`split_statements`]) |
-//! | locking DDL found before it runs (`svcdb migrate lint`, and before every `up`) | [`lint`] ([`lint()`], [`Finding`], [`Rule`]) |
+//! | locking DDL found before it runs (`svcdb migrate lint`, and before every `up`) | [`lint`](mod@lint) ([`lint()`], [`Finding`], [`Rule`]) |
 //! | the `svcdb_migrations` history table | [`history`] |
 //! | the per-(database, schema) advisory lock | [`lock`] |
 //! | status of every migration, drift checks | [`status`] ([`StatusReport`], [`MigrationState`]) |
@@ -68,7 +68,7 @@
 //!   traffic fails instead of queueing that table's queries behind it) and no
 //!   `statement_timeout`; both are in [`MigrateOptions`].
 //! * **Unsafe DDL.** Before running anything, `up` checks the statements it is about to run
-//!   ([`lint`]): a `CREATE INDEX` without `CONCURRENTLY` on a table that existed before the
+//!   ([`lint`](mod@lint)): a `CREATE INDEX` without `CONCURRENTLY` on a table that existed before the
 //!   deploy, a table rewrite, a constraint validated under lock, … is refused with the safe
 //!   rewrite, unless `-- svcdb:allow <rule>` in that file or [`MigrateOptions::allow_unsafe`]
 //!   allows it.

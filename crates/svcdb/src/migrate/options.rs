@@ -23,7 +23,7 @@ pub struct MigrateOptions {
     /// `statement_timeout` while migrating; `None` means no limit (the server default is not
     /// inherited: a backfill may legitimately run long). Default: `None`.
     pub statement_timeout: Option<Duration>,
-    /// Let `up` run statements that [`lint`](super::lint) reports as errors (reported as
+    /// Let `up` run statements that [`lint`](mod@super::lint) reports as errors (reported as
     /// [`MigrateEvent::Lint`](super::MigrateEvent::Lint) instead of refused with
     /// [`MigrateError::Unsafe`](super::MigrateError::Unsafe)). Default: false.
     pub allow_unsafe: bool,

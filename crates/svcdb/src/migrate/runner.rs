@@ -135,7 +135,7 @@ impl Migrator {
     /// fails (see [`MigrateError::Failed`]).
     ///
     /// Before anything runs (dry runs included), the pending migrations are
-    /// [linted](super::lint): an error-level finding that neither its file
+    /// [linted](mod@super::lint): an error-level finding that neither its file
     /// (`-- svcdb:allow <rule>`) nor [`MigrateOptions::allow_unsafe`] allows refuses the call
     /// with [`MigrateError::Unsafe`]; other findings go to `observer` as [`MigrateEvent::Lint`].
     pub async fn up_with(

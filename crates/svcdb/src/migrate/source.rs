@@ -20,7 +20,7 @@
 //!   section) means the migration has no down: it is irreversible, and `down` refuses, before
 //!   reverting anything, to cross it, naming it ([`MigrateError::NoDown`]). `up` is unaffected.
 //! * **An empty up** is a no-op migration: applied and recorded like any other, with an
-//!   `empty-up` warning from the check before `up` ([`lint`](super::lint)) and from
+//!   `empty-up` warning from the check before `up` ([`lint`](mod@super::lint)) and from
 //!   `svcdb migrate lint`.
 //!
 //! Where the other tools differ (read in their sources): diesel refuses a zero-byte `up.sql`
