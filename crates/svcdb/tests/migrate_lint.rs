@@ -376,7 +376,7 @@ fn an_allow_comment_allows_its_rules_in_its_own_file_only() {
 
 #[test]
 fn every_rule_has_a_name_that_reads_back() {
-    for rule in Rule::ALL {
+    for &rule in Rule::ALL {
         assert_eq!(Rule::from_name(rule.name()), Some(rule));
         assert_eq!(
             serde_json::to_value(rule).unwrap(),

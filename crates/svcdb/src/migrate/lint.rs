@@ -152,7 +152,7 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule.
-    pub const ALL: [Rule; 16] = [
+    pub const ALL: &'static [Rule] = &[
         Rule::IndexWithoutConcurrently,
         Rule::ConcurrentlyInTransaction,
         Rule::AddColumnNotNullWithoutDefault,
@@ -196,7 +196,7 @@ impl Rule {
 
     /// The rule with this [`name`](Self::name).
     pub fn from_name(name: &str) -> Option<Rule> {
-        Rule::ALL.into_iter().find(|r| r.name() == name)
+        Rule::ALL.iter().copied().find(|r| r.name() == name)
     }
 
     /// Whether a finding of this rule stops `up` (unless allowed).
