@@ -349,6 +349,17 @@ fn an_allow_comment_allows_its_rules_in_its_own_file_only() {
             (Rule::LockTable, 3, true)
         ]
     );
+    // A misspelt rule allows nothing, and is reported where it is written.
+    assert_eq!(
+        findings(&[(
+            "1_m.up.sql",
+            &format!("SELECT 1;\n-- svcdb:allow index-without-concurency\n{index}")
+        )]),
+        [
+            (Rule::UnknownAllow, 2, false),
+            (Rule::IndexWithoutConcurrently, 3, false)
+        ]
+    );
     // Another rule, a misspelt one, or the comment in another migration: still blocking.
     for files in [
         vec![("1_m.up.sql", format!("-- svcdb:allow lock-table\n{index}"))],

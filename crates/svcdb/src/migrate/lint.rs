@@ -35,6 +35,7 @@
 //! | `vacuum-full`, `cluster`, `lock-table` | error | `VACUUM FULL`, `CLUSTER`, `LOCK TABLE` (any table) |
 //! | `empty-up` | warning | an up script with no statement: a no-op migration, recorded like any other |
 //! | `unparsed` | warning | a script PostgreSQL's parser rejects: nothing in it could be checked |
+//! | `unknown-allow` | warning | a `-- svcdb:allow` comment naming no rule (it allows nothing) |
 //!
 //! Volatility is read from the function's name (PostgreSQL's `pg_proc.provolatile` is not
 //! consulted, as no database is needed): `now()`, `CURRENT_TIMESTAMP` and constants are stable
@@ -148,6 +149,8 @@ pub enum Rule {
     EmptyUp,
     /// A script PostgreSQL's parser rejects, so nothing in it was checked (warning).
     Unparsed,
+    /// A `-- svcdb:allow` comment naming no rule: it allows nothing (warning).
+    UnknownAllow,
 }
 
 impl Rule {
@@ -169,6 +172,7 @@ impl Rule {
         Rule::LockTable,
         Rule::EmptyUp,
         Rule::Unparsed,
+        Rule::UnknownAllow,
     ];
 
     /// The name used in findings and in `-- svcdb:allow <rule>`, e.g.
@@ -191,6 +195,7 @@ impl Rule {
             Rule::LockTable => "lock-table",
             Rule::EmptyUp => "empty-up",
             Rule::Unparsed => "unparsed",
+            Rule::UnknownAllow => "unknown-allow",
         }
     }
 
@@ -207,7 +212,8 @@ impl Rule {
             | Rule::DropColumn
             | Rule::DropTable
             | Rule::EmptyUp
-            | Rule::Unparsed => Severity::Warning,
+            | Rule::Unparsed
+            | Rule::UnknownAllow => Severity::Warning,
             _ => Severity::Error,
         }
     }
@@ -364,9 +370,10 @@ struct Script<'m> {
 }
 
 impl Script<'_> {
+    /// A finding at byte `at` of the script.
     fn finding(&self, at: usize, rule: Rule, message: String, fix: String) -> Finding {
         let sql = self.m.up.as_bytes();
-        let at = code_start(&self.m.up, at.min(sql.len()));
+        let at = at.min(sql.len());
         let line = self.m.up_line + sql[..at].iter().filter(|&&b| b == b'\n').count();
         Finding {
             version: self.m.version,
@@ -381,21 +388,34 @@ impl Script<'_> {
     }
 }
 
-/// The rules a script allows with `-- svcdb:allow` comments. Unknown names allow nothing (the
-/// finding they meant to allow stays, naming the rule to write).
-fn allowed_rules(sql: &str) -> HashSet<Rule> {
-    comments(sql)
-        .filter_map(|c| c.strip_prefix("--"))
-        .filter_map(|c| c.trim_start().strip_prefix(ALLOW_DIRECTIVE))
+/// The rules a script allows with `-- svcdb:allow` comments, and the names in them that are
+/// no rule (with the comment's offset): those allow nothing, so the finding they meant to
+/// allow stays, and each is reported.
+fn allow_comments(sql: &str) -> (HashSet<Rule>, Vec<(usize, String)>) {
+    let mut allowed = HashSet::new();
+    let mut unknown = Vec::new();
+    for (at, comment) in comments(sql) {
+        let Some(rest) = comment
+            .strip_prefix("--")
+            .and_then(|c| c.trim_start().strip_prefix(ALLOW_DIRECTIVE))
+        else {
+            continue;
+        };
         // The names run up to a `:` that starts the reason.
-        .flat_map(|rest| {
-            rest.split(':')
-                .next()
-                .unwrap_or_default()
-                .split([',', ' ', '\t'])
-        })
-        .filter_map(|name| Rule::from_name(name.trim()))
-        .collect()
+        let names = rest.split(':').next().unwrap_or_default();
+        for name in names
+            .split([',', ' ', '\t', '\r', '\n'])
+            .filter(|n| !n.is_empty())
+        {
+            match Rule::from_name(name) {
+                Some(rule) => {
+                    allowed.insert(rule);
+                }
+                None => unknown.push((at, name.to_owned())),
+            }
+        }
+    }
+    (allowed, unknown)
 }
 
 /// Volatile functions (`pg_proc.provolatile = 'v'`) seen as column defaults: each evaluates per
@@ -430,10 +450,17 @@ impl Deploy {
     }
 
     fn migration(&mut self, m: &Migration, out: &mut Vec<Finding>) {
-        let script = Script {
-            m,
-            allowed: allowed_rules(&m.up),
-        };
+        let (allowed, unknown) = allow_comments(&m.up);
+        let script = Script { m, allowed };
+        for (at, name) in unknown {
+            let known: Vec<&str> = Rule::ALL.iter().map(|r| r.name()).collect();
+            out.push(script.finding(
+                at,
+                Rule::UnknownAllow,
+                format!("`-- {ALLOW_DIRECTIVE} {name}`: {name} is no rule, so it allows nothing"),
+                format!("name one of: {}", known.join(", ")),
+            ));
+        }
         if split_statements(&m.up).is_empty() {
             out.push(script.finding(
                 0,
@@ -459,7 +486,8 @@ impl Deploy {
             let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
                 continue;
             };
-            let at = usize::try_from(raw.stmt_location).unwrap_or(0);
+            // The parser's location may include the comments before the statement.
+            let at = code_start(&m.up, usize::try_from(raw.stmt_location).unwrap_or(0));
             self.statement(&script, at, node, out);
         }
     }

@@ -44,12 +44,12 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
     out
 }
 
-/// The comments of `sql` (`-- …` with its newline, `/* … */`), outside strings and quoted
-/// identifiers, for directives such as `-- svcdb:allow`.
-pub(crate) fn comments(sql: &str) -> impl Iterator<Item = &str> {
+/// The comments of `sql` (`-- …` with its newline, `/* … */`) with their byte offsets,
+/// outside strings and quoted identifiers, for directives such as `-- svcdb:allow`.
+pub(crate) fn comments(sql: &str) -> impl Iterator<Item = (usize, &str)> {
     tokens(sql)
         .filter(|(token, _)| *token == Token::Comment)
-        .map(|(_, range)| &sql[range])
+        .map(|(_, range)| (range.start, &sql[range]))
 }
 
 /// Where the code at or after byte `from` of `sql` starts, past whitespace and comments (the
@@ -412,10 +412,8 @@ mod tests {
     #[test]
     fn comments_outside_strings_and_where_code_starts() {
         let sql = "-- a\nSELECT '-- no' /* b */; -- c";
-        assert_eq!(
-            comments(sql).collect::<Vec<_>>(),
-            ["-- a\n", "/* b */", "-- c"]
-        );
+        let found: Vec<(usize, &str)> = comments(sql).collect();
+        assert_eq!(found, [(0, "-- a\n"), (20, "/* b */"), (29, "-- c")]);
         assert_eq!(&sql[code_start(sql, 0)..code_start(sql, 0) + 6], "SELECT");
         let after = sql.find(';').unwrap() + 1;
         assert_eq!(code_start(sql, after), sql.len(), "only a comment follows");
