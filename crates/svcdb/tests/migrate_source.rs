@@ -185,16 +185,51 @@ fn unparseable_names() {
 }
 
 #[test]
-fn empty_and_whitespace_only_files() {
-    assert!(source_error_path(&[("1_a.up.sql", b"")]).ends_with("1_a.up.sql"));
-    assert!(source_error_path(&[("1_a.up.sql", b" \n\t\n")]).ends_with("1_a.up.sql"));
-    assert!(
-        source_error_path(&[("1_a.up.sql", b"SELECT 1;"), ("1_a.down.sql", b"")])
-            .ends_with("1_a.down.sql")
-    );
-    assert!(source_error_path(&[("1_a/up.sql", b"\xef\xbb\xbf")]).ends_with("1_a/up.sql"));
+fn an_empty_down_makes_the_migration_irreversible_instead_of_refusing_the_folder() {
+    // Every layout's down, empty or comments only, is no down; the up is untouched.
+    for files in [
+        &[("1_a.up.sql", &b"SELECT 1;"[..]), ("1_a.down.sql", b"")][..],
+        &[("1_a.up.sql", b"SELECT 1;"), ("1_a.down.sql", b" \n\t\n")],
+        &[
+            ("1_a/up.sql", b"SELECT 1;"),
+            ("1_a/down.sql", b"\xef\xbb\xbf"),
+        ],
+        &[
+            ("1_a/up.sql", b"SELECT 1;"),
+            (
+                "1_a/down.sql",
+                b"-- This file should undo anything in `up.sql`\n/* nothing */\n",
+            ),
+        ],
+        &[("V1__a.sql", b"SELECT 1;"), ("U1__a.sql", b"-- no undo\n")],
+        &[("1_a.sql", b"-- +goose Up\nSELECT 1;\n-- +goose Down\n")],
+    ] {
+        let m = parse(files).unwrap_or_else(|e| panic!("{files:?}: {e}"));
+        let a = m.get(1).unwrap();
+        assert_eq!(a.down, None, "{files:?}");
+        assert_eq!(a.down_path, None, "{files:?}");
+        assert_eq!(a.up.trim(), "SELECT 1;", "{files:?}");
+    }
 }
 
+#[test]
+fn an_empty_up_is_a_no_op_migration() {
+    for files in [
+        &[("1_a.up.sql", &b""[..])][..],
+        &[("1_a.up.sql", b" \n\t\n"), ("1_a.down.sql", b"SELECT 1;")],
+        &[("1_a/up.sql", b"\xef\xbb\xbf-- nothing yet\n")],
+        &[("1_a.sql", b"-- +goose Up\n\n-- +goose Down\nSELECT 1;\n")],
+        &[("V1__a.sql", b"")],
+    ] {
+        let m = parse(files).unwrap_or_else(|e| panic!("{files:?}: {e}"));
+        let a = m.get(1).unwrap();
+        assert!(
+            svcdb::migrate::split_statements(&a.up).is_empty(),
+            "{files:?}"
+        );
+        assert!(a.transactional, "{files:?}");
+    }
+}
 #[test]
 fn non_utf8_files() {
     assert!(source_error_path(&[("1_a.up.sql", b"SELECT '\xff';")]).ends_with("1_a.up.sql"));
@@ -400,10 +435,6 @@ fn misplaced_or_unknown_markers() {
         (
             "SQL before the up marker",
             "SELECT 0;\n-- +goose Up\nSELECT 1;\n",
-        ),
-        (
-            "an empty up section",
-            "-- +goose Up\n\n-- +goose Down\nSELECT 1;\n",
         ),
         (
             "an unknown annotation",
@@ -699,7 +730,10 @@ fn new_migration_in_a_diesel_folder_keeps_its_folders_and_dashes() {
     );
     let m = Migrations::from_dir(dir.path()).unwrap();
     assert_eq!(m.latest().unwrap().name, "add_email");
-    assert!(m.latest().unwrap().down.is_some());
+    assert!(
+        m.latest().unwrap().down.is_none(),
+        "the placeholder down is a comment: no down until its SQL is written"
+    );
 
     // Without dashes in the folder's names, none in the new one.
     let (_dir, files) = new_in(&[("20240101000000_a/up.sql", b"SELECT 1;")], "b");

@@ -48,6 +48,20 @@ Exit codes:
     /// Check that the migrations may run (no dirty schema, changed, missing or out-of-order
     /// migration) without running them; pending migrations are fine.
     Validate(Drift),
+    /// Report the statements that take long locks or break the replicas still running the old
+    /// release (what `up` refuses, and warns about), each with file, line, rule, why and the
+    /// safe rewrite; runs nothing.
+    ///
+    /// By default the pending migrations are checked as the next `up` runs them (a table
+    /// created earlier in the same deploy is new, so indexing it is fine); --all needs no
+    /// database. Allow a finding with a comment `-- svcdb:allow <rule>` in the migration's
+    /// file, or run `up --allow-unsafe`.
+    #[command(after_help = "\
+Exit codes:
+  0  nothing `migrate up` would refuse (warnings and allowed findings are listed)
+  1  an error-level finding that its file does not allow; or an error
+  64 invalid command line")]
+    Lint(crate::cmd::lint::Args),
     /// Create a new migration's files in --dir, laid out like the newest migration there;
     /// needs no database.
     ///
@@ -136,6 +150,12 @@ pub struct UpArgs {
     #[arg(long)]
     dry_run: bool,
 
+    /// Run statements that `migrate lint` reports as errors (a CREATE INDEX without
+    /// CONCURRENTLY on a busy table, a table rewrite, …) instead of refusing the deploy; each
+    /// is printed as a warning.
+    #[arg(long)]
+    allow_unsafe: bool,
+
     // Last: its help headings would otherwise apply to the options after it.
     #[command(flatten)]
     run: RunArgs,
@@ -202,6 +222,7 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
         Command::Redo(args) => redo(global, args).await,
         Command::Status(drift) => status(global, drift).await,
         Command::Validate(drift) => validate(global, drift).await,
+        Command::Lint(args) => crate::cmd::lint::run(global, args).await,
         Command::New { name } => new(global, &name),
         Command::Baseline { up_to, timeouts } => baseline(global, up_to, timeouts).await,
         Command::Repair(timeouts) => repair(global, timeouts).await,
@@ -221,7 +242,11 @@ fn progress(json: bool) -> impl FnMut(&MigrateEvent) + Send {
 }
 
 async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
-    let migrator = migrator(global, args.run.options()).await?;
+    let options = MigrateOptions {
+        allow_unsafe: args.allow_unsafe,
+        ..args.run.options()
+    };
+    let migrator = migrator(global, options).await?;
     let options = UpOptions {
         to: args.to,
         dry_run: args.dry_run,

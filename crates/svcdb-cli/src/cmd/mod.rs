@@ -2,6 +2,7 @@
 
 pub mod events;
 pub mod health;
+pub mod lint;
 pub mod migrate;
 pub mod provision;
 pub mod schema;

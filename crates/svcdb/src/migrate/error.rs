@@ -96,6 +96,15 @@ pub enum MigrateError {
         path: String,
     },
 
+    /// `up` refused before running anything: pending migrations hold statements that
+    /// [`lint`](mod@super::lint) reports as errors and nothing allows (neither
+    /// `-- svcdb:allow <rule>` in the file nor [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe)).
+    #[error("{}", unsafe_message(findings))]
+    Unsafe {
+        /// The blocking findings, oldest migration first.
+        findings: Vec<super::lint::Finding>,
+    },
+
     /// A migration's SQL failed; the [`MigrationFailure`] says what this command left behind.
     #[error(transparent)]
     Failed(Box<MigrationFailure>),
@@ -159,6 +168,22 @@ impl From<tokio_postgres::Error> for MigrateError {
     fn from(e: tokio_postgres::Error) -> Self {
         MigrateError::Db(crate::Error::Db(e))
     }
+}
+
+fn unsafe_message(findings: &[super::lint::Finding]) -> String {
+    let mut s = format!(
+        "refusing to migrate: {} unsafe statement{} in the pending migrations; nothing was run",
+        findings.len(),
+        if findings.len() == 1 { "" } else { "s" }
+    );
+    for finding in findings {
+        s.push_str(&format!(
+            "\n  {}",
+            finding.to_string().replace('\n', "\n  ")
+        ));
+    }
+    s.push_str("\n  hint: rewrite each statement as its fix says, in a migration that is not applied yet; if one is safe here (a small table, a maintenance window), write `-- svcdb:allow <rule>` in its file, or pass `--allow-unsafe` (MigrateOptions::allow_unsafe)");
+    s
 }
 
 fn failed_message(f: &MigrationFailure) -> String {

@@ -57,6 +57,13 @@ pub enum MigrateEvent {
         /// How long it took, in milliseconds.
         duration_ms: f64,
     },
+    /// Before anything runs: a [lint](mod@super::lint) finding that does not stop `up` (a
+    /// warning, or an error let through by
+    /// [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe)).
+    Lint {
+        /// What was found.
+        finding: super::lint::Finding,
+    },
 }
 
 impl fmt::Display for MigrateEvent {
@@ -92,6 +99,7 @@ impl fmt::Display for MigrateEvent {
                     "{direction} {version} {name} done in {duration_ms:.1} ms"
                 )
             }
+            MigrateEvent::Lint { finding } => finding.fmt(f),
         }
     }
 }

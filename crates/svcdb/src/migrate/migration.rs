@@ -22,9 +22,12 @@ pub struct Migration {
     /// The name after the first `_` (after `__` for `V3__x`), spaces and all.
     pub name: String,
     /// The up script, with any UTF-8 byte-order mark removed; for a goose or dbmate file, the
-    /// text between its up and down markers.
+    /// text between its up and down markers. It may hold no statement: a no-op migration,
+    /// recorded like any other (the check before `up` warns about it).
     pub up: String,
-    /// The down script, if there is one; `down` refuses to cross a migration without it.
+    /// The down script, if there is one; `down` refuses to cross a migration without it. A down
+    /// file holding no statement (empty, or only comments) counts as none: the migration is
+    /// irreversible.
     pub down: Option<String>,
     /// SHA-256 of the up script with a byte-order mark removed and CRLF turned into LF, so a
     /// line-ending-only change is not a change.

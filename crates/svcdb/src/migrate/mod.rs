@@ -26,6 +26,7 @@
 //! | sources: native (`1_x.up.sql`), diesel (`1_x/up.sql`), single files (sqlx, goose, dbmate: `1_x.sql`), Flyway (`V1__x.sql`), embedded; `new` | [`source`] ([`Migrations`], [`EmbeddedMigrations`], [`new_migration`]) |
 //! | one migration, its checksum, its transaction mode | [`migration`] ([`Migration`], [`Checksum`]) |
 //! | splitting a non-transactional migration into statements | [`split`] ([`split_statements`]) |
+//! | locking DDL found before it runs (`svcdb migrate lint`, and before every `up`) | [`lint`](mod@lint) ([`lint()`], [`Finding`], [`Rule`]) |
 //! | the `svcdb_migrations` history table | [`history`] |
 //! | the per-(database, schema) advisory lock | [`lock`] |
 //! | status of every migration, drift checks | [`status`] ([`StatusReport`], [`MigrationState`]) |
@@ -71,6 +72,11 @@
 //! * **Timeouts.** Migrations run with `lock_timeout` 10 s (a DDL statement stuck behind live
 //!   traffic fails instead of queueing that table's queries behind it) and no
 //!   `statement_timeout`; both are in [`MigrateOptions`].
+//! * **Unsafe DDL.** Before running anything, `up` checks the statements it is about to run
+//!   ([`lint`](mod@lint)): a `CREATE INDEX` without `CONCURRENTLY` on a table that existed before the
+//!   deploy, a table rewrite, a constraint validated under lock, … is refused with the safe
+//!   rewrite, unless `-- svcdb:allow <rule>` in that file or [`MigrateOptions::allow_unsafe`]
+//!   allows it.
 //! * **Drift.** A changed applied file, a pending version older than the newest applied one and
 //!   an applied version without a file are refused, unless [`MigrateOptions`] allows them.
 //!
@@ -93,6 +99,7 @@
 pub mod error;
 pub mod event;
 pub mod history;
+pub mod lint;
 pub mod lock;
 pub mod migration;
 pub mod options;
@@ -105,6 +112,7 @@ pub mod status;
 pub use error::{MigrateError, MigrationFailure};
 pub use event::{Direction, MigrateEvent};
 pub use history::HISTORY_TABLE;
+pub use lint::{lint, Finding, LintReport, Rule, Severity};
 pub use migration::{Checksum, Migration, NO_TRANSACTION_DIRECTIVE};
 pub use options::{DownOptions, MigrateOptions, UpOptions};
 pub use report::{

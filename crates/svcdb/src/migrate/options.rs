@@ -24,6 +24,10 @@ pub struct MigrateOptions {
     /// `statement_timeout` while migrating; `None` means no limit (the server default is not
     /// inherited: a backfill may legitimately run long). Default: `None`.
     pub statement_timeout: Option<Duration>,
+    /// Let `up` run statements that [`lint`](mod@super::lint) reports as errors (reported as
+    /// [`MigrateEvent::Lint`](super::MigrateEvent::Lint) instead of refused with
+    /// [`MigrateError::Unsafe`](super::MigrateError::Unsafe)). Default: false.
+    pub allow_unsafe: bool,
 }
 
 impl Default for MigrateOptions {
@@ -35,6 +39,7 @@ impl Default for MigrateOptions {
             lock_wait: Duration::from_secs(600),
             lock_timeout: Duration::from_secs(10),
             statement_timeout: None,
+            allow_unsafe: false,
         }
     }
 }

@@ -138,6 +138,11 @@ impl Migrator {
     /// migrated), and runs what is still pending: all in one transaction when every one is
     /// transactional, else one by one, undoing this call's work with the down scripts if one
     /// fails (see [`MigrateError::Failed`]).
+    ///
+    /// Before anything runs (dry runs included), the pending migrations are
+    /// [linted](mod@super::lint): an error-level finding that neither its file
+    /// (`-- svcdb:allow <rule>`) nor [`MigrateOptions::allow_unsafe`] allows refuses the call
+    /// with [`MigrateError::Unsafe`]; other findings go to `observer` as [`MigrateEvent::Lint`].
     pub async fn up_with(
         &self,
         options: &UpOptions,
@@ -149,6 +154,7 @@ impl Migrator {
         };
         let status = StatusReport::build(&self.schema(), &self.migrations, &history);
         let plan = self.plan_up(&status, options.to)?;
+        super::lint::check_before_up(&plan, self.options.allow_unsafe, observer)?;
         // A migration in progress may be one this call would run, or may fail: only under the
         // lock, once its runner is done, is there nothing to do.
         if (plan.is_empty() && status.in_progress.is_none()) || options.dry_run {

@@ -10,8 +10,27 @@
 //!
 //! The directive is the first line of the script itself (for a one-file migration, the line
 //! after the marker). In a one-file migration only blank lines and comments may come before the
-//! up marker, each marker appears once, up before down, and a down section holding only
-//! comments means no down. goose's `StatementBegin`/`StatementEnd` are left in the scripts as
+//! up marker, and each marker appears once, up before down.
+//!
+//! # Empty scripts
+//!
+//! A script holding no statement (an empty file, or only whitespace and comments) is accepted:
+//!
+//! * **An empty down** (`down.sql`, `.down.sql`, Flyway's undo file, a goose or dbmate down
+//!   section) means the migration has no down: it is irreversible, and `down` refuses, before
+//!   reverting anything, to cross it, naming it ([`MigrateError::NoDown`]). `up` is unaffected.
+//! * **An empty up** is a no-op migration: applied and recorded like any other, with an
+//!   `empty-up` warning from the check before `up` ([`lint`](mod@super::lint)) and from
+//!   `svcdb migrate lint`.
+//!
+//! Where the other tools differ (read in their sources): diesel refuses a zero-byte `up.sql`
+//! or `down.sql` only when it runs it (`EmptyMigration`; a file of whitespace or comments runs
+//! as a no-op), so an empty `down.sql` fails `diesel migration revert` part-way through a
+//! multi-step revert, where svcdb refuses before the first step. sqlx runs an empty script as a
+//! no-op in both directions, and golang-migrate skips an empty (whitespace-only) body and a
+//! missing down file alike: both "revert" an empty down by running nothing and forgetting the
+//! version, which leaves the schema as it was while the history says otherwise; svcdb
+//! refuses instead. goose's `StatementBegin`/`StatementEnd` are left in the scripts as
 //! comments: a script goes to the server as one message.
 //!
 //! Refused with an error naming the file: Flyway's repeatable `R__<name>.sql`, versions that are
@@ -398,6 +417,9 @@ impl Migrations {
                 up_no_tx,
                 down_no_tx,
             } = scripts;
+            // A down script without a statement (an empty file, comments only) undoes nothing:
+            // the migration is irreversible, and `down` refuses it before touching anything.
+            let down = down.filter(|d| !split_statements(&d.sql).is_empty());
             refuse_psql_only(&up_sql, &up_path, up_line)?;
             if let Some(d) = &down {
                 refuse_psql_only(&d.sql, &d.path, d.line)?;
@@ -663,7 +685,8 @@ fn parse_stem(stem: &str) -> Result<(i64, &str, usize), String> {
     Ok((version, name, digits.len()))
 }
 
-/// The file's text without a byte-order mark, refusing non-UTF-8 and empty files.
+/// The file's text without a byte-order mark, refusing non-UTF-8. An empty file is fine: see
+/// the module documentation for what an empty up or down script means.
 fn script(file: &SourceFile<'_>, display: &dyn Fn(&str) -> String) -> Result<String, MigrateError> {
     let text = String::from_utf8(file.contents.to_vec()).map_err(|e| {
         MigrateError::source_file(
@@ -678,12 +701,6 @@ fn script(file: &SourceFile<'_>, display: &dyn Fn(&str) -> String) -> Result<Str
         stripped if stripped.len() < text.len() => stripped.to_owned(),
         _ => text,
     };
-    if text.trim().is_empty() {
-        return Err(MigrateError::source_file(
-            display(&file.path),
-            "is empty; write the migration's SQL (a comment is enough for a no-op) or remove the file",
-        ));
-    }
     Ok(text)
 }
 
@@ -881,18 +898,10 @@ fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
         ));
     }
     let up_sql = &text[up.after..down.as_ref().map_or(text.len(), |d| d.at)];
-    if up_sql.trim().is_empty() {
-        return Err(format!(
-            "the up section after line {} is empty\n  hint: write the migration's SQL there (a comment is enough for a no-op)",
-            up.line
-        ));
-    }
     Ok(Sections {
         up: up_sql,
         up_line: up.line + 1,
-        down: down
-            .map(|d| (&text[d.after..], d.line + 1))
-            .filter(|(sql, _)| !split_statements(sql).is_empty()),
+        down: down.map(|d| (&text[d.after..], d.line + 1)),
         up_no_tx: no_tx || up_no_tx,
         down_no_tx: no_tx || down_no_tx,
         markers,

@@ -44,6 +44,26 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
     out
 }
 
+/// The comments of `sql` (`-- …` with its newline, `/* … */`) with their byte offsets,
+/// outside strings and quoted identifiers, for directives such as `-- svcdb:allow`.
+pub(crate) fn comments(sql: &str) -> impl Iterator<Item = (usize, &str)> {
+    tokens(sql)
+        .filter(|(token, _)| *token == Token::Comment)
+        .map(|(_, range)| (range.start, &sql[range]))
+}
+
+/// Where the code at or after byte `from` of `sql` starts, past whitespace and comments (the
+/// end when there is none): where a statement the parser locates at `from` is shown to start.
+/// `from` must be a character boundary before a token, as a parser's statement location is.
+pub(crate) fn code_start(sql: &str, from: usize) -> usize {
+    let Some(rest) = sql.get(from..) else {
+        return from;
+    };
+    tokens(rest)
+        .find(|(token, _)| !matches!(token, Token::Space | Token::Comment))
+        .map_or(sql.len(), |(_, range)| from + range.start)
+}
+
 /// Something only psql can run: sent to the server, it is a syntax error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PsqlOnly<'a> {
@@ -387,7 +407,22 @@ fn find(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::split_statements as split;
-    use super::{psql_only, transaction_control, PsqlOnly, TxControl};
+    use super::{code_start, comments, psql_only, transaction_control, PsqlOnly, TxControl};
+
+    #[test]
+    fn comments_outside_strings_and_where_code_starts() {
+        let sql = "-- a\nSELECT '-- no' /* b */; -- c";
+        let found: Vec<(usize, &str)> = comments(sql).collect();
+        assert_eq!(found, [(0, "-- a\n"), (20, "/* b */"), (29, "-- c")]);
+        assert_eq!(&sql[code_start(sql, 0)..code_start(sql, 0) + 6], "SELECT");
+        let after = sql.find(';').unwrap() + 1;
+        assert_eq!(code_start(sql, after), sql.len(), "only a comment follows");
+        assert_eq!(
+            code_start(sql, sql.len() + 5),
+            sql.len() + 5,
+            "past the end: unchanged"
+        );
+    }
 
     #[test]
     fn plain_statements_are_trimmed_and_empty_pieces_dropped() {

@@ -1,0 +1,66 @@
+//! `svcdb migrate lint`: the statements that `migrate up` would refuse (or warn about), found
+//! without running anything. See [`svcdb::migrate::lint`] for the rules.
+
+use anyhow::Result;
+use svcdb::migrate::{lint, LintReport, Migrator};
+
+use crate::global::Global;
+use crate::{output, Outcome};
+
+/// Options of `migrate lint`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Lint every migration in --dir without a database, each as a deploy of its own (tables
+    /// from other migrations count as existing and in use), instead of the pending ones as the
+    /// next `migrate up` runs them.
+    #[arg(long)]
+    all: bool,
+}
+
+/// Runs `migrate lint`.
+pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
+    let migrations = global.migrations()?;
+    let report = if args.all {
+        let mut report = LintReport::default();
+        for m in migrations.iter() {
+            let one = lint(std::iter::once(m));
+            report.migrations += one.migrations;
+            report.findings.extend(one.findings);
+        }
+        report
+    } else {
+        let migrator = Migrator::new(global.connect().await?, migrations);
+        let status = migrator.status().await?;
+        let pending = status
+            .pending()
+            .filter_map(|e| migrator.migrations().get(e.version));
+        lint(pending)
+    };
+    output::report(global.json, &report, render)?;
+    Ok(if report.blocking().next().is_some() {
+        Outcome::NotReady
+    } else {
+        Outcome::Success
+    })
+}
+
+/// Each finding (with its fix), then a summary line.
+fn render(report: &LintReport) -> String {
+    let mut text = String::new();
+    for finding in &report.findings {
+        text.push_str(&format!("{finding}\n"));
+    }
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let blocking = report.blocking().count();
+    let checked = plural(report.migrations, "migration");
+    text.push_str(&if report.findings.is_empty() {
+        format!("{checked} checked: nothing to report")
+    } else {
+        format!(
+            "{checked} checked: {}, {} ({blocking} would stop `migrate up`)",
+            plural(report.errors(), "error"),
+            plural(report.warnings(), "warning"),
+        )
+    });
+    text
+}

@@ -1,0 +1,877 @@
+//! Refuse locking DDL before it runs: the statements of a deploy that take long locks on busy
+//! tables or break the replicas still running the old release, each with why and the safe
+//! rewrite.
+//!
+//! `up` runs [`lint`] over the migrations it is about to apply and refuses, before running
+//! anything, when a finding is an [error](Severity::Error) that neither
+//! [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe) (`--allow-unsafe`) nor a
+//! `-- svcdb:allow <rule>` comment in that migration's file allows; warnings are reported as
+//! [`MigrateEvent::Lint`] and do not stop it. `svcdb migrate lint`
+//! prints the same findings without running anything.
+//!
+//! What a stand-alone linter cannot know and this one does:
+//! * **The transaction mode each migration really runs in** (the directive, goose's and dbmate's
+//!   markers, diesel's `metadata.toml`: [`Migration::transactional`]), so `CONCURRENTLY` in a
+//!   transactional migration is caught before the server refuses it, and never reported for a
+//!   migration that runs outside one. (squawk users set `assume_in_transaction` by hand.)
+//! * **Which tables are new in this deploy**: a table created by an earlier statement of the
+//!   same deploy (this migration or an earlier pending one) is empty and unseen by the old
+//!   release, so indexing it, adding constraints or columns to it, renaming or dropping it is
+//!   harmless and not reported. Every other table is assumed to exist, hold rows and be in use.
+//!
+//! # Rules
+//!
+//! | rule | level | flags (on a table that existed before the deploy) |
+//! |---|---|---|
+//! | `index-without-concurrently` | error | `CREATE INDEX` without `CONCURRENTLY` |
+//! | `concurrently-in-transaction` | error | `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a transactional migration (any table) |
+//! | `add-column-not-null-without-default` | error | `ADD COLUMN … NOT NULL` without a default |
+//! | `add-column-volatile-default` | error | `ADD COLUMN` with a volatile default (`random()`, `clock_timestamp()`, `gen_random_uuid()`, `nextval`, a `serial` type), an identity or a stored generated column |
+//! | `alter-column-type` | error | `ALTER COLUMN … TYPE` |
+//! | `constraint-without-not-valid` | error | `ADD CONSTRAINT … FOREIGN KEY` / `CHECK` without `NOT VALID` |
+//! | `set-not-null-without-check` | error | `ALTER COLUMN … SET NOT NULL` without a validated `CHECK (col IS NOT NULL)` earlier in the deploy |
+//! | `rename-column`, `rename-table` | warning | renaming what the old release still reads |
+//! | `drop-column`, `drop-table` | warning | dropping what the old release still reads |
+//! | `vacuum-full`, `cluster`, `lock-table` | error | `VACUUM FULL`, `CLUSTER`, `LOCK TABLE` (any table) |
+//! | `empty-up` | warning | an up script with no statement: a no-op migration, recorded like any other |
+//! | `unparsed` | warning | a script PostgreSQL's parser rejects: nothing in it could be checked |
+//! | `unknown-allow` | warning | a `-- svcdb:allow` comment naming no rule (it allows nothing) |
+//!
+//! Volatility is read from the function's name (PostgreSQL's `pg_proc.provolatile` is not
+//! consulted, as no database is needed): `now()`, `CURRENT_TIMESTAMP` and constants are stable
+//! and do not rewrite the table since PostgreSQL 11; an unknown function is not reported.
+//! `ALTER COLUMN … TYPE` is reported whatever the types: a binary-coercible change (`varchar(n)`
+//! to `text` or a longer `varchar`) does not rewrite, but which one it is depends on the old
+//! type, which only the database knows; allow it in the file when it is one of those.
+//!
+//! # The parser
+//!
+//! Statements are read by [`pg_query`], which is PostgreSQL's own parser (libpg_query: the
+//! server's grammar compiled as a library), never by pattern matching: what it sees is exactly
+//! what the server will run, comments, quoting, dollar-quoted bodies and all. It was chosen over
+//! squawk's parser crates (`squawk-parser`/`squawk-syntax`, pure Rust, about 13 s to build here
+//! against about 45 s) because those are a hand-written approximation of the grammar, released
+//! weekly with an unstable API, and require Rust 1.94, above this crate's `rust-version`;
+//! pg_query's cost is a C build and libclang for its bindgen step at build time (scripts/services
+//! installs `libclang-dev`). A statement newer than the bundled grammar (PostgreSQL 18) is a
+//! `unparsed` warning, never a refusal.
+//!
+//! # Allowing a finding
+//!
+//! A line comment `-- svcdb:allow <rule>[, <rule>…]` anywhere in a migration's up script allows
+//! those rules for every statement of that migration (say why on the same line or the next):
+//!
+//! ```sql
+//! -- svcdb:allow index-without-concurrently: countries has 250 rows, locked for milliseconds
+//! CREATE INDEX countries_code ON countries (code);
+//! ```
+//!
+//! Adding the comment to an applied migration changes its checksum; allowed findings are still
+//! listed by `svcdb migrate lint`, marked allowed.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use pg_query::protobuf::{
+    a_const, AlterTableCmd, AlterTableStmt, AlterTableType, ColumnDef, ConstrType, Constraint,
+    DropStmt, IndexStmt, NullTestType, ObjectType, RenameStmt,
+};
+use pg_query::NodeEnum;
+use serde::Serialize;
+
+use super::error::MigrateError;
+use super::event::MigrateEvent;
+use super::migration::Migration;
+use super::split::{code_start, comments, split_statements};
+
+/// The comment that allows rules in one migration: `-- svcdb:allow <rule>[, <rule>…]`.
+pub const ALLOW_DIRECTIVE: &str = "svcdb:allow";
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Reported; `up` runs the migration anyway.
+    Warning,
+    /// `up` refuses the deploy unless the finding is allowed.
+    Error,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        })
+    }
+}
+
+/// A lint rule, named in findings and in `-- svcdb:allow <rule>` by [`Rule::name`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Rule {
+    /// `CREATE INDEX` without `CONCURRENTLY` on a table that existed before the deploy: it
+    /// blocks every write to the table while the index builds.
+    IndexWithoutConcurrently,
+    /// `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a migration that runs in a transaction: the
+    /// server refuses it (SQLSTATE 25001).
+    ConcurrentlyInTransaction,
+    /// `ADD COLUMN … NOT NULL` without a default: fails on a table that has rows.
+    AddColumnNotNullWithoutDefault,
+    /// `ADD COLUMN` whose default is volatile (or an identity, a `serial`, a stored generated
+    /// column): the whole table is rewritten under an `ACCESS EXCLUSIVE` lock.
+    AddColumnVolatileDefault,
+    /// `ALTER COLUMN … TYPE`: rewrites the table and its indexes under an `ACCESS EXCLUSIVE`
+    /// lock unless the change is binary-coercible.
+    AlterColumnType,
+    /// `ADD CONSTRAINT … FOREIGN KEY` or `CHECK` without `NOT VALID`: every row is checked while
+    /// writes (for a foreign key, to both tables) are blocked.
+    ConstraintWithoutNotValid,
+    /// `SET NOT NULL` without a validated `CHECK (col IS NOT NULL)` earlier in the deploy: the
+    /// whole table is scanned under an `ACCESS EXCLUSIVE` lock.
+    SetNotNullWithoutCheck,
+    /// Renaming a column the old release still reads (warning).
+    RenameColumn,
+    /// Renaming a table the old release still reads (warning).
+    RenameTable,
+    /// Dropping a column the old release still reads (warning).
+    DropColumn,
+    /// Dropping a table the old release still reads (warning).
+    DropTable,
+    /// `VACUUM FULL`: rewrites the table under an `ACCESS EXCLUSIVE` lock.
+    VacuumFull,
+    /// `CLUSTER`: rewrites the table under an `ACCESS EXCLUSIVE` lock.
+    Cluster,
+    /// `LOCK TABLE`: holds the lock until the migration's (in an atomic deploy, the deploy's)
+    /// transaction ends.
+    LockTable,
+    /// An up script without any statement: a no-op migration, recorded like any other (warning).
+    EmptyUp,
+    /// A script PostgreSQL's parser rejects, so nothing in it was checked (warning).
+    Unparsed,
+    /// A `-- svcdb:allow` comment naming no rule: it allows nothing (warning).
+    UnknownAllow,
+}
+
+impl Rule {
+    /// Every rule.
+    pub const ALL: &'static [Rule] = &[
+        Rule::IndexWithoutConcurrently,
+        Rule::ConcurrentlyInTransaction,
+        Rule::AddColumnNotNullWithoutDefault,
+        Rule::AddColumnVolatileDefault,
+        Rule::AlterColumnType,
+        Rule::ConstraintWithoutNotValid,
+        Rule::SetNotNullWithoutCheck,
+        Rule::RenameColumn,
+        Rule::RenameTable,
+        Rule::DropColumn,
+        Rule::DropTable,
+        Rule::VacuumFull,
+        Rule::Cluster,
+        Rule::LockTable,
+        Rule::EmptyUp,
+        Rule::Unparsed,
+        Rule::UnknownAllow,
+    ];
+
+    /// The name used in findings and in `-- svcdb:allow <rule>`, e.g.
+    /// `index-without-concurrently`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::IndexWithoutConcurrently => "index-without-concurrently",
+            Rule::ConcurrentlyInTransaction => "concurrently-in-transaction",
+            Rule::AddColumnNotNullWithoutDefault => "add-column-not-null-without-default",
+            Rule::AddColumnVolatileDefault => "add-column-volatile-default",
+            Rule::AlterColumnType => "alter-column-type",
+            Rule::ConstraintWithoutNotValid => "constraint-without-not-valid",
+            Rule::SetNotNullWithoutCheck => "set-not-null-without-check",
+            Rule::RenameColumn => "rename-column",
+            Rule::RenameTable => "rename-table",
+            Rule::DropColumn => "drop-column",
+            Rule::DropTable => "drop-table",
+            Rule::VacuumFull => "vacuum-full",
+            Rule::Cluster => "cluster",
+            Rule::LockTable => "lock-table",
+            Rule::EmptyUp => "empty-up",
+            Rule::Unparsed => "unparsed",
+            Rule::UnknownAllow => "unknown-allow",
+        }
+    }
+
+    /// The rule with this [`name`](Self::name).
+    pub fn from_name(name: &str) -> Option<Rule> {
+        Rule::ALL.iter().copied().find(|r| r.name() == name)
+    }
+
+    /// Whether a finding of this rule stops `up` (unless allowed).
+    pub fn severity(self) -> Severity {
+        match self {
+            Rule::RenameColumn
+            | Rule::RenameTable
+            | Rule::DropColumn
+            | Rule::DropTable
+            | Rule::EmptyUp
+            | Rule::Unparsed
+            | Rule::UnknownAllow => Severity::Warning,
+            _ => Severity::Error,
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for Rule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// One statement that the deploy should not run as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// The migration's version.
+    pub version: i64,
+    /// Its up file ([`Migration::path`]).
+    pub path: String,
+    /// The line of `path` the statement starts on.
+    pub line: usize,
+    /// What was found.
+    pub rule: Rule,
+    /// The rule's [severity](Rule::severity).
+    pub severity: Severity,
+    /// Why it is unsafe.
+    pub message: String,
+    /// The safe way to write it.
+    pub fix: String,
+    /// True when the migration's file allows the rule (`-- svcdb:allow <rule>`).
+    pub allowed: bool,
+}
+
+impl Finding {
+    /// True when this finding stops `up`: an error the file does not allow (`--allow-unsafe`
+    /// aside).
+    pub fn blocks(&self) -> bool {
+        self.severity == Severity::Error && !self.allowed
+    }
+}
+
+impl fmt::Display for Finding {
+    /// `path:line: error[rule]: why`, then the fix on an indented `fix:` line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}: {}[{}]: {}",
+            self.path, self.line, self.severity, self.rule, self.message
+        )?;
+        if self.allowed {
+            write!(f, " (allowed by `-- {ALLOW_DIRECTIVE} {}`)", self.rule)?;
+        }
+        write!(f, "\n    fix: {}", self.fix)
+    }
+}
+
+/// What [`lint`] found, in deploy order.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LintReport {
+    /// How many migrations were checked.
+    pub migrations: usize,
+    /// Every finding, allowed ones included, oldest migration first, then by line.
+    pub findings: Vec<Finding>,
+}
+
+impl LintReport {
+    /// The findings that stop `up` ([`Finding::blocks`]).
+    pub fn blocking(&self) -> impl Iterator<Item = &Finding> {
+        self.findings.iter().filter(|f| f.blocks())
+    }
+
+    /// How many findings are errors, allowed or not.
+    pub fn errors(&self) -> usize {
+        self.count(Severity::Error)
+    }
+
+    /// How many findings are warnings.
+    pub fn warnings(&self) -> usize {
+        self.count(Severity::Warning)
+    }
+
+    fn count(&self, severity: Severity) -> usize {
+        self.findings
+            .iter()
+            .filter(|f| f.severity == severity)
+            .count()
+    }
+}
+
+/// Checks `deploy`, the migrations one `up` applies, in the order it applies them: a table
+/// created by an earlier statement of the deploy counts as new (see the
+/// [module documentation](self)). Only up scripts are checked. Reads no database.
+///
+/// ```
+/// use svcdb::migrate::lint::{lint, Rule};
+/// # let dir = tempfile::tempdir().unwrap();
+/// std::fs::write(dir.path().join("1_idx.up.sql"), "CREATE INDEX i ON users (email);").unwrap();
+/// let migrations = svcdb::migrate::Migrations::from_dir(dir.path()).unwrap();
+/// let report = lint(migrations.iter());
+/// assert_eq!(report.findings[0].rule, Rule::IndexWithoutConcurrently);
+/// ```
+pub fn lint<'a>(deploy: impl IntoIterator<Item = &'a Migration>) -> LintReport {
+    let mut deploy_state = Deploy::default();
+    let mut report = LintReport::default();
+    for m in deploy {
+        report.migrations += 1;
+        deploy_state.migration(m, &mut report.findings);
+    }
+    report
+}
+
+/// What `up` does with the lint of its plan: refuses when something blocks (unless
+/// `allow_unsafe`), and tells `observer` about the rest that was not allowed in its file.
+pub(crate) fn check_before_up(
+    plan: &[&Migration],
+    allow_unsafe: bool,
+    observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+) -> Result<(), MigrateError> {
+    let report = lint(plan.iter().copied());
+    if !allow_unsafe && report.blocking().next().is_some() {
+        return Err(MigrateError::Unsafe {
+            findings: report.blocking().cloned().collect(),
+        });
+    }
+    for finding in report.findings.into_iter().filter(|f| !f.allowed) {
+        tracing::warn!(target: "svcdb::migrate", %finding, "unsafe migration statement");
+        observer(&MigrateEvent::Lint { finding });
+    }
+    Ok(())
+}
+
+/// What the statements of the deploy so far have done to the tables later ones touch.
+#[derive(Default)]
+struct Deploy {
+    /// Tables created in this deploy (by name, as the parser folds it).
+    created: HashSet<String>,
+    /// Per table: constraints added in this deploy, by name, with the column of those that are
+    /// a `CHECK (col IS NOT NULL)`.
+    added: HashMap<String, HashMap<String, Option<String>>>,
+    /// Per table: constraints known valid (validated, or added without `NOT VALID`) in this
+    /// deploy.
+    validated: HashMap<String, HashSet<String>>,
+}
+
+/// One migration's script and where findings in it go.
+struct Script<'m> {
+    m: &'m Migration,
+    allowed: HashSet<Rule>,
+}
+
+impl Script<'_> {
+    /// A finding at byte `at` of the script.
+    fn finding(&self, at: usize, rule: Rule, message: String, fix: String) -> Finding {
+        let sql = self.m.up.as_bytes();
+        let at = at.min(sql.len());
+        let line = self.m.up_line + sql[..at].iter().filter(|&&b| b == b'\n').count();
+        Finding {
+            version: self.m.version,
+            path: self.m.path.clone(),
+            line,
+            rule,
+            severity: rule.severity(),
+            message,
+            fix,
+            allowed: self.allowed.contains(&rule),
+        }
+    }
+}
+
+/// The rules a script allows with `-- svcdb:allow` comments, and the names in them that are
+/// no rule (with the comment's offset): those allow nothing, so the finding they meant to
+/// allow stays, and each is reported.
+fn allow_comments(sql: &str) -> (HashSet<Rule>, Vec<(usize, String)>) {
+    let mut allowed = HashSet::new();
+    let mut unknown = Vec::new();
+    for (at, comment) in comments(sql) {
+        let Some(rest) = comment
+            .strip_prefix("--")
+            .and_then(|c| c.trim_start().strip_prefix(ALLOW_DIRECTIVE))
+        else {
+            continue;
+        };
+        // The names run up to a `:` that starts the reason.
+        let names = rest.split(':').next().unwrap_or_default();
+        for name in names
+            .split([',', ' ', '\t', '\r', '\n'])
+            .filter(|n| !n.is_empty())
+        {
+            match Rule::from_name(name) {
+                Some(rule) => {
+                    allowed.insert(rule);
+                }
+                None => unknown.push((at, name.to_owned())),
+            }
+        }
+    }
+    (allowed, unknown)
+}
+
+/// Volatile functions (`pg_proc.provolatile = 'v'`) seen as column defaults: each evaluates per
+/// row, so `ADD COLUMN … DEFAULT f()` rewrites the table.
+const VOLATILE_FUNCTIONS: &[&str] = &[
+    "random",
+    "random_normal",
+    "clock_timestamp",
+    "timeofday",
+    "gen_random_uuid",
+    "uuid_generate_v1",
+    "uuid_generate_v1mc",
+    "uuid_generate_v4",
+    "uuidv4",
+    "uuidv7",
+    "nextval",
+];
+
+/// Types that are an integer with a `nextval` default.
+const SERIAL_TYPES: &[&str] = &[
+    "serial",
+    "serial2",
+    "serial4",
+    "serial8",
+    "smallserial",
+    "bigserial",
+];
+
+impl Deploy {
+    fn is_new(&self, table: &str) -> bool {
+        self.created.contains(table)
+    }
+
+    fn migration(&mut self, m: &Migration, out: &mut Vec<Finding>) {
+        let (allowed, unknown) = allow_comments(&m.up);
+        let script = Script { m, allowed };
+        for (at, name) in unknown {
+            let known: Vec<&str> = Rule::ALL.iter().map(|r| r.name()).collect();
+            out.push(script.finding(
+                at,
+                Rule::UnknownAllow,
+                format!("`-- {ALLOW_DIRECTIVE} {name}`: {name} is no rule, so it allows nothing"),
+                format!("name one of: {}", known.join(", ")),
+            ));
+        }
+        if split_statements(&m.up).is_empty() {
+            out.push(script.finding(
+                0,
+                Rule::EmptyUp,
+                "the up script has no statement: the migration changes nothing and is recorded as applied".into(),
+                "write its SQL before it is deployed; once applied, put further changes in a new migration".into(),
+            ));
+            return;
+        }
+        let parsed = match pg_query::parse(&m.up, pg_query::ParserOptions::DEFAULT) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                out.push(script.finding(
+                    0,
+                    Rule::Unparsed,
+                    format!("PostgreSQL's parser rejects the script, so it was not checked: {e}"),
+                    "fix the syntax (the server will refuse it too); it is checked once it parses".into(),
+                ));
+                return;
+            }
+        };
+        for raw in &parsed.protobuf.stmts {
+            let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
+                continue;
+            };
+            // The parser's location may include the comments before the statement.
+            let at = code_start(&m.up, usize::try_from(raw.stmt_location).unwrap_or(0));
+            self.statement(&script, at, node, out);
+        }
+    }
+
+    fn statement(&mut self, s: &Script<'_>, at: usize, node: &NodeEnum, out: &mut Vec<Finding>) {
+        match node {
+            NodeEnum::CreateStmt(create) => {
+                if let Some(rel) = &create.relation {
+                    self.created.insert(rel.relname.clone());
+                }
+            }
+            NodeEnum::CreateTableAsStmt(create) => {
+                if let Some(rel) = create.into.as_ref().and_then(|i| i.rel.as_ref()) {
+                    self.created.insert(rel.relname.clone());
+                }
+            }
+            NodeEnum::IndexStmt(index) => self.index(s, at, index, out),
+            NodeEnum::DropStmt(drop) => self.drop(s, at, drop, out),
+            NodeEnum::ReindexStmt(reindex) => {
+                let concurrently = reindex.params.iter().any(|p| {
+                    matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "concurrently")
+                });
+                if concurrently && s.m.transactional {
+                    out.push(concurrently_in_transaction(s, at, "REINDEX"));
+                }
+            }
+            NodeEnum::AlterTableStmt(alter) => self.alter_table(s, at, alter, out),
+            NodeEnum::RenameStmt(rename) => self.rename(s, at, rename, out),
+            NodeEnum::VacuumStmt(vacuum) if vacuum.is_vacuumcmd => {
+                let full = vacuum.options.iter().any(|o| match &o.node {
+                    Some(NodeEnum::DefElem(d)) => d.defname == "full" && !is_false(d.arg.as_deref()),
+                    _ => false,
+                });
+                if full {
+                    out.push(s.finding(
+                        at,
+                        Rule::VacuumFull,
+                        "VACUUM FULL rewrites the table under an ACCESS EXCLUSIVE lock: every read and write of it waits until it ends".into(),
+                        "run a plain VACUUM (it runs beside reads and writes), or pg_repack outside the deploy to reclaim space".into(),
+                    ));
+                }
+            }
+            NodeEnum::ClusterStmt(_) => out.push(s.finding(
+                at,
+                Rule::Cluster,
+                "CLUSTER rewrites the table under an ACCESS EXCLUSIVE lock: every read and write of it waits until it ends".into(),
+                "leave it out of migrations; reorder the table with pg_repack outside the deploy".into(),
+            )),
+            NodeEnum::LockStmt(_) => out.push(s.finding(
+                at,
+                Rule::LockTable,
+                "LOCK TABLE holds the lock until the transaction ends, which in an atomic deploy is after every pending migration has run".into(),
+                "remove it: each statement takes the lock it needs, and lock_timeout bounds the wait for it".into(),
+            )),
+            _ => {}
+        }
+    }
+
+    fn index(&mut self, s: &Script<'_>, at: usize, index: &IndexStmt, out: &mut Vec<Finding>) {
+        let table = index.relation.as_ref().map_or("", |r| r.relname.as_str());
+        if index.concurrent {
+            if s.m.transactional {
+                out.push(concurrently_in_transaction(s, at, "CREATE INDEX"));
+            }
+        } else if !self.is_new(table) {
+            out.push(s.finding(
+                at,
+                Rule::IndexWithoutConcurrently,
+                format!("CREATE INDEX on {table}, a table that existed before this deploy, blocks every write to it while the index builds"),
+                format!("CREATE INDEX CONCURRENTLY, in a migration of its own that starts with `{}` (a failed build leaves an INVALID index: drop it with DROP INDEX CONCURRENTLY IF EXISTS before retrying)", super::NO_TRANSACTION_DIRECTIVE),
+            ));
+        }
+    }
+
+    fn drop(&mut self, s: &Script<'_>, at: usize, drop: &DropStmt, out: &mut Vec<Finding>) {
+        if drop.concurrent && s.m.transactional {
+            out.push(concurrently_in_transaction(s, at, "DROP INDEX"));
+        }
+        if drop.remove_type != ObjectType::ObjectTable as i32 {
+            return;
+        }
+        for object in &drop.objects {
+            // A table's name is a list of strings, the last one the table's.
+            let Some(NodeEnum::List(names)) = &object.node else {
+                continue;
+            };
+            let Some(table) = names.items.last().and_then(string) else {
+                continue;
+            };
+            if self.created.remove(table) {
+                continue;
+            }
+            out.push(s.finding(
+                at,
+                Rule::DropTable,
+                format!("dropping {table}: the replicas still running the old release read and write it until they are replaced"),
+                "expand, then contract: first release code that no longer uses the table, then drop it in a migration of a later release".into(),
+            ));
+        }
+    }
+
+    fn rename(&mut self, s: &Script<'_>, at: usize, rename: &RenameStmt, out: &mut Vec<Finding>) {
+        let table = rename.relation.as_ref().map_or("", |r| r.relname.as_str());
+        if rename.rename_type == ObjectType::ObjectTable as i32 {
+            if self.created.remove(table) {
+                self.created.insert(rename.newname.clone());
+                return;
+            }
+            out.push(s.finding(
+                at,
+                Rule::RenameTable,
+                format!("renaming {table} to {}: the replicas still running the old release use the old name and fail until they are replaced", rename.newname),
+                "expand, then contract: create the new table (or a view under the new name), move the code over in a release, then drop the old one in a later release".into(),
+            ));
+        } else if rename.rename_type == ObjectType::ObjectColumn as i32 && !self.is_new(table) {
+            out.push(s.finding(
+                at,
+                Rule::RenameColumn,
+                format!("renaming column {}.{} to {}: the replicas still running the old release use the old name and fail until they are replaced", table, rename.subname, rename.newname),
+                "expand, then contract: add the new column and write both, backfill, release code that reads the new one, then drop the old one in a later release".into(),
+            ));
+        }
+    }
+
+    fn alter_table(
+        &mut self,
+        s: &Script<'_>,
+        at: usize,
+        alter: &AlterTableStmt,
+        out: &mut Vec<Finding>,
+    ) {
+        let Some(table) = alter.relation.as_ref().map(|r| r.relname.as_str()) else {
+            return;
+        };
+        let new = self.is_new(table);
+        for cmd in &alter.cmds {
+            let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else {
+                continue;
+            };
+            self.alter_table_cmd(s, at, table, new, cmd, out);
+        }
+    }
+
+    fn alter_table_cmd(
+        &mut self,
+        s: &Script<'_>,
+        at: usize,
+        table: &str,
+        new: bool,
+        cmd: &AlterTableCmd,
+        out: &mut Vec<Finding>,
+    ) {
+        let def = cmd.def.as_ref().and_then(|d| d.node.as_ref());
+        let subtype = cmd.subtype;
+        if subtype == AlterTableType::AtAddConstraint as i32 {
+            if let Some(NodeEnum::Constraint(c)) = def {
+                self.add_constraint(s, at, table, new, c, out);
+            }
+        } else if subtype == AlterTableType::AtValidateConstraint as i32 {
+            self.validated
+                .entry(table.to_owned())
+                .or_default()
+                .insert(cmd.name.clone());
+        } else if new {
+            // Nothing below can hurt a table nobody else sees yet.
+        } else if subtype == AlterTableType::AtAddColumn as i32 {
+            if let Some(NodeEnum::ColumnDef(column)) = def {
+                add_column(s, at, table, column, out);
+            }
+        } else if subtype == AlterTableType::AtAlterColumnType as i32 {
+            out.push(s.finding(
+                at,
+                Rule::AlterColumnType,
+                format!("changing the type of {table}.{} rewrites the table and rebuilds its indexes under an ACCESS EXCLUSIVE lock, unless the change is binary-coercible (varchar(n) to text or to a longer varchar, numeric to unconstrained numeric)", cmd.name),
+                "add a column of the new type, write both in the code, backfill in batches, switch reads, then drop the old column in a later release; if this change is binary-coercible, allow it with `-- svcdb:allow alter-column-type`".into(),
+            ));
+        } else if subtype == AlterTableType::AtSetNotNull as i32 {
+            if !self.has_valid_not_null_check(table, &cmd.name) {
+                out.push(s.finding(
+                    at,
+                    Rule::SetNotNullWithoutCheck,
+                    format!("SET NOT NULL on {table}.{} scans the whole table under an ACCESS EXCLUSIVE lock", cmd.name),
+                    format!("first ADD CONSTRAINT {c}_not_null CHECK ({c} IS NOT NULL) NOT VALID, then VALIDATE CONSTRAINT it (a scan that blocks no writes); SET NOT NULL after the validation then skips the scan (PostgreSQL 12+), and the check can be dropped", c = cmd.name),
+                ));
+            }
+        } else if subtype == AlterTableType::AtDropColumn as i32 {
+            out.push(s.finding(
+                at,
+                Rule::DropColumn,
+                format!("dropping column {table}.{}: the replicas still running the old release read and write it until they are replaced", cmd.name),
+                "expand, then contract: first release code that no longer uses the column, then drop it in a migration of a later release".into(),
+            ));
+        }
+    }
+
+    fn add_constraint(
+        &mut self,
+        s: &Script<'_>,
+        at: usize,
+        table: &str,
+        new: bool,
+        c: &Constraint,
+        out: &mut Vec<Finding>,
+    ) {
+        let check = c.contype == ConstrType::ConstrCheck as i32;
+        let foreign = c.contype == ConstrType::ConstrForeign as i32;
+        let not_null = if check { not_null_test(c) } else { None };
+        self.added
+            .entry(table.to_owned())
+            .or_default()
+            .insert(c.conname.clone(), not_null.map(str::to_owned));
+        if !c.skip_validation {
+            self.validated
+                .entry(table.to_owned())
+                .or_default()
+                .insert(c.conname.clone());
+        }
+        if new || c.skip_validation || !(check || foreign) {
+            return;
+        }
+        let (what, blocked) = if foreign {
+            let other = c.pktable.as_ref().map_or("", |r| r.relname.as_str());
+            ("a foreign key", format!("writes to {table} and {other}"))
+        } else {
+            ("a check constraint", format!("writes to {table}"))
+        };
+        let name = if c.conname.is_empty() {
+            "<name>"
+        } else {
+            c.conname.as_str()
+        };
+        out.push(s.finding(
+            at,
+            Rule::ConstraintWithoutNotValid,
+            format!("adding {what} to {table} checks every existing row while {blocked} are blocked"),
+            format!("add it with NOT VALID (new rows are checked at once), then in a later migration ALTER TABLE {table} VALIDATE CONSTRAINT {name}, which checks the old rows without blocking writes"),
+        ));
+    }
+
+    /// Whether a constraint on `table` validated in this deploy makes `SET NOT NULL` on
+    /// `column` skip its scan: a `CHECK (column IS NOT NULL)`, or one added before the deploy,
+    /// whose definition is unknown here (given the benefit of the doubt).
+    fn has_valid_not_null_check(&self, table: &str, column: &str) -> bool {
+        let added = self.added.get(table);
+        self.validated.get(table).is_some_and(|valid| {
+            valid
+                .iter()
+                .any(|name| match added.and_then(|a| a.get(name)) {
+                    Some(checked) => checked.as_deref() == Some(column),
+                    None => true,
+                })
+        })
+    }
+}
+
+fn concurrently_in_transaction(s: &Script<'_>, at: usize, what: &str) -> Finding {
+    s.finding(
+        at,
+        Rule::ConcurrentlyInTransaction,
+        format!("{what} … CONCURRENTLY cannot run inside a transaction, and this migration runs in one: the server would refuse it (SQLSTATE 25001)"),
+        format!("make the migration non-transactional: first line `{}` (goose `-- +goose NO TRANSACTION`, dbmate `-- migrate:up transaction:false`, diesel `run_in_transaction = false`), with the concurrent statement in a migration of its own", super::NO_TRANSACTION_DIRECTIVE),
+    )
+}
+
+/// Checks an `ADD COLUMN` on a table that existed before the deploy.
+fn add_column(s: &Script<'_>, at: usize, table: &str, column: &ColumnDef, out: &mut Vec<Finding>) {
+    let constraints: Vec<&Constraint> = column
+        .constraints
+        .iter()
+        .filter_map(|c| match &c.node {
+            Some(NodeEnum::Constraint(c)) => Some(&**c),
+            _ => None,
+        })
+        .collect();
+    let has = |t: ConstrType| constraints.iter().any(|c| c.contype == t as i32);
+    let default = constraints
+        .iter()
+        .find(|c| c.contype == ConstrType::ConstrDefault as i32)
+        .and_then(|c| c.raw_expr.as_deref());
+    let type_name = column
+        .type_name
+        .as_ref()
+        .and_then(|t| t.names.last())
+        .and_then(string)
+        .unwrap_or_default();
+    let stored_generated = constraints
+        .iter()
+        .any(|c| c.contype == ConstrType::ConstrGenerated as i32 && c.generated_kind != "v");
+    let rewrite = if SERIAL_TYPES.contains(&type_name) {
+        Some(format!(
+            "its type {type_name} fills every row from a sequence"
+        ))
+    } else if has(ConstrType::ConstrIdentity) {
+        Some("an identity column fills every row from a sequence".to_owned())
+    } else if stored_generated {
+        Some("a stored generated column is computed for every row".to_owned())
+    } else {
+        default
+            .and_then(volatile_function)
+            .map(|f| format!("its default {f}() is volatile, so it is evaluated for every row"))
+    };
+    let name = &column.colname;
+    if let Some(why) = rewrite {
+        out.push(s.finding(
+            at,
+            Rule::AddColumnVolatileDefault,
+            format!("adding column {table}.{name}: {why}, rewriting the whole table under an ACCESS EXCLUSIVE lock"),
+            "add the column without a default (or with a constant one), set the default in a second statement (ALTER COLUMN … SET DEFAULT applies to new rows only), then backfill existing rows in batches".into(),
+        ));
+    } else if (column.is_not_null || has(ConstrType::ConstrNotnull)) && default.is_none() {
+        out.push(s.finding(
+            at,
+            Rule::AddColumnNotNullWithoutDefault,
+            format!("adding column {table}.{name} NOT NULL without a default fails on a table that has rows, and the old release's INSERTs would not set it"),
+            "add it with a constant default (no rewrite since PostgreSQL 11), or add it nullable, backfill, then add a NOT VALID CHECK (… IS NOT NULL), validate it and SET NOT NULL".into(),
+        ));
+    }
+}
+
+/// The column of a `CHECK (column IS NOT NULL)`.
+fn not_null_test(c: &Constraint) -> Option<&str> {
+    let Some(NodeEnum::NullTest(test)) = c.raw_expr.as_ref().and_then(|e| e.node.as_ref()) else {
+        return None;
+    };
+    if test.nulltesttype != NullTestType::IsNotNull as i32 {
+        return None;
+    }
+    let Some(NodeEnum::ColumnRef(column)) = test.arg.as_ref().and_then(|a| a.node.as_ref()) else {
+        return None;
+    };
+    match &column.fields[..] {
+        [only] => string(only),
+        _ => None,
+    }
+}
+
+/// The first volatile function called anywhere in `expr`. The protobuf tree is walked through
+/// its serde form, which reaches every node kind without listing them.
+fn volatile_function(expr: &pg_query::Node) -> Option<String> {
+    fn walk(value: &serde_json::Value) -> Option<String> {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(call) = map.get("FuncCall") {
+                    let name = call["funcname"]
+                        .as_array()
+                        .and_then(|n| n.last())
+                        .and_then(|n| n["node"]["String"]["sval"].as_str());
+                    if let Some(name) = name.filter(|n| VOLATILE_FUNCTIONS.contains(n)) {
+                        return Some(name.to_owned());
+                    }
+                }
+                map.values().find_map(walk)
+            }
+            serde_json::Value::Array(items) => items.iter().find_map(walk),
+            _ => None,
+        }
+    }
+    walk(&serde_json::to_value(expr).ok()?)
+}
+
+/// The text of a `String` node.
+fn string(node: &pg_query::Node) -> Option<&str> {
+    match &node.node {
+        Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+        _ => None,
+    }
+}
+
+/// True when an option's argument says false (`VACUUM (FULL false)`); an absent one is true.
+fn is_false(arg: Option<&pg_query::Node>) -> bool {
+    match arg.and_then(|a| a.node.as_ref()) {
+        Some(NodeEnum::Boolean(b)) => !b.boolval,
+        Some(NodeEnum::String(s)) => {
+            matches!(s.sval.to_ascii_lowercase().as_str(), "false" | "off" | "0")
+        }
+        Some(NodeEnum::Integer(i)) => i.ival == 0,
+        Some(NodeEnum::AConst(c)) => match &c.val {
+            Some(a_const::Val::Boolval(b)) => !b.boolval,
+            Some(a_const::Val::Ival(i)) => i.ival == 0,
+            Some(a_const::Val::Sval(s)) => {
+                matches!(s.sval.to_ascii_lowercase().as_str(), "false" | "off")
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}

@@ -1,0 +1,659 @@
+//! The lint of migrations (`svcdb::migrate::lint`): each rule both ways on small folders, the
+//! allow comment, lines, what a regular expression would get wrong, the shop's migrations; and
+//! against a real PostgreSQL, `up` refusing before running anything, `allow_unsafe`, empty up
+//! and down scripts.
+
+use std::path::{Path, PathBuf};
+
+use svcdb::migrate::{
+    lint, DownOptions, MigrateError, MigrateEvent, MigrateOptions, Migrations, Migrator, Rule,
+    Severity,
+};
+use svcdb::testing::TestDb;
+use svcdb::ServiceDb;
+
+/// Writes `files` (name, contents) into `dir`.
+fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (rel, contents) in files {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+}
+
+/// The migrations of `files`, in a folder kept alive with them.
+fn folder(files: &[(&str, &str)]) -> (tempfile::TempDir, Migrations) {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), files);
+    let migrations = Migrations::from_dir(dir.path()).unwrap();
+    (dir, migrations)
+}
+
+/// `(rule, line, allowed)` of each finding when `files` are deployed together.
+fn findings(files: &[(&str, &str)]) -> Vec<(Rule, usize, bool)> {
+    let (_dir, migrations) = folder(files);
+    lint(migrations.iter())
+        .findings
+        .iter()
+        .map(|f| (f.rule, f.line, f.allowed))
+        .collect()
+}
+
+/// The rules found in one up script, `sql`, deployed alone (so every table it does not
+/// create existed before).
+fn rules(sql: &str) -> Vec<Rule> {
+    findings(&[("1_m.up.sql", sql)])
+        .into_iter()
+        .map(|(rule, _, _)| rule)
+        .collect()
+}
+
+const NO_TX: &str = "-- svcdb:no-transaction\n";
+
+#[test]
+fn create_index_needs_concurrently_on_a_table_that_existed_before_the_deploy() {
+    assert_eq!(
+        rules("CREATE INDEX users_email ON users (email);"),
+        [Rule::IndexWithoutConcurrently]
+    );
+    assert_eq!(
+        rules("CREATE UNIQUE INDEX IF NOT EXISTS users_email ON app.users (email);"),
+        [Rule::IndexWithoutConcurrently]
+    );
+    assert_eq!(
+        rules(&format!(
+            "{NO_TX}CREATE INDEX CONCURRENTLY users_email ON users (email);"
+        )),
+        []
+    );
+    // Created earlier in the same migration, or by an earlier migration of the same deploy:
+    // empty and unseen, nothing to block.
+    assert_eq!(
+        rules("CREATE TABLE t (a int);\nCREATE INDEX t_a ON t (a);"),
+        []
+    );
+    assert_eq!(
+        findings(&[
+            ("1_t.up.sql", "CREATE TABLE t (a int);"),
+            ("2_t_a.up.sql", "CREATE INDEX t_a ON t (a);"),
+        ]),
+        []
+    );
+    // …but not when the index comes first.
+    assert_eq!(
+        rules("CREATE INDEX t_a ON t (a);\nCREATE TABLE t (a int);"),
+        [Rule::IndexWithoutConcurrently]
+    );
+}
+
+#[test]
+fn concurrently_is_flagged_only_in_a_transactional_migration() {
+    for sql in [
+        "CREATE INDEX CONCURRENTLY users_email ON users (email);",
+        "DROP INDEX CONCURRENTLY users_email;",
+        "REINDEX (CONCURRENTLY) INDEX users_email;",
+    ] {
+        assert_eq!(rules(sql), [Rule::ConcurrentlyInTransaction], "{sql}");
+        assert_eq!(rules(&format!("{NO_TX}{sql}")), [], "{sql}");
+    }
+    // The transaction mode is each layout's own: goose's annotation, dbmate's option,
+    // diesel's metadata.toml.
+    let index = "CREATE INDEX CONCURRENTLY users_email ON users (email);\n";
+    for files in [
+        vec![(
+            "1_i.sql",
+            format!("-- +goose NO TRANSACTION\n-- +goose Up\n{index}"),
+        )],
+        vec![(
+            "1_i.sql",
+            format!("-- migrate:up transaction:false\n{index}"),
+        )],
+        vec![
+            ("1_i/up.sql", index.to_owned()),
+            (
+                "1_i/metadata.toml",
+                "run_in_transaction = false\n".to_owned(),
+            ),
+        ],
+    ] {
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
+        assert_eq!(findings(&files), [], "{files:?}");
+    }
+    let (rule, _, _) = findings(&[("1_i.sql", &format!("-- +goose Up\n{index}"))])[0];
+    assert_eq!(rule, Rule::ConcurrentlyInTransaction);
+}
+
+#[test]
+fn add_column_not_null_needs_a_default() {
+    assert_eq!(
+        rules("ALTER TABLE users ADD COLUMN plan text NOT NULL;"),
+        [Rule::AddColumnNotNullWithoutDefault]
+    );
+    for fine in [
+        "ALTER TABLE users ADD COLUMN plan text NOT NULL DEFAULT 'free';",
+        "ALTER TABLE users ADD COLUMN plan text;",
+        "CREATE TABLE t (a int); ALTER TABLE t ADD COLUMN plan text NOT NULL;",
+    ] {
+        assert_eq!(rules(fine), [], "{fine}");
+    }
+}
+
+#[test]
+fn add_column_with_a_volatile_default_rewrites_the_table() {
+    for sql in [
+        "ALTER TABLE users ADD COLUMN seen timestamptz DEFAULT clock_timestamp();",
+        "ALTER TABLE users ADD COLUMN token uuid NOT NULL DEFAULT gen_random_uuid();",
+        "ALTER TABLE users ADD COLUMN r float8 DEFAULT (random() * 10)::float8;",
+        "ALTER TABLE users ADD COLUMN n bigserial;",
+        "ALTER TABLE users ADD COLUMN n bigint GENERATED ALWAYS AS IDENTITY;",
+        "ALTER TABLE users ADD COLUMN lower_email text GENERATED ALWAYS AS (lower(email)) STORED;",
+    ] {
+        assert_eq!(rules(sql), [Rule::AddColumnVolatileDefault], "{sql}");
+    }
+    // Stable and constant defaults are evaluated once (PostgreSQL 11+): no rewrite.
+    for fine in [
+        "ALTER TABLE users ADD COLUMN created_at timestamptz NOT NULL DEFAULT now();",
+        "ALTER TABLE users ADD COLUMN created_at timestamptz DEFAULT CURRENT_TIMESTAMP;",
+        "ALTER TABLE users ADD COLUMN tags text[] NOT NULL DEFAULT '{}';",
+        "CREATE TABLE t (a int); ALTER TABLE t ADD COLUMN n bigserial;",
+    ] {
+        assert_eq!(rules(fine), [], "{fine}");
+    }
+}
+
+#[test]
+fn alter_column_type_on_an_existing_table() {
+    assert_eq!(
+        rules("ALTER TABLE users ALTER COLUMN id TYPE bigint;"),
+        [Rule::AlterColumnType]
+    );
+    assert_eq!(
+        rules("CREATE TABLE t (id int); ALTER TABLE t ALTER COLUMN id TYPE bigint;"),
+        []
+    );
+}
+
+#[test]
+fn foreign_keys_and_checks_need_not_valid() {
+    for sql in [
+        "ALTER TABLE orders ADD CONSTRAINT orders_user FOREIGN KEY (user_id) REFERENCES users (id);",
+        "ALTER TABLE orders ADD CONSTRAINT positive CHECK (total >= 0);",
+    ] {
+        assert_eq!(rules(sql), [Rule::ConstraintWithoutNotValid], "{sql}");
+        let not_valid = sql.replace(';', " NOT VALID;");
+        assert_eq!(rules(&not_valid), [], "{not_valid}");
+    }
+    for fine in [
+        "ALTER TABLE orders VALIDATE CONSTRAINT orders_user;",
+        "CREATE TABLE t (a int); ALTER TABLE t ADD CONSTRAINT a_positive CHECK (a > 0);",
+    ] {
+        assert_eq!(rules(fine), [], "{fine}");
+    }
+}
+
+#[test]
+fn set_not_null_needs_a_validated_check_first() {
+    assert_eq!(
+        rules("ALTER TABLE users ALTER COLUMN email SET NOT NULL;"),
+        [Rule::SetNotNullWithoutCheck]
+    );
+    // The safe sequence: a NOT VALID check, validated, then SET NOT NULL.
+    assert_eq!(
+        rules(
+            "ALTER TABLE users ADD CONSTRAINT email_nn CHECK (email IS NOT NULL) NOT VALID;\n\
+             ALTER TABLE users VALIDATE CONSTRAINT email_nn;\n\
+             ALTER TABLE users ALTER COLUMN email SET NOT NULL;"
+        ),
+        []
+    );
+    // Split over two migrations of the same deploy: the same.
+    assert_eq!(
+        findings(&[
+            (
+                "1_check.up.sql",
+                "ALTER TABLE users ADD CONSTRAINT email_nn CHECK (email IS NOT NULL) NOT VALID;"
+            ),
+            (
+                "2_nn.up.sql",
+                "ALTER TABLE users VALIDATE CONSTRAINT email_nn;\nALTER TABLE users ALTER COLUMN email SET NOT NULL;"
+            ),
+        ]),
+        []
+    );
+    // A check on another column, or one never validated, does not help.
+    assert_eq!(
+        rules(
+            "ALTER TABLE users ADD CONSTRAINT name_nn CHECK (name IS NOT NULL) NOT VALID;\n\
+             ALTER TABLE users VALIDATE CONSTRAINT name_nn;\n\
+             ALTER TABLE users ALTER COLUMN email SET NOT NULL;"
+        ),
+        [Rule::SetNotNullWithoutCheck]
+    );
+    assert_eq!(
+        rules(
+            "ALTER TABLE users ADD CONSTRAINT email_nn CHECK (email IS NOT NULL) NOT VALID;\n\
+             ALTER TABLE users ALTER COLUMN email SET NOT NULL;"
+        ),
+        [Rule::SetNotNullWithoutCheck]
+    );
+}
+
+#[test]
+fn renames_and_drops_are_warnings_on_existing_tables_only() {
+    for (sql, rule) in [
+        (
+            "ALTER TABLE users RENAME COLUMN email TO mail;",
+            Rule::RenameColumn,
+        ),
+        ("ALTER TABLE users RENAME TO accounts;", Rule::RenameTable),
+        ("ALTER TABLE users DROP COLUMN legacy;", Rule::DropColumn),
+        ("DROP TABLE IF EXISTS app.users CASCADE;", Rule::DropTable),
+    ] {
+        assert_eq!(rules(sql), [rule], "{sql}");
+        assert_eq!(rule.severity(), Severity::Warning);
+        let on_new = format!("CREATE TABLE users (email text, legacy int); {sql}");
+        assert_eq!(rules(&on_new), [], "{on_new}");
+    }
+    // A new table renamed is still new.
+    assert_eq!(
+        rules("CREATE TABLE t (a int); ALTER TABLE t RENAME TO u; CREATE INDEX u_a ON u (a);"),
+        []
+    );
+}
+
+#[test]
+fn vacuum_full_cluster_and_lock_table() {
+    assert_eq!(rules("VACUUM FULL users;"), [Rule::VacuumFull]);
+    assert_eq!(rules("VACUUM (FULL, ANALYZE) users;"), [Rule::VacuumFull]);
+    assert_eq!(rules("CLUSTER users USING users_pkey;"), [Rule::Cluster]);
+    assert_eq!(
+        rules("LOCK TABLE users IN ACCESS EXCLUSIVE MODE;"),
+        [Rule::LockTable]
+    );
+    for fine in [
+        "VACUUM users;",
+        "VACUUM (FULL false) users;",
+        "ANALYZE users;",
+    ] {
+        assert_eq!(rules(fine), [], "{fine}");
+    }
+}
+
+#[test]
+fn empty_up_and_unparsable_scripts_are_warnings() {
+    assert_eq!(rules("-- nothing yet\n"), [Rule::EmptyUp]);
+    assert_eq!(rules(""), [Rule::EmptyUp]);
+    assert_eq!(rules("CREATE TABLE (;"), [Rule::Unparsed]);
+    assert_eq!(Rule::EmptyUp.severity(), Severity::Warning);
+    assert_eq!(Rule::Unparsed.severity(), Severity::Warning);
+}
+
+#[test]
+fn text_that_only_looks_like_ddl_is_not_a_statement() {
+    // In a comment, a string, a dollar-quoted function body: a pattern match would flag all
+    // of these; the parser sees one SELECT and one CREATE FUNCTION.
+    let sql = "-- CREATE INDEX a ON users (email);\n\
+        /* LOCK TABLE users; */\n\
+        SELECT 'CREATE INDEX b ON users (email); VACUUM FULL users';\n\
+        CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ SELECT 1 $$;\n";
+    assert_eq!(rules(sql), []);
+}
+
+#[test]
+fn findings_point_at_the_statement_line_of_the_file() {
+    let found = findings(&[(
+        "1_m.up.sql",
+        "-- header\n\nCREATE TABLE t (a int);\n\n  /* about the index */\n  CREATE INDEX u_a\n    ON users (a);\n",
+    )]);
+    assert_eq!(found, [(Rule::IndexWithoutConcurrently, 6, false)]);
+    // In a goose file the up script starts after its marker: lines are the file's.
+    let found = findings(&[(
+        "1_m.sql",
+        "-- a comment\n-- +goose Up\nSELECT 1;\nCREATE INDEX u_a ON users (a);\n-- +goose Down\nDROP INDEX u_a;\n",
+    )]);
+    assert_eq!(found, [(Rule::IndexWithoutConcurrently, 4, false)]);
+    let (_dir, migrations) = folder(&[("7_m.up.sql", "LOCK TABLE users;")]);
+    let report = lint(migrations.iter());
+    let finding = &report.findings[0];
+    assert_eq!(finding.version, 7);
+    assert!(finding.path.ends_with("7_m.up.sql"), "{}", finding.path);
+    assert!(!finding.message.is_empty() && !finding.fix.is_empty());
+    assert!(
+        finding
+            .to_string()
+            .contains("7_m.up.sql:1: error[lock-table]"),
+        "{finding}"
+    );
+}
+
+#[test]
+fn an_allow_comment_allows_its_rules_in_its_own_file_only() {
+    let index = "CREATE INDEX u_a ON users (a);\n";
+    let allowed = format!("-- svcdb:allow index-without-concurrently: users has 12 rows\n{index}");
+    assert_eq!(
+        findings(&[("1_m.up.sql", &allowed)]),
+        [(Rule::IndexWithoutConcurrently, 2, true)]
+    );
+    let (_dir, migrations) = folder(&[("1_m.up.sql", &allowed)]);
+    assert_eq!(lint(migrations.iter()).blocking().count(), 0);
+    // Several rules in one comment.
+    assert_eq!(
+        findings(&[(
+            "1_m.up.sql",
+            &format!(
+                "-- svcdb:allow lock-table, index-without-concurrently\n{index}LOCK TABLE users;"
+            )
+        )]),
+        [
+            (Rule::IndexWithoutConcurrently, 2, true),
+            (Rule::LockTable, 3, true)
+        ]
+    );
+    // A misspelt rule allows nothing, and is reported where it is written.
+    assert_eq!(
+        findings(&[(
+            "1_m.up.sql",
+            &format!("SELECT 1;\n-- svcdb:allow index-without-concurency\n{index}")
+        )]),
+        [
+            (Rule::UnknownAllow, 2, false),
+            (Rule::IndexWithoutConcurrently, 3, false)
+        ]
+    );
+    // Another rule, a misspelt one, or the comment in another migration: still blocking.
+    for files in [
+        vec![("1_m.up.sql", format!("-- svcdb:allow lock-table\n{index}"))],
+        vec![(
+            "1_m.up.sql",
+            format!("-- svcdb:allow index-without-concurency\n{index}"),
+        )],
+        vec![(
+            "1_m.up.sql",
+            format!("SELECT '-- svcdb:allow index-without-concurrently';\n{index}"),
+        )],
+        vec![
+            (
+                "1_a.up.sql",
+                "-- svcdb:allow index-without-concurrently\nSELECT 1;".to_owned(),
+            ),
+            ("2_m.up.sql", index.to_owned()),
+        ],
+    ] {
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
+        let (_dir, migrations) = folder(&files);
+        assert_eq!(lint(migrations.iter()).blocking().count(), 1, "{files:?}");
+    }
+}
+
+#[test]
+fn every_rule_has_a_name_that_reads_back() {
+    for &rule in Rule::ALL {
+        assert_eq!(Rule::from_name(rule.name()), Some(rule));
+        assert_eq!(
+            serde_json::to_value(rule).unwrap(),
+            serde_json::json!(rule.name())
+        );
+    }
+    assert_eq!(Rule::from_name("no-such-rule"), None);
+}
+
+/// The shop example's migration folders.
+fn shop_folders() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shop/migrations");
+    let mut folders: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    folders.sort();
+    folders
+}
+
+#[test]
+fn the_shop_migrations_pass_the_lint() {
+    let folders = shop_folders();
+    assert!(folders.len() >= 4, "{folders:?}");
+    for folder in folders {
+        let migrations = Migrations::from_dir(&folder).unwrap();
+        assert!(!migrations.is_empty(), "{}", folder.display());
+        // As one deploy on a new database, and each migration as a deploy of its own.
+        let report = lint(migrations.iter());
+        assert_eq!(report.findings, [], "{}", folder.display());
+        for m in migrations.iter() {
+            assert_eq!(lint([m]).findings, [], "{}", m.path);
+        }
+    }
+}
+
+// ---- against PostgreSQL ----
+
+fn migrator(svc: &ServiceDb, dir: &Path, options: MigrateOptions) -> Migrator {
+    Migrator::new(svc.clone(), Migrations::from_dir(dir).unwrap()).with_options(options)
+}
+
+/// Applied versions, from the history table.
+async fn history(svc: &ServiceDb) -> Vec<i64> {
+    let conn = svc.get().await.unwrap();
+    let sql = format!(
+        "SELECT version FROM {}.svcdb_migrations ORDER BY version",
+        svc.schema()
+    );
+    conn.query(&sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Whether the service schema has an index of that name.
+async fn has_index(svc: &ServiceDb, name: &str) -> bool {
+    let conn = svc.get().await.unwrap();
+    conn.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = $1 AND indexname = $2)",
+        &[&svc.schema().as_str(), &name],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+const ITEMS: (&str, &str) = (
+    "1_items.up.sql",
+    "CREATE TABLE items (id int PRIMARY KEY, label text);",
+);
+const INDEX: (&str, &str) = (
+    "2_label.up.sql",
+    "CREATE INDEX items_label ON items (label);",
+);
+const TAGS: (&str, &str) = ("3_tags.up.sql", "CREATE TABLE tags (id int);");
+
+#[tokio::test]
+async fn up_refuses_an_unsafe_migration_before_running_anything() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &[ITEMS]);
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+
+    // items now exists: a plain CREATE INDEX on it in the next deploy blocks its writes.
+    write(dir.path(), &[INDEX, TAGS]);
+    let err = migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap_err();
+    let MigrateError::Unsafe { findings } = &err else {
+        panic!("expected Unsafe, got {err}");
+    };
+    assert_eq!(findings.len(), 1, "{err}");
+    assert_eq!(findings[0].rule, Rule::IndexWithoutConcurrently);
+    assert_eq!((findings[0].version, findings[0].line), (2, 1));
+    assert!(err.to_string().contains("2_label.up.sql:1"), "{err}");
+    assert!(err.to_string().contains("--allow-unsafe"), "{err}");
+    assert_eq!(history(&svc).await, [1], "nothing ran, not even 3");
+    assert!(!has_index(&svc, "items_label").await);
+
+    // A dry run is refused the same way.
+    let dry = migrator(&svc, dir.path(), MigrateOptions::default())
+        .up_with(
+            &svcdb::migrate::UpOptions {
+                dry_run: true,
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .await;
+    assert!(matches!(dry, Err(MigrateError::Unsafe { .. })), "{dry:?}");
+}
+
+#[tokio::test]
+async fn allow_unsafe_runs_it_and_reports_the_finding_as_an_event() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &[ITEMS]);
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    write(dir.path(), &[INDEX]);
+    let mut lint_events = Vec::new();
+    migrator(
+        &svc,
+        dir.path(),
+        MigrateOptions {
+            allow_unsafe: true,
+            ..MigrateOptions::default()
+        },
+    )
+    .up_with(&Default::default(), &mut |e| {
+        if let MigrateEvent::Lint { finding } = e {
+            lint_events.push(finding.rule);
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(lint_events, [Rule::IndexWithoutConcurrently]);
+    assert_eq!(history(&svc).await, [1, 2]);
+    assert!(has_index(&svc, "items_label").await);
+}
+
+#[tokio::test]
+async fn an_allow_comment_in_the_file_lets_up_run_it_silently() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &[ITEMS]);
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "2_label.up.sql",
+            "-- svcdb:allow index-without-concurrently: items is tiny\nCREATE INDEX items_label ON items (label);",
+        )],
+    );
+    let mut events = 0;
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up_with(&Default::default(), &mut |e| {
+            events += usize::from(matches!(e, MigrateEvent::Lint { .. }));
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        events, 0,
+        "an allowed finding is not repeated on every deploy"
+    );
+    assert!(has_index(&svc, "items_label").await);
+}
+
+#[tokio::test]
+async fn a_deploy_that_creates_the_table_may_index_it_plainly() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &[ITEMS, INDEX]);
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    assert!(has_index(&svc, "items_label").await);
+}
+
+#[tokio::test]
+async fn an_empty_up_is_applied_and_recorded_with_a_warning() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ITEMS,
+            ("2_later.up.sql", ""),
+            ("3_noop.up.sql", "-- nothing\n"),
+        ],
+    );
+    let mut warned = Vec::new();
+    let report = migrator(&svc, dir.path(), MigrateOptions::default())
+        .up_with(&Default::default(), &mut |e| {
+            if let MigrateEvent::Lint { finding } = e {
+                warned.push((finding.version, finding.rule));
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(warned, [(2, Rule::EmptyUp), (3, Rule::EmptyUp)]);
+    assert_eq!(report.migrations.len(), 3);
+    assert_eq!(history(&svc).await, [1, 2, 3]);
+    let status = migrator(&svc, dir.path(), MigrateOptions::default())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.is_up_to_date());
+}
+
+#[tokio::test]
+async fn an_empty_down_makes_down_refuse_before_reverting_anything() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ITEMS,
+            ("1_items.down.sql", "DROP TABLE items;"),
+            TAGS,
+            (
+                "3_tags.down.sql",
+                "-- This file should undo anything in `up.sql`\n",
+            ),
+            ("4_more.up.sql", "CREATE TABLE more (id int);"),
+            ("4_more.down.sql", "DROP TABLE more;"),
+        ],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    m.up().await.unwrap();
+    let err = m
+        .down(&DownOptions {
+            to: Some(0),
+            ..DownOptions::default()
+        })
+        .await
+        .unwrap_err();
+    match &err {
+        MigrateError::NoDown { version, path } => {
+            assert_eq!(*version, 3);
+            assert!(path.ends_with("3_tags.up.sql"), "{path}");
+        }
+        other => panic!("expected NoDown, got {other}"),
+    }
+    assert_eq!(history(&svc).await, [1, 3, 4], "4 was not reverted first");
+    // Reverting only what lies above it works.
+    m.down(&DownOptions::default()).await.unwrap();
+    assert_eq!(history(&svc).await, [1, 3]);
+}
