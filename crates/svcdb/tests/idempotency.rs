@@ -122,9 +122,50 @@ async fn a_duplicate_does_not_run_the_handler() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+/// Fails unless every transaction on the test database has ended and `event` is free to
+/// claim. `is_processed` and the stock, read from another session, cannot tell: they never
+/// see uncommitted work. A transaction left open shows as a backend `idle in transaction`,
+/// and a claim it holds makes the same claim wait, failing at the lock timeout (55P03).
+async fn assert_nothing_left_open(db: &TestDb, event: &Envelope) {
+    // Not a pooled connection: the pool would hand out a leaked transaction's own connection,
+    // whose claim is its own.
+    let mut conn = db.admin().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // A dropped transaction's ROLLBACK is sent without waiting: give it time to arrive.
+        let open: Vec<String> = conn
+            .query(
+                "SELECT coalesce(query, '') FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    AND state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "transactions left open, last statements: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tx = conn.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL search_path = catalog; SET LOCAL lock_timeout = '5s'")
+        .await
+        .unwrap();
+    let claimed = idempotency::claim(&tx, CONSUMER, event).await;
+    tx.rollback().await.unwrap();
+    assert!(claimed.unwrap(), "the event is free to claim");
+}
+
 #[tokio::test]
 async fn a_handler_error_rolls_back_the_claim_and_the_redelivery_processes_it() {
-    let (_db, svc) = setup().await;
+    let (db, svc) = setup().await;
     let event = stock_reserved();
 
     #[derive(Debug)]
@@ -147,6 +188,7 @@ async fn a_handler_error_rolls_back_the_claim_and_the_redelivery_processes_it() 
         .await
         .unwrap_err();
     assert!(matches!(err, HandlerError::PaymentServiceDown));
+    assert_nothing_left_open(&db, &event).await;
     assert_eq!(stock(&svc).await, 100, "the business write rolled back");
     assert!(
         !svc.is_processed(CONSUMER, event.id).await.unwrap(),
@@ -160,7 +202,7 @@ async fn a_handler_error_rolls_back_the_claim_and_the_redelivery_processes_it() 
 
 #[tokio::test]
 async fn a_handler_panic_rolls_back_the_claim_and_the_redelivery_processes_it() {
-    let (_db, svc) = setup().await;
+    let (db, svc) = setup().await;
     let event = stock_reserved();
     let panicking = {
         let svc = svc.clone();
@@ -177,6 +219,7 @@ async fn a_handler_panic_rolls_back_the_claim_and_the_redelivery_processes_it() 
         })
     };
     assert!(panicking.await.unwrap_err().is_panic());
+    assert_nothing_left_open(&db, &event).await;
     assert_eq!(stock(&svc).await, 100);
     assert!(!svc.is_processed(CONSUMER, event.id).await.unwrap());
 
@@ -313,7 +356,10 @@ async fn second_delivery_while_first_in_flight(commit: bool) -> (ServiceDb, Proc
     assert!(!second.is_finished());
     finish_tx.send(()).unwrap();
     let first = first.await.unwrap();
-    assert_eq!(first.is_ok(), commit);
+    match first {
+        Ok(outcome) => assert!(commit && outcome == Processed::Done(()), "{outcome:?}"),
+        Err(e) => assert!(!commit && e.to_string() == "payment service down", "{e}"),
+    }
     let second = second.await.unwrap().unwrap();
     assert_eq!(stock(&svc).await, 95, "the stock moved exactly once");
     drop(db);
