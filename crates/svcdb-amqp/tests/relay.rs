@@ -552,7 +552,7 @@ async fn a_silent_broker_neither_hangs_the_relay_nor_its_shutdown() {
     let (exchange, queue) = exchange_and_queue(&broker).await;
     let port = closed_port();
     let proxy = Proxy::start(port).await;
-    let timeout = Duration::from_secs(2);
+    let timeout = Duration::from_secs(3);
     let config = RelayConfig {
         confirm_timeout: timeout,
         ..fast()
@@ -576,16 +576,19 @@ async fn a_silent_broker_neither_hangs_the_relay_nor_its_shutdown() {
         row_locked(&db).await
     })
     .await;
-    let stopping = std::time::Instant::now();
     relay.shutdown.cancel();
     // The bound is the behaviour: the batch in progress and closing the connection share one
-    // confirm timeout (plus scheduling slack).
-    let bound = timeout + Duration::from_millis(500);
+    // confirm timeout. Half of one more is slack for a loaded machine, and still tells one
+    // shared timeout from two in a row.
+    let bound = timeout + timeout / 2;
     let stopped = tokio::time::timeout(bound, relay.task)
         .await
-        .expect("the relay stops within the confirm timeout of the shutdown signal");
+        .unwrap_or_else(|_| {
+            panic!(
+                "the relay did not stop within {bound:?} of the shutdown signal (confirm timeout {timeout:?})"
+            )
+        });
     let last = stopped.unwrap().unwrap();
-    assert!(stopping.elapsed() <= bound, "{:?}", stopping.elapsed());
     assert_eq!(last.published, 1);
     assert_eq!(pending(&db).await, 1, "the row stays for the next run");
     assert_no_row_locked(&db).await;
