@@ -944,3 +944,112 @@ async fn a_silent_broker_fails_the_batch_at_the_confirm_timeout_and_the_rows_wai
     );
     assert!(row(&db, &placed).await.2);
 }
+
+/// The child process's database (a connection string) and broker, set by
+/// [`RelayProcess::spawn`].
+const CHILD_DB: &str = "SVCDB_TEST_RELAY_CHILD_DB";
+const CHILD_AMQP: &str = "SVCDB_TEST_RELAY_CHILD_AMQP";
+
+/// A relay in a process of its own (this test binary, running [`relay_child_process`]),
+/// killed with SIGKILL on [`RelayProcess::kill`] or drop.
+struct RelayProcess {
+    child: std::process::Child,
+}
+
+impl RelayProcess {
+    fn spawn(test_db: &svcdb::testing::TestDb, amqp: &AmqpConfig) -> Self {
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "relay_child_process", "--ignored", "--nocapture"])
+            .env(CHILD_DB, test_db.url())
+            .env(CHILD_AMQP, &amqp.url)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("the test binary runs the child relay");
+        Self { child }
+    }
+
+    /// SIGKILL: no destructor, no shutdown, no ROLLBACK sent.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Not a test: the relay of [`RelayProcess`], run in a child process until it is killed (or
+/// its parent goes away, closing its stdin). Does nothing outside a `RelayProcess`.
+#[tokio::test]
+#[ignore = "the child process of a_relay_process_killed_between_the_confirm_and_its_commit_publishes_nothing_lost"]
+async fn relay_child_process() {
+    let (Ok(db_url), Ok(amqp_url)) = (std::env::var(CHILD_DB), std::env::var(CHILD_AMQP)) else {
+        return;
+    };
+    std::thread::spawn(|| {
+        use std::io::Read;
+        let _ = std::io::stdin().read(&mut [0u8]);
+        std::process::exit(0);
+    });
+    let mut config = svcdb::Config::with_connection(
+        db_url.parse().unwrap(),
+        svcdb::Ident::new("schema", "svc").unwrap(),
+    );
+    (config.pool_min, config.pool_max) = (1, 2);
+    let db = ServiceDb::connect(config).await.unwrap();
+    let relay = Relay::new(&AmqpConfig::new(amqp_url), fast_outbox(&db)).with_config(fast());
+    relay.run(CancellationToken::new()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_relay_process_killed_between_the_confirm_and_its_commit_publishes_nothing_lost() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (test_db, db) = service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    let gate = CommitGate::close(&test_db).await;
+    let mut child = RelayProcess::spawn(&test_db, &broker.config);
+
+    let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 1 }));
+    enqueue(&db, &exchange, "order.placed", &placed).await;
+    let child_backend = gate.waiting().await;
+    eventually("the confirmed message is in the queue", || async {
+        broker.ready(&queue.name).await == 1
+    })
+    .await;
+    child.kill();
+    // Its session waits at the gate still; let it through. With no client to commit, the
+    // server rolls the batch back when it finds the connection gone.
+    gate.open().await;
+    eventually("the killed relay's session is gone", || async {
+        gate.conn
+            .query_opt(
+                "SELECT FROM pg_stat_activity WHERE pid = $1",
+                &[&child_backend],
+            )
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+    assert_eq!(row(&db, &placed).await, (0, None, false), "rolled back");
+
+    // The relay restarts (or another replica carries on).
+    let relay = start(&broker.config, fast_outbox(&db));
+    let got = broker.take(&queue.name, 2, Duration::from_secs(10)).await;
+    eventually("the row is marked published", || async {
+        pending(&db).await == 0
+    })
+    .await;
+    let last = relay.stop().await;
+    assert_eq!(
+        ids(&got),
+        [placed.id, placed.id],
+        "published again: a duplicate, not a loss"
+    );
+    assert_eq!(row(&db, &placed).await, (1, None, true));
+    assert_eq!((last.published, last.failed), (1, 0));
+}
