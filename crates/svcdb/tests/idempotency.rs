@@ -228,17 +228,37 @@ async fn a_handler_panic_rolls_back_the_claim_and_the_redelivery_processes_it() 
     assert_eq!(stock(&svc).await, 95);
 }
 
+/// A pool for eight deliveries at once and a session watching them (the test pools hold 5).
+async fn wide_pool(db: &TestDb) -> ServiceDb {
+    let mut config = db.config("catalog");
+    config.pool_max = 9;
+    ServiceDb::connect(config).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_deliveries_reserve_stock_once() {
-    let (_db, svc) = setup().await;
-    let body = stock_reserved().to_json_bytes();
+    let (db, _) = setup().await;
+    let svc = wide_pool(&db).await;
+    let event = stock_reserved();
     let barrier = Arc::new(tokio::sync::Barrier::new(8));
     let tasks: Vec<_> = (0..8)
         .map(|_| {
-            let (svc, body, barrier) = (svc.clone(), body.clone(), barrier.clone());
+            let (svc, event, barrier) = (svc.clone(), event.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                handle(svc, body).await
+                let watcher = svc.clone();
+                svc.process_once(CONSUMER, &event, async move |tx| {
+                    // The first claim commits only once the seven others wait on it: all
+                    // eight deliveries in flight at once.
+                    until_lock_waiters(&watcher, 7).await;
+                    tx.execute(
+                        "UPDATE products SET stock = stock - 5 WHERE id = 'abc123'",
+                        &[],
+                    )
+                    .await?;
+                    Ok::<_, Error>(())
+                })
+                .await
             })
         })
         .collect();
@@ -256,7 +276,8 @@ async fn eight_concurrent_deliveries_reserve_stock_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_serializable_deliveries_retry_into_duplicates() {
-    let (_db, svc) = setup().await;
+    let (db, _) = setup().await;
+    let svc = wide_pool(&db).await;
     let event = stock_reserved();
     let runs = Arc::new(AtomicU32::new(0));
     let barrier = Arc::new(tokio::sync::Barrier::new(8));
@@ -275,8 +296,11 @@ async fn eight_concurrent_serializable_deliveries_retry_into_duplicates() {
             );
             tokio::spawn(async move {
                 barrier.wait().await;
+                let watcher = svc.clone();
                 svc.process_once_with(&options, CONSUMER, &event, async move |tx| {
                     runs.fetch_add(1, Ordering::SeqCst);
+                    // The seven others wait on this claim, and fail when it commits.
+                    until_lock_waiters(&watcher, 7).await;
                     tx.execute(
                         "UPDATE products SET stock = stock - 5 WHERE id = 'abc123'",
                         &[],
@@ -301,6 +325,17 @@ async fn eight_concurrent_serializable_deliveries_retry_into_duplicates() {
         1,
         "a racing duplicate's serialization failure is retried into a Duplicate, not a second run"
     );
+}
+
+/// Waits until `n` sessions of the test database wait on a lock; fails after 10 s.
+async fn until_lock_waiters(svc: &ServiceDb, n: i64) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while lock_waiters(svc).await < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} sessions never waited on a lock at once"));
 }
 
 /// Number of sessions of the test database waiting on a lock.
@@ -346,13 +381,7 @@ async fn second_delivery_while_first_in_flight(commit: bool) -> (ServiceDb, Proc
     claimed_rx.await.unwrap();
     let second = tokio::spawn(handle(svc.clone(), event.to_json_bytes()));
     // The second claim blocks on the first's uncommitted row: wait until the server says so.
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while lock_waiters(&svc).await == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the second delivery waits on the first one's claim");
+    until_lock_waiters(&svc, 1).await;
     assert!(!second.is_finished());
     finish_tx.send(()).unwrap();
     let first = first.await.unwrap();
