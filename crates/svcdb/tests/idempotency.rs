@@ -521,7 +521,9 @@ async fn a_purge_deletes_more_than_one_batch_and_does_not_wait_on_locked_claims(
         .unwrap();
     assert_eq!(purged, old as u64 - 1);
     assert!(svc.is_processed(CONSUMER, held).await.unwrap());
-    drop(tx);
+    // Awaited: a dropped transaction's ROLLBACK is only queued, and a purge that ran before
+    // it arrived would skip the row again.
+    tx.rollback().await.unwrap();
     assert_eq!(
         svc.purge_processed(day).await.unwrap(),
         1,
