@@ -672,7 +672,8 @@ struct CommitGate {
     conn: svcdb::DedicatedConn,
 }
 
-/// The advisory lock key of the [`CommitGate`].
+/// The advisory lock key of the [`CommitGate`]; advisory locks are per database, and each
+/// test has its own.
 const GATE_KEY: i64 = 0x5ec_0b0;
 
 impl CommitGate {
@@ -700,7 +701,8 @@ impl CommitGate {
                 .query_opt(
                     "SELECT pid FROM pg_stat_activity
                       WHERE datname = current_database() AND wait_event = 'advisory'
-                        AND query LIKE 'UPDATE svcdb_outbox SET published_at%'",
+                        AND query LIKE 'UPDATE svcdb_outbox SET published_at%'
+                      LIMIT 1",
                     &[],
                 )
                 .await
