@@ -122,9 +122,50 @@ async fn a_duplicate_does_not_run_the_handler() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+/// Fails unless every transaction on the test database has ended and `event` is free to
+/// claim. `is_processed` and the stock, read from another session, cannot tell: they never
+/// see uncommitted work. A transaction left open shows as a backend `idle in transaction`,
+/// and a claim it holds makes the same claim wait, failing at the lock timeout (55P03).
+async fn assert_nothing_left_open(db: &TestDb, event: &Envelope) {
+    // Not a pooled connection: the pool would hand out a leaked transaction's own connection,
+    // whose claim is its own.
+    let mut conn = db.admin().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // A dropped transaction's ROLLBACK is sent without waiting: give it time to arrive.
+        let open: Vec<String> = conn
+            .query(
+                "SELECT coalesce(query, '') FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    AND state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "transactions left open, last statements: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tx = conn.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL search_path = catalog; SET LOCAL lock_timeout = '5s'")
+        .await
+        .unwrap();
+    let claimed = idempotency::claim(&tx, CONSUMER, event).await;
+    tx.rollback().await.unwrap();
+    assert!(claimed.unwrap(), "the event is free to claim");
+}
+
 #[tokio::test]
 async fn a_handler_error_rolls_back_the_claim_and_the_redelivery_processes_it() {
-    let (_db, svc) = setup().await;
+    let (db, svc) = setup().await;
     let event = stock_reserved();
 
     #[derive(Debug)]
@@ -147,6 +188,7 @@ async fn a_handler_error_rolls_back_the_claim_and_the_redelivery_processes_it() 
         .await
         .unwrap_err();
     assert!(matches!(err, HandlerError::PaymentServiceDown));
+    assert_nothing_left_open(&db, &event).await;
     assert_eq!(stock(&svc).await, 100, "the business write rolled back");
     assert!(
         !svc.is_processed(CONSUMER, event.id).await.unwrap(),
@@ -160,7 +202,7 @@ async fn a_handler_error_rolls_back_the_claim_and_the_redelivery_processes_it() 
 
 #[tokio::test]
 async fn a_handler_panic_rolls_back_the_claim_and_the_redelivery_processes_it() {
-    let (_db, svc) = setup().await;
+    let (db, svc) = setup().await;
     let event = stock_reserved();
     let panicking = {
         let svc = svc.clone();
@@ -177,6 +219,7 @@ async fn a_handler_panic_rolls_back_the_claim_and_the_redelivery_processes_it() 
         })
     };
     assert!(panicking.await.unwrap_err().is_panic());
+    assert_nothing_left_open(&db, &event).await;
     assert_eq!(stock(&svc).await, 100);
     assert!(!svc.is_processed(CONSUMER, event.id).await.unwrap());
 
@@ -185,17 +228,37 @@ async fn a_handler_panic_rolls_back_the_claim_and_the_redelivery_processes_it() 
     assert_eq!(stock(&svc).await, 95);
 }
 
+/// A pool for eight deliveries at once and a session watching them (the test pools hold 5).
+async fn wide_pool(db: &TestDb) -> ServiceDb {
+    let mut config = db.config("catalog");
+    config.pool_max = 9;
+    ServiceDb::connect(config).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_deliveries_reserve_stock_once() {
-    let (_db, svc) = setup().await;
-    let body = stock_reserved().to_json_bytes();
+    let (db, _) = setup().await;
+    let svc = wide_pool(&db).await;
+    let event = stock_reserved();
     let barrier = Arc::new(tokio::sync::Barrier::new(8));
     let tasks: Vec<_> = (0..8)
         .map(|_| {
-            let (svc, body, barrier) = (svc.clone(), body.clone(), barrier.clone());
+            let (svc, event, barrier) = (svc.clone(), event.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                handle(svc, body).await
+                let watcher = svc.clone();
+                svc.process_once(CONSUMER, &event, async move |tx| {
+                    // The first claim commits only once the seven others wait on it: all
+                    // eight deliveries in flight at once.
+                    until_lock_waiters(&watcher, 7).await;
+                    tx.execute(
+                        "UPDATE products SET stock = stock - 5 WHERE id = 'abc123'",
+                        &[],
+                    )
+                    .await?;
+                    Ok::<_, Error>(())
+                })
+                .await
             })
         })
         .collect();
@@ -213,7 +276,8 @@ async fn eight_concurrent_deliveries_reserve_stock_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_serializable_deliveries_retry_into_duplicates() {
-    let (_db, svc) = setup().await;
+    let (db, _) = setup().await;
+    let svc = wide_pool(&db).await;
     let event = stock_reserved();
     let runs = Arc::new(AtomicU32::new(0));
     let barrier = Arc::new(tokio::sync::Barrier::new(8));
@@ -232,8 +296,11 @@ async fn eight_concurrent_serializable_deliveries_retry_into_duplicates() {
             );
             tokio::spawn(async move {
                 barrier.wait().await;
+                let watcher = svc.clone();
                 svc.process_once_with(&options, CONSUMER, &event, async move |tx| {
                     runs.fetch_add(1, Ordering::SeqCst);
+                    // The seven others wait on this claim, and fail when it commits.
+                    until_lock_waiters(&watcher, 7).await;
                     tx.execute(
                         "UPDATE products SET stock = stock - 5 WHERE id = 'abc123'",
                         &[],
@@ -258,6 +325,17 @@ async fn eight_concurrent_serializable_deliveries_retry_into_duplicates() {
         1,
         "a racing duplicate's serialization failure is retried into a Duplicate, not a second run"
     );
+}
+
+/// Waits until `n` sessions of the test database wait on a lock; fails after 10 s.
+async fn until_lock_waiters(svc: &ServiceDb, n: i64) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while lock_waiters(svc).await < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} sessions never waited on a lock at once"));
 }
 
 /// Number of sessions of the test database waiting on a lock.
@@ -303,17 +381,14 @@ async fn second_delivery_while_first_in_flight(commit: bool) -> (ServiceDb, Proc
     claimed_rx.await.unwrap();
     let second = tokio::spawn(handle(svc.clone(), event.to_json_bytes()));
     // The second claim blocks on the first's uncommitted row: wait until the server says so.
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while lock_waiters(&svc).await == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the second delivery waits on the first one's claim");
+    until_lock_waiters(&svc, 1).await;
     assert!(!second.is_finished());
     finish_tx.send(()).unwrap();
     let first = first.await.unwrap();
-    assert_eq!(first.is_ok(), commit);
+    match first {
+        Ok(outcome) => assert!(commit && outcome == Processed::Done(()), "{outcome:?}"),
+        Err(e) => assert!(!commit && e.to_string() == "payment service down", "{e}"),
+    }
     let second = second.await.unwrap().unwrap();
     assert_eq!(stock(&svc).await, 95, "the stock moved exactly once");
     drop(db);
@@ -446,7 +521,9 @@ async fn a_purge_deletes_more_than_one_batch_and_does_not_wait_on_locked_claims(
         .unwrap();
     assert_eq!(purged, old as u64 - 1);
     assert!(svc.is_processed(CONSUMER, held).await.unwrap());
-    drop(tx);
+    // Awaited: a dropped transaction's ROLLBACK is only queued, and a purge that ran before
+    // it arrived would skip the row again.
+    tx.rollback().await.unwrap();
     assert_eq!(
         svc.purge_processed(day).await.unwrap(),
         1,

@@ -176,6 +176,7 @@ async fn concurrent_relays_skip_each_others_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_relay_replicas_publish_every_row_exactly_once() {
+    const REPLICAS: usize = 4;
     let (_db, svc) = setup().await;
     svc.transaction(async |tx| {
         for n in 0..200 {
@@ -185,19 +186,30 @@ async fn four_relay_replicas_publish_every_row_exactly_once() {
     })
     .await
     .unwrap();
-    let published = Arc::new(Mutex::new(Vec::<Uuid>::new()));
-    let replicas: Vec<_> = (0..4)
-        .map(|_| {
+    // Each replica's first batch holds its rows until every replica holds a batch: four
+    // transactions with rows locked at once, the overlap SKIP LOCKED exists for. A replica
+    // whose claim waited on another's locks would never reach the barrier.
+    let all_holding = Arc::new(tokio::sync::Barrier::new(REPLICAS));
+    let published = Arc::new(Mutex::new(Vec::<(usize, Uuid)>::new()));
+    let replicas: Vec<_> = (0..REPLICAS)
+        .map(|replica| {
             let outbox = Outbox::new(svc.clone());
-            let published = published.clone();
+            let (published, all_holding) = (published.clone(), all_holding.clone());
             // The shape of the AMQP relay loop: spawned, owned captures, until nothing is due.
             tokio::spawn(async move {
+                let mut first = true;
                 loop {
-                    let sink = published.clone();
+                    let (sink, barrier) = (published.clone(), all_holding.clone());
+                    let hold = std::mem::replace(&mut first, false);
                     let report = outbox
                         .relay_batch(7, async move |messages| {
-                            tokio::task::yield_now().await; // let the other replicas claim
-                            sink.lock().unwrap().extend(messages.iter().map(|m| m.id));
+                            if hold {
+                                tokio::time::timeout(Duration::from_secs(10), barrier.wait())
+                                    .await
+                                    .expect("every replica holds a batch at once");
+                            }
+                            let mut sink = sink.lock().unwrap();
+                            sink.extend(messages.iter().map(|m| (replica, m.id)));
                             messages.iter().map(|_| Ok::<(), String>(())).collect()
                         })
                         .await?;
@@ -212,7 +224,11 @@ async fn four_relay_replicas_publish_every_row_exactly_once() {
         replica.await.unwrap().unwrap();
     }
     let published = std::mem::take(&mut *published.lock().unwrap());
-    let distinct: HashSet<_> = published.iter().collect();
+    for replica in 0..REPLICAS {
+        let rows = published.iter().filter(|(r, _)| *r == replica).count();
+        assert!(rows >= 7, "replica {replica} published {rows} rows");
+    }
+    let distinct: HashSet<_> = published.iter().map(|(_, id)| id).collect();
     assert_eq!(published.len(), 200, "no row was published twice");
     assert_eq!(distinct.len(), 200);
     assert_eq!(Outbox::new(svc).pending_count().await.unwrap(), 0);
@@ -323,12 +339,61 @@ async fn a_publisher_that_returns_too_few_results_fails_the_rest() {
     assert!(row_state(&svc, first.id).await.2);
     let (attempts, last_error, published, _) = row_state(&svc, second.id).await;
     assert_eq!((attempts, published), (1, false));
-    assert!(last_error.is_some());
+    assert_eq!(
+        last_error.as_deref(),
+        Some("the publisher returned no result for this message")
+    );
+}
+
+/// Fails unless every transaction on the test database has ended and the rows with `ids`
+/// are not locked. Reading the rows from another session cannot tell: it never sees a
+/// transaction's uncommitted work. A transaction left open shows as a backend `idle in
+/// transaction`, and it holds its row locks, so locking the same rows fails at the lock
+/// timeout (55P03).
+async fn assert_nothing_left_open(db: &TestDb, ids: &[Uuid]) {
+    // Not a pooled connection: the pool would hand out a leaked transaction's own connection,
+    // whose locks are its own.
+    let conn = db.admin().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // A dropped transaction's ROLLBACK is sent without waiting: give it time to arrive.
+        let open: Vec<String> = conn
+            .query(
+                "SELECT coalesce(query, '') FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    AND state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "transactions left open, last statements: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    conn.batch_execute("BEGIN; SET LOCAL search_path = orders; SET LOCAL lock_timeout = '5s'")
+        .await
+        .unwrap();
+    let locked = conn
+        .query(
+            "SELECT id FROM svcdb_outbox WHERE id = ANY($1) FOR UPDATE",
+            &[&ids],
+        )
+        .await;
+    conn.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(locked.unwrap().len(), ids.len(), "the rows exist, unlocked");
 }
 
 #[tokio::test]
 async fn a_panicking_publisher_releases_its_rows_unpublished() {
-    let (_db, svc) = setup().await;
+    let (db, svc) = setup().await;
     let event = place_order(&svc, 1).await;
     let outbox = Outbox::new(svc.clone());
     let panicking = {
@@ -342,6 +407,7 @@ async fn a_panicking_publisher_releases_its_rows_unpublished() {
         })
     };
     assert!(panicking.await.unwrap_err().is_panic());
+    assert_nothing_left_open(&db, &[event.id]).await;
     let (report, seen) = relay_all(&outbox, 10).await;
     assert_eq!(report.published, 1);
     assert_eq!(seen[0].id, event.id);
@@ -375,7 +441,11 @@ async fn an_unreadable_stored_envelope_is_failed_not_published() {
     assert_eq!(seen.iter().map(|m| m.id).collect::<Vec<_>>(), [good.id]);
     let (attempts, last_error, published, _) = row_state(&svc, bad).await;
     assert_eq!((attempts, published), (1, false));
-    assert!(last_error.is_some());
+    let last_error = last_error.unwrap();
+    assert!(
+        last_error.starts_with("the stored envelope is invalid: "),
+        "{last_error}"
+    );
 }
 
 #[tokio::test]
@@ -558,9 +628,10 @@ async fn install_is_idempotent_and_safe_from_concurrent_replicas() {
         .await
         .unwrap()
         .map(|r| r.get(0));
+    let index = index.expect("the index on unpublished rows exists");
     assert!(
-        index.is_some(),
-        "the partial index on unpublished rows exists"
+        index.ends_with("WHERE (published_at IS NULL)"),
+        "partial, on unpublished rows only: {index}"
     );
 }
 
