@@ -141,6 +141,38 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("cannot connect to the test database: {e}"))
     }
 
+    /// Waits (up to 10 s) until no session on the throwaway database is `idle in transaction`,
+    /// and panics naming their last statements if some still are. A rollback test needs this
+    /// besides counting rows: another session never sees uncommitted rows, so a leaked
+    /// transaction looks rolled back from outside. A dropped transaction's `ROLLBACK` is sent
+    /// without waiting, hence the wait.
+    pub async fn assert_no_transaction_left_open(&self) {
+        let admin = self.admin().await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let open: Vec<String> = admin
+                .query(
+                    "SELECT coalesce(query, '') FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                     AND state LIKE 'idle in transaction%'",
+                    &[],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("cannot read pg_stat_activity: {e}"))
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            if open.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "transactions left open, last statements: {open:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// A role name unique to this test (`<base>_<random>`), dropped with the database.
     pub fn role_name(&self, base: &str) -> String {
         let name = format!("{base}_{:010x}", rand::random::<u64>() & 0xff_ffff_ffff);

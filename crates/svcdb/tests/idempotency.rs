@@ -130,30 +130,7 @@ async fn assert_nothing_left_open(db: &TestDb, event: &Envelope) {
     // Not a pooled connection: the pool would hand out a leaked transaction's own connection,
     // whose claim is its own.
     let mut conn = db.admin().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        // A dropped transaction's ROLLBACK is sent without waiting: give it time to arrive.
-        let open: Vec<String> = conn
-            .query(
-                "SELECT coalesce(query, '') FROM pg_stat_activity
-                  WHERE datname = current_database() AND pid <> pg_backend_pid()
-                    AND state LIKE 'idle in transaction%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        if open.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "transactions left open, last statements: {open:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    db.assert_no_transaction_left_open().await;
     let tx = conn.transaction().await.unwrap();
     tx.batch_execute("SET LOCAL search_path = catalog; SET LOCAL lock_timeout = '5s'")
         .await

@@ -26,30 +26,7 @@ async fn setup() -> (TestDb, ServiceDb) {
 /// `idle in transaction`.
 async fn assert_nothing_left_open(db: &TestDb, ids: &[i32]) {
     let admin = db.admin().await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        // A dropped transaction's ROLLBACK is sent without waiting: give it time to arrive.
-        let open: Vec<String> = admin
-            .query(
-                "SELECT coalesce(query, '') FROM pg_stat_activity \
-                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
-                 AND state LIKE 'idle in transaction%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|row| row.get(0))
-            .collect();
-        if open.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "transactions left open, last statements: {open:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    db.assert_no_transaction_left_open().await;
     admin
         .batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'")
         .await
