@@ -238,7 +238,9 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, state: &LinkState) {
                     let keys: Vec<(u16, u64)> = d
                         .open
                         .keys()
-                        .filter(|(c, t)| *c == channel_of(&frame) && (*t == tag || (multiple && *t <= tag)))
+                        .filter(|(c, t)| {
+                            *c == channel_of(&frame) && (*t == tag || (multiple && *t <= tag))
+                        })
                         .copied()
                         .collect();
                     keys.iter().filter_map(|k| d.open.remove(k)).collect()

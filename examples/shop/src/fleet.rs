@@ -103,10 +103,15 @@ impl Fleet {
         }
     }
 
-    fn command(&self, service: &'static str, extra: &[&str], log: &Path) -> anyhow::Result<Command> {
+    fn command(
+        &self,
+        service: &'static str,
+        extra: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Command> {
         let spec = &self.specs[service];
-        let out = std::fs::File::create(log)
-            .with_context(|| format!("creating {}", log.display()))?;
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = Command::new(&self.exe);
         command
             .arg("serve")

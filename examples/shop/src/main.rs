@@ -335,9 +335,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         started.service.url("")
     );
     // SIGINT (Ctrl-C) or SIGTERM (what a container runtime sends, and `shop demo`).
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("listening for SIGTERM")?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
     tokio::select! {
         signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
         _ = terminate.recv() => {}

@@ -20,8 +20,8 @@ use svcdb::outbox::{self, RelayOptions};
 use svcdb::{Envelope, Gate, GateReport, Ident, Outbox, ServiceDb, Transaction};
 use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
 use svcdb_amqp::{
-    AmqpConfig, CancellationToken, Consumer, ConsumerOptions, EventHandler,
-    HandlerError, Relay, RelayConfig,
+    AmqpConfig, CancellationToken, Consumer, ConsumerOptions, EventHandler, HandlerError, Relay,
+    RelayConfig,
 };
 use tokio::task::JoinSet;
 
@@ -132,13 +132,10 @@ impl Names {
     /// A subscription's queue, bound to its sources' exchanges.
     pub fn queue(&self, service: &str, subscription: &Subscription) -> QueueSpec {
         let name = format!("{}.{service}.{}", self.namespace, subscription.handler);
-        subscription
-            .sources
-            .iter()
-            .fold(
-                QueueSpec::new(name).with_max_deliveries(MAX_DELIVERIES),
-                |queue, (producer, key)| queue.bind(self.exchange(producer), *key),
-            )
+        subscription.sources.iter().fold(
+            QueueSpec::new(name).with_max_deliveries(MAX_DELIVERIES),
+            |queue, (producer, key)| queue.bind(self.exchange(producer), *key),
+        )
     }
 
     /// What the service declares at start-up: its exchange if it publishes, and its queues.

@@ -400,7 +400,10 @@ pub async fn audit(
                     unexpected.push(format!(
                         "{}: {:?} ({})",
                         queue.dead_letter_queue(),
-                        String::from_utf8_lossy(&body).chars().take(120).collect::<String>(),
+                        String::from_utf8_lossy(&body)
+                            .chars()
+                            .take(120)
+                            .collect::<String>(),
                         reason.unwrap_or_default()
                     ));
                 }
@@ -418,7 +421,11 @@ pub async fn audit(
             format!(
                 "{} unexpected dead letters, e.g. {}",
                 unexpected.len(),
-                shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; ")
+                shown
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             )
         },
     );
@@ -442,8 +449,7 @@ pub async fn audit(
     figures.order_latency_p50_ms = row.get(0);
     figures.order_latency_p99_ms = row.get(1);
     if figures.measured_ms > 0 {
-        figures.orders_per_s =
-            figures.measured_orders as f64 * 1000.0 / figures.measured_ms as f64;
+        figures.orders_per_s = figures.measured_orders as f64 * 1000.0 / figures.measured_ms as f64;
     }
     Ok(())
 }

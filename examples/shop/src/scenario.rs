@@ -233,7 +233,10 @@ struct Demo {
     step: usize,
     faults: Arc<FaultCounts>,
     /// The fault injector, while orders flow.
-    chaos: Option<(CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>)>,
+    chaos: Option<(
+        CancellationToken,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
     /// Orders placed during the broker outage (left out of the latency figures).
     outage_orders: Vec<i64>,
 }
@@ -331,7 +334,8 @@ impl Demo {
         let broker = faults::broker_address(&self.options.amqp_url)?;
         let fleet = Arc::get_mut(&mut self.fleet).context("the fleet is not shared yet")?;
         for def in SERVICES {
-            let link = Arc::new(Link::open(def.name, broker.clone(), self.lost_acks.clone()).await?);
+            let link =
+                Arc::new(Link::open(def.name, broker.clone(), self.lost_acks.clone()).await?);
             let mut spec = Spec {
                 args: vec![
                     "--namespace".into(),
@@ -343,7 +347,8 @@ impl Demo {
             if !self.options.idempotency {
                 spec.args.push("--without-idempotency".into());
             }
-            spec.env.push(("AMQP_URL", link.url(&self.options.amqp_url)?));
+            spec.env
+                .push(("AMQP_URL", link.url(&self.options.amqp_url)?));
             // A prefetch below the pool's size: a consumer handles at most min(prefetch, pool)
             // messages at once, and the HTTP handlers and the relay need connections too.
             spec.env.push(("SVCDB_AMQP_PREFETCH", "4".into()));
@@ -410,9 +415,7 @@ impl Demo {
             self.say(format!("  {line}"));
         }
         // The same gate, asked by the operator as the orders role: what exactly it refused.
-        let report = self.pools["orders"]
-            .verify(&orders::SERVICE.gate()?)
-            .await;
+        let report = self.pools["orders"].verify(&orders::SERVICE.gate()?).await;
         let problems = &report.problems;
         let never_migrated = problems
             .iter()
@@ -544,7 +547,10 @@ impl Demo {
             )
         })
         .await;
-        anyhow::ensure!(all, "the cart service did not learn the {count} users within {SETTLE:?}");
+        anyhow::ensure!(
+            all,
+            "the cart service did not learn the {count} users within {SETTLE:?}"
+        );
         self.figures.users = count;
         self.say(format!(
             "users: registered {count}; the cart service learned all of them from UserRegistered events within {} ms (outbox → relay → RabbitMQ → consumer)",
@@ -889,10 +895,8 @@ impl Demo {
         self.faults.paused.store(false, Ordering::SeqCst);
         let back = Instant::now();
         let orders = self.pools["orders"].clone();
-        let drained = wait_until(SETTLE, || async {
-            matches!(pending(&orders).await, Ok(0))
-        })
-        .await;
+        let drained =
+            wait_until(SETTLE, || async { matches!(pending(&orders).await, Ok(0)) }).await;
         self.figures.outage_drain_ms = back.elapsed().as_millis() as u64;
         self.say(format!(
             "RabbitMQ reachable again: the relays reconnected and the outbox drained within {} ms",
@@ -972,7 +976,13 @@ impl Demo {
     async fn settle(&mut self) -> anyhow::Result<()> {
         self.finish_chaos().await?;
         self.step("Faults injected");
-        for line in self.faults.log.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for line in self
+            .faults
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             println!("    {line}");
         }
         self.say(format!(
@@ -991,7 +1001,9 @@ impl Demo {
             for def in SERVICES {
                 for subscription in def.subscriptions {
                     let queue = self.deployment.names.queue(def.name, subscription);
-                    ready += crate::report::ready(&self.broker, &queue.name).await.unwrap_or(1);
+                    ready += crate::report::ready(&self.broker, &queue.name)
+                        .await
+                        .unwrap_or(1);
                 }
             }
             ready == 0
