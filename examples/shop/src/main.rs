@@ -58,8 +58,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the design notes' scenario from scratch with faults injected, check the invariants
-    /// and clean up. Exit 0 only if every invariant holds.
+    /// Run the design notes' scenario from scratch: every service as --replicas processes, real
+    /// faults injected, the invariants checked from the databases and queues, every process
+    /// stopped and everything removed. Exit 0 only if every invariant holds.
     Demo(DemoArgs),
     /// Remove what `shop demo --keep` left: the database, the roles, the exchanges and queues.
     Clean(Target),
@@ -101,10 +102,10 @@ struct DemoArgs {
     /// Orders to place.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(5..=100_000))]
     orders: u32,
-    /// Copies of already handled OrderPlaced events to publish (the notes' 600 duplicates a
-    /// day, scaled down).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=100_000))]
-    duplicates: u32,
+    /// Copies of already handled OrderPlaced events to publish. Default: 6 % of --orders, at
+    /// least 10 (the notes' 600 duplicates for 10,000 orders).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    duplicates: Option<u32>,
     /// Shoppers placing orders at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     shoppers: u32,
@@ -242,7 +243,9 @@ async fn demo(args: DemoArgs) -> ExitCode {
         database: args.target.database,
         service_password: args.service_password,
         orders: args.orders as usize,
-        duplicates: args.duplicates as usize,
+        duplicates: args
+            .duplicates
+            .map_or((args.orders as usize * 6 / 100).max(10), |d| d as usize),
         shoppers: args.shoppers as usize,
         seed: args.seed,
         keep: args.keep,

@@ -140,6 +140,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Report> {
         options.seed,
     ));
     let mut demo = Demo {
+        amqp,
         fleet: Arc::new(Fleet::new(api.clone())?),
         options,
         deployment,
@@ -219,8 +220,10 @@ impl FaultCounts {
 struct Demo {
     options: DemoOptions,
     deployment: Deployment,
-    /// The operator's own connection to the broker (clean-up, injected messages, DLQ checks).
+    /// The operator's own connection to the broker (clean-up, injected messages, DLQ checks),
+    /// and how to make it again after a broker restart ([`Demo::reconnect_broker`]).
     broker: Connection,
+    amqp: AmqpConfig,
     api: ApiClient,
     fleet: Arc<Fleet>,
     lost_acks: Arc<LostAcks>,
@@ -251,6 +254,18 @@ impl Demo {
         for line in text.to_string().lines() {
             println!("    {line}");
         }
+    }
+
+    /// A new operator's connection if the broker restarted (`--broker-restart`) since.
+    async fn reconnect_broker(&mut self) -> anyhow::Result<()> {
+        if !self.broker.status().connected() {
+            self.broker = self
+                .amqp
+                .connect()
+                .await
+                .context("reconnecting to RabbitMQ")?;
+        }
+        Ok(())
     }
 
     async fn scenario(&mut self) -> anyhow::Result<()> {
@@ -687,7 +702,8 @@ impl Demo {
     /// Starts the fault injector: `--kills` per service, `--backend-kills`, and the broker
     /// restart, each at a random point (by orders placed) while orders flow.
     fn start_chaos(&mut self) {
-        let mut rng = StdRng::seed_from_u64(self.options.seed ^ 0xc4a0_5);
+        // Its own stream, so that the faults' timing does not shift the shoppers' choices.
+        let mut rng = StdRng::seed_from_u64(self.options.seed.wrapping_add(1));
         let total = self.options.orders;
         let mut events: Vec<(usize, Fault)> = Vec::new();
         let at = |rng: &mut StdRng| rng.random_range(total / 20..=(total * 9 / 10).max(total / 20));
@@ -700,7 +716,10 @@ impl Demo {
             events.push((at(&mut rng), Fault::Backends));
         }
         if self.options.broker_restart {
-            events.push((at(&mut rng), Fault::BrokerRestart));
+            // In the first phase, so that the operator's publishing in the third meets a
+            // broker that is back.
+            let at = rng.random_range(total / 20..=(total * 3 / 10).max(total / 20));
+            events.push((at, Fault::BrokerRestart));
         }
         events.sort_by_key(|(at, _)| *at);
         let fleet = self.fleet.clone();
@@ -920,6 +939,7 @@ impl Demo {
         users: &[User],
     ) -> anyhow::Result<()> {
         let copies = self.options.duplicates;
+        self.reconnect_broker().await?;
         self.step(format!(
             "{} more orders, while {copies} copies of old OrderPlaced events and a malformed message arrive",
             plans.len()
@@ -992,11 +1012,10 @@ impl Demo {
         self.step(
             "Wait for the system to settle (every order decided, outboxes drained, every event applied, queues empty)",
         );
+        self.reconnect_broker().await?;
         let started = Instant::now();
+        let admin = self.deployment.admin().await?;
         let settled = wait_until(SETTLE, || async {
-            let Ok(admin) = self.deployment.admin().await else {
-                return false;
-            };
             let mut ready = 0;
             for def in SERVICES {
                 for subscription in def.subscriptions {
@@ -1115,6 +1134,7 @@ impl Demo {
                 self.deployment.database
             ));
         } else {
+            self.reconnect_broker().await?;
             let removed = remove_all(&self.deployment, &self.broker).await?;
             self.say(removed);
         }
