@@ -128,8 +128,9 @@ impl Fleet {
         // SAFETY: prctl is async-signal-safe, and this runs in the child between fork and exec.
         unsafe {
             command.pre_exec(|| {
-                // The child gets SIGKILL when the demo's thread that forked it ends (the
-                // demo's process): nothing survives a demo that was itself killed.
+                // The child gets SIGKILL when the thread that started it exits: a runtime
+                // worker, which lives as long as the demo. Nothing survives a demo that was
+                // itself killed.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }

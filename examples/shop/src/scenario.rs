@@ -155,11 +155,15 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Report> {
         faults: Arc::default(),
         chaos: None,
         outage_orders: Vec::new(),
+        bar: None,
     };
     let outcome = tokio::select! {
         outcome = demo.scenario() => outcome,
         _ = tokio::signal::ctrl_c() => Err(anyhow::Error::new(Interrupted)),
     };
+    if let Some(bar) = demo.bar.take() {
+        bar.finish_and_clear();
+    }
     if let Err(e) = &outcome {
         println!("\nthe demo stopped: {e:#}");
     }
@@ -242,17 +246,30 @@ struct Demo {
     )>,
     /// Orders placed during the broker outage (left out of the latency figures).
     outage_orders: Vec<i64>,
+    /// The progress bar, while orders flow (drawn on a terminal only).
+    bar: Option<ProgressBar>,
 }
 
 impl Demo {
     fn step(&mut self, title: impl Display) {
         self.step += 1;
-        println!("\n[{}] {title}", self.step);
+        self.print(format!("\n[{}] {title}", self.step));
     }
 
     fn say(&self, text: impl Display) {
-        for line in text.to_string().lines() {
-            println!("    {line}");
+        let text: Vec<String> = text
+            .to_string()
+            .lines()
+            .map(|l| format!("    {l}"))
+            .collect();
+        self.print(text.join("\n"));
+    }
+
+    /// Prints above the progress bar while there is one.
+    fn print(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| println!("{text}")),
+            None => println!("{text}"),
         }
     }
 
@@ -283,7 +300,7 @@ impl Demo {
         let (a, rest) = plans.split_at(phase_a);
         let (b, c) = rest.split_at(phase_b);
         self.start_chaos();
-        let bar = self.progress_bar();
+        self.bar = Some(self.progress_bar());
         let measured = Instant::now();
         let outcome = async {
             self.orders_with_faults(a, &products, &users).await?;
@@ -295,7 +312,9 @@ impl Demo {
             anyhow::Ok(outage)
         }
         .await;
-        bar.finish_and_clear();
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
         let outage = outcome?;
         self.figures.measured_ms = measured.elapsed().saturating_sub(outage).as_millis() as u64;
         self.figures.measured_orders = a.len() + c.len();
@@ -996,15 +1015,13 @@ impl Demo {
     async fn settle(&mut self) -> anyhow::Result<()> {
         self.finish_chaos().await?;
         self.step("Faults injected");
-        for line in self
+        let log = self
             .faults
             .log
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            println!("    {line}");
-        }
+            .join("\n");
+        self.say(log);
         self.say(format!(
             "{} acknowledgements lost on the wire (the consumer's connection cut as it sent the ack, after its commit)",
             self.lost_acks.cuts()
