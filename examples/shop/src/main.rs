@@ -100,7 +100,7 @@ struct DemoArgs {
     #[arg(long, env = "SHOP_SERVICE_PASSWORD", hide_env_values = true)]
     service_password: Option<String>,
     /// Orders to place.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(5..=100_000))]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(5..=100_000))]
     orders: u32,
     /// Copies of already handled OrderPlaced events to publish. Default: 6 % of --orders, at
     /// least 10 (the notes' 600 duplicates for 10,000 orders).

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -202,9 +202,9 @@ struct Plan {
 struct FaultCounts {
     /// Orders placed so far (the injector's clock).
     placed: AtomicUsize,
-    /// While set (the broker outage), the injector waits: a replica started then could not
-    /// declare its queues.
-    paused: AtomicBool,
+    /// Held by the injector for each fault, and by the broker outage throughout: a replica
+    /// started during the outage could not declare its queues, so the two never overlap.
+    quiet: tokio::sync::Mutex<()>,
     backend_kills: AtomicU64,
     backends_terminated: AtomicU64,
     broker_restarts: AtomicU64,
@@ -755,14 +755,10 @@ impl Demo {
             for (at, fault) in events {
                 // Wait for the orders to reach the point, or for the placing to end (then the
                 // rest happen at once, while the last orders are decided).
-                while faults.placed.load(Ordering::Relaxed) < at
-                    || faults.paused.load(Ordering::Relaxed)
-                {
-                    if cancelled.is_cancelled() && !faults.paused.load(Ordering::Relaxed) {
-                        break;
-                    }
+                while faults.placed.load(Ordering::Relaxed) < at && !cancelled.is_cancelled() {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                let _one_at_a_time = faults.quiet.lock().await;
                 match fault {
                     Fault::Kill(service) => {
                         let (killed, started) = fleet.kill_one(service, &mut rng).await?;
@@ -898,8 +894,10 @@ impl Demo {
             "Fault: RabbitMQ unreachable from orders while {} orders are placed",
             plans.len()
         ));
-        // Kills wait: a replica starting now could not declare its queues.
-        self.faults.paused.store(true, Ordering::SeqCst);
+        // Faults wait (and this waits for the one in progress): a replica starting now could
+        // not declare its queues.
+        let faults = self.faults.clone();
+        let quiet = faults.quiet.lock().await;
         let link = self.links["orders"].clone();
         link.set_down(true);
         let placed = self.shop(plans, products, users, 1).await;
@@ -907,7 +905,6 @@ impl Demo {
             Ok(placed) => placed,
             Err(e) => {
                 link.set_down(false);
-                self.faults.paused.store(false, Ordering::SeqCst);
                 return Err(e);
             }
         };
@@ -930,7 +927,7 @@ impl Demo {
             placed.len()
         ));
         link.set_down(false);
-        self.faults.paused.store(false, Ordering::SeqCst);
+        drop(quiet);
         let back = Instant::now();
         let orders = self.pools["orders"].clone();
         let drained =
