@@ -280,6 +280,8 @@ async fn read_frame<R: AsyncReadExt + Unpin>(reader: &mut R) -> anyhow::Result<V
     let mut frame = vec![0u8; 7];
     reader.read_exact(&mut frame).await?;
     let size = u32::from_be_bytes([frame[3], frame[4], frame[5], frame[6]]) as usize;
+    // RabbitMQ's frame_max is at most 128 KiB by default; anything near this is not AMQP.
+    anyhow::ensure!(size <= 1 << 27, "not an AMQP frame: {size} bytes");
     frame.resize(7 + size + 1, 0);
     reader.read_exact(&mut frame[7..]).await?;
     anyhow::ensure!(frame[7 + size] == FRAME_END, "not an AMQP frame");
@@ -319,14 +321,15 @@ fn observe_delivery(frame: &[u8], deliveries: &Mutex<Deliveries>) {
     let channel = channel_of(frame);
     if let Some((BASIC, BASIC_DELIVER, args)) = method(frame) {
         // consumer-tag (shortstr), then the delivery tag.
-        let skip = 1 + usize::from(args[0]);
-        if let Some(tag) = args.get(skip..skip + 8) {
-            let tag = u64::from_be_bytes(tag.try_into().expect("8 bytes"));
-            lock(deliveries).awaiting_header.insert(channel, tag);
+        let skip = 1 + usize::from(args.first().copied().unwrap_or_default());
+        if let Some(tag) = args.get(skip..skip + 8).and_then(|t| t.try_into().ok()) {
+            lock(deliveries)
+                .awaiting_header
+                .insert(channel, u64::from_be_bytes(tag));
         }
         return;
     }
-    if frame[0] != FRAME_HEADER {
+    if frame[0] != FRAME_HEADER || frame.len() < 8 {
         return;
     }
     let Some(tag) = lock(deliveries).awaiting_header.remove(&channel) else {
@@ -463,4 +466,104 @@ pub async fn publish_malformed(
         "the broker did not take the malformed message: {confirm:?}"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![kind];
+        frame.extend_from_slice(&channel.to_be_bytes());
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame.push(FRAME_END);
+        frame
+    }
+
+    fn method_frame(channel: u16, class: u16, id: u16, args: &[u8]) -> Vec<u8> {
+        let mut payload = class.to_be_bytes().to_vec();
+        payload.extend_from_slice(&id.to_be_bytes());
+        payload.extend_from_slice(args);
+        frame(FRAME_METHOD, channel, &payload)
+    }
+
+    #[test]
+    fn a_delivery_is_matched_with_its_message_id_and_its_ack() {
+        let deliveries = Mutex::new(Deliveries::default());
+        // basic.deliver: consumer tag "c1", delivery tag 7, redelivered, exchange, routing key.
+        let mut args = vec![2, b'c', b'1'];
+        args.extend_from_slice(&7u64.to_be_bytes());
+        args.extend_from_slice(&[0, 0, 0]);
+        observe_delivery(&method_frame(3, BASIC, BASIC_DELIVER, &args), &deliveries);
+        // The content header: class, weight, body size, flags (content-type, headers,
+        // delivery-mode, message-id), then those properties in order.
+        let mut header = BASIC.to_be_bytes().to_vec();
+        header.extend_from_slice(&[0, 0]);
+        header.extend_from_slice(&10u64.to_be_bytes());
+        let flags: u16 = (1 << 15) | (1 << 13) | (1 << 12) | (1 << 7);
+        header.extend_from_slice(&flags.to_be_bytes());
+        header.push(16);
+        header.extend_from_slice(b"application/json");
+        header.extend_from_slice(&3u32.to_be_bytes());
+        header.extend_from_slice(&[1, b'x', b'S']);
+        header.push(2);
+        header.push(5);
+        header.extend_from_slice(b"event");
+        observe_delivery(&frame(FRAME_HEADER, 3, &header), &deliveries);
+        assert_eq!(
+            lock(&deliveries).open.get(&(3, 7)).map(String::as_str),
+            Some("event")
+        );
+
+        let mut ack = 7u64.to_be_bytes().to_vec();
+        ack.push(0);
+        assert_eq!(
+            settlement(&method_frame(3, BASIC, BASIC_ACK, &ack)),
+            Some((7, false, true))
+        );
+        assert_eq!(
+            settlement(&method_frame(
+                3,
+                BASIC,
+                BASIC_NACK,
+                &[ack.as_slice(), &[]].concat()
+            )),
+            Some((7, false, false))
+        );
+        // A publisher confirm travels the other way and a heartbeat is not a method.
+        assert_eq!(settlement(&frame(8, 0, &[])), None);
+    }
+
+    #[test]
+    fn truncated_frames_are_ignored() {
+        let deliveries = Mutex::new(Deliveries::default());
+        observe_delivery(&method_frame(1, BASIC, BASIC_DELIVER, &[9]), &deliveries);
+        observe_delivery(&frame(FRAME_HEADER, 1, &[0, 60]), &deliveries);
+        assert!(lock(&deliveries).open.is_empty());
+        assert_eq!(message_id(&[0; 13]), None);
+        assert_eq!(
+            settlement(&method_frame(1, BASIC, BASIC_ACK, &[1, 2])),
+            None
+        );
+    }
+
+    #[test]
+    fn the_chosen_share_loses_each_ack_up_to_the_redeliveries() {
+        let lost_acks = LostAcks::new(0.5, 3, 1);
+        let ids: Vec<String> = (0..400).map(|i| format!("m{i}")).collect();
+        let chosen: Vec<&String> = ids.iter().filter(|id| lost_acks.lose(id)).collect();
+        assert!(
+            (120..280).contains(&chosen.len()),
+            "{} of 400",
+            chosen.len()
+        );
+        for id in &chosen {
+            assert!(lost_acks.lose(id) && lost_acks.lose(id), "lost 3 times");
+            assert!(!lost_acks.lose(id), "then acknowledged");
+        }
+        lost_acks.disable();
+        assert!(ids.iter().all(|id| !lost_acks.lose(id)));
+        assert_eq!(lost_acks.cuts(), chosen.len() as u64 * 3);
+    }
 }
