@@ -272,7 +272,15 @@ async fn demo(args: DemoArgs) -> ExitCode {
             }
         }
         // Interrupted: everything was stopped and removed; 130 is the shells' code for SIGINT.
-        Err(e) if e.is::<scenario::Interrupted>() => ExitCode::from(130),
+        Err(e) if e.is::<scenario::Interrupted>() => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": false, "error": "interrupted" })
+                );
+            }
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             if args.json {
