@@ -85,7 +85,8 @@ impl ServiceDef {
 
 /// Deliveries of one message before the broker dead-letters it, above svcdb-amqp's default of
 /// 5. RabbitMQ 3.10's quorum queues count every return towards the limit, a consumer's lost
-/// connection included, and each lost acknowledgement cuts a connection that holds up to a
+/// connection included (RabbitMQ's quorum queue guide, "Poison Message Handling"; the demo's
+/// first runs with 5 dead-lettered events it had applied), and each lost acknowledgement cuts a connection that holds up to a
 /// prefetch of other messages: with the notes' 3 redeliveries per lost ack, 5 would leave a
 /// message room for a single further interruption (a killed replica, another cut) before an
 /// event already applied is dead-lettered. The limit still stops a message that crashes its
