@@ -186,9 +186,9 @@ impl EventHandler for CloseCart {
         let order: OrderPlaced = event.payload_as()?;
         let closed = tx
             .execute(
-                "UPDATE carts SET order_id = $2, checked_out_at = now()
+                "UPDATE carts SET order_id = $2, checked_out_at = now(), checked_out_by = $3
                   WHERE id = $1 AND order_id IS NULL",
-                &[&order.cart_id, &order.order_id],
+                &[&order.cart_id, &order.order_id, &event.id],
             )
             .await?;
         if closed == 0 {

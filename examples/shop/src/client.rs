@@ -52,14 +52,6 @@ impl Response {
             )
         })
     }
-
-    /// The `error` field of an error body, or the body itself.
-    pub fn error_text(&self) -> String {
-        serde_json::from_slice::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned())
-    }
 }
 
 impl Default for ApiClient {

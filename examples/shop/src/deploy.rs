@@ -75,6 +75,12 @@ impl Deployment {
             .context("connecting as the admin (--database-url)")
     }
 
+    /// The admin's connection settings, to the maintenance database (for the fault injector,
+    /// which terminates the services' backends).
+    pub fn admin_config(&self) -> tokio_postgres::Config {
+        self.admin.clone()
+    }
+
     /// A connection to the shop database as the admin: for provisioning, and for the demo's
     /// auditor, who reads every schema to check the invariants.
     pub async fn admin(&self) -> anyhow::Result<DedicatedConn> {
@@ -150,6 +156,35 @@ impl Deployment {
         svcdb::provision(&mut admin, &spec)
             .await
             .with_context(|| format!("provisioning {}", def.name))
+    }
+
+    /// How a replica of the service connects, as the environment of `shop serve`: as its own
+    /// role (DATABASE_URL without a password; the password, if any, in SVCDB_PASSWORD, which
+    /// svcdb never logs), to the shop database. Small pools: every replica of every service
+    /// shares one PostgreSQL here, and other users of the server need connections too.
+    pub fn service_env(&self, def: &ServiceDef) -> Vec<(&'static str, String)> {
+        let role = self.names.role(def.name);
+        let port = self.admin.get_ports().first().copied().unwrap_or(5432);
+        let url = match self.admin.get_hosts().first() {
+            Some(Host::Unix(path)) => format!(
+                "postgres://{role}@/{}?host={}&port={port}",
+                self.database,
+                path.display()
+            ),
+            Some(Host::Tcp(host)) => format!("postgres://{role}@{host}:{port}/{}", self.database),
+            None => format!("postgres://{role}@localhost:{port}/{}", self.database),
+        };
+        let mut env = vec![
+            ("DATABASE_URL", url),
+            ("SVCDB_SCHEMA", def.schema.to_owned()),
+            ("SVCDB_POOL_MIN", "1".to_owned()),
+            ("SVCDB_POOL_MAX", "5".to_owned()),
+            ("SVCDB_APPLICATION_NAME", format!("shop/{}", def.name)),
+        ];
+        if let Some(password) = &self.password {
+            env.push(("SVCDB_PASSWORD", password.clone()));
+        }
+        env
     }
 
     /// How the service connects: as its own role, to the shop database, pinned to its schema.

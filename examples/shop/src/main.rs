@@ -1,8 +1,10 @@
 //! `shop`: the reference system built on svcdb and svcdb-amqp.
 //!
-//! * `shop demo` provisions a database, starts the four services in this process and drives
-//!   the design notes' scenario through their HTTP APIs with faults injected, then checks the
-//!   invariants (exit 0 only if every one holds) and cleans up.
+//! * `shop demo` provisions a database, starts every service as several replicas, each its own
+//!   process (`shop serve`), drives the design notes' scenario through their HTTP APIs with
+//!   real faults (lost acknowledgements, killed replicas, killed database connections, a broker
+//!   outage), then checks the invariants from the databases and queues (exit 0 only if every
+//!   one holds), stops every process and cleans up.
 //! * `shop serve <service>` runs one service on its own, configured from the environment.
 //!
 //! # Layout
@@ -14,7 +16,8 @@
 //! | [`events`] | the events between them (the contract) |
 //! | [`deploy`] | the operator's side: database, roles, provisioning |
 //! | [`client`] | the JSON-over-HTTP client (the demo's shoppers, orders → cart) |
-//! | [`faults`] | the injected faults: broker links that drop, a crash after commit, a broken release, duplicates, poison |
+//! | [`fleet`] | the replicas as child processes, and a round-robin front per service |
+//! | [`faults`] | the injected faults on the wire: broker links that drop or lose acknowledgements, a broken release, duplicates, poison |
 //! | [`scenario`] | `shop demo`: the narrated scenario |
 //! | [`report`] | the invariants, the figures, the JSON summary |
 
@@ -24,6 +27,7 @@ mod client;
 mod deploy;
 mod events;
 mod faults;
+mod fleet;
 mod orders;
 mod platform;
 mod report;
@@ -54,13 +58,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the design notes' scenario from scratch with faults injected, check the invariants
-    /// and clean up. Exit 0 only if every invariant holds.
+    /// Run the design notes' scenario from scratch: every service as --replicas processes, real
+    /// faults injected, the invariants checked from the databases and queues, every process
+    /// stopped and everything removed. Exit 0 only if every invariant holds.
     Demo(DemoArgs),
     /// Remove what `shop demo --keep` left: the database, the roles, the exchanges and queues.
     Clean(Target),
-    /// Run one service on its own, configured from the environment: DATABASE_URL (as the
-    /// service's role), AMQP_URL, and SHOP_CART_URL for orders. Ctrl-C stops it gracefully.
+    /// Run one service (one replica) on its own, configured from the environment: DATABASE_URL
+    /// (as the service's role), AMQP_URL, and SHOP_CART_URL for orders. Ctrl-C or SIGTERM stops
+    /// it gracefully.
     Serve(ServeArgs),
 }
 
@@ -94,18 +100,44 @@ struct DemoArgs {
     #[arg(long, env = "SHOP_SERVICE_PASSWORD", hide_env_values = true)]
     service_password: Option<String>,
     /// Orders to place.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(5..=100_000))]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(5..=100_000))]
     orders: u32,
-    /// Copies of already handled OrderPlaced events to publish (the notes' 600 duplicates a
-    /// day, scaled down).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=100_000))]
-    duplicates: u32,
+    /// Copies of already handled OrderPlaced events to publish. Default: 6 % of --orders, at
+    /// least 10 (the notes' 600 duplicates for 10,000 orders).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    duplicates: Option<u32>,
     /// Shoppers placing orders at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     shoppers: u32,
-    /// Seed of the shoppers' choices.
+    /// Seed of the shoppers' choices and of the faults' timing.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Processes per service.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    replicas: u32,
+    /// Share of messages whose acknowledgement is lost: the consumer's broker connection is cut
+    /// as it sends the ack, after its transaction committed, so the broker redelivers.
+    #[arg(long, default_value_t = 0.02, value_parser = rate)]
+    lost_ack_rate: f64,
+    /// How many times each chosen message's acknowledgement is lost (redeliveries).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
+    redeliveries: u32,
+    /// Replicas of each service killed (SIGKILL) at random points while orders flow, each
+    /// replaced by a new one.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
+    kills: u32,
+    /// Times the services' database connections are terminated (pg_terminate_backend, on the
+    /// demo's own roles only) while orders flow.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
+    backend_kills: u32,
+    /// Restart RabbitMQ's application once mid-run (rabbitmqctl stop_app / start_app). Off by
+    /// default: it disturbs everything else using that broker.
+    #[arg(long)]
+    broker_restart: bool,
+    /// The control run: the services' handlers forget their idempotency claims, so redeliveries
+    /// and copies are applied again. The invariant checks must catch it (exit 1).
+    #[arg(long)]
+    without_idempotency: bool,
     /// Print one JSON object with the counts and "ok" as the last line.
     #[arg(long)]
     json: bool,
@@ -133,6 +165,22 @@ struct ServeArgs {
     /// The cart service's base URL (orders reads carts through it).
     #[arg(long, env = "SHOP_CART_URL")]
     cart_url: Option<String>,
+    /// Short retry and reconnection pauses (about a second at most instead of the libraries'
+    /// defaults), for a demo whose faults should heal quickly.
+    #[arg(long, env = "SHOP_QUICK_RECOVERY")]
+    quick_recovery: bool,
+    /// Handlers forget their idempotency claims: every redelivery is applied again. Only for
+    /// the demo's control run; never in a deployment.
+    #[arg(long, env = "SHOP_WITHOUT_IDEMPOTENCY", hide = true)]
+    without_idempotency: bool,
+}
+
+/// A share from 0 to 1.
+fn rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a share from 0 to 1 (0.02 is 2 %)")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -195,10 +243,19 @@ async fn demo(args: DemoArgs) -> ExitCode {
         database: args.target.database,
         service_password: args.service_password,
         orders: args.orders as usize,
-        duplicates: args.duplicates as usize,
+        duplicates: args
+            .duplicates
+            .map_or((args.orders as usize * 6 / 100).max(10), |d| d as usize),
         shoppers: args.shoppers as usize,
         seed: args.seed,
         keep: args.keep,
+        replicas: args.replicas as usize,
+        lost_ack_rate: args.lost_ack_rate,
+        redeliveries: args.redeliveries,
+        kills: args.kills as usize,
+        backend_kills: args.backend_kills as usize,
+        broker_restart: args.broker_restart,
+        idempotency: !args.without_idempotency,
     };
     match scenario::run(options).await {
         Ok(report) => {
@@ -213,6 +270,16 @@ async fn demo(args: DemoArgs) -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+        // Interrupted: everything was stopped and removed; 130 is the shells' code for SIGINT.
+        Err(e) if e.is::<scenario::Interrupted>() => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": false, "error": "interrupted" })
+                );
+            }
+            ExitCode::from(130)
         }
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -253,11 +320,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         amqp,
         names: Arc::new(Names::new(&args.namespace)?),
         peers,
-        faults: Arc::default(),
+        idempotency: !args.without_idempotency,
         http: client::ApiClient::new(),
         listen: args.listen,
         migrate: args.migrate,
-        tuning: Tuning::production(),
+        tuning: if args.quick_recovery {
+            Tuning::demo()
+        } else {
+            Tuning::production()
+        },
     };
     let started = platform::start(launch).await?;
     if let Some(report) = &started.migrations {
@@ -267,15 +338,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "migrated"
         );
     }
+    // `shop demo` reads the address from this line.
     println!(
         "{}: {}; serving {} (Ctrl-C to stop)",
         def.name,
         started.gate,
         started.service.url("")
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    // SIGINT (Ctrl-C) or SIGTERM (what a container runtime sends, and `shop demo`).
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    tokio::select! {
+        signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
+        _ = terminate.recv() => {}
+    }
     println!("{}: stopping", def.name);
     started.service.stop().await
 }

@@ -245,9 +245,9 @@ impl<D: Decision> EventHandler for Decide<D> {
         let order_id = answer.order_id();
         let decided = tx
             .execute(
-                "UPDATE orders SET status = $2, reason = $3, decided_at = now()
+                "UPDATE orders SET status = $2, reason = $3, decided_at = now(), decided_by = $4
                   WHERE id = $1 AND status = 'placed'",
-                &[&order_id, &status, &reason],
+                &[&order_id, &status, &reason, &event.id],
             )
             .await?;
         if decided == 0 {

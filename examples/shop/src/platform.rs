@@ -20,15 +20,13 @@ use svcdb::outbox::{self, RelayOptions};
 use svcdb::{Envelope, Gate, GateReport, Ident, Outbox, ServiceDb, Transaction};
 use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
 use svcdb_amqp::{
-    AmqpConfig, CancellationToken, Consumer, ConsumerOptions, ConsumerStats, EventHandler,
-    HandlerError, Relay, RelayConfig, RelayStatus,
+    AmqpConfig, CancellationToken, Consumer, ConsumerOptions, EventHandler, HandlerError, Relay,
+    RelayConfig,
 };
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::client::ApiClient;
 use crate::events::Event;
-use crate::faults::Faults;
 
 /// One service, as the platform needs to know it.
 pub struct ServiceDef {
@@ -85,6 +83,16 @@ impl ServiceDef {
     }
 }
 
+/// Deliveries of one message before the broker dead-letters it, above svcdb-amqp's default of
+/// 5. RabbitMQ 3.10's quorum queues count every return towards the limit, a consumer's lost
+/// connection included (RabbitMQ's quorum queue guide, "Poison Message Handling"; the demo's
+/// first runs with 5 dead-lettered events it had applied), and each lost acknowledgement cuts a connection that holds up to a
+/// prefetch of other messages: with the notes' 3 redeliveries per lost ack, 5 would leave a
+/// message room for a single further interruption (a killed replica, another cut) before an
+/// event already applied is dead-lettered. The limit still stops a message that crashes its
+/// consumer every time.
+pub const MAX_DELIVERIES: u32 = 20;
+
 /// The names one deployment of the shop uses. The namespace (the database's name) prefixes
 /// everything that is not inside the database, because roles are cluster-wide and exchanges and
 /// queues are vhost-wide: two deployments (the demo and a test run) never share one.
@@ -125,12 +133,10 @@ impl Names {
     /// A subscription's queue, bound to its sources' exchanges.
     pub fn queue(&self, service: &str, subscription: &Subscription) -> QueueSpec {
         let name = format!("{}.{service}.{}", self.namespace, subscription.handler);
-        subscription
-            .sources
-            .iter()
-            .fold(QueueSpec::new(name), |queue, (producer, key)| {
-                queue.bind(self.exchange(producer), *key)
-            })
+        subscription.sources.iter().fold(
+            QueueSpec::new(name).with_max_deliveries(MAX_DELIVERIES),
+            |queue, (producer, key)| queue.bind(self.exchange(producer), *key),
+        )
     }
 
     /// What the service declares at start-up: its exchange if it publishes, and its queues.
@@ -203,7 +209,8 @@ pub struct Ctx {
     pub http: ApiClient,
     names: Arc<Names>,
     peers: Arc<HashMap<&'static str, String>>,
-    faults: Arc<Faults>,
+    /// False only in `shop demo --without-idempotency`, the control run (see [`Ctx::handler`]).
+    idempotency: bool,
 }
 
 impl Ctx {
@@ -242,29 +249,37 @@ impl Ctx {
         })
     }
 
-    /// `handler`, with the demo's fault point after it (see [`Faults::after_handler`]); a
-    /// no-op outside the demo. Services register every handler through this.
+    /// `handler` as the service registers it. With idempotency off (the demo's control run,
+    /// `--without-idempotency`) the handler also deletes the claim the consumer made for the
+    /// event, in the same transaction: nothing remembers that the event was handled, so every
+    /// redelivery and copy is applied again, as in a service without an inbox.
     pub fn handler<H: EventHandler>(&self, handler: H) -> impl EventHandler {
-        FaultPoint {
+        Forgetful {
             inner: handler,
-            service: self.service,
-            faults: self.faults.clone(),
+            forget: !self.idempotency,
         }
     }
 }
 
-/// Runs a handler, then the fault point: a "crash" there happens after the handler's writes
-/// and before the consumer acknowledges the message.
-struct FaultPoint<H> {
+/// A handler that, when `forget` is set, deletes its event's claim after running.
+struct Forgetful<H> {
     inner: H,
-    service: &'static str,
-    faults: Arc<Faults>,
+    forget: bool,
 }
 
-impl<H: EventHandler> EventHandler for FaultPoint<H> {
+impl<H: EventHandler> EventHandler for Forgetful<H> {
     async fn handle(&self, tx: &mut Transaction<'_>, event: &Envelope) -> Result<(), HandlerError> {
         self.inner.handle(tx, event).await?;
-        self.faults.after_handler(self.service, event).await;
+        if self.forget {
+            tx.execute(
+                &format!(
+                    "DELETE FROM {} WHERE event_id = $1",
+                    svcdb::idempotency::PROCESSED_EVENTS_TABLE
+                ),
+                &[&event.id],
+            )
+            .await?;
+        }
         Ok(())
     }
 }
@@ -317,12 +332,13 @@ pub struct Launch {
     pub def: &'static ServiceDef,
     /// Its database access: its own role, its schema.
     pub db: svcdb::Config,
-    /// Its broker (in the demo, through the service's own faulty link).
+    /// Its broker (in the demo, through the demo's link for the service).
     pub amqp: AmqpConfig,
     pub names: Arc<Names>,
     /// Base URLs of the services it calls.
     pub peers: HashMap<&'static str, String>,
-    pub faults: Arc<Faults>,
+    /// False for the demo's control run: handlers forget their claims ([`Ctx::handler`]).
+    pub idempotency: bool,
     pub http: ApiClient,
     /// Where to serve HTTP (port 0: any free port).
     pub listen: SocketAddr,
@@ -357,7 +373,7 @@ pub async fn start(launch: Launch) -> anyhow::Result<Started> {
         amqp,
         names,
         peers,
-        faults,
+        idempotency,
         http,
         listen,
         migrate,
@@ -401,7 +417,7 @@ pub async fn start(launch: Launch) -> anyhow::Result<Started> {
         http,
         names: names.clone(),
         peers: Arc::new(peers),
-        faults,
+        idempotency,
     };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -421,12 +437,9 @@ pub async fn start(launch: Launch) -> anyhow::Result<Started> {
             .with_context(|| format!("{name}: HTTP server"))
     });
 
-    let (mut relay_status, mut outbox) = (None, None);
     if def.publishes {
         let relay_outbox = Outbox::new(db.clone()).with_options(tuning.outbox.clone());
-        let relay = Relay::new(&amqp, relay_outbox.clone()).with_config(tuning.relay.clone());
-        relay_status = Some(relay.status());
-        outbox = Some(relay_outbox);
+        let relay = Relay::new(&amqp, relay_outbox).with_config(tuning.relay.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
             relay
@@ -437,7 +450,6 @@ pub async fn start(launch: Launch) -> anyhow::Result<Started> {
         });
     }
 
-    let mut consumers = Vec::new();
     for subscription in def.subscriptions {
         let queue = names.queue(name, subscription);
         let consumer = Consumer::new(
@@ -448,7 +460,6 @@ pub async fn start(launch: Launch) -> anyhow::Result<Started> {
         )
         .with_options(tuning.consumer.clone());
         let consumer = (subscription.register)(consumer, &ctx);
-        consumers.push((subscription.handler, consumer.clone()));
         let stop = shutdown.clone();
         tasks.spawn(async move {
             consumer
@@ -463,9 +474,6 @@ pub async fn start(launch: Launch) -> anyhow::Result<Started> {
             def,
             db,
             addr,
-            consumers,
-            relay: relay_status,
-            outbox,
             shutdown,
             tasks,
         },
@@ -479,12 +487,6 @@ pub struct Running {
     pub def: &'static ServiceDef,
     pub db: ServiceDb,
     pub addr: SocketAddr,
-    /// Its consumers by handler name, for their statistics.
-    pub consumers: Vec<(&'static str, Consumer)>,
-    /// Its relay's status, if it publishes.
-    pub relay: Option<watch::Receiver<RelayStatus>>,
-    /// Its outbox, if it publishes (for the pending count).
-    pub outbox: Option<Outbox>,
     shutdown: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
 }
@@ -493,55 +495,6 @@ impl Running {
     /// `http://127.0.0.1:<port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
-    }
-
-    /// One consumer's statistics.
-    pub fn stats(&self, handler: &str) -> ConsumerStats {
-        self.consumers
-            .iter()
-            .find(|(h, _)| *h == handler)
-            .map(|(_, c)| c.stats())
-            .unwrap_or_default()
-    }
-
-    /// All its consumers' statistics, added up.
-    pub fn total_stats(&self) -> ConsumerStats {
-        self.consumers
-            .iter()
-            .map(|(_, c)| c.stats())
-            .fold(ConsumerStats::default(), |a, s| ConsumerStats {
-                handled: a.handled + s.handled,
-                duplicates: a.duplicates + s.duplicates,
-                requeued: a.requeued + s.requeued,
-                returned: a.returned + s.returned,
-                paused: a.paused + s.paused,
-                dead_lettered: a.dead_lettered + s.dead_lettered,
-                ignored: a.ignored + s.ignored,
-            })
-    }
-
-    pub fn relay_status(&self) -> RelayStatus {
-        self.relay
-            .as_ref()
-            .map(|r| r.borrow().clone())
-            .unwrap_or_default()
-    }
-
-    /// Unpublished outbox rows (0 for a service that does not publish).
-    pub async fn outbox_pending(&self) -> anyhow::Result<u64> {
-        match &self.outbox {
-            Some(outbox) => Ok(outbox.pending_count().await?),
-            None => Ok(0),
-        }
-    }
-
-    /// A task that ended on its own is a failure: they run until shutdown.
-    pub fn failure(&mut self) -> Option<String> {
-        match self.tasks.try_join_next()? {
-            Ok(Ok(())) => Some(format!("{}: a task stopped early", self.def.name)),
-            Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(e) => Some(format!("{}: a task panicked: {e}", self.def.name)),
-        }
     }
 
     /// Graceful shutdown: stop taking requests and messages, finish the ones in flight (their

@@ -1,40 +1,49 @@
-//! `shop demo`: the design notes' "How it all fits together", run for real with faults
-//! injected, narrated step by step, and checked.
+//! `shop demo`: the design notes' "How it all fits together", run as a real deployment with
+//! real faults, narrated step by step, and checked.
 //!
-//! 1. Provision one database, a role and schema per service; start users, catalog and cart.
-//! 2. Deploy orders without its migrations (the notes' 9 AM incident): the gate refuses.
-//! 3. The orders role reads the catalog's table: permission denied.
+//! 1. Provision one database, a role and schema per service; start users, catalog and cart,
+//!    each as `--replicas` processes that race to migrate.
+//! 2. Deploy orders without its migrations (the notes' 9 AM incident): the gate refuses; then
+//!    deploy it with them.
+//! 3. Each service's role reads each other service's table: permission denied, 12 times.
 //! 4. Seed products and users; the cart learns the users from `UserRegistered`.
 //! 5. Deploy a catalog release whose third migration fails: the schema is left as it was.
-//! 6. Shoppers place orders through HTTP while the catalog's consumer crashes after a commit.
+//! 6. Shoppers place orders through HTTP, through each service's front, while replicas are
+//!    killed (SIGKILL) and replaced, the services' database connections are terminated,
+//!    acknowledgements are lost on the wire, and (with `--broker-restart`) RabbitMQ restarts.
 //! 7. RabbitMQ becomes unreachable from orders while more orders are placed.
 //! 8. More orders, while old `OrderPlaced` events are published again and again and a malformed
 //!    message lands in the catalog's queue.
-//! 9. Wait for every order to be decided, then check the invariants (see [`crate::report`]).
+//! 9. Wait for every order to be decided, stop every replica gracefully, then check the
+//!    invariants from the databases and the queues (see [`crate::report`]).
 
 use std::collections::HashMap;
 use std::fmt::Display;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use futures_util::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use svcdb::migrate::{MigrateError, Migrator};
-use svcdb::{Envelope, Problem, SqlState};
+use svcdb::{Envelope, Problem, ServiceDb, SqlState};
 use svcdb_amqp::lapin::Connection;
 use svcdb_amqp::AmqpConfig;
+use tokio_util::sync::CancellationToken;
 
 use crate::cart::{Cart, NewCart};
 use crate::catalog::{NewProduct, Product};
-use crate::client::ApiClient;
+use crate::client::{ApiClient, Response};
 use crate::deploy::Deployment;
 use crate::events::{Event, Line, OrderPlaced};
-use crate::faults::{self, Faults, Link};
+use crate::faults::{self, Link, LostAcks};
+use crate::fleet::{Fleet, Spec};
 use crate::orders::{Order, PlaceOrder};
-use crate::platform::{self, Launch, Running, ServiceDef, Tuning};
+use crate::platform::ServiceDef;
 use crate::report::{Checks, Figures, Report};
 use crate::users::{Registration, User};
 use crate::{cart, catalog, orders, users};
@@ -50,8 +59,9 @@ pub const SERVICES: [&ServiceDef; 4] = [
 /// What a malformed producer wrote: an `OrderPlaced` cut off mid-object, not an envelope.
 pub const MALFORMED: &[u8] = br#"{"kind": "OrderPlaced", "order_id": 4"#;
 
-/// The longest the demo waits for the system to settle after each phase.
-const SETTLE: Duration = Duration::from_secs(30);
+/// The longest the demo waits for the system to settle after each phase (replicas restarting
+/// and redeliveries included).
+const SETTLE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -64,10 +74,31 @@ pub struct DemoOptions {
     pub shoppers: usize,
     pub seed: u64,
     pub keep: bool,
+    pub replicas: usize,
+    pub lost_ack_rate: f64,
+    pub redeliveries: u32,
+    pub kills: usize,
+    pub backend_kills: usize,
+    pub broker_restart: bool,
+    /// False for the control run: handlers forget their claims.
+    pub idempotency: bool,
 }
 
-/// Runs the demo and cleans up after it (unless `keep`), whatever happened. `Err` only when
-/// the demo could not run (no database, no broker); invariants that fail are in the report.
+/// The demo was interrupted (Ctrl-C); everything was stopped and removed all the same.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Runs the demo and cleans up after it (unless `keep`), whatever happened, Ctrl-C included.
+/// `Err` only when the demo could not run (no database, no broker, a replica that never came
+/// up) or was interrupted ([`Interrupted`]); invariants that fail are in the report.
 pub async fn run(options: DemoOptions) -> anyhow::Result<Report> {
     let started = Instant::now();
     let deployment = Deployment::new(
@@ -77,34 +108,62 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Report> {
     )?;
     let amqp = AmqpConfig::new(&options.amqp_url).with_connection_name("shop demo (operator)");
     println!(
-        "shop demo: users, catalog, cart and orders on one PostgreSQL database and RabbitMQ, with faults injected"
+        "shop demo: users, catalog, cart and orders on one PostgreSQL database and RabbitMQ, {} processes each, with real faults",
+        options.replicas
     );
     println!(
-        "  database {} on {}, broker {}; {} orders, {} duplicate copies",
+        "  database {} on {}, broker {}; {} orders, {} duplicate copies; lost acks {} % × {}, {} kills per service, {} backend kills{}{}",
         deployment.database,
         deployment.server(),
         amqp.redacted_url(),
         options.orders,
-        options.duplicates
+        options.duplicates,
+        options.lost_ack_rate * 100.0,
+        options.redeliveries,
+        options.kills,
+        options.backend_kills,
+        if options.broker_restart { ", a broker restart" } else { "" },
+        if options.idempotency {
+            ""
+        } else {
+            "\n  CONTROL RUN: the handlers forget their idempotency claims; the checks must fail"
+        }
     );
     let broker = amqp
         .connect()
         .await
         .context("the demo needs RabbitMQ (run scripts/services, or pass --amqp-url)")?;
+    let api = ApiClient::new();
+    let lost_acks = Arc::new(LostAcks::new(
+        options.lost_ack_rate,
+        options.redeliveries,
+        options.seed,
+    ));
     let mut demo = Demo {
+        amqp,
+        fleet: Arc::new(Fleet::new(api.clone())?),
         options,
         deployment,
         broker,
-        faults: Arc::new(Faults::default()),
-        api: ApiClient::new(),
+        api,
+        lost_acks,
         links: HashMap::new(),
-        running: Vec::new(),
+        pools: HashMap::new(),
         checks: Checks::default(),
         figures: Figures::default(),
         step: 0,
-        phase_c_started: None,
+        faults: Arc::default(),
+        chaos: None,
+        outage_orders: Vec::new(),
+        bar: None,
     };
-    let outcome = demo.scenario().await;
+    let outcome = tokio::select! {
+        outcome = demo.scenario() => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::Error::new(Interrupted)),
+    };
+    if let Some(bar) = demo.bar.take() {
+        bar.finish_and_clear();
+    }
     if let Err(e) = &outcome {
         println!("\nthe demo stopped: {e:#}");
     }
@@ -138,46 +197,100 @@ struct Plan {
     lines: Vec<(usize, i32)>,
 }
 
+/// What the fault injector did so far, shared with the progress bar.
+#[derive(Default)]
+struct FaultCounts {
+    /// Orders placed so far (the injector's clock).
+    placed: AtomicUsize,
+    /// Held by the injector for each fault, and by the broker outage throughout: a replica
+    /// started during the outage could not declare its queues, so the two never overlap.
+    quiet: tokio::sync::Mutex<()>,
+    backend_kills: AtomicU64,
+    backends_terminated: AtomicU64,
+    broker_restarts: AtomicU64,
+    /// What happened, in order, for the narration.
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl FaultCounts {
+    fn note(&self, line: String) {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line);
+    }
+}
+
 struct Demo {
     options: DemoOptions,
     deployment: Deployment,
-    /// The operator's own connection to the broker (clean-up, injected messages, DLQ checks).
+    /// The operator's own connection to the broker (clean-up, injected messages, DLQ checks),
+    /// and how to make it again after a broker restart ([`Demo::reconnect_broker`]).
     broker: Connection,
-    faults: Arc<Faults>,
+    amqp: AmqpConfig,
     api: ApiClient,
+    fleet: Arc<Fleet>,
+    lost_acks: Arc<LostAcks>,
     links: HashMap<&'static str, Arc<Link>>,
-    running: Vec<Running>,
+    /// A pool per service's role, the operator's: the deploy steps (migrations, the gate) and
+    /// the boundary check run as the service would.
+    pools: HashMap<&'static str, ServiceDb>,
     checks: Checks,
     figures: Figures,
     step: usize,
-    /// When the last phase of orders began (its time counts until the system settled).
-    phase_c_started: Option<Instant>,
+    faults: Arc<FaultCounts>,
+    /// The fault injector, while orders flow.
+    chaos: Option<(
+        CancellationToken,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
+    /// Orders placed during the broker outage (left out of the latency figures).
+    outage_orders: Vec<i64>,
+    /// The progress bar, while orders flow (drawn on a terminal only).
+    bar: Option<ProgressBar>,
 }
 
 impl Demo {
     fn step(&mut self, title: impl Display) {
         self.step += 1;
-        println!("\n[{}] {title}", self.step);
+        self.print(format!("\n[{}] {title}", self.step));
     }
 
     fn say(&self, text: impl Display) {
-        for line in text.to_string().lines() {
-            println!("    {line}");
+        let text: Vec<String> = text
+            .to_string()
+            .lines()
+            .map(|l| format!("    {l}"))
+            .collect();
+        self.print(text.join("\n"));
+    }
+
+    /// Prints above the progress bar while there is one.
+    fn print(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| println!("{text}")),
+            None => println!("{text}"),
         }
     }
 
-    fn service(&self, name: &str) -> &Running {
-        self.running
-            .iter()
-            .find(|r| r.def.name == name)
-            .unwrap_or_else(|| panic!("{name} is running"))
+    /// A new operator's connection if the broker restarted (`--broker-restart`) since.
+    async fn reconnect_broker(&mut self) -> anyhow::Result<()> {
+        if !self.broker.status().connected() {
+            self.broker = self
+                .amqp
+                .connect()
+                .await
+                .context("reconnecting to RabbitMQ")?;
+        }
+        Ok(())
     }
 
     async fn scenario(&mut self) -> anyhow::Result<()> {
         self.provision().await?;
+        self.define_fleet().await?;
         self.start_services().await?;
         self.orders_without_migrations().await?;
-        self.cross_service_read().await?;
+        self.cross_service_reads().await?;
         let (products, users) = self.seed().await?;
         self.failing_release().await?;
 
@@ -186,10 +299,26 @@ impl Demo {
         let phase_b = plans.len() / 5;
         let (a, rest) = plans.split_at(phase_a);
         let (b, c) = rest.split_at(phase_b);
-        self.orders_with_a_crash(a, &products, &users).await?;
-        self.relay_outage(b, &products, &users).await?;
-        self.duplicates_and_poison(c, &products, &users).await?;
-        self.settle().await;
+        self.start_chaos();
+        self.bar = Some(self.progress_bar());
+        let measured = Instant::now();
+        let outcome = async {
+            self.orders_with_faults(a, &products, &users).await?;
+            let outage = Instant::now();
+            self.relay_outage(b, &products, &users).await?;
+            let outage = outage.elapsed();
+            self.duplicates_and_poison(c, &products, &users).await?;
+            self.settle().await?;
+            anyhow::Ok(outage)
+        }
+        .await;
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        let outage = outcome?;
+        self.figures.measured_ms = measured.elapsed().saturating_sub(outage).as_millis() as u64;
+        self.figures.measured_orders = a.len() + c.len();
+        self.stop_services().await;
         self.invariants(&products).await?;
         Ok(())
     }
@@ -234,98 +363,94 @@ impl Demo {
         Ok(())
     }
 
-    /// The launch of `def` as the demo runs it: its own role, its own link to the broker.
-    async fn launch(&mut self, def: &'static ServiceDef, migrate: bool) -> anyhow::Result<Launch> {
-        let link = match self.links.get(def.name) {
-            Some(link) => link.clone(),
-            None => {
-                let link =
-                    Arc::new(Link::open(faults::broker_address(&self.options.amqp_url)?).await?);
-                self.faults.add_link(def.name, link.clone());
-                self.links.insert(def.name, link.clone());
-                link
+    /// Opens a broker link and a front per service, and says how their replicas start.
+    async fn define_fleet(&mut self) -> anyhow::Result<()> {
+        let broker = faults::broker_address(&self.options.amqp_url)?;
+        let fleet = Arc::get_mut(&mut self.fleet).context("the fleet is not shared yet")?;
+        for def in SERVICES {
+            let link =
+                Arc::new(Link::open(def.name, broker.clone(), self.lost_acks.clone()).await?);
+            let mut spec = Spec {
+                args: vec![
+                    "--namespace".into(),
+                    self.deployment.names.namespace().to_owned(),
+                    "--quick-recovery".into(),
+                ],
+                env: self.deployment.service_env(def),
+            };
+            if !self.options.idempotency {
+                spec.args.push("--without-idempotency".into());
             }
-        };
-        // A prefetch below the pool's size: a consumer handles at most min(prefetch, pool)
-        // messages at once, and the HTTP handlers and the relay need connections too.
-        let amqp = AmqpConfig::new(link.url(&self.options.amqp_url)?)
-            .with_connection_name(format!("shop/{}", def.name))
-            .with_prefetch(4);
-        let mut peers = HashMap::new();
-        if let Some(cart) = self.running.iter().find(|r| r.def.name == "cart") {
-            peers.insert("cart", cart.url(""));
+            spec.env
+                .push(("AMQP_URL", link.url(&self.options.amqp_url)?));
+            // A prefetch below the pool's size: a consumer handles at most min(prefetch, pool)
+            // messages at once, and the HTTP handlers and the relay need connections too.
+            spec.env.push(("SVCDB_AMQP_PREFETCH", "4".into()));
+            spec.env
+                .push(("SVCDB_AMQP_CONNECTION_NAME", format!("shop/{}", def.name)));
+            fleet.define(def.name, spec).await?;
+            self.links.insert(def.name, link);
         }
-        Ok(Launch {
-            def,
-            db: self.deployment.service_config(def)?,
-            amqp,
-            names: Arc::new(self.deployment.names.clone()),
-            peers,
-            faults: self.faults.clone(),
-            http: self.api.clone(),
-            listen: "127.0.0.1:0".parse()?,
-            migrate,
-            tuning: Tuning::demo(),
-        })
+        let cart = fleet.url("cart");
+        fleet.set_env("orders", "SHOP_CART_URL", cart);
+        for def in SERVICES {
+            let pool = ServiceDb::connect(self.deployment.service_config(def)?)
+                .await
+                .with_context(|| format!("connecting as {}'s role", def.name))?;
+            self.pools.insert(def.name, pool);
+        }
+        Ok(())
     }
 
-    async fn start(&mut self, def: &'static ServiceDef) -> anyhow::Result<()> {
-        let launch = self.launch(def, true).await?;
-        let started = platform::start(launch).await?;
-        let migrations = started
-            .migrations
-            .as_ref()
-            .map(|m| {
-                let names: Vec<String> = m
-                    .migrations
-                    .iter()
-                    .map(|e| format!("{:04} {}", e.version, e.name))
-                    .collect();
-                format!("migrated ({})", names.join(", "))
-            })
-            .unwrap_or_default();
+    /// Starts `--replicas` processes of `service` at once (they race to migrate: svcdb's
+    /// advisory lock lets one apply, the others find the work done) and waits for all to be
+    /// ready.
+    async fn start_replicas(&mut self, def: &'static ServiceDef) -> anyhow::Result<()> {
+        let fleet = self.fleet.clone();
+        let started: Vec<String> = futures_util::future::try_join_all(
+            (0..self.options.replicas).map(|_| fleet.start(def.name)),
+        )
+        .await?;
+        let versions: i64 = self.pools[def.name]
+            .get()
+            .await?
+            .query_one(
+                &format!("SELECT count(*) FROM {}", svcdb::migrate::HISTORY_TABLE),
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(-1);
         self.say(format!(
-            "{:<8} {migrations}; gate {}; {}",
+            "{:<8} {} ready behind {} ({versions} migrations applied once, whoever won the lock)",
             def.name,
-            started.gate,
-            started.service.url("")
+            started.join(", "),
+            fleet.url(def.name)
         ));
-        self.running.push(started.service);
         Ok(())
     }
 
     async fn start_services(&mut self) -> anyhow::Result<()> {
-        self.step("Start users, catalog and cart: each as its own role, migrate, pass the start-up gate, serve");
+        self.step(format!(
+            "Start users, catalog and cart: {} processes each (`shop serve <service> --migrate`, configured from the environment), each waited for until its /readyz says 200",
+            self.options.replicas
+        ));
         for def in &SERVICES[..3] {
-            self.start(def).await?;
+            self.start_replicas(def).await?;
         }
         Ok(())
     }
 
     async fn orders_without_migrations(&mut self) -> anyhow::Result<()> {
         self.step("Fault: orders deployed without its migrations (the notes' 9 AM incident)");
-        let launch = self.launch(&orders::SERVICE, false).await?;
-        let refused = match platform::start(launch).await {
-            Ok(started) => {
-                started.service.stop().await?;
-                None
-            }
-            Err(e) => match e.downcast_ref::<svcdb::Error>() {
-                Some(svcdb::Error::NotReady(report)) => Some(report.clone()),
-                _ => return Err(e),
-            },
-        };
-        match &refused {
-            Some(report) => {
-                self.say("the start-up gate refused to take traffic, before the first customer:");
-                self.say(format!("  {}", report.to_string().replace('\n', "\n  ")));
-            }
-            None => self.say("the service started without its tables!"),
+        let (status, log) = self.fleet.run_to_exit("orders", &[]).await?;
+        self.say(format!("shop serve orders (no --migrate) exited: {status}"));
+        for line in log.lines().filter(|l| !l.trim().is_empty()).take(6) {
+            self.say(format!("  {line}"));
         }
-        let problems = refused
-            .as_ref()
-            .map(|r| r.problems.as_slice())
-            .unwrap_or(&[]);
+        // The same gate, asked by the operator as the orders role: what exactly it refused.
+        let report = self.pools["orders"].verify(&orders::SERVICE.gate()?).await;
+        let problems = &report.problems;
         let never_migrated = problems
             .iter()
             .any(|p| matches!(p, Problem::NoHistory { .. }));
@@ -338,15 +463,18 @@ impl Demo {
             .collect();
         self.checks.check(
             "start-up gate refuses a service whose migrations did not run",
-            never_migrated && missing == ["orders", "order_lines"],
+            status.code() == Some(1) && never_migrated && missing == ["orders", "order_lines"],
             format!(
-                "{} problems: migrations never ran = {never_migrated}, missing tables {missing:?}",
+                "the process exited with {status}; {} problems: migrations never ran = {never_migrated}, missing tables {missing:?}",
                 problems.len()
             ),
         );
         self.say("deploying again, this time with its migrations:");
-        self.start(&orders::SERVICE).await?;
-        let readyz = self.api.get(&self.service("orders").url("/readyz")).await?;
+        self.start_replicas(&orders::SERVICE).await?;
+        let readyz = self
+            .api
+            .get(&format!("{}/readyz", self.fleet.url("orders")))
+            .await?;
         self.say(format!(
             "GET /readyz → {} (what the Kubernetes readiness probe sees)",
             readyz.status
@@ -359,32 +487,44 @@ impl Demo {
         Ok(())
     }
 
-    async fn cross_service_read(&mut self) -> anyhow::Result<()> {
-        self.step("Fault: the orders service reads the catalog's table directly");
-        let conn = self.service("orders").db.get().await?;
-        let attempt = conn
-            .query("SELECT id, stock FROM catalog_schema.products", &[])
-            .await;
-        let (ok, detail) = match attempt {
-            Ok(rows) => (false, format!("it read {} rows", rows.len())),
-            Err(e) => {
-                let code = e.code().map(|c| c.code().to_owned()).unwrap_or_default();
-                self.say(format!(
-                    "SELECT … FROM catalog_schema.products as role {} → {}",
-                    self.deployment.names.role("orders"),
-                    svcdb::error::pg_message(&e)
-                ));
-                self.say("PostgreSQL enforces the boundary: each schema belongs to its service's role, PUBLIC gets nothing");
-                (
-                    e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE),
-                    format!("SQLSTATE {code}"),
-                )
+    async fn cross_service_reads(&mut self) -> anyhow::Result<()> {
+        self.step("Fault: each service's role reads each other service's table (12 pairs)");
+        let mut denied = 0;
+        let mut wrong = Vec::new();
+        for reader in SERVICES {
+            let conn = self.pools[reader.name].get().await?;
+            for owner in SERVICES.iter().filter(|o| o.name != reader.name) {
+                let sql = format!("SELECT count(*) FROM {}.{}", owner.schema, owner.tables[0]);
+                match conn.query_one(&sql, &[]).await {
+                    Ok(_) => wrong.push(format!("{} read {}", reader.name, owner.schema)),
+                    Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                        if denied == 0 {
+                            self.say(format!(
+                                "{sql} as role {} → {}",
+                                self.deployment.names.role(reader.name),
+                                svcdb::error::pg_message(&e)
+                            ));
+                        }
+                        denied += 1;
+                    }
+                    Err(e) => wrong.push(format!(
+                        "{} on {}: SQLSTATE {}",
+                        reader.name,
+                        owner.schema,
+                        e.code().map(|c| c.code()).unwrap_or("none")
+                    )),
+                }
             }
-        };
+        }
+        self.say(format!("…and so for all {denied} pairs: each schema belongs to its service's role, PUBLIC gets nothing"));
         self.checks.check(
-            "another service's schema answers permission denied (42501)",
-            ok,
-            detail,
+            "another service's schema answers permission denied (42501), for every pair of services",
+            denied == 12 && wrong.is_empty(),
+            if wrong.is_empty() {
+                format!("{denied} of 12 pairs denied")
+            } else {
+                format!("{denied} of 12 pairs denied; {}", wrong.join("; "))
+            },
         );
         Ok(())
     }
@@ -393,7 +533,7 @@ impl Demo {
     async fn seed(&mut self) -> anyhow::Result<(Vec<Product>, Vec<User>)> {
         self.step("Seed through the APIs: products with stock, users (UserRegistered → cart)");
         let n = self.options.orders as f64;
-        let catalog = self.service("catalog").url("/products");
+        let catalog = format!("{}/products", self.fleet.url("catalog"));
         let names = [
             "lamp", "desk", "chair", "shelf", "rug", "mirror", "clock", "vase",
         ];
@@ -417,7 +557,7 @@ impl Demo {
         self.figures.initial_stock = products.iter().map(|p| (p.id, p.stock)).collect();
 
         let count = (self.options.orders / 4).clamp(3, 50);
-        let users_url = self.service("users").url("/users");
+        let users_url = format!("{}/users", self.fleet.url("users"));
         let learned = Instant::now();
         let mut users = Vec::new();
         for i in 0..count {
@@ -432,11 +572,19 @@ impl Demo {
                     .json::<User>()?,
             );
         }
-        let cart = self.service("cart");
-        wait_until(SETTLE, || async {
-            cart.stats("customers").handled >= count as u64
+        let cart = self.pools["cart"].clone();
+        let all = wait_until(SETTLE, || async {
+            matches!(
+                cart.get().await,
+                Ok(c) if matches!(c.query_one("SELECT count(*) FROM customers", &[]).await,
+                                  Ok(r) if r.get::<_, i64>(0) >= count as i64)
+            )
         })
         .await;
+        anyhow::ensure!(
+            all,
+            "the cart service did not learn the {count} users within {SETTLE:?}"
+        );
         self.figures.users = count;
         self.say(format!(
             "users: registered {count}; the cart service learned all of them from UserRegistered events within {} ms (outbox → relay → RabbitMQ → consumer)",
@@ -449,7 +597,7 @@ impl Demo {
         self.step(
             "Fault: catalog release 2 ships 3 migrations and the third fails (atomic deploy)",
         );
-        let db = self.service("catalog").db.clone();
+        let db = self.pools["catalog"].clone();
         let table_names = |tables: Vec<svcdb::TableInfo>| -> Vec<String> {
             tables.into_iter().map(|t| t.name).collect()
         };
@@ -489,10 +637,10 @@ impl Demo {
         ));
         let readyz = self
             .api
-            .get(&self.service("catalog").url("/readyz"))
+            .get(&format!("{}/readyz", self.fleet.url("catalog")))
             .await?;
         self.say(format!(
-            "the running catalog (release 1) never noticed: GET /readyz → {}",
+            "the running catalog replicas (release 1) never noticed: GET /readyz → {}",
             readyz.status
         ));
         self.checks.check(
@@ -532,8 +680,132 @@ impl Demo {
             .collect()
     }
 
-    /// Places `plans` through the APIs, `shoppers` at a time: open a cart, add the items,
-    /// place the order.
+    /// The progress bar (on a terminal only): placed, decided, duplicates absorbed, faults.
+    fn progress_bar(&self) -> ProgressBar {
+        let bar = ProgressBar::new(self.options.orders as u64);
+        bar.set_style(
+            ProgressStyle::with_template("    {bar:30} {pos}/{len} placed · {msg}")
+                .expect("a valid template"),
+        );
+        let (bar2, faults, lost_acks, fleet) = (
+            bar.clone(),
+            self.faults.clone(),
+            self.lost_acks.clone(),
+            self.fleet.clone(),
+        );
+        let orders = self.pools["orders"].clone();
+        tokio::spawn(async move {
+            while !bar2.is_finished() {
+                let decided: i64 = match orders.get().await {
+                    Ok(c) => c
+                        .query_one("SELECT count(*) FROM orders WHERE status <> 'placed'", &[])
+                        .await
+                        .map(|r| r.get(0))
+                        .unwrap_or(0),
+                    Err(_) => 0,
+                };
+                bar2.set_position(faults.placed.load(Ordering::Relaxed) as u64);
+                bar2.set_message(format!(
+                    "{decided} decided · {} duplicates absorbed · faults: {} acks lost, {} replicas killed, {} backend kills",
+                    lost_acks.repeated_acks(),
+                    lost_acks.cuts(),
+                    fleet.killed(),
+                    faults.backend_kills.load(Ordering::Relaxed),
+                ));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        bar
+    }
+
+    /// Starts the fault injector: `--kills` per service, `--backend-kills`, and the broker
+    /// restart, each at a random point (by orders placed) while orders flow.
+    fn start_chaos(&mut self) {
+        // Its own stream, so that the faults' timing does not shift the shoppers' choices.
+        let mut rng = StdRng::seed_from_u64(self.options.seed.wrapping_add(1));
+        let total = self.options.orders;
+        let mut events: Vec<(usize, Fault)> = Vec::new();
+        let at = |rng: &mut StdRng| rng.random_range(total / 20..=(total * 9 / 10).max(total / 20));
+        for def in SERVICES {
+            for _ in 0..self.options.kills {
+                events.push((at(&mut rng), Fault::Kill(def.name)));
+            }
+        }
+        for _ in 0..self.options.backend_kills {
+            events.push((at(&mut rng), Fault::Backends));
+        }
+        if self.options.broker_restart {
+            // In the first phase, so that the operator's publishing in the third meets a
+            // broker that is back.
+            let at = rng.random_range(total / 20..=(total * 3 / 10).max(total / 20));
+            events.push((at, Fault::BrokerRestart));
+        }
+        events.sort_by_key(|(at, _)| *at);
+        let fleet = self.fleet.clone();
+        let faults = self.faults.clone();
+        let roles: Vec<String> = SERVICES
+            .iter()
+            .map(|d| self.deployment.names.role(d.name))
+            .collect();
+        let database = self.deployment.database.clone();
+        let admin = self.deployment.admin_config();
+        let stop = CancellationToken::new();
+        let cancelled = stop.clone();
+        let task = tokio::spawn(async move {
+            for (at, fault) in events {
+                // Wait for the orders to reach the point, or for the placing to end (then the
+                // rest happen at once, while the last orders are decided).
+                while faults.placed.load(Ordering::Relaxed) < at && !cancelled.is_cancelled() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _one_at_a_time = faults.quiet.lock().await;
+                match fault {
+                    Fault::Kill(service) => {
+                        let (killed, started) = fleet.kill_one(service, &mut rng).await?;
+                        faults.note(format!(
+                            "after {} orders: SIGKILL {killed}; {started} started and ready",
+                            faults.placed.load(Ordering::Relaxed)
+                        ));
+                    }
+                    Fault::Backends => {
+                        let terminated = terminate_backends(&admin, &database, &roles).await?;
+                        faults.backend_kills.fetch_add(1, Ordering::Relaxed);
+                        faults
+                            .backends_terminated
+                            .fetch_add(terminated, Ordering::Relaxed);
+                        faults.note(format!(
+                            "after {} orders: pg_terminate_backend on the services' {terminated} connections",
+                            faults.placed.load(Ordering::Relaxed)
+                        ));
+                    }
+                    Fault::BrokerRestart => {
+                        restart_broker().await?;
+                        faults.broker_restarts.fetch_add(1, Ordering::Relaxed);
+                        faults.note(format!(
+                            "after {} orders: RabbitMQ restarted (rabbitmqctl stop_app; start_app)",
+                            faults.placed.load(Ordering::Relaxed)
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        });
+        self.chaos = Some((stop, task));
+    }
+
+    /// Waits for the fault injector to finish what it has left (the orders are all placed).
+    async fn finish_chaos(&mut self) -> anyhow::Result<()> {
+        if let Some((stop, task)) = self.chaos.take() {
+            stop.cancel();
+            task.await.context("the fault injector")??;
+        }
+        Ok(())
+    }
+
+    /// Places `plans` through the services' fronts, `shoppers` at a time: open a cart, add the
+    /// items, place the order. A request that fails on the way (its replica was killed, its
+    /// database connection terminated) is sent again, as a client behind a load balancer
+    /// would: placing the same cart twice returns the same order.
     async fn shop(
         &self,
         plans: &[Plan],
@@ -541,8 +813,8 @@ impl Demo {
         users: &[User],
         shoppers: usize,
     ) -> anyhow::Result<Vec<Order>> {
-        let carts = self.service("cart").url("/carts");
-        let orders = self.service("orders").url("/orders");
+        let carts = format!("{}/carts", self.fleet.url("cart"));
+        let orders = format!("{}/orders", self.fleet.url("orders"));
         let shop_one = |plan: &Plan| {
             let (carts, orders, api) = (carts.clone(), orders.clone(), self.api.clone());
             let user_id = users[plan.user].id;
@@ -554,22 +826,21 @@ impl Demo {
                     quantity,
                 })
                 .collect();
+            let placed = &self.faults.placed;
             async move {
-                let cart: Cart = api.post(&carts, &NewCart { user_id }).await?.json()?;
+                let cart: Cart = post_retrying(&api, &carts, &NewCart { user_id })
+                    .await?
+                    .json()?;
                 for line in &lines {
-                    api.post(&format!("{carts}/{}/items", cart.id), line)
+                    post_retrying(&api, &format!("{carts}/{}/items", cart.id), line)
                         .await?
                         .json::<Cart>()?;
                 }
-                let response = api.post(&orders, &PlaceOrder { cart_id: cart.id }).await?;
-                if response.status != axum::http::StatusCode::CREATED {
-                    bail!(
-                        "POST /orders answered {}: {}",
-                        response.status,
-                        response.error_text()
-                    );
-                }
-                response.json::<Order>()
+                let order = post_retrying(&api, &orders, &PlaceOrder { cart_id: cart.id })
+                    .await?
+                    .json::<Order>()?;
+                placed.fetch_add(1, Ordering::Relaxed);
+                anyhow::Ok(order)
             }
         };
         let placed: Vec<Order> = futures_util::stream::iter(plans)
@@ -580,25 +851,17 @@ impl Demo {
         Ok(placed)
     }
 
-    /// Waits until every order is confirmed or rejected; returns how many are not.
-    async fn wait_for_decisions(&self, within: Duration) -> anyhow::Result<usize> {
-        let url = self.service("orders").url("/orders");
-        let undecided = || async {
-            match self
-                .api
-                .get(&url)
-                .await
-                .and_then(|r| r.json::<Vec<Order>>())
-            {
-                Ok(orders) => orders.iter().filter(|o| o.status == "placed").count(),
-                Err(_) => usize::MAX,
-            }
-        };
-        wait_until(within, || async { undecided().await == 0 }).await;
-        Ok(undecided().await)
+    /// Orders still `placed`, from the orders service's database.
+    async fn undecided(&self) -> anyhow::Result<i64> {
+        Ok(self.pools["orders"]
+            .get()
+            .await?
+            .query_one("SELECT count(*) FROM orders WHERE status = 'placed'", &[])
+            .await?
+            .get(0))
     }
 
-    async fn orders_with_a_crash(
+    async fn orders_with_faults(
         &mut self,
         plans: &[Plan],
         products: &[Product],
@@ -606,71 +869,19 @@ impl Demo {
     ) -> anyhow::Result<()> {
         let shoppers = self.options.shoppers;
         self.step(format!(
-            "{} orders, {shoppers} shoppers at a time; fault: the catalog's consumer crashes after a commit, before its ack",
-            plans.len()
+            "{} orders, {shoppers} shoppers at a time, while replicas are killed, database connections terminated and {} % of acknowledgements lost",
+            plans.len(),
+            self.options.lost_ack_rate * 100.0
         ));
-        self.faults.arm_crash_after_commit("catalog", 1);
         let started = Instant::now();
         let placed = self.shop(plans, products, users, shoppers).await?;
-        let placing = started.elapsed();
-        let undecided = self.wait_for_decisions(SETTLE).await?;
         self.figures.orders += placed.len();
-        self.figures.measured_orders += placed.len();
-        self.figures.measured_ms += started.elapsed().as_millis() as u64;
         self.say(format!(
-            "placed {} orders through HTTP in {} ms; all decided after {} ms ({undecided} undecided)",
+            "placed {} orders through HTTP in {} ms",
             placed.len(),
-            placing.as_millis(),
             started.elapsed().as_millis()
         ));
-        let crashes = self.faults.crashes();
-        // The crashed delivery's order is decided already (its answer committed with it); its
-        // redelivery arrives once the consumer has reconnected.
-        let redelivered = wait_until(SETTLE, || async {
-            self.service("catalog").stats("reserve-stock").duplicates >= 1
-        })
-        .await;
-        let catalog = self.service("catalog").stats("reserve-stock");
-        match crashes.first() {
-            Some(crash) => {
-                let order = self.order_of_event(crash.event_id).await?;
-                self.say(format!(
-                    "{} handled {} {} (order {order}), then its connection to RabbitMQ dropped while the transaction committed: the ack was lost",
-                    crash.service, crash.kind, crash.event_id
-                ));
-                self.say(format!(
-                    "RabbitMQ redelivered it, and the messages in flight with it, to the reconnected consumer: {} redeliveries met their committed claims and changed nothing",
-                    catalog.duplicates
-                ));
-            }
-            None => self.say("the armed crash never happened"),
-        }
-        self.figures.crash_redeliveries = catalog.duplicates;
-        self.checks.check(
-            "a consumer crash between commit and ack is absorbed by the claim",
-            crashes.len() == 1 && redelivered && undecided == 0,
-            format!(
-                "{} crash, {} redeliveries absorbed, {undecided} orders undecided",
-                crashes.len(),
-                catalog.duplicates
-            ),
-        );
         Ok(())
-    }
-
-    /// The order an `OrderPlaced` event was about, from the orders service's outbox.
-    async fn order_of_event(&self, event_id: uuid::Uuid) -> anyhow::Result<i64> {
-        let row = self
-            .service("orders")
-            .db
-            .get()
-            .await?
-            .query_one(
-                "SELECT (envelope -> 'payload' ->> 'order_id')::bigint FROM svcdb_outbox WHERE id = $1",
-                &[&event_id],
-            )
-            .await?;
-        Ok(row.get(0))
     }
 
     async fn relay_outage(
@@ -683,20 +894,23 @@ impl Demo {
             "Fault: RabbitMQ unreachable from orders while {} orders are placed",
             plans.len()
         ));
+        // Faults wait (and this waits for the one in progress): a replica starting now could
+        // not declare its queues.
+        let faults = self.faults.clone();
+        let quiet = faults.quiet.lock().await;
         let link = self.links["orders"].clone();
         link.set_down(true);
-        // Let the relay notice first, so the narrative shows it disconnected.
-        wait_until(Duration::from_secs(5), || async {
-            !self.service("orders").relay_status().connected
-        })
-        .await;
-        let started = Instant::now();
-        let placed = self.shop(plans, products, users, 1).await?;
+        let placed = self.shop(plans, products, users, 1).await;
+        let placed = match placed {
+            Ok(placed) => placed,
+            Err(e) => {
+                link.set_down(false);
+                return Err(e);
+            }
+        };
         self.figures.orders += placed.len();
-        let orders = self.service("orders");
         let ids: Vec<i64> = placed.iter().map(|o| o.id).collect();
-        let pending_during: i64 = orders
-            .db
+        let pending_during: i64 = self.pools["orders"]
             .get()
             .await?
             .query_one(
@@ -707,40 +921,25 @@ impl Demo {
             )
             .await?
             .get(0);
-        let status = orders.relay_status();
+        self.outage_orders = ids;
         self.say(format!(
-            "placed {} orders: each POST /orders answered 201, because it only needs the database",
+            "placed {} orders: each POST /orders succeeded, because it only needs the database; {pending_during} events wait in the outbox",
             placed.len()
         ));
-        self.say(format!(
-            "outbox: {pending_during} events waiting; relay connected = {}, last error: {}",
-            status.connected,
-            status
-                .last_error
-                .as_deref()
-                .and_then(|e| e.lines().next())
-                .unwrap_or("none")
-        ));
-        tokio::time::sleep(Duration::from_millis(500)).await;
         link.set_down(false);
+        drop(quiet);
         let back = Instant::now();
-        let drained = wait_until(SETTLE, || async {
-            matches!(self.service("orders").outbox_pending().await, Ok(0))
-        })
-        .await;
+        let orders = self.pools["orders"].clone();
+        let drained =
+            wait_until(SETTLE, || async { matches!(pending(&orders).await, Ok(0)) }).await;
         self.figures.outage_drain_ms = back.elapsed().as_millis() as u64;
         self.say(format!(
-            "RabbitMQ reachable again: the relay reconnected and published all {pending_during} within {} ms",
+            "RabbitMQ reachable again: the relays reconnected and the outbox drained within {} ms",
             self.figures.outage_drain_ms
-        ));
-        let undecided = self.wait_for_decisions(SETTLE).await?;
-        self.say(format!(
-            "and the orders were decided ({undecided} undecided) {} ms after the outage began",
-            started.elapsed().as_millis()
         ));
         self.checks.check(
             "events written during a broker outage wait in the outbox and are published after it",
-            pending_during == placed.len() as i64 && drained && undecided == 0,
+            pending_during == placed.len() as i64 && drained,
             format!(
                 "{pending_during} of the {} orders' events waiting during the outage, drained = {drained}",
                 placed.len()
@@ -756,18 +955,18 @@ impl Demo {
         users: &[User],
     ) -> anyhow::Result<()> {
         let copies = self.options.duplicates;
+        self.reconnect_broker().await?;
         self.step(format!(
             "{} more orders, while {copies} copies of old OrderPlaced events and a malformed message arrive",
             plans.len()
         ));
         // Events already handled, as a producer retrying lost confirms would send them again.
-        let envelopes: Vec<Envelope> = self
-            .service("orders")
-            .db
+        let envelopes: Vec<Envelope> = self.pools["orders"]
             .get()
             .await?
             .query(
-                "SELECT envelope FROM svcdb_outbox WHERE routing_key = $1 ORDER BY id LIMIT 10",
+                "SELECT envelope FROM svcdb_outbox
+                  WHERE routing_key = $1 AND published_at IS NOT NULL ORDER BY id LIMIT 10",
                 &[&OrderPlaced::ROUTING_KEY],
             )
             .await?
@@ -779,7 +978,6 @@ impl Demo {
         let catalog_queue = names
             .queue("catalog", &catalog::SERVICE.subscriptions[0])
             .name;
-        let started = Instant::now();
         let (placed, copied, poisoned) = tokio::join!(
             self.shop(plans, products, users, self.options.shoppers),
             faults::publish_copies(
@@ -796,8 +994,6 @@ impl Demo {
         poisoned?;
         self.figures.orders += placed.len();
         self.figures.duplicates_injected = copies as u64;
-        self.figures.measured_orders += placed.len();
-        self.phase_c_started = Some(started);
         self.say(format!(
             "placed {} orders; published {copies} copies of {} handled OrderPlaced events to {exchange} (the catalog's and the cart's queues each get every copy)",
             placed.len(),
@@ -810,88 +1006,131 @@ impl Demo {
         Ok(())
     }
 
-    /// Waits (bounded) until every order is decided, every outbox drained and every consumer
-    /// has seen every delivery, including the injected ones.
-    async fn settle(&mut self) {
+    /// Lets the fault injector finish, then waits (bounded) until every order is decided,
+    /// every outbox drained, every event applied by each of its subscribers, and every queue
+    /// has nothing ready.
+    async fn settle(&mut self) -> anyhow::Result<()> {
+        self.finish_chaos().await?;
+        self.step("Faults injected");
+        let log = self
+            .faults
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n");
+        self.say(log);
+        self.say(format!(
+            "{} acknowledgements lost on the wire (the consumer's connection cut as it sent the ack, after its commit)",
+            self.lost_acks.cuts()
+        ));
         self.step(
-            "Wait for the system to settle (every order decided, outboxes drained, queues empty)",
+            "Wait for the system to settle (every order decided, outboxes drained, every event applied, queues empty)",
         );
+        self.reconnect_broker().await?;
         let started = Instant::now();
-        let expected = self.figures.orders as u64 + self.figures.duplicates_injected;
+        let admin = self.deployment.admin().await?;
         let settled = wait_until(SETTLE, || async {
-            let catalog = self.service("catalog").stats("reserve-stock");
-            let cart = self.service("cart").stats("checkout");
-            let mut drained = true;
-            for service in &self.running {
-                drained &= matches!(service.outbox_pending().await, Ok(0));
+            let mut ready = 0;
+            for def in SERVICES {
+                for subscription in def.subscriptions {
+                    let queue = self.deployment.names.queue(def.name, subscription);
+                    ready += crate::report::ready(&self.broker, &queue.name)
+                        .await
+                        .unwrap_or(1);
+                }
             }
-            drained
-                && catalog.handled + catalog.duplicates + catalog.dead_lettered > expected
-                && cart.handled + cart.duplicates >= expected
-                && matches!(self.wait_for_decisions(Duration::ZERO).await, Ok(0))
+            ready == 0
+                && matches!(self.undecided().await, Ok(0))
+                && matches!(crate::report::unapplied(&admin).await, Ok(0))
         })
         .await;
-        if let Some(phase_c) = self.phase_c_started.take() {
-            self.figures.measured_ms += phase_c.elapsed().as_millis() as u64;
-        }
         self.say(format!(
             "{} after {} ms",
             if settled { "settled" } else { "still busy" },
             started.elapsed().as_millis()
         ));
-        for service in &mut self.running {
-            if let Some(failure) = service.failure() {
-                self.checks.check(
-                    format!("{} keeps running", service.def.name),
-                    false,
-                    failure,
-                );
-            }
+        if let Some(exited) = self.fleet.exited() {
+            self.checks
+                .check("every replica keeps running until stopped", false, exited);
         }
+        Ok(())
+    }
+
+    /// Stops every replica gracefully: what a consumer still held is handled and acknowledged,
+    /// or back in its queue for the check that follows. Acknowledgements are no longer lost.
+    async fn stop_services(&mut self) {
+        self.step("Stop every replica (SIGTERM: finish what is in flight, acknowledge, exit)");
+        self.lost_acks.disable();
+        let failures = self.fleet.stop().await;
+        let total = self.options.replicas * SERVICES.len();
+        self.say(format!(
+            "{} replicas stopped{}",
+            total,
+            if failures.is_empty() {
+                " cleanly".to_owned()
+            } else {
+                format!("; {}", failures.join("; "))
+            }
+        ));
+        self.checks.check(
+            "every replica stops gracefully when told to",
+            failures.is_empty(),
+            if failures.is_empty() {
+                format!("{total} replicas exited 0 after SIGTERM")
+            } else {
+                failures.join("; ")
+            },
+        );
     }
 
     async fn invariants(&mut self, products: &[Product]) -> anyhow::Result<()> {
-        self.step("Invariants, checked by an auditor who reads every schema as the admin");
+        self.step("Invariants, checked from the databases (as the admin, who reads every schema) and the queues");
         let admin = self.deployment.admin().await?;
+        self.figures.replicas = self.options.replicas;
+        self.figures.replicas_killed = self.fleet.killed();
+        self.figures.backends_killed = self.faults.backends_terminated.load(Ordering::Relaxed);
+        self.figures.backend_kills = self.faults.backend_kills.load(Ordering::Relaxed);
+        self.figures.broker_restarts = self.faults.broker_restarts.load(Ordering::Relaxed);
+        self.figures.acks_lost = self.lost_acks.cuts();
+        self.figures.duplicates_absorbed = self.lost_acks.repeated_acks();
         crate::report::audit(
             &mut self.checks,
             &mut self.figures,
             &admin,
             &self.broker,
             &self.deployment.names,
-            &self.running,
             products,
+            &self.outage_orders,
         )
         .await?;
         self.checks.print();
 
         self.step("Figures");
         self.figures.http_requests = self.api.requests();
-        for service in &self.running {
-            let stats = service.total_stats();
-            self.figures.events_handled += stats.handled;
-            self.figures.duplicates_absorbed += stats.duplicates;
-            self.figures.dead_lettered += stats.dead_lettered;
-            self.figures.events_published += service.relay_status().published;
-        }
         self.figures.print();
         Ok(())
     }
 
-    /// Stops the services, then (unless --keep) drops the database, the roles, the exchanges
-    /// and the queues.
+    /// Stops the services (every process, gracefully if it still runs), then (unless --keep)
+    /// drops the database, the roles, the exchanges and the queues.
     async fn clean_up(&mut self) -> anyhow::Result<()> {
         self.step(if self.options.keep {
             "Stop the services (--keep: the database and the broker objects stay)"
         } else {
             "Stop the services and remove everything the demo made"
         });
-        let mut first_error = None;
-        while let Some(service) = self.running.pop() {
-            if let Err(e) = service.stop().await {
-                first_error.get_or_insert(e);
-            }
+        if let Some((_, task)) = self.chaos.take() {
+            task.abort();
+            let _ = task.await;
         }
+        let failures = self.fleet.stop().await;
+        for failure in &failures {
+            self.say(failure);
+        }
+        for pool in self.pools.values() {
+            pool.close();
+        }
+        self.pools.clear();
         self.links.clear();
         let names = &self.deployment.names;
         if self.options.keep {
@@ -909,11 +1148,93 @@ impl Demo {
                 self.deployment.database
             ));
         } else {
+            self.reconnect_broker().await?;
             let removed = remove_all(&self.deployment, &self.broker).await?;
             self.say(removed);
         }
         let _ = self.broker.close(200, "OK".into()).await;
-        first_error.map_or(Ok(()), Err)
+        Ok(())
+    }
+}
+
+/// A fault the injector fires while orders flow.
+enum Fault {
+    Kill(&'static str),
+    Backends,
+    BrokerRestart,
+}
+
+/// Terminates every connection of `roles` to `database` (and no one else's); how many.
+async fn terminate_backends(
+    admin: &svcdb::tokio_postgres::Config,
+    database: &str,
+    roles: &[String],
+) -> anyhow::Result<u64> {
+    let conn = svcdb::DedicatedConn::connect(admin).await?;
+    let terminated: i64 = conn
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+               FROM pg_stat_activity WHERE datname = $1 AND usename = ANY($2)",
+            &[&database, &roles],
+        )
+        .await?
+        .get(0);
+    Ok(terminated as u64)
+}
+
+/// `rabbitmqctl stop_app`, then `start_app`: the broker's application restarts (connections
+/// dropped, durable queues kept), the Erlang node stays up.
+async fn restart_broker() -> anyhow::Result<()> {
+    for action in ["stop_app", "start_app"] {
+        let output = tokio::process::Command::new("rabbitmqctl")
+            .arg(action)
+            .output()
+            .await
+            .context("running rabbitmqctl (--broker-restart needs it on PATH, with the rights to control the broker)")?;
+        if !output.status.success() {
+            bail!(
+                "rabbitmqctl {action} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Unpublished rows in a service's outbox.
+async fn pending(db: &ServiceDb) -> anyhow::Result<i64> {
+    Ok(db
+        .get()
+        .await?
+        .query_one(
+            "SELECT count(*) FROM svcdb_outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// POSTs `body`, sending it again (up to 20 times in all, pausing a little longer each time)
+/// when the request fails on the way or the service answers 5xx: the replica behind the front
+/// may have just been killed, or its database connection terminated.
+async fn post_retrying<B: serde::Serialize>(
+    api: &ApiClient,
+    url: &str,
+    body: &B,
+) -> anyhow::Result<Response> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let outcome = api.post(url, body).await;
+        let retry = match &outcome {
+            Ok(response) => response.status.is_server_error(),
+            Err(_) => true,
+        };
+        if !retry || attempt >= 20 {
+            return outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
     }
 }
 

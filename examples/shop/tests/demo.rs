@@ -3,13 +3,16 @@
 //! run uses a database of its own, which also prefixes its roles, exchanges and queues, so
 //! these tests run in parallel with each other and with the rest of the suite.
 
-use std::process::Output;
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 use svcdb::tokio_postgres::NoTls;
-use svcdb_amqp::lapin::options::QueueDeclareOptions;
+use svcdb_amqp::lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use svcdb_amqp::lapin::types::FieldTable;
+use svcdb_amqp::lapin::ExchangeKind;
 use svcdb_amqp::AmqpConfig;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 fn admin_url() -> String {
@@ -130,48 +133,257 @@ async fn queue_exists(database: &str) -> bool {
     declared.is_ok()
 }
 
+/// Whether a `shop serve` of this run (its namespace is on its command line) is still running.
+fn replicas_running(database: &str) -> Vec<String> {
+    let mut running = Vec::new();
+    for entry in std::fs::read_dir("/proc")
+        .expect("/proc lists processes")
+        .flatten()
+    {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(" serve ") && cmdline.contains(database) {
+            running.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    running
+}
+
+/// Whether the orders service's exchange of this run exists on the broker.
+async fn exchange_exists(database: &str) -> bool {
+    let connection = AmqpConfig::new(amqp_url())
+        .connect()
+        .await
+        .expect("tests need RabbitMQ (run scripts/services)");
+    let channel = connection.create_channel().await.unwrap();
+    let declared = channel
+        .exchange_declare(
+            format!("{database}.orders.events").as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let _ = connection.close(200, "OK".into()).await;
+    declared.is_ok()
+}
+
+/// Nothing of the run is left: no process, database, role, queue or exchange.
+async fn assert_nothing_left(database: &str) {
+    assert_eq!(
+        replicas_running(database),
+        Vec::<String>::new(),
+        "no replica left running"
+    );
+    assert!(
+        !database_exists(database).await,
+        "the database and roles were dropped"
+    );
+    assert!(!queue_exists(database).await, "the queues were deleted");
+    assert!(
+        !exchange_exists(database).await,
+        "the exchanges were deleted"
+    );
+}
+
+/// The check of this name in the report.
+fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .and_then(|checks| {
+            checks
+                .iter()
+                .find(|c| c["name"].as_str().is_some_and(|n| n.starts_with(name)))
+        })
+        .unwrap_or_else(|| panic!("no check {name:?} in {report:#}"))
+}
+
+/// The multi-process deployment at small scale, with every fault but the broker restart
+/// (which would disturb everything else using the broker): two replicas per service, lost
+/// acknowledgements, one replica of each service killed mid-flight, backend kills.
 #[tokio::test]
 async fn the_demo_holds_every_invariant_and_leaves_nothing_behind() {
     let database = unique_database();
     let _cleanup = Cleanup(database.clone());
-    let (output, report) = demo(&database, &["--orders", "20", "--duplicates", "10"]).await;
+    let (output, report) = demo(
+        &database,
+        &[
+            "--orders",
+            "200",
+            "--duplicates",
+            "20",
+            "--replicas",
+            "2",
+            "--lost-ack-rate",
+            "0.05",
+            "--redeliveries",
+            "3",
+            "--kills",
+            "1",
+            "--backend-kills",
+            "2",
+        ],
+    )
+    .await;
     assert_ok(&output, &report);
 
     assert_eq!(report["database"], database.as_str());
-    assert_eq!(report["orders"], 20);
+    assert_eq!(report["orders"], 200);
     let decided = report["confirmed"].as_i64().unwrap() + report["rejected"].as_i64().unwrap();
-    assert_eq!(decided, 20, "{report}");
+    assert_eq!(decided, 200, "{report}");
     assert_eq!(report["undecided"], 0);
+    assert_eq!(report["lost_events"], 0);
+    assert_eq!(report["wrong_state_changes"], 0);
+    assert_eq!(report["stock_mismatches"], 0);
     assert_eq!(report["outbox_unpublished"], 0);
     assert_eq!(report["dead_lettered"], 1, "only the malformed message");
-    assert_eq!(report["duplicates_injected"], 10);
-    // 10 copies reach two queues each; the crash adds at least one redelivery.
+    assert_eq!(report["duplicates_injected"], 20);
+    // The faults really happened: one replica of each of the 4 services killed, connections
+    // terminated, acknowledgements lost; 20 copies reach two queues each.
+    assert_eq!(report["replicas"], 2);
+    assert_eq!(report["replicas_killed"], 4);
+    assert!(report["backends_killed"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["acks_lost"].as_u64().unwrap() > 0, "{report}");
     assert!(
-        report["duplicates_absorbed"].as_u64().unwrap() >= 21,
+        report["duplicates_absorbed"].as_u64().unwrap() >= 40,
         "{report}"
     );
-    // Every OrderPlaced handled by catalog and cart, every answer by orders, every
-    // UserRegistered (5 users for 20 orders) by cart: once each.
-    assert_eq!(report["events_handled"], 3 * 20 + 5);
+    for figure in [
+        "orders_per_s",
+        "order_latency_p50_ms",
+        "order_latency_p99_ms",
+    ] {
+        assert!(report[figure].as_f64().unwrap() > 0.0, "{figure}: {report}");
+    }
+    assert_eq!(
+        check(
+            &report,
+            "another service's schema answers permission denied"
+        )["detail"],
+        "12 of 12 pairs denied"
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     for narrated in [
-        "the start-up gate refused to take traffic",
-        "permission denied for schema catalog_schema",
+        "shop serve orders (no --migrate) exited",
+        "permission denied for schema",
         "everything this command did was rolled back",
-        "the ack was lost",
-        "events waiting; relay connected = false",
+        "SIGKILL",
+        "pg_terminate_backend",
+        "events wait in the outbox",
     ] {
         assert!(
             stdout.contains(narrated),
             "missing {narrated:?} in:\n{stdout}"
         );
     }
+    assert_nothing_left(&database).await;
+}
 
+/// The control: the same scenario with the handlers forgetting their claims. The copies and
+/// redeliveries are applied again, the checks that read the databases see it, and the demo
+/// fails. Without this, the demo's checks could pass whatever the services did.
+#[tokio::test]
+async fn without_idempotency_the_checks_catch_the_damage() {
+    let database = unique_database();
+    let _cleanup = Cleanup(database.clone());
+    let (output, report) = demo(
+        &database,
+        &[
+            "--orders",
+            "40",
+            "--duplicates",
+            "20",
+            "--kills",
+            "0",
+            "--backend-kills",
+            "0",
+            "--without-idempotency",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    assert_eq!(report["ok"], false);
     assert!(
-        !database_exists(&database).await,
-        "the database was dropped"
+        report["wrong_state_changes"].as_i64().unwrap() > 0,
+        "copies of handled OrderPlaced events were answered again: {report:#}"
     );
-    assert!(!queue_exists(&database).await, "the queues were deleted");
+    assert_eq!(
+        check(
+            &report,
+            "every event applied by each subscriber exactly once"
+        )["ok"],
+        false
+    );
+    assert_eq!(
+        check(&report, "each subscriber's claims match")["ok"],
+        false
+    );
+    assert_nothing_left(&database).await;
+}
+
+/// Ctrl-C in the middle of the orders: the demo stops every replica and removes everything
+/// it made, then exits 130.
+#[tokio::test]
+async fn ctrl_c_stops_every_process_and_removes_everything() {
+    let database = unique_database();
+    let _cleanup = Cleanup(database.clone());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shop"))
+        .args(["demo", "--database", &database, "--orders", "2000"])
+        .args(["--database-url", &admin_url(), "--amqp-url", &amqp_url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("shop runs");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let flowing = tokio::time::timeout(Duration::from_secs(180), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let orders_flow = line.contains("shoppers at a time");
+            seen.push(line);
+            if orders_flow {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(flowing, Ok(true)),
+        "the demo never got to its orders:\n{}",
+        seen.join("\n")
+    );
+    assert!(
+        !replicas_running(&database).is_empty(),
+        "the replicas run as processes"
+    );
+    // SAFETY: kill(2) on our own child, not yet waited for.
+    unsafe {
+        libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGINT);
+    }
+    let rest = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            rest.push(line);
+        }
+        rest
+    });
+    let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
+        .await
+        .expect("the demo exits after Ctrl-C")
+        .unwrap();
+    let rest = rest.await.unwrap().join("\n");
+    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(rest.contains("the demo stopped: interrupted"), "{rest}");
+    assert_nothing_left(&database).await;
 }
 
 /// `--keep` leaves everything; a rerun on the same database starts from scratch anyway;
@@ -181,7 +393,17 @@ async fn the_demo_holds_every_invariant_and_leaves_nothing_behind() {
 async fn keep_then_rerun_then_clean() {
     let database = unique_database();
     let _cleanup = Cleanup(database.clone());
-    let small = ["--orders", "10", "--duplicates", "5", "--keep"];
+    let small = [
+        "--orders",
+        "10",
+        "--duplicates",
+        "5",
+        "--kills",
+        "0",
+        "--backend-kills",
+        "0",
+        "--keep",
+    ];
     let (output, report) = demo(&database, &small).await;
     assert_ok(&output, &report);
     assert!(
