@@ -329,21 +329,23 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
 
 /// The objects of `schema` owned by another role than `role`, as (what, owner, the statement
 /// that gives it to `role`), by kind and name. Tables, views, materialized views, sequences,
-/// foreign tables, composite types, functions and procedures, domains, enums and range types:
-/// what migrations create. Left out: what changes owner with another object (indexes and
-/// TOAST tables with their table, a column's sequence with its table, a range's multirange
-/// and every array type with their type) and extension members, which belong to their
-/// extension.
+/// foreign tables, composite types, functions, procedures and aggregates, domains, enums and
+/// range types: what migrations create. Left out: what changes owner with another object
+/// (indexes and TOAST tables with their table, a column's sequence with its table, a range's
+/// multirange and constructor functions and every array type with their type: internal
+/// dependencies, `pg_depend.deptype` `i`, as a table's row type is, and a serial column's
+/// `a`) and extension members
+/// (`e`), which belong to their extension.
 const FOREIGN_OBJECTS_SQL: &str = "
 WITH target AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $2::text),
 objects AS (
     SELECT 'pg_catalog.pg_class'::regclass AS classid, c.oid AS objid, c.relowner AS owner,
            CASE c.relkind WHEN 'r' THEN 'table' WHEN 'p' THEN 'table' WHEN 'v' THEN 'view'
                 WHEN 'm' THEN 'materialized view' WHEN 'S' THEN 'sequence'
-                WHEN 'f' THEN 'foreign table' ELSE 'type' END AS kind,
+                ELSE 'foreign table' END AS kind,
            format('%I.%I', n.nspname, c.relname) AS name
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE n.nspname = $1::text AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c')
+     WHERE n.nspname = $1::text AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
        AND NOT (c.relkind = 'S' AND EXISTS (
            SELECT FROM pg_catalog.pg_depend d
             WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
@@ -359,7 +361,7 @@ objects AS (
            CASE t.typtype WHEN 'd' THEN 'domain' ELSE 'type' END,
            format('%I.%I', n.nspname, t.typname)
       FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-     WHERE n.nspname = $1::text AND t.typtype IN ('d', 'e', 'r')
+     WHERE n.nspname = $1::text AND t.typtype IN ('c', 'd', 'e', 'r')
 )
 SELECT o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)::text,
        format('ALTER %s %s OWNER TO %I',
@@ -369,7 +371,7 @@ SELECT o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)::text,
   FROM objects o, target
  WHERE o.owner <> target.oid
    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
-                    WHERE d.classid = o.classid AND d.objid = o.objid AND d.deptype = 'e')
+                    WHERE d.classid = o.classid AND d.objid = o.objid AND d.deptype IN ('e', 'i'))
  ORDER BY o.kind, o.name";
 
 /// Refuses (or, with `fix`, reassigns to `role`) the objects of `schema` that another role
