@@ -64,22 +64,30 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
         }
     }
     if report.has_password == Some(false) && !global.json {
-        println!("{}", no_password_note(&report.role, &args.service, schema));
+        println!("{}", no_password_note(global, &args, &report.role, schema));
     }
     Ok(Outcome::Success)
 }
 
-/// What to do about a role without a password (`--json` has `has_password: false` instead).
-fn no_password_note(role: &str, service: &str, schema: &str) -> String {
+/// What to do about a role without a password (`--json` has `has_password: false` instead):
+/// this provisioning's command again, with `--password-env`.
+fn no_password_note(global: &Global, args: &Args, role: &str, schema: &str) -> String {
+    let service = &args.service;
     let var = format!("{}_PASSWORD", service.to_uppercase().replace('$', "_"));
-    let role_flag = if role == service {
-        String::new()
-    } else {
-        format!(" --role {role}")
-    };
+    let mut flags = String::new();
+    if let Some(role) = &args.role {
+        flags.push_str(&format!(" --role {role}"));
+    }
+    // Provisioning sets the role's search_path to exactly these: leaving them out would drop them.
+    if let Some(extra) = &global.extra_schemas {
+        flags.push_str(&format!(" --extra-schemas {extra}"));
+    }
+    if args.fix {
+        flags.push_str(" --fix");
+    }
     format!(
         "note: role {role} has no password, so a server that checks passwords (pg_hba.conf `scram-sha-256`, the usual setup) refuses it with \"password missing\"\n  \
-         hint: give it one: `export {var}=\"$(openssl rand -hex 16)\"; svcdb provision --service {service}{role_flag} --schema {schema} --password-env {var}`, \
+         hint: give it one: `export {var}=\"$(openssl rand -hex 16)\"; svcdb provision --service {service}{flags} --schema {schema} --password-env {var}`, \
          then give the service the same password (in DATABASE_URL, postgres://{role}:<password>@host/db, or SVCDB_PASSWORD or PGPASSWORD)"
     )
 }
