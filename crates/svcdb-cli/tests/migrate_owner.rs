@@ -138,3 +138,19 @@ async fn a_role_that_may_not_act_as_the_owner_is_refused_before_anything_runs() 
         "{owners:?}"
     );
 }
+
+/// Schema `public` belongs to pg_database_owner (PostgreSQL 15 and later), a role nothing
+/// should be owned by: migrations there stay the connected role's.
+#[tokio::test]
+async fn migrating_schema_public_does_not_act_as_pg_database_owner() {
+    let mut project = Project::new().await;
+    project.schema = "public".to_owned();
+    project.write(&CREATE_PRODUCTS);
+    let out = project.run(&["migrate", "up"]).expect_code(0);
+    assert!(!out.stdout.contains("SET ROLE"), "{out}");
+    let owners = owners(&project).await;
+    assert!(
+        !owners.is_empty() && owners.iter().all(|(_, owner)| owner == "postgres"),
+        "{owners:?}"
+    );
+}

@@ -37,7 +37,10 @@ pub(crate) async fn act_as_owner(
     };
     let (owner, owner_sql, connected): (String, String, String) =
         (row.get(0), row.get(1), row.get(2));
-    if owner == connected {
+    // `public` belongs to pg_database_owner from PostgreSQL 15 on: a stand-in for whoever
+    // owns the database, which no object should belong to. Its objects are the connected
+    // role's, as they always were.
+    if owner == connected || owner == "pg_database_owner" {
         return Ok(());
     }
     // Asking the server to switch, rather than predicting its answer from pg_has_role, keeps
