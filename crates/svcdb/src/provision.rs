@@ -411,8 +411,8 @@ async fn reassign_foreign_objects(
         return Err(crate::Error::config(
             "schema",
             format!(
-                "schema {schema_name} holds {} owned by another role than {role_name}, which the service cannot use, alter or drop (permission denied): {}\n  \
-                 hint: provision again with --fix (ProvisionSpec::fix) to give them to {role_name}, or run `{};`; \
+                "schema {schema_name} holds {} owned by a role other than {role_name}, which the service cannot use, alter or drop (permission denied): {}\n  \
+                 hint: provision again with --fix (ProvisionSpec::fix) to give each to {role_name}, or run `{};`; \
                  they were likely made by migrations run as another role, which svcdb now runs as the schema's owner",
                 objects(foreign.len()),
                 named.join(", "),
