@@ -233,6 +233,7 @@ fn migrate_kind(e: &MigrateError) -> &'static str {
         MigrateError::Missing { .. } => "missing",
         MigrateError::Dirty { .. } => "dirty",
         MigrateError::NoDown { .. } => "no_down",
+        MigrateError::Unwritten { .. } => "unwritten",
         MigrateError::Failed(_) => "migration_failed",
         _ => "error",
     }

@@ -59,7 +59,8 @@ pub struct ProvisionSpec {
     /// Remove what breaks the role's isolation instead of refusing it: its `SUPERUSER`,
     /// `CREATEROLE`, `CREATEDB`, `REPLICATION` and `BYPASSRLS` attributes, and its memberships
     /// in other roles (`svcdb provision --fix`). Never done to the role provisioning connects
-    /// as. Default: false (refused, with the statements that would fix it).
+    /// as. Also give the role the objects in its schema that another role owns. Default: false
+    /// (refused, with the statements that would fix it).
     pub fix: bool,
 }
 
@@ -87,6 +88,12 @@ pub struct ProvisionReport {
     pub database: String,
     /// One line per change made, in order.
     pub changes: Vec<String>,
+    /// Whether the role has a password: `Some(false)` means it can log in only where
+    /// `pg_hba.conf` trusts it or uses another method (`peer`, certificates), and every
+    /// password-checking connection fails with "password missing" until it gets one
+    /// ([`ProvisionSpec::password`], `svcdb provision --password-env`). `None` when provisioning
+    /// cannot tell: reading `pg_authid` takes a superuser.
+    pub has_password: Option<bool>,
 }
 
 /// Creates or completes, in one transaction, the role and schema of one service:
@@ -94,14 +101,16 @@ pub struct ProvisionReport {
 /// 1. a `LOGIN` role without `SUPERUSER`, `CREATEROLE`, `CREATEDB`, `REPLICATION`,
 ///    `BYPASSRLS` or membership in any other role, with its password if given;
 /// 2. `CONNECT` on the current database;
-/// 3. the schema, owned by the role;
+/// 3. the schema, owned by the role, and every object in it (tables, sequences, views, types,
+///    functions: what an administrator's migration run may have left) owned by the role;
 /// 4. no privileges for `PUBLIC` on the schema;
 /// 5. `USAGE` on each extra schema, and no `CREATE` on it for `PUBLIC`;
 /// 6. the role's default `search_path` in this database: the schema, then the extras.
 ///
 /// An existing role with any of those attributes or memberships is an [`Error::Config`]
 /// (key `role`) naming each and the statements that remove them, and nothing is changed;
-/// with [`ProvisionSpec::fix`] they are removed instead. The role `admin` connects as is
+/// with [`ProvisionSpec::fix`] they are removed instead. Likewise objects in the schema owned
+/// by another role (key `schema`): with `fix` they are given to the role. The role `admin` connects as is
 /// never changed so (it is refused: provision a dedicated role).
 ///
 /// `admin` must be allowed to create roles (a superuser, or a role with `CREATEROLE` that owns
@@ -209,13 +218,14 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
             tx.batch_execute(&format!("ALTER SCHEMA {schema} OWNER TO {role}"))
                 .await?;
             changes.push(format!(
-                "gave schema {} to role {} (it was owned by {owner}; objects already in it keep their owners)",
+                "gave schema {} to role {} (it was owned by {owner})",
                 schema.as_str(),
                 role.as_str()
             ));
         }
         Some(_) => {}
     }
+    reassign_foreign_objects(&tx, schema, role, spec.fix, &mut changes).await?;
 
     // 4. Nothing for PUBLIC on the schema.
     let public_has_any: bool = tx
@@ -297,13 +307,139 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
         ));
     }
 
+    // Only a superuser may read pg_authid (pg_roles shows every password as ********).
+    let has_password: Option<bool> = tx
+        .query_one(
+            "SELECT CASE WHEN has_table_privilege('pg_catalog.pg_authid', 'SELECT') \
+             THEN (SELECT rolpassword IS NOT NULL FROM pg_catalog.pg_authid WHERE rolname = $1) END",
+            &[&role.as_str()],
+        )
+        .await?
+        .get(0);
+
     tx.commit().await?;
     Ok(ProvisionReport {
         role: role.as_str().to_owned(),
         schema: schema.as_str().to_owned(),
         database,
         changes,
+        has_password,
     })
+}
+
+/// The objects of `schema` owned by another role than `role`, as (what, owner, the statement
+/// that gives it to `role`), by kind and name. Tables, views, materialized views, sequences,
+/// foreign tables, composite types, functions, procedures and aggregates, domains, enums and
+/// range types: what migrations create. Left out: what changes owner with another object
+/// (indexes and TOAST tables with their table, a column's sequence with its table, a range's
+/// multirange and constructor functions and every array type with their type: internal
+/// dependencies, `pg_depend.deptype` `i`, as a table's row type is, and a serial column's
+/// `a`) and extension members
+/// (`e`), which belong to their extension.
+const FOREIGN_OBJECTS_SQL: &str = "
+WITH target AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $2::text),
+objects AS (
+    SELECT 'pg_catalog.pg_class'::regclass AS classid, c.oid AS objid, c.relowner AS owner,
+           CASE c.relkind WHEN 'r' THEN 'table' WHEN 'p' THEN 'table' WHEN 'v' THEN 'view'
+                WHEN 'm' THEN 'materialized view' WHEN 'S' THEN 'sequence'
+                ELSE 'foreign table' END AS kind,
+           format('%I.%I', n.nspname, c.relname) AS name
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = $1::text AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+       AND NOT (c.relkind = 'S' AND EXISTS (
+           SELECT FROM pg_catalog.pg_depend d
+            WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
+              AND d.refobjsubid > 0 AND d.deptype IN ('a', 'i')))
+    UNION ALL
+    SELECT 'pg_catalog.pg_proc'::regclass, p.oid, p.proowner,
+           CASE p.prokind WHEN 'p' THEN 'procedure' WHEN 'a' THEN 'aggregate' ELSE 'function' END,
+           format('%I.%I(%s)', n.nspname, p.proname, pg_catalog.pg_get_function_identity_arguments(p.oid))
+      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+     WHERE n.nspname = $1::text
+    UNION ALL
+    SELECT 'pg_catalog.pg_type'::regclass, t.oid, t.typowner,
+           CASE t.typtype WHEN 'd' THEN 'domain' ELSE 'type' END,
+           format('%I.%I', n.nspname, t.typname)
+      FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+     WHERE n.nspname = $1::text AND t.typtype IN ('c', 'd', 'e', 'r')
+)
+SELECT o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)::text,
+       format('ALTER %s %s OWNER TO %I',
+              CASE WHEN o.kind IN ('function', 'procedure') THEN 'ROUTINE'
+                   ELSE upper(o.kind) END,
+              o.name, $2::text)
+  FROM objects o, target
+ WHERE o.owner <> target.oid
+   AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                    WHERE d.classid = o.classid AND d.objid = o.objid AND d.deptype IN ('e', 'i'))
+ ORDER BY o.kind, o.name";
+
+/// Refuses (or, with `fix`, reassigns to `role`) the objects of `schema` that another role
+/// owns: what a migration run as an administrator left behind. The service's role cannot use,
+/// alter or drop them (`permission denied`), and its later migrations would fail on them.
+/// Object by object, not `REASSIGN OWNED`, which would take everything the other role owns in
+/// the whole database.
+async fn reassign_foreign_objects(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &Ident,
+    role: &Ident,
+    fix: bool,
+    changes: &mut Vec<String>,
+) -> Result<()> {
+    /// How many objects a refusal names; the statements cover them all.
+    const SHOWN: usize = 10;
+    let foreign: Vec<(String, String, String, String)> = tx
+        .query(FOREIGN_OBJECTS_SQL, &[&schema.as_str(), &role.as_str()])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let (schema_name, role_name) = (schema.as_str(), role.as_str());
+    if !fix {
+        let mut named: Vec<String> = foreign
+            .iter()
+            .take(SHOWN)
+            .map(|(kind, name, owner, _)| format!("{kind} {name} (owned by {owner})"))
+            .collect();
+        if foreign.len() > SHOWN {
+            named.push(format!("and {} more", foreign.len() - SHOWN));
+        }
+        let statements: Vec<&str> = foreign.iter().map(|(.., sql)| sql.as_str()).collect();
+        return Err(crate::Error::config(
+            "schema",
+            format!(
+                "schema {schema_name} holds {} owned by a role other than {role_name}, which the service cannot use, alter or drop (permission denied): {}\n  \
+                 hint: provision again with --fix (ProvisionSpec::fix) to give each to {role_name}, or run `{};`; \
+                 they were likely made by migrations run as another role, which svcdb now runs as the schema's owner",
+                objects(foreign.len()),
+                named.join(", "),
+                statements.join("; ")
+            ),
+        ));
+    }
+    for (.., statement) in &foreign {
+        tx.batch_execute(statement).await?;
+    }
+    let mut owners: Vec<&str> = foreign
+        .iter()
+        .map(|(_, _, owner, _)| owner.as_str())
+        .collect();
+    owners.sort_unstable();
+    owners.dedup();
+    changes.push(format!(
+        "gave {} in schema {schema_name} to role {role_name} (owned by {})",
+        objects(foreign.len()),
+        owners.join(", ")
+    ));
+    Ok(())
+}
+
+/// `1 object`, `3 objects`.
+fn objects(n: usize) -> String {
+    format!("{n} object{}", if n == 1 { "" } else { "s" })
 }
 
 /// The role attributes that break isolation: each lets the role past the privileges

@@ -5,15 +5,17 @@
 // Shared with tests/pool.rs, which freezes links; this file only counts them.
 #[allow(dead_code)]
 mod forwarder;
+// Shared with the CLI's tests, which check the same hints through the binary.
+mod password_server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forwarder::Forwarder;
+use password_server::password_checking_server;
 use svcdb::testing::TestDb;
 use svcdb::{Error, ServiceDb, SqlState};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Long enough that an error seen before it came from the first attempts, not the timeout.
 const PATIENT: Duration = Duration::from_secs(20);
@@ -102,53 +104,6 @@ async fn a_full_connection_limit_is_retried_until_a_slot_frees() {
         .unwrap();
     waiting.await.unwrap().unwrap();
     assert!(forwarder.accepted() >= 2, "retried after the refusal");
-}
-
-/// What a server that checks passwords says: asks for a cleartext password, and refuses the
-/// one it gets with 28P01, as PostgreSQL does. This machine's PostgreSQL trusts local
-/// connections and never asks, so this stand-in speaks just that much of the protocol.
-/// Returns its port and how many connections it accepted.
-async fn password_checking_server() -> (u16, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                // StartupMessage: length (itself included), then the rest.
-                let len = socket.read_i32().await? as usize;
-                let mut startup = vec![0; len - 4];
-                socket.read_exact(&mut startup).await?;
-                // AuthenticationCleartextPassword.
-                socket.write_all(b"R\0\0\0\x08\0\0\0\x03").await?;
-                // PasswordMessage ('p'), then the refusal.
-                let _tag = socket.read_u8().await?;
-                let len = socket.read_i32().await? as usize;
-                let mut password = vec![0; len - 4];
-                socket.read_exact(&mut password).await?;
-                let mut fields = Vec::new();
-                for (field, value) in [
-                    (b'S', "FATAL"),
-                    (b'V', "FATAL"),
-                    (b'C', "28P01"),
-                    (b'M', "password authentication failed for user \"svc\""),
-                ] {
-                    fields.push(field);
-                    fields.extend_from_slice(value.as_bytes());
-                    fields.push(0);
-                }
-                fields.push(0);
-                let mut error = vec![b'E'];
-                error.extend_from_slice(&(fields.len() as i32 + 4).to_be_bytes());
-                error.extend_from_slice(&fields);
-                socket.write_all(&error).await?;
-                std::io::Result::Ok(())
-            });
-        }
-    });
-    (port, accepted)
 }
 
 /// Regression: a server that wants a password failed every command after 5 s with "password

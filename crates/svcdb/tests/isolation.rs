@@ -13,6 +13,7 @@ async fn provisioning_twice_changes_nothing_the_second_time() {
         "role and schema created: {:?}",
         first.changes
     );
+    assert_eq!(first.has_password, Some(false), "none was given");
 
     let spec = ProvisionSpec::new(&role, "catalog_schema").unwrap();
     let again = svcdb::provision(&mut *db.admin().await, &spec)
@@ -423,4 +424,82 @@ async fn public_create_on_an_extra_schema_is_revoked() {
     assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
     let again = provision(&db, &spec).await.unwrap();
     assert!(again.changes.is_empty(), "{:?}", again.changes);
+}
+
+/// A runner connected as another role than the schema's owner works as the owner when it may
+/// (here a member of the owner role), and is refused with both names before anything runs
+/// when it may not; what it creates belongs to the service's role either way.
+#[tokio::test]
+async fn migrations_run_as_the_schemas_owner_or_not_at_all() {
+    use svcdb::migrate::{MigrateError, MigrateEvent, Migrations, Migrator, UpOptions};
+
+    let db = TestDb::new().await;
+    let (owner, _) = db.provision("catalog", "catalog_schema").await;
+    let deployer = db.role_name("deployer");
+    let admin = db.admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{deployer}\" LOGIN; \
+             GRANT USAGE, CREATE ON SCHEMA catalog_schema TO \"{deployer}\""
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("0001_products.up.sql"),
+        "CREATE TABLE products (id int PRIMARY KEY);",
+    )
+    .unwrap();
+    let deployer_db = ServiceDb::connect(db.config_as(&deployer, "catalog_schema"))
+        .await
+        .unwrap();
+    let migrator = Migrator::new(deployer_db, Migrations::from_dir(dir.path()).unwrap());
+    let owners = || async {
+        db.admin()
+            .await
+            .query(
+                "SELECT pg_get_userbyid(relowner)::text FROM pg_class \
+                 WHERE relnamespace = 'catalog_schema'::regnamespace",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+
+    match migrator.up().await {
+        Err(MigrateError::NotOwner {
+            connected,
+            owner: refused_owner,
+            ..
+        }) => assert_eq!(
+            (connected, refused_owner),
+            (deployer.clone(), owner.clone())
+        ),
+        other => panic!("expected NotOwner, got {other:?}"),
+    }
+    assert_eq!(owners().await, Vec::<String>::new(), "nothing ran");
+
+    admin
+        .batch_execute(&format!("GRANT \"{owner}\" TO \"{deployer}\""))
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    migrator
+        .up_with(&UpOptions::default(), &mut |e| events.push(e.clone()))
+        .await
+        .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, MigrateEvent::ActingAsOwner { owner: o, .. } if *o == owner)),
+        "{events:?}"
+    );
+    let owners = owners().await;
+    assert!(
+        owners.len() >= 3 && owners.iter().all(|o| *o == owner),
+        "table, its key and the history table: {owners:?}"
+    );
 }

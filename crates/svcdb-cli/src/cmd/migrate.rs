@@ -352,7 +352,8 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
             | MigrateError::Changed { .. }
             | MigrateError::Missing { .. }
             | MigrateError::OutOfOrder { .. }
-            | MigrateError::SchemaMissing { .. }),
+            | MigrateError::SchemaMissing { .. }
+            | MigrateError::Unwritten { .. }),
         ) => Some(e),
         Err(e) => return Err(e.into()),
     };

@@ -24,7 +24,9 @@ pub struct Args {
     password_env: Option<String>,
 
     /// Remove what breaks an existing role's isolation (SUPERUSER, CREATEROLE, CREATEDB,
-    /// REPLICATION, BYPASSRLS, membership in other roles) instead of refusing it.
+    /// REPLICATION, BYPASSRLS, membership in other roles), and give the role the objects in
+    /// its schema that another role owns (left by migrations run as an administrator), instead
+    /// of refusing them.
     #[arg(long)]
     fix: bool,
 }
@@ -61,5 +63,31 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
             println!("{change}");
         }
     }
+    if report.has_password == Some(false) && !global.json {
+        println!("{}", no_password_note(global, &args, &report.role, schema));
+    }
     Ok(Outcome::Success)
+}
+
+/// What to do about a role without a password (`--json` has `has_password: false` instead):
+/// this provisioning's command again, with `--password-env`.
+fn no_password_note(global: &Global, args: &Args, role: &str, schema: &str) -> String {
+    let service = &args.service;
+    let var = format!("{}_PASSWORD", service.to_uppercase().replace('$', "_"));
+    let mut flags = String::new();
+    if let Some(role) = &args.role {
+        flags.push_str(&format!(" --role {role}"));
+    }
+    // Provisioning sets the role's search_path to exactly these: leaving them out would drop them.
+    if let Some(extra) = &global.extra_schemas {
+        flags.push_str(&format!(" --extra-schemas {extra}"));
+    }
+    if args.fix {
+        flags.push_str(" --fix");
+    }
+    format!(
+        "note: role {role} has no password, so a server that checks passwords (pg_hba.conf `scram-sha-256`, the usual setup) refuses it with \"password missing\"\n  \
+         hint: give it one: `export {var}=\"$(openssl rand -hex 16)\"; svcdb provision --service {service}{flags} --schema {schema} --password-env {var}`, \
+         then give the service the same password (in DATABASE_URL, postgres://{role}:<password>@host/db, or SVCDB_PASSWORD or PGPASSWORD)"
+    )
 }

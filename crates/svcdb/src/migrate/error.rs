@@ -38,7 +38,7 @@ pub enum MigrateError {
     },
 
     /// An applied migration's up file changed since it was applied.
-    #[error("migration {version} was changed after it was applied: {path} no longer matches the checksum in the history\n  hint: restore the file and put the change in a new migration; or, if the edit is harmless, run `svcdb migrate repair` to accept it (or pass `--allow-changed`, MigrateOptions::allow_changed)")]
+    #[error("migration {version} was changed after it was applied: {path} no longer matches the checksum in the history\n  hint: if it ran only on a database of your own (not released yet), undo it with its down script and apply the file as it is now: `svcdb migrate redo --allow-changed` when it is the newest applied migration, else `svcdb migrate down --to <the version before it> --allow-changed` then `svcdb migrate up`; if it was released, restore the file and put the change in a new migration; `svcdb migrate repair` records the file as it is now without running it, right only when the edit changes nothing the database sees (a comment, formatting)")]
     Changed {
         /// The version.
         version: i64,
@@ -85,6 +85,30 @@ pub enum MigrateError {
     SchemaMissing {
         /// The schema, as configured.
         schema: String,
+    },
+
+    /// The connected role does not own the service's schema and may not act as its owner
+    /// (it is neither a superuser nor a member of the owner role), so what the migrations
+    /// create would belong to the wrong role: refused before anything runs.
+    #[error("refusing to migrate schema {schema} as role {connected}: the schema belongs to role {owner}, and {connected} may not act as it (SET ROLE {owner} was refused); nothing was run\n  hint: connect as {owner}, the service's own role (its DATABASE_URL), so that what the migrations create belongs to it")]
+    NotOwner {
+        /// The schema.
+        schema: String,
+        /// The role the runner connected as.
+        connected: String,
+        /// The schema's owner.
+        owner: String,
+    },
+
+    /// A pending migration is still the placeholder `svcdb migrate new` wrote
+    /// ([`new_migration`](super::new_migration)): `up` refuses before running anything rather
+    /// than record an empty migration as applied.
+    #[error("{path} is still the template `svcdb migrate new` wrote: write the migration's SQL first; nothing was run\n  hint: replace the comment in it with the migration's statements (and the down script's with the statements that undo them), then run `svcdb migrate up` again")]
+    Unwritten {
+        /// The migration's version.
+        version: i64,
+        /// Its up file.
+        path: String,
     },
 
     /// `down` would have to cross a migration that has no down script.
@@ -152,6 +176,7 @@ impl MigrateError {
             MigrateError::Db(e) => e.code(),
             MigrateError::Failed(f) => f.cause.code(),
             MigrateError::SchemaMissing { .. } => Some(&SqlState::INVALID_SCHEMA_NAME),
+            MigrateError::NotOwner { .. } => Some(&SqlState::INSUFFICIENT_PRIVILEGE),
             _ => None,
         }
     }

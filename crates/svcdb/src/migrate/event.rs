@@ -35,6 +35,17 @@ pub enum MigrateEvent {
         /// The schema.
         schema: String,
     },
+    /// The connected role is not the owner of the schema but may act as it (a superuser, or a
+    /// member of the owner role): the run works as the owner (`SET ROLE`), so what the
+    /// migrations create, the history table included, belongs to the owner, the service's role.
+    ActingAsOwner {
+        /// The schema.
+        schema: String,
+        /// The role the runner connected as.
+        connected: String,
+        /// The schema's owner, whom the run works as.
+        owner: String,
+    },
     /// A script starts.
     Started {
         /// Its version.
@@ -75,6 +86,14 @@ impl fmt::Display for MigrateEvent {
                     "waiting for another runner to finish migrating schema {schema}…"
                 )
             }
+            MigrateEvent::ActingAsOwner {
+                schema,
+                connected,
+                owner,
+            } => write!(
+                f,
+                "connected as {connected}, which does not own schema {schema}: migrating as its owner {owner} (SET ROLE), so what the migrations create belongs to {owner}"
+            ),
             MigrateEvent::Started {
                 version,
                 name,

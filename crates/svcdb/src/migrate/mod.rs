@@ -69,6 +69,13 @@
 //!   script wrapped whole in `BEGIN; … COMMIT;`, as golang-migrate users write them, is
 //!   accepted: the two statements are blanked and the rest runs inside the runner's
 //!   transaction (the checksum stays the file's).
+//! * **Owner.** Migrations run as the schema's owner, so what they create (the history table
+//!   included) belongs to the service's role. A runner connected as another role that may act
+//!   as the owner (a superuser, or a member of the owner role) switches to it with `SET ROLE`
+//!   for the run and says so ([`MigrateEvent::ActingAsOwner`]); one that may not is refused
+//!   before anything runs ([`MigrateError::NotOwner`]).
+//! * **Written.** A pending migration that is still the template `svcdb migrate new` wrote is
+//!   refused by `up` and `validate` ([`MigrateError::Unwritten`]).
 //! * **Timeouts.** Migrations run with `lock_timeout` 10 s (a DDL statement stuck behind live
 //!   traffic fails instead of queueing that table's queries behind it) and no
 //!   `statement_timeout`; both are in [`MigrateOptions`].
@@ -103,11 +110,13 @@ pub mod lint;
 pub mod lock;
 pub mod migration;
 pub mod options;
+mod owner;
 pub mod report;
 pub mod runner;
 pub mod source;
 pub mod split;
 pub mod status;
+mod template;
 
 pub use error::{MigrateError, MigrationFailure};
 pub use event::{Direction, MigrateEvent};

@@ -98,7 +98,8 @@ impl Migrator {
     }
 
     /// [`status`](Self::status), failing on a dirty schema, changed files, missing files and
-    /// out-of-order pending migrations (each unless [`MigrateOptions`] allows it). A migration
+    /// out-of-order pending migrations (each unless [`MigrateOptions`] allows it), and on a
+    /// pending migration that is still `migrate new`'s template. A migration
     /// in progress is no failure: `up` would wait for its runner.
     ///
     /// Before the first `up` it also checks that the schema exists (one more query, only then),
@@ -120,7 +121,7 @@ impl Migrator {
                 });
             }
         }
-        self.plan_up(&status, None)?;
+        super::template::refuse_untouched(&self.plan_up(&status, None)?)?;
         Ok(status)
     }
 
@@ -139,7 +140,9 @@ impl Migrator {
     /// transactional, else one by one, undoing this call's work with the down scripts if one
     /// fails (see [`MigrateError::Failed`]).
     ///
-    /// Before anything runs (dry runs included), the pending migrations are
+    /// A pending migration that is still the template [`new_migration`](super::new_migration)
+    /// wrote is refused first ([`MigrateError::Unwritten`]). Before anything runs (dry runs
+    /// included), the pending migrations are
     /// [linted](mod@super::lint): an error-level finding that neither its file
     /// (`-- svcdb:allow <rule>`) nor [`MigrateOptions::allow_unsafe`] allows refuses the call
     /// with [`MigrateError::Unsafe`]; other findings go to `observer` as [`MigrateEvent::Lint`].
@@ -154,6 +157,7 @@ impl Migrator {
         };
         let status = StatusReport::build(&self.schema(), &self.migrations, &history);
         let plan = self.plan_up(&status, options.to)?;
+        super::template::refuse_untouched(&plan)?;
         super::lint::check_before_up(&plan, self.options.allow_unsafe, observer)?;
         // A migration in progress may be one this call would run, or may fail: only under the
         // lock, once its runner is done, is there nothing to do.
@@ -374,6 +378,7 @@ impl Migrator {
             setup.push_str(&format!(" CREATE SCHEMA IF NOT EXISTS {schema};"));
         }
         lock.batch_execute(&setup).await?;
+        super::owner::act_as_owner(lock.client(), schema, observer).await?;
         let history = history::read(lock.client(), schema, true).await?;
         Ok((lock, history))
     }

@@ -997,8 +997,8 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
         }
     };
     let stem = format!("{prefix}_{name}");
-    let up = format!("-- {prefix} {name}: the change.\n");
-    let undo = format!("-- {prefix} {name}: undo the change.\n");
+    let up = super::template::up_placeholder(&prefix, name);
+    let undo = super::template::down_placeholder(&prefix, name);
     let files = match (newest.layout, newest.markers) {
         (Layout::Native, _) => vec![
             (format!("{stem}.up.sql"), up),

@@ -1,0 +1,66 @@
+//! Migrating as the schema's owner, whichever role connected.
+//!
+//! What a migration creates belongs to the role that runs it. Run as an administrator (a new
+//! shell, a skipped `export DATABASE_URL=…`), the history table and every table would belong to
+//! that administrator, and the service's own role would then get `permission denied` on its own
+//! schema. So a runner connected as another role than the schema's owner works as the owner
+//! (`SET ROLE`) on its dedicated connection for the run, when the server lets it (a superuser,
+//! or a member of the owner role: PostgreSQL docs, "SET ROLE"; from PostgreSQL 16 the
+//! membership must carry the `SET` option), and refuses before running anything otherwise.
+
+use tokio_postgres::Client;
+
+use super::error::MigrateError;
+use super::event::MigrateEvent;
+use crate::error::SqlState;
+use crate::ident::Ident;
+
+/// Switches the runner's connection to `schema`'s owner when the connected role is another
+/// one, telling `observer` ([`MigrateEvent::ActingAsOwner`]); [`MigrateError::NotOwner`] when
+/// the server refuses the switch. A schema that does not exist is left to the caller, which
+/// reports it where it needs the schema.
+pub(crate) async fn act_as_owner(
+    client: &Client,
+    schema: &Ident,
+    observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+) -> Result<(), MigrateError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT pg_get_userbyid(nspowner)::text, quote_ident(pg_get_userbyid(nspowner)), \
+                    current_user::text \
+             FROM pg_catalog.pg_namespace WHERE nspname = $1",
+            &[&schema.as_str()],
+        )
+        .await?
+    else {
+        return Ok(());
+    };
+    let (owner, owner_sql, connected): (String, String, String) =
+        (row.get(0), row.get(1), row.get(2));
+    // `public` belongs to pg_database_owner from PostgreSQL 15 on: a stand-in for whoever
+    // owns the database, which no object should belong to. Its objects are the connected
+    // role's, as they always were.
+    if owner == connected || owner == "pg_database_owner" {
+        return Ok(());
+    }
+    // Asking the server to switch, rather than predicting its answer from pg_has_role, keeps
+    // one rule for every version (PostgreSQL 16 added the SET option to memberships).
+    match client.batch_execute(&format!("SET ROLE {owner_sql}")).await {
+        Ok(()) => {
+            observer(&MigrateEvent::ActingAsOwner {
+                schema: schema.as_str().to_owned(),
+                connected,
+                owner,
+            });
+            Ok(())
+        }
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Err(MigrateError::NotOwner {
+                schema: schema.as_str().to_owned(),
+                connected,
+                owner,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
