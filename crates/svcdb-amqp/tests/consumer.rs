@@ -191,7 +191,7 @@ async fn eight_concurrent_copies_have_their_effect_once() {
     // Handlers at once: min(prefetch, pool_max); all but the first wait on its claim.
     let at_once = i64::from(s.broker.config.prefetch).min(db.config().pool_max as i64);
     eventually("the other copies wait on the first one's claim", || async {
-        claim_waiters(&test_db).await == at_once - 1
+        claim_waiters(&test_db).await >= at_once - 1
     })
     .await;
     release.cancel();
@@ -866,10 +866,17 @@ async fn a_consumer_without_handlers_or_queue_is_refused() {
     let consumer = Consumer::new(&s.broker.config, db, &missing, "x")
         .on(KIND, |tx, event| Box::pin(record(tx, event)));
     let e = consumer.run(CancellationToken::new()).await.unwrap_err();
-    assert!(
-        matches!(e, svcdb_amqp::Error::Amqp { .. }) && e.to_string().contains("NOT_FOUND"),
-        "{e}"
-    );
+    let not_found = match &e {
+        svcdb_amqp::Error::Amqp { source, .. } => matches!(
+            source.kind(),
+            lapin::ErrorKind::ProtocolError(amqp) if matches!(
+                amqp.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+            )
+        ),
+        _ => false,
+    };
+    assert!(not_found, "the broker's NOT_FOUND: {e}");
     assert!(!e.is_connection_error());
 }
 
@@ -1028,7 +1035,11 @@ async fn a_permanent_handler_error_is_dead_lettered_on_the_first_delivery() {
         Some("1"),
         "no retries for a permanent error"
     );
-    assert!(header(&dead[0], "x-svcdb-reason").is_some());
+    let reason = header(&dead[0], "x-svcdb-reason").unwrap();
+    assert!(
+        reason.contains("was discontinued"),
+        "the handler's error: {reason}"
+    );
     assert_eq!(attempts.load(Ordering::SeqCst), 1);
     assert_eq!(
         effects(&db, reserved.id).await,
