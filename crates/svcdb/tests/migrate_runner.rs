@@ -314,7 +314,13 @@ async fn eight_concurrent_runners_apply_each_migration_exactly_once() {
     }
     let mut runners: Vec<_> = services
         .iter()
-        .map(|svc| spawn_up(migrator(svc, dir.path())))
+        .map(|svc| {
+            // No lock_timeout: migration 2 waits for the test, not for a clock.
+            spawn_up(migrator(svc, dir.path()).with_options(MigrateOptions {
+                lock_timeout: Duration::ZERO,
+                ..options()
+            }))
+        })
         .collect();
     // Each runner either holds the lock (and is inside migration 2) or waits for it.
     let mut waiting = 0;
@@ -418,8 +424,11 @@ async fn two_schemas_never_wait_for_each_other() {
         .batch_execute(&format!("SELECT pg_advisory_lock({HELD_BY_TEST})"))
         .await
         .unwrap();
-    let (slow_task, mut slow_events) =
-        spawn_up(migrator(&db.service("slow").await, slow_dir.path()));
+    let slow = migrator(&db.service("slow").await, slow_dir.path()).with_options(MigrateOptions {
+        lock_timeout: Duration::ZERO, // waits for the test, not for a clock
+        ..options()
+    });
+    let (slow_task, mut slow_events) = spawn_up(slow);
     wait_for_event(&mut slow_events, |e| {
         matches!(e, MigrateEvent::Started { version: 1, .. })
     })
@@ -1068,7 +1077,12 @@ async fn a_cancelled_runner_releases_the_lock() {
         .await
         .unwrap();
 
-    let (task, mut events) = spawn_up(migrator(&svc, slow.path()));
+    // No lock_timeout: the statement waits for the test, not for a clock.
+    let slow_runner = migrator(&svc, slow.path()).with_options(MigrateOptions {
+        lock_timeout: Duration::ZERO,
+        ..options()
+    });
+    let (task, mut events) = spawn_up(slow_runner);
     wait_for_event(&mut events, |e| {
         matches!(e, MigrateEvent::Started { version: 1, .. })
     })
