@@ -170,13 +170,16 @@ async fn the_same_envelope_twice_has_its_effect_once() {
 #[tokio::test]
 async fn eight_concurrent_copies_have_their_effect_once() {
     let s = setup(5).await;
-    let (_test_db, db) = service().await;
-    // The handler lingers inside its transaction, so the copies overlap: the others wait on
-    // the first one's uncommitted claim and then find it committed.
-    let consumer = s.consumer(&db).on(KIND, |tx, event| {
+    let (test_db, db) = service().await;
+    // The first handler holds its transaction open until the test lets go, so the copies
+    // overlap: the others wait on its uncommitted claim and then find it committed.
+    let release = CancellationToken::new();
+    let gate = release.clone();
+    let consumer = s.consumer(&db).on(KIND, move |tx, event| {
+        let gate = gate.clone();
         Box::pin(async move {
             record(tx, event).await?;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            gate.cancelled().await;
             Ok(())
         })
     });
@@ -185,6 +188,13 @@ async fn eight_concurrent_copies_have_their_effect_once() {
     let reserved = event();
     let publishes = (0..8).map(|_| s.publish(&reserved));
     futures_util::future::join_all(publishes).await;
+    // Handlers at once: min(prefetch, pool_max); all but the first wait on its claim.
+    let at_once = i64::from(s.broker.config.prefetch).min(db.config().pool_max as i64);
+    eventually("the other copies wait on the first one's claim", || async {
+        claim_waiters(&test_db).await >= at_once - 1
+    })
+    .await;
+    release.cancel();
     eventually("all 8 copies are acknowledged", || async {
         let stats = consumer.stats();
         stats.handled + stats.duplicates == 8
@@ -193,8 +203,25 @@ async fn eight_concurrent_copies_have_their_effect_once() {
     stop(shutdown, task).await;
 
     assert_eq!(effects(&db, reserved.id).await, 1);
-    assert_eq!(consumer.stats().handled, 1);
+    let stats = consumer.stats();
+    assert_eq!((stats.handled, stats.duplicates), (1, 7));
     assert_eq!(s.broker.ready(&s.queue.name).await, 0);
+}
+
+/// Sessions on the test database waiting for a lock (a claim another transaction holds),
+/// counted from a session of the admin's own, outside the service's pool.
+async fn claim_waiters(test_db: &svcdb::testing::TestDb) -> i64 {
+    test_db
+        .admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Fails its first two attempts (an error, then a panic), then succeeds.
@@ -780,15 +807,21 @@ async fn shutdown_waits_for_the_handler_in_flight() {
     let started = Arc::new(Notify::new());
     let release = Arc::new(Notify::new());
     let (on_start, gate) = (started.clone(), release.clone());
-    let consumer = s.consumer(&db).on(KIND, move |tx, event| {
-        let (on_start, gate) = (on_start.clone(), gate.clone());
-        Box::pin(async move {
-            record(tx, event).await?;
-            on_start.notify_one();
-            gate.notified().await;
-            Ok(())
+    // Through the proxy, to see the consumer's basic.cancel on the wire.
+    let port = common::closed_port();
+    let proxy = common::Proxy::start(port).await;
+    let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
+    let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
+        .on(KIND, move |tx, event| {
+            let (on_start, gate) = (on_start.clone(), gate.clone());
+            Box::pin(async move {
+                record(tx, event).await?;
+                on_start.notify_one();
+                gate.notified().await;
+                Ok(())
+            })
         })
-    });
+        .with_options(fast());
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
@@ -797,12 +830,16 @@ async fn shutdown_waits_for_the_handler_in_flight() {
         .await
         .expect("the handler starts");
     shutdown.cancel();
-    // The handler is parked on the gate: the consumer cannot have finished.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !task.is_finished(),
-        "run() returned while a handler was in flight"
-    );
+    // The consumer acts on the shutdown (it cancels its basic.consume) while the handler is
+    // parked on the gate; run() must not return meanwhile. Had it returned, it would have
+    // aborted the handler, and the effect below would never be committed.
+    let mut task = task;
+    tokio::select! {
+        returned = &mut task => panic!("run() returned while a handler was in flight: {returned:?}"),
+        () = eventually("the consumer stops consuming", || async {
+            proxy.sent(common::BASIC_CANCEL) == 1
+        }) => {}
+    }
     assert_eq!(effects(&db, reserved.id).await, 0, "not committed yet");
 
     release.notify_one();
@@ -829,10 +866,17 @@ async fn a_consumer_without_handlers_or_queue_is_refused() {
     let consumer = Consumer::new(&s.broker.config, db, &missing, "x")
         .on(KIND, |tx, event| Box::pin(record(tx, event)));
     let e = consumer.run(CancellationToken::new()).await.unwrap_err();
-    assert!(
-        matches!(e, svcdb_amqp::Error::Amqp { .. }) && e.to_string().contains("NOT_FOUND"),
-        "{e}"
-    );
+    let not_found = match &e {
+        svcdb_amqp::Error::Amqp { source, .. } => matches!(
+            source.kind(),
+            lapin::ErrorKind::ProtocolError(amqp) if matches!(
+                amqp.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+            )
+        ),
+        _ => false,
+    };
+    assert!(not_found, "the broker's NOT_FOUND: {e}");
     assert!(!e.is_connection_error());
 }
 
@@ -879,13 +923,297 @@ async fn a_service_without_the_claims_table_is_refused_at_start() {
     let test_db = svcdb::testing::TestDb::new().await;
     let db = test_db.service("bare").await; // no install_idempotency
     let consumer = recording_consumer(&s, &db);
-    let e = consumer.run(CancellationToken::new()).await.unwrap_err();
+    // Waiting before the start: a consumer that took deliveries before refusing would have
+    // this one in hand.
+    let reserved = event();
+    s.publish(&reserved).await;
+    let e = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.run(CancellationToken::new()),
+    )
+    .await
+    .expect("run() refuses instead of consuming")
+    .unwrap_err();
     assert!(
         matches!(&e, svcdb_amqp::Error::Db(svcdb::Error::MissingTables { tables, .. }) if tables == &["svcdb_processed_events"]),
         "{e}"
     );
-    // Nothing was consumed.
+    // Nothing was consumed: the message is still there, never delivered.
+    let waiting = s
+        .broker
+        .take(&s.queue.name, 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(waiting.len(), 1);
+    assert!(
+        !waiting[0].redelivered,
+        "the consumer took it before refusing"
+    );
+    assert_eq!(consumer.stats(), svcdb_amqp::ConsumerStats::default());
+}
+
+#[tokio::test]
+async fn a_handler_still_running_at_the_shutdown_timeout_is_aborted_and_redelivered() {
+    let s = setup(5).await;
+    let (_test_db, db) = service().await;
+    let started = Arc::new(Notify::new());
+    let on_start = started.clone();
+    // Writes its effect, then never finishes: only the shutdown timeout can end it.
+    let consumer = s
+        .consumer(&db)
+        .on(KIND, move |tx, event| {
+            let on_start = on_start.clone();
+            Box::pin(async move {
+                record(tx, event).await?;
+                on_start.notify_one();
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+        })
+        .with_options(ConsumerOptions {
+            shutdown_timeout: Duration::from_millis(300),
+            ..fast()
+        });
+    let (shutdown, task) = start(&consumer);
+
     let reserved = event();
     s.publish(&reserved).await;
-    assert_eq!(s.broker.ready(&s.queue.name).await, 1);
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("the handler starts");
+    // Without the abort, run() would wait for the handler forever.
+    stop(shutdown, task).await;
+
+    // The aborted handler's transaction rolled back, claim and effect alike, and the
+    // unacknowledged message went back to the queue when the channel closed.
+    assert_eq!(effects(&db, reserved.id).await, 0);
+    assert!(!db
+        .is_processed("orders.reserve-stock", reserved.id)
+        .await
+        .unwrap());
+    let back = s
+        .broker
+        .take(&s.queue.name, 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(Envelope::from_slice(&back[0].data).unwrap(), reserved);
+    assert!(back[0].redelivered);
+    let stats = consumer.stats();
+    assert_eq!(
+        (stats.handled, stats.requeued, stats.dead_lettered),
+        (0, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_permanent_handler_error_is_dead_lettered_on_the_first_delivery() {
+    let s = setup(5).await;
+    let (_test_db, db) = service().await;
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counter = attempts.clone();
+    let consumer = s.consumer(&db).on(KIND, move |tx, event| {
+        let counter = counter.clone();
+        Box::pin(async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            record(tx, event).await?;
+            Err(HandlerError::permanent(HandlerError::msg(
+                "product abc123 was discontinued",
+            )))
+        })
+    });
+    let (shutdown, task) = start(&consumer);
+
+    let reserved = event();
+    s.publish(&reserved).await;
+    let dead = s
+        .broker
+        .take(&s.queue.dead_letter_queue(), 1, Duration::from_secs(10))
+        .await;
+    stop(shutdown, task).await;
+
+    assert_eq!(Envelope::from_slice(&dead[0].data).unwrap(), reserved);
+    assert_eq!(
+        header(&dead[0], "x-svcdb-deliveries").as_deref(),
+        Some("1"),
+        "no retries for a permanent error"
+    );
+    let reason = header(&dead[0], "x-svcdb-reason").unwrap();
+    assert!(
+        reason.contains("was discontinued"),
+        "the handler's error: {reason}"
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        effects(&db, reserved.id).await,
+        0,
+        "the attempt rolled back"
+    );
+    assert!(!db
+        .is_processed("orders.reserve-stock", reserved.id)
+        .await
+        .unwrap());
+    assert_eq!(s.broker.ready(&s.queue.name).await, 0);
+    let stats = consumer.stats();
+    assert_eq!(
+        (stats.requeued, stats.dead_lettered, stats.handled),
+        (0, 1, 0)
+    );
+}
+
+/// The most handlers a consumer with `prefetch` over a pool of `pool_max` runs at once, with
+/// more deliveries in hand than either: every handler waits until the test has seen the
+/// consumer hold all it may, and the pool is asked for no more connections than it has.
+async fn handlers_at_once(prefetch: u16, pool_max: usize) -> usize {
+    let s = setup(5).await;
+    let (test_db, _) = service().await;
+    let mut config = test_db.config("svc");
+    config.pool_max = pool_max;
+    // Short, so a handler queued on the pool instead of on the consumer would fail.
+    config.acquire_timeout = Duration::from_millis(500);
+    let db = ServiceDb::connect(config).await.unwrap();
+    let mut amqp = s.broker.config.clone();
+    amqp.prefetch = prefetch;
+
+    let in_flight = Arc::new(AtomicU32::new(0));
+    let most = Arc::new(AtomicU32::new(0));
+    let release = CancellationToken::new();
+    let (counter, peak, gate) = (in_flight.clone(), most.clone(), release.clone());
+    let consumer = Consumer::new(&amqp, db.clone(), &s.queue, "orders.reserve-stock")
+        .on(KIND, move |tx, event| {
+            let (counter, peak, gate) = (counter.clone(), peak.clone(), gate.clone());
+            Box::pin(async move {
+                let now = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                gate.cancelled().await;
+                counter.fetch_sub(1, Ordering::SeqCst);
+                record(tx, event).await
+            })
+        })
+        .with_options(fast());
+    let (shutdown, task) = start(&consumer);
+
+    let total = usize::from(prefetch).max(pool_max) + 2;
+    for _ in 0..total {
+        s.publish(&event()).await;
+    }
+    let bound = usize::from(prefetch).min(pool_max);
+    let held = u32::try_from(total - usize::from(prefetch)).unwrap();
+    eventually(
+        "the consumer holds a full prefetch and runs its handlers",
+        || async {
+            s.broker.ready(&s.queue.name).await == held
+                && in_flight.load(Ordering::SeqCst) as usize == bound
+        },
+    )
+    .await;
+    // Deliveries beyond the bound wait for a permit, not for a pool connection.
+    let pool = db.status();
+    assert_eq!(pool.waiting, 0, "{pool:?}");
+    release.cancel();
+    eventually("every message is handled", || async {
+        consumer.stats().handled == total as u64
+    })
+    .await;
+    stop(shutdown, task).await;
+
+    assert_eq!(db.status().acquire_timeouts, 0);
+    let stats = consumer.stats();
+    assert_eq!((stats.requeued, stats.returned, stats.paused), (0, 0, 0));
+    most.load(Ordering::SeqCst) as usize
+}
+
+#[tokio::test]
+async fn handlers_run_at_most_the_pool_size_at_once_when_the_prefetch_is_larger() {
+    assert_eq!(handlers_at_once(8, 3).await, 3);
+}
+
+#[tokio::test]
+async fn handlers_run_at_most_the_prefetch_at_once_when_the_pool_is_larger() {
+    assert_eq!(handlers_at_once(2, 5).await, 2);
+}
+
+/// The `reason` of each entry of the `x-death` header the broker puts on a dead letter.
+fn death_reasons(delivery: &lapin::message::Delivery) -> Vec<String> {
+    let headers = delivery.properties.headers();
+    let Some(lapin::types::AMQPValue::FieldArray(deaths)) =
+        headers.as_ref().and_then(|h| h.inner().get("x-death"))
+    else {
+        return Vec::new();
+    };
+    deaths
+        .as_slice()
+        .iter()
+        .filter_map(|death| match death {
+            lapin::types::AMQPValue::FieldTable(t) => match t.inner().get("reason") {
+                Some(lapin::types::AMQPValue::LongString(s)) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_consumer_that_dies_mid_handler_every_time_meets_the_brokers_delivery_limit() {
+    // The handler never fails in the consumer's eyes: the connection dies under it each time,
+    // as when the process crashes. Only the quorum queue's x-delivery-limit can stop the
+    // redeliveries.
+    let s = setup(3).await;
+    let (_test_db, db) = service().await;
+    let port = common::closed_port();
+    let proxy = common::Proxy::start(port).await;
+    let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
+        .on(KIND, move |tx, event| {
+            let started_tx = started_tx.clone();
+            Box::pin(async move {
+                record(tx, event).await?;
+                started_tx.send(()).unwrap();
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+        })
+        .with_options(ConsumerOptions {
+            // Each lost connection ends the stuck handler quickly, as a crash would.
+            shutdown_timeout: Duration::from_millis(100),
+            reconnect_backoff: Duration::from_millis(20),
+            max_reconnect_backoff: Duration::from_millis(200),
+            ..fast()
+        });
+    let (shutdown, task) = start(&consumer);
+
+    let reserved = event();
+    s.publish(&reserved).await;
+    for delivery in 1..=s.queue.max_deliveries {
+        tokio::time::timeout(Duration::from_secs(30), started.recv())
+            .await
+            .unwrap_or_else(|_| panic!("delivery {delivery} reaches the handler"));
+        proxy.cut();
+    }
+    let dead = s
+        .broker
+        .take(&s.queue.dead_letter_queue(), 1, Duration::from_secs(30))
+        .await;
+    stop(shutdown, task).await;
+
+    assert_eq!(Envelope::from_slice(&dead[0].data).unwrap(), reserved);
+    assert_eq!(death_reasons(&dead[0]), ["delivery_limit"]);
+    assert_eq!(
+        header(&dead[0], "x-svcdb-reason"),
+        None,
+        "dead-lettered by the broker, not the consumer"
+    );
+    assert!(
+        started.try_recv().is_err(),
+        "no delivery beyond the limit reached the handler"
+    );
+    assert_eq!(effects(&db, reserved.id).await, 0);
+    assert!(!db
+        .is_processed("orders.reserve-stock", reserved.id)
+        .await
+        .unwrap());
+    assert_eq!(s.broker.ready(&s.queue.name).await, 0);
+    let stats = consumer.stats();
+    assert_eq!((stats.handled, stats.dead_lettered), (0, 0));
 }

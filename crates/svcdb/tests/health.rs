@@ -51,18 +51,27 @@ async fn migrated_orders(db: &TestDb) -> (ServiceDb, Gate, tempfile::TempDir) {
     (svc, gate, dir)
 }
 
-/// A config for a database at 127.0.0.1:`port`, with a long acquire timeout so only the
-/// gate's timeout can bound the checks.
+/// A config for a database at 127.0.0.1:`port`, with long acquire and connect timeouts
+/// ([`POOL_WAIT`]) so only the gate's timeout can bound the checks.
 fn config_at(port: u16) -> Config {
     let mut config = Config::new(
         &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
         "orders_svc",
     )
     .unwrap();
-    config.acquire_timeout = Duration::from_secs(30);
+    config.acquire_timeout = POOL_WAIT;
+    config.connect_timeout = POOL_WAIT;
     config.pool_min = 0;
     config
 }
+
+/// The pool's own timeouts in these tests: the gate must answer long before them.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+
+/// The bound on an answer the gate's timeout (500 ms at most here) should have cut short:
+/// many times that timeout, so a loaded machine does not fail it, and a third of
+/// [`POOL_WAIT`], so waiting for the pool would.
+const ANSWERED_BY_THE_GATE: Duration = Duration::from_secs(10);
 
 /// A TCP port on 127.0.0.1 where nothing listens.
 fn closed_port() -> u16 {
@@ -170,7 +179,7 @@ async fn closed_port_answers_503_within_the_gate_timeout() {
     let (status, json, _) = get(&svc, &gate, "/readyz").await;
     let took = started.elapsed();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    assert!(took < ANSWERED_BY_THE_GATE, "answered after {took:?}");
     assert_eq!(json["database"]["reachable"], false);
     assert_eq!(json["database"]["latency_ms"], Value::Null);
     assert_eq!(json["problems"][0]["kind"], "unreachable");
@@ -185,9 +194,11 @@ async fn acquire_timeout_shorter_than_the_gate_reports_its_own_error() {
     config.acquire_timeout = Duration::from_millis(200);
     let svc = ServiceDb::new(config).unwrap();
 
+    // The gate would wait far longer: the pool's own timeout ends the check.
     let started = Instant::now();
-    let report = svc.health(&Gate::new()).await;
-    assert!(started.elapsed() < Duration::from_secs(1));
+    let report = svc.health(&Gate::new().timeout(POOL_WAIT)).await;
+    let took = started.elapsed();
+    assert!(took < ANSWERED_BY_THE_GATE, "answered after {took:?}");
     match report.gate.problems.as_slice() {
         [Problem::Unreachable { error, .. }] => {
             assert!(
@@ -216,8 +227,9 @@ async fn server_that_never_answers_does_not_hang_readyz() {
 
     let started = Instant::now();
     let (status, json, _) = get(&svc, &gate, "/readyz").await;
+    let took = started.elapsed();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(took < ANSWERED_BY_THE_GATE, "answered after {took:?}");
     assert!(
         json["problems"][0]["error"]
             .as_str()

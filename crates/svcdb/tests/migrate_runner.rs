@@ -292,28 +292,66 @@ async fn noop_up_with_a_thousand_applied_runs_nothing() {
 async fn eight_concurrent_runners_apply_each_migration_exactly_once() {
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
+    // Migration 2 waits for a key the test holds, so whichever runner gets the schema's lock
+    // keeps it until the test lets go, and the other seven meet it held.
+    let hold = format!("SELECT pg_advisory_lock_shared({HELD_BY_TEST});");
     write(
         dir.path(),
         &[
             ("1_log.up.sql", "CREATE TABLE log (version int); INSERT INTO log VALUES (1);"),
-            ("2_slow.up.sql", "SELECT pg_sleep(0.2); INSERT INTO log VALUES (2);"),
+            ("2_held.up.sql", &format!("{hold} INSERT INTO log VALUES (2);")),
             ("3_more.up.sql", "-- svcdb:no-transaction\nINSERT INTO log VALUES (3);\nCREATE INDEX CONCURRENTLY log_v ON log (version);"),
         ],
     );
+    let test_session = db.admin().await;
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_lock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
     let mut services = Vec::new();
     for _ in 0..8 {
         services.push(db.service("shop").await);
     }
-    let tasks: Vec<_> = services
+    let mut runners: Vec<_> = services
         .iter()
         .map(|svc| {
-            let m = migrator(svc, dir.path());
-            tokio::spawn(async move { m.up().await })
+            // No lock_timeout: migration 2 waits for the test, not for a clock.
+            spawn_up(migrator(svc, dir.path()).with_options(MigrateOptions {
+                lock_timeout: Duration::ZERO,
+                ..options()
+            }))
         })
         .collect();
+    // Each runner either holds the lock (and is inside migration 2) or waits for it.
+    let mut waiting = 0;
+    let mut migrating = 0;
+    for (_, events) in &mut runners {
+        match wait_for_event(events, |e| {
+            matches!(
+                e,
+                MigrateEvent::WaitingForLock { .. } | MigrateEvent::Started { version: 2, .. }
+            )
+        })
+        .await
+        {
+            MigrateEvent::WaitingForLock { .. } => waiting += 1,
+            _ => migrating += 1,
+        }
+    }
+    assert_eq!((migrating, waiting), (1, 7), "the runners overlapped");
+
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_unlock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
     let mut applied = 0;
-    for t in tasks {
-        applied += t.await.unwrap().expect("no runner fails").migrations.len();
+    for (task, _) in runners {
+        applied += task
+            .await
+            .unwrap()
+            .expect("no runner fails")
+            .migrations
+            .len();
     }
     assert_eq!(applied, 3, "each migration applied by exactly one runner");
     let conn = services[0].get().await.unwrap();
@@ -328,27 +366,98 @@ async fn eight_concurrent_runners_apply_each_migration_exactly_once() {
     assert_eq!(history(&services[0]).await, [1, 2, 3]);
 }
 
+/// Whether some session holds `schema`'s migration lock, read from `pg_locks` (a bigint
+/// advisory key shows as its high and low 32 bits in `classid` and `objid`, `objsubid` 1).
+async fn migration_lock_held(db: &TestDb, schema: &str) -> bool {
+    db.admin()
+        .await
+        .query_one(
+            "WITH k AS (SELECT hashtextextended('svcdb.migrate.' || current_database() || '.' || $1, 0) AS key)
+             SELECT EXISTS (
+               SELECT 1 FROM pg_locks l, k
+                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid::text::bigint = (k.key >> 32) & 4294967295
+                  AND l.objid::text::bigint = k.key & 4294967295)",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Polls `condition` every 50 ms for up to a minute; panics with `what` if it never holds.
+async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after a minute waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_schemas_never_wait_for_each_other() {
     let db = TestDb::new().await;
     let slow_dir = tempfile::tempdir().unwrap();
-    write(slow_dir.path(), &[("1_slow.up.sql", "SELECT pg_sleep(3);")]);
+    // Stays in progress, holding the slow schema's lock, until the test lets go.
+    write(
+        slow_dir.path(),
+        &[(
+            "1_slow.up.sql",
+            &format!("SELECT pg_advisory_lock_shared({HELD_BY_TEST});"),
+        )],
+    );
     let fast_dir = tempfile::tempdir().unwrap();
     write(
         fast_dir.path(),
         &[("1_fast.up.sql", "CREATE TABLE fast (id int);")],
     );
-    let slow = migrator(&db.service("slow").await, slow_dir.path());
-    let fast = migrator(&db.service("fast").await, fast_dir.path());
+    let test_session = db.admin().await;
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_lock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
+    let slow = migrator(&db.service("slow").await, slow_dir.path()).with_options(MigrateOptions {
+        lock_timeout: Duration::ZERO, // waits for the test, not for a clock
+        ..options()
+    });
+    let (slow_task, mut slow_events) = spawn_up(slow);
+    wait_for_event(&mut slow_events, |e| {
+        matches!(e, MigrateEvent::Started { version: 1, .. })
+    })
+    .await;
+    assert!(migration_lock_held(&db, "slow").await);
 
-    let slow_task = tokio::spawn(async move { slow.up().await });
-    tokio::time::sleep(Duration::from_millis(300)).await; // the slow one holds its lock now
-    fast.up().await.unwrap();
-    // Ordering, not a stopwatch: the fast schema finished while the slow one still migrates.
+    // A runner that waited for the slow schema's lock would say so, and time out.
+    let fast = migrator(&db.service("fast").await, fast_dir.path()).with_options(MigrateOptions {
+        lock_wait: Duration::from_secs(30),
+        ..options()
+    });
+    let mut waited = false;
+    let report = fast
+        .up_with(&UpOptions::default(), &mut |e| {
+            waited |= matches!(e, MigrateEvent::WaitingForLock { .. })
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.migrations.len(), 1);
+    assert!(!waited, "the fast schema waited for the slow one");
     assert!(
         !slow_task.is_finished(),
-        "the fast schema waited for the slow one"
+        "the slow schema is still migrating"
     );
+
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_unlock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
     assert_eq!(slow_task.await.unwrap().unwrap().migrations.len(), 1);
 }
 
@@ -951,33 +1060,47 @@ async fn a_cancelled_runner_releases_the_lock() {
     let db = TestDb::new().await;
     let svc = db.service("shop").await;
     let slow = tempfile::tempdir().unwrap();
+    // Stays inside its statement, holding the schema's lock, for as long as the test holds
+    // the key: only the server noticing the vanished runner ends it.
     write(
         slow.path(),
         &[(
             "1_a.up.sql",
-            "SELECT pg_sleep(30); CREATE TABLE a (id int);",
+            &format!("SELECT pg_advisory_lock_shared({HELD_BY_TEST}); CREATE TABLE a (id int);"),
         )],
     );
     let fast = tempfile::tempdir().unwrap();
     write(fast.path(), &[("1_a.up.sql", "CREATE TABLE a (id int);")]);
+    let test_session = db.admin().await;
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_lock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
 
-    let m = migrator(&svc, slow.path());
-    let task = tokio::spawn(async move { m.up().await });
-    tokio::time::sleep(Duration::from_millis(500)).await; // inside pg_sleep, holding the lock
+    // No lock_timeout: the statement waits for the test, not for a clock.
+    let slow_runner = migrator(&svc, slow.path()).with_options(MigrateOptions {
+        lock_timeout: Duration::ZERO,
+        ..options()
+    });
+    let (task, mut events) = spawn_up(slow_runner);
+    wait_for_event(&mut events, |e| {
+        matches!(e, MigrateEvent::Started { version: 1, .. })
+    })
+    .await;
+    assert!(
+        migration_lock_held(&db, "shop").await,
+        "the runner holds the lock"
+    );
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
 
-    let start = Instant::now();
-    let m = migrator(&svc, fast.path()).with_options(MigrateOptions {
-        lock_wait: Duration::from_secs(10),
-        ..options()
-    });
+    eventually("the cancelled runner's lock is released", || {
+        let db = &db;
+        async move { !migration_lock_held(db, "shop").await }
+    })
+    .await;
+    let m = migrator(&svc, fast.path());
     assert_eq!(m.up().await.unwrap().migrations.len(), 1);
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "the lock outlived the cancelled runner: {:?}",
-        start.elapsed()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -405,6 +405,8 @@ impl Flow {
 
 /// An AMQP 0-9-1 method: (class id, method id).
 pub type Method = (u16, u16);
+/// `basic.cancel`
+pub const BASIC_CANCEL: Method = (60, 30);
 /// `basic.publish`
 pub const BASIC_PUBLISH: Method = (60, 40);
 /// `basic.ack`
