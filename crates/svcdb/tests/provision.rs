@@ -53,7 +53,9 @@ async fn provisioning_revokes_what_public_was_granted_on_an_existing_schema() {
         .unwrap();
 
     let catalog = db.role_name("catalog");
-    let spec = ProvisionSpec::new(&catalog, "catalog_schema").unwrap();
+    let mut spec = ProvisionSpec::new(&catalog, "catalog_schema").unwrap();
+    // The table someone else made there is refused without it (another test's subject).
+    spec.fix = true;
     let report = svcdb::provision(&mut *db.admin().await, &spec)
         .await
         .unwrap();
@@ -104,7 +106,9 @@ async fn provisioning_takes_an_existing_schema_from_the_role_that_owned_it() {
         .unwrap();
 
     let catalog = db.role_name("catalog");
-    let spec = ProvisionSpec::new(&catalog, "catalog_schema").unwrap();
+    let mut spec = ProvisionSpec::new(&catalog, "catalog_schema").unwrap();
+    // The table someone else made there is refused without it (another test's subject).
+    spec.fix = true;
     let report = svcdb::provision(&mut *db.admin().await, &spec)
         .await
         .unwrap();
