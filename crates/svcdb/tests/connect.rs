@@ -210,3 +210,36 @@ async fn each_attempt_on_a_server_that_never_answers_ends_at_the_connect_timeout
     assert!(attempts >= 3, "{attempts} attempts in 3 s");
     silent.abort();
 }
+
+#[tokio::test]
+async fn an_attempt_cut_short_by_the_acquire_timeout_keeps_the_earlier_cause() {
+    // The first connection is closed at once (an error with a cause); later ones get no answer,
+    // and the last of them is cut short by the acquire timeout, not by the connect timeout.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut first = true;
+        while let Ok((socket, _)) = listener.accept().await {
+            if std::mem::take(&mut first) {
+                drop(socket);
+            } else {
+                held.push(socket);
+            }
+        }
+    });
+    let mut config =
+        svcdb::Config::new(&format!("postgres://svc@127.0.0.1:{port}/shop"), "orders").unwrap();
+    config.connect_timeout = Duration::from_secs(30);
+    config.acquire_timeout = Duration::from_millis(500);
+    let err = ServiceDb::connect(config).await.unwrap_err();
+    match &err {
+        Error::AcquireTimeout {
+            cause: Some(_),
+            no_answer_within: None,
+            ..
+        } => {}
+        other => panic!("expected the closed connection as the cause, got {other:?}"),
+    }
+    server.abort();
+}

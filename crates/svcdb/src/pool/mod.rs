@@ -238,6 +238,14 @@ impl ServiceDb {
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
                 Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => break,
+                Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Create))
+                    if create < self.inner.config.connect_timeout
+                        && (last_error.is_some() || no_answer_within.is_some()) =>
+                {
+                    // Cut short by the acquire deadline, not by the server's silence (a slow
+                    // TLS handshake on a loaded machine, say): the earlier cause still stands.
+                    break;
+                }
                 Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Create)) => {
                     // Something accepted the connection and said nothing (the driver's own
                     // connect timeout covers only TCP): try again, with a fresh connection.
