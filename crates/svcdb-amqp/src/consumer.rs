@@ -140,9 +140,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AmqpConfig;
+use crate::connection::{
+    close_channel, close_connection, connect_unless_cancelled, next_backoff, open_channel, pause,
+};
 use crate::error::{Error, Result};
 use crate::handler::{DynHandler, EventHandler, FnHandler, HandlerError, HandlerFuture};
-use crate::topology::{close_channel, open_channel, QueueSpec};
+use crate::topology::QueueSpec;
 
 /// What a consumer does with an event whose kind has no handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -427,10 +430,8 @@ impl Consumer {
         let _purging = crate::retention::purge_claims(&self.db, &self.options.retention, &shutdown);
         let mut backoff = self.options.reconnect_backoff;
         loop {
-            let connection = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(()),
-                connection = self.config.connect() => connection,
+            let Some(connection) = connect_unless_cancelled(&self.config, &shutdown).await else {
+                return Ok(());
             };
             let error = match connection {
                 Ok(connection) => {
@@ -448,12 +449,10 @@ impl Consumer {
                 return Err(error);
             }
             tracing::warn!(target: "svcdb_amqp::consumer", queue = %self.queue.name, error = %error, retry_in = ?backoff, "consumer lost RabbitMQ; reconnecting");
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(backoff) => {}
+            if !pause(&shutdown, backoff).await {
+                return Ok(());
             }
-            backoff = (backoff * 2).min(self.options.max_reconnect_backoff);
+            backoff = next_backoff(backoff, self.options.max_reconnect_backoff);
         }
     }
 
@@ -590,7 +589,7 @@ impl Consumer {
             tracing::info!(target: "svcdb_amqp::consumer", %queue, consumer = %self.name, %tag, prefetch = self.config.prefetch, "consuming");
 
             let mut flow = context.flow.subscribe();
-            let pause = loop {
+            let database_out = loop {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break false,
@@ -611,7 +610,7 @@ impl Consumer {
             // messages are ours until settled, and handling them now spares them a
             // redelivery (while paused, they are handed back if the database is still out).
             cancel_and_drain(channel, &tag, &mut deliveries, context, tasks).await;
-            if !pause {
+            if !database_out {
                 return Ok(());
             }
 
@@ -620,7 +619,7 @@ impl Consumer {
             tracing::warn!(target: "svcdb_amqp::consumer", %queue, consumer = %self.name, "the database is unavailable; stopped taking deliveries until it answers");
             let mut wait = self.options.retry_delay;
             loop {
-                if !sleep_unless_shutdown(shutdown, wait).await {
+                if !pause(shutdown, wait).await {
                     return Ok(());
                 }
                 let check = tokio::select! {
@@ -631,7 +630,7 @@ impl Consumer {
                 match check {
                     Ok(()) => break,
                     Err(reason) => {
-                        wait = (wait * 2).min(self.options.max_retry_delay);
+                        wait = next_backoff(wait, self.options.max_retry_delay);
                         tracing::debug!(target: "svcdb_amqp::consumer", %queue, %reason, check_in = ?wait, "the database is still unavailable");
                     }
                 }
@@ -708,22 +707,6 @@ async fn require_table(db: &ServiceDb, table: &str) -> Result<()> {
 /// cancel; lapin ends the stream once the broker confirms the cancel, so this only matters
 /// when the broker does not answer.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Closes a connection we opened, bounded: a dead broker must not stall shutdown.
-pub(crate) async fn close_connection(connection: &Connection) {
-    if connection.status().connected() {
-        let close = connection.close(200, "OK".into());
-        match tokio::time::timeout(Duration::from_secs(5), close).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(target: "svcdb_amqp::consumer", error = %e, "closing the connection failed")
-            }
-            Err(_) => {
-                tracing::debug!(target: "svcdb_amqp::consumer", "closing the connection timed out")
-            }
-        }
-    }
-}
 
 fn log_join(joined: std::result::Result<(), tokio::task::JoinError>) {
     if let Err(e) = joined {
@@ -855,14 +838,14 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
                 return dead_letter(&context, &delivery, &reason, deliveries).await;
             }
             let exponent = deliveries.saturating_sub(1).min(16);
-            let pause = context
+            let delay = context
                 .options
                 .retry_delay
                 .saturating_mul(1 << exponent)
                 .min(context.options.max_retry_delay);
-            tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, max, error = %e, requeue_in = ?pause, "handler failed; the event will be redelivered");
+            tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, max, error = %e, requeue_in = ?delay, "handler failed; the event will be redelivered");
             // Cut short at shutdown; the attempt failed all the same, so it still counts.
-            sleep_unless_shutdown(&context.shutdown, pause).await;
+            pause(&context.shutdown, delay).await;
             return_failed(&context, &delivery, id).await;
         }
     }
@@ -899,15 +882,6 @@ async fn process(
                 .unwrap_or_else(|| "a non-string panic".to_owned());
             Err(HandlerError::msg(format!("handler panicked: {message}")))
         }
-    }
-}
-
-/// `false` if shutdown cut the pause short.
-async fn sleep_unless_shutdown(shutdown: &CancellationToken, pause: Duration) -> bool {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(pause) => true,
     }
 }
 

@@ -78,6 +78,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+mod connection;
 pub mod consumer;
 pub mod error;
 pub mod handler;

@@ -75,6 +75,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
+use crate::connection::{close_channel, open_channel};
 use crate::error::{Error, Result};
 
 /// The suffix of a service's events exchange: `catalog` publishes to `catalog.events`.
@@ -327,32 +328,6 @@ impl Topology {
         .await;
         close_channel(&channel).await;
         result
-    }
-}
-
-pub(crate) async fn open_channel(connection: &Connection, purpose: &str) -> Result<Channel> {
-    connection
-        .create_channel()
-        .await
-        .map_err(|e| Error::amqp(format!("opening a channel for {purpose}"), e))
-}
-
-/// Longest wait for the broker to confirm a channel's close: one that went silent must not
-/// stall a shutdown (the connection's close, bounded too, ends the channel anyway).
-const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Closes a channel we opened, ignoring a channel the broker already closed.
-pub(crate) async fn close_channel(channel: &Channel) {
-    if channel.status().connected() {
-        match tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(target: "svcdb_amqp::topology", error = %e, "closing a channel failed")
-            }
-            Err(_) => {
-                tracing::debug!(target: "svcdb_amqp::topology", timeout = ?CLOSE_TIMEOUT, "closing a channel timed out")
-            }
-        }
     }
 }
 
