@@ -99,6 +99,43 @@ async fn exchange_and_queue(broker: &Broker) -> (String, QueueSpec) {
 }
 
 #[tokio::test]
+async fn an_event_for_the_predefined_amq_topic_exchange_is_published() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    // This test's own queue, bound to RabbitMQ's amq.topic by hand: a Topology declares the
+    // exchanges it binds to, and declaring an `amq.` name is refused. Publishing to one is not.
+    let queue = QueueSpec::new(common::unique("audit"));
+    broker.declare(Topology::new().queue(queue.clone())).await;
+    let routing_key = common::unique("order.placed");
+    let channel = broker.channel().await;
+    channel
+        .queue_bind(
+            queue.name.as_str().into(),
+            "amq.topic".into(),
+            routing_key.as_str().into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = channel.close(200, "OK".into()).await;
+    let relay = start(&broker.config, fast_outbox(&db));
+
+    let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 8 }));
+    enqueue(&db, "amq.topic", &routing_key, &placed).await;
+    let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    eventually("the row is marked published", || async {
+        pending(&db).await == 0
+    })
+    .await;
+    relay.stop().await;
+
+    assert_eq!(got.len(), 1);
+    assert_eq!(Envelope::from_slice(&got[0].data).unwrap(), placed);
+}
+
+#[tokio::test]
 async fn committed_events_are_published_with_their_properties() {
     common::init_tracing();
     let broker = Broker::new().await;
