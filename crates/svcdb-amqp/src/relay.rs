@@ -13,7 +13,7 @@
 //!   backoff ([`RelayConfig::reconnect_backoff`] doubling up to
 //!   [`RelayConfig::max_reconnect_backoff`]), and the rows wait, unpublished and not counted
 //!   as failed. A connection lost during a batch fails that batch's unconfirmed rows, which
-//!   the outbox retries after its own backoff ([`svcdb::outbox::RelayOptions`]).
+//!   the outbox retries after its own backoff ([`svcdb::outbox::PublishRetry`]).
 //! * **A silent or blocked broker.** Every publish, every channel opened and every close is
 //!   bounded by [`RelayConfig::confirm_timeout`]: a broker that stops answering (a network
 //!   partition that keeps the TCP connection open) fails the batch's rows after that long,
@@ -76,7 +76,12 @@ use crate::error::{Error, Result};
 use crate::publish::{self, Deadline, Unroutable};
 use crate::retention::{self, Retention};
 
-/// How a [`Relay`] batches, waits and reconnects. Every field has a default.
+/// How a [`Relay`] batches, waits and reconnects: the relay loop's settings. Every field has a
+/// default.
+///
+/// When a row whose publish failed is tried again is not here but the outbox's
+/// ([`svcdb::outbox::PublishRetry`], set with [`Outbox::with_publish_retry`]): it is stored
+/// with the row, so every replica and every restart follows it.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     /// Rows claimed and published per batch (one transaction). Default: 100.

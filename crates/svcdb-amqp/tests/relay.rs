@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{closed_port, effects, eventually, service, url_via, Broker, Proxy};
 use serde_json::json;
-use svcdb::outbox::{self, RelayOptions};
+use svcdb::outbox::{self, PublishRetry};
 use svcdb::{Envelope, Outbox, ServiceDb};
 use svcdb_amqp::topology::{QueueSpec, Topology};
 use svcdb_amqp::{AmqpConfig, Consumer, ConsumerOptions, Relay, RelayConfig, RelayStatus, Result};
@@ -27,7 +27,7 @@ fn fast() -> RelayConfig {
 
 /// Retries of failed rows after 20 ms instead of 1 s.
 fn fast_outbox(db: &ServiceDb) -> Outbox {
-    Outbox::new(db.clone()).with_options(RelayOptions {
+    Outbox::new(db.clone()).with_publish_retry(PublishRetry {
         retry_backoff: Duration::from_millis(20),
         max_retry_backoff: Duration::from_millis(100),
     })
@@ -527,7 +527,7 @@ async fn a_row_for_a_missing_exchange_does_not_fail_the_rest_of_its_batch() {
     }
     // Failed rows retried only after a minute: what is published, is published in the run
     // that first claimed it.
-    let outbox = Outbox::new(db.clone()).with_options(RelayOptions {
+    let outbox = Outbox::new(db.clone()).with_publish_retry(PublishRetry {
         retry_backoff: Duration::from_secs(60),
         max_retry_backoff: Duration::from_secs(60),
     });

@@ -51,7 +51,7 @@
 //!   creation order. Across replicas and retries there is no global order: a failed message is
 //!   retried after later ones went out.
 //! * **Retries.** A failed publish increments `attempts`, records `last_error`, and pushes
-//!   `next_attempt_at` back exponentially ([`RelayOptions`]); the row is retried when it is
+//!   `next_attempt_at` back exponentially ([`PublishRetry`]); the row is retried when it is
 //!   due, indefinitely. Watch [`Outbox::pending_count`] and rows with many attempts.
 
 use std::fmt::Display;
@@ -246,16 +246,21 @@ impl OutboxMessage {
     }
 }
 
-/// How the relay spaces out retries of a failed publish.
+/// When the outbox retries a row whose publish failed: the row's `next_attempt_at`, stored
+/// with it by [`Outbox::relay_batch`], so every relay replica and every restart follows it.
+/// Set with [`Outbox::with_publish_retry`].
+///
+/// The relay's other settings (batch size, polling, the confirm timeout, reconnecting to the
+/// broker) belong to the relay loop, not to the rows: svcdb-amqp's `RelayConfig`.
 #[derive(Debug, Clone)]
-pub struct RelayOptions {
+pub struct PublishRetry {
     /// Wait after the first failure; doubled after each further one. Default: 1 s.
     pub retry_backoff: Duration,
     /// The longest wait between attempts. Default: 5 min.
     pub max_retry_backoff: Duration,
 }
 
-impl Default for RelayOptions {
+impl Default for PublishRetry {
     fn default() -> Self {
         Self {
             retry_backoff: Duration::from_secs(1),
@@ -280,7 +285,7 @@ pub struct RelayReport {
 #[derive(Debug, Clone)]
 pub struct Outbox {
     db: ServiceDb,
-    options: RelayOptions,
+    retry: PublishRetry,
 }
 
 /// Due, unpublished rows in id order, locked; rows locked by another relay are skipped.
@@ -307,18 +312,18 @@ UPDATE svcdb_outbox o
  WHERE o.id = f.id";
 
 impl Outbox {
-    /// The outbox of `db`'s service schema, with default [`RelayOptions`].
+    /// The outbox of `db`'s service schema, with default [`PublishRetry`].
     pub fn new(db: ServiceDb) -> Self {
         Self {
             db,
-            options: RelayOptions::default(),
+            retry: PublishRetry::default(),
         }
     }
 
-    /// Replaces the retry options.
+    /// Replaces when failed rows are retried.
     #[must_use]
-    pub fn with_options(mut self, options: RelayOptions) -> Self {
-        self.options = options;
+    pub fn with_publish_retry(mut self, retry: PublishRetry) -> Self {
+        self.retry = retry;
         self
     }
 
@@ -347,8 +352,8 @@ impl Outbox {
             return Ok(RelayReport::default());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let backoff = self.options.retry_backoff.as_secs_f64();
-        let max_backoff = self.options.max_retry_backoff.as_secs_f64();
+        let backoff = self.retry.retry_backoff.as_secs_f64();
+        let max_backoff = self.retry.max_retry_backoff.as_secs_f64();
         self.db
             .transaction(async move |tx| {
                 let rows = tx.query_typed(CLAIM_SQL, &[(&limit, Type::INT8)]).await?;

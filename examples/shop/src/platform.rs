@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use svcdb::migrate::{EmbeddedMigrations, Migrations, Migrator, UpReport};
-use svcdb::outbox::{self, RelayOptions};
+use svcdb::outbox::{self, PublishRetry};
 use svcdb::{Envelope, Gate, GateReport, Ident, Outbox, ServiceDb, Transaction};
 use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
 use svcdb_amqp::{
@@ -151,7 +151,7 @@ impl Names {
 pub struct Tuning {
     pub consumer: ConsumerOptions,
     pub relay: RelayConfig,
-    pub outbox: RelayOptions,
+    pub outbox: PublishRetry,
 }
 
 impl Tuning {
@@ -160,7 +160,7 @@ impl Tuning {
         Self {
             consumer: ConsumerOptions::default(),
             relay: RelayConfig::default(),
-            outbox: RelayOptions::default(),
+            outbox: PublishRetry::default(),
         }
     }
 
@@ -184,7 +184,7 @@ impl Tuning {
                 max_reconnect_backoff: cap,
                 ..RelayConfig::default()
             },
-            outbox: RelayOptions {
+            outbox: PublishRetry {
                 retry_backoff: Duration::from_millis(200),
                 max_retry_backoff: Duration::from_secs(2),
             },
@@ -423,7 +423,7 @@ pub async fn start(launch: Launch) -> anyhow::Result<Started> {
 
     let (mut relay_status, mut outbox) = (None, None);
     if def.publishes {
-        let relay_outbox = Outbox::new(db.clone()).with_options(tuning.outbox.clone());
+        let relay_outbox = Outbox::new(db.clone()).with_publish_retry(tuning.outbox.clone());
         let relay = Relay::new(&amqp, relay_outbox.clone()).with_config(tuning.relay.clone());
         relay_status = Some(relay.status());
         outbox = Some(relay_outbox);
