@@ -118,21 +118,21 @@
 //!
 //! [`AmqpConfig::prefetch`]: crate::AmqpConfig::prefetch
 
-// This file: the consumer's builder, its checks and the reconnecting run loop. The rest,
-// one concept per file:
-/// The consume loop on one channel: a task per delivery, pause, drain, graceful end.
+// This file: the consumer's builder, its checks and the reconnecting run loop. The rest, one
+// concept per file:
+//   consume      the consume loop on one channel: a task per delivery, pause, drain, the end
+//   delivery     one delivery: decode, claim and handle in one transaction, decide its fate
+//   settle       ack, reject and nack, and which of them counts as a delivery
+//   dead_letter  copying a message to the dead-letter exchange with the reason
+//   outage       pausing while the database is unavailable
+//   options      ConsumerOptions and UnknownKind
+//   stats        ConsumerStats and the counters behind them
 mod consume;
-/// Copying a message to the dead-letter exchange with the reason.
 mod dead_letter;
-/// One delivery: decode, claim and handle in one transaction, decide its fate.
 mod delivery;
-/// [`ConsumerOptions`] and [`UnknownKind`].
 mod options;
-/// Pausing while the database is unavailable.
 mod outage;
-/// Ack, reject and nack, and which counts as a delivery.
 mod settle;
-/// [`ConsumerStats`] and the counters behind them.
 mod stats;
 
 use std::collections::HashMap;
