@@ -158,7 +158,11 @@ pub(crate) async fn start(
         ShortString::try_new(value).map_err(|_| Error::InvalidName {
             what: kind,
             name: value.chars().take(80).collect(),
-            reason: format!("it is {} bytes long; AMQP carries at most 255", value.len()),
+            reason: format!(
+                "it is {} bytes long; AMQP carries at most {}",
+                value.len(),
+                svcdb::outbox::MAX_AMQP_NAME_BYTES
+            ),
         })
     };
     let exchange = name("exchange", exchange)?;

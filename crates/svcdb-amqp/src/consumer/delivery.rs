@@ -166,8 +166,8 @@ async fn process(
 }
 
 /// This delivery's number, the first being 1: the failed deliveries the quorum queue counted
-/// before it (`x-delivery-count`, absent on a first delivery), plus one. See the module's
-/// "Delivery counting" for what counts on which RabbitMQ version.
+/// before it (`x-delivery-count`, absent on a first delivery), plus one. See
+/// [delivery counting](super#delivery-counting) for what counts on which RabbitMQ version.
 ///
 /// A delivery the broker does not flag `redelivered` is the message's first from this queue,
 /// whatever its headers say: a message republished by hand (from a dead-letter queue, say)
