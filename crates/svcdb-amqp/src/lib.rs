@@ -14,11 +14,12 @@
 //! | concept | module |
 //! |---|---|
 //! | the broker URL (password never shown), prefetch, connection name; connecting with a bounded timeout | [`config`] ([`AmqpConfig`]) |
-//! | exchanges per producing service, quorum queues per handler with a delivery limit, dead-letter exchange and queue per queue | [`topology`] ([`Topology`], [`QueueSpec`]) |
+//! | exchanges per producing service, quorum queues per handler with a delivery limit, dead-letter exchange and queue per queue; names checked with svcdb's rules ([`svcdb::outbox::check_declared_name`]) | [`topology`] ([`Topology`], [`QueueSpec`]) |
 //! | handlers: a trait with an `async fn`, or closures; how their errors are retried | [`handler`] ([`EventHandler`], [`HandlerError`]) |
-//! | the consumer runtime: decode, claim and handle in one transaction, ack after commit, dead-letter, graceful shutdown, reconnect | [`consumer`] ([`Consumer`]) |
+//! | the consumer runtime: building and running it (reconnecting), the consume loop, and per delivery: decode, claim and handle in one transaction, ack after commit, dead-letter, the pause while the database is out, graceful shutdown | [`consumer`] ([`Consumer`]); a file each under `consumer/`: `consume`, `delivery`, `settle`, `dead_letter`, `outage` |
+//! | the broker connection as the consumer, the relay and the topology use it: connecting unless shut down, channels opened and closed within a bound, backoff between reconnections | `connection` (internal; [`publish::confirm_channel`]) |
 //! | the message properties of an event; confirmed publishing | [`publish`] |
-//! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status | [`relay`] ([`Relay`]) |
+//! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status; its settings ([`RelayConfig`]; when failed rows are retried is the outbox's [`svcdb::outbox::PublishRetry`]) | [`relay`] ([`Relay`]) |
 //! | deleting old claims and published outbox rows on a schedule | [`retention`] ([`Retention`]) |
 //! | errors, matched by variant | [`error`] ([`Error`]) |
 //!
@@ -78,6 +79,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+mod connection;
 pub mod consumer;
 pub mod error;
 pub mod handler;

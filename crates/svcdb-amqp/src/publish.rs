@@ -23,12 +23,13 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use svcdb::Envelope;
 use tokio::time::Instant;
 
+pub use crate::connection::confirm_channel;
 use crate::error::{Error, Result};
 
 /// The broker's `delivery_mode` for messages written to disk.
@@ -79,16 +80,6 @@ pub(crate) fn short(value: &str) -> ShortString {
         end -= 1;
     }
     value[..end].into()
-}
-
-/// Opens a channel in confirm mode, for [`publish_envelope`].
-pub async fn confirm_channel(connection: &Connection) -> Result<Channel> {
-    let channel = crate::topology::open_channel(connection, "publishing").await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| Error::amqp("enabling publisher confirms", e))?;
-    Ok(channel)
 }
 
 /// Publishes `envelope` to `exchange` with `routing_key` and waits up to `confirm_timeout`
@@ -167,7 +158,11 @@ pub(crate) async fn start(
         ShortString::try_new(value).map_err(|_| Error::InvalidName {
             what: kind,
             name: value.chars().take(80).collect(),
-            reason: format!("it is {} bytes long; AMQP carries at most 255", value.len()),
+            reason: format!(
+                "it is {} bytes long; AMQP carries at most {}",
+                value.len(),
+                svcdb::outbox::MAX_AMQP_NAME_BYTES
+            ),
         })
     };
     let exchange = name("exchange", exchange)?;

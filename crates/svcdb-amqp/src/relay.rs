@@ -13,7 +13,7 @@
 //!   backoff ([`RelayConfig::reconnect_backoff`] doubling up to
 //!   [`RelayConfig::max_reconnect_backoff`]), and the rows wait, unpublished and not counted
 //!   as failed. A connection lost during a batch fails that batch's unconfirmed rows, which
-//!   the outbox retries after its own backoff ([`svcdb::outbox::RelayOptions`]).
+//!   the outbox retries after its own backoff ([`svcdb::outbox::PublishRetry`]).
 //! * **A silent or blocked broker.** Every publish, every channel opened and every close is
 //!   bounded by [`RelayConfig::confirm_timeout`]: a broker that stops answering (a network
 //!   partition that keeps the TCP connection open) fails the batch's rows after that long,
@@ -68,13 +68,20 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AmqpConfig;
-use crate::consumer::close_connection;
+use crate::connection::{
+    close_channel, close_connection, confirm_channel, confirm_channel_within,
+    connect_unless_cancelled, next_backoff, pause,
+};
 use crate::error::{Error, Result};
 use crate::publish::{self, Deadline, Unroutable};
 use crate::retention::{self, Retention};
-use crate::topology::close_channel;
 
-/// How a [`Relay`] batches, waits and reconnects. Every field has a default.
+/// How a [`Relay`] batches, waits and reconnects: the relay loop's settings. Every field has a
+/// default.
+///
+/// When a row whose publish failed is tried again is not here but the outbox's
+/// ([`svcdb::outbox::PublishRetry`], set with [`Outbox::with_publish_retry`]): it is stored
+/// with the row, so every replica and every restart follows it.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     /// Rows claimed and published per batch (one transaction). Default: 100.
@@ -240,7 +247,7 @@ impl Relay {
                     if !pause(&shutdown, backoff).await {
                         break;
                     }
-                    backoff = (backoff * 2).min(self.config.max_reconnect_backoff);
+                    backoff = next_backoff(backoff, self.config.max_reconnect_backoff);
                     continue;
                 }
             };
@@ -340,7 +347,7 @@ impl Relay {
                     if !pause(&shutdown, backoff).await {
                         break;
                     }
-                    backoff = (backoff * 2).min(self.config.max_reconnect_backoff);
+                    backoff = next_backoff(backoff, self.config.max_reconnect_backoff);
                 }
             }
         }
@@ -372,7 +379,7 @@ impl Relay {
                 if current.channel.status().connected() {
                     return Ok(session.as_ref());
                 }
-                match self.open_channel(&current.connection, shutdown).await {
+                match confirm_channel_within(&current.connection, timeout, shutdown).await {
                     Ok(Some(channel)) => {
                         current.channel = channel;
                         self.status.send_modify(|s| s.connected = true);
@@ -393,17 +400,16 @@ impl Relay {
                 self.status.send_modify(|s| s.blocked = None);
             }
         }
-        let connection = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(None),
-            connection = self.amqp.connect() => connection?,
+        let Some(connection) = connect_unless_cancelled(&self.amqp, shutdown).await else {
+            return Ok(None);
         };
+        let connection = connection?;
         // Listen before anything is published: lapin drops notifications nobody listens to.
         let watcher = tokio::spawn(watch_blocked(
             connection.events_listener(),
             self.status.clone(),
         ));
-        let channel = match self.open_channel(&connection, shutdown).await {
+        let channel = match confirm_channel_within(&connection, timeout, shutdown).await {
             Ok(Some(channel)) => channel,
             outcome => {
                 watcher.abort();
@@ -425,26 +431,6 @@ impl Relay {
             watcher,
         });
         Ok(session.as_ref())
-    }
-
-    /// A confirm-mode channel on `connection`, within the confirm timeout; `Ok(None)` when
-    /// shutdown came first.
-    async fn open_channel(
-        &self,
-        connection: &Connection,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Channel>> {
-        let timeout = self.config.confirm_timeout;
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => Ok(None),
-            opened = tokio::time::timeout(timeout, publish::confirm_channel(connection)) => match opened {
-                Ok(channel) => channel.map(Some),
-                Err(_) => Err(Error::ConnectionLost {
-                    reason: format!("RabbitMQ did not open a channel within {timeout:?}; the connection is unresponsive"),
-                }),
-            },
-        }
     }
 
     /// Keeps `error` in the status and logs it: the first of a streak as a warning, the
@@ -509,15 +495,6 @@ enum Failure {
     Database,
     /// Some rows of a batch were not published (the outbox logged and rescheduled them).
     Rows,
-}
-
-/// `false` if shutdown cut the pause short.
-async fn pause(shutdown: &CancellationToken, duration: Duration) -> bool {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(duration) => true,
-    }
 }
 
 /// Publishes one batch of outbox rows.
@@ -631,11 +608,9 @@ impl Publisher<'_> {
                     if let Some(closed) = closed {
                         close_channel(&closed).await;
                     }
-                    let opened = tokio::time::timeout_at(
-                        deadline.at,
-                        publish::confirm_channel(self.connection),
-                    )
-                    .await;
+                    let opened =
+                        tokio::time::timeout_at(deadline.at, confirm_channel(self.connection))
+                            .await;
                     match opened {
                         Ok(Ok(open)) => open,
                         Ok(Err(e)) => {

@@ -75,6 +75,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
+use crate::connection::{close_channel, open_channel};
 use crate::error::{Error, Result};
 
 /// The suffix of a service's events exchange: `catalog` publishes to `catalog.events`.
@@ -90,7 +91,7 @@ pub const DEAD_LETTER_QUEUE_SUFFIX: &str = ".dlq";
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
 /// The longest exchange or queue name AMQP carries, in bytes.
-pub const MAX_NAME_BYTES: usize = 255;
+pub const MAX_NAME_BYTES: usize = svcdb::outbox::MAX_AMQP_NAME_BYTES;
 
 /// The events exchange of `service`: `"catalog"` → `"catalog.events"`.
 pub fn events_exchange(service: &str) -> String {
@@ -330,32 +331,6 @@ impl Topology {
     }
 }
 
-pub(crate) async fn open_channel(connection: &Connection, purpose: &str) -> Result<Channel> {
-    connection
-        .create_channel()
-        .await
-        .map_err(|e| Error::amqp(format!("opening a channel for {purpose}"), e))
-}
-
-/// Longest wait for the broker to confirm a channel's close: one that went silent must not
-/// stall a shutdown (the connection's close, bounded too, ends the channel anyway).
-const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Closes a channel we opened, ignoring a channel the broker already closed.
-pub(crate) async fn close_channel(channel: &Channel) {
-    if channel.status().connected() {
-        match tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(target: "svcdb_amqp::topology", error = %e, "closing a channel failed")
-            }
-            Err(_) => {
-                tracing::debug!(target: "svcdb_amqp::topology", timeout = ?CLOSE_TIMEOUT, "closing a channel timed out")
-            }
-        }
-    }
-}
-
 async fn declare_exchange(channel: &Channel, name: &str, kind: ExchangeKind) -> Result<()> {
     let options = ExchangeDeclareOptions {
         durable: true,
@@ -404,53 +379,25 @@ async fn delete_exchange(channel: &Channel, name: &str) -> Result<()> {
         .map_err(|e| Error::amqp(format!("deleting exchange {name}"), e))
 }
 
-/// RabbitMQ's rules for exchange and queue names, plus the reserved `amq.` prefix (declaring
-/// one is refused with `ACCESS_REFUSED`, which would close the channel).
-pub(crate) fn check_name(what: &'static str, name: &str) -> Result<()> {
-    let refuse = |reason: String| Error::InvalidName {
-        what,
-        name: name.chars().take(80).collect(),
-        reason,
-    };
-    if name.is_empty() {
-        return Err(refuse(
-            "it is empty; name it, such as \"orders.reserve-stock\"".into(),
-        ));
-    }
-    if name.len() > MAX_NAME_BYTES {
-        return Err(refuse(format!(
-            "it is {} bytes long; AMQP carries at most {MAX_NAME_BYTES}",
-            name.len()
-        )));
-    }
-    if name.starts_with("amq.") {
-        return Err(refuse(
-            "names starting with \"amq.\" are reserved by RabbitMQ".into(),
-        ));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
-    {
-        return Err(refuse(format!(
-            "{bad:?} is not allowed; use letters, digits, `-`, `_`, `.` and `:`"
-        )));
-    }
-    Ok(())
+/// svcdb's rules for a name to declare ([`svcdb::outbox::check_declared_name`]: not empty,
+/// not `amq.`, at most 255 bytes of letters, digits, `-`, `_`, `.` and `:`), as this crate's
+/// error.
+fn check_name(what: &'static str, name: &str) -> Result<()> {
+    svcdb::outbox::check_declared_name(what, name).map_err(|e| invalid_name(name, e))
 }
 
+/// svcdb's rule for a routing key or binding pattern ([`svcdb::outbox::check_routing_key`]).
 fn check_routing_key(key: &str) -> Result<()> {
-    if key.len() > MAX_NAME_BYTES {
-        return Err(Error::InvalidName {
-            what: "routing key",
-            name: key.chars().take(80).collect(),
-            reason: format!(
-                "it is {} bytes long; AMQP carries at most {MAX_NAME_BYTES}",
-                key.len()
-            ),
-        });
+    svcdb::outbox::check_routing_key(key).map_err(|e| invalid_name(key, e))
+}
+
+/// svcdb's refusal as [`Error::InvalidName`], with the name cut to 80 characters.
+fn invalid_name(name: &str, refused: svcdb::ident::IdentError) -> Error {
+    Error::InvalidName {
+        what: refused.what,
+        name: name.chars().take(80).collect(),
+        reason: refused.reason,
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -124,3 +124,55 @@ async fn declaring_is_idempotent_and_conflicts_are_explained() {
     assert!(broker.connection.status().connected());
     assert_eq!(broker.ready(&queue.dead_letter_queue()).await, 0);
 }
+
+#[tokio::test]
+async fn rabbitmq_refuses_to_declare_amq_names_and_topology_refuses_them_first() {
+    use lapin::options::ExchangeDeclareOptions;
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    use lapin::types::FieldTable;
+
+    let broker = Broker::new().await;
+    let name = format!("amq.{}", common::unique("reserved"));
+    // Deleted at the end in case the broker took it after all (then the test fails anyway).
+    broker.delete_later(Topology::new().exchange(&name));
+
+    let e = Topology::new()
+        .exchange(&name)
+        .declare(&broker.connection)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidName {
+                what: "exchange",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // The control: the rule is RabbitMQ's. Declared anyway, the name is refused with
+    // ACCESS_REFUSED (which closes the channel: why topology checks first).
+    let channel = broker.connection.create_channel().await.unwrap();
+    let refused = channel
+        .exchange_declare(
+            name.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused.kind(),
+            lapin::ErrorKind::ProtocolError(amqp)
+                if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+        ),
+        "{refused}"
+    );
+}

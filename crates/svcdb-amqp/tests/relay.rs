@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{closed_port, effects, eventually, service, url_via, Broker, Proxy};
 use serde_json::json;
-use svcdb::outbox::{self, RelayOptions};
+use svcdb::outbox::{self, PublishRetry};
 use svcdb::{Envelope, Outbox, ServiceDb};
 use svcdb_amqp::topology::{QueueSpec, Topology};
 use svcdb_amqp::{AmqpConfig, Consumer, ConsumerOptions, Relay, RelayConfig, RelayStatus, Result};
@@ -27,7 +27,7 @@ fn fast() -> RelayConfig {
 
 /// Retries of failed rows after 20 ms instead of 1 s.
 fn fast_outbox(db: &ServiceDb) -> Outbox {
-    Outbox::new(db.clone()).with_options(RelayOptions {
+    Outbox::new(db.clone()).with_publish_retry(PublishRetry {
         retry_backoff: Duration::from_millis(20),
         max_retry_backoff: Duration::from_millis(100),
     })
@@ -96,6 +96,43 @@ async fn exchange_and_queue(broker: &Broker) -> (String, QueueSpec) {
         .declare(Topology::new().exchange(&exchange).queue(queue.clone()))
         .await;
     (exchange, queue)
+}
+
+#[tokio::test]
+async fn an_event_for_the_predefined_amq_topic_exchange_is_published() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    // This test's own queue, bound to RabbitMQ's amq.topic by hand: a Topology declares the
+    // exchanges it binds to, and declaring an `amq.` name is refused. Publishing to one is not.
+    let queue = QueueSpec::new(common::unique("audit"));
+    broker.declare(Topology::new().queue(queue.clone())).await;
+    let routing_key = common::unique("order.placed");
+    let channel = broker.channel().await;
+    channel
+        .queue_bind(
+            queue.name.as_str().into(),
+            "amq.topic".into(),
+            routing_key.as_str().into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = channel.close(200, "OK".into()).await;
+    let relay = start(&broker.config, fast_outbox(&db));
+
+    let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 8 }));
+    enqueue(&db, "amq.topic", &routing_key, &placed).await;
+    let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
+    eventually("the row is marked published", || async {
+        pending(&db).await == 0
+    })
+    .await;
+    relay.stop().await;
+
+    assert_eq!(got.len(), 1);
+    assert_eq!(Envelope::from_slice(&got[0].data).unwrap(), placed);
 }
 
 #[tokio::test]
@@ -490,7 +527,7 @@ async fn a_row_for_a_missing_exchange_does_not_fail_the_rest_of_its_batch() {
     }
     // Failed rows retried only after a minute: what is published, is published in the run
     // that first claimed it.
-    let outbox = Outbox::new(db.clone()).with_options(RelayOptions {
+    let outbox = Outbox::new(db.clone()).with_publish_retry(PublishRetry {
         retry_backoff: Duration::from_secs(60),
         max_retry_backoff: Duration::from_secs(60),
     });

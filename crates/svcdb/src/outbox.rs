@@ -51,7 +51,7 @@
 //!   creation order. Across replicas and retries there is no global order: a failed message is
 //!   retried after later ones went out.
 //! * **Retries.** A failed publish increments `attempts`, records `last_error`, and pushes
-//!   `next_attempt_at` back exponentially ([`RelayOptions`]); the row is retried when it is
+//!   `next_attempt_at` back exponentially ([`PublishRetry`]); the row is retried when it is
 //!   due, indefinitely. Watch [`Outbox::pending_count`] and rows with many attempts.
 
 use std::fmt::Display;
@@ -97,7 +97,8 @@ CREATE INDEX IF NOT EXISTS svcdb_outbox_published_at_idx
     ON svcdb_outbox (published_at) WHERE published_at IS NOT NULL;
 ";
 
-/// The longest exchange name or routing key AMQP carries (a short string), in bytes.
+/// The longest exchange name, queue name or routing key AMQP carries (a short string), in
+/// bytes.
 pub const MAX_AMQP_NAME_BYTES: usize = 255;
 
 /// The longest `last_error` stored, in characters; longer publisher errors are cut.
@@ -112,8 +113,9 @@ const MAX_ERROR_CHARS: usize = 2000;
 ///
 /// Refused before any SQL is sent, so that the relay never holds a row the broker cannot take:
 /// an invalid envelope or one over [`MAX_ENVELOPE_BYTES`] ([`Error::Event`]), an exchange name
-/// other than letters, digits, `-`, `_`, `.` and `:` (empty names the default exchange) or a
-/// routing key over 255 bytes ([`Error::Ident`]). Enqueueing one envelope id twice fails with
+/// other than letters, digits, `-`, `_`, `.` and `:` ([`check_exchange`]: empty names the
+/// default exchange, and `amq.topic` is fine) or a routing key over 255 bytes
+/// ([`check_routing_key`]; both [`Error::Ident`]). Enqueueing one envelope id twice fails with
 /// a unique violation (SQLSTATE 23505): make a new [`Envelope`] per event.
 pub async fn enqueue(
     tx: &tokio_postgres::Transaction<'_>,
@@ -146,27 +148,67 @@ pub async fn enqueue(
     Ok(())
 }
 
-/// RabbitMQ's rule for exchange names.
-fn check_exchange(name: &str) -> Result<(), IdentError> {
-    check_amqp_name("exchange", name)?;
+/// Checks the name of an exchange to publish to, as [`enqueue`] does before writing: at most
+/// [`MAX_AMQP_NAME_BYTES`] of letters, digits, `-`, `_`, `.` and `:`. The empty name (the
+/// default exchange) and RabbitMQ's predefined `amq.` exchanges (`amq.topic`) are accepted:
+/// publishing to them is allowed, only declaring them is not ([`check_declared_name`]).
+pub fn check_exchange(name: &str) -> Result<(), IdentError> {
+    check_name("exchange", name, Use::Publish)
+}
+
+/// Checks the name of an exchange or queue to declare (`what`: `"exchange"`, `"queue"`), as
+/// svcdb-amqp's topology does before declaring it: the rules of [`check_exchange`], and it is
+/// not empty and does not start with `amq.`. RabbitMQ reserves that prefix and refuses to
+/// declare such a name with `ACCESS_REFUSED`, which closes the channel.
+pub fn check_declared_name(what: &'static str, name: &str) -> Result<(), IdentError> {
+    check_name(what, name, Use::Declare)
+}
+
+/// Checks a routing key (or a binding's topic pattern): at most [`MAX_AMQP_NAME_BYTES`], any
+/// characters.
+pub fn check_routing_key(key: &str) -> Result<(), IdentError> {
+    check_length("routing key", key)
+}
+
+/// Where an AMQP name is used: its rules differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Published to: may name the default exchange or a predefined `amq.` one.
+    Publish,
+    /// Declared: must be a name of one's own.
+    Declare,
+}
+
+/// RabbitMQ's rules for exchange and queue names.
+fn check_name(what: &'static str, name: &str, usage: Use) -> Result<(), IdentError> {
+    let refuse = |reason: String| IdentError {
+        what,
+        shown: format!("{name:?}"),
+        reason,
+    };
+    if usage == Use::Declare && name.is_empty() {
+        return Err(refuse(
+            "it is empty; name it, such as \"orders.reserve-stock\"".into(),
+        ));
+    }
+    check_length(what, name)?;
+    if usage == Use::Declare && name.starts_with("amq.") {
+        return Err(refuse(
+            "names starting with \"amq.\" are reserved by RabbitMQ".into(),
+        ));
+    }
     if let Some(bad) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
     {
-        return Err(IdentError {
-            what: "exchange",
-            shown: format!("{name:?}"),
-            reason: format!("{bad:?} is not allowed; use letters, digits, `-`, `_`, `.` and `:`"),
-        });
+        return Err(refuse(format!(
+            "{bad:?} is not allowed; use letters, digits, `-`, `_`, `.` and `:`"
+        )));
     }
     Ok(())
 }
 
-fn check_routing_key(key: &str) -> Result<(), IdentError> {
-    check_amqp_name("routing key", key)
-}
-
-fn check_amqp_name(what: &'static str, name: &str) -> Result<(), IdentError> {
+fn check_length(what: &'static str, name: &str) -> Result<(), IdentError> {
     if name.len() > MAX_AMQP_NAME_BYTES {
         return Err(IdentError {
             what,
@@ -204,16 +246,21 @@ impl OutboxMessage {
     }
 }
 
-/// How the relay spaces out retries of a failed publish.
+/// When the outbox retries a row whose publish failed: the row's `next_attempt_at`, stored
+/// with it by [`Outbox::relay_batch`], so every relay replica and every restart follows it.
+/// Set with [`Outbox::with_publish_retry`].
+///
+/// The relay's other settings (batch size, polling, the confirm timeout, reconnecting to the
+/// broker) belong to the relay loop, not to the rows: svcdb-amqp's `RelayConfig`.
 #[derive(Debug, Clone)]
-pub struct RelayOptions {
+pub struct PublishRetry {
     /// Wait after the first failure; doubled after each further one. Default: 1 s.
     pub retry_backoff: Duration,
     /// The longest wait between attempts. Default: 5 min.
     pub max_retry_backoff: Duration,
 }
 
-impl Default for RelayOptions {
+impl Default for PublishRetry {
     fn default() -> Self {
         Self {
             retry_backoff: Duration::from_secs(1),
@@ -238,7 +285,7 @@ pub struct RelayReport {
 #[derive(Debug, Clone)]
 pub struct Outbox {
     db: ServiceDb,
-    options: RelayOptions,
+    retry: PublishRetry,
 }
 
 /// Due, unpublished rows in id order, locked; rows locked by another relay are skipped.
@@ -265,18 +312,18 @@ UPDATE svcdb_outbox o
  WHERE o.id = f.id";
 
 impl Outbox {
-    /// The outbox of `db`'s service schema, with default [`RelayOptions`].
+    /// The outbox of `db`'s service schema, with default [`PublishRetry`].
     pub fn new(db: ServiceDb) -> Self {
         Self {
             db,
-            options: RelayOptions::default(),
+            retry: PublishRetry::default(),
         }
     }
 
-    /// Replaces the retry options.
+    /// Replaces when failed rows are retried.
     #[must_use]
-    pub fn with_options(mut self, options: RelayOptions) -> Self {
-        self.options = options;
+    pub fn with_publish_retry(mut self, retry: PublishRetry) -> Self {
+        self.retry = retry;
         self
     }
 
@@ -305,8 +352,8 @@ impl Outbox {
             return Ok(RelayReport::default());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let backoff = self.options.retry_backoff.as_secs_f64();
-        let max_backoff = self.options.max_retry_backoff.as_secs_f64();
+        let backoff = self.retry.retry_backoff.as_secs_f64();
+        let max_backoff = self.retry.max_retry_backoff.as_secs_f64();
         self.db
             .transaction(async move |tx| {
                 let rows = tx.query_typed(CLAIM_SQL, &[(&limit, Type::INT8)]).await?;
@@ -441,6 +488,32 @@ mod tests {
             check_routing_key(&"k".repeat(256)).unwrap_err().what,
             "routing key"
         );
+    }
+
+    #[test]
+    fn only_declared_names_refuse_empty_and_the_amq_prefix() {
+        // Publishing to the default exchange or a predefined one is fine; declaring them is
+        // refused by RabbitMQ (ACCESS_REFUSED for the prefix).
+        for name in ["", "amq.topic", "amq.mine"] {
+            check_exchange(name).unwrap();
+            for what in ["exchange", "queue"] {
+                assert_eq!(
+                    check_declared_name(what, name).unwrap_err().what,
+                    what,
+                    "{name:?}"
+                );
+            }
+        }
+        for ok in ["orders.events", "orders-v2_x:y", "amq", "x.amq.y"] {
+            check_declared_name("exchange", ok).unwrap();
+        }
+        for bad in ["with space", "x;y", "naïve", &"a".repeat(256)] {
+            assert_eq!(
+                check_declared_name("queue", bad).unwrap_err().what,
+                "queue",
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

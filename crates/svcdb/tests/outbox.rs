@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use svcdb::event::{Envelope, EventError, MAX_ENVELOPE_BYTES};
-use svcdb::outbox::{self, Outbox, OutboxMessage, RelayOptions, RelayReport};
+use svcdb::outbox::{self, Outbox, OutboxMessage, PublishRetry, RelayReport};
 use svcdb::testing::TestDb;
 use svcdb::{Error, ServiceDb, SqlState};
 use uuid::Uuid;
@@ -242,7 +242,7 @@ async fn a_failed_publish_is_recorded_and_retried_when_due() {
         place_order(&svc, 2).await,
         place_order(&svc, 3).await,
     ];
-    let outbox = Outbox::new(svc.clone()).with_options(RelayOptions {
+    let outbox = Outbox::new(svc.clone()).with_publish_retry(PublishRetry {
         retry_backoff: Duration::from_secs(3600),
         max_retry_backoff: Duration::from_secs(90 * 60),
     });

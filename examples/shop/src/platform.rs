@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use svcdb::migrate::{EmbeddedMigrations, Migrations, Migrator, UpReport};
-use svcdb::outbox::{self, RelayOptions};
+use svcdb::outbox::{self, PublishRetry};
 use svcdb::{Envelope, Gate, GateReport, Ident, Outbox, ServiceDb, Transaction};
 use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
 use svcdb_amqp::{
@@ -157,7 +157,7 @@ impl Names {
 pub struct Tuning {
     pub consumer: ConsumerOptions,
     pub relay: RelayConfig,
-    pub outbox: RelayOptions,
+    pub outbox: PublishRetry,
 }
 
 impl Tuning {
@@ -166,7 +166,7 @@ impl Tuning {
         Self {
             consumer: ConsumerOptions::default(),
             relay: RelayConfig::default(),
-            outbox: RelayOptions::default(),
+            outbox: PublishRetry::default(),
         }
     }
 
@@ -190,7 +190,7 @@ impl Tuning {
                 max_reconnect_backoff: cap,
                 ..RelayConfig::default()
             },
-            outbox: RelayOptions {
+            outbox: PublishRetry {
                 retry_backoff: Duration::from_millis(200),
                 max_retry_backoff: Duration::from_secs(2),
             },
@@ -438,7 +438,7 @@ pub async fn start(launch: Launch) -> anyhow::Result<Started> {
     });
 
     if def.publishes {
-        let relay_outbox = Outbox::new(db.clone()).with_options(tuning.outbox.clone());
+        let relay_outbox = Outbox::new(db.clone()).with_publish_retry(tuning.outbox.clone());
         let relay = Relay::new(&amqp, relay_outbox).with_config(tuning.relay.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
