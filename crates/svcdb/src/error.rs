@@ -92,7 +92,7 @@ pub enum Error {
 
     /// Tables the service needs are missing from its schema
     /// ([`ServiceDb::require_tables`](crate::ServiceDb::require_tables)).
-    #[error("schema {schema} lacks {}: {}\n  hint: {}", if tables.len() == 1 { "table" } else { "tables" }, tables.join(", "), crate::schema::MISSING_TABLES_HINT)]
+    #[error("schema {schema} lacks {}: {}\n  hint: {}", if tables.len() == 1 { "table" } else { "tables" }, tables.join(", "), MISSING_TABLES_HINT)]
     MissingTables {
         /// The service schema.
         schema: String,
@@ -322,6 +322,11 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
         }
     }
 }
+
+/// The hint for tables missing from the service schema ([`Error::MissingTables`], and the
+/// gate's [`Problem::MissingTable`](crate::schema::Problem::MissingTable)).
+pub(crate) const MISSING_TABLES_HINT: &str =
+    "run `svcdb migrate up` if migrations create the missing tables; otherwise check that SVCDB_SCHEMA names the service's schema";
 
 /// What to do about connection attempts that got no answer.
 pub(crate) const NO_ANSWER_HINT: &str = "check that DATABASE_URL names PostgreSQL's host and port (what answers there is not PostgreSQL, or is stuck); for a slow server or network, raise SVCDB_CONNECT_TIMEOUT";
