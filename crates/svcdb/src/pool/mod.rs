@@ -5,6 +5,7 @@
 //! error, a minimum of warm connections, idle and lifetime limits, a ping for connections that
 //! sat idle, and wait statistics.
 
+mod install;
 mod maintenance;
 mod status;
 
