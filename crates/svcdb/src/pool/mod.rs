@@ -222,7 +222,7 @@ impl ServiceDb {
                         // Every attempt would fail alike: the cause now, not a timeout later.
                         return Err(Error::Connect {
                             target: self.inner.config.target(),
-                            source: e,
+                            cause: e,
                         });
                     }
                     let message = pg_message(&e);
