@@ -37,6 +37,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use svcdb::error::Report;
 use svcdb_amqp::AmqpConfig;
 use tracing_subscriber::EnvFilter;
 
@@ -182,7 +183,7 @@ fn exit(outcome: anyhow::Result<()>) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", Report::new(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -215,11 +216,12 @@ async fn demo(args: DemoArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let report = Report::new(e.as_ref());
+            eprintln!("error: {report}");
             if args.json {
                 println!(
                     "{}",
-                    serde_json::json!({ "ok": false, "error": format!("{e:#}") })
+                    serde_json::json!({ "ok": false, "error": report.to_string() })
                 );
             }
             ExitCode::FAILURE
