@@ -206,20 +206,20 @@ fn classify_connect_error(e: lapin::Error, url: String, user: String) -> Error {
         lapin::ErrorKind::IOError(io) => Error::Unreachable {
             url,
             reason: io.to_string(),
-            source: Box::new(e),
+            cause: Box::new(e),
         },
         lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Error::AccessRefused { url, user },
             _ => Error::Refused {
                 url,
                 reason: amqp.get_message().to_string(),
-                source: Box::new(e),
+                cause: Box::new(e),
             },
         },
         _ => Error::Refused {
             url,
             reason: e.to_string(),
-            source: Box::new(e),
+            cause: Box::new(e),
         },
     }
 }

@@ -1,7 +1,9 @@
 //! The crate's error type.
 //!
 //! Match on the variant for the kind of failure; the `Display` text says what went wrong and
-//! what to do, and may change. No variant carries an AMQP URL with its password: URLs are
+//! what to do, and may change. As in svcdb ([`svcdb::error`]), a cause shown in the message is
+//! not also the error's `source()`: print an error with `{e}`, or a chain of them with
+//! [`svcdb::error::Report`]. No variant carries an AMQP URL with its password: URLs are
 //! stored redacted ([`crate::config::redact_url`]).
 
 use std::time::Duration;
@@ -40,9 +42,9 @@ pub enum Error {
         url: String,
         /// The I/O error's message.
         reason: String,
-        /// lapin's error (boxed: it is large, and errors travel through every `Result`).
-        #[source]
-        source: Box<lapin::Error>,
+        /// lapin's error (boxed: it is large, and errors travel through every `Result`; shown
+        /// in the message, so not the error's `source()`).
+        cause: Box<lapin::Error>,
     },
 
     /// The connection (TCP and AMQP handshake) did not complete in time.
@@ -72,21 +74,20 @@ pub enum Error {
         url: String,
         /// The broker's reply text.
         reason: String,
-        /// lapin's error (boxed: it is large, and errors travel through every `Result`).
-        #[source]
-        source: Box<lapin::Error>,
+        /// lapin's error (boxed: it is large, and errors travel through every `Result`; shown
+        /// in the message, so not the error's `source()`).
+        cause: Box<lapin::Error>,
     },
 
     /// An AMQP operation failed: a declaration the broker refused, a publish on a closed
     /// channel, …
-    #[error("{action} failed: {source}{}", amqp_hint(source))]
+    #[error("{action} failed: {cause}{}", amqp_hint(cause))]
     Amqp {
         /// What was being done: `"declaring queue orders.reserve-stock"`.
         action: String,
         /// lapin's error, with the broker's reply code and text when it sent one (boxed: it
-        /// is large).
-        #[source]
-        source: Box<lapin::Error>,
+        /// is large; shown in the message, so not the error's `source()`).
+        cause: Box<lapin::Error>,
     },
 
     /// The broker did not confirm a publish within the timeout; it may or may not have taken
@@ -129,7 +130,7 @@ impl Error {
             Error::Unreachable { .. }
             | Error::ConnectTimeout { .. }
             | Error::ConnectionLost { .. } => true,
-            Error::Amqp { source, .. } => is_connection_level(source),
+            Error::Amqp { cause, .. } => is_connection_level(cause),
             _ => false,
         }
     }
@@ -141,10 +142,10 @@ impl Error {
         }
     }
 
-    pub(crate) fn amqp(action: impl Into<String>, source: lapin::Error) -> Self {
+    pub(crate) fn amqp(action: impl Into<String>, cause: lapin::Error) -> Self {
         Error::Amqp {
             action: action.into(),
-            source: Box::new(source),
+            cause: Box::new(cause),
         }
     }
 }

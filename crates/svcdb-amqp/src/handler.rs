@@ -142,7 +142,13 @@ impl HandlerError {
     pub fn is_database_unavailable(&self) -> bool {
         let mut next: Option<&(dyn StdError + 'static)> = Some(&*self.inner);
         while let Some(e) = next {
+            // svcdb's errors keep the driver's error out of their `source()` (svcdb::error's
+            // rule), so each is asked, including one inside this crate's transparent `Db`.
             if let Some(e) = e.downcast_ref::<svcdb::Error>() {
+                if e.is_database_unavailable() {
+                    return true;
+                }
+            } else if let Some(crate::Error::Db(e)) = e.downcast_ref::<crate::Error>() {
                 if e.is_database_unavailable() {
                     return true;
                 }
@@ -172,19 +178,11 @@ impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
 }
 
 impl fmt::Display for HandlerError {
-    /// The error and each cause whose text it does not already contain.
+    /// The error and its causes as [`svcdb::error::Report`] renders them: each message once,
+    /// then the hints.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut text = self.inner.to_string();
-        let mut source = self.inner.source();
-        while let Some(cause) = source {
-            let more = cause.to_string();
-            if !text.contains(&more) {
-                text.push_str(": ");
-                text.push_str(&more);
-            }
-            source = cause.source();
-        }
-        f.write_str(&text)
+        let inner: &(dyn StdError + 'static) = &*self.inner;
+        svcdb::error::Report::new(inner).fmt(f)
     }
 }
 

@@ -593,7 +593,7 @@ impl Publisher<'_> {
         for (message, result) in messages.iter().zip(results.iter_mut()) {
             let retry = match result {
                 None => true,
-                Some(Err(Error::Amqp { source, .. })) => !crate::error::is_connection_level(source),
+                Some(Err(Error::Amqp { cause, .. })) => !crate::error::is_connection_level(cause),
                 Some(_) => false,
             };
             if !retry {

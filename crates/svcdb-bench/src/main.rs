@@ -18,6 +18,8 @@ mod pg;
 mod pool;
 mod report;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 /// The server the benchmarks use when neither `--database-url` nor `DATABASE_URL` says
@@ -59,8 +61,17 @@ enum Command {
     Events(events::EventsArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", svcdb::error::Report::new(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

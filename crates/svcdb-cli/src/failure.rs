@@ -9,12 +9,13 @@
 //! * `code`: the SQLSTATE the server reported (`"42501"`, `"28P01"`, …), else the kind of
 //!   error (see [`Failure::code`]).
 //!
-//! Every error of the binary goes through [`Failure`]: svcdb's errors carry their hints in their
-//! text (`\n  hint: …`), and an error wrapped in context would otherwise print a cause's hint
-//! twice, or a hint apart from its error.
+//! Every error of the binary goes through [`Failure`], which renders it with the library's
+//! [`Report`]: svcdb's errors carry their hints in their text (`\n  hint: …`), and an error
+//! wrapped in context would otherwise print a cause's hint twice, or a hint apart from its error.
 
 use std::time::Duration;
 
+use svcdb::error::Report;
 use svcdb::migrate::MigrateError;
 use svcdb::tokio_postgres::error::DbError;
 use svcdb::{DedicatedConn, SqlState, Tls};
@@ -66,35 +67,14 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// The failure `e` describes: its text split into error and hints, and its code.
+    /// The failure `e` describes: its chain rendered by [`svcdb::error::Report`] (each message
+    /// once, every distinct hint), and its code.
     pub fn new(e: &anyhow::Error) -> Self {
-        let mut error = String::new();
-        let mut hints: Vec<String> = Vec::new();
-        for cause in e.chain() {
-            let text = cause.to_string();
-            let mut parts = text.split(HINT);
-            let message = parts.next().unwrap_or_default();
-            if !error.contains(message) {
-                if !error.is_empty() {
-                    error.push_str(": ");
-                }
-                error.push_str(message);
-            }
-            for hint in parts {
-                if !hints.iter().any(|h| h == hint) {
-                    hints.push(hint.to_owned());
-                }
-            }
-            // svcdb's errors already hold their causes' text (better worded than the driver's
-            // `db error: …`), so the chain stops at them.
-            if cause.is::<svcdb::Error>() || cause.is::<MigrateError>() {
-                break;
-            }
-        }
+        let report = Report::new(e.as_ref());
         let usage = e.chain().any(|c| c.is::<Usage>());
         Self {
-            error,
-            hint: (!hints.is_empty()).then(|| hints.join("\n")),
+            error: report.message().to_owned(),
+            hint: (!report.hints().is_empty()).then(|| report.hints().join("\n")),
             code: Self::code(e),
             exit: if usage { 64 } else { 1 },
         }
@@ -239,6 +219,22 @@ fn migrate_kind(e: &MigrateError) -> &'static str {
     }
 }
 
+/// The server's error a link of the chain is or carries: svcdb's errors show the driver's error
+/// in their message rather than return it as `source()`, so it is asked of them.
+fn db_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a DbError> {
+    if let Some(db) = cause.downcast_ref::<DbError>() {
+        return Some(db);
+    }
+    if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
+        return e.as_db_error();
+    }
+    match cause.downcast_ref::<MigrateError>()? {
+        MigrateError::Db(e) => e.as_db_error(),
+        MigrateError::Failed(failure) => failure.cause.as_db_error(),
+        _ => None,
+    }
+}
+
 /// For `permission denied for schema X` (42501): which role owns X, and what the connected
 /// role could do instead. The server's error names the schema but not its owner, so this asks
 /// the database, on a connection of its own made as the failed one was; `None` when the error
@@ -246,7 +242,7 @@ fn migrate_kind(e: &MigrateError) -> &'static str {
 async fn schema_owner_hint(e: &anyhow::Error, global: &Global) -> Option<String> {
     /// Longest wait for the answer: the hint must not hold up the error.
     const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
-    let db = e.chain().find_map(|c| c.downcast_ref::<DbError>())?;
+    let db = e.chain().find_map(db_error)?;
     if *db.code() != SqlState::INSUFFICIENT_PRIVILEGE {
         return None;
     }

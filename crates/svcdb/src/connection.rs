@@ -49,9 +49,9 @@ impl DedicatedConn {
         T: MakeTlsConnect<Socket>,
         T::Stream: Send + 'static,
     {
-        let (client, connection) = config.connect(tls).await.map_err(|source| Error::Connect {
+        let (client, connection) = config.connect(tls).await.map_err(|cause| Error::Connect {
             target: describe_target(config),
-            source,
+            cause,
         })?;
         let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {

@@ -1,7 +1,24 @@
-//! The library's error type.
+//! The library's error type, and how svcdb's errors are shown to people ([`Report`]).
 //!
 //! Match on the variant for the kind of failure and on [`Error::code`] for the SQLSTATE the
 //! server reported; the `Display` text is for people and may change.
+//!
+//! # One rule for causes: in the message, not in `source()`
+//!
+//! An error of svcdb (this [`Error`], [`MigrateError`](crate::migrate::MigrateError), svcdb-amqp's)
+//! that shows its cause in its message does not also return it from
+//! [`source()`](std::error::Error::source): the cause is in one place, never two. The message
+//! is where it belongs here because svcdb words causes better than their own `Display` does
+//! (the driver says `db error` and leaves the server's message, SQLSTATE, detail and hint in its
+//! source chain), and because services print errors with `{e}` and log them with `%e`: that
+//! must tell the whole story, with its `hint:` lines. What a program needs of the cause it
+//! gets from the error's methods ([`Error::code`], [`Error::as_db_error`],
+//! [`Error::tls_failure`], [`Error::is_database_unavailable`]), not by walking the chain.
+//!
+//! A wrapper that adds context (anyhow's `context`, an error of your own with `#[source]`) and
+//! does not quote its cause keeps it in `source()`: [`Report`] renders such a chain, each
+//! message once, with every hint gathered at the end. Every svcdb binary prints its errors
+//! with it.
 
 use std::fmt;
 use std::time::Duration;
@@ -59,8 +76,8 @@ pub enum Error {
         size: usize,
         /// The pool's maximum size.
         max_size: usize,
-        /// The last connection error, if opening a connection failed.
-        #[source]
+        /// The last connection error, if opening a connection failed (shown in the message,
+        /// so not the error's `source()`).
         cause: Option<tokio_postgres::Error>,
         /// How long the last attempt to open a connection waited for the server, when it got
         /// no answer in that time (something accepted the connection and said nothing).
@@ -76,23 +93,25 @@ pub enum Error {
     /// not exist), reported on the first attempt instead of after the acquire timeout.
     #[error(
         "cannot connect to {target}: {}{}",
-        pg_message(source),
-        ConnectHint(source)
+        pg_message(cause),
+        ConnectHint(cause)
     )]
     Connect {
         /// `user@host:port/dbname`, never with the password.
         target: String,
-        /// The driver's error.
-        source: tokio_postgres::Error,
+        /// The driver's error (shown in the message, so not the error's `source()`).
+        cause: tokio_postgres::Error,
     },
 
-    /// A statement failed; [`Error::code`] gives the SQLSTATE.
+    /// A statement failed; [`Error::code`] gives the SQLSTATE, [`Error::as_db_error`] the
+    /// server's whole error. The message is the server's (the driver's error is not the
+    /// `source()`: see the [module docs](self)).
     #[error("{}", pg_message(.0))]
-    Db(#[from] tokio_postgres::Error),
+    Db(tokio_postgres::Error),
 
     /// Tables the service needs are missing from its schema
     /// ([`ServiceDb::require_tables`](crate::ServiceDb::require_tables)).
-    #[error("schema {schema} lacks {}: {}\n  hint: {}", if tables.len() == 1 { "table" } else { "tables" }, tables.join(", "), crate::schema::MISSING_TABLES_HINT)]
+    #[error("schema {schema} lacks {}: {}\n  hint: {}", if tables.len() == 1 { "table" } else { "tables" }, tables.join(", "), MISSING_TABLES_HINT)]
     MissingTables {
         /// The service schema.
         schema: String,
@@ -128,6 +147,13 @@ impl Error {
             return Some(&SqlState::INVALID_SCHEMA_NAME);
         }
         self.driver_error()?.code()
+    }
+
+    /// The server's error, for this error or its cause: its message, detail, hint, position and
+    /// the object it names, as the server sent them. `None` when the server reported nothing
+    /// (no connection, a connection that broke, a refusal of svcdb's own).
+    pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
+        self.driver_error()?.as_db_error()
     }
 
     /// Why the connection failed in TLS, for this error or its cause (for
@@ -170,7 +196,7 @@ impl Error {
     /// The driver's error this error is or carries.
     fn driver_error(&self) -> Option<&tokio_postgres::Error> {
         match self {
-            Error::Db(e) | Error::Connect { source: e, .. } => Some(e),
+            Error::Db(e) | Error::Connect { cause: e, .. } => Some(e),
             Error::AcquireTimeout { cause, .. } => cause.as_ref(),
             _ => None,
         }
@@ -181,6 +207,14 @@ impl Error {
             key: key.into(),
             message: message.into(),
         }
+    }
+}
+
+/// A statement's error: the cause is in the message (see the [module docs](self)), so this is
+/// written by hand rather than with `#[from]`, which would also make it the `source()`.
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::Db(e)
     }
 }
 
@@ -273,18 +307,82 @@ pub fn pg_message(e: &tokio_postgres::Error) -> String {
         }
         return s;
     }
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        // io::Error repeats its inner error as its source; print each message once.
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
+    Report::new(e).message
+}
+
+/// An error and its causes, rendered for people: [`Report::message`] joins the message of
+/// each link of the `source()` chain with `: `, and [`Report::hints`] gathers the `hint:`
+/// lines svcdb's messages end with, each distinct hint once. `Display` writes the message and
+/// then one `\n  hint: …` line per hint, as every svcdb binary prints a failure:
+///
+/// ```
+/// use svcdb::error::Report;
+///
+/// let e = svcdb::Error::PoolClosed;
+/// assert_eq!(Report::new(&e).to_string(), "the connection pool is closed");
+/// ```
+///
+/// svcdb's errors follow the [one rule](self) and need nothing more. Other crates' errors may
+/// show their cause and also return it as `source()` (lapin writes `IO error: <cause>` and
+/// returns the cause too): a link whose message the rendered text already holds is skipped, so
+/// each message appears once whatever the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    message: String,
+    hints: Vec<String>,
+}
+
+impl Report {
+    /// Renders `error` and its `source()` chain. For an `anyhow::Error`, pass `e.as_ref()`.
+    pub fn new(error: &(dyn std::error::Error + 'static)) -> Self {
+        let mut report = Report {
+            message: String::new(),
+            hints: Vec::new(),
+        };
+        let mut next = Some(error);
+        while let Some(link) = next {
+            let text = link.to_string();
+            let mut parts = text.split(HINT);
+            let message = parts.next().unwrap_or_default();
+            if !report.message.contains(message) {
+                if !report.message.is_empty() {
+                    report.message.push_str(": ");
+                }
+                report.message.push_str(message);
+            }
+            for hint in parts {
+                if !report.hints.iter().any(|h| h == hint) {
+                    report.hints.push(hint.to_owned());
+                }
+            }
+            next = link.source();
         }
-        source = cause.source();
+        report
     }
-    s
+
+    /// What went wrong: the error's message and its causes', each once, without the hints.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// What to do: every distinct hint of the chain, outermost error's first.
+    pub fn hints(&self) -> &[String] {
+        &self.hints
+    }
+}
+
+/// Where a hint starts in svcdb's messages.
+const HINT: &str = "\n  hint: ";
+
+/// The message, then one `\n  hint: …` line per hint.
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        for hint in &self.hints {
+            write!(f, "{HINT}{hint}")?;
+        }
+        Ok(())
+    }
 }
 
 struct AcquireTimeoutDisplay<'a>(&'a Error);
@@ -322,6 +420,11 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
         }
     }
 }
+
+/// The hint for tables missing from the service schema ([`Error::MissingTables`], and the
+/// gate's [`Problem::MissingTable`](crate::schema::Problem::MissingTable)).
+pub(crate) const MISSING_TABLES_HINT: &str =
+    "run `svcdb migrate up` if migrations create the missing tables; otherwise check that SVCDB_SCHEMA names the service's schema";
 
 /// What to do about connection attempts that got no answer.
 pub(crate) const NO_ANSWER_HINT: &str = "check that DATABASE_URL names PostgreSQL's host and port (what answers there is not PostgreSQL, or is stuck); for a slow server or network, raise SVCDB_CONNECT_TIMEOUT";
@@ -383,5 +486,100 @@ impl fmt::Display for SchemaMissingDisplay<'_> {
             f.write_str("\n  hint: create")?;
         }
         write!(f, " the schema with the service's own role, `svcdb provision --service <name> --schema {schema}`, or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wrapper that adds context and keeps its cause in `source()`, as the rule asks.
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot start the service\n  hint: see the cause")]
+    struct Context(#[source] Error);
+
+    /// A foreign error that breaks the rule as lapin's do: its cause in its message and in
+    /// its `source()`.
+    #[derive(Debug, thiserror::Error)]
+    #[error("IO error: {0}")]
+    struct Repeats(#[source] std::io::Error);
+
+    /// A driver error from a refused connection.
+    async fn refused() -> tokio_postgres::Error {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let url = format!("postgres://nobody@127.0.0.1:{port}/none");
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        match config.connect(tokio_postgres::NoTls).await {
+            Err(e) => e,
+            Ok(_) => panic!("port {port} was free a moment ago, yet something answered"),
+        }
+    }
+
+    /// How many links of the chain show `needle`: what a renderer printing every link repeats.
+    fn links_showing(e: &(dyn std::error::Error + 'static), needle: &str) -> usize {
+        std::iter::successors(Some(e), |e| e.source())
+            .filter(|e| e.to_string().contains(needle))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn svcdb_errors_show_their_cause_in_the_message_not_in_source() {
+        let shown = pg_message(&refused().await);
+        let errors = [
+            Error::Db(refused().await),
+            Error::Connect {
+                target: "nobody@127.0.0.1/none".into(),
+                cause: refused().await,
+            },
+            Error::AcquireTimeout {
+                waited: Duration::from_millis(1),
+                target: "nobody@127.0.0.1/none".into(),
+                size: 0,
+                max_size: 1,
+                cause: Some(refused().await),
+                no_answer_within: None,
+            },
+        ];
+        for e in &errors {
+            assert!(std::error::Error::source(e).is_none(), "{e:?}");
+            assert!(e.to_string().contains(&shown), "{e}");
+            assert_eq!(links_showing(e, "refused"), 1, "{e:?}");
+        }
+        // Control: an error that keeps its cause in `source()` is told apart.
+        assert!(std::error::Error::source(&Context(Error::PoolClosed)).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_report_shows_each_message_once_and_gathers_the_hints() {
+        let e = Context(Error::Connect {
+            target: "nobody@127.0.0.1/none".into(),
+            cause: refused().await,
+        });
+        let report = Report::new(&e);
+        assert_eq!(report.message().matches("refused").count(), 1, "{report}");
+        assert!(
+            report
+                .message()
+                .starts_with("cannot start the service: cannot connect to nobody@127.0.0.1/none: "),
+            "{report}"
+        );
+        assert_eq!(report.hints().len(), 2, "{report:?}");
+        assert_eq!(report.hints()[0], "see the cause");
+        assert_eq!(
+            report.to_string().matches("\n  hint: ").count(),
+            2,
+            "{report}"
+        );
+
+        // A foreign error that repeats its cause is shown once too; the control shows that
+        // its chain does repeat it.
+        let foreign = Repeats(std::io::Error::other("broker went away"));
+        assert_eq!(links_showing(&foreign, "broker went away"), 2);
+        let report = Report::new(&foreign);
+        assert_eq!(report.message(), "IO error: broker went away");
+        assert!(report.hints().is_empty());
     }
 }

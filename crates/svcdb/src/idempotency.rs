@@ -350,7 +350,7 @@ impl ServiceDb {
     /// ([`PROCESSED_EVENTS_SQL`]). Idempotent, and safe when several replicas start at once.
     /// Needs `CREATE` on the schema (the service role owns it after `svcdb provision`).
     pub async fn install_idempotency(&self) -> Result<()> {
-        crate::event::install_ddl(self, PROCESSED_EVENTS_SQL).await
+        self.install_ddl(PROCESSED_EVENTS_SQL).await
     }
 }
 

@@ -466,7 +466,7 @@ impl ServiceDb {
     /// Idempotent, and safe when several replicas start at once. Needs `CREATE` on the schema
     /// (the service role owns it after `svcdb provision`).
     pub async fn install_outbox(&self) -> Result<()> {
-        crate::event::install_ddl(self, OUTBOX_SQL).await
+        self.install_ddl(OUTBOX_SQL).await
     }
 }
 

@@ -37,16 +37,11 @@ use serde::{Serialize, Serializer};
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use crate::error::{pg_message, Error, Result};
+use crate::error::{pg_message, Error, Result, MISSING_TABLES_HINT};
 use crate::ident::Ident;
 use crate::migrate::history::{self, History};
 use crate::migrate::{EmbeddedMigrations, MigrationState, Migrations, StatusReport, HISTORY_TABLE};
 use crate::pool::ServiceDb;
-
-/// The hint for tables missing from the service schema (a [`Problem::MissingTable`] and
-/// [`Error::MissingTables`]).
-pub(crate) const MISSING_TABLES_HINT: &str =
-    "run `svcdb migrate up` if migrations create the missing tables; otherwise check that SVCDB_SCHEMA names the service's schema";
 
 /// The service schema's relations a query can read: `$1` is the schema's name. A macro, not a
 /// `const`, so `concat!` can build both queries below from the one definition.

@@ -41,6 +41,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use svcdb::error::Report;
 use svcdb_amqp::AmqpConfig;
 use tracing_subscriber::EnvFilter;
 
@@ -230,7 +231,7 @@ fn exit(outcome: anyhow::Result<()>) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", Report::new(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -282,11 +283,12 @@ async fn demo(args: DemoArgs) -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let report = Report::new(e.as_ref());
+            eprintln!("error: {report}");
             if args.json {
                 println!(
                     "{}",
-                    serde_json::json!({ "ok": false, "error": format!("{e:#}") })
+                    serde_json::json!({ "ok": false, "error": report.to_string() })
                 );
             }
             ExitCode::FAILURE

@@ -280,8 +280,8 @@ impl Generator {
             (format!("{plural}_{round}"), format!("{singular}_{round}"))
         };
         // Two tables out of three reference an earlier one, about halfway back.
-        let parent =
-            (self.created % 3 != 0 && !self.tables.is_empty()).then_some(self.tables.len() / 2);
+        let parent = (!self.created.is_multiple_of(3) && !self.tables.is_empty())
+            .then_some(self.tables.len() / 2);
         self.created += 1;
         let mut table = Table {
             name: name.clone(),

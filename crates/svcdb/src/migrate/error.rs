@@ -145,8 +145,8 @@ pub struct MigrationFailure {
     pub name: String,
     /// Up or down.
     pub direction: super::Direction,
-    /// The server's error.
-    #[source]
+    /// The server's error (shown in the message, so not the error's `source()`: see
+    /// [`crate::error`]).
     pub cause: tokio_postgres::Error,
     /// Versions this command applied (or reverted, for a down) that stay in effect.
     pub applied: Vec<i64>,

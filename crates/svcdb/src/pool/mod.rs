@@ -5,6 +5,7 @@
 //! error, a minimum of warm connections, idle and lifetime limits, a ping for connections that
 //! sat idle, and wait statistics.
 
+mod install;
 mod maintenance;
 mod status;
 
@@ -221,7 +222,7 @@ impl ServiceDb {
                         // Every attempt would fail alike: the cause now, not a timeout later.
                         return Err(Error::Connect {
                             target: self.inner.config.target(),
-                            source: e,
+                            cause: e,
                         });
                     }
                     let message = pg_message(&e);
