@@ -867,8 +867,8 @@ async fn a_consumer_without_handlers_or_queue_is_refused() {
         .on(KIND, |tx, event| Box::pin(record(tx, event)));
     let e = consumer.run(CancellationToken::new()).await.unwrap_err();
     let not_found = match &e {
-        svcdb_amqp::Error::Amqp { source, .. } => matches!(
-            source.kind(),
+        svcdb_amqp::Error::Amqp { cause, .. } => matches!(
+            cause.kind(),
             lapin::ErrorKind::ProtocolError(amqp) if matches!(
                 amqp.kind(),
                 lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)

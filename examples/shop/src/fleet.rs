@@ -126,6 +126,7 @@ impl Fleet {
             .kill_on_drop(true);
         #[cfg(target_os = "linux")]
         // SAFETY: prctl is async-signal-safe, and this runs in the child between fork and exec.
+        #[allow(unsafe_code)]
         unsafe {
             command.pre_exec(|| {
                 // The child gets SIGKILL when the thread that started it exits: a runtime
@@ -284,6 +285,7 @@ impl Fleet {
         let stops = replicas.into_iter().map(|mut replica| async move {
             if let Some(pid) = replica.child.id() {
                 // SAFETY: kill(2) on our own child's pid, which it keeps until we wait for it.
+                #[allow(unsafe_code)]
                 unsafe {
                     libc::kill(pid as libc::pid_t, libc::SIGTERM);
                 }

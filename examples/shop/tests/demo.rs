@@ -366,6 +366,7 @@ async fn ctrl_c_stops_every_process_and_removes_everything() {
         "the replicas run as processes"
     );
     // SAFETY: kill(2) on our own child, not yet waited for.
+    #[allow(unsafe_code)]
     unsafe {
         libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGINT);
     }
