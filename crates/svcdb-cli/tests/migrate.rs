@@ -138,7 +138,7 @@ async fn up_prints_each_migration_with_its_duration_then_status_is_up_to_date() 
     let p = Project::new().await;
     p.write(THREE);
     let out = p.run(&["migrate", "up"]).expect_code(0);
-    for step in ["1 create_items", "2 add_name", "3 create_tags"] {
+    for step in ["0001 create_items", "0002 add_name", "0003 create_tags"] {
         assert!(
             out.stdout
                 .lines()
@@ -183,7 +183,7 @@ async fn a_new_pending_file_makes_status_exit_2_until_up() {
 
     // With --json, stdout is the report alone and the progress goes to stderr.
     let out = p.run(&["migrate", "up", "--json"]).expect_code(0);
-    assert!(out.stderr.contains("up 4 create_notes"), "{out}");
+    assert!(out.stderr.contains("up 0004 create_notes"), "{out}");
     let report = out.json();
     assert_eq!(versions(&report["migrations"]), [4]);
     assert_eq!(report["current_version"], "0004");
@@ -230,7 +230,7 @@ async fn down_reverts_one_step_by_default_and_everything_with_to_0() {
     p.run(&["migrate", "up"]).expect_code(0);
 
     let out = p.run(&["migrate", "down"]).expect_code(0);
-    assert!(out.stdout.contains("down 3 create_tags"), "{out}");
+    assert!(out.stdout.contains("down 0003 create_tags"), "{out}");
     assert_eq!(p.tables().await, ["items", HISTORY]);
 
     let plan = p
@@ -268,8 +268,8 @@ async fn redo_reverts_and_reapplies_the_newest_migration() {
     assert_eq!(versions(&report["up"]["migrations"]), [3]);
 
     let out = p.run(&["migrate", "redo"]).expect_code(0);
-    assert!(out.stdout.contains("down 3 create_tags"), "{out}");
-    assert!(out.stdout.contains("up 3 create_tags"), "{out}");
+    assert!(out.stdout.contains("down 0003 create_tags"), "{out}");
+    assert!(out.stdout.contains("up 0003 create_tags"), "{out}");
     p.run(&["migrate", "status"]).expect_code(0);
     assert_eq!(p.tables().await, ["items", HISTORY, "tags"]);
 }
@@ -319,7 +319,7 @@ async fn a_failure_after_a_non_transactional_migration_is_undone_with_the_downs(
     assert!(out.stderr.contains("0003_broken.up.sql"), "{out}");
     assert!(out.stderr.contains("no_such_table"), "{out}");
     // The versions undone, newest first, are listed.
-    assert!(out.stderr.contains("2, 1"), "{out}");
+    assert!(out.stderr.contains("0002, 0001"), "{out}");
 
     let status = p
         .run(&["migrate", "status", "--json"])
@@ -341,7 +341,7 @@ async fn a_half_applied_non_transactional_migration_is_dirty_until_repair() {
     assert!(out.stderr.contains("0001_partial.up.sql, line 3"), "{out}");
 
     let out = p.run(&["migrate", "status", "--json"]).expect_code(1);
-    assert_eq!(out.json()["dirty"], 1);
+    assert_eq!(out.json()["dirty"], "0001");
     assert_eq!(states(&out.json()), ["dirty"]);
     assert!(out.stderr.contains("repair"), "{out}");
     p.run(&["migrate", "up"]).expect_code(1);
@@ -584,7 +584,7 @@ async fn a_running_migration_is_in_progress_not_dirty() {
     let out = p.run(&["migrate", "status", "--json"]).expect_code(2);
     let status = out.json();
     assert_eq!(states(&status), ["applied", "in_progress"], "{out}");
-    assert_eq!(status["in_progress"], 2);
+    assert_eq!(status["in_progress"], "0002");
     assert!(status["dirty"].is_null(), "{out}");
     let out = p.run(&["migrate", "status"]).expect_code(2);
     assert!(out.stdout.contains("in progress"), "{out}");

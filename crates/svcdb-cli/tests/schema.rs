@@ -74,7 +74,7 @@ async fn verify_lists_every_problem_until_migrated_then_passes() {
     assert_eq!(report["migrations_checked"], true);
     let out = p.run(&["schema", "verify"]).expect_code(0);
     assert!(
-        out.stdout.starts_with("ready: schema svc, migration 2"),
+        out.stdout.starts_with("ready: schema svc, migration 0002"),
         "{out}"
     );
 
