@@ -488,19 +488,25 @@ async fn adopt(global: &Global, args: AdoptArgs) -> Result<Outcome> {
             .iter()
             .map(|m| format!("{verb} {} {} as applied", m.version, m.name))
             .collect();
-        lines.push(format!(
-            "{}adopted schema {} from {} ({}): {} {verb}, {} already recorded, {} pending; {} was left as it was",
-            if r.dry_run { "dry run: nothing changed; would have " } else { "" },
-            r.schema,
-            r.from,
-            r.table,
+        let counts = format!(
+            "{} to record, {} already recorded, {} pending",
             count(r.recorded.len()),
             r.already_recorded.len(),
-            r.pending.len(),
-            r.table
-        ));
+            r.pending.len()
+        );
+        lines.push(if r.dry_run {
+            format!(
+                "dry run: nothing changed; adopting schema {} from {} ({}) would find {counts}",
+                r.schema, r.from, r.table
+            )
+        } else {
+            format!(
+                "adopted schema {} from {} ({}): {counts}; {} was left as it was",
+                r.schema, r.from, r.table, r.table
+            )
+        });
         if !r.pending.is_empty() && !r.dry_run {
-            lines.push("run `svcdb migrate up` for the pending ones".to_owned());
+            lines.push("run `svcdb migrate up` to apply the pending ones".to_owned());
         }
         lines.join("\n")
     })?;

@@ -31,7 +31,7 @@
 //! `version_text` is NULL in the rows such a replica writes; it reads as the integer's digits.
 //!
 //! A table written before `version_text` existed is upgraded in place by the first command
-//! that takes the migration lock ([`upgrade`]): the column is added and filled from the
+//! that takes the migration lock: the column is added and filled from the
 //! integer. Until then it is read as it is.
 
 use std::time::Duration;
