@@ -528,3 +528,37 @@ async fn no_history_table_names_where_it_looked() {
     assert!(err.is_no_history_table(), "{err}");
     assert!(err.to_string().contains("public._sqlx_migrations"), "{err}");
 }
+
+#[tokio::test]
+async fn flyway_baseline_counts_every_file_up_to_it_and_an_undone_version_is_pending() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("V1__a.sql", "CREATE TABLE a (id int);\n"),
+            (
+                "V2__b.sql",
+                "CREATE TABLE b (id int);\r\nINSERT INTO b VALUES (1);\r\n",
+            ),
+            ("V3__c.sql", "CREATE TABLE c (id int);\n"),
+            ("U3__c.sql", "DROP TABLE c;\n"),
+        ],
+    );
+    // `flyway baseline` at 1, then V2 and V3 applied, then V3 undone (`flyway undo`).
+    sql(
+        &svc,
+        &format!(
+            "{FLYWAY_DDL}
+             INSERT INTO shop.flyway_schema_history VALUES
+               (1, '1', '<< Flyway Baseline >>', 'BASELINE', '<< Flyway Baseline >>', NULL, 'me', now(), 0, true),
+               (2, '2', 'b', 'SQL', 'V2__b.sql', 914031549, 'me', now(), 5, true),
+               (3, '3', 'c', 'SQL', 'V3__c.sql', 1, 'me', now(), 5, true),
+               (4, '3', 'c', 'UNDO_SQL', 'U3__c.sql', 2, 'me', now(), 5, true);
+             CREATE TABLE shop.a (id int); CREATE TABLE shop.b (id int);"
+        ),
+    )
+    .await;
+    adopt_then_up_to_date(&svc, dir.path(), Tool::Flyway, &["1", "2"]).await;
+}
