@@ -562,3 +562,25 @@ async fn flyway_baseline_counts_every_file_up_to_it_and_an_undone_version_is_pen
     .await;
     adopt_then_up_to_date(&svc, dir.path(), Tool::Flyway, &["1", "2"]).await;
 }
+
+#[tokio::test]
+async fn sqlx_checksums_of_a_crlf_checkout_match_the_lf_file() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Applied by a build from a Windows checkout: sqlx hashed the CRLF bytes.
+    sqlx_schema(
+        &svc,
+        dir.path(),
+        true,
+        &sha384(&SQLX_B.replace('\n', "\r\n")),
+    )
+    .await;
+    adopt_then_up_to_date(
+        &svc,
+        dir.path(),
+        Tool::Sqlx,
+        &["20240101000000", "20240102000000"],
+    )
+    .await;
+}

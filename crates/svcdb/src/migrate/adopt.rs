@@ -734,24 +734,49 @@ fn check(
     let differ = |recorded: String, computed: String| {
         Ok((recorded != computed).then_some((recorded, computed)))
     };
+    // sqlx and refinery hash the raw text, so a checkout with other line endings than the
+    // build that applied it (Windows `core.autocrlf`) reads as an edit (sqlx issue #2659).
+    // svcdb's own checksum ignores line endings; so does this check: the file as it is, with
+    // LF, or with CRLF line endings.
+    let lf = text.replace("\r\n", "\n");
+    let variants = [text.to_string(), lf.clone(), lf.replace('\n', "\r\n")];
     match recorded {
-        Recorded::Sha384(bytes) => differ(hex::encode(bytes), hex::encode(sha384(&file))),
+        Recorded::Sha384(bytes) => {
+            let recorded = hex::encode(bytes);
+            let computed: Vec<String> = variants
+                .iter()
+                .map(|v| hex::encode(sha384(v.as_bytes())))
+                .collect();
+            differ_unless_any(recorded, computed)
+        }
+        // Flyway's own checksum ignores line endings already.
         Recorded::Crc32(value) => differ(value.to_string(), flyway_checksum(&text).to_string()),
         Recorded::SipHash(value) => {
             // refinery hashes its version as an i32 (an i64 with its `int8-versions` feature,
             // a usize before 0.6): accept either width.
             let number = version.number();
-            let narrow = i32::try_from(number)
-                .ok()
-                .map(|n| refinery_checksum(&m.name, n, &text).to_string());
-            let wide = refinery_checksum(&m.name, number, &text).to_string();
-            if narrow.as_deref() == Some(value.as_str()) || wide == *value {
-                Ok(None)
-            } else {
-                differ(value.clone(), narrow.unwrap_or(wide))
+            let mut computed = Vec::new();
+            for v in &variants {
+                if let Ok(narrow) = i32::try_from(number) {
+                    computed.push(refinery_checksum(&m.name, narrow, v).to_string());
+                }
+                computed.push(refinery_checksum(&m.name, number, v).to_string());
             }
+            differ_unless_any(value.clone(), computed)
         }
     }
+}
+
+/// A match when any of `computed` is `recorded`; else the first, to show.
+fn differ_unless_any(
+    recorded: String,
+    computed: Vec<String>,
+) -> Result<Option<(String, String)>, String> {
+    if computed.contains(&recorded) {
+        return Ok(None);
+    }
+    let first = computed.into_iter().next().unwrap_or_default();
+    Ok(Some((recorded, first)))
 }
 
 fn sha384(bytes: &[u8]) -> Vec<u8> {
