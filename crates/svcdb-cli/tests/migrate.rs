@@ -34,7 +34,13 @@ fn versions(list: &Value) -> Vec<i64> {
     list.as_array()
         .unwrap_or_else(|| panic!("not a list: {list}"))
         .iter()
-        .map(|e| e["version"].as_i64().expect("a version"))
+        // A version is the file's text (`"0003"`): compare its number.
+        .map(|e| {
+            e["version"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .expect("a version")
+        })
         .collect()
 }
 
@@ -86,7 +92,8 @@ fn new_creates_both_files_without_a_database() {
         assert!(std::path::Path::new(file).is_file(), "{json}");
     }
     let first: i64 = names[0].split('_').next().unwrap().parse().unwrap();
-    assert!(json["version"].as_i64().unwrap() > first, "{json}");
+    let created: i64 = json["version"].as_str().unwrap().parse().unwrap();
+    assert!(created > first, "{json}");
 }
 
 #[test]
@@ -131,7 +138,7 @@ async fn up_prints_each_migration_with_its_duration_then_status_is_up_to_date() 
     let p = Project::new().await;
     p.write(THREE);
     let out = p.run(&["migrate", "up"]).expect_code(0);
-    for step in ["1 create_items", "2 add_name", "3 create_tags"] {
+    for step in ["0001 create_items", "0002 add_name", "0003 create_tags"] {
         assert!(
             out.stdout
                 .lines()
@@ -147,13 +154,13 @@ async fn up_prints_each_migration_with_its_duration_then_status_is_up_to_date() 
         .expect_code(0)
         .json();
     assert_eq!(states(&status), ["applied"; 3]);
-    assert_eq!(status["current_version"], 3);
+    assert_eq!(status["current_version"], "0003");
     assert!(status["entries"][0]["execution_ms"].is_f64(), "{status}");
 
     // Run once: a second `up` has nothing to do.
     let again = p.run(&["migrate", "up", "--json"]).expect_code(0).json();
     assert_eq!(versions(&again["migrations"]), [] as [i64; 0]);
-    assert_eq!(again["current_version"], 3);
+    assert_eq!(again["current_version"], "0003");
 }
 
 #[tokio::test]
@@ -172,14 +179,14 @@ async fn a_new_pending_file_makes_status_exit_2_until_up() {
         states(&status),
         ["applied", "applied", "applied", "pending"]
     );
-    assert_eq!(status["entries"][3]["version"], 4);
+    assert_eq!(status["entries"][3]["version"], "0004");
 
     // With --json, stdout is the report alone and the progress goes to stderr.
     let out = p.run(&["migrate", "up", "--json"]).expect_code(0);
-    assert!(out.stderr.contains("up 4 create_notes"), "{out}");
+    assert!(out.stderr.contains("up 0004 create_notes"), "{out}");
     let report = out.json();
     assert_eq!(versions(&report["migrations"]), [4]);
-    assert_eq!(report["current_version"], 4);
+    assert_eq!(report["current_version"], "0004");
     p.run(&["migrate", "status"]).expect_code(0);
 }
 
@@ -223,7 +230,7 @@ async fn down_reverts_one_step_by_default_and_everything_with_to_0() {
     p.run(&["migrate", "up"]).expect_code(0);
 
     let out = p.run(&["migrate", "down"]).expect_code(0);
-    assert!(out.stdout.contains("down 3 create_tags"), "{out}");
+    assert!(out.stdout.contains("down 0003 create_tags"), "{out}");
     assert_eq!(p.tables().await, ["items", HISTORY]);
 
     let plan = p
@@ -261,8 +268,8 @@ async fn redo_reverts_and_reapplies_the_newest_migration() {
     assert_eq!(versions(&report["up"]["migrations"]), [3]);
 
     let out = p.run(&["migrate", "redo"]).expect_code(0);
-    assert!(out.stdout.contains("down 3 create_tags"), "{out}");
-    assert!(out.stdout.contains("up 3 create_tags"), "{out}");
+    assert!(out.stdout.contains("down 0003 create_tags"), "{out}");
+    assert!(out.stdout.contains("up 0003 create_tags"), "{out}");
     p.run(&["migrate", "status"]).expect_code(0);
     assert_eq!(p.tables().await, ["items", HISTORY, "tags"]);
 }
@@ -312,7 +319,7 @@ async fn a_failure_after_a_non_transactional_migration_is_undone_with_the_downs(
     assert!(out.stderr.contains("0003_broken.up.sql"), "{out}");
     assert!(out.stderr.contains("no_such_table"), "{out}");
     // The versions undone, newest first, are listed.
-    assert!(out.stderr.contains("2, 1"), "{out}");
+    assert!(out.stderr.contains("0002, 0001"), "{out}");
 
     let status = p
         .run(&["migrate", "status", "--json"])
@@ -334,7 +341,7 @@ async fn a_half_applied_non_transactional_migration_is_dirty_until_repair() {
     assert!(out.stderr.contains("0001_partial.up.sql, line 3"), "{out}");
 
     let out = p.run(&["migrate", "status", "--json"]).expect_code(1);
-    assert_eq!(out.json()["dirty"], 1);
+    assert_eq!(out.json()["dirty"], "0001");
     assert_eq!(states(&out.json()), ["dirty"]);
     assert!(out.stderr.contains("repair"), "{out}");
     p.run(&["migrate", "up"]).expect_code(1);
@@ -387,7 +394,7 @@ async fn a_changed_file_is_refused_until_allowed_or_repaired() {
         .expect_code(0)
         .json();
     assert_eq!(repair["actions"][0]["action"], "realigned_checksum");
-    assert_eq!(repair["actions"][0]["version"], 2);
+    assert_eq!(repair["actions"][0]["version"], "0002");
     p.run(&["migrate", "validate"]).expect_code(0);
     p.run(&["migrate", "status"]).expect_code(0);
 }
@@ -561,7 +568,8 @@ async fn a_running_migration_is_in_progress_not_dirty() {
     let (started, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
     let runner = tokio::spawn(async move {
         let mut observer = move |e: &svcdb::migrate::MigrateEvent| {
-            if matches!(e, svcdb::migrate::MigrateEvent::Started { version: 2, .. }) {
+            if matches!(e, svcdb::migrate::MigrateEvent::Started { version, .. } if version.number() == 2)
+            {
                 let _ = started.send(());
             }
         };
@@ -576,7 +584,7 @@ async fn a_running_migration_is_in_progress_not_dirty() {
     let out = p.run(&["migrate", "status", "--json"]).expect_code(2);
     let status = out.json();
     assert_eq!(states(&status), ["applied", "in_progress"], "{out}");
-    assert_eq!(status["in_progress"], 2);
+    assert_eq!(status["in_progress"], "0002");
     assert!(status["dirty"].is_null(), "{out}");
     let out = p.run(&["migrate", "status"]).expect_code(2);
     assert!(out.stdout.contains("in progress"), "{out}");

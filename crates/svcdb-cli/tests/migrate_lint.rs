@@ -69,8 +69,8 @@ fn lint_all_needs_no_database_and_exits_1_on_an_error() {
     );
     let f = &report["findings"][0];
     assert_eq!(
-        (f["version"].as_i64(), f["line"].as_i64()),
-        (Some(2), Some(2))
+        (f["version"].as_str(), f["line"].as_i64()),
+        (Some("0002"), Some(2))
     );
     assert!(f["path"].as_str().unwrap().ends_with("0002_label.up.sql"));
     assert!(!f["message"].as_str().unwrap().is_empty());

@@ -70,11 +70,11 @@ async fn verify_lists_every_problem_until_migrated_then_passes() {
         .expect_code(0)
         .json();
     assert_eq!(report["ready"], true);
-    assert_eq!(report["migration_version"], 2);
+    assert_eq!(report["migration_version"], "0002");
     assert_eq!(report["migrations_checked"], true);
     let out = p.run(&["schema", "verify"]).expect_code(0);
     assert!(
-        out.stdout.starts_with("ready: schema svc, migration 2"),
+        out.stdout.starts_with("ready: schema svc, migration 0002"),
         "{out}"
     );
 
@@ -84,7 +84,7 @@ async fn verify_lists_every_problem_until_migrated_then_passes() {
         .expect_code(1)
         .json();
     assert_eq!(kinds(&report), ["pending", "missing_table"]);
-    assert_eq!(report["problems"][0]["version"], 3);
+    assert_eq!(report["problems"][0]["version"], "0003");
 }
 
 #[tokio::test]
@@ -147,7 +147,7 @@ async fn health_reports_the_database_the_pool_and_the_gate() {
     assert_eq!(report["database"]["reachable"], true);
     let latency = report["database"]["latency_ms"].as_f64();
     assert!(latency.is_some_and(|ms| ms > 0.0), "{report}");
-    assert_eq!(report["migration_version"], 2);
+    assert_eq!(report["migration_version"], "0002");
     assert_eq!(report["pool"]["max_size"], 7, "the configured pool");
 
     p.db.admin()

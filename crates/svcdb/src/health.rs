@@ -24,7 +24,7 @@ use crate::schema::{Gate, GateReport};
 /// The state of a service's database access; `gate.ready` says whether it may take traffic.
 ///
 /// As JSON the gate's fields come first, at the top level:
-/// `{"ready":true,"schema":"orders","migration_version":3,"migrations_checked":true,
+/// `{"ready":true,"schema":"orders","migration_version":"0003","migrations_checked":true,
 /// "problems":[],"notices":[],"database":{"reachable":true,"latency_ms":0.4},"pool":{…}}`.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthReport {

@@ -40,7 +40,9 @@ use tokio_postgres::Client;
 use crate::error::{pg_message, Error, Result, MISSING_TABLES_HINT};
 use crate::ident::Ident;
 use crate::migrate::history::{self, History};
-use crate::migrate::{EmbeddedMigrations, MigrationState, Migrations, StatusReport, HISTORY_TABLE};
+use crate::migrate::{
+    EmbeddedMigrations, MigrationState, Migrations, StatusReport, Version, HISTORY_TABLE,
+};
 use crate::pool::ServiceDb;
 
 /// The service schema's relations a query can read: `$1` is the schema's name. A macro, not a
@@ -373,7 +375,7 @@ impl Gate {
         row: SchemaRow,
         history: Result<History, tokio_postgres::Error>,
         notices: &mut Vec<Notice>,
-    ) -> (Vec<Problem>, Option<i64>) {
+    ) -> (Vec<Problem>, Option<Version>) {
         let name = schema.as_str().to_owned();
         let mut problems = Vec::new();
         match (row.usable, &row.active) {
@@ -423,7 +425,7 @@ impl Gate {
         history: &History,
         problems: &mut Vec<Problem>,
         notices: &mut Vec<Notice>,
-    ) -> Option<i64> {
+    ) -> Option<Version> {
         // StatusReport needs a source; against an empty one every row is "missing", which
         // counts only with the service's own migrations (below).
         static NONE: EmbeddedMigrations = EmbeddedMigrations::new("", &[]);
@@ -444,9 +446,9 @@ impl Gate {
             });
             return None;
         }
-        let newest_shipped = source.latest().map(|m| m.version);
+        let newest_shipped = source.latest().map(|m| &m.version);
         for e in &status.entries {
-            let (version, name) = (e.version, e.name.clone());
+            let (version, name) = (e.version.clone(), e.name.clone());
             let problem = match e.state {
                 MigrationState::Dirty => Problem::Dirty { version, name },
                 MigrationState::InProgress => {
@@ -466,14 +468,14 @@ impl Gate {
                     path: e.path.clone().unwrap_or_default(),
                 },
                 MigrationState::Missing => match newest_shipped {
-                    Some(newest) if version < newest => {
+                    Some(newest) if version < *newest => {
                         if self.allow_unknown_applied {
                             continue;
                         }
                         Problem::UnknownApplied {
                             version,
                             name,
-                            newest_shipped: newest,
+                            newest_shipped: newest.clone(),
                         }
                     }
                     _ => {
@@ -561,21 +563,21 @@ pub enum Problem {
     /// A non-transactional migration failed part-way; the schema may be half-migrated.
     Dirty {
         /// Its version.
-        version: i64,
+        version: Version,
         /// Its name.
         name: String,
     },
     /// A migration the service ships is not applied.
     Pending {
         /// Its version.
-        version: i64,
+        version: Version,
         /// Its name.
         name: String,
     },
     /// An applied migration's file changed since it was applied.
     Changed {
         /// Its version.
-        version: i64,
+        version: Version,
         /// Its name.
         name: String,
         /// Its up file.
@@ -587,11 +589,11 @@ pub enum Problem {
     /// [`Notice::NewerApplied`].
     UnknownApplied {
         /// Its version.
-        version: i64,
+        version: Version,
         /// Its name in the history table.
         name: String,
         /// The newest version the service ships (newer than this one).
-        newest_shipped: i64,
+        newest_shipped: Version,
     },
     /// A required table is missing from the service schema.
     MissingTable {
@@ -711,7 +713,7 @@ pub struct GateReport {
     /// The configured schema.
     pub schema: String,
     /// The newest applied migration that is not dirty (`None`: none, or not read).
-    pub migration_version: Option<i64>,
+    pub migration_version: Option<Version>,
     /// False when the gate had no migrations to check the history against.
     pub migrations_checked: bool,
     /// Every problem found, schema first, then migrations, then tables.
@@ -733,7 +735,7 @@ pub enum Notice {
     /// and a runner holds the schema's migration lock (a long `CREATE INDEX CONCURRENTLY`).
     MigrationInProgress {
         /// Its version.
-        version: i64,
+        version: Version,
         /// Its name.
         name: String,
         /// How long its script has run, in milliseconds.
@@ -744,7 +746,7 @@ pub enum Notice {
     /// roll out, contract later).
     NewerApplied {
         /// Its version.
-        version: i64,
+        version: Version,
         /// Its name in the history table.
         name: String,
     },
@@ -793,7 +795,7 @@ impl fmt::Display for GateReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.ready {
             write!(f, "ready: schema {}", self.schema)?;
-            match self.migration_version {
+            match &self.migration_version {
                 Some(v) => write!(f, ", migration {v}")?,
                 None => write!(f, ", no migration applied")?,
             }
@@ -873,7 +875,7 @@ mod tests {
         let report = GateReport {
             ready: false,
             schema: "orders".into(),
-            migration_version: Some(3),
+            migration_version: Some(Version::from(3)),
             migrations_checked: true,
             notices: Vec::new(),
             problems: vec![
@@ -897,7 +899,7 @@ mod tests {
         assert_eq!(json["problems"][0]["hint"], MISSING_TABLES_HINT);
         assert_eq!(json["problems"][1]["kind"], "unreachable");
         assert_eq!(json["problems"][1]["hint"], "start it");
-        assert_eq!(json["migration_version"], 3);
+        assert_eq!(json["migration_version"], "3");
     }
 
     #[test]
@@ -905,18 +907,18 @@ mod tests {
         let report = GateReport {
             ready: true,
             schema: "orders".into(),
-            migration_version: Some(3),
+            migration_version: Some(Version::from(3)),
             migrations_checked: true,
             problems: Vec::new(),
             notices: vec![Notice::MigrationInProgress {
-                version: 4,
+                version: Version::from(4),
                 name: "sku_index".into(),
                 running_ms: 1500.0,
             }],
         };
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["notices"][0]["kind"], "migration_in_progress");
-        assert_eq!(json["notices"][0]["version"], 4);
+        assert_eq!(json["notices"][0]["version"], "4");
         assert_eq!(json["notices"][0]["running_ms"], 1500.0);
         assert_eq!(
             json["notices"][0]["message"],
@@ -930,9 +932,9 @@ mod tests {
 
     #[test]
     fn report_lists_every_problem_and_each_hint_once() {
-        let pending = |version| Problem::Pending {
-            version,
-            name: format!("m{version}"),
+        let pending = |n: u32| Problem::Pending {
+            version: Version::from(n),
+            name: format!("m{n}"),
         };
         let report = GateReport {
             ready: false,

@@ -88,7 +88,7 @@ async fn healthy_service_is_ready_with_the_report() {
     assert_eq!(status, StatusCode::OK, "{json}");
     assert_eq!(json["ready"], true);
     assert_eq!(json["schema"], "orders_svc");
-    assert_eq!(json["migration_version"], 1);
+    assert_eq!(json["migration_version"], "0001");
     assert_eq!(json["migrations_checked"], true);
     assert_eq!(json["problems"], serde_json::json!([]));
     assert_eq!(json["database"]["reachable"], true);
@@ -103,7 +103,7 @@ async fn healthy_service_is_ready_with_the_report() {
     assert!(report.gate.ready && report.database.reachable, "{report}");
     assert!(report
         .to_string()
-        .contains("ready: schema orders_svc, migration 1"));
+        .contains("ready: schema orders_svc, migration 0001"));
 }
 
 #[tokio::test]
@@ -131,7 +131,7 @@ async fn an_old_release_answers_200_after_a_newer_one_migrated() {
     assert_eq!(status, StatusCode::OK, "{json}");
     assert_eq!(json["problems"], serde_json::json!([]));
     assert_eq!(json["notices"][0]["kind"], "newer_applied");
-    assert_eq!(json["notices"][0]["version"], 2);
+    assert_eq!(json["notices"][0]["version"], "0002");
 }
 
 #[tokio::test]

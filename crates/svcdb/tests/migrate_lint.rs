@@ -315,7 +315,7 @@ fn findings_point_at_the_statement_line_of_the_file() {
     let (_dir, migrations) = folder(&[("7_m.up.sql", "LOCK TABLE users;")]);
     let report = lint(migrations.iter());
     let finding = &report.findings[0];
-    assert_eq!(finding.version, 7);
+    assert_eq!(finding.version.number(), 7);
     assert!(finding.path.ends_with("7_m.up.sql"), "{}", finding.path);
     assert!(!finding.message.is_empty() && !finding.fix.is_empty());
     assert!(
@@ -490,7 +490,7 @@ async fn up_refuses_an_unsafe_migration_before_running_anything() {
     };
     assert_eq!(findings.len(), 1, "{err}");
     assert_eq!(findings[0].rule, Rule::IndexWithoutConcurrently);
-    assert_eq!((findings[0].version, findings[0].line), (2, 1));
+    assert_eq!((findings[0].version.number(), findings[0].line), (2, 1));
     assert!(err.to_string().contains("2_label.up.sql:1"), "{err}");
     assert!(err.to_string().contains("--allow-unsafe"), "{err}");
     assert_eq!(history(&svc).await, [1], "nothing ran, not even 3");
@@ -602,7 +602,7 @@ async fn an_empty_up_is_applied_and_recorded_with_a_warning() {
     let report = migrator(&svc, dir.path(), MigrateOptions::default())
         .up_with(&Default::default(), &mut |e| {
             if let MigrateEvent::Lint { finding } = e {
-                warned.push((finding.version, finding.rule));
+                warned.push((finding.version.number(), finding.rule));
             }
         })
         .await
@@ -640,14 +640,14 @@ async fn an_empty_down_makes_down_refuse_before_reverting_anything() {
     m.up().await.unwrap();
     let err = m
         .down(&DownOptions {
-            to: Some(0),
+            to: Some(v(0)),
             ..DownOptions::default()
         })
         .await
         .unwrap_err();
     match &err {
         MigrateError::NoDown { version, path } => {
-            assert_eq!(*version, 3);
+            assert_eq!(version.number(), 3);
             assert!(path.ends_with("3_tags.up.sql"), "{path}");
         }
         other => panic!("expected NoDown, got {other}"),
@@ -656,4 +656,9 @@ async fn an_empty_down_makes_down_refuse_before_reverting_anything() {
     // Reverting only what lies above it works.
     m.down(&DownOptions::default()).await.unwrap();
     assert_eq!(history(&svc).await, [1, 3]);
+}
+
+/// The version numbered `n` (as the history's integer column and `0001`-style files number it).
+fn v(n: i64) -> svcdb::migrate::Version {
+    svcdb::migrate::Version::try_from(n).expect("a non-negative version")
 }

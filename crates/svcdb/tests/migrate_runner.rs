@@ -121,11 +121,11 @@ async fn up_applies_once_and_status_reports_each_migration() {
         report
             .migrations
             .iter()
-            .map(|e| e.version)
+            .map(|e| e.version.number())
             .collect::<Vec<_>>(),
         [1, 2, 3]
     );
-    assert_eq!(report.current_version, Some(3));
+    assert_eq!(report.current_version, Some(v(3)));
     assert_eq!(
         events.len(),
         6,
@@ -133,16 +133,16 @@ async fn up_applies_once_and_status_reports_each_migration() {
     );
     assert!(matches!(
         &events[0],
-        MigrateEvent::Started { version: 1, .. }
+        MigrateEvent::Started { version, .. } if version.number() == 1
     ));
     assert!(matches!(
         &events[5],
-        MigrateEvent::Finished { version: 3, .. }
+        MigrateEvent::Finished { version, .. } if version.number() == 3
     ));
 
     let again = m.up().await.unwrap();
     assert!(again.migrations.is_empty(), "applied versions are skipped");
-    assert_eq!(again.current_version, Some(3));
+    assert_eq!(again.current_version, Some(v(3)));
     let conn = svc.get().await.unwrap();
     let n: i64 = conn
         .query_one("SELECT count(*) FROM items", &[])
@@ -153,7 +153,7 @@ async fn up_applies_once_and_status_reports_each_migration() {
 
     let status = m.status().await.unwrap();
     assert!(status.history_exists && status.is_up_to_date());
-    assert_eq!(status.current_version, Some(3));
+    assert_eq!(status.current_version, Some(v(3)));
     assert_eq!(status.dirty, None);
     for e in &status.entries {
         assert_eq!(e.state, MigrationState::Applied);
@@ -193,7 +193,7 @@ async fn dry_run_and_target_version() {
     let to2 = m
         .up_with(
             &UpOptions {
-                to: Some(2),
+                to: Some(v(2)),
                 dry_run: false,
             },
             &mut |_| {},
@@ -201,7 +201,10 @@ async fn dry_run_and_target_version() {
         .await
         .unwrap();
     assert_eq!(
-        to2.migrations.iter().map(|e| e.version).collect::<Vec<_>>(),
+        to2.migrations
+            .iter()
+            .map(|e| e.version.number())
+            .collect::<Vec<_>>(),
         [1, 2]
     );
     assert_eq!(history(&svc).await, [1, 2]);
@@ -282,7 +285,7 @@ async fn noop_up_with_a_thousand_applied_runs_nothing() {
     assert_eq!(m.up().await.unwrap().migrations.len(), 1000);
     let again = m.up().await.unwrap();
     assert!(again.migrations.is_empty());
-    assert_eq!(again.current_version, Some(1000));
+    assert_eq!(again.current_version, Some(v(1000)));
     let status = m.status().await.unwrap();
     assert!(status.is_up_to_date());
     assert_eq!(status.entries.len(), 1000);
@@ -329,8 +332,8 @@ async fn eight_concurrent_runners_apply_each_migration_exactly_once() {
         match wait_for_event(events, |e| {
             matches!(
                 e,
-                MigrateEvent::WaitingForLock { .. } | MigrateEvent::Started { version: 2, .. }
-            )
+                MigrateEvent::WaitingForLock { .. } | MigrateEvent::Started { .. }
+            ) && !matches!(e, MigrateEvent::Started { version, .. } if *version != v(2))
         })
         .await
         {
@@ -429,9 +432,10 @@ async fn two_schemas_never_wait_for_each_other() {
         ..options()
     });
     let (slow_task, mut slow_events) = spawn_up(slow);
-    wait_for_event(&mut slow_events, |e| {
-        matches!(e, MigrateEvent::Started { version: 1, .. })
-    })
+    wait_for_event(
+        &mut slow_events,
+        |e| matches!(e, MigrateEvent::Started { version, .. } if *version == v(1)),
+    )
     .await;
     assert!(migration_lock_held(&db, "slow").await);
 
@@ -491,7 +495,7 @@ async fn failure_at_step_3_of_5_leaves_the_schema_as_it_was() {
     let err = migrator(&svc, dir.path()).up().await.unwrap_err();
     let f = failure(&err);
     assert_eq!(
-        (f.version, f.rolled_back, f.applied.is_empty()),
+        (f.version.number(), f.rolled_back, f.applied.is_empty()),
         (4, true, true),
         "{err}"
     );
@@ -506,7 +510,7 @@ async fn failure_at_step_3_of_5_leaves_the_schema_as_it_was() {
     let m = migrator(&svc, dir.path());
     m.up_with(
         &UpOptions {
-            to: Some(1),
+            to: Some(v(1)),
             dry_run: false,
         },
         &mut |_| {},
@@ -514,7 +518,7 @@ async fn failure_at_step_3_of_5_leaves_the_schema_as_it_was() {
     .await
     .unwrap();
     let before = dump(&db, "shop");
-    assert_eq!(failure(&m.up().await.unwrap_err()).version, 4);
+    assert_eq!(failure(&m.up().await.unwrap_err()).version.number(), 4);
     assert_eq!(dump(&db, "shop"), before);
     assert_eq!(history(&svc).await, [1]);
 }
@@ -542,8 +546,8 @@ async fn failure_in_a_batch_with_a_non_transactional_migration_runs_the_downs() 
         .await
         .unwrap_err();
     let f = failure(&err);
-    assert_eq!(f.version, 3);
-    assert_eq!(f.undone, [2, 1], "{err}");
+    assert_eq!(f.version.number(), 3);
+    assert_eq!(f.undone, [v(2), v(1)], "{err}");
     assert!(f.applied.is_empty(), "{err}");
     assert!(
         f.undo_error.is_none() && !f.dirty && !f.rolled_back,
@@ -556,7 +560,7 @@ async fn failure_in_a_batch_with_a_non_transactional_migration_runs_the_downs() 
                 version,
                 direction: Direction::Down,
                 ..
-            } => Some(*version),
+            } => Some(version.number()),
             _ => None,
         })
         .collect();
@@ -582,10 +586,10 @@ async fn undoing_stops_at_a_migration_without_a_down_and_says_so() {
     let err = migrator(&svc, dir.path()).up().await.unwrap_err();
     eprintln!("{err}");
     let f = failure(&err);
-    assert_eq!(f.version, 3);
+    assert_eq!(f.version.number(), 3);
     assert_eq!(
         (f.undone.as_slice(), f.applied.as_slice()),
-        (&[2][..], &[1][..]),
+        (&[v(2)][..], &[v(1)][..]),
         "{err}"
     );
     assert!(f.undo_error.is_some(), "{err}");
@@ -615,23 +619,23 @@ async fn non_transactional_failure_marks_dirty_until_repair() {
     eprintln!("{err}");
     let f = failure(&err);
     assert_eq!(
-        (f.version, f.dirty, f.statements_done),
+        (f.version.number(), f.dirty, f.statements_done),
         (2, true, Some(1)),
         "{err}"
     );
 
     let m = migrator(&svc, dir.path());
     let status = m.status().await.unwrap();
-    assert_eq!(status.dirty, Some(2));
-    assert_eq!(status.current_version, Some(1));
+    assert_eq!(status.dirty, Some(v(2)));
+    assert_eq!(status.current_version, Some(v(1)));
     assert_eq!(status.entries[1].state, MigrationState::Dirty);
     assert!(matches!(
         m.up().await,
-        Err(MigrateError::Dirty { version: 2, .. })
+        Err(MigrateError::Dirty { version, .. }) if version.number() == 2
     ));
     assert!(matches!(
         m.validate().await,
-        Err(MigrateError::Dirty { version: 2, .. })
+        Err(MigrateError::Dirty { version, .. }) if version.number() == 2
     ));
     assert!(matches!(
         m.down(&DownOptions::default()).await,
@@ -657,7 +661,7 @@ async fn non_transactional_failure_marks_dirty_until_repair() {
     assert!(
         matches!(
             repair.actions.as_slice(),
-            [RepairAction::ClearedDirty { version: 2, .. }]
+            [RepairAction::ClearedDirty { version, .. }] if version.number() == 2
         ),
         "{repair:?}"
     );
@@ -708,7 +712,9 @@ async fn crlf_edit_passes_a_real_edit_fails_until_allowed_or_repaired() {
     assert_eq!(status.changed().count(), 1);
     assert!(!status.is_up_to_date());
     match m.validate().await {
-        Err(MigrateError::Changed { version: 1, path }) => assert!(path.ends_with("0001_a.up.sql")),
+        Err(MigrateError::Changed { version, path }) if version.number() == 1 => {
+            assert!(path.ends_with("0001_a.up.sql"))
+        }
         other => panic!("expected Changed, got {other:?}"),
     }
     assert!(matches!(m.up().await, Err(MigrateError::Changed { .. })));
@@ -723,7 +729,7 @@ async fn crlf_edit_passes_a_real_edit_fails_until_allowed_or_repaired() {
     assert!(
         matches!(
             repair.actions.as_slice(),
-            [RepairAction::RealignedChecksum { version: 1, .. }]
+            [RepairAction::RealignedChecksum { version, .. }] if version.number() == 1
         ),
         "{repair:?}"
     );
@@ -749,7 +755,7 @@ async fn diesel_layout_with_a_concurrent_index_and_names_with_spaces() {
     let m = migrator(&svc, dir.path());
     let report = m.up().await.unwrap();
     assert!(!report.atomic);
-    assert_eq!(report.migrations[1].version, 20170924000000);
+    assert_eq!(report.migrations[1].version.number(), 20170924000000);
     assert_eq!(report.migrations[1].name, "index email");
     assert!(!report.migrations[1].transactional);
     let conn = svc.get().await.unwrap();
@@ -767,8 +773,8 @@ async fn diesel_layout_with_a_concurrent_index_and_names_with_spaces() {
     assert!(!status.entries[1].transactional);
 
     let down = m.down(&DownOptions::default()).await.unwrap();
-    assert_eq!(down.migrations[0].version, 20170924000000);
-    assert_eq!(down.current_version, Some(20170923182408));
+    assert_eq!(down.migrations[0].version.number(), 20170924000000);
+    assert_eq!(down.current_version, Some(v(20170923182408)));
     assert_eq!(history(&svc).await, [20170923182408]);
 }
 
@@ -810,7 +816,7 @@ async fn goose_files_go_up_and_down() {
 
     let down = m
         .down(&DownOptions {
-            to: Some(0),
+            to: Some(v(0)),
             ..DownOptions::default()
         })
         .await
@@ -839,7 +845,7 @@ async fn down_by_steps_and_to_refuses_to_cross_an_up_without_a_down() {
 
     let dry = m
         .down(&DownOptions {
-            to: Some(4),
+            to: Some(v(4)),
             dry_run: true,
             ..Default::default()
         })
@@ -850,23 +856,26 @@ async fn down_by_steps_and_to_refuses_to_cross_an_up_without_a_down() {
 
     let one = m.down(&DownOptions::default()).await.unwrap();
     assert_eq!(
-        one.migrations.iter().map(|e| e.version).collect::<Vec<_>>(),
+        one.migrations
+            .iter()
+            .map(|e| e.version.number())
+            .collect::<Vec<_>>(),
         [5]
     );
-    assert_eq!(one.current_version, Some(4));
+    assert_eq!(one.current_version, Some(v(4)));
     match m.down(&DownOptions::default()).await {
-        Err(MigrateError::NoDown { version: 4, path }) => {
+        Err(MigrateError::NoDown { version, path }) if version.number() == 4 => {
             assert!(path.ends_with("0004_no_down.up.sql"))
         }
         other => panic!("expected NoDown, got {other:?}"),
     }
     assert!(matches!(
         m.down(&DownOptions {
-            to: Some(0),
+            to: Some(v(0)),
             ..Default::default()
         })
         .await,
-        Err(MigrateError::NoDown { version: 4, .. })
+        Err(MigrateError::NoDown { version, .. }) if version.number() == 4
     ));
     assert_eq!(
         history(&svc).await,
@@ -889,15 +898,18 @@ async fn down_by_steps_and_to_refuses_to_cross_an_up_without_a_down() {
         .await
         .unwrap();
     assert_eq!(
-        two.migrations.iter().map(|e| e.version).collect::<Vec<_>>(),
+        two.migrations
+            .iter()
+            .map(|e| e.version.number())
+            .collect::<Vec<_>>(),
         [3, 2]
     );
-    assert_eq!(two.current_version, Some(1));
+    assert_eq!(two.current_version, Some(v(1)));
     let redo = m.redo().await.unwrap();
     assert_eq!(
         (
-            redo.down.migrations[0].version,
-            redo.up.migrations[0].version
+            redo.down.migrations[0].version.number(),
+            redo.up.migrations[0].version.number()
         ),
         (1, 1)
     );
@@ -919,14 +931,14 @@ async fn a_failing_transactional_down_batch_rolls_back() {
     let before = dump(&db, "shop");
     let err = m
         .down(&DownOptions {
-            to: Some(0),
+            to: Some(v(0)),
             ..Default::default()
         })
         .await
         .unwrap_err();
     let f = failure(&err);
     assert_eq!(
-        (f.version, f.rolled_back, f.direction),
+        (f.version.number(), f.rolled_back, f.direction),
         (2, true, Direction::Down),
         "{err}"
     );
@@ -948,17 +960,17 @@ async fn baseline_adopts_an_existing_schema() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), THREE);
     let m = migrator(&svc, dir.path());
-    let baseline = m.baseline(1).await.unwrap();
+    let baseline = m.baseline(&v(1)).await.unwrap();
     assert_eq!(
         baseline
             .recorded
             .iter()
-            .map(|e| e.version)
+            .map(|e| e.version.number())
             .collect::<Vec<_>>(),
         [1]
     );
     assert!(
-        m.baseline(1).await.unwrap().recorded.is_empty(),
+        m.baseline(&v(1)).await.unwrap().recorded.is_empty(),
         "baseline is idempotent"
     );
     assert_eq!(
@@ -967,7 +979,7 @@ async fn baseline_adopts_an_existing_schema() {
             .unwrap()
             .migrations
             .iter()
-            .map(|e| e.version)
+            .map(|e| e.version.number())
             .collect::<Vec<_>>(),
         [2, 3]
     );
@@ -976,7 +988,7 @@ async fn baseline_adopts_an_existing_schema() {
     let shown: Vec<(i64, bool, bool)> = status
         .entries
         .iter()
-        .map(|e| (e.version, e.baselined, e.execution_ms.is_some()))
+        .map(|e| (e.version.number(), e.baselined, e.execution_ms.is_some()))
         .collect();
     assert_eq!(
         shown,
@@ -1001,10 +1013,12 @@ async fn out_of_order_is_refused_then_allowed() {
     let m = migrator(&svc, dir.path());
     match m.up().await {
         Err(MigrateError::OutOfOrder {
-            version: 2,
-            newest_applied: 3,
+            version,
+            newest_applied,
             path,
-        }) => assert!(path.ends_with("0002_b.up.sql")),
+        }) if (version.number(), newest_applied.number()) == (2, 3) => {
+            assert!(path.ends_with("0002_b.up.sql"))
+        }
         other => panic!("expected OutOfOrder, got {other:?}"),
     }
     assert!(matches!(
@@ -1015,7 +1029,10 @@ async fn out_of_order_is_refused_then_allowed() {
         allow_out_of_order: true,
         ..options()
     });
-    assert_eq!(allowed.up().await.unwrap().migrations[0].version, 2);
+    assert_eq!(
+        allowed.up().await.unwrap().migrations[0].version.number(),
+        2
+    );
     assert_eq!(history(&svc).await, [1, 2, 3]);
 }
 
@@ -1032,7 +1049,7 @@ async fn missing_files_are_reported_then_ignored() {
     let status = m.status().await.unwrap();
     let missing: Vec<_> = status
         .missing()
-        .map(|e| (e.version, e.name.as_str()))
+        .map(|e| (e.version.number(), e.name.as_str()))
         .collect();
     assert_eq!(missing, [(3, "seed")]);
     assert!(
@@ -1041,11 +1058,11 @@ async fn missing_files_are_reported_then_ignored() {
     );
     assert!(matches!(
         m.up().await,
-        Err(MigrateError::Missing { version: 3, .. })
+        Err(MigrateError::Missing { version, .. }) if version.number() == 3
     ));
     assert!(matches!(
         m.validate().await,
-        Err(MigrateError::Missing { version: 3, .. })
+        Err(MigrateError::Missing { version, .. }) if version.number() == 3
     ));
     let ignoring = m.with_options(MigrateOptions {
         ignore_missing: true,
@@ -1083,9 +1100,10 @@ async fn a_cancelled_runner_releases_the_lock() {
         ..options()
     });
     let (task, mut events) = spawn_up(slow_runner);
-    wait_for_event(&mut events, |e| {
-        matches!(e, MigrateEvent::Started { version: 1, .. })
-    })
+    wait_for_event(
+        &mut events,
+        |e| matches!(e, MigrateEvent::Started { version, .. } if *version == v(1)),
+    )
     .await;
     assert!(
         migration_lock_held(&db, "shop").await,
@@ -1112,7 +1130,7 @@ async fn a_panicking_observer_releases_the_lock_and_changes_nothing() {
     let m = migrator(&svc, dir.path());
     let task = tokio::spawn(async move {
         m.up_with(&UpOptions::default(), &mut |e| {
-            if matches!(e, MigrateEvent::Finished { version: 2, .. }) {
+            if matches!(e, MigrateEvent::Finished { version, .. } if version.number() == 2) {
                 panic!("observer bug");
             }
         })
@@ -1208,7 +1226,7 @@ async fn up_on_a_schema_that_does_not_exist_says_how_to_create_it() {
     for err in [
         m.validate().await.unwrap_err(),
         m.up().await.unwrap_err(),
-        m.baseline(2).await.unwrap_err(),
+        m.baseline(&v(2)).await.unwrap_err(),
     ] {
         assert!(
             matches!(&err, MigrateError::SchemaMissing { schema } if schema == "never_made"),
@@ -1253,7 +1271,7 @@ async fn golang_migrate_wrapped_files_fail_atomically() {
     let before = dump(&db, "gm");
     let err = migrator(&svc, dir.path()).up().await.unwrap_err();
     let failed = failure(&err);
-    assert_eq!(failed.version, 2);
+    assert_eq!(failed.version.number(), 2);
     assert!(failed.rolled_back && failed.applied.is_empty());
     assert_eq!(dump(&db, "gm"), before, "the schema is as it was");
 
@@ -1362,7 +1380,7 @@ async fn a_running_migration_is_not_reported_dirty() {
     migrator(&svc, dir.path())
         .up_with(
             &UpOptions {
-                to: Some(1),
+                to: Some(v(1)),
                 dry_run: false,
             },
             &mut |_| {},
@@ -1384,9 +1402,10 @@ async fn a_running_migration_is_not_reported_dirty() {
     let (first, mut first_events) = spawn_up(first);
     // `Started` of a non-transactional script comes after its history row is marked dirty,
     // and the runner holds the schema's lock until it returns.
-    wait_for_event(&mut first_events, |e| {
-        matches!(e, MigrateEvent::Started { version: 2, .. })
-    })
+    wait_for_event(
+        &mut first_events,
+        |e| matches!(e, MigrateEvent::Started { version, .. } if version.number() == 2),
+    )
     .await;
 
     // Another replica of the same release: ready, with the migration in progress noted.
@@ -1398,7 +1417,7 @@ async fn a_running_migration_is_not_reported_dirty() {
     assert!(
         matches!(
             health.gate.notices.as_slice(),
-            [svcdb::schema::Notice::MigrationInProgress { version: 2, .. }]
+            [svcdb::schema::Notice::MigrationInProgress { version, .. }] if version.number() == 2
         ),
         "{health}"
     );
@@ -1417,7 +1436,7 @@ async fn a_running_migration_is_not_reported_dirty() {
     let m = migrator(&replica, dir.path());
     let status = m.status().await.unwrap();
     assert_eq!(status.entries[1].state, MigrationState::InProgress);
-    assert_eq!((status.dirty, status.in_progress), (None, Some(2)));
+    assert_eq!((&status.dirty, &status.in_progress), (&None, &Some(v(2))));
     assert!(status.entries[1].running_ms.is_some(), "{status:?}");
     m.validate()
         .await
@@ -1447,7 +1466,7 @@ async fn a_running_migration_is_not_reported_dirty() {
     assert_eq!(first.migrations.len(), 1);
     let second = second.await.unwrap().unwrap();
     assert!(second.migrations.is_empty(), "{second:?}");
-    assert_eq!(second.current_version, Some(2));
+    assert_eq!(second.current_version, Some(v(2)));
     let status = m.status().await.unwrap();
     assert!(status.is_up_to_date(), "{status:?}");
     assert!(replica.health(&gate).await.gate.notices.is_empty());
@@ -1492,7 +1511,7 @@ async fn a_failed_concurrent_index_is_named_with_the_statement_to_drop_it() {
     assert!(
         matches!(
             repair.actions.as_slice(),
-            [RepairAction::ClearedDirty { version: 2, .. }]
+            [RepairAction::ClearedDirty { version, .. }] if version.number() == 2
         ),
         "{repair:?}"
     );
@@ -1517,4 +1536,9 @@ async fn a_failed_concurrent_index_is_named_with_the_statement_to_drop_it() {
         .unwrap()
         .get(0);
     assert!(valid);
+}
+
+/// The version numbered `n` (as the history's integer column and `0001`-style files number it).
+fn v(n: i64) -> svcdb::migrate::Version {
+    svcdb::migrate::Version::try_from(n).expect("a non-negative version")
 }

@@ -40,19 +40,19 @@ fn native_layout_sorted_numerically_with_other_files_ignored() {
         ("docs/index.html", b"<p>not a migration</p>"),
     ])
     .unwrap();
-    let versions: Vec<i64> = m.iter().map(|m| m.version).collect();
+    let versions: Vec<i64> = m.iter().map(|m| m.version.number()).collect();
     assert_eq!(versions, [9, 10]);
-    let nine = m.get(9).unwrap();
+    let nine = m.get(&v(9)).unwrap();
     assert_eq!(nine.name, "nine");
     assert_eq!(nine.down.as_deref(), Some("SELECT -9;"));
     assert!(nine.transactional);
     assert!(nine.path.ends_with("9_nine.up.sql"), "{}", nine.path);
     assert_eq!(
-        m.get(10).unwrap().down,
+        m.get(&v(10)).unwrap().down,
         None,
         "an up without a down is allowed"
     );
-    assert_eq!(m.latest().unwrap().version, 10);
+    assert_eq!(m.latest().unwrap().version.number(), 10);
 }
 
 #[test]
@@ -63,13 +63,13 @@ fn version_digits_and_names_with_spaces() {
         ("2017-09-23-182408_diesel style/up.sql", b"SELECT 1;"),
     ])
     .unwrap();
-    assert_eq!(m.get(20261124093000).unwrap().name, "create the table");
+    assert_eq!(m.get(&v(20261124093000)).unwrap().name, "create the table");
     assert_eq!(
-        m.get(1).unwrap().name,
+        m.get(&v(1)).unwrap().name,
         "first_one",
         "the name is everything after the first `_`"
     );
-    assert_eq!(m.get(20170923182408).unwrap().name, "diesel style");
+    assert_eq!(m.get(&v(20170923182408)).unwrap().name, "diesel style");
 }
 
 #[test]
@@ -102,11 +102,11 @@ fn diesel_layout_with_metadata_toml() {
         ),
     ])
     .unwrap();
-    let users = m.get(20170923182408).unwrap();
+    let users = m.get(&v(20170923182408)).unwrap();
     assert!(users.transactional && users.down_transactional);
-    let index = m.get(20170924000000).unwrap();
+    let index = m.get(&v(20170924000000)).unwrap();
     assert!(!index.transactional && !index.down_transactional);
-    assert!(m.get(20170925000000).unwrap().transactional);
+    assert!(m.get(&v(20170925000000)).unwrap().transactional);
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn no_transaction_directive_and_bom() {
         ("1_a.down.sql", b"DROP INDEX i;"),
     ])
     .unwrap();
-    let a = m.get(1).unwrap();
+    let a = m.get(&v(1)).unwrap();
     assert!(!a.transactional);
     assert!(a.down_transactional, "the down has no directive of its own");
     assert!(
@@ -133,8 +133,14 @@ fn crlf_only_change_keeps_the_checksum() {
     let lf = parse(&[("1_a.up.sql", b"CREATE TABLE a (id int);\nSELECT 1;\n")]).unwrap();
     let crlf = parse(&[("1_a.up.sql", b"CREATE TABLE a (id int);\r\nSELECT 1;\r\n")]).unwrap();
     let edited = parse(&[("1_a.up.sql", b"CREATE TABLE a (id bigint);\nSELECT 1;\n")]).unwrap();
-    assert_eq!(lf.get(1).unwrap().checksum, crlf.get(1).unwrap().checksum);
-    assert_ne!(lf.get(1).unwrap().checksum, edited.get(1).unwrap().checksum);
+    assert_eq!(
+        lf.get(&v(1)).unwrap().checksum,
+        crlf.get(&v(1)).unwrap().checksum
+    );
+    assert_ne!(
+        lf.get(&v(1)).unwrap().checksum,
+        edited.get(&v(1)).unwrap().checksum
+    );
 }
 
 #[test]
@@ -205,7 +211,7 @@ fn an_empty_down_makes_the_migration_irreversible_instead_of_refusing_the_folder
         &[("1_a.sql", b"-- +goose Up\nSELECT 1;\n-- +goose Down\n")],
     ] {
         let m = parse(files).unwrap_or_else(|e| panic!("{files:?}: {e}"));
-        let a = m.get(1).unwrap();
+        let a = m.get(&v(1)).unwrap();
         assert_eq!(a.down, None, "{files:?}");
         assert_eq!(a.down_path, None, "{files:?}");
         assert_eq!(a.up.trim(), "SELECT 1;", "{files:?}");
@@ -222,7 +228,7 @@ fn an_empty_up_is_a_no_op_migration() {
         &[("V1__a.sql", b"")],
     ] {
         let m = parse(files).unwrap_or_else(|e| panic!("{files:?}: {e}"));
-        let a = m.get(1).unwrap();
+        let a = m.get(&v(1)).unwrap();
         assert!(
             svcdb::migrate::split_statements(&a.up).is_empty(),
             "{files:?}"
@@ -278,7 +284,7 @@ fn sqlx_simple_files_are_up_only_migrations() {
         ("00001_x.sql", b"SELECT 1;"),
     ])
     .unwrap();
-    let a = m.get(20240101120000).unwrap();
+    let a = m.get(&v(20240101120000)).unwrap();
     assert_eq!(a.name, "create_a");
     assert_eq!(a.up, text);
     assert_eq!(a.down, None);
@@ -295,7 +301,7 @@ fn sqlx_simple_files_are_up_only_migrations() {
         a.path
     );
     assert_eq!(a.up_line, 1);
-    assert_eq!(m.get(1).unwrap().name, "x");
+    assert_eq!(m.get(&v(1)).unwrap().name, "x");
 }
 
 /// sqlx marks a migration that must run outside a transaction with `-- no-transaction`.
@@ -313,9 +319,9 @@ fn sqlx_no_transaction_first_line_is_honoured() {
         ("20240102000000_x.sql", b"SELECT 1; -- no-transaction\n"),
     ])
     .unwrap();
-    let index = m.get(20240101120000).unwrap();
+    let index = m.get(&v(20240101120000)).unwrap();
     assert!(!index.transactional && !index.down_transactional);
-    assert!(m.get(20240102000000).unwrap().transactional);
+    assert!(m.get(&v(20240102000000)).unwrap().transactional);
 }
 
 /// A goose file: header comments, `NO TRANSACTION`, markers in mixed case and spacing.
@@ -335,7 +341,7 @@ DROP INDEX CONCURRENTLY a_id;
 #[test]
 fn goose_file_with_up_down_and_no_transaction() {
     let m = parse(&[("20240102000000_index_a.sql", GOOSE.as_bytes())]).unwrap();
-    let index = m.get(20240102000000).unwrap();
+    let index = m.get(&v(20240102000000)).unwrap();
     let up = "-- +goose StatementBegin\nCREATE INDEX CONCURRENTLY a_id ON a (id);\n-- +goose StatementEnd\n\n";
     assert_eq!(index.up, up);
     assert_eq!(
@@ -350,7 +356,7 @@ fn goose_file_with_up_down_and_no_transaction() {
     // CRLF line endings: same scripts, same checksum.
     let crlf = GOOSE.replace('\n', "\r\n");
     let m = parse(&[("20240102000000_index_a.sql", crlf.as_bytes())]).unwrap();
-    assert_eq!(m.get(20240102000000).unwrap().checksum, index.checksum);
+    assert_eq!(m.get(&v(20240102000000)).unwrap().checksum, index.checksum);
 }
 
 #[test]
@@ -360,7 +366,7 @@ fn dbmate_file_with_transaction_false_and_an_empty_down() {
         b"-- migrate:up transaction:false\nCREATE INDEX CONCURRENTLY b_id ON b (id);\n\n-- migrate:down\n-- nothing to undo\n\n",
     )])
     .unwrap();
-    let index = m.get(20240103000000).unwrap();
+    let index = m.get(&v(20240103000000)).unwrap();
     assert_eq!(index.up, "CREATE INDEX CONCURRENTLY b_id ON b (id);\n\n");
     assert_eq!(index.down, None, "a down section of comments is no down");
     assert_eq!(index.down_path, None);
@@ -377,9 +383,9 @@ fn flyway_versioned_migrations_with_an_undo() {
         ("v3__lower_case.sql", b"SELECT 3;"),
     ])
     .unwrap();
-    let versions: Vec<i64> = m.iter().map(|m| m.version).collect();
+    let versions: Vec<i64> = m.iter().map(|m| m.version.number()).collect();
     assert_eq!(versions, [1, 2, 3]);
-    let b = m.get(2).unwrap();
+    let b = m.get(&v(2)).unwrap();
     assert_eq!(b.name, "create_b");
     assert_eq!(b.down.as_deref(), Some("DROP TABLE b;"));
     assert!(b.path.ends_with("V2__create_b.sql"), "{}", b.path);
@@ -388,8 +394,8 @@ fn flyway_versioned_migrations_with_an_undo() {
         .as_deref()
         .unwrap()
         .ends_with("U2__create_b.sql"));
-    assert_eq!(m.get(1).unwrap().down, None);
-    assert_eq!(m.get(3).unwrap().name, "lower_case");
+    assert_eq!(m.get(&v(1)).unwrap().down, None);
+    assert_eq!(m.get(&v(3)).unwrap().name, "lower_case");
 }
 
 #[test]
@@ -496,7 +502,7 @@ fn embedded_parses_like_the_folder() {
     for (e, d) in embedded.iter().zip(dir.iter()) {
         assert_eq!(
             (
-                e.version,
+                e.version.number(),
                 &e.name,
                 &e.up,
                 &e.down,
@@ -504,7 +510,7 @@ fn embedded_parses_like_the_folder() {
                 e.transactional
             ),
             (
-                d.version,
+                d.version.number(),
                 &d.name,
                 &d.up,
                 &d.down,
@@ -515,7 +521,7 @@ fn embedded_parses_like_the_folder() {
     }
     assert_eq!(embedded.ignored(), ["notes.sql"]);
     assert_eq!(embedded.ignored(), dir.ignored());
-    let index = embedded.get(2).unwrap();
+    let index = embedded.get(&v(2)).unwrap();
     assert_eq!(index.name, "add index");
     assert!(!index.transactional, "metadata.toml is embedded and read");
     assert!(
@@ -530,9 +536,9 @@ fn new_migration_uses_timestamps_or_continues_sequential_numbers() {
     let fresh = dir.path().join("fresh");
     let created = new_migration(&fresh, "create users").unwrap();
     assert!(
-        created.version >= 20260101000000 && created.version < 100000000000000,
+        created.version.number() >= 20260101000000 && created.version.number() < 100000000000000,
         "{}",
-        created.version
+        created.version.number()
     );
     let (up, Some(down)) = (&created.up_path, &created.down_path) else {
         panic!("{created:?}")
@@ -558,7 +564,7 @@ fn new_migration_uses_timestamps_or_continues_sequential_numbers() {
         ],
     );
     let next = new_migration(&seq, "c").unwrap();
-    assert_eq!(next.version, 3);
+    assert_eq!(next.version.number(), 3);
     assert!(next.up_path.ends_with("0003_c.up.sql"), "{next:?}");
 
     assert!(matches!(
@@ -683,7 +689,7 @@ COPY t TO STDOUT;
 COPY (SELECT a FROM stdin) TO STDOUT;
 "#;
     let m = parse(&[("0001_a.up.sql", up.as_bytes())]).unwrap();
-    assert_eq!(m.get(1).unwrap().up, up);
+    assert_eq!(m.get(&v(1)).unwrap().up, up);
 }
 
 /// A folder holding `files`, and what `new_migration` created in it, relative to it.
@@ -751,7 +757,7 @@ fn new_migration_in_a_goose_folder_writes_one_file_with_both_sections() {
     assert!(text.starts_with("-- +goose Up\n"), "{text}");
     assert!(text.contains("\n-- +goose Down\n"), "{text}");
     let m = Migrations::from_dir(dir.path()).unwrap();
-    let b = m.get(2).unwrap();
+    let b = m.get(&v(2)).unwrap();
     assert_eq!(b.up_line, 2);
     assert_eq!(b.down, None, "the down section holds only a comment");
 }
@@ -788,7 +794,7 @@ fn new_migration_in_an_sqlx_folder_writes_one_plain_file() {
         "{text}"
     );
     let m = Migrations::from_dir(dir.path()).unwrap();
-    assert_eq!((m.len(), m.get(2).unwrap().down.as_deref()), (2, None));
+    assert_eq!((m.len(), m.get(&v(2)).unwrap().down.as_deref()), (2, None));
 }
 
 #[test]
@@ -801,7 +807,7 @@ fn new_migration_in_a_flyway_folder_writes_a_versioned_file() {
     assert_eq!(
         Migrations::from_dir(dir.path())
             .unwrap()
-            .get(3)
+            .get(&v(3))
             .unwrap()
             .name,
         "add_c"
@@ -844,7 +850,7 @@ fn golang_migrate_wrappers_are_accepted_other_transaction_control_refused() {
         ("000001_a.down.sql", b"BEGIN;\nDROP TABLE a;\nCOMMIT;\n"),
     ])
     .unwrap();
-    let m = migrations.get(1).unwrap();
+    let m = migrations.get(&v(1)).unwrap();
     assert_eq!(m.up, "      \nCREATE TABLE a (id int);\n       \n");
     assert_eq!(m.down.as_deref(), Some("      \nDROP TABLE a;\n       \n"));
     assert_eq!(m.checksum, svcdb::migrate::Checksum::of(wrapped));
@@ -867,4 +873,9 @@ fn golang_migrate_wrappers_are_accepted_other_transaction_control_refused() {
         path.ends_with("0001_a.up.sql") && line == 2,
         "{path}:{line}"
     );
+}
+
+/// The version numbered `n` (as the history's integer column and `0001`-style files number it).
+fn v(n: i64) -> svcdb::migrate::Version {
+    svcdb::migrate::Version::try_from(n).expect("a non-negative version")
 }

@@ -336,7 +336,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(report) = &started.migrations {
         tracing::info!(
             applied = report.migrations.len(),
-            version = report.current_version,
+            version = report.current_version.as_ref().map(tracing::field::display),
             "migrated"
         );
     }

@@ -608,7 +608,9 @@ impl Demo {
         self.say(format!(
             "tables before: {} (migration {})",
             before.join(", "),
-            version_before.unwrap_or(0)
+            version_before
+                .as_ref()
+                .map_or("none".into(), |v| v.to_string())
         ));
         let outcome = migrator.up().await;
         let after = table_names(db.list_tables().await?);
@@ -619,7 +621,7 @@ impl Demo {
                     "deploy failed: {}",
                     failure.to_string().replace("\n  ", "\n    ")
                 ));
-                (Some(failure.version), failure.rolled_back)
+                (Some(failure.version.clone()), failure.rolled_back)
             }
             Err(e) => {
                 self.say(format!("deploy failed unexpectedly: {e}"));
@@ -633,7 +635,9 @@ impl Demo {
         self.say(format!(
             "tables after:  {} (migration {})",
             after.join(", "),
-            version_after.unwrap_or(0)
+            version_after
+                .as_ref()
+                .map_or("none".into(), |v| v.to_string())
         ));
         let readyz = self
             .api
@@ -645,7 +649,7 @@ impl Demo {
         ));
         self.checks.check(
             "a deploy failing at step 3 leaves the schema exactly as before",
-            failed_at == Some(5)
+            failed_at == Some(5u32.into())
                 && rolled_back
                 && before == after
                 && version_before == version_after
@@ -654,8 +658,8 @@ impl Demo {
                 "failed at migration {}, rolled back = {rolled_back}, tables unchanged = {}, version {} → {}",
                 failed_at.map_or("none".into(), |v| v.to_string()),
                 before == after,
-                version_before.unwrap_or(0),
-                version_after.unwrap_or(0)
+                version_before.map_or("none".into(), |v| v.to_string()),
+                version_after.map_or("none".into(), |v| v.to_string())
             ),
         );
         Ok(())

@@ -531,7 +531,7 @@ async fn svcdb_run(
         let started = Instant::now();
         let report = bench
             .down(&DownOptions {
-                to: Some(0),
+                to: Some(0u32.into()),
                 ..DownOptions::default()
             })
             .await?;

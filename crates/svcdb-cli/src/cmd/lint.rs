@@ -33,7 +33,7 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
         let status = migrator.status().await?;
         let pending = status
             .pending()
-            .filter_map(|e| migrator.migrations().get(e.version));
+            .filter_map(|e| migrator.migrations().get(&e.version));
         lint(pending)
     };
     output::report(global.json, &report, render)?;

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use comfy_table::Table;
 use svcdb::migrate::{
-    new_migration, Direction, DownOptions, MigrateError, MigrateEvent, MigrateOptions, Migration,
-    MigrationFailure, MigrationState, Migrations, Migrator, RepairAction, RunEntry, StatusReport,
-    UpOptions,
+    new_migration, AdoptOptions, Direction, DownOptions, MigrateError, MigrateEvent,
+    MigrateOptions, Migration, MigrationFailure, MigrationState, Migrations, Migrator,
+    RepairAction, RunEntry, StatusReport, Tool, UpOptions, Version,
 };
 use svcdb::tokio_postgres::error::ErrorPosition;
 
@@ -83,14 +83,47 @@ Exit codes:
         /// The newest version that is already in effect.
         // Not named `version`: that is the id of the propagated `--version` flag.
         #[arg(value_name = "VERSION")]
-        up_to: i64,
+        up_to: Version,
         #[command(flatten)]
         timeouts: Timeouts,
     },
+    /// Take over a schema another tool migrated: read that tool's history table, match every
+    /// version it applied to a file in --dir, and record them in svcdb's history (with today's
+    /// checksums, in one transaction, running nothing). The other tool's table is left as it
+    /// was.
+    ///
+    /// The table is looked up in the service schema, then in public: __diesel_schema_migrations
+    /// (diesel), _sqlx_migrations (sqlx), schema_migrations (golang-migrate, dbmate),
+    /// goose_db_version (goose), flyway_schema_history (Flyway), refinery_schema_history
+    /// (refinery). Refused, naming each version, when the tool marked a version dirty or
+    /// failed, when an applied version has no file, or when a file no longer matches the
+    /// checksum the tool recorded (sqlx, Flyway, refinery).
+    Adopt(AdoptArgs),
     /// Clear a dirty mark (after fixing the schema by hand) and accept the current checksum of
     /// changed migration files; name every invalid index of the schema (left by a failed
     /// CREATE INDEX CONCURRENTLY) with the statement that drops it.
     Repair(Timeouts),
+}
+
+/// Options of `migrate adopt`.
+#[derive(clap::Args)]
+pub struct AdoptArgs {
+    /// The tool that migrated the schema: diesel, sqlx, golang-migrate, goose, dbmate, flyway
+    /// or refinery.
+    #[arg(long, value_name = "TOOL")]
+    from: Tool,
+
+    /// Where that tool's history is, as schema.table (or a table, looked up in the service
+    /// schema, then public) [default: the tool's own table name].
+    #[arg(long, value_name = "SCHEMA.TABLE")]
+    history_table: Option<String>,
+
+    /// List what would be recorded, refusing as a real run would, without writing anything.
+    #[arg(long)]
+    dry_run: bool,
+
+    #[command(flatten)]
+    timeouts: Timeouts,
 }
 
 /// Which drift the runner accepts; by default each is refused before anything runs.
@@ -142,9 +175,10 @@ pub struct RunArgs {
 /// Options of `migrate up`.
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// Apply pending migrations up to and including this version only.
+    /// Apply pending migrations up to and including this version only (as the file names
+    /// it, e.g. 0003 or 2026-01-20-162913).
     #[arg(long, value_name = "VERSION")]
-    to: Option<i64>,
+    to: Option<Version>,
 
     /// List what would run without running anything.
     #[arg(long)]
@@ -171,7 +205,7 @@ pub struct DownArgs {
 
     /// Revert every migration newer than this version (0: all of them).
     #[arg(long, value_name = "VERSION")]
-    to: Option<i64>,
+    to: Option<Version>,
 
     /// List what would be reverted without reverting anything.
     #[arg(long)]
@@ -224,8 +258,9 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
         Command::Validate(drift) => validate(global, drift).await,
         Command::Lint(args) => crate::cmd::lint::run(global, args).await,
         Command::New { name } => new(global, &name),
-        Command::Baseline { up_to, timeouts } => baseline(global, up_to, timeouts).await,
+        Command::Baseline { up_to, timeouts } => baseline(global, &up_to, timeouts).await,
         Command::Repair(timeouts) => repair(global, timeouts).await,
+        Command::Adopt(args) => adopt(global, args).await,
     }
 }
 
@@ -248,7 +283,7 @@ async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
     };
     let migrator = migrator(global, options).await?;
     let options = UpOptions {
-        to: args.to,
+        to: args.to.clone(),
         dry_run: args.dry_run,
     };
     let started = Instant::now();
@@ -258,12 +293,15 @@ async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
         .map_err(|e| explain(migrator.migrations(), e))?;
     let elapsed = started.elapsed();
     output::report(global.json, &report, |r| {
-        let idle = match args.to {
+        let idle = match &args.to {
             Some(to) => format!(
                 "nothing to do up to version {to}: {}",
-                at(r.current_version)
+                at(r.current_version.as_ref())
             ),
-            None => format!("nothing to do: up to date {}", at(r.current_version)),
+            None => format!(
+                "nothing to do: up to date {}",
+                at(r.current_version.as_ref())
+            ),
         };
         RunText {
             would: "apply",
@@ -271,7 +309,7 @@ async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
             mode: if r.atomic { " in one transaction" } else { "" },
             entries: &r.migrations,
             dry_run: r.dry_run,
-            current: r.current_version,
+            current: r.current_version.as_ref(),
             elapsed,
             idle,
         }
@@ -297,7 +335,7 @@ async fn down(global: &Global, args: DownArgs) -> Result<Outcome> {
         let idle = format!(
             "nothing to revert: schema {} is {}",
             r.schema,
-            at(r.current_version)
+            at(r.current_version.as_ref())
         );
         RunText {
             would: "revert",
@@ -305,7 +343,7 @@ async fn down(global: &Global, args: DownArgs) -> Result<Outcome> {
             mode: "",
             entries: &r.migrations,
             dry_run: r.dry_run,
-            current: r.current_version,
+            current: r.current_version.as_ref(),
             elapsed,
             idle,
         }
@@ -328,12 +366,12 @@ async fn redo(global: &Global, args: RunArgs) -> Result<Outcome> {
                 up.name,
                 output::millis(down.duration_ms),
                 output::millis(up.duration_ms),
-                at(r.up.current_version)
+                at(r.up.current_version.as_ref())
             ),
             _ => format!(
                 "nothing to redo: schema {} is {}",
                 r.down.schema,
-                at(r.down.current_version)
+                at(r.down.current_version.as_ref())
             ),
         }
     })?;
@@ -403,7 +441,7 @@ fn new(global: &Global, name: &str) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-async fn baseline(global: &Global, version: i64, timeouts: Timeouts) -> Result<Outcome> {
+async fn baseline(global: &Global, version: &Version, timeouts: Timeouts) -> Result<Outcome> {
     let migrator = migrator(global, timeouts.apply(MigrateOptions::default())).await?;
     let report = migrator.baseline(version).await?;
     output::report(global.json, &report, |r| {
@@ -423,6 +461,54 @@ async fn baseline(global: &Global, version: i64, timeouts: Timeouts) -> Result<O
             r.schema,
             count(r.recorded.len())
         ));
+        lines.join("\n")
+    })?;
+    Ok(Outcome::Success)
+}
+
+async fn adopt(global: &Global, args: AdoptArgs) -> Result<Outcome> {
+    let migrator = migrator(global, args.timeouts.apply(MigrateOptions::default())).await?;
+    let report = migrator
+        .adopt(&AdoptOptions {
+            from: args.from,
+            history_table: args.history_table,
+            dry_run: args.dry_run,
+        })
+        .await?;
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    output::report(global.json, &report, |r| {
+        let verb = if r.dry_run {
+            "would record"
+        } else {
+            "recorded"
+        };
+        let mut lines: Vec<String> = r
+            .recorded
+            .iter()
+            .map(|m| format!("{verb} {} {} as applied", m.version, m.name))
+            .collect();
+        let counts = format!(
+            "{} to record, {} already recorded, {} pending",
+            count(r.recorded.len()),
+            r.already_recorded.len(),
+            r.pending.len()
+        );
+        lines.push(if r.dry_run {
+            format!(
+                "dry run: nothing changed; adopting schema {} from {} ({}) would find {counts}",
+                r.schema, r.from, r.table
+            )
+        } else {
+            format!(
+                "adopted schema {} from {} ({}): {counts}; {} was left as it was",
+                r.schema, r.from, r.table, r.table
+            )
+        });
+        if !r.pending.is_empty() && !r.dry_run {
+            lines.push("run `svcdb migrate up` to apply the pending ones".to_owned());
+        }
         lines.join("\n")
     })?;
     Ok(Outcome::Success)
@@ -478,7 +564,7 @@ struct RunText<'a> {
     mode: &'static str,
     entries: &'a [RunEntry],
     dry_run: bool,
-    current: Option<i64>,
+    current: Option<&'a Version>,
     elapsed: Duration,
     /// The whole text when nothing ran.
     idle: String,
@@ -525,7 +611,7 @@ fn count(n: usize) -> String {
 }
 
 /// Where a schema stands, after "is" or "now".
-fn at(version: Option<i64>) -> String {
+fn at(version: Option<&Version>) -> String {
     version.map_or_else(
         || "before the first migration".to_owned(),
         |v| format!("at version {v}"),
@@ -567,7 +653,7 @@ fn summary(report: &StatusReport) -> String {
     format!(
         "schema {} {}: {state}",
         report.schema,
-        at(report.current_version)
+        at(report.current_version.as_ref())
     )
 }
 
@@ -600,7 +686,7 @@ fn status_table(report: &StatusReport) -> Table {
 fn explain(migrations: &Migrations, e: MigrateError) -> anyhow::Error {
     let location = match &e {
         MigrateError::Failed(failure) => migrations
-            .get(failure.version)
+            .get(&failure.version)
             .map(|m| location(m, failure)),
         _ => None,
     };

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use super::report::InvalidIndex;
+use super::version::Version;
 use crate::error::{pg_message, SqlState};
 
 /// Everything that can stop a migration command.
@@ -41,7 +42,7 @@ pub enum MigrateError {
     #[error("migration {version} was changed after it was applied: {path} no longer matches the checksum in the history\n  hint: if it ran only on a database of your own (not released yet), undo it with its down script and apply the file as it is now: `svcdb migrate redo --allow-changed` when it is the newest applied migration, else `svcdb migrate down --to <the version before it> --allow-changed` then `svcdb migrate up`; if it was released, restore the file and put the change in a new migration; `svcdb migrate repair` records the file as it is now without running it, right only when the edit changes nothing the database sees (a comment, formatting)")]
     Changed {
         /// The version.
-        version: i64,
+        version: Version,
         /// The up file.
         path: String,
     },
@@ -50,18 +51,18 @@ pub enum MigrateError {
     #[error("migration {version} ({path}) is pending but older than the newest applied migration {newest_applied}\n  hint: give it a version above {newest_applied}, or pass `--allow-out-of-order` (MigrateOptions::allow_out_of_order) to run it anyway")]
     OutOfOrder {
         /// The pending version.
-        version: i64,
+        version: Version,
         /// Its up file.
         path: String,
         /// The newest applied version.
-        newest_applied: i64,
+        newest_applied: Version,
     },
 
     /// An applied migration has no file in the source.
     #[error("migration {version} ({name}) is applied but its file is missing from the migrations folder\n  hint: restore the file, or pass `--ignore-missing` (MigrateOptions::ignore_missing) if it was removed on purpose")]
     Missing {
         /// The applied version.
-        version: i64,
+        version: Version,
         /// Its name in the history table.
         name: String,
     },
@@ -74,7 +75,7 @@ pub enum MigrateError {
         /// The schema.
         schema: String,
         /// The dirty version.
-        version: i64,
+        version: Version,
         /// Its name.
         name: String,
     },
@@ -106,7 +107,7 @@ pub enum MigrateError {
     #[error("{path} is still the template `svcdb migrate new` wrote: write the migration's SQL first; nothing was run\n  hint: replace the comment in it with the migration's statements (and the down script's with the statements that undo them), then run `svcdb migrate up` again")]
     Unwritten {
         /// The migration's version.
-        version: i64,
+        version: Version,
         /// Its up file.
         path: String,
     },
@@ -115,7 +116,7 @@ pub enum MigrateError {
     #[error("cannot revert migration {version}: {path} has no down script\n  hint: add a down script for it, or revert by hand")]
     NoDown {
         /// The version.
-        version: i64,
+        version: Version,
         /// Its up file.
         path: String,
     },
@@ -140,7 +141,7 @@ pub enum MigrateError {
 #[error("{}", failed_message(self))]
 pub struct MigrationFailure {
     /// The failing migration's version.
-    pub version: i64,
+    pub version: Version,
     /// Its name.
     pub name: String,
     /// Up or down.
@@ -149,9 +150,9 @@ pub struct MigrationFailure {
     /// [`crate::error`]).
     pub cause: tokio_postgres::Error,
     /// Versions this command applied (or reverted, for a down) that stay in effect.
-    pub applied: Vec<i64>,
+    pub applied: Vec<Version>,
     /// Versions this command applied and then undid with their down scripts, newest first.
-    pub undone: Vec<i64>,
+    pub undone: Vec<Version>,
     /// Why undoing stopped early (a down script failed or is missing), if it did; the
     /// versions in `applied` are then still in effect.
     pub undo_error: Option<String>,
@@ -225,7 +226,12 @@ fn failed_message(f: &MigrationFailure) -> String {
         statements_done,
         invalid_indexes,
     } = f;
-    let list = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+    let list = |v: &[Version]| {
+        v.iter()
+            .map(Version::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut s = format!(
         "migration {version} ({name}) failed ({direction}): {}",
         pg_message(cause)

@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde::Serialize;
 
+use super::version::Version;
+
 /// Which script of a migration runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,7 +51,7 @@ pub enum MigrateEvent {
     /// A script starts.
     Started {
         /// Its version.
-        version: i64,
+        version: Version,
         /// Its name.
         name: String,
         /// Up or down.
@@ -60,7 +62,7 @@ pub enum MigrateEvent {
     /// A script finished without error.
     Finished {
         /// Its version.
-        version: i64,
+        version: Version,
         /// Its name.
         name: String,
         /// Up or down.

@@ -2,7 +2,8 @@
 //!
 //! ```sql
 //! CREATE TABLE IF NOT EXISTS <schema>.svcdb_migrations (
-//!     version       bigint PRIMARY KEY,
+//!     version       bigint PRIMARY KEY,    -- every digit of the version as one integer
+//!     version_text  text,                  -- the version as its file writes it (`2026-01-20-162913`, `0003`)
 //!     name          text        NOT NULL,
 //!     checksum      text        NOT NULL,  -- SHA-256 of the up script, hex (see Checksum)
 //!     applied_at    timestamptz NOT NULL DEFAULT now(),  -- for a dirty row: when its script started
@@ -19,6 +20,19 @@
 //! `CREATE INDEX CONCURRENTLY`): other runners wait for the lock and the start-up gate stays
 //! ready. With nobody holding the lock the script failed part-way, and runners refuse to run
 //! until `repair` deletes the row.
+//!
+//! # Versions
+//!
+//! The order of the rows is the order of their [`Version`]s (read from `version_text`), not of
+//! the integer column: as an integer, diesel's 18-digit `2025-11-19-091444-0000` would sort
+//! after the 14-digit `2026-01-20-162913`. The integer stays the key, so that distinct
+//! versions stay distinct (two versions with the same digits are the same version) and a
+//! replica of an older release, during a rolling deploy, still reads and writes the table.
+//! `version_text` is NULL in the rows such a replica writes; it reads as the integer's digits.
+//!
+//! A table written before `version_text` existed is upgraded in place by the first command
+//! that takes the migration lock: the column is added and filled from the
+//! integer. Until then it is read as it is.
 
 use std::time::Duration;
 
@@ -28,6 +42,7 @@ use tokio_postgres::GenericClient;
 
 use super::error::MigrateError;
 use super::migration::Migration;
+use super::version::Version;
 use crate::error::SqlState;
 use crate::ident::Ident;
 
@@ -37,7 +52,7 @@ pub const HISTORY_TABLE: &str = "svcdb_migrations";
 /// One row of the history table.
 #[derive(Debug, Clone)]
 pub(crate) struct HistoryRow {
-    pub version: i64,
+    pub version: Version,
     pub name: String,
     pub checksum: String,
     pub dirty: bool,
@@ -66,14 +81,33 @@ pub(crate) struct History {
     /// Another session held the schema's migration lock when a row was dirty: that row's
     /// script is in progress, not failed. Only asked when a row is dirty.
     pub locked: bool,
+    /// The table predates `version_text`: [`upgrade`] it under the migration lock.
+    pub legacy: bool,
 }
 
 impl History {
-    pub fn get(&self, version: i64) -> Option<&HistoryRow> {
+    pub fn get(&self, version: &Version) -> Option<&HistoryRow> {
         self.rows
-            .binary_search_by_key(&version, |r| r.version)
+            .binary_search_by(|r| r.version.cmp(version))
             .ok()
             .map(|i| &self.rows[i])
+    }
+
+    /// The newest applied version that is not dirty, written as its file writes it when
+    /// `migrations` has it (a row an older release wrote holds only the digits).
+    pub fn current_version(&self, migrations: &super::source::Migrations) -> Option<Version> {
+        let newest = self
+            .rows
+            .iter()
+            .filter(|r| !r.dirty)
+            .map(|r| &r.version)
+            .max()?;
+        Some(
+            migrations
+                .get(newest)
+                .map_or(newest, |m| &m.version)
+                .clone(),
+        )
     }
 }
 
@@ -92,6 +126,7 @@ pub(crate) async fn create_table(
     let sql = format!(
         "CREATE TABLE IF NOT EXISTS {} (
             version bigint PRIMARY KEY,
+            version_text text,
             name text NOT NULL,
             checksum text NOT NULL,
             applied_at timestamptz NOT NULL DEFAULT now(),
@@ -111,6 +146,24 @@ pub(crate) async fn create_table(
             e.into()
         }
     })
+}
+
+/// Upgrades a history table written before `version_text` existed ([`History::legacy`]):
+/// adds the column and fills it from the integer. Run under the migration lock, so that no
+/// other runner writes meanwhile; adding a nullable column without a default only changes the
+/// catalog (no rewrite), and the fill touches one row per migration. Idempotent.
+pub(crate) async fn upgrade(
+    client: &impl GenericClient,
+    schema: &Ident,
+) -> Result<(), tokio_postgres::Error> {
+    let table = table(schema);
+    // One simple query: its statements run as one implicit transaction.
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS version_text text;
+             UPDATE {table} SET version_text = version::text WHERE version_text IS NULL"
+        ))
+        .await
 }
 
 /// Drops the history table (when a failed deploy that created it undid everything).
@@ -147,16 +200,34 @@ async fn read_once(
     schema: &Ident,
     full: bool,
 ) -> Result<History, tokio_postgres::Error> {
+    match read_rows(client, schema, full, "version_text").await {
+        // A table an older svcdb wrote: no `version_text` yet.
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_COLUMN) => {
+            let mut history = read_rows(client, schema, full, "NULL::text").await?;
+            history.legacy = true;
+            Ok(history)
+        }
+        other => other,
+    }
+}
+
+/// The rows, with `version_text` (an SQL expression of type text) as each row's version text.
+async fn read_rows(
+    client: &impl GenericClient,
+    schema: &Ident,
+    full: bool,
+    version_text: &str,
+) -> Result<History, tokio_postgres::Error> {
     let extra = if full {
         ", applied_at, execution_us, applied_by, transactional"
     } else {
         ""
     };
     let sql = format!(
-        "SELECT version, name, checksum, dirty,
+        "SELECT version, {version_text}, name, checksum, dirty,
                 CASE WHEN dirty THEN extract(epoch FROM now() - applied_at)::float8 END,
                 CASE WHEN dirty THEN {} END{extra}
-           FROM {} ORDER BY version",
+           FROM {}",
         super::lock::held_by_another_sql(schema),
         table(schema)
     );
@@ -167,33 +238,46 @@ async fn read_once(
     };
     let locked = rows
         .iter()
-        .any(|r| r.get::<_, Option<bool>>(5) == Some(true));
-    let rows = rows
+        .any(|r| r.get::<_, Option<bool>>(6) == Some(true));
+    let mut rows: Vec<HistoryRow> = rows
         .iter()
         .map(|r| HistoryRow {
-            version: r.get(0),
-            name: r.get(1),
-            checksum: r.get(2),
-            dirty: r.get(3),
+            version: row_version(r.get(0), r.get(1)),
+            name: r.get(2),
+            checksum: r.get(3),
+            dirty: r.get(4),
             // A clock step back can make the difference negative: read it as just started.
             dirty_for: r
-                .get::<_, Option<f64>>(4)
+                .get::<_, Option<f64>>(5)
                 .map(|secs| Duration::try_from_secs_f64(secs).unwrap_or_default()),
             detail: full.then(|| HistoryDetail {
-                applied_at: r.get(6),
+                applied_at: r.get(7),
                 execution: r
-                    .get::<_, Option<i64>>(7)
+                    .get::<_, Option<i64>>(8)
                     .map(|us| Duration::from_micros(us.max(0) as u64)),
-                applied_by: r.get(8),
-                transactional: r.get(9),
+                applied_by: r.get(9),
+                transactional: r.get(10),
             }),
         })
         .collect();
+    // By version, not by the integer column: see the module documentation.
+    rows.sort_by(|a, b| a.version.cmp(&b.version));
     Ok(History {
         exists: true,
         rows,
         locked,
+        legacy: false,
     })
+}
+
+/// A row's version: its text when that is one (svcdb writes only valid ones), else the
+/// integer's digits (a row an older release wrote, or a text edited by hand).
+fn row_version(number: i64, text: Option<String>) -> Version {
+    text.and_then(|t| t.parse().ok())
+        .or_else(|| Version::try_from(number).ok())
+        // A negative integer was never written by svcdb: show it as version 0 rather than fail
+        // every command on a hand-edited row.
+        .unwrap_or_else(|| Version::from(0u32))
 }
 
 /// Inserts rows for `migrations` in one statement, whatever their number; a `None` duration
@@ -204,7 +288,8 @@ pub(crate) async fn insert(
     migrations: &[(&Migration, Option<Duration>)],
     dirty: bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let versions: Vec<i64> = migrations.iter().map(|(m, _)| m.version).collect();
+    let versions: Vec<i64> = migrations.iter().map(|(m, _)| m.version.number()).collect();
+    let texts: Vec<&str> = migrations.iter().map(|(m, _)| m.version.as_str()).collect();
     let names: Vec<&str> = migrations.iter().map(|(m, _)| m.name.as_str()).collect();
     let checksums: Vec<String> = migrations
         .iter()
@@ -216,8 +301,8 @@ pub(crate) async fn insert(
         .collect();
     let transactional: Vec<bool> = migrations.iter().map(|(m, _)| m.transactional).collect();
     let sql = format!(
-        "INSERT INTO {} (version, name, checksum, execution_us, transactional, dirty)
-         SELECT v, n, c, e, t, $6 FROM unnest($1, $2, $3, $4, $5) AS u(v, n, c, e, t)",
+        "INSERT INTO {} (version, version_text, name, checksum, execution_us, transactional, dirty)
+         SELECT v, vt, n, c, e, t, $7 FROM unnest($1, $2, $3, $4, $5, $6) AS u(v, vt, n, c, e, t)",
         table(schema)
     );
     client
@@ -225,6 +310,7 @@ pub(crate) async fn insert(
             &sql,
             &[
                 (&versions, Type::INT8_ARRAY),
+                (&texts, Type::TEXT_ARRAY),
                 (&names, Type::TEXT_ARRAY),
                 (&checksums, Type::TEXT_ARRAY),
                 (&micros, Type::INT8_ARRAY),
@@ -242,7 +328,7 @@ pub(crate) async fn insert(
 pub(crate) async fn set_dirty(
     client: &impl GenericClient,
     schema: &Ident,
-    version: i64,
+    version: &Version,
     dirty: bool,
     execution: Option<Duration>,
 ) -> Result<(), tokio_postgres::Error> {
@@ -257,7 +343,7 @@ pub(crate) async fn set_dirty(
         .execute_typed(
             &sql,
             &[
-                (&version, Type::INT8),
+                (&version.number(), Type::INT8),
                 (&dirty, Type::BOOL),
                 (&micros, Type::INT8),
             ],
@@ -270,8 +356,9 @@ pub(crate) async fn set_dirty(
 pub(crate) async fn delete(
     client: &impl GenericClient,
     schema: &Ident,
-    versions: &[i64],
+    versions: &[&Version],
 ) -> Result<(), tokio_postgres::Error> {
+    let versions: Vec<i64> = versions.iter().map(|v| v.number()).collect();
     let sql = format!("DELETE FROM {} WHERE version = ANY($1)", table(schema));
     client
         .execute_typed(&sql, &[(&versions, Type::INT8_ARRAY)])
@@ -279,23 +366,25 @@ pub(crate) async fn delete(
         .map(drop)
 }
 
-/// Records the file's current checksum and name for an applied version (`repair`).
+/// Records the file's current checksum, name and version text for an applied version
+/// (`repair`).
 pub(crate) async fn realign(
     client: &impl GenericClient,
     schema: &Ident,
     migration: &Migration,
 ) -> Result<(), tokio_postgres::Error> {
     let sql = format!(
-        "UPDATE {} SET checksum = $2, name = $3 WHERE version = $1",
+        "UPDATE {} SET checksum = $2, name = $3, version_text = $4 WHERE version = $1",
         table(schema)
     );
     client
         .execute_typed(
             &sql,
             &[
-                (&migration.version, Type::INT8),
+                (&migration.version.number(), Type::INT8),
                 (&migration.checksum.to_hex(), Type::TEXT),
                 (&migration.name, Type::TEXT),
+                (&migration.version.as_str(), Type::TEXT),
             ],
         )
         .await

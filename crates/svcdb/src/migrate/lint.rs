@@ -235,7 +235,7 @@ impl Serialize for Rule {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
     /// The migration's version.
-    pub version: i64,
+    pub version: super::version::Version,
     /// Its up file ([`Migration::path`]).
     pub path: String,
     /// The line of `path` the statement starts on.
@@ -376,7 +376,7 @@ impl Script<'_> {
         let at = at.min(sql.len());
         let line = self.m.up_line + sql[..at].iter().filter(|&&b| b == b'\n').count();
         Finding {
-            version: self.m.version,
+            version: self.m.version.clone(),
             path: self.m.path.clone(),
             line,
             rule,

@@ -4,6 +4,8 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
+use super::version::Version;
+
 /// The first line that makes a migration run outside a transaction (needed for
 /// `CREATE INDEX CONCURRENTLY`, `ALTER TYPE … ADD VALUE` on old servers, `VACUUM`, …).
 pub const NO_TRANSACTION_DIRECTIVE: &str = "-- svcdb:no-transaction";
@@ -16,9 +18,10 @@ const SQLX_NO_TRANSACTION: &str = "-- no-transaction";
 /// Built by [`Migrations`](super::Migrations); the fields are public for reading.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migration {
-    /// The version: the digits of the file name's prefix (`0003_x` → 3,
-    /// `2017-09-23-182408_x` → 20170923182408, `V3__x` → 3).
-    pub version: i64,
+    /// The version: the file name's prefix as written (`0003_x` → `0003`,
+    /// `2017-09-23-182408_x` → `2017-09-23-182408`, `V3__x` → `3`), ordered as its tool
+    /// orders it (see [`Version`]).
+    pub version: Version,
     /// The name after the first `_` (after `__` for `V3__x`), spaces and all.
     pub name: String,
     /// The up script, with any UTF-8 byte-order mark removed; for a goose or dbmate file, the

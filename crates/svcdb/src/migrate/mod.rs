@@ -25,9 +25,11 @@
 //! |---|---|
 //! | sources: native (`1_x.up.sql`), diesel (`1_x/up.sql`), single files (sqlx, goose, dbmate: `1_x.sql`), Flyway (`V1__x.sql`), embedded; `new` | [`source`] ([`Migrations`], [`EmbeddedMigrations`], [`new_migration`]) |
 //! | one migration, its checksum, its transaction mode | [`migration`] ([`Migration`], [`Checksum`]) |
+//! | versions and their order | [`version`] ([`Version`]) |
 //! | splitting a non-transactional migration into statements | [`split`] ([`split_statements`]) |
 //! | locking DDL found before it runs (`svcdb migrate lint`, and before every `up`) | [`lint`](mod@lint) ([`lint()`], [`Finding`], [`Rule`]) |
 //! | the `svcdb_migrations` history table | [`history`] |
+//! | adopting a schema another tool (diesel, sqlx, golang-migrate, goose, dbmate, Flyway, refinery) migrated | [`adopt`] ([`Migrator::adopt`], [`Tool`]) |
 //! | the per-(database, schema) advisory lock | [`lock`] |
 //! | status of every migration, drift checks | [`status`] ([`StatusReport`], [`MigrationState`]) |
 //! | the runner: up, down, redo, validate, baseline, repair | [`runner`] ([`Migrator`]) |
@@ -42,8 +44,10 @@
 //!   `<version>_<name>/` holding `up.sql` (+ optional `down.sql`, `metadata.toml`), a single
 //!   `<version>_<name>.sql` (up only, or split at goose's `-- +goose Up/Down` or dbmate's
 //!   `-- migrate:up/down` markers), or Flyway's `V<version>__<name>.sql` (+ optional
-//!   `U<version>__<name>.sql`). The version is the digits of the prefix
-//!   (`2017-09-23-182408` → 20170923182408), sorted numerically. Other files are ignored
+//!   `U<version>__<name>.sql`). The version is the prefix, digits optionally split by `-`
+//!   ([`Version`]): timestamps (`2017-09-23-182408`, diesel's 18-digit
+//!   `2017-09-23-182408-0000`) sort chronologically whatever their width, plain integers
+//!   (`1`, `0002`, `10`) numerically; the history keeps the text as written. Other files are ignored
 //!   ([`Migrations::ignored`] lists the `.sql` ones, which the CLI warns about); a file that
 //!   looks like a migration but is unusable is an error naming it.
 //! * **Run once.** Applied versions are skipped. With nothing pending, `up` costs one query on a
@@ -91,7 +95,7 @@
 //!
 //! ```text
 //! Migrations::from_dir(path) / from_embedded(&EmbeddedMigrations) -> Result<Migrations>
-//! Migrations::{iter, get(version), len, is_empty, latest, ignored}
+//! Migrations::{iter, get(&Version), len, is_empty, latest, ignored}
 //! new_migration(dir, name) -> Result<NewMigration>        // files for `svcdb migrate new`
 //! Migrator::new(ServiceDb, Migrations).with_options(MigrateOptions)
 //!   .status()   -> StatusReport        // no lock, read-only
@@ -99,10 +103,12 @@
 //!   .up()  / .up_with(&UpOptions { to, dry_run }, &mut |&MigrateEvent| ..)   -> UpReport  // observer: dyn FnMut + Send
 //!   .down(&DownOptions { steps, to, dry_run }) / .down_with(.., observer)    -> DownReport
 //!   .redo() / .redo_with(observer)                                           -> RedoReport
-//!   .baseline(version) -> BaselineReport
+//!   .baseline(&Version) -> BaselineReport
+//!   .adopt(&AdoptOptions { from: Tool, history_table, dry_run }) -> AdoptReport  // Err(AdoptError)
 //!   .repair()          -> RepairReport  // clears dirty marks, accepts changed files, names invalid indexes
 //! ```
 
+pub mod adopt;
 pub mod error;
 pub mod event;
 pub mod history;
@@ -117,7 +123,9 @@ pub mod source;
 pub mod split;
 pub mod status;
 mod template;
+pub mod version;
 
+pub use adopt::{AdoptError, AdoptOptions, AdoptProblem, AdoptReport, Tool};
 pub use error::{MigrateError, MigrationFailure};
 pub use event::{Direction, MigrateEvent};
 pub use history::HISTORY_TABLE;
@@ -132,3 +140,4 @@ pub use runner::Migrator;
 pub use source::{new_migration, EmbeddedFile, EmbeddedMigrations, Migrations, NewMigration};
 pub use split::split_statements;
 pub use status::{MigrationState, StatusEntry, StatusReport};
+pub use version::{ParseVersionError, Version};

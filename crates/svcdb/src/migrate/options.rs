@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use super::version::Version;
+
 /// How the runner treats drift and how long it lets things wait.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
@@ -48,7 +50,7 @@ impl Default for MigrateOptions {
 #[derive(Debug, Clone, Default)]
 pub struct UpOptions {
     /// Apply pending migrations up to and including this version only. Default: all.
-    pub to: Option<i64>,
+    pub to: Option<Version>,
     /// Report what would run without running it (and without taking the lock). Default: false.
     pub dry_run: bool,
 }
@@ -58,9 +60,9 @@ pub struct UpOptions {
 pub struct DownOptions {
     /// Revert this many applied migrations, newest first. Default: 1. Ignored when `to` is set.
     pub steps: usize,
-    /// Revert every applied migration newer than this version (`Some(0)`: all of them, when versions start at 1).
+    /// Revert every applied migration newer than this version (version `0`, `Version::from(0)`: all of them, when versions start at 1).
     /// Default: `None`.
-    pub to: Option<i64>,
+    pub to: Option<Version>,
     /// Report what would be reverted without reverting it. Default: false.
     pub dry_run: bool,
 }

@@ -2,11 +2,13 @@
 
 use serde::Serialize;
 
+use super::version::Version;
+
 /// One migration run (or, in a dry run, to be run).
 #[derive(Debug, Clone, Serialize)]
 pub struct RunEntry {
     /// Its version.
-    pub version: i64,
+    pub version: Version,
     /// Its name.
     pub name: String,
     /// Whether its script ran in a transaction.
@@ -27,7 +29,7 @@ pub struct UpReport {
     /// Applied, oldest first (empty when up to date).
     pub migrations: Vec<RunEntry>,
     /// The newest applied version afterwards.
-    pub current_version: Option<i64>,
+    pub current_version: Option<Version>,
 }
 
 /// What `down` did.
@@ -40,7 +42,7 @@ pub struct DownReport {
     /// Reverted, newest first.
     pub migrations: Vec<RunEntry>,
     /// The newest applied version afterwards.
-    pub current_version: Option<i64>,
+    pub current_version: Option<Version>,
 }
 
 /// What `redo` did: the newest migration reverted and applied again.
@@ -68,14 +70,14 @@ pub enum RepairAction {
     /// Deleted a dirty history row: the migration counts as pending again.
     ClearedDirty {
         /// The version.
-        version: i64,
+        version: Version,
         /// Its name.
         name: String,
     },
     /// Recorded the current checksum of a changed applied file.
     RealignedChecksum {
         /// The version.
-        version: i64,
+        version: Version,
         /// Its name.
         name: String,
         /// The checksum recorded before.

@@ -18,6 +18,7 @@ use super::report::{
 use super::source::Migrations;
 use super::split::split_statements;
 use super::status::StatusReport;
+use super::version::Version;
 use crate::pool::ServiceDb;
 
 /// Runs a service's migrations against its schema.
@@ -83,6 +84,16 @@ impl Migrator {
 
     fn schema(&self) -> String {
         self.db.schema().as_str().to_owned()
+    }
+
+    /// The database (for [`adopt`](super::adopt)).
+    pub(crate) fn service_db(&self) -> &ServiceDb {
+        &self.db
+    }
+
+    /// The schema's lock and the history read under it (for [`adopt`](super::adopt)).
+    pub(crate) async fn lock_for_adopt(&self) -> Result<(MigrationLock, History), MigrateError> {
+        self.lock(&mut ignore).await
     }
 
     /// Where every migration stands. Read-only, takes no lock; one query on a pooled
@@ -156,25 +167,26 @@ impl Migrator {
             history::read(client(&conn), self.db.schema(), false).await?
         };
         let status = StatusReport::build(&self.schema(), &self.migrations, &history);
-        let plan = self.plan_up(&status, options.to)?;
+        let plan = self.plan_up(&status, options.to.as_ref())?;
         super::template::refuse_untouched(&plan)?;
         super::lint::check_before_up(&plan, self.options.allow_unsafe, observer)?;
         // A migration in progress may be one this call would run, or may fail: only under the
         // lock, once its runner is done, is there nothing to do.
-        if (plan.is_empty() && status.in_progress.is_none()) || options.dry_run {
+        // A history table an older release wrote is upgraded under the lock first.
+        if (plan.is_empty() && status.in_progress.is_none() && !history.legacy) || options.dry_run {
             return Ok(UpReport {
                 schema: self.schema(),
                 dry_run: options.dry_run,
                 atomic: is_atomic(&plan),
                 migrations: plan.iter().map(|m| planned(m)).collect(),
-                current_version: current_version(&history),
+                current_version: history.current_version(&self.migrations),
             });
         }
         let (mut lock, history) = self.lock(observer).await?;
         let result = async {
             let plan = self.plan_up(
                 &StatusReport::build(&self.schema(), &self.migrations, &history),
-                options.to,
+                options.to.as_ref(),
             )?;
             let done = self
                 .run(&mut lock, &plan, Direction::Up, history.exists, observer)
@@ -185,8 +197,8 @@ impl Migrator {
         let (atomic, done) = lock.release_after(result).await?;
         let current = done
             .last()
-            .map(|e| e.version)
-            .max(current_version(&history));
+            .map(|e| e.version.clone())
+            .max(history.current_version(&self.migrations));
         Ok(UpReport {
             schema: self.schema(),
             dry_run: false,
@@ -233,7 +245,7 @@ impl Migrator {
             let plan: Vec<&Migration> = down
                 .migrations
                 .iter()
-                .filter_map(|e| self.migrations.get(e.version))
+                .filter_map(|e| self.migrations.get(&e.version))
                 .collect();
             let done = self
                 .run(&mut lock, &plan, Direction::Up, true, observer)
@@ -247,7 +259,7 @@ impl Migrator {
             dry_run: false,
             atomic,
             migrations: done,
-            current_version: current_version(&history),
+            current_version: history.current_version(&self.migrations),
         };
         Ok(RedoReport { down, up })
     }
@@ -255,20 +267,20 @@ impl Migrator {
     /// Records every migration of the source with a version ≤ `version` as applied, without
     /// running it: adopts a database whose schema was made before svcdb managed it. Versions
     /// already recorded are left alone.
-    pub async fn baseline(&self, version: i64) -> Result<BaselineReport, MigrateError> {
+    pub async fn baseline(&self, version: &Version) -> Result<BaselineReport, MigrateError> {
         let (lock, history) = self.lock(&mut ignore).await?;
         let result = async {
             if let Some(dirty) = history.rows.iter().find(|r| r.dirty) {
                 return Err(MigrateError::Dirty {
                     schema: self.schema(),
-                    version: dirty.version,
+                    version: dirty.version.clone(),
                     name: dirty.name.clone(),
                 });
             }
             let rows: Vec<(&Migration, Option<Duration>)> = self
                 .migrations
                 .iter()
-                .filter(|m| m.version <= version && history.get(m.version).is_none())
+                .filter(|m| m.version <= *version && history.get(&m.version).is_none())
                 .map(|m| (m, None))
                 .collect();
             if !history.exists {
@@ -312,19 +324,19 @@ impl Migrator {
         let tx = lock.transaction().await?;
         for row in &history.rows {
             if row.dirty {
-                history::delete(&tx, schema, &[row.version]).await?;
+                history::delete(&tx, schema, &[&row.version]).await?;
                 actions.push(RepairAction::ClearedDirty {
-                    version: row.version,
+                    version: row.version.clone(),
                     name: row.name.clone(),
                 });
             } else if let Some(m) = self
                 .migrations
-                .get(row.version)
+                .get(&row.version)
                 .filter(|m| m.checksum.to_hex() != row.checksum)
             {
                 history::realign(&tx, schema, m).await?;
                 actions.push(RepairAction::RealignedChecksum {
-                    version: m.version,
+                    version: m.version.clone(),
                     name: m.name.clone(),
                     old: row.checksum.clone(),
                     new: m.checksum.to_hex(),
@@ -339,13 +351,13 @@ impl Migrator {
     fn plan_up(
         &self,
         status: &StatusReport,
-        to: Option<i64>,
+        to: Option<&Version>,
     ) -> Result<Vec<&Migration>, MigrateError> {
         status.check_drift(&self.options)?;
         let plan: Vec<&Migration> = status
             .pending()
-            .filter(|e| to.is_none_or(|to| e.version <= to))
-            .filter_map(|e| self.migrations.get(e.version))
+            .filter(|e| to.is_none_or(|to| e.version <= *to))
+            .filter_map(|e| self.migrations.get(&e.version))
             .collect();
         status.check_order(&plan, &self.options)?;
         Ok(plan)
@@ -379,7 +391,11 @@ impl Migrator {
         }
         lock.batch_execute(&setup).await?;
         super::owner::act_as_owner(lock.client(), schema, observer).await?;
-        let history = history::read(lock.client(), schema, true).await?;
+        let mut history = history::read(lock.client(), schema, true).await?;
+        if history.legacy {
+            history::upgrade(lock.client(), schema).await?;
+            history = history::read(lock.client(), schema, true).await?;
+        }
         Ok((lock, history))
     }
 
@@ -394,22 +410,22 @@ impl Migrator {
         StatusReport::build(&self.schema(), &self.migrations, history)
             .check_drift(&self.options)?;
         let applied = history.rows.iter().rev();
-        let targets: Vec<_> = match options.to {
-            Some(to) => applied.take_while(|r| r.version > to).collect(),
+        let targets: Vec<_> = match &options.to {
+            Some(to) => applied.take_while(|r| r.version > *to).collect(),
             None => applied.take(options.steps).collect(),
         };
         let mut plan = Vec::with_capacity(targets.len());
         for row in targets {
             let m = self
                 .migrations
-                .get(row.version)
+                .get(&row.version)
                 .ok_or_else(|| MigrateError::Missing {
-                    version: row.version,
+                    version: row.version.clone(),
                     name: row.name.clone(),
                 })?;
             if m.down.is_none() {
                 return Err(MigrateError::NoDown {
-                    version: m.version,
+                    version: m.version.clone(),
                     path: m.path.clone(),
                 });
             }
@@ -426,8 +442,9 @@ impl Migrator {
             .rows
             .iter()
             .rev()
-            .map(|r| r.version)
-            .find(|v| !(reverted_all && plan.iter().any(|m| m.version == *v)));
+            .map(|r| &r.version)
+            .find(|v| !(reverted_all && plan.iter().any(|m| m.version == **v)))
+            .cloned();
         Ok(DownReport {
             schema: self.schema(),
             dry_run: options.dry_run,
@@ -474,9 +491,9 @@ impl Migrator {
                     } else {
                         (Vec::new(), None)
                     };
-                    let applied: Vec<i64> = done
+                    let applied: Vec<Version> = done
                         .iter()
-                        .map(|e| e.version)
+                        .map(|e| e.version.clone())
                         .filter(|v| !undone.contains(v))
                         .collect();
                     if direction == Direction::Up && !history_exists && !dirty && applied.is_empty()
@@ -555,7 +572,7 @@ impl Migrator {
                 history::insert(&tx, schema, &rows, false).await?;
             }
             Direction::Down => {
-                let versions: Vec<i64> = plan.iter().map(|m| m.version).collect();
+                let versions: Vec<&Version> = plan.iter().map(|m| &m.version).collect();
                 history::delete(&tx, schema, &versions).await?;
             }
         }
@@ -570,12 +587,12 @@ impl Migrator {
         conn: &mut Client,
         done: &[RunEntry],
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
-    ) -> (Vec<i64>, Option<String>) {
+    ) -> (Vec<Version>, Option<String>) {
         let mut undone = Vec::new();
         for entry in done.iter().rev() {
             let Some(m) = self
                 .migrations
-                .get(entry.version)
+                .get(&entry.version)
                 .filter(|m| m.down.is_some())
             else {
                 return (
@@ -585,7 +602,7 @@ impl Migrator {
             };
             let failure = match step(conn, self.db.schema(), m, Direction::Down, observer).await {
                 Ok(_) => {
-                    undone.push(m.version);
+                    undone.push(m.version.clone());
                     continue;
                 }
                 Err(StepError::Script(e, _)) => crate::error::pg_message(&e),
@@ -622,7 +639,7 @@ fn started(
     observer: &mut (dyn FnMut(&MigrateEvent) + Send),
 ) -> Instant {
     observer(&MigrateEvent::Started {
-        version: m.version,
+        version: m.version.clone(),
         name: m.name.clone(),
         direction,
         transactional: transactional(m, direction),
@@ -638,13 +655,13 @@ fn finished(
 ) -> RunEntry {
     let duration_ms = start.elapsed().as_secs_f64() * 1e3;
     observer(&MigrateEvent::Finished {
-        version: m.version,
+        version: m.version.clone(),
         name: m.name.clone(),
         direction,
         duration_ms,
     });
     RunEntry {
-        version: m.version,
+        version: m.version.clone(),
         name: m.name.clone(),
         transactional: transactional(m, direction),
         duration_ms,
@@ -654,7 +671,7 @@ fn finished(
 /// A failure of `m` that changed nothing else; callers fill in what they did.
 fn failure(m: &Migration, direction: Direction, cause: tokio_postgres::Error) -> MigrationFailure {
     MigrationFailure {
-        version: m.version,
+        version: m.version.clone(),
         name: m.name.clone(),
         direction,
         cause,
@@ -707,7 +724,7 @@ fn is_atomic(plan: &[&Migration]) -> bool {
 
 fn planned(m: &Migration) -> RunEntry {
     RunEntry {
-        version: m.version,
+        version: m.version.clone(),
         name: m.name.clone(),
         transactional: m.transactional,
         duration_ms: 0.0,
@@ -717,15 +734,6 @@ fn planned(m: &Migration) -> RunEntry {
 /// The driver client behind a pooled connection.
 fn client(conn: &crate::PooledConn) -> &Client {
     conn
-}
-
-fn current_version(history: &History) -> Option<i64> {
-    history
-        .rows
-        .iter()
-        .filter(|r| !r.dirty)
-        .map(|r| r.version)
-        .max()
 }
 
 /// One script with its bookkeeping. Transactional: script and history change commit together.
@@ -749,7 +757,7 @@ async fn step(
         let elapsed = start.elapsed();
         match direction {
             Direction::Up => history::insert(&tx, schema, &[(m, Some(elapsed))], false).await?,
-            Direction::Down => history::delete(&tx, schema, &[m.version]).await?,
+            Direction::Down => history::delete(&tx, schema, &[&m.version]).await?,
         }
         // A deferred constraint fails at commit: that is the script's failure.
         tx.commit().await.map_err(|e| StepError::Script(e, None))?;
@@ -757,7 +765,7 @@ async fn step(
     }
     match direction {
         Direction::Up => history::insert(&*conn, schema, &[(m, None)], true).await?,
-        Direction::Down => history::set_dirty(&*conn, schema, m.version, true, None).await?,
+        Direction::Down => history::set_dirty(&*conn, schema, &m.version, true, None).await?,
     }
     let start = started(m, direction, observer);
     for (done, statement) in split_statements(sql).into_iter().enumerate() {
@@ -768,9 +776,9 @@ async fn step(
 
     match direction {
         Direction::Up => {
-            history::set_dirty(&*conn, schema, m.version, false, Some(start.elapsed())).await?
+            history::set_dirty(&*conn, schema, &m.version, false, Some(start.elapsed())).await?
         }
-        Direction::Down => history::delete(&*conn, schema, &[m.version]).await?,
+        Direction::Down => history::delete(&*conn, schema, &[&m.version]).await?,
     }
     Ok(finished(m, direction, start, observer))
 }

@@ -53,6 +53,7 @@ use super::migration::{
     has_no_transaction_directive, strip_bom, Checksum, Migration, NO_TRANSACTION_DIRECTIVE,
 };
 use super::split::{psql_only, split_statements, transaction_control, PsqlOnly, TxControl};
+use super::version::Version;
 
 /// Versions below this are "small sequential numbers" (`0001`), as opposed to timestamps,
 /// when [`new_migration`] picks the next version.
@@ -280,10 +281,11 @@ impl Migrations {
         self.list.iter()
     }
 
-    /// The migration with this version.
-    pub fn get(&self, version: i64) -> Option<&Migration> {
+    /// The migration with this version (`0003` finds the file named `3_x`: leading zeros do
+    /// not count).
+    pub fn get(&self, version: &Version) -> Option<&Migration> {
         self.list
-            .binary_search_by_key(&version, |m| m.version)
+            .binary_search_by(|m| m.version.cmp(version))
             .ok()
             .map(|i| &self.list[i])
     }
@@ -324,7 +326,7 @@ impl Migrations {
         let mut groups: BTreeMap<(String, Layout), Group<'_>> = BTreeMap::new();
         // Flyway undo scripts (and their names) by version, each taken by the `V` migration of
         // its version.
-        let mut undo: BTreeMap<i64, (SourceFile<'_>, String)> = BTreeMap::new();
+        let mut undo: BTreeMap<Version, (SourceFile<'_>, String)> = BTreeMap::new();
         let mut ignored = Vec::new();
         for file in files {
             let Some(class) = classify(&file.path) else {
@@ -360,7 +362,7 @@ impl Migrations {
         }
         let mut list: Vec<Migration> = Vec::with_capacity(groups.len());
         let mut prefix_width = 0;
-        let mut newest: Option<(i64, Newest)> = None;
+        let mut newest: Option<(Version, Newest)> = None;
         for ((stem, layout), group) in groups {
             let Some(up) = group.up else {
                 // A metadata.toml alone does not make a folder a migration.
@@ -424,14 +426,14 @@ impl Migrations {
             if let Some(d) = &down {
                 refuse_psql_only(&d.sql, &d.path, d.line)?;
             }
-            if newest.is_none_or(|(v, _)| version > v) {
+            if newest.as_ref().is_none_or(|(v, _)| version > *v) {
                 let dashed = stem.split_once('_').is_some_and(|(p, _)| p.contains('-'));
                 let written = Newest {
                     layout,
                     markers,
                     dashed,
                 };
-                newest = Some((version, written));
+                newest = Some((version.clone(), written));
             }
             // The checksum is the file's: blanking a `BEGIN`/`COMMIT` wrapper below is not an
             // edit, and histories written before it was done still match.
@@ -469,7 +471,7 @@ impl Migrations {
             );
             return Err(refuse(&file, message));
         }
-        list.sort_by_key(|m| m.version);
+        list.sort_by(|a, b| a.version.cmp(&b.version));
         if let Some(pair) = list.windows(2).find(|w| w[0].version == w[1].version) {
             return Err(MigrateError::source_file(
                 &pair[1].path,
@@ -659,7 +661,7 @@ fn flyway(stem: &str) -> Class {
 }
 
 /// `(version, name, digit count)` from `<version>_<name>`, or what is wrong with it.
-fn parse_stem(stem: &str) -> Result<(i64, &str, usize), String> {
+fn parse_stem(stem: &str) -> Result<(Version, &str, usize), String> {
     const EXPECTED: &str =
         "expected `<version>_<name>`, e.g. `0001_create_users.up.sql`, `20261124093000_create_users.sql` or `20261124093000_create_users/up.sql`";
     let Some((prefix, name)) = stem.split_once('_') else {
@@ -678,11 +680,11 @@ fn parse_stem(stem: &str) -> Result<(i64, &str, usize), String> {
     if name.trim().is_empty() {
         return Err(format!("the name after the version is empty; {EXPECTED}"));
     }
-    let digits: String = prefix.chars().filter(char::is_ascii_digit).collect();
-    let version = digits
-        .parse::<i64>()
-        .map_err(|_| format!("version {digits} is too large (at most 19 digits)"))?;
-    Ok((version, name, digits.len()))
+    let version: Version = prefix
+        .parse()
+        .map_err(|e: super::version::ParseVersionError| e.to_string())?;
+    let width = prefix.chars().filter(char::is_ascii_digit).count();
+    Ok((version, name, width))
 }
 
 /// The file's text without a byte-order mark, refusing non-UTF-8. An empty file is fine: see
@@ -911,8 +913,8 @@ fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
 /// The files [`new_migration`] created.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NewMigration {
-    /// The version chosen.
-    pub version: i64,
+    /// The version chosen, as written in the file name.
+    pub version: Version,
     /// The file holding the up script (and, for goose and dbmate, the down section too).
     pub up_path: PathBuf,
     /// The down script's own file, in the native and diesel layouts; `None` where one file
@@ -968,23 +970,30 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
         markers: None,
         dashed: false,
     });
-    let (version, prefix) = match existing.latest().map(|m| m.version) {
-        Some(v) if v < SEQUENTIAL_LIMIT => (
-            v + 1,
-            format!("{:0width$}", v + 1, width = existing.prefix_width),
-        ),
+    let prefix = match existing.latest().map(|m| &m.version) {
+        Some(v) if !v.is_timestamp() && v.number() < SEQUENTIAL_LIMIT => {
+            format!("{:0width$}", v.number() + 1, width = existing.prefix_width)
+        }
         latest => {
-            let now: i64 = chrono::Utc::now()
-                .format("%Y%m%d%H%M%S")
-                .to_string()
-                .parse()
-                .expect("a 14-digit timestamp fits in i64");
-            let version = latest.map_or(now, |v| now.max(v + 1));
-            let digits = version.to_string();
-            // Keep diesel's dashes: diesel orders versions as text, where `2026-11-24-…` sorts
-            // before `20261123…`, so a folder mixing both would run in another order there.
-            let prefix = match digits.len() {
-                14 if newest.dashed => format!(
+            // One second after the newest timestamp when the clock is behind it, so the new
+            // migration always sorts last.
+            let time_format = "%Y%m%d%H%M%S";
+            let mut time = chrono::Utc::now().naive_utc();
+            if let Some(newest) = latest.and_then(Version::time).and_then(|t| {
+                chrono::NaiveDateTime::parse_from_str(&t.to_string(), time_format).ok()
+            }) {
+                time = time.max(newest + chrono::Duration::seconds(1));
+            }
+            let digits = time.format(time_format).to_string();
+            match latest {
+                // Not a timestamp, or one the calendar does not know (`20260231…`): the next
+                // integer.
+                Some(v) if digits.parse::<Version>().is_ok_and(|new| new <= *v) => {
+                    (v.number() + 1).to_string()
+                }
+                // Keep diesel's dashes: they are how the folder writes its versions (diesel
+                // itself compares versions with the dashes removed).
+                _ if newest.dashed => format!(
                     "{}-{}-{}-{}",
                     &digits[..4],
                     &digits[4..6],
@@ -992,10 +1001,14 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
                     &digits[8..]
                 ),
                 _ => digits,
-            };
-            (version, prefix)
+            }
         }
     };
+    let version: Version = prefix
+        .parse()
+        .map_err(|e: super::version::ParseVersionError| {
+            MigrateError::source_file(&shown, format!("cannot pick the next version: {e}"))
+        })?;
     let stem = format!("{prefix}_{name}");
     let up = super::template::up_placeholder(&prefix, name);
     let undo = super::template::down_placeholder(&prefix, name);

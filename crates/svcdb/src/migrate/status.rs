@@ -8,6 +8,7 @@ use super::history::History;
 use super::migration::Migration;
 use super::options::MigrateOptions;
 use super::source::Migrations;
+use super::version::Version;
 
 /// Where one migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -34,8 +35,8 @@ pub enum MigrationState {
 /// One row of [`StatusReport`].
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusEntry {
-    /// The version.
-    pub version: i64,
+    /// The version, as its file writes it (as the history records it for a missing file).
+    pub version: Version,
     /// The file's name, or the history's for a missing file.
     pub name: String,
     /// Where it stands.
@@ -65,13 +66,13 @@ pub struct StatusReport {
     /// False before the first `up` (or `baseline`).
     pub history_exists: bool,
     /// The newest applied version that is not dirty.
-    pub current_version: Option<i64>,
+    pub current_version: Option<Version>,
     /// The version marked dirty with no runner holding the lock, if any: nothing runs until
     /// `repair`.
-    pub dirty: Option<i64>,
+    pub dirty: Option<Version>,
     /// The version another runner is migrating right now, if any (see
     /// [`MigrationState::InProgress`]).
-    pub in_progress: Option<i64>,
+    pub in_progress: Option<Version>,
     /// Every migration of the source and every applied version, by version.
     pub entries: Vec<StatusEntry>,
 }
@@ -82,7 +83,7 @@ impl StatusReport {
         let mut entries: Vec<StatusEntry> = migrations
             .iter()
             .map(|m| {
-                let row = history.get(m.version);
+                let row = history.get(&m.version);
                 let state = match row {
                     None => MigrationState::Pending,
                     Some(r) if r.dirty => dirty_state(history),
@@ -90,7 +91,7 @@ impl StatusReport {
                     Some(_) => MigrationState::Applied,
                 };
                 entry(
-                    m.version,
+                    m.version.clone(),
                     m.name.clone(),
                     state,
                     Some(m.path.clone()),
@@ -102,7 +103,7 @@ impl StatusReport {
         for row in history
             .rows
             .iter()
-            .filter(|r| migrations.get(r.version).is_none())
+            .filter(|r| migrations.get(&r.version).is_none())
         {
             let state = if row.dirty {
                 dirty_state(history)
@@ -111,7 +112,7 @@ impl StatusReport {
             };
             let transactional = row.detail.as_ref().is_none_or(|d| d.transactional);
             entries.push(entry(
-                row.version,
+                row.version.clone(),
                 row.name.clone(),
                 state,
                 None,
@@ -119,26 +120,21 @@ impl StatusReport {
                 Some(row),
             ));
         }
-        entries.sort_by_key(|e| e.version);
+        entries.sort_by(|a, b| a.version.cmp(&b.version));
         Self {
             schema: schema.to_owned(),
             history_exists: history.exists,
-            current_version: history
-                .rows
-                .iter()
-                .filter(|r| !r.dirty)
-                .map(|r| r.version)
-                .max(),
+            current_version: history.current_version(migrations),
             dirty: history
                 .rows
                 .iter()
                 .find(|r| r.dirty && !history.locked)
-                .map(|r| r.version),
+                .map(|r| r.version.clone()),
             in_progress: history
                 .rows
                 .iter()
                 .find(|r| r.dirty && history.locked)
-                .map(|r| r.version),
+                .map(|r| r.version.clone()),
             entries,
         }
     }
@@ -179,19 +175,19 @@ impl StatusReport {
                 MigrationState::Dirty => {
                     return Err(MigrateError::Dirty {
                         schema: self.schema.clone(),
-                        version: e.version,
+                        version: e.version.clone(),
                         name: e.name.clone(),
                     })
                 }
                 MigrationState::Changed if !options.allow_changed => {
                     return Err(MigrateError::Changed {
-                        version: e.version,
+                        version: e.version.clone(),
                         path: e.path.clone().unwrap_or_default(),
                     })
                 }
                 MigrationState::Missing if !options.ignore_missing => {
                     return Err(MigrateError::Missing {
-                        version: e.version,
+                        version: e.version.clone(),
                         name: e.name.clone(),
                     })
                 }
@@ -211,14 +207,14 @@ impl StatusReport {
             .entries
             .iter()
             .filter(|e| e.state != MigrationState::Pending)
-            .map(|e| e.version)
+            .map(|e| &e.version)
             .max();
         match (plan.first(), newest_applied) {
-            (Some(m), Some(newest)) if m.version < newest && !options.allow_out_of_order => {
+            (Some(m), Some(newest)) if m.version < *newest && !options.allow_out_of_order => {
                 Err(MigrateError::OutOfOrder {
-                    version: m.version,
+                    version: m.version.clone(),
                     path: m.path.clone(),
-                    newest_applied: newest,
+                    newest_applied: newest.clone(),
                 })
             }
             _ => Ok(()),
@@ -236,7 +232,7 @@ fn dirty_state(history: &History) -> MigrationState {
 }
 
 fn entry(
-    version: i64,
+    version: Version,
     name: String,
     state: MigrationState,
     path: Option<String>,

@@ -7,6 +7,7 @@
 
 use super::error::MigrateError;
 use super::migration::Migration;
+use super::version::Version;
 
 /// What the up script's placeholder says after `-- <prefix> <name>`.
 const UP_TAIL: &str = ": the change.";
@@ -34,14 +35,14 @@ pub(crate) fn is_untouched(m: &Migration) -> bool {
         return false;
     };
     // The prefix as written in the file name: diesel's dashed versions keep their dashes.
-    name == m.name && prefix.replace('-', "").parse::<i64>() == Ok(m.version)
+    name == m.name && prefix.parse::<Version>().is_ok_and(|v| v == m.version)
 }
 
 /// [`MigrateError::Unwritten`] for the first migration of `plan` that is still a placeholder.
 pub(crate) fn refuse_untouched(plan: &[&Migration]) -> Result<(), MigrateError> {
     match plan.iter().find(|m| is_untouched(m)) {
         Some(m) => Err(MigrateError::Unwritten {
-            version: m.version,
+            version: m.version.clone(),
             path: m.path.clone(),
         }),
         None => Ok(()),

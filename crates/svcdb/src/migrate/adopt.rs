@@ -1,0 +1,877 @@
+//! Adopting a schema another tool migrated: `svcdb migrate adopt --from <tool>`.
+//!
+//! [`Migrator::adopt`] reads the other tool's history table where that tool keeps it (in the
+//! service schema, else in `public`, or where [`AdoptOptions::history_table`] says), matches
+//! every version it applied to a file of the folder, and records them in svcdb's history with
+//! today's checksums, in one transaction under the schema's migration lock, without running
+//! anything. The other tool's table is only read.
+//!
+//! | tool | table | applied | refused |
+//! |---|---|---|---|
+//! | diesel | `__diesel_schema_migrations` | every row (`version` without dashes) | — |
+//! | sqlx | `_sqlx_migrations` | rows with `success` | `success = false` (sqlx's dirty); a SHA-384 of the file other than `checksum` |
+//! | golang-migrate | `schema_migrations` (`version`, `dirty`) | every file up to its one row's version | `dirty` |
+//! | goose | `goose_db_version` | versions whose newest row (by `id`) says `is_applied` (version 0 is goose's own first row) | — |
+//! | dbmate | `schema_migrations` (`version` only) | every row | — |
+//! | Flyway | `flyway_schema_history` | `SQL` rows, minus those undone (`UNDO_SQL`) or deleted (`DELETE`); a `BASELINE` row counts every file up to its version | `success = false`; a CRC32 of the file's lines other than `checksum`; Java migrations; dotted versions |
+//! | refinery | `refinery_schema_history` | every row | a SipHash-1-3 of name, version and file other than `checksum` |
+//!
+//! Every applied version must have its file; each problem is named with its version, all of
+//! them at once ([`AdoptError::Refused`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::error::MigrateError;
+use super::history;
+use super::migration::Migration;
+use super::report::RunEntry;
+use super::runner::Migrator;
+use super::version::Version;
+
+/// A migration tool whose history [`Migrator::adopt`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tool {
+    /// diesel: `__diesel_schema_migrations`.
+    Diesel,
+    /// sqlx: `_sqlx_migrations`.
+    Sqlx,
+    /// golang-migrate: `schema_migrations` with `version` and `dirty`.
+    GolangMigrate,
+    /// goose: `goose_db_version`.
+    Goose,
+    /// dbmate: `schema_migrations` with `version` only.
+    Dbmate,
+    /// Flyway: `flyway_schema_history`.
+    Flyway,
+    /// refinery: `refinery_schema_history`.
+    Refinery,
+}
+
+impl Tool {
+    /// Every tool, in the order `--from` lists them.
+    pub const ALL: [Tool; 7] = [
+        Tool::Diesel,
+        Tool::Sqlx,
+        Tool::GolangMigrate,
+        Tool::Goose,
+        Tool::Dbmate,
+        Tool::Flyway,
+        Tool::Refinery,
+    ];
+
+    /// The name `--from` takes (`golang-migrate`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Tool::Diesel => "diesel",
+            Tool::Sqlx => "sqlx",
+            Tool::GolangMigrate => "golang-migrate",
+            Tool::Goose => "goose",
+            Tool::Dbmate => "dbmate",
+            Tool::Flyway => "flyway",
+            Tool::Refinery => "refinery",
+        }
+    }
+
+    /// The table the tool keeps its history in, by default.
+    pub fn history_table(self) -> &'static str {
+        match self {
+            Tool::Diesel => "__diesel_schema_migrations",
+            Tool::Sqlx => "_sqlx_migrations",
+            Tool::GolangMigrate | Tool::Dbmate => "schema_migrations",
+            Tool::Goose => "goose_db_version",
+            Tool::Flyway => "flyway_schema_history",
+            Tool::Refinery => "refinery_schema_history",
+        }
+    }
+
+    /// The columns the tool's table must have to be read as that tool's.
+    fn columns(self) -> &'static [&'static str] {
+        match self {
+            Tool::Diesel | Tool::Dbmate => &["version"],
+            Tool::Sqlx => &["version", "success", "checksum"],
+            Tool::GolangMigrate => &["version", "dirty"],
+            Tool::Goose => &["id", "version_id", "is_applied"],
+            Tool::Flyway => &["installed_rank", "version", "type", "checksum", "success"],
+            Tool::Refinery => &["version", "name", "checksum"],
+        }
+    }
+}
+
+impl fmt::Display for Tool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Tool {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Tool::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Tool::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown tool {s:?}; svcdb adopts from {}", names.join(", "))
+            })
+    }
+}
+
+/// What [`Migrator::adopt`] reads and whether it writes.
+#[derive(Debug, Clone)]
+pub struct AdoptOptions {
+    /// The tool whose history to read.
+    pub from: Tool,
+    /// Where that history is, `schema.table` (or a table name, looked up in the service schema,
+    /// then `public`); `None`: the tool's own table name ([`Tool::history_table`]), looked up
+    /// alike.
+    pub history_table: Option<String>,
+    /// Report what would be recorded, and refuse as a real run would, without writing (and
+    /// without taking the lock).
+    pub dry_run: bool,
+}
+
+impl AdoptOptions {
+    /// Adopt from `tool`'s table where the tool keeps it.
+    pub fn from(tool: Tool) -> Self {
+        Self {
+            from: tool,
+            history_table: None,
+            dry_run: false,
+        }
+    }
+}
+
+/// What [`Migrator::adopt`] recorded (or, in a dry run, would record).
+#[derive(Debug, Clone, Serialize)]
+pub struct AdoptReport {
+    /// The service schema.
+    pub schema: String,
+    /// The tool adopted from.
+    pub from: Tool,
+    /// The other tool's table that was read, `schema.table`; left as it was.
+    pub table: String,
+    /// True when nothing was written.
+    pub dry_run: bool,
+    /// Versions recorded in svcdb's history as applied, oldest first (not run).
+    pub recorded: Vec<RunEntry>,
+    /// Versions the other tool applied that svcdb's history already had.
+    pub already_recorded: Vec<Version>,
+    /// Files the other tool did not apply: `svcdb migrate up` runs them.
+    pub pending: Vec<Version>,
+    /// What was read but not adopted, and checks that could not be made.
+    pub warnings: Vec<String>,
+}
+
+/// One reason [`Migrator::adopt`] refuses, naming the version as the other tool wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AdoptProblem {
+    /// The other tool marked the version dirty or failed (golang-migrate `dirty`, sqlx or
+    /// Flyway `success = false`): its schema may be half-migrated.
+    Dirty {
+        /// The version.
+        version: String,
+    },
+    /// An applied version has no file in the folder.
+    NoFile {
+        /// The version.
+        version: String,
+    },
+    /// The file no longer matches the checksum the other tool recorded when it applied it.
+    ChecksumMismatch {
+        /// The version.
+        version: String,
+        /// The file.
+        path: String,
+        /// The other tool's checksum.
+        recorded: String,
+        /// The file's, computed as that tool computes it.
+        computed: String,
+    },
+    /// A row svcdb cannot adopt: a version that is not digits (Flyway's `1.1`), a Java
+    /// migration.
+    Unsupported {
+        /// The version.
+        version: String,
+        /// Why.
+        why: String,
+    },
+}
+
+impl fmt::Display for AdoptProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdoptProblem::Dirty { version } => write!(
+                f,
+                "version {version} is marked dirty or failed: it may be half-applied"
+            ),
+            AdoptProblem::NoFile { version } => write!(
+                f,
+                "version {version} is applied but no file in the folder has it"
+            ),
+            AdoptProblem::ChecksumMismatch {
+                version,
+                path,
+                recorded,
+                computed,
+            } => write!(
+                f,
+                "version {version}: {path} changed since it was applied (recorded checksum {recorded}, the file's {computed})"
+            ),
+            AdoptProblem::Unsupported { version, why } => write!(f, "version {version}: {why}"),
+        }
+    }
+}
+
+/// Why [`Migrator::adopt`] did not adopt.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdoptError {
+    /// The other tool's history table is not where it was looked for.
+    #[error("no {tool} history table: looked for {}\n  hint: name it with `--history-table schema.table` (AdoptOptions::history_table), or check `--from`", looked_in.join(", "))]
+    NoHistoryTable {
+        /// The tool.
+        tool: Tool,
+        /// The tables looked for.
+        looked_in: Vec<String>,
+    },
+    /// The table exists but is not the tool's (golang-migrate's and dbmate's are both
+    /// `schema_migrations`).
+    #[error("{table} is not {tool}'s history table: it has no column{} {}\n  hint: check `--from` (golang-migrate's `schema_migrations` has `dirty`, dbmate's does not), or name the right table with `--history-table`", if missing.len() == 1 { "" } else { "s" }, missing.join(", "))]
+    NotTheToolsTable {
+        /// The tool.
+        tool: Tool,
+        /// The table.
+        table: String,
+        /// The columns it lacks.
+        missing: Vec<String>,
+    },
+    /// The other tool's history cannot be adopted as it is; nothing was written.
+    #[error("{}", refused_message(tool, table, problems))]
+    Refused {
+        /// The tool.
+        tool: Tool,
+        /// Its table.
+        table: String,
+        /// Every problem, by version.
+        problems: Vec<AdoptProblem>,
+    },
+    /// Reading the folder, the database, the lock, or svcdb's own history failed.
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+}
+
+impl AdoptError {
+    /// True when the other tool's table was not found.
+    pub fn is_no_history_table(&self) -> bool {
+        matches!(self, AdoptError::NoHistoryTable { .. })
+    }
+
+    /// True when the other tool's history was read and refused.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, AdoptError::Refused { .. })
+    }
+
+    /// The problems of a refusal (empty otherwise).
+    pub fn problems(&self) -> &[AdoptProblem] {
+        match self {
+            AdoptError::Refused { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for AdoptError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        AdoptError::Migrate(e.into())
+    }
+}
+
+fn refused_message(tool: &Tool, table: &str, problems: &[AdoptProblem]) -> String {
+    let mut s = format!(
+        "refusing to adopt from {tool} ({table}): {} problem{}; nothing was recorded",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        s.push_str(&format!("\n  {p}"));
+    }
+    s.push_str("\n  hint: finish or repair the other tool's migrations with that tool (and restore changed or missing files from version control), then adopt again");
+    s
+}
+
+/// One version the other tool applied, as read from its table.
+struct Applied {
+    /// As the tool wrote it.
+    text: String,
+    /// What it recorded about the file, to compare.
+    checksum: Option<Recorded>,
+}
+
+/// A checksum another tool recorded.
+enum Recorded {
+    /// sqlx: SHA-384 of the file.
+    Sha384(Vec<u8>),
+    /// Flyway: CRC32 of the file's lines, as a signed 32-bit integer.
+    Crc32(i32),
+    /// refinery: SipHash-1-3 of name, version and file, as decimal text.
+    SipHash(String),
+}
+
+/// The tool's history, reduced to what was applied.
+struct ToolHistory {
+    applied: Vec<Applied>,
+    /// Flyway `BASELINE`, golang-migrate's single version: every file up to it counts as
+    /// applied (without a checksum).
+    up_to: Option<String>,
+    problems: Vec<AdoptProblem>,
+    warnings: Vec<String>,
+}
+
+impl Migrator {
+    /// Records in svcdb's history every migration `options.from` applied to this schema, with
+    /// today's checksums, without running any: see the [module documentation](self). One
+    /// transaction under the schema's migration lock; the other tool's table is only read.
+    /// Versions svcdb's history already has are left alone.
+    pub async fn adopt(&self, options: &AdoptOptions) -> Result<AdoptReport, AdoptError> {
+        let tool = options.from;
+        let (table, tool_history) = {
+            let conn = self.service_db().get().await.map_err(MigrateError::from)?;
+            let client: &tokio_postgres::Client = &conn;
+            let table = find_table(client, self, options).await?;
+            let read = read_tool(client, tool, &table).await?;
+            (table, read)
+        };
+        let (plan, pending, warnings) = self.match_files(tool, &table, tool_history)?;
+        let schema = self.service_db().schema();
+        let report =
+            |recorded: Vec<RunEntry>, already: Vec<Version>, warnings: Vec<String>| AdoptReport {
+                schema: schema.as_str().to_owned(),
+                from: tool,
+                table: table.clone(),
+                dry_run: options.dry_run,
+                recorded,
+                already_recorded: already,
+                pending: pending.clone(),
+                warnings,
+            };
+        let entry = |m: &Migration| RunEntry {
+            version: m.version.clone(),
+            name: m.name.clone(),
+            transactional: m.transactional,
+            duration_ms: 0.0,
+        };
+        if options.dry_run {
+            let conn = self.service_db().get().await.map_err(MigrateError::from)?;
+            let client: &tokio_postgres::Client = &conn;
+            let ours = history::read(client, schema, false).await?;
+            let (new, already): (Vec<&Migration>, Vec<&Migration>) =
+                plan.iter().partition(|m| ours.get(&m.version).is_none());
+            return Ok(report(
+                new.into_iter().map(entry).collect(),
+                already.into_iter().map(|m| m.version.clone()).collect(),
+                warnings,
+            ));
+        }
+        let (mut lock, ours) = self.lock_for_adopt().await?;
+        let result = async {
+            if let Some(dirty) = ours.rows.iter().find(|r| r.dirty) {
+                return Err(MigrateError::Dirty {
+                    schema: schema.as_str().to_owned(),
+                    version: dirty.version.clone(),
+                    name: dirty.name.clone(),
+                });
+            }
+            let (new, already): (Vec<&Migration>, Vec<&Migration>) =
+                plan.iter().partition(|m| ours.get(&m.version).is_none());
+            let rows: Vec<(&Migration, Option<Duration>)> =
+                new.iter().map(|m| (*m, None)).collect();
+            let tx = lock.transaction().await?;
+            if !ours.exists {
+                history::create_table(&tx, schema).await?;
+            }
+            history::insert(&tx, schema, &rows, false).await?;
+            tx.commit().await?;
+            Ok((
+                new.into_iter().map(entry).collect::<Vec<_>>(),
+                already.into_iter().map(|m| m.version.clone()).collect(),
+            ))
+        }
+        .await;
+        let (recorded, already) = lock.release_after(result).await?;
+        Ok(report(recorded, already, warnings))
+    }
+
+    /// The files the tool applied (oldest first), the files it did not, and warnings; or every
+    /// problem.
+    #[allow(clippy::type_complexity)]
+    fn match_files(
+        &self,
+        tool: Tool,
+        table: &str,
+        read: ToolHistory,
+    ) -> Result<(Vec<&Migration>, Vec<Version>, Vec<String>), AdoptError> {
+        let ToolHistory {
+            applied,
+            up_to,
+            mut problems,
+            mut warnings,
+        } = read;
+        let migrations = self.migrations();
+        let mut plan: BTreeMap<Version, &Migration> = BTreeMap::new();
+        if let Some(text) = up_to {
+            match text.parse::<Version>() {
+                Ok(limit) => {
+                    if migrations.get(&limit).is_none() && tool == Tool::GolangMigrate {
+                        problems.push(AdoptProblem::NoFile {
+                            version: text.clone(),
+                        });
+                    }
+                    for m in migrations.iter().filter(|m| m.version <= limit) {
+                        plan.insert(m.version.clone(), m);
+                    }
+                }
+                Err(_) => problems.push(AdoptProblem::Unsupported {
+                    version: text,
+                    why: "not an integer version; svcdb orders migrations by integer versions"
+                        .to_owned(),
+                }),
+            }
+        }
+        for a in applied {
+            let version = match a.text.parse::<Version>() {
+                Ok(v) => v,
+                Err(_) => {
+                    problems.push(AdoptProblem::Unsupported {
+                        version: a.text,
+                        why: "not an integer version; svcdb orders migrations by integer versions (rename the files, e.g. `V1.1__` to `V101__`, and the rows to match)".to_owned(),
+                    });
+                    continue;
+                }
+            };
+            let Some(m) = migrations.get(&version) else {
+                problems.push(AdoptProblem::NoFile { version: a.text });
+                continue;
+            };
+            if let Some(recorded) = &a.checksum {
+                match check(recorded, m, &version) {
+                    Ok(None) => {}
+                    Ok(Some((recorded, computed))) => {
+                        problems.push(AdoptProblem::ChecksumMismatch {
+                            version: a.text.clone(),
+                            path: m.path.clone(),
+                            recorded,
+                            computed,
+                        })
+                    }
+                    Err(why) => warnings.push(format!(
+                        "version {}: {tool}'s checksum was not checked: {why}",
+                        a.text
+                    )),
+                }
+            }
+            plan.insert(version, m);
+        }
+        if !problems.is_empty() {
+            return Err(AdoptError::Refused {
+                tool,
+                table: table.to_owned(),
+                problems,
+            });
+        }
+        let pending = migrations
+            .iter()
+            .filter(|m| !plan.contains_key(&m.version))
+            .map(|m| m.version.clone())
+            .collect();
+        Ok((plan.into_values().collect(), pending, warnings))
+    }
+}
+
+/// The tool's table, quoted (`"public"."_sqlx_migrations"`), or where it was looked for.
+async fn find_table(
+    client: &tokio_postgres::Client,
+    migrator: &Migrator,
+    options: &AdoptOptions,
+) -> Result<String, AdoptError> {
+    let service = migrator.service_db().schema().as_str().to_owned();
+    let (schemas, table) = match options.history_table.as_deref() {
+        Some(named) => match named.split_once('.') {
+            Some((schema, table)) => (vec![schema.to_owned()], table.to_owned()),
+            None => (vec![service, "public".to_owned()], named.to_owned()),
+        },
+        None => (
+            vec![service, "public".to_owned()],
+            options.from.history_table().to_owned(),
+        ),
+    };
+    let row = client
+        .query_opt(
+            "SELECT format('%I.%I', n.nspname, c.relname)
+               FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relname = $1 AND n.nspname = ANY($2) AND c.relkind IN ('r', 'p')
+              ORDER BY array_position($2, n.nspname::text)
+              LIMIT 1",
+            &[&table, &schemas],
+        )
+        .await?;
+    match row {
+        Some(row) => Ok(row.get(0)),
+        None => Err(AdoptError::NoHistoryTable {
+            tool: options.from,
+            looked_in: schemas.iter().map(|s| format!("{s}.{table}")).collect(),
+        }),
+    }
+}
+
+/// Reads `table` as `tool` writes it.
+async fn read_tool(
+    client: &tokio_postgres::Client,
+    tool: Tool,
+    table: &str,
+) -> Result<ToolHistory, AdoptError> {
+    let columns: Vec<String> = client
+        .query(
+            "SELECT attname::text FROM pg_catalog.pg_attribute
+              WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+            &[&table],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut missing: Vec<String> = tool
+        .columns()
+        .iter()
+        .filter(|c| !columns.iter().any(|have| have == *c))
+        .map(|c| (*c).to_owned())
+        .collect();
+    // dbmate's table is golang-migrate's without `dirty`: a `dirty` column means the other.
+    if tool == Tool::Dbmate && columns.iter().any(|c| c == "dirty") {
+        missing.clear();
+        return Err(AdoptError::NotTheToolsTable {
+            tool,
+            table: table.to_owned(),
+            missing: vec!["(it has golang-migrate's `dirty`)".to_owned()],
+        });
+    }
+    if !missing.is_empty() {
+        return Err(AdoptError::NotTheToolsTable {
+            tool,
+            table: table.to_owned(),
+            missing,
+        });
+    }
+    let mut h = ToolHistory {
+        applied: Vec::new(),
+        up_to: None,
+        problems: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let plain = |text: String| Applied {
+        text,
+        checksum: None,
+    };
+    match tool {
+        Tool::Diesel | Tool::Dbmate => {
+            let rows = client
+                .query(&format!("SELECT version::text FROM {table}"), &[])
+                .await?;
+            h.applied = rows.iter().map(|r| plain(r.get(0))).collect();
+        }
+        Tool::Sqlx => {
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT version::text, success, checksum FROM {table} ORDER BY version"
+                    ),
+                    &[],
+                )
+                .await?;
+            for r in rows {
+                let text: String = r.get(0);
+                if !r.get::<_, bool>(1) {
+                    h.problems.push(AdoptProblem::Dirty { version: text });
+                    continue;
+                }
+                h.applied.push(Applied {
+                    text,
+                    checksum: Some(Recorded::Sha384(r.get(2))),
+                });
+            }
+        }
+        Tool::GolangMigrate => {
+            // golang-migrate keeps one row: the current version, and whether it is dirty.
+            let rows = client
+                .query(&format!("SELECT version::text, dirty FROM {table}"), &[])
+                .await?;
+            for r in rows {
+                let text: String = r.get(0);
+                if r.get::<_, bool>(1) {
+                    h.problems.push(AdoptProblem::Dirty { version: text });
+                } else if h.up_to.replace(text).is_some() {
+                    h.warnings.push(
+                        "golang-migrate's table has several rows; the last one read counts"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        Tool::Goose => {
+            // goose appends a row per up (is_applied = true) and, before v3.16, per down
+            // (false); the newest row of a version says where it stands. Version 0 is the row
+            // goose writes when it creates the table.
+            let rows = client
+                .query(
+                    &format!("SELECT version_id::text, is_applied FROM {table} ORDER BY id"),
+                    &[],
+                )
+                .await?;
+            let mut state: BTreeMap<String, bool> = BTreeMap::new();
+            let mut order = Vec::new();
+            for r in rows {
+                let text: String = r.get(0);
+                if text == "0" {
+                    continue;
+                }
+                if state.insert(text.clone(), r.get(1)).is_none() {
+                    order.push(text);
+                }
+            }
+            h.applied = order.into_iter().filter(|v| state[v]).map(plain).collect();
+        }
+        Tool::Flyway => {
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT version, type, checksum, success, description FROM {table} ORDER BY installed_rank"
+                    ),
+                    &[],
+                )
+                .await?;
+            let mut applied: BTreeMap<String, Option<i32>> = BTreeMap::new();
+            for r in rows {
+                let version: Option<String> = r.get(0);
+                let kind: String = r.get(1);
+                let checksum: Option<i32> = r.get(2);
+                let success: bool = r.get(3);
+                let description: String = r.get(4);
+                let Some(version) = version else {
+                    if kind != "SCHEMA" {
+                        h.warnings.push(format!(
+                            "Flyway's repeatable migration {description:?} is not adopted: svcdb has no repeatable migrations"
+                        ));
+                    }
+                    continue;
+                };
+                if !success {
+                    h.problems.push(AdoptProblem::Dirty { version });
+                    continue;
+                }
+                match kind.as_str() {
+                    "SQL" => {
+                        applied.insert(version, checksum);
+                    }
+                    "BASELINE" => h.up_to = Some(version),
+                    "UNDO_SQL" | "DELETE" => {
+                        applied.remove(&version);
+                    }
+                    "SCHEMA" => {}
+                    other => h.problems.push(AdoptProblem::Unsupported {
+                        version,
+                        why: format!("a Flyway {other} migration: svcdb runs SQL files only"),
+                    }),
+                }
+            }
+            h.applied = applied
+                .into_iter()
+                .map(|(text, checksum)| Applied {
+                    text,
+                    checksum: checksum.map(Recorded::Crc32),
+                })
+                .collect();
+        }
+        Tool::Refinery => {
+            let rows = client
+                .query(
+                    &format!("SELECT version::text, checksum FROM {table} ORDER BY version"),
+                    &[],
+                )
+                .await?;
+            h.applied = rows
+                .iter()
+                .map(|r| Applied {
+                    text: r.get(0),
+                    checksum: r.get::<_, Option<String>>(1).map(Recorded::SipHash),
+                })
+                .collect();
+        }
+    }
+    Ok(h)
+}
+
+/// Compares a recorded checksum with the file's, computed as the tool computes it:
+/// `Ok(None)` when they match, `Ok(Some((recorded, computed)))` when not, `Err(why)` when the
+/// file cannot be read.
+fn check(
+    recorded: &Recorded,
+    m: &Migration,
+    version: &Version,
+) -> Result<Option<(String, String)>, String> {
+    // The tools hash the file as it is on disk (byte-order mark, line endings and all), so
+    // read it again rather than use the parsed script.
+    let file = std::fs::read(&m.path).map_err(|e| format!("cannot read {}: {e}", m.path))?;
+    let text = String::from_utf8_lossy(&file);
+    let differ = |recorded: String, computed: String| {
+        Ok((recorded != computed).then_some((recorded, computed)))
+    };
+    // sqlx and refinery hash the raw text, so a checkout with other line endings than the
+    // build that applied it (Windows `core.autocrlf`) reads as an edit (sqlx issue #2659).
+    // svcdb's own checksum ignores line endings; so does this check: the file as it is, with
+    // LF, or with CRLF line endings.
+    let lf = text.replace("\r\n", "\n");
+    let variants = [text.to_string(), lf.clone(), lf.replace('\n', "\r\n")];
+    match recorded {
+        Recorded::Sha384(bytes) => {
+            let recorded = hex::encode(bytes);
+            let computed: Vec<String> = variants
+                .iter()
+                .map(|v| hex::encode(sha384(v.as_bytes())))
+                .collect();
+            differ_unless_any(recorded, computed)
+        }
+        // Flyway's own checksum ignores line endings already.
+        Recorded::Crc32(value) => differ(value.to_string(), flyway_checksum(&text).to_string()),
+        Recorded::SipHash(value) => {
+            // refinery hashes its version as an i32 (an i64 with its `int8-versions` feature,
+            // a usize before 0.6): accept either width.
+            let number = version.number();
+            let mut computed = Vec::new();
+            for v in &variants {
+                if let Ok(narrow) = i32::try_from(number) {
+                    computed.push(refinery_checksum(&m.name, narrow, v).to_string());
+                }
+                computed.push(refinery_checksum(&m.name, number, v).to_string());
+            }
+            differ_unless_any(value.clone(), computed)
+        }
+    }
+}
+
+/// A match when any of `computed` is `recorded`; else the first, to show.
+fn differ_unless_any(
+    recorded: String,
+    computed: Vec<String>,
+) -> Result<Option<(String, String)>, String> {
+    if computed.contains(&recorded) {
+        return Ok(None);
+    }
+    let first = computed.into_iter().next().unwrap_or_default();
+    Ok(Some((recorded, first)))
+}
+
+fn sha384(bytes: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha384::digest(bytes).to_vec()
+}
+
+/// Flyway's checksum (`ChecksumCalculator`): CRC32 over the UTF-8 bytes of each line without
+/// its line ending (Java's `BufferedReader.readLine`, which ends a line at `\n`, `\r` or
+/// `\r\n`), a byte-order mark removed from the first, cast to a signed 32-bit integer.
+fn flyway_checksum(text: &str) -> i32 {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut crc = Crc32::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let end = rest.find(['\n', '\r']).unwrap_or(rest.len());
+        crc.update(&rest.as_bytes()[..end]);
+        rest = &rest[end..];
+        rest = rest
+            .strip_prefix("\r\n")
+            .or_else(|| rest.strip_prefix('\n'))
+            .or_else(|| rest.strip_prefix('\r'))
+            .unwrap_or(rest);
+    }
+    crc.finish() as i32
+}
+
+/// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320), as `java.util.zip.CRC32` computes
+/// it. Bitwise: a migration file is small.
+struct Crc32(u32);
+
+impl Crc32 {
+    fn new() -> Self {
+        Crc32(!0)
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u32::from(b);
+            for _ in 0..8 {
+                self.0 = (self.0 >> 1) ^ (0xEDB8_8320 & (self.0 & 1).wrapping_neg());
+            }
+        }
+    }
+
+    fn finish(&self) -> u32 {
+        !self.0
+    }
+}
+
+/// refinery's checksum (`Migration::unapplied`): SipHash-1-3 with zero keys over the name,
+/// the version and the SQL, each through `Hash` (a `str` is its bytes then 0xff; an integer
+/// its native-endian bytes, little-endian on every platform refinery ships for).
+fn refinery_checksum<N: Hash>(name: &str, version: N, sql: &str) -> u64 {
+    let mut hasher = siphasher::sip::SipHasher13::new();
+    name.hash(&mut hasher);
+    version.hash(&mut hasher);
+    sql.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        // The CRC-32 check value of "123456789" (as java.util.zip.CRC32 gives it).
+        let mut crc = Crc32::new();
+        crc.update(b"123456789");
+        assert_eq!(crc.finish(), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn flyway_checksums_ignore_line_endings_and_the_bom() {
+        let lf = flyway_checksum("CREATE TABLE a (id int);\nSELECT 1;\n");
+        assert_eq!(
+            flyway_checksum("CREATE TABLE a (id int);\r\nSELECT 1;\r\n"),
+            lf
+        );
+        assert_eq!(
+            flyway_checksum("\u{feff}CREATE TABLE a (id int);\rSELECT 1;"),
+            lf
+        );
+        assert_ne!(
+            flyway_checksum("CREATE TABLE a (id bigint);\nSELECT 1;\n"),
+            lf
+        );
+    }
+
+    #[test]
+    fn tools_parse_by_their_names() {
+        for tool in Tool::ALL {
+            assert_eq!(tool.name().parse::<Tool>().unwrap(), tool);
+        }
+        assert!("liquibase".parse::<Tool>().is_err());
+    }
+}

@@ -1,0 +1,298 @@
+//! A migration's version, ordered as the tools that write them order them.
+//!
+//! A version is the digit prefix of a file name, optionally split by `-` as diesel writes it
+//! (`0003`, `20261124093000`, `2026-11-24-093000`, `2025-11-19-091444-0000`). Two kinds:
+//!
+//! * **Timestamps**: 14 digits or more whose first 14 read as a date and time
+//!   (`YYYYMMDDHHMMSS`). They order chronologically whatever their width: by their first 14
+//!   digits, then by the rest as text. So diesel's 18-digit `2025-11-19-091444-0000` runs
+//!   before the 14-digit `2026-01-20-162913`, as diesel (which compares versions as digit
+//!   strings) runs them; read as plain integers, every 14-digit version would come first.
+//! * **Plain integers** (`1`, `2`, `10`, `0001`…`0010`): numerically; leading zeros do not
+//!   count (`0001` is version `1`).
+//!
+//! The version keeps its text as the file writes it: that is what it prints, what JSON carries
+//! and what the history table records.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::str::FromStr;
+
+/// Digits a timestamp's date and time take: `YYYYMMDDHHMMSS`.
+const TIME_DIGITS: usize = 14;
+
+/// A migration's version: ordered chronologically for timestamps (whatever their width),
+/// numerically for plain integers, and shown as written. See the [module documentation](self).
+///
+/// ```
+/// use svcdb::migrate::Version;
+/// let diesel_18: Version = "2025-11-19-091444-0000".parse().unwrap();
+/// let diesel_14: Version = "2026-01-20-162913".parse().unwrap();
+/// assert!(diesel_18 < diesel_14);
+/// assert_eq!(diesel_14.to_string(), "2026-01-20-162913");
+/// assert_eq!("0010".parse::<Version>().unwrap(), Version::from(10u32));
+/// ```
+#[derive(Clone)]
+pub struct Version {
+    /// As written (`2026-01-20-162913`, `0003`).
+    text: Box<str>,
+    /// The first ordering key: a timestamp's first 14 digits, or a plain integer's value. The
+    /// second is a timestamp's digits after the 14th, compared as text ([`Version::rest`]).
+    major: i64,
+    /// Whether the first 14 digits read as a date and time.
+    timestamp: bool,
+}
+
+/// Why a text is not a [`Version`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseVersionError {
+    /// Something other than digits and `-`, or no digit at all.
+    #[error("{text:?} is not a version: a version is digits, optionally separated by `-` (`0003`, `20261124093000`, `2026-11-24-093000`)")]
+    NotANumber {
+        /// The text given.
+        text: String,
+    },
+    /// More digits than a 64-bit integer holds.
+    #[error("version {text} is too large: at most 18 digits (19 below 9223372036854775808)\n  hint: give the migration a shorter version")]
+    TooLarge {
+        /// The text given.
+        text: String,
+    },
+}
+
+impl ParseVersionError {
+    /// True for text that is not digits and `-`.
+    pub fn is_not_a_number(&self) -> bool {
+        matches!(self, ParseVersionError::NotANumber { .. })
+    }
+
+    /// True for a version with too many digits.
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, ParseVersionError::TooLarge { .. })
+    }
+}
+
+impl Version {
+    /// The version as written in the file name (`2026-01-20-162913`, `0003`).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Every digit read as one integer (`2026-01-20-162913` → 20260120162913, `0003` → 3): how
+    /// svcdb before text versions recorded it, and how sqlx, golang-migrate, goose and refinery
+    /// record theirs. Not an ordering: use the version itself.
+    pub fn number(&self) -> i64 {
+        // Parsing checked that the digits fit.
+        self.digits().fold(0i64, |n, d| {
+            n.saturating_mul(10).saturating_add(i64::from(d - b'0'))
+        })
+    }
+
+    fn digits(&self) -> impl Iterator<Item = u8> + '_ {
+        self.text.bytes().filter(u8::is_ascii_digit)
+    }
+
+    /// A timestamp's digits after the 14th (none for a plain integer).
+    fn rest(&self) -> impl Iterator<Item = u8> + '_ {
+        let skip = if self.timestamp {
+            TIME_DIGITS
+        } else {
+            usize::MAX
+        };
+        self.digits().skip(skip)
+    }
+
+    /// True for a timestamp version (its first 14 digits read as `YYYYMMDDHHMMSS`).
+    pub fn is_timestamp(&self) -> bool {
+        self.timestamp
+    }
+
+    /// A timestamp's first 14 digits (`YYYYMMDDHHMMSS`) as an integer; `None` for a plain
+    /// integer.
+    pub(crate) fn time(&self) -> Option<i64> {
+        self.timestamp.then_some(self.major)
+    }
+}
+
+/// True when 14 digits read as `YYYYMMDDHHMMSS` (year 1000 on, months, days, hours, minutes
+/// and seconds in range; the calendar itself is not checked).
+fn looks_like_time(digits: &str) -> bool {
+    let field = |range: std::ops::Range<usize>| digits[range].parse::<u32>().unwrap_or(u32::MAX);
+    field(0..4) >= 1000
+        && (1..=12).contains(&field(4..6))
+        && (1..=31).contains(&field(6..8))
+        && field(8..10) <= 23
+        && field(10..12) <= 59
+        && field(12..14) <= 60
+}
+
+impl FromStr for Version {
+    type Err = ParseVersionError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if !text.chars().all(|c| c.is_ascii_digit() || c == '-')
+            || !text.chars().any(|c| c.is_ascii_digit())
+        {
+            return Err(ParseVersionError::NotANumber {
+                text: text.to_owned(),
+            });
+        }
+        let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+        let too_large = || ParseVersionError::TooLarge {
+            text: text.to_owned(),
+        };
+        let number: i64 = digits.parse().map_err(|_| too_large())?;
+        let timestamp = digits.len() >= TIME_DIGITS && looks_like_time(&digits[..TIME_DIGITS]);
+        let major = if timestamp {
+            digits[..TIME_DIGITS].parse().map_err(|_| too_large())?
+        } else {
+            number
+        };
+        Ok(Self {
+            text: text.into(),
+            major,
+            timestamp,
+        })
+    }
+}
+
+impl From<u32> for Version {
+    /// A plain integer version, written without leading zeros.
+    fn from(n: u32) -> Self {
+        Self {
+            text: n.to_string().into(),
+            major: n.into(),
+            timestamp: false,
+        }
+    }
+}
+
+impl TryFrom<i64> for Version {
+    type Error = ParseVersionError;
+
+    /// The version an integer history column records (sqlx, golang-migrate, goose, refinery,
+    /// svcdb before text versions): its digits, without leading zeros. Negative numbers are
+    /// no version.
+    fn try_from(n: i64) -> Result<Self, Self::Error> {
+        if n < 0 {
+            return Err(ParseVersionError::NotANumber {
+                text: n.to_string(),
+            });
+        }
+        n.to_string().parse()
+    }
+}
+
+impl PartialEq for Version {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Version {}
+
+impl Hash for Version {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.major.hash(state);
+        self.rest().for_each(|d| d.hash(state));
+    }
+}
+
+impl Ord for Version {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.major
+            .cmp(&other.major)
+            .then_with(|| self.rest().cmp(other.rest()))
+    }
+}
+
+impl PartialOrd for Version {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for Version {
+    /// The text as written in the file name (padded to a width, if one is given).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.text)
+    }
+}
+
+impl fmt::Debug for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Version({:?})", self.text)
+    }
+}
+
+impl serde::Serialize for Version {
+    /// A JSON string of the text as written (`"0003"`, `"2026-01-20-162913"`): a number would
+    /// lose the dashes and leading zeros, and JavaScript readers the last digits of an
+    /// 18-digit version.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Version {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(text: &str) -> Version {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn timestamps_order_by_time_whatever_their_width() {
+        assert!(v("2025-11-19-091444-0000") < v("2026-01-20-162913"));
+        assert!(v("2026-01-20-162913") < v("2026-01-20-162913-0000"));
+        assert!(v("2026-01-20-162913-0000") < v("2026-01-20-162913-0001"));
+        assert!(v("20251119091444") < v("202601201629130000"));
+        assert!(v("2025-11-19-091444-0000").is_timestamp());
+        // Read as integers, the order would be the other way round: the control.
+        assert!(
+            v("2025-11-19-091444-0000").number() > v("2026-01-20-162913").number(),
+            "the 18-digit number is the larger integer"
+        );
+    }
+
+    #[test]
+    fn plain_integers_order_numerically_and_ignore_leading_zeros() {
+        let mut versions: Vec<Version> = (1..=10).rev().map(|n| v(&format!("{n:04}"))).collect();
+        versions.sort();
+        let texts: Vec<&str> = versions.iter().map(Version::as_str).collect();
+        assert_eq!(
+            texts,
+            ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010"]
+        );
+        assert!(v("2") < v("10"));
+        assert_eq!(v("0001"), v("1"));
+        assert_eq!(v("0001").to_string(), "0001");
+        assert_eq!(
+            Version::try_from(20260120162913_i64).unwrap(),
+            v("2026-01-20-162913")
+        );
+        assert!(!v("0010").is_timestamp());
+    }
+
+    #[test]
+    fn not_a_version() {
+        assert!("".parse::<Version>().unwrap_err().is_not_a_number());
+        assert!("-".parse::<Version>().unwrap_err().is_not_a_number());
+        assert!("1.1".parse::<Version>().unwrap_err().is_not_a_number());
+        assert!(Version::try_from(-5_i64).unwrap_err().is_not_a_number());
+        assert!("99999999999999999999"
+            .parse::<Version>()
+            .unwrap_err()
+            .is_too_large());
+    }
+}

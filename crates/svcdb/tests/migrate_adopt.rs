@@ -1,0 +1,586 @@
+//! `Migrator::adopt`: schemas migrated by diesel, sqlx, golang-migrate, goose, dbmate, Flyway
+//! and refinery, each history table created with the tool's own DDL and written as the tool
+//! writes it, adopted; and the refusals.
+
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+
+use sha2::Digest;
+use svcdb::migrate::{AdoptError, AdoptOptions, AdoptProblem, Migrations, Migrator, Tool};
+use svcdb::testing::TestDb;
+use svcdb::ServiceDb;
+
+fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (rel, contents) in files {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+}
+
+fn migrator(svc: &ServiceDb, dir: &Path) -> Migrator {
+    Migrator::new(svc.clone(), Migrations::from_dir(dir).unwrap())
+}
+
+async fn sql(svc: &ServiceDb, sql: &str) {
+    svc.get().await.unwrap().batch_execute(sql).await.unwrap();
+}
+
+/// svcdb's history, as (version text, name).
+async fn ours(svc: &ServiceDb) -> Vec<(String, String)> {
+    let conn = svc.get().await.unwrap();
+    let sql = format!(
+        "SELECT version_text, name FROM {}.svcdb_migrations ORDER BY version",
+        svc.schema()
+    );
+    match conn.query(&sql, &[]).await {
+        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Adopts, then checks that `status` says up to date and that `recorded` were recorded.
+async fn adopt_then_up_to_date(svc: &ServiceDb, dir: &Path, tool: Tool, recorded: &[&str]) {
+    let m = migrator(svc, dir);
+    let report = m.adopt(&AdoptOptions::from(tool)).await.unwrap();
+    let versions: Vec<String> = report
+        .recorded
+        .iter()
+        .map(|e| e.version.to_string())
+        .collect();
+    assert_eq!(versions, recorded, "{report:?}");
+    let status = m.status().await.unwrap();
+    let pending: Vec<String> = status.pending().map(|e| e.version.to_string()).collect();
+    assert_eq!(
+        pending,
+        report
+            .pending
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+    );
+    if !pending.is_empty() {
+        m.up().await.unwrap();
+    }
+    let status = m.status().await.unwrap();
+    assert!(status.is_up_to_date(), "{status:?}");
+}
+
+fn sha384(text: &str) -> Vec<u8> {
+    sha2::Sha384::digest(text.as_bytes()).to_vec()
+}
+
+#[tokio::test]
+async fn diesel_schema_is_adopted() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "2025-11-19-091444-0000_a/up.sql",
+                "CREATE TABLE a (id int);",
+            ),
+            ("2026-01-20-162913_b/up.sql", "CREATE TABLE b (id int);"),
+        ],
+    );
+    // diesel's DDL, in public (diesel runs on the search path's first schema); its versions
+    // without the dashes.
+    sql(
+        &svc,
+        "CREATE TABLE public.__diesel_schema_migrations (
+             version VARCHAR(50) PRIMARY KEY NOT NULL,
+             run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP
+         );
+         INSERT INTO public.__diesel_schema_migrations (version) VALUES ('202511190914440000'), ('20260120162913');
+         CREATE TABLE shop.a (id int); CREATE TABLE shop.b (id int);",
+    )
+    .await;
+    adopt_then_up_to_date(
+        &svc,
+        dir.path(),
+        Tool::Diesel,
+        &["2025-11-19-091444-0000", "2026-01-20-162913"],
+    )
+    .await;
+    // The other tool's table is left as it was.
+    let conn = svc.get().await.unwrap();
+    let n: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM public.__diesel_schema_migrations",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}
+
+const SQLX_A: &str = "CREATE TABLE a (id int);\n";
+const SQLX_B: &str = "CREATE TABLE b (id int);\n";
+
+/// sqlx's DDL (sqlx-postgres `ensure_migrations_table`).
+fn sqlx_table(schema: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {schema}._sqlx_migrations (
+             version BIGINT PRIMARY KEY,
+             description TEXT NOT NULL,
+             installed_on TIMESTAMPTZ NOT NULL DEFAULT now(),
+             success BOOLEAN NOT NULL,
+             checksum BYTEA NOT NULL,
+             execution_time BIGINT NOT NULL
+         )"
+    )
+}
+
+async fn sqlx_schema(svc: &ServiceDb, dir: &Path, b_success: bool, b_checksum: &[u8]) {
+    write(
+        dir,
+        &[
+            ("20240101000000_a.sql", SQLX_A),
+            ("20240102000000_b.sql", SQLX_B),
+            ("20240103000000_c.sql", "CREATE TABLE c (id int);\n"),
+        ],
+    );
+    sql(
+        svc,
+        &format!(
+            "{}; CREATE TABLE shop.a (id int); CREATE TABLE shop.b (id int);",
+            sqlx_table("shop")
+        ),
+    )
+    .await;
+    let conn = svc.get().await.unwrap();
+    for (version, description, success, checksum) in [
+        (20240101000000_i64, "a", true, sha384(SQLX_A)),
+        (20240102000000, "b", b_success, b_checksum.to_vec()),
+    ] {
+        conn.execute(
+            "INSERT INTO shop._sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES ($1, $2, $3, $4, 1000)",
+            &[&version, &description, &success, &checksum],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn sqlx_schema_is_adopted_and_the_pending_one_runs() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    sqlx_schema(&svc, dir.path(), true, &sha384(SQLX_B)).await;
+    adopt_then_up_to_date(
+        &svc,
+        dir.path(),
+        Tool::Sqlx,
+        &["20240101000000", "20240102000000"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sqlx_checksum_mismatch_and_failure_are_refused_naming_each_version() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    sqlx_schema(
+        &svc,
+        dir.path(),
+        true,
+        &sha384("CREATE TABLE b (id bigint);\n"),
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    let err = m.adopt(&AdoptOptions::from(Tool::Sqlx)).await.unwrap_err();
+    assert!(err.is_refused(), "{err}");
+    assert!(
+        matches!(err.problems(), [AdoptProblem::ChecksumMismatch { version, .. }] if version == "20240102000000"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("20240102000000"), "{err}");
+    assert_eq!(ours(&svc).await, [] as [(String, String); 0]);
+
+    sql(
+        &svc,
+        "UPDATE shop._sqlx_migrations SET success = false WHERE version = 20240102000000",
+    )
+    .await;
+    let err = m.adopt(&AdoptOptions::from(Tool::Sqlx)).await.unwrap_err();
+    assert!(
+        matches!(err.problems(), [AdoptProblem::Dirty { version }] if version == "20240102000000"),
+        "{err}"
+    );
+    assert_eq!(ours(&svc).await, [] as [(String, String); 0]);
+}
+
+/// golang-migrate's DDL (database/postgres `ensureVersionTable`) and its one row.
+async fn golang_migrate_schema(svc: &ServiceDb, dir: &Path, version: i64, dirty: bool) {
+    write(
+        dir,
+        &[
+            ("1_a.up.sql", "CREATE TABLE a (id int);"),
+            ("1_a.down.sql", "DROP TABLE a;"),
+            ("2_b.up.sql", "CREATE TABLE b (id int);"),
+            ("3_c.up.sql", "CREATE TABLE c (id int);"),
+        ],
+    );
+    sql(
+        svc,
+        &format!(
+            "CREATE TABLE IF NOT EXISTS shop.schema_migrations (version bigint not null primary key, dirty boolean not null);
+             INSERT INTO shop.schema_migrations (version, dirty) VALUES ({version}, {dirty});
+             CREATE TABLE shop.a (id int); CREATE TABLE shop.b (id int);"
+        ),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn golang_migrate_schema_is_adopted_up_to_its_version() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    golang_migrate_schema(&svc, dir.path(), 2, false).await;
+    adopt_then_up_to_date(&svc, dir.path(), Tool::GolangMigrate, &["1", "2"]).await;
+}
+
+#[tokio::test]
+async fn golang_migrate_dirty_is_refused_and_dbmate_does_not_read_its_table() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    golang_migrate_schema(&svc, dir.path(), 2, true).await;
+    let m = migrator(&svc, dir.path());
+    let err = m
+        .adopt(&AdoptOptions::from(Tool::GolangMigrate))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.problems(), [AdoptProblem::Dirty { version }] if version == "2"),
+        "{err}"
+    );
+    let err = m
+        .adopt(&AdoptOptions::from(Tool::Dbmate))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AdoptError::NotTheToolsTable { .. }), "{err}");
+    assert_eq!(ours(&svc).await, [] as [(String, String); 0]);
+}
+
+#[tokio::test]
+async fn goose_schema_is_adopted_with_its_is_applied_rows() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "00001_a.sql",
+                "-- +goose Up\nCREATE TABLE a (id int);\n-- +goose Down\nDROP TABLE a;\n",
+            ),
+            (
+                "00002_b.sql",
+                "-- +goose Up\nCREATE TABLE b (id int);\n-- +goose Down\nDROP TABLE b;\n",
+            ),
+            (
+                "00003_c.sql",
+                "-- +goose Up\nCREATE TABLE c (id int);\n-- +goose Down\nDROP TABLE c;\n",
+            ),
+        ],
+    );
+    // goose's DDL (postgres dialect) and its rows: the initial 0, ups of 1 to 3, and a down of
+    // 3 (goose before v3.16 appended `is_applied = false`).
+    sql(
+        &svc,
+        "CREATE TABLE shop.goose_db_version (
+             id integer PRIMARY KEY GENERATED BY DEFAULT AS IDENTITY,
+             version_id bigint NOT NULL,
+             is_applied boolean NOT NULL,
+             tstamp timestamp NOT NULL DEFAULT now()
+         );
+         INSERT INTO shop.goose_db_version (version_id, is_applied)
+         VALUES (0, true), (1, true), (2, true), (3, true), (3, false);
+         CREATE TABLE shop.a (id int); CREATE TABLE shop.b (id int);",
+    )
+    .await;
+    adopt_then_up_to_date(&svc, dir.path(), Tool::Goose, &["00001", "00002"]).await;
+}
+
+#[tokio::test]
+async fn dbmate_schema_is_adopted_and_a_missing_file_is_refused() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "20240101000000_a.sql",
+            "-- migrate:up\nCREATE TABLE a (id int);\n\n-- migrate:down\nDROP TABLE a;\n",
+        )],
+    );
+    // dbmate's DDL (pkg/driver/postgres `CreateMigrationsTable`).
+    sql(
+        &svc,
+        "CREATE TABLE IF NOT EXISTS shop.schema_migrations (version varchar(128) primary key);
+         INSERT INTO shop.schema_migrations (version) VALUES ('20240101000000'), ('20240102000000');
+         CREATE TABLE shop.a (id int);",
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    let err = m
+        .adopt(&AdoptOptions::from(Tool::Dbmate))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.problems(), [AdoptProblem::NoFile { version }] if version == "20240102000000"),
+        "{err}"
+    );
+    assert_eq!(ours(&svc).await, [] as [(String, String); 0]);
+    // The control: with the file back, it is adopted.
+    write(
+        dir.path(),
+        &[("20240102000000_b.sql", "-- migrate:up\nSELECT 1;\n")],
+    );
+    adopt_then_up_to_date(
+        &svc,
+        dir.path(),
+        Tool::Dbmate,
+        &["20240101000000", "20240102000000"],
+    )
+    .await;
+}
+
+/// Flyway's DDL (PostgreSQL `createMetaDataTable.sql`).
+const FLYWAY_DDL: &str = "CREATE TABLE shop.flyway_schema_history (
+    installed_rank INT NOT NULL,
+    version VARCHAR(50),
+    description VARCHAR(200) NOT NULL,
+    type VARCHAR(20) NOT NULL,
+    script VARCHAR(1000) NOT NULL,
+    checksum INTEGER,
+    installed_by VARCHAR(100) NOT NULL,
+    installed_on TIMESTAMP NOT NULL DEFAULT now(),
+    execution_time INTEGER NOT NULL,
+    success BOOLEAN NOT NULL
+);
+ALTER TABLE shop.flyway_schema_history ADD CONSTRAINT flyway_schema_history_pk PRIMARY KEY (installed_rank);
+CREATE INDEX flyway_schema_history_s_idx ON shop.flyway_schema_history (success);";
+
+#[tokio::test]
+async fn flyway_schema_is_adopted_with_its_crc32_checksums() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("V1__a.sql", "CREATE TABLE a (id int);\n"),
+            (
+                "V2__b.sql",
+                "CREATE TABLE b (id int);\r\nINSERT INTO b VALUES (1);\r\n",
+            ),
+            ("V3__c.sql", "CREATE TABLE c (id int);\n"),
+        ],
+    );
+    // The checksums Flyway records for these files: CRC32 of the lines without their endings,
+    // as a signed int (computed independently, with Python's zlib.crc32).
+    sql(
+        &svc,
+        &format!(
+            "{FLYWAY_DDL}
+             INSERT INTO shop.flyway_schema_history VALUES
+               (0, NULL, '<< Flyway Schema Creation >>', 'SCHEMA', '\"shop\"', NULL, 'me', now(), 0, true),
+               (1, '1', 'a', 'SQL', 'V1__a.sql', -623083431, 'me', now(), 5, true),
+               (2, '2', 'b', 'SQL', 'V2__b.sql', 914031549, 'me', now(), 5, true);
+             CREATE TABLE shop.a (id int); CREATE TABLE shop.b (id int);"
+        ),
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    let dry = m
+        .adopt(&AdoptOptions {
+            dry_run: true,
+            ..AdoptOptions::from(Tool::Flyway)
+        })
+        .await
+        .unwrap();
+    assert_eq!(dry.recorded.len(), 2);
+    assert_eq!(
+        ours(&svc).await,
+        [] as [(String, String); 0],
+        "a dry run writes nothing"
+    );
+    adopt_then_up_to_date(&svc, dir.path(), Tool::Flyway, &["1", "2"]).await;
+}
+
+#[tokio::test]
+async fn flyway_failed_and_changed_versions_are_refused() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("V1__a.sql", "CREATE TABLE a (id bigint);\n"),
+            ("V2__b.sql", "CREATE TABLE b (id int);\n"),
+        ],
+    );
+    sql(
+        &svc,
+        &format!(
+            "{FLYWAY_DDL}
+             INSERT INTO shop.flyway_schema_history VALUES
+               (1, '1', 'a', 'SQL', 'V1__a.sql', -623083431, 'me', now(), 5, true),
+               (2, '2', 'b', 'SQL', 'V2__b.sql', 1, 'me', now(), 5, false);"
+        ),
+    )
+    .await;
+    let err = migrator(&svc, dir.path())
+        .adopt(&AdoptOptions::from(Tool::Flyway))
+        .await
+        .unwrap_err();
+    let problems = err.problems();
+    assert_eq!(problems.len(), 2, "{err}");
+    assert!(
+        matches!(&problems[0], AdoptProblem::Dirty { version } if version == "2"),
+        "{err}"
+    );
+    assert!(
+        matches!(&problems[1], AdoptProblem::ChecksumMismatch { version, .. } if version == "1"),
+        "{err}"
+    );
+}
+
+/// refinery's checksum, as `refinery_core::Migration::unapplied` computes it.
+fn refinery_checksum(name: &str, version: i32, sql: &str) -> String {
+    let mut hasher = siphasher::sip::SipHasher13::new();
+    name.hash(&mut hasher);
+    version.hash(&mut hasher);
+    sql.hash(&mut hasher);
+    hasher.finish().to_string()
+}
+
+#[tokio::test]
+async fn refinery_schema_is_adopted_and_a_changed_file_is_refused() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = "CREATE TABLE a (id int);\n";
+    write(
+        dir.path(),
+        &[("V1__initial.sql", a), ("V2__more.sql", "SELECT 1;\n")],
+    );
+    // refinery's DDL (`ASSERT_MIGRATIONS_TABLE_QUERY`) in public, its default.
+    sql(
+        &svc,
+        "CREATE TABLE IF NOT EXISTS public.refinery_schema_history(
+             version INT4 PRIMARY KEY,
+             name VARCHAR(255),
+             applied_on VARCHAR(255),
+             checksum VARCHAR(255));
+         CREATE TABLE shop.a (id int);",
+    )
+    .await;
+    let conn = svc.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO public.refinery_schema_history (version, name, applied_on, checksum)
+         VALUES (1, 'initial', '2026-01-01T00:00:00+00:00', $1)",
+        &[&refinery_checksum(
+            "initial",
+            1,
+            "CREATE TABLE a (id bigint);\n",
+        )],
+    )
+    .await
+    .unwrap();
+    let m = migrator(&svc, dir.path());
+    let err = m
+        .adopt(&AdoptOptions::from(Tool::Refinery))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.problems(), [AdoptProblem::ChecksumMismatch { version, .. }] if version == "1"),
+        "{err}"
+    );
+    conn.execute(
+        "UPDATE public.refinery_schema_history SET checksum = $1",
+        &[&refinery_checksum("initial", 1, a)],
+    )
+    .await
+    .unwrap();
+    adopt_then_up_to_date(&svc, dir.path(), Tool::Refinery, &["1"]).await;
+}
+
+#[tokio::test]
+async fn no_history_table_names_where_it_looked() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &[("1_a.up.sql", "SELECT 1;")]);
+    let err = migrator(&svc, dir.path())
+        .adopt(&AdoptOptions::from(Tool::Sqlx))
+        .await
+        .unwrap_err();
+    assert!(err.is_no_history_table(), "{err}");
+    assert!(err.to_string().contains("public._sqlx_migrations"), "{err}");
+}
+
+#[tokio::test]
+async fn flyway_baseline_counts_every_file_up_to_it_and_an_undone_version_is_pending() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("V1__a.sql", "CREATE TABLE a (id int);\n"),
+            (
+                "V2__b.sql",
+                "CREATE TABLE b (id int);\r\nINSERT INTO b VALUES (1);\r\n",
+            ),
+            ("V3__c.sql", "CREATE TABLE c (id int);\n"),
+            ("U3__c.sql", "DROP TABLE c;\n"),
+        ],
+    );
+    // `flyway baseline` at 1, then V2 and V3 applied, then V3 undone (`flyway undo`).
+    sql(
+        &svc,
+        &format!(
+            "{FLYWAY_DDL}
+             INSERT INTO shop.flyway_schema_history VALUES
+               (1, '1', '<< Flyway Baseline >>', 'BASELINE', '<< Flyway Baseline >>', NULL, 'me', now(), 0, true),
+               (2, '2', 'b', 'SQL', 'V2__b.sql', 914031549, 'me', now(), 5, true),
+               (3, '3', 'c', 'SQL', 'V3__c.sql', 1, 'me', now(), 5, true),
+               (4, '3', 'c', 'UNDO_SQL', 'U3__c.sql', 2, 'me', now(), 5, true);
+             CREATE TABLE shop.a (id int); CREATE TABLE shop.b (id int);"
+        ),
+    )
+    .await;
+    adopt_then_up_to_date(&svc, dir.path(), Tool::Flyway, &["1", "2"]).await;
+}
+
+#[tokio::test]
+async fn sqlx_checksums_of_a_crlf_checkout_match_the_lf_file() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Applied by a build from a Windows checkout: sqlx hashed the CRLF bytes.
+    sqlx_schema(
+        &svc,
+        dir.path(),
+        true,
+        &sha384(&SQLX_B.replace('\n', "\r\n")),
+    )
+    .await;
+    adopt_then_up_to_date(
+        &svc,
+        dir.path(),
+        Tool::Sqlx,
+        &["20240101000000", "20240102000000"],
+    )
+    .await;
+}
