@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use svcdb::error::Report;
-use svcdb::migrate::MigrateError;
+use svcdb::migrate::{AdoptError, MigrateError};
 use svcdb::tokio_postgres::error::DbError;
 use svcdb::{DedicatedConn, SqlState, Tls};
 
@@ -124,7 +124,8 @@ impl Failure {
     /// refused, TLS, timed out), `acquire_timeout` (every connection stayed busy),
     /// `pool_closed`, `connection_lost`, `missing_tables`, `not_ready`; for migrations
     /// `migration_source` (a file or the folder), `lock_timeout`, `changed`, `out_of_order`,
-    /// `missing`, `dirty`, `no_down`, `migration_failed`; `error` for anything else.
+    /// `missing`, `dirty`, `no_down`, `unwritten`, `migration_failed`; for `migrate adopt`
+    /// `adopt_no_history`, `adopt_wrong_table`, `adopt_refused`; `error` for anything else.
     fn code(e: &anyhow::Error) -> String {
         if e.chain().any(|c| c.is::<Usage>()) {
             return "usage".to_owned();
@@ -148,6 +149,13 @@ impl Failure {
                 Some(error_kind(e))
             } else if let Some(e) = cause.downcast_ref::<MigrateError>() {
                 Some(migrate_kind(e))
+            } else if let Some(e) = cause.downcast_ref::<AdoptError>() {
+                Some(match e {
+                    AdoptError::Migrate(e) => migrate_kind(e),
+                    AdoptError::NoHistoryTable { .. } => "adopt_no_history",
+                    AdoptError::NotTheToolsTable { .. } => "adopt_wrong_table",
+                    _ => "adopt_refused",
+                })
             } else if cause.is::<svcdb::ident::IdentError>() {
                 Some("invalid_name")
             } else {

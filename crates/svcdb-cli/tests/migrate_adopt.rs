@@ -83,9 +83,10 @@ async fn adopting_a_dirty_golang_migrate_schema_is_refused_naming_the_version() 
     p.write(FILES);
     migrated_by_golang_migrate(&p, true).await;
     let out = p
-        .run(&["migrate", "adopt", "--from", "golang-migrate"])
+        .run(&["migrate", "adopt", "--from", "golang-migrate", "--json"])
         .expect_code(1);
-    assert!(out.stderr.contains("version 2 is marked dirty"), "{out}");
+    assert_eq!(out.json()["code"], "adopt_refused", "{out}");
+    assert!(out.stderr.contains("version 2"), "names the version: {out}");
     assert!(!p.tables().await.contains(&"svcdb_migrations".to_owned()));
     // An unknown tool is a command-line error.
     p.run(&["migrate", "adopt", "--from", "liquibase"])
