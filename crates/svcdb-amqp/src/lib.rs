@@ -21,6 +21,7 @@
 //! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status | [`relay`] ([`Relay`]) |
 //! | deleting old claims and published outbox rows on a schedule | [`retention`] ([`Retention`]) |
 //! | errors, matched by variant | [`error`] ([`Error`]) |
+//! | the service runtime: the start-up sequence (connect, migrate, install, gate, declare, serve, relay, consume) and the graceful shutdown, written once; here, not in svcdb, because it runs the consumers and the relay | [`service`] ([`Service`]) |
 //!
 //! # A service end to end
 //!
@@ -84,6 +85,7 @@ pub mod handler;
 pub mod publish;
 pub mod relay;
 pub mod retention;
+pub mod service;
 pub mod topology;
 
 pub use config::AmqpConfig;
@@ -92,6 +94,7 @@ pub use error::{Error, Result};
 pub use handler::{EventHandler, HandlerError, HandlerFuture};
 pub use relay::{Relay, RelayConfig, RelayStatus};
 pub use retention::Retention;
+pub use service::{Running, Service, ServiceError};
 pub use topology::{QueueSpec, Topology};
 
 /// The AMQP client, re-exported so services use the same version as svcdb-amqp.
