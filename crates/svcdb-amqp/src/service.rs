@@ -56,10 +56,11 @@
 //!
 //! // The service's API; testable without a socket: `app().with_state(db).oneshot(request)`.
 //! fn app() -> Router<ServiceDb> {
-//!     Router::new().route("/orders/count", get(async |State(db): State<ServiceDb>| {
-//!         let row = db.get().await.unwrap().query_one("SELECT count(*) FROM orders", &[]).await.unwrap();
-//!         Json(row.get::<_, i64>(0))
-//!     }))
+//!     Router::new().route("/pool", get(pool))
+//! }
+//!
+//! async fn pool(State(db): State<ServiceDb>) -> Json<usize> {
+//!     Json(db.status().size)
 //! }
 //!
 //! # async fn demo() -> anyhow::Result<()> {
@@ -294,8 +295,10 @@ where
         self
     }
 
-    /// Options of every consumer (retries, pauses, shutdown); a subscription's `handlers`
-    /// may still replace them with [`Consumer::with_options`].
+    /// Options of every consumer (retries, pauses, and how long to wait for in-flight
+    /// handlers at shutdown: keep that below [`Service::shutdown_timeout`], which bounds the
+    /// whole shutdown); a subscription's `handlers` may still replace them with
+    /// [`Consumer::with_options`].
     #[must_use]
     pub fn consumer_options(mut self, options: ConsumerOptions) -> Self {
         self.consumer_options = options;
@@ -348,7 +351,7 @@ where
             routes,
             state,
             listen,
-            mut consumer_options,
+            consumer_options,
             relay_config,
             outbox_options,
             shutdown_timeout,
@@ -490,8 +493,6 @@ where
             });
         }
 
-        // The consumers' own deadline fits in the service's.
-        consumer_options.shutdown_timeout = consumer_options.shutdown_timeout.min(shutdown_timeout);
         if let Some(amqp) = &amqp {
             for subscription in subscriptions {
                 let Subscription {
@@ -518,11 +519,7 @@ where
 async fn declare(amqp: &AmqpConfig, topology: &Topology) -> Result<(), crate::Error> {
     let connection = amqp.connect().await?;
     let declared = topology.declare(&connection).await;
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        connection.close(200, "OK".into()),
-    )
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "OK".into())).await;
     declared
 }
 
@@ -645,7 +642,11 @@ impl Running {
         self.stop.entry(group).or_default().clone()
     }
 
-    fn spawn(&mut self, part: Part, task: impl Future<Output = Result<(), Cause>> + Send + 'static) {
+    fn spawn(
+        &mut self,
+        part: Part,
+        task: impl Future<Output = Result<(), Cause>> + Send + 'static,
+    ) {
         let handle = self.tasks.spawn(task);
         self.parts.insert(handle.id(), part);
     }
