@@ -62,6 +62,7 @@ async fn serve(db: &TestDb, role: &str) -> Child {
         .env("DATABASE_URL", db.url_as(role))
         .env("SHOP_NAMESPACE", db.name())
         .env("AMQP_URL", amqp_url())
+        .env("SVCDB_POOL_MIN", "1")
         .env("SVCDB_POOL_MAX", "4")
         .env_remove("SVCDB_SCHEMA")
         .stdout(Stdio::piped())
