@@ -666,7 +666,7 @@ impl Running {
             }
             Some(joined) = self.tasks.join_next_with_id() => {
                 let (part, outcome) = self.joined(joined);
-                let cause = outcome.err().unwrap_or_else(|| Cause::Config("stopped on its own".into()));
+                let cause = outcome.err().unwrap_or(Cause::Ended);
                 let error = self.error(part.step(), cause);
                 tracing::error!(target: "svcdb_amqp::service", service = %self.name, error = %error, "a part of the service failed; stopping the rest");
                 Some(error)
@@ -877,6 +877,9 @@ pub enum Cause {
     /// A part of the service panicked.
     #[error("panicked: {0}")]
     Panicked(String),
+    /// A part of the service ended before the shutdown without an error (none is meant to).
+    #[error("ended on its own while the service was running\n  hint: this is a bug in svcdb-amqp's runtime; please report it with the log")]
+    Ended,
 }
 
 /// A service failed to start, failed while running, or did not stop cleanly: which service,
