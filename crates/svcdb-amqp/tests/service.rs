@@ -284,3 +284,46 @@ async fn each_start_up_step_fails_with_the_service_name_and_the_cause() {
     let error = base().listen(addr).start().await.unwrap_err();
     assert_eq!(error.step(), &Step::Listen(addr), "{error}");
 }
+
+#[tokio::test]
+async fn a_request_in_flight_is_answered_before_the_server_stops() {
+    common::init_tracing();
+    let (test_db, _db) = common::service().await;
+    let (started, release) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let (s, r) = (started.clone(), release.clone());
+    let slow = axum::Router::new().route(
+        "/slow",
+        axum::routing::get(move || {
+            let (started, release) = (s.clone(), r.clone());
+            async move {
+                started.add_permits(1);
+                release.acquire().await.unwrap().forget();
+                "done"
+            }
+        }),
+    );
+    let running = Service::new("svc-test")
+        .database(test_db.config("svc"))
+        .routes(slow)
+        .listen(localhost())
+        .start()
+        .await
+        .unwrap();
+    let addr = running.addr();
+    let request = tokio::spawn(status(addr, "/slow"));
+    let _ = started.acquire().await.unwrap();
+
+    let stopping = tokio::spawn(running.stop());
+    eventually("the server stops accepting connections", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    assert!(!stopping.is_finished(), "stopped with a request in flight");
+    release.add_permits(1);
+    assert_eq!(
+        request.await.unwrap(),
+        200,
+        "the request in flight is answered"
+    );
+    stopping.await.unwrap().expect("a clean shutdown");
+}
