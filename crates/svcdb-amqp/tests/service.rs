@@ -327,3 +327,44 @@ async fn a_request_in_flight_is_answered_before_the_server_stops() {
     );
     stopping.await.unwrap().expect("a clean shutdown");
 }
+
+#[tokio::test]
+async fn a_failing_migration_stops_the_start_at_the_migrate_step() {
+    common::init_tracing();
+    let (test_db, _db) = common::service().await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, sql: &str| std::fs::write(dir.path().join(name), sql).unwrap();
+    write("0001_create_things.up.sql", "CREATE TABLE things (id int);");
+    write(
+        "0002_broken.up.sql",
+        "CREATE TABLE broken (id int REFERENCES nowhere (id));",
+    );
+    let start = || {
+        Service::new("svc-test")
+            .database(test_db.config("svc"))
+            .migrations(svcdb::migrate::Migrations::from_dir(dir.path()).unwrap())
+            .migrate(true)
+            .require(["things"])
+            .listen(localhost())
+            .start()
+    };
+    let error = start().await.unwrap_err();
+    assert_eq!(error.step(), &Step::Migrate, "{error}");
+    assert!(
+        matches!(error.cause(), svcdb_amqp::service::Cause::Migrate(_)),
+        "{error}"
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with("service svc-test: migrating: "),
+        "{error}"
+    );
+
+    // Control: without the broken one it migrates, and the gate finds the table.
+    std::fs::remove_file(dir.path().join("0002_broken.up.sql")).unwrap();
+    let running = start().await.unwrap();
+    assert_eq!(running.migrated().unwrap().current_version, Some(1));
+    assert!(running.gate().ready);
+    running.stop().await.unwrap();
+}
