@@ -368,3 +368,24 @@ async fn a_failing_migration_stops_the_start_at_the_migrate_step() {
     assert!(running.gate().ready);
     running.stop().await.unwrap();
 }
+
+#[test]
+fn a_service_debug_print_shows_no_password() {
+    let database = svcdb::Config::from_lookup(|key| match key {
+        "DATABASE_URL" => Some("postgres://svc:db-s3cret@127.0.0.1/app".to_owned()),
+        "SVCDB_SCHEMA" => Some("svc".to_owned()),
+        _ => None,
+    })
+    .unwrap();
+    let service = Service::new("svc-test")
+        .database(database)
+        .amqp(AmqpConfig::new(
+            "amqp://guest:amqp-s3cret@127.0.0.1:5672/%2f",
+        ));
+    let shown = format!("{service:?}");
+    assert!(
+        shown.contains("svc-test") && shown.contains("127.0.0.1"),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+}
