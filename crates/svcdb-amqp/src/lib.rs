@@ -22,6 +22,7 @@
 //! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status; its settings ([`RelayConfig`]; when failed rows are retried is the outbox's [`svcdb::outbox::PublishRetry`]) | [`relay`] ([`Relay`]) |
 //! | deleting old claims and published outbox rows on a schedule | [`retention`] ([`Retention`]) |
 //! | errors, matched by variant | [`error`] ([`Error`]) |
+//! | the service runtime: the start-up sequence (connect, migrate, install, gate, declare, serve, relay, consume) and the graceful shutdown, written once; here, not in svcdb, because it runs the consumers and the relay | [`service`] ([`Service`]) |
 //!
 //! # A service end to end
 //!
@@ -86,6 +87,7 @@ pub mod handler;
 pub mod publish;
 pub mod relay;
 pub mod retention;
+pub mod service;
 pub mod topology;
 
 pub use config::AmqpConfig;
@@ -94,6 +96,7 @@ pub use error::{Error, Result};
 pub use handler::{EventHandler, HandlerError, HandlerFuture};
 pub use relay::{Relay, RelayConfig, RelayStatus};
 pub use retention::Retention;
+pub use service::{Running, Service, ServiceError};
 pub use topology::{QueueSpec, Topology};
 
 /// The AMQP client, re-exported so services use the same version as svcdb-amqp.
@@ -105,3 +108,9 @@ pub use lapin;
 /// tokio-util's token, under svcdb-amqp's name so that a service needs no dependency of its
 /// own on tokio-util.
 pub type CancellationToken = tokio_util::sync::CancellationToken;
+
+// Compiles the README's examples as doc tests, so the README cannot drift from the API. Here,
+// not in svcdb: the examples use both crates, and svcdb-amqp depends on svcdb.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

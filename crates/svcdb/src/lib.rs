@@ -85,8 +85,3 @@ pub use tx::{IsolationLevel, Retryable, Transaction, TxOptions};
 pub use svcdb_macros::embed_migrations;
 /// The driver, re-exported so services use the same version as svcdb.
 pub use tokio_postgres;
-
-// Compiles the README's examples as doc tests, so the README cannot drift from the API.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-pub struct ReadmeDoctests;

@@ -11,7 +11,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`platform`] | what every service shares: definition, names, start-up sequence, HTTP errors |
+//! | [`platform`] | what the services share: definition, names, state, HTTP errors; they run on svcdb-amqp's `Service` runtime |
 //! | [`users`], [`catalog`], [`cart`], [`orders`] | the services: schema, migrations, routes, handlers |
 //! | [`events`] | the events between them (the contract) |
 //! | [`deploy`] | the operator's side: database, roles, provisioning |
@@ -39,7 +39,6 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use svcdb::error::Report;
 use svcdb_amqp::AmqpConfig;
@@ -332,8 +331,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Tuning::production()
         },
     };
-    let started = platform::start(launch).await?;
-    if let Some(report) = &started.migrations {
+    let running = platform::service(launch)?.start().await?;
+    if let Some(report) = running.migrated() {
         tracing::info!(
             applied = report.migrations.len(),
             version = report.current_version.as_ref().map(tracing::field::display),
@@ -342,18 +341,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // `shop demo` reads the address from this line.
     println!(
-        "{}: {}; serving {} (Ctrl-C to stop)",
+        "{}: {}; serving http://{} (Ctrl-C to stop)",
         def.name,
-        started.gate,
-        started.service.url("")
+        running.gate(),
+        running.addr()
     );
-    // SIGINT (Ctrl-C) or SIGTERM (what a container runtime sends, and `shop demo`).
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("listening for SIGTERM")?;
-    tokio::select! {
-        signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
-        _ = terminate.recv() => {}
-    }
-    println!("{}: stopping", def.name);
-    started.service.stop().await
+    // SIGINT (Ctrl-C) or SIGTERM (what a container runtime sends, and `shop demo`): the
+    // runtime's graceful shutdown.
+    running.run_until_signal().await?;
+    Ok(())
 }

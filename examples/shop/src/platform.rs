@@ -1,7 +1,7 @@
-//! What every service shares, written once: how a service is described ([`ServiceDef`]), the
-//! names of its role and broker objects ([`Names`]), and how it starts ([`start`]): connect as
-//! its own role, migrate, install svcdb's tables, pass the start-up gate, declare its topology,
-//! then serve HTTP, relay its outbox and consume its queues until stopped ([`Running::stop`]).
+//! What the shop's services share: how a service is described ([`ServiceDef`]), the names of its
+//! role and broker objects ([`Names`]), what its routes and handlers get ([`Ctx`]), its HTTP
+//! errors ([`ApiError`]), and the settings of the demo ([`Tuning`]). How a service starts and
+//! stops is svcdb-amqp's [`Service`] runtime; [`service`] hands it the shop's parts.
 //!
 //! A service module (users, catalog, cart, orders) only says what is its own: schema, migrations,
 //! tables, routes, and which events it handles.
@@ -15,15 +15,13 @@ use anyhow::Context as _;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use svcdb::migrate::{EmbeddedMigrations, Migrations, Migrator, UpReport};
+use svcdb::migrate::{EmbeddedMigrations, Migrations};
 use svcdb::outbox::{self, PublishRetry};
-use svcdb::{Envelope, Gate, GateReport, Ident, Outbox, ServiceDb, Transaction};
+use svcdb::{Envelope, Gate, Ident, ServiceDb, Transaction};
 use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
 use svcdb_amqp::{
-    AmqpConfig, CancellationToken, Consumer, ConsumerOptions, EventHandler, HandlerError, Relay,
-    RelayConfig,
+    AmqpConfig, Consumer, ConsumerOptions, EventHandler, HandlerError, RelayConfig, Service,
 };
-use tokio::task::JoinSet;
 
 use crate::client::ApiClient;
 use crate::events::Event;
@@ -64,7 +62,8 @@ impl ServiceDef {
     }
 
     /// Every table the gate requires: the service's own, and svcdb's outbox and claims tables
-    /// when it publishes or consumes (the library installs those, see [`start`]).
+    /// when it publishes or consumes (the runtime installs those), as the runtime's gate
+    /// requires them: for the demo's own checks of a schema.
     pub fn required_tables(&self) -> Vec<&'static str> {
         let mut tables = self.tables.to_vec();
         if self.publishes {
@@ -158,6 +157,8 @@ pub struct Tuning {
     pub consumer: ConsumerOptions,
     pub relay: RelayConfig,
     pub outbox: PublishRetry,
+    /// The whole graceful shutdown ([`Service::shutdown_timeout`]).
+    pub shutdown: Duration,
 }
 
 impl Tuning {
@@ -167,6 +168,7 @@ impl Tuning {
             consumer: ConsumerOptions::default(),
             relay: RelayConfig::default(),
             outbox: PublishRetry::default(),
+            shutdown: svcdb_amqp::service::DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 
@@ -194,6 +196,8 @@ impl Tuning {
                 retry_backoff: Duration::from_millis(200),
                 max_retry_backoff: Duration::from_secs(2),
             },
+            // Within the demo's 30 s wait for a replica to exit (`Fleet::stop`).
+            shutdown: Duration::from_secs(20),
         }
     }
 }
@@ -327,7 +331,7 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
-/// Everything [`start`] needs to bring one service up.
+/// Everything [`service`] needs to describe one deployed service.
 pub struct Launch {
     pub def: &'static ServiceDef,
     /// Its database access: its own role, its schema.
@@ -347,26 +351,9 @@ pub struct Launch {
     pub tuning: Tuning,
 }
 
-/// A service that passed its gate and is serving.
-pub struct Started {
-    pub service: Running,
-    /// What the migration run did, when there was one.
-    pub migrations: Option<UpReport>,
-    /// The gate's verdict (ready).
-    pub gate: GateReport,
-}
-
-/// Brings a service up, in the order a real one must:
-///
-/// 1. connect as the service's role (a wrong password or host fails here);
-/// 2. run its migrations, if this deploy does (atomically: a failure leaves the schema as it was);
-/// 3. create svcdb's outbox and claims tables if the service needs them (idempotent; the
-///    library owns their definition, so no service copies it);
-/// 4. the start-up gate: every migration applied and unchanged, every table there, the right
-///    schema; otherwise refuse, listing each problem, before taking any traffic;
-/// 5. declare its exchange and queues (idempotent);
-/// 6. serve HTTP with `/healthz` and `/readyz`, relay its outbox, consume its queues.
-pub async fn start(launch: Launch) -> anyhow::Result<Started> {
+/// The service as svcdb-amqp's runtime runs it: what is the shop's own (names, handlers,
+/// routes, the [`Ctx`] they share) on the library's start-up and shutdown.
+pub fn service(launch: Launch) -> anyhow::Result<Service<Ctx>> {
     let Launch {
         def,
         db,
@@ -379,151 +366,36 @@ pub async fn start(launch: Launch) -> anyhow::Result<Started> {
         migrate,
         tuning,
     } = launch;
-    let name = def.name;
-    let db = ServiceDb::connect(db)
-        .await
-        .with_context(|| format!("{name}: connecting to its schema"))?;
-    let migrations = if migrate {
-        let report = Migrator::new(db.clone(), def.migrations()?)
-            .up()
-            .await
-            .with_context(|| format!("{name}: migrating"))?;
-        Some(report)
-    } else {
-        None
-    };
-    if def.publishes {
-        db.install_outbox().await?;
-    }
-    if !def.subscriptions.is_empty() {
-        db.install_idempotency().await?;
-    }
-    let gate = def.gate()?;
-    // The error is svcdb's NotReady, carrying the report; callers may downcast it.
-    let report = db.verify(&gate).await.ensure_ready()?;
-
-    let topology = names.topology(def);
-    let connection = amqp
-        .connect()
-        .await
-        .with_context(|| format!("{name}: connecting to RabbitMQ"))?;
-    let declared = topology.declare(&connection).await;
-    let _ = connection.close(200, "OK".into()).await;
-    declared.with_context(|| format!("{name}: declaring its exchange and queues"))?;
-
-    let ctx = Ctx {
-        service: name,
+    let state_names = names.clone();
+    let peers = Arc::new(peers);
+    let mut service = Service::with_state(def.name, move |db: &ServiceDb| Ctx {
+        service: def.name,
         db: db.clone(),
         http,
-        names: names.clone(),
-        peers: Arc::new(peers),
+        names: state_names,
+        peers,
         idempotency,
-    };
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-
-    let router = (def.routes)()
-        .with_state(ctx.clone())
-        .merge(svcdb::http::router(db.clone(), gate));
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("{name}: listening on {listen}"))?;
-    let addr = listener.local_addr()?;
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-            .with_context(|| format!("{name}: HTTP server"))
-    });
-
-    if def.publishes {
-        let relay_outbox = Outbox::new(db.clone()).with_publish_retry(tuning.outbox.clone());
-        let relay = Relay::new(&amqp, relay_outbox).with_config(tuning.relay.clone());
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            relay
-                .run(stop)
-                .await
-                .map(drop)
-                .with_context(|| format!("{name}: outbox relay"))
-        });
-    }
-
-    for subscription in def.subscriptions {
-        let queue = names.queue(name, subscription);
-        let consumer = Consumer::new(
-            &amqp,
-            db.clone(),
-            &queue,
-            format!("{name}.{}", subscription.handler),
-        )
-        .with_options(tuning.consumer.clone());
-        let consumer = (subscription.register)(consumer, &ctx);
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            consumer
-                .run(stop)
-                .await
-                .with_context(|| format!("{name}: consumer of {}", queue.name))
-        });
-    }
-
-    Ok(Started {
-        service: Running {
-            def,
-            db,
-            addr,
-            shutdown,
-            tasks,
-        },
-        migrations,
-        gate: report,
     })
-}
-
-/// A service serving HTTP, relaying and consuming, until [`Running::stop`].
-pub struct Running {
-    pub def: &'static ServiceDef,
-    pub db: ServiceDb,
-    pub addr: SocketAddr,
-    shutdown: CancellationToken,
-    tasks: JoinSet<anyhow::Result<()>>,
-}
-
-impl Running {
-    /// `http://127.0.0.1:<port><path>`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+    .database(db)
+    .amqp(amqp)
+    .migrations(def.migrations()?)
+    .migrate(migrate)
+    .require(def.tables.iter().copied())
+    .routes((def.routes)())
+    .listen(listen)
+    .consumer_options(tuning.consumer)
+    .relay_config(tuning.relay)
+    .publish_retry(tuning.outbox)
+    .shutdown_timeout(tuning.shutdown);
+    if def.publishes {
+        service = service.publishes(names.exchange(def.name));
     }
-
-    /// Graceful shutdown: stop taking requests and messages, finish the ones in flight (their
-    /// acks included), flush the relay's batch, close the pool. Returns the first error of a
-    /// task, if any.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let mut first_error = None;
-        let all = async {
-            while let Some(joined) = self.tasks.join_next().await {
-                let outcome = joined
-                    .map_err(anyhow::Error::from)
-                    .and_then(|result| result);
-                if let Err(e) = outcome {
-                    first_error.get_or_insert(e);
-                }
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(20), all)
-            .await
-            .is_err()
-        {
-            self.tasks.abort_all();
-            first_error.get_or_insert(anyhow::anyhow!(
-                "{}: tasks did not stop within 20 s",
-                self.def.name
-            ));
-        }
-        self.db.close();
-        first_error.map_or(Ok(()), Err)
+    for subscription in def.subscriptions {
+        service = service.subscribe(
+            names.queue(def.name, subscription),
+            format!("{}.{}", def.name, subscription.handler),
+            subscription.register,
+        );
     }
+    Ok(service)
 }

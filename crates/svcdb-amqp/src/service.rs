@@ -1,0 +1,951 @@
+//! The service runtime: the start-up and shutdown every svcdb service repeats, written once.
+//!
+//! [`Service`] is a builder. [`Service::run`] brings the service up in the order a real one
+//! must, each step failing with the service's name and the cause ([`ServiceError`]):
+//!
+//! 1. **connect** to its database as its own role ([`ServiceDb::connect`]: a wrong password or
+//!    host fails here, at once);
+//! 2. **migrate**, if this deploy does ([`Service::migrate`]; off when a separate job runs the
+//!    migrations);
+//! 3. **install svcdb's tables**: the outbox when it publishes, the claims when it subscribes
+//!    (idempotent, safe with several replicas starting at once);
+//! 4. **pass the start-up gate**: every migration applied and unchanged, every required table
+//!    there, the right schema; otherwise refuse before taking any traffic, listing each problem;
+//! 5. **declare its exchange and queues** ([`Topology`], idempotent);
+//! 6. **serve HTTP**: the service's own routes with `/healthz` and `/readyz`
+//!    ([`svcdb::http`]), **relay its outbox** ([`Relay`]) and **consume its queues**
+//!    ([`Consumer`]),
+//!
+//! then runs until SIGTERM or Ctrl-C, or until one of its parts fails for good (a queue
+//! deleted under it, say: then it stops the rest and returns that error, so the orchestrator
+//! restarts it instead of leaving it half alive).
+//!
+//! # Shutdown
+//!
+//! On SIGTERM or Ctrl-C ([`Running::stop`] does the same), within
+//! [`Service::shutdown_timeout`]:
+//!
+//! 1. `/readyz` answers `503` (`"shutting_down": true`), without asking the database, so the
+//!    load balancer takes the replica out; the routes keep answering meanwhile;
+//! 2. the consumers stop taking deliveries (`basic.cancel`), handle what the broker already
+//!    sent, and wait for in-flight handlers to commit and acknowledge (up to
+//!    [`ConsumerOptions::shutdown_timeout`]); a handler still running then is aborted, its
+//!    transaction rolls back, and the broker redelivers its message;
+//! 3. the HTTP server stops accepting and finishes the requests in flight;
+//! 4. the relay finishes its batch (up to [`RelayConfig::confirm_timeout`]); last, so that
+//!    it still publishes what the handlers and requests of steps 2 and 3 enqueued until it is
+//!    told to stop, and whatever is left waits in the outbox for the next relay;
+//! 5. the pool closes.
+//!
+//! Nothing held is lost: a message is acknowledged only after its transaction committed, and
+//! an outbox row is marked published only after the broker confirmed it. Whatever the
+//! deadline cuts off is redelivered or republished, and the claims absorb the copies.
+//!
+//! Kubernetes keeps sending traffic for a moment after SIGTERM while it updates its
+//! endpoints; a `preStop` hook that sleeps a few seconds covers that gap. Keep
+//! [`Service::shutdown_timeout`] below the pod's `terminationGracePeriodSeconds` (30 s by
+//! default), after which it is killed.
+//!
+//! ```no_run
+//! use axum::extract::State;
+//! use axum::routing::get;
+//! use axum::{Json, Router};
+//! use svcdb::ServiceDb;
+//! use svcdb_amqp::topology::{events_exchange, QueueSpec};
+//! use svcdb_amqp::{AmqpConfig, Service};
+//!
+//! // The service's API; testable without a socket: `app().with_state(db).oneshot(request)`.
+//! fn app() -> Router<ServiceDb> {
+//!     Router::new().route("/pool", get(pool))
+//! }
+//!
+//! async fn pool(State(db): State<ServiceDb>) -> Json<usize> {
+//!     Json(db.status().size)
+//! }
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! let queue = QueueSpec::new("orders.stock-results").bind(events_exchange("catalog"), "stock.#");
+//! Service::new("orders")
+//!     .database(svcdb::Config::from_env()?)
+//!     .amqp(AmqpConfig::from_env()?)
+//!     .require(["orders"])
+//!     .publishes(events_exchange("orders"))
+//!     .subscribe(queue, "orders.stock-results", |consumer, _db| {
+//!         consumer.on("ProductStockReserved", |tx, event| Box::pin(async move {
+//!             tx.execute("UPDATE orders SET status = 'confirmed' WHERE id = $1",
+//!                 &[&event.payload["order_id"].as_i64()]).await?;
+//!             Ok(())
+//!         }))
+//!     })
+//!     .routes(app())
+//!     .run()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use svcdb::migrate::{MigrateError, Migrations, Migrator, UpReport};
+use svcdb::outbox::PublishRetry;
+use svcdb::{Gate, GateReport, Outbox, ServiceDb};
+use tokio::task::{Id, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AmqpConfig;
+use crate::consumer::{Consumer, ConsumerOptions};
+use crate::relay::{Relay, RelayConfig};
+use crate::topology::{QueueSpec, Topology};
+
+/// Where a service listens unless told otherwise ([`Service::listen`]): every interface, as a
+/// container's port mapping needs, port 8080.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+
+/// The default of [`Service::shutdown_timeout`]: below Kubernetes' default grace period of 30 s.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// Registers a subscription's handlers on its consumer, given the service's state.
+type Register<S> = Box<dyn FnOnce(Consumer, &S) -> Consumer + Send>;
+
+/// One queue the service consumes.
+struct Subscription<S> {
+    /// The queue, its bindings and delivery limit.
+    queue: QueueSpec,
+    /// The consumer's name: the scope of its idempotency claims.
+    consumer: String,
+    /// Adds the handlers.
+    register: Register<S>,
+}
+
+/// A service built on svcdb and svcdb-amqp, from its database to its shutdown. See the
+/// [module documentation](self) for the sequence and the shutdown.
+///
+/// `S` is the state its routes and handlers get: the [`ServiceDb`] itself with
+/// [`Service::new`], or a type of the service's own with [`Service::with_state`].
+pub struct Service<S = ServiceDb> {
+    name: String,
+    database: Option<svcdb::Config>,
+    amqp: Option<AmqpConfig>,
+    migrations: Option<Migrations>,
+    migrate: bool,
+    required: Vec<String>,
+    exchanges: Vec<String>,
+    subscriptions: Vec<Subscription<S>>,
+    routes: Router<S>,
+    state: Box<dyn FnOnce(&ServiceDb) -> S + Send>,
+    listen: SocketAddr,
+    consumer_options: ConsumerOptions,
+    relay_config: RelayConfig,
+    publish_retry: PublishRetry,
+    shutdown_timeout: Duration,
+}
+
+impl<S> fmt::Debug for Service<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The configs' own Debug leave passwords out.
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("database", &self.database)
+            .field("amqp", &self.amqp)
+            .field("migrate", &self.migrate)
+            .field("required", &self.required)
+            .field("exchanges", &self.exchanges)
+            .field(
+                "queues",
+                &self
+                    .subscriptions
+                    .iter()
+                    .map(|s| s.queue.name.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("listen", &self.listen)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<ServiceDb> {
+    /// The service `name` (`"orders"`): it names the service in every error and log line.
+    /// Its routes and handlers get its [`ServiceDb`] as their state.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self::with_state(name, ServiceDb::clone)
+    }
+}
+
+impl<S> Service<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    /// Like [`Service::new`], with a state of the service's own for its routes and
+    /// handlers, made from its [`ServiceDb`] once connected (an HTTP client, settings, …).
+    pub fn with_state(
+        name: impl Into<String>,
+        state: impl FnOnce(&ServiceDb) -> S + Send + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            database: None,
+            amqp: None,
+            migrations: None,
+            migrate: false,
+            required: Vec::new(),
+            exchanges: Vec::new(),
+            subscriptions: Vec::new(),
+            routes: Router::new(),
+            state: Box::new(state),
+            listen: DEFAULT_LISTEN.parse().expect("a valid address"),
+            consumer_options: ConsumerOptions::default(),
+            relay_config: RelayConfig::default(),
+            publish_retry: PublishRetry::default(),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        }
+    }
+
+    /// Its database: the service's own role and schema (`svcdb::Config::from_env()?`).
+    /// Required.
+    #[must_use]
+    pub fn database(mut self, config: svcdb::Config) -> Self {
+        self.database = Some(config);
+        self
+    }
+
+    /// Its broker (`AmqpConfig::from_env()?`). Required when it publishes or subscribes.
+    #[must_use]
+    pub fn amqp(mut self, config: AmqpConfig) -> Self {
+        self.amqp = Some(config);
+        self
+    }
+
+    /// Its migrations: the gate checks that every one is applied and unchanged, and
+    /// [`Service::migrate`] applies them first.
+    #[must_use]
+    pub fn migrations(mut self, migrations: Migrations) -> Self {
+        self.migrations = Some(migrations);
+        self
+    }
+
+    /// Whether this deploy applies the migrations at start-up (default: no, a separate job
+    /// does). Replicas starting together are safe: one applies them, the others wait for
+    /// its lock and find the work done.
+    #[must_use]
+    pub fn migrate(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+
+    /// Tables the gate requires in the service schema, besides svcdb's own (the outbox and
+    /// the claims, which the runtime installs and requires as the service needs them).
+    #[must_use]
+    pub fn require(mut self, tables: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.required.extend(tables.into_iter().map(Into::into));
+        self
+    }
+
+    /// An exchange it publishes to ([`events_exchange`](crate::topology::events_exchange)):
+    /// declared at start-up, and the service gets an outbox and a relay.
+    #[must_use]
+    pub fn publishes(mut self, exchange: impl Into<String>) -> Self {
+        self.exchanges.push(exchange.into());
+        self
+    }
+
+    /// Consumes `queue` (declared at start-up with its bindings and dead-letter queue) with
+    /// a [`Consumer`] named `consumer`, the scope of its idempotency claims: keep it stable
+    /// (renaming it makes every event new to it). `handlers` registers the handlers on the
+    /// consumer, with the service's state at hand: `|consumer, state| consumer.on(…)`.
+    #[must_use]
+    pub fn subscribe(
+        mut self,
+        queue: QueueSpec,
+        consumer: impl Into<String>,
+        handlers: impl FnOnce(Consumer, &S) -> Consumer + Send + 'static,
+    ) -> Self {
+        self.subscriptions.push(Subscription {
+            queue,
+            consumer: consumer.into(),
+            register: Box::new(handlers),
+        });
+        self
+    }
+
+    /// Its HTTP API, served with `/healthz` and `/readyz` (which it must not define). May be
+    /// called more than once: the routers are merged.
+    #[must_use]
+    pub fn routes(mut self, routes: Router<S>) -> Self {
+        self.routes = self.routes.merge(routes);
+        self
+    }
+
+    /// Where to serve HTTP. Default: [`DEFAULT_LISTEN`]; port 0 takes any free port
+    /// ([`Running::addr`] says which).
+    #[must_use]
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Options of every consumer (retries, pauses, and how long to wait for in-flight
+    /// handlers at shutdown: keep that below [`Service::shutdown_timeout`], which bounds the
+    /// whole shutdown); a subscription's `handlers` may still replace them with
+    /// [`Consumer::with_options`].
+    #[must_use]
+    pub fn consumer_options(mut self, options: ConsumerOptions) -> Self {
+        self.consumer_options = options;
+        self
+    }
+
+    /// The relay's batching and reconnection settings.
+    #[must_use]
+    pub fn relay_config(mut self, config: RelayConfig) -> Self {
+        self.relay_config = config;
+        self
+    }
+
+    /// How the outbox backs off a row the relay failed to publish.
+    #[must_use]
+    pub fn publish_retry(mut self, options: PublishRetry) -> Self {
+        self.publish_retry = options;
+        self
+    }
+
+    /// The longest the whole shutdown may take, from the signal to the closed pool. What is
+    /// still running then is aborted: nothing is lost (unacknowledged messages are
+    /// redelivered, unconfirmed outbox rows republished), but it is done again by the next
+    /// replica. Default: [`DEFAULT_SHUTDOWN_TIMEOUT`].
+    #[must_use]
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Starts the service ([`Service::start`]), runs it until SIGTERM or Ctrl-C, then stops
+    /// it gracefully ([`Running::stop`]). Returns the first error: a step of the start-up,
+    /// a part that failed while running, or the shutdown.
+    pub async fn run(self) -> Result<(), ServiceError> {
+        self.start().await?.run_until_signal().await
+    }
+
+    /// Runs the start-up sequence and returns once the service serves HTTP, relays and
+    /// consumes; [`Running::stop`] or [`Running::run_until_signal`] end it.
+    pub async fn start(self) -> Result<Running, ServiceError> {
+        let Self {
+            name,
+            database,
+            amqp,
+            migrations,
+            migrate,
+            mut required,
+            exchanges,
+            subscriptions,
+            routes,
+            state,
+            listen,
+            consumer_options,
+            relay_config,
+            publish_retry,
+            shutdown_timeout,
+        } = self;
+        let steps = Steps { service: &name };
+        let uses_broker = !exchanges.is_empty() || !subscriptions.is_empty();
+        let (database, amqp) = steps
+            .run(Step::Configure, async {
+                let database = database.ok_or_else(|| {
+                    Cause::Config("no database; give it one with Service::database(svcdb::Config::from_env()?)".into())
+                })?;
+                let amqp = match amqp {
+                    Some(amqp) => Some(amqp),
+                    None if uses_broker => {
+                        return Err(Cause::Config(
+                            "it publishes or subscribes but has no broker; give it one with Service::amqp(AmqpConfig::from_env()?)".into(),
+                        ))
+                    }
+                    None => None,
+                };
+                if migrate && migrations.is_none() {
+                    return Err(Cause::Config(
+                        "Service::migrate(true) without migrations; give them with Service::migrations".into(),
+                    ));
+                }
+                Ok((database, amqp))
+            })
+            .await?;
+
+        let db = steps
+            .run(Step::Connect, ServiceDb::connect(database))
+            .await?;
+        // From here on a failed step closes the pool it opened.
+        let started = async {
+            let migrated = match (&migrations, migrate) {
+                (Some(migrations), true) => Some(
+                    steps
+                        .run(
+                            Step::Migrate,
+                            Migrator::new(db.clone(), migrations.clone()).up(),
+                        )
+                        .await?,
+                ),
+                _ => None,
+            };
+
+            steps
+                .run(Step::InstallTables, async {
+                    if !exchanges.is_empty() {
+                        db.install_outbox().await?;
+                        required.push(svcdb::outbox::OUTBOX_TABLE.to_owned());
+                    }
+                    if !subscriptions.is_empty() {
+                        db.install_idempotency().await?;
+                        required.push(svcdb::idempotency::PROCESSED_EVENTS_TABLE.to_owned());
+                    }
+                    Ok::<_, svcdb::Error>(())
+                })
+                .await?;
+
+            let (gate, report) = steps
+                .run(Step::Gate, async {
+                    let mut gate = Gate::new();
+                    if let Some(migrations) = migrations {
+                        gate = gate.with_migrations(migrations);
+                    }
+                    let gate = gate.require(&required)?;
+                    let report = db.verify(&gate).await.ensure_ready()?;
+                    Ok::<_, svcdb::Error>((gate, report))
+                })
+                .await?;
+
+            if let Some(amqp) = &amqp {
+                let topology = subscriptions
+                    .iter()
+                    .fold(Topology::new(), |t, s| t.queue(s.queue.clone()));
+                let topology = exchanges.iter().fold(topology, |t, e| t.exchange(e));
+                steps
+                    .run(Step::DeclareTopology, declare(amqp, &topology))
+                    .await?;
+            }
+
+            let listener = steps
+                .run(Step::Listen(listen), tokio::net::TcpListener::bind(listen))
+                .await?;
+            let addr = steps
+                .run(Step::Listen(listen), async { listener.local_addr() })
+                .await?;
+            Ok::<_, ServiceError>((migrated, gate, report, listener, addr))
+        }
+        .await;
+        let (migrated, gate, report, listener, addr) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                db.close();
+                return Err(e);
+            }
+        };
+
+        // Serving: nothing below fails; the parts report their errors from their tasks.
+        let state = state(&db);
+        let draining = Arc::new(AtomicBool::new(false));
+        let probes = svcdb::http::router(db.clone(), gate).layer(middleware::from_fn_with_state(
+            Probe {
+                service: Arc::from(name.as_str()),
+                draining: draining.clone(),
+            },
+            refuse_readiness_while_draining,
+        ));
+        let app = routes.with_state(state.clone()).merge(probes);
+
+        let mut running = Running {
+            name: name.clone(),
+            addr,
+            db: db.clone(),
+            migrated,
+            gate: report,
+            draining,
+            shutdown_timeout,
+            tasks: JoinSet::new(),
+            parts: HashMap::new(),
+            stop: HashMap::new(),
+        };
+
+        let stop = running.token(Group::Http);
+        running.spawn(Part::Http, async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .map_err(Cause::Io)
+        });
+
+        if let (Some(amqp), false) = (&amqp, exchanges.is_empty()) {
+            let outbox = Outbox::new(db.clone()).with_publish_retry(publish_retry);
+            let relay = Relay::new(amqp, outbox).with_config(relay_config);
+            let stop = running.token(Group::Relay);
+            running.spawn(Part::Relay, async move {
+                relay.run(stop).await.map(drop).map_err(Cause::Amqp)
+            });
+        }
+
+        if let Some(amqp) = &amqp {
+            for subscription in subscriptions {
+                let Subscription {
+                    queue,
+                    consumer,
+                    register,
+                } = subscription;
+                let consumer = Consumer::new(amqp, db.clone(), &queue, consumer)
+                    .with_options(consumer_options.clone());
+                let consumer = register(consumer, &state);
+                let stop = running.token(Group::Consumers);
+                running.spawn(Part::Consumer(queue.name), async move {
+                    consumer.run(stop).await.map_err(Cause::Amqp)
+                });
+            }
+        }
+        tracing::info!(target: "svcdb_amqp::service", service = %name, %addr, "serving");
+        Ok(running)
+    }
+}
+
+/// Declares `topology` on a connection of its own, closed afterwards (bounded: a broker that
+/// stops answering must not hold the start-up).
+async fn declare(amqp: &AmqpConfig, topology: &Topology) -> Result<(), crate::Error> {
+    let connection = amqp.connect().await?;
+    let declared = topology.declare(&connection).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "OK".into())).await;
+    declared
+}
+
+/// What the readiness guard needs.
+#[derive(Clone)]
+struct Probe {
+    service: Arc<str>,
+    draining: Arc<AtomicBool>,
+}
+
+/// `/readyz` answers 503 once the shutdown began, without asking the database: the load
+/// balancer is to stop sending traffic, whatever the database says.
+async fn refuse_readiness_while_draining(
+    State(probe): State<Probe>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() == "/readyz" && probe.draining.load(Ordering::Acquire) {
+        let body = serde_json::json!({
+            "ready": false,
+            "shutting_down": true,
+            "problems": [{
+                "kind": "shutting_down",
+                "message": format!("service {} is shutting down", probe.service),
+            }],
+        });
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CACHE_CONTROL, "no-store")],
+            Json(body),
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// The parts stopped together, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Group {
+    Consumers,
+    Http,
+    Relay,
+}
+
+/// One task of a running service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Http,
+    Relay,
+    Consumer(String),
+}
+
+impl Part {
+    fn group(&self) -> Group {
+        match self {
+            Part::Http => Group::Http,
+            Part::Relay => Group::Relay,
+            Part::Consumer(_) => Group::Consumers,
+        }
+    }
+
+    fn step(&self) -> Step {
+        match self {
+            Part::Http => Step::Serve,
+            Part::Relay => Step::Relay,
+            Part::Consumer(queue) => Step::Consume(queue.clone()),
+        }
+    }
+}
+
+/// A service that passed its start-up and is serving HTTP, relaying and consuming, until
+/// [`Running::stop`] (or [`Running::run_until_signal`]). Dropping it aborts every part
+/// without the graceful shutdown.
+pub struct Running {
+    name: String,
+    addr: SocketAddr,
+    db: ServiceDb,
+    migrated: Option<UpReport>,
+    gate: GateReport,
+    draining: Arc<AtomicBool>,
+    shutdown_timeout: Duration,
+    tasks: JoinSet<Result<(), Cause>>,
+    parts: HashMap<Id, Part>,
+    stop: HashMap<Group, CancellationToken>,
+}
+
+impl fmt::Debug for Running {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Running")
+            .field("name", &self.name)
+            .field("addr", &self.addr)
+            .field("parts", &self.parts.values().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// The address HTTP is served on (the port chosen, when [`Service::listen`] gave 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The service's pool.
+    pub fn db(&self) -> &ServiceDb {
+        &self.db
+    }
+
+    /// What the migration run did, when this deploy migrated ([`Service::migrate`]).
+    pub fn migrated(&self) -> Option<&UpReport> {
+        self.migrated.as_ref()
+    }
+
+    /// The start-up gate's report (ready, the migration version).
+    pub fn gate(&self) -> &GateReport {
+        &self.gate
+    }
+
+    /// The token that stops one group of parts, made on first use.
+    fn token(&mut self, group: Group) -> CancellationToken {
+        self.stop.entry(group).or_default().clone()
+    }
+
+    fn spawn(
+        &mut self,
+        part: Part,
+        task: impl Future<Output = Result<(), Cause>> + Send + 'static,
+    ) {
+        let handle = self.tasks.spawn(task);
+        self.parts.insert(handle.id(), part);
+    }
+
+    /// Waits for SIGTERM or Ctrl-C, then stops gracefully ([`Running::stop`]). A part that
+    /// fails for good before (a consumer whose queue was deleted, the HTTP server) stops the
+    /// service too, and its error is returned.
+    pub async fn run_until_signal(mut self) -> Result<(), ServiceError> {
+        let failure = tokio::select! {
+            signal = shutdown_signal() => {
+                if let Err(e) = signal {
+                    Some(self.error(Step::Signal, Cause::Io(e)))
+                } else {
+                    tracing::info!(target: "svcdb_amqp::service", service = %self.name, "stopping (signal)");
+                    None
+                }
+            }
+            Some(joined) = self.tasks.join_next_with_id() => {
+                let (part, outcome) = self.joined(joined);
+                let cause = outcome.err().unwrap_or(Cause::Ended);
+                let error = self.error(part.step(), cause);
+                tracing::error!(target: "svcdb_amqp::service", service = %self.name, error = %error, "a part of the service failed; stopping the rest");
+                Some(error)
+            }
+        };
+        let stopped = self.stop().await;
+        match failure {
+            Some(error) => Err(error),
+            None => stopped,
+        }
+    }
+
+    /// Graceful shutdown, in the order of the [module documentation](self#shutdown), within
+    /// the service's shutdown timeout. Returns the first error of a part, or that the
+    /// timeout cut the shutdown short.
+    pub async fn stop(mut self) -> Result<(), ServiceError> {
+        let deadline = Instant::now() + self.shutdown_timeout;
+        self.draining.store(true, Ordering::Release);
+        let mut first_error = None;
+        for group in [Group::Consumers, Group::Http, Group::Relay] {
+            let started = Instant::now();
+            if let Some(token) = self.stop.get(&group) {
+                token.cancel();
+            }
+            if let Err(e) = self.wait_for(group, deadline, &mut first_error).await {
+                first_error.get_or_insert(e);
+                break;
+            }
+            tracing::debug!(target: "svcdb_amqp::service", service = %self.name, ?group, elapsed = ?started.elapsed(), "stopped");
+        }
+        // Past the deadline: what is left is aborted (its messages are redelivered, its rows
+        // republished).
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        self.db.close();
+        tracing::info!(target: "svcdb_amqp::service", service = %self.name, "stopped");
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Waits until every part of `group` ended, recording parts' errors; `Err` at the
+    /// deadline.
+    async fn wait_for(
+        &mut self,
+        group: Group,
+        deadline: Instant,
+        errors: &mut Option<ServiceError>,
+    ) -> Result<(), ServiceError> {
+        while self.parts.values().any(|p| p.group() == group) {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next_with_id()).await {
+                Ok(Some(joined)) => {
+                    let (part, outcome) = self.joined(joined);
+                    if let Err(cause) = outcome {
+                        errors.get_or_insert(self.error(part.step(), cause));
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    let left: Vec<&Part> = self.parts.values().collect();
+                    tracing::warn!(target: "svcdb_amqp::service", service = %self.name, ?left, timeout = ?self.shutdown_timeout, "shutdown timed out; aborting what is left");
+                    return Err(self.error(Step::Shutdown, Cause::Timeout(self.shutdown_timeout)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The part a finished task was, and its outcome (a panic as an error).
+    fn joined(
+        &mut self,
+        joined: Result<(Id, Result<(), Cause>), tokio::task::JoinError>,
+    ) -> (Part, Result<(), Cause>) {
+        match joined {
+            Ok((id, outcome)) => (self.parts.remove(&id).unwrap_or(Part::Http), outcome),
+            Err(e) => {
+                let part = self.parts.remove(&e.id()).unwrap_or(Part::Http);
+                (part, Err(Cause::Panicked(e.to_string())))
+            }
+        }
+    }
+
+    fn error(&self, step: Step, cause: Cause) -> ServiceError {
+        ServiceError {
+            service: self.name.clone(),
+            step,
+            cause,
+        }
+    }
+}
+
+/// SIGTERM (what container runtimes send) or SIGINT (Ctrl-C).
+async fn shutdown_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            signal = tokio::signal::ctrl_c() => signal,
+            _ = terminate.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}
+
+/// Runs the steps of one service's start-up: the one place where each starts and ends (and
+/// so where its log lines, and later its metrics and spans, go).
+struct Steps<'a> {
+    service: &'a str,
+}
+
+impl Steps<'_> {
+    async fn run<T, E: Into<Cause>>(
+        &self,
+        step: Step,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, ServiceError> {
+        let service = self.service;
+        tracing::debug!(target: "svcdb_amqp::service", %service, %step, "starting");
+        let started = Instant::now();
+        match work.await {
+            Ok(value) => {
+                tracing::info!(target: "svcdb_amqp::service", %service, %step, elapsed = ?started.elapsed(), "done");
+                Ok(value)
+            }
+            Err(cause) => Err(ServiceError {
+                service: service.to_owned(),
+                step,
+                cause: cause.into(),
+            }),
+        }
+    }
+}
+
+/// A step of a service's life, as [`ServiceError::step`] names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Step {
+    /// Checking the builder's settings, before connecting to anything.
+    Configure,
+    /// Connecting to its database as its role.
+    Connect,
+    /// Applying its migrations.
+    Migrate,
+    /// Creating svcdb's outbox and claims tables.
+    InstallTables,
+    /// The start-up gate.
+    Gate,
+    /// Declaring its exchanges and queues.
+    DeclareTopology,
+    /// Binding its HTTP port.
+    Listen(SocketAddr),
+    /// Serving HTTP.
+    Serve,
+    /// Relaying its outbox.
+    Relay,
+    /// Consuming a queue (its name).
+    Consume(String),
+    /// Waiting for SIGTERM or Ctrl-C.
+    Signal,
+    /// The graceful shutdown.
+    Shutdown,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Configure => f.write_str("checking its configuration"),
+            Step::Connect => f.write_str("connecting to its database"),
+            Step::Migrate => f.write_str("migrating"),
+            Step::InstallTables => f.write_str("installing svcdb's outbox and claims tables"),
+            Step::Gate => f.write_str("the start-up gate"),
+            Step::DeclareTopology => f.write_str("declaring its exchanges and queues"),
+            Step::Listen(addr) => write!(f, "listening on {addr}"),
+            Step::Serve => f.write_str("serving HTTP"),
+            Step::Relay => f.write_str("relaying its outbox"),
+            Step::Consume(queue) => write!(f, "consuming queue {queue}"),
+            Step::Signal => f.write_str("listening for SIGTERM and Ctrl-C"),
+            Step::Shutdown => f.write_str("shutting down"),
+        }
+    }
+}
+
+/// Why a step failed: the underlying error, kept whole for matching.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Cause {
+    /// The builder's settings cannot work; the message says what to call.
+    #[error("{0}")]
+    Config(String),
+    /// A database error: connecting, installing tables, or the gate's refusal
+    /// ([`svcdb::Error::NotReady`], with the report).
+    #[error("{0}")]
+    Db(#[from] svcdb::Error),
+    /// A migration failed (the schema is as it was, or the error says what is left).
+    #[error("{0}")]
+    Migrate(#[from] MigrateError),
+    /// A broker error: connecting, declaring, or a consumer or the relay giving up.
+    #[error("{0}")]
+    Amqp(#[from] crate::Error),
+    /// The HTTP port could not be bound or served, or the signals could not be watched.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The shutdown did not finish in time; what was left was aborted.
+    #[error("not done within {0:?}; what was left was aborted (its messages are redelivered and its outbox rows republished)\n  hint: give handlers and requests less to do at once, or raise Service::shutdown_timeout (below the platform's grace period)")]
+    Timeout(Duration),
+    /// A part of the service panicked.
+    #[error("panicked: {0}")]
+    Panicked(String),
+    /// A part of the service ended before the shutdown without an error (none is meant to).
+    #[error("ended on its own while the service was running\n  hint: this is a bug in svcdb-amqp's runtime; please report it with the log")]
+    Ended,
+}
+
+/// A service failed to start, failed while running, or did not stop cleanly: which service,
+/// at which step, and why. Shown as `service orders: the start-up gate: not ready: …`.
+#[derive(Debug, thiserror::Error)]
+#[error("service {service}: {step}: {cause}")]
+pub struct ServiceError {
+    service: String,
+    step: Step,
+    // Shown in the message, so not also a `source` (it would print twice in a chain).
+    cause: Cause,
+}
+
+impl ServiceError {
+    /// The service's name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The step that failed.
+    pub fn step(&self) -> &Step {
+        &self.step
+    }
+
+    /// Why.
+    pub fn cause(&self) -> &Cause {
+        &self.cause
+    }
+
+    /// The underlying error, for `?` into another error type.
+    pub fn into_cause(self) -> Cause {
+        self.cause
+    }
+
+    /// True when the start-up gate refused the schema; [`ServiceError::gate_report`] lists
+    /// the problems.
+    pub fn is_not_ready(&self) -> bool {
+        self.gate_report().is_some()
+    }
+
+    /// The gate's report when it refused the schema.
+    pub fn gate_report(&self) -> Option<&GateReport> {
+        match &self.cause {
+            Cause::Db(svcdb::Error::NotReady(report)) => Some(report),
+            _ => None,
+        }
+    }
+
+    /// The database error, if that was the cause.
+    pub fn db_error(&self) -> Option<&svcdb::Error> {
+        match &self.cause {
+            Cause::Db(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The broker error, if that was the cause.
+    pub fn amqp_error(&self) -> Option<&crate::Error> {
+        match &self.cause {
+            Cause::Amqp(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// True when the shutdown timed out and aborted what was left.
+    pub fn is_shutdown_timeout(&self) -> bool {
+        matches!(self.cause, Cause::Timeout(_))
+    }
+}
