@@ -46,8 +46,7 @@ use super::version::Version;
 use crate::error::SqlState;
 use crate::ident::Ident;
 
-/// The history table's name (in the service schema).
-pub const HISTORY_TABLE: &str = "svcdb_migrations";
+pub use super::migration::HISTORY_TABLE;
 
 /// One row of the history table.
 #[derive(Debug, Clone)]

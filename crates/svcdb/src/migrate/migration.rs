@@ -6,6 +6,9 @@ use sha2::{Digest, Sha256};
 
 use super::version::Version;
 
+/// The history table's name (in the service schema).
+pub const HISTORY_TABLE: &str = "svcdb_migrations";
+
 /// The first line that makes a migration run outside a transaction (needed for
 /// `CREATE INDEX CONCURRENTLY`, `ALTER TYPE … ADD VALUE` on old servers, `VACUUM`, …).
 pub const NO_TRANSACTION_DIRECTIVE: &str = "-- svcdb:no-transaction";

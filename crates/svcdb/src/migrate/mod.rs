@@ -128,9 +128,8 @@ pub mod version;
 pub use adopt::{AdoptError, AdoptOptions, AdoptProblem, AdoptReport, Tool};
 pub use error::{MigrateError, MigrationFailure};
 pub use event::{Direction, MigrateEvent};
-pub use history::HISTORY_TABLE;
 pub use lint::{lint, Finding, LintReport, Rule, Severity};
-pub use migration::{Checksum, Migration, NO_TRANSACTION_DIRECTIVE};
+pub use migration::{Checksum, Migration, HISTORY_TABLE, NO_TRANSACTION_DIRECTIVE};
 pub use options::{DownOptions, MigrateOptions, UpOptions};
 pub use report::{
     BaselineReport, DownReport, InvalidIndex, RedoReport, RepairAction, RepairReport, RunEntry,
