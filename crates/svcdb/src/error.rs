@@ -33,6 +33,7 @@ use std::time::Duration;
 pub type SqlState = tokio_postgres::error::SqlState;
 
 use crate::ident::IdentError;
+use crate::schema::gate::report::MISSING_TABLES_HINT;
 use crate::tls::TlsFailure;
 
 /// Result alias for this crate.
@@ -420,11 +421,6 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
         }
     }
 }
-
-/// The hint for tables missing from the service schema ([`Error::MissingTables`], and the
-/// gate's [`Problem::MissingTable`](crate::schema::Problem::MissingTable)).
-pub(crate) const MISSING_TABLES_HINT: &str =
-    "run `svcdb migrate up` if migrations create the missing tables; otherwise check that SVCDB_SCHEMA names the service's schema";
 
 /// What to do about connection attempts that got no answer.
 pub(crate) const NO_ANSWER_HINT: &str = "check that DATABASE_URL names PostgreSQL's host and port (what answers there is not PostgreSQL, or is stuck); for a slow server or network, raise SVCDB_CONNECT_TIMEOUT";

@@ -76,7 +76,7 @@ pub use ident::Ident;
 pub use outbox::{Outbox, OutboxMessage};
 pub use pool::{PoolStatus, PooledConn, ServiceDb};
 pub use provision::{provision, Password, ProvisionReport, ProvisionSpec};
-pub use schema::{Gate, GateReport, Problem, TableInfo, TableKind};
+pub use schema::{Gate, GateReport, Notice, Problem, TableInfo, TableKind};
 pub use tls::{Tls, TlsFailure, TlsMode};
 pub use tx::{IsolationLevel, Retryable, Transaction, TxOptions};
 

@@ -1,0 +1,423 @@
+//! The gate's verdict: [`GateReport`], the [`Problem`]s that fail it and the [`Notice`]s that
+//! do not, with their messages, hints and JSON form. A leaf: the error module reports a failed
+//! gate with these types.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+use crate::migrate::migration::HISTORY_TABLE;
+use crate::migrate::version::Version;
+
+/// The hint for tables missing from the service schema ([`Error::MissingTables`](crate::Error::MissingTables), and the
+/// gate's [`Problem::MissingTable`]).
+pub(crate) const MISSING_TABLES_HINT: &str =
+    "run `svcdb migrate up` if migrations create the missing tables; otherwise check that SVCDB_SCHEMA names the service's schema";
+
+/// One reason the service is not ready. Serialized (in reports) with a `kind` tag
+/// (`"missing_table"`, …), its fields, a `message` and a `hint`; match on the variant, not on
+/// the text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Problem {
+    /// No connection could be had, or the database did not answer, within the timeout (server
+    /// down, wrong address or credentials, every connection busy). Nothing else was checked.
+    Unreachable {
+        /// What went wrong.
+        error: String,
+        /// What to do (shown as the problem's hint).
+        #[serde(skip)]
+        hint: String,
+    },
+    /// A check's query failed with a database error (e.g. permission denied on the history
+    /// table).
+    QueryFailed {
+        /// The server's message.
+        error: String,
+    },
+    /// The configured schema does not exist.
+    NoSchema {
+        /// The configured schema.
+        schema: String,
+    },
+    /// The role has no `USAGE` privilege on the configured schema.
+    NoSchemaAccess {
+        /// The configured schema.
+        schema: String,
+        /// The role connections log in as.
+        role: String,
+    },
+    /// Connections resolve names in another schema than the configured one.
+    WrongSchema {
+        /// The configured schema.
+        expected: String,
+        /// `current_schema()` on a pooled connection (`None`: no usable schema).
+        active: Option<String>,
+    },
+    /// The service ships migrations but the history table does not exist: they never ran.
+    NoHistory {
+        /// The configured schema.
+        schema: String,
+        /// How many migrations the service ships (all pending).
+        pending: usize,
+    },
+    /// A non-transactional migration failed part-way; the schema may be half-migrated.
+    Dirty {
+        /// Its version.
+        version: Version,
+        /// Its name.
+        name: String,
+    },
+    /// A migration the service ships is not applied.
+    Pending {
+        /// Its version.
+        version: Version,
+        /// Its name.
+        name: String,
+    },
+    /// An applied migration's file changed since it was applied.
+    Changed {
+        /// Its version.
+        version: Version,
+        /// Its name.
+        name: String,
+        /// Its up file.
+        path: String,
+    },
+    /// A migration is applied that the service does not ship although it ships newer ones: a
+    /// gap (a branch's or another release's migration ran on this database). Unknown
+    /// migrations newer than every shipped one are not a problem but a
+    /// [`Notice::NewerApplied`].
+    UnknownApplied {
+        /// Its version.
+        version: Version,
+        /// Its name in the history table.
+        name: String,
+        /// The newest version the service ships (newer than this one).
+        newest_shipped: Version,
+    },
+    /// A required table is missing from the service schema.
+    MissingTable {
+        /// The configured schema.
+        schema: String,
+        /// The missing table.
+        table: String,
+    },
+}
+
+impl Problem {
+    /// What is wrong, in one line.
+    pub fn message(&self) -> String {
+        match self {
+            Problem::Unreachable { error, .. } => format!("database unreachable: {error}"),
+            Problem::QueryFailed { error } => format!("a check's query failed: {error}"),
+            Problem::NoSchema { schema } => format!("schema {schema} does not exist"),
+            Problem::NoSchemaAccess { schema, role } => {
+                format!("role {role} may not use schema {schema} (no USAGE privilege)")
+            }
+            Problem::WrongSchema { expected, active } => format!(
+                "connections use schema {}, not {expected}: the search_path pinned at connect time was changed or dropped",
+                active.as_deref().unwrap_or("(none)")
+            ),
+            Problem::NoHistory { schema, pending } => format!(
+                "migrations never ran in schema {schema}: its history table {HISTORY_TABLE} does not exist ({pending} migration{} to apply)",
+                if *pending == 1 { "" } else { "s" }
+            ),
+            Problem::Dirty { version, name } => format!(
+                "migration {version} ({name}) is dirty: it failed part-way and may be half-applied (no runner is migrating the schema)"
+            ),
+            Problem::Pending { version, name } => {
+                format!("migration {version} ({name}) is not applied")
+            }
+            Problem::Changed {
+                version,
+                name,
+                path,
+            } => format!(
+                "migration {version} ({name}) was changed after it was applied: {path} no longer matches the history's checksum"
+            ),
+            Problem::UnknownApplied {
+                version,
+                name,
+                newest_shipped,
+            } => format!(
+                "migration {version} ({name}) is applied but this release does not ship it, though it ships newer ones (up to {newest_shipped}): a branch's or another release's migration ran here"
+            ),
+            Problem::MissingTable { schema, table } => {
+                format!("table {table} is missing from schema {schema}")
+            }
+        }
+    }
+
+    /// What to do about it.
+    pub fn hint(&self) -> Cow<'_, str> {
+        Cow::Borrowed(match self {
+            Problem::Unreachable { hint, .. } => return Cow::Borrowed(hint),
+            Problem::QueryFailed { .. } => {
+                "check the role's privileges on the service schema (`svcdb provision` grants them)"
+            }
+            Problem::NoSchema { .. } => {
+                "run `svcdb provision` for this service (or set SVCDB_CREATE_SCHEMA=true), or fix SVCDB_SCHEMA"
+            }
+            Problem::NoSchemaAccess { .. } => {
+                "run `svcdb provision` for this service's role, or connect as the schema's owner"
+            }
+            Problem::WrongSchema { .. } => {
+                "use `SET LOCAL search_path` inside a transaction, never `SET` on a pooled connection; behind PgBouncer, which drops the `options` startup parameter, pin it on the role (`ALTER ROLE … SET search_path`)"
+            }
+            Problem::NoHistory { .. } | Problem::Pending { .. } => "run `svcdb migrate up`",
+            Problem::Dirty { .. } => {
+                "finish or undo that migration's statements by hand (`svcdb migrate repair` names the invalid indexes to drop), then run `svcdb migrate repair`"
+            }
+            Problem::Changed { .. } => {
+                "restore the file and put the change in a new migration, or run `svcdb migrate repair` if the edit is harmless"
+            }
+            Problem::UnknownApplied { .. } => {
+                "find the branch or release that ships it: add its file to this release if it belongs, or revert it with that release's `svcdb migrate down` (Gate::allow_unknown_applied accepts it as it is)"
+            }
+            Problem::MissingTable { .. } => MISSING_TABLES_HINT,
+        })
+    }
+}
+
+/// The message and its hint on a second line.
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\n  hint: {}", self.message(), self.hint())
+    }
+}
+
+/// The gate's verdict: every problem it found, and the migration version it saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateReport {
+    /// True when there is no problem.
+    pub ready: bool,
+    /// The configured schema.
+    pub schema: String,
+    /// The newest applied migration that is not dirty (`None`: none, or not read).
+    pub migration_version: Option<Version>,
+    /// False when the gate had no migrations to check the history against.
+    pub migrations_checked: bool,
+    /// Every problem found, schema first, then migrations, then tables.
+    #[serde(serialize_with = "serialize_problems")]
+    pub problems: Vec<Problem>,
+    /// What is worth knowing but does not stop the service (a migration in progress, newer
+    /// migrations applied by a newer release), by version.
+    #[serde(serialize_with = "serialize_notices")]
+    pub notices: Vec<Notice>,
+}
+
+/// A state of the history the gate reports without failing on it: the normal states of a
+/// rolling deploy. Serialized like a [`Problem`]: `kind`, the fields and a `message`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Notice {
+    /// A non-transactional migration is running right now: its history row is marked dirty
+    /// and a runner holds the schema's migration lock (a long `CREATE INDEX CONCURRENTLY`).
+    MigrationInProgress {
+        /// Its version.
+        version: Version,
+        /// Its name.
+        name: String,
+        /// How long its script has run, in milliseconds.
+        running_ms: f64,
+    },
+    /// An applied migration newer than every migration the service ships: a newer release
+    /// migrated the schema. Fine while migrations stay backward compatible (expand first, then
+    /// roll out, contract later).
+    NewerApplied {
+        /// Its version.
+        version: Version,
+        /// Its name in the history table.
+        name: String,
+    },
+}
+
+impl Notice {
+    /// What it is, in one line.
+    pub fn message(&self) -> String {
+        match self {
+            Notice::MigrationInProgress {
+                version,
+                name,
+                running_ms,
+            } => format!(
+                "migration {version} ({name}) is in progress: running for {:.1} s",
+                running_ms / 1e3
+            ),
+            Notice::NewerApplied { version, name } => format!(
+                "migration {version} ({name}) is applied by a newer release; this one does not ship it"
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Notice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
+/// `ready: schema orders, migration 3`, or `not ready: schema orders has 2 problems:` followed
+/// by one line per problem and each distinct hint once; then a `note:` line per notice.
+impl fmt::Display for GateReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ready {
+            write!(f, "ready: schema {}", self.schema)?;
+            match &self.migration_version {
+                Some(v) => write!(f, ", migration {v}")?,
+                None => write!(f, ", no migration applied")?,
+            }
+            if !self.migrations_checked {
+                write!(f, " (migrations not checked)")?;
+            }
+            return self.write_notices(f);
+        }
+        let n = self.problems.len();
+        write!(
+            f,
+            "not ready: schema {} has {n} problem{}:",
+            self.schema,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {}", p.message())?;
+        }
+        let mut hints: Vec<Cow<'_, str>> = Vec::new();
+        for hint in self.problems.iter().map(Problem::hint) {
+            if !hints.contains(&hint) {
+                hints.push(hint);
+            }
+        }
+        for hint in hints {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        self.write_notices(f)
+    }
+}
+
+impl GateReport {
+    fn write_notices(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for notice in &self.notices {
+            write!(f, "\n  note: {notice}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Notices as JSON objects: `kind`, the variant's fields and `message`.
+fn serialize_notices<S: Serializer>(notices: &[Notice], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Shown<'a> {
+        #[serde(flatten)]
+        notice: &'a Notice,
+        message: String,
+    }
+    s.collect_seq(notices.iter().map(|notice| Shown {
+        notice,
+        message: notice.message(),
+    }))
+}
+
+/// Problems as JSON objects: `kind`, the variant's fields, `message` and `hint`.
+fn serialize_problems<S: Serializer>(problems: &[Problem], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Shown<'a> {
+        #[serde(flatten)]
+        problem: &'a Problem,
+        message: String,
+        hint: Cow<'a, str>,
+    }
+    s.collect_seq(problems.iter().map(|problem| Shown {
+        problem,
+        message: problem.message(),
+        hint: problem.hint(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_serialize_with_kind_fields_message_and_hint() {
+        let report = GateReport {
+            ready: false,
+            schema: "orders".into(),
+            migration_version: Some(Version::from(3)),
+            migrations_checked: true,
+            notices: Vec::new(),
+            problems: vec![
+                Problem::MissingTable {
+                    schema: "orders".into(),
+                    table: "lines".into(),
+                },
+                Problem::Unreachable {
+                    error: "refused".into(),
+                    hint: "start it".into(),
+                },
+            ],
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["problems"][0]["kind"], "missing_table");
+        assert_eq!(json["problems"][0]["table"], "lines");
+        assert_eq!(
+            json["problems"][0]["message"],
+            "table lines is missing from schema orders"
+        );
+        assert_eq!(json["problems"][0]["hint"], MISSING_TABLES_HINT);
+        assert_eq!(json["problems"][1]["kind"], "unreachable");
+        assert_eq!(json["problems"][1]["hint"], "start it");
+        assert_eq!(json["migration_version"], "3");
+    }
+
+    #[test]
+    fn notices_serialize_with_kind_fields_and_message_and_show_as_notes() {
+        let report = GateReport {
+            ready: true,
+            schema: "orders".into(),
+            migration_version: Some(Version::from(3)),
+            migrations_checked: true,
+            problems: Vec::new(),
+            notices: vec![Notice::MigrationInProgress {
+                version: Version::from(4),
+                name: "sku_index".into(),
+                running_ms: 1500.0,
+            }],
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["notices"][0]["kind"], "migration_in_progress");
+        assert_eq!(json["notices"][0]["version"], "4");
+        assert_eq!(json["notices"][0]["running_ms"], 1500.0);
+        assert_eq!(
+            json["notices"][0]["message"],
+            "migration 4 (sku_index) is in progress: running for 1.5 s"
+        );
+        assert_eq!(
+            report.to_string(),
+            "ready: schema orders, migration 3\n  note: migration 4 (sku_index) is in progress: running for 1.5 s"
+        );
+    }
+
+    #[test]
+    fn report_lists_every_problem_and_each_hint_once() {
+        let pending = |n: u32| Problem::Pending {
+            version: Version::from(n),
+            name: format!("m{n}"),
+        };
+        let report = GateReport {
+            ready: false,
+            schema: "orders".into(),
+            migration_version: None,
+            migrations_checked: true,
+            notices: Vec::new(),
+            problems: vec![pending(1), pending(2)],
+        };
+        let shown = report.to_string();
+        assert!(shown.contains("m1") && shown.contains("m2"), "{shown}");
+        assert_eq!(shown.matches("hint:").count(), 1, "{shown}");
+    }
+}
