@@ -1,0 +1,200 @@
+//! What a lint finding is: the [`Rule`] it broke, how serious it is ([`Severity`]) and where.
+//! A leaf, so the migration errors and events can carry findings without depending on the
+//! linter.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::migrate::version::Version;
+
+/// The comment that allows rules in one migration: `-- svcdb:allow <rule>[, <rule>…]`.
+pub const ALLOW_DIRECTIVE: &str = "svcdb:allow";
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Reported; `up` runs the migration anyway.
+    Warning,
+    /// `up` refuses the deploy unless the finding is allowed.
+    Error,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        })
+    }
+}
+
+/// A lint rule, named in findings and in `-- svcdb:allow <rule>` by [`Rule::name`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Rule {
+    /// `CREATE INDEX` without `CONCURRENTLY` on a table that existed before the deploy: it
+    /// blocks every write to the table while the index builds.
+    IndexWithoutConcurrently,
+    /// `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a migration that runs in a transaction: the
+    /// server refuses it (SQLSTATE 25001).
+    ConcurrentlyInTransaction,
+    /// `ADD COLUMN … NOT NULL` without a default: fails on a table that has rows.
+    AddColumnNotNullWithoutDefault,
+    /// `ADD COLUMN` whose default is volatile (or an identity, a `serial`, a stored generated
+    /// column): the whole table is rewritten under an `ACCESS EXCLUSIVE` lock.
+    AddColumnVolatileDefault,
+    /// `ALTER COLUMN … TYPE`: rewrites the table and its indexes under an `ACCESS EXCLUSIVE`
+    /// lock unless the change is binary-coercible.
+    AlterColumnType,
+    /// `ADD CONSTRAINT … FOREIGN KEY` or `CHECK` without `NOT VALID`: every row is checked while
+    /// writes (for a foreign key, to both tables) are blocked.
+    ConstraintWithoutNotValid,
+    /// `SET NOT NULL` without a validated `CHECK (col IS NOT NULL)` earlier in the deploy: the
+    /// whole table is scanned under an `ACCESS EXCLUSIVE` lock.
+    SetNotNullWithoutCheck,
+    /// Renaming a column the old release still reads (warning).
+    RenameColumn,
+    /// Renaming a table the old release still reads (warning).
+    RenameTable,
+    /// Dropping a column the old release still reads (warning).
+    DropColumn,
+    /// Dropping a table the old release still reads (warning).
+    DropTable,
+    /// `VACUUM FULL`: rewrites the table under an `ACCESS EXCLUSIVE` lock.
+    VacuumFull,
+    /// `CLUSTER`: rewrites the table under an `ACCESS EXCLUSIVE` lock.
+    Cluster,
+    /// `LOCK TABLE`: holds the lock until the migration's (in an atomic deploy, the deploy's)
+    /// transaction ends.
+    LockTable,
+    /// An up script without any statement: a no-op migration, recorded like any other (warning).
+    EmptyUp,
+    /// A script PostgreSQL's parser rejects, so nothing in it was checked (warning).
+    Unparsed,
+    /// A `-- svcdb:allow` comment naming no rule: it allows nothing (warning).
+    UnknownAllow,
+}
+
+impl Rule {
+    /// Every rule.
+    pub const ALL: &'static [Rule] = &[
+        Rule::IndexWithoutConcurrently,
+        Rule::ConcurrentlyInTransaction,
+        Rule::AddColumnNotNullWithoutDefault,
+        Rule::AddColumnVolatileDefault,
+        Rule::AlterColumnType,
+        Rule::ConstraintWithoutNotValid,
+        Rule::SetNotNullWithoutCheck,
+        Rule::RenameColumn,
+        Rule::RenameTable,
+        Rule::DropColumn,
+        Rule::DropTable,
+        Rule::VacuumFull,
+        Rule::Cluster,
+        Rule::LockTable,
+        Rule::EmptyUp,
+        Rule::Unparsed,
+        Rule::UnknownAllow,
+    ];
+
+    /// The name used in findings and in `-- svcdb:allow <rule>`, e.g.
+    /// `index-without-concurrently`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::IndexWithoutConcurrently => "index-without-concurrently",
+            Rule::ConcurrentlyInTransaction => "concurrently-in-transaction",
+            Rule::AddColumnNotNullWithoutDefault => "add-column-not-null-without-default",
+            Rule::AddColumnVolatileDefault => "add-column-volatile-default",
+            Rule::AlterColumnType => "alter-column-type",
+            Rule::ConstraintWithoutNotValid => "constraint-without-not-valid",
+            Rule::SetNotNullWithoutCheck => "set-not-null-without-check",
+            Rule::RenameColumn => "rename-column",
+            Rule::RenameTable => "rename-table",
+            Rule::DropColumn => "drop-column",
+            Rule::DropTable => "drop-table",
+            Rule::VacuumFull => "vacuum-full",
+            Rule::Cluster => "cluster",
+            Rule::LockTable => "lock-table",
+            Rule::EmptyUp => "empty-up",
+            Rule::Unparsed => "unparsed",
+            Rule::UnknownAllow => "unknown-allow",
+        }
+    }
+
+    /// The rule with this [`name`](Self::name).
+    pub fn from_name(name: &str) -> Option<Rule> {
+        Rule::ALL.iter().copied().find(|r| r.name() == name)
+    }
+
+    /// Whether a finding of this rule stops `up` (unless allowed).
+    pub fn severity(self) -> Severity {
+        match self {
+            Rule::RenameColumn
+            | Rule::RenameTable
+            | Rule::DropColumn
+            | Rule::DropTable
+            | Rule::EmptyUp
+            | Rule::Unparsed
+            | Rule::UnknownAllow => Severity::Warning,
+            _ => Severity::Error,
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for Rule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// One statement that the deploy should not run as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// The migration's version.
+    pub version: Version,
+    /// Its up file ([`Migration::path`](crate::migrate::Migration::path)).
+    pub path: String,
+    /// The line of `path` the statement starts on.
+    pub line: usize,
+    /// What was found.
+    pub rule: Rule,
+    /// The rule's [severity](Rule::severity).
+    pub severity: Severity,
+    /// Why it is unsafe.
+    pub message: String,
+    /// The safe way to write it.
+    pub fix: String,
+    /// True when the migration's file allows the rule (`-- svcdb:allow <rule>`).
+    pub allowed: bool,
+}
+
+impl Finding {
+    /// True when this finding stops `up`: an error the file does not allow (`--allow-unsafe`
+    /// aside).
+    pub fn blocks(&self) -> bool {
+        self.severity == Severity::Error && !self.allowed
+    }
+}
+
+impl fmt::Display for Finding {
+    /// `path:line: error[rule]: why`, then the fix on an indented `fix:` line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}: {}[{}]: {}",
+            self.path, self.line, self.severity, self.rule, self.message
+        )?;
+        if self.allowed {
+            write!(f, " (allowed by `-- {ALLOW_DIRECTIVE} {}`)", self.rule)?;
+        }
+        write!(f, "\n    fix: {}", self.fix)
+    }
+}
