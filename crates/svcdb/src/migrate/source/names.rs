@@ -1,0 +1,157 @@
+//! What a file's name says: which layout it belongs to, whether it is an up or down script
+//! (or diesel's metadata), and its version and name.
+
+use crate::migrate::version::Version;
+
+/// How a migration's files are laid out. Part of the grouping key, so that `1_a.up.sql`,
+/// `1_a/up.sql` and `1_a.sql` are three migrations (and then a duplicate version), not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Layout {
+    /// `<version>_<name>.up.sql` and `.down.sql`.
+    Native,
+    /// `<version>_<name>/up.sql`, `down.sql`, `metadata.toml`.
+    Diesel,
+    /// `<version>_<name>.sql`, maybe cut in two by goose or dbmate markers.
+    OneFile,
+    /// `V<version>__<name>.sql`, with Flyway's undo `U<version>__<name>.sql`.
+    Flyway,
+}
+
+/// The tool whose markers cut a one-file migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tool {
+    Goose,
+    Dbmate,
+}
+
+/// What a file is to its migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// The up script (for [`Layout::OneFile`], the whole file, cut at its markers later).
+    Up,
+    Down,
+    Metadata,
+}
+
+/// What a file is, from its name alone.
+pub(super) enum Class {
+    /// One of the files of the migration `stem` (`<version>_<name>`; for Flyway's
+    /// `V2__x.sql` too: `2_x`).
+    Part {
+        stem: String,
+        layout: Layout,
+        role: Role,
+    },
+    /// Flyway's `U<version>__<name>.sql`: the down script of the `V` migration of that version
+    /// (`stem` as for `Part`).
+    Undo { stem: String },
+    /// A migration file svcdb cannot use: what is wrong and what to do.
+    Refused(String),
+}
+
+/// What the file at `rel` is to a migration; `None` for other files.
+pub(super) fn classify(rel: &str) -> Option<Class> {
+    let part = |stem: &str, layout, role| {
+        Some(Class::Part {
+            stem: stem.to_owned(),
+            layout,
+            role,
+        })
+    };
+    match rel.split_once('/') {
+        None => {
+            if let Some(stem) = rel.strip_suffix(".up.sql") {
+                return part(stem, Layout::Native, Role::Up);
+            }
+            if let Some(stem) = rel.strip_suffix(".down.sql") {
+                return part(stem, Layout::Native, Role::Down);
+            }
+            let stem = rel.strip_suffix(".sql")?;
+            let mut chars = stem.chars();
+            match (chars.next()?, chars.next()) {
+                (c, _) if c.is_ascii_digit() => part(stem, Layout::OneFile, Role::Up),
+                ('V' | 'v' | 'U' | 'u', Some(c)) if c.is_ascii_digit() => Some(flyway(stem)),
+                ('R' | 'r', Some('_')) if stem[1..].starts_with("__") => Some(Class::Refused(
+                    "Flyway repeatable migrations are not supported: svcdb runs each migration once, by version\n  hint: put the SQL in a versioned migration (`V<version>__<name>.sql`), and re-create objects in a new migration when they change".to_owned(),
+                )),
+                _ => None,
+            }
+        }
+        Some((dir, file)) if !dir.starts_with('.') => {
+            let role = match file {
+                "up.sql" => Role::Up,
+                "down.sql" => Role::Down,
+                "metadata.toml" => Role::Metadata,
+                _ => return None,
+            };
+            part(dir, Layout::Diesel, role)
+        }
+        Some(_) => None,
+    }
+}
+
+/// A Flyway-style stem: `V<version>__<name>` or `U<version>__<name>`, any case, with a digit
+/// after the letter.
+fn flyway(stem: &str) -> Class {
+    let (letter, rest) = stem.split_at(1);
+    let letter = letter.to_ascii_uppercase();
+    let expected =
+        format!("expected `{letter}<version>__<name>.sql`, e.g. `{letter}2__create_users.sql`");
+    let integer = |version: &str| version.chars().all(|c| c.is_ascii_digit());
+    let refused = match rest.split_once("__") {
+        None => format!(
+            "a Flyway-style name needs two underscores between the version and the name; {expected}"
+        ),
+        Some((version, _)) if !integer(version) && integer(&version.replace(['.', '_'], "")) => {
+            format!(
+                "version {version} is not an integer: svcdb orders migrations by integer versions\n  hint: rename the files with integer versions that keep their order, e.g. `V1.1__` to `V101__`, `V1.2__` to `V102__`, `V2.0__` to `V200__`"
+            )
+        }
+        Some((version, _)) if !integer(version) => {
+            format!("cannot read a version from the name: {version:?} is not a number; {expected}")
+        }
+        Some((_, name)) if name.trim().is_empty() => {
+            format!("the name after the version is empty; {expected}")
+        }
+        Some((version, name)) => {
+            let stem = format!("{version}_{name}");
+            return if letter == "U" {
+                Class::Undo { stem }
+            } else {
+                Class::Part {
+                    stem,
+                    layout: Layout::Flyway,
+                    role: Role::Up,
+                }
+            };
+        }
+    };
+    Class::Refused(refused)
+}
+
+/// `(version, name, digit count)` from `<version>_<name>`, or what is wrong with it.
+pub(super) fn parse_stem(stem: &str) -> Result<(Version, &str, usize), String> {
+    const EXPECTED: &str =
+        "expected `<version>_<name>`, e.g. `0001_create_users.up.sql`, `20261124093000_create_users.sql` or `20261124093000_create_users/up.sql`";
+    let Some((prefix, name)) = stem.split_once('_') else {
+        return Err(format!(
+            "cannot read a version from the name: no `_` after the version; {EXPECTED}"
+        ));
+    };
+    if prefix.is_empty()
+        || !prefix.chars().all(|c| c.is_ascii_digit() || c == '-')
+        || !prefix.chars().any(|c| c.is_ascii_digit())
+    {
+        return Err(format!(
+            "cannot read a version from the name: {prefix:?} is not a number (digits, optionally separated by `-`); {EXPECTED}"
+        ));
+    }
+    if name.trim().is_empty() {
+        return Err(format!("the name after the version is empty; {EXPECTED}"));
+    }
+    let version: Version = prefix
+        .parse()
+        .map_err(|e: crate::migrate::version::ParseVersionError| e.to_string())?;
+    let width = prefix.chars().filter(char::is_ascii_digit).count();
+    Ok((version, name, width))
+}

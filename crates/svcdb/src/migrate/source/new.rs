@@ -1,0 +1,174 @@
+//! Writing a new migration in the layout of the folder's newest one.
+
+use std::path::{Path, PathBuf};
+
+use super::names::{classify, Class, Layout, Tool};
+use super::read::{Migrations, Newest};
+use crate::migrate::error::MigrateError;
+use crate::migrate::template::{down_placeholder, up_placeholder};
+use crate::migrate::version::Version;
+
+/// Versions below this are "small sequential numbers" (`0001`), as opposed to timestamps,
+/// when [`new_migration`] picks the next version.
+const SEQUENTIAL_LIMIT: i64 = 100_000_000;
+
+/// The files [`new_migration`] created.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NewMigration {
+    /// The version chosen, as written in the file name.
+    pub version: Version,
+    /// The file holding the up script (and, for goose and dbmate, the down section too).
+    pub up_path: PathBuf,
+    /// The down script's own file, in the native and diesel layouts; `None` where one file
+    /// holds the migration (sqlx simple, goose, dbmate, Flyway without its undo file).
+    pub down_path: Option<PathBuf>,
+}
+
+impl NewMigration {
+    /// Every file created, the up file first.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.up_path.as_path()).chain(self.down_path.as_deref())
+    }
+}
+
+/// Creates the files of a new migration in `dir` (created if missing), laid out like the newest
+/// migration there:
+///
+/// | newest migration | files created |
+/// |---|---|
+/// | none, or native | `<version>_<name>.up.sql` and `.down.sql` |
+/// | diesel | `<version>_<name>/up.sql` and `down.sql` |
+/// | goose, dbmate | `<version>_<name>.sql` with `-- +goose Up`/`Down` or `-- migrate:up`/`down` |
+/// | sqlx simple (one file, no markers) | `<version>_<name>.sql` |
+/// | Flyway | `V<version>__<name>.sql` |
+///
+/// Each script (each section of a goose or dbmate file) holds a comment to replace with the
+/// SQL, so the folder parses meanwhile; a down of comments only counts as no down.
+///
+/// The version is the UTC time as `YYYYMMDDHHMMSS` (with dashes, `YYYY-MM-DD-HHMMSS`, when the
+/// newest version is written so, as diesel does), or, when the folder already numbers its
+/// migrations with small sequential numbers (`0001`), the next number with the same width. It
+/// is always above the newest existing version. The folder must parse (a broken migration
+/// already there is reported), and `name` must be usable in a file name.
+pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, MigrateError> {
+    let dir = dir.as_ref();
+    let shown = dir.display().to_string();
+    if name.trim().is_empty() || name.contains(['/', '\\', '\0']) || name.trim() != name {
+        return Err(MigrateError::source_file(
+            shown,
+            format!("{name:?} cannot be a migration name: it must be non-empty, without `/`, `\\` or surrounding spaces"),
+        ));
+    }
+    let existing = if dir.exists() {
+        Migrations::from_dir(dir)?
+    } else {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            MigrateError::source_file(&shown, format!("cannot create the folder: {e}"))
+        })?;
+        Migrations::parse(shown.clone(), Vec::new())?
+    };
+    let newest = existing.newest.unwrap_or(Newest {
+        layout: Layout::Native,
+        markers: None,
+        dashed: false,
+    });
+    let prefix = match existing.latest().map(|m| &m.version) {
+        Some(v) if !v.is_timestamp() && v.number() < SEQUENTIAL_LIMIT => {
+            format!("{:0width$}", v.number() + 1, width = existing.prefix_width)
+        }
+        latest => {
+            // One second after the newest timestamp when the clock is behind it, so the new
+            // migration always sorts last.
+            let time_format = "%Y%m%d%H%M%S";
+            let mut time = chrono::Utc::now().naive_utc();
+            if let Some(newest) = latest.and_then(Version::time).and_then(|t| {
+                chrono::NaiveDateTime::parse_from_str(&t.to_string(), time_format).ok()
+            }) {
+                time = time.max(newest + chrono::Duration::seconds(1));
+            }
+            let digits = time.format(time_format).to_string();
+            match latest {
+                // Not a timestamp, or one the calendar does not know (`20260231…`): the next
+                // integer.
+                Some(v) if digits.parse::<Version>().is_ok_and(|new| new <= *v) => {
+                    (v.number() + 1).to_string()
+                }
+                // Keep diesel's dashes: they are how the folder writes its versions (diesel
+                // itself compares versions with the dashes removed).
+                _ if newest.dashed => format!(
+                    "{}-{}-{}-{}",
+                    &digits[..4],
+                    &digits[4..6],
+                    &digits[6..8],
+                    &digits[8..]
+                ),
+                _ => digits,
+            }
+        }
+    };
+    let version: Version =
+        prefix
+            .parse()
+            .map_err(|e: crate::migrate::version::ParseVersionError| {
+                MigrateError::source_file(&shown, format!("cannot pick the next version: {e}"))
+            })?;
+    let stem = format!("{prefix}_{name}");
+    let up = up_placeholder(&prefix, name);
+    let undo = down_placeholder(&prefix, name);
+    let files = match (newest.layout, newest.markers) {
+        (Layout::Native, _) => vec![
+            (format!("{stem}.up.sql"), up),
+            (format!("{stem}.down.sql"), undo),
+        ],
+        (Layout::Diesel, _) => vec![
+            (format!("{stem}/up.sql"), up),
+            (format!("{stem}/down.sql"), undo),
+        ],
+        (Layout::OneFile, None) => vec![(format!("{stem}.sql"), up)],
+        (Layout::OneFile, Some(Tool::Goose)) => vec![(
+            format!("{stem}.sql"),
+            format!("-- +goose Up\n{up}\n-- +goose Down\n{undo}"),
+        )],
+        (Layout::OneFile, Some(Tool::Dbmate)) => vec![(
+            format!("{stem}.sql"),
+            format!("-- migrate:up\n{up}\n-- migrate:down\n{undo}"),
+        )],
+        (Layout::Flyway, _) => vec![(format!("V{prefix}__{name}.sql"), up)],
+    };
+    // `x.up` makes the one file `0003_x.up.sql`, which would read as a native up script.
+    let misread = files.iter().find(|(rel, _)| {
+        !matches!(classify(rel), Some(Class::Part { layout, .. }) if layout == newest.layout)
+    });
+    if let Some((rel, _)) = misread {
+        return Err(MigrateError::source_file(
+            shown,
+            format!("{name:?} cannot be a migration name in this folder's layout: its file {rel} would be read as a file of another layout\n  hint: choose a name that does not end in `.up` or `.down`"),
+        ));
+    }
+    let mut created = Vec::with_capacity(files.len());
+    for (rel, body) in files {
+        let path = dir.join(rel);
+        let parent = path.parent().expect("a file in `dir`");
+        std::fs::create_dir_all(parent)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+            })
+            .and_then(|mut f| std::io::Write::write_all(&mut f, body.as_bytes()))
+            .map_err(|e| {
+                MigrateError::source_file(
+                    path.display().to_string(),
+                    format!("cannot create it: {e}"),
+                )
+            })?;
+        created.push(path);
+    }
+    let mut created = created.into_iter();
+    Ok(NewMigration {
+        version,
+        up_path: created.next().expect("every layout creates the up file"),
+        down_path: created.next(),
+    })
+}

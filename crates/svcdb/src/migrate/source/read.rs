@@ -1,0 +1,456 @@
+//! Reading migrations: a folder at run time or files embedded at compile time, grouped into
+//! migrations by [`names`](super::names) and checked by one code path.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::checks::{refuse_psql_only, unwrap_transaction};
+use super::diesel::metadata_says_no_tx;
+use super::names::{classify, parse_stem, Class, Layout, Role, Tool};
+use super::one_file::{cut_at_markers, Sections};
+use crate::migrate::error::MigrateError;
+use crate::migrate::migration::{has_no_transaction_directive, strip_bom, Checksum, Migration};
+use crate::migrate::split::split_statements;
+use crate::migrate::version::Version;
+
+/// One file embedded by [`embed_migrations!`](crate::embed_migrations).
+#[derive(Clone, Copy)]
+pub struct EmbeddedFile {
+    /// Path relative to the migrations folder, `/`-separated (`0001_x.up.sql`, `0001_x/up.sql`).
+    pub path: &'static str,
+    /// The file's bytes, as `include_bytes!` read them.
+    pub contents: &'static [u8],
+}
+
+/// A migrations folder compiled into the binary by
+/// [`embed_migrations!`](crate::embed_migrations); usable in a `static`. Nothing is parsed at
+/// compile time: [`Migrations::from_embedded`] validates it at run time exactly as
+/// [`Migrations::from_dir`] validates a folder.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedMigrations {
+    /// The folder as written in the macro call, for messages.
+    pub dir: &'static str,
+    /// Every file of the folder and of its sub-folders (one level), sorted by path.
+    pub files: &'static [EmbeddedFile],
+}
+
+impl std::fmt::Debug for EmbeddedFile {
+    /// The path and size: the contents would flood a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedFile")
+            .field("path", &self.path)
+            .field("bytes", &self.contents.len())
+            .finish()
+    }
+}
+
+impl EmbeddedMigrations {
+    /// What the macro expands to; `const` so the result can live in a `static`.
+    pub const fn new(dir: &'static str, files: &'static [EmbeddedFile]) -> Self {
+        Self { dir, files }
+    }
+}
+
+/// A parsed, validated set of migrations, sorted by version, in any of the layouts of the
+/// [module documentation](super) (native, diesel, one-file sqlx/goose/dbmate, Flyway/refinery),
+/// plus the `.sql` files that were not migrations ([`ignored`](Self::ignored)).
+#[derive(Debug, Clone)]
+pub struct Migrations {
+    /// Sorted by version, versions unique.
+    list: Vec<Migration>,
+    /// The folder (or embedded folder) they came from, for messages.
+    origin: String,
+    /// The widest digit prefix among the file names, so [`new_migration`](super::new_migration) can keep `0001` style.
+    pub(super) prefix_width: usize,
+    /// How the newest migration is written, so [`new_migration`](super::new_migration) can write the next one alike.
+    pub(super) newest: Option<Newest>,
+    /// `.sql` files that are no migration, relative to the folder, sorted.
+    ignored: Vec<String>,
+}
+
+/// A file handed to the parser: path relative to the source folder and its bytes.
+pub(super) struct SourceFile<'a> {
+    path: String,
+    contents: Cow<'a, [u8]>,
+}
+
+/// How a migration is written: what [`new_migration`](super::new_migration) copies from the newest one.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Newest {
+    pub(super) layout: Layout,
+    /// For a one-file migration, whose markers cut it (`None`: a plain sqlx file).
+    pub(super) markers: Option<Tool>,
+    /// Whether its version is written with dashes, as diesel writes `2017-09-23-182408`.
+    pub(super) dashed: bool,
+}
+
+/// The files of one migration, before validation.
+#[derive(Default)]
+struct Group<'a> {
+    up: Option<SourceFile<'a>>,
+    down: Option<SourceFile<'a>>,
+    metadata: Option<SourceFile<'a>>,
+}
+
+/// A migration's scripts, read from its files, before the transaction rules.
+struct Scripts {
+    up: String,
+    /// The line of the up file the up script starts on.
+    up_line: usize,
+    down: Option<Down>,
+    /// Made non-transactional by a marker or `metadata.toml` (the directive is checked later).
+    up_no_tx: bool,
+    down_no_tx: bool,
+}
+
+/// A down script and where it came from.
+struct Down {
+    sql: String,
+    /// The file, as shown in messages.
+    path: String,
+    /// The line of that file the script starts on.
+    line: usize,
+}
+
+impl Migrations {
+    /// Reads `<dir>` (and its direct sub-folders, for the diesel layout).
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, MigrateError> {
+        let dir = dir.as_ref();
+        let origin = dir.display().to_string();
+        let unreadable = |path: &Path, e: std::io::Error| {
+            MigrateError::source_file(path.display().to_string(), format!("cannot read it: {e}"))
+        };
+        let mut files = Vec::new();
+        let mut consider = |rel: String, abs: &Path| -> Result<(), MigrateError> {
+            // Read only what the parser will look at: it classifies again itself (so that
+            // embedded files, all of which are handed over, go through the same rule) and
+            // needs only the names of the others, to list the ignored `.sql` files.
+            let contents = if classify(&rel).is_some() {
+                std::fs::read(abs).map_err(|e| unreadable(abs, e))?
+            } else {
+                Vec::new()
+            };
+            files.push(SourceFile {
+                path: rel,
+                contents: Cow::Owned(contents),
+            });
+            Ok(())
+        };
+        let entries = read_dir(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => MigrateError::source_file(
+                &origin,
+                "the migrations folder does not exist\n  hint: create it, or give the right folder (`--dir` or SVCDB_MIGRATIONS_DIR)",
+            ),
+            std::io::ErrorKind::NotADirectory => MigrateError::source_file(
+                &origin,
+                "is a file, not the migrations folder\n  hint: give the folder that holds the migration files (`--dir` or SVCDB_MIGRATIONS_DIR)",
+            ),
+            _ => unreadable(dir, e),
+        })?;
+        for entry in entries {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if path.is_dir() {
+                for inner in read_dir(&path).map_err(|e| unreadable(&path, e))? {
+                    // One level only, files only, as `embed_migrations!` collects them.
+                    if inner.path().is_file() {
+                        let inner_name = inner.file_name().to_string_lossy().into_owned();
+                        consider(format!("{name}/{inner_name}"), &inner.path())?;
+                    }
+                }
+            } else {
+                consider(name, &path)?;
+            }
+        }
+        Self::parse(origin, files)
+    }
+
+    /// Validates migrations embedded with [`embed_migrations!`](crate::embed_migrations).
+    pub fn from_embedded(embedded: &EmbeddedMigrations) -> Result<Self, MigrateError> {
+        let files = embedded
+            .files
+            .iter()
+            .map(|f| SourceFile {
+                path: f.path.to_owned(),
+                contents: Cow::Borrowed(f.contents),
+            })
+            .collect();
+        Self::parse(embedded.dir.to_owned(), files)
+    }
+
+    /// Every migration, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Migration> {
+        self.list.iter()
+    }
+
+    /// The migration with this version (`0003` finds the file named `3_x`: leading zeros do
+    /// not count).
+    pub fn get(&self, version: &Version) -> Option<&Migration> {
+        self.list
+            .binary_search_by(|m| m.version.cmp(version))
+            .ok()
+            .map(|i| &self.list[i])
+    }
+
+    /// How many migrations there are.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// True when the source holds no migration.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The newest migration.
+    pub fn latest(&self) -> Option<&Migration> {
+        self.list.last()
+    }
+
+    /// The folder the migrations came from, as given.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The `.sql` files of the folder (and of its direct sub-folders) that are not migrations,
+    /// such as `notes.sql`, `seed.sql` or a Prisma `20240101000000_init/migration.sql`: paths
+    /// relative to the folder, `/`-separated, sorted. Worth a warning: a folder named for a
+    /// tool whose layout svcdb does not read would otherwise just look like no migrations.
+    pub fn ignored(&self) -> &[String] {
+        &self.ignored
+    }
+
+    pub(super) fn parse(origin: String, files: Vec<SourceFile<'_>>) -> Result<Self, MigrateError> {
+        let display = |rel: &str| format!("{}/{rel}", origin.trim_end_matches('/'));
+        let refuse = |file: &SourceFile<'_>, message: String| {
+            MigrateError::source_file(display(&file.path), message)
+        };
+        let mut groups: BTreeMap<(String, Layout), Group<'_>> = BTreeMap::new();
+        // Flyway undo scripts (and their names) by version, each taken by the `V` migration of
+        // its version.
+        let mut undo: BTreeMap<Version, (SourceFile<'_>, String)> = BTreeMap::new();
+        let mut ignored = Vec::new();
+        for file in files {
+            let Some(class) = classify(&file.path) else {
+                if file.path.to_ascii_lowercase().ends_with(".sql") {
+                    ignored.push(file.path);
+                }
+                continue;
+            };
+            let (stem, layout, role) = match class {
+                Class::Part { stem, layout, role } => (stem, layout, role),
+                Class::Refused(why) => return Err(refuse(&file, why)),
+                Class::Undo { stem } => {
+                    let (version, name, _) = parse_stem(&stem).map_err(|m| refuse(&file, m))?;
+                    if let Some((other, _)) = undo.get(&version) {
+                        let message = format!(
+                            "version {version} has a second undo script, {}; remove one of them",
+                            display(&other.path)
+                        );
+                        return Err(refuse(&file, message));
+                    }
+                    let name = name.to_owned();
+                    undo.insert(version, (file, name));
+                    continue;
+                }
+            };
+            let group = groups.entry((stem, layout)).or_default();
+            let slot = match role {
+                Role::Up => &mut group.up,
+                Role::Down => &mut group.down,
+                Role::Metadata => &mut group.metadata,
+            };
+            *slot = Some(file);
+        }
+        let mut list: Vec<Migration> = Vec::with_capacity(groups.len());
+        let mut prefix_width = 0;
+        let mut newest: Option<(Version, Newest)> = None;
+        for ((stem, layout), group) in groups {
+            let Some(up) = group.up else {
+                // A metadata.toml alone does not make a folder a migration.
+                if let Some(down) = group.down {
+                    let up_name = match layout {
+                        Layout::Diesel => format!("{stem}/up.sql"),
+                        _ => format!("{stem}.up.sql"),
+                    };
+                    let message = format!(
+                        "a down script without its up script {up_name}; add the up script or remove this file"
+                    );
+                    return Err(refuse(&down, message));
+                }
+                continue;
+            };
+            let (version, name, width) = parse_stem(&stem).map_err(|m| refuse(&up, m))?;
+            prefix_width = prefix_width.max(width);
+            let up_path = display(&up.path);
+            let text = script(&up, &display)?;
+            let down_file = |file: &SourceFile<'_>| -> Result<Down, MigrateError> {
+                Ok(Down {
+                    sql: script(file, &display)?,
+                    path: display(&file.path),
+                    line: 1,
+                })
+            };
+            let mut markers = None;
+            let scripts = match layout {
+                Layout::OneFile => {
+                    let sections = cut_at_markers(&text).map_err(|m| refuse(&up, m))?;
+                    markers = sections.markers;
+                    sections.into_scripts(&up_path)
+                }
+                Layout::Flyway => Scripts::whole(
+                    text,
+                    undo.remove(&version)
+                        .map(|(file, _)| down_file(&file))
+                        .transpose()?,
+                    false,
+                ),
+                Layout::Native | Layout::Diesel => Scripts::whole(
+                    text,
+                    group.down.as_ref().map(down_file).transpose()?,
+                    match &group.metadata {
+                        Some(meta) => {
+                            metadata_says_no_tx(&meta.contents).map_err(|m| refuse(meta, m))?
+                        }
+                        None => false,
+                    },
+                ),
+            };
+            let Scripts {
+                up: up_sql,
+                up_line,
+                down,
+                up_no_tx,
+                down_no_tx,
+            } = scripts;
+            // A down script without a statement (an empty file, comments only) undoes nothing:
+            // the migration is irreversible, and `down` refuses it before touching anything.
+            let down = down.filter(|d| !split_statements(&d.sql).is_empty());
+            refuse_psql_only(&up_sql, &up_path, up_line)?;
+            if let Some(d) = &down {
+                refuse_psql_only(&d.sql, &d.path, d.line)?;
+            }
+            if newest.as_ref().is_none_or(|(v, _)| version > *v) {
+                let dashed = stem.split_once('_').is_some_and(|(p, _)| p.contains('-'));
+                let written = Newest {
+                    layout,
+                    markers,
+                    dashed,
+                };
+                newest = Some((version.clone(), written));
+            }
+            // The checksum is the file's: blanking a `BEGIN`/`COMMIT` wrapper below is not an
+            // edit, and histories written before it was done still match.
+            let checksum = Checksum::of(&up_sql);
+            let transactional = !(up_no_tx || has_no_transaction_directive(&up_sql));
+            let down_transactional = !(down_no_tx
+                || down
+                    .as_ref()
+                    .is_some_and(|d| has_no_transaction_directive(&d.sql)));
+            let up_sql = unwrap_transaction(up_sql, transactional, &up_path, up_line)?;
+            let down = match down {
+                Some(d) => Some(Down {
+                    sql: unwrap_transaction(d.sql, down_transactional, &d.path, d.line)?,
+                    ..d
+                }),
+                None => None,
+            };
+            list.push(Migration {
+                version,
+                name: name.to_owned(),
+                checksum,
+                transactional,
+                down_transactional,
+                up: up_sql,
+                up_line,
+                down_line: down.as_ref().map_or(1, |d| d.line),
+                down_path: down.as_ref().map(|d| d.path.clone()),
+                down: down.map(|d| d.sql),
+                path: up_path,
+            });
+        }
+        if let Some((version, (file, name))) = undo.into_iter().next() {
+            let message = format!(
+                "a Flyway undo script without its migration: there is no `V{version}__<name>.sql` for it to undo\n  hint: add that migration, or remove this file; refinery's unversioned `U` migrations are not supported: to run it as a migration, rename it to `V{version}__{name}.sql`"
+            );
+            return Err(refuse(&file, message));
+        }
+        list.sort_by(|a, b| a.version.cmp(&b.version));
+        if let Some(pair) = list.windows(2).find(|w| w[0].version == w[1].version) {
+            return Err(MigrateError::source_file(
+                &pair[1].path,
+                format!(
+                    "version {} is used twice, also by {}; give one of them a new version",
+                    pair[1].version, pair[0].path
+                ),
+            ));
+        }
+        ignored.sort();
+        Ok(Self {
+            list,
+            origin,
+            prefix_width,
+            newest: newest.map(|(_, written)| written),
+            ignored,
+        })
+    }
+}
+
+impl Scripts {
+    /// Scripts that are whole files: the up file and the down file, if any.
+    fn whole(up: String, down: Option<Down>, no_tx: bool) -> Self {
+        Scripts {
+            up,
+            up_line: 1,
+            down,
+            up_no_tx: no_tx,
+            down_no_tx: no_tx,
+        }
+    }
+}
+
+impl Sections<'_> {
+    fn into_scripts(self, path: &str) -> Scripts {
+        Scripts {
+            up: self.up.to_owned(),
+            up_line: self.up_line,
+            down: self.down.map(|(sql, line)| Down {
+                sql: sql.to_owned(),
+                path: path.to_owned(),
+                line,
+            }),
+            up_no_tx: self.up_no_tx,
+            down_no_tx: self.down_no_tx,
+        }
+    }
+}
+
+/// Sorted directory entries, so errors and embedding are deterministic. Hidden entries
+/// (`.git`, editor swap files) are skipped.
+fn read_dir(dir: &Path) -> std::io::Result<Vec<std::fs::DirEntry>> {
+    let mut entries = std::fs::read_dir(dir)?
+        .filter(|e| !matches!(e, Ok(e) if e.file_name().to_string_lossy().starts_with('.')))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    Ok(entries)
+}
+
+/// The file's text without a byte-order mark, refusing non-UTF-8. An empty file is fine: see
+/// the module documentation for what an empty up or down script means.
+fn script(file: &SourceFile<'_>, display: &dyn Fn(&str) -> String) -> Result<String, MigrateError> {
+    let text = String::from_utf8(file.contents.to_vec()).map_err(|e| {
+        MigrateError::source_file(
+            display(&file.path),
+            format!(
+                "is not valid UTF-8 (bad byte at offset {}); save it as UTF-8",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })?;
+    let text = match strip_bom(&text) {
+        stripped if stripped.len() < text.len() => stripped.to_owned(),
+        _ => text,
+    };
+    Ok(text)
+}
