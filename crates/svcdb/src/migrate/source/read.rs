@@ -75,7 +75,8 @@ pub(super) struct SourceFile<'a> {
     contents: Cow<'a, [u8]>,
 }
 
-/// How a migration is written: what [`new_migration`](super::new_migration) copies from the newest one.
+/// How a migration is written: what [`new_migration`](super::new_migration) copies from the
+/// newest one.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Newest {
     pub(super) layout: Layout,

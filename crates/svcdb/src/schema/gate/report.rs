@@ -10,8 +10,9 @@ use serde::{Serialize, Serializer};
 use crate::migrate::migration::HISTORY_TABLE;
 use crate::migrate::version::Version;
 
-/// The hint for tables missing from the service schema ([`Error::MissingTables`](crate::Error::MissingTables), and the
-/// gate's [`Problem::MissingTable`]).
+/// The hint for tables missing from the service schema
+/// ([`Error::MissingTables`](crate::Error::MissingTables), and the gate's
+/// [`Problem::MissingTable`]).
 pub(crate) const MISSING_TABLES_HINT: &str =
     "run `svcdb migrate up` if migrations create the missing tables; otherwise check that SVCDB_SCHEMA names the service's schema";
 
