@@ -73,3 +73,160 @@ pub(super) fn unwrap_transaction(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{parse, v};
+    use crate::migrate::MigrateError;
+
+    /// The path of a `Source` error and the line its message starts with (`line N: …`).
+    fn refused_at(files: &[(&str, &[u8])]) -> (String, usize) {
+        match parse(files) {
+            Err(MigrateError::Source { path, message }) => {
+                let line = message
+                    .strip_prefix("line ")
+                    .and_then(|rest| rest.split_once(':'))
+                    .and_then(|(n, _)| n.parse().ok())
+                    .unwrap_or_else(|| panic!("no line in {message:?}"));
+                (path, line)
+            }
+            other => panic!("expected a source error, got {other:?}"),
+        }
+    }
+
+    /// The 1-based number of the first line of `text` starting with `start`.
+    fn line_of(text: &str, start: &str) -> usize {
+        text.lines().position(|l| l.starts_with(start)).unwrap() + 1
+    }
+
+    /// The shape of `pg_dump` output (since 17.6, 16.10, 15.14): `\restrict`, then a data section.
+    const PG_DUMP: &str = "\
+--
+-- PostgreSQL database dump
+--
+
+\\restrict p2pTPzcmK7wXf1gLbKqcX1yBqfxbWZmXc3QRLGS4v4j5eGD1LTMhIhOxEcgtmIa
+
+-- Dumped from database version 15.14
+-- Dumped by pg_dump version 17.6
+
+SET statement_timeout = 0;
+SET standard_conforming_strings = on;
+SELECT pg_catalog.set_config('search_path', '', false);
+
+CREATE TABLE public.items (
+    id integer NOT NULL,
+    name text
+);
+
+--
+-- Data for Name: items; Type: TABLE DATA; Schema: public; Owner: postgres
+--
+
+COPY public.items (id, name) FROM stdin;
+1\tapple
+2\tpear\\tgreen
+\\.
+
+--
+-- PostgreSQL database dump complete
+--
+
+\\unrestrict p2pTPzcmK7wXf1gLbKqcX1yBqfxbWZmXc3QRLGS4v4j5eGD1LTMhIhOxEcgtmIa
+";
+
+    #[test]
+    fn pg_dump_output_is_refused_at_its_psql_lines() {
+        let (path, line) = refused_at(&[("0001_dump.up.sql", PG_DUMP.as_bytes())]);
+        assert!(path.ends_with("0001_dump.up.sql"), "{path}");
+        assert_eq!(line, line_of(PG_DUMP, "\\restrict"));
+
+        // Without the psql commands, the data section is what cannot run.
+        let unrestricted: String = PG_DUMP
+            .split_inclusive('\n')
+            .filter(|l| !l.contains("restrict "))
+            .collect();
+        let (path, line) = refused_at(&[("0001_dump.up.sql", unrestricted.as_bytes())]);
+        assert!(path.ends_with("0001_dump.up.sql"), "{path}");
+        assert_eq!(line, line_of(&unrestricted, "COPY public.items"));
+
+        // In a goose file, counted from the top of the file; any case, any spacing.
+        let goose = "-- +goose Up\nCREATE TABLE t (a int);\ncopy t (a)\n  from\tSTDIN;\n1\n\\.\n";
+        let (path, line) = refused_at(&[("20240101000000_load.sql", goose.as_bytes())]);
+        assert!(path.ends_with("20240101000000_load.sql"), "{path}");
+        assert_eq!(line, 3);
+    }
+
+    #[test]
+    fn psql_meta_commands_in_down_scripts_are_refused() {
+        let (path, line) = refused_at(&[
+            ("0001_a.up.sql", b"CREATE TABLE a (id int);"),
+            (
+                "0001_a.down.sql",
+                b"-- undo\n\\set ON_ERROR_STOP on\nDROP TABLE a;",
+            ),
+        ]);
+        assert!(path.ends_with("0001_a.down.sql"), "{path}");
+        assert_eq!(line, 2);
+
+        let dbmate = "-- migrate:up\nCREATE TABLE a (id int);\n\n-- migrate:down\n\\connect other\nDROP TABLE a;\n";
+        let (path, line) = refused_at(&[("20240101000000_a.sql", dbmate.as_bytes())]);
+        assert!(path.ends_with("20240101000000_a.sql"), "{path}");
+        assert_eq!(line, 5);
+    }
+
+    #[test]
+    fn backslashes_in_strings_bodies_and_comments_and_server_side_copy_are_accepted() {
+        let up = r#"-- \restrict in a comment
+/* \connect in a /* nested */ comment */
+CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    -- \set in the body
+    RETURN E'a\\b\'' || '\n' || $q$\.$q$;
+END
+$$;
+SELECT 'C:\temp\' AS path, "odd\name" FROM (SELECT 1 AS "odd\name") s;
+COPY t FROM '/tmp/x.csv' WITH (FORMAT csv);
+COPY t TO STDOUT;
+COPY (SELECT a FROM stdin) TO STDOUT;
+"#;
+        let m = parse(&[("0001_a.up.sql", up.as_bytes())]).unwrap();
+        assert_eq!(m.get(&v(1)).unwrap().up, up);
+    }
+
+    /// golang-migrate runs files as they are, so its users wrap them in `BEGIN; … COMMIT;`: that
+    /// wrapper is accepted (and blanked, keeping the checksum and the line numbers); any other
+    /// transaction control is refused at its line.
+    #[test]
+    fn golang_migrate_wrappers_are_accepted_other_transaction_control_refused() {
+        let wrapped = "BEGIN;\nCREATE TABLE a (id int);\nCOMMIT;\n";
+        let migrations = parse(&[
+            ("000001_a.up.sql", wrapped.as_bytes()),
+            ("000001_a.down.sql", b"BEGIN;\nDROP TABLE a;\nCOMMIT;\n"),
+        ])
+        .unwrap();
+        let m = migrations.get(&v(1)).unwrap();
+        assert_eq!(m.up, "      \nCREATE TABLE a (id int);\n       \n");
+        assert_eq!(m.down.as_deref(), Some("      \nDROP TABLE a;\n       \n"));
+        assert_eq!(m.checksum, crate::migrate::Checksum::of(wrapped));
+        assert!(m.transactional);
+
+        let mid_commit = "CREATE TABLE a (id int);\nCOMMIT;\nCREATE TABLE b (id int);\n";
+        let (path, line) = refused_at(&[("0001_a.up.sql", mid_commit.as_bytes())]);
+        assert!(
+            path.ends_with("0001_a.up.sql") && line == 2,
+            "{path}:{line}"
+        );
+        let goose =
+            "-- +goose Up\nCREATE TABLE a (id int);\n-- +goose Down\nDROP TABLE a;\nROLLBACK;\n";
+        let (path, line) = refused_at(&[("0001_a.sql", goose.as_bytes())]);
+        assert!(path.ends_with("0001_a.sql") && line == 5, "{path}:{line}");
+        let no_tx =
+            "-- svcdb:no-transaction\nBEGIN;\nCREATE INDEX CONCURRENTLY i ON a (id);\nCOMMIT;\n";
+        let (path, line) = refused_at(&[("0001_a.up.sql", no_tx.as_bytes())]);
+        assert!(
+            path.ends_with("0001_a.up.sql") && line == 2,
+            "{path}:{line}"
+        );
+    }
+}

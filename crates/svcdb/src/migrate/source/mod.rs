@@ -61,6 +61,8 @@ mod names;
 mod new;
 mod one_file;
 mod read;
+#[cfg(test)]
+mod test_support;
 
 pub use new::{new_migration, NewMigration};
 pub use read::{EmbeddedFile, EmbeddedMigrations, Migrations};

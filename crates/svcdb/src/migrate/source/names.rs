@@ -155,3 +155,47 @@ pub(super) fn parse_stem(stem: &str) -> Result<(Version, &str, usize), String> {
     let width = prefix.chars().filter(char::is_ascii_digit).count();
     Ok((version, name, width))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::source_error_path;
+
+    #[test]
+    fn unparseable_names() {
+        for bad in [
+            "v1_init.up.sql",
+            "0001.up.sql",
+            "0001_.up.sql",
+            "12a_x.up.sql",
+            "99999999999999999999_huge.up.sql",
+            "_x.up.sql",
+            "0001.sql",
+            "12a_x.sql",
+            "V1_init.sql",
+            "V1a__x.sql",
+            "V2__.sql",
+        ] {
+            let path = source_error_path(&[(bad, b"SELECT 1;")]);
+            assert!(path.ends_with(bad), "{bad}: {path}");
+        }
+        let path = source_error_path(&[("latest/up.sql", b"SELECT 1;")]);
+        assert!(path.ends_with("latest/up.sql"), "{path}");
+    }
+
+    #[test]
+    fn flyway_repeatable_migrations_are_refused() {
+        let path = source_error_path(&[
+            ("V1__init.sql", b"SELECT 1;"),
+            ("R__views.sql", b"CREATE OR REPLACE VIEW v AS SELECT 1;"),
+        ]);
+        assert!(path.ends_with("R__views.sql"), "{path}");
+    }
+
+    #[test]
+    fn flyway_dotted_versions_are_refused() {
+        for bad in ["V1.1__x.sql", "V1_1__x.sql", "U1.1__x.sql"] {
+            let path = source_error_path(&[(bad, b"SELECT 1;")]);
+            assert!(path.ends_with(bad), "{bad}: {path}");
+        }
+    }
+}

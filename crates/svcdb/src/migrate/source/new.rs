@@ -172,3 +172,204 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
         down_path: created.next(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{v, write, GOOSE};
+    use crate::migrate::{new_migration, MigrateError, Migrations};
+
+    #[test]
+    fn new_migration_uses_timestamps_or_continues_sequential_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("fresh");
+        let created = new_migration(&fresh, "create users").unwrap();
+        assert!(
+            created.version.number() >= 20260101000000
+                && created.version.number() < 100000000000000,
+            "{}",
+            created.version.number()
+        );
+        let (up, Some(down)) = (&created.up_path, &created.down_path) else {
+            panic!("{created:?}")
+        };
+        assert!(up.ends_with(format!("{}_create users.up.sql", created.version)));
+        assert!(down.ends_with(format!("{}_create users.down.sql", created.version)));
+        assert!(up.is_file() && down.is_file());
+        // A second one in the same second still gets a higher version.
+        let second = new_migration(&fresh, "second").unwrap();
+        assert!(second.version > created.version);
+        assert_eq!(
+            Migrations::from_dir(&fresh).unwrap().len(),
+            2,
+            "new files parse"
+        );
+
+        let seq = dir.path().join("seq");
+        write(
+            &seq,
+            &[
+                ("0001_a.up.sql", b"SELECT 1;"),
+                ("0002_b.up.sql", b"SELECT 1;"),
+            ],
+        );
+        let next = new_migration(&seq, "c").unwrap();
+        assert_eq!(next.version.number(), 3);
+        assert!(next.up_path.ends_with("0003_c.up.sql"), "{next:?}");
+
+        assert!(matches!(
+            new_migration(&seq, "a/b"),
+            Err(MigrateError::Source { .. })
+        ));
+        assert!(matches!(
+            new_migration(&seq, " "),
+            Err(MigrateError::Source { .. })
+        ));
+    }
+
+    /// A folder holding `files`, and what `new_migration` created in it, relative to it.
+    fn new_in(files: &[(&str, &[u8])], name: &str) -> (tempfile::TempDir, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), files);
+        let created = new_migration(dir.path(), name).unwrap();
+        let rel = created
+            .files()
+            .map(|f| {
+                let rel = f.strip_prefix(dir.path()).unwrap();
+                rel.to_str().unwrap().replace('\\', "/")
+            })
+            .collect();
+        (dir, rel)
+    }
+
+    /// The text of the file `rel` of `dir`.
+    fn read(dir: &tempfile::TempDir, rel: &str) -> String {
+        std::fs::read_to_string(dir.path().join(rel)).unwrap()
+    }
+
+    #[test]
+    fn new_migration_in_a_diesel_folder_keeps_its_folders_and_dashes() {
+        let (dir, files) = new_in(
+            &[("2017-09-23-182408_create_users/up.sql", b"SELECT 1;")],
+            "add_email",
+        );
+        let [up, down] = &files[..] else {
+            panic!("{files:?}")
+        };
+        let stem = up.strip_suffix("/up.sql").unwrap();
+        assert_eq!(down, &format!("{stem}/down.sql"));
+        // `YYYY-MM-DD-HHMMSS_add_email`, as diesel writes it.
+        let (version, name) = stem.split_once('_').unwrap();
+        assert_eq!(name, "add_email");
+        assert_eq!(
+            version
+                .match_indices('-')
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>(),
+            [4, 7, 10],
+            "{stem}"
+        );
+        let m = Migrations::from_dir(dir.path()).unwrap();
+        assert_eq!(m.latest().unwrap().name, "add_email");
+        assert!(
+            m.latest().unwrap().down.is_none(),
+            "the placeholder down is a comment: no down until its SQL is written"
+        );
+
+        // Without dashes in the folder's names, none in the new one.
+        let (_dir, files) = new_in(&[("20240101000000_a/up.sql", b"SELECT 1;")], "b");
+        assert!(
+            files[0].chars().take(14).all(|c| c.is_ascii_digit()),
+            "{files:?}"
+        );
+    }
+
+    #[test]
+    fn new_migration_in_a_goose_folder_writes_one_file_with_both_sections() {
+        let (dir, files) = new_in(&[("00001_a.sql", GOOSE.as_bytes())], "b");
+        assert_eq!(files, ["00002_b.sql"]);
+        let text = read(&dir, "00002_b.sql");
+        assert!(text.starts_with("-- +goose Up\n"), "{text}");
+        assert!(text.contains("\n-- +goose Down\n"), "{text}");
+        let m = Migrations::from_dir(dir.path()).unwrap();
+        let b = m.get(&v(2)).unwrap();
+        assert_eq!(b.up_line, 2);
+        assert_eq!(b.down, None, "the down section holds only a comment");
+    }
+
+    #[test]
+    fn new_migration_in_a_dbmate_folder_writes_dbmate_markers() {
+        let (dir, files) = new_in(
+            &[(
+                "20240101000000_a.sql",
+                b"-- migrate:up\nCREATE TABLE a (id int);\n-- migrate:down\nDROP TABLE a;\n",
+            )],
+            "b",
+        );
+        let [file] = &files[..] else {
+            panic!("{files:?}")
+        };
+        assert!(
+            file.ends_with("_b.sql") && !file.ends_with(".up.sql"),
+            "{file}"
+        );
+        let text = read(&dir, file);
+        assert!(text.starts_with("-- migrate:up\n"), "{text}");
+        assert!(text.contains("\n-- migrate:down\n"), "{text}");
+        assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn new_migration_in_an_sqlx_folder_writes_one_plain_file() {
+        let (dir, files) = new_in(&[("0001_a.sql", b"CREATE TABLE a (id int);")], "b");
+        assert_eq!(files, ["0002_b.sql"]);
+        let text = read(&dir, "0002_b.sql");
+        assert!(
+            !text.contains("goose") && !text.contains("migrate:"),
+            "{text}"
+        );
+        let m = Migrations::from_dir(dir.path()).unwrap();
+        assert_eq!((m.len(), m.get(&v(2)).unwrap().down.as_deref()), (2, None));
+    }
+
+    #[test]
+    fn new_migration_in_a_flyway_folder_writes_a_versioned_file() {
+        let (dir, files) = new_in(
+            &[("V1__init.sql", b"SELECT 1;"), ("V2__b.sql", b"SELECT 2;")],
+            "add_c",
+        );
+        assert_eq!(files, ["V3__add_c.sql"]);
+        assert_eq!(
+            Migrations::from_dir(dir.path())
+                .unwrap()
+                .get(&v(3))
+                .unwrap()
+                .name,
+            "add_c"
+        );
+    }
+
+    #[test]
+    fn new_migration_follows_the_newest_migration_when_layouts_mix() {
+        let goose_then_native = [
+            ("0001_a.sql", GOOSE.as_bytes()),
+            ("0002_b.up.sql", b"SELECT 2;"),
+        ];
+        let (_dir, files) = new_in(&goose_then_native, "c");
+        assert_eq!(files, ["0003_c.up.sql", "0003_c.down.sql"]);
+        let native_then_goose = [
+            ("0001_a.up.sql", b"SELECT 1;" as &[u8]),
+            ("0002_b.sql", GOOSE.as_bytes()),
+        ];
+        let (_dir, files) = new_in(&native_then_goose, "c");
+        assert_eq!(files, ["0003_c.sql"]);
+
+        // A name that would make the one file read as a native `.up.sql` is refused.
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &native_then_goose);
+        assert!(matches!(
+            new_migration(dir.path(), "c.up"),
+            Err(MigrateError::Source { .. })
+        ));
+        assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 2);
+    }
+}

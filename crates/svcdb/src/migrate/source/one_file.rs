@@ -184,3 +184,127 @@ pub(super) fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
         markers,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{parse, v, GOOSE};
+    use crate::migrate::{Checksum, MigrateError};
+
+    #[test]
+    fn sqlx_simple_files_are_up_only_migrations() {
+        let text = "CREATE TABLE a (id int);\n";
+        let m = parse(&[
+            ("20240101120000_create_a.sql", text.as_bytes()),
+            ("00001_x.sql", b"SELECT 1;"),
+        ])
+        .unwrap();
+        let a = m.get(&v(20240101120000)).unwrap();
+        assert_eq!(a.name, "create_a");
+        assert_eq!(a.up, text);
+        assert_eq!(a.down, None);
+        assert_eq!(a.down_path, None);
+        assert!(a.transactional);
+        assert_eq!(
+            a.checksum,
+            Checksum::of(text),
+            "the whole file, as for `.up.sql`"
+        );
+        assert!(
+            a.path.ends_with("20240101120000_create_a.sql"),
+            "{}",
+            a.path
+        );
+        assert_eq!(a.up_line, 1);
+        assert_eq!(m.get(&v(1)).unwrap().name, "x");
+    }
+
+    /// sqlx marks a migration that must run outside a transaction with `-- no-transaction`.
+    #[test]
+    fn sqlx_no_transaction_first_line_is_honoured() {
+        let m = parse(&[
+            (
+                "20240101120000_index.up.sql",
+                b"-- no-transaction\nCREATE INDEX CONCURRENTLY i ON a (id);\n",
+            ),
+            (
+                "20240101120000_index.down.sql",
+                b"-- no-transaction\nDROP INDEX CONCURRENTLY i;\n",
+            ),
+            ("20240102000000_x.sql", b"SELECT 1; -- no-transaction\n"),
+        ])
+        .unwrap();
+        let index = m.get(&v(20240101120000)).unwrap();
+        assert!(!index.transactional && !index.down_transactional);
+        assert!(m.get(&v(20240102000000)).unwrap().transactional);
+    }
+
+    #[test]
+    fn goose_file_with_up_down_and_no_transaction() {
+        let m = parse(&[("20240102000000_index_a.sql", GOOSE.as_bytes())]).unwrap();
+        let index = m.get(&v(20240102000000)).unwrap();
+        let up = "-- +goose StatementBegin\nCREATE INDEX CONCURRENTLY a_id ON a (id);\n-- +goose StatementEnd\n\n";
+        assert_eq!(index.up, up);
+        assert_eq!(
+            index.down.as_deref(),
+            Some("DROP INDEX CONCURRENTLY a_id;\n")
+        );
+        assert!(!index.transactional && !index.down_transactional);
+        assert_eq!(index.checksum, Checksum::of(up), "the up section only");
+        assert_eq!((index.up_line, index.down_line), (5, 10));
+        assert_eq!(index.down_path.as_ref(), Some(&index.path));
+
+        // CRLF line endings: same scripts, same checksum.
+        let crlf = GOOSE.replace('\n', "\r\n");
+        let m = parse(&[("20240102000000_index_a.sql", crlf.as_bytes())]).unwrap();
+        assert_eq!(m.get(&v(20240102000000)).unwrap().checksum, index.checksum);
+    }
+
+    #[test]
+    fn dbmate_file_with_transaction_false_and_an_empty_down() {
+        let m = parse(&[(
+        "20240103000000_index_b.sql",
+        b"-- migrate:up transaction:false\nCREATE INDEX CONCURRENTLY b_id ON b (id);\n\n-- migrate:down\n-- nothing to undo\n\n",
+    )])
+    .unwrap();
+        let index = m.get(&v(20240103000000)).unwrap();
+        assert_eq!(index.up, "CREATE INDEX CONCURRENTLY b_id ON b (id);\n\n");
+        assert_eq!(index.down, None, "a down section of comments is no down");
+        assert_eq!(index.down_path, None);
+        assert!(!index.transactional);
+        assert_eq!(index.up_line, 2);
+    }
+
+    #[test]
+    fn misplaced_or_unknown_markers() {
+        for (why, text) in [
+            (
+                "down before up",
+                "-- +goose Down\nDROP TABLE a;\n-- +goose Up\nCREATE TABLE a (id int);\n",
+            ),
+            ("down without up", "-- migrate:down\nDROP TABLE a;\n"),
+            (
+                "two ups",
+                "-- +goose Up\nSELECT 1;\n-- +goose Up\nSELECT 2;\n",
+            ),
+            (
+                "SQL before the up marker",
+                "SELECT 0;\n-- +goose Up\nSELECT 1;\n",
+            ),
+            (
+                "an unknown annotation",
+                "-- +goose ENVSUB ON\n-- +goose Up\nSELECT '${X}';\n",
+            ),
+            (
+                "an unknown dbmate option",
+                "-- migrate:up transaction:maybe\nSELECT 1;\n",
+            ),
+        ] {
+            match parse(&[("1_a.sql", text.as_bytes())]) {
+                Err(MigrateError::Source { path, .. }) => {
+                    assert!(path.ends_with("1_a.sql"), "{why}: {path}")
+                }
+                other => panic!("{why}: expected a source error, got {other:?}"),
+            }
+        }
+    }
+}

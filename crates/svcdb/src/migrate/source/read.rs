@@ -455,3 +455,253 @@ fn script(file: &SourceFile<'_>, display: &dyn Fn(&str) -> String) -> Result<Str
     };
     Ok(text)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{parse, source_error_path, v};
+    use crate::migrate::{MigrateError, Migrations};
+
+    #[test]
+    fn native_layout_sorted_numerically_with_other_files_ignored() {
+        let m = parse(&[
+            ("10_ten.up.sql", b"SELECT 10;"),
+            ("9_nine.up.sql", b"SELECT 9;"),
+            ("9_nine.down.sql", b"SELECT -9;"),
+            ("README.md", b"# not a migration"),
+            ("notes.sql", b"SELECT 'loose file';"),
+            ("docs/index.html", b"<p>not a migration</p>"),
+        ])
+        .unwrap();
+        let versions: Vec<i64> = m.iter().map(|m| m.version.number()).collect();
+        assert_eq!(versions, [9, 10]);
+        let nine = m.get(&v(9)).unwrap();
+        assert_eq!(nine.name, "nine");
+        assert_eq!(nine.down.as_deref(), Some("SELECT -9;"));
+        assert!(nine.transactional);
+        assert!(nine.path.ends_with("9_nine.up.sql"), "{}", nine.path);
+        assert_eq!(
+            m.get(&v(10)).unwrap().down,
+            None,
+            "an up without a down is allowed"
+        );
+        assert_eq!(m.latest().unwrap().version.number(), 10);
+    }
+
+    #[test]
+    fn version_digits_and_names_with_spaces() {
+        let m = parse(&[
+            ("20261124093000_create the table.up.sql", b"SELECT 1;"),
+            ("0001_first_one.up.sql", b"SELECT 1;"),
+            ("2017-09-23-182408_diesel style/up.sql", b"SELECT 1;"),
+        ])
+        .unwrap();
+        assert_eq!(m.get(&v(20261124093000)).unwrap().name, "create the table");
+        assert_eq!(
+            m.get(&v(1)).unwrap().name,
+            "first_one",
+            "the name is everything after the first `_`"
+        );
+        assert_eq!(m.get(&v(20170923182408)).unwrap().name, "diesel style");
+    }
+
+    #[test]
+    fn no_transaction_directive_and_bom() {
+        let m = parse(&[
+            (
+                "1_a.up.sql",
+                b"\xef\xbb\xbf-- svcdb:no-transaction\r\nCREATE INDEX CONCURRENTLY i ON t (a);",
+            ),
+            ("1_a.down.sql", b"DROP INDEX i;"),
+        ])
+        .unwrap();
+        let a = m.get(&v(1)).unwrap();
+        assert!(!a.transactional);
+        assert!(a.down_transactional, "the down has no directive of its own");
+        assert!(
+            a.up.starts_with("-- svcdb"),
+            "the BOM is stripped from the script"
+        );
+    }
+
+    #[test]
+    fn crlf_only_change_keeps_the_checksum() {
+        let lf = parse(&[("1_a.up.sql", b"CREATE TABLE a (id int);\nSELECT 1;\n")]).unwrap();
+        let crlf = parse(&[("1_a.up.sql", b"CREATE TABLE a (id int);\r\nSELECT 1;\r\n")]).unwrap();
+        let edited = parse(&[("1_a.up.sql", b"CREATE TABLE a (id bigint);\nSELECT 1;\n")]).unwrap();
+        assert_eq!(
+            lf.get(&v(1)).unwrap().checksum,
+            crlf.get(&v(1)).unwrap().checksum
+        );
+        assert_ne!(
+            lf.get(&v(1)).unwrap().checksum,
+            edited.get(&v(1)).unwrap().checksum
+        );
+    }
+
+    #[test]
+    fn two_migrations_with_one_version() {
+        let path = source_error_path(&[
+            ("0001_a.up.sql", b"SELECT 1;"),
+            ("1_b.up.sql", b"SELECT 1;"),
+        ]);
+        assert!(
+            path.ends_with("1_b.up.sql") || path.ends_with("0001_a.up.sql"),
+            "{path}"
+        );
+        // Across layouts too.
+        let path = source_error_path(&[("1_a.up.sql", b"SELECT 1;"), ("1_a/up.sql", b"SELECT 1;")]);
+        assert!(path.contains("1_a"), "{path}");
+        let path = source_error_path(&[
+            ("0001_a.sql", b"SELECT 1;"),
+            ("0001_a.up.sql", b"SELECT 1;"),
+        ]);
+        assert!(path.contains("0001_a."), "{path}");
+        let path = source_error_path(&[("V1__a.sql", b"SELECT 1;"), ("1_b.sql", b"SELECT 1;")]);
+        assert!(
+            path.ends_with("V1__a.sql") || path.ends_with("1_b.sql"),
+            "{path}"
+        );
+    }
+
+    #[test]
+    fn an_empty_down_makes_the_migration_irreversible_instead_of_refusing_the_folder() {
+        // Every layout's down, empty or comments only, is no down; the up is untouched.
+        for files in [
+            &[("1_a.up.sql", &b"SELECT 1;"[..]), ("1_a.down.sql", b"")][..],
+            &[("1_a.up.sql", b"SELECT 1;"), ("1_a.down.sql", b" \n\t\n")],
+            &[
+                ("1_a/up.sql", b"SELECT 1;"),
+                ("1_a/down.sql", b"\xef\xbb\xbf"),
+            ],
+            &[
+                ("1_a/up.sql", b"SELECT 1;"),
+                (
+                    "1_a/down.sql",
+                    b"-- This file should undo anything in `up.sql`\n/* nothing */\n",
+                ),
+            ],
+            &[("V1__a.sql", b"SELECT 1;"), ("U1__a.sql", b"-- no undo\n")],
+            &[("1_a.sql", b"-- +goose Up\nSELECT 1;\n-- +goose Down\n")],
+        ] {
+            let m = parse(files).unwrap_or_else(|e| panic!("{files:?}: {e}"));
+            let a = m.get(&v(1)).unwrap();
+            assert_eq!(a.down, None, "{files:?}");
+            assert_eq!(a.down_path, None, "{files:?}");
+            assert_eq!(a.up.trim(), "SELECT 1;", "{files:?}");
+        }
+    }
+
+    #[test]
+    fn an_empty_up_is_a_no_op_migration() {
+        for files in [
+            &[("1_a.up.sql", &b""[..])][..],
+            &[("1_a.up.sql", b" \n\t\n"), ("1_a.down.sql", b"SELECT 1;")],
+            &[("1_a/up.sql", b"\xef\xbb\xbf-- nothing yet\n")],
+            &[("1_a.sql", b"-- +goose Up\n\n-- +goose Down\nSELECT 1;\n")],
+            &[("V1__a.sql", b"")],
+        ] {
+            let m = parse(files).unwrap_or_else(|e| panic!("{files:?}: {e}"));
+            let a = m.get(&v(1)).unwrap();
+            assert!(
+                crate::migrate::split_statements(&a.up).is_empty(),
+                "{files:?}"
+            );
+            assert!(a.transactional, "{files:?}");
+        }
+    }
+
+    #[test]
+    fn non_utf8_files() {
+        assert!(source_error_path(&[("1_a.up.sql", b"SELECT '\xff';")]).ends_with("1_a.up.sql"));
+        assert!(
+            source_error_path(&[("1_a/up.sql", b"SELECT 1;"), ("1_a/metadata.toml", b"\xff")])
+                .ends_with("metadata.toml")
+        );
+    }
+
+    #[test]
+    fn down_without_up() {
+        assert!(source_error_path(&[("1_a.down.sql", b"SELECT 1;")]).ends_with("1_a.down.sql"));
+        assert!(source_error_path(&[("1_a/down.sql", b"SELECT 1;")]).ends_with("1_a/down.sql"));
+        // A folder holding only metadata.toml is not a migration.
+        assert!(
+            parse(&[("1_a/metadata.toml", b"run_in_transaction = false")])
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn missing_folder_is_a_source_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Migrations::from_dir(dir.path().join("nope")).unwrap_err();
+        assert!(
+            matches!(err, MigrateError::Source { ref path, .. } if path.ends_with("nope")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ignored_sql_files_are_listed() {
+        let m = parse(&[
+            ("0001_a.up.sql", b"SELECT 1;"),
+            ("0002_b.sql", b"SELECT 2;"),
+            ("V3__c.sql", b"SELECT 3;"),
+            ("2017-09-23-182408_d/up.sql", b"SELECT 4;"),
+            ("notes.sql", b"SELECT 'notes';"),
+            ("seed.sql", b"INSERT INTO a VALUES (1);"),
+            ("schema.sql", b"CREATE TABLE a (id int);"),
+            (
+                "20240101000000_init/migration.sql",
+                b"CREATE TABLE p (id int);",
+            ),
+            ("README.md", b"# not SQL"),
+        ])
+        .unwrap();
+        assert_eq!(m.len(), 4);
+        assert_eq!(
+            m.ignored(),
+            [
+                "20240101000000_init/migration.sql",
+                "notes.sql",
+                "schema.sql",
+                "seed.sql"
+            ]
+        );
+    }
+
+    #[test]
+    fn flyway_versioned_migrations_with_an_undo() {
+        let m = parse(&[
+            ("V1__init.sql", b"CREATE TABLE a (id int);"),
+            ("V2__create_b.sql", b"CREATE TABLE b (id int);"),
+            ("U2__create_b.sql", b"DROP TABLE b;"),
+            ("v3__lower_case.sql", b"SELECT 3;"),
+        ])
+        .unwrap();
+        let versions: Vec<i64> = m.iter().map(|m| m.version.number()).collect();
+        assert_eq!(versions, [1, 2, 3]);
+        let b = m.get(&v(2)).unwrap();
+        assert_eq!(b.name, "create_b");
+        assert_eq!(b.down.as_deref(), Some("DROP TABLE b;"));
+        assert!(b.path.ends_with("V2__create_b.sql"), "{}", b.path);
+        assert!(b
+            .down_path
+            .as_deref()
+            .unwrap()
+            .ends_with("U2__create_b.sql"));
+        assert_eq!(m.get(&v(1)).unwrap().down, None);
+        assert_eq!(m.get(&v(3)).unwrap().name, "lower_case");
+    }
+
+    #[test]
+    fn flyway_undo_without_its_migration() {
+        assert!(source_error_path(&[("U3__x.sql", b"DROP TABLE x;")]).ends_with("U3__x.sql"));
+        // The `V` must be there: another layout's migration of that version does not count.
+        let path = source_error_path(&[
+            ("0003_x.up.sql", b"CREATE TABLE x (id int);"),
+            ("U3__x.sql", b"DROP TABLE x;"),
+        ]);
+        assert!(path.ends_with("U3__x.sql"), "{path}");
+    }
+}
