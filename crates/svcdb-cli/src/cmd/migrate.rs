@@ -125,6 +125,12 @@ pub struct Timeouts {
     #[arg(long, value_name = "DURATION", value_parser = crate::global::duration)]
     lock_timeout: Option<Duration>,
 
+    /// How many times a migration that hit the lock timeout is tried again (its whole
+    /// transaction, or the failing statement of a non-transactional one), after a backoff of
+    /// 1s, 2s, 4s, … plus jitter; 0: fail at once [default: 3].
+    #[arg(long, value_name = "N")]
+    lock_retries: Option<u32>,
+
     /// How long one statement may run; 0: no limit [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = crate::global::duration)]
     statement_timeout: Option<Duration>,
@@ -200,6 +206,9 @@ impl Timeouts {
         }
         if let Some(timeout) = self.lock_timeout {
             options.lock_timeout = timeout;
+        }
+        if let Some(retries) = self.lock_retries {
+            options.lock_retries = retries;
         }
         if let Some(timeout) = self.statement_timeout {
             options.statement_timeout = (!timeout.is_zero()).then_some(timeout);
