@@ -60,6 +60,32 @@ pub fn write(dir: &Path, migrations: &[MigrationFile]) -> Result<Vec<PathBuf>> {
     Ok(ups)
 }
 
+/// Writes the migrations into `dir` in diesel's layout: a folder `<stem>/` holding `up.sql` and
+/// `down.sql`, and for one that runs outside a transaction a `metadata.toml` saying
+/// `run_in_transaction = false` in place of svcdb's marker line (diesel reads only that file).
+pub fn write_diesel(dir: &Path, migrations: &[MigrationFile]) -> Result<()> {
+    for m in migrations {
+        let folder = dir.join(m.stem());
+        std::fs::create_dir_all(&folder)
+            .with_context(|| format!("cannot create {}", folder.display()))?;
+        let unmarked = |sql: &str| {
+            sql.strip_prefix(NO_TRANSACTION)
+                .map_or(sql, |rest| rest.trim_start_matches('\n'))
+                .to_owned()
+        };
+        let mut files = vec![("up.sql", unmarked(&m.up)), ("down.sql", unmarked(&m.down))];
+        if !m.transactional() {
+            files.push(("metadata.toml", "run_in_transaction = false\n".to_owned()));
+        }
+        for (name, contents) in files {
+            let path = folder.join(name);
+            std::fs::write(&path, contents)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Every up script in version order, after `SET search_path TO <schema>`: one file for one
 /// `psql -f` session.
 pub fn concatenated_up(migrations: &[MigrationFile], schema: &str) -> String {
