@@ -560,7 +560,7 @@ fn human_report(
         &r.diesel_ups,
     ));
     table.add_row(seconds(
-        format!("svcdb up, the same diesel folder"),
+        "svcdb up, the same diesel folder".into(),
         Some(r.svcdb_diesel_up()),
         &r.svcdb_diesel_ups,
     ));
