@@ -441,3 +441,56 @@ async fn no_lock_retries_fails_at_the_first_lock_timeout() {
     assert_eq!(failure(&err).lock_retries, 0);
     assert!(retries(&events).is_empty());
 }
+
+#[tokio::test]
+async fn a_concurrent_index_cut_short_by_lock_timeout_is_not_retried() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[("1_items.up.sql", "CREATE TABLE items (id bigint);")],
+    );
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    // A writer's open transaction: CREATE INDEX CONCURRENTLY gets its own table lock, records
+    // the index, then waits for this writer and times out, leaving the index invalid.
+    let writer = db.admin().await;
+    writer
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO {}.items VALUES (1);",
+            svc.schema()
+        ))
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "2_items_id.up.sql",
+            "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY items_id ON items (id);\n",
+        )],
+    );
+
+    let mut events = Vec::new();
+    let err = migrator(&svc, dir.path(), lock_options(3))
+        .up_with(&UpOptions::default(), &mut |e| events.push(e.clone()))
+        .await
+        .unwrap_err();
+    // Run again, the statement would fail on the index it left (42P07), or with IF NOT EXISTS
+    // accept the broken one: the lock timeout is the failure, with the index named.
+    assert_eq!(err.code(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{err}");
+    let f = failure(&err);
+    assert_eq!(f.lock_retries, 0, "{err}");
+    assert!(retries(&events).is_empty(), "{events:?}");
+    assert!(f.dirty);
+    assert_eq!(
+        f.invalid_indexes
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>(),
+        ["items_id"],
+        "{err}"
+    );
+}
