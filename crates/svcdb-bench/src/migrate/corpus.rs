@@ -598,4 +598,32 @@ mod tests {
         assert!(sql.starts_with("SET search_path TO bench;\n"));
         assert_eq!(sql.matches("INSERT INTO").count(), 2);
     }
+
+    #[test]
+    fn the_diesel_layout_reads_back_with_the_same_transaction_modes() {
+        let corpus = realistic(300, 10);
+        let dir = tempfile::tempdir().unwrap();
+        write_diesel(dir.path(), &corpus).unwrap();
+        let read = svcdb::migrate::Migrations::from_dir(dir.path()).unwrap();
+        assert_eq!(read.len(), corpus.len());
+        for (file, m) in corpus.iter().zip(read.iter()) {
+            assert_eq!(m.name, file.name);
+            assert_eq!(m.transactional, file.transactional(), "{}", file.stem());
+            assert_eq!(
+                m.down_transactional,
+                file.transactional(),
+                "{}",
+                file.stem()
+            );
+            assert!(
+                !m.up.contains(NO_TRANSACTION),
+                "diesel reads only metadata.toml"
+            );
+        }
+        let marked = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().join("metadata.toml").is_file())
+            .count();
+        assert_eq!(marked, 5);
+    }
 }
