@@ -60,30 +60,59 @@ pub fn write(dir: &Path, migrations: &[MigrationFile]) -> Result<Vec<PathBuf>> {
     Ok(ups)
 }
 
-/// Writes the migrations into `dir` in diesel's layout: a folder `<stem>/` holding `up.sql` and
-/// `down.sql`, and for one that runs outside a transaction a `metadata.toml` saying
-/// `run_in_transaction = false` in place of svcdb's marker line (diesel reads only that file).
-pub fn write_diesel(dir: &Path, migrations: &[MigrationFile]) -> Result<()> {
+/// Writes the migrations into `dir` in diesel's layout, as a diesel user must write them: a
+/// folder `<version>_<name>/` holding `up.sql` and `down.sql`, and for one that runs outside a
+/// transaction a `metadata.toml` saying `run_in_transaction = false` in place of svcdb's marker
+/// line (diesel reads only that file). diesel sends a script as one message, which PostgreSQL
+/// runs as one implicit transaction, so a non-transactional migration of several statements
+/// (`CREATE INDEX CONCURRENTLY` twice) becomes one migration per statement. Versions get a
+/// fifth digit for that (`0045` → `00450`, `00451`). Returns how many migrations it wrote.
+pub fn write_diesel(dir: &Path, migrations: &[MigrationFile]) -> Result<usize> {
+    let mut written = 0;
     for m in migrations {
-        let folder = dir.join(m.stem());
-        std::fs::create_dir_all(&folder)
-            .with_context(|| format!("cannot create {}", folder.display()))?;
-        let unmarked = |sql: &str| {
-            sql.strip_prefix(NO_TRANSACTION)
-                .map_or(sql, |rest| rest.trim_start_matches('\n'))
-                .to_owned()
+        let up = m.up.strip_prefix(NO_TRANSACTION).unwrap_or(&m.up);
+        let down = m.down.strip_prefix(NO_TRANSACTION).unwrap_or(&m.down);
+        let parts: Vec<(String, String)> = if m.transactional() {
+            vec![(up.trim_start().to_owned(), down.trim_start().to_owned())]
+        } else {
+            let ups = svcdb::migrate::split_statements(up);
+            let downs = svcdb::migrate::split_statements(down);
+            anyhow::ensure!(
+                ups.len() == downs.len(),
+                "{}: {} up statements but {} down statements",
+                m.stem(),
+                ups.len(),
+                downs.len()
+            );
+            // The downs revert the ups in reverse order.
+            ups.iter()
+                .zip(downs.iter().rev())
+                .map(|(up, down)| (format!("{up};\n"), format!("{down};\n")))
+                .collect()
         };
-        let mut files = vec![("up.sql", unmarked(&m.up)), ("down.sql", unmarked(&m.down))];
-        if !m.transactional() {
-            files.push(("metadata.toml", "run_in_transaction = false\n".to_owned()));
-        }
-        for (name, contents) in files {
-            let path = folder.join(name);
-            std::fs::write(&path, contents)
-                .with_context(|| format!("cannot write {}", path.display()))?;
+        let split = parts.len() > 1;
+        for (part, (up, down)) in parts.into_iter().enumerate() {
+            let name = if split {
+                format!("{}_{}", m.name, part + 1)
+            } else {
+                m.name.clone()
+            };
+            let folder = dir.join(format!("{:04}{part}_{name}", m.version));
+            std::fs::create_dir_all(&folder)
+                .with_context(|| format!("cannot create {}", folder.display()))?;
+            let mut files = vec![("up.sql", up), ("down.sql", down)];
+            if !m.transactional() {
+                files.push(("metadata.toml", "run_in_transaction = false\n".to_owned()));
+            }
+            for (file, contents) in files {
+                let path = folder.join(file);
+                std::fs::write(&path, contents)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            written += 1;
         }
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Every up script in version order, after `SET search_path TO <schema>`: one file for one
@@ -600,30 +629,36 @@ mod tests {
     }
 
     #[test]
-    fn the_diesel_layout_reads_back_with_the_same_transaction_modes() {
+    fn the_diesel_layout_reads_back_with_one_statement_per_non_transactional_migration() {
         let corpus = realistic(300, 10);
         let dir = tempfile::tempdir().unwrap();
-        write_diesel(dir.path(), &corpus).unwrap();
+        let written = write_diesel(dir.path(), &corpus).unwrap();
         let read = svcdb::migrate::Migrations::from_dir(dir.path()).unwrap();
-        assert_eq!(read.len(), corpus.len());
-        for (file, m) in corpus.iter().zip(read.iter()) {
-            assert_eq!(m.name, file.name);
-            assert_eq!(m.transactional, file.transactional(), "{}", file.stem());
+        assert_eq!(read.len(), written);
+        // Each of the five concurrent-index migrations holds two statements: ten in all.
+        assert_eq!(written, 300 + 5);
+        let outside: Vec<_> = read.iter().filter(|m| !m.transactional).collect();
+        assert_eq!(outside.len(), 10);
+        for m in &outside {
+            assert!(!m.down_transactional, "{}", m.name);
             assert_eq!(
-                m.down_transactional,
-                file.transactional(),
+                svcdb::migrate::split_statements(&m.up).len(),
+                1,
                 "{}",
-                file.stem()
+                m.name
             );
             assert!(
                 !m.up.contains(NO_TRANSACTION),
                 "diesel reads only metadata.toml"
             );
         }
-        let marked = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().path().join("metadata.toml").is_file())
-            .count();
-        assert_eq!(marked, 5);
+        let names: Vec<&str> = read.iter().map(|m| m.name.as_str()).collect();
+        let original: Vec<&str> = corpus.iter().map(|m| m.name.as_str()).collect();
+        assert!(
+            original
+                .iter()
+                .all(|n| names.iter().any(|r| r.starts_with(n))),
+            "every migration is there, in order"
+        );
     }
 }

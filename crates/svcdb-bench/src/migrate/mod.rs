@@ -11,7 +11,8 @@
 //! * `psql -f` once per file: the naive shell-loop runner;
 //! * diesel CLI (`diesel migration run`, when `diesel` is on `PATH`) on the same corpus laid
 //!   out as a diesel folder (`<version>_<name>/up.sql`, `down.sql`, `metadata.toml` for the
-//!   migrations outside a transaction), and svcdb on that same folder: `up` from empty, and
+//!   migrations outside a transaction, one statement each: see [`corpus::write_diesel`]), and
+//!   svcdb on that same folder: `up` from empty, and
 //!   the no-op run of both command-line tools, process start included (`svcdb migrate up`,
 //!   when the `svcdb` binary is next to this one or on `PATH`).
 //!
@@ -143,11 +144,11 @@ impl Corpus {
         let concatenated = dir.join("all_up.sql");
         std::fs::write(&concatenated, corpus::concatenated_up(&realistic, SCHEMA))?;
         corpus::write(&applied_dir, &corpus::trivial(args.applied as usize))?;
-        corpus::write_diesel(&diesel_dir, &realistic)?;
+        let diesel_count = corpus::write_diesel(&diesel_dir, &realistic)?;
         let diesel = Migrations::from_dir(&diesel_dir)?;
         ensure!(
-            diesel.len() == count,
-            "svcdb read {} of {count} migrations in the diesel layout",
+            diesel.len() == diesel_count,
+            "svcdb read {} of {diesel_count} migrations in the diesel layout",
             diesel.len()
         );
         let started = Instant::now();
@@ -433,6 +434,7 @@ fn figures(
         "psql_per_file_vs_floor",
         report::ratio(r.per_file.map(secs), r.floor().map(secs)),
     );
+    f.set("diesel_count", corpus.diesel.len());
     f.set("diesel_up_s", r.diesel_up().map(secs));
     f.set("diesel_up_s_rounds", all_secs(&r.diesel_ups));
     f.set(
@@ -555,7 +557,10 @@ fn human_report(
         &[],
     ));
     table.add_row(seconds(
-        format!("diesel migration run, {count} migrations (diesel folder)"),
+        format!(
+            "diesel migration run, the diesel folder ({} migrations)",
+            corpus.diesel.len()
+        ),
         r.diesel_up(),
         &r.diesel_ups,
     ));
