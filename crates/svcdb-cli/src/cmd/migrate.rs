@@ -21,6 +21,7 @@ use svcdb::migrate::{
     UpOptions,
 };
 use svcdb::tokio_postgres::error::ErrorPosition;
+use svcdb::ServiceDb;
 
 use crate::global::Global;
 use crate::{output, Outcome};
@@ -238,11 +239,25 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
     }
 }
 
-/// The runner for `--dir` on the service schema. The folder is read first, so a broken
-/// migration file is reported before any connection is tried.
+/// The runner for `--dir` on the service schema. The folder is read while the connection is
+/// being made (a TCP handshake and a server process forked: together with the read, most of
+/// a no-op `up`), and its errors come first: with a broken migration file the connection is
+/// dropped unused and the file is reported, whether or not the server could be reached.
 async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> {
-    let migrations = global.migrations()?;
-    Ok(Migrator::new(global.connect().await?, migrations).with_options(options))
+    let connecting = global
+        .config()
+        .map(|config| tokio::spawn(ServiceDb::connect(config)));
+    let migrations = match global.migrations() {
+        Ok(migrations) => migrations,
+        Err(e) => {
+            if let Ok(connecting) = connecting {
+                connecting.abort();
+            }
+            return Err(e);
+        }
+    };
+    let db = connecting?.await??;
+    Ok(Migrator::new(db, migrations).with_options(options))
 }
 
 /// An observer printing each event as it happens (see [`output::progress`]).
