@@ -255,3 +255,53 @@ async fn a_busy_connection_to_a_fenced_primary_is_retired_and_the_new_primary_fo
     assert_eq!(server_port(&db).await, i32::from(standby));
     assert!(db.status().size <= 1);
 }
+
+#[tokio::test]
+#[ignore = "needs the failover clusters of scripts/cluster, and promotes the standby; run by scripts/test-cluster"]
+async fn an_idle_connection_to_a_fenced_primary_is_not_handed_out() {
+    let (primary, standby) = cluster_ports();
+    let name = database_on_both().await;
+    let mut config = Config::new(
+        &format!("postgres://postgres@127.0.0.1:{primary},127.0.0.1:{standby}/{name}"),
+        "orders",
+    )
+    .unwrap();
+    // One connection, checked at every checkout; nothing fails on it (reads only), so only the
+    // pool's own check can tell it no longer reaches a primary.
+    config.pool_min = 1;
+    config.pool_max = 1;
+    config.verify_after_idle = Duration::ZERO;
+    let db = ServiceDb::connect(config).await.unwrap();
+    assert_eq!(server_port(&db).await, i32::from(primary));
+
+    let admin = DedicatedConn::connect(&server(primary, "postgres"))
+        .await
+        .unwrap();
+    for statement in [
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(statement).await.unwrap();
+    }
+    cluster("promote");
+
+    // The reload reaches the old primary's sessions a moment later: wait for it, not a while.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server_port(&db).await != i32::from(standby) {
+        assert!(
+            Instant::now() < deadline,
+            "after 30 s the pool still hands out its connection to the fenced primary"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Control: the old primary still serves reads, so nothing but the check moved the pool.
+    let old = DedicatedConn::connect(&server(primary, &name))
+        .await
+        .unwrap();
+    let read_only: String = old
+        .query_one("SHOW transaction_read_only", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(read_only, "on");
+}
