@@ -68,6 +68,67 @@ async fn a_transaction_with_options_does_not_write_through_a_read_only_database(
     assert_eq!(written, 0);
 }
 
+#[tokio::test]
+async fn a_host_that_drops_connection_attempts_does_not_hide_the_next_one() {
+    let test_db = TestDb::new().await;
+    drop(test_db.service("orders").await);
+    // A listener whose accept queue is full: Linux then drops further SYNs, as packets to a
+    // primary whose machine vanished are dropped.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let vanished = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let attempt = tokio::net::TcpStream::connect(vanished);
+        match tokio::time::timeout(Duration::from_millis(500), attempt).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            Ok(Err(e)) => panic!("cannot fill the accept queue: {e}"),
+            Err(_) => break, // no SYN-ACK: the queue is full
+        }
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+
+    // The vanished host first, the test database's server second.
+    let reachable = test_db.connection();
+    let mut pg = tokio_postgres::Config::new();
+    pg.host("127.0.0.1").port(vanished.port());
+    for host in reachable.get_hosts() {
+        match host {
+            tokio_postgres::config::Host::Tcp(h) => pg.host(h),
+            tokio_postgres::config::Host::Unix(p) => pg.host_path(p),
+        };
+    }
+    pg.port(reachable.get_ports().first().copied().unwrap_or(5432));
+    pg.user(reachable.get_user().unwrap())
+        .dbname(test_db.name());
+    if let Some(password) = reachable.get_password() {
+        pg.password(password);
+    }
+    let mut config = Config::with_connection(pg, svcdb::Ident::new("schema", "orders").unwrap());
+    config.connect_timeout = Duration::from_secs(1);
+    config.acquire_timeout = Duration::from_secs(10);
+    config.pool_min = 1;
+    let started = Instant::now();
+    let db = ServiceDb::connect(config)
+        .await
+        .unwrap_or_else(|e| panic!("the second host was never tried: {e}"));
+    let port: i32 = db
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(port, i32::from(vanished.port()));
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the vanished host was tried first"
+    );
+    drop(listener);
+}
+
 /// The throwaway clusters' ports.
 fn cluster_ports() -> (u16, u16) {
     let port = |key: &str, default: u16| {
