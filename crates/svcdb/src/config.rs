@@ -13,7 +13,7 @@
 //! | `SVCDB_POOL_MIN` | [`Config::pool_min`] | `5` | connections opened at start and kept open while idle |
 //! | `SVCDB_POOL_MAX` | [`Config::pool_max`] | `25` | most connections open at once |
 //! | `SVCDB_ACQUIRE_TIMEOUT` | [`Config::acquire_timeout`] | `5s` | longest wait for a connection before an error |
-//! | `SVCDB_CONNECT_TIMEOUT` | [`Config::connect_timeout`] | `3s` | longest wait for one connection attempt |
+//! | `SVCDB_CONNECT_TIMEOUT` | [`Config::connect_timeout`] | `3s` | longest wait for one connection attempt to one host (each host named gets this long) |
 //! | `SVCDB_IDLE_TIMEOUT` | [`Config::idle_timeout`] | `10m` | close connections idle this long (above `pool_min`); `0` disables |
 //! | `SVCDB_MAX_LIFETIME` | [`Config::max_lifetime`] | `30m` | close connections this old, once idle; `0` disables |
 //! | `SVCDB_MAX_LIFETIME_JITTER` | [`Config::max_lifetime_jitter`] | `2m` | up to this much added per connection so they don't all expire at once |
@@ -77,7 +77,9 @@ pub struct Config {
     pub pool_max: usize,
     /// Longest wait for a connection from the pool, including opening one. Default: 5 s.
     pub acquire_timeout: Duration,
-    /// Longest wait for one attempt to open a connection. Default: 3 s.
+    /// Longest wait for one attempt to open a connection to one host; with several hosts,
+    /// each gets this long ([`connect_attempt_timeout`](Self::connect_attempt_timeout)).
+    /// Default: 3 s.
     pub connect_timeout: Duration,
     /// Close connections idle longer than this, down to `pool_min`. Default: 10 min.
     pub idle_timeout: Option<Duration>,
