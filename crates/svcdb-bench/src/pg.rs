@@ -12,6 +12,8 @@ use svcdb::{DedicatedConn, Ident};
 pub struct Server {
     /// The parsed `--database-url`; other databases are reached by changing only its name.
     admin: tokio_postgres::Config,
+    /// `--database-url` as given, for tools that take a URL (`svcdb`).
+    url: String,
     /// Open for the whole run: creating and dropping databases, `CHECKPOINT`.
     conn: DedicatedConn,
     /// `server_version`, e.g. `15.20 (Debian 15.20-0+deb12u1)`, for the report.
@@ -31,6 +33,7 @@ impl Server {
             .get::<_, String>(0);
         Ok(Self {
             admin,
+            url: url.to_owned(),
             conn,
             version,
         })
@@ -46,6 +49,21 @@ impl Server {
         let mut config = self.admin.clone();
         config.dbname(name);
         config
+    }
+
+    /// `--database-url` with its database replaced by `name` (query parameters kept), for a
+    /// tool that reads a URL: `postgres://user@host/postgres?x=y` → `postgres://user@host/name?x=y`.
+    /// It may hold a password: pass it in the environment, never on a command line.
+    pub fn url(&self, name: &str) -> String {
+        let (base, query) = match self.url.split_once('?') {
+            Some((base, query)) => (base, format!("?{query}")),
+            None => (self.url.as_str(), String::new()),
+        };
+        let authority_start = base.find("://").map_or(0, |i| i + 3);
+        let authority_end = base[authority_start..]
+            .find('/')
+            .map_or(base.len(), |i| authority_start + i);
+        format!("{}/{name}{query}", &base[..authority_end])
     }
 
     /// Creates database `name` unless it exists (keeping what is in it). True if created.

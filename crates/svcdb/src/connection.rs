@@ -3,7 +3,7 @@
 use std::ops::{Deref, DerefMut};
 
 use tokio_postgres::tls::MakeTlsConnect;
-use tokio_postgres::{Client, NoTls, Socket};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage, Socket};
 
 use crate::config::describe_target;
 use crate::error::{Error, Result};
@@ -60,6 +60,17 @@ impl DedicatedConn {
         });
         Ok(Self { client, driver })
     }
+}
+
+/// Whether the server behind `client` accepts writes now: `transaction_read_only` is off. A
+/// standby says `on`, and so does a primary fenced with `default_transaction_read_only`
+/// during a switchover. The check `target_session_attrs=read-write` makes when connecting
+/// (`SHOW transaction_read_only`), made again on a connection that is already open.
+pub(crate) async fn accepts_writes(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    let messages = client.simple_query("SHOW transaction_read_only").await?;
+    Ok(!messages
+        .iter()
+        .any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) == Some("on"))))
 }
 
 impl Deref for DedicatedConn {

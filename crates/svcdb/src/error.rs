@@ -295,6 +295,16 @@ fn is_password_missing(e: &tokio_postgres::Error) -> bool {
         && std::error::Error::source(e).is_some_and(|s| s.to_string() == "password missing")
 }
 
+/// True when the driver connected but `target_session_attrs=read-write` refused the server
+/// because it accepts only reads: tokio-postgres reports that as a connection error caused by
+/// an `io::Error` of kind `PermissionDenied` ("database does not allow writes"), a kind a
+/// TCP connect almost never fails with.
+fn is_read_only_server(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
 /// Renders a driver error with its cause: tokio-postgres' own `Display` says only
 /// "db error" and leaves the server's message in the source chain.
 pub fn pg_message(e: &tokio_postgres::Error) -> String {
@@ -440,6 +450,9 @@ pub(crate) fn connect_hint(e: &tokio_postgres::Error) -> &'static str {
             "the database does not exist: create it or fix DATABASE_URL"
         }
         (None, Some(_)) => "see the server's message above",
+        (None, None) if is_read_only_server(e) => {
+            "a server answered but accepts no writes (a standby, or a primary being promoted or fenced), and target_session_attrs=read-write skips it: svcdb keeps trying the hosts in DATABASE_URL until one accepts writes; if this lasts, check that DATABASE_URL names the new primary"
+        }
         (None, None) if is_password_missing(e) => {
             "the server asks for a password and none was given: put it in DATABASE_URL (postgres://user:password@host/dbname), or set SVCDB_PASSWORD or PGPASSWORD"
         }

@@ -113,17 +113,22 @@ impl ServiceDb {
     {
         let mut conn = self.get().await?;
         let mut tx = conn.transaction().await.map_err(Error::from)?;
-        match f(&mut tx).await {
-            Ok(value) => {
-                tx.commit().await.map_err(Error::from)?;
-                Ok(value)
-            }
+        let outcome = match f(&mut tx).await {
+            Ok(value) => tx
+                .commit()
+                .await
+                .map(|()| value)
+                .map_err(|e| E::from(Error::from(e))),
             Err(e) => {
                 // A failed rollback means the connection broke; the pool discards it.
                 let _ = tx.rollback().await;
                 Err(e)
             }
+        };
+        if outcome.is_err() {
+            self.retire_if_read_only(conn).await;
         }
+        outcome
     }
 
     /// Like [`ServiceDb::transaction`], with an isolation level, and running `f` again (on a
@@ -162,13 +167,16 @@ impl ServiceDb {
             // No inner `async` block here: one that borrows `f` makes the returned future
             // lose `Send` for callers that spawn it (rustc's higher-ranked auto-trait limits).
             let mut conn = self.get().await?;
-            let mut tx = conn
-                .build_transaction()
-                .isolation_level(options.isolation)
-                .read_only(options.read_only)
-                .start()
-                .await
-                .map_err(Error::from)?;
+            let mut builder = conn.build_transaction().isolation_level(options.isolation);
+            // Never an explicit `READ WRITE`: on a hot standby it fails at once with 0A000
+            // ("cannot set transaction read-write mode during recovery"), which says nothing
+            // of an outage, and on a primary fenced with `default_transaction_read_only` it
+            // would write through the fence. Left unsaid, the first write fails with 25006,
+            // a database-unavailable error, until connections reach the new primary.
+            if options.read_only {
+                builder = builder.read_only(true);
+            }
+            let mut tx = builder.start().await.map_err(Error::from)?;
             let outcome = match f(&mut tx).await {
                 Ok(value) => tx
                     .commit()
@@ -180,6 +188,10 @@ impl ServiceDb {
                     Err(e)
                 }
             };
+            if matches!(&outcome, Err(e) if !e.is_retryable()) {
+                self.retire_if_read_only(conn).await;
+                return outcome;
+            }
             match outcome {
                 Err(e) if e.is_retryable() && attempt < options.max_attempts => {
                     drop(conn);
@@ -191,6 +203,34 @@ impl ServiceDb {
                 }
                 other => return other,
             }
+        }
+    }
+}
+
+impl ServiceDb {
+    /// After a failed transaction: when the pool must reach the primary
+    /// (`target_session_attrs=read-write`) and `conn`'s server no longer accepts writes (it
+    /// became a standby, or was fenced read-only), takes the connection out of the pool, so the
+    /// next transaction opens one that finds the new primary. Otherwise `conn` goes back.
+    ///
+    /// A busy connection is never idle long enough for the pool's own check
+    /// (`verify_after_idle`); without this, the same connection to the old primary would fail
+    /// every transaction (25006) for as long as it stayed busy. Costs one round trip, on
+    /// failures only.
+    async fn retire_if_read_only(&self, conn: crate::pool::PooledConn) {
+        use tokio_postgres::config::TargetSessionAttrs;
+        if self.config().target_session_attrs() != TargetSessionAttrs::ReadWrite {
+            return;
+        }
+        let check = crate::connection::accepts_writes(&conn);
+        match tokio::time::timeout(self.config().connect_timeout, check).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                tracing::info!(target: "svcdb::pool", "the server no longer accepts writes; retiring the connection");
+                drop(crate::pool::PooledConn::take(conn));
+            }
+            // No answer: the connection is broken or stuck; either way, not one to reuse.
+            Ok(Err(_)) | Err(_) => drop(crate::pool::PooledConn::take(conn)),
         }
     }
 }

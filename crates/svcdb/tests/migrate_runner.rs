@@ -1172,6 +1172,8 @@ async fn lock_timeout_and_statement_timeout_stop_a_stuck_migration() {
     let short = MigrateOptions {
         lock_timeout: Duration::from_millis(200),
         statement_timeout: Some(Duration::from_millis(500)),
+        // The retries on lock timeout have tests of their own (migrate_deploy.rs).
+        lock_retries: 0,
         ..options()
     };
     let start = Instant::now();

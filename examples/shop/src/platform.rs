@@ -295,6 +295,10 @@ pub enum ApiError {
     Conflict(String),
     /// The request is well-formed but cannot be done (yet): an unknown user, an empty cart.
     Unprocessable(String),
+    /// The database cannot serve the request right now (down, failing over, out of
+    /// connections: [`svcdb::Error::is_database_unavailable`]): `503` with `Retry-After`, so
+    /// clients and load balancers retry instead of treating it as the request's fault.
+    Unavailable(String),
     Internal(anyhow::Error),
 }
 
@@ -304,6 +308,16 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m),
+            ApiError::Unavailable(m) => {
+                tracing::warn!(error = %m, "database unavailable; answering 503");
+                let body = Json(serde_json::json!({ "error": m }));
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "1")],
+                    body,
+                )
+                    .into_response();
+            }
             ApiError::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
@@ -315,6 +329,9 @@ impl IntoResponse for ApiError {
 
 impl From<svcdb::Error> for ApiError {
     fn from(e: svcdb::Error) -> Self {
+        if e.is_database_unavailable() {
+            return ApiError::Unavailable(e.to_string());
+        }
         ApiError::Internal(e.into())
     }
 }
@@ -327,6 +344,13 @@ impl From<svcdb::tokio_postgres::Error> for ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
+        let unavailable = e
+            .chain()
+            .filter_map(|cause| cause.downcast_ref::<svcdb::Error>())
+            .any(svcdb::Error::is_database_unavailable);
+        if unavailable {
+            return ApiError::Unavailable(format!("{e:#}"));
+        }
         ApiError::Internal(e)
     }
 }
@@ -398,4 +422,25 @@ pub fn service(launch: Launch) -> anyhow::Result<Service<Ctx>> {
         );
     }
     Ok(service)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_outage_is_a_503_not_a_500() {
+        let response = ApiError::from(svcdb::Error::PoolClosed).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response
+            .headers()
+            .contains_key(axum::http::header::RETRY_AFTER));
+        // Through anyhow too, as handlers that add context return it.
+        let wrapped = anyhow::Error::from(svcdb::Error::PoolClosed).context("placing the order");
+        let response = ApiError::from(wrapped).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // Control: the request's own failures stay what they were.
+        let response = ApiError::from(anyhow::anyhow!("a bug")).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 }

@@ -60,6 +60,61 @@ pub fn write(dir: &Path, migrations: &[MigrationFile]) -> Result<Vec<PathBuf>> {
     Ok(ups)
 }
 
+/// Writes the migrations into `dir` in diesel's layout, as a diesel user must write them: a
+/// folder `<version>_<name>/` holding `up.sql` and `down.sql`, and for one that runs outside a
+/// transaction a `metadata.toml` saying `run_in_transaction = false` in place of svcdb's marker
+/// line (diesel reads only that file). diesel sends a script as one message, which PostgreSQL
+/// runs as one implicit transaction, so a non-transactional migration of several statements
+/// (`CREATE INDEX CONCURRENTLY` twice) becomes one migration per statement. Versions get a
+/// fifth digit for that (`0045` → `00450`, `00451`). Returns how many migrations it wrote.
+pub fn write_diesel(dir: &Path, migrations: &[MigrationFile]) -> Result<usize> {
+    let mut written = 0;
+    for m in migrations {
+        let up = m.up.strip_prefix(NO_TRANSACTION).unwrap_or(&m.up);
+        let down = m.down.strip_prefix(NO_TRANSACTION).unwrap_or(&m.down);
+        let parts: Vec<(String, String)> = if m.transactional() {
+            vec![(up.trim_start().to_owned(), down.trim_start().to_owned())]
+        } else {
+            let ups = svcdb::migrate::split_statements(up);
+            let downs = svcdb::migrate::split_statements(down);
+            anyhow::ensure!(
+                ups.len() == downs.len(),
+                "{}: {} up statements but {} down statements",
+                m.stem(),
+                ups.len(),
+                downs.len()
+            );
+            // The downs revert the ups in reverse order.
+            ups.iter()
+                .zip(downs.iter().rev())
+                .map(|(up, down)| (format!("{up};\n"), format!("{down};\n")))
+                .collect()
+        };
+        let split = parts.len() > 1;
+        for (part, (up, down)) in parts.into_iter().enumerate() {
+            let name = if split {
+                format!("{}_{}", m.name, part + 1)
+            } else {
+                m.name.clone()
+            };
+            let folder = dir.join(format!("{:04}{part}_{name}", m.version));
+            std::fs::create_dir_all(&folder)
+                .with_context(|| format!("cannot create {}", folder.display()))?;
+            let mut files = vec![("up.sql", up), ("down.sql", down)];
+            if !m.transactional() {
+                files.push(("metadata.toml", "run_in_transaction = false\n".to_owned()));
+            }
+            for (file, contents) in files {
+                let path = folder.join(file);
+                std::fs::write(&path, contents)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            written += 1;
+        }
+    }
+    Ok(written)
+}
+
 /// Every up script in version order, after `SET search_path TO <schema>`: one file for one
 /// `psql -f` session.
 pub fn concatenated_up(migrations: &[MigrationFile], schema: &str) -> String {
@@ -571,5 +626,39 @@ mod tests {
         let sql = concatenated_up(&trivial(3), "bench");
         assert!(sql.starts_with("SET search_path TO bench;\n"));
         assert_eq!(sql.matches("INSERT INTO").count(), 2);
+    }
+
+    #[test]
+    fn the_diesel_layout_reads_back_with_one_statement_per_non_transactional_migration() {
+        let corpus = realistic(300, 10);
+        let dir = tempfile::tempdir().unwrap();
+        let written = write_diesel(dir.path(), &corpus).unwrap();
+        let read = svcdb::migrate::Migrations::from_dir(dir.path()).unwrap();
+        assert_eq!(read.len(), written);
+        // Each of the five concurrent-index migrations holds two statements: ten in all.
+        assert_eq!(written, 300 + 5);
+        let outside: Vec<_> = read.iter().filter(|m| !m.transactional).collect();
+        assert_eq!(outside.len(), 10);
+        for m in &outside {
+            assert!(!m.down_transactional, "{}", m.name);
+            assert_eq!(
+                svcdb::migrate::split_statements(&m.up).len(),
+                1,
+                "{}",
+                m.name
+            );
+            assert!(
+                !m.up.contains(NO_TRANSACTION),
+                "diesel reads only metadata.toml"
+            );
+        }
+        let names: Vec<&str> = read.iter().map(|m| m.name.as_str()).collect();
+        let original: Vec<&str> = corpus.iter().map(|m| m.name.as_str()).collect();
+        assert!(
+            original
+                .iter()
+                .all(|n| names.iter().any(|r| r.starts_with(n))),
+            "every migration is there, in order"
+        );
     }
 }

@@ -8,15 +8,21 @@
 //!   the median of many calls, with the corpus applied and with 1 000 versions applied;
 //! * the floor: every up script concatenated and sent through one `psql -f` session, which
 //!   pays for the SQL and nothing else;
-//! * `psql -f` once per file: the naive shell-loop runner.
+//! * `psql -f` once per file: the naive shell-loop runner;
+//! * diesel CLI (`diesel migration run`, when `diesel` is on `PATH`) on the same corpus laid
+//!   out as a diesel folder (`<version>_<name>/up.sql`, `down.sql`, `metadata.toml` for the
+//!   migrations outside a transaction, one statement each: see [`corpus::write_diesel`]), and
+//!   svcdb on that same folder: `up` from empty, and
+//!   the no-op run of both command-line tools, process start included (`svcdb migrate up`,
+//!   when the `svcdb` binary is next to this one or on `PATH`).
 //!
-//! `up`, `down` and the floor run `--rounds` times, svcdb and psql alternating, and the
+//! `up`, `down`, the floor and diesel run `--rounds` times, svcdb, psql and diesel alternating, and the
 //! medians are reported: on a shared machine one round can meet a build. The part of `up`
 //! spent outside every migration (connecting, the advisory lock, session settings, history
 //! reads) is reported on its own, from the runner's own per-migration timings, so a miss
 //! against the floor points at the fixed cost or at the per-migration one.
 //!
-//! The schemas the three `up` paths produce are compared object by object, so the runner and
+//! The schemas the `up` paths produce are compared object by object, so the runner and
 //! the references provably did the same work, and after `down` the schema must hold nothing
 //! but the history table, which proves every down script reverts its up script.
 
@@ -113,6 +119,9 @@ struct Corpus {
     up_files: Vec<PathBuf>,
     concatenated: PathBuf,
     applied: Migrations,
+    /// The realistic corpus in diesel's layout, and as svcdb read it.
+    diesel_dir: PathBuf,
+    diesel: Migrations,
 }
 
 impl Corpus {
@@ -123,7 +132,8 @@ impl Corpus {
         let count = args.count as usize;
         let realistic_dir = dir.join("realistic");
         let applied_dir = dir.join("applied");
-        for stale in [&realistic_dir, &applied_dir] {
+        let diesel_dir = dir.join("diesel");
+        for stale in [&realistic_dir, &applied_dir, &diesel_dir] {
             if stale.exists() {
                 std::fs::remove_dir_all(stale)
                     .with_context(|| format!("cannot clear {}", stale.display()))?;
@@ -134,6 +144,13 @@ impl Corpus {
         let concatenated = dir.join("all_up.sql");
         std::fs::write(&concatenated, corpus::concatenated_up(&realistic, SCHEMA))?;
         corpus::write(&applied_dir, &corpus::trivial(args.applied as usize))?;
+        let diesel_count = corpus::write_diesel(&diesel_dir, &realistic)?;
+        let diesel = Migrations::from_dir(&diesel_dir)?;
+        ensure!(
+            diesel.len() == diesel_count,
+            "svcdb read {} of {diesel_count} migrations in the diesel layout",
+            diesel.len()
+        );
         let started = Instant::now();
         let migrations = Migrations::from_dir(&realistic_dir)?;
         let load = started.elapsed();
@@ -149,6 +166,8 @@ impl Corpus {
             up_files,
             concatenated,
             applied: Migrations::from_dir(&applied_dir)?,
+            diesel_dir,
+            diesel,
         })
     }
 
@@ -177,6 +196,14 @@ struct Results {
     applied_noop: NoopFigures,
     /// `psql -f` once per file (`None` without psql).
     per_file: Option<Duration>,
+    /// `diesel migration run` from empty, per round (empty without diesel).
+    diesel_ups: Vec<Duration>,
+    /// No-op `diesel migration run` (`None` without diesel).
+    diesel_noop: Option<NoopFigures>,
+    /// svcdb `up` of the diesel layout from empty, per round.
+    svcdb_diesel_ups: Vec<Duration>,
+    /// No-op `svcdb migrate up`, process start included (`None` without the binary).
+    noop_cli: Option<NoopFigures>,
 }
 
 impl Results {
@@ -190,6 +217,28 @@ impl Results {
 
     fn up_vs_floor(&self) -> Option<f64> {
         report::ratio(Some(secs(self.up())), self.floor().map(secs))
+    }
+
+    fn diesel_up(&self) -> Option<Duration> {
+        (!self.diesel_ups.is_empty()).then(|| report::median(&self.diesel_ups))
+    }
+
+    fn svcdb_diesel_up(&self) -> Duration {
+        report::median(&self.svcdb_diesel_ups)
+    }
+
+    fn vs_diesel(&self) -> Option<f64> {
+        report::ratio(
+            Some(secs(self.svcdb_diesel_up())),
+            self.diesel_up().map(secs),
+        )
+    }
+
+    fn noop_cli_vs_diesel(&self) -> Option<f64> {
+        report::ratio(
+            self.noop_cli.map(|n| report::ms(n.median)),
+            self.diesel_noop.map(|n| report::ms(n.median)),
+        )
     }
 }
 
@@ -230,6 +279,11 @@ async fn measure(
 ) -> Result<Results> {
     let count = corpus.migrations.len();
     let db_name = |suffix: &str| format!("{}_{suffix}", args.database_prefix);
+    let diesel = pg::find_tool("diesel");
+    if diesel.is_none() {
+        eprintln!("diesel not found on PATH: the diesel references are left out");
+    }
+    let (mut diesel_ups, mut diesel_noop, mut svcdb_diesel_ups) = (vec![], None, vec![]);
     // Rounds alternate svcdb and the floor, so that a burst of load from elsewhere on the
     // machine hits both sides alike, and the medians shrug off one unlucky round.
     let (mut ups, mut outside, mut downs, mut floors) = (vec![], vec![], vec![], vec![]);
@@ -261,6 +315,20 @@ async fn measure(
             same_schema(objects, &built, "one psql session")?;
             floors.push(floor);
         }
+        if let Some(diesel) = &diesel {
+            eprintln!("round {round}/{}: diesel migration run…", args.rounds);
+            let run = diesel_run(server, diesel, &db_name("diesel"), corpus, calls).await?;
+            same_schema(objects, &run.objects, "diesel")?;
+            diesel_ups.push(run.up);
+            diesel_noop = diesel_noop.or(run.noop);
+        }
+        eprintln!(
+            "round {round}/{}: svcdb up, the diesel layout…",
+            args.rounds
+        );
+        let run = svcdb_run(server, &db_name("svcdb_diesel"), &corpus.diesel, 0, false).await?;
+        same_schema(objects, &run.objects, "svcdb on the diesel layout")?;
+        svcdb_diesel_ups.push(run.up);
     }
     let objects = objects.expect("at least one round");
 
@@ -273,6 +341,17 @@ async fn measure(
         false,
     )
     .await?;
+
+    let noop_cli = match svcdb_cli() {
+        Some(svcdb) => {
+            eprintln!("svcdb migrate up, no-op, process start included…");
+            Some(cli_noop(server, &svcdb, &db_name("cli"), corpus, args.noop_calls).await?)
+        }
+        None => {
+            eprintln!("the svcdb binary is neither next to svcdb-bench nor on PATH (build it with `cargo build --release -p svcdb-cli`): noop_cli_ms is left out");
+            None
+        }
+    };
 
     let per_file = match psql {
         Some(psql) => {
@@ -303,6 +382,10 @@ async fn measure(
         applied_up: applied.up,
         applied_noop: applied.noop.expect("no-op calls asked for"),
         per_file,
+        diesel_ups,
+        diesel_noop,
+        svcdb_diesel_ups,
+        noop_cli,
     })
 }
 
@@ -351,12 +434,42 @@ fn figures(
         "psql_per_file_vs_floor",
         report::ratio(r.per_file.map(secs), r.floor().map(secs)),
     );
+    f.set("diesel_count", corpus.diesel.len());
+    f.set("diesel_up_s", r.diesel_up().map(secs));
+    f.set("diesel_up_s_rounds", all_secs(&r.diesel_ups));
+    f.set(
+        "diesel_noop_ms",
+        r.diesel_noop.map(|n| report::ms(n.median)),
+    );
+    f.set("svcdb_diesel_layout_up_s", secs(r.svcdb_diesel_up()));
+    f.set(
+        "svcdb_diesel_layout_up_s_rounds",
+        all_secs(&r.svcdb_diesel_ups),
+    );
+    f.set("noop_cli_ms", r.noop_cli.map(|n| report::ms(n.median)));
+    f.set("svcdb_vs_diesel", r.vs_diesel());
+    f.set("noop_cli_vs_diesel", r.noop_cli_vs_diesel());
     let targets = vec![
         Target {
             key: "up_vs_floor".into(),
             what: "up / one psql session (the floor)".into(),
             value: r.up_vs_floor(),
-            bound: Bound::AtMost(1.1),
+            bound: Bound::AtMost(1.0),
+            unit: "×",
+        },
+        Target {
+            key: "svcdb_vs_diesel".into(),
+            what: "svcdb up / diesel migration run, same diesel folder".into(),
+            value: r.vs_diesel(),
+            bound: Bound::AtMost(0.8),
+            unit: "×",
+        },
+        Target {
+            key: "noop_cli_vs_diesel".into(),
+            what: "no-op `svcdb migrate up` / no-op `diesel migration run`, process start included"
+                .into(),
+            value: r.noop_cli_vs_diesel(),
+            bound: Bound::AtMost(1.0),
             unit: "×",
         },
         Target {
@@ -443,7 +556,32 @@ fn human_report(
         r.per_file,
         &[],
     ));
+    table.add_row(seconds(
+        format!(
+            "diesel migration run, the diesel folder ({} migrations)",
+            corpus.diesel.len()
+        ),
+        r.diesel_up(),
+        &r.diesel_ups,
+    ));
+    table.add_row(seconds(
+        "svcdb up, the same diesel folder".into(),
+        Some(r.svcdb_diesel_up()),
+        &r.svcdb_diesel_ups,
+    ));
     let calls = args.noop_calls;
+    let optional_noop = |what: String, n: Option<NoopFigures>| match n {
+        Some(n) => noop(what, n),
+        None => vec![what, "—".to_owned(), "—".to_owned(), String::new()],
+    };
+    table.add_row(optional_noop(
+        format!("diesel migration run, no-op, process included (median of {calls})"),
+        r.diesel_noop,
+    ));
+    table.add_row(optional_noop(
+        format!("svcdb migrate up, no-op, process included (median of {calls})"),
+        r.noop_cli,
+    ));
     table.add_row(noop(
         format!("svcdb no-op up, {count} applied (median of {calls})"),
         r.noop,
@@ -634,7 +772,7 @@ async fn psql_timed(
     Ok((elapsed, objects))
 }
 
-/// The objects of schema `bench`, without svcdb's history table: relations (with their column
+/// The objects of schema `bench`, without svcdb's and diesel's history tables: relations (with their column
 /// count), functions, triggers and constraints.
 async fn fingerprint(conn: &tokio_postgres::Client) -> Result<Fingerprint> {
     let row = conn
@@ -644,7 +782,9 @@ async fn fingerprint(conn: &tokio_postgres::Client) -> Result<Fingerprint> {
                       SELECT c.relkind::text || ':' || c.relname || ':' || c.relnatts AS item
                         FROM pg_class c
                        WHERE c.relnamespace = (SELECT oid FROM ns)
-                         AND c.relname NOT IN ('svcdb_migrations', 'svcdb_migrations_pkey')
+                         AND c.relname NOT IN ('svcdb_migrations', 'svcdb_migrations_pkey',
+                                               '__diesel_schema_migrations',
+                                               '__diesel_schema_migrations_pkey')
                       UNION ALL
                       SELECT 'f:' || p.proname FROM pg_proc p WHERE p.pronamespace = (SELECT oid FROM ns)
                       UNION ALL
@@ -655,7 +795,8 @@ async fn fingerprint(conn: &tokio_postgres::Client) -> Result<Fingerprint> {
                       SELECT 'k:' || k.conname
                         FROM pg_constraint k
                        WHERE k.connamespace = (SELECT oid FROM ns)
-                         AND k.conname <> 'svcdb_migrations_pkey')
+                         AND k.conname NOT IN ('svcdb_migrations_pkey',
+                                               '__diesel_schema_migrations_pkey'))
              SELECT count(*), coalesce(string_agg(item, ',' ORDER BY item), '') FROM items",
             &[&SCHEMA],
         )
@@ -665,4 +806,112 @@ async fn fingerprint(conn: &tokio_postgres::Client) -> Result<Fingerprint> {
         count: row.get(0),
         items: row.get(1),
     })
+}
+
+/// One pass of diesel CLI over the diesel folder, in a fresh database.
+struct DieselRun {
+    up: Duration,
+    noop: Option<NoopFigures>,
+    objects: Fingerprint,
+}
+
+/// In a fresh database `name` whose schema `bench` exists: `diesel migration run` from empty
+/// (timed), then `noop_calls` no-op runs. The schema is pinned through `PGOPTIONS`, a startup
+/// option, as svcdb pins it; libpq reads the server and user from the environment
+/// ([`Server::tool`]), so the URL names only the database. Drops the database at the end.
+async fn diesel_run(
+    server: &Server,
+    diesel: &Path,
+    name: &str,
+    corpus: &Corpus,
+    noop_calls: u32,
+) -> Result<DieselRun> {
+    server.recreate_database(name).await?;
+    let conn = DedicatedConn::connect(&server.database(name)).await?;
+    conn.batch_execute(&format!("CREATE SCHEMA {SCHEMA}"))
+        .await?;
+    // diesel looks for its configuration (diesel.toml) in the project around the working
+    // directory; an empty one in the corpus folder keeps it from finding any other.
+    let config = corpus.diesel_dir.join("diesel.toml");
+    std::fs::write(&config, "")?;
+    let command = || {
+        let mut cmd = server.tool(diesel, name);
+        cmd.args(["migration", "run", "--migration-dir"])
+            .arg(&corpus.diesel_dir)
+            .arg("--config-file")
+            .arg(&config)
+            .current_dir(&corpus.diesel_dir)
+            .env("DATABASE_URL", format!("postgres:///{name}"))
+            .env("PGOPTIONS", format!("-c search_path={SCHEMA}"));
+        cmd
+    };
+    server.checkpoint().await;
+    let started = Instant::now();
+    pg::run_tool(command(), "diesel migration run").await?;
+    let up = started.elapsed();
+    let objects = fingerprint(&conn).await?;
+    let noop = timed_calls(noop_calls, command, "diesel migration run (no-op)").await?;
+    drop(conn);
+    server.drop_database(name).await?;
+    Ok(DieselRun { up, noop, objects })
+}
+
+/// In a fresh database `name` with the diesel folder applied by svcdb: `noop_calls` runs of
+/// `svcdb migrate up` on it, each a new process, as a deploy script or an init container
+/// runs it. Drops the database at the end.
+async fn cli_noop(
+    server: &Server,
+    svcdb: &Path,
+    name: &str,
+    corpus: &Corpus,
+    noop_calls: u32,
+) -> Result<NoopFigures> {
+    let bench = bench_db(server, name, corpus.diesel.clone()).await?;
+    bench.up().await?;
+    let command = || {
+        let mut cmd = tokio::process::Command::new(svcdb);
+        cmd.args(["migrate", "up"])
+            // The URL may hold the administrator's password: the environment, not argv.
+            .env("DATABASE_URL", server.url(name))
+            .env("SVCDB_SCHEMA", SCHEMA)
+            .env("SVCDB_MIGRATIONS_DIR", &corpus.diesel_dir)
+            .kill_on_drop(true);
+        cmd
+    };
+    let noop = timed_calls(noop_calls, command, "svcdb migrate up (no-op)").await?;
+    drop(bench);
+    server.drop_database(name).await?;
+    Ok(noop.expect("at least one no-op call"))
+}
+
+/// Runs `command()` `calls` times, one after another, each to success; its median and
+/// slowest time (`None` for no call).
+async fn timed_calls(
+    calls: u32,
+    command: impl Fn() -> tokio::process::Command,
+    what: &str,
+) -> Result<Option<NoopFigures>> {
+    let mut samples = Vec::with_capacity(calls as usize);
+    for _ in 0..calls {
+        let started = Instant::now();
+        pg::run_tool(command(), what).await?;
+        samples.push(started.elapsed());
+    }
+    Ok((!samples.is_empty()).then(|| NoopFigures {
+        median: report::median(&samples),
+        max: samples.iter().copied().max().unwrap_or_default(),
+    }))
+}
+
+/// The `svcdb` binary: next to this one (the same `cargo build`), else on `PATH`.
+fn svcdb_cli() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("svcdb")))
+        .filter(|path| path.is_file())
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|dir| dir.join("svcdb"))
+                .find(|path| path.is_file())
+        })
 }

@@ -21,6 +21,7 @@ use svcdb::migrate::{
     RepairAction, RunEntry, StatusReport, Tool, UpOptions, Version,
 };
 use svcdb::tokio_postgres::error::ErrorPosition;
+use svcdb::ServiceDb;
 
 use crate::global::Global;
 use crate::{output, Outcome};
@@ -158,6 +159,12 @@ pub struct Timeouts {
     #[arg(long, value_name = "DURATION", value_parser = crate::global::duration)]
     lock_timeout: Option<Duration>,
 
+    /// How many times a migration that hit the lock timeout is tried again (its whole
+    /// transaction, or the failing statement of a non-transactional one), after a backoff of
+    /// 1s, 2s, 4s, … plus jitter; 0: fail at once [default: 3].
+    #[arg(long, value_name = "N")]
+    lock_retries: Option<u32>,
+
     /// How long one statement may run; 0: no limit [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = crate::global::duration)]
     statement_timeout: Option<Duration>,
@@ -235,6 +242,9 @@ impl Timeouts {
         if let Some(timeout) = self.lock_timeout {
             options.lock_timeout = timeout;
         }
+        if let Some(retries) = self.lock_retries {
+            options.lock_retries = retries;
+        }
         if let Some(timeout) = self.statement_timeout {
             options.statement_timeout = (!timeout.is_zero()).then_some(timeout);
         }
@@ -264,11 +274,25 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
     }
 }
 
-/// The runner for `--dir` on the service schema. The folder is read first, so a broken
-/// migration file is reported before any connection is tried.
+/// The runner for `--dir` on the service schema. The folder is read while the connection is
+/// being made (a TCP handshake and a server process forked: together with the read, most of
+/// a no-op `up`), and its errors come first: with a broken migration file the connection is
+/// dropped unused and the file is reported, whether or not the server could be reached.
 async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> {
-    let migrations = global.migrations()?;
-    Ok(Migrator::new(global.connect().await?, migrations).with_options(options))
+    let connecting = global
+        .config()
+        .map(|config| tokio::spawn(ServiceDb::connect(config)));
+    let migrations = match global.migrations() {
+        Ok(migrations) => migrations,
+        Err(e) => {
+            if let Ok(connecting) = connecting {
+                connecting.abort();
+            }
+            return Err(e);
+        }
+    };
+    let db = connecting?.await??;
+    Ok(Migrator::new(db, migrations).with_options(options))
 }
 
 /// An observer printing each event as it happens (see [`output::progress`]).

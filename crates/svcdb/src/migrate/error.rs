@@ -158,6 +158,12 @@ pub struct MigrationFailure {
     pub undo_error: Option<String>,
     /// True when everything this command did was rolled back in one transaction.
     pub rolled_back: bool,
+    /// The migrations that ran in the failing one's transaction before it (its group of
+    /// consecutive transactional migrations, or the whole deploy), rolled back with it.
+    pub rolled_back_with: Vec<Version>,
+    /// How many times the failing script (or statement) was tried again after a lock timeout
+    /// before this failure ([`MigrateOptions::lock_retries`](super::MigrateOptions::lock_retries)).
+    pub lock_retries: u32,
     /// True when the failing migration was non-transactional and the schema is now dirty.
     pub dirty: bool,
     /// For a non-transactional script: how many of its statements succeeded before the
@@ -222,6 +228,8 @@ fn failed_message(f: &MigrationFailure) -> String {
         undone,
         undo_error,
         rolled_back,
+        rolled_back_with,
+        lock_retries,
         dirty,
         statements_done,
         invalid_indexes,
@@ -236,6 +244,13 @@ fn failed_message(f: &MigrationFailure) -> String {
         "migration {version} ({name}) failed ({direction}): {}",
         pg_message(cause)
     );
+    let lock_timeout = cause.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
+    if lock_timeout && *lock_retries > 0 {
+        s.push_str(&format!(
+            "\n  the lock was still not granted after {lock_retries} retr{}",
+            if *lock_retries == 1 { "y" } else { "ies" }
+        ));
+    }
     if *dirty {
         let done = statements_done.unwrap_or(0);
         s.push_str(&format!(
@@ -244,6 +259,11 @@ fn failed_message(f: &MigrationFailure) -> String {
     }
     if *rolled_back {
         s.push_str("\n  everything this command did was rolled back; the schema is as it was");
+    } else if !rolled_back_with.is_empty() {
+        s.push_str(&format!(
+            "\n  rolled back with it (same transaction): {}",
+            list(rolled_back_with)
+        ));
     }
     if !undone.is_empty() {
         s.push_str(&format!(
@@ -272,6 +292,8 @@ fn failed_message(f: &MigrationFailure) -> String {
     }
     s.push_str(if *dirty {
         "undo (or finish) those statements by hand, fix the migration, run `svcdb migrate repair`, then run again"
+    } else if lock_timeout {
+        "another session held a lock on the migration's table for longer than lock_timeout: find it in pg_stat_activity (a long or idle-in-transaction session), then run again when it is gone; or allow more with `--lock-retries`/`--lock-timeout` (MigrateOptions::lock_retries, lock_timeout), which queues the table's other queries behind the migration for that long"
     } else if cause.code() == Some(&SqlState::ACTIVE_SQL_TRANSACTION) {
         // CREATE INDEX CONCURRENTLY, VACUUM, ALTER TYPE … ADD VALUE (before PostgreSQL 12): the
         // migration itself is fine, it only needs to run outside a transaction.

@@ -70,6 +70,27 @@ pub enum MigrateEvent {
         /// How long it took, in milliseconds.
         duration_ms: f64,
     },
+    /// A statement waited longer than `lock_timeout` for a table lock (SQLSTATE 55P03: another
+    /// session holds a conflicting lock, e.g. a long transaction on the table); after `delay_ms`
+    /// the runner tries again (see
+    /// [`MigrateOptions::lock_retries`](super::MigrateOptions::lock_retries)).
+    LockRetry {
+        /// The version whose statement timed out.
+        version: Version,
+        /// Its name.
+        name: String,
+        /// Up or down.
+        direction: Direction,
+        /// What runs again: `None` for the whole transaction (every migration of its group,
+        /// rolled back), `Some(n)` for the n-th statement (from 1) of a non-transactional script.
+        statement: Option<usize>,
+        /// This retry's number, from 1.
+        attempt: u32,
+        /// The most retries allowed.
+        retries: u32,
+        /// The pause before it, in milliseconds.
+        delay_ms: f64,
+    },
     /// Before anything runs: a [lint](mod@super::lint) finding that does not stop `up` (a
     /// warning, or an error let through by
     /// [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe)).
@@ -118,6 +139,25 @@ impl fmt::Display for MigrateEvent {
                 write!(
                     f,
                     "{direction} {version} {name} done in {duration_ms:.1} ms"
+                )
+            }
+            MigrateEvent::LockRetry {
+                version,
+                name,
+                direction,
+                statement,
+                attempt,
+                retries,
+                delay_ms,
+            } => {
+                let what = match statement {
+                    None => "its transaction".to_owned(),
+                    Some(n) => format!("statement {n}"),
+                };
+                write!(
+                    f,
+                    "{direction} {version} {name}: a table lock was not granted within lock_timeout; retrying {what} in {:.1} s (retry {attempt} of {retries})",
+                    delay_ms / 1e3
                 )
             }
             MigrateEvent::Lint { finding } => finding.fmt(f),

@@ -58,8 +58,11 @@
 //!   history rows run in one transaction: a failure leaves the schema as it was. With a
 //!   non-transactional migration (first line `-- svcdb:no-transaction` or sqlx's
 //!   `-- no-transaction`, or diesel
-//!   `run_in_transaction = false`) in the batch, each migration runs on its own, and a failure
-//!   undoes what this deploy applied with the down scripts, newest first
+//!   `run_in_transaction = false`) in the batch, each run of consecutive transactional
+//!   migrations is one *group*: one transaction with one history write, so a failure rolls
+//!   back that whole group and nothing else ([`MigrationFailure::rolled_back_with`]). Then the
+//!   groups and non-transactional migrations this deploy committed before it are undone with
+//!   their down scripts, newest first, unless the failing migration is non-transactional
 //!   ([`MigrateError::Failed`]'s [`MigrationFailure`] lists them). A non-transactional
 //!   migration's history row is marked dirty while it runs. While its runner holds the lock
 //!   it is *in progress* ([`MigrationState::InProgress`]): other runners' `up` waits for the
@@ -82,7 +85,11 @@
 //!   refused by `up` and `validate` ([`MigrateError::Unwritten`]).
 //! * **Timeouts.** Migrations run with `lock_timeout` 10 s (a DDL statement stuck behind live
 //!   traffic fails instead of queueing that table's queries behind it) and no
-//!   `statement_timeout`; both are in [`MigrateOptions`].
+//!   `statement_timeout`; both are in [`MigrateOptions`]. A statement that hits `lock_timeout`
+//!   (55P03) is retried after a jittered backoff, 3 times by default
+//!   ([`MigrateOptions::lock_retries`]): a transactional migration's whole group, a
+//!   non-transactional migration's failing statement; each retry is a
+//!   [`MigrateEvent::LockRetry`].
 //! * **Unsafe DDL.** Before running anything, `up` checks the statements it is about to run
 //!   ([`lint`](mod@lint)): a `CREATE INDEX` without `CONCURRENTLY` on a table that existed before the
 //!   deploy, a table rewrite, a constraint validated under lock, … is refused with the safe

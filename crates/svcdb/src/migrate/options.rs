@@ -23,6 +23,19 @@ pub struct MigrateOptions {
     /// live traffic fails instead of queueing every later query of that table behind it.
     /// Default: 10 s. `Duration::ZERO` means no limit.
     pub lock_timeout: Duration,
+    /// How many times a script that hit `lock_timeout` (SQLSTATE 55P03) is tried again before
+    /// the deploy fails: a transactional script's whole transaction (its group of consecutive
+    /// transactional migrations) is rolled back and run again; a non-transactional script's
+    /// failing statement alone is run again (not when the schema then holds an invalid index,
+    /// which a `CREATE INDEX CONCURRENTLY` cut short leaves: running it again would fail or,
+    /// with `IF NOT EXISTS`, accept the broken index). Each retry is reported as
+    /// [`MigrateEvent::LockRetry`](super::MigrateEvent::LockRetry). Default: 3; 0: fail at the
+    /// first timeout.
+    pub lock_retries: u32,
+    /// The pause before the first retry after a lock timeout; it doubles for each later one,
+    /// plus a random jitter of up to as much again, so that the runner does not queue behind
+    /// the same traffic at the same moment each time. Default: 1 s.
+    pub lock_retry_backoff: Duration,
     /// `statement_timeout` while migrating; `None` means no limit (the server default is not
     /// inherited: a backfill may legitimately run long). Default: `None`.
     pub statement_timeout: Option<Duration>,
@@ -40,6 +53,8 @@ impl Default for MigrateOptions {
             ignore_missing: false,
             lock_wait: Duration::from_secs(600),
             lock_timeout: Duration::from_secs(10),
+            lock_retries: 3,
+            lock_retry_backoff: Duration::from_secs(1),
             statement_timeout: None,
             allow_unsafe: false,
         }

@@ -43,11 +43,26 @@ fn ignore(_: &MigrateEvent) {}
 
 /// A failure of one script, told apart from a failure of the bookkeeping around it.
 enum StepError {
-    /// The script (or its commit) failed: the migration's fault. For a non-transactional
-    /// script, the number of statements that succeeded first.
-    Script(tokio_postgres::Error, Option<usize>),
+    /// The script (or its commit) failed: the migration's fault.
+    Script {
+        cause: tokio_postgres::Error,
+        /// For a non-transactional script, the number of statements that succeeded first.
+        statements_done: Option<usize>,
+        /// Retries after a lock timeout before this failure.
+        lock_retries: u32,
+    },
     /// Anything else.
     Other(MigrateError),
+}
+
+impl StepError {
+    fn script(cause: tokio_postgres::Error, statements_done: Option<usize>) -> Self {
+        StepError::Script {
+            cause,
+            statements_done,
+            lock_retries: 0,
+        }
+    }
 }
 
 impl From<tokio_postgres::Error> for StepError {
@@ -55,6 +70,9 @@ impl From<tokio_postgres::Error> for StepError {
         StepError::Other(e.into())
     }
 }
+
+/// A failed group: the index of the migration at fault in it, and why.
+type GroupError = (usize, StepError);
 
 impl Migrator {
     /// A runner for `migrations` on `db`'s schema, with default [`MigrateOptions`].
@@ -148,8 +166,11 @@ impl Migrator {
     /// [`MigrateOptions::lock_wait`] for a runner in progress, e.g. another replica's long
     /// `CREATE INDEX CONCURRENTLY`), reads the history again (that runner may have just
     /// migrated), and runs what is still pending: all in one transaction when every one is
-    /// transactional, else one by one, undoing this call's work with the down scripts if one
-    /// fails (see [`MigrateError::Failed`]).
+    /// transactional; else each run of consecutive transactional migrations in one transaction
+    /// of its own (a *group*, with one history write) and each non-transactional migration on
+    /// its own, undoing the groups and migrations this call committed with their down scripts
+    /// if one fails (see [`MigrateError::Failed`]). A statement that hits `lock_timeout` is
+    /// retried ([`MigrateOptions::lock_retries`]).
     ///
     /// A pending migration that is still the template [`new_migration`](super::new_migration)
     /// wrote is refused first ([`MigrateError::Unwritten`]). Before anything runs (dry runs
@@ -453,8 +474,12 @@ impl Migrator {
         })
     }
 
-    /// Runs `plan` in `direction`: in one transaction when every script is transactional,
-    /// else one by one (undoing this call's ups with their downs if one fails).
+    /// Runs `plan` in `direction`. Each run of consecutive transactional scripts is one group:
+    /// one transaction, one history write. When the whole plan is one group, that transaction
+    /// also creates the history table, and a failure leaves the schema exactly as it was.
+    /// Otherwise the groups and the non-transactional scripts between them run in order, and
+    /// when one fails (its group rolled back, or a non-transactional script left dirty) the
+    /// ups this call committed before it are undone with their downs, newest first.
     async fn run(
         &self,
         conn: &mut Client,
@@ -468,116 +493,220 @@ impl Migrator {
             // Another runner applied everything while we waited for the lock.
             return Ok(Vec::new());
         }
-        if plan.iter().all(|m| transactional(m, direction)) {
+        let segments: Vec<&[&Migration]> = plan
+            .chunk_by(|a, b| transactional(a, direction) && transactional(b, direction))
+            .collect();
+        if segments.len() == 1 && transactional(plan[0], direction) {
             return self
-                .run_atomic(conn, plan, direction, history_exists, observer)
-                .await;
+                .run_group(conn, plan, direction, !history_exists, observer)
+                .await
+                .map_err(|(i, e)| match e {
+                    StepError::Other(e) => e,
+                    StepError::Script {
+                        cause,
+                        lock_retries,
+                        ..
+                    } => MigrateError::Failed(Box::new(MigrationFailure {
+                        rolled_back: true,
+                        rolled_back_with: plan[..i].iter().map(|m| m.version.clone()).collect(),
+                        lock_retries,
+                        ..failure(plan[i], direction, cause)
+                    })),
+                });
         }
         if !history_exists {
             history::create_table(&*conn, schema).await?;
         }
         let mut done: Vec<RunEntry> = Vec::with_capacity(plan.len());
-        for m in plan {
-            match step(conn, schema, m, direction, observer).await {
-                Ok(entry) => done.push(entry),
-                Err(StepError::Other(e)) => return Err(e),
-                Err(StepError::Script(cause, statements_done)) => {
-                    let dirty = !transactional(m, direction);
-                    // Undo this deploy's ups unless the failing step left the schema in an
-                    // unknown state: running downs over a half-applied step would only make
-                    // the mess bigger. Downs are never "undone" by running ups again.
-                    let (undone, undo_error) = if direction == Direction::Up && !dirty {
-                        self.undo(conn, &done, observer).await
-                    } else {
-                        (Vec::new(), None)
-                    };
-                    let applied: Vec<Version> = done
-                        .iter()
-                        .map(|e| e.version.clone())
-                        .filter(|v| !undone.contains(v))
-                        .collect();
-                    if direction == Direction::Up && !history_exists && !dirty && applied.is_empty()
-                    {
-                        // Everything was undone: drop the history table this call created too,
-                        // so the schema is exactly as before. Best effort: an empty table is
-                        // harmless if this fails.
-                        let drop_table = history::drop_table_sql(schema);
-                        if let Err(e) = conn.batch_execute(&drop_table).await {
-                            tracing::warn!(target: "svcdb::migrate", error = %crate::error::pg_message(&e), "cannot drop the history table");
-                        }
-                    }
-                    // Best effort: the failure is the news, and a connection that broke cannot
-                    // be asked.
-                    let invalid_indexes = invalid_indexes(conn, schema)
-                        .await
-                        .unwrap_or_else(|e| {
-                            tracing::warn!(target: "svcdb::migrate", error = %e, "cannot list the schema's invalid indexes");
-                            Vec::new()
-                        });
-                    return Err(MigrateError::Failed(Box::new(MigrationFailure {
-                        applied,
-                        undone,
-                        undo_error,
-                        dirty,
+        for segment in segments {
+            let result = if transactional(segment[0], direction) {
+                self.run_group(conn, segment, direction, false, observer)
+                    .await
+            } else {
+                self.step(conn, segment[0], direction, observer)
+                    .await
+                    .map(|entry| vec![entry])
+                    .map_err(|e| (0, e))
+            };
+            let (i, cause, statements_done, lock_retries) = match result {
+                Ok(entries) => {
+                    done.extend(entries);
+                    continue;
+                }
+                Err((_, StepError::Other(e))) => return Err(e),
+                Err((
+                    i,
+                    StepError::Script {
+                        cause,
                         statements_done,
-                        invalid_indexes,
-                        ..failure(m, direction, cause)
-                    })));
+                        lock_retries,
+                    },
+                )) => (i, cause, statements_done, lock_retries),
+            };
+            let m = segment[i];
+            let dirty = !transactional(m, direction);
+            // Undo this deploy's ups unless the failing step left the schema in an unknown
+            // state: running downs over a half-applied step would only make the mess bigger.
+            // Downs are never "undone" by running ups again.
+            let (undone, undo_error) = if direction == Direction::Up && !dirty {
+                self.undo(conn, &done, observer).await
+            } else {
+                (Vec::new(), None)
+            };
+            let applied: Vec<Version> = done
+                .iter()
+                .map(|e| e.version.clone())
+                .filter(|v| !undone.contains(v))
+                .collect();
+            if direction == Direction::Up && !history_exists && !dirty && applied.is_empty() {
+                // Everything was undone: drop the history table this call created too, so the
+                // schema is exactly as before. Best effort: an empty table is harmless if this
+                // fails.
+                let drop_table = history::drop_table_sql(schema);
+                if let Err(e) = conn.batch_execute(&drop_table).await {
+                    tracing::warn!(target: "svcdb::migrate", error = %crate::error::pg_message(&e), "cannot drop the history table");
                 }
             }
+            // Best effort: the failure is the news, and a connection that broke cannot be
+            // asked.
+            let invalid_indexes = invalid_indexes(conn, schema).await.unwrap_or_else(|e| {
+                tracing::warn!(target: "svcdb::migrate", error = %e, "cannot list the schema's invalid indexes");
+                Vec::new()
+            });
+            return Err(MigrateError::Failed(Box::new(MigrationFailure {
+                applied,
+                undone,
+                undo_error,
+                dirty,
+                statements_done,
+                invalid_indexes,
+                rolled_back_with: segment[..i].iter().map(|m| m.version.clone()).collect(),
+                lock_retries,
+                ..failure(m, direction, cause)
+            })));
         }
         Ok(done)
     }
 
-    /// Every script and the history rows in one transaction; a failure rolls all of it back
-    /// (the history table too, if this call created it).
-    async fn run_atomic(
+    /// Runs `group` (transactional scripts) and its history change in one transaction, which
+    /// also creates the history table with `create_table`. When a script hits `lock_timeout`,
+    /// the transaction is rolled back and the whole group runs again, at most
+    /// [`MigrateOptions::lock_retries`] times. On a failure nothing of the group stays.
+    async fn run_group(
         &self,
         conn: &mut Client,
-        plan: &[&Migration],
+        group: &[&Migration],
         direction: Direction,
-        history_exists: bool,
+        create_table: bool,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
-    ) -> Result<Vec<RunEntry>, MigrateError> {
+    ) -> Result<Vec<RunEntry>, GroupError> {
         let schema = self.db.schema();
-        let tx = conn.transaction().await?;
-        if !history_exists {
-            history::create_table(&tx, schema).await?;
-        }
-        let mut done = Vec::with_capacity(plan.len());
-        for m in plan {
-            let (script, _) = script(m, direction);
-            let start = started(m, direction, observer);
-            if let Err(cause) = tx.batch_execute(script).await {
-                // Dropping `tx` rolls back.
-                return Err(MigrateError::Failed(Box::new(MigrationFailure {
-                    rolled_back: true,
-                    ..failure(m, direction, cause)
-                })));
+        let mut retries = 0;
+        loop {
+            match try_group(conn, schema, group, direction, create_table, observer).await {
+                Err((i, StepError::Script { cause, .. }))
+                    if is_lock_timeout(&cause) && retries < self.options.lock_retries =>
+                {
+                    retries += 1;
+                    self.pause_before_retry(group[i], direction, None, retries, observer)
+                        .await;
+                }
+                Err((
+                    i,
+                    StepError::Script {
+                        cause,
+                        statements_done,
+                        ..
+                    },
+                )) => {
+                    return Err((
+                        i,
+                        StepError::Script {
+                            cause,
+                            statements_done,
+                            lock_retries: retries,
+                        },
+                    ))
+                }
+                other => return other,
             }
-            done.push(finished(m, direction, start, observer));
+        }
+    }
+
+    /// One non-transactional script with its bookkeeping: the row is marked dirty first, the
+    /// statements run one by one (a multi-statement message would be one implicit
+    /// transaction), then the mark is cleared (up) or the row deleted (down); a failure in
+    /// between leaves the dirty mark. A statement that hits `lock_timeout` changed nothing
+    /// and runs again, at most [`MigrateOptions::lock_retries`] times, unless the schema now
+    /// holds an invalid index (see the option).
+    async fn step(
+        &self,
+        conn: &mut Client,
+        m: &Migration,
+        direction: Direction,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<RunEntry, StepError> {
+        let schema = self.db.schema();
+        let (sql, _) = script(m, direction);
+        match direction {
+            Direction::Up => history::insert(&*conn, schema, &[(m, None)], true).await?,
+            Direction::Down => history::set_dirty(&*conn, schema, &m.version, true, None).await?,
+        }
+        let start = started(m, direction, observer);
+        for (done, statement) in split_statements(sql).into_iter().enumerate() {
+            let mut retries = 0;
+            while let Err(cause) = conn.batch_execute(statement).await {
+                let retry = retries < self.options.lock_retries
+                    && is_lock_timeout(&cause)
+                    && invalid_indexes(conn, schema)
+                        .await
+                        .is_ok_and(|found| found.is_empty());
+                if !retry {
+                    return Err(StepError::Script {
+                        cause,
+                        statements_done: Some(done),
+                        lock_retries: retries,
+                    });
+                }
+                retries += 1;
+                self.pause_before_retry(m, direction, Some(done + 1), retries, observer)
+                    .await;
+            }
         }
         match direction {
             Direction::Up => {
-                let rows: Vec<(&Migration, Option<Duration>)> = plan
-                    .iter()
-                    .zip(&done)
-                    .map(|(m, e)| {
-                        (
-                            *m,
-                            Some(crate::config::saturating_secs_f64(e.duration_ms / 1e3)),
-                        )
-                    })
-                    .collect();
-                history::insert(&tx, schema, &rows, false).await?;
+                history::set_dirty(&*conn, schema, &m.version, false, Some(start.elapsed())).await?
             }
-            Direction::Down => {
-                let versions: Vec<&Version> = plan.iter().map(|m| &m.version).collect();
-                history::delete(&tx, schema, &versions).await?;
-            }
+            Direction::Down => history::delete(&*conn, schema, &[&m.version]).await?,
         }
-        tx.commit().await?;
-        Ok(done)
+        Ok(finished(m, direction, start, observer))
+    }
+
+    /// Reports retry `attempt` after a lock timeout and waits before it: the backoff doubled
+    /// per earlier retry, plus up to as much again at random.
+    async fn pause_before_retry(
+        &self,
+        m: &Migration,
+        direction: Direction,
+        statement: Option<usize>,
+        attempt: u32,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) {
+        let backoff = self
+            .options
+            .lock_retry_backoff
+            .saturating_mul(2u32.saturating_pow(attempt - 1));
+        let delay = backoff.saturating_add(backoff.mul_f64(rand::random::<f64>()));
+        observer(&MigrateEvent::LockRetry {
+            version: m.version.clone(),
+            name: m.name.clone(),
+            direction,
+            statement,
+            attempt,
+            retries: self.options.lock_retries,
+            delay_ms: delay.as_secs_f64() * 1e3,
+        });
+        tokio::time::sleep(delay).await;
     }
 
     /// Runs the down scripts of `done` (this call's ups), newest first, stopping at the first
@@ -600,12 +729,21 @@ impl Migrator {
                     Some(format!("migration {} has no down script", entry.version)),
                 );
             };
-            let failure = match step(conn, self.db.schema(), m, Direction::Down, observer).await {
+            let result = if m.down_transactional {
+                self.run_group(conn, &[m], Direction::Down, false, observer)
+                    .await
+                    .map_err(|(_, e)| e)
+            } else {
+                self.step(conn, m, Direction::Down, observer)
+                    .await
+                    .map(|_| Vec::new())
+            };
+            let failure = match result {
                 Ok(_) => {
                     undone.push(m.version.clone());
                     continue;
                 }
-                Err(StepError::Script(e, _)) => crate::error::pg_message(&e),
+                Err(StepError::Script { cause, .. }) => crate::error::pg_message(&cause),
                 Err(StepError::Other(e)) => e.to_string(),
             };
             return (
@@ -618,6 +756,63 @@ impl Migrator {
         }
         (undone, None)
     }
+}
+
+/// One try of [`Migrator::run_group`]: begin, every script, the history change, commit. A
+/// failing commit (a deferred constraint) is put on the group's last migration.
+async fn try_group(
+    conn: &mut Client,
+    schema: &crate::Ident,
+    group: &[&Migration],
+    direction: Direction,
+    create_table: bool,
+    observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+) -> Result<Vec<RunEntry>, GroupError> {
+    let other = |e: MigrateError| (0, StepError::Other(e));
+    // Dropping `tx` on any early return rolls back.
+    let tx = conn.transaction().await.map_err(|e| other(e.into()))?;
+    if create_table {
+        history::create_table(&tx, schema).await.map_err(other)?;
+    }
+    let mut done = Vec::with_capacity(group.len());
+    for (i, m) in group.iter().enumerate() {
+        let (sql, _) = script(m, direction);
+        let start = started(m, direction, observer);
+        tx.batch_execute(sql)
+            .await
+            .map_err(|cause| (i, StepError::script(cause, None)))?;
+        done.push(finished(m, direction, start, observer));
+    }
+    let written = match direction {
+        Direction::Up => {
+            let rows: Vec<(&Migration, Option<Duration>)> = group
+                .iter()
+                .zip(&done)
+                .map(|(m, e)| {
+                    (
+                        *m,
+                        Some(crate::config::saturating_secs_f64(e.duration_ms / 1e3)),
+                    )
+                })
+                .collect();
+            history::insert(&tx, schema, &rows, false).await
+        }
+        Direction::Down => history::delete(&tx, schema, &versions(group)).await,
+    };
+    written.map_err(|e| other(e.into()))?;
+    tx.commit()
+        .await
+        .map_err(|cause| (group.len() - 1, StepError::script(cause, None)))?;
+    Ok(done)
+}
+
+/// A statement waited longer than `lock_timeout` for a lock (SQLSTATE 55P03).
+fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&crate::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
+fn versions<'a>(migrations: &[&'a Migration]) -> Vec<&'a Version> {
+    migrations.iter().map(|m| &m.version).collect()
 }
 
 /// The script of `m` for `direction` and whether it runs in a transaction. `run` checked that
@@ -679,6 +874,8 @@ fn failure(m: &Migration, direction: Direction, cause: tokio_postgres::Error) ->
         undone: Vec::new(),
         undo_error: None,
         rolled_back: false,
+        rolled_back_with: Vec::new(),
+        lock_retries: 0,
         dirty: false,
         statements_done: None,
         invalid_indexes: Vec::new(),
@@ -734,51 +931,4 @@ fn planned(m: &Migration) -> RunEntry {
 /// The driver client behind a pooled connection.
 fn client(conn: &crate::PooledConn) -> &Client {
     conn
-}
-
-/// One script with its bookkeeping. Transactional: script and history change commit together.
-/// Not transactional: the row is marked dirty first, the statements run one by one (a
-/// multi-statement message would be one implicit transaction), then the mark is cleared (up)
-/// or the row deleted (down); a failure in between leaves the dirty mark.
-async fn step(
-    conn: &mut Client,
-    schema: &crate::Ident,
-    m: &Migration,
-    direction: Direction,
-    observer: &mut (dyn FnMut(&MigrateEvent) + Send),
-) -> Result<RunEntry, StepError> {
-    let (sql, in_tx) = script(m, direction);
-    if in_tx {
-        let start = started(m, direction, observer);
-        let tx = conn.transaction().await?;
-        tx.batch_execute(sql)
-            .await
-            .map_err(|e| StepError::Script(e, None))?;
-        let elapsed = start.elapsed();
-        match direction {
-            Direction::Up => history::insert(&tx, schema, &[(m, Some(elapsed))], false).await?,
-            Direction::Down => history::delete(&tx, schema, &[&m.version]).await?,
-        }
-        // A deferred constraint fails at commit: that is the script's failure.
-        tx.commit().await.map_err(|e| StepError::Script(e, None))?;
-        return Ok(finished(m, direction, start, observer));
-    }
-    match direction {
-        Direction::Up => history::insert(&*conn, schema, &[(m, None)], true).await?,
-        Direction::Down => history::set_dirty(&*conn, schema, &m.version, true, None).await?,
-    }
-    let start = started(m, direction, observer);
-    for (done, statement) in split_statements(sql).into_iter().enumerate() {
-        conn.batch_execute(statement)
-            .await
-            .map_err(|e| StepError::Script(e, Some(done)))?;
-    }
-
-    match direction {
-        Direction::Up => {
-            history::set_dirty(&*conn, schema, &m.version, false, Some(start.elapsed())).await?
-        }
-        Direction::Down => history::delete(&*conn, schema, &[&m.version]).await?,
-    }
-    Ok(finished(m, direction, start, observer))
 }

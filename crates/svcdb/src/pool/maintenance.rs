@@ -32,7 +32,7 @@ impl From<&Config> for Limits {
             idle_timeout: c.idle_timeout,
             max_lifetime: c.max_lifetime,
             jitter: c.max_lifetime_jitter,
-            connect_timeout: c.connect_timeout,
+            connect_timeout: c.connect_attempt_timeout(),
         }
     }
 }

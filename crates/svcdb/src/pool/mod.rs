@@ -16,12 +16,13 @@ use deadpool_postgres::{
     HookError, Manager, ManagerConfig, Pool, PoolError, QueueMode, RecyclingMethod, Runtime,
     Timeouts,
 };
+use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::NoTls;
 
 pub use status::{PoolStatus, WaitPercentiles};
 
 use crate::config::Config;
-use crate::connection::DedicatedConn;
+use crate::connection::{accepts_writes, DedicatedConn};
 use crate::error::{is_lost_create_race, is_permanent_connect_error, pg_message, Error, Result};
 use crate::ident::Ident;
 use crate::tls::Tls;
@@ -109,6 +110,11 @@ impl ServiceDb {
         };
         let verify_after = config.verify_after_idle;
         let ping_timeout = config.connect_timeout;
+        // A pool that must reach the primary asks, in the same round trip as the ping, whether
+        // the server still accepts writes: after a failover a connection to a server that
+        // became a standby (or was fenced read-only) is retired, and the pool opens one that
+        // finds the new primary.
+        let requires_writes = config.target_session_attrs() == TargetSessionAttrs::ReadWrite;
         let pool = Pool::builder(manager)
             .max_size(config.pool_max)
             .runtime(Runtime::Tokio1)
@@ -122,8 +128,18 @@ impl ServiceDb {
                     if metrics.last_used() < verify_after {
                         return Ok(());
                     }
-                    match tokio::time::timeout(ping_timeout, client.simple_query("")).await {
-                        Ok(Ok(_)) => Ok(()),
+                    let check = async {
+                        if requires_writes {
+                            accepts_writes(client).await
+                        } else {
+                            client.simple_query("").await.map(|_| true)
+                        }
+                    };
+                    match tokio::time::timeout(ping_timeout, check).await {
+                        Ok(Ok(true)) => Ok(()),
+                        Ok(Ok(false)) => {
+                            Err(HookError::message("the server no longer accepts writes"))
+                        }
                         Ok(Err(e)) => Err(HookError::Backend(e)),
                         Err(_) => Err(HookError::message("ping timed out")),
                     }
@@ -196,7 +212,7 @@ impl ServiceDb {
             if remaining.is_zero() {
                 break;
             }
-            let create = remaining.min(self.inner.config.connect_timeout);
+            let create = remaining.min(self.inner.config.connect_attempt_timeout());
             let timeouts = Timeouts {
                 wait: Some(if free_only { Duration::ZERO } else { remaining }),
                 create: Some(create),

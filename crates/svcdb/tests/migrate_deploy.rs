@@ -1,0 +1,505 @@
+//! How a deploy executes against a real PostgreSQL: consecutive transactional migrations commit
+//! together as one group around the non-transactional ones, and a statement that hits
+//! `lock_timeout` is retried (the whole transaction, or the one non-transactional statement).
+
+use std::path::Path;
+use std::time::Duration;
+
+use svcdb::error::SqlState;
+use svcdb::migrate::{
+    MigrateError, MigrateEvent, MigrateOptions, MigrationFailure, Migrations, Migrator, UpOptions,
+};
+use svcdb::testing::TestDb;
+use svcdb::ServiceDb;
+
+/// Writes `files` (name, contents) into `dir`.
+fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (rel, contents) in files {
+        std::fs::write(dir.join(rel), contents).unwrap();
+    }
+}
+
+fn migrator(svc: &ServiceDb, dir: &Path, options: MigrateOptions) -> Migrator {
+    Migrator::new(svc.clone(), Migrations::from_dir(dir).unwrap()).with_options(options)
+}
+
+/// Every history row: version, dirty, and the id of the transaction that wrote it last.
+async fn history(svc: &ServiceDb) -> Vec<(i64, bool, String)> {
+    let conn = svc.get().await.unwrap();
+    let sql = format!(
+        "SELECT version, dirty, xmin::text FROM {}.svcdb_migrations ORDER BY version",
+        svc.schema()
+    );
+    conn.query(&sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+fn versions(rows: &[(i64, bool, String)]) -> Vec<i64> {
+    rows.iter().map(|r| r.0).collect()
+}
+
+async fn table_exists(svc: &ServiceDb, table: &str) -> bool {
+    let conn = svc.get().await.unwrap();
+    conn.query_one(
+        "SELECT to_regclass(current_schema() || '.' || $1) IS NOT NULL",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// The failure inside a `MigrateError::Failed`.
+fn failure(err: &MigrateError) -> &MigrationFailure {
+    match err {
+        MigrateError::Failed(f) => f,
+        other => panic!("expected a failed migration, got {other}"),
+    }
+}
+
+/// Two transactional migrations, a non-transactional one, then two transactional ones.
+const MIXED: &[(&str, &str)] = &[
+    ("1_a.up.sql", "CREATE TABLE a (id int);"),
+    ("2_b.up.sql", "CREATE TABLE b (id int);"),
+    (
+        "3_a_index.up.sql",
+        "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY a_id ON a (id);",
+    ),
+    ("4_c.up.sql", "CREATE TABLE c (id int);"),
+    ("5_d.up.sql", "CREATE TABLE d (id int);"),
+];
+
+#[tokio::test]
+async fn consecutive_transactional_migrations_commit_together_around_a_non_transactional_one() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), MIXED);
+
+    let report = migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    assert!(!report.atomic);
+    assert_eq!(report.migrations.len(), 5);
+
+    // One transaction per group: the rows of a group share the transaction that wrote them.
+    let rows = history(&svc).await;
+    assert_eq!(versions(&rows), [1, 2, 3, 4, 5]);
+    assert!(rows.iter().all(|r| !r.1), "nothing dirty: {rows:?}");
+    let xid = |v: usize| rows[v - 1].2.clone();
+    assert_eq!(xid(1), xid(2), "group 1–2 commits once: {rows:?}");
+    assert_eq!(xid(4), xid(5), "group 4–5 commits once: {rows:?}");
+    assert_ne!(xid(2), xid(3), "{rows:?}");
+    assert_ne!(xid(3), xid(4), "{rows:?}");
+    assert_ne!(xid(1), xid(4), "{rows:?}");
+}
+
+#[tokio::test]
+async fn a_failure_in_a_group_rolls_back_that_whole_group_and_only_it() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    // No down scripts before the failing group: nothing can undo them, so what stays in effect
+    // shows exactly what the failing group's rollback covered.
+    write(dir.path(), MIXED);
+    write(
+        dir.path(),
+        &[
+            ("6_fails.up.sql", "CREATE TABLE e (id int);\nSELECT 1 / 0;"),
+            ("7_f.up.sql", "CREATE TABLE f (id int);"),
+        ],
+    );
+
+    let err = migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO), "{err}");
+    let f = failure(&err);
+    assert_eq!(f.version.number(), 6);
+    assert_eq!(numbers(&f.rolled_back_with), [4, 5], "{err}");
+    assert!(!f.rolled_back, "earlier groups were committed: {err}");
+    assert!(!f.dirty);
+    assert_eq!(numbers(&f.applied), [1, 2, 3]);
+    assert!(f.undone.is_empty());
+    assert!(f.undo_error.is_some(), "3 has no down script: {err}");
+
+    assert_eq!(versions(&history(&svc).await), [1, 2, 3]);
+    for table in ["a", "b"] {
+        assert!(table_exists(&svc, table).await, "{table} was committed");
+    }
+    for table in ["c", "d", "e", "f"] {
+        assert!(!table_exists(&svc, table).await, "{table} rolled back");
+    }
+}
+
+#[tokio::test]
+async fn a_non_transactional_migration_between_groups_still_marks_dirty_on_failure() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("1_a.up.sql", "CREATE TABLE a (id int);"),
+            ("2_b.up.sql", "CREATE TABLE b (id int);"),
+            (
+                "3_half.up.sql",
+                "-- svcdb:no-transaction\nCREATE TABLE half (id int);\nSELECT 1 / 0;\n",
+            ),
+            ("4_c.up.sql", "CREATE TABLE c (id int);"),
+        ],
+    );
+
+    let err = migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap_err();
+    let f = failure(&err);
+    assert_eq!(f.version.number(), 3);
+    assert!(f.dirty, "{err}");
+    assert_eq!(f.statements_done, Some(1));
+    assert!(f.rolled_back_with.is_empty());
+    assert_eq!(
+        numbers(&f.applied),
+        [1, 2],
+        "no undo over a half-applied migration"
+    );
+
+    let rows = history(&svc).await;
+    assert_eq!(
+        rows.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        [(1, false), (2, false), (3, true)]
+    );
+    assert!(table_exists(&svc, "half").await);
+    assert!(!table_exists(&svc, "c").await);
+    let again = migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&again, MigrateError::Dirty { version, .. } if version.number() == 3),
+        "{again}"
+    );
+}
+
+/// Options for the lock tests: a short `lock_timeout` so the test does not wait 10 s per try,
+/// and a backoff long enough for the test to end the blocking transaction after the first
+/// timeout (the retries after it leave slack on a slow machine).
+fn lock_options(retries: u32) -> MigrateOptions {
+    MigrateOptions {
+        lock_timeout: Duration::from_millis(300),
+        lock_retries: retries,
+        lock_retry_backoff: Duration::from_millis(500),
+        ..MigrateOptions::default()
+    }
+}
+
+/// Applies `1_items` (a table `items`) and opens another session whose open transaction has
+/// read `items`: every later `ALTER TABLE items` waits for it.
+async fn items_held_by_another_session(
+    db: &TestDb,
+    svc: &ServiceDb,
+    dir: &Path,
+) -> svcdb::DedicatedConn {
+    write(
+        dir,
+        &[("1_items.up.sql", "CREATE TABLE items (id bigint);")],
+    );
+    migrator(svc, dir, MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    let holder = db.admin().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT count(*) FROM {}.items;",
+            svc.schema()
+        ))
+        .await
+        .unwrap();
+    holder
+}
+
+/// Runs `m.up_with` in a task, sending each event it reports into the returned receiver.
+fn spawn_up(
+    m: Migrator,
+) -> (
+    tokio::task::JoinHandle<Result<svcdb::migrate::UpReport, MigrateError>>,
+    tokio::sync::mpsc::UnboundedReceiver<MigrateEvent>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut observer = move |e: &MigrateEvent| drop(tx.send(e.clone()));
+        m.up_with(&UpOptions::default(), &mut observer).await
+    });
+    (task, rx)
+}
+
+/// The next lock retry out of `events`, within a generous deadline.
+async fn next_retry(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<MigrateEvent>,
+) -> MigrateEvent {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let event = events.recv().await.expect("the runner ended first");
+            if matches!(event, MigrateEvent::LockRetry { .. }) {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("a lock retry within a minute")
+}
+
+/// The versions as the numbers their files give them.
+fn numbers(versions: &[svcdb::migrate::Version]) -> Vec<i64> {
+    versions.iter().map(|v| v.number()).collect()
+}
+
+fn retries(events: &[MigrateEvent]) -> Vec<(i64, Option<usize>, u32)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            MigrateEvent::LockRetry {
+                version,
+                statement,
+                attempt,
+                ..
+            } => Some((version.number(), *statement, *attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_group_blocked_by_a_table_lock_is_retried_whole_once_the_lock_is_gone() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let holder = items_held_by_another_session(&db, &svc, dir.path()).await;
+    write(
+        dir.path(),
+        &[
+            ("2_log.up.sql", "CREATE TABLE log (id int);"),
+            ("3_label.up.sql", "ALTER TABLE items ADD COLUMN label text;"),
+        ],
+    );
+
+    let (task, mut events) = spawn_up(migrator(&svc, dir.path(), lock_options(5)));
+    let first = next_retry(&mut events).await;
+    assert!(
+        matches!(
+            &first,
+            MigrateEvent::LockRetry {
+                version,
+                statement: None,
+                attempt: 1,
+                retries: 5,
+                ..
+            } if version.number() == 3
+        ),
+        "{first:?}"
+    );
+    assert!(first.to_string().contains("retry 1 of 5"), "{first}");
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    let report = task.await.unwrap().unwrap();
+    assert_eq!(report.migrations.len(), 2);
+    let mut rest = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        rest.push(event);
+    }
+    // The whole group ran again: migration 2, rolled back with 3, started again.
+    assert!(
+        rest.iter()
+            .any(|e| matches!(e, MigrateEvent::Started { version, .. } if version.number() == 2)),
+        "{rest:?}"
+    );
+    assert_eq!(versions(&history(&svc).await), [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn a_transactional_migration_whose_table_stays_locked_fails_after_the_retries() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _holder = items_held_by_another_session(&db, &svc, dir.path()).await;
+    write(
+        dir.path(),
+        &[
+            ("2_log.up.sql", "CREATE TABLE log (id int);"),
+            ("3_label.up.sql", "ALTER TABLE items ADD COLUMN label text;"),
+        ],
+    );
+
+    let mut events = Vec::new();
+    let options = MigrateOptions {
+        lock_retry_backoff: Duration::from_millis(10),
+        ..lock_options(2)
+    };
+    let err = migrator(&svc, dir.path(), options)
+        .up_with(&UpOptions::default(), &mut |e| events.push(e.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{err}");
+    let f = failure(&err);
+    assert_eq!((f.version.number(), f.lock_retries), (3, 2));
+    assert!(f.rolled_back);
+    assert_eq!(numbers(&f.rolled_back_with), [2]);
+    assert_eq!(retries(&events), [(3, None, 1), (3, None, 2)]);
+    assert_eq!(versions(&history(&svc).await), [1]);
+    assert!(!table_exists(&svc, "log").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_transactional_statement_blocked_by_a_table_lock_is_retried_alone() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let holder = items_held_by_another_session(&db, &svc, dir.path()).await;
+    // Running the whole script again would fail on the CREATE TABLE that already ran.
+    write(
+        dir.path(),
+        &[(
+            "2_label.up.sql",
+            "-- svcdb:no-transaction\nCREATE TABLE log (id int);\nALTER TABLE items ADD COLUMN label text;\n",
+        )],
+    );
+
+    let (task, mut events) = spawn_up(migrator(&svc, dir.path(), lock_options(5)));
+    let first = next_retry(&mut events).await;
+    assert!(
+        matches!(
+            &first,
+            MigrateEvent::LockRetry {
+                version,
+                statement: Some(2),
+                attempt: 1,
+                ..
+            } if version.number() == 2
+        ),
+        "{first:?}"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    task.await.unwrap().unwrap();
+    let rows = history(&svc).await;
+    assert_eq!(
+        rows.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        [(1, false), (2, false)]
+    );
+}
+
+#[tokio::test]
+async fn a_non_transactional_statement_whose_table_stays_locked_fails_dirty_after_the_retries() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _holder = items_held_by_another_session(&db, &svc, dir.path()).await;
+    write(
+        dir.path(),
+        &[(
+            "2_label.up.sql",
+            "-- svcdb:no-transaction\nCREATE TABLE log (id int);\nALTER TABLE items ADD COLUMN label text;\n",
+        )],
+    );
+
+    let mut events = Vec::new();
+    let options = MigrateOptions {
+        lock_retry_backoff: Duration::from_millis(10),
+        ..lock_options(3)
+    };
+    let err = migrator(&svc, dir.path(), options)
+        .up_with(&UpOptions::default(), &mut |e| events.push(e.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{err}");
+    let f = failure(&err);
+    assert_eq!((f.version.number(), f.lock_retries), (2, 3));
+    assert!(f.dirty);
+    assert_eq!(f.statements_done, Some(1));
+    assert_eq!(
+        retries(&events),
+        [(2, Some(2), 1), (2, Some(2), 2), (2, Some(2), 3)]
+    );
+}
+
+#[tokio::test]
+async fn no_lock_retries_fails_at_the_first_lock_timeout() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _holder = items_held_by_another_session(&db, &svc, dir.path()).await;
+    write(
+        dir.path(),
+        &[("2_label.up.sql", "ALTER TABLE items ADD COLUMN label text;")],
+    );
+
+    let mut events = Vec::new();
+    let err = migrator(&svc, dir.path(), lock_options(0))
+        .up_with(&UpOptions::default(), &mut |e| events.push(e.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{err}");
+    assert_eq!(failure(&err).lock_retries, 0);
+    assert!(retries(&events).is_empty());
+}
+
+#[tokio::test]
+async fn a_concurrent_index_cut_short_by_lock_timeout_is_not_retried() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[("1_items.up.sql", "CREATE TABLE items (id bigint);")],
+    );
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    // A writer's open transaction: CREATE INDEX CONCURRENTLY gets its own table lock, records
+    // the index, then waits for this writer and times out, leaving the index invalid.
+    let writer = db.admin().await;
+    writer
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO {}.items VALUES (1);",
+            svc.schema()
+        ))
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "2_items_id.up.sql",
+            "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY items_id ON items (id);\n",
+        )],
+    );
+
+    let mut events = Vec::new();
+    let err = migrator(&svc, dir.path(), lock_options(3))
+        .up_with(&UpOptions::default(), &mut |e| events.push(e.clone()))
+        .await
+        .unwrap_err();
+    // Run again, the statement would fail on the index it left (42P07), or with IF NOT EXISTS
+    // accept the broken one: the lock timeout is the failure, with the index named.
+    assert_eq!(err.code(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{err}");
+    let f = failure(&err);
+    assert_eq!(f.lock_retries, 0, "{err}");
+    assert!(retries(&events).is_empty(), "{events:?}");
+    assert!(f.dirty);
+    assert_eq!(
+        f.invalid_indexes
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>(),
+        ["items_id"],
+        "{err}"
+    );
+}
