@@ -1544,3 +1544,64 @@ async fn a_failed_concurrent_index_is_named_with_the_statement_to_drop_it() {
 fn v(n: i64) -> svcdb::migrate::Version {
     svcdb::migrate::Version::try_from(n).expect("a non-negative version")
 }
+
+#[tokio::test]
+async fn a_failing_statements_file_line_and_text_are_in_the_failure() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+
+    // Sent whole, in a transaction: the server's position counts from the script's start.
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "0001_broken.up.sql",
+            "CREATE TABLE c (id int);\nSELECT * FROM no_such_table;",
+        )],
+    );
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    let f = failure(&err);
+    assert!(
+        f.path.ends_with("0001_broken.up.sql"),
+        "{f:?} names the up file"
+    );
+    assert_eq!(f.line, Some(2));
+    assert_eq!(f.statement.as_deref(), Some("SELECT * FROM no_such_table"));
+
+    // Sent one statement at a time: the position counts from the failing statement, and the
+    // line from the top of the file.
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "0001_partial.up.sql",
+            "-- svcdb:no-transaction\nCREATE TABLE a (id int);\nSELECT * FROM no_such_table;",
+        )],
+    );
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    let f = failure(&err);
+    assert!(f.path.ends_with("0001_partial.up.sql"), "{f:?}");
+    assert_eq!(f.line, Some(3));
+    assert_eq!(f.statement.as_deref(), Some("SELECT * FROM no_such_table"));
+    assert_eq!(f.statements_done, Some(1));
+
+    // A goose down section: the down's file and the line in it, past the markers.
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "20240101120000_a.sql",
+            "-- +goose Up\nCREATE TABLE a (id int);\n\n-- +goose Down\nSELECT * FROM no_such_table;\n",
+        )],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up().await.unwrap();
+    let err = m.down(&DownOptions::default()).await.unwrap_err();
+    let f = failure(&err);
+    assert_eq!(f.direction, Direction::Down);
+    assert!(f.path.ends_with("20240101120000_a.sql"), "{f:?}");
+    assert_eq!(f.line, Some(5));
+    assert_eq!(f.statement.as_deref(), Some("SELECT * FROM no_such_table"));
+}

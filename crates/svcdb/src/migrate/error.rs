@@ -146,6 +146,17 @@ pub struct MigrationFailure {
     pub name: String,
     /// Up or down.
     pub direction: super::Direction,
+    /// The failing script's file: the migration's up file, or its down file for a down (for a
+    /// one-file goose or dbmate migration, the one file).
+    pub path: String,
+    /// The line of [`path`](Self::path) the server's error points at, counted in the file (so
+    /// past a goose or dbmate marker); `None` when the error carries no position (a lock
+    /// timeout, a lost connection).
+    pub line: Option<usize>,
+    /// The statement that failed, as written in the script: for a non-transactional script
+    /// the one that was running, for a script sent whole the one holding the error's position;
+    /// `None` when the error carries no position and the script was sent whole.
+    pub statement: Option<String>,
     /// The server's error (shown in the message, so not the error's `source()`: see
     /// [`crate::error`]).
     pub cause: tokio_postgres::Error,
@@ -223,6 +234,9 @@ fn failed_message(f: &MigrationFailure) -> String {
         version,
         name,
         direction,
+        path: _,
+        line: _,
+        statement: _,
         cause,
         applied,
         undone,

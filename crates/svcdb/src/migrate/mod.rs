@@ -120,6 +120,7 @@ pub mod error;
 pub mod event;
 pub mod history;
 pub mod lint;
+mod location;
 pub mod lock;
 pub mod migration;
 pub mod options;

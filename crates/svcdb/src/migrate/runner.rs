@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 use super::error::{MigrateError, MigrationFailure};
 use super::event::{Direction, MigrateEvent};
 use super::history::{self, History};
+use super::location::{locate, Location};
 use super::lock::MigrationLock;
 use super::migration::Migration;
 use super::options::{DownOptions, MigrateOptions, UpOptions};
@@ -510,7 +511,7 @@ impl Migrator {
                         rolled_back: true,
                         rolled_back_with: plan[..i].iter().map(|m| m.version.clone()).collect(),
                         lock_retries,
-                        ..failure(plan[i], direction, cause)
+                        ..failure(plan[i], direction, cause, None)
                     })),
                 });
         }
@@ -578,11 +579,10 @@ impl Migrator {
                 undone,
                 undo_error,
                 dirty,
-                statements_done,
                 invalid_indexes,
                 rolled_back_with: segment[..i].iter().map(|m| m.version.clone()).collect(),
                 lock_retries,
-                ..failure(m, direction, cause)
+                ..failure(m, direction, cause, statements_done)
             })));
         }
         Ok(done)
@@ -863,12 +863,26 @@ fn finished(
     }
 }
 
-/// A failure of `m` that changed nothing else; callers fill in what they did.
-fn failure(m: &Migration, direction: Direction, cause: tokio_postgres::Error) -> MigrationFailure {
+/// A failure of `m` that changed nothing else, located in its file (`statements_done`: how
+/// many statements of a non-transactional script succeeded); callers fill in what they did.
+fn failure(
+    m: &Migration,
+    direction: Direction,
+    cause: tokio_postgres::Error,
+    statements_done: Option<usize>,
+) -> MigrationFailure {
+    let Location {
+        path,
+        line,
+        statement,
+    } = locate(m, direction, &cause, statements_done);
     MigrationFailure {
         version: m.version.clone(),
         name: m.name.clone(),
         direction,
+        path,
+        line,
+        statement,
         cause,
         applied: Vec::new(),
         undone: Vec::new(),
@@ -877,7 +891,7 @@ fn failure(m: &Migration, direction: Direction, cause: tokio_postgres::Error) ->
         rolled_back_with: Vec::new(),
         lock_retries: 0,
         dirty: false,
-        statements_done: None,
+        statements_done,
         invalid_indexes: Vec::new(),
     }
 }
