@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use comfy_table::Table;
 use svcdb::migrate::{
-    new_migration, AdoptOptions, Direction, DownOptions, MigrateError, MigrateEvent,
-    MigrateOptions, Migration, MigrationFailure, MigrationState, Migrations, Migrator,
-    RepairAction, RunEntry, StatusReport, Tool, UpOptions, Version,
+    new_migration, AdoptOptions, DownOptions, MigrateError, MigrateEvent, MigrateOptions,
+    MigrationFailure, MigrationState, Migrator, RepairAction, RunEntry, StatusReport, Tool,
+    UpOptions, Version,
 };
-use svcdb::tokio_postgres::error::ErrorPosition;
 use svcdb::ServiceDb;
 
 use crate::global::Global;
@@ -314,7 +313,7 @@ async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
     let report = migrator
         .up_with(&options, &mut progress(global.json))
         .await
-        .map_err(|e| explain(migrator.migrations(), e))?;
+        .map_err(explain)?;
     let elapsed = started.elapsed();
     output::report(global.json, &report, |r| {
         let idle = match &args.to {
@@ -353,7 +352,7 @@ async fn down(global: &Global, args: DownArgs) -> Result<Outcome> {
     let report = migrator
         .down_with(&options, &mut progress(global.json))
         .await
-        .map_err(|e| explain(migrator.migrations(), e))?;
+        .map_err(explain)?;
     let elapsed = started.elapsed();
     output::report(global.json, &report, |r| {
         let idle = format!(
@@ -381,7 +380,7 @@ async fn redo(global: &Global, args: RunArgs) -> Result<Outcome> {
     let report = migrator
         .redo_with(&mut progress(global.json))
         .await
-        .map_err(|e| explain(migrator.migrations(), e))?;
+        .map_err(explain)?;
     output::report(global.json, &report, |r| {
         match (r.down.migrations.first(), r.up.migrations.first()) {
             (Some(down), Some(up)) => format!(
@@ -706,12 +705,10 @@ fn status_table(report: &StatusReport) -> Table {
 
 /// A migration command's error, with the failing script's file (and line, when the server
 /// points at one) in front: the library's message says which migration failed, the SQL error
-/// and what was rolled back or undone, but not where to look.
-fn explain(migrations: &Migrations, e: MigrateError) -> anyhow::Error {
+/// and what was rolled back or undone; the [`MigrationFailure`] says where.
+fn explain(e: MigrateError) -> anyhow::Error {
     let location = match &e {
-        MigrateError::Failed(failure) => migrations
-            .get(&failure.version)
-            .map(|m| location(m, failure)),
+        MigrateError::Failed(failure) => Some(location(failure)),
         _ => None,
     };
     match location {
@@ -721,48 +718,11 @@ fn explain(migrations: &Migrations, e: MigrateError) -> anyhow::Error {
 }
 
 /// `path` or `path, line N` of the script that failed.
-fn location(m: &Migration, failure: &MigrationFailure) -> String {
-    let (path, script, first_line) = match failure.direction {
-        Direction::Up => (m.path.as_str(), m.up.as_str(), m.up_line),
-        Direction::Down => (
-            m.down_path.as_deref().unwrap_or(&m.path),
-            m.down.as_deref().unwrap_or_default(),
-            m.down_line,
-        ),
-    };
-    match error_line(failure, script) {
-        // The script may start further down its file (a goose or dbmate file).
-        Some(line) => format!("{path}, line {}", first_line + line - 1),
-        None => path.to_owned(),
+fn location(failure: &MigrationFailure) -> String {
+    match failure.line {
+        Some(line) => format!("{}, line {line}", failure.path),
+        None => failure.path.clone(),
     }
-}
-
-/// The line of `script` the server's error points at. A non-transactional script is sent one
-/// statement at a time, so there the position counts from the start of the failing statement.
-fn error_line(failure: &MigrationFailure, script: &str) -> Option<usize> {
-    let ErrorPosition::Original(position) = failure.cause.as_db_error()?.position()? else {
-        return None;
-    };
-    let mut start = 0;
-    if let Some(done) = failure.statements_done {
-        let mut end = 0;
-        for statement in svcdb::migrate::split_statements(script)
-            .into_iter()
-            .take(done + 1)
-        {
-            start = end + script[end..].find(statement)?;
-            end = start + statement.len();
-        }
-    }
-    // The position is 1-based, in characters.
-    let chars = usize::try_from(*position).ok()?.checked_sub(1)?;
-    let newlines = script[..start].matches('\n').count()
-        + script[start..]
-            .chars()
-            .take(chars)
-            .filter(|&c| c == '\n')
-            .count();
-    Some(newlines + 1)
 }
 
 #[cfg(test)]
