@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::schema::{outcome, GateArgs};
+use super::args::{outcome, GateArgs};
 use crate::global::Global;
 use crate::{output, Outcome};
 

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod args;
 pub mod events;
 pub mod health;
 pub mod lint;

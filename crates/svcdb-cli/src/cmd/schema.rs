@@ -1,14 +1,11 @@
 //! `svcdb schema`: the service schema's tables, and the start-up gate.
 
-use std::path::Path;
-use std::time::Duration;
-
 use anyhow::Result;
 use serde::Serialize;
-use svcdb::schema::{Gate, TableInfo};
-use svcdb::ServiceDb;
+use svcdb::schema::TableInfo;
 
-use crate::global::{Global, DEFAULT_MIGRATIONS_DIR};
+use super::args::{outcome, GateArgs};
+use crate::global::Global;
 use crate::{output, Outcome};
 
 /// Subcommands of `svcdb schema`.
@@ -25,45 +22,6 @@ pub enum Command {
     /// exist, migrations are not checked (the report says so); a folder named with --dir or
     /// SVCDB_MIGRATIONS_DIR must exist. Changes nothing in the database.
     Verify(GateArgs),
-}
-
-/// What the gate checks besides the schema, and how long it may wait; `svcdb health` takes
-/// the same options.
-#[derive(clap::Args)]
-pub struct GateArgs {
-    /// Tables (or views) that must exist in the service schema, comma-separated.
-    #[arg(long, value_name = "TABLES", value_delimiter = ',')]
-    require: Vec<String>,
-
-    /// Longest wait for the database (connecting included) before it counts as unreachable.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = crate::global::duration)]
-    timeout: Duration,
-}
-
-impl GateArgs {
-    /// The pool and the gate. The pool is lazy (`ServiceDb::new`): an unreachable database
-    /// becomes a problem in the report rather than an error before it, and nothing is created
-    /// (not even with `SVCDB_CREATE_SCHEMA`), since a check must not change what it checks.
-    pub fn prepare(&self, global: &Global) -> Result<(ServiceDb, Gate)> {
-        let mut gate = Gate::new().timeout(self.timeout).require(&self.require)?;
-        if global.dir.exists() || global.dir != Path::new(DEFAULT_MIGRATIONS_DIR) {
-            gate = gate.with_migrations(global.migrations()?);
-        } else {
-            eprintln!(
-                "note: no {DEFAULT_MIGRATIONS_DIR} folder, so migrations are not checked; pass --dir to check them"
-            );
-        }
-        Ok((ServiceDb::new(global.config()?)?, gate))
-    }
-}
-
-/// Exit 0 when ready, 1 when not.
-pub fn outcome(ready: bool) -> Outcome {
-    if ready {
-        Outcome::Success
-    } else {
-        Outcome::NotReady
-    }
 }
 
 /// Runs one subcommand.
