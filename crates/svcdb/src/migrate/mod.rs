@@ -37,6 +37,7 @@
 //! | progress events for a CLI, printed as each migration runs | [`event`] ([`MigrateEvent`]) |
 //! | what each command did, serde-serializable | [`report`] ([`UpReport`], [`DownReport`], …) |
 //! | errors, matched by variant (and [`MigrateError::code`] for SQLSTATE) | [`error`] ([`MigrateError`]) |
+//! | where a failed migration failed: its file, line and statement ([`MigrationFailure::path`], [`line`](MigrationFailure::line), [`statement`](MigrationFailure::statement)) | `location` |
 //!
 //! # Rules
 //!
