@@ -175,8 +175,10 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
 
 #[cfg(test)]
 mod tests {
+    use super::super::new_migration;
     use super::super::test_support::{v, write, GOOSE};
-    use crate::migrate::{new_migration, MigrateError, Migrations};
+    use super::super::Migrations;
+    use crate::migrate::error::MigrateError;
 
     #[test]
     fn new_migration_uses_timestamps_or_continues_sequential_numbers() {

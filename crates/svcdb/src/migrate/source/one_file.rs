@@ -188,7 +188,8 @@ pub(super) fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{parse, v, GOOSE};
-    use crate::migrate::{Checksum, MigrateError};
+    use crate::migrate::error::MigrateError;
+    use crate::migrate::migration::Checksum;
 
     #[test]
     fn sqlx_simple_files_are_up_only_migrations() {

@@ -459,7 +459,8 @@ fn script(file: &SourceFile<'_>, display: &dyn Fn(&str) -> String) -> Result<Str
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{parse, source_error_path, v};
-    use crate::migrate::{MigrateError, Migrations};
+    use super::super::Migrations;
+    use crate::migrate::error::MigrateError;
 
     #[test]
     fn native_layout_sorted_numerically_with_other_files_ignored() {

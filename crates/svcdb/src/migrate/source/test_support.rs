@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use crate::migrate::{MigrateError, Migrations, Version};
+use super::Migrations;
+use crate::migrate::error::MigrateError;
+use crate::migrate::version::Version;
 
 /// A goose file: header comments, `NO TRANSACTION`, markers in mixed case and spacing.
 pub(super) const GOOSE: &str = "\
