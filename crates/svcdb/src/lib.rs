@@ -22,7 +22,7 @@
 //! | the event envelope on the wire, and why a message is not one | [`event`] ([`Envelope`], [`EventError`]) |
 //! | handling each event once: the claim commits with the handler's writes | [`idempotency`] ([`ServiceDb::process_once`], [`Processed`]) |
 //! | the transactional outbox and its relay (`FOR UPDATE SKIP LOCKED`, retries) | [`outbox`] ([`outbox::enqueue`], [`Outbox`]) |
-//! | a throwaway database per test | [`testing`] |
+//! | a throwaway database per test (feature `testing`, for dev-dependencies) | `testing` (`TestDb`) |
 //! | the driver's types a service uses, under svcdb's names | [`Transaction`], [`IsolationLevel`], [`SqlState`], [`PooledConn`] |
 //! | the driver itself, the same version as svcdb's, for its other types (`Row`, `types::ToSql`, …) | [`tokio_postgres`][pg] |
 //!
@@ -62,6 +62,7 @@ pub mod outbox;
 pub mod pool;
 pub mod provision;
 pub mod schema;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
 pub mod tx;
