@@ -95,7 +95,7 @@ impl AmqpConfig {
         config.connection_name = get("SVCDB_AMQP_CONNECTION_NAME");
         if let Some(v) = get("SVCDB_AMQP_CONNECT_TIMEOUT") {
             config.connect_timeout =
-                svcdb::config::parse_duration("SVCDB_AMQP_CONNECT_TIMEOUT", &v).map_err(
+                svcdb::__private::parse_duration("SVCDB_AMQP_CONNECT_TIMEOUT", &v).map_err(
                     |e| match e {
                         svcdb::Error::Config { key, message } => Error::Config { key, message },
                         other => Error::Db(other),

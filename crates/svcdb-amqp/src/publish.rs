@@ -126,7 +126,7 @@ impl Deadline {
     pub(crate) fn after(timeout: Duration) -> Self {
         // Saturates: a huge configured timeout means "no practical bound", not a panic.
         Self {
-            at: Instant::now() + svcdb::config::capped_wait(timeout),
+            at: Instant::now() + svcdb::__private::capped_wait(timeout),
             timeout,
         }
     }

@@ -392,7 +392,7 @@ fn check_routing_key(key: &str) -> Result<()> {
 }
 
 /// svcdb's refusal as [`Error::InvalidName`], with the name cut to 80 characters.
-fn invalid_name(name: &str, refused: svcdb::ident::IdentError) -> Error {
+fn invalid_name(name: &str, refused: svcdb::IdentError) -> Error {
     Error::InvalidName {
         what: refused.what,
         name: name.chars().take(80).collect(),

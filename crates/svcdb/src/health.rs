@@ -2,7 +2,7 @@
 //! the start-up gate's problems, in one report cheap enough to ask for every few seconds.
 //!
 //! ```no_run
-//! # async fn demo(db: svcdb::ServiceDb, gate: svcdb::schema::Gate) {
+//! # async fn demo(db: svcdb::ServiceDb, gate: svcdb::Gate) {
 //! let report = db.health(&gate).await; // never waits longer than the gate's timeout
 //! if !report.gate.ready {
 //!     eprintln!("{report}");

@@ -183,7 +183,7 @@ fn missing_root_cert(mode: TlsMode) -> Error {
 ///
 /// ```no_run
 /// # async fn demo(pg: svcdb::tokio_postgres::Config) -> Result<(), svcdb::Error> {
-/// use svcdb::tls::{Tls, TlsMode};
+/// use svcdb::{Tls, TlsMode};
 /// let ca = std::path::Path::new("/etc/ssl/certs/db-ca.pem");
 /// let tls = Tls::new(TlsMode::VerifyFull, Some(ca))?;
 /// let admin = svcdb::DedicatedConn::connect_with(&pg, &tls).await?;
