@@ -1,59 +1,4 @@
 //! The outbox relay: moves events from the service's `svcdb_outbox` table to RabbitMQ.
-//!
-//! A [`Relay`] loops over [`Outbox::relay_batch`]: each batch claims due rows
-//! (`FOR UPDATE SKIP LOCKED`, so replicas share the work), publishes them on a channel with
-//! publisher confirms (see [`crate::publish`] for the message properties), waits up to
-//! [`RelayConfig::confirm_timeout`] for the broker's confirms, and marks the confirmed rows
-//! published in the same transaction. A row is marked only after the broker confirmed it, so
-//! a crash anywhere publishes it again rather than never: consumers absorb the duplicate.
-//!
-//! * **Pace.** A full batch is followed at once by the next one; a short batch means the
-//!   outbox is drained, and the relay sleeps [`RelayConfig::poll_interval`] (100 ms).
-//! * **Broker down.** The relay does not claim rows while it has no channel: it reconnects with
-//!   backoff ([`RelayConfig::reconnect_backoff`] doubling up to
-//!   [`RelayConfig::max_reconnect_backoff`]), and the rows wait, unpublished and not counted
-//!   as failed. A connection lost during a batch fails that batch's unconfirmed rows, which
-//!   the outbox retries after its own backoff ([`svcdb::outbox::PublishRetry`]).
-//! * **A silent or blocked broker.** Every publish, every channel opened and every close is
-//!   bounded by [`RelayConfig::confirm_timeout`]: a broker that stops answering (a network
-//!   partition that keeps the TCP connection open) fails the batch's rows after that long,
-//!   and the relay starts over on a fresh channel. Under a memory or disk alarm RabbitMQ
-//!   sends `connection.blocked` and stops reading publishes; the relay then claims no rows
-//!   (they wait, not counted as failed), shows the broker's reason in
-//!   [`RelayStatus::blocked`], and resumes at `connection.unblocked`.
-//! * **A bad row.** A row whose exchange does not exist makes the broker close the channel
-//!   (`NOT_FOUND`), which would fail every later row of the batch. The relay then publishes
-//!   the batch's remaining rows one at a time on fresh channels: only the bad row fails and
-//!   backs off; the others are published in the same run.
-//! * **Errors** are logged (the first of a streak as a warning) and kept in the
-//!   [`RelayStatus`] that [`Relay::status`] watches, for a health endpoint or a test.
-//! * **Retention.** Published rows older than [`RelayConfig::retention`] (24 hours) are
-//!   deleted in the background, in small batches ([`crate::retention`]).
-//! * **Shutdown.** Cancelling the token gives the batch in progress up to the confirm timeout
-//!   to finish; a batch still waiting then is dropped, so its transaction rolls back and its
-//!   rows stay for the next run. The channel and the connection are closed within the same
-//!   bound.
-//!
-//! ```no_run
-//! use svcdb::Outbox;
-//! use svcdb_amqp::{AmqpConfig, Relay};
-//! use tokio_util::sync::CancellationToken;
-//!
-//! # async fn demo(db: svcdb::ServiceDb) -> anyhow::Result<()> {
-//! db.install_outbox().await?;
-//! let relay = Relay::new(&AmqpConfig::from_env()?, Outbox::new(db));
-//! let status = relay.status(); // status.borrow().last_error, for /readyz
-//! let shutdown = CancellationToken::new();
-//! let task = tokio::spawn({
-//!     let shutdown = shutdown.clone();
-//!     async move { relay.run(shutdown).await }
-//! });
-//! // … serve requests; handlers call svcdb::outbox::enqueue in their transactions …
-//! shutdown.cancel();
-//! let last = task.await??;
-//! println!("published {} events", last.published);
-//! # let _ = status; Ok(()) }
-//! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -140,7 +85,62 @@ pub struct RelayStatus {
     pub blocked: Option<String>,
 }
 
-/// Publishes a service's outbox to RabbitMQ until shut down. See the module documentation.
+/// Publishes a service's outbox to RabbitMQ until shut down.
+///
+/// A [`Relay`] loops over [`Outbox::relay_batch`]: each batch claims due rows
+/// (`FOR UPDATE SKIP LOCKED`, so replicas share the work), publishes them on a channel with
+/// publisher confirms (see [`crate::publish`] for the message properties), waits up to
+/// [`RelayConfig::confirm_timeout`] for the broker's confirms, and marks the confirmed rows
+/// published in the same transaction. A row is marked only after the broker confirmed it, so
+/// a crash anywhere publishes it again rather than never: consumers absorb the duplicate.
+///
+/// * **Pace.** A full batch is followed at once by the next one; a short batch means the
+///   outbox is drained, and the relay sleeps [`RelayConfig::poll_interval`] (100 ms).
+/// * **Broker down.** The relay does not claim rows while it has no channel: it reconnects with
+///   backoff ([`RelayConfig::reconnect_backoff`] doubling up to
+///   [`RelayConfig::max_reconnect_backoff`]), and the rows wait, unpublished and not counted
+///   as failed. A connection lost during a batch fails that batch's unconfirmed rows, which
+///   the outbox retries after its own backoff ([`svcdb::outbox::PublishRetry`]).
+/// * **A silent or blocked broker.** Every publish, every channel opened and every close is
+///   bounded by [`RelayConfig::confirm_timeout`]: a broker that stops answering (a network
+///   partition that keeps the TCP connection open) fails the batch's rows after that long,
+///   and the relay starts over on a fresh channel. Under a memory or disk alarm RabbitMQ
+///   sends `connection.blocked` and stops reading publishes; the relay then claims no rows
+///   (they wait, not counted as failed), shows the broker's reason in
+///   [`RelayStatus::blocked`], and resumes at `connection.unblocked`.
+/// * **A bad row.** A row whose exchange does not exist makes the broker close the channel
+///   (`NOT_FOUND`), which would fail every later row of the batch. The relay then publishes
+///   the batch's remaining rows one at a time on fresh channels: only the bad row fails and
+///   backs off; the others are published in the same run.
+/// * **Errors** are logged (the first of a streak as a warning) and kept in the
+///   [`RelayStatus`] that [`Relay::status`] watches, for a health endpoint or a test.
+/// * **Retention.** Published rows older than [`RelayConfig::retention`] (24 hours) are
+///   deleted in the background, in small batches ([`Retention`](crate::Retention)).
+/// * **Shutdown.** Cancelling the token gives the batch in progress up to the confirm timeout
+///   to finish; a batch still waiting then is dropped, so its transaction rolls back and its
+///   rows stay for the next run. The channel and the connection are closed within the same
+///   bound.
+///
+/// ```no_run
+/// use svcdb::Outbox;
+/// use svcdb_amqp::{AmqpConfig, Relay};
+/// use tokio_util::sync::CancellationToken;
+///
+/// # async fn demo(db: svcdb::ServiceDb) -> anyhow::Result<()> {
+/// db.install_outbox().await?;
+/// let relay = Relay::new(&AmqpConfig::from_env()?, Outbox::new(db));
+/// let status = relay.status(); // status.borrow().last_error, for /readyz
+/// let shutdown = CancellationToken::new();
+/// let task = tokio::spawn({
+///     let shutdown = shutdown.clone();
+///     async move { relay.run(shutdown).await }
+/// });
+/// // … serve requests; handlers call svcdb::outbox::enqueue in their transactions …
+/// shutdown.cancel();
+/// let last = task.await??;
+/// println!("published {} events", last.published);
+/// # let _ = status; Ok(()) }
+/// ```
 pub struct Relay {
     /// Where to (re)connect.
     amqp: AmqpConfig,

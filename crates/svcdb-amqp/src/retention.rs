@@ -1,19 +1,5 @@
 //! Retention: the runtimes delete old claims and published outbox rows on a schedule, so the
 //! inbox (`svcdb_processed_events`) and the outbox (`svcdb_outbox`) do not grow forever.
-//!
-//! A [`Consumer`](crate::Consumer) purges claims older than
-//! [`ConsumerOptions::retention`](crate::ConsumerOptions::retention) (default
-//! [`Retention::claims`]: 7 days) and a [`Relay`](crate::Relay) purges rows published longer ago
-//! than [`RelayConfig::retention`](crate::RelayConfig::retention) (default
-//! [`Retention::published`]: 24 hours). Each runs its purge once at start and then every
-//! [`Retention::interval`], in the background, until shut down. The purges delete in small
-//! batches, each its own short transaction ([`ServiceDb::purge_processed`],
-//! [`Outbox::purge_published`]), so handling and relaying go on meanwhile; replicas purging at
-//! once skip each other's rows.
-//!
-//! Keep claims far longer than a message can wait in a queue: an event redelivered after its
-//! claim is gone is handled again. To purge from a cron job instead, set
-//! [`Retention::disabled`] and run `svcdb events purge --older-than 7d`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -22,6 +8,20 @@ use svcdb::{Outbox, ServiceDb};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// How long a runtime keeps old rows, and how often it deletes older ones.
+///
+/// A [`Consumer`](crate::Consumer) purges claims older than
+/// [`ConsumerOptions::retention`](crate::ConsumerOptions::retention) (default
+/// [`Retention::claims`]: 7 days) and a [`Relay`](crate::Relay) purges rows published longer ago
+/// than [`RelayConfig::retention`](crate::RelayConfig::retention) (default
+/// [`Retention::published`]: 24 hours). Each runs its purge once at start and then every
+/// [`Retention::interval`], in the background, until shut down. The purges delete in small
+/// batches, each its own short transaction ([`ServiceDb::purge_processed`],
+/// [`Outbox::purge_published`]), so handling and relaying go on meanwhile; replicas purging at
+/// once skip each other's rows.
+///
+/// Keep claims far longer than a message can wait in a queue: an event redelivered after its
+/// claim is gone is handled again. To purge from a cron job instead, set
+/// [`Retention::disabled`] and run `svcdb events purge --older-than 7d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     /// Rows older than this are deleted; `None` never deletes (purge by other means).

@@ -1,18 +1,5 @@
 //! Health reports: is the database reachable and how fast, the pool, the migration version and
 //! the start-up gate's problems, in one report cheap enough to ask for every few seconds.
-//!
-//! ```no_run
-//! # async fn demo(db: svcdb::ServiceDb, gate: svcdb::schema::Gate) {
-//! let report = db.health(&gate).await; // never waits longer than the gate's timeout
-//! if !report.gate.ready {
-//!     eprintln!("{report}");
-//! }
-//! # }
-//! ```
-//!
-//! A healthy report costs one round trip: the gate's catalog probe and history read are
-//! pipelined on one pooled connection (plus the pool's ping when that connection sat idle
-//! longer than `SVCDB_VERIFY_AFTER_IDLE`). The pool figures come from memory.
 
 use std::fmt;
 
@@ -26,6 +13,19 @@ use crate::schema::{Gate, GateReport};
 /// As JSON the gate's fields come first, at the top level:
 /// `{"ready":true,"schema":"orders","migration_version":"0003","migrations_checked":true,
 /// "problems":[],"notices":[],"database":{"reachable":true,"latency_ms":0.4},"pool":{…}}`.
+///
+/// ```no_run
+/// # async fn demo(db: svcdb::ServiceDb, gate: svcdb::Gate) {
+/// let report = db.health(&gate).await; // never waits longer than the gate's timeout
+/// if !report.gate.ready {
+///     eprintln!("{report}");
+/// }
+/// # }
+/// ```
+///
+/// A healthy report costs one round trip: the gate's catalog probe and history read are
+/// pipelined on one pooled connection (plus the pool's ping when that connection sat idle
+/// longer than `SVCDB_VERIFY_AFTER_IDLE`). The pool figures come from memory.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthReport {
     /// The gate's verdict: ready, schema, migration version, problems (an unreachable

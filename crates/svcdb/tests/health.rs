@@ -8,9 +8,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
-use svcdb::schema::{Gate, Problem};
 use svcdb::testing::TestDb;
 use svcdb::{Config, ServiceDb};
+use svcdb::{Gate, Problem};
 use tower::ServiceExt;
 
 /// Sends `GET path` to the router without a socket; the status and the body (JSON when it is).

@@ -230,7 +230,7 @@ fn an_empty_up_is_a_no_op_migration() {
         let m = parse(files).unwrap_or_else(|e| panic!("{files:?}: {e}"));
         let a = m.get(&v(1)).unwrap();
         assert!(
-            svcdb::migrate::split_statements(&a.up).is_empty(),
+            svcdb::__private::split_statements(&a.up).is_empty(),
             "{files:?}"
         );
         assert!(a.transactional, "{files:?}");

@@ -21,8 +21,7 @@ fn admin_url() -> String {
 }
 
 fn amqp_url() -> String {
-    std::env::var("SVCDB_TEST_AMQP_URL")
-        .unwrap_or_else(|_| svcdb_amqp::config::DEFAULT_URL.to_owned())
+    std::env::var("SVCDB_TEST_AMQP_URL").unwrap_or_else(|_| svcdb_amqp::DEFAULT_URL.to_owned())
 }
 
 /// A database name no other run uses. svcdb's test prefix, so that `scripts/test` drops what

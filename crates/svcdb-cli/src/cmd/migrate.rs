@@ -746,7 +746,7 @@ fn error_line(failure: &MigrationFailure, script: &str) -> Option<usize> {
     let mut start = 0;
     if let Some(done) = failure.statements_done {
         let mut end = 0;
-        for statement in svcdb::migrate::split_statements(script)
+        for statement in svcdb::__private::split_statements(script)
             .into_iter()
             .take(done + 1)
         {

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use serde::Serialize;
-use svcdb::schema::{Gate, TableInfo};
 use svcdb::ServiceDb;
+use svcdb::{Gate, TableInfo};
 
 use crate::global::{Global, DEFAULT_MIGRATIONS_DIR};
 use crate::{output, Outcome};

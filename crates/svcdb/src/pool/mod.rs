@@ -1,9 +1,4 @@
 //! [`ServiceDb`]: one service's connection pool, its schema pinned on every connection.
-//!
-//! The pool itself is deadpool-postgres; this module adds what a service needs around it:
-//! the schema pinned at connect time, an acquire timeout whose error carries the last connection
-//! error, a minimum of warm connections, idle and lifetime limits, a ping for connections that
-//! sat idle, and wait statistics.
 
 mod install;
 mod maintenance;
@@ -49,6 +44,11 @@ pub type PooledConn = deadpool_postgres::Object;
 /// assert_eq!(row.get::<_, String>(0), db.schema().as_str());
 /// # Ok(()) }
 /// ```
+///
+/// The pool itself is deadpool-postgres; svcdb adds what a service needs around it:
+/// the schema pinned at connect time, an acquire timeout whose error carries the last connection
+/// error, a minimum of warm connections, idle and lifetime limits, a ping for connections that
+/// sat idle, and wait statistics.
 #[derive(Clone)]
 pub struct ServiceDb {
     inner: Arc<Inner>,
