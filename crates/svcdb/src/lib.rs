@@ -18,6 +18,7 @@
 //! | migrations: sources (native, diesel, embedded), history, advisory lock, runner | [`migrate`] |
 //! | table and schema checks, the start-up gate | [`schema`] |
 //! | health report: reachability, latency, pool, version, gate | [`health`] |
+//! | Prometheus metrics: the recorder, `/metrics`' text, the pool's and the outbox's series | [`mod@metrics`] |
 //! | `/healthz` and `/readyz` as an axum `Router` (feature `http`) | [`http`] |
 //! | the event envelope on the wire, and why a message is not one | [`event`] ([`Envelope`], [`EventError`]) |
 //! | handling each event once: the claim commits with the handler's writes | [`idempotency`] ([`ServiceDb::process_once`], [`Processed`]) |
@@ -57,6 +58,7 @@ pub mod health;
 pub mod http;
 pub mod idempotency;
 pub mod ident;
+pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod pool;
