@@ -13,7 +13,7 @@
 //!    there, the right schema; otherwise refuse before taking any traffic, listing each problem;
 //! 5. **declare its exchange and queues** ([`Topology`], idempotent);
 //! 6. **serve HTTP**: the service's own routes with `/healthz` and `/readyz`
-//!    ([`svcdb::http`]), **relay its outbox** ([`Relay`]) and **consume its queues**
+//!    ([`svcdb::http`]) and `/metrics` (Prometheus, [`svcdb::metrics`]), **relay its outbox** ([`Relay`]) and **consume its queues**
 //!    ([`Consumer`]),
 //!
 //! then runs until SIGTERM or Ctrl-C, or until one of its parts fails for good (a queue
@@ -279,7 +279,7 @@ where
         self
     }
 
-    /// Its HTTP API, served with `/healthz` and `/readyz` (which it must not define). May be
+    /// Its HTTP API, served with `/healthz`, `/readyz` and `/metrics` (which it must not define). May be
     /// called more than once: the routers are merged.
     #[must_use]
     pub fn routes(mut self, routes: Router<S>) -> Self {
@@ -387,14 +387,21 @@ where
         // From here on a failed step closes the pool it opened.
         let started = async {
             let migrated = match (&migrations, migrate) {
-                (Some(migrations), true) => Some(
-                    steps
+                (Some(migrations), true) => {
+                    let began = Instant::now();
+                    let report = steps
                         .run(
                             Step::Migrate,
                             Migrator::new(db.clone(), migrations.clone()).up(),
                         )
-                        .await?,
-                ),
+                        .await?;
+                    metrics::gauge!(
+                        "svcdb_migration_last_deploy_duration_seconds",
+                        db.metric_labels().iter()
+                    )
+                    .set(began.elapsed().as_secs_f64());
+                    Some(report)
+                }
                 _ => None,
             };
 
@@ -420,6 +427,7 @@ where
                     }
                     let gate = gate.require(&required)?;
                     let report = db.verify(&gate).await.ensure_ready()?;
+                    metrics::gauge!("svcdb_gate_ready", db.metric_labels().iter()).set(1.0);
                     Ok::<_, svcdb::Error>((gate, report))
                 })
                 .await?;
@@ -461,7 +469,10 @@ where
             },
             refuse_readiness_while_draining,
         ));
-        let app = routes.with_state(state.clone()).merge(probes);
+        let app = routes
+            .with_state(state.clone())
+            .merge(probes)
+            .merge(svcdb::metrics::router(db.clone()));
 
         let mut running = Running {
             name: name.clone(),
@@ -685,6 +696,7 @@ impl Running {
     pub async fn stop(mut self) -> Result<(), ServiceError> {
         let deadline = Instant::now() + self.shutdown_timeout;
         self.draining.store(true, Ordering::Release);
+        metrics::gauge!("svcdb_gate_ready", self.db.metric_labels().iter()).set(0.0);
         let mut first_error = None;
         for group in [Group::Consumers, Group::Http, Group::Relay] {
             let started = Instant::now();

@@ -28,6 +28,27 @@
 //! | `svcdb_table_size_bytes{table}` | gauge | `svcdb_outbox` and `svcdb_processed_events`, with indexes and TOAST (on scrape) |
 //! | `svcdb_gate_ready` | gauge | 1 when the last health check passed the gate, else 0 |
 //! | `svcdb_migration_version` | gauge | the applied version's number (as the last health check saw it) |
+//! | `svcdb_migration_last_deploy_duration_seconds` | gauge | how long the start-up migration run took (svcdb-amqp's `Service`) |
+//!
+//! svcdb-amqp adds, per queue (`messaging_system="rabbitmq"`, `messaging_destination_name`):
+//!
+//! | metric | kind | what |
+//! |---|---|---|
+//! | `svcdb_consumer_messages_total{outcome}` | counter | deliveries by outcome: `handled`, `duplicate` (absorbed by the claim), `failed` (requeued for a retry), `dead_lettered`, `returned` (handed back unprocessed: database out, shutdown), `ignored` |
+//! | `svcdb_consumer_pauses_total` | counter | times the consumer paused while the database was out |
+//! | `messaging_process_duration_seconds` | histogram | the handler's transaction, claim included |
+//! | `svcdb_consumer_in_flight` | gauge | deliveries taken and not yet settled |
+//!
+//! and for the relay (`messaging_system="rabbitmq"`) and the purges:
+//!
+//! | metric | kind | what |
+//! |---|---|---|
+//! | `messaging_client_sent_messages_total` | counter | outbox rows published (confirmed) and marked |
+//! | `svcdb_relay_publish_failures_total` | counter | row publishes that failed and were rescheduled |
+//! | `svcdb_relay_confirm_duration_seconds` | histogram | a batch's first publish to its last confirm |
+//! | `svcdb_relay_broker_blocked` | gauge | 1 while RabbitMQ blocks the relay's connection (memory or disk alarm) |
+//! | `svcdb_retention_last_purge_timestamp_seconds{table}` | gauge | Unix time of the last successful purge |
+//! | `svcdb_retention_purged_rows_total{table}` | counter | rows the purges deleted |
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -232,4 +253,33 @@ impl ServiceDb {
             }
         }
     }
+}
+
+/// A router with `/metrics` for `db`: each scrape refreshes the gauges that need a query
+/// ([`ServiceDb::observe_metrics`]) and answers every series of the process in the Prometheus
+/// text format ([`render`]). Merge it into the service's router, as svcdb-amqp's `Service`
+/// does; it fits a router of any state type.
+#[cfg(feature = "http")]
+pub fn router<S>(db: ServiceDb) -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    use axum::http::header;
+    use axum::response::IntoResponse;
+
+    async fn scrape(
+        axum::extract::State(db): axum::extract::State<ServiceDb>,
+    ) -> impl IntoResponse {
+        db.observe_metrics().await;
+        (
+            [
+                (header::CONTENT_TYPE, CONTENT_TYPE),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            render(),
+        )
+    }
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .with_state(db)
 }
