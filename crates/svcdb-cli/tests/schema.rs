@@ -154,7 +154,10 @@ async fn health_reports_the_database_the_pool_the_outbox_and_the_gate() {
     p.db.service("svc").await.install_outbox().await.unwrap();
     let report = p.run(&["health", "--json"]).expect_code(0).json();
     assert_eq!(report["outbox"]["rows"], 0, "{report}");
-    assert_eq!(report["outbox"]["oldest_age_seconds"], serde_json::Value::Null);
+    assert_eq!(
+        report["outbox"]["oldest_age_seconds"],
+        serde_json::Value::Null
+    );
 
     p.db.admin()
         .await

@@ -1107,6 +1107,14 @@ impl Demo {
             &self.outage_orders,
         )
         .await?;
+        crate::report::metrics_agree(
+            &mut self.checks,
+            &mut self.figures,
+            &admin,
+            &self.fleet.scraped(),
+            &self.fleet.killed_services(),
+        )
+        .await?;
         self.checks.print();
 
         self.step("Figures");
