@@ -98,6 +98,9 @@ pub struct Figures {
     pub http_requests: u64,
     /// From the broker coming back to the outbox drained.
     pub outage_drain_ms: u64,
+    /// The orders service's `svcdb_outbox_backlog` (from its `/metrics`) at the end of the
+    /// broker outage, when it peaks.
+    pub outage_backlog_peak: i64,
     /// Orders of the phases without an outage and the time they took (placing, and waiting
     /// for every decision): the throughput figure.
     pub measured_orders: usize,
@@ -142,8 +145,8 @@ impl Figures {
             self.order_latency_p50_ms, self.order_latency_p99_ms
         );
         println!(
-            "    outage: the outbox drained {} ms after RabbitMQ was reachable again",
-            self.outage_drain_ms
+            "    outage: the orders outbox's backlog peaked at {} rows (/metrics); it drained {} ms after RabbitMQ was reachable again",
+            self.outage_backlog_peak, self.outage_drain_ms
         );
         for (service, counts) in &self.metrics {
             println!(
@@ -190,6 +193,15 @@ impl Scraped {
         self.handled += other.handled;
         self.duplicates += other.duplicates;
     }
+}
+
+/// The value of the first series named `name` in a scrape (Prometheus text format).
+pub fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let metric = series.split_once('{').map_or(series, |(m, _)| m);
+        (metric == name).then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// A service's scraped counts beside its claims (one per event it handled) in its database.
