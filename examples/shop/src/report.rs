@@ -236,19 +236,19 @@ pub async fn metrics_agree(
         };
         figures.metrics.insert(def.name, counts);
         let handled = i64::try_from(counts.scraped.handled).unwrap_or(i64::MAX);
-        let (ok, relation) = if killed.contains(def.name) {
+        let (ok, expected) = if killed.contains(def.name) {
             (
                 handled <= claims,
-                "at most (a replica was killed after its last scrape)",
+                "at most as many (a replica was killed after its last scrape)",
             )
         } else {
-            (handled == claims, "exactly")
+            (handled == claims, "as many")
         };
         checks.check(
             format!("{}'s /metrics agree with its database", def.name),
             ok,
             format!(
-                "{handled} events handled per /metrics, {relation} the {claims} claims in {}.svcdb_processed_events; {} duplicates absorbed",
+                "{handled} events handled per /metrics, {claims} claims in {}.svcdb_processed_events (expected: {expected}); {} duplicates absorbed",
                 def.schema, counts.scraped.duplicates
             ),
         );
