@@ -381,6 +381,12 @@ where
             })
             .await?;
 
+        let mut database = database;
+        // The service's name in `pg_stat_activity` and in its metrics' `service` label,
+        // unless configured otherwise (SVCDB_APPLICATION_NAME).
+        database
+            .application_name
+            .get_or_insert_with(|| name.clone());
         let db = steps
             .run(Step::Connect, ServiceDb::connect(database))
             .await?;

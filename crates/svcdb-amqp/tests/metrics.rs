@@ -340,6 +340,10 @@ async fn the_service_serves_metrics_and_says_not_ready_once_stopping() {
         .unwrap();
     let db = running.db().clone();
     let text = get(running.addr(), "/metrics").await;
+    assert!(
+        text.contains(r#"service="metrics-test""#),
+        "labelled with the service's name:\n{text}"
+    );
     assert_eq!(
         value(&text, &db, "svcdb_gate_ready", &[]),
         Some(1.0),

@@ -11,9 +11,10 @@
 //! Names and labels follow OpenTelemetry's semantic conventions for database clients
 //! (`db.client.connection.*`) and messaging (`messaging.*`) where they define one, written the
 //! Prometheus way (dots become underscores, a unit suffix, `_total` on counters); the rest are
-//! `svcdb_*`. Every series carries the labels of [`ServiceDb::metric_labels`]: `service`,
-//! `schema` and `db_namespace` (`database.schema`), so several services (or tests) in one
-//! process never share a series.
+//! `svcdb_*`. Every series carries the labels of [`ServiceDb::metric_labels`]: `service` (the
+//! configured [`application_name`](crate::Config::application_name), which svcdb-amqp's
+//! `Service` sets to the service's name, else the schema), `schema` and `db_namespace`
+//! (`database.schema`), so several services (or tests) in one process never share a series.
 //!
 //! | metric | kind | what |
 //! |---|---|---|
@@ -110,8 +111,8 @@ pub fn render() -> String {
 /// The `Content-Type` of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// The labels of one pool's series: `service` (the configured application name, else the
-/// schema), `schema`, and `db_namespace` (`database.schema`, OpenTelemetry's `db.namespace`).
+/// The labels of one pool's series: `service` (the configured application name, which
+/// svcdb-amqp's `Service` sets to the service's name unless configured, else the schema), `schema`, and `db_namespace` (`database.schema`, OpenTelemetry's `db.namespace`).
 pub(crate) fn labels_for(config: &crate::Config, database: &str) -> Arc<[Label]> {
     let schema = config.schema.as_str().to_owned();
     let service = config

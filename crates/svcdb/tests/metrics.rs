@@ -72,7 +72,10 @@ async fn an_acquire_that_times_out_is_counted_with_its_unreachable_attempts() {
         .port(); // nothing listens once the listener is dropped
     let db = pool(port, &unique_database());
     // Registered with the pool: the series is there, at 0, before the first timeout.
-    assert_eq!(value(&db, "db_client_connection_timeouts_total", &[]), Some(0.0));
+    assert_eq!(
+        value(&db, "db_client_connection_timeouts_total", &[]),
+        Some(0.0)
+    );
     let e = db.get().await.unwrap_err();
     assert!(matches!(e, svcdb::Error::AcquireTimeout { .. }), "{e:?}");
     assert_eq!(
