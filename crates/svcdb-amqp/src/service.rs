@@ -96,7 +96,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use svcdb::migrate::{MigrateError, Migrations, Migrator, UpReport};
+use svcdb::migrate::{MigrateError, MigrateEvent, Migrations, Migrator, UpOptions, UpReport};
 use svcdb::outbox::PublishRetry;
 use svcdb::{Gate, GateReport, Outbox, ServiceDb};
 use tokio::task::{Id, JoinSet};
@@ -395,10 +395,12 @@ where
             let migrated = match (&migrations, migrate) {
                 (Some(migrations), true) => {
                     let began = Instant::now();
+                    let migrator = Migrator::new(db.clone(), migrations.clone());
+                    let mut count_lock_waits = lock_wait_counter(&db);
                     let report = steps
                         .run(
                             Step::Migrate,
-                            Migrator::new(db.clone(), migrations.clone()).up(),
+                            migrator.up_with(&UpOptions::default(), &mut count_lock_waits),
                         )
                         .await?;
                     metrics::gauge!(
@@ -528,6 +530,22 @@ where
         }
         tracing::info!(target: "svcdb_amqp::service", service = %name, %addr, "serving");
         Ok(running)
+    }
+}
+
+/// Counts the start-up migration run's lock waits in `svcdb_migration_lock_waits_total`:
+/// `lock="schema"` when another runner held the schema's migration lock, `lock="table"` for each
+/// retry after a statement's `lock_timeout` (a live session held a table lock).
+fn lock_wait_counter(db: &ServiceDb) -> impl FnMut(&MigrateEvent) + Send {
+    let labels = db.metric_labels().to_vec();
+    move |event| {
+        let lock = match event {
+            MigrateEvent::WaitingForLock { .. } => "schema",
+            MigrateEvent::LockRetry { .. } => "table",
+            _ => return,
+        };
+        let labels = svcdb::metrics::with_labels(&labels, &[("lock", lock.to_owned())]);
+        metrics::counter!("svcdb_migration_lock_waits_total", labels).increment(1);
     }
 }
 

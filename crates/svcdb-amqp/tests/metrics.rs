@@ -367,3 +367,55 @@ async fn the_service_serves_metrics_and_says_not_ready_once_stopping() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_start_up_migration_that_waits_for_the_lock_counts_the_wait() {
+    let (test_db, db) = common::service().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("0001_orders.up.sql"),
+        "CREATE TABLE orders (id bigint PRIMARY KEY);",
+    )
+    .unwrap();
+    let migrations = svcdb::migrate::Migrations::from_dir(dir.path()).unwrap();
+    // Another runner (a replica deploying at the same time) holds the schema's lock.
+    let held = svcdb::migrate::lock::MigrationLock::acquire(&db, Duration::from_secs(10), || {})
+        .await
+        .unwrap();
+    let waits = |text: &str| {
+        value(
+            text,
+            &db,
+            "svcdb_migration_lock_waits_total",
+            &[("lock", "schema")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(waits(&svcdb::metrics::render()), 0.0);
+    // The start (not `Send`: its handlers' registrations) runs here, beside the release.
+    let starting = svcdb_amqp::Service::new("svc")
+        .database(test_db.config("svc"))
+        .migrations(migrations)
+        .migrate(true)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .start();
+    let release = async {
+        eventually("the start-up migration waits for the lock", || async {
+            waits(&svcdb::metrics::render()) == 1.0
+        })
+        .await;
+        held.release().await.unwrap();
+    };
+    let (running, ()) = tokio::join!(starting, release);
+    let running = running.unwrap();
+    let text = get(running.addr(), "/metrics").await;
+    assert_eq!(waits(&text), 1.0, "{text}");
+    let took = value(
+        &text,
+        &db,
+        "svcdb_migration_last_deploy_duration_seconds",
+        &[],
+    );
+    assert!(took.is_some_and(|s| s > 0.0), "{took:?}");
+    running.stop().await.unwrap();
+}

@@ -30,6 +30,7 @@
 //! | `svcdb_gate_ready` | gauge | 1 when the last health check passed the gate, else 0 |
 //! | `svcdb_migration_version` | gauge | the applied version's number (as the last health check saw it) |
 //! | `svcdb_migration_last_deploy_duration_seconds` | gauge | how long the start-up migration run took (svcdb-amqp's `Service`) |
+//! | `svcdb_migration_lock_waits_total{lock}` | counter | in that run: waits for another runner's schema lock (`schema`), retries after a table's `lock_timeout` (`table`) |
 //!
 //! svcdb-amqp adds, per queue (`messaging_system="rabbitmq"`, `messaging_destination_name`):
 //!
