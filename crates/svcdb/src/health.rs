@@ -55,15 +55,25 @@ pub struct DatabaseHealth {
     pub latency_ms: Option<f64>,
 }
 
+/// Longest wait for the outbox's backlog in a health report, after the gate's checks: a
+/// database that answered them and then stalls costs a probe this much more, not the pool's
+/// acquire timeout.
+pub const OUTBOX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl ServiceDb {
-    /// Runs `gate`'s checks and adds reachability, latency and pool status. Never fails and
-    /// never waits longer than the gate's timeout: an unreachable database is reported, not
-    /// returned as an error.
+    /// Runs `gate`'s checks and adds reachability, latency, pool status and the outbox's
+    /// backlog. Never fails, and never waits longer than the gate's timeout plus
+    /// [`OUTBOX_TIMEOUT`] (the backlog is asked for only once the database answered the gate):
+    /// an unreachable database is reported, not returned as an error.
     pub async fn health(&self, gate: &Gate) -> HealthReport {
         let (gate, latency) = gate.run(self).await;
         // Only once the database answered the gate: an unreachable one already took its time.
         let outbox = match latency {
-            Some(_) => self.outbox_backlog().await.ok().flatten(),
+            Some(_) => tokio::time::timeout(OUTBOX_TIMEOUT, self.outbox_backlog())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten(),
             None => None,
         };
         let labels = self.metric_labels();
