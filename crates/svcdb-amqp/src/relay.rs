@@ -150,6 +150,37 @@ pub struct Relay {
     config: RelayConfig,
     /// The status, published to [`Relay::status`] receivers.
     status: watch::Sender<RelayStatus>,
+    /// Its series in `/metrics`.
+    metrics: RelayMetrics,
+}
+
+/// The relay's Prometheus series, with the pool's labels and `messaging_system="rabbitmq"`.
+#[derive(Clone)]
+struct RelayMetrics {
+    /// `messaging_client_sent_messages_total`: rows published and marked.
+    published: metrics::Counter,
+    /// `svcdb_relay_publish_failures_total`: row publishes that failed and were rescheduled.
+    failed: metrics::Counter,
+    /// `svcdb_relay_confirm_duration_seconds`: from a batch's first publish to its last
+    /// confirm (one round trip for a pipelined batch).
+    confirm: metrics::Histogram,
+    /// `svcdb_relay_broker_blocked`: 1 while the broker blocks the relay's connection.
+    blocked: metrics::Gauge,
+}
+
+impl RelayMetrics {
+    fn new(db: &svcdb::ServiceDb) -> Self {
+        let labels = svcdb::metrics::with_labels(
+            db.metric_labels(),
+            &[("messaging_system", "rabbitmq".into())],
+        );
+        Self {
+            published: metrics::counter!("messaging_client_sent_messages_total", labels.iter()),
+            failed: metrics::counter!("svcdb_relay_publish_failures_total", labels.iter()),
+            confirm: metrics::histogram!("svcdb_relay_confirm_duration_seconds", labels.iter()),
+            blocked: metrics::gauge!("svcdb_relay_broker_blocked", labels.iter()),
+        }
+    }
 }
 
 impl std::fmt::Debug for Relay {
@@ -193,6 +224,7 @@ impl Relay {
     pub fn new(amqp: &AmqpConfig, outbox: Outbox) -> Self {
         Self {
             amqp: amqp.clone(),
+            metrics: RelayMetrics::new(outbox.db()),
             outbox,
             config: RelayConfig::default(),
             status: watch::Sender::new(RelayStatus::default()),
@@ -267,6 +299,7 @@ impl Relay {
                     channel: current.channel.clone(),
                     config: &self.config,
                     flags: &flags,
+                    confirm_time: &self.metrics.confirm,
                 };
                 let batch = self
                     .outbox
@@ -304,6 +337,8 @@ impl Relay {
             }
             match batch {
                 Ok(report) => {
+                    self.metrics.published.increment(report.published as u64);
+                    self.metrics.failed.increment(report.failed as u64);
                     self.status.send_modify(|s| {
                         s.published += report.published as u64;
                         s.failed += report.failed as u64;
@@ -398,6 +433,7 @@ impl Relay {
                 }
                 old.close(Deadline::after(timeout).at).await;
                 self.status.send_modify(|s| s.blocked = None);
+                self.metrics.blocked.set(0.0);
             }
         }
         let Some(connection) = connect_unless_cancelled(&self.amqp, shutdown).await else {
@@ -408,6 +444,7 @@ impl Relay {
         let watcher = tokio::spawn(watch_blocked(
             connection.events_listener(),
             self.status.clone(),
+            self.metrics.blocked.clone(),
         ));
         let channel = match confirm_channel_within(&connection, timeout, shutdown).await {
             Ok(Some(channel)) => channel,
@@ -459,6 +496,7 @@ impl Relay {
 async fn watch_blocked(
     events: impl futures_util::Stream<Item = lapin::Event>,
     status: watch::Sender<RelayStatus>,
+    blocked: metrics::Gauge,
 ) {
     futures_util::pin_mut!(events);
     while let Some(event) = events.next().await {
@@ -466,10 +504,12 @@ async fn watch_blocked(
             lapin::Event::ConnectionBlocked(reason) => {
                 tracing::warn!(target: "svcdb_amqp::relay", %reason, "RabbitMQ blocked the relay's connection (a memory or disk alarm); rows wait until it is unblocked");
                 status.send_modify(|s| s.blocked = Some(reason));
+                blocked.set(1.0);
             }
             lapin::Event::ConnectionUnblocked => {
                 tracing::info!(target: "svcdb_amqp::relay", "RabbitMQ unblocked the relay's connection");
                 status.send_modify(|s| s.blocked = None);
+                blocked.set(0.0);
             }
             _ => {}
         }
@@ -507,6 +547,8 @@ struct Publisher<'a> {
     config: &'a RelayConfig,
     /// Reported back to the loop.
     flags: &'a BatchFlags,
+    /// Where the batch's publish-to-confirm time goes.
+    confirm_time: &'a metrics::Histogram,
 }
 
 /// One row's outcome within a batch; `None` while it was not sent.
@@ -524,7 +566,9 @@ impl Publisher<'_> {
     /// ([`Publisher::one_by_one`]), so that only the bad row fails.
     async fn publish(self, messages: &[OutboxMessage]) -> Vec<Result<(), String>> {
         let deadline = Deadline::after(self.config.confirm_timeout);
+        let started = Instant::now();
         let mut results = self.pipelined(messages, deadline).await;
+        self.confirm_time.record(started.elapsed());
         if !self.channel.status().connected() {
             self.flags.broken.store(true, Ordering::Relaxed);
             if self.connection.status().connected() {

@@ -23,6 +23,7 @@
 //! | migrations: sources (native, diesel, embedded), history, advisory lock, runner | [`migrate`] ([`migrate::Migrator`]) |
 //! | table and schema checks, the start-up gate | [`Gate`], [`GateReport`], [`Problem`], [`Notice`], [`TableInfo`] |
 //! | health report: reachability, latency, pool, version, gate | [`ServiceDb::health`], [`HealthReport`] |
+//! | Prometheus metrics: the recorder, `/metrics`' text, the pool's and the outbox's series | [`mod@metrics`] |
 //! | `/healthz` and `/readyz` as an axum `Router` (feature `http`, on by default) | [`http`] ([`http::router`]) |
 //! | the event envelope on the wire, and why a message is not one | [`event`] ([`Envelope`], [`EventError`]) |
 //! | handling each event once: the claim commits with the handler's writes | [`idempotency`] ([`ServiceDb::process_once`], [`Processed`]) |
@@ -65,6 +66,7 @@ pub mod event;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod idempotency;
+pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 #[cfg(feature = "testing")]

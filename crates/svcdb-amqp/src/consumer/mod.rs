@@ -207,6 +207,7 @@ impl Consumer {
         queue: &QueueSpec,
         name: impl Into<String>,
     ) -> Self {
+        let counters = Arc::new(Counters::new(&db, &queue.name));
         Self {
             config: config.clone(),
             db,
@@ -215,7 +216,7 @@ impl Consumer {
             handlers: HashMap::new(),
             duplicate: None,
             options: ConsumerOptions::default(),
-            counters: Arc::default(),
+            counters,
         }
     }
 

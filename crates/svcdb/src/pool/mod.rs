@@ -66,6 +66,8 @@ struct Inner {
     tls: Tls,
     /// Wait histogram, timeout count, last connection error.
     stats: Arc<PoolStats>,
+    /// The labels of this pool's metrics ([`crate::metrics`]).
+    labels: Arc<[metrics::Label]>,
     /// Keeps the pool at `pool_min` and retires idle and old connections; aborted on drop.
     maintenance: tokio::task::JoinHandle<()>,
 }
@@ -147,7 +149,9 @@ impl ServiceDb {
             }))
             .build()
             .map_err(|e| Error::config("pool", e.to_string()))?;
-        let stats = Arc::new(PoolStats::new());
+        crate::metrics::install();
+        let labels = crate::metrics::labels_for(&config, session.get_dbname().unwrap_or(""));
+        let stats = Arc::new(PoolStats::new(&labels));
         let maintenance = tokio::spawn(maintenance::run(
             pool.weak(),
             maintenance::Limits::from(&config),
@@ -160,6 +164,7 @@ impl ServiceDb {
                 session,
                 tls,
                 stats,
+                labels,
                 maintenance,
             }),
         })
@@ -312,6 +317,11 @@ impl ServiceDb {
     /// the last attempt is a failure.
     pub(crate) fn last_connect_hint(&self) -> Option<&'static str> {
         self.inner.stats.last_connect_hint()
+    }
+
+    /// The labels of this pool's metrics.
+    pub(crate) fn labels(&self) -> &[metrics::Label] {
+        &self.inner.labels
     }
 
     /// The configuration the pool was built from.
