@@ -1,15 +1,5 @@
 //! Where the broker is and how to talk to it: [`AmqpConfig`], from code or the environment,
 //! and [`AmqpConfig::connect`].
-//!
-//! | environment variable | default | meaning |
-//! |---|---|---|
-//! | `AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` | `amqp://user:password@host:port/vhost` (`%2f` is the vhost `/`) |
-//! | `SVCDB_AMQP_PREFETCH` | `32` | unacknowledged messages a consumer holds at once (its concurrency bound) |
-//! | `SVCDB_AMQP_CONNECTION_NAME` | none | shown in the management UI's connection list |
-//! | `SVCDB_AMQP_CONNECT_TIMEOUT` | `5s` | longest wait for TCP plus the AMQP handshake |
-//!
-//! The URL usually holds a password. It never appears in `Debug` output, errors or logs:
-//! they show [`redact_url`]'s form, `amqp://user@host:5672/%2f`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,6 +21,16 @@ pub const DEFAULT_PREFETCH: u16 = 32;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to reach RabbitMQ. `Debug` shows the URL without its password.
+///
+/// | environment variable | default | meaning |
+/// |---|---|---|
+/// | `AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` | `amqp://user:password@host:port/vhost` (`%2f` is the vhost `/`) |
+/// | `SVCDB_AMQP_PREFETCH` | `32` | unacknowledged messages a consumer holds at once (its concurrency bound) |
+/// | `SVCDB_AMQP_CONNECTION_NAME` | none | shown in the management UI's connection list |
+/// | `SVCDB_AMQP_CONNECT_TIMEOUT` | `5s` | longest wait for TCP plus the AMQP handshake |
+///
+/// The URL usually holds a password. It never appears in `Debug` output, errors or logs:
+/// they show [`redact_url`]'s form, `amqp://user@host:5672/%2f`.
 #[derive(Clone)]
 pub struct AmqpConfig {
     /// `amqp://user:password@host:port/vhost`. Held as given (lapin needs the password);
@@ -95,7 +95,7 @@ impl AmqpConfig {
         config.connection_name = get("SVCDB_AMQP_CONNECTION_NAME");
         if let Some(v) = get("SVCDB_AMQP_CONNECT_TIMEOUT") {
             config.connect_timeout =
-                svcdb::config::parse_duration("SVCDB_AMQP_CONNECT_TIMEOUT", &v).map_err(
+                svcdb::__private::parse_duration("SVCDB_AMQP_CONNECT_TIMEOUT", &v).map_err(
                     |e| match e {
                         svcdb::Error::Config { key, message } => Error::Config { key, message },
                         other => Error::Db(other),

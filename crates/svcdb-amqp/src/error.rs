@@ -1,10 +1,4 @@
 //! The crate's error type.
-//!
-//! Match on the variant for the kind of failure; the `Display` text says what went wrong and
-//! what to do, and may change. As in svcdb ([`svcdb::error`]), a cause shown in the message is
-//! not also the error's `source()`: print an error with `{e}`, or a chain of them with
-//! [`svcdb::error::Report`]. No variant carries an AMQP URL with its password: URLs are
-//! stored redacted ([`crate::config::redact_url`]).
 
 use std::time::Duration;
 
@@ -12,6 +6,12 @@ use std::time::Duration;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong talking to RabbitMQ (and, through the outbox, PostgreSQL).
+///
+/// Match on the variant for the kind of failure; the `Display` text says what went wrong and
+/// what to do, and may change. As in svcdb ([`svcdb::error`]), a cause shown in the message is
+/// not also the error's `source()`: print an error with `{e}`, or a chain of them with
+/// [`svcdb::error::Report`]. No variant carries an AMQP URL with its password: URLs are
+/// stored redacted ([`crate::config::redact_url`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

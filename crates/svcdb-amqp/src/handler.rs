@@ -1,34 +1,5 @@
 //! What a consumer runs for each event: an [`EventHandler`] (a type with an `async fn`) or a
 //! closure returning a boxed future, and the [`HandlerError`] either returns.
-//!
-//! A handler gets the transaction that also records the event's claim
-//! ([`ServiceDb::process_once_with`](svcdb::ServiceDb::process_once_with)): its writes commit
-//! together with the claim, or not at all. It may enqueue follow-up events in the same
-//! transaction with [`svcdb::outbox::enqueue`].
-//!
-//! ```no_run
-//! use svcdb::{Envelope, Transaction};
-//! use svcdb_amqp::{EventHandler, HandlerError};
-//!
-//! /// A handler with state: the future may borrow `self`.
-//! struct ReserveStock {
-//!     warehouse: String,
-//! }
-//!
-//! impl EventHandler for ReserveStock {
-//!     async fn handle(&self, tx: &mut Transaction<'_>, event: &Envelope) -> Result<(), HandlerError> {
-//!         #[derive(serde::Deserialize)]
-//!         struct Reserved { product_id: String, quantity: i32 }
-//!         let reserved: Reserved = event.payload_as()?; // a bad payload is dead-lettered at once
-//!         tx.execute(
-//!             "UPDATE stock SET reserved = reserved + $1 WHERE product_id = $2 AND warehouse = $3",
-//!             &[&reserved.quantity, &reserved.product_id, &self.warehouse],
-//!         )
-//!         .await?;
-//!         Ok(())
-//!     }
-//! }
-//! ```
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -48,6 +19,35 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError
 /// future must be `Send`, which it is unless it holds something like an `Rc` across an
 /// `.await`. For a handler without state, a closure does the same
 /// ([`Consumer::on`](crate::Consumer::on)).
+///
+/// A handler gets the transaction that also records the event's claim
+/// ([`ServiceDb::process_once_with`](svcdb::ServiceDb::process_once_with)): its writes commit
+/// together with the claim, or not at all. It may enqueue follow-up events in the same
+/// transaction with [`svcdb::outbox::enqueue`].
+///
+/// ```no_run
+/// use svcdb::{Envelope, Transaction};
+/// use svcdb_amqp::{EventHandler, HandlerError};
+///
+/// /// A handler with state: the future may borrow `self`.
+/// struct ReserveStock {
+///     warehouse: String,
+/// }
+///
+/// impl EventHandler for ReserveStock {
+///     async fn handle(&self, tx: &mut Transaction<'_>, event: &Envelope) -> Result<(), HandlerError> {
+///         #[derive(serde::Deserialize)]
+///         struct Reserved { product_id: String, quantity: i32 }
+///         let reserved: Reserved = event.payload_as()?; // a bad payload is dead-lettered at once
+///         tx.execute(
+///             "UPDATE stock SET reserved = reserved + $1 WHERE product_id = $2 AND warehouse = $3",
+///             &[&reserved.quantity, &reserved.product_id, &self.warehouse],
+///         )
+///         .await?;
+///         Ok(())
+///     }
+/// }
+/// ```
 pub trait EventHandler: Send + Sync + 'static {
     /// Applies `event`'s business effect with `tx`. `Ok` commits it (with the claim, so a
     /// redelivery is a duplicate); `Err` rolls it back and the message is retried or
@@ -102,7 +102,7 @@ impl<H: EventHandler> DynHandler for H {
 ///   failure is dead-lettered with this error's text.
 ///
 /// Serialization failures and deadlocks never get here: the transaction is retried first
-/// ([`ConsumerOptions::tx`](crate::consumer::ConsumerOptions::tx)).
+/// ([`ConsumerOptions::tx`](crate::ConsumerOptions::tx)).
 pub struct HandlerError {
     /// The error as returned or converted.
     inner: Box<dyn StdError + Send + Sync + 'static>,

@@ -11,17 +11,22 @@
 //!
 //! # Layout
 //!
-//! | concept | module |
+//! Most of svcdb-amqp is one import away: `use svcdb_amqp::{AmqpConfig, Consumer, Relay, …}`.
+//! Three modules are public, as namespaces with their own documentation: [`topology`] (the
+//! names and arguments declared on the broker), [`publish`] (an event's message properties;
+//! publishing outside the outbox) and [`service`] (the start-up steps, [`service::Step`]).
+//!
+//! | concept | where |
 //! |---|---|
-//! | the broker URL (password never shown), prefetch, connection name; connecting with a bounded timeout | [`config`] ([`AmqpConfig`]) |
+//! | the broker URL (password never shown), prefetch, connection name; connecting with a bounded timeout | [`AmqpConfig`] ([`DEFAULT_URL`], [`redact_url`]) |
 //! | exchanges per producing service, quorum queues per handler with a delivery limit, dead-letter exchange and queue per queue; names checked with svcdb's rules ([`svcdb::outbox::check_declared_name`]) | [`topology`] ([`Topology`], [`QueueSpec`]) |
-//! | handlers: a trait with an `async fn`, or closures; how their errors are retried | [`handler`] ([`EventHandler`], [`HandlerError`]) |
-//! | the consumer runtime: building and running it (reconnecting), the consume loop, and per delivery: decode, claim and handle in one transaction, ack after commit, dead-letter, the pause while the database is out, graceful shutdown | [`consumer`] ([`Consumer`]); a file each under `consumer/`: `consume`, `delivery`, `settle`, `dead_letter`, `outage` |
+//! | handlers: a trait with an `async fn`, or closures; how their errors are retried | [`EventHandler`], [`HandlerError`] |
+//! | the consumer runtime: building and running it (reconnecting), the consume loop, and per delivery: decode, claim and handle in one transaction, ack after commit, dead-letter, the pause while the database is out, graceful shutdown | [`Consumer`], [`ConsumerOptions`]; a file each under `consumer/`: `consume`, `delivery`, `settle`, `dead_letter`, `outage` |
 //! | the broker connection as the consumer, the relay and the topology use it: connecting unless shut down, channels opened and closed within a bound, backoff between reconnections | `connection` (internal; [`publish::confirm_channel`]) |
 //! | the message properties of an event; confirmed publishing | [`publish`] |
-//! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status; its settings ([`RelayConfig`]; when failed rows are retried is the outbox's [`svcdb::outbox::PublishRetry`]) | [`relay`] ([`Relay`]) |
-//! | deleting old claims and published outbox rows on a schedule | [`retention`] ([`Retention`]) |
-//! | errors, matched by variant | [`error`] ([`Error`]) |
+//! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status; its settings ([`RelayConfig`]; when failed rows are retried is the outbox's [`svcdb::outbox::PublishRetry`]) | [`Relay`], [`RelayStatus`] |
+//! | deleting old claims and published outbox rows on a schedule | [`Retention`] |
+//! | errors, matched by variant | [`Error`] |
 //! | the service runtime: the start-up sequence (connect, migrate, install, gate, declare, serve, relay, consume) and the graceful shutdown, written once; here, not in svcdb, because it runs the consumers and the relay | [`service`] ([`Service`]) |
 //!
 //! # A service end to end
@@ -79,18 +84,23 @@
 //!   broker even across crashes, then dead-lettered.
 #![deny(missing_docs)]
 
-pub mod config;
-mod connection;
-pub mod consumer;
-pub mod error;
-pub mod handler;
+// The public namespaces: what a service names by path, each with its reference documentation
+// (the names and shapes declared on the broker, publishing outside the outbox, the steps of a
+// service's start-up). Everything else is re-exported below; its module is private so that the
+// files can be reorganised freely.
 pub mod publish;
-pub mod relay;
-pub mod retention;
 pub mod service;
 pub mod topology;
 
-pub use config::AmqpConfig;
+mod config;
+mod connection;
+mod consumer;
+mod error;
+mod handler;
+mod relay;
+mod retention;
+
+pub use config::{redact_url, AmqpConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_URL};
 pub use consumer::{Consumer, ConsumerOptions, ConsumerStats, UnknownKind};
 pub use error::{Error, Result};
 pub use handler::{EventHandler, HandlerError, HandlerFuture};

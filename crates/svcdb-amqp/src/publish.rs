@@ -1,6 +1,6 @@
 //! Publishing envelopes with publisher confirms: the AMQP properties an event carries, and a
 //! confirmed publish for tools and tests. Services publish through the outbox
-//! ([`svcdb::outbox::enqueue`] and the [`relay`](crate::relay)), not with this directly: a
+//! ([`svcdb::outbox::enqueue`] and the [relay](crate::Relay)), not with this directly: a
 //! publish outside the business transaction can announce what then rolls back.
 //!
 //! Every event is published
@@ -126,7 +126,7 @@ impl Deadline {
     pub(crate) fn after(timeout: Duration) -> Self {
         // Saturates: a huge configured timeout means "no practical bound", not a panic.
         Self {
-            at: Instant::now() + svcdb::config::capped_wait(timeout),
+            at: Instant::now() + svcdb::__private::capped_wait(timeout),
             timeout,
         }
     }

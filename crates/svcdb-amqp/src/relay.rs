@@ -1,59 +1,4 @@
 //! The outbox relay: moves events from the service's `svcdb_outbox` table to RabbitMQ.
-//!
-//! A [`Relay`] loops over [`Outbox::relay_batch`]: each batch claims due rows
-//! (`FOR UPDATE SKIP LOCKED`, so replicas share the work), publishes them on a channel with
-//! publisher confirms (see [`crate::publish`] for the message properties), waits up to
-//! [`RelayConfig::confirm_timeout`] for the broker's confirms, and marks the confirmed rows
-//! published in the same transaction. A row is marked only after the broker confirmed it, so
-//! a crash anywhere publishes it again rather than never: consumers absorb the duplicate.
-//!
-//! * **Pace.** A full batch is followed at once by the next one; a short batch means the
-//!   outbox is drained, and the relay sleeps [`RelayConfig::poll_interval`] (100 ms).
-//! * **Broker down.** The relay does not claim rows while it has no channel: it reconnects with
-//!   backoff ([`RelayConfig::reconnect_backoff`] doubling up to
-//!   [`RelayConfig::max_reconnect_backoff`]), and the rows wait, unpublished and not counted
-//!   as failed. A connection lost during a batch fails that batch's unconfirmed rows, which
-//!   the outbox retries after its own backoff ([`svcdb::outbox::PublishRetry`]).
-//! * **A silent or blocked broker.** Every publish, every channel opened and every close is
-//!   bounded by [`RelayConfig::confirm_timeout`]: a broker that stops answering (a network
-//!   partition that keeps the TCP connection open) fails the batch's rows after that long,
-//!   and the relay starts over on a fresh channel. Under a memory or disk alarm RabbitMQ
-//!   sends `connection.blocked` and stops reading publishes; the relay then claims no rows
-//!   (they wait, not counted as failed), shows the broker's reason in
-//!   [`RelayStatus::blocked`], and resumes at `connection.unblocked`.
-//! * **A bad row.** A row whose exchange does not exist makes the broker close the channel
-//!   (`NOT_FOUND`), which would fail every later row of the batch. The relay then publishes
-//!   the batch's remaining rows one at a time on fresh channels: only the bad row fails and
-//!   backs off; the others are published in the same run.
-//! * **Errors** are logged (the first of a streak as a warning) and kept in the
-//!   [`RelayStatus`] that [`Relay::status`] watches, for a health endpoint or a test.
-//! * **Retention.** Published rows older than [`RelayConfig::retention`] (24 hours) are
-//!   deleted in the background, in small batches ([`crate::retention`]).
-//! * **Shutdown.** Cancelling the token gives the batch in progress up to the confirm timeout
-//!   to finish; a batch still waiting then is dropped, so its transaction rolls back and its
-//!   rows stay for the next run. The channel and the connection are closed within the same
-//!   bound.
-//!
-//! ```no_run
-//! use svcdb::Outbox;
-//! use svcdb_amqp::{AmqpConfig, Relay};
-//! use tokio_util::sync::CancellationToken;
-//!
-//! # async fn demo(db: svcdb::ServiceDb) -> anyhow::Result<()> {
-//! db.install_outbox().await?;
-//! let relay = Relay::new(&AmqpConfig::from_env()?, Outbox::new(db));
-//! let status = relay.status(); // status.borrow().last_error, for /readyz
-//! let shutdown = CancellationToken::new();
-//! let task = tokio::spawn({
-//!     let shutdown = shutdown.clone();
-//!     async move { relay.run(shutdown).await }
-//! });
-//! // … serve requests; handlers call svcdb::outbox::enqueue in their transactions …
-//! shutdown.cancel();
-//! let last = task.await??;
-//! println!("published {} events", last.published);
-//! # let _ = status; Ok(()) }
-//! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -140,7 +85,62 @@ pub struct RelayStatus {
     pub blocked: Option<String>,
 }
 
-/// Publishes a service's outbox to RabbitMQ until shut down. See the module documentation.
+/// Publishes a service's outbox to RabbitMQ until shut down.
+///
+/// A [`Relay`] loops over [`Outbox::relay_batch`]: each batch claims due rows
+/// (`FOR UPDATE SKIP LOCKED`, so replicas share the work), publishes them on a channel with
+/// publisher confirms (see [`crate::publish`] for the message properties), waits up to
+/// [`RelayConfig::confirm_timeout`] for the broker's confirms, and marks the confirmed rows
+/// published in the same transaction. A row is marked only after the broker confirmed it, so
+/// a crash anywhere publishes it again rather than never: consumers absorb the duplicate.
+///
+/// * **Pace.** A full batch is followed at once by the next one; a short batch means the
+///   outbox is drained, and the relay sleeps [`RelayConfig::poll_interval`] (100 ms).
+/// * **Broker down.** The relay does not claim rows while it has no channel: it reconnects with
+///   backoff ([`RelayConfig::reconnect_backoff`] doubling up to
+///   [`RelayConfig::max_reconnect_backoff`]), and the rows wait, unpublished and not counted
+///   as failed. A connection lost during a batch fails that batch's unconfirmed rows, which
+///   the outbox retries after its own backoff ([`svcdb::outbox::PublishRetry`]).
+/// * **A silent or blocked broker.** Every publish, every channel opened and every close is
+///   bounded by [`RelayConfig::confirm_timeout`]: a broker that stops answering (a network
+///   partition that keeps the TCP connection open) fails the batch's rows after that long,
+///   and the relay starts over on a fresh channel. Under a memory or disk alarm RabbitMQ
+///   sends `connection.blocked` and stops reading publishes; the relay then claims no rows
+///   (they wait, not counted as failed), shows the broker's reason in
+///   [`RelayStatus::blocked`], and resumes at `connection.unblocked`.
+/// * **A bad row.** A row whose exchange does not exist makes the broker close the channel
+///   (`NOT_FOUND`), which would fail every later row of the batch. The relay then publishes
+///   the batch's remaining rows one at a time on fresh channels: only the bad row fails and
+///   backs off; the others are published in the same run.
+/// * **Errors** are logged (the first of a streak as a warning) and kept in the
+///   [`RelayStatus`] that [`Relay::status`] watches, for a health endpoint or a test.
+/// * **Retention.** Published rows older than [`RelayConfig::retention`] (24 hours) are
+///   deleted in the background, in small batches ([`Retention`](crate::Retention)).
+/// * **Shutdown.** Cancelling the token gives the batch in progress up to the confirm timeout
+///   to finish; a batch still waiting then is dropped, so its transaction rolls back and its
+///   rows stay for the next run. The channel and the connection are closed within the same
+///   bound.
+///
+/// ```no_run
+/// use svcdb::Outbox;
+/// use svcdb_amqp::{AmqpConfig, Relay};
+/// use tokio_util::sync::CancellationToken;
+///
+/// # async fn demo(db: svcdb::ServiceDb) -> anyhow::Result<()> {
+/// db.install_outbox().await?;
+/// let relay = Relay::new(&AmqpConfig::from_env()?, Outbox::new(db));
+/// let status = relay.status(); // status.borrow().last_error, for /readyz
+/// let shutdown = CancellationToken::new();
+/// let task = tokio::spawn({
+///     let shutdown = shutdown.clone();
+///     async move { relay.run(shutdown).await }
+/// });
+/// // … serve requests; handlers call svcdb::outbox::enqueue in their transactions …
+/// shutdown.cancel();
+/// let last = task.await??;
+/// println!("published {} events", last.published);
+/// # let _ = status; Ok(()) }
+/// ```
 pub struct Relay {
     /// Where to (re)connect.
     amqp: AmqpConfig,
@@ -150,6 +150,37 @@ pub struct Relay {
     config: RelayConfig,
     /// The status, published to [`Relay::status`] receivers.
     status: watch::Sender<RelayStatus>,
+    /// Its series in `/metrics`.
+    metrics: RelayMetrics,
+}
+
+/// The relay's Prometheus series, with the pool's labels and `messaging_system="rabbitmq"`.
+#[derive(Clone)]
+struct RelayMetrics {
+    /// `messaging_client_sent_messages_total`: rows published and marked.
+    published: metrics::Counter,
+    /// `svcdb_relay_publish_failures_total`: row publishes that failed and were rescheduled.
+    failed: metrics::Counter,
+    /// `svcdb_relay_confirm_duration_seconds`: from a batch's first publish to its last
+    /// confirm (one round trip for a pipelined batch).
+    confirm: metrics::Histogram,
+    /// `svcdb_relay_broker_blocked`: 1 while the broker blocks the relay's connection.
+    blocked: metrics::Gauge,
+}
+
+impl RelayMetrics {
+    fn new(db: &svcdb::ServiceDb) -> Self {
+        let labels = svcdb::metrics::with_labels(
+            db.metric_labels(),
+            &[("messaging_system", "rabbitmq".into())],
+        );
+        Self {
+            published: metrics::counter!("messaging_client_sent_messages_total", labels.iter()),
+            failed: metrics::counter!("svcdb_relay_publish_failures_total", labels.iter()),
+            confirm: metrics::histogram!("svcdb_relay_confirm_duration_seconds", labels.iter()),
+            blocked: metrics::gauge!("svcdb_relay_broker_blocked", labels.iter()),
+        }
+    }
 }
 
 impl std::fmt::Debug for Relay {
@@ -193,6 +224,7 @@ impl Relay {
     pub fn new(amqp: &AmqpConfig, outbox: Outbox) -> Self {
         Self {
             amqp: amqp.clone(),
+            metrics: RelayMetrics::new(outbox.db()),
             outbox,
             config: RelayConfig::default(),
             status: watch::Sender::new(RelayStatus::default()),
@@ -267,6 +299,7 @@ impl Relay {
                     channel: current.channel.clone(),
                     config: &self.config,
                     flags: &flags,
+                    confirm_time: &self.metrics.confirm,
                 };
                 let batch = self
                     .outbox
@@ -304,6 +337,8 @@ impl Relay {
             }
             match batch {
                 Ok(report) => {
+                    self.metrics.published.increment(report.published as u64);
+                    self.metrics.failed.increment(report.failed as u64);
                     self.status.send_modify(|s| {
                         s.published += report.published as u64;
                         s.failed += report.failed as u64;
@@ -398,6 +433,7 @@ impl Relay {
                 }
                 old.close(Deadline::after(timeout).at).await;
                 self.status.send_modify(|s| s.blocked = None);
+                self.metrics.blocked.set(0.0);
             }
         }
         let Some(connection) = connect_unless_cancelled(&self.amqp, shutdown).await else {
@@ -408,6 +444,7 @@ impl Relay {
         let watcher = tokio::spawn(watch_blocked(
             connection.events_listener(),
             self.status.clone(),
+            self.metrics.blocked.clone(),
         ));
         let channel = match confirm_channel_within(&connection, timeout, shutdown).await {
             Ok(Some(channel)) => channel,
@@ -459,6 +496,7 @@ impl Relay {
 async fn watch_blocked(
     events: impl futures_util::Stream<Item = lapin::Event>,
     status: watch::Sender<RelayStatus>,
+    blocked: metrics::Gauge,
 ) {
     futures_util::pin_mut!(events);
     while let Some(event) = events.next().await {
@@ -466,10 +504,12 @@ async fn watch_blocked(
             lapin::Event::ConnectionBlocked(reason) => {
                 tracing::warn!(target: "svcdb_amqp::relay", %reason, "RabbitMQ blocked the relay's connection (a memory or disk alarm); rows wait until it is unblocked");
                 status.send_modify(|s| s.blocked = Some(reason));
+                blocked.set(1.0);
             }
             lapin::Event::ConnectionUnblocked => {
                 tracing::info!(target: "svcdb_amqp::relay", "RabbitMQ unblocked the relay's connection");
                 status.send_modify(|s| s.blocked = None);
+                blocked.set(0.0);
             }
             _ => {}
         }
@@ -507,6 +547,8 @@ struct Publisher<'a> {
     config: &'a RelayConfig,
     /// Reported back to the loop.
     flags: &'a BatchFlags,
+    /// Where the batch's publish-to-confirm time goes.
+    confirm_time: &'a metrics::Histogram,
 }
 
 /// One row's outcome within a batch; `None` while it was not sent.
@@ -524,7 +566,9 @@ impl Publisher<'_> {
     /// ([`Publisher::one_by_one`]), so that only the bad row fails.
     async fn publish(self, messages: &[OutboxMessage]) -> Vec<Result<(), String>> {
         let deadline = Deadline::after(self.config.confirm_timeout);
+        let started = Instant::now();
         let mut results = self.pipelined(messages, deadline).await;
+        self.confirm_time.record(started.elapsed());
         if !self.channel.status().connected() {
             self.flags.broken.store(true, Ordering::Relaxed);
             if self.connection.status().connected() {

@@ -13,7 +13,7 @@
 //!    there, the right schema; otherwise refuse before taking any traffic, listing each problem;
 //! 5. **declare its exchange and queues** ([`Topology`], idempotent);
 //! 6. **serve HTTP**: the service's own routes with `/healthz` and `/readyz`
-//!    ([`svcdb::http`]), **relay its outbox** ([`Relay`]) and **consume its queues**
+//!    ([`svcdb::http`]) and `/metrics` (Prometheus, [`svcdb::metrics`]), **relay its outbox** ([`Relay`]) and **consume its queues**
 //!    ([`Consumer`]),
 //!
 //! then runs until SIGTERM or Ctrl-C, or until one of its parts fails for good (a queue
@@ -96,7 +96,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use svcdb::migrate::{MigrateError, Migrations, Migrator, UpReport};
+use svcdb::migrate::{MigrateError, MigrateEvent, Migrations, Migrator, UpOptions, UpReport};
 use svcdb::outbox::PublishRetry;
 use svcdb::{Gate, GateReport, Outbox, ServiceDb};
 use tokio::task::{Id, JoinSet};
@@ -279,7 +279,7 @@ where
         self
     }
 
-    /// Its HTTP API, served with `/healthz` and `/readyz` (which it must not define). May be
+    /// Its HTTP API, served with `/healthz`, `/readyz` and `/metrics` (which it must not define). May be
     /// called more than once: the routers are merged.
     #[must_use]
     pub fn routes(mut self, routes: Router<S>) -> Self {
@@ -381,20 +381,35 @@ where
             })
             .await?;
 
+        let mut database = database;
+        // The service's name in `pg_stat_activity` and in its metrics' `service` label,
+        // unless configured otherwise (SVCDB_APPLICATION_NAME).
+        database
+            .application_name
+            .get_or_insert_with(|| name.clone());
         let db = steps
             .run(Step::Connect, ServiceDb::connect(database))
             .await?;
         // From here on a failed step closes the pool it opened.
         let started = async {
             let migrated = match (&migrations, migrate) {
-                (Some(migrations), true) => Some(
-                    steps
+                (Some(migrations), true) => {
+                    let began = Instant::now();
+                    let migrator = Migrator::new(db.clone(), migrations.clone());
+                    let mut count_lock_waits = lock_wait_counter(&db);
+                    let report = steps
                         .run(
                             Step::Migrate,
-                            Migrator::new(db.clone(), migrations.clone()).up(),
+                            migrator.up_with(&UpOptions::default(), &mut count_lock_waits),
                         )
-                        .await?,
-                ),
+                        .await?;
+                    metrics::gauge!(
+                        "svcdb_migration_last_deploy_duration_seconds",
+                        db.metric_labels().iter()
+                    )
+                    .set(began.elapsed().as_secs_f64());
+                    Some(report)
+                }
                 _ => None,
             };
 
@@ -420,6 +435,7 @@ where
                     }
                     let gate = gate.require(&required)?;
                     let report = db.verify(&gate).await.ensure_ready()?;
+                    metrics::gauge!("svcdb_gate_ready", db.metric_labels().iter()).set(1.0);
                     Ok::<_, svcdb::Error>((gate, report))
                 })
                 .await?;
@@ -461,7 +477,10 @@ where
             },
             refuse_readiness_while_draining,
         ));
-        let app = routes.with_state(state.clone()).merge(probes);
+        let app = routes
+            .with_state(state.clone())
+            .merge(probes)
+            .merge(svcdb::metrics::router(db.clone()));
 
         let mut running = Running {
             name: name.clone(),
@@ -511,6 +530,22 @@ where
         }
         tracing::info!(target: "svcdb_amqp::service", service = %name, %addr, "serving");
         Ok(running)
+    }
+}
+
+/// Counts the start-up migration run's lock waits in `svcdb_migration_lock_waits_total`:
+/// `lock="schema"` when another runner held the schema's migration lock, `lock="table"` for each
+/// retry after a statement's `lock_timeout` (a live session held a table lock).
+fn lock_wait_counter(db: &ServiceDb) -> impl FnMut(&MigrateEvent) + Send {
+    let labels = db.metric_labels().to_vec();
+    move |event| {
+        let lock = match event {
+            MigrateEvent::WaitingForLock { .. } => "schema",
+            MigrateEvent::LockRetry { .. } => "table",
+            _ => return,
+        };
+        let labels = svcdb::metrics::with_labels(&labels, &[("lock", lock.to_owned())]);
+        metrics::counter!("svcdb_migration_lock_waits_total", labels).increment(1);
     }
 }
 
@@ -685,6 +720,7 @@ impl Running {
     pub async fn stop(mut self) -> Result<(), ServiceError> {
         let deadline = Instant::now() + self.shutdown_timeout;
         self.draining.store(true, Ordering::Release);
+        metrics::gauge!("svcdb_gate_ready", self.db.metric_labels().iter()).set(0.0);
         let mut first_error = None;
         for group in [Group::Consumers, Group::Http, Group::Relay] {
             let started = Instant::now();

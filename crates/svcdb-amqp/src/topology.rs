@@ -22,7 +22,7 @@
 //!   (`orders.reserve-stock`), bound to the exchanges and routing keys it needs. Two handlers
 //!   in one service get two queues, so one slow or failing handler does not hold back the other,
 //!   and each gets its own idempotency scope (the consumer name given to
-//!   [`Consumer`](crate::consumer::Consumer)).
+//!   [`Consumer`](crate::Consumer)).
 //! * **A dead-letter exchange and queue per consumer queue**: `<queue>.dlx` (fanout) and
 //!   `<queue>.dlq`. Malformed messages, events without a handler and messages whose handler
 //!   kept failing end there, with the reason in a header, for a person to inspect and replay
@@ -37,7 +37,7 @@
 //! too. Quorum queues count failed deliveries in the broker (`x-delivery-count`): a channel
 //! closed with the message unacknowledged (a crash) or a `basic.reject`, and before RabbitMQ
 //! 4.3 every other return as well (see the consumer's
-//! [delivery counting](crate::consumer#delivery-counting)); they dead-letter the message once
+//! [delivery counting](crate::Consumer#delivery-counting)); they dead-letter the message once
 //! `x-delivery-limit` is exceeded. They are
 //! also replicated and fsync'd (the durable choice on a cluster), and RabbitMQ 3.10 supports
 //! at-least-once dead-lettering for them (`x-dead-letter-strategy`), so a poison message is not
@@ -392,7 +392,7 @@ fn check_routing_key(key: &str) -> Result<()> {
 }
 
 /// svcdb's refusal as [`Error::InvalidName`], with the name cut to 80 characters.
-fn invalid_name(name: &str, refused: svcdb::ident::IdentError) -> Error {
+fn invalid_name(name: &str, refused: svcdb::IdentError) -> Error {
     Error::InvalidName {
         what: refused.what,
         name: name.chars().take(80).collect(),

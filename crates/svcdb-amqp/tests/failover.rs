@@ -101,7 +101,7 @@ async fn events_and_orders_survive_a_failover_exactly_once() {
     let (primary, standby) = cluster_ports();
     let name = format!("failover_{}", uuid::Uuid::now_v7().simple());
     let admin_url = format!("postgres://postgres@127.0.0.1:{primary}/postgres");
-    let admin = DedicatedConn::connect(&svcdb::config::parse_url(&admin_url).unwrap())
+    let admin = DedicatedConn::connect(&svcdb::parse_url(&admin_url).unwrap())
         .await
         .unwrap_or_else(|e| {
             panic!("{e}\n  hint: run scripts/cluster pg up (or scripts/test-cluster)")

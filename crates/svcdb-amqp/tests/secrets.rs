@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use svcdb_amqp::config::redact_url;
+use svcdb_amqp::redact_url;
 use svcdb_amqp::{AmqpConfig, Error};
 
 /// Every password starts and ends with these, so that any leak of its head or its tail, even

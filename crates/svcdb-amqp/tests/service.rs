@@ -248,9 +248,10 @@ async fn each_start_up_step_fails_with_the_service_name_and_the_cause() {
     assert!(error.is_not_ready(), "{error}");
     let report = error.gate_report().unwrap();
     assert!(
-        report.problems.iter().any(
-            |p| matches!(p, svcdb::schema::Problem::MissingTable { table, .. } if table == "orders")
-        ),
+        report
+            .problems
+            .iter()
+            .any(|p| matches!(p, svcdb::Problem::MissingTable { table, .. } if table == "orders")),
         "{error}"
     );
     // Control: the same service with the table it has is ready.

@@ -74,7 +74,7 @@ pub struct EventsArgs {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = svcdb_amqp::config::DEFAULT_URL,
+        default_value = svcdb_amqp::DEFAULT_URL,
         hide_env_values = true
     )]
     amqp_url: String,

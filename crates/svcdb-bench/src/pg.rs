@@ -23,7 +23,7 @@ pub struct Server {
 impl Server {
     /// Connects to the database `url` names (usually `postgres`).
     pub async fn connect(url: &str) -> Result<Self> {
-        let admin = svcdb::config::parse_url(url)?;
+        let admin = svcdb::parse_url(url)?;
         let conn = DedicatedConn::connect(&admin).await.context(
             "cannot reach PostgreSQL (start it with scripts/services, or set --database-url)",
         )?;

@@ -156,7 +156,7 @@ impl Failure {
                     AdoptError::NotTheToolsTable { .. } => "adopt_wrong_table",
                     _ => "adopt_refused",
                 })
-            } else if cause.is::<svcdb::ident::IdentError>() {
+            } else if cause.is::<svcdb::IdentError>() {
                 Some("invalid_name")
             } else {
                 None

@@ -118,7 +118,7 @@ impl Global {
 /// Parses `500ms`, `10s`, `2m` or bare seconds, like the `SVCDB_*` durations: the value parser
 /// of every duration option.
 pub fn duration(value: &str) -> Result<Duration, String> {
-    svcdb::config::parse_duration("duration", value).map_err(|e| match e {
+    svcdb::__private::parse_duration("duration", value).map_err(|e| match e {
         // The key is clap's to name (it quotes the option); keep only what is wrong.
         svcdb::Error::Config { message, .. } => message,
         other => other.to_string(),

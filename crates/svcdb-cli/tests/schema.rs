@@ -133,7 +133,7 @@ async fn tables_lists_names_and_kinds() {
 }
 
 #[tokio::test]
-async fn health_reports_the_database_the_pool_and_the_gate() {
+async fn health_reports_the_database_the_pool_the_outbox_and_the_gate() {
     let p = Project::new().await;
     p.write(ORDERS);
     p.run(&["migrate", "up"]).expect_code(0);
@@ -149,6 +149,15 @@ async fn health_reports_the_database_the_pool_and_the_gate() {
     assert!(latency.is_some_and(|ms| ms > 0.0), "{report}");
     assert_eq!(report["migration_version"], "0002");
     assert_eq!(report["pool"]["max_size"], 7, "the configured pool");
+    assert_eq!(report["outbox"], serde_json::Value::Null, "no outbox table");
+
+    p.db.service("svc").await.install_outbox().await.unwrap();
+    let report = p.run(&["health", "--json"]).expect_code(0).json();
+    assert_eq!(report["outbox"]["rows"], 0, "{report}");
+    assert_eq!(
+        report["outbox"]["oldest_age_seconds"],
+        serde_json::Value::Null
+    );
 
     p.db.admin()
         .await

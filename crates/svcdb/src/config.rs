@@ -1,38 +1,4 @@
 //! Configuration of one service's database access, from code or from the environment.
-//!
-//! | environment variable | field | default | meaning |
-//! |---|---|---|---|
-//! | `DATABASE_URL` | [`Config::connection`] | (required) | `postgres://user[:password]@host[:port]/dbname`, or `key=value` pairs; several hosts: `postgres://user@h1:5432,h2:5433/dbname` or `host=h1,h2 port=5432,5433` |
-//! | `DATABASE_URL`'s `target_session_attrs`, else `PGTARGETSESSIONATTRS` | [`Config::target_session_attrs`] | `read-write` with several hosts, else `any` | which server to keep: `read-write` (the primary), `any`, `read-only` (below) |
-//! | `DATABASE_URL`'s `sslmode`, else `PGSSLMODE` | [`Config::tls`] | `disable` | libpq's: `disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full` (below) |
-//! | `DATABASE_URL`'s `sslrootcert`, else `PGSSLROOTCERT` | [`Config::ssl_root_cert`] | none | PEM file of the CA that signed the server's certificate (required by `verify-ca` and `verify-full`); `system`: the system's roots (`verify-full` only) |
-//! | `SVCDB_PASSWORD`, `PGPASSWORD` | (password) | none | used when the URL carries no password, so it stays out of URLs |
-//! | `SVCDB_SCHEMA` | [`Config::schema`] | (required) | the service's schema, pinned on every connection |
-//! | `SVCDB_EXTRA_SCHEMAS` | [`Config::extra_schemas`] | none | comma-separated schemas appended to the search path (`public`, `extensions`) |
-//! | `SVCDB_CREATE_SCHEMA` | [`Config::create_schema`] | `false` | create the schema at connect time if it is missing |
-//! | `SVCDB_POOL_MIN` | [`Config::pool_min`] | `5` | connections opened at start and kept open while idle |
-//! | `SVCDB_POOL_MAX` | [`Config::pool_max`] | `25` | most connections open at once |
-//! | `SVCDB_ACQUIRE_TIMEOUT` | [`Config::acquire_timeout`] | `5s` | longest wait for a connection before an error |
-//! | `SVCDB_CONNECT_TIMEOUT` | [`Config::connect_timeout`] | `3s` | longest wait for one connection attempt to one host (each host named gets this long) |
-//! | `SVCDB_IDLE_TIMEOUT` | [`Config::idle_timeout`] | `10m` | close connections idle this long (above `pool_min`); `0` disables |
-//! | `SVCDB_MAX_LIFETIME` | [`Config::max_lifetime`] | `30m` | close connections this old, once idle; `0` disables |
-//! | `SVCDB_MAX_LIFETIME_JITTER` | [`Config::max_lifetime_jitter`] | `2m` | up to this much added per connection so they don't all expire at once |
-//! | `SVCDB_VERIFY_AFTER_IDLE` | [`Config::verify_after_idle`] | `1s` | a connection idle longer than this is pinged before it is handed out |
-//! | `SVCDB_APPLICATION_NAME` | [`Config::application_name`] | `svcdb/<schema>` | shown in `pg_stat_activity` |
-//!
-//! Durations take a unit (`500ms`, `5s`, `2m`, `1h`); a bare number means seconds.
-//!
-//! `sslmode` and `sslrootcert` go in the URL's query (`?sslmode=verify-full&sslrootcert=ca.pem`)
-//! or among the `key=value` pairs, as for libpq; svcdb takes them out and hands the rest to the
-//! driver. What each mode encrypts and checks: [`tls`](crate::tls).
-//!
-//! With several hosts, each connection goes to the first host, in order, that answers and
-//! passes `target_session_attrs` (`SHOW transaction_read_only`, as libpq before 14). svcdb
-//! defaults to `read-write` there, unlike libpq's `any`: its services write on every
-//! connection, and a standby first in the list would otherwise take them all. libpq 14's
-//! `primary`, `standby` and `prefer-standby` are refused (the driver lacks them), with what to
-//! write instead. After a failover, pooled connections to a server that no longer accepts
-//! writes are retired (see [`ServiceDb`](crate::ServiceDb)) and new ones find the new primary.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -48,6 +14,40 @@ use tokio_postgres::config::TargetSessionAttrs;
 /// Build it with [`Config::new`] or [`Config::from_env`], adjust the public fields, and hand it
 /// to [`ServiceDb::connect`](crate::ServiceDb::connect), which validates it. `Debug` never shows
 /// the password.
+///
+/// | environment variable | field | default | meaning |
+/// |---|---|---|---|
+/// | `DATABASE_URL` | [`Config::connection`] | (required) | `postgres://user[:password]@host[:port]/dbname`, or `key=value` pairs; several hosts: `postgres://user@h1:5432,h2:5433/dbname` or `host=h1,h2 port=5432,5433` |
+/// | `DATABASE_URL`'s `target_session_attrs`, else `PGTARGETSESSIONATTRS` | [`Config::target_session_attrs`] | `read-write` with several hosts, else `any` | which server to keep: `read-write` (the primary), `any`, `read-only` (below) |
+/// | `DATABASE_URL`'s `sslmode`, else `PGSSLMODE` | [`Config::tls`] | `disable` | libpq's: `disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full` (below) |
+/// | `DATABASE_URL`'s `sslrootcert`, else `PGSSLROOTCERT` | [`Config::ssl_root_cert`] | none | PEM file of the CA that signed the server's certificate (required by `verify-ca` and `verify-full`); `system`: the system's roots (`verify-full` only) |
+/// | `SVCDB_PASSWORD`, `PGPASSWORD` | (password) | none | used when the URL carries no password, so it stays out of URLs |
+/// | `SVCDB_SCHEMA` | [`Config::schema`] | (required) | the service's schema, pinned on every connection |
+/// | `SVCDB_EXTRA_SCHEMAS` | [`Config::extra_schemas`] | none | comma-separated schemas appended to the search path (`public`, `extensions`) |
+/// | `SVCDB_CREATE_SCHEMA` | [`Config::create_schema`] | `false` | create the schema at connect time if it is missing |
+/// | `SVCDB_POOL_MIN` | [`Config::pool_min`] | `5` | connections opened at start and kept open while idle |
+/// | `SVCDB_POOL_MAX` | [`Config::pool_max`] | `25` | most connections open at once |
+/// | `SVCDB_ACQUIRE_TIMEOUT` | [`Config::acquire_timeout`] | `5s` | longest wait for a connection before an error |
+/// | `SVCDB_CONNECT_TIMEOUT` | [`Config::connect_timeout`] | `3s` | longest wait for one connection attempt to one host (each host named gets this long) |
+/// | `SVCDB_IDLE_TIMEOUT` | [`Config::idle_timeout`] | `10m` | close connections idle this long (above `pool_min`); `0` disables |
+/// | `SVCDB_MAX_LIFETIME` | [`Config::max_lifetime`] | `30m` | close connections this old, once idle; `0` disables |
+/// | `SVCDB_MAX_LIFETIME_JITTER` | [`Config::max_lifetime_jitter`] | `2m` | up to this much added per connection so they don't all expire at once |
+/// | `SVCDB_VERIFY_AFTER_IDLE` | [`Config::verify_after_idle`] | `1s` | a connection idle longer than this is pinged before it is handed out |
+/// | `SVCDB_APPLICATION_NAME` | [`Config::application_name`] | `svcdb/<schema>` | shown in `pg_stat_activity` |
+///
+/// Durations take a unit (`500ms`, `5s`, `2m`, `1h`); a bare number means seconds.
+///
+/// `sslmode` and `sslrootcert` go in the URL's query (`?sslmode=verify-full&sslrootcert=ca.pem`)
+/// or among the `key=value` pairs, as for libpq; svcdb takes them out and hands the rest to the
+/// driver. What each mode encrypts and checks: [`TlsMode`](crate::TlsMode).
+///
+/// With several hosts, each connection goes to the first host, in order, that answers and
+/// passes `target_session_attrs` (`SHOW transaction_read_only`, as libpq before 14). svcdb
+/// defaults to `read-write` there, unlike libpq's `any`: its services write on every
+/// connection, and a standby first in the list would otherwise take them all. libpq 14's
+/// `primary`, `standby` and `prefer-standby` are refused (the driver lacks them), with what to
+/// write instead. After a failover, pooled connections to a server that no longer accepts
+/// writes are retired (see [`ServiceDb`](crate::ServiceDb)) and new ones find the new primary.
 #[derive(Clone)]
 pub struct Config {
     /// Host, port, user, password and database. Its password is never printed. Its `ssl_mode`

@@ -4,7 +4,7 @@
 //! [axum-router]: https://docs.rs/axum/0.8/axum/struct.Router.html
 //!
 //! ```no_run
-//! # async fn demo(db: svcdb::ServiceDb, gate: svcdb::schema::Gate) -> std::io::Result<()> {
+//! # async fn demo(db: svcdb::ServiceDb, gate: svcdb::Gate) -> std::io::Result<()> {
 //! let app = axum::Router::new()
 //!     // .route("/orders", …) — the service's own routes
 //!     .merge(svcdb::http::router(db, gate));

@@ -1,8 +1,4 @@
 //! Validated SQL identifiers (schema, role and table names).
-//!
-//! Every name that ends up inside generated SQL passes through [`Ident::new`] first, so an
-//! injection-shaped name (`x; drop table y`, quotes, spaces) is refused before anything is sent
-//! to the server, and [`Ident`]'s `Display` always renders the name double-quoted.
 
 use std::fmt;
 
@@ -19,6 +15,10 @@ pub const MAX_IDENT_BYTES: usize = 63;
 ///
 /// `Display` renders the quoted form (`"catalog"`), ready for SQL; [`Ident::as_str`] gives the
 /// bare name for use as a bind parameter.
+///
+/// Every name that ends up inside generated SQL passes through [`Ident::new`] first, so an
+/// injection-shaped name (`x; drop table y`, quotes, spaces) is refused before anything is sent
+/// to the server, and [`Ident`]'s `Display` always renders the name double-quoted.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Ident(String);
 

@@ -320,6 +320,11 @@ impl Outbox {
         }
     }
 
+    /// The pool this outbox uses.
+    pub fn db(&self) -> &ServiceDb {
+        &self.db
+    }
+
     /// Replaces when failed rows are retried.
     #[must_use]
     pub fn with_publish_retry(mut self, retry: PublishRetry) -> Self {

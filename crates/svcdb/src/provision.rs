@@ -1,17 +1,4 @@
 //! Provisioning: a login role per service owning its schema, enforced by PostgreSQL privileges.
-//!
-//! After [`provision`], a service connected as its own role can use its schema and nothing
-//! else: another service's schema answers `permission denied` (SQLSTATE 42501), because each
-//! schema is owned by its service's role and grants nothing to `PUBLIC`. Running it again
-//! changes nothing.
-//!
-//! It never reports isolation it cannot give. An existing role with an attribute that
-//! bypasses privileges (`SUPERUSER`, `BYPASSRLS`), widens them (`CREATEROLE`, `CREATEDB`,
-//! `REPLICATION`) or that is a member of another role (another service's, or a predefined one
-//! like `pg_read_all_data`) is refused, naming each, unless [`ProvisionSpec::fix`] asks for
-//! them to be removed. And `PUBLIC`'s `CREATE` on an extra schema (schema `public` has it by
-//! default up to PostgreSQL 14) is revoked: with it, any role could plant a table or function
-//! there that shadows what the service means to find on its search path (CVE-2018-1058).
 
 use std::fmt;
 
@@ -118,6 +105,19 @@ pub struct ProvisionReport {
 /// Concurrent calls serialize on an advisory lock.
 ///
 /// [`Error::Config`]: crate::Error::Config
+///
+/// After [`provision`], a service connected as its own role can use its schema and nothing
+/// else: another service's schema answers `permission denied` (SQLSTATE 42501), because each
+/// schema is owned by its service's role and grants nothing to `PUBLIC`. Running it again
+/// changes nothing.
+///
+/// It never reports isolation it cannot give. An existing role with an attribute that
+/// bypasses privileges (`SUPERUSER`, `BYPASSRLS`), widens them (`CREATEROLE`, `CREATEDB`,
+/// `REPLICATION`) or that is a member of another role (another service's, or a predefined one
+/// like `pg_read_all_data`) is refused, naming each, unless [`ProvisionSpec::fix`] asks for
+/// them to be removed. And `PUBLIC`'s `CREATE` on an extra schema (schema `public` has it by
+/// default up to PostgreSQL 14) is revoked: with it, any role could plant a table or function
+/// there that shadows what the service means to find on its search path (CVE-2018-1058).
 pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<ProvisionReport> {
     let tx = admin.transaction().await?;
     tx.execute(

@@ -9,8 +9,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use svcdb::connection::DedicatedConn;
 use svcdb::testing::TestDb;
+use svcdb::DedicatedConn;
 use svcdb::{Config, Error, ServiceDb, SqlState, TxOptions};
 
 /// Inserts one row into `t`; the write a standby refuses.
@@ -162,7 +162,7 @@ fn cluster(action: &str) {
 }
 
 fn server(port: u16, dbname: &str) -> tokio_postgres::Config {
-    svcdb::config::parse_url(&format!("postgres://postgres@127.0.0.1:{port}/{dbname}")).unwrap()
+    svcdb::parse_url(&format!("postgres://postgres@127.0.0.1:{port}/{dbname}")).unwrap()
 }
 
 /// A fresh database on the primary with schema `orders` and table `t`, once the standby has it

@@ -8,9 +8,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
-use svcdb::schema::{Gate, Problem};
 use svcdb::testing::TestDb;
 use svcdb::{Config, ServiceDb};
+use svcdb::{Gate, Problem};
 use tower::ServiceExt;
 
 /// Sends `GET path` to the router without a socket; the status and the body (JSON when it is).
@@ -277,4 +277,36 @@ async fn the_unreachable_hint_follows_the_last_connection_error() {
         }
         other => panic!("expected unreachable, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn readyz_reports_the_outbox_backlog_once_the_service_has_an_outbox() {
+    let db = TestDb::new().await;
+    let (svc, gate, _dir) = migrated_orders(&db).await;
+    let (_, report, text) = get(&svc, &gate, "/readyz").await;
+    assert_eq!(report["outbox"], Value::Null, "no outbox table yet: {text}");
+
+    svc.install_outbox().await.unwrap();
+    let (_, report, text) = get(&svc, &gate, "/readyz").await;
+    assert_eq!(report["outbox"]["rows"], 0, "{text}");
+    assert_eq!(
+        report["outbox"]["oldest_age_seconds"],
+        Value::Null,
+        "{text}"
+    );
+
+    let event = svcdb::Envelope::new("OrderPlaced", "orders", serde_json::json!({}));
+    svc.transaction(async |tx| {
+        svcdb::outbox::enqueue(tx, "orders.events", "order.placed", &event).await
+    })
+    .await
+    .unwrap();
+    let (_, report, text) = get(&svc, &gate, "/readyz").await;
+    assert_eq!(report["outbox"]["rows"], 1, "{text}");
+    assert!(
+        report["outbox"]["oldest_age_seconds"].as_f64().unwrap() >= 0.0,
+        "{text}"
+    );
+    let shown = svc.health(&gate).await.to_string();
+    assert!(shown.contains("outbox: 1 unpublished, oldest "), "{shown}");
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use svcdb::migrate::lock::MigrationLock;
+use svcdb::__private::MigrationLock;
 use svcdb::testing::TestDb;
 use svcdb::{Config, ServiceDb};
 

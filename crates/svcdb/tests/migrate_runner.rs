@@ -1412,14 +1412,13 @@ async fn a_running_migration_is_not_reported_dirty() {
 
     // Another replica of the same release: ready, with the migration in progress noted.
     let replica = db.service("shop").await;
-    let gate =
-        svcdb::schema::Gate::new().with_migrations(Migrations::from_dir(dir.path()).unwrap());
+    let gate = svcdb::Gate::new().with_migrations(Migrations::from_dir(dir.path()).unwrap());
     let health = replica.health(&gate).await;
     assert!(health.gate.ready, "{health}");
     assert!(
         matches!(
             health.gate.notices.as_slice(),
-            [svcdb::schema::Notice::MigrationInProgress { version, .. }] if version.number() == 2
+            [svcdb::Notice::MigrationInProgress { version, .. }] if version.number() == 2
         ),
         "{health}"
     );
@@ -1431,7 +1430,7 @@ async fn a_running_migration_is_not_reported_dirty() {
     )
     .unwrap();
     let older_gate =
-        svcdb::schema::Gate::new().with_migrations(Migrations::from_dir(older.path()).unwrap());
+        svcdb::Gate::new().with_migrations(Migrations::from_dir(older.path()).unwrap());
     let health = replica.health(&older_gate).await;
     assert!(health.gate.ready, "{health}");
 

@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use svcdb::migrate::{Migrations, Migrator};
-use svcdb::schema::{Gate, Notice, Problem, TableKind};
 use svcdb::testing::TestDb;
 use svcdb::{Error, ServiceDb};
+use svcdb::{Gate, Notice, Problem, TableKind};
 
 /// Two migrations: the orders table, then its lines.
 const MIGRATIONS: &[(&str, &str)] = &[

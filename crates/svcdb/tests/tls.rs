@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use svcdb::migrate::lock::MigrationLock;
+use svcdb::__private::MigrationLock;
 use svcdb::testing::TestDb;
 use svcdb::tokio_postgres::config::Host;
 use svcdb::{Config, DedicatedConn, Error, ServiceDb, Tls, TlsFailure, TlsMode};

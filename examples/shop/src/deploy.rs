@@ -26,7 +26,7 @@ impl Deployment {
     /// `admin_url` is a superuser's (or a role with CREATEDB and CREATEROLE); `database` is the
     /// shop's database and names the roles, exchanges and queues (see [`Names`]).
     pub fn new(admin_url: &str, database: &str, password: Option<String>) -> anyhow::Result<Self> {
-        let admin = svcdb::config::parse_url(admin_url).context("--database-url")?;
+        let admin = svcdb::parse_url(admin_url).context("--database-url")?;
         Ok(Self {
             admin,
             database: database.to_owned(),

@@ -8,7 +8,7 @@
 //! (`PR_SET_PDEATHSIG`), so no exit path of the demo (an error, a panic, Ctrl-C, even a
 //! SIGKILL of the demo) leaves one running; [`Fleet::stop`] is the graceful way.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -24,6 +24,7 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
 use crate::client::ApiClient;
+use crate::report::Scraped;
 
 /// Longest wait for a replica's `/readyz` to say 200 (its migrations included), and for a
 /// replica to stop gracefully.
@@ -60,6 +61,10 @@ pub struct Fleet {
     started: AtomicUsize,
     killed: AtomicU64,
     http: ApiClient,
+    /// What each service's replicas' `/metrics` said just before they were stopped or killed.
+    scraped: Mutex<HashMap<&'static str, Scraped>>,
+    /// Services with a replica killed: what it handled after its last scrape is not counted.
+    killed_services: Mutex<HashSet<&'static str>>,
 }
 
 impl Fleet {
@@ -78,6 +83,8 @@ impl Fleet {
             started: AtomicUsize::new(0),
             killed: AtomicU64::new(0),
             http,
+            scraped: Mutex::default(),
+            killed_services: Mutex::default(),
         })
     }
 
@@ -247,11 +254,37 @@ impl Fleet {
             ..
         } = victim;
         self.fronts[service].remove(addr);
+        self.scrape(service, addr).await;
+        lock(&self.killed_services).insert(service);
         child.start_kill().context("SIGKILL")?;
         let _ = child.wait().await;
         self.killed.fetch_add(1, Ordering::Relaxed);
         let started = self.start(service).await?;
         Ok((name, started))
+    }
+
+    /// Adds what the replica at `addr` reports on `/metrics` to `service`'s counts; a replica
+    /// that does not answer adds nothing (the check against the databases then fails).
+    async fn scrape(&self, service: &'static str, addr: SocketAddr) {
+        match self.http.get(&format!("http://{addr}/metrics")).await {
+            Ok(response) if response.status.is_success() => {
+                let counts = Scraped::parse(&String::from_utf8_lossy(&response.body));
+                lock(&self.scraped).entry(service).or_default().add(counts);
+            }
+            Ok(response) => tracing::warn!(%addr, status = %response.status, "GET /metrics failed"),
+            Err(e) => tracing::warn!(%addr, error = %e, "GET /metrics failed"),
+        }
+    }
+
+    /// Each service's consumer counts, summed over the replicas stopped or killed so far (as
+    /// their `/metrics` said just before).
+    pub fn scraped(&self) -> HashMap<&'static str, Scraped> {
+        lock(&self.scraped).clone()
+    }
+
+    /// Services that lost a replica to SIGKILL (their scraped counts may fall short).
+    pub fn killed_services(&self) -> HashSet<&'static str> {
+        lock(&self.killed_services).clone()
     }
 
     /// Replicas killed so far.
@@ -283,6 +316,8 @@ impl Fleet {
             front.clear();
         }
         let stops = replicas.into_iter().map(|mut replica| async move {
+            // Settled by now: nothing is handled between this scrape and the exit.
+            self.scrape(replica.service, replica.addr).await;
             if let Some(pid) = replica.child.id() {
                 // SAFETY: kill(2) on our own child's pid, which it keeps until we wait for it.
                 #[allow(unsafe_code)]

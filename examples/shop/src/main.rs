@@ -83,7 +83,7 @@ struct Target {
     )]
     database_url: String,
     /// The broker.
-    #[arg(long, env = "AMQP_URL", default_value = svcdb_amqp::config::DEFAULT_URL, hide_env_values = true)]
+    #[arg(long, env = "AMQP_URL", default_value = svcdb_amqp::DEFAULT_URL, hide_env_values = true)]
     amqp_url: String,
     /// The demo's database, dropped and created anew. Its name also prefixes the roles
     /// (shop_catalog), exchanges and queues (shop.catalog.events), so runs on different
@@ -160,7 +160,7 @@ struct ServeArgs {
     #[arg(long, env = "SHOP_NAMESPACE", default_value = "shop")]
     namespace: String,
     /// The broker.
-    #[arg(long, env = "AMQP_URL", default_value = svcdb_amqp::config::DEFAULT_URL, hide_env_values = true)]
+    #[arg(long, env = "AMQP_URL", default_value = svcdb_amqp::DEFAULT_URL, hide_env_values = true)]
     amqp_url: String,
     /// The cart service's base URL (orders reads carts through it).
     #[arg(long, env = "SHOP_CART_URL")]

@@ -98,11 +98,17 @@ pub struct Figures {
     pub http_requests: u64,
     /// From the broker coming back to the outbox drained.
     pub outage_drain_ms: u64,
+    /// The orders service's `svcdb_outbox_backlog` (from its `/metrics`) at the end of the
+    /// broker outage, when it peaks.
+    pub outage_backlog_peak: i64,
     /// Orders of the phases without an outage and the time they took (placing, and waiting
     /// for every decision): the throughput figure.
     pub measured_orders: usize,
     pub measured_ms: u64,
     pub elapsed_ms: u64,
+    /// Each subscribing service's handled and duplicate counts, as its replicas' `/metrics`
+    /// reported them, and its claims in the database.
+    pub metrics: std::collections::BTreeMap<&'static str, ServiceCounts>,
     /// Stock at seeding, by product id.
     #[serde(skip)]
     pub initial_stock: HashMap<i64, i32>,
@@ -139,10 +145,115 @@ impl Figures {
             self.order_latency_p50_ms, self.order_latency_p99_ms
         );
         println!(
-            "    outage: the outbox drained {} ms after RabbitMQ was reachable again",
-            self.outage_drain_ms
+            "    outage: the orders outbox's backlog peaked at {} rows (/metrics); it drained {} ms after RabbitMQ was reachable again",
+            self.outage_backlog_peak, self.outage_drain_ms
+        );
+        for (service, counts) in &self.metrics {
+            println!(
+                "    /metrics of {service}: {} handled, {} duplicates absorbed; {} claims in its database",
+                counts.scraped.handled, counts.scraped.duplicates, counts.claims
+            );
+        }
+    }
+}
+
+/// A service's consumer counts as its replicas' `/metrics` reported them, summed over its
+/// queues and replicas.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Scraped {
+    /// `svcdb_consumer_messages_total{outcome="handled"}`.
+    pub handled: u64,
+    /// `svcdb_consumer_messages_total{outcome="duplicate"}`.
+    pub duplicates: u64,
+}
+
+impl Scraped {
+    /// The counts in one scrape (Prometheus text format), summed over its queues.
+    pub fn parse(text: &str) -> Self {
+        let mut counts = Self::default();
+        for line in text.lines() {
+            let Some(labels) = line
+                .strip_prefix("svcdb_consumer_messages_total{")
+                .and_then(|rest| rest.split_once('}'))
+            else {
+                continue;
+            };
+            let (labels, value) = labels;
+            let value = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+            if labels.contains(r#"outcome="handled""#) {
+                counts.handled += value;
+            } else if labels.contains(r#"outcome="duplicate""#) {
+                counts.duplicates += value;
+            }
+        }
+        counts
+    }
+
+    pub fn add(&mut self, other: Scraped) {
+        self.handled += other.handled;
+        self.duplicates += other.duplicates;
+    }
+}
+
+/// The value of the first series named `name` in a scrape (Prometheus text format).
+pub fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let metric = series.split_once('{').map_or(series, |(m, _)| m);
+        (metric == name).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// A service's scraped counts beside its claims (one per event it handled) in its database.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct ServiceCounts {
+    #[serde(flatten)]
+    pub scraped: Scraped,
+    pub claims: i64,
+}
+
+/// Checks that what each subscribing service's `/metrics` counted as handled agrees with its
+/// claims in the database: equal, or (for a service that lost a replica to SIGKILL, whose
+/// last events after its last scrape went uncounted) never more.
+pub async fn metrics_agree(
+    checks: &mut Checks,
+    figures: &mut Figures,
+    admin: &Client,
+    scraped: &HashMap<&'static str, Scraped>,
+    killed: &std::collections::HashSet<&'static str>,
+) -> anyhow::Result<()> {
+    for def in SERVICES.iter().filter(|d| !d.subscriptions.is_empty()) {
+        let claims: i64 = admin
+            .query_one(
+                &format!("SELECT count(*) FROM {}.svcdb_processed_events", def.schema),
+                &[],
+            )
+            .await?
+            .get(0);
+        let counts = ServiceCounts {
+            scraped: scraped.get(def.name).copied().unwrap_or_default(),
+            claims,
+        };
+        figures.metrics.insert(def.name, counts);
+        let handled = i64::try_from(counts.scraped.handled).unwrap_or(i64::MAX);
+        let (ok, expected) = if killed.contains(def.name) {
+            (
+                handled <= claims,
+                "at most as many (a replica was killed after its last scrape)",
+            )
+        } else {
+            (handled == claims, "as many")
+        };
+        checks.check(
+            format!("{}'s /metrics agree with its database", def.name),
+            ok,
+            format!(
+                "{handled} events handled per /metrics, {claims} claims in {}.svcdb_processed_events (expected: {expected}); {} duplicates absorbed",
+                def.schema, counts.scraped.duplicates
+            ),
         );
     }
+    Ok(())
 }
 
 /// The summary `--json` prints as the last line.

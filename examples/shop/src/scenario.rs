@@ -926,6 +926,22 @@ impl Demo {
             .await?
             .get(0);
         self.outage_orders = ids;
+        // The backlog only grows while the relays cannot publish: now it is at its peak. Any
+        // replica answers for the service's outbox (the gauge is read from the database).
+        let scrape = self
+            .api
+            .get(&format!("{}/metrics", self.fleet.url("orders")))
+            .await?;
+        let backlog = crate::report::gauge(
+            &String::from_utf8_lossy(&scrape.body),
+            "svcdb_outbox_backlog",
+        );
+        self.figures.outage_backlog_peak = backlog.unwrap_or(0.0) as i64;
+        self.checks.check(
+            "the orders service's /metrics show the outbox backlog during the outage",
+            backlog.is_some_and(|b| b as i64 >= pending_during && b > 0.0),
+            format!("svcdb_outbox_backlog {backlog:?} at the end of the outage, {pending_during} of them the outage's orders' events"),
+        );
         self.say(format!(
             "placed {} orders: each POST /orders succeeded, because it only needs the database; {pending_during} events wait in the outbox",
             placed.len()
@@ -1105,6 +1121,14 @@ impl Demo {
             &self.deployment.names,
             products,
             &self.outage_orders,
+        )
+        .await?;
+        crate::report::metrics_agree(
+            &mut self.checks,
+            &mut self.figures,
+            &admin,
+            &self.fleet.scraped(),
+            &self.fleet.killed_services(),
         )
         .await?;
         self.checks.print();

@@ -21,8 +21,7 @@ fn admin_url() -> String {
 }
 
 fn amqp_url() -> String {
-    std::env::var("SVCDB_TEST_AMQP_URL")
-        .unwrap_or_else(|_| svcdb_amqp::config::DEFAULT_URL.to_owned())
+    std::env::var("SVCDB_TEST_AMQP_URL").unwrap_or_else(|_| svcdb_amqp::DEFAULT_URL.to_owned())
 }
 
 /// A database name no other run uses. svcdb's test prefix, so that `scripts/test` drops what
@@ -270,6 +269,27 @@ async fn the_demo_holds_every_invariant_and_leaves_nothing_behind() {
         )["detail"],
         "12 of 12 pairs denied"
     );
+    // Each subscriber's /metrics, scraped from its replicas, against its claims: every one of
+    // the 4 services lost a replica to SIGKILL, so its count may fall short, never exceed.
+    for service in ["catalog", "cart", "orders"] {
+        let counts = &report["metrics"][service];
+        let (handled, claims) = (counts["handled"].as_i64(), counts["claims"].as_i64());
+        assert!(
+            handled.is_some_and(|h| h > 0) && handled <= claims,
+            "{service}: {counts}"
+        );
+        assert_eq!(
+            check(
+                &report,
+                &format!("{service}'s /metrics agree with its database")
+            )["ok"],
+            true
+        );
+    }
+    assert!(
+        report["outage_backlog_peak"].as_i64().unwrap() > 0,
+        "the outage's events waited in the outbox, per /metrics: {report}"
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     for narrated in [
         "shop serve orders (no --migrate) exited",
@@ -324,6 +344,11 @@ async fn without_idempotency_the_checks_catch_the_damage() {
     );
     assert_eq!(
         check(&report, "each subscriber's claims match")["ok"],
+        false
+    );
+    // The services count what they handled; the claims they deleted disagree.
+    assert_eq!(
+        check(&report, "catalog's /metrics agree with its database")["ok"],
         false
     );
     assert_nothing_left(&database).await;

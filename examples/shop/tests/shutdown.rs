@@ -16,8 +16,7 @@ use tokio::process::{Child, Command};
 const EVENTS: i64 = 600;
 
 fn amqp_url() -> String {
-    std::env::var("SVCDB_TEST_AMQP_URL")
-        .unwrap_or_else(|_| svcdb_amqp::config::DEFAULT_URL.to_owned())
+    std::env::var("SVCDB_TEST_AMQP_URL").unwrap_or_else(|_| svcdb_amqp::DEFAULT_URL.to_owned())
 }
 
 /// What the catalog declares in namespace `ns`, deleted on drop (also when the test fails).

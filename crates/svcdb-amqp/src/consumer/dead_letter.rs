@@ -1,6 +1,6 @@
 //! Dead-lettering by the consumer: a copy to the queue's dead-letter exchange with headers
 //! saying why, acknowledged once confirmed; rejected to the broker's own dead-lettering if
-//! that fails. See the module documentation of [`consumer`](super), "Dead letters".
+//! that fails. See [`Consumer`](crate::Consumer), "Dead letters".
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};

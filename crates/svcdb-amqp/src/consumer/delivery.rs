@@ -49,6 +49,7 @@ pub(super) struct Context {
 
 /// Handles one delivery to the end: acked, handed back, or dead-lettered.
 pub(super) async fn handle(context: Arc<Context>, delivery: Delivery) {
+    let _in_flight = context.counters.in_flight();
     let deliveries = delivery_number(&delivery);
     let queue = context.queue.name.as_str();
     let envelope = match Envelope::from_slice(&delivery.data) {
@@ -83,7 +84,10 @@ pub(super) async fn handle(context: Arc<Context>, delivery: Delivery) {
         let Ok(_permit) = context.permits.acquire().await else {
             return; // never closed
         };
-        process(&context, &handler, &envelope).await
+        let started = std::time::Instant::now();
+        let outcome = process(&context, &handler, &envelope).await;
+        context.counters.duration.record(started.elapsed());
+        outcome
         // The permit goes back here: what follows waits (for a pause, a backoff, the broker)
         // and must not keep healthy messages from the database.
     };

@@ -1,122 +1,5 @@
 //! The consumer runtime: deliveries from one queue, each handled once in the service's
 //! database, acknowledged only after the handler's transaction committed.
-//!
-//! For each delivery:
-//!
-//! 1. The body is decoded with [`Envelope::from_slice`]. A malformed message (not JSON, no
-//!    `id`, too large, …) is dead-lettered with the reason: redelivering it cannot help.
-//! 2. The handler for the envelope's `kind` runs inside
-//!    [`ServiceDb::process_once_with`]: the claim on (consumer name, event id) commits in the
-//!    same transaction as the handler's writes (and any events it enqueued in the outbox).
-//! 3. [`Processed::Done`] or [`Processed::Duplicate`]: acknowledged. Acks come only after the
-//!    commit, so delivery is at least once, and a redelivery after a lost ack finds the claim
-//!    and changes nothing.
-//! 4. A failed handler: everything rolled back. See [`HandlerError`] for retry, requeue and
-//!    dead-lettering, and [Delivery counting](#delivery-counting) for how attempts are
-//!    bounded even when the process crashes mid-handler.
-//! 5. The database unavailable (a terminated backend, a read-only primary after a failover,
-//!    no connection: [`HandlerError::is_database_unavailable`]): not the event's fault. The
-//!    message is handed back without spending a delivery and the consumer pauses: it cancels
-//!    its `basic.consume`, so the broker sends it nothing more, checks the database with
-//!    backoff (up to [`ConsumerOptions::max_retry_delay`]) until it hands out a connection
-//!    that can write, and consumes again. A failover does not dead-letter the backlog.
-//!
-//! An event kind with no handler is dead-lettered by default ([`UnknownKind`]): a binding wider
-//! than the handlers, or a handler not yet deployed, should be visible and replayable, not
-//! silently acknowledged.
-//!
-//! # Delivery counting
-//!
-//! The consumer numbers each delivery from the quorum queue's `x-delivery-count` (failed
-//! deliveries before this one) and dead-letters the failure of the last one allowed
-//! ([`QueueSpec::max_deliveries`]) itself, with the handler's error; the queue's
-//! `x-delivery-limit` is the backstop for handlers that crash the process. How it hands a
-//! message back decides whether the return counts:
-//!
-//! | return | method | RabbitMQ 4.3 and later | RabbitMQ 3.x to 4.2 |
-//! |---|---|---|---|
-//! | the handler failed | `basic.reject`, requeue | counts | counts |
-//! | database unavailable, shutdown | `basic.nack`, requeue | does not count | counts |
-//! | the channel closed with the message unacknowledged (crash) | — | counts | counts |
-//!
-//! Since 4.3 a quorum queue counts only failed deliveries in `x-delivery-count`: `basic.reject`
-//! means the processing failed, `basic.nack` means the consumer could not process the message
-//! now (rabbitmq-server PR 15387, <https://www.rabbitmq.com/docs/4.3/nack>). Before 4.3 every
-//! return counts, so there a database outage costs each message in flight one delivery: one,
-//! not one per retry, because the consumer pauses instead of retrying. `x-acquired-count`
-//! (4.3+, every assignment) is not used. A first delivery (`redelivered` unset) is number 1
-//! whatever headers it carries. On a classic queue declared elsewhere nothing counts, and a
-//! message that always fails is retried (with [`ConsumerOptions::retry_delay`]) until it is
-//! removed by hand; declare queues with [`crate::topology`].
-//!
-//! # Dead letters
-//!
-//! The consumer republishes a message it gives up on to the queue's dead-letter exchange
-//! (`<queue>.dlx`) itself, with its original body and properties plus headers saying why, and
-//! acknowledges it once the broker confirmed the copy (bounded by
-//! [`ConsumerOptions::confirm_timeout`]):
-//!
-//! | header | value |
-//! |---|---|
-//! | `x-svcdb-reason` | what went wrong: the decoding error, the handler's error, … |
-//! | `x-svcdb-queue`, `x-svcdb-consumer` | where it was being handled |
-//! | `x-svcdb-original-exchange`, `x-svcdb-original-routing-key` | where to replay it |
-//! | `x-svcdb-deliveries` | deliveries so far, this one included |
-//!
-//! The copy starts afresh: the broker's counting headers (`x-delivery-count`,
-//! `x-acquired-count`, `x-death` and the `x-first-death-*` / `x-last-death-*` summaries) are
-//! removed from it, so a message replayed from the dead-letter queue after a fix gets every
-//! delivery again instead of arriving "at 5 of 5".
-//!
-//! If that publish fails (the exchange is missing, the channel broke, no confirm in time) the
-//! message is rejected without requeue instead, and the broker dead-letters it with its own
-//! `x-death` headers; the reason is then only in the log. Messages the broker dead-letters
-//! after the delivery limit (a handler that crashed the process every time) carry `x-death`
-//! with reason `delivery_limit`.
-//!
-//! # Concurrency and shutdown
-//!
-//! The broker sends at most `prefetch` unacknowledged messages ([`AmqpConfig::prefetch`]);
-//! each is handled on its own task, at most `min(prefetch, pool_max)` at once, so handlers
-//! queue for a permit rather than time out waiting for a database connection. A permit is
-//! held only while the handler's transaction runs: a failed message waiting out its pause
-//! before redelivery holds none, so failing messages do not stall healthy ones. Cancelling the
-//! shutdown token stops consuming (`basic.cancel`), handles the deliveries already received,
-//! waits for in-flight handlers to commit and acknowledge (up to
-//! [`ConsumerOptions::shutdown_timeout`]), then closes the channels.
-//!
-//! ```no_run
-//! use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
-//! use svcdb_amqp::{AmqpConfig, Consumer};
-//! use tokio_util::sync::CancellationToken;
-//!
-//! # async fn demo(db: svcdb::ServiceDb) -> anyhow::Result<()> {
-//! let amqp = AmqpConfig::from_env()?;
-//! let queue = QueueSpec::new("orders.reserve-stock").bind(events_exchange("catalog"), "product.stock.*");
-//! let connection = amqp.connect().await?;
-//! Topology::new().queue(queue.clone()).declare(&connection).await?;
-//! db.install_idempotency().await?;
-//!
-//! let consumer = Consumer::new(&amqp, db, &queue, "orders.reserve-stock").on(
-//!     "ProductStockReserved",
-//!     |tx, event| Box::pin(async move {
-//!         let quantity = event.payload["quantity"].as_i64().unwrap_or(0);
-//!         tx.execute("UPDATE reservations SET quantity = quantity + $1", &[&quantity]).await?;
-//!         Ok(())
-//!     }),
-//! );
-//! let shutdown = CancellationToken::new();
-//! let task = tokio::spawn({
-//!     let shutdown = shutdown.clone();
-//!     async move { consumer.run(shutdown).await } // reconnects after a broker restart
-//! });
-//! tokio::signal::ctrl_c().await?;
-//! shutdown.cancel();
-//! task.await??; // in-flight handlers finished and acknowledged
-//! # Ok(()) }
-//! ```
-//!
-//! [`AmqpConfig::prefetch`]: crate::AmqpConfig::prefetch
 
 // This file: the consumer's builder, its checks and the reconnecting run loop. The rest, one
 // concept per file:
@@ -163,6 +46,123 @@ use crate::topology::QueueSpec;
 /// Build it with [`Consumer::new`] and [`Consumer::on`] / [`Consumer::on_handler`], then
 /// [`Consumer::run`] it until a shutdown token is cancelled. Cheap to clone (handlers are
 /// shared).
+///
+/// For each delivery:
+///
+/// 1. The body is decoded with [`Envelope::from_slice`]. A malformed message (not JSON, no
+///    `id`, too large, …) is dead-lettered with the reason: redelivering it cannot help.
+/// 2. The handler for the envelope's `kind` runs inside
+///    [`ServiceDb::process_once_with`]: the claim on (consumer name, event id) commits in the
+///    same transaction as the handler's writes (and any events it enqueued in the outbox).
+/// 3. [`Processed::Done`] or [`Processed::Duplicate`]: acknowledged. Acks come only after the
+///    commit, so delivery is at least once, and a redelivery after a lost ack finds the claim
+///    and changes nothing.
+/// 4. A failed handler: everything rolled back. See [`HandlerError`] for retry, requeue and
+///    dead-lettering, and [Delivery counting](#delivery-counting) for how attempts are
+///    bounded even when the process crashes mid-handler.
+/// 5. The database unavailable (a terminated backend, a read-only primary after a failover,
+///    no connection: [`HandlerError::is_database_unavailable`]): not the event's fault. The
+///    message is handed back without spending a delivery and the consumer pauses: it cancels
+///    its `basic.consume`, so the broker sends it nothing more, checks the database with
+///    backoff (up to [`ConsumerOptions::max_retry_delay`]) until it hands out a connection
+///    that can write, and consumes again. A failover does not dead-letter the backlog.
+///
+/// An event kind with no handler is dead-lettered by default ([`UnknownKind`]): a binding wider
+/// than the handlers, or a handler not yet deployed, should be visible and replayable, not
+/// silently acknowledged.
+///
+/// # Delivery counting
+///
+/// The consumer numbers each delivery from the quorum queue's `x-delivery-count` (failed
+/// deliveries before this one) and dead-letters the failure of the last one allowed
+/// ([`QueueSpec::max_deliveries`]) itself, with the handler's error; the queue's
+/// `x-delivery-limit` is the backstop for handlers that crash the process. How it hands a
+/// message back decides whether the return counts:
+///
+/// | return | method | RabbitMQ 4.3 and later | RabbitMQ 3.x to 4.2 |
+/// |---|---|---|---|
+/// | the handler failed | `basic.reject`, requeue | counts | counts |
+/// | database unavailable, shutdown | `basic.nack`, requeue | does not count | counts |
+/// | the channel closed with the message unacknowledged (crash) | — | counts | counts |
+///
+/// Since 4.3 a quorum queue counts only failed deliveries in `x-delivery-count`: `basic.reject`
+/// means the processing failed, `basic.nack` means the consumer could not process the message
+/// now (rabbitmq-server PR 15387, <https://www.rabbitmq.com/docs/4.3/nack>). Before 4.3 every
+/// return counts, so there a database outage costs each message in flight one delivery: one,
+/// not one per retry, because the consumer pauses instead of retrying. `x-acquired-count`
+/// (4.3+, every assignment) is not used. A first delivery (`redelivered` unset) is number 1
+/// whatever headers it carries. On a classic queue declared elsewhere nothing counts, and a
+/// message that always fails is retried (with [`ConsumerOptions::retry_delay`]) until it is
+/// removed by hand; declare queues with [`crate::topology`].
+///
+/// # Dead letters
+///
+/// The consumer republishes a message it gives up on to the queue's dead-letter exchange
+/// (`<queue>.dlx`) itself, with its original body and properties plus headers saying why, and
+/// acknowledges it once the broker confirmed the copy (bounded by
+/// [`ConsumerOptions::confirm_timeout`]):
+///
+/// | header | value |
+/// |---|---|
+/// | `x-svcdb-reason` | what went wrong: the decoding error, the handler's error, … |
+/// | `x-svcdb-queue`, `x-svcdb-consumer` | where it was being handled |
+/// | `x-svcdb-original-exchange`, `x-svcdb-original-routing-key` | where to replay it |
+/// | `x-svcdb-deliveries` | deliveries so far, this one included |
+///
+/// The copy starts afresh: the broker's counting headers (`x-delivery-count`,
+/// `x-acquired-count`, `x-death` and the `x-first-death-*` / `x-last-death-*` summaries) are
+/// removed from it, so a message replayed from the dead-letter queue after a fix gets every
+/// delivery again instead of arriving "at 5 of 5".
+///
+/// If that publish fails (the exchange is missing, the channel broke, no confirm in time) the
+/// message is rejected without requeue instead, and the broker dead-letters it with its own
+/// `x-death` headers; the reason is then only in the log. Messages the broker dead-letters
+/// after the delivery limit (a handler that crashed the process every time) carry `x-death`
+/// with reason `delivery_limit`.
+///
+/// # Concurrency and shutdown
+///
+/// The broker sends at most `prefetch` unacknowledged messages ([`AmqpConfig::prefetch`]);
+/// each is handled on its own task, at most `min(prefetch, pool_max)` at once, so handlers
+/// queue for a permit rather than time out waiting for a database connection. A permit is
+/// held only while the handler's transaction runs: a failed message waiting out its pause
+/// before redelivery holds none, so failing messages do not stall healthy ones. Cancelling the
+/// shutdown token stops consuming (`basic.cancel`), handles the deliveries already received,
+/// waits for in-flight handlers to commit and acknowledge (up to
+/// [`ConsumerOptions::shutdown_timeout`]), then closes the channels.
+///
+/// ```no_run
+/// use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
+/// use svcdb_amqp::{AmqpConfig, Consumer};
+/// use tokio_util::sync::CancellationToken;
+///
+/// # async fn demo(db: svcdb::ServiceDb) -> anyhow::Result<()> {
+/// let amqp = AmqpConfig::from_env()?;
+/// let queue = QueueSpec::new("orders.reserve-stock").bind(events_exchange("catalog"), "product.stock.*");
+/// let connection = amqp.connect().await?;
+/// Topology::new().queue(queue.clone()).declare(&connection).await?;
+/// db.install_idempotency().await?;
+///
+/// let consumer = Consumer::new(&amqp, db, &queue, "orders.reserve-stock").on(
+///     "ProductStockReserved",
+///     |tx, event| Box::pin(async move {
+///         let quantity = event.payload["quantity"].as_i64().unwrap_or(0);
+///         tx.execute("UPDATE reservations SET quantity = quantity + $1", &[&quantity]).await?;
+///         Ok(())
+///     }),
+/// );
+/// let shutdown = CancellationToken::new();
+/// let task = tokio::spawn({
+///     let shutdown = shutdown.clone();
+///     async move { consumer.run(shutdown).await } // reconnects after a broker restart
+/// });
+/// tokio::signal::ctrl_c().await?;
+/// shutdown.cancel();
+/// task.await??; // in-flight handlers finished and acknowledged
+/// # Ok(()) }
+/// ```
+///
+/// [`AmqpConfig::prefetch`]: crate::AmqpConfig::prefetch
 #[derive(Clone)]
 pub struct Consumer {
     /// Where to (re)connect, and the prefetch.
@@ -207,6 +207,7 @@ impl Consumer {
         queue: &QueueSpec,
         name: impl Into<String>,
     ) -> Self {
+        let counters = Arc::new(Counters::new(&db, &queue.name));
         Self {
             config: config.clone(),
             db,
@@ -215,7 +216,7 @@ impl Consumer {
             handlers: HashMap::new(),
             duplicate: None,
             options: ConsumerOptions::default(),
-            counters: Arc::default(),
+            counters,
         }
     }
 

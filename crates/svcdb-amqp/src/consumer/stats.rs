@@ -1,7 +1,12 @@
-//! What a consumer did: the counters its delivery tasks bump, and the snapshot
-//! [`Consumer::stats`] returns.
+//! What a consumer did: the counters its delivery tasks bump, the snapshot
+//! [`Consumer::stats`] returns, and the same counts (with the handler's duration and the
+//! deliveries in flight) as Prometheus series (see `svcdb::metrics`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::Label;
+use svcdb::metrics::with_labels;
+use svcdb::ServiceDb;
 
 #[cfg(doc)]
 use super::{Consumer, UnknownKind};
@@ -28,34 +33,105 @@ pub struct ConsumerStats {
     pub ignored: u64,
 }
 
-/// The counters behind [`ConsumerStats`], shared by a consumer's clones and tasks.
-#[derive(Debug, Default)]
+/// One of a consumer's counts: in memory for [`ConsumerStats`], and in
+/// `svcdb_consumer_messages_total{outcome}` (or `svcdb_consumer_pauses_total`) for `/metrics`.
+#[derive(Debug)]
+pub(super) struct Count {
+    value: AtomicU64,
+    metric: metrics::Counter,
+}
+
+impl Count {
+    /// The count registered under `name`, with `labels` and `outcome` when given.
+    fn new(name: &'static str, labels: &[Label], outcome: Option<&'static str>) -> Self {
+        let labels: Vec<Label> = match outcome {
+            Some(outcome) => with_labels(labels, &[("outcome", outcome.to_owned())]),
+            None => labels.to_vec(),
+        };
+        Self {
+            value: AtomicU64::new(0),
+            metric: metrics::counter!(name, labels),
+        }
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+/// The counters behind [`ConsumerStats`] and the consumer's series in `/metrics`, shared by a
+/// consumer's clones and tasks.
+#[derive(Debug)]
 pub(super) struct Counters {
-    pub(super) handled: AtomicU64,
-    pub(super) duplicates: AtomicU64,
-    pub(super) requeued: AtomicU64,
-    pub(super) returned: AtomicU64,
-    pub(super) paused: AtomicU64,
-    pub(super) dead_lettered: AtomicU64,
-    pub(super) ignored: AtomicU64,
+    pub(super) handled: Count,
+    pub(super) duplicates: Count,
+    pub(super) requeued: Count,
+    pub(super) returned: Count,
+    pub(super) paused: Count,
+    pub(super) dead_lettered: Count,
+    pub(super) ignored: Count,
+    /// `messaging_process_duration_seconds`: the handler's transaction, claim included.
+    pub(super) duration: metrics::Histogram,
+    /// `svcdb_consumer_in_flight`: deliveries taken and not yet settled.
+    in_flight: metrics::Gauge,
+}
+
+/// Counts a delivery in flight until dropped.
+pub(super) struct InFlight<'a>(&'a metrics::Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 impl Counters {
+    /// The counters of the consumer of `queue` on `db`: the pool's labels, plus
+    /// `messaging_system="rabbitmq"` and `messaging_destination_name` (the queue).
+    pub(super) fn new(db: &ServiceDb, queue: &str) -> Self {
+        let labels = with_labels(
+            db.metric_labels(),
+            &[
+                ("messaging_system", "rabbitmq".to_owned()),
+                ("messaging_destination_name", queue.to_owned()),
+            ],
+        );
+        const MESSAGES: &str = "svcdb_consumer_messages_total";
+        Self {
+            handled: Count::new(MESSAGES, &labels, Some("handled")),
+            duplicates: Count::new(MESSAGES, &labels, Some("duplicate")),
+            requeued: Count::new(MESSAGES, &labels, Some("failed")),
+            returned: Count::new(MESSAGES, &labels, Some("returned")),
+            dead_lettered: Count::new(MESSAGES, &labels, Some("dead_lettered")),
+            ignored: Count::new(MESSAGES, &labels, Some("ignored")),
+            paused: Count::new("svcdb_consumer_pauses_total", &labels, None),
+            duration: metrics::histogram!("messaging_process_duration_seconds", labels.iter()),
+            in_flight: metrics::gauge!("svcdb_consumer_in_flight", labels.iter()),
+        }
+    }
+
     /// Counts one more.
-    pub(super) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    pub(super) fn bump(counter: &Count) {
+        counter.value.fetch_add(1, Ordering::Relaxed);
+        counter.metric.increment(1);
+    }
+
+    /// Counts a delivery in flight until the guard is dropped.
+    pub(super) fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.increment(1.0);
+        InFlight(&self.in_flight)
     }
 
     /// The counts now.
     pub(super) fn snapshot(&self) -> ConsumerStats {
         ConsumerStats {
-            handled: self.handled.load(Ordering::Relaxed),
-            duplicates: self.duplicates.load(Ordering::Relaxed),
-            requeued: self.requeued.load(Ordering::Relaxed),
-            returned: self.returned.load(Ordering::Relaxed),
-            paused: self.paused.load(Ordering::Relaxed),
-            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
-            ignored: self.ignored.load(Ordering::Relaxed),
+            handled: self.handled.get(),
+            duplicates: self.duplicates.get(),
+            requeued: self.requeued.get(),
+            returned: self.returned.get(),
+            paused: self.paused.get(),
+            dead_lettered: self.dead_lettered.get(),
+            ignored: self.ignored.get(),
         }
     }
 }

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 pub fn amqp_url() -> String {
     std::env::var("SVCDB_TEST_AMQP_URL")
         .or_else(|_| std::env::var("AMQP_URL"))
-        .unwrap_or_else(|_| svcdb_amqp::config::DEFAULT_URL.to_owned())
+        .unwrap_or_else(|_| svcdb_amqp::DEFAULT_URL.to_owned())
 }
 
 pub fn amqp() -> AmqpConfig {

@@ -75,8 +75,8 @@ pub fn write_diesel(dir: &Path, migrations: &[MigrationFile]) -> Result<usize> {
         let parts: Vec<(String, String)> = if m.transactional() {
             vec![(up.trim_start().to_owned(), down.trim_start().to_owned())]
         } else {
-            let ups = svcdb::migrate::split_statements(up);
-            let downs = svcdb::migrate::split_statements(down);
+            let ups = svcdb::__private::split_statements(up);
+            let downs = svcdb::__private::split_statements(down);
             anyhow::ensure!(
                 ups.len() == downs.len(),
                 "{}: {} up statements but {} down statements",
@@ -642,7 +642,7 @@ mod tests {
         for m in &outside {
             assert!(!m.down_transactional, "{}", m.name);
             assert_eq!(
-                svcdb::migrate::split_statements(&m.up).len(),
+                svcdb::__private::split_statements(&m.up).len(),
                 1,
                 "{}",
                 m.name

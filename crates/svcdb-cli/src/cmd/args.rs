@@ -5,8 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use svcdb::schema::Gate;
-use svcdb::ServiceDb;
+use svcdb::{Gate, ServiceDb};
 
 use crate::global::{Global, DEFAULT_MIGRATIONS_DIR};
 use crate::Outcome;

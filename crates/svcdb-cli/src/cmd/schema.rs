@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use serde::Serialize;
-use svcdb::schema::TableInfo;
+use svcdb::TableInfo;
 
 use super::args::{outcome, GateArgs};
 use crate::global::Global;

@@ -16,7 +16,7 @@
 //!
 //! A row exists for every applied migration. A *dirty* row marks a non-transactional script
 //! that was started and did not finish. While the runner that started it still holds the
-//! schema's migration lock ([`lock`](super::lock)), the script is *in progress* (a long
+//! schema's migration lock (a session advisory lock), the script is *in progress* (a long
 //! `CREATE INDEX CONCURRENTLY`): other runners wait for the lock and the start-up gate stays
 //! ready. With nobody holding the lock the script failed part-way, and runners refuse to run
 //! until `repair` deletes the row.

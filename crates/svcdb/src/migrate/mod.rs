@@ -21,23 +21,27 @@
 //!
 //! # Layout
 //!
-//! | concept | module |
+//! Everything a service names is re-exported here; the submodules that stay public do so for
+//! their reference documentation (the layouts a folder may use, the lint rules, the history
+//! table, adoption, version order).
+//!
+//! | concept | where |
 //! |---|---|
 //! | sources: native (`1_x.up.sql`), diesel (`1_x/up.sql`), single files (sqlx, goose, dbmate: `1_x.sql`), Flyway (`V1__x.sql`), embedded; `new` | [`source`] ([`Migrations`], [`EmbeddedMigrations`], [`new_migration`]) |
-//! | one migration, its checksum, its transaction mode | [`migration`] ([`Migration`], [`Checksum`]) |
+//! | one migration, its checksum, its transaction mode | [`Migration`], [`Checksum`] |
 //! | versions and their order | [`version`] ([`Version`]) |
-//! | splitting a non-transactional migration into statements | [`split`] ([`split_statements`]) |
+//! | splitting a non-transactional migration into statements | (internal) |
 //! | locking DDL found before it runs (`svcdb migrate lint`, and before every `up`) | [`lint`](mod@lint) ([`lint()`], [`Finding`], [`Rule`]) |
 //! | the `svcdb_migrations` history table | [`history`] |
 //! | adopting a schema another tool (diesel, sqlx, golang-migrate, goose, dbmate, Flyway, refinery) migrated | [`adopt`] ([`Migrator::adopt`], [`Tool`]) |
-//! | the per-(database, schema) advisory lock | [`lock`] |
-//! | status of every migration, drift checks | [`status`] ([`StatusReport`], [`MigrationState`]) |
-//! | the runner: up, down, redo, validate, baseline, repair | [`runner`] ([`Migrator`]) |
-//! | options: drift allowances, lock wait, lock and statement timeouts; per-call up/down options | [`options`] ([`MigrateOptions`], [`UpOptions`], [`DownOptions`]) |
-//! | progress events for a CLI, printed as each migration runs | [`event`] ([`MigrateEvent`]) |
-//! | what each command did, serde-serializable | [`report`] ([`UpReport`], [`DownReport`], …) |
-//! | errors, matched by variant (and [`MigrateError::code`] for SQLSTATE) | [`error`] ([`MigrateError`]) |
-//! | where a failed migration failed: its file, line and statement ([`MigrationFailure::path`], [`line`](MigrationFailure::line), [`statement`](MigrationFailure::statement)) | `location` |
+//! | the per-(database, schema) advisory lock | (internal; its errors: [`MigrateError::LockTimeout`]) |
+//! | status of every migration, drift checks | [`StatusReport`], [`MigrationState`] |
+//! | the runner: up, down, redo, validate, baseline, repair | [`Migrator`] |
+//! | options: drift allowances, lock wait, lock and statement timeouts; per-call up/down options | [`MigrateOptions`], [`UpOptions`], [`DownOptions`] |
+//! | progress events for a CLI, printed as each migration runs | [`MigrateEvent`] |
+//! | what each command did, serde-serializable | [`UpReport`], [`DownReport`], … |
+//! | errors, matched by variant (and [`MigrateError::code`] for SQLSTATE) | [`MigrateError`] |
+//! | where a failed migration failed: its file, line and statement | [`MigrationFailure::path`], [`line`](MigrationFailure::line), [`statement`](MigrationFailure::statement) |
 //!
 //! # Rules
 //!
@@ -54,7 +58,7 @@
 //! * **Run once.** Applied versions are skipped. With nothing pending, `up` costs one query on a
 //!   pooled connection and takes no lock.
 //! * **One runner at a time per schema**, through a session advisory lock on a dedicated
-//!   connection (released on every path; see [`lock`]). Different schemas never wait.
+//!   connection (released on every path, even on panic: the connection closes). Different schemas never wait.
 //! * **Atomic deploy.** When every pending migration is transactional, all of them and their
 //!   history rows run in one transaction: a failure leaves the schema as it was. With a
 //!   non-transactional migration (first line `-- svcdb:no-transaction` or sqlx's
@@ -117,20 +121,20 @@
 //! ```
 
 pub mod adopt;
-pub mod error;
-pub mod event;
+mod error;
+mod event;
 pub mod history;
 pub mod lint;
 mod location;
-pub mod lock;
-pub mod migration;
-pub mod options;
+pub(crate) mod lock;
+pub(crate) mod migration;
+mod options;
 mod owner;
-pub mod report;
-pub mod runner;
+mod report;
+mod runner;
 pub mod source;
-pub mod split;
-pub mod status;
+pub(crate) mod split;
+mod status;
 mod template;
 pub mod version;
 
@@ -146,6 +150,5 @@ pub use report::{
 };
 pub use runner::Migrator;
 pub use source::{new_migration, EmbeddedFile, EmbeddedMigrations, Migrations, NewMigration};
-pub use split::split_statements;
 pub use status::{MigrationState, StatusEntry, StatusReport};
 pub use version::{ParseVersionError, Version};

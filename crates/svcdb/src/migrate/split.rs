@@ -17,7 +17,7 @@ use std::ops::Range;
 /// whitespace and comments are dropped.
 ///
 /// ```
-/// let s = svcdb::migrate::split_statements("SELECT ';'; /* ; */ SELECT $x$;$x$;");
+/// let s = svcdb::__private::split_statements("SELECT ';'; /* ; */ SELECT $x$;$x$;");
 /// assert_eq!(s, ["SELECT ';'", "/* ; */ SELECT $x$;$x$"]);
 /// ```
 pub fn split_statements(sql: &str) -> Vec<&str> {

@@ -1,9 +1,4 @@
 //! [`ServiceDb`]: one service's connection pool, its schema pinned on every connection.
-//!
-//! The pool itself is deadpool-postgres; this module adds what a service needs around it:
-//! the schema pinned at connect time, an acquire timeout whose error carries the last connection
-//! error, a minimum of warm connections, idle and lifetime limits, a ping for connections that
-//! sat idle, and wait statistics.
 
 mod install;
 mod maintenance;
@@ -49,6 +44,11 @@ pub type PooledConn = deadpool_postgres::Object;
 /// assert_eq!(row.get::<_, String>(0), db.schema().as_str());
 /// # Ok(()) }
 /// ```
+///
+/// The pool itself is deadpool-postgres; svcdb adds what a service needs around it:
+/// the schema pinned at connect time, an acquire timeout whose error carries the last connection
+/// error, a minimum of warm connections, idle and lifetime limits, a ping for connections that
+/// sat idle, and wait statistics.
 #[derive(Clone)]
 pub struct ServiceDb {
     inner: Arc<Inner>,
@@ -66,6 +66,8 @@ struct Inner {
     tls: Tls,
     /// Wait histogram, timeout count, last connection error.
     stats: Arc<PoolStats>,
+    /// The labels of this pool's metrics ([`crate::metrics`]).
+    labels: Arc<[metrics::Label]>,
     /// Keeps the pool at `pool_min` and retires idle and old connections; aborted on drop.
     maintenance: tokio::task::JoinHandle<()>,
 }
@@ -147,7 +149,9 @@ impl ServiceDb {
             }))
             .build()
             .map_err(|e| Error::config("pool", e.to_string()))?;
-        let stats = Arc::new(PoolStats::new());
+        crate::metrics::install();
+        let labels = crate::metrics::labels_for(&config, session.get_dbname().unwrap_or(""));
+        let stats = Arc::new(PoolStats::new(&labels));
         let maintenance = tokio::spawn(maintenance::run(
             pool.weak(),
             maintenance::Limits::from(&config),
@@ -160,6 +164,7 @@ impl ServiceDb {
                 session,
                 tls,
                 stats,
+                labels,
                 maintenance,
             }),
         })
@@ -312,6 +317,11 @@ impl ServiceDb {
     /// the last attempt is a failure.
     pub(crate) fn last_connect_hint(&self) -> Option<&'static str> {
         self.inner.stats.last_connect_hint()
+    }
+
+    /// The labels of this pool's metrics.
+    pub(crate) fn labels(&self) -> &[metrics::Label] {
+        &self.inner.labels
     }
 
     /// The configuration the pool was built from.

@@ -1,6 +1,6 @@
 //! Pool status: sizes, waiters and acquire-wait percentiles, for logs and health reports.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -76,11 +76,20 @@ pub(crate) struct PoolStats {
     /// The last failed connection attempt's message and what to do about it; cleared by the
     /// next success.
     last_connect_error: Mutex<Option<(String, &'static str)>>,
+    /// The pool's labels, for the connect-error counter (labelled by cause when it happens).
+    labels: Arc<[metrics::Label]>,
+    /// `db_client_connection_wait_time_seconds`.
+    wait_time: metrics::Histogram,
+    /// `db_client_connection_timeouts_total`.
+    timeout_count: metrics::Counter,
 }
 
 impl PoolStats {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(labels: &Arc<[metrics::Label]>) -> Self {
         Self {
+            labels: labels.clone(),
+            wait_time: metrics::histogram!("db_client_connection_wait_time_seconds", labels.iter()),
+            timeout_count: metrics::counter!("db_client_connection_timeouts_total", labels.iter()),
             // 1 µs .. 1 h at 3 significant digits: ~ 30 KiB, fixed.
             waits: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
@@ -91,6 +100,7 @@ impl PoolStats {
     }
 
     pub(crate) fn record_wait(&self, waited: Duration) {
+        self.wait_time.record(waited.as_secs_f64());
         let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
         self.waits
             .lock()
@@ -99,11 +109,15 @@ impl PoolStats {
     }
 
     pub(crate) fn record_timeout(&self) {
+        self.timeout_count.increment(1);
         self.timeouts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) fn set_connect_error(&self, error: Option<&tokio_postgres::Error>) {
+        if let Some(e) = error {
+            self.count_connect_error(crate::metrics::connect_error_cause(e));
+        }
         *self
             .last_connect_error
             .lock()
@@ -112,6 +126,7 @@ impl PoolStats {
 
     /// Records an attempt that got no answer within `waited`.
     pub(crate) fn set_no_answer(&self, waited: Duration) {
+        self.count_connect_error("no_answer");
         *self
             .last_connect_error
             .lock()
@@ -119,6 +134,12 @@ impl PoolStats {
             format!("no answer from the server within {waited:.1?}"),
             NO_ANSWER_HINT,
         ));
+    }
+
+    /// Counts a failed connection attempt in `svcdb_pool_connect_errors_total{cause}`.
+    fn count_connect_error(&self, cause: &'static str) {
+        let labels = crate::metrics::with_labels(&self.labels, &[("cause", cause.to_owned())]);
+        metrics::counter!("svcdb_pool_connect_errors_total", labels).increment(1);
     }
 
     /// The hint for the last failed connection attempt, if the last attempt failed.

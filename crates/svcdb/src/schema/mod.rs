@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! use svcdb::migrate::Migrations;
-//! use svcdb::schema::Gate;
+//! use svcdb::Gate;
 //! use svcdb::{Config, ServiceDb};
 //!
 //! # async fn demo() -> anyhow::Result<()> {

@@ -1,24 +1,4 @@
 //! TLS to PostgreSQL: libpq's `sslmode` and `sslrootcert`, on rustls with the ring provider.
-//!
-//! | `sslmode` | encrypted | certificate checked |
-//! |---|---|---|
-//! | `disable` (svcdb's default; libpq's is `prefer`) | never | — |
-//! | `allow`, `prefer` | when the server offers TLS, else plain | no |
-//! | `require` | always, or the connection fails | no; with `sslrootcert`, its chain (as `verify-ca`) |
-//! | `verify-ca` | always | its chain, against `sslrootcert` (required); not the host name |
-//! | `verify-full` | always | its chain, against `sslrootcert` (required), and that it names the host connected to |
-//!
-//! As in libpq, `verify-ca` and `verify-full` without a root certificate are refused at
-//! start-up: there would be nothing to verify against. `sslrootcert=system` means the system's
-//! roots and, as in libpq 16, needs `verify-full` (every public CA is trusted, so only the host
-//! name check makes them mean anything). Unlike libpq, svcdb does not fall back to
-//! `~/.postgresql/root.crt`: name the file.
-//!
-//! A [`Tls`] is built once per [`ServiceDb`](crate::ServiceDb), reading the root certificates
-//! then, and shared by its pool and its dedicated connections. With TLS off it connects with
-//! tokio-postgres' `NoTls`, so a plain connection costs exactly what it did before TLS existed.
-//!
-//! A connection that fails in TLS says why in [`Error::tls_failure`](crate::Error::tls_failure).
 
 mod failure;
 
@@ -48,7 +28,27 @@ pub(crate) fn is_system_roots(root_cert: &Path) -> bool {
 }
 
 /// libpq's `sslmode`: whether to encrypt, and what to check of the server's certificate (see
-/// the module table).
+/// the table below).
+///
+/// | `sslmode` | encrypted | certificate checked |
+/// |---|---|---|
+/// | `disable` (svcdb's default; libpq's is `prefer`) | never | — |
+/// | `allow`, `prefer` | when the server offers TLS, else plain | no |
+/// | `require` | always, or the connection fails | no; with `sslrootcert`, its chain (as `verify-ca`) |
+/// | `verify-ca` | always | its chain, against `sslrootcert` (required); not the host name |
+/// | `verify-full` | always | its chain, against `sslrootcert` (required), and that it names the host connected to |
+///
+/// As in libpq, `verify-ca` and `verify-full` without a root certificate are refused at
+/// start-up: there would be nothing to verify against. `sslrootcert=system` means the system's
+/// roots and, as in libpq 16, needs `verify-full` (every public CA is trusted, so only the host
+/// name check makes them mean anything). Unlike libpq, svcdb does not fall back to
+/// `~/.postgresql/root.crt`: name the file.
+///
+/// A [`Tls`] is built once per [`ServiceDb`](crate::ServiceDb), reading the root certificates
+/// then, and shared by its pool and its dedicated connections. With TLS off it connects with
+/// tokio-postgres' `NoTls`, so a plain connection costs exactly what it did before TLS existed.
+///
+/// A connection that fails in TLS says why in [`Error::tls_failure`](crate::Error::tls_failure).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum TlsMode {
     /// Never encrypt. svcdb's default, unlike libpq's `prefer`: a pool on a private network
@@ -183,7 +183,7 @@ fn missing_root_cert(mode: TlsMode) -> Error {
 ///
 /// ```no_run
 /// # async fn demo(pg: svcdb::tokio_postgres::Config) -> Result<(), svcdb::Error> {
-/// use svcdb::tls::{Tls, TlsMode};
+/// use svcdb::{Tls, TlsMode};
 /// let ca = std::path::Path::new("/etc/ssl/certs/db-ca.pem");
 /// let tls = Tls::new(TlsMode::VerifyFull, Some(ca))?;
 /// let admin = svcdb::DedicatedConn::connect_with(&pg, &tls).await?;

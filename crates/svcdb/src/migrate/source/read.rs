@@ -604,7 +604,7 @@ mod tests {
             let m = parse(files).unwrap_or_else(|e| panic!("{files:?}: {e}"));
             let a = m.get(&v(1)).unwrap();
             assert!(
-                crate::migrate::split_statements(&a.up).is_empty(),
+                crate::migrate::split::split_statements(&a.up).is_empty(),
                 "{files:?}"
             );
             assert!(a.transactional, "{files:?}");

@@ -1,0 +1,287 @@
+//! Prometheus metrics: what the pool, the outbox, the gate and (in svcdb-amqp) the consumers
+//! and the relay record, and their rendering in the Prometheus text format for `/metrics`.
+//!
+//! Recording goes through the [`metrics`](https://docs.rs/metrics) facade; the first
+//! [`ServiceDb`] built installs [`metrics_exporter_prometheus`]'s recorder as the process's
+//! global recorder ([`install`]), unless the program installed one of its own before: then
+//! svcdb's metrics go to that one and [`render`] has nothing to show. The `/metrics` route of
+//! svcdb-amqp's `Service` calls [`ServiceDb::observe_metrics`] (the gauges that need a query)
+//! and then [`render`].
+//!
+//! Names and labels follow OpenTelemetry's semantic conventions for database clients
+//! (`db.client.connection.*`) and messaging (`messaging.*`) where they define one, written the
+//! Prometheus way (dots become underscores, a unit suffix, `_total` on counters); the rest are
+//! `svcdb_*`. Every series carries the labels of [`ServiceDb::metric_labels`]: `service` (the
+//! configured [`application_name`](crate::Config::application_name), which svcdb-amqp's
+//! `Service` sets to the service's name, else the schema), `schema` and `db_namespace`
+//! (`database.schema`), so several services (or tests) in one process never share a series.
+//!
+//! | metric | kind | what |
+//! |---|---|---|
+//! | `db_client_connection_count{state="idle"\|"used"}` | gauge | open connections (on scrape) |
+//! | `db_client_connection_max` | gauge | the pool's maximum size |
+//! | `db_client_connection_pending_requests` | gauge | callers waiting for a connection (on scrape) |
+//! | `db_client_connection_wait_time_seconds` | histogram | how long acquires waited |
+//! | `db_client_connection_timeouts_total` | counter | acquires that timed out |
+//! | `svcdb_pool_connect_errors_total{cause}` | counter | failed connection attempts: `auth`, `database_missing`, `server_error`, `unreachable`, `no_answer` |
+//! | `svcdb_outbox_backlog` | gauge | outbox rows not yet published (on scrape) |
+//! | `svcdb_outbox_oldest_unpublished_age_seconds` | gauge | age of the oldest of them, 0 when none (on scrape) |
+//! | `svcdb_table_size_bytes{table}` | gauge | `svcdb_outbox` and `svcdb_processed_events`, with indexes and TOAST (on scrape) |
+//! | `svcdb_gate_ready` | gauge | 1 when the last health check passed the gate, else 0 |
+//! | `svcdb_migration_version` | gauge | the applied version's number (as the last health check saw it) |
+//! | `svcdb_migration_last_deploy_duration_seconds` | gauge | how long the start-up migration run took (svcdb-amqp's `Service`) |
+//! | `svcdb_migration_lock_waits_total{lock}` | counter | in that run: waits for another runner's schema lock (`schema`), retries after a table's `lock_timeout` (`table`) |
+//!
+//! svcdb-amqp adds, per queue (`messaging_system="rabbitmq"`, `messaging_destination_name`):
+//!
+//! | metric | kind | what |
+//! |---|---|---|
+//! | `svcdb_consumer_messages_total{outcome}` | counter | deliveries by outcome: `handled`, `duplicate` (absorbed by the claim), `failed` (requeued for a retry), `dead_lettered`, `returned` (handed back unprocessed: database out, shutdown), `ignored` |
+//! | `svcdb_consumer_pauses_total` | counter | times the consumer paused while the database was out |
+//! | `messaging_process_duration_seconds` | histogram | the handler's transaction, claim included |
+//! | `svcdb_consumer_in_flight` | gauge | deliveries taken and not yet settled |
+//!
+//! and for the relay (`messaging_system="rabbitmq"`) and the purges:
+//!
+//! | metric | kind | what |
+//! |---|---|---|
+//! | `messaging_client_sent_messages_total` | counter | outbox rows published (confirmed) and marked |
+//! | `svcdb_relay_publish_failures_total` | counter | row publishes that failed and were rescheduled |
+//! | `svcdb_relay_confirm_duration_seconds` | histogram | a batch's first publish to its last confirm |
+//! | `svcdb_relay_broker_blocked` | gauge | 1 while RabbitMQ blocks the relay's connection (memory or disk alarm) |
+//! | `svcdb_retention_last_purge_timestamp_seconds{table}` | gauge | Unix time of the last successful purge |
+//! | `svcdb_retention_purged_rows_total{table}` | counter | rows the purges deleted |
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics::Label;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::idempotency::PROCESSED_EVENTS_TABLE;
+use crate::outbox::OUTBOX_TABLE;
+use crate::pool::ServiceDb;
+use crate::SqlState;
+
+/// Histogram buckets, in seconds: sub-millisecond pool waits up to a 30 s handler.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The handle of the recorder svcdb installed, or `None` when another one was installed first.
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the process's global [`metrics`] recorder, once; later
+/// calls return the same handle. `None` when the program installed another recorder first
+/// (svcdb's metrics then go to that one). [`ServiceDb::new`] calls it, so metrics recorded
+/// through a pool are never lost to the no-op recorder.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => Some(handle),
+                Err(_) => {
+                    tracing::info!(target: "svcdb::metrics", "another metrics recorder is installed: svcdb's metrics go to it, and /metrics shows none");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Every metric recorded in this process, in the Prometheus text format (version 0.0.4), or
+/// an empty text when another recorder was installed first ([`install`]).
+pub fn render() -> String {
+    match install() {
+        Some(handle) => {
+            // Histograms accumulate until rendered; upkeep also drops idle series' storage.
+            handle.run_upkeep();
+            handle.render()
+        }
+        None => String::new(),
+    }
+}
+
+/// The `Content-Type` of [`render`]'s text.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The labels of one pool's series: `service` (the configured application name, which
+/// svcdb-amqp's `Service` sets to the service's name unless configured, else the schema), `schema`, and `db_namespace` (`database.schema`, OpenTelemetry's `db.namespace`).
+pub(crate) fn labels_for(config: &crate::Config, database: &str) -> Arc<[Label]> {
+    let schema = config.schema.as_str().to_owned();
+    let service = config
+        .application_name
+        .clone()
+        .unwrap_or_else(|| schema.clone());
+    Arc::from(vec![
+        Label::new("service", service),
+        Label::new("db_namespace", format!("{database}.{schema}")),
+        Label::new("schema", schema),
+    ])
+}
+
+/// The labels with `extra` appended.
+pub fn with_labels(base: &[Label], extra: &[(&'static str, String)]) -> Vec<Label> {
+    base.iter()
+        .cloned()
+        .chain(extra.iter().map(|(k, v)| Label::new(*k, v.clone())))
+        .collect()
+}
+
+/// Why a connection attempt failed, as the `cause` label of `svcdb_pool_connect_errors_total`.
+pub(crate) fn connect_error_cause(e: &tokio_postgres::Error) -> &'static str {
+    match e.code() {
+        Some(c) if *c == SqlState::INVALID_PASSWORD => "auth",
+        Some(c) if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => "auth",
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => "database_missing",
+        Some(_) => "server_error",
+        // No SQLSTATE: refused, reset, TLS, a standby skipped by target_session_attrs.
+        None => "unreachable",
+    }
+}
+
+/// The outbox rows waiting to be published.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct OutboxBacklog {
+    /// Rows not yet published (due, or waiting for a retry).
+    pub rows: u64,
+    /// Seconds since the oldest of them was enqueued (by the database's clock); `None` when
+    /// there are none.
+    pub oldest_age_seconds: Option<f64>,
+}
+
+/// How long the on-scrape queries may take: a scrape must answer even when the database does
+/// not (the pool gauges are then still current).
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl ServiceDb {
+    /// The labels every series of this pool carries (see the [module docs](self)); svcdb-amqp
+    /// adds its own (`messaging_destination_name`, …) to them.
+    pub fn metric_labels(&self) -> &[Label] {
+        self.labels()
+    }
+
+    /// The outbox's backlog, or `None` when the service has no `svcdb_outbox` table. One
+    /// query, on the partial index of unpublished rows.
+    pub async fn outbox_backlog(&self) -> Result<Option<OutboxBacklog>> {
+        let conn = self.get().await?;
+        let row = conn
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&OUTBOX_TABLE])
+            .await?;
+        if !row.get::<_, bool>(0) {
+            return Ok(None);
+        }
+        let row = conn
+            .query_one(
+                "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 \
+                 FROM svcdb_outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await?;
+        Ok(Some(OutboxBacklog {
+            rows: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+            oldest_age_seconds: row.get::<_, Option<f64>>(1).map(|s| s.max(0.0)),
+        }))
+    }
+
+    /// Refreshes the gauges that are read rather than counted: the pool's connections and
+    /// waiters (from memory), and, within 2 s, the outbox backlog and the svcdb tables' sizes
+    /// (queries). Meant for each scrape of `/metrics`, never for the hot path. A database that
+    /// does not answer leaves the queried gauges as they were and is logged at debug level.
+    pub async fn observe_metrics(&self) {
+        let labels = self.labels();
+        let status = self.status();
+        let gauge = |name: &'static str, extra: &[(&'static str, String)], value: f64| {
+            metrics::gauge!(name, with_labels(labels, extra)).set(value);
+        };
+        gauge(
+            "db_client_connection_count",
+            &[("state", "idle".into())],
+            status.idle as f64,
+        );
+        gauge(
+            "db_client_connection_count",
+            &[("state", "used".into())],
+            status.in_use as f64,
+        );
+        gauge("db_client_connection_max", &[], status.max_size as f64);
+        gauge(
+            "db_client_connection_pending_requests",
+            &[],
+            status.waiting as f64,
+        );
+        let queried = tokio::time::timeout(OBSERVE_TIMEOUT, async {
+            let conn = self.get().await?;
+            let sizes = conn
+                .query(
+                    "SELECT t.name, pg_total_relation_size(to_regclass(t.name)) \
+                     FROM unnest($1::text[]) AS t(name) WHERE to_regclass(t.name) IS NOT NULL",
+                    &[&[OUTBOX_TABLE, PROCESSED_EVENTS_TABLE].as_slice()],
+                )
+                .await?;
+            drop(conn);
+            for row in &sizes {
+                gauge(
+                    "svcdb_table_size_bytes",
+                    &[("table", row.get::<_, String>(0))],
+                    row.get::<_, i64>(1) as f64,
+                );
+            }
+            if let Some(backlog) = self.outbox_backlog().await? {
+                gauge("svcdb_outbox_backlog", &[], backlog.rows as f64);
+                gauge(
+                    "svcdb_outbox_oldest_unpublished_age_seconds",
+                    &[],
+                    backlog.oldest_age_seconds.unwrap_or(0.0),
+                );
+            }
+            Ok::<_, crate::Error>(())
+        })
+        .await;
+        match queried {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(target: "svcdb::metrics", error = %crate::error::Report::new(&e), "metrics: the outbox and table gauges keep their last values")
+            }
+            Err(_) => {
+                tracing::debug!(target: "svcdb::metrics", "metrics: the database did not answer within 2 s; the outbox and table gauges keep their last values")
+            }
+        }
+    }
+}
+
+/// A router with `/metrics` for `db`: each scrape refreshes the gauges that need a query
+/// ([`ServiceDb::observe_metrics`]) and answers every series of the process in the Prometheus
+/// text format ([`render`]). Merge it into the service's router, as svcdb-amqp's `Service`
+/// does; it fits a router of any state type.
+#[cfg(feature = "http")]
+pub fn router<S>(db: ServiceDb) -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    use axum::http::header;
+    use axum::response::IntoResponse;
+
+    async fn scrape(
+        axum::extract::State(db): axum::extract::State<ServiceDb>,
+    ) -> impl IntoResponse {
+        db.observe_metrics().await;
+        (
+            [
+                (header::CONTENT_TYPE, CONTENT_TYPE),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            render(),
+        )
+    }
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .with_state(db)
+}

@@ -1,0 +1,91 @@
+//! The pool's Prometheus series against real failures: a database that does not exist and a
+//! port where nothing listens. Each test's pool has a database name of its own, so its series
+//! (labelled `db_namespace`) are its own in this binary's one recorder.
+
+use std::time::Duration;
+
+use svcdb::{Config, ServiceDb};
+
+/// The value of the series `name` carrying all of `db`'s labels and `extra`, if rendered.
+fn value(db: &ServiceDb, name: &str, extra: &[(&str, &str)]) -> Option<f64> {
+    let text = svcdb::metrics::render();
+    let wanted: Vec<String> = db
+        .metric_labels()
+        .iter()
+        .map(|l| format!("{}=\"{}\"", l.key(), l.value()))
+        .chain(extra.iter().map(|(k, v)| format!("{k}=\"{v}\"")))
+        .collect();
+    text.lines().find_map(|line| {
+        let (series, number) = line.rsplit_once(' ')?;
+        let (metric, labels) = series.split_once('{')?;
+        let labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+        (metric == name && wanted.iter().all(|w| labels.contains(&w.as_str())))
+            .then(|| number.parse().ok())
+            .flatten()
+    })
+}
+
+/// A pool for `database` at 127.0.0.1:`port`, opening nothing until asked.
+fn pool(port: u16, database: &str) -> ServiceDb {
+    let mut config = Config::new(
+        &format!("postgres://postgres@127.0.0.1:{port}/{database}"),
+        "orders_svc",
+    )
+    .unwrap();
+    config.pool_min = 0;
+    config.acquire_timeout = Duration::from_millis(300);
+    ServiceDb::new(config).unwrap()
+}
+
+/// A database name no other test uses.
+fn unique_database() -> String {
+    format!("svcdb_metrics_{}", uuid::Uuid::now_v7().simple())
+}
+
+#[tokio::test]
+async fn a_missing_database_counts_as_a_connect_error_of_that_cause() {
+    let db = pool(5432, &unique_database());
+    let cause = [("cause", "database_missing")];
+    assert_eq!(value(&db, "svcdb_pool_connect_errors_total", &cause), None);
+    let e = db.get().await.unwrap_err();
+    assert!(matches!(e, svcdb::Error::Connect { .. }), "{e:?}");
+    assert_eq!(
+        value(&db, "svcdb_pool_connect_errors_total", &cause),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &db,
+            "svcdb_pool_connect_errors_total",
+            &[("cause", "unreachable")]
+        ),
+        None
+    );
+}
+
+#[tokio::test]
+async fn an_acquire_that_times_out_is_counted_with_its_unreachable_attempts() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // nothing listens once the listener is dropped
+    let db = pool(port, &unique_database());
+    // Registered with the pool: the series is there, at 0, before the first timeout.
+    assert_eq!(
+        value(&db, "db_client_connection_timeouts_total", &[]),
+        Some(0.0)
+    );
+    let e = db.get().await.unwrap_err();
+    assert!(matches!(e, svcdb::Error::AcquireTimeout { .. }), "{e:?}");
+    assert_eq!(
+        value(&db, "db_client_connection_timeouts_total", &[]),
+        Some(1.0)
+    );
+    let refused = value(
+        &db,
+        "svcdb_pool_connect_errors_total",
+        &[("cause", "unreachable")],
+    );
+    assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
+}
