@@ -480,7 +480,7 @@ where
         let app = routes
             .with_state(state.clone())
             .merge(probes)
-            .merge(svcdb::metrics::router(db.clone()));
+            .merge(svcdb::http::metrics_router(db.clone()));
 
         let mut running = Running {
             name: name.clone(),

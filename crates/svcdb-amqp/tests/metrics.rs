@@ -20,7 +20,7 @@ use tower::ServiceExt;
 /// `GET /metrics` through svcdb's metrics router (what the `Service` runtime serves), without
 /// a socket.
 async fn scrape(db: &ServiceDb) -> String {
-    let response = svcdb::metrics::router::<()>(db.clone())
+    let response = svcdb::http::metrics_router::<()>(db.clone())
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
         .await
         .unwrap();

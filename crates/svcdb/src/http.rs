@@ -75,3 +75,31 @@ async fn readyz(State(probe): State<Arc<Probe>>) -> impl IntoResponse {
     };
     (status, [(header::CACHE_CONTROL, "no-store")], Json(report))
 }
+
+/// A router with `/metrics` for `db`: each scrape refreshes the gauges that need a query
+/// ([`ServiceDb::observe_metrics`]) and answers every series of the process in the Prometheus
+/// text format ([`metrics::render`](crate::metrics::render)). Merge it into the service's router, as svcdb-amqp's `Service`
+/// does; it fits a router of any state type.
+pub fn metrics_router<S>(db: ServiceDb) -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    use axum::http::header;
+    use axum::response::IntoResponse;
+
+    async fn scrape(
+        axum::extract::State(db): axum::extract::State<ServiceDb>,
+    ) -> impl IntoResponse {
+        db.observe_metrics().await;
+        (
+            [
+                (header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            crate::metrics::render(),
+        )
+    }
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .with_state(db)
+}

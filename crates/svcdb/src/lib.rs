@@ -69,6 +69,7 @@ pub mod idempotency;
 pub mod metrics;
 pub mod migrate;
 pub mod outbox;
+mod scrape;
 #[cfg(feature = "testing")]
 pub mod testing;
 

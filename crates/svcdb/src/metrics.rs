@@ -2,16 +2,16 @@
 //! and the relay record, and their rendering in the Prometheus text format for `/metrics`.
 //!
 //! Recording goes through the [`metrics`](https://docs.rs/metrics) facade; the first
-//! [`ServiceDb`] built installs [`metrics_exporter_prometheus`]'s recorder as the process's
+//! [`ServiceDb`](crate::ServiceDb) built installs [`metrics_exporter_prometheus`]'s recorder as the process's
 //! global recorder ([`install`]), unless the program installed one of its own before: then
 //! svcdb's metrics go to that one and [`render`] has nothing to show. The `/metrics` route of
-//! svcdb-amqp's `Service` calls [`ServiceDb::observe_metrics`] (the gauges that need a query)
+//! svcdb-amqp's `Service` calls [`ServiceDb::observe_metrics`](crate::ServiceDb::observe_metrics) (the gauges that need a query)
 //! and then [`render`].
 //!
 //! Names and labels follow OpenTelemetry's semantic conventions for database clients
 //! (`db.client.connection.*`) and messaging (`messaging.*`) where they define one, written the
 //! Prometheus way (dots become underscores, a unit suffix, `_total` on counters); the rest are
-//! `svcdb_*`. Every series carries the labels of [`ServiceDb::metric_labels`]: `service` (the
+//! `svcdb_*`. Every series carries the labels of [`ServiceDb::metric_labels`](crate::ServiceDb::metric_labels): `service` (the
 //! configured [`application_name`](crate::Config::application_name), which svcdb-amqp's
 //! `Service` sets to the service's name, else the schema), `schema` and `db_namespace`
 //! (`database.schema`), so several services (or tests) in one process never share a series.
@@ -53,16 +53,11 @@
 //! | `svcdb_retention_purged_rows_total{table}` | counter | rows the purges deleted |
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use metrics::Label;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::idempotency::PROCESSED_EVENTS_TABLE;
-use crate::outbox::OUTBOX_TABLE;
-use crate::pool::ServiceDb;
 use crate::SqlState;
 
 /// Histogram buckets, in seconds: sub-millisecond pool waits up to a 30 s handler.
@@ -75,7 +70,7 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the Prometheus recorder as the process's global [`metrics`] recorder, once; later
 /// calls return the same handle. `None` when the program installed another recorder first
-/// (svcdb's metrics then go to that one). [`ServiceDb::new`] calls it, so metrics recorded
+/// (svcdb's metrics then go to that one). [`ServiceDb::new`](crate::ServiceDb::new) calls it, so metrics recorded
 /// through a pool are never lost to the no-op recorder.
 pub fn install() -> Option<&'static PrometheusHandle> {
     HANDLE
@@ -155,133 +150,4 @@ pub struct OutboxBacklog {
     /// Seconds since the oldest of them was enqueued (by the database's clock); `None` when
     /// there are none.
     pub oldest_age_seconds: Option<f64>,
-}
-
-/// How long the on-scrape queries may take: a scrape must answer even when the database does
-/// not (the pool gauges are then still current).
-const OBSERVE_TIMEOUT: Duration = Duration::from_secs(2);
-
-impl ServiceDb {
-    /// The labels every series of this pool carries (see the [module docs](self)); svcdb-amqp
-    /// adds its own (`messaging_destination_name`, …) to them.
-    pub fn metric_labels(&self) -> &[Label] {
-        self.labels()
-    }
-
-    /// The outbox's backlog, or `None` when the service has no `svcdb_outbox` table. One
-    /// query, on the partial index of unpublished rows.
-    pub async fn outbox_backlog(&self) -> Result<Option<OutboxBacklog>> {
-        let conn = self.get().await?;
-        let row = conn
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&OUTBOX_TABLE])
-            .await?;
-        if !row.get::<_, bool>(0) {
-            return Ok(None);
-        }
-        let row = conn
-            .query_one(
-                "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 \
-                 FROM svcdb_outbox WHERE published_at IS NULL",
-                &[],
-            )
-            .await?;
-        Ok(Some(OutboxBacklog {
-            rows: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
-            oldest_age_seconds: row.get::<_, Option<f64>>(1).map(|s| s.max(0.0)),
-        }))
-    }
-
-    /// Refreshes the gauges that are read rather than counted: the pool's connections and
-    /// waiters (from memory), and, within 2 s, the outbox backlog and the svcdb tables' sizes
-    /// (queries). Meant for each scrape of `/metrics`, never for the hot path. A database that
-    /// does not answer leaves the queried gauges as they were and is logged at debug level.
-    pub async fn observe_metrics(&self) {
-        let labels = self.labels();
-        let status = self.status();
-        let gauge = |name: &'static str, extra: &[(&'static str, String)], value: f64| {
-            metrics::gauge!(name, with_labels(labels, extra)).set(value);
-        };
-        gauge(
-            "db_client_connection_count",
-            &[("state", "idle".into())],
-            status.idle as f64,
-        );
-        gauge(
-            "db_client_connection_count",
-            &[("state", "used".into())],
-            status.in_use as f64,
-        );
-        gauge("db_client_connection_max", &[], status.max_size as f64);
-        gauge(
-            "db_client_connection_pending_requests",
-            &[],
-            status.waiting as f64,
-        );
-        let queried = tokio::time::timeout(OBSERVE_TIMEOUT, async {
-            let conn = self.get().await?;
-            let sizes = conn
-                .query(
-                    "SELECT t.name, pg_total_relation_size(to_regclass(t.name)) \
-                     FROM unnest($1::text[]) AS t(name) WHERE to_regclass(t.name) IS NOT NULL",
-                    &[&[OUTBOX_TABLE, PROCESSED_EVENTS_TABLE].as_slice()],
-                )
-                .await?;
-            drop(conn);
-            for row in &sizes {
-                gauge(
-                    "svcdb_table_size_bytes",
-                    &[("table", row.get::<_, String>(0))],
-                    row.get::<_, i64>(1) as f64,
-                );
-            }
-            if let Some(backlog) = self.outbox_backlog().await? {
-                gauge("svcdb_outbox_backlog", &[], backlog.rows as f64);
-                gauge(
-                    "svcdb_outbox_oldest_unpublished_age_seconds",
-                    &[],
-                    backlog.oldest_age_seconds.unwrap_or(0.0),
-                );
-            }
-            Ok::<_, crate::Error>(())
-        })
-        .await;
-        match queried {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(target: "svcdb::metrics", error = %crate::error::Report::new(&e), "metrics: the outbox and table gauges keep their last values")
-            }
-            Err(_) => {
-                tracing::debug!(target: "svcdb::metrics", "metrics: the database did not answer within 2 s; the outbox and table gauges keep their last values")
-            }
-        }
-    }
-}
-
-/// A router with `/metrics` for `db`: each scrape refreshes the gauges that need a query
-/// ([`ServiceDb::observe_metrics`]) and answers every series of the process in the Prometheus
-/// text format ([`render`]). Merge it into the service's router, as svcdb-amqp's `Service`
-/// does; it fits a router of any state type.
-#[cfg(feature = "http")]
-pub fn router<S>(db: ServiceDb) -> axum::Router<S>
-where
-    S: Clone + Send + Sync + 'static,
-{
-    use axum::http::header;
-    use axum::response::IntoResponse;
-
-    async fn scrape(
-        axum::extract::State(db): axum::extract::State<ServiceDb>,
-    ) -> impl IntoResponse {
-        db.observe_metrics().await;
-        (
-            [
-                (header::CONTENT_TYPE, CONTENT_TYPE),
-                (header::CACHE_CONTROL, "no-store"),
-            ],
-            render(),
-        )
-    }
-    axum::Router::new()
-        .route("/metrics", axum::routing::get(scrape))
-        .with_state(db)
 }
