@@ -253,9 +253,9 @@ async fn a_consumer_and_a_relay_move_to_another_node_when_theirs_stops() {
     let waiting = Instant::now();
     while !started.lock().unwrap().iter().any(|&at| at > moved_at) {
         if waiting.elapsed() > Duration::from_secs(60) {
+            let sent = enqueued.lock().unwrap().len();
             panic!(
-                "the consumer did not handle again within 60 s: {} of {EVENTS} enqueued, {} handled, {} pending in the outbox, relay {:?}, consumer {:?}",
-                enqueued.lock().unwrap().len(),
+                "the consumer did not handle again within 60 s: {sent} of {EVENTS} enqueued, {} handled, {} pending in the outbox, relay {:?}, consumer {:?}",
                 handled(shipping.clone()).await,
                 Outbox::new(orders.clone()).pending_count().await.unwrap(),
                 relay_status.borrow().clone(),
