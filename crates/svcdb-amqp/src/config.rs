@@ -3,6 +3,8 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::uri::{AMQPScheme, AMQPUri};
@@ -20,21 +22,38 @@ pub const DEFAULT_PREFETCH: u16 = 32;
 /// The default bound on connecting (TCP connect plus AMQP handshake).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most replicas [`AmqpConfig::quorum_group_size`] asks for by default: RabbitMQ's advice
+/// for quorum queues is an odd count, and 3 survives one node's loss (5 would survive two, at
+/// the cost of every write going to 5 nodes;
+/// <https://www.rabbitmq.com/docs/quorum-queues#replication-factor>).
+pub const DEFAULT_MAX_QUORUM_GROUP_SIZE: u16 = 3;
+
 /// How to reach RabbitMQ. `Debug` shows the URL without its password.
 ///
 /// | environment variable | default | meaning |
 /// |---|---|---|
-/// | `AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` | `amqp://user:password@host:port/vhost` (`%2f` is the vhost `/`) |
+/// | `AMQP_URL` | `amqp://guest:guest@127.0.0.1:5672/%2f` | `amqp://user:password@host:port/vhost` (`%2f` is the vhost `/`); for a cluster, one URL per node, comma-separated |
 /// | `SVCDB_AMQP_PREFETCH` | `32` | unacknowledged messages a consumer holds at once (its concurrency bound) |
 /// | `SVCDB_AMQP_CONNECTION_NAME` | none | shown in the management UI's connection list |
-/// | `SVCDB_AMQP_CONNECT_TIMEOUT` | `5s` | longest wait for TCP plus the AMQP handshake |
+/// | `SVCDB_AMQP_CONNECT_TIMEOUT` | `5s` | longest wait for TCP plus the AMQP handshake, per node |
+/// | `SVCDB_AMQP_QUORUM_GROUP_SIZE` | the node count up to 3 with several URLs; the broker's choice with one | replicas of each quorum queue declared (`x-quorum-initial-group-size`) |
 ///
 /// The URL usually holds a password. It never appears in `Debug` output, errors or logs:
 /// they show [`redact_url`]'s form, `amqp://user@host:5672/%2f`.
+///
+/// # A cluster
+///
+/// `AMQP_URL=amqp://u:p@h1:5672/%2f,amqp://u:p@h2:5672/%2f,amqp://u:p@h3:5672/%2f` names
+/// the nodes of one RabbitMQ cluster. [`AmqpConfig::connect`] tries them in turn, starting
+/// with the node this configuration (and its clones) last connected to, and returns the first
+/// connection made: when a node goes down, the consumer and the relay reconnect to the next
+/// node that answers. A new URL starts wherever `,` is followed by a scheme (`amqp://`), so a
+/// password holding `,` followed by a scheme must write that comma as `%2C`.
 #[derive(Clone)]
 pub struct AmqpConfig {
-    /// `amqp://user:password@host:port/vhost`. Held as given (lapin needs the password);
-    /// shown only through [`redact_url`].
+    /// `amqp://user:password@host:port/vhost`, or several such URLs separated by commas, one
+    /// per node of a cluster (see [`AmqpConfig`]'s "A cluster"). Held as given
+    /// (lapin needs the password); shown only through [`redact_url`].
     pub url: String,
     /// Unacknowledged deliveries the broker sends one consumer before waiting for acks
     /// (`basic.qos`). Consumers handle at most this many messages at once; 0 is refused,
@@ -45,6 +64,14 @@ pub struct AmqpConfig {
     /// Longest wait for one connection attempt, TCP and handshake together: a black-holed
     /// host fails within this instead of hanging start-up.
     pub connect_timeout: Duration,
+    /// Replicas of each quorum queue the [`Topology`](crate::Topology) declares
+    /// (`x-quorum-initial-group-size`); `None` for the default, [`AmqpConfig::quorum_group_size`].
+    /// It applies when a queue is created: RabbitMQ keeps an existing queue's replicas
+    /// (`rabbitmq-queues grow` / `shrink` change them).
+    pub quorum_group_size: Option<u16>,
+    /// The index in [`AmqpConfig::urls`] of the node last connected to, shared by clones, so
+    /// that a reconnection starts with the node that answered last rather than a dead first one.
+    last_node: Arc<AtomicUsize>,
 }
 
 impl Default for AmqpConfig {
@@ -60,6 +87,7 @@ impl fmt::Debug for AmqpConfig {
             .field("prefetch", &self.prefetch)
             .field("connection_name", &self.connection_name)
             .field("connect_timeout", &self.connect_timeout)
+            .field("quorum_group_size", &self.quorum_group_size)
             .finish()
     }
 }
@@ -72,7 +100,40 @@ impl AmqpConfig {
             prefetch: DEFAULT_PREFETCH,
             connection_name: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            quorum_group_size: None,
+            last_node: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// A configuration for the nodes of one cluster, one URL each (see
+    /// [`AmqpConfig::url`]), every other setting at its default.
+    pub fn cluster<I, S>(urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let urls: Vec<String> = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        Self::new(urls.join(","))
+    }
+
+    /// The URLs of [`AmqpConfig::url`], one per node, in the order given.
+    pub fn urls(&self) -> Vec<&str> {
+        split_urls(&self.url)
+    }
+
+    /// The replicas each quorum queue is declared with: [`AmqpConfig::quorum_group_size`] if
+    /// set, else as many as the URLs name nodes, up to [`DEFAULT_MAX_QUORUM_GROUP_SIZE`]; with
+    /// one URL, `None`: the broker's default (every cluster member, up to its own limit) then
+    /// applies, since one URL says nothing about the cluster's size.
+    pub fn quorum_group_size(&self) -> Option<u16> {
+        self.quorum_group_size.or_else(|| {
+            let nodes = self.urls().len();
+            (nodes > 1).then(|| {
+                u16::try_from(nodes).map_or(DEFAULT_MAX_QUORUM_GROUP_SIZE, |n| {
+                    n.min(DEFAULT_MAX_QUORUM_GROUP_SIZE)
+                })
+            })
+        })
     }
 
     /// Reads the configuration from the process environment (see the module table).
@@ -102,6 +163,14 @@ impl AmqpConfig {
                     },
                 )?;
         }
+        if let Some(v) = get("SVCDB_AMQP_QUORUM_GROUP_SIZE") {
+            config.quorum_group_size = Some(v.trim().parse().map_err(|_| {
+                Error::config(
+                    "SVCDB_AMQP_QUORUM_GROUP_SIZE",
+                    format!("{v:?} is not a replica count from 1 to 65535"),
+                )
+            })?);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -113,6 +182,13 @@ impl AmqpConfig {
         self
     }
 
+    /// Sets the replicas of each quorum queue (see [`AmqpConfig::quorum_group_size`]).
+    #[must_use]
+    pub fn with_quorum_group_size(mut self, replicas: u16) -> Self {
+        self.quorum_group_size = Some(replicas);
+        self
+    }
+
     /// Sets the prefetch (see [`AmqpConfig::prefetch`]).
     #[must_use]
     pub fn with_prefetch(mut self, prefetch: u16) -> Self {
@@ -120,21 +196,29 @@ impl AmqpConfig {
         self
     }
 
-    /// The URL without its password, for messages.
+    /// The URL (every URL of a list) without its password, for messages.
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }
 
     /// Checks the settings without touching the network; [`AmqpConfig::connect`] calls it.
     pub fn validate(&self) -> Result<()> {
-        let uri = self.parse_url()?;
-        if uri.scheme == AMQPScheme::AMQPS {
+        for url in self.urls() {
+            let uri = parse_url(url)?;
+            if uri.scheme == AMQPScheme::AMQPS {
+                return Err(Error::config(
+                    "AMQP_URL",
+                    format!(
+                        "{} uses TLS (amqps://), which this build of svcdb-amqp does not include; use amqp:// inside a trusted network or a TLS-terminating sidecar",
+                        redact_url(url)
+                    ),
+                ));
+            }
+        }
+        if self.quorum_group_size == Some(0) {
             return Err(Error::config(
-                "AMQP_URL",
-                format!(
-                    "{} uses TLS (amqps://), which this build of svcdb-amqp does not include; use amqp:// inside a trusted network or a TLS-terminating sidecar",
-                    self.redacted_url()
-                ),
+                "SVCDB_AMQP_QUORUM_GROUP_SIZE",
+                "a quorum queue needs at least 1 replica; use the cluster's node count up to 3, or leave it unset",
             ));
         }
         if self.prefetch == 0 {
@@ -152,51 +236,102 @@ impl AmqpConfig {
         Ok(())
     }
 
-    fn parse_url(&self) -> Result<AMQPUri> {
-        AMQPUri::from_str(&self.url).map_err(|e| {
-            let url = self.redacted_url();
-            // lapin's "Invalid URL: '<url>'" repeats the whole input, password included.
-            let why = e.replace(&self.url, &url);
-            Error::config(
-                "AMQP_URL",
-                format!(
-                    "{url} is not an AMQP URL ({why}); write amqp://user:password@host:5672/%2f, with any '/', '?', '#' or '@' in the password written as %2F, %3F, %23, %40"
-                ),
-            )
-        })
-    }
-
-    /// Opens a connection, bounded by [`AmqpConfig::connect_timeout`], and says clearly why
-    /// it failed: [`Error::Unreachable`] (refused, unresolvable), [`Error::AccessRefused`]
-    /// (wrong user or password), [`Error::Refused`] (unknown vhost, …) or
-    /// [`Error::ConnectTimeout`].
+    /// Opens a connection, each attempt bounded by [`AmqpConfig::connect_timeout`], and says
+    /// clearly why it failed: [`Error::Unreachable`] (refused, unresolvable),
+    /// [`Error::AccessRefused`] (wrong user or password), [`Error::Refused`] (unknown vhost,
+    /// …) or [`Error::ConnectTimeout`].
+    ///
+    /// With several URLs, tries each node once, starting with the one last connected to, and
+    /// returns the first connection made; if none answers, the last node's error (the others'
+    /// are logged).
     ///
     /// Must be called inside a Tokio runtime: lapin runs its I/O on it.
     pub async fn connect(&self) -> Result<Connection> {
-        let uri = self.parse_url()?;
         self.validate()?;
-        let url = self.redacted_url();
+        let urls = self.urls();
+        let first = self.last_node.load(Ordering::Relaxed) % urls.len();
+        let mut last_error: Option<Error> = None;
+        for index in (first..urls.len()).chain(0..first) {
+            if let Some(e) = &last_error {
+                tracing::info!(target: "svcdb_amqp::config", error = %e, "cannot connect to this RabbitMQ node; trying the next");
+            }
+            match self.connect_to(urls[index]).await {
+                Ok(connection) => {
+                    self.last_node.store(index, Ordering::Relaxed);
+                    return Ok(connection);
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        // split_urls never returns an empty list, so there was an attempt.
+        Err(last_error.unwrap_or_else(|| {
+            Error::config(
+                "AMQP_URL",
+                "no URL given; write amqp://user:password@host:5672/%2f",
+            )
+        }))
+    }
+
+    /// One connection attempt to one node's `url`.
+    async fn connect_to(&self, url: &str) -> Result<Connection> {
+        let uri = parse_url(url)?;
+        let redacted = redact_url(url);
         let mut properties = ConnectionProperties::default();
         if let Some(name) = &self.connection_name {
             properties = properties.with_connection_name(name.clone().into());
         }
-        let attempt = Connection::connect(&self.url, properties);
+        let attempt = Connection::connect(url, properties);
         match tokio::time::timeout(self.connect_timeout, attempt).await {
             Err(_) => Err(Error::ConnectTimeout {
-                url,
+                url: redacted,
                 timeout: self.connect_timeout,
             }),
             Ok(Ok(connection)) => {
-                tracing::debug!(target: "svcdb_amqp::config", %url, "connected to RabbitMQ");
+                tracing::debug!(target: "svcdb_amqp::config", url = %redacted, "connected to RabbitMQ");
                 Ok(connection)
             }
             Ok(Err(e)) => Err(classify_connect_error(
                 e,
-                url,
+                redacted,
                 uri.authority.userinfo.username,
             )),
         }
     }
+}
+
+/// Parses one node's URL, with an error that shows it redacted.
+fn parse_url(url: &str) -> Result<AMQPUri> {
+    AMQPUri::from_str(url).map_err(|e| {
+        let redacted = redact_url(url);
+        // lapin's "Invalid URL: '<url>'" repeats the whole input, password included.
+        let why = e.replace(url, &redacted);
+        Error::config(
+            "AMQP_URL",
+            format!(
+                "{redacted} is not an AMQP URL ({why}); write amqp://user:password@host:5672/%2f, with any '/', '?', '#' or '@' in the password written as %2F, %3F, %23, %40 (and, in a list of URLs, a ',' as %2C)"
+            ),
+        )
+    })
+}
+
+/// Splits a list of URLs where a comma is followed by a scheme and `://`: `,amqp://` starts a
+/// new URL, any other comma (in a password, a vhost, a query) belongs to the URL it is in.
+/// Never empty: a string without such a comma is one URL.
+fn split_urls(list: &str) -> Vec<&str> {
+    let mut urls = Vec::new();
+    let mut start = 0;
+    for (comma, _) in list.match_indices(',') {
+        if comma < start {
+            continue;
+        }
+        let next = &list[comma + 1..];
+        if next.find("://").is_some_and(|end| is_scheme(&next[..end])) {
+            urls.push(&list[start..comma]);
+            start = comma + 1;
+        }
+    }
+    urls.push(&list[start..]);
+    urls
 }
 
 /// Sorts a failed connection attempt into the variant that says what to fix.
@@ -226,13 +361,38 @@ fn classify_connect_error(e: lapin::Error, url: String, user: String) -> Error {
 
 /// `url` with the password removed: `amqp://guest:secret@host:5672/%2f` becomes
 /// `amqp://guest@host:5672/%2f`. Works on strings that do not parse, so even a malformed
-/// URL is safe to print.
+/// URL is safe to print, and on lists of URLs (see [`AmqpConfig::url`]), each redacted.
+///
+/// In a list, a URL whose authority holds no `@` while a later one does is redacted together
+/// with the URLs up to that `@`: its "next URL" may be the rest of a password that holds
+/// `,amqp://`, and only the `@` shows where the credentials end.
 ///
 /// The credentials are taken to run to the *last* `@`: a password may hold `@`, `/`, `?`,
 /// `#` or `:` unencoded (`amqp://svc:ab/cd@host/%2f`), and then no parser agrees on where it
 /// ends. A vhost or query with a raw `@` in it loses what comes before that `@` too: printing
 /// too little is the safe side.
 pub fn redact_url(url: &str) -> String {
+    let urls = split_urls(url);
+    if urls.len() == 1 {
+        return redact_one(url);
+    }
+    let last_at = urls.iter().rposition(|piece| piece.contains('@'));
+    let mut redacted = Vec::new();
+    // Byte offsets in `url`: the pieces are consecutive slices of it, one ',' apart.
+    let (mut group_start, mut offset) = (0, 0);
+    for (i, piece) in urls.iter().enumerate() {
+        let end = offset + piece.len();
+        if piece.contains('@') || last_at.is_none_or(|last| i > last) {
+            redacted.push(redact_one(&url[group_start..end]));
+            group_start = end + 1;
+        }
+        offset = end + 1;
+    }
+    redacted.join(",")
+}
+
+/// [`redact_url`] for one URL.
+fn redact_one(url: &str) -> String {
     // Only a real scheme counts: a "://" inside a password of a scheme-less string does not.
     let rest_start = url
         .find("://")
@@ -295,6 +455,69 @@ mod tests {
         assert_eq!(redact_url("amqp://u@h/v"), "amqp://u@h/v");
         assert_eq!(redact_url("amqp://h/%2f"), "amqp://h/%2f");
         assert_eq!(redact_url("u:pw@host"), "***@host");
+    }
+
+    #[test]
+    fn a_list_of_urls_is_split_where_a_url_starts() {
+        let list = "amqp://u:p@h1:5681/%2f,amqp://u:p@h2:5682/%2f";
+        let config = AmqpConfig::new(list);
+        assert_eq!(
+            config.urls(),
+            ["amqp://u:p@h1:5681/%2f", "amqp://u:p@h2:5682/%2f"]
+        );
+        assert_eq!(AmqpConfig::cluster(config.urls()).url, list);
+        // A comma not followed by a scheme is part of the URL it is in.
+        let one = "amqp://u:a,b@h/%2f";
+        assert_eq!(AmqpConfig::new(one).urls(), [one]);
+        assert_eq!(
+            redact_url(list),
+            "amqp://u@h1:5681/%2f,amqp://u@h2:5682/%2f"
+        );
+        // A password holding ",amqp://" is redacted up to the '@' that ends it.
+        assert_eq!(
+            redact_url("amqp://u:a,amqp://b@h/%2f,amqp://u:p@h2/%2f"),
+            "amqp://u@h/%2f,amqp://u@h2/%2f"
+        );
+        // A URL without credentials before one with: redacted together (too much, not too
+        // little).
+        assert_eq!(
+            redact_url("amqp://h1/%2f,amqp://u:p@h2/%2f,amqp://h3/%2f"),
+            "amqp://h1/%2f,amqp@h2/%2f,amqp://h3/%2f"
+        );
+        let bad = AmqpConfig::new("amqp://svc:hunter2@h1/%2f,amqps://svc:hunter2@h2/%2f");
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("amqps://svc@h2/%2f"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn quorum_replicas_follow_the_node_count_up_to_three() {
+        let node = |port: u16| format!("amqp://u:p@h:{port}/%2f");
+        assert_eq!(AmqpConfig::new(node(1)).quorum_group_size(), None);
+        assert_eq!(
+            AmqpConfig::cluster([node(1), node(2)]).quorum_group_size(),
+            Some(2)
+        );
+        let five = AmqpConfig::cluster((1..=5).map(node));
+        assert_eq!(five.quorum_group_size(), Some(3));
+        assert_eq!(five.with_quorum_group_size(5).quorum_group_size(), Some(5));
+        let env = |key: &str| match key {
+            "AMQP_URL" => Some(node(1)),
+            "SVCDB_AMQP_QUORUM_GROUP_SIZE" => Some("2".to_owned()),
+            _ => None,
+        };
+        assert_eq!(
+            AmqpConfig::from_lookup(env).unwrap().quorum_group_size(),
+            Some(2)
+        );
+        for value in ["0", "three"] {
+            let env = |key: &str| (key == "SVCDB_AMQP_QUORUM_GROUP_SIZE").then(|| value.to_owned());
+            let e = AmqpConfig::from_lookup(env).unwrap_err();
+            assert!(
+                matches!(&e, Error::Config { key, .. } if key == "SVCDB_AMQP_QUORUM_GROUP_SIZE"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -100,7 +100,10 @@ mod handler;
 mod relay;
 mod retention;
 
-pub use config::{redact_url, AmqpConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFETCH, DEFAULT_URL};
+pub use config::{
+    redact_url, AmqpConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_QUORUM_GROUP_SIZE,
+    DEFAULT_PREFETCH, DEFAULT_URL,
+};
 pub use consumer::{Consumer, ConsumerOptions, ConsumerStats, UnknownKind};
 pub use error::{Error, Result};
 pub use handler::{EventHandler, HandlerError, HandlerFuture};

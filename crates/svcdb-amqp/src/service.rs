@@ -553,6 +553,9 @@ fn lock_wait_counter(db: &ServiceDb) -> impl FnMut(&MigrateEvent) + Send {
 /// stops answering must not hold the start-up).
 async fn declare(amqp: &AmqpConfig, topology: &Topology) -> Result<(), crate::Error> {
     let connection = amqp.connect().await?;
+    let topology = topology
+        .clone()
+        .with_quorum_group_size(amqp.quorum_group_size());
     let declared = topology.declare(&connection).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "OK".into())).await;
     declared

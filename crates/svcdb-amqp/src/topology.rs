@@ -51,6 +51,17 @@
 //! To change `max_deliveries`, use a policy (`rabbitmqctl set_policy … '{"delivery-limit":9}'`)
 //! or a new queue.
 //!
+//! # Replicas on a cluster
+//!
+//! A quorum queue is replicated on `x-quorum-initial-group-size` nodes, chosen when it is
+//! created; without the argument, RabbitMQ 3.10 puts it on every cluster member. A topology
+//! with [`Topology::with_quorum_group_size`] declares each queue (and its dead-letter queue)
+//! with that many replicas; [`Service`](crate::Service) sets it from
+//! [`AmqpConfig::quorum_group_size`](crate::AmqpConfig::quorum_group_size) (the node count of
+//! `AMQP_URL`, up to 3). Three replicas keep a queue available with one node down: a majority
+//! (2 of 3) still elects a leader and confirms writes. The count applies at creation only;
+//! `rabbitmq-queues grow` and `shrink` change an existing queue's replicas.
+//!
 //! ```no_run
 //! use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
 //!
@@ -182,9 +193,9 @@ impl QueueSpec {
         Ok(())
     }
 
-    /// The consumer queue's arguments.
-    fn arguments(&self) -> FieldTable {
-        let mut args = quorum_arguments();
+    /// The consumer queue's arguments, with `replicas` as its initial group size if set.
+    fn arguments(&self, replicas: Option<u16>) -> FieldTable {
+        let mut args = quorum_arguments(replicas);
         args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(i64::from(self.max_deliveries) - 1),
@@ -208,12 +219,20 @@ impl QueueSpec {
     }
 }
 
-fn quorum_arguments() -> FieldTable {
+/// A quorum queue's arguments, replicated on `replicas` nodes if set (else the broker's
+/// default).
+fn quorum_arguments(replicas: Option<u16>) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
+    if let Some(replicas) = replicas {
+        args.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongInt(i32::from(replicas)),
+        );
+    }
     args
 }
 
@@ -225,6 +244,9 @@ pub struct Topology {
     pub exchanges: Vec<String>,
     /// Queues this service consumes, each with its dead-letter exchange and queue.
     pub queues: Vec<QueueSpec>,
+    /// Replicas of each quorum queue created (`x-quorum-initial-group-size`); `None` leaves
+    /// it to the broker. See [Replicas on a cluster](self#replicas-on-a-cluster).
+    pub quorum_group_size: Option<u16>,
 }
 
 impl Topology {
@@ -247,10 +269,24 @@ impl Topology {
         self
     }
 
+    /// Sets [`Topology::quorum_group_size`]: usually
+    /// [`AmqpConfig::quorum_group_size`](crate::AmqpConfig::quorum_group_size).
+    #[must_use]
+    pub fn with_quorum_group_size(mut self, replicas: Option<u16>) -> Self {
+        self.quorum_group_size = replicas;
+        self
+    }
+
     /// Checks every name without touching the network.
     pub fn validate(&self) -> Result<()> {
         for exchange in &self.exchanges {
             check_name("exchange", exchange)?;
+        }
+        if self.quorum_group_size == Some(0) {
+            return Err(Error::config(
+                "quorum_group_size",
+                "a quorum queue needs at least 1 replica; use the cluster's node count up to 3, or None",
+            ));
         }
         self.queues.iter().try_for_each(QueueSpec::validate)
     }
@@ -287,9 +323,14 @@ impl Topology {
             let dlx = queue.dead_letter_exchange();
             let dlq = queue.dead_letter_queue();
             declare_exchange(channel, &dlx, ExchangeKind::Fanout).await?;
-            declare_queue(channel, &dlq, quorum_arguments()).await?;
+            declare_queue(channel, &dlq, quorum_arguments(self.quorum_group_size)).await?;
             bind(channel, &dlq, &dlx, "").await?;
-            declare_queue(channel, &queue.name, queue.arguments()).await?;
+            declare_queue(
+                channel,
+                &queue.name,
+                queue.arguments(self.quorum_group_size),
+            )
+            .await?;
             for binding in &queue.bindings {
                 bind(
                     channel,
@@ -414,7 +455,7 @@ mod tests {
 
     #[test]
     fn arguments_limit_deliveries_and_dead_letter() {
-        let args = QueueSpec::new("q").with_max_deliveries(3).arguments();
+        let args = QueueSpec::new("q").with_max_deliveries(3).arguments(None);
         let inner = args.inner();
         assert_eq!(
             inner.get("x-delivery-limit"),
@@ -427,6 +468,13 @@ mod tests {
         assert_eq!(
             inner.get("x-dead-letter-exchange"),
             Some(&AMQPValue::LongString("q.dlx".into()))
+        );
+        // Left to the broker unless asked for.
+        assert_eq!(inner.get("x-quorum-initial-group-size"), None);
+        let args = QueueSpec::new("q").arguments(Some(3));
+        assert_eq!(
+            args.inner().get("x-quorum-initial-group-size"),
+            Some(&AMQPValue::LongInt(3))
         );
     }
 

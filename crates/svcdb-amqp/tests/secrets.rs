@@ -26,8 +26,8 @@ fn leaks(text: &str) -> bool {
 /// quotes, percent signs and non-ASCII among ordinary ones.
 fn password() -> impl Strategy<Value = String> {
     let chars = prop::sample::select(vec![
-        '/', '?', '#', '@', ':', '%', '&', '=', '+', ' ', '\'', '"', '\\', '[', ']', '!', 'a', 'Z',
-        '0', '9', '.', '-', '_', '~', 'é', '€',
+        '/', '?', '#', '@', ':', ',', '%', '&', '=', '+', ' ', '\'', '"', '\\', '[', ']', '!', 'a',
+        'Z', '0', '9', '.', '-', '_', '~', 'é', '€',
     ]);
     prop::collection::vec(chars, 0..16)
         .prop_map(|body| format!("{HEAD}{}{TAIL}", body.into_iter().collect::<String>()))
@@ -126,6 +126,12 @@ fn no_password_reaches_debug_display_errors_or_logs() {
                 // Not URLs lapin accepts at all.
                 format!("amqp:svc:{password}@127.0.0.1"),
                 format!("svc:{password}@127.0.0.1:{port}"),
+                // Lists of nodes (a cluster): every URL's password is hidden, raw or encoded,
+                // first, in the middle or last.
+                format!("amqp://svc:{encoded}@127.0.0.1:{port}/%2f,amqp://svc:{encoded}@127.0.0.1:{port}/%2f"),
+                format!("amqp://svc:{password}@127.0.0.1:{port}/%2f,amqp://svc:{password}@127.0.0.1:{port}/%2f"),
+                format!("amqp://127.0.0.1:{port}/%2f,amqp://svc:{password}@127.0.0.1:{port}/%2f,amqp://127.0.0.1:{port}/%2f"),
+                format!("amqp://svc:{encoded}@127.0.0.1:{port}/%2f,amqps://svc:{password}@127.0.0.1:{port}/%2f"),
             ];
             for url in &urls {
                 // The control: the check sees the password where it is.
