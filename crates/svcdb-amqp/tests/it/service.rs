@@ -1,0 +1,395 @@
+//! The service runtime against the real PostgreSQL and RabbitMQ: the start-up's steps fail
+//! with the service's name and the cause, and the graceful shutdown turns `/readyz` to 503
+//! first, then finishes what the consumers hold, or leaves it to be redelivered.
+
+use crate::common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{amqp, closed_port, effects, eventually, unique, url_via, Broker};
+use svcdb::Envelope;
+use svcdb_amqp::service::Step;
+use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
+use svcdb_amqp::{AmqpConfig, ConsumerOptions, Service};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+
+/// The status code of `GET path` on `addr` (HTTP/1.1, one request per connection).
+async fn status(addr: SocketAddr, path: &str) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text}"))
+}
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A queue bound to a test exchange, deleted with the broker guard.
+fn topology(broker: &Broker) -> (String, QueueSpec) {
+    let exchange = events_exchange(&unique("svc"));
+    let queue = QueueSpec::new(unique("svc.effects")).bind(&exchange, "#");
+    broker.delete_later(Topology::new().exchange(&exchange).queue(queue.clone()));
+    (exchange, queue)
+}
+
+/// Handlers that record one `effects` row and then wait for a permit: the test decides when
+/// they may commit. `started` gets a permit as each begins.
+struct Gated {
+    started: Arc<Semaphore>,
+    release: Arc<Semaphore>,
+}
+
+impl Gated {
+    fn new() -> Self {
+        Self {
+            started: Arc::new(Semaphore::new(0)),
+            release: Arc::new(Semaphore::new(0)),
+        }
+    }
+
+    fn register(&self, consumer: svcdb_amqp::Consumer) -> svcdb_amqp::Consumer {
+        let (started, release) = (self.started.clone(), self.release.clone());
+        consumer.on("Tested", move |tx, event| {
+            let (started, release) = (started.clone(), release.clone());
+            Box::pin(async move {
+                tx.execute("INSERT INTO effects (event_id) VALUES ($1)", &[&event.id])
+                    .await?;
+                started.add_permits(1);
+                release.acquire().await?.forget();
+                Ok(())
+            })
+        })
+    }
+}
+
+#[tokio::test]
+async fn stopping_says_not_ready_first_then_finishes_the_delivery_it_holds() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (test_db, db) = common::service().await;
+    let (exchange, queue) = topology(&broker);
+    let gated = Gated::new();
+    let registered = Gated {
+        started: gated.started.clone(),
+        release: gated.release.clone(),
+    };
+    let running = Service::new("svc-test")
+        .database(test_db.config("svc"))
+        .amqp(amqp())
+        .require(["effects"])
+        .publishes(&exchange)
+        .subscribe(queue.clone(), "svc-test.effects", move |consumer, _| {
+            registered.register(consumer)
+        })
+        .listen(localhost())
+        .start()
+        .await
+        .unwrap();
+    let addr = running.addr();
+    assert_eq!(status(addr, "/readyz").await, 200, "ready while running");
+
+    let event = Envelope::new("Tested", "svc-test", serde_json::json!({}));
+    broker.publish(&exchange, "tested", &event).await;
+    let _ = gated.started.acquire().await.unwrap();
+
+    let stopping = tokio::spawn(running.stop());
+    eventually("/readyz answers 503 once the shutdown began", || async {
+        status(addr, "/readyz").await == 503
+    })
+    .await;
+    // The handler still holds the delivery: the shutdown waits for it.
+    assert!(
+        !stopping.is_finished(),
+        "stopped before the handler finished"
+    );
+    assert_eq!(status(addr, "/healthz").await, 200, "alive while draining");
+
+    gated.release.add_permits(1);
+    stopping.await.unwrap().expect("a clean shutdown");
+    assert_eq!(effects(&db, event.id).await, 1, "handled once");
+    assert_eq!(
+        broker.ready(&queue.name).await,
+        0,
+        "acknowledged: nothing is redelivered"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the HTTP server stopped"
+    );
+}
+
+#[tokio::test]
+async fn a_handler_past_the_deadline_is_rolled_back_and_handled_once_by_the_next_start() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (test_db, db) = common::service().await;
+    let (exchange, queue) = topology(&broker);
+    let start = |gated: &Gated| {
+        let registered = Gated {
+            started: gated.started.clone(),
+            release: gated.release.clone(),
+        };
+        Service::new("svc-test")
+            .database(test_db.config("svc"))
+            .amqp(amqp())
+            .require(["effects"])
+            .subscribe(queue.clone(), "svc-test.effects", move |consumer, _| {
+                registered.register(consumer)
+            })
+            .consumer_options(ConsumerOptions {
+                shutdown_timeout: Duration::from_millis(200),
+                ..ConsumerOptions::default()
+            })
+            .listen(localhost())
+            .start()
+    };
+
+    let stuck = Gated::new();
+    let running = start(&stuck).await.unwrap();
+    let event = Envelope::new("Tested", "svc-test", serde_json::json!({}));
+    broker.publish(&exchange, "tested", &event).await;
+    let _ = stuck.started.acquire().await.unwrap();
+    // Never released: the consumer's deadline aborts the handler, its transaction rolls back,
+    // and closing the channel hands the message back.
+    running.stop().await.expect("a clean shutdown");
+    assert_eq!(effects(&db, event.id).await, 0, "rolled back");
+
+    let next = Gated::new();
+    next.release.add_permits(1);
+    let running = start(&next).await.unwrap();
+    eventually("the next start handles the redelivered event", || async {
+        effects(&db, event.id).await == 1
+    })
+    .await;
+    running.stop().await.unwrap();
+    assert_eq!(effects(&db, event.id).await, 1, "once");
+}
+
+#[tokio::test]
+async fn a_consumer_that_fails_for_good_stops_the_service_with_its_queue_named() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (test_db, _db) = common::service().await;
+    let (_exchange, queue) = topology(&broker);
+    let gated = Gated::new();
+    let running = Service::new("svc-test")
+        .database(test_db.config("svc"))
+        .amqp(amqp())
+        .subscribe(queue.clone(), "svc-test.effects", move |consumer, _| {
+            gated.register(consumer)
+        })
+        .consumer_options(ConsumerOptions {
+            reconnect_backoff: Duration::from_millis(10),
+            ..ConsumerOptions::default()
+        })
+        .listen(localhost())
+        .start()
+        .await
+        .unwrap();
+    let channel = broker.connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(queue.name.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(30), running.run_until_signal())
+        .await
+        .expect("the service stops on its own")
+        .unwrap_err();
+    assert_eq!(error.service(), "svc-test");
+    assert_eq!(error.step(), &Step::Consume(queue.name.clone()), "{error}");
+    assert!(error.amqp_error().is_some(), "{error}");
+}
+
+#[tokio::test]
+async fn each_start_up_step_fails_with_the_service_name_and_the_cause() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (test_db, _db) = common::service().await;
+    let (exchange, queue) = topology(&broker);
+    let base = || {
+        Service::new("svc-test")
+            .database(test_db.config("svc"))
+            .listen(localhost())
+    };
+
+    // No database at all.
+    let error = Service::new("svc-test").start().await.unwrap_err();
+    assert_eq!(error.step(), &Step::Configure);
+    // Publishes without a broker.
+    let error = base().publishes(&exchange).start().await.unwrap_err();
+    assert_eq!(error.step(), &Step::Configure);
+    assert!(
+        error.to_string().starts_with("service svc-test: "),
+        "{error}"
+    );
+
+    // A role that does not exist.
+    let error = Service::new("svc-test")
+        .database(test_db.config_as("svc_test_nobody", "svc"))
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(error.step(), &Step::Connect, "{error}");
+    assert!(error.db_error().is_some());
+
+    // A required table missing: the gate refuses, naming it.
+    let error = base().require(["orders"]).start().await.unwrap_err();
+    assert_eq!(error.step(), &Step::Gate, "{error}");
+    assert!(error.is_not_ready(), "{error}");
+    let report = error.gate_report().unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| matches!(p, svcdb::Problem::MissingTable { table, .. } if table == "orders")),
+        "{error}"
+    );
+    // Control: the same service with the table it has is ready.
+    base()
+        .require(["effects"])
+        .start()
+        .await
+        .unwrap()
+        .stop()
+        .await
+        .unwrap();
+
+    // The broker unreachable.
+    let error = base()
+        .amqp(AmqpConfig::new(url_via(closed_port())))
+        .subscribe(queue, "svc-test.effects", |consumer, _| {
+            Gated::new().register(consumer)
+        })
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(error.step(), &Step::DeclareTopology, "{error}");
+    assert!(
+        error.amqp_error().is_some_and(|e| e.is_connection_error()),
+        "{error}"
+    );
+
+    // The port taken.
+    let taken = tokio::net::TcpListener::bind(localhost()).await.unwrap();
+    let addr = taken.local_addr().unwrap();
+    let error = base().listen(addr).start().await.unwrap_err();
+    assert_eq!(error.step(), &Step::Listen(addr), "{error}");
+}
+
+#[tokio::test]
+async fn a_request_in_flight_is_answered_before_the_server_stops() {
+    common::init_tracing();
+    let (test_db, _db) = common::service().await;
+    let (started, release) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let (s, r) = (started.clone(), release.clone());
+    let slow = axum::Router::new().route(
+        "/slow",
+        axum::routing::get(move || {
+            let (started, release) = (s.clone(), r.clone());
+            async move {
+                started.add_permits(1);
+                release.acquire().await.unwrap().forget();
+                "done"
+            }
+        }),
+    );
+    let running = Service::new("svc-test")
+        .database(test_db.config("svc"))
+        .routes(slow)
+        .listen(localhost())
+        .start()
+        .await
+        .unwrap();
+    let addr = running.addr();
+    let request = tokio::spawn(status(addr, "/slow"));
+    let _ = started.acquire().await.unwrap();
+
+    let stopping = tokio::spawn(running.stop());
+    eventually("the server stops accepting connections", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    assert!(!stopping.is_finished(), "stopped with a request in flight");
+    release.add_permits(1);
+    assert_eq!(
+        request.await.unwrap(),
+        200,
+        "the request in flight is answered"
+    );
+    stopping.await.unwrap().expect("a clean shutdown");
+}
+
+#[tokio::test]
+async fn a_failing_migration_stops_the_start_at_the_migrate_step() {
+    common::init_tracing();
+    let (test_db, _db) = common::service().await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, sql: &str| std::fs::write(dir.path().join(name), sql).unwrap();
+    write("0001_create_things.up.sql", "CREATE TABLE things (id int);");
+    write(
+        "0002_broken.up.sql",
+        "CREATE TABLE broken (id int REFERENCES nowhere (id));",
+    );
+    let start = || {
+        Service::new("svc-test")
+            .database(test_db.config("svc"))
+            .migrations(svcdb::migrate::Migrations::from_dir(dir.path()).unwrap())
+            .migrate(true)
+            .require(["things"])
+            .listen(localhost())
+            .start()
+    };
+    let error = start().await.unwrap_err();
+    assert_eq!(error.step(), &Step::Migrate, "{error}");
+    assert!(
+        matches!(error.cause(), svcdb_amqp::service::Cause::Migrate(_)),
+        "{error}"
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with("service svc-test: migrating: "),
+        "{error}"
+    );
+
+    // Control: without the broken one it migrates, and the gate finds the table.
+    std::fs::remove_file(dir.path().join("0002_broken.up.sql")).unwrap();
+    let running = start().await.unwrap();
+    assert_eq!(
+        running.migrated().unwrap().current_version,
+        Some(svcdb::migrate::Version::from(1u32))
+    );
+    assert!(running.gate().ready);
+    running.stop().await.unwrap();
+}
+
+#[test]
+fn a_service_debug_print_shows_no_password() {
+    let database = svcdb::Config::from_lookup(|key| match key {
+        "DATABASE_URL" => Some("postgres://svc:db-s3cret@127.0.0.1/app".to_owned()),
+        "SVCDB_SCHEMA" => Some("svc".to_owned()),
+        _ => None,
+    })
+    .unwrap();
+    let service = Service::new("svc-test")
+        .database(database)
+        .amqp(AmqpConfig::new(
+            "amqp://guest:amqp-s3cret@127.0.0.1:5672/%2f",
+        ));
+    let shown = format!("{service:?}");
+    assert!(
+        shown.contains("svc-test") && shown.contains("127.0.0.1"),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+}

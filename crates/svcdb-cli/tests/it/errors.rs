@@ -1,0 +1,299 @@
+//! How the real binary reports failures: with `--json`, one JSON object on stdout
+//! (`error`, `hint`, `code`) besides the text on stderr; a missing setting is a usage error
+//! (exit 64); each hint once; hints that lead somewhere.
+
+use crate::common;
+
+use common::{svcdb, Output, Project};
+use serde_json::Value;
+
+/// The failure object `--json` promises, checked for shape: `error` and `code` strings, `hint`
+/// a string or null, nothing else; and the same error as text on stderr.
+#[track_caller]
+fn failure(out: &Output) -> Value {
+    let json = out.json();
+    let fields = json
+        .as_object()
+        .unwrap_or_else(|| panic!("not a JSON object; {out}"));
+    let mut keys: Vec<&str> = fields.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "error", "hint"], "{out}");
+    assert!(
+        json["error"].is_string() && json["code"].is_string(),
+        "{out}"
+    );
+    assert!(json["hint"].is_string() || json["hint"].is_null(), "{out}");
+    let error = json["error"].as_str().unwrap_or_default();
+    assert!(
+        out.stderr.contains(&format!("error: {error}")),
+        "the text on stderr says the same; {out}"
+    );
+    json
+}
+
+/// The `hint` lines of stderr.
+fn hint_lines(out: &Output) -> Vec<&str> {
+    out.stderr
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("hint: "))
+        .collect()
+}
+
+/// The subcommands listed by `svcdb <path> --help`, without `help`.
+fn subcommands(path: &[String]) -> Vec<String> {
+    let mut args = path.to_vec();
+    args.push("--help".to_owned());
+    let help = svcdb(&args, &[], None).expect_code(0).stdout;
+    help.lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        // A name is indented by two spaces; a wrapped description, further.
+        .filter_map(|l| l.strip_prefix("  ").filter(|rest| !rest.starts_with(' ')))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every command that runs something (`migrate up`, `schema verify`, `provision`, …), found
+/// through `--help` so that a new subcommand is covered without touching this file.
+fn leaf_commands() -> Vec<Vec<String>> {
+    let mut leaves = Vec::new();
+    let mut todo = vec![Vec::new()];
+    while let Some(path) = todo.pop() {
+        let children = subcommands(&path);
+        for child in &children {
+            let mut next = path.clone();
+            next.push(child.clone());
+            todo.push(next);
+        }
+        if children.is_empty() {
+            leaves.push(path);
+        }
+    }
+    leaves
+}
+
+/// Run bare, with no environment, every command fails: for want of a database, a schema or an
+/// argument. Each says so as one JSON object with `--json`, exits 64 (an invalid command line),
+/// and without `--json` writes nothing on stdout.
+#[test]
+fn every_command_with_json_reports_its_failure_as_one_json_object() {
+    let cwd = tempfile::tempdir().unwrap();
+    // An empty ./migrations, so that the migration commands get as far as the database.
+    std::fs::create_dir(cwd.path().join("migrations")).unwrap();
+    let leaves = leaf_commands();
+    // The control: the list really holds the commands (the help format was understood).
+    for known in [&["migrate", "up"][..], &["schema", "verify"], &["health"]] {
+        assert!(
+            leaves.iter().any(|l| l == known),
+            "{known:?} not found in {leaves:?}"
+        );
+    }
+    for leaf in &leaves {
+        let mut args = leaf.clone();
+        args.push("--json".to_owned());
+        let out = svcdb(&args, &[], Some(cwd.path()));
+        assert_eq!(out.code, 64, "{args:?}: {out}");
+        let json = failure(&out);
+        assert_eq!(json["code"], "usage", "{args:?}: {out}");
+        assert!(json["hint"].is_string(), "{args:?}: {out}");
+
+        let out = svcdb(leaf, &[], Some(cwd.path()));
+        assert_eq!(out.code, 64, "{leaf:?}: {out}");
+        assert!(out.stdout.is_empty(), "{leaf:?}: {out}");
+    }
+}
+
+/// Regression: a missing `DATABASE_URL` exited 1 like a failed query, though `--help` lists it
+/// under 64 (invalid command line); a missing schema likewise.
+#[test]
+fn a_missing_database_url_or_schema_is_a_usage_error() {
+    let cwd = tempfile::tempdir().unwrap();
+    let dir = cwd.path().to_str().unwrap();
+    let out = svcdb(
+        &["migrate", "status", "--json"],
+        &[("SVCDB_SCHEMA", "svc"), ("SVCDB_MIGRATIONS_DIR", dir)],
+        Some(cwd.path()),
+    )
+    .expect_code(64);
+    let json = failure(&out);
+    assert_eq!(json["code"], "usage");
+    assert!(
+        json["hint"].as_str().unwrap().contains("DATABASE_URL"),
+        "{out}"
+    );
+
+    let out = svcdb(
+        &["schema", "tables", "--json"],
+        &[("DATABASE_URL", "postgres://catalog@127.0.0.1/appdb")],
+        Some(cwd.path()),
+    )
+    .expect_code(64);
+    let json = failure(&out);
+    assert_eq!(json["code"], "usage");
+    assert!(
+        json["hint"].as_str().unwrap().contains("SVCDB_SCHEMA"),
+        "{out}"
+    );
+}
+
+/// A failing migration: the SQLSTATE as the code, its file in the error, the hint once.
+#[tokio::test]
+async fn a_failed_migration_with_json_gives_the_sqlstate_and_one_hint() {
+    let p = Project::new().await;
+    p.write(&[("0001_broken.up.sql", "CREATE TABLE orders (id bigint;")]);
+
+    let out = p.run(&["migrate", "up", "--json"]).expect_code(1);
+    let json = failure(&out);
+    assert_eq!(json["code"], "42601", "a syntax error; {out}");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("0001_broken.up.sql"),
+        "{out}"
+    );
+    let hints = hint_lines(&out);
+    assert_eq!(hints.len(), 1, "{out}");
+    assert_eq!(json["hint"], hints[0]);
+}
+
+/// Regression: "permission denied for schema X" (42501) came with no hint, though the fix is
+/// to run as X's owner, or to use one's own schema. The hint names both, and running as the
+/// owner it names works.
+#[tokio::test]
+async fn permission_denied_for_the_service_schema_names_its_owner_and_the_roles_own_schema() {
+    let p = Project::new().await;
+    p.write(&[("0001_orders.up.sql", "CREATE TABLE orders (id bigint);")]);
+    let (catalog, _) = p.db.provision("catalog", "catalog_schema").await;
+    let (orders, _) = p.db.provision("orders", "orders_schema").await;
+
+    // The catalog's role pointed at the orders' schema (a copied environment, say).
+    let as_catalog = p.db.url_as(&catalog);
+    let env = [
+        ("DATABASE_URL", as_catalog.as_str()),
+        ("SVCDB_SCHEMA", "orders_schema"),
+        ("SVCDB_CREATE_SCHEMA", "false"),
+    ];
+    let out = p
+        .run_with_env(&["migrate", "status", "--json"], &env)
+        .expect_code(1);
+    let json = failure(&out);
+    assert_eq!(json["code"], "42501", "{out}");
+    let hint = json["hint"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a hint; {out}"));
+    assert!(hint.contains(&orders), "names the owner; {out}");
+    assert!(
+        hint.contains("catalog_schema"),
+        "names its own schema; {out}"
+    );
+    assert!(
+        hint_lines(&out).iter().any(|h| h.contains(&orders)),
+        "the text says it too; {out}"
+    );
+
+    // Following the hint: as the owner, the same command works (exit 2: one pending).
+    let as_orders = p.db.url_as(&orders);
+    let env = [
+        ("DATABASE_URL", as_orders.as_str()),
+        ("SVCDB_SCHEMA", "orders_schema"),
+        ("SVCDB_CREATE_SCHEMA", "false"),
+    ];
+    p.run_with_env(&["migrate", "status", "--json"], &env)
+        .expect_code(2);
+}
+
+/// A migration reaching into another service's schema: the hint names that schema's owner
+/// (and does not send the role to a schema it is already using).
+#[tokio::test]
+async fn permission_denied_for_another_schema_names_its_owner() {
+    let p = Project::new().await;
+    p.write(&[(
+        "0001_peek.up.sql",
+        "CREATE TABLE orders_schema.stolen (id bigint);",
+    )]);
+    let (catalog, _) = p.db.provision("catalog", "catalog_schema").await;
+    let (orders, _) = p.db.provision("orders", "orders_schema").await;
+
+    let as_catalog = p.db.url_as(&catalog);
+    let env = [
+        ("DATABASE_URL", as_catalog.as_str()),
+        ("SVCDB_SCHEMA", "catalog_schema"),
+        ("SVCDB_CREATE_SCHEMA", "false"),
+    ];
+    let out = p
+        .run_with_env(&["migrate", "up", "--json"], &env)
+        .expect_code(1);
+    let json = failure(&out);
+    assert_eq!(json["code"], "42501", "{out}");
+    let hint = json["hint"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a hint; {out}"));
+    assert!(hint.contains(&orders), "names the owner; {out}");
+    assert!(!hint.contains("SVCDB_SCHEMA"), "{out}");
+    // The migration's own hint is kept, once.
+    let hints = hint_lines(&out);
+    assert_eq!(hints.len(), 2, "{out}");
+    assert_ne!(hints[0], hints[1], "{out}");
+}
+
+/// Regression: on a schema nobody created, `schema verify` added "migrations never ran" and
+/// "table … is missing", each with a hint to run `svcdb migrate up`, which fails on a missing
+/// schema too. The schema is the one problem; its hint (`svcdb provision`) works.
+#[tokio::test]
+async fn a_missing_schema_is_never_told_to_run_migrate_up() {
+    let p = Project::new().await;
+    p.write(&[("0001_orders.up.sql", "CREATE TABLE orders (id bigint);")]);
+    let no_create = [("SVCDB_CREATE_SCHEMA", "false")];
+
+    let out = p
+        .run_with_env(
+            &["schema", "verify", "--require", "orders", "--json"],
+            &no_create,
+        )
+        .expect_code(1);
+    let report = out.json();
+    let problems = report["problems"].as_array().unwrap();
+    let kinds: Vec<&str> = problems
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["no_schema"], "{out}");
+    let text = p
+        .run_with_env(&["schema", "verify", "--require", "orders"], &no_create)
+        .expect_code(1);
+    assert!(!text.stdout.contains("migrate up"), "{text}");
+
+    for command in [
+        &["migrate", "up", "--json"][..],
+        &["migrate", "status", "--json"],
+    ] {
+        let out = p.run_with_env(command, &no_create).expect_code(1);
+        assert!(!out.stderr.contains("migrate up`"), "{command:?}: {out}");
+    }
+    let out = p
+        .run_with_env(&["migrate", "up", "--json"], &no_create)
+        .expect_code(1);
+    let json = failure(&out);
+    assert!(
+        json["hint"].as_str().unwrap().contains("svcdb provision"),
+        "{out}"
+    );
+
+    // Following the hint: provisioned, the schema migrates and is ready.
+    let role = p.db.role_name("svc");
+    let admin = p.db.url();
+    p.run_with_env(
+        &["provision", "--service", "svc", "--role", &role],
+        &[("DATABASE_URL", admin.as_str())],
+    )
+    .expect_code(0);
+    let as_role = p.db.url_as(&role);
+    let env = [("DATABASE_URL", as_role.as_str()), no_create[0]];
+    p.run_with_env(&["migrate", "up"], &env).expect_code(0);
+    p.run_with_env(&["schema", "verify", "--require", "orders"], &env)
+        .expect_code(0);
+}

@@ -1,0 +1,194 @@
+//! `svcdb events purge` end to end: the real binary against a throwaway database. Outcomes
+//! are matched by exit code and `--json` fields.
+
+use crate::common;
+
+use common::Project;
+use serde_json::{json, Value};
+use svcdb::ServiceDb;
+
+/// A service schema with both event tables: `old` claims and published rows from eight
+/// days ago, one fresh claim, one row published just now, and one old row never published.
+async fn service_with_old_rows(p: &Project, old: i64) -> ServiceDb {
+    let db = p.db.service(&p.schema).await;
+    db.install_idempotency().await.unwrap();
+    db.install_outbox().await.unwrap();
+    db.get()
+        .await
+        .unwrap()
+        .execute(
+            "WITH claims AS (
+                 INSERT INTO svcdb_processed_events (consumer, event_id, processed_at)
+                 SELECT 'orders.reserve-stock', gen_random_uuid(), now() - interval '8 days'
+                   FROM generate_series(1, $1::bigint)
+                 UNION ALL SELECT 'orders.reserve-stock', gen_random_uuid(), now()
+             )
+             INSERT INTO svcdb_outbox (id, exchange, routing_key, envelope, created_at, published_at)
+             SELECT gen_random_uuid(), 'orders', 'order.placed', '{}'::jsonb,
+                    now() - interval '8 days', now() - interval '8 days'
+               FROM generate_series(1, $1::bigint)
+             UNION ALL SELECT gen_random_uuid(), 'orders', 'order.placed', '{}'::jsonb, now(), now()
+             UNION ALL SELECT gen_random_uuid(), 'orders', 'order.placed', '{}'::jsonb,
+                    now() - interval '8 days', NULL",
+            &[&old],
+        )
+        .await
+        .unwrap();
+    db
+}
+
+async fn count(db: &ServiceDb, table: &str) -> i64 {
+    db.get()
+        .await
+        .unwrap()
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `(table, exists, deleted)` of each entry of a `--json` report.
+fn tables(report: &Value) -> Vec<(String, bool, u64)> {
+    report["tables"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tables list: {report}"))
+        .iter()
+        .map(|t| {
+            (
+                t["table"].as_str().unwrap().to_owned(),
+                t["exists"].as_bool().unwrap(),
+                t["deleted"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn events_purge_deletes_old_claims_and_published_rows_and_keeps_the_rest() {
+    let p = Project::new().await;
+    // More than two of the library's batches.
+    let db = service_with_old_rows(&p, 2500).await;
+
+    let report = p
+        .run(&["events", "purge", "--older-than", "7d", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(report["older_than_secs"], json!(604_800.0));
+    assert_eq!(
+        tables(&report),
+        [
+            ("svcdb_processed_events".to_owned(), true, 2500),
+            ("svcdb_outbox".to_owned(), true, 2500),
+        ]
+    );
+    assert_eq!(
+        count(&db, "svcdb_processed_events").await,
+        1,
+        "the fresh claim"
+    );
+    assert_eq!(
+        count(&db, "svcdb_outbox").await,
+        2,
+        "the fresh row, and the old one never published"
+    );
+
+    // Again: nothing is old enough, and that is a success.
+    let out = p
+        .run(&["events", "purge", "--older-than", "7d"])
+        .expect_code(0);
+    assert!(
+        out.stdout
+            .contains("svcdb_processed_events: deleted 0 rows older than 7d"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn events_purge_table_picks_one_table() {
+    let p = Project::new().await;
+    let db = service_with_old_rows(&p, 3).await;
+
+    let report = p
+        .run(&[
+            "events",
+            "purge",
+            "--older-than",
+            "24h",
+            "--table",
+            "outbox",
+            "--json",
+        ])
+        .expect_code(0)
+        .json();
+    assert_eq!(tables(&report), [("svcdb_outbox".to_owned(), true, 3)]);
+    assert_eq!(
+        count(&db, "svcdb_processed_events").await,
+        4,
+        "claims untouched"
+    );
+
+    let report = p
+        .run(&[
+            "events",
+            "purge",
+            "--older-than",
+            "24h",
+            "--table",
+            "claims",
+            "--json",
+        ])
+        .expect_code(0)
+        .json();
+    assert_eq!(
+        tables(&report),
+        [("svcdb_processed_events".to_owned(), true, 3)]
+    );
+}
+
+#[tokio::test]
+async fn events_purge_skips_an_absent_table_unless_it_was_named() {
+    let p = Project::new().await;
+    let db = p.db.service(&p.schema).await;
+    db.install_idempotency().await.unwrap(); // a consumer-only service: no outbox
+
+    let report = p
+        .run(&["events", "purge", "--older-than", "7d", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(
+        tables(&report),
+        [
+            ("svcdb_processed_events".to_owned(), true, 0),
+            ("svcdb_outbox".to_owned(), false, 0),
+        ]
+    );
+
+    let out = p
+        .run(&["events", "purge", "--older-than", "7d", "--table", "outbox"])
+        .expect_code(1);
+    assert!(out.stderr.contains("no svcdb_outbox table"), "{out}");
+    assert!(out.stderr.contains("hint: check --schema"), "{out}");
+}
+
+#[tokio::test]
+async fn events_purge_refuses_a_retention_of_zero_or_nonsense() {
+    let p = Project::new().await;
+    let db = service_with_old_rows(&p, 1).await;
+
+    let out = p
+        .run(&["events", "purge", "--older-than", "0"])
+        .expect_code(1);
+    assert!(out.stderr.contains("hint: give a retention"), "{out}");
+    let out = p
+        .run(&["events", "purge", "--older-than", "soon"])
+        .expect_code(64);
+    assert!(out.stderr.contains("--older-than"), "{out}");
+    p.run(&["events", "purge"]).expect_code(64);
+    p.run(&["events", "purge", "--older-than", "7d", "--table", "inbox"])
+        .expect_code(64);
+    assert_eq!(
+        count(&db, "svcdb_processed_events").await,
+        2,
+        "nothing deleted"
+    );
+}

@@ -1,0 +1,626 @@
+//! `svcdb migrate …` end to end: the real binary against a throwaway database. Outcomes are
+//! matched by exit code and `--json` fields; text only where the contract is about the text
+//! (progress lines with durations, errors naming the file).
+
+use crate::common;
+
+use common::{svcdb, Project};
+use serde_json::Value;
+
+/// Three migrations, each with a down.
+const THREE: &[(&str, &str)] = &[
+    (
+        "0001_create_items.up.sql",
+        "CREATE TABLE items (id int PRIMARY KEY);",
+    ),
+    ("0001_create_items.down.sql", "DROP TABLE items;"),
+    (
+        "0002_add_name.up.sql",
+        "ALTER TABLE items ADD COLUMN name text;",
+    ),
+    (
+        "0002_add_name.down.sql",
+        "ALTER TABLE items DROP COLUMN name;",
+    ),
+    ("0003_create_tags.up.sql", "CREATE TABLE tags (id int);"),
+    ("0003_create_tags.down.sql", "DROP TABLE tags;"),
+];
+
+/// The history table's name, in table listings.
+const HISTORY: &str = "svcdb_migrations";
+
+/// The `version` of each object in `list` (a report's `migrations`, `entries`, …).
+fn versions(list: &Value) -> Vec<i64> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        // A version is the file's text (`"0003"`): compare its number.
+        .map(|e| {
+            e["version"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .expect("a version")
+        })
+        .collect()
+}
+
+/// The `state` of each entry of a status report.
+fn states(status: &Value) -> Vec<&str> {
+    status["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["state"].as_str().expect("a state"))
+        .collect()
+}
+
+#[test]
+fn new_creates_both_files_without_a_database() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("migrations");
+    let dir_arg = dir.to_str().unwrap();
+    // No DATABASE_URL or SVCDB_SCHEMA: `svcdb()` clears them.
+    let out = svcdb(
+        &["migrate", "new", "create_users", "--dir", dir_arg],
+        &[],
+        None,
+    )
+    .expect_code(0);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names[0].ends_with("_create_users.down.sql"), "{names:?}");
+    assert!(names[1].ends_with("_create_users.up.sql"), "{names:?}");
+    for name in &names {
+        assert!(out.stdout.contains(name.as_str()), "{out}");
+    }
+
+    let json = svcdb(
+        &["migrate", "new", "add_email", "--dir", dir_arg, "--json"],
+        &[],
+        None,
+    )
+    .expect_code(0)
+    .json();
+    for key in ["up_path", "down_path"] {
+        let file = json[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key}: {json}"));
+        assert!(std::path::Path::new(file).is_file(), "{json}");
+    }
+    let first: i64 = names[0].split('_').next().unwrap().parse().unwrap();
+    let created: i64 = json["version"].as_str().unwrap().parse().unwrap();
+    assert!(created > first, "{json}");
+}
+
+#[test]
+fn new_in_a_goose_folder_creates_one_goose_file_and_warns_about_ignored_files() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    std::fs::write(
+        dir.join("00001_create_a.sql"),
+        "-- +goose Up\nCREATE TABLE a (id int);\n-- +goose Down\nDROP TABLE a;\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("seed.sql"), "INSERT INTO a VALUES (1);").unwrap();
+    let out = svcdb(
+        &["migrate", "new", "add_b", "--dir", dir.to_str().unwrap()],
+        &[],
+        None,
+    )
+    .expect_code(0);
+    let created = dir.join("00002_add_b.sql");
+    let text = std::fs::read_to_string(&created).unwrap();
+    assert!(text.starts_with("-- +goose Up\n"), "{text}");
+    assert!(text.contains("\n-- +goose Down\n"), "{text}");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["00001_create_a.sql", "00002_add_b.sql", "seed.sql"]);
+    assert_eq!(
+        out.stdout.trim(),
+        format!("created {}", created.display()),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains("warning: ignored 1 .sql file") && out.stderr.contains("seed.sql"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn up_prints_each_migration_with_its_duration_then_status_is_up_to_date() {
+    let p = Project::new().await;
+    p.write(THREE);
+    let out = p.run(&["migrate", "up"]).expect_code(0);
+    for step in ["0001 create_items", "0002 add_name", "0003 create_tags"] {
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.contains(&format!("up {step}")) && l.ends_with(" ms")),
+            "no line with the duration of {step}; {out}"
+        );
+    }
+    assert_eq!(p.tables().await, ["items", HISTORY, "tags"]);
+
+    p.run(&["migrate", "status"]).expect_code(0);
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(states(&status), ["applied"; 3]);
+    assert_eq!(status["current_version"], "0003");
+    assert!(status["entries"][0]["execution_ms"].is_f64(), "{status}");
+
+    // Run once: a second `up` has nothing to do.
+    let again = p.run(&["migrate", "up", "--json"]).expect_code(0).json();
+    assert_eq!(versions(&again["migrations"]), [] as [i64; 0]);
+    assert_eq!(again["current_version"], "0003");
+}
+
+#[tokio::test]
+async fn a_new_pending_file_makes_status_exit_2_until_up() {
+    let p = Project::new().await;
+    p.write(THREE);
+    p.run(&["migrate", "up"]).expect_code(0);
+    p.write(&[("0004_create_notes.up.sql", "CREATE TABLE notes (id int);")]);
+
+    p.run(&["migrate", "status"]).expect_code(2);
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
+    assert_eq!(
+        states(&status),
+        ["applied", "applied", "applied", "pending"]
+    );
+    assert_eq!(status["entries"][3]["version"], "0004");
+
+    // With --json, stdout is the report alone and the progress goes to stderr.
+    let out = p.run(&["migrate", "up", "--json"]).expect_code(0);
+    assert!(out.stderr.contains("up 0004 create_notes"), "{out}");
+    let report = out.json();
+    assert_eq!(versions(&report["migrations"]), [4]);
+    assert_eq!(report["current_version"], "0004");
+    p.run(&["migrate", "status"]).expect_code(0);
+}
+
+#[tokio::test]
+async fn dry_run_applies_nothing_and_to_stops_at_a_version() {
+    let p = Project::new().await;
+    p.write(THREE);
+    let plan = p
+        .run(&["migrate", "up", "--dry-run", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(versions(&plan["migrations"]), [1, 2, 3]);
+    let text = p.run(&["migrate", "up", "--dry-run"]).expect_code(0);
+    assert!(text.stdout.contains("create_tags"), "{text}");
+
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
+    assert_eq!(status["history_exists"], false);
+    assert_eq!(states(&status), ["pending"; 3]);
+    assert!(p.tables().await.is_empty());
+
+    let report = p
+        .run(&["migrate", "up", "--to", "2", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(versions(&report["migrations"]), [1, 2]);
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
+    assert_eq!(states(&status), ["applied", "applied", "pending"]);
+}
+
+#[tokio::test]
+async fn down_reverts_one_step_by_default_and_everything_with_to_0() {
+    let p = Project::new().await;
+    p.write(THREE);
+    p.run(&["migrate", "up"]).expect_code(0);
+
+    let out = p.run(&["migrate", "down"]).expect_code(0);
+    assert!(out.stdout.contains("down 0003 create_tags"), "{out}");
+    assert_eq!(p.tables().await, ["items", HISTORY]);
+
+    let plan = p
+        .run(&["migrate", "down", "--steps", "2", "--dry-run", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(versions(&plan["migrations"]), [2, 1]);
+
+    let report = p
+        .run(&["migrate", "down", "--to", "0", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(versions(&report["migrations"]), [2, 1]);
+    assert_eq!(report["current_version"], Value::Null);
+    assert_eq!(p.tables().await, [HISTORY]);
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
+    assert_eq!(states(&status), ["pending"; 3]);
+
+    // Nothing left to revert is not an error.
+    p.run(&["migrate", "down"]).expect_code(0);
+}
+
+#[tokio::test]
+async fn redo_reverts_and_reapplies_the_newest_migration() {
+    let p = Project::new().await;
+    p.write(THREE);
+    p.run(&["migrate", "up"]).expect_code(0);
+
+    let report = p.run(&["migrate", "redo", "--json"]).expect_code(0).json();
+    assert_eq!(versions(&report["down"]["migrations"]), [3]);
+    assert_eq!(versions(&report["up"]["migrations"]), [3]);
+
+    let out = p.run(&["migrate", "redo"]).expect_code(0);
+    assert!(out.stdout.contains("down 0003 create_tags"), "{out}");
+    assert!(out.stdout.contains("up 0003 create_tags"), "{out}");
+    p.run(&["migrate", "status"]).expect_code(0);
+    assert_eq!(p.tables().await, ["items", HISTORY, "tags"]);
+}
+
+#[tokio::test]
+async fn a_failure_at_step_3_of_5_leaves_the_schema_as_it_was() {
+    let p = Project::new().await;
+    p.write(&[
+        ("0001_a.up.sql", "CREATE TABLE a (id int);"),
+        ("0002_b.up.sql", "CREATE TABLE b (id int);"),
+        (
+            "0003_broken.up.sql",
+            "CREATE TABLE c (id int);\nSELECT * FROM no_such_table;",
+        ),
+        ("0004_d.up.sql", "CREATE TABLE d (id int);"),
+        ("0005_e.up.sql", "CREATE TABLE e (id int);"),
+    ]);
+    let out = p.run(&["migrate", "up"]).expect_code(1);
+    // Which file and line, the server's error, and that it was all rolled back.
+    assert!(out.stderr.contains("0003_broken.up.sql, line 2"), "{out}");
+    assert!(out.stderr.contains("no_such_table"), "{out}");
+    assert!(out.stderr.contains("rolled back"), "{out}");
+
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
+    assert_eq!(status["history_exists"], false);
+    assert_eq!(states(&status), ["pending"; 5]);
+    assert!(p.tables().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_failure_after_a_non_transactional_migration_is_undone_with_the_downs() {
+    let p = Project::new().await;
+    p.write(&[
+        ("0001_a.up.sql", "CREATE TABLE a (id int);"),
+        ("0001_a.down.sql", "DROP TABLE a;"),
+        (
+            "0002_index.up.sql",
+            "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY a_id ON a (id);",
+        ),
+        ("0002_index.down.sql", "DROP INDEX a_id;"),
+        ("0003_broken.up.sql", "SELECT * FROM no_such_table;"),
+    ]);
+    let out = p.run(&["migrate", "up"]).expect_code(1);
+    assert!(out.stderr.contains("0003_broken.up.sql"), "{out}");
+    assert!(out.stderr.contains("no_such_table"), "{out}");
+    // The versions undone, newest first, are listed.
+    assert!(out.stderr.contains("0002, 0001"), "{out}");
+
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
+    assert_eq!(states(&status), ["pending"; 3]);
+    assert!(p.tables().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_half_applied_non_transactional_migration_is_dirty_until_repair() {
+    let p = Project::new().await;
+    p.write(&[(
+        "0001_partial.up.sql",
+        "-- svcdb:no-transaction\nCREATE TABLE a (id int);\nSELECT * FROM no_such_table;",
+    )]);
+    let out = p.run(&["migrate", "up"]).expect_code(1);
+    // The line counts from the top of the file, though the statements ran one by one.
+    assert!(out.stderr.contains("0001_partial.up.sql, line 3"), "{out}");
+
+    let out = p.run(&["migrate", "status", "--json"]).expect_code(1);
+    assert_eq!(out.json()["dirty"], "0001");
+    assert_eq!(states(&out.json()), ["dirty"]);
+    assert!(out.stderr.contains("repair"), "{out}");
+    p.run(&["migrate", "up"]).expect_code(1);
+
+    // Fixed by hand, then repaired: the migration is pending again.
+    p.write(&[(
+        "0001_partial.up.sql",
+        "-- svcdb:no-transaction\nCREATE TABLE a (id int);",
+    )]);
+    p.db.admin()
+        .await
+        .batch_execute("DROP TABLE svc.a")
+        .await
+        .unwrap();
+    let repair = p
+        .run(&["migrate", "repair", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(repair["actions"][0]["action"], "cleared_dirty");
+    p.run(&["migrate", "status"]).expect_code(2);
+    p.run(&["migrate", "up"]).expect_code(0);
+    p.run(&["migrate", "status"]).expect_code(0);
+}
+
+#[tokio::test]
+async fn a_changed_file_is_refused_until_allowed_or_repaired() {
+    let p = Project::new().await;
+    p.write(THREE);
+    p.run(&["migrate", "up"]).expect_code(0);
+    p.write(&[(
+        "0002_add_name.up.sql",
+        "ALTER TABLE items ADD COLUMN name text NOT NULL;",
+    )]);
+
+    let out = p.run(&["migrate", "validate"]).expect_code(1);
+    assert!(out.stderr.contains("0002_add_name.up.sql"), "{out}");
+    p.run(&["migrate", "validate", "--allow-changed"])
+        .expect_code(0);
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(1)
+        .json();
+    assert_eq!(states(&status), ["applied", "changed", "applied"]);
+    p.run(&["migrate", "status", "--allow-changed"])
+        .expect_code(0);
+    p.run(&["migrate", "up"]).expect_code(1);
+
+    let repair = p
+        .run(&["migrate", "repair", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(repair["actions"][0]["action"], "realigned_checksum");
+    assert_eq!(repair["actions"][0]["version"], "0002");
+    p.run(&["migrate", "validate"]).expect_code(0);
+    p.run(&["migrate", "status"]).expect_code(0);
+}
+
+#[tokio::test]
+async fn baseline_records_versions_without_running_them() {
+    let p = Project::new().await;
+    p.write(THREE);
+    let report = p
+        .run(&["migrate", "baseline", "2", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(versions(&report["recorded"]), [1, 2]);
+    assert_eq!(p.tables().await, [HISTORY], "baseline ran a script");
+
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
+    assert_eq!(states(&status), ["applied", "applied", "pending"]);
+    let baselined: Vec<&Value> = status["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["baselined"])
+        .collect();
+    assert_eq!(baselined, [true, true, false]);
+    let table = p.run(&["migrate", "status"]).expect_code(2);
+    assert_eq!(
+        table.stdout.matches("baselined").count(),
+        2,
+        "{}",
+        table.stdout
+    );
+    let up = p.run(&["migrate", "up", "--json"]).expect_code(0).json();
+    assert_eq!(versions(&up["migrations"]), [3]);
+}
+
+#[tokio::test]
+async fn timeouts_apply_to_the_migration_session() {
+    let p = Project::new().await;
+    p.write(&[("0001_slow.up.sql", "SELECT pg_sleep(5);")]);
+    let out = p
+        .run(&["migrate", "up", "--statement-timeout", "100ms"])
+        .expect_code(1);
+    assert!(out.stderr.contains("0001_slow.up.sql"), "{out}");
+    assert!(
+        out.stderr.contains("57014"),
+        "not a statement timeout; {out}"
+    );
+}
+
+#[tokio::test]
+async fn ignored_sql_files_are_a_warning_on_stderr_and_json_stays_clean() {
+    let p = Project::new().await;
+    p.write(&[
+        (
+            "20240101120000_create_a.sql",
+            "-- +goose Up\nCREATE TABLE a (id int);\n-- +goose Down\nDROP TABLE a;\n",
+        ),
+        ("notes.sql", "SELECT 'not a migration';"),
+        ("seed.sql", "INSERT INTO a VALUES (1);"),
+    ]);
+    let out = p.run(&["migrate", "status", "--json"]).expect_code(2);
+    let warning = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("warning: ignored 2 .sql files"))
+        .unwrap_or_else(|| panic!("no warning; {out}"));
+    assert!(warning.contains("(notes.sql, seed.sql)"), "{out}");
+    let status = out.json();
+    assert_eq!(versions(&status["entries"]), [20240101120000]);
+    assert_eq!(states(&status), ["pending"]);
+}
+
+#[tokio::test]
+async fn failing_goose_scripts_are_located_in_their_file() {
+    let p = Project::new().await;
+    p.write(&[(
+        "20240101120000_a.sql",
+        "-- +goose Up\nCREATE TABLE a (id int);\n\n-- +goose Down\nSELECT * FROM no_such_table;\n",
+    )]);
+    p.run(&["migrate", "up"]).expect_code(0);
+    let out = p.run(&["migrate", "down"]).expect_code(1);
+    assert!(out.stderr.contains("20240101120000_a.sql, line 5"), "{out}");
+
+    p.write(&[(
+        "20240102000000_broken.sql",
+        "-- header\n-- +goose Up\nCREATE TABLE b (id int);\nSELECT * FROM no_such_table;\n",
+    )]);
+    let out = p.run(&["migrate", "up"]).expect_code(1);
+    assert!(
+        out.stderr.contains("20240102000000_broken.sql, line 4"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_missing_database_url_is_an_error_with_a_hint() {
+    let root = tempfile::tempdir().unwrap();
+    let out = svcdb(
+        &["migrate", "status"],
+        &[
+            ("SVCDB_SCHEMA", "svc"),
+            ("SVCDB_MIGRATIONS_DIR", root.path().to_str().unwrap()),
+        ],
+        None,
+    )
+    .expect_code(64);
+    assert!(out.stderr.contains("DATABASE_URL"), "{out}");
+}
+
+#[test]
+fn an_invalid_command_line_exits_64() {
+    for args in [
+        &["migrate", "up", "--no-such-flag"][..],
+        &["migrate", "down", "--steps", "2", "--to", "1"],
+        &["migrate", "down", "--steps", "0"],
+        &["migrate", "up", "--lock-timeout", "soon"],
+        &["migrate", "baseline"],
+        &["migrate"],
+    ] {
+        let out = svcdb(args, &[], None);
+        assert_eq!(out.code, 64, "{args:?}: {out}");
+        assert!(!out.stderr.is_empty(), "{args:?}: {out}");
+    }
+}
+
+/// Regression: on a schema nobody created, `status` said "2 pending; run `svcdb migrate up`"
+/// (exit 2) although `up` could only fail. It now exits 1, as for everything `up` refuses.
+#[tokio::test]
+async fn status_on_a_schema_that_does_not_exist_exits_1() {
+    let p = Project::new().await;
+    p.write(THREE);
+    let out = p
+        .run_with_env(&["migrate", "status"], &[("SVCDB_CREATE_SCHEMA", "false")])
+        .expect_code(1);
+    assert!(out.stderr.contains("svcdb provision"), "{out}");
+    p.run(&["migrate", "up"]).expect_code(0);
+    p.run_with_env(&["migrate", "status"], &[("SVCDB_CREATE_SCHEMA", "false")])
+        .expect_code(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_migration_is_in_progress_not_dirty() {
+    let p = Project::new().await;
+    // The migration's first statement waits for an advisory lock the test holds.
+    p.write(&[
+        ("0001_items.up.sql", "CREATE TABLE items (id int);"),
+        (
+            "0002_slow.up.sql",
+            "-- svcdb:no-transaction\nSELECT pg_advisory_lock_shared(4242);\nCREATE INDEX CONCURRENTLY items_id ON items (id);",
+        ),
+    ]);
+    p.run(&["migrate", "up", "--to", "1"]).expect_code(0);
+    let test_session = p.db.admin().await;
+    test_session
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    // Another replica's runner, through the library; no lock_timeout, so its statement
+    // waits for the test, not for a clock.
+    let svc = p.db.service(&p.schema).await;
+    let migrations = svcdb::migrate::Migrations::from_dir(p.migrations()).unwrap();
+    let runner = svcdb::migrate::Migrator::new(svc, migrations).with_options(
+        svcdb::migrate::MigrateOptions {
+            lock_timeout: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let (started, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+    let runner = tokio::spawn(async move {
+        let mut observer = move |e: &svcdb::migrate::MigrateEvent| {
+            if matches!(e, svcdb::migrate::MigrateEvent::Started { version, .. } if version.number() == 2)
+            {
+                let _ = started.send(());
+            }
+        };
+        runner.up_with(&Default::default(), &mut observer).await
+    });
+    // `Started` of a non-transactional script comes once its history row is marked dirty.
+    tokio::time::timeout(std::time::Duration::from_secs(60), started_rx.recv())
+        .await
+        .expect("the migration started within a minute")
+        .expect("the runner reported it");
+
+    let out = p.run(&["migrate", "status", "--json"]).expect_code(2);
+    let status = out.json();
+    assert_eq!(states(&status), ["applied", "in_progress"], "{out}");
+    assert_eq!(status["in_progress"], "0002");
+    assert!(status["dirty"].is_null(), "{out}");
+    let out = p.run(&["migrate", "status"]).expect_code(2);
+    assert!(out.stdout.contains("in progress"), "{out}");
+    let health = p.run(&["health", "--json"]).expect_code(0).json();
+    assert_eq!(health["notices"][0]["kind"], "migration_in_progress");
+
+    test_session
+        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .unwrap();
+    assert_eq!(runner.await.unwrap().unwrap().migrations.len(), 1);
+    p.run(&["migrate", "status"]).expect_code(0);
+}
+
+#[tokio::test]
+async fn a_failed_concurrent_index_is_named_with_the_statement_to_drop_it() {
+    let p = Project::new().await;
+    p.write(&[
+        (
+            "0001_items.up.sql",
+            "CREATE TABLE items (sku text); INSERT INTO items VALUES ('a'), ('a');",
+        ),
+        (
+            "0002_unique_sku.up.sql",
+            "-- svcdb:no-transaction\nCREATE UNIQUE INDEX CONCURRENTLY items_sku_key ON items (sku);",
+        ),
+    ]);
+    let drop = "DROP INDEX CONCURRENTLY svc.items_sku_key";
+    let out = p.run(&["migrate", "up"]).expect_code(1);
+    assert!(out.stderr.contains(drop), "{out}");
+    let repair = p
+        .run(&["migrate", "repair", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(repair["invalid_indexes"][0]["name"], "items_sku_key");
+    assert_eq!(repair["invalid_indexes"][0]["drop_statement"], drop);
+    let out = p.run(&["migrate", "repair"]).expect_code(0);
+    assert!(out.stdout.contains(drop), "{out}");
+}

@@ -1,0 +1,159 @@
+//! `svcdb provision` against the real PostgreSQL: an existing role that would break the
+//! service's isolation, and objects in the schema that another role owns, are refused with the
+//! way out, and `--fix` takes it; a role without a password is pointed to `--password-env`.
+
+use crate::common;
+
+use common::Project;
+
+#[tokio::test]
+async fn provision_refuses_a_role_with_createdb_and_fix_removes_it() {
+    let project = Project::new().await;
+    let role = project.db.role_name("svc");
+    let admin = project.db.admin().await;
+    admin
+        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN CREATEDB"))
+        .await
+        .unwrap();
+    let args = ["provision", "--service", &role, "--schema", "svc_schema"];
+
+    let out = project.run(&args).expect_code(1);
+    assert!(
+        out.stderr.contains("CREATEDB") && out.stderr.contains("--fix"),
+        "{out}"
+    );
+    assert!(createdb(&admin, &role).await, "refused means untouched");
+
+    let mut fixed = args.to_vec();
+    fixed.push("--fix");
+    let out = project.run(&fixed).expect_code(0);
+    assert!(out.stdout.contains("CREATEDB"), "{out}");
+    assert!(!createdb(&admin, &role).await);
+    let out = project.run(&args).expect_code(0);
+    assert!(out.stdout.contains("nothing to do"), "{out}");
+}
+
+/// The role's `CREATEDB` attribute.
+async fn createdb(admin: &svcdb::DedicatedConn, role: &str) -> bool {
+    admin
+        .query_one(
+            "SELECT rolcreatedb FROM pg_roles WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Regression: after `migrate up` run as postgres left postgres owning the service's tables,
+/// provision said "nothing to do" while the service got `permission denied`. It now names
+/// them, and `--fix` gives them to the service's role.
+#[tokio::test]
+async fn provision_names_objects_another_role_owns_and_fix_gives_them_to_the_service() {
+    let project = Project::new().await;
+    let role = project.db.role_name("svc");
+    let args = ["provision", "--service", &role, "--schema", "svc_schema"];
+    project.run(&args).expect_code(0);
+    let admin = project.db.admin().await;
+    // What an administrator's migration run leaves, one object of each kind provision covers.
+    admin
+        .batch_execute(
+            "SET search_path = svc_schema;
+             CREATE TABLE products (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text);
+             CREATE VIEW product_names AS SELECT name FROM products;
+             CREATE MATERIALIZED VIEW product_count AS SELECT count(*) FROM products;
+             CREATE SEQUENCE skus;
+             CREATE TYPE colour AS ENUM ('red', 'blue');
+             CREATE TYPE money_pair AS (low numeric, high numeric);
+             CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+             CREATE FUNCTION stock() RETURNS int LANGUAGE sql AS 'SELECT 1';
+             CREATE PROCEDURE restock(n int) LANGUAGE sql AS 'SELECT 1';
+             CREATE AGGREGATE total(int) (sfunc = int4pl, stype = int);",
+        )
+        .await
+        .unwrap();
+    let foreign = not_owned_by(&admin, &role).await;
+    // The 10 objects and what changes owner with them (the table's index and sequence).
+    assert!(
+        foreign.len() > 10 && foreign.contains(&"rel products".to_owned()),
+        "{foreign:?}"
+    );
+
+    let out = project.run(&args).expect_code(1);
+    assert!(
+        out.stderr
+            .contains("table svc_schema.products (owned by postgres)")
+            && out.stderr.contains("--fix"),
+        "{out}"
+    );
+    assert_eq!(
+        not_owned_by(&admin, &role).await,
+        foreign,
+        "refused means untouched"
+    );
+
+    let mut fixed = args.to_vec();
+    fixed.push("--fix");
+    let out = project.run(&fixed).expect_code(0);
+    assert!(out.stdout.contains("gave 10 objects"), "{out}");
+    assert_eq!(not_owned_by(&admin, &role).await, Vec::<String>::new());
+    let out = project.run(&args).expect_code(0);
+    assert!(out.stdout.contains("nothing to do"), "{out}");
+}
+
+/// The objects of `svc_schema` (relations, routines, types but arrays and base types) whose owner
+/// is not `role`, as `kind name`, sorted.
+async fn not_owned_by(admin: &svcdb::DedicatedConn, role: &str) -> Vec<String> {
+    admin
+        .query(
+            "SELECT kind || ' ' || name FROM (
+                 SELECT 'rel' AS kind, relname::text AS name, relowner AS owner
+                   FROM pg_class WHERE relnamespace = 'svc_schema'::regnamespace
+                 UNION ALL SELECT 'routine', proname::text, proowner
+                   FROM pg_proc WHERE pronamespace = 'svc_schema'::regnamespace
+                 UNION ALL SELECT 'type', typname::text, typowner
+                   FROM pg_type WHERE typnamespace = 'svc_schema'::regnamespace
+                                  AND typtype IN ('c', 'd', 'e')
+             ) o WHERE owner <> (SELECT oid FROM pg_roles WHERE rolname = $1) ORDER BY 1",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Regression: provision created a role without a password and did not say so; every later
+/// command on a server that checks passwords then failed with "password missing".
+#[tokio::test]
+async fn provision_says_when_the_role_has_no_password_and_how_to_give_it_one() {
+    let project = Project::new().await;
+    let role = project.db.role_name("svc");
+    let args = ["provision", "--service", &role, "--schema", "svc_schema"];
+
+    let out = project.run(&args).expect_code(0);
+    assert!(
+        out.stdout.contains(&format!("role {role} has no password"))
+            && out.stdout.contains("--password-env"),
+        "{out}"
+    );
+    let mut json = args.to_vec();
+    json.push("--json");
+    let out = project.run(&json).expect_code(0);
+    assert_eq!(out.json()["has_password"], false, "{out}");
+
+    // The command the note gives, as it gives it.
+    let var = format!("{}_PASSWORD", role.to_uppercase());
+    let mut with_password = args.to_vec();
+    with_password.extend(["--password-env", &var]);
+    let out = project
+        .run_with_env(&with_password, &[(&var, "correct horse battery staple")])
+        .expect_code(0);
+    assert!(out.stdout.contains("set the password"), "{out}");
+    assert!(!out.stdout.contains("no password"), "{out}");
+    assert_eq!(
+        project.run(&json).expect_code(0).json()["has_password"],
+        true
+    );
+}

@@ -1,0 +1,243 @@
+//! `ServiceDb::connect` against a real PostgreSQL: errors no retry can fix fail on the first
+//! attempt with their cause, transient ones are retried, a schema that does not exist fails at
+//! connect naming its look-alikes, and one attempt lasts at most `connect_timeout`.
+
+use crate::forwarder;
+// Shared with the CLI's tests, which check the same hints through the binary.
+use crate::password_server;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forwarder::Forwarder;
+use password_server::password_checking_server;
+use svcdb::testing::TestDb;
+use svcdb::{Error, ServiceDb, SqlState};
+
+/// Long enough that an error seen before it came from the first attempts, not the timeout.
+const PATIENT: Duration = Duration::from_secs(20);
+
+/// Polls `condition` every 20 ms until it holds, failing the test after 30 s.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Regression: a role or database that does not exist was retried until the acquire timeout,
+/// and the error led with "timed out after 5.0s". Each now fails on the first attempt (one
+/// connection through the forwarder), as `Error::Connect` with its SQLSTATE.
+#[tokio::test]
+async fn a_missing_role_or_database_fails_on_the_first_attempt() {
+    let db = TestDb::new().await;
+    let no_login = db.role_name("nologin");
+    db.admin()
+        .await
+        .batch_execute(&format!("CREATE ROLE {no_login} NOLOGIN"))
+        .await
+        .unwrap();
+    let admin_user = db.connection().get_user().unwrap().to_owned();
+    let missing_db = format!("{}_missing", db.name());
+    for (user, dbname, code) in [
+        (
+            "no_such_role_svcdb",
+            db.name(),
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+        ),
+        (
+            no_login.as_str(),
+            db.name(),
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+        ),
+        (
+            admin_user.as_str(),
+            missing_db.as_str(),
+            SqlState::INVALID_CATALOG_NAME,
+        ),
+    ] {
+        let forwarder = Forwarder::to(&db).await;
+        let mut config = forwarder.config(&db, user, dbname, "public");
+        config.acquire_timeout = PATIENT;
+        let err = ServiceDb::connect(config).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Connect { .. }),
+            "{user}@{dbname}: expected a connect error, got {err:?}"
+        );
+        assert_eq!(err.code(), Some(&code), "{user}@{dbname}: {err}");
+        assert_eq!(forwarder.accepted(), 1, "{user}@{dbname}: one attempt");
+    }
+}
+
+/// A transient refusal from the server itself (53300: the role's connection limit is reached)
+/// is retried until it passes, within the acquire timeout.
+#[tokio::test]
+async fn a_full_connection_limit_is_retried_until_a_slot_frees() {
+    let db = TestDb::new().await;
+    let role = db.role_name("limited");
+    let admin = db.admin().await;
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"))
+        .await
+        .unwrap();
+    let forwarder = Forwarder::to(&db).await;
+    let mut config = forwarder.config(&db, &role, db.name(), "public");
+    config.pool_min = 0;
+    config.acquire_timeout = Duration::from_secs(60);
+    let svc = ServiceDb::new(config).unwrap();
+    let waiting = {
+        let svc = svc.clone();
+        tokio::spawn(async move { svc.get().await.map(drop) })
+    };
+    eventually("a refused attempt", || {
+        svc.status().last_connect_error.is_some()
+    })
+    .await;
+    assert!(!waiting.is_finished(), "{:?}", svc.status());
+    admin
+        .batch_execute(&format!("ALTER ROLE {role} CONNECTION LIMIT -1"))
+        .await
+        .unwrap();
+    waiting.await.unwrap().unwrap();
+    assert!(forwarder.accepted() >= 2, "retried after the refusal");
+}
+
+/// Regression: a server that wants a password failed every command after 5 s with "password
+/// missing" (or 28P01) and a hint to check that PostgreSQL is running. Both now fail on the
+/// first attempt, with a hint about the password.
+#[tokio::test]
+async fn a_missing_or_wrong_password_fails_at_once_with_a_password_hint() {
+    for password in [None, Some("wrong")] {
+        let (port, accepted) = password_checking_server().await;
+        let url = match password {
+            None => format!("postgres://svc@127.0.0.1:{port}/shop"),
+            Some(pw) => format!("postgres://svc:{pw}@127.0.0.1:{port}/shop"),
+        };
+        let mut config = svcdb::Config::new(&url, "orders").unwrap();
+        config.acquire_timeout = PATIENT;
+        let err = ServiceDb::connect(config).await.unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+        if password.is_some() {
+            assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one attempt: {err}");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("PGPASSWORD") && !shown.contains("PostgreSQL is running"),
+            "{shown}"
+        );
+    }
+}
+
+/// Regression: `connect` with a misspelled schema succeeded, and the first query failed with
+/// `relation "orders" does not exist`. It now fails, naming the schemas that look alike.
+#[tokio::test]
+async fn a_misspelled_schema_fails_at_connect_naming_its_look_alikes() {
+    let db = TestDb::new().await;
+    db.admin()
+        .await
+        .batch_execute("CREATE SCHEMA orders_schema; CREATE SCHEMA orders; CREATE SCHEMA catalog")
+        .await
+        .unwrap();
+    for (asked, similar) in [
+        ("orders_shema", &["orders_schema", "orders"][..]),
+        ("order", &["orders", "orders_schema"][..]),
+        ("billing", &[][..]),
+    ] {
+        let mut config = db.config(asked);
+        config.create_schema = false;
+        let err = ServiceDb::connect(config).await.unwrap_err();
+        match &err {
+            Error::SchemaMissing {
+                schema,
+                similar: found,
+                ..
+            } => {
+                assert_eq!(schema, asked);
+                assert_eq!(found, similar, "{err}");
+            }
+            other => panic!("{asked}: expected a missing schema, got {other:?}"),
+        }
+        assert!(err.is_schema_missing());
+        assert_eq!(err.code(), Some(&SqlState::INVALID_SCHEMA_NAME));
+    }
+    // The control: the schema spelt right connects, and create_schema still creates.
+    let mut config = db.config("orders_schema");
+    config.create_schema = false;
+    ServiceDb::connect(config).await.unwrap();
+    ServiceDb::connect(db.config("billing")).await.unwrap();
+}
+
+/// An attempt on a server that accepts connections and never answers is given up after
+/// `connect_timeout`, and another one made, until the acquire timeout. Regression: the error
+/// then said "all 0 of 25 connections stayed busy" with a hint to raise SVCDB_POOL_MAX.
+#[tokio::test]
+async fn each_attempt_on_a_server_that_never_answers_ends_at_the_connect_timeout() {
+    // Accepts connections and never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let silent = {
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        })
+    };
+    let mut config =
+        svcdb::Config::new(&format!("postgres://svc@127.0.0.1:{port}/shop"), "orders").unwrap();
+    config.connect_timeout = Duration::from_millis(300);
+    config.acquire_timeout = Duration::from_secs(3);
+    let err = ServiceDb::connect(config).await.unwrap_err();
+    // Said as it is: no answer, not a busy pool.
+    match &err {
+        Error::AcquireTimeout {
+            cause: None,
+            no_answer_within: Some(_),
+            ..
+        } => {}
+        other => panic!("expected an acquire timeout for want of an answer, got {other:?}"),
+    }
+    // Ten attempts fit in the acquire timeout; one that waited it out would be the only one.
+    let attempts = accepted.load(Ordering::SeqCst);
+    assert!(attempts >= 3, "{attempts} attempts in 3 s");
+    silent.abort();
+}
+
+#[tokio::test]
+async fn an_attempt_cut_short_by_the_acquire_timeout_keeps_the_earlier_cause() {
+    // The first connection is closed at once (an error with a cause); later ones get no answer,
+    // and the last of them is cut short by the acquire timeout, not by the connect timeout.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut first = true;
+        while let Ok((socket, _)) = listener.accept().await {
+            if std::mem::take(&mut first) {
+                drop(socket);
+            } else {
+                held.push(socket);
+            }
+        }
+    });
+    let mut config =
+        svcdb::Config::new(&format!("postgres://svc@127.0.0.1:{port}/shop"), "orders").unwrap();
+    config.connect_timeout = Duration::from_secs(30);
+    config.acquire_timeout = Duration::from_millis(500);
+    let err = ServiceDb::connect(config).await.unwrap_err();
+    match &err {
+        Error::AcquireTimeout {
+            cause: Some(_),
+            no_answer_within: None,
+            ..
+        } => {}
+        other => panic!("expected the closed connection as the cause, got {other:?}"),
+    }
+    server.abort();
+}
