@@ -12,6 +12,23 @@ use svcdb::testing::TestDb;
 use svcdb::ServiceDb;
 
 /// Writes `files` (name, contents) into `dir`.
+/// Every test's start: a throwaway database, its `shop` service, and an empty folder for the
+/// test's migrations.
+struct Fixture {
+    db: TestDb,
+    svc: ServiceDb,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let db = TestDb::new().await;
+        let svc = db.service("shop").await;
+        let dir = tempfile::tempdir().unwrap();
+        Self { db, svc, dir }
+    }
+}
+
 fn write(dir: &Path, files: &[(&str, &str)]) {
     for (rel, contents) in files {
         let path = dir.join(rel);
@@ -100,9 +117,7 @@ const THREE: &[(&str, &str)] = &[
 
 #[tokio::test]
 async fn up_applies_once_and_status_reports_each_migration() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(dir.path(), THREE);
     let m = migrator(&svc, dir.path());
 
@@ -167,9 +182,7 @@ async fn up_applies_once_and_status_reports_each_migration() {
 
 #[tokio::test]
 async fn dry_run_and_target_version() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(dir.path(), THREE);
     let m = migrator(&svc, dir.path());
 
@@ -217,9 +230,7 @@ fn lock_sql(schema: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noop_up_takes_no_lock_and_a_pending_up_waits_for_it_boundedly() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db, svc, dir } = Fixture::new().await;
     write(dir.path(), THREE);
     migrator(&svc, dir.path()).up().await.unwrap();
 
@@ -265,9 +276,7 @@ async fn noop_up_takes_no_lock_and_a_pending_up_waits_for_it_boundedly() {
 #[tokio::test]
 async fn noop_up_with_a_thousand_applied_runs_nothing() {
     // Its speed is measured by `svcdb-bench migrate` (docs/benchmarks.md), not timed here.
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     let files: Vec<(String, String)> = (1..=1000)
         .map(|v| {
             (
@@ -485,9 +494,7 @@ const FAILS_AT_3: &[(&str, &str)] = &[
 
 #[tokio::test]
 async fn failure_at_step_3_of_5_leaves_the_schema_as_it_was() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db, svc, dir } = Fixture::new().await;
 
     // From nothing: the history table created by the deploy is rolled back too.
     write(dir.path(), FAILS_AT_3);
@@ -535,9 +542,7 @@ const NON_TX_BATCH: &[(&str, &str)] = &[
 
 #[tokio::test]
 async fn failure_in_a_batch_with_a_non_transactional_migration_runs_the_downs() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db, svc, dir } = Fixture::new().await;
     let before = dump(&db, "shop");
     write(dir.path(), NON_TX_BATCH);
     let mut events = Vec::new();
@@ -578,9 +583,7 @@ async fn failure_in_a_batch_with_a_non_transactional_migration_runs_the_downs() 
 
 #[tokio::test]
 async fn undoing_stops_at_a_migration_without_a_down_and_says_so() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(dir.path(), NON_TX_BATCH);
     std::fs::remove_file(dir.path().join("0001_a.down.sql")).unwrap();
     let err = migrator(&svc, dir.path()).up().await.unwrap_err();
@@ -602,9 +605,7 @@ async fn undoing_stops_at_a_migration_without_a_down_and_says_so() {
 
 #[tokio::test]
 async fn non_transactional_failure_marks_dirty_until_repair() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(
         dir.path(),
         &[
@@ -675,9 +676,7 @@ async fn non_transactional_failure_marks_dirty_until_repair() {
 
 #[tokio::test]
 async fn crlf_edit_passes_a_real_edit_fails_until_allowed_or_repaired() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(
         dir.path(),
         &[(
@@ -739,9 +738,7 @@ async fn crlf_edit_passes_a_real_edit_fails_until_allowed_or_repaired() {
 
 #[tokio::test]
 async fn diesel_layout_with_a_concurrent_index_and_names_with_spaces() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(
         dir.path(),
         &[
@@ -780,9 +777,7 @@ async fn diesel_layout_with_a_concurrent_index_and_names_with_spaces() {
 
 #[tokio::test]
 async fn goose_files_go_up_and_down() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(
         dir.path(),
         &[
@@ -828,9 +823,7 @@ async fn goose_files_go_up_and_down() {
 
 #[tokio::test]
 async fn down_by_steps_and_to_refuses_to_cross_an_up_without_a_down() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(dir.path(), THREE);
     write(
         dir.path(),
@@ -918,9 +911,7 @@ async fn down_by_steps_and_to_refuses_to_cross_an_up_without_a_down() {
 
 #[tokio::test]
 async fn a_failing_transactional_down_batch_rolls_back() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db, svc, dir } = Fixture::new().await;
     write(dir.path(), THREE);
     write(
         dir.path(),
@@ -998,9 +989,7 @@ async fn baseline_adopts_an_existing_schema() {
 
 #[tokio::test]
 async fn out_of_order_is_refused_then_allowed() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(
         dir.path(),
         &[
@@ -1038,9 +1027,7 @@ async fn out_of_order_is_refused_then_allowed() {
 
 #[tokio::test]
 async fn missing_files_are_reported_then_ignored() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(dir.path(), THREE);
     migrator(&svc, dir.path()).up().await.unwrap();
     std::fs::remove_file(dir.path().join("0003_seed.up.sql")).unwrap();
@@ -1123,9 +1110,7 @@ async fn a_cancelled_runner_releases_the_lock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_observer_releases_the_lock_and_changes_nothing() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(dir.path(), THREE);
     let m = migrator(&svc, dir.path());
     let task = tokio::spawn(async move {
@@ -1150,9 +1135,7 @@ async fn a_panicking_observer_releases_the_lock_and_changes_nothing() {
 
 #[tokio::test]
 async fn lock_timeout_and_statement_timeout_stop_a_stuck_migration() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db, svc, dir } = Fixture::new().await;
     write(dir.path(), &THREE[..2]);
     migrator(&svc, dir.path()).up().await.unwrap();
 
@@ -1202,9 +1185,7 @@ async fn lock_timeout_and_statement_timeout_stop_a_stuck_migration() {
 
 #[tokio::test]
 async fn validate_accepts_pending_migrations_on_a_fresh_schema() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(dir.path(), THREE);
     let status = migrator(&svc, dir.path()).validate().await.unwrap();
     assert!(!status.history_exists);
@@ -1365,9 +1346,7 @@ fn spawn_up(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_migration_is_not_reported_dirty() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db, svc, dir } = Fixture::new().await;
     let hold = format!("SELECT pg_advisory_lock_shared({HELD_BY_TEST});");
     write(
         dir.path(),
@@ -1475,9 +1454,7 @@ async fn a_running_migration_is_not_reported_dirty() {
 
 #[tokio::test]
 async fn a_failed_concurrent_index_is_named_with_the_statement_to_drop_it() {
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(
         dir.path(),
         &[
@@ -1585,9 +1562,7 @@ async fn a_failing_statements_file_line_and_text_are_in_the_failure() {
     assert_eq!(f.statements_done, Some(1));
 
     // A goose down section: the down's file and the line in it, past the markers.
-    let db = TestDb::new().await;
-    let svc = db.service("shop").await;
-    let dir = tempfile::tempdir().unwrap();
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(
         dir.path(),
         &[(
