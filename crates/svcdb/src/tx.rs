@@ -113,18 +113,8 @@ impl ServiceDb {
     {
         let mut conn = self.get().await?;
         let mut tx = conn.transaction().await.map_err(Error::from)?;
-        let outcome = match f(&mut tx).await {
-            Ok(value) => tx
-                .commit()
-                .await
-                .map(|()| value)
-                .map_err(|e| E::from(Error::from(e))),
-            Err(e) => {
-                // A failed rollback means the connection broke; the pool discards it.
-                let _ = tx.rollback().await;
-                Err(e)
-            }
-        };
+        let result = f(&mut tx).await;
+        let outcome = settle(tx, result).await;
         if outcome.is_err() {
             self.retire_if_read_only(conn).await;
         }
@@ -177,17 +167,8 @@ impl ServiceDb {
                 builder = builder.read_only(true);
             }
             let mut tx = builder.start().await.map_err(Error::from)?;
-            let outcome = match f(&mut tx).await {
-                Ok(value) => tx
-                    .commit()
-                    .await
-                    .map(|()| value)
-                    .map_err(|e| E::from(Error::from(e))),
-                Err(e) => {
-                    let _ = tx.rollback().await;
-                    Err(e)
-                }
-            };
+            let result = f(&mut tx).await;
+            let outcome = settle(tx, result).await;
             if matches!(&outcome, Err(e) if !e.is_retryable()) {
                 self.retire_if_read_only(conn).await;
                 return outcome;
@@ -231,6 +212,22 @@ impl ServiceDb {
             }
             // No answer: the connection is broken or stuck; either way, not one to reuse.
             Ok(Err(_)) | Err(_) => drop(crate::pool::PooledConn::take(conn)),
+        }
+    }
+}
+
+/// Commits `tx` when `outcome` is `Ok` (a failed commit becomes the error), rolls it back
+/// otherwise. A failed rollback means the connection broke; the pool discards it.
+async fn settle<T, E: From<Error>>(tx: Transaction<'_>, outcome: Result<T, E>) -> Result<T, E> {
+    match outcome {
+        Ok(value) => tx
+            .commit()
+            .await
+            .map(|()| value)
+            .map_err(|e| E::from(Error::from(e))),
+        Err(e) => {
+            let _ = tx.rollback().await;
+            Err(e)
         }
     }
 }
