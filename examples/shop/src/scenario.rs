@@ -59,6 +59,9 @@ pub const SERVICES: [&ServiceDef; 4] = [
 /// What a malformed producer wrote: an `OrderPlaced` cut off mid-object, not an envelope.
 pub const MALFORMED: &[u8] = br#"{"kind": "OrderPlaced", "order_id": 4"#;
 
+/// How long the system must stay quiet (nothing ready, everything applied) to count as settled.
+const QUIET: Duration = Duration::from_millis(2500);
+
 /// The longest the demo waits for the system to settle after each phase (replicas restarting
 /// and redeliveries included).
 const SETTLE: Duration = Duration::from_secs(120);
@@ -1049,7 +1052,7 @@ impl Demo {
         self.reconnect_broker().await?;
         let started = Instant::now();
         let admin = self.deployment.admin().await?;
-        let settled = wait_until(SETTLE, || async {
+        let quiet = || async {
             let mut ready = 0;
             for def in SERVICES {
                 for subscription in def.subscriptions {
@@ -1062,8 +1065,21 @@ impl Demo {
             ready == 0
                 && matches!(self.undecided().await, Ok(0))
                 && matches!(crate::report::unapplied(&admin).await, Ok(0))
-        })
-        .await;
+        };
+        // "Nothing ready" can be a moment between two deliveries of one message: a duplicate
+        // held unacknowledged by a consumer, or a lost ack's redelivery between the cut and the
+        // consumer's reconnect (backoff up to 1 s). Settled is quiet twice, QUIET apart.
+        let deadline = started + SETTLE;
+        let mut settled = false;
+        while Instant::now() < deadline
+            && wait_until(deadline.saturating_duration_since(Instant::now()), quiet).await
+        {
+            tokio::time::sleep(QUIET).await;
+            if quiet().await {
+                settled = true;
+                break;
+            }
+        }
         self.say(format!(
             "{} after {} ms",
             if settled { "settled" } else { "still busy" },
