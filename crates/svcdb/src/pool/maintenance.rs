@@ -39,7 +39,10 @@ impl From<&Config> for Limits {
 
 /// Runs until the pool is dropped.
 pub(super) async fn run(pool: deadpool_postgres::WeakPool, limits: Limits, stats: Arc<PoolStats>) {
-    let mut interval = tokio::time::interval(TICK);
+    // The first tick one TICK from now, not at once: `ServiceDb::connect` opens the first
+    // connections itself, and an immediate top-up would race it, making a second attempt at a
+    // server that just refused the password.
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + TICK, TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry_at = Instant::now();
     let mut backoff = TICK;
