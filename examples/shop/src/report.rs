@@ -521,12 +521,15 @@ pub async fn audit(
             }
         }
     }
-    figures.dead_lettered = expected_dead + unexpected.len();
+    figures.dead_lettered = usize::from(expected_dead > 0) + unexpected.len();
+    // Dead-lettering is a copy, then an ack: an ack lost after the copy (the lost-ack fault
+    // may pick the malformed message too) brings it back, and it is copied again. More than one
+    // copy of that one message is at-least-once dead-lettering, not another dead letter.
     checks.check(
         "the dead-letter queues hold exactly the malformed message; the consumer went on",
-        expected_dead == 1 && unexpected.is_empty(),
+        expected_dead >= 1 && unexpected.is_empty(),
         if unexpected.is_empty() {
-            format!("{expected_dead} malformed message in the catalog's DLQ, nothing else")
+            format!("the malformed message in the catalog's DLQ ({expected_dead} copy or copies: one per ack lost after its copy), nothing else")
         } else {
             let shown: Vec<&String> = unexpected.iter().take(3).collect();
             format!(
