@@ -6,21 +6,11 @@ use std::hash::{Hash, Hasher};
 use std::path::Path;
 
 use sha2::Digest;
-use svcdb::migrate::{AdoptError, AdoptOptions, AdoptProblem, Migrations, Migrator, Tool};
+use svcdb::migrate::{AdoptError, AdoptOptions, AdoptProblem, Tool};
 use svcdb::testing::TestDb;
 use svcdb::ServiceDb;
 
-fn write(dir: &Path, files: &[(&str, &str)]) {
-    for (rel, contents) in files {
-        let path = dir.join(rel);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, contents).unwrap();
-    }
-}
-
-fn migrator(svc: &ServiceDb, dir: &Path) -> Migrator {
-    Migrator::new(svc.clone(), Migrations::from_dir(dir).unwrap())
-}
+use crate::migrate_runner::{migrator, write};
 
 async fn sql(svc: &ServiceDb, sql: &str) {
     svc.get().await.unwrap().batch_execute(sql).await.unwrap();

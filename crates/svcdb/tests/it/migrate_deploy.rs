@@ -7,20 +7,15 @@ use std::time::Duration;
 
 use svcdb::error::SqlState;
 use svcdb::migrate::{
-    MigrateError, MigrateEvent, MigrateOptions, MigrationFailure, Migrations, Migrator, UpOptions,
+    MigrateError, MigrateEvent, MigrateOptions, MigrationFailure, Migrator, UpOptions,
 };
 use svcdb::testing::TestDb;
 use svcdb::ServiceDb;
 
-/// Writes `files` (name, contents) into `dir`.
-fn write(dir: &Path, files: &[(&str, &str)]) {
-    for (rel, contents) in files {
-        std::fs::write(dir.join(rel), contents).unwrap();
-    }
-}
+use crate::migrate_runner::write;
 
 fn migrator(svc: &ServiceDb, dir: &Path, options: MigrateOptions) -> Migrator {
-    Migrator::new(svc.clone(), Migrations::from_dir(dir).unwrap()).with_options(options)
+    crate::migrate_runner::migrator(svc, dir).with_options(options)
 }
 
 /// Every history row: version, dirty, and the id of the transaction that wrote it last.

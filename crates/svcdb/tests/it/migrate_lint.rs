@@ -12,15 +12,9 @@ use svcdb::migrate::{
 use svcdb::testing::TestDb;
 use svcdb::ServiceDb;
 
-/// Writes `files` (name, contents) into `dir`.
-fn write(dir: &Path, files: &[(&str, &str)]) {
-    for (rel, contents) in files {
-        let path = dir.join(rel);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, contents).unwrap();
-    }
-}
+use crate::migrate_runner::write;
 
+/// Writes `files` (name, contents) into `dir`.
 /// The migrations of `files`, in a folder kept alive with them.
 fn folder(files: &[(&str, &str)]) -> (tempfile::TempDir, Migrations) {
     let dir = tempfile::tempdir().unwrap();

@@ -29,7 +29,9 @@ impl Fixture {
     }
 }
 
-fn write(dir: &Path, files: &[(&str, &str)]) {
+/// Writes `files` (paths relative to `dir`) into the migrations folder; shared by the
+/// migrate_* test modules.
+pub(crate) fn write(dir: &Path, files: &[(&str, &str)]) {
     for (rel, contents) in files {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -37,7 +39,8 @@ fn write(dir: &Path, files: &[(&str, &str)]) {
     }
 }
 
-fn migrator(svc: &ServiceDb, dir: &Path) -> Migrator {
+/// A runner over the folder `dir`; shared by the migrate_* test modules.
+pub(crate) fn migrator(svc: &ServiceDb, dir: &Path) -> Migrator {
     Migrator::new(svc.clone(), Migrations::from_dir(dir).unwrap())
 }
 

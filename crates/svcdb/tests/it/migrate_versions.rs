@@ -1,25 +1,12 @@
 //! Versions ordered as their tools order them, kept as the files write them, and history tables
 //! written before text versions, upgraded in place.
 
-use std::path::Path;
-
 use svcdb::migrate::{MigrateError, MigrationState, Migrations, Migrator, Version};
 use svcdb::testing::TestDb;
-use svcdb::ServiceDb;
+
+use crate::migrate_runner::{migrator, write};
 
 /// Writes `files` (name, contents) into `dir`.
-fn write(dir: &Path, files: &[(&str, &str)]) {
-    for (rel, contents) in files {
-        let path = dir.join(rel);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, contents).unwrap();
-    }
-}
-
-fn migrator(svc: &ServiceDb, dir: &Path) -> Migrator {
-    Migrator::new(svc.clone(), Migrations::from_dir(dir).unwrap())
-}
-
 fn texts(m: &Migrations) -> Vec<String> {
     m.iter().map(|m| m.version.to_string()).collect()
 }
