@@ -1,5 +1,14 @@
-//! The operator's side: the shop's database and the services' roles, made with the admin
-//! (superuser) connection. Services never get that connection; each logs in as its own role.
+//! The operator's side: the shop's databases and the services' roles, made with an admin
+//! (superuser) connection to each server. Services never get that connection; each logs in as
+//! its own role.
+//!
+//! Each service's schema lives where its [`Place`] says: by default all four in one database
+//! (`--database` on the server of `--database-url`); `--database-url-for SERVICE=URL` moves one
+//! to another database, on the same server or another. Nothing here assumes they share one:
+//! every database is created, checked and dropped on its own server, and a role (which
+//! belongs to a server, not to a database) is made and dropped on its service's server only.
+
+use std::collections::HashMap;
 
 use anyhow::Context as _;
 use svcdb::tokio_postgres;
@@ -8,48 +17,103 @@ use svcdb::{DedicatedConn, Ident, Password, ProvisionReport, ProvisionSpec};
 
 use crate::platform::{Names, ServiceDef};
 
-/// The comment `shop demo` puts on its database, so that `shop demo` and `shop clean` drop only
-/// databases they made.
+/// The comment `shop demo` puts on its databases, so that `shop demo` and `shop clean` drop
+/// only databases they made.
 const DEMO_MARK: &str = "made by shop demo; `shop clean` removes it";
 
-/// One shop database and the roles of its services.
-pub struct Deployment {
-    /// The admin connection's settings (to the maintenance database).
+/// Where an admin connects to create and drop a database on a server of a `--database-url-for`
+/// (the server's own database for that; every PostgreSQL has one).
+const MAINTENANCE_DATABASE: &str = "postgres";
+
+/// The services' names, for messages.
+const SERVICE_NAMES: &str = "users, catalog, cart, orders";
+
+/// One `--database-url-for SERVICE=URL`: the service's schema lives on URL's server, in URL's
+/// database (or, if the URL names none, in one named like the shop's). URL is an admin's on
+/// that server: the demo creates the database and the service's role there.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub service: &'static str,
+    /// The admin's settings; tokio-postgres's `Debug` leaves the password out.
     admin: tokio_postgres::Config,
-    pub database: String,
-    pub names: Names,
-    /// The services' password, if they use one (sent only as a SCRAM verifier).
-    password: Option<String>,
 }
 
-impl Deployment {
-    /// `admin_url` is a superuser's (or a role with CREATEDB and CREATEROLE); `database` is the
-    /// shop's database and names the roles, exchanges and queues (see [`Names`]).
-    pub fn new(admin_url: &str, database: &str, password: Option<String>) -> anyhow::Result<Self> {
-        let admin = svcdb::parse_url(admin_url).context("--database-url")?;
+impl Placement {
+    /// Parses `SERVICE=URL`. The errors never repeat the URL, nor anything that may be a piece
+    /// of it (a password).
+    pub fn parse(value: &str, services: &[&'static ServiceDef]) -> Result<Self, String> {
+        let Some((service, url)) = value.split_once('=') else {
+            return Err(
+                "expected SERVICE=URL, e.g. catalog=postgres://postgres@db2:5432/shop_catalog"
+                    .into(),
+            );
+        };
+        let known = services.iter().find(|def| def.name == service);
+        let Some(def) = known else {
+            // Only a word is repeated: text before a '=' in a URL's parameters holds its
+            // credentials.
+            let word = !service.is_empty()
+                && service
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            return Err(if word {
+                format!("there is no service {service:?}; the services are {SERVICE_NAMES}")
+            } else {
+                format!("expected SERVICE=URL with SERVICE one of {SERVICE_NAMES}")
+            });
+        };
+        let admin = svcdb::parse_url(url).map_err(|e| match e {
+            svcdb::Error::Config { message, .. } => format!("the URL for {service}: {message}"),
+            _ => format!("the URL for {service} cannot be parsed"),
+        })?;
+        if admin.get_hosts().is_empty() {
+            return Err(format!(
+                "the URL for {service} names no server; expected postgres://user@host:port/database"
+            ));
+        }
         Ok(Self {
+            service: def.name,
             admin,
-            database: database.to_owned(),
-            names: Names::new(database).context("--database")?,
-            password,
         })
     }
+}
 
-    /// `user@host:port`, for messages.
-    pub fn server(&self) -> String {
+/// Where one service's schema lives: a database on a server, and an admin's way in.
+#[derive(Clone)]
+pub struct Place {
+    /// The admin's connection settings, to the server's maintenance database.
+    admin: tokio_postgres::Config,
+    /// The database holding the service's schema.
+    pub database: String,
+}
+
+impl Place {
+    /// `host:port` of the server, what two places on one server share.
+    fn address(&self) -> String {
         let host = match self.admin.get_hosts().first() {
             Some(Host::Tcp(host)) => host.clone(),
             Some(Host::Unix(path)) => path.display().to_string(),
             None => "localhost".into(),
         };
         let port = self.admin.get_ports().first().copied().unwrap_or(5432);
+        format!("{host}:{port}")
+    }
+
+    /// `user@host:port`, for messages (never a password).
+    pub fn server(&self) -> String {
         format!(
-            "{}@{host}:{port}",
-            self.admin.get_user().unwrap_or("postgres")
+            "{}@{}",
+            self.admin.get_user().unwrap_or("postgres"),
+            self.address()
         )
     }
 
-    /// A psql command line for the shop database as the admin.
+    /// Whether `other` is the same database on the same server.
+    pub fn same(&self, other: &Place) -> bool {
+        self.address() == other.address() && self.database == other.database
+    }
+
+    /// A psql command line for the database as the admin.
     pub fn psql_command(&self) -> String {
         let mut command = String::from("psql");
         if let Some(Host::Tcp(host)) = self.admin.get_hosts().first() {
@@ -69,90 +133,222 @@ impl Deployment {
         Ok(Ident::new("database", &self.database)?)
     }
 
+    /// The admin's connection to the server's maintenance database.
     async fn maintenance(&self) -> anyhow::Result<DedicatedConn> {
         DedicatedConn::connect(&self.admin)
             .await
-            .context("connecting as the admin (--database-url)")
+            .with_context(|| format!("connecting to {} as the admin", self.server()))
     }
 
-    /// The admin's connection settings, to the maintenance database (for the fault injector,
-    /// which terminates the services' backends).
-    pub fn admin_config(&self) -> tokio_postgres::Config {
-        self.admin.clone()
-    }
-
-    /// A connection to the shop database as the admin: for provisioning, and for the demo's
-    /// auditor, who reads every schema to check the invariants.
-    pub async fn admin(&self) -> anyhow::Result<DedicatedConn> {
+    /// The admin's connection to this database, for provisioning.
+    async fn admin(&self) -> anyhow::Result<DedicatedConn> {
         let mut config = self.admin.clone();
         config.dbname(&self.database);
-        DedicatedConn::connect(&config)
-            .await
-            .with_context(|| format!("connecting to database {} as the admin", self.database))
+        DedicatedConn::connect(&config).await.with_context(|| {
+            format!(
+                "connecting to database {} on {} as the admin",
+                self.database,
+                self.server()
+            )
+        })
+    }
+}
+
+/// The shop's databases and the roles of its services.
+pub struct Deployment {
+    /// The shop's database: where every service's schema lives unless placed elsewhere, and
+    /// the name of the roles, exchanges and queues (see [`Names`]).
+    pub database: String,
+    pub names: Names,
+    /// The shop's database on `--database-url`'s server: where every service not placed
+    /// elsewhere lives.
+    home: Place,
+    /// Where each service's schema lives, by service name.
+    places: HashMap<&'static str, Place>,
+    /// The services' password, if they use one (sent only as a SCRAM verifier).
+    password: Option<String>,
+}
+
+impl Deployment {
+    /// `admin_url` is a superuser's (or a role with CREATEDB and CREATEROLE); `database` is the
+    /// shop's database and names the roles, exchanges and queues (see [`Names`]). Each of
+    /// `placements` puts a service's schema elsewhere; the others live in `database` on
+    /// `admin_url`'s server.
+    pub fn new(
+        admin_url: &str,
+        database: &str,
+        password: Option<String>,
+        services: &[&'static ServiceDef],
+        placements: &[Placement],
+    ) -> anyhow::Result<Self> {
+        let admin = svcdb::parse_url(admin_url).context("--database-url")?;
+        let default = Place {
+            admin,
+            database: database.to_owned(),
+        };
+        let mut places: HashMap<&'static str, Place> = services
+            .iter()
+            .map(|def| (def.name, default.clone()))
+            .collect();
+        let mut placed = Vec::new();
+        for placement in placements {
+            anyhow::ensure!(
+                !placed.contains(&placement.service),
+                "--database-url-for {} is given twice; give each service one place",
+                placement.service
+            );
+            placed.push(placement.service);
+            let mut admin = placement.admin.clone();
+            let database = admin
+                .get_dbname()
+                .filter(|name| !name.is_empty())
+                .unwrap_or(database)
+                .to_owned();
+            admin.dbname(MAINTENANCE_DATABASE);
+            places.insert(placement.service, Place { admin, database });
+        }
+        let deployment = Self {
+            database: database.to_owned(),
+            names: Names::new(database).context("--database")?,
+            home: default,
+            places,
+            password,
+        };
+        for place in deployment.databases() {
+            place.database_ident()?;
+        }
+        Ok(deployment)
     }
 
-    /// Drops the database and the services' roles if they exist (a previous run), then
-    /// creates the database. Returns whether there was one to drop.
+    /// Where the service's schema lives.
+    pub fn place(&self, def: &ServiceDef) -> &Place {
+        &self.places[def.name]
+    }
+
+    /// The shop's database on `--database-url`'s server, the place of every service not
+    /// placed elsewhere.
+    pub fn home(&self) -> &Place {
+        &self.home
+    }
+
+    /// Whether every service lives in the one database.
+    pub fn is_one_database(&self) -> bool {
+        let home = self.home();
+        self.places.values().all(|place| place.same(home))
+    }
+
+    /// Each database holding a service's schema, once, in a stable order.
+    pub fn databases(&self) -> Vec<&Place> {
+        let mut all: Vec<&Place> = Vec::new();
+        let mut sorted: Vec<(&&'static str, &Place)> = self.places.iter().collect();
+        sorted.sort_by_key(|(name, _)| **name);
+        for (_, place) in sorted {
+            if !all.iter().any(|seen| seen.same(place)) {
+                all.push(place);
+            }
+        }
+        all
+    }
+
+    /// Each database with the services' roles that live in it: what the fault injector
+    /// terminates (each server's admin sees its own backends only).
+    pub fn backends(&self) -> Vec<(tokio_postgres::Config, String, Vec<String>)> {
+        self.databases()
+            .into_iter()
+            .map(|place| {
+                let mut roles: Vec<String> = self
+                    .places
+                    .iter()
+                    .filter(|(_, p)| p.same(place))
+                    .map(|(name, _)| self.names.role(name))
+                    .collect();
+                roles.sort();
+                (place.admin.clone(), place.database.clone(), roles)
+            })
+            .collect()
+    }
+
+    /// Drops the databases and the services' roles if they exist (a previous run), then
+    /// creates the databases. Returns whether there was one to drop.
     pub async fn recreate(&self, services: &[&ServiceDef]) -> anyhow::Result<bool> {
         let existed = self.drop(services).await?;
-        let db = self.database_ident()?;
-        let maintenance = self.maintenance().await?;
-        // Two messages: CREATE DATABASE cannot share the implicit transaction of one.
-        for sql in [
-            format!("CREATE DATABASE {db}"),
-            format!("COMMENT ON DATABASE {db} IS '{DEMO_MARK}'"),
-        ] {
-            maintenance
-                .batch_execute(&sql)
-                .await
-                .with_context(|| format!("creating database {}", self.database))?;
+        for place in self.databases() {
+            let db = place.database_ident()?;
+            let maintenance = place.maintenance().await?;
+            // Two messages: CREATE DATABASE cannot share the implicit transaction of one.
+            for sql in [
+                format!("CREATE DATABASE {db}"),
+                format!("COMMENT ON DATABASE {db} IS '{DEMO_MARK}'"),
+            ] {
+                maintenance.batch_execute(&sql).await.with_context(|| {
+                    format!("creating database {} on {}", place.database, place.server())
+                })?;
+            }
         }
         Ok(existed)
     }
 
-    /// Drops the database (disconnecting whoever is still in it) and the services' roles.
-    /// Returns whether the database existed.
+    /// Drops the databases (disconnecting whoever is still in them), then the services'
+    /// roles, each on its service's server. Returns whether any database existed. Checks every
+    /// database before dropping any, so a refusal leaves them all as they were.
     pub async fn drop(&self, services: &[&ServiceDef]) -> anyhow::Result<bool> {
-        let db = self.database_ident()?;
-        let admin = self.maintenance().await?;
-        let mark: Option<Option<String>> = admin
-            .query_opt(
-                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
-                &[&self.database],
-            )
-            .await?
-            .map(|row| row.get(0));
-        let existed = mark.is_some();
-        // Never drop a database the demo did not make: `shop` is a likely name for a user's own.
-        if let Some(mark) = mark {
-            anyhow::ensure!(
-                mark.as_deref() == Some(DEMO_MARK),
-                "database {} exists and was not made by `shop demo`, so it is left alone\n  \
-                 hint: pass --database with another name, or drop it yourself if it is expendable",
-                self.database
-            );
+        let mut existed = false;
+        for place in self.databases() {
+            let admin = place.maintenance().await?;
+            let mark: Option<Option<String>> = admin
+                .query_opt(
+                    "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+                    &[&place.database],
+                )
+                .await?
+                .map(|row| row.get(0));
+            existed |= mark.is_some();
+            // Never drop a database the demo did not make: `shop` is a likely name for a
+            // user's own.
+            if let Some(mark) = mark {
+                anyhow::ensure!(
+                    mark.as_deref() == Some(DEMO_MARK),
+                    "database {} on {} exists and was not made by `shop demo`, so it is left alone\n  \
+                     hint: pass --database (or the database of --database-url-for) with another name, or drop it yourself if it is expendable",
+                    place.database,
+                    place.server()
+                );
+            }
         }
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .await
-            .with_context(|| format!("dropping database {}", self.database))?;
-        // The roles' objects and settings lived in that database; nothing else holds them.
+        for place in self.databases() {
+            let db = place.database_ident()?;
+            place
+                .maintenance()
+                .await?
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .await
+                .with_context(|| {
+                    format!("dropping database {} on {}", place.database, place.server())
+                })?;
+        }
+        // A role belongs to its server, not to a database: each is dropped where its service
+        // lives, after every database (its objects and settings lived only in its service's).
         for def in services {
             let role = Ident::new("role", &self.names.role(def.name))?;
-            admin
+            let place = self.place(def);
+            place
+                .maintenance()
+                .await?
                 .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
                 .await
-                .with_context(|| format!("dropping role {}", role.as_str()))?;
+                .with_context(|| {
+                    format!("dropping role {} on {}", role.as_str(), place.server())
+                })?;
         }
         Ok(existed)
     }
 
     /// The service's login role, owning its schema, with nothing granted to `PUBLIC`
-    /// ([`svcdb::provision()`]).
+    /// ([`svcdb::provision()`]), made on the service's server in its database.
     pub async fn provision(&self, def: &ServiceDef) -> anyhow::Result<ProvisionReport> {
         let mut spec = ProvisionSpec::new(&self.names.role(def.name), def.schema)?;
         spec.password = self.password.clone().map(Password::new);
-        let mut admin = self.admin().await?;
+        let mut admin = self.place(def).admin().await?;
         svcdb::provision(&mut admin, &spec)
             .await
             .with_context(|| format!("provisioning {}", def.name))
@@ -160,19 +356,20 @@ impl Deployment {
 
     /// How a replica of the service connects, as the environment of `shop serve`: as its own
     /// role (DATABASE_URL without a password; the password, if any, in SVCDB_PASSWORD, which
-    /// svcdb never logs), to the shop database. Small pools: every replica of every service
-    /// shares one PostgreSQL here, and other users of the server need connections too.
+    /// svcdb never logs), to its database on its server. Small pools: every replica of every
+    /// service may share one PostgreSQL, and other users of the server need connections too.
     pub fn service_env(&self, def: &ServiceDef) -> Vec<(&'static str, String)> {
         let role = self.names.role(def.name);
-        let port = self.admin.get_ports().first().copied().unwrap_or(5432);
-        let url = match self.admin.get_hosts().first() {
+        let place = self.place(def);
+        let port = place.admin.get_ports().first().copied().unwrap_or(5432);
+        let database = &place.database;
+        let url = match place.admin.get_hosts().first() {
             Some(Host::Unix(path)) => format!(
-                "postgres://{role}@/{}?host={}&port={port}",
-                self.database,
+                "postgres://{role}@/{database}?host={}&port={port}",
                 path.display()
             ),
-            Some(Host::Tcp(host)) => format!("postgres://{role}@{host}:{port}/{}", self.database),
-            None => format!("postgres://{role}@localhost:{port}/{}", self.database),
+            Some(Host::Tcp(host)) => format!("postgres://{role}@{host}:{port}/{database}"),
+            None => format!("postgres://{role}@localhost:{port}/{database}"),
         };
         let mut env = vec![
             ("DATABASE_URL", url),
@@ -187,24 +384,25 @@ impl Deployment {
         env
     }
 
-    /// How the service connects: as its own role, to the shop database, pinned to its schema.
-    /// Small pools: four services share one PostgreSQL here.
+    /// How the service connects: as its own role, to its database on its server, pinned to
+    /// its schema. Small pools: four services may share one PostgreSQL.
     pub fn service_config(&self, def: &ServiceDef) -> anyhow::Result<svcdb::Config> {
+        let place = self.place(def);
         // Host and port from the admin URL; nothing else of the admin's (their password is
         // not the service's).
         let mut connection = tokio_postgres::Config::new();
-        for host in self.admin.get_hosts() {
+        for host in place.admin.get_hosts() {
             match host {
                 Host::Tcp(name) => connection.host(name),
                 Host::Unix(path) => connection.host_path(path),
             };
         }
-        for port in self.admin.get_ports() {
+        for port in place.admin.get_ports() {
             connection.port(*port);
         }
         connection
             .user(self.names.role(def.name))
-            .dbname(&self.database);
+            .dbname(&place.database);
         if let Some(password) = &self.password {
             connection.password(password);
         }

@@ -44,6 +44,7 @@ use svcdb::error::Report;
 use svcdb_amqp::AmqpConfig;
 use tracing_subscriber::EnvFilter;
 
+use crate::deploy::Placement;
 use crate::platform::{Launch, Names, ServiceDef, Tuning};
 use crate::scenario::DemoOptions;
 
@@ -90,6 +91,40 @@ struct Target {
     /// databases never meet.
     #[arg(long, default_value = "shop")]
     database: String,
+    /// Puts SERVICE's schema in a database of its own, on this server or another: URL is an
+    /// admin's on that server (the demo creates the database and the service's role there),
+    /// its path the database (--database's name if it has none). Once per service; the others
+    /// stay in --database.
+    #[arg(long = "database-url-for", value_name = "SERVICE=URL", value_parser = PlacementParser)]
+    database_url_for: Vec<Placement>,
+}
+
+/// Parses `--database-url-for SERVICE=URL` with errors of its own: clap's would repeat the
+/// value, and the URL may hold a password.
+#[derive(Clone)]
+struct PlacementParser;
+
+impl clap::builder::TypedValueParser for PlacementParser {
+    type Value = Placement;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Placement, clap::Error> {
+        let placement = value
+            .to_str()
+            .ok_or_else(|| "is not UTF-8".to_owned())
+            .and_then(|value| Placement::parse(value, &scenario::SERVICES));
+        placement.map_err(|why| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--database-url-for: {why}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
 }
 
 #[derive(Args)]
@@ -219,9 +254,15 @@ async fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Demo(args) => demo(args).await,
-        Command::Clean(target) => {
-            exit(scenario::clean(&target.database_url, &target.amqp_url, &target.database).await)
-        }
+        Command::Clean(target) => exit(
+            scenario::clean(
+                &target.database_url,
+                &target.amqp_url,
+                &target.database,
+                &target.database_url_for,
+            )
+            .await,
+        ),
         Command::Serve(args) => exit(serve(args).await),
     }
 }
@@ -241,6 +282,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
         admin_url: args.target.database_url,
         amqp_url: args.target.amqp_url,
         database: args.target.database,
+        placements: args.target.database_url_for,
         service_password: args.service_password,
         orders: args.orders as usize,
         duplicates: args

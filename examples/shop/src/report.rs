@@ -1,13 +1,22 @@
-//! The demo's verdict: the invariants, checked by an auditor who reads every schema as the
-//! admin (which no service can), the measured figures, and the JSON summary.
+//! The demo's verdict: the invariants, the measured figures, and the JSON summary.
+//!
+//! The auditor reads each service's state through that service's own connection (its role,
+//! on its server: see [`Sources`]), and joins what the services hold here, never in SQL: the
+//! services may live in different databases or on different servers, where no query reaches
+//! two of them. (Through a service's role, one that tried would be refused even in one
+//! database: another service's schema answers permission denied.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
+use anyhow::Context as _;
 use serde::Serialize;
-use svcdb::tokio_postgres::Client;
+use svcdb::tokio_postgres::types::ToSql;
+use svcdb::tokio_postgres::Row;
+use svcdb::ServiceDb;
 use svcdb_amqp::lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use svcdb_amqp::lapin::types::{AMQPValue, FieldTable};
 use svcdb_amqp::lapin::Connection;
+use uuid::Uuid;
 
 use crate::catalog::Product;
 use crate::platform::Names;
@@ -218,16 +227,13 @@ pub struct ServiceCounts {
 pub async fn metrics_agree(
     checks: &mut Checks,
     figures: &mut Figures,
-    admin: &Client,
+    sources: &Sources<'_>,
     scraped: &HashMap<&'static str, Scraped>,
     killed: &std::collections::HashSet<&'static str>,
 ) -> anyhow::Result<()> {
     for def in SERVICES.iter().filter(|d| !d.subscriptions.is_empty()) {
-        let claims: i64 = admin
-            .query_one(
-                &format!("SELECT count(*) FROM {}.svcdb_processed_events", def.schema),
-                &[],
-            )
+        let claims: i64 = sources
+            .one(def.name, "SELECT count(*) FROM svcdb_processed_events", &[])
             .await?
             .get(0);
         let counts = ServiceCounts {
@@ -277,47 +283,191 @@ impl Report {
     }
 }
 
-/// The events each subscriber must apply, and the effect that names the event once applied:
-/// the catalog's answer (its causation id), the cart's `checked_out_by`, the order's
-/// `decided_by`, the cart's customer row.
-const APPLIED: &str = "
-WITH placed AS (
-    SELECT id, (envelope -> 'payload' ->> 'cart_id')::bigint AS cart_id
-      FROM orders_schema.svcdb_outbox WHERE routing_key = 'order.placed'),
-answers AS (
-    SELECT id, (envelope ->> 'causation_id')::uuid AS cause,
-           (envelope -> 'payload' ->> 'order_id')::bigint AS order_id
-      FROM catalog_schema.svcdb_outbox),
-registered AS (
-    SELECT (envelope -> 'payload' ->> 'user_id')::bigint AS user_id
-      FROM users_schema.svcdb_outbox WHERE routing_key = 'user.registered')
-SELECT
-    (SELECT count(*) FROM placed p WHERE NOT EXISTS (SELECT FROM answers a WHERE a.cause = p.id)),
-    (SELECT count(*) FROM placed p WHERE NOT EXISTS (
-        SELECT FROM cart_schema.carts c WHERE c.id = p.cart_id AND c.checked_out_by = p.id)),
-    (SELECT count(*) FROM orders_schema.orders o
-      WHERE EXISTS (SELECT FROM answers a WHERE a.order_id = o.id)
-        AND NOT EXISTS (SELECT FROM answers a WHERE a.order_id = o.id AND a.id = o.decided_by)),
-    (SELECT count(*) FROM registered r WHERE NOT EXISTS (
-        SELECT FROM cart_schema.customers c WHERE c.user_id = r.user_id)),
-    coalesce((SELECT sum(n - 1) FROM (SELECT count(*) AS n FROM answers a JOIN placed p ON a.cause = p.id
-                                        GROUP BY p.id) AS per_event WHERE n > 1), 0)::bigint,
-    coalesce((SELECT sum(n - 1) FROM (SELECT count(*) AS n FROM catalog_schema.stock_reservations
-                                        GROUP BY order_id, product_id) AS per_line WHERE n > 1), 0)::bigint";
+/// Each service's own pool (its role, pinned to its schema, on its server), by service name:
+/// what the auditor reads each service's state through.
+pub struct Sources<'a>(pub &'a HashMap<&'static str, ServiceDb>);
+
+impl Sources<'_> {
+    /// Runs `sql` on `service`'s connection.
+    async fn query(
+        &self,
+        service: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> anyhow::Result<Vec<Row>> {
+        let db = self
+            .0
+            .get(service)
+            .with_context(|| format!("no connection to the {service} service's database"))?;
+        db.get()
+            .await?
+            .query(sql, params)
+            .await
+            .with_context(|| format!("reading the {service} service's database"))
+    }
+
+    /// Runs `sql`, which returns one row, on `service`'s connection.
+    async fn one(
+        &self,
+        service: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> anyhow::Result<Row> {
+        self.query(service, sql, params)
+            .await?
+            .into_iter()
+            .next()
+            .with_context(|| format!("no row from the {service} service's database"))
+    }
+}
+
+/// Whether the events between the services were applied, from the effects that name them: the
+/// catalog's answer (its causation id), the cart's `checked_out_by`, the order's `decided_by`,
+/// the cart's customer row. Each side read from its own service's database.
+struct Applied {
+    /// Not applied: OrderPlaced by catalog, by cart; answers by orders; UserRegistered by cart.
+    lost: [i64; 4],
+    /// OrderPlaced events answered more than once (the extra answers).
+    answers_twice: i64,
+    /// Order lines reserved more than once (the extra reservations).
+    reserved_twice: i64,
+}
+
+impl Applied {
+    async fn read(sources: &Sources<'_>) -> anyhow::Result<Self> {
+        let placed: Vec<(Uuid, i64)> = sources
+            .query(
+                "orders",
+                "SELECT id, (envelope -> 'payload' ->> 'cart_id')::bigint
+                   FROM svcdb_outbox WHERE routing_key = 'order.placed'",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let answers = sources
+            .query(
+                "catalog",
+                "SELECT id, (envelope ->> 'causation_id')::uuid,
+                        (envelope -> 'payload' ->> 'order_id')::bigint
+                   FROM svcdb_outbox",
+                &[],
+            )
+            .await?;
+        let mut answers_by_cause: HashMap<Uuid, i64> = HashMap::new();
+        let mut answers_by_order: HashMap<i64, HashSet<Uuid>> = HashMap::new();
+        for row in &answers {
+            if let Some(cause) = row.get::<_, Option<Uuid>>(1) {
+                *answers_by_cause.entry(cause).or_default() += 1;
+            }
+            if let Some(order) = row.get::<_, Option<i64>>(2) {
+                answers_by_order
+                    .entry(order)
+                    .or_default()
+                    .insert(row.get(0));
+            }
+        }
+        let checked_out: HashSet<(i64, Uuid)> = sources
+            .query(
+                "cart",
+                "SELECT id, checked_out_by FROM carts WHERE checked_out_by IS NOT NULL",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let decided: Vec<(i64, Option<Uuid>)> = sources
+            .query("orders", "SELECT id, decided_by FROM orders", &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let registered: Vec<i64> = sources
+            .query(
+                "users",
+                "SELECT (envelope -> 'payload' ->> 'user_id')::bigint
+                   FROM svcdb_outbox WHERE routing_key = 'user.registered'",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let customers: HashSet<i64> = sources
+            .query("cart", "SELECT user_id FROM customers", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let reserved_twice: i64 = sources
+            .one(
+                "catalog",
+                "SELECT coalesce(sum(n - 1), 0)::bigint
+                   FROM (SELECT count(*) AS n FROM stock_reservations
+                          GROUP BY order_id, product_id) AS per_line WHERE n > 1",
+                &[],
+            )
+            .await?
+            .get(0);
+
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let lost = [
+            count(
+                placed
+                    .iter()
+                    .filter(|(id, _)| !answers_by_cause.contains_key(id))
+                    .count(),
+            ),
+            count(
+                placed
+                    .iter()
+                    .filter(|(id, cart)| !checked_out.contains(&(*cart, *id)))
+                    .count(),
+            ),
+            count(
+                decided
+                    .iter()
+                    .filter(|(order, by)| {
+                        answers_by_order
+                            .get(order)
+                            .is_some_and(|ids| !by.is_some_and(|by| ids.contains(&by)))
+                    })
+                    .count(),
+            ),
+            count(
+                registered
+                    .iter()
+                    .filter(|user| !customers.contains(user))
+                    .count(),
+            ),
+        ];
+        let answers_twice = placed
+            .iter()
+            .filter_map(|(id, _)| answers_by_cause.get(id))
+            .map(|n| n - 1)
+            .sum();
+        Ok(Self {
+            lost,
+            answers_twice,
+            reserved_twice,
+        })
+    }
+}
 
 /// Events not yet applied by every subscriber (0 once the system settled).
-pub async fn unapplied(admin: &Client) -> anyhow::Result<i64> {
-    let row = admin.query_one(APPLIED, &[]).await?;
-    Ok((0..4).map(|i| row.get::<_, i64>(i)).sum())
+pub async fn unapplied(sources: &Sources<'_>) -> anyhow::Result<i64> {
+    Ok(Applied::read(sources).await?.lost.iter().sum())
 }
 
 /// Checks the invariants after the system settled and every replica stopped, and fills in
-/// the figures. Reads every schema through `admin`, the superuser's connection, and the
+/// the figures. Reads each service's state through its own connection in `sources`, and the
 /// queues through `broker`.
 pub async fn audit(
     checks: &mut Checks,
     figures: &mut Figures,
-    admin: &Client,
+    sources: &Sources<'_>,
     broker: &Connection,
     names: &Names,
     products: &[Product],
@@ -325,9 +475,10 @@ pub async fn audit(
 ) -> anyhow::Result<()> {
     // Every placed order decided.
     let mut by_status: HashMap<String, i64> = HashMap::new();
-    for row in admin
+    for row in sources
         .query(
-            "SELECT status, count(*) FROM orders_schema.orders GROUP BY status",
+            "orders",
+            "SELECT status, count(*) FROM orders GROUP BY status",
             &[],
         )
         .await?
@@ -349,22 +500,30 @@ pub async fn audit(
     );
 
     // Stock: what was there, minus what confirmed orders took, is what is left.
-    let rows = admin
+    let taken: HashMap<i64, i32> = sources
         .query(
-            "SELECT p.id, p.name, p.stock,
-                    coalesce((SELECT sum(l.quantity)
-                                FROM orders_schema.order_lines l
-                                JOIN orders_schema.orders o ON o.id = l.order_id
-                               WHERE l.product_id = p.id AND o.status = 'confirmed'), 0)::int
-               FROM catalog_schema.products p ORDER BY p.id",
+            "orders",
+            "SELECT l.product_id, sum(l.quantity)::int
+               FROM order_lines l JOIN orders o ON o.id = l.order_id
+              WHERE o.status = 'confirmed' GROUP BY l.product_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let rows = sources
+        .query(
+            "catalog",
+            "SELECT id, name, stock FROM products ORDER BY id",
             &[],
         )
         .await?;
     println!("    product   initial − confirmed orders = left");
     let mut balanced = 0;
     for row in &rows {
-        let (id, name, left, taken): (i64, String, i32, i32) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (id, name, left): (i64, String, i32) = (row.get(0), row.get(1), row.get(2));
+        let taken = taken.get(&id).copied().unwrap_or(0);
         let initial = figures.initial_stock.get(&id).copied().unwrap_or(-1);
         let ok = initial - taken == left;
         balanced += usize::from(ok);
@@ -378,25 +537,44 @@ pub async fn audit(
         format!("{balanced} of {} products balance", products.len()),
     );
 
-    // Reservations: at most one per order line, and exactly the lines of confirmed orders.
-    let mismatched: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM orders_schema.orders o
-              WHERE EXISTS (SELECT product_id, quantity FROM catalog_schema.stock_reservations
-                             WHERE order_id = o.id
-                            EXCEPT ALL
-                            SELECT product_id, quantity FROM orders_schema.order_lines
-                             WHERE order_id = o.id AND o.status = 'confirmed')
-                 OR (o.status = 'confirmed' AND EXISTS (
-                            SELECT product_id, quantity FROM orders_schema.order_lines
-                             WHERE order_id = o.id
-                            EXCEPT ALL
-                            SELECT product_id, quantity FROM catalog_schema.stock_reservations
-                             WHERE order_id = o.id))",
+    // Reservations: exactly the lines of confirmed orders (as many times), none for others.
+    let mut reserved: HashMap<i64, Vec<(i64, i32)>> = HashMap::new();
+    for row in sources
+        .query(
+            "catalog",
+            "SELECT order_id, product_id, quantity FROM stock_reservations",
             &[],
         )
         .await?
-        .get(0);
+    {
+        reserved
+            .entry(row.get(0))
+            .or_default()
+            .push((row.get(1), row.get(2)));
+    }
+    let mut expected: HashMap<i64, Vec<(i64, i32)>> = HashMap::new();
+    for row in sources
+        .query(
+            "orders",
+            "SELECT o.id, l.product_id, l.quantity
+               FROM orders o LEFT JOIN order_lines l
+                 ON l.order_id = o.id AND o.status = 'confirmed'",
+            &[],
+        )
+        .await?
+    {
+        let lines = expected.entry(row.get(0)).or_default();
+        if let (Some(product), Some(quantity)) = (row.get(1), row.get(2)) {
+            lines.push((product, quantity));
+        }
+    }
+    let mut mismatched = 0;
+    for (order, mut lines) in expected {
+        let mut held = reserved.remove(&order).unwrap_or_default();
+        held.sort_unstable();
+        lines.sort_unstable();
+        mismatched += usize::from(held != lines);
+    }
     checks.check(
         "confirmed orders hold exactly their lines in reservations, rejected ones nothing",
         mismatched == 0,
@@ -404,9 +582,11 @@ pub async fn audit(
     );
 
     // Every event applied by each of its subscribers exactly once, from the effects.
-    let row = admin.query_one(APPLIED, &[]).await?;
-    let lost: Vec<i64> = (0..4).map(|i| row.get(i)).collect();
-    let (answers_twice, reserved_twice): (i64, i64) = (row.get(4), row.get(5));
+    let Applied {
+        lost,
+        answers_twice,
+        reserved_twice,
+    } = Applied::read(sources).await?;
     figures.lost_events = lost.iter().sum();
     figures.wrong_state_changes = answers_twice + reserved_twice;
     checks.check(
@@ -425,27 +605,30 @@ pub async fn audit(
         for subscription in def.subscriptions {
             let consumer = format!("{}.{}", def.name, subscription.handler);
             for (producer, key) in subscription.sources {
-                let producer_schema = SERVICES
-                    .iter()
-                    .find(|d| d.name == *producer)
-                    .map(|d| d.schema)
-                    .unwrap_or_default();
                 let pattern = key.replace(['#', '*'], "%");
-                let row = admin
-                    .query_one(
-                        &format!(
-                            "WITH events AS (SELECT id FROM {producer_schema}.svcdb_outbox WHERE routing_key LIKE $2),
-                                  claims AS (SELECT event_id FROM {schema}.svcdb_processed_events WHERE consumer = $1)
-                             SELECT (SELECT count(*) FROM events e WHERE NOT EXISTS (SELECT FROM claims c WHERE c.event_id = e.id)),
-                                    (SELECT count(*) FROM claims c WHERE NOT EXISTS (SELECT FROM events e WHERE e.id = c.event_id)),
-                                    (SELECT count(*) FROM events)",
-                            schema = def.schema
-                        ),
-                        &[&consumer, &pattern],
+                let events: HashSet<Uuid> = sources
+                    .query(
+                        producer,
+                        "SELECT id FROM svcdb_outbox WHERE routing_key LIKE $1",
+                        &[&pattern],
                     )
-                    .await?;
-                let (unclaimed, stray, events): (i64, i64, i64) =
-                    (row.get(0), row.get(1), row.get(2));
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let claims: HashSet<Uuid> = sources
+                    .query(
+                        def.name,
+                        "SELECT event_id FROM svcdb_processed_events WHERE consumer = $1",
+                        &[&consumer],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let unclaimed = events.difference(&claims).count();
+                let stray = claims.difference(&events).count();
+                let events = events.len();
                 claims_off += unclaimed + stray;
                 claims_detail.push(format!(
                     "{consumer}: {events} events, {unclaimed} unclaimed, {stray} claims of no event"
@@ -463,12 +646,10 @@ pub async fn audit(
     let mut outbox_detail = Vec::new();
     let (mut unpublished, mut all_events) = (0, 0);
     for def in SERVICES.iter().filter(|d| d.publishes) {
-        let row = admin
-            .query_one(
-                &format!(
-                    "SELECT count(*), count(*) FILTER (WHERE published_at IS NULL) FROM {}.svcdb_outbox",
-                    def.schema
-                ),
+        let row = sources
+            .one(
+                def.name,
+                "SELECT count(*), count(*) FILTER (WHERE published_at IS NULL) FROM svcdb_outbox",
                 &[],
             )
             .await?;
@@ -550,12 +731,13 @@ pub async fn audit(
     );
 
     // Latency and throughput.
-    let row = admin
-        .query_one(
+    let row = sources
+        .one(
+            "orders",
             "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0),
                     coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0)
                FROM (SELECT extract(epoch FROM decided_at - placed_at)::float8 * 1000 AS ms
-                       FROM orders_schema.orders
+                       FROM orders
                       WHERE decided_at IS NOT NULL AND NOT id = ANY($1)) AS decided",
             &[&outage_orders],
         )

@@ -1,8 +1,9 @@
 //! `shop demo`: the design notes' "How it all fits together", run as a real deployment with
 //! real faults, narrated step by step, and checked.
 //!
-//! 1. Provision one database, a role and schema per service; start users, catalog and cart,
-//!    each as `--replicas` processes that race to migrate.
+//! 1. Provision one database (and one for each service that `--database-url-for` places
+//!    elsewhere), a role and schema per service; start users, catalog and cart, each as
+//!    `--replicas` processes that race to migrate.
 //! 2. Deploy orders without its migrations (the notes' 9 AM incident): the gate refuses; then
 //!    deploy it with them.
 //! 3. Each service's role reads each other service's table: permission denied, 12 times.
@@ -15,7 +16,8 @@
 //! 8. More orders, while old `OrderPlaced` events are published again and again and a malformed
 //!    message lands in the catalog's queue.
 //! 9. Wait for every order to be decided, stop every replica gracefully, then check the
-//!    invariants from the databases and the queues (see [`crate::report`]).
+//!    invariants from the databases, each service's through its own connection, and the
+//!    queues (see [`crate::report`]).
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -38,13 +40,13 @@ use tokio_util::sync::CancellationToken;
 use crate::cart::{Cart, NewCart};
 use crate::catalog::{NewProduct, Product};
 use crate::client::{ApiClient, Response};
-use crate::deploy::Deployment;
+use crate::deploy::{Deployment, Placement};
 use crate::events::{Event, Line, OrderPlaced};
 use crate::faults::{self, Link, LostAcks};
 use crate::fleet::{Fleet, Spec};
 use crate::orders::{Order, PlaceOrder};
 use crate::platform::ServiceDef;
-use crate::report::{Checks, Figures, Report};
+use crate::report::{Checks, Figures, Report, Sources};
 use crate::users::{Registration, User};
 use crate::{cart, catalog, orders, users};
 
@@ -71,6 +73,8 @@ pub struct DemoOptions {
     pub admin_url: String,
     pub amqp_url: String,
     pub database: String,
+    /// Services whose schema lives in another database (`--database-url-for`).
+    pub placements: Vec<Placement>,
     pub service_password: Option<String>,
     pub orders: usize,
     pub duplicates: usize,
@@ -108,16 +112,23 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Report> {
         &options.admin_url,
         &options.database,
         options.service_password.clone(),
+        &SERVICES,
+        &options.placements,
     )?;
     let amqp = AmqpConfig::new(&options.amqp_url).with_connection_name("shop demo (operator)");
     println!(
-        "shop demo: users, catalog, cart and orders on one PostgreSQL database and RabbitMQ, {} processes each, with real faults",
+        "shop demo: users, catalog, cart and orders on {} and RabbitMQ, {} processes each, with real faults",
+        if deployment.is_one_database() {
+            "one PostgreSQL database".to_owned()
+        } else {
+            format!("{} PostgreSQL databases", deployment.databases().len())
+        },
         options.replicas
     );
     println!(
         "  database {} on {}, broker {}; {} orders, {} duplicate copies; lost acks {} % × {}, {} kills per service, {} backend kills{}{}",
         deployment.database,
-        deployment.server(),
+        deployment.home().server(),
         amqp.redacted_url(),
         options.orders,
         options.duplicates,
@@ -132,6 +143,17 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Report> {
             "\n  CONTROL RUN: the handlers forget their idempotency claims; the checks must fail"
         }
     );
+    if !deployment.is_one_database() {
+        for def in SERVICES {
+            let place = deployment.place(def);
+            println!(
+                "  {:<8} in database {} on {}",
+                def.name,
+                place.database,
+                place.server()
+            );
+        }
+    }
     let broker = amqp
         .connect()
         .await
@@ -327,17 +349,24 @@ impl Demo {
     }
 
     async fn provision(&mut self) -> anyhow::Result<()> {
-        self.step("Provision: one database; per service a login role that owns its schema, nothing for PUBLIC");
+        self.step(if self.deployment.is_one_database() {
+            "Provision: one database; per service a login role that owns its schema, nothing for PUBLIC"
+        } else {
+            "Provision: a database per place; per service, on its server, a login role that owns its schema, nothing for PUBLIC"
+        });
         let existed = self.deployment.recreate(&SERVICES).await?;
-        self.say(format!(
-            "database {}: {}",
-            self.deployment.database,
-            if existed {
-                "dropped the previous run's database and roles, created it anew"
-            } else {
-                "created"
-            }
-        ));
+        for place in self.deployment.databases() {
+            self.say(format!(
+                "database {} on {}: {}",
+                place.database,
+                place.server(),
+                if existed {
+                    "dropped the previous run's databases and roles, created it anew"
+                } else {
+                    "created"
+                }
+            ));
+        }
         // A previous run with --keep left its exchanges and queues (and their messages).
         for def in SERVICES {
             self.deployment
@@ -492,23 +521,38 @@ impl Demo {
 
     async fn cross_service_reads(&mut self) -> anyhow::Result<()> {
         self.step("Fault: each service's role reads each other service's table (12 pairs)");
-        let mut denied = 0;
+        let (mut denied, mut elsewhere) = (0, 0);
         let mut wrong = Vec::new();
         for reader in SERVICES {
             let conn = self.pools[reader.name].get().await?;
             for owner in SERVICES.iter().filter(|o| o.name != reader.name) {
+                // In one database the schema is there and refused; a service in another
+                // database (or on another server) is out of reach of any query: no such table.
+                let apart = !self
+                    .deployment
+                    .place(reader)
+                    .same(self.deployment.place(owner));
+                let expected = if apart {
+                    SqlState::UNDEFINED_TABLE
+                } else {
+                    SqlState::INSUFFICIENT_PRIVILEGE
+                };
                 let sql = format!("SELECT count(*) FROM {}.{}", owner.schema, owner.tables[0]);
                 match conn.query_one(&sql, &[]).await {
                     Ok(_) => wrong.push(format!("{} read {}", reader.name, owner.schema)),
-                    Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
-                        if denied == 0 {
+                    Err(e) if e.code() == Some(&expected) => {
+                        if (apart && elsewhere == 0) || (!apart && denied == 0) {
                             self.say(format!(
                                 "{sql} as role {} → {}",
                                 self.deployment.names.role(reader.name),
                                 svcdb::error::pg_message(&e)
                             ));
                         }
-                        denied += 1;
+                        if apart {
+                            elsewhere += 1;
+                        } else {
+                            denied += 1;
+                        }
                     }
                     Err(e) => wrong.push(format!(
                         "{} on {}: SQLSTATE {}",
@@ -519,14 +563,23 @@ impl Demo {
                 }
             }
         }
-        self.say(format!("…and so for all {denied} pairs: each schema belongs to its service's role, PUBLIC gets nothing"));
+        self.say(format!("…and so for all {} pairs: each schema belongs to its service's role, PUBLIC gets nothing{}", denied + elsewhere,
+            if elsewhere > 0 { "; a table in another database is not even there" } else { "" }));
+        let detail = if elsewhere > 0 {
+            format!(
+                "{} of 12 pairs denied ({elsewhere} of them in another database: no such table)",
+                denied + elsewhere
+            )
+        } else {
+            format!("{denied} of 12 pairs denied")
+        };
         self.checks.check(
-            "another service's schema answers permission denied (42501), for every pair of services",
-            denied == 12 && wrong.is_empty(),
+            "another service's schema answers permission denied (42501), or in another database is not there (42P01), for every pair of services",
+            denied + elsewhere == 12 && wrong.is_empty(),
             if wrong.is_empty() {
-                format!("{denied} of 12 pairs denied")
+                detail
             } else {
-                format!("{denied} of 12 pairs denied; {}", wrong.join("; "))
+                format!("{detail}; {}", wrong.join("; "))
             },
         );
         Ok(())
@@ -750,12 +803,7 @@ impl Demo {
         events.sort_by_key(|(at, _)| *at);
         let fleet = self.fleet.clone();
         let faults = self.faults.clone();
-        let roles: Vec<String> = SERVICES
-            .iter()
-            .map(|d| self.deployment.names.role(d.name))
-            .collect();
-        let database = self.deployment.database.clone();
-        let admin = self.deployment.admin_config();
+        let backends = self.deployment.backends();
         let stop = CancellationToken::new();
         let cancelled = stop.clone();
         let task = tokio::spawn(async move {
@@ -775,7 +823,10 @@ impl Demo {
                         ));
                     }
                     Fault::Backends => {
-                        let terminated = terminate_backends(&admin, &database, &roles).await?;
+                        let mut terminated = 0;
+                        for (admin, database, roles) in &backends {
+                            terminated += terminate_backends(admin, database, roles).await?;
+                        }
                         faults.backend_kills.fetch_add(1, Ordering::Relaxed);
                         faults
                             .backends_terminated
@@ -1051,7 +1102,7 @@ impl Demo {
         );
         self.reconnect_broker().await?;
         let started = Instant::now();
-        let admin = self.deployment.admin().await?;
+        let sources = Sources(&self.pools);
         let quiet = || async {
             let mut ready = 0;
             for def in SERVICES {
@@ -1064,7 +1115,7 @@ impl Demo {
             }
             ready == 0
                 && matches!(self.undecided().await, Ok(0))
-                && matches!(crate::report::unapplied(&admin).await, Ok(0))
+                && matches!(crate::report::unapplied(&sources).await, Ok(0))
         };
         // "Nothing ready" can be a moment between two deliveries of one message: a duplicate
         // held unacknowledged by a consumer, or a lost ack's redelivery between the cut and the
@@ -1120,8 +1171,8 @@ impl Demo {
     }
 
     async fn invariants(&mut self, products: &[Product]) -> anyhow::Result<()> {
-        self.step("Invariants, checked from the databases (as the admin, who reads every schema) and the queues");
-        let admin = self.deployment.admin().await?;
+        self.step("Invariants, checked from the databases (each service's through its own role, on its own server) and the queues");
+        let sources = Sources(&self.pools);
         self.figures.replicas = self.options.replicas;
         self.figures.replicas_killed = self.fleet.killed();
         self.figures.backends_killed = self.faults.backends_terminated.load(Ordering::Relaxed);
@@ -1132,7 +1183,7 @@ impl Demo {
         crate::report::audit(
             &mut self.checks,
             &mut self.figures,
-            &admin,
+            &sources,
             &self.broker,
             &self.deployment.names,
             products,
@@ -1142,7 +1193,7 @@ impl Demo {
         crate::report::metrics_agree(
             &mut self.checks,
             &mut self.figures,
-            &admin,
+            &sources,
             &self.fleet.scraped(),
             &self.fleet.killed_services(),
         )
@@ -1178,18 +1229,31 @@ impl Demo {
         self.links.clear();
         let names = &self.deployment.names;
         if self.options.keep {
-            self.say(format!(
-                "{} -c 'TABLE orders_schema.orders'   (each schema belongs to role {}_<service>)",
-                self.deployment.psql_command(),
-                names.namespace()
-            ));
+            for place in self.deployment.databases() {
+                let schemas: Vec<&str> = SERVICES
+                    .iter()
+                    .filter(|def| self.deployment.place(def).same(place))
+                    .map(|def| def.schema)
+                    .collect();
+                self.say(format!(
+                    "{} -c '\\dn'   (schemas {}; each belongs to role {}_<service>)",
+                    place.psql_command(),
+                    schemas.join(", "),
+                    names.namespace()
+                ));
+            }
             self.say(format!(
                 "rabbitmqctl list_queues name messages | grep '^{}\\.'",
                 names.namespace()
             ));
             self.say(format!(
-                "remove it all with: shop clean --database {}",
-                self.deployment.database
+                "remove it all with: shop clean --database {}{}",
+                self.deployment.database,
+                if self.deployment.is_one_database() {
+                    ""
+                } else {
+                    " and the same --database-url-for"
+                }
             ));
         } else {
             self.reconnect_broker().await?;
@@ -1293,22 +1357,31 @@ async fn remove_all(deployment: &Deployment, broker: &Connection) -> anyhow::Res
     }
     let existed = deployment.drop(&SERVICES).await?;
     let roles = SERVICES.len();
+    let databases: Vec<String> = deployment
+        .databases()
+        .iter()
+        .map(|place| format!("{} on {}", place.database, place.server()))
+        .collect();
+    let databases = databases.join(", ");
     Ok(if existed {
         format!(
-            "removed database {}, its {roles} roles, and {queues} queues with their exchanges",
-            deployment.database
+            "removed database {databases}, the {roles} roles, and {queues} queues with their exchanges"
         )
     } else {
         format!(
-            "removed {queues} queues with their exchanges and any of the {roles} roles (database {} was already gone)",
-            deployment.database
+            "removed {queues} queues with their exchanges and any of the {roles} roles (database {databases} was already gone)"
         )
     })
 }
 
 /// `shop clean`: removes what `shop demo --keep` (or a killed demo) left behind.
-pub async fn clean(admin_url: &str, amqp_url: &str, database: &str) -> anyhow::Result<()> {
-    let deployment = Deployment::new(admin_url, database, None)?;
+pub async fn clean(
+    admin_url: &str,
+    amqp_url: &str,
+    database: &str,
+    placements: &[Placement],
+) -> anyhow::Result<()> {
+    let deployment = Deployment::new(admin_url, database, None, &SERVICES, placements)?;
     let broker = AmqpConfig::new(amqp_url)
         .with_connection_name("shop clean")
         .connect()

@@ -15,18 +15,18 @@ use svcdb_amqp::AmqpConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-fn admin_url() -> String {
+pub(crate) fn admin_url() -> String {
     std::env::var("SVCDB_TEST_DATABASE_URL")
         .unwrap_or_else(|_| svcdb::testing::DEFAULT_ADMIN_URL.to_owned())
 }
 
-fn amqp_url() -> String {
+pub(crate) fn amqp_url() -> String {
     std::env::var("SVCDB_TEST_AMQP_URL").unwrap_or_else(|_| svcdb_amqp::DEFAULT_URL.to_owned())
 }
 
 /// A database name no other run uses. svcdb's test prefix, so that `scripts/test` drops what
 /// a killed run left behind, as it does for svcdb's own tests.
-fn unique_database() -> String {
+pub(crate) fn unique_database() -> String {
     let id = uuid::Uuid::now_v7().simple().to_string();
     format!(
         "{}shop_{}",
@@ -55,7 +55,7 @@ impl Drop for Cleanup {
 }
 
 /// `shop demo --json` with `args`; the output and the JSON report on its last line.
-async fn demo(database: &str, args: &[&str]) -> (Output, Value) {
+pub(crate) async fn demo(database: &str, args: &[&str]) -> (Output, Value) {
     let output = Command::new(env!("CARGO_BIN_EXE_shop"))
         .args(["demo", "--json", "--database", database])
         .args(["--database-url", &admin_url(), "--amqp-url", &amqp_url()])
@@ -75,7 +75,7 @@ async fn demo(database: &str, args: &[&str]) -> (Output, Value) {
 }
 
 /// Panics with every failed check and the output, unless the run succeeded with `ok: true`.
-fn assert_ok(output: &Output, report: &Value) {
+pub(crate) fn assert_ok(output: &Output, report: &Value) {
     let failed: Vec<&Value> = report["checks"]
         .as_array()
         .map(|checks| checks.iter().filter(|c| c["ok"] != true).collect())
@@ -89,7 +89,7 @@ fn assert_ok(output: &Output, report: &Value) {
     );
 }
 
-async fn database_exists(database: &str) -> bool {
+pub(crate) async fn database_exists(database: &str) -> bool {
     let (client, connection) = svcdb::tokio_postgres::connect(&admin_url(), NoTls)
         .await
         .expect("tests need PostgreSQL (run scripts/services)");
@@ -112,7 +112,7 @@ async fn database_exists(database: &str) -> bool {
 }
 
 /// Whether the catalog's queue of this run exists on the broker.
-async fn queue_exists(database: &str) -> bool {
+pub(crate) async fn queue_exists(database: &str) -> bool {
     let connection = AmqpConfig::new(amqp_url())
         .connect()
         .await
@@ -133,7 +133,7 @@ async fn queue_exists(database: &str) -> bool {
 }
 
 /// Whether a `shop serve` of this run (its namespace is on its command line) is still running.
-fn replicas_running(database: &str) -> Vec<String> {
+pub(crate) fn replicas_running(database: &str) -> Vec<String> {
     let mut running = Vec::new();
     for entry in std::fs::read_dir("/proc")
         .expect("/proc lists processes")
@@ -194,7 +194,7 @@ async fn assert_nothing_left(database: &str) {
 }
 
 /// The check of this name in the report.
-fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["checks"]
         .as_array()
         .and_then(|checks| {

@@ -3,3 +3,4 @@
 
 mod demo;
 mod shutdown;
+mod split;
