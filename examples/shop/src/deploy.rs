@@ -25,9 +25,6 @@ const DEMO_MARK: &str = "made by shop demo; `shop clean` removes it";
 /// (the server's own database for that; every PostgreSQL has one).
 const MAINTENANCE_DATABASE: &str = "postgres";
 
-/// The services' names, for messages.
-const SERVICE_NAMES: &str = "users, catalog, cart, orders";
-
 /// One `--database-url-for SERVICE=URL`: the service's schema lives on URL's server, in URL's
 /// database (or, if the URL names none, in one named like the shop's). URL is an admin's on
 /// that server: the demo creates the database and the service's role there.
@@ -49,6 +46,10 @@ impl Placement {
             );
         };
         let known = services.iter().find(|def| def.name == service);
+        let names = || {
+            let names: Vec<&str> = services.iter().map(|def| def.name).collect();
+            names.join(", ")
+        };
         let Some(def) = known else {
             // Only a word is repeated: text before a '=' in a URL's parameters holds its
             // credentials.
@@ -57,9 +58,12 @@ impl Placement {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_');
             return Err(if word {
-                format!("there is no service {service:?}; the services are {SERVICE_NAMES}")
+                format!(
+                    "there is no service {service:?}; the services are {}",
+                    names()
+                )
             } else {
-                format!("expected SERVICE=URL with SERVICE one of {SERVICE_NAMES}")
+                format!("expected SERVICE=URL with SERVICE one of {}", names())
             });
         };
         let admin = svcdb::parse_url(url).map_err(|e| match e {

@@ -1,10 +1,11 @@
 //! `shop`: the reference system built on svcdb and svcdb-amqp.
 //!
-//! * `shop demo` provisions a database, starts every service as several replicas, each its own
-//!   process (`shop serve`), drives the design notes' scenario through their HTTP APIs with
-//!   real faults (lost acknowledgements, killed replicas, killed database connections, a broker
-//!   outage), then checks the invariants from the databases and queues (exit 0 only if every
-//!   one holds), stops every process and cleans up.
+//! * `shop demo` provisions the databases (one, unless `--database-url-for` places a service
+//!   elsewhere), starts every service as several replicas, each its own process (`shop serve`),
+//!   drives the design notes' scenario through their HTTP APIs with real faults (lost
+//!   acknowledgements, killed replicas, killed database connections, a broker outage), then
+//!   checks the invariants from the databases and queues (exit 0 only if every one holds),
+//!   stops every process and cleans up.
 //! * `shop serve <service>` runs one service on its own, configured from the environment.
 //!
 //! # Layout
@@ -14,7 +15,7 @@
 //! | [`platform`] | what the services share: definition, names, state, HTTP errors; they run on svcdb-amqp's `Service` runtime |
 //! | [`users`], [`catalog`], [`cart`], [`orders`] | the services: schema, migrations, routes, handlers |
 //! | [`events`] | the events between them (the contract) |
-//! | [`deploy`] | the operator's side: database, roles, provisioning |
+//! | [`deploy`] | the operator's side: where each service's schema lives, the databases, the roles (per server), provisioning |
 //! | [`client`] | the JSON-over-HTTP client (the demo's shoppers, orders → cart) |
 //! | [`fleet`] | the replicas as child processes, and a round-robin front per service |
 //! | [`faults`] | the injected faults on the wire: broker links that drop or lose acknowledgements, a broken release, duplicates, poison |
@@ -48,8 +49,9 @@ use crate::deploy::Placement;
 use crate::platform::{Launch, Names, ServiceDef, Tuning};
 use crate::scenario::DemoOptions;
 
-/// The reference system: users, catalog, cart and orders on one PostgreSQL database (a schema
-/// and role each) and RabbitMQ, built on svcdb and svcdb-amqp.
+/// The reference system: users, catalog, cart and orders on PostgreSQL (a schema and role each,
+/// in one database unless --database-url-for puts one elsewhere) and RabbitMQ, built on svcdb
+/// and svcdb-amqp.
 #[derive(Parser)]
 #[command(name = "shop", version)]
 struct Cli {
@@ -63,7 +65,8 @@ enum Command {
     /// faults injected, the invariants checked from the databases and queues, every process
     /// stopped and everything removed. Exit 0 only if every invariant holds.
     Demo(DemoArgs),
-    /// Remove what `shop demo --keep` left: the database, the roles, the exchanges and queues.
+    /// Remove what `shop demo --keep` left: the databases, the roles, the exchanges and queues
+    /// (pass the run's --database-url-for too).
     Clean(Target),
     /// Run one service (one replica) on its own, configured from the environment: DATABASE_URL
     /// (as the service's role), AMQP_URL, and SHOP_CART_URL for orders. Ctrl-C or SIGTERM stops

@@ -1360,16 +1360,14 @@ async fn remove_all(deployment: &Deployment, broker: &Connection) -> anyhow::Res
     let databases: Vec<String> = deployment
         .databases()
         .iter()
-        .map(|place| format!("{} on {}", place.database, place.server()))
+        .map(|place| format!("database {} on {}", place.database, place.server()))
         .collect();
-    let databases = databases.join(", ");
+    let databases = databases.join(" and ");
     Ok(if existed {
-        format!(
-            "removed database {databases}, the {roles} roles, and {queues} queues with their exchanges"
-        )
+        format!("removed {databases}, the {roles} roles, and {queues} queues with their exchanges")
     } else {
         format!(
-            "removed {queues} queues with their exchanges and any of the {roles} roles (database {databases} was already gone)"
+            "removed {queues} queues with their exchanges and any of the {roles} roles ({databases}: already gone)"
         )
     })
 }
