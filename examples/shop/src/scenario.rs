@@ -563,8 +563,15 @@ impl Demo {
                 }
             }
         }
-        self.say(format!("…and so for all {} pairs: each schema belongs to its service's role, PUBLIC gets nothing{}", denied + elsewhere,
-            if elsewhere > 0 { "; a table in another database is not even there" } else { "" }));
+        let apart_note = if elsewhere > 0 {
+            "; a table in another database is not even there"
+        } else {
+            ""
+        };
+        self.say(format!(
+            "…and so for all {} pairs: each schema belongs to its service's role, PUBLIC gets nothing{apart_note}",
+            denied + elsewhere
+        ));
         let detail = if elsewhere > 0 {
             format!(
                 "{} of 12 pairs denied ({elsewhere} of them in another database: no such table)",
