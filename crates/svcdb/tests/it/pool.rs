@@ -452,7 +452,7 @@ fn every_documented_default_is_the_default() {
             })
             .collect()
     };
-    let module = table(include_str!("../../src/config.rs"), "/// ", 3);
+    let module = table(include_str!("../../src/config/mod.rs"), "/// ", 3);
     let readme = table(include_str!("../../../../README.md"), "", 2);
     let mut checked = 0;
     for (key, default) in &module {
