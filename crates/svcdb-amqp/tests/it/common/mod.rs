@@ -476,6 +476,13 @@ pub fn closed_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// A [`Proxy`] on a fresh port, and the broker's config as reached through it: the connection
+/// a test freezes or cuts.
+pub async fn proxied() -> (Proxy, AmqpConfig) {
+    let port = closed_port();
+    (Proxy::start(port).await, AmqpConfig::new(url_via(port)))
+}
+
 impl Proxy {
     pub async fn start(port: u16) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
