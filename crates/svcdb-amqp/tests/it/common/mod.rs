@@ -1,5 +1,7 @@
 //! Shared test helpers: the real broker and database, unique names, clean-up on drop.
 
+pub mod cluster;
+
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
