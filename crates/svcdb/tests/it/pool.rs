@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use forwarder::Forwarder;
-use svcdb::testing::TestDb;
+use svcdb::testing::{closed_port, TestDb};
 use svcdb::{Config, Error, ServiceDb, TlsMode};
 
 /// How long a test waits for a state the pool reaches on its own before failing: generous, for
@@ -50,12 +50,6 @@ async fn current_schema(conn: &tokio_postgres::Client) -> String {
         .await
         .unwrap()
         .get(0)
-}
-
-/// A TCP port on 127.0.0.1 where nothing listens.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 #[tokio::test]
