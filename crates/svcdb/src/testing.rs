@@ -235,3 +235,32 @@ pub fn admin_url() -> String {
         .or_else(|_| std::env::var("DATABASE_URL"))
         .unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
 }
+
+/// A local port where nothing listens: a connection to it is refused at once.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free local port");
+    listener.local_addr().expect("the port just bound").port()
+}
+
+/// Everything a log subscriber writes, kept for the test to read back: hand
+/// `move || logs.clone()` to `tracing_subscriber::fmt().with_writer(…)`. Clones share one
+/// buffer.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    /// What was written so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}

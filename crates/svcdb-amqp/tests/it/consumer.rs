@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use common::{effects, eventually, header, service, Broker};
 use serde_json::json;
+use svcdb::testing::TestDb;
 use svcdb::{Envelope, ServiceDb, Transaction};
 use svcdb_amqp::topology::{QueueSpec, Topology};
-use svcdb_amqp::{Consumer, ConsumerOptions, EventHandler, HandlerError, Result};
+use svcdb_amqp::{AmqpConfig, Consumer, ConsumerOptions, EventHandler, HandlerError, Result};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,17 +42,35 @@ async fn setup(max_deliveries: u32) -> Setup {
     }
 }
 
+/// [`setup`], and the service's database (with the `effects` table) the consumer writes to.
+async fn queue_and_service(max_deliveries: u32) -> (Setup, TestDb, ServiceDb) {
+    let s = setup(max_deliveries).await;
+    let (test_db, db) = service().await;
+    (s, test_db, db)
+}
+
 impl Setup {
     /// The consumer under test, before its handlers: the test queue, the claims of
     /// `orders.reserve-stock`, fast retries.
     fn consumer(&self, db: &ServiceDb) -> Consumer {
-        Consumer::new(
-            &self.broker.config,
-            db.clone(),
-            &self.queue,
-            "orders.reserve-stock",
-        )
-        .with_options(fast())
+        self.consumer_on(&self.broker.config, db)
+    }
+
+    /// [`consumer`](Self::consumer), reaching the broker through `amqp` (a proxy, another
+    /// prefetch).
+    fn consumer_on(&self, amqp: &AmqpConfig, db: &ServiceDb) -> Consumer {
+        Consumer::new(amqp, db.clone(), &self.queue, "orders.reserve-stock").with_options(fast())
+    }
+
+    /// The first `count` dead letters of the test queue, waiting up to 10 s for them.
+    async fn dead_letters(&self, count: usize) -> Vec<lapin::message::Delivery> {
+        self.broker
+            .take(
+                &self.queue.dead_letter_queue(),
+                count,
+                Duration::from_secs(10),
+            )
+            .await
     }
 
     /// Publishes `envelope` to the test exchange (routing key `product.stock.reserved`),
@@ -97,6 +116,18 @@ fn start(consumer: &Consumer) -> (CancellationToken, JoinHandle<Result<()>>) {
     (shutdown, task)
 }
 
+/// Waits until `consumer` has handled `count` events.
+async fn until_handled(consumer: &Consumer, count: u64, what: &str) {
+    eventually(what, || async { consumer.stats().handled == count }).await;
+}
+
+/// Whether the claim of `orders.reserve-stock` on `event_id` is committed.
+async fn claimed(db: &ServiceDb, event_id: uuid::Uuid) -> bool {
+    db.is_processed("orders.reserve-stock", event_id)
+        .await
+        .unwrap()
+}
+
 async fn stop(shutdown: CancellationToken, task: JoinHandle<Result<()>>) {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), task)
@@ -116,24 +147,17 @@ fn event() -> Envelope {
 
 #[tokio::test]
 async fn an_event_is_handled_once_and_acknowledged() {
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(5).await;
     let consumer = recording_consumer(&s, &db);
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
     s.publish(&reserved).await;
-    eventually("the event is handled", || async {
-        consumer.stats().handled == 1
-    })
-    .await;
+    until_handled(&consumer, 1, "the event is handled").await;
     stop(shutdown, task).await;
 
     assert_eq!(effects(&db, reserved.id).await, 1);
-    assert!(db
-        .is_processed("orders.reserve-stock", reserved.id)
-        .await
-        .unwrap());
+    assert!(claimed(&db, reserved.id).await);
     // Stopping closed the channel: an unacknowledged message would be back in the queue.
     assert_eq!(s.broker.ready(&s.queue.name).await, 0);
     assert_eq!(s.broker.ready(&s.queue.dead_letter_queue()).await, 0);
@@ -146,8 +170,7 @@ async fn an_event_is_handled_once_and_acknowledged() {
 
 #[tokio::test]
 async fn the_same_envelope_twice_has_its_effect_once() {
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(5).await;
     let consumer = recording_consumer(&s, &db);
     let (shutdown, task) = start(&consumer);
 
@@ -169,8 +192,7 @@ async fn the_same_envelope_twice_has_its_effect_once() {
 
 #[tokio::test]
 async fn eight_concurrent_copies_have_their_effect_once() {
-    let s = setup(5).await;
-    let (test_db, db) = service().await;
+    let (s, test_db, db) = queue_and_service(5).await;
     // The first handler holds its transaction open until the test lets go, so the copies
     // overlap: the others wait on its uncommitted claim and then find it committed.
     let release = CancellationToken::new();
@@ -243,8 +265,7 @@ impl EventHandler for Flaky {
 
 #[tokio::test]
 async fn a_failed_handler_is_redelivered_until_it_succeeds() {
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(5).await;
     let attempts = Arc::new(AtomicU32::new(0));
     let consumer = s.consumer(&db).on_handler(
         KIND,
@@ -256,10 +277,7 @@ async fn a_failed_handler_is_redelivered_until_it_succeeds() {
 
     let reserved = event();
     s.publish(&reserved).await;
-    eventually("the third attempt succeeds", || async {
-        consumer.stats().handled == 1
-    })
-    .await;
+    until_handled(&consumer, 1, "the third attempt succeeds").await;
     stop(shutdown, task).await;
 
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
@@ -275,8 +293,7 @@ async fn a_failed_handler_is_redelivered_until_it_succeeds() {
 
 #[tokio::test]
 async fn a_handler_that_always_fails_ends_in_the_dead_letter_queue() {
-    let s = setup(3).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(3).await;
     let attempts = Arc::new(AtomicU32::new(0));
     let counter = attempts.clone();
     let consumer = s.consumer(&db).on(KIND, move |tx, event| {
@@ -291,10 +308,7 @@ async fn a_handler_that_always_fails_ends_in_the_dead_letter_queue() {
 
     let reserved = event();
     s.publish(&reserved).await;
-    let dead = s
-        .broker
-        .take(&s.queue.dead_letter_queue(), 1, Duration::from_secs(10))
-        .await;
+    let dead = s.dead_letters(1).await;
     stop(shutdown, task).await;
 
     assert_eq!(dead.len(), 1);
@@ -328,10 +342,7 @@ async fn a_handler_that_always_fails_ends_in_the_dead_letter_queue() {
         "max_deliveries bounds the attempts"
     );
     assert_eq!(effects(&db, reserved.id).await, 0);
-    assert!(!db
-        .is_processed("orders.reserve-stock", reserved.id)
-        .await
-        .unwrap());
+    assert!(!claimed(&db, reserved.id).await);
     assert_eq!(s.broker.ready(&s.queue.name).await, 0);
     let stats = consumer.stats();
     assert_eq!(
@@ -342,8 +353,7 @@ async fn a_handler_that_always_fails_ends_in_the_dead_letter_queue() {
 
 #[tokio::test]
 async fn malformed_messages_and_unknown_kinds_are_dead_lettered_without_retries() {
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(5).await;
     let consumer = recording_consumer(&s, &db);
     let (shutdown, task) = start(&consumer);
 
@@ -362,14 +372,8 @@ async fn malformed_messages_and_unknown_kinds_are_dead_lettered_without_retries(
     let good = event();
     s.publish(&good).await;
 
-    let dead = s
-        .broker
-        .take(&s.queue.dead_letter_queue(), 3, Duration::from_secs(10))
-        .await;
-    eventually("the good event is handled", || async {
-        consumer.stats().handled == 1
-    })
-    .await;
+    let dead = s.dead_letters(3).await;
+    until_handled(&consumer, 1, "the good event is handled").await;
     stop(shutdown, task).await;
 
     let mut reasons: Vec<String> = dead
@@ -420,36 +424,28 @@ async fn poison_messages_are_counted_on_every_rabbitmq_version() {
     // Failures go back with basic.reject, which counts on 3.x and 4.3+ alike; a database
     // outage goes back with basic.nack, which 4.3+ does not count. Seen on the wire through
     // the proxy, and in the count the consumer dead-letters with.
-    let s = setup(4).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(4).await;
     let nack_counts = s.broker.nack_spends_a_delivery().await;
-    let port = common::closed_port();
-    let proxy = common::Proxy::start(port).await;
-    let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
+    let (proxy, via_proxy) = common::proxied().await;
     let attempts = Arc::new(AtomicU32::new(0));
     let counter = attempts.clone();
-    let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
-        .on(KIND, move |tx, _event| {
-            let counter = counter.clone();
-            Box::pin(async move {
-                if counter.fetch_add(1, Ordering::SeqCst) == 0 {
-                    // A real outage for this attempt: its own backend terminated (57P01).
-                    tx.execute("SELECT pg_terminate_backend(pg_backend_pid())", &[])
-                        .await?;
-                    unreachable!("the backend was terminated under its statement");
-                }
-                Err(HandlerError::msg("product abc123 is locked by an audit"))
-            })
+    let consumer = s.consumer_on(&via_proxy, &db).on(KIND, move |tx, _event| {
+        let counter = counter.clone();
+        Box::pin(async move {
+            if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                // A real outage for this attempt: its own backend terminated (57P01).
+                tx.execute("SELECT pg_terminate_backend(pg_backend_pid())", &[])
+                    .await?;
+                unreachable!("the backend was terminated under its statement");
+            }
+            Err(HandlerError::msg("product abc123 is locked by an audit"))
         })
-        .with_options(fast());
+    });
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
     s.publish(&reserved).await;
-    let dead = s
-        .broker
-        .take(&s.queue.dead_letter_queue(), 1, Duration::from_secs(10))
-        .await;
+    let dead = s.dead_letters(1).await;
     stop(shutdown, task).await;
 
     // Deliveries 1 to 4, as the consumer counted them; the outage's return counted as one
@@ -480,8 +476,7 @@ async fn poison_messages_are_counted_on_every_rabbitmq_version() {
 
 #[tokio::test]
 async fn a_message_replayed_from_the_dead_letter_queue_starts_with_a_fresh_count() {
-    let s = setup(2).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(2).await;
     // The copies as the consumer publishes them, before the dead-letter queue (a quorum
     // queue) sets its own count on them.
     let copies = s.broker.tap(&s.queue.dead_letter_exchange()).await;
@@ -519,10 +514,7 @@ async fn a_message_replayed_from_the_dead_letter_queue_starts_with_a_fresh_count
     s.broker
         .publish_with(&exchange, &routing_key, &copy.data, copy.properties.clone())
         .await;
-    eventually("the replayed event is handled", || async {
-        consumer.stats().handled == 1
-    })
-    .await;
+    until_handled(&consumer, 1, "the replayed event is handled").await;
     stop(shutdown, task).await;
 
     assert_eq!(
@@ -543,8 +535,7 @@ async fn a_message_replayed_from_the_dead_letter_queue_starts_with_a_fresh_count
 async fn a_first_delivery_is_number_one_whatever_count_its_headers_carry() {
     // A copy dead-lettered by the broker (or by RabbitMQ 4.x, which carries the count across
     // dead-lettering) and replayed by hand still says "4 earlier deliveries".
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(5).await;
     let attempts = Arc::new(AtomicU32::new(0));
     let counter = attempts.clone();
     let consumer = s.consumer(&db).on(KIND, move |tx, event| {
@@ -573,10 +564,7 @@ async fn a_first_delivery_is_number_one_whatever_count_its_headers_carry() {
             properties,
         )
         .await;
-    eventually("the event is handled on its second delivery", || async {
-        consumer.stats().handled == 1
-    })
-    .await;
+    until_handled(&consumer, 1, "the event is handled on its second delivery").await;
     stop(shutdown, task).await;
 
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
@@ -585,15 +573,13 @@ async fn a_first_delivery_is_number_one_whatever_count_its_headers_carry() {
 
 #[tokio::test]
 async fn a_dead_letter_publish_to_a_silent_broker_gives_up_at_the_timeout() {
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
-    let port = common::closed_port();
-    let proxy = common::Proxy::start(port).await;
+    let (s, _test_db, db) = queue_and_service(5).await;
+    let (proxy, via_proxy) = common::proxied().await;
     // The broker goes silent when the dead-letter copy starts: its frames pile up in the
     // socket buffers until they are full, and lapin's writes stop there.
     proxy.freeze_at(common::BASIC_PUBLISH);
-    let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
-    let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
+    let consumer = s
+        .consumer_on(&via_proxy, &db)
         .on(KIND, |tx, event| Box::pin(record(tx, event)))
         .with_options(ConsumerOptions {
             confirm_timeout: Duration::from_millis(200),
@@ -622,8 +608,7 @@ async fn a_dead_letter_publish_to_a_silent_broker_gives_up_at_the_timeout() {
 async fn a_primary_turned_read_only_pauses_the_consumer_instead_of_dead_lettering() {
     // Two deliveries: a failure counted for the read-only attempt (or a return counted per
     // retry, as 3.x counts nacks) would dead-letter the event.
-    let s = setup(2).await;
-    let (test_db, db) = service().await;
+    let (s, test_db, db) = queue_and_service(2).await;
     // svcdb begins its transactions READ WRITE explicitly, which overrides the database's
     // default; the handler applies the default to its transaction itself, as a transaction
     // begun without a mode would.
@@ -640,10 +625,7 @@ async fn a_primary_turned_read_only_pauses_the_consumer_instead_of_dead_letterin
     let (shutdown, task) = start(&consumer);
     let warm_up = event();
     s.publish(&warm_up).await;
-    eventually("the consumer is up", || async {
-        consumer.stats().handled == 1
-    })
-    .await;
+    until_handled(&consumer, 1, "the consumer is up").await;
 
     // Failover to a node that refuses writes (25006): existing sessions end, new ones are
     // read-only.
@@ -675,9 +657,10 @@ async fn a_primary_turned_read_only_pauses_the_consumer_instead_of_dead_letterin
         ],
     )
     .await;
-    eventually(
+    until_handled(
+        &consumer,
+        2,
         "the event is handled once the database can write",
-        || async { consumer.stats().handled == 2 },
     )
     .await;
     stop(shutdown, task).await;
@@ -691,8 +674,7 @@ async fn a_primary_turned_read_only_pauses_the_consumer_instead_of_dead_letterin
 
 #[tokio::test]
 async fn a_backend_terminated_mid_statement_is_not_a_handler_failure() {
-    let s = setup(2).await;
-    let (test_db, db) = service().await;
+    let (s, test_db, db) = queue_and_service(2).await;
     let (pid_tx, pid_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
     let attempts = Arc::new(AtomicU32::new(0));
     let counter = attempts.clone();
@@ -724,10 +706,7 @@ async fn a_backend_terminated_mid_statement_is_not_a_handler_failure() {
         .unwrap()
         .get(0);
     assert!(terminated);
-    eventually("the event is handled on the next attempt", || async {
-        consumer.stats().handled == 1
-    })
-    .await;
+    until_handled(&consumer, 1, "the event is handled on the next attempt").await;
     stop(shutdown, task).await;
 
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
@@ -750,8 +729,7 @@ async fn a_backend_terminated_mid_statement_is_not_a_handler_failure() {
 async fn failed_messages_waiting_to_be_retried_do_not_stall_healthy_ones() {
     // The test pool has 5 connections, so the consumer runs 5 handlers at once; ten failed
     // messages wait out an hour's pause before their redelivery.
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(5).await;
     let failures = Arc::new(AtomicU32::new(0));
     let counter = failures.clone();
     let consumer = s
@@ -786,10 +764,7 @@ async fn failed_messages_waiting_to_be_retried_do_not_stall_healthy_ones() {
     for e in &healthy {
         s.publish(e).await;
     }
-    eventually("the healthy events are handled meanwhile", || async {
-        consumer.stats().handled == 5
-    })
-    .await;
+    until_handled(&consumer, 5, "the healthy events are handled meanwhile").await;
     // Shutdown cuts the pauses short; each failure still counts as one.
     stop(shutdown, task).await;
 
@@ -802,26 +777,21 @@ async fn failed_messages_waiting_to_be_retried_do_not_stall_healthy_ones() {
 
 #[tokio::test]
 async fn shutdown_waits_for_the_handler_in_flight() {
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(5).await;
     let started = Arc::new(Notify::new());
     let release = Arc::new(Notify::new());
     let (on_start, gate) = (started.clone(), release.clone());
     // Through the proxy, to see the consumer's basic.cancel on the wire.
-    let port = common::closed_port();
-    let proxy = common::Proxy::start(port).await;
-    let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
-    let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
-        .on(KIND, move |tx, event| {
-            let (on_start, gate) = (on_start.clone(), gate.clone());
-            Box::pin(async move {
-                record(tx, event).await?;
-                on_start.notify_one();
-                gate.notified().await;
-                Ok(())
-            })
+    let (proxy, via_proxy) = common::proxied().await;
+    let consumer = s.consumer_on(&via_proxy, &db).on(KIND, move |tx, event| {
+        let (on_start, gate) = (on_start.clone(), gate.clone());
+        Box::pin(async move {
+            record(tx, event).await?;
+            on_start.notify_one();
+            gate.notified().await;
+            Ok(())
         })
-        .with_options(fast());
+    });
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
@@ -856,8 +826,7 @@ async fn shutdown_waits_for_the_handler_in_flight() {
 
 #[tokio::test]
 async fn a_consumer_without_handlers_or_queue_is_refused() {
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(5).await;
     let bare = s.consumer(&db);
     let e = bare.run(CancellationToken::new()).await.unwrap_err();
     assert!(matches!(e, svcdb_amqp::Error::Config { .. }), "{e}");
@@ -882,12 +851,10 @@ async fn a_consumer_without_handlers_or_queue_is_refused() {
 
 #[tokio::test]
 async fn the_consumer_reconnects_after_losing_the_broker() {
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
-    let port = common::closed_port();
-    let proxy = common::Proxy::start(port).await;
-    let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
-    let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
+    let (s, _test_db, db) = queue_and_service(5).await;
+    let (proxy, via_proxy) = common::proxied().await;
+    let consumer = s
+        .consumer_on(&via_proxy, &db)
         .on(KIND, |tx, event| Box::pin(record(tx, event)))
         .with_options(ConsumerOptions {
             reconnect_backoff: Duration::from_millis(20),
@@ -898,17 +865,16 @@ async fn the_consumer_reconnects_after_losing_the_broker() {
 
     let first = event();
     s.publish(&first).await;
-    eventually("the first event is handled", || async {
-        consumer.stats().handled == 1
-    })
-    .await;
+    until_handled(&consumer, 1, "the first event is handled").await;
 
     proxy.cut(); // the broker "restarts": the consumer's connection drops
     let second = event();
     s.publish(&second).await;
-    eventually("the second event is handled after reconnecting", || async {
-        consumer.stats().handled == 2
-    })
+    until_handled(
+        &consumer,
+        2,
+        "the second event is handled after reconnecting",
+    )
     .await;
     stop(shutdown, task).await;
 
@@ -953,8 +919,7 @@ async fn a_service_without_the_claims_table_is_refused_at_start() {
 
 #[tokio::test]
 async fn a_handler_still_running_at_the_shutdown_timeout_is_aborted_and_redelivered() {
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(5).await;
     let started = Arc::new(Notify::new());
     let on_start = started.clone();
     // Writes its effect, then never finishes: only the shutdown timeout can end it.
@@ -986,10 +951,7 @@ async fn a_handler_still_running_at_the_shutdown_timeout_is_aborted_and_redelive
     // The aborted handler's transaction rolled back, claim and effect alike, and the
     // unacknowledged message went back to the queue when the channel closed.
     assert_eq!(effects(&db, reserved.id).await, 0);
-    assert!(!db
-        .is_processed("orders.reserve-stock", reserved.id)
-        .await
-        .unwrap());
+    assert!(!claimed(&db, reserved.id).await);
     let back = s
         .broker
         .take(&s.queue.name, 1, Duration::from_secs(10))
@@ -1005,8 +967,7 @@ async fn a_handler_still_running_at_the_shutdown_timeout_is_aborted_and_redelive
 
 #[tokio::test]
 async fn a_permanent_handler_error_is_dead_lettered_on_the_first_delivery() {
-    let s = setup(5).await;
-    let (_test_db, db) = service().await;
+    let (s, _test_db, db) = queue_and_service(5).await;
     let attempts = Arc::new(AtomicU32::new(0));
     let counter = attempts.clone();
     let consumer = s.consumer(&db).on(KIND, move |tx, event| {
@@ -1023,10 +984,7 @@ async fn a_permanent_handler_error_is_dead_lettered_on_the_first_delivery() {
 
     let reserved = event();
     s.publish(&reserved).await;
-    let dead = s
-        .broker
-        .take(&s.queue.dead_letter_queue(), 1, Duration::from_secs(10))
-        .await;
+    let dead = s.dead_letters(1).await;
     stop(shutdown, task).await;
 
     assert_eq!(Envelope::from_slice(&dead[0].data).unwrap(), reserved);
@@ -1046,10 +1004,7 @@ async fn a_permanent_handler_error_is_dead_lettered_on_the_first_delivery() {
         0,
         "the attempt rolled back"
     );
-    assert!(!db
-        .is_processed("orders.reserve-stock", reserved.id)
-        .await
-        .unwrap());
+    assert!(!claimed(&db, reserved.id).await);
     assert_eq!(s.broker.ready(&s.queue.name).await, 0);
     let stats = consumer.stats();
     assert_eq!(
@@ -1062,8 +1017,7 @@ async fn a_permanent_handler_error_is_dead_lettered_on_the_first_delivery() {
 /// more deliveries in hand than either: every handler waits until the test has seen the
 /// consumer hold all it may, and the pool is asked for no more connections than it has.
 async fn handlers_at_once(prefetch: u16, pool_max: usize) -> usize {
-    let s = setup(5).await;
-    let (test_db, _) = service().await;
+    let (s, test_db, _) = queue_and_service(5).await;
     let mut config = test_db.config("svc");
     config.pool_max = pool_max;
     // Short, so a handler queued on the pool instead of on the consumer would fail.
@@ -1076,18 +1030,16 @@ async fn handlers_at_once(prefetch: u16, pool_max: usize) -> usize {
     let most = Arc::new(AtomicU32::new(0));
     let release = CancellationToken::new();
     let (counter, peak, gate) = (in_flight.clone(), most.clone(), release.clone());
-    let consumer = Consumer::new(&amqp, db.clone(), &s.queue, "orders.reserve-stock")
-        .on(KIND, move |tx, event| {
-            let (counter, peak, gate) = (counter.clone(), peak.clone(), gate.clone());
-            Box::pin(async move {
-                let now = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
-                gate.cancelled().await;
-                counter.fetch_sub(1, Ordering::SeqCst);
-                record(tx, event).await
-            })
+    let consumer = s.consumer_on(&amqp, &db).on(KIND, move |tx, event| {
+        let (counter, peak, gate) = (counter.clone(), peak.clone(), gate.clone());
+        Box::pin(async move {
+            let now = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            gate.cancelled().await;
+            counter.fetch_sub(1, Ordering::SeqCst);
+            record(tx, event).await
         })
-        .with_options(fast());
+    });
     let (shutdown, task) = start(&consumer);
 
     let total = usize::from(prefetch).max(pool_max) + 2;
@@ -1108,10 +1060,7 @@ async fn handlers_at_once(prefetch: u16, pool_max: usize) -> usize {
     let pool = db.status();
     assert_eq!(pool.waiting, 0, "{pool:?}");
     release.cancel();
-    eventually("every message is handled", || async {
-        consumer.stats().handled == total as u64
-    })
-    .await;
+    until_handled(&consumer, total as u64, "every message is handled").await;
     stop(shutdown, task).await;
 
     assert_eq!(db.status().acquire_timeouts, 0);
@@ -1158,13 +1107,11 @@ async fn a_consumer_that_dies_mid_handler_every_time_meets_the_brokers_delivery_
     // The handler never fails in the consumer's eyes: the connection dies under it each time,
     // as when the process crashes. Only the quorum queue's x-delivery-limit can stop the
     // redeliveries.
-    let s = setup(3).await;
-    let (_test_db, db) = service().await;
-    let port = common::closed_port();
-    let proxy = common::Proxy::start(port).await;
-    let via_proxy = svcdb_amqp::AmqpConfig::new(common::url_via(port));
+    let (s, _test_db, db) = queue_and_service(3).await;
+    let (proxy, via_proxy) = common::proxied().await;
     let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let consumer = Consumer::new(&via_proxy, db.clone(), &s.queue, "orders.reserve-stock")
+    let consumer = s
+        .consumer_on(&via_proxy, &db)
         .on(KIND, move |tx, event| {
             let started_tx = started_tx.clone();
             Box::pin(async move {
@@ -1209,10 +1156,7 @@ async fn a_consumer_that_dies_mid_handler_every_time_meets_the_brokers_delivery_
         "no delivery beyond the limit reached the handler"
     );
     assert_eq!(effects(&db, reserved.id).await, 0);
-    assert!(!db
-        .is_processed("orders.reserve-stock", reserved.id)
-        .await
-        .unwrap());
+    assert!(!claimed(&db, reserved.id).await);
     assert_eq!(s.broker.ready(&s.queue.name).await, 0);
     let stats = consumer.stats();
     assert_eq!((stats.handled, stats.dead_lettered), (0, 0));

@@ -9,11 +9,10 @@
 
 use crate::common;
 
-use std::collections::HashMap;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::cluster::{self, within};
 use common::Broker;
 use serde_json::json;
 use svcdb::{Config, DedicatedConn, Envelope, Gate, Outbox, ServiceDb, SqlState};
@@ -43,21 +42,6 @@ fn cluster_ports() -> (u16, u16) {
     )
 }
 
-/// Runs `scripts/cluster pg <action>`, panicking with its output if it fails.
-fn cluster(action: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/cluster");
-    let out = Command::new(script)
-        .args(["pg", action])
-        .output()
-        .expect("scripts/cluster runs");
-    assert!(
-        out.status.success(),
-        "scripts/cluster pg {action} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A service on both servers: `target_session_attrs` left to svcdb's default for several
 /// hosts (read-write).
 async fn service(url: &str, schema: &str) -> ServiceDb {
@@ -67,22 +51,6 @@ async fn service(url: &str, schema: &str) -> ServiceDb {
     config.pool_max = 8;
     config.acquire_timeout = Duration::from_secs(2);
     ServiceDb::connect(config).await.unwrap()
-}
-
-/// Polls `condition` every 20 ms for up to `limit`; panics with `what` if it never holds.
-async fn within<F, Fut>(limit: Duration, what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// When things happened, for the figures.
@@ -127,13 +95,7 @@ async fn events_and_orders_survive_a_failover_exactly_once() {
         .unwrap();
     let shipping = service(&url, "shipping").await;
     shipping.install_idempotency().await.unwrap();
-    shipping
-        .get()
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE shipments (event_id uuid NOT NULL)")
-        .await
-        .unwrap();
+    cluster::create_shipments(&shipping).await;
 
     let broker = Broker::new().await;
     let exchange = common::unique("orders.events");
@@ -232,7 +194,7 @@ async fn events_and_orders_survive_a_failover_exactly_once() {
     // The failover: the primary stops (fast shutdown: its connections close, and what it
     // committed has reached the standby), then the standby is promoted.
     let stopped_at = Instant::now();
-    cluster("stop-primary");
+    cluster::script(&["pg", "stop-primary"]);
     let stop_took = stopped_at.elapsed();
 
     // During the outage: a request (a connection and a query, as an HTTP handler makes) fails
@@ -257,7 +219,7 @@ async fn events_and_orders_survive_a_failover_exactly_once() {
     let outage_report = report.to_string();
 
     let promote_started = Instant::now();
-    cluster("promote");
+    cluster::script(&["pg", "promote"]);
     let promote_took = promote_started.elapsed();
 
     within(
@@ -322,17 +284,7 @@ async fn events_and_orders_survive_a_failover_exactly_once() {
         ORDERS,
         "every order the producer saw committed is there"
     );
-    let mut shipments: HashMap<uuid::Uuid, i64> = HashMap::new();
-    for row in shipping
-        .get()
-        .await
-        .unwrap()
-        .query("SELECT event_id FROM shipments", &[])
-        .await
-        .unwrap()
-    {
-        *shipments.entry(row.get(0)).or_default() += 1;
-    }
+    let shipments = cluster::shipments(&shipping).await;
     let twice: Vec<_> = shipments.iter().filter(|(_, &n)| n > 1).collect();
     assert!(twice.is_empty(), "events handled more than once: {twice:?}");
     let missing = placed

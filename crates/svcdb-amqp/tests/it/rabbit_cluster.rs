@@ -8,11 +8,11 @@
 
 use crate::common;
 
-use std::collections::{HashMap, HashSet};
-use std::process::Command;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::cluster::{self, within};
 use serde_json::json;
 use svcdb::testing::TestDb;
 use svcdb::{Envelope, Outbox};
@@ -36,23 +36,6 @@ fn node_ports() -> [u16; 3] {
         })
         .unwrap_or(5681);
     [base, base + 1, base + 2]
-}
-
-/// Runs `scripts/cluster rabbit <args>`, panicking with its output if it fails.
-fn cluster(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/cluster");
-    let out = Command::new(script)
-        .arg("rabbit")
-        .args(args)
-        .output()
-        .expect("scripts/cluster runs");
-    assert!(
-        out.status.success(),
-        "scripts/cluster rabbit {} failed:\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// This process's established TCP connections to 127.0.0.1:`port`: the sockets among its
@@ -90,22 +73,6 @@ fn connections_to(port: u16) -> usize {
         .count()
 }
 
-/// Polls `condition` every 20 ms for up to `limit`; panics with `what` if it never holds.
-async fn within<F, Fut>(limit: Duration, what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 #[ignore = "needs the three-node RabbitMQ cluster of scripts/cluster, and kills its node 1; run by scripts/test-cluster"]
 async fn a_consumer_and_a_relay_move_to_another_node_when_theirs_stops() {
@@ -129,15 +96,7 @@ async fn a_consumer_and_a_relay_move_to_another_node_when_theirs_stops() {
     orders.install_outbox().await.unwrap();
     let shipping = test_db.service("shipping").await;
     shipping.install_idempotency().await.unwrap();
-    // One row per handled event, deliberately without a unique key: an event handled twice
-    // shows as two rows.
-    shipping
-        .get()
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE shipments (event_id uuid NOT NULL)")
-        .await
-        .unwrap();
+    cluster::create_shipments(&shipping).await;
 
     let exchange = common::unique("orders.events");
     let queue = QueueSpec::new(common::unique("shipping.orders")).bind(&exchange, "order.#");
@@ -235,7 +194,7 @@ async fn a_consumer_and_a_relay_move_to_another_node_when_theirs_stops() {
     // meanwhile, so that the move is timed from the kill, not from the script's return.
     let stopped_at = Instant::now();
     let stopping = tokio::task::spawn_blocking(|| {
-        cluster(&["stop-node", "1"]);
+        cluster::script(&["rabbit", "stop-node", "1"]);
         Instant::now()
     });
 
@@ -291,17 +250,7 @@ async fn a_consumer_and_a_relay_move_to_another_node_when_theirs_stops() {
 
     // Nothing lost, nothing twice.
     let enqueued = enqueued.lock().unwrap().clone();
-    let mut shipments: HashMap<uuid::Uuid, i64> = HashMap::new();
-    for row in shipping
-        .get()
-        .await
-        .unwrap()
-        .query("SELECT event_id FROM shipments", &[])
-        .await
-        .unwrap()
-    {
-        *shipments.entry(row.get(0)).or_default() += 1;
-    }
+    let shipments = cluster::shipments(&shipping).await;
     let twice: Vec<_> = shipments.iter().filter(|(_, &n)| n > 1).collect();
     assert!(twice.is_empty(), "events handled more than once: {twice:?}");
     let missing = enqueued
@@ -320,7 +269,7 @@ async fn a_consumer_and_a_relay_move_to_another_node_when_theirs_stops() {
     let relay_final = relay_task.await.unwrap().unwrap();
 
     // Node 1 back, for the next test; it rejoins the cluster by itself.
-    cluster(&["start-node", "1"]);
+    cluster::script(&["rabbit", "start-node", "1"]);
     {
         let connection = amqp.connect().await.unwrap();
         topology.delete(&connection).await.unwrap();

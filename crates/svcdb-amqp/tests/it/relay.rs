@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::{closed_port, effects, eventually, service, url_via, Broker, Proxy};
 use serde_json::json;
 use svcdb::outbox::{self, PublishRetry};
+use svcdb::testing::TestDb;
 use svcdb::{Envelope, Outbox, ServiceDb};
 use svcdb_amqp::topology::{QueueSpec, Topology};
 use svcdb_amqp::{AmqpConfig, Consumer, ConsumerOptions, Relay, RelayConfig, RelayStatus, Result};
@@ -59,6 +60,15 @@ fn start_with(amqp: &AmqpConfig, outbox: Outbox, config: RelayConfig) -> Running
 }
 
 impl Running {
+    /// Waits up to 10 s for the relay's status to meet `condition`.
+    async fn until(&self, what: &str, condition: impl FnMut(&RelayStatus) -> bool) {
+        let mut status = self.status.clone();
+        tokio::time::timeout(Duration::from_secs(10), status.wait_for(condition))
+            .await
+            .unwrap_or_else(|_| panic!("timed out after 10 s waiting for: {what}"))
+            .unwrap();
+    }
+
     async fn stop(self) -> RelayStatus {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.task)
@@ -88,6 +98,19 @@ async fn pending(db: &ServiceDb) -> u64 {
     Outbox::new(db.clone()).pending_count().await.unwrap()
 }
 
+/// Waits until no row of the outbox is pending.
+async fn until_published(db: &ServiceDb, what: &str) {
+    eventually(what, || async { pending(db).await == 0 }).await;
+}
+
+/// The real broker, and the service's database (with the `effects` table) the relay reads.
+async fn broker_and_service() -> (Broker, TestDb, ServiceDb) {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (test_db, db) = service().await;
+    (broker, test_db, db)
+}
+
 /// An exchange for the service and a plain queue bound to all of it.
 async fn exchange_and_queue(broker: &Broker) -> (String, QueueSpec) {
     let exchange = common::unique("orders.events");
@@ -100,9 +123,7 @@ async fn exchange_and_queue(broker: &Broker) -> (String, QueueSpec) {
 
 #[tokio::test]
 async fn an_event_for_the_predefined_amq_topic_exchange_is_published() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     // This test's own queue, bound to RabbitMQ's amq.topic by hand: a Topology declares the
     // exchanges it binds to, and declaring an `amq.` name is refused. Publishing to one is not.
     let queue = QueueSpec::new(common::unique("audit"));
@@ -125,10 +146,7 @@ async fn an_event_for_the_predefined_amq_topic_exchange_is_published() {
     let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 8 }));
     enqueue(&db, "amq.topic", &routing_key, &placed).await;
     let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
-    eventually("the row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the row is marked published").await;
     relay.stop().await;
 
     assert_eq!(got.len(), 1);
@@ -137,19 +155,14 @@ async fn an_event_for_the_predefined_amq_topic_exchange_is_published() {
 
 #[tokio::test]
 async fn committed_events_are_published_with_their_properties() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
     let relay = start(&broker.config, fast_outbox(&db));
 
     let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 7 }));
     enqueue(&db, &exchange, "order.placed", &placed).await;
     let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
-    eventually("the row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the row is marked published").await;
     let status = relay.stop().await;
 
     assert_eq!(got.len(), 1);
@@ -183,9 +196,7 @@ async fn committed_events_are_published_with_their_properties() {
 
 #[tokio::test]
 async fn a_rolled_back_transaction_publishes_nothing() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
     let relay = start(&broker.config, fast_outbox(&db));
 
@@ -223,23 +234,18 @@ async fn a_rolled_back_transaction_publishes_nothing() {
 
 #[tokio::test]
 async fn the_relay_keeps_rows_while_the_broker_is_unreachable_and_publishes_after_reconnecting() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
     let port = closed_port();
     let relay = start(&AmqpConfig::new(url_via(port)), fast_outbox(&db));
 
     let first = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 1 }));
     enqueue(&db, &exchange, "order.placed", &first).await;
-    let mut status = relay.status.clone();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        status.wait_for(|s| s.consecutive_errors >= 2),
-    )
-    .await
-    .expect("the relay reports its failed connection attempts")
-    .unwrap();
+    relay
+        .until("the relay reports its failed connection attempts", |s| {
+            s.consecutive_errors >= 2
+        })
+        .await;
     let reported = relay.status.borrow().clone();
     let error = reported.last_error.clone().unwrap();
     assert!(
@@ -275,10 +281,7 @@ async fn the_relay_keeps_rows_while_the_broker_is_unreachable_and_publishes_afte
     let proxy = Proxy::start(port).await;
     let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
     assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, first.id);
-    eventually("the first row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the first row is marked published").await;
     assert!(relay.status.borrow().connected);
 
     // The connection drops; the next event still gets through once the relay reconnects.
@@ -287,10 +290,7 @@ async fn the_relay_keeps_rows_while_the_broker_is_unreachable_and_publishes_afte
     enqueue(&db, &exchange, "order.placed", &second).await;
     let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
     assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, second.id);
-    eventually("the second row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the second row is marked published").await;
 
     let status = relay.stop().await;
     assert_eq!(status.published, 2);
@@ -299,9 +299,7 @@ async fn the_relay_keeps_rows_while_the_broker_is_unreachable_and_publishes_afte
 
 #[tokio::test]
 async fn unroutable_events_stay_in_the_outbox_until_a_queue_is_bound() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     let exchange = common::unique("orders.events");
     broker.declare(Topology::new().exchange(&exchange)).await;
     let relay = start(&broker.config, fast_outbox(&db));
@@ -336,18 +334,13 @@ async fn unroutable_events_stay_in_the_outbox_until_a_queue_is_bound() {
     broker.declare(Topology::new().queue(queue.clone())).await;
     let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
     assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, placed.id);
-    eventually("the row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the row is marked published").await;
     relay.stop().await;
 }
 
 #[tokio::test]
 async fn an_event_enqueued_by_a_handler_is_relayed_and_consumed_downstream() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     // catalog.events → orders.reserve-stock (handler enqueues OrderConfirmed in its tx)
     // orders.events  → orders.audit (records OrderConfirmed)
     let catalog = common::unique("catalog.events");
@@ -457,9 +450,7 @@ async fn a_service_without_the_outbox_table_is_refused_at_start() {
 
 #[tokio::test]
 async fn a_missing_exchange_fails_its_row_and_the_relay_carries_on() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
     let relay = start(&broker.config, fast_outbox(&db));
 
@@ -510,9 +501,7 @@ async fn row(db: &ServiceDb, event: &Envelope) -> (i32, Option<String>, bool) {
 
 #[tokio::test]
 async fn a_row_for_a_missing_exchange_does_not_fail_the_rest_of_its_batch() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
     // One batch, in id order: a good row, the bad one, three more good ones. The bad row's
     // publish closes the channel (NOT_FOUND) while the rows after it are in flight.
@@ -583,26 +572,20 @@ async fn assert_no_row_locked(db: &ServiceDb) {
 
 #[tokio::test]
 async fn a_silent_broker_neither_hangs_the_relay_nor_its_shutdown() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
-    let port = closed_port();
-    let proxy = Proxy::start(port).await;
+    let (proxy, via_proxy) = common::proxied().await;
     let timeout = Duration::from_secs(3);
     let config = RelayConfig {
         confirm_timeout: timeout,
         ..fast()
     };
-    let relay = start_with(&AmqpConfig::new(url_via(port)), fast_outbox(&db), config);
+    let relay = start_with(&via_proxy, fast_outbox(&db), config);
 
     let first = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 1 }));
     enqueue(&db, &exchange, "order.placed", &first).await;
     broker.take(&queue.name, 1, Duration::from_secs(10)).await;
-    eventually("the first row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the first row is marked published").await;
 
     // The broker goes silent, the TCP connection stays open.
     proxy.silence();
@@ -635,41 +618,29 @@ async fn a_silent_broker_neither_hangs_the_relay_nor_its_shutdown() {
     let relay = start(&broker.config, fast_outbox(&db));
     let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
     assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, second.id);
-    eventually("the second row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the second row is marked published").await;
     relay.stop().await;
 }
 
 #[tokio::test]
 async fn a_blocked_connection_is_reported_and_its_rows_wait_until_unblocked() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
-    let port = closed_port();
-    let proxy = Proxy::start(port).await;
+    let (proxy, via_proxy) = common::proxied().await;
     let timeout = Duration::from_millis(200);
     let config = RelayConfig {
         confirm_timeout: timeout,
         ..fast()
     };
-    let relay = start_with(&AmqpConfig::new(url_via(port)), fast_outbox(&db), config);
-    let mut status = relay.status.clone();
-    tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.connected))
-        .await
-        .expect("the relay connects")
-        .unwrap();
+    let relay = start_with(&via_proxy, fast_outbox(&db), config);
+    relay.until("the relay connects", |s| s.connected).await;
 
     proxy.block("low on memory");
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        status.wait_for(|s| s.blocked.is_some()),
-    )
-    .await
-    .expect("the relay reports the blocked connection")
-    .unwrap();
+    relay
+        .until("the relay reports the blocked connection", |s| {
+            s.blocked.is_some()
+        })
+        .await;
     assert_eq!(
         relay.status.borrow().blocked.as_deref(),
         Some("low on memory")
@@ -686,10 +657,7 @@ async fn a_blocked_connection_is_reported_and_its_rows_wait_until_unblocked() {
     proxy.resume();
     let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
     assert_eq!(Envelope::from_slice(&got[0].data).unwrap().id, event.id);
-    eventually("the row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the row is marked published").await;
     assert_eq!(relay.status.borrow().blocked, None, "unblocked");
     let last = relay.stop().await;
     assert_eq!(
@@ -774,9 +742,7 @@ fn ids(messages: &[lapin::message::Delivery]) -> Vec<uuid::Uuid> {
 
 #[tokio::test]
 async fn a_relay_that_dies_between_the_confirm_and_its_commit_publishes_the_event_again() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (test_db, db) = service().await;
+    let (broker, test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
     let gate = CommitGate::close(&test_db).await;
     let relay = start(&broker.config, fast_outbox(&db));
@@ -798,22 +764,16 @@ async fn a_relay_that_dies_between_the_confirm_and_its_commit_publishes_the_even
         .unwrap()
         .get(0);
     assert!(terminated);
-    let mut status = relay.status.clone();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        status.wait_for(|s| s.consecutive_errors >= 1),
-    )
-    .await
-    .expect("the relay reports the lost commit")
-    .unwrap();
+    relay
+        .until("the relay reports the lost commit", |s| {
+            s.consecutive_errors >= 1
+        })
+        .await;
     assert_eq!(row(&db, &placed).await, (0, None, false), "rolled back");
 
     gate.open().await;
     let got = broker.take(&queue.name, 2, Duration::from_secs(10)).await;
-    eventually("the row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the row is marked published").await;
     let last = relay.stop().await;
     assert_eq!(
         ids(&got),
@@ -829,9 +789,7 @@ async fn a_relay_that_dies_between_the_confirm_and_its_commit_publishes_the_even
 // once lets the relay see it before the test opens the gate.
 #[tokio::test]
 async fn shutdown_during_a_batch_lets_the_batch_finish() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (test_db, db) = service().await;
+    let (broker, test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
     let gate = CommitGate::close(&test_db).await;
     let config = RelayConfig {
@@ -865,23 +823,16 @@ async fn shutdown_during_a_batch_lets_the_batch_finish() {
 
 #[tokio::test]
 async fn a_connection_lost_mid_batch_fails_its_rows_and_they_are_published_after_reconnecting() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
-    let port = closed_port();
-    let proxy = Proxy::start(port).await;
+    let (proxy, via_proxy) = common::proxied().await;
     // Far beyond the test's waits: what fails the rows is the lost connection.
     let config = RelayConfig {
         confirm_timeout: Duration::from_secs(300),
         ..fast()
     };
-    let relay = start_with(&AmqpConfig::new(url_via(port)), fast_outbox(&db), config);
-    let mut status = relay.status.clone();
-    tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.connected))
-        .await
-        .expect("the relay connects")
-        .unwrap();
+    let relay = start_with(&via_proxy, fast_outbox(&db), config);
+    relay.until("the relay connects", |s| s.connected).await;
 
     // The broker stops answering, so the batch is still waiting for its confirms when the
     // connection drops.
@@ -907,10 +858,7 @@ async fn a_connection_lost_mid_batch_fails_its_rows_and_they_are_published_after
     proxy.resume();
 
     let got = broker.take(&queue.name, 3, Duration::from_secs(10)).await;
-    eventually("the rows are marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the rows are marked published").await;
     let last = relay.stop().await;
     let mut got = ids(&got);
     got.sort();
@@ -936,32 +884,26 @@ async fn a_connection_lost_mid_batch_fails_its_rows_and_they_are_published_after
 
 #[tokio::test]
 async fn a_silent_broker_fails_the_batch_at_the_confirm_timeout_and_the_rows_wait_for_it() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
+    let (broker, _test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
-    let port = closed_port();
-    let proxy = Proxy::start(port).await;
+    let (proxy, via_proxy) = common::proxied().await;
     let config = RelayConfig {
         confirm_timeout: Duration::from_millis(500),
         ..fast()
     };
-    let relay = start_with(&AmqpConfig::new(url_via(port)), fast_outbox(&db), config);
-    let mut status = relay.status.clone();
-    tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.connected))
-        .await
-        .expect("the relay connects")
-        .unwrap();
+    let relay = start_with(&via_proxy, fast_outbox(&db), config);
+    relay.until("the relay connects", |s| s.connected).await;
 
     proxy.silence();
     let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": 1 }));
     enqueue(&db, &exchange, "order.placed", &placed).await;
     // With no byte from the broker, only the confirm timeout can fail the row; and it lets go
     // of it, while the broker is still silent.
-    tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.failed >= 1))
-        .await
-        .expect("the row fails while the broker is silent")
-        .unwrap();
+    relay
+        .until("the row fails while the broker is silent", |s| {
+            s.failed >= 1
+        })
+        .await;
     eventually("the relay holds no row", || async {
         !row_locked(&db).await
     })
@@ -982,10 +924,7 @@ async fn a_silent_broker_fails_the_batch_at_the_confirm_timeout_and_the_rows_wai
 
     proxy.resume();
     let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
-    eventually("the row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the row is marked published").await;
     relay.stop().await;
     // The timed-out publish may still reach the broker once it answers: a duplicate at most.
     let mut got = ids(&got);
@@ -1063,9 +1002,7 @@ async fn relay_child_process() {
 
 #[tokio::test]
 async fn a_relay_process_killed_between_the_confirm_and_its_commit_publishes_nothing_lost() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (test_db, db) = service().await;
+    let (broker, test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
     let gate = CommitGate::close(&test_db).await;
     let mut child = RelayProcess::spawn(&test_db, &broker.config);
@@ -1097,10 +1034,7 @@ async fn a_relay_process_killed_between_the_confirm_and_its_commit_publishes_not
     // The relay restarts (or another replica carries on).
     let relay = start(&broker.config, fast_outbox(&db));
     let got = broker.take(&queue.name, 2, Duration::from_secs(10)).await;
-    eventually("the row is marked published", || async {
-        pending(&db).await == 0
-    })
-    .await;
+    until_published(&db, "the row is marked published").await;
     let last = relay.stop().await;
     assert_eq!(
         ids(&got),

@@ -4,12 +4,12 @@
 
 use crate::common;
 
-use std::io::Write;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
 
+use common::closed_port;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use svcdb::testing::CapturedLogs;
 use svcdb_amqp::redact_url;
 use svcdb_amqp::{AmqpConfig, Error};
 
@@ -42,34 +42,6 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-/// Collects everything the tracing subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Everything svcdb-amqp prints about `url`: its `Debug`, its redacted form, and the
 /// errors of validating and connecting (to a port where nothing listens).
 async fn rendered(url: &str) -> Vec<String> {
@@ -97,7 +69,7 @@ async fn rendered(url: &str) -> Vec<String> {
 
 #[test]
 fn no_password_reaches_debug_display_errors_or_logs() {
-    let logs = Captured::default();
+    let logs = CapturedLogs::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
-use svcdb::testing::TestDb;
+use svcdb::testing::{closed_port, TestDb};
 use svcdb::{Config, ServiceDb};
 use svcdb::{Gate, Problem};
 use tower::ServiceExt;
@@ -71,12 +71,6 @@ const POOL_WAIT: Duration = Duration::from_secs(30);
 /// many times that timeout, so a loaded machine does not fail it, and a third of
 /// [`POOL_WAIT`], so waiting for the pool would.
 const ANSWERED_BY_THE_GATE: Duration = Duration::from_secs(10);
-
-/// A TCP port on 127.0.0.1 where nothing listens.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
 
 #[tokio::test]
 async fn healthy_service_is_ready_with_the_report() {

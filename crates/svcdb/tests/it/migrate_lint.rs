@@ -42,6 +42,20 @@ fn rules(sql: &str) -> Vec<Rule> {
         .collect()
 }
 
+/// Each of `scripts`, deployed alone, passes the lint.
+fn assert_all_fine(scripts: &[&str]) {
+    for sql in scripts {
+        assert_eq!(rules(sql), [], "{sql}");
+    }
+}
+
+/// Each of `scripts`, deployed alone, breaks `rule` and no other.
+fn assert_each_flags(rule: Rule, scripts: &[&str]) {
+    for sql in scripts {
+        assert_eq!(rules(sql), [rule], "{sql}");
+    }
+}
+
 const NO_TX: &str = "-- svcdb:no-transaction\n";
 
 #[test]
@@ -123,36 +137,30 @@ fn add_column_not_null_needs_a_default() {
         rules("ALTER TABLE users ADD COLUMN plan text NOT NULL;"),
         [Rule::AddColumnNotNullWithoutDefault]
     );
-    for fine in [
+    assert_all_fine(&[
         "ALTER TABLE users ADD COLUMN plan text NOT NULL DEFAULT 'free';",
         "ALTER TABLE users ADD COLUMN plan text;",
         "CREATE TABLE t (a int); ALTER TABLE t ADD COLUMN plan text NOT NULL;",
-    ] {
-        assert_eq!(rules(fine), [], "{fine}");
-    }
+    ]);
 }
 
 #[test]
 fn add_column_with_a_volatile_default_rewrites_the_table() {
-    for sql in [
+    assert_each_flags(Rule::AddColumnVolatileDefault, &[
         "ALTER TABLE users ADD COLUMN seen timestamptz DEFAULT clock_timestamp();",
         "ALTER TABLE users ADD COLUMN token uuid NOT NULL DEFAULT gen_random_uuid();",
         "ALTER TABLE users ADD COLUMN r float8 DEFAULT (random() * 10)::float8;",
         "ALTER TABLE users ADD COLUMN n bigserial;",
         "ALTER TABLE users ADD COLUMN n bigint GENERATED ALWAYS AS IDENTITY;",
         "ALTER TABLE users ADD COLUMN lower_email text GENERATED ALWAYS AS (lower(email)) STORED;",
-    ] {
-        assert_eq!(rules(sql), [Rule::AddColumnVolatileDefault], "{sql}");
-    }
+    ]);
     // Stable and constant defaults are evaluated once (PostgreSQL 11+): no rewrite.
-    for fine in [
+    assert_all_fine(&[
         "ALTER TABLE users ADD COLUMN created_at timestamptz NOT NULL DEFAULT now();",
         "ALTER TABLE users ADD COLUMN created_at timestamptz DEFAULT CURRENT_TIMESTAMP;",
         "ALTER TABLE users ADD COLUMN tags text[] NOT NULL DEFAULT '{}';",
         "CREATE TABLE t (a int); ALTER TABLE t ADD COLUMN n bigserial;",
-    ] {
-        assert_eq!(rules(fine), [], "{fine}");
-    }
+    ]);
 }
 
 #[test]
@@ -177,12 +185,10 @@ fn foreign_keys_and_checks_need_not_valid() {
         let not_valid = sql.replace(';', " NOT VALID;");
         assert_eq!(rules(&not_valid), [], "{not_valid}");
     }
-    for fine in [
+    assert_all_fine(&[
         "ALTER TABLE orders VALIDATE CONSTRAINT orders_user;",
         "CREATE TABLE t (a int); ALTER TABLE t ADD CONSTRAINT a_positive CHECK (a > 0);",
-    ] {
-        assert_eq!(rules(fine), [], "{fine}");
-    }
+    ]);
 }
 
 #[test]
@@ -264,13 +270,11 @@ fn vacuum_full_cluster_and_lock_table() {
         rules("LOCK TABLE users IN ACCESS EXCLUSIVE MODE;"),
         [Rule::LockTable]
     );
-    for fine in [
+    assert_all_fine(&[
         "VACUUM users;",
         "VACUUM (FULL false) users;",
         "ANALYZE users;",
-    ] {
-        assert_eq!(rules(fine), [], "{fine}");
-    }
+    ]);
 }
 
 #[test]

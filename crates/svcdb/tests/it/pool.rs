@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use forwarder::Forwarder;
-use svcdb::testing::TestDb;
+use svcdb::testing::{closed_port, TestDb};
 use svcdb::{Config, Error, ServiceDb, TlsMode};
 
 /// How long a test waits for a state the pool reaches on its own before failing: generous, for
@@ -50,12 +50,6 @@ async fn current_schema(conn: &tokio_postgres::Client) -> String {
         .await
         .unwrap()
         .get(0)
-}
-
-/// A TCP port on 127.0.0.1 where nothing listens.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 #[tokio::test]
@@ -452,7 +446,7 @@ fn every_documented_default_is_the_default() {
             })
             .collect()
     };
-    let module = table(include_str!("../../src/config.rs"), "/// ", 3);
+    let module = table(include_str!("../../src/config/mod.rs"), "/// ", 3);
     let readme = table(include_str!("../../../../README.md"), "", 2);
     let mut checked = 0;
     for (key, default) in &module {

@@ -1,5 +1,7 @@
 //! Shared test helpers: the real broker and database, unique names, clean-up on drop.
 
+pub mod cluster;
+
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -474,6 +476,13 @@ pub fn url_via(port: u16) -> String {
 pub fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
+}
+
+/// A [`Proxy`] on a fresh port, and the broker's config as reached through it: the connection
+/// a test freezes or cuts.
+pub async fn proxied() -> (Proxy, AmqpConfig) {
+    let port = closed_port();
+    (Proxy::start(port).await, AmqpConfig::new(url_via(port)))
 }
 
 impl Proxy {

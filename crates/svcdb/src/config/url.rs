@@ -1,0 +1,210 @@
+//! Parsing a `DATABASE_URL` for the driver, and naming its hosts in messages: never a piece of
+//! the password, in an error or a description.
+
+use crate::error::{Error, Result};
+
+/// Parses a `DATABASE_URL` (URL or `key=value` form) as the driver does: of `sslmode` it knows
+/// `disable`, `prefer` and `require`, and `sslrootcert` it refuses;
+/// [`Config::new`](super::Config::new) takes every libpq TLS setting. The error never repeats
+/// the input, which may hold a password.
+pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
+    refuse_ambiguous_credentials(database_url)?;
+    database_url.parse().map_err(|e: tokio_postgres::Error| {
+        let why = std::error::Error::source(&e)
+            .map(ToString::to_string)
+            .unwrap_or_else(|| e.to_string());
+        Error::config(
+            "DATABASE_URL",
+            format!(
+                "cannot parse it ({}); expected postgres://user[:password]@host[:port]/dbname",
+                without_input(&why)
+            ),
+        )
+    })
+}
+
+/// Refuses a URL with more than one '@'. The driver (like libpq) ends the credentials at the
+/// first: a second means a password (or user) with an unencoded '@', whose tail the driver
+/// would take for the host, the database or a parameter, and print in errors.
+pub(super) fn refuse_ambiguous_credentials(database_url: &str) -> Result<()> {
+    match url_body(database_url) {
+        Some(body) if body.matches('@').count() > 1 => Err(Error::config(
+            "DATABASE_URL",
+            "holds more than one '@'; write an '@' in the user name, password or a parameter as %40",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A URL's text after `postgres://` or `postgresql://`; `None` for `key=value` pairs.
+pub(super) fn url_body(database_url: &str) -> Option<&str> {
+    ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|prefix| database_url.strip_prefix(prefix))
+}
+
+/// libpq's connection keywords the driver does not know: an unknown option with one of these
+/// names is named in the error; any other name may be a piece of a password (an unquoted
+/// `password=` value with a space in it), so it is not.
+const LIBPQ_ONLY_KEYWORDS: [&str; 24] = [
+    "channel_binding",
+    "client_encoding",
+    "fallback_application_name",
+    "gssdelegation",
+    "gssencmode",
+    "gsslib",
+    "krbsrvname",
+    "max_protocol_version",
+    "min_protocol_version",
+    "passfile",
+    "replication",
+    "require_auth",
+    "requirepeer",
+    "service",
+    "ssl_max_protocol_version",
+    "ssl_min_protocol_version",
+    "sslcert",
+    "sslcertmode",
+    "sslcompression",
+    "sslcrl",
+    "sslcrldir",
+    "sslkey",
+    "sslpassword",
+    "sslsni",
+];
+
+/// The driver's parse error without the parts of the input it repeats: an unknown option's
+/// name (unless it is a libpq keyword) and the character it stumbled on. The rest of its
+/// messages name only fixed option names.
+fn without_input(why: &str) -> String {
+    if let Some(name) = why
+        .strip_prefix("unknown option `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        return if LIBPQ_ONLY_KEYWORDS.contains(&name) {
+            format!("libpq's option `{name}`, which this driver does not support")
+        } else {
+            "an option it does not know, not named here since it may be part of a password; quote a password holding spaces: password='…'".into()
+        };
+    }
+    match why.find(": expected `") {
+        Some(cut) if why.starts_with("unexpected character") => why[..cut].to_owned(),
+        _ => why.to_owned(),
+    }
+}
+
+/// `user@host:port/dbname` of a driver configuration, `user@h1:5432,h2:5433/dbname` with
+/// several hosts; never the password.
+pub fn describe_target(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = pg.get_ports();
+    let hosts: Vec<String> = match pg.get_hosts() {
+        [] => vec!["localhost".into()],
+        hosts => hosts
+            .iter()
+            .map(|host| match host {
+                Host::Tcp(h) => h.clone(),
+                #[cfg(unix)]
+                Host::Unix(p) => p.display().to_string(),
+            })
+            .collect(),
+    };
+    let hosts = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            // A host name never holds '@'; one that does came from a password with an
+            // unencoded '@' in a URL the driver parsed (svcdb's own parsing refuses those):
+            // keep only what follows.
+            let host = host.rfind('@').map_or(host.as_str(), |at| &host[at + 1..]);
+            // One port serves every host; otherwise each host has its own (as the driver
+            // pairs them).
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            format!("{host}:{port}")
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let user = pg.get_user().unwrap_or("?");
+    let db = pg.get_dbname().unwrap_or(user);
+    format!("{user}@{hosts}/{db}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn a_password_with_an_unencoded_at_sign_is_refused_not_misread() {
+        // The driver would read "cd@db" as the host, and print it in every error.
+        match Config::new("postgres://svc:ab@cd@db/shop", "orders") {
+            Err(Error::Config { key, message }) => {
+                assert_eq!(key, "DATABASE_URL");
+                assert!(message.contains("%40"), "says how: {message}");
+                assert!(
+                    !message.contains("ab") && !message.contains("cd"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        let c = Config::new("postgres://svc:ab%40cd@db/shop", "orders").unwrap();
+        assert_eq!(c.connection.get_password(), Some(&b"ab@cd"[..]));
+    }
+
+    #[test]
+    fn unknown_options_are_named_only_when_they_are_libpq_keywords() {
+        let message = |url: &str| match parse_url(url) {
+            Err(Error::Config { message, .. }) => message,
+            other => panic!("{url}: expected a config error, got {other:?}"),
+        };
+        // libpq's, so not a piece of a password: worth naming.
+        assert!(message("host=db user=svc sslcert=/c.pem").contains("`sslcert`"));
+        // A password with a space, unquoted: its second half is read as an option name.
+        let shown = message("host=db user=svc password=first hunter2=x");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("password='"), "says how: {shown}");
+    }
+
+    #[test]
+    fn several_hosts_in_either_form_reach_the_driver_in_order() {
+        use tokio_postgres::config::Host;
+        for url in [
+            "postgres://svc@h1:5441,h2:5442/shop",
+            "host=h1,h2 port=5441,5442 user=svc dbname=shop",
+        ] {
+            let c = Config::new(url, "orders").unwrap();
+            assert_eq!(
+                c.connection.get_hosts(),
+                [Host::Tcp("h1".into()), Host::Tcp("h2".into())],
+                "{url}"
+            );
+            assert_eq!(c.connection.get_ports(), [5441, 5442], "{url}");
+            assert_eq!(c.target(), "svc@h1:5441,h2:5442/shop", "{url}");
+        }
+        // One port for every host, as for libpq.
+        let c = Config::new("host=h1,h2 port=6000 user=svc dbname=shop", "orders").unwrap();
+        assert_eq!(c.target(), "svc@h1:6000,h2:6000/shop");
+        let c = Config::new("postgres://svc@h1,h2/shop", "orders").unwrap();
+        assert_eq!(c.target(), "svc@h1:5432,h2:5432/shop");
+    }
+
+    #[test]
+    fn no_password_in_the_target_of_several_hosts() {
+        let secret = "hunter2-very-secret";
+        let c = Config::new(
+            &format!("postgres://svc:{secret}@h1:5441,h2:5442/shop"),
+            "orders",
+        )
+        .unwrap();
+        let shown = format!("{c:?} {}", c.target());
+        assert!(!shown.contains(secret), "{shown}");
+        // A driver config read by the driver alone (svcdb's parse refuses a stray '@'): the
+        // tail of a password with an unencoded '@' would be the first host.
+        let pg: tokio_postgres::Config =
+            "postgres://svc:ab@cd@h1:5441,h2:5442/shop".parse().unwrap();
+        let shown = describe_target(&pg);
+        assert!(!shown.contains("ab") && !shown.contains("cd@"), "{shown}");
+        assert_eq!(shown, "svc@h1:5441,h2:5442/shop");
+    }
+}
