@@ -7,7 +7,7 @@ use anyhow::Result;
 use svcdb::migrate::Migrations;
 use svcdb::{Config, ServiceDb};
 
-use crate::failure::Usage;
+use crate::usage::Usage;
 
 /// The default of `--dir`; `schema verify` and `health` skip the migration checks when this
 /// default folder is absent (a folder named explicitly must exist).

@@ -8,6 +8,7 @@ mod cmd;
 mod failure;
 mod global;
 mod output;
+mod usage;
 
 use std::process::ExitCode;
 
