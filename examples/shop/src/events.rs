@@ -76,3 +76,6 @@ impl Event for StockReservationFailed {
     const KIND: &'static str = "StockReservationFailed";
     const ROUTING_KEY: &'static str = "stock.reservation-failed";
 }
+
+/// What a malformed producer wrote: an `OrderPlaced` cut off mid-object, not an envelope.
+pub const MALFORMED: &[u8] = br#"{"kind": "OrderPlaced", "order_id": 4"#;

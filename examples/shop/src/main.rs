@@ -33,6 +33,7 @@ mod orders;
 mod platform;
 mod report;
 mod scenario;
+mod services;
 mod users;
 
 use std::collections::HashMap;
@@ -119,7 +120,7 @@ impl clap::builder::TypedValueParser for PlacementParser {
         let placement = value
             .to_str()
             .ok_or_else(|| "is not UTF-8".to_owned())
-            .and_then(|value| Placement::parse(value, &scenario::SERVICES));
+            .and_then(|value| Placement::parse(value, &services::SERVICES));
         placement.map_err(|why| {
             clap::Error::raw(
                 clap::error::ErrorKind::ValueValidation,

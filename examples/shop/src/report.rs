@@ -19,8 +19,9 @@ use svcdb_amqp::lapin::Connection;
 use uuid::Uuid;
 
 use crate::catalog::Product;
+use crate::events::MALFORMED;
 use crate::platform::Names;
-use crate::scenario::{MALFORMED, SERVICES};
+use crate::services::SERVICES;
 
 /// One invariant and whether it held.
 #[derive(Debug, Clone, Serialize)]

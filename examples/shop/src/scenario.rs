@@ -41,25 +41,15 @@ use crate::cart::{Cart, NewCart};
 use crate::catalog::{NewProduct, Product};
 use crate::client::{ApiClient, Response};
 use crate::deploy::{Deployment, Placement};
-use crate::events::{Event, Line, OrderPlaced};
+use crate::events::{Event, Line, OrderPlaced, MALFORMED};
 use crate::faults::{self, Link, LostAcks};
 use crate::fleet::{Fleet, Spec};
 use crate::orders::{Order, PlaceOrder};
 use crate::platform::ServiceDef;
 use crate::report::{Checks, Figures, Report, Sources};
+use crate::services::SERVICES;
 use crate::users::{Registration, User};
-use crate::{cart, catalog, orders, users};
-
-/// The four services, in the order they start (orders calls cart's API, so cart comes first).
-pub const SERVICES: [&ServiceDef; 4] = [
-    &users::SERVICE,
-    &catalog::SERVICE,
-    &cart::SERVICE,
-    &orders::SERVICE,
-];
-
-/// What a malformed producer wrote: an `OrderPlaced` cut off mid-object, not an envelope.
-pub const MALFORMED: &[u8] = br#"{"kind": "OrderPlaced", "order_id": 4"#;
+use crate::{catalog, orders};
 
 /// How long the system must stay quiet (nothing ready, everything applied) to count as settled.
 const QUIET: Duration = Duration::from_millis(2500);
