@@ -99,6 +99,7 @@ mod error;
 mod handler;
 mod relay;
 mod retention;
+mod spans;
 
 pub use config::{
     redact_url, AmqpConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_QUORUM_GROUP_SIZE,
