@@ -90,6 +90,7 @@
 // files can be reorganised freely.
 pub mod publish;
 pub mod service;
+pub mod telemetry;
 pub mod topology;
 
 mod config;

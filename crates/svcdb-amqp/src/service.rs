@@ -477,8 +477,10 @@ where
             },
             refuse_readiness_while_draining,
         ));
+        // Spans for the service's own requests, not for the probes and scrapes.
         let app = routes
             .with_state(state.clone())
+            .layer(middleware::from_fn(svcdb::http::trace_requests))
             .merge(probes)
             .merge(svcdb::http::metrics_router(db.clone()));
 

@@ -38,6 +38,8 @@ use opentelemetry::trace::{
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::pool::ServiceDb;
+
 /// The AMQP header (and HTTP header) that carries the [`TraceParent`].
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 
@@ -167,6 +169,25 @@ fn hex(digits: &[u8]) -> Option<u128> {
         };
         Some(n << 4 | u128::from(v))
     })
+}
+
+/// The span of one transaction of `db` ([`ServiceDb::transaction`]): a database client span
+/// with the semantic conventions' `db.system.name` and `db.namespace` (`database.schema`).
+pub(crate) fn transaction_span(db: &ServiceDb) -> Span {
+    let namespace = db
+        .metric_labels()
+        .iter()
+        .find(|label| label.key() == "db_namespace")
+        .map(|label| label.value())
+        .unwrap_or_default();
+    tracing::info_span!(
+        target: "svcdb::tx",
+        "transaction",
+        otel.name = format!("transaction {namespace}"),
+        otel.kind = "client",
+        db.system.name = "postgresql",
+        db.namespace = namespace,
+    )
 }
 
 /// The traceparent of the current span; `None` when it has no OpenTelemetry context (no
