@@ -179,12 +179,10 @@ fn filter(rust_log: Option<String>, default_filter: &str) -> Result<EnvFilter, T
 /// subscriber is installed already.
 pub fn init(service: &str, default_filter: &str) -> Result<TelemetryGuard, TelemetryError> {
     let format = LogFormat::from_env()?;
-    let logs = format
-        .layer(std::io::stderr)
-        .with_filter(filter(
-            std::env::var(EnvFilter::DEFAULT_ENV).ok(),
-            default_filter,
-        )?);
+    let logs = format.layer(std::io::stderr).with_filter(filter(
+        std::env::var(EnvFilter::DEFAULT_ENV).ok(),
+        default_filter,
+    )?);
     #[cfg(feature = "otlp")]
     let (traces, provider) = match otlp::provider(service)? {
         Some(provider) => (Some(otlp::layer(&provider, service)), Some(provider)),
@@ -284,7 +282,10 @@ mod tests {
         let e = "yaml".parse::<LogFormat>().unwrap_err();
         assert!(e.is_log_format());
         let shown = e.to_string();
-        assert!(shown.contains("SVCDB_LOG_FORMAT") && shown.contains("\"yaml\""), "{shown}");
+        assert!(
+            shown.contains("SVCDB_LOG_FORMAT") && shown.contains("\"yaml\""),
+            "{shown}"
+        );
         assert!(shown.contains("\"json\""), "{shown}");
     }
 
@@ -294,8 +295,13 @@ mod tests {
         assert!(filter(Some(" ".into()), "info").is_ok());
         let e = filter(Some("info,svcdb_amqp=loud".into()), "info").unwrap_err();
         assert!(e.is_filter());
-        assert!(e.to_string().contains("RUST_LOG \"info,svcdb_amqp=loud\""), "{e}");
+        assert!(
+            e.to_string().contains("RUST_LOG \"info,svcdb_amqp=loud\""),
+            "{e}"
+        );
         // The control: the default filter is used when RUST_LOG is unset, and checked too.
-        assert!(filter(None, "info,svcdb_amqp=loud").unwrap_err().is_filter());
+        assert!(filter(None, "info,svcdb_amqp=loud")
+            .unwrap_err()
+            .is_filter());
     }
 }

@@ -84,14 +84,20 @@ async fn readyz(State(probe): State<Arc<Probe>>) -> impl IntoResponse {
 /// (`GET /orders/{id}`), with the semantic conventions' `http.request.method`, `http.route`,
 /// `url.path` and `http.response.status_code`. A valid `traceparent` header makes the span
 /// continue the caller's trace.
-pub async fn trace_requests(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+pub async fn trace_requests(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     use tracing::Instrument;
 
     let method = request.method().clone();
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| request.uri().path().to_owned(), |p| p.as_str().to_owned());
+        .map_or_else(
+            || request.uri().path().to_owned(),
+            |p| p.as_str().to_owned(),
+        );
     let span = tracing::info_span!(
         target: "svcdb::http",
         "request",

@@ -32,9 +32,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -285,7 +283,11 @@ mod tests {
             let _entered = span.enter();
             let own = current().expect("a span with a layer has a context");
             assert_eq!(own.trace_id(), parent.trace_id());
-            assert_ne!(own.span_id(), parent.span_id(), "its own span id, not its parent's");
+            assert_ne!(
+                own.span_id(),
+                parent.span_id(),
+                "its own span id, not its parent's"
+            );
             // The control: a span continuing nothing starts a trace of its own.
             let fresh = of(&tracing::info_span!(parent: None, "unrelated")).unwrap();
             assert_ne!(fresh.trace_id(), parent.trace_id());
