@@ -12,7 +12,8 @@
 //! 4. **pass the start-up gate**: every migration applied and unchanged, every required table
 //!    there, the right schema; otherwise refuse before taking any traffic, listing each problem;
 //! 5. **declare its exchange and queues** ([`Topology`], idempotent);
-//! 6. **serve HTTP**: the service's own routes with `/healthz` and `/readyz`
+//! 6. **serve HTTP**: the service's own routes, each request in a span
+//!    ([`svcdb::http::trace_requests`]), with `/healthz` and `/readyz`
 //!    ([`svcdb::http`]) and `/metrics` (Prometheus, [`svcdb::metrics`]), **relay its outbox** ([`Relay`]) and **consume its queues**
 //!    ([`Consumer`]),
 //!
