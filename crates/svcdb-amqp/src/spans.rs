@@ -12,7 +12,8 @@
 //! The publish span continues the row's stored traceparent and the message carries the
 //! publish span's own (or the stored one unchanged without an OpenTelemetry layer); the
 //! delivery span continues the header's, and the handler span is its child: the handler runs
-//! in the producer's trace.
+//! in the producer's trace. With an OpenTelemetry layer, the delivery span also has the field
+//! `trace_id`, so that log lines (JSON ones list their spans' fields) name their trace.
 
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
@@ -69,10 +70,12 @@ pub(crate) fn delivery(queue: &str, consumer: &str, delivery: &Delivery) -> Span
         messaging.rabbitmq.message.delivery_tag = delivery.delivery_tag,
         messaging.message.id = Empty,
         svcdb.event.kind = Empty,
+        trace_id = Empty,
     );
     if let Some(parent) = traceparent(delivery) {
         trace::continue_trace(&span, &parent);
     }
+    trace::record_trace_id(&span);
     span
 }
 

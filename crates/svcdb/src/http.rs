@@ -83,7 +83,8 @@ async fn readyz(State(probe): State<Arc<Probe>>) -> impl IntoResponse {
 /// service's own routes) that runs each request in a server span named after its route
 /// (`GET /orders/{id}`), with the semantic conventions' `http.request.method`, `http.route`,
 /// `url.path` and `http.response.status_code`. A valid `traceparent` header makes the span
-/// continue the caller's trace.
+/// continue the caller's trace; with an OpenTelemetry layer, its field `trace_id` names the
+/// trace in the request's log lines ([`crate::trace::record_trace_id`]).
 pub async fn trace_requests(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -107,6 +108,7 @@ pub async fn trace_requests(
         http.route = %route,
         url.path = %request.uri().path(),
         http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
     let parent = request
         .headers()
@@ -115,6 +117,7 @@ pub async fn trace_requests(
     if let Some(parent) = parent {
         crate::trace::continue_trace(&span, &parent);
     }
+    crate::trace::record_trace_id(&span);
     let response = next.run(request).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
     response

@@ -203,6 +203,17 @@ pub fn of(span: &Span) -> Option<TraceParent> {
     TraceParent::of_context(span.context().span().span_context())
 }
 
+/// Records `span`'s trace id in its field `trace_id` (declared `trace_id = Empty`), when it
+/// has one: log lines in the span then name their trace, for finding it in the tracing backend.
+pub fn record_trace_id(span: &Span) {
+    if let Some(own) = of(span) {
+        span.record(
+            "trace_id",
+            tracing::field::display(format_args!("{:032x}", own.trace_id)),
+        );
+    }
+}
+
 /// Makes `span` continue the trace of `parent` (a remote span: the producer's). Call it right
 /// after creating `span`, before entering it: a span that started keeps its parent. Does
 /// nothing without an OpenTelemetry layer.

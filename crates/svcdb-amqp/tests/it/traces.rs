@@ -29,10 +29,26 @@ use tracing_subscriber::layer::SubscriberExt;
 /// Spans recorded in memory, as a collector would receive them.
 struct Recorded {
     exporter: InMemorySpanExporter,
-    _provider: SdkTracerProvider,
+    provider: SdkTracerProvider,
 }
 
 impl Recorded {
+    fn new() -> Self {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        Self { exporter, provider }
+    }
+
+    /// The layer that records into it.
+    fn layer<S>(&self) -> impl tracing_subscriber::Layer<S>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        tracing_opentelemetry::layer().with_tracer(self.provider.tracer("test"))
+    }
+
     fn spans(&self) -> Vec<SpanData> {
         self.exporter.get_finished_spans().unwrap()
     }
@@ -57,20 +73,10 @@ fn attribute(span: &SpanData, key: &str) -> Option<String> {
 
 /// Installs, for this thread, an OpenTelemetry layer exporting to memory.
 fn record_spans() -> (Recorded, tracing::subscriber::DefaultGuard) {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-    let guard = tracing::subscriber::set_default(subscriber);
-    (
-        Recorded {
-            exporter,
-            _provider: provider,
-        },
-        guard,
-    )
+    let recorded = Recorded::new();
+    let guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(recorded.layer()));
+    (recorded, guard)
 }
 
 /// An exchange, and a queue bound to all of it.
@@ -350,9 +356,12 @@ async fn an_outbox_table_from_before_traceparent_gets_the_column_and_its_rows_ar
 }
 
 #[tokio::test]
-async fn the_handlers_span_shows_in_json_logs() {
+async fn the_handlers_span_shows_in_json_logs_with_its_trace_id() {
     let logs = SharedBuffer::default();
-    let subscriber = tracing_subscriber::registry().with(LogFormat::Json.layer(logs.clone()));
+    let recorded = Recorded::new();
+    let subscriber = tracing_subscriber::registry()
+        .with(LogFormat::Json.layer(logs.clone()))
+        .with(recorded.layer());
     let _guard = tracing::subscriber::set_default(subscriber);
     let broker = Broker::new().await;
     let (_test_db, db) = service().await;
@@ -398,6 +407,14 @@ async fn the_handlers_span_shows_in_json_logs() {
         queue.name.as_str()
     );
     assert_eq!(delivery["messaging.message.id"], id.as_str());
+    let handler = recorded
+        .find("handle OrderPlaced", "messaging.message.id", &id)
+        .expect("the handler's span");
+    assert_eq!(
+        delivery["trace_id"],
+        handler.span_context.trace_id().to_string(),
+        "the log line names the handler's trace: {line}"
+    );
 }
 
 /// A log writer the test reads back.
@@ -427,4 +444,87 @@ impl<'w> MakeWriter<'w> for SharedBuffer {
     fn make_writer(&'w self) -> Self {
         self.clone()
     }
+}
+
+#[tokio::test]
+async fn a_request_span_continues_the_callers_trace_and_holds_its_transaction() {
+    use axum::body::Body;
+    use axum::extract::State;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    let (recorded, _guard) = record_spans();
+    let (_test_db, db) = service().await;
+    async fn order(State(db): State<ServiceDb>) -> StatusCode {
+        db.transaction(async |tx| {
+            tx.execute(
+                "INSERT INTO effects (event_id, note) VALUES (gen_random_uuid(), 'ordered')",
+                &[],
+            )
+            .await?;
+            Ok::<_, svcdb::Error>(())
+        })
+        .await
+        .map_or(StatusCode::SERVICE_UNAVAILABLE, |()| StatusCode::CREATED)
+    }
+    let app = axum::Router::new()
+        .route("/orders/{id}", axum::routing::post(order))
+        .with_state(db.clone())
+        .layer(axum::middleware::from_fn(svcdb::http::trace_requests));
+    let caller: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        .parse()
+        .unwrap();
+    let post = |traceparent: Option<String>| {
+        let mut request = Request::post("/orders/7");
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        request.body(Body::empty()).unwrap()
+    };
+    let response = app
+        .clone()
+        .oneshot(post(Some(caller.to_string())))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    // The control: a request without the header starts a trace of its own.
+    let response = app.oneshot(post(None)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+
+    let requests: Vec<SpanData> = recorded
+        .spans()
+        .into_iter()
+        .filter(|s| s.name == "POST /orders/{id}")
+        .collect();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    let trace_id = opentelemetry::trace::TraceId::from_bytes(caller.trace_id().to_be_bytes());
+    let continued = requests
+        .iter()
+        .find(|s| s.span_context.trace_id() == trace_id)
+        .expect("the request with the header continues the caller's trace");
+    assert_eq!(
+        continued.parent_span_id,
+        opentelemetry::trace::SpanId::from_bytes(caller.span_id().to_be_bytes())
+    );
+    assert_eq!(
+        attribute(continued, "http.route").as_deref(),
+        Some("/orders/{id}")
+    );
+    assert_eq!(
+        attribute(continued, "url.path").as_deref(),
+        Some("/orders/7")
+    );
+    assert_eq!(
+        attribute(continued, "http.response.status_code").as_deref(),
+        Some("201")
+    );
+    assert!(requests
+        .iter()
+        .any(|s| s.span_context.trace_id() != trace_id));
+    let transaction = recorded
+        .spans()
+        .into_iter()
+        .find(|s| s.parent_span_id == continued.span_context.span_id())
+        .expect("the handler's transaction is a child of the request");
+    assert!(transaction.name.starts_with("transaction "));
 }
