@@ -528,3 +528,62 @@ async fn a_request_span_continues_the_callers_trace_and_holds_its_transaction() 
         .expect("the handler's transaction is a child of the request");
     assert!(transaction.name.starts_with("transaction "));
 }
+
+/// With the feature `otlp`, `telemetry::init` exports spans to the collector the standard
+/// variable names, over OTLP/HTTP. Installs the global subscriber: nextest runs each test in a
+/// process of its own. Called inside a runtime, as a service's `main` does.
+#[cfg(feature = "otlp")]
+#[tokio::test]
+async fn with_feature_otlp_spans_are_exported_to_the_configured_collector() {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    // A collector that answers 200 to every request and hands over what it received.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sent, received) = std::sync::mpsc::channel::<(String, Vec<u8>)>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap();
+            let mut length = 0;
+            loop {
+                let mut header = String::new();
+                reader.read_line(&mut header).unwrap();
+                if header.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = header.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap();
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            let _ = sent.send((request_line, body));
+        }
+    });
+    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}"));
+    std::env::remove_var("OTEL_SERVICE_NAME");
+
+    let guard = svcdb_amqp::telemetry::init("otlp-test-service", "off").unwrap();
+    tracing::info_span!("exported-span").in_scope(|| {});
+    drop(guard); // flushes the batch
+
+    let (request_line, body) = received
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the collector got a request");
+    assert!(
+        request_line.starts_with("POST /v1/traces "),
+        "{request_line}"
+    );
+    let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"exported-span"), "the span is in the export");
+    assert!(
+        has(b"otlp-test-service"),
+        "the service's name is in the export"
+    );
+}
