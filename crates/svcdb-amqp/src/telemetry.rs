@@ -10,10 +10,10 @@
 //! | variable | effect |
 //! |---|---|
 //! | `RUST_LOG` | which log lines are written ([`EnvFilter`] syntax, `info,svcdb_amqp=debug`); unset, the `default_filter` given to [`init`]; invalid, [`init`] fails saying why |
-//! | `SVCDB_LOG_FORMAT` | `text` (the default): human-readable lines; `json`: one JSON object per line, with the fields of the event and of every span it is in (the consumer's `process` and `handle` spans name the queue, the event id and its kind); anything else: [`init`] fails ([`TelemetryError::LogFormat`]) |
+//! | `SVCDB_LOG_FORMAT` | `text` (the default): human-readable lines, naming the spans they are in without their dotted semantic-convention attributes; `json`: one JSON object per line, with the fields of the event and of every span it is in (the consumer's `process` and `handle` spans name the queue, the event id and its kind); anything else: [`init`] fails ([`TelemetryError::LogFormat`]) |
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | with the feature `otlp`: export spans over OTLP (HTTP/protobuf, plain `http://`) to that collector, batched in the background; the exporter's other standard variables apply (`OTEL_EXPORTER_OTLP_HEADERS`, `…_TIMEOUT`); `OTEL_SERVICE_NAME` overrides the service's name. Without either endpoint variable nothing is exported |
 //!
-//! Logs go to stderr, leaving stdout to the program. Without the feature `otlp` (the default)
+//! Logs go to stderr, leaving stdout to the program, in colours only when it is a terminal. Without the feature `otlp` (the default)
 //! the OpenTelemetry SDK and the exporter are not compiled, no OpenTelemetry layer is
 //! installed, and spans have no trace ids: the `traceparent` of [`svcdb::trace`] is then not
 //! stored nor sent. With it, spans at `INFO` and above of every crate are exported whatever
@@ -21,10 +21,14 @@
 //! broker: one order is one trace through every service it reaches.
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::str::FromStr;
 
+use tracing::field::{Field, Visit};
 use tracing::Subscriber;
-use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FormatFields, FormattedFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -36,7 +40,10 @@ pub const LOG_FORMAT_ENV: &str = "SVCDB_LOG_FORMAT";
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
-    /// Human-readable lines (`SVCDB_LOG_FORMAT=text`, or unset).
+    /// Human-readable lines (`SVCDB_LOG_FORMAT=text`, or unset). The spans a line is in are
+    /// shown by name, with their plain fields (`trace_id`) but not their dotted semantic
+    /// convention attributes (`messaging.destination.name`, …): those are for traces and
+    /// JSON, and would bury the message.
     #[default]
     Text,
     /// One JSON object per line, with the current span and the list of spans it is in
@@ -58,17 +65,86 @@ impl LogFormat {
     }
 
     /// The log layer of this format, writing to `writer` (the current span and its parents
-    /// with each JSON line).
-    pub fn layer<S, W>(self, writer: W) -> Box<dyn Layer<S> + Send + Sync>
+    /// with each JSON line); text in colours with `ansi` (for a terminal).
+    pub fn layer<S, W>(self, writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
     where
         S: Subscriber + for<'a> LookupSpan<'a>,
         W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
     {
-        let layer = tracing_subscriber::fmt::layer().with_writer(writer);
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(ansi);
         match self {
-            Self::Text => layer.boxed(),
+            Self::Text => layer.fmt_fields(PlainFields).boxed(),
             Self::Json => layer.json().flatten_event(true).boxed(),
         }
+    }
+}
+
+/// The text format's fields: `name=value` as tracing's default, leaving out dotted names (the
+/// semantic conventions' attributes) so that a line inside a delivery stays readable.
+struct PlainFields;
+
+impl<'writer> FormatFields<'writer> for PlainFields {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut visitor = PlainVisitor {
+            writer: &mut writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+
+    fn add_fields(
+        &self,
+        current: &'writer mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        // Only a separator when something is added: recording a dotted field adds nothing.
+        let mut added = String::new();
+        self.format_fields(Writer::new(&mut added), fields)?;
+        if !added.is_empty() {
+            if !current.fields.is_empty() {
+                current.fields.push(' ');
+            }
+            current.fields.push_str(&added);
+        }
+        Ok(())
+    }
+}
+
+struct PlainVisitor<'a, 'writer> {
+    writer: &'a mut Writer<'writer>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Visit for PlainVisitor<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let name = field.name();
+        if self.result.is_err() || name.contains('.') {
+            return;
+        }
+        let separator = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = if name == "message" {
+            write!(self.writer, "{separator}{value:?}")
+        } else {
+            write!(self.writer, "{separator}{name}={value:?}")
+        };
     }
 }
 
@@ -179,7 +255,8 @@ fn filter(rust_log: Option<String>, default_filter: &str) -> Result<EnvFilter, T
 /// subscriber is installed already.
 pub fn init(service: &str, default_filter: &str) -> Result<TelemetryGuard, TelemetryError> {
     let format = LogFormat::from_env()?;
-    let logs = format.layer(std::io::stderr).with_filter(filter(
+    let ansi = std::io::stderr().is_terminal();
+    let logs = format.layer(std::io::stderr, ansi).with_filter(filter(
         std::env::var(EnvFilter::DEFAULT_ENV).ok(),
         default_filter,
     )?);

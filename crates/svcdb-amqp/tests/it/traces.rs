@@ -360,7 +360,7 @@ async fn the_handlers_span_shows_in_json_logs_with_its_trace_id() {
     let logs = SharedBuffer::default();
     let recorded = Recorded::new();
     let subscriber = tracing_subscriber::registry()
-        .with(LogFormat::Json.layer(logs.clone()))
+        .with(LogFormat::Json.layer(logs.clone(), false))
         .with(recorded.layer());
     let _guard = tracing::subscriber::set_default(subscriber);
     let broker = Broker::new().await;
@@ -585,5 +585,54 @@ async fn with_feature_otlp_spans_are_exported_to_the_configured_collector() {
     assert!(
         has(b"otlp-test-service"),
         "the service's name is in the export"
+    );
+}
+
+#[test]
+fn text_logs_name_the_spans_without_their_semantic_convention_attributes() {
+    let logs = SharedBuffer::default();
+    let subscriber =
+        tracing_subscriber::registry().with(LogFormat::Text.layer(logs.clone(), false));
+    tracing::subscriber::with_default(subscriber, || {
+        let delivery = tracing::info_span!(
+            "process",
+            messaging.system = "rabbitmq",
+            messaging.message.id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        delivery.record("messaging.message.id", 7);
+        delivery.record("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736");
+        let _delivery = delivery.enter();
+        let handler = tracing::info_span!("handle", svcdb.event.kind = "OrderPlaced");
+        let _handler = handler.enter();
+        tracing::warn!(
+            queue = "catalog.reserve",
+            http.route = "/x",
+            "handler failed"
+        );
+    });
+    let text = logs.text();
+    assert!(
+        text.contains(
+            r#"process{trace_id="4bf92f3577b34da6a3ce929d0e0e4736"}:handle: it::traces: handler failed queue="catalog.reserve""#
+        ),
+        "{text}"
+    );
+    // The control: the attributes were there to leave out; JSON keeps them.
+    assert!(
+        !text.contains("messaging.") && !text.contains("svcdb.event.kind"),
+        "{text}"
+    );
+    let json = SharedBuffer::default();
+    let subscriber =
+        tracing_subscriber::registry().with(LogFormat::Json.layer(json.clone(), false));
+    tracing::subscriber::with_default(subscriber, || {
+        let _span = tracing::info_span!("handle", svcdb.event.kind = "OrderPlaced").entered();
+        tracing::warn!("handler failed");
+    });
+    assert!(
+        json.text().contains(r#""svcdb.event.kind":"OrderPlaced""#),
+        "{}",
+        json.text()
     );
 }
