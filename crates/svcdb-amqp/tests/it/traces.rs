@@ -89,11 +89,14 @@ async fn exchange_and_queue(broker: &Broker) -> (String, QueueSpec) {
     (exchange, queue)
 }
 
-/// A consumer of `queue` whose handler records an effect and logs a line.
-fn consumer(broker: &Broker, db: &ServiceDb, queue: &QueueSpec) -> Consumer {
-    Consumer::new(&broker.config, db.clone(), queue, "catalog.reserve").on(
-        "OrderPlaced",
-        |tx, event| {
+/// A consumer of `queue` whose `OrderPlaced` handler records an effect, logs a line and
+/// answers with a `StockReserved` event to `exchange` through the outbox (the next hop), which
+/// its other handler records.
+fn consumer(broker: &Broker, db: &ServiceDb, queue: &QueueSpec, exchange: &str) -> Consumer {
+    let exchange = exchange.to_owned();
+    Consumer::new(&broker.config, db.clone(), queue, "catalog.reserve")
+        .on("OrderPlaced", move |tx, event| {
+            let exchange = exchange.clone();
             Box::pin(async move {
                 tracing::info!("reserving stock");
                 tx.execute(
@@ -101,10 +104,21 @@ fn consumer(broker: &Broker, db: &ServiceDb, queue: &QueueSpec) -> Consumer {
                     &[&event.id],
                 )
                 .await?;
+                let reply = Envelope::new("StockReserved", "catalog", json!({})).caused_by(event);
+                outbox::enqueue(tx, &exchange, "stock.reserved", &reply).await?;
                 Ok(())
             })
-        },
-    )
+        })
+        .on("StockReserved", |tx, event| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO effects (event_id, note) VALUES ($1, 'confirmed')",
+                    &[&event.causation_id],
+                )
+                .await?;
+                Ok(())
+            })
+        })
 }
 
 /// Enqueues `event` in a transaction, as a request handler does.
@@ -160,7 +174,7 @@ async fn a_handlers_span_continues_the_producers_trace_across_the_broker() {
 
     let shutdown = CancellationToken::new();
     let relay = fast_relay(&broker, &db);
-    let consumer = consumer(&broker, &db, &queue);
+    let consumer = consumer(&broker, &db, &queue, &exchange);
     let relaying = tokio::spawn({
         let s = shutdown.clone();
         async move { relay.run(s).await }
@@ -170,19 +184,24 @@ async fn a_handlers_span_continues_the_producers_trace_across_the_broker() {
         async move { consumer.run(s).await }
     });
     for event in [&placed, &loose] {
-        eventually("the handler ran", || async {
-            effects(&db, event.id).await == 1
+        eventually("both hops' handlers ran", || async {
+            effects(&db, event.id).await == 2
         })
         .await;
     }
     let id = placed.id.to_string();
     let loose_id = loose.id.to_string();
     eventually("the deliveries' spans ended", || async {
+        let spans = recorded.spans();
         [&id, &loose_id].iter().all(|id| {
             recorded
                 .find(&format!("process {exchange}"), "messaging.message.id", id)
                 .is_some()
-        })
+        }) && spans
+            .iter()
+            .filter(|s| s.name == "handle StockReserved")
+            .count()
+            == 2
     })
     .await;
     shutdown.cancel();
@@ -247,6 +266,15 @@ async fn a_handlers_span_continues_the_producers_trace_across_the_broker() {
     assert!(attribute(&transaction, "db.namespace")
         .unwrap()
         .ends_with(".svc"));
+
+    // The next hop, enqueued by the handler, is in the same trace.
+    assert!(
+        recorded
+            .spans()
+            .iter()
+            .any(|s| s.name == "handle StockReserved" && s.span_context.trace_id() == trace_id),
+        "the second hop's handler is in the producer's trace"
+    );
 
     let unrelated = recorded
         .find("handle OrderPlaced", "messaging.message.id", &loose_id)
@@ -370,7 +398,7 @@ async fn the_handlers_span_shows_in_json_logs_with_its_trace_id() {
     broker.publish(&exchange, "order.placed", &event).await;
 
     let shutdown = CancellationToken::new();
-    let consumer = consumer(&broker, &db, &queue);
+    let consumer = consumer(&broker, &db, &queue, &exchange);
     let consuming = tokio::spawn({
         let s = shutdown.clone();
         async move { consumer.run(s).await }
