@@ -12,9 +12,10 @@
 //! # Layout
 //!
 //! Most of svcdb-amqp is one import away: `use svcdb_amqp::{AmqpConfig, Consumer, Relay, …}`.
-//! Three modules are public, as namespaces with their own documentation: [`topology`] (the
+//! Four modules are public, as namespaces with their own documentation: [`topology`] (the
 //! names and arguments declared on the broker), [`publish`] (an event's message properties;
-//! publishing outside the outbox) and [`service`] (the start-up steps, [`service::Step`]).
+//! publishing outside the outbox), [`service`] (the start-up steps, [`service::Step`]) and
+//! [`telemetry`] (logs and traces).
 //!
 //! | concept | where |
 //! |---|---|
@@ -27,6 +28,8 @@
 //! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status; its settings ([`RelayConfig`]; when failed rows are retried is the outbox's [`svcdb::outbox::PublishRetry`]) | [`Relay`], [`RelayStatus`] |
 //! | deleting old claims and published outbox rows on a schedule | [`Retention`] |
 //! | errors, matched by variant | [`Error`] |
+//! | logs (`RUST_LOG`, `SVCDB_LOG_FORMAT=json`) and, with feature `otlp`, spans exported over OTLP | [`telemetry`] ([`telemetry::init`]) |
+//! | the spans of a relay publish, a delivery and its handler (OpenTelemetry's messaging conventions), joined to the producer's trace by the `traceparent` header ([`svcdb::trace`]) | `spans` (internal) |
 //! | the service runtime: the start-up sequence (connect, migrate, install, gate, declare, serve, relay, consume) and the graceful shutdown, written once; here, not in svcdb, because it runs the consumers and the relay | [`service`] ([`Service`]) |
 //!
 //! # A service end to end
@@ -90,6 +93,7 @@
 // files can be reorganised freely.
 pub mod publish;
 pub mod service;
+pub mod telemetry;
 pub mod topology;
 
 mod config;
@@ -99,6 +103,7 @@ mod error;
 mod handler;
 mod relay;
 mod retention;
+mod spans;
 
 pub use config::{
     redact_url, AmqpConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_QUORUM_GROUP_SIZE,

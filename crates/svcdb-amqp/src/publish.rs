@@ -9,6 +9,8 @@
 //! * with **`message_id`** = the envelope id (the consumers' idempotency key, visible in the
 //!   management UI and to non-svcdb consumers), `content_type` `application/json`, `type` =
 //!   the kind, `app_id` = the source, `correlation_id` and `timestamp` from the envelope;
+//! * with the producer's W3C trace context as the header **`traceparent`**, when it has one
+//!   ([`svcdb::trace`]), so that the consumer's span continues the producer's trace;
 //! * **mandatory**, so a message no queue is bound for comes back instead of vanishing
 //!   ([`Unroutable`] says what that means);
 //! * on a channel in **confirm mode**, and counted as sent only once the broker confirmed it
@@ -24,7 +26,7 @@
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use svcdb::Envelope;
 use tokio::time::Instant;
@@ -72,6 +74,19 @@ pub fn envelope_properties(envelope: &Envelope) -> BasicProperties {
     properties
 }
 
+/// `properties` with the `traceparent` header, when there is one.
+pub fn with_traceparent(properties: BasicProperties, traceparent: Option<&str>) -> BasicProperties {
+    let Some(traceparent) = traceparent else {
+        return properties;
+    };
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        svcdb::trace::TRACEPARENT_HEADER.into(),
+        AMQPValue::LongString(traceparent.into()),
+    );
+    properties.with_headers(headers)
+}
+
 /// A short string property; AMQP carries at most 255 bytes, so longer values are cut on a
 /// character boundary (the full value is in the body).
 pub(crate) fn short(value: &str) -> ShortString {
@@ -103,7 +118,10 @@ pub async fn publish_envelope(
         exchange,
         routing_key,
         &envelope.to_json_bytes(),
-        envelope_properties(envelope),
+        with_traceparent(
+            envelope_properties(envelope),
+            svcdb::trace::current().map(|t| t.to_string()).as_deref(),
+        ),
         &what,
         deadline,
     )

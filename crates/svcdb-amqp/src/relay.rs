@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::AmqpConfig;
 use crate::connection::{
@@ -685,15 +686,18 @@ impl Publisher<'_> {
         what: &str,
         deadline: Deadline,
     ) -> Result<lapin::PublisherConfirm> {
+        let (span, traceparent) = crate::spans::publish(message);
+        let properties = publish::envelope_properties(&message.envelope);
         publish::start(
             channel,
             &message.exchange,
             &message.routing_key,
             &message.body(),
-            publish::envelope_properties(&message.envelope),
+            publish::with_traceparent(properties, traceparent.as_deref()),
             what,
             deadline,
         )
+        .instrument(span)
         .await
         .inspect_err(|e| {
             if matches!(e, Error::ConfirmTimeout { .. }) || e.is_connection_error() {

@@ -12,7 +12,8 @@
 //! 4. **pass the start-up gate**: every migration applied and unchanged, every required table
 //!    there, the right schema; otherwise refuse before taking any traffic, listing each problem;
 //! 5. **declare its exchange and queues** ([`Topology`], idempotent);
-//! 6. **serve HTTP**: the service's own routes with `/healthz` and `/readyz`
+//! 6. **serve HTTP**: the service's own routes, each request in a span
+//!    ([`svcdb::http::trace_requests`]), with `/healthz` and `/readyz`
 //!    ([`svcdb::http`]) and `/metrics` (Prometheus, [`svcdb::metrics`]), **relay its outbox** ([`Relay`]) and **consume its queues**
 //!    ([`Consumer`]),
 //!
@@ -477,8 +478,10 @@ where
             },
             refuse_readiness_while_draining,
         ));
+        // Spans for the service's own requests, not for the probes and scrapes.
         let app = routes
             .with_state(state.clone())
+            .layer(middleware::from_fn(svcdb::http::trace_requests))
             .merge(probes)
             .merge(svcdb::http::metrics_router(db.clone()));
 

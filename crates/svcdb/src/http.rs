@@ -26,6 +26,9 @@
 //! Kubernetes restart every replica, which cures nothing and turns a blip into a cold start.
 //! Readiness takes the replica out of the load balancer until the database is back.
 //!
+//! [`trace_requests`] gives each request of a service's own routes a span, continuing the
+//! caller's trace from its `traceparent` header ([`crate::trace`]).
+//!
 //! `/readyz` answers within the gate's timeout (default 2 s) even when the database is gone,
 //! so give the probe `timeoutSeconds: 3`. After [`ServiceDb::close`] it answers `503`, which
 //! drains traffic during a graceful shutdown.
@@ -74,6 +77,50 @@ async fn readyz(State(probe): State<Arc<Probe>>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, [(header::CACHE_CONTROL, "no-store")], Json(report))
+}
+
+/// Middleware (`axum::middleware::from_fn(svcdb::http::trace_requests)`, as a layer of the
+/// service's own routes) that runs each request in a server span named after its route
+/// (`GET /orders/{id}`), with the semantic conventions' `http.request.method`, `http.route`,
+/// `url.path` and `http.response.status_code`. A valid `traceparent` header makes the span
+/// continue the caller's trace; with an OpenTelemetry layer, its field `trace_id` names the
+/// trace in the request's log lines ([`crate::trace::record_trace_id`]).
+pub async fn trace_requests(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(
+            || request.uri().path().to_owned(),
+            |p| p.as_str().to_owned(),
+        );
+    let span = tracing::info_span!(
+        target: "svcdb::http",
+        "request",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let parent = request
+        .headers()
+        .get(crate::trace::TRACEPARENT_HEADER)
+        .and_then(|value| value.to_str().ok()?.parse().ok());
+    if let Some(parent) = parent {
+        crate::trace::continue_trace(&span, &parent);
+    }
+    crate::trace::record_trace_id(&span);
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }
 
 /// A router with `/metrics` for `db`: each scrape refreshes the gauges that need a query

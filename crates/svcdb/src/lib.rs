@@ -8,7 +8,7 @@
 //! Most of svcdb is one import away: `use svcdb::{Config, ServiceDb, Gate, …}`. The modules
 //! that are public are namespaces a service names by path, each with its own documentation:
 //! [`migrate`], [`outbox`], [`idempotency`], [`event`] (the wire format), [`error`] (error
-//! rendering and driver-error predicates), [`http`] and, for tests, `testing`.
+//! rendering and driver-error predicates), [`http`], [`trace`] and, for tests, `testing`.
 //!
 //! | concept | where |
 //! |---|---|
@@ -28,6 +28,7 @@
 //! | the event envelope on the wire, and why a message is not one | [`event`] ([`Envelope`], [`EventError`]) |
 //! | handling each event once: the claim commits with the handler's writes | [`idempotency`] ([`ServiceDb::process_once`], [`Processed`]) |
 //! | the transactional outbox and its relay (`FOR UPDATE SKIP LOCKED`, retries) | [`outbox`] ([`outbox::enqueue`], [`Outbox`]) |
+//! | trace context across the broker: the W3C traceparent of the current span (stored with an outbox row), a span continuing a remote one | [`trace`] ([`trace::TraceParent`], [`trace::current`], [`trace::continue_trace`]) |
 //! | a throwaway database per test (feature `testing`, for dev-dependencies) | `testing::TestDb` |
 //! | the driver's types a service uses, under svcdb's names | [`Transaction`], [`IsolationLevel`], [`SqlState`], [`PooledConn`] |
 //! | the driver itself, the same version as svcdb's, for its other types (`Row`, `types::ToSql`, …) | [`tokio_postgres`][pg] |
@@ -72,6 +73,7 @@ pub mod outbox;
 mod scrape;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 
 mod config;
 mod connection;

@@ -78,7 +78,9 @@ pub const OUTBOX_TABLE: &str = "svcdb_outbox";
 /// relay's claim stays an index scan however many published rows wait for
 /// [`Outbox::purge_published`]; the second finds those rows for the purge without scanning
 /// the table. `last_error` keeps the most recent failure, also after a later
-/// success.
+/// success. `traceparent` is the producer's trace context ([`crate::trace`]), `NULL` without
+/// one; a table made before it had the column gets it, checked in the catalog first so that
+/// a start-up does not take the table's lock once it is there.
 pub const OUTBOX_SQL: &str = "\
 CREATE TABLE IF NOT EXISTS svcdb_outbox (
     id              uuid        PRIMARY KEY,
@@ -89,8 +91,15 @@ CREATE TABLE IF NOT EXISTS svcdb_outbox (
     published_at    timestamptz,
     attempts        integer     NOT NULL DEFAULT 0,
     last_error      text,
-    next_attempt_at timestamptz NOT NULL DEFAULT now()
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    traceparent     text
 );
+DO $svcdb$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute
+                    WHERE attrelid = 'svcdb_outbox'::regclass AND attname = 'traceparent') THEN
+        ALTER TABLE svcdb_outbox ADD COLUMN IF NOT EXISTS traceparent text;
+    END IF;
+END $svcdb$;
 CREATE INDEX IF NOT EXISTS svcdb_outbox_unpublished_idx
     ON svcdb_outbox (id) WHERE published_at IS NULL;
 CREATE INDEX IF NOT EXISTS svcdb_outbox_published_at_idx
@@ -117,6 +126,9 @@ const MAX_ERROR_CHARS: usize = 2000;
 /// default exchange, and `amq.topic` is fine) or a routing key over 255 bytes
 /// ([`check_routing_key`]; both [`Error::Ident`]). Enqueueing one envelope id twice fails with
 /// a unique violation (SQLSTATE 23505): make a new [`Envelope`] per event.
+///
+/// The current span's trace context ([`trace::current`](crate::trace::current)) is stored
+/// with the row, for the relay to send as the `traceparent` header.
 pub async fn enqueue(
     tx: &tokio_postgres::Transaction<'_>,
     exchange: &str,
@@ -135,13 +147,14 @@ pub async fn enqueue(
         .into());
     }
     tx.execute_typed(
-        "INSERT INTO svcdb_outbox (id, exchange, routing_key, envelope)
-         VALUES ($1, $2, $3, $4::jsonb)",
+        "INSERT INTO svcdb_outbox (id, exchange, routing_key, envelope, traceparent)
+         VALUES ($1, $2, $3, $4::jsonb, $5)",
         &[
             (&envelope.id, Type::UUID),
             (&exchange, Type::TEXT),
             (&routing_key, Type::TEXT),
             (&json, Type::TEXT),
+            (&crate::trace::current().map(|t| t.to_string()), Type::TEXT),
         ],
     )
     .await?;
@@ -237,6 +250,9 @@ pub struct OutboxMessage {
     pub attempts: i32,
     /// When the row was enqueued (the database's clock).
     pub created_at: DateTime<Utc>,
+    /// The producer's W3C trace context, as stored (see [`crate::trace`]); send it as the
+    /// `traceparent` header.
+    pub traceparent: Option<String>,
 }
 
 impl OutboxMessage {
@@ -290,7 +306,7 @@ pub struct Outbox {
 
 /// Due, unpublished rows in id order, locked; rows locked by another relay are skipped.
 const CLAIM_SQL: &str = "\
-SELECT id, exchange, routing_key, envelope, attempts, created_at
+SELECT id, exchange, routing_key, envelope, attempts, created_at, traceparent
   FROM svcdb_outbox
  WHERE published_at IS NULL AND next_attempt_at <= now()
  ORDER BY id
@@ -375,6 +391,7 @@ impl Outbox {
                             envelope,
                             attempts: row.get(4),
                             created_at: row.get(5),
+                            traceparent: row.get(6),
                         }),
                         Err(e) => failures.push((id, format!("the stored envelope is invalid: {e}"))),
                     }

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use crate::error::Error;
 use crate::pool::ServiceDb;
 
@@ -111,6 +113,17 @@ impl ServiceDb {
     where
         E: From<Error>,
     {
+        let span = crate::trace::transaction_span(self);
+        self.transaction_in_span(f).instrument(span).await
+    }
+
+    async fn transaction_in_span<T, E>(
+        &self,
+        f: impl AsyncFnOnce(&mut Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<Error>,
+    {
         let mut conn = self.get().await?;
         let mut tx = conn.transaction().await.map_err(Error::from)?;
         let result = f(&mut tx).await;
@@ -144,6 +157,20 @@ impl ServiceDb {
     /// # Ok(()) }
     /// ```
     pub async fn transaction_with<T, E>(
+        &self,
+        options: &TxOptions,
+        f: impl AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<Error> + Retryable,
+    {
+        let span = crate::trace::transaction_span(self);
+        self.transaction_with_in_span(options, f)
+            .instrument(span)
+            .await
+    }
+
+    async fn transaction_with_in_span<T, E>(
         &self,
         options: &TxOptions,
         mut f: impl AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,

@@ -93,6 +93,10 @@ impl ApiClient {
         if body.is_some() {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
+        // Orders reading a cart: the cart's request span joins the order's trace.
+        if let Some(parent) = svcdb::trace::current() {
+            request = request.header(svcdb::trace::TRACEPARENT_HEADER, parent.to_string());
+        }
         let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let exchange = async {
             let response = self.client.request(request).await?;

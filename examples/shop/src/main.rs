@@ -44,7 +44,6 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use svcdb::error::Report;
 use svcdb_amqp::AmqpConfig;
-use tracing_subscriber::EnvFilter;
 
 use crate::deploy::Placement;
 use crate::platform::{Launch, Names, ServiceDef, Tuning};
@@ -250,12 +249,18 @@ async fn main() -> ExitCode {
         Command::Demo(_) | Command::Clean(_) => "error,lapin=off",
         Command::Serve(_) => "info,tokio_postgres=warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // RUST_LOG, SVCDB_LOG_FORMAT=json, and spans over OTLP with `--features otlp`.
+    let service = match &cli.command {
+        Command::Serve(args) => args.service.def().name,
+        Command::Demo(_) | Command::Clean(_) => "shop",
+    };
+    let _telemetry = match svcdb_amqp::telemetry::init(service, default_filter) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match cli.command {
         Command::Demo(args) => demo(args).await,
         Command::Clean(target) => exit(

@@ -15,6 +15,7 @@ use lapin::Channel;
 use svcdb::{Envelope, Processed, ServiceDb};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::outage::{self, Flow};
 use super::stats::Counters;
@@ -47,8 +48,14 @@ pub(super) struct Context {
     pub(super) flow: watch::Sender<Flow>,
 }
 
-/// Handles one delivery to the end: acked, handed back, or dead-lettered.
+/// Handles one delivery to the end: acked, handed back, or dead-lettered; in its span, which
+/// continues the producer's trace.
 pub(super) async fn handle(context: Arc<Context>, delivery: Delivery) {
+    let span = crate::spans::delivery(&context.queue.name, &context.name, &delivery);
+    handle_in_span(context, delivery).instrument(span).await
+}
+
+async fn handle_in_span(context: Arc<Context>, delivery: Delivery) {
     let _in_flight = context.counters.in_flight();
     let deliveries = delivery_number(&delivery);
     let queue = context.queue.name.as_str();
@@ -60,6 +67,7 @@ pub(super) async fn handle(context: Arc<Context>, delivery: Delivery) {
             return dead_letter::dead_letter(&context, &delivery, &reason, deliveries).await;
         }
     };
+    crate::spans::record_event(&envelope);
     let id = envelope.id;
     let kind = envelope.kind.clone();
     let Some(handler) = context.handlers.get(&kind).cloned() else {
@@ -156,6 +164,7 @@ async fn process(
         envelope,
         async move |tx| owned_handler.call(tx, &owned_envelope).await,
     ));
+    let run = run.instrument(crate::spans::handler(&context.name, envelope));
     match AssertUnwindSafe(run).catch_unwind().await {
         Ok(result) => result,
         Err(panic) => {

@@ -13,3 +13,4 @@ mod relay;
 mod retention;
 mod secrets;
 mod service;
+mod traces;
