@@ -42,6 +42,9 @@
 //! an outbox row is marked published only after the broker confirmed it. Whatever the
 //! deadline cuts off is redelivered or republished, and the claims absorb the copies.
 //!
+//! A second SIGTERM or Ctrl-C during the shutdown stops at once, as the deadline would
+//! ([`Cause::Interrupted`]): for the operator who will not wait.
+//!
 //! Kubernetes keeps sending traffic for a moment after SIGTERM while it updates its
 //! endpoints; a `preStop` hook that sleeps a few seconds covers that gap. Keep
 //! [`Service::shutdown_timeout`] below the pod's `terminationGracePeriodSeconds` (30 s by
@@ -692,7 +695,8 @@ impl Running {
         self.parts.insert(handle.id(), part);
     }
 
-    /// Waits for SIGTERM or Ctrl-C, then stops gracefully ([`Running::stop`]). A part that
+    /// Waits for SIGTERM or Ctrl-C, then stops gracefully ([`Running::stop`]); a second
+    /// signal meanwhile aborts what is left at once ([`Cause::Interrupted`]). A part that
     /// fails for good before (a consumer whose queue was deleted, the HTTP server) stops the
     /// service too, and its error is returned.
     pub async fn run_until_signal(mut self) -> Result<(), ServiceError> {
@@ -713,10 +717,21 @@ impl Running {
                 Some(error)
             }
         };
-        let stopped = self.stop().await;
-        match failure {
-            Some(error) => Err(error),
-            None => stopped,
+        if let Some(error) = failure {
+            let _ = self.stop().await;
+            return Err(error);
+        }
+        // A second signal during the graceful shutdown means "now" (as an operator's second
+        // Ctrl-C, or a platform that gave up waiting): dropping the shutdown aborts every part;
+        // deliveries held are redelivered and claimed outbox rows republished, as after a crash.
+        let interrupted = self.error(Step::Shutdown, Cause::Interrupted);
+        let name = self.name.clone();
+        tokio::select! {
+            stopped = self.stop() => stopped,
+            _ = shutdown_signal() => {
+                tracing::warn!(target: "svcdb_amqp::service", service = %name, "second signal: stopping at once without finishing what is held");
+                Err(interrupted)
+            }
         }
     }
 
@@ -916,6 +931,9 @@ pub enum Cause {
     /// The shutdown did not finish in time; what was left was aborted.
     #[error("not done within {0:?}; what was left was aborted (its messages are redelivered and its outbox rows republished)\n  hint: give handlers and requests less to do at once, or raise Service::shutdown_timeout (below the platform's grace period)")]
     Timeout(Duration),
+    /// A second SIGTERM or Ctrl-C came during the graceful shutdown, which was abandoned.
+    #[error("interrupted by a second signal; what was left was aborted (its messages are redelivered and its outbox rows republished)")]
+    Interrupted,
     /// A part of the service panicked.
     #[error("panicked: {0}")]
     Panicked(String),

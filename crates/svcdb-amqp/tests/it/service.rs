@@ -393,3 +393,107 @@ fn a_service_debug_print_shows_no_password() {
     );
     assert!(!shown.contains("s3cret"), "{shown}");
 }
+
+/// Set in the child process of [`a_second_signal_during_the_shutdown_stops_at_once`].
+const CHILD: &str = "SVCDB_TEST_SERVICE_CHILD";
+
+/// The child process of [`a_second_signal_during_the_shutdown_stops_at_once`]: a service whose
+/// `/slow` route never answers, so its graceful shutdown waits (up to a minute) until a second
+/// signal. Prints its address, then how it stopped. Does nothing outside that test.
+#[tokio::test]
+#[ignore = "a child process of a_second_signal_during_the_shutdown_stops_at_once"]
+async fn a_service_whose_shutdown_waits_on_a_request() {
+    if std::env::var_os(CHILD).is_none() {
+        return;
+    }
+    let slow = axum::Router::new().route(
+        "/slow",
+        axum::routing::get(|| async {
+            println!("slow request started");
+            std::future::pending::<()>().await
+        }),
+    );
+    let running = Service::new("svc-child")
+        .database(svcdb::Config::from_env().unwrap())
+        .routes(slow)
+        .listen(localhost())
+        .shutdown_timeout(Duration::from_secs(60))
+        .start()
+        .await
+        .unwrap();
+    println!("listening {}", running.addr());
+    match running.run_until_signal().await {
+        Ok(()) => println!("stopped: clean"),
+        Err(e) => println!("stopped: {:?}", e.cause()),
+    }
+}
+
+#[tokio::test]
+async fn a_second_signal_during_the_shutdown_stops_at_once() {
+    use tokio::io::AsyncBufReadExt;
+
+    let (test_db, _db) = common::service().await;
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "service::a_service_whose_shutdown_waits_on_a_request",
+        ])
+        .args(["--ignored", "--nocapture", "--test-threads", "1"])
+        .env(CHILD, "1")
+        .env("DATABASE_URL", test_db.url())
+        .env("SVCDB_SCHEMA", "svc")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the child prints within 60 s")
+            .unwrap()
+            .expect("the child is still running")
+    };
+    let addr: SocketAddr = loop {
+        // libtest may have begun the line ("test … ... ").
+        if let Some((_, addr)) = next_line().await.split_once("listening ") {
+            break addr.parse().unwrap();
+        }
+    };
+    let _request = tokio::spawn(status(addr, "/slow"));
+    while !next_line().await.contains("slow request started") {}
+    let signal = |child: &tokio::process::Child| {
+        let pid = child.id().expect("still running") as libc::pid_t;
+        // SAFETY: kill(2) on our own child, which keeps its pid until we wait for it.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGTERM)
+        };
+    };
+
+    signal(&child);
+    // The control: one signal starts the graceful shutdown, which waits on the request.
+    eventually("the server stops accepting connections", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the graceful shutdown waits for the request in flight"
+    );
+
+    signal(&child);
+    let stopped = loop {
+        let line = next_line().await;
+        if let Some((_, how)) = line.split_once("stopped: ") {
+            break how.to_owned();
+        }
+    };
+    assert_eq!(stopped, "Interrupted");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the child exits well before its 60 s shutdown timeout")
+        .unwrap();
+    assert!(status.success(), "the child test itself passed: {status}");
+}
