@@ -104,7 +104,7 @@ pub use config::{
     redact_url, AmqpConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_QUORUM_GROUP_SIZE,
     DEFAULT_PREFETCH, DEFAULT_URL,
 };
-pub use consumer::{Consumer, ConsumerOptions, ConsumerStats, UnknownKind};
+pub use consumer::{Consumer, ConsumerOptions, ConsumerStats, UnknownKind, DEFAULT_BATCH};
 pub use error::{Error, Result};
 pub use handler::{EventHandler, HandlerError, HandlerFuture};
 pub use relay::{Relay, RelayConfig, RelayStatus};

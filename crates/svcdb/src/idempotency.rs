@@ -163,6 +163,43 @@ pub async fn claim<'e>(
     Ok(insert_claim(tx, consumer, event.into()).await?)
 }
 
+/// The savepoint [`claim_under_savepoint`] sets before each claim. One name for all: a
+/// `SAVEPOINT` reusing a name hides the earlier one, so `ROLLBACK TO` it undoes only the latest
+/// claim and what followed it.
+const SET_CLAIM_SAVEPOINT: &str = "SAVEPOINT svcdb_claim";
+const ROLLBACK_TO_CLAIM_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT svcdb_claim";
+
+/// Claims `event` for `consumer` inside `tx` under a new savepoint, for handling several events
+/// in one transaction: `true` if this is the first claim, `false` if the event was already
+/// handled (by an earlier transaction, or earlier in this one).
+///
+/// If the work that follows fails, [`rollback_claim`] undoes this claim and that work only;
+/// the claims and work before it stay, to commit together. The savepoint is not released
+/// (that would cost a round trip per event): the next claim's savepoint hides it. One round
+/// trip: the `SAVEPOINT` and the claim are sent together.
+///
+/// Each savepoint that writes is a subtransaction of `tx`; beyond 64 in one transaction
+/// PostgreSQL's per-backend subtransaction cache overflows and other sessions' snapshots get
+/// slower, so keep batches of claims below that.
+pub async fn claim_under_savepoint<'e>(
+    tx: &tokio_postgres::Transaction<'_>,
+    consumer: &str,
+    event: impl Into<EventRef<'e>>,
+) -> Result<bool> {
+    check_consumer(consumer)?;
+    let savepoint = tx.batch_execute(SET_CLAIM_SAVEPOINT);
+    let claim = insert_claim(tx, consumer, event.into());
+    let ((), claimed) = futures_util::future::try_join(savepoint, claim).await?;
+    Ok(claimed)
+}
+
+/// Rolls `tx` back to the savepoint of its latest [`claim_under_savepoint`]: that claim and
+/// everything after it are undone, earlier claims and their work are kept, and `tx` can go on
+/// (also after an error aborted it).
+pub async fn rollback_claim(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+    Ok(tx.batch_execute(ROLLBACK_TO_CLAIM_SAVEPOINT).await?)
+}
+
 /// The claim itself, on a validated consumer name.
 async fn insert_claim(
     tx: &tokio_postgres::Transaction<'_>,

@@ -19,6 +19,11 @@ pub enum UnknownKind {
     Ack,
 }
 
+/// The default [`ConsumerOptions::batch`]: half the default prefetch
+/// ([`DEFAULT_PREFETCH`](crate::DEFAULT_PREFETCH)), so one batch commits while the
+/// broker fills the next; measured with `svcdb-bench events` (see the crate's README).
+pub const DEFAULT_BATCH: usize = 16;
+
 /// How a [`Consumer`] retries, waits and shuts down. Every field has a default.
 #[derive(Debug, Clone)]
 pub struct ConsumerOptions {
@@ -26,6 +31,16 @@ pub struct ConsumerOptions {
     /// serialization failure or deadlock before counting the attempt as failed. Default:
     /// read committed, 5 attempts.
     pub tx: TxOptions,
+    /// Deliveries handled in one database transaction: each claims its event and runs its
+    /// handler under a savepoint, then one commit, then the acknowledgements (see
+    /// [Batches](super::Consumer#batches)). At most the prefetch; more gain nothing.
+    /// `1` handles each delivery in its own transaction: use it for handlers that call other
+    /// systems (HTTP, email), whose effects a failed batch would repeat for its neighbours.
+    /// Default: [`DEFAULT_BATCH`].
+    pub batch: usize,
+    /// How long a batch waits for more deliveries after its first before it is handled
+    /// anyway: a quiet queue still answers at once, a busy one fills batches. Default: 1 ms.
+    pub linger: Duration,
     /// What to do with an event kind that has no handler. Default: dead-letter.
     pub unknown_kind: UnknownKind,
     /// Pause before returning a failed message for redelivery, doubled for each earlier
@@ -58,6 +73,8 @@ impl Default for ConsumerOptions {
     fn default() -> Self {
         Self {
             tx: TxOptions::default(),
+            batch: DEFAULT_BATCH,
+            linger: Duration::from_millis(1),
             unknown_kind: UnknownKind::default(),
             retry_delay: Duration::from_millis(500),
             max_retry_delay: Duration::from_secs(10),
