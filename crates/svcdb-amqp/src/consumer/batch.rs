@@ -1,5 +1,5 @@
-//! A batch of deliveries in one transaction: each claims its event and runs its handler under
-//! a savepoint, one commit, then the acknowledgements (see [Batches](super::Consumer#batches)
+//! A batch of deliveries in one transaction: their events claimed in one statement, each
+//! handler run under a savepoint, one commit, then the acknowledgements (see [Batches](super::Consumer#batches)
 //! for the rules). Collected by [`Pending`] in the consume loop.
 
 use std::panic::AssertUnwindSafe;
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use futures_util::FutureExt;
 use lapin::message::Delivery;
+use svcdb::idempotency::EventRef;
 use svcdb::{Envelope, Processed, Retryable, Transaction};
 use tokio::task::JoinSet;
 
@@ -81,7 +82,12 @@ impl Pending {
 
 /// Handles a batch of deliveries to the end: each acked, handed back or dead-lettered.
 async fn handle(context: Arc<Context>, deliveries: Vec<Delivery>) {
-    let prepared = join_all(deliveries.into_iter().map(|d| delivery::prepare(&context, d))).await;
+    let prepared = join_all(
+        deliveries
+            .into_iter()
+            .map(|d| delivery::prepare(&context, d)),
+    )
+    .await;
     let work: Vec<Work> = prepared.into_iter().flatten().collect();
     if work.is_empty() {
         return;
@@ -131,9 +137,10 @@ async fn handle(context: Arc<Context>, deliveries: Vec<Delivery>) {
         Err(e) if e.is_database_unavailable() => {
             tracing::warn!(target: "svcdb_amqp::consumer", %queue, events = work.len(), error = %e, "database unavailable; handing the batch back and pausing");
             outage::pause_consuming(&context.flow).await;
-            join_all(work.iter().map(|w| {
-                settle::return_unprocessed(&context, &w.delivery, w.envelope.id)
-            }))
+            join_all(
+                work.iter()
+                    .map(|w| settle::return_unprocessed(&context, &w.delivery, w.envelope.id)),
+            )
             .await;
         }
         Err(e) => {
@@ -154,8 +161,8 @@ async fn handle(context: Arc<Context>, deliveries: Vec<Delivery>) {
 }
 
 /// Runs `work` in one transaction ([`svcdb::ServiceDb::transaction_with`], so retried whole on
-/// a serialization failure or deadlock): each delivery's outcome and how long its claim and
-/// handler took, or the error that failed the whole batch (the database unavailable, a
+/// a serialization failure or deadlock): each delivery's outcome and how long its handler
+/// took, or the error that failed the whole batch (the database unavailable, a
 /// failed claim, a retryable error past the retries, a failed commit).
 async fn run(
     context: &Context,
@@ -178,29 +185,34 @@ async fn run(
         context
             .db
             .transaction_with(&context.options.tx, async move |tx| {
+                let refs: Vec<EventRef<'_>> = events.iter().map(|(e, _)| e.into()).collect();
+                let first = svcdb::idempotency::claim_batch(tx, &name, &refs).await?;
                 let mut outcomes = Vec::with_capacity(events.len());
-                for (envelope, handler) in events.iter() {
+                for ((envelope, handler), first) in events.iter().zip(first) {
                     let started = Instant::now();
-                    let outcome = one(tx, &name, envelope, handler).await?;
+                    let outcome = if first {
+                        one(tx, &name, envelope, handler).await?
+                    } else {
+                        Ok(Processed::Duplicate)
+                    };
                     outcomes.push((outcome, started.elapsed()));
                 }
+                svcdb::idempotency::check_batch(tx).await?;
                 Ok(outcomes)
             }),
     );
     run.await
 }
 
-/// Claims `envelope` under a savepoint and runs its handler: the outcome (a failure rolled
-/// back to the savepoint), or `Err` for an error that fails the whole batch.
+/// Runs the handler of `envelope`, claimed, under a savepoint: the outcome (a failure undone
+/// to the savepoint, its claim with it), or `Err` for an error that fails the whole batch.
 async fn one(
     tx: &mut Transaction<'_>,
     name: &str,
     envelope: &Envelope,
     handler: &Arc<dyn DynHandler>,
 ) -> std::result::Result<Outcome, HandlerError> {
-    if !svcdb::idempotency::claim_under_savepoint(tx, name, envelope).await? {
-        return Ok(Ok(Processed::Duplicate));
-    }
+    svcdb::idempotency::savepoint_event(tx);
     let handled = AssertUnwindSafe(handler.call(tx, envelope))
         .catch_unwind()
         .await;
@@ -213,6 +225,6 @@ async fn one(
         // The transaction, not this event: the batch is handed back, or run again.
         return Err(e);
     }
-    svcdb::idempotency::rollback_claim(tx).await?;
+    svcdb::idempotency::undo_event(tx, name, envelope.id).await?;
     Ok(Err(e))
 }

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::Pending;
 use super::delivery::Context;
-use super::settle::Unsettled;
 use super::outage::{self, Flow};
+use super::settle::Unsettled;
 use super::stats::Counters;
 use super::Consumer;
 use crate::error::{Error, Result};

@@ -79,11 +79,11 @@ use crate::topology::QueueSpec;
 /// By default the consumer handles up to [`ConsumerOptions::batch`] deliveries
 /// ([`DEFAULT_BATCH`], at most the prefetch) in one transaction: a batch closes when full or
 /// [`ConsumerOptions::linger`] after its first delivery, so a quiet queue answers at once.
-/// Each delivery claims its event and runs its handler under a savepoint
-/// ([`svcdb::idempotency::claim_under_savepoint`]), then the transaction commits once and the
-/// deliveries are acknowledged (one `multiple` ack for those that are the channel's lowest
-/// unsettled). One commit for many events is what makes it fast: a commit waits for the
-/// write-ahead log to reach the disk.
+/// The batch's events are claimed in one statement ([`svcdb::idempotency::claim_batch`]),
+/// each handler runs under a savepoint of its own ([`svcdb::idempotency::savepoint_event`]),
+/// then the transaction commits once and the deliveries are acknowledged (one `multiple` ack
+/// for those that are the channel's lowest unsettled). Fewer round trips and one commit for
+/// many events is what makes it fast.
 ///
 /// * Exactly once, as for a single delivery: the claims commit with the effects. A crash
 ///   before the commit redelivers the whole batch, whose claims never existed; after it, the

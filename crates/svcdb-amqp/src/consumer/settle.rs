@@ -27,7 +27,10 @@ pub(super) struct Unsettled {
 impl Unsettled {
     /// Tracks a delivery received.
     pub(super) fn received(&self, tag: u64) {
-        self.tags.lock().unwrap_or_else(|e| e.into_inner()).insert(tag);
+        self.tags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tag);
     }
 
     /// Forgets `ours`, and returns the highest of them that a `multiple` ack may cover: every
@@ -78,7 +81,14 @@ async fn written<T>(
 pub(super) async fn ack(context: &Context, delivery: &Delivery, id: uuid::Uuid) {
     // Committed but not acknowledged: the redelivery finds the claim and is a duplicate.
     let ack = delivery.ack(BasicAckOptions::default());
-    settle(context, delivery.delivery_tag, Some(id), "acknowledge a handled event", ack).await;
+    settle(
+        context,
+        delivery.delivery_tag,
+        Some(id),
+        "acknowledge a handled event",
+        ack,
+    )
+    .await;
 }
 
 /// Acknowledges a batch's handled events (and duplicates): one `multiple` ack for those that
@@ -107,7 +117,14 @@ pub(super) async fn ack_all(context: &Context, deliveries: &[&Delivery]) {
 pub(super) async fn return_failed(context: &Context, delivery: &Delivery, id: uuid::Uuid) {
     Counters::bump(&context.counters.requeued);
     let reject = delivery.reject(BasicRejectOptions { requeue: true });
-    settle(context, delivery.delivery_tag, Some(id), "requeue a failed event", reject).await;
+    settle(
+        context,
+        delivery.delivery_tag,
+        Some(id),
+        "requeue a failed event",
+        reject,
+    )
+    .await;
 }
 
 /// Hands back a message that was not processed (database unavailable, shutdown), with
@@ -122,5 +139,12 @@ pub(super) async fn return_unprocessed(context: &Context, delivery: &Delivery, i
         requeue: true,
         multiple: false, // a multiple nack never counts on 4.3 either, but takes others along
     });
-    settle(context, delivery.delivery_tag, Some(id), "hand back an unprocessed event", nack).await;
+    settle(
+        context,
+        delivery.delivery_tag,
+        Some(id),
+        "hand back an unprocessed event",
+        nack,
+    )
+    .await;
 }

@@ -60,9 +60,10 @@ impl Setup {
     }
 
     async fn publish_all(&self, envelopes: &[Envelope]) {
-        let publishes = envelopes
-            .iter()
-            .map(|e| self.broker.publish(&self.exchange, "product.stock.reserved", e));
+        let publishes = envelopes.iter().map(|e| {
+            self.broker
+                .publish(&self.exchange, "product.stock.reserved", e)
+        });
         futures_util::future::join_all(publishes).await;
     }
 }
@@ -155,7 +156,10 @@ async fn a_crash_between_commit_and_acks_redelivers_every_delivery_as_a_duplicat
 
     each_once(&db, &envelopes).await;
     let stats = consumer.stats();
-    assert_eq!((stats.handled, stats.duplicates), (BATCH as u64, BATCH as u64));
+    assert_eq!(
+        (stats.handled, stats.duplicates),
+        (BATCH as u64, BATCH as u64)
+    );
     assert_eq!((stats.requeued, stats.returned), (0, 0));
 }
 
@@ -233,10 +237,13 @@ async fn a_failing_handler_returns_only_its_delivery() {
     });
     let (shutdown, task) = start(&consumer);
 
-    eventually("the batch's other events commit and the failed one is returned", || async {
-        let stats = consumer.stats();
-        stats.handled >= BATCH as u64 - 1 && stats.requeued == 1
-    })
+    eventually(
+        "the batch's other events commit and the failed one is returned",
+        || async {
+            let stats = consumer.stats();
+            stats.handled >= BATCH as u64 - 1 && stats.requeued == 1
+        },
+    )
     .await;
     // The 31 committed in that first batch, without the failed one's effect.
     let committed_first: i64 = db
@@ -251,9 +258,10 @@ async fn a_failing_handler_returns_only_its_delivery() {
         .unwrap()
         .get(0);
     assert_eq!(committed_first, BATCH as i64 - 1);
-    eventually("the returned event is handled on its redelivery", || async {
-        consumer.stats().handled == BATCH as u64
-    })
+    eventually(
+        "the returned event is handled on its redelivery",
+        || async { consumer.stats().handled == BATCH as u64 },
+    )
     .await;
     stop(shutdown, task).await;
 
@@ -261,7 +269,12 @@ async fn a_failing_handler_returns_only_its_delivery() {
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
     let stats = consumer.stats();
     assert_eq!(
-        (stats.handled, stats.duplicates, stats.requeued, stats.returned),
+        (
+            stats.handled,
+            stats.duplicates,
+            stats.requeued,
+            stats.returned
+        ),
         (BATCH as u64, 0, 1, 0)
     );
     // Returned on its own, as a failure (reject, which counts), not with a nack.
@@ -340,10 +353,18 @@ async fn a_single_message_on_a_quiet_queue_is_handled_without_waiting_for_the_ba
         quick.stats().handled == 1
     })
     .await;
-    assert_eq!(lingering.stats().handled, 0, "the control's batch still waits");
+    assert_eq!(
+        lingering.stats().handled,
+        0,
+        "the control's batch still waits"
+    );
 
     stop(lingering_shutdown, lingering_task).await;
-    assert_eq!(lingering.stats().handled, 1, "shutdown handles the open batch");
+    assert_eq!(
+        lingering.stats().handled,
+        1,
+        "shutdown handles the open batch"
+    );
     stop(quick_shutdown, quick_task).await;
     assert_eq!(effects(&db, envelope.id).await, 2); // one per consumer
 }
