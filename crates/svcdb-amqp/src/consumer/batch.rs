@@ -2,7 +2,9 @@
 //! handler run under a savepoint, one commit, then the acknowledgements (see [Batches](super::Consumer#batches)
 //! for the rules). Collected by [`Pending`] in the consume loop.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,10 @@ use crate::handler::{DynHandler, HandlerError};
 
 /// A handler's outcome in the batch: `Err` was rolled back to its savepoint.
 type Outcome = std::result::Result<Processed<()>, HandlerError>;
+
+/// A batch's transaction: each delivery's outcome and how long its handler took, or the error
+/// that failed the whole batch.
+type Ran = std::result::Result<Vec<(Outcome, Duration)>, HandlerError>;
 
 /// The deliveries received and not yet handed to a batch task: a batch closes when it holds
 /// `size` deliveries or `linger` after its first.
@@ -164,24 +170,14 @@ async fn handle(context: Arc<Context>, deliveries: Vec<Delivery>) {
 /// a serialization failure or deadlock): each delivery's outcome and how long its handler
 /// took, or the error that failed the whole batch (the database unavailable, a
 /// failed claim, a retryable error past the retries, a failed commit).
-async fn run(
-    context: &Context,
-    work: &[Work],
-) -> std::result::Result<Vec<(Outcome, Duration)>, HandlerError> {
+async fn run(context: &Context, work: &[Work]) -> Ran {
     let events: Arc<[(Envelope, Arc<dyn DynHandler>)]> = work
         .iter()
         .map(|w| (w.envelope.clone(), w.handler.clone()))
         .collect();
     let name = context.name.clone();
     // Boxed here, where every lifetime is concrete, for the same reason as delivery::process.
-    let run: std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = std::result::Result<Vec<(Outcome, Duration)>, HandlerError>,
-                > + Send
-                + '_,
-        >,
-    > = Box::pin(
+    let run: Pin<Box<dyn Future<Output = Ran> + Send + '_>> = Box::pin(
         context
             .db
             .transaction_with(&context.options.tx, async move |tx| {

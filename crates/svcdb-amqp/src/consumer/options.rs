@@ -19,9 +19,11 @@ pub enum UnknownKind {
     Ack,
 }
 
-/// The default [`ConsumerOptions::batch`]: half the default prefetch
-/// ([`DEFAULT_PREFETCH`](crate::DEFAULT_PREFETCH)), so one batch commits while the
-/// broker fills the next; measured with `svcdb-bench events` (see the crate's README).
+/// The default [`ConsumerOptions::batch`], measured with `svcdb-bench events
+/// --consume-batch`: at a prefetch of 128, batches of 16 handled more events a second than
+/// batches of 8 (fewer commits) or 32 (fewer batches in flight); at the default prefetch
+/// ([`DEFAULT_PREFETCH`](crate::DEFAULT_PREFETCH), 32), 16 is half of it, so one batch
+/// commits while the broker refills the other.
 pub const DEFAULT_BATCH: usize = 16;
 
 /// How a [`Consumer`] retries, waits and shuts down. Every field has a default.
@@ -33,7 +35,10 @@ pub struct ConsumerOptions {
     pub tx: TxOptions,
     /// Deliveries handled in one database transaction: each claims its event and runs its
     /// handler under a savepoint, then one commit, then the acknowledgements (see
-    /// [Batches](super::Consumer#batches)). At most the prefetch; more gain nothing.
+    /// [Batches](super::Consumer#batches)). At most the prefetch: a batch holds its
+    /// deliveries for its whole transaction, so for batches to overlap give the prefetch room
+    /// for several ([`AmqpConfig::prefetch`](crate::AmqpConfig::prefetch) 128 for 8 batches of
+    /// 16; at the default 32, two are in flight).
     /// `1` handles each delivery in its own transaction: use it for handlers that call other
     /// systems (HTTP, email), whose effects a failed batch would repeat for its neighbours.
     /// Default: [`DEFAULT_BATCH`].
