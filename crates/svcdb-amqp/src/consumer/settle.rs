@@ -148,3 +148,23 @@ pub(super) async fn return_unprocessed(context: &Context, delivery: &Delivery, i
     )
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_multiple_ack_covers_only_the_lowest_unsettled_tags_when_all_are_ours() {
+        let unsettled = Unsettled::default();
+        for tag in 1..=6 {
+            unsettled.received(tag);
+        }
+        // 1 and 2 are ours, 3 is not: a multiple ack up to 2; 5 goes on its own.
+        assert_eq!(unsettled.take(&BTreeSet::from([1, 2, 5])), Some(2));
+        // 3 is still unsettled and not ours: no multiple ack for 4.
+        assert_eq!(unsettled.take(&BTreeSet::from([4])), None);
+        // Now 3 and 6 are the only ones left.
+        assert_eq!(unsettled.take(&BTreeSet::from([3, 6])), Some(6));
+        assert_eq!(unsettled.take(&BTreeSet::from([7])), None);
+    }
+}

@@ -368,3 +368,45 @@ async fn a_single_message_on_a_quiet_queue_is_handled_without_waiting_for_the_ba
     stop(quick_shutdown, quick_task).await;
     assert_eq!(effects(&db, envelope.id).await, 2); // one per consumer
 }
+
+#[tokio::test]
+async fn a_batch_whose_connection_dies_is_handed_back_whole_without_spending_deliveries() {
+    let s = setup().await;
+    let (_test_db, db) = service().await;
+    let envelopes = events(BATCH);
+    s.publish_all(&envelopes).await;
+    // The last handler of the first batch terminates its own backend: the connection dies
+    // under the transaction, with every other delivery's work in it.
+    let entered = Arc::new(AtomicU32::new(0));
+    let counter = entered.clone();
+    let consumer = s.consumer(&db).on(KIND, move |tx, event| {
+        let counter = counter.clone();
+        Box::pin(async move {
+            record(tx, event).await?;
+            if counter.fetch_add(1, Ordering::SeqCst) + 1 == BATCH as u32 {
+                tx.execute("SELECT pg_terminate_backend(pg_backend_pid())", &[])
+                    .await?;
+            }
+            Ok(())
+        })
+    });
+    let (shutdown, task) = start(&consumer);
+
+    eventually("the batch is handed back and handled again", || async {
+        consumer.stats().handled == BATCH as u64
+    })
+    .await;
+    stop(shutdown, task).await;
+
+    each_once(&db, &envelopes).await;
+    let stats = consumer.stats();
+    // Every delivery returned unprocessed (a nack each: not a failure), one pause.
+    assert_eq!(
+        (stats.handled, stats.returned, stats.requeued, stats.paused),
+        (BATCH as u64, BATCH as u64, 0, 1)
+    );
+    assert!(entered.load(Ordering::SeqCst) >= 2 * BATCH as u32 - 1);
+    assert_eq!(s.proxy.sent(common::BASIC_NACK), BATCH);
+    assert_eq!(s.proxy.sent(common::BASIC_REJECT), 0);
+    assert_eq!(s.broker.ready(&s.queue.name).await, 0);
+}
