@@ -55,7 +55,8 @@ use crate::topology::QueueSpec;
 /// 1. The body is decoded with [`Envelope::from_slice`]. A malformed message (not JSON, no
 ///    `id`, too large, …) is dead-lettered with the reason: redelivering it cannot help.
 /// 2. The handler for the envelope's `kind` runs inside
-///    [`ServiceDb::process_once_with`]: the claim on (consumer name, event id) commits in the
+///    [`ServiceDb::process_once_with`] (or, in a [batch](#batches), a transaction shared with
+///    the batch's other deliveries): the claim on (consumer name, event id) commits in the
 ///    same transaction as the handler's writes (and any events it enqueued in the outbox).
 /// 3. [`Processed::Done`] or [`Processed::Duplicate`]: acknowledged. Acks come only after the
 ///    commit, so delivery is at least once, and a redelivery after a lost ack finds the claim
@@ -99,6 +100,9 @@ use crate::topology::QueueSpec;
 ///   ([`ConsumerOptions::tx`]). When the batch fails otherwise (a deferred constraint refused
 ///   at commit, the retries spent) each of its deliveries is handled again on its own, so
 ///   only the one at fault fails.
+///
+/// A handler in a batch shares the transaction: a `SET LOCAL` it makes holds for the
+/// handlers after it, and [`ConsumerOptions::tx`] sets the isolation level of the batch.
 ///
 /// Use `batch = 1` (a transaction per delivery) when handlers call other systems (an HTTP
 /// API, an email): a batch that fails and runs again, or falls back to one delivery at a

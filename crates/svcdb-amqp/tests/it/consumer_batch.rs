@@ -410,3 +410,31 @@ async fn a_batch_whose_connection_dies_is_handed_back_whole_without_spending_del
     assert_eq!(s.proxy.sent(common::BASIC_REJECT), 0);
     assert_eq!(s.broker.ready(&s.queue.name).await, 0);
 }
+
+#[tokio::test]
+async fn a_batch_of_zero_deliveries_is_refused_before_connecting() {
+    let s = setup().await;
+    let (_test_db, db) = service().await;
+    let consumer = s
+        .consumer(&db)
+        .with_options(ConsumerOptions {
+            batch: 0,
+            ..options()
+        })
+        .on(KIND, |tx, event| Box::pin(record(tx, event)));
+    let e = consumer.run(CancellationToken::new()).await.unwrap_err();
+    assert!(
+        matches!(&e, svcdb_amqp::Error::Config { key, .. } if key == "batch"),
+        "{e:?}"
+    );
+    // Control: the same consumer with batches of one starts.
+    let (shutdown, task) = start(&consumer.with_options(ConsumerOptions {
+        batch: 1,
+        ..options()
+    }));
+    eventually("the consumer consumes", || async {
+        s.proxy.sent(common::BASIC_CONSUME) > 0
+    })
+    .await;
+    stop(shutdown, task).await;
+}

@@ -404,6 +404,8 @@ impl Flow {
 
 /// An AMQP 0-9-1 method: (class id, method id).
 pub type Method = (u16, u16);
+/// `basic.consume`
+pub const BASIC_CONSUME: Method = (60, 20);
 /// `basic.cancel`
 pub const BASIC_CANCEL: Method = (60, 30);
 /// `basic.publish`
