@@ -26,7 +26,7 @@
 //! | Prometheus metrics: the recorder, `/metrics`' text, the pool's and the outbox's series | [`mod@metrics`] |
 //! | `/healthz` and `/readyz` as an axum `Router` (feature `http`, on by default) | [`http`] ([`http::router`]) |
 //! | the event envelope on the wire, and why a message is not one | [`event`] ([`Envelope`], [`EventError`]) |
-//! | handling each event once: the claim commits with the handler's writes | [`idempotency`] ([`ServiceDb::process_once`], [`Processed`]) |
+//! | handling each event once: the claim commits with the handler's writes | [`idempotency`] ([`ServiceDb::process_once`], [`Processed`]; many events in one transaction: [`idempotency::claim_batch`], [`idempotency::savepoint_event`]) |
 //! | the transactional outbox and its relay (`FOR UPDATE SKIP LOCKED`, retries) | [`outbox`] ([`outbox::enqueue`], [`Outbox`]) |
 //! | a throwaway database per test (feature `testing`, for dev-dependencies) | `testing::TestDb` |
 //! | the driver's types a service uses, under svcdb's names | [`Transaction`], [`IsolationLevel`], [`SqlState`], [`PooledConn`] |
