@@ -22,7 +22,7 @@
 //! | the broker URL (password never shown), prefetch, connection name; connecting with a bounded timeout | [`AmqpConfig`] ([`DEFAULT_URL`], [`redact_url`]) |
 //! | exchanges per producing service, quorum queues per handler with a delivery limit, dead-letter exchange and queue per queue; names checked with svcdb's rules ([`svcdb::outbox::check_declared_name`]) | [`topology`] ([`Topology`], [`QueueSpec`]) |
 //! | handlers: a trait with an `async fn`, or closures; how their errors are retried | [`EventHandler`], [`HandlerError`] |
-//! | the consumer runtime: building and running it (reconnecting), the consume loop, and per delivery: decode, claim and handle in one transaction, ack after commit, dead-letter, the pause while the database is out, graceful shutdown | [`Consumer`], [`ConsumerOptions`]; a file each under `consumer/`: `consume`, `delivery`, `settle`, `dead_letter`, `outage` |
+//! | the consumer runtime: building and running it (reconnecting), the consume loop, batches (many deliveries in one transaction, each under a savepoint; `multiple` acks) and per delivery: decode, claim and handle, ack after commit, dead-letter, the pause while the database is out, graceful shutdown | [`Consumer`], [`ConsumerOptions`]; a file each under `consumer/`: `consume`, `batch`, `delivery`, `settle`, `dead_letter`, `outage` |
 //! | the broker connection as the consumer, the relay and the topology use it: connecting unless shut down, channels opened and closed within a bound, backoff between reconnections | `connection` (internal; [`publish::confirm_channel`]) |
 //! | the message properties of an event; confirmed publishing | [`publish`] |
 //! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status; its settings ([`RelayConfig`]; when failed rows are retried is the outbox's [`svcdb::outbox::PublishRetry`]) | [`Relay`], [`RelayStatus`] |
@@ -109,7 +109,7 @@ pub use config::{
     redact_url, AmqpConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_QUORUM_GROUP_SIZE,
     DEFAULT_PREFETCH, DEFAULT_URL,
 };
-pub use consumer::{Consumer, ConsumerOptions, ConsumerStats, UnknownKind};
+pub use consumer::{Consumer, ConsumerOptions, ConsumerStats, UnknownKind, DEFAULT_BATCH};
 pub use error::{Error, Result};
 pub use handler::{EventHandler, HandlerError, HandlerFuture};
 pub use relay::{Relay, RelayConfig, RelayStatus};

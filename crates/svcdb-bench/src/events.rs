@@ -11,6 +11,11 @@
 //!   with publisher confirms, like the relay), then a plain lapin consumer (same prefetch,
 //!   same pool, deliveries handled concurrently) that decodes each, does the same `INSERT` in
 //!   a transaction of its own and acks: no outbox, no claim, at least once.
+//! * **batched consume**: N new envelopes published straight into a queue of their own, then
+//!   a [`Consumer`] with batches of `--consume-batch` (the claims in one statement, each
+//!   `INSERT` under a savepoint, one commit per batch) and a prefetch of 128, room for several
+//!   batches in flight; the svcdb consume stage above runs with a transaction per delivery
+//!   (`batch = 1`).
 //! * **duplicates**: N new envelopes, each published twice in a row straight into the svcdb
 //!   consumer's queue (so copies of one event are often handled concurrently); the run fails
 //!   unless exactly N business effects result.
@@ -31,7 +36,9 @@ use svcdb_amqp::lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPubl
 use svcdb_amqp::lapin::types::FieldTable;
 use svcdb_amqp::lapin::{Channel, Confirmation, Connection};
 use svcdb_amqp::topology::{QueueSpec, Topology};
-use svcdb_amqp::{AmqpConfig, CancellationToken, Consumer, HandlerError, Relay, RelayConfig};
+use svcdb_amqp::{
+    AmqpConfig, CancellationToken, Consumer, ConsumerOptions, HandlerError, Relay, RelayConfig,
+};
 use tokio::task::JoinSet;
 
 use crate::pg::Server;
@@ -51,6 +58,11 @@ const BATCH: usize = 100;
 
 /// Unacknowledged deliveries per consumer, svcdb's and raw; the pool has as many connections.
 const PREFETCH: u16 = 32;
+
+/// Unacknowledged deliveries of the batched consumer: room for 8 batches of the default 16
+/// in flight (a batch holds its deliveries for its whole transaction, so at the prefetch of
+/// the others, 32, only two batches would be). The pool is the same: 32 connections.
+const BATCH_PREFETCH: u16 = 128;
 
 /// Longest wait for any one stage; a stage that takes longer is a broken run.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -78,6 +90,10 @@ pub struct EventsArgs {
         hide_env_values = true
     )]
     amqp_url: String,
+
+    /// Deliveries per transaction of the batched consumer (at most the prefetch, 32).
+    #[arg(long, default_value_t = svcdb_amqp::DEFAULT_BATCH, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=32))]
+    consume_batch: usize,
 }
 
 /// The exchange and queues of one run, unique to it.
@@ -85,6 +101,7 @@ struct Names {
     exchange: String,
     svcdb_queue: QueueSpec,
     raw_queue: QueueSpec,
+    batch_queue: QueueSpec,
 }
 
 impl Names {
@@ -95,6 +112,7 @@ impl Names {
         Self {
             svcdb_queue: QueueSpec::new(format!("{base}.svcdb")).bind(&exchange, "svcdb.#"),
             raw_queue: QueueSpec::new(format!("{base}.raw")).bind(&exchange, "raw.#"),
+            batch_queue: QueueSpec::new(format!("{base}.batch")).bind(&exchange, "batch.#"),
             exchange,
         }
     }
@@ -104,6 +122,7 @@ impl Names {
             .exchange(&self.exchange)
             .queue(self.svcdb_queue.clone())
             .queue(self.raw_queue.clone())
+            .queue(self.batch_queue.clone())
     }
 }
 
@@ -119,6 +138,8 @@ struct Results {
     raw_publish: Duration,
     raw_consume: Duration,
     raw_end_to_end: Duration,
+    consume_batch: usize,
+    batch_consume: Duration,
     dup_deliveries: u64,
     dup_handled: u64,
     dup_duplicates: u64,
@@ -199,6 +220,10 @@ async fn measure(
     let connection = Arc::new(connection);
 
     let consumer = Consumer::new(amqp, db.clone(), &names.svcdb_queue, CONSUMER)
+        .with_options(ConsumerOptions {
+            batch: 1,
+            ..ConsumerOptions::default()
+        })
         .on(KIND, |tx, event| Box::pin(business_write(tx, event)));
 
     // 1. svcdb: enqueue, relay, consume, one stage after another.
@@ -279,6 +304,31 @@ async fn measure(
     let raw_done = raw_consume(&connection, &db, &names.raw_queue.name, n).await?;
     let (raw_consume, raw_end_to_end) = (raw_done - started - raw_publish, raw_done - started);
 
+    // 2b. The batched svcdb consumer, on new envelopes published straight into its queue.
+    server.checkpoint().await;
+    let batched: Vec<Envelope> = (0..n).map(|i| envelope("batch", i)).collect();
+    eprintln!("svcdb batched: publishing {n} events…");
+    publish_all(
+        &channel,
+        &names.exchange,
+        "batch.bench",
+        &batched.iter().collect::<Vec<_>>(),
+    )
+    .await?;
+    eprintln!(
+        "svcdb batched: consuming, batches of {}…",
+        args.consume_batch
+    );
+    let batch_consume = batch_consume(
+        &db,
+        amqp,
+        &connection,
+        &names.batch_queue,
+        n,
+        args.consume_batch,
+    )
+    .await?;
+
     // 3. Duplicates: every new envelope twice, into the svcdb consumer's queue.
     server.checkpoint().await;
     eprintln!("duplicates: publishing {n} events twice into the svcdb queue…");
@@ -319,7 +369,7 @@ async fn measure(
             .map_or((0, 0), |r| (r.get(1), r.get(2)))
     };
     let expected = i64::try_from(n)?;
-    for phase in ["svcdb", "raw", "dup"] {
+    for phase in ["svcdb", "raw", "batch", "dup"] {
         let (rows, distinct) = count(phase);
         if rows != expected || distinct != expected {
             bail!(
@@ -344,6 +394,8 @@ async fn measure(
         raw_publish,
         raw_consume,
         raw_end_to_end,
+        consume_batch: args.consume_batch,
+        batch_consume,
         dup_deliveries: 2 * n,
         dup_handled: after.handled - before.handled,
         dup_duplicates: after.duplicates - before.duplicates,
@@ -494,6 +546,42 @@ async fn raw_consume(
     Ok(done)
 }
 
+/// Consumes the `n` events in `queue` with a batched svcdb consumer (`batch` deliveries per
+/// transaction) and returns how long it took to handle them all.
+async fn batch_consume(
+    db: &ServiceDb,
+    amqp: &AmqpConfig,
+    connection: &Arc<Connection>,
+    queue: &QueueSpec,
+    n: u64,
+    batch: usize,
+) -> Result<Duration> {
+    let amqp = &amqp.clone().with_prefetch(BATCH_PREFETCH);
+    let consumer = Consumer::new(amqp, db.clone(), queue, CONSUMER)
+        .with_options(ConsumerOptions {
+            batch,
+            ..ConsumerOptions::default()
+        })
+        .on(KIND, |tx, event| Box::pin(business_write(tx, event)));
+    let started = Instant::now();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (consumer, stop, connection) = (consumer.clone(), stop.clone(), connection.clone());
+        async move { consumer.run_on(&connection, &stop).await }
+    });
+    let consumed = wait_until(|| consumer.stats().handled >= n).await;
+    let elapsed = started.elapsed();
+    stop.cancel();
+    task.await??;
+    ensure!(
+        consumed,
+        "the batched svcdb consumer handled {} of {n} events in {STAGE_TIMEOUT:?}: {:?}",
+        consumer.stats().handled,
+        consumer.stats()
+    );
+    Ok(elapsed)
+}
+
 /// Polls `condition` every millisecond, up to [`STAGE_TIMEOUT`]; false if it never held.
 async fn wait_until(condition: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + STAGE_TIMEOUT;
@@ -522,6 +610,16 @@ fn figures(r: &Results) -> Figures {
     f.set("svcdb_end_to_end_s", r.svcdb_end_to_end.as_secs_f64());
     f.set("raw_publish_per_s", rate(r.events, r.raw_publish));
     f.set("raw_consume_per_s", rate(r.events, r.raw_consume));
+    f.set("consume_batch", r.consume_batch as u64);
+    f.set("batch_prefetch", BATCH_PREFETCH);
+    f.set("svcdb_batch_consume_per_s", rate(r.events, r.batch_consume));
+    f.set(
+        "svcdb_batch_vs_raw_consume",
+        report::ratio(
+            Some(rate(r.events, r.batch_consume)),
+            Some(rate(r.events, r.raw_consume)),
+        ),
+    );
     f.set("raw_end_to_end_per_s", rate(r.events, r.raw_end_to_end));
     f.set("raw_end_to_end_s", r.raw_end_to_end.as_secs_f64());
     f.set(
@@ -585,6 +683,14 @@ fn human_report(r: &Results) -> String {
     ));
     table.add_row(line("raw lapin: end to end", r.events, r.raw_end_to_end));
     table.add_row(line(
+        &format!(
+            "svcdb: Consumer, batches of {}, prefetch {BATCH_PREFETCH} (1 commit a batch)",
+            r.consume_batch
+        ),
+        r.events,
+        r.batch_consume,
+    ));
+    table.add_row(line(
         "duplicates: every event published twice",
         r.dup_deliveries,
         r.dup_elapsed,
@@ -593,16 +699,22 @@ fn human_report(r: &Results) -> String {
         Some(rate(r.events, r.svcdb_end_to_end)),
         Some(rate(r.events, r.raw_end_to_end)),
     );
+    let batch_ratio = report::ratio(
+        Some(rate(r.events, r.batch_consume)),
+        Some(rate(r.events, r.raw_consume)),
+    );
     format!(
         "Events benchmark: {} events per path; stages run one after another; \
          publisher confirms per batch of {BATCH}; prefetch {PREFETCH}, pool of {PREFETCH}\n{}\n\n\
          {table}\n\n\
          svcdb / raw lapin, end to end: {}× (the cost of the outbox and exactly-once claims)\n\
+         svcdb batched consumer / raw lapin consume: {}× (target: at least 1.5)\n\
          Duplicates: {} deliveries → {} handled, {} absorbed as duplicates, {} business effects \
          (expected {}): exactly once",
         r.events,
         r.machine.line(),
         ratio.map_or_else(|| "n/a".to_owned(), report::num),
+        batch_ratio.map_or_else(|| "n/a".to_owned(), report::num),
         r.dup_deliveries,
         r.dup_handled,
         r.dup_duplicates,

@@ -53,7 +53,8 @@
 
 use std::time::Duration;
 
-use tokio_postgres::types::Type;
+use futures_util::FutureExt;
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -162,6 +163,89 @@ pub async fn claim<'e>(
     check_consumer(consumer)?;
     Ok(insert_claim(tx, consumer, event.into()).await?)
 }
+
+/// Claims every event of a batch for `consumer` inside `tx`, in one statement: for each
+/// event, `true` if this is its first claim (handle it), `false` if it was handled before, or
+/// is a second copy in `events` (the first copy claims it).
+///
+/// For handling many events in one transaction, each under a savepoint
+/// ([`savepoint_event`]); [`ServiceDb::process_once`] does one event. Events are claimed in
+/// id order, so two batches claiming the same events wait on each other instead of
+/// deadlocking. Like [`claim`], waits while another transaction holds an uncommitted claim on
+/// one of them.
+pub async fn claim_batch(
+    tx: &tokio_postgres::Transaction<'_>,
+    consumer: &str,
+    events: &[EventRef<'_>],
+) -> Result<Vec<bool>> {
+    check_consumer(consumer)?;
+    let mut sorted: Vec<(Uuid, Option<&str>)> = events.iter().map(|e| (e.id, e.kind)).collect();
+    sorted.sort_unstable_by_key(|(id, _)| *id);
+    sorted.dedup_by_key(|(id, _)| *id);
+    let (ids, kinds): (Vec<Uuid>, Vec<Option<&str>>) = sorted.into_iter().unzip();
+    // ORDER BY: the rows are inserted, so their locks taken, in id order.
+    let rows = tx
+        .query_typed(
+            "INSERT INTO svcdb_processed_events (consumer, event_id, kind)
+             SELECT $1, id, kind FROM unnest($2::uuid[], $3::text[]) AS e(id, kind) ORDER BY id
+             ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id",
+            &[
+                (&consumer, Type::TEXT),
+                (&ids, Type::UUID_ARRAY),
+                (&kinds, Type::TEXT_ARRAY),
+            ],
+        )
+        .await?;
+    let mut claimed: std::collections::HashSet<Uuid> =
+        rows.iter().map(|row| row.get::<_, Uuid>(0)).collect();
+    // The first copy of an event takes its claim; a later copy is a duplicate.
+    Ok(events.iter().map(|e| claimed.remove(&e.id)).collect())
+}
+
+/// Sets the savepoint before the work of one event of a batch, without waiting for the
+/// server's answer: the `SAVEPOINT` travels with the work's first statement, sparing a round
+/// trip per event. A failure to set it shows as the failure of the next statement on `tx`
+/// (the transaction is then aborted), so end the batch with [`check_batch`].
+///
+/// A savepoint that writes is a subtransaction of `tx`; beyond 64 in one transaction
+/// PostgreSQL's per-backend subtransaction cache overflows and other sessions' snapshots get
+/// slower, so keep batches below that.
+pub fn savepoint_event(tx: &tokio_postgres::Transaction<'_>) {
+    // The driver sends a request when its future is first polled and reads the answer of one
+    // whose future was dropped; polled once here, the `SAVEPOINT` is on its way.
+    let _ = tx.batch_execute(SET_EVENT_SAVEPOINT).now_or_never();
+}
+
+/// Undoes the work since the latest [`savepoint_event`], and `consumer`'s claim on the event
+/// `id` that work was for: a redelivery handles it again. Earlier events' claims and work
+/// stay, and `tx` can go on (also when an error aborted it).
+pub async fn undo_event(
+    tx: &tokio_postgres::Transaction<'_>,
+    consumer: &str,
+    id: Uuid,
+) -> Result<()> {
+    // Sent together: one round trip.
+    let rollback = tx.batch_execute(ROLLBACK_TO_EVENT_SAVEPOINT);
+    let params: [(&(dyn ToSql + Sync), Type); 2] = [(&consumer, Type::TEXT), (&id, Type::UUID)];
+    let unclaim = tx.execute_typed(
+        "DELETE FROM svcdb_processed_events WHERE consumer = $1 AND event_id = $2",
+        &params,
+    );
+    futures_util::future::try_join(rollback, unclaim).await?;
+    Ok(())
+}
+
+/// Fails if `tx` is aborted: PostgreSQL answers a `COMMIT` of an aborted transaction with a
+/// rollback, not an error, so a batch checks before it commits that no statement failed
+/// unseen (a [`savepoint_event`], a handler that swallowed an error).
+pub async fn check_batch(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+    Ok(tx.batch_execute("SELECT").await?)
+}
+
+/// The savepoint [`savepoint_event`] sets. One name for all: a `SAVEPOINT` reusing a name
+/// hides the earlier one, so `ROLLBACK TO` it undoes only the latest event's work.
+const SET_EVENT_SAVEPOINT: &str = "SAVEPOINT svcdb_event";
+const ROLLBACK_TO_EVENT_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT svcdb_event";
 
 /// The claim itself, on a validated consumer name.
 async fn insert_claim(

@@ -162,7 +162,9 @@ pub struct Tuning {
 }
 
 impl Tuning {
-    /// The libraries' defaults.
+    /// The libraries' defaults. Consumers take batches (`ConsumerOptions::batch`, 16): every
+    /// shop handler writes only its own database and outbox, so a batch that runs again
+    /// repeats nothing outside it.
     pub fn production() -> Self {
         Self {
             consumer: ConsumerOptions::default(),

@@ -1,5 +1,5 @@
-//! The consume loop on one channel: a task per delivery, a pause while the database is
-//! unavailable, and a graceful end (cancel, drain, wait for in-flight handlers).
+//! The consume loop on one channel: a task per delivery or per batch, a pause while the
+//! database is unavailable, and a graceful end (cancel, drain, wait for in-flight handlers).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +12,10 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::delivery::{self, Context};
+use super::batch::Pending;
+use super::delivery::Context;
 use super::outage::{self, Flow};
+use super::settle::Unsettled;
 use super::stats::Counters;
 use super::Consumer;
 use crate::error::{Error, Result};
@@ -49,6 +51,7 @@ impl Consumer {
             shutdown: shutdown.clone(),
             counters: self.counters.clone(),
             flow: watch::Sender::new(Flow::Consuming),
+            unsettled: Unsettled::default(),
         });
 
         let mut tasks = JoinSet::new();
@@ -95,6 +98,9 @@ impl Consumer {
         let queue = self.queue.name.as_str();
         let shutdown = &context.shutdown;
         let mut resuming = false;
+        // A batch holds at most what the broker sends unacknowledged.
+        let size = self.options.batch.min(usize::from(self.config.prefetch));
+        let mut pending = Pending::new(size, self.options.linger);
         loop {
             // A tag per basic.consume, prefixed with the consumer name, so the management UI
             // shows which service and replica holds which messages.
@@ -130,21 +136,26 @@ impl Consumer {
                     _ = shutdown.cancelled() => break false,
                     Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
                     _ = flow.wait_for(|f| *f == Flow::PauseRequested) => break true,
+                    () = pending.lingered() => pending.flush(context, tasks),
                     next = deliveries.next() => match next {
-                        Some(Ok(delivery)) => {
-                            tasks.spawn(delivery::handle(context.clone(), delivery));
+                        Some(Ok(delivery)) => pending.push(delivery, context, tasks),
+                        Some(Err(e)) => {
+                            pending.flush(context, tasks);
+                            return Err(Error::ConnectionLost { reason: e.to_string() });
                         }
-                        Some(Err(e)) => return Err(Error::ConnectionLost { reason: e.to_string() }),
-                        None => return Err(Error::ConnectionLost {
-                            reason: format!("the broker cancelled the consumer of {queue} (was the queue deleted?)"),
-                        }),
+                        None => {
+                            pending.flush(context, tasks);
+                            return Err(Error::ConnectionLost {
+                                reason: format!("the broker cancelled the consumer of {queue} (was the queue deleted?)"),
+                            });
+                        }
                     },
                 }
             };
             // Stop the flow, then handle what the broker sent before it saw the cancel: those
             // messages are ours until settled, and handling them now spares them a
             // redelivery (while paused, they are handed back if the database is still out).
-            cancel_and_drain(channel, &tag, &mut deliveries, context, tasks).await;
+            cancel_and_drain(channel, &tag, &mut deliveries, context, &mut pending, tasks).await;
             if !database_out {
                 return Ok(());
             }
@@ -161,15 +172,17 @@ impl Consumer {
     }
 }
 
-/// Cancels the consumer `tag` and spawns a task for each delivery the broker sent before it
-/// saw the cancel.
+/// Cancels the consumer `tag` and spawns tasks for the open batch and for the deliveries the
+/// broker sent before it saw the cancel.
 async fn cancel_and_drain(
     channel: &Channel,
     tag: &str,
     deliveries: &mut lapin::Consumer,
     context: &Arc<Context>,
+    pending: &mut Pending,
     tasks: &mut JoinSet<()>,
 ) {
+    pending.flush(context, tasks);
     let queue = context.queue.name.as_str();
     let cancel = channel.basic_cancel(crate::publish::short(tag), BasicCancelOptions::default());
     // Bounded: a broker that went silent never confirms the cancel.
@@ -177,12 +190,13 @@ async fn cancel_and_drain(
         Ok(Ok(())) => {
             let drain = async {
                 while let Some(Ok(delivery)) = deliveries.next().await {
-                    tasks.spawn(delivery::handle(context.clone(), delivery));
+                    pending.push(delivery, context, tasks);
                 }
             };
             if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
                 tracing::debug!(target: "svcdb_amqp::consumer", %queue, "consumer stream did not end after basic.cancel; going on anyway");
             }
+            pending.flush(context, tasks);
         }
         Ok(Err(e)) => {
             tracing::debug!(target: "svcdb_amqp::consumer", %queue, error = %e, "basic.cancel failed; the channel is closed with the consumer")

@@ -47,12 +47,26 @@ pub(super) async fn dead_letter(
     match published {
         Ok(()) => {
             let ack = delivery.ack(BasicAckOptions::default());
-            settle::settle(context, None, "acknowledge a dead-lettered message", ack).await;
+            settle::settle(
+                context,
+                delivery.delivery_tag,
+                None,
+                "acknowledge a dead-lettered message",
+                ack,
+            )
+            .await;
         }
         Err(e) => {
             tracing::warn!(target: "svcdb_amqp::consumer", %queue, error = %e, "could not copy the message to the dead-letter exchange; rejecting it so the broker dead-letters it (without the reason header)");
             let reject = delivery.reject(BasicRejectOptions { requeue: false });
-            settle::settle(context, None, "reject a message to dead-letter it", reject).await;
+            settle::settle(
+                context,
+                delivery.delivery_tag,
+                None,
+                "reject a message to dead-letter it",
+                reject,
+            )
+            .await;
         }
     }
     Counters::bump(&context.counters.dead_lettered);

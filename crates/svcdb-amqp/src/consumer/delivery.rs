@@ -1,6 +1,7 @@
 //! One delivery, handled to the end: decoded, its handler run with the claim in one
 //! transaction, then acknowledged, handed back or dead-lettered (see the module
-//! documentation of [`consumer`](super) for the rules).
+//! documentation of [`consumer`](super) for the rules). A batch uses the same steps:
+//! [`prepare`], then its own transaction, then [`finish`] for each delivery that failed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::outage::{self, Flow};
-use super::stats::Counters;
+use super::settle::Unsettled;
+use super::stats::{Counters, InFlight};
 use super::{dead_letter, settle, ConsumerOptions, UnknownKind};
 use crate::connection::pause;
 use crate::handler::{DynHandler, HandlerError};
@@ -46,17 +48,50 @@ pub(super) struct Context {
     pub(super) counters: Arc<Counters>,
     /// Consuming or paused for the database.
     pub(super) flow: watch::Sender<Flow>,
+    /// The channel's deliveries not settled yet, for `multiple` acks.
+    pub(super) unsettled: Unsettled,
 }
 
 /// Handles one delivery to the end: acked, handed back, or dead-lettered; in its span, which
 /// continues the producer's trace.
 pub(super) async fn handle(context: Arc<Context>, delivery: Delivery) {
-    let span = crate::spans::delivery(&context.queue.name, &context.name, &delivery);
-    handle_in_span(context, delivery).instrument(span).await
+    let Some(work) = prepare(&context, delivery).await else {
+        return;
+    };
+    let span = work.span.clone();
+    async {
+        let outcome = process_alone(&context, &work).await;
+        finish(&context, work, outcome).await;
+    }
+    .instrument(span)
+    .await
 }
 
-async fn handle_in_span(context: Arc<Context>, delivery: Delivery) {
-    let _in_flight = context.counters.in_flight();
+/// A delivery with a handler for its event, to run.
+pub(super) struct Work {
+    pub(super) delivery: Delivery,
+    pub(super) envelope: Envelope,
+    pub(super) handler: Arc<dyn DynHandler>,
+    /// This delivery's number ([`delivery_number`]).
+    pub(super) deliveries: u32,
+    /// The delivery's span ([`crate::spans::delivery`]): the handler's span is its child.
+    pub(super) span: tracing::Span,
+    /// Counted in flight until settled.
+    _in_flight: InFlight,
+}
+
+/// Decodes `delivery` and finds its handler; a message that is not an event, or has no
+/// handler, is settled here (dead-lettered or acknowledged) and `None` returned. Opens the
+/// delivery's span ([`crate::spans::delivery`]), which the returned work keeps.
+pub(super) async fn prepare(context: &Context, delivery: Delivery) -> Option<Work> {
+    let span = crate::spans::delivery(&context.queue.name, &context.name, &delivery);
+    decode(context, delivery, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn decode(context: &Context, delivery: Delivery, span: tracing::Span) -> Option<Work> {
+    let in_flight = context.counters.in_flight();
     let deliveries = delivery_number(&delivery);
     let queue = context.queue.name.as_str();
     let envelope = match Envelope::from_slice(&delivery.data) {
@@ -64,17 +99,18 @@ async fn handle_in_span(context: Arc<Context>, delivery: Delivery) {
         Err(e) => {
             let reason = format!("malformed event: {e}");
             tracing::warn!(target: "svcdb_amqp::consumer", %queue, message_id = ?delivery.properties.message_id(), %reason, "dead-lettering a message that is not an event");
-            return dead_letter::dead_letter(&context, &delivery, &reason, deliveries).await;
+            dead_letter::dead_letter(context, &delivery, &reason, deliveries).await;
+            return None;
         }
     };
     crate::spans::record_event(&envelope);
     let id = envelope.id;
-    let kind = envelope.kind.clone();
-    let Some(handler) = context.handlers.get(&kind).cloned() else {
-        return match context.options.unknown_kind {
+    let kind = envelope.kind.as_str();
+    let Some(handler) = context.handlers.get(kind).cloned() else {
+        match context.options.unknown_kind {
             UnknownKind::Ack => {
                 tracing::debug!(target: "svcdb_amqp::consumer", %queue, %id, %kind, "no handler for this kind; acknowledged");
-                settle::ack(&context, &delivery, id).await;
+                settle::ack(context, &delivery, id).await;
                 Counters::bump(&context.counters.ignored);
             }
             UnknownKind::DeadLetter => {
@@ -83,31 +119,61 @@ async fn handle_in_span(context: Arc<Context>, delivery: Delivery) {
                     context.name
                 );
                 tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, "dead-lettering an event without a handler");
-                dead_letter::dead_letter(&context, &delivery, &reason, deliveries).await;
+                dead_letter::dead_letter(context, &delivery, &reason, deliveries).await;
             }
-        };
+        }
+        return None;
     };
+    Some(Work {
+        delivery,
+        envelope,
+        handler,
+        deliveries,
+        span,
+        _in_flight: in_flight,
+    })
+}
 
-    let outcome = {
-        let Ok(_permit) = context.permits.acquire().await else {
-            return; // never closed
-        };
-        let started = std::time::Instant::now();
-        let outcome = process(&context, &handler, &envelope).await;
-        context.counters.duration.record(started.elapsed());
-        outcome
-        // The permit goes back here: what follows waits (for a pause, a backoff, the broker)
-        // and must not keep healthy messages from the database.
+/// Runs `work`'s handler with its claim in a transaction of its own, holding a permit.
+pub(super) async fn process_alone(
+    context: &Context,
+    work: &Work,
+) -> std::result::Result<Processed<()>, HandlerError> {
+    let Ok(_permit) = context.permits.acquire().await else {
+        // Never closed.
+        return Err(HandlerError::msg("the consumer's permits were closed"));
     };
+    let started = std::time::Instant::now();
+    let outcome = process(context, &work.handler, &work.envelope).await;
+    context.counters.duration.record(started.elapsed());
+    outcome
+    // The permit goes back here: what follows waits (for a pause, a backoff, the broker)
+    // and must not keep healthy messages from the database.
+}
+
+/// Settles `work` by its handler's `outcome`: acknowledged, handed back, or dead-lettered.
+pub(super) async fn finish(
+    context: &Context,
+    work: Work,
+    outcome: std::result::Result<Processed<()>, HandlerError>,
+) {
+    let queue = context.queue.name.as_str();
+    let Work {
+        delivery,
+        envelope,
+        deliveries,
+        ..
+    } = &work;
+    let (id, kind, deliveries) = (envelope.id, envelope.kind.as_str(), *deliveries);
     match outcome {
         Ok(Processed::Done(())) => {
             tracing::debug!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, "handled");
-            settle::ack(&context, &delivery, id).await;
+            settle::ack(context, delivery, id).await;
             Counters::bump(&context.counters.handled);
         }
         Ok(Processed::Duplicate) => {
             tracing::debug!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, "duplicate; already handled");
-            settle::ack(&context, &delivery, id).await;
+            settle::ack(context, delivery, id).await;
             Counters::bump(&context.counters.duplicates);
         }
         Err(e) if e.is_database_unavailable() => {
@@ -116,7 +182,7 @@ async fn handle_in_span(context: Arc<Context>, delivery: Delivery) {
             // answers; at shutdown it stops anyway).
             tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, error = %e, "database unavailable; handing the event back and pausing");
             outage::pause_consuming(&context.flow).await;
-            settle::return_unprocessed(&context, &delivery, id).await;
+            settle::return_unprocessed(context, delivery, id).await;
         }
         Err(e) => {
             let max = context.queue.max_deliveries;
@@ -127,7 +193,7 @@ async fn handle_in_span(context: Arc<Context>, delivery: Delivery) {
                     format!("handler failed on delivery {deliveries} of {max}: {e}")
                 };
                 tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, %reason, "dead-lettering");
-                return dead_letter::dead_letter(&context, &delivery, &reason, deliveries).await;
+                return dead_letter::dead_letter(context, delivery, &reason, deliveries).await;
             }
             let exponent = deliveries.saturating_sub(1).min(16);
             let delay = context
@@ -138,7 +204,7 @@ async fn handle_in_span(context: Arc<Context>, delivery: Delivery) {
             tracing::warn!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, max, error = %e, requeue_in = ?delay, "handler failed; the event will be redelivered");
             // Cut short at shutdown; the attempt failed all the same, so it still counts.
             pause(&context.shutdown, delay).await;
-            settle::return_failed(&context, &delivery, id).await;
+            settle::return_failed(context, delivery, id).await;
         }
     }
 }
@@ -167,15 +233,18 @@ async fn process(
     let run = run.instrument(crate::spans::handler(&context.name, envelope));
     match AssertUnwindSafe(run).catch_unwind().await {
         Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string panic".to_owned());
-            Err(HandlerError::msg(format!("handler panicked: {message}")))
-        }
+        Err(panic) => Err(panicked(panic)),
     }
+}
+
+/// The error of a handler that panicked.
+pub(super) fn panicked(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".to_owned());
+    HandlerError::msg(format!("handler panicked: {message}"))
 }
 
 /// This delivery's number, the first being 1: the failed deliveries the quorum queue counted

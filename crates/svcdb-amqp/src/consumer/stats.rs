@@ -77,9 +77,9 @@ pub(super) struct Counters {
 }
 
 /// Counts a delivery in flight until dropped.
-pub(super) struct InFlight<'a>(&'a metrics::Gauge);
+pub(super) struct InFlight(metrics::Gauge);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
@@ -117,9 +117,9 @@ impl Counters {
     }
 
     /// Counts a delivery in flight until the guard is dropped.
-    pub(super) fn in_flight(&self) -> InFlight<'_> {
+    pub(super) fn in_flight(&self) -> InFlight {
         self.in_flight.increment(1.0);
-        InFlight(&self.in_flight)
+        InFlight(self.in_flight.clone())
     }
 
     /// The counts now.

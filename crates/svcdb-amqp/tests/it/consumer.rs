@@ -197,14 +197,18 @@ async fn eight_concurrent_copies_have_their_effect_once() {
     // overlap: the others wait on its uncommitted claim and then find it committed.
     let release = CancellationToken::new();
     let gate = release.clone();
-    let consumer = s.consumer(&db).on(KIND, move |tx, event| {
-        let gate = gate.clone();
-        Box::pin(async move {
-            record(tx, event).await?;
-            gate.cancelled().await;
-            Ok(())
-        })
-    });
+    // A transaction per delivery (batch 1): copies in one batch would share its transaction.
+    let consumer = s
+        .consumer(&db)
+        .with_options(ConsumerOptions { batch: 1, ..fast() })
+        .on(KIND, move |tx, event| {
+            let gate = gate.clone();
+            Box::pin(async move {
+                record(tx, event).await?;
+                gate.cancelled().await;
+                Ok(())
+            })
+        });
     let (shutdown, task) = start(&consumer);
 
     let reserved = event();
@@ -1040,6 +1044,8 @@ async fn handlers_at_once(prefetch: u16, pool_max: usize) -> usize {
             record(tx, event).await
         })
     });
+    // A handler per delivery at once (batch 1): the bound is on transactions.
+    let consumer = consumer.with_options(ConsumerOptions { batch: 1, ..fast() });
     let (shutdown, task) = start(&consumer);
 
     let total = usize::from(prefetch).max(pool_max) + 2;

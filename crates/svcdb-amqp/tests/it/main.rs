@@ -5,6 +5,7 @@ mod common;
 
 mod connect;
 mod consumer;
+mod consumer_batch;
 mod failover;
 mod limits;
 mod metrics;

@@ -21,7 +21,7 @@ use svcdb::trace::TraceParent;
 use svcdb::{Envelope, Outbox, ServiceDb};
 use svcdb_amqp::telemetry::LogFormat;
 use svcdb_amqp::topology::{QueueSpec, Topology};
-use svcdb_amqp::{Consumer, Relay, RelayConfig};
+use svcdb_amqp::{Consumer, ConsumerOptions, Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -91,10 +91,15 @@ async fn exchange_and_queue(broker: &Broker) -> (String, QueueSpec) {
 
 /// A consumer of `queue` whose `OrderPlaced` handler records an effect, logs a line and
 /// answers with a `StockReserved` event to `exchange` through the outbox (the next hop), which
-/// its other handler records.
+/// its other handler records. One delivery a transaction (`batch: 1`), so that each handler's
+/// transaction is a span of its own trace.
 fn consumer(broker: &Broker, db: &ServiceDb, queue: &QueueSpec, exchange: &str) -> Consumer {
     let exchange = exchange.to_owned();
     Consumer::new(&broker.config, db.clone(), queue, "catalog.reserve")
+        .with_options(ConsumerOptions {
+            batch: 1,
+            ..ConsumerOptions::default()
+        })
         .on("OrderPlaced", move |tx, event| {
             let exchange = exchange.clone();
             Box::pin(async move {
@@ -280,6 +285,71 @@ async fn a_handlers_span_continues_the_producers_trace_across_the_broker() {
         .find("handle OrderPlaced", "messaging.message.id", &loose_id)
         .expect("the control's handler span");
     assert_ne!(unrelated.span_context.trace_id(), trace_id);
+}
+
+#[tokio::test]
+async fn in_a_batch_each_handler_is_in_its_own_producers_trace() {
+    let (recorded, _guard) = record_spans();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    // Two orders, each enqueued in a request span of its own: two traces.
+    let mut producers = Vec::new();
+    for order in [1, 2] {
+        let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": order }));
+        let request = tracing::info_span!("POST /orders");
+        let trace = request.in_scope(svcdb::trace::current).unwrap().trace_id();
+        tracing::Instrument::instrument(enqueue(&db, &exchange, &placed), request).await;
+        producers.push((placed, trace));
+    }
+    assert_ne!(producers[0].1, producers[1].1);
+
+    // Published before the consumer starts, and a long linger: both in one batch.
+    let relay = fast_relay(&broker, &db);
+    let shutdown = CancellationToken::new();
+    let relaying = tokio::spawn({
+        let s = shutdown.clone();
+        async move { relay.run(s).await }
+    });
+    eventually("both orders are queued", || async {
+        broker.ready(&queue.name).await == 2
+    })
+    .await;
+    let consumer = consumer(&broker, &db, &queue, &exchange).with_options(ConsumerOptions {
+        batch: 2,
+        linger: Duration::from_secs(1),
+        ..ConsumerOptions::default()
+    });
+    let consuming = tokio::spawn({
+        let s = shutdown.clone();
+        async move { consumer.run(s).await }
+    });
+    for (placed, _) in &producers {
+        eventually("both hops' handlers ran", || async {
+            effects(&db, placed.id).await == 2
+        })
+        .await;
+    }
+    shutdown.cancel();
+    relaying.await.unwrap().unwrap();
+    consuming.await.unwrap().unwrap();
+
+    for (placed, trace) in &producers {
+        let id = placed.id.to_string();
+        let trace_id = opentelemetry::trace::TraceId::from_bytes(trace.to_be_bytes());
+        let handler = recorded
+            .find("handle OrderPlaced", "messaging.message.id", &id)
+            .expect("the handler's span");
+        let delivery = recorded
+            .find(&format!("process {exchange}"), "messaging.message.id", &id)
+            .expect("the delivery's span");
+        assert_eq!(
+            handler.span_context.trace_id(),
+            trace_id,
+            "in its producer's trace"
+        );
+        assert_eq!(handler.parent_span_id, delivery.span_context.span_id());
+    }
 }
 
 #[tokio::test]

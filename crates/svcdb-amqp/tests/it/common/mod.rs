@@ -406,10 +406,14 @@ impl Flow {
 
 /// An AMQP 0-9-1 method: (class id, method id).
 pub type Method = (u16, u16);
+/// `basic.consume`
+pub const BASIC_CONSUME: Method = (60, 20);
 /// `basic.cancel`
 pub const BASIC_CANCEL: Method = (60, 30);
 /// `basic.publish`
 pub const BASIC_PUBLISH: Method = (60, 40);
+/// `basic.ack`
+pub const BASIC_ACK: Method = (60, 80);
 /// `basic.reject`
 pub const BASIC_REJECT: Method = (60, 90);
 /// `basic.nack`
@@ -526,6 +530,11 @@ impl Proxy {
     /// Goes silent ([`Proxy::silence`]) as soon as a client sends `method`, before passing it on.
     pub fn freeze_at(&self, method: Method) {
         *self.freeze_at.lock().unwrap() = Some(method);
+    }
+
+    /// Forgets the method set with [`Proxy::freeze_at`] (a proxy already silent stays so).
+    pub fn freeze_at_nothing(&self) {
+        *self.freeze_at.lock().unwrap() = None;
     }
 
     /// The AMQP methods clients sent through this proxy so far, in order.
