@@ -167,12 +167,15 @@ async fn handle(context: Arc<Context>, deliveries: Vec<Delivery>) {
     }
 }
 
+/// A batch's event, its handler, and its delivery's span.
+type Event = (Envelope, Arc<dyn DynHandler>, Span);
+
 /// Runs `work` in one transaction ([`svcdb::ServiceDb::transaction_with`], so retried whole on
 /// a serialization failure or deadlock): each delivery's outcome and how long its handler
 /// took, or the error that failed the whole batch (the database unavailable, a
 /// failed claim, a retryable error past the retries, a failed commit).
 async fn run(context: &Context, work: &[Work]) -> Ran {
-    let events: Arc<[(Envelope, Arc<dyn DynHandler>, Span)]> = work
+    let events: Arc<[Event]> = work
         .iter()
         .map(|w| (w.envelope.clone(), w.handler.clone(), w.span.clone()))
         .collect();
