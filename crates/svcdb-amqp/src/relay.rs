@@ -31,7 +31,9 @@ use crate::retention::{self, Retention};
 pub struct RelayConfig {
     /// Rows claimed and published per batch (one transaction). Default: 100.
     pub batch_size: usize,
-    /// Sleep after a batch that was not full (the outbox is drained). Default: 100 ms.
+    /// After a batch that was not full (the outbox is drained), the longest wait for the next
+    /// one. The relay is woken earlier by every commit of rows ([`svcdb::outbox::Wakeups`]):
+    /// this is the safety net for a lost notification. Default: 100 ms.
     pub poll_interval: Duration,
     /// Longest wait for one batch's publishes (writing them and the broker's confirms);
     /// unconfirmed rows are retried. Also bounds opening and closing channels, and how long
@@ -39,7 +41,7 @@ pub struct RelayConfig {
     /// keep it short. Default: 5 s.
     pub confirm_timeout: Duration,
     /// First pause after a failed connection attempt or database error, doubled per
-    /// consecutive failure. Default: 100 ms.
+    /// consecutive failure; also for reopening the `LISTEN` connection. Default: 100 ms.
     pub reconnect_backoff: Duration,
     /// The longest such pause. Default: 5 s.
     pub max_reconnect_backoff: Duration,
@@ -83,6 +85,9 @@ pub struct RelayStatus {
     /// sent under a memory or disk alarm, e.g. `"low on memory"`); `None` otherwise. The
     /// relay claims no rows while blocked; they are published once the alarm clears.
     pub blocked: Option<String>,
+    /// True while the relay listens for `NOTIFY`s of commits in other processes (its `LISTEN`
+    /// connection is up). While false, rows committed by other processes wait for the poll.
+    pub listening: bool,
 }
 
 /// Publishes a service's outbox to RabbitMQ until shut down.
@@ -95,7 +100,11 @@ pub struct RelayStatus {
 /// a crash anywhere publishes it again rather than never: consumers absorb the duplicate.
 ///
 /// * **Pace.** A full batch is followed at once by the next one; a short batch means the
-///   outbox is drained, and the relay sleeps [`RelayConfig::poll_interval`] (100 ms).
+///   outbox is drained, and the relay waits for the next commit of rows: in this process it
+///   is woken as the transaction of [`svcdb::outbox::enqueue`] commits, from other processes
+///   by a debounced `NOTIFY` it `LISTEN`s for on a connection of its own (reopened after a
+///   loss; [`RelayStatus::listening`]). [`RelayConfig::poll_interval`] (100 ms) bounds the
+///   wait, so a lost notification delays a row by at most that.
 /// * **Broker down.** The relay does not claim rows while it has no channel: it reconnects with
 ///   backoff ([`RelayConfig::reconnect_backoff`] doubling up to
 ///   [`RelayConfig::max_reconnect_backoff`]), and the rows wait, unpublished and not counted
@@ -266,6 +275,12 @@ impl Relay {
             }
         }
         let _purging = retention::purge_published(&self.outbox, &self.config.retention, &shutdown);
+        let mut wakeups = self.outbox.wakeups(
+            self.config.reconnect_backoff,
+            self.config.max_reconnect_backoff,
+        );
+        // Ends when `wakeups` is dropped.
+        tokio::spawn(watch_listening(wakeups.listening(), self.status.clone()));
         let mut session: Option<Session> = None;
         // Set when shutdown came during a batch: by when the relay must be done.
         let mut stop_by: Option<Instant> = None;
@@ -292,6 +307,8 @@ impl Relay {
                 continue;
             }
             let flags = BatchFlags::default();
+            // Commits from here on wake the wait after this batch; earlier ones it claims.
+            wakeups.mark_seen();
             // In a block of its own: the batch future borrows the session until dropped.
             let batch = {
                 let publisher = Publisher {
@@ -373,8 +390,10 @@ impl Relay {
                     {
                         continue; // more are probably due
                     }
-                    if !pause(&shutdown, self.config.poll_interval).await {
-                        break;
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break,
+                        _ = wakeups.wait(self.config.poll_interval) => {}
                     }
                 }
                 Err(e) => {
@@ -391,9 +410,11 @@ impl Relay {
                 .close(stop_by.unwrap_or_else(|| Deadline::after(self.config.confirm_timeout).at))
                 .await;
         }
+        drop(wakeups);
         self.status.send_modify(|s| {
             s.connected = false;
             s.blocked = None;
+            s.listening = false;
         });
         let last = self.status.borrow().clone();
         tracing::info!(target: "svcdb_amqp::relay", published = last.published, failed = last.failed, "outbox relay stopped");
@@ -512,6 +533,19 @@ async fn watch_blocked(
                 blocked.set(0.0);
             }
             _ => {}
+        }
+    }
+}
+
+/// Mirrors whether the outbox's `LISTEN` connection is up into [`RelayStatus::listening`],
+/// until the [`svcdb::outbox::Wakeups`] it watches are dropped.
+async fn watch_listening(mut listening: watch::Receiver<bool>, status: watch::Sender<RelayStatus>) {
+    loop {
+        let now = *listening.borrow_and_update();
+        status.send_if_modified(|s| std::mem::replace(&mut s.listening, now) != now);
+        if listening.changed().await.is_err() {
+            status.send_if_modified(|s| std::mem::replace(&mut s.listening, false));
+            return;
         }
     }
 }
