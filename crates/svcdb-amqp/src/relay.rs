@@ -1,6 +1,6 @@
 //! The outbox relay: moves events from the service's `svcdb_outbox` table to RabbitMQ.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -51,6 +51,11 @@ pub struct RelayConfig {
     /// How long published rows are kept before the relay deletes them, and how often it
     /// checks. Default: [`Retention::published`] (24 hours, checked hourly).
     pub retention: Retention,
+    /// After this many batches in a row whose every publish the broker nacked, the relay
+    /// opens a new connection (to another node of a cluster, if the URL lists several): a
+    /// node that restarted inside a cluster has been seen to nack every publish of a
+    /// connection for over a minute. 0: never. Default: 3.
+    pub reconnect_after_nacked_batches: u32,
 }
 
 impl Default for RelayConfig {
@@ -63,6 +68,7 @@ impl Default for RelayConfig {
             max_reconnect_backoff: Duration::from_secs(5),
             unroutable: Unroutable::default(),
             retention: Retention::published(),
+            reconnect_after_nacked_batches: 3,
         }
     }
 }
@@ -121,6 +127,10 @@ pub struct RelayStatus {
 ///   (`NOT_FOUND`), which would fail every later row of the batch. The relay then publishes
 ///   the batch's remaining rows one at a time on fresh channels: only the bad row fails and
 ///   backs off; the others are published in the same run.
+/// * **A broker that nacks everything.** After
+///   [`RelayConfig::reconnect_after_nacked_batches`] (3) batches in a row whose every publish
+///   was nacked, the relay opens a new connection, starting with the next node of a cluster's
+///   URLs. The nacked rows are retried on the outbox's backoff as any failed row.
 /// * **Errors** are logged (the first of a streak as a warning) and kept in the
 ///   [`RelayStatus`] that [`Relay::status`] watches, for a health endpoint or a test.
 /// * **Retention.** Published rows older than [`RelayConfig::retention`] (24 hours) are
@@ -285,6 +295,8 @@ impl Relay {
         // Set when shutdown came during a batch: by when the relay must be done.
         let mut stop_by: Option<Instant> = None;
         let mut backoff = self.config.reconnect_backoff;
+        // Batches in a row whose every publish was nacked.
+        let mut nacked_batches = 0;
         while !shutdown.is_cancelled() {
             let current = match self.ensure_session(&mut session, &shutdown).await {
                 Ok(Some(current)) => current,
@@ -351,6 +363,27 @@ impl Relay {
                     let _ = tokio::time::timeout_at(deadline, close_channel(&old.channel)).await;
                 }
                 self.status.send_modify(|s| s.connected = false);
+            }
+            let sent = flags.sent.load(Ordering::Relaxed);
+            if sent > 0 && flags.nacked.load(Ordering::Relaxed) == sent {
+                nacked_batches += 1;
+            } else if sent > 0 {
+                nacked_batches = 0;
+            }
+            let limit = self.config.reconnect_after_nacked_batches;
+            if limit > 0 && nacked_batches >= limit && stop_by.is_none() {
+                tracing::warn!(target: "svcdb_amqp::relay", batches = nacked_batches, url = %self.amqp.redacted_url(), "the broker nacked every publish of the last batches; reconnecting");
+                nacked_batches = 0;
+                self.amqp.prefer_next_node();
+                if let Some(old) = session.take() {
+                    old.close(Deadline::after(self.config.confirm_timeout).at)
+                        .await;
+                }
+                self.status.send_modify(|s| {
+                    s.connected = false;
+                    s.blocked = None;
+                });
+                self.metrics.blocked.set(0.0);
             }
             match batch {
                 Ok(report) => {
@@ -558,6 +591,10 @@ struct BatchFlags {
     broken: AtomicBool,
     /// The first message's error, for [`RelayStatus::last_error`].
     first_error: Mutex<Option<String>>,
+    /// Messages whose confirm came back, positive or negative.
+    sent: AtomicUsize,
+    /// Of those, negative confirms (`basic.nack`).
+    nacked: AtomicUsize,
 }
 
 /// What failed, for [`RelayStatus`] and the log.
@@ -743,13 +780,21 @@ impl Publisher<'_> {
         what: String,
         deadline: Deadline,
     ) -> Result<()> {
-        publish::finish(confirm, deadline, what, self.config.unroutable)
-            .await
-            .inspect_err(|e| {
-                if matches!(e, Error::ConfirmTimeout { .. } | Error::Amqp { .. }) {
-                    self.flags.broken.store(true, Ordering::Relaxed);
-                }
-            })
+        let result = publish::finish(confirm, deadline, what, self.config.unroutable).await;
+        if !matches!(
+            &result,
+            Err(Error::ConfirmTimeout { .. } | Error::Amqp { .. })
+        ) {
+            self.flags.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        if matches!(&result, Err(e) if publish::is_nack(e)) {
+            self.flags.nacked.fetch_add(1, Ordering::Relaxed);
+        }
+        result.inspect_err(|e| {
+            if matches!(e, Error::ConfirmTimeout { .. } | Error::Amqp { .. }) {
+                self.flags.broken.store(true, Ordering::Relaxed);
+            }
+        })
     }
 }
 

@@ -27,7 +27,7 @@
 //! | `/healthz` and `/readyz` as an axum `Router` (feature `http`, on by default) | [`http`] ([`http::router`]) |
 //! | the event envelope on the wire, and why a message is not one | [`event`] ([`Envelope`], [`EventError`]) |
 //! | handling each event once: the claim commits with the handler's writes | [`idempotency`] ([`ServiceDb::process_once`], [`Processed`]) |
-//! | the transactional outbox and its relay (`FOR UPDATE SKIP LOCKED`, retries) | [`outbox`] ([`outbox::enqueue`], [`Outbox`]) |
+//! | the transactional outbox and its relay (`FOR UPDATE SKIP LOCKED`, retries, waking relays on commit) | [`outbox`] ([`outbox::enqueue`], [`Outbox`], [`outbox::Wakeups`]) |
 //! | a throwaway database per test (feature `testing`, for dev-dependencies) | `testing::TestDb` |
 //! | the driver's types a service uses, under svcdb's names | [`Transaction`], [`IsolationLevel`], [`SqlState`], [`PooledConn`] |
 //! | the driver itself, the same version as svcdb's, for its other types (`Row`, `types::ToSql`, …) | [`tokio_postgres`][pg] |

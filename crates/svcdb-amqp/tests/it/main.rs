@@ -10,6 +10,7 @@ mod limits;
 mod metrics;
 mod rabbit_cluster;
 mod relay;
+mod relay_nacks;
 mod relay_wake;
 mod retention;
 mod secrets;

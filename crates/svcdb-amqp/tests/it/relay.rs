@@ -26,7 +26,7 @@ pub(crate) fn fast() -> RelayConfig {
 }
 
 /// Retries of failed rows after 20 ms instead of 1 s.
-fn fast_outbox(db: &ServiceDb) -> Outbox {
+pub(crate) fn fast_outbox(db: &ServiceDb) -> Outbox {
     Outbox::new(db.clone()).with_publish_retry(PublishRetry {
         retry_backoff: Duration::from_millis(20),
         max_retry_backoff: Duration::from_millis(100),
