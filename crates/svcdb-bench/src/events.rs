@@ -245,7 +245,6 @@ async fn measure(
     let enqueue = started.elapsed();
 
     eprintln!("svcdb: relaying…");
-    let relay_started = Instant::now();
     let relay = Relay::new(amqp, Outbox::new(db.clone())).with_config(RelayConfig {
         batch_size: BATCH,
         ..RelayConfig::default()
@@ -256,11 +255,19 @@ async fn measure(
         let stop = relay_stop.clone();
         async move { relay.run(stop).await }
     });
-    // Only whether it happened: the `Ref` that `wait_for` returns holds the watch's lock,
-    // and the relay (updating its status) would block on it.
-    let waited = tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.published >= n))
+    // Timed from the relay's connection, as raw publishing is timed on an open channel: the
+    // drain, not connecting. The relay starts its first batch as it reports the connection,
+    // so the clock may start up to a scheduling delay late.
+    let connected = tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.connected))
         .await
         .is_ok_and(|r| r.is_ok());
+    let relay_started = Instant::now();
+    // Only whether it happened: the `Ref` that `wait_for` returns holds the watch's lock,
+    // and the relay (updating its status) would block on it.
+    let waited = connected
+        && tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.published >= n))
+            .await
+            .is_ok_and(|r| r.is_ok());
     let relay_elapsed = relay_started.elapsed();
     relay_stop.cancel();
     let last = relay_task.await??;
