@@ -832,6 +832,15 @@ mod tests {
     }
 
     #[test]
+    fn notify_channels_fit_postgres_names() {
+        assert_eq!(notify_channel("orders"), "svcdb_outbox:orders");
+        // 63 bytes at most (pg_notify refuses longer), cut on a character boundary.
+        let long = notify_channel(&"é".repeat(40));
+        assert!(long.len() <= 63 && long.len() >= 62, "{long}");
+        assert!(long.starts_with("svcdb_outbox:é"));
+    }
+
+    #[test]
     fn truncates_errors_on_char_boundaries() {
         assert_eq!(truncate("ééé".into(), 2), "éé…");
         assert_eq!(truncate("ab".into(), 2), "ab");

@@ -108,6 +108,42 @@ async fn a_committed_event_is_published_without_waiting_for_a_poll() {
 }
 
 #[tokio::test]
+async fn an_event_enqueued_by_a_handler_with_retries_is_published_without_waiting_for_a_poll() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let (exchange, _queue) = exchange_and_queue(&broker).await;
+    let mut relay = start_with(
+        &broker.config,
+        Outbox::new(db.clone()),
+        RelayConfig {
+            poll_interval: NEVER,
+            ..fast()
+        },
+    );
+    until_listening(&mut relay.status).await;
+
+    // What a consumer runs for each delivery: process_once_with (transaction_with inside).
+    let incoming = placed(1);
+    let reply = placed(2);
+    let outcome = db
+        .process_once_with(
+            &svcdb::TxOptions::serializable(),
+            "orders.reply",
+            &incoming,
+            async |tx| outbox::enqueue(tx, &exchange, "order.placed", &reply).await,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(outcome, svcdb::Processed::Done(())));
+    common::eventually("the relay publishes the handler's event", || async {
+        relay.status.borrow().published == 1
+    })
+    .await;
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn a_notify_from_another_process_wakes_the_relay() {
     common::init_tracing();
     let broker = Broker::new().await;
