@@ -74,6 +74,14 @@ pub struct AmqpConfig {
     last_node: Arc<AtomicUsize>,
 }
 
+impl AmqpConfig {
+    /// Makes the next [`AmqpConfig::connect`] start with the node after the one last
+    /// connected to (for clones too): for leaving a node that answers but misbehaves.
+    pub(crate) fn prefer_next_node(&self) {
+        self.last_node.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self::new(DEFAULT_URL)

@@ -25,7 +25,7 @@
 //! | the consumer runtime: building and running it (reconnecting), the consume loop, batches (many deliveries in one transaction, each under a savepoint; `multiple` acks) and per delivery: decode, claim and handle, ack after commit, dead-letter, the pause while the database is out, graceful shutdown | [`Consumer`], [`ConsumerOptions`]; a file each under `consumer/`: `consume`, `batch`, `delivery`, `settle`, `dead_letter`, `outage` |
 //! | the broker connection as the consumer, the relay and the topology use it: connecting unless shut down, channels opened and closed within a bound, backoff between reconnections | `connection` (internal; [`publish::confirm_channel`]) |
 //! | the message properties of an event; confirmed publishing | [`publish`] |
-//! | the outbox relay: batches with publisher confirms, polling, reconnect with backoff, status; its settings ([`RelayConfig`]; when failed rows are retried is the outbox's [`svcdb::outbox::PublishRetry`]) | [`Relay`], [`RelayStatus`] |
+//! | the outbox relay: batches with publisher confirms, woken on commit (in-process, or `LISTEN`/`NOTIFY`) with polling as the safety net, reconnect with backoff, status; its settings ([`RelayConfig`]; when failed rows are retried is the outbox's [`svcdb::outbox::PublishRetry`]) | [`Relay`], [`RelayStatus`] |
 //! | deleting old claims and published outbox rows on a schedule | [`Retention`] |
 //! | errors, matched by variant | [`Error`] |
 //! | logs (`RUST_LOG`, `SVCDB_LOG_FORMAT=json`) and, with feature `otlp`, spans exported over OTLP | [`telemetry`] ([`telemetry::init`]) |

@@ -129,6 +129,14 @@ pub async fn publish_envelope(
     finish(confirm, deadline, what, Unroutable::Retry).await
 }
 
+/// The reason of a negative confirm.
+const NACKED: &str = "the broker nacked it (an internal error or a full queue with reject-publish)";
+
+/// Whether `error` is a negative confirm (`basic.nack`) from the broker.
+pub(crate) fn is_nack(error: &Error) -> bool {
+    matches!(error, Error::NotConfirmed { reason, .. } if reason == NACKED)
+}
+
 /// When a publish (or a batch of them) must be done by, and the timeout it came from (for
 /// the error).
 #[derive(Debug, Clone, Copy)]
@@ -229,8 +237,7 @@ pub(crate) async fn finish(
         }
         Ok(Ok(Confirmation::Nack(_))) => Err(Error::NotConfirmed {
             what,
-            reason: "the broker nacked it (an internal error or a full queue with reject-publish)"
-                .into(),
+            reason: NACKED.into(),
         }),
         Ok(Ok(Confirmation::NotRequested)) => Err(Error::NotConfirmed {
             what,

@@ -1,6 +1,6 @@
 //! The outbox relay: moves events from the service's `svcdb_outbox` table to RabbitMQ.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -32,7 +32,9 @@ use crate::retention::{self, Retention};
 pub struct RelayConfig {
     /// Rows claimed and published per batch (one transaction). Default: 100.
     pub batch_size: usize,
-    /// Sleep after a batch that was not full (the outbox is drained). Default: 100 ms.
+    /// After a batch that was not full (the outbox is drained), the longest wait for the next
+    /// one. The relay is woken earlier by every commit of rows ([`svcdb::outbox::Wakeups`]):
+    /// this is the safety net for a lost notification. Default: 100 ms.
     pub poll_interval: Duration,
     /// Longest wait for one batch's publishes (writing them and the broker's confirms);
     /// unconfirmed rows are retried. Also bounds opening and closing channels, and how long
@@ -40,7 +42,7 @@ pub struct RelayConfig {
     /// keep it short. Default: 5 s.
     pub confirm_timeout: Duration,
     /// First pause after a failed connection attempt or database error, doubled per
-    /// consecutive failure. Default: 100 ms.
+    /// consecutive failure; also for reopening the `LISTEN` connection. Default: 100 ms.
     pub reconnect_backoff: Duration,
     /// The longest such pause. Default: 5 s.
     pub max_reconnect_backoff: Duration,
@@ -50,6 +52,11 @@ pub struct RelayConfig {
     /// How long published rows are kept before the relay deletes them, and how often it
     /// checks. Default: [`Retention::published`] (24 hours, checked hourly).
     pub retention: Retention,
+    /// After this many batches in a row whose every publish the broker nacked, the relay
+    /// opens a new connection (to another node of a cluster, if the URL lists several): a
+    /// node that restarted inside a cluster has been seen to nack every publish of a
+    /// connection for over a minute. 0: never. Default: 3.
+    pub reconnect_after_nacked_batches: u32,
 }
 
 impl Default for RelayConfig {
@@ -62,6 +69,7 @@ impl Default for RelayConfig {
             max_reconnect_backoff: Duration::from_secs(5),
             unroutable: Unroutable::default(),
             retention: Retention::published(),
+            reconnect_after_nacked_batches: 3,
         }
     }
 }
@@ -84,6 +92,9 @@ pub struct RelayStatus {
     /// sent under a memory or disk alarm, e.g. `"low on memory"`); `None` otherwise. The
     /// relay claims no rows while blocked; they are published once the alarm clears.
     pub blocked: Option<String>,
+    /// True while the relay listens for `NOTIFY`s of commits in other processes (its `LISTEN`
+    /// connection is up). While false, rows committed by other processes wait for the poll.
+    pub listening: bool,
 }
 
 /// Publishes a service's outbox to RabbitMQ until shut down.
@@ -96,7 +107,11 @@ pub struct RelayStatus {
 /// a crash anywhere publishes it again rather than never: consumers absorb the duplicate.
 ///
 /// * **Pace.** A full batch is followed at once by the next one; a short batch means the
-///   outbox is drained, and the relay sleeps [`RelayConfig::poll_interval`] (100 ms).
+///   outbox is drained, and the relay waits for the next commit of rows: in this process it
+///   is woken as the transaction of [`svcdb::outbox::enqueue`] commits, from other processes
+///   by a debounced `NOTIFY` it `LISTEN`s for on a connection of its own (reopened after a
+///   loss; [`RelayStatus::listening`]). [`RelayConfig::poll_interval`] (100 ms) bounds the
+///   wait, so a lost notification delays a row by at most that.
 /// * **Broker down.** The relay does not claim rows while it has no channel: it reconnects with
 ///   backoff ([`RelayConfig::reconnect_backoff`] doubling up to
 ///   [`RelayConfig::max_reconnect_backoff`]), and the rows wait, unpublished and not counted
@@ -113,6 +128,10 @@ pub struct RelayStatus {
 ///   (`NOT_FOUND`), which would fail every later row of the batch. The relay then publishes
 ///   the batch's remaining rows one at a time on fresh channels: only the bad row fails and
 ///   backs off; the others are published in the same run.
+/// * **A broker that nacks everything.** After
+///   [`RelayConfig::reconnect_after_nacked_batches`] (3) batches in a row whose every publish
+///   was nacked, the relay opens a new connection, starting with the next node of a cluster's
+///   URLs. The nacked rows are retried on the outbox's backoff as any failed row.
 /// * **Errors** are logged (the first of a streak as a warning) and kept in the
 ///   [`RelayStatus`] that [`Relay::status`] watches, for a health endpoint or a test.
 /// * **Retention.** Published rows older than [`RelayConfig::retention`] (24 hours) are
@@ -267,10 +286,18 @@ impl Relay {
             }
         }
         let _purging = retention::purge_published(&self.outbox, &self.config.retention, &shutdown);
+        let mut wakeups = self.outbox.wakeups(
+            self.config.reconnect_backoff,
+            self.config.max_reconnect_backoff,
+        );
+        // Ends when `wakeups` is dropped.
+        tokio::spawn(watch_listening(wakeups.listening(), self.status.clone()));
         let mut session: Option<Session> = None;
         // Set when shutdown came during a batch: by when the relay must be done.
         let mut stop_by: Option<Instant> = None;
         let mut backoff = self.config.reconnect_backoff;
+        // Batches in a row whose every publish was nacked.
+        let mut nacked_batches = 0;
         while !shutdown.is_cancelled() {
             let current = match self.ensure_session(&mut session, &shutdown).await {
                 Ok(Some(current)) => current,
@@ -293,6 +320,8 @@ impl Relay {
                 continue;
             }
             let flags = BatchFlags::default();
+            // Commits from here on wake the wait after this batch; earlier ones it claims.
+            wakeups.mark_seen();
             // In a block of its own: the batch future borrows the session until dropped.
             let batch = {
                 let publisher = Publisher {
@@ -336,6 +365,27 @@ impl Relay {
                 }
                 self.status.send_modify(|s| s.connected = false);
             }
+            let sent = flags.sent.load(Ordering::Relaxed);
+            if sent > 0 && flags.nacked.load(Ordering::Relaxed) == sent {
+                nacked_batches += 1;
+            } else if sent > 0 {
+                nacked_batches = 0;
+            }
+            let limit = self.config.reconnect_after_nacked_batches;
+            if limit > 0 && nacked_batches >= limit && stop_by.is_none() {
+                tracing::warn!(target: "svcdb_amqp::relay", batches = nacked_batches, url = %self.amqp.redacted_url(), "the broker nacked every publish of the last batches; reconnecting");
+                nacked_batches = 0;
+                self.amqp.prefer_next_node();
+                if let Some(old) = session.take() {
+                    old.close(Deadline::after(self.config.confirm_timeout).at)
+                        .await;
+                }
+                self.status.send_modify(|s| {
+                    s.connected = false;
+                    s.blocked = None;
+                });
+                self.metrics.blocked.set(0.0);
+            }
             match batch {
                 Ok(report) => {
                     self.metrics.published.increment(report.published as u64);
@@ -374,8 +424,10 @@ impl Relay {
                     {
                         continue; // more are probably due
                     }
-                    if !pause(&shutdown, self.config.poll_interval).await {
-                        break;
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break,
+                        _ = wakeups.wait(self.config.poll_interval) => {}
                     }
                 }
                 Err(e) => {
@@ -392,9 +444,11 @@ impl Relay {
                 .close(stop_by.unwrap_or_else(|| Deadline::after(self.config.confirm_timeout).at))
                 .await;
         }
+        drop(wakeups);
         self.status.send_modify(|s| {
             s.connected = false;
             s.blocked = None;
+            s.listening = false;
         });
         let last = self.status.borrow().clone();
         tracing::info!(target: "svcdb_amqp::relay", published = last.published, failed = last.failed, "outbox relay stopped");
@@ -517,6 +571,19 @@ async fn watch_blocked(
     }
 }
 
+/// Mirrors whether the outbox's `LISTEN` connection is up into [`RelayStatus::listening`],
+/// until the [`svcdb::outbox::Wakeups`] it watches are dropped.
+async fn watch_listening(mut listening: watch::Receiver<bool>, status: watch::Sender<RelayStatus>) {
+    loop {
+        let now = *listening.borrow_and_update();
+        status.send_if_modified(|s| std::mem::replace(&mut s.listening, now) != now);
+        if listening.changed().await.is_err() {
+            status.send_if_modified(|s| std::mem::replace(&mut s.listening, false));
+            return;
+        }
+    }
+}
+
 /// What a batch's publisher tells the loop besides the per-message results.
 #[derive(Debug, Default)]
 struct BatchFlags {
@@ -525,6 +592,10 @@ struct BatchFlags {
     broken: AtomicBool,
     /// The first message's error, for [`RelayStatus::last_error`].
     first_error: Mutex<Option<String>>,
+    /// Messages whose confirm came back, positive or negative.
+    sent: AtomicUsize,
+    /// Of those, negative confirms (`basic.nack`).
+    nacked: AtomicUsize,
 }
 
 /// What failed, for [`RelayStatus`] and the log.
@@ -713,13 +784,21 @@ impl Publisher<'_> {
         what: String,
         deadline: Deadline,
     ) -> Result<()> {
-        publish::finish(confirm, deadline, what, self.config.unroutable)
-            .await
-            .inspect_err(|e| {
-                if matches!(e, Error::ConfirmTimeout { .. } | Error::Amqp { .. }) {
-                    self.flags.broken.store(true, Ordering::Relaxed);
-                }
-            })
+        let result = publish::finish(confirm, deadline, what, self.config.unroutable).await;
+        if !matches!(
+            &result,
+            Err(Error::ConfirmTimeout { .. } | Error::Amqp { .. })
+        ) {
+            self.flags.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        if matches!(&result, Err(e) if publish::is_nack(e)) {
+            self.flags.nacked.fetch_add(1, Ordering::Relaxed);
+        }
+        result.inspect_err(|e| {
+            if matches!(e, Error::ConfirmTimeout { .. } | Error::Amqp { .. }) {
+                self.flags.broken.store(true, Ordering::Relaxed);
+            }
+        })
     }
 }
 

@@ -42,7 +42,7 @@ use svcdb_amqp::{
 use tokio::task::JoinSet;
 
 use crate::pg::Server;
-use crate::report::{self, Figures};
+use crate::report::{self, Bound, Figures, Target};
 
 /// The benchmark's own database, recreated at start and dropped at the end.
 const DATABASE: &str = "svcdb_bench_events";
@@ -81,6 +81,14 @@ pub struct EventsArgs {
     /// Concurrent producers enqueueing (each event in a transaction of its own).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     producers: u16,
+
+    /// Events per second of the paced load the latencies are measured at.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    paced_rate: u32,
+
+    /// Seconds the paced load runs, per path.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=600))]
+    paced_seconds: u32,
 
     /// The broker: `amqp://user:password@host:port/vhost`.
     #[arg(
@@ -147,6 +155,23 @@ struct Results {
     dup_elapsed: Duration,
     /// Failed attempts the svcdb consumer requeued over the whole run (0 in a healthy run).
     requeued: u64,
+    /// Every stage at once, and latencies under a paced load.
+    concurrent: Concurrent,
+}
+
+/// What [`measure_concurrent`] measured.
+struct Concurrent {
+    /// Steady-state events/s with producers, relay and consumer running at once.
+    svcdb_pipelined_per_s: f64,
+    /// The same for raw lapin: producers publishing with confirms, a raw consumer.
+    raw_pipelined_per_s: f64,
+    /// Paced events per second and seconds, for both latency measurements.
+    paced_rate: u32,
+    paced_seconds: u32,
+    /// From the producer's commit to the end of the handler's write.
+    svcdb_latency: report::LatencySummary,
+    /// From the raw publish to the end of the raw handler's write.
+    raw_latency: report::LatencySummary,
 }
 
 /// Events per second.
@@ -187,8 +212,15 @@ pub async fn run(server: &Server, args: &EventsArgs) -> Result<()> {
     let results = outcome?;
     cleanup.context("cleaning up the benchmark's queues and database")?;
 
-    let (figures, text) = (figures(&results), human_report(&results));
-    report::print(&text, &figures, &[], args.json);
+    let targets = targets(&results);
+    let text = format!(
+        "{}\n\n{}",
+        human_report(&results),
+        concurrent_report(&results.concurrent, results.producers)
+    );
+    let mut figures = figures(&results);
+    figures.set_targets(&targets);
+    report::print(&text, &figures, &targets, args.json);
     Ok(())
 }
 
@@ -238,7 +270,6 @@ async fn measure(
     let enqueue = started.elapsed();
 
     eprintln!("svcdb: relaying…");
-    let relay_started = Instant::now();
     let relay = Relay::new(amqp, Outbox::new(db.clone())).with_config(RelayConfig {
         batch_size: BATCH,
         ..RelayConfig::default()
@@ -249,11 +280,19 @@ async fn measure(
         let stop = relay_stop.clone();
         async move { relay.run(stop).await }
     });
-    // Only whether it happened: the `Ref` that `wait_for` returns holds the watch's lock,
-    // and the relay (updating its status) would block on it.
-    let waited = tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.published >= n))
+    // Timed from the relay's connection, as raw publishing is timed on an open channel: the
+    // drain, not connecting. The relay starts its first batch as it reports the connection,
+    // so the clock may start up to a scheduling delay late.
+    let connected = tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.connected))
         .await
         .is_ok_and(|r| r.is_ok());
+    let relay_started = Instant::now();
+    // Only whether it happened: the `Ref` that `wait_for` returns holds the watch's lock,
+    // and the relay (updating its status) would block on it.
+    let waited = connected
+        && tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.published >= n))
+            .await
+            .is_ok_and(|r| r.is_ok());
     let relay_elapsed = relay_started.elapsed();
     relay_stop.cancel();
     let last = relay_task.await??;
@@ -354,6 +393,9 @@ async fn measure(
         2 * n
     );
 
+    // 4. Everything at once, and latencies under a paced load.
+    let concurrent = measure_concurrent(server, args, amqp, &connection, &db, names).await?;
+
     let counts = db
         .get()
         .await?
@@ -369,7 +411,7 @@ async fn measure(
             .map_or((0, 0), |r| (r.get(1), r.get(2)))
     };
     let expected = i64::try_from(n)?;
-    for phase in ["svcdb", "raw", "batch", "dup"] {
+    for phase in ["svcdb", "raw", "batch", "dup", "pipelined", "raw-pipelined"] {
         let (rows, distinct) = count(phase);
         if rows != expected || distinct != expected {
             bail!(
@@ -402,6 +444,7 @@ async fn measure(
         dup_effects: count("dup").0,
         requeued: after.requeued,
         dup_elapsed,
+        concurrent,
     })
 }
 
@@ -498,6 +541,19 @@ async fn raw_consume(
     queue: &str,
     n: u64,
 ) -> Result<Instant> {
+    raw_consume_as(connection, db, queue, n, "raw", None).await
+}
+
+/// [`raw_consume`], writing the effects as `phase` and noting in `timeline` when each
+/// event's write was done (before its commit, as for the svcdb handler).
+async fn raw_consume_as(
+    connection: &Connection,
+    db: &ServiceDb,
+    queue: &str,
+    n: u64,
+    phase: &'static str,
+    timeline: Option<Arc<Timeline>>,
+) -> Result<Instant> {
     let channel = connection.create_channel().await?;
     channel.basic_qos(PREFETCH, Default::default()).await?;
     let mut deliveries = channel
@@ -521,14 +577,16 @@ async fn raw_consume(
             next = deliveries.next(), if received < n => {
                 let delivery = next.context("the broker cancelled the raw consumer")??;
                 received += 1;
-                let db = db.clone();
+                let (db, timeline) = (db.clone(), timeline.clone());
                 tasks.spawn(async move {
                     let event = Envelope::from_slice(&delivery.data)?;
                     // The same envelopes as the svcdb path (payload phase "svcdb"): the
                     // effects are told apart by the path that wrote them.
-                    let phase = "raw";
                     db.transaction(async |tx| {
                         tx.execute(EFFECT_SQL, &[&event.id, &phase]).await?;
+                        if let Some(timeline) = &timeline {
+                            timeline.handled(&event);
+                        }
                         Ok::<_, svcdb::Error>(())
                     })
                     .await?;
@@ -580,6 +638,352 @@ async fn batch_consume(
         consumer.stats()
     );
     Ok(elapsed)
+}
+
+/// Producers, relay and consumer at once, for svcdb and for raw lapin: the steady-state
+/// throughput, then the latency from the producer's commit (raw: its publish) to the end of
+/// the handler's write, at a paced load.
+async fn measure_concurrent(
+    server: &Server,
+    args: &EventsArgs,
+    amqp: &AmqpConfig,
+    connection: &Arc<Connection>,
+    db: &ServiceDb,
+    names: &Names,
+) -> Result<Concurrent> {
+    let n = u64::from(args.events);
+    let paced = u64::from(args.paced_rate) * u64::from(args.paced_seconds);
+
+    server.checkpoint().await;
+    eprintln!(
+        "svcdb, pipelined: {n} events, {} producers, relay and consumer at once…",
+        args.producers
+    );
+    let timeline = Arc::new(Timeline::new(n));
+    let pipeline = SvcdbPipeline::start(amqp, db, names, connection, &timeline).await?;
+    let envelopes: Vec<Envelope> = (0..n).map(|i| envelope("pipelined", i)).collect();
+    enqueue_all(db, &names.exchange, &envelopes, args.producers).await?;
+    let handled = wait_until(|| timeline.handled_count() >= n).await;
+    pipeline.stop().await?;
+    ensure!(
+        handled,
+        "the pipelined svcdb path handled {} of {n} events in {STAGE_TIMEOUT:?}",
+        timeline.handled_count()
+    );
+    let svcdb_pipelined_per_s = timeline.steady_rate();
+
+    server.checkpoint().await;
+    eprintln!(
+        "raw lapin, pipelined: {n} events, {} producers publishing with confirms and a consumer at once…",
+        args.producers
+    );
+    let timeline = Arc::new(Timeline::new(n));
+    let channel = svcdb_amqp::publish::confirm_channel(connection).await?;
+    let envelopes: Arc<Vec<Envelope>> =
+        Arc::new((0..n).map(|i| envelope("raw-pipelined", i)).collect());
+    let (consumed, published) = tokio::join!(
+        raw_consume_as(
+            connection,
+            db,
+            &names.raw_queue.name,
+            n,
+            "raw-pipelined",
+            Some(timeline.clone())
+        ),
+        publish_each(&channel, &names.exchange, &envelopes, args.producers),
+    );
+    consumed?;
+    published?;
+    let raw_pipelined_per_s = timeline.steady_rate();
+
+    server.checkpoint().await;
+    eprintln!(
+        "svcdb, latency: {} events/s for {} s…",
+        args.paced_rate, args.paced_seconds
+    );
+    let timeline = Arc::new(Timeline::new(paced));
+    let pipeline = SvcdbPipeline::start(amqp, db, names, connection, &timeline).await?;
+    let mut producers = JoinSet::new();
+    let mut tick = pacer(args.paced_rate);
+    for seq in 0..paced {
+        tick.tick().await;
+        let (db, timeline, exchange) = (db.clone(), timeline.clone(), names.exchange.clone());
+        producers.spawn(async move {
+            let event = envelope("latency", seq);
+            db.transaction(async |tx| {
+                outbox::enqueue(tx, &exchange, "svcdb.latency", &event).await
+            })
+            .await?;
+            timeline.produced(seq);
+            anyhow::Ok(())
+        });
+    }
+    while let Some(joined) = producers.join_next().await {
+        joined??;
+    }
+    let handled = wait_until(|| timeline.handled_count() >= paced).await;
+    pipeline.stop().await?;
+    ensure!(
+        handled,
+        "the svcdb path handled {} of {paced} paced events in {STAGE_TIMEOUT:?}",
+        timeline.handled_count()
+    );
+    let svcdb_latency = timeline.latencies().summary();
+
+    server.checkpoint().await;
+    eprintln!(
+        "raw lapin, latency: {} events/s for {} s…",
+        args.paced_rate, args.paced_seconds
+    );
+    let timeline = Arc::new(Timeline::new(paced));
+    let paced_publishing = async {
+        let mut publishes = JoinSet::new();
+        let mut tick = pacer(args.paced_rate);
+        for seq in 0..paced {
+            tick.tick().await;
+            let (channel, timeline, exchange) =
+                (channel.clone(), timeline.clone(), names.exchange.clone());
+            publishes.spawn(async move {
+                let event = envelope("raw-latency", seq);
+                timeline.produced(seq);
+                publish_confirmed(&channel, &exchange, "raw.latency", &event).await
+            });
+        }
+        while let Some(joined) = publishes.join_next().await {
+            joined??;
+        }
+        anyhow::Ok(())
+    };
+    let (consumed, published) = tokio::join!(
+        raw_consume_as(
+            connection,
+            db,
+            &names.raw_queue.name,
+            paced,
+            "raw-latency",
+            Some(timeline.clone())
+        ),
+        paced_publishing,
+    );
+    consumed?;
+    published?;
+    let raw_latency = timeline.latencies().summary();
+    let _ = channel.close(200, "OK".into()).await;
+
+    Ok(Concurrent {
+        svcdb_pipelined_per_s,
+        raw_pipelined_per_s,
+        paced_rate: args.paced_rate,
+        paced_seconds: args.paced_seconds,
+        svcdb_latency,
+        raw_latency,
+    })
+}
+
+/// Ticks `rate` times a second; late ticks are caught up at once, so the load stays `rate`
+/// on average even when a tick is delayed.
+fn pacer(rate: u32) -> tokio::time::Interval {
+    tokio::time::interval(Duration::from_secs(1) / rate)
+}
+
+/// A relay and a svcdb consumer whose handler notes each event in a [`Timeline`], running.
+struct SvcdbPipeline {
+    stop: CancellationToken,
+    relay: tokio::task::JoinHandle<svcdb_amqp::Result<svcdb_amqp::RelayStatus>>,
+    consumer: tokio::task::JoinHandle<svcdb_amqp::Result<()>>,
+}
+
+impl SvcdbPipeline {
+    /// Starts both and returns once the relay is connected and listening, so the first events
+    /// do not wait for it.
+    async fn start(
+        amqp: &AmqpConfig,
+        db: &ServiceDb,
+        names: &Names,
+        connection: &Arc<Connection>,
+        timeline: &Arc<Timeline>,
+    ) -> Result<Self> {
+        let stop = CancellationToken::new();
+        let relay = Relay::new(amqp, Outbox::new(db.clone())).with_config(RelayConfig {
+            batch_size: BATCH,
+            ..RelayConfig::default()
+        });
+        let mut status = relay.status();
+        let relay = tokio::spawn({
+            let stop = stop.clone();
+            async move { relay.run(stop).await }
+        });
+        let timeline = timeline.clone();
+        let consumer = Consumer::new(amqp, db.clone(), &names.svcdb_queue, CONSUMER).on(
+            KIND,
+            move |tx, event| {
+                let timeline = timeline.clone();
+                Box::pin(async move {
+                    business_write(tx, event).await?;
+                    timeline.handled(event);
+                    Ok(())
+                })
+            },
+        );
+        let consumer = tokio::spawn({
+            let (stop, connection) = (stop.clone(), connection.clone());
+            async move { consumer.run_on(&connection, &stop).await }
+        });
+        let ready = tokio::time::timeout(
+            STAGE_TIMEOUT,
+            status.wait_for(|s| s.connected && s.listening),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        let pipeline = Self {
+            stop,
+            relay,
+            consumer,
+        };
+        if !ready {
+            pipeline.stop().await?;
+            bail!("the relay did not connect and listen within {STAGE_TIMEOUT:?}");
+        }
+        Ok(pipeline)
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        self.relay.await??;
+        self.consumer.await??;
+        Ok(())
+    }
+}
+
+/// When each event of one measurement was produced and when its handler's write was done, by
+/// the event's `seq`.
+struct Timeline {
+    produced: std::sync::Mutex<Vec<Option<Instant>>>,
+    handled: std::sync::Mutex<Vec<(u64, Instant)>>,
+}
+
+impl Timeline {
+    fn new(events: u64) -> Self {
+        let events = usize::try_from(events).unwrap_or(0);
+        Self {
+            produced: std::sync::Mutex::new(vec![None; events]),
+            handled: std::sync::Mutex::new(Vec::with_capacity(events)),
+        }
+    }
+
+    fn produced(&self, seq: u64) {
+        let now = Instant::now();
+        let mut produced = self.produced.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = usize::try_from(seq).ok().and_then(|i| produced.get_mut(i)) {
+            *slot = Some(now);
+        }
+    }
+
+    fn handled(&self, event: &Envelope) {
+        let now = Instant::now();
+        let seq = event.payload["seq"].as_u64().unwrap_or(u64::MAX);
+        self.handled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((seq, now));
+    }
+
+    fn handled_count(&self) -> u64 {
+        self.handled.lock().unwrap_or_else(|p| p.into_inner()).len() as u64
+    }
+
+    /// Events handled per second between the 10th and the 90th percentile of the handling
+    /// times: the steady state, without the start (everything warming up) and the tail (the
+    /// last events, with the producers done).
+    fn steady_rate(&self) -> f64 {
+        let mut times: Vec<Instant> = self
+            .handled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, t)| *t)
+            .collect();
+        times.sort();
+        let (from, to) = (times.len() / 10, times.len() * 9 / 10);
+        if to <= from {
+            return 0.0;
+        }
+        rate((to - from) as u64, times[to] - times[from])
+    }
+
+    /// Produced to handled, per event.
+    fn latencies(&self) -> report::Latencies {
+        let produced = self.produced.lock().unwrap_or_else(|p| p.into_inner());
+        let mut latencies = report::Latencies::new();
+        for (seq, handled) in self
+            .handled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if let Some(Some(at)) = usize::try_from(*seq).ok().and_then(|i| produced.get(i)) {
+                // A handler can finish before its producer noted the commit: 0, not negative.
+                latencies.record(handled.saturating_duration_since(*at));
+            }
+        }
+        latencies
+    }
+}
+
+/// Publishes `envelopes` with `producers` tasks, each publishing one envelope and waiting for
+/// its confirm before the next (as a service that publishes directly in a request would).
+async fn publish_each(
+    channel: &Channel,
+    exchange: &str,
+    envelopes: &Arc<Vec<Envelope>>,
+    producers: u16,
+) -> Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..producers {
+        let (channel, next, envelopes) = (channel.clone(), next.clone(), envelopes.clone());
+        let exchange = exchange.to_owned();
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(envelope) = usize::try_from(i).ok().and_then(|i| envelopes.get(i)) else {
+                    return anyhow::Ok(());
+                };
+                publish_confirmed(&channel, &exchange, "raw.pipelined", envelope).await?;
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined??;
+    }
+    Ok(())
+}
+
+/// Publishes one envelope (mandatory, persistent) and waits for its confirm.
+async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    envelope: &Envelope,
+) -> Result<()> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            options,
+            &envelope.to_json_bytes(),
+            svcdb_amqp::publish::envelope_properties(envelope),
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        other => bail!("the broker did not take a message: {other:?}"),
+    }
 }
 
 /// Polls `condition` every millisecond, up to [`STAGE_TIMEOUT`]; false if it never held.
@@ -638,11 +1042,53 @@ fn figures(r: &Results) -> Figures {
         rate(r.dup_deliveries, r.dup_elapsed),
     );
     f.set("svcdb_requeued", r.requeued);
+    let c = &r.concurrent;
+    f.set("svcdb_pipelined_per_s", c.svcdb_pipelined_per_s);
+    f.set("raw_pipelined_per_s", c.raw_pipelined_per_s);
+    f.set("paced_rate_per_s", c.paced_rate);
+    f.set("paced_seconds", c.paced_seconds);
+    f.set("svcdb_latency_p50_ms", c.svcdb_latency.p50_ms);
+    f.set("svcdb_latency_p99_ms", c.svcdb_latency.p99_ms);
+    f.set("svcdb_latency_max_ms", c.svcdb_latency.max_ms);
+    f.set("raw_latency_p50_ms", c.raw_latency.p50_ms);
+    f.set("raw_latency_p99_ms", c.raw_latency.p99_ms);
+    f.set("raw_latency_max_ms", c.raw_latency.max_ms);
     f.set(
         "exactly_once",
         r.dup_effects == i64::try_from(r.events).unwrap_or(-1),
     );
     f
+}
+
+/// The issue's targets, as same-run ratios.
+fn targets(r: &Results) -> Vec<Target> {
+    let c = &r.concurrent;
+    vec![
+        Target {
+            key: "svcdb_vs_raw_pipelined".into(),
+            what: "svcdb / raw lapin, pipelined throughput".into(),
+            value: report::ratio(Some(c.svcdb_pipelined_per_s), Some(c.raw_pipelined_per_s)),
+            bound: Bound::AtLeast(1.0),
+            unit: "×",
+        },
+        Target {
+            key: "relay_vs_raw_publish".into(),
+            what: "relay drain / raw lapin publish".into(),
+            value: report::ratio(
+                Some(rate(r.events, r.relay)),
+                Some(rate(r.events, r.raw_publish)),
+            ),
+            bound: Bound::AtLeast(0.9),
+            unit: "×",
+        },
+        Target {
+            key: "svcdb_vs_raw_latency_p99".into(),
+            what: "svcdb / raw lapin, p99 latency at the paced load".into(),
+            value: report::ratio(Some(c.svcdb_latency.p99_ms), Some(c.raw_latency.p99_ms)),
+            bound: Bound::AtMost(3.0),
+            unit: "×",
+        },
+    ]
 }
 
 /// The table and the context a reader needs to judge it.
@@ -720,5 +1166,38 @@ fn human_report(r: &Results) -> String {
         r.dup_duplicates,
         r.dup_effects,
         r.events,
+    )
+}
+
+/// The concurrent measurements, for people.
+fn concurrent_report(c: &Concurrent, producers: u16) -> String {
+    let mut throughput = report::table(&["all stages at once", "events/s (steady state)"]);
+    throughput.add_row(vec![
+        format!("svcdb: {producers} producers (1 tx each) + Relay + Consumer"),
+        report::num(c.svcdb_pipelined_per_s),
+    ]);
+    throughput.add_row(vec![
+        format!("raw lapin: {producers} producers (confirm each) + consumer (1 tx each)"),
+        report::num(c.raw_pipelined_per_s),
+    ]);
+    let mut latency = report::table(&["latency", "p50 ms", "p99 ms", "max ms"]);
+    for (path, l) in [
+        (
+            "svcdb: producer's commit → handler's write",
+            &c.svcdb_latency,
+        ),
+        ("raw lapin: publish → handler's write", &c.raw_latency),
+    ] {
+        latency.add_row(vec![
+            path.to_owned(),
+            report::num(l.p50_ms),
+            report::num(l.p99_ms),
+            report::num(l.max_ms),
+        ]);
+    }
+    format!(
+        "{throughput}\n\nLatency at a paced {} events/s for {} s (to the end of the handler's \
+         write, just before its commit):\n{latency}",
+        c.paced_rate, c.paced_seconds
     )
 }

@@ -2,8 +2,9 @@
 
 use std::ops::{Deref, DerefMut};
 
+use tokio::sync::mpsc;
 use tokio_postgres::tls::MakeTlsConnect;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage, Socket};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification, SimpleQueryMessage, Socket};
 
 use crate::config::describe_target;
 use crate::error::{Error, Result};
@@ -37,28 +38,61 @@ impl DedicatedConn {
     pub async fn connect_with(config: &tokio_postgres::Config, tls: &Tls) -> Result<Self> {
         let config = tls.driver_config(config);
         match tls.rustls() {
-            None => Self::open(&config, NoTls).await,
-            Some(rustls) => Self::open(&config, rustls.clone()).await,
+            None => Self::open(&config, NoTls, None).await,
+            Some(rustls) => Self::open(&config, rustls.clone(), None).await,
         }
     }
 
     /// Connects and spawns the task driving the socket; generic because the stream type
     /// differs with and without TLS.
-    async fn open<T>(config: &tokio_postgres::Config, tls: T) -> Result<Self>
+    async fn open<T>(
+        config: &tokio_postgres::Config,
+        tls: T,
+        notifications: Option<mpsc::UnboundedSender<Notification>>,
+    ) -> Result<Self>
     where
         T: MakeTlsConnect<Socket>,
         T::Stream: Send + 'static,
     {
-        let (client, connection) = config.connect(tls).await.map_err(|cause| Error::Connect {
-            target: describe_target(config),
-            cause,
-        })?;
+        let (client, mut connection) =
+            config.connect(tls).await.map_err(|cause| Error::Connect {
+                target: describe_target(config),
+                cause,
+            })?;
         let driver = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(target: "svcdb::connection", error = %crate::error::pg_message(&e), "dedicated connection ended");
+            // Polling messages drives the connection as awaiting it does, and hands over the
+            // notifications of `LISTEN`, which awaiting it drops.
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if let Some(to) = &notifications {
+                            let _ = to.send(n);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(target: "svcdb::connection", error = %crate::error::pg_message(&e), "dedicated connection ended");
+                        break;
+                    }
+                }
             }
         });
         Ok(Self { client, driver })
+    }
+
+    /// Like [`connect_with`](Self::connect_with), and hands over the connection's `NOTIFY`
+    /// notifications (after a `LISTEN`). The receiver ends when the connection does.
+    pub(crate) async fn connect_listening(
+        config: &tokio_postgres::Config,
+        tls: &Tls,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Notification>)> {
+        let (to, from) = mpsc::unbounded_channel();
+        let config = tls.driver_config(config);
+        let conn = match tls.rustls() {
+            None => Self::open(&config, NoTls, Some(to)).await,
+            Some(rustls) => Self::open(&config, rustls.clone(), Some(to)).await,
+        }?;
+        Ok((conn, from))
     }
 }
 

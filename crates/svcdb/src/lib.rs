@@ -27,7 +27,7 @@
 //! | `/healthz` and `/readyz` as an axum `Router` (feature `http`, on by default) | [`http`] ([`http::router`]) |
 //! | the event envelope on the wire, and why a message is not one | [`event`] ([`Envelope`], [`EventError`]) |
 //! | handling each event once: the claim commits with the handler's writes | [`idempotency`] ([`ServiceDb::process_once`], [`Processed`]; many events in one transaction: [`idempotency::claim_batch`], [`idempotency::savepoint_event`]) |
-//! | the transactional outbox and its relay (`FOR UPDATE SKIP LOCKED`, retries) | [`outbox`] ([`outbox::enqueue`], [`Outbox`]) |
+//! | the transactional outbox and its relay (`FOR UPDATE SKIP LOCKED`, retries, waking relays on commit) | [`outbox`] ([`outbox::enqueue`], [`Outbox`], [`outbox::Wakeups`]) |
 //! | trace context across the broker: the W3C traceparent of the current span (stored with an outbox row), a span continuing a remote one | [`trace`] ([`trace::TraceParent`], [`trace::current`], [`trace::continue_trace`]) |
 //! | a throwaway database per test (feature `testing`, for dev-dependencies) | `testing::TestDb` |
 //! | the driver's types a service uses, under svcdb's names | [`Transaction`], [`IsolationLevel`], [`SqlState`], [`PooledConn`] |

@@ -126,10 +126,12 @@ impl ServiceDb {
     {
         let mut conn = self.get().await?;
         let mut tx = conn.transaction().await.map_err(Error::from)?;
-        let result = f(&mut tx).await;
+        let (result, enqueued) = crate::outbox::tracking_enqueues(f(&mut tx)).await;
         let outcome = settle(tx, result).await;
         if outcome.is_err() {
             self.retire_if_read_only(conn).await;
+        } else if enqueued {
+            crate::outbox::committed(self);
         }
         outcome
     }
@@ -194,8 +196,11 @@ impl ServiceDb {
                 builder = builder.read_only(true);
             }
             let mut tx = builder.start().await.map_err(Error::from)?;
-            let result = f(&mut tx).await;
+            let (result, enqueued) = crate::outbox::tracking_enqueues(f(&mut tx)).await;
             let outcome = settle(tx, result).await;
+            if enqueued && outcome.is_ok() {
+                crate::outbox::committed(self);
+            }
             if matches!(&outcome, Err(e) if !e.is_retryable()) {
                 self.retire_if_read_only(conn).await;
                 return outcome;

@@ -11,6 +11,8 @@ mod limits;
 mod metrics;
 mod rabbit_cluster;
 mod relay;
+mod relay_nacks;
+mod relay_wake;
 mod retention;
 mod secrets;
 mod service;

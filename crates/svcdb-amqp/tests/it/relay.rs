@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Quick polling and reconnection, so tests take milliseconds.
-fn fast() -> RelayConfig {
+pub(crate) fn fast() -> RelayConfig {
     RelayConfig {
         poll_interval: Duration::from_millis(20),
         reconnect_backoff: Duration::from_millis(20),
@@ -27,24 +27,24 @@ fn fast() -> RelayConfig {
 }
 
 /// Retries of failed rows after 20 ms instead of 1 s.
-fn fast_outbox(db: &ServiceDb) -> Outbox {
+pub(crate) fn fast_outbox(db: &ServiceDb) -> Outbox {
     Outbox::new(db.clone()).with_publish_retry(PublishRetry {
         retry_backoff: Duration::from_millis(20),
         max_retry_backoff: Duration::from_millis(100),
     })
 }
 
-struct Running {
+pub(crate) struct Running {
     shutdown: CancellationToken,
     task: JoinHandle<Result<RelayStatus>>,
-    status: watch::Receiver<RelayStatus>,
+    pub(crate) status: watch::Receiver<RelayStatus>,
 }
 
 fn start(amqp: &AmqpConfig, outbox: Outbox) -> Running {
     start_with(amqp, outbox, fast())
 }
 
-fn start_with(amqp: &AmqpConfig, outbox: Outbox, config: RelayConfig) -> Running {
+pub(crate) fn start_with(amqp: &AmqpConfig, outbox: Outbox, config: RelayConfig) -> Running {
     let relay = Relay::new(amqp, outbox).with_config(config);
     let status = relay.status();
     let shutdown = CancellationToken::new();
@@ -69,7 +69,7 @@ impl Running {
             .unwrap();
     }
 
-    async fn stop(self) -> RelayStatus {
+    pub(crate) async fn stop(self) -> RelayStatus {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
@@ -79,7 +79,7 @@ impl Running {
     }
 }
 
-async fn enqueue(db: &ServiceDb, exchange: &str, routing_key: &str, event: &Envelope) {
+pub(crate) async fn enqueue(db: &ServiceDb, exchange: &str, routing_key: &str, event: &Envelope) {
     let (exchange, routing_key, event) =
         (exchange.to_owned(), routing_key.to_owned(), event.clone());
     db.transaction(async move |tx| {
@@ -94,7 +94,7 @@ async fn enqueue(db: &ServiceDb, exchange: &str, routing_key: &str, event: &Enve
     .unwrap();
 }
 
-async fn pending(db: &ServiceDb) -> u64 {
+pub(crate) async fn pending(db: &ServiceDb) -> u64 {
     Outbox::new(db.clone()).pending_count().await.unwrap()
 }
 
@@ -112,7 +112,7 @@ async fn broker_and_service() -> (Broker, TestDb, ServiceDb) {
 }
 
 /// An exchange for the service and a plain queue bound to all of it.
-async fn exchange_and_queue(broker: &Broker) -> (String, QueueSpec) {
+pub(crate) async fn exchange_and_queue(broker: &Broker) -> (String, QueueSpec) {
     let exchange = common::unique("orders.events");
     let queue = QueueSpec::new(common::unique("audit")).bind(&exchange, "#");
     broker

@@ -308,6 +308,16 @@ impl ServiceDb {
         DedicatedConn::connect_with(&self.inner.session, &self.inner.tls).await
     }
 
+    /// A dedicated connection and its `NOTIFY` notifications (for `LISTEN`).
+    pub(crate) async fn dedicated_listening(
+        &self,
+    ) -> Result<(
+        DedicatedConn,
+        tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+    )> {
+        DedicatedConn::connect_listening(&self.inner.session, &self.inner.tls).await
+    }
+
     /// Sizes, waiters and wait percentiles; no I/O.
     pub fn status(&self) -> PoolStatus {
         self.inner.stats.snapshot(&self.inner.pool.status())
