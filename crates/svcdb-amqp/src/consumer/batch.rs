@@ -16,7 +16,8 @@ use svcdb::{Envelope, Processed, Retryable, Transaction};
 use tokio::task::JoinSet;
 use tracing::{Instrument, Span};
 
-use super::delivery::{self, Context, Work};
+use super::context::Context;
+use super::delivery::{self, Work};
 use super::stats::Counters;
 use super::{outage, settle};
 use crate::handler::{DynHandler, HandlerError};

@@ -13,9 +13,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::Pending;
-use super::delivery::Context;
+use super::context::Context;
 use super::outage::{self, Flow};
-use super::settle::Unsettled;
+use super::unsettled::Unsettled;
 use super::stats::Counters;
 use super::Consumer;
 use crate::error::{Error, Result};

@@ -6,7 +6,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
-use super::delivery::Context;
+use super::context::Context;
 use super::settle;
 use super::stats::Counters;
 use crate::error::Result;

@@ -3,7 +3,6 @@
 //! documentation of [`consumer`](super) for the rules). A batch uses the same steps:
 //! [`prepare`], then its own transaction, then [`finish`] for each delivery that failed.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -12,45 +11,15 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use lapin::Channel;
-use svcdb::{Envelope, Processed, ServiceDb};
-use tokio::sync::{watch, Semaphore};
-use tokio_util::sync::CancellationToken;
+use svcdb::{Envelope, Processed};
 use tracing::Instrument;
 
-use super::outage::{self, Flow};
-use super::settle::Unsettled;
+use super::context::Context;
+use super::outage;
 use super::stats::{Counters, InFlight};
-use super::{dead_letter, settle, ConsumerOptions, UnknownKind};
+use super::{dead_letter, settle, UnknownKind};
 use crate::connection::pause;
 use crate::handler::{DynHandler, HandlerError};
-use crate::topology::QueueSpec;
-
-/// What each delivery task needs, shared.
-pub(super) struct Context {
-    /// The service's pool.
-    pub(super) db: ServiceDb,
-    /// The claims' scope.
-    pub(super) name: String,
-    /// Queue name, delivery limit, dead-letter exchange.
-    pub(super) queue: QueueSpec,
-    /// Handlers by kind.
-    pub(super) handlers: HashMap<String, Arc<dyn DynHandler>>,
-    /// Confirm-mode channel for dead-letter copies.
-    pub(super) dead_letters: Channel,
-    /// Pauses and policies.
-    pub(super) options: ConsumerOptions,
-    /// Bounds handlers running at once to what the pool can serve.
-    pub(super) permits: Semaphore,
-    /// Cut pauses short at shutdown.
-    pub(super) shutdown: CancellationToken,
-    /// The consumer's counters.
-    pub(super) counters: Arc<Counters>,
-    /// Consuming or paused for the database.
-    pub(super) flow: watch::Sender<Flow>,
-    /// The channel's deliveries not settled yet, for `multiple` acks.
-    pub(super) unsettled: Unsettled,
-}
 
 /// Handles one delivery to the end: acked, handed back, or dead-lettered; in its span, which
 /// continues the producer's trace.

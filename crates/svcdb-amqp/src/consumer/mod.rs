@@ -6,20 +6,24 @@
 //   consume      the consume loop on one channel: a task per delivery or batch, pause, drain
 //   batch        a batch: collected with a linger, claims and handlers under savepoints in one
 //                transaction, acks (multiple where contiguous), failures one by one
+//   context      what a channel's delivery tasks share
 //   delivery     one delivery: decode, claim and handle in one transaction, decide its fate
 //   settle       ack, reject and nack, and which of them counts as a delivery
+//   unsettled    a channel's deliveries not settled yet, and which a `multiple` ack may cover
 //   dead_letter  copying a message to the dead-letter exchange with the reason
 //   outage       pausing while the database is unavailable
 //   options      ConsumerOptions and UnknownKind
 //   stats        ConsumerStats and the counters behind them
 mod batch;
 mod consume;
+mod context;
 mod dead_letter;
 mod delivery;
 mod options;
 mod outage;
 mod settle;
 mod stats;
+mod unsettled;
 
 use std::collections::HashMap;
 use std::sync::Arc;

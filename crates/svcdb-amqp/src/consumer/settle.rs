@@ -5,43 +5,12 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::Mutex;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 
-use super::delivery::Context;
+use super::context::Context;
 use super::stats::Counters;
-
-/// The delivery tags of one channel not settled yet. A `multiple` ack settles every unsettled
-/// delivery up to its tag, so it may be sent only when all of those are the sender's to ack;
-/// and settlements are written in the order they were decided (`order`), else an ack of tag
-/// 7 could overtake the `multiple` ack of tag 9 that already settled it, and the broker
-/// closes the channel for an unknown tag.
-#[derive(Debug, Default)]
-pub(super) struct Unsettled {
-    tags: Mutex<BTreeSet<u64>>,
-    order: tokio::sync::Mutex<()>,
-}
-
-impl Unsettled {
-    /// Tracks a delivery received.
-    pub(super) fn received(&self, tag: u64) {
-        self.tags
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tag);
-    }
-
-    /// Forgets `ours`, and returns the highest of them that a `multiple` ack may cover: every
-    /// unsettled tag up to it is one of `ours`. `None` when the lowest unsettled tag is not.
-    fn take(&self, ours: &BTreeSet<u64>) -> Option<u64> {
-        let mut tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
-        let upto = tags.iter().take_while(|t| ours.contains(t)).last().copied();
-        tags.retain(|t| !ours.contains(t));
-        upto
-    }
-}
 
 /// Waits for a settlement (ack, reject, nack) of the delivery `tag` to be written, up to the
 /// confirm timeout: a connection the broker blocked (memory or disk alarm) writes nothing. A
@@ -53,7 +22,7 @@ pub(super) async fn settle<T>(
     what: &str,
     settlement: impl Future<Output = lapin::Result<T>>,
 ) {
-    let _order = context.unsettled.order.lock().await;
+    let _order = context.unsettled.in_order().await;
     context.unsettled.take(&BTreeSet::from([tag]));
     written(context, id, what, settlement).await;
 }
@@ -94,7 +63,7 @@ pub(super) async fn ack(context: &Context, delivery: &Delivery, id: uuid::Uuid) 
 /// Acknowledges a batch's handled events (and duplicates): one `multiple` ack for those that
 /// are the lowest unsettled deliveries of the channel, one ack each for the others.
 pub(super) async fn ack_all(context: &Context, deliveries: &[&Delivery]) {
-    let _order = context.unsettled.order.lock().await;
+    let _order = context.unsettled.in_order().await;
     let ours: BTreeSet<u64> = deliveries.iter().map(|d| d.delivery_tag).collect();
     let upto = context.unsettled.take(&ours);
     let acks = deliveries.iter().filter_map(|delivery| {
@@ -147,24 +116,4 @@ pub(super) async fn return_unprocessed(context: &Context, delivery: &Delivery, i
         nack,
     )
     .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_multiple_ack_covers_only_the_lowest_unsettled_tags_when_all_are_ours() {
-        let unsettled = Unsettled::default();
-        for tag in 1..=6 {
-            unsettled.received(tag);
-        }
-        // 1 and 2 are ours, 3 is not: a multiple ack up to 2; 5 goes on its own.
-        assert_eq!(unsettled.take(&BTreeSet::from([1, 2, 5])), Some(2));
-        // 3 is still unsettled and not ours: no multiple ack for 4.
-        assert_eq!(unsettled.take(&BTreeSet::from([4])), None);
-        // Now 3 and 6 are the only ones left.
-        assert_eq!(unsettled.take(&BTreeSet::from([3, 6])), Some(6));
-        assert_eq!(unsettled.take(&BTreeSet::from([7])), None);
-    }
 }
