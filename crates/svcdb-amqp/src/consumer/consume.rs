@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::batch::Pending;
 use super::context::Context;
 use super::outage::{self, Flow};
-use super::unsettled::Unsettled;
 use super::stats::Counters;
+use super::unsettled::Unsettled;
 use super::Consumer;
 use crate::error::{Error, Result};
 
