@@ -530,10 +530,12 @@ impl Migrator {
         // next run until `repair`). Before a failure is reported, what it says is applied is
         // made durable too ([`flush`]).
         let last = segments.len() - 1;
-        conn.batch_execute("SET synchronous_commit = off").await?;
+        if last > 0 {
+            conn.batch_execute("SET synchronous_commit = off").await?;
+        }
         let mut done: Vec<RunEntry> = Vec::with_capacity(plan.len());
         for (n, segment) in segments.into_iter().enumerate() {
-            if n == last {
+            if n == last && last > 0 {
                 conn.batch_execute("SET synchronous_commit = on").await?;
             }
             let result = if transactional(segment[0], direction) {
