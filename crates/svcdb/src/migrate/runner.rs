@@ -171,7 +171,9 @@ impl Migrator {
     /// of its own (a *group*, with one history write) and each non-transactional migration on
     /// its own, undoing the groups and migrations this call committed with their down scripts
     /// if one fails (see [`MigrateError::Failed`]). A statement that hits `lock_timeout` is
-    /// retried ([`MigrateOptions::lock_retries`]).
+    /// retried ([`MigrateOptions::lock_retries`]). A group's scripts are sent at once
+    /// (pipelined, each still its own message with its own error), and of a deploy of several
+    /// transactions only the last commit waits for the disk: it flushes the earlier ones too.
     ///
     /// A pending migration that is still the template [`new_migration`](super::new_migration)
     /// wrote is refused first ([`MigrateError::Unwritten`]). Before anything runs (dry runs
@@ -528,7 +530,9 @@ impl Migrator {
         // mark written before it. That is the state a crash at that earlier point would have
         // left, which the runner already handles (a group is pending, a dirty row refuses the
         // next run until `repair`). Before a failure is reported, what it says is applied is
-        // made durable too ([`flush`]).
+        // made durable too ([`flush`]). What the earlier commits make visible to other sessions
+        // before it is on disk is only ever an intermediate version of this deploy: a replica
+        // whose start-up gate waits for the newest one waits for the last, flushed, commit.
         let last = segments.len() - 1;
         if last > 0 {
             conn.batch_execute("SET synchronous_commit = off").await?;
