@@ -517,9 +517,6 @@ impl Migrator {
                     })),
                 });
         }
-        if !history_exists {
-            history::create_table(&*conn, schema).await?;
-        }
         // Only the deploy's last commit waits for its WAL to reach the disk; the groups and
         // non-transactional statements before it commit with `synchronous_commit = off` (on
         // this dedicated connection, closed after the run). A commit that waits flushes all
@@ -536,6 +533,9 @@ impl Migrator {
         let last = segments.len() - 1;
         if last > 0 {
             conn.batch_execute("SET synchronous_commit = off").await?;
+        }
+        if !history_exists {
+            history::create_table(&*conn, schema).await?;
         }
         let mut done: Vec<RunEntry> = Vec::with_capacity(plan.len());
         for (n, segment) in segments.into_iter().enumerate() {
