@@ -18,9 +18,10 @@
 //!
 //! `up`, `down`, the floor and diesel run `--rounds` times, svcdb, psql and diesel alternating, and the
 //! medians are reported: on a shared machine one round can meet a build. The part of `up`
-//! spent outside every migration (connecting, the advisory lock, session settings, history
-//! reads) is reported on its own, from the runner's own per-migration timings, so a miss
-//! against the floor points at the fixed cost or at the per-migration one.
+//! spent outside the scripts (connecting, the advisory lock, session settings, the lint, the
+//! history, each transaction's `BEGIN` and `COMMIT`) is reported on its own, from the runner's
+//! own per-migration timings, so a miss against the floor points at svcdb's own cost or at
+//! the SQL.
 //!
 //! The schemas the `up` paths produce are compared object by object, so the runner and
 //! the references provably did the same work, and after `down` the schema must hold nothing
@@ -82,9 +83,10 @@ pub struct MigrateArgs {
 /// One pass of svcdb over a corpus, in a fresh database.
 struct SvcdbRun {
     up: Duration,
-    /// The part of `up` not spent in any migration (each migration's time, as the runner
-    /// reports it, covers its transaction, script and history row): connecting, the lock,
-    /// session settings, reading the history. What a deploy pays whatever its size.
+    /// The part of `up` not spent in any migration's script (each migration's time, as the
+    /// runner reports it, covers its script only): connecting, the lock, session settings, the
+    /// lint, reading the history, and each transaction's `BEGIN`, history write and `COMMIT`.
+    /// svcdb's own cost on top of the SQL.
     outside_migrations: Duration,
     /// With no-op calls asked for.
     noop: Option<NoopFigures>,
@@ -180,7 +182,7 @@ impl Corpus {
 struct Results {
     /// svcdb `up` from empty, per round.
     ups: Vec<Duration>,
-    /// The part of each `up` outside any migration.
+    /// The part of each `up` outside the scripts.
     outside: Vec<Duration>,
     /// svcdb `down` to zero, per round.
     downs: Vec<Duration>,
@@ -536,7 +538,7 @@ fn human_report(
         &r.ups,
     ));
     table.add_row(vec![
-        "… of which outside any migration (connect, lock, history reads)".to_owned(),
+        "… of which outside the scripts (connect, lock, lint, history, commits)".to_owned(),
         format!("{} ms", report::num(report::ms(report::median(&r.outside)))),
         "—".to_owned(),
         list(r.outside.iter().copied().map(report::ms).collect()),

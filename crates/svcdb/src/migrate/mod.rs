@@ -68,7 +68,10 @@
 //!   back that whole group and nothing else ([`MigrationFailure::rolled_back_with`]). Then the
 //!   groups and non-transactional migrations this deploy committed before it are undone with
 //!   their down scripts, newest first, unless the failing migration is non-transactional
-//!   ([`MigrateError::Failed`]'s [`MigrationFailure`] lists them). A non-transactional
+//!   ([`MigrateError::Failed`]'s [`MigrationFailure`] lists them). Only the deploy's last
+//!   commit waits for the WAL to reach the disk (`synchronous_commit` is off before it): it
+//!   flushes every earlier one, and a crash before it leaves what a crash at an earlier point
+//!   would, a prefix of the deploy with each group whole. A non-transactional
 //!   migration's history row is marked dirty while it runs. While its runner holds the lock
 //!   it is *in progress* ([`MigrationState::InProgress`]): other runners' `up` waits for the
 //!   lock and then finds it done, and the start-up gate stays ready. If it fails part-way, the

@@ -171,7 +171,9 @@ impl Migrator {
     /// of its own (a *group*, with one history write) and each non-transactional migration on
     /// its own, undoing the groups and migrations this call committed with their down scripts
     /// if one fails (see [`MigrateError::Failed`]). A statement that hits `lock_timeout` is
-    /// retried ([`MigrateOptions::lock_retries`]).
+    /// retried ([`MigrateOptions::lock_retries`]). A group's scripts are sent at once
+    /// (pipelined, each still its own message with its own error), and of a deploy of several
+    /// transactions only the last commit waits for the disk: it flushes the earlier ones too.
     ///
     /// A pending migration that is still the template [`new_migration`](super::new_migration)
     /// wrote is refused first ([`MigrateError::Unwritten`]). Before anything runs (dry runs
@@ -515,11 +517,31 @@ impl Migrator {
                     })),
                 });
         }
+        // Only the deploy's last commit waits for its WAL to reach the disk; the groups and
+        // non-transactional statements before it commit with `synchronous_commit = off` (on
+        // this dedicated connection, closed after the run). A commit that waits flushes all
+        // the WAL written before it, so when the last one returns, everything is on disk, as
+        // with a flush per commit. A crash in between loses at most the latest commits: WAL
+        // is replayed in order, so what survives is always a prefix of the deploy, each group
+        // whole with its history rows, and a non-transactional script never without the dirty
+        // mark written before it. That is the state a crash at that earlier point would have
+        // left, which the runner already handles (a group is pending, a dirty row refuses the
+        // next run until `repair`). Before a failure is reported, what it says is applied is
+        // made durable too ([`flush`]). What the earlier commits make visible to other sessions
+        // before it is on disk is only ever an intermediate version of this deploy: a replica
+        // whose start-up gate waits for the newest one waits for the last, flushed, commit.
+        let last = segments.len() - 1;
+        if last > 0 {
+            conn.batch_execute("SET synchronous_commit = off").await?;
+        }
         if !history_exists {
             history::create_table(&*conn, schema).await?;
         }
         let mut done: Vec<RunEntry> = Vec::with_capacity(plan.len());
-        for segment in segments {
+        for (n, segment) in segments.into_iter().enumerate() {
+            if n == last && last > 0 {
+                conn.batch_execute("SET synchronous_commit = on").await?;
+            }
             let result = if transactional(segment[0], direction) {
                 self.run_group(conn, segment, direction, false, observer)
                     .await
@@ -546,6 +568,7 @@ impl Migrator {
             };
             let m = segment[i];
             let dirty = !transactional(m, direction);
+            flush(conn).await;
             // Undo this deploy's ups unless the failing step left the schema in an unknown
             // state: running downs over a half-applied step would only make the mess bigger.
             // Downs are never "undone" by running ups again.
@@ -774,15 +797,36 @@ async fn try_group(
     if create_table {
         history::create_table(&tx, schema).await.map_err(other)?;
     }
-    let mut done = Vec::with_capacity(group.len());
-    for (i, m) in group.iter().enumerate() {
-        let (sql, _) = script(m, direction);
-        let start = started(m, direction, observer);
-        tx.batch_execute(sql)
-            .await
-            .map_err(|cause| (i, StepError::script(cause, None)))?;
-        done.push(finished(m, direction, start, observer));
+    // The scripts are pipelined: each is its own simple-query message, all sent before the
+    // first answer is awaited, so the server runs them back to back instead of waiting a round
+    // trip for the next one. Each message keeps its own answer, so a failure is still the
+    // failing script's own error (with its position in that script); the server runs every
+    // later message in the aborted transaction, which refuses it (25P02) and changes nothing.
+    // A future of tokio-postgres sends its message when first polled, hence one poll each, in
+    // order, before any is awaited.
+    let mut pipeline: Vec<_> = group
+        .iter()
+        .map(|m| Box::pin(tx.batch_execute(script(m, direction).0)))
+        .collect();
+    let mut answered = Vec::with_capacity(group.len());
+    for sent in &mut pipeline {
+        answered.push(futures_util::future::poll_immediate(sent.as_mut()).await);
     }
+    let mut done = Vec::with_capacity(group.len());
+    // Each script starts, on the server, when the one before it ends.
+    let mut start = started(group[0], direction, observer);
+    for (i, (sent, answer)) in pipeline.iter_mut().zip(answered).enumerate() {
+        let result = match answer {
+            Some(result) => result,
+            None => sent.as_mut().await,
+        };
+        result.map_err(|cause| (i, StepError::script(cause, None)))?;
+        done.push(finished(group[i], direction, start, observer));
+        if let Some(next) = group.get(i + 1) {
+            start = started(next, direction, observer);
+        }
+    }
+    drop(pipeline);
     let written = match direction {
         Direction::Up => {
             let rows: Vec<(&Migration, Option<Duration>)> = group
@@ -804,6 +848,19 @@ async fn try_group(
         .await
         .map_err(|cause| (group.len() - 1, StepError::script(cause, None)))?;
     Ok(done)
+}
+
+/// Turns `synchronous_commit` back on and waits until the WAL of every earlier commit of the
+/// session is on disk: a commit that waits flushes all WAL before it, and a transaction with
+/// an id writes a commit record even when it changed nothing. Best effort: it runs after a
+/// failure, on a connection that may be broken.
+async fn flush(conn: &Client) {
+    if let Err(e) = conn
+        .batch_execute("SET synchronous_commit = on; SELECT txid_current()")
+        .await
+    {
+        tracing::warn!(target: "svcdb::migrate", error = %crate::error::pg_message(&e), "cannot flush the deploy's commits to disk");
+    }
 }
 
 /// A statement waited longer than `lock_timeout` for a lock (SQLSTATE 55P03).

@@ -15,6 +15,7 @@ mod metrics;
 mod migrate_adopt;
 mod migrate_deploy;
 mod migrate_lint;
+mod migrate_pipeline;
 mod migrate_runner;
 mod migrate_source;
 mod migrate_versions;
