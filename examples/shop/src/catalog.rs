@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use svcdb::migrate::EmbeddedMigrations;
 use svcdb::{Envelope, Transaction};
-use svcdb_amqp::{EventHandler, HandlerError};
+use svcdb_amqp::{ConsumerOptions, EventHandler, HandlerError};
 
 use crate::events::{Event, Line, OrderPlaced, ProductStockReserved, StockReservationFailed};
 use crate::platform::{ApiError, Ctx, ServiceDef, Subscription};
@@ -35,7 +35,14 @@ pub static SERVICE: ServiceDef = ServiceDef {
         handler: "reserve-stock",
         sources: &[("orders", OrderPlaced::ROUTING_KEY)],
         register: |consumer, ctx| {
-            consumer.on_handler(
+            // One order a transaction: reserving locks the products' rows, which every order
+            // for them locks too; a batch would hold them all until its commit, and two
+            // batches would deadlock (see svcdb_amqp::Consumer, "Batches").
+            let alone = ConsumerOptions {
+                batch: 1,
+                ..consumer.options().clone()
+            };
+            consumer.with_options(alone).on_handler(
                 OrderPlaced::KIND,
                 ctx.handler(ReserveStock { ctx: ctx.clone() }),
             )

@@ -164,7 +164,8 @@ pub struct Tuning {
 impl Tuning {
     /// The libraries' defaults. Consumers take batches (`ConsumerOptions::batch`, 16): every
     /// shop handler writes only its own database and outbox, so a batch that runs again
-    /// repeats nothing outside it.
+    /// repeats nothing outside it; the catalog's stock reservation alone runs one order a
+    /// transaction (its rows are shared by every order).
     pub fn production() -> Self {
         Self {
             consumer: ConsumerOptions::default(),

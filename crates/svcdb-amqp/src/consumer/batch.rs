@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use svcdb::idempotency::EventRef;
-use svcdb::{Envelope, Processed, Retryable, Transaction};
+use svcdb::{Envelope, Processed, Retryable, Transaction, TxOptions};
 use tokio::task::JoinSet;
 use tracing::{Instrument, Span};
 
@@ -152,8 +152,8 @@ async fn handle(context: Arc<Context>, deliveries: Vec<Delivery>) {
             .await;
         }
         Err(e) => {
-            // Not the database's availability: a commit refused (a deferred constraint, a
-            // serialization failure past the retries) or a claim that failed. Each delivery on
+            // Not the database's availability: a deadlock or serialization failure, a commit
+            // refused (a deferred constraint) or a claim that failed. Each delivery on
             // its own finds which one is at fault, and fails only that one.
             tracing::warn!(target: "svcdb_amqp::consumer", %queue, events = work.len(), error = %e, "the batch failed; handling its events one by one");
             join_all(work.into_iter().map(|w| {
@@ -171,8 +171,7 @@ async fn handle(context: Arc<Context>, deliveries: Vec<Delivery>) {
 /// A batch's event, its handler, and its delivery's span.
 type Event = (Envelope, Arc<dyn DynHandler>, Span);
 
-/// Runs `work` in one transaction ([`svcdb::ServiceDb::transaction_with`], so retried whole on
-/// a serialization failure or deadlock): each delivery's outcome and how long its handler
+/// Runs `work` in one transaction, not retried: each delivery's outcome and how long its handler
 /// took, or the error that failed the whole batch (the database unavailable, a
 /// failed claim, a retryable error past the retries, a failed commit).
 async fn run(context: &Context, work: &[Work]) -> Ran {
@@ -181,30 +180,35 @@ async fn run(context: &Context, work: &[Work]) -> Ran {
         .map(|w| (w.envelope.clone(), w.handler.clone(), w.span.clone()))
         .collect();
     let name = context.name.clone();
+    // One attempt: a batch that hit a deadlock or a serialization failure collided with
+    // another over rows its events lock (a stock counter), and run again whole it would
+    // likely collide again, each time after the server's deadlock_timeout (1 s). Its events
+    // are handled one by one instead, each with the configured retries.
+    let once = TxOptions {
+        max_attempts: 1,
+        ..context.options.tx.clone()
+    };
     // Boxed here, where every lifetime is concrete, for the same reason as delivery::process.
-    let run: Pin<Box<dyn Future<Output = Ran> + Send + '_>> = Box::pin(
-        context
-            .db
-            .transaction_with(&context.options.tx, async move |tx| {
-                let refs: Vec<EventRef<'_>> = events.iter().map(|(e, ..)| e.into()).collect();
-                let first = svcdb::idempotency::claim_batch(tx, &name, &refs).await?;
-                let mut outcomes = Vec::with_capacity(events.len());
-                for ((envelope, handler, delivery), first) in events.iter().zip(first) {
-                    let started = Instant::now();
-                    let outcome = if first {
-                        // The handler's span is a child of its own delivery's, so each event
-                        // of the batch stays in its producer's trace.
-                        let span = delivery.in_scope(|| crate::spans::handler(&name, envelope));
-                        one(tx, &name, envelope, handler).instrument(span).await?
-                    } else {
-                        Ok(Processed::Duplicate)
-                    };
-                    outcomes.push((outcome, started.elapsed()));
-                }
-                svcdb::idempotency::check_batch(tx).await?;
-                Ok(outcomes)
-            }),
-    );
+    let run: Pin<Box<dyn Future<Output = Ran> + Send + '_>> =
+        Box::pin(context.db.transaction_with(&once, async move |tx| {
+            let refs: Vec<EventRef<'_>> = events.iter().map(|(e, ..)| e.into()).collect();
+            let first = svcdb::idempotency::claim_batch(tx, &name, &refs).await?;
+            let mut outcomes = Vec::with_capacity(events.len());
+            for ((envelope, handler, delivery), first) in events.iter().zip(first) {
+                let started = Instant::now();
+                let outcome = if first {
+                    // The handler's span is a child of its own delivery's, so each event
+                    // of the batch stays in its producer's trace.
+                    let span = delivery.in_scope(|| crate::spans::handler(&name, envelope));
+                    one(tx, &name, envelope, handler).instrument(span).await?
+                } else {
+                    Ok(Processed::Duplicate)
+                };
+                outcomes.push((outcome, started.elapsed()));
+            }
+            svcdb::idempotency::check_batch(tx).await?;
+            Ok(outcomes)
+        }));
     run.await
 }
 

@@ -40,7 +40,9 @@ pub struct ConsumerOptions {
     /// for several ([`AmqpConfig::prefetch`](crate::AmqpConfig::prefetch) 128 for 8 batches of
     /// 16; at the default 32, two are in flight).
     /// `1` handles each delivery in its own transaction: use it for handlers that call other
-    /// systems (HTTP, email), whose effects a failed batch would repeat for its neighbours.
+    /// systems (HTTP, email), whose effects a failed batch would repeat for its neighbours,
+    /// and for handlers that lock rows shared by many events (a stock counter), which
+    /// batches would hold until their commit and deadlock over.
     /// Default: [`DEFAULT_BATCH`].
     pub batch: usize,
     /// How long a batch waits for more deliveries after its first before it is handled
