@@ -438,3 +438,90 @@ async fn a_batch_of_zero_deliveries_is_refused_before_connecting() {
     .await;
     stop(shutdown, task).await;
 }
+
+#[tokio::test]
+async fn a_batch_that_deadlocks_is_handled_one_delivery_at_a_time_not_again_whole() {
+    let s = setup().await;
+    let (test_db, db) = service().await;
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE hot (id int PRIMARY KEY, n int NOT NULL);
+             INSERT INTO hot VALUES (1, 0), (2, 0);
+             CREATE TABLE runs (event_id uuid NOT NULL, txid bigint NOT NULL)",
+        )
+        .await
+        .unwrap();
+    // Two events, each bumping one hot row: `first` row 1, then `second` row 2.
+    let first = Envelope::new(KIND, "catalog", json!({ "row": 1 }));
+    let second = Envelope::new(KIND, "catalog", json!({ "row": 2 }));
+    // Another writer holds row 2, so the batch waits on it while holding row 1.
+    let mut other = test_db.admin().await;
+    let other_tx = other.transaction().await.unwrap();
+    other_tx
+        .execute("UPDATE svc.hot SET n = n + 1 WHERE id = 2", &[])
+        .await
+        .unwrap();
+
+    s.publish_all(&[first.clone(), second.clone()]).await;
+    let consumer = s
+        .consumer(&db)
+        .with_options(ConsumerOptions {
+            batch: 2,
+            ..options()
+        })
+        .on(KIND, |tx, event| {
+            Box::pin(async move {
+                let row: i32 = event.payload["row"].as_i64().unwrap().try_into().unwrap();
+                tx.execute("UPDATE hot SET n = n + 1 WHERE id = $1", &[&row])
+                    .await?;
+                tx.execute("INSERT INTO runs VALUES ($1, txid_current())", &[&event.id])
+                    .await?;
+                record(tx, event).await
+            })
+        });
+    let (shutdown, task) = start(&consumer);
+    let admin = test_db.admin().await;
+    eventually("the batch waits for row 2", || async {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting == 1
+    })
+    .await;
+    // Now the other writer wants row 1, which the batch holds: a deadlock. The batch waited
+    // first, so its backend finds the cycle after deadlock_timeout and its transaction is the
+    // one aborted; the other writer then goes on.
+    other_tx
+        .execute("UPDATE svc.hot SET n = n + 1 WHERE id = 1", &[])
+        .await
+        .expect("the batch, not the other writer, is the deadlock's victim");
+    other_tx.commit().await.unwrap();
+
+    eventually("both events are handled", || async {
+        consumer.stats().handled == 2
+    })
+    .await;
+    stop(shutdown, task).await;
+    each_once(&db, &[first.clone(), second.clone()]).await;
+    // Each committed in a transaction of its own: the batch was not run again whole.
+    let txids: Vec<i64> = admin
+        .query("SELECT txid FROM svc.runs ORDER BY txid", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(txids.len(), 2, "one committed run per event: {txids:?}");
+    assert_ne!(
+        txids[0], txids[1],
+        "handled one at a time after the deadlock"
+    );
+}
