@@ -8,6 +8,7 @@
 //! | `publish {exchange}` (relay) | producer | `messaging.system`, `messaging.operation.type = send`, `messaging.destination.name` (the exchange), `messaging.rabbitmq.destination.routing_key`, `messaging.message.id` (the event id), `svcdb.event.kind` |
 //! | `process {exchange}` (a delivery) | consumer | the same, `messaging.operation.type = process`, `messaging.consumer.group.name` (the consumer), `messaging.destination.subscription.name` (the queue), `messaging.rabbitmq.message.delivery_tag` |
 //! | `handle {kind}` (the handler, in the claim's transaction) | internal | `messaging.message.id`, `svcdb.event.kind`, `messaging.consumer.group.name` |
+//! | `process {queue}` (a batch of deliveries in one transaction, its parent; linked to each delivery's span) | consumer | `messaging.system`, `messaging.operation.type = process`, `messaging.destination.subscription.name`, `messaging.consumer.group.name`, `messaging.batch.message_count` |
 //!
 //! The publish span continues the row's stored traceparent and the message carries the
 //! publish span's own (or the stored one unchanged without an OpenTelemetry layer); the
@@ -97,6 +98,28 @@ pub(crate) fn handler(consumer: &str, envelope: &Envelope) -> Span {
         messaging.message.id = %envelope.id,
         svcdb.event.kind = %envelope.kind,
     )
+}
+
+/// The span of a batch of deliveries from `queue` handled in one transaction (the parent of
+/// that transaction's span): a trace of its own, linked to each delivery's span, as the
+/// semantic conventions have a batch operation link the messages it processes.
+pub(crate) fn batch(queue: &str, consumer: &str, deliveries: &[Span]) -> Span {
+    let span = tracing::info_span!(
+        target: "svcdb_amqp::consumer",
+        parent: None,
+        "process batch",
+        otel.name = format!("process {queue}"),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.destination.subscription.name = %queue,
+        messaging.consumer.group.name = %consumer,
+        messaging.batch.message_count = deliveries.len(),
+    );
+    for delivery in deliveries {
+        trace::link(&span, delivery);
+    }
+    span
 }
 
 /// The delivery's `traceparent` header, if it has a valid one.

@@ -223,6 +223,20 @@ pub fn continue_trace(span: &Span, parent: &TraceParent) {
     let _ = span.set_parent(remote);
 }
 
+/// Links `span` to `to` (an OpenTelemetry span link): for a span that serves several traces at
+/// once, such as a consumer's batch of deliveries in one transaction, whose own trace then
+/// points at each of theirs. Call it before entering `span`. Does nothing without an
+/// OpenTelemetry layer.
+pub fn link(span: &Span, to: &Span) {
+    if span.is_disabled() || to.is_disabled() {
+        return;
+    }
+    let context = to.context().span().span_context().clone();
+    if context.is_valid() {
+        span.add_link(context);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -179,6 +179,8 @@ async fn run(context: &Context, work: &[Work]) -> Ran {
         .iter()
         .map(|w| (w.envelope.clone(), w.handler.clone(), w.span.clone()))
         .collect();
+    let deliveries: Vec<Span> = work.iter().map(|w| w.span.clone()).collect();
+    let batch_span = crate::spans::batch(&context.queue.name, &context.name, &deliveries);
     let name = context.name.clone();
     // One attempt: a batch that hit a deadlock or a serialization failure collided with
     // another over rows its events lock (a stock counter), and run again whole it would
@@ -209,7 +211,7 @@ async fn run(context: &Context, work: &[Work]) -> Ran {
             svcdb::idempotency::check_batch(tx).await?;
             Ok(outcomes)
         }));
-    run.await
+    run.instrument(batch_span).await
 }
 
 /// Runs the handler of `envelope`, claimed, under a savepoint: the outcome (a failure undone

@@ -350,6 +350,43 @@ async fn in_a_batch_each_handler_is_in_its_own_producers_trace() {
         );
         assert_eq!(handler.parent_span_id, delivery.span_context.span_id());
     }
+
+    // The batch's own span, parent of its transaction's, links every delivery's span.
+    let spans = recorded.spans();
+    let batch = spans
+        .iter()
+        .find(|s| {
+            s.name == format!("process {}", queue.name)
+                && attribute(s, "messaging.batch.message_count").as_deref() == Some("2")
+        })
+        .expect("the batch's span");
+    let linked: Vec<_> = batch
+        .links
+        .links
+        .iter()
+        .map(|l| l.span_context.span_id())
+        .collect();
+    for (placed, _) in &producers {
+        let delivery = recorded
+            .find(
+                &format!("process {exchange}"),
+                "messaging.message.id",
+                &placed.id.to_string(),
+            )
+            .unwrap();
+        assert!(
+            linked.contains(&delivery.span_context.span_id()),
+            "the batch links the delivery of {}: {linked:?}",
+            placed.id
+        );
+    }
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.parent_span_id == batch.span_context.span_id()
+                && s.name.starts_with("transaction ")),
+        "the batch's transaction is the batch span's child"
+    );
 }
 
 #[tokio::test]
