@@ -62,8 +62,8 @@ pub struct RelayConfig {
     /// Whether the next batch is claimed and published while the previous one awaits its
     /// confirms and commits: at most two batches in flight, each in its own transaction (two
     /// pool connections). Only after a full batch, whose publishes were all written on a
-    /// healthy channel, so messages still go out in id order. false: one batch at a time.
-    /// Default: true.
+    /// healthy channel, so messages still go out in id order. false, or a pool of one
+    /// connection: one batch at a time. Default: true.
     pub overlap_batches: bool,
 }
 
@@ -435,7 +435,10 @@ impl Relay {
                 wakeups.mark_seen();
                 let (done_tx, done_rx) = oneshot::channel();
                 let previous = newest_done.replace(done_rx);
-                let written_tx = if self.config.overlap_batches {
+                // With a pool of one connection the second batch would only wait for it.
+                let overlap =
+                    self.config.overlap_batches && self.outbox.db().status().max_size >= 2;
+                let written_tx = if overlap {
                     let (tx, rx) = oneshot::channel();
                     written = Some(rx);
                     Some(tx)
