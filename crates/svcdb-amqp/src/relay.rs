@@ -4,10 +4,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use lapin::{Channel, Connection};
+use svcdb::outbox::RelayReport;
 use svcdb::{Outbox, OutboxMessage};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +59,12 @@ pub struct RelayConfig {
     /// node that restarted inside a cluster has been seen to nack every publish of a
     /// connection for over a minute. 0: never. Default: 3.
     pub reconnect_after_nacked_batches: u32,
+    /// Whether the next batch is claimed and published while the previous one awaits its
+    /// confirms and commits: at most two batches in flight, each in its own transaction (two
+    /// pool connections). Only after a full batch, whose publishes were all written on a
+    /// healthy channel, so messages still go out in id order. false, or a pool of one
+    /// connection: one batch at a time. Default: true.
+    pub overlap_batches: bool,
 }
 
 impl Default for RelayConfig {
@@ -70,6 +78,7 @@ impl Default for RelayConfig {
             unroutable: Unroutable::default(),
             retention: Retention::published(),
             reconnect_after_nacked_batches: 3,
+            overlap_batches: true,
         }
     }
 }
@@ -106,6 +115,11 @@ pub struct RelayStatus {
 /// published in the same transaction. A row is marked only after the broker confirmed it, so
 /// a crash anywhere publishes it again rather than never: consumers absorb the duplicate.
 ///
+/// * **Overlap.** While a full batch awaits its confirms and commits, the next batch is
+///   claimed (skipping the first one's locked rows) and published on the same channel, after
+///   the first one's messages, so they stay in id order: at most two batches in flight, each
+///   in its own transaction (two pool connections), each marking only its own rows, and only
+///   once the broker confirmed them ([`RelayConfig::overlap_batches`]).
 /// * **Pace.** A full batch is followed at once by the next one; a short batch means the
 ///   outbox is drained, and the relay waits for the next commit of rows: in this process it
 ///   is woken as the transaction of [`svcdb::outbox::enqueue`] commits, from other processes
@@ -136,10 +150,10 @@ pub struct RelayStatus {
 ///   [`RelayStatus`] that [`Relay::status`] watches, for a health endpoint or a test.
 /// * **Retention.** Published rows older than [`RelayConfig::retention`] (24 hours) are
 ///   deleted in the background, in small batches ([`Retention`](crate::Retention)).
-/// * **Shutdown.** Cancelling the token gives the batch in progress up to the confirm timeout
-///   to finish; a batch still waiting then is dropped, so its transaction rolls back and its
-///   rows stay for the next run. The channel and the connection are closed within the same
-///   bound.
+/// * **Shutdown.** Cancelling the token gives the batches in progress (one, or two
+///   overlapping) up to the confirm timeout to finish; a batch still waiting then is dropped,
+///   so its transaction rolls back and its rows stay for the next run. The channel and the
+///   connection are closed within the same bound.
 ///
 /// ```no_run
 /// use svcdb::Outbox;
@@ -295,19 +309,21 @@ impl Relay {
         let mut session: Option<Session> = None;
         // Set when shutdown came during a batch: by when the relay must be done.
         let mut stop_by: Option<Instant> = None;
-        let mut backoff = self.config.reconnect_backoff;
-        // Batches in a row whose every publish was nacked.
-        let mut nacked_batches = 0;
+        let mut loop_state = LoopState {
+            backoff: self.config.reconnect_backoff,
+            nacked_batches: 0,
+        };
         while !shutdown.is_cancelled() {
             let current = match self.ensure_session(&mut session, &shutdown).await {
                 Ok(Some(current)) => current,
                 Ok(None) => break, // shut down while connecting
                 Err(e) => {
                     self.record_error(&e.to_string(), Failure::Broker);
-                    if !pause(&shutdown, backoff).await {
+                    if !pause(&shutdown, loop_state.backoff).await {
                         break;
                     }
-                    backoff = next_backoff(backoff, self.config.max_reconnect_backoff);
+                    loop_state.backoff =
+                        next_backoff(loop_state.backoff, self.config.max_reconnect_backoff);
                     continue;
                 }
             };
@@ -319,43 +335,16 @@ impl Relay {
                 }
                 continue;
             }
-            let flags = BatchFlags::default();
-            // Commits from here on wake the wait after this batch; earlier ones it claims.
-            wakeups.mark_seen();
-            // In a block of its own: the batch future borrows the session until dropped.
-            let batch = {
-                let publisher = Publisher {
-                    connection: &current.connection,
-                    channel: current.channel.clone(),
-                    config: &self.config,
-                    flags: &flags,
-                    confirm_time: &self.metrics.confirm,
-                };
-                let batch = self
-                    .outbox
-                    .relay_batch(self.config.batch_size, async move |messages| {
-                        publisher.publish(messages).await
-                    });
-                tokio::pin!(batch);
-                tokio::select! {
-                    biased;
-                    batch = &mut batch => batch,
-                    _ = shutdown.cancelled() => {
-                        // The batch's publishes are bounded by the confirm timeout; past it, drop
-                        // the batch: its transaction rolls back and the rows stay for the next run.
-                        // Closing the session gets what is left of the same bound.
-                        let deadline = *stop_by.insert(Deadline::after(self.config.confirm_timeout).at);
-                        match tokio::time::timeout_at(deadline, batch).await {
-                            Ok(batch) => batch,
-                            Err(_) => {
-                                tracing::info!(target: "svcdb_amqp::relay", timeout = ?self.config.confirm_timeout, "the batch in progress did not finish within the confirm timeout at shutdown; rolled back, its rows stay for the next run");
-                                break;
-                            }
-                        }
-                    }
-                }
-            };
-            if flags.broken.load(Ordering::Relaxed) {
+            let run = self
+                .relay_run(
+                    current,
+                    &shutdown,
+                    &mut wakeups,
+                    &mut stop_by,
+                    &mut loop_state,
+                )
+                .await;
+            if run.broken {
                 // A timed-out publish or a closed channel: start over on a fresh channel, so
                 // late confirms cannot be taken for new ones (at shutdown, closing the session
                 // below closes it).
@@ -365,16 +354,8 @@ impl Relay {
                 }
                 self.status.send_modify(|s| s.connected = false);
             }
-            let sent = flags.sent.load(Ordering::Relaxed);
-            if sent > 0 && flags.nacked.load(Ordering::Relaxed) == sent {
-                nacked_batches += 1;
-            } else if sent > 0 {
-                nacked_batches = 0;
-            }
-            let limit = self.config.reconnect_after_nacked_batches;
-            if limit > 0 && nacked_batches >= limit && stop_by.is_none() {
-                tracing::warn!(target: "svcdb_amqp::relay", batches = nacked_batches, url = %self.amqp.redacted_url(), "the broker nacked every publish of the last batches; reconnecting");
-                nacked_batches = 0;
+            if run.reconnect {
+                tracing::warn!(target: "svcdb_amqp::relay", batches = self.config.reconnect_after_nacked_batches, url = %self.amqp.redacted_url(), "the broker nacked every publish of the last batches; reconnecting");
                 self.amqp.prefer_next_node();
                 if let Some(old) = session.take() {
                     old.close(Deadline::after(self.config.confirm_timeout).at)
@@ -386,57 +367,24 @@ impl Relay {
                 });
                 self.metrics.blocked.set(0.0);
             }
-            match batch {
-                Ok(report) => {
-                    self.metrics.published.increment(report.published as u64);
-                    self.metrics.failed.increment(report.failed as u64);
-                    self.status.send_modify(|s| {
-                        s.published += report.published as u64;
-                        s.failed += report.failed as u64;
-                        if report.failed == 0 {
-                            s.consecutive_errors = 0;
-                        }
-                    });
-                    if report.claimed > 0 {
-                        tracing::debug!(target: "svcdb_amqp::relay", claimed = report.claimed, published = report.published, failed = report.failed, "relayed a batch");
-                    }
-                    if report.failed > 0 {
-                        // The outbox logged the rows' errors and rescheduled them.
-                        let first = flags
-                            .first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .take();
-                        let first =
-                            first.unwrap_or_else(|| "see svcdb_outbox.last_error".to_owned());
-                        self.record_error(
-                            &format!(
-                                "{} of {} messages not published: {first}",
-                                report.failed, report.claimed
-                            ),
-                            Failure::Rows,
-                        );
-                    } else {
-                        backoff = self.config.reconnect_backoff;
-                    }
-                    if report.claimed >= self.config.batch_size
-                        && !flags.broken.load(Ordering::Relaxed)
-                    {
-                        continue; // more are probably due
-                    }
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => break,
-                        _ = wakeups.wait(self.config.poll_interval) => {}
-                    }
+            if run.timed_out {
+                break;
+            }
+            if run.database_error {
+                if !pause(&shutdown, loop_state.backoff).await {
+                    break;
                 }
-                Err(e) => {
-                    self.record_error(&format!("outbox: {e}"), Failure::Database);
-                    if !pause(&shutdown, backoff).await {
-                        break;
-                    }
-                    backoff = next_backoff(backoff, self.config.max_reconnect_backoff);
-                }
+                loop_state.backoff =
+                    next_backoff(loop_state.backoff, self.config.max_reconnect_backoff);
+                continue;
+            }
+            if run.more {
+                continue; // more are probably due
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                _ = wakeups.wait(self.config.poll_interval) => {}
             }
         }
         if let Some(session) = session.take() {
@@ -453,6 +401,195 @@ impl Relay {
         let last = self.status.borrow().clone();
         tracing::info!(target: "svcdb_amqp::relay", published = last.published, failed = last.failed, "outbox relay stopped");
         Ok(last)
+    }
+
+    /// Relays batches on `session` until one is not followed at once by another: the outbox
+    /// is drained, a batch failed its channel, the database failed, the broker nacked too
+    /// many batches in a row, the connection was blocked, or shutdown came. With
+    /// [`RelayConfig::overlap_batches`], a full batch whose publishes were all written lets
+    /// the next one claim and publish while it awaits its confirms and commits; a third waits
+    /// until the first is done. Outcomes are taken in claim order. Every batch started is
+    /// finished before this returns, unless shutdown's deadline passes first: then the
+    /// batches still running are dropped and their transactions roll back.
+    async fn relay_run(
+        &self,
+        session: &Session,
+        shutdown: &CancellationToken,
+        wakeups: &mut svcdb::outbox::Wakeups,
+        stop_by: &mut Option<Instant>,
+        state: &mut LoopState,
+    ) -> RunEnd {
+        let mut end = RunEnd::default();
+        let mut in_flight = FuturesOrdered::new();
+        // The newest batch's signal that its publishes were all written.
+        let mut written: Option<oneshot::Receiver<()>> = None;
+        // The newest batch's publisher; closed when it is done.
+        let mut newest_done: Option<oneshot::Receiver<()>> = None;
+        let mut start = true;
+        // No more batches in this run.
+        let mut stopping = false;
+        loop {
+            if start && in_flight.len() < 2 {
+                start = false;
+                // Commits from here on wake the wait after this run; earlier ones it claims.
+                wakeups.mark_seen();
+                let (done_tx, done_rx) = oneshot::channel();
+                let previous = newest_done.replace(done_rx);
+                // With a pool of one connection the second batch would only wait for it.
+                let overlap =
+                    self.config.overlap_batches && self.outbox.db().status().max_size >= 2;
+                let written_tx = if overlap {
+                    let (tx, rx) = oneshot::channel();
+                    written = Some(rx);
+                    Some(tx)
+                } else {
+                    None
+                };
+                in_flight.push_back(self.batch(session, written_tx, previous, done_tx));
+            }
+            if in_flight.is_empty() {
+                return end;
+            }
+            let stop_at = *stop_by;
+            tokio::select! {
+                biased;
+                Some((batch, flags)) = in_flight.next() => {
+                    let more = self.after_batch(batch, &flags, stop_at.is_some(), state, &mut end);
+                    stopping |= !more;
+                }
+                signal = async {
+                    match written.as_mut() {
+                        Some(written) => written.await,
+                        None => std::future::pending().await,
+                    }
+                }, if written.is_some() => {
+                    written = None;
+                    if signal.is_ok()
+                        && !stopping
+                        && !shutdown.is_cancelled()
+                        && !session.connection.status().blocked()
+                    {
+                        start = true;
+                    }
+                }
+                () = shutdown.cancelled(), if stop_at.is_none() => {
+                    // The batches' publishes are bounded by the confirm timeout; past it, drop
+                    // them: their transactions roll back and the rows stay for the next run.
+                    // Closing the session gets what is left of the same bound.
+                    *stop_by = Some(Deadline::after(self.config.confirm_timeout).at);
+                    stopping = true;
+                    start = false;
+                }
+                () = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now)), if stop_at.is_some() => {
+                    tracing::info!(target: "svcdb_amqp::relay", timeout = ?self.config.confirm_timeout, batches = in_flight.len(), "the batches in progress did not finish within the confirm timeout at shutdown; rolled back, their rows stay for the next run");
+                    end.timed_out = true;
+                    return end;
+                }
+            }
+        }
+    }
+
+    /// One batch on `session` ([`Outbox::relay_batch`]), with what its publisher reported.
+    /// `written` is told once every publish of a full batch was written on a healthy
+    /// channel; a publisher that must publish again one at a time first waits for the
+    /// `previous` batch's publisher to be done, so messages stay in id order; `done` closes
+    /// when this batch's publisher is.
+    async fn batch(
+        &self,
+        session: &Session,
+        written: Option<oneshot::Sender<()>>,
+        previous: Option<oneshot::Receiver<()>>,
+        done: oneshot::Sender<()>,
+    ) -> (svcdb::Result<RelayReport>, BatchFlags) {
+        let flags = BatchFlags::default();
+        let publisher = Publisher {
+            connection: &session.connection,
+            channel: session.channel.clone(),
+            config: &self.config,
+            flags: &flags,
+            confirm_time: &self.metrics.confirm,
+            written,
+            previous,
+            _done: done,
+        };
+        let batch = self
+            .outbox
+            .relay_batch(self.config.batch_size, async move |messages| {
+                publisher.publish(messages).await
+            })
+            .await;
+        (batch, flags)
+    }
+
+    /// Takes one batch's outcome into the status, the metrics and `end`; true when the next
+    /// batch should follow at once (this one was full and its channel is fine). `stopping`:
+    /// shutdown came, so no reconnection is asked for.
+    fn after_batch(
+        &self,
+        batch: svcdb::Result<RelayReport>,
+        flags: &BatchFlags,
+        stopping: bool,
+        state: &mut LoopState,
+        end: &mut RunEnd,
+    ) -> bool {
+        let broken = flags.broken.load(Ordering::Relaxed);
+        end.broken |= broken;
+        let sent = flags.sent.load(Ordering::Relaxed);
+        if end.reconnect {
+            // A batch that overlapped the one that asked for a new connection: it used the
+            // old connection, so it does not count towards the next reconnection.
+        } else if sent > 0 && flags.nacked.load(Ordering::Relaxed) == sent {
+            state.nacked_batches += 1;
+        } else if sent > 0 {
+            state.nacked_batches = 0;
+        }
+        let limit = self.config.reconnect_after_nacked_batches;
+        if limit > 0 && state.nacked_batches >= limit && !stopping {
+            state.nacked_batches = 0;
+            end.reconnect = true;
+        }
+        let more = match batch {
+            Ok(report) => {
+                self.metrics.published.increment(report.published as u64);
+                self.metrics.failed.increment(report.failed as u64);
+                self.status.send_modify(|s| {
+                    s.published += report.published as u64;
+                    s.failed += report.failed as u64;
+                    if report.failed == 0 {
+                        s.consecutive_errors = 0;
+                    }
+                });
+                if report.claimed > 0 {
+                    tracing::debug!(target: "svcdb_amqp::relay", claimed = report.claimed, published = report.published, failed = report.failed, "relayed a batch");
+                }
+                if report.failed > 0 {
+                    // The outbox logged the rows' errors and rescheduled them.
+                    let first = flags
+                        .first_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take();
+                    let first = first.unwrap_or_else(|| "see svcdb_outbox.last_error".to_owned());
+                    self.record_error(
+                        &format!(
+                            "{} of {} messages not published: {first}",
+                            report.failed, report.claimed
+                        ),
+                        Failure::Rows,
+                    );
+                } else {
+                    state.backoff = self.config.reconnect_backoff;
+                }
+                report.claimed >= self.config.batch_size && !broken
+            }
+            Err(e) => {
+                self.record_error(&format!("outbox: {e}"), Failure::Database);
+                end.database_error = true;
+                false
+            }
+        };
+        end.more = more && !end.reconnect;
+        end.more
     }
 
     /// A usable session: the current one, the current connection with a new confirm-mode
@@ -584,6 +721,30 @@ async fn watch_listening(mut listening: watch::Receiver<bool>, status: watch::Se
     }
 }
 
+/// What carries over from one run of batches to the next.
+#[derive(Debug)]
+struct LoopState {
+    /// The pause after the next failure.
+    backoff: Duration,
+    /// Batches in a row whose every publish was nacked.
+    nacked_batches: u32,
+}
+
+/// How a run of batches ([`Relay::relay_run`]) ended: what the loop does next.
+#[derive(Debug, Default)]
+struct RunEnd {
+    /// A batch's channel should be replaced.
+    broken: bool,
+    /// The broker nacked every publish of too many batches in a row: open a new connection.
+    reconnect: bool,
+    /// Claiming or marking failed: pause with backoff.
+    database_error: bool,
+    /// The last batch was full: the next one follows at once.
+    more: bool,
+    /// Shutdown's deadline passed with batches in flight; they were dropped.
+    timed_out: bool,
+}
+
 /// What a batch's publisher tells the loop besides the per-message results.
 #[derive(Debug, Default)]
 struct BatchFlags {
@@ -621,10 +782,20 @@ struct Publisher<'a> {
     flags: &'a BatchFlags,
     /// Where the batch's publish-to-confirm time goes.
     confirm_time: &'a metrics::Histogram,
+    /// Told once every publish of a full batch was written on a healthy channel: the next
+    /// batch may publish.
+    written: Option<oneshot::Sender<()>>,
+    /// Closes when the previous batch's publisher is done.
+    previous: Option<oneshot::Receiver<()>>,
+    /// Closes (is dropped) when this publisher is done.
+    _done: oneshot::Sender<()>,
 }
 
 /// One row's outcome within a batch; `None` while it was not sent.
 type Sent = Option<Result<()>>;
+
+/// One row's publish awaiting its confirm (with the row's name); `None` if it was not sent.
+type Pending = Option<Result<(lapin::PublisherConfirm, String)>>;
 
 impl Publisher<'_> {
     /// Publishes every message within one confirm timeout and returns one result per
@@ -636,13 +807,26 @@ impl Publisher<'_> {
     /// channel-level error (a missing exchange: `NOT_FOUND`) closed the channel while the
     /// connection stays up, the rows it took down with it are published again one at a time
     /// ([`Publisher::one_by_one`]), so that only the bad row fails.
-    async fn publish(self, messages: &[OutboxMessage]) -> Vec<Result<(), String>> {
+    async fn publish(mut self, messages: &[OutboxMessage]) -> Vec<Result<(), String>> {
         let deadline = Deadline::after(self.config.confirm_timeout);
         let started = Instant::now();
-        let mut results = self.pipelined(messages, deadline).await;
+        let pending = self.send(messages, deadline).await;
+        if let Some(written) = self.written.take() {
+            if messages.len() >= self.config.batch_size
+                && !self.flags.broken.load(Ordering::Relaxed)
+                && self.channel.status().connected()
+            {
+                let _ = written.send(());
+            }
+        }
+        let mut results = self.confirms(pending, deadline).await;
         self.confirm_time.record(started.elapsed());
         if !self.channel.status().connected() {
             self.flags.broken.store(true, Ordering::Relaxed);
+            // The previous batch may be publishing again one at a time too: after it.
+            if let Some(previous) = self.previous.take() {
+                let _ = previous.await;
+            }
             if self.connection.status().connected() {
                 self.one_by_one(messages, &mut results, deadline).await;
             }
@@ -666,9 +850,9 @@ impl Publisher<'_> {
         results
     }
 
-    /// Sends every message on the session's channel, then awaits the confirms until
-    /// `deadline`. Stops sending once the channel or the connection failed.
-    async fn pipelined(&self, messages: &[OutboxMessage], deadline: Deadline) -> Vec<Sent> {
+    /// Sends every message on the session's channel, without waiting for confirms. Stops
+    /// sending once the channel or the connection failed.
+    async fn send(&self, messages: &[OutboxMessage], deadline: Deadline) -> Vec<Pending> {
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
             if self.flags.broken.load(Ordering::Relaxed) || !self.channel.status().connected() {
@@ -682,6 +866,11 @@ impl Publisher<'_> {
                 Err(e) => pending.push(Some(Err(e))),
             }
         }
+        pending
+    }
+
+    /// Awaits the confirms of what [`Publisher::send`] sent, until `deadline`.
+    async fn confirms(&self, pending: Vec<Pending>, deadline: Deadline) -> Vec<Sent> {
         let mut results = Vec::with_capacity(pending.len());
         for sent in pending {
             results.push(match sent {

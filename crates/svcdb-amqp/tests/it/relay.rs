@@ -723,6 +723,20 @@ impl CommitGate {
         }
     }
 
+    /// How many relay transactions wait at the gate to mark their batch now.
+    async fn marking(&self) -> i64 {
+        self.conn
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event = 'advisory'
+                    AND query LIKE 'UPDATE svcdb_outbox SET published_at%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// Lets every marking through.
     async fn open(&self) {
         self.conn
@@ -819,6 +833,104 @@ async fn shutdown_during_a_batch_lets_the_batch_finish() {
     assert!(!last.connected, "closed at shutdown");
     let got = broker.take(&queue.name, 1, Duration::from_secs(10)).await;
     assert_eq!(ids(&got), [placed.id], "published once");
+}
+
+/// Two full batches (of 5) in the outbox, a relay whose markings wait at a closed
+/// [`CommitGate`], and `overlap_batches` as given: returns the relay, the gate and the events
+/// in the order they were enqueued.
+async fn two_full_batches_behind_a_closed_gate(
+    overlap_batches: bool,
+) -> (
+    Broker,
+    TestDb,
+    ServiceDb,
+    QueueSpec,
+    CommitGate,
+    Running,
+    Vec<Envelope>,
+) {
+    let (broker, test_db, db) = broker_and_service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    let mut events = Vec::new();
+    for n in 0..10 {
+        let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": n }));
+        enqueue(&db, &exchange, "order.placed", &placed).await;
+        events.push(placed);
+    }
+    let gate = CommitGate::close(&test_db).await;
+    let config = RelayConfig {
+        batch_size: 5,
+        confirm_timeout: Duration::from_secs(30),
+        overlap_batches,
+        ..fast()
+    };
+    let relay = start_with(&broker.config, fast_outbox(&db), config);
+    (broker, test_db, db, queue, gate, relay, events)
+}
+
+#[tokio::test]
+async fn the_next_batch_is_published_while_the_previous_one_waits_to_be_marked() {
+    let (broker, _test_db, db, queue, gate, relay, events) =
+        two_full_batches_behind_a_closed_gate(true).await;
+
+    eventually("both batches wait at the gate to be marked", || async {
+        gate.marking().await == 2
+    })
+    .await;
+    assert_eq!(
+        broker.ready(&queue.name).await,
+        10,
+        "the broker confirmed both batches"
+    );
+    assert_eq!(pending(&db).await, 10, "no row is marked yet");
+    assert_eq!(relay.status.borrow().published, 0);
+
+    // Shutdown lets both batches finish (a current-thread runtime: yielding once lets the
+    // relay see the signal before the gate opens).
+    relay.shutdown.cancel();
+    tokio::task::yield_now().await;
+    assert!(
+        !relay.task.is_finished(),
+        "the relay waits for both batches"
+    );
+    gate.open().await;
+    let last = tokio::time::timeout(Duration::from_secs(10), relay.task)
+        .await
+        .expect("the relay stops once both batches are done")
+        .unwrap()
+        .unwrap();
+    assert_eq!(pending(&db).await, 0, "both batches are marked");
+    assert_eq!((last.published, last.failed), (10, 0));
+    let got = broker.take(&queue.name, 10, Duration::from_secs(10)).await;
+    let sent: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids(&got), sent, "in id order, each once");
+}
+
+// The control: one batch at a time, the second batch is not even claimed while the first
+// waits to be marked. (The wait is a window for a failure to show, not a timing assertion:
+// overlapped, the second batch takes milliseconds.)
+#[tokio::test]
+async fn without_overlap_the_next_batch_waits_until_the_previous_one_is_marked() {
+    let (broker, _test_db, db, queue, gate, relay, events) =
+        two_full_batches_behind_a_closed_gate(false).await;
+
+    gate.waiting().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(gate.marking().await, 1, "one batch waits at the gate");
+    assert_eq!(
+        broker.ready(&queue.name).await,
+        5,
+        "only the first batch was published"
+    );
+    assert_eq!(pending(&db).await, 10, "no row is marked yet");
+
+    gate.open().await;
+    until_published(&db, "both batches are marked once the gate opens").await;
+    let last = relay.stop().await;
+    assert_eq!((last.published, last.failed), (10, 0));
+    let got = broker.take(&queue.name, 10, Duration::from_secs(10)).await;
+    let sent: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids(&got), sent, "in id order, each once");
 }
 
 #[tokio::test]
