@@ -2,14 +2,16 @@
 //! `NOTIFY`, and the poll covers what a lost notification would have announced.
 
 use crate::common;
-use crate::relay::{enqueue, exchange_and_queue, fast, pending, start_with};
+use crate::relay::{enqueue, exchange_and_queue, fast, pending, start_with, Running};
 
 use std::time::Duration;
 
 use common::{service, Broker};
 use serde_json::json;
 use svcdb::outbox::{self, NOTIFY_DEBOUNCE};
+use svcdb::testing::TestDb;
 use svcdb::{Envelope, Outbox, ServiceDb};
+use svcdb_amqp::topology::QueueSpec;
 use svcdb_amqp::RelayConfig;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -72,8 +74,18 @@ async fn until_listening(status: &mut tokio::sync::watch::Receiver<svcdb_amqp::R
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
-#[tokio::test]
-async fn a_committed_event_is_published_without_waiting_for_a_poll() {
+/// A relay with `poll_interval` on a fresh service and exchange (with a queue bound to all of
+/// it), started and listening ([`until_listening`]).
+struct Listening {
+    broker: Broker,
+    _test_db: TestDb,
+    db: ServiceDb,
+    exchange: String,
+    queue: QueueSpec,
+    relay: Running,
+}
+
+async fn listening(poll_interval: Duration) -> Listening {
     common::init_tracing();
     let broker = Broker::new().await;
     let (_test_db, db) = service().await;
@@ -82,11 +94,31 @@ async fn a_committed_event_is_published_without_waiting_for_a_poll() {
         &broker.config,
         Outbox::new(db.clone()),
         RelayConfig {
-            poll_interval: NEVER,
+            poll_interval,
             ..fast()
         },
     );
     until_listening(&mut relay.status).await;
+    Listening {
+        broker,
+        _test_db,
+        db,
+        exchange,
+        queue,
+        relay,
+    }
+}
+
+#[tokio::test]
+async fn a_committed_event_is_published_without_waiting_for_a_poll() {
+    let Listening {
+        broker,
+        _test_db,
+        db,
+        exchange,
+        queue,
+        relay,
+    } = listening(NEVER).await;
 
     let event = placed(1);
     enqueue(&db, &exchange, "order.placed", &event).await;
@@ -109,19 +141,14 @@ async fn a_committed_event_is_published_without_waiting_for_a_poll() {
 
 #[tokio::test]
 async fn an_event_enqueued_by_a_handler_with_retries_is_published_without_waiting_for_a_poll() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
-    let (exchange, _queue) = exchange_and_queue(&broker).await;
-    let mut relay = start_with(
-        &broker.config,
-        Outbox::new(db.clone()),
-        RelayConfig {
-            poll_interval: NEVER,
-            ..fast()
-        },
-    );
-    until_listening(&mut relay.status).await;
+    let Listening {
+        broker: _broker,
+        _test_db,
+        db,
+        exchange,
+        queue: _queue,
+        relay,
+    } = listening(NEVER).await;
 
     // What a consumer runs for each delivery: process_once_with (transaction_with inside).
     let incoming = placed(1);
@@ -145,19 +172,14 @@ async fn an_event_enqueued_by_a_handler_with_retries_is_published_without_waitin
 
 #[tokio::test]
 async fn a_notify_from_another_process_wakes_the_relay() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
-    let (exchange, _queue) = exchange_and_queue(&broker).await;
-    let mut relay = start_with(
-        &broker.config,
-        Outbox::new(db.clone()),
-        RelayConfig {
-            poll_interval: NEVER,
-            ..fast()
-        },
-    );
-    until_listening(&mut relay.status).await;
+    let Listening {
+        broker: _broker,
+        _test_db,
+        db,
+        exchange,
+        queue: _queue,
+        relay,
+    } = listening(NEVER).await;
 
     enqueue_unannounced(&db, &exchange, &placed(1)).await;
     // Control: unannounced, the row waits (the poll is an hour away).
@@ -175,20 +197,15 @@ async fn a_notify_from_another_process_wakes_the_relay() {
 
 #[tokio::test]
 async fn with_the_notification_lost_the_poll_still_publishes() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
-    let (exchange, _queue) = exchange_and_queue(&broker).await;
     // The same setting as the control above but for the poll.
-    let mut relay = start_with(
-        &broker.config,
-        Outbox::new(db.clone()),
-        RelayConfig {
-            poll_interval: Duration::from_millis(300),
-            ..fast()
-        },
-    );
-    until_listening(&mut relay.status).await;
+    let Listening {
+        broker: _broker,
+        _test_db,
+        db,
+        exchange,
+        queue: _queue,
+        relay,
+    } = listening(Duration::from_millis(300)).await;
 
     enqueue_unannounced(&db, &exchange, &placed(1)).await;
     common::eventually("the poll publishes the unannounced row", || async {
@@ -200,19 +217,14 @@ async fn with_the_notification_lost_the_poll_still_publishes() {
 
 #[tokio::test]
 async fn a_killed_listen_connection_is_reopened() {
-    common::init_tracing();
-    let broker = Broker::new().await;
-    let (_test_db, db) = service().await;
-    let (exchange, _queue) = exchange_and_queue(&broker).await;
-    let mut relay = start_with(
-        &broker.config,
-        Outbox::new(db.clone()),
-        RelayConfig {
-            poll_interval: NEVER,
-            ..fast()
-        },
-    );
-    until_listening(&mut relay.status).await;
+    let Listening {
+        broker: _broker,
+        _test_db,
+        db,
+        exchange,
+        queue: _queue,
+        mut relay,
+    } = listening(NEVER).await;
     let first = listener_pid(&db).await.expect("the relay's LISTEN backend");
     let killed: bool = db
         .get()
