@@ -156,7 +156,7 @@ impl<'a> From<&'a Envelope> for EventRef<'a> {
 /// # Ok(()) }
 /// ```
 pub async fn claim<'e>(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl crate::AnyTransaction,
     consumer: &str,
     event: impl Into<EventRef<'e>>,
 ) -> Result<bool> {
@@ -174,7 +174,7 @@ pub async fn claim<'e>(
 /// deadlocking. Like [`claim`], waits while another transaction holds an uncommitted claim on
 /// one of them.
 pub async fn claim_batch(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl crate::AnyTransaction,
     consumer: &str,
     events: &[EventRef<'_>],
 ) -> Result<Vec<bool>> {
@@ -184,18 +184,18 @@ pub async fn claim_batch(
     sorted.dedup_by_key(|(id, _)| *id);
     let (ids, kinds): (Vec<Uuid>, Vec<Option<&str>>) = sorted.into_iter().unzip();
     // ORDER BY: the rows are inserted, so their locks taken, in id order.
-    let rows = tx
-        .query_typed(
-            "INSERT INTO svcdb_processed_events (consumer, event_id, kind)
-             SELECT $1, id, kind FROM unnest($2::uuid[], $3::text[]) AS e(id, kind) ORDER BY id
-             ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id",
-            &[
-                (&consumer, Type::TEXT),
-                (&ids, Type::UUID_ARRAY),
-                (&kinds, Type::TEXT_ARRAY),
-            ],
-        )
-        .await?;
+    let rows = crate::any_tx::query(
+        tx,
+        "INSERT INTO svcdb_processed_events (consumer, event_id, kind)
+         SELECT $1, id, kind FROM unnest($2::uuid[], $3::text[]) AS e(id, kind) ORDER BY id
+         ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id",
+        &[
+            (&consumer, Type::TEXT),
+            (&ids, Type::UUID_ARRAY),
+            (&kinds, Type::TEXT_ARRAY),
+        ],
+    )
+    .await?;
     let mut claimed: std::collections::HashSet<Uuid> =
         rows.iter().map(|row| row.get::<_, Uuid>(0)).collect();
     // The first copy of an event takes its claim; a later copy is a duplicate.
@@ -249,23 +249,23 @@ const ROLLBACK_TO_EVENT_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT svcdb_event";
 
 /// The claim itself, on a validated consumer name.
 async fn insert_claim(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl crate::AnyTransaction,
     consumer: &str,
     event: EventRef<'_>,
 ) -> Result<bool, tokio_postgres::Error> {
-    // query_typed: parse, bind and execute in one round trip. RETURNING tells an inserted row
-    // from a conflict without a second statement.
-    let rows = tx
-        .query_typed(
-            "INSERT INTO svcdb_processed_events (consumer, event_id, kind) VALUES ($1, $2, $3)
-             ON CONFLICT (consumer, event_id) DO NOTHING RETURNING true",
-            &[
-                (&consumer, Type::TEXT),
-                (&event.id, Type::UUID),
-                (&event.kind, Type::TEXT),
-            ],
-        )
-        .await?;
+    // One round trip (bind and execute of the cached statement, or parse too without a
+    // cache). RETURNING tells an inserted row from a conflict without a second statement.
+    let rows = crate::any_tx::query(
+        tx,
+        "INSERT INTO svcdb_processed_events (consumer, event_id, kind) VALUES ($1, $2, $3)
+         ON CONFLICT (consumer, event_id) DO NOTHING RETURNING true",
+        &[
+            (&consumer, Type::TEXT),
+            (&event.id, Type::UUID),
+            (&event.kind, Type::TEXT),
+        ],
+    )
+    .await?;
     Ok(!rows.is_empty())
 }
 
@@ -288,10 +288,7 @@ impl OwnedClaim {
         }
     }
 
-    async fn insert(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-    ) -> Result<bool, tokio_postgres::Error> {
+    async fn insert(&self, tx: &impl crate::AnyTransaction) -> Result<bool, tokio_postgres::Error> {
         let event = EventRef {
             id: self.id,
             kind: self.kind.as_deref(),

@@ -31,6 +31,7 @@
 //! | trace context across the broker: the W3C traceparent of the current span (stored with an outbox row), a span continuing a remote one | [`trace`] ([`trace::TraceParent`], [`trace::current`], [`trace::continue_trace`]) |
 //! | a throwaway database per test (feature `testing`, for dev-dependencies) | `testing::TestDb` |
 //! | the driver's types a service uses, under svcdb's names | [`Transaction`], [`IsolationLevel`], [`SqlState`], [`PooledConn`] |
+//! | the transactions svcdb's own statements run in, prepared once per pooled connection | [`AnyTransaction`] |
 //! | the driver itself, the same version as svcdb's, for its other types (`Row`, `types::ToSql`, …) | [`tokio_postgres`][pg] |
 //!
 //! A `#[doc(hidden)]` module, `__private`, holds what the workspace's own crates (svcdb-amqp,
@@ -75,6 +76,7 @@ mod scrape;
 pub mod testing;
 pub mod trace;
 
+mod any_tx;
 mod config;
 mod connection;
 mod health;
@@ -85,6 +87,7 @@ mod schema;
 mod tls;
 mod tx;
 
+pub use any_tx::AnyTransaction;
 pub use config::{parse_url, Config};
 pub use connection::DedicatedConn;
 pub use error::{Error, Result, SqlState};

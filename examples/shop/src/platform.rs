@@ -226,7 +226,7 @@ impl Ctx {
     /// handled, links the two for tracing (correlation and causation ids).
     pub async fn publish<E: Event>(
         &self,
-        tx: &svcdb::tokio_postgres::Transaction<'_>,
+        tx: &impl svcdb::AnyTransaction,
         event: &E,
         cause: Option<&Envelope>,
     ) -> svcdb::Result<Envelope> {

@@ -49,7 +49,11 @@
 //!   processes, which `LISTEN` on a connection of their own. The `NOTIFY` is debounced: at most
 //!   one per outbox per [`NOTIFY_DEBOUNCE`] from each process, never one per row or per
 //!   transaction (PostgreSQL serialises the commits of notifying transactions on one
-//!   database-wide lock, so a `NOTIFY` per transaction would cap the commit rate).
+//!   database-wide lock, so a `NOTIFY` per transaction would cap the commit rate). No
+//!   `NOTIFY` at all while a relay of this process watches the outbox (holds its
+//!   [`Wakeups`]): that relay publishes the rows, and the others would only find them claimed.
+//!   If it cannot publish (no broker), the other processes' relays find the rows at their
+//!   next poll.
 //!
 //! Polling stays the safety net: a lost notification (the `LISTEN` connection broke, the row
 //! was written outside svcdb's wrappers) costs at most the relay's poll interval.
@@ -139,8 +143,9 @@ const MAX_ERROR_CHARS: usize = 2000;
 /// `routing_key` once `tx` commits (and never if it rolls back).
 ///
 /// `tx` is the transaction of the business write: a [`Transaction`](crate::Transaction) from
-/// [`ServiceDb::transaction`] or [`ServiceDb::process_once`], or any tokio-postgres
-/// transaction on a connection pinned to the service schema.
+/// [`ServiceDb::transaction`] or [`ServiceDb::process_once`] (the `INSERT` is prepared once
+/// per pooled connection), or any tokio-postgres transaction on a connection pinned to the
+/// service schema ([`AnyTransaction`](crate::AnyTransaction)).
 ///
 /// Refused before any SQL is sent, so that the relay never holds a row the broker cannot take:
 /// an invalid envelope or one over [`MAX_ENVELOPE_BYTES`] ([`Error::Event`]), an exchange name
@@ -152,7 +157,7 @@ const MAX_ERROR_CHARS: usize = 2000;
 /// The current span's trace context ([`trace::current`](crate::trace::current)) is stored
 /// with the row, for the relay to send as the `traceparent` header.
 pub async fn enqueue(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl crate::AnyTransaction,
     exchange: &str,
     routing_key: &str,
     envelope: &Envelope,
@@ -168,7 +173,8 @@ pub async fn enqueue(
         }
         .into());
     }
-    tx.execute_typed(
+    crate::any_tx::execute(
+        tx,
         "INSERT INTO svcdb_outbox (id, exchange, routing_key, envelope, traceparent)
          VALUES ($1, $2, $3, $4::jsonb, $5)",
         &[
@@ -406,7 +412,8 @@ impl Outbox {
         let max_backoff = self.retry.max_retry_backoff.as_secs_f64();
         self.db
             .transaction(async move |tx| {
-                let rows = tx.query_typed(CLAIM_SQL, &[(&limit, Type::INT8)]).await?;
+                let rows =
+                    crate::any_tx::query(&*tx, CLAIM_SQL, &[(&limit, Type::INT8)]).await?;
                 let claimed = rows.len();
                 let mut messages = Vec::with_capacity(rows.len());
                 let mut failures: Vec<(Uuid, String)> = Vec::new();
@@ -443,8 +450,12 @@ impl Outbox {
                     }
                 }
                 if !published.is_empty() {
-                    tx.execute_typed(MARK_PUBLISHED_SQL, &[(&published, Type::UUID_ARRAY)])
-                        .await?;
+                    crate::any_tx::execute(
+                        &*tx,
+                        MARK_PUBLISHED_SQL,
+                        &[(&published, Type::UUID_ARRAY)],
+                    )
+                    .await?;
                 }
                 let failed = failures.len();
                 if !failures.is_empty() {
