@@ -335,3 +335,45 @@ async fn a_burst_of_commits_sends_far_fewer_notifies_than_rows() {
         "{burst} NOTIFYs for {ROWS} rows: the debounce should send far fewer"
     );
 }
+
+#[tokio::test]
+async fn commits_watched_by_a_relay_of_this_process_send_no_notify() {
+    common::init_tracing();
+    let (_test_db, db) = service().await;
+    let channel = outbox::notify_channel(db.schema().as_str());
+    let (_listener, mut received) = listen(&db, &channel).await;
+    let commit_rows = |from: i64| {
+        let db = db.clone();
+        async move {
+            for n in from..from + 20 {
+                let event = placed(n);
+                db.transaction(async |tx| outbox::enqueue(tx, "", "order.placed", &event).await)
+                    .await
+                    .unwrap();
+            }
+            // The trailing NOTIFY, if any, goes out within the debounce interval.
+            tokio::time::sleep(NOTIFY_DEBOUNCE * 20 + Duration::from_millis(500)).await;
+        }
+    };
+    let announced = |received: &mut mpsc::UnboundedReceiver<String>| {
+        std::iter::from_fn(|| received.try_recv().ok()).count()
+    };
+
+    // Watched: a relay loop of this process holds the outbox's wake-ups.
+    let wakeups =
+        Outbox::new(db.clone()).wakeups(Duration::from_millis(100), Duration::from_secs(1));
+    commit_rows(0).await;
+    assert_eq!(
+        announced(&mut received),
+        0,
+        "this process's relay publishes them"
+    );
+
+    // Control: with nobody watching here, the same commits are announced.
+    drop(wakeups);
+    commit_rows(100).await;
+    assert!(
+        announced(&mut received) >= 1,
+        "other processes' relays are woken"
+    );
+}

@@ -43,11 +43,17 @@ pub(crate) async fn tracking_enqueues<F: Future>(transaction: F) -> (F::Output, 
 }
 
 /// After a transaction that enqueued rows committed on `db`: wakes the relays of its outbox in
-/// this process now, and those of other processes through a debounced `NOTIFY`.
+/// this process now, or, when there are none, those of other processes through a debounced
+/// `NOTIFY`.
 pub(crate) fn committed(db: &ServiceDb) {
     let signal = Signal::of(db);
     signal.wake();
-    signal.notify_soon(db);
+    // A relay of this process watches the outbox: it publishes the rows committed here, and
+    // a NOTIFY would only wake other processes' relays to find them claimed. Without one,
+    // they are the ones to publish it.
+    if signal.commits.receiver_count() == 0 {
+        signal.notify_soon(db);
+    }
 }
 
 /// The `NOTIFY` channel of the outbox in `schema`: `svcdb_outbox:` and the schema name, cut to
