@@ -59,12 +59,13 @@ pub struct RelayConfig {
     /// node that restarted inside a cluster has been seen to nack every publish of a
     /// connection for over a minute. 0: never. Default: 3.
     pub reconnect_after_nacked_batches: u32,
-    /// Whether the next batch is claimed and published while the previous one awaits its
-    /// confirms and commits: at most two batches in flight, each in its own transaction (two
-    /// pool connections). Only after a full batch, whose publishes were all written on a
-    /// healthy channel, so messages still go out in id order. false, or a pool of one
-    /// connection: one batch at a time. Default: true.
-    pub overlap_batches: bool,
+    /// How many batches may be in flight at once: while one awaits its confirms and commits,
+    /// the next is claimed and published, each in its own transaction (a pool connection
+    /// each). The next batch starts once the newest one's publishes were all written on a
+    /// healthy channel (so messages still go out in id order), when that batch was full or a
+    /// commit of rows woke the relay since it started, and only while the pool has a
+    /// connection to spare. 1: one batch at a time. Default: 4.
+    pub batches_in_flight: usize,
 }
 
 impl Default for RelayConfig {
@@ -78,7 +79,7 @@ impl Default for RelayConfig {
             unroutable: Unroutable::default(),
             retention: Retention::published(),
             reconnect_after_nacked_batches: 3,
-            overlap_batches: true,
+            batches_in_flight: 4,
         }
     }
 }
@@ -115,13 +116,16 @@ pub struct RelayStatus {
 /// published in the same transaction. A row is marked only after the broker confirmed it, so
 /// a crash anywhere publishes it again rather than never: consumers absorb the duplicate.
 ///
-/// * **Overlap.** While a full batch awaits its confirms and commits, the next batch is
-///   claimed (skipping the first one's locked rows) and published on the same channel, after
-///   the first one's messages, so they stay in id order: at most two batches in flight, each
-///   in its own transaction (two pool connections), each marking only its own rows, and only
-///   once the broker confirmed them ([`RelayConfig::overlap_batches`]).
+/// * **Overlap.** While a batch awaits its confirms and commits, the next batch is claimed
+///   (skipping the earlier ones' locked rows) and published on the same channel, after the
+///   earlier ones' messages, so they stay in id order: up to
+///   [`RelayConfig::batches_in_flight`] (4) batches at once, each in its own transaction (a
+///   pool connection each), each marking only its own rows, and only once the broker
+///   confirmed them. A new row thus waits for a claim, not for the broker's confirms of the
+///   rows before it.
 /// * **Pace.** A full batch is followed at once by the next one; a short batch means the
-///   outbox is drained, and the relay waits for the next commit of rows: in this process it
+///   outbox is drained, and the relay waits for the next commit of rows (also while earlier
+///   batches are in flight): in this process it
 ///   is woken as the transaction of [`svcdb::outbox::enqueue`] commits, from other processes
 ///   by a debounced `NOTIFY` it `LISTEN`s for on a connection of its own (reopened after a
 ///   loss; [`RelayStatus::listening`]). [`RelayConfig::poll_interval`] (100 ms) bounds the
@@ -150,8 +154,8 @@ pub struct RelayStatus {
 ///   [`RelayStatus`] that [`Relay::status`] watches, for a health endpoint or a test.
 /// * **Retention.** Published rows older than [`RelayConfig::retention`] (24 hours) are
 ///   deleted in the background, in small batches ([`Retention`](crate::Retention)).
-/// * **Shutdown.** Cancelling the token gives the batches in progress (one, or two
-///   overlapping) up to the confirm timeout to finish; a batch still waiting then is dropped,
+/// * **Shutdown.** Cancelling the token gives the batches in progress up to the confirm
+///   timeout to finish; a batch still waiting then is dropped,
 ///   so its transaction rolls back and its rows stay for the next run. The channel and the
 ///   connection are closed within the same bound.
 ///
@@ -403,14 +407,15 @@ impl Relay {
         Ok(last)
     }
 
-    /// Relays batches on `session` until one is not followed at once by another: the outbox
-    /// is drained, a batch failed its channel, the database failed, the broker nacked too
-    /// many batches in a row, the connection was blocked, or shutdown came. With
-    /// [`RelayConfig::overlap_batches`], a full batch whose publishes were all written lets
-    /// the next one claim and publish while it awaits its confirms and commits; a third waits
-    /// until the first is done. Outcomes are taken in claim order. Every batch started is
-    /// finished before this returns, unless shutdown's deadline passes first: then the
-    /// batches still running are dropped and their transactions roll back.
+    /// Relays batches on `session` until none is in flight and none is due at once: the
+    /// outbox is drained, a batch failed its channel, the database failed, the broker nacked
+    /// too many batches in a row, the connection was blocked, or shutdown came. Up to
+    /// [`RelayConfig::batches_in_flight`] batches overlap: once the newest batch's publishes
+    /// were all written on a healthy channel, the next one starts if that batch was full or a
+    /// commit of rows woke the relay since it started, and the pool has a connection to
+    /// spare. Outcomes are taken in claim order. Every batch started is finished before this
+    /// returns, unless shutdown's deadline passes first: then the batches still running are
+    /// dropped and their transactions roll back.
     async fn relay_run(
         &self,
         session: &Session,
@@ -421,41 +426,50 @@ impl Relay {
     ) -> RunEnd {
         let mut end = RunEnd::default();
         let mut in_flight = FuturesOrdered::new();
-        // The newest batch's signal that its publishes were all written.
-        let mut written: Option<oneshot::Receiver<()>> = None;
+        // The newest batch's signal that its publishes were all written (with whether it was
+        // full), and that signal once received: `None` until then, or if it never came (the
+        // channel failed, or the batch claimed nothing to publish).
+        let mut written: Option<oneshot::Receiver<bool>> = None;
+        let mut newest_written: Option<bool> = None;
         // The newest batch's publisher; closed when it is done.
         let mut newest_done: Option<oneshot::Receiver<()>> = None;
-        let mut start = true;
+        // A batch should start as soon as there is room for it.
+        let mut due = true;
         // No more batches in this run.
         let mut stopping = false;
         loop {
-            if start && in_flight.len() < 2 {
-                start = false;
-                // Commits from here on wake the wait after this run; earlier ones it claims.
+            if due
+                && !stopping
+                && self.room_for_a_batch(
+                    session,
+                    shutdown,
+                    in_flight.len(),
+                    newest_written.is_some(),
+                )
+            {
+                due = false;
+                // Commits from here on wake the relay for the next batch; earlier ones it claims.
                 wakeups.mark_seen();
                 let (done_tx, done_rx) = oneshot::channel();
                 let previous = newest_done.replace(done_rx);
-                // With a pool of one connection the second batch would only wait for it.
-                let overlap =
-                    self.config.overlap_batches && self.outbox.db().status().max_size >= 2;
-                let written_tx = if overlap {
-                    let (tx, rx) = oneshot::channel();
-                    written = Some(rx);
-                    Some(tx)
-                } else {
-                    None
-                };
+                let (written_tx, written_rx) = oneshot::channel();
+                written = Some(written_rx);
+                newest_written = None;
                 in_flight.push_back(self.batch(session, written_tx, previous, done_tx));
             }
             if in_flight.is_empty() {
+                // A wake-up that came while the batches finished: the next run follows at once.
+                end.more |= due && !stopping;
                 return end;
             }
             let stop_at = *stop_by;
             tokio::select! {
                 biased;
                 Some((batch, flags)) = in_flight.next() => {
-                    let more = self.after_batch(batch, &flags, stop_at.is_some(), state, &mut end);
-                    stopping |= !more;
+                    self.after_batch(batch, &flags, stop_at.is_some(), state, &mut end);
+                    // A failure stops new batches at once; a short batch does not: the batches
+                    // after it may still be full, and the last one's `more` says what follows.
+                    stopping |= end.broken || end.reconnect || end.database_error;
                 }
                 signal = async {
                     match written.as_mut() {
@@ -464,13 +478,12 @@ impl Relay {
                     }
                 }, if written.is_some() => {
                     written = None;
-                    if signal.is_ok()
-                        && !stopping
-                        && !shutdown.is_cancelled()
-                        && !session.connection.status().blocked()
-                    {
-                        start = true;
-                    }
+                    newest_written = signal.ok();
+                    // A full batch: more rows are probably due.
+                    due |= newest_written == Some(true);
+                }
+                woke = wakeups.wait(Duration::MAX), if !due && !stopping && newest_written.is_some() => {
+                    due = woke;
                 }
                 () = shutdown.cancelled(), if stop_at.is_none() => {
                     // The batches' publishes are bounded by the confirm timeout; past it, drop
@@ -478,7 +491,7 @@ impl Relay {
                     // Closing the session gets what is left of the same bound.
                     *stop_by = Some(Deadline::after(self.config.confirm_timeout).at);
                     stopping = true;
-                    start = false;
+                    due = false;
                 }
                 () = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now)), if stop_at.is_some() => {
                     tracing::info!(target: "svcdb_amqp::relay", timeout = ?self.config.confirm_timeout, batches = in_flight.len(), "the batches in progress did not finish within the confirm timeout at shutdown; rolled back, their rows stay for the next run");
@@ -489,6 +502,30 @@ impl Relay {
         }
     }
 
+    /// Whether a batch may start now, with `in_flight` batches running and (`written`) the
+    /// newest one's publishes all written: the first always; another only after that, below
+    /// [`RelayConfig::batches_in_flight`], with a pool connection to spare (the service's
+    /// requests share the pool), on a connection the broker has not blocked.
+    fn room_for_a_batch(
+        &self,
+        session: &Session,
+        shutdown: &CancellationToken,
+        in_flight: usize,
+        written: bool,
+    ) -> bool {
+        if shutdown.is_cancelled() {
+            return false;
+        }
+        if in_flight == 0 {
+            return true;
+        }
+        let pool = self.outbox.db().status();
+        written
+            && in_flight < self.config.batches_in_flight
+            && pool.in_use < pool.max_size
+            && !session.connection.status().blocked()
+    }
+
     /// One batch on `session` ([`Outbox::relay_batch`]), with what its publisher reported.
     /// `written` is told once every publish of a full batch was written on a healthy
     /// channel; a publisher that must publish again one at a time first waits for the
@@ -497,7 +534,7 @@ impl Relay {
     async fn batch(
         &self,
         session: &Session,
-        written: Option<oneshot::Sender<()>>,
+        written: oneshot::Sender<bool>,
         previous: Option<oneshot::Receiver<()>>,
         done: oneshot::Sender<()>,
     ) -> (svcdb::Result<RelayReport>, BatchFlags) {
@@ -508,7 +545,7 @@ impl Relay {
             config: &self.config,
             flags: &flags,
             confirm_time: &self.metrics.confirm,
-            written,
+            written: Some(written),
             previous,
             _done: done,
         };
@@ -521,8 +558,8 @@ impl Relay {
         (batch, flags)
     }
 
-    /// Takes one batch's outcome into the status, the metrics and `end`; true when the next
-    /// batch should follow at once (this one was full and its channel is fine). `stopping`:
+    /// Takes one batch's outcome into the status, the metrics and `end` (`end.more`: the next
+    /// batch should follow at once, this one being full on a fine channel). `stopping`:
     /// shutdown came, so no reconnection is asked for.
     fn after_batch(
         &self,
@@ -531,7 +568,7 @@ impl Relay {
         stopping: bool,
         state: &mut LoopState,
         end: &mut RunEnd,
-    ) -> bool {
+    ) {
         let broken = flags.broken.load(Ordering::Relaxed);
         end.broken |= broken;
         let sent = flags.sent.load(Ordering::Relaxed);
@@ -589,7 +626,6 @@ impl Relay {
             }
         };
         end.more = more && !end.reconnect;
-        end.more
     }
 
     /// A usable session: the current one, the current connection with a new confirm-mode
@@ -782,9 +818,9 @@ struct Publisher<'a> {
     flags: &'a BatchFlags,
     /// Where the batch's publish-to-confirm time goes.
     confirm_time: &'a metrics::Histogram,
-    /// Told once every publish of a full batch was written on a healthy channel: the next
-    /// batch may publish.
-    written: Option<oneshot::Sender<()>>,
+    /// Told (with whether the batch is full) once every publish was written on a healthy
+    /// channel: the next batch may publish.
+    written: Option<oneshot::Sender<bool>>,
     /// Closes when the previous batch's publisher is done.
     previous: Option<oneshot::Receiver<()>>,
     /// Closes (is dropped) when this publisher is done.
@@ -812,11 +848,8 @@ impl Publisher<'_> {
         let started = Instant::now();
         let pending = self.send(messages, deadline).await;
         if let Some(written) = self.written.take() {
-            if messages.len() >= self.config.batch_size
-                && !self.flags.broken.load(Ordering::Relaxed)
-                && self.channel.status().connected()
-            {
-                let _ = written.send(());
+            if !self.flags.broken.load(Ordering::Relaxed) && self.channel.status().connected() {
+                let _ = written.send(messages.len() >= self.config.batch_size);
             }
         }
         let mut results = self.confirms(pending, deadline).await;

@@ -30,26 +30,29 @@ type Outcome = std::result::Result<Processed<()>, HandlerError>;
 type Ran = std::result::Result<Vec<(Outcome, Duration)>, HandlerError>;
 
 /// The deliveries received and not yet handed to a batch task: a batch closes when it holds
-/// `size` deliveries or `linger` after its first.
+/// `size` deliveries, `linger` after its first, or (`eager`) when no other batch is running.
 pub(super) struct Pending {
     size: usize,
     linger: Duration,
+    eager: bool,
     deliveries: Vec<Delivery>,
     deadline: Option<tokio::time::Instant>,
 }
 
 impl Pending {
     /// Batches of up to `size` (1: a task per delivery, no batching).
-    pub(super) fn new(size: usize, linger: Duration) -> Self {
+    pub(super) fn new(size: usize, linger: Duration, eager: bool) -> Self {
         Self {
             size: size.max(1),
             linger,
+            eager,
             deliveries: Vec::new(),
             deadline: None,
         }
     }
 
-    /// Adds `delivery`; spawns its batch once full.
+    /// Adds `delivery`; spawns its batch once full, or at once when `tasks` (the running
+    /// batches) is empty and the batches are eager.
     pub(super) fn push(
         &mut self,
         delivery: Delivery,
@@ -65,7 +68,15 @@ impl Pending {
             self.deadline = Some(tokio::time::Instant::now() + self.linger);
         }
         self.deliveries.push(delivery);
-        if self.deliveries.len() >= self.size {
+        if self.deliveries.len() >= self.size || (self.eager && tasks.is_empty()) {
+            self.flush(context, tasks);
+        }
+    }
+
+    /// After a batch task ended: the batch collected meanwhile starts when it was the last one
+    /// running and the batches are eager.
+    pub(super) fn batch_ended(&mut self, context: &Arc<Context>, tasks: &mut JoinSet<()>) {
+        if self.eager && tasks.is_empty() {
             self.flush(context, tasks);
         }
     }
@@ -100,6 +111,7 @@ async fn handle(context: Arc<Context>, deliveries: Vec<Delivery>) {
     if work.is_empty() {
         return;
     }
+
     let queue = context.queue.name.as_str();
     let ran = {
         let Ok(_permit) = context.permits.acquire().await else {

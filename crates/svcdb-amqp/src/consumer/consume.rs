@@ -100,7 +100,7 @@ impl Consumer {
         let mut resuming = false;
         // A batch holds at most what the broker sends unacknowledged.
         let size = self.options.batch.min(usize::from(self.config.prefetch));
-        let mut pending = Pending::new(size, self.options.linger);
+        let mut pending = Pending::new(size, self.options.linger, self.options.eager);
         loop {
             // A tag per basic.consume, prefixed with the consumer name, so the management UI
             // shows which service and replica holds which messages.
@@ -134,7 +134,10 @@ impl Consumer {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break false,
-                    Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(joined),
+                    Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                        log_join(joined);
+                        pending.batch_ended(context, tasks);
+                    }
                     _ = flow.wait_for(|f| *f == Flow::PauseRequested) => break true,
                     () = pending.lingered() => pending.flush(context, tasks),
                     next = deliveries.next() => match next {

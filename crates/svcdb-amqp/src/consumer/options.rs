@@ -46,8 +46,15 @@ pub struct ConsumerOptions {
     /// Default: [`DEFAULT_BATCH`].
     pub batch: usize,
     /// How long a batch waits for more deliveries after its first before it is handled
-    /// anyway: a quiet queue still answers at once, a busy one fills batches. Default: 1 ms.
+    /// anyway, while another batch of this consumer is running (with [`ConsumerOptions::eager`]
+    /// off: always). Default: 2 ms.
     pub linger: Duration,
+    /// Start a batch at once, whatever it holds, when no other batch of this consumer is
+    /// running: a quiet queue answers without lingering, and under load the next batch fills
+    /// while the previous one runs and starts when it is done (as PostgreSQL groups commits),
+    /// so batches grow with the load. Off, every batch waits until it is full or for
+    /// [`ConsumerOptions::linger`]. Default: true.
+    pub eager: bool,
     /// What to do with an event kind that has no handler. Default: dead-letter.
     pub unknown_kind: UnknownKind,
     /// Pause before returning a failed message for redelivery, doubled for each earlier
@@ -81,7 +88,8 @@ impl Default for ConsumerOptions {
         Self {
             tx: TxOptions::default(),
             batch: DEFAULT_BATCH,
-            linger: Duration::from_millis(1),
+            linger: Duration::from_millis(2),
+            eager: true,
             unknown_kind: UnknownKind::default(),
             retry_delay: Duration::from_millis(500),
             max_retry_delay: Duration::from_secs(10),

@@ -53,8 +53,8 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    /// A consumer through the proxy taking batches of `BATCH`, and lingering long enough that
-    /// deliveries published before it starts make one batch.
+    /// A consumer through the proxy taking batches of `BATCH`, not eager and lingering long
+    /// enough that deliveries published before it starts make one batch.
     fn consumer(&self, db: &ServiceDb) -> Consumer {
         Consumer::new(&self.via_proxy, db.clone(), &self.queue, NAME).with_options(options())
     }
@@ -72,6 +72,7 @@ fn options() -> ConsumerOptions {
     ConsumerOptions {
         batch: BATCH,
         linger: Duration::from_secs(3),
+        eager: false,
         retry_delay: Duration::from_millis(10),
         max_retry_delay: Duration::from_millis(50),
         ..ConsumerOptions::default()
@@ -318,8 +319,8 @@ async fn two_copies_of_one_event_in_a_batch_have_their_effect_once() {
 async fn a_single_message_on_a_quiet_queue_is_handled_without_waiting_for_the_batch_to_fill() {
     let s = setup().await;
     let (_test_db, db) = service().await;
-    // Side by side on a queue of its own, the control: a linger longer than the test, so
-    // its batch of one waits, held by the consumer, until shutdown flushes it.
+    // Side by side on a queue of its own, the control: not eager, with a linger longer than
+    // the test, so its batch of one waits, held by the consumer, until shutdown flushes it.
     let control_queue = QueueSpec::new(common::unique("orders.batch-control"))
         .bind(&s.exchange, "product.#")
         .with_max_deliveries(5);
@@ -330,6 +331,7 @@ async fn a_single_message_on_a_quiet_queue_is_handled_without_waiting_for_the_ba
         .consumer(&db)
         .with_options(ConsumerOptions {
             linger: ConsumerOptions::default().linger,
+            eager: ConsumerOptions::default().eager,
             ..options()
         })
         .on(KIND, |tx, event| Box::pin(record(tx, event)));
@@ -349,7 +351,7 @@ async fn a_single_message_on_a_quiet_queue_is_handled_without_waiting_for_the_ba
         s.broker.ready(&control_queue.name).await == 0
     })
     .await;
-    eventually("the default linger handles the event alone", || async {
+    eventually("the defaults handle the event alone", || async {
         quick.stats().handled == 1
     })
     .await;
@@ -367,6 +369,66 @@ async fn a_single_message_on_a_quiet_queue_is_handled_without_waiting_for_the_ba
     );
     stop(quick_shutdown, quick_task).await;
     assert_eq!(effects(&db, envelope.id).await, 2); // one per consumer
+}
+
+/// One event whose handler holds its batch open until released, and five more published while
+/// it does, to an eager consumer with a linger longer than the test. Returns how many events
+/// were handled a second after the release (a window for the five to be handled, not a timing
+/// assertion) and the acks sent, then stops the consumer and checks each was handled once.
+async fn events_arriving_while_a_batch_runs() -> (u64, usize) {
+    let s = setup().await;
+    let (_test_db, db) = service().await;
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let consumer = s
+        .consumer(&db)
+        .with_options(ConsumerOptions {
+            linger: Duration::from_secs(3600),
+            eager: true,
+            ..options()
+        })
+        .on(KIND, {
+            let release = release.clone();
+            move |tx, event| {
+                let release = release.clone();
+                Box::pin(async move {
+                    if event.payload["seq"] == 0 {
+                        let _held = release.acquire().await;
+                    }
+                    record(tx, event).await
+                })
+            }
+        });
+    let (shutdown, task) = start(&consumer);
+    let envelopes = events(6);
+    s.publish_all(&envelopes[..1]).await;
+    eventually("the first event's batch runs", || async {
+        s.broker.ready(&s.queue.name).await == 0
+    })
+    .await;
+    s.publish_all(&envelopes[1..]).await;
+    eventually("the consumer holds the five", || async {
+        s.broker.ready(&s.queue.name).await == 0
+    })
+    .await;
+    release.add_permits(1);
+    eventually("the first event is handled", || async {
+        consumer.stats().handled >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let handled = consumer.stats().handled;
+    let acks = s.proxy.sent(common::BASIC_ACK);
+    stop(shutdown, task).await;
+    each_once(&db, &envelopes).await;
+    (handled, acks)
+}
+
+#[tokio::test]
+async fn deliveries_arriving_while_a_batch_runs_make_the_next_batch_which_starts_when_it_ends() {
+    // The first event is a batch of its own at once (nothing else ran); the five fill the next
+    // one while it runs, which starts as it ends, not after the linger: two batches, two
+    // acks. (The linger's control is the quiet-queue test's: not eager, nothing starts.)
+    assert_eq!(events_arriving_while_a_batch_runs().await, (6, 2));
 }
 
 #[tokio::test]

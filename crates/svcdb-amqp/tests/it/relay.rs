@@ -836,10 +836,10 @@ async fn shutdown_during_a_batch_lets_the_batch_finish() {
 }
 
 /// Two full batches (of 5) in the outbox, a relay whose markings wait at a closed
-/// [`CommitGate`], and `overlap_batches` as given: returns the relay, the gate and the events
-/// in the order they were enqueued.
+/// [`CommitGate`], and `batches_in_flight` as given: returns the relay, the gate and the
+/// events in the order they were enqueued.
 async fn two_full_batches_behind_a_closed_gate(
-    overlap_batches: bool,
+    batches_in_flight: usize,
 ) -> (
     Broker,
     TestDb,
@@ -861,7 +861,7 @@ async fn two_full_batches_behind_a_closed_gate(
     let config = RelayConfig {
         batch_size: 5,
         confirm_timeout: Duration::from_secs(30),
-        overlap_batches,
+        batches_in_flight,
         ..fast()
     };
     let relay = start_with(&broker.config, fast_outbox(&db), config);
@@ -871,7 +871,7 @@ async fn two_full_batches_behind_a_closed_gate(
 #[tokio::test]
 async fn the_next_batch_is_published_while_the_previous_one_waits_to_be_marked() {
     let (broker, _test_db, db, queue, gate, relay, events) =
-        two_full_batches_behind_a_closed_gate(true).await;
+        two_full_batches_behind_a_closed_gate(2).await;
 
     eventually("both batches wait at the gate to be marked", || async {
         gate.marking().await == 2
@@ -912,7 +912,7 @@ async fn the_next_batch_is_published_while_the_previous_one_waits_to_be_marked()
 #[tokio::test]
 async fn without_overlap_the_next_batch_waits_until_the_previous_one_is_marked() {
     let (broker, _test_db, db, queue, gate, relay, events) =
-        two_full_batches_behind_a_closed_gate(false).await;
+        two_full_batches_behind_a_closed_gate(1).await;
 
     gate.waiting().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -931,6 +931,64 @@ async fn without_overlap_the_next_batch_waits_until_the_previous_one_is_marked()
     let got = broker.take(&queue.name, 10, Duration::from_secs(10)).await;
     let sent: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
     assert_eq!(ids(&got), sent, "in id order, each once");
+}
+
+/// One row in the outbox and a relay taking batches of 5, `batches_in_flight` as given, whose
+/// marking waits at a closed [`CommitGate`]; once that short batch waits there, a second row
+/// is committed (waking the relay in-process). Returns what the broker holds a second later,
+/// then opens the gate and checks that both rows are published once, in order.
+async fn a_row_committed_while_a_short_batch_awaits_its_marking(batches_in_flight: usize) -> u32 {
+    let (broker, test_db, db) = broker_and_service().await;
+    let (exchange, queue) = exchange_and_queue(&broker).await;
+    let events: Vec<Envelope> = (0..2)
+        .map(|n| Envelope::new("OrderPlaced", "orders", json!({ "order_id": n })))
+        .collect();
+    enqueue(&db, &exchange, "order.placed", &events[0]).await;
+    let gate = CommitGate::close(&test_db).await;
+    let config = RelayConfig {
+        batch_size: 5,
+        confirm_timeout: Duration::from_secs(30),
+        batches_in_flight,
+        ..fast()
+    };
+    let relay = start_with(&broker.config, fast_outbox(&db), config);
+    gate.waiting().await;
+    enqueue(&db, &exchange, "order.placed", &events[1]).await;
+    // A window for the second row to be published, not a timing assertion: woken, its batch
+    // takes milliseconds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ready = broker.ready(&queue.name).await;
+    gate.open().await;
+    until_published(&db, "both rows are marked once the gate opens").await;
+    let last = relay.stop().await;
+    assert_eq!((last.published, last.failed), (2, 0));
+    let got = broker.take(&queue.name, 2, Duration::from_secs(10)).await;
+    let sent: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids(&got), sent, "in id order, each once");
+    ready
+}
+
+#[tokio::test]
+async fn a_row_committed_while_a_short_batch_awaits_its_marking_is_published_without_waiting_for_it(
+) {
+    assert_eq!(
+        a_row_committed_while_a_short_batch_awaits_its_marking(
+            RelayConfig::default().batches_in_flight
+        )
+        .await,
+        2,
+        "the second row went out while the first batch waited"
+    );
+}
+
+// The control: one batch at a time, the second row waits for the first batch's commit.
+#[tokio::test]
+async fn with_one_batch_in_flight_a_row_committed_meanwhile_waits_for_the_batch_before_it() {
+    assert_eq!(
+        a_row_committed_while_a_short_batch_awaits_its_marking(1).await,
+        1,
+        "only the first row was published"
+    );
 }
 
 #[tokio::test]
