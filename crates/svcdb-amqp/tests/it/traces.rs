@@ -304,7 +304,7 @@ async fn in_a_batch_each_handler_is_in_its_own_producers_trace() {
     }
     assert_ne!(producers[0].1, producers[1].1);
 
-    // Published before the consumer starts, and a long linger: both in one batch.
+    // Published before the consumer starts, not eager and a long linger: both in one batch.
     let relay = fast_relay(&broker, &db);
     let shutdown = CancellationToken::new();
     let relaying = tokio::spawn({
@@ -318,6 +318,7 @@ async fn in_a_batch_each_handler_is_in_its_own_producers_trace() {
     let consumer = consumer(&broker, &db, &queue, &exchange).with_options(ConsumerOptions {
         batch: 2,
         linger: Duration::from_secs(1),
+        eager: false,
         ..ConsumerOptions::default()
     });
     let consuming = tokio::spawn({
