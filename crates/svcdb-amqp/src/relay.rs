@@ -64,7 +64,8 @@ pub struct RelayConfig {
     /// each). The next batch starts once the newest one's publishes were all written on a
     /// healthy channel (so messages still go out in id order), when that batch was full or a
     /// commit of rows woke the relay since it started, and only while the pool has a
-    /// connection to spare. 1: one batch at a time. Default: 4.
+    /// connection to spare; never more than half the pool's size (the service's handlers and
+    /// requests share it). 1: one batch at a time. Default: 4.
     pub batches_in_flight: usize,
 }
 
@@ -504,8 +505,9 @@ impl Relay {
 
     /// Whether a batch may start now, with `in_flight` batches running and (`written`) the
     /// newest one's publishes all written: the first always; another only after that, below
-    /// [`RelayConfig::batches_in_flight`], with a pool connection to spare (the service's
-    /// requests share the pool), on a connection the broker has not blocked.
+    /// [`RelayConfig::batches_in_flight`] and half the pool's size, with a pool connection to
+    /// spare (the service's requests share the pool), on a connection the broker has not
+    /// blocked.
     fn room_for_a_batch(
         &self,
         session: &Session,
@@ -520,8 +522,10 @@ impl Relay {
             return true;
         }
         let pool = self.outbox.db().status();
+        // At most half the pool: the service's handlers and requests need the rest.
+        let limit = self.config.batches_in_flight.min(pool.max_size / 2).max(1);
         written
-            && in_flight < self.config.batches_in_flight
+            && in_flight < limit
             && pool.in_use < pool.max_size
             && !session.connection.status().blocked()
     }

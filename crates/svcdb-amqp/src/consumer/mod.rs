@@ -4,7 +4,7 @@
 // This file: the consumer's builder, its checks and the reconnecting run loop. The rest, one
 // concept per file:
 //   consume      the consume loop on one channel: a task per delivery or batch, pause, drain
-//   batch        a batch: collected while another runs, claims and handlers under savepoints in one
+//   batch        a batch: collected with a linger, claims and handlers under savepoints in one
 //                transaction, acks (multiple where contiguous), failures one by one
 //   context      what a channel's delivery tasks share
 //   delivery     one delivery: decode, claim and handle in one transaction, decide its fate
@@ -82,10 +82,10 @@ use crate::topology::QueueSpec;
 /// # Batches
 ///
 /// By default the consumer handles up to [`ConsumerOptions::batch`] deliveries
-/// ([`DEFAULT_BATCH`], at most the prefetch) in one transaction. A batch starts at once when
-/// no other batch of the consumer is running ([`ConsumerOptions::eager`]), so a quiet queue
-/// answers without waiting; while one runs, the next fills and starts when it ends, when full,
-/// or [`ConsumerOptions::linger`] after its first delivery, whichever comes first: batches
+/// ([`DEFAULT_BATCH`], at most the prefetch) in one transaction: a batch closes when full or
+/// [`ConsumerOptions::linger`] after its first delivery, so a quiet queue answers at once.
+/// With [`ConsumerOptions::eager`], a batch also starts at once when no other batch of the
+/// consumer is running, and while one runs the next fills and starts when it ends: batches
 /// grow with the load, as PostgreSQL groups commits.
 /// The batch's events are claimed in one statement ([`svcdb::idempotency::claim_batch`]),
 /// each handler runs under a savepoint of its own ([`svcdb::idempotency::savepoint_event`]),
