@@ -65,7 +65,8 @@ pub struct RelayConfig {
     /// healthy channel (so messages still go out in id order), when that batch was full or a
     /// commit of rows woke the relay since it started, and only while the pool has a
     /// connection to spare; never more than half the pool's size (the service's handlers and
-    /// requests share it). 1: one batch at a time. Default: 4.
+    /// requests share it). 1: one batch at a time. Default: 2 (4 made smaller batches and
+    /// cost throughput under load, for no gain in latency: docs/benchmarks.md).
     pub batches_in_flight: usize,
 }
 
@@ -80,7 +81,7 @@ impl Default for RelayConfig {
             unroutable: Unroutable::default(),
             retention: Retention::published(),
             reconnect_after_nacked_batches: 3,
-            batches_in_flight: 4,
+            batches_in_flight: 2,
         }
     }
 }
@@ -120,7 +121,7 @@ pub struct RelayStatus {
 /// * **Overlap.** While a batch awaits its confirms and commits, the next batch is claimed
 ///   (skipping the earlier ones' locked rows) and published on the same channel, after the
 ///   earlier ones' messages, so they stay in id order: up to
-///   [`RelayConfig::batches_in_flight`] (4) batches at once, each in its own transaction (a
+///   [`RelayConfig::batches_in_flight`] (2) batches at once, each in its own transaction (a
 ///   pool connection each), each marking only its own rows, and only once the broker
 ///   confirmed them. A new row thus waits for a claim, not for the broker's confirms of the
 ///   rows before it.
