@@ -110,6 +110,13 @@ pub enum Error {
     #[error("{}", pg_message(.0))]
     Db(tokio_postgres::Error),
 
+    /// A transaction's closure returned `Ok`, but a statement in it had failed and its error was
+    /// dropped (`let _ = tx.execute(…)`, a caught unique violation), which aborted the
+    /// transaction: PostgreSQL answers the `COMMIT` of an aborted transaction with a rollback,
+    /// so **nothing was committed**. [`Error::code`] is 25P02 (`IN_FAILED_SQL_TRANSACTION`).
+    #[error("nothing was committed: a statement of the transaction failed, and the closure returned Ok without its error\n  hint: return the statement's error (`?`), or run a statement that may fail under a savepoint (`tx.savepoint()`) and roll back to it")]
+    Aborted(tokio_postgres::Error),
+
     /// Tables the service needs are missing from its schema
     /// ([`ServiceDb::require_tables`](crate::ServiceDb::require_tables)).
     #[error("schema {schema} lacks {}: {}\n  hint: {}", if tables.len() == 1 { "table" } else { "tables" }, tables.join(", "), MISSING_TABLES_HINT)]
@@ -197,7 +204,7 @@ impl Error {
     /// The driver's error this error is or carries.
     fn driver_error(&self) -> Option<&tokio_postgres::Error> {
         match self {
-            Error::Db(e) | Error::Connect { cause: e, .. } => Some(e),
+            Error::Db(e) | Error::Aborted(e) | Error::Connect { cause: e, .. } => Some(e),
             Error::AcquireTimeout { cause, .. } => cause.as_ref(),
             _ => None,
         }

@@ -205,7 +205,9 @@ pub async fn claim_batch(
 /// Sets the savepoint before the work of one event of a batch, without waiting for the
 /// server's answer: the `SAVEPOINT` travels with the work's first statement, sparing a round
 /// trip per event. A failure to set it shows as the failure of the next statement on `tx`
-/// (the transaction is then aborted), so end the batch with [`check_batch`].
+/// (the transaction is then aborted): the transactions of [`ServiceDb`] then fail their
+/// commit ([`Error::Aborted`]); on a transaction of your own, end the
+/// batch with [`check_batch`].
 ///
 /// A savepoint that writes is a subtransaction of `tx`; beyond 64 in one transaction
 /// PostgreSQL's per-backend subtransaction cache overflows and other sessions' snapshots get
@@ -236,8 +238,9 @@ pub async fn undo_event(
 }
 
 /// Fails if `tx` is aborted: PostgreSQL answers a `COMMIT` of an aborted transaction with a
-/// rollback, not an error, so a batch checks before it commits that no statement failed
-/// unseen (a [`savepoint_event`], a handler that swallowed an error).
+/// rollback, not an error, so a batch on a transaction of your own checks before it commits
+/// that no statement failed unseen (a [`savepoint_event`], a handler that swallowed an
+/// error). The transactions of [`ServiceDb`] check as they commit, in the same round trip.
 pub async fn check_batch(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
     Ok(tx.batch_execute("SELECT").await?)
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use tracing::Instrument;
 
 use crate::error::Error;
@@ -248,18 +249,36 @@ impl ServiceDb {
     }
 }
 
-/// Commits `tx` when `outcome` is `Ok` (a failed commit becomes the error), rolls it back
-/// otherwise. A failed rollback means the connection broke; the pool discards it.
+/// Commits `tx` when `outcome` is `Ok` (a failed commit becomes the error, and so does an
+/// aborted transaction: [`commit`]), rolls it back otherwise. A failed rollback means the
+/// connection broke; the pool discards it.
 async fn settle<T, E: From<Error>>(tx: Transaction<'_>, outcome: Result<T, E>) -> Result<T, E> {
     match outcome {
-        Ok(value) => tx
-            .commit()
-            .await
-            .map(|()| value)
-            .map_err(|e| E::from(Error::from(e))),
+        Ok(value) => commit(tx).await.map(|()| value).map_err(E::from),
         Err(e) => {
             let _ = tx.rollback().await;
             Err(e)
         }
     }
+}
+
+/// Commits `tx`, or fails with [`Error::Aborted`] when a statement of it had failed unseen.
+///
+/// PostgreSQL answers the `COMMIT` of a transaction that an error aborted with a rollback, not
+/// an error, and the driver does not tell the two apart: a closure that dropped a statement's
+/// error would be reported committed with nothing committed. So an empty `SELECT` travels
+/// with the `COMMIT` (sent first, answered first, no extra round trip): in an aborted
+/// transaction it fails with 25P02.
+async fn commit(tx: Transaction<'_>) -> Result<(), Error> {
+    let check = tx.client().simple_query_raw("SELECT").await?;
+    let (checked, committed) = tokio::join!(check.try_collect::<Vec<_>>(), tx.commit());
+    committed?;
+    checked.map_err(|e| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) {
+            Error::Aborted(e)
+        } else {
+            Error::from(e)
+        }
+    })?;
+    Ok(())
 }

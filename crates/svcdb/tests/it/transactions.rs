@@ -293,3 +293,31 @@ async fn gives_up_after_max_attempts_with_the_last_error() {
     assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
     assert_eq!(attempts.load(Ordering::SeqCst), 1);
 }
+
+// Before the commit checked for it, this transaction was reported committed (Ok) with nothing
+// committed: PostgreSQL answers the COMMIT of an aborted transaction with a rollback.
+#[tokio::test]
+async fn a_closure_that_drops_a_statement_error_gets_an_error_not_a_silent_rollback() {
+    let (db, svc) = setup().await;
+    let outcome = svc
+        .transaction(async |tx| {
+            tx.execute("INSERT INTO t VALUES (1, 0)", &[]).await?;
+            // A duplicate key, caught and dropped: the transaction is aborted from here on.
+            let _ = tx.execute("INSERT INTO t VALUES (1, 0)", &[]).await;
+            Ok::<_, Error>(())
+        })
+        .await;
+    let e = outcome.expect_err("nothing was committed, so the transaction must not say Ok");
+    assert!(matches!(e, Error::Aborted(_)), "{e:?}");
+    assert_eq!(e.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+    assert_eq!(count(&svc).await, 0);
+    assert_nothing_left_open(&db, &[1]).await;
+    // The connection is fine for the next transaction.
+    svc.transaction(async |tx| {
+        tx.execute("INSERT INTO t VALUES (2, 0)", &[]).await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&svc).await, 1);
+}
