@@ -152,6 +152,12 @@ pub struct RelayStatus {
 ///   [`RelayConfig::reconnect_after_nacked_batches`] (3) batches in a row whose every publish
 ///   was nacked, the relay opens a new connection, starting with the next node of a cluster's
 ///   URLs. The nacked rows are retried on the outbox's backoff as any failed row.
+/// * **The pool.** The relay's batches take connections from the [`Outbox`]'s pool, the
+///   service's own unless given another. A burst of requests that holds every connection
+///   makes the relay (and a consumer on the same pool) wait behind it: with bursts like that,
+///   give the relay and the consumers a [`svcdb::ServiceDb`] of their own (a second
+///   `ServiceDb::connect` with a small pool); wake-ups still reach the relay, as they are
+///   shared by every `ServiceDb` of the same database and schema in the process.
 /// * **Errors** are logged (the first of a streak as a warning) and kept in the
 ///   [`RelayStatus`] that [`Relay::status`] watches, for a health endpoint or a test.
 /// * **Retention.** Published rows older than [`RelayConfig::retention`] (24 hours) are
