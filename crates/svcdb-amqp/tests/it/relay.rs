@@ -835,15 +835,17 @@ async fn shutdown_during_a_batch_lets_the_batch_finish() {
     assert_eq!(ids(&got), [placed.id], "published once");
 }
 
-/// Two full batches (of 5) in the outbox, a relay whose markings wait at a closed
-/// [`CommitGate`], and `batches_in_flight` as given: returns the relay, the gate and the
-/// events in the order they were enqueued.
-async fn two_full_batches_behind_a_closed_gate(
+/// `rows` rows in the outbox, and a relay taking batches of 5 with `batches_in_flight` as
+/// given, whose markings wait at a closed [`CommitGate`]: returns the relay, the gate, the
+/// exchange (for more rows) and the events in the order they were enqueued.
+async fn rows_behind_a_closed_gate(
+    rows: usize,
     batches_in_flight: usize,
 ) -> (
     Broker,
     TestDb,
     ServiceDb,
+    String,
     QueueSpec,
     CommitGate,
     Running,
@@ -852,7 +854,7 @@ async fn two_full_batches_behind_a_closed_gate(
     let (broker, test_db, db) = broker_and_service().await;
     let (exchange, queue) = exchange_and_queue(&broker).await;
     let mut events = Vec::new();
-    for n in 0..10 {
+    for n in 0..rows {
         let placed = Envelope::new("OrderPlaced", "orders", json!({ "order_id": n }));
         enqueue(&db, &exchange, "order.placed", &placed).await;
         events.push(placed);
@@ -865,13 +867,22 @@ async fn two_full_batches_behind_a_closed_gate(
         ..fast()
     };
     let relay = start_with(&broker.config, fast_outbox(&db), config);
-    (broker, test_db, db, queue, gate, relay, events)
+    (broker, test_db, db, exchange, queue, gate, relay, events)
+}
+
+/// Takes `events.len()` messages from `queue` and checks they are `events`, in order, each once.
+async fn assert_taken_in_order(broker: &Broker, queue: &QueueSpec, events: &[Envelope]) {
+    let got = broker
+        .take(&queue.name, events.len(), Duration::from_secs(10))
+        .await;
+    let sent: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids(&got), sent, "in id order, each once");
 }
 
 #[tokio::test]
 async fn the_next_batch_is_published_while_the_previous_one_waits_to_be_marked() {
-    let (broker, _test_db, db, queue, gate, relay, events) =
-        two_full_batches_behind_a_closed_gate(2).await;
+    let (broker, _test_db, db, _exchange, queue, gate, relay, events) =
+        rows_behind_a_closed_gate(10, 2).await;
 
     eventually("both batches wait at the gate to be marked", || async {
         gate.marking().await == 2
@@ -901,9 +912,7 @@ async fn the_next_batch_is_published_while_the_previous_one_waits_to_be_marked()
         .unwrap();
     assert_eq!(pending(&db).await, 0, "both batches are marked");
     assert_eq!((last.published, last.failed), (10, 0));
-    let got = broker.take(&queue.name, 10, Duration::from_secs(10)).await;
-    let sent: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
-    assert_eq!(ids(&got), sent, "in id order, each once");
+    assert_taken_in_order(&broker, &queue, &events).await;
 }
 
 // The control: one batch at a time, the second batch is not even claimed while the first
@@ -911,8 +920,8 @@ async fn the_next_batch_is_published_while_the_previous_one_waits_to_be_marked()
 // overlapped, the second batch takes milliseconds.)
 #[tokio::test]
 async fn without_overlap_the_next_batch_waits_until_the_previous_one_is_marked() {
-    let (broker, _test_db, db, queue, gate, relay, events) =
-        two_full_batches_behind_a_closed_gate(1).await;
+    let (broker, _test_db, db, _exchange, queue, gate, relay, events) =
+        rows_behind_a_closed_gate(10, 1).await;
 
     gate.waiting().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -928,9 +937,7 @@ async fn without_overlap_the_next_batch_waits_until_the_previous_one_is_marked()
     until_published(&db, "both batches are marked once the gate opens").await;
     let last = relay.stop().await;
     assert_eq!((last.published, last.failed), (10, 0));
-    let got = broker.take(&queue.name, 10, Duration::from_secs(10)).await;
-    let sent: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
-    assert_eq!(ids(&got), sent, "in id order, each once");
+    assert_taken_in_order(&broker, &queue, &events).await;
 }
 
 /// One row in the outbox and a relay taking batches of 5, `batches_in_flight` as given, whose
@@ -938,20 +945,13 @@ async fn without_overlap_the_next_batch_waits_until_the_previous_one_is_marked()
 /// is committed (waking the relay in-process). Returns what the broker holds a second later,
 /// then opens the gate and checks that both rows are published once, in order.
 async fn a_row_committed_while_a_short_batch_awaits_its_marking(batches_in_flight: usize) -> u32 {
-    let (broker, test_db, db) = broker_and_service().await;
-    let (exchange, queue) = exchange_and_queue(&broker).await;
-    let events: Vec<Envelope> = (0..2)
-        .map(|n| Envelope::new("OrderPlaced", "orders", json!({ "order_id": n })))
-        .collect();
-    enqueue(&db, &exchange, "order.placed", &events[0]).await;
-    let gate = CommitGate::close(&test_db).await;
-    let config = RelayConfig {
-        batch_size: 5,
-        confirm_timeout: Duration::from_secs(30),
-        batches_in_flight,
-        ..fast()
-    };
-    let relay = start_with(&broker.config, fast_outbox(&db), config);
+    let (broker, _test_db, db, exchange, queue, gate, relay, mut events) =
+        rows_behind_a_closed_gate(1, batches_in_flight).await;
+    events.push(Envelope::new(
+        "OrderPlaced",
+        "orders",
+        json!({ "order_id": 1 }),
+    ));
     gate.waiting().await;
     enqueue(&db, &exchange, "order.placed", &events[1]).await;
     // A window for the second row to be published, not a timing assertion: woken, its batch
@@ -962,9 +962,7 @@ async fn a_row_committed_while_a_short_batch_awaits_its_marking(batches_in_fligh
     until_published(&db, "both rows are marked once the gate opens").await;
     let last = relay.stop().await;
     assert_eq!((last.published, last.failed), (2, 0));
-    let got = broker.take(&queue.name, 2, Duration::from_secs(10)).await;
-    let sent: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
-    assert_eq!(ids(&got), sent, "in id order, each once");
+    assert_taken_in_order(&broker, &queue, &events).await;
     ready
 }
 
