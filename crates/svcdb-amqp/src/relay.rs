@@ -538,8 +538,8 @@ impl Relay {
     }
 
     /// One batch on `session` ([`Outbox::relay_batch`]), with what its publisher reported.
-    /// `written` is told once every publish of a full batch was written on a healthy
-    /// channel; a publisher that must publish again one at a time first waits for the
+    /// `written` is told (with whether the batch is full) once every publish was written on a
+    /// healthy channel; a publisher that must publish again one at a time first waits for the
     /// `previous` batch's publisher to be done, so messages stay in id order; `done` closes
     /// when this batch's publisher is.
     async fn batch(

@@ -76,8 +76,7 @@ pub(crate) async fn query(
     sql: &str,
     params: &[(&(dyn ToSql + Sync), Type)],
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
-    let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-    match tx.cached(sql, &types).await? {
+    match cached(tx, sql, params).await? {
         Some(statement) => tx.pg().query(&statement, &values(params)).await,
         None => tx.pg().query_typed(sql, params).await,
     }
@@ -89,11 +88,20 @@ pub(crate) async fn execute(
     sql: &str,
     params: &[(&(dyn ToSql + Sync), Type)],
 ) -> Result<u64, tokio_postgres::Error> {
-    let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-    match tx.cached(sql, &types).await? {
+    match cached(tx, sql, params).await? {
         Some(statement) => tx.pg().execute(&statement, &values(params)).await,
         None => tx.pg().execute_typed(sql, params).await,
     }
+}
+
+/// `sql` prepared for the types of `params`, from `tx`'s statement cache; `None` without one.
+async fn cached(
+    tx: &impl AnyTransaction,
+    sql: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<Option<Statement>, tokio_postgres::Error> {
+    let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+    tx.cached(sql, &types).await
 }
 
 fn values<'p>(params: &[(&'p (dyn ToSql + Sync), Type)]) -> Vec<&'p (dyn ToSql + Sync)> {
