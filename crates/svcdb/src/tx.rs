@@ -231,7 +231,7 @@ impl ServiceDb {
     /// (`verify_after_idle`); without this, the same connection to the old primary would fail
     /// every transaction (25006) for as long as it stayed busy. Costs one round trip, on
     /// failures only.
-    async fn retire_if_read_only(&self, conn: crate::pool::PooledConn) {
+    pub(crate) async fn retire_if_read_only(&self, conn: crate::pool::PooledConn) {
         use tokio_postgres::config::TargetSessionAttrs;
         if self.config().target_session_attrs() != TargetSessionAttrs::ReadWrite {
             return;

@@ -392,6 +392,98 @@ async fn a_panicking_publisher_releases_its_rows_unpublished() {
 }
 
 #[tokio::test]
+async fn a_mark_that_fails_fails_the_batch_and_leaves_its_rows_unpublished_and_unlocked() {
+    let (db, _) = setup().await;
+    // One connection, so the batch after the failure runs on the connection it failed on.
+    let mut config = db.config("orders");
+    config.pool_max = 1;
+    let svc = ServiceDb::connect(config).await.unwrap();
+    let event = place_order(&svc, 1).await;
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'no marks today'; END $$;
+             CREATE TRIGGER refuse_marks BEFORE UPDATE ON svcdb_outbox
+                 FOR EACH ROW EXECUTE FUNCTION refuse();",
+        )
+        .await
+        .unwrap();
+    let outbox = Outbox::new(svc.clone());
+    let published = Mutex::new(0);
+    let err = outbox
+        .relay_batch(10, async |messages| {
+            *published.lock().unwrap() += messages.len();
+            messages.iter().map(|_| Ok::<(), String>(())).collect()
+        })
+        .await
+        .unwrap_err();
+    // The mark's own error, not a commit that quietly rolled back.
+    assert_eq!(err.code(), Some(&SqlState::RAISE_EXCEPTION), "{err}");
+    assert_eq!(*published.lock().unwrap(), 1);
+    assert_nothing_left_open(&db, &[event.id]).await;
+    assert!(!row_state(&svc, event.id).await.2, "not marked published");
+
+    // The connection went back to the pool out of its transaction: the next batch claims
+    // the row again, and with the trigger gone marks it.
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("DROP TRIGGER refuse_marks ON svcdb_outbox")
+        .await
+        .unwrap();
+    let (report, seen) = relay_all(&outbox, 10).await;
+    assert_eq!((report.claimed, report.published), (1, 1));
+    assert_eq!(seen[0].id, event.id);
+    assert!(row_state(&svc, event.id).await.2);
+    assert_eq!(svc.status().size, 1);
+}
+
+#[tokio::test]
+async fn a_relay_on_a_database_that_refuses_writes_gets_a_database_unavailable_error() {
+    let (db, svc) = setup().await;
+    let event = place_order(&svc, 1).await;
+    // How a primary is fenced during a switchover (here for this database only). Sessions
+    // opened before the fence are not fenced: this one lifts it again.
+    let admin = db.admin().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET default_transaction_read_only = on",
+            db.name()
+        ))
+        .await
+        .unwrap();
+    let mut config = db.config("orders");
+    config.create_schema = false;
+    let fenced = ServiceDb::connect(config).await.unwrap();
+    let err = Outbox::new(fenced)
+        .relay_batch(10, async |messages| {
+            messages.iter().map(|_| Ok::<(), String>(())).collect()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err}"
+    );
+    assert!(err.is_database_unavailable(), "{err}");
+    // Control: the fence is what refused it; the pool connected before it relays the row.
+    let (report, _) = relay_all(&Outbox::new(svc.clone()), 10).await;
+    assert_eq!(report.published, 1);
+    // Lifted, so that the check's own session can lock the row.
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" RESET default_transaction_read_only",
+            db.name()
+        ))
+        .await
+        .unwrap();
+    assert_nothing_left_open(&db, &[event.id]).await;
+}
+
+#[tokio::test]
 async fn an_unreadable_stored_envelope_is_failed_not_published() {
     let (_db, svc) = setup().await;
     let good = place_order(&svc, 1).await;
