@@ -17,7 +17,10 @@
 //!   when the `svcdb` binary is next to this one or on `PATH`).
 //!
 //! `up`, `down`, the floor and diesel run `--rounds` times, svcdb, psql and diesel alternating, and the
-//! medians are reported: on a shared machine one round can meet a build. The part of `up`
+//! medians are reported: on a shared machine one round can meet a build. The ratios the
+//! targets judge (`up_vs_floor`, `svcdb_vs_diesel`) are the medians of each round's ratio,
+//! whose two sides ran back to back (svcdb and diesel in turns first), not ratios of the two
+//! medians, which would set one round's figure against another's. The part of `up`
 //! spent outside the scripts (connecting, the advisory lock, session settings, the lint, the
 //! history, each transaction's `BEGIN` and `COMMIT`) is reported on its own, from the runner's
 //! own per-migration timings, so a miss against the floor points at svcdb's own cost or at
@@ -208,6 +211,22 @@ struct Results {
     noop_cli: Option<NoopFigures>,
 }
 
+/// Each round's `ours / theirs` (the two ran in that round, back to back).
+fn paired(ours: &[Duration], theirs: &[Duration]) -> Vec<f64> {
+    ours.iter()
+        .zip(theirs)
+        .filter_map(|(o, t)| report::ratio(Some(secs(*o)), Some(secs(*t))))
+        .collect()
+}
+
+/// The median of [`paired`]: a ratio per round, each taken under that round's load, so a
+/// burst of load elsewhere moves one round's ratio, not the result. (A ratio of the two
+/// medians would pair one round's figure with another's.) `None` without rounds.
+fn paired_median(ours: &[Duration], theirs: &[Duration]) -> Option<f64> {
+    let ratios = paired(ours, theirs);
+    (!ratios.is_empty()).then(|| report::median_f64(&ratios))
+}
+
 impl Results {
     fn up(&self) -> Duration {
         report::median(&self.ups)
@@ -217,8 +236,9 @@ impl Results {
         (!self.floors.is_empty()).then(|| report::median(&self.floors))
     }
 
+    /// The median of the rounds' `up` / floor ratios.
     fn up_vs_floor(&self) -> Option<f64> {
-        report::ratio(Some(secs(self.up())), self.floor().map(secs))
+        paired_median(&self.ups, &self.floors)
     }
 
     fn diesel_up(&self) -> Option<Duration> {
@@ -229,11 +249,9 @@ impl Results {
         report::median(&self.svcdb_diesel_ups)
     }
 
+    /// The median of the rounds' svcdb / diesel ratios.
     fn vs_diesel(&self) -> Option<f64> {
-        report::ratio(
-            Some(secs(self.svcdb_diesel_up())),
-            self.diesel_up().map(secs),
-        )
+        paired_median(&self.svcdb_diesel_ups, &self.diesel_ups)
     }
 
     fn noop_cli_vs_diesel(&self) -> Option<f64> {
@@ -317,20 +335,27 @@ async fn measure(
             same_schema(objects, &built, "one psql session")?;
             floors.push(floor);
         }
-        if let Some(diesel) = &diesel {
-            eprintln!("round {round}/{}: diesel migration run…", args.rounds);
-            let run = diesel_run(server, diesel, &db_name("diesel"), corpus, calls).await?;
-            same_schema(objects, &run.objects, "diesel")?;
-            diesel_ups.push(run.up);
-            diesel_noop = diesel_noop.or(run.noop);
+        // diesel and svcdb on the same folder run back to back, each round in the other order,
+        // so that each round's ratio compares the two under the same load and neither always
+        // runs first.
+        for diesel_turn in [round % 2 == 1, round % 2 == 0] {
+            if !diesel_turn {
+                eprintln!(
+                    "round {round}/{}: svcdb up, the diesel layout…",
+                    args.rounds
+                );
+                let run =
+                    svcdb_run(server, &db_name("svcdb_diesel"), &corpus.diesel, 0, false).await?;
+                same_schema(objects, &run.objects, "svcdb on the diesel layout")?;
+                svcdb_diesel_ups.push(run.up);
+            } else if let Some(diesel) = &diesel {
+                eprintln!("round {round}/{}: diesel migration run…", args.rounds);
+                let run = diesel_run(server, diesel, &db_name("diesel"), corpus, calls).await?;
+                same_schema(objects, &run.objects, "diesel")?;
+                diesel_ups.push(run.up);
+                diesel_noop = diesel_noop.or(run.noop);
+            }
         }
-        eprintln!(
-            "round {round}/{}: svcdb up, the diesel layout…",
-            args.rounds
-        );
-        let run = svcdb_run(server, &db_name("svcdb_diesel"), &corpus.diesel, 0, false).await?;
-        same_schema(objects, &run.objects, "svcdb on the diesel layout")?;
-        svcdb_diesel_ups.push(run.up);
     }
     let objects = objects.expect("at least one round");
 
@@ -432,6 +457,7 @@ fn figures(
     f.set("psql_single_session_s_rounds", all_secs(&r.floors));
     f.set("psql_per_file_s", r.per_file.map(secs));
     f.set("up_vs_floor", r.up_vs_floor());
+    f.set("up_vs_floor_rounds", paired(&r.ups, &r.floors));
     f.set(
         "psql_per_file_vs_floor",
         report::ratio(r.per_file.map(secs), r.floor().map(secs)),
@@ -450,6 +476,10 @@ fn figures(
     );
     f.set("noop_cli_ms", r.noop_cli.map(|n| report::ms(n.median)));
     f.set("svcdb_vs_diesel", r.vs_diesel());
+    f.set(
+        "svcdb_vs_diesel_rounds",
+        paired(&r.svcdb_diesel_ups, &r.diesel_ups),
+    );
     f.set("noop_cli_vs_diesel", r.noop_cli_vs_diesel());
     let targets = vec![
         Target {
