@@ -4,7 +4,8 @@
 //! Recording goes through the [`metrics`](https://docs.rs/metrics) facade; the first
 //! [`ServiceDb`](crate::ServiceDb) built installs [`metrics_exporter_prometheus`]'s recorder as the process's
 //! global recorder ([`install`]), unless the program installed one of its own before: then
-//! svcdb's metrics go to that one and [`render`] has nothing to show. The `/metrics` route of
+//! svcdb's metrics go to that one and [`render`] has nothing to show. A process that exports
+//! no metrics calls [`disable`] first. The `/metrics` route of
 //! svcdb-amqp's `Service` calls [`ServiceDb::observe_metrics`](crate::ServiceDb::observe_metrics) (the gauges that need a query)
 //! and then [`render`].
 //!
@@ -89,6 +90,26 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// For a process that exports no metrics (a command-line tool): installs a no-op recorder in
+/// place of svcdb's, so that [`install`] (called by the first
+/// [`ServiceDb`](crate::ServiceDb)) builds nothing and [`render`] shows nothing. Building the
+/// Prometheus recorder calibrates its clock ([quanta]'s TSC calibration) by busy-looping until
+/// its estimate settles: about a millisecond of a CPU on a quiet machine, up to 200 ms when
+/// the loop keeps being interrupted (a loaded one). Returns false, changing nothing, when
+/// [`install`] or `disable` already ran.
+///
+/// [quanta]: https://docs.rs/quanta
+pub fn disable() -> bool {
+    let mut disabled = false;
+    HANDLE.get_or_init(|| {
+        disabled = true;
+        // Another recorder installed first keeps the metrics; either way svcdb builds none.
+        let _ = metrics::set_global_recorder(metrics::NoopRecorder);
+        None
+    });
+    disabled
 }
 
 /// Every metric recorded in this process, in the Prometheus text format (version 0.0.4), or

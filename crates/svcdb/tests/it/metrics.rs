@@ -89,3 +89,56 @@ async fn an_acquire_that_times_out_is_counted_with_its_unreachable_attempts() {
     );
     assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
 }
+
+/// Set for the child process of [`a_process_that_disables_metrics_builds_no_recorder`].
+const DISABLED_CHILD: &str = "SVCDB_TEST_METRICS_DISABLED_CHILD";
+
+/// `disable` holds for the whole process, so it runs in a process of its own: this test
+/// binary again, with only [`metrics_disabled_child`] selected.
+#[test]
+fn a_process_that_disables_metrics_builds_no_recorder() {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "metrics::metrics_disabled_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(DISABLED_CHILD, "1")
+        .output()
+        .expect("the test binary runs the child");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child ran no test: {stdout}"
+    );
+    // Control: this process did not disable them, and its pools record into svcdb's recorder.
+    assert!(svcdb::metrics::install().is_some());
+}
+
+/// Not a test: the child process of [`a_process_that_disables_metrics_builds_no_recorder`].
+#[tokio::test]
+#[ignore = "the child process of a_process_that_disables_metrics_builds_no_recorder"]
+async fn metrics_disabled_child() {
+    if std::env::var_os(DISABLED_CHILD).is_none() {
+        return;
+    }
+    assert!(svcdb::metrics::disable());
+    assert!(
+        !svcdb::metrics::disable(),
+        "only the first call takes effect"
+    );
+    let test_db = svcdb::testing::TestDb::new().await;
+    let db = test_db.service("orders").await;
+    drop(db.get().await.unwrap());
+    assert!(
+        svcdb::metrics::install().is_none(),
+        "the pool built no recorder"
+    );
+    assert_eq!(svcdb::metrics::render(), "");
+}
