@@ -14,7 +14,8 @@
 //!   migrations outside a transaction, one statement each: see [`corpus::write_diesel`]), and
 //!   svcdb on that same folder: `up` from empty, and
 //!   the no-op run of both command-line tools, process start included (`svcdb migrate up`,
-//!   when the `svcdb` binary is next to this one or on `PATH`).
+//!   when the `svcdb` binary is next to this one or on `PATH`), one tool's call then the
+//!   other's, so that both meet the same load.
 //!
 //! `up`, `down`, the floor and diesel run `--rounds` times, svcdb, psql and diesel alternating, and the
 //! medians are reported: on a shared machine one round can meet a build. The ratios the
@@ -303,7 +304,7 @@ async fn measure(
     if diesel.is_none() {
         eprintln!("diesel not found on PATH: the diesel references are left out");
     }
-    let (mut diesel_ups, mut diesel_noop, mut svcdb_diesel_ups) = (vec![], None, vec![]);
+    let (mut diesel_ups, mut svcdb_diesel_ups) = (vec![], vec![]);
     // Rounds alternate svcdb and the floor, so that a burst of load from elsewhere on the
     // machine hits both sides alike, and the medians shrug off one unlucky round.
     let (mut ups, mut outside, mut downs, mut floors) = (vec![], vec![], vec![], vec![]);
@@ -350,10 +351,9 @@ async fn measure(
                 svcdb_diesel_ups.push(run.up);
             } else if let Some(diesel) = &diesel {
                 eprintln!("round {round}/{}: diesel migration run…", args.rounds);
-                let run = diesel_run(server, diesel, &db_name("diesel"), corpus, calls).await?;
+                let run = diesel_run(server, diesel, &db_name("diesel"), corpus).await?;
                 same_schema(objects, &run.objects, "diesel")?;
                 diesel_ups.push(run.up);
-                diesel_noop = diesel_noop.or(run.noop);
             }
         }
     }
@@ -369,16 +369,13 @@ async fn measure(
     )
     .await?;
 
-    let noop_cli = match svcdb_cli() {
-        Some(svcdb) => {
-            eprintln!("svcdb migrate up, no-op, process start included…");
-            Some(cli_noop(server, &svcdb, &db_name("cli"), corpus, args.noop_calls).await?)
-        }
-        None => {
-            eprintln!("the svcdb binary is neither next to svcdb-bench nor on PATH (build it with `cargo build --release -p svcdb-cli`): noop_cli_ms is left out");
-            None
-        }
-    };
+    let svcdb = svcdb_cli();
+    if svcdb.is_none() {
+        eprintln!("the svcdb binary is neither next to svcdb-bench nor on PATH (build it with `cargo build --release -p svcdb-cli`): noop_cli_ms is left out");
+    }
+    eprintln!("no-op runs of the command-line tools, process start included…");
+    let (noop_cli, diesel_noop) =
+        cli_noops(server, svcdb.as_deref(), diesel.as_deref(), corpus, args).await?;
 
     let per_file = match psql {
         Some(psql) => {
@@ -843,30 +840,50 @@ async fn fingerprint(conn: &tokio_postgres::Client) -> Result<Fingerprint> {
 /// One pass of diesel CLI over the diesel folder, in a fresh database.
 struct DieselRun {
     up: Duration,
-    noop: Option<NoopFigures>,
     objects: Fingerprint,
 }
 
-/// In a fresh database `name` whose schema `bench` exists: `diesel migration run` from empty
-/// (timed), then `noop_calls` no-op runs. The schema is pinned through `PGOPTIONS`, a startup
-/// option, as svcdb pins it; libpq reads the server and user from the environment
-/// ([`Server::tool`]), so the URL names only the database. Drops the database at the end.
+/// In a fresh database `name`: `diesel migration run` from empty, timed. Drops the database
+/// at the end.
 async fn diesel_run(
     server: &Server,
     diesel: &Path,
     name: &str,
     corpus: &Corpus,
-    noop_calls: u32,
 ) -> Result<DieselRun> {
+    let conn = diesel_db(server, name).await?;
+    let command = diesel_command(server, diesel, name, corpus)?;
+    server.checkpoint().await;
+    let up = timed_call(command(), "diesel migration run").await?;
+    let objects = fingerprint(&conn).await?;
+    drop(conn);
+    server.drop_database(name).await?;
+    Ok(DieselRun { up, objects })
+}
+
+/// A fresh database `name` whose schema `bench` exists, for diesel, and a connection to it.
+async fn diesel_db(server: &Server, name: &str) -> Result<DedicatedConn> {
     server.recreate_database(name).await?;
     let conn = DedicatedConn::connect(&server.database(name)).await?;
     conn.batch_execute(&format!("CREATE SCHEMA {SCHEMA}"))
         .await?;
+    Ok(conn)
+}
+
+/// `diesel migration run` of the diesel folder on database `name`. The schema is pinned
+/// through `PGOPTIONS`, a startup option, as svcdb pins it; libpq reads the server and user
+/// from the environment ([`Server::tool`]), so the URL names only the database.
+fn diesel_command<'a>(
+    server: &'a Server,
+    diesel: &'a Path,
+    name: &'a str,
+    corpus: &'a Corpus,
+) -> Result<impl Fn() -> tokio::process::Command + 'a> {
     // diesel looks for its configuration (diesel.toml) in the project around the working
     // directory; an empty one in the corpus folder keeps it from finding any other.
     let config = corpus.diesel_dir.join("diesel.toml");
     std::fs::write(&config, "")?;
-    let command = || {
+    Ok(move || {
         let mut cmd = server.tool(diesel, name);
         cmd.args(["migration", "run", "--migration-dir"])
             .arg(&corpus.diesel_dir)
@@ -876,63 +893,83 @@ async fn diesel_run(
             .env("DATABASE_URL", format!("postgres:///{name}"))
             .env("PGOPTIONS", format!("-c search_path={SCHEMA}"));
         cmd
-    };
-    server.checkpoint().await;
-    let started = Instant::now();
-    pg::run_tool(command(), "diesel migration run").await?;
-    let up = started.elapsed();
-    let objects = fingerprint(&conn).await?;
-    let noop = timed_calls(noop_calls, command, "diesel migration run (no-op)").await?;
-    drop(conn);
-    server.drop_database(name).await?;
-    Ok(DieselRun { up, noop, objects })
+    })
 }
 
-/// In a fresh database `name` with the diesel folder applied by svcdb: `noop_calls` runs of
-/// `svcdb migrate up` on it, each a new process, as a deploy script or an init container
-/// runs it. Drops the database at the end.
-async fn cli_noop(
+/// The no-op runs of both command-line tools, process start included, as a deploy script or
+/// an init container runs them: each on a database of its own with the diesel folder applied
+/// by that tool, `calls` of each, one tool then the other, so that both meet the same load.
+/// `None` for a tool that is not there. Drops the databases at the end.
+async fn cli_noops(
     server: &Server,
-    svcdb: &Path,
-    name: &str,
+    svcdb: Option<&Path>,
+    diesel: Option<&Path>,
     corpus: &Corpus,
-    noop_calls: u32,
-) -> Result<NoopFigures> {
-    let bench = bench_db(server, name, corpus.diesel.clone()).await?;
-    bench.up().await?;
-    let command = || {
-        let mut cmd = tokio::process::Command::new(svcdb);
-        cmd.args(["migrate", "up"])
-            // The URL may hold the administrator's password: the environment, not argv.
-            .env("DATABASE_URL", server.url(name))
-            .env("SVCDB_SCHEMA", SCHEMA)
-            .env("SVCDB_MIGRATIONS_DIR", &corpus.diesel_dir)
-            .kill_on_drop(true);
-        cmd
+    args: &MigrateArgs,
+) -> Result<(Option<NoopFigures>, Option<NoopFigures>)> {
+    let svcdb_name = format!("{}_cli", args.database_prefix);
+    let ours = match svcdb {
+        Some(svcdb) => {
+            let bench = bench_db(server, &svcdb_name, corpus.diesel.clone()).await?;
+            bench.up().await?;
+            let name = svcdb_name.as_str();
+            let command = move || {
+                let mut cmd = tokio::process::Command::new(svcdb);
+                cmd.args(["migrate", "up"])
+                    // The URL may hold the administrator's password: the environment, not argv.
+                    .env("DATABASE_URL", server.url(name))
+                    .env("SVCDB_SCHEMA", SCHEMA)
+                    .env("SVCDB_MIGRATIONS_DIR", &corpus.diesel_dir)
+                    .kill_on_drop(true);
+                cmd
+            };
+            Some((bench, command))
+        }
+        None => None,
     };
-    let noop = timed_calls(noop_calls, command, "svcdb migrate up (no-op)").await?;
-    drop(bench);
-    server.drop_database(name).await?;
-    Ok(noop.expect("at least one no-op call"))
+    let diesel_name = format!("{}_diesel_noop", args.database_prefix);
+    let theirs = match diesel {
+        Some(diesel) => {
+            let conn = diesel_db(server, &diesel_name).await?;
+            let command = diesel_command(server, diesel, &diesel_name, corpus)?;
+            timed_call(command(), "diesel migration run").await?;
+            Some((conn, command))
+        }
+        None => None,
+    };
+    let (mut svcdb_times, mut diesel_times) = (Vec::new(), Vec::new());
+    for _ in 0..args.noop_calls {
+        if let Some((_, command)) = &ours {
+            svcdb_times.push(timed_call(command(), "svcdb migrate up (no-op)").await?);
+        }
+        if let Some((_, command)) = &theirs {
+            diesel_times.push(timed_call(command(), "diesel migration run (no-op)").await?);
+        }
+    }
+    if let Some((bench, _)) = ours {
+        drop(bench);
+        server.drop_database(&svcdb_name).await?;
+    }
+    if let Some((conn, _)) = theirs {
+        drop(conn);
+        server.drop_database(&diesel_name).await?;
+    }
+    Ok((noop_figures(&svcdb_times), noop_figures(&diesel_times)))
 }
 
-/// Runs `command()` `calls` times, one after another, each to success; its median and
-/// slowest time (`None` for no call).
-async fn timed_calls(
-    calls: u32,
-    command: impl Fn() -> tokio::process::Command,
-    what: &str,
-) -> Result<Option<NoopFigures>> {
-    let mut samples = Vec::with_capacity(calls as usize);
-    for _ in 0..calls {
-        let started = Instant::now();
-        pg::run_tool(command(), what).await?;
-        samples.push(started.elapsed());
-    }
-    Ok((!samples.is_empty()).then(|| NoopFigures {
-        median: report::median(&samples),
+/// Runs `command` to success and returns how long it took.
+async fn timed_call(command: tokio::process::Command, what: &str) -> Result<Duration> {
+    let started = Instant::now();
+    pg::run_tool(command, what).await?;
+    Ok(started.elapsed())
+}
+
+/// The median and the slowest of `samples` (`None` for none).
+fn noop_figures(samples: &[Duration]) -> Option<NoopFigures> {
+    (!samples.is_empty()).then(|| NoopFigures {
+        median: report::median(samples),
         max: samples.iter().copied().max().unwrap_or_default(),
-    }))
+    })
 }
 
 /// The `svcdb` binary: next to this one (the same `cargo build`), else on `PATH`.

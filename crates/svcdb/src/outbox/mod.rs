@@ -149,10 +149,10 @@ const MAX_ERROR_CHARS: usize = 2000;
 /// service schema ([`AnyTransaction`](crate::AnyTransaction)).
 ///
 /// Refused before any SQL is sent, so that the relay never holds a row the broker cannot take:
-/// an invalid envelope or one over [`MAX_ENVELOPE_BYTES`] ([`Error::Event`]), an exchange name
+/// an invalid envelope or one over [`MAX_ENVELOPE_BYTES`] ([`Error::Event`](crate::Error::Event)), an exchange name
 /// other than letters, digits, `-`, `_`, `.` and `:` ([`check_exchange`]: empty names the
 /// default exchange, and `amq.topic` is fine) or a routing key over 255 bytes
-/// ([`check_routing_key`]; both [`Error::Ident`]). Enqueueing one envelope id twice fails with
+/// ([`check_routing_key`]; both [`Error::Ident`](crate::Error::Ident)). Enqueueing one envelope id twice fails with
 /// a unique violation (SQLSTATE 23505): make a new [`Envelope`] per event.
 ///
 /// The current span's trace context ([`trace::current`](crate::trace::current)) is stored
