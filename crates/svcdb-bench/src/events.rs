@@ -683,7 +683,8 @@ async fn measure_concurrent(
                     "round {round}/{}: svcdb, pipelined: {n} events, {} producers, relay and consumer at once…",
                     args.pipelined_rounds, args.producers
                 );
-                svcdb_pipelined.push(svcdb_pipelined_rate(args, amqp, connection, db, names).await?);
+                svcdb_pipelined
+                    .push(svcdb_pipelined_rate(args, amqp, connection, db, names).await?);
             } else {
                 eprintln!(
                     "round {round}/{}: raw lapin, pipelined: {n} events, {} producers publishing with confirms and a consumer at once…",
