@@ -848,17 +848,12 @@ impl Concurrent {
 
     /// Each round's svcdb / raw lapin.
     fn pipelined_ratios(&self) -> Vec<f64> {
-        self.svcdb_pipelined
-            .iter()
-            .zip(&self.raw_pipelined)
-            .filter_map(|(s, r)| report::ratio(Some(*s), Some(*r)))
-            .collect()
+        report::paired_ratios(&self.svcdb_pipelined, &self.raw_pipelined)
     }
 
     /// The median of the rounds' ratios (each round's two sides ran back to back).
     fn svcdb_vs_raw_pipelined(&self) -> Option<f64> {
-        let ratios = self.pipelined_ratios();
-        (!ratios.is_empty()).then(|| report::median_f64(&ratios))
+        report::paired_median(&self.svcdb_pipelined, &self.raw_pipelined)
     }
 }
 

@@ -82,6 +82,22 @@ pub fn median_f64(values: &[f64]) -> f64 {
     }
 }
 
+/// Each round's `ours / theirs`, the two measured in that round back to back.
+pub fn paired_ratios(ours: &[f64], theirs: &[f64]) -> Vec<f64> {
+    ours.iter()
+        .zip(theirs)
+        .filter_map(|(o, t)| ratio(Some(*o), Some(*t)))
+        .collect()
+}
+
+/// The median of [`paired_ratios`]: each ratio taken under its round's load, so a burst of
+/// load elsewhere moves one round's ratio, not the result (a ratio of the two medians would
+/// set one round's figure against another's). `None` without rounds.
+pub fn paired_median(ours: &[f64], theirs: &[f64]) -> Option<f64> {
+    let ratios = paired_ratios(ours, theirs);
+    (!ratios.is_empty()).then(|| median_f64(&ratios))
+}
+
 /// The item whose `key` is the median (the lower middle for an even count), whole: one
 /// round's figures reported together rather than medians taken field by field.
 pub fn median_by<T>(items: &[T], key: impl Fn(&T) -> f64) -> &T {

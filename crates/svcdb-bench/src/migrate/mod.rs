@@ -212,22 +212,6 @@ struct Results {
     noop_cli: Option<NoopFigures>,
 }
 
-/// Each round's `ours / theirs` (the two ran in that round, back to back).
-fn paired(ours: &[Duration], theirs: &[Duration]) -> Vec<f64> {
-    ours.iter()
-        .zip(theirs)
-        .filter_map(|(o, t)| report::ratio(Some(secs(*o)), Some(secs(*t))))
-        .collect()
-}
-
-/// The median of [`paired`]: a ratio per round, each taken under that round's load, so a
-/// burst of load elsewhere moves one round's ratio, not the result. (A ratio of the two
-/// medians would pair one round's figure with another's.) `None` without rounds.
-fn paired_median(ours: &[Duration], theirs: &[Duration]) -> Option<f64> {
-    let ratios = paired(ours, theirs);
-    (!ratios.is_empty()).then(|| report::median_f64(&ratios))
-}
-
 impl Results {
     fn up(&self) -> Duration {
         report::median(&self.ups)
@@ -239,7 +223,7 @@ impl Results {
 
     /// The median of the rounds' `up` / floor ratios.
     fn up_vs_floor(&self) -> Option<f64> {
-        paired_median(&self.ups, &self.floors)
+        report::paired_median(&all_secs(&self.ups), &all_secs(&self.floors))
     }
 
     fn diesel_up(&self) -> Option<Duration> {
@@ -252,7 +236,10 @@ impl Results {
 
     /// The median of the rounds' svcdb / diesel ratios.
     fn vs_diesel(&self) -> Option<f64> {
-        paired_median(&self.svcdb_diesel_ups, &self.diesel_ups)
+        report::paired_median(
+            &all_secs(&self.svcdb_diesel_ups),
+            &all_secs(&self.diesel_ups),
+        )
     }
 
     fn noop_cli_vs_diesel(&self) -> Option<f64> {
@@ -454,7 +441,10 @@ fn figures(
     f.set("psql_single_session_s_rounds", all_secs(&r.floors));
     f.set("psql_per_file_s", r.per_file.map(secs));
     f.set("up_vs_floor", r.up_vs_floor());
-    f.set("up_vs_floor_rounds", paired(&r.ups, &r.floors));
+    f.set(
+        "up_vs_floor_rounds",
+        report::paired_ratios(&all_secs(&r.ups), &all_secs(&r.floors)),
+    );
     f.set(
         "psql_per_file_vs_floor",
         report::ratio(r.per_file.map(secs), r.floor().map(secs)),
@@ -475,7 +465,7 @@ fn figures(
     f.set("svcdb_vs_diesel", r.vs_diesel());
     f.set(
         "svcdb_vs_diesel_rounds",
-        paired(&r.svcdb_diesel_ups, &r.diesel_ups),
+        report::paired_ratios(&all_secs(&r.svcdb_diesel_ups), &all_secs(&r.diesel_ups)),
     );
     f.set("noop_cli_vs_diesel", r.noop_cli_vs_diesel());
     let targets = vec![
@@ -688,10 +678,7 @@ async fn svcdb_run(
             "a no-op up applied migrations"
         );
     }
-    let noop = (!samples.is_empty()).then(|| NoopFigures {
-        median: report::median(&samples),
-        max: samples.iter().copied().max().unwrap_or_default(),
-    });
+    let noop = noop_figures(&samples);
 
     let down = if down {
         server.checkpoint().await;
