@@ -65,7 +65,9 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
     noop_calls: u32,
 
-    /// Rounds of svcdb up/down and the one-session floor, alternated; medians are reported.
+    /// Rounds of svcdb up/down and the one-session floor, and of diesel and svcdb on the diesel
+    /// folder (in turns first), alternated; medians are reported, and the targets judge the
+    /// median of the rounds' ratios.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
 
