@@ -79,6 +79,7 @@ use std::fmt::Display;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
 use serde_json::Value;
 use tokio_postgres::types::Type;
 use tracing::Instrument;
@@ -423,17 +424,20 @@ impl Outbox {
         limit: i64,
         publish: impl AsyncFnOnce(&[OutboxMessage]) -> Vec<Result<(), P>>,
     ) -> Result<RelayReport> {
-        let open = OpenBatch::new(self.db.get().await?);
-        match self.relay_on(open.client(), limit, publish).await {
-            Ok(report) => {
-                open.finish();
-                Ok(report)
-            }
-            Err(e) => {
-                open.abandon(&self.db).await;
-                Err(e)
+        let conn = self.db.get().await?;
+        let open = RollbackOnDrop::new(&conn);
+        let outcome = self.relay_on(&conn, limit, publish).await;
+        open.settled();
+        if outcome.is_err() {
+            // Rolled back, then back to the pool unless its server no longer accepts writes,
+            // as after a failed `ServiceDb::transaction`; closed if it cannot roll back.
+            if conn.batch_execute("ROLLBACK").await.is_ok() {
+                self.db.retire_if_read_only(conn).await;
+            } else {
+                drop(PooledConn::take(conn));
             }
         }
+        outcome
     }
 
     /// Claims, publishes and marks on `client`, committing at the end; an error leaves the
@@ -586,52 +590,37 @@ impl Outbox {
     }
 }
 
-/// A relay batch's connection while its transaction may be open: [`OpenBatch::finish`] gives
-/// it back to the pool after the `COMMIT`, [`OpenBatch::abandon`] after a rollback. Dropped
-/// before either (the batch's future was dropped, or its publisher panicked), it takes the
-/// connection out of the pool and closes it, which rolls the transaction back and releases the
-/// rows: the next user of the pool never gets a connection in the middle of a transaction.
-struct OpenBatch {
-    conn: Option<PooledConn>,
+/// Guards a relay batch's transaction, begun by hand on a pooled connection, until the batch
+/// has committed or failed ([`RollbackOnDrop::settled`]). Dropped before that (the batch's
+/// future was dropped, or its publisher panicked), it sends a `ROLLBACK` without waiting, as
+/// tokio-postgres's own transactions do when dropped: it goes out ahead of anything the
+/// connection's next user sends, so the rows are released at once and the pool never hands
+/// out a connection in the middle of a transaction.
+struct RollbackOnDrop<'a> {
+    client: &'a tokio_postgres::Client,
+    armed: bool,
 }
 
-impl OpenBatch {
-    fn new(conn: PooledConn) -> Self {
-        Self { conn: Some(conn) }
-    }
-
-    fn client(&self) -> &deadpool_postgres::ClientWrapper {
-        match &self.conn {
-            Some(conn) => conn,
-            // `conn` is taken only by `finish`, `abandon` and `drop`, which consume the batch.
-            None => unreachable!("an open batch always holds its connection"),
+impl<'a> RollbackOnDrop<'a> {
+    fn new(client: &'a tokio_postgres::Client) -> Self {
+        Self {
+            client,
+            armed: true,
         }
     }
 
-    /// The transaction committed: the connection goes back to the pool.
-    fn finish(mut self) {
-        drop(self.conn.take());
-    }
-
-    /// The transaction failed: rolled back, then the connection goes back to the pool unless
-    /// its server no longer accepts writes ([`ServiceDb::retire_if_read_only`]); a connection
-    /// that cannot roll back is closed.
-    async fn abandon(mut self, db: &ServiceDb) {
-        let Some(conn) = self.conn.take() else {
-            return;
-        };
-        if conn.batch_execute("ROLLBACK").await.is_ok() {
-            db.retire_if_read_only(conn).await;
-        } else {
-            drop(PooledConn::take(conn));
-        }
+    /// The batch committed or failed on its own: nothing to do on drop.
+    fn settled(mut self) {
+        self.armed = false;
     }
 }
 
-impl Drop for OpenBatch {
+impl Drop for RollbackOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            drop(PooledConn::take(conn));
+        if self.armed {
+            // The driver sends a request when its future is first polled and reads the answer
+            // of one whose future was dropped; polled once here, the `ROLLBACK` is on its way.
+            let _ = self.client.batch_execute("ROLLBACK").now_or_never();
         }
     }
 }
