@@ -131,8 +131,8 @@ async fn handle(context: Arc<Context>, deliveries: Vec<Delivery>) {
                     Err(e) => failed.push((work, e)),
                 }
             }
-            let deliveries: Vec<&Delivery> = acked.iter().map(|(w, _)| &w.delivery).collect();
-            settle::ack_all(&context, &deliveries).await;
+            // Counted before the acknowledgements, as committed: a connection lost while they
+            // are sent ends this task, and the redelivery then counts as a duplicate.
             for (work, processed) in &acked {
                 let (id, kind) = (work.envelope.id, work.envelope.kind.as_str());
                 let deliveries = work.deliveries;
@@ -144,6 +144,8 @@ async fn handle(context: Arc<Context>, deliveries: Vec<Delivery>) {
                     Counters::bump(&context.counters.handled);
                 }
             }
+            let deliveries: Vec<&Delivery> = acked.iter().map(|(w, _)| &w.delivery).collect();
+            settle::ack_all(&context, &deliveries).await;
             drop(acked);
             // Each failure by the single-delivery rules, and returned on its own: RabbitMQ does
             // not count a delivery returned by a `multiple` nack.

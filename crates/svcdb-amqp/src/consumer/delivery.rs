@@ -134,16 +134,18 @@ pub(super) async fn finish(
         ..
     } = &work;
     let (id, kind, deliveries) = (envelope.id, envelope.kind.as_str(), *deliveries);
+    // Each outcome is counted before its acknowledgement, as committed: a connection lost while
+    // the ack is sent ends this task, and the redelivery then counts as a duplicate.
     match outcome {
         Ok(Processed::Done(())) => {
             tracing::debug!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, "handled");
-            settle::ack(context, delivery, id).await;
             Counters::bump(&context.counters.handled);
+            settle::ack(context, delivery, id).await;
         }
         Ok(Processed::Duplicate) => {
             tracing::debug!(target: "svcdb_amqp::consumer", %queue, %id, %kind, deliveries, "duplicate; already handled");
-            settle::ack(context, delivery, id).await;
             Counters::bump(&context.counters.duplicates);
+            settle::ack(context, delivery, id).await;
         }
         Err(e) if e.is_database_unavailable() => {
             // The database, not the event: hand the message back without counting a failure,
