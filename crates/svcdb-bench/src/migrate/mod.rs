@@ -20,7 +20,7 @@
 //! `up`, `down`, the floor and diesel run `--rounds` times, svcdb, psql and diesel alternating, and the
 //! medians are reported: on a shared machine one round can meet a build. The ratios the
 //! targets judge (`up_vs_floor`, `svcdb_vs_diesel`) are the medians of each round's ratio,
-//! whose two sides ran back to back (svcdb and diesel in turns first), not ratios of the two
+//! whose two sides ran back to back (each pair in turns first), not ratios of the two
 //! medians, which would set one round's figure against another's. The part of `up`
 //! spent outside the scripts (connecting, the advisory lock, session settings, the lint, the
 //! history, each transaction's `BEGIN` and `COMMIT`) is reported on its own, from the runner's
@@ -66,7 +66,7 @@ pub struct MigrateArgs {
     noop_calls: u32,
 
     /// Rounds of svcdb up/down and the one-session floor, and of diesel and svcdb on the diesel
-    /// folder (in turns first), alternated; medians are reported, and the targets judge the
+    /// folder, each pair in turns first; medians are reported, and the targets judge the
     /// median of the rounds' ratios.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
@@ -294,37 +294,37 @@ async fn measure(
         eprintln!("diesel not found on PATH: the diesel references are left out");
     }
     let (mut diesel_ups, mut svcdb_diesel_ups) = (vec![], vec![]);
-    // Rounds alternate svcdb and the floor, so that a burst of load from elsewhere on the
-    // machine hits both sides alike, and the medians shrug off one unlucky round.
+    // svcdb and the floor run back to back, each round in the other order (as diesel and svcdb
+    // below), so that a burst of load from elsewhere on the machine hits both sides alike and
+    // neither always runs first; the medians shrug off one unlucky round.
     let (mut ups, mut outside, mut downs, mut floors) = (vec![], vec![], vec![], vec![]);
     let mut noop = None;
     let mut objects: Option<Fingerprint> = None;
     for round in 1..=args.rounds {
-        eprintln!(
-            "round {round}/{}: svcdb up and down, {count} migrations…",
-            args.rounds
-        );
-        let calls = if round == 1 { args.noop_calls } else { 0 };
-        let run = svcdb_run(server, &db_name("svcdb"), &corpus.migrations, calls, true).await?;
-        ups.push(run.up);
-        outside.push(run.outside_migrations);
-        downs.push(run.down.expect("down was asked for"));
-        noop = noop.or(run.noop);
-        let objects = match &objects {
-            Some(first) => {
-                same_schema(first, &run.objects, "an earlier svcdb round")?;
-                first
+        for floor_turn in [round % 2 == 0, round % 2 == 1] {
+            if !floor_turn {
+                eprintln!(
+                    "round {round}/{}: svcdb up and down, {count} migrations…",
+                    args.rounds
+                );
+                let calls = if round == 1 { args.noop_calls } else { 0 };
+                let run =
+                    svcdb_run(server, &db_name("svcdb"), &corpus.migrations, calls, true).await?;
+                ups.push(run.up);
+                outside.push(run.outside_migrations);
+                downs.push(run.down.expect("down was asked for"));
+                noop = noop.or(run.noop);
+                same_or_first(&mut objects, run.objects, "an earlier svcdb round")?;
+            } else if let Some(psql) = psql {
+                eprintln!("round {round}/{}: psql -f, one session…", args.rounds);
+                let single = std::slice::from_ref(&corpus.concatenated);
+                let (floor, built) =
+                    psql_timed(server, psql, &db_name("psql_single"), single, false).await?;
+                same_or_first(&mut objects, built, "one psql session")?;
+                floors.push(floor);
             }
-            None => objects.insert(run.objects),
-        };
-        if let Some(psql) = psql {
-            eprintln!("round {round}/{}: psql -f, one session…", args.rounds);
-            let single = std::slice::from_ref(&corpus.concatenated);
-            let (floor, built) =
-                psql_timed(server, psql, &db_name("psql_single"), single, false).await?;
-            same_schema(objects, &built, "one psql session")?;
-            floors.push(floor);
         }
+        let objects = objects.as_ref().expect("svcdb ran this round");
         // diesel and svcdb on the same folder run back to back, each round in the other order,
         // so that each round's ratio compares the two under the same load and neither always
         // runs first.
@@ -626,6 +626,22 @@ fn human_report(
         machine.line(),
         report::num(report::ms(corpus.load)),
     )
+}
+
+/// Keeps `built` as the reference when it is the first (svcdb's, round 1 running svcdb first),
+/// or checks it against the reference.
+fn same_or_first(
+    reference: &mut Option<Fingerprint>,
+    built: Fingerprint,
+    what: &str,
+) -> Result<()> {
+    match reference {
+        Some(first) => same_schema(first, &built, what),
+        None => {
+            *reference = Some(built);
+            Ok(())
+        }
+    }
 }
 
 /// Refuses a comparison between runs that built different schemas.
