@@ -112,13 +112,20 @@ pub enum MigrateError {
         path: String,
     },
 
-    /// `down` would have to cross a migration that has no down script.
-    #[error("cannot revert migration {version}: {path} has no down script\n  hint: add a down script for it, or revert by hand")]
+    /// `down` would have to cross a migration that has no down script (none, or one holding
+    /// no statement); nothing was reverted.
+    #[error("cannot revert migration {version} ({path}): it has no down script, so nothing was reverted\n  hint: write the statements that undo it in {down_at}{}", newer_hint(version, *newer))]
     NoDown {
         /// The version.
         version: Version,
         /// Its up file.
         path: String,
+        /// Where its down script goes in its folder's layout (`…/0003_x.down.sql`,
+        /// `…/2017-09-23-182408_x/down.sql`, Flyway's `…/U3__x.sql`, or a goose or dbmate file's
+        /// down section).
+        down_at: String,
+        /// How many applied migrations newer than it the same `down` would have reverted.
+        newer: usize,
     },
 
     /// `up` refused before running anything: pending migrations hold statements that
@@ -319,4 +326,18 @@ fn failed_message(f: &MigrationFailure) -> String {
         s.push_str("; the migrations still in effect are recorded as applied and will be skipped");
     }
     s
+}
+
+/// The part of [`MigrateError::NoDown`]'s hint for the migrations above the irreversible one:
+/// a command that reverts them, when there are some.
+fn newer_hint(version: &Version, newer: usize) -> String {
+    match newer {
+        0 => String::new(),
+        1 => format!(
+            "; `svcdb migrate down --to {version}` (DownOptions::to) reverts the one newer migration and stops there"
+        ),
+        n => format!(
+            "; `svcdb migrate down --to {version}` (DownOptions::to) reverts the {n} newer migrations and stops there"
+        ),
+    }
 }

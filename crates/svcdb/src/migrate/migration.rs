@@ -122,9 +122,47 @@ pub(crate) fn has_no_transaction_directive(script: &str) -> bool {
     )
 }
 
+/// Where the down script of the migration whose up script is at `up_path` goes, in that
+/// folder's layout: `0003_x.up.sql` → `0003_x.down.sql`, diesel's `…/up.sql` → `…/down.sql`,
+/// Flyway's `V3__x.sql` → `U3__x.sql`; a goose or dbmate file holds it in a section of its own.
+pub(crate) fn down_script_place(up_path: &str) -> String {
+    let (folder, file) = match up_path.rsplit_once('/') {
+        Some((folder, file)) => (format!("{folder}/"), file),
+        None => (String::new(), up_path),
+    };
+    if let Some(stem) = file.strip_suffix(".up.sql") {
+        format!("{folder}{stem}.down.sql")
+    } else if file == "up.sql" {
+        format!("{folder}down.sql")
+    } else if let Some(rest) = file
+        .strip_prefix('V')
+        .filter(|rest| rest.starts_with(|c: char| c.is_ascii_digit()) && rest.contains("__"))
+    {
+        format!("{folder}U{rest}")
+    } else {
+        format!("the down section of {up_path} (after `-- +goose Down` or `-- migrate:down`)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_down_script_goes_where_each_layout_keeps_it() {
+        for (up, down) in [
+            ("migrations/0003_x.up.sql", "migrations/0003_x.down.sql"),
+            (
+                "m/2017-09-23-182408_x/up.sql",
+                "m/2017-09-23-182408_x/down.sql",
+            ),
+            ("db/V3__add_tags.sql", "db/U3__add_tags.sql"),
+            ("0003_x.up.sql", "0003_x.down.sql"),
+        ] {
+            assert_eq!(down_script_place(up), down);
+        }
+        assert!(down_script_place("db/20240101120000_x.sql").contains("-- +goose Down"));
+    }
 
     #[test]
     fn line_endings_and_bom_do_not_change_the_checksum() {

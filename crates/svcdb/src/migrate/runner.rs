@@ -451,6 +451,8 @@ impl Migrator {
                 return Err(MigrateError::NoDown {
                     version: m.version.clone(),
                     path: m.path.clone(),
+                    down_at: super::migration::down_script_place(&m.path),
+                    newer: plan.len(),
                 });
             }
             plan.push(m);

@@ -644,9 +644,16 @@ async fn an_empty_down_makes_down_refuse_before_reverting_anything() {
         .await
         .unwrap_err();
     match &err {
-        MigrateError::NoDown { version, path } => {
+        MigrateError::NoDown {
+            version,
+            path,
+            down_at,
+            newer,
+        } => {
             assert_eq!(version.number(), 3);
             assert!(path.ends_with("3_tags.up.sql"), "{path}");
+            assert!(down_at.ends_with("3_tags.down.sql"), "{down_at}");
+            assert_eq!(*newer, 1, "migration 4 lies above it");
         }
         other => panic!("expected NoDown, got {other}"),
     }

@@ -860,8 +860,14 @@ async fn down_by_steps_and_to_refuses_to_cross_an_up_without_a_down() {
     );
     assert_eq!(one.current_version, Some(v(4)));
     match m.down(&DownOptions::default()).await {
-        Err(MigrateError::NoDown { version, path }) if version.number() == 4 => {
-            assert!(path.ends_with("0004_no_down.up.sql"))
+        Err(MigrateError::NoDown {
+            version,
+            path,
+            newer,
+            ..
+        }) if version.number() == 4 => {
+            assert!(path.ends_with("0004_no_down.up.sql"));
+            assert_eq!(newer, 0, "it is the newest applied");
         }
         other => panic!("expected NoDown, got {other:?}"),
     }
