@@ -32,6 +32,7 @@
 //! but the history table, which proves every down script reverts its up script.
 
 pub mod corpus;
+mod folder;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -82,8 +83,15 @@ pub struct MigrateArgs {
     /// Write the corpora here and keep them, for reading or for rerunning by hand; its
     /// `realistic/` and `applied/` folders are replaced (default: a temporary directory,
     /// removed at the end).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "diesel_folder")]
     corpus_dir: Option<PathBuf>,
+
+    /// Instead of the generated corpus, compare `svcdb migrate up` with `diesel migration run`
+    /// on this diesel migrations folder (yours): `--rounds` rounds, each tool from empty in a
+    /// fresh database, in turns first, process start included; needs diesel on PATH and the
+    /// svcdb binary next to this one or on PATH. The folder is only read.
+    #[arg(long, value_name = "DIR")]
+    diesel_folder: Option<PathBuf>,
 }
 
 /// One pass of svcdb over a corpus, in a fresh database.
@@ -262,6 +270,9 @@ fn all_secs(ds: &[Duration]) -> Vec<f64> {
 
 /// Runs the whole benchmark and prints the report.
 pub async fn run(server: &Server, args: &MigrateArgs) -> Result<()> {
+    if let Some(folder) = &args.diesel_folder {
+        return folder::run(server, args, folder).await;
+    }
     let machine = report::Machine::now(server.version());
     let psql = pg::find_tool("psql");
     let temp;
@@ -888,23 +899,31 @@ fn diesel_command<'a>(
     // directory; an empty one in the corpus folder keeps it from finding any other.
     let config = corpus.diesel_dir.join("diesel.toml");
     std::fs::write(&config, "")?;
-    Ok(move || {
+    Ok(diesel_in(server, diesel, name, &corpus.diesel_dir, config))
+}
+
+/// `diesel migration run` of `folder` on database `name` with the configuration file
+/// `config`, run from the folder containing `config`.
+fn diesel_in<'a>(
+    server: &'a Server,
+    diesel: &'a Path,
+    name: &'a str,
+    folder: &'a Path,
+    config: PathBuf,
+) -> impl Fn() -> tokio::process::Command + 'a {
+    move || {
         let mut cmd = server.tool(diesel, name);
         cmd.args(["migration", "run", "--migration-dir"])
-            .arg(&corpus.diesel_dir)
+            .arg(folder)
             .arg("--config-file")
             .arg(&config)
-            .current_dir(&corpus.diesel_dir)
+            .current_dir(config.parent().unwrap_or(folder))
             .env("DATABASE_URL", format!("postgres:///{name}"))
             .env("PGOPTIONS", format!("-c search_path={SCHEMA}"));
         cmd
-    })
+    }
 }
 
-/// The no-op runs of both command-line tools, process start included, as a deploy script or
-/// an init container runs them: each on a database of its own with the diesel folder applied
-/// by that tool, `calls` of each, one tool then the other, so that both meet the same load.
-/// `None` for a tool that is not there. Drops the databases at the end.
 async fn cli_noops(
     server: &Server,
     svcdb: Option<&Path>,
