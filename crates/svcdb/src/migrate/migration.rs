@@ -122,10 +122,12 @@ pub(crate) fn has_no_transaction_directive(script: &str) -> bool {
     )
 }
 
-/// Where the down script of the migration whose up script is at `up_path` goes, in that
-/// folder's layout: `0003_x.up.sql` → `0003_x.down.sql`, diesel's `…/up.sql` → `…/down.sql`,
-/// Flyway's `V3__x.sql` → `U3__x.sql`; a goose or dbmate file holds it in a section of its own.
-pub(crate) fn down_script_place(up_path: &str) -> String {
+/// Where the down script of the migration whose up script is at `up_path` (from line
+/// `up_line`) goes, in that folder's layout: `0003_x.up.sql` → `0003_x.down.sql`, diesel's
+/// `…/up.sql` → `…/down.sql`, Flyway's `V3__x.sql` → `U3__x.sql`; a goose or dbmate file (its
+/// up script starting after a marker line) holds it in a section of its own; sqlx's one-way
+/// `0003_x.sql` becomes reversible as `0003_x.up.sql` beside a `0003_x.down.sql`.
+pub(crate) fn down_script_place(up_path: &str, up_line: usize) -> String {
     let (folder, file) = match up_path.rsplit_once('/') {
         Some((folder, file)) => (format!("{folder}/"), file),
         None => (String::new(), up_path),
@@ -139,8 +141,11 @@ pub(crate) fn down_script_place(up_path: &str) -> String {
         .filter(|rest| rest.starts_with(|c: char| c.is_ascii_digit()) && rest.contains("__"))
     {
         format!("{folder}U{rest}")
-    } else {
+    } else if up_line > 1 {
         format!("the down section of {up_path} (after `-- +goose Down` or `-- migrate:down`)")
+    } else {
+        let stem = file.strip_suffix(".sql").unwrap_or(file);
+        format!("{folder}{stem}.down.sql, after renaming {file} to {stem}.up.sql (a one-way `.sql` has no down)")
     }
 }
 
@@ -159,9 +164,15 @@ mod tests {
             ("db/V3__add_tags.sql", "db/U3__add_tags.sql"),
             ("0003_x.up.sql", "0003_x.down.sql"),
         ] {
-            assert_eq!(down_script_place(up), down);
+            assert_eq!(down_script_place(up, 1), down);
         }
-        assert!(down_script_place("db/20240101120000_x.sql").contains("-- +goose Down"));
+        // goose and dbmate: the up script starts after its marker line.
+        assert!(down_script_place("db/20240101120000_x.sql", 2).contains("-- +goose Down"));
+        // sqlx's one-way file.
+        assert_eq!(
+            down_script_place("m/4_article.sql", 1),
+            "m/4_article.down.sql, after renaming 4_article.sql to 4_article.up.sql (a one-way `.sql` has no down)"
+        );
     }
 
     #[test]

@@ -86,6 +86,42 @@ pub(super) struct Newest {
     pub(super) dashed: bool,
 }
 
+/// Gives each lone `.down.sql` to the `.up.sql` of its version when their names differ and
+/// that up has no down of its own, as golang-migrate and sqlx pair them (by version, whatever
+/// the names): real folders rename one side (`000002_create_x.up.sql` beside
+/// `000002_del_x.down.sql`). A down that two ups of its version could take, or whose up has a
+/// down already, stays alone and is refused.
+fn pair_downs_by_version(groups: &mut BTreeMap<(String, Layout), Group<'_>>) {
+    let version = |stem: &str| parse_stem(stem).ok().map(|(version, ..)| version);
+    let lone: Vec<(String, Layout)> = groups
+        .iter()
+        .filter(|((_, layout), g)| *layout == Layout::Native && g.up.is_none() && g.down.is_some())
+        .map(|(key, _)| key.clone())
+        .collect();
+    for key in lone {
+        let Some(wanted) = version(&key.0) else {
+            continue;
+        };
+        let partners: Vec<(String, Layout)> = groups
+            .iter()
+            .filter(|((stem, layout), g)| {
+                *layout == Layout::Native
+                    && g.up.is_some()
+                    && g.down.is_none()
+                    && version(stem).as_ref() == Some(&wanted)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        let [partner] = partners.as_slice() else {
+            continue;
+        };
+        let down = groups.remove(&key).and_then(|g| g.down);
+        if let Some(group) = groups.get_mut(partner) {
+            group.down = down;
+        }
+    }
+}
+
 /// The files of one migration, before validation.
 #[derive(Default)]
 struct Group<'a> {
@@ -264,6 +300,7 @@ impl Migrations {
             };
             *slot = Some(file);
         }
+        pair_downs_by_version(&mut groups);
         let mut list: Vec<Migration> = Vec::with_capacity(groups.len());
         let mut prefix_width = 0;
         let mut newest: Option<(Version, Newest)> = None;
@@ -623,6 +660,13 @@ mod tests {
     #[test]
     fn down_without_up() {
         assert!(source_error_path(&[("1_a.down.sql", b"SELECT 1;")]).ends_with("1_a.down.sql"));
+        // Another name of a version that has a down already is not taken.
+        assert!(source_error_path(&[
+            ("1_a.up.sql", b"SELECT 1;"),
+            ("1_a.down.sql", b"SELECT 2;"),
+            ("1_b.down.sql", b"SELECT 3;"),
+        ])
+        .ends_with("1_b.down.sql"));
         assert!(source_error_path(&[("1_a/down.sql", b"SELECT 1;")]).ends_with("1_a/down.sql"));
         // A folder holding only metadata.toml is not a migration.
         assert!(
@@ -630,6 +674,33 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_down_named_otherwise_goes_with_the_up_of_its_version_as_golang_migrate_pairs_them() {
+        // rudder-server's folder: each side of versions 2 and 3 named for what it does.
+        let m = parse(&[
+            (
+                "000002_create_col_counters.up.sql",
+                b"CREATE TABLE c (a int);",
+            ),
+            ("000002_del_col_counters.down.sql", b"DROP TABLE c;"),
+            ("000003_add_columns.up.sql", b"ALTER TABLE c ADD b int;"),
+            ("000003_remove_columns.down.sql", b"ALTER TABLE c DROP b;"),
+        ])
+        .unwrap();
+        let two = m.get(&v(2)).unwrap();
+        assert_eq!(two.name, "create_col_counters", "the up file names it");
+        assert_eq!(two.down.as_deref(), Some("DROP TABLE c;"));
+        assert!(two
+            .down_path
+            .as_deref()
+            .is_some_and(|p| p.ends_with("000002_del_col_counters.down.sql")));
+        assert_eq!(
+            m.get(&v(3)).unwrap().down.as_deref(),
+            Some("ALTER TABLE c DROP b;")
+        );
+        assert_eq!(m.len(), 2);
     }
 
     #[test]
