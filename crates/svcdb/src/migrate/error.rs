@@ -59,7 +59,7 @@ pub enum MigrateError {
     },
 
     /// An applied migration has no file in the source.
-    #[error("migration {version} ({name}) is applied but its file is missing from the migrations folder\n  hint: restore the file, or pass `--ignore-missing` (MigrateOptions::ignore_missing) if it was removed on purpose")]
+    #[error("migration {} is applied but its file is missing from the migrations folder\n  hint: restore the file, or pass `--ignore-missing` (MigrateOptions::ignore_missing) if it was removed on purpose", super::migration::Named(version, name))]
     Missing {
         /// The applied version.
         version: Version,
@@ -70,7 +70,7 @@ pub enum MigrateError {
     /// A non-transactional migration failed part-way earlier: its history row is marked dirty
     /// and no runner holds the schema's migration lock (a migration still running is waited
     /// for, not refused). The schema is in an unknown state.
-    #[error("schema {schema} is dirty: non-transactional migration {version} ({name}) failed part-way and may be half-applied (no runner is migrating the schema)\n  hint: inspect the schema and finish or undo that migration's statements by hand (`svcdb migrate repair` also names the invalid indexes a failed CREATE INDEX CONCURRENTLY left, with the statement to drop each), then run `svcdb migrate repair` so it counts as pending again")]
+    #[error("schema {schema} is dirty: non-transactional migration {} failed part-way and may be half-applied (no runner is migrating the schema)\n  hint: inspect the schema and finish or undo that migration's statements by hand (`svcdb migrate repair` also names the invalid indexes a failed CREATE INDEX CONCURRENTLY left, with the statement to drop each), then run `svcdb migrate repair` so it counts as pending again", super::migration::Named(version, name))]
     Dirty {
         /// The schema.
         schema: String,
@@ -262,7 +262,8 @@ fn failed_message(f: &MigrationFailure) -> String {
             .join(", ")
     };
     let mut s = format!(
-        "migration {version} ({name}) failed ({direction}): {}",
+        "migration {} failed ({direction}): {}",
+        super::migration::Named(version, name),
         pg_message(cause)
     );
     let lock_timeout = cause.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);

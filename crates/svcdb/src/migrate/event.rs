@@ -128,7 +128,7 @@ impl fmt::Display for MigrateEvent {
                 } else {
                     " (no transaction)"
                 };
-                write!(f, "{direction} {version} {name}{mode}…")
+                write!(f, "{direction} {version}{}{mode}…", spaced(name))
             }
             MigrateEvent::Finished {
                 version,
@@ -138,7 +138,8 @@ impl fmt::Display for MigrateEvent {
             } => {
                 write!(
                     f,
-                    "{direction} {version} {name} done in {duration_ms:.1} ms"
+                    "{direction} {version}{} done in {duration_ms:.1} ms",
+                    spaced(name)
                 )
             }
             MigrateEvent::LockRetry {
@@ -156,11 +157,22 @@ impl fmt::Display for MigrateEvent {
                 };
                 write!(
                     f,
-                    "{direction} {version} {name}: a table lock was not granted within lock_timeout; retrying {what} in {:.1} s (retry {attempt} of {retries})",
+                    "{direction} {version}{}: a table lock was not granted within lock_timeout; retrying {what} in {:.1} s (retry {attempt} of {retries})",
+                    spaced(name),
                     delay_ms / 1e3
                 )
             }
             MigrateEvent::Lint { finding } => finding.fmt(f),
         }
+    }
+}
+
+/// A migration's name after its version in a progress line, or nothing for one whose file
+/// gives no name (Flyway's `V0003.sql`).
+fn spaced(name: &str) -> String {
+    if name.is_empty() {
+        String::new()
+    } else {
+        format!(" {name}")
     }
 }

@@ -122,6 +122,19 @@ pub(crate) fn has_no_transaction_directive(script: &str) -> bool {
     )
 }
 
+/// A migration as messages name it: `0003 (create_users)`, or `0003` alone for one whose
+/// file gives no name (Flyway's `V0003.sql`).
+pub(crate) struct Named<'a>(pub &'a Version, pub &'a str);
+
+impl fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.1 {
+            "" => write!(f, "{}", self.0),
+            name => write!(f, "{} ({name})", self.0),
+        }
+    }
+}
+
 /// Where the down script of the migration whose up script is at `up_path` (from line
 /// `up_line`) goes, in that folder's layout: `0003_x.up.sql` → `0003_x.down.sql`, diesel's
 /// `…/up.sql` → `…/down.sql`, Flyway's `V3__x.sql` → `U3__x.sql`; a goose or dbmate file (its
@@ -136,10 +149,14 @@ pub(crate) fn down_script_place(up_path: &str, up_line: usize) -> String {
         format!("{folder}{stem}.down.sql")
     } else if file == "up.sql" {
         format!("{folder}down.sql")
-    } else if let Some(rest) = file
-        .strip_prefix('V')
-        .filter(|rest| rest.starts_with(|c: char| c.is_ascii_digit()) && rest.contains("__"))
-    {
+    } else if let Some(rest) = file.strip_prefix('V').filter(|rest| {
+        let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+        // `V3__x.sql`, or `V3.sql` without a description.
+        rest.split_once("__").map_or_else(
+            || rest.strip_suffix(".sql").is_some_and(digits),
+            |(version, _)| digits(version),
+        )
+    }) {
         format!("{folder}U{rest}")
     } else if up_line > 1 {
         format!("the down section of {up_path} (after `-- +goose Down` or `-- migrate:down`)")
@@ -162,6 +179,7 @@ mod tests {
                 "m/2017-09-23-182408_x/down.sql",
             ),
             ("db/V3__add_tags.sql", "db/U3__add_tags.sql"),
+            ("db/V0003.sql", "db/U0003.sql"),
             ("0003_x.up.sql", "0003_x.down.sql"),
         ] {
             assert_eq!(down_script_place(up, 1), down);

@@ -99,6 +99,19 @@ fn flyway(stem: &str) -> Class {
         format!("expected `{letter}<version>__<name>.sql`, e.g. `{letter}2__create_users.sql`");
     let integer = |version: &str| version.chars().all(|c| c.is_ascii_digit());
     let refused = match rest.split_once("__") {
+        // Flyway reads `V0001.sql` as version 0001 with an empty description.
+        None if integer(rest) => {
+            let stem = format!("{rest}_");
+            return if letter == "U" {
+                Class::Undo { stem }
+            } else {
+                Class::Part {
+                    stem,
+                    layout: Layout::Flyway,
+                    role: Role::Up,
+                }
+            };
+        }
         None => format!(
             "a Flyway-style name needs two underscores between the version and the name; {expected}"
         ),
@@ -129,8 +142,12 @@ fn flyway(stem: &str) -> Class {
     Class::Refused(refused)
 }
 
-/// `(version, name, digit count)` from `<version>_<name>`, or what is wrong with it.
-pub(super) fn parse_stem(stem: &str) -> Result<(Version, &str, usize), String> {
+/// `(version, name, digit count)` from `<version>_<name>`, or what is wrong with it. The name
+/// may be empty only where it is not `name_required` (Flyway's `V0001.sql`).
+pub(super) fn parse_stem(
+    stem: &str,
+    name_required: bool,
+) -> Result<(Version, &str, usize), String> {
     const EXPECTED: &str =
         "expected `<version>_<name>`, e.g. `0001_create_users.up.sql`, `20261124093000_create_users.sql` or `20261124093000_create_users/up.sql`";
     let Some((prefix, name)) = stem.split_once('_') else {
@@ -146,7 +163,7 @@ pub(super) fn parse_stem(stem: &str) -> Result<(Version, &str, usize), String> {
             "cannot read a version from the name: {prefix:?} is not a number (digits, optionally separated by `-`); {EXPECTED}"
         ));
     }
-    if name.trim().is_empty() {
+    if name_required && name.trim().is_empty() {
         return Err(format!("the name after the version is empty; {EXPECTED}"));
     }
     let version: Version = prefix

@@ -92,7 +92,7 @@ pub(super) struct Newest {
 /// `000002_del_x.down.sql`). A down that two ups of its version could take, or whose up has a
 /// down already, stays alone and is refused.
 fn pair_downs_by_version(groups: &mut BTreeMap<(String, Layout), Group<'_>>) {
-    let version = |stem: &str| parse_stem(stem).ok().map(|(version, ..)| version);
+    let version = |stem: &str| parse_stem(stem, true).ok().map(|(version, ..)| version);
     let lone: Vec<(String, Layout)> = groups
         .iter()
         .filter(|((_, layout), g)| *layout == Layout::Native && g.up.is_none() && g.down.is_some())
@@ -279,7 +279,8 @@ impl Migrations {
                 Class::Part { stem, layout, role } => (stem, layout, role),
                 Class::Refused(why) => return Err(refuse(&file, why)),
                 Class::Undo { stem } => {
-                    let (version, name, _) = parse_stem(&stem).map_err(|m| refuse(&file, m))?;
+                    let (version, name, _) =
+                        parse_stem(&stem, false).map_err(|m| refuse(&file, m))?;
                     if let Some((other, _)) = undo.get(&version) {
                         let message = format!(
                             "version {version} has a second undo script, {}; remove one of them",
@@ -319,7 +320,8 @@ impl Migrations {
                 }
                 continue;
             };
-            let (version, name, width) = parse_stem(&stem).map_err(|m| refuse(&up, m))?;
+            let (version, name, width) =
+                parse_stem(&stem, layout != Layout::Flyway).map_err(|m| refuse(&up, m))?;
             prefix_width = prefix_width.max(width);
             let up_path = display(&up.path);
             let text = script(&up, &display)?;
@@ -764,6 +766,23 @@ mod tests {
             .ends_with("U2__create_b.sql"));
         assert_eq!(m.get(&v(1)).unwrap().down, None);
         assert_eq!(m.get(&v(3)).unwrap().name, "lower_case");
+    }
+
+    #[test]
+    fn a_flyway_file_without_a_description_is_read_as_flyway_reads_it() {
+        // hmcts/nfdiv-case-api names its Flyway migrations `V0001.sql`, `V0002.sql`, …
+        let m = parse(&[
+            ("V0001.sql", b"CREATE TABLE a (id int);"),
+            ("V0002.sql", b"CREATE TABLE b (id int);"),
+            ("U0002.sql", b"DROP TABLE b;"),
+            ("V0003__named.sql", b"SELECT 3;"),
+        ])
+        .unwrap();
+        let versions: Vec<i64> = m.iter().map(|m| m.version.number()).collect();
+        assert_eq!(versions, [1, 2, 3]);
+        assert_eq!(m.get(&v(1)).unwrap().name, "");
+        assert_eq!(m.get(&v(2)).unwrap().down.as_deref(), Some("DROP TABLE b;"));
+        assert_eq!(m.get(&v(3)).unwrap().name, "named");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::fmt;
 
 use serde::{Serialize, Serializer};
 
-use crate::migrate::migration::HISTORY_TABLE;
+use crate::migrate::migration::{Named, HISTORY_TABLE};
 use crate::migrate::version::Version;
 
 /// The hint for tables missing from the service schema
@@ -127,24 +127,27 @@ impl Problem {
                 if *pending == 1 { "" } else { "s" }
             ),
             Problem::Dirty { version, name } => format!(
-                "migration {version} ({name}) is dirty: it failed part-way and may be half-applied (no runner is migrating the schema)"
+                "migration {} is dirty: it failed part-way and may be half-applied (no runner is migrating the schema)",
+                Named(version, name)
             ),
             Problem::Pending { version, name } => {
-                format!("migration {version} ({name}) is not applied")
+                format!("migration {} is not applied", Named(version, name))
             }
             Problem::Changed {
                 version,
                 name,
                 path,
             } => format!(
-                "migration {version} ({name}) was changed after it was applied: {path} no longer matches the history's checksum"
+                "migration {} was changed after it was applied: {path} no longer matches the history's checksum",
+                Named(version, name)
             ),
             Problem::UnknownApplied {
                 version,
                 name,
                 newest_shipped,
             } => format!(
-                "migration {version} ({name}) is applied but this release does not ship it, though it ships newer ones (up to {newest_shipped}): a branch's or another release's migration ran here"
+                "migration {} is applied but this release does not ship it, though it ships newer ones (up to {newest_shipped}): a branch's or another release's migration ran here",
+                Named(version, name)
             ),
             Problem::MissingTable { schema, table } => {
                 format!("table {table} is missing from schema {schema}")
@@ -246,11 +249,13 @@ impl Notice {
                 name,
                 running_ms,
             } => format!(
-                "migration {version} ({name}) is in progress: running for {:.1} s",
+                "migration {} is in progress: running for {:.1} s",
+                Named(version, name),
                 running_ms / 1e3
             ),
             Notice::NewerApplied { version, name } => format!(
-                "migration {version} ({name}) is applied by a newer release; this one does not ship it"
+                "migration {} is applied by a newer release; this one does not ship it",
+                Named(version, name)
             ),
         }
     }
