@@ -66,6 +66,13 @@ pub(super) fn classify(rel: &str) -> Option<Class> {
             if let Some(stem) = rel.strip_suffix(".down.sql") {
                 return part(stem, Layout::Native, Role::Down);
             }
+            if let Some(stem) = rel.strip_suffix(".go").filter(|s| !s.ends_with("_test")) {
+                return parse_stem(stem, true).is_ok().then(|| {
+                    Class::Refused(format!(
+                        "a goose Go migration, which svcdb cannot run: running the SQL migrations around it would skip its step\n  hint: port it to SQL as {stem}.sql (`-- +goose Up`, its statements, `-- +goose Down`, theirs: goose runs that file too), or keep the migrations folder svcdb reads free of it once every database has applied it"
+                    ))
+                });
+            }
             let stem = rel.strip_suffix(".sql")?;
             let mut chars = stem.chars();
             match (chars.next()?, chars.next()) {
@@ -197,6 +204,21 @@ mod tests {
         }
         let path = source_error_path(&[("latest/up.sql", b"SELECT 1;")]);
         assert!(path.ends_with("latest/up.sql"), "{path}");
+    }
+
+    #[test]
+    fn a_goose_go_migration_is_refused_and_other_go_files_are_not_migrations() {
+        let path = source_error_path(&[
+            (
+                "00001_create_users.sql",
+                b"-- +goose Up\nCREATE TABLE users (id int);",
+            ),
+            ("00002_rename_root.go", b"package migrations"),
+        ]);
+        assert!(path.ends_with("00002_rename_root.go"), "{path}");
+        for other in ["migrations.go", "00003_x_test.go", "main.go"] {
+            assert!(super::classify(other).is_none(), "{other}");
+        }
     }
 
     #[test]
