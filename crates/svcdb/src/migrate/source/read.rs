@@ -418,11 +418,22 @@ impl Migrations {
         }
         list.sort_by(|a, b| a.version.cmp(&b.version));
         if let Some(pair) = list.windows(2).find(|w| w[0].version == w[1].version) {
+            let (a, b) = (&pair[0].version, &pair[1].version);
+            // `0001` and `1`, or diesel's `00000000000000` and Lemmy's `000000000000000`:
+            // written differently, one version to svcdb, whose history keys on the number.
+            let why = if a.as_str() == b.as_str() {
+                String::new()
+            } else {
+                format!(
+                    " (written {b} and {a}, both the number {} to svcdb)",
+                    b.number()
+                )
+            };
             return Err(MigrateError::source_file(
                 &pair[1].path,
                 format!(
-                    "version {} is used twice, also by {}; give one of them a new version",
-                    pair[1].version, pair[0].path
+                    "version {b} is used twice{why}, also by {}; give one of them a new version",
+                    pair[0].path
                 ),
             ));
         }
@@ -766,6 +777,28 @@ mod tests {
             .ends_with("U2__create_b.sql"));
         assert_eq!(m.get(&v(1)).unwrap().down, None);
         assert_eq!(m.get(&v(3)).unwrap().name, "lower_case");
+    }
+
+    #[test]
+    fn two_spellings_of_one_version_are_refused() {
+        // Lemmy's folder: diesel compares versions as text, svcdb as numbers.
+        let path = source_error_path(&[
+            ("00000000000000_diesel_initial_setup/up.sql", b"SELECT 1;"),
+            ("000000000000000_forbid_diesel_cli/up.sql", b"SELECT 2;"),
+        ]);
+        assert!(
+            path.contains("_diesel_initial_setup/up.sql")
+                || path.contains("_forbid_diesel_cli/up.sql"),
+            "{path}"
+        );
+        let path = source_error_path(&[
+            ("0001_a.up.sql", b"SELECT 1;"),
+            ("1_b.up.sql", b"SELECT 2;"),
+        ]);
+        assert!(
+            path.ends_with("0001_a.up.sql") || path.ends_with("1_b.up.sql"),
+            "{path}"
+        );
     }
 
     #[test]
