@@ -105,48 +105,39 @@ fn flyway(stem: &str) -> Class {
     let expected =
         format!("expected `{letter}<version>__<name>.sql`, e.g. `{letter}2__create_users.sql`");
     let integer = |version: &str| version.chars().all(|c| c.is_ascii_digit());
-    let refused = match rest.split_once("__") {
+    let (version, name) = match rest.split_once("__") {
         // Flyway reads `V0001.sql` as version 0001 with an empty description.
-        None if integer(rest) => {
-            let stem = format!("{rest}_");
-            return if letter == "U" {
-                Class::Undo { stem }
-            } else {
-                Class::Part {
-                    stem,
-                    layout: Layout::Flyway,
-                    role: Role::Up,
-                }
-            };
+        None if integer(rest) => (rest, ""),
+        None => {
+            return Class::Refused(format!(
+                "a Flyway-style name needs two underscores between the version and the name; {expected}"
+            ))
         }
-        None => format!(
-            "a Flyway-style name needs two underscores between the version and the name; {expected}"
-        ),
         Some((version, _)) if !integer(version) && integer(&version.replace(['.', '_'], "")) => {
-            format!(
+            return Class::Refused(format!(
                 "version {version} is not an integer: svcdb orders migrations by integer versions\n  hint: rename the files with integer versions that keep their order, e.g. `V1.1__` to `V101__`, `V1.2__` to `V102__`, `V2.0__` to `V200__`"
-            )
+            ))
         }
         Some((version, _)) if !integer(version) => {
-            format!("cannot read a version from the name: {version:?} is not a number; {expected}")
+            return Class::Refused(format!(
+                "cannot read a version from the name: {version:?} is not a number; {expected}"
+            ))
         }
         Some((_, name)) if name.trim().is_empty() => {
-            format!("the name after the version is empty; {expected}")
+            return Class::Refused(format!("the name after the version is empty; {expected}"))
         }
-        Some((version, name)) => {
-            let stem = format!("{version}_{name}");
-            return if letter == "U" {
-                Class::Undo { stem }
-            } else {
-                Class::Part {
-                    stem,
-                    layout: Layout::Flyway,
-                    role: Role::Up,
-                }
-            };
-        }
+        Some(parts) => parts,
     };
-    Class::Refused(refused)
+    let stem = format!("{version}_{name}");
+    if letter == "U" {
+        Class::Undo { stem }
+    } else {
+        Class::Part {
+            stem,
+            layout: Layout::Flyway,
+            role: Role::Up,
+        }
+    }
 }
 
 /// `(version, name, digit count)` from `<version>_<name>`, or what is wrong with it. The name
