@@ -539,6 +539,12 @@ async fn a_batch_that_deadlocks_is_handled_one_delivery_at_a_time_not_again_whol
         .on(KIND, |tx, event| {
             Box::pin(async move {
                 let row: i32 = event.payload["row"].as_i64().unwrap().try_into().unwrap();
+                // Its wait looks for a deadlock after 3 s, not the default 1 s: long enough
+                // for the other writer to join the cycle first on a busy machine (a check
+                // that finds no cycle is not repeated, and the other writer's would then find
+                // it and make that one the victim).
+                tx.batch_execute("SET LOCAL deadlock_timeout = '3s'")
+                    .await?;
                 tx.execute("UPDATE hot SET n = n + 1 WHERE id = $1", &[&row])
                     .await?;
                 tx.execute("INSERT INTO runs VALUES ($1, txid_current())", &[&event.id])
@@ -561,9 +567,13 @@ async fn a_batch_that_deadlocks_is_handled_one_delivery_at_a_time_not_again_whol
         waiting == 1
     })
     .await;
-    // Now the other writer wants row 1, which the batch holds: a deadlock. The batch waited
-    // first, so its backend finds the cycle after deadlock_timeout and its transaction is the
-    // one aborted; the other writer then goes on.
+    // Now the other writer wants row 1, which the batch holds: a deadlock. The batch's backend
+    // finds the cycle when its deadlock_timeout (3 s) ends, the other writer's being far
+    // longer, so the batch's transaction is the one aborted; the other writer then goes on.
+    other_tx
+        .batch_execute("SET LOCAL deadlock_timeout = '60s'")
+        .await
+        .unwrap();
     other_tx
         .execute("UPDATE svc.hot SET n = n + 1 WHERE id = 1", &[])
         .await
