@@ -135,63 +135,9 @@ impl fmt::Display for Named<'_> {
     }
 }
 
-/// Where the down script of the migration whose up script is at `up_path` (from line
-/// `up_line`) goes, in that folder's layout: `0003_x.up.sql` → `0003_x.down.sql`, diesel's
-/// `…/up.sql` → `…/down.sql`, Flyway's `V3__x.sql` → `U3__x.sql`; a goose or dbmate file (its
-/// up script starting after a marker line) holds it in a section of its own; sqlx's one-way
-/// `0003_x.sql` becomes reversible as `0003_x.up.sql` beside a `0003_x.down.sql`.
-pub(crate) fn down_script_place(up_path: &str, up_line: usize) -> String {
-    let (folder, file) = match up_path.rsplit_once('/') {
-        Some((folder, file)) => (format!("{folder}/"), file),
-        None => (String::new(), up_path),
-    };
-    if let Some(stem) = file.strip_suffix(".up.sql") {
-        format!("{folder}{stem}.down.sql")
-    } else if file == "up.sql" {
-        format!("{folder}down.sql")
-    } else if let Some(rest) = file.strip_prefix('V').filter(|rest| {
-        let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
-        // `V3__x.sql`, or `V3.sql` without a description.
-        rest.split_once("__").map_or_else(
-            || rest.strip_suffix(".sql").is_some_and(digits),
-            |(version, _)| digits(version),
-        )
-    }) {
-        format!("{folder}U{rest}")
-    } else if up_line > 1 {
-        format!("the down section of {up_path} (after `-- +goose Down` or `-- migrate:down`)")
-    } else {
-        let stem = file.strip_suffix(".sql").unwrap_or(file);
-        format!("{folder}{stem}.down.sql, after renaming {file} to {stem}.up.sql (a one-way `.sql` has no down)")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_down_script_goes_where_each_layout_keeps_it() {
-        for (up, down) in [
-            ("migrations/0003_x.up.sql", "migrations/0003_x.down.sql"),
-            (
-                "m/2017-09-23-182408_x/up.sql",
-                "m/2017-09-23-182408_x/down.sql",
-            ),
-            ("db/V3__add_tags.sql", "db/U3__add_tags.sql"),
-            ("db/V0003.sql", "db/U0003.sql"),
-            ("0003_x.up.sql", "0003_x.down.sql"),
-        ] {
-            assert_eq!(down_script_place(up, 1), down);
-        }
-        // goose and dbmate: the up script starts after its marker line.
-        assert!(down_script_place("db/20240101120000_x.sql", 2).contains("-- +goose Down"));
-        // sqlx's one-way file.
-        assert_eq!(
-            down_script_place("m/4_article.sql", 1),
-            "m/4_article.down.sql, after renaming 4_article.sql to 4_article.up.sql (a one-way `.sql` has no down)"
-        );
-    }
 
     #[test]
     fn line_endings_and_bom_do_not_change_the_checksum() {

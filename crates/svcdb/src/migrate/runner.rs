@@ -451,7 +451,7 @@ impl Migrator {
                 return Err(MigrateError::NoDown {
                     version: m.version.clone(),
                     path: m.path.clone(),
-                    down_at: super::migration::down_script_place(&m.path, m.up_line),
+                    down_at: super::source::down_script_place(&m.path, m.up_line),
                     newer: plan.len(),
                 });
             }

@@ -64,5 +64,6 @@ mod read;
 #[cfg(test)]
 mod test_support;
 
+pub(crate) use names::down_script_place;
 pub use new::{new_migration, NewMigration};
 pub use read::{EmbeddedFile, EmbeddedMigrations, Migrations};

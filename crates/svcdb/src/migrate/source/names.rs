@@ -97,6 +97,41 @@ pub(super) fn classify(rel: &str) -> Option<Class> {
     }
 }
 
+/// Where the down script of the migration whose up script is at `up_path` (from line
+/// `up_line`) goes, in the layout [`classify`] reads from its name: `0003_x.up.sql` →
+/// `0003_x.down.sql`, diesel's `…/up.sql` → `…/down.sql`, Flyway's `V3__x.sql` → `U3__x.sql`;
+/// a goose or dbmate file (its up script starting after a marker line) holds it in a section
+/// of its own; sqlx's one-way `0003_x.sql` becomes reversible as `0003_x.up.sql` beside a
+/// `0003_x.down.sql`.
+pub(crate) fn down_script_place(up_path: &str, up_line: usize) -> String {
+    let (folder, file) = match up_path.rsplit_once('/') {
+        Some((folder, file)) => (format!("{folder}/"), file),
+        None => (String::new(), up_path),
+    };
+    if file == "up.sql" {
+        return format!("{folder}down.sql");
+    }
+    match classify(file) {
+        Some(Class::Part {
+            stem,
+            layout: Layout::Native,
+            ..
+        }) => format!("{folder}{stem}.down.sql"),
+        // Flyway's `V` (any case) is one ASCII byte.
+        Some(Class::Part {
+            layout: Layout::Flyway,
+            ..
+        }) => format!("{folder}U{}", &file[1..]),
+        _ if up_line > 1 => {
+            format!("the down section of {up_path} (after `-- +goose Down` or `-- migrate:down`)")
+        }
+        _ => {
+            let stem = file.strip_suffix(".sql").unwrap_or(file);
+            format!("{folder}{stem}.down.sql, after renaming {file} to {stem}.up.sql (a one-way `.sql` has no down)")
+        }
+    }
+}
+
 /// A Flyway-style stem: `V<version>__<name>` or `U<version>__<name>`, any case, with a digit
 /// after the letter.
 fn flyway(stem: &str) -> Class {
@@ -195,6 +230,29 @@ mod tests {
         }
         let path = source_error_path(&[("latest/up.sql", b"SELECT 1;")]);
         assert!(path.ends_with("latest/up.sql"), "{path}");
+    }
+
+    #[test]
+    fn the_down_script_goes_where_each_layout_keeps_it() {
+        for (up, down) in [
+            ("migrations/0003_x.up.sql", "migrations/0003_x.down.sql"),
+            (
+                "m/2017-09-23-182408_x/up.sql",
+                "m/2017-09-23-182408_x/down.sql",
+            ),
+            ("db/V3__add_tags.sql", "db/U3__add_tags.sql"),
+            ("db/V0003.sql", "db/U0003.sql"),
+            ("0003_x.up.sql", "0003_x.down.sql"),
+        ] {
+            assert_eq!(super::down_script_place(up, 1), down);
+        }
+        // goose and dbmate: the up script starts after its marker line.
+        assert!(super::down_script_place("db/20240101120000_x.sql", 2).contains("-- +goose Down"));
+        // sqlx's one-way file.
+        assert_eq!(
+            super::down_script_place("m/4_article.sql", 1),
+            "m/4_article.down.sql, after renaming 4_article.sql to 4_article.up.sql (a one-way `.sql` has no down)"
+        );
     }
 
     #[test]
