@@ -15,8 +15,8 @@ use anyhow::{bail, Context, Result};
 use svcdb::migrate::Migrations;
 
 use super::{
-    all_secs, diesel_db, diesel_in, fingerprint, same_or_first, secs, svcdb_cli, timed_call,
-    Fingerprint, MigrateArgs, SCHEMA,
+    all_secs, diesel_db, diesel_in, fingerprint, same_or_first, secs, svcdb_cli, svcdb_up,
+    timed_call, Fingerprint, MigrateArgs,
 };
 use crate::pg::{self, Server};
 use crate::report::{self, Figures};
@@ -48,13 +48,8 @@ pub async fn run(server: &Server, args: &MigrateArgs, folder: &Path) -> Result<(
     let (svcdb_name, diesel_name) = (name("svcdb"), name("diesel"));
     let diesel_command = diesel_in(server, &diesel, &diesel_name, folder, config);
     let svcdb_command = || {
-        let mut cmd = tokio::process::Command::new(&svcdb);
-        cmd.args(["migrate", "up", "--allow-unsafe"])
-            // The URL may hold the administrator's password: the environment, not argv.
-            .env("DATABASE_URL", server.url(&svcdb_name))
-            .env("SVCDB_SCHEMA", SCHEMA)
-            .env("SVCDB_MIGRATIONS_DIR", folder)
-            .kill_on_drop(true);
+        let mut cmd = svcdb_up(server, &svcdb, &svcdb_name, folder);
+        cmd.arg("--allow-unsafe");
         cmd
     };
 

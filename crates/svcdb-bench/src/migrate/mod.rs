@@ -937,16 +937,7 @@ async fn cli_noops(
             let bench = bench_db(server, &svcdb_name, corpus.diesel.clone()).await?;
             bench.up().await?;
             let name = svcdb_name.as_str();
-            let command = move || {
-                let mut cmd = tokio::process::Command::new(svcdb);
-                cmd.args(["migrate", "up"])
-                    // The URL may hold the administrator's password: the environment, not argv.
-                    .env("DATABASE_URL", server.url(name))
-                    .env("SVCDB_SCHEMA", SCHEMA)
-                    .env("SVCDB_MIGRATIONS_DIR", &corpus.diesel_dir)
-                    .kill_on_drop(true);
-                cmd
-            };
+            let command = move || svcdb_up(server, svcdb, name, &corpus.diesel_dir);
             Some((bench, command))
         }
         None => None,
@@ -979,6 +970,19 @@ async fn cli_noops(
         server.drop_database(&diesel_name).await?;
     }
     Ok((noop_figures(&svcdb_times), noop_figures(&diesel_times)))
+}
+
+/// `svcdb migrate up` (the binary at `svcdb`) of `folder` on database `name`, schema
+/// [`SCHEMA`].
+fn svcdb_up(server: &Server, svcdb: &Path, name: &str, folder: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(svcdb);
+    cmd.args(["migrate", "up"])
+        // The URL may hold the administrator's password: the environment, not argv.
+        .env("DATABASE_URL", server.url(name))
+        .env("SVCDB_SCHEMA", SCHEMA)
+        .env("SVCDB_MIGRATIONS_DIR", folder)
+        .kill_on_drop(true);
+    cmd
 }
 
 /// Runs `command` to success and returns how long it took.
