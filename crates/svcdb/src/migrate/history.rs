@@ -2,7 +2,7 @@
 //!
 //! ```sql
 //! CREATE TABLE IF NOT EXISTS <schema>.svcdb_migrations (
-//!     version       bigint PRIMARY KEY,    -- every digit of the version as one integer
+//!     version       bigint PRIMARY KEY,    -- every digit of the version as one integer (see Versions)
 //!     version_text  text,                  -- the version as its file writes it (`2026-01-20-162913`, `0003`)
 //!     name          text        NOT NULL,
 //!     checksum      text        NOT NULL,  -- SHA-256 of the up script, hex (see Checksum)
@@ -28,6 +28,9 @@
 //! after the 14-digit `2026-01-20-162913`. The integer stays the key, so that distinct
 //! versions stay distinct (two versions with the same digits are the same version) and a
 //! replica of an older release, during a rolling deploy, still reads and writes the table.
+//! One exception: a run of more than 14 zeros (Lemmy's `000000000000000_forbid_diesel_cli`,
+//! after diesel's `00000000000000`) is a version of its own, keyed -1 for 15 zeros, -2 for
+//! 16 and so on, where its digits would make it 0. Older releases refuse such a folder.
 //! `version_text` is NULL in the rows such a replica writes; it reads as the integer's digits.
 //!
 //! A table written before `version_text` existed is upgraded in place by the first command
@@ -287,7 +290,7 @@ pub(crate) async fn insert(
     migrations: &[(&Migration, Option<Duration>)],
     dirty: bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let versions: Vec<i64> = migrations.iter().map(|(m, _)| m.version.number()).collect();
+    let versions: Vec<i64> = migrations.iter().map(|(m, _)| m.version.key()).collect();
     let texts: Vec<&str> = migrations.iter().map(|(m, _)| m.version.as_str()).collect();
     let names: Vec<&str> = migrations.iter().map(|(m, _)| m.name.as_str()).collect();
     let checksums: Vec<String> = migrations
@@ -342,7 +345,7 @@ pub(crate) async fn set_dirty(
         .execute_typed(
             &sql,
             &[
-                (&version.number(), Type::INT8),
+                (&version.key(), Type::INT8),
                 (&dirty, Type::BOOL),
                 (&micros, Type::INT8),
             ],
@@ -357,7 +360,7 @@ pub(crate) async fn delete(
     schema: &Ident,
     versions: &[&Version],
 ) -> Result<(), tokio_postgres::Error> {
-    let versions: Vec<i64> = versions.iter().map(|v| v.number()).collect();
+    let versions: Vec<i64> = versions.iter().map(|v| v.key()).collect();
     let sql = format!("DELETE FROM {} WHERE version = ANY($1)", table(schema));
     client
         .execute_typed(&sql, &[(&versions, Type::INT8_ARRAY)])
@@ -380,7 +383,7 @@ pub(crate) async fn realign(
         .execute_typed(
             &sql,
             &[
-                (&migration.version.number(), Type::INT8),
+                (&migration.version.key(), Type::INT8),
                 (&migration.checksum.to_hex(), Type::TEXT),
                 (&migration.name, Type::TEXT),
                 (&migration.version.as_str(), Type::TEXT),

@@ -10,6 +10,11 @@
 //!   strings) runs them; read as plain integers, every 14-digit version would come first.
 //! * **Plain integers** (`1`, `2`, `10`, `0001`…`0010`): numerically; leading zeros do not
 //!   count (`0001` is version `1`).
+//! * **Runs of zeros wider than a timestamp**: `diesel setup` writes
+//!   `00000000000000_diesel_initial_setup`, version 0 like `0`. A run of more than 14 zeros is
+//!   a version of its own, after it and before `1`, the wider the later, as diesel (comparing
+//!   texts) orders them: Lemmy ships `000000000000000_forbid_diesel_cli` to run right after
+//!   its initial setup. Its digits after the 14th break the tie, as a timestamp's do.
 //!
 //! The version keeps its text as the file writes it: that is what it prints, what JSON carries
 //! and what the history table records.
@@ -94,9 +99,26 @@ impl Version {
         self.text.bytes().filter(u8::is_ascii_digit)
     }
 
-    /// A timestamp's digits after the 14th (none for a plain integer).
+    /// The history table's integer key: [`Version::number`], except for a run of more than 14
+    /// zeros, which is minus its zeros past the 14th (`000000000000000` is -1). As a number it
+    /// would be 0, the key of diesel's `00000000000000`; no other version is negative.
+    pub(crate) fn key(&self) -> i64 {
+        if self.is_zero() {
+            -i64::try_from(self.rest().count()).unwrap_or(i64::MAX)
+        } else {
+            self.number()
+        }
+    }
+
+    /// True for a version of zeros only (`0`, `00000000000000`).
+    fn is_zero(&self) -> bool {
+        !self.timestamp && self.major == 0
+    }
+
+    /// A timestamp's digits after the 14th, or a run of zeros' (none for a plain integer): the
+    /// tie-break after [`Version::major`].
     fn rest(&self) -> impl Iterator<Item = u8> + '_ {
-        let skip = if self.timestamp {
+        let skip = if self.timestamp || self.is_zero() {
             TIME_DIGITS
         } else {
             usize::MAX
@@ -282,6 +304,21 @@ mod tests {
             v("2026-01-20-162913")
         );
         assert!(!v("0010").is_timestamp());
+    }
+
+    #[test]
+    fn runs_of_zeros_wider_than_14_digits_are_versions_of_their_own_in_diesels_order() {
+        // Lemmy's two first migrations.
+        let setup = v("00000000000000");
+        let forbid = v("000000000000000");
+        assert!(setup < forbid && forbid < v("000000000000000000") && forbid < v("1"));
+        assert_ne!(setup.key(), forbid.key());
+        assert_eq!((setup.key(), forbid.key()), (0, -1));
+        // Up to 14 zeros, still the one version 0 (`0` is `00000000000000`), recorded as before.
+        assert_eq!(v("0"), setup);
+        assert_eq!(v("0000").key(), 0);
+        // The control: as numbers the two are one.
+        assert_eq!(setup.number(), forbid.number());
     }
 
     #[test]

@@ -68,6 +68,10 @@ async fn diesel_schema_is_adopted() {
     write(
         dir.path(),
         &[
+            // Lemmy's first two: diesel's setup, then a wider run of zeros that diesel (comparing
+            // texts) runs after it.
+            ("00000000000000_diesel_initial_setup/up.sql", "SELECT 1;"),
+            ("000000000000000_forbid_diesel_cli/up.sql", "SELECT 2;"),
             (
                 "2025-11-19-091444-0000_a/up.sql",
                 "CREATE TABLE a (id int);",
@@ -83,7 +87,7 @@ async fn diesel_schema_is_adopted() {
              version VARCHAR(50) PRIMARY KEY NOT NULL,
              run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP
          );
-         INSERT INTO public.__diesel_schema_migrations (version) VALUES ('202511190914440000'), ('20260120162913');
+         INSERT INTO public.__diesel_schema_migrations (version) VALUES ('00000000000000'), ('000000000000000'), ('202511190914440000'), ('20260120162913');
          CREATE TABLE shop.a (id int); CREATE TABLE shop.b (id int);",
     )
     .await;
@@ -91,7 +95,12 @@ async fn diesel_schema_is_adopted() {
         &svc,
         dir.path(),
         Tool::Diesel,
-        &["2025-11-19-091444-0000", "2026-01-20-162913"],
+        &[
+            "00000000000000",
+            "000000000000000",
+            "2025-11-19-091444-0000",
+            "2026-01-20-162913",
+        ],
     )
     .await;
     // The other tool's table is left as it was.
@@ -104,7 +113,7 @@ async fn diesel_schema_is_adopted() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 2);
+    assert_eq!(n, 4);
 }
 
 const SQLX_A: &str = "CREATE TABLE a (id int);\n";

@@ -1,7 +1,7 @@
 //! Versions ordered as their tools order them, kept as the files write them, and history tables
 //! written before text versions, upgraded in place.
 
-use svcdb::migrate::{MigrateError, MigrationState, Migrations, Migrator, Version};
+use svcdb::migrate::{DownOptions, MigrateError, MigrationState, Migrations, Migrator, Version};
 use svcdb::testing::TestDb;
 
 use crate::migrate_runner::{migrator, write};
@@ -283,4 +283,107 @@ async fn a_no_op_up_on_an_old_history_table_upgrades_it() {
     assert!(status.is_up_to_date(), "{status:?}");
     assert_eq!(status.entries.len(), 1);
     assert_eq!(status.entries[0].version.to_string(), "0001");
+}
+
+#[tokio::test]
+async fn lemmys_two_zero_versions_are_applied_recorded_and_reverted_apart() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Lemmy's first migrations: diesel's setup, then a 15-zero version that diesel, comparing
+    // texts, runs after it (its down is empty in Lemmy's folder).
+    write(
+        dir.path(),
+        &[
+            (
+                "00000000000000_diesel_initial_setup/up.sql",
+                "CREATE TABLE setup (id int);",
+            ),
+            (
+                "00000000000000_diesel_initial_setup/down.sql",
+                "DROP TABLE setup;",
+            ),
+            (
+                "000000000000000_forbid_diesel_cli/up.sql",
+                "CREATE TABLE forbid (id int);",
+            ),
+            (
+                "000000000000000_forbid_diesel_cli/down.sql",
+                "DROP TABLE forbid;",
+            ),
+            (
+                "2019-02-26-002946_create_user/up.sql",
+                "CREATE TABLE users (id int);",
+            ),
+            (
+                "2019-02-26-002946_create_user/down.sql",
+                "DROP TABLE users;",
+            ),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    let report = m.up().await.unwrap();
+    let applied: Vec<String> = report
+        .migrations
+        .iter()
+        .map(|e| e.version.to_string())
+        .collect();
+    assert_eq!(
+        applied,
+        ["00000000000000", "000000000000000", "2019-02-26-002946"]
+    );
+    let conn = svc.get().await.unwrap();
+    let rows: Vec<(i64, String)> = conn
+        .query(
+            "SELECT version, version_text FROM shop.svcdb_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (-1, "000000000000000".to_owned()),
+            (0, "00000000000000".to_owned()),
+            (20190226002946, "2019-02-26-002946".to_owned()),
+        ]
+    );
+    assert!(m.status().await.unwrap().is_up_to_date());
+
+    // Down to diesel's setup reverts the other two, newest first, and keeps the setup.
+    let down = m
+        .down(&DownOptions {
+            to: Some("00000000000000".parse().unwrap()),
+            ..DownOptions::default()
+        })
+        .await
+        .unwrap();
+    let reverted: Vec<String> = down
+        .migrations
+        .iter()
+        .map(|e| e.version.to_string())
+        .collect();
+    assert_eq!(reverted, ["2019-02-26-002946", "000000000000000"]);
+    let left: Vec<i64> = conn
+        .query("SELECT version FROM shop.svcdb_migrations", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, [0]);
+    let tables: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'shop' AND tablename <> 'svcdb_migrations'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 1, "only the setup's table is left");
+    m.up().await.unwrap();
+    assert!(m.status().await.unwrap().is_up_to_date());
 }

@@ -419,8 +419,8 @@ impl Migrations {
         list.sort_by(|a, b| a.version.cmp(&b.version));
         if let Some(pair) = list.windows(2).find(|w| w[0].version == w[1].version) {
             let (a, b) = (&pair[0].version, &pair[1].version);
-            // `0001` and `1`, or diesel's `00000000000000` and Lemmy's `000000000000000`:
-            // written differently, one version to svcdb, whose history keys on the number.
+            // `0001` and `1`: written differently, one version to svcdb, whose history keys
+            // on the number.
             let why = if a.as_str() == b.as_str() {
                 String::new()
             } else {
@@ -780,15 +780,27 @@ mod tests {
     }
 
     #[test]
-    fn two_spellings_of_one_version_are_refused() {
-        // Lemmy's folder: diesel compares versions as text, svcdb as numbers.
+    fn lemmys_two_zero_versions_are_two_migrations_in_diesels_order() {
+        // diesel compares versions as text: Lemmy's `000000000000000` runs right after
+        // diesel's `00000000000000`, before the timestamps.
+        let m = parse(&[
+            ("2019-02-26-002946_create_user/up.sql", b"SELECT 3;"),
+            ("000000000000000_forbid_diesel_cli/up.sql", b"SELECT 2;"),
+            ("00000000000000_diesel_initial_setup/up.sql", b"SELECT 1;"),
+        ])
+        .unwrap();
+        let names: Vec<&str> = m.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["diesel_initial_setup", "forbid_diesel_cli", "create_user"]
+        );
+        // The control: `0` and `00000000000000` are one version, refused twice.
         let path = source_error_path(&[
             ("00000000000000_diesel_initial_setup/up.sql", b"SELECT 1;"),
-            ("000000000000000_forbid_diesel_cli/up.sql", b"SELECT 2;"),
+            ("0_zero/up.sql", b"SELECT 2;"),
         ]);
         assert!(
-            path.contains("_diesel_initial_setup/up.sql")
-                || path.contains("_forbid_diesel_cli/up.sql"),
+            path.contains("_diesel_initial_setup/up.sql") || path.contains("0_zero"),
             "{path}"
         );
         // `0001` and `1`: two_migrations_with_one_version.
