@@ -72,27 +72,14 @@ async fn the_history_keeps_the_version_text_the_file_writes() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), MIXED_DIESEL);
     let report = migrator(&svc, dir.path()).up().await.unwrap();
-    let applied: Vec<String> = report
-        .migrations
-        .iter()
-        .map(|e| e.version.to_string())
-        .collect();
+    let applied = versions(&report.migrations);
     assert_eq!(applied, ["2025-11-19-091444-0000", "2026-01-20-162913"]);
     assert_eq!(
         report.current_version.unwrap().to_string(),
         "2026-01-20-162913"
     );
     let conn = svc.get().await.unwrap();
-    let rows: Vec<(i64, String)> = conn
-        .query(
-            "SELECT version, version_text FROM shop.svcdb_migrations ORDER BY version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows = history(&conn).await;
     assert_eq!(
         rows,
         [
@@ -142,6 +129,24 @@ async fn a_new_14_digit_migration_after_applied_18_digit_ones_is_pending_not_out
         migrator(&svc, dir.path()).up().await,
         Err(MigrateError::OutOfOrder { .. })
     ));
+}
+
+/// The history's integer keys and version texts, by key.
+async fn history(conn: &svcdb::PooledConn) -> Vec<(i64, String)> {
+    conn.query(
+        "SELECT version, version_text FROM shop.svcdb_migrations ORDER BY version",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// The versions of a report's migrations, as written.
+fn versions(entries: &[svcdb::migrate::RunEntry]) -> Vec<String> {
+    entries.iter().map(|e| e.version.to_string()).collect()
 }
 
 /// Whether the history table has the `version_text` column.
@@ -209,16 +214,7 @@ async fn a_history_table_written_by_the_old_code_is_upgraded_in_place_and_keeps_
     assert_eq!(status.in_state(MigrationState::Pending).count(), 1);
     m.up().await.unwrap();
     assert!(has_text_column(&conn).await);
-    let rows: Vec<(i64, String)> = conn
-        .query(
-            "SELECT version, version_text FROM shop.svcdb_migrations ORDER BY version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows = history(&conn).await;
     assert_eq!(
         rows,
         [
@@ -323,26 +319,13 @@ async fn lemmys_two_zero_versions_are_applied_recorded_and_reverted_apart() {
     );
     let m = migrator(&svc, dir.path());
     let report = m.up().await.unwrap();
-    let applied: Vec<String> = report
-        .migrations
-        .iter()
-        .map(|e| e.version.to_string())
-        .collect();
+    let applied = versions(&report.migrations);
     assert_eq!(
         applied,
         ["00000000000000", "000000000000000", "2019-02-26-002946"]
     );
     let conn = svc.get().await.unwrap();
-    let rows: Vec<(i64, String)> = conn
-        .query(
-            "SELECT version, version_text FROM shop.svcdb_migrations ORDER BY version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows = history(&conn).await;
     assert_eq!(
         rows,
         [
@@ -361,11 +344,7 @@ async fn lemmys_two_zero_versions_are_applied_recorded_and_reverted_apart() {
         })
         .await
         .unwrap();
-    let reverted: Vec<String> = down
-        .migrations
-        .iter()
-        .map(|e| e.version.to_string())
-        .collect();
+    let reverted = versions(&down.migrations);
     assert_eq!(reverted, ["2019-02-26-002946", "000000000000000"]);
     let left: Vec<i64> = conn
         .query("SELECT version FROM shop.svcdb_migrations", &[])
