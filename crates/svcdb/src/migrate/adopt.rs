@@ -13,7 +13,7 @@
 //! | golang-migrate | `schema_migrations` (`version`, `dirty`) | every file up to its one row's version | `dirty` |
 //! | goose | `goose_db_version` | versions whose newest row (by `id`) says `is_applied` (version 0 is goose's own first row) | — |
 //! | dbmate | `schema_migrations` (`version` only) | every row | — |
-//! | Flyway | `flyway_schema_history` | `SQL` rows, minus those undone (`UNDO_SQL`) or deleted (`DELETE`); a `BASELINE` row counts every file up to its version | `success = false`; a CRC32 of the file's lines other than `checksum`; Java migrations; dotted versions |
+//! | Flyway | `flyway_schema_history` | `SQL` rows, minus those undone (`UNDO_SQL`) or deleted (`DELETE`); a `BASELINE` row counts every file up to its version | `success = false`; a CRC32 of the file's lines other than `checksum`; Java migrations |
 //! | refinery | `refinery_schema_history` | every row | a SipHash-1-3 of name, version and file other than `checksum` |
 //!
 //! Every applied version must have its file; each problem is named with its version, all of
@@ -33,6 +33,10 @@ use super::migration::Migration;
 use super::report::RunEntry;
 use super::runner::Migrator;
 use super::version::Version;
+
+/// Why a recorded version is refused when it does not parse.
+const NOT_A_VERSION: &str =
+    "not a version svcdb reads: digits, separated by `-` (`2026-11-24-093000`) or by `.` (`1.1`)";
 
 /// A migration tool whose history [`Migrator::adopt`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -441,8 +445,7 @@ impl Migrator {
                 }
                 Err(_) => problems.push(AdoptProblem::Unsupported {
                     version: text,
-                    why: "not an integer version; svcdb orders migrations by integer versions"
-                        .to_owned(),
+                    why: NOT_A_VERSION.to_owned(),
                 }),
             }
         }
@@ -452,7 +455,7 @@ impl Migrator {
                 Err(_) => {
                     problems.push(AdoptProblem::Unsupported {
                         version: a.text,
-                        why: "not an integer version; svcdb orders migrations by integer versions (rename the files, e.g. `V1.1__` to `V101__`, and the rows to match)".to_owned(),
+                        why: NOT_A_VERSION.to_owned(),
                     });
                     continue;
                 }

@@ -2,7 +2,7 @@
 //!
 //! ```sql
 //! CREATE TABLE IF NOT EXISTS <schema>.svcdb_migrations (
-//!     version       bigint PRIMARY KEY,    -- every digit of the version as one integer (see Versions)
+//!     version       bigint PRIMARY KEY,    -- every digit of the version as one integer, with exceptions (see Versions)
 //!     version_text  text,                  -- the version as its file writes it (`2026-01-20-162913`, `0003`)
 //!     name          text        NOT NULL,
 //!     checksum      text        NOT NULL,  -- SHA-256 of the up script, hex (see Checksum)
@@ -30,7 +30,9 @@
 //! replica of an older release, during a rolling deploy, still reads and writes the table.
 //! One exception: a run of more than 14 zeros (Lemmy's `000000000000000_forbid_diesel_cli`,
 //! after diesel's `00000000000000`) is a version of its own, keyed -1 for 15 zeros, -2 for
-//! 16 and so on, where its digits would make it 0. Older releases refuse such a folder.
+//! 16 and so on, where its digits would make it 0. And a dotted version (Flyway's `1.1`, whose
+//! digits are those of `11`) is keyed by a hash of its parts, below -2^62; equal versions
+//! (`1.1`, `1.1.0`) share it. Older releases refuse such folders.
 //! `version_text` is NULL in the rows such a replica writes; it reads as the integer's digits.
 //!
 //! A table written before `version_text` existed is upgraded in place by the first command

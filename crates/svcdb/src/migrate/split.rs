@@ -64,19 +64,26 @@ pub(crate) fn code_start(sql: &str, from: usize) -> usize {
         .map_or(sql.len(), |(_, range)| from + range.start)
 }
 
-/// Something only psql can run: sent to the server, it is a syntax error.
+/// Something only a client tool runs or fills in (psql, Flyway): sent to the server as it is,
+/// a syntax error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PsqlOnly<'a> {
+pub(crate) enum ClientOnly<'a> {
     /// A backslash command (`\restrict`, `\connect`, `\set`, `\.`), up to the next whitespace.
     MetaCommand(&'a str),
     /// `COPY … FROM stdin`: psql sends the data rows that follow the statement.
     CopyFromStdin,
+    /// A placeholder Flyway replaces with a configured value before it sends the script
+    /// (`${schema}`, `${flyway:defaultSchema}`), up to its `}`.
+    Placeholder(&'a str),
 }
 
-/// The first thing in `sql` that only psql can run, and the byte offset it starts at (for
-/// `COPY`, the statement's). A backslash outside strings, quoted identifiers, dollar quotes and
-/// comments is always psql's: PostgreSQL's own grammar has no use for one there.
-pub(crate) fn psql_only(sql: &str) -> Option<(usize, PsqlOnly<'_>)> {
+/// The first thing in `sql` that only psql can run or Flyway fills in, and the byte offset it
+/// starts at (for `COPY`, the statement's). A backslash outside strings, quoted identifiers,
+/// dollar quotes and comments is always psql's: PostgreSQL's own grammar has no use for one
+/// there; nor for `${` (a parameter is `$1`, a dollar quote `$$` or `$tag$`). A placeholder
+/// inside a string or a function body is left alone: it is valid SQL there, and only the
+/// project's Flyway settings say whether Flyway replaced it.
+pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
     /// How far the current statement has got towards `COPY … FROM stdin`.
     #[derive(Clone, Copy)]
     enum Step {
@@ -97,12 +104,21 @@ pub(crate) fn psql_only(sql: &str) -> Option<(usize, PsqlOnly<'_>)> {
         step = match (token, step) {
             (Token::Space | Token::Comment, step) => step,
             (Token::Semicolon, _) => Step::Start,
+            // `${schema}`, also right after a word (`users_${suffix}`: `$` is a word byte).
+            (Token::Word, _) if text.ends_with('$') && sql[range.end..].starts_with('{') => {
+                let start = range.end - 1;
+                let end = sql[range.end..]
+                    .find(['}', '\n'])
+                    .filter(|&p| sql.as_bytes()[range.end + p] == b'}')
+                    .map_or(range.end + 1, |p| range.end + p + 1);
+                return Some((start, ClientOnly::Placeholder(&sql[start..end])));
+            }
             (Token::Symbol, _) if text == "\\" => {
                 let command = sql[range.start..]
                     .split(char::is_whitespace)
                     .next()
                     .unwrap_or(text);
-                return Some((range.start, PsqlOnly::MetaCommand(command)));
+                return Some((range.start, ClientOnly::MetaCommand(command)));
             }
             (_, Step::Start) => {
                 statement = range.start;
@@ -119,7 +135,7 @@ pub(crate) fn psql_only(sql: &str) -> Option<(usize, PsqlOnly<'_>)> {
             (_, Step::Copy { depth: 0 }) if word("from") => Step::From,
             (_, Step::Copy { depth: 0 }) if word("to") => Step::Other,
             (_, Step::From) if word("stdin") => {
-                return Some((statement, PsqlOnly::CopyFromStdin));
+                return Some((statement, ClientOnly::CopyFromStdin));
             }
             // `FROM 'file'`, `FROM PROGRAM …`: the server reads the data itself.
             (_, Step::From) => Step::Other,
@@ -407,7 +423,7 @@ fn find(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::split_statements as split;
-    use super::{code_start, comments, psql_only, transaction_control, PsqlOnly, TxControl};
+    use super::{client_only, code_start, comments, transaction_control, ClientOnly, TxControl};
 
     #[test]
     fn comments_outside_strings_and_where_code_starts() {
@@ -534,19 +550,19 @@ mod tests {
     #[test]
     fn psql_only_finds_backslash_commands_and_copy_from_stdin() {
         // What was found, and the text at its offset.
-        let found = |sql| psql_only(sql).map(|(at, what)| (what, &sql[at..at + 4]));
+        let found = |sql| client_only(sql).map(|(at, what)| (what, &sql[at..at + 4]));
         assert_eq!(
             found("SELECT 1;\n\\restrict abc\n"),
-            Some((PsqlOnly::MetaCommand(r"\restrict"), r"\res"))
+            Some((ClientOnly::MetaCommand(r"\restrict"), r"\res"))
         );
         // Anywhere in code, not only at the start of a statement: `\gexec` ends a query.
         assert_eq!(
             found("SELECT 'x'\\gexec\n"),
-            Some((PsqlOnly::MetaCommand(r"\gexec"), r"\gex"))
+            Some((ClientOnly::MetaCommand(r"\gexec"), r"\gex"))
         );
         assert_eq!(
             found("-- load\ncopy t (a, b) from\n  STDIN;\n1\t2\n\\.\n"),
-            Some((PsqlOnly::CopyFromStdin, "copy"))
+            Some((ClientOnly::CopyFromStdin, "copy"))
         );
         for fine in [
             r#"SELECT E'\\', '\', "a\b", $$ \x $$, $f$ \. $f$; -- \connect"#,
@@ -554,7 +570,35 @@ mod tests {
             "COPY t FROM '/tmp/x.csv'; COPY t FROM PROGRAM 'cat x'",
             "COPY t TO STDOUT; COPY (SELECT a FROM stdin) TO STDOUT",
         ] {
-            assert_eq!(psql_only(fine), None, "{fine}");
+            assert_eq!(client_only(fine), None, "{fine}");
+        }
+    }
+
+    #[test]
+    fn flyway_placeholders_in_code_are_found_and_left_alone_in_strings_and_bodies() {
+        let found = client_only;
+        assert_eq!(
+            found("CREATE TABLE ${schema}.users (id int);"),
+            Some((13, ClientOnly::Placeholder("${schema}")))
+        );
+        assert_eq!(
+            found("GRANT SELECT ON t TO ${flyway:user};"),
+            Some((21, ClientOnly::Placeholder("${flyway:user}")))
+        );
+        assert_eq!(
+            found("CREATE TABLE users_${suffix} (id int);"),
+            Some((19, ClientOnly::Placeholder("${suffix}")))
+        );
+        // Unclosed on its line: up to the `{`.
+        assert_eq!(
+            found("SELECT ${x\n}"),
+            Some((7, ClientOnly::Placeholder("${")))
+        );
+        for fine in [
+            "SELECT '${x}', $$ ${y} $$, \"${z}\"; -- ${w}",
+            "/* ${v} */ SELECT $1, $f$ ${u} $f$",
+        ] {
+            assert_eq!(client_only(fine), None, "{fine}");
         }
     }
 

@@ -16,6 +16,11 @@
 //!   texts) orders them: Lemmy ships `000000000000000_forbid_diesel_cli` to run right after
 //!   its initial setup. Its digits after the 14th break the tie, as a timestamp's do.
 //!
+//! * **Dotted versions**, as Flyway writes them (`1.1`, `2.0.3`, `2024.01.15.1200`; Flyway's
+//!   `V1_1__x.sql` is `1.1`): part by part, numerically, a missing part counting as 0, so
+//!   `1` < `1.0.5` < `1.1` < `1.10` < `2`, and `1.0` is `1` (Flyway's `MigrationVersion`).
+//!   A plain integer is a dotted version of one part.
+//!
 //! The version keeps its text as the file writes it: that is what it prints, what JSON carries
 //! and what the history table records.
 
@@ -47,20 +52,23 @@ pub struct Version {
     major: i64,
     /// Whether the first 14 digits read as a date and time.
     timestamp: bool,
+    /// A dotted version's parts after the first, without trailing zeros (`1.2.0` → `[2]`);
+    /// empty for every other version. The second ordering key.
+    minor: Box<[u64]>,
 }
 
 /// Why a text is not a [`Version`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ParseVersionError {
-    /// Something other than digits and `-`, or no digit at all.
-    #[error("{text:?} is not a version: a version is digits, optionally separated by `-` (`0003`, `20261124093000`, `2026-11-24-093000`)")]
+    /// Something other than digits separated by `-` or by `.`, or no digit at all.
+    #[error("{text:?} is not a version: a version is digits, optionally separated by `-` (`0003`, `20261124093000`, `2026-11-24-093000`) or by `.` (`1.1`)")]
     NotANumber {
         /// The text given.
         text: String,
     },
-    /// More digits than a 64-bit integer holds.
-    #[error("version {text} is too large: at most 18 digits (19 below 9223372036854775808)\n  hint: give the migration a shorter version")]
+    /// More digits than a 64-bit integer holds (in a dotted version, in one of its parts).
+    #[error("version {text} is too large: at most 18 digits (19 below 9223372036854775808), or in a dotted version per part\n  hint: give the migration a shorter version")]
     TooLarge {
         /// The text given.
         text: String,
@@ -99,26 +107,50 @@ impl Version {
         self.text.bytes().filter(u8::is_ascii_digit)
     }
 
-    /// The history table's integer key: [`Version::number`], except for a run of more than 14
-    /// zeros, which is minus its zeros past the 14th (`000000000000000` is -1). As a number it
-    /// would be 0, the key of diesel's `00000000000000`; no other version is negative.
+    /// The history table's integer key: [`Version::number`], with two exceptions, where the
+    /// digits alone would make two versions one:
+    ///
+    /// * a run of more than 14 zeros is minus its zeros past the 14th (`000000000000000` is -1);
+    ///   as a number it would be 0, the key of diesel's `00000000000000`;
+    /// * a dotted version with a part after the first that is not 0 (`1.1`, whose digits are
+    ///   those of `11`) is a negative number below -2^62 taken from the SHA-256 of its parts,
+    ///   so that equal versions (`1.1`, `1_1`, `01.1.0`) share it. Reading a folder refuses two
+    ///   versions that would share a key ([`Version::key`] collisions are checked there).
+    ///
+    /// A dotted version without such a part (`2.0`) is its first part, as the version `2` it
+    /// equals. No other version is negative.
     pub(crate) fn key(&self) -> i64 {
-        if self.is_zero() {
+        if !self.minor.is_empty() {
+            use sha2::Digest;
+            let mut hash = sha2::Sha256::new();
+            hash.update(self.major.to_be_bytes());
+            self.minor.iter().for_each(|p| hash.update(p.to_be_bytes()));
+            let bytes: [u8; 8] = hash.finalize()[..8].try_into().unwrap_or_default();
+            const DOTTED_BASE: i64 = -(1 << 62);
+            DOTTED_BASE - (u64::from_be_bytes(bytes) >> 3) as i64
+        } else if self.is_zero() {
             -i64::try_from(self.rest().count()).unwrap_or(i64::MAX)
+        } else if self.is_dotted() {
+            self.major
         } else {
             self.number()
         }
     }
 
-    /// True for a version of zeros only (`0`, `00000000000000`).
+    /// True for a version of zeros only (`0`, `00000000000000`, `0.0`).
     fn is_zero(&self) -> bool {
-        !self.timestamp && self.major == 0
+        !self.timestamp && self.major == 0 && self.minor.is_empty()
     }
 
-    /// A timestamp's digits after the 14th, or a run of zeros' (none for a plain integer): the
-    /// tie-break after [`Version::major`].
+    /// True for a version written with `.` (or, as Flyway's file names write it, `_`).
+    fn is_dotted(&self) -> bool {
+        self.text.contains('.')
+    }
+
+    /// A timestamp's digits after the 14th, or a run of zeros' (none for a plain integer or a
+    /// dotted version): the tie-break after `major` and `minor`.
     fn rest(&self) -> impl Iterator<Item = u8> + '_ {
-        let skip = if self.timestamp || self.is_zero() {
+        let skip = if self.timestamp || (self.is_zero() && !self.is_dotted()) {
             TIME_DIGITS
         } else {
             usize::MAX
@@ -135,6 +167,12 @@ impl Version {
     /// integer.
     pub(crate) fn time(&self) -> Option<i64> {
         self.timestamp.then_some(self.major)
+    }
+
+    /// A plain integer's value, a dotted version's first part (`1.1` → 1), a timestamp's
+    /// first 14 digits: the version `migrate new` counts on from.
+    pub(crate) fn major(&self) -> i64 {
+        self.major
     }
 }
 
@@ -154,17 +192,39 @@ impl FromStr for Version {
     type Err = ParseVersionError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        if !text.chars().all(|c| c.is_ascii_digit() || c == '-')
-            || !text.chars().any(|c| c.is_ascii_digit())
-        {
-            return Err(ParseVersionError::NotANumber {
-                text: text.to_owned(),
-            });
-        }
-        let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+        let not_a_number = || ParseVersionError::NotANumber {
+            text: text.to_owned(),
+        };
         let too_large = || ParseVersionError::TooLarge {
             text: text.to_owned(),
         };
+        if text.contains('.') {
+            // Flyway's `1.2.3`: digits between the dots, none of them empty.
+            let mut parts = text.split('.').map(|part| {
+                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(not_a_number());
+                }
+                part.parse::<u64>().map_err(|_| too_large())
+            });
+            let major = parts.next().ok_or_else(not_a_number)??;
+            let major = i64::try_from(major).map_err(|_| too_large())?;
+            let mut minor = parts.collect::<Result<Vec<u64>, _>>()?;
+            while minor.last() == Some(&0) {
+                minor.pop();
+            }
+            return Ok(Self {
+                text: text.into(),
+                major,
+                timestamp: false,
+                minor: minor.into(),
+            });
+        }
+        if !text.chars().all(|c| c.is_ascii_digit() || c == '-')
+            || !text.chars().any(|c| c.is_ascii_digit())
+        {
+            return Err(not_a_number());
+        }
+        let digits: String = text.chars().filter(char::is_ascii_digit).collect();
         let number: i64 = digits.parse().map_err(|_| too_large())?;
         let timestamp = digits.len() >= TIME_DIGITS && looks_like_time(&digits[..TIME_DIGITS]);
         let major = if timestamp {
@@ -176,6 +236,7 @@ impl FromStr for Version {
             text: text.into(),
             major,
             timestamp,
+            minor: Box::default(),
         })
     }
 }
@@ -187,6 +248,7 @@ impl From<u32> for Version {
             text: n.to_string().into(),
             major: n.into(),
             timestamp: false,
+            minor: Box::default(),
         }
     }
 }
@@ -218,14 +280,18 @@ impl Eq for Version {}
 impl Hash for Version {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.major.hash(state);
+        self.minor.hash(state);
         self.rest().for_each(|d| d.hash(state));
     }
 }
 
 impl Ord for Version {
     fn cmp(&self, other: &Self) -> Ordering {
+        // `minor` has no trailing zeros, so comparing it as a slice is comparing part by part
+        // with missing parts as 0.
         self.major
             .cmp(&other.major)
+            .then_with(|| self.minor.cmp(&other.minor))
             .then_with(|| self.rest().cmp(other.rest()))
     }
 }
@@ -322,10 +388,47 @@ mod tests {
     }
 
     #[test]
+    fn dotted_versions_order_part_by_part_as_flyway_orders_them() {
+        let mut versions: Vec<Version> = ["2", "1.10", "1.1", "1.0.5", "1", "0.9", "10", "1.2"]
+            .into_iter()
+            .map(v)
+            .collect();
+        versions.sort();
+        let texts: Vec<&str> = versions.iter().map(Version::as_str).collect();
+        assert_eq!(
+            texts,
+            ["0.9", "1", "1.0.5", "1.1", "1.2", "1.10", "2", "10"]
+        );
+        // Leading zeros and trailing `.0`s do not count, as in Flyway.
+        assert_eq!(v("1.1"), v("01.1.0"));
+        assert_eq!(v("1.0"), v("1"));
+        assert_eq!(v("1.0").key(), v("1").key());
+        assert_eq!(v("01.1.0").key(), v("1.1").key());
+        assert_eq!(v("1.1").to_string(), "1.1");
+        // `1.1` and `11` have the same digits: distinct keys, the first below -2^62.
+        assert_ne!(v("1.1").key(), v("11").key());
+        assert!(v("1.1").key() < -(1 << 62) && v("1.2").key() < -(1 << 62));
+        assert_ne!(v("1.1").key(), v("1.2").key());
+        assert_eq!(v("2024.01.15.1200").major(), 2024);
+        assert!(!v("2024.01.15.1200").is_timestamp());
+        // The control: as numbers `1.1` and `11` are one.
+        assert_eq!(v("1.1").number(), v("11").number());
+    }
+
+    #[test]
     fn not_a_version() {
         assert!("".parse::<Version>().unwrap_err().is_not_a_number());
         assert!("-".parse::<Version>().unwrap_err().is_not_a_number());
-        assert!("1.1".parse::<Version>().unwrap_err().is_not_a_number());
+        for bad in ["1.", ".1", "1..2", "1.a", "1.1-2", "1_1"] {
+            assert!(
+                bad.parse::<Version>().unwrap_err().is_not_a_number(),
+                "{bad}"
+            );
+        }
+        assert!("1.99999999999999999999"
+            .parse::<Version>()
+            .unwrap_err()
+            .is_too_large());
         assert!(Version::try_from(-5_i64).unwrap_err().is_not_a_number());
         assert!("99999999999999999999"
             .parse::<Version>()

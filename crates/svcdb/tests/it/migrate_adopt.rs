@@ -417,6 +417,66 @@ async fn flyway_schema_is_adopted_with_its_crc32_checksums() {
 }
 
 #[tokio::test]
+async fn flyway_dotted_versions_are_adopted_applied_and_reverted_in_flyways_order() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("V1__a.sql", "CREATE TABLE a (id int);\n"),
+            // Flyway reads `1_1` as 1.1, and 1.10 after 1.2.
+            ("V1_1__b.sql", "CREATE TABLE b (id int);\n"),
+            ("U1_1__b.sql", "DROP TABLE b;\n"),
+            ("V1.10__d.sql", "CREATE TABLE d (id int);\n"),
+            ("U1.10__d.sql", "DROP TABLE d;\n"),
+            ("V1.2__c.sql", "CREATE TABLE c (id int);\n"),
+            ("U1.2__c.sql", "DROP TABLE c;\n"),
+            // The digits of 1.1.
+            ("V11__e.sql", "CREATE TABLE e (id int);\n"),
+            ("U11__e.sql", "DROP TABLE e;\n"),
+        ],
+    );
+    // Flyway records the version with dots; checksums as Python's zlib.crc32 computes them.
+    sql(
+        &svc,
+        &format!(
+            "{FLYWAY_DDL}
+             INSERT INTO shop.flyway_schema_history VALUES
+               (1, '1', 'a', 'SQL', 'V1__a.sql', -623083431, 'me', now(), 5, true),
+               (2, '1.1', 'b', 'SQL', 'V1_1__b.sql', 1128195672, 'me', now(), 5, true);
+             CREATE TABLE shop.a (id int); CREATE TABLE shop.b (id int);"
+        ),
+    )
+    .await;
+    // Adopts 1 and 1.1; 1.2, 1.10 and 11 are pending and applied.
+    adopt_then_up_to_date(&svc, dir.path(), Tool::Flyway, &["1", "1.1"]).await;
+    assert_eq!(
+        ours(&svc).await.len(),
+        5,
+        "five history rows, though `1.1` has the digits of `11`"
+    );
+    let m = migrator(&svc, dir.path());
+    let down = m
+        .down(&svcdb::migrate::DownOptions {
+            to: Some("1".parse().unwrap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let reverted: Vec<String> = down
+        .migrations
+        .iter()
+        .map(|e| e.version.to_string())
+        .collect();
+    assert_eq!(reverted, ["11", "1.10", "1.2", "1.1"]);
+    let left: Vec<String> = ours(&svc).await.into_iter().map(|(v, _)| v).collect();
+    assert_eq!(left, ["1"]);
+    m.up().await.unwrap();
+    assert!(m.status().await.unwrap().is_up_to_date());
+}
+
+#[tokio::test]
 async fn flyway_failed_and_changed_versions_are_refused() {
     let db = TestDb::new().await;
     let svc = db.service("shop").await;

@@ -3,24 +3,27 @@
 
 use crate::migrate::error::MigrateError;
 use crate::migrate::migration::NO_TRANSACTION_DIRECTIVE;
-use crate::migrate::split::{psql_only, transaction_control, PsqlOnly, TxControl};
+use crate::migrate::split::{client_only, transaction_control, ClientOnly, TxControl};
 
-/// Refuses a script holding what only psql can run, naming its line (`first_line` is the line
+/// Refuses a script holding what only psql can run or Flyway fills in, naming its line (`first_line` is the line
 /// of `path` the script starts on).
-pub(super) fn refuse_psql_only(
+pub(super) fn refuse_client_only(
     script: &str,
     path: &str,
     first_line: usize,
 ) -> Result<(), MigrateError> {
-    let Some((at, found)) = psql_only(script) else {
+    let Some((at, found)) = client_only(script) else {
         return Ok(());
     };
     let line = first_line + script[..at].matches('\n').count();
     let message = match found {
-        PsqlOnly::MetaCommand(command) => format!(
+        ClientOnly::MetaCommand(command) => format!(
             "line {line}: psql meta-command {command} cannot run: svcdb sends SQL to the server, not through psql\n  hint: delete psql lines (\\restrict, \\connect, \\set …) from the file"
         ),
-        PsqlOnly::CopyFromStdin => format!(
+        ClientOnly::Placeholder(placeholder) => format!(
+            "line {line}: {placeholder} is a placeholder that Flyway fills in from its configuration, and svcdb does not substitute placeholders\n  hint: write the value in its place (for the service's own schema, nothing: svcdb pins the search path to it)"
+        ),
+        ClientOnly::CopyFromStdin => format!(
             "line {line}: COPY … FROM stdin needs psql to stream the data rows that follow it\n  hint: turn the rows into INSERT statements (pg_dump --inserts or --column-inserts), or load them with COPY FROM a file on the server"
         ),
     };
@@ -155,6 +158,17 @@ COPY public.items (id, name) FROM stdin;
         let (path, line) = refused_at(&[("20240101000000_load.sql", goose.as_bytes())]);
         assert!(path.ends_with("20240101000000_load.sql"), "{path}");
         assert_eq!(line, 3);
+    }
+
+    #[test]
+    fn a_flyway_placeholder_in_code_is_refused_at_its_line() {
+        let script = "-- users\nCREATE TABLE ${schema}.users (id int);\n";
+        let (path, line) = refused_at(&[
+            ("V1__a.sql", b"SELECT '${kept}';"),
+            ("V2__users.sql", script.as_bytes()),
+        ]);
+        assert!(path.ends_with("V2__users.sql"), "{path}");
+        assert_eq!(line, 2);
     }
 
     #[test]

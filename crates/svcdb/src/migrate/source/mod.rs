@@ -6,7 +6,7 @@
 //! | native (also golang-migrate, sqlx reversible) | `<version>_<name>.up.sql` | `<version>_<name>.down.sql` | first line `-- svcdb:no-transaction` |
 //! | diesel | `<version>_<name>/up.sql` | `<version>_<name>/down.sql` | `metadata.toml`: `run_in_transaction = false`, or the directive |
 //! | one file (sqlx simple, goose, dbmate) | `<version>_<name>.sql`: all of it, or what follows `-- +goose Up` / `-- migrate:up` | in the same file, after `-- +goose Down` / `-- migrate:down` | `-- +goose NO TRANSACTION` (both scripts), `-- migrate:up transaction:false` (`migrate:down` for the down), or the directive |
-//! | Flyway, refinery | `V<version>__<name>.sql` | Flyway's undo `U<version>__<name>.sql` | the directive |
+//! | Flyway, refinery | `V<version>__<name>.sql` | Flyway's undo `U<version>__<name>.sql` | a statement Flyway runs outside a transaction (`CREATE INDEX CONCURRENTLY`, `VACUUM`, `ALTER TYPE … ADD VALUE`…: see `flyway.rs`), or the directive |
 //!
 //! The directive is the first line of the script itself (for a one-file migration, the line
 //! after the marker). In a one-file migration only blank lines and comments may come before the
@@ -33,12 +33,17 @@
 //! refuses instead. goose's `StatementBegin`/`StatementEnd` are left in the scripts as
 //! comments: a script goes to the server as one message.
 //!
-//! Refused with an error naming the file: Flyway's repeatable `R__<name>.sql`, versions that are
-//! not integers (`V1.1__x.sql`), a `U<version>__` file without its `V<version>__` (refinery's
+//! Flyway's dotted versions (`V1.1__x.sql`, `V1_1__x.sql`) are read and ordered as Flyway
+//! reads them (see [`Version`](crate::migrate::Version)); the other tools' versions are
+//! integers, and a dot in their names is refused.
+//!
+//! Refused with an error naming the file: Flyway's repeatable `R__<name>.sql`, a
+//! `U<version>__` file without its `V<version>__` (refinery's
 //! unversioned migrations), and unknown `-- +goose` annotations. Refused with the line as well:
 //! what only psql can run, as `pg_dump` writes it for `psql -f`, a backslash meta-command
-//! (`\restrict`, `\connect`) or `COPY … FROM stdin` with its data rows; the server would reject
-//! it only when it runs, with a bare syntax error. A `.sql` file that is no migration
+//! (`\restrict`, `\connect`) or `COPY … FROM stdin` with its data rows, and a Flyway
+//! placeholder (`${schema}`) outside strings and function bodies; the server would reject
+//! them only when they run, with a bare syntax error. A `.sql` file that is no migration
 //! (`notes.sql`, `seed.sql`, a Prisma `<name>/migration.sql`) is ignored and listed by
 //! [`Migrations::ignored`]; other files (a README, hidden files) are ignored silently.
 //!
@@ -52,11 +57,13 @@
 //! | what a file's name says: its layout, its role, its version and name | `names.rs` |
 //! | one-file migrations cut at goose or dbmate markers | `one_file.rs` |
 //! | diesel's `metadata.toml` | `diesel.rs` |
+//! | the statements Flyway runs outside a transaction | `flyway.rs` |
 //! | the checks on each script: psql-only lines, `BEGIN`/`COMMIT` wrappers | `checks.rs` |
 //! | writing a new migration in the folder's layout ([`new_migration`]) | `new.rs` |
 
 mod checks;
 mod diesel;
+mod flyway;
 mod names;
 mod new;
 mod one_file;

@@ -67,7 +67,7 @@ pub(super) fn classify(rel: &str) -> Option<Class> {
                 return part(stem, Layout::Native, Role::Down);
             }
             if let Some(stem) = rel.strip_suffix(".go").filter(|s| !s.ends_with("_test")) {
-                return parse_stem(stem, true).is_ok().then(|| {
+                return parse_stem(stem, Layout::OneFile).is_ok().then(|| {
                     Class::Refused(format!(
                         "a goose Go migration, which svcdb cannot run: running the SQL migrations around it would skip its step\n  hint: port it to SQL as {stem}.sql (`-- +goose Up`, its statements, `-- +goose Down`, theirs: goose runs that file too), or keep the migrations folder svcdb reads free of it once every database has applied it"
                     ))
@@ -139,21 +139,17 @@ fn flyway(stem: &str) -> Class {
     let letter = letter.to_ascii_uppercase();
     let expected =
         format!("expected `{letter}<version>__<name>.sql`, e.g. `{letter}2__create_users.sql`");
-    let integer = |version: &str| version.chars().all(|c| c.is_ascii_digit());
+    // Flyway reads `_` in a version as `.` (`V1_1__x.sql` is version 1.1).
+    let integer = |version: &str| version.chars().all(|c| c.is_ascii_digit() || c == '.');
     let (version, name) = match rest.split_once("__") {
         // Flyway reads `V0001.sql` as version 0001 with an empty description.
-        None if integer(rest) => (rest, ""),
+        None if integer(&rest.replace('_', ".")) => (rest, ""),
         None => {
             return Class::Refused(format!(
                 "a Flyway-style name needs two underscores between the version and the name; {expected}"
             ))
         }
-        Some((version, _)) if !integer(version) && integer(&version.replace(['.', '_'], "")) => {
-            return Class::Refused(format!(
-                "version {version} is not an integer: svcdb orders migrations by integer versions\n  hint: rename the files with integer versions that keep their order, e.g. `V1.1__` to `V101__`, `V1.2__` to `V102__`, `V2.0__` to `V200__`"
-            ))
-        }
-        Some((version, _)) if !integer(version) => {
+        Some((version, _)) if !integer(&version.replace('_', ".")) => {
             return Class::Refused(format!(
                 "cannot read a version from the name: {version:?} is not a number; {expected}"
             ))
@@ -163,7 +159,7 @@ fn flyway(stem: &str) -> Class {
         }
         Some(parts) => parts,
     };
-    let stem = format!("{version}_{name}");
+    let stem = format!("{}_{name}", version.replace('_', "."));
     if letter == "U" {
         Class::Undo { stem }
     } else {
@@ -175,12 +171,11 @@ fn flyway(stem: &str) -> Class {
     }
 }
 
-/// `(version, name, digit count)` from `<version>_<name>`, or what is wrong with it. The name
-/// may be empty only where it is not `name_required` (Flyway's `V0001.sql`).
-pub(super) fn parse_stem(
-    stem: &str,
-    name_required: bool,
-) -> Result<(Version, &str, usize), String> {
+/// `(version, name, digit count)` from `<version>_<name>` of a file in `layout`, or what is
+/// wrong with it. Only Flyway's versions may be dotted (`1.1`; [`classify`] turned its `1_1`
+/// into that) and have an empty name (`V0001.sql`); their digit count is the first part's.
+pub(super) fn parse_stem(stem: &str, layout: Layout) -> Result<(Version, &str, usize), String> {
+    let flyway = layout == Layout::Flyway;
     const EXPECTED: &str =
         "expected `<version>_<name>`, e.g. `0001_create_users.up.sql`, `20261124093000_create_users.sql` or `20261124093000_create_users/up.sql`";
     let Some((prefix, name)) = stem.split_once('_') else {
@@ -189,20 +184,23 @@ pub(super) fn parse_stem(
         ));
     };
     if prefix.is_empty()
-        || !prefix.chars().all(|c| c.is_ascii_digit() || c == '-')
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '-' || (flyway && c == '.'))
         || !prefix.chars().any(|c| c.is_ascii_digit())
     {
         return Err(format!(
             "cannot read a version from the name: {prefix:?} is not a number (digits, optionally separated by `-`); {EXPECTED}"
         ));
     }
-    if name_required && name.trim().is_empty() {
+    if !flyway && name.trim().is_empty() {
         return Err(format!("the name after the version is empty; {EXPECTED}"));
     }
     let version: Version = prefix
         .parse()
         .map_err(|e: crate::migrate::version::ParseVersionError| e.to_string())?;
-    let width = prefix.chars().filter(char::is_ascii_digit).count();
+    let first = prefix.split('.').next().unwrap_or(prefix);
+    let width = first.chars().filter(char::is_ascii_digit).count();
     Ok((version, name, width))
 }
 
@@ -280,8 +278,25 @@ mod tests {
     }
 
     #[test]
-    fn flyway_dotted_versions_are_refused() {
-        for bad in ["V1.1__x.sql", "V1_1__x.sql", "U1.1__x.sql"] {
+    fn flyway_dotted_versions_are_read_as_flyway_reads_them() {
+        use super::{classify, parse_stem, Class, Layout};
+        for (file, text) in [
+            ("V1.1__x.sql", "1.1"),
+            ("V1_1__x.sql", "1.1"),
+            ("v2_0_3__x.sql", "2.0.3"),
+            ("V1.1.sql", "1.1"),
+        ] {
+            let Some(Class::Part { stem, layout, .. }) = classify(file) else {
+                panic!("{file} is not a migration");
+            };
+            let (version, _, width) = parse_stem(&stem, layout).unwrap();
+            assert_eq!((version.as_str(), width), (text, 1), "{file}");
+        }
+        assert!(matches!(classify("U1_1__x.sql"), Some(Class::Undo { stem }) if stem == "1.1_x"));
+        // Dots are Flyway's alone: sqlx, golang-migrate, goose and dbmate read integers.
+        assert!(parse_stem("1.1_x", Layout::Native).is_err());
+        assert!(parse_stem("1.1_x", Layout::OneFile).is_err());
+        for bad in ["V1..1__x.sql", "V1.__x.sql", "V1._1__x.sql"] {
             let path = source_error_path(&[(bad, b"SELECT 1;")]);
             assert!(path.ends_with(bad), "{bad}: {path}");
         }

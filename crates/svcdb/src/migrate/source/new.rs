@@ -72,9 +72,17 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
         markers: None,
         dashed: false,
     });
+    // The integer after a version that is not a timestamp: after Flyway's `1.3`, `2`.
+    let next = |v: &Version| {
+        if v.is_timestamp() {
+            v.number() + 1
+        } else {
+            v.major() + 1
+        }
+    };
     let prefix = match existing.latest().map(|m| &m.version) {
-        Some(v) if !v.is_timestamp() && v.number() < SEQUENTIAL_LIMIT => {
-            format!("{:0width$}", v.number() + 1, width = existing.prefix_width)
+        Some(v) if !v.is_timestamp() && v.major() < SEQUENTIAL_LIMIT => {
+            format!("{:0width$}", next(v), width = existing.prefix_width)
         }
         latest => {
             // One second after the newest timestamp when the clock is behind it, so the new
@@ -91,7 +99,7 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
                 // Not a timestamp, or one the calendar does not know (`20260231…`): the next
                 // integer.
                 Some(v) if digits.parse::<Version>().is_ok_and(|new| new <= *v) => {
-                    (v.number() + 1).to_string()
+                    next(v).to_string()
                 }
                 // Keep diesel's dashes: they are how the folder writes its versions (diesel
                 // itself compares versions with the dashes removed).
@@ -348,6 +356,19 @@ mod tests {
                 .name,
             "add_c"
         );
+    }
+
+    #[test]
+    fn new_migration_after_a_dotted_flyway_version_takes_the_next_first_part() {
+        let (_dir, files) = new_in(
+            &[
+                ("V1__init.sql", b"SELECT 1;"),
+                ("V1_10__b.sql", b"SELECT 2;"),
+            ],
+            "add_c",
+        );
+        // Not `V111__` (its digits plus one) nor `V1.11__`: a new release's first migration.
+        assert_eq!(files, ["V2__add_c.sql"]);
     }
 
     #[test]

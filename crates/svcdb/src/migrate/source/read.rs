@@ -5,8 +5,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::checks::{refuse_psql_only, unwrap_transaction};
+use super::checks::{refuse_client_only, unwrap_transaction};
 use super::diesel::metadata_says_no_tx;
+use super::flyway::runs_outside_a_transaction;
 use super::names::{classify, parse_stem, Class, Layout, Role, Tool};
 use super::one_file::{cut_at_markers, Sections};
 use crate::migrate::error::MigrateError;
@@ -92,7 +93,11 @@ pub(super) struct Newest {
 /// `000002_del_x.down.sql`). A down that two ups of its version could take, or whose up has a
 /// down already, stays alone and is refused.
 fn pair_downs_by_version(groups: &mut BTreeMap<(String, Layout), Group<'_>>) {
-    let version = |stem: &str| parse_stem(stem, true).ok().map(|(version, ..)| version);
+    let version = |stem: &str| {
+        parse_stem(stem, Layout::Native)
+            .ok()
+            .map(|(version, ..)| version)
+    };
     let lone: Vec<(String, Layout)> = groups
         .iter()
         .filter(|((_, layout), g)| *layout == Layout::Native && g.up.is_none() && g.down.is_some())
@@ -136,7 +141,8 @@ struct Scripts {
     /// The line of the up file the up script starts on.
     up_line: usize,
     down: Option<Down>,
-    /// Made non-transactional by a marker or `metadata.toml` (the directive is checked later).
+    /// Made non-transactional by a marker, `metadata.toml` or (Flyway) a statement that needs
+    /// it (the directive is checked later).
     up_no_tx: bool,
     down_no_tx: bool,
 }
@@ -280,7 +286,7 @@ impl Migrations {
                 Class::Refused(why) => return Err(refuse(&file, why)),
                 Class::Undo { stem } => {
                     let (version, name, _) =
-                        parse_stem(&stem, false).map_err(|m| refuse(&file, m))?;
+                        parse_stem(&stem, Layout::Flyway).map_err(|m| refuse(&file, m))?;
                     if let Some((other, _)) = undo.get(&version) {
                         let message = format!(
                             "version {version} has a second undo script, {}; remove one of them",
@@ -320,8 +326,7 @@ impl Migrations {
                 }
                 continue;
             };
-            let (version, name, width) =
-                parse_stem(&stem, layout != Layout::Flyway).map_err(|m| refuse(&up, m))?;
+            let (version, name, width) = parse_stem(&stem, layout).map_err(|m| refuse(&up, m))?;
             prefix_width = prefix_width.max(width);
             let up_path = display(&up.path);
             let text = script(&up, &display)?;
@@ -339,13 +344,21 @@ impl Migrations {
                     markers = sections.markers;
                     sections.into_scripts(&up_path)
                 }
-                Layout::Flyway => Scripts::whole(
-                    text,
-                    undo.remove(&version)
+                // Flyway marks nothing: it runs a script outside a transaction when one of
+                // its statements needs that, the undo script apart from its migration.
+                Layout::Flyway => {
+                    let down = undo
+                        .remove(&version)
                         .map(|(file, _)| down_file(&file))
-                        .transpose()?,
-                    false,
-                ),
+                        .transpose()?;
+                    Scripts {
+                        up_no_tx: runs_outside_a_transaction(&text),
+                        down_no_tx: down
+                            .as_ref()
+                            .is_some_and(|d| runs_outside_a_transaction(&d.sql)),
+                        ..Scripts::whole(text, down, false)
+                    }
+                }
                 Layout::Native | Layout::Diesel => Scripts::whole(
                     text,
                     group.down.as_ref().map(down_file).transpose()?,
@@ -367,9 +380,9 @@ impl Migrations {
             // A down script without a statement (an empty file, comments only) undoes nothing:
             // the migration is irreversible, and `down` refuses it before touching anything.
             let down = down.filter(|d| !split_statements(&d.sql).is_empty());
-            refuse_psql_only(&up_sql, &up_path, up_line)?;
+            refuse_client_only(&up_sql, &up_path, up_line)?;
             if let Some(d) = &down {
-                refuse_psql_only(&d.sql, &d.path, d.line)?;
+                refuse_client_only(&d.sql, &d.path, d.line)?;
             }
             if newest.as_ref().is_none_or(|(v, _)| version > *v) {
                 let dashed = stem.split_once('_').is_some_and(|(p, _)| p.contains('-'));
@@ -423,6 +436,8 @@ impl Migrations {
             // on the number.
             let why = if a.as_str() == b.as_str() {
                 String::new()
+            } else if a.as_str().contains('.') || b.as_str().contains('.') {
+                format!(" (written {b} and {a}, one version to svcdb as to Flyway: leading zeros and trailing `.0` parts do not count)")
             } else {
                 format!(
                     " (written {b} and {a}, both the number {} to svcdb)",
@@ -436,6 +451,22 @@ impl Migrations {
                     pair[0].path
                 ),
             ));
+        }
+        // Distinct versions whose history keys would be one: in practice never (a dotted
+        // version's key is 61 bits of a hash), but then the second could never be recorded.
+        let mut keys: BTreeMap<i64, &Migration> = BTreeMap::new();
+        for m in &list {
+            if let Some(other) = keys.insert(m.version.key(), m) {
+                return Err(MigrateError::source_file(
+                    &m.path,
+                    format!(
+                        "versions {} and {} share the history table's key {}, so svcdb cannot record both; give one of them a new version",
+                        other.version,
+                        m.version,
+                        m.version.key()
+                    ),
+                ));
+            }
         }
         ignored.sort();
         Ok(Self {
@@ -777,6 +808,57 @@ mod tests {
             .ends_with("U2__create_b.sql"));
         assert_eq!(m.get(&v(1)).unwrap().down, None);
         assert_eq!(m.get(&v(3)).unwrap().name, "lower_case");
+    }
+
+    #[test]
+    fn a_flyway_folder_with_dotted_versions_runs_in_flyways_order() {
+        let m = parse(&[
+            ("V1__init.sql", b"SELECT 1;"),
+            ("V1.10__ten.sql", b"SELECT 110;"),
+            ("V1_2__two.sql", b"SELECT 12;"),
+            ("V1.1__one.sql", b"SELECT 11;"),
+            ("U1_1__one.sql", b"SELECT -11;"),
+            ("V2__next.sql", b"SELECT 2;"),
+            ("V11__eleven.sql", b"SELECT 11;"),
+        ])
+        .unwrap();
+        let texts: Vec<&str> = m.iter().map(|m| m.version.as_str()).collect();
+        assert_eq!(texts, ["1", "1.1", "1.2", "1.10", "2", "11"]);
+        let one = m.get(&"1.1".parse().unwrap()).unwrap();
+        assert_eq!(one.down.as_deref(), Some("SELECT -11;"));
+        // One version written two ways, as Flyway would refuse it too.
+        let path = source_error_path(&[
+            ("V1.1__a.sql", b"SELECT 1;"),
+            ("V1_1_0__b.sql", b"SELECT 2;"),
+        ]);
+        assert!(
+            path.ends_with("V1.1__a.sql") || path.ends_with("V1_1_0__b.sql"),
+            "{path}"
+        );
+    }
+
+    #[test]
+    fn a_flyway_script_flyway_runs_outside_a_transaction_is_non_transactional_unmarked() {
+        let m = parse(&[
+            ("V1__t.sql", b"CREATE TABLE t (a int);"),
+            ("V2__index.sql", b"CREATE INDEX CONCURRENTLY t_a ON t (a);"),
+            ("U2__index.sql", b"DROP INDEX CONCURRENTLY t_a;"),
+            ("V3__enum.sql", b"CREATE TYPE mood AS ENUM ('ok');"),
+            ("U3__enum.sql", b"DROP TYPE mood;"),
+        ])
+        .unwrap();
+        let modes: Vec<(bool, bool)> = m
+            .iter()
+            .map(|m| (m.transactional, m.down_transactional))
+            .collect();
+        assert_eq!(modes, [(true, true), (false, false), (true, true)]);
+        // The control: the same index in svcdb's own layout is transactional until marked.
+        let native = parse(&[(
+            "0002_index.up.sql",
+            b"CREATE INDEX CONCURRENTLY t_a ON t (a);",
+        )])
+        .unwrap();
+        assert!(native.get(&v(2)).unwrap().transactional);
     }
 
     #[test]

@@ -1,0 +1,100 @@
+//! What Flyway decides from a script's statements rather than from a marker: whether the
+//! migration runs inside a transaction.
+
+use pg_query::protobuf::{DiscardMode, ReindexObjectType};
+use pg_query::NodeEnum;
+
+/// True when `sql` holds a statement that Flyway runs outside a transaction, which makes
+/// Flyway run the whole migration outside one (refusing the migration, unless its `mixed`
+/// setting is on, when other statements could have run inside one). A Flyway folder marks
+/// nothing: a `V7__index.sql` of one `CREATE INDEX CONCURRENTLY` just works there, so svcdb
+/// reads such a script as if it began with the no-transaction directive, and the file stays
+/// as Flyway checksummed it.
+///
+/// The statements are those of Flyway's `PostgreSQLParser.detectCanExecuteInTransaction`:
+/// `CREATE`/`DROP` `DATABASE`, `TABLESPACE` or `SUBSCRIPTION`, `ALTER SYSTEM`,
+/// `CREATE`/`DROP INDEX CONCURRENTLY`, `REINDEX SCHEMA`/`DATABASE`/`SYSTEM`, `VACUUM`,
+/// `DISCARD ALL` and `ALTER TYPE … ADD VALUE` (which PostgreSQL before 12 refused in a
+/// transaction, and whose new value a transaction cannot use before it commits); and
+/// `REINDEX … CONCURRENTLY`, which PostgreSQL refuses inside a transaction too. They are
+/// told apart by PostgreSQL's own parser; a script it rejects stays transactional, and its
+/// error comes when it runs.
+pub(super) fn runs_outside_a_transaction(sql: &str) -> bool {
+    let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
+        return false;
+    };
+    parsed
+        .protobuf
+        .stmts
+        .iter()
+        .filter_map(|raw| raw.stmt.as_ref().and_then(|s| s.node.as_ref()))
+        .any(outside_a_transaction)
+}
+
+fn outside_a_transaction(node: &NodeEnum) -> bool {
+    match node {
+        NodeEnum::CreatedbStmt(_)
+        | NodeEnum::DropdbStmt(_)
+        | NodeEnum::CreateTableSpaceStmt(_)
+        | NodeEnum::DropTableSpaceStmt(_)
+        | NodeEnum::CreateSubscriptionStmt(_)
+        | NodeEnum::DropSubscriptionStmt(_)
+        | NodeEnum::AlterSystemStmt(_) => true,
+        NodeEnum::IndexStmt(index) => index.concurrent,
+        NodeEnum::DropStmt(drop) => drop.concurrent,
+        NodeEnum::ReindexStmt(reindex) => {
+            matches!(
+                ReindexObjectType::try_from(reindex.kind),
+                Ok(ReindexObjectType::ReindexObjectSchema
+                    | ReindexObjectType::ReindexObjectSystem
+                    | ReindexObjectType::ReindexObjectDatabase)
+            ) || reindex.params.iter().any(
+                |p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "concurrently"),
+            )
+        }
+        NodeEnum::VacuumStmt(vacuum) => vacuum.is_vacuumcmd,
+        NodeEnum::DiscardStmt(discard) => discard.target == DiscardMode::DiscardAll as i32,
+        // `ALTER TYPE … RENAME VALUE` sets `old_val` too.
+        NodeEnum::AlterEnumStmt(alter) => !alter.new_val.is_empty() && alter.old_val.is_empty(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_outside_a_transaction as outside;
+
+    #[test]
+    fn the_statements_flyway_runs_outside_a_transaction() {
+        for sql in [
+            "CREATE INDEX CONCURRENTLY i ON t (a);",
+            "create unique index concurrently if not exists i on t (a)",
+            "SELECT 1; DROP INDEX CONCURRENTLY IF EXISTS i;",
+            "REINDEX SCHEMA public",
+            "REINDEX (VERBOSE) DATABASE app",
+            "REINDEX INDEX CONCURRENTLY i",
+            "VACUUM ANALYZE t",
+            "DISCARD ALL",
+            "ALTER TYPE mood ADD VALUE 'meh' AFTER 'ok'",
+            "ALTER TYPE mood ADD VALUE IF NOT EXISTS 'meh'",
+            "CREATE DATABASE other",
+            "DROP TABLESPACE IF EXISTS fast",
+            "ALTER SYSTEM SET work_mem = '8MB'",
+        ] {
+            assert!(outside(sql), "{sql}");
+        }
+        for sql in [
+            "CREATE INDEX i ON t (a); DROP INDEX i;",
+            "REINDEX TABLE t",
+            "ANALYZE t",
+            "DISCARD PLANS",
+            "ALTER TYPE mood RENAME VALUE 'meh' TO 'fine'",
+            "CREATE TABLE vacuum (concurrently int)",
+            "SELECT 'CREATE INDEX CONCURRENTLY i ON t (a)'",
+            // PostgreSQL's parser rejects it: left to fail when it runs, inside a transaction.
+            "CREATE INDEX CONCURRENTLY i ON t (a",
+        ] {
+            assert!(!outside(sql), "{sql}");
+        }
+    }
+}
