@@ -55,7 +55,7 @@ Exit codes:
     /// By default the pending migrations are checked as the next `up` runs them (a table
     /// created earlier in the same deploy is new, so indexing it is fine); --all needs no
     /// database. Allow a finding with a comment `-- svcdb:allow <rule>` in the migration's
-    /// file, or run `up --allow-unsafe`.
+    /// file, or run `up --allow-unsafe` (not concurrently-in-transaction: the server refuses it).
     #[command(after_help = "\
 Exit codes:
   0  nothing `migrate up` would refuse (warnings and allowed findings are listed)
@@ -192,7 +192,8 @@ pub struct UpArgs {
 
     /// Run statements that `migrate lint` reports as errors (a CREATE INDEX without
     /// CONCURRENTLY on a busy table, a table rewrite, …) instead of refusing the deploy; each
-    /// is printed as a warning.
+    /// is printed as a warning. Not CONCURRENTLY inside a transaction, which the server
+    /// refuses anyway.
     #[arg(long)]
     allow_unsafe: bool,
 

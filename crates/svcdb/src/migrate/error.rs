@@ -232,7 +232,16 @@ fn unsafe_message(findings: &[super::lint::Finding]) -> String {
             finding.to_string().replace('\n', "\n  ")
         ));
     }
-    s.push_str("\n  hint: rewrite each statement as its fix says, in a migration that is not applied yet; if one is safe here (a small table, a maintenance window), write `-- svcdb:allow <rule>` in its file, or pass `--allow-unsafe` (MigrateOptions::allow_unsafe)");
+    s.push_str(
+        "\n  hint: rewrite each statement as its fix says, in a migration that is not applied yet",
+    );
+    // Allowing a statement the server refuses would only move the failure to run time.
+    if findings.iter().any(|f| f.rule.can_be_allowed()) {
+        s.push_str("; if one is safe here (a small table, a maintenance window), write `-- svcdb:allow <rule>` in its file, or pass `--allow-unsafe` (MigrateOptions::allow_unsafe)");
+        if findings.iter().any(|f| !f.rule.can_be_allowed()) {
+            s.push_str(", which does not apply to what the server itself refuses (`concurrently-in-transaction`)");
+        }
+    }
     s
 }
 
@@ -312,6 +321,7 @@ fn failed_message(f: &MigrationFailure) -> String {
     if !invalid_indexes.is_empty() {
         s.push_str("drop the invalid indexes, then ");
     }
+    let outside_a_transaction = format!("this statement cannot run inside a transaction: make the migration non-transactional ({}), then run again", super::migration::NO_TRANSACTION_HOW);
     s.push_str(if *dirty {
         "undo (or finish) those statements by hand, fix the migration, run `svcdb migrate repair`, then run again"
     } else if lock_timeout {
@@ -319,7 +329,7 @@ fn failed_message(f: &MigrationFailure) -> String {
     } else if cause.code() == Some(&SqlState::ACTIVE_SQL_TRANSACTION) {
         // CREATE INDEX CONCURRENTLY, VACUUM, ALTER TYPE … ADD VALUE (before PostgreSQL 12): the
         // migration itself is fine, it only needs to run outside a transaction.
-        "this statement cannot run inside a transaction: make the migration non-transactional (first line `-- svcdb:no-transaction`; goose `-- +goose NO TRANSACTION`; dbmate `-- migrate:up transaction:false`; diesel `run_in_transaction = false`), then run again"
+        &outside_a_transaction
     } else {
         "fix the migration and run again"
     });

@@ -384,6 +384,27 @@ fn an_allow_comment_allows_its_rules_in_its_own_file_only() {
 }
 
 #[test]
+fn what_the_server_refuses_cannot_be_allowed() {
+    let index = "CREATE INDEX CONCURRENTLY u_a ON users (a);\n";
+    // The comment allows nothing and says so; the finding still blocks.
+    let files = [(
+        "1_m.up.sql",
+        format!("-- svcdb:allow concurrently-in-transaction\n{index}"),
+    )];
+    let files: Vec<(&str, &str)> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
+    assert_eq!(
+        findings(&files),
+        [
+            (Rule::UnknownAllow, 1, false),
+            (Rule::ConcurrentlyInTransaction, 2, false)
+        ]
+    );
+    assert!(!Rule::ConcurrentlyInTransaction.can_be_allowed());
+    // The control: a lock hazard can be allowed.
+    assert!(Rule::IndexWithoutConcurrently.can_be_allowed());
+}
+
+#[test]
 fn every_rule_has_a_name_that_reads_back() {
     for &rule in Rule::ALL {
         assert_eq!(Rule::from_name(rule.name()), Some(rule));
@@ -537,6 +558,41 @@ async fn allow_unsafe_runs_it_and_reports_the_finding_as_an_event() {
     assert_eq!(lint_events, [Rule::IndexWithoutConcurrently]);
     assert_eq!(history(&svc).await, [1, 2]);
     assert!(has_index(&svc, "items_label").await);
+}
+
+#[tokio::test]
+async fn allow_unsafe_does_not_let_through_what_the_server_would_refuse() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ITEMS,
+            (
+                "2_index.up.sql",
+                "CREATE INDEX CONCURRENTLY items_label ON items (label);",
+            ),
+        ],
+    );
+    let err = migrator(
+        &svc,
+        dir.path(),
+        MigrateOptions {
+            allow_unsafe: true,
+            ..MigrateOptions::default()
+        },
+    )
+    .up()
+    .await
+    .unwrap_err();
+    let MigrateError::Unsafe { findings } = &err else {
+        panic!("expected a refusal before running anything, got {err}");
+    };
+    assert_eq!(findings[0].rule, Rule::ConcurrentlyInTransaction);
+    // Nothing ran, and the hint does not offer the flag that was just given.
+    assert!(!has_index(&svc, "items_label").await);
+    assert!(!err.to_string().contains("--allow-unsafe"), "{err}");
 }
 
 #[tokio::test]

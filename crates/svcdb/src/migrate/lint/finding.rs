@@ -128,6 +128,13 @@ impl Rule {
         Rule::ALL.iter().copied().find(|r| r.name() == name)
     }
 
+    /// False for a rule whose statement the server refuses as written
+    /// (`concurrently-in-transaction`): neither `-- svcdb:allow` nor `--allow-unsafe` lets it
+    /// through, as that would only move the failure to run time.
+    pub fn can_be_allowed(self) -> bool {
+        self != Rule::ConcurrentlyInTransaction
+    }
+
     /// Whether a finding of this rule stops `up` (unless allowed).
     pub fn severity(self) -> Severity {
         match self {

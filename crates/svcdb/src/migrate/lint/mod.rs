@@ -24,7 +24,7 @@
 //! | rule | level | flags (on a table that existed before the deploy) |
 //! |---|---|---|
 //! | `index-without-concurrently` | error | `CREATE INDEX` without `CONCURRENTLY` |
-//! | `concurrently-in-transaction` | error | `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a transactional migration (any table) |
+//! | `concurrently-in-transaction` | error, never allowed | `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a transactional migration (any table): the server refuses it, so neither `--allow-unsafe` nor `-- svcdb:allow` lets it through |
 //! | `add-column-not-null-without-default` | error | `ADD COLUMN … NOT NULL` without a default |
 //! | `add-column-volatile-default` | error | `ADD COLUMN` with a volatile default (`random()`, `clock_timestamp()`, `gen_random_uuid()`, `nextval`, a `serial` type), an identity or a stored generated column |
 //! | `alter-column-type` | error | `ALTER COLUMN … TYPE` |
@@ -35,7 +35,7 @@
 //! | `vacuum-full`, `cluster`, `lock-table` | error | `VACUUM FULL`, `CLUSTER`, `LOCK TABLE` (any table) |
 //! | `empty-up` | warning | an up script with no statement: a no-op migration, recorded like any other |
 //! | `unparsed` | warning | a script PostgreSQL's parser rejects: nothing in it could be checked |
-//! | `unknown-allow` | warning | a `-- svcdb:allow` comment naming no rule (it allows nothing) |
+//! | `unknown-allow` | warning | a `-- svcdb:allow` comment naming no rule, or `concurrently-in-transaction` (it allows nothing) |
 //!
 //! Volatility is read from the function's name (PostgreSQL's `pg_proc.provolatile` is not
 //! consulted, as no database is needed): `now()`, `CURRENT_TIMESTAMP` and constants are stable
@@ -150,10 +150,14 @@ pub(crate) fn check_before_up(
     observer: &mut (dyn FnMut(&MigrateEvent) + Send),
 ) -> Result<(), MigrateError> {
     let report = lint(plan.iter().copied());
-    if !allow_unsafe && report.blocking().next().is_some() {
-        return Err(MigrateError::Unsafe {
-            findings: report.blocking().cloned().collect(),
-        });
+    // `allow_unsafe` lets through the hazards, not what the server would refuse anyway.
+    let blocking: Vec<Finding> = report
+        .blocking()
+        .filter(|f| !allow_unsafe || !f.rule.can_be_allowed())
+        .cloned()
+        .collect();
+    if !blocking.is_empty() {
+        return Err(MigrateError::Unsafe { findings: blocking });
     }
     for finding in report.findings.into_iter().filter(|f| !f.allowed) {
         tracing::warn!(target: "svcdb::migrate", %finding, "unsafe migration statement");
@@ -195,7 +199,7 @@ impl Script<'_> {
             severity: rule.severity(),
             message,
             fix,
-            allowed: self.allowed.contains(&rule),
+            allowed: self.allowed.contains(&rule) && rule.can_be_allowed(),
         }
     }
 }
@@ -220,10 +224,10 @@ fn allow_comments(sql: &str) -> (HashSet<Rule>, Vec<(usize, String)>) {
             .filter(|n| !n.is_empty())
         {
             match Rule::from_name(name) {
-                Some(rule) => {
+                Some(rule) if rule.can_be_allowed() => {
                     allowed.insert(rule);
                 }
-                None => unknown.push((at, name.to_owned())),
+                _ => unknown.push((at, name.to_owned())),
             }
         }
     }
@@ -265,12 +269,27 @@ impl Deploy {
         let (allowed, unknown) = allow_comments(&m.up);
         let script = Script { m, allowed };
         for (at, name) in unknown {
-            let known: Vec<&str> = Rule::ALL.iter().map(|r| r.name()).collect();
+            let (why, fix) = if Rule::from_name(&name).is_some() {
+                (
+                    "the server refuses such a statement as written, so allowing it is not possible",
+                    format!("make the migration non-transactional: {}", super::migration::NO_TRANSACTION_HOW),
+                )
+            } else {
+                let known: Vec<&str> = Rule::ALL
+                    .iter()
+                    .filter(|r| r.can_be_allowed())
+                    .map(|r| r.name())
+                    .collect();
+                (
+                    "it is no rule",
+                    format!("name one of: {}", known.join(", ")),
+                )
+            };
             out.push(script.finding(
                 at,
                 Rule::UnknownAllow,
-                format!("`-- {ALLOW_DIRECTIVE} {name}`: {name} is no rule, so it allows nothing"),
-                format!("name one of: {}", known.join(", ")),
+                format!("`-- {ALLOW_DIRECTIVE} {name}`: {why}, so it allows nothing"),
+                fix,
             ));
         }
         if split_statements(&m.up).is_empty() {
@@ -560,7 +579,7 @@ fn concurrently_in_transaction(s: &Script<'_>, at: usize, what: &str) -> Finding
         at,
         Rule::ConcurrentlyInTransaction,
         format!("{what} … CONCURRENTLY cannot run inside a transaction, and this migration runs in one: the server would refuse it (SQLSTATE 25001)"),
-        format!("make the migration non-transactional: first line `{}` (goose `-- +goose NO TRANSACTION`, dbmate `-- migrate:up transaction:false`, diesel `run_in_transaction = false`), with the concurrent statement in a migration of its own", super::NO_TRANSACTION_DIRECTIVE),
+        format!("make the migration non-transactional: {}, with the concurrent statement in a migration of its own", super::migration::NO_TRANSACTION_HOW),
     )
 }
 
