@@ -35,7 +35,12 @@ pub(crate) fn is_untouched(m: &Migration) -> bool {
         return false;
     };
     // The prefix as written in the file name: diesel's dashed versions keep their dashes.
-    name == m.name && prefix.parse::<Version>().is_ok_and(|v| v == m.version)
+    // Flyway's `1_12_10` is the version `1.12.10`.
+    name == m.name
+        && prefix
+            .replace('_', ".")
+            .parse::<Version>()
+            .is_ok_and(|v| v == m.version)
 }
 
 /// [`MigrateError::Unwritten`] for the first migration of `plan` that is still a placeholder.
@@ -61,7 +66,7 @@ mod tests {
     #[test]
     fn every_layouts_new_migration_is_untouched_until_written() {
         // One folder per layout `new_migration` continues, each with a written first migration.
-        let layouts: [(&str, &str); 6] = [
+        let layouts: [(&str, &str); 8] = [
             ("0001_a.up.sql", "CREATE TABLE a (id int);"),
             ("2026-11-29-120000_a/up.sql", "CREATE TABLE a (id int);"),
             ("0001_a.sql", "CREATE TABLE a (id int);"),
@@ -74,6 +79,8 @@ mod tests {
                 "-- migrate:up\nCREATE TABLE a (id int);\n-- migrate:down\nDROP TABLE a;\n",
             ),
             ("V1__a.sql", "CREATE TABLE a (id int);"),
+            ("V1_12_9__a.sql", "CREATE TABLE a (id int);"),
+            ("V1.1__a.sql", "CREATE TABLE a (id int);"),
         ];
         for (file, sql) in layouts {
             let dir = tempfile::tempdir().unwrap();

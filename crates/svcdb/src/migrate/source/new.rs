@@ -71,8 +71,9 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
         layout: Layout::Native,
         markers: None,
         dashed: false,
+        underscored: false,
     });
-    // The integer after a version that is not a timestamp: after Flyway's `1.3`, `2`.
+    // The integer after a version that is not a timestamp.
     let next = |v: &Version| {
         if v.is_timestamp() {
             v.number() + 1
@@ -81,6 +82,17 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
         }
     };
     let prefix = match existing.latest().map(|m| &m.version) {
+        // Flyway's `1.12.30` is followed by `1.12.31`, written as the folder writes it.
+        Some(v) if v.as_str().contains('.') => {
+            let (head, last) = v.as_str().rsplit_once('.').unwrap_or(("", v.as_str()));
+            let next = last.parse::<u64>().unwrap_or(0).saturating_add(1);
+            let text = format!("{head}.{next:0width$}", width = last.len());
+            if newest.underscored {
+                text.replace('.', "_")
+            } else {
+                text
+            }
+        }
         Some(v) if !v.is_timestamp() && v.major() < SEQUENTIAL_LIMIT => {
             format!("{:0width$}", next(v), width = existing.prefix_width)
         }
@@ -114,12 +126,12 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
             }
         }
     };
-    let version: Version =
-        prefix
-            .parse()
-            .map_err(|e: crate::migrate::version::ParseVersionError| {
-                MigrateError::source_file(&shown, format!("cannot pick the next version: {e}"))
-            })?;
+    // Flyway's `1_12_10` is the version `1.12.10`.
+    let version: Version = prefix.replace('_', ".").parse().map_err(
+        |e: crate::migrate::version::ParseVersionError| {
+            MigrateError::source_file(&shown, format!("cannot pick the next version: {e}"))
+        },
+    )?;
     let stem = format!("{prefix}_{name}");
     let up = up_placeholder(&prefix, name);
     let undo = down_placeholder(&prefix, name);
@@ -359,16 +371,20 @@ mod tests {
     }
 
     #[test]
-    fn new_migration_after_a_dotted_flyway_version_takes_the_next_first_part() {
+    fn new_migration_after_a_dotted_flyway_version_counts_on_its_last_part() {
         let (_dir, files) = new_in(
             &[
                 ("V1__init.sql", b"SELECT 1;"),
-                ("V1_10__b.sql", b"SELECT 2;"),
+                ("V1_12_09__b.sql", b"SELECT 2;"),
             ],
             "add_c",
         );
-        // Not `V111__` (its digits plus one) nor `V1.11__`: a new release's first migration.
-        assert_eq!(files, ["V2__add_c.sql"]);
+        // Not `V11210__` (its digits plus one): the next version as the folder writes them.
+        assert_eq!(files, ["V1_12_10__add_c.sql"]);
+        let (dir, files) = new_in(&[("V1.1__a.sql", b"SELECT 1;")], "b");
+        assert_eq!(files, ["V1.2__b.sql"]);
+        let m = Migrations::from_dir(dir.path()).unwrap();
+        assert_eq!(m.latest().unwrap().name, "b");
     }
 
     #[test]

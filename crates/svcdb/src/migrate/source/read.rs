@@ -85,6 +85,8 @@ pub(super) struct Newest {
     pub(super) markers: Option<Tool>,
     /// Whether its version is written with dashes, as diesel writes `2017-09-23-182408`.
     pub(super) dashed: bool,
+    /// Whether its dotted version is written with `_`, as Flyway reads `V1_12_30__x.sql`.
+    pub(super) underscored: bool,
 }
 
 /// Gives each lone `.down.sql` to the `.up.sql` of its version when their names differ and
@@ -386,10 +388,15 @@ impl Migrations {
             }
             if newest.as_ref().is_none_or(|(v, _)| version > *v) {
                 let dashed = stem.split_once('_').is_some_and(|(p, _)| p.contains('-'));
+                // `V1_12_30__x.sql`: the file's own spelling, before `classify` made it `1.12.30`.
+                let file = up.path.rsplit('/').next().unwrap_or_default();
+                let underscored = layout == Layout::Flyway
+                    && file.split("__").next().is_some_and(|v| v.contains('_'));
                 let written = Newest {
                     layout,
                     markers,
                     dashed,
+                    underscored,
                 };
                 newest = Some((version.clone(), written));
             }
