@@ -39,7 +39,9 @@
 //!
 //! Refused with an error naming the file: Flyway's repeatable `R__<name>.sql`, a
 //! `U<version>__` file without its `V<version>__` (refinery's
-//! unversioned migrations), and unknown `-- +goose` annotations. Refused with the line as well:
+//! unversioned migrations), goose's Go and refinery's Rust migrations (`00002_x.go`,
+//! `V2__x.rs`: the SQL ones around them would run without their step), and unknown
+//! `-- +goose` annotations. Refused with the line as well:
 //! what only psql can run, as `pg_dump` writes it for `psql -f`, a backslash meta-command
 //! (`\restrict`, `\connect`) or `COPY … FROM stdin` with its data rows, and a Flyway
 //! placeholder (`${schema}`) outside strings and function bodies; the server would reject

@@ -73,11 +73,19 @@ pub(super) fn classify(rel: &str) -> Option<Class> {
                     ))
                 });
             }
+            // refinery names them `V<version>__<name>.rs`.
+            if let Some(stem) = rel.strip_suffix(".rs").filter(|s| s.contains("__")) {
+                return matches!(flyway_like(stem), Some(Class::Part { .. })).then(|| {
+                    Class::Refused(format!(
+                        "a refinery Rust migration, which svcdb cannot run: running the SQL migrations around it would skip its step\n  hint: port it to SQL as {stem}.sql (the SQL its `migration()` function returns), or keep the migrations folder svcdb reads free of it once every database has applied it"
+                    ))
+                });
+            }
             let stem = rel.strip_suffix(".sql")?;
             let mut chars = stem.chars();
             match (chars.next()?, chars.next()) {
                 (c, _) if c.is_ascii_digit() => part(stem, Layout::OneFile, Role::Up),
-                ('V' | 'v' | 'U' | 'u', Some(c)) if c.is_ascii_digit() => Some(flyway(stem)),
+                ('V' | 'v' | 'U' | 'u', Some(_)) => flyway_like(stem),
                 ('R' | 'r', Some('_')) if stem[1..].starts_with("__") => Some(Class::Refused(
                     "Flyway repeatable migrations are not supported: svcdb runs each migration once, by version\n  hint: put the SQL in a versioned migration (`V<version>__<name>.sql`), and re-create objects in a new migration when they change".to_owned(),
                 )),
@@ -129,6 +137,16 @@ pub(crate) fn down_script_place(up_path: &str, up_line: usize) -> String {
             let stem = file.strip_suffix(".sql").unwrap_or(file);
             format!("{folder}{stem}.down.sql, after renaming {file} to {stem}.up.sql (a one-way `.sql` has no down)")
         }
+    }
+}
+
+/// What a Flyway-style stem (`V<version>__<name>` or `U<version>__<name>`, any case) is, if it
+/// has a digit after the letter.
+fn flyway_like(stem: &str) -> Option<Class> {
+    let mut chars = stem.chars();
+    match (chars.next()?, chars.next()?) {
+        ('V' | 'v' | 'U' | 'u', c) if c.is_ascii_digit() => Some(flyway(stem)),
+        _ => None,
     }
 }
 
@@ -264,6 +282,21 @@ mod tests {
         ]);
         assert!(path.ends_with("00002_rename_root.go"), "{path}");
         for other in ["migrations.go", "00003_x_test.go", "main.go"] {
+            assert!(super::classify(other).is_none(), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_refinery_rust_migration_is_refused_and_other_rust_files_are_not_migrations() {
+        let path = source_error_path(&[
+            ("V1__init.sql", b"CREATE TABLE users (id int);"),
+            (
+                "V2__backfill.rs",
+                b"pub fn migration() -> String { String::new() }",
+            ),
+        ]);
+        assert!(path.ends_with("V2__backfill.rs"), "{path}");
+        for other in ["mod.rs", "main.rs", "V2.rs", "Vx__a.rs"] {
             assert!(super::classify(other).is_none(), "{other}");
         }
     }
