@@ -17,8 +17,8 @@ use anyhow::Result;
 use comfy_table::Table;
 use svcdb::migrate::{
     new_migration, AdoptOptions, DownOptions, MigrateError, MigrateEvent, MigrateOptions,
-    MigrationFailure, MigrationState, Migrator, RepairAction, RunEntry, StatusReport, Tool,
-    UpOptions, Version,
+    MigrationFailure, MigrationState, Migrator, RepairAction, RepeatableState, RunEntry,
+    StatusReport, Tool, UpOptions, Version,
 };
 use svcdb::ServiceDb;
 
@@ -55,7 +55,8 @@ Exit codes:
     /// By default the pending migrations are checked as the next `up` runs them (a table
     /// created earlier in the same deploy is new, so indexing it is fine); --all needs no
     /// database. Allow a finding with a comment `-- svcdb:allow <rule>` in the migration's
-    /// file, or run `up --allow-unsafe` (not concurrently-in-transaction: the server refuses it).
+    /// file, or run `up --allow-unsafe` (not concurrently-in-transaction or not-in-transaction:
+    /// the server refuses those).
     #[command(after_help = "\
 Exit codes:
   0  nothing `migrate up` would refuse (warnings and allowed findings are listed)
@@ -192,8 +193,8 @@ pub struct UpArgs {
 
     /// Run statements that `migrate lint` reports as errors (a CREATE INDEX without
     /// CONCURRENTLY on a busy table, a table rewrite, …) instead of refusing the deploy; each
-    /// is printed as a warning. Not CONCURRENTLY inside a transaction, which the server
-    /// refuses anyway.
+    /// is printed as a warning. Not what the server refuses inside a transaction
+    /// (CONCURRENTLY, VACUUM, …).
     #[arg(long)]
     allow_unsafe: bool,
 
@@ -327,7 +328,7 @@ async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
                 at(r.current_version.as_ref())
             ),
         };
-        RunText {
+        let versioned = RunText {
             would: "apply",
             did: "applied",
             mode: if r.atomic { " in one transaction" } else { "" },
@@ -337,7 +338,27 @@ async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
             elapsed,
             idle,
         }
-        .render()
+        .render();
+        if r.repeatables.is_empty() {
+            return versioned;
+        }
+        let names: Vec<&str> = r.repeatables.iter().map(|x| x.name.as_str()).collect();
+        let n = r.repeatables.len();
+        let what = format!(
+            "{n} repeatable migration{} ({})",
+            if n == 1 { "" } else { "s" },
+            names.join(", ")
+        );
+        let repeated = if r.dry_run {
+            format!("dry run: would run {what}")
+        } else {
+            format!("ran {what}")
+        };
+        if r.migrations.is_empty() && !r.dry_run {
+            format!("{repeated}; {}", at(r.current_version.as_ref()))
+        } else {
+            format!("{versioned}\n{repeated}")
+        }
     })?;
     Ok(Outcome::Success)
 }
@@ -423,10 +444,12 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
         let mut summary = summary(r);
         if refusal.is_none() && r.in_progress.is_some() {
             summary.push_str("; another runner holds the schema's migration lock, and `svcdb migrate up` waits for it");
-        } else if refusal.is_none() && r.pending().next().is_some() {
+        } else if refusal.is_none()
+            && (r.pending().next().is_some() || r.stale_repeatables().next().is_some())
+        {
             summary.push_str("; run `svcdb migrate up`");
         }
-        if r.entries.is_empty() {
+        if r.entries.is_empty() && r.repeatables.is_empty() {
             summary
         } else {
             format!("{}\n{summary}", status_table(r))
@@ -435,7 +458,10 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
     Ok(if let Some(e) = refusal {
         eprintln!("not up to date: {e}");
         Outcome::NotReady
-    } else if report.pending().next().is_some() || report.in_progress.is_some() {
+    } else if report.pending().next().is_some()
+        || report.stale_repeatables().next().is_some()
+        || report.in_progress.is_some()
+    {
         Outcome::Pending
     } else {
         Outcome::Success
@@ -512,6 +538,11 @@ async fn adopt(global: &Global, args: AdoptArgs) -> Result<Outcome> {
             .recorded
             .iter()
             .map(|m| format!("{verb} {} {} as applied", m.version, m.name))
+            .chain(
+                r.repeatables
+                    .iter()
+                    .map(|name| format!("{verb} repeatable {name} as run")),
+            )
             .collect();
         let counts = format!(
             "{} to record, {} already recorded, {} pending",
@@ -668,6 +699,23 @@ fn summary(report: &StatusReport) -> String {
         let n = report.in_state(state).count();
         (n > 0).then(|| format!("{n} {}", state_name(state)))
     })
+    .chain(
+        [RepeatableState::Pending, RepeatableState::Changed]
+            .into_iter()
+            .filter_map(|state| {
+                let n = report
+                    .repeatables
+                    .iter()
+                    .filter(|r| r.state == state)
+                    .count();
+                let state = if state == RepeatableState::Pending {
+                    "pending"
+                } else {
+                    "changed"
+                };
+                (n > 0).then(|| format!("{n} repeatable {state}"))
+            }),
+    )
     .collect();
     let state = if counts.is_empty() {
         "up to date".to_owned()
@@ -699,6 +747,22 @@ fn status_table(report: &StatusReport) -> Table {
             } else {
                 e.execution_ms.map_or_else(String::new, output::millis)
             },
+        ]);
+    }
+    for r in &report.repeatables {
+        let state = match r.state {
+            RepeatableState::Applied => "applied",
+            RepeatableState::Pending => "pending",
+            RepeatableState::Changed => "changed",
+        };
+        table.add_row([
+            "repeatable".to_owned(),
+            r.name.clone(),
+            state.to_owned(),
+            r.applied_at.map_or_else(String::new, |t| {
+                t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+            }),
+            String::new(),
         ]);
     }
     table

@@ -13,7 +13,7 @@
 //! | golang-migrate | `schema_migrations` (`version`, `dirty`) | every file up to its one row's version | `dirty` |
 //! | goose | `goose_db_version` | versions whose newest row (by `id`) says `is_applied` (version 0 is goose's own first row) | — |
 //! | dbmate | `schema_migrations` (`version` only) | every row | — |
-//! | Flyway | `flyway_schema_history` | `SQL` rows, minus those undone (`UNDO_SQL`) or deleted (`DELETE`); a `BASELINE` row counts every file up to its version | `success = false`; a CRC32 of the file's lines other than `checksum`; Java migrations |
+//! | Flyway | `flyway_schema_history` | `SQL` rows, minus those undone (`UNDO_SQL`) or deleted (`DELETE`); a `BASELINE` row counts every file up to its version; a repeatable (`R__`) whose newest run was of the file as it is now | `success = false`; a CRC32 of the file's lines other than `checksum`; Java migrations |
 //! | refinery | `refinery_schema_history` | every row | a SipHash-1-3 of name, version and file other than `checksum` |
 //!
 //! Every applied version must have its file; each problem is named with its version, all of
@@ -30,6 +30,7 @@ use serde::Serialize;
 use super::error::MigrateError;
 use super::history;
 use super::migration::Migration;
+use super::repeatable::{self, Repeatable};
 use super::report::RunEntry;
 use super::runner::Migrator;
 use super::version::Version;
@@ -172,6 +173,9 @@ pub struct AdoptReport {
     pub pending: Vec<Version>,
     /// What was read but not adopted, and checks that could not be made.
     pub warnings: Vec<String>,
+    /// Flyway's repeatable migrations recorded as run with their file as it is now, by name;
+    /// the folder's others are due, and `svcdb migrate up` runs them.
+    pub repeatables: Vec<String>,
 }
 
 /// One reason [`Migrator::adopt`] refuses, naming the version as the other tool wrote it.
@@ -338,6 +342,9 @@ struct ToolHistory {
     up_to: Option<String>,
     problems: Vec<AdoptProblem>,
     warnings: Vec<String>,
+    /// Flyway's repeatable migrations: by description, the checksum of the newest successful
+    /// run, unless a failed run came after it (`None`: run it again).
+    repeatables: BTreeMap<String, Option<i32>>,
 }
 
 impl Migrator {
@@ -354,7 +361,10 @@ impl Migrator {
             let read = read_tool(client, tool, &table).await?;
             (table, read)
         };
-        let (plan, pending, warnings) = self.match_files(tool, &table, tool_history)?;
+        let (adopted_repeatables, repeatable_warnings) =
+            self.match_repeatables(&tool_history.repeatables);
+        let (plan, pending, mut warnings) = self.match_files(tool, &table, tool_history)?;
+        warnings.extend(repeatable_warnings);
         let schema = self.service_db().schema();
         let report =
             |recorded: Vec<RunEntry>, already: Vec<Version>, warnings: Vec<String>| AdoptReport {
@@ -366,6 +376,7 @@ impl Migrator {
                 already_recorded: already,
                 pending: pending.clone(),
                 warnings,
+                repeatables: adopted_repeatables.iter().map(|r| r.name.clone()).collect(),
             };
         let entry = |m: &Migration| RunEntry {
             version: m.version.clone(),
@@ -403,6 +414,12 @@ impl Migrator {
                 history::create_table(&tx, schema).await?;
             }
             history::insert(&tx, schema, &rows, false).await?;
+            if !adopted_repeatables.is_empty() {
+                repeatable::create_table(&tx, schema).await?;
+                for r in &adopted_repeatables {
+                    repeatable::record(&tx, schema, r, None).await?;
+                }
+            }
             tx.commit().await?;
             Ok((
                 new.into_iter().map(entry).collect::<Vec<_>>(),
@@ -412,6 +429,43 @@ impl Migrator {
         .await;
         let (recorded, already) = lock.release_after(result).await?;
         Ok(report(recorded, already, warnings))
+    }
+
+    /// The repeatable migrations of the folder whose newest run by Flyway was of the file as
+    /// it is now (by Flyway's checksum), and warnings about the others: a changed one stays
+    /// due, and `up` runs it again, as Flyway would.
+    fn match_repeatables(
+        &self,
+        ran: &BTreeMap<String, Option<i32>>,
+    ) -> (Vec<&Repeatable>, Vec<String>) {
+        let mut adopted = Vec::new();
+        let mut warnings = Vec::new();
+        for (description, checksum) in ran {
+            // Flyway's description is the file's name with `_` read as a space.
+            let file = self
+                .migrations()
+                .repeatables()
+                .iter()
+                .find(|r| r.name.replace('_', " ") == *description);
+            let Some(r) = file else {
+                warnings.push(format!(
+                    "Flyway's repeatable migration {description:?} has no R__ file in the folder: not recorded"
+                ));
+                continue;
+            };
+            let current = std::fs::read(&r.path)
+                .ok()
+                .map(|bytes| flyway_checksum(&String::from_utf8_lossy(&bytes)));
+            if checksum.is_some() && *checksum == current {
+                adopted.push(r);
+            } else {
+                warnings.push(format!(
+                    "Flyway's repeatable migration {description:?} last ran with another version of {} (or failed): not recorded, so `svcdb migrate up` runs it again",
+                    r.path
+                ));
+            }
+        }
+        (adopted, warnings)
     }
 
     /// The files the tool applied (oldest first), the files it did not, and warnings; or every
@@ -428,6 +482,7 @@ impl Migrator {
             up_to,
             mut problems,
             mut warnings,
+            repeatables: _,
         } = read;
         let migrations = self.migrations();
         let mut plan: BTreeMap<Version, &Migration> = BTreeMap::new();
@@ -579,6 +634,7 @@ async fn read_tool(
         up_to: None,
         problems: Vec::new(),
         warnings: Vec::new(),
+        repeatables: BTreeMap::new(),
     };
     let plain = |text: String| Applied {
         text,
@@ -669,10 +725,10 @@ async fn read_tool(
                 let success: bool = r.get(3);
                 let description: String = r.get(4);
                 let Some(version) = version else {
-                    if kind != "SCHEMA" {
-                        h.warnings.push(format!(
-                            "Flyway's repeatable migration {description:?} is not adopted: svcdb has no repeatable migrations"
-                        ));
+                    if kind == "SQL" {
+                        // The newest run decides: a failed one must run again.
+                        h.repeatables
+                            .insert(description, checksum.filter(|_| success));
                     }
                     continue;
                 };

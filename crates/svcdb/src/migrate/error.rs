@@ -140,6 +140,32 @@ pub enum MigrateError {
     /// A migration's SQL failed; the [`MigrationFailure`] says what this command left behind.
     #[error(transparent)]
     Failed(Box<MigrationFailure>),
+
+    /// A repeatable migration's SQL failed. It was rolled back (outside a transaction, its
+    /// statements before the failing one stay), and stays due; what `up` committed before it
+    /// (the versioned migrations, the repeatables before it by name) stays applied.
+    #[error("repeatable migration {name} failed ({path}): {}\n  {}\n  hint: fix the file and run `svcdb migrate up` again", pg_message(cause), repeatable_kept(applied))]
+    RepeatableFailed {
+        /// Its name.
+        name: String,
+        /// Its file.
+        path: String,
+        /// The server's error.
+        cause: tokio_postgres::Error,
+        /// The versions this `up` applied before it, which stay applied.
+        applied: Vec<Version>,
+    },
+}
+
+fn repeatable_kept(applied: &[Version]) -> String {
+    if applied.is_empty() {
+        return "it was rolled back; the versioned migrations were up to date already".to_owned();
+    }
+    let list: Vec<String> = applied.iter().map(Version::to_string).collect();
+    format!(
+        "it was rolled back; the versioned migrations this command applied before it stay applied: {}",
+        list.join(", ")
+    )
 }
 
 /// A migration script that failed, and what the command did about it (boxed in
@@ -200,6 +226,7 @@ impl MigrateError {
         match self {
             MigrateError::Db(e) => e.code(),
             MigrateError::Failed(f) => f.cause.code(),
+            MigrateError::RepeatableFailed { cause, .. } => cause.code(),
             MigrateError::SchemaMissing { .. } => Some(&SqlState::INVALID_SCHEMA_NAME),
             MigrateError::NotOwner { .. } => Some(&SqlState::INSUFFICIENT_PRIVILEGE),
             _ => None,
@@ -239,7 +266,7 @@ fn unsafe_message(findings: &[super::lint::Finding]) -> String {
     if findings.iter().any(|f| f.rule.can_be_allowed()) {
         s.push_str("; if one is safe here (a small table, a maintenance window), write `-- svcdb:allow <rule>` in its file, or pass `--allow-unsafe` (MigrateOptions::allow_unsafe)");
         if findings.iter().any(|f| !f.rule.can_be_allowed()) {
-            s.push_str(", which does not apply to what the server itself refuses (`concurrently-in-transaction`)");
+            s.push_str(", which does not apply to what the server itself refuses (`concurrently-in-transaction`, `not-in-transaction`)");
         }
     }
     s

@@ -91,6 +91,20 @@ pub enum MigrateEvent {
         /// The pause before it, in milliseconds.
         delay_ms: f64,
     },
+    /// A repeatable migration (Flyway's `R__<name>.sql`) runs: never run, or its file changed.
+    RepeatableStarted {
+        /// Its name.
+        name: String,
+        /// Whether it runs in a transaction.
+        transactional: bool,
+    },
+    /// A repeatable migration ran and was recorded.
+    RepeatableFinished {
+        /// Its name.
+        name: String,
+        /// How long it took, in milliseconds.
+        duration_ms: f64,
+    },
     /// Before anything runs: a [lint](mod@super::lint) finding that does not stop `up` (a
     /// warning, or an error let through by
     /// [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe)).
@@ -161,6 +175,20 @@ impl fmt::Display for MigrateEvent {
                     spaced(name),
                     delay_ms / 1e3
                 )
+            }
+            MigrateEvent::RepeatableStarted {
+                name,
+                transactional,
+            } => {
+                let mode = if *transactional {
+                    ""
+                } else {
+                    " (no transaction)"
+                };
+                write!(f, "repeatable {name}{mode}…")
+            }
+            MigrateEvent::RepeatableFinished { name, duration_ms } => {
+                write!(f, "repeatable {name} done in {duration_ms:.1} ms")
             }
             MigrateEvent::Lint { finding } => finding.fmt(f),
         }

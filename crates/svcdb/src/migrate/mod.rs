@@ -33,6 +33,7 @@
 //! | splitting a non-transactional migration into statements | (internal) |
 //! | locking DDL found before it runs (`svcdb migrate lint`, and before every `up`) | [`lint`](mod@lint) ([`lint()`], [`Finding`], [`Rule`]) |
 //! | the `svcdb_migrations` history table | [`history`] |
+//! | Flyway's repeatable migrations (`R__x.sql`), run again when changed, and `svcdb_repeatables` | [`Repeatable`], [`RepeatableEntry`], [`RepeatableRun`] |
 //! | adopting a schema another tool (diesel, sqlx, golang-migrate, goose, dbmate, Flyway, refinery) migrated | [`adopt`] ([`Migrator::adopt`], [`Tool`]) |
 //! | the per-(database, schema) advisory lock | (internal; its errors: [`MigrateError::LockTimeout`]) |
 //! | status of every migration, drift checks | [`StatusReport`], [`MigrationState`] |
@@ -49,10 +50,11 @@
 //!   `<version>_<name>/` holding `up.sql` (+ optional `down.sql`, `metadata.toml`), a single
 //!   `<version>_<name>.sql` (up only, or split at goose's `-- +goose Up/Down` or dbmate's
 //!   `-- migrate:up/down` markers), or Flyway's `V<version>__<name>.sql` (+ optional
-//!   `U<version>__<name>.sql`). The version is the prefix, digits optionally split by `-`
-//!   ([`Version`]): timestamps (`2017-09-23-182408`, diesel's 18-digit
-//!   `2017-09-23-182408-0000`) sort chronologically whatever their width, plain integers
-//!   (`1`, `0002`, `10`) numerically; the history keeps the text as written. Other files are ignored
+//!   `U<version>__<name>.sql`), with its repeatable `R__<name>.sql`. The version is the
+//!   prefix, digits optionally split by `-` ([`Version`]): timestamps (`2017-09-23-182408`,
+//!   diesel's 18-digit `2017-09-23-182408-0000`) sort chronologically whatever their width,
+//!   plain integers (`1`, `0002`, `10`) numerically, Flyway's dotted versions (`1.1`) part by
+//!   part; the history keeps the text as written. Other files are ignored
 //!   ([`Migrations::ignored`] lists the `.sql` ones, which the CLI warns about); a file that
 //!   looks like a migration but is unusable is an error naming it.
 //! * **Run once.** Applied versions are skipped. With nothing pending, `up` costs one query on a
@@ -133,6 +135,7 @@ pub(crate) mod lock;
 pub(crate) mod migration;
 mod options;
 mod owner;
+mod repeatable;
 mod report;
 mod runner;
 pub mod source;
@@ -147,6 +150,9 @@ pub use event::{Direction, MigrateEvent};
 pub use lint::{lint, Finding, LintReport, Rule, Severity};
 pub use migration::{Checksum, Migration, HISTORY_TABLE, NO_TRANSACTION_DIRECTIVE};
 pub use options::{DownOptions, MigrateOptions, UpOptions};
+pub use repeatable::{
+    Repeatable, RepeatableEntry, RepeatableRun, RepeatableState, REPEATABLES_TABLE,
+};
 pub use report::{
     BaselineReport, DownReport, InvalidIndex, RedoReport, RepairAction, RepairReport, RunEntry,
     UpReport,

@@ -30,6 +30,9 @@ pub struct UpReport {
     pub migrations: Vec<RunEntry>,
     /// The newest applied version afterwards.
     pub current_version: Option<Version>,
+    /// Flyway's repeatable migrations run after the versioned ones (never run, or changed),
+    /// by name; in a dry run, those that would run.
+    pub repeatables: Vec<super::repeatable::RepeatableRun>,
 }
 
 /// What `down` did.

@@ -1,5 +1,6 @@
 //! The runner: `up`, `down`, `redo`, `status`, `validate`, `baseline`, `repair`.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
@@ -12,6 +13,7 @@ use super::location::{locate, Location};
 use super::lock::MigrationLock;
 use super::migration::Migration;
 use super::options::{DownOptions, MigrateOptions, UpOptions};
+use super::repeatable::{self, Repeatable, RepeatableRun, RepeatableState};
 use super::report::{
     BaselineReport, DownReport, InvalidIndex, RedoReport, RepairAction, RepairReport, RunEntry,
     UpReport,
@@ -120,11 +122,22 @@ impl Migrator {
     pub async fn status(&self) -> Result<StatusReport, MigrateError> {
         let conn = self.db.get().await?;
         let history = history::read(client(&conn), self.db.schema(), true).await?;
-        Ok(StatusReport::build(
-            self.db.schema().as_str(),
-            &self.migrations,
-            &history,
-        ))
+        let recorded = self.recorded_repeatables(client(&conn)).await?;
+        Ok(
+            StatusReport::build(self.db.schema().as_str(), &self.migrations, &history)
+                .with_repeatables(&self.migrations, &recorded),
+        )
+    }
+
+    /// The recorded repeatable migrations; no query when the source has none.
+    async fn recorded_repeatables(
+        &self,
+        client: &Client,
+    ) -> Result<HashMap<String, repeatable::Recorded>, MigrateError> {
+        if self.migrations.repeatables().is_empty() {
+            return Ok(HashMap::new());
+        }
+        Ok(repeatable::read(client, self.db.schema()).await?)
     }
 
     /// [`status`](Self::status), failing on a dirty schema, changed files, missing files and
@@ -186,24 +199,36 @@ impl Migrator {
         options: &UpOptions,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<UpReport, MigrateError> {
-        let history = {
+        let (history, recorded) = {
             let conn = self.db.get().await?;
-            history::read(client(&conn), self.db.schema(), false).await?
+            let history = history::read(client(&conn), self.db.schema(), false).await?;
+            (history, self.recorded_repeatables(client(&conn)).await?)
         };
         let status = StatusReport::build(&self.schema(), &self.migrations, &history);
         let plan = self.plan_up(&status, options.to.as_ref())?;
         super::template::refuse_untouched(&plan)?;
         super::lint::check_before_up(&plan, self.options.allow_unsafe, observer)?;
+        let stale = self.stale_repeatables(options, &recorded);
         // A migration in progress may be one this call would run, or may fail: only under the
         // lock, once its runner is done, is there nothing to do.
         // A history table an older release wrote is upgraded under the lock first.
-        if (plan.is_empty() && status.in_progress.is_none() && !history.legacy) || options.dry_run {
+        if (plan.is_empty() && stale.is_empty() && status.in_progress.is_none() && !history.legacy)
+            || options.dry_run
+        {
             return Ok(UpReport {
                 schema: self.schema(),
                 dry_run: options.dry_run,
                 atomic: is_atomic(&plan),
                 migrations: plan.iter().map(|m| planned(m)).collect(),
                 current_version: history.current_version(&self.migrations),
+                repeatables: stale
+                    .iter()
+                    .map(|r| RepeatableRun {
+                        name: r.name.clone(),
+                        transactional: r.transactional,
+                        duration_ms: 0.0,
+                    })
+                    .collect(),
             });
         }
         let (mut lock, history) = self.lock(observer).await?;
@@ -215,10 +240,13 @@ impl Migrator {
             let done = self
                 .run(&mut lock, &plan, Direction::Up, history.exists, observer)
                 .await?;
-            Ok((is_atomic(&plan), done))
+            let repeated = self
+                .run_repeatables(&lock, options, &done, observer)
+                .await?;
+            Ok((is_atomic(&plan), done, repeated))
         }
         .await;
-        let (atomic, done) = lock.release_after(result).await?;
+        let (atomic, done, repeated) = lock.release_after(result).await?;
         let current = done
             .last()
             .map(|e| e.version.clone())
@@ -229,7 +257,69 @@ impl Migrator {
             atomic,
             migrations: done,
             current_version: current,
+            repeatables: repeated,
         })
+    }
+
+    /// The repeatable migrations `up` with `options` runs: each never run or changed since it
+    /// ran, by name; none for an `up --to` (a partial deploy).
+    fn stale_repeatables(
+        &self,
+        options: &UpOptions,
+        recorded: &HashMap<String, repeatable::Recorded>,
+    ) -> Vec<&Repeatable> {
+        if options.to.is_some() {
+            return Vec::new();
+        }
+        self.migrations
+            .repeatables()
+            .iter()
+            .filter(|r| repeatable::state(r, recorded) != RepeatableState::Applied)
+            .collect()
+    }
+
+    /// Runs the stale repeatable migrations under the lock, after the versioned ones (`done`)
+    /// committed, each in a transaction of its own with its row.
+    async fn run_repeatables(
+        &self,
+        lock: &MigrationLock,
+        options: &UpOptions,
+        done: &[RunEntry],
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<Vec<RepeatableRun>, MigrateError> {
+        let recorded = self.recorded_repeatables(lock.client()).await?;
+        let stale = self.stale_repeatables(options, &recorded);
+        if stale.is_empty() {
+            return Ok(Vec::new());
+        }
+        let schema = self.db.schema();
+        repeatable::create_table(lock.client(), schema).await?;
+        let mut ran = Vec::with_capacity(stale.len());
+        for r in stale {
+            observer(&MigrateEvent::RepeatableStarted {
+                name: r.name.clone(),
+                transactional: r.transactional,
+            });
+            let took = repeatable::run(lock.client(), schema, r)
+                .await
+                .map_err(|cause| MigrateError::RepeatableFailed {
+                    name: r.name.clone(),
+                    path: r.path.clone(),
+                    cause,
+                    applied: done.iter().map(|e| e.version.clone()).collect(),
+                })?;
+            let duration_ms = took.as_secs_f64() * 1e3;
+            observer(&MigrateEvent::RepeatableFinished {
+                name: r.name.clone(),
+                duration_ms,
+            });
+            ran.push(RepeatableRun {
+                name: r.name.clone(),
+                transactional: r.transactional,
+                duration_ms,
+            });
+        }
+        Ok(ran)
     }
 
     /// Reverts applied migrations, newest first; see [`down_with`](Self::down_with).
@@ -284,6 +374,8 @@ impl Migrator {
             atomic,
             migrations: done,
             current_version: history.current_version(&self.migrations),
+            // A redo is of the newest versioned migration alone.
+            repeatables: Vec::new(),
         };
         Ok(RedoReport { down, up })
     }

@@ -1,5 +1,7 @@
 //! Where each migration stands, and the drift checks built on it.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -7,6 +9,7 @@ use super::error::MigrateError;
 use super::history::History;
 use super::migration::Migration;
 use super::options::MigrateOptions;
+use super::repeatable::{self, Recorded, RepeatableEntry, RepeatableState};
 use super::source::Migrations;
 use super::version::Version;
 
@@ -75,6 +78,9 @@ pub struct StatusReport {
     pub in_progress: Option<Version>,
     /// Every migration of the source and every applied version, by version.
     pub entries: Vec<StatusEntry>,
+    /// Flyway's repeatable migrations of the source, by name (empty in the start-up gate's
+    /// report: a changed view or function does not make a replica unready).
+    pub repeatables: Vec<RepeatableEntry>,
 }
 
 impl StatusReport {
@@ -136,7 +142,25 @@ impl StatusReport {
                 .find(|r| r.dirty && history.locked)
                 .map(|r| r.version.clone()),
             entries,
+            repeatables: Vec::new(),
         }
+    }
+
+    /// The report with the state of the source's repeatable migrations against `recorded`.
+    pub(crate) fn with_repeatables(
+        mut self,
+        migrations: &Migrations,
+        recorded: &HashMap<String, Recorded>,
+    ) -> Self {
+        self.repeatables = repeatable::entries(migrations.repeatables(), recorded);
+        self
+    }
+
+    /// Repeatable migrations the next `up` runs: never run, or changed since they ran.
+    pub fn stale_repeatables(&self) -> impl Iterator<Item = &RepeatableEntry> {
+        self.repeatables
+            .iter()
+            .filter(|r| r.state != RepeatableState::Applied)
     }
 
     /// Entries in `state`.
@@ -159,13 +183,15 @@ impl StatusReport {
         self.in_state(MigrationState::Missing)
     }
 
-    /// True when nothing is pending, changed, dirty or in progress. Missing files do not count: during a
+    /// True when nothing is pending, changed, dirty or in progress, repeatable migrations
+    /// included. Missing files do not count: during a
     /// rolling deploy an older binary meets a database migrated by a newer one, which is fine
     /// as long as migrations stay backward compatible.
     pub fn is_up_to_date(&self) -> bool {
         self.entries
             .iter()
             .all(|e| matches!(e.state, MigrationState::Applied | MigrationState::Missing))
+            && self.stale_repeatables().next().is_none()
     }
 
     /// Refuses a dirty schema, changed files and missing files (unless `options` allow them).

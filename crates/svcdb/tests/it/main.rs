@@ -16,6 +16,7 @@ mod migrate_adopt;
 mod migrate_deploy;
 mod migrate_lint;
 mod migrate_pipeline;
+mod migrate_repeatable;
 mod migrate_runner;
 mod migrate_source;
 mod migrate_versions;

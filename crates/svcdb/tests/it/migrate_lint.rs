@@ -263,18 +263,50 @@ fn renames_and_drops_are_warnings_on_existing_tables_only() {
 
 #[test]
 fn vacuum_full_cluster_and_lock_table() {
-    assert_eq!(rules("VACUUM FULL users;"), [Rule::VacuumFull]);
-    assert_eq!(rules("VACUUM (FULL, ANALYZE) users;"), [Rule::VacuumFull]);
+    // VACUUM runs outside a transaction only.
+    assert_eq!(
+        rules(&format!("{NO_TX}VACUUM FULL users;")),
+        [Rule::VacuumFull]
+    );
+    assert_eq!(
+        rules(&format!("{NO_TX}VACUUM (FULL, ANALYZE) users;")),
+        [Rule::VacuumFull]
+    );
     assert_eq!(rules("CLUSTER users USING users_pkey;"), [Rule::Cluster]);
     assert_eq!(
         rules("LOCK TABLE users IN ACCESS EXCLUSIVE MODE;"),
         [Rule::LockTable]
     );
     assert_all_fine(&[
-        "VACUUM users;",
-        "VACUUM (FULL false) users;",
+        &format!("{NO_TX}VACUUM users;"),
+        &format!("{NO_TX}VACUUM (FULL false) users;"),
         "ANALYZE users;",
     ]);
+}
+
+#[test]
+fn what_only_runs_outside_a_transaction_is_flagged_in_a_transactional_migration() {
+    for sql in [
+        "VACUUM users;",
+        "VACUUM ANALYZE users;",
+        "CREATE DATABASE other;",
+        "DROP DATABASE IF EXISTS other;",
+        "ALTER SYSTEM SET work_mem = '8MB';",
+        "REINDEX SCHEMA app;",
+        "REINDEX DATABASE app;",
+        "DISCARD ALL;",
+        "CREATE TABLESPACE fast LOCATION '/tmp';",
+    ] {
+        assert_eq!(rules(sql), [Rule::NotInTransaction], "{sql}");
+        assert_eq!(rules(&format!("{NO_TX}{sql}")), [], "{sql}");
+    }
+    // Fine in a transaction.
+    assert_all_fine(&["ANALYZE users;", "REINDEX TABLE users;", "DISCARD PLANS;"]);
+    assert_eq!(
+        rules("VACUUM FULL users;"),
+        [Rule::NotInTransaction, Rule::VacuumFull]
+    );
+    assert!(!Rule::NotInTransaction.can_be_allowed());
 }
 
 #[test]

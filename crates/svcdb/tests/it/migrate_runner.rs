@@ -1281,24 +1281,25 @@ async fn golang_migrate_wrapped_files_fail_atomically() {
 /// A statement that cannot run in a transaction (golang-migrate folders have them unmarked):
 /// the deploy rolls back, the error carries SQLSTATE 25001 and names the directive that fixes it.
 #[tokio::test]
-async fn a_concurrent_index_in_a_transactional_migration_points_at_the_directive() {
+async fn a_statement_refused_in_a_transaction_points_at_the_directive() {
     let db = TestDb::new().await;
     let svc = db.service("ci").await;
     let dir = tempfile::tempdir().unwrap();
+    // The lint before `up` refuses the usual ones (CREATE INDEX CONCURRENTLY, VACUUM) whatever
+    // the options; a subscription that creates its slot is refused by the server alone, before
+    // it connects anywhere.
     write(
         dir.path(),
         &[
             ("1_a.up.sql", "CREATE TABLE a (id int);"),
-            ("2_idx.up.sql", "CREATE INDEX CONCURRENTLY a_id ON a (id);"),
+            (
+                "2_sub.up.sql",
+                "CREATE SUBSCRIPTION s CONNECTION 'host=127.0.0.1 port=1' PUBLICATION p;",
+            ),
         ],
     );
-    // The lint before `up` refuses this first (concurrently-in-transaction); let it through to
-    // see the server's refusal and its hint.
     let err = migrator(&svc, dir.path())
-        .with_options(MigrateOptions {
-            allow_unsafe: true,
-            ..options()
-        })
+        .with_options(options())
         .up()
         .await
         .unwrap_err();

@@ -40,6 +40,10 @@ pub enum Rule {
     /// `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a migration that runs in a transaction: the
     /// server refuses it (SQLSTATE 25001).
     ConcurrentlyInTransaction,
+    /// Another statement PostgreSQL refuses inside a transaction (`VACUUM`, `CREATE DATABASE`,
+    /// `ALTER SYSTEM`, `REINDEX SCHEMA`, `DISCARD ALL`, …) in a migration that runs in one
+    /// (SQLSTATE 25001).
+    NotInTransaction,
     /// `ADD COLUMN … NOT NULL` without a default: fails on a table that has rows.
     AddColumnNotNullWithoutDefault,
     /// `ADD COLUMN` whose default is volatile (or an identity, a `serial`, a stored generated
@@ -82,6 +86,7 @@ impl Rule {
     pub const ALL: &'static [Rule] = &[
         Rule::IndexWithoutConcurrently,
         Rule::ConcurrentlyInTransaction,
+        Rule::NotInTransaction,
         Rule::AddColumnNotNullWithoutDefault,
         Rule::AddColumnVolatileDefault,
         Rule::AlterColumnType,
@@ -105,6 +110,7 @@ impl Rule {
         match self {
             Rule::IndexWithoutConcurrently => "index-without-concurrently",
             Rule::ConcurrentlyInTransaction => "concurrently-in-transaction",
+            Rule::NotInTransaction => "not-in-transaction",
             Rule::AddColumnNotNullWithoutDefault => "add-column-not-null-without-default",
             Rule::AddColumnVolatileDefault => "add-column-volatile-default",
             Rule::AlterColumnType => "alter-column-type",
@@ -129,10 +135,13 @@ impl Rule {
     }
 
     /// False for a rule whose statement the server refuses as written
-    /// (`concurrently-in-transaction`): neither `-- svcdb:allow` nor `--allow-unsafe` lets it
-    /// through, as that would only move the failure to run time.
+    /// (`concurrently-in-transaction`, `not-in-transaction`): neither `-- svcdb:allow` nor
+    /// `--allow-unsafe` lets it through, as that would only move the failure to run time.
     pub fn can_be_allowed(self) -> bool {
-        self != Rule::ConcurrentlyInTransaction
+        !matches!(
+            self,
+            Rule::ConcurrentlyInTransaction | Rule::NotInTransaction
+        )
     }
 
     /// Whether a finding of this rule stops `up` (unless allowed).

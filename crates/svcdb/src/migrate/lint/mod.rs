@@ -25,6 +25,7 @@
 //! |---|---|---|
 //! | `index-without-concurrently` | error | `CREATE INDEX` without `CONCURRENTLY` |
 //! | `concurrently-in-transaction` | error, never allowed | `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a transactional migration (any table): the server refuses it, so neither `--allow-unsafe` nor `-- svcdb:allow` lets it through |
+//! | `not-in-transaction` | error, never allowed | `VACUUM`, `CREATE`/`DROP DATABASE`, `CREATE`/`DROP TABLESPACE`, `ALTER SYSTEM`, `REINDEX SCHEMA`/`SYSTEM`/`DATABASE`, `DISCARD ALL` in a transactional migration: the server refuses them there too |
 //! | `add-column-not-null-without-default` | error | `ADD COLUMN … NOT NULL` without a default |
 //! | `add-column-volatile-default` | error | `ADD COLUMN` with a volatile default (`random()`, `clock_timestamp()`, `gen_random_uuid()`, `nextval`, a `serial` type), an identity or a stored generated column |
 //! | `alter-column-type` | error | `ALTER COLUMN … TYPE` |
@@ -35,7 +36,7 @@
 //! | `vacuum-full`, `cluster`, `lock-table` | error | `VACUUM FULL`, `CLUSTER`, `LOCK TABLE` (any table) |
 //! | `empty-up` | warning | an up script with no statement: a no-op migration, recorded like any other |
 //! | `unparsed` | warning | a script PostgreSQL's parser rejects: nothing in it could be checked |
-//! | `unknown-allow` | warning | a `-- svcdb:allow` comment naming no rule, or `concurrently-in-transaction` (it allows nothing) |
+//! | `unknown-allow` | warning | a `-- svcdb:allow` comment naming no rule, or a rule that is never allowed (it allows nothing) |
 //!
 //! Volatility is read from the function's name (PostgreSQL's `pg_proc.provolatile` is not
 //! consulted, as no database is needed): `now()`, `CURRENT_TIMESTAMP` and constants are stable
@@ -324,6 +325,14 @@ impl Deploy {
     }
 
     fn statement(&mut self, s: &Script<'_>, at: usize, node: &NodeEnum, out: &mut Vec<Finding>) {
+        if let Some(what) = refused_in_a_transaction(node).filter(|_| s.m.transactional) {
+            out.push(s.finding(
+                at,
+                Rule::NotInTransaction,
+                format!("{what} cannot run inside a transaction, and this migration runs in one: the server would refuse it (SQLSTATE 25001)"),
+                format!("make the migration non-transactional: {}, with the statement in a migration of its own", super::migration::NO_TRANSACTION_HOW),
+            ));
+        }
         match node {
             NodeEnum::CreateStmt(create) => {
                 if let Some(rel) = &create.relation {
@@ -571,6 +580,30 @@ impl Deploy {
                     None => true,
                 })
         })
+    }
+}
+
+/// The statement, when PostgreSQL refuses it inside a transaction block whatever its options
+/// (SQLSTATE 25001), `CONCURRENTLY` aside (`concurrently-in-transaction`).
+pub(crate) fn refused_in_a_transaction(node: &NodeEnum) -> Option<&'static str> {
+    use pg_query::protobuf::{DiscardMode, ReindexObjectType};
+    match node {
+        NodeEnum::VacuumStmt(vacuum) if vacuum.is_vacuumcmd => Some("VACUUM"),
+        NodeEnum::CreatedbStmt(_) => Some("CREATE DATABASE"),
+        NodeEnum::DropdbStmt(_) => Some("DROP DATABASE"),
+        NodeEnum::CreateTableSpaceStmt(_) => Some("CREATE TABLESPACE"),
+        NodeEnum::DropTableSpaceStmt(_) => Some("DROP TABLESPACE"),
+        NodeEnum::AlterSystemStmt(_) => Some("ALTER SYSTEM"),
+        NodeEnum::DiscardStmt(discard) if discard.target == DiscardMode::DiscardAll as i32 => {
+            Some("DISCARD ALL")
+        }
+        NodeEnum::ReindexStmt(reindex) => match ReindexObjectType::try_from(reindex.kind) {
+            Ok(ReindexObjectType::ReindexObjectSchema) => Some("REINDEX SCHEMA"),
+            Ok(ReindexObjectType::ReindexObjectSystem) => Some("REINDEX SYSTEM"),
+            Ok(ReindexObjectType::ReindexObjectDatabase) => Some("REINDEX DATABASE"),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

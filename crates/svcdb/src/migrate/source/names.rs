@@ -45,6 +45,8 @@ pub(super) enum Class {
     /// Flyway's `U<version>__<name>.sql`: the down script of the `V` migration of that version
     /// (`stem` as for `Part`).
     Undo { stem: String },
+    /// Flyway's repeatable `R__<name>.sql`.
+    Repeatable { name: String },
     /// A migration file svcdb cannot use: what is wrong and what to do.
     Refused(String),
 }
@@ -86,9 +88,18 @@ pub(super) fn classify(rel: &str) -> Option<Class> {
             match (chars.next()?, chars.next()) {
                 (c, _) if c.is_ascii_digit() => part(stem, Layout::OneFile, Role::Up),
                 ('V' | 'v' | 'U' | 'u', Some(_)) => flyway_like(stem),
-                ('R' | 'r', Some('_')) if stem[1..].starts_with("__") => Some(Class::Refused(
-                    "Flyway repeatable migrations are not supported: svcdb runs each migration once, by version\n  hint: put the SQL in a versioned migration (`V<version>__<name>.sql`), and re-create objects in a new migration when they change".to_owned(),
-                )),
+                ('R' | 'r', Some('_')) if stem[1..].starts_with("__") => {
+                    let name = &stem[3..];
+                    Some(if name.trim().is_empty() {
+                        Class::Refused(
+                            "the name after `R__` is empty; expected `R__<name>.sql`, e.g. `R__views.sql`".to_owned(),
+                        )
+                    } else {
+                        Class::Repeatable {
+                            name: name.to_owned(),
+                        }
+                    })
+                }
                 _ => None,
             }
         }
@@ -302,12 +313,17 @@ mod tests {
     }
 
     #[test]
-    fn flyway_repeatable_migrations_are_refused() {
-        let path = source_error_path(&[
-            ("V1__init.sql", b"SELECT 1;"),
-            ("R__views.sql", b"CREATE OR REPLACE VIEW v AS SELECT 1;"),
-        ]);
-        assert!(path.ends_with("R__views.sql"), "{path}");
+    fn flyway_repeatable_migrations_are_read_by_name() {
+        use super::{classify, Class};
+        assert!(
+            matches!(classify("R__views.sql"), Some(Class::Repeatable { name }) if name == "views")
+        );
+        assert!(
+            matches!(classify("r__grant all.sql"), Some(Class::Repeatable { name }) if name == "grant all")
+        );
+        let path = source_error_path(&[("V1__init.sql", b"SELECT 1;"), ("R__.sql", b"SELECT 1;")]);
+        assert!(path.ends_with("R__.sql"), "{path}");
+        assert!(classify("R_views.sql").is_none());
     }
 
     #[test]

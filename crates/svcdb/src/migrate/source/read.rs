@@ -12,6 +12,7 @@ use super::names::{classify, parse_stem, Class, Layout, Role, Tool};
 use super::one_file::{cut_at_markers, Sections};
 use crate::migrate::error::MigrateError;
 use crate::migrate::migration::{has_no_transaction_directive, strip_bom, Checksum, Migration};
+use crate::migrate::repeatable::Repeatable;
 use crate::migrate::split::split_statements;
 use crate::migrate::version::Version;
 
@@ -68,6 +69,8 @@ pub struct Migrations {
     pub(super) newest: Option<Newest>,
     /// `.sql` files that are no migration, relative to the folder, sorted.
     ignored: Vec<String>,
+    /// Flyway's repeatable migrations, by name.
+    repeatables: Vec<Repeatable>,
 }
 
 /// A file handed to the parser: path relative to the source folder and its bytes.
@@ -253,6 +256,12 @@ impl Migrations {
         self.list.last()
     }
 
+    /// Flyway's repeatable migrations (`R__<name>.sql`), by name: `up` runs each, after the
+    /// versioned ones, whenever its file changed since it last ran.
+    pub fn repeatables(&self) -> &[Repeatable] {
+        &self.repeatables
+    }
+
     /// The folder the migrations came from, as given.
     pub fn origin(&self) -> &str {
         &self.origin
@@ -276,6 +285,7 @@ impl Migrations {
         // its version.
         let mut undo: BTreeMap<Version, (SourceFile<'_>, String)> = BTreeMap::new();
         let mut ignored = Vec::new();
+        let mut repeatables: BTreeMap<String, Repeatable> = BTreeMap::new();
         for file in files {
             let Some(class) = classify(&file.path) else {
                 if file.path.to_ascii_lowercase().ends_with(".sql") {
@@ -286,6 +296,18 @@ impl Migrations {
             let (stem, layout, role) = match class {
                 Class::Part { stem, layout, role } => (stem, layout, role),
                 Class::Refused(why) => return Err(refuse(&file, why)),
+                Class::Repeatable { name } => {
+                    let r = repeatable(&file, name, &display)?;
+                    if let Some(other) = repeatables.get(&r.name) {
+                        let message = format!(
+                            "the repeatable migration {:?} is also {}; remove one of them",
+                            r.name, other.path
+                        );
+                        return Err(refuse(&file, message));
+                    }
+                    repeatables.insert(r.name.clone(), r);
+                    continue;
+                }
                 Class::Undo { stem } => {
                     let (version, name, _) =
                         parse_stem(&stem, Layout::Flyway).map_err(|m| refuse(&file, m))?;
@@ -477,6 +499,7 @@ impl Migrations {
         }
         ignored.sort();
         Ok(Self {
+            repeatables: repeatables.into_values().collect(),
             list,
             origin,
             prefix_width,
@@ -527,6 +550,28 @@ fn read_dir(dir: &Path) -> std::io::Result<Vec<std::fs::DirEntry>> {
 
 /// The file's text without a byte-order mark, refusing non-UTF-8. An empty file is fine: see
 /// the module documentation for what an empty up or down script means.
+/// Flyway's `R__<name>.sql`: the script, with the same checks as a migration's, run outside a
+/// transaction when Flyway would run it so or it starts with the directive.
+fn repeatable(
+    file: &SourceFile<'_>,
+    name: String,
+    display: &dyn Fn(&str) -> String,
+) -> Result<Repeatable, MigrateError> {
+    let path = display(&file.path);
+    let sql = script(file, display)?;
+    refuse_client_only(&sql, &path, 1)?;
+    let checksum = Checksum::of(&sql);
+    let transactional = !(runs_outside_a_transaction(&sql) || has_no_transaction_directive(&sql));
+    let sql = unwrap_transaction(sql, transactional, &path, 1)?;
+    Ok(Repeatable {
+        name,
+        sql,
+        checksum,
+        transactional,
+        path,
+    })
+}
+
 fn script(file: &SourceFile<'_>, display: &dyn Fn(&str) -> String) -> Result<String, MigrateError> {
     let text = String::from_utf8(file.contents.to_vec()).map_err(|e| {
         MigrateError::source_file(
@@ -866,6 +911,39 @@ mod tests {
         )])
         .unwrap();
         assert!(native.get(&v(2)).unwrap().transactional);
+    }
+
+    #[test]
+    fn flyway_repeatables_are_read_apart_from_the_versions_in_name_order() {
+        let m = parse(&[
+            ("V1__t.sql", b"CREATE TABLE t (a int);"),
+            (
+                "R__views.sql",
+                b"CREATE OR REPLACE VIEW v AS SELECT a FROM t;",
+            ),
+            ("R__a_grants.sql", b"GRANT SELECT ON t TO PUBLIC;"),
+            (
+                "R__index.sql",
+                b"CREATE INDEX CONCURRENTLY IF NOT EXISTS t_a ON t (a);",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(m.len(), 1);
+        let repeatables: Vec<(&str, bool)> = m
+            .repeatables()
+            .iter()
+            .map(|r| (r.name.as_str(), r.transactional))
+            .collect();
+        assert_eq!(
+            repeatables,
+            [("a_grants", true), ("index", false), ("views", true)]
+        );
+        // One name twice (Flyway's `R` in either case).
+        let path = source_error_path(&[("R__v.sql", b"SELECT 1;"), ("r__v.sql", b"SELECT 2;")]);
+        assert!(path.ends_with("__v.sql"), "{path}");
+        // The same checks as a migration's script.
+        let path = source_error_path(&[("R__v.sql", b"CREATE VIEW ${schema}.v AS SELECT 1;")]);
+        assert!(path.ends_with("R__v.sql"), "{path}");
     }
 
     #[test]
