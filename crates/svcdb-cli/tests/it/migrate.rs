@@ -191,6 +191,51 @@ async fn a_new_pending_file_makes_status_exit_2_until_up() {
 }
 
 #[tokio::test]
+async fn a_changed_flyway_repeatable_makes_status_exit_2_until_up_runs_it_again() {
+    let p = Project::new().await;
+    p.write(&[
+        ("V1__items.sql", "CREATE TABLE items (id int, name text);"),
+        ("V1_1__tags.sql", "CREATE TABLE tags (id int);"),
+        (
+            "R__items_view.sql",
+            "CREATE OR REPLACE VIEW items_view AS SELECT id FROM items;",
+        ),
+    ]);
+    let out = p.run(&["migrate", "up"]).expect_code(0);
+    assert!(
+        out.stdout.contains("repeatable items_view done in"),
+        "{out}"
+    );
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(status["current_version"], "1.1");
+    assert_eq!(status["repeatables"][0]["state"], "applied", "{status}");
+
+    p.write(&[(
+        "R__items_view.sql",
+        "CREATE OR REPLACE VIEW items_view AS SELECT id, name FROM items;",
+    )]);
+    let out = p.run(&["migrate", "status"]).expect_code(2);
+    assert!(out.stdout.contains("1 repeatable changed"), "{out}");
+    let report = p.run(&["migrate", "up", "--json"]).expect_code(0).json();
+    assert_eq!(report["migrations"].as_array().map(Vec::len), Some(0));
+    assert_eq!(report["repeatables"][0]["name"], "items_view", "{report}");
+    p.run(&["migrate", "status"]).expect_code(0);
+    assert_eq!(
+        p.tables().await,
+        [
+            "items",
+            "items_view",
+            "svcdb_migrations",
+            "svcdb_repeatables",
+            "tags"
+        ]
+    );
+}
+
+#[tokio::test]
 async fn dry_run_applies_nothing_and_to_stops_at_a_version() {
     let p = Project::new().await;
     p.write(THREE);
