@@ -354,7 +354,7 @@ async fn dbmate_schema_is_adopted_and_a_missing_file_is_refused() {
 }
 
 /// Flyway's DDL (PostgreSQL `createMetaDataTable.sql`).
-const FLYWAY_DDL: &str = "CREATE TABLE shop.flyway_schema_history (
+pub(crate) const FLYWAY_DDL: &str = "CREATE TABLE shop.flyway_schema_history (
     installed_rank INT NOT NULL,
     version VARCHAR(50),
     description VARCHAR(200) NOT NULL,

@@ -6,6 +6,7 @@ use svcdb::migrate::{AdoptOptions, MigrateError, MigrateEvent, RepeatableState, 
 use svcdb::testing::TestDb;
 use svcdb::{ServiceDb, SqlState};
 
+use crate::migrate_adopt::FLYWAY_DDL;
 use crate::migrate_runner::{migrator, write};
 
 /// The SQL of the view `v`, as the server prints it.
@@ -174,13 +175,6 @@ async fn a_repeatable_that_flyway_runs_outside_a_transaction_runs_statement_by_s
     assert_eq!(events, [false]);
     assert!(m.status().await.unwrap().is_up_to_date());
 }
-
-/// Flyway's DDL (PostgreSQL `createMetaDataTable.sql`).
-const FLYWAY_DDL: &str = "CREATE TABLE shop.flyway_schema_history (
-    installed_rank INT NOT NULL PRIMARY KEY, version VARCHAR(50), description VARCHAR(200) NOT NULL,
-    type VARCHAR(20) NOT NULL, script VARCHAR(1000) NOT NULL, checksum INTEGER,
-    installed_by VARCHAR(100) NOT NULL, installed_on TIMESTAMP NOT NULL DEFAULT now(),
-    execution_time INTEGER NOT NULL, success BOOLEAN NOT NULL);";
 
 #[tokio::test]
 async fn adopting_from_flyway_records_a_repeatable_whose_file_is_unchanged_and_leaves_a_changed_one_due(
