@@ -123,6 +123,11 @@ pub struct AdoptArgs {
     #[arg(long)]
     dry_run: bool,
 
+    /// Record a version whose file no longer matches the other tool's checksum (edited on
+    /// purpose, in a way the database does not see), with a warning, instead of refusing.
+    #[arg(long)]
+    allow_changed: bool,
+
     #[command(flatten)]
     timeouts: Timeouts,
 }
@@ -523,6 +528,7 @@ async fn adopt(global: &Global, args: AdoptArgs) -> Result<Outcome> {
             from: args.from,
             history_table: args.history_table,
             dry_run: args.dry_run,
+            allow_changed: args.allow_changed,
         })
         .await?;
     for warning in &report.warnings {

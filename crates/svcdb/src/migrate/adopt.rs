@@ -141,6 +141,11 @@ pub struct AdoptOptions {
     /// Report what would be recorded, and refuse as a real run would, without writing (and
     /// without taking the lock).
     pub dry_run: bool,
+    /// Record a version whose file no longer matches the other tool's checksum, with a
+    /// warning, instead of refusing: for files edited on purpose when switching (a psql line
+    /// removed, `COPY … FROM stdin` turned into `INSERT`s, a no-transaction directive added).
+    /// The edit must change nothing the database sees, since nothing runs again.
+    pub allow_changed: bool,
 }
 
 impl AdoptOptions {
@@ -150,6 +155,7 @@ impl AdoptOptions {
             from: tool,
             history_table: None,
             dry_run: false,
+            allow_changed: false,
         }
     }
 }
@@ -313,6 +319,12 @@ fn refused_message(tool: &Tool, table: &str, problems: &[AdoptProblem]) -> Strin
         s.push_str(&format!("\n  {p}"));
     }
     s.push_str("\n  hint: finish or repair the other tool's migrations with that tool (and restore changed or missing files from version control), then adopt again");
+    if problems
+        .iter()
+        .any(|p| matches!(p, AdoptProblem::ChecksumMismatch { .. }))
+    {
+        s.push_str("; a file changed on purpose in a way the database does not see (a psql line removed, a no-transaction directive added) can be adopted as it is with `--allow-changed` (AdoptOptions::allow_changed)");
+    }
     s
 }
 
@@ -363,7 +375,8 @@ impl Migrator {
         };
         let (adopted_repeatables, repeatable_warnings) =
             self.match_repeatables(&tool_history.repeatables);
-        let (plan, pending, mut warnings) = self.match_files(tool, &table, tool_history)?;
+        let (plan, pending, mut warnings) =
+            self.match_files(tool, &table, tool_history, options.allow_changed)?;
         warnings.extend(repeatable_warnings);
         let schema = self.service_db().schema();
         let report =
@@ -476,6 +489,7 @@ impl Migrator {
         tool: Tool,
         table: &str,
         read: ToolHistory,
+        allow_changed: bool,
     ) -> Result<(Vec<&Migration>, Vec<Version>, Vec<String>), AdoptError> {
         let ToolHistory {
             applied,
@@ -522,6 +536,10 @@ impl Migrator {
             if let Some(recorded) = &a.checksum {
                 match check(recorded, m, &version) {
                     Ok(None) => {}
+                    Ok(Some((recorded, computed))) if allow_changed => warnings.push(format!(
+                        "version {}: {} no longer matches what {tool} applied ({tool}'s checksum {recorded}, the file's {computed}); recorded as applied with the file as it is now (allow_changed)",
+                        a.text, m.path
+                    )),
                     Ok(Some((recorded, computed))) => {
                         problems.push(AdoptProblem::ChecksumMismatch {
                             version: a.text.clone(),

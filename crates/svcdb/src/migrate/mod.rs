@@ -121,7 +121,7 @@
 //!   .down(&DownOptions { steps, to, dry_run }) / .down_with(.., observer)    -> DownReport
 //!   .redo() / .redo_with(observer)                                           -> RedoReport
 //!   .baseline(&Version) -> BaselineReport
-//!   .adopt(&AdoptOptions { from: Tool, history_table, dry_run }) -> AdoptReport  // Err(AdoptError)
+//!   .adopt(&AdoptOptions { from: Tool, history_table, dry_run, allow_changed }) -> AdoptReport  // Err(AdoptError)
 //!   .repair()          -> RepairReport  // clears dirty marks, accepts changed files, names invalid indexes
 //! ```
 

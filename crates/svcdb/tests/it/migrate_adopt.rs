@@ -514,6 +514,52 @@ async fn flyway_failed_and_changed_versions_are_refused() {
     );
 }
 
+#[tokio::test]
+async fn a_file_changed_on_purpose_is_adopted_with_allow_changed_and_a_warning() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Flyway applied `CREATE TABLE a (id int);` (-623083431); the file has since gained svcdb's
+    // directive, which the database does not see.
+    write(
+        dir.path(),
+        &[(
+            "V1__a.sql",
+            "-- svcdb:no-transaction\nCREATE TABLE a (id int);\n",
+        )],
+    );
+    sql(
+        &svc,
+        &format!(
+            "{FLYWAY_DDL}
+             INSERT INTO shop.flyway_schema_history VALUES
+               (1, '1', 'a', 'SQL', 'V1__a.sql', -623083431, 'me', now(), 5, true);
+             CREATE TABLE shop.a (id int);"
+        ),
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    let err = m
+        .adopt(&AdoptOptions::from(Tool::Flyway))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.problems(), [AdoptProblem::ChecksumMismatch { version, .. }] if version == "1"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--allow-changed"), "{err}");
+    let report = m
+        .adopt(&AdoptOptions {
+            allow_changed: true,
+            ..AdoptOptions::from(Tool::Flyway)
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.recorded.len(), 1);
+    assert_eq!(report.warnings.len(), 1, "{report:?}");
+    assert!(m.status().await.unwrap().is_up_to_date());
+}
+
 /// refinery's checksum, as `refinery_core::Migration::unapplied` computes it.
 fn refinery_checksum(name: &str, version: i32, sql: &str) -> String {
     let mut hasher = siphasher::sip::SipHasher13::new();
