@@ -121,8 +121,12 @@ impl Migrator {
     /// connection.
     pub async fn status(&self) -> Result<StatusReport, MigrateError> {
         let conn = self.db.get().await?;
-        let history = history::read(client(&conn), self.db.schema(), true).await?;
-        let recorded = self.recorded_repeatables(client(&conn)).await?;
+        // Sent together: tokio-postgres pipelines concurrent queries on one connection.
+        let (history, recorded) = tokio::join!(
+            history::read(client(&conn), self.db.schema(), true),
+            self.recorded_repeatables(client(&conn))
+        );
+        let (history, recorded) = (history?, recorded?);
         Ok(
             StatusReport::build(self.db.schema().as_str(), &self.migrations, &history)
                 .with_repeatables(&self.migrations, &recorded),
@@ -201,8 +205,11 @@ impl Migrator {
     ) -> Result<UpReport, MigrateError> {
         let (history, recorded) = {
             let conn = self.db.get().await?;
-            let history = history::read(client(&conn), self.db.schema(), false).await?;
-            (history, self.recorded_repeatables(client(&conn)).await?)
+            let (history, recorded) = tokio::join!(
+                history::read(client(&conn), self.db.schema(), false),
+                self.recorded_repeatables(client(&conn))
+            );
+            (history?, recorded?)
         };
         let status = StatusReport::build(&self.schema(), &self.migrations, &history);
         let plan = self.plan_up(&status, options.to.as_ref())?;
