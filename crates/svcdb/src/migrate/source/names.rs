@@ -108,7 +108,19 @@ pub(super) fn classify(rel: &str) -> Option<Class> {
                 "up.sql" => Role::Up,
                 "down.sql" => Role::Down,
                 "metadata.toml" => Role::Metadata,
-                _ => return None,
+                // Flyway finds its files in sub-folders too (`release_2/V7__x.sql`).
+                _ => {
+                    return classify(file).filter(|class| {
+                        matches!(
+                            class,
+                            Class::Part {
+                                layout: Layout::Flyway,
+                                ..
+                            } | Class::Undo { .. }
+                                | Class::Repeatable { .. }
+                        )
+                    })
+                }
             };
             part(dir, Layout::Diesel, role)
         }

@@ -914,6 +914,30 @@ mod tests {
     }
 
     #[test]
+    fn flyway_files_in_sub_folders_are_read_as_flyway_reads_them() {
+        let m = parse(&[
+            ("V1__init.sql", b"CREATE TABLE t (a int);"),
+            ("release_2/V2__b.sql", b"CREATE TABLE b (a int);"),
+            ("release_2/U2__b.sql", b"DROP TABLE b;"),
+            (
+                "common/R__views.sql",
+                b"CREATE OR REPLACE VIEW v AS SELECT a FROM t;",
+            ),
+            ("release_2/notes.sql", b"SELECT 1;"),
+        ])
+        .unwrap();
+        let b = m.get(&v(2)).unwrap();
+        assert!(b.path.ends_with("release_2/V2__b.sql"), "{}", b.path);
+        assert_eq!(b.down.as_deref(), Some("DROP TABLE b;"));
+        assert_eq!(m.repeatables()[0].name, "views");
+        assert_eq!(m.ignored(), ["release_2/notes.sql"]);
+        // Two files of one version in different folders: refused, as Flyway refuses them.
+        let path =
+            source_error_path(&[("V2__a.sql", b"SELECT 1;"), ("r2/V2__b.sql", b"SELECT 2;")]);
+        assert!(path.contains("V2__"), "{path}");
+    }
+
+    #[test]
     fn flyway_repeatables_are_read_apart_from_the_versions_in_name_order() {
         let m = parse(&[
             ("V1__t.sql", b"CREATE TABLE t (a int);"),
