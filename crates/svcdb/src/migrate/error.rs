@@ -144,12 +144,14 @@ pub enum MigrateError {
     /// A repeatable migration's SQL failed. It was rolled back (outside a transaction, its
     /// statements before the failing one stay), and stays due; what `up` committed before it
     /// (the versioned migrations, the repeatables before it by name) stays applied.
-    #[error("repeatable migration {name} failed ({path}): {}\n  {}\n  hint: fix the file and run `svcdb migrate up` again", pg_message(cause), repeatable_kept(applied))]
+    #[error("repeatable migration {name} failed ({path}): {}\n  {}\n  hint: fix the file and run `svcdb migrate up` again", pg_message(cause), repeatable_kept(*transactional, applied))]
     RepeatableFailed {
         /// Its name.
         name: String,
         /// Its file.
         path: String,
+        /// Whether it ran in a transaction (rolled back whole) or statement by statement.
+        transactional: bool,
         /// The server's error.
         cause: tokio_postgres::Error,
         /// The versions this `up` applied before it, which stay applied.
@@ -157,13 +159,18 @@ pub enum MigrateError {
     },
 }
 
-fn repeatable_kept(applied: &[Version]) -> String {
+fn repeatable_kept(transactional: bool, applied: &[Version]) -> String {
+    let what = if transactional {
+        "it was rolled back"
+    } else {
+        "it ran outside a transaction, so its statements before the failing one stay in effect, and it runs again from its start"
+    };
     if applied.is_empty() {
-        return "it was rolled back; the versioned migrations were up to date already".to_owned();
+        return format!("{what}; the versioned migrations were up to date already");
     }
     let list: Vec<String> = applied.iter().map(Version::to_string).collect();
     format!(
-        "it was rolled back; the versioned migrations this command applied before it stay applied: {}",
+        "{what}; the versioned migrations this command applied before it stay applied: {}",
         list.join(", ")
     )
 }

@@ -312,6 +312,7 @@ impl Migrator {
                 .map_err(|cause| MigrateError::RepeatableFailed {
                     name: r.name.clone(),
                     path: r.path.clone(),
+                    transactional: r.transactional,
                     cause,
                     applied: done.iter().map(|e| e.version.clone()).collect(),
                 })?;
