@@ -29,7 +29,7 @@
 //! | `svcdb_outbox_oldest_unpublished_age_seconds` | gauge | age of the oldest of them, 0 when none (on scrape) |
 //! | `svcdb_table_size_bytes{table}` | gauge | `svcdb_outbox` and `svcdb_processed_events`, with indexes and TOAST (on scrape) |
 //! | `svcdb_gate_ready` | gauge | 1 when the last health check passed the gate, else 0 |
-//! | `svcdb_migration_version` | gauge | the applied version's number (as the last health check saw it) |
+//! | `svcdb_migration_version` | gauge | the applied version's number, every digit read as one integer (diesel's `2017-09-23-182408` is 20170923182408, Flyway's `1.12.30` is 11230: watch it change, do not compare it), as the last health check saw it |
 //! | `svcdb_migration_last_deploy_duration_seconds` | gauge | how long the start-up migration run took (svcdb-amqp's `Service`) |
 //! | `svcdb_migration_lock_waits_total{lock}` | counter | in that run: waits for another runner's schema lock (`schema`), retries after a table's `lock_timeout` (`table`) |
 //!
