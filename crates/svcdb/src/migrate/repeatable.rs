@@ -194,11 +194,13 @@ pub(crate) async fn record(
 
 /// Runs `r` and records it, on `client` (the migration lock's session): in one transaction
 /// with its row (rolled back whole if it fails), or, when it is not transactional, statement
-/// by statement and then its row. Returns how long the script took.
+/// by statement and then its row. `reset` (the runner's session settings) follows the script,
+/// as it follows every migration's. Returns how long the script took.
 pub(crate) async fn run(
     client: &tokio_postgres::Client,
     schema: &Ident,
     r: &Repeatable,
+    reset: &str,
 ) -> Result<Duration, tokio_postgres::Error> {
     let started = Instant::now();
     if !r.transactional {
@@ -206,6 +208,7 @@ pub(crate) async fn run(
             client.batch_execute(statement).await?;
         }
         let took = started.elapsed();
+        client.batch_execute(reset).await?;
         record(client, schema, r, Some(took)).await?;
         return Ok(took);
     }
@@ -213,6 +216,7 @@ pub(crate) async fn run(
     let result = async {
         client.batch_execute(&r.sql).await?;
         let took = started.elapsed();
+        client.batch_execute(reset).await?;
         record(client, schema, r, Some(took)).await?;
         client.batch_execute("COMMIT").await?;
         Ok(took)

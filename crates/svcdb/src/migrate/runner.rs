@@ -307,7 +307,7 @@ impl Migrator {
                 name: r.name.clone(),
                 transactional: r.transactional,
             });
-            let took = repeatable::run(lock.client(), schema, r)
+            let took = repeatable::run(lock.client(), schema, r, &self.session_reset())
                 .await
                 .map_err(|cause| MigrateError::RepeatableFailed {
                     name: r.name.clone(),
@@ -506,9 +506,8 @@ impl Migrator {
         // running on until the statement ends.
         let mut setup = format!(
             "SELECT set_config(name, '1000', false) FROM pg_settings WHERE name = 'client_connection_check_interval';
-             SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms';",
-            self.options.lock_timeout.as_millis(),
-            self.options.statement_timeout.map_or(0, |d| d.as_millis().max(1))
+             {}",
+            self.session_reset()
         );
         if self.db.config().create_schema {
             setup.push_str(&format!(" CREATE SCHEMA IF NOT EXISTS {schema};"));
@@ -521,6 +520,22 @@ impl Migrator {
             history = history::read(lock.client(), schema, true).await?;
         }
         Ok((lock, history))
+    }
+
+    /// The session settings every script starts with, sent before the first and again after
+    /// each: a script may change them for the rest of its session (pg_dump's
+    /// `set_config('search_path', '', false)`, a `RESET statement_timeout`), and the next
+    /// migration must not run differently for having been deployed in the same `up`. The
+    /// search path goes back to the one pinned at connect time (a startup option, which
+    /// `RESET` restores).
+    fn session_reset(&self) -> String {
+        format!(
+            "RESET search_path; SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms';",
+            self.options.lock_timeout.as_millis(),
+            self.options
+                .statement_timeout
+                .map_or(0, |d| d.as_millis().max(1))
+        )
     }
 
     /// Reverts what `options` selects (under the caller's lock).
@@ -728,7 +743,18 @@ impl Migrator {
         let schema = self.db.schema();
         let mut retries = 0;
         loop {
-            match try_group(conn, schema, group, direction, create_table, observer).await {
+            let reset = self.session_reset();
+            match try_group(
+                conn,
+                schema,
+                group,
+                direction,
+                create_table,
+                &reset,
+                observer,
+            )
+            .await
+            {
                 Err((i, StepError::Script { cause, .. }))
                     if is_lock_timeout(&cause) && retries < self.options.lock_retries =>
                 {
@@ -798,9 +824,11 @@ impl Migrator {
                     .await;
             }
         }
+        let took = start.elapsed();
+        conn.batch_execute(&self.session_reset()).await?;
         match direction {
             Direction::Up => {
-                history::set_dirty(&*conn, schema, &m.version, false, Some(start.elapsed())).await?
+                history::set_dirty(&*conn, schema, &m.version, false, Some(took)).await?
             }
             Direction::Down => history::delete(&*conn, schema, &[&m.version]).await?,
         }
@@ -885,12 +913,14 @@ impl Migrator {
 
 /// One try of [`Migrator::run_group`]: begin, every script, the history change, commit. A
 /// failing commit (a deferred constraint) is put on the group's last migration.
+#[allow(clippy::too_many_arguments)]
 async fn try_group(
     conn: &mut Client,
     schema: &crate::Ident,
     group: &[&Migration],
     direction: Direction,
     create_table: bool,
+    reset: &str,
     observer: &mut (dyn FnMut(&MigrateEvent) + Send),
 ) -> Result<Vec<RunEntry>, GroupError> {
     let other = |e: MigrateError| (0, StepError::Other(e));
@@ -906,9 +936,17 @@ async fn try_group(
     // later message in the aborted transaction, which refuses it (25P02) and changes nothing.
     // A future of tokio-postgres sends its message when first polled, hence one poll each, in
     // order, before any is awaited.
-    let mut pipeline: Vec<_> = group
+    // Each message ends with the session reset, after a line break and a `;` (so that a
+    // last statement without its `;`, or a trailing `--` comment, does not take it in); the
+    // server's error positions count from the message's start, so they still point into the
+    // script.
+    let messages: Vec<String> = group
         .iter()
-        .map(|m| Box::pin(tx.batch_execute(script(m, direction).0)))
+        .map(|m| format!("{}\n;{reset}", script(m, direction).0))
+        .collect();
+    let mut pipeline: Vec<_> = messages
+        .iter()
+        .map(|message| Box::pin(tx.batch_execute(message)))
         .collect();
     let mut answered = Vec::with_capacity(group.len());
     for sent in &mut pipeline {

@@ -1589,3 +1589,48 @@ async fn a_failing_statements_file_line_and_text_are_in_the_failure() {
     assert_eq!(f.line, Some(5));
     assert_eq!(f.statement.as_deref(), Some("SELECT * FROM no_such_table"));
 }
+
+#[tokio::test]
+async fn a_script_that_changes_its_session_does_not_change_the_next_migrations() {
+    let db = TestDb::new().await;
+    let svc = db.service("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    // pg_dump's first line, then svix's `RESET statement_timeout`, each followed in the same
+    // deploy by a migration that relies on the service's session: in one transaction, in a
+    // group after a non-transactional one, and outside any.
+    write(
+        dir.path(),
+        &[
+            (
+                "1_dump.up.sql",
+                "SELECT pg_catalog.set_config('search_path', '', false);\nCREATE TABLE app.a (id int);",
+            ),
+            ("2_b.up.sql", "CREATE TABLE b (id int);"),
+            (
+                "3_index.up.sql",
+                "-- svcdb:no-transaction\nSET search_path TO public;\nCREATE INDEX CONCURRENTLY b_id ON app.b (id);\nRESET statement_timeout;",
+            ),
+            ("4_c.up.sql", "CREATE TABLE c (id int); DO $$ BEGIN IF current_setting('statement_timeout') = '0' THEN RAISE 'statement_timeout was dropped'; END IF; END $$;"),
+        ],
+    );
+    migrator(&svc, dir.path())
+        .with_options(MigrateOptions {
+            statement_timeout: Some(Duration::from_secs(60)),
+            ..options()
+        })
+        .up()
+        .await
+        .unwrap();
+    let conn = svc.get().await.unwrap();
+    let tables: Vec<String> = conn
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'app' AND tablename IN ('a', 'b', 'c') ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tables, ["a", "b", "c"]);
+}
