@@ -24,6 +24,10 @@ use super::status::StatusReport;
 use super::version::Version;
 use crate::pool::ServiceDb;
 
+/// The session setting that holds the role the runner works as (see
+/// `Migrator::session_reset`).
+const MIGRATING_AS: &str = "svcdb.migrating_as";
+
 /// Runs a service's migrations against its schema.
 ///
 /// ```no_run
@@ -507,13 +511,18 @@ impl Migrator {
         let mut setup = format!(
             "SELECT set_config(name, '1000', false) FROM pg_settings WHERE name = 'client_connection_check_interval';
              {}",
-            self.session_reset()
+            self.session_settings()
         );
         if self.db.config().create_schema {
             setup.push_str(&format!(" CREATE SCHEMA IF NOT EXISTS {schema};"));
         }
         lock.batch_execute(&setup).await?;
         super::owner::act_as_owner(lock.client(), schema, observer).await?;
+        // The role every script starts as ([`Self::session_reset`]).
+        lock.batch_execute(&format!(
+            "SELECT set_config('{MIGRATING_AS}', current_user, false)"
+        ))
+        .await?;
         let mut history = history::read(lock.client(), schema, true).await?;
         if history.legacy {
             history::upgrade(lock.client(), schema).await?;
@@ -524,11 +533,21 @@ impl Migrator {
 
     /// The session settings every script starts with, sent before the first and again after
     /// each: a script may change them for the rest of its session (pg_dump's
-    /// `set_config('search_path', '', false)`, a `RESET statement_timeout`), and the next
-    /// migration must not run differently for having been deployed in the same `up`. The
-    /// search path goes back to the one pinned at connect time (a startup option, which
-    /// `RESET` restores).
+    /// `set_config('search_path', '', false)`, a `RESET statement_timeout`, a `RESET ROLE`),
+    /// and the next migration must not run differently for having been deployed in the same
+    /// `up`. The search path goes back to the one pinned at connect time (a startup option,
+    /// which `RESET` restores), the role to the one the run works as (the schema's owner),
+    /// kept for the purpose in a setting of the session's own.
     fn session_reset(&self) -> String {
+        format!(
+            "{} SELECT set_config('role', current_setting('{MIGRATING_AS}'), false);",
+            self.session_settings()
+        )
+    }
+
+    /// The search path and timeouts of [`Self::session_reset`], without the role (set once the
+    /// runner works as the schema's owner).
+    fn session_settings(&self) -> String {
         format!(
             "RESET search_path; SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms';",
             self.options.lock_timeout.as_millis(),

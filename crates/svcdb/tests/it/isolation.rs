@@ -450,6 +450,14 @@ async fn migrations_run_as_the_schemas_owner_or_not_at_all() {
         "CREATE TABLE products (id int PRIMARY KEY);",
     )
     .unwrap();
+    // A script that drops the role it runs as, in the same deploy: the next one still runs
+    // as the owner.
+    std::fs::write(dir.path().join("0002_reset.up.sql"), "RESET ROLE;").unwrap();
+    std::fs::write(
+        dir.path().join("0003_prices.up.sql"),
+        "CREATE TABLE prices (id int);",
+    )
+    .unwrap();
     let deployer_db = ServiceDb::connect(db.config_as(&deployer, "catalog_schema"))
         .await
         .unwrap();
@@ -499,7 +507,7 @@ async fn migrations_run_as_the_schemas_owner_or_not_at_all() {
     );
     let owners = owners().await;
     assert!(
-        owners.len() >= 3 && owners.iter().all(|o| *o == owner),
-        "table, its key and the history table: {owners:?}"
+        owners.len() >= 4 && owners.iter().all(|o| *o == owner),
+        "the tables, a key and the history table: {owners:?}"
     );
 }
