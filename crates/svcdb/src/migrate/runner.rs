@@ -535,26 +535,48 @@ impl Migrator {
     /// each: a script may change them for the rest of its session (pg_dump's
     /// `set_config('search_path', '', false)`, a `RESET statement_timeout`, a `RESET ROLE`),
     /// and the next migration must not run differently for having been deployed in the same
-    /// `up`. The search path goes back to the one pinned at connect time (a startup option,
-    /// which `RESET` restores), the role to the one the run works as (the schema's owner),
-    /// kept for the purpose in a setting of the session's own.
+    /// `up`. The search path goes back to the one pinned at connect time, the role to the one
+    /// the run works as (the schema's owner), kept for the purpose in a setting of the
+    /// session's own.
     fn session_reset(&self) -> String {
+        // One statement, not four: it follows every script of a deploy.
+        let path: Vec<String> = self
+            .db
+            .config()
+            .search_path()
+            .iter()
+            .map(|schema| schema.as_str().to_owned())
+            .collect();
         format!(
-            "{} SELECT set_config('role', current_setting('{MIGRATING_AS}'), false);",
-            self.session_settings()
+            "SELECT set_config('search_path', '{}', false), set_config('lock_timeout', '{}ms', false), \
+             set_config('statement_timeout', '{}ms', false), \
+             set_config('role', current_setting('{MIGRATING_AS}'), false);",
+            // Identifiers hold only `[a-z0-9_$]`: nothing to escape in the literal.
+            path.join(","),
+            self.lock_timeout_ms(),
+            self.statement_timeout_ms()
         )
     }
 
-    /// The search path and timeouts of [`Self::session_reset`], without the role (set once the
-    /// runner works as the schema's owner).
+    /// The timeouts of [`Self::session_reset`], set when the lock's session starts (before the
+    /// runner works as the schema's owner, whose role the reset restores).
     fn session_settings(&self) -> String {
         format!(
-            "RESET search_path; SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms';",
-            self.options.lock_timeout.as_millis(),
-            self.options
-                .statement_timeout
-                .map_or(0, |d| d.as_millis().max(1))
+            "SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms';",
+            self.lock_timeout_ms(),
+            self.statement_timeout_ms()
         )
+    }
+
+    fn lock_timeout_ms(&self) -> u128 {
+        self.options.lock_timeout.as_millis()
+    }
+
+    /// 0 (none) when unset; at least 1 ms when set, as 0 would mean none.
+    fn statement_timeout_ms(&self) -> u128 {
+        self.options
+            .statement_timeout
+            .map_or(0, |d| d.as_millis().max(1))
     }
 
     /// Reverts what `options` selects (under the caller's lock).
