@@ -2,7 +2,7 @@
 //! without running anything. See [`svcdb::migrate::lint`] for the rules.
 
 use anyhow::Result;
-use svcdb::migrate::{lint, LintReport, Migrator};
+use svcdb::migrate::{lint, lint_with_repeatables, LintReport, Migrator};
 
 use crate::global::Global;
 use crate::{output, Outcome};
@@ -22,8 +22,13 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
     let migrations = global.migrations()?;
     let report = if args.all {
         let mut report = LintReport::default();
-        for m in migrations.iter() {
-            let one = lint(std::iter::once(m));
+        let each = migrations.iter().map(|m| lint(std::iter::once(m))).chain(
+            migrations
+                .repeatables()
+                .iter()
+                .map(|r| lint_with_repeatables([], std::iter::once(r))),
+        );
+        for one in each {
             report.migrations += one.migrations;
             report.findings.extend(one.findings);
         }
@@ -34,7 +39,17 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
         let pending = status
             .pending()
             .filter_map(|e| migrator.migrations().get(&e.version));
-        lint(pending)
+        // The repeatable migrations the next `up` runs, after the pending ones.
+        let stale: Vec<&str> = status
+            .stale_repeatables()
+            .map(|r| r.name.as_str())
+            .collect();
+        let repeatables = migrator
+            .migrations()
+            .repeatables()
+            .iter()
+            .filter(|r| stale.contains(&r.name.as_str()));
+        lint_with_repeatables(pending, repeatables)
     };
     output::report(global.json, &report, render)?;
     Ok(if report.blocking().next().is_some() {

@@ -218,8 +218,8 @@ impl Migrator {
         let status = StatusReport::build(&self.schema(), &self.migrations, &history);
         let plan = self.plan_up(&status, options.to.as_ref())?;
         super::template::refuse_untouched(&plan)?;
-        super::lint::check_before_up(&plan, self.options.allow_unsafe, observer)?;
         let stale = self.stale_repeatables(options, &recorded);
+        super::lint::check_before_up(&plan, &stale, self.options.allow_unsafe, observer)?;
         // A migration in progress may be one this call would run, or may fail: only under the
         // lock, once its runner is done, is there nothing to do.
         // A history table an older release wrote is upgraded under the lock first.

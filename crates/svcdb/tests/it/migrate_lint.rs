@@ -345,7 +345,7 @@ fn findings_point_at_the_statement_line_of_the_file() {
     let (_dir, migrations) = folder(&[("7_m.up.sql", "LOCK TABLE users;")]);
     let report = lint(migrations.iter());
     let finding = &report.findings[0];
-    assert_eq!(finding.version.number(), 7);
+    assert_eq!(finding.version.as_ref().unwrap().number(), 7);
     assert!(finding.path.ends_with("7_m.up.sql"), "{}", finding.path);
     assert!(!finding.message.is_empty() && !finding.fix.is_empty());
     assert!(
@@ -541,7 +541,13 @@ async fn up_refuses_an_unsafe_migration_before_running_anything() {
     };
     assert_eq!(findings.len(), 1, "{err}");
     assert_eq!(findings[0].rule, Rule::IndexWithoutConcurrently);
-    assert_eq!((findings[0].version.number(), findings[0].line), (2, 1));
+    assert_eq!(
+        (
+            findings[0].version.as_ref().unwrap().number(),
+            findings[0].line
+        ),
+        (2, 1)
+    );
     assert!(err.to_string().contains("2_label.up.sql:1"), "{err}");
     assert!(err.to_string().contains("--allow-unsafe"), "{err}");
     assert_eq!(history(&svc).await, [1], "nothing ran, not even 3");
@@ -688,7 +694,7 @@ async fn an_empty_up_is_applied_and_recorded_with_a_warning() {
     let report = migrator(&svc, dir.path(), MigrateOptions::default())
         .up_with(&Default::default(), &mut |e| {
             if let MigrateEvent::Lint { finding } = e {
-                warned.push((finding.version.number(), finding.rule));
+                warned.push((finding.version.as_ref().unwrap().number(), finding.rule));
             }
         })
         .await

@@ -2,7 +2,10 @@
 //! when their file changes, each in a transaction of its own; a failing one; and adopting them
 //! from Flyway's history.
 
-use svcdb::migrate::{AdoptOptions, MigrateError, MigrateEvent, RepeatableState, Tool, UpOptions};
+use svcdb::migrate::{
+    lint_with_repeatables, AdoptOptions, MigrateError, MigrateEvent, Migrations, RepeatableState,
+    Rule, Tool, UpOptions,
+};
 use svcdb::testing::TestDb;
 use svcdb::{ServiceDb, SqlState};
 
@@ -231,4 +234,63 @@ async fn adopting_from_flyway_records_a_repeatable_whose_file_is_unchanged_and_l
     );
     assert_eq!(ran(&m.up().await.unwrap()), ["grants"]);
     assert!(m.status().await.unwrap().is_up_to_date());
+}
+
+#[test]
+fn repeatables_are_linted_after_the_deploy_whose_new_tables_they_may_index() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("V1__t.sql", "CREATE TABLE t (a int);"),
+            ("R__t_index.sql", "CREATE INDEX IF NOT EXISTS t_a ON t (a);"),
+            (
+                "R__users_index.sql",
+                "CREATE INDEX IF NOT EXISTS users_a ON users (a);",
+            ),
+        ],
+    );
+    let m = Migrations::from_dir(dir.path()).unwrap();
+    let report = lint_with_repeatables(m.iter(), m.repeatables());
+    // `t` is new in this deploy; `users` existed before it.
+    let found: Vec<(Rule, bool, &str)> = report
+        .findings
+        .iter()
+        .map(|f| {
+            (
+                f.rule,
+                f.version.is_none(),
+                f.path.rsplit('/').next().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [(Rule::IndexWithoutConcurrently, true, "R__users_index.sql")]
+    );
+    assert_eq!(report.migrations, 3);
+}
+
+#[tokio::test]
+async fn up_refuses_an_unsafe_repeatable_before_running_anything() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &[("V1__t.sql", "CREATE TABLE t (a int);")]);
+    migrator(&svc, dir.path()).up().await.unwrap();
+    write(
+        dir.path(),
+        &[
+            ("V2__u.sql", "CREATE TABLE u (a int);"),
+            ("R__t_index.sql", "CREATE INDEX IF NOT EXISTS t_a ON t (a);"),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    let err = m.up().await.unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::Unsafe { findings } if findings[0].version.is_none()),
+        "{err}"
+    );
+    // Nothing ran: V2 is still pending.
+    assert_eq!(m.status().await.unwrap().pending().count(), 1);
 }

@@ -174,8 +174,8 @@ impl Serialize for Rule {
 /// One statement that the deploy should not run as written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
-    /// The migration's version.
-    pub version: Version,
+    /// The migration's version; `None` for a repeatable migration (`R__<name>.sql`).
+    pub version: Option<Version>,
     /// Its up file ([`Migration::path`](crate::migrate::Migration::path)).
     pub path: String,
     /// The line of `path` the statement starts on.

@@ -2,7 +2,8 @@
 //! tables or break the replicas still running the old release, each with why and the safe
 //! rewrite.
 //!
-//! `up` runs [`lint`] over the migrations it is about to apply and refuses, before running
+//! `up` runs [`lint`] over the migrations it is about to apply (and the repeatable migrations
+//! it runs after them: [`lint_with_repeatables`]) and refuses, before running
 //! anything, when a finding is an [error](Severity::Error) that neither
 //! [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe) (`--allow-unsafe`) nor a
 //! `-- svcdb:allow <rule>` comment in that migration's file allows; warnings are reported as
@@ -82,7 +83,9 @@ use serde::Serialize;
 use super::error::MigrateError;
 use super::event::MigrateEvent;
 use super::migration::Migration;
+use super::repeatable::Repeatable;
 use super::split::{code_start, comments, split_statements};
+use super::version::Version;
 
 mod finding;
 
@@ -91,7 +94,7 @@ pub use finding::{Finding, Rule, Severity, ALLOW_DIRECTIVE};
 /// What [`lint`] found, in deploy order.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LintReport {
-    /// How many migrations were checked.
+    /// How many migrations were checked (repeatable ones included).
     pub migrations: usize,
     /// Every finding, allowed ones included, oldest migration first, then by line.
     pub findings: Vec<Finding>,
@@ -134,23 +137,38 @@ impl LintReport {
 /// assert_eq!(report.findings[0].rule, Rule::IndexWithoutConcurrently);
 /// ```
 pub fn lint<'a>(deploy: impl IntoIterator<Item = &'a Migration>) -> LintReport {
+    lint_with_repeatables(deploy, [])
+}
+
+/// [`lint`] of `deploy`, then of the repeatable migrations `up` runs after it (Flyway's
+/// `R__<name>.sql`), which see the tables the deploy created as new.
+pub fn lint_with_repeatables<'a>(
+    deploy: impl IntoIterator<Item = &'a Migration>,
+    repeatables: impl IntoIterator<Item = &'a Repeatable>,
+) -> LintReport {
     let mut deploy_state = Deploy::default();
     let mut report = LintReport::default();
     for m in deploy {
         report.migrations += 1;
-        deploy_state.migration(m, &mut report.findings);
+        deploy_state.script(Script::of_migration(m), &mut report.findings);
+    }
+    for r in repeatables {
+        report.migrations += 1;
+        deploy_state.script(Script::of_repeatable(r), &mut report.findings);
     }
     report
 }
 
-/// What `up` does with the lint of its plan: refuses when something blocks (unless
-/// `allow_unsafe`), and tells `observer` about the rest that was not allowed in its file.
+/// What `up` does with the lint of its plan (and the repeatable migrations it runs after it):
+/// refuses when something blocks (unless `allow_unsafe`), and tells `observer` about the rest
+/// that was not allowed in its file.
 pub(crate) fn check_before_up(
     plan: &[&Migration],
+    repeatables: &[&Repeatable],
     allow_unsafe: bool,
     observer: &mut (dyn FnMut(&MigrateEvent) + Send),
 ) -> Result<(), MigrateError> {
-    let report = lint(plan.iter().copied());
+    let report = lint_with_repeatables(plan.iter().copied(), repeatables.iter().copied());
     // `allow_unsafe` lets through the hazards, not what the server would refuse anyway.
     let blocking: Vec<Finding> = report
         .blocking()
@@ -180,21 +198,49 @@ struct Deploy {
     validated: HashMap<String, HashSet<String>>,
 }
 
-/// One migration's script and where findings in it go.
+/// One script to check (a migration's up script, or a repeatable one) and where findings in
+/// it go.
 struct Script<'m> {
-    m: &'m Migration,
+    up: &'m str,
+    /// The line of `path` the script starts on.
+    up_line: usize,
+    path: &'m str,
+    version: Option<&'m Version>,
+    transactional: bool,
     allowed: HashSet<Rule>,
 }
 
-impl Script<'_> {
+impl<'m> Script<'m> {
+    fn of_migration(m: &'m Migration) -> Self {
+        Script {
+            up: &m.up,
+            up_line: m.up_line,
+            path: &m.path,
+            version: Some(&m.version),
+            transactional: m.transactional,
+            allowed: HashSet::new(),
+        }
+    }
+
+    fn of_repeatable(r: &'m Repeatable) -> Self {
+        Script {
+            up: &r.sql,
+            up_line: 1,
+            path: &r.path,
+            version: None,
+            transactional: r.transactional,
+            allowed: HashSet::new(),
+        }
+    }
+
     /// A finding at byte `at` of the script.
     fn finding(&self, at: usize, rule: Rule, message: String, fix: String) -> Finding {
-        let sql = self.m.up.as_bytes();
+        let sql = self.up.as_bytes();
         let at = at.min(sql.len());
-        let line = self.m.up_line + sql[..at].iter().filter(|&&b| b == b'\n').count();
+        let line = self.up_line + sql[..at].iter().filter(|&&b| b == b'\n').count();
         Finding {
-            version: self.m.version.clone(),
-            path: self.m.path.clone(),
+            version: self.version.cloned(),
+            path: self.path.to_owned(),
             line,
             rule,
             severity: rule.severity(),
@@ -266,9 +312,9 @@ impl Deploy {
         self.created.contains(table)
     }
 
-    fn migration(&mut self, m: &Migration, out: &mut Vec<Finding>) {
-        let (allowed, unknown) = allow_comments(&m.up);
-        let script = Script { m, allowed };
+    fn script(&mut self, mut script: Script<'_>, out: &mut Vec<Finding>) {
+        let (allowed, unknown) = allow_comments(script.up);
+        script.allowed = allowed;
         for (at, name) in unknown {
             let (why, fix) = if Rule::from_name(&name).is_some() {
                 (
@@ -293,7 +339,7 @@ impl Deploy {
                 fix,
             ));
         }
-        if split_statements(&m.up).is_empty() {
+        if split_statements(script.up).is_empty() {
             out.push(script.finding(
                 0,
                 Rule::EmptyUp,
@@ -302,7 +348,7 @@ impl Deploy {
             ));
             return;
         }
-        let parsed = match pg_query::parse(&m.up, pg_query::ParserOptions::DEFAULT) {
+        let parsed = match pg_query::parse(script.up, pg_query::ParserOptions::DEFAULT) {
             Ok(parsed) => parsed,
             Err(e) => {
                 out.push(script.finding(
@@ -319,13 +365,13 @@ impl Deploy {
                 continue;
             };
             // The parser's location may include the comments before the statement.
-            let at = code_start(&m.up, usize::try_from(raw.stmt_location).unwrap_or(0));
+            let at = code_start(script.up, usize::try_from(raw.stmt_location).unwrap_or(0));
             self.statement(&script, at, node, out);
         }
     }
 
     fn statement(&mut self, s: &Script<'_>, at: usize, node: &NodeEnum, out: &mut Vec<Finding>) {
-        if let Some(what) = refused_in_a_transaction(node).filter(|_| s.m.transactional) {
+        if let Some(what) = refused_in_a_transaction(node).filter(|_| s.transactional) {
             out.push(s.finding(
                 at,
                 Rule::NotInTransaction,
@@ -350,7 +396,7 @@ impl Deploy {
                 let concurrently = reindex.params.iter().any(|p| {
                     matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "concurrently")
                 });
-                if concurrently && s.m.transactional {
+                if concurrently && s.transactional {
                     out.push(concurrently_in_transaction(s, at, "REINDEX"));
                 }
             }
@@ -389,7 +435,7 @@ impl Deploy {
     fn index(&mut self, s: &Script<'_>, at: usize, index: &IndexStmt, out: &mut Vec<Finding>) {
         let table = index.relation.as_ref().map_or("", |r| r.relname.as_str());
         if index.concurrent {
-            if s.m.transactional {
+            if s.transactional {
                 out.push(concurrently_in_transaction(s, at, "CREATE INDEX"));
             }
         } else if !self.is_new(table) {
@@ -403,7 +449,7 @@ impl Deploy {
     }
 
     fn drop(&mut self, s: &Script<'_>, at: usize, drop: &DropStmt, out: &mut Vec<Finding>) {
-        if drop.concurrent && s.m.transactional {
+        if drop.concurrent && s.transactional {
             out.push(concurrently_in_transaction(s, at, "DROP INDEX"));
         }
         if drop.remove_type != ObjectType::ObjectTable as i32 {
