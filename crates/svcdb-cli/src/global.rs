@@ -106,13 +106,29 @@ impl Global {
                 _ => ("files", "are not migrations"),
             };
             eprintln!(
-                "warning: ignored {} .sql {files} in {} that {are} ({names}); migration files are named <version>_<name>.sql, <version>_<name>.up.sql/.down.sql, V<version>__<name>.sql or <version>_<name>/up.sql",
+                "warning: ignored {} .sql {files} in {} that {are} ({names}); migration files are named <version>_<name>.sql, <version>_<name>.up.sql/.down.sql, V<version>__<name>.sql, R__<name>.sql or <version>_<name>/up.sql",
                 ignored.len(),
                 migrations.origin()
             );
         }
+        for callback in ignored.iter().filter(|f| is_flyway_callback(f)) {
+            eprintln!(
+                "warning: {callback} is a Flyway callback, which svcdb does not run\n  hint: to keep what it does, move its statements into a repeatable migration (R__<name>.sql: run after the versioned ones whenever the file changes) or a new versioned one"
+            );
+        }
         Ok(migrations)
     }
+}
+
+/// True for the name of a Flyway SQL callback (`afterMigrate.sql`, `beforeEachMigrate__log.sql`,
+/// in a sub-folder too): an event name, `before` or `after` and a capital letter.
+fn is_flyway_callback(rel: &str) -> bool {
+    let file = rel.rsplit('/').next().unwrap_or(rel);
+    ["before", "after"].iter().any(|when| {
+        file.strip_prefix(when)
+            .and_then(|rest| rest.chars().next())
+            .is_some_and(|c| c.is_ascii_uppercase())
+    })
 }
 
 /// Parses `500ms`, `10s`, `2m` or bare seconds, like the `SVCDB_*` durations: the value parser

@@ -513,6 +513,16 @@ async fn ignored_sql_files_are_a_warning_on_stderr_and_json_stays_clean() {
     let status = out.json();
     assert_eq!(versions(&status["entries"]), [20240101120000]);
     assert_eq!(states(&status), ["pending"]);
+    assert!(!out.stderr.contains("Flyway callback"), "{out}");
+
+    // A Flyway callback is named as one, with what to do instead.
+    p.write(&[("afterMigrate.sql", "GRANT SELECT ON a TO PUBLIC;")]);
+    let out = p.run(&["migrate", "status"]).expect_code(2);
+    assert!(
+        out.stderr
+            .contains("warning: afterMigrate.sql is a Flyway callback"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
