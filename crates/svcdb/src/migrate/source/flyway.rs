@@ -49,6 +49,52 @@ pub(super) fn runs_outside_a_transaction(sql: &str) -> bool {
         .any(outside_a_transaction)
 }
 
+/// What Flyway's script config file (`V2__x.sql.conf`, Java properties) says about the
+/// script's transaction: `Some(false)` for `executeInTransaction=false`, `Some(true)` for
+/// `=true` (both override [`runs_outside_a_transaction`], as in Flyway), `None` when it does
+/// not say; or what is wrong with it. `encoding` may only name UTF-8, the encoding svcdb reads;
+/// any other property (Flyway Teams' `shouldExecute`) is refused rather than ignored.
+pub(super) fn script_config(bytes: &[u8]) -> Result<Option<bool>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "is not valid UTF-8".to_owned())?;
+    let mut in_transaction = None;
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once(['=', ':']) else {
+            return Err(format!(
+                "cannot read {line:?}: expected `property=value`, e.g. `executeInTransaction=false`"
+            ));
+        };
+        let value = value.trim();
+        match key.trim() {
+            "executeInTransaction" => {
+                in_transaction = Some(match value.to_ascii_lowercase().as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(format!(
+                            "executeInTransaction is true or false, not {value:?}"
+                        ))
+                    }
+                })
+            }
+            "encoding" if matches!(value.to_ascii_uppercase().as_str(), "UTF-8" | "UTF8") => {}
+            "encoding" => {
+                return Err(format!(
+                    "encoding {value} is not UTF-8, the only encoding svcdb reads\n  hint: save the script as UTF-8 and set encoding=UTF-8"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "{other} is not a script config property svcdb reads (executeInTransaction, encoding)\n  hint: remove it; svcdb would run the script whatever it says"
+                ))
+            }
+        }
+    }
+    Ok(in_transaction)
+}
+
 fn outside_a_transaction(node: &NodeEnum) -> bool {
     match node {
         NodeEnum::CreatedbStmt(_)
@@ -81,6 +127,33 @@ fn outside_a_transaction(node: &NodeEnum) -> bool {
 #[cfg(test)]
 mod tests {
     use super::runs_outside_a_transaction as outside;
+    use super::script_config;
+
+    #[test]
+    fn script_config_files_say_whether_the_script_runs_in_a_transaction() {
+        assert_eq!(
+            script_config(b"executeInTransaction=false\n"),
+            Ok(Some(false))
+        );
+        assert_eq!(
+            script_config(b"# why\nencoding = UTF-8\nexecuteInTransaction : TRUE\n"),
+            Ok(Some(true))
+        );
+        assert_eq!(script_config(b"encoding=utf8\n\n"), Ok(None));
+        for bad in [
+            &b"executeInTransaction=maybe"[..],
+            b"encoding=ISO-8859-1",
+            b"shouldExecute=${flyway:environment}==prod",
+            b"executeInTransaction",
+            b"\xff",
+        ] {
+            assert!(
+                script_config(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 
     #[test]
     fn the_statements_flyway_runs_outside_a_transaction() {

@@ -6,7 +6,7 @@
 //! | native (also golang-migrate, sqlx reversible) | `<version>_<name>.up.sql` | `<version>_<name>.down.sql` | first line `-- svcdb:no-transaction` |
 //! | diesel | `<version>_<name>/up.sql` | `<version>_<name>/down.sql` | `metadata.toml`: `run_in_transaction = false`, or the directive |
 //! | one file (sqlx simple, goose, dbmate) | `<version>_<name>.sql`: all of it, or what follows `-- +goose Up` / `-- migrate:up` | in the same file, after `-- +goose Down` / `-- migrate:down` | `-- +goose NO TRANSACTION` (both scripts), `-- migrate:up transaction:false` (`migrate:down` for the down), or the directive |
-//! | Flyway, refinery | `V<version>__<name>.sql`, also in a sub-folder | Flyway's undo `U<version>__<name>.sql` | a statement Flyway runs outside a transaction (`CREATE INDEX CONCURRENTLY`, `VACUUM`, `ALTER TYPE … ADD VALUE`…: see `flyway.rs`), or the directive |
+//! | Flyway, refinery | `V<version>__<name>.sql`, also in a sub-folder | Flyway's undo `U<version>__<name>.sql` | the script config file `<script>.conf` (`executeInTransaction`), else a statement Flyway runs outside a transaction (`CREATE INDEX CONCURRENTLY`, `VACUUM`, `ALTER TYPE … ADD VALUE`…: see `flyway.rs`), or the directive |
 //!
 //! The directive is the first line of the script itself (for a one-file migration, the line
 //! after the marker). In a one-file migration only blank lines and comments may come before the
@@ -59,7 +59,7 @@
 //! | what a file's name says: its layout, its role, its version and name | `names.rs` |
 //! | one-file migrations cut at goose or dbmate markers | `one_file.rs` |
 //! | diesel's `metadata.toml` | `diesel.rs` |
-//! | the statements Flyway runs outside a transaction | `flyway.rs` |
+//! | the statements Flyway runs outside a transaction, its script config files | `flyway.rs` |
 //! | the checks on each script: psql-only lines, `BEGIN`/`COMMIT` wrappers | `checks.rs` |
 //! | writing a new migration in the folder's layout ([`new_migration`]) | `new.rs` |
 

@@ -47,6 +47,10 @@ pub(super) enum Class {
     Undo { stem: String },
     /// Flyway's repeatable `R__<name>.sql`.
     Repeatable { name: String },
+    /// Flyway's script config file of an undo script, `U<version>__<name>.sql.conf`.
+    UndoConfig { stem: String },
+    /// Flyway's script config file of a repeatable migration, `R__<name>.sql.conf`.
+    RepeatableConfig { name: String },
     /// A migration file svcdb cannot use: what is wrong and what to do.
     Refused(String),
 }
@@ -62,6 +66,19 @@ pub(super) fn classify(rel: &str) -> Option<Class> {
     };
     match rel.split_once('/') {
         None => {
+            // Flyway's script config file (`V2__x.sql.conf`) goes with its script.
+            if let Some(script) = rel.strip_suffix(".conf").filter(|s| s.ends_with(".sql")) {
+                return match classify(script)? {
+                    Class::Part {
+                        stem,
+                        layout: Layout::Flyway,
+                        ..
+                    } => part(&stem, Layout::Flyway, Role::Metadata),
+                    Class::Undo { stem } => Some(Class::UndoConfig { stem }),
+                    Class::Repeatable { name } => Some(Class::RepeatableConfig { name }),
+                    _ => None,
+                };
+            }
             if let Some(stem) = rel.strip_suffix(".up.sql") {
                 return part(stem, Layout::Native, Role::Up);
             }
@@ -118,6 +135,8 @@ pub(super) fn classify(rel: &str) -> Option<Class> {
                                 ..
                             } | Class::Undo { .. }
                                 | Class::Repeatable { .. }
+                                | Class::UndoConfig { .. }
+                                | Class::RepeatableConfig { .. }
                         )
                     })
                 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::checks::{refuse_client_only, unwrap_transaction};
 use super::diesel::metadata_says_no_tx;
-use super::flyway::runs_outside_a_transaction;
+use super::flyway::{runs_outside_a_transaction, script_config};
 use super::names::{classify, parse_stem, Class, Layout, Role, Tool};
 use super::one_file::{cut_at_markers, Sections};
 use crate::migrate::error::MigrateError;
@@ -285,7 +285,11 @@ impl Migrations {
         // its version.
         let mut undo: BTreeMap<Version, (SourceFile<'_>, String)> = BTreeMap::new();
         let mut ignored = Vec::new();
-        let mut repeatables: BTreeMap<String, Repeatable> = BTreeMap::new();
+        // Flyway's repeatable migrations, and the script config files of undo scripts and
+        // repeatables, by version or name, until every file is seen.
+        let mut repeatable_files: BTreeMap<String, SourceFile<'_>> = BTreeMap::new();
+        let mut undo_configs: BTreeMap<Version, SourceFile<'_>> = BTreeMap::new();
+        let mut repeatable_configs: BTreeMap<String, SourceFile<'_>> = BTreeMap::new();
         for file in files {
             let Some(class) = classify(&file.path) else {
                 if file.path.to_ascii_lowercase().ends_with(".sql") {
@@ -297,15 +301,24 @@ impl Migrations {
                 Class::Part { stem, layout, role } => (stem, layout, role),
                 Class::Refused(why) => return Err(refuse(&file, why)),
                 Class::Repeatable { name } => {
-                    let r = repeatable(&file, name, &display)?;
-                    if let Some(other) = repeatables.get(&r.name) {
+                    if let Some(other) = repeatable_files.get(&name) {
                         let message = format!(
-                            "the repeatable migration {:?} is also {}; remove one of them",
-                            r.name, other.path
+                            "the repeatable migration {name:?} is also {}; remove one of them",
+                            display(&other.path)
                         );
                         return Err(refuse(&file, message));
                     }
-                    repeatables.insert(r.name.clone(), r);
+                    repeatable_files.insert(name, file);
+                    continue;
+                }
+                Class::RepeatableConfig { name } => {
+                    repeatable_configs.insert(name, file);
+                    continue;
+                }
+                Class::UndoConfig { stem } => {
+                    let (version, ..) =
+                        parse_stem(&stem, Layout::Flyway).map_err(|m| refuse(&file, m))?;
+                    undo_configs.insert(version, file);
                     continue;
                 }
                 Class::Undo { stem } => {
@@ -338,6 +351,9 @@ impl Migrations {
         for ((stem, layout), group) in groups {
             let Some(up) = group.up else {
                 // A metadata.toml alone does not make a folder a migration.
+                if let Some(config) = group.metadata.filter(|_| layout == Layout::Flyway) {
+                    return Err(refuse(&config, WITHOUT_SCRIPT.to_owned()));
+                }
                 if let Some(down) = group.down {
                     let up_name = match layout {
                         Layout::Diesel => format!("{stem}/up.sql"),
@@ -375,11 +391,17 @@ impl Migrations {
                         .remove(&version)
                         .map(|(file, _)| down_file(&file))
                         .transpose()?;
+                    let up_no_tx = flyway_no_tx(&text, group.metadata.as_ref(), &refuse)?;
+                    let down_no_tx = match &down {
+                        Some(d) => flyway_no_tx(&d.sql, undo_configs.get(&version), &refuse)?,
+                        None => false,
+                    };
+                    if down.is_some() {
+                        undo_configs.remove(&version);
+                    }
                     Scripts {
-                        up_no_tx: runs_outside_a_transaction(&text),
-                        down_no_tx: down
-                            .as_ref()
-                            .is_some_and(|d| runs_outside_a_transaction(&d.sql)),
+                        up_no_tx,
+                        down_no_tx,
                         ..Scripts::whole(text, down, false)
                     }
                 }
@@ -452,6 +474,18 @@ impl Migrations {
                 path: up_path,
             });
         }
+        let mut repeatables = Vec::with_capacity(repeatable_files.len());
+        for (name, file) in repeatable_files {
+            let config = repeatable_configs.remove(&name);
+            repeatables.push(repeatable(&file, name, config.as_ref(), &display, &refuse)?);
+        }
+        if let Some(config) = undo_configs
+            .into_values()
+            .chain(repeatable_configs.into_values())
+            .next()
+        {
+            return Err(refuse(&config, WITHOUT_SCRIPT.to_owned()));
+        }
         if let Some((version, (file, name))) = undo.into_iter().next() {
             let message = format!(
                 "a Flyway undo script without its migration: there is no `V{version}__<name>.sql` for it to undo\n  hint: add that migration, or remove this file; refinery's unversioned `U` migrations are not supported: to run it as a migration, rename it to `V{version}__{name}.sql`"
@@ -499,7 +533,7 @@ impl Migrations {
         }
         ignored.sort();
         Ok(Self {
-            repeatables: repeatables.into_values().collect(),
+            repeatables,
             list,
             origin,
             prefix_width,
@@ -550,18 +584,42 @@ fn read_dir(dir: &Path) -> std::io::Result<Vec<std::fs::DirEntry>> {
 
 /// The file's text without a byte-order mark, refusing non-UTF-8. An empty file is fine: see
 /// the module documentation for what an empty up or down script means.
+/// What a Flyway script config file is refused for when its script is not in the folder.
+const WITHOUT_SCRIPT: &str = "a Flyway script config file without its script (the same name without `.conf`); add the script or remove this file";
+
+/// Whether a Flyway-layout script runs outside a transaction: as its script config file
+/// (`config`, `V2__x.sql.conf`) says, else as Flyway decides from its statements.
+fn flyway_no_tx(
+    sql: &str,
+    config: Option<&SourceFile<'_>>,
+    refuse: &dyn Fn(&SourceFile<'_>, String) -> MigrateError,
+) -> Result<bool, MigrateError> {
+    let said = match config {
+        Some(file) => script_config(&file.contents).map_err(|m| refuse(file, m))?,
+        None => None,
+    };
+    Ok(match said {
+        Some(in_transaction) => !in_transaction,
+        None => runs_outside_a_transaction(sql),
+    })
+}
+
 /// Flyway's `R__<name>.sql`: the script, with the same checks as a migration's, run outside a
-/// transaction when Flyway would run it so or it starts with the directive.
+/// transaction when its script config file says so, Flyway would run it so, or it starts with
+/// the directive.
 fn repeatable(
     file: &SourceFile<'_>,
     name: String,
+    config: Option<&SourceFile<'_>>,
     display: &dyn Fn(&str) -> String,
+    refuse: &dyn Fn(&SourceFile<'_>, String) -> MigrateError,
 ) -> Result<Repeatable, MigrateError> {
     let path = display(&file.path);
     let sql = script(file, display)?;
     refuse_client_only(&sql, &path, 1)?;
     let checksum = Checksum::of(&sql);
-    let transactional = !(runs_outside_a_transaction(&sql) || has_no_transaction_directive(&sql));
+    let transactional =
+        !(flyway_no_tx(&sql, config, refuse)? || has_no_transaction_directive(&sql));
     let sql = unwrap_transaction(sql, transactional, &path, 1)?;
     Ok(Repeatable {
         name,
@@ -911,6 +969,55 @@ mod tests {
         )])
         .unwrap();
         assert!(native.get(&v(2)).unwrap().transactional);
+    }
+
+    #[test]
+    fn flyway_script_config_files_set_the_transaction_mode_over_flyways_detection() {
+        let m = parse(&[
+            ("V1__t.sql", b"CREATE TABLE t (a int);"),
+            ("V2__backfill.sql", b"UPDATE t SET a = 1;"),
+            ("V2__backfill.sql.conf", b"executeInTransaction=false\n"),
+            ("U2__backfill.sql", b"UPDATE t SET a = NULL;"),
+            ("U2__backfill.sql.conf", b"executeInTransaction=false"),
+            ("V3__index.sql", b"CREATE INDEX CONCURRENTLY t_a ON t (a);"),
+            ("V3__index.sql.conf", b"executeInTransaction=true"),
+            (
+                "R__views.sql",
+                b"CREATE OR REPLACE VIEW v AS SELECT a FROM t;",
+            ),
+            ("R__views.sql.conf", b"executeInTransaction=false"),
+            ("release_2/V4__b.sql", b"CREATE TABLE b (a int);"),
+            ("release_2/V4__b.sql.conf", b"executeInTransaction=false"),
+        ])
+        .unwrap();
+        let modes: Vec<(bool, bool)> = m
+            .iter()
+            .map(|m| (m.transactional, m.down_transactional))
+            .collect();
+        assert_eq!(
+            modes,
+            [(true, true), (false, false), (true, true), (false, true)]
+        );
+        assert!(!m.repeatables()[0].transactional);
+        // What svcdb would not honour is refused, naming the file; so is a config without
+        // its script.
+        for files in [
+            [
+                ("V1__t.sql", &b"SELECT 1;"[..]),
+                ("V1__t.sql.conf", b"shouldExecute=false"),
+            ],
+            [
+                ("V1__t.sql", b"SELECT 1;"),
+                ("V2__gone.sql.conf", b"executeInTransaction=false"),
+            ],
+            [
+                ("V1__t.sql", b"SELECT 1;"),
+                ("U1__t.sql.conf", b"executeInTransaction=false"),
+            ],
+        ] {
+            let path = source_error_path(&files);
+            assert!(path.ends_with(".sql.conf"), "{path}");
+        }
     }
 
     #[test]
