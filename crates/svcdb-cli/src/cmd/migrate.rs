@@ -691,6 +691,15 @@ fn state_name(state: MigrationState) -> &'static str {
     }
 }
 
+/// A repeatable migration's state in the text output, as `--json` spells it.
+fn repeatable_state_name(state: RepeatableState) -> &'static str {
+    match state {
+        RepeatableState::Applied => "applied",
+        RepeatableState::Pending => "pending",
+        RepeatableState::Changed => "changed",
+    }
+}
+
 /// One line on where the schema stands: `schema s at version 3: 2 pending, 1 changed`.
 fn summary(report: &StatusReport) -> String {
     let counts: Vec<String> = [
@@ -714,12 +723,7 @@ fn summary(report: &StatusReport) -> String {
                     .iter()
                     .filter(|r| r.state == state)
                     .count();
-                let state = if state == RepeatableState::Pending {
-                    "pending"
-                } else {
-                    "changed"
-                };
-                (n > 0).then(|| format!("{n} repeatable {state}"))
+                (n > 0).then(|| format!("{n} repeatable {}", repeatable_state_name(state)))
             }),
     )
     .collect();
@@ -756,15 +760,10 @@ fn status_table(report: &StatusReport) -> Table {
         ]);
     }
     for r in &report.repeatables {
-        let state = match r.state {
-            RepeatableState::Applied => "applied",
-            RepeatableState::Pending => "pending",
-            RepeatableState::Changed => "changed",
-        };
         table.add_row([
             "repeatable".to_owned(),
             r.name.clone(),
-            state.to_owned(),
+            repeatable_state_name(r.state).to_owned(),
             r.applied_at.map_or_else(String::new, |t| {
                 t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
             }),

@@ -540,6 +540,20 @@ impl Migrator {
     /// session's own.
     fn session_reset(&self) -> String {
         // One statement, not four: it follows every script of a deploy.
+        format!(
+            "SELECT {}, set_config('role', current_setting('{MIGRATING_AS}'), false);",
+            self.session_setting_calls()
+        )
+    }
+
+    /// The search path and timeouts of [`Self::session_reset`], set when the lock's session
+    /// starts (before the runner works as the schema's owner, whose role the reset restores).
+    fn session_settings(&self) -> String {
+        format!("SELECT {};", self.session_setting_calls())
+    }
+
+    /// `set_config(…)` of the pinned search path and of the lock and statement timeouts.
+    fn session_setting_calls(&self) -> String {
         let path: Vec<String> = self
             .db
             .config()
@@ -547,36 +561,18 @@ impl Migrator {
             .iter()
             .map(|schema| schema.as_str().to_owned())
             .collect();
+        // A statement timeout of 0 is none; a set one is at least 1 ms.
+        let statement_timeout = self
+            .options
+            .statement_timeout
+            .map_or(0, |d| d.as_millis().max(1));
         format!(
-            "SELECT set_config('search_path', '{}', false), set_config('lock_timeout', '{}ms', false), \
-             set_config('statement_timeout', '{}ms', false), \
-             set_config('role', current_setting('{MIGRATING_AS}'), false);",
+            "set_config('search_path', '{}', false), set_config('lock_timeout', '{}ms', false), \
+             set_config('statement_timeout', '{statement_timeout}ms', false)",
             // Identifiers hold only `[a-z0-9_$]`: nothing to escape in the literal.
             path.join(","),
-            self.lock_timeout_ms(),
-            self.statement_timeout_ms()
+            self.options.lock_timeout.as_millis(),
         )
-    }
-
-    /// The timeouts of [`Self::session_reset`], set when the lock's session starts (before the
-    /// runner works as the schema's owner, whose role the reset restores).
-    fn session_settings(&self) -> String {
-        format!(
-            "SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms';",
-            self.lock_timeout_ms(),
-            self.statement_timeout_ms()
-        )
-    }
-
-    fn lock_timeout_ms(&self) -> u128 {
-        self.options.lock_timeout.as_millis()
-    }
-
-    /// 0 (none) when unset; at least 1 ms when set, as 0 would mean none.
-    fn statement_timeout_ms(&self) -> u128 {
-        self.options
-            .statement_timeout
-            .map_or(0, |d| d.as_millis().max(1))
     }
 
     /// Reverts what `options` selects (under the caller's lock).
