@@ -321,6 +321,14 @@ fn failed_message(f: &MigrationFailure) -> String {
         s.push_str(&format!(
             "\n  the migration is not transactional: {done} of its statements ran before the failing one, so the schema is marked dirty"
         ));
+    } else if *statements_done == Some(0) {
+        s.push_str(&format!(
+            "\n  the migration is not transactional, but its first statement failed: it changed nothing and stays {}",
+            match direction {
+                super::Direction::Up => "pending",
+                super::Direction::Down => "applied",
+            }
+        ));
     }
     if *rolled_back {
         s.push_str("\n  everything this command did was rolled back; the schema is as it was");

@@ -77,7 +77,10 @@
 //!   migration's history row is marked dirty while it runs. While its runner holds the lock
 //!   it is *in progress* ([`MigrationState::InProgress`]): other runners' `up` waits for the
 //!   lock and then finds it done, and the start-up gate stays ready. If it fails part-way, the
-//!   schema is *dirty*: every run refuses until `repair`. After such a failure, and in
+//!   schema is *dirty*: every run refuses until `repair`. If its first statement fails and
+//!   leaves no invalid index, it changed nothing: the mark is taken back (the migration stays
+//!   pending, or applied for a down) and the deploy is undone as after a transactional
+//!   failure. After a failure that leaves the schema dirty, and in
 //!   `repair`, every invalid index of the schema (what a failed `CREATE INDEX CONCURRENTLY`
 //!   leaves, and `IF NOT EXISTS` would accept) is named with the statement that drops it.
 //! * **Scripts** must not control the transaction: the runner owns it (a `COMMIT` in a script

@@ -721,7 +721,8 @@ impl Migrator {
                 )) => (i, cause, statements_done, lock_retries),
             };
             let m = segment[i];
-            let dirty = !transactional(m, direction);
+            let dirty = !transactional(m, direction)
+                && !(statements_done == Some(0) && self.unmark_untouched(conn, m, direction).await);
             flush(conn).await;
             // Undo this deploy's ups unless the failing step left the schema in an unknown
             // state: running downs over a half-applied step would only make the mess bigger.
@@ -824,7 +825,7 @@ impl Migrator {
     /// One non-transactional script with its bookkeeping: the row is marked dirty first, the
     /// statements run one by one (a multi-statement message would be one implicit
     /// transaction), then the mark is cleared (up) or the row deleted (down); a failure in
-    /// between leaves the dirty mark. A statement that hits `lock_timeout` changed nothing
+    /// between leaves the dirty mark (taken back by [`Self::unmark_untouched`] when nothing ran). A statement that hits `lock_timeout` changed nothing
     /// and runs again, at most [`MigrateOptions::lock_retries`] times, unless the schema now
     /// holds an invalid index (see the option).
     async fn step(
@@ -870,6 +871,27 @@ impl Migrator {
             Direction::Down => history::delete(&*conn, schema, &[&m.version]).await?,
         }
         Ok(finished(m, direction, start, observer))
+    }
+
+    /// After non-transactional `m` failed at its first statement: PostgreSQL ran that statement
+    /// on its own, so it changed nothing, unless it was one of those that commit part-way
+    /// (`CREATE INDEX CONCURRENTLY` and its kin, which leave an invalid index behind). When the
+    /// schema holds no invalid index the dirty mark is taken back, as if `m` had not been
+    /// started: an up's row is deleted, a down's row is applied again. True when it was; on
+    /// any doubt (an invalid index, a query that failed) the mark stays.
+    async fn unmark_untouched(&self, conn: &Client, m: &Migration, direction: Direction) -> bool {
+        let schema = self.db.schema();
+        if !invalid_indexes(conn, schema)
+            .await
+            .is_ok_and(|found| found.is_empty())
+        {
+            return false;
+        }
+        let unmarked = match direction {
+            Direction::Up => history::delete(conn, schema, &[&m.version]).await,
+            Direction::Down => history::set_dirty(conn, schema, &m.version, false, None).await,
+        };
+        unmarked.is_ok()
     }
 
     /// Reports retry `attempt` after a lock timeout and waits before it: the backoff doubled

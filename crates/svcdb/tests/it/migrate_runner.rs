@@ -607,6 +607,64 @@ async fn undoing_stops_at_a_migration_without_a_down_and_says_so() {
 }
 
 #[tokio::test]
+async fn a_non_transactional_migration_failing_at_its_first_statement_is_not_dirty() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            ("0001_a.up.sql", "CREATE TABLE a (id int);"),
+            ("0001_a.down.sql", "DROP TABLE a;"),
+            (
+                "0002_idx.up.sql",
+                "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY a_x ON missing (x);\nCREATE TABLE never (id int);\n",
+            ),
+            ("0002_idx.down.sql", "-- svcdb:no-transaction\nDROP INDEX CONCURRENTLY a_x;\n"),
+        ],
+    );
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    assert_eq!(err.code(), Some(&svcdb::SqlState::UNDEFINED_TABLE), "{err}");
+    let f = failure(&err);
+    assert_eq!(
+        (f.version.number(), f.dirty, f.statements_done),
+        (2, false, Some(0)),
+        "{err}"
+    );
+    // Nothing of it ran, so the deploy is undone as after a transactional failure.
+    assert_eq!(f.undone, [v(1)], "{err}");
+    assert!(f.applied.is_empty(), "{err}");
+    let status = migrator(&svc, dir.path()).status().await.unwrap();
+    assert_eq!((status.dirty, status.current_version), (None, None));
+
+    // Fixed, it applies; its down failing at its first statement leaves it applied, not dirty.
+    write(
+        dir.path(),
+        &[
+            (
+                "0002_idx.up.sql",
+                "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY a_x ON a (id);\n",
+            ),
+            (
+                "0002_idx.down.sql",
+                "-- svcdb:no-transaction\nDROP INDEX CONCURRENTLY a_y;\n",
+            ),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up().await.unwrap();
+    let err = m.down(&DownOptions::default()).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&svcdb::SqlState::UNDEFINED_OBJECT),
+        "{err}"
+    );
+    let f = failure(&err);
+    assert_eq!((f.dirty, f.statements_done), (false, Some(0)), "{err}");
+    let status = m.status().await.unwrap();
+    assert_eq!((status.dirty, status.current_version), (None, Some(v(2))));
+    assert_eq!(history(&svc).await, [1, 2]);
+}
+
+#[tokio::test]
 async fn non_transactional_failure_marks_dirty_until_repair() {
     let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(
