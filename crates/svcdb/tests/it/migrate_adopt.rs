@@ -342,7 +342,10 @@ async fn dbmate_schema_is_adopted_and_a_missing_file_is_refused() {
     // The control: with the file back, it is adopted.
     write(
         dir.path(),
-        &[("20240102000000_b.sql", "-- migrate:up\nSELECT 1;\n")],
+        &[(
+            "20240102000000_b.sql",
+            "-- migrate:up\nSELECT 1;\n-- migrate:down\n",
+        )],
     );
     adopt_then_up_to_date(
         &svc,

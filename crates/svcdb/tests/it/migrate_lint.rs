@@ -114,7 +114,7 @@ fn concurrently_is_flagged_only_in_a_transactional_migration() {
         )],
         vec![(
             "1_i.sql",
-            format!("-- migrate:up transaction:false\n{index}"),
+            format!("-- migrate:up transaction:false\n{index}-- migrate:down\n"),
         )],
         vec![
             ("1_i/up.sql", index.to_owned()),

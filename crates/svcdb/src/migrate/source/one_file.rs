@@ -30,9 +30,11 @@ enum Marker {
     Statement,
 }
 
-/// The marker on `line`, if it is one; an error for an annotation we do not know.
+/// The marker on `line`, if it is one; an error for an annotation we do not know. Only at the
+/// start of a line, as goose (`strings.HasPrefix(line, "--")`) and dbmate (`(?m)^--\s*migrate:up`)
+/// read them: an indented one is a comment to both.
 fn marker(line: &str) -> Result<Option<Marker>, String> {
-    let Some(comment) = line.trim().strip_prefix("--") else {
+    let Some(comment) = line.trim_end().strip_prefix("--") else {
         return Ok(None);
     };
     let comment = comment.trim_start();
@@ -174,6 +176,18 @@ pub(super) fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
             up.line
         ));
     }
+    if markers == Some(Tool::Dbmate) && down.is_none() {
+        // dbmate refuses such a file ("dbmate requires each migration to define a down block
+        // with '-- migrate:down'"); an indented marker is the usual cause.
+        let indented = text
+            .lines()
+            .position(|l| l.starts_with(char::is_whitespace) && matches!(marker(l.trim_start()), Ok(Some(Marker::Down { .. }))))
+            .map(|i| format!(" (line {} has one, indented: dbmate, like svcdb, reads a marker only at the start of a line)", i + 1))
+            .unwrap_or_default();
+        return Err(format!(
+            "has `-- migrate:up` but no `-- migrate:down` line{indented}; dbmate requires both\n  hint: add `-- migrate:down` at the start of a line after the up SQL, followed by the SQL that undoes it (left empty, the migration cannot be reverted)"
+        ));
+    }
     let up_sql = &text[up.after..down.as_ref().map_or(text.len(), |d| d.at)];
     Ok(Sections {
         up: up_sql,
@@ -275,6 +289,25 @@ mod tests {
         assert_eq!(index.up_line, 2);
     }
 
+    /// goose and dbmate read a marker only at the start of a line: indented, it is a comment.
+    #[test]
+    fn indented_markers_are_comments() {
+        let text = "-- migrate:up\nCREATE TABLE q (id int);\n    -- migrate:down\nCREATE TABLE q2 (id int);\n\n-- migrate:down\nDROP TABLE q2;\nDROP TABLE q;\n";
+        let m = parse(&[("20240103000000_q.sql", text.as_bytes())]).unwrap();
+        let q = m.get(&v(20240103000000)).unwrap();
+        assert_eq!(
+            q.up,
+            "CREATE TABLE q (id int);\n    -- migrate:down\nCREATE TABLE q2 (id int);\n\n"
+        );
+        assert_eq!(q.down.as_deref(), Some("DROP TABLE q2;\nDROP TABLE q;\n"));
+        let goose =
+            "-- +goose Up\nCREATE TABLE g (id int);\n  -- +goose Down\nCREATE TABLE g2 (id int);\n";
+        let m = parse(&[("2_g.sql", goose.as_bytes())]).unwrap();
+        let g = m.get(&v(2)).unwrap();
+        assert_eq!(g.down, None, "{:?}", g.up);
+        assert!(g.up.contains("g2"), "{:?}", g.up);
+    }
+
     #[test]
     fn misplaced_or_unknown_markers() {
         for (why, text) in [
@@ -298,6 +331,11 @@ mod tests {
             (
                 "an unknown dbmate option",
                 "-- migrate:up transaction:maybe\nSELECT 1;\n",
+            ),
+            ("dbmate without a down marker", "-- migrate:up\nSELECT 1;\n"),
+            (
+                "dbmate with its down marker indented",
+                "-- migrate:up\nALTER TABLE a\n  ADD UNIQUE (b)\n  -- migrate:down\n  DROP CONSTRAINT a_b_key;\n",
             ),
         ] {
             match parse(&[("1_a.sql", text.as_bytes())]) {
