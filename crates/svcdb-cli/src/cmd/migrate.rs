@@ -449,6 +449,11 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
         let mut summary = summary(r);
         if refusal.is_none() && r.in_progress.is_some() {
             summary.push_str("; another runner holds the schema's migration lock, and `svcdb migrate up` waits for it");
+        } else if let (None, Some(other)) = (&refusal, r.other_histories.first()) {
+            summary.push_str(&format!(
+                "; the schema holds {}'s history ({}): take it over with `svcdb migrate adopt --from {}`, or run `svcdb migrate up` if that history is not this schema's",
+                other.tool, other.table, other.tool
+            ));
         } else if refusal.is_none()
             && (r.pending().next().is_some() || r.stale_repeatables().next().is_some())
         {
@@ -551,8 +556,9 @@ async fn adopt(global: &Global, args: AdoptArgs) -> Result<Outcome> {
             )
             .collect();
         let counts = format!(
-            "{} to record, {} already recorded, {} pending",
+            "{} {}, {} already recorded, {} pending",
             count(r.recorded.len()),
+            if r.dry_run { "to record" } else { "recorded" },
             r.already_recorded.len(),
             r.pending.len()
         );

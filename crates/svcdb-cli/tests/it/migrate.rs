@@ -593,6 +593,37 @@ async fn status_on_a_schema_that_does_not_exist_exits_1() {
         .expect_code(0);
 }
 
+/// Found by trying a real dbmate project: on a schema another tool migrated, `status` said
+/// "3 pending; run `svcdb migrate up`", and `up` then failed on the first table. Both now
+/// name the other tool's history and the `adopt` command, which then works.
+#[tokio::test]
+async fn status_and_up_point_at_adopt_on_a_schema_another_tool_migrated() {
+    let p = Project::new().await;
+    p.write(THREE);
+    p.db.admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE {s}.goose_db_version (id serial PRIMARY KEY, version_id bigint NOT NULL,
+                 is_applied boolean NOT NULL, tstamp timestamp DEFAULT now());
+             INSERT INTO {s}.goose_db_version (version_id, is_applied) VALUES (0, true), (1, true);
+             CREATE TABLE {s}.items (id int PRIMARY KEY);",
+            s = p.schema
+        ))
+        .await
+        .unwrap();
+    let adopt = "svcdb migrate adopt --from goose";
+    let out = p.run(&["migrate", "status"]).expect_code(2);
+    assert!(out.stdout.contains(adopt), "{out}");
+    let out = p.run(&["migrate", "up"]).expect_code(1);
+    assert!(out.stderr.contains(adopt), "{out}");
+    p.run(&["migrate", "adopt", "--from", "goose"])
+        .expect_code(0);
+    let out = p.run(&["migrate", "status"]).expect_code(2);
+    assert!(!out.stdout.contains(adopt), "{out}");
+    p.run(&["migrate", "up"]).expect_code(0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_migration_is_in_progress_not_dirty() {
     let p = Project::new().await;

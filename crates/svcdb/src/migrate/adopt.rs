@@ -572,6 +572,65 @@ impl Migrator {
     }
 }
 
+/// Another tool's history table, found where [`Migrator::adopt`] looks for it (the service
+/// schema, then `public`): reported when svcdb has applied nothing, since `up` would then run
+/// every migration again over what that tool made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OtherHistory {
+    /// The tool whose table it is, by its name and columns.
+    pub tool: Tool,
+    /// The table, `schema.table`.
+    pub table: String,
+}
+
+/// The schemas a tool's table is looked for in: the service schema, then `public`.
+fn searched_schemas(service: &str) -> Vec<String> {
+    let mut schemas = vec![service.to_owned()];
+    if service != "public" {
+        schemas.push("public".to_owned());
+    }
+    schemas
+}
+
+/// Every other tool's history table in `service` and `public`, each with the tool its name and
+/// columns say (golang-migrate's `schema_migrations` has `dirty`, dbmate's does not).
+pub(crate) async fn other_histories(
+    client: &tokio_postgres::Client,
+    service: &crate::Ident,
+) -> Result<Vec<OtherHistory>, tokio_postgres::Error> {
+    let names: Vec<&str> = Tool::ALL.iter().map(|t| t.history_table()).collect();
+    let rows = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname), c.relname::text,
+                    array_agg(a.attname::text ORDER BY a.attnum)
+               FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+              WHERE c.relname = ANY($1) AND n.nspname = ANY($2) AND c.relkind IN ('r', 'p')
+              GROUP BY n.nspname, c.relname
+              ORDER BY array_position($2, n.nspname::text), c.relname",
+            &[&names, &searched_schemas(service.as_str())],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let (table, name, columns): (String, String, Vec<String>) =
+                (row.get(0), row.get(1), row.get(2));
+            Tool::ALL
+                .into_iter()
+                .find(|tool| {
+                    tool.history_table() == name
+                        && tool
+                            .columns()
+                            .iter()
+                            .all(|c| columns.iter().any(|have| have == c))
+                })
+                .map(|tool| OtherHistory { tool, table })
+        })
+        .collect())
+}
+
 /// The tool's table, quoted (`"public"."_sqlx_migrations"`), or where it was looked for.
 async fn find_table(
     client: &tokio_postgres::Client,
@@ -582,10 +641,10 @@ async fn find_table(
     let (schemas, table) = match options.history_table.as_deref() {
         Some(named) => match named.split_once('.') {
             Some((schema, table)) => (vec![schema.to_owned()], table.to_owned()),
-            None => (vec![service, "public".to_owned()], named.to_owned()),
+            None => (searched_schemas(&service), named.to_owned()),
         },
         None => (
-            vec![service, "public".to_owned()],
+            searched_schemas(&service),
             options.from.history_table().to_owned(),
         ),
     };

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use super::adopt::OtherHistory;
 use super::report::InvalidIndex;
 use super::version::Version;
 use crate::error::{pg_message, SqlState};
@@ -225,6 +226,29 @@ pub struct MigrationFailure {
     /// silently accept), with the statement that drops it. Empty when the deploy ran in one
     /// transaction, or when the schema could not be asked.
     pub invalid_indexes: Vec<InvalidIndex>,
+    /// When svcdb had applied nothing and the failing statement found its object already
+    /// there: the other tools' history tables of the schema (and `public`), whose history
+    /// [`Migrator::adopt`](super::Migrator::adopt) takes over instead of running their
+    /// migrations again. Empty otherwise.
+    pub other_histories: Vec<OtherHistory>,
+}
+
+impl MigrationFailure {
+    /// The failing statement found its object already there (a table, column, index, schema,
+    /// function, constraint…), SQLSTATE 42P07, 42701, 42710, 42P06, 42723 or 42712.
+    pub fn is_already_there(&self) -> bool {
+        self.cause.code().is_some_and(|code| {
+            [
+                SqlState::DUPLICATE_TABLE,
+                SqlState::DUPLICATE_COLUMN,
+                SqlState::DUPLICATE_OBJECT,
+                SqlState::DUPLICATE_SCHEMA,
+                SqlState::DUPLICATE_FUNCTION,
+                SqlState::DUPLICATE_ALIAS,
+            ]
+            .contains(code)
+        })
+    }
 }
 
 impl MigrateError {
@@ -297,6 +321,7 @@ fn failed_message(f: &MigrationFailure) -> String {
         dirty,
         statements_done,
         invalid_indexes,
+        other_histories,
     } = f;
     let list = |v: &[Version]| {
         v.iter()
@@ -364,6 +389,14 @@ fn failed_message(f: &MigrationFailure) -> String {
         s.push_str("drop the invalid indexes, then ");
     }
     let outside_a_transaction = format!("this statement cannot run inside a transaction: make the migration non-transactional ({}), then run again", super::migration::NO_TRANSACTION_HOW);
+    if let (false, Some(other)) = (*dirty, other_histories.first()) {
+        // Instead of the generic advice: the migration is fine, running it again is not.
+        s.push_str(&format!(
+            "the schema holds {}'s history ({}) and svcdb has recorded nothing: take it over with `svcdb migrate adopt --from {}` (Migrator::adopt) instead of running its migrations again",
+            other.tool, other.table, other.tool
+        ));
+        return s;
+    }
     s.push_str(if *dirty {
         "undo (or finish) those statements by hand, fix the migration, run `svcdb migrate repair`, then run again"
     } else if lock_timeout {

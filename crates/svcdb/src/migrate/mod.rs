@@ -147,7 +147,7 @@ mod status;
 mod template;
 pub mod version;
 
-pub use adopt::{AdoptError, AdoptOptions, AdoptProblem, AdoptReport, Tool};
+pub use adopt::{AdoptError, AdoptOptions, AdoptProblem, AdoptReport, OtherHistory, Tool};
 pub use error::{MigrateError, MigrationFailure};
 pub use event::{Direction, MigrateEvent};
 pub use lint::{lint, lint_with_repeatables, Finding, LintReport, Rule, Severity};

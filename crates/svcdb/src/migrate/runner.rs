@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
+use super::adopt;
 use super::error::{MigrateError, MigrationFailure};
 use super::event::{Direction, MigrateEvent};
 use super::history::{self, History};
@@ -131,10 +132,14 @@ impl Migrator {
             self.recorded_repeatables(client(&conn))
         );
         let (history, recorded) = (history?, recorded?);
-        Ok(
-            StatusReport::build(self.db.schema().as_str(), &self.migrations, &history)
-                .with_repeatables(&self.migrations, &recorded),
-        )
+        let mut report = StatusReport::build(self.db.schema().as_str(), &self.migrations, &history)
+            .with_repeatables(&self.migrations, &recorded);
+        if history.rows.is_empty() {
+            // One more query, only while svcdb has applied nothing.
+            report.other_histories =
+                adopt::other_histories(client(&conn), self.db.schema()).await?;
+        }
+        Ok(report)
     }
 
     /// The recorded repeatable migrations; no query when the source has none.
@@ -248,9 +253,21 @@ impl Migrator {
                 &StatusReport::build(&self.schema(), &self.migrations, &history),
                 options.to.as_ref(),
             )?;
-            let done = self
+            let done = match self
                 .run(&mut lock, &plan, Direction::Up, history.exists, observer)
-                .await?;
+                .await
+            {
+                Err(MigrateError::Failed(mut f))
+                    if history.rows.is_empty() && f.is_already_there() =>
+                {
+                    // Best effort: the failure is the news.
+                    f.other_histories = adopt::other_histories(&lock, self.db.schema())
+                        .await
+                        .unwrap_or_default();
+                    return Err(MigrateError::Failed(f));
+                }
+                done => done?,
+            };
             let repeated = self
                 .run_repeatables(&lock, options, &done, observer)
                 .await?;
@@ -721,8 +738,11 @@ impl Migrator {
                 )) => (i, cause, statements_done, lock_retries),
             };
             let m = segment[i];
-            let dirty = !transactional(m, direction)
-                && !(statements_done == Some(0) && self.unmark_untouched(conn, m, direction).await);
+            // A non-transactional script that changed nothing is not left dirty.
+            let untouched = || async {
+                statements_done == Some(0) && self.unmark_untouched(conn, m, direction).await
+            };
+            let dirty = !transactional(m, direction) && !untouched().await;
             flush(conn).await;
             // Undo this deploy's ups unless the failing step left the schema in an unknown
             // state: running downs over a half-applied step would only make the mess bigger.
@@ -1149,6 +1169,7 @@ fn failure(
         dirty: false,
         statements_done,
         invalid_indexes: Vec::new(),
+        other_histories: Vec::new(),
     }
 }
 

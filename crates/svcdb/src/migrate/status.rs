@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::adopt::OtherHistory;
 use super::error::MigrateError;
 use super::history::History;
 use super::migration::Migration;
@@ -81,6 +82,10 @@ pub struct StatusReport {
     /// Flyway's repeatable migrations of the source, by name (empty in the start-up gate's
     /// report: a changed view or function does not make a replica unready).
     pub repeatables: Vec<RepeatableEntry>,
+    /// While svcdb has applied nothing: the other tools' history tables of the schema (and
+    /// `public`), whose history `svcdb migrate adopt` takes over (`up` would run their
+    /// migrations again). Empty otherwise, and in the start-up gate's report.
+    pub other_histories: Vec<OtherHistory>,
 }
 
 impl StatusReport {
@@ -143,6 +148,7 @@ impl StatusReport {
                 .map(|r| r.version.clone()),
             entries,
             repeatables: Vec::new(),
+            other_histories: Vec::new(),
         }
     }
 

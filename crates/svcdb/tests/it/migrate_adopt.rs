@@ -692,3 +692,71 @@ async fn sqlx_checksums_of_a_crlf_checkout_match_the_lf_file() {
     )
     .await;
 }
+
+/// Before svcdb records anything, `status` names another tool's history table, and an `up`
+/// that fails on what that tool made says to adopt it; golang-migrate's `schema_migrations`
+/// (with `dirty`) is told from dbmate's.
+#[tokio::test]
+async fn another_tools_history_is_named_until_svcdb_records_something() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("1_a.up.sql", "CREATE TABLE a (id int);"),
+            ("1_a.down.sql", "DROP TABLE a;"),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    // The control: no other tool's table, nothing named.
+    assert_eq!(m.status().await.unwrap().other_histories, []);
+
+    sql(
+        &svc,
+        "CREATE TABLE shop.schema_migrations (version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL);
+         INSERT INTO shop.schema_migrations VALUES (1, false);
+         CREATE TABLE shop.a (id int);",
+    )
+    .await;
+    let named = |others: &[svcdb::migrate::OtherHistory]| {
+        others
+            .iter()
+            .map(|o| (o.tool, o.table.clone()))
+            .collect::<Vec<_>>()
+    };
+    let expected = [(Tool::GolangMigrate, "shop.schema_migrations".to_owned())];
+    assert_eq!(named(&m.status().await.unwrap().other_histories), expected);
+    let err = m.up().await.unwrap_err();
+    assert_eq!(err.code(), Some(&svcdb::SqlState::DUPLICATE_TABLE), "{err}");
+    let svcdb::migrate::MigrateError::Failed(f) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(f.is_already_there());
+    assert_eq!(named(&f.other_histories), expected, "{err}");
+
+    // Adopted, svcdb has a history of its own: nothing is named any more.
+    m.adopt(&AdoptOptions::from(Tool::GolangMigrate))
+        .await
+        .unwrap();
+    assert_eq!(m.status().await.unwrap().other_histories, []);
+
+    // Without `dirty`, the same table name is dbmate's.
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    sql(
+        &svc,
+        "CREATE TABLE shop.schema_migrations (version varchar(128) primary key);",
+    )
+    .await;
+    assert_eq!(
+        named(
+            &migrator(&svc, dir.path())
+                .status()
+                .await
+                .unwrap()
+                .other_histories
+        ),
+        [(Tool::Dbmate, "shop.schema_migrations".to_owned())]
+    );
+}
