@@ -191,6 +191,23 @@ fn foreign_keys_and_checks_need_not_valid() {
     ]);
 }
 
+/// Found on conductor's Flyway folder: `ADD PRIMARY KEY` on a live table builds its index
+/// under the table's `ACCESS EXCLUSIVE` lock.
+#[test]
+fn primary_keys_and_unique_constraints_need_an_index_built_first() {
+    for sql in [
+        "ALTER TABLE users ADD PRIMARY KEY (id);",
+        "ALTER TABLE users ADD CONSTRAINT users_email_key UNIQUE (email);",
+    ] {
+        assert_eq!(rules(sql), [Rule::UniqueWithoutIndex], "{sql}");
+    }
+    assert_all_fine(&[
+        "ALTER TABLE users ADD CONSTRAINT users_email_key UNIQUE USING INDEX users_email_key;",
+        "ALTER TABLE users ADD CONSTRAINT users_pkey PRIMARY KEY USING INDEX users_pkey;",
+        "CREATE TABLE t (id int); ALTER TABLE t ADD PRIMARY KEY (id);",
+    ]);
+}
+
 #[test]
 fn set_not_null_needs_a_validated_check_first() {
     assert_eq!(

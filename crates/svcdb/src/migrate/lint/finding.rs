@@ -55,6 +55,10 @@ pub enum Rule {
     /// `ADD CONSTRAINT … FOREIGN KEY` or `CHECK` without `NOT VALID`: every row is checked while
     /// writes (for a foreign key, to both tables) are blocked.
     ConstraintWithoutNotValid,
+    /// `ADD PRIMARY KEY` or `ADD UNIQUE` without `USING INDEX` on a table that existed before
+    /// the deploy: its index is built while reads and writes wait for the `ACCESS EXCLUSIVE`
+    /// lock.
+    UniqueWithoutIndex,
     /// `SET NOT NULL` without a validated `CHECK (col IS NOT NULL)` earlier in the deploy: the
     /// whole table is scanned under an `ACCESS EXCLUSIVE` lock.
     SetNotNullWithoutCheck,
@@ -91,6 +95,7 @@ impl Rule {
         Rule::AddColumnVolatileDefault,
         Rule::AlterColumnType,
         Rule::ConstraintWithoutNotValid,
+        Rule::UniqueWithoutIndex,
         Rule::SetNotNullWithoutCheck,
         Rule::RenameColumn,
         Rule::RenameTable,
@@ -115,6 +120,7 @@ impl Rule {
             Rule::AddColumnVolatileDefault => "add-column-volatile-default",
             Rule::AlterColumnType => "alter-column-type",
             Rule::ConstraintWithoutNotValid => "constraint-without-not-valid",
+            Rule::UniqueWithoutIndex => "unique-without-index",
             Rule::SetNotNullWithoutCheck => "set-not-null-without-check",
             Rule::RenameColumn => "rename-column",
             Rule::RenameTable => "rename-table",

@@ -580,6 +580,38 @@ impl Deploy {
     ) {
         let check = c.contype == ConstrType::ConstrCheck as i32;
         let foreign = c.contype == ConstrType::ConstrForeign as i32;
+        let primary = c.contype == ConstrType::ConstrPrimary as i32;
+        let unique = c.contype == ConstrType::ConstrUnique as i32;
+        if !new && (primary || unique) && c.indexname.is_empty() {
+            let (kind, index_kind) = if primary {
+                ("PRIMARY KEY", "a primary key")
+            } else {
+                ("UNIQUE", "a unique constraint")
+            };
+            let columns: Vec<&str> = c
+                .keys
+                .iter()
+                .filter_map(|k| match &k.node {
+                    Some(NodeEnum::String(name)) => Some(name.sval.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let name = if c.conname.is_empty() {
+                "<name>"
+            } else {
+                c.conname.as_str()
+            };
+            out.push(s.finding(
+                at,
+                Rule::UniqueWithoutIndex,
+                format!("adding {index_kind} to {table} builds its index while every read and write of {table} waits"),
+                format!(
+                    "build the index first without blocking, in a non-transactional migration: CREATE UNIQUE INDEX CONCURRENTLY {name} ON {table} ({}); then ALTER TABLE {table} ADD CONSTRAINT {name} {kind} USING INDEX {name}{}",
+                    columns.join(", "),
+                    if primary { " (a primary key also makes its columns NOT NULL: see set-not-null-without-check)" } else { "" }
+                ),
+            ));
+        }
         let not_null = if check { not_null_test(c) } else { None };
         self.added
             .entry(table.to_owned())
