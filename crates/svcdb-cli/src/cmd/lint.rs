@@ -34,7 +34,20 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
         }
         report
     } else {
-        let migrator = Migrator::new(global.connect().await?, migrations);
+        // Lint runs nothing, so it creates no schema; a schema that does not exist yet has
+        // every migration pending.
+        let mut config = global.config()?;
+        config.create_schema = false;
+        let db = match svcdb::ServiceDb::connect(config).await {
+            Err(e) if e.is_schema_missing() => {
+                return finish(
+                    global,
+                    lint_with_repeatables(migrations.iter(), migrations.repeatables()),
+                )
+            }
+            connected => connected?,
+        };
+        let migrator = Migrator::new(db, migrations);
         let status = migrator.status().await?;
         let pending = status
             .pending()
@@ -51,6 +64,11 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
             .filter(|r| stale.contains(&r.name.as_str()));
         lint_with_repeatables(pending, repeatables)
     };
+    finish(global, report)
+}
+
+/// Prints `report`; the outcome is "not ready" when a finding would stop `migrate up`.
+fn finish(global: &Global, report: LintReport) -> Result<Outcome> {
     output::report(global.json, &report, render)?;
     Ok(if report.blocking().next().is_some() {
         Outcome::NotReady

@@ -135,6 +135,36 @@ async fn lint_checks_the_pending_migrations_as_up_will_run_them() {
     assert_eq!(report["migrations"], 1, "the applied 0001 is not linted");
 }
 
+/// Found trying a real dbmate folder on a fresh database: lint, which runs nothing, failed on
+/// the schema `up` had not created yet, and with SVCDB_CREATE_SCHEMA=true created it. Now it
+/// lints every migration as pending and leaves the database alone.
+#[tokio::test]
+async fn lint_before_the_schema_exists_lints_everything_and_creates_nothing() {
+    let p = Project::new().await;
+    p.write(&[ITEMS, INDEX]);
+    for create in ["false", "true"] {
+        let report = p
+            .run_with_env(
+                &["migrate", "lint", "--json"],
+                &[("SVCDB_CREATE_SCHEMA", create)],
+            )
+            .expect_code(0)
+            .json();
+        assert_eq!(report["migrations"], 2, "SVCDB_CREATE_SCHEMA={create}");
+        let schema_exists: bool =
+            p.db.admin()
+                .await
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                    &[&p.schema],
+                )
+                .await
+                .unwrap()
+                .get(0);
+        assert!(!schema_exists, "SVCDB_CREATE_SCHEMA={create}");
+    }
+}
+
 #[tokio::test]
 async fn up_refuses_an_unsafe_migration_unless_allow_unsafe() {
     let p = Project::new().await;
