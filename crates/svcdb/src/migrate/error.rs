@@ -401,6 +401,15 @@ fn failed_message(f: &MigrationFailure) -> String {
         "undo (or finish) those statements by hand, fix the migration, run `svcdb migrate repair`, then run again"
     } else if lock_timeout {
         "another session held a lock on the migration's table for longer than lock_timeout: find it in pg_stat_activity (a long or idle-in-transaction session), then run again when it is gone; or allow more with `--lock-retries`/`--lock-timeout` (MigrateOptions::lock_retries, lock_timeout), which queues the table's other queries behind the migration for that long"
+    } else if cause.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+        // Found on a real dbmate folder whose first migration is `CREATE SCHEMA IF NOT
+        // EXISTS`: after `svcdb provision`, the runner works as the schema's owner, which
+        // may not create schemas.
+        "migrations run as the schema's owner (svcdb switches to it with SET ROLE when connected as another role, and says so before the run), and that role lacks this privilege: a statement that needs more than the service schema (CREATE SCHEMA, CREATE EXTENSION, grants on other schemas) belongs in the one-time set-up an administrator runs (`svcdb provision` creates the schema), or grant the privilege to the owner; then run again"
+    } else if cause.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) {
+        // PostgreSQL's own hint says CASCADE; for a down script dropping the service schema
+        // (a dbmate folder's first migration), that would take svcdb's history table with it.
+        "other objects depend on what this statement drops, and CASCADE would drop them too (for the service schema itself, svcdb's history table with them, which `svcdb provision` and the schema's owner keep): drop the dependents by name first, or leave the schema out of the migration; then run again"
     } else if cause.code() == Some(&SqlState::ACTIVE_SQL_TRANSACTION) {
         // CREATE INDEX CONCURRENTLY, VACUUM, ALTER TYPE … ADD VALUE (before PostgreSQL 12): the
         // migration itself is fine, it only needs to run outside a transaction.
