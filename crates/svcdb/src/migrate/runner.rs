@@ -890,7 +890,8 @@ impl Migrator {
             }
             Direction::Down => history::delete(&*conn, schema, &[&m.version]).await?,
         }
-        Ok(finished(m, direction, start, observer))
+        // The duration recorded in the history, so that `status` and the progress line agree.
+        Ok(finished(m, direction, took, observer))
     }
 
     /// After non-transactional `m` failed at its first statement: PostgreSQL ran that statement
@@ -1040,7 +1041,7 @@ async fn try_group(
             None => sent.as_mut().await,
         };
         result.map_err(|cause| (i, StepError::script(cause, None)))?;
-        done.push(finished(group[i], direction, start, observer));
+        done.push(finished(group[i], direction, start.elapsed(), observer));
         if let Some(next) = group.get(i + 1) {
             start = started(next, direction, observer);
         }
@@ -1118,13 +1119,14 @@ fn started(
     Instant::now()
 }
 
+/// Reports `m` finished, `took` after it started (the duration its history row records).
 fn finished(
     m: &Migration,
     direction: Direction,
-    start: Instant,
+    took: Duration,
     observer: &mut (dyn FnMut(&MigrateEvent) + Send),
 ) -> RunEntry {
-    let duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    let duration_ms = took.as_secs_f64() * 1e3;
     observer(&MigrateEvent::Finished {
         version: m.version.clone(),
         name: m.name.clone(),
