@@ -96,6 +96,12 @@ pub struct EventsArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=600))]
     paced_seconds: u32,
 
+    /// Windows each path's paced seconds are split into, the two paths taking turns (each
+    /// first in every other round) under one unbroken paced load, so that a stall of the
+    /// machine is as likely to land on either; the percentiles pool each path's windows.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=60))]
+    latency_rounds: u32,
+
     /// The broker: `amqp://user:password@host:port/vhost`.
     #[arg(
         long,
@@ -174,10 +180,13 @@ struct Concurrent {
     /// Paced events per second and seconds, for both latency measurements.
     paced_rate: u32,
     paced_seconds: u32,
-    /// From the producer's commit to the end of the handler's write.
+    /// From the producer's commit to the end of the handler's write, all windows pooled.
     svcdb_latency: report::LatencySummary,
-    /// From the raw publish to the end of the raw handler's write.
+    /// From the raw publish to the end of the raw handler's write, all windows pooled.
     raw_latency: report::LatencySummary,
+    /// Each window's p99, in milliseconds, in the order the windows ran.
+    svcdb_latency_p99_rounds: Vec<f64>,
+    raw_latency_p99_rounds: Vec<f64>,
 }
 
 /// Events per second.
@@ -664,13 +673,6 @@ async fn measure_concurrent(
     names: &Names,
 ) -> Result<Concurrent> {
     let n = u64::from(args.events);
-    // The paced load runs one second longer than measured: in its first second the pool grows
-    // from its idle size to its working size (each new connection a server process to start),
-    // and events queue behind that (a 30-200 ms tail in some runs); a running service's pool
-    // is already grown. The same second is left out on both paths.
-    let warmup = u64::from(args.paced_rate);
-    let paced = warmup + u64::from(args.paced_rate) * u64::from(args.paced_seconds);
-
     let channel = svcdb_amqp::publish::confirm_channel(connection).await?;
     let (mut svcdb_pipelined, mut raw_pipelined) = (Vec::new(), Vec::new());
     for round in 1..=args.pipelined_rounds {
@@ -697,77 +699,7 @@ async fn measure_concurrent(
     }
 
     server.checkpoint().await;
-    eprintln!(
-        "svcdb, latency: {} events/s for {} s…",
-        args.paced_rate, args.paced_seconds
-    );
-    let timeline = Arc::new(Timeline::new(paced));
-    let pipeline = SvcdbPipeline::start(amqp, db, names, connection, &timeline).await?;
-    let mut producers = JoinSet::new();
-    let mut tick = pacer(args.paced_rate);
-    for seq in 0..paced {
-        tick.tick().await;
-        let (db, timeline, exchange) = (db.clone(), timeline.clone(), names.exchange.clone());
-        producers.spawn(async move {
-            let event = envelope("latency", seq);
-            db.transaction(async |tx| {
-                outbox::enqueue(tx, &exchange, "svcdb.latency", &event).await
-            })
-            .await?;
-            timeline.produced(seq);
-            anyhow::Ok(())
-        });
-    }
-    while let Some(joined) = producers.join_next().await {
-        joined??;
-    }
-    let handled = wait_until(|| timeline.handled_count() >= paced).await;
-    pipeline.stop().await?;
-    ensure!(
-        handled,
-        "the svcdb path handled {} of {paced} paced events in {STAGE_TIMEOUT:?}",
-        timeline.handled_count()
-    );
-    let svcdb_latency = timeline.latencies(warmup).summary();
-
-    server.checkpoint().await;
-    eprintln!(
-        "raw lapin, latency: {} events/s for {} s…",
-        args.paced_rate, args.paced_seconds
-    );
-    let timeline = Arc::new(Timeline::new(paced));
-    let paced_publishing = async {
-        let mut publishes = JoinSet::new();
-        let mut tick = pacer(args.paced_rate);
-        for seq in 0..paced {
-            tick.tick().await;
-            let (channel, timeline, exchange) =
-                (channel.clone(), timeline.clone(), names.exchange.clone());
-            publishes.spawn(async move {
-                let event = envelope("raw-latency", seq);
-                timeline.produced(seq);
-                publish_confirmed(&channel, &exchange, "raw.latency", &event).await
-            });
-        }
-        while let Some(joined) = publishes.join_next().await {
-            joined??;
-        }
-        anyhow::Ok(())
-    };
-    let (consumed, published) = tokio::join!(
-        raw_consume_as(
-            connection,
-            db,
-            &names.raw_queue.name,
-            paced,
-            "raw-latency",
-            Some(timeline.clone())
-        ),
-        paced_publishing,
-    );
-    consumed?;
-    published?;
-    let raw_latency = timeline.latencies(warmup).summary();
+    let paced = paced_latencies(args, amqp, connection, db, names, &channel).await?;
     let _ = channel.close(200, "OK".into()).await;
 
     Ok(Concurrent {
@@ -775,8 +707,129 @@ async fn measure_concurrent(
         raw_pipelined,
         paced_rate: args.paced_rate,
         paced_seconds: args.paced_seconds,
-        svcdb_latency,
-        raw_latency,
+        svcdb_latency: paced.svcdb.summary,
+        raw_latency: paced.raw.summary,
+        svcdb_latency_p99_rounds: paced.svcdb.p99_rounds,
+        raw_latency_p99_rounds: paced.raw.p99_rounds,
+    })
+}
+
+/// One path's latencies at the paced load: pooled over its windows, and each window's p99.
+struct PacedPath {
+    summary: report::LatencySummary,
+    p99_rounds: Vec<f64>,
+}
+
+/// Both paths' latencies at the paced load.
+struct Paced {
+    svcdb: PacedPath,
+    raw: PacedPath,
+}
+
+/// The paced load, `--paced-rate` events a second without a break, handed to svcdb and to
+/// raw lapin in turns: `--latency-rounds` rounds of one window per path, each path first in
+/// every other round, each path's windows adding up to `--paced-seconds`. svcdb's relay and
+/// consumer and raw lapin's consumer run throughout, idle in the other path's windows.
+/// Measured one path after the other, a stall of the whole machine (seen lasting 30-60 ms,
+/// delaying 20-30 consecutive events) decided which path's p99 it inflated; in turns, both
+/// meet the machine's stalls alike. Each path's first window starts with one more second,
+/// left out: its pool grows to its working size then (each new connection a server process
+/// to start; events queued behind that had a 30-200 ms tail in some runs), which a running
+/// service's pool already has.
+async fn paced_latencies(
+    args: &EventsArgs,
+    amqp: &AmqpConfig,
+    connection: &Arc<Connection>,
+    db: &ServiceDb,
+    names: &Names,
+    channel: &Channel,
+) -> Result<Paced> {
+    let rounds = u64::from(args.latency_rounds);
+    let warmup = u64::from(args.paced_rate);
+    let window = (u64::from(args.paced_rate) * u64::from(args.paced_seconds)).div_ceil(rounds);
+    let per_path = warmup + window * rounds;
+    eprintln!(
+        "latency: {} events/s, {} s per path in {rounds} windows each, svcdb and raw lapin in turns…",
+        args.paced_rate, args.paced_seconds
+    );
+    let svcdb_timeline = Arc::new(Timeline::new(per_path));
+    let raw_timeline = Arc::new(Timeline::new(per_path));
+    let pipeline = SvcdbPipeline::start(amqp, db, names, connection, &svcdb_timeline).await?;
+    // Each path's windows, as ranges of its events' seqs (the first window after the warm-up).
+    let windows: Vec<std::ops::Range<u64>> = (0..rounds)
+        .map(|k| warmup + k * window..warmup + (k + 1) * window)
+        .collect();
+    let producing = async {
+        let mut producers: JoinSet<Result<()>> = JoinSet::new();
+        let mut tick = pacer(args.paced_rate);
+        let mut next = [0u64; 2];
+        for round in 0..rounds {
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for path in order {
+                let until = windows[usize::try_from(round)?].end;
+                while next[path] < until {
+                    tick.tick().await;
+                    let seq = next[path];
+                    next[path] += 1;
+                    let exchange = names.exchange.clone();
+                    if path == 0 {
+                        let (db, timeline) = (db.clone(), svcdb_timeline.clone());
+                        producers.spawn(async move {
+                            let event = envelope("latency", seq);
+                            db.transaction(async |tx| {
+                                outbox::enqueue(tx, &exchange, "svcdb.latency", &event).await
+                            })
+                            .await?;
+                            timeline.produced(seq);
+                            Ok(())
+                        });
+                    } else {
+                        let (channel, timeline) = (channel.clone(), raw_timeline.clone());
+                        producers.spawn(async move {
+                            let event = envelope("raw-latency", seq);
+                            timeline.produced(seq);
+                            publish_confirmed(&channel, &exchange, "raw.latency", &event).await
+                        });
+                    }
+                }
+            }
+        }
+        while let Some(joined) = producers.join_next().await {
+            joined??;
+        }
+        let handled = wait_until(|| svcdb_timeline.handled_count() >= per_path).await;
+        ensure!(
+            handled,
+            "the svcdb path handled {} of {per_path} paced events in {STAGE_TIMEOUT:?}",
+            svcdb_timeline.handled_count()
+        );
+        Ok(())
+    };
+    let (consumed, produced) = tokio::join!(
+        raw_consume_as(
+            connection,
+            db,
+            &names.raw_queue.name,
+            per_path,
+            "raw-latency",
+            Some(raw_timeline.clone())
+        ),
+        producing,
+    );
+    let stopped = pipeline.stop().await;
+    consumed?;
+    produced?;
+    stopped?;
+    let path = |timeline: &Timeline| PacedPath {
+        summary: timeline.latencies(warmup..per_path).summary(),
+        p99_rounds: windows
+            .iter()
+            .map(|w| timeline.latencies(w.clone()).summary().p99_ms)
+            .collect(),
+    };
+    Ok(Paced {
+        svcdb: path(&svcdb_timeline),
+        raw: path(&raw_timeline),
     })
 }
 
@@ -988,8 +1041,8 @@ impl Timeline {
         rate((to - from) as u64, times[to] - times[from])
     }
 
-    /// Produced to handled, per event from the `from`th on (the ones before are the warm-up).
-    fn latencies(&self, from: u64) -> report::Latencies {
+    /// Produced to handled, per event whose seq is in `seqs`.
+    fn latencies(&self, seqs: std::ops::Range<u64>) -> report::Latencies {
         let produced = self.produced.lock().unwrap_or_else(|p| p.into_inner());
         let mut latencies = report::Latencies::new();
         for (seq, handled) in self
@@ -998,7 +1051,7 @@ impl Timeline {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            if *seq < from {
+            if !seqs.contains(seq) {
                 continue;
             }
             if let Some(Some(at)) = usize::try_from(*seq).ok().and_then(|i| produced.get(i)) {
@@ -1137,6 +1190,14 @@ fn figures(r: &Results) -> Figures {
     f.set("raw_latency_p99_ms", c.raw_latency.p99_ms);
     f.set("raw_latency_max_ms", c.raw_latency.max_ms);
     f.set(
+        "svcdb_latency_p99_ms_rounds",
+        c.svcdb_latency_p99_rounds.clone(),
+    );
+    f.set(
+        "raw_latency_p99_ms_rounds",
+        c.raw_latency_p99_rounds.clone(),
+    );
+    f.set(
         "exactly_once",
         r.dup_effects == i64::try_from(r.events).unwrap_or(-1),
     );
@@ -1263,24 +1324,36 @@ fn concurrent_report(c: &Concurrent, producers: u16) -> String {
         format!("raw lapin: {producers} producers (confirm each) + consumer (1 tx each)"),
         report::num(c.raw_pipelined_per_s()),
     ]);
-    let mut latency = report::table(&["latency", "p50 ms", "p99 ms", "max ms"]);
-    for (path, l) in [
+    let mut latency = report::table(&["latency", "p50 ms", "p99 ms", "max ms", "p99 per window"]);
+    for (path, l, rounds) in [
         (
             "svcdb: producer's commit → handler's write",
             &c.svcdb_latency,
+            &c.svcdb_latency_p99_rounds,
         ),
-        ("raw lapin: publish → handler's write", &c.raw_latency),
+        (
+            "raw lapin: publish → handler's write",
+            &c.raw_latency,
+            &c.raw_latency_p99_rounds,
+        ),
     ] {
         latency.add_row(vec![
             path.to_owned(),
             report::num(l.p50_ms),
             report::num(l.p99_ms),
             report::num(l.max_ms),
+            rounds
+                .iter()
+                .map(|&p99| report::num(p99))
+                .collect::<Vec<_>>()
+                .join(", "),
         ]);
     }
     format!(
-        "{throughput}\n\nLatency at a paced {} events/s for {} s (to the end of the handler's \
-         write, just before its commit):\n{latency}",
-        c.paced_rate, c.paced_seconds
+        "{throughput}\n\nLatency at a paced {} events/s for {} s per path, the paths taking turns \
+         in {} windows each (to the end of the handler's write, just before its commit):\n{latency}",
+        c.paced_rate,
+        c.paced_seconds,
+        c.svcdb_latency_p99_rounds.len()
     )
 }

@@ -192,6 +192,7 @@ fn migrate_kind(e: &MigrateError) -> &'static str {
         MigrateError::Dirty { .. } => "dirty",
         MigrateError::NoDown { .. } => "no_down",
         MigrateError::Unwritten { .. } => "unwritten",
+        MigrateError::UnknownVersion { .. } => "unknown_version",
         MigrateError::Failed(_) => "migration_failed",
         _ => "error",
     }

@@ -138,6 +138,23 @@ pub enum MigrateError {
         findings: Vec<super::lint::Finding>,
     },
 
+    /// `--to` (or `baseline`'s version) names no migration: neither the migrations folder nor
+    /// the history holds it. A typo (a digit short) would otherwise apply, revert or record
+    /// everything on one side of it; nothing was run.
+    #[error("no migration has version {version} in the migrations folder or the history of schema {schema}; nothing was run\n  hint: {}", unknown_version_hint(below.as_ref(), above.as_ref(), *zero_allowed))]
+    UnknownVersion {
+        /// The schema.
+        schema: String,
+        /// The version given.
+        version: Version,
+        /// The nearest version below it the folder or the history holds.
+        below: Option<Version>,
+        /// The nearest version above it.
+        above: Option<Version>,
+        /// Whether `0` (before the first migration) is accepted where it was given.
+        zero_allowed: bool,
+    },
+
     /// A migration's SQL failed; the [`MigrationFailure`] says what this command left behind.
     #[error(transparent)]
     Failed(Box<MigrationFailure>),
@@ -158,6 +175,25 @@ pub enum MigrateError {
         /// The versions this `up` applied before it, which stay applied.
         applied: Vec<Version>,
     },
+}
+
+fn unknown_version_hint(below: Option<&Version>, above: Option<&Version>, zero: bool) -> String {
+    let nearest: Vec<String> = [(below, "below"), (above, "above")]
+        .into_iter()
+        .filter_map(|(v, side)| v.map(|v| format!("{v} ({side})")))
+        .collect();
+    let mut hint = if nearest.is_empty() {
+        "the folder and the history hold no migration".to_owned()
+    } else {
+        format!(
+            "give a version that exists; the nearest are {}",
+            nearest.join(" and ")
+        )
+    };
+    if zero {
+        hint.push_str(", or 0 for before the first migration");
+    }
+    hint
 }
 
 fn repeatable_kept(transactional: bool, applied: &[Version]) -> String {
@@ -262,6 +298,36 @@ impl MigrateError {
             MigrateError::NotOwner { .. } => Some(&SqlState::INSUFFICIENT_PRIVILEGE),
             _ => None,
         }
+    }
+
+    /// `Ok` when `version` is one of `known` (the folder's and the history's versions), or `0`
+    /// where `zero_allowed`; else [`MigrateError::UnknownVersion`] with the nearest ones.
+    pub(crate) fn check_known<'v>(
+        schema: &str,
+        version: &Version,
+        known: impl IntoIterator<Item = &'v Version>,
+        zero_allowed: bool,
+    ) -> Result<(), Self> {
+        if zero_allowed && *version == Version::from(0u32) {
+            return Ok(());
+        }
+        let (mut below, mut above): (Option<&Version>, Option<&Version>) = (None, None);
+        for v in known {
+            match v.cmp(version) {
+                std::cmp::Ordering::Equal => return Ok(()),
+                std::cmp::Ordering::Less => below = below.max(Some(v)),
+                std::cmp::Ordering::Greater => {
+                    above = Some(above.map_or(v, |a| a.min(v)));
+                }
+            }
+        }
+        Err(MigrateError::UnknownVersion {
+            schema: schema.to_owned(),
+            version: version.clone(),
+            below: below.cloned(),
+            above: above.cloned(),
+            zero_allowed,
+        })
     }
 
     pub(crate) fn source_file(path: impl Into<String>, message: impl Into<String>) -> Self {

@@ -422,6 +422,12 @@ impl Migrator {
                     name: dirty.name.clone(),
                 });
             }
+            MigrateError::check_known(
+                &self.schema(),
+                version,
+                self.migrations.iter().map(|m| &m.version),
+                false,
+            )?;
             let rows: Vec<(&Migration, Option<Duration>)> = self
                 .migrations
                 .iter()
@@ -499,6 +505,14 @@ impl Migrator {
         to: Option<&Version>,
     ) -> Result<Vec<&Migration>, MigrateError> {
         status.check_drift(&self.options)?;
+        if let Some(to) = to {
+            MigrateError::check_known(
+                &status.schema,
+                to,
+                status.entries.iter().map(|e| &e.version),
+                true,
+            )?;
+        }
         let plan: Vec<&Migration> = status
             .pending()
             .filter(|e| to.is_none_or(|to| e.version <= *to))
@@ -602,6 +616,17 @@ impl Migrator {
     ) -> Result<DownReport, MigrateError> {
         StatusReport::build(&self.schema(), &self.migrations, history)
             .check_drift(&self.options)?;
+        if let Some(to) = &options.to {
+            MigrateError::check_known(
+                &self.schema(),
+                to,
+                self.migrations
+                    .iter()
+                    .map(|m| &m.version)
+                    .chain(history.rows.iter().map(|r| &r.version)),
+                true,
+            )?;
+        }
         let applied = history.rows.iter().rev();
         let targets: Vec<_> = match &options.to {
             Some(to) => applied.take_while(|r| r.version > *to).collect(),

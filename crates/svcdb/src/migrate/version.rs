@@ -219,8 +219,11 @@ impl FromStr for Version {
                 minor: minor.into(),
             });
         }
-        if !text.chars().all(|c| c.is_ascii_digit() || c == '-')
-            || !text.chars().any(|c| c.is_ascii_digit())
+        // Digits, or groups of digits joined by single dashes (diesel's `2026-05-27-120000`):
+        // `-1`, `1-` and `1--2` are no version.
+        if !text
+            .split('-')
+            .all(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_digit()))
         {
             return Err(not_a_number());
         }
@@ -419,7 +422,9 @@ mod tests {
     fn not_a_version() {
         assert!("".parse::<Version>().unwrap_err().is_not_a_number());
         assert!("-".parse::<Version>().unwrap_err().is_not_a_number());
-        for bad in ["1.", ".1", "1..2", "1.a", "1.1-2", "1_1"] {
+        for bad in [
+            "1.", ".1", "1..2", "1.a", "1.1-2", "1_1", "-1", "1-", "1--2", "-",
+        ] {
             assert!(
                 bad.parse::<Version>().unwrap_err().is_not_a_number(),
                 "{bad}"

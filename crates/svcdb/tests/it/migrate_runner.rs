@@ -1692,3 +1692,64 @@ async fn a_script_that_changes_its_session_does_not_change_the_next_migrations()
         .collect();
     assert_eq!(tables, ["a", "b", "c"]);
 }
+
+/// Found by a robustness trial: `down --to 2026110209000` (a digit short) reverted every
+/// migration above that number. A version that neither the folder nor the history holds is
+/// refused before anything runs, for `up --to`, `down --to` and `baseline`; `0` still means
+/// "before the first" for the first two.
+#[tokio::test]
+async fn a_version_that_no_migration_has_is_refused() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            ("20261101090000_a.up.sql", "CREATE TABLE a (id int);"),
+            ("20261101090000_a.down.sql", "DROP TABLE a;"),
+            ("20261102090000_b.up.sql", "CREATE TABLE b (id int);"),
+            ("20261102090000_b.down.sql", "DROP TABLE b;"),
+            ("20261103090000_c.up.sql", "CREATE TABLE c (id int);"),
+            ("20261103090000_c.down.sql", "DROP TABLE c;"),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    let typo: svcdb::migrate::Version = "2026110209000".parse().unwrap();
+    let unknown = |result: Result<(), MigrateError>| match result {
+        Err(MigrateError::UnknownVersion {
+            version,
+            below,
+            above,
+            ..
+        }) => {
+            assert_eq!(version, typo);
+            (below.map(|v| v.to_string()), above.map(|v| v.to_string()))
+        }
+        other => panic!("expected UnknownVersion, got {other:?}"),
+    };
+    let up_to = |to: &svcdb::migrate::Version| UpOptions {
+        to: Some(to.clone()),
+        dry_run: false,
+    };
+    assert_eq!(
+        unknown(m.up_with(&up_to(&typo), &mut |_| {}).await.map(drop)),
+        (None, Some("20261101090000".to_owned()))
+    );
+    assert!(!m.status().await.unwrap().history_exists, "nothing ran");
+    m.up().await.unwrap();
+
+    let down_to = |to: &svcdb::migrate::Version| DownOptions {
+        to: Some(to.clone()),
+        ..DownOptions::default()
+    };
+    unknown(m.down(&down_to(&typo)).await.map(drop));
+    assert_eq!(history(&svc).await.len(), 3, "nothing was reverted");
+    assert!(matches!(
+        m.baseline(&typo).await,
+        Err(MigrateError::UnknownVersion { .. })
+    ));
+
+    // The controls: a version that exists, and 0.
+    let b: svcdb::migrate::Version = "20261102090000".parse().unwrap();
+    assert_eq!(m.down(&down_to(&b)).await.unwrap().migrations.len(), 1);
+    assert_eq!(m.down(&down_to(&v(0))).await.unwrap().migrations.len(), 2);
+    assert_eq!(m.baseline(&b).await.unwrap().recorded.len(), 2);
+}
