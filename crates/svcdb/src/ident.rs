@@ -96,8 +96,14 @@ impl Ident {
     /// `ALTER ROLE … SET`, that take a literal and cannot take a bind parameter).
     pub fn literal(&self) -> String {
         // Validation already excludes quotes; the doubling keeps this correct on its own.
-        format!("'{}'", self.0.replace('\'', "''"))
+        quote_literal(&self.0)
     }
+}
+
+/// `value` as a single-quoted SQL string literal (quotes doubled; with
+/// `standard_conforming_strings`, PostgreSQL's default since 9.1, backslashes are plain).
+pub(crate) fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
 }
 
 impl fmt::Display for Ident {

@@ -146,11 +146,11 @@ pub enum MigrateError {
         /// The schema.
         schema: String,
         /// The version given.
-        version: Version,
+        version: String,
         /// The nearest version below it the folder or the history holds.
-        below: Option<Version>,
+        below: Option<String>,
         /// The nearest version above it.
-        above: Option<Version>,
+        above: Option<String>,
         /// Whether `0` (before the first migration) is accepted where it was given.
         zero_allowed: bool,
     },
@@ -177,7 +177,7 @@ pub enum MigrateError {
     },
 }
 
-fn unknown_version_hint(below: Option<&Version>, above: Option<&Version>, zero: bool) -> String {
+fn unknown_version_hint(below: Option<&String>, above: Option<&String>, zero: bool) -> String {
     let nearest: Vec<String> = [(below, "below"), (above, "above")]
         .into_iter()
         .filter_map(|(v, side)| v.map(|v| format!("{v} ({side})")))
@@ -323,9 +323,9 @@ impl MigrateError {
         }
         Err(MigrateError::UnknownVersion {
             schema: schema.to_owned(),
-            version: version.clone(),
-            below: below.cloned(),
-            above: above.cloned(),
+            version: version.to_string(),
+            below: below.map(Version::to_string),
+            above: above.map(Version::to_string),
             zero_allowed,
         })
     }

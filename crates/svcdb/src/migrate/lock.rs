@@ -30,6 +30,8 @@ pub struct MigrationLock {
     conn: DedicatedConn,
     /// The SQL expression of the lock key, reused by the unlock.
     key: String,
+    /// The role the run works as (the schema's owner), which every script starts as.
+    acting_as: String,
 }
 
 impl MigrationLock {
@@ -67,7 +69,21 @@ impl MigrationLock {
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(MAX_POLL);
         }
-        Ok(Self { conn, key })
+        Ok(Self {
+            conn,
+            key,
+            acting_as: String::new(),
+        })
+    }
+
+    /// The role the run works as, once [`Self::set_acting_as`] said it (empty before).
+    pub(crate) fn acting_as(&self) -> &str {
+        &self.acting_as
+    }
+
+    /// Notes the role the run works as.
+    pub(crate) fn set_acting_as(&mut self, role: String) {
+        self.acting_as = role;
     }
 
     /// The connection holding the lock, as a driver client.

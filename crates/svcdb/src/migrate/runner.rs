@@ -25,10 +25,6 @@ use super::status::StatusReport;
 use super::version::Version;
 use crate::pool::ServiceDb;
 
-/// The session setting that holds the role the runner works as (see
-/// `Migrator::session_reset`).
-const MIGRATING_AS: &str = "svcdb.migrating_as";
-
 /// Runs a service's migrations against its schema.
 ///
 /// ```no_run
@@ -328,15 +324,20 @@ impl Migrator {
                 name: r.name.clone(),
                 transactional: r.transactional,
             });
-            let took = repeatable::run(lock.client(), schema, r, &self.session_reset())
-                .await
-                .map_err(|cause| MigrateError::RepeatableFailed {
-                    name: r.name.clone(),
-                    path: r.path.clone(),
-                    transactional: r.transactional,
-                    cause,
-                    applied: done.iter().map(|e| e.version.clone()).collect(),
-                })?;
+            let took = repeatable::run(
+                lock.client(),
+                schema,
+                r,
+                &self.session_reset(lock.acting_as()),
+            )
+            .await
+            .map_err(|cause| MigrateError::RepeatableFailed {
+                name: r.name.clone(),
+                path: r.path.clone(),
+                transactional: r.transactional,
+                cause,
+                applied: done.iter().map(|e| e.version.clone()).collect(),
+            })?;
             let duration_ms = took.as_secs_f64() * 1e3;
             observer(&MigrateEvent::RepeatableFinished {
                 name: r.name.clone(),
@@ -529,7 +530,7 @@ impl Migrator {
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<(MigrationLock, History), MigrateError> {
         let schema = self.db.schema();
-        let lock = MigrationLock::acquire(&self.db, self.options.lock_wait, || {
+        let mut lock = MigrationLock::acquire(&self.db, self.options.lock_wait, || {
             observer(&MigrateEvent::WaitingForLock {
                 schema: schema.as_str().to_owned(),
             })
@@ -550,10 +551,11 @@ impl Migrator {
         lock.batch_execute(&setup).await?;
         super::owner::act_as_owner(lock.client(), schema, observer).await?;
         // The role every script starts as ([`Self::session_reset`]).
-        lock.batch_execute(&format!(
-            "SELECT set_config('{MIGRATING_AS}', current_user, false)"
-        ))
-        .await?;
+        let role: String = lock
+            .query_one("SELECT current_user::text", &[])
+            .await?
+            .get(0);
+        lock.set_acting_as(role);
         let mut history = history::read(lock.client(), schema, true).await?;
         if history.legacy {
             history::upgrade(lock.client(), schema).await?;
@@ -567,13 +569,14 @@ impl Migrator {
     /// `set_config('search_path', '', false)`, a `RESET statement_timeout`, a `RESET ROLE`),
     /// and the next migration must not run differently for having been deployed in the same
     /// `up`. The search path goes back to the one pinned at connect time, the role to the one
-    /// the run works as (the schema's owner), kept for the purpose in a setting of the
-    /// session's own.
-    fn session_reset(&self) -> String {
-        // One statement, not four: it follows every script of a deploy.
+    /// the run works as (`role`, the schema's owner).
+    fn session_reset(&self, role: &str) -> String {
+        // One statement, not four: it follows every script of a deploy. The role is written
+        // out: a script's `RESET ALL` clears any setting that could have kept it.
         format!(
-            "SELECT {}, set_config('role', current_setting('{MIGRATING_AS}'), false);",
-            self.session_setting_calls()
+            "SELECT {}, set_config('role', {}, false);",
+            self.session_setting_calls(),
+            crate::ident::quote_literal(role)
         )
     }
 
@@ -681,7 +684,7 @@ impl Migrator {
     /// ups this call committed before it are undone with their downs, newest first.
     async fn run(
         &self,
-        conn: &mut Client,
+        lock: &mut MigrationLock,
         plan: &[&Migration],
         direction: Direction,
         history_exists: bool,
@@ -692,12 +695,15 @@ impl Migrator {
             // Another runner applied everything while we waited for the lock.
             return Ok(Vec::new());
         }
+        let reset = self.session_reset(lock.acting_as());
+        let reset = reset.as_str();
+        let conn: &mut Client = lock;
         let segments: Vec<&[&Migration]> = plan
             .chunk_by(|a, b| transactional(a, direction) && transactional(b, direction))
             .collect();
         if segments.len() == 1 && transactional(plan[0], direction) {
             return self
-                .run_group(conn, plan, direction, !history_exists, observer)
+                .run_group(conn, reset, plan, direction, !history_exists, observer)
                 .await
                 .map_err(|(i, e)| match e {
                     StepError::Other(e) => e,
@@ -739,10 +745,10 @@ impl Migrator {
                 conn.batch_execute("SET synchronous_commit = on").await?;
             }
             let result = if transactional(segment[0], direction) {
-                self.run_group(conn, segment, direction, false, observer)
+                self.run_group(conn, reset, segment, direction, false, observer)
                     .await
             } else {
-                self.step(conn, segment[0], direction, observer)
+                self.step(conn, reset, segment[0], direction, observer)
                     .await
                     .map(|entry| vec![entry])
                     .map_err(|e| (0, e))
@@ -773,7 +779,7 @@ impl Migrator {
             // state: running downs over a half-applied step would only make the mess bigger.
             // Downs are never "undone" by running ups again.
             let (undone, undo_error) = if direction == Direction::Up && !dirty {
-                self.undo(conn, &done, observer).await
+                self.undo(conn, reset, &done, observer).await
             } else {
                 (Vec::new(), None)
             };
@@ -818,6 +824,7 @@ impl Migrator {
     async fn run_group(
         &self,
         conn: &mut Client,
+        reset: &str,
         group: &[&Migration],
         direction: Direction,
         create_table: bool,
@@ -826,14 +833,13 @@ impl Migrator {
         let schema = self.db.schema();
         let mut retries = 0;
         loop {
-            let reset = self.session_reset();
             match try_group(
                 conn,
                 schema,
                 group,
                 direction,
                 create_table,
-                &reset,
+                reset,
                 observer,
             )
             .await
@@ -876,6 +882,7 @@ impl Migrator {
     async fn step(
         &self,
         conn: &mut Client,
+        reset: &str,
         m: &Migration,
         direction: Direction,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
@@ -908,7 +915,7 @@ impl Migrator {
             }
         }
         let took = start.elapsed();
-        conn.batch_execute(&self.session_reset()).await?;
+        conn.batch_execute(reset).await?;
         match direction {
             Direction::Up => {
                 history::set_dirty(&*conn, schema, &m.version, false, Some(took)).await?
@@ -972,6 +979,7 @@ impl Migrator {
     async fn undo(
         &self,
         conn: &mut Client,
+        reset: &str,
         done: &[RunEntry],
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> (Vec<Version>, Option<String>) {
@@ -988,11 +996,11 @@ impl Migrator {
                 );
             };
             let result = if m.down_transactional {
-                self.run_group(conn, &[m], Direction::Down, false, observer)
+                self.run_group(conn, reset, &[m], Direction::Down, false, observer)
                     .await
                     .map_err(|(_, e)| e)
             } else {
-                self.step(conn, m, Direction::Down, observer)
+                self.step(conn, reset, m, Direction::Down, observer)
                     .await
                     .map(|_| Vec::new())
             };

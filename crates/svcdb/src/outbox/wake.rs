@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::config::capped_wait;
 use crate::error::Result;
+use crate::ident::quote_literal;
 use crate::pool::ServiceDb;
 
 /// The shortest time between two `NOTIFY`s of one outbox from one process: a burst of commits
@@ -181,10 +182,6 @@ impl Signal {
         .await?;
         Ok(())
     }
-}
-
-fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
 }
 
 fn quote_ident(value: &str) -> String {

@@ -1720,8 +1720,8 @@ async fn a_version_that_no_migration_has_is_refused() {
             above,
             ..
         }) => {
-            assert_eq!(version, typo);
-            (below.map(|v| v.to_string()), above.map(|v| v.to_string()))
+            assert_eq!(version, typo.to_string());
+            (below, above)
         }
         other => panic!("expected UnknownVersion, got {other:?}"),
     };
