@@ -316,25 +316,16 @@ fn tokens(sql: &str) -> impl Iterator<Item = (Token, Range<usize>)> + '_ {
                 Token::Comment
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                i = skip_block_comment(bytes, i);
+                i = block_comment_end(bytes, i).unwrap_or(bytes.len());
                 Token::Comment
             }
-            b'\'' => {
-                // `E'…'` (any case) takes backslash escapes; the `E` must start a word.
-                let escapes = i > 0
-                    && matches!(bytes[i - 1], b'e' | b'E')
-                    && !(i > 1 && is_word_byte(bytes[i - 2]));
-                i = skip_quoted(bytes, i, b'\'', escapes);
-                Token::Quoted
-            }
-            b'"' => {
-                i = skip_quoted(bytes, i, b'"', false);
+            b'\'' | b'"' => {
+                i = quoted_end(bytes, i).unwrap_or(bytes.len());
                 Token::Quoted
             }
             b'$' if !prev_is_word => match dollar_tag(bytes, i) {
-                Some(tag) => {
-                    let body = i + tag.len();
-                    i = find(bytes, body, tag).map_or(bytes.len(), |p| p + tag.len());
+                Some(_) => {
+                    i = dollar_quoted_end(bytes, i).unwrap_or(bytes.len());
                     Token::Quoted
                 }
                 // `$1`.
@@ -365,8 +356,27 @@ fn is_word_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
 
-/// The index after the comment starting at `i` (`/*`); comments nest.
-fn skip_block_comment(bytes: &[u8], mut i: usize) -> usize {
+/// Where `sql` opens a string, quoted identifier, dollar quote or block comment that it never
+/// closes, and which of those it is. PostgreSQL would read the rest of the script as part of
+/// it, and whatever the runner sends after the script too; so would every tool.
+pub(crate) fn unclosed(sql: &str) -> Option<(usize, &'static str)> {
+    // Only the last token can be unclosed: an unclosed one runs to the end.
+    let (token, range) = tokens(sql).last()?;
+    let bytes = sql.as_bytes();
+    let at = range.start;
+    let what = match (token, bytes[at]) {
+        (Token::Comment, b'/') if block_comment_end(bytes, at).is_none() => "block comment",
+        (Token::Quoted, b'\'') if quoted_end(bytes, at).is_none() => "string",
+        (Token::Quoted, b'"') if quoted_end(bytes, at).is_none() => "quoted identifier",
+        (Token::Quoted, b'$') if dollar_quoted_end(bytes, at).is_none() => "dollar-quoted string",
+        _ => return None,
+    };
+    Some((at, what))
+}
+
+/// The index after the comment starting at `i` (`/*`; comments nest), or `None` when the
+/// text ends inside it.
+fn block_comment_end(bytes: &[u8], mut i: usize) -> Option<usize> {
     let mut depth = 0usize;
     while i < bytes.len() {
         if bytes[i..].starts_with(b"/*") {
@@ -376,27 +386,41 @@ fn skip_block_comment(bytes: &[u8], mut i: usize) -> usize {
             depth -= 1;
             i += 2;
             if depth == 0 {
-                return i;
+                return Some(i);
             }
         } else {
             i += 1;
         }
     }
-    bytes.len()
+    None
 }
 
-/// The index after the quoted run opening at `i`. A doubled quote is an escaped quote (that
-/// falls out of closing and reopening); with `escapes`, a backslash escapes the next byte.
-fn skip_quoted(bytes: &[u8], i: usize, quote: u8, escapes: bool) -> usize {
+/// The index after the string (`'`) or quoted identifier (`"`) opening at `i`, or `None` when
+/// the text ends inside it. A doubled quote is an escaped quote (that falls out of closing and
+/// reopening); in an `E'…'` string (any case; the `E` must start a word) a backslash escapes
+/// the next byte.
+fn quoted_end(bytes: &[u8], i: usize) -> Option<usize> {
+    let quote = bytes[i];
+    let escapes = quote == b'\''
+        && i > 0
+        && matches!(bytes[i - 1], b'e' | b'E')
+        && !(i > 1 && is_word_byte(bytes[i - 2]));
     let mut j = i + 1;
     while j < bytes.len() {
         match bytes[j] {
             b'\\' if escapes => j += 2,
-            c if c == quote => return j + 1,
+            c if c == quote => return Some(j + 1),
             _ => j += 1,
         }
     }
-    bytes.len()
+    None
+}
+
+/// The index after the dollar quote opening at `i` (a [`dollar_tag`] is there), or `None` when
+/// the text ends inside it.
+fn dollar_quoted_end(bytes: &[u8], i: usize) -> Option<usize> {
+    let tag = dollar_tag(bytes, i)?;
+    find(bytes, i + tag.len(), tag).map(|p| p + tag.len())
 }
 
 /// The dollar-quote opener at `i` (`$$` or `$tag$`, tag = an identifier without `$`), if any.
@@ -424,6 +448,32 @@ fn find(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::split_statements as split;
     use super::{client_only, code_start, comments, transaction_control, ClientOnly, TxControl};
+
+    #[test]
+    fn what_a_script_never_closes() {
+        use super::unclosed;
+        assert_eq!(unclosed("SELECT 'a;\nSELECT 1;"), Some((7, "string")));
+        assert_eq!(
+            unclosed("SELECT 1; /* a /* b */"),
+            Some((10, "block comment"))
+        );
+        assert_eq!(
+            unclosed("DO $x$ BEGIN END $$;"),
+            Some((3, "dollar-quoted string"))
+        );
+        assert_eq!(unclosed("SELECT \"a"), Some((7, "quoted identifier")));
+        assert_eq!(unclosed("SELECT E'\\'"), Some((8, "string")));
+        for closed in [
+            "SELECT 'a''b';",
+            "SELECT E'\\'';",
+            "/* a /* b */ */ SELECT 1",
+            "DO $x$ $$ $x$;",
+            "SELECT $1, a$b -- '",
+            "",
+        ] {
+            assert_eq!(unclosed(closed), None, "{closed}");
+        }
+    }
 
     #[test]
     fn comments_outside_strings_and_where_code_starts() {

@@ -1,21 +1,35 @@
-//! The checks every script goes through once read: nothing only psql can run, and no
-//! transaction control but a whole-file `BEGIN; … COMMIT;` wrapper, which is unwrapped.
+//! The checks every script goes through once read: nothing only psql can run, no string or
+//! comment left open, and no transaction control but a whole-file `BEGIN; … COMMIT;` wrapper,
+//! which is unwrapped.
 
 use crate::migrate::error::MigrateError;
 use crate::migrate::migration::NO_TRANSACTION_DIRECTIVE;
-use crate::migrate::split::{client_only, transaction_control, ClientOnly, TxControl};
+use crate::migrate::split::{client_only, transaction_control, unclosed, ClientOnly, TxControl};
 
-/// Refuses a script holding what only psql can run or Flyway fills in, naming its line (`first_line` is the line
-/// of `path` the script starts on).
-pub(super) fn refuse_client_only(
+/// Refuses a script that cannot run as written, naming its line (`first_line` is the line of
+/// `path` the script starts on): one holding what only psql can run or Flyway fills in, or one
+/// that ends inside a string, quoted identifier, dollar quote or block comment (the server
+/// would take the rest of the script, and the runner's statement after it, for its content).
+pub(super) fn refuse_unrunnable(
     script: &str,
     path: &str,
     first_line: usize,
 ) -> Result<(), MigrateError> {
+    let line = |at: usize| first_line + script[..at].matches('\n').count();
+    // psql's lines first: COPY's data rows may hold a lone quote (`O'Brien`).
     let Some((at, found)) = client_only(script) else {
-        return Ok(());
+        return match unclosed(script) {
+            Some((at, what)) => Err(MigrateError::source_file(
+                path,
+                format!(
+                    "line {}: this {what} is never closed: the script ends inside it\n  hint: close it where it should end",
+                    line(at)
+                ),
+            )),
+            None => Ok(()),
+        };
     };
-    let line = first_line + script[..at].matches('\n').count();
+    let line = line(at);
     let message = match found {
         ClientOnly::MetaCommand(command) => format!(
             "line {line}: psql meta-command {command} cannot run: svcdb sends SQL to the server, not through psql\n  hint: delete psql lines (\\restrict, \\connect, \\set …) from the file"
@@ -158,6 +172,24 @@ COPY public.items (id, name) FROM stdin;
         let (path, line) = refused_at(&[("20240101000000_load.sql", goose.as_bytes())]);
         assert!(path.ends_with("20240101000000_load.sql"), "{path}");
         assert_eq!(line, 3);
+    }
+
+    /// Found by a robustness trial: an unclosed quote made the server report a syntax error in
+    /// the runner's own statement sent after the script, at a line the user never wrote.
+    #[test]
+    fn a_script_ending_inside_a_string_or_comment_is_refused_at_its_line() {
+        for (script, expected) in [
+            (
+                "CREATE TABLE a (id int);\nCOMMENT ON TABLE a IS 'oops;\n",
+                2,
+            ),
+            ("SELECT 1;\n\nDO $$ BEGIN PERFORM 1; END $;\n", 3),
+            ("/* header\nCREATE TABLE b (id int);\n", 1),
+        ] {
+            let (path, line) = refused_at(&[("0001_a.up.sql", script.as_bytes())]);
+            assert!(path.ends_with("0001_a.up.sql"), "{path}");
+            assert_eq!(line, expected, "{script}");
+        }
     }
 
     #[test]

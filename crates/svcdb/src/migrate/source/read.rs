@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::checks::{refuse_client_only, unwrap_transaction};
+use super::checks::{refuse_unrunnable, unwrap_transaction};
 use super::diesel::metadata_says_no_tx;
 use super::flyway::{runs_outside_a_transaction, script_config};
 use super::names::{classify, parse_stem, Class, Layout, Role, Tool};
@@ -426,9 +426,9 @@ impl Migrations {
             // A down script without a statement (an empty file, comments only) undoes nothing:
             // the migration is irreversible, and `down` refuses it before touching anything.
             let down = down.filter(|d| !split_statements(&d.sql).is_empty());
-            refuse_client_only(&up_sql, &up_path, up_line)?;
+            refuse_unrunnable(&up_sql, &up_path, up_line)?;
             if let Some(d) = &down {
-                refuse_client_only(&d.sql, &d.path, d.line)?;
+                refuse_unrunnable(&d.sql, &d.path, d.line)?;
             }
             if newest.as_ref().is_none_or(|(v, _)| version > *v) {
                 let dashed = stem.split_once('_').is_some_and(|(p, _)| p.contains('-'));
@@ -616,7 +616,7 @@ fn repeatable(
 ) -> Result<Repeatable, MigrateError> {
     let path = display(&file.path);
     let sql = script(file, display)?;
-    refuse_client_only(&sql, &path, 1)?;
+    refuse_unrunnable(&sql, &path, 1)?;
     let checksum = Checksum::of(&sql);
     let transactional =
         !(flyway_no_tx(&sql, config, refuse)? || has_no_transaction_directive(&sql));
