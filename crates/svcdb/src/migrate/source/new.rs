@@ -53,10 +53,16 @@ impl NewMigration {
 pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, MigrateError> {
     let dir = dir.as_ref();
     let shown = dir.display().to_string();
-    if name.trim().is_empty() || name.contains(['/', '\\', '\0']) || name.trim() != name {
+    // Also what some file systems refuse (`:`, `*`, `?`…), and control characters, which
+    // would break every listing of the folder.
+    if name.trim().is_empty()
+        || name.contains(['/', '\\', ':', '*', '?', '"', '<', '>', '|'])
+        || name.chars().any(char::is_control)
+        || name.trim() != name
+    {
         return Err(MigrateError::source_file(
             shown,
-            format!("{name:?} cannot be a migration name: it must be non-empty, without `/`, `\\` or surrounding spaces"),
+            format!("{name:?} cannot be a migration name: it must be non-empty, without surrounding spaces, control characters or any of / \\ : * ? \" < > |"),
         ));
     }
     let existing = if dir.exists() {
@@ -165,24 +171,44 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
             format!("{name:?} cannot be a migration name in this folder's layout: its file {rel} would be read as a file of another layout\n  hint: choose a name that does not end in `.up` or `.down`"),
         ));
     }
-    let mut created = Vec::with_capacity(files.len());
+    // Most file systems take names of up to 255 bytes: checked before anything is created.
+    if let Some(long) = files
+        .iter()
+        .flat_map(|(rel, _)| rel.split('/'))
+        .find(|part| part.len() > NAME_MAX)
+    {
+        return Err(MigrateError::source_file(
+            shown,
+            format!("{name:?} is too long for a migration name: the file name {long} would be {} bytes, and file systems allow {NAME_MAX}\n  hint: choose a shorter name", long.len()),
+        ));
+    }
+    let mut created: Vec<std::path::PathBuf> = Vec::with_capacity(files.len());
     for (rel, body) in files {
-        let path = dir.join(rel);
+        let path = dir.join(&rel);
         let parent = path.parent().expect("a file in `dir`");
-        std::fs::create_dir_all(parent)
+        let made_parent = !parent.exists();
+        let written = std::fs::create_dir_all(parent)
             .and_then(|()| {
                 std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .open(&path)
             })
-            .and_then(|mut f| std::io::Write::write_all(&mut f, body.as_bytes()))
-            .map_err(|e| {
-                MigrateError::source_file(
-                    path.display().to_string(),
-                    format!("cannot create it: {e}"),
-                )
-            })?;
+            .and_then(|mut f| std::io::Write::write_all(&mut f, body.as_bytes()));
+        if let Err(e) = written {
+            // Nothing half-made stays behind: the files created before this one go, and a
+            // folder made for them (diesel's `<version>_<name>/`).
+            for file in &created {
+                let _ = std::fs::remove_file(file);
+            }
+            if made_parent || rel.contains('/') {
+                let _ = std::fs::remove_dir(parent);
+            }
+            return Err(MigrateError::source_file(
+                path.display().to_string(),
+                format!("cannot create it: {e}; nothing was created"),
+            ));
+        }
         created.push(path);
     }
     let mut created = created.into_iter();
@@ -192,6 +218,9 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
         down_path: created.next(),
     })
 }
+
+/// The longest file name most file systems take, in bytes (`NAME_MAX` on Linux and macOS).
+const NAME_MAX: usize = 255;
 
 #[cfg(test)]
 mod tests {
@@ -246,6 +275,30 @@ mod tests {
             new_migration(&seq, " "),
             Err(MigrateError::Source { .. })
         ));
+        // Found by a robustness trial: a 243-byte name created the up file, then failed on
+        // the down file's longer name and left the up file behind. Now nothing is created.
+        for bad in ["a\nb", "a:b", "a*", &"y".repeat(243)] {
+            assert!(
+                matches!(new_migration(&seq, bad), Err(MigrateError::Source { .. })),
+                "{bad}"
+            );
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&seq)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "0001_a.up.sql",
+                "0002_b.up.sql",
+                "0003_c.down.sql",
+                "0003_c.up.sql"
+            ]
+        );
+        // The control: the longest name that fits is taken.
+        assert!(new_migration(&seq, &"y".repeat(240)).is_ok());
     }
 
     /// A folder holding `files`, and what `new_migration` created in it, relative to it.
