@@ -188,7 +188,7 @@ fn migrate_kind(e: &MigrateError) -> &'static str {
         MigrateError::LockTimeout { .. } => "lock_timeout",
         MigrateError::Changed { .. } => "changed",
         MigrateError::OutOfOrder { .. } => "out_of_order",
-        MigrateError::Missing { .. } => "missing",
+        MigrateError::Missing { .. } | MigrateError::MissingToRevert { .. } => "missing",
         MigrateError::Dirty { .. } => "dirty",
         MigrateError::NoDown { .. } => "no_down",
         MigrateError::Unwritten { .. } => "unwritten",

@@ -68,6 +68,17 @@ pub enum MigrateError {
         name: String,
     },
 
+    /// `down` (or `redo`) would revert an applied migration whose file is missing: without it
+    /// there is no down script to run; nothing was reverted. (`--ignore-missing` only lets
+    /// other commands pass over such a migration.)
+    #[error("cannot revert migration {}: its file is missing from the migrations folder, so there is no down script to run; nothing was reverted\n  hint: restore the file (from version control) and run again", super::migration::Named(version, name))]
+    MissingToRevert {
+        /// The applied version.
+        version: Version,
+        /// Its name in the history table.
+        name: String,
+    },
+
     /// A non-transactional migration failed part-way earlier: its history row is marked dirty
     /// and no runner holds the schema's migration lock (a migration still running is waited
     /// for, not refused). The schema is in an unknown state.

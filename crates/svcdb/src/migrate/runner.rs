@@ -637,13 +637,13 @@ impl Migrator {
         };
         let mut plan = Vec::with_capacity(targets.len());
         for row in targets {
-            let m = self
-                .migrations
-                .get(&row.version)
-                .ok_or_else(|| MigrateError::Missing {
-                    version: row.version.clone(),
-                    name: row.name.clone(),
-                })?;
+            let m =
+                self.migrations
+                    .get(&row.version)
+                    .ok_or_else(|| MigrateError::MissingToRevert {
+                        version: row.version.clone(),
+                        name: row.name.clone(),
+                    })?;
             if m.down.is_none() {
                 return Err(MigrateError::NoDown {
                     version: m.version.clone(),
