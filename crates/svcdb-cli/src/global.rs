@@ -141,19 +141,43 @@ pub fn duration(value: &str) -> Result<Duration, String> {
     })
 }
 
+/// A duration the server counts in whole milliseconds in an `int` (`lock_timeout`,
+/// `statement_timeout`): 0 for no limit, else from 1ms to 2147483647ms (about 24 days).
+pub fn server_timeout(value: &str) -> Result<Duration, String> {
+    const MAX_MS: u128 = i32::MAX as u128;
+    let d = duration(value)?;
+    if !d.is_zero() && d < Duration::from_millis(1) {
+        return Err(
+            "must be 0 (no limit) or at least 1ms: PostgreSQL counts it in milliseconds".into(),
+        );
+    }
+    if d.as_millis() > MAX_MS {
+        return Err(format!(
+            "must be at most {MAX_MS}ms (about 24 days), the most PostgreSQL takes; 0 sets no limit"
+        ));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
     use proptest::prelude::*;
 
     /// Every duration flag, as the command line spells it.
-    const DURATION_FLAGS: [&[&str]; 6] = [
-        &["migrate", "up", "--lock-wait"],
-        &["migrate", "up", "--lock-timeout"],
-        &["migrate", "up", "--statement-timeout"],
-        &["migrate", "repair", "--lock-wait"],
-        &["schema", "verify", "--timeout"],
-        &["health", "--timeout"],
+    type ParseFn = fn(&str) -> Result<std::time::Duration, String>;
+
+    /// Every duration flag, as the command line spells it, with the parser it takes.
+    const DURATION_FLAGS: [(&[&str], ParseFn); 6] = [
+        (&["migrate", "up", "--lock-wait"], super::duration),
+        (&["migrate", "up", "--lock-timeout"], super::server_timeout),
+        (
+            &["migrate", "up", "--statement-timeout"],
+            super::server_timeout,
+        ),
+        (&["migrate", "repair", "--lock-wait"], super::duration),
+        (&["schema", "verify", "--timeout"], super::duration),
+        (&["health", "--timeout"], super::duration),
     ];
 
     /// Numbers as people (and fuzzers) write them, with and without units, and anything else.
@@ -183,18 +207,43 @@ mod tests {
         }
     }
 
+    /// Found by a robustness trial: `--lock-timeout 3000000s` reached the server, which
+    /// refused it (22023) after connecting; `--statement-timeout 1ns` timed out svcdb's own
+    /// first statement.
+    #[test]
+    fn server_timeouts_out_of_the_servers_range_are_usage_errors() {
+        for text in ["3000000s", "25d", "1ns", "0.5ms"] {
+            for flag in ["--lock-timeout", "--statement-timeout"] {
+                let flag = format!("{flag}={text}");
+                let parsed = crate::Cli::try_parse_from(["svcdb", "migrate", "up", &flag]);
+                assert!(
+                    matches!(parsed, Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation),
+                    "{flag}"
+                );
+            }
+        }
+        for text in ["0", "1ms", "24d", "10s"] {
+            let flag = format!("--lock-timeout={text}");
+            assert!(
+                crate::Cli::try_parse_from(["svcdb", "migrate", "up", &flag]).is_ok(),
+                "{text}"
+            );
+        }
+    }
+
     proptest! {
         #[test]
         fn no_duration_flag_panics(index in 0..DURATION_FLAGS.len(), text in duration_text()) {
             // `--flag=value`: a value starting with '-' is then a value, not another flag.
-            let (flag, command) = DURATION_FLAGS[index].split_last().unwrap();
+            let (words, parser) = DURATION_FLAGS[index];
+            let (flag, command) = words.split_last().unwrap();
             let flag = format!("{flag}={text}");
             let mut args = vec!["svcdb"];
             args.extend(command);
             args.push(&flag);
             // Ok (a duration every deadline computation caps) or clap's usage error.
             let parsed = crate::Cli::try_parse_from(&args);
-            prop_assert_eq!(parsed.is_ok(), super::duration(&text).is_ok(), "{:?}", args);
+            prop_assert_eq!(parsed.is_ok(), parser(&text).is_ok(), "{:?}", args);
         }
     }
 }

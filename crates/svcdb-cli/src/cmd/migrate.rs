@@ -161,7 +161,7 @@ pub struct Timeouts {
 
     /// How long a statement may wait for a table lock: a DDL statement queued behind live
     /// traffic would hold up every later query of that table; 0: no limit [default: 10s].
-    #[arg(long, value_name = "DURATION", value_parser = crate::global::duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::global::server_timeout)]
     lock_timeout: Option<Duration>,
 
     /// How many times a migration that hit the lock timeout is tried again (its whole
@@ -171,7 +171,7 @@ pub struct Timeouts {
     lock_retries: Option<u32>,
 
     /// How long one statement may run; 0: no limit [default: no limit].
-    #[arg(long, value_name = "DURATION", value_parser = crate::global::duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::global::server_timeout)]
     statement_timeout: Option<Duration>,
 }
 

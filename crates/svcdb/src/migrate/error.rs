@@ -483,6 +483,8 @@ fn failed_message(f: &MigrationFailure) -> String {
         // EXISTS`: after `svcdb provision`, the runner works as the schema's owner, which
         // may not create schemas.
         "migrations run as the schema's owner (svcdb switches to it with SET ROLE when connected as another role, and says so before the run), and that role lacks this privilege: a statement that needs more than the service schema (CREATE SCHEMA, CREATE EXTENSION, grants on other schemas) belongs in the one-time set-up an administrator runs (`svcdb provision` creates the schema), or grant the privilege to the owner; then run again"
+    } else if cause.code() == Some(&SqlState::QUERY_CANCELED) {
+        "the statement was cancelled: by the statement timeout (`--statement-timeout`, MigrateOptions::statement_timeout: raise it, or 0 for none, for a migration that takes long), or from another session (pg_cancel_backend); then run again"
     } else if cause.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) {
         // PostgreSQL's own hint says CASCADE; for a down script dropping the service schema
         // (a dbmate folder's first migration), that would take svcdb's history table with it.
