@@ -52,3 +52,25 @@ fn embedded_parses_like_the_folder() {
 fn v(n: i64) -> svcdb::migrate::Version {
     svcdb::migrate::Version::try_from(n).expect("a non-negative version")
 }
+
+/// Found by a robustness trial: a migration that is a link to /dev/zero grew the process to
+/// gigabytes, and a FIFO blocked the read forever. Neither is a file to read.
+#[test]
+fn a_migration_that_is_no_regular_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("0001_a.up.sql"), "SELECT 1;").unwrap();
+    // The control: a link to a regular file is read.
+    std::os::unix::fs::symlink(
+        dir.path().join("0001_a.up.sql"),
+        dir.path().join("0002_b.up.sql"),
+    )
+    .unwrap();
+    assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 2);
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("0003_zero.up.sql")).unwrap();
+    match Migrations::from_dir(dir.path()) {
+        Err(svcdb::migrate::MigrateError::Source { path, .. }) => {
+            assert!(path.ends_with("0003_zero.up.sql"), "{path}")
+        }
+        other => panic!("expected a source error, got {other:?}"),
+    }
+}

@@ -175,6 +175,14 @@ impl Migrations {
             // embedded files, all of which are handed over, go through the same rule) and
             // needs only the names of the others, to list the ignored `.sql` files.
             let contents = if classify(&rel).is_some() {
+                // A FIFO would block the read forever, a device (a link to /dev/zero) never
+                // end it.
+                if std::fs::metadata(abs).is_ok_and(|m| !m.is_file()) {
+                    return Err(MigrateError::source_file(
+                        abs.display().to_string(),
+                        "is not a regular file (a FIFO, a device or a socket, or a link to one), so it cannot be read as a migration\n  hint: put the migration's SQL in a plain file of that name",
+                    ));
+                }
                 std::fs::read(abs).map_err(|e| unreadable(abs, e))?
             } else {
                 Vec::new()
