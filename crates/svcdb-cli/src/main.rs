@@ -25,6 +25,9 @@ const EXIT_CODES: &str = r#"Exit codes:
       (every problem is listed)
   2   `migrate status`: migrations are pending and nothing else is wrong
   64  invalid command line, or no database or schema given
+  130 interrupted (Ctrl-C; 143 for SIGTERM), as the shell reports a killed process: the
+      running transaction is rolled back; a non-transactional migration cut short stays
+      marked dirty, and `migrate status` says what to do
 
 With --json, stdout holds one JSON object whatever the outcome: the report, or on error
 {"error": what went wrong, "hint": what to do or null, "code": the SQLSTATE (e.g. "42501")
