@@ -47,24 +47,31 @@ pub struct Global {
 impl Global {
     /// The URL, or a usage error (exit 64) saying how to give it.
     pub fn database_url(&self) -> Result<&str> {
-        self.database_url.as_deref().ok_or_else(|| {
-            Usage::new(
+        // An empty one (`--database-url ""`, `DATABASE_URL=`) is none given.
+        self.database_url
+            .as_deref()
+            .filter(|url| !url.trim().is_empty())
+            .ok_or_else(|| {
+                Usage::new(
                 "no database given",
                 "pass --database-url or set DATABASE_URL, e.g. postgres://catalog@127.0.0.1/appdb",
             )
             .into()
-        })
+            })
     }
 
     /// The service schema, or a usage error (exit 64) saying how to give it.
     pub fn schema(&self) -> Result<&str> {
-        self.schema.as_deref().ok_or_else(|| {
-            Usage::new(
-                "no schema given",
-                "pass --schema or set SVCDB_SCHEMA to the service's schema",
-            )
-            .into()
-        })
+        self.schema
+            .as_deref()
+            .filter(|schema| !schema.trim().is_empty())
+            .ok_or_else(|| {
+                Usage::new(
+                    "no schema given",
+                    "pass --schema or set SVCDB_SCHEMA to the service's schema",
+                )
+                .into()
+            })
     }
 
     /// The service configuration: these options first, then the `SVCDB_*` environment for

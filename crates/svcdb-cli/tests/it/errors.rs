@@ -137,6 +137,24 @@ fn a_missing_database_url_or_schema_is_a_usage_error() {
         json["hint"].as_str().unwrap().contains("SVCDB_SCHEMA"),
         "{out}"
     );
+
+    // An empty one is none given (a robustness trial found exit 1 and "SVCDB_SCHEMA: not
+    // set" for `--schema ""`).
+    for args in [
+        ["--schema", "", "schema", "tables"],
+        ["--database-url", "", "schema", "tables"],
+    ] {
+        let out = svcdb(
+            &args,
+            &[
+                ("DATABASE_URL", "postgres://catalog@127.0.0.1/appdb"),
+                ("SVCDB_SCHEMA", "svc"),
+            ],
+            Some(cwd.path()),
+        )
+        .expect_code(64);
+        assert!(!out.stderr.is_empty(), "{args:?}: {out}");
+    }
 }
 
 /// A failing migration: the SQLSTATE as the code, its file in the error, the hint once.
