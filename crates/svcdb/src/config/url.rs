@@ -8,6 +8,19 @@ use crate::error::{Error, Result};
 /// [`Config::new`](super::Config::new) takes every libpq TLS setting. The error never repeats
 /// the input, which may hold a password.
 pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
+    // Another database's URL (`mysql://…`): said as such, not as a parse error deep inside.
+    // Only the scheme is shown: the rest may hold a password.
+    if let Some((scheme, _)) = database_url.split_once("://") {
+        if !["postgres", "postgresql"].contains(&scheme.to_ascii_lowercase().as_str()) {
+            return Err(Error::config(
+                "DATABASE_URL",
+                format!(
+                    "is a {}:// URL; svcdb needs a PostgreSQL one, postgres://user[:password]@host[:port]/dbname",
+                    scheme.chars().filter(char::is_ascii_alphanumeric).take(20).collect::<String>()
+                ),
+            ));
+        }
+    }
     refuse_ambiguous_credentials(database_url)?;
     database_url.parse().map_err(|e: tokio_postgres::Error| {
         let why = std::error::Error::source(&e)
@@ -133,6 +146,21 @@ pub fn describe_target(pg: &tokio_postgres::Config) -> String {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn another_databases_url_is_named_by_its_scheme_only() {
+        let e = super::parse_url("mysql://root:s3cret@db/shop").unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, crate::Error::Config { .. }), "{text}");
+        assert!(
+            text.contains("mysql://") && !text.contains("s3cret"),
+            "{text}"
+        );
+        assert!(
+            super::parse_url("postgresql://svc@db/shop").is_ok(),
+            "the control"
+        );
+    }
 
     #[test]
     fn a_password_with_an_unencoded_at_sign_is_refused_not_misread() {
