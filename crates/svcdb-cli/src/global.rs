@@ -203,6 +203,23 @@ mod tests {
     }
 
     #[test]
+    fn a_history_table_is_a_table_or_schema_dot_table() {
+        let parse = |value: &str| {
+            let flag = format!("--history-table={value}");
+            crate::Cli::try_parse_from(["svcdb", "migrate", "adopt", "--from", "sqlx", &flag])
+        };
+        for bad in ["", "a.b.c", ".t", "s.", " "] {
+            assert!(
+                matches!(parse(bad), Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation),
+                "{bad:?}"
+            );
+        }
+        for good in ["t", "s.t"] {
+            assert!(parse(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
     fn out_of_range_durations_are_usage_errors() {
         for text in ["1e30", "NaN", "-1", "inf", "99999999999999999999999y"] {
             let flag = format!("--lock-wait={text}");

@@ -116,7 +116,7 @@ pub struct AdoptArgs {
 
     /// Where that tool's history is, as schema.table (or a table, looked up in the service
     /// schema, then public) [default: the tool's own table name].
-    #[arg(long, value_name = "SCHEMA.TABLE")]
+    #[arg(long, value_name = "SCHEMA.TABLE", value_parser = history_table)]
     history_table: Option<String>,
 
     /// List what would be recorded, refusing as a real run would, without writing anything.
@@ -524,6 +524,15 @@ async fn baseline(global: &Global, version: &Version, timeouts: Timeouts) -> Res
         lines.join("\n")
     })?;
     Ok(Outcome::Success)
+}
+
+/// `--history-table`: a table, or `schema.table`, both parts non-empty.
+fn history_table(value: &str) -> std::result::Result<String, String> {
+    let parts: Vec<&str> = value.split('.').collect();
+    if parts.len() > 2 || parts.iter().any(|p| p.trim().is_empty()) {
+        return Err("give a table, or schema.table".into());
+    }
+    Ok(value.to_owned())
 }
 
 async fn adopt(global: &Global, args: AdoptArgs) -> Result<Outcome> {
