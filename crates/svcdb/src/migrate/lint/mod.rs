@@ -580,6 +580,12 @@ impl Deploy {
     ) {
         let check = c.contype == ConstrType::ConstrCheck as i32;
         let foreign = c.contype == ConstrType::ConstrForeign as i32;
+        // The constraint's name in a fix, or a place for one.
+        let name = if c.conname.is_empty() {
+            "<name>"
+        } else {
+            c.conname.as_str()
+        };
         let primary = c.contype == ConstrType::ConstrPrimary as i32;
         let unique = c.contype == ConstrType::ConstrUnique as i32;
         if !new && (primary || unique) && c.indexname.is_empty() {
@@ -596,11 +602,6 @@ impl Deploy {
                     _ => None,
                 })
                 .collect();
-            let name = if c.conname.is_empty() {
-                "<name>"
-            } else {
-                c.conname.as_str()
-            };
             out.push(s.finding(
                 at,
                 Rule::UniqueWithoutIndex,
@@ -631,11 +632,6 @@ impl Deploy {
             ("a foreign key", format!("writes to {table} and {other}"))
         } else {
             ("a check constraint", format!("writes to {table}"))
-        };
-        let name = if c.conname.is_empty() {
-            "<name>"
-        } else {
-            c.conname.as_str()
         };
         out.push(s.finding(
             at,
