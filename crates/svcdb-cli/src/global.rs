@@ -202,6 +202,25 @@ mod tests {
         ]
     }
 
+    /// Found by a README walkthrough: `events purge --older-than 7` deleted everything older
+    /// than seven seconds.
+    #[test]
+    fn a_retention_needs_its_unit() {
+        let parse = |value: &str| {
+            let flag = format!("--older-than={value}");
+            crate::Cli::try_parse_from(["svcdb", "events", "purge", &flag])
+        };
+        for bad in ["7", "1.5", " 30 "] {
+            assert!(
+                matches!(parse(bad), Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation),
+                "{bad:?}"
+            );
+        }
+        for good in ["7d", "24h", "0"] {
+            assert!(parse(good).is_ok(), "{good}");
+        }
+    }
+
     #[test]
     fn a_history_table_is_a_table_or_schema_dot_table() {
         let parse = |value: &str| {

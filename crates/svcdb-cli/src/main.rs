@@ -45,7 +45,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create (or complete) a service's login role and schema; running it twice changes nothing.
+    /// Create (or complete) a service's login role and schema; running it twice changes nothing
+    /// but the password, which --password-env sets again.
     Provision(cmd::provision::Args),
     /// Run, revert and inspect migrations.
     #[command(subcommand)]

@@ -75,6 +75,9 @@ impl Ident {
                 "names starting with `pg_` are reserved by PostgreSQL".into(),
             ));
         }
+        if name == "information_schema" {
+            return Err(refuse("information_schema is PostgreSQL's own".into()));
+        }
         Ok(Self(name.to_owned()))
     }
 
@@ -171,6 +174,8 @@ mod tests {
             "1abc",
             "$x",
             "pg_catalog",
+            // Found by a robustness trial: a service's tables and history went into it.
+            "information_schema",
             "a-b",
             "naïve",
             "x\0",

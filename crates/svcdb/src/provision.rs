@@ -119,6 +119,25 @@ pub struct ProvisionReport {
 /// default up to PostgreSQL 14) is revoked: with it, any role could plant a table or function
 /// there that shadows what the service means to find on its search path (CVE-2018-1058).
 pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<ProvisionReport> {
+    // `public` is every role's by default: made one service's, with PUBLIC's privileges
+    // revoked, every other role of the database would lose it.
+    if spec.schema.as_str() == "public" {
+        return Err(crate::Error::config(
+            "schema",
+            "public is shared by every role of the database; provisioning it would take it from the others\n  hint: give the service a schema of its own (`--schema <service>`)",
+        ));
+    }
+    // An empty password (a secret store that handed over nothing) would remove the role's.
+    if spec
+        .password
+        .as_ref()
+        .is_some_and(|p| p.expose().is_empty())
+    {
+        return Err(crate::Error::config(
+            "password",
+            "is empty; setting it would leave the role without a password\n  hint: check the variable --password-env names (ProvisionSpec::password)",
+        ));
+    }
     let tx = admin.transaction().await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended('svcdb.provision', 0))",
@@ -170,6 +189,8 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
                 changes.push(format!("allowed role {} to log in", role.as_str()));
             }
             if spec.password.is_some() {
+                // Set again on every run: PostgreSQL keeps only a salted verifier, so whether
+                // the password is the same cannot be asked.
                 tx.batch_execute(&format!("ALTER ROLE {role}{password_clause}"))
                     .await?;
                 changes.push(format!("set the password of role {}", role.as_str()));
@@ -215,6 +236,25 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
             ));
         }
         Some(owner) if owner != role.as_str() => {
+            // Made for the service by whoever provisions (a superuser, or this admin): handed
+            // over. Another role's (another service's) only with --fix.
+            let made_for_it: bool = tx
+                .query_one(
+                    "SELECT $1 = current_user::text OR (SELECT rolsuper FROM pg_roles WHERE rolname = $1)",
+                    &[&owner],
+                )
+                .await?
+                .get(0);
+            if !made_for_it && !spec.fix {
+                return Err(crate::Error::config(
+                    "schema",
+                    format!(
+                        "schema {} belongs to role {owner}, perhaps another service's\n  hint: give the service a schema of its own, or provision again with --fix (ProvisionSpec::fix) to hand it to {}",
+                        schema.as_str(),
+                        role.as_str()
+                    ),
+                ));
+            }
             tx.batch_execute(&format!("ALTER SCHEMA {schema} OWNER TO {role}"))
                 .await?;
             changes.push(format!(

@@ -10,6 +10,7 @@ use svcdb::outbox::OUTBOX_TABLE;
 use svcdb::{Outbox, SqlState};
 
 use crate::global::{duration, Global};
+
 use crate::{output, Outcome};
 
 /// `svcdb events …`.
@@ -40,12 +41,25 @@ pub enum Table {
     Outbox,
 }
 
+/// `--older-than`: a duration with its unit. A bare number is seconds elsewhere, and here
+/// `--older-than 7` (meant as days) would delete every claim older than seven seconds.
+fn retention(value: &str) -> std::result::Result<Duration, String> {
+    let trimmed = value.trim();
+    if trimmed != "0" && trimmed.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(format!(
+            "give a unit: {trimmed}d for days, {trimmed}h for hours, {trimmed}m for minutes"
+        ));
+    }
+    duration(value)
+}
+
 /// Options of `svcdb events purge`.
 #[derive(clap::Args)]
 pub struct PurgeArgs {
-    /// Delete rows older than this: 7d, 24h, 90m. A claim purged while its message can still
-    /// be redelivered lets that message be handled again: keep claims for days.
-    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    /// Delete rows older than this, with its unit: 7d, 24h, 90m. A claim purged while its
+    /// message can still be redelivered lets that message be handled again: keep claims for
+    /// days.
+    #[arg(long, value_name = "DURATION", value_parser = retention)]
     older_than: Duration,
 
     /// Which table to purge.

@@ -141,3 +141,57 @@ async fn provisioning_takes_an_existing_schema_from_the_role_that_owned_it() {
         .unwrap();
     assert!(again.changes.is_empty(), "{:?}", again.changes);
 }
+
+/// Found by a README walkthrough: `--schema public` was handed to one service with PUBLIC's
+/// privileges revoked, an empty schema of another (non-superuser) role was taken without a
+/// word, and an empty `--password-env` value removed the role's password. Each is refused now;
+/// an empty schema a superuser made for the service is still handed over.
+#[tokio::test]
+async fn provisioning_refuses_public_another_roles_schema_and_an_empty_password() {
+    let db = TestDb::new().await;
+    let other = db.role_name("other");
+    db.admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE \"{other}\" LOGIN;
+             CREATE SCHEMA theirs AUTHORIZATION \"{other}\";
+             CREATE SCHEMA made_for_it;"
+        ))
+        .await
+        .unwrap();
+    let role = db.role_name("svc");
+    let refused = |result: svcdb::Result<svcdb::ProvisionReport>| {
+        assert!(
+            matches!(result, Err(svcdb::Error::Config { .. })),
+            "{result:?}"
+        )
+    };
+    refused(
+        svcdb::provision(
+            &mut *db.admin().await,
+            &ProvisionSpec::new(&role, "public").unwrap(),
+        )
+        .await,
+    );
+    let spec = ProvisionSpec::new(&role, "theirs").unwrap();
+    refused(svcdb::provision(&mut *db.admin().await, &spec).await);
+    assert_eq!(schema_acl(&db, "theirs").await.1, other, "nothing changed");
+    let mut empty = ProvisionSpec::new(&role, "made_for_it").unwrap();
+    empty.password = Some(svcdb::Password::new(""));
+    refused(svcdb::provision(&mut *db.admin().await, &empty).await);
+
+    // The controls: a schema the superuser made is handed over; another role's with --fix.
+    svcdb::provision(
+        &mut *db.admin().await,
+        &ProvisionSpec::new(&role, "made_for_it").unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(schema_acl(&db, "made_for_it").await.1, role);
+    let mut fix = spec;
+    fix.fix = true;
+    svcdb::provision(&mut *db.admin().await, &fix)
+        .await
+        .unwrap();
+    assert_eq!(schema_acl(&db, "theirs").await.1, role);
+}
