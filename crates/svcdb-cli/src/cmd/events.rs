@@ -100,6 +100,22 @@ async fn purge(global: &Global, args: PurgeArgs) -> Result<Outcome> {
         bail!("--older-than 0 would delete every claim, also those of messages still waiting in a queue (they would be handled again)\n  hint: give a retention longer than a message can wait, such as --older-than 7d");
     }
     let db = global.connect().await?;
+    // Without USAGE on the schema its tables are invisible, and would be reported absent.
+    let access = db
+        .get()
+        .await?
+        .query_one(
+            "SELECT has_schema_privilege($1, 'USAGE'), current_user::text",
+            &[&db.schema().as_str()],
+        )
+        .await?;
+    if !access.get::<_, bool>(0) {
+        bail!(
+            "role {} may not use schema {} (no USAGE privilege), so its event tables cannot be purged\n  hint: connect as the service's own role (its DATABASE_URL)",
+            access.get::<_, String>(1),
+            db.schema().as_str()
+        );
+    }
     let mut tables = Vec::new();
     if args.table != Table::Outbox {
         let purged = db.purge_processed(args.older_than).await;

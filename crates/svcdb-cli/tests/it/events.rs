@@ -192,3 +192,32 @@ async fn events_purge_refuses_a_retention_of_zero_or_nonsense() {
         "nothing deleted"
     );
 }
+
+/// Found by a README walkthrough: run as another service's role, which may not use the
+/// schema, purge reported both tables absent (exit 0). It now says the role may not use it.
+#[tokio::test]
+async fn events_purge_as_a_role_without_usage_on_the_schema_says_so() {
+    let p = Project::new().await;
+    let db = service_with_old_rows(&p, 3).await;
+    let (other, _) = p.db.provision("elsewhere", "elsewhere_schema").await;
+    let url = p.db.url_as(&other);
+    let out = p
+        .run_with_env(
+            &["events", "purge", "--older-than", "7d", "--json"],
+            &[
+                ("DATABASE_URL", url.as_str()),
+                ("SVCDB_CREATE_SCHEMA", "false"),
+            ],
+        )
+        .expect_code(1);
+    assert!(out.stderr.contains("USAGE"), "{out}");
+    assert_eq!(
+        count(&db, "svcdb_processed_events").await,
+        4,
+        "nothing deleted"
+    );
+    // The control: as the schema's owner, the same purge deletes the old rows.
+    p.run(&["events", "purge", "--older-than", "7d"])
+        .expect_code(0);
+    assert_eq!(count(&db, "svcdb_processed_events").await, 1);
+}
