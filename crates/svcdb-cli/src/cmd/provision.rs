@@ -49,7 +49,17 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
     // admin connection too; the driver's own parser knows only three modes.
     let admin_config = Config::new(global.database_url()?, schema)?;
     let tls = Tls::new(admin_config.tls, admin_config.ssl_root_cert.as_deref())?;
-    let mut admin = DedicatedConn::connect_with(&admin_config.connection, &tls).await?;
+    let mut admin = match DedicatedConn::connect_with(&admin_config.connection, &tls).await {
+        // The usual hint (run `svcdb provision` to create the role) would send the user back
+        // here: this connection is the administrator's.
+        Err(e) if e.code() == Some(&svcdb::SqlState::INVALID_AUTHORIZATION_SPECIFICATION) => {
+            anyhow::bail!(
+                "cannot connect as the administrator: role {} does not exist (SQLSTATE 28000)\n  hint: provision connects as an administrator (a superuser, or a role with CREATEROLE that owns the database): give its URL in --database-url",
+                admin_config.connection.get_user().unwrap_or("?")
+            )
+        }
+        connected => connected?,
+    };
     let report = provision(&mut admin, &spec).await?;
     if global.json {
         output::json(&report)?;
