@@ -90,9 +90,12 @@ impl Global {
         Ok(config)
     }
 
-    /// Connects the service pool.
+    /// Connects the service pool. Never creates the schema (SVCDB_CREATE_SCHEMA is for the
+    /// service and for `migrate up`): the commands that use this read, or delete old rows.
     pub async fn connect(&self) -> Result<ServiceDb> {
-        Ok(ServiceDb::connect(self.config()?).await?)
+        let mut config = self.config()?;
+        config.create_schema = false;
+        Ok(ServiceDb::connect(config).await?)
     }
 
     /// Reads the migrations folder (`--dir`), with a warning on stderr when it holds `.sql`

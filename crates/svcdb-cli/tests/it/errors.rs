@@ -315,3 +315,31 @@ async fn a_missing_schema_is_never_told_to_run_migrate_up() {
     p.run_with_env(&["schema", "verify", "--require", "orders"], &env)
         .expect_code(0);
 }
+
+/// Found by a README walkthrough: `schema tables` and `events purge` with
+/// SVCDB_CREATE_SCHEMA=true created the schema they were asked about, owned by whoever ran
+/// them. They list and delete; they create nothing.
+#[tokio::test]
+async fn listing_and_purging_create_no_schema() {
+    let p = Project::new().await;
+    for args in [
+        &["schema", "tables"][..],
+        &["events", "purge", "--older-than", "7d"],
+    ] {
+        let out = p
+            .run_with_env(args, &[("SVCDB_CREATE_SCHEMA", "true")])
+            .expect_code(1);
+        assert!(out.stderr.contains("does not exist"), "{args:?}: {out}");
+        let exists: bool =
+            p.db.admin()
+                .await
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                    &[&p.schema],
+                )
+                .await
+                .unwrap()
+                .get(0);
+        assert!(!exists, "{args:?} created the schema");
+    }
+}

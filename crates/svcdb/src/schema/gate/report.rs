@@ -163,7 +163,7 @@ impl Problem {
                 "check the role's privileges on the service schema (`svcdb provision` grants them)"
             }
             Problem::NoSchema { .. } => {
-                "run `svcdb provision` for this service (or set SVCDB_CREATE_SCHEMA=true), or fix SVCDB_SCHEMA"
+                "run `svcdb provision` for this service (or start the service with SVCDB_CREATE_SCHEMA=true, which creates it on connect), or fix SVCDB_SCHEMA"
             }
             Problem::NoSchemaAccess { .. } => {
                 "run `svcdb provision` for this service's role, or connect as the schema's owner"
