@@ -175,9 +175,11 @@ fn outcome(
                 deleted: 0,
             })
         }
-        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => bail!(
-            "the service schema has no {table} table: {e}\n  hint: check --schema; a service creates the table with ServiceDb::{installer} at start-up"
-        ),
+        // The driver's error stays in the chain: `--json` gives its SQLSTATE as the code.
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Err(anyhow::Error::new(e)
+            .context(format!(
+                "the service schema has no {table} table\n  hint: check --schema; a service creates the table with ServiceDb::{installer} at start-up"
+            ))),
         Err(e) => Err(e.into()),
     }
 }

@@ -1,7 +1,7 @@
 //! `svcdb provision`: a login role owning the service's schema, nothing for PUBLIC; an
 //! existing role with more than that is refused, or stripped with `--fix`.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use svcdb::{provision, Config, DedicatedConn, Ident, Password, ProvisionSpec, Tls};
 
 use crate::global::Global;
@@ -41,8 +41,12 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
         spec.extra_schemas = Ident::parse_list("schema", list)?;
     }
     if let Some(var) = &args.password_env {
-        let password = std::env::var(var)
-            .with_context(|| format!("--password-env names {var}, which is not set"))?;
+        let password = std::env::var(var).map_err(|_| {
+            crate::usage::Usage::new(
+                format!("--password-env names {var}, which is not set"),
+                format!("export {var} with the role's password first, or leave --password-env out"),
+            )
+        })?;
         spec.password = Some(Password::new(password));
     }
     // Read as a service's URL is, so that every libpq sslmode (and sslrootcert) holds for the
