@@ -151,6 +151,15 @@ pub fn duration(value: &str) -> Result<Duration, String> {
     })
 }
 
+/// A duration that must be more than zero (a wait of 0 could never succeed).
+pub fn positive_duration(value: &str) -> Result<Duration, String> {
+    let d = duration(value)?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
 /// A duration the server counts in whole milliseconds in an `int` (`lock_timeout`,
 /// `statement_timeout`): 0 for no limit, else from 1ms to 2147483647ms (about 24 days).
 pub fn server_timeout(value: &str) -> Result<Duration, String> {
@@ -186,8 +195,8 @@ mod tests {
             super::server_timeout,
         ),
         (&["migrate", "repair", "--lock-wait"], super::duration),
-        (&["schema", "verify", "--timeout"], super::duration),
-        (&["health", "--timeout"], super::duration),
+        (&["schema", "verify", "--timeout"], super::positive_duration),
+        (&["health", "--timeout"], super::positive_duration),
     ];
 
     /// Numbers as people (and fuzzers) write them, with and without units, and anything else.

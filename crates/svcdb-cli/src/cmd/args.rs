@@ -19,7 +19,7 @@ pub struct GateArgs {
     require: Vec<String>,
 
     /// Longest wait for the database (connecting included) before it counts as unreachable.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = crate::global::duration)]
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = crate::global::positive_duration)]
     timeout: Duration,
 }
 
