@@ -237,10 +237,15 @@ async fn server_that_never_answers_does_not_hang_readyz() {
 async fn closed_pool_is_not_ready() {
     let db = TestDb::new().await;
     let (svc, gate, _dir) = migrated_orders(&db).await;
+    // The control: answered, the history was checked.
+    let (_, json, _) = get(&svc, &gate, "/readyz").await;
+    assert_eq!(json["migrations_checked"], true);
     svc.close();
     let (status, json, _) = get(&svc, &gate, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json["problems"][0]["kind"], "unreachable");
+    // Found by a README walkthrough: it said true although nothing was asked.
+    assert_eq!(json["migrations_checked"], false);
 }
 
 /// Regression: a gate that gave up while the pool kept failing in TLS said "check that

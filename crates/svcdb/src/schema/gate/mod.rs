@@ -150,7 +150,8 @@ impl Gate {
             ready: problems.is_empty(),
             schema: schema.as_str().to_owned(),
             migration_version: version,
-            migrations_checked: self.migrations.is_some(),
+            // Not when the database did not answer: nothing was checked then.
+            migrations_checked: self.migrations.is_some() && answered,
             problems,
             notices,
         };

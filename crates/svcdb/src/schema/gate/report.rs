@@ -202,7 +202,8 @@ pub struct GateReport {
     pub schema: String,
     /// The newest applied migration that is not dirty (`None`: none, or not read).
     pub migration_version: Option<Version>,
-    /// False when the gate had no migrations to check the history against.
+    /// False when the history was not checked against migrations: the gate had none, or the
+    /// database did not answer.
     pub migrations_checked: bool,
     /// Every problem found, schema first, then migrations, then tables.
     #[serde(serialize_with = "serialize_problems")]
