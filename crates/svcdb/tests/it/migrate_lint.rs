@@ -214,28 +214,41 @@ fn set_not_null_needs_a_validated_check_first() {
         rules("ALTER TABLE users ALTER COLUMN email SET NOT NULL;"),
         [Rule::SetNotNullWithoutCheck]
     );
-    // The safe sequence: a NOT VALID check, validated, then SET NOT NULL.
+    // A NOT VALID check, validated, then SET NOT NULL, in one transaction: SET NOT NULL skips
+    // its scan, but the validation scans under the ACCESS EXCLUSIVE lock the check's
+    // ADD CONSTRAINT still holds (a lint review found the old "safe" verdict wrong here).
     assert_eq!(
-        rules(
+        findings(&[(
+            "1_m.up.sql",
             "ALTER TABLE users ADD CONSTRAINT email_nn CHECK (email IS NOT NULL) NOT VALID;\n\
              ALTER TABLE users VALIDATE CONSTRAINT email_nn;\n\
              ALTER TABLE users ALTER COLUMN email SET NOT NULL;"
-        ),
-        []
+        )]),
+        [(Rule::ConstraintWithoutNotValid, 2, false)]
     );
-    // Split over two migrations of the same deploy: the same.
+    // Split over two transactional migrations of the same deploy: one transaction, the same.
+    let check = (
+        "1_check.up.sql",
+        "ALTER TABLE users ADD CONSTRAINT email_nn CHECK (email IS NOT NULL) NOT VALID;",
+    );
+    let validate_then_set =
+        "ALTER TABLE users VALIDATE CONSTRAINT email_nn;\nALTER TABLE users ALTER COLUMN email SET NOT NULL;";
     assert_eq!(
-        findings(&[
-            (
-                "1_check.up.sql",
-                "ALTER TABLE users ADD CONSTRAINT email_nn CHECK (email IS NOT NULL) NOT VALID;"
-            ),
-            (
-                "2_nn.up.sql",
-                "ALTER TABLE users VALIDATE CONSTRAINT email_nn;\nALTER TABLE users ALTER COLUMN email SET NOT NULL;"
-            ),
-        ]),
-        []
+        findings(&[check, ("2_nn.up.sql", validate_then_set)]),
+        [(Rule::ConstraintWithoutNotValid, 1, false)]
+    );
+    // The safe sequence: validated in a non-transactional migration, after the check's
+    // transaction committed; or in a later deploy.
+    let no_tx = format!("{NO_TX}{validate_then_set}");
+    assert_eq!(findings(&[check, ("2_nn.up.sql", &no_tx)]), []);
+    assert_eq!(rules(validate_then_set), []);
+    // A foreign key likewise (its lock blocks writes to both tables).
+    assert_eq!(
+        rules(
+            "ALTER TABLE orders ADD CONSTRAINT orders_user FOREIGN KEY (user_id) REFERENCES users (id) NOT VALID;\n\
+             ALTER TABLE orders VALIDATE CONSTRAINT orders_user;"
+        ),
+        [Rule::ConstraintWithoutNotValid]
     );
     // A check on another column, or one never validated, does not help.
     assert_eq!(
@@ -244,7 +257,10 @@ fn set_not_null_needs_a_validated_check_first() {
              ALTER TABLE users VALIDATE CONSTRAINT name_nn;\n\
              ALTER TABLE users ALTER COLUMN email SET NOT NULL;"
         ),
-        [Rule::SetNotNullWithoutCheck]
+        [
+            Rule::ConstraintWithoutNotValid,
+            Rule::SetNotNullWithoutCheck
+        ]
     );
     assert_eq!(
         rules(

@@ -53,7 +53,8 @@ pub enum Rule {
     /// lock unless the change is binary-coercible.
     AlterColumnType,
     /// `ADD CONSTRAINT … FOREIGN KEY` or `CHECK` without `NOT VALID`: every row is checked while
-    /// writes (for a foreign key, to both tables) are blocked.
+    /// writes (for a foreign key, to both tables) are blocked. Also `VALIDATE CONSTRAINT` in the
+    /// transaction that added the constraint, whose lock lasts through the scan.
     ConstraintWithoutNotValid,
     /// `ADD PRIMARY KEY` or `ADD UNIQUE` without `USING INDEX` on a table that existed before
     /// the deploy: its index is built while reads and writes wait for the `ACCESS EXCLUSIVE`

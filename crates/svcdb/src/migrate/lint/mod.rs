@@ -30,7 +30,8 @@
 //! | `add-column-not-null-without-default` | error | `ADD COLUMN … NOT NULL` without a default |
 //! | `add-column-volatile-default` | error | `ADD COLUMN` with a volatile default (`random()`, `clock_timestamp()`, `gen_random_uuid()`, `nextval`, a `serial` type), an identity or a stored generated column |
 //! | `alter-column-type` | error | `ALTER COLUMN … TYPE` |
-//! | `constraint-without-not-valid` | error | `ADD CONSTRAINT … FOREIGN KEY` / `CHECK` without `NOT VALID` |
+//! | `constraint-without-not-valid` | error | `ADD CONSTRAINT … FOREIGN KEY` / `CHECK` without `NOT VALID`, or `VALIDATE CONSTRAINT` in the transaction that added it (its lock lasts through the scan) |
+//! | `unique-without-index` | error | `ADD PRIMARY KEY` / `UNIQUE` without `USING INDEX` |
 //! | `set-not-null-without-check` | error | `ALTER COLUMN … SET NOT NULL` without a validated `CHECK (col IS NOT NULL)` earlier in the deploy |
 //! | `rename-column`, `rename-table` | warning | renaming what the old release still reads |
 //! | `drop-column`, `drop-table` | warning | dropping what the old release still reads |
@@ -196,6 +197,10 @@ struct Deploy {
     /// Per table: constraints known valid (validated, or added without `NOT VALID`) in this
     /// deploy.
     validated: HashMap<String, HashSet<String>>,
+    /// Per table: constraints added in the transaction still open (the run of transactional
+    /// migrations so far, which `up` commits together), each with whether it is a foreign
+    /// key. Their `ADD CONSTRAINT` lock lasts until that commit.
+    open_tx_added: HashMap<String, HashMap<String, bool>>,
 }
 
 /// One script to check (a migration's up script, or a repeatable one) and where findings in
@@ -313,6 +318,11 @@ impl Deploy {
     }
 
     fn script(&mut self, mut script: Script<'_>, out: &mut Vec<Finding>) {
+        // A non-transactional script starts after the open transaction committed, and runs
+        // each statement in a transaction of its own (cleared after each, below).
+        if !script.transactional {
+            self.open_tx_added.clear();
+        }
         let (allowed, unknown) = allow_comments(script.up);
         script.allowed = allowed;
         for (at, name) in unknown {
@@ -367,6 +377,9 @@ impl Deploy {
             // The parser's location may include the comments before the statement.
             let at = code_start(script.up, usize::try_from(raw.stmt_location).unwrap_or(0));
             self.statement(&script, at, node, out);
+            if !script.transactional {
+                self.open_tx_added.clear();
+            }
         }
     }
 
@@ -537,6 +550,26 @@ impl Deploy {
                 .entry(table.to_owned())
                 .or_default()
                 .insert(cmd.name.clone());
+            let added_here = self
+                .open_tx_added
+                .get(table)
+                .and_then(|added| added.get(&cmd.name));
+            if let (false, Some(&foreign)) = (new, added_here) {
+                let (lock, waiting) = if foreign {
+                    ("SHARE ROW EXCLUSIVE", "writes to both tables".to_owned())
+                } else {
+                    (
+                        "ACCESS EXCLUSIVE",
+                        format!("every read and write of {table}"),
+                    )
+                };
+                out.push(s.finding(
+                    at,
+                    Rule::ConstraintWithoutNotValid,
+                    format!("{} is validated in the transaction that added it, which holds the {lock} lock of ADD CONSTRAINT until it commits: {waiting} wait for the whole validation scan", cmd.name),
+                    format!("validate it in a later deploy, or in a non-transactional migration of its own after the one that adds it ({})", super::migration::NO_TRANSACTION_HOW),
+                ));
+            }
         } else if new {
             // Nothing below can hurt a table nobody else sees yet.
         } else if subtype == AlterTableType::AtAddColumn as i32 {
@@ -556,7 +589,7 @@ impl Deploy {
                     at,
                     Rule::SetNotNullWithoutCheck,
                     format!("SET NOT NULL on {table}.{} scans the whole table under an ACCESS EXCLUSIVE lock", cmd.name),
-                    format!("first ADD CONSTRAINT {c}_not_null CHECK ({c} IS NOT NULL) NOT VALID, then VALIDATE CONSTRAINT it (a scan that blocks no writes); SET NOT NULL after the validation then skips the scan (PostgreSQL 12+), and the check can be dropped", c = cmd.name),
+                    format!("first ADD CONSTRAINT {c}_not_null CHECK ({c} IS NOT NULL) NOT VALID; then, in a later deploy or a non-transactional migration of its own, VALIDATE CONSTRAINT it (a scan that blocks no writes, unless the transaction that added the check still holds its lock); SET NOT NULL after the validation then skips the scan (PostgreSQL 12+), and the check can be dropped", c = cmd.name),
                 ));
             }
         } else if subtype == AlterTableType::AtDropColumn as i32 {
@@ -607,7 +640,7 @@ impl Deploy {
                 Rule::UniqueWithoutIndex,
                 format!("adding {index_kind} to {table} builds its index while every read and write of {table} waits"),
                 format!(
-                    "build the index first without blocking, in a non-transactional migration: CREATE UNIQUE INDEX CONCURRENTLY {name} ON {table} ({}); then ALTER TABLE {table} ADD CONSTRAINT {name} {kind} USING INDEX {name}{}",
+                    "build the index first without blocking, in a non-transactional migration: CREATE UNIQUE INDEX CONCURRENTLY {name}_new ON {table} ({}); then ALTER TABLE {table} ADD CONSTRAINT {name} {kind} USING INDEX {name}_new, which gives the index the constraint's name (to replace a constraint of that name, drop it in the same ALTER TABLE){}",
                     columns.join(", "),
                     if primary { " (a primary key also makes its columns NOT NULL: see set-not-null-without-check)" } else { "" }
                 ),
@@ -623,6 +656,11 @@ impl Deploy {
                 .entry(table.to_owned())
                 .or_default()
                 .insert(c.conname.clone());
+        } else if check || foreign {
+            self.open_tx_added
+                .entry(table.to_owned())
+                .or_default()
+                .insert(c.conname.clone(), foreign);
         }
         if new || c.skip_validation || !(check || foreign) {
             return;
@@ -637,7 +675,7 @@ impl Deploy {
             at,
             Rule::ConstraintWithoutNotValid,
             format!("adding {what} to {table} checks every existing row while {blocked} are blocked"),
-            format!("add it with NOT VALID (new rows are checked at once), then in a later migration ALTER TABLE {table} VALIDATE CONSTRAINT {name}, which checks the old rows without blocking writes"),
+            format!("add it with NOT VALID (new rows are checked at once), then ALTER TABLE {table} VALIDATE CONSTRAINT {name}, which checks the old rows without blocking writes, in a later deploy or a non-transactional migration of its own (in the transaction that added it, ADD CONSTRAINT's lock would last through the scan)"),
         ));
     }
 
