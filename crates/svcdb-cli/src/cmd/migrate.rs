@@ -447,7 +447,7 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
     };
     output::report(global.json, &report, |r| {
         let mut summary = summary(r);
-        if refusal.is_none() && r.in_progress.is_some() {
+        if refusal.is_none() && (r.in_progress.is_some() || r.locked) {
             summary.push_str("; another runner holds the schema's migration lock, and `svcdb migrate up` waits for it");
         } else if let (None, Some(other)) = (&refusal, r.other_histories.first()) {
             summary.push_str(&format!(
@@ -471,6 +471,7 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
     } else if report.pending().next().is_some()
         || report.stale_repeatables().next().is_some()
         || report.in_progress.is_some()
+        || report.locked
     {
         Outcome::Pending
     } else {

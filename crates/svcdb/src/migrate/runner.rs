@@ -135,6 +135,14 @@ impl Migrator {
             report.other_histories =
                 adopt::other_histories(client(&conn), self.db.schema()).await?;
         }
+        if report.pending().next().is_some() && report.in_progress.is_none() {
+            // A transactional deploy leaves no dirty row to tell it is running: ask the lock.
+            let sql = format!(
+                "SELECT {}",
+                super::lock::held_by_another_sql(self.db.schema())
+            );
+            report.locked = conn.query_one(&sql, &[]).await?.get(0);
+        }
         Ok(report)
     }
 

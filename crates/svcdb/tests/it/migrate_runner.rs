@@ -1765,3 +1765,40 @@ async fn a_version_that_no_migration_has_is_refused() {
     assert_eq!(m.down(&down_to(&v(0))).await.unwrap().migrations.len(), 2);
     assert_eq!(m.baseline(&b).await.unwrap().recorded.len(), 2);
 }
+
+/// Found by a robustness trial: while another runner applied transactional migrations (no
+/// dirty row to see), `status` said plain "pending". It now says the lock is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_sees_another_runner_holding_the_lock_in_a_transactional_deploy() {
+    let Fixture { db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[(
+            "1_held.up.sql",
+            &format!("SELECT pg_advisory_lock_shared({HELD_BY_TEST}); CREATE TABLE a (id int);"),
+        )],
+    );
+    let m = migrator(&svc, dir.path());
+    // The control: nobody migrating, nothing held.
+    assert!(!m.status().await.unwrap().locked);
+    let test_session = db.admin().await;
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_lock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
+    let (runner, mut events) = spawn_up(migrator(&svc, dir.path()).with_options(MigrateOptions {
+        lock_timeout: Duration::ZERO,
+        ..options()
+    }));
+    wait_for_event(&mut events, |e| matches!(e, MigrateEvent::Started { .. })).await;
+    let status = m.status().await.unwrap();
+    assert!(status.locked, "{status:?}");
+    assert_eq!(status.pending().count(), 1);
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_unlock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
+    runner.await.unwrap().unwrap();
+    let status = m.status().await.unwrap();
+    assert!(!status.locked && status.is_up_to_date(), "{status:?}");
+}
