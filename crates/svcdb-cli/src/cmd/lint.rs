@@ -47,22 +47,7 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
             }
             connected => connected?,
         };
-        let migrator = Migrator::new(db, migrations);
-        let status = migrator.status().await?;
-        let pending = status
-            .pending()
-            .filter_map(|e| migrator.migrations().get(&e.version));
-        // The repeatable migrations the next `up` runs, after the pending ones.
-        let stale: Vec<&str> = status
-            .stale_repeatables()
-            .map(|r| r.name.as_str())
-            .collect();
-        let repeatables = migrator
-            .migrations()
-            .repeatables()
-            .iter()
-            .filter(|r| stale.contains(&r.name.as_str()));
-        lint_with_repeatables(pending, repeatables)
+        Migrator::new(db, migrations).lint_pending().await?
     };
     finish(global, report)
 }

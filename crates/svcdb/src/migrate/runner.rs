@@ -146,6 +146,35 @@ impl Migrator {
         Ok(report)
     }
 
+    /// The lint of what the next `up` runs: the pending migrations, then the repeatable ones
+    /// due, knowing the live tables' columns (what `svcdb migrate lint` prints).
+    pub async fn lint_pending(&self) -> Result<super::lint::LintReport, MigrateError> {
+        let status = self.status().await?;
+        let pending = status
+            .pending()
+            .filter_map(|e| self.migrations.get(&e.version));
+        let stale: Vec<&str> = status
+            .stale_repeatables()
+            .map(|r| r.name.as_str())
+            .collect();
+        let repeatables = self
+            .migrations
+            .repeatables()
+            .iter()
+            .filter(|r| stale.contains(&r.name.as_str()));
+        let live = self.live_columns(true).await?;
+        Ok(super::lint::lint_live(pending, repeatables, live))
+    }
+
+    /// The schema's live columns for the lint, when `needed` (one query); none otherwise.
+    async fn live_columns(&self, needed: bool) -> Result<super::lint::LiveColumns, MigrateError> {
+        if !needed {
+            return Ok(super::lint::LiveColumns::default());
+        }
+        let conn = self.db.get().await?;
+        Ok(super::lint::LiveColumns::read(client(&conn), self.db.schema()).await?)
+    }
+
     /// The recorded repeatable migrations; no query when the source has none.
     async fn recorded_repeatables(
         &self,
@@ -228,7 +257,10 @@ impl Migrator {
         let plan = self.plan_up(&status, options.to.as_ref())?;
         super::template::refuse_untouched(&plan)?;
         let stale = self.stale_repeatables(options, &recorded);
-        super::lint::check_before_up(&plan, &stale, self.options.allow_unsafe, observer)?;
+        let live = self
+            .live_columns(!plan.is_empty() || !stale.is_empty())
+            .await?;
+        super::lint::check_before_up(&plan, &stale, live, self.options.allow_unsafe, observer)?;
         // A migration in progress may be one this call would run, or may fail: only under the
         // lock, once its runner is done, is there nothing to do.
         // A history table an older release wrote is upgraded under the lock first.

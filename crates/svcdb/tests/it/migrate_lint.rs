@@ -794,3 +794,55 @@ async fn an_empty_down_makes_down_refuse_before_reverting_anything() {
 fn v(n: i64) -> svcdb::migrate::Version {
     svcdb::migrate::Version::try_from(n).expect("a non-negative version")
 }
+
+/// Found by a lint review on real folders (vaultwarden, mCaptcha): `varchar(30)` to
+/// `varchar(100)` or `text`, and `SET NOT NULL` on a column that already is, were refused,
+/// though PostgreSQL neither rewrites nor scans for them. Before `up` (and in `svcdb migrate
+/// lint`) the lint now asks the catalog; a real rewrite is still refused.
+#[tokio::test]
+async fn up_lets_through_what_the_catalog_shows_rewrites_nothing() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "1_users.up.sql",
+            "CREATE TABLE users (email varchar(30) NOT NULL, nick varchar(20), code char(2));",
+        )],
+    );
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "2_wider.up.sql",
+            "ALTER TABLE users ALTER COLUMN email TYPE varchar(100);\n\
+             ALTER TABLE users ALTER COLUMN nick TYPE text;\n\
+             ALTER TABLE users ALTER COLUMN email SET NOT NULL;",
+        )],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    assert_eq!(m.lint_pending().await.unwrap().findings, []);
+    m.up().await.unwrap();
+
+    // The control: char(2) to text converts every value, and nick may hold NULLs.
+    write(
+        dir.path(),
+        &[(
+            "3_code.up.sql",
+            "ALTER TABLE users ALTER COLUMN code TYPE text;\nALTER TABLE users ALTER COLUMN nick SET NOT NULL;",
+        )],
+    );
+    let err = migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap_err();
+    let MigrateError::Unsafe { findings } = &err else {
+        panic!("expected Unsafe, got {err}");
+    };
+    let rules: Vec<Rule> = findings.iter().map(|f| f.rule).collect();
+    assert_eq!(rules, [Rule::AlterColumnType, Rule::SetNotNullWithoutCheck]);
+}

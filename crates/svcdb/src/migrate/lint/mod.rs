@@ -89,8 +89,10 @@ use super::split::{code_start, comments, split_statements};
 use super::version::Version;
 
 mod finding;
+mod live;
 
 pub use finding::{Finding, Rule, Severity, ALLOW_DIRECTIVE};
+pub(crate) use live::LiveColumns;
 
 /// What [`lint`] found, in deploy order.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -127,7 +129,10 @@ impl LintReport {
 
 /// Checks `deploy`, the migrations one `up` applies, in the order it applies them: a table
 /// created by an earlier statement of the deploy counts as new (see the
-/// [module documentation](self)). Only up scripts are checked. Reads no database.
+/// [module documentation](self)). Only up scripts are checked. Reads no database, so it
+/// cannot tell a type change that keeps the stored values (`varchar(30)` to `text`) or a
+/// `SET NOT NULL` on a column that already is: [`Migrator::lint_pending`](super::Migrator::lint_pending)
+/// and `up` ask the catalog.
 ///
 /// ```
 /// use svcdb::migrate::lint::{lint, Rule};
@@ -147,7 +152,20 @@ pub fn lint_with_repeatables<'a>(
     deploy: impl IntoIterator<Item = &'a Migration>,
     repeatables: impl IntoIterator<Item = &'a Repeatable>,
 ) -> LintReport {
-    let mut deploy_state = Deploy::default();
+    lint_live(deploy, repeatables, LiveColumns::default())
+}
+
+/// [`lint_with_repeatables`], knowing the live tables' columns (`live`): a `SET NOT NULL` on a
+/// column that is already and a type change that keeps the stored values are no findings.
+pub(crate) fn lint_live<'a>(
+    deploy: impl IntoIterator<Item = &'a Migration>,
+    repeatables: impl IntoIterator<Item = &'a Repeatable>,
+    live: LiveColumns,
+) -> LintReport {
+    let mut deploy_state = Deploy {
+        live,
+        ..Deploy::default()
+    };
     let mut report = LintReport::default();
     for m in deploy {
         report.migrations += 1;
@@ -166,10 +184,11 @@ pub fn lint_with_repeatables<'a>(
 pub(crate) fn check_before_up(
     plan: &[&Migration],
     repeatables: &[&Repeatable],
+    live: LiveColumns,
     allow_unsafe: bool,
     observer: &mut (dyn FnMut(&MigrateEvent) + Send),
 ) -> Result<(), MigrateError> {
-    let report = lint_with_repeatables(plan.iter().copied(), repeatables.iter().copied());
+    let report = lint_live(plan.iter().copied(), repeatables.iter().copied(), live);
     // `allow_unsafe` lets through the hazards, not what the server would refuse anyway.
     let blocking: Vec<Finding> = report
         .blocking()
@@ -201,6 +220,8 @@ struct Deploy {
     /// migrations so far, which `up` commits together), each with whether it is a foreign
     /// key. Their `ADD CONSTRAINT` lock lasts until that commit.
     open_tx_added: HashMap<String, HashMap<String, bool>>,
+    /// The live tables' columns, when a database was asked.
+    live: LiveColumns,
 }
 
 /// One script to check (a migration's up script, or a repeatable one) and where findings in
@@ -577,6 +598,17 @@ impl Deploy {
                 add_column(s, at, table, column, out);
             }
         } else if subtype == AlterTableType::AtAlterColumnType as i32 {
+            // Without `USING`, a type change the catalog shows keeps every stored value.
+            if let Some(NodeEnum::ColumnDef(column)) = def {
+                let keeps = column.raw_default.is_none()
+                    && column
+                        .type_name
+                        .as_ref()
+                        .is_some_and(|t| self.live.keeps_storage(table, &cmd.name, t));
+                if keeps {
+                    return;
+                }
+            }
             out.push(s.finding(
                 at,
                 Rule::AlterColumnType,
@@ -584,7 +616,9 @@ impl Deploy {
                 "add a column of the new type, write both in the code, backfill in batches, switch reads, then drop the old column in a later release; if this change is binary-coercible, allow it with `-- svcdb:allow alter-column-type`".into(),
             ));
         } else if subtype == AlterTableType::AtSetNotNull as i32 {
-            if !self.has_valid_not_null_check(table, &cmd.name) {
+            if !self.has_valid_not_null_check(table, &cmd.name)
+                && !self.live.is_not_null(table, &cmd.name)
+            {
                 out.push(s.finding(
                     at,
                     Rule::SetNotNullWithoutCheck,

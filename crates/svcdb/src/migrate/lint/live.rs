@@ -1,0 +1,213 @@
+//! What the live tables' columns are, for the checks a parser alone gets wrong: `SET NOT NULL`
+//! on a column that already is (no scan), and a type change PostgreSQL makes without
+//! rewriting the table (`varchar(30)` to `varchar(100)` or `text`). Read from the catalog
+//! before `up` and by `svcdb migrate lint`; `lint --all`, without a database, knows none.
+
+use std::collections::HashMap;
+
+use pg_query::protobuf::{a_const, TypeName};
+use pg_query::NodeEnum;
+
+use crate::ident::Ident;
+
+/// One column of a table of the schema, as the catalog has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Column {
+    /// `format_type` of its type and modifier: `character varying(30)`, `text`, `integer`.
+    type_name: String,
+    not_null: bool,
+}
+
+/// The columns of the schema's tables, by table and column name.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LiveColumns(HashMap<(String, String), Column>);
+
+impl LiveColumns {
+    /// The columns of every table of `schema`, in one query.
+    pub(crate) async fn read(
+        client: &tokio_postgres::Client,
+        schema: &Ident,
+    ) -> Result<Self, tokio_postgres::Error> {
+        let rows = client
+            .query(
+                "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull
+                   FROM pg_catalog.pg_attribute a
+                   JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
+                    AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&schema.as_str()],
+            )
+            .await?;
+        Ok(Self(
+            rows.iter()
+                .map(|r| {
+                    (
+                        (r.get(0), r.get(1)),
+                        Column {
+                            type_name: r.get(2),
+                            not_null: r.get(3),
+                        },
+                    )
+                })
+                .collect(),
+        ))
+    }
+
+    /// The column is known to be `NOT NULL` already: `SET NOT NULL` changes nothing.
+    pub(crate) fn is_not_null(&self, table: &str, column: &str) -> bool {
+        self.get(table, column).is_some_and(|c| c.not_null)
+    }
+
+    /// The column's type is known, and changing it to `new` keeps every stored value as it is
+    /// (no rewrite, no index rebuilt): the same type, or within the character types a longer
+    /// or unlimited `varchar`, or `text` (PostgreSQL docs, ALTER TABLE: "increasing the
+    /// length limit of a varchar column … or changing a varchar column to text" needs no
+    /// rewrite). Anything else, or a `USING` expression, counts as a rewrite.
+    pub(crate) fn keeps_storage(&self, table: &str, column: &str, new: &TypeName) -> bool {
+        let (Some(old), Some(new)) = (self.get(table, column), render(new)) else {
+            return false;
+        };
+        let old = old.type_name.as_str();
+        if old == new {
+            return true;
+        }
+        let limit = |t: &str| -> Option<Option<u32>> {
+            match t {
+                "text" | "character varying" => Some(None),
+                _ => t
+                    .strip_prefix("character varying(")
+                    .and_then(|rest| rest.strip_suffix(')'))
+                    .and_then(|n| n.parse().ok())
+                    .map(Some),
+            }
+        };
+        match (limit(old), limit(&new)) {
+            // Unlimited to unlimited (text and varchar are binary-coercible both ways).
+            (Some(None), Some(None)) => true,
+            (Some(Some(_)), Some(None)) => true,
+            (Some(Some(was)), Some(Some(now))) => now >= was,
+            _ => false,
+        }
+    }
+
+    fn get(&self, table: &str, column: &str) -> Option<&Column> {
+        self.0.get(&(table.to_owned(), column.to_owned()))
+    }
+}
+
+/// `new` as `format_type` writes it, for the types [`LiveColumns::keeps_storage`] knows
+/// (`character varying(n)`, `character varying`, `text`); `None` for any other, or an array.
+fn render(new: &TypeName) -> Option<String> {
+    if !new.array_bounds.is_empty() {
+        return None;
+    }
+    let name = match new.names.last()?.node.as_ref()? {
+        NodeEnum::String(s) => s.sval.as_str(),
+        _ => return None,
+    };
+    let modifiers: Vec<i32> = new
+        .typmods
+        .iter()
+        .map(|m| match m.node.as_ref() {
+            Some(NodeEnum::AConst(c)) => match &c.val {
+                Some(a_const::Val::Ival(i)) => Some(i.ival),
+                _ => None,
+            },
+            Some(NodeEnum::Integer(i)) => Some(i.ival),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    match (name, modifiers.as_slice()) {
+        ("text", []) => Some("text".to_owned()),
+        ("varchar", []) => Some("character varying".to_owned()),
+        ("varchar", [n]) => Some(format!("character varying({n})")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(columns: &[(&str, &str, &str, bool)]) -> LiveColumns {
+        LiveColumns(
+            columns
+                .iter()
+                .map(|(t, c, ty, nn)| {
+                    (
+                        (t.to_string(), c.to_string()),
+                        Column {
+                            type_name: ty.to_string(),
+                            not_null: *nn,
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// The `TYPE …` of `ALTER TABLE t ALTER COLUMN c TYPE …`.
+    fn type_of(sql: &str) -> TypeName {
+        let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).unwrap();
+        let node = parsed.protobuf.stmts[0]
+            .stmt
+            .as_ref()
+            .unwrap()
+            .node
+            .as_ref()
+            .unwrap();
+        let NodeEnum::AlterTableStmt(alter) = node else {
+            panic!("{sql}")
+        };
+        let Some(NodeEnum::AlterTableCmd(cmd)) = &alter.cmds[0].node else {
+            panic!("{sql}")
+        };
+        let Some(NodeEnum::ColumnDef(def)) = cmd.def.as_ref().and_then(|d| d.node.as_ref()) else {
+            panic!("{sql}")
+        };
+        def.type_name.clone().unwrap()
+    }
+
+    #[test]
+    fn longer_or_unlimited_character_types_keep_the_storage() {
+        let l = live(&[
+            ("t", "short", "character varying(30)", false),
+            ("t", "free", "character varying", false),
+            ("t", "body", "text", false),
+            ("t", "code", "character(2)", false),
+            ("t", "n", "integer", true),
+        ]);
+        let keeps = |column: &str, ty: &str| {
+            l.keeps_storage(
+                "t",
+                column,
+                &type_of(&format!("ALTER TABLE t ALTER COLUMN {column} TYPE {ty}")),
+            )
+        };
+        for (column, ty) in [
+            ("short", "varchar(100)"),
+            ("short", "varchar(30)"),
+            ("short", "text"),
+            ("short", "varchar"),
+            ("free", "text"),
+            ("body", "varchar"),
+            ("body", "text"),
+        ] {
+            assert!(keeps(column, ty), "{column} → {ty}");
+        }
+        // A shorter limit checks every row; char(n) pads; other types convert; unknown columns
+        // are not known.
+        for (column, ty) in [
+            ("short", "varchar(10)"),
+            ("code", "text"),
+            ("n", "bigint"),
+            ("body", "varchar(10)"),
+            ("missing", "text"),
+            ("short", "text[]"),
+        ] {
+            assert!(!keeps(column, ty), "{column} → {ty}");
+        }
+        assert!(l.is_not_null("t", "n") && !l.is_not_null("t", "short"));
+    }
+}
