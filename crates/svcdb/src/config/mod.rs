@@ -45,7 +45,7 @@ use url_params::UrlParams;
 /// | `SVCDB_POOL_MIN` | [`Config::pool_min`] | `5` | connections opened at start and kept open while idle |
 /// | `SVCDB_POOL_MAX` | [`Config::pool_max`] | `25` | most connections open at once |
 /// | `SVCDB_ACQUIRE_TIMEOUT` | [`Config::acquire_timeout`] | `5s` | longest wait for a connection before an error |
-/// | `SVCDB_CONNECT_TIMEOUT` | [`Config::connect_timeout`] | `3s` | longest wait for one connection attempt to one host (each host named gets this long) |
+/// | `SVCDB_CONNECT_TIMEOUT` | [`Config::connect_timeout`] | `3s` | longest wait for one connection attempt to one host (each host named gets this long); a URL's `connect_timeout` sets it too |
 /// | `SVCDB_IDLE_TIMEOUT` | [`Config::idle_timeout`] | `10m` | close connections idle this long (above `pool_min`); `0` disables |
 /// | `SVCDB_MAX_LIFETIME` | [`Config::max_lifetime`] | `30m` | close connections this old, once idle; `0` disables |
 /// | `SVCDB_MAX_LIFETIME_JITTER` | [`Config::max_lifetime_jitter`] | `2m` | up to this much added per connection so they don't all expire at once |
@@ -153,6 +153,13 @@ impl Config {
 
     /// A configuration with the documented defaults for an already parsed connection.
     pub fn with_connection(connection: tokio_postgres::Config, schema: Ident) -> Self {
+        // A URL's own `connect_timeout=N` (libpq's) is the default, as libpq users expect;
+        // SVCDB_CONNECT_TIMEOUT, read after, still wins.
+        let connect_timeout = connection
+            .get_connect_timeout()
+            .copied()
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(3));
         Self {
             tls: TlsMode::of_driver_config(&connection),
             ssl_root_cert: None,
@@ -163,7 +170,7 @@ impl Config {
             pool_min: 5,
             pool_max: 25,
             acquire_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(3),
+            connect_timeout,
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
             max_lifetime_jitter: Duration::from_secs(120),
@@ -316,6 +323,15 @@ mod tests {
         assert_eq!(c.acquire_timeout, Duration::from_secs(5));
         assert!(c.extra_schemas.is_empty());
         assert_eq!(c.target(), "svc@127.0.0.1:5432/shop");
+    }
+
+    /// Found by a robustness trial: `?connect_timeout=2` in the URL was ignored (always 3 s).
+    #[test]
+    fn the_urls_connect_timeout_is_the_default() {
+        let c = Config::new("postgres://svc@db/shop?connect_timeout=2", "orders").unwrap();
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        let c = Config::new("postgres://svc@db/shop", "orders").unwrap();
+        assert_eq!(c.connect_timeout, Duration::from_secs(3), "the control");
     }
 
     #[test]
