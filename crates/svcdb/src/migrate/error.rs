@@ -196,8 +196,9 @@ fn unknown_version_hint(below: Option<&String>, above: Option<&String>, zero: bo
     let mut hint = if nearest.is_empty() {
         "the folder and the history hold no migration".to_owned()
     } else {
+        let verb = if nearest.len() == 1 { "is" } else { "are" };
         format!(
-            "give a version that exists; the nearest are {}",
+            "give a version that exists; the nearest {verb} {}",
             nearest.join(" and ")
         )
     };
