@@ -17,31 +17,32 @@ use crate::ident::Ident;
 
 /// Switches the runner's connection to `schema`'s owner when the connected role is another
 /// one, telling `observer` ([`MigrateEvent::ActingAsOwner`]); [`MigrateError::NotOwner`] when
-/// the server refuses the switch. A schema that does not exist is left to the caller, which
-/// reports it where it needs the schema.
+/// the server refuses the switch. Returns the role the connection now works as. A schema
+/// that does not exist is left to the caller, which reports it where it needs the schema.
 pub(crate) async fn act_as_owner(
     client: &Client,
     schema: &Ident,
     observer: &mut (dyn FnMut(&MigrateEvent) + Send),
-) -> Result<(), MigrateError> {
-    let Some(row) = client
-        .query_opt(
-            "SELECT pg_get_userbyid(nspowner)::text, quote_ident(pg_get_userbyid(nspowner)), \
-                    current_user::text \
-             FROM pg_catalog.pg_namespace WHERE nspname = $1",
+) -> Result<String, MigrateError> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, pg_get_userbyid(n.nspowner)::text, \
+                    quote_ident(pg_get_userbyid(n.nspowner)) \
+               FROM (SELECT) AS one \
+               LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = $1",
             &[&schema.as_str()],
         )
-        .await?
+        .await?;
+    let connected: String = row.get(0);
+    let (Some(owner), Some(owner_sql)): (Option<String>, Option<String>) = (row.get(1), row.get(2))
     else {
-        return Ok(());
+        return Ok(connected);
     };
-    let (owner, owner_sql, connected): (String, String, String) =
-        (row.get(0), row.get(1), row.get(2));
     // `public` belongs to pg_database_owner from PostgreSQL 15 on: a stand-in for whoever
     // owns the database, which no object should belong to. Its objects are the connected
     // role's, as they always were.
     if owner == connected || owner == "pg_database_owner" {
-        return Ok(());
+        return Ok(connected);
     }
     // Asking the server to switch, rather than predicting its answer from pg_has_role, keeps
     // one rule for every version (PostgreSQL 16 added the SET option to memberships).
@@ -50,9 +51,9 @@ pub(crate) async fn act_as_owner(
             observer(&MigrateEvent::ActingAsOwner {
                 schema: schema.as_str().to_owned(),
                 connected,
-                owner,
+                owner: owner.clone(),
             });
-            Ok(())
+            Ok(owner)
         }
         Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
             Err(MigrateError::NotOwner {

@@ -589,12 +589,8 @@ impl Migrator {
             setup.push_str(&format!(" CREATE SCHEMA IF NOT EXISTS {schema};"));
         }
         lock.batch_execute(&setup).await?;
-        super::owner::act_as_owner(lock.client(), schema, observer).await?;
         // The role every script starts as ([`Self::session_reset`]).
-        let role: String = lock
-            .query_one("SELECT current_user::text", &[])
-            .await?
-            .get(0);
+        let role = super::owner::act_as_owner(lock.client(), schema, observer).await?;
         lock.set_acting_as(role);
         let mut history = history::read(lock.client(), schema, true).await?;
         if history.legacy {
@@ -810,10 +806,11 @@ impl Migrator {
             };
             let m = segment[i];
             // A non-transactional script that changed nothing is not left dirty.
-            let untouched = || async {
-                statements_done == Some(0) && self.unmark_untouched(conn, m, direction).await
+            let dirty = if transactional(m, direction) {
+                false
+            } else {
+                statements_done != Some(0) || !self.unmark_untouched(conn, m, direction).await
             };
-            let dirty = !transactional(m, direction) && !untouched().await;
             flush(conn).await;
             // Undo this deploy's ups unless the failing step left the schema in an unknown
             // state: running downs over a half-applied step would only make the mess bigger.
