@@ -34,26 +34,19 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
         }
         report
     } else {
-        // Lint runs nothing, so it creates no schema; a schema that does not exist yet has
-        // every migration pending.
-        let mut config = global.config()?;
-        config.create_schema = false;
-        let db = match svcdb::ServiceDb::connect(config).await {
-            Err(e) if e.is_schema_missing() => {
-                return finish(
-                    global,
-                    lint_with_repeatables(migrations.iter(), migrations.repeatables()),
-                )
+        // `connect` creates no schema; one that does not exist yet has every migration
+        // pending.
+        match global.connect().await {
+            Ok(db) => Migrator::new(db, migrations).lint_pending().await?,
+            Err(e)
+                if e.downcast_ref::<svcdb::Error>()
+                    .is_some_and(svcdb::Error::is_schema_missing) =>
+            {
+                lint_with_repeatables(migrations.iter(), migrations.repeatables())
             }
-            connected => connected?,
-        };
-        Migrator::new(db, migrations).lint_pending().await?
+            Err(e) => return Err(e),
+        }
     };
-    finish(global, report)
-}
-
-/// Prints `report`; the outcome is "not ready" when a finding would stop `migrate up`.
-fn finish(global: &Global, report: LintReport) -> Result<Outcome> {
     output::report(global.json, &report, render)?;
     Ok(if report.blocking().next().is_some() {
         Outcome::NotReady

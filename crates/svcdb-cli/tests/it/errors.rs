@@ -330,16 +330,6 @@ async fn listing_and_purging_create_no_schema() {
             .run_with_env(args, &[("SVCDB_CREATE_SCHEMA", "true")])
             .expect_code(1);
         assert!(out.stderr.contains("does not exist"), "{args:?}: {out}");
-        let exists: bool =
-            p.db.admin()
-                .await
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-                    &[&p.schema],
-                )
-                .await
-                .unwrap()
-                .get(0);
-        assert!(!exists, "{args:?} created the schema");
+        assert!(!p.schema_exists().await, "{args:?} created the schema");
     }
 }

@@ -151,17 +151,7 @@ async fn lint_before_the_schema_exists_lints_everything_and_creates_nothing() {
             .expect_code(0)
             .json();
         assert_eq!(report["migrations"], 2, "SVCDB_CREATE_SCHEMA={create}");
-        let schema_exists: bool =
-            p.db.admin()
-                .await
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-                    &[&p.schema],
-                )
-                .await
-                .unwrap()
-                .get(0);
-        assert!(!schema_exists, "SVCDB_CREATE_SCHEMA={create}");
+        assert!(!p.schema_exists().await, "SVCDB_CREATE_SCHEMA={create}");
     }
 }
 

@@ -142,4 +142,18 @@ impl Project {
             .map(|row| row.get(0))
             .collect()
     }
+
+    /// Whether the service schema exists (for commands that must not create it).
+    pub async fn schema_exists(&self) -> bool {
+        self.db
+            .admin()
+            .await
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                &[&self.schema],
+            )
+            .await
+            .expect("ask whether the schema exists")
+            .get(0)
+    }
 }
