@@ -301,6 +301,29 @@ async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> 
     Ok(Migrator::new(db, migrations).with_options(options))
 }
 
+/// [`migrator`] for the commands that only read (`status`, `validate`): it never creates the
+/// schema, also under SVCDB_CREATE_SCHEMA=true. Then a missing schema is one `up` would
+/// create, so every migration is pending rather than the schema missing.
+async fn reading_migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> {
+    let migrations = global.migrations()?;
+    let config = global.config()?;
+    let db = match global.connect().await {
+        Ok(db) => db,
+        Err(e)
+            if config.create_schema
+                && e.downcast_ref::<svcdb::Error>()
+                    .is_some_and(svcdb::Error::is_schema_missing) =>
+        {
+            // The server answered (`connect` got as far as the schema): a lazy pool with the
+            // setting kept, so `validate` knows that `up` creates the schema. Nothing here
+            // takes the lock that creates it.
+            ServiceDb::new(config)?
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(Migrator::new(db, migrations).with_options(options))
+}
+
 /// An observer printing each event as it happens (see [`output::progress`]).
 fn progress(json: bool) -> impl FnMut(&MigrateEvent) + Send {
     move |event| output::progress(json, event)
@@ -429,7 +452,7 @@ async fn redo(global: &Global, args: RunArgs) -> Result<Outcome> {
 }
 
 async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
-    let migrator = migrator(global, drift.options()).await?;
+    let migrator = reading_migrator(global, drift.options()).await?;
     let report = migrator.status().await?;
     // `validate` applies the drift rules and allowances exactly as `up` does, so exit 1 means
     // precisely "`up` would refuse", with the library's message saying why and what to do.
@@ -480,7 +503,10 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
 }
 
 async fn validate(global: &Global, drift: Drift) -> Result<Outcome> {
-    let report = migrator(global, drift.options()).await?.validate().await?;
+    let report = reading_migrator(global, drift.options())
+        .await?
+        .validate()
+        .await?;
     output::report(global.json, &report, |r| format!("valid: {}", summary(r)))?;
     Ok(Outcome::Success)
 }

@@ -593,6 +593,26 @@ async fn status_on_a_schema_that_does_not_exist_exits_1() {
         .expect_code(0);
 }
 
+/// Same kind as `listing_and_purging_create_no_schema`: with SVCDB_CREATE_SCHEMA=true (as
+/// this project sets it) `status` and `validate` created the missing schema they were asked
+/// about. They read; the schema is `up`'s to create, so they report every migration pending
+/// (what `up` would do) and leave the database as it was.
+#[tokio::test]
+async fn status_and_validate_create_no_schema() {
+    let p = Project::new().await;
+    p.write(THREE);
+    let out = p.run(&["migrate", "status", "--json"]).expect_code(2);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+    assert_eq!(report["history_exists"], false, "{out}");
+    p.run(&["migrate", "validate"]).expect_code(0);
+    assert!(
+        !p.schema_exists().await,
+        "status or validate created the schema"
+    );
+    p.run(&["migrate", "up"]).expect_code(0);
+    p.run(&["migrate", "status"]).expect_code(0);
+}
+
 /// Found by trying a real dbmate project: on a schema another tool migrated, `status` said
 /// "3 pending; run `svcdb migrate up`", and `up` then failed on the first table. Both now
 /// name the other tool's history and the `adopt` command, which then works.

@@ -25,6 +25,11 @@ use super::status::StatusReport;
 use super::version::Version;
 use crate::pool::ServiceDb;
 
+/// `client_connection_check_interval` of the runner's session, in ms: the server notices a
+/// vanished runner (cancelled task, killed process) during a long statement within a second
+/// and ends the session, releasing the lock, instead of running on until the statement ends.
+const CONNECTION_CHECK_MS: u32 = 1000;
+
 /// Runs a service's migrations against its schema.
 ///
 /// ```no_run
@@ -192,10 +197,11 @@ impl Migrator {
     /// in progress is no failure: `up` would wait for its runner.
     ///
     /// Before the first `up` it also checks that the schema exists (one more query, only then),
-    /// since `up` could not create its history table: [`MigrateError::SchemaMissing`].
+    /// since `up` could not create its history table: [`MigrateError::SchemaMissing`], unless
+    /// [`Config::create_schema`](crate::Config::create_schema) lets `up` create it.
     pub async fn validate(&self) -> Result<StatusReport, MigrateError> {
         let status = self.status().await?;
-        if !status.history_exists {
+        if !status.history_exists && !self.db.config().create_schema {
             let conn = self.db.get().await?;
             let exists: bool = conn
                 .query_one(
@@ -368,7 +374,7 @@ impl Migrator {
                 lock.client(),
                 schema,
                 r,
-                &self.session_reset(lock.acting_as()),
+                &self.session_reset(lock.acting_as(), true),
             )
             .await
             .map_err(|cause| MigrateError::RepeatableFailed {
@@ -576,12 +582,10 @@ impl Migrator {
             })
         })
         .await?;
-        // client_connection_check_interval (PostgreSQL 14+; set through pg_settings so older
-        // servers skip it) makes the server notice a vanished runner (cancelled task, killed
-        // process) during a long statement and end the session, releasing the lock, instead of
-        // running on until the statement ends.
+        // client_connection_check_interval ([`CONNECTION_CHECK_MS`]; PostgreSQL 14+, set
+        // through pg_settings so older servers skip it).
         let mut setup = format!(
-            "SELECT set_config(name, '1000', false) FROM pg_settings WHERE name = 'client_connection_check_interval';
+            "SELECT set_config(name, '{CONNECTION_CHECK_MS}', false) FROM pg_settings WHERE name = 'client_connection_check_interval';
              {}",
             self.session_settings()
         );
@@ -602,17 +606,25 @@ impl Migrator {
 
     /// The session settings every script starts with, sent before the first and again after
     /// each: a script may change them for the rest of its session (pg_dump's
-    /// `set_config('search_path', '', false)`, a `RESET statement_timeout`, a `RESET ROLE`),
-    /// and the next migration must not run differently for having been deployed in the same
-    /// `up`. The search path goes back to the one pinned at connect time, the role to the one
-    /// the run works as (`role`, the schema's owner).
-    fn session_reset(&self, role: &str) -> String {
-        // One statement, not four: it follows every script of a deploy. The role is written
-        // out: a script's `RESET ALL` clears any setting that could have kept it.
+    /// `set_config('search_path', '', false)`, a `RESET statement_timeout`, a `RESET ROLE`, a
+    /// `RESET ALL`), and the next migration must not run differently for having been deployed
+    /// in the same `up`. The search path goes back to the one pinned at connect time, the role
+    /// to the one the run works as (`role`, the schema's owner), the connection check to the
+    /// runner's (PostgreSQL 14+), and `synchronous_commit` to what the run needs at that point
+    /// (`on` for the deploy's last commit, which must flush everything before it: see
+    /// [`Self::run`]).
+    fn session_reset(&self, role: &str, synchronous_commit: bool) -> String {
+        // One statement, not six: it follows every script of a deploy. The role is written
+        // out: a script's `RESET ALL` clears any setting that could have kept it. The check
+        // interval is skipped where the server does not know it (before 14): `current_setting`
+        // with `missing_ok` is NULL there, and `set_config` of an unknown name would fail.
         format!(
-            "SELECT {}, set_config('role', {}, false);",
+            "SELECT {}, set_config('role', {}, false), set_config('synchronous_commit', '{}', false), \
+             CASE WHEN current_setting('client_connection_check_interval', true) IS NOT NULL \
+             THEN set_config('client_connection_check_interval', '{CONNECTION_CHECK_MS}', false) END;",
             self.session_setting_calls(),
-            crate::ident::quote_literal(role)
+            crate::ident::quote_literal(role),
+            if synchronous_commit { "on" } else { "off" },
         )
     }
 
@@ -731,8 +743,10 @@ impl Migrator {
             // Another runner applied everything while we waited for the lock.
             return Ok(Vec::new());
         }
-        let reset = self.session_reset(lock.acting_as());
+        let reset = self.session_reset(lock.acting_as(), true);
         let reset = reset.as_str();
+        // The reset of the scripts before the last segment, which commit without waiting.
+        let deferred = self.session_reset(lock.acting_as(), false);
         let conn: &mut Client = lock;
         let segments: Vec<&[&Migration]> = plan
             .chunk_by(|a, b| transactional(a, direction) && transactional(b, direction))
@@ -780,11 +794,12 @@ impl Migrator {
             if n == last && last > 0 {
                 conn.batch_execute("SET synchronous_commit = on").await?;
             }
+            let segment_reset = if n == last { reset } else { deferred.as_str() };
             let result = if transactional(segment[0], direction) {
-                self.run_group(conn, reset, segment, direction, false, observer)
+                self.run_group(conn, segment_reset, segment, direction, false, observer)
                     .await
             } else {
-                self.step(conn, reset, segment[0], direction, observer)
+                self.step(conn, segment_reset, segment[0], direction, observer)
                     .await
                     .map(|entry| vec![entry])
                     .map_err(|e| (0, e))

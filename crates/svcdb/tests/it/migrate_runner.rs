@@ -1665,9 +1665,12 @@ async fn a_script_that_changes_its_session_does_not_change_the_next_migrations()
     let db = TestDb::new().await;
     let svc = db.service("app").await;
     let dir = tempfile::tempdir().unwrap();
-    // pg_dump's first line, then svix's `RESET statement_timeout`, each followed in the same
-    // deploy by a migration that relies on the service's session: in one transaction, in a
-    // group after a non-transactional one, and outside any.
+    // pg_dump's first line, then svix's `RESET statement_timeout`, then a `RESET ALL` and a
+    // `synchronous_commit` of the script's own, each followed in the same deploy by a migration
+    // that relies on the runner's session: in one transaction, in a group after a
+    // non-transactional one, and outside any. Before the deploy's last segment commits go
+    // without waiting for the disk; the last must wait (it flushes the deploy), and the
+    // connection check must survive (it ends a vanished runner's session).
     write(
         dir.path(),
         &[
@@ -1675,12 +1678,15 @@ async fn a_script_that_changes_its_session_does_not_change_the_next_migrations()
                 "1_dump.up.sql",
                 "SELECT pg_catalog.set_config('search_path', '', false);\nCREATE TABLE app.a (id int);",
             ),
-            ("2_b.up.sql", "CREATE TABLE b (id int);"),
+            ("2_b.up.sql", "CREATE TABLE b (id int); DO $$ BEGIN IF current_setting('synchronous_commit') <> 'off' THEN RAISE 'an early group waits for the disk'; END IF; END $$;"),
             (
                 "3_index.up.sql",
-                "-- svcdb:no-transaction\nSET search_path TO public;\nCREATE INDEX CONCURRENTLY b_id ON app.b (id);\nRESET statement_timeout;",
+                "-- svcdb:no-transaction\nSET search_path TO public;\nCREATE INDEX CONCURRENTLY b_id ON app.b (id);\nRESET statement_timeout;\nRESET ALL;\nSET synchronous_commit = off;",
             ),
-            ("4_c.up.sql", "CREATE TABLE c (id int); DO $$ BEGIN IF current_setting('statement_timeout') = '0' THEN RAISE 'statement_timeout was dropped'; END IF; END $$;"),
+            ("4_c.up.sql", "CREATE TABLE c (id int); DO $$ BEGIN \
+                IF current_setting('statement_timeout') = '0' THEN RAISE 'statement_timeout was dropped'; END IF; \
+                IF current_setting('synchronous_commit') <> 'on' THEN RAISE 'the last commit does not wait for the disk'; END IF; \
+                IF current_setting('client_connection_check_interval') = '0' THEN RAISE 'the connection check was dropped'; END IF; END $$;"),
         ],
     );
     migrator(&svc, dir.path())
