@@ -21,7 +21,8 @@ pub struct MigrateOptions {
     pub lock_wait: Duration,
     /// `lock_timeout` while migrating: a DDL statement waiting this long for a table lock held by
     /// live traffic fails instead of queueing every later query of that table behind it.
-    /// Default: 10 s. `Duration::ZERO` means no limit.
+    /// Default: 10 s. `Duration::ZERO` means no limit. The server counts whole milliseconds in
+    /// an `int`: less than 1 ms is sent as 1 ms, more than `i32::MAX` ms (about 24 days) as that.
     pub lock_timeout: Duration,
     /// How many times a script that hit `lock_timeout` (SQLSTATE 55P03) is tried again before
     /// the deploy fails: a transactional script's whole transaction (its group of consecutive
@@ -37,7 +38,8 @@ pub struct MigrateOptions {
     /// the same traffic at the same moment each time. Default: 1 s.
     pub lock_retry_backoff: Duration,
     /// `statement_timeout` while migrating; `None` means no limit (the server default is not
-    /// inherited: a backfill may legitimately run long). Default: `None`.
+    /// inherited: a backfill may legitimately run long). Default: `None`. Rounded as
+    /// [`lock_timeout`](Self::lock_timeout) is.
     pub statement_timeout: Option<Duration>,
     /// Let `up` run statements that [`lint`](mod@super::lint) reports as errors (reported as
     /// [`MigrateEvent::Lint`](super::MigrateEvent::Lint) instead of refused with

@@ -643,17 +643,13 @@ impl Migrator {
             .iter()
             .map(|schema| schema.as_str().to_owned())
             .collect();
-        // A statement timeout of 0 is none; a set one is at least 1 ms.
-        let statement_timeout = self
-            .options
-            .statement_timeout
-            .map_or(0, |d| d.as_millis().max(1));
         format!(
             "set_config('search_path', '{}', false), set_config('lock_timeout', '{}ms', false), \
-             set_config('statement_timeout', '{statement_timeout}ms', false)",
+             set_config('statement_timeout', '{}ms', false)",
             // Identifiers hold only `[a-z0-9_$]`: nothing to escape in the literal.
             path.join(","),
-            self.options.lock_timeout.as_millis(),
+            server_millis(self.options.lock_timeout),
+            server_millis(self.options.statement_timeout.unwrap_or_default()),
         )
     }
 
@@ -1153,6 +1149,18 @@ async fn try_group(
         .await
         .map_err(|cause| (group.len() - 1, StepError::script(cause, None)))?;
     Ok(done)
+}
+
+/// A timeout as the server takes it: whole milliseconds in an `int`. Zero stays zero (no
+/// limit); anything shorter than a millisecond is one (rounded down it would be no limit);
+/// anything past `i32::MAX` ms (about 24 days), which the server would refuse, is the most it
+/// takes.
+fn server_millis(timeout: Duration) -> u128 {
+    if timeout.is_zero() {
+        0
+    } else {
+        timeout.as_millis().clamp(1, i32::MAX as u128)
+    }
 }
 
 /// Turns `synchronous_commit` back on and waits until the WAL of every earlier commit of the

@@ -1808,3 +1808,30 @@ async fn status_sees_another_runner_holding_the_lock_in_a_transactional_deploy()
     let status = m.status().await.unwrap();
     assert!(!status.locked && status.is_up_to_date(), "{status:?}");
 }
+
+/// `MigrateOptions` timeouts the server cannot take as they are: half a millisecond was sent
+/// as `0ms`, which is no limit at all, and 100 days made every run fail on the setting. The
+/// first is one millisecond now, the second the most the server takes (about 24 days).
+#[tokio::test]
+async fn timeouts_the_server_cannot_take_become_the_nearest_it_can() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[(
+            "1_check.up.sql",
+            "DO $$ BEGIN \
+                IF current_setting('lock_timeout') <> '1ms' THEN RAISE 'lock_timeout %', current_setting('lock_timeout'); END IF; \
+                IF current_setting('statement_timeout') <> '2147483647ms' THEN RAISE 'statement_timeout %', current_setting('statement_timeout'); END IF; \
+             END $$;",
+        )],
+    );
+    migrator(&svc, dir.path())
+        .with_options(MigrateOptions {
+            lock_timeout: Duration::from_micros(500),
+            statement_timeout: Some(Duration::from_secs(100 * 24 * 3600)),
+            ..options()
+        })
+        .up()
+        .await
+        .unwrap();
+}
