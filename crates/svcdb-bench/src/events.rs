@@ -103,6 +103,13 @@ pub struct EventsArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=60))]
     latency_rounds: u32,
 
+    /// Rounds of the publishing comparison after the stages: each round enqueues `--events`
+    /// new events, then the relay drains them and raw lapin publishes as many, in turns first;
+    /// the relay target judges the median of the rounds' ratios (one drain against one
+    /// publish, a fraction of a second each, swung from 0.5× to 1.5× between runs).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
+    publish_rounds: u32,
+
     /// The broker: `amqp://user:password@host:port/vhost`.
     #[arg(
         long,
@@ -123,6 +130,8 @@ struct Names {
     svcdb_queue: QueueSpec,
     raw_queue: QueueSpec,
     batch_queue: QueueSpec,
+    /// Where the publishing rounds' messages go (both paths), purged after each round.
+    rounds_queue: QueueSpec,
 }
 
 impl Names {
@@ -134,6 +143,7 @@ impl Names {
             svcdb_queue: QueueSpec::new(format!("{base}.svcdb")).bind(&exchange, "svcdb.#"),
             raw_queue: QueueSpec::new(format!("{base}.raw")).bind(&exchange, "raw.#"),
             batch_queue: QueueSpec::new(format!("{base}.batch")).bind(&exchange, "batch.#"),
+            rounds_queue: QueueSpec::new(format!("{base}.rounds")).bind(&exchange, "rounds.#"),
             exchange,
         }
     }
@@ -144,6 +154,7 @@ impl Names {
             .queue(self.svcdb_queue.clone())
             .queue(self.raw_queue.clone())
             .queue(self.batch_queue.clone())
+            .queue(self.rounds_queue.clone())
     }
 }
 
@@ -157,6 +168,9 @@ struct Results {
     svcdb_consume: Duration,
     svcdb_end_to_end: Duration,
     raw_publish: Duration,
+    /// The publishing rounds: each round's relay drain and raw publish, events/s.
+    relay_rounds: Vec<f64>,
+    raw_publish_rounds: Vec<f64>,
     raw_consume: Duration,
     raw_end_to_end: Duration,
     consume_batch: usize,
@@ -282,47 +296,18 @@ async fn measure(
         args.producers
     );
     let started = Instant::now();
-    enqueue_all(&db, &names.exchange, &envelopes, args.producers).await?;
+    enqueue_all(
+        &db,
+        &names.exchange,
+        "svcdb.bench",
+        &envelopes,
+        args.producers,
+    )
+    .await?;
     let enqueue = started.elapsed();
 
     eprintln!("svcdb: relaying…");
-    let relay = Relay::new(amqp, Outbox::new(db.clone())).with_config(RelayConfig {
-        batch_size: BATCH,
-        ..RelayConfig::default()
-    });
-    let mut status = relay.status();
-    let relay_stop = CancellationToken::new();
-    let relay_task = tokio::spawn({
-        let stop = relay_stop.clone();
-        async move { relay.run(stop).await }
-    });
-    // Timed from the relay's connection, as raw publishing is timed on an open channel: the
-    // drain, not connecting. The relay starts its first batch as it reports the connection,
-    // so the clock may start up to a scheduling delay late.
-    let connected = tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.connected))
-        .await
-        .is_ok_and(|r| r.is_ok());
-    let relay_started = Instant::now();
-    // Only whether it happened: the `Ref` that `wait_for` returns holds the watch's lock,
-    // and the relay (updating its status) would block on it.
-    let waited = connected
-        && tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.published >= n))
-            .await
-            .is_ok_and(|r| r.is_ok());
-    let relay_elapsed = relay_started.elapsed();
-    relay_stop.cancel();
-    let last = relay_task.await??;
-    ensure!(
-        waited,
-        "the relay published {} of {n} events in {STAGE_TIMEOUT:?} (last error: {:?})",
-        last.published,
-        last.last_error
-    );
-    ensure!(
-        last.published == n,
-        "the relay published {} events, expected {n}",
-        last.published
-    );
+    let relay_elapsed = relay_drain(amqp, &db, n).await?;
 
     eprintln!("svcdb: consuming…");
     let consume_started = Instant::now();
@@ -358,6 +343,11 @@ async fn measure(
     eprintln!("raw lapin: consuming…");
     let raw_done = raw_consume(&connection, &db, &names.raw_queue.name, n).await?;
     let (raw_consume, raw_end_to_end) = (raw_done - started - raw_publish, raw_done - started);
+
+    // 2a. Publishing in rounds: the relay draining new rows and raw lapin publishing as many,
+    // in turns, into a queue nobody consumes.
+    let (relay_rounds, raw_publish_rounds) =
+        publish_rounds(server, args, amqp, &db, &channel, names).await?;
 
     // 2b. The batched svcdb consumer, on new envelopes published straight into its queue.
     server.checkpoint().await;
@@ -456,6 +446,8 @@ async fn measure(
         svcdb_consume,
         svcdb_end_to_end,
         raw_publish,
+        relay_rounds,
+        raw_publish_rounds,
         raw_consume,
         raw_end_to_end,
         consume_batch: args.consume_batch,
@@ -485,10 +477,109 @@ async fn business_write(tx: &mut Transaction<'_>, event: &Envelope) -> Result<()
     Ok(())
 }
 
-/// Enqueues every envelope in a transaction of its own, `producers` at a time.
+/// A new relay draining `n` rows from the outbox, timed from its connection (as raw
+/// publishing is timed on an open channel: the drain, not connecting). The relay starts its
+/// first batch as it reports the connection, so the clock may start up to a scheduling delay
+/// late.
+async fn relay_drain(amqp: &AmqpConfig, db: &ServiceDb, n: u64) -> Result<Duration> {
+    let relay = Relay::new(amqp, Outbox::new(db.clone())).with_config(RelayConfig {
+        batch_size: BATCH,
+        ..RelayConfig::default()
+    });
+    let mut status = relay.status();
+    let relay_stop = CancellationToken::new();
+    let relay_task = tokio::spawn({
+        let stop = relay_stop.clone();
+        async move { relay.run(stop).await }
+    });
+    let connected = tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.connected))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let relay_started = Instant::now();
+    // Only whether it happened: the `Ref` that `wait_for` returns holds the watch's lock,
+    // and the relay (updating its status) would block on it.
+    let waited = connected
+        && tokio::time::timeout(STAGE_TIMEOUT, status.wait_for(|s| s.published >= n))
+            .await
+            .is_ok_and(|r| r.is_ok());
+    let relay_elapsed = relay_started.elapsed();
+    relay_stop.cancel();
+    let last = relay_task.await??;
+    ensure!(
+        waited,
+        "the relay published {} of {n} events in {STAGE_TIMEOUT:?} (last error: {:?})",
+        last.published,
+        last.last_error
+    );
+    ensure!(
+        last.published == n,
+        "the relay published {} events, expected {n}",
+        last.published
+    );
+    Ok(relay_elapsed)
+}
+
+/// `--publish-rounds` rounds of the relay draining `--events` new rows against raw lapin
+/// publishing as many envelopes, the two in turns (each first in every other round), into
+/// the rounds' queue, purged after each round. Returns each round's rates, relay's and raw
+/// lapin's.
+async fn publish_rounds(
+    server: &Server,
+    args: &EventsArgs,
+    amqp: &AmqpConfig,
+    db: &ServiceDb,
+    channel: &Channel,
+    names: &Names,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let n = u64::from(args.events);
+    let (mut relay_rates, mut raw_rates) = (Vec::new(), Vec::new());
+    for round in 0..args.publish_rounds {
+        let envelopes: Vec<Envelope> = (0..n).map(|i| envelope("rounds", i)).collect();
+        enqueue_all(
+            db,
+            &names.exchange,
+            "rounds.relay",
+            &envelopes,
+            args.producers,
+        )
+        .await?;
+        server.checkpoint().await;
+        eprintln!(
+            "round {}/{}: relay drain and raw lapin publish, {n} events each…",
+            round + 1,
+            args.publish_rounds
+        );
+        let copies: Vec<&Envelope> = envelopes.iter().collect();
+        let raw = async {
+            let started = Instant::now();
+            publish_all(channel, &names.exchange, "rounds.raw", &copies).await?;
+            anyhow::Ok(started.elapsed())
+        };
+        let (relay, raw) = if round % 2 == 0 {
+            let relay = relay_drain(amqp, db, n).await?;
+            (relay, raw.await?)
+        } else {
+            let raw = raw.await?;
+            (relay_drain(amqp, db, n).await?, raw)
+        };
+        relay_rates.push(rate(n, relay));
+        raw_rates.push(rate(n, raw));
+        channel
+            .queue_purge(
+                names.rounds_queue.name.as_str().into(),
+                svcdb_amqp::lapin::options::QueuePurgeOptions::default(),
+            )
+            .await?;
+    }
+    Ok((relay_rates, raw_rates))
+}
+
+/// Enqueues every envelope in a transaction of its own, `producers` at a time, for
+/// `routing_key`.
 async fn enqueue_all(
     db: &ServiceDb,
     exchange: &str,
+    routing_key: &str,
     envelopes: &[Envelope],
     producers: u16,
 ) -> Result<()> {
@@ -497,7 +588,7 @@ async fn enqueue_all(
     let mut tasks = JoinSet::new();
     for _ in 0..producers {
         let (db, next, envelopes) = (db.clone(), next.clone(), envelopes.clone());
-        let exchange = exchange.to_owned();
+        let (exchange, routing_key) = (exchange.to_owned(), routing_key.to_owned());
         tasks.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -505,7 +596,7 @@ async fn enqueue_all(
                     return anyhow::Ok(());
                 };
                 db.transaction(async |tx| {
-                    outbox::enqueue(tx, &exchange, "svcdb.bench", envelope).await
+                    outbox::enqueue(tx, &exchange, &routing_key, envelope).await
                 })
                 .await?;
             }
@@ -848,7 +939,14 @@ async fn svcdb_pipelined_rate(
     let timeline = Arc::new(Timeline::new(n));
     let pipeline = SvcdbPipeline::start(amqp, db, names, connection, &timeline).await?;
     let envelopes: Vec<Envelope> = (0..n).map(|i| envelope("pipelined", i)).collect();
-    enqueue_all(db, &names.exchange, &envelopes, args.producers).await?;
+    enqueue_all(
+        db,
+        &names.exchange,
+        "svcdb.bench",
+        &envelopes,
+        args.producers,
+    )
+    .await?;
     let handled = wait_until(|| timeline.handled_count() >= n).await;
     pipeline.stop().await?;
     ensure!(
@@ -1147,6 +1245,12 @@ fn figures(r: &Results) -> Figures {
     f.set("svcdb_end_to_end_per_s", rate(r.events, r.svcdb_end_to_end));
     f.set("svcdb_end_to_end_s", r.svcdb_end_to_end.as_secs_f64());
     f.set("raw_publish_per_s", rate(r.events, r.raw_publish));
+    f.set("relay_per_s_rounds", r.relay_rounds.clone());
+    f.set("raw_publish_per_s_rounds", r.raw_publish_rounds.clone());
+    f.set(
+        "relay_vs_raw_publish_rounds",
+        report::paired_ratios(&r.relay_rounds, &r.raw_publish_rounds),
+    );
     f.set("raw_consume_per_s", rate(r.events, r.raw_consume));
     f.set("consume_batch", r.consume_batch as u64);
     f.set("batch_prefetch", BATCH_PREFETCH);
@@ -1222,11 +1326,8 @@ fn targets(r: &Results) -> Vec<Target> {
         },
         Target {
             key: "relay_vs_raw_publish".into(),
-            what: "relay drain / raw lapin publish".into(),
-            value: report::ratio(
-                Some(rate(r.events, r.relay)),
-                Some(rate(r.events, r.raw_publish)),
-            ),
+            what: "relay drain / raw lapin publish (median of the rounds)".into(),
+            value: report::paired_median(&r.relay_rounds, &r.raw_publish_rounds),
             bound: Bound::AtLeast(0.9),
             unit: "×",
         },
@@ -1304,12 +1405,21 @@ fn human_report(r: &Results) -> String {
          {table}\n\n\
          svcdb / raw lapin, end to end: {}× (the cost of the outbox and exactly-once claims)\n\
          svcdb batched consumer / raw lapin consume: {}× (target: at least 1.5)\n\
+         Relay drain / raw lapin publish, {} rounds in turns: {}× (median of {}; target: at least 0.9)\n\
          Duplicates: {} deliveries → {} handled, {} absorbed as duplicates, {} business effects \
          (expected {}): exactly once",
         r.events,
         r.machine.line(),
         ratio.map_or_else(|| "n/a".to_owned(), report::num),
         batch_ratio.map_or_else(|| "n/a".to_owned(), report::num),
+        r.relay_rounds.len(),
+        report::paired_median(&r.relay_rounds, &r.raw_publish_rounds)
+            .map_or_else(|| "n/a".to_owned(), report::num),
+        report::paired_ratios(&r.relay_rounds, &r.raw_publish_rounds)
+            .iter()
+            .map(|x| report::num(*x))
+            .collect::<Vec<_>>()
+            .join(", "),
         r.dup_deliveries,
         r.dup_handled,
         r.dup_duplicates,

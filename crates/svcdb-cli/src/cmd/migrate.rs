@@ -33,7 +33,7 @@ pub enum Command {
     /// Revert applied migrations, newest first (default: the newest one).
     Down(DownArgs),
     /// Revert the newest migration and apply it again, to check that its down script undoes it.
-    Redo(RunArgs),
+    Redo(RedoArgs),
     /// Show where every migration stands.
     #[command(after_help = "\
 Exit codes:
@@ -200,6 +200,19 @@ pub struct UpArgs {
     /// CONCURRENTLY on a busy table, a table rewrite, …) instead of refusing the deploy; each
     /// is printed as a warning. Not what the server refuses inside a transaction
     /// (CONCURRENTLY, VACUUM, …).
+    #[arg(long)]
+    allow_unsafe: bool,
+
+    // Last: its help headings would otherwise apply to the options after it.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Options of `migrate redo`.
+#[derive(clap::Args)]
+pub struct RedoArgs {
+    /// Apply again statements that `migrate lint` reports as errors instead of refusing
+    /// before the down runs; each is printed as a warning.
     #[arg(long)]
     allow_unsafe: bool,
 
@@ -425,8 +438,12 @@ async fn down(global: &Global, args: DownArgs) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-async fn redo(global: &Global, args: RunArgs) -> Result<Outcome> {
-    let migrator = migrator(global, args.options()).await?;
+async fn redo(global: &Global, args: RedoArgs) -> Result<Outcome> {
+    let options = MigrateOptions {
+        allow_unsafe: args.allow_unsafe,
+        ..args.run.options()
+    };
+    let migrator = migrator(global, options).await?;
     let report = migrator
         .redo_with(&mut progress(global.json))
         .await

@@ -423,12 +423,32 @@ impl Migrator {
     }
 
     /// [`redo`](Self::redo) with an observer.
+    ///
+    /// The migration's up script is [linted](mod@super::lint) as `up` lints it, before the down
+    /// runs (refused then, the migration would stay reverted): an error-level finding refuses
+    /// the call with [`MigrateError::Unsafe`] unless allowed, the others go to `observer`.
+    /// What the columns are after the down is not known before it, so the catalog is not
+    /// asked: a type change that keeps the stored values is a finding here, as in
+    /// [`lint`](super::lint::lint).
     pub async fn redo_with(
         &self,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<RedoReport, MigrateError> {
         let (mut lock, history) = self.lock(observer).await?;
         let result = async {
+            if let Some(newest) = history
+                .rows
+                .last()
+                .and_then(|r| self.migrations.get(&r.version))
+            {
+                super::lint::check_before_up(
+                    &[newest],
+                    &[],
+                    super::lint::LiveColumns::default(),
+                    self.options.allow_unsafe,
+                    observer,
+                )?;
+            }
             let down = self
                 .revert(&mut lock, &history, &DownOptions::default(), observer)
                 .await?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use svcdb::migrate::{
     lint, DownOptions, MigrateError, MigrateEvent, MigrateOptions, Migrations, Migrator, Rule,
-    Severity,
+    Severity, UpOptions,
 };
 use svcdb::testing::TestDb;
 use svcdb::ServiceDb;
@@ -845,4 +845,122 @@ async fn up_lets_through_what_the_catalog_shows_rewrites_nothing() {
     };
     let rules: Vec<Rule> = findings.iter().map(|f| f.rule).collect();
     assert_eq!(rules, [Rule::AlterColumnType, Rule::SetNotNullWithoutCheck]);
+}
+
+/// Found on mattermost's golang-migrate folder, whose every table is `CREATE TABLE IF NOT
+/// EXISTS` (to upgrade schemas that have them): on a schema that had `posts`, the lint took it
+/// for new and let ten plain `CREATE INDEX` on it through. And on atuin's sqlx folder: `DROP
+/// TABLE IF EXISTS` of a table the schema never had was a `drop-table` warning. With the
+/// catalog read, the first is refused and the second is no finding; without it (`lint --all`)
+/// both are as before, which is the control.
+#[tokio::test]
+async fn if_not_exists_and_if_exists_are_judged_by_the_catalog() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[("1_posts.up.sql", "CREATE TABLE posts (id int, body text);")],
+    );
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "2_again.up.sql",
+            "CREATE TABLE IF NOT EXISTS posts (id int, body text);\n\
+             CREATE INDEX IF NOT EXISTS posts_body ON posts (body);\n\
+             DROP TABLE IF EXISTS never_there;\n\
+             CREATE TABLE IF NOT EXISTS fresh (id int);\n\
+             CREATE INDEX fresh_id ON fresh (id);",
+        )],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    let rules = |findings: &[lint::Finding]| -> Vec<(usize, Rule)> {
+        findings.iter().map(|f| (f.line, f.rule)).collect()
+    };
+    let live = m.lint_pending().await.unwrap();
+    assert_eq!(rules(&live.findings), [(2, Rule::IndexWithoutConcurrently)]);
+    assert!(matches!(m.up().await, Err(MigrateError::Unsafe { .. })));
+
+    // Without the catalog the lint cannot know: `posts` counts as created, `never_there` as
+    // a table the old release may use.
+    let migrations = Migrations::from_dir(dir.path()).unwrap();
+    let blind = lint::lint(migrations.iter().filter(|m| m.version.to_string() == "2"));
+    assert_eq!(rules(&blind.findings), [(3, Rule::DropTable)]);
+
+    // A live table dropped earlier in the deploy is created anew by IF NOT EXISTS.
+    write(
+        dir.path(),
+        &[(
+            "2_again.up.sql",
+            "DROP TABLE posts;\nCREATE TABLE IF NOT EXISTS posts (id int);\nCREATE INDEX posts_id ON posts (id);",
+        )],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    assert_eq!(
+        rules(&m.lint_pending().await.unwrap().findings),
+        [(1, Rule::DropTable)]
+    );
+}
+
+/// Found on a real folder: `redo` applied again a plain `CREATE INDEX` on a live table that
+/// `up` refuses, without a word. Its up half is now checked as `up`'s is, before the down
+/// runs, so a refusal leaves the migration applied; `allow_unsafe` lets it through (the
+/// control: the same redo then runs).
+#[tokio::test]
+async fn redo_checks_its_up_script_before_reverting() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ITEMS,
+            ("2_label.up.sql", INDEX.1),
+            ("2_label.down.sql", "DROP INDEX items_label;"),
+        ],
+    );
+    let allowing = MigrateOptions {
+        allow_unsafe: true,
+        ..MigrateOptions::default()
+    };
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up_with(
+            &UpOptions {
+                to: Some("1".parse().unwrap()),
+                dry_run: false,
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+    migrator(&svc, dir.path(), allowing.clone())
+        .up()
+        .await
+        .unwrap();
+    let err = migrator(&svc, dir.path(), MigrateOptions::default())
+        .redo()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::Unsafe { findings } if findings[0].rule == Rule::IndexWithoutConcurrently),
+        "{err}"
+    );
+    assert_eq!(history(&svc).await, [1, 2], "nothing was reverted");
+    assert!(has_index(&svc, "items_label").await);
+
+    let mut lint_events = Vec::new();
+    migrator(&svc, dir.path(), allowing)
+        .redo_with(&mut |e| {
+            if let MigrateEvent::Lint { finding } = e {
+                lint_events.push(finding.rule);
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(lint_events, [Rule::IndexWithoutConcurrently]);
+    assert_eq!(history(&svc).await, [1, 2]);
 }

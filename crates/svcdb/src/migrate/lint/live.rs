@@ -3,7 +3,7 @@
 //! rewriting the table (`varchar(30)` to `varchar(100)` or `text`). Read from the catalog
 //! before `up` and by `svcdb migrate lint`; `lint --all`, without a database, knows none.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use pg_query::protobuf::{a_const, TypeName};
 use pg_query::NodeEnum;
@@ -18,9 +18,14 @@ struct Column {
     not_null: bool,
 }
 
-/// The columns of the schema's tables, by table and column name.
+/// The columns of the schema's tables, by table and column name, and which tables there are.
+/// The default knows nothing (no database was asked).
 #[derive(Debug, Clone, Default)]
-pub(crate) struct LiveColumns(HashMap<(String, String), Column>);
+pub(crate) struct LiveColumns {
+    columns: HashMap<(String, String), Column>,
+    /// The schema's tables, when the catalog was read.
+    tables: Option<HashSet<String>>,
+}
 
 impl LiveColumns {
     /// The columns of every table of `schema`, in one query.
@@ -28,30 +33,47 @@ impl LiveColumns {
         client: &tokio_postgres::Client,
         schema: &Ident,
     ) -> Result<Self, tokio_postgres::Error> {
+        // A LEFT JOIN: a table without columns is still a table.
         let rows = client
             .query(
                 "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull
-                   FROM pg_catalog.pg_attribute a
-                   JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+                   FROM pg_catalog.pg_class c
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
-                    AND a.attnum > 0 AND NOT a.attisdropped",
+                   LEFT JOIN pg_catalog.pg_attribute a
+                          ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')",
                 &[&schema.as_str()],
             )
             .await?;
-        Ok(Self(
-            rows.iter()
-                .map(|r| {
-                    (
-                        (r.get(0), r.get(1)),
-                        Column {
-                            type_name: r.get(2),
-                            not_null: r.get(3),
-                        },
-                    )
-                })
-                .collect(),
-        ))
+        let mut live = Self {
+            tables: Some(HashSet::new()),
+            ..Self::default()
+        };
+        for r in &rows {
+            let table: String = r.get(0);
+            if let (Some(column), Some(type_name), Some(not_null)) = (r.get(1), r.get(2), r.get(3))
+            {
+                live.columns.insert(
+                    (table.clone(), column),
+                    Column {
+                        type_name,
+                        not_null,
+                    },
+                );
+            }
+            live.tables.get_or_insert_default().insert(table);
+        }
+        Ok(live)
+    }
+
+    /// The catalog was read and has `table`.
+    pub(crate) fn has_table(&self, table: &str) -> bool {
+        self.tables.as_ref().is_some_and(|t| t.contains(table))
+    }
+
+    /// The catalog was read and has no `table`.
+    pub(crate) fn lacks_table(&self, table: &str) -> bool {
+        self.tables.as_ref().is_some_and(|t| !t.contains(table))
     }
 
     /// The column is known to be `NOT NULL` already: `SET NOT NULL` changes nothing.
@@ -92,7 +114,7 @@ impl LiveColumns {
     }
 
     fn get(&self, table: &str, column: &str) -> Option<&Column> {
-        self.0.get(&(table.to_owned(), column.to_owned()))
+        self.columns.get(&(table.to_owned(), column.to_owned()))
     }
 }
 
@@ -131,8 +153,8 @@ mod tests {
     use super::*;
 
     fn live(columns: &[(&str, &str, &str, bool)]) -> LiveColumns {
-        LiveColumns(
-            columns
+        LiveColumns {
+            columns: columns
                 .iter()
                 .map(|(t, c, ty, nn)| {
                     (
@@ -144,7 +166,8 @@ mod tests {
                     )
                 })
                 .collect(),
-        )
+            tables: Some(columns.iter().map(|(t, ..)| t.to_string()).collect()),
+        }
     }
 
     /// The `TYPE …` of `ALTER TABLE t ALTER COLUMN c TYPE …`.

@@ -210,6 +210,8 @@ pub(crate) fn check_before_up(
 struct Deploy {
     /// Tables created in this deploy (by name, as the parser folds it).
     created: HashSet<String>,
+    /// Live tables dropped in this deploy: a `CREATE TABLE IF NOT EXISTS` after it makes one.
+    dropped: HashSet<String>,
     /// Per table: constraints added in this deploy, by name, with the column of those that are
     /// a `CHECK (col IS NOT NULL)`.
     added: HashMap<String, HashMap<String, Option<String>>>,
@@ -338,6 +340,15 @@ impl Deploy {
         self.created.contains(table)
     }
 
+    /// A `CREATE TABLE` of `table`. With `IF NOT EXISTS` on a table the catalog has, it
+    /// creates nothing: the live table stays the one the old release uses (mattermost writes
+    /// every table so, to upgrade older schemas that have them).
+    fn create(&mut self, table: &str, if_not_exists: bool) {
+        if !(if_not_exists && self.live.has_table(table) && !self.dropped.contains(table)) {
+            self.created.insert(table.to_owned());
+        }
+    }
+
     fn script(&mut self, mut script: Script<'_>, out: &mut Vec<Finding>) {
         // A non-transactional script starts after the open transaction committed, and runs
         // each statement in a transaction of its own (cleared after each, below).
@@ -416,12 +427,12 @@ impl Deploy {
         match node {
             NodeEnum::CreateStmt(create) => {
                 if let Some(rel) = &create.relation {
-                    self.created.insert(rel.relname.clone());
+                    self.create(&rel.relname, create.if_not_exists);
                 }
             }
             NodeEnum::CreateTableAsStmt(create) => {
                 if let Some(rel) = create.into.as_ref().and_then(|i| i.rel.as_ref()) {
-                    self.created.insert(rel.relname.clone());
+                    self.create(&rel.relname, create.if_not_exists);
                 }
             }
             NodeEnum::IndexStmt(index) => self.index(s, at, index, out),
@@ -497,9 +508,12 @@ impl Deploy {
             let Some(table) = names.items.last().and_then(string) else {
                 continue;
             };
-            if self.created.remove(table) {
+            // One created in this deploy, or one the catalog shows is not there (`DROP TABLE
+            // IF EXISTS` of a table an old release had): no replica uses it.
+            if self.created.remove(table) || self.live.lacks_table(table) {
                 continue;
             }
+            self.dropped.insert(table.to_owned());
             out.push(s.finding(
                 at,
                 Rule::DropTable,
