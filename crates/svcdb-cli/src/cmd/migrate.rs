@@ -770,9 +770,21 @@ fn summary(report: &StatusReport) -> String {
     ]
     .into_iter()
     .filter_map(|state| {
-        let n = report.in_state(state).count();
+        let n = report.in_state(state).filter(|e| !report.newer(e)).count();
         (n > 0).then(|| format!("{n} {}", state_name(state)))
     })
+    .chain(
+        // A newer release's migrations: met during a rolling deploy or a rollback.
+        [
+            (MigrationState::Missing, "applied by a newer release"),
+            (MigrationState::Dirty, "of a newer release dirty"),
+        ]
+        .into_iter()
+        .filter_map(|(state, what)| {
+            let n = report.in_state(state).filter(|e| report.newer(e)).count();
+            (n > 0).then(|| format!("{n} {what}"))
+        }),
+    )
     .chain(
         [RepeatableState::Pending, RepeatableState::Changed]
             .into_iter()

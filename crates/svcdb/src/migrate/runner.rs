@@ -586,6 +586,9 @@ impl Migrator {
             .filter_map(|e| self.migrations.get(&e.version))
             .collect();
         status.check_order(&plan, &self.options)?;
+        if !plan.is_empty() {
+            status.newer_dirty()?;
+        }
         Ok(plan)
     }
 
@@ -681,8 +684,9 @@ impl Migrator {
         options: &DownOptions,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<DownReport, MigrateError> {
-        StatusReport::build(&self.schema(), &self.migrations, history)
-            .check_drift(&self.options)?;
+        let status = StatusReport::build(&self.schema(), &self.migrations, history);
+        status.check_drift(&self.options)?;
+        status.newer_dirty()?;
         if let Some(to) = &options.to {
             MigrateError::check_known(
                 &self.schema(),

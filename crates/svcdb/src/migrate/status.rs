@@ -206,8 +206,14 @@ impl StatusReport {
     }
 
     /// Refuses a dirty schema, changed files and missing files (unless `options` allow them).
+    ///
+    /// A missing or dirty migration newer than every file is a newer release's ([`Self::newer`]):
+    /// an older release meets it during a rolling deploy or a rollback, and its `up` with
+    /// nothing to run must not fail on it (Flyway's `ignoreFutureMigrations`, true by
+    /// default, does the same; the start-up gate reports them as notices). A newer release's
+    /// dirty migration still refuses a run that has something to do ([`Self::newer_dirty`]).
     pub(crate) fn check_drift(&self, options: &MigrateOptions) -> Result<(), MigrateError> {
-        for e in &self.entries {
+        for e in self.entries.iter().filter(|e| !self.newer(e)) {
             match e.state {
                 MigrationState::Dirty => {
                     return Err(MigrateError::Dirty {
@@ -232,6 +238,38 @@ impl StatusReport {
             }
         }
         Ok(())
+    }
+
+    /// Whether `entry` is a newer release's: applied (or dirty) without a file, and newer than
+    /// every migration that has one. Never when no migration has a file (a wrong folder would
+    /// otherwise make every applied migration look newer).
+    pub fn newer(&self, entry: &StatusEntry) -> bool {
+        let newest_file = self
+            .entries
+            .iter()
+            .filter(|e| e.path.is_some())
+            .map(|e| &e.version)
+            .max();
+        entry.path.is_none()
+            && matches!(entry.state, MigrationState::Missing | MigrationState::Dirty)
+            && newest_file.is_some_and(|newest| entry.version > *newest)
+    }
+
+    /// A newer release's migration that failed part-way ([`Self::newer`]), as the refusal of
+    /// a run that has something to do.
+    pub(crate) fn newer_dirty(&self) -> Result<(), MigrateError> {
+        match self
+            .entries
+            .iter()
+            .find(|e| e.state == MigrationState::Dirty && self.newer(e))
+        {
+            Some(e) => Err(MigrateError::Dirty {
+                schema: self.schema.clone(),
+                version: e.version.clone(),
+                name: e.name.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Refuses to run a migration older than the newest applied one, unless allowed.

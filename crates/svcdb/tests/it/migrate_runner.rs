@@ -1092,31 +1092,35 @@ async fn out_of_order_is_refused_then_allowed() {
     assert_eq!(history(&svc).await, [1, 2, 3]);
 }
 
+/// A file missing below the newest one is a gap: refused unless ignored. One missing above
+/// every file is a newer release's (an older release meets it in a rolling deploy or a
+/// rollback; found by an operations trial: the old release's `up` failed to start while the
+/// gate said ready): reported, not refused, as Flyway's `ignoreFutureMigrations` does.
 #[tokio::test]
 async fn missing_files_are_reported_then_ignored() {
     let Fixture { db: _db, svc, dir } = Fixture::new().await;
     write(dir.path(), THREE);
     migrator(&svc, dir.path()).up().await.unwrap();
-    std::fs::remove_file(dir.path().join("0003_seed.up.sql")).unwrap();
-    std::fs::remove_file(dir.path().join("0003_seed.down.sql")).unwrap();
+    std::fs::remove_file(dir.path().join("0002_label.up.sql")).unwrap();
+    std::fs::remove_file(dir.path().join("0002_label.down.sql")).unwrap();
     let m = migrator(&svc, dir.path());
     let status = m.status().await.unwrap();
     let missing: Vec<_> = status
         .missing()
-        .map(|e| (e.version.number(), e.name.as_str()))
+        .map(|e| (e.version.number(), e.name.as_str(), status.newer(e)))
         .collect();
-    assert_eq!(missing, [(3, "seed")]);
+    assert_eq!(missing, [(2, "label", false)]);
     assert!(
         status.is_up_to_date(),
         "an older binary may run against a newer schema"
     );
     assert!(matches!(
         m.up().await,
-        Err(MigrateError::Missing { version, .. }) if version.number() == 3
+        Err(MigrateError::Missing { version, .. }) if version.number() == 2
     ));
     assert!(matches!(
         m.validate().await,
-        Err(MigrateError::Missing { version, .. }) if version.number() == 3
+        Err(MigrateError::Missing { version, .. }) if version.number() == 2
     ));
     let ignoring = m.with_options(MigrateOptions {
         ignore_missing: true,
@@ -1124,18 +1128,32 @@ async fn missing_files_are_reported_then_ignored() {
     });
     ignoring.validate().await.unwrap();
     assert!(ignoring.up().await.unwrap().migrations.is_empty());
+
+    // 0002 back and the newest missing instead: 0003 is a newer release's.
+    std::fs::remove_file(dir.path().join("0003_seed.up.sql")).unwrap();
+    std::fs::remove_file(dir.path().join("0003_seed.down.sql")).unwrap();
+    write(dir.path(), &[THREE[2], THREE[3]]);
+    let m = migrator(&svc, dir.path());
+    let status = m.status().await.unwrap();
+    let missing: Vec<_> = status
+        .missing()
+        .map(|e| (e.version.number(), status.newer(e)))
+        .collect();
+    assert_eq!(missing, [(3, true)]);
+    m.validate().await.unwrap();
+    assert!(m.up().await.unwrap().migrations.is_empty());
     // Reverting it needs its file: an error of its own, whose hint is not `--ignore-missing`
     // (a robustness trial found that hint leading to the same error).
-    for runner in [&migrator(&svc, dir.path()), &ignoring] {
+    let ignoring = migrator(&svc, dir.path()).with_options(MigrateOptions {
+        ignore_missing: true,
+        ..options()
+    });
+    for runner in [&m, &ignoring] {
         assert!(matches!(
             runner.down(&DownOptions::default()).await,
-            Err(MigrateError::Missing { version, .. } | MigrateError::MissingToRevert { version, .. }) if version.number() == 3
+            Err(MigrateError::MissingToRevert { version, .. }) if version.number() == 3
         ));
     }
-    assert!(matches!(
-        ignoring.down(&DownOptions::default()).await,
-        Err(MigrateError::MissingToRevert { .. })
-    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1834,4 +1852,46 @@ async fn timeouts_the_server_cannot_take_become_the_nearest_it_can() {
         .up()
         .await
         .unwrap();
+}
+
+/// A newer release's non-transactional migration failed part-way, and the release before it
+/// is rolled back to: its `up` has nothing to run and must not fail (its replicas would not
+/// start), but one that has something to run is refused, as on any dirty schema.
+#[tokio::test]
+async fn a_newer_releases_dirty_migration_refuses_only_a_run_with_work() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    // 0001 and 0003 applied; 0002 comes later, from the older release's branch.
+    write(
+        dir.path(),
+        &[
+            THREE[0],
+            THREE[1],
+            ("0003_seed.up.sql", "INSERT INTO items VALUES (1);"),
+        ],
+    );
+    migrator(&svc, dir.path()).up().await.unwrap();
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("UPDATE svcdb_migrations SET dirty = true WHERE version = 3")
+        .await
+        .unwrap();
+    // The control: the release that ships it is refused.
+    assert!(matches!(
+        migrator(&svc, dir.path()).up().await,
+        Err(MigrateError::Dirty { version, .. }) if version.number() == 3
+    ));
+    std::fs::remove_file(dir.path().join("0003_seed.up.sql")).unwrap();
+    let older = migrator(&svc, dir.path());
+    assert!(older.up().await.unwrap().migrations.is_empty());
+    older.validate().await.unwrap();
+    write(dir.path(), &[THREE[2], THREE[3]]);
+    let with_work = migrator(&svc, dir.path()).with_options(MigrateOptions {
+        allow_out_of_order: true,
+        ..options()
+    });
+    assert!(matches!(
+        with_work.up().await,
+        Err(MigrateError::Dirty { version, .. }) if version.number() == 3
+    ));
 }

@@ -257,6 +257,34 @@ async fn an_old_release_stays_ready_after_a_newer_one_migrated() {
         }]
     );
     assert_eq!(report.migration_version, Some(v(2)));
+
+    // Release 2's migration failed part-way instead (as a non-transactional one does): found
+    // by an operations trial, this made every replica of release 1 unready. Release 1 does not
+    // ship it, so it keeps serving, told so; release 2's own gate refuses (the control).
+    exec(
+        &svc,
+        "UPDATE svcdb_migrations SET dirty = true WHERE version = 2",
+    )
+    .await;
+    let report = svc.verify(&gate).await;
+    assert!(report.ready, "{report}");
+    assert_eq!(
+        report.notices,
+        [Notice::NewerDirty {
+            version: v(2),
+            name: "lines".into()
+        }]
+    );
+    let newer = svc
+        .verify(&Gate::new().with_migrations(migrations(release_2.path())))
+        .await;
+    assert_eq!(
+        newer.problems,
+        [Problem::Dirty {
+            version: v(2),
+            name: "lines".into()
+        }]
+    );
 }
 
 #[tokio::test]

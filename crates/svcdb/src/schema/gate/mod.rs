@@ -35,10 +35,12 @@ impl ServiceDb {
 /// migration applied unchanged and no unknown migration older than the newest one the service
 /// ships.
 ///
-/// Two states of a rolling deploy are reported as [`Notice`]s and do not fail it: a migration
+/// Three states of a rolling deploy are reported as [`Notice`]s and do not fail it: a migration
 /// in progress (a runner holds the schema's migration lock, e.g. a long
-/// `CREATE INDEX CONCURRENTLY`), and applied migrations newer than every one the service ships
-/// (a newer release migrated first: expand, then roll out).
+/// `CREATE INDEX CONCURRENTLY`), applied migrations newer than every one the service ships
+/// (a newer release migrated first: expand, then roll out), and a dirty migration newer than
+/// every one it ships (a newer release's deploy failed part-way: this release does not depend
+/// on it).
 #[derive(Debug, Clone)]
 pub struct Gate {
     migrations: Option<Migrations>,
@@ -205,8 +207,9 @@ impl Gate {
         (problems, version)
     }
 
-    /// Dirty rows always count, and a migration in progress is always noted; the rest only
-    /// against the service's migrations. Reuses the runner's [`StatusReport`], so the gate and
+    /// Dirty rows count (but a newer release's is a notice, against the service's
+    /// migrations), and a migration in progress is always noted; the rest only against the
+    /// service's migrations. Reuses the runner's [`StatusReport`], so the gate and
     /// `svcdb migrate status` see the same states; only where they lead differs: applied
     /// migrations newer than every shipped one are a notice here, while the runner refuses
     /// them as missing files unless told to ignore them.
@@ -241,6 +244,17 @@ impl Gate {
         for e in &status.entries {
             let (version, name) = (e.version.clone(), e.name.clone());
             let problem = match e.state {
+                // A newer release's migration this one does not ship: expand-then-contract
+                // means this release does not depend on it, so its failure must not take the
+                // running replicas out of service (found by an operations trial: one failed
+                // deploy pod made every old replica unready).
+                MigrationState::Dirty
+                    if self.migrations.is_some()
+                        && newest_shipped.is_none_or(|newest| version > *newest) =>
+                {
+                    notices.push(Notice::NewerDirty { version, name });
+                    continue;
+                }
                 MigrationState::Dirty => Problem::Dirty { version, name },
                 MigrationState::InProgress => {
                     notices.push(Notice::MigrationInProgress {

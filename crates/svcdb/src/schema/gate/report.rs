@@ -239,6 +239,16 @@ pub enum Notice {
         /// Its name in the history table.
         name: String,
     },
+    /// A non-transactional migration newer than every migration the service ships failed
+    /// part-way (it is dirty, and no runner is migrating): a newer release's deploy broke.
+    /// This release does not depend on it, so it keeps serving; the newer release's runner
+    /// refuses to migrate until the migration is repaired.
+    NewerDirty {
+        /// Its version.
+        version: Version,
+        /// Its name in the history table.
+        name: String,
+    },
 }
 
 impl Notice {
@@ -256,6 +266,10 @@ impl Notice {
             ),
             Notice::NewerApplied { version, name } => format!(
                 "migration {} is applied by a newer release; this one does not ship it",
+                Named(version, name)
+            ),
+            Notice::NewerDirty { version, name } => format!(
+                "migration {} of a newer release failed part-way and is dirty; this release does not ship it and keeps serving, but that release cannot migrate until it is repaired (`svcdb migrate status` with its migrations says how)",
                 Named(version, name)
             ),
         }
