@@ -140,7 +140,9 @@ impl Migrator {
             report.other_histories =
                 adopt::other_histories(client(&conn), self.db.schema()).await?;
         }
-        if report.pending().next().is_some() && report.in_progress.is_none() {
+        // A non-transactional script in progress is a dirty row whose runner holds the lock.
+        report.locked = report.in_progress.is_some();
+        if report.pending().next().is_some() && !report.locked {
             // A transactional deploy leaves no dirty row to tell it is running: ask the lock.
             let sql = format!(
                 "SELECT {}",

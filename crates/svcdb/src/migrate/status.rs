@@ -86,9 +86,9 @@ pub struct StatusReport {
     /// `public`), whose history `svcdb migrate adopt` takes over (`up` would run their
     /// migrations again). Empty otherwise, and in the start-up gate's report.
     pub other_histories: Vec<OtherHistory>,
-    /// With migrations pending: another session holds the schema's migration lock (a runner
-    /// applying them in a transaction, which leaves no dirty row to see, or reverting or
-    /// repairing). Always false in the start-up gate's report.
+    /// With a migration in progress, or with migrations pending: another session holds the
+    /// schema's migration lock (a runner applying them in a transaction, which leaves no dirty
+    /// row to see, or reverting or repairing). Always false in the start-up gate's report.
     pub locked: bool,
 }
 

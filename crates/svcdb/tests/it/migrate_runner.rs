@@ -1515,6 +1515,8 @@ async fn a_running_migration_is_not_reported_dirty() {
     let status = m.status().await.unwrap();
     assert_eq!(status.entries[1].state, MigrationState::InProgress);
     assert_eq!((&status.dirty, &status.in_progress), (&None, &Some(v(2))));
+    // An operations trial found `locked` false here while the text said a runner held it.
+    assert!(status.locked, "{status:?}");
     assert!(status.entries[1].running_ms.is_some(), "{status:?}");
     m.validate()
         .await
