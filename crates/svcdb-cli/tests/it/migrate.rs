@@ -730,3 +730,38 @@ async fn a_failed_concurrent_index_is_named_with_the_statement_to_drop_it() {
     let out = p.run(&["migrate", "repair"]).expect_code(0);
     assert!(out.stdout.contains(drop), "{out}");
 }
+
+/// Found by an operations trial: after a non-transactional migration failed part-way, the hint
+/// said "finish (or undo) by hand, repair, run again"; finished by hand, the next `up` ran it
+/// again (42P07 on the table it had made). The hint now names both ways, and the one for a
+/// migration finished by hand (`repair`, then `baseline`) leaves the schema up to date.
+#[tokio::test]
+async fn a_dirty_migration_finished_by_hand_is_recorded_with_baseline() {
+    let p = Project::new().await;
+    p.write(&[(
+        "0001_partial.up.sql",
+        "-- svcdb:no-transaction\nCREATE TABLE a (id int);\nCREATE TABLE b (id int REFERENCES nowhere);",
+    )]);
+    let out = p.run(&["migrate", "up"]).expect_code(1);
+    assert!(
+        out.stderr.contains("`svcdb migrate baseline 0001`"),
+        "{out}"
+    );
+    // Finished by hand, as the migration meant.
+    p.db.admin()
+        .await
+        .batch_execute("CREATE TABLE svc.b (id int)")
+        .await
+        .unwrap();
+    p.run(&["migrate", "repair"]).expect_code(0);
+    p.run(&["migrate", "baseline", "0001"]).expect_code(0);
+    p.run(&["migrate", "status"]).expect_code(0);
+    // The control: run again instead, as the old hint said, it fails on what was finished.
+    p.db.admin()
+        .await
+        .batch_execute("DELETE FROM svc.svcdb_migrations")
+        .await
+        .unwrap();
+    let out = p.run(&["migrate", "up", "--json"]).expect_code(1);
+    assert_eq!(out.json()["code"], "42P07", "{out}");
+}

@@ -82,7 +82,7 @@ pub enum MigrateError {
     /// A non-transactional migration failed part-way earlier: its history row is marked dirty
     /// and no runner holds the schema's migration lock (a migration still running is waited
     /// for, not refused). The schema is in an unknown state.
-    #[error("schema {schema} is dirty: non-transactional migration {} failed part-way and may be half-applied (no runner is migrating the schema)\n  hint: inspect the schema and finish or undo that migration's statements by hand (`svcdb migrate repair` also names the invalid indexes a failed CREATE INDEX CONCURRENTLY left, with the statement to drop each), then run `svcdb migrate repair` so it counts as pending again", super::migration::Named(version, name))]
+    #[error("schema {schema} is dirty: non-transactional migration {} failed part-way and may be half-applied (no runner is migrating the schema)\n  hint: inspect the schema and finish or undo that migration's statements by hand (`svcdb migrate repair` also names the invalid indexes a failed CREATE INDEX CONCURRENTLY left, with the statement to drop each), then run `svcdb migrate repair`: it clears the mark, and the migration counts as not applied; if the schema now holds its changes (its up finished by hand, or a failed down undone), record it with `svcdb migrate baseline {version}`, otherwise the next `svcdb migrate up` runs it", super::migration::Named(version, name))]
     Dirty {
         /// The schema.
         schema: String,
@@ -475,9 +475,20 @@ fn failed_message(f: &MigrationFailure) -> String {
         ));
         return s;
     }
-    s.push_str(if *dirty {
-        "undo (or finish) those statements by hand, fix the migration, run `svcdb migrate repair`, then run again"
-    } else if lock_timeout {
+    if *dirty {
+        // Found by an operations trial: "finish by hand, repair, run again" ran the migration
+        // again over what was finished (42P07), and blamed the migration for a lost session.
+        s.push_str(&match direction {
+            super::Direction::Up => format!(
+                "the schema is dirty: undo those statements by hand and run `svcdb migrate repair` (the migration counts as pending again, and the next `svcdb migrate up` runs it); or finish them by hand, then `svcdb migrate repair` and `svcdb migrate baseline {version}` record it as applied"
+            ),
+            super::Direction::Down => format!(
+                "the schema is dirty: finish the down script's statements by hand and run `svcdb migrate repair` (the migration counts as reverted); or undo them by hand, then `svcdb migrate repair` and `svcdb migrate baseline {version}` record it as applied again"
+            ),
+        });
+        s.push_str("; why the statement failed: ");
+    }
+    s.push_str(if lock_timeout {
         "another session held a lock on the migration's table for longer than lock_timeout: find it in pg_stat_activity (a long or idle-in-transaction session), then run again when it is gone; or allow more with `--lock-retries`/`--lock-timeout` (MigrateOptions::lock_retries, lock_timeout), which queues the table's other queries behind the migration for that long"
     } else if cause.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
         // Found on a real dbmate folder whose first migration is `CREATE SCHEMA IF NOT
@@ -494,6 +505,16 @@ fn failed_message(f: &MigrationFailure) -> String {
         // CREATE INDEX CONCURRENTLY, VACUUM, ALTER TYPE … ADD VALUE (before PostgreSQL 12): the
         // migration itself is fine, it only needs to run outside a transaction.
         &outside_a_transaction
+    } else if cause.code().is_some_and(|c| {
+        *c == SqlState::ADMIN_SHUTDOWN
+            || *c == SqlState::CRASH_SHUTDOWN
+            || *c == SqlState::CANNOT_CONNECT_NOW
+            || c.code().starts_with("08")
+    }) || cause.is_closed()
+    {
+        "the server ended the session (pg_terminate_backend, a restart or a failover), not the migration: run again once the server accepts connections"
+    } else if *dirty {
+        "see the error above; fix the migration if it is wrong"
     } else {
         "fix the migration and run again"
     });
