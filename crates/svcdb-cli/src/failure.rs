@@ -128,6 +128,8 @@ impl Failure {
                 })
             } else if cause.is::<svcdb::IdentError>() {
                 Some("invalid_name")
+            } else if cause.is::<crate::interrupt::Interrupted>() {
+                Some("interrupted")
             } else {
                 None
             }
@@ -193,6 +195,7 @@ fn migrate_kind(e: &MigrateError) -> &'static str {
         MigrateError::NoDown { .. } => "no_down",
         MigrateError::Unwritten { .. } => "unwritten",
         MigrateError::UnknownVersion { .. } => "unknown_version",
+        MigrateError::Interrupted { .. } => "interrupted",
         MigrateError::Failed(_) => "migration_failed",
         _ => "error",
     }

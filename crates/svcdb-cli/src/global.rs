@@ -42,6 +42,10 @@ pub struct Global {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Cancelled by the first Ctrl-C or SIGTERM ([`crate::interrupt`]).
+    #[arg(skip)]
+    pub interrupt: tokio_util::sync::CancellationToken,
 }
 
 impl Global {

@@ -7,6 +7,7 @@
 mod cmd;
 mod failure;
 mod global;
+mod interrupt;
 mod output;
 mod usage;
 
@@ -25,9 +26,11 @@ const EXIT_CODES: &str = r#"Exit codes:
       (every problem is listed)
   2   `migrate status`: migrations are pending and nothing else is wrong
   64  invalid command line, or no database or schema given
-  130 interrupted (Ctrl-C; 143 for SIGTERM), as the shell reports a killed process: the
-      running transaction is rolled back; a non-transactional migration cut short stays
-      marked dirty, and `migrate status` says what to do
+  130 interrupted (Ctrl-C; 143 for SIGTERM), as the shell reports a killed process: a
+      migration command cancels its running statement on the server, so the transaction
+      rolls back and a non-transactional migration stopped in its first statement stays
+      pending (one stopped later is marked dirty: `migrate status` says what to do), then
+      reports it like any failure; a second signal exits at once
 
 With --json, stdout holds one JSON object whatever the outcome: the report, or on error
 {"error": what went wrong, "hint": what to do or null, "code": the SQLSTATE (e.g. "42501")
@@ -104,24 +107,44 @@ fn main() -> ExitCode {
             return ExitCode::from(Failure::new(&e).print(cli.global.json));
         }
     };
-    let result = runtime.block_on(async {
-        let result = match cli.command {
-            Command::Provision(args) => cmd::provision::run(&cli.global, args).await,
-            Command::Migrate(command) => cmd::migrate::run(&cli.global, command).await,
-            Command::Schema(command) => cmd::schema::run(&cli.global, command).await,
-            Command::Health(args) => cmd::health::run(&cli.global, args).await,
-            Command::Events(command) => cmd::events::run(&cli.global, command).await,
+    let (result, signals) = runtime.block_on(async {
+        let signals = interrupt::Signals::watch();
+        let mut global = cli.global;
+        global.interrupt = signals.token.clone();
+        // A migration stops on its own at the signal, through its failure path (the runner
+        // watches `global.interrupt`); the other commands stop where they are.
+        let stops_itself = matches!(&cli.command, Command::Migrate(c) if c.stops_itself());
+        let command = async {
+            match cli.command {
+                Command::Provision(args) => cmd::provision::run(&global, args).await,
+                Command::Migrate(command) => cmd::migrate::run(&global, command).await,
+                Command::Schema(command) => cmd::schema::run(&global, command).await,
+                Command::Health(args) => cmd::health::run(&global, args).await,
+                Command::Events(command) => cmd::events::run(&global, command).await,
+            }
         };
-        match result {
+        let result = if stops_itself {
+            command.await
+        } else {
+            tokio::select! {
+                result = command => result,
+                () = signals.token.cancelled() => Err(interrupt::Interrupted.into()),
+            }
+        };
+        let result = match result {
             Ok(outcome) => Ok(outcome),
-            Err(e) => Err(Failure::explain(&e, &cli.global).await),
-        }
+            Err(e) => Err(Failure::explain(&e, &global).await),
+        };
+        (result.map_err(|f| (f, global.json)), signals)
     });
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::NotReady) => ExitCode::from(1),
         Ok(Outcome::Pending) => ExitCode::from(2),
-        Err(failure) => ExitCode::from(failure.print(cli.global.json)),
+        Err((failure, json)) => {
+            let code = failure.print(json);
+            ExitCode::from(signals.code().unwrap_or(code))
+        }
     }
 }
 

@@ -277,6 +277,23 @@ impl RunArgs {
     }
 }
 
+impl Command {
+    /// Whether the command takes the migration lock and changes the schema: then it stops on
+    /// Ctrl-C or SIGTERM itself, through the runner's failure path ([`Migrator::with_interrupt`]),
+    /// and reports what it did; the others only read, and stop where they are.
+    pub fn stops_itself(&self) -> bool {
+        matches!(
+            self,
+            Command::Up(_)
+                | Command::Down(_)
+                | Command::Redo(_)
+                | Command::Baseline { .. }
+                | Command::Repair(_)
+                | Command::Adopt(_)
+        )
+    }
+}
+
 /// Runs one subcommand.
 pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
     match command {
@@ -311,7 +328,9 @@ async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> 
         }
     };
     let db = connecting?.await??;
-    Ok(Migrator::new(db, migrations).with_options(options))
+    Ok(Migrator::new(db, migrations)
+        .with_options(options)
+        .with_interrupt(global.interrupt.clone()))
 }
 
 /// [`migrator`] for the commands that only read (`status`, `validate`): it never creates the

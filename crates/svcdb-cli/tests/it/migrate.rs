@@ -765,3 +765,54 @@ async fn a_dirty_migration_finished_by_hand_is_recorded_with_baseline() {
     let out = p.run(&["migrate", "up", "--json"]).expect_code(1);
     assert_eq!(out.json()["code"], "42P07", "{out}");
 }
+
+/// Found by an operations trial: SIGTERM (a pod being stopped) printed nothing, `--json`
+/// printed no JSON, and a non-transactional migration stopped in its first statement stayed
+/// dirty. The signal now cancels the statement on the server; the command reports the
+/// failure (text and JSON) and exits 143, and the migration stays pending.
+#[tokio::test]
+async fn sigterm_stops_a_migration_as_a_failure_and_says_so() {
+    let p = Project::new().await;
+    p.write(&[(
+        "0001_slow.up.sql",
+        "-- svcdb:no-transaction\nSELECT pg_sleep(60);\nCREATE TABLE a (id int);",
+    )]);
+    let child = p.spawn(&["migrate", "up", "--json"]);
+    // Until the statement runs on the server.
+    let admin = p.db.admin().await;
+    let mut running = false;
+    for _ in 0..200 {
+        running = admin
+            .query_opt(
+                "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND state = 'active' AND datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_some();
+        if running {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(running, "the migration never started");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(143), "{stdout}\n{stderr}");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(json["code"], "57014", "{json}");
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
+    assert_eq!(states(&status), ["pending"]);
+}

@@ -39,6 +39,22 @@ pub enum MigrateError {
         waited: Duration,
     },
 
+    /// The run was interrupted ([`Migrator::with_interrupt`](super::Migrator::with_interrupt))
+    /// while it waited for the lock or between migrations: the migrations in `done` stay as
+    /// this run left them (applied, or reverted), nothing after them ran. An interrupt during
+    /// a migration's statement is that migration's failure instead ([`MigrateError::Failed`],
+    /// SQLSTATE 57014), with the rollback or dirty mark any failure has.
+    #[error(
+        "{}\n  hint: run the command again to go on",
+        interrupted(schema, done)
+    )]
+    Interrupted {
+        /// The schema.
+        schema: String,
+        /// The migrations this run completed before the interrupt, in order.
+        done: Vec<Version>,
+    },
+
     /// An applied migration's up file changed since it was applied.
     #[error("migration {version} was changed after it was applied: {path} no longer matches the checksum in the history\n  hint: if it ran only on a database of your own (not released yet), undo it with its down script and apply the file as it is now: `svcdb migrate redo --allow-changed` when it is the newest applied migration, else `svcdb migrate down --to <the version before it> --allow-changed` then `svcdb migrate up`; if it was released, restore the file and put the change in a new migration; `svcdb migrate repair` records the file as it is now without running it, right only when the edit changes nothing the database sees (a comment, formatting)")]
     Changed {
@@ -496,7 +512,7 @@ fn failed_message(f: &MigrationFailure) -> String {
         // may not create schemas.
         "migrations run as the schema's owner (svcdb switches to it with SET ROLE when connected as another role, and says so before the run), and that role lacks this privilege: a statement that needs more than the service schema (CREATE SCHEMA, CREATE EXTENSION, grants on other schemas) belongs in the one-time set-up an administrator runs (`svcdb provision` creates the schema), or grant the privilege to the owner; then run again"
     } else if cause.code() == Some(&SqlState::QUERY_CANCELED) {
-        "the statement was cancelled: by the statement timeout (`--statement-timeout`, MigrateOptions::statement_timeout: raise it, or 0 for none, for a migration that takes long), or from another session (pg_cancel_backend); then run again"
+        "the statement was cancelled: by the statement timeout (`--statement-timeout`, MigrateOptions::statement_timeout: raise it, or 0 for none, for a migration that takes long), by an interrupt of the runner (Ctrl-C, SIGTERM: Migrator::with_interrupt), or from another session (pg_cancel_backend); then run again"
     } else if cause.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) {
         // PostgreSQL's own hint says CASCADE; for a down script dropping the service schema
         // (a dbmate folder's first migration), that would take svcdb's history table with it.
@@ -522,6 +538,18 @@ fn failed_message(f: &MigrationFailure) -> String {
         s.push_str("; the migrations still in effect are recorded as applied and will be skipped");
     }
     s
+}
+
+/// [`MigrateError::Interrupted`]'s first line.
+fn interrupted(schema: &str, done: &[Version]) -> String {
+    if done.is_empty() {
+        return format!("interrupted before any migration of schema {schema} ran: nothing changed");
+    }
+    let list: Vec<String> = done.iter().map(Version::to_string).collect();
+    format!(
+        "interrupted between migrations of schema {schema}: those done before it stay done ({}); nothing after them ran",
+        list.join(", ")
+    )
 }
 
 /// The part of [`MigrateError::NoDown`]'s hint for the migrations above the irreversible one:

@@ -36,6 +36,7 @@
 //! | Flyway's repeatable migrations (`R__x.sql`), run again when changed, and `svcdb_repeatables` | [`Repeatable`], [`RepeatableEntry`], [`RepeatableRun`] |
 //! | adopting a schema another tool (diesel, sqlx, golang-migrate, goose, dbmate, Flyway, refinery) migrated | [`adopt`] ([`Migrator::adopt`], [`Tool`]) |
 //! | the per-(database, schema) advisory lock | (internal; its errors: [`MigrateError::LockTimeout`]) |
+//! | stopping a run on a signal: the running statement cancelled, the failure path taken | [`Migrator::with_interrupt`] ([`MigrateError::Interrupted`]) |
 //! | status of every migration, drift checks | [`StatusReport`], [`MigrationState`] |
 //! | the runner: up, down, redo, validate, baseline, repair | [`Migrator`] |
 //! | options: drift allowances, lock wait, lock and statement timeouts; per-call up/down options | [`MigrateOptions`], [`UpOptions`], [`DownOptions`] |
@@ -132,6 +133,7 @@ pub mod adopt;
 mod error;
 mod event;
 pub mod history;
+mod interrupt;
 pub mod lint;
 mod location;
 pub(crate) mod lock;

@@ -10,6 +10,7 @@ use super::adopt;
 use super::error::{MigrateError, MigrationFailure};
 use super::event::{Direction, MigrateEvent};
 use super::history::{self, History};
+use super::interrupt::Interrupt;
 use super::location::{locate, Location};
 use super::lock::MigrationLock;
 use super::migration::Migration;
@@ -45,6 +46,8 @@ pub struct Migrator {
     db: ServiceDb,
     migrations: Migrations,
     options: MigrateOptions,
+    /// Set by [`Migrator::with_interrupt`].
+    interrupt: Option<Interrupt>,
 }
 
 /// The observer of calls without one.
@@ -90,6 +93,45 @@ impl Migrator {
             db,
             migrations,
             options: MigrateOptions::default(),
+            interrupt: None,
+        }
+    }
+
+    /// Stops a run when `interrupt` is cancelled (by a signal handler: Ctrl-C, a pod's
+    /// SIGTERM), the way a failure stops it, instead of the process vanishing mid-statement.
+    ///
+    /// * Waiting for the lock, or between migrations: the run ends with
+    ///   [`MigrateError::Interrupted`]; what it completed stays (and is on disk).
+    /// * During a migration's statement: the server is asked to cancel it
+    ///   (`pg_cancel_backend`), and the migration fails with SQLSTATE 57014 as any failure
+    ///   does: a transaction rolls back, a non-transactional migration stopped in its first
+    ///   statement stays pending, one stopped later is marked dirty, and the rest of the
+    ///   deploy is undone where it can be.
+    ///
+    /// A statement the server cannot cancel (a `COMMIT`) finishes, and the run stops before
+    /// the next migration.
+    pub fn with_interrupt(mut self, interrupt: tokio_util::sync::CancellationToken) -> Self {
+        self.interrupt = Some(Interrupt::new(interrupt));
+        self
+    }
+
+    /// `statement`, run on the lock's session, cancelled there if the run is interrupted
+    /// meanwhile ([`Self::with_interrupt`]).
+    async fn interruptible<T>(&self, statement: impl std::future::Future<Output = T>) -> T {
+        match &self.interrupt {
+            Some(interrupt) => interrupt.around(&self.db, statement).await,
+            None => statement.await,
+        }
+    }
+
+    /// [`MigrateError::Interrupted`] if the run was asked to stop, with what it did.
+    fn check_interrupt(&self, done: &[RunEntry]) -> Result<(), MigrateError> {
+        match &self.interrupt {
+            Some(interrupt) if interrupt.requested() => Err(MigrateError::Interrupted {
+                schema: self.schema(),
+                done: done.iter().map(|e| e.version.clone()).collect(),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -601,12 +643,30 @@ impl Migrator {
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<(MigrationLock, History), MigrateError> {
         let schema = self.db.schema();
-        let mut lock = MigrationLock::acquire(&self.db, self.options.lock_wait, || {
+        let acquire = MigrationLock::acquire(&self.db, self.options.lock_wait, || {
             observer(&MigrateEvent::WaitingForLock {
                 schema: schema.as_str().to_owned(),
             })
-        })
-        .await?;
+        });
+        let mut lock = match &self.interrupt {
+            Some(interrupt) => tokio::select! {
+                lock = acquire => lock?,
+                () = interrupt.wait() => return Err(MigrateError::Interrupted {
+                    schema: schema.as_str().to_owned(),
+                    done: Vec::new(),
+                }),
+            },
+            None => acquire.await?,
+        };
+        if let Some(interrupt) = &self.interrupt {
+            // The backend a cancel must reach; one query, only for an interruptible run.
+            let pid: i32 = lock
+                .client()
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await?
+                .get(0);
+            interrupt.set_backend(pid);
+        }
         // client_connection_check_interval ([`CONNECTION_CHECK_MS`]; PostgreSQL 14+, set
         // through pg_settings so older servers skip it).
         let mut setup = format!(
@@ -773,6 +833,7 @@ impl Migrator {
         let segments: Vec<&[&Migration]> = plan
             .chunk_by(|a, b| transactional(a, direction) && transactional(b, direction))
             .collect();
+        self.check_interrupt(&[])?;
         if segments.len() == 1 && transactional(plan[0], direction) {
             return self
                 .run_group(conn, reset, plan, direction, !history_exists, observer)
@@ -813,6 +874,11 @@ impl Migrator {
         }
         let mut done: Vec<RunEntry> = Vec::with_capacity(plan.len());
         for (n, segment) in segments.into_iter().enumerate() {
+            if let Err(interrupted) = self.check_interrupt(&done) {
+                // The commits so far went without waiting for the disk: they are done.
+                flush(conn).await;
+                return Err(interrupted);
+            }
             if n == last && last > 0 {
                 conn.batch_execute("SET synchronous_commit = on").await?;
             }
@@ -904,19 +970,11 @@ impl Migrator {
         create_table: bool,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<Vec<RunEntry>, GroupError> {
-        let schema = self.db.schema();
         let mut retries = 0;
         loop {
-            match try_group(
-                conn,
-                schema,
-                group,
-                direction,
-                create_table,
-                reset,
-                observer,
-            )
-            .await
+            match self
+                .try_group(conn, group, direction, create_table, reset, observer)
+                .await
             {
                 Err((i, StepError::Script { cause, .. }))
                     if is_lock_timeout(&cause) && retries < self.options.lock_retries =>
@@ -970,7 +1028,7 @@ impl Migrator {
         let start = started(m, direction, observer);
         for (done, statement) in split_statements(sql).into_iter().enumerate() {
             let mut retries = 0;
-            while let Err(cause) = conn.batch_execute(statement).await {
+            while let Err(cause) = self.interruptible(conn.batch_execute(statement)).await {
                 let retry = retries < self.options.lock_retries
                     && is_lock_timeout(&cause)
                     && invalid_indexes(conn, schema)
@@ -1098,83 +1156,85 @@ impl Migrator {
     }
 }
 
-/// One try of [`Migrator::run_group`]: begin, every script, the history change, commit. A
-/// failing commit (a deferred constraint) is put on the group's last migration.
-#[allow(clippy::too_many_arguments)]
-async fn try_group(
-    conn: &mut Client,
-    schema: &crate::Ident,
-    group: &[&Migration],
-    direction: Direction,
-    create_table: bool,
-    reset: &str,
-    observer: &mut (dyn FnMut(&MigrateEvent) + Send),
-) -> Result<Vec<RunEntry>, GroupError> {
-    let other = |e: MigrateError| (0, StepError::Other(e));
-    // Dropping `tx` on any early return rolls back.
-    let tx = conn.transaction().await.map_err(|e| other(e.into()))?;
-    if create_table {
-        history::create_table(&tx, schema).await.map_err(other)?;
-    }
-    // The scripts are pipelined: each is its own simple-query message, all sent before the
-    // first answer is awaited, so the server runs them back to back instead of waiting a round
-    // trip for the next one. Each message keeps its own answer, so a failure is still the
-    // failing script's own error (with its position in that script); the server runs every
-    // later message in the aborted transaction, which refuses it (25P02) and changes nothing.
-    // A future of tokio-postgres sends its message when first polled, hence one poll each, in
-    // order, before any is awaited.
-    // Each message ends with the session reset, after a line break and a `;` (so that a
-    // last statement without its `;`, or a trailing `--` comment, does not take it in); the
-    // server's error positions count from the message's start, so they still point into the
-    // script.
-    let messages: Vec<String> = group
-        .iter()
-        .map(|m| format!("{}\n;{reset}", script(m, direction).0))
-        .collect();
-    let mut pipeline: Vec<_> = messages
-        .iter()
-        .map(|message| Box::pin(tx.batch_execute(message)))
-        .collect();
-    let mut answered = Vec::with_capacity(group.len());
-    for sent in &mut pipeline {
-        answered.push(futures_util::future::poll_immediate(sent.as_mut()).await);
-    }
-    let mut done = Vec::with_capacity(group.len());
-    // Each script starts, on the server, when the one before it ends.
-    let mut start = started(group[0], direction, observer);
-    for (i, (sent, answer)) in pipeline.iter_mut().zip(answered).enumerate() {
-        let result = match answer {
-            Some(result) => result,
-            None => sent.as_mut().await,
+impl Migrator {
+    /// One try of [`Migrator::run_group`]: begin, every script, the history change, commit. A
+    /// failing commit (a deferred constraint) is put on the group's last migration.
+    async fn try_group(
+        &self,
+        conn: &mut Client,
+        group: &[&Migration],
+        direction: Direction,
+        create_table: bool,
+        reset: &str,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<Vec<RunEntry>, GroupError> {
+        let schema = self.db.schema();
+        let other = |e: MigrateError| (0, StepError::Other(e));
+        // Dropping `tx` on any early return rolls back.
+        let tx = conn.transaction().await.map_err(|e| other(e.into()))?;
+        if create_table {
+            history::create_table(&tx, schema).await.map_err(other)?;
+        }
+        // The scripts are pipelined: each is its own simple-query message, all sent before the
+        // first answer is awaited, so the server runs them back to back instead of waiting a round
+        // trip for the next one. Each message keeps its own answer, so a failure is still the
+        // failing script's own error (with its position in that script); the server runs every
+        // later message in the aborted transaction, which refuses it (25P02) and changes nothing.
+        // A future of tokio-postgres sends its message when first polled, hence one poll each, in
+        // order, before any is awaited.
+        // Each message ends with the session reset, after a line break and a `;` (so that a
+        // last statement without its `;`, or a trailing `--` comment, does not take it in); the
+        // server's error positions count from the message's start, so they still point into the
+        // script.
+        let messages: Vec<String> = group
+            .iter()
+            .map(|m| format!("{}\n;{reset}", script(m, direction).0))
+            .collect();
+        let mut pipeline: Vec<_> = messages
+            .iter()
+            .map(|message| Box::pin(tx.batch_execute(message)))
+            .collect();
+        let mut answered = Vec::with_capacity(group.len());
+        for sent in &mut pipeline {
+            answered.push(futures_util::future::poll_immediate(sent.as_mut()).await);
+        }
+        let mut done = Vec::with_capacity(group.len());
+        // Each script starts, on the server, when the one before it ends.
+        let mut start = started(group[0], direction, observer);
+        for (i, (sent, answer)) in pipeline.iter_mut().zip(answered).enumerate() {
+            let result = match answer {
+                Some(result) => result,
+                None => self.interruptible(sent.as_mut()).await,
+            };
+            result.map_err(|cause| (i, StepError::script(cause, None)))?;
+            done.push(finished(group[i], direction, start.elapsed(), observer));
+            if let Some(next) = group.get(i + 1) {
+                start = started(next, direction, observer);
+            }
+        }
+        drop(pipeline);
+        let written = match direction {
+            Direction::Up => {
+                let rows: Vec<(&Migration, Option<Duration>)> = group
+                    .iter()
+                    .zip(&done)
+                    .map(|(m, e)| {
+                        (
+                            *m,
+                            Some(crate::config::saturating_secs_f64(e.duration_ms / 1e3)),
+                        )
+                    })
+                    .collect();
+                history::insert(&tx, schema, &rows, false).await
+            }
+            Direction::Down => history::delete(&tx, schema, &versions(group)).await,
         };
-        result.map_err(|cause| (i, StepError::script(cause, None)))?;
-        done.push(finished(group[i], direction, start.elapsed(), observer));
-        if let Some(next) = group.get(i + 1) {
-            start = started(next, direction, observer);
-        }
+        written.map_err(|e| other(e.into()))?;
+        tx.commit()
+            .await
+            .map_err(|cause| (group.len() - 1, StepError::script(cause, None)))?;
+        Ok(done)
     }
-    drop(pipeline);
-    let written = match direction {
-        Direction::Up => {
-            let rows: Vec<(&Migration, Option<Duration>)> = group
-                .iter()
-                .zip(&done)
-                .map(|(m, e)| {
-                    (
-                        *m,
-                        Some(crate::config::saturating_secs_f64(e.duration_ms / 1e3)),
-                    )
-                })
-                .collect();
-            history::insert(&tx, schema, &rows, false).await
-        }
-        Direction::Down => history::delete(&tx, schema, &versions(group)).await,
-    };
-    written.map_err(|e| other(e.into()))?;
-    tx.commit()
-        .await
-        .map_err(|cause| (group.len() - 1, StepError::script(cause, None)))?;
-    Ok(done)
 }
 
 /// A timeout as the server takes it: whole milliseconds in an `int`. Zero stays zero (no

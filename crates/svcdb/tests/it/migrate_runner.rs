@@ -1897,3 +1897,99 @@ async fn a_newer_releases_dirty_migration_refuses_only_a_run_with_work() {
         Err(MigrateError::Dirty { version, .. }) if version.number() == 3
     ));
 }
+
+/// Found by an operations trial: a pod's SIGTERM during a non-transactional migration's first
+/// statement left it dirty although nothing of it ran (an SQL error there does not), and
+/// every later deploy then needed `repair`. Interrupted, the runner has the server cancel the
+/// statement and takes the failure path: nothing ran, so it stays pending. The controls: an
+/// interrupt after its first statement leaves it dirty, and one in a transactional migration
+/// rolls it back; waiting for the lock, the run ends with nothing done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_run_stops_at_its_statement_as_a_failure_does() {
+    use tokio_util::sync::CancellationToken;
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    let interrupted_run = |script: &'static str| {
+        let (svc, path) = (svc.clone(), dir.path().to_owned());
+        async move {
+            write(&path, &[("0001_slow.up.sql", script)]);
+            let token = CancellationToken::new();
+            let m = migrator(&svc, &path).with_interrupt(token.clone());
+            let run = tokio::spawn(async move { m.up().await });
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            token.cancel();
+            let started = std::time::Instant::now();
+            let outcome = run.await.unwrap();
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the statement ran on"
+            );
+            outcome
+        }
+    };
+    let cancelled = |outcome: Result<svcdb::migrate::UpReport, MigrateError>| {
+        let err = outcome.unwrap_err();
+        assert_eq!(err.code(), Some(&svcdb::SqlState::QUERY_CANCELED), "{err}");
+        failure(&err).dirty
+    };
+
+    let first = "-- svcdb:no-transaction\nSELECT pg_sleep(30);\nCREATE TABLE a (id int);";
+    assert!(!cancelled(interrupted_run(first).await));
+    let pending = || async {
+        let status = migrator(&svc, dir.path()).status().await.unwrap();
+        status.entries.iter().map(|e| e.state).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        pending().await,
+        [MigrationState::Pending],
+        "it stays pending"
+    );
+
+    let second = "-- svcdb:no-transaction\nCREATE TABLE a (id int);\nSELECT pg_sleep(30);";
+    assert!(cancelled(interrupted_run(second).await), "left dirty");
+    migrator(&svc, dir.path()).repair().await.unwrap();
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("DROP TABLE a")
+        .await
+        .unwrap();
+
+    let transactional = "CREATE TABLE a (id int);\nSELECT pg_sleep(30);";
+    assert!(!cancelled(interrupted_run(transactional).await));
+    assert_eq!(pending().await, [MigrationState::Pending]);
+    assert!(
+        svc.get()
+            .await
+            .unwrap()
+            .query_opt("SELECT 1 FROM pg_tables WHERE tablename = 'a'", &[])
+            .await
+            .unwrap()
+            .is_none(),
+        "rolled back"
+    );
+
+    // Another runner holds the lock: the waiting one ends with nothing done.
+    let holder = tokio::spawn({
+        let (svc, path) = (svc.clone(), dir.path().to_owned());
+        async move {
+            write(&path, &[("0001_slow.up.sql", "SELECT pg_sleep(3);")]);
+            migrator(&svc, &path).up().await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let token = CancellationToken::new();
+    let waiter = migrator(&svc, dir.path())
+        .with_options(MigrateOptions {
+            lock_wait: Duration::from_secs(60),
+            ..options()
+        })
+        .with_interrupt(token.clone());
+    let waiting = tokio::spawn(async move { waiter.up().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel();
+    assert!(matches!(
+        waiting.await.unwrap(),
+        Err(MigrateError::Interrupted { done, .. }) if done.is_empty()
+    ));
+    holder.await.unwrap().unwrap();
+}

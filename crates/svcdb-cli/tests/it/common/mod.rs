@@ -49,6 +49,18 @@ impl std::fmt::Display for Output {
 /// Runs `svcdb args` in `cwd` with `env` set, and with none of the test process's own
 /// `DATABASE_URL` and `SVCDB_*` variables: a developer's settings must not reach a test.
 pub fn svcdb<A: AsRef<OsStr>>(args: &[A], env: &[(&str, &str)], cwd: Option<&Path>) -> Output {
+    let out = command(args, env, cwd)
+        .output()
+        .expect("the svcdb binary runs");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The `svcdb args` command of [`svcdb`], to spawn.
+pub fn command<A: AsRef<OsStr>>(args: &[A], env: &[(&str, &str)], cwd: Option<&Path>) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_svcdb"));
     command.args(args);
     for (key, _) in std::env::vars_os() {
@@ -60,12 +72,7 @@ pub fn svcdb<A: AsRef<OsStr>>(args: &[A], env: &[(&str, &str)], cwd: Option<&Pat
     if let Some(cwd) = cwd {
         command.current_dir(cwd);
     }
-    let out = command.output().expect("the svcdb binary runs");
-    Output {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    command
 }
 
 /// A throwaway database, a service schema in it and an empty migrations folder: what one test
@@ -109,6 +116,27 @@ impl Project {
     /// Runs `svcdb args` against this project's database, schema and folder.
     pub fn run(&self, args: &[&str]) -> Output {
         self.run_with_env(args, &[])
+    }
+
+    /// `svcdb args` against this project, started with its output piped, not awaited.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        let url = self.db.url();
+        let dir = self.migrations();
+        let dir = dir.to_str().expect("a UTF-8 temporary path");
+        command(
+            args,
+            &[
+                ("DATABASE_URL", url.as_str()),
+                ("SVCDB_SCHEMA", self.schema.as_str()),
+                ("SVCDB_MIGRATIONS_DIR", dir),
+                ("SVCDB_CREATE_SCHEMA", "true"),
+            ],
+            Some(self.root.path()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the svcdb binary starts")
     }
 
     /// [`run`](Self::run) with more environment variables, which win over the project's.
