@@ -64,7 +64,18 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
         }
         connected => connected?,
     };
-    let report = provision(&mut admin, &spec).await?;
+    let report = match provision(&mut admin, &spec).await {
+        // Found by an operations trial: run as a service's own role, provision failed with a
+        // bare "permission denied for table pg_authid" and no hint.
+        // The SQLSTATE stays in the chain, for `--json`'s code.
+        Err(e) if e.code() == Some(&svcdb::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "role {} may not provision\n  hint: provision creates roles and schemas, so it connects as an administrator (a superuser, or a role with CREATEROLE that owns the database): give the administrator's URL in --database-url",
+                admin_config.connection.get_user().unwrap_or("?")
+            )))
+        }
+        provisioned => provisioned?,
+    };
     if global.json {
         output::json(&report)?;
     } else if report.changes.is_empty() {

@@ -157,3 +157,41 @@ async fn provision_says_when_the_role_has_no_password_and_how_to_give_it_one() {
         true
     );
 }
+
+/// Found by an operations trial: run as a service's own role, provision failed with the
+/// server's "permission denied" and no hint. It now says provision needs an administrator,
+/// keeping the SQLSTATE; the same command as the administrator works (the control).
+#[tokio::test]
+async fn provision_as_a_role_that_may_not_create_roles_says_it_needs_an_administrator() {
+    let project = Project::new().await;
+    let plain = project.db.role_name("plain");
+    let admin = project.db.admin().await;
+    admin
+        .batch_execute(&format!("CREATE ROLE {plain} LOGIN"))
+        .await
+        .unwrap();
+    let service = project.db.role_name("svc");
+    let args = [
+        "provision",
+        "--service",
+        &service,
+        "--schema",
+        "svc_schema",
+        "--json",
+    ];
+    let out = project.run_with_env(&args, &[("DATABASE_URL", &project.db.url_as(&plain))]);
+    let out = out.expect_code(1);
+    let json = out.json();
+    assert_eq!(json["code"], "42501", "{out}");
+    assert!(
+        json["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("administrator")),
+        "{out}"
+    );
+    project.run(&args).expect_code(0);
+    admin
+        .batch_execute(&format!("DROP ROLE {plain}"))
+        .await
+        .unwrap();
+}

@@ -171,9 +171,12 @@ impl Problem {
             Problem::WrongSchema { .. } => {
                 "use `SET LOCAL search_path` inside a transaction, never `SET` on a pooled connection; behind PgBouncer, which drops the `options` startup parameter, pin it on the role (`ALTER ROLE … SET search_path`)"
             }
-            Problem::NoHistory { .. } | Problem::Pending { .. } => "run `svcdb migrate up`",
+            Problem::NoHistory { .. } => "run `svcdb migrate up`",
+            Problem::Pending { .. } => {
+                "run `svcdb migrate up` (a migration older than the newest applied one also needs `--allow-out-of-order`, or a newer version)"
+            }
             Problem::Dirty { .. } => {
-                "finish or undo that migration's statements by hand (`svcdb migrate repair` names the invalid indexes to drop), then run `svcdb migrate repair`"
+                "finish or undo that migration's statements by hand (`svcdb migrate repair` names the invalid indexes to drop), then run `svcdb migrate repair`; if you finished them, `svcdb migrate baseline <its version>` then records it as applied"
             }
             Problem::Changed { .. } => {
                 "restore the file and put the change in a new migration, or run `svcdb migrate repair` if the edit is harmless"
