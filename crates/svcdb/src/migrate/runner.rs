@@ -784,6 +784,11 @@ impl Migrator {
             }
             plan.push(m);
         }
+        // A down script the parser rejects would fail on the server too: said before anything
+        // runs, so that `--dry-run` shows it.
+        for finding in plan.iter().filter_map(|m| super::lint::unparsed_down(m)) {
+            observer(&MigrateEvent::Lint { finding });
+        }
         let migrations = if options.dry_run {
             plan.iter().map(|m| planned(m)).collect()
         } else {

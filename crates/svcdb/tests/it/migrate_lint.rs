@@ -964,3 +964,82 @@ async fn redo_checks_its_up_script_before_reverting() {
     assert_eq!(lint_events, [Rule::IndexWithoutConcurrently]);
     assert_eq!(history(&svc).await, [1, 2]);
 }
+
+/// Found on windmill's sqlx folder: a down script with a syntax error (`DROP COLUMN language
+/// SCRIPT_LANG;`) passed `down --dry-run` and `lint`, and failed only when reverted. Both now
+/// report it, at its own file and line; a valid down script is no finding (the control).
+#[tokio::test]
+async fn a_down_script_the_parser_rejects_is_reported_before_it_runs() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ITEMS,
+            ("1_items.down.sql", "DROP TABLE items;"),
+            (
+                "2_lang.up.sql",
+                "ALTER TABLE items ADD COLUMN language text;",
+            ),
+            (
+                "2_lang.down.sql",
+                "-- the column goes\n\nALTER TABLE items DROP COLUMN language SCRIPT_LANG;",
+            ),
+        ],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    let found: Vec<(String, usize, Rule)> = m
+        .lint_pending()
+        .await
+        .unwrap()
+        .findings
+        .iter()
+        .map(|f| {
+            (
+                f.path.rsplit('/').next().unwrap().to_owned(),
+                f.line,
+                f.rule,
+            )
+        })
+        .collect();
+    assert_eq!(found, [("2_lang.down.sql".to_owned(), 3, Rule::Unparsed)]);
+    m.up().await.unwrap();
+    let mut warned = Vec::new();
+    let dry = DownOptions {
+        dry_run: true,
+        ..DownOptions::default()
+    };
+    m.down_with(&dry, &mut |e| {
+        if let MigrateEvent::Lint { finding } = e {
+            warned.push(finding.rule);
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(warned, [Rule::Unparsed]);
+    // Reverting the one below it, whose down script parses, warns of nothing.
+    warned.clear();
+    let two = DownOptions {
+        to: Some("0".parse().unwrap()),
+        dry_run: true,
+        ..DownOptions::default()
+    };
+    write(
+        dir.path(),
+        &[("2_lang.down.sql", "ALTER TABLE items DROP COLUMN language;")],
+    );
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .with_options(MigrateOptions {
+            allow_changed: true,
+            ..MigrateOptions::default()
+        })
+        .down_with(&two, &mut |e| {
+            if let MigrateEvent::Lint { finding } = e {
+                warned.push(finding.rule);
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(warned, []);
+}

@@ -170,12 +170,54 @@ pub(crate) fn lint_live<'a>(
     for m in deploy {
         report.migrations += 1;
         deploy_state.script(Script::of_migration(m), &mut report.findings);
+        report.findings.extend(unparsed_down(m));
     }
     for r in repeatables {
         report.migrations += 1;
         deploy_state.script(Script::of_repeatable(r), &mut report.findings);
     }
     report
+}
+
+/// `m`'s down script as an `unparsed` finding at its own file when PostgreSQL's parser rejects
+/// it: a broken down script is otherwise found at the worst time, in a rollback. Down scripts
+/// are checked for nothing else (they drop what the up made, by design).
+pub(crate) fn unparsed_down(m: &Migration) -> Option<Finding> {
+    let (down, path) = (m.down.as_deref()?, m.down_path.as_deref()?);
+    if split_statements(down).is_empty() {
+        return None;
+    }
+    let e = pg_query::parse(down, pg_query::ParserOptions::DEFAULT).err()?;
+    let script = Script {
+        up: down,
+        up_line: m.down_line,
+        path,
+        version: Some(&m.version),
+        transactional: m.down_transactional,
+        allowed: HashSet::new(),
+    };
+    Some(script.finding(
+        unparsed_at(down),
+        Rule::Unparsed,
+        format!("PostgreSQL's parser rejects the down script, so reverting this migration would fail: {e}"),
+        "fix the syntax (the server will refuse it too)".into(),
+    ))
+}
+
+/// Where in `sql`, which the parser rejects, the first statement it rejects on its own
+/// starts (its code, after the comments before it); 0 when none does alone.
+fn unparsed_at(sql: &str) -> usize {
+    split_statements(sql)
+        .into_iter()
+        .find(|statement| pg_query::parse(statement, pg_query::ParserOptions::DEFAULT).is_err())
+        .map_or(0, |statement| {
+            // The pieces are slices of `sql`: their offset is the pointers' difference.
+            let offset = (statement.as_ptr() as usize)
+                .checked_sub(sql.as_ptr() as usize)
+                .filter(|&at| at <= sql.len())
+                .unwrap_or(0);
+            code_start(sql, offset)
+        })
 }
 
 /// What `up` does with the lint of its plan (and the repeatable migrations it runs after it):
@@ -394,7 +436,7 @@ impl Deploy {
             Ok(parsed) => parsed,
             Err(e) => {
                 out.push(script.finding(
-                    0,
+                    unparsed_at(script.up),
                     Rule::Unparsed,
                     format!("PostgreSQL's parser rejects the script, so it was not checked: {e}"),
                     "fix the syntax (the server will refuse it too); it is checked once it parses".into(),
