@@ -542,6 +542,15 @@ async fn has_index(svc: &ServiceDb, name: &str) -> bool {
     .get(0)
 }
 
+/// An observer that notes the rule of each lint finding reported as an event.
+fn lint_rules(rules: &mut Vec<Rule>) -> impl FnMut(&MigrateEvent) + Send + '_ {
+    move |e| {
+        if let MigrateEvent::Lint { finding } = e {
+            rules.push(finding.rule);
+        }
+    }
+}
+
 const ITEMS: (&str, &str) = (
     "1_items.up.sql",
     "CREATE TABLE items (id int PRIMARY KEY, label text);",
@@ -619,11 +628,7 @@ async fn allow_unsafe_runs_it_and_reports_the_finding_as_an_event() {
             ..MigrateOptions::default()
         },
     )
-    .up_with(&Default::default(), &mut |e| {
-        if let MigrateEvent::Lint { finding } = e {
-            lint_events.push(finding.rule);
-        }
-    })
+    .up_with(&Default::default(), &mut lint_rules(&mut lint_events))
     .await
     .unwrap();
     assert_eq!(lint_events, [Rule::IndexWithoutConcurrently]);
@@ -954,11 +959,7 @@ async fn redo_checks_its_up_script_before_reverting() {
 
     let mut lint_events = Vec::new();
     migrator(&svc, dir.path(), allowing)
-        .redo_with(&mut |e| {
-            if let MigrateEvent::Lint { finding } = e {
-                lint_events.push(finding.rule);
-            }
-        })
+        .redo_with(&mut lint_rules(&mut lint_events))
         .await
         .unwrap();
     assert_eq!(lint_events, [Rule::IndexWithoutConcurrently]);
@@ -1010,13 +1011,9 @@ async fn a_down_script_the_parser_rejects_is_reported_before_it_runs() {
         dry_run: true,
         ..DownOptions::default()
     };
-    m.down_with(&dry, &mut |e| {
-        if let MigrateEvent::Lint { finding } = e {
-            warned.push(finding.rule);
-        }
-    })
-    .await
-    .unwrap();
+    m.down_with(&dry, &mut lint_rules(&mut warned))
+        .await
+        .unwrap();
     assert_eq!(warned, [Rule::Unparsed]);
     // Reverting the one below it, whose down script parses, warns of nothing.
     warned.clear();
@@ -1034,11 +1031,7 @@ async fn a_down_script_the_parser_rejects_is_reported_before_it_runs() {
             allow_changed: true,
             ..MigrateOptions::default()
         })
-        .down_with(&two, &mut |e| {
-            if let MigrateEvent::Lint { finding } = e {
-                warned.push(finding.rule);
-            }
-        })
+        .down_with(&two, &mut lint_rules(&mut warned))
         .await
         .unwrap();
     assert_eq!(warned, []);
