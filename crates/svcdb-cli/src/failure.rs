@@ -22,6 +22,7 @@ use svcdb::{DedicatedConn, SqlState, Tls};
 
 use crate::global::Global;
 use crate::usage::{Usage, HINT};
+use crate::wording::for_cli;
 
 /// A failed command, ready to print.
 #[derive(Debug)]
@@ -43,8 +44,8 @@ impl Failure {
         let report = Report::new(e.as_ref());
         let usage = e.chain().any(|c| c.is::<Usage>());
         Self {
-            error: report.message().to_owned(),
-            hint: (!report.hints().is_empty()).then(|| report.hints().join("\n")),
+            error: for_cli(report.message()),
+            hint: (!report.hints().is_empty()).then(|| for_cli(&report.hints().join("\n"))),
             code: Self::code(e),
             exit: if usage { 64 } else { 1 },
         }

@@ -10,6 +10,7 @@ mod global;
 mod interrupt;
 mod output;
 mod usage;
+mod wording;
 
 use std::process::ExitCode;
 

@@ -525,7 +525,10 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
         }
     })?;
     Ok(if let Some(e) = refusal {
-        eprintln!("not up to date: {e}");
+        eprintln!(
+            "not up to date: {}",
+            crate::wording::for_cli(&e.to_string())
+        );
         Outcome::NotReady
     } else if report.pending().next().is_some()
         || report.stale_repeatables().next().is_some()
