@@ -404,7 +404,7 @@ fn failed_message(f: &MigrationFailure) -> String {
         direction,
         path: _,
         line: _,
-        statement: _,
+        statement,
         cause,
         applied,
         undone,
@@ -428,6 +428,15 @@ fn failed_message(f: &MigrationFailure) -> String {
         super::migration::Named(version, name),
         pg_message(cause)
     );
+    if let Some(statement) = statement {
+        /// Characters of the statement shown; the rest is cut.
+        const SHOWN: usize = 160;
+        let flat: Vec<&str> = statement.split_whitespace().collect();
+        let flat = flat.join(" ");
+        let shown: String = flat.chars().take(SHOWN).collect();
+        let cut = if shown.len() < flat.len() { " …" } else { "" };
+        s.push_str(&format!("\n  in: {shown}{cut}"));
+    }
     let lock_timeout = cause.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
     if lock_timeout && *lock_retries > 0 {
         s.push_str(&format!(

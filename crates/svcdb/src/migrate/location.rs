@@ -6,7 +6,9 @@ use tokio_postgres::error::ErrorPosition;
 
 use super::event::Direction;
 use super::migration::Migration;
-use super::split::split_statements;
+use std::ops::Range;
+
+use super::split::{code_start, split_statements};
 
 /// The failing script's file, line and statement.
 pub(super) struct Location {
@@ -20,13 +22,16 @@ pub(super) struct Location {
 
 /// Where `m`'s script for `direction` failed with `cause`. `statements_done` is set for a
 /// non-transactional script, which is sent one statement at a time: the failing statement is
-/// the next one, and the server's position counts from its start. A transactional script is
-/// sent whole, so the position counts from the script's start.
+/// the next one, and the server's position counts from its start. `at` is set for a
+/// transactional script sent statement by statement: the failing statement's bytes, from
+/// whose start the position counts. Otherwise the script was sent whole, and the position
+/// counts from its start. Without a position, the line is the failing statement's first.
 pub(super) fn locate(
     m: &Migration,
     direction: Direction,
     cause: &tokio_postgres::Error,
     statements_done: Option<usize>,
+    at: Option<Range<usize>>,
 ) -> Location {
     let (path, script, first_line) = match direction {
         Direction::Up => (m.path.as_str(), m.up.as_str(), m.up_line),
@@ -52,12 +57,16 @@ pub(super) fn locate(
         Some(ErrorPosition::Original(p)) => usize::try_from(*p).ok().and_then(|p| p.checked_sub(1)),
         _ => None,
     };
-    let (start, statement) = match statements_done {
-        Some(done) => match statements.get(done) {
+    let (start, statement) = match (statements_done, at) {
+        (Some(done), _) => match statements.get(done) {
             Some(&(start, statement)) => (start, Some(statement)),
             None => (0, None),
         },
-        None => (0, None),
+        (None, Some(at)) => match script.get(at.clone()) {
+            Some(statement) => (at.start, Some(statement.trim())),
+            None => (0, None),
+        },
+        (None, None) => (0, None),
     };
     // The error's byte offset in the script.
     let at = position.map(|chars| {
@@ -77,6 +86,8 @@ pub(super) fn locate(
             .find(|(start, _)| *start <= at)
             .map(|&(_, statement)| statement)
     });
+    // Without a position, the failing statement's first line of code, when it is known.
+    let at = at.or_else(|| statement.map(|_| code_start(script, start)));
     // The script may start further down its file (a goose or dbmate file).
     let line = at.map(|at| first_line + script[..at].matches('\n').count());
     Location {

@@ -1,6 +1,8 @@
 //! The runner: `up`, `down`, `redo`, `status`, `validate`, `baseline`, `repair`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
@@ -60,6 +62,9 @@ enum StepError {
         cause: tokio_postgres::Error,
         /// For a non-transactional script, the number of statements that succeeded first.
         statements_done: Option<usize>,
+        /// For a transactional script sent statement by statement, the failing statement's
+        /// bytes in it.
+        at: Option<Range<usize>>,
         /// Retries after a lock timeout before this failure.
         lock_retries: u32,
     },
@@ -72,6 +77,7 @@ impl StepError {
         StepError::Script {
             cause,
             statements_done,
+            at: None,
             lock_retries: 0,
         }
     }
@@ -848,12 +854,13 @@ impl Migrator {
                     StepError::Script {
                         cause,
                         lock_retries,
+                        at,
                         ..
                     } => MigrateError::Failed(Box::new(MigrationFailure {
                         rolled_back: true,
                         rolled_back_with: plan[..i].iter().map(|m| m.version.clone()).collect(),
                         lock_retries,
-                        ..failure(plan[i], direction, cause, None)
+                        ..failure(plan[i], direction, cause, None, at)
                     })),
                 });
         }
@@ -897,7 +904,7 @@ impl Migrator {
                     .map(|entry| vec![entry])
                     .map_err(|e| (0, e))
             };
-            let (i, cause, statements_done, lock_retries) = match result {
+            let (i, cause, statements_done, at, lock_retries) = match result {
                 Ok(entries) => {
                     done.extend(entries);
                     continue;
@@ -908,9 +915,10 @@ impl Migrator {
                     StepError::Script {
                         cause,
                         statements_done,
+                        at,
                         lock_retries,
                     },
-                )) => (i, cause, statements_done, lock_retries),
+                )) => (i, cause, statements_done, at, lock_retries),
             };
             let m = segment[i];
             // A non-transactional script that changed nothing is not left dirty.
@@ -956,7 +964,7 @@ impl Migrator {
                 invalid_indexes,
                 rolled_back_with: segment[..i].iter().map(|m| m.version.clone()).collect(),
                 lock_retries,
-                ..failure(m, direction, cause, statements_done)
+                ..failure(m, direction, cause, statements_done, at)
             })));
         }
         Ok(done)
@@ -993,6 +1001,7 @@ impl Migrator {
                     StepError::Script {
                         cause,
                         statements_done,
+                        at,
                         ..
                     },
                 )) => {
@@ -1001,6 +1010,7 @@ impl Migrator {
                         StepError::Script {
                             cause,
                             statements_done,
+                            at,
                             lock_retries: retries,
                         },
                     ))
@@ -1043,6 +1053,7 @@ impl Migrator {
                     return Err(StepError::Script {
                         cause,
                         statements_done: Some(done),
+                        at: None,
                         lock_retries: retries,
                     });
                 }
@@ -1180,41 +1191,53 @@ impl Migrator {
         if create_table {
             history::create_table(&tx, schema).await.map_err(other)?;
         }
-        // The scripts are pipelined: each is its own simple-query message, all sent before the
-        // first answer is awaited, so the server runs them back to back instead of waiting a round
-        // trip for the next one. Each message keeps its own answer, so a failure is still the
-        // failing script's own error (with its position in that script); the server runs every
-        // later message in the aborted transaction, which refuses it (25P02) and changes nothing.
-        // A future of tokio-postgres sends its message when first polled, hence one poll each, in
-        // order, before any is awaited.
-        // Each message ends with the session reset, after a line break and a `;` (so that a
-        // last statement without its `;`, or a trailing `--` comment, does not take it in); the
-        // server's error positions count from the message's start, so they still point into the
-        // script.
-        let messages: Vec<String> = group
+        // The scripts are pipelined: each statement is its own simple-query message, all sent
+        // before the first answer is awaited, so the server runs them back to back instead of
+        // waiting a round trip for the next one. Each message keeps its own answer, so a
+        // failure is the failing statement's own error, whose file and line the failure names
+        // even when the server gives no position (most errors past the parser: a missing
+        // relation, a violated constraint); the server runs every later message in the
+        // aborted transaction, which refuses it (25P02) and changes nothing. The statements
+        // are found by PostgreSQL's own parser (`BEGIN ATOMIC` bodies and all); a script it
+        // rejects goes whole, and the server reports where, as a position in the script.
+        // After each script, the session reset (a message of its own; sent with a whole
+        // script, after a line break and a `;`, so that a last statement without its `;`, or
+        // a trailing `--` comment, does not take it in). A future of tokio-postgres sends its
+        // message when first polled, hence one poll each, in order, before any is awaited.
+        let pieces = pieces(group, direction, reset);
+        let mut pipeline: Vec<_> = pieces
             .iter()
-            .map(|m| format!("{}\n;{reset}", script(m, direction).0))
+            .map(|piece| Box::pin(tx.batch_execute(&piece.sql)))
             .collect();
-        let mut pipeline: Vec<_> = messages
-            .iter()
-            .map(|message| Box::pin(tx.batch_execute(message)))
-            .collect();
-        let mut answered = Vec::with_capacity(group.len());
+        let mut answered = Vec::with_capacity(pieces.len());
         for sent in &mut pipeline {
             answered.push(futures_util::future::poll_immediate(sent.as_mut()).await);
         }
         let mut done = Vec::with_capacity(group.len());
         // Each script starts, on the server, when the one before it ends.
         let mut start = started(group[0], direction, observer);
-        for (i, (sent, answer)) in pipeline.iter_mut().zip(answered).enumerate() {
+        for ((sent, answer), piece) in pipeline.iter_mut().zip(answered).zip(&pieces) {
             let result = match answer {
                 Some(result) => result,
                 None => self.interruptible(sent.as_mut()).await,
             };
-            result.map_err(|cause| (i, StepError::script(cause, None)))?;
-            done.push(finished(group[i], direction, start.elapsed(), observer));
-            if let Some(next) = group.get(i + 1) {
-                start = started(next, direction, observer);
+            let i = piece.migration;
+            result.map_err(|cause| {
+                (
+                    i,
+                    StepError::Script {
+                        cause,
+                        statements_done: None,
+                        at: piece.at.clone(),
+                        lock_retries: 0,
+                    },
+                )
+            })?;
+            if piece.ends_script {
+                done.push(finished(group[i], direction, start.elapsed(), observer));
+                if let Some(next) = group.get(i + 1) {
+                    start = started(next, direction, observer);
+                }
             }
         }
         drop(pipeline);
@@ -1240,6 +1263,54 @@ impl Migrator {
             .map_err(|cause| (group.len() - 1, StepError::script(cause, None)))?;
         Ok(done)
     }
+}
+
+/// One message of a transactional group: a statement of a script (`at`: its bytes in the
+/// script), a script the parser could not split, or the session reset after a script.
+struct Piece<'a> {
+    sql: Cow<'a, str>,
+    /// The group's migration it belongs to.
+    migration: usize,
+    at: Option<Range<usize>>,
+    /// Its answer is the end of the migration's script.
+    ends_script: bool,
+}
+
+/// The messages [`Migrator::try_group`] sends for `group`, in order.
+fn pieces<'a>(group: &[&'a Migration], direction: Direction, reset: &'a str) -> Vec<Piece<'a>> {
+    let mut pieces = Vec::new();
+    for (i, m) in group.iter().enumerate() {
+        let sql = script(m, direction).0;
+        match pg_query::split_with_parser(sql) {
+            Ok(statements) if !statements.is_empty() => {
+                for statement in statements {
+                    // The parser's pieces are slices of the script.
+                    let start = (statement.as_ptr() as usize)
+                        .checked_sub(sql.as_ptr() as usize)
+                        .filter(|&start| start + statement.len() <= sql.len());
+                    pieces.push(Piece {
+                        sql: Cow::Borrowed(statement),
+                        migration: i,
+                        at: start.map(|start| start..start + statement.len()),
+                        ends_script: false,
+                    });
+                }
+                pieces.push(Piece {
+                    sql: Cow::Borrowed(reset),
+                    migration: i,
+                    at: None,
+                    ends_script: true,
+                });
+            }
+            _ => pieces.push(Piece {
+                sql: Cow::Owned(format!("{sql}\n;{reset}")),
+                migration: i,
+                at: None,
+                ends_script: true,
+            }),
+        }
+    }
+    pieces
 }
 
 /// A timeout as the server takes it: whole milliseconds in an `int`. Zero stays zero (no
@@ -1332,12 +1403,13 @@ fn failure(
     direction: Direction,
     cause: tokio_postgres::Error,
     statements_done: Option<usize>,
+    at: Option<Range<usize>>,
 ) -> MigrationFailure {
     let Location {
         path,
         line,
         statement,
-    } = locate(m, direction, &cause, statements_done);
+    } = locate(m, direction, &cause, statements_done, at);
     MigrationFailure {
         version: m.version.clone(),
         name: m.name.clone(),

@@ -1993,3 +1993,48 @@ async fn an_interrupted_run_stops_at_its_statement_as_a_failure_does() {
     ));
     holder.await.unwrap().unwrap();
 }
+
+/// Found on coder's golang-migrate folder: a transactional script failing past the parser (a
+/// missing trigger, a duplicate key: errors without a position) was reported without its line
+/// or statement, though the README promises both. Each statement is now its own message, so
+/// the failing one is known: in the second migration of a group, and in a down script.
+#[tokio::test]
+async fn a_failure_without_a_position_names_its_statement_and_line() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            ("0001_t.up.sql", "CREATE TABLE t (id int PRIMARY KEY);"),
+            (
+                "0002_rows.up.sql",
+                "INSERT INTO t VALUES (1);\n-- the same key again\n\nINSERT INTO t\n  VALUES (1);\nINSERT INTO t VALUES (2);",
+            ),
+        ],
+    );
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    let f = failure(&err);
+    assert_eq!(f.cause.code(), Some(&svcdb::SqlState::UNIQUE_VIOLATION));
+    assert!(f.path.ends_with("0002_rows.up.sql"), "{f:?}");
+    assert_eq!(f.line, Some(4), "{f:?}");
+    assert_eq!(f.statement.as_deref(), Some("INSERT INTO t\n  VALUES (1)"));
+
+    write(
+        dir.path(),
+        &[
+            ("0002_rows.up.sql", "INSERT INTO t VALUES (1);"),
+            (
+                "0002_rows.down.sql",
+                "DELETE FROM t;\nDROP TRIGGER no_such_trigger ON t;",
+            ),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up().await.unwrap();
+    let err = m.down(&DownOptions::default()).await.unwrap_err();
+    let f = failure(&err);
+    assert!(f.path.ends_with("0002_rows.down.sql"), "{f:?}");
+    assert_eq!(
+        (f.line, f.statement.as_deref()),
+        (Some(2), Some("DROP TRIGGER no_such_trigger ON t"))
+    );
+}
