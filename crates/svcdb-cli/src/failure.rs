@@ -150,11 +150,16 @@ impl Failure {
 
     /// The failure for scripts: one line of JSON.
     pub fn json(&self) -> String {
-        serde_json::json!({"error": self.error, "hint": self.hint, "code": self.code}).to_string()
+        self.value().to_string()
+    }
+
+    /// `{"error", "hint", "code"}`, to print or to put in a report.
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::json!({"error": self.error, "hint": self.hint, "code": self.code})
     }
 
     /// The failure for people: `error: …`, then each hint on a line of its own.
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         let mut text = format!("error: {}", self.error);
         for hint in self.hint.iter().flat_map(|h| h.lines()) {
             text.push_str(HINT);

@@ -504,7 +504,15 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
         ) => Some(e),
         Err(e) => return Err(e.into()),
     };
-    output::report(global.json, &report, |r| {
+    // With --json the refusal is in the report too (found by a user trial: exit 1 with a JSON
+    // report that never said why): `refused` is `{"error", "hint", "code"}`, or null.
+    let refusal = refusal.map(|e| crate::failure::Failure::new(&anyhow::Error::new(e)));
+    let mut json = serde_json::to_value(&report)?;
+    json["refused"] = refusal
+        .as_ref()
+        .map_or(serde_json::Value::Null, |f| f.value());
+    output::report(global.json, &json, |_| {
+        let r = &report;
         let mut summary = summary(r);
         if refusal.is_none() && (r.in_progress.is_some() || r.locked) {
             summary.push_str("; another runner holds the schema's migration lock, and `svcdb migrate up` waits for it");
@@ -524,10 +532,10 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
             format!("{}\n{summary}", status_table(r))
         }
     })?;
-    Ok(if let Some(e) = refusal {
+    Ok(if let Some(refused) = refusal {
         eprintln!(
             "not up to date: {}",
-            crate::wording::for_cli(&e.to_string())
+            refused.text().trim_start_matches("error: ")
         );
         Outcome::NotReady
     } else if report.pending().next().is_some()
@@ -648,7 +656,16 @@ async fn adopt(global: &Global, args: AdoptArgs) -> Result<Outcome> {
                 r.schema, r.from, r.table, r.table
             )
         });
-        if !r.pending.is_empty() && !r.dry_run {
+        if !r.out_of_order.is_empty() {
+            let list: Vec<String> = r.out_of_order.iter().map(Version::to_string).collect();
+            lines.push(format!(
+                "{} of the pending ({}) {} older than the newest recorded migration ({} rolled back or skipped): `svcdb migrate up --allow-out-of-order` applies them, plain `up` refuses them",
+                list.len(),
+                list.join(", "),
+                if list.len() == 1 { "is" } else { "are" },
+                r.from
+            ));
+        } else if !r.pending.is_empty() && !r.dry_run {
             lines.push("run `svcdb migrate up` to apply the pending ones".to_owned());
         }
         lines.join("\n")

@@ -387,6 +387,8 @@ async fn a_half_applied_non_transactional_migration_is_dirty_until_repair() {
 
     let out = p.run(&["migrate", "status", "--json"]).expect_code(1);
     assert_eq!(out.json()["dirty"], "0001");
+    // Why it exits 1 is in the JSON too (a user trial found only stderr saying it).
+    assert_eq!(out.json()["refused"]["code"], "dirty", "{out}");
     assert_eq!(states(&out.json()), ["dirty"]);
     assert!(out.stderr.contains("repair"), "{out}");
     p.run(&["migrate", "up"]).expect_code(1);
@@ -406,7 +408,11 @@ async fn a_half_applied_non_transactional_migration_is_dirty_until_repair() {
         .expect_code(0)
         .json();
     assert_eq!(repair["actions"][0]["action"], "cleared_dirty");
-    p.run(&["migrate", "status"]).expect_code(2);
+    let pending = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
+    assert_eq!(pending["refused"], serde_json::Value::Null);
     p.run(&["migrate", "up"]).expect_code(0);
     p.run(&["migrate", "status"]).expect_code(0);
 }

@@ -177,6 +177,10 @@ pub struct AdoptReport {
     pub already_recorded: Vec<Version>,
     /// Files the other tool did not apply: `svcdb migrate up` runs them.
     pub pending: Vec<Version>,
+    /// The pending ones older than the newest recorded version (the other tool rolled them
+    /// back, or skipped them): `up` runs them only with
+    /// [`MigrateOptions::allow_out_of_order`](super::MigrateOptions::allow_out_of_order).
+    pub out_of_order: Vec<Version>,
     /// What was read but not adopted, and checks that could not be made.
     pub warnings: Vec<String>,
     /// Flyway's repeatable migrations recorded as run with their file as it is now, by name;
@@ -379,8 +383,16 @@ impl Migrator {
             self.match_files(tool, &table, tool_history, options.allow_changed)?;
         warnings.extend(repeatable_warnings);
         let schema = self.service_db().schema();
-        let report =
-            |recorded: Vec<RunEntry>, already: Vec<Version>, warnings: Vec<String>| AdoptReport {
+        let report = |recorded: Vec<RunEntry>, already: Vec<Version>, warnings: Vec<String>| {
+            // Found adopting a goose schema whose middle version was rolled back: adopt
+            // said "run `svcdb migrate up`", which then refused it as out of order.
+            let newest = recorded.iter().map(|e| &e.version).chain(&already).max();
+            let out_of_order = pending
+                .iter()
+                .filter(|v| newest.is_some_and(|newest| *v < newest))
+                .cloned()
+                .collect();
+            AdoptReport {
                 schema: schema.as_str().to_owned(),
                 from: tool,
                 table: table.clone(),
@@ -388,9 +400,11 @@ impl Migrator {
                 recorded,
                 already_recorded: already,
                 pending: pending.clone(),
+                out_of_order,
                 warnings,
                 repeatables: adopted_repeatables.iter().map(|r| r.name.clone()).collect(),
-            };
+            }
+        };
         let entry = |m: &Migration| RunEntry {
             version: m.version.clone(),
             name: m.name.clone(),
