@@ -530,7 +530,7 @@ impl Deploy {
                 at,
                 Rule::IndexWithoutConcurrently,
                 format!("CREATE INDEX on {table}, a table that existed before this deploy, blocks every write to it while the index builds"),
-                format!("CREATE INDEX CONCURRENTLY, in a migration of its own that starts with `{}` (a failed build leaves an INVALID index: drop it with DROP INDEX CONCURRENTLY IF EXISTS before retrying)", super::NO_TRANSACTION_DIRECTIVE),
+                format!("CREATE INDEX CONCURRENTLY, in a non-transactional migration of its own: {} (a failed build leaves an INVALID index: drop it with DROP INDEX CONCURRENTLY IF EXISTS before retrying)", super::migration::NO_TRANSACTION_HOW),
             ));
         }
     }

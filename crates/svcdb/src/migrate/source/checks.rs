@@ -3,7 +3,7 @@
 //! which is unwrapped.
 
 use crate::migrate::error::MigrateError;
-use crate::migrate::migration::NO_TRANSACTION_DIRECTIVE;
+use crate::migrate::migration::NO_TRANSACTION_HOW;
 use crate::migrate::split::{client_only, transaction_control, unclosed, ClientOnly, TxControl};
 
 /// Refuses a script that cannot run as written, naming its line (`first_line` is the line of
@@ -60,7 +60,7 @@ pub(super) fn unwrap_transaction(
     let line = |at: usize| first_line + script[..at].matches('\n').count();
     let refuse = |at: usize, keyword: &str, what: &str| {
         let message = format!(
-            "line {}: {keyword} {what}: svcdb runs each migration in a transaction it owns (a deploy's pending migrations in one), so the script must not control it\n  hint: remove the transaction statements (a file wrapped whole in BEGIN; … COMMIT; is accepted as it is); a migration that must run outside a transaction starts with `{NO_TRANSACTION_DIRECTIVE}`",
+            "line {}: {keyword} {what}: svcdb runs each migration in a transaction it owns (a deploy's pending migrations in one), so the script must not control it\n  hint: remove the transaction statements (a file wrapped whole in BEGIN; … COMMIT; is accepted as it is); a migration that must run outside a transaction says so: {NO_TRANSACTION_HOW}",
             line(at)
         );
         MigrateError::source_file(path, message)

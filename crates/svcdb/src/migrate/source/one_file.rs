@@ -26,8 +26,10 @@ enum Marker {
     Down { no_tx: bool },
     /// `-- +goose NO TRANSACTION`: both scripts.
     NoTransaction,
-    /// `-- +goose StatementBegin` / `StatementEnd`: a comment to us.
-    Statement,
+    /// `-- +goose StatementBegin` (true) / `StatementEnd` (false): they must pair up within a
+    /// section, as goose requires; what they enclose needs nothing more from us (the
+    /// splitter knows the dollar quotes that make them necessary for goose).
+    Statement { begin: bool },
 }
 
 /// The marker on `line`, if it is one; an error for an annotation we do not know. Only at the
@@ -59,7 +61,8 @@ fn marker(line: &str) -> Result<Option<Marker>, String> {
             })),
             "down" => Ok(Some(Marker::Down { no_tx: false })),
             "no transaction" => Ok(Some(Marker::NoTransaction)),
-            "statementbegin" | "statementend" => Ok(Some(Marker::Statement)),
+            "statementbegin" => Ok(Some(Marker::Statement { begin: true })),
+            "statementend" => Ok(Some(Marker::Statement { begin: false })),
             _ => Err(format!(
                 "unknown goose annotation `{}`: svcdb reads `-- +goose Up`, `Down`, `NO TRANSACTION`, `StatementBegin` and `StatementEnd`, and substitutes no environment variables\n  hint: remove the annotation (and write any `${{VAR}}` out)",
                 line.trim()
@@ -111,6 +114,15 @@ pub(super) fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
     let mut down: Option<Seen> = None;
     let mut markers = None;
     let (mut any, mut no_tx, mut up_no_tx, mut down_no_tx) = (false, false, false, false);
+    // The line of a `StatementBegin` not yet ended.
+    let mut open_block: Option<usize> = None;
+    // goose refuses a section that ends inside a block (found by a user trial: svcdb ran such
+    // a file, goose would not).
+    let unended = |begin: usize, at: &str| {
+        format!(
+            "`-- +goose StatementBegin` on line {begin} has no `-- +goose StatementEnd` before {at}; goose refuses such a file\n  hint: add `-- +goose StatementEnd` after the statement it encloses"
+        )
+    };
     let mut offset = 0;
     for (index, text_line) in text.split_inclusive('\n').enumerate() {
         let seen = Seen {
@@ -123,6 +135,9 @@ pub(super) fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
             continue;
         };
         any = true;
+        if let (Some(begin), Marker::Up { .. } | Marker::Down { .. }) = (open_block, found) {
+            return Err(unended(begin, &format!("the marker on line {}", seen.line)));
+        }
         match found {
             Marker::Up { no_tx, tool } => {
                 if let Some(first) = &up {
@@ -152,8 +167,27 @@ pub(super) fn cut_at_markers(text: &str) -> Result<Sections<'_>, String> {
                 down = Some(seen);
             }
             Marker::NoTransaction => no_tx = true,
-            Marker::Statement => {}
+            Marker::Statement { begin: true } => {
+                if let Some(begin) = open_block {
+                    return Err(format!(
+                        "`-- +goose StatementBegin` on line {} inside the block opened on line {begin}\n  hint: end that block with `-- +goose StatementEnd` first",
+                        seen.line
+                    ));
+                }
+                open_block = Some(seen.line);
+            }
+            Marker::Statement { begin: false } => {
+                if open_block.take().is_none() {
+                    return Err(format!(
+                        "`-- +goose StatementEnd` on line {} ends no block\n  hint: put `-- +goose StatementBegin` before the statement it encloses, or remove this line",
+                        seen.line
+                    ));
+                }
+            }
         }
+    }
+    if let Some(begin) = open_block {
+        return Err(unended(begin, "the end of the file"));
     }
     if !any {
         return Ok(Sections {
@@ -272,6 +306,41 @@ mod tests {
         let crlf = GOOSE.replace('\n', "\r\n");
         let m = parse(&[("20240102000000_index_a.sql", crlf.as_bytes())]).unwrap();
         assert_eq!(m.get(&v(20240102000000)).unwrap().checksum, index.checksum);
+    }
+
+    /// goose refuses a section that ends inside a `StatementBegin` block, and so does svcdb
+    /// now (a user trial found svcdb running such a file); blocks that pair up are fine (the
+    /// control, with `GOOSE` above).
+    #[test]
+    fn goose_statement_blocks_must_pair_up() {
+        for (text, line) in [
+            (
+                "-- +goose Up\n-- +goose StatementBegin\nSELECT 1;\n-- +goose Down\nSELECT 2;\n",
+                2,
+            ),
+            (
+                "-- +goose Up\nSELECT 1;\n-- +goose Down\n-- +goose StatementBegin\nSELECT 2;\n",
+                4,
+            ),
+            ("-- +goose Up\n-- +goose StatementEnd\nSELECT 1;\n", 2),
+            (
+                "-- +goose Up\n-- +goose StatementBegin\n-- +goose StatementBegin\nSELECT 1;\n",
+                3,
+            ),
+        ] {
+            match parse(&[("00002_x.sql", text.as_bytes())]) {
+                Err(MigrateError::Source { message, .. }) => {
+                    assert!(
+                        message.contains(&format!("line {line}")),
+                        "{text:?}: {message}"
+                    );
+                    assert!(message.contains("StatementEnd"), "{text:?}: {message}");
+                }
+                other => panic!("{text:?}: expected a source error, got {other:?}"),
+            }
+        }
+        let paired = "-- +goose Up\n-- +goose StatementBegin\nSELECT 1;\n-- +goose StatementEnd\n-- +goose Down\n-- +goose StatementBegin\nSELECT 2;\n-- +goose StatementEnd\n";
+        assert!(parse(&[("00002_x.sql", paired.as_bytes())]).is_ok());
     }
 
     #[test]
