@@ -317,7 +317,7 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
 async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> {
     let connecting = global
         .config()
-        .map(|config| tokio::spawn(ServiceDb::connect(config)));
+        .map(|config| tokio::spawn(connect_leaving_the_schema(config)));
     let migrations = match global.migrations() {
         Ok(migrations) => migrations,
         Err(e) => {
@@ -333,27 +333,19 @@ async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> 
         .with_interrupt(global.interrupt.clone()))
 }
 
-/// [`migrator`] for the commands that only read (`status`, `validate`): it never creates the
-/// schema, also under SVCDB_CREATE_SCHEMA=true. Then a missing schema is one `up` would
-/// create, so every migration is pending rather than the schema missing.
-async fn reading_migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> {
-    let migrations = global.migrations()?;
-    let config = global.config()?;
-    let db = match global.connect().await {
-        Ok(db) => db,
-        Err(e)
-            if config.create_schema
-                && e.downcast_ref::<svcdb::Error>()
-                    .is_some_and(svcdb::Error::is_schema_missing) =>
-        {
-            // The server answered (`connect` got as far as the schema): a lazy pool with the
-            // setting kept, so `validate` knows that `up` creates the schema. Nothing here
-            // takes the lock that creates it.
-            ServiceDb::new(config)?
-        }
-        Err(e) => return Err(e),
-    };
-    Ok(Migrator::new(db, migrations).with_options(options))
+/// Connects without creating a missing schema, also under SVCDB_CREATE_SCHEMA=true: the
+/// commands that only read (`status`, `validate`) must not create it, and for the others the
+/// runner creates it under the migration lock, where a first deploy that fails whole takes it
+/// away again. With the setting, a missing schema gives a lazy pool that keeps it (the server
+/// answered: `connect` got as far as the schema), so that `validate` knows `up` creates it.
+async fn connect_leaving_the_schema(config: svcdb::Config) -> svcdb::Result<ServiceDb> {
+    let create = config.create_schema;
+    let mut leaving = config.clone();
+    leaving.create_schema = false;
+    match ServiceDb::connect(leaving).await {
+        Err(e) if create && e.is_schema_missing() => ServiceDb::new(config),
+        connected => connected,
+    }
 }
 
 /// An observer printing each event as it happens (see [`output::progress`]).
@@ -488,7 +480,7 @@ async fn redo(global: &Global, args: RedoArgs) -> Result<Outcome> {
 }
 
 async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
-    let migrator = reading_migrator(global, drift.options()).await?;
+    let migrator = migrator(global, drift.options()).await?;
     let report = migrator.status().await?;
     // `validate` applies the drift rules and allowances exactly as `up` does, so exit 1 means
     // precisely "`up` would refuse", with the library's message saying why and what to do.
@@ -550,10 +542,7 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
 }
 
 async fn validate(global: &Global, drift: Drift) -> Result<Outcome> {
-    let report = reading_migrator(global, drift.options())
-        .await?
-        .validate()
-        .await?;
+    let report = migrator(global, drift.options()).await?.validate().await?;
     output::report(global.json, &report, |r| format!("valid: {}", summary(r)))?;
     Ok(Outcome::Success)
 }

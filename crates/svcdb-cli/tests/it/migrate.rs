@@ -345,6 +345,8 @@ async fn a_failure_at_step_3_of_5_leaves_the_schema_as_it_was() {
     assert_eq!(status["history_exists"], false);
     assert_eq!(states(&status), ["pending"; 5]);
     assert!(p.tables().await.is_empty());
+    // Nor is the schema this first deploy made for itself (found by a user trial).
+    assert!(!p.schema_exists().await);
 }
 
 #[tokio::test]
@@ -372,6 +374,7 @@ async fn a_failure_after_a_non_transactional_migration_is_undone_with_the_downs(
         .json();
     assert_eq!(states(&status), ["pending"; 3]);
     assert!(p.tables().await.is_empty());
+    assert!(!p.schema_exists().await);
 }
 
 #[tokio::test]
@@ -385,6 +388,8 @@ async fn a_half_applied_non_transactional_migration_is_dirty_until_repair() {
     // The line counts from the top of the file, though the statements ran one by one.
     assert!(out.stderr.contains("0001_partial.up.sql, line 3"), "{out}");
 
+    // The control: what the dirty migration left keeps the schema it was made in.
+    assert!(p.schema_exists().await);
     let out = p.run(&["migrate", "status", "--json"]).expect_code(1);
     assert_eq!(out.json()["dirty"], "0001");
     // Why it exits 1 is in the JSON too (a user trial found only stderr saying it).

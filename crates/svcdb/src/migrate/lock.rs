@@ -32,6 +32,8 @@ pub struct MigrationLock {
     key: String,
     /// The role the run works as (the schema's owner), which every script starts as.
     acting_as: String,
+    /// This run created the schema (`Config::create_schema`).
+    created_schema: bool,
 }
 
 impl MigrationLock {
@@ -73,6 +75,7 @@ impl MigrationLock {
             conn,
             key,
             acting_as: String::new(),
+            created_schema: false,
         })
     }
 
@@ -84,6 +87,16 @@ impl MigrationLock {
     /// Notes the role the run works as.
     pub(crate) fn set_acting_as(&mut self, role: String) {
         self.acting_as = role;
+    }
+
+    /// Whether this run created the schema ([`Self::set_created_schema`]).
+    pub(crate) fn created_schema(&self) -> bool {
+        self.created_schema
+    }
+
+    /// Notes that this run created the schema.
+    pub(crate) fn set_created_schema(&mut self) {
+        self.created_schema = true;
     }
 
     /// The connection holding the lock, as a driver client.

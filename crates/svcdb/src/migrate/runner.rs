@@ -366,6 +366,16 @@ impl Migrator {
             Ok((is_atomic(&plan), done, repeated))
         }
         .await;
+        if result.is_err() && lock.created_schema() {
+            // This run made the schema and failed: unless something stayed in it (a dirty
+            // non-transactional migration's work, its history), it goes, so the database is as
+            // before (found by a user trial: an empty schema was left). `RESTRICT` refuses a
+            // schema that holds anything; best effort, the failure is the news.
+            let drop = format!("DROP SCHEMA IF EXISTS {} RESTRICT", self.db.schema());
+            if let Err(e) = lock.client().batch_execute(&drop).await {
+                tracing::debug!(target: "svcdb::migrate", error = %crate::error::pg_message(&e), "the schema this run created stays");
+            }
+        }
         let (atomic, done, repeated) = lock.release_after(result).await?;
         let current = done
             .last()
@@ -681,7 +691,19 @@ impl Migrator {
             self.session_settings()
         );
         if self.db.config().create_schema {
-            setup.push_str(&format!(" CREATE SCHEMA IF NOT EXISTS {schema};"));
+            // Whether it is there before: a first deploy that fails whole takes it away again.
+            let exists: bool = lock
+                .client()
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                    &[&schema.as_str()],
+                )
+                .await?
+                .get(0);
+            if !exists {
+                setup.push_str(&format!(" CREATE SCHEMA IF NOT EXISTS {schema};"));
+                lock.set_created_schema();
+            }
         }
         lock.batch_execute(&setup).await?;
         // The role every script starts as ([`Self::session_reset`]).
