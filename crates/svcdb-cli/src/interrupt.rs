@@ -20,12 +20,17 @@ pub struct Signals {
     pub token: CancellationToken,
     /// 0 until a signal came; then 130 (SIGINT) or 143 (SIGTERM), as the shell reports them.
     code: Arc<AtomicU8>,
+    /// `--json`: the second signal's exit still prints one JSON object.
+    json: bool,
 }
 
 impl Signals {
     /// Starts watching SIGINT and SIGTERM on the current runtime.
-    pub fn watch() -> Self {
-        let signals = Self::default();
+    pub fn watch(json: bool) -> Self {
+        let signals = Self {
+            json,
+            ..Self::default()
+        };
         tokio::spawn(signals.clone().run());
         signals
     }
@@ -61,6 +66,13 @@ impl Signals {
 
     fn received(&self, code: u8, name: &str) {
         if self.token.is_cancelled() {
+            // The command's own report will not come; with --json, stdout still holds one
+            // object (a user trial found it empty).
+            let failure = crate::failure::Failure::new(&anyhow::Error::new(Interrupted));
+            if self.json {
+                println!("{}", failure.json());
+            }
+            eprintln!("{}", failure.text());
             std::process::exit(i32::from(code));
         }
         self.code.store(code, Ordering::Relaxed);

@@ -109,7 +109,7 @@ fn main() -> ExitCode {
         }
     };
     let (result, signals) = runtime.block_on(async {
-        let signals = interrupt::Signals::watch();
+        let signals = interrupt::Signals::watch(cli.global.json);
         let mut global = cli.global;
         global.interrupt = signals.token.clone();
         // A migration stops on its own at the signal, through its failure path (the runner

@@ -327,7 +327,12 @@ async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> 
             return Err(e);
         }
     };
-    let db = connecting?.await??;
+    // Nothing has run while connecting: a signal stops it at once (a user trial found
+    // Ctrl-C waiting out the connect timeout).
+    let db = tokio::select! {
+        db = connecting? => db??,
+        () = global.interrupt.cancelled() => return Err(crate::interrupt::Interrupted.into()),
+    };
     Ok(Migrator::new(db, migrations)
         .with_options(options)
         .with_interrupt(global.interrupt.clone()))
@@ -488,6 +493,7 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
         Ok(_) => None,
         Err(
             e @ (MigrateError::Dirty { .. }
+            | MigrateError::NewerDirty { .. }
             | MigrateError::Changed { .. }
             | MigrateError::Missing { .. }
             | MigrateError::OutOfOrder { .. }

@@ -39,6 +39,31 @@ pub enum MigrateError {
         waited: Duration,
     },
 
+    /// A migration newer than every one this release ships failed part-way (a newer
+    /// release's deploy broke): this release's runs that have work to do, and its `repair`,
+    /// leave the schema alone; the newer release's migrations say how to repair it.
+    #[error("schema {schema} is dirty: migration {} of a newer release failed part-way, and this release does not ship it\n  hint: repair it with that release's migrations (`svcdb migrate status` with its --dir says how); until then this release changes nothing in the schema", super::migration::Named(version, name))]
+    NewerDirty {
+        /// The schema.
+        schema: String,
+        /// The dirty version.
+        version: Version,
+        /// Its name in the history.
+        name: String,
+    },
+
+    /// `repair` would clear a dirty mark while the schema holds indexes a failed
+    /// `CREATE INDEX CONCURRENTLY` left invalid: the migration run again with
+    /// `IF NOT EXISTS` would take such an index for a built one, and it would stay invalid for
+    /// good. Nothing was changed.
+    #[error("schema {schema} holds {} invalid index{} that a failed CREATE INDEX CONCURRENTLY left ({}); repair clears no dirty mark while they are there: the migration run again with IF NOT EXISTS would take them for built ones\n  hint: drop each, {}, then run `svcdb migrate repair` again", indexes.len(), if indexes.len() == 1 { "" } else { "es" }, indexes.iter().map(|i| format!("{} on {}", i.name, i.table)).collect::<Vec<_>>().join(", "), indexes.iter().map(|i| format!("`{}`", i.drop_statement)).collect::<Vec<_>>().join(", "))]
+    InvalidIndexes {
+        /// The schema.
+        schema: String,
+        /// The invalid indexes, each with the statement that drops it.
+        indexes: Vec<InvalidIndex>,
+    },
+
     /// The run was interrupted ([`Migrator::with_interrupt`](super::Migrator::with_interrupt))
     /// while it waited for the lock or between migrations: the migrations in `done` stay as
     /// this run left them (applied, or reverted), nothing after them ran. An interrupt during

@@ -166,9 +166,13 @@ impl Migrator {
         &self.db
     }
 
-    /// The schema's lock and the history read under it (for [`adopt`](super::adopt)).
-    pub(crate) async fn lock_for_adopt(&self) -> Result<(MigrationLock, History), MigrateError> {
-        self.lock(&mut ignore).await
+    /// The schema's lock and the history read under it (for [`adopt`](super::adopt)), creating
+    /// the schema if configured to unless it is a dry run (`writes` false).
+    pub(crate) async fn lock_for_adopt(
+        &self,
+        writes: bool,
+    ) -> Result<(MigrationLock, History), MigrateError> {
+        self.lock(&mut ignore, writes).await
     }
 
     /// Where every migration stands. Read-only, takes no lock; one query on a pooled
@@ -313,6 +317,11 @@ impl Migrator {
         let plan = self.plan_up(&status, options.to.as_ref())?;
         super::template::refuse_untouched(&plan)?;
         let stale = self.stale_repeatables(options, &recorded);
+        if !stale.is_empty() {
+            // Repeatable migrations are work too (an adversarial trial found an older release
+            // running one on a newer release's dirty schema).
+            status.newer_dirty()?;
+        }
         let live = self
             .live_columns(!plan.is_empty() || !stale.is_empty())
             .await?;
@@ -339,7 +348,7 @@ impl Migrator {
                     .collect(),
             });
         }
-        let (mut lock, history) = self.lock(observer).await?;
+        let (mut lock, history) = self.lock(observer, true).await?;
         let result = async {
             let plan = self.plan_up(
                 &StatusReport::build(&self.schema(), &self.migrations, &history),
@@ -471,7 +480,7 @@ impl Migrator {
         options: &DownOptions,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<DownReport, MigrateError> {
-        let (mut lock, history) = self.lock(observer).await?;
+        let (mut lock, history) = self.lock(observer, false).await?;
         let report = self.revert(&mut lock, &history, options, observer).await;
         lock.release_after(report).await
     }
@@ -494,7 +503,7 @@ impl Migrator {
         &self,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<RedoReport, MigrateError> {
-        let (mut lock, history) = self.lock(observer).await?;
+        let (mut lock, history) = self.lock(observer, false).await?;
         let result = async {
             if let Some(newest) = history
                 .rows
@@ -540,7 +549,7 @@ impl Migrator {
     /// running it: adopts a database whose schema was made before svcdb managed it. Versions
     /// already recorded are left alone.
     pub async fn baseline(&self, version: &Version) -> Result<BaselineReport, MigrateError> {
-        let (lock, history) = self.lock(&mut ignore).await?;
+        let (lock, history) = self.lock(&mut ignore, true).await?;
         let result = async {
             if let Some(dirty) = history.rows.iter().find(|r| r.dirty) {
                 return Err(MigrateError::Dirty {
@@ -579,9 +588,11 @@ impl Migrator {
     /// by hand first) and records the current checksum of changed applied files. One
     /// transaction; each action is reported. It also names every invalid index of the schema
     /// (what a failed `CREATE INDEX CONCURRENTLY` leaves) with the statement that drops it,
-    /// and drops none: [`RepairReport::invalid_indexes`].
+    /// and drops none: [`RepairReport::invalid_indexes`]. It clears no dirty mark while such
+    /// an index exists ([`MigrateError::InvalidIndexes`]), nor one of a migration the source
+    /// does not ship ([`MigrateError::NewerDirty`]): nothing is changed then.
     pub async fn repair(&self) -> Result<RepairReport, MigrateError> {
-        let (mut lock, history) = self.lock(&mut ignore).await?;
+        let (mut lock, history) = self.lock(&mut ignore, false).await?;
         let result = self.repair_locked(&mut lock, &history).await;
         let (actions, invalid_indexes) = lock.release_after(result).await?;
         Ok(RepairReport {
@@ -598,6 +609,33 @@ impl Migrator {
         history: &History,
     ) -> Result<(Vec<RepairAction>, Vec<InvalidIndex>), MigrateError> {
         let schema = self.db.schema();
+        // Found by an adversarial trial: run from an older release's folder, repair deleted a
+        // newer release's dirty row (whose work stayed half-applied), and the hint's
+        // `baseline` then had no file to record. A dirty row is repaired by the release that
+        // ships it.
+        if let Some(row) = history
+            .rows
+            .iter()
+            .find(|r| r.dirty && self.migrations.get(&r.version).is_none())
+        {
+            return Err(MigrateError::NewerDirty {
+                schema: self.schema(),
+                version: row.version.clone(),
+                name: row.name.clone(),
+            });
+        }
+        // And with an index a cut-short `CREATE INDEX CONCURRENTLY` left invalid, clearing the
+        // mark let the next `up` take it for built (`IF NOT EXISTS`): the schema then passed
+        // every check with an index that never worked.
+        if history.rows.iter().any(|r| r.dirty) {
+            let invalid = invalid_indexes(lock.client(), schema).await?;
+            if !invalid.is_empty() {
+                return Err(MigrateError::InvalidIndexes {
+                    schema: self.schema(),
+                    indexes: invalid,
+                });
+            }
+        }
         let mut actions = Vec::new();
         let tx = lock.transaction().await?;
         for row in &history.rows {
@@ -657,6 +695,7 @@ impl Migrator {
     async fn lock(
         &self,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+        creates: bool,
     ) -> Result<(MigrationLock, History), MigrateError> {
         let schema = self.db.schema();
         let acquire = MigrationLock::acquire(&self.db, self.options.lock_wait, || {
@@ -690,7 +729,9 @@ impl Migrator {
              {}",
             self.session_settings()
         );
-        if self.db.config().create_schema {
+        // Only a call that writes the history creates the schema: `down`, `redo` and `repair`
+        // on a missing one have nothing to do, and a dry run changes nothing.
+        if creates && self.db.config().create_schema {
             // Whether it is there before: a first deploy that fails whole takes it away again.
             let exists: bool = lock
                 .client()
@@ -1280,7 +1321,8 @@ impl Migrator {
             Direction::Down => history::delete(&tx, schema, &versions(group)).await,
         };
         written.map_err(|e| other(e.into()))?;
-        tx.commit()
+        // Deferred constraint triggers run in the commit: an interrupt cancels them too.
+        self.interruptible(tx.commit())
             .await
             .map_err(|cause| (group.len() - 1, StepError::script(cause, None)))?;
         Ok(done)

@@ -263,7 +263,7 @@ impl StatusReport {
             .iter()
             .find(|e| e.state == MigrationState::Dirty && self.newer(e))
         {
-            Some(e) => Err(MigrateError::Dirty {
+            Some(e) => Err(MigrateError::NewerDirty {
                 schema: self.schema.clone(),
                 version: e.version.clone(),
                 name: e.name.clone(),

@@ -1585,6 +1585,23 @@ async fn a_failed_concurrent_index_is_named_with_the_statement_to_drop_it() {
     assert!(f.dirty, "{err}");
     assert_eq!(f.invalid_indexes, invalid);
 
+    // While the invalid index is there, repair clears nothing (an adversarial trial: cleared,
+    // the next `up` took it for built through IF NOT EXISTS, and every check passed).
+    match m.repair().await {
+        Err(MigrateError::InvalidIndexes { indexes, .. }) => assert_eq!(indexes, invalid),
+        other => panic!("expected InvalidIndexes, got {other:?}"),
+    }
+    assert_eq!(m.status().await.unwrap().dirty.map(|v| v.number()), Some(2));
+
+    // The named statement drops it; the data fixed, repair clears the mark and the migration
+    // builds a valid index.
+    let conn = svc.get().await.unwrap();
+    conn.batch_execute(&invalid[0].drop_statement)
+        .await
+        .unwrap();
+    conn.batch_execute("DELETE FROM items WHERE ctid <> (SELECT min(ctid) FROM items)")
+        .await
+        .unwrap();
     let repair = m.repair().await.unwrap();
     assert!(
         matches!(
@@ -1593,17 +1610,7 @@ async fn a_failed_concurrent_index_is_named_with_the_statement_to_drop_it() {
         ),
         "{repair:?}"
     );
-    assert_eq!(repair.invalid_indexes, invalid);
-
-    // The named statement drops it; the data fixed, the migration builds a valid index.
-    let conn = svc.get().await.unwrap();
-    conn.batch_execute(&invalid[0].drop_statement)
-        .await
-        .unwrap();
-    conn.batch_execute("DELETE FROM items WHERE ctid <> (SELECT min(ctid) FROM items)")
-        .await
-        .unwrap();
-    assert!(m.repair().await.unwrap().invalid_indexes.is_empty());
+    assert!(repair.invalid_indexes.is_empty());
     assert_eq!(m.up().await.unwrap().migrations.len(), 1);
     let valid: bool = conn
         .query_one(
@@ -1887,6 +1894,19 @@ async fn a_newer_releases_dirty_migration_refuses_only_a_run_with_work() {
     let older = migrator(&svc, dir.path());
     assert!(older.up().await.unwrap().migrations.is_empty());
     older.validate().await.unwrap();
+    // A repeatable migration to run is work too.
+    write(
+        dir.path(),
+        &[(
+            "R__view.sql",
+            "CREATE OR REPLACE VIEW v AS SELECT 1 AS one;",
+        )],
+    );
+    assert!(matches!(
+        migrator(&svc, dir.path()).up().await,
+        Err(MigrateError::NewerDirty { .. })
+    ));
+    std::fs::remove_file(dir.path().join("R__view.sql")).unwrap();
     write(dir.path(), &[THREE[2], THREE[3]]);
     let with_work = migrator(&svc, dir.path()).with_options(MigrateOptions {
         allow_out_of_order: true,
@@ -1894,8 +1914,24 @@ async fn a_newer_releases_dirty_migration_refuses_only_a_run_with_work() {
     });
     assert!(matches!(
         with_work.up().await,
-        Err(MigrateError::Dirty { version, .. }) if version.number() == 3
+        Err(MigrateError::NewerDirty { version, .. }) if version.number() == 3
     ));
+    // Nor does the older release's repair touch it: its work stays half-applied, and only the
+    // release that ships it can finish or undo it (an adversarial trial found repair deleting
+    // the row, and the hint's `baseline` then failing).
+    assert!(matches!(
+        older.repair().await,
+        Err(MigrateError::NewerDirty { version, .. }) if version.number() == 3
+    ));
+    assert_eq!(
+        migrator(&svc, dir.path())
+            .status()
+            .await
+            .unwrap()
+            .dirty
+            .map(|v| v.number()),
+        Some(3)
+    );
 }
 
 /// Found by an operations trial: a pod's SIGTERM during a non-transactional migration's first
