@@ -287,6 +287,31 @@ async fn an_old_release_stays_ready_after_a_newer_one_migrated() {
     );
 }
 
+/// Found by an adversarial trial: given an empty folder (a wrong `--dir`), every applied
+/// migration read as a newer release's and the service was ready, while `migrate status`
+/// refused. The gate now says none is shipped; with the service's folder it is ready (the
+/// control).
+#[tokio::test]
+async fn a_gate_given_no_versioned_migration_over_a_history_is_not_ready() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    let release = folder(MIGRATIONS);
+    migrate(&svc, release.path()).await;
+    for files in [
+        &[][..],
+        &[("R__view.sql", "CREATE OR REPLACE VIEW v AS SELECT 1;")],
+    ] {
+        let wrong = folder(files);
+        let report = svc
+            .verify(&Gate::new().with_migrations(migrations(wrong.path())))
+            .await;
+        assert!(!report.ready, "{report}");
+        assert_eq!(report.problems, [Problem::NoneShipped { applied: 2 }]);
+    }
+    let gate = Gate::new().with_migrations(migrations(release.path()));
+    assert!(svc.verify(&gate).await.ready);
+}
+
 #[tokio::test]
 async fn an_unknown_migration_older_than_the_newest_shipped_one_is_a_gap() {
     let db = TestDb::new().await;

@@ -241,6 +241,14 @@ impl Gate {
             return None;
         }
         let newest_shipped = source.latest().map(|m| &m.version);
+        if self.migrations.is_some() && newest_shipped.is_none() && !history.rows.is_empty() {
+            // Every applied migration would read as a newer release's: a wrong folder made a
+            // service ready (found by an adversarial trial; `migrate status` refused it).
+            problems.push(Problem::NoneShipped {
+                applied: history.rows.len(),
+            });
+            return status.current_version;
+        }
         for e in &status.entries {
             let (version, name) = (e.version.clone(), e.name.clone());
             let problem = match e.state {
@@ -250,7 +258,7 @@ impl Gate {
                 // deploy pod made every old replica unready).
                 MigrationState::Dirty
                     if self.migrations.is_some()
-                        && newest_shipped.is_none_or(|newest| version > *newest) =>
+                        && newest_shipped.is_some_and(|newest| version > *newest) =>
                 {
                     notices.push(Notice::NewerDirty { version, name });
                     continue;

@@ -64,6 +64,12 @@ pub enum Problem {
         /// How many migrations the service ships (all pending).
         pending: usize,
     },
+    /// The gate was given migrations, none of them versioned (an empty folder, or only
+    /// repeatable ones), but the history has applied ones: most likely the wrong folder.
+    NoneShipped {
+        /// How many migrations the history has.
+        applied: usize,
+    },
     /// A non-transactional migration failed part-way; the schema may be half-migrated.
     Dirty {
         /// Its version.
@@ -133,6 +139,9 @@ impl Problem {
             Problem::Pending { version, name } => {
                 format!("migration {} is not applied", Named(version, name))
             }
+            Problem::NoneShipped { applied } => format!(
+                "the service ships no versioned migration, but the history has {applied} applied: the migrations checked are not the service's"
+            ),
             Problem::Changed {
                 version,
                 name,
@@ -172,6 +181,9 @@ impl Problem {
                 "use `SET LOCAL search_path` inside a transaction, never `SET` on a pooled connection; behind PgBouncer, which drops the `options` startup parameter, pin it on the role (`ALTER ROLE … SET search_path`)"
             }
             Problem::NoHistory { .. } => "run `svcdb migrate up`",
+            Problem::NoneShipped { .. } => {
+                "point the check at the service's migrations folder (`--dir`, SVCDB_MIGRATIONS_DIR), or give the gate the service's embedded migrations"
+            }
             Problem::Pending { .. } => {
                 "run `svcdb migrate up` (a migration older than the newest applied one also needs `--allow-out-of-order`, or a newer version)"
             }
