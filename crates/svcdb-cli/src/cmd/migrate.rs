@@ -237,6 +237,11 @@ pub struct DownArgs {
     #[arg(long)]
     dry_run: bool,
 
+    /// Run a non-transactional down script PostgreSQL's parser rejects instead of refusing
+    /// (the server may know syntax newer than the parser's); it is printed as a warning.
+    #[arg(long)]
+    allow_unsafe: bool,
+
     // Last: its help headings would otherwise apply to the options after it.
     #[command(flatten)]
     run: RunArgs,
@@ -421,7 +426,11 @@ async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
 }
 
 async fn down(global: &Global, args: DownArgs) -> Result<Outcome> {
-    let migrator = migrator(global, args.run.options()).await?;
+    let options = MigrateOptions {
+        allow_unsafe: args.allow_unsafe,
+        ..args.run.options()
+    };
+    let migrator = migrator(global, options).await?;
     let options = DownOptions {
         steps: args.steps.unwrap_or(DownOptions::default().steps),
         to: args.to,

@@ -854,8 +854,25 @@ impl Migrator {
             plan.push(m);
         }
         // A down script the parser rejects would fail on the server too: said before anything
-        // runs, so that `--dry-run` shows it.
-        for finding in plan.iter().filter_map(|m| super::lint::unparsed_down(m)) {
+        // runs, so that `--dry-run` shows it; a non-transactional one (which would stop
+        // half-way, dirty) is refused unless allowed, as `up` refuses its lint errors.
+        let findings: Vec<_> = plan
+            .iter()
+            .filter_map(|m| super::lint::unparsed_down(m))
+            .collect();
+        let blocking: Vec<_> = findings
+            .iter()
+            .filter(|f| {
+                f.severity == super::lint::Severity::Error
+                    && !f.allowed
+                    && !self.options.allow_unsafe
+            })
+            .cloned()
+            .collect();
+        if !blocking.is_empty() {
+            return Err(MigrateError::Unsafe { findings: blocking });
+        }
+        for finding in findings.into_iter().filter(|f| !f.allowed) {
             observer(&MigrateEvent::Lint { finding });
         }
         let migrations = if options.dry_run {

@@ -1036,3 +1036,68 @@ async fn a_down_script_the_parser_rejects_is_reported_before_it_runs() {
         .unwrap();
     assert_eq!(warned, []);
 }
+
+/// Found by an adversarial trial: a non-transactional down script with a typo in its third
+/// statement was warned about, then run: its first two statements dropped two indexes, the
+/// third failed, and the migration was left dirty, half-reverted. Outside a transaction a
+/// script the parser rejects is now refused before anything runs, up or down; allowed, it runs
+/// and stops half-way, as the refusal said it would (the control).
+#[tokio::test]
+async fn a_non_transactional_script_the_parser_rejects_is_refused_before_it_runs() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ITEMS,
+            (
+                "2_idx.up.sql",
+                "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY items_a ON items (id);\nCREATE INDEX CONCURRENTLY items_b ON items (label);",
+            ),
+            (
+                "2_idx.down.sql",
+                "-- svcdb:no-transaction\nDROP INDEX CONCURRENTLY items_a;\nDROP INDEX CONCURRENTLY items_b;\nselec 1;",
+            ),
+            (
+                "3_bad.up.sql",
+                "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY items_c ON items (id);\nselec 1;",
+            ),
+        ],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    match m.up().await {
+        Err(MigrateError::Unsafe { findings }) => {
+            let found: Vec<(usize, Rule)> = findings.iter().map(|f| (f.line, f.rule)).collect();
+            // The down script's finding is a warning here: it does not stop the up.
+            assert_eq!(found, [(3, Rule::UnparsedOutsideTransaction)]);
+        }
+        other => panic!("expected Unsafe, got {other:?}"),
+    }
+    assert!(!has_index(&svc, "items_a").await, "nothing ran");
+    std::fs::remove_file(dir.path().join("3_bad.up.sql")).unwrap();
+    let allowing = MigrateOptions {
+        allow_unsafe: true,
+        ..MigrateOptions::default()
+    };
+    migrator(&svc, dir.path(), allowing.clone())
+        .up()
+        .await
+        .unwrap();
+
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    assert!(matches!(
+        m.down(&DownOptions::default()).await,
+        Err(MigrateError::Unsafe { .. })
+    ));
+    assert!(has_index(&svc, "items_a").await && has_index(&svc, "items_b").await);
+    let err = migrator(&svc, dir.path(), allowing)
+        .down(&DownOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, MigrateError::Failed(f) if f.dirty), "{err}");
+    assert!(
+        !has_index(&svc, "items_a").await,
+        "the control: it stopped half-way"
+    );
+}

@@ -82,6 +82,10 @@ pub enum Rule {
     EmptyUp,
     /// A script PostgreSQL's parser rejects, so nothing in it was checked (warning).
     Unparsed,
+    /// A non-transactional script PostgreSQL's parser rejects: its statements before the one
+    /// the server refuses would stay, leaving the migration half-applied and dirty (error:
+    /// allow it if the server knows syntax newer than the parser's).
+    UnparsedOutsideTransaction,
     /// A `-- svcdb:allow` comment naming no rule: it allows nothing (warning).
     UnknownAllow,
 }
@@ -107,6 +111,7 @@ impl Rule {
         Rule::LockTable,
         Rule::EmptyUp,
         Rule::Unparsed,
+        Rule::UnparsedOutsideTransaction,
         Rule::UnknownAllow,
     ];
 
@@ -132,6 +137,7 @@ impl Rule {
             Rule::LockTable => "lock-table",
             Rule::EmptyUp => "empty-up",
             Rule::Unparsed => "unparsed",
+            Rule::UnparsedOutsideTransaction => "unparsed-outside-transaction",
             Rule::UnknownAllow => "unknown-allow",
         }
     }

@@ -38,6 +38,7 @@
 //! | `vacuum-full`, `cluster`, `lock-table` | error | `VACUUM FULL`, `CLUSTER`, `LOCK TABLE` (any table) |
 //! | `empty-up` | warning | an up script with no statement: a no-op migration, recorded like any other |
 //! | `unparsed` | warning | a script PostgreSQL's parser rejects: nothing in it could be checked |
+//! | `unparsed-outside-transaction` | error | a non-transactional script (up or down) PostgreSQL's parser rejects: its statements before the one the server refuses would stay, leaving it dirty and half-applied |
 //! | `unknown-allow` | warning | a `-- svcdb:allow` comment naming no rule, or a rule that is never allowed (it allows nothing) |
 //!
 //! Volatility is read from the function's name (PostgreSQL's `pg_proc.provolatile` is not
@@ -170,7 +171,12 @@ pub(crate) fn lint_live<'a>(
     for m in deploy {
         report.migrations += 1;
         deploy_state.script(Script::of_migration(m), &mut report.findings);
-        report.findings.extend(unparsed_down(m));
+        // A down script does not stop the deploy of its up: a warning here; `down` refuses a
+        // non-transactional one itself.
+        report.findings.extend(unparsed_down(m).map(|f| Finding {
+            severity: Severity::Warning,
+            ..f
+        }));
     }
     for r in repeatables {
         report.migrations += 1;
@@ -194,14 +200,33 @@ pub(crate) fn unparsed_down(m: &Migration) -> Option<Finding> {
         path,
         version: Some(&m.version),
         transactional: m.down_transactional,
-        allowed: HashSet::new(),
+        allowed: allow_comments(down).0,
     };
     Some(script.finding(
         unparsed_at(down),
-        Rule::Unparsed,
-        format!("PostgreSQL's parser rejects the down script, so reverting this migration would fail: {e}"),
+        unparsed_rule(m.down_transactional),
+        format!("PostgreSQL's parser rejects the down script, so reverting this migration would fail{}: {e}", outside_transaction(m.down_transactional)),
         "fix the syntax (the server will refuse it too)".into(),
     ))
+}
+
+/// What a non-transactional script the parser rejects would do, for the finding's message.
+fn outside_transaction(transactional: bool) -> &'static str {
+    if transactional {
+        ""
+    } else {
+        ", and as it runs outside a transaction the statements before the one the server refuses would stay: it would be left dirty, half-applied"
+    }
+}
+
+/// The rule of a script the parser rejects: a warning in a transaction (the server refuses it
+/// whole), an error outside one (it would stop half-way).
+fn unparsed_rule(transactional: bool) -> Rule {
+    if transactional {
+        Rule::Unparsed
+    } else {
+        Rule::UnparsedOutsideTransaction
+    }
 }
 
 /// Where in `sql`, which the parser rejects, the first statement it rejects on its own
@@ -437,8 +462,8 @@ impl Deploy {
             Err(e) => {
                 out.push(script.finding(
                     unparsed_at(script.up),
-                    Rule::Unparsed,
-                    format!("PostgreSQL's parser rejects the script, so it was not checked: {e}"),
+                    unparsed_rule(script.transactional),
+                    format!("PostgreSQL's parser rejects the script, so it was not checked{}: {e}", outside_transaction(script.transactional)),
                     "fix the syntax (the server will refuse it too); it is checked once it parses".into(),
                 ));
                 return;
