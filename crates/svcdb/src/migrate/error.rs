@@ -297,6 +297,9 @@ pub struct MigrationFailure {
     /// Why undoing stopped early (a down script failed or is missing), if it did; the
     /// versions in `applied` are then still in effect.
     pub undo_error: Option<String>,
+    /// The migration whose non-transactional down script stopped part-way while undoing: it
+    /// is now dirty, half-reverted, and in neither `applied` nor `undone`.
+    pub undo_left_dirty: Option<Version>,
     /// True when everything this command did was rolled back in one transaction.
     pub rolled_back: bool,
     /// The migrations that ran in the failing one's transaction before it (its group of
@@ -434,6 +437,7 @@ fn failed_message(f: &MigrationFailure) -> String {
         applied,
         undone,
         undo_error,
+        undo_left_dirty,
         rolled_back,
         rolled_back_with,
         lock_retries,
@@ -500,6 +504,11 @@ fn failed_message(f: &MigrationFailure) -> String {
     if let Some(why) = undo_error {
         s.push_str(&format!("\n  undoing stopped: {why}"));
     }
+    if let Some(left) = undo_left_dirty {
+        s.push_str(&format!(
+            "\n  migration {left} is now dirty: its down script runs outside a transaction and stopped part-way, so it is half-reverted"
+        ));
+    }
     if !applied.is_empty() {
         s.push_str(&format!(
             "\n  still in effect from this command: {}",
@@ -522,6 +531,14 @@ fn failed_message(f: &MigrationFailure) -> String {
         s.push_str(&format!(
             "the schema holds {}'s history ({}) and svcdb has recorded nothing: take it over with `svcdb migrate adopt --from {}` (Migrator::adopt) instead of running its migrations again",
             other.tool, other.table, other.tool
+        ));
+        return s;
+    }
+    if let Some(left) = undo_left_dirty {
+        // Found by an adversarial trial: the generic advice said the migrations still in
+        // effect would be skipped, while the next `up` refused the dirty schema.
+        s.push_str(&format!(
+            "the schema is dirty: finish migration {left}'s down statements by hand and run `svcdb migrate repair` (it counts as reverted), or undo them by hand, then `svcdb migrate repair` and `svcdb migrate baseline {left}` (it counts as applied); then fix migration {version} and run again"
         ));
         return s;
     }

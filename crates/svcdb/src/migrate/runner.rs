@@ -1011,17 +1011,22 @@ impl Migrator {
             // Undo this deploy's ups unless the failing step left the schema in an unknown
             // state: running downs over a half-applied step would only make the mess bigger.
             // Downs are never "undone" by running ups again.
-            let (undone, undo_error) = if direction == Direction::Up && !dirty {
+            let (undone, undo_error, undo_left_dirty) = if direction == Direction::Up && !dirty {
                 self.undo(conn, reset, &done, observer).await
             } else {
-                (Vec::new(), None)
+                (Vec::new(), None, None)
             };
             let applied: Vec<Version> = done
                 .iter()
                 .map(|e| e.version.clone())
-                .filter(|v| !undone.contains(v))
+                .filter(|v| !undone.contains(v) && undo_left_dirty.as_ref() != Some(v))
                 .collect();
-            if direction == Direction::Up && !history_exists && !dirty && applied.is_empty() {
+            if direction == Direction::Up
+                && !history_exists
+                && !dirty
+                && undo_left_dirty.is_none()
+                && applied.is_empty()
+            {
                 // Everything was undone: drop the history table this call created too, so the
                 // schema is exactly as before. Best effort: an empty table is harmless if this
                 // fails.
@@ -1040,6 +1045,7 @@ impl Migrator {
                 applied,
                 undone,
                 undo_error,
+                undo_left_dirty,
                 dirty,
                 invalid_indexes,
                 rolled_back_with: segment[..i].iter().map(|m| m.version.clone()).collect(),
@@ -1210,7 +1216,7 @@ impl Migrator {
         reset: &str,
         done: &[RunEntry],
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
-    ) -> (Vec<Version>, Option<String>) {
+    ) -> (Vec<Version>, Option<String>, Option<Version>) {
         let mut undone = Vec::new();
         for entry in done.iter().rev() {
             let Some(m) = self
@@ -1221,6 +1227,7 @@ impl Migrator {
                 return (
                     undone,
                     Some(format!("migration {} has no down script", entry.version)),
+                    None,
                 );
             };
             let result = if m.down_transactional {
@@ -1232,13 +1239,24 @@ impl Migrator {
                     .await
                     .map(|_| Vec::new())
             };
-            let failure = match result {
+            let (failure, left_dirty) = match result {
                 Ok(_) => {
                     undone.push(m.version.clone());
                     continue;
                 }
-                Err(StepError::Script { cause, .. }) => crate::error::pg_message(&cause),
-                Err(StepError::Other(e)) => e.to_string(),
+                Err(StepError::Script {
+                    cause,
+                    statements_done,
+                    ..
+                }) => {
+                    // A non-transactional down that stopped after its first statement leaves
+                    // the migration dirty; one that stopped at it changed nothing.
+                    let dirty = !m.down_transactional
+                        && (statements_done != Some(0)
+                            || !self.unmark_untouched(conn, m, Direction::Down).await);
+                    (crate::error::pg_message(&cause), dirty)
+                }
+                Err(StepError::Other(e)) => (e.to_string(), false),
             };
             return (
                 undone,
@@ -1246,9 +1264,10 @@ impl Migrator {
                     "the down script of migration {} failed: {failure}",
                     m.version
                 )),
+                left_dirty.then(|| m.version.clone()),
             );
         }
-        (undone, None)
+        (undone, None, None)
     }
 }
 
@@ -1502,6 +1521,7 @@ fn failure(
         applied: Vec::new(),
         undone: Vec::new(),
         undo_error: None,
+        undo_left_dirty: None,
         rolled_back: false,
         rolled_back_with: Vec::new(),
         lock_retries: 0,

@@ -2074,3 +2074,37 @@ async fn a_failure_without_a_position_names_its_statement_and_line() {
         (Some(2), Some("DROP TRIGGER no_such_trigger ON t"))
     );
 }
+
+/// Found by an adversarial trial: undoing a failed deploy stopped in a non-transactional down
+/// script part-way, and the report said the migration was "still in effect … recorded as
+/// applied and will be skipped", while it was dirty and the next `up` refused. The failure now
+/// names it as dirty, and lists it neither as applied nor as undone.
+#[tokio::test]
+async fn undo_stopped_in_a_non_transactional_down_names_the_migration_dirty() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            (
+                "0001_t1.up.sql",
+                "-- svcdb:no-transaction\nCREATE TABLE t1 (id int);",
+            ),
+            (
+                "0001_t1.down.sql",
+                "-- svcdb:no-transaction\nDROP TABLE t1;\nINSERT INTO nosuch VALUES (1);",
+            ),
+            ("0002_broken.up.sql", "SELECT * FROM no_such_table;"),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    let err = m.up().await.unwrap_err();
+    let f = failure(&err);
+    assert_eq!(
+        f.undo_left_dirty.as_ref().map(|v| v.number()),
+        Some(1),
+        "{err}"
+    );
+    assert!(f.applied.is_empty() && f.undone.is_empty(), "{err}");
+    assert!(err.to_string().contains("dirty"), "{err}");
+    assert_eq!(m.status().await.unwrap().dirty.map(|v| v.number()), Some(1));
+}
