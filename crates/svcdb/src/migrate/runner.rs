@@ -231,7 +231,12 @@ impl Migrator {
             return Ok(super::lint::LiveColumns::default());
         }
         let conn = self.db.get().await?;
-        Ok(super::lint::LiveColumns::read(client(&conn), self.db.schema()).await?)
+        Ok(super::lint::LiveColumns::read(
+            client(&conn),
+            self.db.schema(),
+            &self.db.config().search_path(),
+        )
+        .await?)
     }
 
     /// The recorded repeatable migrations; no query when the source has none.

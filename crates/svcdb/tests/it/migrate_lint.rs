@@ -1101,3 +1101,39 @@ async fn a_non_transactional_script_the_parser_rejects_is_refused_before_it_runs
         "the control: it stopped half-way"
     );
 }
+
+/// Found by an adversarial trial: with `public` an extra schema, `DROP TABLE p` of a table in
+/// `public` was no finding (the catalog was read for the service schema only) and `up` dropped
+/// it. The search path is read: it is a `drop-table` warning; a table in no schema of it is
+/// still no finding (the control).
+#[tokio::test]
+async fn a_drop_of_a_table_in_an_extra_schema_is_a_finding() {
+    let db = TestDb::new().await;
+    let mut config = db.config("lint");
+    config.extra_schemas = vec![svcdb::Ident::new("schema", "public").unwrap()];
+    let svc = ServiceDb::connect(config).await.unwrap();
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE public.shared_p (id int)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "1_drop.up.sql",
+            "DROP TABLE IF EXISTS shared_p;\nDROP TABLE IF EXISTS nowhere_q;",
+        )],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    let found: Vec<(usize, Rule)> = m
+        .lint_pending()
+        .await
+        .unwrap()
+        .findings
+        .iter()
+        .map(|f| (f.line, f.rule))
+        .collect();
+    assert_eq!(found, [(1, Rule::DropTable)]);
+}

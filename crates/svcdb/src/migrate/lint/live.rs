@@ -28,12 +28,17 @@ pub(crate) struct LiveColumns {
 }
 
 impl LiveColumns {
-    /// The columns of every table of `schema`, in one query.
+    /// The columns of every table of `schema`, and the tables of every schema of `path` (the
+    /// search path the migrations run with: an unqualified `DROP TABLE` reaches a table of an
+    /// extra schema too), in one query.
     pub(crate) async fn read(
         client: &tokio_postgres::Client,
         schema: &Ident,
+        path: &[Ident],
     ) -> Result<Self, tokio_postgres::Error> {
-        // A LEFT JOIN: a table without columns is still a table.
+        let path: Vec<&str> = path.iter().map(Ident::as_str).collect();
+        // A LEFT JOIN: a table without columns is still a table; columns only of the service
+        // schema's tables.
         let rows = client
             .query(
                 "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull
@@ -41,8 +46,9 @@ impl LiveColumns {
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                    LEFT JOIN pg_catalog.pg_attribute a
                           ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')",
-                &[&schema.as_str()],
+                             AND n.nspname = $1
+                  WHERE (n.nspname = $1 OR n.nspname::text = ANY($2)) AND c.relkind IN ('r', 'p')",
+                &[&schema.as_str(), &path],
             )
             .await?;
         let mut live = Self {
