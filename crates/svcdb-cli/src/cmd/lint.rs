@@ -2,7 +2,7 @@
 //! without running anything. See [`svcdb::migrate::lint`] for the rules.
 
 use anyhow::Result;
-use svcdb::migrate::{lint, lint_with_repeatables, LintReport, Migrator};
+use svcdb::migrate::{lint_each, lint_with_repeatables, LintReport, Migrator};
 
 use crate::global::Global;
 use crate::{output, Outcome};
@@ -21,18 +21,7 @@ pub struct Args {
 pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
     let migrations = global.migrations()?;
     let report = if args.all {
-        let mut report = LintReport::default();
-        let each = migrations.iter().map(|m| lint(std::iter::once(m))).chain(
-            migrations
-                .repeatables()
-                .iter()
-                .map(|r| lint_with_repeatables([], std::iter::once(r))),
-        );
-        for one in each {
-            report.migrations += one.migrations;
-            report.findings.extend(one.findings);
-        }
-        report
+        lint_each(&migrations)
     } else {
         // `connect` creates no schema; one that does not exist yet has every migration
         // pending.

@@ -152,7 +152,7 @@ pub mod version;
 pub use adopt::{AdoptError, AdoptOptions, AdoptProblem, AdoptReport, OtherHistory, Tool};
 pub use error::{MigrateError, MigrationFailure};
 pub use event::{Direction, MigrateEvent};
-pub use lint::{lint, lint_with_repeatables, Finding, LintReport, Rule, Severity};
+pub use lint::{lint, lint_each, lint_with_repeatables, Finding, LintReport, Rule, Severity};
 pub use migration::{Checksum, Migration, HISTORY_TABLE, NO_TRANSACTION_DIRECTIVE};
 pub use options::{DownOptions, MigrateOptions, UpOptions};
 pub use repeatable::{

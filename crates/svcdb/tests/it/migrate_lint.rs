@@ -1137,3 +1137,33 @@ async fn a_drop_of_a_table_in_an_extra_schema_is_a_finding() {
         .collect();
     assert_eq!(found, [(1, Rule::DropTable)]);
 }
+
+/// Found by an adversarial trial: `lint --all` (no database) took `CREATE TABLE IF NOT EXISTS
+/// t` for a new table though another migration makes `t`, and let a plain `CREATE INDEX` on
+/// it through, where `lint` with the catalog refused it. `lint_each` counts the tables other
+/// migrations make as existing; a table only its own migration makes stays new (the control).
+#[test]
+fn lint_each_counts_the_tables_other_migrations_make_as_existing() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("1_t.up.sql", "CREATE TABLE t (id int);"),
+            (
+                "2_again.up.sql",
+                "CREATE TABLE IF NOT EXISTS t (id int);\nCREATE INDEX t_i ON t (id);",
+            ),
+            (
+                "3_u.up.sql",
+                "CREATE TABLE IF NOT EXISTS u (id int);\nCREATE INDEX u_i ON u (id);",
+            ),
+        ],
+    );
+    let migrations = Migrations::from_dir(dir.path()).unwrap();
+    let found: Vec<(String, usize, Rule)> = lint::lint_each(&migrations)
+        .findings
+        .iter()
+        .map(|f| (f.version.as_ref().unwrap().to_string(), f.line, f.rule))
+        .collect();
+    assert_eq!(found, [("2".to_owned(), 2, Rule::IndexWithoutConcurrently)]);
+}

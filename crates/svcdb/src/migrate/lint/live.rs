@@ -25,6 +25,9 @@ pub(crate) struct LiveColumns {
     columns: HashMap<(String, String), Column>,
     /// The schema's tables, when the catalog was read.
     tables: Option<HashSet<String>>,
+    /// Without a catalog: tables other migrations of the folder create, so they exist when
+    /// this one runs (`svcdb migrate lint --all`).
+    made_elsewhere: HashSet<String>,
 }
 
 impl LiveColumns {
@@ -72,9 +75,18 @@ impl LiveColumns {
         Ok(live)
     }
 
-    /// The catalog was read and has `table`.
+    /// No catalog, but `made_elsewhere` are the tables other migrations create.
+    pub(crate) fn made_elsewhere(made_elsewhere: HashSet<String>) -> Self {
+        Self {
+            made_elsewhere,
+            ..Self::default()
+        }
+    }
+
+    /// The catalog was read and has `table`, or another migration of the folder makes it.
     pub(crate) fn has_table(&self, table: &str) -> bool {
         self.tables.as_ref().is_some_and(|t| t.contains(table))
+            || self.made_elsewhere.contains(table)
     }
 
     /// The catalog was read and has no `table`.
@@ -173,6 +185,7 @@ mod tests {
                 })
                 .collect(),
             tables: Some(columns.iter().map(|(t, ..)| t.to_string()).collect()),
+            made_elsewhere: HashSet::new(),
         }
     }
 

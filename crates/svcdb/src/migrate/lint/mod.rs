@@ -147,6 +147,75 @@ pub fn lint<'a>(deploy: impl IntoIterator<Item = &'a Migration>) -> LintReport {
     lint_with_repeatables(deploy, [])
 }
 
+/// Every migration of `migrations` as a deploy of its own, then every repeatable one, without
+/// a database (`svcdb migrate lint --all`): the tables the other migrations create count as
+/// existing and in use, so a `CREATE TABLE IF NOT EXISTS` of one of them creates nothing, as
+/// it would on a live schema.
+pub fn lint_each(migrations: &super::Migrations) -> LintReport {
+    // Which scripts create each table, by file.
+    let mut makers: HashMap<String, Vec<&str>> = HashMap::new();
+    let scripts = migrations
+        .iter()
+        .map(|m| (m.path.as_str(), m.up.as_str()))
+        .chain(
+            migrations
+                .repeatables()
+                .iter()
+                .map(|r| (r.path.as_str(), r.sql.as_str())),
+        );
+    for (path, sql) in scripts {
+        for table in created_tables(sql) {
+            makers.entry(table).or_default().push(path);
+        }
+    }
+    let elsewhere = |me: &str| -> LiveColumns {
+        LiveColumns::made_elsewhere(
+            makers
+                .iter()
+                .filter(|(_, by)| by.iter().any(|path| *path != me))
+                .map(|(table, _)| table.clone())
+                .collect(),
+        )
+    };
+    let mut report = LintReport::default();
+    let each = migrations
+        .iter()
+        .map(|m| lint_live(std::iter::once(m), [], elsewhere(&m.path)))
+        .chain(
+            migrations
+                .repeatables()
+                .iter()
+                .map(|r| lint_live([], std::iter::once(r), elsewhere(&r.path))),
+        );
+    for one in each {
+        report.migrations += one.migrations;
+        report.findings.extend(one.findings);
+    }
+    report
+}
+
+/// The tables `sql` creates (`CREATE TABLE`, `CREATE TABLE … AS`), by name; none when it does
+/// not parse.
+fn created_tables(sql: &str) -> Vec<String> {
+    let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
+        return Vec::new();
+    };
+    parsed
+        .protobuf
+        .stmts
+        .iter()
+        .filter_map(|raw| match raw.stmt.as_ref()?.node.as_ref()? {
+            NodeEnum::CreateStmt(create) => create.relation.as_ref().map(|r| r.relname.clone()),
+            NodeEnum::CreateTableAsStmt(create) => create
+                .into
+                .as_ref()
+                .and_then(|i| i.rel.as_ref())
+                .map(|r| r.relname.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// [`lint`] of `deploy`, then of the repeatable migrations `up` runs after it (Flyway's
 /// `R__<name>.sql`), which see the tables the deploy created as new.
 pub fn lint_with_repeatables<'a>(
