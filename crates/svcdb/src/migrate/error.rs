@@ -523,7 +523,7 @@ fn failed_message(f: &MigrationFailure) -> String {
     }
     s.push_str("\n  hint: ");
     if !invalid_indexes.is_empty() {
-        s.push_str("drop the invalid indexes, then ");
+        s.push_str("drop the invalid indexes (above) first; ");
     }
     let outside_a_transaction = format!("this statement cannot run inside a transaction: make the migration non-transactional ({}), then run again", super::migration::NO_TRANSACTION_HOW);
     if let (false, Some(other)) = (*dirty, other_histories.first()) {
