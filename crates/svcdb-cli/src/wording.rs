@@ -49,6 +49,21 @@ fn without_items(inner: &str) -> Option<String> {
     let mut after_item = false;
     for part in inner.split(", ") {
         let part = part.trim();
+        // "MigrateOptions::statement_timeout: raise it": the advice stays without the name;
+        // "Gate::allow_unknown_applied accepts it": a clause about the library goes whole.
+        if let Some((first, rest)) = part.split_once(' ') {
+            if first.strip_suffix(':').is_some_and(is_item) {
+                dropped = true;
+                after_item = false;
+                kept.push(rest.to_owned());
+                continue;
+            }
+            if is_item(first) {
+                dropped = true;
+                after_item = false;
+                continue;
+            }
+        }
         // "Ctrl-C, SIGTERM: Migrator::with_interrupt": the path after a colon goes.
         let (head, tail) = match part.rsplit_once(": ") {
             Some((head, tail)) if is_item(tail) => (Some(head), tail),
@@ -119,6 +134,14 @@ mod tests {
                 "`svcdb migrate down --to 0003` (DownOptions::to) reverts",
                 "`svcdb migrate down --to 0003` reverts",
             ),
+            (
+                "by the statement timeout (`--statement-timeout`, MigrateOptions::statement_timeout: raise it, or 0 for none), or",
+                "by the statement timeout (`--statement-timeout`, raise it, or 0 for none), or",
+            ),
+            (
+                "revert it with that release's `svcdb migrate down` (Gate::allow_unknown_applied accepts it as it is)",
+                "revert it with that release's `svcdb migrate down`",
+            ),
         ] {
             assert_eq!(for_cli(library), cli);
         }
@@ -130,7 +153,6 @@ mod tests {
     fn other_brackets_are_left_alone() {
         for text in [
             "find it in pg_stat_activity (a long or idle-in-transaction session), then",
-            "(Gate::allow_unknown_applied accepts it as it is)",
             "CREATE TABLE t (id int, n bigint)",
             "version 0002 (add_name) is dirty",
             "an unclosed (bracket",

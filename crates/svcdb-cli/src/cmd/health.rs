@@ -18,6 +18,8 @@ pub struct Args {
 pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
     let (db, gate) = args.gate.prepare(global)?;
     let report = db.health(&gate).await;
-    output::report(global.json, &report, ToString::to_string)?;
+    output::report(global.json, &report, |r| {
+        crate::wording::for_cli(&r.to_string())
+    })?;
     Ok(outcome(report.gate.ready))
 }

@@ -31,7 +31,9 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
         Command::Verify(args) => {
             let (db, gate) = args.prepare(global)?;
             let report = db.verify(&gate).await;
-            output::report(global.json, &report, ToString::to_string)?;
+            output::report(global.json, &report, |r| {
+                crate::wording::for_cli(&r.to_string())
+            })?;
             Ok(outcome(report.ready))
         }
     }

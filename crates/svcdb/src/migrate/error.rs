@@ -70,14 +70,17 @@ pub enum MigrateError {
     /// a migration's statement is that migration's failure instead ([`MigrateError::Failed`],
     /// SQLSTATE 57014), with the rollback or dirty mark any failure has.
     #[error(
-        "{}\n  hint: run the command again to go on",
-        interrupted(schema, done)
+        "{}\n  hint: {}",
+        interrupted(schema, done, dirty.as_ref()),
+        if dirty.is_some() { "`svcdb migrate status` says how to finish or undo the dirty migration; then run the command again" } else { "run the command again to go on" }
     )]
     Interrupted {
         /// The schema.
         schema: String,
         /// The migrations this run completed before the interrupt, in order.
         done: Vec<Version>,
+        /// A non-transactional migration stopped between two of its statements: it is dirty.
+        dirty: Option<Version>,
     },
 
     /// An applied migration's up file changed since it was applied.
@@ -460,7 +463,9 @@ fn failed_message(f: &MigrationFailure) -> String {
     if let Some(statement) = statement {
         /// Characters of the statement shown; the rest is cut.
         const SHOWN: usize = 160;
-        let flat: Vec<&str> = statement.split_whitespace().collect();
+        // From its code: the comments before it would read as if it were commented out.
+        let code = &statement[super::split::code_start(statement, 0)..];
+        let flat: Vec<&str> = code.split_whitespace().collect();
         let flat = flat.join(" ");
         let shown: String = flat.chars().take(SHOWN).collect();
         let cut = if shown.len() < flat.len() { " …" } else { "" };
@@ -592,15 +597,22 @@ fn failed_message(f: &MigrationFailure) -> String {
 }
 
 /// [`MigrateError::Interrupted`]'s first line.
-fn interrupted(schema: &str, done: &[Version]) -> String {
-    if done.is_empty() {
-        return format!("interrupted before any migration of schema {schema} ran: nothing changed");
+fn interrupted(schema: &str, done: &[Version], dirty: Option<&Version>) -> String {
+    let mut s = if done.is_empty() {
+        format!("interrupted before any migration of schema {schema} was done")
+    } else {
+        let list: Vec<String> = done.iter().map(Version::to_string).collect();
+        format!(
+            "interrupted in schema {schema}: the migrations done before it stay done ({})",
+            list.join(", ")
+        )
+    };
+    match dirty {
+        Some(v) => s.push_str(&format!("; non-transactional migration {v} stopped between two of its statements, so the schema is marked dirty (the statements before stay)")),
+        None if done.is_empty() => s.push_str(": nothing changed"),
+        None => s.push_str("; nothing after them ran"),
     }
-    let list: Vec<String> = done.iter().map(Version::to_string).collect();
-    format!(
-        "interrupted between migrations of schema {schema}: those done before it stay done ({}); nothing after them ran",
-        list.join(", ")
-    )
+    s
 }
 
 /// The part of [`MigrateError::NoDown`]'s hint for the migrations above the irreversible one:

@@ -22,8 +22,12 @@ pub(crate) struct Interrupt {
 struct State {
     /// `pg_backend_pid()` of the session holding the migration lock; 0 before it is known.
     backend: AtomicI32,
-    /// The cancel was sent: the failure path's own statements run uninterrupted.
-    delivered: AtomicBool,
+    /// A cancel was sent to the server.
+    cancel_sent: AtomicBool,
+    /// The run has stopped for the interrupt (a statement failed after the cancel, or the
+    /// runner stopped between statements): the failure path's own statements and commits run
+    /// uninterrupted.
+    acted: AtomicBool,
 }
 
 impl Interrupt {
@@ -44,6 +48,14 @@ impl Interrupt {
         self.token.cancelled().await;
     }
 
+    /// True once, at the first call after the caller asked to stop, unless the run stopped for
+    /// it already: the runner then stops where it is, between statements or before a commit
+    /// (found by a user trial: a cancel that reaches the server between two statements is
+    /// dropped, and the run went on to commit). Later calls, on the failure path, say false.
+    pub(crate) fn take(&self) -> bool {
+        self.requested() && !self.state.acted.swap(true, Ordering::Relaxed)
+    }
+
     /// Notes the backend whose statements [`Self::around`] cancels.
     pub(crate) fn set_backend(&self, pid: i32) {
         self.state.backend.store(pid, Ordering::Relaxed);
@@ -52,26 +64,39 @@ impl Interrupt {
     /// Awaits `statement`, running on the lock's session. Asked to stop meanwhile (the first
     /// time only), it has the server cancel that session's statement: the statement fails
     /// with 57014, so a transaction rolls back and a non-transactional script that had not got
-    /// past its first statement is not left dirty, as after any failure. The statements of
-    /// that failure path run uninterrupted.
-    pub(crate) async fn around<T>(&self, db: &ServiceDb, statement: impl Future<Output = T>) -> T {
+    /// past its first statement is not left dirty, as after any failure. A cancel that came
+    /// between two statements is dropped by the server: [`Self::take`] then stops the run
+    /// before its next statement or commit.
+    pub(crate) async fn around<T>(
+        &self,
+        db: &ServiceDb,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, tokio_postgres::Error> {
         let mut statement = std::pin::pin!(statement);
+        let unsent = |state: &State| {
+            !state.acted.load(Ordering::Relaxed) && !state.cancel_sent.load(Ordering::Relaxed)
+        };
         tokio::select! {
             // The statement first: its first poll sends it.
             biased;
             out = &mut statement => return out,
-            () = self.token.cancelled(), if !self.state.delivered.load(Ordering::Relaxed) => {}
+            () = self.token.cancelled(), if unsent(&self.state) => {}
         }
-        if !self.state.delivered.swap(true, Ordering::Relaxed) {
+        if !self.state.cancel_sent.swap(true, Ordering::Relaxed) {
             cancel(db, self.state.backend.load(Ordering::Relaxed)).await;
         }
-        statement.await
+        let out = statement.await;
+        if out.is_err() {
+            // The failure path runs from here, uninterrupted.
+            self.state.acted.store(true, Ordering::Relaxed);
+        }
+        out
     }
 }
 
 /// Asks the server to cancel backend `pid`'s statement, from a pooled connection of the same
 /// role (`pg_cancel_backend` needs no more). Best effort: if it fails, the statement runs to
-/// its end and the run stops before the next migration.
+/// its end and the run stops before the next one.
 async fn cancel(db: &ServiceDb, pid: i32) {
     if pid == 0 {
         return;

@@ -8,7 +8,7 @@ use super::event::Direction;
 use super::migration::Migration;
 use std::ops::Range;
 
-use super::split::{code_start, split_statements};
+use super::split::{code_start, statements_to_run};
 
 /// The failing script's file, line and statement.
 pub(super) struct Location {
@@ -44,7 +44,7 @@ pub(super) fn locate(
     // Each statement with its byte offset in the script (the statements are trimmed pieces
     // of it, in order).
     let mut end = 0;
-    let statements: Vec<(usize, &str)> = split_statements(script)
+    let statements: Vec<(usize, &str)> = statements_to_run(script)
         .into_iter()
         .filter_map(|statement| {
             let start = end + script[end..].find(statement)?;

@@ -33,7 +33,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
 use super::migration::Checksum;
-use super::split::split_statements;
+use super::split::statements_to_run;
 use crate::error::SqlState;
 use crate::ident::Ident;
 
@@ -204,7 +204,7 @@ pub(crate) async fn run(
 ) -> Result<Duration, tokio_postgres::Error> {
     let started = Instant::now();
     if !r.transactional {
-        for statement in split_statements(&r.sql) {
+        for statement in statements_to_run(&r.sql) {
             client.batch_execute(statement).await?;
         }
         let took = started.elapsed();

@@ -23,7 +23,7 @@ use super::report::{
     UpReport,
 };
 use super::source::Migrations;
-use super::split::split_statements;
+use super::split::statements_to_run;
 use super::status::StatusReport;
 use super::version::Version;
 use crate::pool::ServiceDb;
@@ -123,7 +123,10 @@ impl Migrator {
 
     /// `statement`, run on the lock's session, cancelled there if the run is interrupted
     /// meanwhile ([`Self::with_interrupt`]).
-    async fn interruptible<T>(&self, statement: impl std::future::Future<Output = T>) -> T {
+    async fn interruptible<T>(
+        &self,
+        statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, tokio_postgres::Error> {
         match &self.interrupt {
             Some(interrupt) => interrupt.around(&self.db, statement).await,
             None => statement.await,
@@ -136,6 +139,7 @@ impl Migrator {
             Some(interrupt) if interrupt.requested() => Err(MigrateError::Interrupted {
                 schema: self.schema(),
                 done: done.iter().map(|e| e.version.clone()).collect(),
+                dirty: None,
             }),
             _ => Ok(()),
         }
@@ -321,12 +325,11 @@ impl Migrator {
         let status = StatusReport::build(&self.schema(), &self.migrations, &history);
         let plan = self.plan_up(&status, options.to.as_ref())?;
         super::template::refuse_untouched(&plan)?;
-        let stale = self.stale_repeatables(options, &recorded);
-        if !stale.is_empty() {
-            // Repeatable migrations are work too (an adversarial trial found an older release
-            // running one on a newer release's dirty schema).
-            status.newer_dirty()?;
-        }
+        let stale = if status.newer_release() {
+            Vec::new()
+        } else {
+            self.stale_repeatables(options, &recorded)
+        };
         let live = self
             .live_columns(!plan.is_empty() || !stale.is_empty())
             .await?;
@@ -355,10 +358,8 @@ impl Migrator {
         }
         let (mut lock, history) = self.lock(observer, true).await?;
         let result = async {
-            let plan = self.plan_up(
-                &StatusReport::build(&self.schema(), &self.migrations, &history),
-                options.to.as_ref(),
-            )?;
+            let status = StatusReport::build(&self.schema(), &self.migrations, &history);
+            let plan = self.plan_up(&status, options.to.as_ref())?;
             let done = match self
                 .run(&mut lock, &plan, Direction::Up, history.exists, observer)
                 .await
@@ -374,9 +375,12 @@ impl Migrator {
                 }
                 done => done?,
             };
-            let repeated = self
-                .run_repeatables(&lock, options, &done, observer)
-                .await?;
+            let repeated = if status.newer_release() {
+                Vec::new()
+            } else {
+                self.run_repeatables(&lock, options, &done, observer)
+                    .await?
+            };
             Ok((is_atomic(&plan), done, repeated))
         }
         .await;
@@ -714,6 +718,7 @@ impl Migrator {
                 () = interrupt.wait() => return Err(MigrateError::Interrupted {
                     schema: schema.as_str().to_owned(),
                     done: Vec::new(),
+                    dirty: None,
                 }),
             },
             None => acquire.await?,
@@ -994,6 +999,15 @@ impl Migrator {
                     done.extend(entries);
                     continue;
                 }
+                Err((_, StepError::Other(MigrateError::Interrupted { schema, dirty, .. }))) => {
+                    // Stopped where it stood: what is done stays done, and is on disk.
+                    flush(conn).await;
+                    return Err(MigrateError::Interrupted {
+                        schema,
+                        done: done.iter().map(|e| e.version.clone()).collect(),
+                        dirty,
+                    });
+                }
                 Err((_, StepError::Other(e))) => return Err(e),
                 Err((
                     i,
@@ -1132,7 +1146,17 @@ impl Migrator {
             Direction::Down => history::set_dirty(&*conn, schema, &m.version, true, None).await?,
         }
         let start = started(m, direction, observer);
-        for (done, statement) in split_statements(sql).into_iter().enumerate() {
+        for (done, statement) in statements_to_run(sql).into_iter().enumerate() {
+            if self.interrupt.as_ref().is_some_and(Interrupt::take) {
+                // Between two statements: none of this one ran. Before the first, the
+                // migration is as it was (its mark taken back); after it, dirty.
+                let dirty = done > 0 || !self.unmark_untouched(conn, m, direction).await;
+                return Err(StepError::Other(MigrateError::Interrupted {
+                    schema: self.schema(),
+                    done: Vec::new(),
+                    dirty: dirty.then(|| m.version.clone()),
+                }));
+            }
             let mut retries = 0;
             while let Err(cause) = self.interruptible(conn.batch_execute(statement)).await {
                 let retry = retries < self.options.lock_retries
@@ -1362,6 +1386,18 @@ impl Migrator {
             Direction::Down => history::delete(&tx, schema, &versions(group)).await,
         };
         written.map_err(|e| other(e.into()))?;
+        if self.interrupt.as_ref().is_some_and(Interrupt::take) {
+            // Asked to stop, and no statement took the cancel (it reached the server between
+            // two of them, which drops it): no commit; dropping `tx` rolls the group back.
+            return Err((
+                group.len() - 1,
+                StepError::Other(MigrateError::Interrupted {
+                    schema: self.schema(),
+                    done: Vec::new(),
+                    dirty: None,
+                }),
+            ));
+        }
         // Deferred constraint triggers run in the commit: an interrupt cancels them too.
         self.interruptible(tx.commit())
             .await

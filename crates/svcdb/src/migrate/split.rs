@@ -9,9 +9,25 @@
 //! comments.
 //!
 //! Known limit: a SQL-standard function body (`BEGIN ATOMIC … END`) holds bare `;` and is split
-//! wrongly; write such functions with a dollar-quoted body, or in a transactional migration.
+//! wrongly here; the runner splits with PostgreSQL's parser first ([`statements_to_run`]), so
+//! this splitter only serves a script the parser rejects.
 
 use std::ops::Range;
+
+/// The statements a non-transactional script runs as, one message each: as PostgreSQL's own
+/// parser splits it (`BEGIN ATOMIC` bodies and all), or, for a script the parser rejects
+/// (which the lint refuses unless allowed), as [`split_statements`] does. Every piece is a
+/// slice of `sql`, in order.
+pub(crate) fn statements_to_run(sql: &str) -> Vec<&str> {
+    match pg_query::split_with_parser(sql) {
+        Ok(statements) => statements
+            .into_iter()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect(),
+        Err(_) => split_statements(sql),
+    }
+}
 
 /// The statements of `sql`, each trimmed and without its terminating `;`. Pieces holding only
 /// whitespace and comments are dropped.

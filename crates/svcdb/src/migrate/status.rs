@@ -167,11 +167,22 @@ impl StatusReport {
         self
     }
 
-    /// Repeatable migrations the next `up` runs: never run, or changed since they ran.
+    /// Repeatable migrations the next `up` runs: never run, or changed since they ran; none
+    /// while a newer release has migrated the schema ([`Self::newer_release`]).
     pub fn stale_repeatables(&self) -> impl Iterator<Item = &RepeatableEntry> {
+        // A newer release's: an older one would put its own versions of the views and
+        // functions back under the newer release's migrations (found by a user trial).
+        let newer = self.newer_release();
         self.repeatables
             .iter()
-            .filter(|r| r.state != RepeatableState::Applied)
+            .filter(move |r| !newer && r.state != RepeatableState::Applied)
+    }
+
+    /// A newer release has migrated the schema: some applied (or dirty) migration is newer
+    /// than every file ([`Self::newer`]). The repeatable migrations are then that release's to
+    /// run, not this one's.
+    pub fn newer_release(&self) -> bool {
+        self.entries.iter().any(|e| self.newer(e))
     }
 
     /// Entries in `state`.

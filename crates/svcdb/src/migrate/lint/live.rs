@@ -25,6 +25,10 @@ pub(crate) struct LiveColumns {
     columns: HashMap<(String, String), Column>,
     /// The schema's tables, when the catalog was read.
     tables: Option<HashSet<String>>,
+    /// The tables of the search path's other schemas (what an unqualified `DROP TABLE`
+    /// reaches when the service schema has no such table; `CREATE TABLE` makes one in the
+    /// service schema all the same).
+    path_tables: HashSet<String>,
     /// Without a catalog: tables other migrations of the folder create, so they exist when
     /// this one runs (`svcdb migrate lint --all`).
     made_elsewhere: HashSet<String>,
@@ -44,7 +48,7 @@ impl LiveColumns {
         // schema's tables.
         let rows = client
             .query(
-                "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull
+                "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, n.nspname = $1
                    FROM pg_catalog.pg_class c
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                    LEFT JOIN pg_catalog.pg_attribute a
@@ -60,6 +64,10 @@ impl LiveColumns {
         };
         for r in &rows {
             let table: String = r.get(0);
+            if !r.get::<_, bool>(4) {
+                live.path_tables.insert(table);
+                continue;
+            }
             if let (Some(column), Some(type_name), Some(not_null)) = (r.get(1), r.get(2), r.get(3))
             {
                 live.columns.insert(
@@ -83,15 +91,17 @@ impl LiveColumns {
         }
     }
 
-    /// The catalog was read and has `table`, or another migration of the folder makes it.
+    /// The catalog was read and the service schema has `table` (where `CREATE TABLE` makes
+    /// it), or another migration of the folder makes it.
     pub(crate) fn has_table(&self, table: &str) -> bool {
         self.tables.as_ref().is_some_and(|t| t.contains(table))
             || self.made_elsewhere.contains(table)
     }
 
-    /// The catalog was read and has no `table`.
+    /// The catalog was read and has no `table` in any schema of the search path.
     pub(crate) fn lacks_table(&self, table: &str) -> bool {
         self.tables.as_ref().is_some_and(|t| !t.contains(table))
+            && !self.path_tables.contains(table)
     }
 
     /// The column is known to be `NOT NULL` already: `SET NOT NULL` changes nothing.
@@ -185,6 +195,7 @@ mod tests {
                 })
                 .collect(),
             tables: Some(columns.iter().map(|(t, ..)| t.to_string()).collect()),
+            path_tables: HashSet::new(),
             made_elsewhere: HashSet::new(),
         }
     }
