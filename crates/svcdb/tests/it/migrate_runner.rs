@@ -2126,3 +2126,38 @@ async fn undo_stopped_in_a_non_transactional_down_names_the_migration_dirty() {
     assert!(err.to_string().contains("dirty"), "{err}");
     assert_eq!(m.status().await.unwrap().dirty.map(|v| v.number()), Some(1));
 }
+
+/// Found by a user trial: a non-transactional script holding a SQL-standard function body
+/// (`BEGIN ATOMIC … END`, bare `;` inside) was cut at those `;` and left dirty. Such scripts
+/// are now split by PostgreSQL's own parser, as transactional ones are.
+#[tokio::test]
+async fn a_non_transactional_script_with_a_begin_atomic_body_runs_whole() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            ("0001_t.up.sql", "CREATE TABLE t (x int);"),
+            (
+                "0002_f.up.sql",
+                "-- svcdb:no-transaction\nCREATE FUNCTION twice(x int) RETURNS int LANGUAGE sql\nBEGIN ATOMIC\n  SELECT x * 2;\nEND;\nCREATE INDEX CONCURRENTLY t_x ON t (x);",
+            ),
+        ],
+    );
+    migrator(&svc, dir.path())
+        .with_options(MigrateOptions {
+            allow_unsafe: true,
+            ..options()
+        })
+        .up()
+        .await
+        .unwrap();
+    let twice: i32 = svc
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT twice(21)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(twice, 42);
+}
