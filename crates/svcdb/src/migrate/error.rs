@@ -184,7 +184,8 @@ pub enum MigrateError {
         newer: usize,
     },
 
-    /// `up` refused before running anything: pending migrations hold statements that
+    /// `up` (or `redo`, or `down` for a down script) refused before running anything: the
+    /// migrations it would run hold statements that
     /// [`lint`](mod@super::lint) reports as errors and nothing allows (neither
     /// `-- svcdb:allow <rule>` in the file nor [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe)).
     #[error("{}", unsafe_message(findings))]
@@ -405,7 +406,7 @@ impl From<tokio_postgres::Error> for MigrateError {
 
 fn unsafe_message(findings: &[super::lint::Finding]) -> String {
     let mut s = format!(
-        "refusing to migrate: {} unsafe statement{} in the pending migrations; nothing was run",
+        "refusing to migrate: {} unsafe statement{} in the migrations this run would apply or revert; nothing was run",
         findings.len(),
         if findings.len() == 1 { "" } else { "s" }
     );
@@ -416,7 +417,7 @@ fn unsafe_message(findings: &[super::lint::Finding]) -> String {
         ));
     }
     s.push_str(
-        "\n  hint: rewrite each statement as its fix says, in a migration that is not applied yet",
+        "\n  hint: rewrite each statement as its fix says (a migration already applied elsewhere: in a new migration)",
     );
     // Allowing a statement the server refuses would only move the failure to run time.
     if findings.iter().any(|f| f.rule.can_be_allowed()) {
