@@ -115,6 +115,11 @@ impl Failure {
         if let Some(code) = sqlstate {
             return code.code().to_owned();
         }
+        if e.chain()
+            .any(|c| c.is::<crate::global::SchemaMissingHere>())
+        {
+            return SqlState::INVALID_SCHEMA_NAME.code().to_owned();
+        }
         let kind = e.chain().find_map(|cause| {
             if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
                 Some(error_kind(e))

@@ -99,7 +99,13 @@ impl Global {
     pub async fn connect(&self) -> Result<ServiceDb> {
         let mut config = self.config()?;
         config.create_schema = false;
-        Ok(ServiceDb::connect(config).await?)
+        ServiceDb::connect(config).await.map_err(|e| {
+            if e.is_schema_missing() {
+                SchemaMissingHere::of(&e).into()
+            } else {
+                e.into()
+            }
+        })
     }
 
     /// Reads the migrations folder (`--dir`), with a warning on stderr when it holds `.sql`
@@ -133,6 +139,31 @@ impl Global {
         Ok(migrations)
     }
 }
+
+/// A missing service schema, met by a command that only reads: the library's hint to let
+/// svcdb create it "when it connects" does not hold here (found by a user trial: the hint
+/// named SVCDB_CREATE_SCHEMA while it was set). Its JSON code stays the SQLSTATE, 3F000.
+#[derive(Debug)]
+pub struct SchemaMissingHere(String);
+
+impl SchemaMissingHere {
+    /// The library's message, with the hint worded for a command that only reads.
+    fn of(e: &svcdb::Error) -> Self {
+        const CONNECTS: &str = "or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)";
+        Self(e.to_string().replace(
+            CONNECTS,
+            "or let `svcdb migrate up` create it (with SVCDB_CREATE_SCHEMA=true); this command only reads and creates nothing",
+        ))
+    }
+}
+
+impl std::fmt::Display for SchemaMissingHere {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SchemaMissingHere {}
 
 /// True for the name of a Flyway SQL callback (`afterMigrate.sql`, `beforeEachMigrate__log.sql`,
 /// in a sub-folder too): an event name, `before` or `after` and a capital letter.

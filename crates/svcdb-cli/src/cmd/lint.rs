@@ -27,10 +27,7 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
         // pending.
         match global.connect().await {
             Ok(db) => Migrator::new(db, migrations).lint_pending().await?,
-            Err(e)
-                if e.downcast_ref::<svcdb::Error>()
-                    .is_some_and(svcdb::Error::is_schema_missing) =>
-            {
+            Err(e) if e.is::<crate::global::SchemaMissingHere>() => {
                 lint_with_repeatables(migrations.iter(), migrations.repeatables())
             }
             Err(e) => return Err(e),

@@ -330,6 +330,15 @@ async fn listing_and_purging_create_no_schema() {
             .run_with_env(args, &[("SVCDB_CREATE_SCHEMA", "true")])
             .expect_code(1);
         assert!(out.stderr.contains("does not exist"), "{args:?}: {out}");
+        // Not "let svcdb create it when it connects": these never do (a user trial found that
+        // hint with the variable already set). The SQLSTATE stays the code.
+        assert!(!out.stderr.contains("when it connects"), "{args:?}: {out}");
+        let mut json = args.to_vec();
+        json.push("--json");
+        let out = p
+            .run_with_env(&json, &[("SVCDB_CREATE_SCHEMA", "true")])
+            .expect_code(1);
+        assert_eq!(out.json()["code"], "3F000", "{args:?}: {out}");
         assert!(!p.schema_exists().await, "{args:?} created the schema");
     }
 }
