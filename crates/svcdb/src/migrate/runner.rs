@@ -866,6 +866,13 @@ impl Migrator {
         // A down script the parser rejects would fail on the server too: said before anything
         // runs, so that `--dry-run` shows it; a non-transactional one (which would stop
         // half-way, dirty) is refused unless allowed, as `up` refuses its lint errors.
+        let refused: Vec<_> = plan
+            .iter()
+            .flat_map(|m| super::lint::refused_down(m))
+            .collect();
+        if !refused.is_empty() {
+            return Err(MigrateError::Unsafe { findings: refused });
+        }
         let findings: Vec<_> = plan
             .iter()
             .filter_map(|m| super::lint::unparsed_down(m))

@@ -1172,3 +1172,44 @@ fn lint_each_counts_the_tables_other_migrations_make_as_existing() {
         .collect();
     assert_eq!(found, [("2".to_owned(), 2, Rule::IndexWithoutConcurrently)]);
 }
+
+/// Found by a user trial: a transactional down script with `DROP INDEX CONCURRENTLY` was run
+/// and failed (25001), where the same in an up script is refused before anything runs. `down`
+/// now refuses it first, whatever allows (the server would refuse it anyway); its up, in a
+/// migration of its own outside a transaction, is fine (the control).
+#[tokio::test]
+async fn down_refuses_what_the_server_refuses_in_its_transaction_before_running() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ITEMS,
+            (
+                "2_idx.up.sql",
+                "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY items_a ON items (id);",
+            ),
+            ("2_idx.down.sql", "DROP INDEX CONCURRENTLY items_a;"),
+        ],
+    );
+    let allowing = MigrateOptions {
+        allow_unsafe: true,
+        ..MigrateOptions::default()
+    };
+    migrator(&svc, dir.path(), allowing.clone())
+        .up()
+        .await
+        .unwrap();
+    match migrator(&svc, dir.path(), allowing)
+        .down(&DownOptions::default())
+        .await
+    {
+        Err(MigrateError::Unsafe { findings }) => {
+            assert_eq!(findings[0].rule, Rule::ConcurrentlyInTransaction);
+            assert!(findings[0].path.ends_with("2_idx.down.sql"), "{findings:?}");
+        }
+        other => panic!("expected Unsafe, got {other:?}"),
+    }
+    assert!(has_index(&svc, "items_a").await, "nothing was reverted");
+}

@@ -279,6 +279,27 @@ pub(crate) fn unparsed_down(m: &Migration) -> Option<Finding> {
     ))
 }
 
+/// The statements of `m`'s down script the server refuses where it runs (`CONCURRENTLY`,
+/// `VACUUM`, … in a transactional down): `down` refuses them before running anything, as `up`
+/// refuses them in an up script (a transactional down would only fail and roll back).
+pub(crate) fn refused_down(m: &Migration) -> Vec<Finding> {
+    let (Some(down), Some(path)) = (m.down.as_deref(), m.down_path.as_deref()) else {
+        return Vec::new();
+    };
+    let script = Script {
+        up: down,
+        up_line: m.down_line,
+        path,
+        version: Some(&m.version),
+        transactional: m.down_transactional,
+        allowed: HashSet::new(),
+    };
+    let mut out = Vec::new();
+    Deploy::default().script(script, &mut out);
+    out.retain(|f| !f.rule.can_be_allowed());
+    out
+}
+
 /// What a non-transactional script the parser rejects would do, for the finding's message.
 fn outside_transaction(transactional: bool) -> &'static str {
     if transactional {
