@@ -292,10 +292,11 @@ impl Deployment {
         Ok(existed)
     }
 
-    /// Drops the databases (disconnecting whoever is still in them), then the services'
-    /// roles, each on its service's server. Returns whether any database existed. Checks every
-    /// database before dropping any, so a refusal leaves them all as they were.
-    pub async fn drop(&self, services: &[&ServiceDef]) -> anyhow::Result<bool> {
+    /// Whether any of the deployment's databases exists, after checking that every one that
+    /// does was made by `shop demo` (its comment): a refusal before anything is removed, the
+    /// broker's queues included (found by a user trial: `shop clean` deleted a live system's
+    /// queues, dead letters and all, then refused its database).
+    pub async fn ensure_demo_made(&self) -> anyhow::Result<bool> {
         let mut existed = false;
         for place in self.databases() {
             let admin = place.maintenance().await?;
@@ -319,6 +320,15 @@ impl Deployment {
                 );
             }
         }
+        Ok(existed)
+    }
+
+    /// Drops the databases (disconnecting whoever is still in them), then the services'
+    /// roles, each on its service's server. Returns whether any database existed. Checks every
+    /// database before dropping any ([`Self::ensure_demo_made`]), so a refusal leaves them all
+    /// as they were.
+    pub async fn drop(&self, services: &[&ServiceDef]) -> anyhow::Result<bool> {
+        let existed = self.ensure_demo_made().await?;
         for place in self.databases() {
             let db = place.database_ident()?;
             place

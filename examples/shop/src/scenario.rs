@@ -1346,6 +1346,8 @@ async fn post_retrying<B: serde::Serialize>(
 /// Removes what a demo made for `deployment`: its exchanges and queues (dead letters
 /// included), its database and its roles. What is already gone is skipped. Says what it did.
 async fn remove_all(deployment: &Deployment, broker: &Connection) -> anyhow::Result<String> {
+    // Refuses a database the demo did not make before touching the broker.
+    deployment.ensure_demo_made().await?;
     let mut queues = 0;
     for def in SERVICES {
         let topology = deployment.names.topology(def);

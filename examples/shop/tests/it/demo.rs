@@ -498,6 +498,19 @@ async fn a_database_the_demo_did_not_make_is_left_alone() {
         .batch_execute("CREATE TABLE precious (id int); INSERT INTO precious VALUES (1)")
         .await
         .unwrap();
+    // A live system's queue under the same name: `shop clean` deleted it before refusing the
+    // database (found by a user trial; its dead letters went with it).
+    let connection = AmqpConfig::new(amqp_url()).connect().await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = format!("{}.catalog.reserve-stock", db.name());
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     for command in ["demo", "clean"] {
         let output = Command::new(env!("CARGO_BIN_EXE_shop"))
             .args([command, "--database", db.name()])
@@ -517,4 +530,13 @@ async fn a_database_the_demo_did_not_make_is_left_alone() {
         .unwrap()
         .get(0);
     assert_eq!(kept, 1, "the database and its data are untouched");
+    assert!(
+        queue_exists(db.name()).await,
+        "the live system's queue is untouched"
+    );
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "OK".into()).await;
 }
