@@ -434,7 +434,14 @@ impl ServiceDb {
     /// ([`PROCESSED_EVENTS_SQL`]). Idempotent, and safe when several replicas start at once.
     /// Needs `CREATE` on the schema (the service role owns it after `svcdb provision`).
     pub async fn install_idempotency(&self) -> Result<()> {
-        self.install_ddl(PROCESSED_EVENTS_SQL).await
+        self.install_ddl(
+            PROCESSED_EVENTS_SQL,
+            &[
+                "svcdb_processed_events",
+                "svcdb_processed_events_processed_at_idx",
+            ],
+        )
+        .await
     }
 }
 

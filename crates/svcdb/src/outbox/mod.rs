@@ -647,7 +647,16 @@ impl ServiceDb {
     /// Idempotent, and safe when several replicas start at once. Needs `CREATE` on the schema
     /// (the service role owns it after `svcdb provision`).
     pub async fn install_outbox(&self) -> Result<()> {
-        self.install_ddl(OUTBOX_SQL).await
+        self.install_ddl(
+            OUTBOX_SQL,
+            &[
+                "svcdb_outbox",
+                "svcdb_outbox.traceparent",
+                "svcdb_outbox_unpublished_idx",
+                "svcdb_outbox_published_at_idx",
+            ],
+        )
+        .await
     }
 }
 

@@ -723,3 +723,44 @@ async fn the_ddl_constants_work_as_a_migration() {
         .await
         .unwrap());
 }
+
+/// Found by a user trial: a replica starting ran `CREATE INDEX IF NOT EXISTS` on the outbox,
+/// which waits for a SHARE lock behind any transaction writing it, and every later write
+/// queued behind that (another replica's requests took 11 s). Installed already, the tables
+/// are only looked up in the catalog: no lock. The control: a missing index still gets made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installing_over_installed_tables_takes_no_lock() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    svc.install_outbox().await.unwrap();
+    svc.install_idempotency().await.unwrap();
+    let writer = db.admin().await;
+    writer
+        .batch_execute(
+            "BEGIN; LOCK TABLE shop.svcdb_outbox, shop.svcdb_processed_events IN ROW EXCLUSIVE MODE",
+        )
+        .await
+        .unwrap();
+    let installed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        svc.install_outbox().await?;
+        svc.install_idempotency().await
+    })
+    .await;
+    assert!(matches!(installed, Ok(Ok(()))), "{installed:?}");
+    writer.batch_execute("COMMIT").await.unwrap();
+
+    writer
+        .batch_execute("DROP INDEX shop.svcdb_outbox_published_at_idx")
+        .await
+        .unwrap();
+    svc.install_outbox().await.unwrap();
+    let made: bool = writer
+        .query_one(
+            "SELECT to_regclass('shop.svcdb_outbox_published_at_idx') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(made);
+}
