@@ -2161,3 +2161,38 @@ async fn a_non_transactional_script_with_a_begin_atomic_body_runs_whole() {
         .get(0);
     assert_eq!(twice, 42);
 }
+
+/// Found by a user trial: `svcdb migrate repair` with another service's folder (a wrong
+/// `--dir`) recorded that folder's checksums as the schema's, and every replica of the
+/// service went unready. A changed file under another name than the history's is refused,
+/// and nothing is recorded; the same name edited is realigned as before (the control).
+#[tokio::test]
+async fn repair_records_nothing_from_what_looks_like_another_schemas_folder() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[("0001_create_orders.up.sql", "CREATE TABLE orders (id int);")],
+    );
+    migrator(&svc, dir.path()).up().await.unwrap();
+    let other = tempfile::tempdir().unwrap();
+    write(
+        other.path(),
+        &[(
+            "0001_create_products.up.sql",
+            "CREATE TABLE products (id int);",
+        )],
+    );
+    let err = migrator(&svc, other.path()).repair().await.unwrap_err();
+    assert!(matches!(err, MigrateError::Source { .. }), "{err}");
+    migrator(&svc, dir.path()).validate().await.unwrap();
+
+    write(
+        dir.path(),
+        &[(
+            "0001_create_orders.up.sql",
+            "CREATE TABLE orders (id int); -- edited",
+        )],
+    );
+    let repaired = migrator(&svc, dir.path()).repair().await.unwrap();
+    assert_eq!(repaired.actions.len(), 1, "{repaired:?}");
+}
