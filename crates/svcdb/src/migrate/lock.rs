@@ -51,7 +51,7 @@ impl MigrationLock {
         wait: Duration,
         on_wait: impl FnOnce(),
     ) -> Result<Self, MigrateError> {
-        let conn = db.dedicated().await?;
+        let conn = dedicated_when_a_slot_frees(db).await?;
         let key = key_sql(db.schema());
         let try_lock = format!("SELECT pg_try_advisory_lock({key})");
         let deadline = Instant::now() + crate::config::capped_wait(wait);
@@ -183,5 +183,28 @@ impl Deref for MigrationLock {
 impl DerefMut for MigrationLock {
     fn deref_mut(&mut self) -> &mut DedicatedConn {
         &mut self.conn
+    }
+}
+
+/// The lock's own connection. A server out of connection slots (53300) or still starting
+/// (57P03) is asked again until the pool's acquire timeout, as the pool asks for its own (found
+/// by a user trial: a replica migrating at start-up exited at once while others were busy).
+async fn dedicated_when_a_slot_frees(db: &ServiceDb) -> Result<DedicatedConn, MigrateError> {
+    let deadline = Instant::now() + crate::config::capped_wait(db.config().acquire_timeout);
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match db.dedicated().await {
+            Err(crate::Error::Connect { cause, .. })
+                if cause.code().is_some_and(|c| {
+                    *c == crate::SqlState::TOO_MANY_CONNECTIONS
+                        || *c == crate::SqlState::CANNOT_CONNECT_NOW
+                }) && Instant::now() + pause < deadline =>
+            {
+                tracing::debug!(target: "svcdb::migrate", error = %crate::error::pg_message(&cause), "no connection slot for the migration lock yet; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            connected => return Ok(connected?),
+        }
     }
 }
