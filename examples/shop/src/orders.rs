@@ -82,10 +82,31 @@ async fn place(
     if let Some(existing) = order_of_cart(&ctx, cart_id).await? {
         return Ok((StatusCode::OK, Json(existing)));
     }
-    let response = ctx
+    // The cart service down or failing is no fault of the request: 503 with Retry-After, and
+    // its details (hosts, databases) go to the log, not to the client (found by a user trial:
+    // 500 with the cart's connection error in the body).
+    let response = match ctx
         .http
         .get(&format!("{}/carts/{cart_id}", ctx.peer("cart")?))
-        .await?;
+        .await
+    {
+        Ok(response) if !response.status.is_server_error() => response,
+        Ok(response) => {
+            tracing::warn!(status = %response.status, "the cart service failed; answering 503");
+            return Err(ApiError::Unavailable(
+                "the cart service is unavailable".into(),
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "cannot reach the cart service; answering 503"
+            );
+            return Err(ApiError::Unavailable(
+                "the cart service cannot be reached".into(),
+            ));
+        }
+    };
     if response.status == StatusCode::NOT_FOUND {
         return Err(ApiError::NotFound(format!("no cart {cart_id}")));
     }

@@ -299,8 +299,9 @@ pub enum ApiError {
     /// The request is well-formed but cannot be done (yet): an unknown user, an empty cart.
     Unprocessable(String),
     /// The database cannot serve the request right now (down, failing over, out of
-    /// connections: [`svcdb::Error::is_database_unavailable`]): `503` with `Retry-After`, so
-    /// clients and load balancers retry instead of treating it as the request's fault.
+    /// connections: [`svcdb::Error::is_database_unavailable`]), or a service this one calls
+    /// cannot: `503` with `Retry-After`, so clients and load balancers retry instead of
+    /// treating it as the request's fault. The body says only which; the cause is logged.
     Unavailable(String),
     Internal(anyhow::Error),
 }
@@ -312,7 +313,7 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m),
             ApiError::Unavailable(m) => {
-                tracing::warn!(error = %m, "database unavailable; answering 503");
+                tracing::debug!(error = %m, "answering 503");
                 let body = Json(serde_json::json!({ "error": m }));
                 return (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -333,7 +334,7 @@ impl IntoResponse for ApiError {
 impl From<svcdb::Error> for ApiError {
     fn from(e: svcdb::Error) -> Self {
         if e.is_database_unavailable() {
-            return ApiError::Unavailable(e.to_string());
+            return database_unavailable(&e);
         }
         ApiError::Internal(e.into())
     }
@@ -352,10 +353,17 @@ impl From<anyhow::Error> for ApiError {
             .filter_map(|cause| cause.downcast_ref::<svcdb::Error>())
             .any(svcdb::Error::is_database_unavailable);
         if unavailable {
-            return ApiError::Unavailable(format!("{e:#}"));
+            return database_unavailable(&e);
         }
         ApiError::Internal(e)
     }
+}
+
+/// `503` for a database that cannot serve now: the cause (its host, database and role) goes
+/// to the log, the client learns only that it may retry.
+fn database_unavailable(cause: &dyn std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %cause, "the database is unavailable");
+    ApiError::Unavailable("the service's database is unavailable".into())
 }
 
 /// Everything [`service`] needs to describe one deployed service.
