@@ -186,11 +186,23 @@ async fn events_purge_refuses_a_retention_of_zero_or_nonsense() {
     p.run(&["events", "purge"]).expect_code(64);
     p.run(&["events", "purge", "--older-than", "7d", "--table", "inbox"])
         .expect_code(64);
+    // Claims younger than an hour may belong to messages still to be redelivered (a user
+    // trial purged 4 605 live claims with `--older-than 1s`): refused without --force.
+    let out = p
+        .run(&["events", "purge", "--older-than", "30m", "--json"])
+        .expect_code(64);
+    assert_eq!(out.json()["code"], "usage", "{out}");
     assert_eq!(
         count(&db, "svcdb_processed_events").await,
         2,
         "nothing deleted"
     );
+    // The controls: the outbox alone, or claims with --force.
+    p.run(&["events", "purge", "--older-than", "1s", "--table", "outbox"])
+        .expect_code(0);
+    p.run(&["events", "purge", "--older-than", "30m", "--force"])
+        .expect_code(0);
+    assert_eq!(count(&db, "svcdb_processed_events").await, 1);
 }
 
 /// Found by a README walkthrough: run as another service's role, which may not use the
