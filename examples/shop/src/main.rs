@@ -360,6 +360,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(cart) = args.cart_url {
         peers.insert("cart", cart.trim_end_matches('/').to_owned());
     }
+    // Orders reads carts through the cart service: without its URL every order would fail
+    // while the replica said it was ready (found by a user trial).
+    anyhow::ensure!(
+        def.name != "orders" || peers.contains_key("cart"),
+        "the orders service needs the cart service's URL to read carts\n  hint: set SHOP_CART_URL (or --cart-url), e.g. http://127.0.0.1:8082"
+    );
     // SVCDB_AMQP_PREFETCH and the other keys as svcdb-amqp documents; the URL from --amqp-url.
     let mut amqp = AmqpConfig::from_env()?;
     amqp.url = args.amqp_url;

@@ -464,11 +464,27 @@ async fn keep_then_rerun_then_clean() {
 async fn serve_refuses_a_schema_whose_migrations_did_not_run() {
     let db = svcdb::testing::TestDb::new().await;
     let (role, _) = db.provision("orders", "orders_schema").await;
+    // Without the cart's URL every order would fail while the replica said it was ready (a
+    // user trial): refused at start, naming the setting.
     let output = Command::new(env!("CARGO_BIN_EXE_shop"))
         .args(["serve", "orders", "--listen", "127.0.0.1:0"])
         .env("DATABASE_URL", db.url_as(&role))
         .env("SHOP_NAMESPACE", db.name())
         .env("AMQP_URL", amqp_url())
+        .env_remove("SVCDB_SCHEMA")
+        .env_remove("SHOP_CART_URL")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("SHOP_CART_URL"), "{stderr}");
+    let output = Command::new(env!("CARGO_BIN_EXE_shop"))
+        .args(["serve", "orders", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", db.url_as(&role))
+        .env("SHOP_NAMESPACE", db.name())
+        .env("AMQP_URL", amqp_url())
+        .env("SHOP_CART_URL", "http://127.0.0.1:9")
         .env_remove("SVCDB_SCHEMA")
         .output()
         .await
