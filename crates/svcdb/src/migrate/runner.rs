@@ -885,35 +885,15 @@ impl Migrator {
             }
             plan.push(m);
         }
-        // A down script the parser rejects would fail on the server too: said before anything
-        // runs, so that `--dry-run` shows it; a non-transactional one (which would stop
-        // half-way, dirty) is refused unless allowed, as `up` refuses its lint errors.
-        let refused: Vec<_> = plan
-            .iter()
-            .flat_map(|m| super::lint::refused_down(m))
-            .collect();
-        if !refused.is_empty() {
-            return Err(MigrateError::Unsafe { findings: refused });
-        }
-        let findings: Vec<_> = plan
-            .iter()
-            .filter_map(|m| super::lint::unparsed_down(m))
-            .collect();
-        let blocking: Vec<_> = findings
-            .iter()
-            .filter(|f| {
-                f.severity == super::lint::Severity::Error
-                    && !f.allowed
-                    && !self.options.allow_unsafe
-            })
-            .cloned()
-            .collect();
-        if !blocking.is_empty() {
-            return Err(MigrateError::Unsafe { findings: blocking });
-        }
-        for finding in findings.into_iter().filter(|f| !f.allowed) {
-            observer(&MigrateEvent::Lint { finding });
-        }
+        // What would make a down script fail, or stop half-way, is said before anything runs
+        // (so that `--dry-run` shows it), and refused where it would block an up.
+        super::lint::enforce(
+            plan.iter()
+                .flat_map(|m| super::lint::lint_down(m))
+                .collect(),
+            self.options.allow_unsafe,
+            observer,
+        )?;
         let migrations = if options.dry_run {
             plan.iter().map(|m| planned(m)).collect()
         } else {
@@ -1049,12 +1029,10 @@ impl Migrator {
                 )) => (i, cause, statements_done, at, lock_retries),
             };
             let m = segment[i];
-            // A non-transactional script that changed nothing is not left dirty.
-            let dirty = if transactional(m, direction) {
-                false
-            } else {
-                statements_done != Some(0) || !self.unmark_untouched(conn, m, direction).await
-            };
+            let dirty = !transactional(m, direction)
+                && self
+                    .left_dirty(conn, m, direction, statements_done.unwrap_or(0))
+                    .await;
             flush(conn).await;
             // Undo this deploy's ups unless the failing step left the schema in an unknown
             // state: running downs over a half-applied step would only make the mess bigger.
@@ -1177,9 +1155,8 @@ impl Migrator {
         let start = started(m, direction, observer);
         for (done, statement) in statements_to_run(sql).into_iter().enumerate() {
             if self.interrupt.as_ref().is_some_and(Interrupt::take) {
-                // Between two statements: none of this one ran. Before the first, the
-                // migration is as it was (its mark taken back); after it, dirty.
-                let dirty = done > 0 || !self.unmark_untouched(conn, m, direction).await;
+                // Between two statements: none of this one ran.
+                let dirty = self.left_dirty(conn, m, direction, done).await;
                 return Err(StepError::Other(MigrateError::Interrupted {
                     schema: self.schema(),
                     done: Vec::new(),
@@ -1216,6 +1193,19 @@ impl Migrator {
         }
         // The duration recorded in the history, so that `status` and the progress line agree.
         Ok(finished(m, direction, took, observer))
+    }
+
+    /// Whether non-transactional `m`, stopped after `statements_done` of its statements, is
+    /// left dirty: after one or more, yes; before the first, not if its mark can be taken back
+    /// ([`Self::unmark_untouched`]).
+    async fn left_dirty(
+        &self,
+        conn: &Client,
+        m: &Migration,
+        direction: Direction,
+        statements_done: usize,
+    ) -> bool {
+        statements_done > 0 || !self.unmark_untouched(conn, m, direction).await
     }
 
     /// After non-transactional `m` failed at its first statement: PostgreSQL ran that statement
@@ -1307,11 +1297,10 @@ impl Migrator {
                     statements_done,
                     ..
                 }) => {
-                    // A non-transactional down that stopped after its first statement leaves
-                    // the migration dirty; one that stopped at it changed nothing.
                     let dirty = !m.down_transactional
-                        && (statements_done != Some(0)
-                            || !self.unmark_untouched(conn, m, Direction::Down).await);
+                        && self
+                            .left_dirty(conn, m, Direction::Down, statements_done.unwrap_or(0))
+                            .await;
                     (crate::error::pg_message(&cause), dirty)
                 }
                 Err(StepError::Other(e)) => (e.to_string(), false),
@@ -1327,9 +1316,7 @@ impl Migrator {
         }
         (undone, None, None)
     }
-}
 
-impl Migrator {
     /// One try of [`Migrator::run_group`]: begin, every script, the history change, commit. A
     /// failing commit (a deferred constraint) is put on the group's last migration.
     async fn try_group(

@@ -240,12 +240,14 @@ pub(crate) fn lint_live<'a>(
     for m in deploy {
         report.migrations += 1;
         deploy_state.script(Script::of_migration(m), &mut report.findings);
-        // A down script does not stop the deploy of its up: a warning here; `down` refuses a
-        // non-transactional one itself.
-        report.findings.extend(unparsed_down(m).map(|f| Finding {
-            severity: Severity::Warning,
-            ..f
-        }));
+        // A down script does not stop the deploy of its up: warnings here; `down` refuses
+        // what blocks in it itself.
+        report
+            .findings
+            .extend(lint_down(m).into_iter().map(|f| Finding {
+                severity: Severity::Warning,
+                ..f
+            }));
     }
     for r in repeatables {
         report.migrations += 1;
@@ -254,49 +256,21 @@ pub(crate) fn lint_live<'a>(
     report
 }
 
-/// `m`'s down script as an `unparsed` finding at its own file when PostgreSQL's parser rejects
-/// it: a broken down script is otherwise found at the worst time, in a rollback. Down scripts
-/// are checked for nothing else (they drop what the up made, by design).
-pub(crate) fn unparsed_down(m: &Migration) -> Option<Finding> {
-    let (down, path) = (m.down.as_deref()?, m.down_path.as_deref()?);
-    if split_statements(down).is_empty() {
-        return None;
-    }
-    let e = pg_query::parse(down, pg_query::ParserOptions::DEFAULT).err()?;
-    let script = Script {
-        up: down,
-        up_line: m.down_line,
-        path,
-        version: Some(&m.version),
-        transactional: m.down_transactional,
-        allowed: allow_comments(down).0,
-    };
-    Some(script.finding(
-        unparsed_at(down),
-        unparsed_rule(m.down_transactional),
-        format!("PostgreSQL's parser rejects the down script, so reverting this migration would fail{}: {e}", outside_transaction(m.down_transactional)),
-        "fix the syntax (the server will refuse it too)".into(),
-    ))
-}
-
-/// The statements of `m`'s down script the server refuses where it runs (`CONCURRENTLY`,
-/// `VACUUM`, … in a transactional down): `down` refuses them before running anything, as `up`
-/// refuses them in an up script (a transactional down would only fail and roll back).
-pub(crate) fn refused_down(m: &Migration) -> Vec<Finding> {
-    let (Some(down), Some(path)) = (m.down.as_deref(), m.down_path.as_deref()) else {
+/// What `m`'s down script holds that would make reverting it fail or stop half-way, at its own
+/// file: a script PostgreSQL's parser rejects (a broken down script is otherwise found at the
+/// worst time, in a rollback), and what the server refuses where it runs (`CONCURRENTLY`,
+/// `VACUUM`, … in a transactional down). Nothing else: a down script drops what its up made,
+/// by design. `down` refuses the errors among them before running anything.
+pub(crate) fn lint_down(m: &Migration) -> Vec<Finding> {
+    let Some(script) = Script::of_down(m) else {
         return Vec::new();
-    };
-    let script = Script {
-        up: down,
-        up_line: m.down_line,
-        path,
-        version: Some(&m.version),
-        transactional: m.down_transactional,
-        allowed: HashSet::new(),
     };
     let mut out = Vec::new();
     Deploy::default().script(script, &mut out);
-    out.retain(|f| !f.rule.can_be_allowed());
+    out.retain(|f| {
+        matches!(f.rule, Rule::Unparsed | Rule::UnparsedOutsideTransaction)
+            || !f.rule.can_be_allowed()
+    });
     out
 }
 
@@ -346,16 +320,26 @@ pub(crate) fn check_before_up(
     observer: &mut (dyn FnMut(&MigrateEvent) + Send),
 ) -> Result<(), MigrateError> {
     let report = lint_live(plan.iter().copied(), repeatables.iter().copied(), live);
-    // `allow_unsafe` lets through the hazards, not what the server would refuse anyway.
-    let blocking: Vec<Finding> = report
-        .blocking()
-        .filter(|f| !allow_unsafe || !f.rule.can_be_allowed())
+    enforce(report.findings, allow_unsafe, observer)
+}
+
+/// Refuses when a finding blocks (unless `allow_unsafe`, which lets through the hazards, not
+/// what the server would refuse anyway), and tells `observer` about the rest that was not
+/// allowed in its file: what `up`, `redo` and `down` do with their lint.
+pub(crate) fn enforce(
+    findings: Vec<Finding>,
+    allow_unsafe: bool,
+    observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+) -> Result<(), MigrateError> {
+    let blocking: Vec<Finding> = findings
+        .iter()
+        .filter(|f| f.blocks() && (!allow_unsafe || !f.rule.can_be_allowed()))
         .cloned()
         .collect();
     if !blocking.is_empty() {
         return Err(MigrateError::Unsafe { findings: blocking });
     }
-    for finding in report.findings.into_iter().filter(|f| !f.allowed) {
+    for finding in findings.into_iter().filter(|f| !f.allowed) {
         tracing::warn!(target: "svcdb::migrate", %finding, "unsafe migration statement");
         observer(&MigrateEvent::Lint { finding });
     }
@@ -405,6 +389,18 @@ impl<'m> Script<'m> {
             transactional: m.transactional,
             allowed: HashSet::new(),
         }
+    }
+
+    /// `m`'s down script, when it has one.
+    fn of_down(m: &'m Migration) -> Option<Self> {
+        Some(Script {
+            up: m.down.as_deref()?,
+            up_line: m.down_line,
+            path: m.down_path.as_deref()?,
+            version: Some(&m.version),
+            transactional: m.down_transactional,
+            allowed: HashSet::new(),
+        })
     }
 
     fn of_repeatable(r: &'m Repeatable) -> Self {
