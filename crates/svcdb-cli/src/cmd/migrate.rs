@@ -33,7 +33,7 @@ pub enum Command {
     /// Revert applied migrations, newest first (default: the newest one).
     Down(DownArgs),
     /// Revert the newest migration and apply it again, to check that its down script undoes it.
-    Redo(RedoArgs),
+    Redo(RunArgs),
     /// Show where every migration stands.
     #[command(after_help = "\
 Exit codes:
@@ -175,9 +175,15 @@ pub struct Timeouts {
     statement_timeout: Option<Duration>,
 }
 
-/// Options of the commands that run scripts.
+/// Options of the commands that run scripts (`up`, `down`, `redo`).
 #[derive(clap::Args)]
 pub struct RunArgs {
+    /// Run statements that `migrate lint` reports as errors (a CREATE INDEX without
+    /// CONCURRENTLY on a busy table, a table rewrite, a non-transactional script PostgreSQL's
+    /// parser rejects, …) instead of refusing before anything runs; each is printed as a
+    /// warning. Not what the server refuses inside a transaction (CONCURRENTLY, VACUUM, …).
+    #[arg(long)]
+    allow_unsafe: bool,
     #[command(flatten)]
     drift: Drift,
     #[command(flatten)]
@@ -195,26 +201,6 @@ pub struct UpArgs {
     /// List what would run without running anything.
     #[arg(long)]
     dry_run: bool,
-
-    /// Run statements that `migrate lint` reports as errors (a CREATE INDEX without
-    /// CONCURRENTLY on a busy table, a table rewrite, …) instead of refusing the deploy; each
-    /// is printed as a warning. Not what the server refuses inside a transaction
-    /// (CONCURRENTLY, VACUUM, …).
-    #[arg(long)]
-    allow_unsafe: bool,
-
-    // Last: its help headings would otherwise apply to the options after it.
-    #[command(flatten)]
-    run: RunArgs,
-}
-
-/// Options of `migrate redo`.
-#[derive(clap::Args)]
-pub struct RedoArgs {
-    /// Apply again statements that `migrate lint` reports as errors instead of refusing
-    /// before the down runs; each is printed as a warning.
-    #[arg(long)]
-    allow_unsafe: bool,
 
     // Last: its help headings would otherwise apply to the options after it.
     #[command(flatten)]
@@ -236,11 +222,6 @@ pub struct DownArgs {
     /// List what would be reverted without reverting anything.
     #[arg(long)]
     dry_run: bool,
-
-    /// Run a non-transactional down script PostgreSQL's parser rejects instead of refusing
-    /// (the server may know syntax newer than the parser's); it is printed as a warning.
-    #[arg(long)]
-    allow_unsafe: bool,
 
     // Last: its help headings would otherwise apply to the options after it.
     #[command(flatten)]
@@ -278,7 +259,10 @@ impl Timeouts {
 
 impl RunArgs {
     fn options(&self) -> MigrateOptions {
-        self.timeouts.apply(self.drift.options())
+        MigrateOptions {
+            allow_unsafe: self.allow_unsafe,
+            ..self.timeouts.apply(self.drift.options())
+        }
     }
 }
 
@@ -364,11 +348,7 @@ fn progress(json: bool) -> impl FnMut(&MigrateEvent) + Send {
 }
 
 async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
-    let options = MigrateOptions {
-        allow_unsafe: args.allow_unsafe,
-        ..args.run.options()
-    };
-    let migrator = migrator(global, options).await?;
+    let migrator = migrator(global, args.run.options()).await?;
     let options = UpOptions {
         to: args.to.clone(),
         dry_run: args.dry_run,
@@ -426,11 +406,7 @@ async fn up(global: &Global, args: UpArgs) -> Result<Outcome> {
 }
 
 async fn down(global: &Global, args: DownArgs) -> Result<Outcome> {
-    let options = MigrateOptions {
-        allow_unsafe: args.allow_unsafe,
-        ..args.run.options()
-    };
-    let migrator = migrator(global, options).await?;
+    let migrator = migrator(global, args.run.options()).await?;
     let options = DownOptions {
         steps: args.steps.unwrap_or(DownOptions::default().steps),
         to: args.to,
@@ -463,12 +439,8 @@ async fn down(global: &Global, args: DownArgs) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-async fn redo(global: &Global, args: RedoArgs) -> Result<Outcome> {
-    let options = MigrateOptions {
-        allow_unsafe: args.allow_unsafe,
-        ..args.run.options()
-    };
-    let migrator = migrator(global, options).await?;
+async fn redo(global: &Global, args: RunArgs) -> Result<Outcome> {
+    let migrator = migrator(global, args.options()).await?;
     let report = migrator
         .redo_with(&mut progress(global.json))
         .await

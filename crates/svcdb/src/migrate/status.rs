@@ -255,15 +255,17 @@ impl StatusReport {
     /// every migration that has one. Never when no migration has a file (a wrong folder would
     /// otherwise make every applied migration look newer).
     pub fn newer(&self, entry: &StatusEntry) -> bool {
-        let newest_file = self
-            .entries
-            .iter()
-            .filter(|e| e.path.is_some())
-            .map(|e| &e.version)
-            .max();
+        // Only a row without a file needs the newest file looked up: the drift check asks of
+        // every entry, and a scan per entry would make a no-op `up` quadratic in the history.
         entry.path.is_none()
             && matches!(entry.state, MigrationState::Missing | MigrationState::Dirty)
-            && newest_file.is_some_and(|newest| entry.version > *newest)
+            && self
+                .entries
+                .iter()
+                .filter(|e| e.path.is_some())
+                .map(|e| &e.version)
+                .max()
+                .is_some_and(|newest| entry.version > *newest)
     }
 
     /// A newer release's migration that failed part-way ([`Self::newer`]), as the refusal of
