@@ -37,6 +37,11 @@ pub fn progress(as_json: bool, line: &dyn Display) {
     }
 }
 
+/// How long a step took, or `-` for one that did not run.
+pub fn took(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".to_owned(), millis)
+}
+
 /// A duration given in milliseconds, for people: `12.3 ms` below ten seconds, else `42.0 s`.
 pub fn millis(ms: f64) -> String {
     if ms < 10_000.0 {

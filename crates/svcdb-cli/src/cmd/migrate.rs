@@ -451,8 +451,8 @@ async fn redo(global: &Global, args: RunArgs) -> Result<Outcome> {
                 "redid migration {} {}: reverted in {}, applied again in {}; now {}",
                 up.version,
                 up.name,
-                output::millis(down.duration_ms),
-                output::millis(up.duration_ms),
+                output::took(down.duration_ms),
+                output::took(up.duration_ms),
                 at(r.up.current_version.as_ref())
             ),
             _ => format!(

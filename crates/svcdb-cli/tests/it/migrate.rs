@@ -245,6 +245,12 @@ async fn dry_run_applies_nothing_and_to_stops_at_a_version() {
         .json();
     assert_eq!(plan["dry_run"], true);
     assert_eq!(versions(&plan["migrations"]), [1, 2, 3]);
+    assert!(
+        plan["migrations"]
+            .as_array()
+            .is_some_and(|m| m.iter().all(|m| m["duration_ms"].is_null())),
+        "nothing ran, so no duration: {plan}"
+    );
     let text = p.run(&["migrate", "up", "--dry-run"]).expect_code(0);
     assert!(text.stdout.contains("create_tags"), "{text}");
 
@@ -261,6 +267,7 @@ async fn dry_run_applies_nothing_and_to_stops_at_a_version() {
         .expect_code(0)
         .json();
     assert_eq!(versions(&report["migrations"]), [1, 2]);
+    assert!(report["migrations"][0]["duration_ms"].is_f64(), "{report}");
     let status = p
         .run(&["migrate", "status", "--json"])
         .expect_code(2)

@@ -409,7 +409,7 @@ impl Migrator {
             version: m.version.clone(),
             name: m.name.clone(),
             transactional: m.transactional,
-            duration_ms: 0.0,
+            duration_ms: None,
         };
         if options.dry_run {
             let conn = self.service_db().get().await.map_err(MigrateError::from)?;

@@ -327,9 +327,30 @@ pub struct MigrationFailure {
     /// [`Migrator::adopt`](super::Migrator::adopt) takes over instead of running their
     /// migrations again. Empty otherwise.
     pub other_histories: Vec<OtherHistory>,
+    /// A schema other than the service schema that the failing statement names explicitly
+    /// (`public.users`), when the error is one a name looked up in the wrong schema causes
+    /// (an undefined table, schema, function or object; permission denied): folders written
+    /// for tools that run migrations in `public` qualify names with it, where svcdb runs them
+    /// in the service schema and their unqualified names created their objects there.
+    pub other_schema: Option<String>,
 }
 
 impl MigrationFailure {
+    /// Whether `cause` is an error a name qualified with the wrong schema causes: SQLSTATE
+    /// 42P01, 3F000, 42883, 42704 or 42501.
+    pub(crate) fn may_be_misplaced(cause: &tokio_postgres::Error) -> bool {
+        cause.code().is_some_and(|code| {
+            [
+                SqlState::UNDEFINED_TABLE,
+                SqlState::INVALID_SCHEMA_NAME,
+                SqlState::UNDEFINED_FUNCTION,
+                SqlState::UNDEFINED_OBJECT,
+                SqlState::INSUFFICIENT_PRIVILEGE,
+            ]
+            .contains(code)
+        })
+    }
+
     /// The failing statement found its object already there (a table, column, index, schema,
     /// function, constraint…), SQLSTATE 42P07, 42701, 42710, 42P06, 42723 or 42712.
     pub fn is_already_there(&self) -> bool {
@@ -449,6 +470,7 @@ fn failed_message(f: &MigrationFailure) -> String {
         statements_done,
         invalid_indexes,
         other_histories,
+        other_schema,
     } = f;
     let list = |v: &[Version]| {
         v.iter()
@@ -560,6 +582,14 @@ fn failed_message(f: &MigrationFailure) -> String {
             ),
         });
         s.push_str("; why the statement failed: ");
+    }
+    if let Some(named) = other_schema {
+        // Found on permify's goose folder: written for `public`, it creates tables unqualified
+        // and alters them as `public.…`.
+        s.push_str(&format!(
+            "the statement names schema {named} explicitly, but svcdb runs migrations in the service schema (its search path), where the folder's unqualified names created their objects: drop the `{named}.` qualifiers (keep them only for what really lives in {named}), then run again"
+        ));
+        return s;
     }
     s.push_str(if lock_timeout {
         "another session held a lock on the migration's table for longer than lock_timeout: find it in pg_stat_activity (a long or idle-in-transaction session), then run again when it is gone; or allow more with `--lock-retries`/`--lock-timeout` (MigrateOptions::lock_retries, lock_timeout), which queues the table's other queries behind the migration for that long"

@@ -88,8 +88,8 @@ pub struct RepeatableRun {
     pub name: String,
     /// Whether it ran in a transaction.
     pub transactional: bool,
-    /// How long its script took, in milliseconds (0 in a dry run).
-    pub duration_ms: f64,
+    /// How long its script took, in milliseconds; `None` (JSON `null`) in a dry run.
+    pub duration_ms: Option<f64>,
 }
 
 /// What the table says about one repeatable.

@@ -13,8 +13,9 @@ pub struct RunEntry {
     pub name: String,
     /// Whether its script ran in a transaction.
     pub transactional: bool,
-    /// How long the script took, in milliseconds (0 in a dry run or a baseline).
-    pub duration_ms: f64,
+    /// How long the script took, in milliseconds; `None` (JSON `null`) when it did not run: in a
+    /// dry run, a baseline or an adoption.
+    pub duration_ms: Option<f64>,
 }
 
 /// What `up` did.

@@ -351,7 +351,7 @@ impl Migrator {
                     .map(|r| RepeatableRun {
                         name: r.name.clone(),
                         transactional: r.transactional,
-                        duration_ms: 0.0,
+                        duration_ms: None,
                     })
                     .collect(),
             });
@@ -470,7 +470,7 @@ impl Migrator {
             ran.push(RepeatableRun {
                 name: r.name.clone(),
                 transactional: r.transactional,
-                duration_ms,
+                duration_ms: Some(duration_ms),
             });
         }
         Ok(ran)
@@ -959,7 +959,7 @@ impl Migrator {
                         rolled_back: true,
                         rolled_back_with: plan[..i].iter().map(|m| m.version.clone()).collect(),
                         lock_retries,
-                        ..failure(plan[i], direction, cause, None, at)
+                        ..failure(plan[i], direction, cause, None, at, schema.as_str())
                     })),
                 });
         }
@@ -1076,7 +1076,7 @@ impl Migrator {
                 invalid_indexes,
                 rolled_back_with: segment[..i].iter().map(|m| m.version.clone()).collect(),
                 lock_retries,
-                ..failure(m, direction, cause, statements_done, at)
+                ..failure(m, direction, cause, statements_done, at, schema.as_str())
             })));
         }
         Ok(done)
@@ -1393,7 +1393,8 @@ impl Migrator {
                     .map(|(m, e)| {
                         (
                             *m,
-                            Some(crate::config::saturating_secs_f64(e.duration_ms / 1e3)),
+                            e.duration_ms
+                                .map(|ms| crate::config::saturating_secs_f64(ms / 1e3)),
                         )
                     })
                     .collect();
@@ -1549,24 +1550,34 @@ fn finished(
         version: m.version.clone(),
         name: m.name.clone(),
         transactional: transactional(m, direction),
-        duration_ms,
+        duration_ms: Some(duration_ms),
     }
 }
 
-/// A failure of `m` that changed nothing else, located in its file (`statements_done`: how
-/// many statements of a non-transactional script succeeded); callers fill in what they did.
+/// A failure of `m` in `schema` that changed nothing else, located in its file
+/// (`statements_done`: how many statements of a non-transactional script succeeded); callers
+/// fill in what they did.
 fn failure(
     m: &Migration,
     direction: Direction,
     cause: tokio_postgres::Error,
     statements_done: Option<usize>,
     at: Option<Range<usize>>,
+    schema: &str,
 ) -> MigrationFailure {
     let Location {
         path,
         line,
         statement,
     } = locate(m, direction, &cause, statements_done, at);
+    let other_schema = statement
+        .as_deref()
+        .filter(|_| MigrationFailure::may_be_misplaced(&cause))
+        .and_then(|statement| {
+            super::lint::schemas_named(statement)
+                .into_iter()
+                .find(|named| named != schema)
+        });
     MigrationFailure {
         version: m.version.clone(),
         name: m.name.clone(),
@@ -1586,6 +1597,7 @@ fn failure(
         statements_done,
         invalid_indexes: Vec::new(),
         other_histories: Vec::new(),
+        other_schema,
     }
 }
 
@@ -1631,7 +1643,7 @@ fn planned(m: &Migration) -> RunEntry {
         version: m.version.clone(),
         name: m.name.clone(),
         transactional: m.transactional,
-        duration_ms: 0.0,
+        duration_ms: None,
     }
 }
 

@@ -88,19 +88,23 @@ pub(crate) enum ClientOnly<'a> {
     MetaCommand(&'a str),
     /// `COPY … FROM stdin`: psql sends the data rows that follow the statement.
     CopyFromStdin,
+    /// `COPY … TO stdout`: the server streams rows to a client that has nowhere to put them
+    /// (driven through a driver's query call, the stream is a protocol error).
+    CopyToStdout,
     /// A placeholder Flyway replaces with a configured value before it sends the script
     /// (`${schema}`, `${flyway:defaultSchema}`), up to its `}`.
     Placeholder(&'a str),
 }
 
 /// The first thing in `sql` that only psql can run or Flyway fills in, and the byte offset it
-/// starts at (for `COPY`, the statement's). A backslash outside strings, quoted identifiers,
+/// starts at (for `COPY`, the statement's; a `COPY` to or from the client counts: only psql
+/// has the data's other end). A backslash outside strings, quoted identifiers,
 /// dollar quotes and comments is always psql's: PostgreSQL's own grammar has no use for one
 /// there; nor for `${` (a parameter is `$1`, a dollar quote `$$` or `$tag$`). A placeholder
 /// inside a string or a function body is left alone: it is valid SQL there, and only the
 /// project's Flyway settings say whether Flyway replaced it.
 pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
-    /// How far the current statement has got towards `COPY … FROM stdin`.
+    /// How far the current statement has got towards `COPY … FROM stdin` or `TO stdout`.
     #[derive(Clone, Copy)]
     enum Step {
         /// No code yet.
@@ -109,6 +113,8 @@ pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
         Copy { depth: usize },
         /// After `COPY … FROM`.
         From,
+        /// After `COPY … TO`.
+        To,
         /// Anything else.
         Other,
     }
@@ -149,12 +155,15 @@ pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
                 depth: depth.saturating_sub(1),
             },
             (_, Step::Copy { depth: 0 }) if word("from") => Step::From,
-            (_, Step::Copy { depth: 0 }) if word("to") => Step::Other,
+            (_, Step::Copy { depth: 0 }) if word("to") => Step::To,
             (_, Step::From) if word("stdin") => {
                 return Some((statement, ClientOnly::CopyFromStdin));
             }
-            // `FROM 'file'`, `FROM PROGRAM …`: the server reads the data itself.
-            (_, Step::From) => Step::Other,
+            (_, Step::To) if word("stdout") => {
+                return Some((statement, ClientOnly::CopyToStdout));
+            }
+            // `FROM 'file'`, `TO PROGRAM …`: the server reads or writes the data itself.
+            (_, Step::From | Step::To) => Step::Other,
             (_, step) => step,
         };
     }
@@ -614,7 +623,7 @@ mod tests {
     }
 
     #[test]
-    fn psql_only_finds_backslash_commands_and_copy_from_stdin() {
+    fn psql_only_finds_backslash_commands_and_copy_to_and_from_the_client() {
         // What was found, and the text at its offset.
         let found = |sql| client_only(sql).map(|(at, what)| (what, &sql[at..at + 4]));
         assert_eq!(
@@ -630,11 +639,15 @@ mod tests {
             found("-- load\ncopy t (a, b) from\n  STDIN;\n1\t2\n\\.\n"),
             Some((ClientOnly::CopyFromStdin, "copy"))
         );
+        assert_eq!(
+            found("SELECT 1;\nCOPY (SELECT a FROM stdin) TO stdout WITH (FORMAT csv);"),
+            Some((ClientOnly::CopyToStdout, "COPY"))
+        );
         for fine in [
             r#"SELECT E'\\', '\', "a\b", $$ \x $$, $f$ \. $f$; -- \connect"#,
             r"/* \set /* \i */ */ SELECT 1",
             "COPY t FROM '/tmp/x.csv'; COPY t FROM PROGRAM 'cat x'",
-            "COPY t TO STDOUT; COPY (SELECT a FROM stdin) TO STDOUT",
+            "COPY t TO '/tmp/x.csv'; COPY (SELECT a FROM stdin) TO PROGRAM 'cat'",
         ] {
             assert_eq!(client_only(fine), None, "{fine}");
         }

@@ -198,9 +198,36 @@ fn primary_keys_and_unique_constraints_need_an_index_built_first() {
     for sql in [
         "ALTER TABLE users ADD PRIMARY KEY (id);",
         "ALTER TABLE users ADD CONSTRAINT users_email_key UNIQUE (email);",
+        "ALTER TABLE users ADD COLUMN handle text UNIQUE;",
+        "ALTER TABLE users ADD COLUMN uid bigint CONSTRAINT users_pk PRIMARY KEY;",
     ] {
         assert_eq!(rules(sql), [Rule::UniqueWithoutIndex], "{sql}");
     }
+    // Found by a trial: the fix indexed a column the same statement adds, which the index
+    // cannot see until that statement ran; it now says to add the column first.
+    let fixes = |sql| {
+        let (_dir, migrations) = folder(&[("1_m.up.sql", sql)]);
+        let fixes: Vec<String> = lint(migrations.iter())
+            .findings
+            .into_iter()
+            .map(|f| f.fix)
+            .collect();
+        fixes
+    };
+    let [fix] = &fixes(
+        "ALTER TABLE users ADD COLUMN handle text, ADD CONSTRAINT users_handle_key UNIQUE (handle);",
+    )[..] else {
+        panic!("one finding expected");
+    };
+    assert!(
+        fix.starts_with("add handle in an ALTER TABLE of its own"),
+        "{fix}"
+    );
+    let [fix] = &fixes("ALTER TABLE users ADD CONSTRAINT users_email_key UNIQUE (email);")[..]
+    else {
+        panic!("one finding expected");
+    };
+    assert!(fix.starts_with("build the index first"), "{fix}");
     assert_all_fine(&[
         "ALTER TABLE users ADD CONSTRAINT users_email_key UNIQUE USING INDEX users_email_key;",
         "ALTER TABLE users ADD CONSTRAINT users_pkey PRIMARY KEY USING INDEX users_pkey;",

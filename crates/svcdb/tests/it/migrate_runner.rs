@@ -1326,6 +1326,44 @@ async fn up_on_a_schema_that_does_not_exist_says_how_to_create_it() {
     assert_eq!(schemas, 0);
 }
 
+/// Found on permify's goose folder: written for `public`, it creates a table unqualified and
+/// alters it as `public.…`, which under a service schema fails as 42P01 with nothing saying
+/// why. The failure names the schema the statement qualifies with; the control, the same
+/// failure unqualified, names none.
+#[tokio::test]
+async fn a_statement_qualified_with_public_is_named_when_it_fails() {
+    let f = Fixture::new().await;
+    write(
+        f.dir.path(),
+        &[
+            ("1_tuples.up.sql", "CREATE TABLE tuples (id int);"),
+            (
+                "2_more.up.sql",
+                "ALTER TABLE public.tuples ADD COLUMN note text;",
+            ),
+        ],
+    );
+    let err = migrator(&f.svc, f.dir.path()).up().await.unwrap_err();
+    assert_eq!(err.code(), Some(&svcdb::SqlState::UNDEFINED_TABLE), "{err}");
+    assert_eq!(
+        failure(&err).other_schema.as_deref(),
+        Some("public"),
+        "{err}"
+    );
+
+    let control = Fixture::new().await;
+    write(
+        control.dir.path(),
+        &[("1_more.up.sql", "ALTER TABLE tuples ADD COLUMN note text;")],
+    );
+    let err = migrator(&control.svc, control.dir.path())
+        .up()
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&svcdb::SqlState::UNDEFINED_TABLE), "{err}");
+    assert_eq!(failure(&err).other_schema, None, "{err}");
+}
+
 /// Regression: a golang-migrate folder (each file wrapped in `BEGIN; … COMMIT;`) failing at
 /// step 2 left step 1's table behind, unrecorded, while the error said everything was rolled
 /// back: the file's COMMIT had ended the deploy's transaction. The wrapper now runs inside it.

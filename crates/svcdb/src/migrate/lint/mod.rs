@@ -31,7 +31,7 @@
 //! | `add-column-volatile-default` | error | `ADD COLUMN` with a volatile default (`random()`, `clock_timestamp()`, `gen_random_uuid()`, `nextval`, a `serial` type), an identity or a stored generated column |
 //! | `alter-column-type` | error | `ALTER COLUMN … TYPE` |
 //! | `constraint-without-not-valid` | error | `ADD CONSTRAINT … FOREIGN KEY` / `CHECK` without `NOT VALID`, or `VALIDATE CONSTRAINT` in the transaction that added it (its lock lasts through the scan) |
-//! | `unique-without-index` | error | `ADD PRIMARY KEY` / `UNIQUE` without `USING INDEX` |
+//! | `unique-without-index` | error | `ADD PRIMARY KEY` / `UNIQUE` without `USING INDEX`, or `ADD COLUMN … UNIQUE` / `PRIMARY KEY` |
 //! | `set-not-null-without-check` | error | `ALTER COLUMN … SET NOT NULL` without a validated `CHECK (col IS NOT NULL)` earlier in the deploy |
 //! | `rename-column`, `rename-table` | warning | renaming what the old release still reads |
 //! | `drop-column`, `drop-table` | warning | dropping what the old release still reads |
@@ -710,19 +710,34 @@ impl Deploy {
             return;
         };
         let new = self.is_new(table);
-        for cmd in &alter.cmds {
-            let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else {
-                continue;
-            };
-            self.alter_table_cmd(s, at, table, new, cmd, out);
+        let cmds: Vec<&AlterTableCmd> = alter
+            .cmds
+            .iter()
+            .filter_map(|cmd| match &cmd.node {
+                Some(NodeEnum::AlterTableCmd(cmd)) => Some(&**cmd),
+                _ => None,
+            })
+            .collect();
+        // A constraint's fix cannot index a column before the statement that adds it ran.
+        let adding: Vec<&str> = cmds
+            .iter()
+            .filter(|cmd| cmd.subtype == AlterTableType::AtAddColumn as i32)
+            .filter_map(|cmd| match cmd.def.as_ref().and_then(|d| d.node.as_ref()) {
+                Some(NodeEnum::ColumnDef(column)) => Some(column.colname.as_str()),
+                _ => None,
+            })
+            .collect();
+        for cmd in cmds {
+            self.alter_table_cmd(s, at, (table, &adding), new, cmd, out);
         }
     }
 
+    /// `table`: its name, and the columns its `ALTER TABLE` adds.
     fn alter_table_cmd(
         &mut self,
         s: &Script<'_>,
         at: usize,
-        table: &str,
+        (table, adding): (&str, &[&str]),
         new: bool,
         cmd: &AlterTableCmd,
         out: &mut Vec<Finding>,
@@ -731,7 +746,7 @@ impl Deploy {
         let subtype = cmd.subtype;
         if subtype == AlterTableType::AtAddConstraint as i32 {
             if let Some(NodeEnum::Constraint(c)) = def {
-                self.add_constraint(s, at, table, new, c, out);
+                self.add_constraint(s, at, (table, adding), new, c, out);
             }
         } else if subtype == AlterTableType::AtValidateConstraint as i32 {
             self.validated
@@ -803,11 +818,12 @@ impl Deploy {
         }
     }
 
+    /// `table`: its name, and the columns its `ALTER TABLE` adds.
     fn add_constraint(
         &mut self,
         s: &Script<'_>,
         at: usize,
-        table: &str,
+        (table, adding): (&str, &[&str]),
         new: bool,
         c: &Constraint,
         out: &mut Vec<Finding>,
@@ -823,11 +839,6 @@ impl Deploy {
         let primary = c.contype == ConstrType::ConstrPrimary as i32;
         let unique = c.contype == ConstrType::ConstrUnique as i32;
         if !new && (primary || unique) && c.indexname.is_empty() {
-            let (kind, index_kind) = if primary {
-                ("PRIMARY KEY", "a primary key")
-            } else {
-                ("UNIQUE", "a unique constraint")
-            };
             let columns: Vec<&str> = c
                 .keys
                 .iter()
@@ -836,15 +847,18 @@ impl Deploy {
                     _ => None,
                 })
                 .collect();
-            out.push(s.finding(
+            let added: Vec<&str> = columns
+                .iter()
+                .copied()
+                .filter(|c| adding.contains(c))
+                .collect();
+            out.push(unique_without_index(
+                s,
                 at,
-                Rule::UniqueWithoutIndex,
-                format!("adding {index_kind} to {table} builds its index while every read and write of {table} waits"),
-                format!(
-                    "build the index first without blocking, in a non-transactional migration: CREATE UNIQUE INDEX CONCURRENTLY {name}_new ON {table} ({}); then ALTER TABLE {table} ADD CONSTRAINT {name} {kind} USING INDEX {name}_new, which gives the index the constraint's name (to replace a constraint of that name, drop it in the same ALTER TABLE){}",
-                    columns.join(", "),
-                    if primary { " (a primary key also makes its columns NOT NULL: see set-not-null-without-check)" } else { "" }
-                ),
+                table,
+                (name, primary),
+                &columns,
+                &added,
             ));
         }
         let not_null = if check { not_null_test(c) } else { None };
@@ -894,6 +908,26 @@ impl Deploy {
                 })
         })
     }
+}
+
+/// The schemas `statement` qualifies a table or function name with, in order, without
+/// repeats and without PostgreSQL's own (`pg_catalog`, `information_schema`, `pg_temp`);
+/// nothing when the parser rejects it.
+pub(crate) fn schemas_named(statement: &str) -> Vec<String> {
+    let Ok(parsed) = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT) else {
+        return Vec::new();
+    };
+    let mut schemas: Vec<String> = Vec::new();
+    for name in parsed.tables().into_iter().chain(parsed.functions()) {
+        let Some((schema, _)) = name.split_once('.') else {
+            continue;
+        };
+        let ours = ["pg_catalog", "information_schema", "pg_temp"].contains(&schema);
+        if !ours && !schemas.iter().any(|s| s == schema) {
+            schemas.push(schema.to_owned());
+        }
+    }
+    schemas
 }
 
 /// The statement, when PostgreSQL refuses it inside a transaction block whatever its options
@@ -967,6 +1001,24 @@ fn add_column(s: &Script<'_>, at: usize, table: &str, column: &ColumnDef, out: &
             .map(|f| format!("its default {f}() is volatile, so it is evaluated for every row"))
     };
     let name = &column.colname;
+    for c in &constraints {
+        let primary = c.contype == ConstrType::ConstrPrimary as i32;
+        if (primary || c.contype == ConstrType::ConstrUnique as i32) && c.indexname.is_empty() {
+            let constraint = if c.conname.is_empty() {
+                "<name>"
+            } else {
+                c.conname.as_str()
+            };
+            out.push(unique_without_index(
+                s,
+                at,
+                table,
+                (constraint, primary),
+                &[name],
+                &[name],
+            ));
+        }
+    }
     if let Some(why) = rewrite {
         out.push(s.finding(
             at,
@@ -982,6 +1034,42 @@ fn add_column(s: &Script<'_>, at: usize, table: &str, column: &ColumnDef, out: &
             "add it with a constant default (no rewrite since PostgreSQL 11), or add it nullable, backfill, then add a NOT VALID CHECK (… IS NOT NULL), validate it and SET NOT NULL".into(),
         ));
     }
+}
+
+/// A `PRIMARY KEY` or `UNIQUE` constraint (`constraint`: its name, and whether it is the
+/// primary key) added to an existing `table` on `columns` without an index built first;
+/// `added`: those of the columns the same statement adds, which must exist before an index can.
+fn unique_without_index(
+    s: &Script<'_>,
+    at: usize,
+    table: &str,
+    (name, primary): (&str, bool),
+    columns: &[&str],
+    added: &[&str],
+) -> Finding {
+    let (kind, index_kind) = if primary {
+        ("PRIMARY KEY", "a primary key")
+    } else {
+        ("UNIQUE", "a unique constraint")
+    };
+    let add_first = if added.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "add {} in an ALTER TABLE of its own without the constraint (nullable and without a default, adding a column changes no row); ",
+            added.join(", ")
+        )
+    };
+    s.finding(
+        at,
+        Rule::UniqueWithoutIndex,
+        format!("adding {index_kind} to {table} builds its index while every read and write of {table} waits"),
+        format!(
+            "{add_first}build the index first without blocking, in a non-transactional migration: CREATE UNIQUE INDEX CONCURRENTLY {name}_new ON {table} ({}); then ALTER TABLE {table} ADD CONSTRAINT {name} {kind} USING INDEX {name}_new, which gives the index the constraint's name (to replace a constraint of that name, drop it in the same ALTER TABLE){}",
+            columns.join(", "),
+            if primary { " (a primary key also makes its columns NOT NULL: see set-not-null-without-check)" } else { "" }
+        ),
+    )
 }
 
 /// The column of a `CHECK (column IS NOT NULL)`.

@@ -40,6 +40,9 @@ pub(super) fn refuse_unrunnable(
         ClientOnly::CopyFromStdin => format!(
             "line {line}: COPY … FROM stdin needs psql to stream the data rows that follow it\n  hint: turn the rows into INSERT statements (pg_dump --inserts or --column-inserts), or load them with COPY FROM a file on the server"
         ),
+        ClientOnly::CopyToStdout => format!(
+            "line {line}: COPY … TO stdout streams rows to psql, and a migration has nowhere to put them\n  hint: delete the statement, or write the rows to a file on the server with COPY … TO '/path/file'"
+        ),
     };
     Err(MigrateError::source_file(path, message))
 }
@@ -174,6 +177,16 @@ COPY public.items (id, name) FROM stdin;
         assert_eq!(line, 3);
     }
 
+    /// Found by a trial: `COPY … TO stdout` reached the server and failed as "unexpected message
+    /// from server", with nothing to say why.
+    #[test]
+    fn copy_to_stdout_is_refused_at_its_line() {
+        let script = "CREATE TABLE t (a int);\n-- check\ncopy (select a from t)\n  TO Stdout;\n";
+        let (path, line) = refused_at(&[("0001_a.up.sql", script.as_bytes())]);
+        assert!(path.ends_with("0001_a.up.sql"), "{path}");
+        assert_eq!(line, 3);
+    }
+
     /// Found by a robustness trial: an unclosed quote made the server report a syntax error in
     /// the runner's own statement sent after the script, at a line the user never wrote.
     #[test]
@@ -233,8 +246,7 @@ END
 $$;
 SELECT 'C:\temp\' AS path, "odd\name" FROM (SELECT 1 AS "odd\name") s;
 COPY t FROM '/tmp/x.csv' WITH (FORMAT csv);
-COPY t TO STDOUT;
-COPY (SELECT a FROM stdin) TO STDOUT;
+COPY (SELECT a FROM stdin) TO '/tmp/y.csv';
 "#;
         let m = parse(&[("0001_a.up.sql", up.as_bytes())]).unwrap();
         assert_eq!(m.get(&v(1)).unwrap().up, up);
