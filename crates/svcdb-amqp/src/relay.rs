@@ -212,6 +212,8 @@ struct RelayMetrics {
     confirm: metrics::Histogram,
     /// `svcdb_relay_broker_blocked`: 1 while the broker blocks the relay's connection.
     blocked: metrics::Gauge,
+    /// `svcdb_relay_connected`: 1 while the relay has a channel to the broker.
+    connected: metrics::Gauge,
 }
 
 impl RelayMetrics {
@@ -225,6 +227,7 @@ impl RelayMetrics {
             failed: metrics::counter!("svcdb_relay_publish_failures_total", labels.iter()),
             confirm: metrics::histogram!("svcdb_relay_confirm_duration_seconds", labels.iter()),
             blocked: metrics::gauge!("svcdb_relay_broker_blocked", labels.iter()),
+            connected: metrics::gauge!("svcdb_relay_connected", labels.iter()),
         }
     }
 }
@@ -318,6 +321,11 @@ impl Relay {
         );
         // Ends when `wakeups` is dropped.
         tokio::spawn(watch_listening(wakeups.listening(), self.status.clone()));
+        // Ends when the relay is dropped.
+        tokio::spawn(mirror_connected(
+            self.status.subscribe(),
+            self.metrics.connected.clone(),
+        ));
         let mut session: Option<Session> = None;
         // Set when shutdown came during a batch: by when the relay must be done.
         let mut stop_by: Option<Instant> = None;
@@ -757,6 +765,18 @@ async fn watch_blocked(
 
 /// Mirrors whether the outbox's `LISTEN` connection is up into [`RelayStatus::listening`],
 /// until the [`svcdb::outbox::Wakeups`] it watches are dropped.
+/// Keeps `gauge` at 1 while the relay's status says connected, 0 otherwise, until the
+/// relay is dropped.
+async fn mirror_connected(mut status: watch::Receiver<RelayStatus>, gauge: metrics::Gauge) {
+    loop {
+        let connected = status.borrow_and_update().connected;
+        gauge.set(if connected { 1.0 } else { 0.0 });
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn watch_listening(mut listening: watch::Receiver<bool>, status: watch::Sender<RelayStatus>) {
     loop {
         let now = *listening.borrow_and_update();

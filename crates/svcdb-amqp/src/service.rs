@@ -3,19 +3,29 @@
 //! [`Service`] is a builder. [`Service::run`] brings the service up in the order a real one
 //! must, each step failing with the service's name and the cause ([`ServiceError`]):
 //!
-//! 1. **connect** to its database as its own role ([`ServiceDb::connect`]: a wrong password or
-//!    host fails here, at once);
+//! 1. **connect** to its database as its own role ([`ServiceDb::connect`]: a wrong password
+//!    fails here, at once; a database that does not answer yet is waited for, up to
+//!    [`Service::startup_wait`]);
 //! 2. **migrate**, if this deploy does ([`Service::migrate`]; off when a separate job runs the
 //!    migrations);
 //! 3. **install svcdb's tables**: the outbox when it publishes, the claims when it subscribes
 //!    (idempotent, safe with several replicas starting at once);
 //! 4. **pass the start-up gate**: every migration applied and unchanged, every required table
 //!    there, the right schema; otherwise refuse before taking any traffic, listing each problem;
-//! 5. **declare its exchange and queues** ([`Topology`], idempotent);
+//! 5. **declare its exchange and queues** ([`Topology`], idempotent; a broker that does not
+//!    answer yet is waited for, up to [`Service::startup_wait`]: started together with
+//!    RabbitMQ, as `docker compose up` or a node's restart does, a replica waits for it
+//!    rather than exiting into a crash loop);
 //! 6. **serve HTTP**: the service's own routes, each request in a span
 //!    ([`svcdb::http::trace_requests`]), with `/healthz` and `/readyz`
 //!    ([`svcdb::http`]) and `/metrics` (Prometheus, [`svcdb::metrics`]), **relay its outbox** ([`Relay`]) and **consume its queues**
 //!    ([`Consumer`]),
+//!
+//! While it runs, `/readyz` also says whether the broker is reachable (`"broker"`: the relay's
+//! and each consumer's connection; a `broker_unreachable` notice while one reconnects). A
+//! broker outage keeps `200`: requests still work, their events wait in the outbox, and taking
+//! every replica out of the load balancer would turn the outage into one of the whole API.
+//! `/metrics` has the same as `svcdb_relay_connected` and `svcdb_consumer_connected`.
 //!
 //! then runs until SIGTERM or Ctrl-C, or until one of its parts fails for good (a queue
 //! deleted under it, say: then it stops the rest and returns that error, so the orchestrator
@@ -119,6 +129,10 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 /// The default of [`Service::shutdown_timeout`]: below Kubernetes' default grace period of 30 s.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
 
+/// The default of [`Service::startup_wait`]: long enough for PostgreSQL and RabbitMQ started
+/// at the same time as the service to come up.
+pub const DEFAULT_STARTUP_WAIT: Duration = Duration::from_secs(60);
+
 /// Registers a subscription's handlers on its consumer, given the service's state.
 type Register<S> = Box<dyn FnOnce(Consumer, &S) -> Consumer + Send>;
 
@@ -153,6 +167,7 @@ pub struct Service<S = ServiceDb> {
     relay_config: RelayConfig,
     publish_retry: PublishRetry,
     shutdown_timeout: Duration,
+    startup_wait: Duration,
 }
 
 impl<S> fmt::Debug for Service<S> {
@@ -175,6 +190,7 @@ impl<S> fmt::Debug for Service<S> {
             )
             .field("listen", &self.listen)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("startup_wait", &self.startup_wait)
             .finish_non_exhaustive()
     }
 }
@@ -213,6 +229,7 @@ where
             relay_config: RelayConfig::default(),
             publish_retry: PublishRetry::default(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            startup_wait: DEFAULT_STARTUP_WAIT,
         }
     }
 
@@ -333,6 +350,17 @@ where
         self
     }
 
+    /// How long the start-up waits for a database or broker that does not answer yet
+    /// (connection refused or timed out, the server starting up, too many connections),
+    /// retrying with backoff and logging each attempt; then it fails at that step. A refused
+    /// login or a TLS failure fails at once. Default: [`DEFAULT_STARTUP_WAIT`];
+    /// [`Duration::ZERO`] tries once.
+    #[must_use]
+    pub fn startup_wait(mut self, wait: Duration) -> Self {
+        self.startup_wait = wait;
+        self
+    }
+
     /// Starts the service ([`Service::start`]), runs it until SIGTERM or Ctrl-C, then stops
     /// it gracefully ([`Running::stop`]). Returns the first error: a step of the start-up,
     /// a part that failed while running, or the shutdown.
@@ -359,9 +387,15 @@ where
             relay_config,
             publish_retry,
             shutdown_timeout,
+            startup_wait,
         } = self;
         let steps = Steps { service: &name };
-        let uses_broker = !exchanges.is_empty() || !subscriptions.is_empty();
+        let subscribes = !subscriptions.is_empty();
+        let uses_broker = !exchanges.is_empty() || subscribes;
+        let topology = subscriptions
+            .iter()
+            .fold(Topology::new(), |t, s| t.queue(s.queue.clone()));
+        let topology = exchanges.iter().fold(topology, |t, e| t.exchange(e));
         let (database, amqp) = steps
             .run(Step::Configure, async {
                 let database = database.ok_or_else(|| {
@@ -392,7 +426,12 @@ where
             .application_name
             .get_or_insert_with(|| name.clone());
         let db = steps
-            .run(Step::Connect, ServiceDb::connect(database))
+            .run(
+                Step::Connect,
+                retry_while_down(&name, "its database", startup_wait, || {
+                    ServiceDb::connect(database.clone())
+                }),
+            )
             .await?;
         // From here on a failed step closes the pool it opened.
         let started = async {
@@ -423,7 +462,7 @@ where
                         db.install_outbox().await?;
                         required.push(svcdb::outbox::OUTBOX_TABLE.to_owned());
                     }
-                    if !subscriptions.is_empty() {
+                    if subscribes {
                         db.install_idempotency().await?;
                         required.push(svcdb::idempotency::PROCESSED_EVENTS_TABLE.to_owned());
                     }
@@ -445,12 +484,13 @@ where
                 .await?;
 
             if let Some(amqp) = &amqp {
-                let topology = subscriptions
-                    .iter()
-                    .fold(Topology::new(), |t, s| t.queue(s.queue.clone()));
-                let topology = exchanges.iter().fold(topology, |t, e| t.exchange(e));
                 steps
-                    .run(Step::DeclareTopology, declare(amqp, &topology))
+                    .run(
+                        Step::DeclareTopology,
+                        retry_while_down(&name, "RabbitMQ", startup_wait, || {
+                            declare(amqp, &topology)
+                        }),
+                    )
                     .await?;
             }
 
@@ -473,13 +513,43 @@ where
 
         // Serving: nothing below fails; the parts report their errors from their tasks.
         let state = state(&db);
+        let relay = match (&amqp, exchanges.is_empty()) {
+            (Some(amqp), false) => {
+                let outbox = Outbox::new(db.clone()).with_publish_retry(publish_retry);
+                Some(Relay::new(amqp, outbox).with_config(relay_config))
+            }
+            _ => None,
+        };
+        if consumer_options.shutdown_timeout >= shutdown_timeout && subscribes {
+            tracing::warn!(target: "svcdb_amqp::service", service = %name, consumers = ?consumer_options.shutdown_timeout, service_timeout = ?shutdown_timeout, "the consumers' shutdown timeout is not below the service's: a handler still running at the service's deadline is cut off without the consumers' own cleanup; lower ConsumerOptions::shutdown_timeout");
+        }
+        let consumers: Vec<(String, Consumer)> = match &amqp {
+            Some(amqp) => subscriptions
+                .into_iter()
+                .map(|subscription| {
+                    let Subscription {
+                        queue,
+                        consumer,
+                        register,
+                    } = subscription;
+                    let consumer = Consumer::new(amqp, db.clone(), &queue, consumer)
+                        .with_options(consumer_options.clone());
+                    (queue.name, register(consumer, &state))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let draining = Arc::new(AtomicBool::new(false));
         let probes = svcdb::http::router(db.clone(), gate).layer(middleware::from_fn_with_state(
             Probe {
                 service: Arc::from(name.as_str()),
                 draining: draining.clone(),
+                broker: Arc::new(BrokerWatch {
+                    relay: relay.as_ref().map(Relay::status),
+                    consumers: consumers.clone(),
+                }),
             },
-            refuse_readiness_while_draining,
+            readiness,
         ));
         // Spans for the service's own requests, not for the probes and scrapes.
         let app = routes
@@ -509,30 +579,17 @@ where
                 .map_err(Cause::Io)
         });
 
-        if let (Some(amqp), false) = (&amqp, exchanges.is_empty()) {
-            let outbox = Outbox::new(db.clone()).with_publish_retry(publish_retry);
-            let relay = Relay::new(amqp, outbox).with_config(relay_config);
+        if let Some(relay) = relay {
             let stop = running.token(Group::Relay);
             running.spawn(Part::Relay, async move {
                 relay.run(stop).await.map(drop).map_err(Cause::Amqp)
             });
         }
-
-        if let Some(amqp) = &amqp {
-            for subscription in subscriptions {
-                let Subscription {
-                    queue,
-                    consumer,
-                    register,
-                } = subscription;
-                let consumer = Consumer::new(amqp, db.clone(), &queue, consumer)
-                    .with_options(consumer_options.clone());
-                let consumer = register(consumer, &state);
-                let stop = running.token(Group::Consumers);
-                running.spawn(Part::Consumer(queue.name), async move {
-                    consumer.run(stop).await.map_err(Cause::Amqp)
-                });
-            }
+        for (queue, consumer) in consumers {
+            let stop = running.token(Group::Consumers);
+            running.spawn(Part::Consumer(queue), async move {
+                consumer.run(stop).await.map_err(Cause::Amqp)
+            });
         }
         tracing::info!(target: "svcdb_amqp::service", service = %name, %addr, "serving");
         Ok(running)
@@ -555,6 +612,52 @@ fn lock_wait_counter(db: &ServiceDb) -> impl FnMut(&MigrateEvent) + Send {
     }
 }
 
+/// An error a start-up step may wait out: the other end is not up yet.
+trait NotUpYet {
+    fn not_up_yet(&self) -> bool;
+}
+
+impl NotUpYet for svcdb::Error {
+    /// The pool retried until its acquire timeout and got no connection (refused, no answer,
+    /// the server starting up or full); a refused login fails at once, as `Error::Connect`.
+    fn not_up_yet(&self) -> bool {
+        self.is_timeout()
+    }
+}
+
+impl NotUpYet for crate::Error {
+    fn not_up_yet(&self) -> bool {
+        self.is_connection_error()
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails in a way waiting cannot fix, or `wait` is over
+/// (then its last error), pausing with backoff between attempts and logging each: `what`
+/// (the database, RabbitMQ) may still be starting, as when it and the service start together.
+async fn retry_while_down<T, E, F>(
+    service: &str,
+    what: &str,
+    wait: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, E>
+where
+    E: NotUpYet + fmt::Display,
+    F: Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + wait;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match attempt().await {
+            Err(e) if e.not_up_yet() && Instant::now() + backoff < deadline => {
+                tracing::warn!(target: "svcdb_amqp::service", %service, error = %e, retry_in = ?backoff, startup_wait = ?wait, "{what} does not answer yet; waiting for it");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// Declares `topology` on a connection of its own, closed afterwards (bounded: a broker that
 /// stops answering must not hold the start-up).
 async fn declare(amqp: &AmqpConfig, topology: &Topology) -> Result<(), crate::Error> {
@@ -572,32 +675,120 @@ async fn declare(amqp: &AmqpConfig, topology: &Topology) -> Result<(), crate::Er
 struct Probe {
     service: Arc<str>,
     draining: Arc<AtomicBool>,
+    broker: Arc<BrokerWatch>,
+}
+
+/// The broker connections of a service's parts, as `/readyz` shows them.
+struct BrokerWatch {
+    relay: Option<tokio::sync::watch::Receiver<crate::relay::RelayStatus>>,
+    /// Each consumer's queue, and a clone sharing its counters.
+    consumers: Vec<(String, Consumer)>,
+}
+
+impl BrokerWatch {
+    /// `/readyz`'s `"broker"` object, and the `broker_unreachable` notice while a part
+    /// reconnects; `None` for a service that neither publishes nor subscribes.
+    fn report(&self, service: &str) -> Option<(serde_json::Value, Option<serde_json::Value>)> {
+        if self.relay.is_none() && self.consumers.is_empty() {
+            return None;
+        }
+        let relay = self.relay.as_ref().map(|r| r.borrow().clone());
+        let consumers: Vec<(&str, bool)> = self
+            .consumers
+            .iter()
+            .map(|(queue, consumer)| (queue.as_str(), consumer.stats().connected))
+            .collect();
+        let mut down: Vec<String> = Vec::new();
+        if relay.as_ref().is_some_and(|r| !r.connected) {
+            down.push("the outbox relay (events wait in the outbox)".to_owned());
+        }
+        for (queue, connected) in &consumers {
+            if !connected {
+                down.push(format!("the consumer of {queue}"));
+            }
+        }
+        let broker = serde_json::json!({
+            "connected": down.is_empty(),
+            "relay": relay.map(|r| serde_json::json!({
+                "connected": r.connected,
+                "blocked": r.blocked,
+                "last_error": r.last_error.filter(|_| r.consecutive_errors > 0),
+            })),
+            "consumers": consumers
+                .iter()
+                .map(|(queue, connected)| serde_json::json!({"queue": queue, "connected": connected}))
+                .collect::<Vec<_>>(),
+        });
+        let notice = (!down.is_empty()).then(|| {
+            serde_json::json!({
+                "kind": "broker_unreachable",
+                "message": format!(
+                    "service {service} has no connection to RabbitMQ for {}: reconnecting; requests are still served",
+                    down.join(", ")
+                ),
+            })
+        });
+        Some((broker, notice))
+    }
 }
 
 /// `/readyz` answers 503 once the shutdown began, without asking the database: the load
-/// balancer is to stop sending traffic, whatever the database says.
-async fn refuse_readiness_while_draining(
-    State(probe): State<Probe>,
-    request: Request,
-    next: Next,
+/// balancer is to stop sending traffic, whatever the database says. Otherwise the database's
+/// report, with the broker's connections added (which never turn it to 503).
+async fn readiness(State(probe): State<Probe>, request: Request, next: Next) -> Response {
+    if request.uri().path() != "/readyz" {
+        return next.run(request).await;
+    }
+    if !probe.draining.load(Ordering::Acquire) {
+        let response = next.run(request).await;
+        return match probe.broker.report(&probe.service) {
+            Some((broker, notice)) => with_broker(response, broker, notice).await,
+            None => response,
+        };
+    }
+    let body = serde_json::json!({
+        "ready": false,
+        "shutting_down": true,
+        "problems": [{
+            "kind": "shutting_down",
+            "message": format!("service {} is shutting down", probe.service),
+        }],
+    });
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(body),
+    )
+        .into_response()
+}
+
+/// The health report in `response` with `broker` added, and `notice` appended to its notices;
+/// the status and headers kept.
+async fn with_broker(
+    response: Response,
+    broker: serde_json::Value,
+    notice: Option<serde_json::Value>,
 ) -> Response {
-    if request.uri().path() == "/readyz" && probe.draining.load(Ordering::Acquire) {
-        let body = serde_json::json!({
-            "ready": false,
-            "shutting_down": true,
-            "problems": [{
-                "kind": "shutting_down",
-                "message": format!("service {} is shutting down", probe.service),
-            }],
-        });
+    /// Far above any health report: a body this large is not one, and passes unchanged.
+    const LIMIT: usize = 1 << 20;
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, LIMIT).await else {
         return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CACHE_CONTROL, "no-store")],
-            Json(body),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot read the health report\n",
         )
             .into_response();
+    };
+    let mut report: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(serde_json::Value::Object(report)) => serde_json::Value::Object(report),
+        _ => return Response::from_parts(parts, axum::body::Body::from(bytes)),
+    };
+    if let (Some(notice), Some(notices)) = (notice, report["notices"].as_array_mut()) {
+        notices.push(notice);
     }
-    next.run(request).await
+    report["broker"] = broker;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(report.to_string()))
 }
 
 /// The parts stopped together, in this order.

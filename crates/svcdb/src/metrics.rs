@@ -41,6 +41,7 @@
 //! | `svcdb_consumer_pauses_total` | counter | times the consumer paused while the database was out |
 //! | `messaging_process_duration_seconds` | histogram | the handler's transaction, claim included |
 //! | `svcdb_consumer_in_flight` | gauge | deliveries taken and not yet settled |
+//! | `svcdb_consumer_connected` | gauge | 1 while the consumer consumes on a broker connection, 0 while it reconnects (alert on 0 for longer than a restart) |
 //!
 //! and for the relay (`messaging_system="rabbitmq"`) and the purges:
 //!
@@ -50,6 +51,7 @@
 //! | `svcdb_relay_publish_failures_total` | counter | row publishes that failed and were rescheduled |
 //! | `svcdb_relay_confirm_duration_seconds` | histogram | a batch's first publish to its last confirm |
 //! | `svcdb_relay_broker_blocked` | gauge | 1 while RabbitMQ blocks the relay's connection (memory or disk alarm) |
+//! | `svcdb_relay_connected` | gauge | 1 while the relay has a channel to the broker, 0 while it reconnects (events wait in the outbox meanwhile) |
 //! | `svcdb_retention_last_purge_timestamp_seconds{table}` | gauge | Unix time of the last successful purge |
 //! | `svcdb_retention_purged_rows_total{table}` | counter | rows the purges deleted |
 

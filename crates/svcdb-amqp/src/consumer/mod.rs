@@ -446,7 +446,9 @@ impl Consumer {
                 return Err(e);
             }
         };
+        let connected = self.counters.connected();
         let result = self.consume(&channel, &dead_letters, shutdown).await;
+        drop(connected);
         close_channel(&dead_letters).await;
         close_channel(&channel).await;
         result

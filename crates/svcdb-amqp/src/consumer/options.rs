@@ -72,7 +72,10 @@ pub struct ConsumerOptions {
     /// memory or disk alarm, must not hang the consumer. Default: 5 s.
     pub confirm_timeout: Duration,
     /// Longest wait, at shutdown, for in-flight handlers; after it they are aborted (their
-    /// transactions roll back and the broker redelivers their messages). Default: 30 s.
+    /// transactions roll back and the broker redelivers their messages). Default: 15 s, so that
+    /// in a [`Service`](crate::Service) the consumers' drain and the relay's last batch (up to
+    /// its 5 s confirm timeout) fit in the service's 25 s shutdown, itself below Kubernetes'
+    /// 30 s grace period.
     pub shutdown_timeout: Duration,
     /// First pause before reconnecting after the connection was lost ([`Consumer::run`]);
     /// doubled per failed attempt. Default: 100 ms.
@@ -95,7 +98,7 @@ impl Default for ConsumerOptions {
             retry_delay: Duration::from_millis(500),
             max_retry_delay: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(5),
-            shutdown_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(15),
             reconnect_backoff: Duration::from_millis(100),
             max_reconnect_backoff: Duration::from_secs(5),
             retention: crate::retention::Retention::claims(),

@@ -2,7 +2,9 @@
 //! [`Consumer::stats`] returns, and the same counts (with the handler's duration and the
 //! deliveries in flight) as Prometheus series (see `svcdb::metrics`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use std::sync::Arc;
 
 use metrics::Label;
 use svcdb::metrics::with_labels;
@@ -31,6 +33,9 @@ pub struct ConsumerStats {
     pub dead_lettered: u64,
     /// Events without a handler acknowledged under [`UnknownKind::Ack`].
     pub ignored: u64,
+    /// True while the consumer is consuming on a connection to the broker; false before its
+    /// first connection and while it reconnects (the broker is down or unreachable).
+    pub connected: bool,
 }
 
 /// One of a consumer's counts: in memory for [`ConsumerStats`], and in
@@ -74,6 +79,18 @@ pub(super) struct Counters {
     pub(super) duration: metrics::Histogram,
     /// `svcdb_consumer_in_flight`: deliveries taken and not yet settled.
     in_flight: metrics::Gauge,
+    /// True while a [`Connected`] guard lives; mirrored in `svcdb_consumer_connected`.
+    connected: Arc<(AtomicBool, metrics::Gauge)>,
+}
+
+/// Marks a consumer connected (`svcdb_consumer_connected` 1) until dropped.
+pub(super) struct Connected(Arc<(AtomicBool, metrics::Gauge)>);
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0 .0.store(false, Ordering::Relaxed);
+        self.0 .1.set(0.0);
+    }
 }
 
 /// Counts a delivery in flight until dropped.
@@ -107,7 +124,18 @@ impl Counters {
             paused: Count::new("svcdb_consumer_pauses_total", &labels, None),
             duration: metrics::histogram!("messaging_process_duration_seconds", labels.iter()),
             in_flight: metrics::gauge!("svcdb_consumer_in_flight", labels.iter()),
+            connected: Arc::new((
+                AtomicBool::new(false),
+                metrics::gauge!("svcdb_consumer_connected", labels.iter()),
+            )),
         }
+    }
+
+    /// Marks the consumer connected until the guard is dropped.
+    pub(super) fn connected(&self) -> Connected {
+        self.connected.0.store(true, Ordering::Relaxed);
+        self.connected.1.set(1.0);
+        Connected(self.connected.clone())
     }
 
     /// Counts one more.
@@ -132,6 +160,7 @@ impl Counters {
             paused: self.paused.get(),
             dead_lettered: self.dead_lettered.get(),
             ignored: self.ignored.get(),
+            connected: self.connected.0.load(Ordering::Relaxed),
         }
     }
 }

@@ -38,7 +38,7 @@ async fn scrape(db: &ServiceDb) -> String {
 }
 
 /// The value of the series `name` carrying all of `db`'s labels and `extra`, if scraped.
-fn value(text: &str, db: &ServiceDb, name: &str, extra: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn value(text: &str, db: &ServiceDb, name: &str, extra: &[(&str, &str)]) -> Option<f64> {
     let wanted: Vec<String> = db
         .metric_labels()
         .iter()
@@ -315,18 +315,11 @@ async fn the_pool_series_show_connections_by_state_and_acquire_waits() {
     );
 }
 
-/// The body of `GET path` on `addr` (HTTP/1.1, one request per connection).
+/// The body of `GET path` on `addr`, which must answer 200.
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8(response).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
+    let (code, body) = common::http_get(addr, path).await;
+    assert_eq!(code, 200, "{body}");
+    body
 }
 
 #[tokio::test]

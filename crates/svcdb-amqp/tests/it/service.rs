@@ -13,21 +13,17 @@ use svcdb::Envelope;
 use svcdb_amqp::service::Step;
 use svcdb_amqp::topology::{events_exchange, QueueSpec, Topology};
 use svcdb_amqp::{AmqpConfig, ConsumerOptions, Service};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-/// The status code of `GET path` on `addr` (HTTP/1.1, one request per connection).
+/// The status code of `GET path` on `addr`.
 async fn status(addr: SocketAddr, path: &str) -> u16 {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {text}"))
+    common::http_get(addr, path).await.0
+}
+
+/// `/readyz`'s status code and report.
+async fn readyz(addr: SocketAddr) -> (u16, serde_json::Value) {
+    let (code, body) = common::http_get(addr, "/readyz").await;
+    (code, serde_json::from_str(&body).unwrap())
 }
 
 fn localhost() -> SocketAddr {
@@ -264,9 +260,10 @@ async fn each_start_up_step_fails_with_the_service_name_and_the_cause() {
         .await
         .unwrap();
 
-    // The broker unreachable.
+    // The broker unreachable, and no wait for it.
     let error = base()
         .amqp(AmqpConfig::new(url_via(closed_port())))
+        .startup_wait(Duration::ZERO)
         .subscribe(queue, "svc-test.effects", |consumer, _| {
             Gated::new().register(consumer)
         })
@@ -284,6 +281,130 @@ async fn each_start_up_step_fails_with_the_service_name_and_the_cause() {
     let addr = taken.local_addr().unwrap();
     let error = base().listen(addr).start().await.unwrap_err();
     assert_eq!(error.step(), &Step::Listen(addr), "{error}");
+}
+
+/// Found by a shop trial: a replica started while RabbitMQ was down exited at once (so it
+/// crash-looped), and a broker outage showed neither in `/readyz` nor in `/metrics`. The
+/// start-up now waits for the broker (the control, with no wait, is in
+/// `each_start_up_step_fails_with_the_service_name_and_the_cause`); `/readyz` names the parts
+/// that lost it and stays 200, and the `connected` gauges drop to 0.
+#[tokio::test]
+async fn a_replica_waits_for_the_broker_and_readyz_and_metrics_show_its_outage() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (test_db, _db) = common::service().await;
+    let (exchange, queue) = topology(&broker);
+    let port = closed_port();
+    let starting = Service::new("svc-broker-wait")
+        .database(test_db.config("svc"))
+        .amqp(AmqpConfig::new(url_via(port)))
+        .publishes(&exchange)
+        .subscribe(queue.clone(), "svc-test.effects", |consumer, _| {
+            Gated::new().register(consumer)
+        })
+        .listen(localhost())
+        .start();
+    tokio::pin!(starting);
+    let early = tokio::time::timeout(Duration::from_millis(700), &mut starting).await;
+    assert!(early.is_err(), "it waits for the broker");
+    let proxy = common::Proxy::start(port).await;
+    let running = starting.await.expect("started once the broker answered");
+    let (addr, db) = (running.addr(), running.db().clone());
+    eventually("/readyz says the broker is connected", || async {
+        let (code, report) = readyz(addr).await;
+        code == 200 && report["broker"]["connected"] == true
+    })
+    .await;
+    let (_, report) = readyz(addr).await;
+    assert_eq!(
+        report["broker"]["consumers"][0]["queue"],
+        queue.name.as_str()
+    );
+    assert_eq!(report["broker"]["relay"]["connected"], true, "{report}");
+
+    drop(proxy); // connections cut, none accepted: the broker is down
+    eventually("/readyz reports the outage and stays ready", || async {
+        let (code, report) = readyz(addr).await;
+        let notices = report["notices"].as_array().cloned().unwrap_or_default();
+        code == 200
+            && report["broker"]["relay"]["connected"] == false
+            && report["broker"]["consumers"][0]["connected"] == false
+            && notices.iter().any(|n| n["kind"] == "broker_unreachable")
+    })
+    .await;
+    let (_, metrics) = common::http_get(addr, "/metrics").await;
+    let gauge = |name, extra: &[(&str, &str)]| crate::metrics::value(&metrics, &db, name, extra);
+    assert_eq!(gauge("svcdb_relay_connected", &[]), Some(0.0), "{metrics}");
+    assert_eq!(
+        gauge(
+            "svcdb_consumer_connected",
+            &[("messaging_destination_name", &queue.name)]
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+
+    let _proxy = common::Proxy::start(port).await;
+    eventually("both reconnect", || async {
+        let (_, report) = readyz(addr).await;
+        report["broker"]["connected"] == true
+    })
+    .await;
+    let (_, report) = readyz(addr).await;
+    let notices = report["notices"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !notices.iter().any(|n| n["kind"] == "broker_unreachable"),
+        "{report}"
+    );
+    running.stop().await.unwrap();
+}
+
+/// The same for the database: a replica started before PostgreSQL answers waits for it
+/// (reached here through a forwarder that starts late) instead of exiting.
+#[tokio::test]
+async fn a_replica_waits_for_the_database() {
+    common::init_tracing();
+    let (test_db, _db) = common::service().await;
+    // The test database's connection string, with the port of a forwarder not started yet.
+    let port = closed_port();
+    let mut postgres = String::new();
+    let url: Vec<String> = test_db
+        .url()
+        .split(' ')
+        .map(|pair| match pair.split_once('=') {
+            Some(("port", p)) => {
+                postgres.push_str(p);
+                format!("port={port}")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let mut config = svcdb::Config::new(&url.join(" "), "svc").unwrap();
+    config.acquire_timeout = Duration::from_millis(300);
+    let starting = Service::new("svc-db-wait")
+        .database(config)
+        .listen(localhost())
+        .start();
+    tokio::pin!(starting);
+    let early = tokio::time::timeout(Duration::from_millis(1500), &mut starting).await;
+    assert!(early.is_err(), "it waits for the database");
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let forwarder = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let postgres = format!("127.0.0.1:{postgres}");
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(postgres).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let running = starting.await.expect("started once the database answered");
+    assert_eq!(status(running.addr(), "/readyz").await, 200);
+    running.stop().await.unwrap();
+    forwarder.abort();
 }
 
 #[tokio::test]
