@@ -9,7 +9,8 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -22,13 +23,24 @@ pub struct Signals {
     code: Arc<AtomicU8>,
     /// `--json`: the second signal's exit still prints one JSON object.
     json: bool,
+    /// The command migrates: the second signal's exit says what the server does next.
+    migrating: bool,
+    /// When the first signal came.
+    first: Arc<OnceLock<Instant>>,
 }
 
+/// A signal this soon after the first is the same one delivered twice, not a second: GNU
+/// `timeout` (and a shell killing a job) signals the process and then its whole process group,
+/// which holds the process too. A person pressing Ctrl-C twice takes longer.
+const SAME_SIGNAL_WITHIN: Duration = Duration::from_millis(100);
+
 impl Signals {
-    /// Starts watching SIGINT and SIGTERM on the current runtime.
-    pub fn watch(json: bool) -> Self {
+    /// Starts watching SIGINT and SIGTERM on the current runtime, for a command that
+    /// `migrating` or not.
+    pub fn watch(json: bool, migrating: bool) -> Self {
         let signals = Self {
             json,
+            migrating,
             ..Self::default()
         };
         tokio::spawn(signals.clone().run());
@@ -65,10 +77,19 @@ impl Signals {
     }
 
     fn received(&self, code: u8, name: &str) {
+        let first = *self.first.get_or_init(Instant::now);
         if self.token.is_cancelled() {
+            if first.elapsed() < SAME_SIGNAL_WITHIN {
+                // Found by a user trial: `timeout -s INT` exited at once, as a second signal
+                // does, and left the migration's statement running on the server.
+                return;
+            }
             // The command's own report will not come; with --json, stdout still holds one
             // object (a user trial found it empty).
-            let failure = crate::failure::Failure::new(&anyhow::Error::new(Interrupted));
+            let interrupted = Interrupted {
+                migrating: self.migrating,
+            };
+            let failure = crate::failure::Failure::new(&anyhow::Error::new(interrupted));
             if self.json {
                 println!("{}", failure.json());
             }
@@ -82,12 +103,20 @@ impl Signals {
 }
 
 /// A command stopped by a signal before it finished (JSON code `interrupted`).
-#[derive(Debug)]
-pub struct Interrupted;
+#[derive(Debug, Default)]
+pub struct Interrupted {
+    /// It was running migrations, which a second signal leaves to the server to stop.
+    pub migrating: bool,
+}
 
 impl fmt::Display for Interrupted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("interrupted before the command finished")
+        f.write_str("interrupted before the command finished")?;
+        if self.migrating {
+            // The runner's session sets client_connection_check_interval (PostgreSQL 14+).
+            f.write_str("\n  hint: the server notices the closed connection within about a second and ends the migration's session: what ran in a transaction is rolled back, and a non-transactional migration stopped part-way is left dirty; `svcdb migrate status` says where it stopped")?;
+        }
+        Ok(())
     }
 }
 

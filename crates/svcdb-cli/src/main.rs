@@ -109,12 +109,12 @@ fn main() -> ExitCode {
         }
     };
     let (result, signals) = runtime.block_on(async {
-        let signals = interrupt::Signals::watch(cli.global.json);
-        let mut global = cli.global;
-        global.interrupt = signals.token.clone();
         // A migration stops on its own at the signal, through its failure path (the runner
         // watches `global.interrupt`); the other commands stop where they are.
         let stops_itself = matches!(&cli.command, Command::Migrate(c) if c.stops_itself());
+        let signals = interrupt::Signals::watch(cli.global.json, stops_itself);
+        let mut global = cli.global;
+        global.interrupt = signals.token.clone();
         let command = async {
             match cli.command {
                 Command::Provision(args) => cmd::provision::run(&global, args).await,
@@ -129,7 +129,7 @@ fn main() -> ExitCode {
         } else {
             tokio::select! {
                 result = command => result,
-                () = signals.token.cancelled() => Err(interrupt::Interrupted.into()),
+                () = signals.token.cancelled() => Err(interrupt::Interrupted::default().into()),
             }
         };
         let result = match result {

@@ -320,7 +320,7 @@ async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> 
     // Ctrl-C waiting out the connect timeout).
     let db = tokio::select! {
         db = connecting? => db??,
-        () = global.interrupt.cancelled() => return Err(crate::interrupt::Interrupted.into()),
+        () = global.interrupt.cancelled() => return Err(crate::interrupt::Interrupted::default().into()),
     };
     Ok(Migrator::new(db, migrations)
         .with_options(options)

@@ -843,3 +843,51 @@ async fn sigterm_stops_a_migration_as_a_failure_and_says_so() {
         .json();
     assert_eq!(states(&status), ["pending"]);
 }
+
+/// Found by a user trial: `timeout -s INT` signals the process and then its process group,
+/// so the command saw two signals at once, exited at once as after a second Ctrl-C, and left
+/// the statement running on the server. A repeat within 100 ms is the same signal.
+#[tokio::test]
+async fn a_signal_delivered_twice_at_once_still_stops_the_migration_cleanly() {
+    let p = Project::new().await;
+    p.write(&[(
+        "0001_slow.up.sql",
+        "-- svcdb:no-transaction\nSELECT pg_sleep(60);\nCREATE TABLE a (id int);",
+    )]);
+    let child = p.spawn(&["migrate", "up", "--json"]);
+    let admin = p.db.admin().await;
+    let mut running = false;
+    for _ in 0..200 {
+        running = admin
+            .query_opt(
+                "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND state = 'active' AND datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_some();
+        if running {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(running, "the migration never started");
+    // Two deliveries a few milliseconds apart, as `timeout` sends them.
+    for _ in 0..2 {
+        let killed = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{stdout}");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(json["code"], "57014", "the statement was cancelled: {json}");
+    let status = p
+        .run(&["migrate", "status", "--json"])
+        .expect_code(2)
+        .json();
+    assert_eq!(states(&status), ["pending"]);
+}
