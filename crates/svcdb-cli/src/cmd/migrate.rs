@@ -497,7 +497,7 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
             summary.push_str("; another runner holds the schema's migration lock, and `svcdb migrate up` waits for it");
         } else if let (None, Some(other)) = (&refusal, r.other_histories.first()) {
             summary.push_str(&format!(
-                "; the schema holds {}'s history ({}): take it over with `svcdb migrate adopt --from {}`, or run `svcdb migrate up` if that history is not this schema's",
+                "; {}'s history table {} is in the database: take it over with `svcdb migrate adopt --from {}`, or run `svcdb migrate up` if that history is not this schema's",
                 other.tool, other.table, other.tool
             ));
         } else if refusal.is_none()

@@ -282,6 +282,20 @@ pub enum AdoptError {
         /// Every problem, by version.
         problems: Vec<AdoptProblem>,
     },
+    /// The other tool's table is in another schema than the service's, which holds nothing
+    /// of its own: the migrations it records made their objects there, not in the service
+    /// schema, where svcdb would look for them.
+    #[error("{tool}'s history table {table} is in schema {elsewhere}, and schema {schema} holds no table, view, sequence or function of its own: the migrations it records created their objects in {elsewhere}, not in {schema}; nothing was recorded\n  hint: run the service in schema {elsewhere} (`--schema {elsewhere}`), or move its objects into {schema} first (`ALTER TABLE {elsewhere}.<name> SET SCHEMA {schema}`, and the same for its sequences, views and functions), then adopt again")]
+    ObjectsElsewhere {
+        /// The tool.
+        tool: Tool,
+        /// Its table.
+        table: String,
+        /// The schema the table is in.
+        elsewhere: String,
+        /// The service schema.
+        schema: String,
+    },
     /// Reading the folder, the database, the lock, or svcdb's own history failed.
     #[error(transparent)]
     Migrate(#[from] MigrateError),
@@ -373,8 +387,22 @@ impl Migrator {
         let (table, tool_history) = {
             let conn = self.service_db().get().await.map_err(MigrateError::from)?;
             let client: &tokio_postgres::Client = &conn;
-            let table = find_table(client, self, options).await?;
+            let (table, in_schema) = find_table(client, self, options).await?;
             let read = read_tool(client, tool, &table).await?;
+            let service = self.service_db().schema().as_str();
+            // Found by a user trial: diesel's table in `public`, a new service schema, and
+            // adopt recorded every migration there, whose `up` then missed the tables.
+            if in_schema != service
+                && (!read.applied.is_empty() || read.up_to.is_some())
+                && !holds_objects(client, service).await?
+            {
+                return Err(AdoptError::ObjectsElsewhere {
+                    tool,
+                    table,
+                    elsewhere: in_schema,
+                    schema: service.to_owned(),
+                });
+            }
             (table, read)
         };
         let (adopted_repeatables, repeatable_warnings) =
@@ -383,7 +411,18 @@ impl Migrator {
             self.match_files(tool, &table, tool_history, options.allow_changed)?;
         warnings.extend(repeatable_warnings);
         let schema = self.service_db().schema();
-        let report = |recorded: Vec<RunEntry>, already: Vec<Version>, warnings: Vec<String>| {
+        // `ours`: svcdb's history already there.
+        let report = |recorded: Vec<RunEntry>,
+                      already: Vec<Version>,
+                      warnings: Vec<String>,
+                      ours: &history::History| {
+            // Found by a user trial: adopting again after `up` listed as pending what svcdb
+            // had applied since.
+            let pending: Vec<Version> = pending
+                .iter()
+                .filter(|v| ours.get(v).is_none())
+                .cloned()
+                .collect();
             // Found adopting a goose schema whose middle version was rolled back: adopt
             // said "run `svcdb migrate up`", which then refused it as out of order.
             let newest = recorded.iter().map(|e| &e.version).chain(&already).max();
@@ -399,7 +438,7 @@ impl Migrator {
                 dry_run: options.dry_run,
                 recorded,
                 already_recorded: already,
-                pending: pending.clone(),
+                pending,
                 out_of_order,
                 warnings,
                 repeatables: adopted_repeatables.iter().map(|r| r.name.clone()).collect(),
@@ -421,6 +460,7 @@ impl Migrator {
                 new.into_iter().map(entry).collect(),
                 already.into_iter().map(|m| m.version.clone()).collect(),
                 warnings,
+                &ours,
             ));
         }
         let (mut lock, ours) = self.lock_for_adopt(!options.dry_run).await?;
@@ -455,7 +495,7 @@ impl Migrator {
         }
         .await;
         let (recorded, already) = lock.release_after(result).await?;
-        Ok(report(recorded, already, warnings))
+        Ok(report(recorded, already, warnings, &ours))
     }
 
     /// The repeatable migrations of the folder whose newest run by Flyway was of the file as
@@ -646,11 +686,12 @@ pub(crate) async fn other_histories(
 }
 
 /// The tool's table, quoted (`"public"."_sqlx_migrations"`), or where it was looked for.
+/// The other tool's table, quoted and qualified, and the schema it is in.
 async fn find_table(
     client: &tokio_postgres::Client,
     migrator: &Migrator,
     options: &AdoptOptions,
-) -> Result<String, AdoptError> {
+) -> Result<(String, String), AdoptError> {
     let service = migrator.service_db().schema().as_str().to_owned();
     let (schemas, table) = match options.history_table.as_deref() {
         Some(named) => match named.split_once('.') {
@@ -664,7 +705,7 @@ async fn find_table(
     };
     let row = client
         .query_opt(
-            "SELECT format('%I.%I', n.nspname, c.relname)
+            "SELECT format('%I.%I', n.nspname, c.relname), n.nspname::text
                FROM pg_catalog.pg_class c
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
               WHERE c.relname = $1 AND n.nspname = ANY($2) AND c.relkind IN ('r', 'p')
@@ -674,12 +715,28 @@ async fn find_table(
         )
         .await?;
     match row {
-        Some(row) => Ok(row.get(0)),
+        Some(row) => Ok((row.get(0), row.get(1))),
         None => Err(AdoptError::NoHistoryTable {
             tool: options.from,
             looked_in: schemas.iter().map(|s| format!("{s}.{table}")).collect(),
         }),
     }
+}
+
+/// Whether `schema` holds a relation (table, view, sequence, …) or function besides svcdb's
+/// own tables.
+async fn holds_objects(client: &tokio_postgres::Client, schema: &str) -> Result<bool, AdoptError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                             WHERE c.relnamespace = to_regnamespace($1) AND c.relname NOT LIKE 'svcdb\\_%'
+                               AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f'))
+                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.pronamespace = to_regnamespace($1))",
+            &[&schema],
+        )
+        .await
+        .map_err(MigrateError::from)?;
+    Ok(row.get(0))
 }
 
 /// Reads `table` as `tool` writes it.

@@ -557,7 +557,7 @@ fn failed_message(f: &MigrationFailure) -> String {
     if let (false, Some(other)) = (*dirty, other_histories.first()) {
         // Instead of the generic advice: the migration is fine, running it again is not.
         s.push_str(&format!(
-            "the schema holds {}'s history ({}) and svcdb has recorded nothing: take it over with `svcdb migrate adopt --from {}` (Migrator::adopt) instead of running its migrations again",
+            "{}'s history table {} is in the database and svcdb has recorded nothing: take it over with `svcdb migrate adopt --from {}` (Migrator::adopt) instead of running its migrations again",
             other.tool, other.table, other.tool
         ));
         return s;

@@ -814,3 +814,54 @@ async fn another_tools_history_is_named_until_svcdb_records_something() {
         [(Tool::Dbmate, "shop.schema_migrations".to_owned())]
     );
 }
+
+/// Found by a user trial: diesel had migrated `public`, the service was given a new schema,
+/// and adopt recorded every migration there (whose tables were in `public`); `up` then failed
+/// on the missing tables. Adopt now refuses; the control, with the tables moved into the
+/// service schema, adopts. Adopting again after `up` lists nothing as pending.
+#[tokio::test]
+async fn a_history_in_public_over_an_empty_service_schema_is_refused() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("2025-01-01-000000_a/up.sql", "CREATE TABLE a (id int);"),
+            ("2025-01-02-000000_b/up.sql", "CREATE TABLE b (id int);"),
+        ],
+    );
+    sql(
+        &svc,
+        "CREATE TABLE public.__diesel_schema_migrations (
+             version VARCHAR(50) PRIMARY KEY NOT NULL,
+             run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP
+         );
+         INSERT INTO public.__diesel_schema_migrations (version) VALUES ('20250101000000');
+         CREATE TABLE public.a (id int);",
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    let err = m
+        .adopt(&AdoptOptions::from(Tool::Diesel))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AdoptError::ObjectsElsewhere { elsewhere, schema, .. } if elsewhere == "public" && schema == "shop"),
+        "{err}"
+    );
+    assert_eq!(ours(&svc).await, []);
+
+    sql(&svc, "ALTER TABLE public.a SET SCHEMA shop;").await;
+    let report = m.adopt(&AdoptOptions::from(Tool::Diesel)).await.unwrap();
+    assert_eq!(report.recorded.len(), 1, "{report:?}");
+    assert_eq!(report.pending.len(), 1, "{report:?}");
+    m.up().await.unwrap();
+    let again = m.adopt(&AdoptOptions::from(Tool::Diesel)).await.unwrap();
+    assert_eq!(
+        (again.recorded.len(), again.already_recorded.len()),
+        (0, 1),
+        "{again:?}"
+    );
+    assert_eq!(again.pending, [], "svcdb applied it since: {again:?}");
+}
