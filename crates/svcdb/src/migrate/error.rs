@@ -170,7 +170,7 @@ pub enum MigrateError {
 
     /// `down` would have to cross a migration that has no down script (none, or one holding
     /// no statement); nothing was reverted.
-    #[error("cannot revert migration {version} ({path}): it has no down script, so nothing was reverted\n  hint: write the statements that undo it in {down_at}{}", newer_hint(version, *newer))]
+    #[error("cannot revert migration {version} ({path}): {}, so nothing was reverted\n  hint: write the statements that undo it in {down_at}{}", if *empty { "its down script holds no statement" } else { "it has no down script" }, newer_hint(version, *newer))]
     NoDown {
         /// The version.
         version: Version,
@@ -180,6 +180,9 @@ pub enum MigrateError {
         /// `…/2017-09-23-182408_x/down.sql`, Flyway's `…/U3__x.sql`, or a goose or dbmate file's
         /// down section).
         down_at: String,
+        /// True when the down script is there but empty or comments only (diesel writes an
+        /// empty `down.sql` for a migration nobody made reversible).
+        empty: bool,
         /// How many applied migrations newer than it the same `down` would have reverted.
         newer: usize,
     },

@@ -111,6 +111,9 @@ pub enum MigrateEvent {
     Lint {
         /// What was found.
         finding: super::lint::Finding,
+        /// True for an error that would have stopped the run, let through by
+        /// [`MigrateOptions::allow_unsafe`](super::MigrateOptions::allow_unsafe).
+        let_through: bool,
     },
 }
 
@@ -190,7 +193,18 @@ impl fmt::Display for MigrateEvent {
             MigrateEvent::RepeatableFinished { name, duration_ms } => {
                 write!(f, "repeatable {name} done in {duration_ms:.1} ms")
             }
-            MigrateEvent::Lint { finding } => finding.fmt(f),
+            MigrateEvent::Lint {
+                finding,
+                let_through,
+            } => {
+                finding.fmt(f)?;
+                if *let_through {
+                    // Found by a user trial: an error line before a run that went ahead read as
+                    // a failure.
+                    f.write_str("\n    allowed by --allow-unsafe (MigrateOptions::allow_unsafe): running it anyway")?;
+                }
+                Ok(())
+            }
         }
     }
 }

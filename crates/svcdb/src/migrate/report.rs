@@ -1,8 +1,16 @@
 //! What each command did, serde-serializable for `--json` output.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use super::version::Version;
+
+/// `d` in milliseconds, to the microsecond: what the server's clock and ours can tell apart,
+/// without float noise (`0.08600000000000001`) in the JSON.
+pub(crate) fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
 
 /// One migration run (or, in a dry run, to be run).
 #[derive(Debug, Clone, Serialize)]

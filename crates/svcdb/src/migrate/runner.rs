@@ -462,7 +462,7 @@ impl Migrator {
                 cause,
                 applied: done.iter().map(|e| e.version.clone()).collect(),
             })?;
-            let duration_ms = took.as_secs_f64() * 1e3;
+            let duration_ms = super::report::millis(took);
             observer(&MigrateEvent::RepeatableFinished {
                 name: r.name.clone(),
                 duration_ms,
@@ -876,10 +876,14 @@ impl Migrator {
                         name: row.name.clone(),
                     })?;
             if m.down.is_none() {
+                let down_at = super::source::down_script_place(&m.path, m.up_line);
                 return Err(MigrateError::NoDown {
                     version: m.version.clone(),
                     path: m.path.clone(),
-                    down_at: super::source::down_script_place(&m.path, m.up_line),
+                    // A two-file layout's down file that is there: empty (found by a user
+                    // trial on vaultwarden's diesel folder, told there was none).
+                    empty: std::path::Path::new(&down_at).is_file(),
+                    down_at,
                     newer: plan.len(),
                 });
             }
@@ -1251,7 +1255,7 @@ impl Migrator {
             statement,
             attempt,
             retries: self.options.lock_retries,
-            delay_ms: delay.as_secs_f64() * 1e3,
+            delay_ms: super::report::millis(delay),
         });
         tokio::time::sleep(delay).await;
     }
@@ -1539,7 +1543,7 @@ fn finished(
     took: Duration,
     observer: &mut (dyn FnMut(&MigrateEvent) + Send),
 ) -> RunEntry {
-    let duration_ms = took.as_secs_f64() * 1e3;
+    let duration_ms = super::report::millis(took);
     observer(&MigrateEvent::Finished {
         version: m.version.clone(),
         name: m.name.clone(),

@@ -91,8 +91,9 @@ pub(crate) enum ClientOnly<'a> {
     /// `COPY … TO stdout`: the server streams rows to a client that has nowhere to put them
     /// (driven through a driver's query call, the stream is a protocol error).
     CopyToStdout,
-    /// A placeholder Flyway replaces with a configured value before it sends the script
-    /// (`${schema}`, `${flyway:defaultSchema}`), up to its `}`.
+    /// A placeholder a tool replaces before it sends the script: Flyway's (`${schema}`,
+    /// `${flyway:defaultSchema}`), up to its `}`, or a Go template's (`{{ .Options "x" }}`),
+    /// up to its `}}` on the same line.
     Placeholder(&'a str),
 }
 
@@ -133,6 +134,14 @@ pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
                     .find(['}', '\n'])
                     .filter(|&p| sql.as_bytes()[range.end + p] == b'}')
                     .map_or(range.end + 1, |p| range.end + p + 1);
+                return Some((start, ClientOnly::Placeholder(&sql[start..end])));
+            }
+            // `{{ .Options "Namespace" }}`: a Go template (pop/soda, which gotrue and ory use);
+            // PostgreSQL's grammar has no `{` outside strings.
+            (Token::Symbol, _) if text == "{" && sql[range.end..].starts_with('{') => {
+                let start = range.start;
+                let end = sql[start..].find(['\n']).map_or(sql.len(), |p| start + p);
+                let end = sql[start..end].find("}}").map_or(end, |p| start + p + 2);
                 return Some((start, ClientOnly::Placeholder(&sql[start..end])));
             }
             (Token::Symbol, _) if text == "\\" => {
@@ -651,6 +660,21 @@ mod tests {
         ] {
             assert_eq!(client_only(fine), None, "{fine}");
         }
+    }
+
+    #[test]
+    fn go_templates_in_code_are_found_and_left_alone_in_strings() {
+        assert_eq!(
+            client_only("CREATE TABLE {{ index .Options \"Namespace\" }}.users (id int);"),
+            Some((
+                13,
+                ClientOnly::Placeholder("{{ index .Options \"Namespace\" }}")
+            ))
+        );
+        assert_eq!(
+            client_only("SELECT '{{x}}', '{1,2}'::int[], $$ {{ y }} $$;"),
+            None
+        );
     }
 
     #[test]

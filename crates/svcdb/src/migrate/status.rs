@@ -335,14 +335,12 @@ fn entry(
         path,
         transactional,
         applied_at: detail.map(|d| d.applied_at),
-        execution_ms: detail
-            .and_then(|d| d.execution)
-            .map(|d| d.as_secs_f64() * 1e3),
+        execution_ms: detail.and_then(|d| d.execution).map(super::report::millis),
         baselined: row.is_some_and(|r| !r.dirty) && detail.is_some_and(|d| d.execution.is_none()),
         applied_by: detail.map(|d| d.applied_by.clone()),
         running_ms: (state == MigrationState::InProgress)
             .then(|| row.and_then(|r| r.dirty_for))
             .flatten()
-            .map(|d| d.as_secs_f64() * 1e3),
+            .map(super::report::millis),
     }
 }

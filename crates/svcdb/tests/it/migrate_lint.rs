@@ -572,7 +572,7 @@ async fn has_index(svc: &ServiceDb, name: &str) -> bool {
 /// An observer that notes the rule of each lint finding reported as an event.
 fn lint_rules(rules: &mut Vec<Rule>) -> impl FnMut(&MigrateEvent) + Send + '_ {
     move |e| {
-        if let MigrateEvent::Lint { finding } = e {
+        if let MigrateEvent::Lint { finding, .. } = e {
             rules.push(finding.rule);
         }
     }
@@ -655,10 +655,19 @@ async fn allow_unsafe_runs_it_and_reports_the_finding_as_an_event() {
             ..MigrateOptions::default()
         },
     )
-    .up_with(&Default::default(), &mut lint_rules(&mut lint_events))
+    .up_with(&Default::default(), &mut |e| {
+        if let MigrateEvent::Lint {
+            finding,
+            let_through,
+        } = e
+        {
+            lint_events.push((finding.rule, *let_through));
+            assert!(e.to_string().contains("--allow-unsafe"), "{e}");
+        }
+    })
     .await
     .unwrap();
-    assert_eq!(lint_events, [Rule::IndexWithoutConcurrently]);
+    assert_eq!(lint_events, [(Rule::IndexWithoutConcurrently, true)]);
     assert_eq!(history(&svc).await, [1, 2]);
     assert!(has_index(&svc, "items_label").await);
 }
@@ -758,7 +767,7 @@ async fn an_empty_up_is_applied_and_recorded_with_a_warning() {
     let mut warned = Vec::new();
     let report = migrator(&svc, dir.path(), MigrateOptions::default())
         .up_with(&Default::default(), &mut |e| {
-            if let MigrateEvent::Lint { finding } = e {
+            if let MigrateEvent::Lint { finding, .. } = e {
                 warned.push((finding.version.as_ref().unwrap().number(), finding.rule));
             }
         })
@@ -807,6 +816,7 @@ async fn an_empty_down_makes_down_refuse_before_reverting_anything() {
             version,
             path,
             down_at,
+            empty: true,
             newer,
         } => {
             assert_eq!(version.number(), 3);

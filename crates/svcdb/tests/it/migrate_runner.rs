@@ -922,13 +922,29 @@ async fn down_by_steps_and_to_refuses_to_cross_an_up_without_a_down() {
             version,
             path,
             newer,
+            empty,
             ..
         }) if version.number() == 4 => {
             assert!(path.ends_with("0004_no_down.up.sql"));
             assert_eq!(newer, 0, "it is the newest applied");
+            assert!(!empty, "there is no down file");
         }
         other => panic!("expected NoDown, got {other:?}"),
     }
+    // A down file holding only a comment (found by a user trial: "it has no down script"
+    // when the file was there, empty).
+    write(
+        dir.path(),
+        &[("0004_no_down.down.sql", "-- irreversible\n")],
+    );
+    let m = migrator(&svc, dir.path());
+    let err = m.down(&DownOptions::default()).await.unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::NoDown { empty: true, .. }),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("0004_no_down.down.sql")).unwrap();
+    let m = migrator(&svc, dir.path());
     assert!(matches!(
         m.down(&DownOptions {
             to: Some(v(0)),

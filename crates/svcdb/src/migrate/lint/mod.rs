@@ -341,7 +341,11 @@ pub(crate) fn enforce(
     }
     for finding in findings.into_iter().filter(|f| !f.allowed) {
         tracing::warn!(target: "svcdb::migrate", %finding, "unsafe migration statement");
-        observer(&MigrateEvent::Lint { finding });
+        let let_through = finding.blocks();
+        observer(&MigrateEvent::Lint {
+            finding,
+            let_through,
+        });
     }
     Ok(())
 }

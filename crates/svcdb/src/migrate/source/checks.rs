@@ -35,7 +35,7 @@ pub(super) fn refuse_unrunnable(
             "line {line}: psql meta-command {command} cannot run: svcdb sends SQL to the server, not through psql\n  hint: delete psql lines (\\restrict, \\connect, \\set …) from the file"
         ),
         ClientOnly::Placeholder(placeholder) => format!(
-            "line {line}: {placeholder} is a placeholder that a tool fills in before sending the script (Flyway from its configuration, goose's ENVSUB from the environment), and svcdb does not substitute placeholders\n  hint: write the value in its place (for the service's own schema, nothing: svcdb pins the search path to it)"
+            "line {line}: {placeholder} is a placeholder that a tool fills in before sending the script (Flyway from its configuration, goose's ENVSUB from the environment, pop/soda from its Go templates), and svcdb does not substitute placeholders\n  hint: write the value in its place (for the service's own schema, nothing: svcdb pins the search path to it)"
         ),
         ClientOnly::CopyFromStdin => format!(
             "line {line}: COPY … FROM stdin needs psql to stream the data rows that follow it\n  hint: turn the rows into INSERT statements (pg_dump --inserts or --column-inserts), or load them with COPY FROM a file on the server"
