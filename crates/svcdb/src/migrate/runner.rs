@@ -1352,10 +1352,31 @@ impl Migrator {
         // script, after a line break and a `;`, so that a last statement without its `;`, or
         // a trailing `--` comment, does not take it in). A future of tokio-postgres sends its
         // message when first polled, hence one poll each, in order, before any is awaited.
+        //
+        // The answers of a pipeline arrive together, so the time between them here says
+        // nothing of how long each script took (a user trial saw "done in 0.0 ms"): the
+        // server's clock is read before the first script and with each reset, in the same
+        // messages, and a script took the time between two readings.
         let pieces = pieces(group, direction, reset);
-        let mut pipeline: Vec<_> = pieces
+        type Answer<'t> = std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = Result<Option<f64>, tokio_postgres::Error>>
+                    + Send
+                    + 't,
+            >,
+        >;
+        let mut pipeline: Vec<Answer<'_>> = pieces
             .iter()
-            .map(|piece| Box::pin(tx.batch_execute(&piece.sql)))
+            .map(|piece| -> Answer<'_> {
+                if piece.reads_clock {
+                    Box::pin(async {
+                        let messages = tx.simple_query(&piece.sql).await?;
+                        Ok(server_clock(&messages))
+                    })
+                } else {
+                    Box::pin(async { tx.batch_execute(&piece.sql).await.map(|()| None) })
+                }
+            })
             .collect();
         let mut answered = Vec::with_capacity(pieces.len());
         for sent in &mut pipeline {
@@ -1364,13 +1385,14 @@ impl Migrator {
         let mut done = Vec::with_capacity(group.len());
         // Each script starts, on the server, when the one before it ends.
         let mut start = started(group[0], direction, observer);
+        let mut clock: Option<f64> = None;
         for ((sent, answer), piece) in pipeline.iter_mut().zip(answered).zip(&pieces) {
             let result = match answer {
                 Some(result) => result,
                 None => self.interruptible(sent.as_mut()).await,
             };
             let i = piece.migration;
-            result.map_err(|cause| {
+            let read = result.map_err(|cause| {
                 (
                     i,
                     StepError::Script {
@@ -1381,8 +1403,16 @@ impl Migrator {
                     },
                 )
             })?;
+            let before = clock;
+            clock = read.or(clock);
             if piece.ends_script {
-                done.push(finished(group[i], direction, start.elapsed(), observer));
+                let took = match (before, read) {
+                    (Some(from), Some(to)) if to >= from => {
+                        crate::config::saturating_secs_f64(to - from)
+                    }
+                    _ => start.elapsed(),
+                };
+                done.push(finished(group[i], direction, took, observer));
                 if let Some(next) = group.get(i + 1) {
                     start = started(next, direction, observer);
                 }
@@ -1436,11 +1466,33 @@ struct Piece<'a> {
     at: Option<Range<usize>>,
     /// Its answer is the end of the migration's script.
     ends_script: bool,
+    /// It ends with [`CLOCK`], whose answer is the server's time.
+    reads_clock: bool,
+}
+
+/// Reads the server's clock, in seconds since 1970, at the point of the pipeline it is sent.
+const CLOCK: &str = "SELECT extract(epoch FROM clock_timestamp())";
+
+/// The time [`CLOCK`] answered, the last row of `messages`.
+fn server_clock(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<f64> {
+    messages.iter().rev().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
+        _ => None,
+    })
 }
 
 /// The messages [`Migrator::try_group`] sends for `group`, in order.
 fn pieces<'a>(group: &[&'a Migration], direction: Direction, reset: &'a str) -> Vec<Piece<'a>> {
-    let mut pieces = Vec::new();
+    let mut pieces = vec![Piece {
+        sql: Cow::Borrowed(CLOCK),
+        migration: 0,
+        at: None,
+        ends_script: false,
+        reads_clock: true,
+    }];
+    // The reset, then the clock (after a line break and a `;`, as the reset after a whole
+    // script, so that neither ends up in a trailing comment).
+    let reset_and_clock = format!("{reset}\n;{CLOCK}");
     for (i, m) in group.iter().enumerate() {
         let sql = script(m, direction).0;
         match pg_query::split_with_parser(sql) {
@@ -1455,20 +1507,23 @@ fn pieces<'a>(group: &[&'a Migration], direction: Direction, reset: &'a str) -> 
                         migration: i,
                         at: start.map(|start| start..start + statement.len()),
                         ends_script: false,
+                        reads_clock: false,
                     });
                 }
                 pieces.push(Piece {
-                    sql: Cow::Borrowed(reset),
+                    sql: Cow::Owned(reset_and_clock.clone()),
                     migration: i,
                     at: None,
                     ends_script: true,
+                    reads_clock: true,
                 });
             }
             _ => pieces.push(Piece {
-                sql: Cow::Owned(format!("{sql}\n;{reset}")),
+                sql: Cow::Owned(format!("{sql}\n;{reset_and_clock}")),
                 migration: i,
                 at: None,
                 ends_script: true,
+                reads_clock: true,
             }),
         }
     }

@@ -1342,6 +1342,54 @@ async fn up_on_a_schema_that_does_not_exist_says_how_to_create_it() {
     assert_eq!(schemas, 0);
 }
 
+/// Found by a user trial: the scripts of a group are pipelined, their answers arrive together,
+/// and a migration that took a millisecond on the server was recorded as taking 3 µs. The
+/// durations now come from the server's clock. Here the client reads no answer after the
+/// first migration's until the server has run the whole group (the observer holds it up when
+/// the first finishes), so the client's own clock would give the later ones about nothing.
+#[tokio::test]
+async fn durations_in_a_pipelined_group_are_the_servers() {
+    let f = Fixture::new().await;
+    write(
+        f.dir.path(),
+        &[
+            ("1_a.up.sql", "CREATE TABLE a (id int);"),
+            (
+                "2_slow.up.sql",
+                "SELECT pg_sleep(0.3);\nCREATE TABLE b (id int);",
+            ),
+            ("3_c.up.sql", "CREATE TABLE c (id int);"),
+        ],
+    );
+    let mut held = false;
+    let report = migrator(&f.svc, f.dir.path())
+        .up_with(&UpOptions::default(), &mut |e| {
+            if matches!(e, MigrateEvent::Finished { .. }) && !held {
+                held = true;
+                std::thread::sleep(Duration::from_millis(600));
+            }
+        })
+        .await
+        .unwrap();
+    let took: Vec<f64> = report
+        .migrations
+        .iter()
+        .map(|m| m.duration_ms.unwrap())
+        .collect();
+    assert!(took[1] >= 290.0, "the sleep is the second's: {took:?}");
+    assert!(took[0] < 290.0 && took[2] < 290.0, "{took:?}");
+    let conn = f.svc.get().await.unwrap();
+    let us: i64 = conn
+        .query_one(
+            "SELECT execution_us FROM shop.svcdb_migrations WHERE version = 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(us >= 290_000, "recorded: {us} µs");
+}
+
 /// Found on permify's goose folder: written for `public`, it creates a table unqualified and
 /// alters it as `public.…`, which under a service schema fails as 42P01 with nothing saying
 /// why. The failure names the schema the statement qualifies with; the control, the same
