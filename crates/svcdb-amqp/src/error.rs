@@ -122,6 +122,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when the broker answered that the exchange or queue named does not exist
+    /// (`NOT_FOUND`, 404).
+    pub fn is_not_found(&self) -> bool {
+        use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+        matches!(self, Error::Amqp { cause, .. } if matches!(
+            cause.kind(),
+            lapin::ErrorKind::ProtocolError(amqp)
+                if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+        ))
+    }
+
     /// True when the cause is the connection rather than the request: unreachable, timed
     /// out, lost, or an AMQP operation that failed on I/O or a connection-level error.
     /// Reconnecting (with backoff) may help; repeating the same declaration will not.

@@ -27,6 +27,7 @@
 //! | the message properties of an event; confirmed publishing | [`publish`] |
 //! | the outbox relay: batches with publisher confirms, woken on commit (in-process, or `LISTEN`/`NOTIFY`) with polling as the safety net, reconnect with backoff, status; its settings ([`RelayConfig`]; when failed rows are retried is the outbox's [`svcdb::outbox::PublishRetry`]) | [`Relay`], [`RelayStatus`] |
 //! | deleting old claims and published outbox rows on a schedule | [`Retention`] |
+//! | moving a queue's dead letters back to it after a fix, each confirmed before it leaves (`svcdb events replay`) | [`replay_dead_letters`] |
 //! | errors, matched by variant | [`Error`] |
 //! | logs (`RUST_LOG`, `SVCDB_LOG_FORMAT=json`) and, with feature `otlp`, spans exported over OTLP | [`telemetry`] ([`telemetry::init`]) |
 //! | the spans of a relay publish, a delivery and its handler (OpenTelemetry's messaging conventions), joined to the producer's trace by the `traceparent` header ([`svcdb::trace`]) | `spans` (internal) |
@@ -102,6 +103,7 @@ mod consumer;
 mod error;
 mod handler;
 mod relay;
+mod replay;
 mod retention;
 mod spans;
 
@@ -113,6 +115,7 @@ pub use consumer::{Consumer, ConsumerOptions, ConsumerStats, UnknownKind, DEFAUL
 pub use error::{Error, Result};
 pub use handler::{EventHandler, HandlerError, HandlerFuture};
 pub use relay::{Relay, RelayConfig, RelayStatus};
+pub use replay::{replay_dead_letters, ReplayReport};
 pub use retention::Retention;
 pub use service::{Running, Service, ServiceError};
 pub use topology::{QueueSpec, Topology};

@@ -96,7 +96,8 @@ impl Failure {
     /// `pool_closed`, `connection_lost`, `missing_tables`, `not_ready`; for migrations
     /// `migration_source` (a file or the folder), `lock_timeout`, `changed`, `out_of_order`,
     /// `missing`, `dirty`, `no_down`, `unwritten`, `migration_failed`; for `migrate adopt`
-    /// `adopt_no_history`, `adopt_wrong_table`, `adopt_refused`; `error` for anything else.
+    /// `adopt_no_history`, `adopt_wrong_table`, `adopt_refused`; for the broker (`events
+    /// replay`) `not_found` (no such queue), `connect`, `amqp`; `error` for anything else.
     fn code(e: &anyhow::Error) -> String {
         if e.chain().any(|c| c.is::<Usage>()) {
             return "usage".to_owned();
@@ -131,6 +132,14 @@ impl Failure {
                     AdoptError::NoHistoryTable { .. } => "adopt_no_history",
                     AdoptError::NotTheToolsTable { .. } => "adopt_wrong_table",
                     _ => "adopt_refused",
+                })
+            } else if let Some(e) = cause.downcast_ref::<svcdb_amqp::Error>() {
+                Some(if e.is_not_found() {
+                    "not_found"
+                } else if e.is_connection_error() {
+                    "connect"
+                } else {
+                    "amqp"
                 })
             } else if cause.is::<svcdb::IdentError>() {
                 Some("invalid_name")

@@ -1,5 +1,6 @@
 //! `svcdb events purge`: deletes old claims and published outbox rows by hand, or from a
 //! scheduled job, as the consumer and relay runtimes do on their own schedule.
+//! `svcdb events replay`: moves a queue's dead letters back to it after a fix.
 
 use std::time::Duration;
 
@@ -21,6 +22,37 @@ pub enum Command {
     /// service runs. Unpublished outbox rows are never deleted.
     #[command(after_help = PURGE_EXIT_CODES)]
     Purge(PurgeArgs),
+    /// Move the messages waiting in a queue's dead-letter queue (<queue>.dlq) back to the
+    /// queue, once the handler that failed them is fixed: each is published again straight
+    /// to the queue and leaves the dead-letter queue only once RabbitMQ confirmed the copy
+    /// (a copy handled twice is absorbed by the consumer's claims). Only the messages there at
+    /// the start are moved; one that fails again waits for the next replay.
+    #[command(after_help = REPLAY_EXIT_CODES)]
+    Replay(ReplayArgs),
+}
+
+/// The exit codes of `svcdb events replay`, shown in its `--help`.
+const REPLAY_EXIT_CODES: &str = "\
+Exit codes:
+  0   replayed (also when the dead-letter queue was empty)
+  1   error: the broker is unreachable, a queue does not exist, or a copy was not confirmed (it
+      stays in the dead-letter queue; those moved before it stay moved)
+  64  invalid command line";
+
+/// Options of `svcdb events replay`.
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    /// The consumer queue whose dead letters go back to it (e.g. orders.stock-results).
+    #[arg(long)]
+    queue: String,
+
+    /// Move at most this many, oldest first (default: every one waiting).
+    #[arg(long)]
+    limit: Option<u64>,
+
+    /// The broker: amqp://user:password@host:port/vhost (%2f is the vhost /).
+    #[arg(long, env = "AMQP_URL", default_value = svcdb_amqp::DEFAULT_URL, hide_env_values = true, hide_default_value = true)]
+    amqp_url: String,
 }
 
 /// The exit codes of `svcdb events purge`, shown in its `--help`.
@@ -101,7 +133,43 @@ struct Purged {
 pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
     match command {
         Command::Purge(args) => purge(global, args).await,
+        Command::Replay(args) => replay(global, args).await,
     }
+}
+
+async fn replay(global: &Global, args: ReplayArgs) -> Result<Outcome> {
+    let config =
+        svcdb_amqp::AmqpConfig::new(args.amqp_url).with_connection_name("svcdb events replay");
+    config.validate()?;
+    let report = svcdb_amqp::replay_dead_letters(&config, &args.queue, args.limit)
+        .await
+        .map_err(|e| {
+            let missing = e.is_not_found();
+            let error = anyhow::Error::new(e);
+            if missing {
+                error.context(format!(
+                    "queue {} or its dead-letter queue {}.dlq does not exist on this broker\n  hint: check the queue's name (`rabbitmqctl list_queues name messages`) and AMQP_URL's vhost",
+                    args.queue, args.queue
+                ))
+            } else {
+                error
+            }
+        })?;
+    output::report(global.json, &report, |r| {
+        format!(
+            "replayed {} message{} from {} to {}{}",
+            r.replayed,
+            if r.replayed == 1 { "" } else { "s" },
+            r.dead_letter_queue,
+            r.queue,
+            if r.left > 0 {
+                format!("; {} left in {}", r.left, r.dead_letter_queue)
+            } else {
+                String::new()
+            }
+        )
+    })?;
+    Ok(Outcome::Success)
 }
 
 async fn purge(global: &Global, args: PurgeArgs) -> Result<Outcome> {

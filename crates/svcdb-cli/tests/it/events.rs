@@ -1,5 +1,6 @@
-//! `svcdb events purge` end to end: the real binary against a throwaway database. Outcomes
-//! are matched by exit code and `--json` fields.
+//! `svcdb events purge` and `svcdb events replay` end to end: the real binary against a
+//! throwaway database and the real broker. Outcomes are matched by exit code and `--json`
+//! fields.
 
 use crate::common;
 
@@ -232,4 +233,117 @@ async fn events_purge_as_a_role_without_usage_on_the_schema_says_so() {
     p.run(&["events", "purge", "--older-than", "7d"])
         .expect_code(0);
     assert_eq!(count(&db, "svcdb_processed_events").await, 1);
+}
+
+/// The queue `name`, its dead-letter queue holding `n` messages (bodies `dead 0`, `dead 1`,
+/// …), and the channel they were declared on.
+async fn dead_letters(
+    name: &str,
+    n: usize,
+) -> (svcdb_amqp::lapin::Connection, svcdb_amqp::lapin::Channel) {
+    use svcdb_amqp::lapin::options::BasicPublishOptions;
+    use svcdb_amqp::lapin::BasicProperties;
+    use svcdb_amqp::topology::{QueueSpec, Topology};
+    let connection = svcdb_amqp::AmqpConfig::from_env()
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let spec = QueueSpec::new(name);
+    Topology::new()
+        .queue(spec.clone())
+        .declare(&connection)
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for i in 0..n {
+        channel
+            .basic_publish(
+                "".into(),
+                spec.dead_letter_queue().as_str().into(),
+                BasicPublishOptions::default(),
+                format!("dead {i}").as_bytes(),
+                BasicProperties::default().with_message_id(format!("m{i}").into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    (connection, channel)
+}
+
+/// The bodies waiting in `queue`, taken off it.
+async fn drain(channel: &svcdb_amqp::lapin::Channel, queue: &str) -> Vec<String> {
+    use svcdb_amqp::lapin::options::BasicGetOptions;
+    let mut bodies = Vec::new();
+    while let Some(m) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        bodies.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+    }
+    bodies
+}
+
+/// Found by a shop trial: the README said dead letters can be replayed after a fix, and
+/// nothing said how. `svcdb events replay` moves them back, oldest first, up to `--limit`.
+#[tokio::test]
+async fn replay_moves_dead_letters_back_to_their_queue() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let name = format!("svcdb-cli-replay-{}-{nanos}", std::process::id());
+    let (connection, channel) = dead_letters(&name, 3).await;
+    let dlq = format!("{name}.dlq");
+
+    let out = common::svcdb(
+        &[
+            "events", "replay", "--queue", &name, "--limit", "2", "--json",
+        ],
+        &[],
+        None,
+    )
+    .expect_code(0)
+    .json();
+    assert_eq!(
+        (out["replayed"].clone(), out["left"].clone()),
+        (json!(2), json!(1)),
+        "{out}"
+    );
+    let out = common::svcdb(&["events", "replay", "--queue", &name], &[], None).expect_code(0);
+    assert!(out.stdout.contains("replayed 1 message"), "{out}");
+    assert_eq!(drain(&channel, &dlq).await, Vec::<String>::new());
+    assert_eq!(drain(&channel, &name).await, ["dead 0", "dead 1", "dead 2"]);
+
+    // A queue that does not exist is not created.
+    let missing = format!("{name}-missing");
+    let out = common::svcdb(
+        &["events", "replay", "--queue", &missing, "--json"],
+        &[],
+        None,
+    )
+    .expect_code(1)
+    .json();
+    assert_eq!(out["code"], "not_found", "{out}");
+
+    for queue in [&name, &dlq] {
+        channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await
+            .unwrap();
+    }
+    channel
+        .exchange_delete(
+            svcdb_amqp::QueueSpec::new(&name)
+                .dead_letter_exchange()
+                .as_str()
+                .into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "OK".into()).await;
 }

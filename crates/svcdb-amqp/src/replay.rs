@@ -1,0 +1,148 @@
+//! Replaying a queue's dead letters after a fix: each message in `<queue>.dlq` is published
+//! again straight to `<queue>` (the default exchange, so no other queue bound to the original
+//! exchange gets a copy) and removed from the dead-letter queue only once the broker confirmed
+//! the copy. A crash in between leaves the message in both; the consumer's claims absorb the
+//! second copy, as any redelivery.
+//!
+//! Only the messages there when the replay starts are moved: one that fails again and comes
+//! back to the dead-letter queue waits for the next replay instead of going round for ever.
+//! The copy keeps the message's properties and headers, svcdb's `x-svcdb-reason` and
+//! `x-svcdb-deliveries` included (what happened before), without the broker's counting
+//! headers, which the consumer's dead letter already dropped: it starts at delivery 1.
+
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde::Serialize;
+
+use crate::config::AmqpConfig;
+use crate::connection::confirm_channel;
+use crate::error::{Error, Result};
+use crate::publish::{finish, start, Deadline, Unroutable};
+use crate::topology::QueueSpec;
+
+/// How long one copy may wait for its confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What [`replay_dead_letters`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplayReport {
+    /// The consumer queue the messages went back to.
+    pub queue: String,
+    /// Its dead-letter queue, where they came from.
+    pub dead_letter_queue: String,
+    /// Messages moved back.
+    pub replayed: u64,
+    /// Messages left in the dead-letter queue (beyond `limit`, or arrived during the replay).
+    pub left: u64,
+}
+
+/// Moves up to `limit` (all, with `None`) of the messages waiting in `queue`'s dead-letter
+/// queue back to `queue`, oldest first, each confirmed by the broker before it leaves the
+/// dead-letter queue. Both queues must exist ([`Error::Amqp`] naming the missing one
+/// otherwise: a replay must not create a queue nobody consumes).
+pub async fn replay_dead_letters(
+    config: &AmqpConfig,
+    queue: &str,
+    limit: Option<u64>,
+) -> Result<ReplayReport> {
+    let dead_letter_queue = QueueSpec::new(queue).dead_letter_queue();
+    let connection = config.connect().await?;
+    let replayed = async {
+        let channel = confirm_channel(&connection).await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        for name in [queue, dead_letter_queue.as_str()] {
+            channel
+                .queue_declare(name.into(), passive, FieldTable::default())
+                .await
+                .map_err(|e| Error::amqp(format!("looking for queue {name:?}"), e))?;
+        }
+        let waiting = channel
+            .queue_declare(
+                dead_letter_queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::amqp(format!("looking for queue {dead_letter_queue:?}"), e))?
+            .message_count();
+        let to_move = limit.map_or(u64::from(waiting), |l| l.min(u64::from(waiting)));
+        let mut replayed = 0;
+        while replayed < to_move {
+            let Some(message) = channel
+                .basic_get(
+                    dead_letter_queue.as_str().into(),
+                    BasicGetOptions::default(),
+                )
+                .await
+                .map_err(|e| {
+                    Error::amqp(format!("taking a message from {dead_letter_queue:?}"), e)
+                })?
+            else {
+                break; // another replay, or a consumer of the dead letters, took the rest
+            };
+            let what = format!("dead letter {} back to queue {queue:?}", replayed + 1);
+            let deadline = Deadline::after(CONFIRM_TIMEOUT);
+            let sent = async {
+                let confirm = start(
+                    &channel,
+                    "",
+                    queue,
+                    &message.delivery.data,
+                    message.delivery.properties.clone(),
+                    &what,
+                    deadline,
+                )
+                .await?;
+                finish(confirm, deadline, what.clone(), Unroutable::Retry).await
+            }
+            .await;
+            let tag = message.delivery.delivery_tag;
+            if let Err(e) = sent {
+                // Back where it was; the copy, if the broker took it after all, is a
+                // duplicate the claims absorb.
+                let _ = channel
+                    .basic_nack(
+                        tag,
+                        BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        },
+                    )
+                    .await;
+                return Err(e);
+            }
+            channel
+                .basic_ack(tag, BasicAckOptions::default())
+                .await
+                .map_err(|e| {
+                    Error::amqp(format!("removing {what} from the dead-letter queue"), e)
+                })?;
+            replayed += 1;
+        }
+        let left = channel
+            .queue_declare(
+                dead_letter_queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::amqp(format!("looking for queue {dead_letter_queue:?}"), e))?
+            .message_count();
+        let _ = tokio::time::timeout(CONFIRM_TIMEOUT, channel.close(200, "OK".into())).await;
+        Ok::<_, Error>((replayed, u64::from(left)))
+    }
+    .await;
+    let _ = tokio::time::timeout(CONFIRM_TIMEOUT, connection.close(200, "OK".into())).await;
+    let (replayed, left) = replayed?;
+    Ok(ReplayReport {
+        queue: queue.to_owned(),
+        dead_letter_queue,
+        replayed,
+        left,
+    })
+}
