@@ -1210,6 +1210,52 @@ fn lint_each_counts_the_tables_other_migrations_make_as_existing() {
     assert_eq!(found, [("2".to_owned(), 2, Rule::IndexWithoutConcurrently)]);
 }
 
+/// Found by a user trial on harbor's and vaultwarden's folders: `lint --all` flagged
+/// `varchar(128)` to `varchar(1024)` and `varchar(255)` to `text` as rewrites, where `lint`
+/// with the catalog knows they are not. Without a database it now knows the types the earlier
+/// migrations gave; the controls: a change to another type, and a column whose type no
+/// earlier migration gave.
+#[test]
+fn lint_each_knows_the_column_types_earlier_migrations_gave() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "1_t.up.sql",
+                "CREATE TABLE t (v varchar(128), w varchar(255), n int);",
+            ),
+            ("2_u.up.sql", "ALTER TABLE t ADD COLUMN x varchar(40);"),
+            (
+                "3_wider.up.sql",
+                "ALTER TABLE t ALTER COLUMN v TYPE varchar(1024);\n\
+                 ALTER TABLE t ALTER COLUMN w TYPE text;\n\
+                 ALTER TABLE t ALTER COLUMN x TYPE varchar(40);",
+            ),
+            (
+                "4_other.up.sql",
+                "ALTER TABLE t ALTER COLUMN v TYPE varchar(10);\n\
+                 ALTER TABLE t ALTER COLUMN n TYPE bigint;\n\
+                 ALTER TABLE elsewhere ALTER COLUMN z TYPE text;",
+            ),
+        ],
+    );
+    let migrations = Migrations::from_dir(dir.path()).unwrap();
+    let found: Vec<(String, usize, Rule)> = lint::lint_each(&migrations)
+        .findings
+        .iter()
+        .map(|f| (f.version.as_ref().unwrap().to_string(), f.line, f.rule))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("4".to_owned(), 1, Rule::AlterColumnType),
+            ("4".to_owned(), 2, Rule::AlterColumnType),
+            ("4".to_owned(), 3, Rule::AlterColumnType),
+        ]
+    );
+}
+
 /// Found by a user trial: a transactional down script with `DROP INDEX CONCURRENTLY` was run
 /// and failed (25001), where the same in an up script is refused before anything runs. `down`
 /// now refuses it first, whatever allows (the server would refuse it anyway); its up, in a

@@ -1,7 +1,8 @@
 //! What the live tables' columns are, for the checks a parser alone gets wrong: `SET NOT NULL`
 //! on a column that already is (no scan), and a type change PostgreSQL makes without
 //! rewriting the table (`varchar(30)` to `varchar(100)` or `text`). Read from the catalog
-//! before `up` and by `svcdb migrate lint`; `lint --all`, without a database, knows none.
+//! before `up` and by `svcdb migrate lint`; `lint --all`, without a database, knows the
+//! character types the folder's earlier migrations gave their columns ([`ColumnTypes`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -83,10 +84,23 @@ impl LiveColumns {
         Ok(live)
     }
 
-    /// No catalog, but `made_elsewhere` are the tables other migrations create.
-    pub(crate) fn made_elsewhere(made_elsewhere: HashSet<String>) -> Self {
+    /// No catalog, but `made_elsewhere` are the tables other migrations create, and `types`
+    /// the columns' types the earlier ones gave them (nullability unknown).
+    pub(crate) fn made_elsewhere(made_elsewhere: HashSet<String>, types: &ColumnTypes) -> Self {
+        let columns = types
+            .0
+            .iter()
+            .map(|(key, type_name)| {
+                let column = Column {
+                    type_name: type_name.clone(),
+                    not_null: false,
+                };
+                (key.clone(), column)
+            })
+            .collect();
         Self {
             made_elsewhere,
+            columns,
             ..Self::default()
         }
     }
@@ -143,6 +157,73 @@ impl LiveColumns {
 
     fn get(&self, table: &str, column: &str) -> Option<&Column> {
         self.columns.get(&(table.to_owned(), column.to_owned()))
+    }
+}
+
+/// The character types (`varchar(n)`, `varchar`, `text`) of the columns a folder's migrations
+/// made so far, by table and column, from their `CREATE TABLE`, `ADD COLUMN` and
+/// `ALTER COLUMN … TYPE` statements, in version order: what `lint --all` knows of a column's
+/// type where `lint` asks the catalog (found by a user trial: harbor's `varchar(128)` to
+/// `varchar(1024)`, which rewrites nothing, was an error without a database).
+#[derive(Debug, Default)]
+pub(crate) struct ColumnTypes(HashMap<(String, String), String>);
+
+impl ColumnTypes {
+    /// Takes in what `sql` does to column types; nothing when it does not parse.
+    pub(crate) fn record(&mut self, sql: &str) {
+        let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
+            return;
+        };
+        for raw in &parsed.protobuf.stmts {
+            match raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
+                Some(NodeEnum::CreateStmt(create)) => {
+                    let Some(table) = create.relation.as_ref().map(|r| r.relname.as_str()) else {
+                        continue;
+                    };
+                    for element in &create.table_elts {
+                        if let Some(NodeEnum::ColumnDef(column)) = element.node.as_ref() {
+                            self.set(table, &column.colname, column.type_name.as_ref());
+                        }
+                    }
+                }
+                Some(NodeEnum::AlterTableStmt(alter)) => {
+                    let Some(table) = alter.relation.as_ref().map(|r| r.relname.as_str()) else {
+                        continue;
+                    };
+                    for cmd in &alter.cmds {
+                        let Some(NodeEnum::AlterTableCmd(cmd)) = cmd.node.as_ref() else {
+                            continue;
+                        };
+                        let Some(NodeEnum::ColumnDef(column)) =
+                            cmd.def.as_ref().and_then(|d| d.node.as_ref())
+                        else {
+                            continue;
+                        };
+                        let name = if cmd.name.is_empty() {
+                            &column.colname // ADD COLUMN
+                        } else {
+                            &cmd.name // ALTER COLUMN … TYPE
+                        };
+                        // A `USING` expression may change every value: the type alone says
+                        // nothing then.
+                        let typed = column
+                            .raw_default
+                            .is_none()
+                            .then_some(column.type_name.as_ref());
+                        self.set(table, name, typed.flatten());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn set(&mut self, table: &str, column: &str, type_name: Option<&TypeName>) {
+        let key = (table.to_owned(), column.to_owned());
+        match type_name.and_then(render) {
+            Some(rendered) => self.0.insert(key, rendered),
+            None => self.0.remove(&key),
+        };
     }
 }
 

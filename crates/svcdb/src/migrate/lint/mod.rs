@@ -93,6 +93,7 @@ mod finding;
 mod live;
 
 pub use finding::{Finding, Rule, Severity, ALLOW_DIRECTIVE};
+use live::ColumnTypes;
 pub(crate) use live::LiveColumns;
 
 /// What [`lint`] found, in deploy order.
@@ -168,25 +169,34 @@ pub fn lint_each(migrations: &super::Migrations) -> LintReport {
             makers.entry(table).or_default().push(path);
         }
     }
-    let elsewhere = |me: &str| -> LiveColumns {
+    let elsewhere = |me: &str, types: &ColumnTypes| -> LiveColumns {
         LiveColumns::made_elsewhere(
             makers
                 .iter()
                 .filter(|(_, by)| by.iter().any(|path| *path != me))
                 .map(|(table, _)| table.clone())
                 .collect(),
+            types,
         )
     };
     let mut report = LintReport::default();
-    let each = migrations
-        .iter()
-        .map(|m| lint_live(std::iter::once(m), [], elsewhere(&m.path)))
-        .chain(
-            migrations
-                .repeatables()
-                .iter()
-                .map(|r| lint_live([], std::iter::once(r), elsewhere(&r.path))),
-        );
+    // The column types the migrations before each one gave (in version order).
+    let mut types = ColumnTypes::default();
+    let mut each = Vec::new();
+    for m in migrations.iter() {
+        each.push(lint_live(
+            std::iter::once(m),
+            [],
+            elsewhere(&m.path, &types),
+        ));
+        types.record(&m.up);
+    }
+    each.extend(
+        migrations
+            .repeatables()
+            .iter()
+            .map(|r| lint_live([], std::iter::once(r), elsewhere(&r.path, &types))),
+    );
     for one in each {
         report.migrations += one.migrations;
         report.findings.extend(one.findings);
