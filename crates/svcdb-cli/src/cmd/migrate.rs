@@ -490,6 +490,12 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
     json["refused"] = refusal
         .as_ref()
         .map_or(serde_json::Value::Null, |f| f.value());
+    json["out_of_order"] = serde_json::to_value(
+        report
+            .out_of_order()
+            .map(|e| e.version.to_string())
+            .collect::<Vec<_>>(),
+    )?;
     output::report(global.json, &json, |_| {
         let r = &report;
         let mut summary = summary(r);
@@ -786,7 +792,18 @@ fn summary(report: &StatusReport) -> String {
     .into_iter()
     .filter_map(|state| {
         let n = report.in_state(state).filter(|e| !report.newer(e)).count();
-        (n > 0).then(|| format!("{n} {}", state_name(state)))
+        let early = match state {
+            MigrationState::Pending => report.out_of_order().count(),
+            _ => 0,
+        };
+        (n > 0).then(|| match early {
+            0 => format!("{n} {}", state_name(state)),
+            early => format!(
+                "{n} {} ({early} older than the newest applied: `up` refuses {} without --allow-out-of-order)",
+                state_name(state),
+                if early == 1 { "it" } else { "them" }
+            ),
+        })
     })
     .chain(
         // A newer release's migrations: met during a rolling deploy or a rollback.
@@ -828,11 +845,16 @@ fn summary(report: &StatusReport) -> String {
 /// One row per migration: version, name, state, when it was applied and how long it took.
 fn status_table(report: &StatusReport) -> Table {
     let mut table = output::table(["version", "name", "state", "applied at", "duration"]);
+    let early: Vec<&Version> = report.out_of_order().map(|e| &e.version).collect();
     for e in &report.entries {
         table.add_row([
             e.version.to_string(),
             e.name.clone(),
-            state_name(e.state).to_owned(),
+            if early.contains(&&e.version) {
+                "pending, out of order".to_owned()
+            } else {
+                state_name(e.state).to_owned()
+            },
             e.applied_at.map_or_else(String::new, |t| {
                 t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
             }),

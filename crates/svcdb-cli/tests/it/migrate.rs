@@ -5,7 +5,7 @@
 use crate::common;
 
 use common::{svcdb, Project};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Three migrations, each with a down.
 const THREE: &[(&str, &str)] = &[
@@ -180,6 +180,7 @@ async fn a_new_pending_file_makes_status_exit_2_until_up() {
         ["applied", "applied", "applied", "pending"]
     );
     assert_eq!(status["entries"][3]["version"], "0004");
+    assert_eq!(status["out_of_order"], json!([]), "the control: {status}");
 
     // With --json, stdout is the report alone and the progress goes to stderr.
     let out = p.run(&["migrate", "up", "--json"]).expect_code(0);
@@ -188,6 +189,18 @@ async fn a_new_pending_file_makes_status_exit_2_until_up() {
     assert_eq!(versions(&report["migrations"]), [4]);
     assert_eq!(report["current_version"], "0004");
     p.run(&["migrate", "status"]).expect_code(0);
+
+    // Found by a user trial: a file below the newest applied one read as merely pending, and
+    // `up` then refused it.
+    p.write(&[("0000_late.up.sql", "CREATE TABLE late (id int);")]);
+    let out = p.run(&["migrate", "status"]);
+    assert!(
+        out.stdout.contains("older than the newest applied"),
+        "{out}"
+    );
+    let status = p.run(&["migrate", "status", "--json"]).json();
+    assert_eq!(status["out_of_order"], json!(["0000"]), "{status}");
+    assert_eq!(status["refused"]["code"], "out_of_order", "{status}");
 }
 
 #[tokio::test]

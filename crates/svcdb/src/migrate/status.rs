@@ -285,19 +285,31 @@ impl StatusReport {
         }
     }
 
+    /// The newest version in the history (applied, changed, missing, dirty or in progress).
+    fn newest_applied(&self) -> Option<&Version> {
+        self.entries
+            .iter()
+            .filter(|e| e.state != MigrationState::Pending)
+            .map(|e| &e.version)
+            .max()
+    }
+
+    /// Pending migrations older than the newest applied one: `up` refuses them unless
+    /// [`MigrateOptions::allow_out_of_order`] (found by a user trial: `status` listed such a
+    /// migration as merely pending, and `up` then refused it).
+    pub fn out_of_order(&self) -> impl Iterator<Item = &StatusEntry> {
+        let newest = self.newest_applied();
+        self.pending()
+            .filter(move |e| newest.is_some_and(|newest| e.version < *newest))
+    }
+
     /// Refuses to run a migration older than the newest applied one, unless allowed.
     pub(crate) fn check_order(
         &self,
         plan: &[&Migration],
         options: &MigrateOptions,
     ) -> Result<(), MigrateError> {
-        let newest_applied = self
-            .entries
-            .iter()
-            .filter(|e| e.state != MigrationState::Pending)
-            .map(|e| &e.version)
-            .max();
-        match (plan.first(), newest_applied) {
+        match (plan.first(), self.newest_applied()) {
             (Some(m), Some(newest)) if m.version < *newest && !options.allow_out_of_order => {
                 Err(MigrateError::OutOfOrder {
                     version: m.version.clone(),
