@@ -148,6 +148,14 @@ pub struct Drift {
     /// migrated by a newer one.
     #[arg(long)]
     ignore_missing: bool,
+
+    /// Run statements that `migrate lint` reports as errors (a CREATE INDEX without
+    /// CONCURRENTLY on a busy table, a table rewrite, a non-transactional script PostgreSQL's
+    /// parser rejects, …) instead of refusing before anything runs; each is printed as a
+    /// warning. Not what the server refuses inside a transaction (CONCURRENTLY, VACUUM, …).
+    /// For status and validate: judge the pending migrations as `up --allow-unsafe` would.
+    #[arg(long)]
+    allow_unsafe: bool,
 }
 
 /// How long a run may wait; unset options keep the library's defaults (shown in brackets).
@@ -178,12 +186,6 @@ pub struct Timeouts {
 /// Options of the commands that run scripts (`up`, `down`, `redo`).
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Run statements that `migrate lint` reports as errors (a CREATE INDEX without
-    /// CONCURRENTLY on a busy table, a table rewrite, a non-transactional script PostgreSQL's
-    /// parser rejects, …) instead of refusing before anything runs; each is printed as a
-    /// warning. Not what the server refuses inside a transaction (CONCURRENTLY, VACUUM, …).
-    #[arg(long)]
-    allow_unsafe: bool,
     #[command(flatten)]
     drift: Drift,
     #[command(flatten)]
@@ -234,6 +236,7 @@ impl Drift {
             allow_changed: self.allow_changed,
             allow_out_of_order: self.allow_out_of_order,
             ignore_missing: self.ignore_missing,
+            allow_unsafe: self.allow_unsafe,
             ..MigrateOptions::default()
         }
     }
@@ -259,10 +262,7 @@ impl Timeouts {
 
 impl RunArgs {
     fn options(&self) -> MigrateOptions {
-        MigrateOptions {
-            allow_unsafe: self.allow_unsafe,
-            ..self.timeouts.apply(self.drift.options())
-        }
+        self.timeouts.apply(self.drift.options())
     }
 }
 
@@ -479,7 +479,8 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
             | MigrateError::Missing { .. }
             | MigrateError::OutOfOrder { .. }
             | MigrateError::SchemaMissing { .. }
-            | MigrateError::Unwritten { .. }),
+            | MigrateError::Unwritten { .. }
+            | MigrateError::Unsafe { .. }),
         ) => Some(e),
         Err(e) => return Err(e.into()),
     };

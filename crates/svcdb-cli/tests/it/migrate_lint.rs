@@ -168,16 +168,23 @@ async fn up_refuses_an_unsafe_migration_unless_allow_unsafe() {
             && out.stderr.contains("index-without-concurrently"),
         "{out}"
     );
+    // `status` and `validate` say that `up` would refuse (found by a user trial: status said
+    // "run up"); judged as `up --allow-unsafe`, the migration is merely pending.
     let status = p
         .run(&["migrate", "status", "--json"])
-        .expect_code(2)
+        .expect_code(1)
         .json();
     assert_eq!(status["entries"][1]["state"], "pending", "{status}");
+    assert_eq!(status["refused"]["code"], "unsafe", "{status}");
+    p.run(&["migrate", "validate"]).expect_code(1);
+    p.run(&["migrate", "status", "--allow-unsafe"])
+        .expect_code(2);
 
     let out = p.run(&["migrate", "up", "--allow-unsafe"]).expect_code(0);
     assert!(
-        out.stdout.contains("error[index-without-concurrently]"),
-        "the finding let through is printed: {out}"
+        out.stdout.contains("error[index-without-concurrently]")
+            && out.stdout.contains("allowed by --allow-unsafe"),
+        "the finding let through is printed as such: {out}"
     );
     p.run(&["migrate", "status"]).expect_code(0);
 }

@@ -255,8 +255,10 @@ impl Migrator {
     }
 
     /// [`status`](Self::status), failing on a dirty schema, changed files, missing files and
-    /// out-of-order pending migrations (each unless [`MigrateOptions`] allows it), and on a
-    /// pending migration that is still `migrate new`'s template. A migration
+    /// out-of-order pending migrations (each unless [`MigrateOptions`] allows it), on a
+    /// pending migration that is still `migrate new`'s template, and on what the lint refuses
+    /// in the pending migrations ([`MigrateError::Unsafe`], unless
+    /// [`MigrateOptions::allow_unsafe`]): where `validate` passes, `up` runs. A migration
     /// in progress is no failure: `up` would wait for its runner.
     ///
     /// Before the first `up` it also checks that the schema exists (one more query, only then),
@@ -279,7 +281,21 @@ impl Migrator {
                 });
             }
         }
-        super::template::refuse_untouched(&self.plan_up(&status, None)?)?;
+        let plan = self.plan_up(&status, None)?;
+        super::template::refuse_untouched(&plan)?;
+        // Found by a user trial: `status` said "run `svcdb migrate up`", which then refused
+        // the pending migrations' unsafe statements.
+        let stale = if status.newer_release() {
+            Vec::new()
+        } else {
+            let conn = self.db.get().await?;
+            let recorded = self.recorded_repeatables(client(&conn)).await?;
+            self.stale_repeatables(&UpOptions::default(), &recorded)
+        };
+        let live = self
+            .live_columns(!plan.is_empty() || !stale.is_empty())
+            .await?;
+        super::lint::check_before_up(&plan, &stale, live, self.options.allow_unsafe, &mut ignore)?;
         Ok(status)
     }
 

@@ -601,6 +601,23 @@ async fn up_refuses_an_unsafe_migration_before_running_anything() {
 
     // items now exists: a plain CREATE INDEX on it in the next deploy blocks its writes.
     write(dir.path(), &[INDEX, TAGS]);
+    // `validate` says so first (found by a user trial: it passed, and `up` then refused);
+    // with the allowance `up` would have, it passes (the control).
+    let checked = migrator(&svc, dir.path(), MigrateOptions::default())
+        .validate()
+        .await;
+    assert!(
+        matches!(checked, Err(MigrateError::Unsafe { .. })),
+        "{checked:?}"
+    );
+    let allowed = MigrateOptions {
+        allow_unsafe: true,
+        ..MigrateOptions::default()
+    };
+    migrator(&svc, dir.path(), allowed)
+        .validate()
+        .await
+        .unwrap();
     let err = migrator(&svc, dir.path(), MigrateOptions::default())
         .up()
         .await
