@@ -51,26 +51,21 @@ pub async fn replay_dead_letters(
     let connection = config.connect().await?;
     let replayed = async {
         let channel = confirm_channel(&connection).await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        for name in [queue, dead_letter_queue.as_str()] {
+        // How many messages `name` holds; a passive declare, which fails on a missing queue.
+        let count = async |name: &str| {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
             channel
                 .queue_declare(name.into(), passive, FieldTable::default())
                 .await
-                .map_err(|e| Error::amqp(format!("looking for queue {name:?}"), e))?;
-        }
-        let waiting = channel
-            .queue_declare(
-                dead_letter_queue.as_str().into(),
-                passive,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::amqp(format!("looking for queue {dead_letter_queue:?}"), e))?
-            .message_count();
-        let to_move = limit.map_or(u64::from(waiting), |l| l.min(u64::from(waiting)));
+                .map(|q| u64::from(q.message_count()))
+                .map_err(|e| Error::amqp(format!("looking for queue {name:?}"), e))
+        };
+        count(queue).await?;
+        let waiting = count(&dead_letter_queue).await?;
+        let to_move = limit.map_or(waiting, |l| l.min(waiting));
         let mut replayed = 0;
         while replayed < to_move {
             let Some(message) = channel
@@ -124,17 +119,9 @@ pub async fn replay_dead_letters(
                 })?;
             replayed += 1;
         }
-        let left = channel
-            .queue_declare(
-                dead_letter_queue.as_str().into(),
-                passive,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::amqp(format!("looking for queue {dead_letter_queue:?}"), e))?
-            .message_count();
+        let left = count(&dead_letter_queue).await?;
         let _ = tokio::time::timeout(CONFIRM_TIMEOUT, channel.close(200, "OK".into())).await;
-        Ok::<_, Error>((replayed, u64::from(left)))
+        Ok::<_, Error>((replayed, left))
     }
     .await;
     let _ = tokio::time::timeout(CONFIRM_TIMEOUT, connection.close(200, "OK".into())).await;

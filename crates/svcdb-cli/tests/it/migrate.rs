@@ -806,23 +806,18 @@ async fn a_dirty_migration_finished_by_hand_is_recorded_with_baseline() {
     assert_eq!(out.json()["code"], "42P07", "{out}");
 }
 
-/// Found by an operations trial: SIGTERM (a pod being stopped) printed nothing, `--json`
-/// printed no JSON, and a non-transactional migration stopped in its first statement stayed
-/// dirty. The signal now cancels the statement on the server; the command reports the
-/// failure (text and JSON) and exits 143, and the migration stays pending.
-#[tokio::test]
-async fn sigterm_stops_a_migration_as_a_failure_and_says_so() {
+/// A project whose one migration (non-transactional) sleeps a minute in its first statement,
+/// and `migrate up --json` running it: returned once the statement runs on the server.
+async fn slow_migration_running() -> (Project, std::process::Child) {
     let p = Project::new().await;
     p.write(&[(
         "0001_slow.up.sql",
         "-- svcdb:no-transaction\nSELECT pg_sleep(60);\nCREATE TABLE a (id int);",
     )]);
-    let child = p.spawn(&["migrate", "up", "--json"]);
-    // Until the statement runs on the server.
+    let mut child = p.spawn(&["migrate", "up", "--json"]);
     let admin = p.db.admin().await;
-    let mut running = false;
     for _ in 0..200 {
-        running = admin
+        let running = admin
             .query_opt(
                 "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND state = 'active' AND datname = current_database() AND pid <> pg_backend_pid()",
                 &[],
@@ -831,11 +826,22 @@ async fn sigterm_stops_a_migration_as_a_failure_and_says_so() {
             .unwrap()
             .is_some();
         if running {
-            break;
+            return (p, child);
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert!(running, "the migration never started");
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the migration never started");
+}
+
+/// Found by an operations trial: SIGTERM (a pod being stopped) printed nothing, `--json`
+/// printed no JSON, and a non-transactional migration stopped in its first statement stayed
+/// dirty. The signal now cancels the statement on the server; the command reports the
+/// failure (text and JSON) and exits 143, and the migration stays pending.
+#[tokio::test]
+async fn sigterm_stops_a_migration_as_a_failure_and_says_so() {
+    let (p, child) = slow_migration_running().await;
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -862,29 +868,7 @@ async fn sigterm_stops_a_migration_as_a_failure_and_says_so() {
 /// the statement running on the server. A repeat within 100 ms is the same signal.
 #[tokio::test]
 async fn a_signal_delivered_twice_at_once_still_stops_the_migration_cleanly() {
-    let p = Project::new().await;
-    p.write(&[(
-        "0001_slow.up.sql",
-        "-- svcdb:no-transaction\nSELECT pg_sleep(60);\nCREATE TABLE a (id int);",
-    )]);
-    let child = p.spawn(&["migrate", "up", "--json"]);
-    let admin = p.db.admin().await;
-    let mut running = false;
-    for _ in 0..200 {
-        running = admin
-            .query_opt(
-                "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND state = 'active' AND datname = current_database() AND pid <> pg_backend_pid()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .is_some();
-        if running {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(running, "the migration never started");
+    let (p, child) = slow_migration_running().await;
     // Two deliveries a few milliseconds apart, as `timeout` sends them.
     for _ in 0..2 {
         let killed = std::process::Command::new("kill")

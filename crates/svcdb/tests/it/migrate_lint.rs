@@ -1197,6 +1197,15 @@ async fn a_drop_of_a_table_in_an_extra_schema_is_a_finding() {
     assert_eq!(found, [(1, Rule::DropTable)]);
 }
 
+/// `(version, line, rule)` of each finding of [`lint::lint_each`].
+fn each_finding(migrations: &Migrations) -> Vec<(String, usize, Rule)> {
+    lint::lint_each(migrations)
+        .findings
+        .iter()
+        .map(|f| (f.version.as_ref().unwrap().to_string(), f.line, f.rule))
+        .collect()
+}
+
 /// Found by an adversarial trial: `lint --all` (no database) took `CREATE TABLE IF NOT EXISTS
 /// t` for a new table though another migration makes `t`, and let a plain `CREATE INDEX` on
 /// it through, where `lint` with the catalog refused it. `lint_each` counts the tables other
@@ -1219,11 +1228,7 @@ fn lint_each_counts_the_tables_other_migrations_make_as_existing() {
         ],
     );
     let migrations = Migrations::from_dir(dir.path()).unwrap();
-    let found: Vec<(String, usize, Rule)> = lint::lint_each(&migrations)
-        .findings
-        .iter()
-        .map(|f| (f.version.as_ref().unwrap().to_string(), f.line, f.rule))
-        .collect();
+    let found = each_finding(&migrations);
     assert_eq!(found, [("2".to_owned(), 2, Rule::IndexWithoutConcurrently)]);
 }
 
@@ -1258,11 +1263,7 @@ fn lint_each_knows_the_column_types_earlier_migrations_gave() {
         ],
     );
     let migrations = Migrations::from_dir(dir.path()).unwrap();
-    let found: Vec<(String, usize, Rule)> = lint::lint_each(&migrations)
-        .findings
-        .iter()
-        .map(|f| (f.version.as_ref().unwrap().to_string(), f.line, f.rule))
-        .collect();
+    let found = each_finding(&migrations);
     assert_eq!(
         found,
         [
