@@ -56,7 +56,9 @@
 //! ([`Cause::Interrupted`]): for the operator who will not wait.
 //!
 //! Kubernetes keeps sending traffic for a moment after SIGTERM while it updates its
-//! endpoints; a `preStop` hook that sleeps a few seconds covers that gap. Keep
+//! endpoints; [`Service::drain_delay`] of a few seconds (or a `preStop` hook that sleeps)
+//! covers that gap: without it a replica with nothing in flight stops serving within
+//! milliseconds of the signal, before its `503` is seen. Keep
 //! [`Service::shutdown_timeout`] below the pod's `terminationGracePeriodSeconds` (30 s by
 //! default), after which it is killed.
 //!
@@ -168,6 +170,7 @@ pub struct Service<S = ServiceDb> {
     publish_retry: PublishRetry,
     shutdown_timeout: Duration,
     startup_wait: Duration,
+    drain_delay: Duration,
 }
 
 impl<S> fmt::Debug for Service<S> {
@@ -191,6 +194,7 @@ impl<S> fmt::Debug for Service<S> {
             .field("listen", &self.listen)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("startup_wait", &self.startup_wait)
+            .field("drain_delay", &self.drain_delay)
             .finish_non_exhaustive()
     }
 }
@@ -230,6 +234,7 @@ where
             publish_retry: PublishRetry::default(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             startup_wait: DEFAULT_STARTUP_WAIT,
+            drain_delay: Duration::ZERO,
         }
     }
 
@@ -361,6 +366,18 @@ where
         self
     }
 
+    /// How long, at the start of the shutdown, `/readyz` answers `503` while everything else
+    /// keeps working (routes, consumers, relay), before anything stops: the time a load
+    /// balancer needs to notice and send no more requests. Kubernetes updates its endpoints
+    /// a few seconds after the SIGTERM, so give it that (2–5 s) instead of a `preStop` sleep;
+    /// it counts against [`Service::shutdown_timeout`]. Default: none (a service with no
+    /// request in flight stops serving within milliseconds of the signal).
+    #[must_use]
+    pub fn drain_delay(mut self, delay: Duration) -> Self {
+        self.drain_delay = delay;
+        self
+    }
+
     /// Starts the service ([`Service::start`]), runs it until SIGTERM or Ctrl-C, then stops
     /// it gracefully ([`Running::stop`]). Returns the first error: a step of the start-up,
     /// a part that failed while running, or the shutdown.
@@ -388,6 +405,7 @@ where
             publish_retry,
             shutdown_timeout,
             startup_wait,
+            drain_delay,
         } = self;
         let steps = Steps { service: &name };
         let subscribes = !subscriptions.is_empty();
@@ -566,6 +584,7 @@ where
             gate: report,
             draining,
             shutdown_timeout,
+            drain_delay,
             tasks: JoinSet::new(),
             parts: HashMap::new(),
             stop: HashMap::new(),
@@ -836,6 +855,7 @@ pub struct Running {
     gate: GateReport,
     draining: Arc<AtomicBool>,
     shutdown_timeout: Duration,
+    drain_delay: Duration,
     tasks: JoinSet<Result<(), Cause>>,
     parts: HashMap<Id, Part>,
     stop: HashMap<Group, CancellationToken>,
@@ -933,6 +953,8 @@ impl Running {
         let deadline = Instant::now() + self.shutdown_timeout;
         self.draining.store(true, Ordering::Release);
         metrics::gauge!("svcdb_gate_ready", self.db.metric_labels().iter()).set(0.0);
+        // Not ready, still serving: the load balancer takes the replica out meanwhile.
+        tokio::time::sleep_until(deadline.min(Instant::now() + self.drain_delay)).await;
         let mut first_error = None;
         for group in [Group::Consumers, Group::Http, Group::Relay] {
             let started = Instant::now();

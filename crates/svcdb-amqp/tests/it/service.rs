@@ -407,6 +407,51 @@ async fn a_replica_waits_for_the_database() {
     forwarder.abort();
 }
 
+/// Found by a shop trial: at SIGTERM a replica with nothing in flight stopped serving within
+/// milliseconds, so a load balancer never saw its `503` and sent requests to a closed port.
+/// With a drain delay, `/readyz` says 503 while the routes still answer, for that long; the
+/// control, without one, stops at once.
+#[tokio::test]
+async fn a_drain_delay_keeps_serving_while_readyz_says_not_ready() {
+    common::init_tracing();
+    let (test_db, _db) = common::service().await;
+    let hello = || axum::Router::new().route("/hello", axum::routing::get(|| async { "hi" }));
+    let running = Service::new("svc-drain")
+        .database(test_db.config("svc"))
+        .routes(hello())
+        .listen(localhost())
+        .drain_delay(Duration::from_millis(800))
+        .start()
+        .await
+        .unwrap();
+    let addr = running.addr();
+    let stopping = tokio::spawn(running.stop());
+    eventually("/readyz says 503", || async {
+        status(addr, "/readyz").await == 503
+    })
+    .await;
+    assert_eq!(status(addr, "/hello").await, 200, "the routes still answer");
+    assert!(!stopping.is_finished());
+    stopping.await.unwrap().unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+
+    let running = Service::new("svc-drain")
+        .database(test_db.config("svc"))
+        .routes(hello())
+        .listen(localhost())
+        .start()
+        .await
+        .unwrap();
+    let addr = running.addr();
+    let began = std::time::Instant::now();
+    running.stop().await.unwrap();
+    assert!(
+        began.elapsed() < Duration::from_millis(800),
+        "the control stops at once"
+    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
 #[tokio::test]
 async fn a_request_in_flight_is_answered_before_the_server_stops() {
     common::init_tracing();
