@@ -171,9 +171,15 @@ pub(crate) struct ColumnTypes(HashMap<(String, String), String>);
 impl ColumnTypes {
     /// Takes in what `sql` does to column types; nothing when it does not parse.
     pub(crate) fn record(&mut self, sql: &str) {
-        let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
-            return;
-        };
+        for piece in crate::migrate::split::parsed_pieces(sql) {
+            let Ok((_, parsed)) = piece else {
+                return;
+            };
+            self.record_parsed(&parsed);
+        }
+    }
+
+    fn record_parsed(&mut self, parsed: &pg_query::ParseResult) {
         for raw in &parsed.protobuf.stmts {
             match raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
                 Some(NodeEnum::CreateStmt(create)) => {

@@ -86,7 +86,7 @@ use super::error::MigrateError;
 use super::event::MigrateEvent;
 use super::migration::Migration;
 use super::repeatable::Repeatable;
-use super::split::{code_start, comments, split_statements};
+use super::split::{code_start, comments, parsed_pieces, split_statements};
 use super::version::Version;
 
 mod finding;
@@ -207,23 +207,24 @@ pub fn lint_each(migrations: &super::Migrations) -> LintReport {
 /// The tables `sql` creates (`CREATE TABLE`, `CREATE TABLE … AS`), by name; none when it does
 /// not parse.
 fn created_tables(sql: &str) -> Vec<String> {
-    let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
-        return Vec::new();
-    };
-    parsed
-        .protobuf
-        .stmts
-        .iter()
-        .filter_map(|raw| match raw.stmt.as_ref()?.node.as_ref()? {
-            NodeEnum::CreateStmt(create) => create.relation.as_ref().map(|r| r.relname.clone()),
-            NodeEnum::CreateTableAsStmt(create) => create
-                .into
-                .as_ref()
-                .and_then(|i| i.rel.as_ref())
-                .map(|r| r.relname.clone()),
-            _ => None,
-        })
-        .collect()
+    let mut tables = Vec::new();
+    for piece in parsed_pieces(sql) {
+        let Ok((_, parsed)) = piece else {
+            return Vec::new();
+        };
+        tables.extend(parsed.protobuf.stmts.iter().filter_map(|raw| {
+            match raw.stmt.as_ref()?.node.as_ref()? {
+                NodeEnum::CreateStmt(create) => create.relation.as_ref().map(|r| r.relname.clone()),
+                NodeEnum::CreateTableAsStmt(create) => create
+                    .into
+                    .as_ref()
+                    .and_then(|i| i.rel.as_ref())
+                    .map(|r| r.relname.clone()),
+                _ => None,
+            }
+        }));
+    }
+    tables
 }
 
 /// [`lint`] of `deploy`, then of the repeatable migrations `up` runs after it (Flyway's
@@ -557,27 +558,30 @@ impl Deploy {
             ));
             return;
         }
-        let parsed = match pg_query::parse(script.up, pg_query::ParserOptions::DEFAULT) {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                out.push(script.finding(
-                    unparsed_at(script.up),
-                    unparsed_rule(script.transactional),
-                    format!("PostgreSQL's parser rejects the script, so it was not checked{}: {e}", outside_transaction(script.transactional)),
-                    "fix the syntax (the server will refuse it too); it is checked once it parses".into(),
-                ));
-                return;
-            }
-        };
-        for raw in &parsed.protobuf.stmts {
-            let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
-                continue;
+        for piece in parsed_pieces(script.up) {
+            let (offset, parsed) = match piece {
+                Ok(piece) => piece,
+                Err(e) => {
+                    out.push(script.finding(
+                        unparsed_at(script.up),
+                        unparsed_rule(script.transactional),
+                        format!("PostgreSQL's parser rejects the script, so it was not checked{}: {e}", outside_transaction(script.transactional)),
+                        "fix the syntax (the server will refuse it too); it is checked once it parses".into(),
+                    ));
+                    return;
+                }
             };
-            // The parser's location may include the comments before the statement.
-            let at = code_start(script.up, usize::try_from(raw.stmt_location).unwrap_or(0));
-            self.statement(&script, at, node, out);
-            if !script.transactional {
-                self.open_tx_added.clear();
+            for raw in &parsed.protobuf.stmts {
+                let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
+                    continue;
+                };
+                // The parser's location may include the comments before the statement.
+                let location = offset + usize::try_from(raw.stmt_location).unwrap_or(0);
+                let at = code_start(script.up, location);
+                self.statement(&script, at, node, out);
+                if !script.transactional {
+                    self.open_tx_added.clear();
+                }
             }
         }
     }
