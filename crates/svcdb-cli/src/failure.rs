@@ -109,6 +109,9 @@ impl Failure {
                 e.code()
             } else if let Some(e) = cause.downcast_ref::<MigrateError>() {
                 e.code()
+            } else if let Some(AdoptError::Migrate(e)) = cause.downcast_ref::<AdoptError>() {
+                // Found by a user trial: adopt's 42501 came out as `connection_lost`.
+                e.code()
             } else {
                 None
             }
@@ -232,7 +235,11 @@ fn db_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a DbEr
     if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
         return e.as_db_error();
     }
-    match cause.downcast_ref::<MigrateError>()? {
+    let migrate = match cause.downcast_ref::<AdoptError>() {
+        Some(AdoptError::Migrate(e)) => e,
+        _ => cause.downcast_ref::<MigrateError>()?,
+    };
+    match migrate {
         MigrateError::Db(e) => e.as_db_error(),
         MigrateError::Failed(failure) => failure.cause.as_db_error(),
         _ => None,

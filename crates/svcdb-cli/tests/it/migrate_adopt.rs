@@ -92,3 +92,29 @@ async fn adopting_a_dirty_golang_migrate_schema_is_refused_naming_the_version() 
     p.run(&["migrate", "adopt", "--from", "liquibase"])
         .expect_code(64);
 }
+
+/// Found by a user trial: the service's role may not read the other tool's table in `public`,
+/// and `--json` said `connection_lost`; the code is the server's SQLSTATE.
+#[tokio::test]
+async fn a_history_table_the_role_may_not_read_is_reported_with_its_sqlstate() {
+    let p = Project::new().await;
+    p.write(FILES);
+    migrated_by_golang_migrate(&p, false).await;
+    let role = p.db.role_name("svc");
+    p.db.admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT USAGE, CREATE ON SCHEMA svc TO {role}; ALTER SCHEMA svc OWNER TO {role};"
+        ))
+        .await
+        .unwrap();
+    let url = p.db.url_as(&role);
+    let out = p
+        .run_with_env(
+            &["migrate", "adopt", "--from", "golang-migrate", "--json"],
+            &[("DATABASE_URL", url.as_str())],
+        )
+        .expect_code(1)
+        .json();
+    assert_eq!(out["code"], "42501", "{out}");
+}
