@@ -6,9 +6,11 @@
 //!
 //! Only the messages there when the replay starts are moved: one that fails again and comes
 //! back to the dead-letter queue waits for the next replay instead of going round for ever.
-//! The copy keeps the message's properties and headers, svcdb's `x-svcdb-reason` and
-//! `x-svcdb-deliveries` included (what happened before), without the broker's counting
-//! headers, which the consumer's dead letter already dropped: it starts at delivery 1.
+//! The copy keeps the message's properties and headers, svcdb's `x-svcdb-reason`,
+//! `x-svcdb-deliveries` and `x-svcdb-original-exchange` included (what happened before, and
+//! where it first came from, which a failure after the replay keeps), without the broker's
+//! counting headers (`x-death`, …, of a message the broker dead-lettered itself): it starts at
+//! delivery 1.
 
 use std::time::Duration;
 
@@ -88,7 +90,11 @@ pub async fn replay_dead_letters(
                     "",
                     queue,
                     &message.delivery.data,
-                    message.delivery.properties.clone(),
+                    // The broker's counting headers of a message it dead-lettered itself
+                    // (`x-death`) go, as from the consumer's own dead letters.
+                    message.delivery.properties.clone().with_headers(
+                        crate::consumer::without_broker_counting(&message.delivery.properties),
+                    ),
                     &what,
                     deadline,
                 )

@@ -72,18 +72,10 @@ pub(super) async fn dead_letter(
     Counters::bump(&context.counters.dead_lettered);
 }
 
-/// Publishes the dead-letter copy (original body and properties, the broker's counting
-/// headers removed, ours added) and awaits its confirm, all by `deadline`.
-async fn publish_dead_letter(
-    context: &Context,
-    delivery: &Delivery,
-    reason: &str,
-    deliveries: u32,
-    deadline: crate::publish::Deadline,
-) -> Result<()> {
-    let exchange = context.queue.dead_letter_exchange();
-    let mut headers: FieldTable = delivery
-        .properties
+/// The headers of `properties` without the broker's counting ones: what a dead-letter copy,
+/// and a replayed one, carries.
+pub(crate) fn without_broker_counting(properties: &lapin::BasicProperties) -> FieldTable {
+    properties
         .headers()
         .as_ref()
         .map(|h| {
@@ -94,20 +86,37 @@ async fn publish_dead_letter(
                 .collect::<std::collections::BTreeMap<_, _>>()
                 .into()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Publishes the dead-letter copy (original body and properties, the broker's counting
+/// headers removed, ours added) and awaits its confirm, all by `deadline`.
+async fn publish_dead_letter(
+    context: &Context,
+    delivery: &Delivery,
+    reason: &str,
+    deliveries: u32,
+    deadline: crate::publish::Deadline,
+) -> Result<()> {
+    let exchange = context.queue.dead_letter_exchange();
+    let mut headers = without_broker_counting(&delivery.properties);
     let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+    // A replayed message came straight to the queue: where it first came from stays.
+    let replayed = headers.inner().contains_key("x-svcdb-original-exchange");
     let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
     headers.insert("x-svcdb-reason".into(), text(&reason));
     headers.insert("x-svcdb-queue".into(), text(&context.queue.name));
     headers.insert("x-svcdb-consumer".into(), text(&context.name));
-    headers.insert(
-        "x-svcdb-original-exchange".into(),
-        text(delivery.exchange.as_str()),
-    );
-    headers.insert(
-        "x-svcdb-original-routing-key".into(),
-        text(delivery.routing_key.as_str()),
-    );
+    if !replayed {
+        headers.insert(
+            "x-svcdb-original-exchange".into(),
+            text(delivery.exchange.as_str()),
+        );
+        headers.insert(
+            "x-svcdb-original-routing-key".into(),
+            text(delivery.routing_key.as_str()),
+        );
+    }
     // Replaces the count of an earlier dead-lettering of a replayed message.
     headers.insert(
         "x-svcdb-deliveries".into(),

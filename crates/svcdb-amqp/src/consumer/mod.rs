@@ -18,6 +18,7 @@ mod batch;
 mod consume;
 mod context;
 mod dead_letter;
+pub(crate) use dead_letter::without_broker_counting;
 mod delivery;
 mod options;
 mod outage;

@@ -535,6 +535,41 @@ async fn a_message_replayed_from_the_dead_letter_queue_starts_with_a_fresh_count
     assert_eq!(s.broker.ready(&s.queue.dead_letter_queue()).await, 1);
 }
 
+/// Found by a user trial: a message replayed straight to its queue (`svcdb events replay`)
+/// that failed again was dead-lettered with the default exchange and the queue's name as its
+/// origin, so where it first came from was lost. The first origin stays.
+#[tokio::test]
+async fn a_replayed_message_that_fails_again_keeps_its_first_origin() {
+    let (s, _test_db, db) = queue_and_service(1).await;
+    let copies = s.broker.tap(&s.queue.dead_letter_exchange()).await;
+    let consumer = s.consumer(&db).on(KIND, |_tx, _event| {
+        Box::pin(async { Err(HandlerError::msg("still broken")) })
+    });
+    let (shutdown, task) = start(&consumer);
+    let reserved = event();
+    let text = |s: &str| lapin::types::AMQPValue::LongString(s.into());
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert("x-svcdb-original-exchange".into(), text("catalog.events"));
+    headers.insert(
+        "x-svcdb-original-routing-key".into(),
+        text("product.stock.reserved"),
+    );
+    let properties = svcdb_amqp::publish::envelope_properties(&reserved).with_headers(headers);
+    s.broker
+        .publish_with("", &s.queue.name, &reserved.to_json_bytes(), properties)
+        .await;
+    let dead = s.broker.take(&copies, 1, Duration::from_secs(10)).await;
+    stop(shutdown, task).await;
+    assert_eq!(
+        header(&dead[0], "x-svcdb-original-exchange").as_deref(),
+        Some("catalog.events")
+    );
+    assert_eq!(
+        header(&dead[0], "x-svcdb-original-routing-key").as_deref(),
+        Some("product.stock.reserved")
+    );
+}
+
 #[tokio::test]
 async fn a_first_delivery_is_number_one_whatever_count_its_headers_carry() {
     // A copy dead-lettered by the broker (or by RabbitMQ 4.x, which carries the count across

@@ -263,7 +263,9 @@ async fn dead_letters(
                 spec.dead_letter_queue().as_str().into(),
                 BasicPublishOptions::default(),
                 format!("dead {i}").as_bytes(),
-                BasicProperties::default().with_message_id(format!("m{i}").into()),
+                BasicProperties::default()
+                    .with_message_id(format!("m{i}").into())
+                    .with_headers(dead_letter_headers()),
             )
             .await
             .unwrap()
@@ -273,8 +275,22 @@ async fn dead_letters(
     (connection, channel)
 }
 
-/// The bodies waiting in `queue`, taken off it.
-async fn drain(channel: &svcdb_amqp::lapin::Channel, queue: &str) -> Vec<String> {
+/// What a message the broker dead-lettered itself carries, and where svcdb's consumer said it
+/// came from.
+fn dead_letter_headers() -> svcdb_amqp::lapin::types::FieldTable {
+    use svcdb_amqp::lapin::types::{AMQPValue, FieldTable};
+    let mut headers = FieldTable::default();
+    headers.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+    headers.insert(
+        "x-svcdb-original-exchange".into(),
+        AMQPValue::LongString("shop.events".into()),
+    );
+    headers
+}
+
+/// The bodies waiting in `queue`, taken off it, with whether each kept the origin header and
+/// lost the broker's `x-death`.
+async fn drain(channel: &svcdb_amqp::lapin::Channel, queue: &str) -> Vec<(String, bool)> {
     use svcdb_amqp::lapin::options::BasicGetOptions;
     let mut bodies = Vec::new();
     while let Some(m) = channel
@@ -282,7 +298,13 @@ async fn drain(channel: &svcdb_amqp::lapin::Channel, queue: &str) -> Vec<String>
         .await
         .unwrap()
     {
-        bodies.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+        let as_replayed = headers.inner().contains_key("x-svcdb-original-exchange")
+            && !headers.inner().contains_key("x-death");
+        bodies.push((
+            String::from_utf8_lossy(&m.delivery.data).into_owned(),
+            as_replayed,
+        ));
     }
     bodies
 }
@@ -315,8 +337,14 @@ async fn replay_moves_dead_letters_back_to_their_queue() {
     );
     let out = common::svcdb(&["events", "replay", "--queue", &name], &[], None).expect_code(0);
     assert!(out.stdout.contains("replayed 1 message"), "{out}");
-    assert_eq!(drain(&channel, &dlq).await, Vec::<String>::new());
-    assert_eq!(drain(&channel, &name).await, ["dead 0", "dead 1", "dead 2"]);
+    assert_eq!(drain(&channel, &dlq).await, []);
+    let replayed = drain(&channel, &name).await;
+    let bodies: Vec<&str> = replayed.iter().map(|(b, _)| b.as_str()).collect();
+    assert_eq!(bodies, ["dead 0", "dead 1", "dead 2"]);
+    assert!(
+        replayed.iter().all(|(_, as_replayed)| *as_replayed),
+        "{replayed:?}"
+    );
 
     // A queue that does not exist is not created.
     let missing = format!("{name}-missing");

@@ -43,8 +43,9 @@ const PARSE_CHUNK: usize = 512 * 1024;
 pub(crate) fn parsed_pieces(
     sql: &str,
 ) -> impl Iterator<Item = Result<(usize, pg_query::ParseResult), pg_query::Error>> + '_ {
+    let whole = std::iter::once(0..sql.len()).collect();
     let ranges: Vec<Range<usize>> = if sql.len() <= PARSE_CHUNK {
-        vec![0..sql.len()]
+        whole
     } else {
         match pg_query::split_with_parser(sql) {
             Ok(statements) => {
@@ -61,7 +62,7 @@ pub(crate) fn parsed_pieces(
                 ranges
             }
             // The whole script, to get the parser's error.
-            Err(_) => vec![0..sql.len()],
+            Err(_) => whole,
         }
     };
     ranges.into_iter().map(move |range| {

@@ -1197,6 +1197,28 @@ async fn a_drop_of_a_table_in_an_extra_schema_is_a_finding() {
     assert_eq!(found, [(1, Rule::DropTable)]);
 }
 
+/// Found by a trial: a 17 MB seed migration took 1.4 GB to lint, its whole parse tree at
+/// once. Large scripts are parsed a piece at a time; a finding in a later piece still names
+/// its own line, and one in the first piece too.
+#[test]
+fn a_large_script_is_linted_in_pieces_with_the_right_lines() {
+    let mut sql = String::from("CREATE INDEX early ON users (email);\n");
+    for i in 0..20_000 {
+        sql.push_str(&format!(
+            "INSERT INTO seed VALUES ({i}, 'row {i} of the seed data');\n"
+        ));
+    }
+    assert!(sql.len() > 1024 * 1024, "more than one piece");
+    sql.push_str("CREATE INDEX late ON users (name);\n");
+    assert_eq!(
+        findings(&[("1_seed.up.sql", &sql)]),
+        [
+            (Rule::IndexWithoutConcurrently, 1, false),
+            (Rule::IndexWithoutConcurrently, 20_002, false)
+        ]
+    );
+}
+
 /// `(version, line, rule)` of each finding of [`lint::lint_each`].
 fn each_finding(migrations: &Migrations) -> Vec<(String, usize, Rule)> {
     lint::lint_each(migrations)
