@@ -257,6 +257,14 @@ async fn schema_owner_hint(e: &anyhow::Error, global: &Global) -> Option<String>
     if *db.code() != SqlState::INSUFFICIENT_PRIVILEGE {
         return None;
     }
+    // A statement qualified with another schema has its own hint, to drop the qualifier; a
+    // grant there would be the wrong fix (found by a user trial: two hints that disagreed).
+    let qualified = e.chain().any(|cause| {
+        matches!(cause.downcast_ref::<MigrateError>(), Some(MigrateError::Failed(f)) if f.other_schema.is_some())
+    });
+    if qualified {
+        return None;
+    }
     // PostgreSQL's aclcheck_error: "permission denied for schema %s", the name unquoted. The
     // name is in no field of its own, only in the message: a server whose lc_messages is not
     // English gets no owner hint (the error itself is unchanged).

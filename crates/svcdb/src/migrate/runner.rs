@@ -1645,14 +1645,20 @@ fn failure(
         line,
         statement,
     } = locate(m, direction, &cause, statements_done, at);
-    let other_schema = statement
-        .as_deref()
-        .filter(|_| MigrationFailure::may_be_misplaced(&cause))
-        .and_then(|statement| {
-            super::lint::schemas_named(statement)
+    let other_schema = MigrationFailure::may_be_misplaced(&cause)
+        .then(|| {
+            // The statement's table and function names, else the name the server's message
+            // quotes (a `REFERENCES public.a`, a `COMMENT ON`, a type: found by a user trial).
+            let named = statement
+                .as_deref()
+                .map(super::lint::schemas_named)
+                .unwrap_or_default();
+            named
                 .into_iter()
+                .chain(quoted_schema(&cause))
                 .find(|named| named != schema)
-        });
+        })
+        .flatten();
     MigrationFailure {
         version: m.version.clone(),
         name: m.name.clone(),
@@ -1674,6 +1680,21 @@ fn failure(
         other_histories: Vec::new(),
         other_schema,
     }
+}
+
+/// The schema of the name a server error quotes: `relation "public.a" does not exist` (and
+/// `type`, `function`, …) gives `public`, `schema "x" does not exist` gives `x`; PostgreSQL's
+/// own schemas are none.
+fn quoted_schema(cause: &tokio_postgres::Error) -> Option<String> {
+    let db = cause.as_db_error()?;
+    let (_, rest) = db.message().split_once('"')?;
+    let (quoted, _) = rest.split_once('"')?;
+    let schema = if *db.code() == tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME {
+        quoted
+    } else {
+        quoted.split_once('.')?.0
+    };
+    (!["pg_catalog", "information_schema", "pg_temp"].contains(&schema)).then(|| schema.to_owned())
 }
 
 /// Every invalid index of `schema` (`pg_index.indisvalid` false), by name, with the statement

@@ -1414,6 +1414,31 @@ async fn a_statement_qualified_with_public_is_named_when_it_fails() {
         Some("public"),
         "{err}"
     );
+    // Names the parser's table list misses, found by the server's message (a user trial).
+    for script in [
+        "CREATE TABLE g (id int REFERENCES public.tuples (id));",
+        "COMMENT ON TABLE public.tuples IS 'x';",
+        "CREATE TABLE h (x public.mytype);",
+        "CREATE TABLE h (LIKE public.tuples);",
+    ] {
+        let f = Fixture::new().await;
+        write(
+            f.dir.path(),
+            &[
+                (
+                    "1_tuples.up.sql",
+                    "CREATE TABLE tuples (id int PRIMARY KEY);",
+                ),
+                ("2_more.up.sql", script),
+            ],
+        );
+        let err = migrator(&f.svc, f.dir.path()).up().await.unwrap_err();
+        assert_eq!(
+            failure(&err).other_schema.as_deref(),
+            Some("public"),
+            "{script}: {err}"
+        );
+    }
 
     let control = Fixture::new().await;
     write(
