@@ -67,12 +67,24 @@ impl Failure {
     /// An invalid command line as clap reports it (clap prints its own text).
     pub fn from_clap(e: &clap::Error) -> Self {
         let text = e.to_string();
-        let mut lines = text.lines();
-        let error = lines
+        let mut lines = text.lines().peekable();
+        let mut error = lines
             .next()
             .unwrap_or_default()
             .trim_start_matches("error: ")
             .to_owned();
+        // "the following required arguments were not provided:" lists them on the next,
+        // indented lines (found by a user trial: the JSON error stopped at the colon).
+        if error.ends_with(':') {
+            let mut listed = Vec::new();
+            while let Some(line) = lines.next_if(|l| l.starts_with("  ")) {
+                listed.push(line.trim());
+            }
+            if !listed.is_empty() {
+                error.push(' ');
+                error.push_str(&listed.join(", "));
+            }
+        }
         let tips: Vec<&str> = lines
             .filter_map(|l| l.trim_start().strip_prefix("tip: "))
             .collect();

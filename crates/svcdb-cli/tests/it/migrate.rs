@@ -607,6 +607,14 @@ fn an_invalid_command_line_exits_64() {
         assert_eq!(out.code, 64, "{args:?}: {out}");
         assert!(!out.stderr.is_empty(), "{args:?}: {out}");
     }
+    // A missing required option is named in the JSON error, not cut at clap's colon.
+    let out = svcdb(&["--json", "events", "replay"], &[], None).expect_code(64);
+    let error = out.json();
+    assert_eq!(error["code"], "usage");
+    assert!(
+        error["error"].as_str().unwrap().contains("--queue"),
+        "{error}"
+    );
 }
 
 /// Regression: on a schema nobody created, `status` said "2 pending; run `svcdb migrate up`"
