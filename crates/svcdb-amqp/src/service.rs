@@ -512,11 +512,12 @@ where
                     .await?;
             }
 
-            let listener = steps
-                .run(Step::Listen(listen), tokio::net::TcpListener::bind(listen))
-                .await?;
-            let addr = steps
-                .run(Step::Listen(listen), async { listener.local_addr() })
+            let (listener, addr) = steps
+                .run(Step::Listen(listen), async {
+                    let listener = tokio::net::TcpListener::bind(listen).await?;
+                    let addr = listener.local_addr()?;
+                    Ok::<_, std::io::Error>((listener, addr))
+                })
                 .await?;
             Ok::<_, ServiceError>((migrated, gate, report, listener, addr))
         }
