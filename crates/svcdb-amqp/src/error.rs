@@ -119,6 +119,16 @@ pub enum Error {
     /// A database error, from svcdb.
     #[error(transparent)]
     Db(#[from] svcdb::Error),
+
+    /// [`replay_dead_letters`](crate::replay_dead_letters) stopped part-way: the messages moved
+    /// before the failure stay moved, the rest wait in the dead-letter queue.
+    #[error("{cause}\n  {replayed} message{} had been moved back before it; the rest are still in the dead-letter queue\n  hint: run the replay again once the cause is fixed (a message moved twice is absorbed by the consumer's claims)", if *replayed == 1 { "" } else { "s" })]
+    ReplayStopped {
+        /// Messages moved back before the failure.
+        replayed: u64,
+        /// What stopped it.
+        cause: Box<Error>,
+    },
 }
 
 impl Error {
@@ -126,11 +136,15 @@ impl Error {
     /// (`NOT_FOUND`, 404).
     pub fn is_not_found(&self) -> bool {
         use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-        matches!(self, Error::Amqp { cause, .. } if matches!(
-            cause.kind(),
-            lapin::ErrorKind::ProtocolError(amqp)
-                if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
-        ))
+        match self {
+            Error::ReplayStopped { cause, .. } => cause.is_not_found(),
+            Error::Amqp { cause, .. } => matches!(
+                cause.kind(),
+                lapin::ErrorKind::ProtocolError(amqp)
+                    if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+            ),
+            _ => false,
+        }
     }
 
     /// True when the cause is the connection rather than the request: unreachable, timed
@@ -142,6 +156,7 @@ impl Error {
             | Error::ConnectTimeout { .. }
             | Error::ConnectionLost { .. } => true,
             Error::Amqp { cause, .. } => is_connection_level(cause),
+            Error::ReplayStopped { cause, .. } => cause.is_connection_error(),
             _ => false,
         }
     }

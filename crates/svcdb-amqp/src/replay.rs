@@ -24,8 +24,23 @@ use crate::error::{Error, Result};
 use crate::publish::{finish, start, Deadline, Unroutable};
 use crate::topology::QueueSpec;
 
-/// How long one copy may wait for its confirm.
+/// How long one copy may wait for its confirm, and each other exchange with the broker for its
+/// answer (a broker gone silent must not hold the replay for ever).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `step`, bounded by [`CONFIRM_TIMEOUT`]; `what` names it in the error.
+async fn bounded<T>(
+    what: impl Fn() -> String,
+    step: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(CONFIRM_TIMEOUT, step).await {
+        Ok(done) => done.map_err(|e| Error::amqp(what(), e)),
+        Err(_) => Err(Error::ConfirmTimeout {
+            what: what(),
+            timeout: CONFIRM_TIMEOUT,
+        }),
+    }
+}
 
 /// What [`replay_dead_letters`] did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -59,26 +74,35 @@ pub async fn replay_dead_letters(
                 passive: true,
                 ..QueueDeclareOptions::default()
             };
-            channel
-                .queue_declare(name.into(), passive, FieldTable::default())
-                .await
-                .map(|q| u64::from(q.message_count()))
-                .map_err(|e| Error::amqp(format!("looking for queue {name:?}"), e))
+            bounded(
+                || format!("looking for queue {name:?}"),
+                channel.queue_declare(name.into(), passive, FieldTable::default()),
+            )
+            .await
+            .map(|q| u64::from(q.message_count()))
         };
         count(queue).await?;
         let waiting = count(&dead_letter_queue).await?;
         let to_move = limit.map_or(waiting, |l| l.min(waiting));
         let mut replayed = 0;
+        // Once some moved, a failure says how many.
+        let stopped = |replayed: u64, e: Error| match replayed {
+            0 => e,
+            replayed => Error::ReplayStopped {
+                replayed,
+                cause: Box::new(e),
+            },
+        };
         while replayed < to_move {
-            let Some(message) = channel
-                .basic_get(
+            let Some(message) = bounded(
+                || format!("taking a message from {dead_letter_queue:?}"),
+                channel.basic_get(
                     dead_letter_queue.as_str().into(),
                     BasicGetOptions::default(),
-                )
-                .await
-                .map_err(|e| {
-                    Error::amqp(format!("taking a message from {dead_letter_queue:?}"), e)
-                })?
+                ),
+            )
+            .await
+            .map_err(|e| stopped(replayed, e))?
             else {
                 break; // another replay, or a consumer of the dead letters, took the rest
             };
@@ -106,23 +130,20 @@ pub async fn replay_dead_letters(
             if let Err(e) = sent {
                 // Back where it was; the copy, if the broker took it after all, is a
                 // duplicate the claims absorb.
-                let _ = channel
-                    .basic_nack(
-                        tag,
-                        BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        },
-                    )
-                    .await;
-                return Err(e);
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                let _ =
+                    tokio::time::timeout(CONFIRM_TIMEOUT, channel.basic_nack(tag, requeue)).await;
+                return Err(stopped(replayed, e));
             }
-            channel
-                .basic_ack(tag, BasicAckOptions::default())
-                .await
-                .map_err(|e| {
-                    Error::amqp(format!("removing {what} from the dead-letter queue"), e)
-                })?;
+            bounded(
+                || format!("removing {what} from the dead-letter queue"),
+                channel.basic_ack(tag, BasicAckOptions::default()),
+            )
+            .await
+            .map_err(|e| stopped(replayed, e))?;
             replayed += 1;
         }
         let left = count(&dead_letter_queue).await?;

@@ -1206,3 +1206,40 @@ async fn a_consumer_that_dies_mid_handler_every_time_meets_the_brokers_delivery_
     let stats = consumer.stats();
     assert_eq!((stats.handled, stats.dead_lettered), (0, 0));
 }
+
+/// Found by a user trial: a replay cut off part-way (the broker stopped) said only what
+/// failed, not how many messages had already moved. Here the broker goes silent at the first
+/// message's removal from the dead-letter queue: the replay ends within its bound, naming the
+/// one moved; the control, with the broker answering, moves both.
+#[tokio::test]
+async fn a_replay_stopped_part_way_says_how_many_moved() {
+    let s = setup(5).await;
+    for _ in 0..2 {
+        let envelope = event();
+        s.broker
+            .publish_with(
+                "",
+                &s.queue.dead_letter_queue(),
+                &envelope.to_json_bytes(),
+                svcdb_amqp::publish::envelope_properties(&envelope),
+            )
+            .await;
+    }
+    let (proxy, amqp) = common::proxied().await;
+    proxy.freeze_at(common::BASIC_ACK);
+    let err = svcdb_amqp::replay_dead_letters(&amqp, &s.queue.name, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, svcdb_amqp::Error::ReplayStopped { replayed: 1, .. }),
+        "{err}"
+    );
+    drop(proxy);
+    // The message whose removal never reached the broker is back in the dead-letter queue
+    // (and its copy in the queue: a duplicate the claims absorb).
+    let report = svcdb_amqp::replay_dead_letters(&s.broker.config, &s.queue.name, None)
+        .await
+        .unwrap();
+    assert_eq!(report.replayed, 2, "{report:?}");
+    assert_eq!(s.broker.ready(&s.queue.name).await, 3);
+}
