@@ -120,6 +120,14 @@ pub enum Error {
     #[error(transparent)]
     Db(#[from] svcdb::Error),
 
+    /// A queue named to [`replay_dead_letters`](crate::replay_dead_letters) does not exist (a
+    /// replay creates none: nothing would consume it).
+    #[error("queue {queue:?} does not exist on this broker\n  hint: {}", if queue.ends_with(crate::topology::DEAD_LETTER_QUEUE_SUFFIX) { "name the consumer's queue, without its dead-letter suffix" } else { "check the name (`rabbitmqctl list_queues name messages`) and the vhost in AMQP_URL" })]
+    QueueNotFound {
+        /// The queue.
+        queue: String,
+    },
+
     /// [`replay_dead_letters`](crate::replay_dead_letters) stopped part-way: the messages moved
     /// before the failure stay moved, the rest wait in the dead-letter queue.
     #[error("{cause}\n  {replayed} message{} had been moved back before it; the rest are still in the dead-letter queue\n  hint: run the replay again once the cause is fixed (a message moved twice is absorbed by the consumer's claims)", if *replayed == 1 { "" } else { "s" })]
@@ -137,6 +145,7 @@ impl Error {
     pub fn is_not_found(&self) -> bool {
         use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
         match self {
+            Error::QueueNotFound { .. } => true,
             Error::ReplayStopped { cause, .. } => cause.is_not_found(),
             Error::Amqp { cause, .. } => matches!(
                 cause.kind(),

@@ -57,8 +57,8 @@ pub struct ReplayReport {
 
 /// Moves up to `limit` (all, with `None`) of the messages waiting in `queue`'s dead-letter
 /// queue back to `queue`, oldest first, each confirmed by the broker before it leaves the
-/// dead-letter queue. Both queues must exist ([`Error::Amqp`] naming the missing one
-/// otherwise: a replay must not create a queue nobody consumes).
+/// dead-letter queue. Both queues must exist ([`Error::QueueNotFound`] otherwise: a replay
+/// must not create a queue nobody consumes).
 pub async fn replay_dead_letters(
     config: &AmqpConfig,
     queue: &str,
@@ -81,7 +81,16 @@ pub async fn replay_dead_letters(
             .await
             .map(|q| u64::from(q.message_count()))
         };
-        count(queue).await?;
+        for name in [queue, dead_letter_queue.as_str()] {
+            match count(name).await {
+                Err(e) if e.is_not_found() => {
+                    return Err(Error::QueueNotFound {
+                        queue: name.to_owned(),
+                    })
+                }
+                other => other?,
+            };
+        }
         let waiting = count(&dead_letter_queue).await?;
         let to_move = limit.map_or(waiting, |l| l.min(waiting));
         let mut replayed = 0;

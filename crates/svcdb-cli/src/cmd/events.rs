@@ -141,20 +141,7 @@ async fn replay(global: &Global, args: ReplayArgs) -> Result<Outcome> {
     let config =
         svcdb_amqp::AmqpConfig::new(args.amqp_url).with_connection_name("svcdb events replay");
     config.validate()?;
-    let report = svcdb_amqp::replay_dead_letters(&config, &args.queue, args.limit)
-        .await
-        .map_err(|e| {
-            let missing = e.is_not_found();
-            let error = anyhow::Error::new(e);
-            if missing {
-                error.context(format!(
-                    "queue {} or its dead-letter queue {}.dlq does not exist on this broker\n  hint: check the queue's name (`rabbitmqctl list_queues name messages`) and AMQP_URL's vhost",
-                    args.queue, args.queue
-                ))
-            } else {
-                error
-            }
-        })?;
+    let report = svcdb_amqp::replay_dead_letters(&config, &args.queue, args.limit).await?;
     output::report(global.json, &report, |r| {
         format!(
             "replayed {} message{} from {} to {}{}",
