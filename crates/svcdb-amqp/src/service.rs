@@ -664,7 +664,8 @@ where
     E: NotUpYet + fmt::Display,
     F: Future<Output = Result<T, E>>,
 {
-    let deadline = Instant::now() + wait;
+    let began = Instant::now();
+    let deadline = began + wait;
     let mut backoff = Duration::from_millis(250);
     loop {
         match attempt().await {
@@ -672,6 +673,11 @@ where
                 tracing::warn!(target: "svcdb_amqp::service", %service, error = %e, retry_in = ?backoff, startup_wait = ?wait, "{what} does not answer yet; waiting for it");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) if e.not_up_yet() && !wait.is_zero() => {
+                let waited = began.elapsed();
+                tracing::error!(target: "svcdb_amqp::service", %service, ?waited, startup_wait = ?wait, "{what} did not answer within the start-up wait; giving up (raise Service::startup_wait to wait longer)");
+                return Err(e);
             }
             outcome => return outcome,
         }
