@@ -82,7 +82,7 @@ impl Failure {
             }
             if !listed.is_empty() {
                 error.push(' ');
-                error.push_str(&listed.join(", "));
+                error.push_str(&listed.join(" "));
             }
         }
         let tips: Vec<&str> = lines

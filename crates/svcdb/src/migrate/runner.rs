@@ -1653,10 +1653,15 @@ fn failure(
                 .as_deref()
                 .map(super::lint::schemas_named)
                 .unwrap_or_default();
+            // Permission denied on another service's schema is isolation at work, which the
+            // CLI's owner hint explains; on `public` (PostgreSQL 15 gives no CREATE there), a
+            // folder written for it.
+            let denied =
+                cause.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE);
             named
                 .into_iter()
                 .chain(quoted_schema(&cause))
-                .find(|named| named != schema)
+                .find(|named| named != schema && (!denied || named == "public"))
         })
         .flatten();
     MigrationFailure {
