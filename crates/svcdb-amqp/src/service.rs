@@ -359,7 +359,9 @@ where
     /// (connection refused or timed out, the server starting up, too many connections),
     /// retrying with backoff and logging each attempt; then it fails at that step. A refused
     /// login or a TLS failure fails at once. Default: [`DEFAULT_STARTUP_WAIT`];
-    /// [`Duration::ZERO`] tries once.
+    /// [`Duration::ZERO`] tries once. Nothing listens on the HTTP port meanwhile: under
+    /// Kubernetes, a `startupProbe` on `/healthz` that allows this long keeps the liveness
+    /// probe from restarting a replica that is still waiting.
     #[must_use]
     pub fn startup_wait(mut self, wait: Duration) -> Self {
         self.startup_wait = wait;
