@@ -55,7 +55,11 @@ impl Failure {
     /// `permission denied for schema X` (42501), the role that owns X.
     pub async fn explain(e: &anyhow::Error, global: &Global) -> Self {
         let mut failure = Self::new(e);
-        if let Some(hint) = schema_owner_hint(e, global).await {
+        let hint = match adopt_read_hint(e) {
+            Some(hint) => Some(hint),
+            None => schema_owner_hint(e, global).await,
+        };
+        if let Some(hint) = hint {
             failure.hint = Some(match failure.hint {
                 Some(hints) => format!("{hint}\n{hints}"),
                 None => hint,
@@ -256,6 +260,19 @@ fn db_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a DbEr
         MigrateError::Failed(failure) => failure.cause.as_db_error(),
         _ => None,
     }
+}
+
+/// For `migrate adopt` refused reading the other tool's table (42501, `permission denied for
+/// table X`): how to let it (found by a user trial: the error had no hint).
+fn adopt_read_hint(e: &anyhow::Error) -> Option<String> {
+    if !e.chain().any(|c| c.is::<AdoptError>()) {
+        return None;
+    }
+    let db = e.chain().find_map(db_error)?;
+    let table = db.message().strip_prefix("permission denied for table ")?;
+    Some(format!(
+        "the connected role may not read the other tool's table {table}: adopt as a role that may (its owner, the one that ran that tool), or have that role GRANT SELECT on it to this one first (`svcdb migrate status` names the table with its schema)"
+    ))
 }
 
 /// For `permission denied for schema X` (42501): which role owns X, and what the connected

@@ -117,4 +117,5 @@ async fn a_history_table_the_role_may_not_read_is_reported_with_its_sqlstate() {
         .expect_code(1)
         .json();
     assert_eq!(out["code"], "42501", "{out}");
+    assert!(out["hint"].is_string(), "says how to let it read: {out}");
 }
