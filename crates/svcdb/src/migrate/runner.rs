@@ -285,17 +285,12 @@ impl Migrator {
         super::template::refuse_untouched(&plan)?;
         // Found by a user trial: `status` said "run `svcdb migrate up`", which then refused
         // the pending migrations' unsafe statements.
-        let stale = if status.newer_release() {
-            Vec::new()
-        } else {
+        let recorded = {
             let conn = self.db.get().await?;
-            let recorded = self.recorded_repeatables(client(&conn)).await?;
-            self.stale_repeatables(&UpOptions::default(), &recorded)
+            self.recorded_repeatables(client(&conn)).await?
         };
-        let live = self
-            .live_columns(!plan.is_empty() || !stale.is_empty())
-            .await?;
-        super::lint::check_before_up(&plan, &stale, live, self.options.allow_unsafe, &mut ignore)?;
+        let stale = self.stale_repeatables(&status, &UpOptions::default(), &recorded);
+        self.lint_before_up(&plan, &stale, &mut ignore).await?;
         Ok(status)
     }
 
@@ -341,15 +336,8 @@ impl Migrator {
         let status = StatusReport::build(&self.schema(), &self.migrations, &history);
         let plan = self.plan_up(&status, options.to.as_ref())?;
         super::template::refuse_untouched(&plan)?;
-        let stale = if status.newer_release() {
-            Vec::new()
-        } else {
-            self.stale_repeatables(options, &recorded)
-        };
-        let live = self
-            .live_columns(!plan.is_empty() || !stale.is_empty())
-            .await?;
-        super::lint::check_before_up(&plan, &stale, live, self.options.allow_unsafe, observer)?;
+        let stale = self.stale_repeatables(&status, options, &recorded);
+        self.lint_before_up(&plan, &stale, observer).await?;
         // A migration in progress may be one this call would run, or may fail: only under the
         // lock, once its runner is done, is there nothing to do.
         // A history table an older release wrote is upgraded under the lock first.
@@ -391,12 +379,9 @@ impl Migrator {
                 }
                 done => done?,
             };
-            let repeated = if status.newer_release() {
-                Vec::new()
-            } else {
-                self.run_repeatables(&lock, options, &done, observer)
-                    .await?
-            };
+            let repeated = self
+                .run_repeatables(&lock, &status, options, &done, observer)
+                .await?;
             Ok((is_atomic(&plan), done, repeated))
         }
         .await;
@@ -426,13 +411,15 @@ impl Migrator {
     }
 
     /// The repeatable migrations `up` with `options` runs: each never run or changed since it
-    /// ran, by name; none for an `up --to` (a partial deploy).
+    /// ran, by name; none for an `up --to` (a partial deploy), and none while a newer release
+    /// has migrated the schema (`status`): they are that release's.
     fn stale_repeatables(
         &self,
+        status: &StatusReport,
         options: &UpOptions,
         recorded: &HashMap<String, repeatable::Recorded>,
     ) -> Vec<&Repeatable> {
-        if options.to.is_some() {
+        if options.to.is_some() || status.newer_release() {
             return Vec::new();
         }
         self.migrations
@@ -442,17 +429,32 @@ impl Migrator {
             .collect()
     }
 
+    /// The lint of what `up` would run (`plan`, then `stale`), knowing the live columns when
+    /// there is something: refused unless allowed, the rest told to `observer`.
+    async fn lint_before_up(
+        &self,
+        plan: &[&Migration],
+        stale: &[&Repeatable],
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<(), MigrateError> {
+        let live = self
+            .live_columns(!plan.is_empty() || !stale.is_empty())
+            .await?;
+        super::lint::check_before_up(plan, stale, live, self.options.allow_unsafe, observer)
+    }
+
     /// Runs the stale repeatable migrations under the lock, after the versioned ones (`done`)
     /// committed, each in a transaction of its own with its row.
     async fn run_repeatables(
         &self,
         lock: &MigrationLock,
+        status: &StatusReport,
         options: &UpOptions,
         done: &[RunEntry],
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
     ) -> Result<Vec<RepeatableRun>, MigrateError> {
         let recorded = self.recorded_repeatables(lock.client()).await?;
-        let stale = self.stale_repeatables(options, &recorded);
+        let stale = self.stale_repeatables(status, options, &recorded);
         if stale.is_empty() {
             return Ok(Vec::new());
         }
