@@ -131,6 +131,9 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 /// The default of [`Service::shutdown_timeout`]: below Kubernetes' default grace period of 30 s.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
 
+/// A signal this soon after the first is the same one delivered twice, not a second one.
+const SAME_SIGNAL_WITHIN: Duration = Duration::from_millis(100);
+
 /// The default of [`Service::startup_wait`]: long enough for PostgreSQL and RabbitMQ started
 /// at the same time as the service to come up.
 pub const DEFAULT_STARTUP_WAIT: Duration = Duration::from_secs(60);
@@ -944,13 +947,23 @@ impl Running {
         // A second signal during the graceful shutdown means "now" (as an operator's second
         // Ctrl-C, or a platform that gave up waiting): dropping the shutdown aborts every part;
         // deliveries held are redelivered and claimed outbox rows republished, as after a crash.
+        // A repeat within `SAME_SIGNAL_WITHIN` of the first is the same signal delivered twice
+        // (GNU `timeout` and a shell's job control signal the process and then its group).
+        let first = Instant::now();
         let interrupted = self.error(Step::Shutdown, Cause::Interrupted);
         let name = self.name.clone();
-        tokio::select! {
-            stopped = self.stop() => stopped,
-            _ = shutdown_signal() => {
-                tracing::warn!(target: "svcdb_amqp::service", service = %name, "second signal: stopping at once without finishing what is held");
-                Err(interrupted)
+        let stopping = self.stop();
+        tokio::pin!(stopping);
+        loop {
+            tokio::select! {
+                stopped = &mut stopping => return stopped,
+                _ = shutdown_signal() => {
+                    if first.elapsed() < SAME_SIGNAL_WITHIN {
+                        continue;
+                    }
+                    tracing::warn!(target: "svcdb_amqp::service", service = %name, "second signal: stopping at once without finishing what is held");
+                    return Err(interrupted);
+                }
             }
         }
     }
