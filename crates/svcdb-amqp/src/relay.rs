@@ -763,8 +763,6 @@ async fn watch_blocked(
     }
 }
 
-/// Mirrors whether the outbox's `LISTEN` connection is up into [`RelayStatus::listening`],
-/// until the [`svcdb::outbox::Wakeups`] it watches are dropped.
 /// Keeps `gauge` at 1 while the relay's status says connected, 0 otherwise, until the
 /// relay is dropped.
 async fn mirror_connected(mut status: watch::Receiver<RelayStatus>, gauge: metrics::Gauge) {
@@ -777,6 +775,8 @@ async fn mirror_connected(mut status: watch::Receiver<RelayStatus>, gauge: metri
     }
 }
 
+/// Mirrors whether the outbox's `LISTEN` connection is up into [`RelayStatus::listening`],
+/// until the [`svcdb::outbox::Wakeups`] it watches are dropped.
 async fn watch_listening(mut listening: watch::Receiver<bool>, status: watch::Sender<RelayStatus>) {
     loop {
         let now = *listening.borrow_and_update();
