@@ -1,7 +1,10 @@
 //! The service runtime: the start-up and shutdown every svcdb service repeats, written once.
 //!
 //! [`Service`] is a builder. [`Service::run`] brings the service up in the order a real one
-//! must, each step failing with the service's name and the cause ([`ServiceError`]):
+//! must, each step failing with the service's name and the cause ([`ServiceError`]). Its HTTP
+//! port is bound first and answers throughout: `/healthz` says alive, `/readyz` says `503`
+//! and names the step, the routes say `503` until step 6 (a port in use fails before
+//! anything else runs).
 //!
 //! 1. **connect** to its database as its own role ([`ServiceDb::connect`]: a wrong password
 //!    fails here, at once; a database that does not answer yet is waited for, up to
@@ -104,7 +107,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -123,6 +126,8 @@ use crate::config::AmqpConfig;
 use crate::consumer::{Consumer, ConsumerOptions};
 use crate::relay::{Relay, RelayConfig};
 use crate::topology::{QueueSpec, Topology};
+
+mod starting;
 
 /// Where a service listens unless told otherwise ([`Service::listen`]): every interface, as a
 /// container's port mapping needs, port 8080.
@@ -412,7 +417,11 @@ where
             startup_wait,
             drain_delay,
         } = self;
-        let steps = Steps { service: &name };
+        let progress = starting::Progress::new(&name);
+        let steps = Steps {
+            service: &name,
+            progress: &progress,
+        };
         let subscribes = !subscriptions.is_empty();
         let uses_broker = !exchanges.is_empty() || subscribes;
         let topology = subscriptions
@@ -441,6 +450,31 @@ where
                 Ok((database, amqp))
             })
             .await?;
+
+        // Bound first, and answering from then on (see `starting`): probes get an answer
+        // during a long migration or a wait for the database, and a port in use fails
+        // before anything else runs. The service's routes take over on the same listener.
+        let (listener, addr) = steps
+            .run(Step::Listen(listen), async {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                let addr = listener.local_addr()?;
+                Ok::<_, std::io::Error>((listener, addr))
+            })
+            .await?;
+        let app_slot: Arc<OnceLock<Router>> = Arc::default();
+        let http_stop = CancellationToken::new();
+        // Dropped with the start-up's failure, which aborts the server.
+        let mut tasks = JoinSet::new();
+        let http = tasks.spawn({
+            let front = starting::router(progress.clone(), app_slot.clone());
+            let stop = http_stop.clone();
+            async move {
+                axum::serve(listener, front)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .map_err(Cause::Io)
+            }
+        });
 
         let mut database = database;
         // The service's name in `pg_stat_activity` and in its metrics' `service` label,
@@ -516,18 +550,10 @@ where
                     )
                     .await?;
             }
-
-            let (listener, addr) = steps
-                .run(Step::Listen(listen), async {
-                    let listener = tokio::net::TcpListener::bind(listen).await?;
-                    let addr = listener.local_addr()?;
-                    Ok::<_, std::io::Error>((listener, addr))
-                })
-                .await?;
-            Ok::<_, ServiceError>((migrated, gate, report, listener, addr))
+            Ok::<_, ServiceError>((migrated, gate, report))
         }
         .await;
-        let (migrated, gate, report, listener, addr) = match started {
+        let (migrated, gate, report) = match started {
             Ok(started) => started,
             Err(e) => {
                 db.close();
@@ -591,18 +617,12 @@ where
             draining,
             shutdown_timeout,
             drain_delay,
-            tasks: JoinSet::new(),
-            parts: HashMap::new(),
-            stop: HashMap::new(),
+            parts: HashMap::from([(http.id(), Part::Http)]),
+            tasks,
+            stop: HashMap::from([(Group::Http, http_stop)]),
         };
-
-        let stop = running.token(Group::Http);
-        running.spawn(Part::Http, async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .map_err(Cause::Io)
-        });
+        // From here on the port serves the service's routes and probes.
+        let _ = app_slot.set(app);
 
         if let Some(relay) = relay {
             let stop = running.token(Group::Relay);
@@ -1069,6 +1089,8 @@ async fn shutdown_signal() -> std::io::Result<()> {
 /// so where its log lines, and later its metrics and spans, go).
 struct Steps<'a> {
     service: &'a str,
+    /// Where the port's answers during the start-up read the step.
+    progress: &'a starting::Progress,
 }
 
 impl Steps<'_> {
@@ -1078,6 +1100,7 @@ impl Steps<'_> {
         work: impl Future<Output = Result<T, E>>,
     ) -> Result<T, ServiceError> {
         let service = self.service;
+        self.progress.at(&step);
         tracing::debug!(target: "svcdb_amqp::service", %service, %step, "starting");
         let started = Instant::now();
         match work.await {

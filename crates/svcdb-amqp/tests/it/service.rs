@@ -360,9 +360,12 @@ async fn a_replica_waits_for_the_broker_and_readyz_and_metrics_show_its_outage()
 }
 
 /// The same for the database: a replica started before PostgreSQL answers waits for it
-/// (reached here through a forwarder that starts late) instead of exiting.
+/// (reached here through a forwarder that starts late) instead of exiting. Meanwhile its port
+/// answers (found in stop 26: nothing listened during the wait, so a liveness probe saw a
+/// refused connection and could restart the replica mid-start): `/healthz` 200, `/readyz` 503
+/// naming the step, the service's own routes 503; then the routes take over on the same port.
 #[tokio::test]
-async fn a_replica_waits_for_the_database() {
+async fn a_replica_waits_for_the_database_and_its_port_says_so() {
     common::init_tracing();
     let (test_db, _db) = common::service().await;
     // The test database's connection string, with the port of a forwarder not started yet.
@@ -381,13 +384,21 @@ async fn a_replica_waits_for_the_database() {
         .collect();
     let mut config = svcdb::Config::new(&url.join(" "), "svc").unwrap();
     config.acquire_timeout = Duration::from_millis(300);
+    let addr: SocketAddr = format!("127.0.0.1:{}", closed_port()).parse().unwrap();
     let starting = Service::new("svc-db-wait")
         .database(config)
-        .listen(localhost())
+        .routes(axum::Router::new().route("/hello", axum::routing::get(|| async { "hello" })))
+        .listen(addr)
         .start();
     tokio::pin!(starting);
     let early = tokio::time::timeout(Duration::from_millis(1500), &mut starting).await;
     assert!(early.is_err(), "it waits for the database");
+    assert_eq!(status(addr, "/healthz").await, 200);
+    let (code, report) = readyz(addr).await;
+    assert_eq!(code, 503, "{report}");
+    assert_eq!(report["problems"][0]["kind"], "starting", "{report}");
+    assert_eq!(report["step"], Step::Connect.to_string(), "{report}");
+    assert_eq!(status(addr, "/hello").await, 503);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
@@ -402,7 +413,12 @@ async fn a_replica_waits_for_the_database() {
         }
     });
     let running = starting.await.expect("started once the database answered");
-    assert_eq!(status(running.addr(), "/readyz").await, 200);
+    assert_eq!(running.addr(), addr);
+    assert_eq!(status(addr, "/readyz").await, 200);
+    assert_eq!(
+        common::http_get(addr, "/hello").await,
+        (200, "hello".to_owned())
+    );
     running.stop().await.unwrap();
     forwarder.abort();
 }
