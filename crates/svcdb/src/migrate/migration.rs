@@ -138,6 +138,36 @@ impl fmt::Display for Named<'_> {
     }
 }
 
+/// True when `sql` adds a value to an enum type (`ALTER TYPE … ADD VALUE`). Since PostgreSQL
+/// 12 a transaction may do that, but may not use the new value before it commits (55P04,
+/// "unsafe use of new value"): the runner commits after such a migration instead of running
+/// the next ones, which may well use the value, in the same transaction (every other tool
+/// runs each migration in a transaction of its own, so a folder written for one of them
+/// relies on it; found by a trial on a golang-migrate folder).
+pub(crate) fn adds_enum_value(sql: &str) -> bool {
+    // Parsing costs about as much as reading the file: only a script with `add value` in it,
+    // whitespace between, is parsed (and the parser decides).
+    let lower = sql.to_ascii_lowercase();
+    let named = lower
+        .match_indices("value")
+        .any(|(at, _)| lower[..at].trim_end().ends_with("add"));
+    if !named {
+        return false;
+    }
+    super::split::parsed_pieces(sql)
+        .filter_map(Result::ok)
+        .any(|(_, parsed)| {
+            parsed.protobuf.stmts.iter().any(|raw| {
+                // `ALTER TYPE … RENAME VALUE` sets `old_val` too.
+                matches!(
+                    raw.stmt.as_ref().and_then(|s| s.node.as_ref()),
+                    Some(pg_query::NodeEnum::AlterEnumStmt(alter))
+                        if !alter.new_val.is_empty() && alter.old_val.is_empty()
+                )
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +200,23 @@ mod tests {
         assert!(!has_no_transaction_directive(
             "SELECT 1;\n-- svcdb:no-transaction\n"
         ));
+    }
+
+    #[test]
+    fn a_script_that_adds_an_enum_value_is_told_apart_from_one_that_renames_or_mentions_one() {
+        for sql in [
+            "ALTER TYPE mood ADD VALUE 'meh'",
+            "CREATE TABLE t (id int);\nalter type mood add\n  value if not exists 'meh' after 'ok';",
+        ] {
+            assert!(adds_enum_value(sql), "{sql}");
+        }
+        for sql in [
+            "ALTER TYPE mood RENAME VALUE 'meh' TO 'fine'",
+            "-- add value later\nCREATE TABLE t (id int)",
+            "INSERT INTO notes (text) VALUES ('add value')",
+            "ALTER TABLE t ADD COLUMN value int",
+        ] {
+            assert!(!adds_enum_value(sql), "{sql}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use super::history::{self, History};
 use super::interrupt::Interrupt;
 use super::location::{locate, Location};
 use super::lock::MigrationLock;
-use super::migration::Migration;
+use super::migration::{adds_enum_value, Migration};
 use super::options::{DownOptions, MigrateOptions, UpOptions};
 use super::repeatable::{self, Repeatable, RepeatableRun, RepeatableState};
 use super::report::{
@@ -939,7 +939,8 @@ impl Migrator {
     }
 
     /// Runs `plan` in `direction`. Each run of consecutive transactional scripts is one group:
-    /// one transaction, one history write. When the whole plan is one group, that transaction
+    /// one transaction, one history write; a group also ends after a script that adds an enum
+    /// value, which the scripts after it may use only once it is committed. When the whole plan is one group, that transaction
     /// also creates the history table, and a failure leaves the schema exactly as it was.
     /// Otherwise the groups and the non-transactional scripts between them run in order, and
     /// when one fails (its group rolled back, or a non-transactional script left dirty) the
@@ -962,8 +963,14 @@ impl Migrator {
         // The reset of the scripts before the last segment, which commit without waiting.
         let deferred = self.session_reset(lock.acting_as(), false);
         let conn: &mut Client = lock;
+        // A group also ends after a migration that adds an enum value: the ones after it may
+        // use the value, which its transaction cannot before it commits.
         let segments: Vec<&[&Migration]> = plan
-            .chunk_by(|a, b| transactional(a, direction) && transactional(b, direction))
+            .chunk_by(|a, b| {
+                transactional(a, direction)
+                    && transactional(b, direction)
+                    && !adds_enum_value(script(a, direction).0)
+            })
             .collect();
         self.check_interrupt(&[])?;
         if segments.len() == 1 && transactional(plan[0], direction) {
@@ -1736,9 +1743,14 @@ async fn invalid_indexes(
         .collect())
 }
 
-/// True when `plan` runs as one transaction (and there is something to run).
+/// True when `plan` runs up as one transaction (and there is something to run): every
+/// migration transactional, and none but the last adding an enum value (the group commits
+/// after it: see [`Migrator::run`]).
 fn is_atomic(plan: &[&Migration]) -> bool {
-    !plan.is_empty() && plan.iter().all(|m| m.transactional)
+    let Some((_, before_last)) = plan.split_last() else {
+        return false;
+    };
+    plan.iter().all(|m| m.transactional) && !before_last.iter().any(|m| adds_enum_value(&m.up))
 }
 
 fn planned(m: &Migration) -> RunEntry {

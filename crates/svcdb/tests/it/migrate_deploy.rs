@@ -94,6 +94,69 @@ async fn consecutive_transactional_migrations_commit_together_around_a_non_trans
     assert_ne!(xid(1), xid(4), "{rows:?}");
 }
 
+/// Found by a trial on a golang-migrate folder: one migration adds an enum value, the next
+/// inserts a row with it. Every tool that runs each migration in its own transaction runs
+/// that folder; svcdb ran both in one group and failed with 55P04 (a transaction cannot use
+/// an enum value it added). The group now commits after the migration that adds the value.
+#[tokio::test]
+async fn a_migration_that_adds_an_enum_value_commits_before_the_next_one_uses_it() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "1_kinds.up.sql",
+                "CREATE TYPE kind AS ENUM ('a');\nCREATE TABLE things (k kind);",
+            ),
+            (
+                "2_add_b.up.sql",
+                "ALTER TYPE kind ADD VALUE IF NOT EXISTS 'b';",
+            ),
+            ("3_use_b.up.sql", "INSERT INTO things VALUES ('b');"),
+            ("4_more.up.sql", "CREATE TABLE more (id int);"),
+        ],
+    );
+
+    let report = migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    assert!(!report.atomic, "two transactions");
+    let rows = history(&svc).await;
+    assert_eq!(versions(&rows), [1, 2, 3, 4]);
+    let xid = |v: usize| rows[v - 1].2.clone();
+    assert_eq!(
+        xid(1),
+        xid(2),
+        "the value is added with what came before: {rows:?}"
+    );
+    assert_ne!(xid(2), xid(3), "and committed before its use: {rows:?}");
+    assert_eq!(xid(3), xid(4), "{rows:?}");
+
+    // Control: the same use in the transaction that adds the value is what PostgreSQL refuses.
+    let control = TestDb::new().await;
+    let svc = control.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "1_all.up.sql",
+            "CREATE TYPE kind AS ENUM ('a');\nCREATE TABLE things (k kind);\nALTER TYPE kind ADD VALUE 'b';\nINSERT INTO things VALUES ('b');",
+        )],
+    );
+    let err = migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::UNSAFE_NEW_ENUM_VALUE_USAGE),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn a_failure_in_a_group_rolls_back_that_whole_group_and_only_it() {
     let db = TestDb::new().await;
