@@ -233,6 +233,7 @@ fn migrate_kind(e: &MigrateError) -> &'static str {
         MigrateError::Dirty { .. } | MigrateError::NewerDirty { .. } => "dirty",
         MigrateError::InvalidIndexes { .. } => "invalid_index",
         MigrateError::Unsafe { .. } => "unsafe",
+        MigrateError::OtherToolApplied { .. } => "other_tool_applied",
         MigrateError::NoDown { .. } => "no_down",
         MigrateError::Unwritten { .. } => "unwritten",
         MigrateError::UnknownVersion { .. } => "unknown_version",

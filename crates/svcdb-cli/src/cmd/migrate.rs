@@ -40,8 +40,9 @@ Exit codes:
   0  up to date
   1  `migrate up` would refuse: the schema is dirty (a non-transactional migration failed
      part-way and no runner holds the lock), or a migration changed, is missing or is
-     pending but older than the newest applied one (unless the matching flag allows it);
-     or an error
+     pending but older than the newest applied one (unless the matching flag allows it),
+     or another tool's history records migrations svcdb has not (adopt them first); or an
+     error
   2  migrations are pending, or one is in progress (another runner holds the schema's
      migration lock: `migrate up` waits for it), and nothing else is wrong")]
     Status(Drift),
@@ -480,7 +481,8 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
             | MigrateError::OutOfOrder { .. }
             | MigrateError::SchemaMissing { .. }
             | MigrateError::Unwritten { .. }
-            | MigrateError::Unsafe { .. }),
+            | MigrateError::Unsafe { .. }
+            | MigrateError::OtherToolApplied { .. }),
         ) => Some(e),
         Err(e) => return Err(e.into()),
     };

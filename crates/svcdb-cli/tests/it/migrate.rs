@@ -654,7 +654,7 @@ async fn status_and_validate_create_no_schema() {
 
 /// Found by trying a real dbmate project: on a schema another tool migrated, `status` said
 /// "3 pending; run `svcdb migrate up`", and `up` then failed on the first table. Both now
-/// name the other tool's history and the `adopt` command, which then works.
+/// refuse, naming the other tool's history and the `adopt` command, which then works.
 #[tokio::test]
 async fn status_and_up_point_at_adopt_on_a_schema_another_tool_migrated() {
     let p = Project::new().await;
@@ -672,8 +672,14 @@ async fn status_and_up_point_at_adopt_on_a_schema_another_tool_migrated() {
         .await
         .unwrap();
     let adopt = "svcdb migrate adopt --from goose";
-    let out = p.run(&["migrate", "status"]).expect_code(2);
-    assert!(out.stdout.contains(adopt), "{out}");
+    // Refused before anything runs (what `up` would do is what `status` reports), by kind.
+    let out = p.run(&["migrate", "status"]).expect_code(1);
+    assert!(out.stderr.contains(adopt), "{out}");
+    let out = p.run(&["--json", "migrate", "status"]).expect_code(1);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["refused"]["code"], "other_tool_applied", "{out}");
+    let out = p.run(&["--json", "migrate", "up"]).expect_code(1);
+    assert!(out.stdout.contains("other_tool_applied"), "{out}");
     let out = p.run(&["migrate", "up"]).expect_code(1);
     assert!(out.stderr.contains(adopt), "{out}");
     p.run(&["migrate", "adopt", "--from", "goose"])

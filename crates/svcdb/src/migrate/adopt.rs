@@ -685,6 +685,48 @@ pub(crate) async fn other_histories(
         .collect())
 }
 
+/// The first of `others` (found by [`other_histories`] while svcdb has applied nothing) that
+/// `up` must not run over: it records a migration, and the service schema holds a table
+/// other than svcdb's own and the tools' histories. With an empty schema running everything
+/// is what the user wants; with an empty history table the other tool applied nothing.
+pub(crate) async fn applied_by_other_tool(
+    client: &tokio_postgres::Client,
+    service: &crate::Ident,
+    others: &[OtherHistory],
+) -> Result<Option<OtherHistory>, tokio_postgres::Error> {
+    if others.is_empty() {
+        return Ok(None);
+    }
+    let mut own: Vec<&str> = Tool::ALL.iter().map(|t| t.history_table()).collect();
+    own.extend([
+        super::migration::HISTORY_TABLE,
+        super::repeatable::REPEATABLES_TABLE,
+        crate::outbox::OUTBOX_TABLE,
+        crate::idempotency::PROCESSED_EVENTS_TABLE,
+    ]);
+    let holds_tables: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
+                               AND c.relname <> ALL($2))",
+            &[&service.as_str(), &own],
+        )
+        .await?
+        .get(0);
+    if !holds_tables {
+        return Ok(None);
+    }
+    for other in others {
+        // `table` is `format('%I.%I')`: quoted as an identifier already.
+        let sql = format!("SELECT EXISTS (SELECT 1 FROM {})", other.table);
+        if client.query_one(&sql, &[]).await?.get::<_, bool>(0) {
+            return Ok(Some(other.clone()));
+        }
+    }
+    Ok(None)
+}
+
 /// The tool's table, quoted (`"public"."_sqlx_migrations"`), or where it was looked for.
 /// The other tool's table, quoted and qualified, and the schema it is in.
 async fn find_table(

@@ -136,6 +136,19 @@ pub enum MigrateError {
         name: String,
     },
 
+    /// svcdb has applied nothing to the schema, which holds tables, and another tool's history
+    /// table there records migrations: `up` would run every migration again over what that
+    /// tool made (a folder of `IF NOT EXISTS` and `DROP … IF EXISTS` statements may well
+    /// "succeed" doing so). Refused before anything runs, and before the lint, whose findings
+    /// about tables that already exist would be beside the point.
+    #[error("refusing to migrate schema {schema}: svcdb has applied nothing to it, but {}'s history table {} records migrations already applied, and the schema holds tables: `up` would run every migration again over them; nothing was run\n  hint: take that history over with `svcdb migrate adopt --from {}` (try `--dry-run` first): it records what that tool applied, and `up` then runs only what it did not", other.tool, other.table, other.tool)]
+    OtherToolApplied {
+        /// The schema.
+        schema: String,
+        /// The other tool's history table.
+        other: super::adopt::OtherHistory,
+    },
+
     /// The service's schema does not exist, so its history table cannot be made (SQLSTATE
     /// 3F000 from the server).
     #[error("schema {schema} does not exist\n  hint: create it with the service's own role, `svcdb provision --service <name> --schema {schema}`; or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)")]

@@ -283,6 +283,11 @@ impl Migrator {
         }
         let plan = self.plan_up(&status, None)?;
         super::template::refuse_untouched(&plan)?;
+        if !plan.is_empty() {
+            let conn = self.db.get().await?;
+            self.refuse_over_other_tool(client(&conn), &status.other_histories)
+                .await?;
+        }
         // Found by a user trial: `status` said "run `svcdb migrate up`", which then refused
         // the pending migrations' unsafe statements.
         let recorded = {
@@ -292,6 +297,23 @@ impl Migrator {
         let stale = self.stale_repeatables(&status, &UpOptions::default(), &recorded);
         self.lint_before_up(&plan, &stale, &mut ignore).await?;
         Ok(status)
+    }
+
+    /// [`MigrateError::OtherToolApplied`] when one of `others` (another tool's history tables,
+    /// read while svcdb has applied nothing) records migrations in a schema that holds tables:
+    /// `up` would run them all again over that tool's work.
+    async fn refuse_over_other_tool(
+        &self,
+        client: &Client,
+        others: &[adopt::OtherHistory],
+    ) -> Result<(), MigrateError> {
+        match adopt::applied_by_other_tool(client, self.db.schema(), others).await? {
+            Some(other) => Err(MigrateError::OtherToolApplied {
+                schema: self.schema(),
+                other,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Applies every pending migration; see [`up_with`](Self::up_with).
@@ -336,6 +358,11 @@ impl Migrator {
         let status = StatusReport::build(&self.schema(), &self.migrations, &history);
         let plan = self.plan_up(&status, options.to.as_ref())?;
         super::template::refuse_untouched(&plan)?;
+        if history.rows.is_empty() && !plan.is_empty() {
+            let conn = self.db.get().await?;
+            let others = adopt::other_histories(client(&conn), self.db.schema()).await?;
+            self.refuse_over_other_tool(client(&conn), &others).await?;
+        }
         let stale = self.stale_repeatables(&status, options, &recorded);
         self.lint_before_up(&plan, &stale, observer).await?;
         // A migration in progress may be one this call would run, or may fail: only under the

@@ -246,6 +246,51 @@ async fn golang_migrate_schema_is_adopted_up_to_its_version() {
     adopt_then_up_to_date(&svc, dir.path(), Tool::GolangMigrate, &["1", "2"]).await;
 }
 
+/// Found by a trial on a Flyway folder: on a schema the other tool migrated, `up` (and
+/// `validate`) said nothing of it, refused only the lint's findings on tables that already
+/// existed, and with `--allow-unsafe` ran the migrations again over them. Both now refuse
+/// first, pointing to `adopt`; after it, `up` runs only what the tool did not. Controls: the
+/// same history table with no row, and the same rows in a schema that holds no table, do
+/// not refuse.
+#[tokio::test]
+async fn up_over_another_tools_applied_history_is_refused_until_it_is_adopted() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    golang_migrate_schema(&svc, dir.path(), 2, false).await;
+    let m = migrator(&svc, dir.path());
+    for err in [m.validate().await.unwrap_err(), m.up().await.unwrap_err()] {
+        match &err {
+            svcdb::migrate::MigrateError::OtherToolApplied { other, .. } => {
+                assert_eq!(other.tool, Tool::GolangMigrate, "{err}");
+                assert_eq!(other.table, "shop.schema_migrations", "{err}");
+            }
+            other => panic!("expected OtherToolApplied, got {other}"),
+        }
+    }
+    assert!(ours(&svc).await.is_empty(), "nothing was run");
+    adopt_then_up_to_date(&svc, dir.path(), Tool::GolangMigrate, &["1", "2"]).await;
+
+    // Controls. The tool's table without a row: it applied nothing.
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    golang_migrate_schema(&svc, dir.path(), 2, false).await;
+    sql(
+        &svc,
+        "DELETE FROM shop.schema_migrations; DROP TABLE shop.a, shop.b; CREATE TABLE shop.kept (id int)",
+    )
+    .await;
+    migrator(&svc, dir.path()).up().await.unwrap();
+    // Its rows, in a schema with no table of its own: nothing to run over.
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    golang_migrate_schema(&svc, dir.path(), 2, false).await;
+    sql(&svc, "DROP TABLE shop.a, shop.b").await;
+    migrator(&svc, dir.path()).up().await.unwrap();
+}
+
 #[tokio::test]
 async fn golang_migrate_dirty_is_refused_and_dbmate_does_not_read_its_table() {
     let db = TestDb::new().await;
@@ -747,8 +792,8 @@ async fn sqlx_checksums_of_a_crlf_checkout_match_the_lf_file() {
     .await;
 }
 
-/// Before svcdb records anything, `status` names another tool's history table, and an `up`
-/// that fails on what that tool made says to adopt it; golang-migrate's `schema_migrations`
+/// Before svcdb records anything, `status` names another tool's history table, and `up`
+/// refuses to run over what that tool made, saying to adopt it; golang-migrate's `schema_migrations`
 /// (with `dirty`) is told from dbmate's.
 #[tokio::test]
 async fn another_tools_history_is_named_until_svcdb_records_something() {
@@ -781,13 +826,13 @@ async fn another_tools_history_is_named_until_svcdb_records_something() {
     };
     let expected = [(Tool::GolangMigrate, "shop.schema_migrations".to_owned())];
     assert_eq!(named(&m.status().await.unwrap().other_histories), expected);
+    // `up` refuses before running anything over it (see
+    // `up_over_another_tools_applied_history_is_refused_until_it_is_adopted`).
     let err = m.up().await.unwrap_err();
-    assert_eq!(err.code(), Some(&svcdb::SqlState::DUPLICATE_TABLE), "{err}");
-    let svcdb::migrate::MigrateError::Failed(f) = &err else {
+    let svcdb::migrate::MigrateError::OtherToolApplied { other, .. } = &err else {
         panic!("{err:?}")
     };
-    assert!(f.is_already_there());
-    assert_eq!(named(&f.other_histories), expected, "{err}");
+    assert_eq!(named(std::slice::from_ref(other)), expected, "{err}");
 
     // Adopted, svcdb has a history of its own: nothing is named any more.
     m.adopt(&AdoptOptions::from(Tool::GolangMigrate))
