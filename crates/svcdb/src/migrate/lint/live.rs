@@ -33,6 +33,8 @@ pub(crate) struct LiveColumns {
     /// Without a catalog: tables other migrations of the folder create, so they exist when
     /// this one runs (`svcdb migrate lint --all`).
     made_elsewhere: HashSet<String>,
+    /// The schema's indexes, by name: `CREATE INDEX IF NOT EXISTS` of one does nothing.
+    indexes: HashSet<String>,
 }
 
 impl LiveColumns {
@@ -49,13 +51,15 @@ impl LiveColumns {
         // schema's tables.
         let rows = client
             .query(
-                "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, n.nspname = $1
+                "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, n.nspname = $1,
+                        c.relkind IN ('i', 'I')
                    FROM pg_catalog.pg_class c
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                    LEFT JOIN pg_catalog.pg_attribute a
                           ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                             AND n.nspname = $1
-                  WHERE (n.nspname = $1 OR n.nspname::text = ANY($2)) AND c.relkind IN ('r', 'p')",
+                             AND n.nspname = $1 AND c.relkind IN ('r', 'p')
+                  WHERE ((n.nspname = $1 OR n.nspname::text = ANY($2)) AND c.relkind IN ('r', 'p'))
+                     OR (n.nspname = $1 AND c.relkind IN ('i', 'I'))",
                 &[&schema.as_str(), &path],
             )
             .await?;
@@ -65,6 +69,10 @@ impl LiveColumns {
         };
         for r in &rows {
             let table: String = r.get(0);
+            if r.get::<_, bool>(5) {
+                live.indexes.insert(table);
+                continue;
+            }
             if !r.get::<_, bool>(4) {
                 live.path_tables.insert(table);
                 continue;
@@ -110,6 +118,11 @@ impl LiveColumns {
     pub(crate) fn has_table(&self, table: &str) -> bool {
         self.tables.as_ref().is_some_and(|t| t.contains(table))
             || self.made_elsewhere.contains(table)
+    }
+
+    /// The catalog was read and the service schema has an index called `name`.
+    pub(crate) fn has_index(&self, name: &str) -> bool {
+        self.indexes.contains(name)
     }
 
     /// The catalog was read and has no `table` in any schema of the search path.
@@ -282,8 +295,7 @@ mod tests {
                 })
                 .collect(),
             tables: Some(columns.iter().map(|(t, ..)| t.to_string()).collect()),
-            path_tables: HashSet::new(),
-            made_elsewhere: HashSet::new(),
+            ..LiveColumns::default()
         }
     }
 

@@ -650,6 +650,12 @@ impl Deploy {
 
     fn index(&mut self, s: &Script<'_>, at: usize, index: &IndexStmt, out: &mut Vec<Finding>) {
         let table = index.relation.as_ref().map_or("", |r| r.relname.as_str());
+        if index.if_not_exists && self.live.has_index(&index.idxname) {
+            // It is there already: PostgreSQL skips the statement with a notice, building
+            // nothing and locking nothing (a folder another tool applied, rerun; found by a
+            // trial on a Flyway folder).
+            return;
+        }
         if index.concurrent {
             if s.transactional {
                 out.push(concurrently_in_transaction(s, at, "CREATE INDEX"));
