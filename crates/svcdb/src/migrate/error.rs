@@ -349,6 +349,9 @@ pub struct MigrationFailure {
     /// for tools that run migrations in `public` qualify names with it, where svcdb runs them
     /// in the service schema and their unqualified names created their objects there.
     pub other_schema: Option<String>,
+    /// True when the runner's interrupt ([`Migrator::with_interrupt`](super::Migrator::with_interrupt):
+    /// Ctrl-C, SIGTERM) cancelled the failing statement (57014): the migration is not at fault.
+    pub interrupted: bool,
 }
 
 impl MigrationFailure {
@@ -487,6 +490,7 @@ fn failed_message(f: &MigrationFailure) -> String {
         invalid_indexes,
         other_histories,
         other_schema,
+        interrupted,
     } = f;
     let list = |v: &[Version]| {
         v.iter()
@@ -614,6 +618,10 @@ fn failed_message(f: &MigrationFailure) -> String {
         // EXISTS`: after `svcdb provision`, the runner works as the schema's owner, which
         // may not create schemas.
         "migrations run as the schema's owner (svcdb switches to it with SET ROLE when connected as another role, and says so before the run), and that role lacks this privilege: a statement that needs more than the service schema (CREATE SCHEMA, CREATE EXTENSION, grants on other schemas) belongs in the one-time set-up an administrator runs (`svcdb provision` creates the schema), or grant the privilege to the owner; then run again"
+    } else if *interrupted {
+        // Found by a trial: after "interrupted (Ctrl-C)" the hint listed every cause of a
+        // cancelled statement.
+        "the interrupt (Ctrl-C, SIGTERM) cancelled the statement, not a fault of the migration; run again when ready"
     } else if cause.code() == Some(&SqlState::QUERY_CANCELED) {
         "the statement was cancelled: by the statement timeout (`--statement-timeout`, MigrateOptions::statement_timeout: raise it, or 0 for none, for a migration that takes long), by an interrupt of the runner (Ctrl-C, SIGTERM: Migrator::with_interrupt), or from another session (pg_cancel_backend); then run again"
     } else if cause.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) {

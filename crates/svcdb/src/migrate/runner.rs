@@ -145,6 +145,12 @@ impl Migrator {
         }
     }
 
+    /// Whether `cause` is a statement the interrupt cancelled (57014 once it was asked for).
+    fn cancelled_by_interrupt(&self, cause: &tokio_postgres::Error) -> bool {
+        cause.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+            && self.interrupt.as_ref().is_some_and(Interrupt::requested)
+    }
+
     /// Replaces the options.
     pub fn with_options(mut self, options: MigrateOptions) -> Self {
         self.options = options;
@@ -1015,6 +1021,7 @@ impl Migrator {
                         rolled_back: true,
                         rolled_back_with: plan[..i].iter().map(|m| m.version.clone()).collect(),
                         lock_retries,
+                        interrupted: self.cancelled_by_interrupt(&cause),
                         ..failure(plan[i], direction, cause, None, at, schema.as_str())
                     })),
                 });
@@ -1132,6 +1139,7 @@ impl Migrator {
                 invalid_indexes,
                 rolled_back_with: segment[..i].iter().map(|m| m.version.clone()).collect(),
                 lock_retries,
+                interrupted: self.cancelled_by_interrupt(&cause),
                 ..failure(m, direction, cause, statements_done, at, schema.as_str())
             })));
         }
@@ -1720,6 +1728,7 @@ fn failure(
         invalid_indexes: Vec::new(),
         other_histories: Vec::new(),
         other_schema,
+        interrupted: false,
     }
 }
 

@@ -1293,6 +1293,13 @@ async fn lock_timeout_and_statement_timeout_stop_a_stuck_migration() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(&svcdb::SqlState::QUERY_CANCELED), "{err}");
+    let MigrateError::Failed(f) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        !f.interrupted,
+        "the statement timeout, not an interrupt: {err}"
+    );
     assert_eq!(history(&svc).await, [1], "both deploys rolled back");
 }
 
@@ -2095,6 +2102,9 @@ async fn an_interrupted_run_stops_at_its_statement_as_a_failure_does() {
     let cancelled = |outcome: Result<svcdb::migrate::UpReport, MigrateError>| {
         let err = outcome.unwrap_err();
         assert_eq!(err.code(), Some(&svcdb::SqlState::QUERY_CANCELED), "{err}");
+        // Found by a trial: the hint then listed every cause of a cancelled statement.
+        assert!(failure(&err).interrupted, "{err}");
+        assert!(!err.to_string().contains("statement timeout"), "{err}");
         failure(&err).dirty
     };
 
