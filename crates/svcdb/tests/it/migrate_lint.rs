@@ -14,7 +14,6 @@ use svcdb::ServiceDb;
 
 use crate::migrate_runner::write;
 
-/// Writes `files` (name, contents) into `dir`.
 /// The migrations of `files`, in a folder kept alive with them.
 fn folder(files: &[(&str, &str)]) -> (tempfile::TempDir, Migrations) {
     let dir = tempfile::tempdir().unwrap();
@@ -161,6 +160,25 @@ fn add_column_with_a_volatile_default_rewrites_the_table() {
         "ALTER TABLE users ADD COLUMN tags text[] NOT NULL DEFAULT '{}';",
         "CREATE TABLE t (a int); ALTER TABLE t ADD COLUMN n bigserial;",
     ]);
+}
+
+/// Found by a trial on a Flyway folder: the fix for a stored generated column said to set its
+/// default in a second statement, which a generated column does not have.
+#[test]
+fn a_stored_generated_column_gets_a_fix_it_can_follow() {
+    let fix = |sql: &str| {
+        let (_dir, migrations) = folder(&[("1_m.up.sql", sql)]);
+        lint(migrations.iter()).findings[0].fix.clone()
+    };
+    let generated =
+        fix("ALTER TABLE users ADD COLUMN l text GENERATED ALWAYS AS (lower(email)) STORED;");
+    assert!(
+        generated.contains("trigger") && !generated.contains("SET DEFAULT"),
+        "{generated}"
+    );
+    // The control: a volatile default is set in a second statement.
+    let volatile = fix("ALTER TABLE users ADD COLUMN seen timestamptz DEFAULT clock_timestamp();");
+    assert!(volatile.contains("SET DEFAULT"), "{volatile}");
 }
 
 #[test]

@@ -1044,11 +1044,18 @@ fn add_column(s: &Script<'_>, at: usize, table: &str, column: &ColumnDef, out: &
         }
     }
     if let Some(why) = rewrite {
+        // A generated column has no default to set later (found by a trial on a Flyway
+        // folder, whose fix said to set one).
+        let fix = if stored_generated {
+            "add it as a plain column that a BEFORE INSERT OR UPDATE trigger computes, then backfill existing rows in batches; or compute the expression where it is read (a view, an expression index)"
+        } else {
+            "add the column without a default (or with a constant one), set the default in a second statement (ALTER COLUMN … SET DEFAULT applies to new rows only), then backfill existing rows in batches"
+        };
         out.push(s.finding(
             at,
             Rule::AddColumnVolatileDefault,
             format!("adding column {table}.{name}: {why}, rewriting the whole table under an ACCESS EXCLUSIVE lock"),
-            "add the column without a default (or with a constant one), set the default in a second statement (ALTER COLUMN … SET DEFAULT applies to new rows only), then backfill existing rows in batches".into(),
+            fix.into(),
         ));
     } else if (column.is_not_null || has(ConstrType::ConstrNotnull)) && default.is_none() {
         out.push(s.finding(
