@@ -115,22 +115,45 @@ impl Global {
         /// File names listed in the warning; the rest are counted.
         const LISTED: usize = 5;
         let migrations = Migrations::from_dir(&self.dir)?;
-        let ignored = migrations.ignored();
-        if !ignored.is_empty() {
-            let mut names = ignored[..ignored.len().min(LISTED)].join(", ");
-            if ignored.len() > LISTED {
-                names.push_str(&format!(" and {} more", ignored.len() - LISTED));
+        let listed = |files: &[&String]| {
+            let mut names = files[..files.len().min(LISTED)]
+                .iter()
+                .map(|f| f.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            if files.len() > LISTED {
+                names.push_str(&format!(" and {} more", files.len() - LISTED));
             }
-            let (files, are) = match ignored.len() {
+            names
+        };
+        // Found by a trial on a folder split into sub-folders of versions (`000001-000100/`):
+        // the files were named as the warning asked, and ignored for where they were.
+        let (nested, other): (Vec<&String>, Vec<&String>) = migrations
+            .ignored()
+            .iter()
+            .partition(|f| is_nested_migration(f));
+        if !nested.is_empty() {
+            eprintln!(
+                "warning: ignored {} .sql file{} in sub-folders of {} named like migrations ({}); svcdb reads migrations from the folder itself (only Flyway's V<version>__<name>.sql also from sub-folders)\n  hint: point --dir at the folder that holds them, or move them all into one folder",
+                nested.len(),
+                if nested.len() == 1 { "" } else { "s" },
+                migrations.origin(),
+                listed(&nested)
+            );
+        }
+        if !other.is_empty() {
+            let (files, are) = match other.len() {
                 1 => ("file", "is not a migration"),
                 _ => ("files", "are not migrations"),
             };
             eprintln!(
-                "warning: ignored {} .sql {files} in {} that {are} ({names}); migration files are named <version>_<name>.sql, <version>_<name>.up.sql/.down.sql, V<version>__<name>.sql, R__<name>.sql or <version>_<name>/up.sql",
-                ignored.len(),
-                migrations.origin()
+                "warning: ignored {} .sql {files} in {} that {are} ({}); migration files are named <version>_<name>.sql, <version>_<name>.up.sql/.down.sql, V<version>__<name>.sql, R__<name>.sql or <version>_<name>/up.sql",
+                other.len(),
+                migrations.origin(),
+                listed(&other)
             );
         }
+        let ignored = migrations.ignored();
         for callback in ignored.iter().filter(|f| is_flyway_callback(f)) {
             eprintln!(
                 "warning: {callback} is a Flyway callback, which svcdb does not run\n  hint: to keep what it does, move its statements into a repeatable migration (R__<name>.sql: run after the versioned ones whenever the file changes) or a new versioned one"
@@ -138,6 +161,22 @@ impl Global {
         }
         Ok(migrations)
     }
+}
+
+/// Whether `path` (relative to the migrations folder, `/`-separated) is a file in a sub-folder
+/// whose own name reads as a migration's: `<digits>_<name>.sql` (or `.up.sql`, `.down.sql`).
+fn is_nested_migration(path: &str) -> bool {
+    let Some((_, file)) = path.rsplit_once('/') else {
+        return false;
+    };
+    let Some((version, rest)) = file.split_once('_') else {
+        return false;
+    };
+    !version.is_empty()
+        && version.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+        && version.bytes().next().is_some_and(|b| b.is_ascii_digit())
+        && !rest.is_empty()
+        && file.ends_with(".sql")
 }
 
 /// A missing service schema, met by a command that only reads: the library's hint to let

@@ -554,6 +554,23 @@ async fn ignored_sql_files_are_a_warning_on_stderr_and_json_stays_clean() {
             .contains("warning: afterMigrate.sql is a Flyway callback"),
         "{out}"
     );
+
+    // Found by a trial: files named as the warning asks, in a sub-folder of versions, were
+    // told they "are not migrations". They are named for where they are instead.
+    p.write(&[("000001-000100/000091_x.up.sql", "CREATE TABLE x (id int);")]);
+    let out = p.run(&["migrate", "status"]).expect_code(2);
+    let nested = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("warning: ignored 1 .sql file in sub-folders"))
+        .unwrap_or_else(|| panic!("no warning; {out}"));
+    assert!(nested.contains("000001-000100/000091_x.up.sql"), "{out}");
+    assert!(out.stderr.contains("point --dir at the folder"), "{out}");
+    assert!(
+        out.stderr.contains("warning: ignored 3 .sql files")
+            && !out.stderr.contains("000091_x.up.sql, "),
+        "the others are still listed apart: {out}"
+    );
 }
 
 #[tokio::test]
