@@ -337,6 +337,24 @@ fn renames_and_drops_are_warnings_on_existing_tables_only() {
         rules("CREATE TABLE t (a int); ALTER TABLE t RENAME TO u; CREATE INDEX u_a ON u (a);"),
         []
     );
+    // A column added in the same deploy, even in an earlier migration, is new too (found by
+    // a trial on atuin's sqlx folder); renamed, it stays new; the control is the table's
+    // other column.
+    assert_eq!(
+        findings(&[
+            (
+                "1_add.up.sql",
+                "ALTER TABLE users ADD COLUMN verified_at timestamptz;"
+            ),
+            (
+                "2_drop.up.sql",
+                "ALTER TABLE users RENAME COLUMN verified_at TO checked_at;\n\
+                 ALTER TABLE users DROP COLUMN checked_at;\n\
+                 ALTER TABLE users DROP COLUMN email;"
+            ),
+        ]),
+        [(Rule::DropColumn, 3, false)]
+    );
 }
 
 #[test]
@@ -997,6 +1015,29 @@ async fn if_not_exists_and_if_exists_are_judged_by_the_catalog() {
         rules(&m.lint_pending().await.unwrap().findings),
         [(1, Rule::DropTable)]
     );
+
+    // `ADD COLUMN IF NOT EXISTS` of a column the table has adds nothing: dropping it is a
+    // finding; of one it lacks, the column is new.
+    write(
+        dir.path(),
+        &[(
+            "2_again.up.sql",
+            "ALTER TABLE posts ADD COLUMN IF NOT EXISTS body text, ADD COLUMN IF NOT EXISTS title text;\n\
+             ALTER TABLE posts DROP COLUMN body, DROP COLUMN title;",
+        )],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    let drops: Vec<String> = m
+        .lint_pending()
+        .await
+        .unwrap()
+        .findings
+        .iter()
+        .filter(|f| f.rule == Rule::DropColumn)
+        .map(|f| f.message.clone())
+        .collect();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert!(drops[0].contains("posts.body"), "{drops:?}");
 }
 
 /// Found on a real folder: `redo` applied again a plain `CREATE INDEX` on a live table that

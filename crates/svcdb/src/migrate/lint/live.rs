@@ -120,6 +120,12 @@ impl LiveColumns {
             || self.made_elsewhere.contains(table)
     }
 
+    /// The catalog was read and `table` of the service schema has `column`.
+    pub(crate) fn has_column(&self, table: &str, column: &str) -> bool {
+        self.columns
+            .contains_key(&(table.to_owned(), column.to_owned()))
+    }
+
     /// The catalog was read and the service schema has an index called `name`.
     pub(crate) fn has_index(&self, name: &str) -> bool {
         self.indexes.contains(name)

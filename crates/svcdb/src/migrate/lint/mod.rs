@@ -368,6 +368,9 @@ struct Deploy {
     created: HashSet<String>,
     /// Live tables dropped in this deploy: a `CREATE TABLE IF NOT EXISTS` after it makes one.
     dropped: HashSet<String>,
+    /// Per live table: columns added in this deploy, which the old release never used, so
+    /// dropping or renaming them is no finding.
+    added_columns: HashMap<String, HashSet<String>>,
     /// Per table: constraints added in this deploy, by name, with the column of those that are
     /// a `CHECK (col IS NOT NULL)`.
     added: HashMap<String, HashMap<String, Option<String>>>,
@@ -714,6 +717,13 @@ impl Deploy {
                 "expand, then contract: create the new table (or a view under the new name), move the code over in a release, then drop the old one in a later release".into(),
             ));
         } else if rename.rename_type == ObjectType::ObjectColumn as i32 && !self.is_new(table) {
+            if self.forget_added_column(table, &rename.subname) {
+                self.added_columns
+                    .entry(table.to_owned())
+                    .or_default()
+                    .insert(rename.newname.clone());
+                return;
+            }
             out.push(s.finding(
                 at,
                 Rule::RenameColumn,
@@ -721,6 +731,14 @@ impl Deploy {
                 "expand, then contract: add the new column and write both, backfill, release code that reads the new one, then drop the old one in a later release".into(),
             ));
         }
+    }
+
+    /// Whether `table.column` was added earlier in this deploy; it is forgotten (dropped, or
+    /// renamed, which records the new name).
+    fn forget_added_column(&mut self, table: &str, column: &str) -> bool {
+        self.added_columns
+            .get_mut(table)
+            .is_some_and(|added| added.remove(column))
     }
 
     fn alter_table(
@@ -801,6 +819,13 @@ impl Deploy {
             // Nothing below can hurt a table nobody else sees yet.
         } else if subtype == AlterTableType::AtAddColumn as i32 {
             if let Some(NodeEnum::ColumnDef(column)) = def {
+                // `ADD COLUMN IF NOT EXISTS` of a column the table has adds nothing.
+                if !(cmd.missing_ok && self.live.has_column(table, &column.colname)) {
+                    self.added_columns
+                        .entry(table.to_owned())
+                        .or_default()
+                        .insert(column.colname.clone());
+                }
                 add_column(s, at, table, column, out);
             }
         } else if subtype == AlterTableType::AtAlterColumnType as i32 {
@@ -833,6 +858,11 @@ impl Deploy {
                 ));
             }
         } else if subtype == AlterTableType::AtDropColumn as i32 {
+            if self.forget_added_column(table, &cmd.name) {
+                // Added earlier in this deploy: the old release never saw it (found by a
+                // trial on atuin's sqlx folder).
+                return;
+            }
             out.push(s.finding(
                 at,
                 Rule::DropColumn,
