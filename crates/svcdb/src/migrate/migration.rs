@@ -14,7 +14,7 @@ pub const HISTORY_TABLE: &str = "svcdb_migrations";
 pub const NO_TRANSACTION_DIRECTIVE: &str = "-- svcdb:no-transaction";
 
 /// How each layout marks a migration to run outside a transaction, for hints.
-pub(crate) const NO_TRANSACTION_HOW: &str = "first line `-- svcdb:no-transaction` (sqlx `-- no-transaction`; goose `-- +goose NO TRANSACTION`; dbmate `-- migrate:up transaction:false`; diesel `run_in_transaction = false` in metadata.toml)";
+pub(crate) const NO_TRANSACTION_HOW: &str = "first line `-- svcdb:no-transaction` (sqlx `-- no-transaction`; goose `-- +goose NO TRANSACTION`; dbmate `-- migrate:up transaction:false`; diesel `run_in_transaction = false` in metadata.toml; Flyway: a script of such statements runs outside one by itself, or `executeInTransaction=false` in its `.sql.conf`)";
 
 /// sqlx's spelling of the same first line, honoured so sqlx folders run as they are.
 const SQLX_NO_TRANSACTION: &str = "-- no-transaction";
