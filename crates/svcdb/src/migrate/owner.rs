@@ -44,6 +44,7 @@ pub(crate) async fn act_as_owner(
     if owner == connected || owner == "pg_database_owner" {
         return Ok(connected);
     }
+    give_own_tables_to(client, schema, &owner_sql).await;
     // Asking the server to switch, rather than predicting its answer from pg_has_role, keeps
     // one rule for every version (PostgreSQL 16 added the SET option to memberships).
     match client.batch_execute(&format!("SET ROLE {owner_sql}")).await {
@@ -63,5 +64,41 @@ pub(crate) async fn act_as_owner(
             })
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Gives svcdb's own tables in `schema` (its history and repeatables tables) to the schema's
+/// owner (`owner_sql`, quoted) when they belong to another role, while the connection is
+/// still the connected role's. A migration may have handed the schema to another role
+/// (`ALTER SCHEMA … OWNER TO`, as Conductor's first Flyway migration does) after svcdb made its
+/// tables as the role that ran it: the new owner, which every later run switches to, could
+/// not write them (42501 on `svcdb_migrations`; found by a trial). Best effort: where the
+/// connected role may not (neither a superuser nor the tables' owner and a member of the new
+/// one), the run goes on and reports what the server then refuses.
+async fn give_own_tables_to(client: &Client, schema: &Ident, owner_sql: &str) {
+    let tables = [
+        super::migration::HISTORY_TABLE,
+        super::repeatable::REPEATABLES_TABLE,
+    ];
+    let others = client
+        .query(
+            "SELECT quote_ident(c.relname) \
+               FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = $1 AND c.relname = ANY($2) AND c.relowner <> n.nspowner",
+            &[&schema.as_str(), &&tables[..]],
+        )
+        .await;
+    for row in others.iter().flatten() {
+        let table: String = row.get(0);
+        let alter = format!("ALTER TABLE {schema}.{table} OWNER TO {owner_sql}");
+        match client.batch_execute(&alter).await {
+            Ok(()) => {
+                tracing::info!(target: "svcdb::migrate", %schema, %table, "svcdb's table now belongs to the schema's owner, as the schema does");
+            }
+            Err(e) => {
+                tracing::warn!(target: "svcdb::migrate", %schema, %table, error = %e, "cannot give svcdb's table to the schema's owner");
+            }
+        }
     }
 }

@@ -519,3 +519,64 @@ async fn migrations_run_as_the_schemas_owner_or_not_at_all() {
         "the tables, a key and the history table: {owners:?}"
     );
 }
+
+/// Found by a trial on Conductor's Flyway folder, whose first migration hands the schema to
+/// the application's role (`ALTER SCHEMA … OWNER TO`): svcdb's history table stayed the
+/// administrator's, every later run switched to the new owner, and `up`, `down` and `repair`
+/// failed with 42501 on `svcdb_migrations`. The runner now gives its tables to the schema's
+/// owner before switching to it.
+#[tokio::test]
+async fn a_migration_that_hands_the_schema_to_another_role_does_not_lock_svcdb_out() {
+    use svcdb::migrate::Version;
+    use svcdb::migrate::{DownOptions, Migrations, Migrator, UpOptions};
+
+    let db = TestDb::new().await;
+    let app = db.role_name("app");
+    db.admin()
+        .await
+        .batch_execute(&format!("CREATE ROLE \"{app}\""))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, sql: String| std::fs::write(dir.path().join(name), sql).unwrap();
+    write(
+        "0001_initial.up.sql",
+        format!("CREATE TABLE a (id int);\nALTER SCHEMA handed OWNER TO \"{app}\";"),
+    );
+    write("0001_initial.down.sql", "DROP TABLE a;".into());
+    write("0002_b.up.sql", "CREATE TABLE b (id int);".into());
+    write("0002_b.down.sql", "DROP TABLE b;".into());
+    // A fresh pool for each run, as each deploy's process has.
+    let migrator = async || {
+        let migrations = Migrations::from_dir(dir.path()).unwrap();
+        Migrator::new(db.service("handed").await, migrations)
+    };
+    let to = |v: &str| UpOptions {
+        to: Some(v.parse::<Version>().unwrap()),
+        ..UpOptions::default()
+    };
+    migrator()
+        .await
+        .up_with(&to("1"), &mut |_| {})
+        .await
+        .unwrap();
+    // The next run works as the new owner, on a history table it now owns.
+    migrator().await.up().await.unwrap();
+    let owner: String = db
+        .admin()
+        .await
+        .query_one(
+            "SELECT pg_get_userbyid(relowner)::text FROM pg_class \
+             WHERE relnamespace = 'handed'::regnamespace AND relname = 'svcdb_migrations'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, app);
+    migrator()
+        .await
+        .down_with(&DownOptions::default(), &mut |_| {})
+        .await
+        .unwrap();
+}
