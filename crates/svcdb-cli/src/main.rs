@@ -30,8 +30,9 @@ const EXIT_CODES: &str = r#"Exit codes:
   130 interrupted (Ctrl-C; 143 for SIGTERM), as the shell reports a killed process: a
       migration command cancels its running statement on the server, so the transaction
       rolls back and a non-transactional migration stopped in its first statement stays
-      pending (one stopped later is marked dirty: `migrate status` says what to do), then
-      reports it like any failure; a second signal exits at once
+      pending (one stopped later is marked dirty: `migrate status` says what to do), and
+      what it committed before stays (no down script runs), then reports it like any
+      failure; a second signal exits at once
 
 With --json, stdout holds one JSON object whatever the outcome: the report, or on error
 {"error": what went wrong, "hint": what to do or null, "code": the SQLSTATE (e.g. "42501")

@@ -1099,12 +1099,17 @@ impl Migrator {
             flush(conn).await;
             // Undo this deploy's ups unless the failing step left the schema in an unknown
             // state: running downs over a half-applied step would only make the mess bigger.
-            // Downs are never "undone" by running ups again.
-            let (undone, undo_error, undo_left_dirty) = if direction == Direction::Up && !dirty {
-                self.undo(conn, reset, &done, observer).await
-            } else {
-                (Vec::new(), None, None)
-            };
+            // Nor after an interrupt, which asks to stop, not to start down scripts (found by
+            // a trial: Ctrl-C ran nine of them, some outside a transaction, which a second
+            // Ctrl-C could cut off half-way); what was committed stays, as when the interrupt
+            // comes between two statements. Downs are never "undone" by running ups again.
+            let interrupted = self.cancelled_by_interrupt(&cause);
+            let (undone, undo_error, undo_left_dirty) =
+                if direction == Direction::Up && !dirty && !interrupted {
+                    self.undo(conn, reset, &done, observer).await
+                } else {
+                    (Vec::new(), None, None)
+                };
             let applied: Vec<Version> = done
                 .iter()
                 .map(|e| e.version.clone())
@@ -1139,7 +1144,7 @@ impl Migrator {
                 invalid_indexes,
                 rolled_back_with: segment[..i].iter().map(|m| m.version.clone()).collect(),
                 lock_retries,
-                interrupted: self.cancelled_by_interrupt(&cause),
+                interrupted,
                 ..failure(m, direction, cause, statements_done, at, schema.as_str())
             })));
         }

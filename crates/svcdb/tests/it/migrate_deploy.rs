@@ -316,7 +316,7 @@ async fn next_retry(
 }
 
 /// The versions as the numbers their files give them.
-fn numbers(versions: &[svcdb::migrate::Version]) -> Vec<i64> {
+pub(crate) fn numbers(versions: &[svcdb::migrate::Version]) -> Vec<i64> {
     versions.iter().map(|v| v.number()).collect()
 }
 

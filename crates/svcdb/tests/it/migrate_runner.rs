@@ -2071,6 +2071,76 @@ async fn a_newer_releases_dirty_migration_refuses_only_a_run_with_work() {
     );
 }
 
+/// Found by a trial: Ctrl-C during a later migration of a deploy ran the down scripts of the
+/// migrations the deploy had committed (nine of them, some outside a transaction, which a
+/// second Ctrl-C could cut off half-way). An interrupt asks to stop: what was committed
+/// stays, as when it comes between two statements. The control: a failure there undoes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_keeps_what_the_deploy_committed_where_a_failure_undoes_it() {
+    use tokio_util::sync::CancellationToken;
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    let deploy = |last: &'static str| {
+        write(
+            dir.path(),
+            &[
+                ("0001_a.up.sql", "CREATE TABLE a (id int);"),
+                ("0001_a.down.sql", "DROP TABLE a;"),
+                (
+                    "0002_a_id.up.sql",
+                    "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY a_id ON a (id);",
+                ),
+                (
+                    "0002_a_id.down.sql",
+                    "-- svcdb:no-transaction\nDROP INDEX CONCURRENTLY a_id;",
+                ),
+                ("0003_last.up.sql", last),
+            ],
+        );
+    };
+    let applied = || async {
+        let status = migrator(&svc, dir.path()).status().await.unwrap();
+        status
+            .entries
+            .iter()
+            .filter(|e| e.state == MigrationState::Applied)
+            .map(|e| e.version.number())
+            .collect::<Vec<_>>()
+    };
+
+    deploy("CREATE TABLE b (id int);\nSELECT pg_sleep(30);");
+    let token = CancellationToken::new();
+    let m = migrator(&svc, dir.path()).with_interrupt(token.clone());
+    let run = tokio::spawn(async move { m.up().await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    token.cancel();
+    let err = run.await.unwrap().unwrap_err();
+    let f = failure(&err);
+    assert!(f.interrupted, "{err}");
+    assert!(f.undone.is_empty() && f.undo_error.is_none(), "{err}");
+    assert_eq!(crate::migrate_deploy::numbers(&f.applied), [1, 2], "{err}");
+    assert_eq!(applied().await, [1, 2]);
+
+    // The control: the same deploy failing at the same place undoes what it committed.
+    migrator(&svc, dir.path())
+        .down_with(
+            &DownOptions {
+                to: Some(v(0)),
+                ..DownOptions::default()
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+    deploy("CREATE TABLE b (id int);\nSELECT 1 / 0;");
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    assert_eq!(
+        crate::migrate_deploy::numbers(&failure(&err).undone),
+        [2, 1],
+        "{err}"
+    );
+    assert_eq!(applied().await, Vec::<i64>::new());
+}
+
 /// Found by an operations trial: a pod's SIGTERM during a non-transactional migration's first
 /// statement left it dirty although nothing of it ran (an SQL error there does not), and
 /// every later deploy then needed `repair`. Interrupted, the runner has the server cancel the
