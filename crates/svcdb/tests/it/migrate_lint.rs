@@ -241,6 +241,13 @@ fn primary_keys_and_unique_constraints_need_an_index_built_first() {
         fix.starts_with("add handle in an ALTER TABLE of its own"),
         "{fix}"
     );
+    // Found by a trial on permify's goose folder: the fix said to add the column without its
+    // constant default, which would leave the existing rows NULL.
+    assert!(
+        fix.contains("keeping its type, default and NOT NULL")
+            && !fix.contains("without a default"),
+        "{fix}"
+    );
     let [fix] = &fixes("ALTER TABLE users ADD CONSTRAINT users_email_key UNIQUE (email);")[..]
     else {
         panic!("one finding expected");

@@ -1117,7 +1117,7 @@ fn unique_without_index(
         String::new()
     } else {
         format!(
-            "add {} in an ALTER TABLE of its own without the constraint (nullable and without a default, adding a column changes no row); ",
+            "add {} in an ALTER TABLE of its own without the constraint, keeping its type, default and NOT NULL (a constant default rewrites no row since PostgreSQL 11; dropping it would leave the existing rows NULL); ",
             added.join(", ")
         )
     };
