@@ -104,12 +104,16 @@ pub enum MigrateError {
     },
 
     /// An applied migration has no file in the source.
-    #[error("migration {} is applied but its file is missing from the migrations folder\n  hint: restore the file, or pass `--ignore-missing` (MigrateOptions::ignore_missing) if it was removed on purpose", super::migration::Named(version, name))]
+    #[error("{}", missing_message(version, name, *missing, *none_found))]
     Missing {
         /// The applied version.
         version: Version,
         /// Its name in the history table.
         name: String,
+        /// How many applied migrations have no file, this one included.
+        missing: usize,
+        /// True when no applied migration has a file: most likely the wrong folder.
+        none_found: bool,
     },
 
     /// `down` (or `redo`) would revert an applied migration whose file is missing: without it
@@ -467,6 +471,24 @@ fn unsafe_message(findings: &[super::lint::Finding]) -> String {
         }
     }
     s
+}
+
+fn missing_message(version: &Version, name: &str, missing: usize, none_found: bool) -> String {
+    let named = super::migration::Named(version, name);
+    if none_found {
+        // Found by a trial: an empty or wrong `--dir` was told to pass `--ignore-missing`,
+        // which would then run every file of the wrong folder.
+        return format!(
+            "none of the {missing} applied migrations has a file in the migrations folder (the first is {named}): it is most likely not the folder this schema was migrated from\n  hint: point --dir (SVCDB_MIGRATIONS_DIR) at that folder"
+        );
+    }
+    let more = match missing {
+        0 | 1 => String::new(),
+        n => format!(" (and {} more applied without a file)", n - 1),
+    };
+    format!(
+        "migration {named} is applied but its file is missing from the migrations folder{more}\n  hint: restore the file, or pass `--ignore-missing` (MigrateOptions::ignore_missing) if it was removed on purpose"
+    )
 }
 
 fn failed_message(f: &MigrationFailure) -> String {

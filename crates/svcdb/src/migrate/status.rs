@@ -240,10 +240,21 @@ impl StatusReport {
                     })
                 }
                 MigrationState::Missing if !options.ignore_missing => {
+                    let missing = self
+                        .entries
+                        .iter()
+                        .filter(|e| e.state == MigrationState::Missing)
+                        .count();
+                    let none_found = !self
+                        .entries
+                        .iter()
+                        .any(|e| e.path.is_some() && e.state != MigrationState::Pending);
                     return Err(MigrateError::Missing {
                         version: e.version.clone(),
                         name: e.name.clone(),
-                    })
+                        missing,
+                        none_found,
+                    });
                 }
                 _ => {}
             }

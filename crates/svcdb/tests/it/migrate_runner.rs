@@ -1132,12 +1132,30 @@ async fn missing_files_are_reported_then_ignored() {
     );
     assert!(matches!(
         m.up().await,
-        Err(MigrateError::Missing { version, .. }) if version.number() == 2
+        Err(MigrateError::Missing { version, missing: 1, none_found: false, .. }) if version.number() == 2
     ));
-    assert!(matches!(
-        m.validate().await,
-        Err(MigrateError::Missing { version, .. }) if version.number() == 2
-    ));
+    let err = m.validate().await.unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::Missing { version, .. } if version.number() == 2),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--ignore-missing"), "{err}");
+    // A folder with none of the applied files, most likely the wrong `--dir` (found by a
+    // trial: it was told to pass --ignore-missing, which would run the wrong folder's files).
+    let elsewhere = tempfile::tempdir().unwrap();
+    let err = migrator(&svc, elsewhere.path()).up().await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            MigrateError::Missing {
+                missing: 3,
+                none_found: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("--ignore-missing"), "{err}");
     let ignoring = m.with_options(MigrateOptions {
         ignore_missing: true,
         ..options()
