@@ -502,7 +502,17 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
     output::report(global.json, &json, |_| {
         let r = &report;
         let mut summary = summary(r);
-        if refusal.is_none() && (r.in_progress.is_some() || r.locked) {
+        if let Some(refused) = &refusal {
+            // Found by a trial: stdout said only "5 pending" while the exit code said refused;
+            // the reason and hint follow on stderr.
+            let text = refused.text();
+            let why = text
+                .trim_start_matches("error: ")
+                .lines()
+                .next()
+                .unwrap_or_default();
+            summary.push_str(&format!("; `svcdb migrate up` would refuse: {why}"));
+        } else if r.in_progress.is_some() || r.locked {
             summary.push_str("; another runner holds the schema's migration lock, and `svcdb migrate up` waits for it");
         } else if let (None, Some(other)) = (&refusal, r.other_histories.first()) {
             summary.push_str(&format!(

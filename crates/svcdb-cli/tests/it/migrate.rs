@@ -692,6 +692,12 @@ async fn status_and_up_point_at_adopt_on_a_schema_another_tool_migrated() {
     // Refused before anything runs (what `up` would do is what `status` reports), by kind.
     let out = p.run(&["migrate", "status"]).expect_code(1);
     assert!(out.stderr.contains(adopt), "{out}");
+    // The report on stdout says it too (found by a trial: it said only "pending").
+    assert!(
+        out.stdout
+            .contains("`svcdb migrate up` would refuse: refusing to migrate schema"),
+        "{out}"
+    );
     let out = p.run(&["--json", "migrate", "status"]).expect_code(1);
     let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(report["refused"]["code"], "other_tool_applied", "{out}");
