@@ -93,6 +93,38 @@ fn create_index_needs_concurrently_on_a_table_that_existed_before_the_deploy() {
     );
 }
 
+/// Found by a trial on Conductor's Flyway folder: `DROP INDEX` of a live table's index was no
+/// finding, while its lock (ACCESS EXCLUSIVE on the table) lasts until the deploy commits.
+#[test]
+fn drop_index_needs_concurrently_unless_the_deploy_made_the_index() {
+    assert_each_flags(
+        Rule::DropIndexWithoutConcurrently,
+        &[
+            "DROP INDEX users_email;",
+            "DROP INDEX IF EXISTS app.users_email;",
+        ],
+    );
+    assert_eq!(
+        rules("DROP INDEX users_email, users_name;"),
+        [
+            Rule::DropIndexWithoutConcurrently,
+            Rule::DropIndexWithoutConcurrently
+        ]
+    );
+    assert_all_fine(&[
+        "CREATE TABLE t (a int); CREATE INDEX t_a ON t (a); DROP INDEX t_a;",
+        &format!("{NO_TX}DROP INDEX CONCURRENTLY users_email;"),
+    ]);
+    // Allowed in its file, it still shows, allowed.
+    assert_eq!(
+        findings(&[(
+            "1_m.up.sql",
+            "-- svcdb:allow drop-index-without-concurrently: a tiny table\nDROP INDEX users_email;"
+        )]),
+        [(Rule::DropIndexWithoutConcurrently, 2, true)]
+    );
+}
+
 #[test]
 fn concurrently_is_flagged_only_in_a_transactional_migration() {
     for sql in [
@@ -1021,6 +1053,21 @@ async fn if_not_exists_and_if_exists_are_judged_by_the_catalog() {
     assert_eq!(
         rules(&m.lint_pending().await.unwrap().findings),
         [(1, Rule::DropTable)]
+    );
+
+    // The catalog says which indexes exist: `DROP INDEX IF EXISTS` of one the schema lacks
+    // drops nothing; of one it has, it is a finding (the control).
+    write(
+        dir.path(),
+        &[(
+            "2_again.up.sql",
+            "DROP INDEX IF EXISTS never_indexed;\nDROP INDEX IF EXISTS posts_id;",
+        )],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    assert_eq!(
+        rules(&m.lint_pending().await.unwrap().findings),
+        [(2, Rule::DropIndexWithoutConcurrently)]
     );
 
     // `ADD COLUMN IF NOT EXISTS` of a column the table has adds nothing: dropping it is a

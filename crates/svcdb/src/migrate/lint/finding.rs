@@ -37,6 +37,10 @@ pub enum Rule {
     /// `CREATE INDEX` without `CONCURRENTLY` on a table that existed before the deploy: it
     /// blocks every write to the table while the index builds.
     IndexWithoutConcurrently,
+    /// `DROP INDEX` without `CONCURRENTLY` of an index that existed before the deploy: it takes
+    /// an `ACCESS EXCLUSIVE` lock on the index's table, held until the transaction (in an
+    /// atomic deploy, the deploy's) commits.
+    DropIndexWithoutConcurrently,
     /// `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a migration that runs in a transaction: the
     /// server refuses it (SQLSTATE 25001).
     ConcurrentlyInTransaction,
@@ -94,6 +98,7 @@ impl Rule {
     /// Every rule.
     pub const ALL: &'static [Rule] = &[
         Rule::IndexWithoutConcurrently,
+        Rule::DropIndexWithoutConcurrently,
         Rule::ConcurrentlyInTransaction,
         Rule::NotInTransaction,
         Rule::AddColumnNotNullWithoutDefault,
@@ -120,6 +125,7 @@ impl Rule {
     pub fn name(self) -> &'static str {
         match self {
             Rule::IndexWithoutConcurrently => "index-without-concurrently",
+            Rule::DropIndexWithoutConcurrently => "drop-index-without-concurrently",
             Rule::ConcurrentlyInTransaction => "concurrently-in-transaction",
             Rule::NotInTransaction => "not-in-transaction",
             Rule::AddColumnNotNullWithoutDefault => "add-column-not-null-without-default",

@@ -126,6 +126,11 @@ impl LiveColumns {
             .contains_key(&(table.to_owned(), column.to_owned()))
     }
 
+    /// The catalog was read and the service schema has no index called `name`.
+    pub(crate) fn lacks_index(&self, name: &str) -> bool {
+        self.tables.is_some() && !self.indexes.contains(name)
+    }
+
     /// The catalog was read and the service schema has an index called `name`.
     pub(crate) fn has_index(&self, name: &str) -> bool {
         self.indexes.contains(name)

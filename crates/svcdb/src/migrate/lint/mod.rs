@@ -25,6 +25,7 @@
 //! | rule | level | flags (on a table that existed before the deploy) |
 //! |---|---|---|
 //! | `index-without-concurrently` | error | `CREATE INDEX` without `CONCURRENTLY` |
+//! | `drop-index-without-concurrently` | error | `DROP INDEX` without `CONCURRENTLY` of an index that existed before the deploy (its table's `ACCESS EXCLUSIVE` lock lasts until the transaction commits) |
 //! | `concurrently-in-transaction` | error, never allowed | `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a transactional migration (any table): the server refuses it, so neither `--allow-unsafe` nor `-- svcdb:allow` lets it through |
 //! | `not-in-transaction` | error, never allowed | `VACUUM`, `CREATE`/`DROP DATABASE`, `CREATE`/`DROP TABLESPACE`, `ALTER SYSTEM`, `REINDEX SCHEMA`/`SYSTEM`/`DATABASE`, `DISCARD ALL` in a transactional migration: the server refuses them there too |
 //! | `add-column-not-null-without-default` | error | `ADD COLUMN … NOT NULL` without a default |
@@ -368,6 +369,9 @@ struct Deploy {
     created: HashSet<String>,
     /// Live tables dropped in this deploy: a `CREATE TABLE IF NOT EXISTS` after it makes one.
     dropped: HashSet<String>,
+    /// Indexes created in this deploy (by name): dropping one locks nothing the old release
+    /// relies on.
+    created_indexes: HashSet<String>,
     /// Per live table: columns added in this deploy, which the old release never used, so
     /// dropping or renaming them is no finding.
     added_columns: HashMap<String, HashSet<String>>,
@@ -659,6 +663,9 @@ impl Deploy {
             // trial on a Flyway folder).
             return;
         }
+        if !index.idxname.is_empty() {
+            self.created_indexes.insert(index.idxname.clone());
+        }
         if index.concurrent {
             if s.transactional {
                 out.push(concurrently_in_transaction(s, at, "CREATE INDEX"));
@@ -676,6 +683,9 @@ impl Deploy {
     fn drop(&mut self, s: &Script<'_>, at: usize, drop: &DropStmt, out: &mut Vec<Finding>) {
         if drop.concurrent && s.transactional {
             out.push(concurrently_in_transaction(s, at, "DROP INDEX"));
+        }
+        if drop.remove_type == ObjectType::ObjectIndex as i32 && !drop.concurrent {
+            self.drop_index(s, at, drop, out);
         }
         if drop.remove_type != ObjectType::ObjectTable as i32 {
             return;
@@ -699,6 +709,31 @@ impl Deploy {
                 Rule::DropTable,
                 format!("dropping {table}: the replicas still running the old release read and write it until they are replaced"),
                 "expand, then contract: first release code that no longer uses the table, then drop it in a migration of a later release".into(),
+            ));
+        }
+    }
+
+    /// A plain `DROP INDEX`: a finding for each index it drops that existed before the deploy
+    /// (found by a trial on Conductor's Flyway folder, whose later migrations drop indexes of
+    /// live tables).
+    fn drop_index(&mut self, s: &Script<'_>, at: usize, drop: &DropStmt, out: &mut Vec<Finding>) {
+        for object in &drop.objects {
+            let Some(NodeEnum::List(names)) = &object.node else {
+                continue;
+            };
+            let Some(index) = names.items.last().and_then(string) else {
+                continue;
+            };
+            // Made in this deploy, or not there (`IF EXISTS` drops nothing; without it the
+            // server refuses the statement).
+            if self.created_indexes.remove(index) || self.live.lacks_index(index) {
+                continue;
+            }
+            out.push(s.finding(
+                at,
+                Rule::DropIndexWithoutConcurrently,
+                format!("DROP INDEX {index} takes an ACCESS EXCLUSIVE lock on its table, which every read and write of it then waits for until the transaction commits (in an atomic deploy, the whole deploy), and which itself waits behind every running query of the table"),
+                format!("DROP INDEX CONCURRENTLY {index}, in a non-transactional migration of its own: {}", super::migration::NO_TRANSACTION_HOW),
             ));
         }
     }
