@@ -473,6 +473,19 @@ fn unsafe_message(findings: &[super::lint::Finding]) -> String {
     s
 }
 
+/// The role a `role "…" does not exist` error (42704) names, quoted as an identifier.
+fn missing_role(cause: &tokio_postgres::Error) -> Option<String> {
+    let db = cause.as_db_error()?;
+    if db.code() != &SqlState::UNDEFINED_OBJECT {
+        return None;
+    }
+    let role = db
+        .message()
+        .strip_prefix("role \"")?
+        .strip_suffix("\" does not exist")?;
+    Some(format!("\"{}\"", role.replace('"', "\"\"")))
+}
+
 fn missing_message(version: &Version, name: &str, missing: usize, none_found: bool) -> String {
     let named = super::migration::Named(version, name);
     if none_found {
@@ -633,6 +646,9 @@ fn failed_message(f: &MigrationFailure) -> String {
         ));
         return s;
     }
+    // Found by a trial on Conductor's Flyway folder (`ALTER SCHEMA … OWNER TO conductor`
+    // before the role existed): the migration was right, the set-up was missing.
+    let missing_role_advice = missing_role(cause).map(|role| format!("the migration names role {role}, which this PostgreSQL server does not have: roles belong to the whole server, not to a schema, so they come from the one-time set-up an administrator runs (`svcdb provision` makes the service's own), not from the migrations; create it there (CREATE ROLE {role}), then run again"));
     s.push_str(if lock_timeout {
         "another session held a lock on the migration's table for longer than lock_timeout: find it in pg_stat_activity (a long or idle-in-transaction session), then run again when it is gone; or allow more with `--lock-retries`/`--lock-timeout` (MigrateOptions::lock_retries, lock_timeout), which queues the table's other queries behind the migration for that long"
     } else if cause.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
@@ -646,6 +662,8 @@ fn failed_message(f: &MigrationFailure) -> String {
         "the interrupt (Ctrl-C, SIGTERM) cancelled the statement, not a fault of the migration; run again when ready"
     } else if cause.code() == Some(&SqlState::QUERY_CANCELED) {
         "the statement was cancelled: by the statement timeout (`--statement-timeout`, MigrateOptions::statement_timeout: raise it, or 0 for none, for a migration that takes long), by an interrupt of the runner (Ctrl-C, SIGTERM: Migrator::with_interrupt), or from another session (pg_cancel_backend); then run again"
+    } else if let Some(advice) = &missing_role_advice {
+        advice
     } else if cause.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) {
         // PostgreSQL's own hint says CASCADE; for a down script dropping the service schema
         // (a dbmate folder's first migration), that would take svcdb's history table with it.

@@ -2421,3 +2421,42 @@ async fn repair_records_nothing_from_what_looks_like_another_schemas_folder() {
     let repaired = migrator(&svc, dir.path()).repair().await.unwrap();
     assert_eq!(repaired.actions.len(), 1, "{repaired:?}");
 }
+
+/// Found by a trial on Conductor's Flyway folder: a migration naming a role the server lacks
+/// was told "fix the migration"; the role is what is missing, from the one-time set-up. The
+/// control: another undefined object (a type) keeps the usual advice.
+#[tokio::test]
+async fn a_missing_role_is_blamed_on_the_set_up_not_the_migration() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[(
+            "0001_grant.up.sql",
+            "CREATE TABLE a (id int);\nGRANT SELECT ON a TO svcdb_test_no_such_role;",
+        )],
+    );
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&svcdb::SqlState::UNDEFINED_OBJECT),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("CREATE ROLE \"svcdb_test_no_such_role\"")
+            && !text.contains("fix the migration"),
+        "{text}"
+    );
+
+    write(
+        dir.path(),
+        &[("0001_grant.up.sql", "DROP TYPE no_such_type;")],
+    );
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&svcdb::SqlState::UNDEFINED_OBJECT),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("CREATE ROLE"), "{err}");
+}
