@@ -1174,8 +1174,20 @@ impl Migrator {
                     if is_lock_timeout(&cause) && retries < self.options.lock_retries =>
                 {
                     retries += 1;
-                    self.pause_before_retry(group[i], direction, None, retries, observer)
-                        .await;
+                    if self
+                        .pause_before_retry(group[i], direction, None, retries, observer)
+                        .await
+                    {
+                        // The group's transaction is rolled back: nothing of it stays.
+                        return Err((
+                            i,
+                            StepError::Other(MigrateError::Interrupted {
+                                schema: self.schema(),
+                                done: Vec::new(),
+                                dirty: None,
+                            }),
+                        ));
+                    }
                 }
                 Err((
                     i,
@@ -1248,8 +1260,18 @@ impl Migrator {
                     });
                 }
                 retries += 1;
-                self.pause_before_retry(m, direction, Some(done + 1), retries, observer)
-                    .await;
+                if self
+                    .pause_before_retry(m, direction, Some(done + 1), retries, observer)
+                    .await
+                {
+                    // As between two statements: the one that timed out changed nothing.
+                    let dirty = self.left_dirty(conn, m, direction, done).await;
+                    return Err(StepError::Other(MigrateError::Interrupted {
+                        schema: self.schema(),
+                        done: Vec::new(),
+                        dirty: dirty.then(|| m.version.clone()),
+                    }));
+                }
             }
         }
         let took = start.elapsed();
@@ -1299,7 +1321,8 @@ impl Migrator {
     }
 
     /// Reports retry `attempt` after a lock timeout and waits before it: the backoff doubled
-    /// per earlier retry, plus up to as much again at random.
+    /// per earlier retry, plus up to as much again at random. True when the interrupt came
+    /// during the wait: the run is to stop there.
     async fn pause_before_retry(
         &self,
         m: &Migration,
@@ -1307,7 +1330,7 @@ impl Migrator {
         statement: Option<usize>,
         attempt: u32,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
-    ) {
+    ) -> bool {
         let backoff = self
             .options
             .lock_retry_backoff
@@ -1322,7 +1345,22 @@ impl Migrator {
             retries: self.options.lock_retries,
             delay_ms: super::report::millis(delay),
         });
-        tokio::time::sleep(delay).await;
+        // An interrupt during the pause stops the run there: nothing is running to cancel
+        // (found by a trial: the pause ran out, the retry was cancelled, and the run
+        // reported a cancelled statement, 57014, instead of the interrupt).
+        match &self.interrupt {
+            Some(interrupt) => tokio::select! {
+                () = tokio::time::sleep(delay) => false,
+                () = interrupt.wait() => {
+                    interrupt.take();
+                    true
+                }
+            },
+            None => {
+                tokio::time::sleep(delay).await;
+                false
+            }
+        }
     }
 
     /// Runs the down scripts of `done` (this call's ups), newest first, stopping at the first

@@ -382,6 +382,49 @@ async fn a_transactional_group_blocked_by_a_table_lock_is_retried_whole_once_the
     assert_eq!(versions(&history(&svc).await), [1, 2, 3]);
 }
 
+/// Found by a trial: Ctrl-C during the pause before a lock retry was only seen when the
+/// retry's statement was cancelled, and the run reported 57014. The pause now ends at the
+/// interrupt, with the run interrupted and nothing of the group kept.
+#[tokio::test]
+async fn an_interrupt_during_the_pause_before_a_lock_retry_stops_the_run_there() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let _holder = items_held_by_another_session(&db, &svc, dir.path()).await;
+    write(
+        dir.path(),
+        &[
+            ("2_log.up.sql", "CREATE TABLE log (id int);"),
+            ("3_label.up.sql", "ALTER TABLE items ADD COLUMN label text;"),
+        ],
+    );
+    let token = tokio_util::sync::CancellationToken::new();
+    let m = migrator(
+        &svc,
+        dir.path(),
+        MigrateOptions {
+            lock_retry_backoff: Duration::from_secs(30),
+            ..lock_options(3)
+        },
+    )
+    .with_interrupt(token.clone());
+    let (task, mut events) = spawn_up(m);
+    next_retry(&mut events).await;
+    let asked = std::time::Instant::now();
+    token.cancel();
+    let err = task.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::Interrupted { done, dirty: None, .. } if done.is_empty()),
+        "{err:?}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "it waited out the pause"
+    );
+    assert_eq!(versions(&history(&svc).await), [1]);
+    assert!(!table_exists(&svc, "log").await);
+}
+
 #[tokio::test]
 async fn a_transactional_migration_whose_table_stays_locked_fails_after_the_retries() {
     let db = TestDb::new().await;
