@@ -154,3 +154,69 @@ async fn migrating_schema_public_does_not_act_as_pg_database_owner() {
         "{owners:?}"
     );
 }
+
+/// A folder written for `public` qualifies names with it; the service's role may not create
+/// there (PostgreSQL 15 grants no CREATE on `public`). The failure's hint says to drop the
+/// qualifier, and the owner hint for `permission denied for schema` (run as the owner, or
+/// grant) is left out: it would be the wrong fix (found by a user trial: two hints that
+/// disagreed). The control: the same role denied on an unqualified name in a schema it does
+/// not own gets the owner hint.
+#[tokio::test]
+async fn a_name_qualified_with_public_gets_the_qualifier_hint_not_the_owner_hint() {
+    let project = Project::new().await;
+    let role = provision(&project);
+    project.write(&[(
+        "0001_x.up.sql",
+        "CREATE TABLE public.svcdb_test_qualified (id int);",
+    )]);
+    let url = project.db.url_as(&role);
+    let as_service = [
+        ("DATABASE_URL", url.as_str()),
+        ("SVCDB_CREATE_SCHEMA", "false"),
+    ];
+    let out = project
+        .run_with_env(&["migrate", "up", "--json"], &as_service)
+        .expect_code(1);
+    let json = out.json();
+    assert_eq!(json["code"], "42501", "{out}");
+    let hint = json["hint"].as_str().unwrap_or_default();
+    assert!(hint.contains("drop the `public.` qualifiers"), "{out}");
+    assert!(!hint.contains("is owned by role"), "{out}");
+
+    // The control: another role's schema, named by the service schema setting itself.
+    let other = project.db.role_name("other");
+    let foreign = format!("{}_foreign", project.schema);
+    project
+        .db
+        .admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE \"{other}\"; CREATE SCHEMA {foreign} AUTHORIZATION \"{other}\""
+        ))
+        .await
+        .unwrap();
+    let as_service_elsewhere = [
+        ("DATABASE_URL", url.as_str()),
+        ("SVCDB_CREATE_SCHEMA", "false"),
+        ("SVCDB_SCHEMA", foreign.as_str()),
+    ];
+    let out = project
+        .run_with_env(&["--json", "migrate", "status"], &as_service_elsewhere)
+        .expect_code(1);
+    let json = out.json();
+    assert_eq!(json["code"], "42501", "{out}");
+    assert!(
+        json["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is owned by role"),
+        "{out}"
+    );
+    project
+        .db
+        .admin()
+        .await
+        .batch_execute(&format!("DROP SCHEMA {foreign} CASCADE"))
+        .await
+        .unwrap();
+}
