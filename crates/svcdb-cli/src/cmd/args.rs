@@ -18,12 +18,18 @@ pub struct GateArgs {
     #[arg(long, value_name = "TABLES", value_delimiter = ',')]
     require: Vec<String>,
 
-    /// Longest wait for the database (connecting included) before it counts as unreachable.
+    /// Longest wait for the database (connecting included) before it counts as unreachable;
+    /// for `svcdb health` with a broker, also the longest wait for the broker.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = crate::global::positive_duration)]
     timeout: Duration,
 }
 
 impl GateArgs {
+    /// `--timeout`: the longest wait for the database (and, for `svcdb health`, the broker).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The pool and the gate. The pool is lazy (`ServiceDb::new`): an unreachable database
     /// becomes a problem in the report rather than an error before it, and nothing is created
     /// (not even with `SVCDB_CREATE_SCHEMA`), since a check must not change what it checks.

@@ -172,6 +172,42 @@ async fn health_reports_the_database_the_pool_the_outbox_and_the_gate() {
     assert_eq!(report["problems"][0]["table"], "open_orders");
 }
 
+/// Found by an operations review: `svcdb health` knew nothing of the broker, where a running
+/// service's `/readyz` shows it. With `--amqp-url` (or `AMQP_URL`) it says whether RabbitMQ
+/// answers; one that does not is reported without turning the verdict to "not ready", as in
+/// `/readyz`, and without the password.
+#[tokio::test]
+async fn health_with_a_broker_says_whether_it_answers() {
+    let p = Project::new().await;
+    p.write(ORDERS);
+    p.run(&["migrate", "up"]).expect_code(0);
+    let broker = std::env::var("AMQP_URL").unwrap_or_else(|_| svcdb_amqp::DEFAULT_URL.to_owned());
+    let report = p
+        .run(&["health", "--json", "--amqp-url", &broker])
+        .expect_code(0)
+        .json();
+    assert_eq!(report["broker"]["connected"], true, "{report}");
+    assert!(
+        report["broker"]["latency_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "{report}"
+    );
+
+    let down = format!("amqp://guest:s3cret-pw@127.0.0.1:{}/%2f", closed_port());
+    let out = p
+        .run(&["health", "--json", "--amqp-url", &down])
+        .expect_code(0);
+    let report = out.json();
+    assert_eq!(report["ready"], true, "{out}");
+    assert_eq!(report["broker"]["connected"], false, "{out}");
+    assert!(report["broker"]["error"].is_string(), "{out}");
+    assert!(!out.to_string().contains("s3cret-pw"), "{out}");
+    // Without one, the report has no broker.
+    let report = p.run(&["health", "--json"]).expect_code(0).json();
+    assert!(report.get("broker").is_none(), "{report}");
+}
+
 #[test]
 fn health_of_an_unreachable_database_answers_within_the_timeout() {
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", closed_port());
