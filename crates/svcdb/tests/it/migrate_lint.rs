@@ -285,6 +285,15 @@ fn primary_keys_and_unique_constraints_need_an_index_built_first() {
         panic!("one finding expected");
     };
     assert!(fix.starts_with("build the index first"), "{fix}");
+    // An unnamed primary key gets the name PostgreSQL gives it (found by a trial: `<name>`).
+    let [fix] = &fixes("ALTER TABLE users ADD PRIMARY KEY (id);")[..] else {
+        panic!("one finding expected");
+    };
+    assert!(
+        fix.contains("CREATE UNIQUE INDEX CONCURRENTLY users_pkey_new")
+            && fix.contains("ADD CONSTRAINT users_pkey PRIMARY KEY USING INDEX users_pkey_new"),
+        "{fix}"
+    );
     assert_all_fine(&[
         "ALTER TABLE users ADD CONSTRAINT users_email_key UNIQUE USING INDEX users_email_key;",
         "ALTER TABLE users ADD CONSTRAINT users_pkey PRIMARY KEY USING INDEX users_pkey;",
@@ -979,6 +988,26 @@ async fn up_lets_through_what_the_catalog_shows_rewrites_nothing() {
     };
     let rules: Vec<Rule> = findings.iter().map(|f| f.rule).collect();
     assert_eq!(rules, [Rule::AlterColumnType, Rule::SetNotNullWithoutCheck]);
+
+    // A collation given with the same type keeps the values but rebuilds the column's indexes
+    // under the table's lock (found by a trial on svix's folder): a finding.
+    write(
+        dir.path(),
+        &[(
+            "3_code.up.sql",
+            "ALTER TABLE users ALTER COLUMN email TYPE varchar(100) COLLATE \"C\";",
+        )],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    let rules: Vec<Rule> = m
+        .lint_pending()
+        .await
+        .unwrap()
+        .findings
+        .iter()
+        .map(|f| f.rule)
+        .collect();
+    assert_eq!(rules, [Rule::AlterColumnType]);
 }
 
 /// Found on mattermost's golang-migrate folder, whose every table is `CREATE TABLE IF NOT

@@ -864,9 +864,12 @@ impl Deploy {
                 add_column(s, at, table, column, out);
             }
         } else if subtype == AlterTableType::AtAlterColumnType as i32 {
-            // Without `USING`, a type change the catalog shows keeps every stored value.
+            // Without `USING`, a type change the catalog shows keeps every stored value. Not
+            // with `COLLATE`: PostgreSQL rebuilds every index of the column under the table's
+            // ACCESS EXCLUSIVE lock (found by a trial on svix's folder).
             if let Some(NodeEnum::ColumnDef(column)) = def {
                 let keeps = column.raw_default.is_none()
+                    && column.coll_clause.is_none()
                     && column
                         .type_name
                         .as_ref()
@@ -919,11 +922,16 @@ impl Deploy {
     ) {
         let check = c.contype == ConstrType::ConstrCheck as i32;
         let foreign = c.contype == ConstrType::ConstrForeign as i32;
-        // The constraint's name in a fix, or a place for one.
-        let name = if c.conname.is_empty() {
-            "<name>"
-        } else {
+        // The constraint's name in a fix: its own, the one PostgreSQL gives a primary key
+        // (found by a trial: the fix said `<name>` where the name was known), or a place
+        // for one.
+        let default_name = format!("{table}_pkey");
+        let name = if !c.conname.is_empty() {
             c.conname.as_str()
+        } else if c.contype == ConstrType::ConstrPrimary as i32 {
+            default_name.as_str()
+        } else {
+            "<name>"
         };
         let primary = c.contype == ConstrType::ConstrPrimary as i32;
         let unique = c.contype == ConstrType::ConstrUnique as i32;

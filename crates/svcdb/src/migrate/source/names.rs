@@ -205,9 +205,12 @@ fn flyway(stem: &str) -> Class {
         // Flyway reads `V0001.sql` as version 0001 with an empty description.
         None if integer(&rest.replace('_', ".")) => (rest, ""),
         None => {
+            // Found by a trial on openremote's folder: Flyway, unless `validateMigrationNaming`
+            // is on, skips such a file without running it, so renaming it runs a script the
+            // schema never ran.
             return Class::Refused(format!(
-                "a Flyway-style name needs two underscores between the version and the name; {expected}"
-            ))
+                "a Flyway-style name needs two underscores between the version and the name; {expected}\n  hint: Flyway (unless its validateMigrationNaming is on) skips a file named so, without running it: if Flyway migrated this schema, it never ran this file, so move the file out of the folder to leave it out; renamed `{letter}<version>__<name>.sql`, it runs as a migration"
+            ));
         }
         Some((version, _)) if !integer(&version.replace('_', ".")) => {
             return Class::Refused(format!(
@@ -288,6 +291,20 @@ mod tests {
         }
         let path = source_error_path(&[("latest/up.sql", b"SELECT 1;")]);
         assert!(path.ends_with("latest/up.sql"), "{path}");
+    }
+
+    /// Found by a trial on openremote's folder: a Flyway name with one underscore, which
+    /// Flyway skipped, was refused with no hint, and renaming it as asked runs it.
+    #[test]
+    fn a_flyway_name_with_one_underscore_says_flyway_skipped_it() {
+        let err =
+            super::super::test_support::parse(&[("V20221219_HelperFunctions.sql", b"SELECT 1;")])
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("hint: Flyway") && err.contains("never ran this file"),
+            "{err}"
+        );
     }
 
     #[test]
