@@ -450,7 +450,7 @@ impl From<tokio_postgres::Error> for MigrateError {
 
 fn unsafe_message(findings: &[super::lint::Finding]) -> String {
     let mut s = format!(
-        "refusing to migrate: {} unsafe statement{} in the migrations this run would apply or revert; nothing was run",
+        "refusing to migrate: {} unsafe statement{} in the scripts this run would run; nothing was run",
         findings.len(),
         if findings.len() == 1 { "" } else { "s" }
     );
