@@ -1,7 +1,7 @@
 //! The runner: `up`, `down`, `redo`, `status`, `validate`, `baseline`, `repair`.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -973,7 +973,8 @@ impl Migrator {
 
     /// Runs `plan` in `direction`. Each run of consecutive transactional scripts is one group:
     /// one transaction, one history write; a group also ends after a script that adds an enum
-    /// value, which the scripts after it may use only once it is committed. When the whole plan is one group, that transaction
+    /// value, which the scripts after it may use only once it is committed, and a group that
+    /// fails with 55006 at a later script ([`splits_at`]) runs again as two. When the whole plan is one group, that transaction
     /// also creates the history table, and a failure leaves the schema exactly as it was.
     /// Otherwise the groups and the non-transactional scripts between them run in order, and
     /// when one fails (its group rolled back, or a non-transactional script left dirty) the
@@ -998,7 +999,7 @@ impl Migrator {
         let conn: &mut Client = lock;
         // A group also ends after a migration that adds an enum value: the ones after it may
         // use the value, which its transaction cannot before it commits.
-        let segments: Vec<&[&Migration]> = plan
+        let mut segments: VecDeque<&[&Migration]> = plan
             .chunk_by(|a, b| {
                 transactional(a, direction)
                     && transactional(b, direction)
@@ -1007,24 +1008,34 @@ impl Migrator {
             .collect();
         self.check_interrupt(&[])?;
         if segments.len() == 1 && transactional(plan[0], direction) {
-            return self
+            match self
                 .run_group(conn, reset, plan, direction, !history_exists, observer)
                 .await
-                .map_err(|(i, e)| match e {
-                    StepError::Other(e) => e,
+            {
+                Ok(entries) => return Ok(entries),
+                // Rolled back whole: run it again as two groups, below.
+                Err((i, StepError::Script { ref cause, .. })) if splits_at(cause, i) => {
+                    segments = VecDeque::from([&plan[..i], &plan[i..]]);
+                }
+                Err((_, StepError::Other(e))) => return Err(e),
+                Err((
+                    i,
                     StepError::Script {
                         cause,
                         lock_retries,
                         at,
                         ..
-                    } => MigrateError::Failed(Box::new(MigrationFailure {
+                    },
+                )) => {
+                    return Err(MigrateError::Failed(Box::new(MigrationFailure {
                         rolled_back: true,
                         rolled_back_with: plan[..i].iter().map(|m| m.version.clone()).collect(),
                         lock_retries,
                         interrupted: self.cancelled_by_interrupt(&cause),
                         ..failure(plan[i], direction, cause, None, at, schema.as_str())
-                    })),
-                });
+                    })))
+                }
+            }
         }
         // Only the deploy's last commit waits for its WAL to reach the disk; the groups and
         // non-transactional statements before it commit with `synchronous_commit = off` (on
@@ -1039,24 +1050,26 @@ impl Migrator {
         // made durable too ([`flush`]). What the earlier commits make visible to other sessions
         // before it is on disk is only ever an intermediate version of this deploy: a replica
         // whose start-up gate waits for the newest one waits for the last, flushed, commit.
-        let last = segments.len() - 1;
-        if last > 0 {
-            conn.batch_execute("SET synchronous_commit = off").await?;
-        }
+        // Whether the session's commits wait for the disk: on, as the connection starts.
+        let mut waits = true;
         if !history_exists {
             history::create_table(&*conn, schema).await?;
         }
         let mut done: Vec<RunEntry> = Vec::with_capacity(plan.len());
-        for (n, segment) in segments.into_iter().enumerate() {
+        while let Some(segment) = segments.pop_front() {
             if let Err(interrupted) = self.check_interrupt(&done) {
                 // The commits so far went without waiting for the disk: they are done.
                 flush(conn).await;
                 return Err(interrupted);
             }
-            if n == last && last > 0 {
-                conn.batch_execute("SET synchronous_commit = on").await?;
+            let last = segments.is_empty();
+            if last != waits {
+                let set = if last { "on" } else { "off" };
+                conn.batch_execute(&format!("SET synchronous_commit = {set}"))
+                    .await?;
+                waits = last;
             }
-            let segment_reset = if n == last { reset } else { deferred.as_str() };
+            let segment_reset = if last { reset } else { deferred.as_str() };
             let result = if transactional(segment[0], direction) {
                 self.run_group(conn, segment_reset, segment, direction, false, observer)
                     .await
@@ -1069,6 +1082,14 @@ impl Migrator {
             let (i, cause, statements_done, at, lock_retries) = match result {
                 Ok(entries) => {
                     done.extend(entries);
+                    continue;
+                }
+                // The group was rolled back whole: run it again as two.
+                Err((i, StepError::Script { ref cause, .. }))
+                    if transactional(segment[0], direction) && splits_at(cause, i) =>
+                {
+                    segments.push_front(&segment[i..]);
+                    segments.push_front(&segment[..i]);
                     continue;
                 }
                 Err((_, StepError::Other(MigrateError::Interrupted { schema, dirty, .. }))) => {
@@ -1678,6 +1699,15 @@ fn script(m: &Migration, direction: Direction) -> (&str, bool) {
 
 fn transactional(m: &Migration, direction: Direction) -> bool {
     script(m, direction).1
+}
+
+/// Whether a group that failed with `cause` at its migration `i` is to run again as two
+/// groups, split before that migration: the failure is 55006 (`cannot ALTER TABLE … because
+/// it has pending trigger events`: an earlier migration of the group wrote rows that a
+/// `DEFERRABLE INITIALLY DEFERRED` foreign key checks at commit, as Django's are), which a
+/// commit between the two clears, as every tool that commits each migration does.
+fn splits_at(cause: &tokio_postgres::Error, i: usize) -> bool {
+    i > 0 && cause.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
 }
 
 fn started(
