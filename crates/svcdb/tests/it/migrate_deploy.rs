@@ -490,6 +490,53 @@ async fn an_interrupt_during_the_pause_before_a_lock_retry_stops_the_run_there()
     );
     assert_eq!(versions(&history(&svc).await), [1]);
     assert!(!table_exists(&svc, "log").await);
+
+    // The same in a non-transactional migration, after one of its statements ran: stopped
+    // there, it is dirty, as an interrupt between two statements leaves it.
+    write(
+        dir.path(),
+        &[
+            (
+                "2_log.up.sql",
+                "-- svcdb:no-transaction\nCREATE TABLE log (id int);\nALTER TABLE items ADD COLUMN label text;",
+            ),
+            ("3_label.up.sql", "SELECT 1;"),
+        ],
+    );
+    let token = tokio_util::sync::CancellationToken::new();
+    let m = migrator(
+        &svc,
+        dir.path(),
+        MigrateOptions {
+            lock_retry_backoff: Duration::from_secs(30),
+            ..lock_options(3)
+        },
+    )
+    .with_interrupt(token.clone());
+    let (task, mut events) = spawn_up(m);
+    let retry = next_retry(&mut events).await;
+    assert!(
+        matches!(
+            &retry,
+            MigrateEvent::LockRetry {
+                statement: Some(2),
+                ..
+            }
+        ),
+        "{retry:?}"
+    );
+    let asked = std::time::Instant::now();
+    token.cancel();
+    let err = task.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::Interrupted { dirty: Some(v), .. } if v.number() == 2),
+        "{err:?}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "it waited out the pause"
+    );
+    assert!(table_exists(&svc, "log").await, "its first statement stays");
 }
 
 #[tokio::test]
