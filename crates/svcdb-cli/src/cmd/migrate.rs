@@ -29,6 +29,10 @@ use crate::{output, Outcome};
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Apply pending migrations, printing each with its duration as it runs.
+    #[command(after_help = "\
+Environment:
+  SVCDB_CREATE_SCHEMA=true  create the service schema when it is missing (otherwise `svcdb
+                            provision` makes it, with the service's own role)")]
     Up(UpArgs),
     /// Revert applied migrations, newest first (default: the newest one).
     Down(DownArgs),
