@@ -24,13 +24,21 @@ pub(crate) async fn act_as_owner(
     schema: &Ident,
     observer: &mut (dyn FnMut(&MigrateEvent) + Send),
 ) -> Result<String, MigrateError> {
+    // svcdb's own tables there, with the names of those another role owns.
+    let own = [
+        super::migration::HISTORY_TABLE,
+        super::repeatable::REPEATABLES_TABLE,
+    ];
     let row = client
         .query_one(
             "SELECT current_user::text, pg_get_userbyid(n.nspowner)::text, \
-                    quote_ident(pg_get_userbyid(n.nspowner)) \
+                    quote_ident(pg_get_userbyid(n.nspowner)), \
+                    ARRAY(SELECT quote_ident(c.relname) FROM pg_catalog.pg_class c \
+                           WHERE c.relnamespace = n.oid AND c.relname = ANY($2) \
+                             AND c.relowner <> n.nspowner) \
                FROM (SELECT) AS one \
                LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = $1",
-            &[&schema.as_str()],
+            &[&schema.as_str(), &&own[..]],
         )
         .await?;
     let connected: String = row.get(0);
@@ -44,7 +52,8 @@ pub(crate) async fn act_as_owner(
     if owner == connected || owner == "pg_database_owner" {
         return Ok(connected);
     }
-    give_own_tables_to(client, schema, &owner_sql).await;
+    let others: Vec<String> = row.get::<_, Option<Vec<String>>>(3).unwrap_or_default();
+    give_own_tables_to(client, schema, &others, &owner_sql).await;
     // Asking the server to switch, rather than predicting its answer from pg_has_role, keeps
     // one rule for every version (PostgreSQL 16 added the SET option to memberships).
     match client.batch_execute(&format!("SET ROLE {owner_sql}")).await {
@@ -67,30 +76,16 @@ pub(crate) async fn act_as_owner(
     }
 }
 
-/// Gives svcdb's own tables in `schema` (its history and repeatables tables) to the schema's
-/// owner (`owner_sql`, quoted) when they belong to another role, while the connection is
-/// still the connected role's. A migration may have handed the schema to another role
+/// Gives svcdb's own `tables` in `schema` (of its history and repeatables tables, those that
+/// belong to another role; quoted) to the schema's owner (`owner_sql`, quoted), while the
+/// connection is still the connected role's. A migration may have handed the schema to another role
 /// (`ALTER SCHEMA … OWNER TO`, as Conductor's first Flyway migration does) after svcdb made its
 /// tables as the role that ran it: the new owner, which every later run switches to, could
 /// not write them (42501 on `svcdb_migrations`; found by a trial). Best effort: where the
 /// connected role may not (neither a superuser nor the tables' owner and a member of the new
 /// one), the run goes on and reports what the server then refuses.
-async fn give_own_tables_to(client: &Client, schema: &Ident, owner_sql: &str) {
-    let tables = [
-        super::migration::HISTORY_TABLE,
-        super::repeatable::REPEATABLES_TABLE,
-    ];
-    let others = client
-        .query(
-            "SELECT quote_ident(c.relname) \
-               FROM pg_catalog.pg_class c \
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-              WHERE n.nspname = $1 AND c.relname = ANY($2) AND c.relowner <> n.nspowner",
-            &[&schema.as_str(), &&tables[..]],
-        )
-        .await;
-    for row in others.iter().flatten() {
-        let table: String = row.get(0);
+async fn give_own_tables_to(client: &Client, schema: &Ident, tables: &[String], owner_sql: &str) {
+    for table in tables {
         let alter = format!("ALTER TABLE {schema}.{table} OWNER TO {owner_sql}");
         match client.batch_execute(&alter).await {
             Ok(()) => {

@@ -289,17 +289,16 @@ impl Migrator {
         }
         let plan = self.plan_up(&status, None)?;
         super::template::refuse_untouched(&plan)?;
-        if !plan.is_empty() {
-            let conn = self.db.get().await?;
-            self.refuse_over_other_tool(client(&conn), &status.other_histories)
-                .await?;
-        }
-        // Found by a user trial: `status` said "run `svcdb migrate up`", which then refused
-        // the pending migrations' unsafe statements.
         let recorded = {
             let conn = self.db.get().await?;
+            if !plan.is_empty() {
+                self.refuse_over_other_tool(client(&conn), &status.other_histories)
+                    .await?;
+            }
             self.recorded_repeatables(client(&conn)).await?
         };
+        // Found by a user trial: `status` said "run `svcdb migrate up`", which then refused
+        // the pending migrations' unsafe statements.
         let stale = self.stale_repeatables(&status, &UpOptions::default(), &recorded);
         self.lint_before_up(&plan, &stale, &mut ignore).await?;
         Ok(status)
@@ -397,7 +396,7 @@ impl Migrator {
         let result = async {
             let status = StatusReport::build(&self.schema(), &self.migrations, &history);
             let plan = self.plan_up(&status, options.to.as_ref())?;
-            let done = match self
+            let (done, atomic) = match self
                 .run(&mut lock, &plan, Direction::Up, history.exists, observer)
                 .await
             {
@@ -415,7 +414,7 @@ impl Migrator {
             let repeated = self
                 .run_repeatables(&lock, &status, options, &done, observer)
                 .await?;
-            Ok((is_atomic(&plan), done, repeated))
+            Ok((atomic, done, repeated))
         }
         .await;
         if result.is_err() && lock.created_schema() {
@@ -586,10 +585,10 @@ impl Migrator {
                 .iter()
                 .filter_map(|e| self.migrations.get(&e.version))
                 .collect();
-            let done = self
+            let (done, atomic) = self
                 .run(&mut lock, &plan, Direction::Up, true, observer)
                 .await?;
-            Ok((down, is_atomic(&plan), done))
+            Ok((down, atomic, done))
         }
         .await;
         let (down, atomic, done) = lock.release_after(result).await?;
@@ -954,6 +953,7 @@ impl Migrator {
         } else {
             self.run(lock, &plan, Direction::Down, true, observer)
                 .await?
+                .0
         };
         let reverted_all = !options.dry_run;
         let current_version = history
@@ -974,11 +974,13 @@ impl Migrator {
     /// Runs `plan` in `direction`. Each run of consecutive transactional scripts is one group:
     /// one transaction, one history write; a group also ends after a script that adds an enum
     /// value, which the scripts after it may use only once it is committed, and a group that
-    /// fails with 55006 at a later script ([`splits_at`]) runs again as two. When the whole plan is one group, that transaction
-    /// also creates the history table, and a failure leaves the schema exactly as it was.
-    /// Otherwise the groups and the non-transactional scripts between them run in order, and
-    /// when one fails (its group rolled back, or a non-transactional script left dirty) the
-    /// ups this call committed before it are undone with their downs, newest first.
+    /// fails with 55006 at a later script ([`splits_at`]) runs again as two. When the whole
+    /// plan is one group, that transaction also creates the history table, and a failure
+    /// leaves the schema exactly as it was. Otherwise the groups and the non-transactional
+    /// scripts between them run in order, and when one fails (its group rolled back, or a
+    /// non-transactional script left dirty) the ups this call committed before it are undone
+    /// with their downs, newest first. Returns what ran, and whether it ran as one
+    /// transaction (what a report calls atomic: known only once it ran, as a group may split).
     async fn run(
         &self,
         lock: &mut MigrationLock,
@@ -986,11 +988,11 @@ impl Migrator {
         direction: Direction,
         history_exists: bool,
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
-    ) -> Result<Vec<RunEntry>, MigrateError> {
+    ) -> Result<(Vec<RunEntry>, bool), MigrateError> {
         let schema = self.db.schema();
         if plan.is_empty() {
             // Another runner applied everything while we waited for the lock.
-            return Ok(Vec::new());
+            return Ok((Vec::new(), false));
         }
         let reset = self.session_reset(lock.acting_as(), true);
         let reset = reset.as_str();
@@ -1012,7 +1014,7 @@ impl Migrator {
                 .run_group(conn, reset, plan, direction, !history_exists, observer)
                 .await
             {
-                Ok(entries) => return Ok(entries),
+                Ok(entries) => return Ok((entries, true)),
                 // Rolled back whole: run it again as two groups, below.
                 Err((i, StepError::Script { ref cause, .. })) if splits_at(cause, i) => {
                     segments = VecDeque::from([&plan[..i], &plan[i..]]);
@@ -1169,7 +1171,7 @@ impl Migrator {
                 ..failure(m, direction, cause, statements_done, at, schema.as_str())
             })));
         }
-        Ok(done)
+        Ok((done, false))
     }
 
     /// Runs `group` (transactional scripts) and its history change in one transaction, which
@@ -1258,12 +1260,7 @@ impl Migrator {
         for (done, statement) in statements_to_run(sql).into_iter().enumerate() {
             if self.interrupt.as_ref().is_some_and(Interrupt::take) {
                 // Between two statements: none of this one ran.
-                let dirty = self.left_dirty(conn, m, direction, done).await;
-                return Err(StepError::Other(MigrateError::Interrupted {
-                    schema: self.schema(),
-                    done: Vec::new(),
-                    dirty: dirty.then(|| m.version.clone()),
-                }));
+                return Err(self.stopped_in(conn, m, direction, done).await);
             }
             let mut retries = 0;
             while let Err(cause) = self.interruptible(conn.batch_execute(statement)).await {
@@ -1286,12 +1283,7 @@ impl Migrator {
                     .await
                 {
                     // As between two statements: the one that timed out changed nothing.
-                    let dirty = self.left_dirty(conn, m, direction, done).await;
-                    return Err(StepError::Other(MigrateError::Interrupted {
-                        schema: self.schema(),
-                        done: Vec::new(),
-                        dirty: dirty.then(|| m.version.clone()),
-                    }));
+                    return Err(self.stopped_in(conn, m, direction, done).await);
                 }
             }
         }
@@ -1305,6 +1297,24 @@ impl Migrator {
         }
         // The duration recorded in the history, so that `status` and the progress line agree.
         Ok(finished(m, direction, took, observer))
+    }
+
+    /// The interrupt stopped non-transactional `m` after `statements_done` of its statements
+    /// (between two, or in the pause before a lock retry): what ran stays, and `m` is dirty
+    /// when anything did ([`Self::left_dirty`]).
+    async fn stopped_in(
+        &self,
+        conn: &Client,
+        m: &Migration,
+        direction: Direction,
+        statements_done: usize,
+    ) -> StepError {
+        let dirty = self.left_dirty(conn, m, direction, statements_done).await;
+        StepError::Other(MigrateError::Interrupted {
+            schema: self.schema(),
+            done: Vec::new(),
+            dirty: dirty.then(|| m.version.clone()),
+        })
     }
 
     /// Whether non-transactional `m`, stopped after `statements_done` of its statements, is
@@ -1852,9 +1862,9 @@ async fn invalid_indexes(
         .collect())
 }
 
-/// True when `plan` runs up as one transaction (and there is something to run): every
-/// migration transactional, and none but the last adding an enum value (the group commits
-/// after it: see [`Migrator::run`]).
+/// True when `plan` would run up as one transaction (and there is something to run), for a
+/// dry run's report: every migration transactional, and none but the last adding an enum
+/// value (the group commits after it: see [`Migrator::run`]). A real run says what it did.
 fn is_atomic(plan: &[&Migration]) -> bool {
     let Some((_, before_last)) = plan.split_last() else {
         return false;

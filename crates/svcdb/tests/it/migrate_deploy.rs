@@ -184,6 +184,7 @@ async fn a_group_stopped_by_pending_deferred_checks_runs_again_split_where_they_
         .await
         .unwrap();
     assert_eq!(report.migrations.len(), 3);
+    assert!(!report.atomic, "it ran as two transactions");
     let rows = history(&svc).await;
     assert_eq!(versions(&rows), [1, 2, 3]);
     let xid = |v: usize| rows[v - 1].2.clone();
