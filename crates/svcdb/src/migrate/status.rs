@@ -240,11 +240,7 @@ impl StatusReport {
                     })
                 }
                 MigrationState::Missing if !options.ignore_missing => {
-                    let missing = self
-                        .entries
-                        .iter()
-                        .filter(|e| e.state == MigrationState::Missing)
-                        .count();
+                    let missing = self.missing().count();
                     let none_found = !self
                         .entries
                         .iter()

@@ -753,10 +753,7 @@ impl Deploy {
             ));
         } else if rename.rename_type == ObjectType::ObjectColumn as i32 && !self.is_new(table) {
             if self.forget_added_column(table, &rename.subname) {
-                self.added_columns
-                    .entry(table.to_owned())
-                    .or_default()
-                    .insert(rename.newname.clone());
+                self.note_added_column(table, &rename.newname);
                 return;
             }
             out.push(s.finding(
@@ -766,6 +763,14 @@ impl Deploy {
                 "expand, then contract: add the new column and write both, backfill, release code that reads the new one, then drop the old one in a later release".into(),
             ));
         }
+    }
+
+    /// `table.column` is added in this deploy (or renamed from a column that was).
+    fn note_added_column(&mut self, table: &str, column: &str) {
+        self.added_columns
+            .entry(table.to_owned())
+            .or_default()
+            .insert(column.to_owned());
     }
 
     /// Whether `table.column` was added earlier in this deploy; it is forgotten (dropped, or
@@ -856,10 +861,7 @@ impl Deploy {
             if let Some(NodeEnum::ColumnDef(column)) = def {
                 // `ADD COLUMN IF NOT EXISTS` of a column the table has adds nothing.
                 if !(cmd.missing_ok && self.live.has_column(table, &column.colname)) {
-                    self.added_columns
-                        .entry(table.to_owned())
-                        .or_default()
-                        .insert(column.colname.clone());
+                    self.note_added_column(table, &column.colname);
                 }
                 add_column(s, at, table, column, out);
             }
