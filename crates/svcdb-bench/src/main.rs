@@ -62,6 +62,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Printing to a closed pipe (`svcdb-bench events | head`) ends the process quietly, as it
+    // ends `cat`, where Rust's default (SIGPIPE ignored) makes `println!` panic.
+    // SAFETY: restores the default disposition before any other thread runs.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

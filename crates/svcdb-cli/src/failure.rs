@@ -21,6 +21,7 @@ use svcdb::tokio_postgres::error::DbError;
 use svcdb::{DedicatedConn, SqlState, Tls};
 
 use crate::global::Global;
+use crate::output::{errln, outln};
 use crate::usage::{Usage, HINT};
 use crate::wording::for_cli;
 
@@ -175,9 +176,9 @@ impl Failure {
     /// the exit code.
     pub fn print(&self, json: bool) -> u8 {
         if json {
-            println!("{}", self.json());
+            outln!("{}", self.json());
         }
-        eprintln!("{}", self.text());
+        errln!("{}", self.text());
         self.exit
     }
 

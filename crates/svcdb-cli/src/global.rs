@@ -7,6 +7,7 @@ use anyhow::Result;
 use svcdb::migrate::Migrations;
 use svcdb::{Config, ServiceDb};
 
+use crate::output::errln;
 use crate::usage::Usage;
 
 /// The default of `--dir`; `schema verify` and `health` skip the migration checks when this
@@ -133,7 +134,7 @@ impl Global {
             .iter()
             .partition(|f| is_nested_migration(f));
         if !nested.is_empty() {
-            eprintln!(
+            errln!(
                 "warning: ignored {} .sql file{} in sub-folders of {} named like migrations ({}); svcdb reads migrations from the folder itself (only Flyway's V<version>__<name>.sql also from sub-folders)\n  hint: point --dir at the folder that holds them, or move them all into one folder",
                 nested.len(),
                 if nested.len() == 1 { "" } else { "s" },
@@ -146,7 +147,7 @@ impl Global {
                 1 => ("file", "is not a migration"),
                 _ => ("files", "are not migrations"),
             };
-            eprintln!(
+            errln!(
                 "warning: ignored {} .sql {files} in {} that {are} ({}); migration files are named <version>_<name>.sql, <version>_<name>.up.sql/.down.sql, V<version>__<name>.sql, R__<name>.sql or <version>_<name>/up.sql",
                 other.len(),
                 migrations.origin(),
@@ -155,7 +156,7 @@ impl Global {
         }
         let ignored = migrations.ignored();
         for callback in ignored.iter().filter(|f| is_flyway_callback(f)) {
-            eprintln!(
+            errln!(
                 "warning: {callback} is a Flyway callback, which svcdb does not run\n  hint: to keep what it does, move its statements into a repeatable migration (R__<name>.sql: run after the versioned ones whenever the file changes) or a new versioned one"
             );
         }

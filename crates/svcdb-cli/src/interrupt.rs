@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::output::{errln, outln};
 use tokio_util::sync::CancellationToken;
 
 /// The interrupt a command watches, and the exit code of the signal that set it.
@@ -91,14 +92,14 @@ impl Signals {
             };
             let failure = crate::failure::Failure::new(&anyhow::Error::new(interrupted));
             if self.json {
-                println!("{}", failure.json());
+                outln!("{}", failure.json());
             }
-            eprintln!("{}", failure.text());
+            errln!("{}", failure.text());
             std::process::exit(i32::from(code));
         }
         self.code.store(code, Ordering::Relaxed);
         self.token.cancel();
-        eprintln!("interrupted ({name}): stopping; send it again to exit at once");
+        errln!("interrupted ({name}): stopping; send it again to exit at once");
     }
 }
 

@@ -4,6 +4,8 @@
 //! A thin binary over the `svcdb` library: each subcommand parses its options, calls one
 //! library operation and prints its report (a table, or JSON with `--json`).
 
+#![deny(clippy::print_stdout, clippy::print_stderr)] // output::outln! and errln! instead: see there
+
 mod cmd;
 mod failure;
 mod global;
@@ -16,6 +18,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::output::outln;
 use failure::Failure;
 use global::Global;
 
@@ -87,7 +90,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // Parsing failed, so whether --json was given is read from the raw arguments.
             if json_requested() {
-                println!("{}", Failure::from_clap(&e).json());
+                outln!("{}", Failure::from_clap(&e).json());
             }
             let _ = e.print();
             return ExitCode::from(64);

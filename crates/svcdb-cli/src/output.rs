@@ -1,14 +1,39 @@
 //! Printing reports: JSON (one object) with `--json`, otherwise tables and lines.
 
 use std::fmt::Display;
+use std::io::Write;
 
 use anyhow::Result;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
 use serde::Serialize;
 
+/// `println!` that does not panic when stdout is closed (`svcdb migrate up | head -1`): the
+/// reader has gone, but the command's work goes on to its end (a deploy stopped half-way by a
+/// closed pipe would roll back, or leave a non-transactional migration dirty), and the exit
+/// code still says how it went. The `print!` macros panic on a write error (exit 101).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::write_line(&mut std::io::stdout().lock(), format_args!($($arg)*))
+    };
+}
+
+/// [`outln!`] for stderr (`2>&1 | head -1` closes it too).
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::write_line(&mut std::io::stderr().lock(), format_args!($($arg)*))
+    };
+}
+
+pub(crate) use {errln, outln};
+
+/// Writes `line` and a newline to `to`, ignoring a failure: see [`outln!`].
+pub fn write_line(to: &mut impl Write, line: std::fmt::Arguments<'_>) {
+    let _ = to.write_fmt(line).and_then(|()| to.write_all(b"\n"));
+}
+
 /// Prints `value` as one line of JSON.
 pub fn json<T: Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string(value)?);
+    outln!("{}", serde_json::to_string(value)?);
     Ok(())
 }
 
@@ -22,7 +47,7 @@ pub fn report<T: Serialize>(
     if as_json {
         json(value)
     } else {
-        println!("{}", text(value));
+        outln!("{}", text(value));
         Ok(())
     }
 }
@@ -31,9 +56,9 @@ pub fn report<T: Serialize>(
 /// holds only the final JSON report.
 pub fn progress(as_json: bool, line: &dyn Display) {
     if as_json {
-        eprintln!("{line}");
+        errln!("{line}");
     } else {
-        println!("{line}");
+        outln!("{line}");
     }
 }
 

@@ -242,6 +242,14 @@ impl ServiceName {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Printing to a closed pipe (`shop demo | head`) ends the process quietly, as it ends
+    // `cat`, where Rust's default (SIGPIPE ignored) makes `println!` panic; the replicas go
+    // with it (their parent-death signal).
+    // SAFETY: restores the default disposition before any thread writes to a pipe.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     // The demo narrates on stdout; the libraries' own logs of the injected faults would
     // drown it, so they show only with RUST_LOG (e.g. RUST_LOG=svcdb_amqp=warn).

@@ -8,6 +8,7 @@ use anyhow::Result;
 use svcdb::{Gate, ServiceDb};
 
 use crate::global::{Global, DEFAULT_MIGRATIONS_DIR};
+use crate::output::errln;
 use crate::Outcome;
 
 /// What the gate checks besides the schema, and how long it may wait; `svcdb health` takes
@@ -38,7 +39,7 @@ impl GateArgs {
         if global.dir.exists() || global.dir != Path::new(DEFAULT_MIGRATIONS_DIR) {
             gate = gate.with_migrations(global.migrations()?);
         } else {
-            eprintln!(
+            errln!(
                 "note: no {DEFAULT_MIGRATIONS_DIR} folder, so migrations are not checked; pass --dir to check them"
             );
         }

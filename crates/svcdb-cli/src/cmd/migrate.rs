@@ -23,6 +23,7 @@ use svcdb::migrate::{
 use svcdb::ServiceDb;
 
 use crate::global::Global;
+use crate::output::errln;
 use crate::{output, Outcome};
 
 /// Subcommands.
@@ -535,7 +536,7 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
         }
     })?;
     Ok(if let Some(refused) = refusal {
-        eprintln!(
+        errln!(
             "not up to date: {}",
             refused.text().trim_start_matches("error: ")
         );
@@ -619,7 +620,7 @@ async fn adopt(global: &Global, args: AdoptArgs) -> Result<Outcome> {
         })
         .await?;
     for warning in &report.warnings {
-        eprintln!("warning: {warning}");
+        errln!("warning: {warning}");
     }
     output::report(global.json, &report, |r| {
         let verb = if r.dry_run {

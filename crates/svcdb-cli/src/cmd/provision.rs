@@ -5,6 +5,7 @@ use anyhow::Result;
 use svcdb::{provision, Config, DedicatedConn, Ident, Password, ProvisionSpec, Tls};
 
 use crate::global::Global;
+use crate::output::outln;
 use crate::{output, Outcome};
 
 /// Options of `svcdb provision` (the schema is the global `--schema`).
@@ -79,17 +80,19 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
     if global.json {
         output::json(&report)?;
     } else if report.changes.is_empty() {
-        println!(
+        outln!(
             "nothing to do: role {} and schema {} are already provisioned in {}",
-            report.role, report.schema, report.database
+            report.role,
+            report.schema,
+            report.database
         );
     } else {
         for change in &report.changes {
-            println!("{change}");
+            outln!("{change}");
         }
     }
     if report.has_password == Some(false) && !global.json {
-        println!("{}", no_password_note(global, &args, &report.role, schema));
+        outln!("{}", no_password_note(global, &args, &report.role, schema));
     }
     Ok(Outcome::Success)
 }

@@ -163,6 +163,31 @@ async fn up_prints_each_migration_with_its_duration_then_status_is_up_to_date() 
     assert_eq!(again["current_version"], "0003");
 }
 
+/// Found by a user trial: `svcdb migrate up | head -1` panicked at the second progress line
+/// (exit 101), and the panic rolled the deploy back.
+#[tokio::test]
+async fn a_closed_stdout_and_stderr_do_not_stop_the_deploy() {
+    let p = Project::new().await;
+    p.write(THREE);
+    for args in [
+        &["migrate", "up"][..],
+        &["migrate", "up", "--json"],
+        &["migrate", "status"],
+    ] {
+        // Both pipes' readers are gone before the run, as after `| head -1` had its line.
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let status = p
+            .command(args)
+            .stdout(writer.try_clone().expect("a second writer"))
+            .stderr(writer)
+            .status()
+            .expect("the svcdb binary runs");
+        assert_eq!(status.code(), Some(0), "svcdb {args:?}");
+    }
+    assert_eq!(p.tables().await, ["items", HISTORY, "tags"]);
+}
+
 #[tokio::test]
 async fn a_new_pending_file_makes_status_exit_2_until_up() {
     let p = Project::new().await;
@@ -705,10 +730,14 @@ async fn status_and_up_point_at_adopt_on_a_schema_another_tool_migrated() {
     assert!(out.stdout.contains("other_tool_applied"), "{out}");
     let out = p.run(&["migrate", "up"]).expect_code(1);
     assert!(out.stderr.contains(adopt), "{out}");
+    // The lint says it too, rather than linting the folder as a deploy over goose's tables.
+    let out = p.run(&["--json", "migrate", "lint"]).expect_code(1);
+    assert_eq!(out.json()["code"], "other_tool_applied", "{out}");
     p.run(&["migrate", "adopt", "--from", "goose"])
         .expect_code(0);
     let out = p.run(&["migrate", "status"]).expect_code(2);
     assert!(!out.stdout.contains(adopt), "{out}");
+    p.run(&["migrate", "lint"]).expect_code(0);
     p.run(&["migrate", "up"]).expect_code(0);
 }
 

@@ -123,6 +123,15 @@ impl Project {
 
     /// `svcdb args` against this project, started with its output piped, not awaited.
     pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the svcdb binary starts")
+    }
+
+    /// The command `svcdb args` against this project, to set up and start.
+    pub fn command(&self, args: &[&str]) -> Command {
         let url = self.db.url();
         let dir = self.migrations();
         let dir = dir.to_str().expect("a UTF-8 temporary path");
@@ -136,10 +145,6 @@ impl Project {
             ],
             Some(self.root.path()),
         )
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the svcdb binary starts")
     }
 
     /// [`run`](Self::run) with more environment variables, which win over the project's.
