@@ -635,6 +635,10 @@ pub struct OtherHistory {
     pub tool: Tool,
     /// The table, `schema.table`.
     pub table: String,
+    /// The versions it marks dirty or failed (golang-migrate `dirty`, sqlx or Flyway
+    /// `success = false`): their migrations may be half-applied, and `adopt` refuses them.
+    /// Read only when the table records migrations over tables in the schema.
+    pub dirty: Vec<String>,
 }
 
 /// The schemas a tool's table is looked for in: the service schema, then `public`.
@@ -680,7 +684,11 @@ pub(crate) async fn other_histories(
                             .iter()
                             .all(|c| columns.iter().any(|have| have == c))
                 })
-                .map(|tool| OtherHistory { tool, table })
+                .map(|tool| OtherHistory {
+                    tool,
+                    table,
+                    dirty: Vec::new(),
+                })
         })
         .collect())
 }
@@ -721,7 +729,24 @@ pub(crate) async fn applied_by_other_tool(
         // `table` is `format('%I.%I')`: quoted as an identifier already.
         let sql = format!("SELECT EXISTS (SELECT 1 FROM {})", other.table);
         if client.query_one(&sql, &[]).await?.get::<_, bool>(0) {
-            return Ok(Some(other.clone()));
+            // Found by a user trial: the refusal pointed at `adopt`, which then refused the
+            // dirty version. A table that does not read as the tool's own says nothing here;
+            // `adopt` reports it.
+            let dirty = match read_tool(client, other.tool, &other.table).await {
+                Ok(history) => history
+                    .problems
+                    .into_iter()
+                    .filter_map(|p| match p {
+                        AdoptProblem::Dirty { version } => Some(version),
+                        _ => None,
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            return Ok(Some(OtherHistory {
+                dirty,
+                ..other.clone()
+            }));
         }
     }
     Ok(None)

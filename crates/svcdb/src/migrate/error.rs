@@ -145,7 +145,9 @@ pub enum MigrateError {
     /// tool made (a folder of `IF NOT EXISTS` and `DROP … IF EXISTS` statements may well
     /// "succeed" doing so). Refused before anything runs, and before the lint, whose findings
     /// about tables that already exist would be beside the point.
-    #[error("refusing to migrate schema {schema}: svcdb has applied nothing to it, but {}'s history table {} records migrations already applied, and the schema holds tables: `up` would run every migration again over them; nothing was run\n  hint: take that history over with `svcdb migrate adopt --from {}` (try `--dry-run` first): it records what that tool applied, and `up` then runs only what it did not", other.tool, other.table, other.tool)]
+    /// When that tool marks a version dirty or failed, `adopt` would refuse it too: the error
+    /// says so, and how to clear the mark first.
+    #[error("{}", other_tool_applied(schema, other))]
     OtherToolApplied {
         /// The schema.
         schema: String,
@@ -722,4 +724,24 @@ fn newer_hint(version: &Version, newer: usize) -> String {
             "; `svcdb migrate down --to {version}` (DownOptions::to) reverts the {n} newer migrations and stops there"
         ),
     }
+}
+
+/// The text of [`MigrateError::OtherToolApplied`].
+fn other_tool_applied(schema: &str, other: &super::adopt::OtherHistory) -> String {
+    let (tool, table) = (&other.tool, &other.table);
+    let adopt = format!("`svcdb migrate adopt --from {tool}`");
+    if other.dirty.is_empty() {
+        return format!(
+            "refusing to migrate schema {schema}: svcdb has applied nothing to it, but {tool}'s history table {table} records migrations already applied, and the schema holds tables: `up` would run every migration again over them; nothing was run\n  hint: take that history over with {adopt} (try `--dry-run` first): it records what that tool applied, and `up` then runs only what it did not"
+        );
+    }
+    let (s, them) = if other.dirty.len() == 1 {
+        ("", "it")
+    } else {
+        ("s", "them")
+    };
+    format!(
+        "refusing to migrate schema {schema}: svcdb has applied nothing to it, and {tool}'s history table {table} marks version{s} {} dirty or failed: the schema may be half-migrated; nothing was run\n  hint: finish or undo {them} by hand and clear the mark with {tool} (golang-migrate: `migrate force <version>`; Flyway: `flyway repair`; sqlx: delete the row whose success is false), then take the history over with {adopt}",
+        other.dirty.join(", ")
+    )
 }

@@ -217,8 +217,18 @@ impl Migrator {
 
     /// The lint of what the next `up` runs: the pending migrations, then the repeatable ones
     /// due, knowing the live tables' columns (what `svcdb migrate lint` prints).
+    ///
+    /// Refused, as `up` and [`validate`](Self::validate) refuse, with
+    /// [`MigrateError::OtherToolApplied`] when another tool applied the folder: `up` would not
+    /// run these migrations, and linted as one deploy over that tool's tables they say little
+    /// (found by a user trial: lint reported nothing where `validate` refused).
     pub async fn lint_pending(&self) -> Result<super::lint::LintReport, MigrateError> {
         let status = self.status().await?;
+        if status.pending().next().is_some() {
+            let conn = self.db.get().await?;
+            self.refuse_over_other_tool(client(&conn), &status.other_histories)
+                .await?;
+        }
         let pending = status
             .pending()
             .filter_map(|e| self.migrations.get(&e.version));
@@ -606,7 +616,9 @@ impl Migrator {
 
     /// Records every migration of the source with a version ≤ `version` as applied, without
     /// running it: adopts a database whose schema was made before svcdb managed it. Versions
-    /// already recorded are left alone.
+    /// already recorded are left alone. Refused, as `up` refuses, on a dirty schema: svcdb's
+    /// own dirty row ([`MigrateError::Dirty`]), or, while svcdb has applied nothing, another
+    /// tool's history marking a version dirty or failed ([`MigrateError::OtherToolApplied`]).
     pub async fn baseline(&self, version: &Version) -> Result<BaselineReport, MigrateError> {
         let (lock, history) = self.lock(&mut ignore, true).await?;
         let result = async {
@@ -623,6 +635,19 @@ impl Migrator {
                 self.migrations.iter().map(|m| &m.version),
                 false,
             )?;
+            if history.rows.is_empty() {
+                // Found by a user trial: over golang-migrate's dirty version 5, `baseline 4`
+                // recorded 1-4 and said nothing, and `up` would have run 5 over its half.
+                let others = adopt::other_histories(lock.client(), self.db.schema()).await?;
+                let over =
+                    adopt::applied_by_other_tool(lock.client(), self.db.schema(), &others).await?;
+                if let Some(other) = over.filter(|o| !o.dirty.is_empty()) {
+                    return Err(MigrateError::OtherToolApplied {
+                        schema: self.schema(),
+                        other,
+                    });
+                }
+            }
             let rows: Vec<(&Migration, Option<Duration>)> = self
                 .migrations
                 .iter()

@@ -248,8 +248,8 @@ async fn golang_migrate_schema_is_adopted_up_to_its_version() {
 
 /// Found by a trial on a Flyway folder: on a schema the other tool migrated, `up` (and
 /// `validate`) said nothing of it, refused only the lint's findings on tables that already
-/// existed, and with `--allow-unsafe` ran the migrations again over them. Both now refuse
-/// first, pointing to `adopt`; after it, `up` runs only what the tool did not. Controls: the
+/// existed, and with `--allow-unsafe` ran the migrations again over them. Both (and the lint)
+/// now refuse first, pointing to `adopt`; after it, `up` runs only what the tool did not. Controls: the
 /// same history table with no row, and the same rows in a schema that holds no table, do
 /// not refuse.
 #[tokio::test]
@@ -259,7 +259,12 @@ async fn up_over_another_tools_applied_history_is_refused_until_it_is_adopted() 
     let dir = tempfile::tempdir().unwrap();
     golang_migrate_schema(&svc, dir.path(), 2, false).await;
     let m = migrator(&svc, dir.path());
-    for err in [m.validate().await.unwrap_err(), m.up().await.unwrap_err()] {
+    // The lint too (found by a trial: it linted the folder as a deploy and passed).
+    for err in [
+        m.validate().await.unwrap_err(),
+        m.lint_pending().await.unwrap_err(),
+        m.up().await.unwrap_err(),
+    ] {
         match &err {
             svcdb::migrate::MigrateError::OtherToolApplied { other, .. } => {
                 assert_eq!(other.tool, Tool::GolangMigrate, "{err}");
@@ -312,6 +317,43 @@ async fn golang_migrate_dirty_is_refused_and_dbmate_does_not_read_its_table() {
         .unwrap_err();
     assert!(matches!(err, AdoptError::NotTheToolsTable { .. }), "{err}");
     assert_eq!(ours(&svc).await, [] as [(String, String); 0]);
+}
+
+/// Found by a user trial: over golang-migrate's dirty version, `up` and `status` pointed at
+/// `adopt` (which then refused the dirty version), and `baseline` recorded the versions below
+/// it without a word. All three now name the dirty version; the control, the same history
+/// clean, lets `baseline` record.
+#[tokio::test]
+async fn another_tools_dirty_version_is_named_by_up_and_refused_by_baseline() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    golang_migrate_schema(&svc, dir.path(), 2, true).await;
+    let m = migrator(&svc, dir.path());
+    let one = svcdb::migrate::Version::from(1u32);
+    for err in [
+        m.up().await.unwrap_err(),
+        m.validate().await.unwrap_err(),
+        m.baseline(&one).await.unwrap_err(),
+    ] {
+        let svcdb::migrate::MigrateError::OtherToolApplied { other, .. } = &err else {
+            panic!("expected OtherToolApplied, got {err}");
+        };
+        assert_eq!(other.dirty, ["2"], "{err}");
+    }
+    assert!(ours(&svc).await.is_empty(), "nothing was recorded");
+
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    golang_migrate_schema(&svc, dir.path(), 2, false).await;
+    let m = migrator(&svc, dir.path());
+    let svcdb::migrate::MigrateError::OtherToolApplied { other, .. } = m.up().await.unwrap_err()
+    else {
+        panic!("expected OtherToolApplied");
+    };
+    assert!(other.dirty.is_empty(), "{other:?}");
+    assert_eq!(m.baseline(&one).await.unwrap().recorded.len(), 1);
 }
 
 /// goose's history table (postgres dialect), in schema `shop`.
