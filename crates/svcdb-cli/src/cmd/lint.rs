@@ -5,6 +5,7 @@ use anyhow::Result;
 use svcdb::migrate::{lint_each, lint_with_repeatables, LintReport, Migrator};
 
 use crate::global::Global;
+use crate::output::errln;
 use crate::{output, Outcome};
 
 /// Options of `migrate lint`.
@@ -28,6 +29,11 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
         match global.connect().await {
             Ok(db) => Migrator::new(db, migrations).lint_pending().await?,
             Err(e) if e.is::<crate::global::SchemaMissingHere>() => {
+                // Said, as `status` says it (found by a user trial: lint was silent).
+                errln!(
+                    "note: schema {} does not exist yet: every migration is linted as the first deploy into it (`migrate up` creates it with SVCDB_CREATE_SCHEMA=true; `svcdb provision` creates it with its role)",
+                    global.schema()?
+                );
                 lint_with_repeatables(migrations.iter(), migrations.repeatables())
             }
             Err(e) => return Err(e),

@@ -14,10 +14,14 @@ pub const HISTORY_TABLE: &str = "svcdb_migrations";
 pub const NO_TRANSACTION_DIRECTIVE: &str = "-- svcdb:no-transaction";
 
 /// How each layout marks a migration to run outside a transaction, for hints.
-pub(crate) const NO_TRANSACTION_HOW: &str = "first line `-- svcdb:no-transaction` (sqlx `-- no-transaction`; goose `-- +goose NO TRANSACTION`; dbmate `-- migrate:up transaction:false`; diesel `run_in_transaction = false` in metadata.toml; Flyway: a script of such statements runs outside one by itself, or `executeInTransaction=false` in its `.sql.conf`)";
+pub(crate) const NO_TRANSACTION_HOW: &str = "first line `-- svcdb:no-transaction` (sqlx `-- no-transaction`; morph `-- morph:nontransactional`; goose `-- +goose NO TRANSACTION`; dbmate `-- migrate:up transaction:false`; diesel `run_in_transaction = false` in metadata.toml; Flyway: a script of such statements runs outside one by itself, or `executeInTransaction=false` in its `.sql.conf`)";
 
 /// sqlx's spelling of the same first line, honoured so sqlx folders run as they are.
 const SQLX_NO_TRANSACTION: &str = "-- no-transaction";
+
+/// morph's (Mattermost's golang-migrate-style folders), honoured likewise (found by a user
+/// trial on Mattermost's folder).
+const MORPH_NO_TRANSACTION: &str = "-- morph:nontransactional";
 
 /// A parsed migration: what runs, what undoes it, and how.
 ///
@@ -117,11 +121,12 @@ pub(crate) fn strip_bom(script: &str) -> &str {
     script.strip_prefix('\u{feff}').unwrap_or(script)
 }
 
-/// True when the script's first line is the no-transaction directive (svcdb's or sqlx's).
+/// True when the script's first line is the no-transaction directive (svcdb's, sqlx's or
+/// morph's).
 pub(crate) fn has_no_transaction_directive(script: &str) -> bool {
     matches!(
         strip_bom(script).lines().next().map(str::trim_end),
-        Some(NO_TRANSACTION_DIRECTIVE | SQLX_NO_TRANSACTION)
+        Some(NO_TRANSACTION_DIRECTIVE | SQLX_NO_TRANSACTION | MORPH_NO_TRANSACTION)
     )
 }
 
@@ -196,6 +201,9 @@ mod tests {
         ));
         assert!(has_no_transaction_directive(
             "\u{feff}-- svcdb:no-transaction\r\nSELECT 1;"
+        ));
+        assert!(has_no_transaction_directive(
+            "-- morph:nontransactional\nCREATE INDEX CONCURRENTLY i ON t (a);"
         ));
         assert!(!has_no_transaction_directive(
             "SELECT 1;\n-- svcdb:no-transaction\n"

@@ -64,8 +64,8 @@
 //!   connection (released on every path, even on panic: the connection closes). Different schemas never wait.
 //! * **Atomic deploy.** When every pending migration is transactional, all of them and their
 //!   history rows run in one transaction: a failure leaves the schema as it was. With a
-//!   non-transactional migration (first line `-- svcdb:no-transaction` or sqlx's
-//!   `-- no-transaction`, or diesel
+//!   non-transactional migration (first line `-- svcdb:no-transaction`, sqlx's
+//!   `-- no-transaction` or morph's `-- morph:nontransactional`, or diesel
 //!   `run_in_transaction = false`) in the batch, each run of consecutive transactional
 //!   migrations is one *group*: one transaction with one history write, so a failure rolls
 //!   back that whole group and nothing else ([`MigrationFailure::rolled_back_with`]). Then the

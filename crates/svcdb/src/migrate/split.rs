@@ -143,9 +143,10 @@ pub(crate) enum ClientOnly<'a> {
 /// starts at (for `COPY`, the statement's; a `COPY` to or from the client counts: only psql
 /// has the data's other end). A backslash outside strings, quoted identifiers,
 /// dollar quotes and comments is always psql's: PostgreSQL's own grammar has no use for one
-/// there; nor for `${` (a parameter is `$1`, a dollar quote `$$` or `$tag$`). A placeholder
-/// inside a string or a function body is left alone: it is valid SQL there, and only the
-/// project's Flyway settings say whether Flyway replaced it.
+/// there; nor for `${` (a parameter is `$1`, a dollar quote `$$` or `$tag$`). A Flyway
+/// placeholder inside a string or a function body is left alone: it is valid SQL there, and
+/// only the project's Flyway settings say whether Flyway replaced it; a Go template's action
+/// on its data (`{{ .x }}`) is found there too, as pop renders the whole file.
 pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
     /// How far the current statement has got towards `COPY … FROM stdin` or `TO stdout`.
     #[derive(Clone, Copy)]
@@ -185,6 +186,16 @@ pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
                 let end = sql[start..].find(['\n']).map_or(sql.len(), |p| start + p);
                 let end = sql[start..end].find("}}").map_or(end, |p| start + p + 2);
                 return Some((start, ClientOnly::Placeholder(&sql[start..end])));
+            }
+            // Inside a string or body too, where a Go template's action on its data
+            // (`{{ .Options.Namespace }}`, `{{ index .Options "x" }}`) is left for text that
+            // pop renders whole (found by a user trial: after the hint's fix of the code, the
+            // ones in `IF NOT EXISTS` guards compared with the literal text). Other `{{ x }}`
+            // (a mustache template stored in a table) is SQL text.
+            (Token::Quoted, _) if go_template_action(text).is_some() => {
+                let found = go_template_action(text).unwrap_or_default();
+                let found = range.start + found.start..range.start + found.end;
+                return Some((found.start, ClientOnly::Placeholder(&sql[found])));
             }
             (Token::Symbol, _) if text == "\\" => {
                 let command = sql[range.start..]
@@ -362,6 +373,25 @@ enum Token {
     Semicolon,
     /// Any other (ASCII) byte: an operator, punctuation, a backslash.
     Symbol,
+}
+
+/// Where `text` holds a Go template action on the template's data, `{{ .x }}`, `{{- .x }}` or
+/// `{{ index .x "y" }}`, up to its `}}` (or the end of its line).
+fn go_template_action(text: &str) -> Option<Range<usize>> {
+    let mut from = 0;
+    while let Some(p) = text[from..].find("{{") {
+        let start = from + p;
+        let inner = text[start + 2..].trim_start_matches('-').trim_start();
+        if inner.starts_with('.') || inner.starts_with("index .") {
+            let line_end = text[start..].find('\n').map_or(text.len(), |p| start + p);
+            let end = text[start..line_end]
+                .find("}}")
+                .map_or(line_end, |p| start + p + 2);
+            return Some(start..end);
+        }
+        from = start + 2;
+    }
+    None
 }
 
 /// The tokens of `sql` with their byte ranges, which cover it. An unterminated comment or
@@ -705,7 +735,7 @@ mod tests {
     }
 
     #[test]
-    fn go_templates_in_code_are_found_and_left_alone_in_strings() {
+    fn go_templates_in_code_and_actions_on_data_anywhere_are_found_mustache_text_is_not() {
         assert_eq!(
             client_only("CREATE TABLE {{ index .Options \"Namespace\" }}.users (id int);"),
             Some((
@@ -716,6 +746,19 @@ mod tests {
         assert_eq!(
             client_only("SELECT '{{x}}', '{1,2}'::int[], $$ {{ y }} $$;"),
             None
+        );
+        // An action on the template's data is pop's, in a string or body as well.
+        let guard = "DO $$ BEGIN IF NOT EXISTS (SELECT 1 WHERE s = '{{ index .Options \"Namespace\" }}') THEN NULL; END IF; END $$;";
+        assert_eq!(
+            client_only(guard),
+            Some((
+                guard.find("{{").unwrap(),
+                ClientOnly::Placeholder("{{ index .Options \"Namespace\" }}")
+            ))
+        );
+        assert_eq!(
+            client_only("SELECT '{{- .Options.Namespace }}'"),
+            Some((8, ClientOnly::Placeholder("{{- .Options.Namespace }}")))
         );
     }
 

@@ -68,7 +68,7 @@ pub enum ParseVersionError {
         text: String,
     },
     /// More digits than a 64-bit integer holds (in a dotted version, in one of its parts).
-    #[error("version {text} is too large: at most 18 digits (19 below 9223372036854775808), or in a dotted version per part\n  hint: give the migration a shorter version")]
+    #[error("version {text} is too large: svcdb reads versions of at most 18 digits (19 below 9223372036854775808; in a dotted version, per part), as its history keys them with a 64-bit integer\n  hint: a folder whose tool writes wider versions (ory's pop folders: 20 digits) cannot be read as it is; for a migration of your own, give it a shorter version (a 14-digit timestamp, YYYYMMDDHHMMSS)")]
     TooLarge {
         /// The text given.
         text: String,

@@ -515,10 +515,18 @@ impl Migrations {
                     b.number()
                 )
             };
+            // Found by a user trial on a golang-migrate folder holding a stray `0005_x.sql`.
+            let one_file =
+                |p: &str| p.ends_with(".sql") && !p.ends_with(".up.sql") && !p.ends_with("/up.sql");
+            let stray = if one_file(&pair[0].path) != one_file(&pair[1].path) {
+                "\n  hint: svcdb reads a `<version>_<name>.sql` as a one-file migration (sqlx, goose, dbmate), where golang-migrate and pop read only `.up.sql` and `.down.sql`: if that file is not a migration, move it out of the folder"
+            } else {
+                "; give one of them a new version"
+            };
             return Err(MigrateError::source_file(
                 &pair[1].path,
                 format!(
-                    "version {b} is used twice{why}, also by {}; give one of them a new version",
+                    "version {b} is used twice{why}, also by {}{stray}",
                     pair[0].path
                 ),
             ));
