@@ -11,11 +11,12 @@
 //!   with publisher confirms, like the relay), then a plain lapin consumer (same prefetch,
 //!   same pool, deliveries handled concurrently) that decodes each, does the same `INSERT` in
 //!   a transaction of its own and acks: no outbox, no claim, at least once.
-//! * **batched consume**: N new envelopes published straight into a queue of their own, then
-//!   a [`Consumer`] with batches of `--consume-batch` (the claims in one statement, each
-//!   `INSERT` under a savepoint, one commit per batch) and a prefetch of 128, room for several
-//!   batches in flight; the svcdb consume stage above runs with a transaction per delivery
-//!   (`batch = 1`).
+//! * **batched consume**, in `--consume-rounds` rounds: N new envelopes published straight
+//!   into a queue of their own, then a [`Consumer`] with batches of `--consume-batch` (the
+//!   claims in one statement, each `INSERT` under a savepoint, one commit per batch) and a
+//!   prefetch of 128, room for several batches in flight; and N more for raw lapin's consumer
+//!   as above, the two consuming in turns first. The target judges the median of the rounds'
+//!   ratios. The svcdb consume stage above runs with a transaction per delivery (`batch = 1`).
 //! * **duplicates**: N new envelopes, each published twice in a row straight into the svcdb
 //!   consumer's queue (so copies of one event are often handled concurrently); the run fails
 //!   unless exactly N business effects result.
@@ -110,6 +111,13 @@ pub struct EventsArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
     publish_rounds: u32,
 
+    /// Rounds of the consuming comparison: each round publishes `--events` new events for
+    /// raw lapin's consumer and as many for the batched svcdb consumer, which consume them in
+    /// turns first; the batched target judges the median of the rounds' ratios (one consume
+    /// against one, a second or two each, gave 1.28× and 1.48× in two runs an hour apart).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    consume_rounds: u32,
+
     /// The broker: `amqp://user:password@host:port/vhost`.
     #[arg(
         long,
@@ -174,7 +182,10 @@ struct Results {
     raw_consume: Duration,
     raw_end_to_end: Duration,
     consume_batch: usize,
-    batch_consume: Duration,
+    /// The consuming rounds: each round's batched svcdb consume and raw lapin consume,
+    /// events/s.
+    batch_rounds: Vec<f64>,
+    raw_consume_rounds: Vec<f64>,
     dup_deliveries: u64,
     dup_handled: u64,
     dup_duplicates: u64,
@@ -349,30 +360,9 @@ async fn measure(
     let (relay_rounds, raw_publish_rounds) =
         publish_rounds(server, args, amqp, &db, &channel, names).await?;
 
-    // 2b. The batched svcdb consumer, on new envelopes published straight into its queue.
-    server.checkpoint().await;
-    let batched: Vec<Envelope> = (0..n).map(|i| envelope("batch", i)).collect();
-    eprintln!("svcdb batched: publishing {n} events…");
-    publish_all(
-        &channel,
-        &names.exchange,
-        "batch.bench",
-        &batched.iter().collect::<Vec<_>>(),
-    )
-    .await?;
-    eprintln!(
-        "svcdb batched: consuming, batches of {}…",
-        args.consume_batch
-    );
-    let batch_consume = batch_consume(
-        &db,
-        amqp,
-        &connection,
-        &names.batch_queue,
-        n,
-        args.consume_batch,
-    )
-    .await?;
+    // 2b. The batched svcdb consumer against raw lapin's, in rounds.
+    let (batch_rounds, raw_consume_rounds) =
+        consume_rounds(server, args, amqp, &db, &channel, &connection, names).await?;
 
     // 3. Duplicates: every new envelope twice, into the svcdb consumer's queue.
     server.checkpoint().await;
@@ -416,12 +406,20 @@ async fn measure(
             .find(|r| r.get::<_, &str>(0) == phase)
             .map_or((0, 0), |r| (r.get(1), r.get(2)))
     };
-    for phase in ["svcdb", "raw", "batch", "dup", "pipelined", "raw-pipelined"] {
-        // The pipelined stages run once per round, each time with new events.
-        let runs = if phase.ends_with("pipelined") {
-            u64::from(args.pipelined_rounds)
-        } else {
-            1
+    for phase in [
+        "svcdb",
+        "raw",
+        "batch",
+        "raw-rounds",
+        "dup",
+        "pipelined",
+        "raw-pipelined",
+    ] {
+        // The stages in rounds run once per round, each time with new events.
+        let runs = match phase {
+            "pipelined" | "raw-pipelined" => u64::from(args.pipelined_rounds),
+            "batch" | "raw-rounds" => u64::from(args.consume_rounds),
+            _ => 1,
         };
         let expected = i64::try_from(n * runs)?;
         let (rows, distinct) = count(phase);
@@ -451,7 +449,8 @@ async fn measure(
         raw_consume,
         raw_end_to_end,
         consume_batch: args.consume_batch,
-        batch_consume,
+        batch_rounds,
+        raw_consume_rounds,
         dup_deliveries: 2 * n,
         dup_handled: after.handled - before.handled,
         dup_duplicates: after.duplicates - before.duplicates,
@@ -588,6 +587,75 @@ async fn publish_rounds(
         raw_rates.push(rate(n, raw));
     }
     Ok((relay_rates, raw_rates))
+}
+
+/// The consuming comparison: `--consume-rounds` rounds, each publishing `--events` new
+/// events for the batched svcdb consumer and as many for raw lapin's consumer (one
+/// transaction per message), then timing each consumer on its queue, in turns first. Each
+/// round's rates, events/s: (batched, raw).
+async fn consume_rounds(
+    server: &Server,
+    args: &EventsArgs,
+    amqp: &AmqpConfig,
+    db: &ServiceDb,
+    channel: &Channel,
+    connection: &Arc<Connection>,
+    names: &Names,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let n = u64::from(args.events);
+    let (mut batched_rates, mut raw_rates) = (Vec::new(), Vec::new());
+    for round in 0..args.consume_rounds {
+        eprintln!(
+            "round {}/{}: svcdb batched consumer (batches of {}) and raw lapin consumer, {n} events each…",
+            round + 1,
+            args.consume_rounds,
+            args.consume_batch
+        );
+        let batched: Vec<Envelope> = (0..n).map(|i| envelope("batch", i)).collect();
+        publish_all(
+            channel,
+            &names.exchange,
+            "batch.bench",
+            &batched.iter().collect::<Vec<_>>(),
+        )
+        .await?;
+        let raw: Vec<Envelope> = (0..n).map(|i| envelope("raw-rounds", i)).collect();
+        publish_all(
+            channel,
+            &names.exchange,
+            "raw.bench",
+            &raw.iter().collect::<Vec<_>>(),
+        )
+        .await?;
+        let batched = async {
+            server.checkpoint().await;
+            batch_consume(
+                db,
+                amqp,
+                connection,
+                &names.batch_queue,
+                n,
+                args.consume_batch,
+            )
+            .await
+        };
+        let raw = async {
+            server.checkpoint().await;
+            let started = Instant::now();
+            raw_consume_as(connection, db, &names.raw_queue.name, n, "raw-rounds", None).await?;
+            anyhow::Ok(started.elapsed())
+        };
+        let (batched, raw) = if round % 2 == 0 {
+            let batched = batched.await?;
+            (batched, raw.await?)
+        } else {
+            let raw = raw.await?;
+            (batched.await?, raw)
+        };
+        batched_rates.push(rate(n, batched));
+        raw_rates.push(rate(n, raw));
+    }
+    Ok((batched_rates, raw_rates))
 }
 
 /// Enqueues every envelope in a transaction of its own, `producers` at a time, for
@@ -1270,13 +1338,19 @@ fn figures(r: &Results) -> Figures {
     f.set("raw_consume_per_s", rate(r.events, r.raw_consume));
     f.set("consume_batch", r.consume_batch as u64);
     f.set("batch_prefetch", BATCH_PREFETCH);
-    f.set("svcdb_batch_consume_per_s", rate(r.events, r.batch_consume));
+    f.set(
+        "svcdb_batch_consume_per_s",
+        report::median_f64(&r.batch_rounds),
+    );
+    f.set("svcdb_batch_consume_per_s_rounds", r.batch_rounds.clone());
+    f.set("raw_consume_per_s_rounds", r.raw_consume_rounds.clone());
     f.set(
         "svcdb_batch_vs_raw_consume",
-        report::ratio(
-            Some(rate(r.events, r.batch_consume)),
-            Some(rate(r.events, r.raw_consume)),
-        ),
+        report::paired_median(&r.batch_rounds, &r.raw_consume_rounds),
+    );
+    f.set(
+        "svcdb_batch_vs_raw_consume_rounds",
+        report::paired_ratios(&r.batch_rounds, &r.raw_consume_rounds),
     );
     f.set("raw_end_to_end_per_s", rate(r.events, r.raw_end_to_end));
     f.set("raw_end_to_end_s", r.raw_end_to_end.as_secs_f64());
@@ -1341,6 +1415,13 @@ fn targets(r: &Results) -> Vec<Target> {
             unit: "×",
         },
         Target {
+            key: "svcdb_batch_vs_raw_consume".into(),
+            what: "svcdb batched consume / raw lapin consume (median of the rounds)".into(),
+            value: report::paired_median(&r.batch_rounds, &r.raw_consume_rounds),
+            bound: Bound::AtLeast(1.5),
+            unit: "×",
+        },
+        Target {
             key: "relay_vs_raw_publish".into(),
             what: "relay drain / raw lapin publish (median of the rounds)".into(),
             value: report::paired_median(&r.relay_rounds, &r.raw_publish_rounds),
@@ -1394,13 +1475,26 @@ fn human_report(r: &Results) -> String {
         r.raw_consume,
     ));
     table.add_row(line("raw lapin: end to end", r.events, r.raw_end_to_end));
+    // The median round's: a rate as a line of the table.
+    let median_secs = |rates: &[f64]| {
+        Duration::from_secs_f64(r.events as f64 / report::median_f64(rates).max(1e-9))
+    };
     table.add_row(line(
         &format!(
-            "svcdb: Consumer, batches of {}, prefetch {BATCH_PREFETCH} (1 commit a batch)",
-            r.consume_batch
+            "svcdb: Consumer, batches of {}, prefetch {BATCH_PREFETCH} (1 commit a batch; median of {} rounds)",
+            r.consume_batch,
+            r.batch_rounds.len()
         ),
         r.events,
-        r.batch_consume,
+        median_secs(&r.batch_rounds),
+    ));
+    table.add_row(line(
+        &format!(
+            "raw lapin: consume, in turns with the batched one (median of {} rounds)",
+            r.raw_consume_rounds.len()
+        ),
+        r.events,
+        median_secs(&r.raw_consume_rounds),
     ));
     table.add_row(line(
         "duplicates: every event published twice",
@@ -1411,31 +1505,33 @@ fn human_report(r: &Results) -> String {
         Some(rate(r.events, r.svcdb_end_to_end)),
         Some(rate(r.events, r.raw_end_to_end)),
     );
-    let batch_ratio = report::ratio(
-        Some(rate(r.events, r.batch_consume)),
-        Some(rate(r.events, r.raw_consume)),
-    );
+    let rounds = |ours: &[f64], theirs: &[f64]| {
+        report::paired_ratios(ours, theirs)
+            .iter()
+            .map(|x| report::num(*x))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     format!(
         "Events benchmark: {} events per path; stages run one after another; \
          publisher confirms per batch of {BATCH}; prefetch {PREFETCH}, pool of {PREFETCH}\n{}\n\n\
          {table}\n\n\
          svcdb / raw lapin, end to end: {}× (the cost of the outbox and exactly-once claims)\n\
-         svcdb batched consumer / raw lapin consume: {}× (target: at least 1.5)\n\
+         svcdb batched consumer / raw lapin consume, {} rounds in turns: {}× (median of {}; target: at least 1.5)\n\
          Relay drain / raw lapin publish, {} rounds in turns: {}× (median of {}; target: at least 0.9)\n\
          Duplicates: {} deliveries → {} handled, {} absorbed as duplicates, {} business effects \
          (expected {}): exactly once",
         r.events,
         r.machine.line(),
         ratio.map_or_else(|| "n/a".to_owned(), report::num),
-        batch_ratio.map_or_else(|| "n/a".to_owned(), report::num),
+        r.batch_rounds.len(),
+        report::paired_median(&r.batch_rounds, &r.raw_consume_rounds)
+            .map_or_else(|| "n/a".to_owned(), report::num),
+        rounds(&r.batch_rounds, &r.raw_consume_rounds),
         r.relay_rounds.len(),
         report::paired_median(&r.relay_rounds, &r.raw_publish_rounds)
             .map_or_else(|| "n/a".to_owned(), report::num),
-        report::paired_ratios(&r.relay_rounds, &r.raw_publish_rounds)
-            .iter()
-            .map(|x| report::num(*x))
-            .collect::<Vec<_>>()
-            .join(", "),
+        rounds(&r.relay_rounds, &r.raw_publish_rounds),
         r.dup_deliveries,
         r.dup_handled,
         r.dup_duplicates,
