@@ -501,7 +501,26 @@ impl fmt::Display for SchemaMissingDisplay<'_> {
         } else {
             f.write_str("\n  hint: create")?;
         }
-        write!(f, " the schema with the service's own role, `svcdb provision --service <name> --schema {schema}`, or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)")
+        write!(f, " the schema with the service's own role, `svcdb provision --service <name> --schema {}`, or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)", shell_word(schema))
+    }
+}
+
+/// `word` as one word of a POSIX shell command line, for hints that show a command to run:
+/// as it is when the shell would keep it so, else in single quotes. A name PostgreSQL accepts
+/// unquoted may hold `$` (`sch$x`), which a shell would expand (found by a user trial: the
+/// pasted hint provisioned schema `sch`).
+///
+/// ```
+/// assert_eq!(svcdb::error::shell_word("orders"), "orders");
+/// assert_eq!(svcdb::error::shell_word("sch$x"), "'sch$x'");
+/// assert_eq!(svcdb::error::shell_word("it's"), r#"'it'\''s'"#);
+/// ```
+pub fn shell_word(word: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-.,:/=@%+".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        std::borrow::Cow::Borrowed(word)
+    } else {
+        std::borrow::Cow::Owned(format!("'{}'", word.replace('\'', r"'\''")))
     }
 }
 

@@ -2,6 +2,7 @@
 //! existing role with more than that is refused, or stripped with `--fix`.
 
 use anyhow::Result;
+use svcdb::error::shell_word;
 use svcdb::{provision, Config, DedicatedConn, Ident, Password, ProvisionSpec, Tls};
 
 use crate::global::Global;
@@ -100,15 +101,17 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
 /// What to do about a role without a password (`--json` has `has_password: false` instead):
 /// this provisioning's command again, with `--password-env`.
 fn no_password_note(global: &Global, args: &Args, role: &str, schema: &str) -> String {
-    let service = &args.service;
-    let var = format!("{}_PASSWORD", service.to_uppercase().replace('$', "_"));
+    let var = format!("{}_PASSWORD", args.service.to_uppercase().replace('$', "_"));
+    // Quoted where a shell would change them (a `$` in a name).
+    let service = shell_word(&args.service);
+    let schema = shell_word(schema);
     let mut flags = String::new();
     if let Some(role) = &args.role {
-        flags.push_str(&format!(" --role {role}"));
+        flags.push_str(&format!(" --role {}", shell_word(role)));
     }
     // Provisioning sets the role's search_path to exactly these: leaving them out would drop them.
     if let Some(extra) = &global.extra_schemas {
-        flags.push_str(&format!(" --extra-schemas {extra}"));
+        flags.push_str(&format!(" --extra-schemas {}", shell_word(extra)));
     }
     if args.fix {
         flags.push_str(" --fix");

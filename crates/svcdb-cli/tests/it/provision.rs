@@ -158,6 +158,20 @@ async fn provision_says_when_the_role_has_no_password_and_how_to_give_it_one() {
     );
 }
 
+/// Found by a user trial: a name with `$` (valid unquoted in PostgreSQL) went into the hint's
+/// command as it is, and the shell the user pasted it into expanded `$x`: the command then
+/// provisioned schema `sch`. The hint quotes it; a plain name stays as it is (the control).
+#[tokio::test]
+async fn the_no_password_hint_quotes_a_name_the_shell_would_expand() {
+    let project = Project::new().await;
+    let role = project.db.role_name("svc");
+    let out = project
+        .run(&["provision", "--service", &role, "--schema", "sch$x"])
+        .expect_code(0);
+    assert!(out.stdout.contains("--schema 'sch$x' "), "{out}");
+    assert!(out.stdout.contains(&format!("--service {role} ")), "{out}");
+}
+
 /// Found by an operations trial: run as a service's own role, provision failed with the
 /// server's "permission denied" and no hint. It now says provision needs an administrator,
 /// keeping the SQLSTATE; the same command as the administrator works (the control).

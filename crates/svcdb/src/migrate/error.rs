@@ -157,7 +157,7 @@ pub enum MigrateError {
 
     /// The service's schema does not exist, so its history table cannot be made (SQLSTATE
     /// 3F000 from the server).
-    #[error("schema {schema} does not exist\n  hint: create it with the service's own role, `svcdb provision --service <name> --schema {schema}`; or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)")]
+    #[error("schema {schema} does not exist\n  hint: create it with the service's own role, `svcdb provision --service <name> --schema {}`; or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)", crate::error::shell_word(schema))]
     SchemaMissing {
         /// The schema, as configured.
         schema: String,
