@@ -43,7 +43,11 @@ impl GateArgs {
                 "note: no {DEFAULT_MIGRATIONS_DIR} folder, so migrations are not checked; pass --dir to check them"
             );
         }
-        Ok((ServiceDb::new(global.config()?)?, gate))
+        // `--timeout` is the longest wait for a connection too: the pool's own bound
+        // (SVCDB_ACQUIRE_TIMEOUT, 5 s) cut a `--timeout 10s` short (found by a user trial).
+        let mut config = global.config()?;
+        config.acquire_timeout = self.timeout;
+        Ok((ServiceDb::new(config)?, gate))
     }
 }
 
