@@ -34,7 +34,7 @@ pub struct Failure {
     hint: Option<String>,
     /// The SQLSTATE, else the kind of error.
     code: String,
-    /// The exit code: 64 for a usage error, else 1.
+    /// The exit code: 64 for a usage error (an invalid command line or configuration), else 1.
     exit: u8,
 }
 
@@ -43,11 +43,18 @@ impl Failure {
     /// once, every distinct hint), and its code.
     pub fn new(e: &anyhow::Error) -> Self {
         let report = Report::new(e.as_ref());
-        let usage = e.chain().any(|c| c.is::<Usage>());
+        let code = Self::code(e);
+        // A value given that can never work (a malformed DATABASE_URL, a name PostgreSQL
+        // would not take) is a usage error too, as clap's own invalid values are (found by a
+        // user trial: `--service 'a b'` exited 1, `--limit -1` 64).
+        let usage = e
+            .chain()
+            .any(|c| c.is::<Usage>() || c.is::<crate::usage::InvalidSetting>())
+            || code == "invalid_name";
         Self {
             error: for_cli(report.message()),
             hint: (!report.hints().is_empty()).then(|| for_cli(&report.hints().join("\n"))),
-            code: Self::code(e),
+            code,
             exit: if usage { 64 } else { 1 },
         }
     }
@@ -108,7 +115,8 @@ impl Failure {
 
     /// The `code` field: the SQLSTATE the server reported for the error or a cause, else the
     /// kind of error: `usage` (exit 64: a missing `DATABASE_URL` or schema, a bad option),
-    /// `config`, `invalid_name`, `invalid_event`, `connect` (no connection and no SQLSTATE:
+    /// `config` (exit 64 too for a setting given that can never work, such as a malformed
+    /// `DATABASE_URL`), `invalid_name` (exit 64), `invalid_event`, `connect` (no connection and no SQLSTATE:
     /// refused, TLS, timed out), `acquire_timeout` (every connection stayed busy),
     /// `pool_closed`, `connection_lost`, `missing_tables`, `not_ready`; for migrations
     /// `migration_source` (a file or the folder), `lock_timeout`, `changed`, `out_of_order`,
@@ -123,6 +131,8 @@ impl Failure {
             if let Some(db) = cause.downcast_ref::<DbError>() {
                 Some(db.code())
             } else if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
+                e.code()
+            } else if let Some(crate::usage::InvalidSetting(e)) = cause.downcast_ref() {
                 e.code()
             } else if let Some(e) = cause.downcast_ref::<MigrateError>() {
                 e.code()
@@ -143,6 +153,8 @@ impl Failure {
         }
         let kind = e.chain().find_map(|cause| {
             if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
+                Some(error_kind(e))
+            } else if let Some(crate::usage::InvalidSetting(e)) = cause.downcast_ref() {
                 Some(error_kind(e))
             } else if let Some(e) = cause.downcast_ref::<MigrateError>() {
                 Some(migrate_kind(e))

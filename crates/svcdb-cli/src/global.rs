@@ -89,7 +89,8 @@ impl Global {
             "SVCDB_SCHEMA" => Some(schema.to_owned()),
             "SVCDB_EXTRA_SCHEMAS" => self.extra_schemas.clone(),
             other => std::env::var(other).ok(),
-        })?;
+        })
+        .map_err(crate::usage::InvalidSetting)?;
         // A command-line run needs one connection, not a warm pool of five.
         config.pool_min = config.pool_min.min(1);
         Ok(config)

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::output::outln;
+use crate::output::{errln, outln};
 use failure::Failure;
 use global::Global;
 
@@ -29,7 +29,8 @@ const EXIT_CODES: &str = r#"Exit codes:
       missing or out-of-order migrations); for `schema verify` and `health` not ready
       (every problem is listed)
   2   `migrate status`: migrations are pending and nothing else is wrong
-  64  invalid command line, or no database or schema given
+  64  invalid command line or configuration (a malformed DATABASE_URL, an invalid name), or
+      no database or schema given
   130 interrupted (Ctrl-C; 143 for SIGTERM), as the shell reports a killed process: a
       migration command cancels its running statement on the server, so the transaction
       rolls back and a non-transactional migration stopped in its first statement stays
@@ -142,14 +143,22 @@ fn main() -> ExitCode {
         };
         (result.map_err(|f| (f, global.json)), signals)
     });
-    match result {
-        Ok(Outcome::Success) => ExitCode::SUCCESS,
-        Ok(Outcome::NotReady) => ExitCode::from(1),
-        Ok(Outcome::Pending) => ExitCode::from(2),
+    let code = match result {
+        Ok(Outcome::Success) => 0,
+        Ok(Outcome::NotReady) => 1,
+        Ok(Outcome::Pending) => 2,
         Err((failure, json)) => {
             let code = failure.print(json);
-            ExitCode::from(signals.code().unwrap_or(code))
+            signals.code().unwrap_or(code)
         }
+    };
+    // A report that could not be written (a full disk) is no success.
+    match output::write_failure() {
+        Some(e) if code == 0 => {
+            errln!("error: could not write the report: {e}");
+            ExitCode::from(1)
+        }
+        _ => ExitCode::from(code),
     }
 }
 

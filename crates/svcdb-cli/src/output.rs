@@ -26,9 +26,23 @@ macro_rules! errln {
 
 pub(crate) use {errln, outln};
 
-/// Writes `line` and a newline to `to`, ignoring a failure: see [`outln!`].
+/// Writes `line` and a newline to `to`. A closed pipe is ignored (see [`outln!`]); any other
+/// failure (a full disk: `> /dev/full`) is kept for [`write_failure`], so that the command
+/// still runs to its end but does not exit 0 with its report lost.
 pub fn write_line(to: &mut impl Write, line: std::fmt::Arguments<'_>) {
-    let _ = to.write_fmt(line).and_then(|()| to.write_all(b"\n"));
+    if let Err(e) = to.write_fmt(line).and_then(|()| to.write_all(b"\n")) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let _ = WRITE_FAILURE.set(e.to_string());
+        }
+    }
+}
+
+/// The first failure to write output other than a closed pipe.
+static WRITE_FAILURE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The first failure to write output other than a closed pipe, if any.
+pub fn write_failure() -> Option<&'static str> {
+    WRITE_FAILURE.get().map(String::as_str)
 }
 
 /// Prints `value` as one line of JSON.

@@ -31,3 +31,18 @@ impl std::fmt::Display for Usage {
 }
 
 impl std::error::Error for Usage {}
+
+/// A setting given (an option or the environment) that can never work, as the library's
+/// configuration refused it: a malformed `DATABASE_URL`, an unknown `sslmode`, a pool size of
+/// 0. Exits 64 like [`Usage`], keeping its code (`config`); the library's other configuration
+/// errors (provision's refusals of a role's attributes) are about the database, and exit 1.
+#[derive(Debug)]
+pub struct InvalidSetting(pub svcdb::Error);
+
+impl std::fmt::Display for InvalidSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for InvalidSetting {}

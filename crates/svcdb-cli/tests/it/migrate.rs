@@ -188,6 +188,30 @@ async fn a_closed_stdout_and_stderr_do_not_stop_the_deploy() {
     assert_eq!(p.tables().await, ["items", HISTORY, "tags"]);
 }
 
+/// Found by a user trial: `svcdb migrate status --json > /dev/full` lost its report and exited
+/// 0. The work still runs to its end; the exit says the report was lost.
+#[tokio::test]
+async fn a_report_that_cannot_be_written_is_no_success() {
+    let p = Project::new().await;
+    p.write(THREE);
+    let full = || {
+        std::fs::File::options()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full")
+    };
+    for args in [&["migrate", "up", "--json"][..], &["migrate", "status"]] {
+        let out = p
+            .command(args)
+            .stdout(full())
+            .output()
+            .expect("the svcdb binary runs");
+        assert_eq!(out.status.code(), Some(1), "svcdb {args:?}");
+    }
+    // The deploy itself ran: status, written where it can be, says up to date.
+    p.run(&["migrate", "status"]).expect_code(0);
+}
+
 #[tokio::test]
 async fn a_new_pending_file_makes_status_exit_2_until_up() {
     let p = Project::new().await;
