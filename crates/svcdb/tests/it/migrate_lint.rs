@@ -1494,3 +1494,58 @@ async fn down_refuses_what_the_server_refuses_in_its_transaction_before_running(
     }
     assert!(has_index(&svc, "items_a").await, "nothing was reverted");
 }
+
+/// Found by a user trial on vaultwarden's folder: `lint --all` flagged `SET NOT NULL` on a
+/// column an earlier migration had added `NOT NULL DEFAULT 0`, where `lint` with the catalog
+/// knows it is already. Without a database it now knows which columns the earlier migrations
+/// made `NOT NULL` (and made nullable again); the controls: a nullable column, and one whose
+/// `NOT NULL` a later migration dropped.
+#[test]
+fn lint_each_knows_which_columns_earlier_migrations_made_not_null() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "1_twofactor.up.sql",
+                "CREATE TABLE twofactor (id int PRIMARY KEY, atype int NOT NULL, data text);",
+            ),
+            (
+                "2_last_used.up.sql",
+                "ALTER TABLE twofactor ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0;",
+            ),
+            (
+                "3_not_null.up.sql",
+                "ALTER TABLE twofactor ALTER COLUMN last_used SET NOT NULL;\n\
+                 ALTER TABLE twofactor ALTER COLUMN atype SET NOT NULL;\n\
+                 ALTER TABLE twofactor ALTER COLUMN id SET NOT NULL;\n\
+                 ALTER TABLE twofactor ALTER COLUMN data SET NOT NULL;",
+            ),
+            (
+                "4_nullable.up.sql",
+                "ALTER TABLE twofactor ALTER COLUMN atype DROP NOT NULL;",
+            ),
+            (
+                "5_again.up.sql",
+                "ALTER TABLE twofactor ALTER COLUMN atype SET NOT NULL;",
+            ),
+        ],
+    );
+    let migrations = Migrations::from_dir(dir.path()).unwrap();
+    assert_eq!(
+        each_finding(&migrations),
+        [
+            ("3".to_owned(), 4, Rule::SetNotNullWithoutCheck),
+            ("5".to_owned(), 1, Rule::SetNotNullWithoutCheck),
+        ]
+    );
+    // In one deploy likewise: a column an earlier statement added `NOT NULL`.
+    assert_eq!(
+        rules(
+            "ALTER TABLE users ADD COLUMN n int NOT NULL DEFAULT 0;
+\
+             ALTER TABLE users ALTER COLUMN n SET NOT NULL;"
+        ),
+        []
+    );
+}

@@ -1,21 +1,24 @@
 //! What the live tables' columns are, for the checks a parser alone gets wrong: `SET NOT NULL`
 //! on a column that already is (no scan), and a type change PostgreSQL makes without
 //! rewriting the table (`varchar(30)` to `varchar(100)` or `text`). Read from the catalog
-//! before `up` and by `svcdb migrate lint`; `lint --all`, without a database, knows the
-//! character types the folder's earlier migrations gave their columns ([`ColumnTypes`]).
+//! before `up` and by `svcdb migrate lint`; `lint --all`, without a database, knows what the
+//! folder's earlier migrations made ([`LiveColumns::record`]). Either way it follows what the
+//! deploy's own statements do ([`LiveColumns::apply`]).
 
 use std::collections::{HashMap, HashSet};
 
-use pg_query::protobuf::{a_const, TypeName};
+use pg_query::protobuf::{a_const, AlterTableType, ColumnDef, ConstrType, ObjectType, TypeName};
 use pg_query::NodeEnum;
 
 use crate::ident::Ident;
 
-/// One column of a table of the schema, as the catalog has it.
+/// One column of a table, as the catalog has it, or as the statements that made and changed it
+/// left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Column {
     /// `format_type` of its type and modifier: `character varying(30)`, `text`, `integer`.
-    type_name: String,
+    /// From a statement, only the character types [`render`] knows; `None` for any other.
+    type_name: Option<String>,
     not_null: bool,
 }
 
@@ -23,9 +26,13 @@ struct Column {
 /// The default knows nothing (no database was asked).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LiveColumns {
-    columns: HashMap<(String, String), Column>,
-    /// The schema's tables, when the catalog was read.
+    /// Per table, its columns by name.
+    columns: HashMap<String, HashMap<String, Column>>,
+    /// The schema's tables, when known: read from the catalog, or (`lint --all`) those the
+    /// folder's earlier migrations made.
     tables: Option<HashSet<String>>,
+    /// `tables` and `indexes` are the catalog's, which has every one of them.
+    catalog: bool,
     /// The tables of the search path's other schemas (what an unqualified `DROP TABLE`
     /// reaches when the service schema has no such table; `CREATE TABLE` makes one in the
     /// service schema all the same).
@@ -65,6 +72,7 @@ impl LiveColumns {
             .await?;
         let mut live = Self {
             tables: Some(HashSet::new()),
+            catalog: true,
             ..Self::default()
         };
         for r in &rows {
@@ -79,10 +87,10 @@ impl LiveColumns {
             }
             if let (Some(column), Some(type_name), Some(not_null)) = (r.get(1), r.get(2), r.get(3))
             {
-                live.columns.insert(
-                    (table.clone(), column),
+                live.columns.entry(table.clone()).or_default().insert(
+                    column,
                     Column {
-                        type_name,
+                        type_name: Some(type_name),
                         not_null,
                     },
                 );
@@ -92,24 +100,169 @@ impl LiveColumns {
         Ok(live)
     }
 
-    /// No catalog, but `made_elsewhere` are the tables other migrations create, and `types`
-    /// the columns' types the earlier ones gave them (nullability unknown).
-    pub(crate) fn made_elsewhere(made_elsewhere: HashSet<String>, types: &ColumnTypes) -> Self {
-        let columns = types
-            .0
-            .iter()
-            .map(|(key, type_name)| {
-                let column = Column {
-                    type_name: type_name.clone(),
-                    not_null: false,
-                };
-                (key.clone(), column)
-            })
-            .collect();
+    /// What a folder's migrations made before the first one: nothing. [`record`](Self::record)
+    /// each migration in turn (`lint --all`).
+    pub(crate) fn folder() -> Self {
+        Self {
+            tables: Some(HashSet::new()),
+            ..Self::default()
+        }
+    }
+
+    /// What is known here, and that `made_elsewhere` are the tables other migrations of the
+    /// folder create.
+    pub(crate) fn with_made_elsewhere(&self, made_elsewhere: HashSet<String>) -> Self {
         Self {
             made_elsewhere,
-            columns,
-            ..Self::default()
+            ..self.clone()
+        }
+    }
+
+    /// Takes in what the statements of `sql` do to tables and columns; nothing from the piece
+    /// that does not parse on.
+    pub(crate) fn record(&mut self, sql: &str) {
+        for piece in crate::migrate::split::parsed_pieces(sql) {
+            let Ok((_, parsed)) = piece else {
+                return;
+            };
+            for raw in &parsed.protobuf.stmts {
+                if let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
+                    self.apply(node);
+                }
+            }
+        }
+    }
+
+    /// Takes in what `node` does to tables and columns, run after what is known so far.
+    pub(crate) fn apply(&mut self, node: &NodeEnum) {
+        match node {
+            NodeEnum::CreateStmt(create) => {
+                let Some(table) = create.relation.as_ref().map(|r| r.relname.as_str()) else {
+                    return;
+                };
+                if create.if_not_exists && self.has_table(table) {
+                    return;
+                }
+                self.add_table(table);
+                for element in &create.table_elts {
+                    match element.node.as_ref() {
+                        Some(NodeEnum::ColumnDef(column)) => self.add_column(table, column),
+                        Some(NodeEnum::Constraint(c)) => self.constrain(table, c),
+                        _ => {}
+                    }
+                }
+            }
+            NodeEnum::CreateTableAsStmt(create) => {
+                if let Some(rel) = create.into.as_ref().and_then(|i| i.rel.as_ref()) {
+                    self.add_table(&rel.relname);
+                }
+            }
+            NodeEnum::AlterTableStmt(alter) => {
+                let Some(table) = alter.relation.as_ref().map(|r| r.relname.as_str()) else {
+                    return;
+                };
+                for cmd in &alter.cmds {
+                    if let Some(NodeEnum::AlterTableCmd(cmd)) = cmd.node.as_ref() {
+                        self.alter(table, cmd);
+                    }
+                }
+            }
+            NodeEnum::DropStmt(drop) if drop.remove_type == ObjectType::ObjectTable as i32 => {
+                for table in drop.objects.iter().filter_map(last_name) {
+                    if let Some(tables) = &mut self.tables {
+                        tables.remove(table);
+                    }
+                    self.columns.remove(table);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn add_table(&mut self, table: &str) {
+        if let Some(tables) = &mut self.tables {
+            tables.insert(table.to_owned());
+        }
+    }
+
+    /// One command of an `ALTER TABLE` of `table`.
+    fn alter(&mut self, table: &str, cmd: &pg_query::protobuf::AlterTableCmd) {
+        let def = cmd.def.as_ref().and_then(|d| d.node.as_ref());
+        match (AlterTableType::try_from(cmd.subtype), def) {
+            // `IF NOT EXISTS` of a column the table has adds nothing.
+            (Ok(AlterTableType::AtAddColumn), Some(NodeEnum::ColumnDef(column)))
+                if !(cmd.missing_ok && self.has_column(table, &column.colname)) =>
+            {
+                self.add_column(table, column);
+            }
+            (Ok(AlterTableType::AtAlterColumnType), Some(NodeEnum::ColumnDef(column))) => {
+                // A `USING` expression may change every value: the type alone says nothing
+                // then.
+                let type_name = column
+                    .raw_default
+                    .is_none()
+                    .then(|| column.type_name.as_ref().and_then(render))
+                    .flatten();
+                self.column(table, &cmd.name).type_name = type_name;
+            }
+            (Ok(AlterTableType::AtSetNotNull), _) => self.column(table, &cmd.name).not_null = true,
+            (Ok(AlterTableType::AtDropNotNull), _) => {
+                self.column(table, &cmd.name).not_null = false;
+            }
+            (Ok(AlterTableType::AtDropColumn), _) => {
+                if let Some(columns) = self.columns.get_mut(table) {
+                    columns.remove(&cmd.name);
+                }
+            }
+            (Ok(AlterTableType::AtAddConstraint), Some(NodeEnum::Constraint(c))) => {
+                self.constrain(table, c);
+            }
+            _ => {}
+        }
+    }
+
+    /// `column` of `table`, made with an unknown type and nullable when nothing was known of
+    /// it (a column made outside what was recorded).
+    fn column(&mut self, table: &str, column: &str) -> &mut Column {
+        self.columns
+            .entry(table.to_owned())
+            .or_default()
+            .entry(column.to_owned())
+            .or_insert(Column {
+                type_name: None,
+                not_null: false,
+            })
+    }
+
+    fn add_column(&mut self, table: &str, column: &ColumnDef) {
+        let has = |t: ConstrType| {
+            column.constraints.iter().any(
+                |c| matches!(c.node.as_ref(), Some(NodeEnum::Constraint(c)) if c.contype == t as i32),
+            )
+        };
+        let type_name = column.type_name.as_ref();
+        let serial = type_name
+            .and_then(|t| t.names.last())
+            .and_then(super::string)
+            .is_some_and(|name| super::SERIAL_TYPES.contains(&name));
+        let not_null = column.is_not_null
+            || serial
+            || has(ConstrType::ConstrNotnull)
+            || has(ConstrType::ConstrPrimary)
+            || has(ConstrType::ConstrIdentity);
+        *self.column(table, &column.colname) = Column {
+            type_name: type_name.and_then(render),
+            not_null,
+        };
+    }
+
+    /// A table constraint on `table`: a primary key makes its columns `NOT NULL`.
+    fn constrain(&mut self, table: &str, c: &pg_query::protobuf::Constraint) {
+        if c.contype != ConstrType::ConstrPrimary as i32 {
+            return;
+        }
+        for key in c.keys.iter().filter_map(super::string) {
+            self.column(table, key).not_null = true;
         }
     }
 
@@ -120,15 +273,14 @@ impl LiveColumns {
             || self.made_elsewhere.contains(table)
     }
 
-    /// The catalog was read and `table` of the service schema has `column`.
+    /// `table` of the service schema is known to have `column`.
     pub(crate) fn has_column(&self, table: &str, column: &str) -> bool {
-        self.columns
-            .contains_key(&(table.to_owned(), column.to_owned()))
+        self.get(table, column).is_some()
     }
 
     /// The catalog was read and the service schema has no index called `name`.
     pub(crate) fn lacks_index(&self, name: &str) -> bool {
-        self.tables.is_some() && !self.indexes.contains(name)
+        self.catalog && !self.indexes.contains(name)
     }
 
     /// The catalog was read and the service schema has an index called `name`.
@@ -138,7 +290,8 @@ impl LiveColumns {
 
     /// The catalog was read and has no `table` in any schema of the search path.
     pub(crate) fn lacks_table(&self, table: &str) -> bool {
-        self.tables.as_ref().is_some_and(|t| !t.contains(table))
+        self.catalog
+            && self.tables.as_ref().is_some_and(|t| !t.contains(table))
             && !self.path_tables.contains(table)
     }
 
@@ -153,10 +306,12 @@ impl LiveColumns {
     /// length limit of a varchar column … or changing a varchar column to text" needs no
     /// rewrite). Anything else, or a `USING` expression, counts as a rewrite.
     pub(crate) fn keeps_storage(&self, table: &str, column: &str, new: &TypeName) -> bool {
-        let (Some(old), Some(new)) = (self.get(table, column), render(new)) else {
+        let (Some(old), Some(new)) = (
+            self.get(table, column).and_then(|c| c.type_name.as_deref()),
+            render(new),
+        ) else {
             return false;
         };
-        let old = old.type_name.as_str();
         if old == new {
             return true;
         }
@@ -180,80 +335,15 @@ impl LiveColumns {
     }
 
     fn get(&self, table: &str, column: &str) -> Option<&Column> {
-        self.columns.get(&(table.to_owned(), column.to_owned()))
+        self.columns.get(table)?.get(column)
     }
 }
 
-/// The character types (`varchar(n)`, `varchar`, `text`) of the columns a folder's migrations
-/// made so far, by table and column, from their `CREATE TABLE`, `ADD COLUMN` and
-/// `ALTER COLUMN … TYPE` statements, in version order: what `lint --all` knows of a column's
-/// type where `lint` asks the catalog (found by a user trial: harbor's `varchar(128)` to
-/// `varchar(1024)`, which rewrites nothing, was an error without a database).
-#[derive(Debug, Default)]
-pub(crate) struct ColumnTypes(HashMap<(String, String), String>);
-
-impl ColumnTypes {
-    /// Takes in what `sql` does to column types; nothing when it does not parse.
-    pub(crate) fn record(&mut self, sql: &str) {
-        for piece in crate::migrate::split::parsed_pieces(sql) {
-            let Ok((_, parsed)) = piece else {
-                return;
-            };
-            self.record_parsed(&parsed);
-        }
-    }
-
-    fn record_parsed(&mut self, parsed: &pg_query::ParseResult) {
-        for raw in &parsed.protobuf.stmts {
-            match raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
-                Some(NodeEnum::CreateStmt(create)) => {
-                    let Some(table) = create.relation.as_ref().map(|r| r.relname.as_str()) else {
-                        continue;
-                    };
-                    for element in &create.table_elts {
-                        if let Some(NodeEnum::ColumnDef(column)) = element.node.as_ref() {
-                            self.set(table, &column.colname, column.type_name.as_ref());
-                        }
-                    }
-                }
-                Some(NodeEnum::AlterTableStmt(alter)) => {
-                    let Some(table) = alter.relation.as_ref().map(|r| r.relname.as_str()) else {
-                        continue;
-                    };
-                    for cmd in &alter.cmds {
-                        let Some(NodeEnum::AlterTableCmd(cmd)) = cmd.node.as_ref() else {
-                            continue;
-                        };
-                        let Some(NodeEnum::ColumnDef(column)) =
-                            cmd.def.as_ref().and_then(|d| d.node.as_ref())
-                        else {
-                            continue;
-                        };
-                        let name = if cmd.name.is_empty() {
-                            &column.colname // ADD COLUMN
-                        } else {
-                            &cmd.name // ALTER COLUMN … TYPE
-                        };
-                        // A `USING` expression may change every value: the type alone says
-                        // nothing then.
-                        let typed = column
-                            .raw_default
-                            .is_none()
-                            .then_some(column.type_name.as_ref());
-                        self.set(table, name, typed.flatten());
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn set(&mut self, table: &str, column: &str, type_name: Option<&TypeName>) {
-        let key = (table.to_owned(), column.to_owned());
-        match type_name.and_then(render) {
-            Some(rendered) => self.0.insert(key, rendered),
-            None => self.0.remove(&key),
-        };
+/// The last name of a dotted name (`schema.table`), as a `DROP` lists its objects.
+fn last_name(object: &pg_query::Node) -> Option<&str> {
+    match object.node.as_ref()? {
+        NodeEnum::List(names) => names.items.last().and_then(super::string),
+        _ => None,
     }
 }
 
@@ -295,16 +385,16 @@ mod tests {
         LiveColumns {
             columns: columns
                 .iter()
-                .map(|(t, c, ty, nn)| {
-                    (
-                        (t.to_string(), c.to_string()),
+                .fold(HashMap::new(), |mut tables, (t, c, ty, nn)| {
+                    tables.entry(t.to_string()).or_default().insert(
+                        c.to_string(),
                         Column {
-                            type_name: ty.to_string(),
+                            type_name: Some(ty.to_string()),
                             not_null: *nn,
                         },
-                    )
-                })
-                .collect(),
+                    );
+                    tables
+                }),
             tables: Some(columns.iter().map(|(t, ..)| t.to_string()).collect()),
             ..LiveColumns::default()
         }

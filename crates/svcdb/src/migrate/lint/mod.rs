@@ -94,7 +94,6 @@ mod finding;
 mod live;
 
 pub use finding::{Finding, Rule, Severity, ALLOW_DIRECTIVE};
-use live::ColumnTypes;
 pub(crate) use live::LiveColumns;
 
 /// What [`lint`] found, in deploy order.
@@ -132,10 +131,10 @@ impl LintReport {
 
 /// Checks `deploy`, the migrations one `up` applies, in the order it applies them: a table
 /// created by an earlier statement of the deploy counts as new (see the
-/// [module documentation](self)). Only up scripts are checked. Reads no database, so it
-/// cannot tell a type change that keeps the stored values (`varchar(30)` to `text`) or a
-/// `SET NOT NULL` on a column that already is: [`Migrator::lint_pending`](super::Migrator::lint_pending)
-/// and `up` ask the catalog.
+/// [module documentation](self)). Only up scripts are checked. Reads no database, so of a
+/// column the deploy did not make it cannot tell a type change that keeps the stored values
+/// (`varchar(30)` to `text`) or a `SET NOT NULL` on a column that already is:
+/// [`Migrator::lint_pending`](super::Migrator::lint_pending) and `up` ask the catalog.
 ///
 /// ```
 /// use svcdb::migrate::lint::{lint, Rule};
@@ -170,34 +169,32 @@ pub fn lint_each(migrations: &super::Migrations) -> LintReport {
             makers.entry(table).or_default().push(path);
         }
     }
-    let elsewhere = |me: &str, types: &ColumnTypes| -> LiveColumns {
-        LiveColumns::made_elsewhere(
-            makers
-                .iter()
-                .filter(|(_, by)| by.iter().any(|path| *path != me))
-                .map(|(table, _)| table.clone())
-                .collect(),
-            types,
-        )
+    let elsewhere = |me: &str| -> HashSet<String> {
+        makers
+            .iter()
+            .filter(|(_, by)| by.iter().any(|path| *path != me))
+            .map(|(table, _)| table.clone())
+            .collect()
     };
     let mut report = LintReport::default();
-    // The column types the migrations before each one gave (in version order).
-    let mut types = ColumnTypes::default();
+    // What the migrations before each one made (in version order).
+    let mut folder = LiveColumns::folder();
     let mut each = Vec::new();
     for m in migrations.iter() {
         each.push(lint_live(
             std::iter::once(m),
             [],
-            elsewhere(&m.path, &types),
+            folder.with_made_elsewhere(elsewhere(&m.path)),
         ));
-        types.record(&m.up);
+        folder.record(&m.up);
     }
-    each.extend(
-        migrations
-            .repeatables()
-            .iter()
-            .map(|r| lint_live([], std::iter::once(r), elsewhere(&r.path, &types))),
-    );
+    each.extend(migrations.repeatables().iter().map(|r| {
+        lint_live(
+            [],
+            std::iter::once(r),
+            folder.with_made_elsewhere(elsewhere(&r.path)),
+        )
+    }));
     for one in each {
         report.migrations += one.migrations;
         report.findings.extend(one.findings);
@@ -385,7 +382,9 @@ struct Deploy {
     /// migrations so far, which `up` commits together), each with whether it is a foreign
     /// key. Their `ADD CONSTRAINT` lock lasts until that commit.
     open_tx_added: HashMap<String, HashMap<String, bool>>,
-    /// The live tables' columns, when a database was asked.
+    /// What is known of the tables, columns and indexes, as the deploy's statements so far
+    /// left them: those of the catalog when a database was asked, or of the folder's earlier
+    /// migrations (`lint --all`).
     live: LiveColumns,
 }
 
@@ -586,6 +585,7 @@ impl Deploy {
                 let location = offset + usize::try_from(raw.stmt_location).unwrap_or(0);
                 let at = code_start(script.up, location);
                 self.statement(&script, at, node, out);
+                self.live.apply(node);
                 if !script.transactional {
                     self.open_tx_added.clear();
                 }
