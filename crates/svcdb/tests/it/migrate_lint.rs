@@ -1549,3 +1549,97 @@ fn lint_each_knows_which_columns_earlier_migrations_made_not_null() {
         []
     );
 }
+
+/// `(line, rule)` of each finding of the lint of what `up` would run on `svc` from `dir`,
+/// knowing the catalog.
+async fn pending_findings(svc: &ServiceDb, dir: &Path) -> Vec<(usize, Rule)> {
+    migrator(svc, dir, MigrateOptions::default())
+        .lint_pending()
+        .await
+        .unwrap()
+        .findings
+        .iter()
+        .map(|f| (f.line, f.rule))
+        .collect()
+}
+
+/// Found by a user trial on mattermost's folder: `ADD COLUMN IF NOT EXISTS schemeguest boolean
+/// NOT NULL` of a column an earlier migration had added was refused, though PostgreSQL skips
+/// it. The controls: the same of a column no earlier migration added, and the volatile-default
+/// rule likewise; and in one deploy, a column added by an earlier statement.
+#[test]
+fn add_column_if_not_exists_of_a_column_that_is_there_adds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("1_members.up.sql", "CREATE TABLE TeamMembers (id int);"),
+            (
+                "2_guest.up.sql",
+                "ALTER TABLE TeamMembers ADD COLUMN schemeguest boolean, ADD COLUMN token uuid;",
+            ),
+            (
+                "3_again.up.sql",
+                "ALTER TABLE TeamMembers ADD COLUMN IF NOT EXISTS schemeguest boolean NOT NULL;\n\
+                 ALTER TABLE TeamMembers ADD COLUMN IF NOT EXISTS token uuid DEFAULT gen_random_uuid();\n\
+                 ALTER TABLE TeamMembers ADD COLUMN IF NOT EXISTS schemeadmin boolean NOT NULL;\n\
+                 ALTER TABLE TeamMembers ADD COLUMN IF NOT EXISTS secret uuid DEFAULT gen_random_uuid();",
+            ),
+        ],
+    );
+    let migrations = Migrations::from_dir(dir.path()).unwrap();
+    assert_eq!(
+        each_finding(&migrations),
+        [
+            ("3".to_owned(), 3, Rule::AddColumnNotNullWithoutDefault),
+            ("3".to_owned(), 4, Rule::AddColumnVolatileDefault),
+        ]
+    );
+    assert_eq!(
+        rules(
+            "ALTER TABLE users ADD COLUMN plan text;\n\
+             ALTER TABLE users ADD COLUMN IF NOT EXISTS plan text NOT NULL;"
+        ),
+        []
+    );
+    assert_eq!(
+        rules("ALTER TABLE users ADD COLUMN IF NOT EXISTS plan text NOT NULL;"),
+        [Rule::AddColumnNotNullWithoutDefault]
+    );
+}
+
+/// The same, knowing the catalog: a column the live table has.
+#[tokio::test]
+async fn add_column_if_not_exists_of_a_live_column_adds_nothing() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "1_members.up.sql",
+            "CREATE TABLE teammembers (id int, schemeguest boolean, token uuid);",
+        )],
+    );
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "2_again.up.sql",
+            "ALTER TABLE TeamMembers ADD COLUMN IF NOT EXISTS schemeguest boolean NOT NULL;\n\
+             ALTER TABLE TeamMembers ADD COLUMN IF NOT EXISTS token uuid DEFAULT gen_random_uuid();\n\
+             ALTER TABLE TeamMembers ADD COLUMN IF NOT EXISTS schemeadmin boolean NOT NULL;\n\
+             ALTER TABLE TeamMembers ADD COLUMN IF NOT EXISTS secret uuid DEFAULT gen_random_uuid();",
+        )],
+    );
+    assert_eq!(
+        pending_findings(&svc, dir.path()).await,
+        [
+            (3, Rule::AddColumnNotNullWithoutDefault),
+            (4, Rule::AddColumnVolatileDefault)
+        ]
+    );
+}

@@ -859,10 +859,13 @@ impl Deploy {
             // Nothing below can hurt a table nobody else sees yet.
         } else if subtype == AlterTableType::AtAddColumn as i32 {
             if let Some(NodeEnum::ColumnDef(column)) = def {
-                // `ADD COLUMN IF NOT EXISTS` of a column the table has adds nothing.
-                if !(cmd.missing_ok && self.live.has_column(table, &column.colname)) {
-                    self.note_added_column(table, &column.colname);
+                // `ADD COLUMN IF NOT EXISTS` of a column the table has: PostgreSQL skips it,
+                // adding, filling and checking nothing (found by a user trial on mattermost's
+                // folder).
+                if cmd.missing_ok && self.live.has_column(table, &column.colname) {
+                    return;
                 }
+                self.note_added_column(table, &column.colname);
                 add_column(s, at, table, column, out);
             }
         } else if subtype == AlterTableType::AtAlterColumnType as i32 {
