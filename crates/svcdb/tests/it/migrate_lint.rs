@@ -1014,8 +1014,8 @@ async fn up_lets_through_what_the_catalog_shows_rewrites_nothing() {
 /// EXISTS` (to upgrade schemas that have them): on a schema that had `posts`, the lint took it
 /// for new and let ten plain `CREATE INDEX` on it through. And on atuin's sqlx folder: `DROP
 /// TABLE IF EXISTS` of a table the schema never had was a `drop-table` warning. With the
-/// catalog read, the first is refused and the second is no finding; without it (`lint --all`)
-/// both are as before, which is the control.
+/// catalog read, the first is refused and the second is no finding; without it (`lint`) both
+/// are as before, which is the control.
 #[tokio::test]
 async fn if_not_exists_and_if_exists_are_judged_by_the_catalog() {
     let db = TestDb::new().await;
@@ -1059,16 +1059,9 @@ async fn if_not_exists_and_if_exists_are_judged_by_the_catalog() {
     let migrations = Migrations::from_dir(dir.path()).unwrap();
     let blind = lint::lint(migrations.iter().filter(|m| m.version.to_string() == "2"));
     assert_eq!(rules(&blind.findings), [(3, Rule::DropTable)]);
-    // And knowing the tables from the other migrations, not their indexes, it flags both.
+    // Knowing what the earlier migrations made (`lint --all`), it judges as with the catalog.
     let all = lint::lint_each(&migrations);
-    assert_eq!(
-        rules(&all.findings),
-        [
-            (2, Rule::IndexWithoutConcurrently),
-            (3, Rule::DropTable),
-            (6, Rule::IndexWithoutConcurrently)
-        ]
-    );
+    assert_eq!(rules(&all.findings), [(2, Rule::IndexWithoutConcurrently)]);
 
     // A live table dropped earlier in the deploy is created anew by IF NOT EXISTS.
     write(
@@ -1641,5 +1634,66 @@ async fn add_column_if_not_exists_of_a_live_column_adds_nothing() {
             (3, Rule::AddColumnNotNullWithoutDefault),
             (4, Rule::AddColumnVolatileDefault)
         ]
+    );
+}
+
+/// Found by a user trial: `lint --all` flagged `DROP INDEX IF EXISTS` of an index no migration
+/// of the folder made (error) and `DROP TABLE IF EXISTS` of a table none made (warning), though
+/// both drop nothing. The controls: what an earlier migration made, and a drop without
+/// `IF EXISTS`, whose object must be there (made outside the folder) for it to run.
+#[test]
+fn lint_each_drops_with_if_exists_of_what_no_earlier_migration_made_are_no_finding() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "1_t.up.sql",
+                "CREATE TABLE t (id int);\nCREATE INDEX t_id ON t (id);",
+            ),
+            (
+                "2_drops.up.sql",
+                "DROP INDEX IF EXISTS never_made;\n\
+                 DROP TABLE IF EXISTS never_there;\n\
+                 DROP INDEX IF EXISTS t_id;\n\
+                 DROP INDEX outside_the_folder;\n\
+                 DROP TABLE outside;",
+            ),
+            // Dropped by the earlier migration: nothing to drop any more.
+            ("3_again.up.sql", "DROP INDEX IF EXISTS t_id;"),
+            ("4_t.up.sql", "DROP TABLE IF EXISTS t;"),
+        ],
+    );
+    let migrations = Migrations::from_dir(dir.path()).unwrap();
+    assert_eq!(
+        each_finding(&migrations),
+        [
+            ("2".to_owned(), 3, Rule::DropIndexWithoutConcurrently),
+            ("2".to_owned(), 4, Rule::DropIndexWithoutConcurrently),
+            ("2".to_owned(), 5, Rule::DropTable),
+            ("4".to_owned(), 1, Rule::DropTable),
+        ]
+    );
+}
+
+/// Before the first `up` the service schema may not exist yet: nothing does, so `DROP … IF
+/// EXISTS` drops nothing; the control, a plain `CREATE INDEX` on a table no migration makes.
+#[tokio::test]
+async fn drops_if_exists_before_the_schema_exists_are_no_finding() {
+    let db = TestDb::new().await;
+    let mut config = db.config("not_yet");
+    config.create_schema = false;
+    let svc = ServiceDb::new(config).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "1_drops.up.sql",
+            "DROP INDEX IF EXISTS old_index;\nDROP TABLE IF EXISTS old_table;\nCREATE INDEX users_email ON users (email);",
+        )],
+    );
+    assert_eq!(
+        pending_findings(&svc, dir.path()).await,
+        [(3, Rule::IndexWithoutConcurrently)]
     );
 }

@@ -31,7 +31,9 @@ pub(crate) struct LiveColumns {
     /// The schema's tables, when known: read from the catalog, or (`lint --all`) those the
     /// folder's earlier migrations made.
     tables: Option<HashSet<String>>,
-    /// `tables` and `indexes` are the catalog's, which has every one of them.
+    /// `tables` and `indexes` are the catalog's, which has every one of them; otherwise they
+    /// are what the folder's earlier migrations made, and one made outside the folder may
+    /// exist too.
     catalog: bool,
     /// The tables of the search path's other schemas (what an unqualified `DROP TABLE`
     /// reaches when the service schema has no such table; `CREATE TABLE` makes one in the
@@ -118,7 +120,7 @@ impl LiveColumns {
         }
     }
 
-    /// Takes in what the statements of `sql` do to tables and columns; nothing from the piece
+    /// Takes in what the statements of `sql` do to tables, columns and indexes; nothing from the piece
     /// that does not parse on.
     pub(crate) fn record(&mut self, sql: &str) {
         for piece in crate::migrate::split::parsed_pieces(sql) {
@@ -133,7 +135,8 @@ impl LiveColumns {
         }
     }
 
-    /// Takes in what `node` does to tables and columns, run after what is known so far.
+    /// Takes in what `node` does to tables, columns and indexes, run after what is known so
+    /// far.
     pub(crate) fn apply(&mut self, node: &NodeEnum) {
         match node {
             NodeEnum::CreateStmt(create) => {
@@ -165,6 +168,14 @@ impl LiveColumns {
                     if let Some(NodeEnum::AlterTableCmd(cmd)) = cmd.node.as_ref() {
                         self.alter(table, cmd);
                     }
+                }
+            }
+            NodeEnum::IndexStmt(index) if !index.idxname.is_empty() => {
+                self.indexes.insert(index.idxname.clone());
+            }
+            NodeEnum::DropStmt(drop) if drop.remove_type == ObjectType::ObjectIndex as i32 => {
+                for index in drop.objects.iter().filter_map(last_name) {
+                    self.indexes.remove(index);
                 }
             }
             NodeEnum::DropStmt(drop) if drop.remove_type == ObjectType::ObjectTable as i32 => {
@@ -278,9 +289,12 @@ impl LiveColumns {
         self.get(table, column).is_some()
     }
 
-    /// The catalog was read and the service schema has no index called `name`.
-    pub(crate) fn lacks_index(&self, name: &str) -> bool {
-        self.catalog && !self.indexes.contains(name)
+    /// A `DROP INDEX` (`IF EXISTS`: `if_exists`) of `name` drops nothing: the catalog has no
+    /// such index (without `IF EXISTS` the server refuses the drop), or, with `IF EXISTS`, the
+    /// folder's earlier migrations left none (without it, the drop runs only if one made
+    /// outside the folder is there).
+    pub(crate) fn drops_no_index(&self, name: &str, if_exists: bool) -> bool {
+        (self.catalog || if_exists) && self.tables.is_some() && !self.indexes.contains(name)
     }
 
     /// The catalog was read and the service schema has an index called `name`.
@@ -288,11 +302,14 @@ impl LiveColumns {
         self.indexes.contains(name)
     }
 
-    /// The catalog was read and has no `table` in any schema of the search path.
-    pub(crate) fn lacks_table(&self, table: &str) -> bool {
-        self.catalog
+    /// A `DROP TABLE` of `table` drops nothing: as for
+    /// [`drops_no_index`](Self::drops_no_index), with no such table in any schema of the search
+    /// path, and none that another migration of the folder makes.
+    pub(crate) fn drops_no_table(&self, table: &str, if_exists: bool) -> bool {
+        (self.catalog || if_exists)
             && self.tables.as_ref().is_some_and(|t| !t.contains(table))
             && !self.path_tables.contains(table)
+            && !self.made_elsewhere.contains(table)
     }
 
     /// The column is known to be `NOT NULL` already: `SET NOT NULL` changes nothing.

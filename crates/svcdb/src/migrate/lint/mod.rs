@@ -698,9 +698,10 @@ impl Deploy {
             let Some(table) = names.items.last().and_then(string) else {
                 continue;
             };
-            // One created in this deploy, or one the catalog shows is not there (`DROP TABLE
-            // IF EXISTS` of a table an old release had): no replica uses it.
-            if self.created.remove(table) || self.live.lacks_table(table) {
+            // One created in this deploy, or one that is not there (`DROP TABLE IF EXISTS` of
+            // a table an old release had, found by a trial on atuin's folder): no replica
+            // uses it.
+            if self.created.remove(table) || self.live.drops_no_table(table, drop.missing_ok) {
                 continue;
             }
             self.dropped.insert(table.to_owned());
@@ -726,7 +727,9 @@ impl Deploy {
             };
             // Made in this deploy, or not there (`IF EXISTS` drops nothing; without it the
             // server refuses the statement).
-            if self.created_indexes.remove(index) || self.live.lacks_index(index) {
+            if self.created_indexes.remove(index)
+                || self.live.drops_no_index(index, drop.missing_ok)
+            {
                 continue;
             }
             out.push(s.finding(
