@@ -1697,3 +1697,116 @@ async fn drops_if_exists_before_the_schema_exists_are_no_finding() {
         [(3, Rule::IndexWithoutConcurrently)]
     );
 }
+
+/// The harbor migration of a user trial, after one that made `replication_target`.
+const REPLICATION_TARGET: (&str, &str) = (
+    "1_target.up.sql",
+    "CREATE TABLE replication_target (id int, url varchar(64), password varchar(128), name varchar(64) NOT NULL);\n\
+     CREATE INDEX target_name ON replication_target (name);",
+);
+const REGISTRY: (&str, &str) = (
+    "2_registry.up.sql",
+    "ALTER TABLE replication_target RENAME TO registry;\n\
+     ALTER TABLE registry RENAME COLUMN password TO access_secret;\n\
+     ALTER TABLE registry ALTER COLUMN url TYPE varchar(256);\n\
+     ALTER TABLE registry ALTER COLUMN access_secret TYPE varchar(4096);\n\
+     ALTER TABLE registry ALTER COLUMN name SET NOT NULL;\n\
+     ALTER INDEX target_name RENAME TO registry_name;\n\
+     CREATE INDEX IF NOT EXISTS registry_name ON registry (name);\n\
+     DROP INDEX IF EXISTS target_name;\n\
+     ALTER TABLE registry ALTER COLUMN name TYPE varchar(10);\n\
+     CREATE INDEX registry_url ON registry (url);\n\
+     DROP INDEX IF EXISTS registry_name;",
+);
+/// What the lint finds in [`REGISTRY`] by line: the renames themselves (warnings), and the
+/// controls: a narrower type, an index on the renamed table, which existed before the deploy,
+/// and a drop of the renamed index.
+const REGISTRY_FINDINGS: [(usize, Rule); 5] = [
+    (1, Rule::RenameTable),
+    (2, Rule::RenameColumn),
+    (9, Rule::AlterColumnType),
+    (10, Rule::IndexWithoutConcurrently),
+    (11, Rule::DropIndexWithoutConcurrently),
+];
+
+/// Found by a user trial on harbor's folder: after `RENAME TO registry` and `RENAME COLUMN
+/// password TO access_secret`, widening their `varchar`s (which rewrites nothing) was an error,
+/// the lint no longer knowing the table or the column. What it knows of a table, its columns
+/// and indexes now follows their renames, without a database (earlier migrations and earlier
+/// statements) …
+#[test]
+fn lint_each_follows_renames_of_tables_columns_and_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            REPLICATION_TARGET,
+            REGISTRY,
+            (
+                "3_later.up.sql",
+                "ALTER TABLE registry ALTER COLUMN access_secret TYPE text;\n\
+                 ALTER TABLE registry ALTER COLUMN name SET NOT NULL;\n\
+                 ALTER TABLE replication_target ALTER COLUMN url TYPE text;",
+            ),
+        ],
+    );
+    let migrations = Migrations::from_dir(dir.path()).unwrap();
+    let mut expected: Vec<(String, usize, Rule)> = REGISTRY_FINDINGS
+        .iter()
+        .map(|&(line, rule)| ("2".to_owned(), line, rule))
+        .collect();
+    // The old name is no table any more: nothing is known of its columns.
+    expected.push(("3".to_owned(), 3, Rule::AlterColumnType));
+    assert_eq!(each_finding(&migrations), expected);
+}
+
+/// … and knowing the catalog.
+#[tokio::test]
+async fn renames_of_live_tables_columns_and_indexes_are_followed() {
+    let db = TestDb::new().await;
+    let svc = db.service("lint").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &[REPLICATION_TARGET]);
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    write(dir.path(), &[REGISTRY]);
+    assert_eq!(pending_findings(&svc, dir.path()).await, REGISTRY_FINDINGS);
+}
+
+/// What the deploy did to a table (a column it added, a constraint it added in the still open
+/// transaction) follows the table's rename: dropping the column is no finding, validating the
+/// constraint is; the control is a column the table had. A validated `CHECK (col IS NOT NULL)`
+/// follows its column's rename: `SET NOT NULL` under the new name skips its scan.
+#[test]
+fn a_renamed_table_or_column_keeps_what_the_deploy_did_to_it() {
+    assert_eq!(
+        rules(
+            "ALTER TABLE users ADD COLUMN verified_at timestamptz;\n\
+             ALTER TABLE users ADD CONSTRAINT email_nn CHECK (email IS NOT NULL) NOT VALID;\n\
+             ALTER TABLE users RENAME TO accounts;\n\
+             ALTER TABLE accounts DROP COLUMN verified_at;\n\
+             ALTER TABLE accounts VALIDATE CONSTRAINT email_nn;\n\
+             ALTER TABLE accounts DROP COLUMN email;"
+        ),
+        [
+            Rule::RenameTable,
+            Rule::ConstraintWithoutNotValid,
+            Rule::DropColumn
+        ]
+    );
+    let check = (
+        "1_check.up.sql",
+        "ALTER TABLE users ADD CONSTRAINT email_nn CHECK (email IS NOT NULL) NOT VALID;",
+    );
+    let renamed = format!(
+        "{NO_TX}ALTER TABLE users VALIDATE CONSTRAINT email_nn;\n\
+         ALTER TABLE users RENAME COLUMN email TO mail;\n\
+         ALTER TABLE users ALTER COLUMN mail SET NOT NULL;"
+    );
+    assert_eq!(
+        findings(&[check, ("2_nn.up.sql", &renamed)]),
+        [(Rule::RenameColumn, 3, false)]
+    );
+}

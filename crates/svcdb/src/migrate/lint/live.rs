@@ -7,7 +7,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use pg_query::protobuf::{a_const, AlterTableType, ColumnDef, ConstrType, ObjectType, TypeName};
+use pg_query::protobuf::{
+    a_const, AlterTableType, ColumnDef, ConstrType, ObjectType, RenameStmt, TypeName,
+};
 use pg_query::NodeEnum;
 
 use crate::ident::Ident;
@@ -170,6 +172,7 @@ impl LiveColumns {
                     }
                 }
             }
+            NodeEnum::RenameStmt(rename) => self.rename(rename),
             NodeEnum::IndexStmt(index) if !index.idxname.is_empty() => {
                 self.indexes.insert(index.idxname.clone());
             }
@@ -185,6 +188,38 @@ impl LiveColumns {
                     }
                     self.columns.remove(table);
                 }
+            }
+            _ => {}
+        }
+    }
+
+    /// A table, column or index renamed keeps what is known of it under its new name; one
+    /// that was not known to be there (made outside the folder) is there under the new name.
+    fn rename(&mut self, rename: &RenameStmt) {
+        let Some(old) = rename.relation.as_ref().map(|r| r.relname.as_str()) else {
+            return;
+        };
+        let new = &rename.newname;
+        match ObjectType::try_from(rename.rename_type) {
+            Ok(ObjectType::ObjectTable) => {
+                if let Some(tables) = &mut self.tables {
+                    tables.remove(old);
+                    tables.insert(new.clone());
+                }
+                if let Some(columns) = self.columns.remove(old) {
+                    self.columns.insert(new.clone(), columns);
+                }
+            }
+            Ok(ObjectType::ObjectColumn) => {
+                if let Some(columns) = self.columns.get_mut(old) {
+                    if let Some(column) = columns.remove(&rename.subname) {
+                        columns.insert(new.clone(), column);
+                    }
+                }
+            }
+            Ok(ObjectType::ObjectIndex) => {
+                self.indexes.remove(old);
+                self.indexes.insert(new.clone());
             }
             _ => {}
         }

@@ -741,11 +741,23 @@ impl Deploy {
         }
     }
 
+    /// A rename: what the deploy did to the table, column or index follows it to its new name
+    /// (found by a user trial on harbor's folder, whose widened `varchar`s were errors after
+    /// a rename); [`LiveColumns::apply`] does the same for what was known before.
     fn rename(&mut self, s: &Script<'_>, at: usize, rename: &RenameStmt, out: &mut Vec<Finding>) {
         let table = rename.relation.as_ref().map_or("", |r| r.relname.as_str());
-        if rename.rename_type == ObjectType::ObjectTable as i32 {
+        let new = rename.newname.as_str();
+        if rename.rename_type == ObjectType::ObjectIndex as i32 {
+            if self.created_indexes.remove(table) {
+                self.created_indexes.insert(new.to_owned());
+            }
+        } else if rename.rename_type == ObjectType::ObjectTable as i32 {
+            rekey(&mut self.added_columns, table, new);
+            rekey(&mut self.added, table, new);
+            rekey(&mut self.validated, table, new);
+            rekey(&mut self.open_tx_added, table, new);
             if self.created.remove(table) {
-                self.created.insert(rename.newname.clone());
+                self.created.insert(new.to_owned());
                 return;
             }
             out.push(s.finding(
@@ -754,7 +766,21 @@ impl Deploy {
                 format!("renaming {table} to {}: the replicas still running the old release use the old name and fail until they are replaced", rename.newname),
                 "expand, then contract: create the new table (or a view under the new name), move the code over in a release, then drop the old one in a later release".into(),
             ));
-        } else if rename.rename_type == ObjectType::ObjectColumn as i32 && !self.is_new(table) {
+        } else if rename.rename_type == ObjectType::ObjectColumn as i32 {
+            // A `CHECK (column IS NOT NULL)` now checks the column under its new name.
+            for checked in self
+                .added
+                .get_mut(table)
+                .into_iter()
+                .flat_map(|a| a.values_mut())
+            {
+                if checked.as_deref() == Some(rename.subname.as_str()) {
+                    *checked = Some(new.to_owned());
+                }
+            }
+            if self.is_new(table) {
+                return;
+            }
             if self.forget_added_column(table, &rename.subname) {
                 self.note_added_column(table, &rename.newname);
                 return;
@@ -1223,6 +1249,13 @@ fn volatile_function(expr: &pg_query::Node) -> Option<String> {
         }
     }
     walk(&serde_json::to_value(expr).ok()?)
+}
+
+/// Moves the entry of `old` in `map`, if any, to `new`.
+fn rekey<V>(map: &mut HashMap<String, V>, old: &str, new: &str) {
+    if let Some(value) = map.remove(old) {
+        map.insert(new.to_owned(), value);
+    }
 }
 
 /// The text of a `String` node.
