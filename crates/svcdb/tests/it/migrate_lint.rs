@@ -428,6 +428,73 @@ fn vacuum_full_cluster_and_lock_table() {
     ]);
 }
 
+/// Found by a user trial: a plain `REINDEX` passed, though it blocks writes to the table (and
+/// the reads that use the index being rebuilt) as long as `CREATE INDEX` does.
+#[test]
+fn reindex_needs_concurrently_on_what_existed_before_the_deploy() {
+    assert_each_flags(
+        Rule::ReindexWithoutConcurrently,
+        &[
+            "REINDEX TABLE users;",
+            "REINDEX INDEX app.users_email;",
+            "REINDEX (VERBOSE) TABLE users;",
+            "REINDEX (CONCURRENTLY false) TABLE users;",
+            &format!("{NO_TX}REINDEX SCHEMA app;"),
+            &format!("{NO_TX}REINDEX DATABASE app;"),
+        ],
+    );
+    assert_eq!(
+        rules("REINDEX SCHEMA app;"),
+        [Rule::NotInTransaction, Rule::ReindexWithoutConcurrently]
+    );
+    assert_all_fine(&[
+        &format!("{NO_TX}REINDEX TABLE CONCURRENTLY users;"),
+        &format!("{NO_TX}REINDEX (CONCURRENTLY) INDEX users_email;"),
+        &format!("{NO_TX}REINDEX SCHEMA CONCURRENTLY app;"),
+        "CREATE TABLE t (a int); REINDEX TABLE t;",
+        "CREATE TABLE t (a int); CREATE INDEX t_a ON t (a); REINDEX INDEX t_a;",
+    ]);
+    let (_dir, migrations) = folder(&[("1_m.up.sql", "REINDEX INDEX users_email;")]);
+    let fix = &lint(migrations.iter()).findings[0].fix;
+    assert!(
+        fix.starts_with("REINDEX INDEX CONCURRENTLY users_email"),
+        "{fix}"
+    );
+    assert_eq!(
+        findings(&[(
+            "1_m.up.sql",
+            "-- svcdb:allow reindex-without-concurrently: a tiny table\nREINDEX TABLE users;"
+        )]),
+        [(Rule::ReindexWithoutConcurrently, 2, true)]
+    );
+    assert_eq!(Rule::ReindexWithoutConcurrently.severity(), Severity::Error);
+}
+
+/// Found by a user trial: `SET UNLOGGED` (or `SET LOGGED`) on a live table passed, though it
+/// rewrites the table under an `ACCESS EXCLUSIVE` lock.
+#[test]
+fn set_logged_or_unlogged_on_a_table_that_existed_before_the_deploy() {
+    assert_each_flags(
+        Rule::SetLoggedOrUnlogged,
+        &[
+            "ALTER TABLE users SET UNLOGGED;",
+            "ALTER TABLE app.users SET LOGGED;",
+        ],
+    );
+    assert_all_fine(&[
+        "CREATE UNLOGGED TABLE t (a int); ALTER TABLE t SET LOGGED;",
+        "CREATE TABLE t (a int); ALTER TABLE t SET UNLOGGED;",
+    ]);
+    assert_eq!(
+        findings(&[(
+            "1_m.up.sql",
+            "-- svcdb:allow set-logged-or-unlogged: in a maintenance window\nALTER TABLE users SET UNLOGGED;"
+        )]),
+        [(Rule::SetLoggedOrUnlogged, 2, true)]
+    );
+    assert_eq!(Rule::SetLoggedOrUnlogged.severity(), Severity::Error);
+}
+
 #[test]
 fn what_only_runs_outside_a_transaction_is_flagged_in_a_transactional_migration() {
     for sql in [
@@ -436,16 +503,19 @@ fn what_only_runs_outside_a_transaction_is_flagged_in_a_transactional_migration(
         "CREATE DATABASE other;",
         "DROP DATABASE IF EXISTS other;",
         "ALTER SYSTEM SET work_mem = '8MB';",
-        "REINDEX SCHEMA app;",
-        "REINDEX DATABASE app;",
+        "REINDEX SYSTEM app;",
         "DISCARD ALL;",
         "CREATE TABLESPACE fast LOCATION '/tmp';",
     ] {
         assert_eq!(rules(sql), [Rule::NotInTransaction], "{sql}");
         assert_eq!(rules(&format!("{NO_TX}{sql}")), [], "{sql}");
     }
-    // Fine in a transaction.
-    assert_all_fine(&["ANALYZE users;", "REINDEX TABLE users;", "DISCARD PLANS;"]);
+    // Fine in a transaction (REINDEX TABLE blocks writes, but the server runs it there).
+    assert_all_fine(&["ANALYZE users;", "DISCARD PLANS;"]);
+    assert_eq!(
+        rules("REINDEX TABLE users;"),
+        [Rule::ReindexWithoutConcurrently]
+    );
     assert_eq!(
         rules("VACUUM FULL users;"),
         [Rule::NotInTransaction, Rule::VacuumFull]

@@ -82,6 +82,12 @@ pub enum Rule {
     /// `LOCK TABLE`: holds the lock until the migration's (in an atomic deploy, the deploy's)
     /// transaction ends.
     LockTable,
+    /// `REINDEX` without `CONCURRENTLY` of what existed before the deploy: writes to each table
+    /// it covers wait until it ends, and so do the reads that use an index being rebuilt.
+    ReindexWithoutConcurrently,
+    /// `ALTER TABLE … SET LOGGED` or `SET UNLOGGED` on a table that existed before the deploy:
+    /// rewrites the whole table under an `ACCESS EXCLUSIVE` lock.
+    SetLoggedOrUnlogged,
     /// An up script without any statement: a no-op migration, recorded like any other (warning).
     EmptyUp,
     /// A script PostgreSQL's parser rejects, so nothing in it was checked (warning).
@@ -114,6 +120,8 @@ impl Rule {
         Rule::VacuumFull,
         Rule::Cluster,
         Rule::LockTable,
+        Rule::ReindexWithoutConcurrently,
+        Rule::SetLoggedOrUnlogged,
         Rule::EmptyUp,
         Rule::Unparsed,
         Rule::UnparsedOutsideTransaction,
@@ -141,6 +149,8 @@ impl Rule {
             Rule::VacuumFull => "vacuum-full",
             Rule::Cluster => "cluster",
             Rule::LockTable => "lock-table",
+            Rule::ReindexWithoutConcurrently => "reindex-without-concurrently",
+            Rule::SetLoggedOrUnlogged => "set-logged-or-unlogged",
             Rule::EmptyUp => "empty-up",
             Rule::Unparsed => "unparsed",
             Rule::UnparsedOutsideTransaction => "unparsed-outside-transaction",

@@ -37,6 +37,8 @@
 //! | `rename-column`, `rename-table` | warning | renaming what the old release still reads |
 //! | `drop-column`, `drop-table` | warning | dropping what the old release still reads |
 //! | `vacuum-full`, `cluster`, `lock-table` | error | `VACUUM FULL`, `CLUSTER`, `LOCK TABLE` (any table) |
+//! | `reindex-without-concurrently` | error | `REINDEX TABLE`/`INDEX`/`SCHEMA`/`DATABASE` without `CONCURRENTLY` (writes to each table it covers wait, and reads that use an index being rebuilt) |
+//! | `set-logged-or-unlogged` | error | `ALTER TABLE … SET LOGGED` / `SET UNLOGGED` (rewrites the table under an `ACCESS EXCLUSIVE` lock) |
 //! | `empty-up` | warning | an up script with no statement: a no-op migration, recorded like any other |
 //! | `unparsed` | warning | a script PostgreSQL's parser rejects: nothing in it could be checked |
 //! | `unparsed-outside-transaction` | error | a non-transactional script (up or down) PostgreSQL's parser rejects: its statements before the one the server refuses would stay, leaving it dirty and half-applied |
@@ -78,7 +80,7 @@ use std::collections::{HashMap, HashSet};
 
 use pg_query::protobuf::{
     a_const, AlterTableCmd, AlterTableStmt, AlterTableType, ColumnDef, ConstrType, Constraint,
-    DropStmt, IndexStmt, NullTestType, ObjectType, RenameStmt,
+    DropStmt, IndexStmt, NullTestType, ObjectType, ReindexObjectType, ReindexStmt, RenameStmt,
 };
 use pg_query::NodeEnum;
 use serde::Serialize;
@@ -615,14 +617,7 @@ impl Deploy {
             }
             NodeEnum::IndexStmt(index) => self.index(s, at, index, out),
             NodeEnum::DropStmt(drop) => self.drop(s, at, drop, out),
-            NodeEnum::ReindexStmt(reindex) => {
-                let concurrently = reindex.params.iter().any(|p| {
-                    matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "concurrently")
-                });
-                if concurrently && s.transactional {
-                    out.push(concurrently_in_transaction(s, at, "REINDEX"));
-                }
-            }
+            NodeEnum::ReindexStmt(reindex) => self.reindex(s, at, reindex, out),
             NodeEnum::AlterTableStmt(alter) => self.alter_table(s, at, alter, out),
             NodeEnum::RenameStmt(rename) => self.rename(s, at, rename, out),
             NodeEnum::VacuumStmt(vacuum) if vacuum.is_vacuumcmd => {
@@ -653,6 +648,50 @@ impl Deploy {
             )),
             _ => {}
         }
+    }
+
+    /// A `REINDEX`: without `CONCURRENTLY`, of a table or index that existed before the
+    /// deploy (or of a schema or database, which hold such), it locks out writes to each table
+    /// it covers and, with its index's `ACCESS EXCLUSIVE` lock, the reads that use the index.
+    fn reindex(&self, s: &Script<'_>, at: usize, reindex: &ReindexStmt, out: &mut Vec<Finding>) {
+        let concurrently = reindex.params.iter().any(|p| {
+            matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "concurrently" && !is_false(d.arg.as_deref()))
+        });
+        if concurrently {
+            if s.transactional {
+                out.push(concurrently_in_transaction(s, at, "REINDEX"));
+            }
+            return;
+        }
+        let name = reindex
+            .relation
+            .as_ref()
+            .map_or(reindex.name.as_str(), |r| r.relname.as_str());
+        let kind = match ReindexObjectType::try_from(reindex.kind) {
+            Ok(ReindexObjectType::ReindexObjectTable) if !self.is_new(name) => "TABLE",
+            Ok(ReindexObjectType::ReindexObjectIndex) if !self.created_indexes.contains(name) => {
+                "INDEX"
+            }
+            Ok(ReindexObjectType::ReindexObjectSchema) => "SCHEMA",
+            Ok(ReindexObjectType::ReindexObjectDatabase) => "DATABASE",
+            // `SYSTEM` rebuilds the catalogs' indexes, which CONCURRENTLY cannot.
+            _ => return,
+        };
+        // `REINDEX DATABASE` may leave out the name (the current database).
+        let (plain, concurrent) = if name.is_empty() {
+            (kind.to_owned(), format!("{kind} CONCURRENTLY"))
+        } else {
+            (
+                format!("{kind} {name}"),
+                format!("{kind} CONCURRENTLY {name}"),
+            )
+        };
+        out.push(s.finding(
+            at,
+            Rule::ReindexWithoutConcurrently,
+            format!("REINDEX {plain} locks out every write to each table it covers until it ends (in an atomic deploy, until the deploy commits), and every read that uses an index being rebuilt"),
+            format!("REINDEX {concurrent} (PostgreSQL 12+), in a non-transactional migration of its own: {} (a failed rebuild leaves an INVALID index beside the old one: drop it with DROP INDEX CONCURRENTLY before retrying)", super::migration::NO_TRANSACTION_HOW),
+        ));
     }
 
     fn index(&mut self, s: &Script<'_>, at: usize, index: &IndexStmt, out: &mut Vec<Finding>) {
@@ -918,6 +957,23 @@ impl Deploy {
                 format!("changing the type of {table}.{} rewrites the table and rebuilds its indexes under an ACCESS EXCLUSIVE lock, unless the change is binary-coercible (varchar(n) to text or to a longer varchar, numeric to unconstrained numeric)", cmd.name),
                 "add a column of the new type, write both in the code, backfill in batches, switch reads, then drop the old column in a later release; if this change is binary-coercible, allow it with `-- svcdb:allow alter-column-type`".into(),
             ));
+        } else if subtype == AlterTableType::AtSetLogged as i32
+            || subtype == AlterTableType::AtSetUnLogged as i32
+        {
+            let (what, wal) = if subtype == AlterTableType::AtSetLogged as i32 {
+                (
+                    "SET LOGGED",
+                    ", writing all of it to the WAL the replicas replay",
+                )
+            } else {
+                ("SET UNLOGGED", "")
+            };
+            out.push(s.finding(
+                at,
+                Rule::SetLoggedOrUnlogged,
+                format!("{what} on {table} rewrites the whole table under an ACCESS EXCLUSIVE lock{wal}: every read and write of it waits until it ends"),
+                "no form of it avoids the rewrite: create a new table with the persistence wanted, copy the rows in batches and move the code over in a release, then drop the old table in a later one; or run it in a maintenance window, allowing it with `-- svcdb:allow set-logged-or-unlogged`".into(),
+            ));
         } else if subtype == AlterTableType::AtSetNotNull as i32 {
             if !self.has_valid_not_null_check(table, &cmd.name)
                 && !self.live.is_not_null(table, &cmd.name)
@@ -1064,7 +1120,7 @@ pub(crate) fn schemas_named(statement: &str) -> Vec<String> {
 /// The statement, when PostgreSQL refuses it inside a transaction block whatever its options
 /// (SQLSTATE 25001), `CONCURRENTLY` aside (`concurrently-in-transaction`).
 pub(crate) fn refused_in_a_transaction(node: &NodeEnum) -> Option<&'static str> {
-    use pg_query::protobuf::{DiscardMode, ReindexObjectType};
+    use pg_query::protobuf::DiscardMode;
     match node {
         NodeEnum::VacuumStmt(vacuum) if vacuum.is_vacuumcmd => Some("VACUUM"),
         NodeEnum::CreatedbStmt(_) => Some("CREATE DATABASE"),
