@@ -8,7 +8,8 @@
 use std::collections::{HashMap, HashSet};
 
 use pg_query::protobuf::{
-    a_const, AlterTableType, ColumnDef, ConstrType, ObjectType, RenameStmt, TypeName,
+    a_const, AlterTableCmd, AlterTableType, ColumnDef, ConstrType, Constraint, ObjectType,
+    RenameStmt, TypeName,
 };
 use pg_query::NodeEnum;
 
@@ -24,8 +25,8 @@ struct Column {
     not_null: bool,
 }
 
-/// The columns of the schema's tables, by table and column name, and which tables there are.
-/// The default knows nothing (no database was asked).
+/// The columns of the schema's tables, by table and column name, and which tables and indexes
+/// there are. The default knows nothing (no database was asked).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LiveColumns {
     /// Per table, its columns by name.
@@ -122,8 +123,8 @@ impl LiveColumns {
         }
     }
 
-    /// Takes in what the statements of `sql` do to tables, columns and indexes; nothing from the piece
-    /// that does not parse on.
+    /// Takes in what the statements of `sql` do to tables, columns and indexes; nothing from
+    /// the piece that does not parse on.
     pub(crate) fn record(&mut self, sql: &str) {
         for piece in crate::migrate::split::parsed_pieces(sql) {
             let Ok((_, parsed)) = piece else {
@@ -177,12 +178,12 @@ impl LiveColumns {
                 self.indexes.insert(index.idxname.clone());
             }
             NodeEnum::DropStmt(drop) if drop.remove_type == ObjectType::ObjectIndex as i32 => {
-                for index in drop.objects.iter().filter_map(last_name) {
+                for index in drop.objects.iter().filter_map(super::last_name) {
                     self.indexes.remove(index);
                 }
             }
             NodeEnum::DropStmt(drop) if drop.remove_type == ObjectType::ObjectTable as i32 => {
-                for table in drop.objects.iter().filter_map(last_name) {
+                for table in drop.objects.iter().filter_map(super::last_name) {
                     if let Some(tables) = &mut self.tables {
                         tables.remove(table);
                     }
@@ -232,7 +233,7 @@ impl LiveColumns {
     }
 
     /// One command of an `ALTER TABLE` of `table`.
-    fn alter(&mut self, table: &str, cmd: &pg_query::protobuf::AlterTableCmd) {
+    fn alter(&mut self, table: &str, cmd: &AlterTableCmd) {
         let def = cmd.def.as_ref().and_then(|d| d.node.as_ref());
         match (AlterTableType::try_from(cmd.subtype), def) {
             // `IF NOT EXISTS` of a column the table has adds nothing.
@@ -303,7 +304,7 @@ impl LiveColumns {
     }
 
     /// A table constraint on `table`: a primary key makes its columns `NOT NULL`.
-    fn constrain(&mut self, table: &str, c: &pg_query::protobuf::Constraint) {
+    fn constrain(&mut self, table: &str, c: &Constraint) {
         if c.contype != ConstrType::ConstrPrimary as i32 {
             return;
         }
@@ -312,8 +313,8 @@ impl LiveColumns {
         }
     }
 
-    /// The catalog was read and the service schema has `table` (where `CREATE TABLE` makes
-    /// it), or another migration of the folder makes it.
+    /// The service schema is known to have `table` (where `CREATE TABLE` makes it), or another
+    /// migration of the folder makes it.
     pub(crate) fn has_table(&self, table: &str) -> bool {
         self.tables.as_ref().is_some_and(|t| t.contains(table))
             || self.made_elsewhere.contains(table)
@@ -332,7 +333,7 @@ impl LiveColumns {
         (self.catalog || if_exists) && self.tables.is_some() && !self.indexes.contains(name)
     }
 
-    /// The catalog was read and the service schema has an index called `name`.
+    /// The service schema is known to have an index called `name`.
     pub(crate) fn has_index(&self, name: &str) -> bool {
         self.indexes.contains(name)
     }
@@ -388,14 +389,6 @@ impl LiveColumns {
 
     fn get(&self, table: &str, column: &str) -> Option<&Column> {
         self.columns.get(table)?.get(column)
-    }
-}
-
-/// The last name of a dotted name (`schema.table`), as a `DROP` lists its objects.
-fn last_name(object: &pg_query::Node) -> Option<&str> {
-    match object.node.as_ref()? {
-        NodeEnum::List(names) => names.items.last().and_then(super::string),
-        _ => None,
     }
 }
 

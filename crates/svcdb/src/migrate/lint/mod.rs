@@ -19,6 +19,8 @@
 //!   same deploy (this migration or an earlier pending one) is empty and unseen by the old
 //!   release, so indexing it, adding constraints or columns to it, renaming or dropping it is
 //!   harmless and not reported. Every other table is assumed to exist, hold rows and be in use.
+//!   A table keeps what is known of it through a rename (new or not, its columns, their types
+//!   and nullability, its indexes), as a column and an index do.
 //!
 //! # Rules
 //!
@@ -47,9 +49,10 @@
 //! Volatility is read from the function's name (PostgreSQL's `pg_proc.provolatile` is not
 //! consulted, as no database is needed): `now()`, `CURRENT_TIMESTAMP` and constants are stable
 //! and do not rewrite the table since PostgreSQL 11; an unknown function is not reported.
-//! `ALTER COLUMN … TYPE` is reported whatever the types: a binary-coercible change (`varchar(n)`
-//! to `text` or a longer `varchar`) does not rewrite, but which one it is depends on the old
-//! type, which only the database knows; allow it in the file when it is one of those.
+//! `ALTER COLUMN … TYPE` is reported unless the old type is known (from the catalog, from the
+//! folder's earlier migrations with `lint --all`, or from an earlier statement of the deploy)
+//! and the change keeps every stored value (`varchar(n)` to `text` or a longer `varchar`);
+//! allow it in the file when it is binary-coercible otherwise.
 //!
 //! # The parser
 //!
@@ -729,14 +732,7 @@ impl Deploy {
         if drop.remove_type != ObjectType::ObjectTable as i32 {
             return;
         }
-        for object in &drop.objects {
-            // A table's name is a list of strings, the last one the table's.
-            let Some(NodeEnum::List(names)) = &object.node else {
-                continue;
-            };
-            let Some(table) = names.items.last().and_then(string) else {
-                continue;
-            };
+        for table in drop.objects.iter().filter_map(last_name) {
             // One created in this deploy, or one that is not there (`DROP TABLE IF EXISTS` of
             // a table an old release had, found by a trial on atuin's folder): no replica
             // uses it.
@@ -757,13 +753,7 @@ impl Deploy {
     /// (found by a trial on Conductor's Flyway folder, whose later migrations drop indexes of
     /// live tables).
     fn drop_index(&mut self, s: &Script<'_>, at: usize, drop: &DropStmt, out: &mut Vec<Finding>) {
-        for object in &drop.objects {
-            let Some(NodeEnum::List(names)) = &object.node else {
-                continue;
-            };
-            let Some(index) = names.items.last().and_then(string) else {
-                continue;
-            };
+        for index in drop.objects.iter().filter_map(last_name) {
             // Made in this deploy, or not there (`IF EXISTS` drops nothing; without it the
             // server refuses the statement).
             if self.created_indexes.remove(index)
@@ -1311,6 +1301,14 @@ fn volatile_function(expr: &pg_query::Node) -> Option<String> {
 fn rekey<V>(map: &mut HashMap<String, V>, old: &str, new: &str) {
     if let Some(value) = map.remove(old) {
         map.insert(new.to_owned(), value);
+    }
+}
+
+/// The last name of a dotted name (`schema.table`), as a `DROP` lists its objects.
+fn last_name(object: &pg_query::Node) -> Option<&str> {
+    match object.node.as_ref()? {
+        NodeEnum::List(names) => names.items.last().and_then(string),
+        _ => None,
     }
 }
 
