@@ -172,6 +172,54 @@ async fn the_no_password_hint_quotes_a_name_the_shell_would_expand() {
     assert!(out.stdout.contains(&format!("--service {role} ")), "{out}");
 }
 
+/// Found by a user trial: as the administrator the hint names (a CREATEROLE role that owns the
+/// database, no superuser), provision failed on PostgreSQL 15 with "must be member of role"
+/// at `CREATE SCHEMA … AUTHORIZATION`. It grants itself the role first; a second run changes
+/// nothing, and the service's role can use its schema.
+#[tokio::test]
+async fn a_createrole_administrator_that_owns_the_database_provisions() {
+    let project = Project::new().await;
+    let admin_role = project.db.role_name("admin");
+    let superuser = project.db.admin().await;
+    superuser
+        .batch_execute(&format!(
+            "CREATE ROLE {admin_role} LOGIN CREATEROLE; ALTER DATABASE {} OWNER TO {admin_role}",
+            project.db.name()
+        ))
+        .await
+        .unwrap();
+    let service = project.db.role_name("svc");
+    let args = [
+        "provision",
+        "--service",
+        &service,
+        "--schema",
+        "svc_schema",
+        "--json",
+    ];
+    let as_admin = [("DATABASE_URL", project.db.url_as(&admin_role))];
+    let as_admin: Vec<(&str, &str)> = as_admin.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    project.run_with_env(&args, &as_admin).expect_code(0);
+    let again = project.run_with_env(&args, &as_admin).expect_code(0).json();
+    assert_eq!(again["changes"], serde_json::json!([]), "{again}");
+    let owner: String = superuser
+        .query_one(
+            "SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = 'svc_schema'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, service);
+    superuser
+        .batch_execute(&format!(
+            "ALTER DATABASE {} OWNER TO CURRENT_USER; DROP OWNED BY {admin_role}; DROP ROLE {admin_role}",
+            project.db.name()
+        ))
+        .await
+        .unwrap();
+}
+
 /// Found by an operations trial: run as a service's own role, provision failed with the
 /// server's "permission denied" and no hint. It now says provision needs an administrator,
 /// keeping the SQLSTATE; the same command as the administrator works (the control).
