@@ -60,10 +60,11 @@ impl Failure {
     }
 
     /// [`new`](Self::new), with what only the database can tell added to the hint: for
-    /// `permission denied for schema X` (42501), the role that owns X.
+    /// `permission denied for schema X` (42501), the role that owns X; for `permission denied
+    /// for database D`, how to get the service schema created.
     pub async fn explain(e: &anyhow::Error, global: &Global) -> Self {
         let mut failure = Self::new(e);
-        let hint = match adopt_read_hint(e) {
+        let hint = match adopt_read_hint(e).or_else(|| create_schema_hint(e, global)) {
             Some(hint) => Some(hint),
             None => schema_owner_hint(e, global).await,
         };
@@ -274,6 +275,26 @@ fn db_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a DbEr
         MigrateError::Failed(failure) => failure.cause.as_db_error(),
         _ => None,
     }
+}
+
+/// For `permission denied for database D` (42501): the role may not create schemas there, so
+/// SVCDB_CREATE_SCHEMA cannot create the service schema (found by a user trial: a role that
+/// `provision` made, told by a hint to let `migrate up` create its schema, got the bare error).
+fn create_schema_hint(e: &anyhow::Error, global: &Global) -> Option<String> {
+    let db = e.chain().find_map(db_error)?;
+    if *db.code() != SqlState::INSUFFICIENT_PRIVILEGE {
+        return None;
+    }
+    let database = db
+        .message()
+        .strip_prefix("permission denied for database ")?;
+    let schema = global.schema().ok()?;
+    let config = global.config().ok()?;
+    let role = config.connection.get_user().unwrap_or("the connected role");
+    let schema_word = svcdb::error::shell_word(schema);
+    Some(format!(
+        "role {role} may not create schemas in database {database}, so schema {schema} cannot be created for it here: have an administrator create it, owned by the role (`svcdb provision --service <name> --schema {schema_word}` as the administrator), or grant the role CREATE ON DATABASE {database}"
+    ))
 }
 
 /// For `migrate adopt` refused reading the other tool's table (42501, `permission denied for

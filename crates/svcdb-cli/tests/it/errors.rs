@@ -226,6 +226,38 @@ async fn permission_denied_for_the_service_schema_names_its_owner_and_the_roles_
         .expect_code(2);
 }
 
+/// Found by a user trial: a role `provision` made, pointed at a schema not made yet, was told
+/// (by `schema tables`) to let `migrate up` create it with SVCDB_CREATE_SCHEMA=true, and got a
+/// bare `permission denied for database` with no hint. The hint now says how to get the schema
+/// made; following it (provision as the administrator), `up` works.
+#[tokio::test]
+async fn a_role_that_may_not_create_schemas_is_told_how_to_get_one() {
+    let p = Project::new().await;
+    p.write(&[("0001_orders.up.sql", "CREATE TABLE orders (id bigint);")]);
+    let (orders, _) = p.db.provision("orders", "orders_schema").await;
+    let as_orders = p.db.url_as(&orders);
+    let env = [
+        ("DATABASE_URL", as_orders.as_str()),
+        ("SVCDB_SCHEMA", "orders_new"),
+        ("SVCDB_CREATE_SCHEMA", "true"),
+    ];
+    let out = p
+        .run_with_env(&["migrate", "up", "--json"], &env)
+        .expect_code(1);
+    let json = failure(&out);
+    assert_eq!(json["code"], "42501", "{out}");
+    assert!(
+        json["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("orders_new")),
+        "a hint naming the schema; {out}"
+    );
+    p.run(&["provision", "--service", &orders, "--schema", "orders_new"])
+        .expect_code(0);
+    p.run_with_env(&["migrate", "up", "--json"], &env)
+        .expect_code(0);
+}
+
 /// A migration reaching into another service's schema: the hint names that schema's owner
 /// (and does not send the role to a schema it is already using).
 #[tokio::test]
