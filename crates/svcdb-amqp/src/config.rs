@@ -47,8 +47,10 @@ pub const DEFAULT_MAX_QUORUM_GROUP_SIZE: u16 = 3;
 /// the nodes of one RabbitMQ cluster. [`AmqpConfig::connect`] tries them in turn, starting
 /// with the node this configuration (and its clones) last connected to, and returns the first
 /// connection made: when a node goes down, the consumer and the relay reconnect to the next
-/// node that answers. A new URL starts wherever `,` is followed by a scheme (`amqp://`), so a
-/// password holding `,` followed by a scheme must write that comma as `%2C`.
+/// node that answers. When none does, the error ([`Error::NoNodeConnected`]) names each
+/// node's failure, a refused login before a node that is down. A new URL starts wherever `,`
+/// is followed by a scheme (`amqp://`), so a password holding `,` followed by a scheme must
+/// write that comma as `%2C`.
 #[derive(Clone)]
 pub struct AmqpConfig {
     /// `amqp://user:password@host:port/vhost`, or several such URLs separated by commas, one
@@ -213,6 +215,21 @@ impl AmqpConfig {
     pub fn validate(&self) -> Result<()> {
         for url in self.urls() {
             let uri = parse_url(url)?;
+            // lapin sends the vhost as an AMQP short string and panics on a longer one (found
+            // by a user trial: `svcdb health` with a 300-byte vhost). No broker has such a
+            // vhost, so it is a mistake in the URL.
+            if uri.vhost.len() > svcdb::outbox::MAX_AMQP_NAME_BYTES {
+                return Err(Error::config(
+                    "AMQP_URL",
+                    format!(
+                        "the virtual host at the end of {}… is {} bytes long once decoded, and AMQP carries at most {}; check that path, which names the vhost (%2f is the default vhost /; rabbitmqctl list_vhosts shows the others)",
+                        // Cut after redacting, so no part of the password shows.
+                        redact_url(url).chars().take(80).collect::<String>(),
+                        uri.vhost.len(),
+                        svcdb::outbox::MAX_AMQP_NAME_BYTES
+                    ),
+                ));
+            }
             if uri.scheme == AMQPScheme::AMQPS {
                 return Err(Error::config(
                     "AMQP_URL",
@@ -250,17 +267,17 @@ impl AmqpConfig {
     /// …) or [`Error::ConnectTimeout`].
     ///
     /// With several URLs, tries each node once, starting with the one last connected to, and
-    /// returns the first connection made; if none answers, the last node's error (the others'
-    /// are logged).
+    /// returns the first connection made; if none answers, [`Error::NoNodeConnected`] with
+    /// every node's error, the most telling first (a refused login before a node that is down).
     ///
     /// Must be called inside a Tokio runtime: lapin runs its I/O on it.
     pub async fn connect(&self) -> Result<Connection> {
         self.validate()?;
         let urls = self.urls();
         let first = self.last_node.load(Ordering::Relaxed) % urls.len();
-        let mut last_error: Option<Error> = None;
+        let mut failures: Vec<Error> = Vec::new();
         for index in (first..urls.len()).chain(0..first) {
-            if let Some(e) = &last_error {
+            if let Some(e) = failures.last() {
                 tracing::info!(target: "svcdb_amqp::config", error = %e, "cannot connect to this RabbitMQ node; trying the next");
             }
             match self.connect_to(urls[index]).await {
@@ -268,16 +285,22 @@ impl AmqpConfig {
                     self.last_node.store(index, Ordering::Relaxed);
                     return Ok(connection);
                 }
-                Err(e) => last_error = Some(e),
+                Err(e) => failures.push(e),
             }
         }
-        // split_urls never returns an empty list, so there was an attempt.
-        Err(last_error.unwrap_or_else(|| {
-            Error::config(
+        // One node's error as it is; several, each of them: found by a user trial, the last
+        // node's "connection refused" hid that the node that was up refused the password.
+        // Stable: within a kind, the order tried.
+        failures.sort_by_key(crate::error::connect_failure_rank);
+        match failures.len() {
+            // split_urls never returns an empty list, so there was an attempt.
+            0 => Err(Error::config(
                 "AMQP_URL",
                 "no URL given; write amqp://user:password@host:5672/%2f",
-            )
-        }))
+            )),
+            1 => Err(failures.remove(0)),
+            _ => Err(Error::NoNodeConnected { failures }),
+        }
     }
 
     /// One connection attempt to one node's `url`.
@@ -569,6 +592,41 @@ mod tests {
                 matches!(&e, Error::Config { key: k, .. } if k == key),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn an_empty_amqp_url_is_unset() {
+        for empty in ["", "  \t"] {
+            let config =
+                AmqpConfig::from_lookup(|k| (k == "AMQP_URL").then(|| empty.to_owned())).unwrap();
+            assert_eq!(config.url, DEFAULT_URL, "{empty:?}");
+        }
+    }
+
+    /// Found by a user trial: `svcdb health --amqp-url amqp://…/<300 bytes>` panicked in lapin,
+    /// which sends the vhost as an AMQP short string.
+    #[test]
+    fn a_vhost_amqp_cannot_carry_is_a_config_error() {
+        let url = |vhost: &str| format!("amqp://svc:hunter2@127.0.0.1:5672/{vhost}");
+        for vhost in ["v".repeat(256), "v".repeat(300), "%C3%A9".repeat(128)] {
+            for config in [
+                AmqpConfig::new(url(&vhost)),
+                AmqpConfig::cluster([url("%2f"), url(&vhost)]),
+            ] {
+                let e = config.validate().unwrap_err();
+                assert!(
+                    matches!(&e, Error::Config { key, .. } if key == "AMQP_URL"),
+                    "{e}"
+                );
+                assert!(!format!("{e} {e:?}").contains("hunter2"), "{e}");
+            }
+            let env = |key: &str| (key == "AMQP_URL").then(|| url(&vhost));
+            assert!(AmqpConfig::from_lookup(env).is_err());
+        }
+        // The control: 255 bytes once decoded fit, however long the encoded form.
+        for vhost in ["v".repeat(255), "%2f".repeat(255)] {
+            AmqpConfig::new(url(&vhost)).validate().unwrap();
         }
     }
 

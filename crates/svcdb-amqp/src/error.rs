@@ -66,6 +66,21 @@ pub enum Error {
         user: String,
     },
 
+    /// No node of a list of URLs (a cluster, see [`AmqpConfig`](crate::AmqpConfig)) took the
+    /// connection: each node's failure, the most telling first (a refused login, then another
+    /// refusal, a timeout, an unreachable node), each node in the order tried within its kind.
+    /// The message names every node's failure and gives their hints, the first failure's first:
+    /// a node that refused the login must not hide behind one that is down.
+    ///
+    /// With one URL, [`AmqpConfig::connect`](crate::AmqpConfig::connect) returns that node's
+    /// error itself.
+    #[error("{}", Nodes(failures))]
+    NoNodeConnected {
+        /// One error per node ([`Error::AccessRefused`], [`Error::Refused`],
+        /// [`Error::ConnectTimeout`], [`Error::Unreachable`]), the most telling first.
+        failures: Vec<Error>,
+    },
+
     /// The broker closed the connection during the handshake for another reason, such as a
     /// virtual host that does not exist (`NOT_ALLOWED`).
     #[error("RabbitMQ at {url} refused the connection: {reason}\n  hint: check the virtual host at the end of AMQP_URL (`%2f` is the default vhost `/`)")]
@@ -158,7 +173,9 @@ impl Error {
 
     /// True when the cause is the connection rather than the request: unreachable, timed
     /// out, lost, or an AMQP operation that failed on I/O or a connection-level error.
-    /// Reconnecting (with backoff) may help; repeating the same declaration will not.
+    /// Reconnecting (with backoff) may help; repeating the same declaration will not. For
+    /// [`Error::NoNodeConnected`], only when every node's failure is one: a node that answered
+    /// and refused (a password, a vhost) will refuse again.
     pub fn is_connection_error(&self) -> bool {
         match self {
             Error::Unreachable { .. }
@@ -166,6 +183,9 @@ impl Error {
             | Error::ConnectionLost { .. } => true,
             Error::Amqp { cause, .. } => is_connection_level(cause),
             Error::ReplayStopped { cause, .. } => cause.is_connection_error(),
+            // A node that answered and refused (a password, a vhost) refuses the same on the
+            // next attempt: the nodes of a cluster share their users and vhosts.
+            Error::NoNodeConnected { failures } => failures.iter().all(Error::is_connection_error),
             _ => false,
         }
     }
@@ -182,6 +202,48 @@ impl Error {
             action: action.into(),
             cause: Box::new(cause),
         }
+    }
+}
+
+/// Where a hint starts in this crate's messages (and svcdb's).
+const HINT: &str = "\n  hint: ";
+
+/// [`Error::NoNodeConnected`]'s message: a line per node's failure, then each distinct hint
+/// once, in the order of the failures (so the most telling failure's hint comes first).
+struct Nodes<'a>(&'a [Error]);
+
+impl std::fmt::Display for Nodes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "none of the {} RabbitMQ nodes in AMQP_URL took the connection:",
+            self.0.len()
+        )?;
+        let mut hints: Vec<String> = Vec::new();
+        for failure in self.0 {
+            let text = failure.to_string();
+            let mut parts = text.split(HINT);
+            write!(f, "\n  {}", parts.next().unwrap_or_default())?;
+            for hint in parts {
+                if !hints.iter().any(|h| h == hint) {
+                    hints.push(hint.to_owned());
+                }
+            }
+        }
+        hints.iter().try_for_each(|hint| write!(f, "{HINT}{hint}"))
+    }
+}
+
+/// How much a failed connection attempt tells about what to fix, most first: a broker that
+/// answered and refused names the fault (a password, a vhost); a timeout or a node that is
+/// down may be one node's trouble.
+pub(crate) fn connect_failure_rank(e: &Error) -> u8 {
+    match e {
+        Error::AccessRefused { .. } => 0,
+        Error::Refused { .. } => 1,
+        Error::ConnectTimeout { .. } => 3,
+        Error::Unreachable { .. } => 4,
+        _ => 2,
     }
 }
 

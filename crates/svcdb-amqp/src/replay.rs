@@ -59,11 +59,15 @@ pub struct ReplayReport {
 /// queue back to `queue`, oldest first, each confirmed by the broker before it leaves the
 /// dead-letter queue. Both queues must exist ([`Error::QueueNotFound`] otherwise: a replay
 /// must not create a queue nobody consumes).
+///
+/// A `queue` that cannot have a dead-letter queue is refused before connecting
+/// ([`Error::InvalidName`]): empty, or over AMQP's 255 bytes with its `.dlq`.
 pub async fn replay_dead_letters(
     config: &AmqpConfig,
     queue: &str,
     limit: Option<u64>,
 ) -> Result<ReplayReport> {
+    check_queue(queue)?;
     let dead_letter_queue = QueueSpec::new(queue).dead_letter_queue();
     let connection = config.connect().await?;
     let replayed = async {
@@ -168,4 +172,21 @@ pub async fn replay_dead_letters(
         replayed,
         left,
     })
+}
+
+/// Refuses a queue whose dead letters cannot be replayed, before connecting. Found by a user
+/// trial: `svcdb events replay --queue` with a name of 252 to 255 bytes (one RabbitMQ takes)
+/// panicked in lapin, which cannot send its dead-letter queue's name (over 255 bytes); any
+/// longer name did too. Only the lengths are checked: a queue declared by other means, with
+/// characters svcdb's topology would refuse, may still have dead letters to move.
+fn check_queue(queue: &str) -> Result<()> {
+    if queue.is_empty() {
+        return Err(Error::InvalidName {
+            what: "queue",
+            name: String::new(),
+            reason: "it is empty\n  hint: name the consumer queue whose dead letters to move back, such as orders.reserve-stock".into(),
+        });
+    }
+    crate::topology::check_length("queue", queue)?;
+    crate::topology::check_dead_letter_names(queue)
 }

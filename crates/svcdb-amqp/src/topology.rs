@@ -174,9 +174,7 @@ impl QueueSpec {
 
     /// Checks the names and the limit without touching the network.
     pub fn validate(&self) -> Result<()> {
-        check_name("queue", &self.name)?;
-        // The derived names must fit too.
-        check_name("queue", &self.dead_letter_queue())?;
+        self.check_names()?;
         for binding in &self.bindings {
             check_name("exchange", &binding.exchange)?;
             check_routing_key(&binding.routing_key)?;
@@ -191,6 +189,12 @@ impl QueueSpec {
             ));
         }
         Ok(())
+    }
+
+    /// Checks the queue's name and the names derived from it.
+    fn check_names(&self) -> Result<()> {
+        check_name("queue", &self.name)?;
+        check_dead_letter_names(&self.name)
     }
 
     /// The consumer queue's arguments, with `replicas` as its initial group size if set.
@@ -279,9 +283,7 @@ impl Topology {
 
     /// Checks every name without touching the network.
     pub fn validate(&self) -> Result<()> {
-        for exchange in &self.exchanges {
-            check_name("exchange", exchange)?;
-        }
+        self.check_names()?;
         if self.quorum_group_size == Some(0) {
             return Err(Error::config(
                 "quorum_group_size",
@@ -289,6 +291,15 @@ impl Topology {
             ));
         }
         self.queues.iter().try_for_each(QueueSpec::validate)
+    }
+
+    /// Checks the names of the exchanges and queues (with their dead-letter names), as
+    /// [`Topology::validate`] does.
+    fn check_names(&self) -> Result<()> {
+        for exchange in &self.exchanges {
+            check_name("exchange", exchange)?;
+        }
+        self.queues.iter().try_for_each(QueueSpec::check_names)
     }
 
     /// Declares everything, in dependency order: exchanges (this service's and those its
@@ -347,8 +358,13 @@ impl Topology {
 
     /// Deletes every queue (with its dead-letter queue and exchange) and every exchange in
     /// [`Topology::exchanges`]; exchanges only bound to are left to their owners. Messages in
-    /// the queues are lost: for tests and decommissioning. Missing objects are not an error.
+    /// the queues are lost: for tests and decommissioning. Missing objects are not an error;
+    /// a name that could not have been declared is ([`Error::InvalidName`], before anything
+    /// is deleted).
     pub async fn delete(&self, connection: &Connection) -> Result<()> {
+        // lapin panics on a name over 255 bytes; the rest of the rules keep a half-deleted
+        // topology from a name that could never have been declared.
+        self.check_names()?;
         let channel = open_channel(connection, "deleting the topology").await?;
         let result = async {
             for queue in &self.queues {
@@ -425,6 +441,43 @@ async fn delete_exchange(channel: &Channel, name: &str) -> Result<()> {
 /// error.
 fn check_name(what: &'static str, name: &str) -> Result<()> {
     svcdb::outbox::check_declared_name(what, name).map_err(|e| invalid_name(name, e))
+}
+
+/// Refuses a queue name AMQP carries whose dead-letter exchange and queue (`<queue>.dlx`,
+/// `<queue>.dlq`) it cannot: a queue of 252 to 255 bytes, which RabbitMQ takes, has no
+/// dead-letter queue.
+pub(crate) fn check_dead_letter_names(queue: &str) -> Result<()> {
+    let suffix = DEAD_LETTER_QUEUE_SUFFIX
+        .len()
+        .max(DEAD_LETTER_EXCHANGE_SUFFIX.len());
+    let derived = queue.len() + suffix;
+    if derived > MAX_NAME_BYTES {
+        return Err(Error::InvalidName {
+            what: "queue",
+            name: queue.chars().take(80).collect(),
+            reason: format!(
+                "its dead-letter queue, the name with {DEAD_LETTER_QUEUE_SUFFIX:?} appended, would be {derived} bytes long, and AMQP carries at most {MAX_NAME_BYTES}\n  hint: name the queue with at most {} bytes",
+                MAX_NAME_BYTES - suffix
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a name longer than AMQP carries (lapin would panic on it), as
+/// [`Error::InvalidName`] for `what`.
+pub(crate) fn check_length(what: &'static str, name: &str) -> Result<()> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(Error::InvalidName {
+            what,
+            name: name.chars().take(80).collect(),
+            reason: format!(
+                "it is {} bytes long; AMQP carries at most {MAX_NAME_BYTES}",
+                name.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// svcdb's rule for a routing key or binding pattern ([`svcdb::outbox::check_routing_key`]).

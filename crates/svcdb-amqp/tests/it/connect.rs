@@ -176,3 +176,96 @@ async fn rabbitmq_refuses_to_declare_amq_names_and_topology_refuses_them_first()
         "{refused}"
     );
 }
+
+/// Found by a user trial: a vhost over AMQP's 255 bytes made lapin panic
+/// (`ShortString exceeds maximum length`) while connecting, as `svcdb health` did.
+#[tokio::test]
+async fn a_vhost_amqp_cannot_carry_is_a_config_error_not_a_panic() {
+    let uri = lapin::uri::AMQPUri::from_str(&common::amqp_url()).unwrap();
+    let user = &uri.authority.userinfo;
+    let long = AmqpConfig::new(url_with(
+        &user.username,
+        &user.password,
+        None,
+        &"v".repeat(300),
+    ));
+    let e = long.connect().await.unwrap_err();
+    assert!(
+        matches!(&e, Error::Config { key, .. } if key == "AMQP_URL"),
+        "{e}"
+    );
+    // The control: a vhost of 255 bytes is sent, and the broker says it does not exist.
+    let longest = AmqpConfig::new(url_with(
+        &user.username,
+        &user.password,
+        None,
+        &"v".repeat(255),
+    ));
+    let e = longest.connect().await.unwrap_err();
+    assert!(matches!(e, Error::Refused { .. }), "{e}");
+}
+
+/// Found by a user trial: with a list of URLs where one node refused the login and the other
+/// was down, the error was only the last node's "connection refused" (and its hint to start
+/// RabbitMQ), hiding the wrong password.
+#[tokio::test]
+async fn when_no_node_connects_every_node_failure_is_named_a_refused_login_first() {
+    use svcdb::error::Report;
+    let refused_login = url_with("guest", "definitely-wrong", None, "%2f");
+    let down = url_with(
+        "guest",
+        "definitely-wrong",
+        Some(common::closed_port()),
+        "%2f",
+    );
+    // What each node says on its own.
+    let refused = AmqpConfig::new(&refused_login).connect().await.unwrap_err();
+    let unreachable = AmqpConfig::new(&down).connect().await.unwrap_err();
+    assert!(matches!(refused, Error::AccessRefused { .. }), "{refused}");
+    assert!(
+        matches!(unreachable, Error::Unreachable { .. }),
+        "{unreachable}"
+    );
+
+    for urls in [[&refused_login, &down], [&down, &refused_login]] {
+        let config = AmqpConfig::cluster(urls);
+        let e = config.connect().await.unwrap_err();
+        let urls = config.redacted_url();
+        let report = Report::new(&e);
+        for node in [&refused, &unreachable] {
+            assert!(
+                report.message().contains(Report::new(node).message()),
+                "{urls}: {e}"
+            );
+        }
+        // The refused login's hint leads; the unreachable node's follows.
+        assert_eq!(
+            report.hints(),
+            [
+                Report::new(&refused).hints(),
+                Report::new(&unreachable).hints()
+            ]
+            .concat(),
+            "{urls}: {e}"
+        );
+        assert!(
+            !e.is_connection_error(),
+            "reconnecting will not fix a password: {e}"
+        );
+        assert!(
+            matches!(&e, Error::NoNodeConnected { failures } if failures.len() == 2),
+            "{e:?}"
+        );
+        for text in [e.to_string(), format!("{e:?}")] {
+            assert!(!text.contains("definitely-wrong"), "{text}");
+        }
+    }
+
+    // Every node down: a connection error, which reconnecting may fix.
+    let other_down = url_with("guest", "guest", Some(common::closed_port()), "%2f");
+    let e = AmqpConfig::cluster([&down, &other_down])
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(e.is_connection_error(), "{e}");
+}

@@ -1,5 +1,6 @@
-//! Settings at their extremes: a confirm timeout too long for a clock to add waits for the
-//! confirm as any other does, instead of panicking in the deadline computation.
+//! Settings and names at their extremes: a confirm timeout too long for a clock to add waits
+//! for the confirm as any other does, instead of panicking in the deadline computation; a name
+//! AMQP cannot carry (over 255 bytes) is refused, instead of panicking in lapin.
 
 use crate::common;
 
@@ -8,6 +9,7 @@ use std::time::Duration;
 use common::Broker;
 use svcdb::Envelope;
 use svcdb_amqp::topology::{QueueSpec, Topology};
+use svcdb_amqp::Error;
 
 #[tokio::test]
 async fn a_huge_confirm_timeout_publishes_instead_of_panicking() {
@@ -26,4 +28,77 @@ async fn a_huge_confirm_timeout_publishes_instead_of_panicking() {
         broker.ready(&queue.name).await == 1
     })
     .await;
+}
+
+/// A queue name of `len` bytes, unique to this run.
+fn name_of(len: usize) -> String {
+    let name = common::unique("limits");
+    format!("{name}{}", "q".repeat(len - name.len()))
+}
+
+/// Found by a user trial: `svcdb events replay --queue <name>` panicked in lapin
+/// (`ShortString exceeds maximum length`) for a queue of 252 to 255 bytes, whose dead-letter
+/// queue `<queue>.dlq` AMQP cannot name, and for any longer queue.
+#[tokio::test]
+async fn a_replay_of_a_queue_whose_names_amqp_cannot_carry_is_refused_not_a_panic() {
+    let config = common::amqp();
+    for len in [252, 255, 256, 300] {
+        let e = svcdb_amqp::replay_dead_letters(&config, &name_of(len), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidName { what: "queue", .. }),
+            "{len}: {e}"
+        );
+    }
+    let e = svcdb_amqp::replay_dead_letters(&config, "", None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidName { what: "queue", .. }), "{e}");
+    // As in the trial: the queue exists (RabbitMQ takes its name), its dead-letter queue cannot.
+    let broker = Broker::new().await;
+    let channel = broker.channel().await;
+    let existing = name_of(253);
+    channel
+        .queue_declare(
+            existing.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let replayed = svcdb_amqp::replay_dead_letters(&config, &existing, None).await;
+    channel
+        .queue_delete(existing.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let e = replayed.unwrap_err();
+    assert!(matches!(e, Error::InvalidName { what: "queue", .. }), "{e}");
+    // The control: the longest name whose dead-letter queue fits is asked for.
+    let e = svcdb_amqp::replay_dead_letters(&config, &name_of(251), None)
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+}
+
+/// `Topology::delete` sent its names unchecked: one over 255 bytes (a queue's, its dead-letter
+/// queue's, an exchange's) made lapin panic.
+#[tokio::test]
+async fn deleting_names_amqp_cannot_carry_is_refused_not_a_panic() {
+    let broker = Broker::new().await;
+    for topology in [
+        Topology::new().queue(QueueSpec::new(name_of(252))),
+        Topology::new().queue(QueueSpec::new(name_of(300))),
+        Topology::new().exchange(name_of(256)),
+    ] {
+        let e = topology.delete(&broker.connection).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidName { .. }), "{e}");
+    }
+    // The control: names that fit are deleted (absent ones too).
+    Topology::new()
+        .queue(QueueSpec::new(name_of(251)))
+        .exchange(name_of(255))
+        .delete(&broker.connection)
+        .await
+        .unwrap();
 }

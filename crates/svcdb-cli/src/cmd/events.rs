@@ -37,7 +37,8 @@ Exit codes:
   0   replayed (also when the dead-letter queue was empty)
   1   error: the broker is unreachable, a queue does not exist, or a copy was not confirmed (it
       stays in the dead-letter queue; those moved before it stay moved)
-  64  invalid command line";
+  64  invalid command line, or a --queue no replay can work for (empty, or too long for AMQP
+      with its .dlq)";
 
 /// Options of `svcdb events replay`.
 #[derive(clap::Args)]
@@ -138,10 +139,20 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
 }
 
 async fn replay(global: &Global, args: ReplayArgs) -> Result<Outcome> {
-    let config =
-        svcdb_amqp::AmqpConfig::new(args.amqp_url).with_connection_name("svcdb events replay");
+    // clap hands an empty AMQP_URL (or `--amqp-url ""`) through as the URL "": empty is
+    // unset, as AmqpConfig::from_env and DATABASE_URL have it.
+    let url = match args.amqp_url.trim() {
+        "" => svcdb_amqp::DEFAULT_URL.to_owned(),
+        _ => args.amqp_url,
+    };
+    let config = svcdb_amqp::AmqpConfig::new(url).with_connection_name("svcdb events replay");
     config.validate()?;
-    let report = svcdb_amqp::replay_dead_letters(&config, &args.queue, args.limit).await?;
+    let report = match svcdb_amqp::replay_dead_letters(&config, &args.queue, args.limit).await {
+        // Refused before connecting: a --queue no replay can work for (empty, or it or its
+        // dead-letter queue too long for AMQP) is a bad command line.
+        Err(e @ svcdb_amqp::Error::InvalidName { .. }) => return Err(bad_queue(&e).into()),
+        other => other?,
+    };
     output::report(global.json, &report, |r| {
         format!(
             "replayed {} message{} from {} to {}{}",
@@ -157,6 +168,16 @@ async fn replay(global: &Global, args: ReplayArgs) -> Result<Outcome> {
         )
     })?;
     Ok(Outcome::Success)
+}
+
+/// `--queue`'s refusal as a usage error, with the library's hint or one of its own.
+fn bad_queue(e: &svcdb_amqp::Error) -> crate::usage::Usage {
+    let text = e.to_string();
+    let (message, hint) = text.split_once(crate::usage::HINT).unwrap_or((
+        &text,
+        "pass the name of the consumer queue as it was declared (rabbitmqctl list_queues name)",
+    ));
+    crate::usage::Usage::new(format!("--queue: {message}"), hint)
 }
 
 async fn purge(global: &Global, args: PurgeArgs) -> Result<Outcome> {

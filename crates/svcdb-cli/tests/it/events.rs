@@ -375,3 +375,54 @@ async fn replay_moves_dead_letters_back_to_their_queue() {
         .unwrap();
     let _ = connection.close(200, "OK".into()).await;
 }
+
+/// Found by a user trial: a `--queue` of 252 to 255 bytes (a valid queue name, whose
+/// dead-letter queue `<queue>.dlq` AMQP cannot name) or longer made the binary panic (exit
+/// 101) in lapin. No replay of such a queue can work: a usage error.
+#[test]
+fn replay_refuses_a_queue_whose_names_amqp_cannot_carry() {
+    for len in [252, 255, 256, 300] {
+        let queue = "q".repeat(len);
+        let out = common::svcdb(
+            &["events", "replay", "--queue", &queue, "--json"],
+            &[],
+            None,
+        )
+        .expect_code(64)
+        .json();
+        assert_eq!(out["code"], "usage", "{len}: {out}");
+    }
+}
+
+/// Found by a user trial: an AMQP URL whose vhost is over 255 bytes made the binary panic
+/// (exit 101) in lapin; it is a configuration error.
+#[test]
+fn replay_with_a_vhost_amqp_cannot_carry_is_a_configuration_error() {
+    let url = format!("amqp://guest:guest@127.0.0.1:5672/{}", "v".repeat(300));
+    for (args, env) in [
+        (vec!["--amqp-url", url.as_str()], vec![]),
+        (vec![], vec![("AMQP_URL", url.as_str())]),
+    ] {
+        let mut all = vec!["events", "replay", "--queue", "orders.q", "--json"];
+        all.extend(args);
+        let out = common::svcdb(&all, &env, None).expect_code(1).json();
+        assert!(out["error"].is_string(), "{out}");
+    }
+}
+
+/// An empty `AMQP_URL` is unset (the local broker), as an empty `DATABASE_URL` is: clap hands
+/// it to the command as the URL "".
+#[test]
+fn replay_treats_an_empty_amqp_url_as_unset() {
+    let queue = format!("svcdb-cli-replay-missing-{}", std::process::id());
+    for empty in ["", " "] {
+        let out = common::svcdb(
+            &["events", "replay", "--queue", &queue, "--json"],
+            &[("AMQP_URL", empty)],
+            None,
+        )
+        .expect_code(1)
+        .json();
+        assert_eq!(out["code"], "not_found", "{empty:?}: {out}");
+    }
+}
