@@ -193,7 +193,7 @@ impl SchemaMissingHere {
         const CONNECTS: &str = "or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)";
         Self(e.to_string().replace(
             CONNECTS,
-            "or let `svcdb migrate up` create it (with SVCDB_CREATE_SCHEMA=true); this command only reads and creates nothing",
+            "or let `svcdb migrate up` create it (with SVCDB_CREATE_SCHEMA=true); this command creates nothing",
         ))
     }
 }

@@ -302,6 +302,13 @@ fn is_password_missing(e: &tokio_postgres::Error) -> bool {
         && std::error::Error::source(e).is_some_and(|s| s.to_string() == "password missing")
 }
 
+/// True when `channel_binding=require` refused the server's authentication (tokio-postgres:
+/// "server did not use channel binding"; found by a user trial, told to check that the server
+/// was running).
+fn is_channel_binding_refused(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.to_string().contains("channel binding"))
+}
+
 /// True when the driver connected but `target_session_attrs=read-write` refused the server
 /// because it accepts only reads: tokio-postgres reports that as a connection error caused by
 /// an `io::Error` of kind `PermissionDenied` ("database does not allow writes"), a kind a
@@ -462,6 +469,9 @@ pub(crate) fn connect_hint(e: &tokio_postgres::Error) -> &'static str {
         }
         (None, None) if is_password_missing(e) => {
             "the server asks for a password and none was given: put it in DATABASE_URL (postgres://user:password@host/dbname), or set SVCDB_PASSWORD or PGPASSWORD"
+        }
+        (None, None) if is_channel_binding_refused(e) => {
+            "channel_binding=require needs SCRAM authentication over TLS, and this server authenticated the connection otherwise (trust, md5, or no TLS): make pg_hba.conf ask for scram-sha-256 on hostssl lines, or drop channel_binding=require from DATABASE_URL"
         }
         (None, None) => {
             "check that PostgreSQL is running and that DATABASE_URL names the right host and port"

@@ -30,7 +30,7 @@ pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
             "DATABASE_URL",
             format!(
                 "cannot parse it ({}); expected postgres://user[:password]@host[:port]/dbname",
-                without_input(&why)
+                without_input(&why, url_body(database_url).is_some())
             ),
         )
     })
@@ -88,14 +88,18 @@ const LIBPQ_ONLY_KEYWORDS: [&str; 24] = [
 
 /// The driver's parse error without the parts of the input it repeats: an unknown option's
 /// name (unless it is a libpq keyword) and the character it stumbled on. The rest of its
-/// messages name only fixed option names.
-fn without_input(why: &str) -> String {
+/// messages name only fixed option names. `url`: the text is a URL, whose query parameters
+/// are split at `&` and `=` (where `key=value` pairs split at spaces).
+fn without_input(why: &str, url: bool) -> String {
     if let Some(name) = why
         .strip_prefix("unknown option `")
         .and_then(|rest| rest.strip_suffix('`'))
     {
         return if LIBPQ_ONLY_KEYWORDS.contains(&name) {
             format!("libpq's option `{name}`, which this driver does not support")
+        } else if url {
+            // Found by a user trial: the advice on quoting spaces is for key=value pairs.
+            "a query parameter it does not know, not named here since it may be part of a password (`?password=a&b` splits at the `&`): check the parameter names, and write a password's `&`, `=` or `%` as %26, %3D or %25".into()
         } else {
             "an option it does not know, not named here since it may be part of a password; quote a password holding spaces: password='…'".into()
         };
@@ -192,6 +196,14 @@ mod tests {
         let shown = message("host=db user=svc password=first hunter2=x");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("password='"), "says how: {shown}");
+        // In a URL, a password's `&` splits it into a parameter: not named either, and the
+        // advice is the URL's (found by a user trial: it gave the key=value form's quoting).
+        let shown = message("postgres://svc@db/shop?password=first&hunter2=x");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            !shown.contains("password='") && shown.contains("%26"),
+            "says how: {shown}"
+        );
     }
 
     #[test]
