@@ -203,8 +203,14 @@ async fn health_with_a_broker_says_whether_it_answers() {
     assert_eq!(report["broker"]["connected"], false, "{out}");
     assert!(report["broker"]["error"].is_string(), "{out}");
     assert!(!out.to_string().contains("s3cret-pw"), "{out}");
-    // Without one, the report has no broker.
+    // Without one, the report has no broker; nor with an empty AMQP_URL, which is unset (found
+    // by a user trial: it failed the command on "not an AMQP URL").
     let report = p.run(&["health", "--json"]).expect_code(0).json();
+    assert!(report.get("broker").is_none(), "{report}");
+    let report = p
+        .run_with_env(&["health", "--json"], &[("AMQP_URL", "")])
+        .expect_code(0)
+        .json();
     assert!(report.get("broker").is_none(), "{report}");
 }
 
