@@ -181,15 +181,14 @@ fn bad_queue(e: &svcdb_amqp::Error) -> crate::usage::Usage {
 }
 
 async fn purge(global: &Global, args: PurgeArgs) -> Result<Outcome> {
-    if args.older_than.is_zero() {
-        bail!("--older-than 0 would delete every claim, also those of messages still waiting in a queue (they would be handled again)\n  hint: give a retention longer than a message can wait, such as --older-than 7d");
-    }
+    // 0 is a retention under an hour like any other (found by a user trial: it was refused
+    // apart, for claims even with --table outbox, and --force did not let it through).
     if args.table != Table::Outbox && args.older_than < YOUNGEST_CLAIMS && !args.force {
         // Found by a user trial: `--older-than 1s --table claims` deleted 4 605 live claims.
         return Err(crate::usage::Usage::new(
             format!(
                 "--older-than {} would purge claims younger than an hour: their messages may still be redelivered (waiting in a queue, a retry back-off, a dead-letter replay) and would then be handled again",
-                crate::output::millis(args.older_than.as_secs_f64() * 1e3)
+                readable(args.older_than)
             ),
             "keep claims for days (--older-than 7d); purge only the outbox with --table outbox; or pass --force if no such message can exist",
         )

@@ -176,10 +176,13 @@ async fn events_purge_refuses_a_retention_of_zero_or_nonsense() {
     let p = Project::new().await;
     let db = service_with_old_rows(&p, 1).await;
 
-    let out = p
-        .run(&["events", "purge", "--older-than", "0"])
-        .expect_code(1);
-    assert!(out.stderr.contains("hint: give a retention"), "{out}");
+    // 0 is under an hour: refused for claims like any such retention, and fine for the
+    // outbox alone, whose published rows are done with (found by a user trial: it was refused
+    // there too, as "would delete every claim").
+    p.run(&["events", "purge", "--older-than", "0"])
+        .expect_code(64);
+    p.run(&["events", "purge", "--older-than", "0", "--table", "outbox"])
+        .expect_code(0);
     let out = p
         .run(&["events", "purge", "--older-than", "soon"])
         .expect_code(64);
