@@ -386,7 +386,7 @@ async fn require_schema(client: &tokio_postgres::Client, config: &Config) -> Res
 /// The names that look like `wanted`: a few edits away (at most a third of its length, as
 /// rustc's suggestions), equal but for case, or one a prefix of the other (`orders` and
 /// `orders_svc`); closest first, at most five.
-fn look_alike(wanted: &str, names: Vec<String>) -> Vec<String> {
+pub(crate) fn look_alike(wanted: &str, names: Vec<String>) -> Vec<String> {
     let wanted_lower = wanted.to_lowercase();
     let max_edits = (wanted.chars().count() / 3).max(1);
     let mut close: Vec<(usize, String)> = names

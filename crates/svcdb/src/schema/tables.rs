@@ -36,7 +36,11 @@ const PROBE_SQL: &str = concat!(
                    WHERE NOT EXISTS (SELECT FROM (",
     relations_sql!(),
     ") r WHERE r.relname = t.name)
-                   ORDER BY t.i)"
+                   ORDER BY t.i),
+            -- Only when the schema is missing: the others, to suggest a look-alike.
+            ARRAY(SELECT nspname::text FROM pg_catalog.pg_namespace
+                   WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = $1)
+                     AND nspname !~ '^pg_' AND nspname <> 'information_schema')"
 );
 
 /// What a name in the service schema is (`pg_class.relkind`). Only relations a query can read
@@ -105,6 +109,8 @@ pub(super) struct SchemaRow {
     pub(super) user: String,
     /// Required tables that are not in the configured schema, in the order asked.
     pub(super) missing: Vec<String>,
+    /// When the configured schema does not exist, the database's other schemas.
+    pub(super) others: Vec<String>,
 }
 
 pub(super) async fn probe_schema(
@@ -126,6 +132,7 @@ pub(super) async fn probe_schema(
         usable: row.get(1),
         user: row.get(2),
         missing: row.get(3),
+        others: row.get(4),
     })
 }
 

@@ -400,7 +400,19 @@ async fn a_missing_schema_is_the_one_problem_not_the_tables_it_would_hold() {
     assert_eq!(
         report.problems,
         [Problem::NoSchema {
-            schema: "orders_svc".into()
+            schema: "orders_svc".into(),
+            similar: vec![],
+        }]
+    );
+    // A misspelled SVCDB_SCHEMA gets the look-alike, as `connect` gives it (found by a user
+    // trial: health and verify did not).
+    db.service("orders_svcs").await;
+    let report = svc.verify(&orders_gate(dir.path())).await;
+    assert_eq!(
+        report.problems,
+        [Problem::NoSchema {
+            schema: "orders_svc".into(),
+            similar: vec!["orders_svcs".into()],
         }]
     );
     assert_eq!(svc.current_schema().await.unwrap(), None);

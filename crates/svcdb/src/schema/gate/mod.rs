@@ -174,6 +174,8 @@ impl Gate {
         match (row.usable, &row.active) {
             (None, _) => problems.push(Problem::NoSchema {
                 schema: name.clone(),
+                // As `connect` suggests them (found by a user trial: health and verify did not).
+                similar: crate::pool::look_alike(&name, row.others.clone()),
             }),
             (Some(false), _) => problems.push(Problem::NoSchemaAccess {
                 schema: name.clone(),

@@ -42,6 +42,9 @@ pub enum Problem {
     NoSchema {
         /// The configured schema.
         schema: String,
+        /// The database's schemas whose names look like it (a misspelled `SVCDB_SCHEMA`),
+        /// closest first.
+        similar: Vec<String>,
     },
     /// The role has no `USAGE` privilege on the configured schema.
     NoSchemaAccess {
@@ -120,7 +123,13 @@ impl Problem {
         match self {
             Problem::Unreachable { error, .. } => format!("database unreachable: {error}"),
             Problem::QueryFailed { error } => format!("a check's query failed: {error}"),
-            Problem::NoSchema { schema } => format!("schema {schema} does not exist"),
+            Problem::NoSchema { schema, similar } if similar.is_empty() => {
+                format!("schema {schema} does not exist")
+            }
+            Problem::NoSchema { schema, similar } => format!(
+                "schema {schema} does not exist; similar: {}",
+                similar.join(", ")
+            ),
             Problem::NoSchemaAccess { schema, role } => {
                 format!("role {role} may not use schema {schema} (no USAGE privilege)")
             }
@@ -170,6 +179,9 @@ impl Problem {
             Problem::Unreachable { hint, .. } => return Cow::Borrowed(hint),
             Problem::QueryFailed { .. } => {
                 "check the role's privileges on the service schema (`svcdb provision` grants them)"
+            }
+            Problem::NoSchema { similar, .. } if !similar.is_empty() => {
+                "if SVCDB_SCHEMA is misspelled, set it to the right one; otherwise run `svcdb provision` for this service (or start the service with SVCDB_CREATE_SCHEMA=true, which creates it on connect)"
             }
             Problem::NoSchema { .. } => {
                 "run `svcdb provision` for this service (or start the service with SVCDB_CREATE_SCHEMA=true, which creates it on connect), or fix SVCDB_SCHEMA"
