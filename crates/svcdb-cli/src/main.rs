@@ -65,7 +65,8 @@ enum Command {
     Schema(cmd::schema::Command),
     /// Report database reachability, latency, pool, migration version and gate problems.
     Health(cmd::health::Args),
-    /// Maintain the event tables: purge old claims and published outbox rows.
+    /// Maintain the event tables: purge old claims and published outbox rows; replay
+    /// dead-lettered events.
     #[command(subcommand)]
     Events(cmd::events::Command),
 }

@@ -180,15 +180,16 @@ impl Config {
     }
 
     /// Checks the settings against each other; [`ServiceDb::connect`](crate::ServiceDb::connect)
-    /// calls it too.
+    /// calls it too. An error's key names the field and the variable that sets it (found by a
+    /// user trial: `SVCDB_POOL_MAX=0` was told `pool_max: must be at least 1`).
     pub fn validate(&self) -> Result<()> {
         crate::tls::check_root_cert(self.tls, self.ssl_root_cert.as_deref())?;
         if self.pool_max == 0 {
-            return Err(Error::config("pool_max", "must be at least 1"));
+            return Err(Error::config("pool_max (SVCDB_POOL_MAX)", "must be at least 1"));
         }
         if self.pool_min > self.pool_max {
             return Err(Error::config(
-                "pool_min",
+                "pool_min (SVCDB_POOL_MIN)",
                 format!(
                     "{} is more than pool_max ({}); lower SVCDB_POOL_MIN or raise SVCDB_POOL_MAX",
                     self.pool_min, self.pool_max
@@ -197,12 +198,12 @@ impl Config {
         }
         if self.acquire_timeout.is_zero() {
             return Err(Error::config(
-                "acquire_timeout",
+                "acquire_timeout (SVCDB_ACQUIRE_TIMEOUT)",
                 "must be more than zero: a pool must never wait forever",
             ));
         }
         if self.connect_timeout.is_zero() {
-            return Err(Error::config("connect_timeout", "must be more than zero"));
+            return Err(Error::config("connect_timeout (SVCDB_CONNECT_TIMEOUT)", "must be more than zero"));
         }
         if self.connection.get_user().is_none() {
             return Err(Error::config(
