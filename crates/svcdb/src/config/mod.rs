@@ -185,7 +185,10 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         crate::tls::check_root_cert(self.tls, self.ssl_root_cert.as_deref())?;
         if self.pool_max == 0 {
-            return Err(Error::config("pool_max (SVCDB_POOL_MAX)", "must be at least 1"));
+            return Err(Error::config(
+                "pool_max (SVCDB_POOL_MAX)",
+                "must be at least 1",
+            ));
         }
         if self.pool_min > self.pool_max {
             return Err(Error::config(
@@ -203,7 +206,10 @@ impl Config {
             ));
         }
         if self.connect_timeout.is_zero() {
-            return Err(Error::config("connect_timeout (SVCDB_CONNECT_TIMEOUT)", "must be more than zero"));
+            return Err(Error::config(
+                "connect_timeout (SVCDB_CONNECT_TIMEOUT)",
+                "must be more than zero",
+            ));
         }
         if self.connection.get_user().is_none() {
             return Err(Error::config(
