@@ -1,5 +1,6 @@
 //! [`ServiceDb`]: one service's connection pool, its schema pinned on every connection.
 
+mod hosts;
 mod install;
 mod maintenance;
 mod status;
@@ -238,6 +239,23 @@ impl ServiceDb {
                 }
                 Err(PoolError::Backend(e)) => {
                     free_only = false;
+                    // Once, within the acquire deadline: with several hosts, the driver's
+                    // error is the last host's.
+                    let e = if last_error.is_none() {
+                        let probe = hosts::more_telling(
+                            &self.inner.session,
+                            &self.inner.tls,
+                            &e,
+                            self.inner.config.connect_attempt_timeout(),
+                        );
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match tokio::time::timeout(left, probe).await {
+                            Ok(Some(better)) => better,
+                            _ => e,
+                        }
+                    } else {
+                        e
+                    };
                     self.inner.stats.set_connect_error(Some(&e));
                     if is_permanent_connect_error(&e) {
                         // Every attempt would fail alike: the cause now, not a timeout later.

@@ -71,6 +71,35 @@ async fn a_missing_role_or_database_fails_on_the_first_attempt() {
     }
 }
 
+/// With several hosts the driver returns the last one's error: a role missing on the server
+/// that answers, then a host that refuses, read as "connection refused" and was retried until
+/// the acquire timeout. Each host is now tried alone once, and the server's answer (28000)
+/// fails at once; the control, the same hosts the other way round, already did.
+#[tokio::test]
+async fn with_several_hosts_the_server_that_answered_is_the_error_reported() {
+    let db = TestDb::new().await;
+    let live = db.connection().get_ports()[0];
+    let closed = svcdb::testing::closed_port();
+    for ports in [[live, closed], [closed, live]] {
+        let url = format!(
+            "postgres://no_such_role_svcdb@127.0.0.1:{},127.0.0.1:{}/{}",
+            ports[0],
+            ports[1],
+            db.name()
+        );
+        let mut config = svcdb::Config::new(&url, "public").unwrap();
+        config.acquire_timeout = PATIENT;
+        let started = Instant::now();
+        let err = ServiceDb::connect(config).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+            "ports {ports:?}: {err}"
+        );
+        assert!(started.elapsed() < PATIENT / 2, "ports {ports:?}: at once");
+    }
+}
+
 /// A transient refusal from the server itself (53300: the role's connection limit is reached)
 /// is retried until it passes, within the acquire timeout.
 #[tokio::test]
