@@ -40,7 +40,9 @@ const PROBE_SQL: &str = concat!(
             -- Only when the schema is missing: the others, to suggest a look-alike.
             ARRAY(SELECT nspname::text FROM pg_catalog.pg_namespace
                    WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = $1)
-                     AND nspname !~ '^pg_' AND nspname <> 'information_schema')"
+                     AND nspname !~ '^pg_' AND nspname <> 'information_schema'),
+            ARRAY(SELECT e FROM unnest($3::text[]) AS e
+                   WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = e))"
 );
 
 /// What a name in the service schema is (`pg_class.relkind`). Only relations a query can read
@@ -111,19 +113,27 @@ pub(super) struct SchemaRow {
     pub(super) missing: Vec<String>,
     /// When the configured schema does not exist, the database's other schemas.
     pub(super) others: Vec<String>,
+    /// The extra schemas asked about that do not exist, in the order asked.
+    pub(super) missing_extra: Vec<String>,
 }
 
 pub(super) async fn probe_schema(
     client: &Client,
     schema: &Ident,
     tables: &[Ident],
+    extra_schemas: &[Ident],
 ) -> Result<SchemaRow, tokio_postgres::Error> {
     let names: Vec<&str> = tables.iter().map(Ident::as_str).collect();
+    let extra: Vec<&str> = extra_schemas.iter().map(Ident::as_str).collect();
     // query_typed: parse, bind and execute in one message, so this is one round trip.
     let row = client
         .query_typed(
             PROBE_SQL,
-            &[(&schema.as_str(), Type::TEXT), (&names, Type::TEXT_ARRAY)],
+            &[
+                (&schema.as_str(), Type::TEXT),
+                (&names, Type::TEXT_ARRAY),
+                (&extra, Type::TEXT_ARRAY),
+            ],
         )
         .await?;
     let row = row.first().expect("a SELECT without FROM returns one row");
@@ -133,6 +143,7 @@ pub(super) async fn probe_schema(
         user: row.get(2),
         missing: row.get(3),
         others: row.get(4),
+        missing_extra: row.get(5),
     })
 }
 
@@ -196,6 +207,8 @@ impl ServiceDb {
 
     async fn missing_tables(&self, tables: &[Ident]) -> Result<Vec<String>> {
         let conn = self.get().await?;
-        Ok(probe_schema(&conn, self.schema(), tables).await?.missing)
+        Ok(probe_schema(&conn, self.schema(), tables, &[])
+            .await?
+            .missing)
     }
 }

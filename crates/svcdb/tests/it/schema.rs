@@ -153,6 +153,29 @@ async fn gate_passes_when_migrated_and_reports_the_version() {
     report.ensure_ready().unwrap();
 }
 
+/// Found by a user trial: `schema verify --extra-schemas public,nope` said ready and nothing
+/// more. An extra schema that does not exist is a notice (PostgreSQL skips it on the search
+/// path, so the service still works, without what it meant to find there); `public`, which
+/// exists, is none (the control).
+#[tokio::test]
+async fn an_extra_schema_that_does_not_exist_is_a_notice() {
+    let db = TestDb::new().await;
+    let mut config = db.config("orders_svc");
+    config.extra_schemas = vec![
+        svcdb::Ident::new("schema", "public").unwrap(),
+        svcdb::Ident::new("schema", "nope_extra").unwrap(),
+    ];
+    let svc = ServiceDb::connect(config).await.unwrap();
+    let report = svc.verify(&Gate::new()).await;
+    assert!(report.ready, "{report}");
+    assert_eq!(
+        report.notices,
+        [Notice::ExtraSchemaMissing {
+            schema: "nope_extra".into()
+        }]
+    );
+}
+
 #[tokio::test]
 async fn service_deployed_without_migrations_refuses_to_start() {
     // The notes' scenario: nothing ran, and the service would crash on the first order.

@@ -125,7 +125,7 @@ impl Gate {
             let client: &Client = &conn;
             let started = Instant::now();
             let (row, history) = tokio::join!(
-                probe_schema(client, schema, &self.required),
+                probe_schema(client, schema, &self.required, &db.config().extra_schemas),
                 history::read(client, schema, false)
             );
             Ok::<_, Error>((row, history, started.elapsed()))
@@ -189,6 +189,13 @@ impl Gate {
             }
             _ => {}
         }
+        // Found by a user trial: `--extra-schemas public,nope` was ready without a word; the
+        // search path skips a schema that does not exist, so it is a notice, not a problem.
+        notices.extend(
+            row.missing_extra
+                .into_iter()
+                .map(|schema| Notice::ExtraSchemaMissing { schema }),
+        );
         if row.usable != Some(true) {
             // The history and the tables live in the schema: without it (or without USAGE on
             // it) they are missing for the same reason, and their hint (`svcdb migrate up`)

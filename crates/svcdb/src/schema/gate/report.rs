@@ -266,6 +266,13 @@ pub enum Notice {
         /// Its name in the history table.
         name: String,
     },
+    /// An extra schema of the search path (`SVCDB_EXTRA_SCHEMAS`) does not exist: PostgreSQL
+    /// skips it, so what the service meant to find there (a shared extension's types) is
+    /// missing, or the name is misspelled.
+    ExtraSchemaMissing {
+        /// The extra schema.
+        schema: String,
+    },
     /// A non-transactional migration newer than every migration the service ships failed
     /// part-way (it is dirty, and no runner is migrating): a newer release's deploy broke.
     /// This release does not depend on it, so it keeps serving; the newer release's runner
@@ -294,6 +301,9 @@ impl Notice {
             Notice::NewerApplied { version, name } => format!(
                 "migration {} is applied by a newer release; this one does not ship it",
                 Named(version, name)
+            ),
+            Notice::ExtraSchemaMissing { schema } => format!(
+                "extra schema {schema} (SVCDB_EXTRA_SCHEMAS) does not exist, so the search path skips it: create it, or fix SVCDB_EXTRA_SCHEMAS"
             ),
             Notice::NewerDirty { version, name } => format!(
                 "migration {} of a newer release failed part-way and is dirty; this release does not ship it and keeps serving, but that release cannot migrate until it is repaired (`svcdb migrate status` with its migrations says how)",
