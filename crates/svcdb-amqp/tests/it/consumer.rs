@@ -1236,7 +1236,14 @@ async fn a_replay_stopped_part_way_says_how_many_moved() {
     );
     drop(proxy);
     // The message whose removal never reached the broker is back in the dead-letter queue
-    // (and its copy in the queue: a duplicate the claims absorb).
+    // (and its copy in the queue: a duplicate the claims absorb), once the broker has seen the
+    // proxied connection close: waited for, as it takes a moment on a loaded machine (the
+    // replay below once found only the other message).
+    let dlq = s.queue.dead_letter_queue();
+    eventually("both messages back in the dead-letter queue", || async {
+        s.broker.ready(&dlq).await == 2
+    })
+    .await;
     let report = svcdb_amqp::replay_dead_letters(&s.broker.config, &s.queue.name, None)
         .await
         .unwrap();
