@@ -205,11 +205,9 @@ impl Error {
     }
 }
 
-/// Where a hint starts in this crate's messages (and svcdb's).
-const HINT: &str = "\n  hint: ";
-
 /// [`Error::NoNodeConnected`]'s message: a line per node's failure, then each distinct hint
-/// once, in the order of the failures (so the most telling failure's hint comes first).
+/// once, in the order of the failures (so the most telling failure's hint comes first), each
+/// failure split into its message and hints as [`svcdb::error::Report`] splits them.
 struct Nodes<'a>(&'a [Error]);
 
 impl std::fmt::Display for Nodes<'_> {
@@ -221,16 +219,17 @@ impl std::fmt::Display for Nodes<'_> {
         )?;
         let mut hints: Vec<String> = Vec::new();
         for failure in self.0 {
-            let text = failure.to_string();
-            let mut parts = text.split(HINT);
-            write!(f, "\n  {}", parts.next().unwrap_or_default())?;
-            for hint in parts {
-                if !hints.iter().any(|h| h == hint) {
-                    hints.push(hint.to_owned());
+            let report = svcdb::error::Report::new(failure);
+            write!(f, "\n  {}", report.message())?;
+            for hint in report.hints() {
+                if !hints.contains(hint) {
+                    hints.push(hint.clone());
                 }
             }
         }
-        hints.iter().try_for_each(|hint| write!(f, "{HINT}{hint}"))
+        hints
+            .iter()
+            .try_for_each(|hint| write!(f, "\n  hint: {hint}"))
     }
 }
 

@@ -181,15 +181,7 @@ pub(crate) async fn start(
     deadline: Deadline,
 ) -> Result<PublisherConfirm> {
     let name = |kind: &'static str, value: &str| {
-        ShortString::try_new(value).map_err(|_| Error::InvalidName {
-            what: kind,
-            name: value.chars().take(80).collect(),
-            reason: format!(
-                "it is {} bytes long; AMQP carries at most {}",
-                value.len(),
-                svcdb::outbox::MAX_AMQP_NAME_BYTES
-            ),
-        })
+        crate::topology::check_length(kind, value).map(|()| ShortString::from(value))
     };
     let exchange = name("exchange", exchange)?;
     let routing_key = name("routing key", routing_key)?;
