@@ -133,8 +133,6 @@ impl Failure {
                 Some(db.code())
             } else if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
                 e.code()
-            } else if let Some(crate::usage::InvalidSetting(e)) = cause.downcast_ref() {
-                e.code()
             } else if let Some(e) = cause.downcast_ref::<MigrateError>() {
                 e.code()
             } else if let Some(AdoptError::Migrate(e)) = cause.downcast_ref::<AdoptError>() {
@@ -154,8 +152,6 @@ impl Failure {
         }
         let kind = e.chain().find_map(|cause| {
             if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
-                Some(error_kind(e))
-            } else if let Some(crate::usage::InvalidSetting(e)) = cause.downcast_ref() {
                 Some(error_kind(e))
             } else if let Some(e) = cause.downcast_ref::<MigrateError>() {
                 Some(migrate_kind(e))

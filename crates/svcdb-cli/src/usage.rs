@@ -34,8 +34,10 @@ impl std::error::Error for Usage {}
 
 /// A setting given (an option or the environment) that can never work, as the library's
 /// configuration refused it: a malformed `DATABASE_URL`, an unknown `sslmode`, a pool size of
-/// 0. Exits 64 like [`Usage`], keeping its code (`config`); the library's other configuration
-/// errors (provision's refusals of a role's attributes) are about the database, and exit 1.
+/// 0. Exits 64 like [`Usage`]; the library's error stays in the chain as its `source()`, for
+/// its code (`config`) and its message, which the report prints once. The library's other
+/// configuration errors (provision's refusals of a role's attributes) are about the
+/// database, and exit 1.
 #[derive(Debug)]
 pub struct InvalidSetting(pub svcdb::Error);
 
@@ -45,4 +47,8 @@ impl std::fmt::Display for InvalidSetting {
     }
 }
 
-impl std::error::Error for InvalidSetting {}
+impl std::error::Error for InvalidSetting {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}

@@ -159,6 +159,45 @@ fn a_missing_database_url_or_schema_is_a_usage_error() {
     }
 }
 
+/// Found by a user trial: a malformed DATABASE_URL, a setting that can never work and an
+/// invalid name exited 1 where an invalid option exits 64. They exit 64 now, each keeping its
+/// code, and its message once; a refusal about the database (a role with CREATEDB, in
+/// `provision_refuses_a_role_with_createdb_and_fix_removes_it`) stays 1.
+#[test]
+fn a_setting_or_name_that_can_never_work_is_a_usage_error_with_its_own_code() {
+    let cwd = tempfile::tempdir().unwrap();
+    for (url, schema, pool_max, code) in [
+        ("127.0.0.1/appdb", "svc", "5", "config"),
+        ("postgres://u@127.0.0.1:abc/appdb", "svc", "5", "config"),
+        ("postgres://u@127.0.0.1/appdb", "svc", "0", "config"),
+        (
+            "postgres://u@127.0.0.1/appdb",
+            "Bad Name",
+            "5",
+            "invalid_name",
+        ),
+    ] {
+        let out = svcdb(
+            &["schema", "tables", "--json"],
+            &[
+                ("DATABASE_URL", url),
+                ("SVCDB_SCHEMA", schema),
+                ("SVCDB_POOL_MAX", pool_max),
+            ],
+            Some(cwd.path()),
+        )
+        .expect_code(64);
+        let json = failure(&out);
+        assert_eq!(json["code"], code, "{out}");
+        let error = json["error"].as_str().unwrap_or_default();
+        assert_eq!(
+            error.matches("invalid configuration").count(),
+            usize::from(code == "config"),
+            "{out}"
+        );
+    }
+}
+
 /// A failing migration: the SQLSTATE as the code, its file in the error, the hint once.
 #[tokio::test]
 async fn a_failed_migration_with_json_gives_the_sqlstate_and_one_hint() {
