@@ -223,36 +223,35 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
     // a user trial: on 15, the README's "a role with CREATEROLE that owns the database" failed
     // with "must be member of role"). It keeps it, as the role's creator: a second run
     // changes nothing.
-    let admin_row = tx
+    //
+    // One round trip, which also asks (for the report) whether it may read the role's
+    // password: only a superuser may read pg_authid. Asked apart from reading it: the server
+    // checks a statement's every table before it runs, a CASE branch it would not take
+    // included (found by a user trial: a CREATEROLE administrator failed there).
+    let admin = tx
         .query_one(
-            "SELECT r.rolsuper, current_user::text, current_setting('server_version_num')::int >= 160000
-               FROM pg_roles r WHERE r.rolname = current_user",
-            &[],
+            "SELECT current_user::text, current_setting('server_version_num')::int >= 160000,
+                    pg_has_role(current_user, $1, CASE WHEN current_setting('server_version_num')::int >= 160000
+                                                       THEN 'SET' ELSE 'MEMBER' END),
+                    has_table_privilege('pg_catalog.pg_authid', 'SELECT')",
+            &[&role.as_str()],
         )
         .await?;
-    let (superuser, admin_name, set_option): (bool, String, bool) =
-        (admin_row.get(0), admin_row.get(1), admin_row.get(2));
-    if !superuser {
-        let may_act: bool = tx
-            .query_one(
-                "SELECT pg_has_role(current_user, $1, $2)",
-                &[&role.as_str(), &if set_option { "SET" } else { "MEMBER" }],
-            )
-            .await?
-            .get(0);
-        if !may_act {
-            let options = if set_option {
-                " WITH SET TRUE, INHERIT FALSE"
-            } else {
-                ""
-            };
-            tx.batch_execute(&format!("GRANT {role} TO CURRENT_USER{options}"))
-                .await?;
-            changes.push(format!(
-                "granted role {} to the administrator {admin_name}, so that it may give it the schema",
-                role.as_str()
-            ));
-        }
+    let (admin_name, set_option, may_act, reads_passwords): (String, bool, bool, bool) =
+        (admin.get(0), admin.get(1), admin.get(2), admin.get(3));
+    // A superuser may act as any role.
+    if !may_act {
+        let options = if set_option {
+            " WITH SET TRUE, INHERIT FALSE"
+        } else {
+            ""
+        };
+        tx.batch_execute(&format!("GRANT {role} TO CURRENT_USER{options}"))
+            .await?;
+        changes.push(format!(
+            "granted role {} to the administrator {admin_name}, so that it may give it the schema",
+            role.as_str()
+        ));
     }
 
     // 3. The schema, owned by the role.
@@ -385,17 +384,8 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
         ));
     }
 
-    // Only a superuser may read pg_authid (pg_roles shows every password as ********). Asked
-    // apart: the server checks a statement's every table before it runs, a CASE branch it
-    // would not take included (found by a user trial: a CREATEROLE administrator failed here).
-    let readable: bool = tx
-        .query_one(
-            "SELECT has_table_privilege('pg_catalog.pg_authid', 'SELECT')",
-            &[],
-        )
-        .await?
-        .get(0);
-    let has_password: Option<bool> = if readable {
+    // pg_roles shows every password as ********.
+    let has_password: Option<bool> = if reads_passwords {
         tx.query_one(
             "SELECT rolpassword IS NOT NULL FROM pg_catalog.pg_authid WHERE rolname = $1",
             &[&role.as_str()],
