@@ -167,6 +167,18 @@ pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
     for (token, range) in tokens(sql) {
         let text = &sql[range.clone()];
         let word = |w: &str| token == Token::Word && text.eq_ignore_ascii_case(w);
+        // Inside a string or body too, where a Go template's action on its data
+        // (`{{ .Options.Namespace }}`, `{{ index .Options "x" }}`) is left for text that pop
+        // renders whole (found by a user trial: after the hint's fix of the code, the ones in
+        // `IF NOT EXISTS` guards compared with the literal text). Other `{{ x }}` (a mustache
+        // template stored in a table) is SQL text.
+        if let Some(found) = (token == Token::Quoted)
+            .then(|| go_template_action(text))
+            .flatten()
+        {
+            let found = range.start + found.start..range.start + found.end;
+            return Some((found.start, ClientOnly::Placeholder(&sql[found])));
+        }
         step = match (token, step) {
             (Token::Space | Token::Comment, step) => step,
             (Token::Semicolon, _) => Step::Start,
@@ -186,16 +198,6 @@ pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
                 let end = sql[start..].find(['\n']).map_or(sql.len(), |p| start + p);
                 let end = sql[start..end].find("}}").map_or(end, |p| start + p + 2);
                 return Some((start, ClientOnly::Placeholder(&sql[start..end])));
-            }
-            // Inside a string or body too, where a Go template's action on its data
-            // (`{{ .Options.Namespace }}`, `{{ index .Options "x" }}`) is left for text that
-            // pop renders whole (found by a user trial: after the hint's fix of the code, the
-            // ones in `IF NOT EXISTS` guards compared with the literal text). Other `{{ x }}`
-            // (a mustache template stored in a table) is SQL text.
-            (Token::Quoted, _) if go_template_action(text).is_some() => {
-                let found = go_template_action(text).unwrap_or_default();
-                let found = range.start + found.start..range.start + found.end;
-                return Some((found.start, ClientOnly::Placeholder(&sql[found])));
             }
             (Token::Symbol, _) if text == "\\" => {
                 let command = sql[range.start..]

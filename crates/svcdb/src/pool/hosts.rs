@@ -82,9 +82,9 @@ fn alone(session: &tokio_postgres::Config, i: usize) -> tokio_postgres::Config {
         Host::Tcp(host) => one.host(host),
         Host::Unix(path) => one.host_path(path),
     };
-    // One port for every host, or one each; the same for addresses.
-    let pick = |n: usize| if n == 1 { 0 } else { i };
-    if let Some(port) = session.get_ports().get(pick(session.get_ports().len())) {
+    // One port for every host, or one each; addresses are one each.
+    let ports = session.get_ports();
+    if let Some(port) = ports.get(if ports.len() == 1 { 0 } else { i }) {
         one.port(*port);
     }
     if let Some(addr) = session.get_hostaddrs().get(i) {

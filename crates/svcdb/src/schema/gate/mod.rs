@@ -175,7 +175,7 @@ impl Gate {
             (None, _) => problems.push(Problem::NoSchema {
                 schema: name.clone(),
                 // As `connect` suggests them (found by a user trial: health and verify did not).
-                similar: crate::pool::look_alike(&name, row.others.clone()),
+                similar: crate::pool::look_alike(&name, row.others),
             }),
             (Some(false), _) => problems.push(Problem::NoSchemaAccess {
                 schema: name.clone(),
