@@ -611,22 +611,11 @@ async fn consume_rounds(
             args.consume_rounds,
             args.consume_batch
         );
-        let batched: Vec<Envelope> = (0..n).map(|i| envelope("batch", i)).collect();
-        publish_all(
-            channel,
-            &names.exchange,
-            "batch.bench",
-            &batched.iter().collect::<Vec<_>>(),
-        )
-        .await?;
-        let raw: Vec<Envelope> = (0..n).map(|i| envelope("raw-rounds", i)).collect();
-        publish_all(
-            channel,
-            &names.exchange,
-            "raw.bench",
-            &raw.iter().collect::<Vec<_>>(),
-        )
-        .await?;
+        for (phase, routing_key) in [("batch", "batch.bench"), ("raw-rounds", "raw.bench")] {
+            let envelopes: Vec<Envelope> = (0..n).map(|i| envelope(phase, i)).collect();
+            let copies: Vec<&Envelope> = envelopes.iter().collect();
+            publish_all(channel, &names.exchange, routing_key, &copies).await?;
+        }
         let batched = async {
             server.checkpoint().await;
             batch_consume(
