@@ -81,6 +81,11 @@ pub struct ProvisionReport {
     /// ([`ProvisionSpec::password`], `svcdb provision --password-env`). `None` when provisioning
     /// cannot tell: reading `pg_authid` takes a superuser.
     pub has_password: Option<bool>,
+    /// Other schemas of this database the role owns, by name: left by an earlier provisioning
+    /// with another schema (a typo put right, a rename), or made by the role itself. Its
+    /// `search_path` now names only `schema` (and the extras), so a service connected as it no
+    /// longer finds what they hold; provisioning never drops a schema.
+    pub other_schemas: Vec<String>,
 }
 
 /// Creates or completes, in one transaction, the role and schema of one service:
@@ -396,6 +401,20 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
         None
     };
 
+    // Found by a user trial: provisioning again with another --schema quietly made the role
+    // the owner of two schemas, the first one off its search path.
+    let other_schemas = tx
+        .query(
+            "SELECT nspname::text FROM pg_namespace
+             WHERE nspowner = (SELECT oid FROM pg_roles WHERE rolname = $1) AND nspname <> $2
+             ORDER BY 1",
+            &[&role.as_str(), &schema.as_str()],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
     tx.commit().await?;
     Ok(ProvisionReport {
         role: role.as_str().to_owned(),
@@ -403,6 +422,7 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
         database,
         changes,
         has_password,
+        other_schemas,
     })
 }
 

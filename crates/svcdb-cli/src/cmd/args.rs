@@ -1,5 +1,6 @@
 //! Options more than one command takes, in one place: the gate's, for `svcdb schema verify`
-//! and `svcdb health`, with the exit code of the gate's verdict.
+//! and `svcdb health`, with the exit code of the gate's verdict; and the broker's URL, for
+//! `svcdb health` and `svcdb events replay`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,6 +11,13 @@ use svcdb::{Gate, ServiceDb};
 use crate::global::{Global, DEFAULT_MIGRATIONS_DIR};
 use crate::output::errln;
 use crate::Outcome;
+
+/// An `--amqp-url` or `AMQP_URL` as given: `None` when absent or empty. clap hands an empty
+/// variable through as the URL "" (found by a user trial: `AMQP_URL= svcdb health` failed on
+/// "not an AMQP URL"); empty is unset, as for DATABASE_URL and `AmqpConfig::from_env`.
+pub fn amqp_url(given: Option<String>) -> Option<String> {
+    given.filter(|url| !url.trim().is_empty())
+}
 
 /// What the gate checks besides the schema, and how long it may wait; `svcdb health` takes
 /// the same options.

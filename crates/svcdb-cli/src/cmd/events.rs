@@ -51,9 +51,10 @@ pub struct ReplayArgs {
     #[arg(long)]
     limit: Option<u64>,
 
-    /// The broker: amqp://user:password@host:port/vhost (%2f is the vhost /).
-    #[arg(long, env = "AMQP_URL", default_value = svcdb_amqp::DEFAULT_URL, hide_env_values = true, hide_default_value = true)]
-    amqp_url: String,
+    /// The broker: amqp://user:password@host:port/vhost (%2f is the vhost /); default:
+    /// amqp://127.0.0.1:5672/%2f as guest, RabbitMQ's own default.
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+    amqp_url: Option<String>,
 }
 
 /// The exit codes of `svcdb events purge`, shown in its `--help`.
@@ -139,12 +140,8 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
 }
 
 async fn replay(global: &Global, args: ReplayArgs) -> Result<Outcome> {
-    // clap hands an empty AMQP_URL (or `--amqp-url ""`) through as the URL "": empty is
-    // unset, as AmqpConfig::from_env and DATABASE_URL have it.
-    let url = match args.amqp_url.trim() {
-        "" => svcdb_amqp::DEFAULT_URL.to_owned(),
-        _ => args.amqp_url,
-    };
+    let url =
+        super::args::amqp_url(args.amqp_url).unwrap_or_else(|| svcdb_amqp::DEFAULT_URL.to_owned());
     let config = svcdb_amqp::AmqpConfig::new(url).with_connection_name("svcdb events replay");
     config.validate()?;
     let report = match svcdb_amqp::replay_dead_letters(&config, &args.queue, args.limit).await {

@@ -40,9 +40,7 @@ struct Broker {
 /// problem of the gate). Never waits longer than `--timeout`.
 pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
     let (db, gate) = args.gate.prepare(global)?;
-    // clap passes an empty AMQP_URL through; empty is unset, as an empty DATABASE_URL is
-    // (found by a user trial: `AMQP_URL= svcdb health` failed on "not an AMQP URL").
-    let amqp = match args.amqp_url.filter(|url| !url.trim().is_empty()) {
+    let amqp = match super::args::amqp_url(args.amqp_url) {
         Some(url) => {
             let config = svcdb_amqp::AmqpConfig::new(url).with_connection_name("svcdb health");
             config.validate()?;

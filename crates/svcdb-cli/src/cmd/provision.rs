@@ -6,7 +6,7 @@ use svcdb::error::shell_word;
 use svcdb::{provision, Config, DedicatedConn, Ident, Password, ProvisionSpec, Tls};
 
 use crate::global::Global;
-use crate::output::outln;
+use crate::output::{errln, outln};
 use crate::{output, Outcome};
 
 /// Options of `svcdb provision` (the schema is the global `--schema`).
@@ -92,10 +92,38 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
             outln!("{change}");
         }
     }
-    if report.has_password == Some(false) && !global.json {
-        outln!("{}", no_password_note(global, &args, &report.role, schema));
+    if !global.json {
+        // Notes on stderr, as every other command's: stdout holds what was done.
+        if !report.other_schemas.is_empty() {
+            errln!("{}", other_schemas_warning(&report));
+        }
+        if report.has_password == Some(false) {
+            errln!("{}", no_password_note(global, &args, &report.role, schema));
+        }
     }
     Ok(Outcome::Success)
+}
+
+/// What to do about the schemas a role owns besides its own (`--json` has `other_schemas`).
+fn other_schemas_warning(report: &svcdb::ProvisionReport) -> String {
+    let (schemas, them) = match report.other_schemas.as_slice() {
+        [one] => (format!("schema {one}"), "it"),
+        more => (format!("schemas {}", more.join(", ")), "them"),
+    };
+    let drop = report
+        .other_schemas
+        .iter()
+        // Quoted: the name is the server's, whatever its case or characters.
+        .map(|s| format!("DROP SCHEMA \"{}\";", s.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "warning: role {role} also owns {schemas} in {database}, off its search path now (it names only {schema}); provisioned before with another --schema?\n  \
+         hint: if nothing uses {them}, drop {them} as an administrator: `{drop}` (refused while a schema holds objects: look before adding CASCADE)",
+        role = report.role,
+        database = report.database,
+        schema = report.schema,
+    )
 }
 
 /// What to do about a role without a password (`--json` has `has_password: false` instead):

@@ -415,3 +415,53 @@ async fn listing_and_purging_create_no_schema() {
         assert!(!p.schema_exists().await, "{args:?} created the schema");
     }
 }
+
+/// Found by a user trial: `--json --version` printed text where every other `--json` run
+/// prints one JSON object; without `--json` it stays the usual line (the control).
+#[test]
+fn version_with_json_is_one_json_object() {
+    for args in [
+        &["--version", "--json"][..],
+        &["migrate", "--json", "--version"],
+    ] {
+        let out = svcdb(args, &[], None).expect_code(0);
+        let json = out.json();
+        assert_eq!(json["name"], "svcdb", "{args:?}: {out}");
+        assert_eq!(
+            json["version"],
+            env!("CARGO_PKG_VERSION"),
+            "{args:?}: {out}"
+        );
+    }
+    let out = svcdb(&["--version"], &[], None).expect_code(0);
+    assert_eq!(
+        out.stdout.trim(),
+        format!("svcdb {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// Found by a user trial: `events replay --help` listed --dir, --schema and --database-url,
+/// which a replay (all AMQP) ignores. A command that uses them still lists them (the control),
+/// and the hidden ones are still accepted (they come from the environment too).
+#[test]
+fn a_command_help_lists_only_the_shared_options_it_uses() {
+    let help = |args: &[&str]| svcdb(args, &[], None).expect_code(0).stdout;
+    let replay = help(&["events", "replay", "--help"]);
+    for unused in ["--dir", "--schema", "--database-url", "--extra-schemas"] {
+        assert!(!replay.contains(unused), "{unused} in {replay}");
+    }
+    assert!(replay.contains("--json"), "{replay}");
+    assert!(!help(&["provision", "--help"]).contains("--dir"));
+    let up = help(&["migrate", "up", "--help"]);
+    for used in ["--dir", "--schema", "--database-url", "--json"] {
+        assert!(up.contains(used), "{used} not in {up}");
+    }
+    // Accepted: it fails on the queue it names, not on the option.
+    let out = svcdb(
+        &["events", "replay", "--dir", "x", "--queue", ""],
+        &[],
+        None,
+    );
+    assert_eq!(out.code, 64, "{out}");
+    assert!(!out.stderr.contains("unexpected argument"), "{out}");
+}

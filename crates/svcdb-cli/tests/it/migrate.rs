@@ -718,6 +718,25 @@ async fn status_and_validate_create_no_schema() {
     p.run(&["migrate", "status"]).expect_code(0);
 }
 
+/// Found by a user trial: with SVCDB_CREATE_SCHEMA=true and no migrations yet (a new
+/// service's first deploy), `up` said "up to date" and left the schema uncreated, so the
+/// service then failed at start-up. The setting off (the schema is missing: exit 1, as with
+/// migrations) and a dry run create nothing: the controls.
+#[tokio::test]
+async fn up_with_no_migrations_yet_creates_the_schema_it_may_create() {
+    let p = Project::new().await;
+    std::fs::create_dir(p.migrations()).unwrap();
+    p.run_with_env(&["migrate", "up"], &[("SVCDB_CREATE_SCHEMA", "false")])
+        .expect_code(1);
+    p.run(&["migrate", "up", "--dry-run"]).expect_code(0);
+    assert!(!p.schema_exists().await);
+
+    p.run(&["migrate", "up"]).expect_code(0);
+    assert!(p.schema_exists().await, "up did not create the schema");
+    p.run(&["migrate", "up"]).expect_code(0);
+    p.run(&["migrate", "status"]).expect_code(0);
+}
+
 /// Found by trying a real dbmate project: on a schema another tool migrated, `status` said
 /// "3 pending; run `svcdb migrate up`", and `up` then failed on the first table. Both now
 /// refuse, naming the other tool's history and the `adopt` command, which then works.

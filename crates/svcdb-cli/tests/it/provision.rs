@@ -134,8 +134,8 @@ async fn provision_says_when_the_role_has_no_password_and_how_to_give_it_one() {
 
     let out = project.run(&args).expect_code(0);
     assert!(
-        out.stdout.contains(&format!("role {role} has no password"))
-            && out.stdout.contains("--password-env"),
+        out.stderr.contains(&format!("role {role} has no password"))
+            && out.stderr.contains("--password-env"),
         "{out}"
     );
     let mut json = args.to_vec();
@@ -151,7 +151,7 @@ async fn provision_says_when_the_role_has_no_password_and_how_to_give_it_one() {
         .run_with_env(&with_password, &[(&var, "correct horse battery staple")])
         .expect_code(0);
     assert!(out.stdout.contains("set the password"), "{out}");
-    assert!(!out.stdout.contains("no password"), "{out}");
+    assert!(!out.stderr.contains("no password"), "{out}");
     assert_eq!(
         project.run(&json).expect_code(0).json()["has_password"],
         true
@@ -168,8 +168,8 @@ async fn the_no_password_hint_quotes_a_name_the_shell_would_expand() {
     let out = project
         .run(&["provision", "--service", &role, "--schema", "sch$x"])
         .expect_code(0);
-    assert!(out.stdout.contains("--schema 'sch$x' "), "{out}");
-    assert!(out.stdout.contains(&format!("--service {role} ")), "{out}");
+    assert!(out.stderr.contains("--schema 'sch$x' "), "{out}");
+    assert!(out.stderr.contains(&format!("--service {role} ")), "{out}");
 }
 
 /// Found by a user trial: as the administrator the hint names (a CREATEROLE role that owns the

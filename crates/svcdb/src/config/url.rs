@@ -21,6 +21,14 @@ pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
             ));
         }
     }
+    // Found by a user trial: `svc@db/shop` (the scheme left out) was read as key=value pairs
+    // and refused with the driver's "unexpected EOF".
+    if url_body(database_url).is_none() && !database_url.contains('=') {
+        return Err(Error::config(
+            "DATABASE_URL",
+            "is neither a URL nor key=value pairs; write postgres://user[:password]@host[:port]/dbname (the scheme included)",
+        ));
+    }
     refuse_ambiguous_credentials(database_url)?;
     database_url.parse().map_err(|e: tokio_postgres::Error| {
         let why = std::error::Error::source(&e)
@@ -164,6 +172,24 @@ mod tests {
             super::parse_url("postgresql://svc@db/shop").is_ok(),
             "the control"
         );
+    }
+
+    #[test]
+    fn a_url_without_its_scheme_is_refused_as_such_without_repeating_it() {
+        for url in [
+            "svc:s3cret@db/shop",
+            "db:5432/shop",
+            "postgres:/svc:s3cret@db/shop",
+        ] {
+            let e = super::parse_url(url).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, crate::Error::Config { .. }), "{text}");
+            assert!(text.contains("the scheme"), "{url}: {text}");
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+        // The controls: key=value pairs are no URL and are read.
+        assert!(super::parse_url("host=db user=svc dbname=shop").is_ok());
+        assert!(super::parse_url("postgres://svc@db/shop").is_ok());
     }
 
     #[test]

@@ -382,8 +382,15 @@ impl Migrator {
         self.lint_before_up(&plan, &stale, observer).await?;
         // A migration in progress may be one this call would run, or may fail: only under the
         // lock, once its runner is done, is there nothing to do.
-        // A history table an older release wrote is upgraded under the lock first.
-        if (plan.is_empty() && stale.is_empty() && status.in_progress.is_none() && !history.legacy)
+        // A history table an older release wrote is upgraded under the lock first. A schema
+        // `up` may create is made under it too, with nothing to apply (found by a user trial:
+        // an empty folder said "up to date" and left the service without its schema).
+        let may_create = !history.exists && self.db.config().create_schema;
+        if (plan.is_empty()
+            && stale.is_empty()
+            && status.in_progress.is_none()
+            && !history.legacy
+            && !may_create)
             || options.dry_run
         {
             return Ok(UpReport {
