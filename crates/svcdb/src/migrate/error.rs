@@ -189,7 +189,7 @@ pub enum MigrateError {
 
     /// `down` would have to cross a migration that has no down script (none, or one holding
     /// no statement); nothing was reverted.
-    #[error("cannot revert migration {version} ({path}): {}, so nothing was reverted\n  hint: write the statements that undo it in {down_at}{}", if *empty { "its down script holds no statement" } else { "it has no down script" }, newer_hint(version, *newer))]
+    #[error("cannot revert migration {version} ({path}): {}, so nothing was reverted\n  hint: write the statements that undo it in {down_at}{}{}", no_down_why(*empty, down_at), newer_hint(version, *newer), undo_file_caution(down_at))]
     NoDown {
         /// The version.
         version: Version,
@@ -355,6 +355,11 @@ pub struct MigrationFailure {
     /// for tools that run migrations in `public` qualify names with it, where svcdb runs them
     /// in the service schema and their unqualified names created their objects there.
     pub other_schema: Option<String>,
+    /// For a `redo` whose up failed: the migration whose down script this command ran and
+    /// committed first (a script outside a transaction keeps them apart). It stays reverted,
+    /// pending, over what its down script left. `None` otherwise (a redo of two transactional
+    /// scripts runs them in one transaction, which the failure rolled back).
+    pub reverted_first: Option<Version>,
     /// True when the runner's interrupt ([`Migrator::with_interrupt`](super::Migrator::with_interrupt):
     /// Ctrl-C, SIGTERM) cancelled the failing statement (57014): the migration is not at fault.
     pub interrupted: bool,
@@ -527,6 +532,7 @@ fn failed_message(f: &MigrationFailure) -> String {
         invalid_indexes,
         other_histories,
         other_schema,
+        reverted_first,
         interrupted,
     } = f;
     let list = |v: &[Version]| {
@@ -570,6 +576,11 @@ fn failed_message(f: &MigrationFailure) -> String {
                 super::Direction::Up => "pending",
                 super::Direction::Down => "applied",
             }
+        ));
+    }
+    if let Some(reverted) = reverted_first {
+        s.push_str(&format!(
+            "\n  its down script ran first, outside one transaction with the up, and stays: migration {reverted} is reverted and pending, over whatever its down script did not undo"
         ));
     }
     if *rolled_back {
@@ -714,6 +725,31 @@ fn interrupted(schema: &str, done: &[Version], dirty: Option<&Version>) -> Strin
 
 /// The part of [`MigrateError::NoDown`]'s hint for the migrations above the irreversible one:
 /// a command that reverts them, when there are some.
+/// Why [`MigrateError::NoDown`]'s migration has no down script to run.
+fn no_down_why(empty: bool, down_at: &str) -> &'static str {
+    if empty {
+        "its down script holds no statement"
+    } else if down_at.starts_with("the down section of ") {
+        // Found by a user trial on a goose folder: the section was there, with goose's
+        // placeholder in it, and "it has no down script" read as wrong.
+        "its down section holds no statement but, at most, goose's placeholder `SELECT 'down SQL query'`, which undoes nothing"
+    } else {
+        "it has no down script"
+    }
+}
+
+/// For a down script to go in a Flyway undo file (`U3__x.sql`): refinery reads the same
+/// folder layout, and to refinery a `U` file is an unversioned migration, run on every
+/// deploy as an up (found by a user trial on a refinery project).
+fn undo_file_caution(down_at: &str) -> &'static str {
+    let file = down_at.rsplit('/').next().unwrap_or(down_at);
+    if file.starts_with(['U', 'u']) && file.contains("__") {
+        " (Flyway's undo file; if refinery also runs this folder, do not add it: refinery would run a U file as a migration of its own)"
+    } else {
+        ""
+    }
+}
+
 fn newer_hint(version: &Version, newer: usize) -> String {
     match newer {
         0 => String::new(),

@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use super::adopt;
 use super::error::{MigrateError, MigrationFailure};
@@ -594,18 +594,48 @@ impl Migrator {
                     observer,
                 )?;
             }
-            let down = self
-                .revert(&mut lock, &history, &DownOptions::default(), observer)
-                .await?;
-            let plan: Vec<&Migration> = down
+            // What `down` checks (drift, a down script, the lint), without running it yet.
+            let planned = DownOptions {
+                dry_run: true,
+                ..DownOptions::default()
+            };
+            let checked = self.revert(&mut lock, &history, &planned, observer).await?;
+            let plan: Vec<&Migration> = checked
                 .migrations
                 .iter()
                 .filter_map(|e| self.migrations.get(&e.version))
                 .collect();
-            let (done, atomic) = self
-                .run(&mut lock, &plan, Direction::Up, true, observer)
+            let current_version = history.rows.iter().rev().nth(1).map(|r| r.version.clone());
+            let down = |migrations| DownReport {
+                dry_run: false,
+                migrations,
+                current_version,
+                ..checked
+            };
+            if let [m] = plan[..] {
+                if transactional(m, Direction::Down) && transactional(m, Direction::Up) {
+                    let (reverted, applied) =
+                        self.redo_in_one_transaction(&mut lock, m, observer).await?;
+                    return Ok((down(reverted), true, applied));
+                }
+            }
+            // A script outside a transaction: the down commits before the up runs, and a
+            // failing up says so ([`MigrationFailure::reverted_first`]).
+            let (reverted, _) = self
+                .run(&mut lock, &plan, Direction::Down, true, observer)
                 .await?;
-            Ok((down, atomic, done))
+            let (done, atomic) = match self
+                .run(&mut lock, &plan, Direction::Up, true, observer)
+                .await
+            {
+                Err(MigrateError::Failed(mut f)) => {
+                    f.rolled_back = false;
+                    f.reverted_first = Some(f.version.clone());
+                    return Err(MigrateError::Failed(f));
+                }
+                done => done?,
+            };
+            Ok((down(reverted), atomic, done))
         }
         .await;
         let (down, atomic, done) = lock.release_after(result).await?;
@@ -619,6 +649,51 @@ impl Migrator {
             repeatables: Vec::new(),
         };
         Ok(RedoReport { down, up })
+    }
+
+    /// `m`'s down script then its up script, each with its history write, in one transaction
+    /// (each in a savepoint, as a group runs): a failing up takes the down back with it (found
+    /// by a user trial: the down committed, the up failed on what the down had not dropped,
+    /// and the history said pending over a schema that still held it). Returns what each ran.
+    async fn redo_in_one_transaction(
+        &self,
+        lock: &mut MigrationLock,
+        m: &Migration,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<(Vec<RunEntry>, Vec<RunEntry>), MigrateError> {
+        self.check_interrupt(&[])?;
+        let reset = self.session_reset(lock.acting_as(), true);
+        let conn: &mut Client = lock;
+        let mut tx = conn.transaction().await?;
+        let mut ran = Vec::with_capacity(2);
+        for direction in [Direction::Down, Direction::Up] {
+            match self
+                .run_group(&mut tx, &reset, &[m], direction, false, observer)
+                .await
+            {
+                Ok(entries) => ran.push(entries),
+                Err((_, StepError::Other(e))) => return Err(e),
+                Err((
+                    _,
+                    StepError::Script {
+                        cause,
+                        lock_retries,
+                        at,
+                        ..
+                    },
+                )) => {
+                    return Err(MigrateError::Failed(Box::new(MigrationFailure {
+                        rolled_back: true,
+                        lock_retries,
+                        interrupted: self.cancelled_by_interrupt(&cause),
+                        ..failure(m, direction, cause, None, at, self.db.schema().as_str())
+                    })))
+                }
+            }
+        }
+        tx.commit().await?;
+        let applied = ran.pop().unwrap_or_default();
+        Ok((ran.pop().unwrap_or_default(), applied))
     }
 
     /// Records every migration of the source with a version ≤ `version` as applied, without
@@ -1212,7 +1287,7 @@ impl Migrator {
     /// [`MigrateOptions::lock_retries`] times. On a failure nothing of the group stays.
     async fn run_group(
         &self,
-        conn: &mut Client,
+        conn: &mut (impl GenericClient + Send),
         reset: &str,
         group: &[&Migration],
         direction: Direction,
@@ -1491,7 +1566,7 @@ impl Migrator {
     /// failing commit (a deferred constraint) is put on the group's last migration.
     async fn try_group(
         &self,
-        conn: &mut Client,
+        conn: &mut (impl GenericClient + Send),
         group: &[&Migration],
         direction: Direction,
         create_table: bool,
@@ -1843,6 +1918,7 @@ fn failure(
         invalid_indexes: Vec::new(),
         other_histories: Vec::new(),
         other_schema,
+        reverted_first: None,
         interrupted: false,
     }
 }

@@ -23,6 +23,22 @@ pub(crate) fn down_placeholder(prefix: &str, name: &str) -> String {
     format!("-- {prefix} {name}: undo the change.\n")
 }
 
+/// True when `sql`, a down script, is goose's placeholder (`goose create` writes
+/// `SELECT 'down SQL query';`, often left as it is). It runs and undoes nothing, so `down`
+/// would report the migration reverted while its objects stay, and the next `up` fail on them
+/// (found by a user trial): it counts as no down script, as an empty one does.
+pub(crate) fn is_goose_placeholder_down(sql: &str) -> bool {
+    let statements = super::split::split_statements(sql);
+    !statements.is_empty()
+        && statements.iter().all(|statement| {
+            let code = &statement[super::split::code_start(statement, 0)..];
+            code.split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .eq_ignore_ascii_case("SELECT 'down SQL query'")
+        })
+}
+
 /// True when `m`'s up script is exactly the placeholder `new_migration` wrote for it, give or
 /// take blank lines around it (a goose or dbmate section ends with one).
 pub(crate) fn is_untouched(m: &Migration) -> bool {
@@ -61,6 +77,24 @@ mod tests {
 
     fn parsed(dir: &std::path::Path) -> Vec<Migration> {
         Migrations::from_dir(dir).unwrap().iter().cloned().collect()
+    }
+
+    #[test]
+    fn gooses_placeholder_down_is_told_from_a_written_one() {
+        for placeholder in [
+            "SELECT 'down SQL query';",
+            "-- +goose StatementBegin\nselect  'down SQL query'\n;\n-- +goose StatementEnd\n",
+        ] {
+            assert!(is_goose_placeholder_down(placeholder), "{placeholder}");
+        }
+        for written in [
+            "SELECT 'down SQL query'; DROP TABLE a;",
+            "DROP TABLE a;",
+            "SELECT 'up SQL query';",
+            "",
+        ] {
+            assert!(!is_goose_placeholder_down(written), "{written}");
+        }
     }
 
     #[test]

@@ -992,6 +992,101 @@ async fn down_by_steps_and_to_refuses_to_cross_an_up_without_a_down() {
     assert_eq!(history(&svc).await, [1]);
 }
 
+/// Found by a user trial: `redo` of a migration whose down script undoes nothing (here
+/// `SELECT 1`) committed the down, then the up failed on the table still there: the history
+/// said pending over a schema that held it, and the error said everything was rolled back.
+/// The two transactional scripts now run in one transaction, which the failure rolls back.
+#[tokio::test]
+async fn a_redo_whose_up_fails_leaves_the_migration_applied() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            ("0001_t.up.sql", "CREATE TABLE t (id int);"),
+            ("0001_t.down.sql", "SELECT 1;"),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up().await.unwrap();
+
+    let Err(MigrateError::Failed(f)) = m.redo().await else {
+        panic!("the up of the redo should fail: t is still there");
+    };
+    assert_eq!(f.direction, Direction::Up);
+    assert_eq!(
+        f.cause.code(),
+        Some(&tokio_postgres::error::SqlState::DUPLICATE_TABLE)
+    );
+    assert!(f.rolled_back && f.reverted_first.is_none(), "{f}");
+    assert_eq!(history(&svc).await, [1], "the down's history delete stays");
+
+    // The control: a down script that undoes the up redoes, in one transaction.
+    write(dir.path(), &[("0001_t.down.sql", "DROP TABLE t;")]);
+    let m = migrator(&svc, dir.path());
+    let redo = m.redo().await.unwrap();
+    assert!(redo.up.atomic);
+    assert_eq!(redo.down.current_version, None);
+    assert_eq!(history(&svc).await, [1]);
+}
+
+/// Found by a user trial on a goose folder: goose's placeholder down (`SELECT 'down SQL
+/// query'`, written by `goose create`) ran, undid nothing, and the history row went, so the
+/// next `up` failed on the table. It is no down script: `down` refuses before running anything.
+/// A written down section is run (the control).
+#[tokio::test]
+async fn gooses_placeholder_down_is_refused_as_no_down() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    let goose = |down: &str| {
+        format!("-- +goose Up\nCREATE TABLE t (id int);\n\n-- +goose Down\n-- +goose StatementBegin\n{down}\n-- +goose StatementEnd\n")
+    };
+    write(
+        dir.path(),
+        &[("20240101120000_t.sql", &goose("SELECT 'down SQL query';"))],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up().await.unwrap();
+    let refused = m.down(&DownOptions::default()).await;
+    assert!(
+        matches!(refused, Err(MigrateError::NoDown { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(history(&svc).await, [20240101120000]);
+
+    write(
+        dir.path(),
+        &[("20240101120000_t.sql", &goose("DROP TABLE t;"))],
+    );
+    let m = migrator(&svc, dir.path()).with_options(MigrateOptions {
+        allow_changed: true,
+        ..MigrateOptions::default()
+    });
+    m.down(&DownOptions::default()).await.unwrap();
+    assert_eq!(history(&svc).await, [] as [i64; 0]);
+}
+
+/// The same redo with its down script outside a transaction: the down commits first, and the
+/// failure says so instead of "everything was rolled back".
+#[tokio::test]
+async fn a_redo_with_a_nontransactional_down_says_the_down_stays() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            ("0001_t.up.sql", "CREATE TABLE t (id int);"),
+            ("0001_t.down.sql", "-- svcdb:no-transaction\nSELECT 1;"),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up().await.unwrap();
+
+    let Err(MigrateError::Failed(f)) = m.redo().await else {
+        panic!("the up of the redo should fail: t is still there");
+    };
+    assert!(!f.rolled_back, "{f}");
+    assert_eq!(f.reverted_first.as_ref().map(|v| v.number()), Some(1));
+    assert_eq!(history(&svc).await, [] as [i64; 0]);
+}
+
 #[tokio::test]
 async fn a_failing_transactional_down_batch_rolls_back() {
     let Fixture { db, svc, dir } = Fixture::new().await;

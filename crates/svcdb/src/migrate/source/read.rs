@@ -431,9 +431,13 @@ impl Migrations {
                 up_no_tx,
                 down_no_tx,
             } = scripts;
-            // A down script without a statement (an empty file, comments only) undoes nothing:
-            // the migration is irreversible, and `down` refuses it before touching anything.
-            let down = down.filter(|d| !split_statements(&d.sql).is_empty());
+            // A down script without a statement (an empty file, comments only), or goose's
+            // placeholder, undoes nothing: the migration is irreversible, and `down` refuses
+            // it before touching anything.
+            let down = down.filter(|d| {
+                !split_statements(&d.sql).is_empty()
+                    && !crate::migrate::template::is_goose_placeholder_down(&d.sql)
+            });
             refuse_unrunnable(&up_sql, &up_path, up_line)?;
             if let Some(d) = &down {
                 refuse_unrunnable(&d.sql, &d.path, d.line)?;
