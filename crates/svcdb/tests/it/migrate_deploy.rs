@@ -157,6 +157,44 @@ async fn a_migration_that_adds_an_enum_value_commits_before_the_next_one_uses_it
     );
 }
 
+/// Found by a user trial on Kestra's Flyway folder: a script with `ALTER TYPE … ADD VALUE`
+/// among its statements ran outside a transaction, as Flyway does only on PostgreSQL before
+/// 12, so a failure later in it left the type and a table behind and the schema dirty. Flyway
+/// on 12+ (and refinery always) runs it in one transaction: a failure takes it all back.
+#[tokio::test]
+async fn a_flyway_script_that_adds_an_enum_value_runs_in_its_transaction() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "V1__init.sql",
+            "CREATE TYPE mood AS ENUM ('ok');
+ALTER TYPE mood ADD VALUE 'meh';
+             CREATE TABLE people (id int PRIMARY KEY);
+INSERT INTO people VALUES (1), (1);",
+        )],
+    );
+    let m = migrator(&svc, dir.path(), MigrateOptions::default());
+    assert!(m.migrations().iter().all(|m| m.transactional));
+    let err = m.up().await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION), "{err}");
+    let left: i64 = svc
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname = 'people'
+             UNION ALL SELECT count(*) FROM pg_type WHERE typname = 'mood' ORDER BY 1 DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the type and the table were rolled back");
+}
+
 /// A migration writes rows that a `DEFERRABLE INITIALLY DEFERRED` foreign key checks at
 /// commit (Django's foreign keys are all so), and the next alters that table: in one group
 /// PostgreSQL refuses the `ALTER TABLE` (55006, "pending trigger events"), where every tool
