@@ -134,6 +134,35 @@ impl Global {
             .ignored()
             .iter()
             .partition(|f| is_nested_migration(f));
+        // Found by a trial with `--dir db` where the files were in db/migrations: `up` and
+        // `status` said "up to date" (exit 0), and a start-up gate would have passed on an
+        // empty schema. With nothing else in the folder, that is the wrong folder.
+        if migrations.is_empty() && migrations.repeatables().is_empty() && !nested.is_empty() {
+            let mut folders: Vec<&str> = nested
+                .iter()
+                .filter_map(|f| f.rsplit_once('/').map(|(folder, _)| folder))
+                .collect();
+            folders.dedup();
+            let inside = |folder: &str| self.dir.join(folder).display().to_string();
+            let hint = match folders.as_slice() {
+                [one] => format!(
+                    "point --dir (or SVCDB_MIGRATIONS_DIR) at the folder that holds them: --dir {}",
+                    svcdb::error::shell_word(&inside(one))
+                ),
+                _ => "point --dir (or SVCDB_MIGRATIONS_DIR) at the folder that holds them, or move them all into one folder".to_owned(),
+            };
+            return Err(svcdb::migrate::MigrateError::Source {
+                path: migrations.origin().to_owned(),
+                message: format!(
+                    "holds no migration, but {} .sql file{} in its sub-folders {} named like migrations ({}); svcdb reads migrations from the folder itself\n  hint: {hint}",
+                    nested.len(),
+                    if nested.len() == 1 { "" } else { "s" },
+                    if nested.len() == 1 { "is" } else { "are" },
+                    listed(&nested)
+                ),
+            }
+            .into());
+        }
         if !nested.is_empty() {
             errln!(
                 "warning: ignored {} .sql file{} in sub-folders of {} named like migrations ({}); svcdb reads migrations from the folder itself (only Flyway's V<version>__<name>.sql also from sub-folders)\n  hint: point --dir at the folder that holds them, or move them all into one folder",

@@ -622,6 +622,39 @@ async fn ignored_sql_files_are_a_warning_on_stderr_and_json_stays_clean() {
     );
 }
 
+/// Found by a trial: `--dir db` where the migrations were in db/migrations warned of the
+/// files in the sub-folder, then `up` and `status` said "up to date" and exited 0, so a
+/// deploy gate passed over an empty schema. A folder with no migration of its own but
+/// migration-named files in a sub-folder is refused, naming the folder to give; with one
+/// migration of its own, the sub-folder's files stay a warning (the control above).
+#[tokio::test]
+async fn a_dir_one_level_above_the_migrations_is_refused_with_the_right_one() {
+    let p = Project::new().await;
+    p.write(&[
+        ("migrations/0001_a.up.sql", "CREATE TABLE a (id int);"),
+        ("migrations/0002_b.up.sql", "CREATE TABLE b (id int);"),
+    ]);
+    for args in [
+        &["migrate", "up", "--json"][..],
+        &["migrate", "status", "--json"],
+    ] {
+        let out = p.run(args).expect_code(1);
+        assert_eq!(out.json()["code"], "migration_source", "{args:?}: {out}");
+        let right = p.migrations().join("migrations");
+        assert!(
+            out.stderr.contains(&format!("--dir {}", right.display())),
+            "{args:?}: {out}"
+        );
+    }
+    assert!(!p.schema_exists().await);
+    let right = p.migrations().join("migrations");
+    p.run_with_env(
+        &["migrate", "up"],
+        &[("SVCDB_MIGRATIONS_DIR", right.to_str().unwrap())],
+    )
+    .expect_code(0);
+}
+
 #[tokio::test]
 async fn failing_goose_scripts_are_located_in_their_file() {
     let p = Project::new().await;
