@@ -491,6 +491,12 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
         ) => Some(e),
         Err(e) => return Err(e.into()),
     };
+    // Another tool's history (read only while svcdb's is empty), unless the refusal is about
+    // it already, with what `adopt` would do with it.
+    let adoption = match (&refusal, report.other_histories.first()) {
+        (Some(MigrateError::OtherToolApplied { .. }), _) | (_, None) => None,
+        (_, Some(other)) => Some(adoption_note(&migrator, other).await),
+    };
     // With --json the refusal is in the report too (found by a user trial: exit 1 with a JSON
     // report that never said why): `refused` is `{"error", "hint", "code"}`, or null.
     let refusal = refusal.map(|e| crate::failure::Failure::new(&anyhow::Error::new(e)));
@@ -519,15 +525,17 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
             summary.push_str(&format!("; `svcdb migrate up` would refuse: {why}"));
         } else if r.in_progress.is_some() || r.locked {
             summary.push_str("; another runner holds the schema's migration lock, and `svcdb migrate up` waits for it");
-        } else if let (None, Some(other)) = (&refusal, r.other_histories.first()) {
-            summary.push_str(&format!(
-                "; {}'s history table {} is in the database: take it over with `svcdb migrate adopt --from {}`, or run `svcdb migrate up` if that history is not this schema's",
-                other.tool, other.table, other.tool
-            ));
+        } else if refusal.is_none() && adoption.is_some() {
+            // Said below.
         } else if refusal.is_none()
             && (r.pending().next().is_some() || r.stale_repeatables().next().is_some())
         {
             summary.push_str("; run `svcdb migrate up`");
+        }
+        // Found by a user trial: under a refusal for another reason (the lint), another
+        // tool's history went unmentioned.
+        if let Some(adoption) = &adoption {
+            summary.push_str(&format!("\n{adoption}"));
         }
         if r.entries.is_empty() && r.repeatables.is_empty() {
             summary
@@ -550,6 +558,30 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
     } else {
         Outcome::Success
     })
+}
+
+/// What `status` says of another tool's history table while svcdb's is empty: take it over
+/// with `adopt`, when a dry run of that adoption passes; else why `adopt` would refuse and
+/// what to do instead (found by a user trial: the history and the tables were in `public`,
+/// the service schema empty, and the suggested `adopt` refused).
+async fn adoption_note(migrator: &Migrator, other: &svcdb::migrate::OtherHistory) -> String {
+    let (tool, table) = (&other.tool, &other.table);
+    let options = AdoptOptions {
+        history_table: Some(table.clone()),
+        dry_run: true,
+        ..AdoptOptions::from(*tool)
+    };
+    match migrator.adopt(&options).await {
+        Ok(_) => format!(
+            "{tool}'s history table {table} is in the database: take it over with `svcdb migrate adopt --from {tool}`, or run `svcdb migrate up` if that history is not this schema's"
+        ),
+        Err(e) => {
+            let failure = crate::failure::Failure::new(&anyhow::Error::new(e));
+            let text = failure.text();
+            let why = text.trim_start_matches("error: ");
+            format!("{tool}'s history table {table} is in the database, but `svcdb migrate adopt --from {tool}` would refuse it: {why}")
+        }
+    }
 }
 
 async fn validate(global: &Global, drift: Drift) -> Result<Outcome> {

@@ -817,6 +817,49 @@ async fn status_and_up_point_at_adopt_on_a_schema_another_tool_migrated() {
     p.run(&["migrate", "up"]).expect_code(0);
 }
 
+/// Found by a user trial: goose's history and its tables in `public`, the service schema
+/// empty: `status` said "take it over with `svcdb migrate adopt --from goose`", which then
+/// refused (the objects are in `public`). It now says what `adopt` would do: refuse, and run
+/// the service in `public` instead; and it says so under a refusal for another reason (here
+/// the lint's), where it said nothing. With the tables in the service schema the adopt it
+/// suggests works (the control, `status_and_up_point_at_adopt…` above).
+#[tokio::test]
+async fn status_says_when_adopting_another_tools_history_would_be_refused() {
+    let p = Project::new().await;
+    p.write(&[(
+        "0001_create_items.up.sql",
+        "CREATE TABLE items (id int PRIMARY KEY);",
+    )]);
+    p.db.admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE public.goose_db_version (id serial PRIMARY KEY, version_id bigint NOT NULL,
+                 is_applied boolean NOT NULL, tstamp timestamp DEFAULT now());
+             INSERT INTO public.goose_db_version (version_id, is_applied) VALUES (0, true), (1, true);
+             CREATE TABLE public.items (id int PRIMARY KEY);",
+            s = p.schema
+        ))
+        .await
+        .unwrap();
+    let out = p.run(&["migrate", "status"]).expect_code(2);
+    assert!(
+        out.stdout.contains("would refuse it") && out.stdout.contains("--schema public"),
+        "{out}"
+    );
+    p.run(&["migrate", "adopt", "--from", "goose"])
+        .expect_code(1);
+
+    // Under the lint's refusal, the other history is still named.
+    p.write(&[(
+        "0002_index.up.sql",
+        "CREATE INDEX CONCURRENTLY items_id ON items (id);",
+    )]);
+    let out = p.run(&["migrate", "status"]).expect_code(1);
+    assert!(out.stdout.contains("would refuse:"), "{out}");
+    assert!(out.stdout.contains("public.goose_db_version"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_migration_is_in_progress_not_dirty() {
     let p = Project::new().await;
