@@ -249,6 +249,7 @@ fn migrate_kind(e: &MigrateError) -> &'static str {
         MigrateError::UnknownVersion { .. } => "unknown_version",
         MigrateError::Interrupted { .. } => "interrupted",
         MigrateError::Failed(_) => "migration_failed",
+        MigrateError::HistoryDropped { .. } => "history_dropped",
         _ => "error",
     }
 }

@@ -26,6 +26,21 @@ pub enum MigrateError {
         message: String,
     },
 
+    /// The scripts of a transactional group dropped svcdb's history table, or the service
+    /// schema that holds it (`DROP SCHEMA … CASCADE` in a first migration's down script), so
+    /// their run cannot be recorded: the group's transaction was rolled back, nothing changed
+    /// (found by a user trial: the error was a bare `relation "….svcdb_migrations" does not
+    /// exist`).
+    #[error("{} dropped svcdb's history table {schema}.{}, or the schema {schema} that holds it (as `DROP SCHEMA {schema} CASCADE` does), so what ran cannot be recorded; it was rolled back, and nothing changed\n  hint: a migration must leave the service schema and svcdb's tables alone: drop the objects it made one by one instead (a schema that should go is dropped by hand once every migration is reverted)", history_droppers(*direction, versions), super::migration::HISTORY_TABLE)]
+    HistoryDropped {
+        /// The service schema.
+        schema: String,
+        /// Whether the scripts were up or down scripts.
+        direction: super::Direction,
+        /// The migrations whose scripts ran in the transaction, one of which dropped it.
+        versions: Vec<Version>,
+    },
+
     /// A database or connection error outside any migration's own SQL.
     #[error(transparent)]
     Db(#[from] crate::Error),
@@ -725,6 +740,24 @@ fn interrupted(schema: &str, done: &[Version], dirty: Option<&Version>) -> Strin
 
 /// The part of [`MigrateError::NoDown`]'s hint for the migrations above the irreversible one:
 /// a command that reverts them, when there are some.
+/// Whose scripts [`MigrateError::HistoryDropped`] blames.
+fn history_droppers(direction: super::Direction, versions: &[Version]) -> String {
+    let kind = match direction {
+        super::Direction::Up => "up",
+        super::Direction::Down => "down",
+    };
+    match versions {
+        [one] => format!("the {kind} script of migration {one}"),
+        more => format!(
+            "one of the {kind} scripts of migrations {}",
+            more.iter()
+                .map(Version::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 /// Why [`MigrateError::NoDown`]'s migration has no down script to run.
 fn no_down_why(empty: bool, down_at: &str) -> &'static str {
     if empty {

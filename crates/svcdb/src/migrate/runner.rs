@@ -1677,7 +1677,19 @@ impl Migrator {
             }
             Direction::Down => history::delete(&tx, schema, &versions(group)).await,
         };
-        written.map_err(|e| other(e.into()))?;
+        written.map_err(|e| {
+            use tokio_postgres::error::SqlState;
+            let gone = [SqlState::UNDEFINED_TABLE, SqlState::INVALID_SCHEMA_NAME];
+            if e.code().is_some_and(|code| gone.contains(code)) {
+                other(MigrateError::HistoryDropped {
+                    schema: self.schema(),
+                    direction,
+                    versions: versions(group).into_iter().cloned().collect(),
+                })
+            } else {
+                other(e.into())
+            }
+        })?;
         if self.interrupt.as_ref().is_some_and(Interrupt::take) {
             // Asked to stop, and no statement took the cancel (it reached the server between
             // two of them, which drops it): no commit; dropping `tx` rolls the group back.

@@ -1064,6 +1064,47 @@ async fn gooses_placeholder_down_is_refused_as_no_down() {
     assert_eq!(history(&svc).await, [] as [i64; 0]);
 }
 
+/// Found by a user trial on a dbmate project: a first migration's down script dropped the
+/// service schema with CASCADE (svcdb's history table with it), and `down` failed with a bare
+/// `relation "….svcdb_migrations" does not exist`. It is now said for what it is, and the
+/// transaction rolled back: the history and the tables are as they were.
+#[tokio::test]
+async fn a_down_script_that_drops_the_service_schema_is_said_and_rolled_back() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            ("0001_a.up.sql", "CREATE TABLE a (id int);"),
+            ("0001_a.down.sql", "DROP SCHEMA IF EXISTS shop CASCADE;"),
+            ("0002_b.up.sql", "CREATE TABLE b (id int);"),
+            ("0002_b.down.sql", "DROP TABLE b;"),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up().await.unwrap();
+    let err = m
+        .down(&DownOptions {
+            steps: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let MigrateError::HistoryDropped { versions, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(
+        versions.iter().map(|v| v.number()).collect::<Vec<_>>(),
+        [2, 1]
+    );
+    assert_eq!(history(&svc).await, [1, 2]);
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("SELECT FROM a, b")
+        .await
+        .unwrap();
+}
+
 /// The same redo with its down script outside a transaction: the down commits first, and the
 /// failure says so instead of "everything was rolled back".
 #[tokio::test]
