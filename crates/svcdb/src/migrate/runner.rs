@@ -667,33 +667,46 @@ impl Migrator {
         let mut tx = conn.transaction().await?;
         let mut ran = Vec::with_capacity(2);
         for direction in [Direction::Down, Direction::Up] {
-            match self
+            let entries = self
                 .run_group(&mut tx, &reset, &[m], direction, false, observer)
                 .await
-            {
-                Ok(entries) => ran.push(entries),
-                Err((_, StepError::Other(e))) => return Err(e),
-                Err((
-                    _,
-                    StepError::Script {
-                        cause,
-                        lock_retries,
-                        at,
-                        ..
-                    },
-                )) => {
-                    return Err(MigrateError::Failed(Box::new(MigrationFailure {
-                        rolled_back: true,
-                        lock_retries,
-                        interrupted: self.cancelled_by_interrupt(&cause),
-                        ..failure(m, direction, cause, None, at, self.db.schema().as_str())
-                    })))
-                }
-            }
+                .map_err(|e| self.rolled_back_whole(&[m], direction, e))?;
+            ran.push(entries);
         }
         tx.commit().await?;
         let applied = ran.pop().unwrap_or_default();
         Ok((ran.pop().unwrap_or_default(), applied))
+    }
+
+    /// The error of `group`, rolled back whole after it failed at its migration `i`.
+    fn rolled_back_whole(
+        &self,
+        group: &[&Migration],
+        direction: Direction,
+        (i, error): GroupError,
+    ) -> MigrateError {
+        match error {
+            StepError::Other(e) => e,
+            StepError::Script {
+                cause,
+                lock_retries,
+                at,
+                ..
+            } => MigrateError::Failed(Box::new(MigrationFailure {
+                rolled_back: true,
+                rolled_back_with: group[..i].iter().map(|m| m.version.clone()).collect(),
+                lock_retries,
+                interrupted: self.cancelled_by_interrupt(&cause),
+                ..failure(
+                    group[i],
+                    direction,
+                    cause,
+                    None,
+                    at,
+                    self.db.schema().as_str(),
+                )
+            })),
+        }
     }
 
     /// Records every migration of the source with a version ≤ `version` as applied, without
@@ -1126,24 +1139,7 @@ impl Migrator {
                 Err((i, StepError::Script { ref cause, .. })) if splits_at(cause, i) => {
                     segments = VecDeque::from([&plan[..i], &plan[i..]]);
                 }
-                Err((_, StepError::Other(e))) => return Err(e),
-                Err((
-                    i,
-                    StepError::Script {
-                        cause,
-                        lock_retries,
-                        at,
-                        ..
-                    },
-                )) => {
-                    return Err(MigrateError::Failed(Box::new(MigrationFailure {
-                        rolled_back: true,
-                        rolled_back_with: plan[..i].iter().map(|m| m.version.clone()).collect(),
-                        lock_retries,
-                        interrupted: self.cancelled_by_interrupt(&cause),
-                        ..failure(plan[i], direction, cause, None, at, schema.as_str())
-                    })))
-                }
+                Err(e) => return Err(self.rolled_back_whole(plan, direction, e)),
             }
         }
         // Only the deploy's last commit waits for its WAL to reach the disk; the groups and
