@@ -119,3 +119,46 @@ async fn a_history_table_the_role_may_not_read_is_reported_with_its_sqlstate() {
     assert_eq!(out["code"], "42501", "{out}");
     assert!(out["hint"].is_string(), "says how to let it read: {out}");
 }
+
+/// Found by a user trial: `--from diesel --history-table` over another tool's table recorded
+/// every migration. Refused with `adopt_wrong_table`, the hint names the tool the table looks
+/// like, and the command it gives adopts.
+#[tokio::test]
+async fn another_tools_table_is_refused_with_a_hint_that_works() {
+    let p = Project::new().await;
+    p.write(FILES);
+    migrated_by_golang_migrate(&p, false).await;
+    let out = p
+        .run(&["migrate", "adopt", "--from", "dbmate", "--json"])
+        .expect_code(1);
+    let json = out.json();
+    assert_eq!(json["code"], "adopt_wrong_table", "{out}");
+    assert!(
+        json["hint"]
+            .as_str()
+            .unwrap()
+            .contains("`--from golang-migrate`"),
+        "{out}"
+    );
+    let out = p
+        .run(&[
+            "migrate",
+            "adopt",
+            "--from",
+            "diesel",
+            "--history-table",
+            "public.schema_migrations",
+            "--json",
+        ])
+        .expect_code(1);
+    let json = out.json();
+    assert_eq!(json["code"], "adopt_wrong_table", "{out}");
+    let hint = json["hint"].as_str().unwrap();
+    let suggested = "--from golang-migrate --history-table public.schema_migrations";
+    assert!(hint.contains(suggested), "{out}");
+    assert!(!p.tables().await.contains(&"svcdb_migrations".to_owned()));
+    let mut args = vec!["migrate", "adopt"];
+    args.extend(suggested.split(' '));
+    p.run(&args).expect_code(0);
+    p.run(&["migrate", "status"]).expect_code(2);
+}

@@ -17,7 +17,10 @@
 //! | refinery | `refinery_schema_history` | every row | a SipHash-1-3 of name, version and file other than `checksum` |
 //!
 //! Every applied version must have its file; each problem is named with its version, all of
-//! them at once ([`AdoptError::Refused`]).
+//! them at once ([`AdoptError::Refused`]). A table that is not the tool's, lacking a column
+//! the tool's has or having another tool's (refinery's `applied_on` and `checksum`,
+//! golang-migrate's `dirty`), is refused before anything is read from it, naming the tool it
+//! looks like ([`AdoptError::NotTheToolsTable`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -105,6 +108,28 @@ impl Tool {
             Tool::Goose => &["id", "version_id", "is_applied"],
             Tool::Flyway => &["installed_rank", "version", "type", "checksum", "success"],
             Tool::Refinery => &["version", "name", "checksum"],
+        }
+    }
+
+    /// The columns that tell the tool's table from the others' (with [`columns`](Self::columns)
+    /// among them, so that a table that has them is read as the tool's): dbmate's table has
+    /// `version` and nothing else (see [`looks_like`]).
+    fn fingerprint(self) -> &'static [&'static str] {
+        match self {
+            Tool::Diesel => &["version", "run_on"],
+            Tool::Sqlx => &["version", "success", "checksum", "execution_time"],
+            Tool::GolangMigrate => &["version", "dirty"],
+            Tool::Goose => &["id", "version_id", "is_applied"],
+            Tool::Dbmate => &["version"],
+            Tool::Flyway => &[
+                "installed_rank",
+                "version",
+                "type",
+                "script",
+                "checksum",
+                "success",
+            ],
+            Tool::Refinery => &["version", "name", "applied_on", "checksum"],
         }
     }
 }
@@ -261,16 +286,24 @@ pub enum AdoptError {
         /// The tables looked for.
         looked_in: Vec<String>,
     },
-    /// The table exists but is not the tool's (golang-migrate's and dbmate's are both
-    /// `schema_migrations`).
-    #[error("{table} is not {tool}'s history table: it has no column{} {}\n  hint: check `--from` (golang-migrate's `schema_migrations` has `dirty`, dbmate's does not), or name the right table with `--history-table`", if missing.len() == 1 { "" } else { "s" }, missing.join(", "))]
+    /// The table exists but is not the tool's: it lacks a column the tool's has, or it has
+    /// another tool's columns (golang-migrate's and dbmate's are both `schema_migrations`, and
+    /// `history_table` may name any table).
+    #[error("{}", wrong_table_message(tool, table, missing, looks_like.as_ref(), history_table.as_deref()))]
     NotTheToolsTable {
         /// The tool.
         tool: Tool,
         /// The table.
         table: String,
-        /// The columns it lacks.
+        /// The columns of the tool's table it lacks (none when it has them, and another
+        /// tool's as well).
         missing: Vec<String>,
+        /// The tool whose table it looks like by its columns, if one's: adopting from that
+        /// tool (with `history_table`) reads it.
+        looks_like: Option<Tool>,
+        /// The [`AdoptOptions::history_table`] to adopt from `looks_like` with: `None` when
+        /// that tool finds this table where it looks by itself.
+        history_table: Option<String>,
     },
     /// The other tool's history cannot be adopted as it is; nothing was written.
     #[error("{}", refused_message(tool, table, problems))]
@@ -325,6 +358,44 @@ impl From<tokio_postgres::Error> for AdoptError {
     fn from(e: tokio_postgres::Error) -> Self {
         AdoptError::Migrate(e.into())
     }
+}
+
+fn wrong_table_message(
+    tool: &Tool,
+    table: &str,
+    missing: &[String],
+    looks_like: Option<&Tool>,
+    history_table: Option<&str>,
+) -> String {
+    let mut why = Vec::new();
+    if !missing.is_empty() {
+        why.push(format!(
+            "it has no column{} {}",
+            if missing.len() == 1 { "" } else { "s" },
+            missing.join(", ")
+        ));
+    }
+    match looks_like {
+        Some(Tool::Dbmate) => why.push("its only column is version, as dbmate's".to_owned()),
+        Some(other) => why.push(format!(
+            "it has {other}'s columns {}",
+            other.fingerprint().join(", ")
+        )),
+        None => {}
+    }
+    let hint = match (looks_like, history_table) {
+        (Some(other), None) => format!("it looks like {other}'s: pass `--from {other}`"),
+        (Some(other), Some(named)) => {
+            format!("it looks like {other}'s: pass `--from {other} --history-table {named}`")
+        }
+        (None, _) => {
+            "check `--from`, or name the right table with `--history-table schema.table`".to_owned()
+        }
+    };
+    format!(
+        "{table} is not {tool}'s history table: {}\n  hint: {hint}",
+        why.join("; ")
+    )
 }
 
 fn refused_message(tool: &Tool, table: &str, problems: &[AdoptProblem]) -> String {
@@ -387,8 +458,10 @@ impl Migrator {
         let (table, tool_history) = {
             let conn = self.service_db().get().await.map_err(MigrateError::from)?;
             let client: &tokio_postgres::Client = &conn;
-            let (table, in_schema) = find_table(client, self, options).await?;
-            let read = read_tool(client, tool, &table).await?;
+            let (table, in_schema, name) = find_table(client, self, options).await?;
+            let read = read_tool(client, tool, &table)
+                .await
+                .map_err(|e| with_retry_table(e, options, &format!("{in_schema}.{name}")))?;
             let service = self.service_db().schema().as_str();
             // Found by a user trial: diesel's table in `public`, a new service schema, and
             // adopt recorded every migration there, whose `up` then missed the tables.
@@ -675,14 +748,21 @@ pub(crate) async fn other_histories(
         .filter_map(|row| {
             let (table, name, columns): (String, String, Vec<String>) =
                 (row.get(0), row.get(1), row.get(2));
+            // By its name, the tool whose table it can be read as; else (another tool's
+            // table under that name) the first whose columns it has, so that `up` still
+            // refuses to run over it, and `adopt` names the tool it looks like.
+            let named = |tool: &Tool| tool.history_table() == name;
             Tool::ALL
                 .into_iter()
-                .find(|tool| {
-                    tool.history_table() == name
-                        && tool
-                            .columns()
-                            .iter()
-                            .all(|c| columns.iter().any(|have| have == c))
+                .find(|tool| named(tool) && fit(*tool, &columns).is_ok())
+                .or_else(|| {
+                    Tool::ALL.into_iter().find(|tool| {
+                        named(tool)
+                            && tool
+                                .columns()
+                                .iter()
+                                .all(|c| columns.iter().any(|have| have == c))
+                    })
                 })
                 .map(|tool| OtherHistory {
                     tool,
@@ -752,13 +832,13 @@ pub(crate) async fn applied_by_other_tool(
     Ok(None)
 }
 
-/// The tool's table, quoted (`"public"."_sqlx_migrations"`), or where it was looked for.
-/// The other tool's table, quoted and qualified, and the schema it is in.
+/// The other tool's table, quoted and qualified (`"public"."_sqlx_migrations"`), the schema
+/// it is in and its name; or where it was looked for.
 async fn find_table(
     client: &tokio_postgres::Client,
     migrator: &Migrator,
     options: &AdoptOptions,
-) -> Result<(String, String), AdoptError> {
+) -> Result<(String, String, String), AdoptError> {
     let service = migrator.service_db().schema().as_str().to_owned();
     let (schemas, table) = match options.history_table.as_deref() {
         Some(named) => match named.split_once('.') {
@@ -782,7 +862,7 @@ async fn find_table(
         )
         .await?;
     match row {
-        Some(row) => Ok((row.get(0), row.get(1))),
+        Some(row) => Ok((row.get(0), row.get(1), table)),
         None => Err(AdoptError::NoHistoryTable {
             tool: options.from,
             looked_in: schemas.iter().map(|s| format!("{s}.{table}")).collect(),
@@ -806,6 +886,79 @@ async fn holds_objects(client: &tokio_postgres::Client, schema: &str) -> Result<
     Ok(row.get(0))
 }
 
+/// Why a table's columns are not a tool's.
+#[derive(Debug, PartialEq, Eq)]
+struct Misfit {
+    /// The columns the tool reads that it lacks.
+    missing: Vec<String>,
+    /// The other tool whose table it looks like, if one's.
+    looks_like: Option<Tool>,
+}
+
+/// The tool whose table `columns` are, when one's: the tool with the most columns of its
+/// [`fingerprint`](Tool::fingerprint) all there (`preferred` when it ties), or dbmate for a
+/// table whose only column is `version`. A Flyway table has sqlx's columns too, and more.
+fn looks_like(columns: &[String], preferred: Tool) -> Option<Tool> {
+    let has = |c: &&str| columns.iter().any(|have| have == c);
+    Tool::ALL
+        .into_iter()
+        .filter(|t| match t {
+            Tool::Dbmate => columns.len() == 1 && columns[0] == "version",
+            _ => t.fingerprint().iter().all(has),
+        })
+        .max_by_key(|t| (t.fingerprint().len(), *t == preferred))
+}
+
+/// Whether `columns` can be read as `tool`'s table: every column `tool` reads, and no other
+/// tool's table by its own columns. A table of `version` alone (dbmate's) counts as diesel's
+/// too: diesel reads nothing else, and the two read it alike.
+fn fit(tool: Tool, columns: &[String]) -> Result<(), Misfit> {
+    let missing: Vec<String> = tool
+        .columns()
+        .iter()
+        .filter(|c| !columns.iter().any(|have| have == *c))
+        .map(|c| (*c).to_owned())
+        .collect();
+    let looks_like = looks_like(columns, tool).filter(|other| *other != tool);
+    let another = looks_like.is_some_and(|other| other != Tool::Dbmate);
+    if missing.is_empty() && !another {
+        return Ok(());
+    }
+    Err(Misfit {
+        missing,
+        looks_like,
+    })
+}
+
+/// `e`, when it refuses a table that looks like another tool's, with the
+/// [`AdoptOptions::history_table`] to adopt from that tool with: the one given, or `found`
+/// (`schema.table`) when that tool looks for another name.
+fn with_retry_table(e: AdoptError, options: &AdoptOptions, found: &str) -> AdoptError {
+    match e {
+        AdoptError::NotTheToolsTable {
+            tool,
+            table,
+            missing,
+            looks_like: Some(other),
+            history_table: None,
+        } => {
+            let history_table = match &options.history_table {
+                Some(named) => Some(named.clone()),
+                None if other.history_table() == tool.history_table() => None,
+                None => Some(found.to_owned()),
+            };
+            AdoptError::NotTheToolsTable {
+                tool,
+                table,
+                missing,
+                looks_like: Some(other),
+                history_table,
+            }
+        }
+        e => e,
+    }
+}
+
 /// Reads `table` as `tool` writes it.
 async fn read_tool(
     client: &tokio_postgres::Client,
@@ -822,26 +975,16 @@ async fn read_tool(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let mut missing: Vec<String> = tool
-        .columns()
-        .iter()
-        .filter(|c| !columns.iter().any(|have| have == *c))
-        .map(|c| (*c).to_owned())
-        .collect();
-    // dbmate's table is golang-migrate's without `dirty`: a `dirty` column means the other.
-    if tool == Tool::Dbmate && columns.iter().any(|c| c == "dirty") {
-        missing.clear();
+    // Found by a user trial: `--from diesel --history-table arroyo.refinery_schema_history`
+    // read refinery's table, which has a `version`, and recorded every migration without
+    // checking refinery's checksums.
+    if let Err(misfit) = fit(tool, &columns) {
         return Err(AdoptError::NotTheToolsTable {
             tool,
             table: table.to_owned(),
-            missing: vec!["(it has golang-migrate's `dirty`)".to_owned()],
-        });
-    }
-    if !missing.is_empty() {
-        return Err(AdoptError::NotTheToolsTable {
-            tool,
-            table: table.to_owned(),
-            missing,
+            missing: misfit.missing,
+            looks_like: misfit.looks_like,
+            history_table: None,
         });
     }
     let mut h = ToolHistory {
@@ -1139,6 +1282,69 @@ mod tests {
             flyway_checksum("CREATE TABLE a (id bigint);\nSELECT 1;\n"),
             lf
         );
+    }
+
+    /// Each tool's table, by the columns its own DDL gives it.
+    fn ddl_columns(tool: Tool) -> Vec<String> {
+        let columns: &[&str] = match tool {
+            Tool::Diesel => &["version", "run_on"],
+            Tool::Sqlx => &[
+                "version",
+                "description",
+                "installed_on",
+                "success",
+                "checksum",
+                "execution_time",
+            ],
+            Tool::GolangMigrate => &["version", "dirty"],
+            Tool::Goose => &["id", "version_id", "is_applied", "tstamp"],
+            Tool::Dbmate => &["version"],
+            Tool::Flyway => &[
+                "installed_rank",
+                "version",
+                "description",
+                "type",
+                "script",
+                "checksum",
+                "installed_by",
+                "installed_on",
+                "execution_time",
+                "success",
+            ],
+            Tool::Refinery => &["version", "name", "applied_on", "checksum"],
+        };
+        columns.iter().map(|c| (*c).to_owned()).collect()
+    }
+
+    /// Every tool's table is read as its own and refused as any other's, naming its tool,
+    /// whose own read then fits (the hint never names a tool that would refuse it too); but
+    /// diesel reads a table of `version` alone, as dbmate does.
+    #[test]
+    fn each_tools_table_is_its_own_and_named_when_another_is_asked() {
+        for owner in Tool::ALL {
+            let columns = ddl_columns(owner);
+            assert_eq!(looks_like(&columns, owner), Some(owner), "{owner}");
+            assert_eq!(fit(owner, &columns), Ok(()), "{owner}");
+            for asked in Tool::ALL.into_iter().filter(|t| *t != owner) {
+                let result = fit(asked, &columns);
+                if (asked, owner) == (Tool::Diesel, Tool::Dbmate) {
+                    assert_eq!(result, Ok(()));
+                    continue;
+                }
+                let misfit = result.expect_err(&format!("{asked} over {owner}'s"));
+                assert_eq!(misfit.looks_like, Some(owner), "{asked} over {owner}'s");
+            }
+        }
+        // A table that is no tool's names none.
+        let odd = vec!["version".to_owned(), "applied".to_owned()];
+        assert_eq!(
+            fit(Tool::Sqlx, &odd),
+            Err(Misfit {
+                missing: vec!["success".to_owned(), "checksum".to_owned()],
+                looks_like: None
+            })
+        );
+        assert_eq!(fit(Tool::Dbmate, &odd), Ok(()));
     }
 
     #[test]

@@ -315,7 +315,16 @@ async fn golang_migrate_dirty_is_refused_and_dbmate_does_not_read_its_table() {
         .adopt(&AdoptOptions::from(Tool::Dbmate))
         .await
         .unwrap_err();
-    assert!(matches!(err, AdoptError::NotTheToolsTable { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            AdoptError::NotTheToolsTable {
+                looks_like: Some(Tool::GolangMigrate),
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(ours(&svc).await, [] as [(String, String); 0]);
 }
 
@@ -951,4 +960,203 @@ async fn a_history_in_public_over_an_empty_service_schema_is_refused() {
         "{again:?}"
     );
     assert_eq!(again.pending, [], "svcdb applied it since: {again:?}");
+}
+
+/// Found by a user trial: `--from diesel --history-table …refinery_schema_history` read
+/// refinery's table (it has a `version`) and recorded every migration without checking
+/// refinery's checksums. A table with another tool's columns is refused, naming that tool and
+/// the `history_table` to adopt it with; adopting so then works (the control: each refused
+/// table is adopted from its own tool).
+#[tokio::test]
+async fn another_tools_table_is_refused_naming_the_tool_it_looks_like() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = "CREATE TABLE a (id int);\n";
+    write(dir.path(), &[("V1__initial.sql", a)]);
+    sql(
+        &svc,
+        "CREATE TABLE shop.refinery_schema_history(
+             version INT4 PRIMARY KEY,
+             name VARCHAR(255),
+             applied_on VARCHAR(255),
+             checksum VARCHAR(255));
+         CREATE TABLE shop.a (id int);",
+    )
+    .await;
+    svc.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO shop.refinery_schema_history (version, name, applied_on, checksum)
+             VALUES (1, 'initial', '2026-01-01T00:00:00+00:00', $1)",
+            &[&refinery_checksum("initial", 1, a)],
+        )
+        .await
+        .unwrap();
+    let m = migrator(&svc, dir.path());
+    for asked in [
+        Tool::Diesel,
+        Tool::Dbmate,
+        Tool::Sqlx,
+        Tool::Flyway,
+        Tool::GolangMigrate,
+        Tool::Goose,
+    ] {
+        let err = m
+            .adopt(&AdoptOptions {
+                history_table: Some("shop.refinery_schema_history".to_owned()),
+                ..AdoptOptions::from(asked)
+            })
+            .await
+            .unwrap_err();
+        let AdoptError::NotTheToolsTable {
+            looks_like: Some(Tool::Refinery),
+            history_table: Some(retry),
+            ..
+        } = &err
+        else {
+            panic!("{asked}: expected a refusal naming refinery, got {err}");
+        };
+        assert_eq!(retry, "shop.refinery_schema_history", "{asked}: {err}");
+        assert!(
+            err.to_string().contains("--from refinery"),
+            "{asked}: {err}"
+        );
+    }
+    assert_eq!(ours(&svc).await, [] as [(String, String); 0]);
+    // Without `history_table`, the refinery table is found under its own name.
+    let err = m.adopt(&AdoptOptions::from(Tool::Refinery)).await;
+    assert_eq!(err.unwrap().recorded.len(), 1);
+}
+
+/// golang-migrate over dbmate's `schema_migrations` names dbmate (and no `history_table`:
+/// dbmate finds the same table), dbmate over golang-migrate's names golang-migrate, and diesel
+/// over golang-migrate's too; each suggestion then adopts.
+#[tokio::test]
+async fn golang_migrate_and_dbmate_tables_name_each_other() {
+    // dbmate's table, asked as golang-migrate's.
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "20240101000000_a.sql",
+            "-- migrate:up\nCREATE TABLE a (id int);\n-- migrate:down\nDROP TABLE a;\n",
+        )],
+    );
+    sql(
+        &svc,
+        "CREATE TABLE shop.schema_migrations (version varchar(128) primary key);
+         INSERT INTO shop.schema_migrations (version) VALUES ('20240101000000');
+         CREATE TABLE shop.a (id int);",
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    let err = m
+        .adopt(&AdoptOptions::from(Tool::GolangMigrate))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            AdoptError::NotTheToolsTable {
+                looks_like: Some(Tool::Dbmate),
+                history_table: None,
+                missing,
+                ..
+            } if missing == &["dirty"]
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--from dbmate`"), "{err}");
+    let report = m.adopt(&AdoptOptions::from(Tool::Dbmate)).await.unwrap();
+    assert_eq!(report.recorded.len(), 1);
+
+    // golang-migrate's table, asked as dbmate's and (named) as diesel's.
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    golang_migrate_schema(&svc, dir.path(), 2, false).await;
+    let m = migrator(&svc, dir.path());
+    for (asked, named) in [
+        (Tool::Dbmate, None),
+        (Tool::Diesel, Some("shop.schema_migrations")),
+    ] {
+        let err = m
+            .adopt(&AdoptOptions {
+                history_table: named.map(str::to_owned),
+                ..AdoptOptions::from(asked)
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                AdoptError::NotTheToolsTable {
+                    looks_like: Some(Tool::GolangMigrate),
+                    missing,
+                    history_table,
+                    ..
+                } if missing.is_empty() && history_table.as_deref() == named
+            ),
+            "{asked}: {err}"
+        );
+    }
+    assert_eq!(ours(&svc).await, [] as [(String, String); 0]);
+    let report = m
+        .adopt(&AdoptOptions::from(Tool::GolangMigrate))
+        .await
+        .unwrap();
+    assert_eq!(report.recorded.len(), 2);
+}
+
+/// sqlx's table asked as Flyway's, and Flyway's (which has sqlx's columns too) asked as
+/// sqlx's: each names the other, with the table's name to pass.
+#[tokio::test]
+async fn sqlx_and_flyway_tables_name_each_other() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    sqlx_schema(&svc, dir.path(), true, &sha384(SQLX_B)).await;
+    sql(&svc, FLYWAY_DDL).await;
+    let m = migrator(&svc, dir.path());
+    for (asked, table, other) in [
+        (Tool::Flyway, "shop._sqlx_migrations", Tool::Sqlx),
+        (Tool::Sqlx, "shop.flyway_schema_history", Tool::Flyway),
+    ] {
+        let err = m
+            .adopt(&AdoptOptions {
+                history_table: Some(table.to_owned()),
+                ..AdoptOptions::from(asked)
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                AdoptError::NotTheToolsTable { looks_like: Some(o), history_table: Some(t), .. }
+                    if *o == other && t == table
+            ),
+            "{asked}: {err}"
+        );
+    }
+    // Without `history_table`, Flyway asked finds its own (empty) table, and sqlx its own.
+    assert_eq!(
+        m.adopt(&AdoptOptions::from(Tool::Flyway))
+            .await
+            .unwrap()
+            .recorded
+            .len(),
+        0
+    );
+    assert_eq!(
+        m.adopt(&AdoptOptions::from(Tool::Sqlx))
+            .await
+            .unwrap()
+            .recorded
+            .len(),
+        2
+    );
 }
