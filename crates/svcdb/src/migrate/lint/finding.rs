@@ -57,7 +57,9 @@ pub enum Rule {
     /// lock unless the change is binary-coercible.
     AlterColumnType,
     /// `ADD CONSTRAINT … FOREIGN KEY` or `CHECK` without `NOT VALID`: every row is checked while
-    /// writes (for a foreign key, to both tables) are blocked. Also `VALIDATE CONSTRAINT` in the
+    /// writes (for a foreign key, to both tables) are blocked. Also an `ADD COLUMN` that
+    /// declares a `CHECK`, or `REFERENCES` on a column with a default (every row checked under
+    /// the `ACCESS EXCLUSIVE` lock of `ADD COLUMN`), and `VALIDATE CONSTRAINT` in the
     /// transaction that added the constraint, whose lock lasts through the scan.
     ConstraintWithoutNotValid,
     /// `ADD PRIMARY KEY` or `ADD UNIQUE` without `USING INDEX` on a table that existed before

@@ -33,7 +33,7 @@
 //! | `add-column-not-null-without-default` | error | `ADD COLUMN … NOT NULL` without a default |
 //! | `add-column-volatile-default` | error | `ADD COLUMN` with a volatile default (`random()`, `clock_timestamp()`, `gen_random_uuid()`, `nextval`, a `serial` type), an identity or a stored generated column |
 //! | `alter-column-type` | error | `ALTER COLUMN … TYPE` |
-//! | `constraint-without-not-valid` | error | `ADD CONSTRAINT … FOREIGN KEY` / `CHECK` without `NOT VALID`, or `VALIDATE CONSTRAINT` in the transaction that added it (its lock lasts through the scan) |
+//! | `constraint-without-not-valid` | error | `ADD CONSTRAINT … FOREIGN KEY` / `CHECK` without `NOT VALID`; `ADD COLUMN … CHECK`, and `ADD COLUMN … REFERENCES` with a default or generated (without one, every row is NULL and PostgreSQL checks none); or `VALIDATE CONSTRAINT` in the transaction that added it (its lock lasts through the scan) |
 //! | `unique-without-index` | error | `ADD PRIMARY KEY` / `UNIQUE` without `USING INDEX`, or `ADD COLUMN … UNIQUE` / `PRIMARY KEY` |
 //! | `set-not-null-without-check` | error | `ALTER COLUMN … SET NOT NULL` without a validated `CHECK (col IS NOT NULL)` earlier in the deploy |
 //! | `rename-column`, `rename-table` | warning | renaming what the old release still reads |
@@ -925,6 +925,7 @@ impl Deploy {
                 }
                 self.note_added_column(table, &column.colname);
                 add_column(s, at, table, column, out);
+                self.add_column_constraints(s, at, table, cmd, column, out);
             }
         } else if subtype == AlterTableType::AtAlterColumnType as i32 {
             // Without `USING`, a type change the catalog shows keeps every stored value. Not
@@ -1069,6 +1070,137 @@ impl Deploy {
             format!("adding {what} to {table} checks every existing row while {blocked} are blocked"),
             format!("add it with NOT VALID (new rows are checked at once), then ALTER TABLE {table} VALIDATE CONSTRAINT {name}, which checks the old rows without blocking writes, in a later deploy or a non-transactional migration of its own (in the transaction that added it, ADD CONSTRAINT's lock would last through the scan)"),
         ));
+    }
+
+    /// The `CHECK` and `REFERENCES` constraints of a column `cmd` adds to `table`, a table
+    /// that existed before the deploy: PostgreSQL checks every existing row for a `CHECK`
+    /// (under `ADD COLUMN`'s `ACCESS EXCLUSIVE` lock) and, when the column has a default (or
+    /// is generated), for a foreign key, whose referenced table is meanwhile locked against
+    /// writes. Without a default the new column is NULL in every row, and PostgreSQL adds the
+    /// foreign key without checking any (as `NOT VALID` would, with the same locks).
+    /// Neither can be written `NOT VALID` in a column definition.
+    fn add_column_constraints(
+        &mut self,
+        s: &Script<'_>,
+        at: usize,
+        table: &str,
+        cmd: &AlterTableCmd,
+        column: &ColumnDef,
+        out: &mut Vec<Finding>,
+    ) {
+        let constraints: Vec<&Constraint> = column
+            .constraints
+            .iter()
+            .filter_map(|c| match &c.node {
+                Some(NodeEnum::Constraint(c)) => Some(&**c),
+                _ => None,
+            })
+            .collect();
+        let type_name = column
+            .type_name
+            .as_ref()
+            .and_then(|t| t.names.last())
+            .and_then(string)
+            .unwrap_or_default();
+        let filled = SERIAL_TYPES.contains(&type_name)
+            || constraints.iter().any(|c| {
+                c.contype == ConstrType::ConstrDefault as i32
+                    || c.contype == ConstrType::ConstrGenerated as i32
+            });
+        let col = column.colname.as_str();
+        // The constraints PostgreSQL checks the rows for: the rewrite adds the column without
+        // them.
+        let scanned = |c: &Constraint| {
+            !c.skip_validation
+                && (c.contype == ConstrType::ConstrCheck as i32
+                    || (c.contype == ConstrType::ConstrForeign as i32 && filled))
+        };
+        for c in constraints.iter().copied() {
+            let check = c.contype == ConstrType::ConstrCheck as i32;
+            let foreign = c.contype == ConstrType::ConstrForeign as i32;
+            if !(check || foreign) {
+                continue;
+            }
+            // The name PostgreSQL gives it unless the definition does.
+            let name = if c.conname.is_empty() {
+                format!("{table}_{col}_{}", if check { "check" } else { "fkey" })
+            } else {
+                c.conname.clone()
+            };
+            let not_null = if check { not_null_test(c) } else { None };
+            self.added
+                .entry(table.to_owned())
+                .or_default()
+                .insert(name.clone(), not_null.map(str::to_owned));
+            self.validated
+                .entry(table.to_owned())
+                .or_default()
+                .insert(name.clone());
+            if !scanned(c) {
+                continue;
+            }
+            let (what, blocked) = if foreign {
+                let other = c.pktable.as_ref().map_or("", |r| r.relname.as_str());
+                (
+                    format!("a default and a foreign key to {other}"),
+                    format!("every read and write of {table} and every write to {other} wait (without the default every row would be NULL, and none checked)"),
+                )
+            } else {
+                (
+                    "a check constraint".to_owned(),
+                    format!("every read and write of {table} waits"),
+                )
+            };
+            // The column without the constraints checked, then each as a table constraint.
+            let mut plain = cmd.clone();
+            let mut def = column.clone();
+            def.constraints.retain(|n| match &n.node {
+                Some(NodeEnum::Constraint(c)) => !scanned(c),
+                _ => true,
+            });
+            plain.def = Some(Box::new(pg_query::Node {
+                node: Some(NodeEnum::ColumnDef(Box::new(def))),
+            }));
+            let mut constraint = c.clone();
+            constraint.conname = name.clone();
+            constraint.skip_validation = true;
+            constraint.initially_valid = false;
+            if foreign {
+                constraint.fk_attrs = vec![pg_query::Node {
+                    node: Some(NodeEnum::String(pg_query::protobuf::String {
+                        sval: col.to_owned(),
+                    })),
+                }];
+            }
+            let add = AlterTableCmd {
+                subtype: AlterTableType::AtAddConstraint as i32,
+                def: Some(Box::new(pg_query::Node {
+                    node: Some(NodeEnum::Constraint(Box::new(constraint))),
+                })),
+                ..cmd.clone()
+            };
+            let validate = AlterTableCmd {
+                subtype: AlterTableType::AtValidateConstraint as i32,
+                name: name.clone(),
+                def: None,
+                ..cmd.clone()
+            };
+            let kind = if check { "CHECK" } else { "REFERENCES" };
+            let steps = match (
+                deparse_alter(table, plain),
+                deparse_alter(table, add),
+                deparse_alter(table, validate),
+            ) {
+                (Some(plain), Some(add), Some(validate)) => format!("{plain}; then {add}; then {validate}"),
+                _ => format!("ALTER TABLE {table} ADD COLUMN {col} … without {kind}; then ALTER TABLE {table} ADD CONSTRAINT {name} … NOT VALID; then ALTER TABLE {table} VALIDATE CONSTRAINT {name}"),
+            };
+            out.push(s.finding(
+                at,
+                Rule::ConstraintWithoutNotValid,
+                format!("adding column {table}.{col} with {what} checks every existing row while {blocked}"),
+                format!("add the column without {kind}, then the constraint with NOT VALID (new rows are checked at once), and validate it, which checks the old rows without blocking writes, in a later deploy or a non-transactional migration of its own (in the transaction that added it, ADD CONSTRAINT's lock would last through the scan): {steps}"),
+            ));
+        }
     }
 
     /// Whether a constraint on `table` validated in this deploy makes `SET NOT NULL` on
@@ -1254,6 +1386,26 @@ fn unique_without_index(
             if primary { " (a primary key also makes its columns NOT NULL: see set-not-null-without-check)" } else { "" }
         ),
     )
+}
+
+/// `ALTER TABLE table <cmd>`, as PostgreSQL's deparser writes it; `None` when it cannot.
+fn deparse_alter(table: &str, cmd: AlterTableCmd) -> Option<String> {
+    let alter = AlterTableStmt {
+        relation: Some(pg_query::protobuf::RangeVar {
+            relname: table.to_owned(),
+            inh: true,
+            relpersistence: "p".to_owned(),
+            ..Default::default()
+        }),
+        cmds: vec![pg_query::Node {
+            node: Some(NodeEnum::AlterTableCmd(Box::new(cmd))),
+        }],
+        objtype: ObjectType::ObjectTable as i32,
+        missing_ok: false,
+    };
+    NodeEnum::AlterTableStmt(alter)
+        .deparse(pg_query::DeparseOptions::default())
+        .ok()
 }
 
 /// The column of a `CHECK (column IS NOT NULL)`.
