@@ -710,6 +710,10 @@ fn failed_message(f: &MigrationFailure) -> String {
         "the server ended the session (pg_terminate_backend, a restart or a failover), not the migration: run again once the server accepts connections"
     } else if *dirty {
         "see the error above; fix the migration if it is wrong"
+    } else if f.is_already_there() && *direction == super::Direction::Up {
+        // Found by a user trial: a down script that undid nothing (goose's placeholder) had
+        // reverted the migration, and the next `up` said "fix the migration".
+        "what the statement creates is already there: if this migration was applied and reverted before, its down script did not undo it (drop what it left by hand, and fix the down script); if another tool or a person made it, `svcdb migrate adopt` or `svcdb migrate baseline` records it instead; then run again"
     } else {
         "fix the migration and run again"
     });
