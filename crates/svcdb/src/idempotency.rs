@@ -202,32 +202,42 @@ pub async fn claim_batch(
     Ok(events.iter().map(|e| claimed.remove(&e.id)).collect())
 }
 
-/// Sets the savepoint before the work of one event of a batch, without waiting for the
+/// Sets the savepoint before the work of the event `id` of a batch, without waiting for the
 /// server's answer: the `SAVEPOINT` travels with the work's first statement, sparing a round
 /// trip per event. A failure to set it shows as the failure of the next statement on `tx`
 /// (the transaction is then aborted): the transactions of [`ServiceDb`] then fail their
 /// commit ([`Error::Aborted`]); on a transaction of your own, end the
 /// batch with [`check_batch`].
 ///
+/// Each event's savepoint has a name of its own (its id): when a statement failed unseen
+/// before it (an earlier event's handler dropped an error, leaving the transaction aborted),
+/// this `SAVEPOINT` fails too, and [`undo_event`] for it then fails instead of rolling back to
+/// an earlier event's savepoint, which would undo that event's work and keep its claim (found
+/// by a user trial: an event's effect lost, its claim committed). The batch then fails whole.
+///
 /// A savepoint that writes is a subtransaction of `tx`; beyond 64 in one transaction
 /// PostgreSQL's per-backend subtransaction cache overflows and other sessions' snapshots get
 /// slower, so keep batches below that.
-pub fn savepoint_event(tx: &tokio_postgres::Transaction<'_>) {
+pub fn savepoint_event(tx: &tokio_postgres::Transaction<'_>, id: Uuid) {
     // The driver sends a request when its future is first polled and reads the answer of one
     // whose future was dropped; polled once here, the `SAVEPOINT` is on its way.
-    let _ = tx.batch_execute(SET_EVENT_SAVEPOINT).now_or_never();
+    let _ = tx
+        .batch_execute(&format!("SAVEPOINT {}", event_savepoint(id)))
+        .now_or_never();
 }
 
-/// Undoes the work since the latest [`savepoint_event`], and `consumer`'s claim on the event
-/// `id` that work was for: a redelivery handles it again. Earlier events' claims and work
-/// stay, and `tx` can go on (also when an error aborted it).
+/// Undoes the work since [`savepoint_event`] for the event `id`, and `consumer`'s claim on
+/// it: a redelivery handles it again. Earlier events' claims and work stay, and `tx` can go on
+/// (also when an error aborted it). Fails when that savepoint was never set (the transaction
+/// was aborted before it): the batch cannot go on.
 pub async fn undo_event(
     tx: &tokio_postgres::Transaction<'_>,
     consumer: &str,
     id: Uuid,
 ) -> Result<()> {
     // Sent together: one round trip.
-    let rollback = tx.batch_execute(ROLLBACK_TO_EVENT_SAVEPOINT);
+    let rollback_to = format!("ROLLBACK TO SAVEPOINT {}", event_savepoint(id));
+    let rollback = tx.batch_execute(&rollback_to);
     let params: [(&(dyn ToSql + Sync), Type); 2] = [(&consumer, Type::TEXT), (&id, Type::UUID)];
     let unclaim = tx.execute_typed(
         "DELETE FROM svcdb_processed_events WHERE consumer = $1 AND event_id = $2",
@@ -245,10 +255,11 @@ pub async fn check_batch(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
     Ok(tx.batch_execute("SELECT").await?)
 }
 
-/// The savepoint [`savepoint_event`] sets. One name for all: a `SAVEPOINT` reusing a name
-/// hides the earlier one, so `ROLLBACK TO` it undoes only the latest event's work.
-const SET_EVENT_SAVEPOINT: &str = "SAVEPOINT svcdb_event";
-const ROLLBACK_TO_EVENT_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT svcdb_event";
+/// The name of the savepoint [`savepoint_event`] sets for the event `id`: `svcdb_event_`
+/// and the id's 32 hex digits, a valid unquoted identifier (45 bytes of the 63 allowed).
+fn event_savepoint(id: Uuid) -> String {
+    format!("svcdb_event_{}", id.simple())
+}
 
 /// The claim itself, on a validated consumer name.
 async fn insert_claim(

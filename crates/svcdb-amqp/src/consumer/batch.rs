@@ -237,7 +237,7 @@ async fn one(
     envelope: &Envelope,
     handler: &Arc<dyn DynHandler>,
 ) -> std::result::Result<Outcome, HandlerError> {
-    svcdb::idempotency::savepoint_event(tx);
+    svcdb::idempotency::savepoint_event(tx, envelope.id);
     let handled = AssertUnwindSafe(handler.call(tx, envelope))
         .catch_unwind()
         .await;

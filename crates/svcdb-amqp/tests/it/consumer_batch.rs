@@ -287,6 +287,52 @@ async fn a_failing_handler_returns_only_its_delivery() {
     assert_eq!(s.broker.ready(&s.queue.name).await, 0);
 }
 
+/// Found by a user trial: a handler that ran its write, then dropped the error of a failing
+/// statement and returned `Ok`, left the batch's transaction aborted; the next event's
+/// savepoint failed unseen, its handler's error rolled back to the first event's savepoint,
+/// which undid the first event's write and kept its claim: the commit then recorded it handled
+/// without its effect. Each event's savepoint now has a name of its own, so that rollback
+/// fails and the batch is handled one event at a time. The handler drops the error on its
+/// first run only: every event ends with its effect once.
+#[tokio::test]
+async fn an_error_a_handler_drops_in_a_batch_loses_no_events_effect() {
+    let s = setup().await;
+    let (_test_db, db) = service().await;
+    let envelopes = events(3);
+    let dropping = envelopes[0].id;
+    s.publish_all(&envelopes).await;
+    let dropped = Arc::new(AtomicU32::new(0));
+    let counter = dropped.clone();
+    let consumer = s
+        .consumer(&db)
+        .with_options(ConsumerOptions {
+            batch: envelopes.len(),
+            ..options()
+        })
+        .on(KIND, move |tx, event| {
+            let counter = counter.clone();
+            Box::pin(async move {
+                record(tx, event).await?;
+                if event.id == dropping && counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // The misuse: the statement fails, and the handler says nothing of it.
+                    let _ = tx.execute("SELECT 1 / 0", &[]).await;
+                }
+                Ok(())
+            })
+        });
+    let (shutdown, task) = start(&consumer);
+
+    eventually("every event is handled", || async {
+        let stats = consumer.stats();
+        stats.handled + stats.duplicates >= 3 && s.broker.ready(&s.queue.name).await == 0
+    })
+    .await;
+    stop(shutdown, task).await;
+
+    assert!(dropped.load(Ordering::SeqCst) >= 1, "the misuse happened");
+    each_once(&db, &envelopes).await;
+}
+
 #[tokio::test]
 async fn two_copies_of_one_event_in_a_batch_have_their_effect_once() {
     let s = setup().await;
