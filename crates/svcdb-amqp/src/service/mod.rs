@@ -397,6 +397,14 @@ where
 
     /// Runs the start-up sequence and returns once the service serves HTTP, relays and
     /// consumes; [`Running::stop`] or [`Running::run_until_signal`] end it.
+    ///
+    /// A SIGTERM or Ctrl-C during the start-up stops it: a migration through its failure path,
+    /// as `svcdb migrate up` stops (the statement cancelled, its transaction rolled back, a
+    /// non-transactional migration stopped in its first statement left pending, not dirty),
+    /// a wait for the database or the broker at once ([`Cause::Stopped`]). Once watched, the
+    /// signals no longer end the process by themselves (tokio's signal handling): end a started
+    /// service with [`Running::run_until_signal`], or with [`Running::stop`] on a signal of
+    /// your own.
     pub async fn start(self) -> Result<Running, ServiceError> {
         let Self {
             name,
@@ -422,6 +430,23 @@ where
             service: &name,
             progress: &progress,
         };
+        // A SIGTERM or Ctrl-C during the start-up stops it (found by a user trial: SIGTERM
+        // during a long migration killed the process at once and left a non-transactional
+        // migration dirty, refusing every later start): a migration through its failure path,
+        // as `svcdb migrate up` stops (its statement cancelled and rolled back; one stopped in
+        // its first statement stays pending), a wait for the database or the broker where it
+        // is. Watched from here, and by `Running::run_until_signal` once started. Dropping the
+        // set when `start` returns ends the watch.
+        let interrupt = CancellationToken::new();
+        let mut watch = JoinSet::new();
+        watch.spawn({
+            let interrupt = interrupt.clone();
+            async move {
+                if shutdown_signal().await.is_ok() {
+                    interrupt.cancel();
+                }
+            }
+        });
         let subscribes = !subscriptions.is_empty();
         let uses_broker = !exchanges.is_empty() || subscribes;
         let topology = subscriptions
@@ -485,9 +510,12 @@ where
         let db = steps
             .run(
                 Step::Connect,
-                retry_while_down(&name, "its database", startup_wait, || {
-                    ServiceDb::connect(database.clone())
-                }),
+                until(
+                    &interrupt,
+                    retry_while_down(&name, "its database", startup_wait, || {
+                        ServiceDb::connect(database.clone())
+                    }),
+                ),
             )
             .await?;
         // From here on a failed step closes the pool it opened.
@@ -495,7 +523,8 @@ where
             let migrated = match (&migrations, migrate) {
                 (Some(migrations), true) => {
                     let began = Instant::now();
-                    let migrator = Migrator::new(db.clone(), migrations.clone());
+                    let migrator = Migrator::new(db.clone(), migrations.clone())
+                        .with_interrupt(interrupt.clone());
                     let mut count_lock_waits = lock_wait_counter(&db);
                     let report = steps
                         .run(
@@ -544,11 +573,22 @@ where
                 steps
                     .run(
                         Step::DeclareTopology,
-                        retry_while_down(&name, "RabbitMQ", startup_wait, || {
-                            declare(amqp, &topology)
-                        }),
+                        until(
+                            &interrupt,
+                            retry_while_down(&name, "RabbitMQ", startup_wait, || {
+                                declare(amqp, &topology)
+                            }),
+                        ),
                     )
                     .await?;
+            }
+            // A signal in the quick steps since the last wait: not served, as if it came there.
+            if interrupt.is_cancelled() {
+                return Err(ServiceError {
+                    service: name.clone(),
+                    step: Step::Signal,
+                    cause: Cause::Stopped,
+                });
             }
             Ok::<_, ServiceError>((migrated, gate, report))
         }
@@ -706,6 +746,17 @@ where
             }
             outcome => return outcome,
         }
+    }
+}
+
+/// `work`, unless `interrupt` is cancelled first ([`Cause::Stopped`]).
+async fn until<T, E: Into<Cause>>(
+    interrupt: &CancellationToken,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, Cause> {
+    tokio::select! {
+        done = work => done.map_err(Into::into),
+        () = interrupt.cancelled() => Err(Cause::Stopped),
     }
 }
 
@@ -1192,6 +1243,11 @@ pub enum Cause {
     /// A second SIGTERM or Ctrl-C came during the graceful shutdown, which was abandoned.
     #[error("interrupted by a second signal; what was left was aborted (its messages are redelivered and its outbox rows republished)")]
     Interrupted,
+    /// A SIGTERM or Ctrl-C came during the start-up, which stopped where it was (a
+    /// migration stops through its own failure path: [`Cause::Migrate`] with
+    /// `MigrateError::Interrupted`).
+    #[error("stopped by a signal (SIGTERM or Ctrl-C) during the start-up; nothing was served")]
+    Stopped,
     /// A part of the service panicked.
     #[error("panicked: {0}")]
     Panicked(String),

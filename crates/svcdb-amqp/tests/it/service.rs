@@ -683,3 +683,125 @@ async fn a_second_signal_during_the_shutdown_stops_at_once() {
         .unwrap();
     assert!(status.success(), "the child test itself passed: {status}");
 }
+
+/// Set in the child process of [`a_signal_during_a_start_up_migration_stops_it_cleanly`], with
+/// the migrations folder it runs.
+const MIGRATING_CHILD: &str = "SVCDB_TEST_MIGRATING_CHILD";
+
+/// The child process of [`a_signal_during_a_start_up_migration_stops_it_cleanly`]: a service
+/// whose start-up migration waits on an advisory lock the test holds. Prints how its start-up
+/// ended. Does nothing outside that test.
+#[tokio::test]
+#[ignore = "a child process of a_signal_during_a_start_up_migration_stops_it_cleanly"]
+async fn a_service_whose_start_up_migration_waits() {
+    let Some(dir) = std::env::var_os(MIGRATING_CHILD) else {
+        return;
+    };
+    let started = Service::new("svc-migrating")
+        .database(svcdb::Config::from_env().unwrap())
+        .migrations(svcdb::migrate::Migrations::from_dir(std::path::Path::new(&dir)).unwrap())
+        .migrate(true)
+        .listen(localhost())
+        .start()
+        .await;
+    match started {
+        Ok(_) => println!("started"),
+        Err(e) => println!("stopped at {:?}: {:?}", e.step(), e.cause()),
+    }
+}
+
+/// Found by a user trial: SIGTERM during a start-up migration killed the service at once, and
+/// the non-transactional migration it was running stayed marked dirty, so every later start
+/// refused until someone ran `svcdb migrate repair`. The start-up now stops on the signal as
+/// `svcdb migrate up` does: the statement is cancelled, the migration stays pending, not dirty,
+/// and the next start runs it.
+#[tokio::test]
+async fn a_signal_during_a_start_up_migration_stops_it_cleanly() {
+    use tokio::io::AsyncBufReadExt;
+
+    let (test_db, db) = common::service().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("0001_wait.up.sql"),
+        "-- svcdb:no-transaction\nSELECT pg_advisory_lock(4711);\nCREATE TABLE after_wait (id int);",
+    )
+    .unwrap();
+    let holder = test_db.admin().await;
+    holder
+        .batch_execute("SELECT pg_advisory_lock(4711)")
+        .await
+        .unwrap();
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "service::a_service_whose_start_up_migration_waits",
+        ])
+        .args(["--ignored", "--nocapture", "--test-threads", "1"])
+        .env(MIGRATING_CHILD, dir.path())
+        .env("DATABASE_URL", test_db.url())
+        .env("SVCDB_SCHEMA", "svc")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually("the migration waits on the lock", || async {
+        holder
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    let pid = child.id().expect("still running") as libc::pid_t;
+    // SAFETY: kill(2) on our own child, which keeps its pid until we wait for it.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGTERM)
+    };
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ended = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the child prints within 30 s")
+            .unwrap()
+            .expect("the child ends its start-up and prints how (the signal killed it?)");
+        if let Some((_, how)) = line.split_once("stopped at ") {
+            break how.to_owned();
+        }
+    };
+    // Stopped by the interrupt, through the migration's failure path.
+    assert!(ended.starts_with("Migrate: Migrate("), "{ended}");
+    assert!(
+        ended.contains("interrupted: true") && ended.contains("dirty: false"),
+        "{ended}"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the child exits")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    // Not left dirty: the next start runs it (a dirty one would refuse the start).
+    holder
+        .batch_execute("SELECT pg_advisory_unlock(4711)")
+        .await
+        .unwrap();
+    let running = Service::new("svc-migrating")
+        .database(test_db.config("svc"))
+        .migrations(svcdb::migrate::Migrations::from_dir(dir.path()).unwrap())
+        .migrate(true)
+        .listen(localhost())
+        .start()
+        .await
+        .unwrap();
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute("SELECT FROM after_wait")
+        .await
+        .unwrap();
+    running.stop().await.unwrap();
+}
