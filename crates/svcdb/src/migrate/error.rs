@@ -487,7 +487,9 @@ fn unsafe_message(findings: &[super::lint::Finding]) -> String {
     );
     // Allowing a statement the server refuses would only move the failure to run time.
     if findings.iter().any(|f| f.rule.can_be_allowed()) {
-        s.push_str("; if one is safe here (a small table, a maintenance window), write `-- svcdb:allow <rule>` in its file, or pass `--allow-unsafe` (MigrateOptions::allow_unsafe)");
+        // Found by a user trial: for `redo`, the comment changed an applied migration, which
+        // `redo` then refused as changed.
+        s.push_str("; if one is safe here (a small table, a maintenance window), write `-- svcdb:allow <rule>` in its file (not in a migration already applied: that changes its checksum), or pass `--allow-unsafe` (MigrateOptions::allow_unsafe)");
         if findings.iter().any(|f| !f.rule.can_be_allowed()) {
             s.push_str(", which does not apply to what the server itself refuses (`concurrently-in-transaction`, `not-in-transaction`)");
         }

@@ -581,20 +581,9 @@ impl Migrator {
     ) -> Result<RedoReport, MigrateError> {
         let (mut lock, history) = self.lock(observer, false).await?;
         let result = async {
-            if let Some(newest) = history
-                .rows
-                .last()
-                .and_then(|r| self.migrations.get(&r.version))
-            {
-                super::lint::check_before_up(
-                    &[newest],
-                    &[],
-                    super::lint::LiveColumns::default(),
-                    self.options.allow_unsafe,
-                    observer,
-                )?;
-            }
-            // What `down` checks (drift, a down script, the lint), without running it yet.
+            // What `down` checks (drift, a down script, the lint), without running it yet;
+            // first, so that a migration without a down script is said as such rather than
+            // after a lint finding on its up script (found by a user trial).
             let planned = DownOptions {
                 dry_run: true,
                 ..DownOptions::default()
@@ -605,6 +594,13 @@ impl Migrator {
                 .iter()
                 .filter_map(|e| self.migrations.get(&e.version))
                 .collect();
+            super::lint::check_before_up(
+                &plan,
+                &[],
+                super::lint::LiveColumns::default(),
+                self.options.allow_unsafe,
+                observer,
+            )?;
             let current_version = history.rows.iter().rev().nth(1).map(|r| r.version.clone());
             let down = |migrations| DownReport {
                 dry_run: false,

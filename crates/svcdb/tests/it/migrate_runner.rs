@@ -1105,6 +1105,38 @@ async fn a_down_script_that_drops_the_service_schema_is_said_and_rolled_back() {
         .unwrap();
 }
 
+/// Found by a user trial on a Flyway folder without undo files: `redo` refused for a lint
+/// finding on the up script, and only past `--allow-unsafe` said the real blocker, that the
+/// migration has no down script. It now says that first; with a down script, the lint's
+/// finding is what refuses (the control).
+#[tokio::test]
+async fn redo_says_a_missing_down_script_before_the_lint() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            ("0001_t.up.sql", "CREATE TABLE t (id int, label text);"),
+            ("0002_i.up.sql", "CREATE INDEX t_label ON t (label);"),
+        ],
+    );
+    let allowing = MigrateOptions {
+        allow_unsafe: true,
+        ..MigrateOptions::default()
+    };
+    migrator(&svc, dir.path())
+        .with_options(allowing)
+        .up()
+        .await
+        .unwrap();
+    let err = migrator(&svc, dir.path()).redo().await.unwrap_err();
+    assert!(matches!(err, MigrateError::NoDown { .. }), "{err}");
+
+    write(dir.path(), &[("0002_i.down.sql", "DROP INDEX t_label;")]);
+    let err = migrator(&svc, dir.path()).redo().await.unwrap_err();
+    assert!(matches!(err, MigrateError::Unsafe { .. }), "{err}");
+    assert_eq!(history(&svc).await, [1, 2]);
+}
+
 /// The same redo with its down script outside a transaction: the down commits first, and the
 /// failure says so instead of "everything was rolled back".
 #[tokio::test]
