@@ -588,7 +588,20 @@ impl Migrator {
                 dry_run: true,
                 ..DownOptions::default()
             };
-            let checked = self.revert(&mut lock, &history, &planned, observer).await?;
+            // Both lints read the down script (an up's failure is undone with it): each
+            // finding is said once (found by a user trial: twice).
+            let mut said = std::collections::HashSet::new();
+            let mut once = |event: &MigrateEvent| {
+                if let MigrateEvent::Lint { finding, .. } = event {
+                    if !said.insert(finding.to_string()) {
+                        return;
+                    }
+                }
+                observer(event);
+            };
+            let checked = self
+                .revert(&mut lock, &history, &planned, &mut once)
+                .await?;
             let plan: Vec<&Migration> = checked
                 .migrations
                 .iter()
@@ -599,7 +612,7 @@ impl Migrator {
                 &[],
                 super::lint::LiveColumns::default(),
                 self.options.allow_unsafe,
-                observer,
+                &mut once,
             )?;
             let current_version = history.rows.iter().rev().nth(1).map(|r| r.version.clone());
             let down = |migrations| DownReport {

@@ -1137,6 +1137,31 @@ async fn redo_says_a_missing_down_script_before_the_lint() {
     assert_eq!(history(&svc).await, [1, 2]);
 }
 
+/// Found by a user trial: `redo` said the lint's warning on its down script twice (its down's
+/// check and its up's both read it). Once now.
+#[tokio::test]
+async fn redo_says_each_lint_finding_once() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            ("0001_t.up.sql", "CREATE TABLE t (id int);"),
+            ("0001_t.down.sql", "DROP TABLE t;\nselec 1;"),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    m.up().await.unwrap();
+    let mut lint = 0;
+    let _ = m
+        .redo_with(&mut |e| {
+            if matches!(e, MigrateEvent::Lint { .. }) {
+                lint += 1;
+            }
+        })
+        .await;
+    assert_eq!(lint, 1);
+}
+
 /// The same redo with its down script outside a transaction: the down commits first, and the
 /// failure says so instead of "everything was rolled back".
 #[tokio::test]
