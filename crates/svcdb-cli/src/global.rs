@@ -130,9 +130,11 @@ impl Global {
         };
         // Found by a trial on a folder split into sub-folders of versions (`000001-000100/`):
         // the files were named as the warning asked, and ignored for where they were.
+        // A Flyway callback gets a warning of its own, below (found by a trial: it got both).
         let (nested, other): (Vec<&String>, Vec<&String>) = migrations
             .ignored()
             .iter()
+            .filter(|f| !is_flyway_callback(f))
             .partition(|f| is_nested_migration(f));
         // Found by a trial with `--dir db` where the files were in db/migrations: `up` and
         // `status` said "up to date" (exit 0), and a start-up gate would have passed on an

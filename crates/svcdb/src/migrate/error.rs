@@ -710,6 +710,14 @@ fn failed_message(f: &MigrationFailure) -> String {
     }) || cause.is_closed()
     {
         "the server ended the session (pg_terminate_backend, a restart or a failover), not the migration: run again once the server accepts connections"
+    } else if cause.code() == Some(&SqlState::UNDEFINED_FUNCTION)
+        || cause
+            .as_db_error()
+            .is_some_and(|db| db.code() == &SqlState::UNDEFINED_OBJECT && db.message().starts_with("type \""))
+    {
+        // Found by a user trial: `uuid_generate_v4()` of the extension an administrator had
+        // installed in `public`, which the service's search path does not name.
+        "a function or type the statement uses is not on the migration's search path (the service schema and its extra schemas): one an extension provides lives in the schema it was created in (often public or extensions): add that schema to the extra schemas (SVCDB_EXTRA_SCHEMAS, Config::extra_schemas) or qualify the name; an extension not installed yet is created by an administrator (CREATE EXTENSION); then run again"
     } else if *dirty {
         "see the error above; fix the migration if it is wrong"
     } else if f.is_already_there() && *direction == super::Direction::Up {

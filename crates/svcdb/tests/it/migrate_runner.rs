@@ -1162,6 +1162,40 @@ async fn redo_says_each_lint_finding_once() {
     assert_eq!(lint, 1);
 }
 
+/// Found by a user trial: a migration calling `uuid_generate_v4()`, of an extension an
+/// administrator installed in `public`, failed with "fix the migration", where the fix was the
+/// service's extra schemas. The hint now names them; with `public` among them it runs (the
+/// control).
+#[tokio::test]
+async fn a_function_off_the_search_path_is_said_with_the_extra_schemas() {
+    let Fixture { db, svc, dir } = Fixture::new().await;
+    db.admin()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION public.made_elsewhere() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        )
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "0001_t.up.sql",
+            "CREATE TABLE t (id int DEFAULT made_elsewhere());",
+        )],
+    );
+    let err = migrator(&svc, dir.path()).up().await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION)
+    );
+    assert!(err.to_string().contains("SVCDB_EXTRA_SCHEMAS"), "{err}");
+
+    let mut config = db.config("shop");
+    config.extra_schemas = vec![svcdb::Ident::new("schema", "public").unwrap()];
+    let with_public = ServiceDb::connect(config).await.unwrap();
+    migrator(&with_public, dir.path()).up().await.unwrap();
+}
+
 /// The same redo with its down script outside a transaction: the down commits first, and the
 /// failure says so instead of "everything was rolled back".
 #[tokio::test]
