@@ -337,8 +337,9 @@ impl Consumer {
         &self.queue
     }
 
-    /// Refuses a consumer that cannot work, before connecting.
-    fn check(&self) -> Result<()> {
+    /// Refuses a consumer that cannot work, before connecting (also [`crate::Service`]'s
+    /// start-up, before it serves).
+    pub(crate) fn check(&self) -> Result<()> {
         self.config.validate()?;
         self.queue.validate()?;
         if self.name.trim().is_empty() || self.name.len() > svcdb::idempotency::MAX_CONSUMER_BYTES {

@@ -115,7 +115,9 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use svcdb::migrate::{MigrateError, MigrateEvent, Migrations, Migrator, UpOptions, UpReport};
+use svcdb::migrate::{
+    MigrateError, MigrateEvent, MigrateOptions, Migrations, Migrator, UpOptions, UpReport,
+};
 use svcdb::outbox::PublishRetry;
 use svcdb::{Gate, GateReport, Outbox, ServiceDb};
 use tokio::task::{Id, JoinSet};
@@ -167,6 +169,7 @@ pub struct Service<S = ServiceDb> {
     amqp: Option<AmqpConfig>,
     migrations: Option<Migrations>,
     migrate: bool,
+    migrate_options: MigrateOptions,
     required: Vec<String>,
     exchanges: Vec<String>,
     subscriptions: Vec<Subscription<S>>,
@@ -231,6 +234,7 @@ where
             amqp: None,
             migrations: None,
             migrate: false,
+            migrate_options: MigrateOptions::default(),
             required: Vec::new(),
             exchanges: Vec::new(),
             subscriptions: Vec::new(),
@@ -275,6 +279,16 @@ where
     #[must_use]
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
+        self
+    }
+
+    /// How the start-up migration runs (with [`Service::migrate`]): lock and statement
+    /// timeouts, lock retries, `allow_unsafe` for the lint's findings, … Default:
+    /// [`MigrateOptions::default`], as `svcdb migrate up` without options (found by a user
+    /// trial: the migration errors pointed at options a service could not set).
+    #[must_use]
+    pub fn migrate_options(mut self, options: MigrateOptions) -> Self {
+        self.migrate_options = options;
         self
     }
 
@@ -412,6 +426,7 @@ where
             amqp,
             migrations,
             migrate,
+            migrate_options,
             mut required,
             exchanges,
             subscriptions,
@@ -472,6 +487,22 @@ where
                         "Service::migrate(true) without migrations; give them with Service::migrations".into(),
                     ));
                 }
+                // Found by a user trial: an empty name started (its log lines read `service= `),
+                // and two consumers of one queue took each other's messages, each dead-lettering
+                // the kinds only the other handles.
+                if name.trim().is_empty() {
+                    return Err(Cause::Config(
+                        "the service has no name; give it one with Service::new(\"orders\"): it names its logs, metrics and database connections".into(),
+                    ));
+                }
+                let mut queues: Vec<&str> = subscriptions.iter().map(|s| s.queue.name.as_str()).collect();
+                queues.sort_unstable();
+                if let Some(twice) = queues.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(Cause::Config(format!(
+                        "queue {} is subscribed twice; its consumers would take each other's messages: subscribe once, with every handler on that one consumer",
+                        twice[0]
+                    )));
+                }
                 Ok((database, amqp))
             })
             .await?;
@@ -524,6 +555,7 @@ where
                 (Some(migrations), true) => {
                     let began = Instant::now();
                     let migrator = Migrator::new(db.clone(), migrations.clone())
+                        .with_options(migrate_options)
                         .with_interrupt(interrupt.clone());
                     let mut count_lock_waits = lock_wait_counter(&db);
                     let report = steps
@@ -629,6 +661,18 @@ where
                 .collect(),
             None => Vec::new(),
         };
+        // Found by a user trial: a consumer without handlers started, said "serving", and
+        // failed only from `stop`.
+        for (queue, consumer) in &consumers {
+            if let Err(e) = consumer.check() {
+                db.close();
+                return Err(ServiceError {
+                    service: name.clone(),
+                    step: Step::Consume(queue.clone()),
+                    cause: Cause::Amqp(e),
+                });
+            }
+        }
         let draining = Arc::new(AtomicBool::new(false));
         let probes = svcdb::http::router(db.clone(), gate).layer(middleware::from_fn_with_state(
             Probe {

@@ -805,3 +805,93 @@ async fn a_signal_during_a_start_up_migration_stops_it_cleanly() {
         .unwrap();
     running.stop().await.unwrap();
 }
+
+/// Found by a user trial: a service without a name, a queue subscribed twice (its consumers
+/// would take each other's messages) and a consumer without handlers all started and said
+/// "serving"; the last failed only from `stop`. Each is refused by the start-up, at the step
+/// that says where; a consumer with a handler starts (the control).
+#[tokio::test]
+async fn a_service_that_cannot_work_is_refused_before_it_serves() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (test_db, _db) = common::service().await;
+    let (_exchange, queue) = topology(&broker);
+    let base = |name: &str| {
+        Service::new(name)
+            .database(test_db.config("svc"))
+            .amqp(amqp())
+            .listen(localhost())
+    };
+
+    let unnamed = base("").start().await.err().expect("refused");
+    assert_eq!(unnamed.step(), &Step::Configure);
+    let twice = base("svc-test")
+        .subscribe(queue.clone(), "a", |c, _| {
+            c.on("Kind", |_, _| Box::pin(async { Ok(()) }))
+        })
+        .subscribe(queue.clone(), "b", |c, _| {
+            c.on("Kind", |_, _| Box::pin(async { Ok(()) }))
+        })
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(twice.step(), &Step::Configure);
+    let handless = base("svc-test")
+        .subscribe(queue.clone(), "c", |c, _| c)
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(handless.step(), &Step::Consume(queue.name.clone()));
+
+    let running = base("svc-test")
+        .subscribe(queue.clone(), "c", |c, _| {
+            c.on("Kind", |_, _| Box::pin(async { Ok(()) }))
+        })
+        .start()
+        .await
+        .unwrap();
+    running.stop().await.unwrap();
+}
+
+/// Found by a user trial: a start-up migration the lint refused pointed at `allow_unsafe`,
+/// which a service could not set. `Service::migrate_options` sets it; without it the start-up
+/// refuses (the control).
+#[tokio::test]
+async fn the_start_up_migration_takes_the_services_migrate_options() {
+    let (test_db, db) = common::service().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("0001_t.up.sql"), "CREATE TABLE t (id int);").unwrap();
+    let service = || {
+        Service::new("svc-migrating")
+            .database(test_db.config("svc"))
+            .migrations(svcdb::migrate::Migrations::from_dir(dir.path()).unwrap())
+            .migrate(true)
+            .listen(localhost())
+    };
+    service().start().await.unwrap().stop().await.unwrap();
+    std::fs::write(
+        dir.path().join("0002_i.up.sql"),
+        "CREATE INDEX t_id ON t (id);",
+    )
+    .unwrap();
+
+    let refused = service().start().await.err().expect("the lint refuses it");
+    assert_eq!(refused.step(), &Step::Migrate);
+    let running = service()
+        .migrate_options(svcdb::migrate::MigrateOptions {
+            allow_unsafe: true,
+            ..Default::default()
+        })
+        .start()
+        .await
+        .unwrap();
+    running.stop().await.unwrap();
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute("SELECT 't_id'::regclass")
+        .await
+        .unwrap();
+}
