@@ -823,7 +823,7 @@ async fn a_service_that_cannot_work_is_refused_before_it_serves() {
             .listen(localhost())
     };
 
-    let unnamed = base("").start().await.err().expect("refused");
+    let unnamed = base("").start().await.map(drop).expect_err("refused");
     assert_eq!(unnamed.step(), &Step::Configure);
     let twice = base("svc-test")
         .subscribe(queue.clone(), "a", |c, _| {
@@ -834,15 +834,15 @@ async fn a_service_that_cannot_work_is_refused_before_it_serves() {
         })
         .start()
         .await
-        .err()
-        .expect("refused");
+        .map(drop)
+        .expect_err("refused");
     assert_eq!(twice.step(), &Step::Configure);
     let handless = base("svc-test")
         .subscribe(queue.clone(), "c", |c, _| c)
         .start()
         .await
-        .err()
-        .expect("refused");
+        .map(drop)
+        .expect_err("refused");
     assert_eq!(handless.step(), &Step::Consume(queue.name.clone()));
 
     let running = base("svc-test")
@@ -877,7 +877,11 @@ async fn the_start_up_migration_takes_the_services_migrate_options() {
     )
     .unwrap();
 
-    let refused = service().start().await.err().expect("the lint refuses it");
+    let refused = service()
+        .start()
+        .await
+        .map(drop)
+        .expect_err("the lint refuses it");
     assert_eq!(refused.step(), &Step::Migrate);
     let running = service()
         .migrate_options(svcdb::migrate::MigrateOptions {
