@@ -268,7 +268,7 @@ fn amqp_hint(e: &lapin::Error) -> &'static str {
             "\n  hint: it exists with other arguments (type, durability, dead-letter settings); delete it or declare it as it is"
         }
         AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => {
-            "\n  hint: declare the exchange or queue first (topology::Topology::declare)"
+            "\n  hint: declare the exchange or queue first (a service declares what it names in Service::publishes and Service::subscribe; otherwise topology::Topology::declare)"
         }
         AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
             "\n  hint: the user lacks configure/write/read permission on this resource (rabbitmqctl set_permissions)"

@@ -381,9 +381,9 @@ where
     /// (connection refused or timed out, the server starting up, too many connections),
     /// retrying with backoff and logging each attempt; then it fails at that step. A refused
     /// login or a TLS failure fails at once. Default: [`DEFAULT_STARTUP_WAIT`];
-    /// [`Duration::ZERO`] tries once. Nothing listens on the HTTP port meanwhile: under
-    /// Kubernetes, a `startupProbe` on `/healthz` that allows this long keeps the liveness
-    /// probe from restarting a replica that is still waiting.
+    /// [`Duration::ZERO`] tries once. The HTTP port answers meanwhile (bound first):
+    /// `/healthz` says the process is alive, so a liveness probe does not restart a replica
+    /// that is still waiting, and `/readyz` answers `503` naming the step it waits at.
     #[must_use]
     pub fn startup_wait(mut self, wait: Duration) -> Self {
         self.startup_wait = wait;
