@@ -308,10 +308,8 @@ impl Relay {
         // database is down) are the loop's to wait out.
         if let Err(e) = self.outbox.pending_count().await {
             if e.code() == Some(&svcdb::SqlState::UNDEFINED_TABLE) {
-                return Err(Error::config(
-                    "outbox",
-                    format!("{e}; create svcdb_outbox with ServiceDb::install_outbox or svcdb::outbox::OUTBOX_SQL in a migration"),
-                ));
+                // The message says how to install it (svcdb's hint for its own tables).
+                return Err(Error::config("outbox", e.to_string()));
             }
         }
         let _purging = retention::purge_published(&self.outbox, &self.config.retention, &shutdown);

@@ -330,9 +330,26 @@ pub fn pg_message(e: &tokio_postgres::Error) -> String {
         if let Some(hint) = db.hint() {
             s.push_str(&format!("; hint: {hint}"));
         }
+        if db.code() == &SqlState::UNDEFINED_TABLE {
+            s.push_str(missing_svcdb_table(db.message()));
+        }
         return s;
     }
     Report::new(e).message
+}
+
+/// The hint for one of svcdb's own tables missing from the schema (found by a user trial:
+/// `outbox::enqueue` before the outbox was installed failed with a bare `relation
+/// "svcdb_outbox" does not exist`; the relay alone said how to install it).
+fn missing_svcdb_table(message: &str) -> &'static str {
+    let named = |table: &str| message.contains(&format!("\"{table}\""));
+    if named(crate::outbox::OUTBOX_TABLE) {
+        "\n  hint: install svcdb's outbox in the service schema first: ServiceDb::install_outbox at start-up, or svcdb::outbox::OUTBOX_SQL in a migration (svcdb_amqp::Service does it for a service that publishes)"
+    } else if named(crate::idempotency::PROCESSED_EVENTS_TABLE) {
+        "\n  hint: install svcdb's claims table in the service schema first: ServiceDb::install_idempotency at start-up, or svcdb::idempotency::PROCESSED_EVENTS_SQL in a migration (svcdb_amqp::Service does it for a service that subscribes)"
+    } else {
+        ""
+    }
 }
 
 /// An error and its causes, rendered for people: [`Report::message`] joins the message of

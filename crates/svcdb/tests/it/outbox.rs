@@ -764,3 +764,38 @@ async fn installing_over_installed_tables_takes_no_lock() {
         .get(0);
     assert!(made);
 }
+
+/// Found by a user trial: `enqueue` before the outbox was installed (and `process_once` before
+/// the claims table was) failed with a bare `relation "svcdb_outbox" does not exist`. Each
+/// says how to install its table, by its SQLSTATE still (42P01); a missing table of the
+/// service's own gets no such hint (the control).
+#[tokio::test]
+async fn svcdb_tables_not_installed_yet_say_how_to_install_them() {
+    let db = TestDb::new().await;
+    let svc = db.service("orders").await;
+    let event = order_placed(1);
+    let err = svc
+        .transaction(async |tx| outbox::enqueue(tx, "orders", "order.placed", &event).await)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE));
+    assert!(err.to_string().contains("install_outbox"), "{err}");
+
+    let err = svc
+        .process_once("orders.x", &event, async |_tx| Ok::<_, Error>(()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE));
+    assert!(err.to_string().contains("install_idempotency"), "{err}");
+
+    let err = svc
+        .transaction(async |tx| {
+            tx.execute("SELECT FROM no_such", &[])
+                .await
+                .map_err(Error::from)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE));
+    assert!(!err.to_string().contains("hint: install"), "{err}");
+}
