@@ -82,6 +82,8 @@ Exit codes:
     /// time, YYYYMMDDHHMMSS (YYYY-MM-DD-HHMMSS after a diesel-style dashed version).
     New {
         /// What the migration does, e.g. create_products; becomes part of the file names.
+        // Checked as the command line is read: an invalid name exits 64 (found by a trial: 1).
+        #[arg(value_parser = migration_name)]
         name: String,
     },
     /// Record every migration up to VERSION as applied without running it, to adopt a schema
@@ -287,6 +289,11 @@ impl Command {
                 | Command::Adopt(_)
         )
     }
+}
+
+/// `migrate new`'s name, as the library accepts it.
+fn migration_name(name: &str) -> Result<String, String> {
+    svcdb::migrate::check_migration_name(name).map(|()| name.to_owned())
 }
 
 /// Runs one subcommand.

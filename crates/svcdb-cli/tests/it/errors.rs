@@ -465,3 +465,27 @@ fn a_command_help_lists_only_the_shared_options_it_uses() {
     assert_eq!(out.code, 64, "{out}");
     assert!(!out.stderr.contains("unexpected argument"), "{out}");
 }
+
+/// Found by a user trial: `migrate new ''` (or `../x`) exited 1 with code `migration_source`,
+/// where `--help` says an invalid command line exits 64. A usable name creates its files (the
+/// control).
+#[test]
+fn an_invalid_migration_name_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("migrations");
+    let folder = folder.to_str().unwrap();
+    for name in ["", "../x", " padded"] {
+        let out = svcdb(
+            &["--json", "migrate", "new", name, "--dir", folder],
+            &[],
+            None,
+        );
+        assert_eq!(out.code, 64, "{name:?}: {out}");
+        assert_eq!(failure(&out)["code"], "usage", "{name:?}: {out}");
+    }
+    assert!(
+        !dir.path().join("migrations").exists(),
+        "nothing was created"
+    );
+    svcdb(&["migrate", "new", "create_x", "--dir", folder], &[], None).expect_code(0);
+}

@@ -163,6 +163,8 @@ pub use report::{
     UpReport,
 };
 pub use runner::Migrator;
-pub use source::{new_migration, EmbeddedFile, EmbeddedMigrations, Migrations, NewMigration};
+pub use source::{
+    check_migration_name, new_migration, EmbeddedFile, EmbeddedMigrations, Migrations, NewMigration,
+};
 pub use status::{MigrationState, StatusEntry, StatusReport};
 pub use version::{ParseVersionError, Version};

@@ -74,5 +74,5 @@ mod read;
 mod test_support;
 
 pub(crate) use names::down_script_place;
-pub use new::{new_migration, NewMigration};
+pub use new::{check_migration_name, new_migration, NewMigration};
 pub use read::{EmbeddedFile, EmbeddedMigrations, Migrations};

@@ -31,6 +31,20 @@ impl NewMigration {
     }
 }
 
+/// Whether `name` can name a migration's files ([`new_migration`]): what is wrong with it if
+/// not. Non-empty, without surrounding spaces, control characters (which would break every
+/// listing of the folder) or a character some file systems refuse (`/ \\ : * ? " < > |`).
+pub fn check_migration_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty()
+        || name.contains(['/', '\\', ':', '*', '?', '"', '<', '>', '|'])
+        || name.chars().any(char::is_control)
+        || name.trim() != name
+    {
+        return Err(format!("{name:?} cannot be a migration name: it must be non-empty, without surrounding spaces, control characters or any of / \\ : * ? \" < > |"));
+    }
+    Ok(())
+}
+
 /// Creates the files of a new migration in `dir` (created if missing), laid out like the newest
 /// migration there:
 ///
@@ -53,18 +67,7 @@ impl NewMigration {
 pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, MigrateError> {
     let dir = dir.as_ref();
     let shown = dir.display().to_string();
-    // Also what some file systems refuse (`:`, `*`, `?`…), and control characters, which
-    // would break every listing of the folder.
-    if name.trim().is_empty()
-        || name.contains(['/', '\\', ':', '*', '?', '"', '<', '>', '|'])
-        || name.chars().any(char::is_control)
-        || name.trim() != name
-    {
-        return Err(MigrateError::source_file(
-            shown,
-            format!("{name:?} cannot be a migration name: it must be non-empty, without surrounding spaces, control characters or any of / \\ : * ? \" < > |"),
-        ));
-    }
+    check_migration_name(name).map_err(|why| MigrateError::source_file(shown.clone(), why))?;
     let existing = if dir.exists() {
         Migrations::from_dir(dir)?
     } else {
