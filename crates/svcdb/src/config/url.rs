@@ -30,6 +30,7 @@ pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
         ));
     }
     refuse_ambiguous_credentials(database_url)?;
+    refuse_bad_percent_escapes(database_url)?;
     database_url.parse().map_err(|e: tokio_postgres::Error| {
         let why = std::error::Error::source(&e)
             .map(ToString::to_string)
@@ -55,6 +56,30 @@ pub(super) fn refuse_ambiguous_credentials(database_url: &str) -> Result<()> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Refuses a URL with a `%` not followed by two hex digits: libpq refuses it ("invalid
+/// percent-encoded token"), where the driver keeps it as it is (found by a user trial: a
+/// password `Hunter2%ZZSecret` was taken literally, and failed only as a wrong password
+/// against a server that decodes nothing). Named without the text around it, which may be a
+/// password.
+fn refuse_bad_percent_escapes(database_url: &str) -> Result<()> {
+    let Some(body) = url_body(database_url) else {
+        return Ok(());
+    };
+    let bytes = body.as_bytes();
+    let bad = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if bad {
+        return Err(Error::config(
+            "DATABASE_URL",
+            "holds a '%' that is not followed by two hex digits, as libpq refuses it; write a literal '%' (in a password, say) as %25",
+        ));
+    }
+    Ok(())
 }
 
 /// A URL's text after `postgres://` or `postgresql://`; `None` for `key=value` pairs.
@@ -190,6 +215,23 @@ mod tests {
         // The controls: key=value pairs are no URL and are read.
         assert!(super::parse_url("host=db user=svc dbname=shop").is_ok());
         assert!(super::parse_url("postgres://svc@db/shop").is_ok());
+    }
+
+    #[test]
+    fn a_percent_sign_that_escapes_nothing_is_refused_without_repeating_it() {
+        for url in [
+            "postgres://svc:Hunter2%ZZSecret@db/shop",
+            "postgres://svc:50%@db/shop",
+            "postgres://svc@db/shop?application_name=a%2",
+        ] {
+            let e = super::parse_url(url).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains("%25"), "{url}: {text}");
+            assert!(!text.contains("Hunter2"), "{text}");
+        }
+        // The control: escapes of two hex digits are read, the password decoded.
+        let pg = super::parse_url("postgres://svc:50%25%40x@db/shop").unwrap();
+        assert_eq!(pg.get_password(), Some(&b"50%@x"[..]));
     }
 
     #[test]
