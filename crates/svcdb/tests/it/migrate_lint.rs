@@ -2021,3 +2021,396 @@ async fn an_add_column_constraint_is_judged_as_the_server_checks_it() {
     assert_eq!(events, []);
     assert_eq!(history(&svc).await, [1, 2, 3, 4]);
 }
+
+// ---- partitioned tables ----
+
+/// A partitioned table with two partitions and rows, a plain table (the control) and the
+/// table both reference.
+const PARTITIONED: (&str, &str) = (
+    "1_events.up.sql",
+    "CREATE TABLE accts (id bigint PRIMARY KEY);
+     INSERT INTO accts SELECT generate_series(1, 10);
+     CREATE TABLE events (id bigint NOT NULL, acct bigint, at date NOT NULL) PARTITION BY RANGE (at);
+     CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+     CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+     INSERT INTO events SELECT g, g % 10 + 1, date '2024-06-01' + g % 400 FROM generate_series(1, 1000) g;
+     CREATE TABLE ledger (id bigint NOT NULL, acct bigint);
+     INSERT INTO ledger SELECT g, g % 10 + 1 FROM generate_series(1, 1000) g;",
+);
+
+/// `(rule, fix)` of each finding of what `up` would run on `svc` from `dir`, knowing the
+/// catalog.
+async fn pending_fixes(svc: &ServiceDb, dir: &Path) -> Vec<(Rule, String)> {
+    migrator(svc, dir, MigrateOptions::default())
+        .lint_pending()
+        .await
+        .unwrap()
+        .findings
+        .iter()
+        .map(|f| (f.rule, f.fix.clone()))
+        .collect()
+}
+
+/// The SQLSTATE the server answers `sql` with, run in the service schema; `None` when it runs.
+async fn sqlstate(svc: &ServiceDb, sql: &str) -> Option<String> {
+    let conn = svc.get().await.unwrap();
+    conn.batch_execute(&format!("SET search_path TO {}", svc.schema()))
+        .await
+        .unwrap();
+    conn.batch_execute(sql)
+        .await
+        .err()
+        .map(|e| e.code().expect("a server error").code().to_owned())
+}
+
+/// `rules`, and that each fix of a finding of `rule` contains every one of `steps`.
+fn assert_fix(found: &[(Rule, String)], rules: &[Rule], steps: &[&str]) {
+    let got: Vec<Rule> = found.iter().map(|(r, _)| *r).collect();
+    assert_eq!(got, rules, "{found:?}");
+    for step in steps {
+        assert!(found[0].1.contains(step), "{step}\n{}", found[0].1);
+    }
+}
+
+/// Found by a user trial: on a partitioned table, `index-without-concurrently` said to use
+/// `CREATE INDEX CONCURRENTLY`, which the server refuses there (0A000), and the lint of the
+/// catalog let that through. The fix is now the one PostgreSQL runs (`ON ONLY` the parent,
+/// each partition concurrently, attached), checked here; the plain table keeps the old fix.
+#[tokio::test]
+async fn a_partitioned_table_is_indexed_with_a_fix_the_server_runs() {
+    let (_db, svc, dir) = applied(&[PARTITIONED]).await;
+    write(
+        dir.path(),
+        &[("2_idx.up.sql", "CREATE INDEX events_acct ON events (acct);")],
+    );
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::IndexWithoutConcurrently],
+        &[
+            "CREATE INDEX events_acct ON ONLY events USING btree (acct) (at once",
+            "CREATE INDEX CONCURRENTLY events_2024_acct ON events_2024 USING btree (acct); CREATE INDEX CONCURRENTLY events_2025_acct ON events_2025",
+            "ALTER INDEX events_acct ATTACH PARTITION events_2024_acct; ALTER INDEX events_acct ATTACH PARTITION events_2025_acct",
+        ],
+    );
+    // The control: a plain table.
+    write(
+        dir.path(),
+        &[("2_idx.up.sql", "CREATE INDEX ledger_acct ON ledger (acct);")],
+    );
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::IndexWithoutConcurrently],
+        &["CREATE INDEX CONCURRENTLY, in a non-transactional migration"],
+    );
+
+    // CONCURRENTLY on the partitioned table: refused by the server, so by the lint, with no
+    // way to allow it; on the plain table it is fine.
+    let concurrently = "CREATE INDEX CONCURRENTLY events_acct ON events (acct);";
+    assert_eq!(sqlstate(&svc, concurrently).await.as_deref(), Some("0A000"));
+    write(
+        dir.path(),
+        &[(
+            "2_idx.up.sql",
+            &format!("{NO_TX}-- svcdb:allow refused-on-partitioned-table\n{concurrently}"),
+        )],
+    );
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::UnknownAllow, Rule::RefusedOnPartitionedTable],
+        &[],
+    );
+    let allow_unsafe = MigrateOptions {
+        allow_unsafe: true,
+        ..MigrateOptions::default()
+    };
+    assert!(matches!(
+        migrator(&svc, dir.path(), allow_unsafe).up().await,
+        Err(MigrateError::Unsafe { .. })
+    ));
+    write(
+        dir.path(),
+        &[(
+            "2_idx.up.sql",
+            &format!("{NO_TX}CREATE INDEX CONCURRENTLY ledger_acct ON ledger (acct);"),
+        )],
+    );
+    assert_eq!(pending_fixes(&svc, dir.path()).await, []);
+
+    // The fix passes the lint and runs; the parent's index is then valid.
+    std::fs::remove_file(dir.path().join("2_idx.up.sql")).unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "2_only.up.sql",
+                "CREATE INDEX events_acct ON ONLY events (acct);",
+            ),
+            (
+                "3_parts.up.sql",
+                &format!(
+                    "{NO_TX}CREATE INDEX CONCURRENTLY events_2024_acct ON events_2024 (acct);\n\
+                     CREATE INDEX CONCURRENTLY events_2025_acct ON events_2025 (acct);\n\
+                     ALTER INDEX events_acct ATTACH PARTITION events_2024_acct;\n\
+                     ALTER INDEX events_acct ATTACH PARTITION events_2025_acct;"
+                ),
+            ),
+        ],
+    );
+    assert_eq!(pending_fixes(&svc, dir.path()).await, []);
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    let valid: bool = svc
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'events_acct'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(valid);
+
+    // Its index cannot be dropped concurrently either (0A000); the plain drop's fix says so.
+    assert_eq!(
+        sqlstate(&svc, "DROP INDEX CONCURRENTLY events_acct;")
+            .await
+            .as_deref(),
+        Some("0A000")
+    );
+    write(
+        dir.path(),
+        &[(
+            "4_drop.up.sql",
+            &format!("{NO_TX}DROP INDEX CONCURRENTLY events_acct;"),
+        )],
+    );
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::RefusedOnPartitionedTable],
+        &["no form avoids the lock"],
+    );
+    write(dir.path(), &[("4_drop.up.sql", "DROP INDEX events_acct;")]);
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::DropIndexWithoutConcurrently],
+        &["no form avoids the lock"],
+    );
+}
+
+/// Found by the same trial: `constraint-without-not-valid` said to add a foreign key to a
+/// partitioned table `NOT VALID`, which the server refuses there (42809 on PostgreSQL 15). The
+/// fix now adds it `NOT VALID` to each partition, validates it there, and adds it to the
+/// parent, which adopts them without a scan; checked here, with the plain table as the
+/// control. A `CHECK … NOT VALID` works on a partitioned table: its fix stays.
+#[tokio::test]
+async fn a_foreign_key_on_a_partitioned_table_gets_a_fix_the_server_runs() {
+    let (_db, svc, dir) = applied(&[PARTITIONED]).await;
+    let fk =
+        "ALTER TABLE events ADD CONSTRAINT events_acct_fk FOREIGN KEY (acct) REFERENCES accts (id)";
+    write(dir.path(), &[("2_fk.up.sql", &format!("{fk};"))]);
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::ConstraintWithoutNotValid],
+        &[
+            "ALTER TABLE events_2024 ADD CONSTRAINT events_2024_acct_fk FOREIGN KEY (acct) REFERENCES accts (id) NOT VALID; ALTER TABLE events_2025 ADD CONSTRAINT events_2025_acct_fk",
+            "ALTER TABLE events_2024 VALIDATE CONSTRAINT events_2024_acct_fk; ALTER TABLE events_2025 VALIDATE CONSTRAINT events_2025_acct_fk; then",
+            "then ALTER TABLE events ADD CONSTRAINT events_acct_fk FOREIGN KEY (acct) REFERENCES accts (id), which adopts",
+        ],
+    );
+    // The control: a plain table, and a CHECK on the partitioned one.
+    write(
+        dir.path(),
+        &[(
+            "2_fk.up.sql",
+            "ALTER TABLE ledger ADD CONSTRAINT ledger_acct_fk FOREIGN KEY (acct) REFERENCES accts (id);\n\
+             ALTER TABLE events ADD CONSTRAINT events_acct_positive CHECK (acct > 0);",
+        )],
+    );
+    let found = pending_fixes(&svc, dir.path()).await;
+    assert_eq!(found.len(), 2, "{found:?}");
+    for (rule, fix) in &found {
+        assert_eq!(*rule, Rule::ConstraintWithoutNotValid);
+        assert!(fix.starts_with("add it with NOT VALID"), "{fix}");
+    }
+    // An ADD COLUMN … REFERENCES with a default: the same partition-wise fix.
+    write(
+        dir.path(),
+        &[(
+            "2_fk.up.sql",
+            "ALTER TABLE events ADD COLUMN acct2 bigint DEFAULT 1 REFERENCES accts (id);",
+        )],
+    );
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::ConstraintWithoutNotValid],
+        &["ALTER TABLE events_2024 ADD CONSTRAINT events_2024_acct2_fkey FOREIGN KEY (acct2) REFERENCES accts (id) NOT VALID"],
+    );
+
+    // NOT VALID on the partitioned table: refused by the server, so by the lint.
+    let not_valid = format!("{fk} NOT VALID;");
+    assert_eq!(sqlstate(&svc, &not_valid).await.as_deref(), Some("42809"));
+    write(dir.path(), &[("2_fk.up.sql", &not_valid)]);
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::RefusedOnPartitionedTable],
+        &["ALTER TABLE events_2024 VALIDATE CONSTRAINT events_2024_acct_fk"],
+    );
+
+    // The fix passes the lint and runs, the CHECK's too: the partitions' keys first (the lint
+    // follows the deploy), then the parent's (the lint reads the partitions' from the catalog).
+    std::fs::remove_file(dir.path().join("2_fk.up.sql")).unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "2_fk.up.sql",
+                "ALTER TABLE events_2024 ADD CONSTRAINT events_2024_acct_fk FOREIGN KEY (acct) REFERENCES accts (id) NOT VALID;\n\
+                 ALTER TABLE events_2025 ADD CONSTRAINT events_2025_acct_fk FOREIGN KEY (acct) REFERENCES accts (id) NOT VALID;\n\
+                 ALTER TABLE events ADD CONSTRAINT events_acct_positive CHECK (acct > 0) NOT VALID;",
+            ),
+            (
+                "3_validate.up.sql",
+                &format!(
+                    "{NO_TX}ALTER TABLE events_2024 VALIDATE CONSTRAINT events_2024_acct_fk;\n\
+                     ALTER TABLE events_2025 VALIDATE CONSTRAINT events_2025_acct_fk;\n\
+                     ALTER TABLE events VALIDATE CONSTRAINT events_acct_positive;"
+                ),
+            ),
+        ],
+    );
+    assert_eq!(pending_fixes(&svc, dir.path()).await, []);
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    write(dir.path(), &[("4_parent.up.sql", &format!("{fk};"))]);
+    assert_eq!(pending_fixes(&svc, dir.path()).await, []);
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    assert_eq!(history(&svc).await, [1, 2, 3, 4]);
+}
+
+/// A unique constraint on a partitioned table: `USING INDEX` is refused there (0A000), so its
+/// fix builds each partition's index concurrently, makes it that partition's constraint, and
+/// adds the parent's, which adopts them and builds nothing; checked here.
+#[tokio::test]
+async fn a_unique_constraint_on_a_partitioned_table_gets_a_fix_the_server_runs() {
+    let (_db, svc, dir) = applied(&[PARTITIONED]).await;
+    let unique = "ALTER TABLE events ADD CONSTRAINT events_uq UNIQUE (id, at);";
+    write(dir.path(), &[("2_uq.up.sql", unique)]);
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::UniqueWithoutIndex],
+        &[
+            "CREATE UNIQUE INDEX CONCURRENTLY events_2024_uq ON events_2024 (id, at)",
+            "ALTER TABLE events_2025 ADD CONSTRAINT events_2025_uq UNIQUE USING INDEX events_2025_uq",
+        ],
+    );
+    // The control: a plain table.
+    write(
+        dir.path(),
+        &[(
+            "2_uq.up.sql",
+            "ALTER TABLE ledger ADD CONSTRAINT ledger_uq UNIQUE (id);",
+        )],
+    );
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::UniqueWithoutIndex],
+        &["ADD CONSTRAINT ledger_uq UNIQUE USING INDEX ledger_uq_new"],
+    );
+    // USING INDEX on the partitioned table: refused by the server, so by the lint.
+    let using = "ALTER TABLE events ADD CONSTRAINT events_uq UNIQUE USING INDEX events_uq_idx;";
+    let index = "CREATE UNIQUE INDEX events_uq_idx ON events (id, at);";
+    assert_eq!(
+        sqlstate(&svc, &format!("{index}\n{using}"))
+            .await
+            .as_deref(),
+        Some("0A000")
+    );
+    write(dir.path(), &[("2_uq.up.sql", using)]);
+    assert_fix(
+        &pending_fixes(&svc, dir.path()).await,
+        &[Rule::RefusedOnPartitionedTable],
+        &[],
+    );
+
+    std::fs::remove_file(dir.path().join("2_uq.up.sql")).unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "2_build.up.sql",
+                &format!(
+                    "{NO_TX}CREATE UNIQUE INDEX CONCURRENTLY events_2024_uq ON events_2024 (id, at);\n\
+                     CREATE UNIQUE INDEX CONCURRENTLY events_2025_uq ON events_2025 (id, at);"
+                ),
+            ),
+            (
+                "3_uq.up.sql",
+                &format!(
+                    "ALTER TABLE events_2024 ADD CONSTRAINT events_2024_uq UNIQUE USING INDEX events_2024_uq;\n\
+                     ALTER TABLE events_2025 ADD CONSTRAINT events_2025_uq UNIQUE USING INDEX events_2025_uq;\n\
+                     {unique}"
+                ),
+            ),
+        ],
+    );
+    assert_eq!(pending_fixes(&svc, dir.path()).await, []);
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    assert!(has_index(&svc, "events_2024_uq").await);
+}
+
+/// A table the deploy creates `PARTITION BY` is known partitioned: what the server refuses on
+/// one is refused on it; the control is the same on a plain table created so.
+#[test]
+fn what_the_server_refuses_on_a_table_the_deploy_partitions_is_refused() {
+    let table = "CREATE TABLE t (a int, b int) PARTITION BY LIST (a);\n";
+    let plain = "CREATE TABLE t (a int, b int);\n";
+    for statement in [
+        "CREATE INDEX CONCURRENTLY t_b ON t (b);",
+        "ALTER TABLE t ADD CONSTRAINT t_b FOREIGN KEY (b) REFERENCES users (id) NOT VALID;",
+    ] {
+        assert_eq!(
+            rules(&format!("{NO_TX}{table}{statement}")),
+            [Rule::RefusedOnPartitionedTable],
+            "{statement}"
+        );
+        assert_eq!(
+            rules(&format!("{NO_TX}{plain}{statement}")),
+            [],
+            "{statement}"
+        );
+    }
+    assert!(!Rule::RefusedOnPartitionedTable.can_be_allowed());
+}
+
+/// Without a database (`lint --all`), the partitions earlier migrations made are known.
+#[test]
+fn lint_each_knows_the_partitions_earlier_migrations_made() {
+    let (_dir, migrations) = folder(&[
+        PARTITIONED,
+        ("2_idx.up.sql", "CREATE INDEX events_acct ON events (acct);"),
+    ]);
+    let report = lint::lint_each(&migrations);
+    let [finding] = &report.findings[..] else {
+        panic!("one finding expected: {:?}", report.findings);
+    };
+    assert_eq!(finding.rule, Rule::IndexWithoutConcurrently);
+    assert!(
+        finding
+            .fix
+            .contains("ALTER INDEX events_acct ATTACH PARTITION events_2025_acct"),
+        "{}",
+        finding.fix
+    );
+}

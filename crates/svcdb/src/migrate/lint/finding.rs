@@ -44,6 +44,10 @@ pub enum Rule {
     /// `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a migration that runs in a transaction: the
     /// server refuses it (SQLSTATE 25001).
     ConcurrentlyInTransaction,
+    /// A statement PostgreSQL refuses on a partitioned table: `CREATE INDEX CONCURRENTLY` on
+    /// one, `DROP INDEX CONCURRENTLY` of its index (SQLSTATE 0A000), `ADD CONSTRAINT …
+    /// USING INDEX` (0A000), and `ADD FOREIGN KEY … NOT VALID` (42809 on PostgreSQL 15).
+    RefusedOnPartitionedTable,
     /// Another statement PostgreSQL refuses inside a transaction (`VACUUM`, `CREATE DATABASE`,
     /// `ALTER SYSTEM`, `REINDEX SCHEMA`, `DISCARD ALL`, …) in a migration that runs in one
     /// (SQLSTATE 25001).
@@ -108,6 +112,7 @@ impl Rule {
         Rule::IndexWithoutConcurrently,
         Rule::DropIndexWithoutConcurrently,
         Rule::ConcurrentlyInTransaction,
+        Rule::RefusedOnPartitionedTable,
         Rule::NotInTransaction,
         Rule::AddColumnNotNullWithoutDefault,
         Rule::AddColumnVolatileDefault,
@@ -137,6 +142,7 @@ impl Rule {
             Rule::IndexWithoutConcurrently => "index-without-concurrently",
             Rule::DropIndexWithoutConcurrently => "drop-index-without-concurrently",
             Rule::ConcurrentlyInTransaction => "concurrently-in-transaction",
+            Rule::RefusedOnPartitionedTable => "refused-on-partitioned-table",
             Rule::NotInTransaction => "not-in-transaction",
             Rule::AddColumnNotNullWithoutDefault => "add-column-not-null-without-default",
             Rule::AddColumnVolatileDefault => "add-column-volatile-default",
@@ -166,12 +172,15 @@ impl Rule {
     }
 
     /// False for a rule whose statement the server refuses as written
-    /// (`concurrently-in-transaction`, `not-in-transaction`): neither `-- svcdb:allow` nor
+    /// (`concurrently-in-transaction`, `not-in-transaction`, `refused-on-partitioned-table`):
+    /// neither `-- svcdb:allow` nor
     /// `--allow-unsafe` lets it through, as that would only move the failure to run time.
     pub fn can_be_allowed(self) -> bool {
         !matches!(
             self,
-            Rule::ConcurrentlyInTransaction | Rule::NotInTransaction
+            Rule::ConcurrentlyInTransaction
+                | Rule::NotInTransaction
+                | Rule::RefusedOnPartitionedTable
         )
     }
 

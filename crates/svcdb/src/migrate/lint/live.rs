@@ -47,6 +47,17 @@ pub(crate) struct LiveColumns {
     made_elsewhere: HashSet<String>,
     /// The schema's indexes, by name: `CREATE INDEX IF NOT EXISTS` of one does nothing.
     indexes: HashSet<String>,
+    /// The partitioned tables (`PARTITION BY`), each with the partitions known (all of them
+    /// when read from the catalog): PostgreSQL refuses `CONCURRENTLY`, a `NOT VALID` foreign
+    /// key and `USING INDEX` on them, so the usual fixes do not work there.
+    partitioned: HashMap<String, Vec<String>>,
+    /// The indexes of partitioned tables (`relkind 'I'`): `DROP INDEX CONCURRENTLY` of one is
+    /// refused.
+    partitioned_indexes: HashSet<String>,
+    /// Per table, its constraints known valid (foreign keys, unique constraints and primary
+    /// keys from the catalog; any added valid or validated by the deploy): a partitioned table
+    /// adopts its partitions' valid ones without checking or indexing a row again.
+    valid_constraints: HashMap<String, HashSet<String>>,
 }
 
 impl LiveColumns {
@@ -64,7 +75,14 @@ impl LiveColumns {
         let rows = client
             .query(
                 "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, n.nspname = $1,
-                        c.relkind IN ('i', 'I')
+                        c.relkind IN ('i', 'I'), c.relkind IN ('p', 'I'),
+                        CASE WHEN c.relkind = 'p' AND n.nspname = $1 THEN ARRAY(
+                            SELECT p.relname::text FROM pg_catalog.pg_inherits i
+                              JOIN pg_catalog.pg_class p ON p.oid = i.inhrelid
+                             WHERE i.inhparent = c.oid ORDER BY p.relname) END,
+                        CASE WHEN c.relkind IN ('r', 'p') AND n.nspname = $1 THEN ARRAY(
+                            SELECT k.conname::text FROM pg_catalog.pg_constraint k
+                             WHERE k.conrelid = c.oid AND k.contype IN ('f', 'u', 'p') AND k.convalidated) END
                    FROM pg_catalog.pg_class c
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                    LEFT JOIN pg_catalog.pg_attribute a
@@ -82,13 +100,26 @@ impl LiveColumns {
         };
         for r in &rows {
             let table: String = r.get(0);
+            let partitioned = r.get::<_, bool>(6);
             if r.get::<_, bool>(5) {
+                if partitioned {
+                    live.partitioned_indexes.insert(table.clone());
+                }
                 live.indexes.insert(table);
                 continue;
             }
             if !r.get::<_, bool>(4) {
                 live.path_tables.insert(table);
                 continue;
+            }
+            if let Some(partitions) = r.get::<_, Option<Vec<String>>>(7) {
+                live.partitioned.insert(table.clone(), partitions);
+            }
+            if let Some(valid) = r.get::<_, Option<Vec<String>>>(8) {
+                live.valid_constraints
+                    .entry(table.clone())
+                    .or_default()
+                    .extend(valid);
             }
             if let (Some(column), Some(type_name), Some(not_null)) = (r.get(1), r.get(2), r.get(3))
             {
@@ -150,6 +181,16 @@ impl LiveColumns {
                     return;
                 }
                 self.add_table(table);
+                if create.partspec.is_some() {
+                    self.partitioned.insert(table.to_owned(), Vec::new());
+                }
+                if create.partbound.is_some() {
+                    if let Some(Some(NodeEnum::RangeVar(parent))) =
+                        create.inh_relations.first().map(|n| n.node.as_ref())
+                    {
+                        self.attach(&parent.relname, table);
+                    }
+                }
                 for element in &create.table_elts {
                     match element.node.as_ref() {
                         Some(NodeEnum::ColumnDef(column)) => self.add_column(table, column),
@@ -167,6 +208,10 @@ impl LiveColumns {
                 let Some(table) = alter.relation.as_ref().map(|r| r.relname.as_str()) else {
                     return;
                 };
+                // `ALTER INDEX … ATTACH PARTITION` changes no table.
+                if alter.objtype != ObjectType::ObjectTable as i32 {
+                    return;
+                }
                 for cmd in &alter.cmds {
                     if let Some(NodeEnum::AlterTableCmd(cmd)) = cmd.node.as_ref() {
                         self.alter(table, cmd);
@@ -176,10 +221,15 @@ impl LiveColumns {
             NodeEnum::RenameStmt(rename) => self.rename(rename),
             NodeEnum::IndexStmt(index) if !index.idxname.is_empty() => {
                 self.indexes.insert(index.idxname.clone());
+                let table = index.relation.as_ref().map_or("", |r| r.relname.as_str());
+                if self.is_partitioned(table) {
+                    self.partitioned_indexes.insert(index.idxname.clone());
+                }
             }
             NodeEnum::DropStmt(drop) if drop.remove_type == ObjectType::ObjectIndex as i32 => {
                 for index in drop.objects.iter().filter_map(super::last_name) {
                     self.indexes.remove(index);
+                    self.partitioned_indexes.remove(index);
                 }
             }
             NodeEnum::DropStmt(drop) if drop.remove_type == ObjectType::ObjectTable as i32 => {
@@ -188,6 +238,9 @@ impl LiveColumns {
                         tables.remove(table);
                     }
                     self.columns.remove(table);
+                    self.valid_constraints.remove(table);
+                    self.partitioned.remove(table);
+                    self.detach(table);
                 }
             }
             _ => {}
@@ -210,6 +263,17 @@ impl LiveColumns {
                 if let Some(columns) = self.columns.remove(old) {
                     self.columns.insert(new.clone(), columns);
                 }
+                if let Some(valid) = self.valid_constraints.remove(old) {
+                    self.valid_constraints.insert(new.clone(), valid);
+                }
+                if let Some(partitions) = self.partitioned.remove(old) {
+                    self.partitioned.insert(new.clone(), partitions);
+                }
+                for partition in self.partitioned.values_mut().flatten() {
+                    if partition == old {
+                        partition.clone_from(new);
+                    }
+                }
             }
             Ok(ObjectType::ObjectColumn) => {
                 if let Some(columns) = self.columns.get_mut(old) {
@@ -221,8 +285,27 @@ impl LiveColumns {
             Ok(ObjectType::ObjectIndex) => {
                 self.indexes.remove(old);
                 self.indexes.insert(new.clone());
+                if self.partitioned_indexes.remove(old) {
+                    self.partitioned_indexes.insert(new.clone());
+                }
             }
             _ => {}
+        }
+    }
+
+    /// `partition` is a partition of `parent`, when `parent` is known to be partitioned.
+    fn attach(&mut self, parent: &str, partition: &str) {
+        if let Some(partitions) = self.partitioned.get_mut(parent) {
+            if !partitions.iter().any(|p| p == partition) {
+                partitions.push(partition.to_owned());
+            }
+        }
+    }
+
+    /// `partition` is no partition any more.
+    fn detach(&mut self, partition: &str) {
+        for partitions in self.partitioned.values_mut() {
+            partitions.retain(|p| p != partition);
         }
     }
 
@@ -263,9 +346,37 @@ impl LiveColumns {
             }
             (Ok(AlterTableType::AtAddConstraint), Some(NodeEnum::Constraint(c))) => {
                 self.constrain(table, c);
+                if !c.skip_validation && !c.conname.is_empty() {
+                    self.valid(table, &c.conname);
+                }
+            }
+            (Ok(AlterTableType::AtValidateConstraint), _) => self.valid(table, &cmd.name),
+            (Ok(AlterTableType::AtDropConstraint), _) => {
+                if let Some(valid) = self.valid_constraints.get_mut(table) {
+                    valid.remove(&cmd.name);
+                }
+            }
+            (Ok(AlterTableType::AtAttachPartition), Some(NodeEnum::PartitionCmd(p))) => {
+                if let Some(partition) = &p.name {
+                    self.attach(table, &partition.relname);
+                }
+            }
+            (Ok(AlterTableType::AtDetachPartition), Some(NodeEnum::PartitionCmd(p))) => {
+                if let Some(partition) = &p.name {
+                    if let Some(partitions) = self.partitioned.get_mut(table) {
+                        partitions.retain(|t| *t != partition.relname);
+                    }
+                }
             }
             _ => {}
         }
+    }
+
+    fn valid(&mut self, table: &str, constraint: &str) {
+        self.valid_constraints
+            .entry(table.to_owned())
+            .or_default()
+            .insert(constraint.to_owned());
     }
 
     /// `column` of `table`, made with an unknown type and nullable when nothing was known of
@@ -331,6 +442,29 @@ impl LiveColumns {
     /// outside the folder is there).
     pub(crate) fn drops_no_index(&self, name: &str, if_exists: bool) -> bool {
         (self.catalog || if_exists) && self.tables.is_some() && !self.indexes.contains(name)
+    }
+
+    /// `table` is known to be partitioned (`PARTITION BY`).
+    pub(crate) fn is_partitioned(&self, table: &str) -> bool {
+        self.partitioned.contains_key(table)
+    }
+
+    /// The partitions known of `table`, a partitioned table (every one, when read from the
+    /// catalog); none of a table not known to be partitioned.
+    pub(crate) fn partitions(&self, table: &str) -> &[String] {
+        self.partitioned.get(table).map_or(&[], Vec::as_slice)
+    }
+
+    /// `name` is known to be the index of a partitioned table.
+    pub(crate) fn is_partitioned_index(&self, name: &str) -> bool {
+        self.partitioned_indexes.contains(name)
+    }
+
+    /// `table` is known to have a valid constraint called `name`.
+    pub(crate) fn has_valid_constraint(&self, table: &str, name: &str) -> bool {
+        self.valid_constraints
+            .get(table)
+            .is_some_and(|valid| valid.contains(name))
     }
 
     /// The service schema is known to have an index called `name`.

@@ -29,6 +29,7 @@
 //! | `index-without-concurrently` | error | `CREATE INDEX` without `CONCURRENTLY` |
 //! | `drop-index-without-concurrently` | error | `DROP INDEX` without `CONCURRENTLY` of an index that existed before the deploy (its table's `ACCESS EXCLUSIVE` lock lasts until the transaction commits) |
 //! | `concurrently-in-transaction` | error, never allowed | `CREATE`/`DROP`/`REINDEX … CONCURRENTLY` in a transactional migration (any table): the server refuses it, so neither `--allow-unsafe` nor `-- svcdb:allow` lets it through |
+//! | `refused-on-partitioned-table` | error, never allowed | on a partitioned table (known from the catalog, the folder's earlier migrations, or a `PARTITION BY` of the deploy): `CREATE INDEX CONCURRENTLY`, `DROP INDEX CONCURRENTLY` of its index, `ADD CONSTRAINT … USING INDEX`, `ADD FOREIGN KEY … NOT VALID`, all of which the server refuses; the other rules' fixes for such a table are ones it runs (`ON ONLY` the parent, each partition's index concurrently, attached; a foreign key or unique constraint on each partition first, which the parent then adopts without a scan or a build) |
 //! | `not-in-transaction` | error, never allowed | `VACUUM`, `CREATE`/`DROP DATABASE`, `CREATE`/`DROP TABLESPACE`, `ALTER SYSTEM`, `REINDEX SCHEMA`/`SYSTEM`/`DATABASE`, `DISCARD ALL` in a transactional migration: the server refuses them there too |
 //! | `add-column-not-null-without-default` | error | `ADD COLUMN … NOT NULL` without a default |
 //! | `add-column-volatile-default` | error | `ADD COLUMN` with a volatile default (`random()`, `clock_timestamp()`, `gen_random_uuid()`, `nextval`, a `serial` type), an identity or a stored generated column |
@@ -537,7 +538,12 @@ impl Deploy {
         let (allowed, unknown) = allow_comments(script.up);
         script.allowed = allowed;
         for (at, name) in unknown {
-            let (why, fix) = if Rule::from_name(&name).is_some() {
+            let (why, fix) = if Rule::from_name(&name) == Some(Rule::RefusedOnPartitionedTable) {
+                (
+                    "the server refuses such a statement as written, so allowing it is not possible",
+                    "write it as the finding's fix says: what works on a partitioned table".to_owned(),
+                )
+            } else if Rule::from_name(&name).is_some() {
                 (
                     "the server refuses such a statement as written, so allowing it is not possible",
                     format!("make the migration non-transactional: {}", super::migration::NO_TRANSACTION_HOW),
@@ -708,22 +714,53 @@ impl Deploy {
         if !index.idxname.is_empty() {
             self.created_indexes.insert(index.idxname.clone());
         }
-        if index.concurrent {
+        // Found by a user trial: on a partitioned table the fix said CREATE INDEX
+        // CONCURRENTLY, which the server refuses there.
+        let partitioned = self.live.is_partitioned(table);
+        let only = index.relation.as_ref().is_some_and(|r| !r.inh);
+        if index.concurrent && partitioned {
+            out.push(s.finding(
+                at,
+                Rule::RefusedOnPartitionedTable,
+                format!("CREATE INDEX CONCURRENTLY on {table}, a partitioned table: the server refuses it (SQLSTATE 0A000: cannot create index on partitioned table concurrently)"),
+                partitioned_index_fix(table, index, self.live.partitions(table)),
+            ));
+        } else if index.concurrent {
             if s.transactional {
                 out.push(concurrently_in_transaction(s, at, "CREATE INDEX"));
             }
+        } else if partitioned && only {
+            // `ON ONLY` a partitioned table: an invalid index of the parent alone, made at
+            // once, no partition locked.
         } else if !self.is_new(table) {
+            let fix = if partitioned {
+                partitioned_index_fix(table, index, self.live.partitions(table))
+            } else {
+                format!("CREATE INDEX CONCURRENTLY, in a non-transactional migration of its own: {} (a failed build leaves an INVALID index: drop it with DROP INDEX CONCURRENTLY IF EXISTS before retrying)", super::migration::NO_TRANSACTION_HOW)
+            };
             out.push(s.finding(
                 at,
                 Rule::IndexWithoutConcurrently,
                 format!("CREATE INDEX on {table}, a table that existed before this deploy, blocks every write to it while the index builds"),
-                format!("CREATE INDEX CONCURRENTLY, in a non-transactional migration of its own: {} (a failed build leaves an INVALID index: drop it with DROP INDEX CONCURRENTLY IF EXISTS before retrying)", super::migration::NO_TRANSACTION_HOW),
+                fix,
             ));
         }
     }
 
     fn drop(&mut self, s: &Script<'_>, at: usize, drop: &DropStmt, out: &mut Vec<Finding>) {
-        if drop.concurrent && s.transactional {
+        let partitioned_index = drop
+            .objects
+            .iter()
+            .filter_map(last_name)
+            .find(|index| self.live.is_partitioned_index(index));
+        if let (true, Some(index)) = (drop.concurrent, partitioned_index) {
+            out.push(s.finding(
+                at,
+                Rule::RefusedOnPartitionedTable,
+                format!("DROP INDEX CONCURRENTLY of {index}, the index of a partitioned table: the server refuses it (SQLSTATE 0A000: cannot drop partitioned index concurrently)"),
+                partitioned_drop_index_fix(index),
+            ));
+        } else if drop.concurrent && s.transactional {
             out.push(concurrently_in_transaction(s, at, "DROP INDEX"));
         }
         if drop.remove_type == ObjectType::ObjectIndex as i32 && !drop.concurrent {
@@ -761,11 +798,16 @@ impl Deploy {
             {
                 continue;
             }
+            let fix = if self.live.is_partitioned_index(index) {
+                partitioned_drop_index_fix(index)
+            } else {
+                format!("DROP INDEX CONCURRENTLY {index}, in a non-transactional migration of its own: {}", super::migration::NO_TRANSACTION_HOW)
+            };
             out.push(s.finding(
                 at,
                 Rule::DropIndexWithoutConcurrently,
                 format!("DROP INDEX {index} takes an ACCESS EXCLUSIVE lock on its table, which every read and write of it then waits for until the transaction commits (in an atomic deploy, the whole deploy), and which itself waits behind every running query of the table"),
-                format!("DROP INDEX CONCURRENTLY {index}, in a non-transactional migration of its own: {}", super::migration::NO_TRANSACTION_HOW),
+                fix,
             ));
         }
     }
@@ -924,7 +966,11 @@ impl Deploy {
                     return;
                 }
                 self.note_added_column(table, &column.colname);
-                add_column(s, at, table, column, out);
+                let partitions = self
+                    .live
+                    .is_partitioned(table)
+                    .then(|| self.live.partitions(table));
+                add_column(s, at, (table, partitions), column, out);
                 self.add_column_constraints(s, at, table, cmd, column, out);
             }
         } else if subtype == AlterTableType::AtAlterColumnType as i32 {
@@ -1016,15 +1062,56 @@ impl Deploy {
         };
         let primary = c.contype == ConstrType::ConstrPrimary as i32;
         let unique = c.contype == ConstrType::ConstrUnique as i32;
-        if !new && (primary || unique) && c.indexname.is_empty() {
-            let columns: Vec<&str> = c
-                .keys
-                .iter()
-                .filter_map(|k| match &k.node {
-                    Some(NodeEnum::String(name)) => Some(name.sval.as_str()),
-                    _ => None,
-                })
-                .collect();
+        let partitions: Option<Vec<String>> = self
+            .live
+            .is_partitioned(table)
+            .then(|| self.live.partitions(table).to_vec());
+        // On a partitioned table, the name PostgreSQL gives it: its partitions' constraints
+        // in a fix are named after it, and it adopts those.
+        let columns = names(if foreign { &c.fk_attrs } else { &c.keys });
+        let own_name = if c.conname.is_empty() {
+            default_constraint_name(table, c, &columns)
+        } else {
+            c.conname.clone()
+        };
+        // Whether each partition has the valid constraint a fix names after this one: a
+        // partitioned table adopts those, checking and indexing no row (checked on PostgreSQL
+        // 15).
+        let adopts = |partitions: &[String]| {
+            partitions.iter().all(|p| {
+                self.live
+                    .has_valid_constraint(p, &part_name(&own_name, table, p))
+            })
+        };
+        if let (Some(partitions), true) =
+            (&partitions, (primary || unique) && !c.indexname.is_empty())
+        {
+            let kind = if primary { "PRIMARY KEY" } else { "UNIQUE" };
+            let f = unique_without_index(
+                s,
+                at,
+                (table, Some(partitions)),
+                (&own_name, primary),
+                &["<columns>"],
+                &[],
+            );
+            out.push(Finding {
+                rule: Rule::RefusedOnPartitionedTable,
+                severity: Rule::RefusedOnPartitionedTable.severity(),
+                allowed: false,
+                message: format!("ADD CONSTRAINT … {kind} USING INDEX on {table}, a partitioned table: the server refuses it (SQLSTATE 0A000: not supported on partitioned tables)"),
+                ..f
+            });
+        } else if !new
+            && (primary || unique)
+            && c.indexname.is_empty()
+            && !partitions.as_deref().is_some_and(adopts)
+        {
+            let name = if partitions.is_some() {
+                own_name.as_str()
+            } else {
+                name
+            };
             let added: Vec<&str> = columns
                 .iter()
                 .copied()
@@ -1033,11 +1120,32 @@ impl Deploy {
             out.push(unique_without_index(
                 s,
                 at,
-                table,
+                (table, partitions.as_deref()),
                 (name, primary),
                 &columns,
                 &added,
             ));
+        }
+        if let (Some(partitions), true) = (&partitions, foreign) {
+            let mut named = c.clone();
+            named.conname.clone_from(&own_name);
+            if c.skip_validation {
+                // PostgreSQL 15 (SQLSTATE 42809, "not yet supported on partitioned tables").
+                out.push(s.finding(
+                    at,
+                    Rule::RefusedOnPartitionedTable,
+                    format!("adding a foreign key NOT VALID to {table}, a partitioned table: the server refuses it (SQLSTATE 42809: not supported on partitioned tables)"),
+                    partitioned_foreign_key_fix(table, &named, partitions),
+                ));
+            } else if !new && !adopts(partitions) {
+                let other = c.pktable.as_ref().map_or("", |r| r.relname.as_str());
+                out.push(s.finding(
+                    at,
+                    Rule::ConstraintWithoutNotValid,
+                    format!("adding a foreign key to {table} checks every existing row while writes to {table} and {other} are blocked"),
+                    partitioned_foreign_key_fix(table, &named, partitions),
+                ));
+            }
         }
         let not_null = if check { not_null_test(c) } else { None };
         self.added
@@ -1055,7 +1163,7 @@ impl Deploy {
                 .or_default()
                 .insert(c.conname.clone(), foreign);
         }
-        if new || c.skip_validation || !(check || foreign) {
+        if new || c.skip_validation || !(check || foreign) || (foreign && partitions.is_some()) {
             return;
         }
         let (what, blocked) = if foreign {
@@ -1186,6 +1294,26 @@ impl Deploy {
                 ..cmd.clone()
             };
             let kind = if check { "CHECK" } else { "REFERENCES" };
+            if foreign && self.live.is_partitioned(table) {
+                let plain = deparse_alter(table, plain).unwrap_or_else(|| {
+                    format!("ALTER TABLE {table} ADD COLUMN {col} … without REFERENCES")
+                });
+                let Some(NodeEnum::Constraint(named)) =
+                    add.def.as_ref().and_then(|d| d.node.as_ref())
+                else {
+                    continue;
+                };
+                let mut named = (**named).clone();
+                named.skip_validation = false;
+                named.initially_valid = true;
+                out.push(s.finding(
+                    at,
+                    Rule::ConstraintWithoutNotValid,
+                    format!("adding column {table}.{col} with {what} checks every existing row while {blocked}"),
+                    format!("add the column without REFERENCES: {plain}; then {}", partitioned_foreign_key_fix(table, &named, self.live.partitions(table))),
+                ));
+                continue;
+            }
             let steps = match (
                 deparse_alter(table, plain),
                 deparse_alter(table, add),
@@ -1273,7 +1401,14 @@ fn concurrently_in_transaction(s: &Script<'_>, at: usize, what: &str) -> Finding
 }
 
 /// Checks an `ADD COLUMN` on a table that existed before the deploy.
-fn add_column(s: &Script<'_>, at: usize, table: &str, column: &ColumnDef, out: &mut Vec<Finding>) {
+/// `table`: its name, and its partitions when it is partitioned.
+fn add_column(
+    s: &Script<'_>,
+    at: usize,
+    (table, partitions): (&str, Option<&[String]>),
+    column: &ColumnDef,
+    out: &mut Vec<Finding>,
+) {
     let constraints: Vec<&Constraint> = column
         .constraints
         .iter()
@@ -1313,16 +1448,17 @@ fn add_column(s: &Script<'_>, at: usize, table: &str, column: &ColumnDef, out: &
     for c in &constraints {
         let primary = c.contype == ConstrType::ConstrPrimary as i32;
         if (primary || c.contype == ConstrType::ConstrUnique as i32) && c.indexname.is_empty() {
-            let constraint = if c.conname.is_empty() {
-                "<name>"
-            } else {
-                c.conname.as_str()
+            let constraint = match (c.conname.is_empty(), partitions) {
+                (false, _) => c.conname.clone(),
+                // The partitions' constraints are named after it.
+                (true, Some(_)) => default_constraint_name(table, c, &[name]),
+                (true, None) => "<name>".to_owned(),
             };
             out.push(unique_without_index(
                 s,
                 at,
-                table,
-                (constraint, primary),
+                (table, partitions),
+                (&constraint, primary),
                 &[name],
                 &[name],
             ));
@@ -1358,7 +1494,7 @@ fn add_column(s: &Script<'_>, at: usize, table: &str, column: &ColumnDef, out: &
 fn unique_without_index(
     s: &Script<'_>,
     at: usize,
-    table: &str,
+    (table, partitions): (&str, Option<&[String]>),
     (name, primary): (&str, bool),
     columns: &[&str],
     added: &[&str],
@@ -1376,6 +1512,40 @@ fn unique_without_index(
             added.join(", ")
         )
     };
+    let pk_note = if primary {
+        " (a primary key also makes its columns NOT NULL: see set-not-null-without-check)"
+    } else {
+        ""
+    };
+    if let Some(partitions) = partitions {
+        // `ADD CONSTRAINT … USING INDEX` is refused on a partitioned table (SQLSTATE 0A000,
+        // PostgreSQL 15); on a partition, a plain table, it is not, and ADD CONSTRAINT on the
+        // parent then adopts each partition's constraint and its index, building none (checked
+        // on PostgreSQL 15: the partitions' indexes keep their relfilenode).
+        let cols = columns.join(", ");
+        let mut build = Vec::new();
+        let mut adopt = Vec::new();
+        for partition in or_placeholder(partitions) {
+            let own = part_name(name, table, partition);
+            build.push(format!(
+                "CREATE UNIQUE INDEX CONCURRENTLY {own} ON {partition} ({cols})"
+            ));
+            adopt.push(format!(
+                "ALTER TABLE {partition} ADD CONSTRAINT {own} {kind} USING INDEX {own}"
+            ));
+        }
+        return s.finding(
+            at,
+            Rule::UniqueWithoutIndex,
+            format!("adding {index_kind} to {table} builds its index on every partition while every read and write of {table} waits"),
+            format!(
+                "{add_first}{table} is partitioned, where ADD CONSTRAINT … USING INDEX is refused (SQLSTATE 0A000): build each partition's index first without blocking, in a non-transactional migration ({how}): {build}; then make each its partition's constraint: {adopt}; then ALTER TABLE {table} ADD CONSTRAINT {name} {kind} ({cols}), which adopts the partitions' constraints and builds no index (it still takes an ACCESS EXCLUSIVE lock on {table} and its partitions, for a moment){pk_note}",
+                how = super::migration::NO_TRANSACTION_HOW,
+                build = build.join("; "),
+                adopt = adopt.join("; "),
+            ),
+        );
+    }
     s.finding(
         at,
         Rule::UniqueWithoutIndex,
@@ -1383,9 +1553,155 @@ fn unique_without_index(
         format!(
             "{add_first}build the index first without blocking, in a non-transactional migration: CREATE UNIQUE INDEX CONCURRENTLY {name}_new ON {table} ({}); then ALTER TABLE {table} ADD CONSTRAINT {name} {kind} USING INDEX {name}_new, which gives the index the constraint's name (to replace a constraint of that name, drop it in the same ALTER TABLE){}",
             columns.join(", "),
-            if primary { " (a primary key also makes its columns NOT NULL: see set-not-null-without-check)" } else { "" }
+            pk_note
         ),
     )
+}
+
+/// The partitions to write a fix for: `partitions`, or a place for one when none is known.
+fn or_placeholder(partitions: &[String]) -> Vec<&str> {
+    if partitions.is_empty() {
+        vec!["<partition>"]
+    } else {
+        partitions.iter().map(String::as_str).collect()
+    }
+}
+
+/// The name a fix gives the part on `partition` of `name`, an index or constraint of
+/// `table`: `events_acct` of `events` is `events_2024_acct` on `events_2024`.
+fn part_name(name: &str, table: &str, partition: &str) -> String {
+    match name
+        .strip_prefix(table)
+        .and_then(|rest| rest.strip_prefix('_'))
+    {
+        Some(rest) if !rest.is_empty() => format!("{partition}_{rest}"),
+        _ => format!("{partition}_{name}"),
+    }
+}
+
+/// The name PostgreSQL gives an unnamed constraint `c` of `table` on `columns` (truncation to
+/// 63 bytes aside).
+fn default_constraint_name(table: &str, c: &Constraint, columns: &[&str]) -> String {
+    let columns = columns.join("_");
+    match ConstrType::try_from(c.contype) {
+        Ok(ConstrType::ConstrPrimary) => format!("{table}_pkey"),
+        Ok(ConstrType::ConstrForeign) => format!("{table}_{columns}_fkey"),
+        Ok(ConstrType::ConstrUnique) => format!("{table}_{columns}_key"),
+        _ => format!("{table}_{columns}_check"),
+    }
+}
+
+/// The names of the `String` nodes of `nodes` (a constraint's columns).
+fn names(nodes: &[pg_query::Node]) -> Vec<&str> {
+    nodes.iter().filter_map(string).collect()
+}
+
+/// How to build `index` on `table`, a partitioned table with `partitions`, without blocking
+/// writes: `CREATE INDEX CONCURRENTLY` is refused there (SQLSTATE 0A000). The parent's index
+/// `ON ONLY` it (invalid, made at once), each partition's concurrently, then each attached,
+/// which makes the parent's valid once all are (checked on PostgreSQL 15).
+fn partitioned_index_fix(table: &str, index: &IndexStmt, partitions: &[String]) -> String {
+    let name = if index.idxname.is_empty() {
+        let columns: Vec<&str> = index
+            .index_params
+            .iter()
+            .filter_map(|p| match &p.node {
+                Some(NodeEnum::IndexElem(e)) if !e.name.is_empty() => Some(e.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        format!("{table}_{}_idx", columns.join("_"))
+    } else {
+        index.idxname.clone()
+    };
+    let deparse = |index: IndexStmt| {
+        NodeEnum::IndexStmt(Box::new(index))
+            .deparse(pg_query::DeparseOptions::default())
+            .ok()
+    };
+    let mut parent = index.clone();
+    parent.idxname.clone_from(&name);
+    parent.concurrent = false;
+    if let Some(r) = parent.relation.as_mut() {
+        r.inh = false;
+    }
+    let parent =
+        deparse(parent).unwrap_or_else(|| format!("CREATE INDEX {name} ON ONLY {table} (…)"));
+    let mut build = Vec::new();
+    let mut attach = Vec::new();
+    for partition in or_placeholder(partitions) {
+        let own = part_name(&name, table, partition);
+        let mut child = index.clone();
+        child.idxname.clone_from(&own);
+        child.concurrent = true;
+        child.if_not_exists = false;
+        if let Some(r) = child.relation.as_mut() {
+            r.relname = partition.to_owned();
+            r.schemaname.clear();
+            r.inh = true;
+        }
+        build.push(
+            deparse(child)
+                .unwrap_or_else(|| format!("CREATE INDEX CONCURRENTLY {own} ON {partition} (…)")),
+        );
+        attach.push(format!("ALTER INDEX {name} ATTACH PARTITION {own}"));
+    }
+    format!(
+        "{table} is partitioned, where CREATE INDEX CONCURRENTLY is refused (SQLSTATE 0A000): make the index of {table} alone, then each partition's concurrently, and attach each: {parent} (at once: an invalid index of {table} only, no partition locked); then, in a non-transactional migration ({how}): {build}; then {attach} (the index of {table} becomes valid once every partition's is attached; a failed build leaves an INVALID index: drop it with DROP INDEX CONCURRENTLY IF EXISTS before retrying)",
+        how = super::migration::NO_TRANSACTION_HOW,
+        build = build.join("; "),
+        attach = attach.join("; "),
+    )
+}
+
+/// How to add `c`, a foreign key (named), to `table`, a partitioned table with `partitions`,
+/// without checking every row under its lock: `NOT VALID` is refused there (PostgreSQL 15:
+/// SQLSTATE 42809), not on a partition; and the parent adopts a partition's validated key of
+/// the same definition, checking no row again (checked on PostgreSQL 15: no scan of the
+/// partitions when they had one, a scan of each when they had none).
+fn partitioned_foreign_key_fix(table: &str, c: &Constraint, partitions: &[String]) -> String {
+    let name = c.conname.as_str();
+    let other = c.pktable.as_ref().map_or("", |r| r.relname.as_str());
+    let add = |constraint: Constraint| AlterTableCmd {
+        subtype: AlterTableType::AtAddConstraint as i32,
+        def: Some(Box::new(pg_query::Node {
+            node: Some(NodeEnum::Constraint(Box::new(constraint))),
+        })),
+        // 0 is no behaviour at all to the deparser, which aborts on it.
+        behavior: pg_query::protobuf::DropBehavior::DropRestrict as i32,
+        ..AlterTableCmd::default()
+    };
+    let mut adds = Vec::new();
+    let mut validates = Vec::new();
+    for partition in or_placeholder(partitions) {
+        let own = part_name(name, table, partition);
+        let mut part = c.clone();
+        part.conname.clone_from(&own);
+        part.skip_validation = true;
+        part.initially_valid = false;
+        adds.push(deparse_alter(partition, add(part)).unwrap_or_else(|| {
+            format!("ALTER TABLE {partition} ADD CONSTRAINT {own} FOREIGN KEY … NOT VALID")
+        }));
+        validates.push(format!("ALTER TABLE {partition} VALIDATE CONSTRAINT {own}"));
+    }
+    let mut parent = c.clone();
+    parent.skip_validation = false;
+    parent.initially_valid = true;
+    let parent = deparse_alter(table, add(parent))
+        .unwrap_or_else(|| format!("ALTER TABLE {table} ADD CONSTRAINT {name} FOREIGN KEY …"));
+    format!(
+        "{table} is partitioned, where a foreign key cannot be added NOT VALID (SQLSTATE 42809): add it NOT VALID to each partition (new rows are checked at once): {adds}; then validate each, which checks the old rows without blocking writes, in a later deploy or a non-transactional migration of its own ({how}): {validates}; then {parent}, which adopts the partitions' validated keys without checking a row again (it still takes a SHARE ROW EXCLUSIVE lock on {table}, its partitions and {other}, for a moment)",
+        how = super::migration::NO_TRANSACTION_HOW,
+        adds = adds.join("; "),
+        validates = validates.join("; "),
+    )
+}
+
+/// The fix for dropping `index`, the index of a partitioned table: there is no form without
+/// the lock (checked on PostgreSQL 15: `DROP INDEX CONCURRENTLY` of it is refused, SQLSTATE
+/// 0A000, and its partitions' indexes cannot be dropped while it stands).
+fn partitioned_drop_index_fix(index: &str) -> String {
+    format!("{index} is the index of a partitioned table: DROP INDEX CONCURRENTLY is refused for it (SQLSTATE 0A000) and its partitions' indexes cannot be dropped apart from it, so no form avoids the lock; the drop itself is quick: run DROP INDEX {index} in a non-transactional migration of its own, so that the lock lasts only as long as the drop (the migration's lock_timeout bounds the wait for it), and allow it there with `-- svcdb:allow drop-index-without-concurrently`")
 }
 
 /// `ALTER TABLE table <cmd>`, as PostgreSQL's deparser writes it; `None` when it cannot.
