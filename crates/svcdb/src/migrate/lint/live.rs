@@ -58,6 +58,8 @@ pub(crate) struct LiveColumns {
     /// keys from the catalog; any added valid or validated by the deploy): a partitioned table
     /// adopts its partitions' valid ones without checking or indexing a row again.
     valid_constraints: HashMap<String, HashSet<String>>,
+    /// The server's `server_version_num`, when a database was asked.
+    server_version: Option<i32>,
 }
 
 impl LiveColumns {
@@ -70,6 +72,10 @@ impl LiveColumns {
         path: &[Ident],
     ) -> Result<Self, tokio_postgres::Error> {
         let path: Vec<&str> = path.iter().map(Ident::as_str).collect();
+        let schema = schema.as_str();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&schema, &path];
+        // Sent together with the catalog's query: one round trip.
+        let version = client.query_one("SELECT current_setting('server_version_num')::int", &[]);
         // A LEFT JOIN: a table without columns is still a table; columns only of the service
         // schema's tables.
         let rows = client
@@ -90,12 +96,13 @@ impl LiveColumns {
                              AND n.nspname = $1 AND c.relkind IN ('r', 'p')
                   WHERE ((n.nspname = $1 OR n.nspname::text = ANY($2)) AND c.relkind IN ('r', 'p'))
                      OR (n.nspname = $1 AND c.relkind IN ('i', 'I'))",
-                &[&schema.as_str(), &path],
-            )
-            .await?;
+                &params,
+            );
+        let (version, rows) = futures_util::future::try_join(version, rows).await?;
         let mut live = Self {
             tables: Some(HashSet::new()),
             catalog: true,
+            server_version: Some(version.get(0)),
             ..Self::default()
         };
         for r in &rows {
@@ -134,6 +141,21 @@ impl LiveColumns {
             live.tables.get_or_insert_default().insert(table);
         }
         Ok(live)
+    }
+
+    /// Whether the server adds a foreign key `NOT VALID` to a partitioned table: PostgreSQL 18
+    /// on. Without a database asked, as the versions before it do (they refuse it).
+    pub(crate) fn adds_not_valid_foreign_keys_to_partitioned_tables(&self) -> bool {
+        self.server_version.is_some_and(|v| v >= 180_000)
+    }
+
+    /// Knowing nothing but the server's version (`server_version_num`).
+    #[cfg(test)]
+    pub(crate) fn of_server(version: i32) -> Self {
+        Self {
+            server_version: Some(version),
+            ..Self::default()
+        }
     }
 
     /// What a folder's migrations made before the first one: nothing. [`record`](Self::record)
