@@ -21,6 +21,12 @@
 //!   `1` < `1.0.5` < `1.1` < `1.10` < `2`, and `1.0` is `1` (Flyway's `MigrationVersion`).
 //!   A plain integer is a dotted version of one part.
 //!
+//! This is one order for every folder; the tools do not all share it. Where a folder's tool
+//! would run two of its migrations the other way round (dbmate sorts by file name, so
+//! `10_b.sql` before `9_a.sql`; diesel compares digits as text; golang-migrate, sqlx, goose,
+//! refinery and Flyway compare integers, so a 16-digit timestamp after a 14-digit one),
+//! reading the folder refuses it, naming the two files.
+//!
 //! The version keeps its text as the file writes it: that is what it prints, what JSON carries
 //! and what the history table records.
 
@@ -135,6 +141,19 @@ impl Version {
         } else {
             self.number()
         }
+    }
+
+    /// The order of the tools that read versions as integers: golang-migrate (`uint`), sqlx
+    /// (`i64`), goose (`int64`), refinery, and Flyway (part by part, each a `BigInteger`). It
+    /// differs from the version's own order only for timestamps wider than 14 digits (which
+    /// the integers put after every narrower version) and runs of more than 14 zeros (one
+    /// number, 0, to them): reading a folder refuses those where its tool would run them in
+    /// another order ([`source`](super::source)).
+    pub(crate) fn cmp_as_integers(&self, other: &Self) -> Ordering {
+        let first = |v: &Self| if v.is_dotted() { v.major } else { v.number() };
+        first(self)
+            .cmp(&first(other))
+            .then_with(|| self.minor.cmp(&other.minor))
     }
 
     /// True for a version of zeros only (`0`, `00000000000000`, `0.0`).
@@ -416,6 +435,28 @@ mod tests {
         assert!(!v("2024.01.15.1200").is_timestamp());
         // The control: as numbers `1.1` and `11` are one.
         assert_eq!(v("1.1").number(), v("11").number());
+    }
+
+    #[test]
+    fn the_integer_tools_order_wider_timestamps_later() {
+        // golang-migrate, sqlx, goose, refinery, Flyway: the larger integer runs later.
+        let (wide, narrow) = (v("2023061215230001"), v("20230613000000"));
+        assert!(wide < narrow, "svcdb: by time");
+        assert_eq!(wide.cmp_as_integers(&narrow), Ordering::Greater);
+        // Otherwise alike: plain numbers, 14-digit timestamps, Flyway's dotted versions.
+        assert_eq!(v("9").cmp_as_integers(&v("10")), Ordering::Less);
+        assert_eq!(v("0009").cmp_as_integers(&v("9")), Ordering::Equal);
+        assert_eq!(v("1.1").cmp_as_integers(&v("11")), Ordering::Less);
+        assert_eq!(v("1.10").cmp_as_integers(&v("1.2")), Ordering::Greater);
+        assert_eq!(
+            v("20230612152300").cmp_as_integers(&v("20230613000000")),
+            Ordering::Less
+        );
+        // Runs of zeros are all 0 to them.
+        assert_eq!(
+            v("0").cmp_as_integers(&v("000000000000000")),
+            Ordering::Equal
+        );
     }
 
     #[test]

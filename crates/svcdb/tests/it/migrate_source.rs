@@ -74,3 +74,46 @@ fn a_migration_that_is_no_regular_file_is_refused() {
         other => panic!("expected a source error, got {other:?}"),
     }
 }
+
+/// Found by a user trial: dbmate runs its files in file-name order, so `10_create_b.sql`
+/// before `9_create_a.sql` (and supabase's `10000000000000_demote-postgres.sql` before
+/// `100000022_test.sql`), where svcdb orders the numbers numerically. Such a folder is
+/// refused, naming both files, rather than applied in another order than dbmate's.
+#[test]
+fn a_dbmate_folder_dbmate_would_run_in_another_order_is_refused() {
+    let dbmate = |table: &str| {
+        format!("-- migrate:up\nCREATE TABLE {table} (id int);\n\n-- migrate:down\nDROP TABLE {table};\n")
+    };
+    let refused = |files: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, name) in files.iter().enumerate() {
+            std::fs::write(dir.path().join(name), dbmate(&format!("t{i}"))).unwrap();
+        }
+        match Migrations::from_dir(dir.path()) {
+            Err(svcdb::migrate::MigrateError::Source { path, message }) => (path, message),
+            other => panic!("{files:?}: expected a source error, got {other:?}"),
+        }
+    };
+    let (path, message) = refused(&["9_create_a.sql", "10_create_b.sql"]);
+    assert!(path.ends_with("10_create_b.sql"), "{path}");
+    assert!(message.contains("9_create_a.sql"), "{message}");
+    let (path, message) = refused(&[
+        "10000000000000_demote-postgres.sql",
+        "100000022_test.sql",
+        "20230612152300_test.sql",
+    ]);
+    assert!(
+        path.ends_with("10000000000000_demote-postgres.sql"),
+        "{path}"
+    );
+    assert!(message.contains("100000022_test.sql"), "{message}");
+
+    // The control: dbmate's own 14-digit timestamps read as before, in the same order.
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["20240102000000_b.sql", "20231231235959_a.sql"] {
+        std::fs::write(dir.path().join(name), dbmate(&name[15..16])).unwrap();
+    }
+    let m = Migrations::from_dir(dir.path()).unwrap();
+    let names: Vec<&str> = m.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+}

@@ -37,6 +37,12 @@
 //! reads them (see [`Version`](crate::migrate::Version)); the other tools' versions are
 //! integers, and a dot in their names is refused.
 //!
+//! A folder runs in [`Version`](crate::migrate::Version) order. Where its tool would run two
+//! of its migrations the other way round, it is refused, naming both files (`order.rs`):
+//! dbmate runs its files in file-name order (`10_b.sql` before `9_a.sql`), diesel compares
+//! version digits as text (`10` before `9`), and golang-migrate, sqlx, goose, refinery and
+//! Flyway compare integers (a 16-digit timestamp after every 14-digit one).
+//!
 //! Refused with an error naming the file: Flyway's repeatable `R__<name>.sql`, a
 //! `U<version>__` file without its `V<version>__` (refinery's
 //! unversioned migrations), goose's Go and refinery's Rust migrations (`00002_x.go`,
@@ -58,6 +64,7 @@
 //! | reading a folder or embedded files into [`Migrations`], one code path | `read.rs` |
 //! | what a file's name says: its layout, its role, its version and name | `names.rs` |
 //! | one-file migrations cut at goose or dbmate markers | `one_file.rs` |
+//! | the order each tool runs its folder in, checked against svcdb's | `order.rs` |
 //! | diesel's `metadata.toml` | `diesel.rs` |
 //! | the statements Flyway runs outside a transaction, its script config files | `flyway.rs` |
 //! | the checks on each script: psql-only lines, `BEGIN`/`COMMIT` wrappers | `checks.rs` |
@@ -69,6 +76,7 @@ mod flyway;
 mod names;
 mod new;
 mod one_file;
+mod order;
 mod read;
 #[cfg(test)]
 mod test_support;

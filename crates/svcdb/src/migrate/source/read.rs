@@ -10,6 +10,7 @@ use super::diesel::metadata_says_no_tx;
 use super::flyway::{runs_outside_a_transaction, script_config};
 use super::names::{classify, parse_stem, Class, Layout, Role, Tool};
 use super::one_file::{cut_at_markers, Sections};
+use super::order::{refuse_another_order, ToolOrder};
 use crate::migrate::error::MigrateError;
 use crate::migrate::migration::{has_no_transaction_directive, strip_bom, Checksum, Migration};
 use crate::migrate::repeatable::Repeatable;
@@ -355,6 +356,8 @@ impl Migrations {
         pair_downs_by_version(&mut groups);
         let mut list: Vec<Migration> = Vec::with_capacity(groups.len());
         let mut prefix_width = 0;
+        // The order each migration's tool runs it in, by its up file's path.
+        let mut rule_of: std::collections::HashMap<String, ToolOrder> = Default::default();
         let mut newest: Option<(Version, Newest)> = None;
         for ((stem, layout), group) in groups {
             let Some(up) = group.up else {
@@ -472,6 +475,7 @@ impl Migrations {
                 }),
                 None => None,
             };
+            rule_of.insert(up_path.clone(), ToolOrder::of(layout, markers));
             list.push(Migration {
                 version,
                 name: name.to_owned(),
@@ -551,6 +555,17 @@ impl Migrations {
                 ));
             }
         }
+        // The order the tools run them in (dbmate: by file name), where it differs from ours.
+        let rules: Vec<ToolOrder> = list
+            .iter()
+            .map(|m| {
+                rule_of
+                    .get(&m.path)
+                    .copied()
+                    .unwrap_or(ToolOrder::Integer("svcdb"))
+            })
+            .collect();
+        refuse_another_order(&list, &rules)?;
         ignored.sort();
         Ok(Self {
             repeatables,
