@@ -828,24 +828,8 @@ impl Migrator {
         // folder (found by a user trial: `--dir` of the catalog's migrations on the orders
         // schema, and repair recorded the catalog's checksums, making every orders replica
         // unready). Nothing is recorded then.
-        if let Some((row, m)) = history.rows.iter().find_map(|row| {
-            self.migrations
-                .get(&row.version)
-                .filter(|m| m.checksum.to_hex() != row.checksum && m.name != row.name)
-                .map(|m| (row, m))
-        }) {
-            return Err(MigrateError::Source {
-                path: m.path.clone(),
-                message: format!(
-                    "migration {} is `{}` in schema {}'s history but `{}` in this folder: these look like another schema's migrations, so repair records nothing\n  hint: point --dir (SVCDB_MIGRATIONS_DIR) at schema {}'s own migrations; if the file was renamed on purpose, give it back the name the history has",
-                    row.version,
-                    row.name,
-                    self.schema(),
-                    m.name,
-                    self.schema()
-                ),
-            });
-        }
+        StatusReport::build(&self.schema(), &self.migrations, history)
+            .refuse_foreign_folder("repair records nothing")?;
         let mut actions = Vec::new();
         let tx = lock.transaction().await?;
         for row in &history.rows {

@@ -86,15 +86,45 @@ pub struct StatusReport {
     /// `public`), whose history `svcdb migrate adopt` takes over (`up` would run their
     /// migrations again). Empty otherwise, and in the start-up gate's report.
     pub other_histories: Vec<OtherHistory>,
+    /// An applied migration whose file is changed and named otherwise than the history says:
+    /// most likely another schema's folder ([`StatusReport::check_drift`] refuses it, also
+    /// where changed files are allowed).
+    #[serde(skip)]
+    pub(crate) foreign: Option<Foreign>,
     /// With a migration in progress, or with migrations pending: another session holds the
     /// schema's migration lock (a runner applying them in a transaction, which leaves no dirty
     /// row to see, or reverting or repairing). Always false in the start-up gate's report.
     pub locked: bool,
 }
 
+/// An applied migration whose file is another schema's, by its name: see
+/// [`StatusReport::foreign`].
+#[derive(Debug, Clone)]
+pub(crate) struct Foreign {
+    version: Version,
+    /// Its name in the history.
+    recorded: String,
+    /// Its file's name, and the file.
+    named: String,
+    path: String,
+}
+
 impl StatusReport {
     /// Builds the report from the source and the history table.
     pub(crate) fn build(schema: &str, migrations: &Migrations, history: &History) -> Self {
+        // Found by user trials: `--dir` of the catalog's migrations on the orders schema made
+        // every file "changed", and `redo --allow-changed` ran the catalog's down script there.
+        let foreign = history.rows.iter().find_map(|row| {
+            migrations
+                .get(&row.version)
+                .filter(|m| m.checksum.to_hex() != row.checksum && m.name != row.name)
+                .map(|m| Foreign {
+                    version: row.version.clone(),
+                    recorded: row.name.clone(),
+                    named: m.name.clone(),
+                    path: m.path.clone(),
+                })
+        });
         let mut entries: Vec<StatusEntry> = migrations
             .iter()
             .map(|m| {
@@ -153,8 +183,24 @@ impl StatusReport {
             entries,
             repeatables: Vec::new(),
             other_histories: Vec::new(),
+            foreign,
             locked: false,
         }
+    }
+
+    /// [`MigrateError::Source`] when the folder looks like another schema's
+    /// ([`StatusReport::foreign`]), whatever the options: `what` says what was not done.
+    pub(crate) fn refuse_foreign_folder(&self, what: &str) -> Result<(), MigrateError> {
+        let Some(f) = &self.foreign else {
+            return Ok(());
+        };
+        Err(MigrateError::Source {
+            path: f.path.clone(),
+            message: format!(
+                "migration {} is `{}` in schema {}'s history but `{}` in this folder, and its file is changed: these look like another schema's migrations, so {what}\n  hint: point --dir (SVCDB_MIGRATIONS_DIR) at schema {}'s own migrations; if the file was renamed on purpose, give it back the name the history has",
+                f.version, f.recorded, self.schema, f.named, self.schema
+            ),
+        })
     }
 
     /// The report with the state of the source's repeatable migrations against `recorded`.
@@ -224,6 +270,7 @@ impl StatusReport {
     /// default, does the same; the start-up gate reports them as notices). A newer release's
     /// dirty migration still refuses a run that has something to do ([`Self::newer_dirty`]).
     pub(crate) fn check_drift(&self, options: &MigrateOptions) -> Result<(), MigrateError> {
+        self.refuse_foreign_folder("nothing was run")?;
         for e in self.entries.iter().filter(|e| !self.newer(e)) {
             match e.state {
                 MigrationState::Dirty => {

@@ -1196,6 +1196,64 @@ async fn a_function_off_the_search_path_is_said_with_the_extra_schemas() {
     migrator(&with_public, dir.path()).up().await.unwrap();
 }
 
+/// Found by a user trial on the shop: `--dir` of another service's migrations made every
+/// applied file "changed", and `redo --allow-changed` ran that service's down script on this
+/// schema. A changed file named otherwise than the history says is another schema's folder:
+/// refused whatever is allowed, before anything runs. The same file only changed (its name
+/// kept) is let through by `allow_changed` (the control).
+#[tokio::test]
+async fn another_schemas_folder_is_refused_even_where_changes_are_allowed() {
+    let Fixture { db: _db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            (
+                "0001_create_products.up.sql",
+                "CREATE TABLE products (id int);",
+            ),
+            ("0001_create_products.down.sql", "DROP TABLE products;"),
+        ],
+    );
+    migrator(&svc, dir.path()).up().await.unwrap();
+    let other = tempfile::tempdir().unwrap();
+    write(
+        other.path(),
+        &[
+            ("0001_create_orders.up.sql", "CREATE TABLE orders (id int);"),
+            ("0001_create_orders.down.sql", "DROP TABLE products;"),
+        ],
+    );
+    let allowing = MigrateOptions {
+        allow_changed: true,
+        ..MigrateOptions::default()
+    };
+    let m = migrator(&svc, other.path()).with_options(allowing.clone());
+    let redo = m.redo().await.unwrap_err();
+    assert!(matches!(redo, MigrateError::Source { .. }), "{redo}");
+    let down = m.down(&DownOptions::default()).await.unwrap_err();
+    assert!(matches!(down, MigrateError::Source { .. }), "{down}");
+    assert_eq!(history(&svc).await, [1]);
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("SELECT FROM products")
+        .await
+        .unwrap();
+
+    write(
+        dir.path(),
+        &[(
+            "0001_create_products.up.sql",
+            "CREATE TABLE products (id int, label text);",
+        )],
+    );
+    migrator(&svc, dir.path())
+        .with_options(allowing)
+        .redo()
+        .await
+        .unwrap();
+}
+
 /// The same redo with its down script outside a transaction: the down commits first, and the
 /// failure says so instead of "everything was rolled back".
 #[tokio::test]
