@@ -366,7 +366,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     let mut peers = HashMap::new();
     if let Some(cart) = args.cart_url {
-        peers.insert("cart", cart.trim_end_matches('/').to_owned());
+        // Found by a user trial: `127.0.0.1:8082` (no scheme) passed the start-up, and every
+        // order then failed with "invalid format".
+        let cart = cart.trim_end_matches('/').to_owned();
+        let uri: Option<axum::http::Uri> = cart.parse().ok();
+        anyhow::ensure!(
+            uri.is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()),
+            "SHOP_CART_URL (--cart-url) is not an http:// URL\n  hint: give the cart service's base URL, e.g. http://127.0.0.1:8082"
+        );
+        peers.insert("cart", cart);
     }
     // Orders reads carts through the cart service: without its URL every order would fail
     // while the replica said it was ready (found by a user trial).
@@ -396,7 +404,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Tuning::production()
         },
     };
-    let running = platform::service(launch)?.start().await?;
+    let running = match platform::service(launch)?.start().await {
+        Ok(running) => running,
+        // The gate's hint names `svcdb migrate up`, which needs the migrations as files; the
+        // shop's are built into it (found by a user trial).
+        Err(e) if *e.step() == svcdb_amqp::service::Step::Gate && !args.migrate => {
+            anyhow::bail!(
+                "{e}\n  hint: the shop's migrations are built into it: start a replica with `shop serve {} --migrate`, or run `svcdb migrate up --dir examples/shop/migrations/{}` as the service's role",
+                def.name,
+                def.name
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let Some(report) = running.migrated() {
         tracing::info!(
             applied = report.migrations.len(),

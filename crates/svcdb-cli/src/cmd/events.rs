@@ -280,6 +280,8 @@ fn outcome(
 fn readable(d: Duration) -> String {
     match d.as_secs() {
         _ if d.subsec_nanos() != 0 => format!("{d:?}"),
+        // Found by a user trial: `--older-than 0s` read back as "0d".
+        0 => "0s".to_owned(),
         s if s % 86_400 == 0 => format!("{}d", s / 86_400),
         s if s % 3_600 == 0 => format!("{}h", s / 3_600),
         s if s % 60 == 0 => format!("{}m", s / 60),

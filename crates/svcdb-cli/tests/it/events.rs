@@ -179,8 +179,11 @@ async fn events_purge_refuses_a_retention_of_zero_or_nonsense() {
     // 0 is under an hour: refused for claims like any such retention, and fine for the
     // outbox alone, whose published rows are done with (found by a user trial: it was refused
     // there too, as "would delete every claim").
-    p.run(&["events", "purge", "--older-than", "0"])
+    let out = p
+        .run(&["events", "purge", "--older-than", "0"])
         .expect_code(64);
+    // Said as given (found by a user trial: "0d").
+    assert!(out.stderr.contains("--older-than 0s "), "{out}");
     p.run(&["events", "purge", "--older-than", "0", "--table", "outbox"])
         .expect_code(0);
     let out = p

@@ -479,6 +479,21 @@ async fn serve_refuses_a_schema_whose_migrations_did_not_run() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("SHOP_CART_URL"), "{stderr}");
+    // Nor with a URL that is none (found by a user trial: `127.0.0.1:8082` started, then
+    // every order failed with "invalid format").
+    let output = Command::new(env!("CARGO_BIN_EXE_shop"))
+        .args(["serve", "orders", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", db.url_as(&role))
+        .env("SHOP_NAMESPACE", db.name())
+        .env("AMQP_URL", amqp_url())
+        .env("SHOP_CART_URL", "127.0.0.1:9")
+        .env_remove("SVCDB_SCHEMA")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not an http:// URL"), "{stderr}");
     let output = Command::new(env!("CARGO_BIN_EXE_shop"))
         .args(["serve", "orders", "--listen", "127.0.0.1:0"])
         .env("DATABASE_URL", db.url_as(&role))
@@ -496,6 +511,8 @@ async fn serve_refuses_a_schema_whose_migrations_did_not_run() {
         "migrations never ran",
         "table orders is missing",
         "table order_lines is missing",
+        // The shop's migrations are in the binary: the way to run them.
+        "shop serve orders --migrate",
     ] {
         assert!(
             stderr.contains(expected),
