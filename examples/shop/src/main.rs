@@ -207,6 +207,11 @@ struct ServeArgs {
     /// defaults), for a demo whose faults should heal quickly.
     #[arg(long, env = "SHOP_QUICK_RECOVERY")]
     quick_recovery: bool,
+    /// Milliseconds between a SIGTERM and the end of serving, while `/readyz` answers 503 and
+    /// everything else still works (Service::drain_delay): a few seconds under a load
+    /// balancer, which needs that long to stop routing to the replica. Default: 0.
+    #[arg(long, env = "SHOP_DRAIN_DELAY_MS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=60_000))]
+    drain_delay_ms: u32,
     /// Handlers forget their idempotency claims: every redelivery is applied again. Only for
     /// the demo's control run; never in a deployment.
     #[arg(long, env = "SHOP_WITHOUT_IDEMPOTENCY", hide = true)]
@@ -398,6 +403,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         http: client::ApiClient::new(),
         listen: args.listen,
         migrate: args.migrate,
+        drain_delay: std::time::Duration::from_millis(args.drain_delay_ms.into()),
         tuning: if args.quick_recovery {
             Tuning::demo()
         } else {

@@ -399,6 +399,8 @@ pub struct Launch {
     pub listen: SocketAddr,
     /// Run the service's migrations before the gate. False is a deploy that forgot them.
     pub migrate: bool,
+    /// How long `/readyz` answers 503 before serving ends ([`Service::drain_delay`]).
+    pub drain_delay: std::time::Duration,
     pub tuning: Tuning,
 }
 
@@ -415,6 +417,7 @@ pub fn service(launch: Launch) -> anyhow::Result<Service<Ctx>> {
         http,
         listen,
         migrate,
+        drain_delay,
         tuning,
     } = launch;
     let state_names = names.clone();
@@ -437,7 +440,8 @@ pub fn service(launch: Launch) -> anyhow::Result<Service<Ctx>> {
     .consumer_options(tuning.consumer)
     .relay_config(tuning.relay)
     .publish_retry(tuning.outbox)
-    .shutdown_timeout(tuning.shutdown);
+    .shutdown_timeout(tuning.shutdown)
+    .drain_delay(drain_delay);
     if def.publishes {
         service = service.publishes(names.exchange(def.name));
     }

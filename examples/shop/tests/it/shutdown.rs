@@ -55,8 +55,15 @@ impl Drop for Declared {
 
 /// `shop serve catalog` as its role, migrating; returns once it serves.
 async fn serve(db: &TestDb, role: &str) -> Child {
+    serve_with(db, role, &[]).await.0
+}
+
+/// `shop serve catalog` as its role, migrating, with `extra` arguments; returns once it
+/// serves, with the address it serves on.
+async fn serve_with(db: &TestDb, role: &str, extra: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_shop"))
         .args(["serve", "catalog", "--listen", "127.0.0.1:0", "--migrate"])
+        .args(extra)
         .arg("--quick-recovery")
         .env("DATABASE_URL", db.url_as(role))
         .env("SHOP_NAMESPACE", db.name())
@@ -71,16 +78,66 @@ async fn serve(db: &TestDb, role: &str) -> Child {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let serving = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("serving http://") {
-                return;
+            if let Some((_, addr)) = line.split_once("serving http://") {
+                return addr
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
             }
         }
         panic!("shop serve catalog exited before serving");
     });
-    serving
+    let addr = serving
         .await
         .expect("shop serve catalog serves within 60 s");
-    child
+    (child, addr)
+}
+
+/// The status of `GET /readyz` at `addr`, or `None` when nothing accepts the connection.
+async fn readyz(addr: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Found by a user trial: on SIGTERM `/readyz` was never seen answering 503, as the README
+/// says it does first: the shop left `Service::drain_delay` at 0, which stops serving at
+/// once, and could not set it. With `--drain-delay-ms` the replica answers 503 meanwhile.
+#[tokio::test]
+async fn with_a_drain_delay_readyz_answers_503_after_sigterm() {
+    let db = TestDb::new().await;
+    let (role, _) = db.provision("catalog", "catalog_schema").await;
+    let _declared = Declared::new(db.name());
+    let (child, addr) = serve_with(&db, &role, &["--drain-delay-ms", "3000"]).await;
+    assert_eq!(readyz(&addr).await, Some(200));
+    let pid = child.id().expect("still running") as libc::pid_t;
+    // SAFETY: kill(2) on our own child, which keeps its pid until we wait for it.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let mut seen = None;
+    for _ in 0..100 {
+        seen = readyz(&addr).await;
+        if seen == Some(503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, Some(503));
+    let mut child = child;
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("it stops within 30 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
 }
 
 /// SIGTERM, then its exit status (within 30 s).
