@@ -342,17 +342,41 @@ impl Deployment {
         }
         // A role belongs to its server, not to a database: each is dropped where its service
         // lives, after every database (its objects and settings lived only in its service's).
+        // Every role that can go goes, then the first failure is the error (found by a user
+        // trial: a role still owning objects in a database of another server, not named on
+        // the command line, stopped the clean-up before the roles after it).
+        let mut failed = None;
         for def in services {
             let role = Ident::new("role", &self.names.role(def.name))?;
             let place = self.place(def);
-            place
-                .maintenance()
-                .await?
-                .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
-                .await
-                .with_context(|| {
-                    format!("dropping role {} on {}", role.as_str(), place.server())
-                })?;
+            let dropped = async {
+                place
+                    .maintenance()
+                    .await?
+                    .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+            .await;
+            if let Err(e) = dropped {
+                let dependent = e
+                    .downcast_ref::<svcdb::tokio_postgres::Error>()
+                    .and_then(|e| e.code())
+                    == Some(&svcdb::SqlState::DEPENDENT_OBJECTS_STILL_EXIST);
+                let hint = if dependent {
+                    format!("\n  hint: it still owns objects in a database on another server, most likely one the run placed with --database-url-for {}=<URL>: pass the same --database-url-for to `shop clean`", def.name)
+                } else {
+                    String::new()
+                };
+                failed.get_or_insert(anyhow::anyhow!(
+                    "dropping role {} on {}: {e:#}{hint}",
+                    role.as_str(),
+                    place.server()
+                ));
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         Ok(existed)
     }
