@@ -255,12 +255,16 @@ pub enum MigrateError {
     /// A repeatable migration's SQL failed. It was rolled back (outside a transaction, its
     /// statements before the failing one stay), and stays due; what `up` committed before it
     /// (the versioned migrations, the repeatables before it by name) stays applied.
-    #[error("repeatable migration {name} failed ({path}): {}\n  {}\n  hint: fix the file and run `svcdb migrate up` again", pg_message(cause), repeatable_kept(*transactional, applied))]
+    #[error("repeatable migration {name} failed ({path}{}): {}{}\n  {}\n  hint: fix the file and run `svcdb migrate up` again", line.map(|l| format!(", line {l}")).unwrap_or_default(), pg_message(cause), statement.as_deref().map(shown_statement).unwrap_or_default(), repeatable_kept(*transactional, applied))]
     RepeatableFailed {
         /// Its name.
         name: String,
         /// Its file.
         path: String,
+        /// The line of `path` the server's error points at, when known.
+        line: Option<usize>,
+        /// The statement that failed, as written, when known.
+        statement: Option<String>,
         /// Whether it ran in a transaction (rolled back whole) or statement by statement.
         transactional: bool,
         /// The server's error.
@@ -528,6 +532,19 @@ fn missing_message(version: &Version, name: &str, missing: usize, none_found: bo
     )
 }
 
+/// The line that shows a failing statement: `\n  in: ` and its code on one line, cut.
+fn shown_statement(statement: &str) -> String {
+    /// Characters of the statement shown; the rest is cut.
+    const SHOWN: usize = 160;
+    // From its code: the comments before it would read as if it were commented out.
+    let code = &statement[super::split::code_start(statement, 0)..];
+    let flat: Vec<&str> = code.split_whitespace().collect();
+    let flat = flat.join(" ");
+    let shown: String = flat.chars().take(SHOWN).collect();
+    let cut = if shown.len() < flat.len() { " …" } else { "" };
+    format!("\n  in: {shown}{cut}")
+}
+
 fn failed_message(f: &MigrationFailure) -> String {
     let MigrationFailure {
         version,
@@ -564,15 +581,7 @@ fn failed_message(f: &MigrationFailure) -> String {
         pg_message(cause)
     );
     if let Some(statement) = statement {
-        /// Characters of the statement shown; the rest is cut.
-        const SHOWN: usize = 160;
-        // From its code: the comments before it would read as if it were commented out.
-        let code = &statement[super::split::code_start(statement, 0)..];
-        let flat: Vec<&str> = code.split_whitespace().collect();
-        let flat = flat.join(" ");
-        let shown: String = flat.chars().take(SHOWN).collect();
-        let cut = if shown.len() < flat.len() { " …" } else { "" };
-        s.push_str(&format!("\n  in: {shown}{cut}"));
+        s.push_str(&shown_statement(statement));
     }
     let lock_timeout = cause.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
     if lock_timeout && *lock_retries > 0 {

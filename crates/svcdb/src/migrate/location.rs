@@ -41,6 +41,19 @@ pub(super) fn locate(
             m.down_line,
         ),
     };
+    locate_in(path, script, first_line, cause, statements_done, at)
+}
+
+/// [`locate`] for `script`, which starts at line `first_line` of the file `path`: also
+/// where a repeatable migration failed (a whole file, its first line 1).
+pub(super) fn locate_in(
+    path: &str,
+    script: &str,
+    first_line: usize,
+    cause: &tokio_postgres::Error,
+    statements_done: Option<usize>,
+    at: Option<Range<usize>>,
+) -> Location {
     // Each statement with its byte offset in the script (the statements are trimmed pieces
     // of it, in order).
     let mut end = 0;

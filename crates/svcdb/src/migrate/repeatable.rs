@@ -201,24 +201,35 @@ pub(crate) async fn run(
     schema: &Ident,
     r: &Repeatable,
     reset: &str,
-) -> Result<Duration, tokio_postgres::Error> {
+) -> Result<Duration, (tokio_postgres::Error, Failed)> {
     let started = Instant::now();
+    let bookkeeping = |e| (e, Failed::Bookkeeping);
     if !r.transactional {
-        for statement in statements_to_run(&r.sql) {
-            client.batch_execute(statement).await?;
+        for (done, statement) in statements_to_run(&r.sql).into_iter().enumerate() {
+            client
+                .batch_execute(statement)
+                .await
+                .map_err(|e| (e, Failed::Statement(done)))?;
         }
         let took = started.elapsed();
-        client.batch_execute(reset).await?;
-        record(client, schema, r, Some(took)).await?;
+        client.batch_execute(reset).await.map_err(bookkeeping)?;
+        record(client, schema, r, Some(took))
+            .await
+            .map_err(bookkeeping)?;
         return Ok(took);
     }
-    client.batch_execute("BEGIN").await?;
+    client.batch_execute("BEGIN").await.map_err(bookkeeping)?;
     let result = async {
-        client.batch_execute(&r.sql).await?;
+        client
+            .batch_execute(&r.sql)
+            .await
+            .map_err(|e| (e, Failed::Script))?;
         let took = started.elapsed();
-        client.batch_execute(reset).await?;
-        record(client, schema, r, Some(took)).await?;
-        client.batch_execute("COMMIT").await?;
+        client.batch_execute(reset).await.map_err(bookkeeping)?;
+        record(client, schema, r, Some(took))
+            .await
+            .map_err(bookkeeping)?;
+        client.batch_execute("COMMIT").await.map_err(bookkeeping)?;
         Ok(took)
     }
     .await;
@@ -227,4 +238,15 @@ pub(crate) async fn run(
         let _ = client.batch_execute("ROLLBACK").await;
     }
     result
+}
+
+/// Where a repeatable migration's [`run`] failed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Failed {
+    /// Its script, sent whole (in a transaction): the server's position counts from its start.
+    Script,
+    /// Its statement after this many succeeded (outside a transaction, one at a time).
+    Statement(usize),
+    /// Its bookkeeping after the script ran (the session reset, its row, the commit).
+    Bookkeeping,
 }

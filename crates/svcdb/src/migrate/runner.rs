@@ -522,12 +522,25 @@ impl Migrator {
                 &self.session_reset(lock.acting_as(), true),
             )
             .await
-            .map_err(|cause| MigrateError::RepeatableFailed {
-                name: r.name.clone(),
-                path: r.path.clone(),
-                transactional: r.transactional,
-                cause,
-                applied: done.iter().map(|e| e.version.clone()).collect(),
+            .map_err(|(cause, failed)| {
+                // Located in its file as a versioned migration's failure is (found by a user
+                // trial: only the file was named).
+                let statements_done = match failed {
+                    repeatable::Failed::Statement(done) => Some(Some(done)),
+                    repeatable::Failed::Script => Some(None),
+                    repeatable::Failed::Bookkeeping => None,
+                };
+                let location = statements_done
+                    .map(|done| super::location::locate_in(&r.path, &r.sql, 1, &cause, done, None));
+                MigrateError::RepeatableFailed {
+                    name: r.name.clone(),
+                    path: r.path.clone(),
+                    line: location.as_ref().and_then(|l| l.line),
+                    statement: location.and_then(|l| l.statement),
+                    transactional: r.transactional,
+                    cause,
+                    applied: done.iter().map(|e| e.version.clone()).collect(),
+                }
             })?;
             let duration_ms = super::report::millis(took);
             observer(&MigrateEvent::RepeatableFinished {

@@ -132,6 +132,20 @@ async fn a_failing_repeatable_is_rolled_back_and_stays_due_while_the_versioned_o
         "{err}"
     );
     assert_eq!(err.code(), Some(&SqlState::UNDEFINED_COLUMN));
+    // Located in its file, as a versioned migration's failure is (found by a user trial: only
+    // the file was named).
+    let MigrateError::RepeatableFailed {
+        line, statement, ..
+    } = &err
+    else {
+        unreachable!()
+    };
+    assert_eq!(*line, Some(2), "{err}");
+    assert_eq!(
+        statement.as_deref(),
+        Some("SELECT no_such_column FROM t"),
+        "{err}"
+    );
     assert_eq!(view(&svc).await, None, "rolled back with its script");
     let status = m.status().await.unwrap();
     assert!(
