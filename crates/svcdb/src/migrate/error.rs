@@ -262,9 +262,9 @@ pub enum MigrateError {
         /// Its file.
         path: String,
         /// The line of `path` the server's error points at, when known.
-        line: Option<usize>,
+        line: Option<u32>,
         /// The statement that failed, as written, when known.
-        statement: Option<String>,
+        statement: Option<Box<str>>,
         /// Whether it ran in a transaction (rolled back whole) or statement by statement.
         transactional: bool,
         /// The server's error.

@@ -535,8 +535,13 @@ impl Migrator {
                 MigrateError::RepeatableFailed {
                     name: r.name.clone(),
                     path: r.path.clone(),
-                    line: location.as_ref().and_then(|l| l.line),
-                    statement: location.and_then(|l| l.statement),
+                    line: location
+                        .as_ref()
+                        .and_then(|l| l.line)
+                        .and_then(|l| u32::try_from(l).ok()),
+                    statement: location
+                        .and_then(|l| l.statement)
+                        .map(String::into_boxed_str),
                     transactional: r.transactional,
                     cause,
                     applied: done.iter().map(|e| e.version.clone()).collect(),
