@@ -788,7 +788,7 @@ fn no_down_why(empty: bool, down_at: &str) -> &'static str {
     } else if down_at.starts_with("the down section of ") {
         // Found by a user trial on a goose folder: the section was there, with goose's
         // placeholder in it, and "it has no down script" read as wrong.
-        "its down section holds no statement but, at most, goose's placeholder `SELECT 'down SQL query'`, which undoes nothing"
+        "its down section holds nothing that undoes it (no statement, or goose's `SELECT 'down SQL query'` placeholder)"
     } else {
         "it has no down script"
     }

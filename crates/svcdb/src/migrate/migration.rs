@@ -124,10 +124,12 @@ pub(crate) fn strip_bom(script: &str) -> &str {
 /// True when the script's first line is the no-transaction directive (svcdb's, sqlx's or
 /// morph's).
 pub(crate) fn has_no_transaction_directive(script: &str) -> bool {
-    matches!(
-        strip_bom(script).lines().next().map(str::trim_end),
-        Some(NO_TRANSACTION_DIRECTIVE | SQLX_NO_TRANSACTION | MORPH_NO_TRANSACTION)
-    )
+    let first = strip_bom(script).lines().next().map(str::trim_end);
+    // sqlx reads its directive as a prefix of the file (`sql.starts_with("-- no-transaction")`
+    // in sqlx-core's migrate/source.rs): real folders write `-- no-transaction: why` (found by
+    // a user trial, where svcdb ran such a file in a transaction).
+    matches!(first, Some(NO_TRANSACTION_DIRECTIVE | MORPH_NO_TRANSACTION))
+        || first.is_some_and(|line| line.starts_with(SQLX_NO_TRANSACTION))
 }
 
 /// A migration as messages name it: `0003 (create_users)`, or `0003` alone for one whose
@@ -207,6 +209,14 @@ mod tests {
         ));
         assert!(!has_no_transaction_directive(
             "SELECT 1;\n-- svcdb:no-transaction\n"
+        ));
+        // sqlx's is a prefix, as sqlx reads it (found by a user trial on real folders).
+        assert!(has_no_transaction_directive(
+            "-- no-transaction: one concurrent index statement only\nCREATE INDEX CONCURRENTLY i ON t (a);"
+        ));
+        // svcdb's own and morph's are whole lines: a longer one is something else.
+        assert!(!has_no_transaction_directive(
+            "-- svcdb:no-transactional\nSELECT 1;"
         ));
     }
 

@@ -534,6 +534,28 @@ impl LiveColumns {
                     .map(Some),
             }
         };
+        // numeric(p, s): PostgreSQL's `numeric_support` relabels (no rewrite, no scan) to an
+        // unconstrained numeric, or to the same scale with no smaller precision (found by a
+        // user trial: numeric(15,2) to numeric(20,2) was flagged as a rewrite; checked with
+        // pg_relation_filenode on 15).
+        let numeric = |t: &str| -> Option<Option<(u32, u32)>> {
+            match t {
+                "numeric" => Some(None),
+                _ => t
+                    .strip_prefix("numeric(")
+                    .and_then(|rest| rest.strip_suffix(')'))
+                    .and_then(|ps| ps.split_once(','))
+                    .and_then(|(p, s)| Some((p.trim().parse().ok()?, s.trim().parse().ok()?)))
+                    .map(Some),
+            }
+        };
+        if let (Some(was), Some(now)) = (numeric(old), numeric(&new)) {
+            return match (was, now) {
+                (_, None) => true,
+                (Some((p, s)), Some((p2, s2))) => s2 == s && p2 >= p,
+                (None, Some(_)) => false,
+            };
+        }
         match (limit(old), limit(&new)) {
             // Unlimited to unlimited (text and varchar are binary-coercible both ways).
             (Some(None), Some(None)) => true,
@@ -574,6 +596,9 @@ fn render(new: &TypeName) -> Option<String> {
         ("text", []) => Some("text".to_owned()),
         ("varchar", []) => Some("character varying".to_owned()),
         ("varchar", [n]) => Some(format!("character varying({n})")),
+        ("numeric", []) => Some("numeric".to_owned()),
+        ("numeric", [p]) => Some(format!("numeric({p},0)")),
+        ("numeric", [p, s]) => Some(format!("numeric({p},{s})")),
         _ => None,
     }
 }
@@ -663,5 +688,35 @@ mod tests {
             assert!(!keeps(column, ty), "{column} → {ty}");
         }
         assert!(l.is_not_null("t", "n") && !l.is_not_null("t", "short"));
+    }
+
+    /// Found by a user trial: numeric(15,2) to numeric(20,2) was flagged as a rewrite, which
+    /// PostgreSQL does not do (checked with pg_relation_filenode on 15).
+    #[test]
+    fn a_wider_or_unconstrained_numeric_keeps_the_storage() {
+        let l = live(&[
+            ("t", "price", "numeric(15,2)", false),
+            ("t", "free", "numeric", false),
+        ]);
+        let keeps = |column: &str, ty: &str| {
+            l.keeps_storage(
+                "t",
+                column,
+                &type_of(&format!("ALTER TABLE t ALTER COLUMN {column} TYPE {ty}")),
+            )
+        };
+        for ty in ["numeric(20,2)", "numeric(15,2)", "numeric", "decimal(18,2)"] {
+            assert!(keeps("price", ty), "price → {ty}");
+        }
+        // A smaller precision or another scale checks or rewrites; a limit on an unlimited one
+        // checks every row.
+        for (column, ty) in [
+            ("price", "numeric(10,2)"),
+            ("price", "numeric(20,3)"),
+            ("price", "numeric(20)"),
+            ("free", "numeric(20,2)"),
+        ] {
+            assert!(!keeps(column, ty), "{column} → {ty}");
+        }
     }
 }
