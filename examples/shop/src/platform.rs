@@ -110,6 +110,19 @@ impl Names {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_'),
             "namespace {namespace:?}: use letters, digits and underscores (it names roles, exchanges and queues)"
         );
+        // Found by a user trial: a 60-byte name passed, and the demo stopped part-way at the
+        // role `<name>_catalog`, past PostgreSQL's 63 bytes.
+        let longest = crate::services::SERVICES
+            .iter()
+            .map(|def| def.name.len() + 1)
+            .max()
+            .unwrap_or(0);
+        anyhow::ensure!(
+            namespace.len() + longest <= 63,
+            "namespace {namespace:?} is {} bytes: the roles it names (`{namespace}_<service>`) would pass PostgreSQL's 63\n  hint: use at most {} bytes",
+            namespace.len(),
+            63 - longest
+        );
         Ok(Self {
             namespace: namespace.to_owned(),
         })
@@ -490,5 +503,14 @@ mod tests {
             body.contains("internal error") && !body.contains("stock"),
             "{body}"
         );
+    }
+
+    /// Found by a user trial: a 60-byte `--database` passed, and the demo stopped part-way at
+    /// the role `<name>_catalog`, past PostgreSQL's 63 bytes.
+    #[test]
+    fn a_namespace_whose_roles_would_not_fit_is_refused() {
+        assert!(Names::new(&"a".repeat(55)).is_ok());
+        let e = Names::new(&"a".repeat(56)).expect_err("refused");
+        assert!(e.to_string().contains("at most 55 bytes"), "{e}");
     }
 }
