@@ -145,7 +145,9 @@ pub(crate) enum ClientOnly<'a> {
 /// dollar quotes and comments is always psql's: PostgreSQL's own grammar has no use for one
 /// there; nor for `${` (a parameter is `$1`, a dollar quote `$$` or `$tag$`). A Flyway
 /// placeholder inside a string or a function body is left alone: it is valid SQL there, and
-/// only the project's Flyway settings say whether Flyway replaced it; a Go template's action
+/// only the project's Flyway settings say whether Flyway replaced it (Flyway's own
+/// `${flyway:…}`, which it always replaces, [`flyway_placeholder_in_quoted`] finds there for
+/// Flyway's scripts); a Go template's action
 /// on its data (`{{ .x }}`) is found there too, as pop renders the whole file.
 pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
     /// How far the current statement has got towards `COPY … FROM stdin` or `TO stdout`.
@@ -232,6 +234,34 @@ pub(crate) fn client_only(sql: &str) -> Option<(usize, ClientOnly<'_>)> {
         };
     }
     None
+}
+
+/// The first Flyway placeholder inside a string, quoted identifier or dollar-quoted body of
+/// `sql` (outside them, [`client_only`] finds every `${`), and the byte offset it starts at, up
+/// to its `}` (unclosed on its line: up to the next whitespace): with `builtin_only`, only
+/// Flyway's own (`${flyway:defaultSchema}`, `${flyway:user}`, …), which Flyway always defines and, unless a
+/// script or project turns placeholder replacement off, replaces everywhere in the script, as
+/// [`go_template_action`] finds pop's anywhere; otherwise any `${…}`, for a script whose
+/// placeholder replacement is known to be on. Comments are left alone: whatever Flyway puts
+/// there, nothing runs.
+pub(crate) fn flyway_placeholder_in_quoted(sql: &str, builtin_only: bool) -> Option<(usize, &str)> {
+    let needle = if builtin_only { "${flyway:" } else { "${" };
+    tokens(sql)
+        .filter(|(token, _)| *token == Token::Quoted)
+        .find_map(|(_, range)| {
+            let start = range.start + sql[range.clone()].find(needle)?;
+            // Up to its `}` on the same line, else (unclosed) up to the next whitespace.
+            let line_end = sql[start..range.end]
+                .find('\n')
+                .map_or(range.end, |p| start + p);
+            let end = match sql[start..line_end].find('}') {
+                Some(p) => start + p + 1,
+                None => sql[start..line_end]
+                    .find(char::is_whitespace)
+                    .map_or(line_end, |p| start + p),
+            };
+            Some((start, &sql[start..end]))
+        })
 }
 
 /// A transaction-control statement found in a script.
@@ -790,6 +820,34 @@ mod tests {
         ] {
             assert_eq!(client_only(fine), None, "{fine}");
         }
+    }
+
+    #[test]
+    fn flyway_builtin_placeholders_are_found_in_strings_and_bodies_others_only_when_asked() {
+        use super::flyway_placeholder_in_quoted as found;
+        let body = "CREATE FUNCTION f() RETURNS int AS $$\nBEGIN\n  PERFORM 1 FROM ${flyway:defaultSchema}.t;\n  RETURN 1;\nEND $$ LANGUAGE plpgsql;";
+        let at = body.find("${").unwrap();
+        assert_eq!(found(body, true), Some((at, "${flyway:defaultSchema}")));
+        assert_eq!(
+            found("SELECT '${flyway:user}', \"${flyway:defaultSchema}\"", true),
+            Some((8, "${flyway:user}"))
+        );
+        assert_eq!(
+            found("COMMENT ON TABLE t IS $c$ ${flyway:timestamp $c$;", true),
+            Some((26, "${flyway:timestamp"))
+        );
+        for fine in [
+            "SELECT '${schema}', $$ ${x} $$;",
+            "-- ${flyway:defaultSchema}\nSELECT 1; /* ${flyway:user} */",
+            "SELECT '$flyway:x', '{flyway:y}';",
+        ] {
+            assert_eq!(found(fine, true), None, "{fine}");
+        }
+        assert_eq!(
+            found("SELECT 1; SELECT '${schema}.t'", false),
+            Some((18, "${schema}"))
+        );
+        assert_eq!(found("SELECT ${x} -- ${y}", false), None);
     }
 
     /// The keyword and the text of each transaction statement `sql` holds, or of the misplaced

@@ -51,14 +51,27 @@ pub(super) fn runs_outside_a_transaction(sql: &str) -> bool {
         .any(outside_a_transaction)
 }
 
+/// What a Flyway script config file (`V2__x.sql.conf`) says, where svcdb reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct ScriptConfig {
+    /// `executeInTransaction`: `Some(false)` or `Some(true)` (both override
+    /// [`runs_outside_a_transaction`], as in Flyway), `None` when it does not say.
+    pub in_transaction: Option<bool>,
+    /// `placeholderReplacement`: `Some(false)` when Flyway replaces nothing in the script (as
+    /// svcdb), `Some(true)` when it replaces every `${…}` in it, strings and function bodies
+    /// too; `None` when it does not say (Flyway's built-in `${flyway:…}` are replaced
+    /// anyway, others as the project's settings say).
+    pub placeholder_replacement: Option<bool>,
+}
+
 /// What Flyway's script config file (`V2__x.sql.conf`, Java properties) says about the
-/// script's transaction: `Some(false)` for `executeInTransaction=false`, `Some(true)` for
-/// `=true` (both override [`runs_outside_a_transaction`], as in Flyway), `None` when it does
-/// not say; or what is wrong with it. `encoding` may only name UTF-8, the encoding svcdb reads;
-/// any other property (Flyway Teams' `shouldExecute`) is refused rather than ignored.
-pub(super) fn script_config(bytes: &[u8]) -> Result<Option<bool>, String> {
+/// script: its transaction (`executeInTransaction`) and whether Flyway replaces placeholders in
+/// it (`placeholderReplacement`); or what is wrong with it. `encoding` may only name UTF-8, the
+/// encoding svcdb reads; any other property (Flyway Teams' `shouldExecute`) is refused rather
+/// than ignored.
+pub(super) fn script_config(bytes: &[u8]) -> Result<ScriptConfig, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "is not valid UTF-8".to_owned())?;
-    let mut in_transaction = None;
+    let mut config = ScriptConfig::default();
     for line in text.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
             continue;
@@ -69,17 +82,17 @@ pub(super) fn script_config(bytes: &[u8]) -> Result<Option<bool>, String> {
             ));
         };
         let value = value.trim();
+        let boolean = |key: &str| match value.to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(format!("{key} is true or false, not {value:?}")),
+        };
         match key.trim() {
             "executeInTransaction" => {
-                in_transaction = Some(match value.to_ascii_lowercase().as_str() {
-                    "true" => true,
-                    "false" => false,
-                    _ => {
-                        return Err(format!(
-                            "executeInTransaction is true or false, not {value:?}"
-                        ))
-                    }
-                })
+                config.in_transaction = Some(boolean("executeInTransaction")?);
+            }
+            "placeholderReplacement" => {
+                config.placeholder_replacement = Some(boolean("placeholderReplacement")?);
             }
             "encoding" if matches!(value.to_ascii_uppercase().as_str(), "UTF-8" | "UTF8") => {}
             "encoding" => {
@@ -89,12 +102,12 @@ pub(super) fn script_config(bytes: &[u8]) -> Result<Option<bool>, String> {
             }
             other => {
                 return Err(format!(
-                    "{other} is not a script config property svcdb reads (executeInTransaction, encoding)\n  hint: remove it; svcdb would run the script whatever it says"
+                    "{other} is not a script config property svcdb reads (executeInTransaction, placeholderReplacement, encoding)\n  hint: remove it; svcdb would run the script whatever it says"
                 ))
             }
         }
     }
-    Ok(in_transaction)
+    Ok(config)
 }
 
 fn outside_a_transaction(node: &NodeEnum) -> bool {
@@ -127,21 +140,20 @@ fn outside_a_transaction(node: &NodeEnum) -> bool {
 #[cfg(test)]
 mod tests {
     use super::runs_outside_a_transaction as outside;
-    use super::script_config;
+    use super::{script_config, ScriptConfig};
 
     #[test]
     fn script_config_files_say_whether_the_script_runs_in_a_transaction() {
+        let tx = |bytes: &[u8]| script_config(bytes).map(|c| c.in_transaction);
+        assert_eq!(tx(b"executeInTransaction=false\n"), Ok(Some(false)));
         assert_eq!(
-            script_config(b"executeInTransaction=false\n"),
-            Ok(Some(false))
-        );
-        assert_eq!(
-            script_config(b"# why\nencoding = UTF-8\nexecuteInTransaction : TRUE\n"),
+            tx(b"# why\nencoding = UTF-8\nexecuteInTransaction : TRUE\n"),
             Ok(Some(true))
         );
-        assert_eq!(script_config(b"encoding=utf8\n\n"), Ok(None));
+        assert_eq!(tx(b"encoding=utf8\n\n"), Ok(None));
         for bad in [
             &b"executeInTransaction=maybe"[..],
+            b"placeholderReplacement=off",
             b"encoding=ISO-8859-1",
             b"shouldExecute=${flyway:environment}==prod",
             b"executeInTransaction",
@@ -153,6 +165,25 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn script_config_files_say_whether_flyway_replaces_placeholders() {
+        assert_eq!(
+            script_config(b"placeholderReplacement=false\nexecuteInTransaction=false\n"),
+            Ok(ScriptConfig {
+                in_transaction: Some(false),
+                placeholder_replacement: Some(false),
+            })
+        );
+        assert_eq!(
+            script_config(b"placeholderReplacement = TRUE").map(|c| c.placeholder_replacement),
+            Ok(Some(true))
+        );
+        assert_eq!(
+            script_config(b"").map(|c| c.placeholder_replacement),
+            Ok(None)
+        );
     }
 
     #[test]

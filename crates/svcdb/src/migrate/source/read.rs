@@ -7,14 +7,14 @@ use std::path::Path;
 
 use super::checks::{refuse_unrunnable, unwrap_transaction};
 use super::diesel::metadata_says_no_tx;
-use super::flyway::{runs_outside_a_transaction, script_config};
+use super::flyway::{runs_outside_a_transaction, script_config, ScriptConfig};
 use super::names::{classify, parse_stem, Class, Layout, Role, Tool};
 use super::one_file::{cut_at_markers, Sections};
 use super::order::{refuse_another_order, ToolOrder};
 use crate::migrate::error::MigrateError;
 use crate::migrate::migration::{has_no_transaction_directive, strip_bom, Checksum, Migration};
 use crate::migrate::repeatable::Repeatable;
-use crate::migrate::split::split_statements;
+use crate::migrate::split::{flyway_placeholder_in_quoted, split_statements};
 use crate::migrate::version::Version;
 
 /// One file embedded by [`embed_migrations!`](crate::embed_migrations).
@@ -163,7 +163,8 @@ struct Down {
 }
 
 impl Migrations {
-    /// Reads `<dir>` (and its direct sub-folders, for the diesel layout).
+    /// Reads `<dir>` and its sub-folders, at every depth (up to 16 folders down), as Flyway
+    /// scans them; a diesel migration is a direct sub-folder.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, MigrateError> {
         let dir = dir.as_ref();
         let origin = dir.display().to_string();
@@ -205,20 +206,12 @@ impl Migrations {
             ),
             _ => unreadable(dir, e),
         })?;
-        for entry in entries {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if path.is_dir() {
-                for inner in read_dir(&path).map_err(|e| unreadable(&path, e))? {
-                    // One level only, files only, as `embed_migrations!` collects them.
-                    if inner.path().is_file() {
-                        let inner_name = inner.file_name().to_string_lossy().into_owned();
-                        consider(format!("{name}/{inner_name}"), &inner.path())?;
-                    }
-                }
-            } else {
-                consider(name, &path)?;
-            }
+        // Flyway scans its locations at every depth (`2024/q1/V2__b.sql`): so does svcdb.
+        let root = std::fs::canonicalize(dir).map_err(|e| unreadable(dir, e))?;
+        let mut found = Vec::new();
+        walk(entries, "", &mut vec![root], &mut found)?;
+        for (rel, path) in found {
+            consider(rel, &path)?;
         }
         Self::parse(origin, files)
     }
@@ -276,7 +269,7 @@ impl Migrations {
         &self.origin
     }
 
-    /// The `.sql` files of the folder (and of its direct sub-folders) that are not migrations,
+    /// The `.sql` files of the folder (and of its sub-folders, at every depth) that are not migrations,
     /// such as `notes.sql`, `seed.sql` or a Prisma `20240101000000_init/migration.sql`: paths
     /// relative to the folder, `/`-separated, sorted. Worth a warning: a folder named for a
     /// tool whose layout svcdb does not read would otherwise just look like no migrations.
@@ -321,12 +314,23 @@ impl Migrations {
                     continue;
                 }
                 Class::RepeatableConfig { name } => {
+                    if let Some(other) = repeatable_configs.get(&name) {
+                        let message = format!(
+                            "{} has the same name; remove one of them",
+                            display(&other.path)
+                        );
+                        return Err(refuse(&file, message));
+                    }
                     repeatable_configs.insert(name, file);
                     continue;
                 }
                 Class::UndoConfig { stem } => {
                     let (version, ..) =
                         parse_stem(&stem, Layout::Flyway).map_err(|m| refuse(&file, m))?;
+                    if let Some(other) = undo_configs.get(&version) {
+                        let message = format!("{} is the script config file of this version's undo script too; remove one of them", display(&other.path));
+                        return Err(refuse(&file, message));
+                    }
                     undo_configs.insert(version, file);
                     continue;
                 }
@@ -351,6 +355,14 @@ impl Migrations {
                 Role::Down => &mut group.down,
                 Role::Metadata => &mut group.metadata,
             };
+            // Flyway's files of one name in two folders (`2024/V2__b.sql`, `old/V2__b.sql`).
+            if let Some(other) = slot {
+                let message = format!(
+                    "{} has the same name; remove one of them",
+                    display(&other.path)
+                );
+                return Err(refuse(&file, message));
+            }
             *slot = Some(file);
         }
         pair_downs_by_version(&mut groups);
@@ -402,9 +414,12 @@ impl Migrations {
                         .remove(&version)
                         .map(|(file, _)| down_file(&file))
                         .transpose()?;
-                    let up_no_tx = flyway_no_tx(&text, group.metadata.as_ref(), &refuse)?;
+                    let up_no_tx =
+                        flyway_script(&text, &up_path, group.metadata.as_ref(), &refuse)?;
                     let down_no_tx = match &down {
-                        Some(d) => flyway_no_tx(&d.sql, undo_configs.get(&version), &refuse)?,
+                        Some(d) => {
+                            flyway_script(&d.sql, &d.path, undo_configs.get(&version), &refuse)?
+                        }
                         None => false,
                     };
                     if down.is_some() {
@@ -607,6 +622,50 @@ impl Sections<'_> {
     }
 }
 
+/// How many folders down `from_dir` reads: Flyway scans every depth, and a deeper folder is
+/// refused rather than skipped.
+const MAX_DEPTH: usize = 16;
+
+/// The files under a folder whose sorted `entries` are given, each as its path relative to the
+/// migrations folder (`prefix` is the folder's, `/`-separated) and its own path: at every
+/// depth, up to [`MAX_DEPTH`] folders down (a deeper folder is refused, not skipped), without
+/// following a link back into a folder it is inside (`ancestors`, canonical, the migrations
+/// folder first).
+fn walk(
+    entries: Vec<std::fs::DirEntry>,
+    prefix: &str,
+    ancestors: &mut Vec<std::path::PathBuf>,
+    out: &mut Vec<(String, std::path::PathBuf)>,
+) -> Result<(), MigrateError> {
+    let unreadable = |path: &Path, e: std::io::Error| {
+        MigrateError::source_file(path.display().to_string(), format!("cannot read it: {e}"))
+    };
+    for entry in entries {
+        let rel = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        let path = entry.path();
+        if !path.is_dir() {
+            out.push((rel, path));
+            continue;
+        }
+        let real = std::fs::canonicalize(&path).map_err(|e| unreadable(&path, e))?;
+        // A link to a folder it is inside: its files are read once, not forever.
+        if ancestors.contains(&real) {
+            continue;
+        }
+        if ancestors.len() > MAX_DEPTH {
+            return Err(MigrateError::source_file(
+                path.display().to_string(),
+                format!("is more than {MAX_DEPTH} folders down the migrations folder, deeper than svcdb reads\n  hint: move its migrations up, or the folder out of the migrations folder"),
+            ));
+        }
+        let inner = read_dir(&path).map_err(|e| unreadable(&path, e))?;
+        ancestors.push(real);
+        walk(inner, &format!("{rel}/"), ancestors, out)?;
+        ancestors.pop();
+    }
+    Ok(())
+}
+
 /// Sorted directory entries, so errors and embedding are deterministic. Hidden entries
 /// (`.git`, editor swap files) are skipped.
 fn read_dir(dir: &Path) -> std::io::Result<Vec<std::fs::DirEntry>> {
@@ -622,18 +681,42 @@ fn read_dir(dir: &Path) -> std::io::Result<Vec<std::fs::DirEntry>> {
 /// What a Flyway script config file is refused for when its script is not in the folder.
 const WITHOUT_SCRIPT: &str = "a Flyway script config file without its script (the same name without `.conf`); add the script or remove this file";
 
-/// Whether a Flyway-layout script runs outside a transaction: as its script config file
-/// (`config`, `V2__x.sql.conf`) says, else as Flyway decides from its statements.
-fn flyway_no_tx(
+/// Whether a Flyway-layout script (`V`, `U` or `R`, at `path`) runs outside a transaction: as
+/// its script config file (`config`, `V2__x.sql.conf`) says, else as Flyway decides from its
+/// statements. Refuses a placeholder Flyway would replace in a string or function body, where
+/// svcdb would run it as written: Flyway's own `${flyway:…}` (always defined, replaced unless
+/// the script config file turns replacement off), and any `${…}` when the script config file
+/// turns replacement on (outside strings, every `${` is refused for every layout).
+fn flyway_script(
     sql: &str,
+    path: &str,
     config: Option<&SourceFile<'_>>,
     refuse: &dyn Fn(&SourceFile<'_>, String) -> MigrateError,
 ) -> Result<bool, MigrateError> {
     let said = match config {
         Some(file) => script_config(&file.contents).map_err(|m| refuse(file, m))?,
-        None => None,
+        None => ScriptConfig::default(),
     };
-    Ok(match said {
+    let replaced = match said.placeholder_replacement {
+        Some(false) => None,
+        Some(true) => flyway_placeholder_in_quoted(sql, false),
+        None => flyway_placeholder_in_quoted(sql, true),
+    };
+    if let Some((at, placeholder)) = replaced {
+        let line = 1 + sql[..at].matches('\n').count();
+        let why = if said.placeholder_replacement == Some(true) {
+            "its script config file says placeholderReplacement=true"
+        } else {
+            "Flyway defines its `${flyway:…}` placeholders always"
+        };
+        return Err(MigrateError::source_file(
+            path,
+            format!(
+                "line {line}: {placeholder} is a Flyway placeholder, which Flyway replaces everywhere in the script, in strings and function bodies too ({why}), and svcdb does not substitute placeholders, so it would run as written\n  hint: write the value in its place: for ${{flyway:defaultSchema}}, the schema's name, or current_schema() (svcdb runs the script in the service's schema); for ${{flyway:user}}, current_user; or, where the text is meant literally, set placeholderReplacement=false in the script config file (`<script>.conf`), as Flyway reads it too"
+            ),
+        ));
+    }
+    Ok(match said.in_transaction {
         Some(in_transaction) => !in_transaction,
         None => runs_outside_a_transaction(sql),
     })
@@ -654,7 +737,7 @@ fn repeatable(
     refuse_unrunnable(&sql, &path, 1)?;
     let checksum = Checksum::of(&sql);
     let transactional =
-        !(flyway_no_tx(&sql, config, refuse)? || has_no_transaction_directive(&sql));
+        !(flyway_script(&sql, &path, config, refuse)? || has_no_transaction_directive(&sql));
     let sql = unwrap_transaction(sql, transactional, &path, 1)?;
     Ok(Repeatable {
         name,
@@ -1077,6 +1160,155 @@ mod tests {
         let path =
             source_error_path(&[("V2__a.sql", b"SELECT 1;"), ("r2/V2__b.sql", b"SELECT 2;")]);
         assert!(path.contains("V2__"), "{path}");
+    }
+
+    #[test]
+    fn flyway_files_at_every_depth_are_read_as_flyway_scans_them() {
+        let m = parse(&[
+            ("V1__a.sql", b"CREATE TABLE a (x int);"),
+            ("2024/V3__c.sql", b"CREATE TABLE c (x int);"),
+            ("2024/q1/V2__b.sql", b"CREATE TABLE b (x int);"),
+            ("2024/q1/U2__b.sql", b"DROP TABLE b;"),
+            ("2024/q1/V2__b.sql.conf", b"executeInTransaction=false\n"),
+            ("a/b/c/d/R__views.sql", b"CREATE VIEW v AS SELECT 1;"),
+            ("2024/q1/notes.sql", b"SELECT 1;"),
+            ("2024/q1/up.sql", b"SELECT 1;"),
+        ])
+        .unwrap();
+        let versions: Vec<_> = m.iter().map(|m| m.version.number()).collect();
+        assert_eq!(versions, [1, 2, 3]);
+        let b = m.get(&v(2)).unwrap();
+        assert!(b.path.ends_with("2024/q1/V2__b.sql"), "{}", b.path);
+        assert_eq!(b.down.as_deref(), Some("DROP TABLE b;"));
+        assert!(!b.transactional, "its script config file is read");
+        assert_eq!(m.repeatables()[0].name, "views");
+        // Only Flyway's files count below the top; diesel's `up.sql` is a direct sub-folder's.
+        assert_eq!(m.ignored(), ["2024/q1/notes.sql", "2024/q1/up.sql"]);
+        // One name in two folders: refused, not one of them dropped.
+        let path = source_error_path(&[
+            ("2024/V2__b.sql", b"SELECT 1;"),
+            ("old/x/V2__b.sql", b"SELECT 2;"),
+        ]);
+        assert!(path.ends_with("V2__b.sql"), "{path}");
+    }
+
+    #[test]
+    fn a_diesel_folder_is_read_one_sub_folder_down_as_before() {
+        let m = parse(&[
+            ("2024-01-01-000000_a/up.sql", b"CREATE TABLE a (x int);"),
+            ("2024-01-01-000000_a/down.sql", b"DROP TABLE a;"),
+            (
+                "2024-01-01-000000_a/metadata.toml",
+                b"run_in_transaction = false\n",
+            ),
+            ("2024-02-01-000000_b/up.sql", b"CREATE TABLE b (x int);"),
+            ("2024-02-01-000000_b/extra/up.sql", b"SELECT 1;"),
+        ])
+        .unwrap();
+        assert_eq!(m.len(), 2);
+        let a = m.iter().next().unwrap();
+        assert_eq!(a.down.as_deref(), Some("DROP TABLE a;"));
+        assert!(!a.transactional);
+        assert_eq!(m.ignored(), ["2024-02-01-000000_b/extra/up.sql"]);
+    }
+
+    #[test]
+    fn a_link_back_up_the_folder_is_not_followed_and_too_deep_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        super::super::test_support::write(dir.path(), &[("a/V1__a.sql", b"SELECT 1;")]);
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("a/loop")).unwrap();
+        let m = Migrations::from_dir(dir.path()).unwrap();
+        assert_eq!(m.len(), 1);
+        let deep = format!("{}/V1__a.sql", ["d"; super::MAX_DEPTH + 1].join("/"));
+        let dir = tempfile::tempdir().unwrap();
+        super::super::test_support::write(dir.path(), &[(&deep, b"SELECT 1;")]);
+        match Migrations::from_dir(dir.path()) {
+            Err(MigrateError::Source { message, .. }) => {
+                assert!(message.contains("folders down"), "{message}")
+            }
+            other => panic!("expected a source error, got {other:?}"),
+        }
+        let ok = format!("{}/V1__a.sql", ["d"; super::MAX_DEPTH].join("/"));
+        let dir = tempfile::tempdir().unwrap();
+        super::super::test_support::write(dir.path(), &[(&ok, b"SELECT 1;")]);
+        assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 1);
+    }
+
+    /// The message of a `Source` error, and the path it names.
+    fn source_error(files: &[(&str, &[u8])]) -> (String, String) {
+        match parse(files) {
+            Err(MigrateError::Source { path, message }) => (path, message),
+            other => panic!("expected a source error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flyways_own_placeholders_are_refused_in_strings_and_bodies_of_flyway_scripts() {
+        let body: &[u8] = b"CREATE TABLE t (a int);\nCREATE FUNCTION f() RETURNS int AS $$\nSELECT count(*)::int FROM ${flyway:defaultSchema}.t\n$$ LANGUAGE sql;\n";
+        for files in [
+            &[("V1__f.sql", body)][..],
+            &[("V1__t.sql", b"SELECT 1;"), ("U1__t.sql", body)],
+            &[("R__f.sql", body)],
+            &[("sub/dir/V1__f.sql", body)],
+        ] {
+            let (path, message) = source_error(files);
+            assert!(path.ends_with(files.last().unwrap().0), "{path}");
+            assert!(
+                message.starts_with("line 3: ${flyway:defaultSchema} is a Flyway placeholder"),
+                "{message}"
+            );
+            assert!(message.contains("current_schema()"), "{message}");
+        }
+        let (_, message) =
+            source_error(&[("V1__g.sql", b"GRANT SELECT ON t TO \"${flyway:user}\";")]);
+        assert!(message.starts_with("line 1: ${flyway:user}"), "{message}");
+        // A user's placeholder in a string is left alone (the project may turn replacement
+        // off), as are Flyway's in a comment and in another tool's file.
+        let m = parse(&[
+            (
+                "V1__a.sql",
+                b"SELECT '${schema}', $$ ${x} $$; -- ${flyway:user}",
+            ),
+            ("0002_b.sql", b"SELECT '${flyway:defaultSchema}';"),
+        ])
+        .unwrap();
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn a_script_config_file_says_whether_flyway_replaces_placeholders() {
+        let quoted: &[u8] = b"SELECT '${flyway:defaultSchema}', $$ ${schema} $$;";
+        // Off: Flyway runs the text as written, as svcdb does.
+        let m = parse(&[
+            ("V1__a.sql", quoted),
+            ("V1__a.sql.conf", b"placeholderReplacement=false\n"),
+            ("R__r.sql", quoted),
+            (
+                "R__r.sql.conf",
+                b"placeholderReplacement=false\nexecuteInTransaction=false\n",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            m.get(&v(1)).unwrap().up,
+            std::str::from_utf8(quoted).unwrap()
+        );
+        assert!(!m.repeatables()[0].transactional);
+        // On: every `${…}` is Flyway's to replace, a user's in a body too.
+        let (path, message) = source_error(&[
+            ("V1__a.sql", b"SELECT 1;\nSELECT $$ ${schema} $$;"),
+            ("V1__a.sql.conf", b"placeholderReplacement=true"),
+        ]);
+        assert!(path.ends_with("V1__a.sql"), "{path}");
+        assert!(message.starts_with("line 2: ${schema}"), "{message}");
+        assert!(message.contains("placeholderReplacement=true"), "{message}");
+        // On, without a placeholder: nothing to replace.
+        let m = parse(&[
+            ("V1__a.sql", b"SELECT '$1', $$ x $$;"),
+            ("V1__a.sql.conf", b"placeholderReplacement=true"),
+        ])
+        .unwrap();
+        assert_eq!(m.len(), 1);
     }
 
     #[test]
