@@ -55,19 +55,50 @@ fn expand(dir: &LitStr) -> Result<proc_macro2::TokenStream, String> {
 /// direct sub-folders, sorted.
 fn collect(root: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
-    for (name, path) in entries(root)? {
-        if path.is_dir() {
-            for (inner, inner_path) in entries(&path)? {
-                if inner_path.is_file() {
-                    out.push((format!("{name}/{inner}"), inner_path));
-                }
-            }
-        } else if path.is_file() {
-            out.push((name, path));
-        }
-    }
+    walk(root, "", &mut vec![std::fs::canonicalize(root)?], &mut out)?;
     out.sort();
     Ok(out)
+}
+
+/// Folders read below the migrations folder, as `Migrations::from_dir` reads them (Flyway
+/// scans every depth of its locations); deeper is an error there and here.
+const MAX_DEPTH: usize = 16;
+
+/// The files of `dir` (named `prefix` + their name) and of its sub-folders, at every depth
+/// down to [`MAX_DEPTH`]; a link to a folder it is inside (`ancestors`) is read once, not
+/// forever.
+fn walk(
+    dir: &Path,
+    prefix: &str,
+    ancestors: &mut Vec<PathBuf>,
+    out: &mut Vec<(String, PathBuf)>,
+) -> std::io::Result<()> {
+    for (name, path) in entries(dir)? {
+        let rel = format!("{prefix}{name}");
+        if !path.is_dir() {
+            if path.is_file() {
+                out.push((rel, path));
+            }
+            continue;
+        }
+        let real = std::fs::canonicalize(&path)?;
+        if ancestors.contains(&real) {
+            continue;
+        }
+        if ancestors.len() > MAX_DEPTH {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is more than {MAX_DEPTH} folders down the migrations folder, deeper than svcdb reads; move its migrations up",
+                    path.display()
+                ),
+            ));
+        }
+        ancestors.push(real);
+        walk(&path, &format!("{rel}/"), ancestors, out)?;
+        ancestors.pop();
+    }
+    Ok(())
 }
 
 /// Non-hidden entries of `dir` with UTF-8 names (the path goes into `include_bytes!`, which

@@ -9,6 +9,26 @@ use svcdb::migrate::{EmbeddedMigrations, Migrations};
 
 static EMBEDDED: EmbeddedMigrations = svcdb::embed_migrations!("tests/fixtures/migrate/embedded");
 
+/// Flyway migrations filed by year and quarter, two folders down.
+static EMBEDDED_DEEP: EmbeddedMigrations =
+    svcdb::embed_migrations!("tests/fixtures/migrate/embedded_deep");
+
+/// Found by a user trial: Flyway scans every depth of its locations, and svcdb read one level
+/// of sub-folders, skipping `2024/q1/V2__b.sql` without a word. Read from the folder and
+/// embedded alike, in version order.
+#[test]
+fn migrations_folders_down_are_read_embedded_and_from_the_folder() {
+    let dir = Migrations::from_dir(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/migrate/embedded_deep"),
+    )
+    .unwrap();
+    let embedded = Migrations::from_embedded(&EMBEDDED_DEEP).unwrap();
+    for migrations in [&dir, &embedded] {
+        let versions: Vec<i64> = migrations.iter().map(|m| m.version.number()).collect();
+        assert_eq!(versions, [1, 2, 3]);
+    }
+}
+
 #[test]
 fn embedded_parses_like_the_folder() {
     let embedded = Migrations::from_embedded(&EMBEDDED).unwrap();

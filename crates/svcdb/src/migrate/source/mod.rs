@@ -6,7 +6,7 @@
 //! | native (also golang-migrate, sqlx reversible) | `<version>_<name>.up.sql` | `<version>_<name>.down.sql` | first line `-- svcdb:no-transaction` (sqlx `-- no-transaction`, morph `-- morph:nontransactional`) |
 //! | diesel | `<version>_<name>/up.sql` | `<version>_<name>/down.sql` | `metadata.toml`: `run_in_transaction = false`, or the directive |
 //! | one file (sqlx simple, goose, dbmate) | `<version>_<name>.sql`: all of it, or what follows `-- +goose Up` / `-- migrate:up` | in the same file, after `-- +goose Down` / `-- migrate:down` | `-- +goose NO TRANSACTION` (both scripts), `-- migrate:up transaction:false` (`migrate:down` for the down), or the directive |
-//! | Flyway, refinery | `V<version>__<name>.sql`, also in a sub-folder | Flyway's undo `U<version>__<name>.sql` | the script config file `<script>.conf` (`executeInTransaction`), else a statement Flyway runs outside a transaction (`CREATE INDEX CONCURRENTLY`, `VACUUM`, `ALTER TYPE … ADD VALUE`…: see `flyway.rs`), or the directive |
+//! | Flyway, refinery | `V<version>__<name>.sql`, also in sub-folders at any depth | Flyway's undo `U<version>__<name>.sql` | the script config file `<script>.conf` (`executeInTransaction`), else a statement Flyway runs outside a transaction (`CREATE INDEX CONCURRENTLY`, `VACUUM`, `ALTER TYPE … ADD VALUE`…: see `flyway.rs`), or the directive |
 //!
 //! The directive is the first line of the script itself (for a one-file migration, the line
 //! after the marker). In a one-file migration only blank lines and comments may come before the
