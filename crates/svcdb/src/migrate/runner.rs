@@ -692,17 +692,16 @@ impl Migrator {
         let reset = self.session_reset(lock.acting_as(), true);
         let conn: &mut Client = lock;
         let mut tx = conn.transaction().await?;
-        let mut ran = Vec::with_capacity(2);
-        for direction in [Direction::Down, Direction::Up] {
-            let entries = self
-                .run_group(&mut tx, &reset, &[m], direction, false, observer)
-                .await
-                .map_err(|e| self.rolled_back_whole(&[m], direction, e))?;
-            ran.push(entries);
-        }
+        let reverted = self
+            .run_group(&mut tx, &reset, &[m], Direction::Down, false, observer)
+            .await
+            .map_err(|e| self.rolled_back_whole(&[m], Direction::Down, e))?;
+        let applied = self
+            .run_group(&mut tx, &reset, &[m], Direction::Up, false, observer)
+            .await
+            .map_err(|e| self.rolled_back_whole(&[m], Direction::Up, e))?;
         tx.commit().await?;
-        let applied = ran.pop().unwrap_or_default();
-        Ok((ran.pop().unwrap_or_default(), applied))
+        Ok((reverted, applied))
     }
 
     /// The error of `group`, rolled back whole after it failed at its migration `i`.

@@ -1204,20 +1204,8 @@ impl Deploy {
         column: &ColumnDef,
         out: &mut Vec<Finding>,
     ) {
-        let constraints: Vec<&Constraint> = column
-            .constraints
-            .iter()
-            .filter_map(|c| match &c.node {
-                Some(NodeEnum::Constraint(c)) => Some(&**c),
-                _ => None,
-            })
-            .collect();
-        let type_name = column
-            .type_name
-            .as_ref()
-            .and_then(|t| t.names.last())
-            .and_then(string)
-            .unwrap_or_default();
+        let constraints = column_constraints(column);
+        let type_name = column_type(column);
         let filled = SERIAL_TYPES.contains(&type_name)
             || constraints.iter().any(|c| {
                 c.contype == ConstrType::ConstrDefault as i32
@@ -1239,7 +1227,7 @@ impl Deploy {
             }
             // The name PostgreSQL gives it unless the definition does.
             let name = if c.conname.is_empty() {
-                format!("{table}_{col}_{}", if check { "check" } else { "fkey" })
+                default_constraint_name(table, c, &[col])
             } else {
                 c.conname.clone()
             };
@@ -1417,25 +1405,13 @@ fn add_column(
     column: &ColumnDef,
     out: &mut Vec<Finding>,
 ) {
-    let constraints: Vec<&Constraint> = column
-        .constraints
-        .iter()
-        .filter_map(|c| match &c.node {
-            Some(NodeEnum::Constraint(c)) => Some(&**c),
-            _ => None,
-        })
-        .collect();
+    let constraints = column_constraints(column);
     let has = |t: ConstrType| constraints.iter().any(|c| c.contype == t as i32);
     let default = constraints
         .iter()
         .find(|c| c.contype == ConstrType::ConstrDefault as i32)
         .and_then(|c| c.raw_expr.as_deref());
-    let type_name = column
-        .type_name
-        .as_ref()
-        .and_then(|t| t.names.last())
-        .and_then(string)
-        .unwrap_or_default();
+    let type_name = column_type(column);
     let stored_generated = constraints
         .iter()
         .any(|c| c.contype == ConstrType::ConstrGenerated as i32 && c.generated_kind != "v");
@@ -1597,6 +1573,28 @@ fn default_constraint_name(table: &str, c: &Constraint, columns: &[&str]) -> Str
         Ok(ConstrType::ConstrUnique) => format!("{table}_{columns}_key"),
         _ => format!("{table}_{columns}_check"),
     }
+}
+
+/// The constraints a column definition declares (`NOT NULL`, `DEFAULT`, `REFERENCES`, …).
+fn column_constraints(column: &ColumnDef) -> Vec<&Constraint> {
+    column
+        .constraints
+        .iter()
+        .filter_map(|c| match &c.node {
+            Some(NodeEnum::Constraint(c)) => Some(&**c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The last part of a column definition's type name (`int4`, `bigserial`, `varchar`).
+fn column_type(column: &ColumnDef) -> &str {
+    column
+        .type_name
+        .as_ref()
+        .and_then(|t| t.names.last())
+        .and_then(string)
+        .unwrap_or_default()
 }
 
 /// The names of the `String` nodes of `nodes` (a constraint's columns).
