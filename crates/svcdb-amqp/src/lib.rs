@@ -108,8 +108,8 @@ mod retention;
 mod spans;
 
 pub use config::{
-    redact_url, AmqpConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_QUORUM_GROUP_SIZE,
-    DEFAULT_PREFETCH, DEFAULT_URL,
+    redact_url, AmqpConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT_SECS,
+    DEFAULT_MAX_QUORUM_GROUP_SIZE, DEFAULT_PREFETCH, DEFAULT_URL,
 };
 pub use consumer::{Consumer, ConsumerOptions, ConsumerStats, UnknownKind, DEFAULT_BATCH};
 pub use error::{Error, Result};

@@ -50,7 +50,8 @@ impl Failure {
         let usage = e
             .chain()
             .any(|c| c.is::<Usage>() || c.is::<crate::usage::InvalidSetting>())
-            || code == "invalid_name";
+            || code == "invalid_name"
+            || code == "config";
         Self {
             error: for_cli(report.message()),
             hint: (!report.hints().is_empty()).then(|| for_cli(&report.hints().join("\n"))),
@@ -119,7 +120,8 @@ impl Failure {
     /// `config` (exit 64 too for a setting given that can never work, such as a malformed
     /// `DATABASE_URL`), `invalid_name` (exit 64), `invalid_event`, `connect` (no connection and no SQLSTATE:
     /// refused, TLS, timed out), `acquire_timeout` (every connection stayed busy),
-    /// `pool_closed`, `connection_lost`, `missing_tables`, `not_ready`; for migrations
+    /// `pool_closed`, `connection_lost`, `missing_tables`, `not_ready`, `refused` (`provision`
+    /// found a role or schema it will not build on); for migrations
     /// `migration_source` (a file or the folder), `lock_timeout`, `changed`, `out_of_order`,
     /// `missing`, `dirty`, `no_down`, `unwritten`, `migration_failed`; for `migrate adopt`
     /// `adopt_no_history`, `adopt_wrong_table`, `adopt_refused`; for the broker (`events
@@ -227,6 +229,7 @@ fn error_kind(e: &svcdb::Error) -> &'static str {
         svcdb::Error::Db(_) => "connection_lost",
         svcdb::Error::MissingTables { .. } => "missing_tables",
         svcdb::Error::NotReady(_) => "not_ready",
+        svcdb::Error::Refused { .. } => "refused",
         _ => "error",
     }
 }

@@ -144,6 +144,18 @@ pub enum Error {
     /// ([`GateReport::ensure_ready`](crate::schema::GateReport::ensure_ready)).
     #[error("{0}")]
     NotReady(Box<crate::schema::GateReport>),
+
+    /// [`provision`](crate::provision()) found the database in a state it will not build on
+    /// (a role whose attributes or memberships bypass isolation, a schema or objects another
+    /// role owns) and changed nothing. What is wrong is in the database, not in the settings:
+    /// the message says what, and how to fix it or have `fix` do it.
+    #[error("{message}")]
+    Refused {
+        /// What provisioning refused: `role` or `schema`.
+        object: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
 }
 
 impl Error {
@@ -213,6 +225,13 @@ impl Error {
     pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Config {
             key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn refused(object: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Refused {
+            object: object.into(),
             message: message.into(),
         }
     }

@@ -288,7 +288,7 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
                 .await?
                 .get(0);
             if !made_for_it && !spec.fix {
-                return Err(crate::Error::config(
+                return Err(crate::Error::refused(
                     "schema",
                     format!(
                         "schema {} belongs to role {owner}, perhaps another service's\n  hint: give the service a schema of its own, or provision again with --fix (ProvisionSpec::fix) to hand it to {}",
@@ -507,7 +507,7 @@ async fn reassign_foreign_objects(
             named.push(format!("and {} more", foreign.len() - SHOWN));
         }
         let statements: Vec<&str> = foreign.iter().map(|(.., sql)| sql.as_str()).collect();
-        return Err(crate::Error::config(
+        return Err(crate::Error::refused(
             "schema",
             format!(
                 "schema {schema_name} holds {} owned by a role other than {role_name}, which the service cannot use, alter or drop (permission denied): {}\n  \
@@ -610,7 +610,7 @@ async fn isolate_role(
     let found = found.join(", ");
 
     if is_connected_role {
-        return Err(crate::Error::config(
+        return Err(crate::Error::refused(
             "role",
             format!(
                 "role {name} has {found}, and it is the role provisioning connects as, so it is not changed\n  \
@@ -619,7 +619,7 @@ async fn isolate_role(
         ));
     }
     if !fix {
-        return Err(crate::Error::config(
+        return Err(crate::Error::refused(
             "role",
             format!(
                 "role {name} exists with {found}, which bypass or widen the privileges that isolate it\n  \
@@ -642,7 +642,7 @@ async fn isolate_role(
         .await?
         .get(0);
     if left > 0 {
-        return Err(crate::Error::config(
+        return Err(crate::Error::refused(
             "role",
             format!(
                 "role {name} is still a member of another role after REVOKE: the membership was granted by another role too\n  \

@@ -94,6 +94,50 @@ async fn a_silent_server_times_out() {
     holder.abort();
 }
 
+/// Found by a user trial: a broker stopped with `SIGSTOP` left its clients "connected" for two
+/// minutes (RabbitMQ proposes a 60 s heartbeat, and lapin waits two of them). svcdb asks for
+/// [`svcdb_amqp::DEFAULT_HEARTBEAT_SECS`] unless the URL names a heartbeat; the broker's 60 is
+/// the control: without the default, that is what the connection gets.
+#[tokio::test]
+async fn the_heartbeat_is_ten_seconds_unless_the_url_names_one() {
+    let url = common::amqp_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    for (config, expected) in [
+        (
+            AmqpConfig::new(url.clone()),
+            svcdb_amqp::DEFAULT_HEARTBEAT_SECS,
+        ),
+        (AmqpConfig::new(format!("{url}{separator}heartbeat=30")), 30),
+    ] {
+        let connection = config.connect().await.unwrap();
+        assert_eq!(connection.configuration().heartbeat(), expected);
+        let _ = connection.close(200, "OK".into()).await;
+    }
+}
+
+/// A broker that goes silent with its connections open (the proxy stops passing bytes either
+/// way, as a paused VM or a frozen process does) is noticed within two heartbeats, not at the
+/// next publish: the connection reports itself lost, so consumers and relays reconnect.
+#[tokio::test]
+async fn a_broker_gone_silent_is_noticed_within_two_heartbeats() {
+    let port = common::closed_port();
+    let proxy = common::Proxy::start(port).await;
+    let config = AmqpConfig::new(format!("{}?heartbeat=1", common::url_via(port)));
+    let connection = config.connect().await.unwrap();
+    assert!(connection.status().connected());
+    proxy.silence();
+    let noticed = tokio::time::timeout(Duration::from_secs(10), async {
+        while connection.status().connected() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        noticed.is_ok(),
+        "still connected 10 s after the broker went silent"
+    );
+}
+
 #[tokio::test]
 async fn declaring_is_idempotent_and_conflicts_are_explained() {
     let broker = Broker::new().await;

@@ -23,6 +23,20 @@ async fn provision_refuses_a_role_with_createdb_and_fix_removes_it() {
         "{out}"
     );
     assert!(createdb(&admin, &role).await, "refused means untouched");
+    // A state of the database, not a setting: its own code, exit 1, and not called a
+    // configuration error (found by a user trial: "invalid configuration: role: role …").
+    let mut json = args.to_vec();
+    json.push("--json");
+    let out = project.run(&json).expect_code(1);
+    let failure: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(failure["code"], "refused", "{out}");
+    assert!(
+        !failure["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("configuration"),
+        "{out}"
+    );
 
     let mut fixed = args.to_vec();
     fixed.push("--fix");

@@ -536,7 +536,7 @@ impl Migrator {
                 &ours,
             ));
         }
-        let (mut lock, ours) = self.lock_for_adopt(!options.dry_run).await?;
+        let (mut lock, ours) = self.lock_for_adopt().await?;
         let result = async {
             if let Some(dirty) = ours.rows.iter().find(|r| r.dirty) {
                 return Err(MigrateError::Dirty {

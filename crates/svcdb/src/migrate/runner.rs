@@ -176,13 +176,10 @@ impl Migrator {
         &self.db
     }
 
-    /// The schema's lock and the history read under it (for [`adopt`](super::adopt)), creating
-    /// the schema if configured to unless it is a dry run (`writes` false).
-    pub(crate) async fn lock_for_adopt(
-        &self,
-        writes: bool,
-    ) -> Result<(MigrationLock, History), MigrateError> {
-        self.lock(&mut ignore, writes).await
+    /// The schema's lock and the history read under it (for [`adopt`](super::adopt), which
+    /// takes it only to write), creating the schema if configured to.
+    pub(crate) async fn lock_for_adopt(&self) -> Result<(MigrationLock, History), MigrateError> {
+        self.lock(&mut ignore, true).await
     }
 
     /// Where every migration stands. Read-only, takes no lock; one query on a pooled

@@ -261,8 +261,8 @@ async fn an_existing_role_with_a_privileged_attribute_is_refused_not_reported_as
             .unwrap();
         let mut spec = ProvisionSpec::new(&role, "svc_schema").unwrap();
         match provision(&db, &spec).await {
-            Err(Error::Config { key, message }) => {
-                assert_eq!(key, "role", "{attribute}");
+            Err(Error::Refused { object, message }) => {
+                assert_eq!(object, "role", "{attribute}");
                 assert!(message.contains(attribute), "names it: {message}");
                 assert!(
                     message.contains(&format!("NO{attribute}")),
@@ -324,8 +324,8 @@ async fn a_service_role_that_is_a_member_of_another_services_role_is_refused() {
         .unwrap();
     let mut spec = ProvisionSpec::new(&orders, "orders_schema").unwrap();
     match provision(&db, &spec).await {
-        Err(Error::Config { key, message }) => {
-            assert_eq!(key, "role");
+        Err(Error::Refused { object, message }) => {
+            assert_eq!(object, "role");
             assert!(
                 message.contains(&catalog),
                 "names the membership: {message}"
@@ -376,8 +376,8 @@ async fn the_role_provisioning_connects_as_is_never_stripped() {
     let mut spec = ProvisionSpec::new(&admin_role, "admin_schema").unwrap();
     spec.fix = true;
     match svcdb::provision(&mut admin, &spec).await {
-        Err(Error::Config { key, message }) => {
-            assert_eq!(key, "role");
+        Err(Error::Refused { object, message }) => {
+            assert_eq!(object, "role");
             assert!(message.contains("connects as"), "{message}");
         }
         other => panic!("expected a refusal, got {other:?}"),
