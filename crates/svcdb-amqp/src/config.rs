@@ -340,17 +340,24 @@ impl AmqpConfig {
 
 /// Parses one node's URL, with an error that shows it redacted.
 fn parse_url(url: &str) -> Result<AMQPUri> {
-    AMQPUri::from_str(url).map_err(|e| {
+    let invalid = |why: &str| {
         let redacted = redact_url(url);
         // lapin's "Invalid URL: '<url>'" repeats the whole input, password included.
-        let why = e.replace(url, &redacted);
+        let why = why.replace(url, &redacted);
         Error::config(
             "AMQP_URL",
             format!(
                 "{redacted} is not an AMQP URL ({why}); write amqp://user:password@host:5672/%2f, with any '/', '?', '#' or '@' in the password written as %2F, %3F, %23, %40 (and, in a list of URLs, a ',' as %2C)"
             ),
         )
-    })
+    };
+    // The URL parser takes `amqp:/user:password@host/%2f` (one slash) as a URL with no host
+    // and the vhost `user:password@host/`, which the broker then names in its refusal:
+    // password and all (found by a user trial).
+    if !url.find("://").is_some_and(|end| is_scheme(&url[..end])) {
+        return Err(invalid("no `//` after the scheme"));
+    }
+    AMQPUri::from_str(url).map_err(|e| invalid(&e))
 }
 
 /// Splits a list of URLs where a comma is followed by a scheme and `://`: `,amqp://` starts a
@@ -472,6 +479,26 @@ fn is_scheme(s: &str) -> bool {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// Found by a user trial: `amqp:/guest:secret@host/%2f` parsed as a URL whose vhost held
+    /// the password, and the broker's "vhost … not found" printed it.
+    #[test]
+    fn a_url_without_its_two_slashes_is_refused_and_its_password_not_shown() {
+        for url in [
+            "amqp:/guest:SECRETX@127.0.0.1/%2f",
+            "amqp:guest:SECRETX@127.0.0.1/%2f",
+            "amqps:/guest:SECRETX@127.0.0.1:5671/%2f",
+        ] {
+            match parse_url(url) {
+                Err(e @ Error::Config { .. }) => {
+                    assert!(!e.to_string().contains("SECRETX"), "{e}");
+                }
+                other => panic!("{url}: expected a refusal, got {other:?}"),
+            }
+        }
+        // The control: with both slashes, the same URL is taken.
+        parse_url("amqp://guest:SECRETX@127.0.0.1/%2f").unwrap();
+    }
 
     #[test]
     fn redacts_passwords() {

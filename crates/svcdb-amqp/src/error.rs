@@ -137,10 +137,13 @@ pub enum Error {
 
     /// A queue named to [`replay_dead_letters`](crate::replay_dead_letters) does not exist (a
     /// replay creates none: nothing would consume it).
-    #[error("queue {queue:?} does not exist on this broker\n  hint: {}", if queue.ends_with(crate::topology::DEAD_LETTER_QUEUE_SUFFIX) { "name the consumer's queue, without its dead-letter suffix" } else { "check the name (`rabbitmqctl list_queues name messages`) and the vhost in AMQP_URL" })]
+    #[error("queue {queue:?} does not exist on this broker\n  hint: {}", queue_not_found_hint(.dead_letters_of.as_deref()))]
     QueueNotFound {
         /// The queue.
         queue: String,
+        /// When `queue` is a dead-letter queue: the queue named, whose dead letters it holds
+        /// (it exists).
+        dead_letters_of: Option<String>,
     },
 
     /// [`replay_dead_letters`](crate::replay_dead_letters) stopped part-way: the messages moved
@@ -152,6 +155,22 @@ pub enum Error {
         /// What stopped it.
         cause: Box<Error>,
     },
+}
+
+/// What to do about a missing queue: the dead-letter queue of an existing `dead_letters_of`,
+/// or a queue named wrong. Found by a user trial: the hint said to drop a `.dlq` suffix the
+/// user never typed, because the missing queue (the dead-letter one) always has it.
+fn queue_not_found_hint(dead_letters_of: Option<&str>) -> String {
+    match dead_letters_of {
+        Some(named) if named.ends_with(crate::topology::DEAD_LETTER_QUEUE_SUFFIX) => {
+            "name the consumer's queue, without its dead-letter suffix".to_owned()
+        }
+        Some(named) => format!(
+            "queue {named:?} has no dead-letter queue: svcdb declares one with each queue of its topology (QueueSpec), so this queue was declared otherwise, or under another name; there is nothing of it to replay"
+        ),
+        None => "check the name (`rabbitmqctl list_queues name messages`) and the vhost in AMQP_URL"
+            .to_owned(),
+    }
 }
 
 impl Error {

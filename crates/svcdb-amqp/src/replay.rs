@@ -90,6 +90,7 @@ pub async fn replay_dead_letters(
                 Err(e) if e.is_not_found() => {
                     return Err(Error::QueueNotFound {
                         queue: name.to_owned(),
+                        dead_letters_of: (name != queue).then(|| queue.to_owned()),
                     })
                 }
                 other => other?,

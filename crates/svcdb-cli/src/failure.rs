@@ -165,7 +165,13 @@ impl Failure {
                     _ => "adopt_refused",
                 })
             } else if let Some(e) = cause.downcast_ref::<svcdb_amqp::Error>() {
-                Some(if e.is_not_found() {
+                Some(if matches!(e, svcdb_amqp::Error::Config { .. }) {
+                    // A malformed AMQP_URL is as much a usage error as a malformed
+                    // DATABASE_URL (found by a user trial: it exited 1, coded `amqp`).
+                    "config"
+                } else if matches!(e, svcdb_amqp::Error::InvalidName { .. }) {
+                    "invalid_name"
+                } else if e.is_not_found() {
                     "not_found"
                 } else if e.is_connection_error() {
                     "connect"
@@ -246,7 +252,9 @@ fn migrate_kind(e: &MigrateError) -> &'static str {
         MigrateError::Dirty { .. } | MigrateError::NewerDirty { .. } => "dirty",
         MigrateError::InvalidIndexes { .. } => "invalid_index",
         MigrateError::Unsafe { .. } => "unsafe",
-        MigrateError::OtherToolApplied { .. } => "other_tool_applied",
+        MigrateError::OtherToolApplied { .. } | MigrateError::AppliedByOtherTool { .. } => {
+            "other_tool_applied"
+        }
         MigrateError::NoDown { .. } => "no_down",
         MigrateError::Unwritten { .. } => "unwritten",
         MigrateError::UnknownVersion { .. } => "unknown_version",
@@ -370,6 +378,13 @@ async fn schema_owner_hint(e: &anyhow::Error, global: &Global) -> Option<String>
         hint.push_str(&format!(
             "; or, if {me} is the right role, set SVCDB_SCHEMA to its own schema ({})",
             own.join(", ")
+        ));
+    } else if schema == config.schema.as_str() && e.chain().any(|c| c.is::<MigrateError>()) {
+        // Migrations run as the service schema's owner (`SET ROLE`), which a grant on the
+        // schema does not allow (found by a user trial: following the GRANT, `up` was refused
+        // with "SET ROLE … was refused").
+        hint.push_str(&format!(
+            ", or as a member of it (GRANT {owner} TO {me}): migrations run as the schema's owner"
         ));
     } else {
         hint.push_str(&format!(

@@ -134,7 +134,7 @@ impl Global {
         let (nested, other): (Vec<&String>, Vec<&String>) = migrations
             .ignored()
             .iter()
-            .filter(|f| !is_flyway_callback(f))
+            .filter(|f| !is_flyway_callback(f) && flyway_baseline_version(f).is_none())
             .partition(|f| is_nested_migration(f));
         // Found by a trial with `--dir db` where the files were in db/migrations: `up` and
         // `status` said "up to date" (exit 0), and a start-up gate would have passed on an
@@ -187,6 +187,14 @@ impl Global {
             );
         }
         let ignored = migrations.ignored();
+        for (file, version) in ignored
+            .iter()
+            .filter_map(|f| Some((f, flyway_baseline_version(f)?)))
+        {
+            errln!(
+                "warning: {file} is a Flyway baseline migration, which svcdb does not run: on an empty database Flyway runs it in place of the versions up to {version}, and svcdb runs those versions\n  hint: to start a new database from it, apply it (psql -f), then record the versions it stands for with `svcdb migrate baseline {version}`; a database Flyway migrated is taken over with `svcdb migrate adopt --from flyway`"
+            );
+        }
         for callback in ignored.iter().filter(|f| is_flyway_callback(f)) {
             errln!(
                 "warning: {callback} is a Flyway callback, which svcdb does not run\n  hint: to keep what it does, move its statements into a repeatable migration (R__<name>.sql: run after the versioned ones whenever the file changes) or a new versioned one"
@@ -239,6 +247,19 @@ impl std::error::Error for SchemaMissingHere {}
 
 /// True for the name of a Flyway SQL callback (`afterMigrate.sql`, `beforeEachMigrate__log.sql`,
 /// in a sub-folder too): an event name, `before` or `after` and a capital letter.
+/// The version of a Flyway baseline migration, `B<version>__<description>.sql` (Flyway 9;
+/// `B1_20_0__x.sql` is 1.20.0), as `svcdb migrate baseline` takes it; `None` for any other
+/// file.
+fn flyway_baseline_version(rel: &str) -> Option<String> {
+    let file = rel.rsplit('/').next().unwrap_or(rel);
+    let (version, _) = file.strip_prefix('B')?.split_once("__")?;
+    let version = version.replace('_', ".");
+    let digits = version
+        .split('.')
+        .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
+    (digits && file.ends_with(".sql")).then_some(version)
+}
+
 fn is_flyway_callback(rel: &str) -> bool {
     let file = rel.rsplit('/').next().unwrap_or(rel);
     ["before", "after"].iter().any(|when| {
@@ -289,6 +310,29 @@ pub fn server_timeout(value: &str) -> Result<Duration, String> {
 mod tests {
     use clap::Parser;
     use proptest::prelude::*;
+
+    /// Found by a user trial (hawkbit's `B1_20_0__…sql`): a Flyway baseline migration got the
+    /// warning for files that are no migration at all; it gets its own, with the version to
+    /// give `svcdb migrate baseline`.
+    #[test]
+    fn a_flyway_baseline_migration_is_told_by_its_name() {
+        for (file, version) in [
+            ("B1_20_0__1.0.0_baseline__POSTGRESQL.sql", Some("1.20.0")),
+            ("sub/B7__base.sql", Some("7")),
+            ("B2.1__x.sql", Some("2.1")),
+            ("Bad__x.sql", None),
+            ("B__x.sql", None),
+            ("B1__x.txt", None),
+            ("V1__x.sql", None),
+            ("beforeMigrate.sql", None),
+        ] {
+            assert_eq!(
+                super::flyway_baseline_version(file).as_deref(),
+                version,
+                "{file}"
+            );
+        }
+    }
 
     /// Every duration flag, as the command line spells it.
     type ParseFn = fn(&str) -> Result<std::time::Duration, String>;

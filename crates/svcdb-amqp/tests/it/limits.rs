@@ -81,6 +81,52 @@ async fn a_replay_of_a_queue_whose_names_amqp_cannot_carry_is_refused_not_a_pani
     assert!(e.is_not_found(), "{e}");
 }
 
+/// Found by a user trial: replaying a queue declared without svcdb's topology (so without a
+/// dead-letter queue) told the user to drop a `.dlq` suffix they never typed. The error now
+/// says whose dead letters are missing; a queue that does not exist at all names none.
+#[tokio::test]
+async fn a_replay_of_a_queue_without_a_dead_letter_queue_names_the_queue_it_belongs_to() {
+    let config = common::amqp();
+    let broker = Broker::new().await;
+    let channel = broker.channel().await;
+    let plain = common::unique("plain");
+    channel
+        .queue_declare(
+            plain.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let replayed = svcdb_amqp::replay_dead_letters(&config, &plain, None).await;
+    channel
+        .queue_delete(plain.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    match replayed.unwrap_err() {
+        Error::QueueNotFound {
+            queue,
+            dead_letters_of,
+        } => {
+            assert_eq!(queue, format!("{plain}.dlq"));
+            assert_eq!(dead_letters_of, Some(plain));
+        }
+        other => panic!("expected QueueNotFound, got {other}"),
+    }
+    // The control: a queue that does not exist is the one missing, with no owner.
+    let missing = common::unique("missing");
+    match svcdb_amqp::replay_dead_letters(&config, &missing, None)
+        .await
+        .unwrap_err()
+    {
+        Error::QueueNotFound {
+            queue,
+            dead_letters_of,
+        } => assert_eq!((queue, dead_letters_of), (missing, None)),
+        other => panic!("expected QueueNotFound, got {other}"),
+    }
+}
+
 /// `Topology::delete` sent its names unchecked: one over 255 bytes (a queue's, its dead-letter
 /// queue's, an exchange's) made lapin panic.
 #[tokio::test]

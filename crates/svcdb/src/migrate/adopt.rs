@@ -832,6 +832,73 @@ pub(crate) async fn applied_by_other_tool(
     Ok(None)
 }
 
+/// The first other tool's history (found as [`other_histories`] finds them) that records,
+/// in rows written after svcdb's adoption, any of `pending` (svcdb's pending versions) as
+/// applied, with those versions. After an adoption, a replica of the old release still running
+/// that tool at start-up may apply a version before svcdb does (found by a user trial: `up`
+/// then ran goose's version again, or failed on "relation already exists"). Rows from before
+/// the adoption say nothing: svcdb may have reverted what they record since.
+///
+/// "After" is told by the rows' `xmin`, the transaction that wrote them, against the newest
+/// adopted or baselined row of svcdb's history (`execution_us` NULL): `age()` counts back from
+/// the current transaction, so the younger row has the smaller age. No adopted row: `None`.
+pub(crate) async fn pending_applied_by_other_tool(
+    client: &tokio_postgres::Client,
+    service: &crate::Ident,
+    pending: &[&Migration],
+) -> Result<Option<(OtherHistory, Vec<String>)>, tokio_postgres::Error> {
+    let adopted: Option<i32> = client
+        .query_one(
+            &format!(
+                "SELECT min(age(xmin)) FROM {} WHERE execution_us IS NULL AND NOT dirty",
+                history::table(service)
+            ),
+            &[],
+        )
+        .await?
+        .get(0);
+    let Some(adopted) = adopted else {
+        return Ok(None);
+    };
+    for other in other_histories(client, service).await? {
+        // The version column, and what makes a row an applied version, as `read_tool` reads
+        // them. golang-migrate's one row names the newest version: every one up to it.
+        let (version, applied, up_to) = match other.tool {
+            Tool::Diesel | Tool::Dbmate => ("version::text", "true", false),
+            Tool::Refinery => ("version::text", "true", false),
+            Tool::Sqlx => ("version::text", "success", false),
+            Tool::GolangMigrate => ("version::text", "NOT dirty", true),
+            Tool::Goose => ("version_id::text", "is_applied", false),
+            Tool::Flyway => ("version", "success AND type = 'SQL'", false),
+        };
+        let sql = format!(
+            "SELECT {version} FROM {} WHERE {applied} AND age(xmin) < $1 AND {version} IS NOT NULL",
+            other.table
+        );
+        let Ok(rows) = client.query(&sql, &[&adopted]).await else {
+            // Not the tool's table after all (`other_histories` matched its name only).
+            continue;
+        };
+        let recorded: Vec<Version> = rows
+            .iter()
+            .filter_map(|r| r.get::<_, String>(0).parse().ok())
+            .collect();
+        let versions: Vec<String> = pending
+            .iter()
+            .filter(|m| {
+                recorded
+                    .iter()
+                    .any(|v| *v == m.version || (up_to && m.version <= *v))
+            })
+            .map(|m| m.version.to_string())
+            .collect();
+        if !versions.is_empty() {
+            return Ok(Some((other, versions)));
+        }
+    }
+    Ok(None)
+}
+
 /// The other tool's table, quoted and qualified (`"public"."_sqlx_migrations"`), the schema
 /// it is in and its name; or where it was looked for.
 async fn find_table(
@@ -1098,7 +1165,10 @@ async fn read_tool(
                     "SQL" => {
                         applied.insert(version, checksum);
                     }
-                    "BASELINE" => h.up_to = Some(version),
+                    // A baseline migration (`B<version>__…sql`, Flyway 9): its script built the
+                    // schema as of `version`, and Flyway skips every version up to it, as for a
+                    // `baseline` row (found by a user trial: hawkbit ships one).
+                    "BASELINE" | "SQL_BASELINE" => h.up_to = Some(version),
                     "UNDO_SQL" | "DELETE" => {
                         applied.remove(&version);
                     }

@@ -170,6 +170,28 @@ pub enum MigrateError {
         other: super::adopt::OtherHistory,
     },
 
+    /// Versions svcdb has pending are recorded as applied in another tool's history table:
+    /// after an adoption ([`Migrator::adopt`](super::Migrator::adopt)), a replica of the old
+    /// release still running that tool applied them. Running them again would fail, or repeat
+    /// their effects; refused before anything runs. Adopting again records them.
+    #[error(
+        "refusing to migrate schema {schema}: {tool}'s history table {table} records {} {} as applied, which svcdb has pending: a release still running {tool} applied {} after its history was adopted; nothing was run\n  hint: record {} with `svcdb migrate adopt --from {tool}` (it adds what {tool} applied since), then run `svcdb migrate up` for the rest; and stop {tool} from running at start-up",
+        if versions.len() == 1 { "version" } else { "versions" },
+        versions.join(", "),
+        if versions.len() == 1 { "it" } else { "them" },
+        if versions.len() == 1 { "it" } else { "them" },
+        tool = other.tool,
+        table = other.table
+    )]
+    AppliedByOtherTool {
+        /// The schema.
+        schema: String,
+        /// The other tool's history table.
+        other: super::adopt::OtherHistory,
+        /// The pending versions it records as applied.
+        versions: Vec<String>,
+    },
+
     /// The service's schema does not exist, so its history table cannot be made (SQLSTATE
     /// 3F000 from the server).
     #[error("schema {schema} does not exist\n  hint: create it with the service's own role, `svcdb provision --service <name> --schema {}`; or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)", crate::error::shell_word(schema))]

@@ -116,7 +116,7 @@ impl History {
 }
 
 /// `"schema".svcdb_migrations`.
-fn table(schema: &Ident) -> String {
+pub(crate) fn table(schema: &Ident) -> String {
     format!("{schema}.{HISTORY_TABLE}")
 }
 

@@ -374,6 +374,18 @@ impl Migrator {
             let conn = self.db.get().await?;
             let others = adopt::other_histories(client(&conn), self.db.schema()).await?;
             self.refuse_over_other_tool(client(&conn), &others).await?;
+        } else if !plan.is_empty() {
+            let conn = self.db.get().await?;
+            let applied =
+                adopt::pending_applied_by_other_tool(client(&conn), self.db.schema(), &plan)
+                    .await?;
+            if let Some((other, versions)) = applied {
+                return Err(MigrateError::AppliedByOtherTool {
+                    schema: self.schema(),
+                    other,
+                    versions,
+                });
+            }
         }
         let stale = self.stale_repeatables(&status, options, &recorded);
         self.lint_before_up(&plan, &stale, observer).await?;

@@ -410,6 +410,68 @@ async fn goose_schema_is_adopted_with_its_is_applied_rows() {
     adopt_then_up_to_date(&svc, dir.path(), Tool::Goose, &["00001", "00002"]).await;
 }
 
+/// Found by a user trial of a rolling switch: after the adoption, a replica of the old release
+/// ran goose at start-up and applied version 3 first; `up` then ran it again ("relation c
+/// already exists", or worse, an effect twice). It is refused, naming the version, until
+/// adopting again records it; a version goose has not applied runs as usual (the control).
+#[tokio::test]
+async fn up_refuses_a_pending_version_the_old_tool_applied_after_the_adoption() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let goose = |n: u32| {
+        (
+            format!("0000{n}_t{n}.sql"),
+            format!(
+                "-- +goose Up\nCREATE TABLE t{n} (id int);\n-- +goose Down\nDROP TABLE t{n};\n"
+            ),
+        )
+    };
+    let files: Vec<(String, String)> = (1..=4).map(goose).collect();
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_str()))
+        .collect();
+    write(dir.path(), &files);
+    sql(
+        &svc,
+        &format!(
+            "{GOOSE_TABLE}
+             INSERT INTO shop.goose_db_version (version_id, is_applied) VALUES (0, true), (1, true), (2, true);
+             CREATE TABLE shop.t1 (id int); CREATE TABLE shop.t2 (id int);"
+        ),
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    m.adopt(&AdoptOptions::from(Tool::Goose)).await.unwrap();
+    // The old release's goose applies version 3.
+    sql(
+        &svc,
+        "INSERT INTO shop.goose_db_version (version_id, is_applied) VALUES (3, true);
+         CREATE TABLE shop.t3 (id int);",
+    )
+    .await;
+    match m.up().await.map(drop).expect_err("3 is goose's now") {
+        svcdb::migrate::MigrateError::AppliedByOtherTool {
+            other, versions, ..
+        } => {
+            assert_eq!(other.tool, Tool::Goose);
+            assert_eq!(versions, ["00003"]);
+        }
+        other => panic!("expected AppliedByOtherTool, got {other}"),
+    }
+    let report = m.adopt(&AdoptOptions::from(Tool::Goose)).await.unwrap();
+    let recorded: Vec<String> = report
+        .recorded
+        .iter()
+        .map(|e| e.version.to_string())
+        .collect();
+    assert_eq!(recorded, ["00003"]);
+    let up = m.up().await.unwrap();
+    assert_eq!(up.migrations.len(), 1, "4 runs: {up:?}");
+    assert!(m.status().await.unwrap().is_up_to_date());
+}
+
 /// Found adopting a real goose schema: a middle version goose had rolled back (its newer ones
 /// still applied) came out pending, and adopt said "run `svcdb migrate up`", which refused it
 /// as out of order. The report names it; `up` with `allow_out_of_order` applies it, and
@@ -819,6 +881,46 @@ async fn flyway_baseline_counts_every_file_up_to_it_and_an_undone_version_is_pen
     )
     .await;
     adopt_then_up_to_date(&svc, dir.path(), Tool::Flyway, &["1", "2"]).await;
+}
+
+/// Found by a user trial (hawkbit): Flyway 9 runs a baseline migration (`B2__base.sql`) on an
+/// empty database in place of every version up to it, and records it as `SQL_BASELINE`; adopt
+/// refused that row as "not a SQL file". It counts every file up to it as applied, as a
+/// `BASELINE` row does; the later versions keep their checksums.
+#[tokio::test]
+async fn a_flyway_baseline_migrations_row_counts_every_file_up_to_it() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("V1__a.sql", "CREATE TABLE a (id int);\n"),
+            (
+                "V2__b.sql",
+                "CREATE TABLE b (id int);\r\nINSERT INTO b VALUES (1);\r\n",
+            ),
+            (
+                "B2__base.sql",
+                "CREATE TABLE a (id int);\nCREATE TABLE b (id int);\n",
+            ),
+            ("V3__c.sql", "CREATE TABLE c (id int);\n"),
+        ],
+    );
+    // V3's checksum as Flyway records it: CRC32 of its lines without their endings (Python's
+    // zlib.crc32), as a signed int.
+    sql(
+        &svc,
+        &format!(
+            "{FLYWAY_DDL}
+             INSERT INTO shop.flyway_schema_history VALUES
+               (1, '2', 'base', 'SQL_BASELINE', 'B2__base.sql', 77, 'me', now(), 5, true),
+               (2, '3', 'c', 'SQL', 'V3__c.sql', -2102380136, 'me', now(), 5, true);
+             CREATE TABLE shop.a (id int); CREATE TABLE shop.b (id int); CREATE TABLE shop.c (id int);"
+        ),
+    )
+    .await;
+    adopt_then_up_to_date(&svc, dir.path(), Tool::Flyway, &["1", "2", "3"]).await;
 }
 
 #[tokio::test]

@@ -125,6 +125,33 @@ fn drop_index_needs_concurrently_unless_the_deploy_made_the_index() {
     );
 }
 
+/// Found by a user trial (openfga's goose `NO TRANSACTION` file): in a migration that already
+/// runs outside a transaction, `CREATE INDEX` and `DROP INDEX` without `CONCURRENTLY` are
+/// still flagged (they block the table while they run), but the fix no longer says to make
+/// the migration non-transactional; in a transactional one it does (the control).
+#[test]
+fn the_index_fix_in_a_non_transactional_migration_only_adds_concurrently() {
+    for sql in [
+        "CREATE INDEX users_email ON users (email);",
+        "DROP INDEX users_email;",
+    ] {
+        for (script, marked) in [(format!("{NO_TX}{sql}"), true), (sql.to_owned(), false)] {
+            let (_dir, migrations) = folder(&[("1_m.up.sql", &script)]);
+            let report = lint(migrations.iter());
+            let [finding] = report.findings.as_slice() else {
+                panic!("{script}: {:?}", report.findings);
+            };
+            assert!(finding.fix.contains("CONCURRENTLY"), "{}", finding.fix);
+            assert_eq!(
+                finding.fix.contains(NO_TX.trim()),
+                !marked,
+                "{script}: {}",
+                finding.fix
+            );
+        }
+    }
+}
+
 #[test]
 fn concurrently_is_flagged_only_in_a_transactional_migration() {
     for sql in [

@@ -735,8 +735,12 @@ impl Deploy {
         } else if !self.is_new(table) {
             let fix = if partitioned {
                 partitioned_index_fix(table, index, self.live.partitions(table))
-            } else {
+            } else if s.transactional {
                 format!("CREATE INDEX CONCURRENTLY, in a non-transactional migration of its own: {} (a failed build leaves an INVALID index: drop it with DROP INDEX CONCURRENTLY IF EXISTS before retrying)", super::migration::NO_TRANSACTION_HOW)
+            } else {
+                // Found by a user trial (openfga's goose `NO TRANSACTION` file): the fix told
+                // a non-transactional migration to become one.
+                "CREATE INDEX CONCURRENTLY: the migration already runs outside a transaction (a failed build leaves an INVALID index: drop it with DROP INDEX CONCURRENTLY IF EXISTS before retrying)".to_owned()
             };
             out.push(s.finding(
                 at,
@@ -800,13 +804,20 @@ impl Deploy {
             }
             let fix = if self.live.is_partitioned_index(index) {
                 partitioned_drop_index_fix(index)
-            } else {
+            } else if s.transactional {
                 format!("DROP INDEX CONCURRENTLY {index}, in a non-transactional migration of its own: {}", super::migration::NO_TRANSACTION_HOW)
+            } else {
+                format!("DROP INDEX CONCURRENTLY {index}: the migration already runs outside a transaction")
+            };
+            let held = if s.transactional {
+                "until the transaction commits (in an atomic deploy, the whole deploy)"
+            } else {
+                "while the index is dropped"
             };
             out.push(s.finding(
                 at,
                 Rule::DropIndexWithoutConcurrently,
-                format!("DROP INDEX {index} takes an ACCESS EXCLUSIVE lock on its table, which every read and write of it then waits for until the transaction commits (in an atomic deploy, the whole deploy), and which itself waits behind every running query of the table"),
+                format!("DROP INDEX {index} takes an ACCESS EXCLUSIVE lock on its table, which every read and write of it then waits for {held}, and which itself waits behind every running query of the table"),
                 fix,
             ));
         }

@@ -62,10 +62,19 @@ pub(super) fn unwrap_transaction(
 ) -> Result<String, MigrateError> {
     let line = |at: usize| first_line + script[..at].matches('\n').count();
     let refuse = |at: usize, keyword: &str, what: &str| {
-        let message = format!(
-            "line {}: {keyword} {what}: svcdb runs each migration in a transaction it owns (a deploy's pending migrations in one), so the script must not control it\n  hint: remove the transaction statements (a file wrapped whole in BEGIN; … COMMIT; is accepted as it is); a migration that must run outside a transaction says so: {NO_TRANSACTION_HOW}",
-            line(at)
-        );
+        let message = if transactional {
+            format!(
+                "line {}: {keyword} {what}: svcdb runs each migration in a transaction it owns (a deploy's pending migrations in one), so the script must not control it\n  hint: remove the transaction statements (a file wrapped whole in BEGIN; … COMMIT; is accepted as it is); a migration that must run outside a transaction says so: {NO_TRANSACTION_HOW}",
+                line(at)
+            )
+        } else {
+            // Found by a user trial: the hint above told a script that has the marker to add
+            // it.
+            format!(
+                "line {}: {keyword} {what}: this migration is marked to run outside a transaction, so svcdb runs its statements one by one, each committing on its own, and records it as dirty until the last one is done\n  hint: remove the transaction statements; statements that must commit together belong in a migration of their own without the no-transaction marker",
+                line(at)
+            )
+        };
         MigrateError::source_file(path, message)
     };
     match transaction_control(&script) {
@@ -286,5 +295,17 @@ COPY (SELECT a FROM stdin) TO '/tmp/y.csv';
             path.ends_with("0001_a.up.sql") && line == 2,
             "{path}:{line}"
         );
+        // Found by a user trial: a script with the marker was told to add it.
+        let late_begin = "-- svcdb:no-transaction\nCREATE TABLE a (id int);\nBEGIN;\nCOMMIT;\n";
+        for (script, marked) in [(no_tx, true), (late_begin, true), (mid_commit, false)] {
+            match parse(&[("0001_a.up.sql", script.as_bytes())]) {
+                Err(MigrateError::Source { message, .. }) => assert_eq!(
+                    message.contains(super::NO_TRANSACTION_HOW),
+                    !marked,
+                    "{message}"
+                ),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
     }
 }
