@@ -164,10 +164,12 @@ fn main() -> ExitCode {
             signals.code().unwrap_or(code)
         }
     };
-    // A report that could not be written (a full disk) is no success.
+    // A report that could not be written (a full disk) is no success; but what the command
+    // did stays done, and the message says so (found by a user trial: `migrate up >
+    // /dev/full` applied the migrations and said only that the report failed).
     match output::write_failure() {
         Some(e) if code == 0 => {
-            errln!("error: could not write the report: {e}");
+            errln!("error: could not write the report: {e}\n  hint: the command itself finished: what it changed stays changed (`svcdb migrate status` shows where the schema stands); write the report somewhere with room");
             ExitCode::from(1)
         }
         _ => ExitCode::from(code),

@@ -152,6 +152,29 @@ fn the_index_fix_in_a_non_transactional_migration_only_adds_concurrently() {
     }
 }
 
+/// Found by a user trial: tables a script made after `SET ROLE postgres` (or `RESET ROLE`,
+/// `SET SESSION AUTHORIZATION`, connected as an administrator) belonged to that role, which
+/// nothing said until `svcdb provision` refused the schema. Other settings are fine.
+#[test]
+fn a_script_that_changes_its_role_is_flagged() {
+    assert_each_flags(
+        Rule::SetRole,
+        &[
+            "SET ROLE postgres;\nCREATE TABLE t (id int);",
+            "SET LOCAL ROLE admin;",
+            "RESET ROLE;",
+            "SET SESSION AUTHORIZATION postgres;",
+            "RESET SESSION AUTHORIZATION;",
+        ],
+    );
+    assert_all_fine(&[
+        "SET lock_timeout = '5s';",
+        "SET LOCAL statement_timeout = 0;",
+        "RESET search_path;",
+        "SELECT set_config('application_name', 'x', true);",
+    ]);
+}
+
 #[test]
 fn concurrently_is_flagged_only_in_a_transactional_migration() {
     for sql in [

@@ -94,6 +94,9 @@ pub enum Rule {
     /// `ALTER TABLE … SET LOGGED` or `SET UNLOGGED` on a table that existed before the deploy:
     /// rewrites the whole table under an `ACCESS EXCLUSIVE` lock.
     SetLoggedOrUnlogged,
+    /// `SET ROLE`, `RESET ROLE` or `SET SESSION AUTHORIZATION`: what the script creates after
+    /// it belongs to another role than the schema's owner, which svcdb runs migrations as.
+    SetRole,
     /// An up script without any statement: a no-op migration, recorded like any other (warning).
     EmptyUp,
     /// A script PostgreSQL's parser rejects, so nothing in it was checked (warning).
@@ -129,6 +132,7 @@ impl Rule {
         Rule::LockTable,
         Rule::ReindexWithoutConcurrently,
         Rule::SetLoggedOrUnlogged,
+        Rule::SetRole,
         Rule::EmptyUp,
         Rule::Unparsed,
         Rule::UnparsedOutsideTransaction,
@@ -159,6 +163,7 @@ impl Rule {
             Rule::LockTable => "lock-table",
             Rule::ReindexWithoutConcurrently => "reindex-without-concurrently",
             Rule::SetLoggedOrUnlogged => "set-logged-or-unlogged",
+            Rule::SetRole => "set-role",
             Rule::EmptyUp => "empty-up",
             Rule::Unparsed => "unparsed",
             Rule::UnparsedOutsideTransaction => "unparsed-outside-transaction",

@@ -42,6 +42,7 @@
 //! | `vacuum-full`, `cluster`, `lock-table` | error | `VACUUM FULL`, `CLUSTER`, `LOCK TABLE` (any table) |
 //! | `reindex-without-concurrently` | error | `REINDEX TABLE`/`INDEX`/`SCHEMA`/`DATABASE` without `CONCURRENTLY` (writes to each table it covers wait, and reads that use an index being rebuilt) |
 //! | `set-logged-or-unlogged` | error | `ALTER TABLE … SET LOGGED` / `SET UNLOGGED` (rewrites the table under an `ACCESS EXCLUSIVE` lock) |
+//! | `set-role` | error | `SET ROLE`, `RESET ROLE`, `SET SESSION AUTHORIZATION`: what the script creates after it belongs to another role than the schema's owner (svcdb runs migrations as the owner), which the service's role can then neither alter nor drop |
 //! | `empty-up` | warning | an up script with no statement: a no-op migration, recorded like any other |
 //! | `unparsed` | warning | a script PostgreSQL's parser rejects: nothing in it could be checked |
 //! | `unparsed-outside-transaction` | error | a non-transactional script (up or down) PostgreSQL's parser rejects: its statements before the one the server refuses would stay, leaving it dirty and half-applied |
@@ -85,6 +86,7 @@ use std::collections::{HashMap, HashSet};
 use pg_query::protobuf::{
     a_const, AlterTableCmd, AlterTableStmt, AlterTableType, ColumnDef, ConstrType, Constraint,
     DropStmt, IndexStmt, NullTestType, ObjectType, ReindexObjectType, ReindexStmt, RenameStmt,
+    VariableSetKind,
 };
 use pg_query::NodeEnum;
 use serde::Serialize;
@@ -655,6 +657,25 @@ impl Deploy {
                 "LOCK TABLE holds the lock until the transaction ends, which in an atomic deploy is after every pending migration has run".into(),
                 "remove it: each statement takes the lock it needs, and lock_timeout bounds the wait for it".into(),
             )),
+            // Found by a user trial: tables a script made after `SET ROLE postgres` belonged to
+            // postgres, unseen until `svcdb provision` refused the schema for them. (svcdb
+            // restores the role after each script, so only the script's own objects move.)
+            NodeEnum::VariableSetStmt(set)
+                if matches!(set.name.as_str(), "role" | "session_authorization") =>
+            {
+                let statement = match (set.name.as_str(), set.kind == VariableSetKind::VarReset as i32) {
+                    ("role", true) => "RESET ROLE",
+                    ("role", false) => "SET ROLE",
+                    (_, true) => "RESET SESSION AUTHORIZATION",
+                    (_, false) => "SET SESSION AUTHORIZATION",
+                };
+                out.push(s.finding(
+                    at,
+                    Rule::SetRole,
+                    format!("{statement} makes what the script creates after it belong to another role than the schema's owner, which svcdb runs migrations as: the service's role can then neither alter nor drop it, and `svcdb provision` refuses the schema"),
+                    "remove it; a statement that needs another role's rights (an extension, a grant on another schema) belongs outside the service's migrations, run by an administrator".into(),
+                ));
+            }
             _ => {}
         }
     }

@@ -42,8 +42,20 @@ pub fn check_migration_name(name: &str) -> Result<(), String> {
     {
         return Err(format!("{name:?} cannot be a migration name: it must be non-empty, without surrounding spaces, control characters or any of / \\ : * ? \" < > |"));
     }
+    // A file name holds at most 255 bytes on the usual file systems; the version, the
+    // separators and `.down.sql` take up to 55 (found by a user trial: a 250-character name
+    // failed when the file was written, as a folder error).
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "a migration name of {} bytes is too long to name its files: at most {MAX_NAME_BYTES}",
+            name.len()
+        ));
+    }
     Ok(())
 }
+
+/// The longest migration name [`check_migration_name`] takes, in bytes.
+const MAX_NAME_BYTES: usize = 200;
 
 /// Creates the files of a new migration in `dir` (created if missing), laid out like the newest
 /// migration there:
@@ -82,13 +94,20 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
         dashed: false,
         underscored: false,
     });
-    // The integer after a version that is not a timestamp.
+    // The integer after a version that is not a timestamp; none after the largest a version
+    // can be (found by a user trial: the sum wrapped to a negative "version").
     let next = |v: &Version| {
-        if v.is_timestamp() {
-            v.number() + 1
+        let next = if v.is_timestamp() {
+            v.number().checked_add(1)
         } else {
-            v.major() + 1
-        }
+            v.major().checked_add(1)
+        };
+        next.ok_or_else(|| {
+            MigrateError::source_file(
+                &shown,
+                format!("cannot pick the next version: the newest, {v}, is the largest a version can be\n  hint: renumber the folder's versions, or write the new migration's files by hand"),
+            )
+        })
     };
     let prefix = match existing.latest().map(|m| &m.version) {
         // Flyway's `1.12.30` is followed by `1.12.31`, written as the folder writes it.
@@ -103,7 +122,7 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
             }
         }
         Some(v) if !v.is_timestamp() && v.major() < SEQUENTIAL_LIMIT => {
-            format!("{:0width$}", next(v), width = existing.prefix_width)
+            format!("{:0width$}", next(v)?, width = existing.prefix_width)
         }
         latest => {
             // One second after the newest timestamp when the clock is behind it, so the new
@@ -117,10 +136,14 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
             }
             let digits = time.format(time_format).to_string();
             match latest {
-                // Not a timestamp, or one the calendar does not know (`20260231…`): the next
+                // Not a timestamp, or one the calendar does not know (`20260231…`), or one
+                // whose next second is past the year 9999 (no longer 14 digits): the next
                 // integer.
-                Some(v) if digits.parse::<Version>().is_ok_and(|new| new <= *v) => {
-                    next(v).to_string()
+                Some(v)
+                    if digits.parse::<Version>().is_ok_and(|new| new <= *v)
+                        || digits.len() != 14 =>
+                {
+                    next(v)?.to_string()
                 }
                 // Keep diesel's dashes: they are how the folder writes its versions (diesel
                 // itself compares versions with the dashes removed).
@@ -394,6 +417,34 @@ mod tests {
         assert!(text.starts_with("-- migrate:up\n"), "{text}");
         assert!(text.contains("\n-- migrate:down\n"), "{text}");
         assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 2);
+    }
+
+    /// Found by a user trial: after the largest version there is, the next one wrapped to a
+    /// negative number (a panic in a build with overflow checks, as this test's), and after
+    /// the last second of 9999 the clock gave `+10000…`; the first is refused, the second
+    /// takes the next integer.
+    #[test]
+    fn new_migration_at_the_top_of_the_versions_is_refused_or_takes_the_next_integer() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            &[(
+                "9223372036854775807_max.up.sql",
+                b"CREATE TABLE a (id int);",
+            )],
+        );
+        match new_migration(dir.path(), "after") {
+            Err(MigrateError::Source { .. }) => {}
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let (_dir, files) = new_in(
+            &[("99991231235959_x.up.sql", b"CREATE TABLE a (id int);")],
+            "after",
+        );
+        assert!(
+            files.iter().all(|f| f.starts_with("99991231235960_after")),
+            "{files:?}"
+        );
     }
 
     #[test]
