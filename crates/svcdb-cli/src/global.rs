@@ -232,7 +232,9 @@ impl SchemaMissingHere {
         const CONNECTS: &str = "or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)";
         Self(e.to_string().replace(
             CONNECTS,
-            "or let `svcdb migrate up` create it (with SVCDB_CREATE_SCHEMA=true); this command creates nothing",
+            // Found by another trial: with the variable already set, `up` failed for the
+            // role's missing CREATE on the database, which the hint did not say it needs.
+            "or let `svcdb migrate up` create it (it does with SVCDB_CREATE_SCHEMA=true, as a role that may create schemas in the database); this command creates nothing",
         ))
     }
 }

@@ -226,14 +226,16 @@ fn json_requested() -> bool {
         .any(|a| a == "--json")
 }
 
-/// Logs go to stderr, errors only unless `RUST_LOG` asks (stdout is for reports), and without
-/// colour codes when stderr is not a terminal. lapin's own error lines (its connection's
+/// Logs go to stderr, errors only unless `RUST_LOG` asks (stdout is for reports), and the
+/// server's warnings (a migration's `RAISE WARNING`), and without colour codes when stderr is
+/// not a terminal. lapin's own error lines (its connection's
 /// recovery giving up) are left out: the command reports the same failure itself (found by a
 /// user trial: two or three such lines before each `events replay` error).
 fn init_tracing() {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,lapin=off"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("error,lapin=off,svcdb::server=warn")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -69,6 +69,19 @@ impl DedicatedConn {
                             let _ = to.send(n);
                         }
                     }
+                    // What the server says besides answers: a migration's `RAISE NOTICE` or
+                    // `RAISE WARNING`, or its own warnings. Dropped before (found by a user
+                    // trial: a backfill's "backfilled 42 rows" and a WARNING never showed);
+                    // warnings at warn, the rest (NOTICE, INFO, LOG) at info, under target
+                    // `svcdb::server`, which the CLI shows from warn up.
+                    Ok(AsyncMessage::Notice(notice)) => {
+                        let (severity, message) = (notice.severity(), notice.message());
+                        if severity == "WARNING" {
+                            tracing::warn!(target: "svcdb::server", severity, "{message}");
+                        } else {
+                            tracing::info!(target: "svcdb::server", severity, "{message}");
+                        }
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::debug!(target: "svcdb::connection", error = %crate::error::pg_message(&e), "dedicated connection ended");

@@ -572,6 +572,33 @@ async fn timeouts_apply_to_the_migration_session() {
     );
 }
 
+/// Found by a user trial: a migration's `RAISE WARNING` (and `RAISE NOTICE`) never showed,
+/// even with RUST_LOG=info. Warnings show on stderr by default, notices when RUST_LOG asks;
+/// stdout keeps only the report.
+#[tokio::test]
+async fn a_migrations_server_warnings_show_on_stderr() {
+    let p = Project::new().await;
+    p.write(&[
+        (
+            "0001_backfill.up.sql",
+            "DO $$ BEGIN RAISE WARNING 'careful: % rows', 42; RAISE NOTICE 'backfilled % rows', 7; END $$;",
+        ),
+        ("0001_backfill.down.sql", "SELECT 1;"),
+    ]);
+    let out = p.run(&["migrate", "up", "--json"]).expect_code(0);
+    assert!(out.stderr.contains("careful: 42 rows"), "{out}");
+    assert!(!out.stderr.contains("backfilled 7 rows"), "{out}");
+    out.json();
+    p.run(&["migrate", "down"]).expect_code(0);
+    let out = p
+        .run_with_env(&["migrate", "up"], &[("RUST_LOG", "svcdb::server=info")])
+        .expect_code(0);
+    assert!(
+        out.stderr.contains("backfilled 7 rows") && !out.stdout.contains("backfilled"),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn ignored_sql_files_are_a_warning_on_stderr_and_json_stays_clean() {
     let p = Project::new().await;

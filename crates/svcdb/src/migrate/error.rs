@@ -759,14 +759,21 @@ fn failed_message(f: &MigrationFailure) -> String {
         "fix the migration and run again"
     });
     if !applied.is_empty() && !*dirty {
-        s.push_str("; the migrations still in effect are recorded as applied and will be skipped");
+        // Found by a user trial (windmill's folder, whose enum value ends a group): the rerun
+        // was refused for locks on tables this run's committed part had just made, which the
+        // checks before `up` now count as live.
+        s.push_str("; the migrations still in effect are recorded as applied and will be skipped, and the tables they made count as live tables for the checks before the next `up`: a statement it refuses on one of those (nothing else uses them yet) can be allowed for that run with --allow-unsafe");
     }
     s
 }
 
 /// [`MigrateError::Interrupted`]'s first line.
 fn interrupted(schema: &str, done: &[Version], dirty: Option<&Version>) -> String {
-    let mut s = if done.is_empty() {
+    let mut s = if done.is_empty() && dirty.is_some() {
+        // Not "before any migration was done" when one was started and stays half-done
+        // (found by a user trial: the message contradicted itself).
+        format!("interrupted in schema {schema}")
+    } else if done.is_empty() {
         format!("interrupted before any migration of schema {schema} was done")
     } else {
         let list: Vec<String> = done.iter().map(Version::to_string).collect();
@@ -858,4 +865,22 @@ fn other_tool_applied(schema: &str, other: &super::adopt::OtherHistory) -> Strin
         "refusing to migrate schema {schema}: svcdb has applied nothing to it, and {tool}'s history table {table} marks version{s} {} dirty or failed: the schema may be half-migrated; nothing was run\n  hint: finish or undo {them} by hand and clear the mark with {tool} (golang-migrate: `migrate force <version>`; Flyway: `flyway repair`; sqlx: delete the row whose success is false), then take the history over with {adopt}",
         other.dirty.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by a user trial: a non-transactional migration interrupted between two statements,
+    /// the first of the run, was reported as "interrupted before any migration was done" and
+    /// as stopped part-way in the same line.
+    #[test]
+    fn an_interrupt_that_leaves_a_migration_dirty_does_not_say_nothing_was_done() {
+        let v: Version = "0002".parse().unwrap();
+        let dirty = interrupted("app", &[], Some(&v));
+        assert!(!dirty.contains("before any migration"), "{dirty}");
+        assert!(dirty.contains("0002"), "{dirty}");
+        // The control: interrupted with nothing started.
+        assert!(interrupted("app", &[], None).contains("before any migration"));
+    }
 }

@@ -65,8 +65,12 @@ pub fn command<A: AsRef<OsStr>>(args: &[A], env: &[(&str, &str)], cwd: Option<&P
     command.args(args);
     for (key, _) in std::env::vars_os() {
         // The tests give the broker themselves too: one in the environment would add a
-        // broker check to every `svcdb health`.
-        if key == "DATABASE_URL" || key == "AMQP_URL" || key.to_string_lossy().starts_with("SVCDB_")
+        // broker check to every `svcdb health`. What the binary logs is its default unless a
+        // test says otherwise.
+        if key == "DATABASE_URL"
+            || key == "AMQP_URL"
+            || key == "RUST_LOG"
+            || key.to_string_lossy().starts_with("SVCDB_")
         {
             command.env_remove(key);
         }
