@@ -494,7 +494,8 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
             | MigrateError::SchemaMissing { .. }
             | MigrateError::Unwritten { .. }
             | MigrateError::Unsafe { .. }
-            | MigrateError::OtherToolApplied { .. }),
+            | MigrateError::OtherToolApplied { .. }
+            | MigrateError::AppliedByOtherTool { .. }),
         ) => Some(e),
         Err(e) => return Err(e.into()),
     };

@@ -301,6 +301,10 @@ impl Migrator {
             if !plan.is_empty() {
                 self.refuse_over_other_tool(client(&conn), &status.other_histories)
                     .await?;
+                if status.history_exists {
+                    self.refuse_applied_by_other_tool(client(&conn), &plan)
+                        .await?;
+                }
             }
             self.recorded_repeatables(client(&conn)).await?
         };
@@ -323,6 +327,24 @@ impl Migrator {
             Some(other) => Err(MigrateError::OtherToolApplied {
                 schema: self.schema(),
                 other,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses `plan`, the pending migrations, when another tool's history records one of them
+    /// as applied since svcdb adopted it ([`MigrateError::AppliedByOtherTool`]). The history
+    /// table must exist.
+    async fn refuse_applied_by_other_tool(
+        &self,
+        client: &Client,
+        plan: &[&Migration],
+    ) -> Result<(), MigrateError> {
+        match adopt::pending_applied_by_other_tool(client, self.db.schema(), plan).await? {
+            Some((other, versions)) => Err(MigrateError::AppliedByOtherTool {
+                schema: self.schema(),
+                other,
+                versions,
             }),
             None => Ok(()),
         }
@@ -376,16 +398,8 @@ impl Migrator {
             self.refuse_over_other_tool(client(&conn), &others).await?;
         } else if !plan.is_empty() {
             let conn = self.db.get().await?;
-            let applied =
-                adopt::pending_applied_by_other_tool(client(&conn), self.db.schema(), &plan)
-                    .await?;
-            if let Some((other, versions)) = applied {
-                return Err(MigrateError::AppliedByOtherTool {
-                    schema: self.schema(),
-                    other,
-                    versions,
-                });
-            }
+            self.refuse_applied_by_other_tool(client(&conn), &plan)
+                .await?;
         }
         let stale = self.stale_repeatables(&status, options, &recorded);
         self.lint_before_up(&plan, &stale, observer).await?;

@@ -451,6 +451,15 @@ async fn up_refuses_a_pending_version_the_old_tool_applied_after_the_adoption() 
          CREATE TABLE shop.t3 (id int);",
     )
     .await;
+    // `validate` (what `svcdb migrate status` asks) says so too.
+    let refused = m.validate().await.map(drop).expect_err("3 is goose's now");
+    assert!(
+        matches!(
+            refused,
+            svcdb::migrate::MigrateError::AppliedByOtherTool { .. }
+        ),
+        "{refused}"
+    );
     match m.up().await.map(drop).expect_err("3 is goose's now") {
         svcdb::migrate::MigrateError::AppliedByOtherTool {
             other, versions, ..

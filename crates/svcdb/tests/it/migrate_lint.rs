@@ -175,6 +175,24 @@ fn a_script_that_changes_its_role_is_flagged() {
     ]);
 }
 
+/// Found by a user trial: near misses of the no-transaction marker were ignored silently, and
+/// the migration ran in a transaction. They are a warning; the marker itself is none.
+#[test]
+fn a_near_miss_of_the_no_transaction_marker_is_a_warning() {
+    for (script, line) in [
+        ("--svcdb:no-transaction\nCREATE TABLE t (id int);", 1),
+        ("-- SVCDB:NO-TRANSACTION\nCREATE TABLE t (id int);", 1),
+        ("\n-- svcdb:no-transaction\nCREATE TABLE t (id int);", 2),
+    ] {
+        assert_eq!(
+            findings(&[("1_m.up.sql", script)]),
+            [(Rule::IgnoredMarker, line, false)],
+            "{script:?}"
+        );
+    }
+    assert_all_fine(&["-- svcdb:no-transaction\nCREATE TABLE t (id int);"]);
+}
+
 #[test]
 fn concurrently_is_flagged_only_in_a_transactional_migration() {
     for sql in [

@@ -107,6 +107,9 @@ pub enum Rule {
     UnparsedOutsideTransaction,
     /// A `-- svcdb:allow` comment naming no rule: it allows nothing (warning).
     UnknownAllow,
+    /// A comment that reads like the no-transaction marker but is not one (not the first
+    /// line, or spelled otherwise): the migration runs in a transaction (warning).
+    IgnoredMarker,
 }
 
 impl Rule {
@@ -137,6 +140,7 @@ impl Rule {
         Rule::Unparsed,
         Rule::UnparsedOutsideTransaction,
         Rule::UnknownAllow,
+        Rule::IgnoredMarker,
     ];
 
     /// The name used in findings and in `-- svcdb:allow <rule>`, e.g.
@@ -168,6 +172,7 @@ impl Rule {
             Rule::Unparsed => "unparsed",
             Rule::UnparsedOutsideTransaction => "unparsed-outside-transaction",
             Rule::UnknownAllow => "unknown-allow",
+            Rule::IgnoredMarker => "ignored-marker",
         }
     }
 
@@ -198,7 +203,8 @@ impl Rule {
             | Rule::DropTable
             | Rule::EmptyUp
             | Rule::Unparsed
-            | Rule::UnknownAllow => Severity::Warning,
+            | Rule::UnknownAllow
+            | Rule::IgnoredMarker => Severity::Warning,
             _ => Severity::Error,
         }
     }

@@ -47,6 +47,7 @@
 //! | `unparsed` | warning | a script PostgreSQL's parser rejects: nothing in it could be checked |
 //! | `unparsed-outside-transaction` | error | a non-transactional script (up or down) PostgreSQL's parser rejects: its statements before the one the server refuses would stay, leaving it dirty and half-applied |
 //! | `unknown-allow` | warning | a `-- svcdb:allow` comment naming no rule, or a rule that is never allowed (it allows nothing) |
+//! | `ignored-marker` | warning | a comment that reads like `-- svcdb:no-transaction` (another case, no space, not the first line) in a migration that runs in a transaction: the marker is read only as the file's first line, exactly |
 //!
 //! Volatility is read from the function's name (PostgreSQL's `pg_proc.provolatile` is not
 //! consulted, as no database is needed): `now()`, `CURRENT_TIMESTAMP` and constants are stable
@@ -567,6 +568,28 @@ impl Deploy {
                 format!("`-- {ALLOW_DIRECTIVE} {name}`: {why}, so it allows nothing"),
                 fix,
             ));
+        }
+        if script.transactional {
+            // Found by a user trial: `--svcdb:no-transaction`, `-- SVCDB:NO-TRANSACTION` and
+            // the marker on a second line were ignored without a word, and the migration ran
+            // in a transaction.
+            let mut at = 0;
+            for line in script.up.split_inclusive('\n') {
+                let squeezed: String = line
+                    .chars()
+                    .filter(|c| !c.is_whitespace())
+                    .flat_map(char::to_lowercase)
+                    .collect();
+                if squeezed == "--svcdb:no-transaction" {
+                    out.push(script.finding(
+                        at,
+                        Rule::IgnoredMarker,
+                        format!("`{}` reads like the no-transaction marker, but is not one: the marker is read only as the file's first line, written exactly `-- svcdb:no-transaction`, so this migration runs in a transaction", line.trim()),
+                        "to run it outside a transaction, make the first line exactly `-- svcdb:no-transaction`; otherwise delete the comment".into(),
+                    ));
+                }
+                at += line.len();
+            }
         }
         if split_statements(script.up).is_empty() {
             out.push(script.finding(
