@@ -66,7 +66,7 @@ const MAX_DEPTH: usize = 16;
 
 /// The files of `dir` (named `prefix` + their name) and of its sub-folders, at every depth
 /// down to [`MAX_DEPTH`]; a link to a folder it is inside (`ancestors`) is read once, not
-/// forever.
+/// forever, and a link out of the migrations folder (`ancestors[0]`) is not followed.
 fn walk(
     dir: &Path,
     prefix: &str,
@@ -82,17 +82,25 @@ fn walk(
             continue;
         }
         let real = std::fs::canonicalize(&path)?;
-        if ancestors.contains(&real) {
+        // As `Migrations::from_dir`: a link back up is read once, a link out of the folder
+        // not at all, and a folder too deep is refused only when it holds `.sql` files.
+        if ancestors.contains(&real) || !real.starts_with(&ancestors[0]) {
             continue;
         }
         if ancestors.len() > MAX_DEPTH {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "{} is more than {MAX_DEPTH} folders down the migrations folder, deeper than svcdb reads; move its migrations up",
-                    path.display()
-                ),
-            ));
+            let holds_sql = entries(&path)?
+                .iter()
+                .any(|(name, path)| path.is_file() && name.ends_with(".sql"));
+            if holds_sql {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is more than {MAX_DEPTH} folders down the migrations folder and holds .sql files, deeper than svcdb reads; move its migrations up",
+                        path.display()
+                    ),
+                ));
+            }
+            continue;
         }
         ancestors.push(real);
         walk(&path, &format!("{rel}/"), ancestors, out)?;

@@ -648,17 +648,29 @@ fn walk(
             continue;
         }
         let real = std::fs::canonicalize(&path).map_err(|e| unreadable(&path, e))?;
-        // A link to a folder it is inside: its files are read once, not forever.
-        if ancestors.contains(&real) {
+        // A link to a folder it is inside: its files are read once, not forever. A link out of
+        // the migrations folder is not followed, as Flyway's scan does not follow links (found
+        // by a user trial: `vendor -> /usr` walked /usr, and `--dir /proc/self` the whole
+        // file system).
+        if ancestors.contains(&real) || !real.starts_with(&ancestors[0]) {
             continue;
         }
-        if ancestors.len() > MAX_DEPTH {
-            return Err(MigrateError::source_file(
-                path.display().to_string(),
-                format!("is more than {MAX_DEPTH} folders down the migrations folder, deeper than svcdb reads\n  hint: move its migrations up, or the folder out of the migrations folder"),
-            ));
-        }
         let inner = read_dir(&path).map_err(|e| unreadable(&path, e))?;
+        if ancestors.len() > MAX_DEPTH {
+            // Refused only for `.sql` files svcdb would otherwise skip unseen; a deep folder of
+            // something else (documentation, assets) is none of its business (found by a user
+            // trial: it failed every command, with a hint to move migrations it did not hold).
+            let holds_sql = inner
+                .iter()
+                .any(|e| !e.path().is_dir() && e.file_name().to_string_lossy().ends_with(".sql"));
+            if holds_sql {
+                return Err(MigrateError::source_file(
+                    path.display().to_string(),
+                    format!("is more than {MAX_DEPTH} folders down the migrations folder and holds .sql files, deeper than svcdb reads\n  hint: move its migrations up, or the folder out of the migrations folder"),
+                ));
+            }
+            continue;
+        }
         ancestors.push(real);
         walk(inner, &format!("{rel}/"), ancestors, out)?;
         ancestors.pop();
@@ -1232,6 +1244,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         super::super::test_support::write(dir.path(), &[(&ok, b"SELECT 1;")]);
         assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 1);
+    }
+
+    /// Found by a user trial: a link to a folder outside the migrations folder was followed
+    /// (`vendor -> /usr` walked /usr), and a deep folder holding no `.sql` refused every
+    /// command. The link is not followed; the deep folder is passed over.
+    #[test]
+    fn a_link_out_of_the_folder_is_not_followed_and_a_deep_folder_without_sql_is_passed_over() {
+        let outside = tempfile::tempdir().unwrap();
+        super::super::test_support::write(outside.path(), &[("V9__elsewhere.sql", b"SELECT 9;")]);
+        let dir = tempfile::tempdir().unwrap();
+        let deep = format!("docs/{}/notes.md", ["d"; super::MAX_DEPTH + 1].join("/"));
+        super::super::test_support::write(
+            dir.path(),
+            &[("V1__a.sql", b"SELECT 1;"), (&deep, b"# notes")],
+        );
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("vendor")).unwrap();
+        let m = Migrations::from_dir(dir.path()).unwrap();
+        let versions: Vec<_> = m.iter().map(|m| m.version.number()).collect();
+        assert_eq!(versions, [1], "the linked V9 is not read");
+        // The control: the same folder, copied in rather than linked, is read.
+        super::super::test_support::write(
+            dir.path(),
+            &[("copied/V9__elsewhere.sql", b"SELECT 9;")],
+        );
+        assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 2);
     }
 
     /// The message of a `Source` error, and the path it names.
