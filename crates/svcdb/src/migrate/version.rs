@@ -223,7 +223,13 @@ impl FromStr for Version {
                 if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(not_a_number());
                 }
-                part.parse::<u64>().map_err(|_| too_large())
+                // Each part below 2^63, as the error (and the README) says: found by a user
+                // trial, `migrate new` after `V1.9223372036854775807` wrote a version one
+                // above it, which parsed.
+                part.parse::<i64>()
+                    .ok()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or_else(too_large)
             });
             let major = parts.next().ok_or_else(not_a_number)??;
             let major = i64::try_from(major).map_err(|_| too_large())?;
@@ -475,6 +481,12 @@ mod tests {
             .parse::<Version>()
             .unwrap_err()
             .is_too_large());
+        // Each part below 2^63, as the error says; the largest one is a version.
+        assert!("1.9223372036854775808"
+            .parse::<Version>()
+            .unwrap_err()
+            .is_too_large());
+        assert!("1.9223372036854775807".parse::<Version>().is_ok());
         assert!(Version::try_from(-5_i64).unwrap_err().is_not_a_number());
         assert!("99999999999999999999"
             .parse::<Version>()

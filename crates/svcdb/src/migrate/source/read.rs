@@ -643,6 +643,14 @@ fn walk(
     for entry in entries {
         let rel = format!("{prefix}{}", entry.file_name().to_string_lossy());
         let path = entry.path();
+        // A name that is not UTF-8 would be recorded with U+FFFD in place of its bytes, and
+        // shown as a path no one can type (found by a user trial).
+        if entry.file_name().to_str().is_none() && (path.is_dir() || rel.ends_with(".sql")) {
+            return Err(MigrateError::source_file(
+                path.display().to_string(),
+                "its name is not valid UTF-8, and svcdb records migration names as text\n  hint: rename it with letters UTF-8 can hold",
+            ));
+        }
         if !path.is_dir() {
             out.push((rel, path));
             continue;
@@ -1244,6 +1252,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         super::super::test_support::write(dir.path(), &[(&ok, b"SELECT 1;")]);
         assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 1);
+    }
+
+    /// Found by a user trial: a migration named with a byte that is not UTF-8 (`caf\xe9`) was
+    /// recorded as `caf\u{FFFD}`. Refused, naming the file; another file so named (not a
+    /// migration) is left alone (the control).
+    #[test]
+    fn a_migration_whose_name_is_not_utf8_is_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        super::super::test_support::write(dir.path(), &[("0001_a.up.sql", b"SELECT 1;")]);
+        let odd = |suffix: &[u8]| {
+            let mut name = b"0002_caf\xe9".to_vec();
+            name.extend_from_slice(suffix);
+            dir.path().join(std::ffi::OsStr::from_bytes(&name))
+        };
+        std::fs::write(odd(b".txt"), b"notes").unwrap();
+        assert_eq!(Migrations::from_dir(dir.path()).unwrap().len(), 1);
+        std::fs::write(odd(b".up.sql"), b"SELECT 2;").unwrap();
+        match Migrations::from_dir(dir.path()) {
+            Err(MigrateError::Source { path, .. }) => assert!(path.contains("0002_caf"), "{path}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     /// Found by a user trial: a link to a folder outside the migrations folder was followed
