@@ -279,12 +279,15 @@ impl fmt::Display for AdoptProblem {
 #[non_exhaustive]
 pub enum AdoptError {
     /// The other tool's history table is not where it was looked for.
-    #[error("no {tool} history table: looked for {}\n  hint: name it with `--history-table schema.table` (AdoptOptions::history_table), or check `--from`", looked_in.join(", "))]
+    #[error("no {tool} history table: looked for {}\n  hint: {}", looked_in.join(", "), no_history_hint(found))]
     NoHistoryTable {
         /// The tool.
         tool: Tool,
         /// The tables looked for.
         looked_in: Vec<String>,
+        /// Other tools' history tables found where `adopt` looks: `--from` may name the wrong
+        /// tool.
+        found: Vec<OtherHistory>,
     },
     /// The table exists but is not the tool's: it lacks a column the tool's has, or it has
     /// another tool's columns (golang-migrate's and dbmate's are both `schema_migrations`, and
@@ -899,6 +902,68 @@ pub(crate) async fn pending_applied_by_other_tool(
     Ok(None)
 }
 
+/// What to do when the tool's table is not there: the `--from` of another tool's table that
+/// is (found by a user trial: `--from sqlx` on a diesel schema said only "check `--from`"),
+/// else how to name the table.
+fn no_history_hint(found: &[OtherHistory]) -> String {
+    match found.first() {
+        Some(other) => format!(
+            "{}'s history table {} is here: adopt with `--from {}`",
+            other.tool, other.table, other.tool
+        ),
+        None => "name it with `--history-table schema.table` (AdoptOptions::history_table), or check `--from`".to_owned(),
+    }
+}
+
+/// `schema.table` or `table` as SQL writes a name: a part in double quotes as it is (`""` for
+/// a quote), any other part in lower case, as PostgreSQL folds it (found by a user trial:
+/// `"public"."goose_db_version"` and `PUBLIC.GOOSE_DB_VERSION` were looked up as written).
+/// `None` for more than two parts or an unclosed quote.
+fn parse_table_name(named: &str) -> Option<(Option<String>, String)> {
+    let mut parts = Vec::new();
+    let mut chars = named.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    '"' => break,
+                    c => part.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                part.extend(c.to_lowercase());
+                chars.next();
+            }
+        }
+        if part.is_empty() {
+            return None;
+        }
+        parts.push(part);
+        match chars.next() {
+            None => break,
+            Some('.') => continue,
+            Some(_) => return None,
+        }
+    }
+    match <[String; 2]>::try_from(parts) {
+        Ok([schema, table]) => Some((Some(schema), table)),
+        Err(parts) => match <[String; 1]>::try_from(parts) {
+            Ok([table]) => Some((None, table)),
+            Err(_) => None,
+        },
+    }
+}
+
 /// The other tool's table, quoted and qualified (`"public"."_sqlx_migrations"`), the schema
 /// it is in and its name; or where it was looked for.
 async fn find_table(
@@ -908,8 +973,10 @@ async fn find_table(
 ) -> Result<(String, String, String), AdoptError> {
     let service = migrator.service_db().schema().as_str().to_owned();
     let (schemas, table) = match options.history_table.as_deref() {
-        Some(named) => match named.split_once('.') {
-            Some((schema, table)) => (vec![schema.to_owned()], table.to_owned()),
+        Some(named) => match parse_table_name(named) {
+            Some((Some(schema), table)) => (vec![schema], table),
+            Some((None, table)) => (searched_schemas(&service), table),
+            // Looked up as written: not found, and the error shows it.
             None => (searched_schemas(&service), named.to_owned()),
         },
         None => (
@@ -933,6 +1000,11 @@ async fn find_table(
         None => Err(AdoptError::NoHistoryTable {
             tool: options.from,
             looked_in: schemas.iter().map(|s| format!("{s}.{table}")).collect(),
+            found: other_histories(client, migrator.service_db().schema())
+                .await?
+                .into_iter()
+                .filter(|other| other.tool != options.from)
+                .collect(),
         }),
     }
 }
@@ -1415,6 +1487,31 @@ mod tests {
             })
         );
         assert_eq!(fit(Tool::Dbmate, &odd), Ok(()));
+    }
+
+    #[test]
+    fn a_history_table_is_named_as_sql_names_it() {
+        let both = |s: &str, t: &str| Some((Some(s.to_owned()), t.to_owned()));
+        assert_eq!(
+            super::parse_table_name("public.goose_db_version"),
+            both("public", "goose_db_version")
+        );
+        assert_eq!(
+            super::parse_table_name("\"public\".\"goose_db_version\""),
+            both("public", "goose_db_version")
+        );
+        assert_eq!(
+            super::parse_table_name("PUBLIC.GOOSE_DB_VERSION"),
+            both("public", "goose_db_version")
+        );
+        assert_eq!(
+            super::parse_table_name("\"My \"\"S\".t"),
+            both("My \"S", "t")
+        );
+        assert_eq!(super::parse_table_name("T"), Some((None, "t".to_owned())));
+        for bad in ["a.b.c", "\"open", "a.", ".b", "", "\"a\"b"] {
+            assert_eq!(super::parse_table_name(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -481,6 +481,62 @@ async fn up_refuses_a_pending_version_the_old_tool_applied_after_the_adoption() 
     assert!(m.status().await.unwrap().is_up_to_date());
 }
 
+/// Found by a user trial: `--from sqlx` on a schema goose migrated said only "check `--from`",
+/// though the goose table was right there; and `--history-table` named as SQL names tables
+/// (`"shop"."goose_db_version"`, `SHOP.GOOSE_DB_VERSION`) was looked up as written.
+#[tokio::test]
+async fn adopt_names_the_tool_whose_table_is_there_and_reads_quoted_table_names() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "00001_a.sql",
+            "-- +goose Up\nCREATE TABLE a (id int);\n-- +goose Down\nDROP TABLE a;\n",
+        )],
+    );
+    sql(
+        &svc,
+        &format!(
+            "{GOOSE_TABLE}
+             INSERT INTO shop.goose_db_version (version_id, is_applied) VALUES (0, true), (1, true);
+             CREATE TABLE shop.a (id int);"
+        ),
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    match m.adopt(&AdoptOptions::from(Tool::Sqlx)).await {
+        Err(AdoptError::NoHistoryTable { found, .. }) => {
+            let tools: Vec<Tool> = found.iter().map(|o| o.tool).collect();
+            assert_eq!(tools, [Tool::Goose]);
+        }
+        other => panic!("expected NoHistoryTable, got {other:?}"),
+    }
+    for named in ["\"shop\".\"goose_db_version\"", "SHOP.GOOSE_DB_VERSION"] {
+        let report = m
+            .adopt(&AdoptOptions {
+                dry_run: true,
+                history_table: Some(named.to_owned()),
+                ..AdoptOptions::from(Tool::Goose)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{named}: {e}"));
+        assert_eq!(report.recorded.len(), 1, "{named}");
+    }
+    // The control: a name with a part quoted otherwise is another table.
+    let missing = m
+        .adopt(&AdoptOptions {
+            dry_run: true,
+            history_table: Some("\"SHOP\".goose_db_version".to_owned()),
+            ..AdoptOptions::from(Tool::Goose)
+        })
+        .await
+        .map(drop)
+        .expect_err("no schema SHOP");
+    assert!(missing.is_no_history_table(), "{missing}");
+}
+
 /// Found adopting a real goose schema: a middle version goose had rolled back (its newer ones
 /// still applied) came out pending, and adopt said "run `svcdb migrate up`", which refused it
 /// as out of order. The report names it; `up` with `allow_out_of_order` applies it, and
