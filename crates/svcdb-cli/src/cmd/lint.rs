@@ -21,6 +21,7 @@ pub struct Args {
 /// Runs `migrate lint`.
 pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
     let migrations = global.migrations()?;
+    let ignored = migrations.ignored().to_vec();
     let report = if args.all {
         lint_each(&migrations)
     } else {
@@ -43,7 +44,11 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
             Err(e) => return Err(e),
         }
     };
-    output::report(global.json, &report, render)?;
+    // The files the folder holds that are no migration, which the text warns of on stderr
+    // (found by a user trial: the JSON did not say so).
+    let mut json = serde_json::to_value(&report)?;
+    json["ignored"] = serde_json::to_value(ignored)?;
+    output::report(global.json, &json, |_| render(&report))?;
     Ok(if report.blocking().next().is_some() {
         Outcome::NotReady
     } else {

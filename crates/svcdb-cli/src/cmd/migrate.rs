@@ -518,6 +518,9 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
             .map(|e| e.version.to_string())
             .collect::<Vec<_>>(),
     )?;
+    // The files that are no migration, which the text warns of on stderr (found by a user
+    // trial: the JSON did not say so).
+    json["ignored"] = serde_json::to_value(migrator.migrations().ignored())?;
     output::report(global.json, &json, |_| {
         let r = &report;
         let mut summary = summary(r);

@@ -620,6 +620,16 @@ async fn ignored_sql_files_are_a_warning_on_stderr_and_json_stays_clean() {
     let status = out.json();
     assert_eq!(versions(&status["entries"]), [20240101120000]);
     assert_eq!(states(&status), ["pending"]);
+    // The JSON says so too (found by a user trial).
+    assert_eq!(
+        status["ignored"],
+        serde_json::json!(["notes.sql", "seed.sql"])
+    );
+    let lint = p.run(&["migrate", "lint", "--json"]).expect_code(0).json();
+    assert_eq!(
+        lint["ignored"],
+        serde_json::json!(["notes.sql", "seed.sql"])
+    );
     assert!(!out.stderr.contains("Flyway callback"), "{out}");
 
     // A Flyway callback is named as one, with what to do instead.

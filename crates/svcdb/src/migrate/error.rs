@@ -560,7 +560,17 @@ fn shown_statement(statement: &str) -> String {
     const SHOWN: usize = 160;
     // From its code: the comments before it would read as if it were commented out.
     let code = &statement[super::split::code_start(statement, 0)..];
-    let flat: Vec<&str> = code.split_whitespace().collect();
+    // Without its comments: on one line, a `--` comment would seem to swallow the code after
+    // it (found by a user trial: `( -- uh oh, comma here … id integer, )`).
+    let mut uncommented = String::with_capacity(code.len());
+    let mut from = 0;
+    for (at, comment) in super::split::comments(code) {
+        uncommented.push_str(&code[from..at]);
+        uncommented.push(' ');
+        from = at + comment.len();
+    }
+    uncommented.push_str(&code[from..]);
+    let flat: Vec<&str> = uncommented.split_whitespace().collect();
     let flat = flat.join(" ");
     let shown: String = flat.chars().take(SHOWN).collect();
     let cut = if shown.len() < flat.len() { " …" } else { "" };
@@ -870,6 +880,21 @@ fn other_tool_applied(schema: &str, other: &super::adopt::OtherHistory) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by a user trial: the failing statement, shown on one line, kept its `--` comments,
+    /// which then seemed to comment out the code after them.
+    #[test]
+    fn a_statement_is_shown_on_one_line_without_its_comments() {
+        let shown = shown_statement(
+            "-- before\ncreate table t ( -- a comment, here\n  id integer, /* inline */ name text\n)",
+        );
+        assert_eq!(shown, "\n  in: create table t ( id integer, name text )");
+        // Text that only looks like a comment stays.
+        assert_eq!(
+            shown_statement("SELECT '-- not a comment'"),
+            "\n  in: SELECT '-- not a comment'"
+        );
+    }
 
     /// Found by a user trial: a non-transactional migration interrupted between two statements,
     /// the first of the run, was reported as "interrupted before any migration was done" and
