@@ -52,16 +52,25 @@ impl TlsFailure {
     }
 
     /// What to do about it, as error messages put it.
+    ///
+    /// The hint is the same whatever the URL said, so each remedy is written to work from
+    /// every URL that can fail this way, and never as what such a URL already has: a
+    /// certificate is checked against `sslrootcert` only (a file, or `system`, which svcdb
+    /// takes with `verify-full` alone), and `require` with an `sslrootcert` checks the chain
+    /// (found by a user trial: `require` with a bundle that did not sign the certificate was
+    /// told to use `require`, and `sslrootcert=system` to use `verify-ca`, which svcdb
+    /// refuses). A suggested `sslmode=` says "with sslrootcert=<CA file>" or "without
+    /// sslrootcert" when the URL's own would not do; the tests below hold every hint to that.
     pub fn hint(self) -> &'static str {
         match self {
             TlsFailure::NotOffered => {
-                "the server does not accept TLS: turn `ssl` on in its postgresql.conf, or use sslmode=prefer (or disable) in DATABASE_URL to connect unencrypted"
+                "the server does not accept TLS: turn `ssl` on in its postgresql.conf, or, to connect unencrypted, use sslmode=prefer without sslrootcert in DATABASE_URL"
             }
             TlsFailure::Untrusted => {
-                "the server's certificate is not trusted: pass sslrootcert=<CA file> in DATABASE_URL, or use sslmode=require to encrypt without verifying"
+                "the server's certificate is not signed by the CA that sslrootcert names (for sslrootcert=system, by any of the system's trusted roots): point sslrootcert at the PEM file of the CA that signed it, or, to encrypt without verifying, use sslmode=require without sslrootcert"
             }
             TlsFailure::NameMismatch => {
-                "the server's certificate does not name the host in DATABASE_URL: connect by a name the certificate lists, or use sslmode=verify-ca to check the chain but not the name"
+                "the server's certificate does not name the host in DATABASE_URL: connect by a name the certificate lists, or, to check the chain but not the name, use sslmode=verify-ca with sslrootcert=<CA file> (verify-ca does not take sslrootcert=system)"
             }
             TlsFailure::Handshake => {
                 "the TLS handshake failed: check the server's certificate and the sslmode and sslrootcert in DATABASE_URL"
@@ -78,4 +87,100 @@ fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rust
             .get_ref()?
             .downcast_ref::<rustls::Error>()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::tls::{check_root_cert, TlsMode};
+
+    /// What a URL says of TLS: its `sslmode`, and its `sslrootcert` (`None`: not set).
+    type Url = (TlsMode, Option<&'static str>);
+
+    const FILE: Option<&str> = Some("/etc/ssl/db-ca.pem");
+    const SYSTEM: Option<&str> = Some("system");
+
+    /// Every URL svcdb accepts that can fail this way.
+    fn failing_urls(failure: TlsFailure) -> Vec<Url> {
+        use TlsMode::*;
+        match failure {
+            // Any mode that insists on TLS.
+            TlsFailure::NotOffered => vec![
+                (Require, None),
+                (Require, FILE),
+                (VerifyCa, FILE),
+                (VerifyFull, FILE),
+                (VerifyFull, SYSTEM),
+            ],
+            // Any mode that checks a chain: it has roots to check it against.
+            TlsFailure::Untrusted => vec![
+                (Require, FILE),
+                (VerifyCa, FILE),
+                (VerifyFull, FILE),
+                (VerifyFull, SYSTEM),
+            ],
+            // verify-full alone checks the name.
+            TlsFailure::NameMismatch => vec![(VerifyFull, FILE), (VerifyFull, SYSTEM)],
+            TlsFailure::Handshake => vec![(Prefer, None), (Require, FILE), (VerifyFull, SYSTEM)],
+        }
+    }
+
+    /// The settings a hint suggests for `url`: each `sslmode=<mode>` with the `sslrootcert`
+    /// its clause gives (`with sslrootcert=<CA file>`, `without sslrootcert`), else the URL's.
+    fn suggested(hint: &str, url: Url) -> Vec<Url> {
+        hint.split("sslmode=")
+            .skip(1)
+            .map(|clause| {
+                let mode: String = clause
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+                    .collect();
+                let mode = mode.parse().unwrap_or_else(|e| panic!("{mode}: {e}"));
+                // The clause runs to the next punctuation that ends a remedy.
+                let clause = clause
+                    .split([',', ';', ')', '('])
+                    .next()
+                    .unwrap_or_default();
+                let root = if clause.contains("without sslrootcert") {
+                    None
+                } else if clause.contains("with sslrootcert=<CA file>") {
+                    FILE
+                } else {
+                    url.1
+                };
+                (mode, root)
+            })
+            .collect()
+    }
+
+    /// Regression (user trial): `sslrootcert=system` was told to use `verify-ca`, which svcdb
+    /// refuses with system roots, and `require` with a CA bundle that did not sign the server's
+    /// certificate was told to use `require` (libpq's `require` with a root checks the chain).
+    /// Every `sslmode` a hint suggests must be one svcdb accepts, and not what the URL has.
+    #[test]
+    fn no_hint_suggests_what_svcdb_refuses_or_what_the_url_already_says() {
+        for failure in [
+            TlsFailure::NotOffered,
+            TlsFailure::Untrusted,
+            TlsFailure::NameMismatch,
+            TlsFailure::Handshake,
+        ] {
+            for url in failing_urls(failure) {
+                check_root_cert(url.0, url.1.map(Path::new))
+                    .unwrap_or_else(|e| panic!("the test's own URL {url:?} is refused: {e}"));
+                for remedy in suggested(failure.hint(), url) {
+                    assert!(
+                        check_root_cert(remedy.0, remedy.1.map(Path::new)).is_ok(),
+                        "{failure:?} from {url:?} suggests {remedy:?}, which svcdb refuses"
+                    );
+                    assert_ne!(
+                        remedy, url,
+                        "{failure:?} suggests what the URL already says"
+                    );
+                }
+            }
+        }
+    }
 }
