@@ -491,3 +491,50 @@ fn an_invalid_migration_name_is_a_usage_error() {
     );
     svcdb(&["migrate", "new", "create_x", "--dir", folder], &[], None).expect_code(0);
 }
+
+/// Regression (user trial): a refused certificate and an unknown setting in the URL's
+/// `options` (a FATAL error while the session starts) were retried until the acquire timeout,
+/// 5 s per command, though no retry fixes either; and `sslrootcert=system` was told to use
+/// `sslmode=verify-ca`, which svcdb refuses with the system's roots. Each now fails at once,
+/// with the server's SQLSTATE or `connect` as the code, and the certificate's hint is the one
+/// of its failure (whose hints are held to suggesting only what svcdb accepts).
+#[tokio::test]
+async fn a_connection_failure_no_retry_fixes_is_reported_at_once() {
+    let p = Project::new().await;
+    p.write(&[("0001_orders.up.sql", "CREATE TABLE orders (id bigint);")]);
+    let patient = std::time::Duration::from_secs(30);
+    let run = |url: String| {
+        let started = std::time::Instant::now();
+        let out = p
+            .run_with_env(
+                &["migrate", "status", "--json"],
+                &[
+                    ("DATABASE_URL", url.as_str()),
+                    ("SVCDB_ACQUIRE_TIMEOUT", "30s"),
+                ],
+            )
+            .expect_code(1);
+        assert!(started.elapsed() < patient / 2, "at once; {out}");
+        out
+    };
+
+    let out = run(format!("{} options='-c svcdb_bogus_setting=1'", p.db.url()));
+    assert_eq!(failure(&out)["code"], "42704", "{out}");
+
+    // 127.0.0.1 is not a name the server's certificate lists; where the system's roots lack
+    // the snakeoil certificate, the chain fails first.
+    let out = run(format!(
+        "{} sslmode=verify-full sslrootcert=system",
+        p.db.url()
+    ));
+    let json = failure(&out);
+    assert_eq!(json["code"], "connect", "{out}");
+    let hints = [
+        svcdb::TlsFailure::NameMismatch.hint(),
+        svcdb::TlsFailure::Untrusted.hint(),
+    ];
+    assert!(
+        hints.iter().any(|hint| json["hint"] == *hint),
+        "the certificate's hint; {out}"
+    );
+}

@@ -3,6 +3,7 @@
 mod hosts;
 mod install;
 mod maintenance;
+mod retry;
 mod status;
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ pub use status::{PoolStatus, WaitPercentiles};
 
 use crate::config::Config;
 use crate::connection::{accepts_writes, DedicatedConn};
-use crate::error::{is_lost_create_race, is_permanent_connect_error, pg_message, Error, Result};
+use crate::error::{is_lost_create_race, pg_message, Error, Result};
 use crate::ident::Ident;
 use crate::tls::Tls;
 use status::PoolStats;
@@ -174,8 +175,10 @@ impl ServiceDb {
     /// Builds the pool, creates the schema if configured to, and opens `pool_min`
     /// connections, so that a wrong URL, password, host or schema fails here, at start-up.
     ///
-    /// A wrong or missing password and a role or database that does not exist fail on the first
-    /// attempt ([`Error::Connect`]); a server that refuses connections or is starting up is
+    /// A wrong or missing password, a role or database that does not exist, a refused TLS
+    /// certificate and any other error the server sends while starting the session (an
+    /// unknown setting in the URL's `options`) fail on the first attempt ([`Error::Connect`]);
+    /// a server that refuses connections, is starting up or has no connection slot free is
     /// retried until the acquire timeout. Without [`Config::create_schema`], a schema that does
     /// not exist is [`Error::SchemaMissing`], naming the database's schemas that look like it
     /// (the first query would fail otherwise). [`new`](Self::new) checks none of this.
@@ -201,9 +204,10 @@ impl ServiceDb {
     /// A connection that was closed (server restart, `pg_terminate_backend`) is never handed
     /// out: it is dropped and another one taken or opened. Opening one is retried until the
     /// timeout, except when it fails in a way no retry fixes (a wrong or missing password, a role
-    /// or database that does not exist): that is [`Error::Connect`], at once. If no connection
-    /// can be had in time the error is [`Error::AcquireTimeout`], carrying the last connection
-    /// error.
+    /// or database that does not exist, a refused TLS certificate, a server's FATAL error at
+    /// startup other than "starting up" or "too many connections"): that is
+    /// [`Error::Connect`], at once. If no connection can be had in time the error is
+    /// [`Error::AcquireTimeout`], carrying the last connection error.
     pub async fn get(&self) -> Result<PooledConn> {
         let started = Instant::now();
         let deadline = started + crate::config::capped_wait(self.inner.config.acquire_timeout);
@@ -257,7 +261,7 @@ impl ServiceDb {
                         e
                     };
                     self.inner.stats.set_connect_error(Some(&e));
-                    if is_permanent_connect_error(&e) {
+                    if retry::no_retry_fixes(&e) {
                         // Every attempt would fail alike: the cause now, not a timeout later.
                         return Err(Error::Connect {
                             target: self.inner.config.target(),

@@ -79,6 +79,30 @@ impl TlsFailure {
     }
 }
 
+/// True when a connection attempt failed in TLS in a way the same attempt would fail again:
+/// the server's certificate was refused (not trusted, not for this host, expired, malformed),
+/// or the server does not accept TLS at all. Neither changes until someone changes the
+/// certificate, the server's `ssl` setting or `DATABASE_URL`, so retrying until the acquire
+/// timeout only delays the error (found by a user trial: 5 s per command). A handshake cut
+/// short by the network is not one of these.
+pub(crate) fn is_final_tls_failure(e: &tokio_postgres::Error) -> bool {
+    match TlsFailure::of(e) {
+        Some(TlsFailure::NotOffered | TlsFailure::Untrusted | TlsFailure::NameMismatch) => true,
+        // An expired or malformed certificate is a `Handshake` failure to people, and as final.
+        Some(TlsFailure::Handshake) => {
+            std::iter::successors(std::error::Error::source(e), |cause| (*cause).source()).any(
+                |cause| {
+                    matches!(
+                        rustls_error(cause),
+                        Some(rustls::Error::InvalidCertificate(_))
+                    )
+                },
+            )
+        }
+        None => false,
+    }
+}
+
 /// The rustls error in a link of a driver error's source chain. tokio-rustls wraps it in an
 /// `io::Error`, whose `source()` skips the wrapped error, so that link is opened by hand.
 fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {

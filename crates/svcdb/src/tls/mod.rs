@@ -17,6 +17,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+pub(crate) use failure::is_final_tls_failure;
 pub use failure::TlsFailure;
 
 use crate::error::{Error, Result};

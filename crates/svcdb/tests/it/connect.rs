@@ -270,3 +270,34 @@ async fn an_attempt_cut_short_by_the_acquire_timeout_keeps_the_earlier_cause() {
     }
     server.abort();
 }
+
+/// Regression (user trial): an unknown setting in the URL's `options` (42704, a FATAL error
+/// while the session starts) was retried until the acquire timeout, though no retry makes the
+/// server know it. It now fails on the first attempt (one connection through the forwarder),
+/// as `Error::Connect` with the server's SQLSTATE, and so does a bad value for a known setting
+/// (22023). The control, a server out of connection slots (53300), is still retried:
+/// `a_full_connection_limit_is_retried_until_a_slot_frees`.
+#[tokio::test]
+async fn a_fatal_error_while_the_session_starts_fails_on_the_first_attempt() {
+    let db = TestDb::new().await;
+    let user = db.connection().get_user().unwrap().to_owned();
+    for (options, code) in [
+        ("-c svcdb_bogus_setting=1", SqlState::UNDEFINED_OBJECT),
+        (
+            "-c statement_timeout=soon",
+            SqlState::INVALID_PARAMETER_VALUE,
+        ),
+    ] {
+        let forwarder = Forwarder::to(&db).await;
+        let mut config = forwarder.config(&db, &user, db.name(), "public");
+        config.connection.options(options);
+        config.acquire_timeout = PATIENT;
+        let err = ServiceDb::connect(config).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Connect { .. }),
+            "{options}: expected a connect error, got {err:?}"
+        );
+        assert_eq!(err.code(), Some(&code), "{options}: {err}");
+        assert_eq!(forwarder.accepted(), 1, "{options}: one attempt");
+    }
+}

@@ -7,8 +7,9 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::forwarder::Forwarder;
 use svcdb::__private::MigrationLock;
 use svcdb::testing::TestDb;
 use svcdb::tokio_postgres::config::Host;
@@ -18,6 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Long enough for a connection, short enough that a refused one fails the test quickly: the
 /// pool retries until this runs out.
 const FAIL_FAST: Duration = Duration::from_millis(300);
+
+/// Long enough that an error seen before it came from the first attempts, not the timeout.
+const PATIENT: Duration = Duration::from_secs(20);
 
 /// A service configuration for the test database, from its `key=value` URL with `params`
 /// appended, as a `DATABASE_URL` would carry them.
@@ -68,12 +72,18 @@ fn unrelated_ca() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls/unrelated-ca.pem")
 }
 
-/// Connects a pool that must fail; returns the error after checking it is an acquire timeout
-/// carrying a TLS failure, and that its message gives that failure's hint.
+/// Connects a pool that must fail; returns the error after checking it is a connection error
+/// reported at once (no retry changes a certificate or a server's `ssl` setting) carrying a
+/// TLS failure, and that its message gives that failure's hint.
 async fn refused(mut config: Config) -> (Error, TlsFailure) {
-    config.acquire_timeout = FAIL_FAST;
+    config.acquire_timeout = PATIENT;
+    let started = Instant::now();
     let err = ServiceDb::connect(config).await.unwrap_err();
-    assert!(err.is_timeout(), "{err:?}");
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < PATIENT / 2,
+        "at once, not retried: {err}"
+    );
     let failure = err
         .tls_failure()
         .unwrap_or_else(|| panic!("not a TLS failure: {err}"));
@@ -338,5 +348,52 @@ async fn the_password_stays_out_of_debug_and_errors_with_tls_settings() {
 
     for text in seen {
         assert!(!text.contains(SECRET), "password leaked into: {text}");
+    }
+}
+
+/// Regression (user trial): a refused certificate was retried until the acquire timeout (5 s
+/// per command), though no retry changes a certificate. Each now fails on the first attempt
+/// (one connection through the forwarder), as `Error::Connect` with its TLS failure: a root
+/// that did not sign the server's certificate (with `require`, which checks the chain when
+/// given a root, as libpq's does), a name the certificate does not list, and the system's
+/// roots by address (untrusted or misnamed, as the system's roots hold the snakeoil or not).
+#[tokio::test]
+async fn a_refused_certificate_fails_on_the_first_attempt() {
+    let db = TestDb::new().await;
+    let server_root = server_certificate(&db).await;
+    let user = db.connection().get_user().unwrap().to_owned();
+    for (mode, root, expected) in [
+        (
+            TlsMode::Require,
+            unrelated_ca(),
+            &[TlsFailure::Untrusted][..],
+        ),
+        (
+            TlsMode::VerifyFull,
+            server_root.clone(),
+            &[TlsFailure::NameMismatch],
+        ),
+        (
+            TlsMode::VerifyFull,
+            PathBuf::from("system"),
+            &[TlsFailure::Untrusted, TlsFailure::NameMismatch],
+        ),
+    ] {
+        let forwarder = Forwarder::to(&db).await;
+        let mut config = forwarder.config(&db, &user, db.name(), "public");
+        (config.tls, config.ssl_root_cert) = (mode, Some(root.clone()));
+        config.acquire_timeout = PATIENT;
+        let err = ServiceDb::connect(config).await.unwrap_err();
+        let what = format!("{mode} with {}", root.display());
+        assert!(
+            matches!(err, Error::Connect { .. }),
+            "{what}: expected a connect error, got {err:?}"
+        );
+        let failure = err.tls_failure();
+        assert!(
+            failure.is_some_and(|f| expected.contains(&f)),
+            "{what}: {failure:?}, {err}"
+        );
+        assert_eq!(forwarder.accepted(), 1, "{what}: one attempt");
     }
 }
