@@ -48,6 +48,32 @@ pub fn saturating_secs_f64(secs: f64) -> Duration {
     })
 }
 
+/// `d` as svcdb's messages write a duration, one format for all of them: tenths of a second
+/// from a second up (`1.0s`, `2.5s`, `30.0s`), whole milliseconds below (`300ms`),
+/// microseconds below a millisecond. Rust's `{:.1?}` switches unit on the exact value, so a
+/// wait of 999.97 ms, a one-second acquire timeout less the time already spent, read
+/// `1000.0ms` where the same wait a hair longer read `1.0s` (found by a user trial).
+pub fn human_duration(d: Duration) -> impl std::fmt::Display {
+    HumanDuration(d)
+}
+
+/// What [`human_duration`] returns.
+struct HumanDuration(Duration);
+
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.0.as_secs_f64();
+        // The unit is chosen on the rounded value: 999.97 ms is 1.0s, not 1000ms.
+        if secs >= 0.9995 {
+            write!(f, "{secs:.1}s")
+        } else if secs >= 0.0005 {
+            write!(f, "{:.0}ms", secs * 1e3)
+        } else {
+            write!(f, "{}µs", self.0.as_micros())
+        }
+    }
+}
+
 pub(super) fn parse_optional_duration(key: &str, v: &str) -> Result<Option<Duration>> {
     let d = parse_duration(key, v)?;
     Ok((!d.is_zero()).then_some(d))
@@ -96,6 +122,22 @@ pub(super) mod tests {
         assert_eq!(capped_wait(Duration::from_secs(5)), Duration::from_secs(5));
         // The cap is one the clock can add: a deadline from it exists.
         assert!(std::time::Instant::now().checked_add(MAX_WAIT).is_some());
+    }
+
+    #[test]
+    fn durations_in_messages_read_the_same_whatever_their_last_digits() {
+        let shown = |d: Duration| human_duration(d).to_string();
+        // A one-second timeout less what an attempt already spent: one format either side.
+        assert_eq!(shown(Duration::from_micros(999_970)), "1.0s");
+        assert_eq!(shown(Duration::from_micros(1_000_030)), "1.0s");
+        assert_eq!(shown(Duration::from_secs(5)), "5.0s");
+        assert_eq!(shown(Duration::from_secs(60)), "60.0s");
+        assert_eq!(shown(Duration::from_millis(300)), "300ms");
+        assert_eq!(shown(Duration::from_micros(999_400)), "999ms");
+        assert_eq!(shown(Duration::from_micros(40)), "40µs");
+        assert_eq!(shown(Duration::ZERO), "0µs");
+        // The longest wait svcdb computes a deadline for is written, not a panic.
+        assert!(shown(Duration::MAX).ends_with('s'));
     }
 
     /// Numbers as people (and fuzzers) write them: any float, in plain and exponent form.

@@ -22,7 +22,7 @@ mod env;
 mod url;
 mod url_params;
 
-pub use duration::{capped_wait, parse_duration, saturating_secs_f64, MAX_WAIT};
+pub use duration::{capped_wait, human_duration, parse_duration, saturating_secs_f64, MAX_WAIT};
 pub use url::{describe_target, parse_url};
 use url_params::UrlParams;
 

@@ -222,7 +222,8 @@ impl ServiceDb {
             if remaining.is_zero() {
                 break;
             }
-            let create = remaining.min(self.inner.config.connect_attempt_timeout());
+            let attempt_timeout = self.inner.config.connect_attempt_timeout();
+            let create = remaining.min(attempt_timeout);
             let timeouts = Timeouts {
                 wait: Some(if free_only { Duration::ZERO } else { remaining }),
                 create: Some(create),
@@ -283,7 +284,7 @@ impl ServiceDb {
                 }
                 Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => break,
                 Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Create))
-                    if create < self.inner.config.connect_timeout
+                    if create < attempt_timeout
                         && (last_error.is_some() || no_answer_within.is_some()) =>
                 {
                     // Cut short by the acquire deadline, not by the server's silence (a slow
@@ -294,7 +295,11 @@ impl ServiceDb {
                     // Something accepted the connection and said nothing (the driver's own
                     // connect timeout covers only TCP): try again, with a fresh connection.
                     free_only = false;
-                    self.inner.stats.set_no_answer(create);
+                    // The acquire timeout cut this one short when it is the shorter: raising
+                    // the connect timeout would not have helped.
+                    self.inner
+                        .stats
+                        .set_no_answer(create, create < attempt_timeout);
                     last_error = None;
                     no_answer_within = Some(create);
                 }

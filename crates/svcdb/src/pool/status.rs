@@ -6,7 +6,23 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::config::human_duration;
 use crate::error::{connect_hint, pg_message, NO_ANSWER_HINT};
+
+/// What to do about an attempt that got no answer, when the acquire timeout ended it before
+/// the connect timeout could: raising the connect timeout would change nothing (found by a
+/// user trial: `SVCDB_CONNECT_TIMEOUT=30s` gave up after the 5 s acquire timeout, told to
+/// raise SVCDB_CONNECT_TIMEOUT).
+pub(crate) const NO_ANSWER_CUT_SHORT_HINT: &str = "check that DATABASE_URL names PostgreSQL's host and port (what answers there is not PostgreSQL, or is stuck); for a slow server or network, raise SVCDB_ACQUIRE_TIMEOUT above SVCDB_CONNECT_TIMEOUT (or the URL's connect_timeout): the acquire timeout ended the wait first";
+
+/// What to do about an attempt that got no answer: raise the timeout that ended it.
+pub(crate) fn no_answer_hint(cut_short: bool) -> &'static str {
+    if cut_short {
+        NO_ANSWER_CUT_SHORT_HINT
+    } else {
+        NO_ANSWER_HINT
+    }
+}
 
 /// A snapshot of a pool, cheap to take (one mutex, no I/O).
 #[derive(Debug, Clone, Serialize)]
@@ -124,15 +140,19 @@ impl PoolStats {
             .unwrap_or_else(|p| p.into_inner()) = error.map(|e| (pg_message(e), connect_hint(e)));
     }
 
-    /// Records an attempt that got no answer within `waited`.
-    pub(crate) fn set_no_answer(&self, waited: Duration) {
+    /// Records an attempt that got no answer within `waited`; `cut_short` when the acquire
+    /// deadline, not the connect timeout, ended it.
+    pub(crate) fn set_no_answer(&self, waited: Duration, cut_short: bool) {
         self.count_connect_error("no_answer");
         *self
             .last_connect_error
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some((
-            format!("no answer from the server within {waited:.1?}"),
-            NO_ANSWER_HINT,
+            format!(
+                "no answer from the server within {}",
+                human_duration(waited)
+            ),
+            no_answer_hint(cut_short),
         ));
     }
 

@@ -301,3 +301,55 @@ async fn a_fatal_error_while_the_session_starts_fails_on_the_first_attempt() {
         assert_eq!(forwarder.accepted(), 1, "{options}: one attempt");
     }
 }
+
+/// Regression (user trial): with `SVCDB_CONNECT_TIMEOUT=30s` (or `?connect_timeout=60`) a
+/// server that never answers was given up after the 5 s acquire timeout, and the hint said to
+/// raise SVCDB_CONNECT_TIMEOUT, which changes nothing; a 1 s wait read `1000.0ms`. The pool's
+/// last error and its hint (what the start-up gate reports) now name the acquire timeout, and
+/// the wait reads as every other one does.
+#[tokio::test]
+async fn no_answer_within_an_acquire_timeout_shorter_than_the_connect_timeout_names_it() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut config =
+        svcdb::Config::new(&format!("postgres://svc@127.0.0.1:{port}/shop"), "orders").unwrap();
+    config.connect_timeout = Duration::from_secs(30);
+    config.acquire_timeout = Duration::from_secs(1);
+    config.pool_min = 0;
+    let svc = ServiceDb::new(config).unwrap();
+    let err = svc.get().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::AcquireTimeout {
+                cause: None,
+                no_answer_within: Some(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let last = svc.status().last_connect_error.unwrap();
+    assert!(
+        last.ends_with(" 1.0s"),
+        "written as other waits are: {last}"
+    );
+    // A gate that gives up before the pool does reports the pool's last error and its hint.
+    let report = svc
+        .verify(&svcdb::Gate::new().timeout(Duration::from_millis(200)))
+        .await;
+    match report.problems.as_slice() {
+        [svcdb::Problem::Unreachable { hint, .. }] => {
+            assert!(hint.contains("SVCDB_ACQUIRE_TIMEOUT"), "{hint}");
+            assert!(!hint.contains("raise SVCDB_CONNECT_TIMEOUT"), "{hint}");
+        }
+        other => panic!("expected unreachable, got {other:?}"),
+    }
+    silent.abort();
+}
