@@ -32,6 +32,7 @@ use std::time::Duration;
 /// (tokio-postgres), under svcdb's name.
 pub type SqlState = tokio_postgres::error::SqlState;
 
+use crate::config::human_duration;
 use crate::ident::IdentError;
 use crate::schema::gate::report::MISSING_TABLES_HINT;
 use crate::tls::TlsFailure;
@@ -83,6 +84,9 @@ pub enum Error {
         /// How long the last attempt to open a connection waited for the server, when it got
         /// no answer in that time (something accepted the connection and said nothing).
         no_answer_within: Option<Duration>,
+        /// Whether the acquire timeout, being the shorter, ended that attempt before the
+        /// connect timeout could: the hint then says to raise the acquire timeout.
+        no_answer_cut_short: bool,
     },
 
     /// The pool was closed (the service is shutting down).
@@ -457,13 +461,15 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
             max_size,
             cause,
             no_answer_within,
+            no_answer_cut_short,
         } = self.0
         else {
             unreachable!("AcquireTimeoutDisplay wraps only AcquireTimeout")
         };
         write!(
             f,
-            "timed out after {waited:.1?} waiting for a connection to {target}"
+            "timed out after {} waiting for a connection to {target}",
+            human_duration(*waited)
         )?;
         match (cause, no_answer_within) {
             (Some(e), _) => {
@@ -472,7 +478,9 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
             }
             (None, Some(d)) => write!(
                 f,
-                ": the server accepted the connection and did not answer within {d:.1?}\n  hint: {NO_ANSWER_HINT}"
+                ": the server accepted the connection and did not answer within {}\n  hint: {}",
+                human_duration(*d),
+                crate::pool::no_answer_hint(*no_answer_cut_short)
             ),
             (None, None) => write!(
                 f,
@@ -499,7 +507,20 @@ pub(crate) fn connect_hint(e: &tokio_postgres::Error) -> &'static str {
         (None, Some(c)) if *c == SqlState::INVALID_CATALOG_NAME => {
             "the database does not exist: create it or fix DATABASE_URL"
         }
-        (None, Some(_)) => "see the server's message above",
+        // FATAL errors while the session starts (retrying does not help: see the pool): what
+        // DATABASE_URL passes at startup is the usual cause.
+        (None, Some(c)) if *c == SqlState::UNDEFINED_OBJECT => {
+            "the server does not know a setting DATABASE_URL passes at startup (in options=-c name=value): correct its name or remove it"
+        }
+        (None, Some(c)) if *c == SqlState::INVALID_PARAMETER_VALUE => {
+            "a setting DATABASE_URL passes at startup (in options=-c name=value) has a value the server refuses: correct the value or remove the setting"
+        }
+        (None, Some(c)) if *c == SqlState::CANNOT_CONNECT_NOW || *c == SqlState::TOO_MANY_CONNECTIONS => {
+            "the server cannot take a connection now (starting up, shutting down, or out of connection slots): svcdb retried until SVCDB_ACQUIRE_TIMEOUT; raise it to wait longer, or free connection slots (lower SVCDB_POOL_MAX of the services sharing the server, or raise its max_connections)"
+        }
+        (None, Some(_)) => {
+            "the server refused the connection for the reason in its message: fix what it names in DATABASE_URL, or on the server"
+        }
         (None, None) if is_read_only_server(e) => {
             "a server answered but accepts no writes (a standby, or a primary being promoted or fenced), and target_session_attrs=read-write skips it: svcdb keeps trying the hosts in DATABASE_URL until one accepts writes; if this lasts, check that DATABASE_URL names the new primary"
         }
@@ -622,6 +643,7 @@ mod tests {
                 max_size: 1,
                 cause: Some(refused().await),
                 no_answer_within: None,
+                no_answer_cut_short: false,
             },
         ];
         for e in &errors {

@@ -16,6 +16,7 @@ use deadpool_postgres::{
 use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::NoTls;
 
+pub(crate) use status::no_answer_hint;
 pub use status::{PoolStatus, WaitPercentiles};
 
 use crate::config::Config;
@@ -212,8 +213,10 @@ impl ServiceDb {
         let started = Instant::now();
         let deadline = started + crate::config::capped_wait(self.inner.config.acquire_timeout);
         let mut last_error: Option<tokio_postgres::Error> = None;
-        // Set when the last attempt got no answer within its create timeout (then no error).
+        // Set when the last attempt got no answer within its create timeout (then no error),
+        // with whether the acquire deadline cut that attempt short.
         let mut no_answer_within: Option<Duration> = None;
+        let mut no_answer_cut_short = false;
         let mut backoff = Duration::from_millis(10);
         // First ask for a free connection without waiting: on the hot path that arms no timer.
         let mut free_only = true;
@@ -302,6 +305,7 @@ impl ServiceDb {
                         .set_no_answer(create, create < attempt_timeout);
                     last_error = None;
                     no_answer_within = Some(create);
+                    no_answer_cut_short = create < attempt_timeout;
                 }
                 Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Recycle)) => continue,
                 Err(PoolError::Closed) => return Err(Error::PoolClosed),
@@ -325,6 +329,7 @@ impl ServiceDb {
             max_size: status.max_size,
             cause: last_error,
             no_answer_within,
+            no_answer_cut_short,
         })
     }
 

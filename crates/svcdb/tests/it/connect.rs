@@ -340,6 +340,12 @@ async fn no_answer_within_an_acquire_timeout_shorter_than_the_connect_timeout_na
         last.ends_with(" 1.0s"),
         "written as other waits are: {last}"
     );
+    // The error says so too.
+    let text = err.to_string();
+    let (message, hint) = text.split_once("\n  hint: ").unwrap();
+    assert!(message.ends_with(" 1.0s"), "{message}");
+    assert!(hint.contains("SVCDB_ACQUIRE_TIMEOUT"), "{hint}");
+    assert!(!hint.contains("raise SVCDB_CONNECT_TIMEOUT"), "{hint}");
     // A gate that gives up before the pool does reports the pool's last error and its hint.
     let report = svc
         .verify(&svcdb::Gate::new().timeout(Duration::from_millis(200)))

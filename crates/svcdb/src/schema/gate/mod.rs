@@ -318,10 +318,13 @@ impl Gate {
         // A server that refused (unknown database, bad password) did answer: say so.
         let error = match db.status().last_connect_error {
             Some(cause) => format!(
-                "could not connect within {:?}; last connection attempt failed: {cause}",
-                self.timeout
+                "could not connect within {}; last connection attempt failed: {cause}",
+                crate::config::human_duration(self.timeout)
             ),
-            None => format!("no answer within {:?}", self.timeout),
+            None => format!(
+                "no answer within {}",
+                crate::config::human_duration(self.timeout)
+            ),
         };
         Problem::Unreachable {
             error,
@@ -380,6 +383,7 @@ mod tests {
             max_size: 5,
             cause: None,
             no_answer_within: None,
+            no_answer_cut_short: false,
         };
         match Problem::from_error(&e) {
             Problem::Unreachable { error, hint } => {
