@@ -231,11 +231,24 @@ fn json_requested() -> bool {
 /// not a terminal. lapin's own error lines (its connection's
 /// recovery giving up) are left out: the command reports the same failure itself (found by a
 /// user trial: two or three such lines before each `events replay` error).
+///
+/// tokio-postgres logs each statement's text and parameters at debug, and `provision`'s
+/// `ALTER ROLE … PASSWORD` carries the role's SCRAM verifier, which an attacker can test
+/// passwords against offline (found by a user trial, at RUST_LOG=debug): its logs stop at info
+/// unless RUST_LOG names tokio_postgres itself.
 fn init_tracing() {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("error,lapin=off,svcdb::server=warn")
-    });
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) if std::env::var("RUST_LOG").is_ok_and(|v| v.contains("tokio_postgres")) => {
+            filter
+        }
+        Ok(filter) => filter.add_directive(
+            "tokio_postgres=info"
+                .parse()
+                .expect("a valid logging directive"),
+        ),
+        Err(_) => tracing_subscriber::EnvFilter::new("error,lapin=off,svcdb::server=warn"),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

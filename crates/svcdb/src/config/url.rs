@@ -170,7 +170,13 @@ pub fn describe_target(pg: &tokio_postgres::Config) -> String {
             // One port serves every host; otherwise each host has its own (as the driver
             // pairs them).
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            format!("{host}:{port}")
+            // An IPv6 address in brackets, as URLs write it: `::1:5432` reads as another
+            // address (found by a user trial).
+            if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            }
         })
         .collect::<Vec<_>>()
         .join(",");
@@ -314,5 +320,11 @@ mod tests {
         let shown = describe_target(&pg);
         assert!(!shown.contains("ab") && !shown.contains("cd@"), "{shown}");
         assert_eq!(shown, "svc@h1:5441,h2:5442/shop");
+    }
+
+    #[test]
+    fn an_ipv6_host_is_shown_in_brackets() {
+        let pg: tokio_postgres::Config = "postgres://svc@[::1]:5433/shop".parse().unwrap();
+        assert_eq!(describe_target(&pg), "svc@[::1]:5433/shop");
     }
 }
