@@ -29,7 +29,7 @@ pub struct GateArgs {
 
     /// Longest wait for the database (connecting included) before it counts as unreachable;
     /// for `svcdb health` with a broker, also the longest wait for the broker.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = crate::global::positive_duration)]
+    #[arg(long, allow_hyphen_values = true, value_name = "DURATION", default_value = "2s", value_parser = crate::global::positive_duration)]
     timeout: Duration,
 }
 

@@ -48,7 +48,7 @@ pub struct ReplayArgs {
     queue: String,
 
     /// Move at most this many, oldest first (default: every one waiting).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     limit: Option<u64>,
 
     /// The broker: amqp://user:password@host:port/vhost (%2f is the vhost /); default:
@@ -93,7 +93,7 @@ pub struct PurgeArgs {
     /// Delete rows older than this, with its unit: 7d, 24h, 90m. A claim purged while its
     /// message can still be redelivered lets that message be handled again: keep claims for
     /// days.
-    #[arg(long, value_name = "DURATION", value_parser = retention)]
+    #[arg(long, allow_hyphen_values = true, value_name = "DURATION", value_parser = retention)]
     older_than: Duration,
 
     /// Which table to purge.

@@ -172,22 +172,22 @@ pub struct Drift {
 pub struct Timeouts {
     /// How long to wait for another runner (another replica's deploy) to release the schema's
     /// migration lock [default: 10m].
-    #[arg(long, value_name = "DURATION", value_parser = crate::global::duration)]
+    #[arg(long, allow_hyphen_values = true, value_name = "DURATION", value_parser = crate::global::duration)]
     lock_wait: Option<Duration>,
 
     /// How long a statement may wait for a table lock: a DDL statement queued behind live
     /// traffic would hold up every later query of that table; 0: no limit [default: 10s].
-    #[arg(long, value_name = "DURATION", value_parser = crate::global::server_timeout)]
+    #[arg(long, allow_hyphen_values = true, value_name = "DURATION", value_parser = crate::global::server_timeout)]
     lock_timeout: Option<Duration>,
 
     /// How many times a migration that hit the lock timeout is tried again (its whole
     /// transaction, or the failing statement of a non-transactional one), after a backoff of
     /// 1s, 2s, 4s, … plus jitter; 0: fail at once [default: 3].
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     lock_retries: Option<u32>,
 
     /// How long one statement may run; 0: no limit [default: no limit].
-    #[arg(long, value_name = "DURATION", value_parser = crate::global::server_timeout)]
+    #[arg(long, allow_hyphen_values = true, value_name = "DURATION", value_parser = crate::global::server_timeout)]
     statement_timeout: Option<Duration>,
 }
 
@@ -221,7 +221,7 @@ pub struct UpArgs {
 #[derive(clap::Args)]
 pub struct DownArgs {
     /// Revert this many migrations, newest first [default: 1].
-    #[arg(long, value_name = "N", conflicts_with = "to",
+    #[arg(long, allow_negative_numbers = true, value_name = "N", conflicts_with = "to",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     steps: Option<usize>,
 

@@ -466,6 +466,29 @@ fn a_command_help_lists_only_the_shared_options_it_uses() {
     assert!(!out.stderr.contains("unexpected argument"), "{out}");
 }
 
+/// Found by a user trial: a negative number or duration (`--limit -1`, `--timeout -1s`) was
+/// read as an unknown flag ("unexpected argument '-1' found"); it is the option's invalid
+/// value now. The control: a real unknown flag is still one.
+#[test]
+fn a_negative_value_is_an_invalid_value_not_an_unknown_flag() {
+    for args in [
+        &["events", "replay", "--queue", "q", "--limit", "-1"][..],
+        &["health", "--timeout", "-1s"],
+        &["migrate", "up", "--lock-wait", "-5s"],
+        &["events", "purge", "--older-than", "-1d"],
+        &["migrate", "down", "--steps", "-2"],
+    ] {
+        let out = svcdb(args, &[], None);
+        assert_eq!(out.code, 64, "{args:?}: {out}");
+        assert!(
+            out.stderr.contains("invalid value") && !out.stderr.contains("unexpected argument"),
+            "{args:?}: {out}"
+        );
+    }
+    let out = svcdb(&["health", "--bogus"], &[], None);
+    assert!(out.stderr.contains("unexpected argument"), "{out}");
+}
+
 /// Found by a user trial: `migrate new ''` (or `../x`) exited 1 with code `migration_source`,
 /// where `--help` says an invalid command line exits 64. A usable name creates its files (the
 /// control).

@@ -410,7 +410,19 @@ fn refused_message(tool: &Tool, table: &str, problems: &[AdoptProblem]) -> Strin
     for p in problems {
         s.push_str(&format!("\n  {p}"));
     }
-    s.push_str("\n  hint: finish or repair the other tool's migrations with that tool (and restore changed or missing files from version control), then adopt again");
+    if problems
+        .iter()
+        .any(|p| matches!(p, AdoptProblem::Dirty { .. }))
+    {
+        // As `up`'s refusal over the same table says it (found by a user trial: `status` named
+        // `migrate force`, `adopt` only "that tool").
+        s.push_str(&format!(
+            "\n  hint: finish or undo each dirty or failed version by hand and clear its mark with {tool} ({}); restore changed or missing files from version control; then adopt again",
+            clear_mark_how(*tool)
+        ));
+    } else {
+        s.push_str("\n  hint: finish or repair the other tool's migrations with that tool (and restore changed or missing files from version control), then adopt again");
+    }
     if problems
         .iter()
         .any(|p| matches!(p, AdoptProblem::ChecksumMismatch { .. }))
@@ -418,6 +430,18 @@ fn refused_message(tool: &Tool, table: &str, problems: &[AdoptProblem]) -> Strin
         s.push_str("; a file changed on purpose in a way the database does not see (a psql line removed, a no-transaction directive added) can be adopted as it is with `--allow-changed` (AdoptOptions::allow_changed)");
     }
     s
+}
+
+/// How `tool` clears the mark of a dirty or failed version, once it is finished or undone by
+/// hand.
+pub(crate) fn clear_mark_how(tool: Tool) -> &'static str {
+    match tool {
+        Tool::GolangMigrate => "`migrate force <version>`",
+        Tool::Flyway => "`flyway repair`",
+        Tool::Sqlx => "delete the row whose success is false",
+        // The others record no failed version.
+        Tool::Diesel | Tool::Goose | Tool::Dbmate | Tool::Refinery => "its own way",
+    }
 }
 
 /// One version the other tool applied, as read from its table.

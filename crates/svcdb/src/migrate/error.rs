@@ -872,8 +872,9 @@ fn other_tool_applied(schema: &str, other: &super::adopt::OtherHistory) -> Strin
         ("s", "them")
     };
     format!(
-        "refusing to migrate schema {schema}: svcdb has applied nothing to it, and {tool}'s history table {table} marks version{s} {} dirty or failed: the schema may be half-migrated; nothing was run\n  hint: finish or undo {them} by hand and clear the mark with {tool} (golang-migrate: `migrate force <version>`; Flyway: `flyway repair`; sqlx: delete the row whose success is false), then take the history over with {adopt}",
-        other.dirty.join(", ")
+        "refusing to migrate schema {schema}: svcdb has applied nothing to it, and {tool}'s history table {table} marks version{s} {} dirty or failed: the schema may be half-migrated; nothing was run\n  hint: finish or undo {them} by hand and clear the mark with {tool} ({}), then take the history over with {adopt}",
+        other.dirty.join(", "),
+        super::adopt::clear_mark_how(other.tool)
     )
 }
 
