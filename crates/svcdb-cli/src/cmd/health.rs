@@ -34,6 +34,9 @@ struct Broker {
     latency_ms: Option<f64>,
     /// Why it did not open.
     error: Option<String>,
+    /// What to do about it, apart from the error (found by a user trial: the hint was inside
+    /// `error`, after a line break).
+    hint: Option<String>,
 }
 
 /// Prints the health report; exit 0 when ready, 1 when not (the database unreachable, or a
@@ -64,9 +67,13 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
             text.push_str(&match (b.latency_ms, &b.error) {
                 (Some(ms), _) => format!("\nbroker {}: reachable in {ms:.1} ms", b.url),
                 (None, error) => format!(
-                    "\nbroker {}: unreachable (requests still work; their events wait in the outbox): {}",
+                    "\nbroker {}: unreachable (requests still work; their events wait in the outbox): {}{}",
                     b.url,
-                    error.as_deref().unwrap_or("no answer")
+                    error.as_deref().unwrap_or("no answer"),
+                    b.hint
+                        .as_deref()
+                        .map(|h| format!("\n  hint: {}", h.replace('\n', "\n  hint: ")))
+                        .unwrap_or_default()
                 ),
             });
         }
@@ -79,19 +86,28 @@ pub async fn run(global: &Global, args: Args) -> Result<Outcome> {
 async fn broker(config: &svcdb_amqp::AmqpConfig, timeout: Duration) -> Broker {
     let started = Instant::now();
     let outcome = tokio::time::timeout(timeout, config.connect()).await;
-    let (latency_ms, error) = match outcome {
+    let (latency_ms, error, hint) = match outcome {
         Ok(Ok(connection)) => {
             let took = started.elapsed();
             let _ = tokio::time::timeout(timeout, connection.close(200, "OK".into())).await;
-            (Some(took.as_secs_f64() * 1e3), None)
+            (Some(took.as_secs_f64() * 1e3), None, None)
         }
-        Ok(Err(e)) => (None, Some(e.to_string())),
-        Err(_) => (None, Some(format!("no answer within {timeout:?}"))),
+        Ok(Err(e)) => {
+            let report = svcdb::error::Report::new(&e);
+            let hints = report.hints();
+            (
+                None,
+                Some(report.message().to_owned()),
+                (!hints.is_empty()).then(|| hints.join("\n")),
+            )
+        }
+        Err(_) => (None, Some(format!("no answer within {timeout:?}")), None),
     };
     Broker {
         url: config.redacted_url(),
         connected: latency_ms.is_some(),
         latency_ms,
         error,
+        hint,
     }
 }

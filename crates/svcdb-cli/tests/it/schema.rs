@@ -202,6 +202,16 @@ async fn health_with_a_broker_says_whether_it_answers() {
     assert_eq!(report["ready"], true, "{out}");
     assert_eq!(report["broker"]["connected"], false, "{out}");
     assert!(report["broker"]["error"].is_string(), "{out}");
+    // The hint in a field of its own, not after a line break in `error` (found by a user
+    // trial).
+    assert!(report["broker"]["hint"].is_string(), "{out}");
+    assert!(
+        !report["broker"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains('\n'),
+        "{out}"
+    );
     assert!(!out.to_string().contains("s3cret-pw"), "{out}");
     // Without one, the report has no broker; nor with an empty AMQP_URL, which is unset (found
     // by a user trial: it failed the command on "not an AMQP URL").
