@@ -868,7 +868,8 @@ pub(crate) async fn applied_by_other_tool(
 ///
 /// "After" is told by the rows' `xmin`, the transaction that wrote them, against the newest
 /// adopted or baselined row of svcdb's history (`execution_us` NULL): `age()` counts back from
-/// the current transaction, so the younger row has the smaller age. No adopted row: `None`.
+/// the current transaction, so the younger row has the smaller age (until some two billion
+/// transactions later, when transaction ids wrap around). No adopted row: `None`.
 pub(crate) async fn pending_applied_by_other_tool(
     client: &tokio_postgres::Client,
     service: &crate::Ident,
@@ -891,8 +892,7 @@ pub(crate) async fn pending_applied_by_other_tool(
         // The version column, and what makes a row an applied version, as `read_tool` reads
         // them. golang-migrate's one row names the newest version: every one up to it.
         let (version, applied, up_to) = match other.tool {
-            Tool::Diesel | Tool::Dbmate => ("version::text", "true", false),
-            Tool::Refinery => ("version::text", "true", false),
+            Tool::Diesel | Tool::Dbmate | Tool::Refinery => ("version::text", "true", false),
             Tool::Sqlx => ("version::text", "success", false),
             Tool::GolangMigrate => ("version::text", "NOT dirty", true),
             Tool::Goose => ("version_id::text", "is_applied", false),
