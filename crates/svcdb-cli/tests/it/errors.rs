@@ -499,7 +499,7 @@ fn an_invalid_migration_name_is_a_usage_error() {
     let folder = folder.to_str().unwrap();
     // A name too long for its files (found by another trial: it failed writing them, exit 1).
     let long = "n".repeat(250);
-    for name in ["", "../x", " padded", long.as_str()] {
+    for name in ["", "../x", " padded", long.as_str(), "x.up", "x.sql"] {
         let out = svcdb(
             &["--json", "migrate", "new", name, "--dir", folder],
             &[],

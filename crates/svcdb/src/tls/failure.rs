@@ -59,7 +59,7 @@ impl TlsFailure {
     /// takes with `verify-full` alone), and `require` with an `sslrootcert` checks the chain
     /// (found by a user trial: `require` with a bundle that did not sign the certificate was
     /// told to use `require`, and `sslrootcert=system` to use `verify-ca`, which svcdb
-    /// refuses). A suggested `sslmode=` says "with sslrootcert=<CA file>" or "without
+    /// refuses). A suggested `sslmode=` says "with `sslrootcert=<CA file>`" or "without
     /// sslrootcert" when the URL's own would not do; the tests below hold every hint to that.
     pub fn hint(self) -> &'static str {
         match self {

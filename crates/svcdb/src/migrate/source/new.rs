@@ -42,6 +42,12 @@ pub fn check_migration_name(name: &str) -> Result<(), String> {
     {
         return Err(format!("{name:?} cannot be a migration name: it must be non-empty, without surrounding spaces, control characters or any of / \\ : * ? \" < > |"));
     }
+    // `x.up` would make `<version>_x.up.sql`, read back as the up script of a two-file
+    // migration `x` (found by a user trial, in a one-file folder).
+    let lower = name.to_ascii_lowercase();
+    if lower.ends_with(".up") || lower.ends_with(".down") || lower.ends_with(".sql") {
+        return Err(format!("{name:?} cannot be a migration name: ending in .up, .down or .sql, its file would be read as another kind of migration file; leave the ending out"));
+    }
     // A file name holds at most 255 bytes on the usual file systems; the version, the
     // separators and `.down.sql` take up to 55 (found by a user trial: a 250-character name
     // failed when the file was written, as a folder error).
