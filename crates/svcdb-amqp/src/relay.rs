@@ -384,6 +384,15 @@ impl Relay {
                     s.blocked = None;
                 });
                 self.metrics.blocked.set(0.0);
+                // As after a failed connection: a broker that nacks whatever arrives (a full
+                // queue that rejects publishes) was reconnected to as fast as rows came in
+                // (found by a user trial: 14 connections a second, 2 000 log lines in 25 s).
+                // A batch the broker takes resets the pause.
+                if !pause(&shutdown, loop_state.backoff).await {
+                    break;
+                }
+                loop_state.backoff =
+                    next_backoff(loop_state.backoff, self.config.max_reconnect_backoff);
             }
             if run.timed_out {
                 break;

@@ -236,16 +236,37 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// The log filter: `rust_log` (`RUST_LOG`) when set, `default_filter` otherwise.
+/// Log targets kept quieter than the filter asks unless it names them, for what they would
+/// write: lapin's returned messages, each dumped whole at warn with its payload (customer
+/// data: found by a user trial, 2 KB a line on every retry; the relay reports the return
+/// itself, with the event's id), and tokio-postgres's statements and their parameters at
+/// debug (`ALTER ROLE … PASSWORD` carries a SCRAM verifier).
+const QUIETED: [(&str, &str); 2] = [
+    ("lapin::returned_messages", "error"),
+    ("tokio_postgres", "info"),
+];
+
+/// The log filter: `rust_log` (`RUST_LOG`) when set, `default_filter` otherwise, with the
+/// [`QUIETED`] targets it does not name kept quieter.
 fn filter(rust_log: Option<String>, default_filter: &str) -> Result<EnvFilter, TelemetryError> {
     let value = match rust_log {
         Some(value) if !value.trim().is_empty() => value,
         _ => default_filter.to_owned(),
     };
-    EnvFilter::try_new(&value).map_err(|e| TelemetryError::Filter {
-        value,
-        reason: e.to_string(),
-    })
+    let invalid = |reason: String| TelemetryError::Filter {
+        value: value.clone(),
+        reason,
+    };
+    let mut filter = EnvFilter::try_new(&value).map_err(|e| invalid(e.to_string()))?;
+    for (target, level) in QUIETED {
+        if !value.contains(target) {
+            let directive = format!("{target}={level}")
+                .parse()
+                .map_err(|e: tracing_subscriber::filter::ParseError| invalid(e.to_string()))?;
+            filter = filter.add_directive(directive);
+        }
+    }
+    Ok(filter)
 }
 
 /// Installs the global subscriber of service `service`: log lines to stderr, filtered by
@@ -364,6 +385,23 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("\"json\""), "{shown}");
+    }
+
+    /// Found by a user trial: lapin logged each returned message whole (customer data) at
+    /// warn, and tokio-postgres each statement (a SCRAM verifier) at debug. Kept quieter,
+    /// unless RUST_LOG names them (the control).
+    #[test]
+    fn what_leaks_data_is_kept_quieter_unless_named() {
+        let shown = filter(Some("debug".into()), "info").unwrap().to_string();
+        assert!(
+            shown.contains("lapin::returned_messages=error")
+                && shown.contains("tokio_postgres=info"),
+            "{shown}"
+        );
+        let shown = filter(Some("debug,tokio_postgres=trace".into()), "info")
+            .unwrap()
+            .to_string();
+        assert!(!shown.contains("tokio_postgres=info"), "{shown}");
     }
 
     #[test]

@@ -84,7 +84,10 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             match metrics::set_global_recorder(recorder) {
-                Ok(()) => Some(handle),
+                Ok(()) => {
+                    describe();
+                    Some(handle)
+                }
                 Err(_) => {
                     tracing::info!(target: "svcdb::metrics", "another metrics recorder is installed: svcdb's metrics go to it, and /metrics shows none");
                     None
@@ -92,6 +95,55 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// The kind of a metric, for its description.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Each metric's `# HELP` text (the tables above, shortened): without a description the
+/// exporter writes none (found by a user trial: no family had one).
+const HELP: &[(&str, Kind, &str)] = &[
+    ("db_client_connection_count", Kind::Gauge, "Open connections of the pool, by state (idle, used)."),
+    ("db_client_connection_max", Kind::Gauge, "The pool's maximum number of connections."),
+    ("db_client_connection_pending_requests", Kind::Gauge, "Callers waiting for a pool connection."),
+    ("db_client_connection_wait_time_seconds", Kind::Histogram, "How long acquiring a pool connection waited."),
+    ("db_client_connection_timeouts_total", Kind::Counter, "Pool acquires that timed out."),
+    ("svcdb_pool_connect_errors_total", Kind::Counter, "Failed connection attempts, by cause."),
+    ("svcdb_outbox_backlog", Kind::Gauge, "Outbox rows not yet published."),
+    ("svcdb_outbox_oldest_unpublished_age_seconds", Kind::Gauge, "Age of the oldest unpublished outbox row, 0 when none."),
+    ("svcdb_table_size_bytes", Kind::Gauge, "Size of svcdb's tables, with indexes and TOAST."),
+    ("svcdb_gate_ready", Kind::Gauge, "1 when the last health check passed the start-up gate, else 0."),
+    ("svcdb_migration_version", Kind::Gauge, "The applied migration version's digits as one integer (watch it change; do not compare it)."),
+    ("svcdb_migration_last_deploy_duration_seconds", Kind::Gauge, "How long the start-up migration run took."),
+    ("svcdb_migration_lock_waits_total", Kind::Counter, "Waits for another runner's schema lock (schema) and lock_timeout retries (table) in the start-up migration run."),
+    ("svcdb_consumer_messages_total", Kind::Counter, "Deliveries by outcome (handled, duplicate, failed, dead_lettered, returned, ignored)."),
+    ("svcdb_consumer_pauses_total", Kind::Counter, "Times the consumer paused while the database was out."),
+    ("messaging_process_duration_seconds", Kind::Histogram, "The handler's transaction, claim included."),
+    ("svcdb_consumer_in_flight", Kind::Gauge, "Deliveries taken and not yet settled."),
+    ("svcdb_consumer_connected", Kind::Gauge, "1 while the consumer consumes on a broker connection, 0 while it reconnects."),
+    ("messaging_client_sent_messages_total", Kind::Counter, "Outbox rows published (confirmed) and marked."),
+    ("svcdb_relay_publish_failures_total", Kind::Counter, "Outbox row publishes that failed and were rescheduled."),
+    ("svcdb_relay_confirm_duration_seconds", Kind::Histogram, "From a relay batch's first publish to its last confirm."),
+    ("svcdb_relay_broker_blocked", Kind::Gauge, "1 while RabbitMQ blocks the relay's connection (memory or disk alarm)."),
+    ("svcdb_relay_connected", Kind::Gauge, "1 while the relay has a channel to the broker, 0 while it reconnects."),
+    ("svcdb_retention_last_purge_timestamp_seconds", Kind::Gauge, "Unix time of the last successful purge, by table."),
+    ("svcdb_retention_purged_rows_total", Kind::Counter, "Rows the purges deleted, by table."),
+];
+
+/// Gives the installed recorder every metric's description.
+fn describe() {
+    for &(name, kind, help) in HELP {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
 }
 
 /// For a process that exports no metrics (a command-line tool): installs a no-op recorder in

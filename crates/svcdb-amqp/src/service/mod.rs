@@ -25,7 +25,8 @@
 //!    ([`Consumer`]),
 //!
 //! While it runs, `/readyz` also says whether the broker is reachable (`"broker"`: the relay's
-//! and each consumer's connection; a `broker_unreachable` notice while one reconnects). A
+//! and each consumer's connection; a `broker_unreachable` notice while one reconnects, a
+//! `relay_failing` one while the broker refuses what the relay publishes). A
 //! broker outage keeps `200`: requests still work, their events wait in the outbox, and taking
 //! every replica out of the load balancer would turn the outage into one of the whole API.
 //! `/metrics` has the same as `svcdb_relay_connected` and `svcdb_consumer_connected`.
@@ -839,6 +840,10 @@ impl BrokerWatch {
             return None;
         }
         let relay = self.relay.as_ref().map(|r| r.borrow().clone());
+        let failing = relay
+            .as_ref()
+            .filter(|r| r.consecutive_errors > 0)
+            .and_then(|r| r.last_error.clone());
         let consumers: Vec<(&str, bool)> = self
             .consumers
             .iter()
@@ -865,15 +870,27 @@ impl BrokerWatch {
                 .map(|(queue, connected)| serde_json::json!({"queue": queue, "connected": connected}))
                 .collect::<Vec<_>>(),
         });
-        let notice = (!down.is_empty()).then(|| {
-            serde_json::json!({
+        let notice = if !down.is_empty() {
+            Some(serde_json::json!({
                 "kind": "broker_unreachable",
                 "message": format!(
                     "service {service} has no connection to RabbitMQ for {}: reconnecting; requests are still served",
                     down.join(", ")
                 ),
+            }))
+        } else {
+            // Connected, and failing: the broker refuses what the relay publishes (a full
+            // queue that rejects publishes, no queue bound). Found by a user trial: `/readyz`
+            // said nothing while thousands of rows waited.
+            failing.map(|error| {
+                serde_json::json!({
+                    "kind": "relay_failing",
+                    "message": format!(
+                        "service {service}'s outbox relay cannot publish: {error}; the events wait in the outbox and are retried; requests are still served"
+                    ),
+                })
             })
-        });
+        };
         Some((broker, notice))
     }
 }

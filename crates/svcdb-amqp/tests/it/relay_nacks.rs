@@ -95,3 +95,41 @@ async fn a_relay_whose_publishes_are_all_nacked_reconnects() {
     assert!(status.failed >= 3, "{status:?}");
     relay.stop().await;
 }
+
+/// Found by a user trial: under a stream of new rows that a full queue refuses, the relay
+/// reconnected after every few nacked batches, as fast as the rows came (14 connections a
+/// second). It now waits between those reconnections as between failed connections, doubling
+/// up to `max_reconnect_backoff`. The control is the count itself: one reconnection per
+/// nacked batch would open about one connection per row here.
+#[tokio::test]
+async fn a_relay_reconnecting_over_nacks_backs_off() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (_test_db, db) = service().await;
+    let exchange = common::unique("orders.events");
+    broker.declare(Topology::new().exchange(&exchange)).await;
+    nacking_queue(&broker, &exchange, "full.#").await;
+    let port = closed_port();
+    let proxy = Proxy::start(port).await;
+    let relay = start_with(
+        &AmqpConfig::new(url_via(port)),
+        fast_outbox(&db),
+        RelayConfig {
+            reconnect_after_nacked_batches: 1,
+            reconnect_backoff: std::time::Duration::from_millis(300),
+            max_reconnect_backoff: std::time::Duration::from_millis(600),
+            ..fast()
+        },
+    );
+    // 30 rows, one every 50 ms: 1.5 s of refused publishes.
+    for n in 0..30 {
+        let event = Envelope::new("OrderPlaced", "orders", json!({ "order_id": n }));
+        enqueue(&db, &exchange, "full.placed", &event).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let opened = proxy.sent(CONNECTION_OPEN);
+    assert!(opened >= 2, "it reconnects at all: {opened}");
+    // 300, 600, 600 ms…: at most 5 reconnections in 1.5 s, and the first connection.
+    assert!(opened <= 6, "{opened} connections in 1.5 s");
+    relay.stop().await;
+}

@@ -899,3 +899,45 @@ async fn the_start_up_migration_takes_the_services_migrate_options() {
         .await
         .unwrap();
 }
+
+/// Found by a user trial: while the broker refused what the relay published (a queue gone, a
+/// full queue that rejects publishes), `/readyz` said nothing, and thousands of rows waited
+/// in the outbox. It now shows a `relay_failing` notice (still 200: requests work); before the
+/// refused event, none (the control).
+#[tokio::test]
+async fn readyz_says_when_the_broker_refuses_what_the_relay_publishes() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (test_db, _db) = common::service().await;
+    let exchange = events_exchange(&unique("svc"));
+    broker.delete_later(Topology::new().exchange(&exchange));
+    let running = Service::new("svc-relay-failing")
+        .database(test_db.config("svc"))
+        .amqp(amqp())
+        .publishes(&exchange)
+        .listen(localhost())
+        .start()
+        .await
+        .unwrap();
+    let (addr, db) = (running.addr(), running.db().clone());
+    let failing = |report: &serde_json::Value| {
+        report["notices"]
+            .as_array()
+            .is_some_and(|notices| notices.iter().any(|n| n["kind"] == "relay_failing"))
+    };
+    let (code, report) = readyz(addr).await;
+    assert!(code == 200 && !failing(&report), "{report}");
+    // No queue is bound for this key: the broker returns the message (NO_ROUTE).
+    let event = Envelope::new("OrderPlaced", "svc", serde_json::json!({}));
+    db.transaction(async |tx| {
+        svcdb::outbox::enqueue(tx, &exchange, "nobody.listens", &event).await
+    })
+    .await
+    .unwrap();
+    eventually("/readyz says the relay cannot publish", || async {
+        let (code, report) = readyz(addr).await;
+        code == 200 && failing(&report)
+    })
+    .await;
+    running.stop().await.unwrap();
+}

@@ -138,6 +138,44 @@ CREATE INDEX IF NOT EXISTS svcdb_outbox_published_at_idx
 /// bytes.
 pub const MAX_AMQP_NAME_BYTES: usize = 255;
 
+/// Refuses an envelope with the character U+0000 in a string (a field, or any key or string
+/// of the payload): PostgreSQL's `jsonb` cannot store it, and the `INSERT` would fail with
+/// 22P05 inside the caller's transaction, aborting its business write (found by a user trial:
+/// a user-supplied name with a NUL in it).
+fn refuse_nul(envelope: &Envelope) -> Result<()> {
+    /// The path of the first string under `value` that holds a NUL (`$` for `value` itself).
+    fn nul_in(value: &serde_json::Value, path: &str) -> Option<String> {
+        match value {
+            serde_json::Value::String(s) if s.contains('\0') => Some(path.to_owned()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| nul_in(item, &format!("{path}[{i}]"))),
+            serde_json::Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+                if key.contains('\0') {
+                    Some(format!("{path} (a key)"))
+                } else {
+                    nul_in(item, &format!("{path}.{key}"))
+                }
+            }),
+            _ => None,
+        }
+    }
+    let found = [("kind", &envelope.kind), ("source", &envelope.source)]
+        .into_iter()
+        .find(|(_, text)| text.contains('\0'))
+        .map(|(field, _)| (field, field.to_owned()))
+        .or_else(|| nul_in(&envelope.payload, "payload").map(|path| ("payload", path)));
+    match found {
+        Some((field, path)) => Err(EventError::InvalidField {
+            field,
+            reason: format!("{path} holds the character U+0000, which PostgreSQL cannot store in jsonb (nor in text); remove it, or encode the value (base64) before putting it in the event"),
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
 /// The longest `last_error` stored, in characters; longer publisher errors are cut.
 const MAX_ERROR_CHARS: usize = 2000;
 
@@ -150,7 +188,8 @@ const MAX_ERROR_CHARS: usize = 2000;
 /// service schema ([`AnyTransaction`](crate::AnyTransaction)).
 ///
 /// Refused before any SQL is sent, so that the relay never holds a row the broker cannot take:
-/// an invalid envelope or one over [`MAX_ENVELOPE_BYTES`] ([`Error::Event`](crate::Error::Event)), an exchange name
+/// an invalid envelope, one over [`MAX_ENVELOPE_BYTES`], or one with the character U+0000 in a
+/// string, which `jsonb` cannot store ([`Error::Event`](crate::Error::Event)), an exchange name
 /// other than letters, digits, `-`, `_`, `.` and `:` ([`check_exchange`]: empty names the
 /// default exchange, and `amq.topic` is fine) or a routing key over 255 bytes
 /// ([`check_routing_key`]; both [`Error::Ident`](crate::Error::Ident)). Enqueueing one envelope id twice fails with
@@ -167,6 +206,7 @@ pub async fn enqueue(
     check_exchange(exchange)?;
     check_routing_key(routing_key)?;
     envelope.validate()?;
+    refuse_nul(envelope)?;
     let json = serde_json::to_string(envelope).expect("an envelope always serializes");
     if json.len() > MAX_ENVELOPE_BYTES {
         return Err(EventError::TooLarge {

@@ -350,6 +350,11 @@ impl ServiceDb {
         DedicatedConn::connect_listening(&self.inner.session, &self.inner.tls).await
     }
 
+    /// The connector of the pool's connections (for a cancel request on one of them).
+    pub(crate) fn tls(&self) -> &Tls {
+        &self.inner.tls
+    }
+
     /// Sizes, waiters and wait percentiles; no I/O.
     pub fn status(&self) -> PoolStatus {
         self.inner.stats.snapshot(&self.inner.pool.status())

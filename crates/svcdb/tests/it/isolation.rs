@@ -452,7 +452,12 @@ async fn migrations_run_as_the_schemas_owner_or_not_at_all() {
     .unwrap();
     // A script that drops the role it runs as, in the same deploy: the next one still runs
     // as the owner.
-    std::fs::write(dir.path().join("0002_reset.up.sql"), "RESET ROLE;").unwrap();
+    // (The lint's `set-role` refuses it unless allowed: allowed here, as the point.)
+    std::fs::write(
+        dir.path().join("0002_reset.up.sql"),
+        "-- svcdb:allow set-role\nRESET ROLE;",
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("0003_prices.up.sql"),
         "CREATE TABLE prices (id int);",

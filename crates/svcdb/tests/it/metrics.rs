@@ -42,6 +42,31 @@ fn unique_database() -> String {
     format!("svcdb_metrics_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// Found by a user trial: no family had a `# HELP` line. Every family rendered has one, and
+/// its `# TYPE` (the control: a family recorded here).
+#[tokio::test]
+async fn every_family_has_its_help_text() {
+    let db = pool(5432, &unique_database());
+    let _ = db.get().await;
+    let text = svcdb::metrics::render();
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(
+        families.contains(&"svcdb_pool_connect_errors_total"),
+        "{text}"
+    );
+    for family in families {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# HELP {family} "))),
+            "{family} has no HELP line: {text}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_missing_database_counts_as_a_connect_error_of_that_cause() {
     let db = pool(5432, &unique_database());

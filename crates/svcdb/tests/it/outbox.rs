@@ -563,6 +563,43 @@ async fn enqueue_refuses_what_the_relay_could_never_publish() {
     );
     let err = enqueue("orders", "k".into(), huge).await.unwrap_err();
     assert!(matches!(err, Error::Event(EventError::TooLarge { .. })));
+    // Found by a user trial: a NUL in a string reached the INSERT, which jsonb refused
+    // (22P05), aborting the caller's business write. Refused first, wherever it is; a
+    // backslash-u written out in text is no NUL (the control).
+    let mut nul_kind = order_placed(1);
+    nul_kind.kind = "Order\u{0}Placed".into();
+    for (field, envelope) in [
+        (
+            "payload",
+            Envelope::new("OrderPlaced", "orders", json!({ "name": "a\u{0}b" })),
+        ),
+        (
+            "payload",
+            Envelope::new(
+                "OrderPlaced",
+                "orders",
+                json!({ "lines": [{ "note": "\u{0}" }] }),
+            ),
+        ),
+        (
+            "payload",
+            Envelope::new("OrderPlaced", "orders", json!({ "k\u{0}": 1 })),
+        ),
+        ("kind", nul_kind),
+    ] {
+        let err = enqueue("orders", "k".into(), envelope).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Event(EventError::InvalidField { field: f, .. }) if *f == field),
+            "{err:?}"
+        );
+    }
+    enqueue(
+        "orders",
+        "k".into(),
+        Envelope::new("OrderPlaced", "orders", json!({ "text": "\\u0000" })),
+    )
+    .await
+    .unwrap();
 
     // The default exchange (empty name) is fine; one envelope id twice is not.
     let event = order_placed(1);
@@ -571,7 +608,7 @@ async fn enqueue_refuses_what_the_relay_could_never_publish() {
         .unwrap();
     let err = enqueue("", "orders-queue".into(), event).await.unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::UNIQUE_VIOLATION));
-    assert_eq!(Outbox::new(svc).pending_count().await.unwrap(), 1);
+    assert_eq!(Outbox::new(svc).pending_count().await.unwrap(), 2);
 }
 
 #[tokio::test]

@@ -118,6 +118,62 @@ async fn rolls_back_when_dropped_uncommitted() {
     assert_eq!(count(&svc).await, 0);
 }
 
+/// Found by a user trial: a transaction whose future was dropped while a statement waited
+/// (a request timeout) only queued its `ROLLBACK` behind that statement, so the server kept
+/// running it, with the locks the transaction had taken, and the pool handed the connection to
+/// the next caller, who waited behind it. Now the statement is cancelled and the connection
+/// closed: the lock is free at once and the next transaction runs on another connection. The
+/// control: the blocking session holds its row to the end of the test, and the abandoned
+/// statement, not cancelled, would wait for it that long, longer than every wait below.
+#[tokio::test]
+async fn a_transaction_dropped_while_its_statement_waits_releases_its_locks_at_once() {
+    let (db, svc) = setup().await;
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO t VALUES (1, 0), (2, 0)")
+        .await
+        .unwrap();
+    // Another session holds row 1 to the end.
+    let blocker = db.admin().await;
+    blocker
+        .batch_execute("BEGIN; UPDATE orders.t SET n = n WHERE id = 1")
+        .await
+        .unwrap();
+    let abandoned = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        svc.transaction(async |tx| {
+            tx.execute("UPDATE t SET n = 1 WHERE id = 2", &[]).await?; // locks row 2
+            tx.execute("UPDATE t SET n = 1 WHERE id = 1", &[]).await?; // waits for row 1
+            Ok::<_, Error>(())
+        }),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the statement waited for row 1");
+    // Row 2 is free well before the blocker lets go of row 1.
+    let other = db.admin().await;
+    other
+        .batch_execute("SET lock_timeout = '3s'")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    other
+        .execute("UPDATE orders.t SET n = 2 WHERE id = 2", &[])
+        .await
+        .unwrap_or_else(|e| panic!("row 2 still locked: {}", svcdb::error::pg_message(&e)));
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    // The pool's next transaction does not wait behind the abandoned statement.
+    let started = std::time::Instant::now();
+    svc.transaction(async |tx| {
+        tx.execute("UPDATE t SET n = 3 WHERE id = 2", &[]).await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+}
+
 #[tokio::test]
 async fn rolls_back_when_the_closure_panics_or_is_cancelled() {
     let (db, svc) = setup().await;
