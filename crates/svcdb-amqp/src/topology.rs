@@ -318,12 +318,20 @@ impl Topology {
     }
 
     async fn declare_on(&self, channel: &Channel) -> Result<()> {
-        let bound = self
-            .queues
+        // Collected before the first `await`: an iterator whose closures live across it made
+        // the future of `declare` not `Send` inside a spawned task ("implementation of
+        // `FnOnce` is not general enough").
+        let exchanges: Vec<&String> = self
+            .exchanges
             .iter()
-            .flat_map(|q| q.bindings.iter().map(|b| &b.exchange));
+            .chain(
+                self.queues
+                    .iter()
+                    .flat_map(|q| q.bindings.iter().map(|b| &b.exchange)),
+            )
+            .collect();
         let mut declared: Vec<&String> = Vec::new();
-        for exchange in self.exchanges.iter().chain(bound) {
+        for exchange in exchanges {
             if exchange.is_empty() || declared.contains(&exchange) {
                 continue; // "" is the default exchange, which always exists
             }

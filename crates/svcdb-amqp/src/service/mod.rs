@@ -717,8 +717,42 @@ where
         }
         for (queue, consumer) in consumers {
             let stop = running.token(Group::Consumers);
+            let amqp = amqp.clone();
+            let service = name.clone();
             running.spawn(Part::Consumer(queue), async move {
-                consumer.run(stop).await.map_err(Cause::Amqp)
+                let mut redeclared = 0;
+                loop {
+                    let started = tokio::time::Instant::now();
+                    let consumed = consumer.run(stop.clone()).await;
+                    // Counted while it keeps failing at once; a queue consumed for a while
+                    // since its last loss starts the count again.
+                    if started.elapsed() > Duration::from_secs(60) {
+                        redeclared = 0;
+                    }
+                    match consumed {
+                        // Found by a user trial: a consumer's queue deleted by hand stopped the
+                        // whole service, its API included, until someone restarted it. Declared
+                        // again as at the start-up, it is consumed again (what was published
+                        // to it meanwhile went back to the relays, which retry it). A queue
+                        // that keeps disappearing still stops the service.
+                        Err(e) if e.is_not_found() && !stop.is_cancelled() && redeclared < 3 => {
+                            let Some(amqp) = &amqp else {
+                                return Err(Cause::Amqp(e));
+                            };
+                            redeclared += 1;
+                            tracing::warn!(target: "svcdb_amqp::service", service = %service, queue = %consumer.queue().name, error = %e, "the consumer's queue is gone; declaring it again");
+                            // Not at once: a quorum queue declared again while the broker still
+                            // shuts down the deleted one's process (RabbitMQ 3.10) crashed its
+                            // channels with INTERNAL_ERROR.
+                            if !crate::connection::pause(&stop, Duration::from_secs(1)).await {
+                                return Ok(());
+                            }
+                            let topology = Topology::new().queue(consumer.queue().clone());
+                            declare(amqp, &topology).await.map_err(Cause::Amqp)?;
+                        }
+                        other => return other.map_err(Cause::Amqp),
+                    }
+                }
             });
         }
         tracing::info!(target: "svcdb_amqp::service", service = %name, %addr, "serving");

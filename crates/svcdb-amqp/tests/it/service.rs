@@ -171,6 +171,28 @@ async fn a_handler_past_the_deadline_is_rolled_back_and_handled_once_by_the_next
     assert_eq!(effects(&db, event.id).await, 1, "once");
 }
 
+/// Deletes `queue` once it exists (checked every 50 ms).
+async fn delete_once_back(broker: &Broker, queue: &str) {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    loop {
+        // A passive declare of a missing queue closes its channel: a new one each time.
+        let channel = broker.channel().await;
+        if channel
+            .queue_declare(queue.into(), passive, Default::default())
+            .await
+            .is_ok()
+        {
+            let _ = channel.queue_delete(queue.into(), Default::default()).await;
+            let _ = channel.close(200, "OK".into()).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_consumer_that_fails_for_good_stops_the_service_with_its_queue_named() {
     common::init_tracing();
@@ -192,15 +214,24 @@ async fn a_consumer_that_fails_for_good_stops_the_service_with_its_queue_named()
         .start()
         .await
         .unwrap();
-    let channel = broker.connection.create_channel().await.unwrap();
-    channel
-        .queue_delete(queue.name.as_str().into(), Default::default())
-        .await
-        .unwrap();
-    let error = tokio::time::timeout(Duration::from_secs(30), running.run_until_signal())
-        .await
-        .expect("the service stops on its own")
-        .unwrap_err();
+    // The queue deleted again each time it is back: declared again a few times, then the
+    // service stops (one deletion is survived:
+    // `a_consumers_queue_deleted_under_it_is_declared_again`). Each deletion waits for the
+    // queue to be back: deleting a quorum queue while it is being declared crashed the broker's
+    // queue process (INTERNAL_ERROR for every other client).
+    let stopping = running.run_until_signal();
+    tokio::pin!(stopping);
+    let error = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            tokio::select! {
+                result = &mut stopping => break result,
+                () = delete_once_back(&broker, &queue.name) => {}
+            }
+        }
+    })
+    .await
+    .expect("the service stops on its own")
+    .unwrap_err();
     assert_eq!(error.service(), "svc-test");
     assert_eq!(error.step(), &Step::Consume(queue.name.clone()), "{error}");
     assert!(error.amqp_error().is_some(), "{error}");
@@ -940,4 +971,63 @@ async fn readyz_says_when_the_broker_refuses_what_the_relay_publishes() {
     })
     .await;
     running.stop().await.unwrap();
+}
+
+/// Found by a user trial: deleting a consumer's queue (by hand, or a broker's policy) stopped
+/// the whole service, its API included, until someone restarted it. The service declares the
+/// queue again and consumes it; an event published afterwards is handled, and the service
+/// stops cleanly (the control: the old code's consumer ended with NOT_FOUND, which stopped the
+/// service, so the event was never handled).
+#[tokio::test]
+async fn a_consumers_queue_deleted_under_it_is_declared_again() {
+    common::init_tracing();
+    let broker = Broker::new().await;
+    let (test_db, db) = common::service().await;
+    let (exchange, queue) = topology(&broker);
+    let gated = Gated::new();
+    let registered = Gated {
+        started: gated.started.clone(),
+        release: gated.release.clone(),
+    };
+    gated.release.add_permits(100);
+    let running = Service::new("svc-requeue")
+        .database(test_db.config("svc"))
+        .amqp(amqp())
+        .require(["effects"])
+        .publishes(&exchange)
+        .subscribe(queue.clone(), "svc-test.effects", move |consumer, _| {
+            registered.register(consumer)
+        })
+        .listen(localhost())
+        .start()
+        .await
+        .unwrap();
+    let addr = running.addr();
+    broker
+        .channel()
+        .await
+        .queue_delete(queue.name.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let event = Envelope::new("Tested", "svc-test", serde_json::json!({}));
+    eventually("the queue is declared and bound again", || async {
+        // Returned unroutable (NO_ROUTE) until then.
+        let channel = broker.channel().await;
+        svcdb_amqp::publish::publish_envelope(
+            &channel,
+            &exchange,
+            "tested",
+            &event,
+            Duration::from_secs(5),
+        )
+        .await
+        .is_ok()
+    })
+    .await;
+    eventually("its event is handled", || async {
+        effects(&db, event.id).await == 1
+    })
+    .await;
+    assert_eq!(status(addr, "/readyz").await, 200);
+    running.stop().await.expect("a clean shutdown");
 }
