@@ -76,11 +76,6 @@ impl ServiceDb {
                 .flatten(),
             None => None,
         };
-        let labels = self.metric_labels();
-        metrics::gauge!("svcdb_gate_ready", labels.iter()).set(if gate.ready { 1.0 } else { 0.0 });
-        if let Some(version) = &gate.migration_version {
-            metrics::gauge!("svcdb_migration_version", labels.iter()).set(version.number() as f64);
-        }
         HealthReport {
             gate,
             database: DatabaseHealth {

@@ -28,8 +28,9 @@
 //! | `svcdb_outbox_backlog` | gauge | outbox rows not yet published (on scrape) |
 //! | `svcdb_outbox_oldest_unpublished_age_seconds` | gauge | age of the oldest of them, 0 when none (on scrape) |
 //! | `svcdb_table_size_bytes{table}` | gauge | `svcdb_outbox` and `svcdb_processed_events`, with indexes and TOAST (on scrape) |
-//! | `svcdb_gate_ready` | gauge | 1 when the last health check passed the gate, else 0 |
-//! | `svcdb_migration_version` | gauge | the applied version's number, every digit read as one integer (diesel's `2017-09-23-182408` is 20170923182408, Flyway's `1.12.30` is 11230: watch it change, do not compare it), as the last health check saw it |
+//! | `svcdb_database_up` | gauge | 1 when the last scrape's queries got their answer, 0 when the database did not (the outbox and table gauges then keep their last values) |
+//! | `svcdb_gate_ready` | gauge | 1 when the last gate check (the start-up gate, a health check) passed, else 0 |
+//! | `svcdb_migration_version` | gauge | the applied version's number, every digit read as one integer (diesel's `2017-09-23-182408` is 20170923182408, Flyway's `1.12.30` is 11230: watch it change, do not compare it), as the last gate check saw it |
 //! | `svcdb_migration_last_deploy_duration_seconds` | gauge | how long the start-up migration run took (svcdb-amqp's `Service`) |
 //! | `svcdb_migration_lock_waits_total{lock}` | counter | in that run: waits for another runner's schema lock (`schema`), retries after a table's `lock_timeout` (`table`) |
 //!
@@ -117,7 +118,8 @@ const HELP: &[(&str, Kind, &str)] = &[
     ("svcdb_outbox_backlog", Kind::Gauge, "Outbox rows not yet published."),
     ("svcdb_outbox_oldest_unpublished_age_seconds", Kind::Gauge, "Age of the oldest unpublished outbox row, 0 when none."),
     ("svcdb_table_size_bytes", Kind::Gauge, "Size of svcdb's tables, with indexes and TOAST."),
-    ("svcdb_gate_ready", Kind::Gauge, "1 when the last health check passed the start-up gate, else 0."),
+    ("svcdb_database_up", Kind::Gauge, "1 when the last scrape's queries got their answer, 0 when the database did not answer (the outbox and table gauges then keep their last values)."),
+    ("svcdb_gate_ready", Kind::Gauge, "1 when the last gate check (the start-up gate, a health check) passed, else 0."),
     ("svcdb_migration_version", Kind::Gauge, "The applied migration version's digits as one integer (watch it change; do not compare it)."),
     ("svcdb_migration_last_deploy_duration_seconds", Kind::Gauge, "How long the start-up migration run took."),
     ("svcdb_migration_lock_waits_total", Kind::Counter, "Waits for another runner's schema lock (schema) and lock_timeout retries (table) in the start-up migration run."),

@@ -100,6 +100,17 @@ impl ServiceDb {
             Ok::<_, crate::Error>(())
         })
         .await;
+        // Said in a series of its own (found by a user trial: while the database was out,
+        // the outbox and table gauges kept their last values and nothing showed it).
+        gauge(
+            "svcdb_database_up",
+            &[],
+            if matches!(queried, Ok(Ok(()))) {
+                1.0
+            } else {
+                0.0
+            },
+        );
         match queried {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

@@ -597,7 +597,6 @@ where
                     }
                     let gate = gate.require(&required)?;
                     let report = db.verify(&gate).await.ensure_ready()?;
-                    metrics::gauge!("svcdb_gate_ready", db.metric_labels().iter()).set(1.0);
                     Ok::<_, svcdb::Error>((gate, report))
                 })
                 .await?;

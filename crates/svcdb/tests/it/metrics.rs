@@ -42,6 +42,35 @@ fn unique_database() -> String {
     format!("svcdb_metrics_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// Found by a user trial: while the database was out, the outbox and table gauges kept their
+/// last values and no series said so; and `svcdb_migration_version` appeared only after the
+/// first health check, not after the start-up gate. `svcdb_database_up` says 0 for a database
+/// that cannot answer, 1 for one that does (the control), and `verify` records the version.
+#[tokio::test]
+async fn a_scrape_says_whether_the_database_answered_and_the_gate_records_the_version() {
+    let missing = pool(5432, &unique_database());
+    missing.observe_metrics().await;
+    assert_eq!(value(&missing, "svcdb_database_up", &[]), Some(0.0));
+
+    let db = svcdb::testing::TestDb::new().await;
+    let svc = db.service("orders_svc").await;
+    svc.observe_metrics().await;
+    assert_eq!(value(&svc, "svcdb_database_up", &[]), Some(1.0));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("0007_a.up.sql"), "CREATE TABLE a (id int);").unwrap();
+    let migrations = svcdb::migrate::Migrations::from_dir(dir.path()).unwrap();
+    svcdb::migrate::Migrator::new(svc.clone(), migrations.clone())
+        .up()
+        .await
+        .unwrap();
+    let report = svc
+        .verify(&svcdb::Gate::new().with_migrations(migrations))
+        .await;
+    assert!(report.ready, "{report:?}");
+    assert_eq!(value(&svc, "svcdb_migration_version", &[]), Some(7.0));
+    assert_eq!(value(&svc, "svcdb_gate_ready", &[]), Some(1.0));
+}
+
 /// Found by a user trial: no family had a `# HELP` line. Every family rendered has one, and
 /// its `# TYPE` (the control: a family recorded here).
 #[tokio::test]

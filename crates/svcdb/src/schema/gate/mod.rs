@@ -157,6 +157,18 @@ impl Gate {
             problems,
             notices,
         };
+        // Here, so the start-up gate records them too, not only the health checks (found by
+        // a user trial: after a restart `svcdb_migration_version` was missing until the first
+        // `/readyz`).
+        let labels = db.metric_labels();
+        metrics::gauge!("svcdb_gate_ready", labels.iter()).set(if report.ready {
+            1.0
+        } else {
+            0.0
+        });
+        if let Some(version) = &report.migration_version {
+            metrics::gauge!("svcdb_migration_version", labels.iter()).set(version.number() as f64);
+        }
         (report, latency.filter(|_| answered))
     }
 
