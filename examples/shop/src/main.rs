@@ -294,7 +294,18 @@ fn exit(outcome: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", Report::new(e.as_ref()));
-            ExitCode::FAILURE
+            // Stopped by a signal during the start-up: 143, as the svcdb CLI ends on SIGTERM
+            // (found by a user trial: exit 1 read as a crash to the orchestrator).
+            let stopped = e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<svcdb_amqp::service::ServiceError>()
+                    .is_some_and(svcdb_amqp::service::ServiceError::is_stopped_by_signal)
+            });
+            if stopped {
+                ExitCode::from(143)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

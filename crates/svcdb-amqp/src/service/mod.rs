@@ -759,14 +759,20 @@ where
     }
 }
 
-/// Counts the start-up migration run's lock waits in `svcdb_migration_lock_waits_total`:
+/// Counts the start-up migration run's lock waits in `svcdb_migration_lock_waits_total` (and
+/// logs a wait for the schema's lock):
 /// `lock="schema"` when another runner held the schema's migration lock, `lock="table"` for each
 /// retry after a statement's `lock_timeout` (a live session held a table lock).
 fn lock_wait_counter(db: &ServiceDb) -> impl FnMut(&MigrateEvent) + Send {
     let labels = db.metric_labels().to_vec();
     move |event| {
         let lock = match event {
-            MigrateEvent::WaitingForLock { .. } => "schema",
+            MigrateEvent::WaitingForLock { .. } => {
+                // Said in the log too (found by a user trial: nothing showed for the 10 s a
+                // replica waited for another one's migration).
+                tracing::info!(target: "svcdb_amqp::service", "{event}");
+                "schema"
+            }
             MigrateEvent::LockRetry { .. } => "table",
             _ => return,
         };
@@ -1380,6 +1386,19 @@ impl ServiceError {
     /// The underlying error, for `?` into another error type.
     pub fn into_cause(self) -> Cause {
         self.cause
+    }
+
+    /// True when a SIGTERM or Ctrl-C stopped the start-up ([`Cause::Stopped`], or the
+    /// start-up migration interrupted): not a failure of the service, so a program exits the
+    /// way a signal's end is reported (128 + the signal: 143 for SIGTERM), not 1 (found by a
+    /// user trial: an orchestrator counted the stop as a crash).
+    pub fn is_stopped_by_signal(&self) -> bool {
+        match &self.cause {
+            Cause::Stopped | Cause::Migrate(MigrateError::Interrupted { .. }) => true,
+            // A statement the signal cancelled fails the migration, marked so.
+            Cause::Migrate(MigrateError::Failed(failure)) => failure.interrupted,
+            _ => false,
+        }
     }
 
     /// True when the start-up gate refused the schema; [`ServiceError::gate_report`] lists

@@ -737,7 +737,12 @@ async fn a_service_whose_start_up_migration_waits() {
         .await;
     match started {
         Ok(_) => println!("started"),
-        Err(e) => println!("stopped at {:?}: {:?}", e.step(), e.cause()),
+        Err(e) => println!(
+            "stopped at {:?}: {:?} (by a signal: {})",
+            e.step(),
+            e.cause(),
+            e.is_stopped_by_signal()
+        ),
     }
 }
 
@@ -810,6 +815,8 @@ async fn a_signal_during_a_start_up_migration_stops_it_cleanly() {
         ended.contains("interrupted: true") && ended.contains("dirty: false"),
         "{ended}"
     );
+    // What a program's exit code goes by (the shop exits 143 on it, not 1).
+    assert!(ended.ends_with("(by a signal: true)"), "{ended}");
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .expect("the child exits")

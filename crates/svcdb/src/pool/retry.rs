@@ -18,8 +18,11 @@ use crate::tls::is_final_tls_failure;
 ///   `42704` for an unknown setting in `options=-c …`, `22023` for a bad value, `42501` for
 ///   a role without `CONNECT` on the database, …) except those that say the server cannot
 ///   take the connection *now*: `57P01`–`57P03` (shutting down, crashed, starting up or in
-///   recovery), class `53` (too many connections, out of memory or disk), class `08`
-///   (connection exceptions), class `58` and `XX` (the server's own trouble).
+///   recovery), `55000` (the database "is not currently accepting connections": an
+///   administrator's `ALLOW_CONNECTIONS false` for maintenance, or the database being
+///   dropped or created; found by a user trial, where it recovered within a second), class
+///   `53` (too many connections, out of memory or disk), class `08` (connection
+///   exceptions), class `58` and `XX` (the server's own trouble).
 ///
 /// A connection refused or reset, or no answer, has no SQLSTATE and is retried: a restarting
 /// server comes back.
@@ -33,6 +36,7 @@ pub(super) fn no_retry_fixes(e: &tokio_postgres::Error) -> bool {
     let transient = *code == SqlState::ADMIN_SHUTDOWN
         || *code == SqlState::CRASH_SHUTDOWN
         || *code == SqlState::CANNOT_CONNECT_NOW
+        || *code == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
         || ["53", "08", "58", "XX"]
             .iter()
             .any(|class| code.code().starts_with(class));

@@ -302,6 +302,36 @@ async fn a_fatal_error_while_the_session_starts_fails_on_the_first_attempt() {
     }
 }
 
+/// Found by a user trial: a database that "is not currently accepting connections" (55000:
+/// `ALLOW_CONNECTIONS false` for maintenance) is a moment's state, which running services
+/// waited out and a starting one did not. It is retried until the acquire timeout: a
+/// connection asked for while it lasts is made once it ends (the control that FATAL errors
+/// fail at once is `a_fatal_error_while_the_session_starts_fails_on_the_first_attempt`).
+#[tokio::test]
+async fn a_database_closed_to_connections_for_a_moment_is_waited_for() {
+    let db = TestDb::new().await;
+    let user = db.connection().get_user().unwrap().to_owned();
+    // From another database: a session cannot close its own to connections.
+    let mut server = db.connection();
+    server.dbname("postgres");
+    let admin = svcdb::DedicatedConn::connect(&server).await.unwrap();
+    let allow = |yes: bool| format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {yes}", db.name());
+    admin.batch_execute(&allow(false)).await.unwrap();
+    let forwarder = Forwarder::to(&db).await;
+    let mut config = forwarder.config(&db, &user, db.name(), "public");
+    config.acquire_timeout = PATIENT;
+    let connecting = tokio::spawn(ServiceDb::connect(config));
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let attempts = forwarder.accepted();
+    admin.batch_execute(&allow(true)).await.unwrap();
+    let svc = connecting
+        .await
+        .unwrap()
+        .expect("connected once the database reopened");
+    svc.get().await.unwrap();
+    assert!(attempts >= 2, "retried while closed: {attempts} attempts");
+}
+
 /// Regression (user trial): with `SVCDB_CONNECT_TIMEOUT=30s` (or `?connect_timeout=60`) a
 /// server that never answers was given up after the 5 s acquire timeout, and the hint said to
 /// raise SVCDB_CONNECT_TIMEOUT, which changes nothing; a 1 s wait read `1000.0ms`. The pool's
