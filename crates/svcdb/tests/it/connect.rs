@@ -328,7 +328,7 @@ async fn a_database_closed_to_connections_for_a_moment_is_waited_for() {
         .await
         .unwrap()
         .expect("connected once the database reopened");
-    svc.get().await.unwrap();
+    drop(svc.get().await.unwrap());
     assert!(attempts >= 2, "retried while closed: {attempts} attempts");
 }
 
