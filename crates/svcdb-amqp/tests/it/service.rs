@@ -39,7 +39,8 @@ fn topology(broker: &Broker) -> (String, QueueSpec) {
 }
 
 /// Handlers that record one `effects` row and then wait for a permit: the test decides when
-/// they may commit. `started` gets a permit as each begins.
+/// they may commit. `started` gets a permit as each begins. A clone shares both.
+#[derive(Clone)]
 struct Gated {
     started: Arc<Semaphore>,
     release: Arc<Semaphore>,
@@ -75,10 +76,7 @@ async fn stopping_says_not_ready_first_then_finishes_the_delivery_it_holds() {
     let (test_db, db) = common::service().await;
     let (exchange, queue) = topology(&broker);
     let gated = Gated::new();
-    let registered = Gated {
-        started: gated.started.clone(),
-        release: gated.release.clone(),
-    };
+    let registered = gated.clone();
     let running = Service::new("svc-test")
         .database(test_db.config("svc"))
         .amqp(amqp())
@@ -131,10 +129,7 @@ async fn a_handler_past_the_deadline_is_rolled_back_and_handled_once_by_the_next
     let (test_db, db) = common::service().await;
     let (exchange, queue) = topology(&broker);
     let start = |gated: &Gated| {
-        let registered = Gated {
-            started: gated.started.clone(),
-            release: gated.release.clone(),
-        };
+        let registered = gated.clone();
         Service::new("svc-test")
             .database(test_db.config("svc"))
             .amqp(amqp())
@@ -994,10 +989,7 @@ async fn a_consumers_queue_deleted_under_it_is_declared_again() {
     let (test_db, db) = common::service().await;
     let (exchange, queue) = topology(&broker);
     let gated = Gated::new();
-    let registered = Gated {
-        started: gated.started.clone(),
-        release: gated.release.clone(),
-    };
+    let registered = gated.clone();
     gated.release.add_permits(100);
     let running = Service::new("svc-requeue")
         .database(test_db.config("svc"))
