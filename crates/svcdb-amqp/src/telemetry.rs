@@ -246,6 +246,22 @@ const QUIETED: [(&str, &str); 2] = [
     ("tokio_postgres", "info"),
 ];
 
+/// `filter`, written as `written` (the `RUST_LOG` text), with the log targets that would
+/// leak data kept quieter unless `written` names them: lapin's returned messages at error,
+/// tokio-postgres at info (see [`QUIETED`]). [`init`] applies it; so does a program that
+/// builds its own filter (the `svcdb` CLI).
+pub fn quiet_leaky_targets(mut filter: EnvFilter, written: &str) -> EnvFilter {
+    for (target, level) in QUIETED {
+        if !written.contains(target) {
+            let directive = format!("{target}={level}")
+                .parse()
+                .expect("QUIETED holds valid directives");
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 /// The log filter: `rust_log` (`RUST_LOG`) when set, `default_filter` otherwise, with the
 /// [`QUIETED`] targets it does not name kept quieter.
 fn filter(rust_log: Option<String>, default_filter: &str) -> Result<EnvFilter, TelemetryError> {
@@ -253,20 +269,11 @@ fn filter(rust_log: Option<String>, default_filter: &str) -> Result<EnvFilter, T
         Some(value) if !value.trim().is_empty() => value,
         _ => default_filter.to_owned(),
     };
-    let invalid = |reason: String| TelemetryError::Filter {
+    let filter = EnvFilter::try_new(&value).map_err(|e| TelemetryError::Filter {
         value: value.clone(),
-        reason,
-    };
-    let mut filter = EnvFilter::try_new(&value).map_err(|e| invalid(e.to_string()))?;
-    for (target, level) in QUIETED {
-        if !value.contains(target) {
-            let directive = format!("{target}={level}")
-                .parse()
-                .map_err(|e: tracing_subscriber::filter::ParseError| invalid(e.to_string()))?;
-            filter = filter.add_directive(directive);
-        }
-    }
-    Ok(filter)
+        reason: e.to_string(),
+    })?;
+    Ok(quiet_leaky_targets(filter, &value))
 }
 
 /// Installs the global subscriber of service `service`: log lines to stderr, filtered by

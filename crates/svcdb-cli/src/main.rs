@@ -234,18 +234,15 @@ fn json_requested() -> bool {
 ///
 /// tokio-postgres logs each statement's text and parameters at debug, and `provision`'s
 /// `ALTER ROLE … PASSWORD` carries the role's SCRAM verifier, which an attacker can test
-/// passwords against offline (found by a user trial, at RUST_LOG=debug): its logs stop at info
-/// unless RUST_LOG names tokio_postgres itself.
+/// passwords against offline (found by a user trial, at RUST_LOG=debug): a RUST_LOG filter
+/// keeps it and lapin's returned messages quiet unless it names them, as services' logs do
+/// (`svcdb_amqp::telemetry::quiet_leaky_targets`).
 fn init_tracing() {
     use std::io::IsTerminal;
     let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
-        Ok(filter) if std::env::var("RUST_LOG").is_ok_and(|v| v.contains("tokio_postgres")) => {
-            filter
-        }
-        Ok(filter) => filter.add_directive(
-            "tokio_postgres=info"
-                .parse()
-                .expect("a valid logging directive"),
+        Ok(filter) => svcdb_amqp::telemetry::quiet_leaky_targets(
+            filter,
+            &std::env::var("RUST_LOG").unwrap_or_default(),
         ),
         Err(_) => tracing_subscriber::EnvFilter::new("error,lapin=off,svcdb::server=warn"),
     };
