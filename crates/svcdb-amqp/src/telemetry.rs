@@ -248,7 +248,7 @@ const QUIETED: [(&str, &str); 2] = [
 
 /// `filter`, written as `written` (the `RUST_LOG` text), with the log targets that would
 /// leak data kept quieter unless `written` names them: lapin's returned messages at error,
-/// tokio-postgres at info (see [`QUIETED`]). [`init`] applies it; so does a program that
+/// tokio-postgres at info (its statements carry secrets). [`init`] applies it; so does a program that
 /// builds its own filter (the `svcdb` CLI).
 pub fn quiet_leaky_targets(mut filter: EnvFilter, written: &str) -> EnvFilter {
     for (target, level) in QUIETED {
