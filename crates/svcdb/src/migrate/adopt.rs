@@ -869,25 +869,13 @@ pub(crate) async fn applied_by_other_tool(
 /// "After" is told by the rows' `xmin`, the transaction that wrote them, against the newest
 /// adopted or baselined row of svcdb's history (`execution_us` NULL): `age()` counts back from
 /// the current transaction, so the younger row has the smaller age (until some two billion
-/// transactions later, when transaction ids wrap around). No adopted row: `None`.
+/// transactions later, when transaction ids wrap around). No adopted row: `None`. The
+/// history table must exist.
 pub(crate) async fn pending_applied_by_other_tool(
     client: &tokio_postgres::Client,
     service: &crate::Ident,
     pending: &[&Migration],
 ) -> Result<Option<(OtherHistory, Vec<String>)>, tokio_postgres::Error> {
-    let adopted: Option<i32> = client
-        .query_one(
-            &format!(
-                "SELECT min(age(xmin)) FROM {} WHERE execution_us IS NULL AND NOT dirty",
-                history::table(service)
-            ),
-            &[],
-        )
-        .await?
-        .get(0);
-    let Some(adopted) = adopted else {
-        return Ok(None);
-    };
     for other in other_histories(client, service).await? {
         // The version column, and what makes a row an applied version, as `read_tool` reads
         // them. golang-migrate's one row names the newest version: every one up to it.
@@ -898,11 +886,17 @@ pub(crate) async fn pending_applied_by_other_tool(
             Tool::Goose => ("version_id::text", "is_applied", false),
             Tool::Flyway => ("version", "success AND type = 'SQL'", false),
         };
+        // One statement: `age()` counts from a point that moves with every transaction the
+        // server starts, so ages read in two statements do not compare (found by a flaky
+        // run, with other tests' transactions in between). No adopted row: NULL, no rows.
         let sql = format!(
-            "SELECT {version} FROM {} WHERE {applied} AND age(xmin) < $1 AND {version} IS NOT NULL",
-            other.table
+            "SELECT {version} FROM {} WHERE {applied} AND {version} IS NOT NULL \
+               AND age(xmin) < (SELECT min(age(xmin)) FROM {} \
+                                 WHERE execution_us IS NULL AND NOT dirty)",
+            other.table,
+            history::table(service)
         );
-        let Ok(rows) = client.query(&sql, &[&adopted]).await else {
+        let Ok(rows) = client.query(&sql, &[]).await else {
             // Not the tool's table after all (`other_histories` matched its name only).
             continue;
         };
