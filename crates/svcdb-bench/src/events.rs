@@ -60,10 +60,11 @@ const BATCH: usize = 100;
 /// Unacknowledged deliveries per consumer, svcdb's and raw; the pool has as many connections.
 const PREFETCH: u16 = 32;
 
-/// Unacknowledged deliveries of the batched consumer: room for 8 batches of the default 16
-/// in flight (a batch holds its deliveries for its whole transaction, so at the prefetch of
-/// the others, 32, only two batches would be). The pool is the same: 32 connections.
-const BATCH_PREFETCH: u16 = 128;
+/// Unacknowledged deliveries of svcdb's batched consumers (the batched stage, the pipelined
+/// rounds and the paced latencies): svcdb's default, room for 8 batches of the default 16 in
+/// flight (a batch holds its deliveries for its whole transaction, so at the prefetch of the
+/// others, 32, only two batches would be). The pool is the same: 32 connections.
+const BATCH_PREFETCH: u16 = svcdb_amqp::DEFAULT_PREFETCH;
 
 /// Longest wait for any one stage; a stage that takes longer is a broken run.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -1088,7 +1089,8 @@ fn pacer(rate: u32) -> tokio::time::Interval {
     tokio::time::interval(Duration::from_secs(1) / rate)
 }
 
-/// A relay and a svcdb consumer whose handler notes each event in a [`Timeline`], running.
+/// A relay and a svcdb consumer (batches of the default size, at svcdb's default prefetch)
+/// whose handler notes each event in a [`Timeline`], running.
 struct SvcdbPipeline {
     stop: CancellationToken,
     relay: tokio::task::JoinHandle<svcdb_amqp::Result<svcdb_amqp::RelayStatus>>,
@@ -1116,7 +1118,8 @@ impl SvcdbPipeline {
             async move { relay.run(stop).await }
         });
         let timeline = timeline.clone();
-        let consumer = Consumer::new(amqp, db.clone(), &names.svcdb_queue, CONSUMER).on(
+        let amqp = amqp.clone().with_prefetch(BATCH_PREFETCH);
+        let consumer = Consumer::new(&amqp, db.clone(), &names.svcdb_queue, CONSUMER).on(
             KIND,
             move |tx, event| {
                 let timeline = timeline.clone();
@@ -1533,11 +1536,11 @@ fn human_report(r: &Results) -> String {
 fn concurrent_report(c: &Concurrent, producers: u16) -> String {
     let mut throughput = report::table(&["all stages at once", "events/s (steady state)"]);
     throughput.add_row(vec![
-        format!("svcdb: {producers} producers (1 tx each) + Relay + Consumer"),
+        format!("svcdb: {producers} producers (1 tx each) + Relay + Consumer (prefetch {BATCH_PREFETCH})"),
         report::num(c.svcdb_pipelined_per_s()),
     ]);
     throughput.add_row(vec![
-        format!("raw lapin: {producers} producers (confirm each) + consumer (1 tx each)"),
+        format!("raw lapin: {producers} producers (confirm each) + consumer (1 tx each, prefetch {PREFETCH})"),
         report::num(c.raw_pipelined_per_s()),
     ]);
     let mut latency = report::table(&["latency", "p50 ms", "p99 ms", "max ms", "p99 per window"]);

@@ -21,9 +21,8 @@ pub enum UnknownKind {
 
 /// The default [`ConsumerOptions::batch`], measured with `svcdb-bench events
 /// --consume-batch`: at a prefetch of 128, batches of 16 handled more events a second than
-/// batches of 8 (fewer commits) or 32 (fewer batches in flight); at the default prefetch
-/// ([`DEFAULT_PREFETCH`](crate::DEFAULT_PREFETCH), 32), 16 is half of it, so one batch
-/// commits while the broker refills the other.
+/// batches of 8 (fewer commits) or 32 (fewer batches in flight); the default prefetch
+/// ([`DEFAULT_PREFETCH`](crate::DEFAULT_PREFETCH), 128) has room for 8 such batches.
 pub const DEFAULT_BATCH: usize = 16;
 
 /// How a [`Consumer`] retries, waits and shuts down. Every field has a default.
@@ -37,8 +36,8 @@ pub struct ConsumerOptions {
     /// handler under a savepoint, then one commit, then the acknowledgements (see
     /// [Batches](super::Consumer#batches)). At most the prefetch: a batch holds its
     /// deliveries for its whole transaction, so for batches to overlap give the prefetch room
-    /// for several ([`AmqpConfig::prefetch`](crate::AmqpConfig::prefetch) 128 for 8 batches of
-    /// 16; at the default 32, two are in flight).
+    /// for several ([`AmqpConfig::prefetch`](crate::AmqpConfig::prefetch), by default 128: 8
+    /// batches of 16 in flight; at 32, only two).
     /// `1` handles each delivery in its own transaction: use it for handlers that call other
     /// systems (HTTP, email), whose effects a failed batch would repeat for its neighbours,
     /// and for handlers that lock rows shared by many events (a stock counter), which

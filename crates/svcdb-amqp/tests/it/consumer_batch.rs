@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 const KIND: &str = "ProductStockReserved";
 const NAME: &str = "orders.reserve-stock";
-/// A full batch: the default prefetch.
+/// A batch of 32, the size the issue names (below the default prefetch, 128).
 const BATCH: usize = 32;
 
 /// An exchange and a queue bound to it, unique to one test, and a proxy to the broker to
