@@ -317,9 +317,28 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
 /// a no-op `up`), and its errors come first: with a broken migration file the connection is
 /// dropped unused and the file is reported, whether or not the server could be reached.
 async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> {
+    migrator_on(global, options, MissingSchema::LazyIfCreated).await
+}
+
+/// What a command that connects makes of a service schema that does not exist.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MissingSchema {
+    /// The connection error, unless SVCDB_CREATE_SCHEMA=true says that `up` creates it.
+    LazyIfCreated,
+    /// A lazy pool that creates nothing, whatever the setting: `status` then lists every
+    /// migration as pending and says why `up` would refuse (found by a user trial: `status`
+    /// on a fresh database was only an error, where `lint` read it as the first deploy).
+    Lazy,
+}
+
+async fn migrator_on(
+    global: &Global,
+    options: MigrateOptions,
+    missing: MissingSchema,
+) -> Result<Migrator> {
     let connecting = global
         .config()
-        .map(|config| tokio::spawn(connect_leaving_the_schema(config)));
+        .map(|config| tokio::spawn(connect_leaving_the_schema(config, missing)));
     let migrations = match global.migrations() {
         Ok(migrations) => migrations,
         Err(e) => {
@@ -344,13 +363,17 @@ async fn migrator(global: &Global, options: MigrateOptions) -> Result<Migrator> 
 /// commands that only read (`status`, `validate`) must not create it, and for the others the
 /// runner creates it under the migration lock, where a first deploy that fails whole takes it
 /// away again. With the setting, a missing schema gives a lazy pool that keeps it (the server
-/// answered: `connect` got as far as the schema), so that `validate` knows `up` creates it.
-async fn connect_leaving_the_schema(config: svcdb::Config) -> svcdb::Result<ServiceDb> {
-    let create = config.create_schema;
+/// answered: `connect` got as far as the schema), so that `validate` knows `up` creates it;
+/// [`MissingSchema::Lazy`] gives it without the setting too.
+async fn connect_leaving_the_schema(
+    config: svcdb::Config,
+    missing: MissingSchema,
+) -> svcdb::Result<ServiceDb> {
+    let lazy = config.create_schema || missing == MissingSchema::Lazy;
     let mut leaving = config.clone();
     leaving.create_schema = false;
     match ServiceDb::connect(leaving).await {
-        Err(e) if create && e.is_schema_missing() => ServiceDb::new(config),
+        Err(e) if lazy && e.is_schema_missing() => ServiceDb::new(config),
         connected => connected,
     }
 }
@@ -479,7 +502,7 @@ async fn redo(global: &Global, args: RunArgs) -> Result<Outcome> {
 }
 
 async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
-    let migrator = migrator(global, drift.options()).await?;
+    let migrator = migrator_on(global, drift.options(), MissingSchema::Lazy).await?;
     let report = migrator.status().await?;
     // `validate` applies the drift rules and allowances exactly as `up` does, so exit 1 means
     // precisely "`up` would refuse", with the library's message saying why and what to do.

@@ -103,7 +103,10 @@
 //!   (55P03) is retried after a jittered backoff, 3 times by default
 //!   ([`MigrateOptions::lock_retries`]): a transactional migration's whole group, a
 //!   non-transactional migration's failing statement; each retry is a
-//!   [`MigrateEvent::LockRetry`].
+//!   [`MigrateEvent::LockRetry`]. The `CONCURRENTLY` statements that block no reads or writes
+//!   (`CREATE`/`DROP INDEX`, `REINDEX`, `DETACH PARTITION`) run without svcdb's
+//!   `lock_timeout`: they wait for every older transaction in the database, whatever tables
+//!   it touches, and a timeout left an invalid index behind.
 //! * **Unsafe DDL.** Before running anything, `up` checks the statements it is about to run
 //!   ([`lint`](mod@lint)): a `CREATE INDEX` without `CONCURRENTLY` on a table that existed before the
 //!   deploy, a table rewrite, a constraint validated under lock, … is refused with the safe

@@ -21,7 +21,11 @@ pub struct MigrateOptions {
     pub lock_wait: Duration,
     /// `lock_timeout` while migrating: a DDL statement waiting this long for a table lock held by
     /// live traffic fails instead of queueing every later query of that table behind it.
-    /// Default: 10 s. `Duration::ZERO` means no limit. The server counts whole milliseconds in
+    /// Default: 10 s. `Duration::ZERO` means no limit. Not applied to the `CONCURRENTLY`
+    /// statements of a non-transactional migration (`CREATE`/`DROP INDEX`, `REINDEX`,
+    /// `DETACH PARTITION`), which block no reads or writes while they wait out every older
+    /// transaction in the database; a script's own `SET lock_timeout` to another value is
+    /// kept for them. The server counts whole milliseconds in
     /// an `int`: less than 1 ms is sent as 1 ms, more than `i32::MAX` ms (about 24 days) as that.
     pub lock_timeout: Duration,
     /// How many times a script that hit `lock_timeout` (SQLSTATE 55P03) is tried again before

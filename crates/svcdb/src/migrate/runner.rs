@@ -23,7 +23,7 @@ use super::report::{
     UpReport,
 };
 use super::source::Migrations;
-use super::split::statements_to_run;
+use super::split::{statements_to_run, waits_out_older_transactions};
 use super::status::StatusReport;
 use super::version::Version;
 use crate::pool::ServiceDb;
@@ -1398,6 +1398,7 @@ impl Migrator {
                 // Between two statements: none of this one ran.
                 return Err(self.stopped_in(conn, m, direction, done).await);
             }
+            let lifted = self.lift_lock_timeout_for(conn, statement).await?;
             let mut retries = 0;
             while let Err(cause) = self.interruptible(conn.batch_execute(statement)).await {
                 let retry = retries < self.options.lock_retries
@@ -1422,6 +1423,13 @@ impl Migrator {
                     return Err(self.stopped_in(conn, m, direction, done).await);
                 }
             }
+            if lifted {
+                conn.batch_execute(&format!(
+                    "SELECT set_config('lock_timeout', '{}ms', false)",
+                    server_millis(self.options.lock_timeout)
+                ))
+                .await?;
+            }
         }
         let took = start.elapsed();
         conn.batch_execute(reset).await?;
@@ -1433,6 +1441,35 @@ impl Migrator {
         }
         // The duration recorded in the history, so that `status` and the progress line agree.
         Ok(finished(m, direction, took, observer))
+    }
+
+    /// Before `statement` of a non-transactional script: when it is one of the `CONCURRENTLY`
+    /// statements whose waits for older transactions block nobody
+    /// ([`waits_out_older_transactions`]), lifts svcdb's own `lock_timeout` for it, so that
+    /// another service's long transaction in the same database does not cut it short and leave
+    /// an invalid index (found by a user trial: two services deploying at once). Only svcdb's
+    /// own bound: a script that set `lock_timeout` itself keeps its value, and
+    /// `statement_timeout` still applies. True when it was lifted, to be put back after.
+    async fn lift_lock_timeout_for(
+        &self,
+        conn: &Client,
+        statement: &str,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let ours = server_millis(self.options.lock_timeout);
+        if ours == 0 || !waits_out_older_transactions(statement) {
+            return Ok(false);
+        }
+        // `setting` is in milliseconds, as svcdb set it, unless the script changed it.
+        let lifted = conn
+            .query_opt(
+                &format!(
+                    "SELECT set_config('lock_timeout', '0', false) FROM pg_settings \
+                     WHERE name = 'lock_timeout' AND setting = '{ours}'"
+                ),
+                &[],
+            )
+            .await?;
+        Ok(lifted.is_some())
     }
 
     /// The interrupt stopped non-transactional `m` after `statements_done` of its statements

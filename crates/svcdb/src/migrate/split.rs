@@ -29,6 +29,51 @@ pub(crate) fn statements_to_run(sql: &str) -> Vec<&str> {
     }
 }
 
+/// True when `statement` is one of the `CONCURRENTLY` statements that wait out older
+/// transactions without blocking anyone's reads or writes: `CREATE INDEX`, `DROP INDEX`,
+/// `REINDEX … CONCURRENTLY` and `ALTER TABLE … DETACH PARTITION … CONCURRENTLY`. They take
+/// `SHARE UPDATE EXCLUSIVE`, which no `SELECT`, `INSERT`, `UPDATE` or `DELETE` conflicts
+/// with, and then wait for every transaction in the database older than their snapshot,
+/// whatever tables it touches (PostgreSQL: "waits for all existing transactions that could
+/// potentially modify or use the index to terminate"). Those waits count against
+/// `lock_timeout`, so another service's long transaction in the same database cut them short
+/// and left an invalid index behind (found by a user trial). Told apart by PostgreSQL's parser;
+/// a statement it rejects is none of them.
+pub(crate) fn waits_out_older_transactions(statement: &str) -> bool {
+    use pg_query::protobuf::AlterTableType;
+    use pg_query::NodeEnum;
+    // Parsing every statement of every non-transactional migration would cost more than the
+    // word check that rules out nearly all of them.
+    if !statement.to_ascii_lowercase().contains("concurrently") {
+        return false;
+    }
+    let Ok(parsed) = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT) else {
+        return false;
+    };
+    let concurrently = |params: &[pg_query::Node]| {
+        params
+            .iter()
+            .any(|p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "concurrently"))
+    };
+    parsed
+        .protobuf
+        .stmts
+        .iter()
+        .filter_map(|raw| raw.stmt.as_ref().and_then(|s| s.node.as_ref()))
+        .any(|node| match node {
+            NodeEnum::IndexStmt(index) => index.concurrent,
+            NodeEnum::DropStmt(drop) => drop.concurrent,
+            NodeEnum::ReindexStmt(reindex) => concurrently(&reindex.params),
+            NodeEnum::AlterTableStmt(alter) => alter.cmds.iter().any(|cmd| {
+                matches!(&cmd.node, Some(NodeEnum::AlterTableCmd(c))
+                    if c.subtype == AlterTableType::AtDetachPartition as i32
+                        && matches!(c.def.as_ref().and_then(|d| d.node.as_ref()),
+                            Some(NodeEnum::PartitionCmd(p)) if p.concurrent))
+            }),
+            _ => false,
+        })
+}
+
 /// The most script the lint parses at once. PostgreSQL's parse tree, as pg_query hands it
 /// over, takes about 80 times the script's size: a 17 MB seed-data migration took 1.4 GB in
 /// one piece (found by a trial).
@@ -584,6 +629,32 @@ fn find(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_concurrently_statements_that_wait_out_older_transactions_are_told_apart() {
+        use super::waits_out_older_transactions as waits;
+        for yes in [
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "create unique index concurrently if not exists i on t (a)",
+            "DROP INDEX CONCURRENTLY IF EXISTS i",
+            "REINDEX INDEX CONCURRENTLY i",
+            "REINDEX (CONCURRENTLY) TABLE t",
+            "ALTER TABLE p DETACH PARTITION p1 CONCURRENTLY",
+        ] {
+            assert!(waits(yes), "{yes}");
+        }
+        for no in [
+            "CREATE INDEX i ON t (a)",
+            "REFRESH MATERIALIZED VIEW CONCURRENTLY v",
+            "ALTER TABLE p DETACH PARTITION p1",
+            "REINDEX INDEX i",
+            "SELECT 'CREATE INDEX CONCURRENTLY i ON t (a)'",
+            "CREATE TABLE concurrently (a int)",
+            "CREATE INDEX CONCURRENTLY i ON t (a",
+        ] {
+            assert!(!waits(no), "{no}");
+        }
+    }
+
     use super::split_statements as split;
     use super::{client_only, code_start, comments, transaction_control, ClientOnly, TxControl};
 

@@ -728,11 +728,14 @@ async fn a_concurrent_index_cut_short_by_lock_timeout_is_not_retried() {
         ))
         .await
         .unwrap();
+    // svcdb lifts its own lock_timeout for such a statement
+    // (`a_concurrent_index_waits_out_another_services_old_transaction`); a script's own is
+    // kept.
     write(
         dir.path(),
         &[(
             "2_items_id.up.sql",
-            "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY items_id ON items (id);\n",
+            "-- svcdb:no-transaction\nSET lock_timeout = '250ms';\nCREATE INDEX CONCURRENTLY items_id ON items (id);\n",
         )],
     );
 
@@ -756,4 +759,71 @@ async fn a_concurrent_index_cut_short_by_lock_timeout_is_not_retried() {
         ["items_id"],
         "{err}"
     );
+}
+
+/// Found by a user trial: `CREATE INDEX CONCURRENTLY` waits for every transaction in the
+/// database older than its snapshot, another service's long backfill included, and that
+/// wait counted against svcdb's `lock_timeout`: the index build failed, left an invalid
+/// index and the schema dirty, though it blocked nobody. svcdb now lifts its own bound for
+/// such a statement. The control is the test above: with the script's own `lock_timeout` the
+/// same wait still fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_index_waits_out_another_services_old_transaction() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[("1_items.up.sql", "CREATE TABLE items (id bigint);")],
+    );
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    // Another service's transaction, on none of this schema's tables, holding its snapshot.
+    let other = db.admin().await;
+    other
+        .batch_execute("CREATE TABLE public.ledger (id int)")
+        .await
+        .unwrap();
+    other
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM public.ledger;")
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "2_items_id.up.sql",
+            // svcdb's own bound is back for the statements after it.
+            "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY items_id ON items (id);\n\
+             DO $$ BEGIN IF current_setting('lock_timeout') <> '300ms' THEN \
+             RAISE EXCEPTION 'lock_timeout is %', current_setting('lock_timeout'); END IF; END $$;\n",
+        )],
+    );
+    let (task, _events) = spawn_up(migrator(&svc, dir.path(), lock_options(0)));
+    // Well past lock_timeout (300 ms), the index build is still waiting for it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!task.is_finished(), "{:?}", task.await);
+    other.batch_execute("COMMIT").await.unwrap();
+
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        history(&svc)
+            .await
+            .iter()
+            .map(|r| (r.0, r.1))
+            .collect::<Vec<_>>(),
+        [(1, false), (2, false)]
+    );
+    let valid: bool = db
+        .admin()
+        .await
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = $1::text::regclass",
+            &[&format!("{}.items_id", svc.schema())],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(valid);
 }
