@@ -760,6 +760,9 @@ fn an_invalid_command_line_exits_64() {
 
 /// Regression: on a schema nobody created, `status` said "2 pending; run `svcdb migrate up`"
 /// (exit 2) although `up` could only fail. It now exits 1, as for everything `up` refuses.
+/// Found by a later trial: it then printed only the connection error, where `lint` reads
+/// the same database as the first deploy; it now lists the migrations, all pending, with
+/// the refusal in the report.
 #[tokio::test]
 async fn status_on_a_schema_that_does_not_exist_exits_1() {
     let p = Project::new().await;
@@ -768,6 +771,16 @@ async fn status_on_a_schema_that_does_not_exist_exits_1() {
         .run_with_env(&["migrate", "status"], &[("SVCDB_CREATE_SCHEMA", "false")])
         .expect_code(1);
     assert!(out.stderr.contains("svcdb provision"), "{out}");
+    let out = p
+        .run_with_env(
+            &["migrate", "status", "--json"],
+            &[("SVCDB_CREATE_SCHEMA", "false")],
+        )
+        .expect_code(1);
+    let report = out.json();
+    assert_eq!(states(&report), ["pending"; 3], "{out}");
+    assert_eq!(report["refused"]["code"], "3F000", "{out}");
+    assert!(!p.schema_exists().await, "status created the schema");
     p.run(&["migrate", "up"]).expect_code(0);
     p.run_with_env(&["migrate", "status"], &[("SVCDB_CREATE_SCHEMA", "false")])
         .expect_code(0);
