@@ -1253,7 +1253,13 @@ impl Migrator {
             let m = segment[i];
             let dirty = !transactional(m, direction)
                 && self
-                    .left_dirty(conn, m, direction, statements_done.unwrap_or(0))
+                    .left_dirty(
+                        conn,
+                        m,
+                        direction,
+                        statements_done.unwrap_or(0),
+                        Some(&cause),
+                    )
                     .await;
             flush(conn).await;
             // Undo this deploy's ups unless the failing step left the schema in an unknown
@@ -1482,7 +1488,9 @@ impl Migrator {
         direction: Direction,
         statements_done: usize,
     ) -> StepError {
-        let dirty = self.left_dirty(conn, m, direction, statements_done).await;
+        let dirty = self
+            .left_dirty(conn, m, direction, statements_done, None)
+            .await;
         StepError::Other(MigrateError::Interrupted {
             schema: self.schema(),
             done: Vec::new(),
@@ -1490,17 +1498,48 @@ impl Migrator {
         })
     }
 
-    /// Whether non-transactional `m`, stopped after `statements_done` of its statements, is
-    /// left dirty: after one or more, yes; before the first, not if its mark can be taken back
-    /// ([`Self::unmark_untouched`]).
+    /// Whether non-transactional `m`, stopped after `statements_done` of its statements (by
+    /// `cause`, when a statement failed), is left dirty: after one or more, yes; before the
+    /// first, not if its mark can be taken back ([`Self::unmark_untouched`]).
+    ///
+    /// When the server ended the session in the first statement (`pg_terminate_backend`, a
+    /// fast shutdown or a crash of another backend: SQLSTATE 57P01, 57P02, the statement's
+    /// own answer, so the server rolled it back) the mark cannot be taken back on the lost
+    /// connection: it is, on a new one under the migration lock, if that lock is free within
+    /// [`RELOCK_WAIT`] (found by a user trial: after a failover, every replica was refused
+    /// the dirty schema until someone ran `repair`). A runner that took the lock meanwhile
+    /// has seen the mark and refused; a connection cut without an answer leaves the mark,
+    /// since the statement may have committed just before.
     async fn left_dirty(
         &self,
         conn: &Client,
         m: &Migration,
         direction: Direction,
         statements_done: usize,
+        cause: Option<&tokio_postgres::Error>,
     ) -> bool {
-        statements_done > 0 || !self.unmark_untouched(conn, m, direction).await
+        if statements_done > 0 {
+            return true;
+        }
+        if self.unmark_untouched(conn, m, direction).await {
+            return false;
+        }
+        let ended_by_server = cause.and_then(|c| c.code()).is_some_and(|code| {
+            *code == tokio_postgres::error::SqlState::ADMIN_SHUTDOWN
+                || *code == tokio_postgres::error::SqlState::CRASH_SHUTDOWN
+        });
+        if !ended_by_server {
+            return true;
+        }
+        let Ok(lock) = MigrationLock::acquire(&self.db, RELOCK_WAIT, || {}).await else {
+            return true;
+        };
+        let unmarked = super::owner::act_as_owner(lock.client(), self.db.schema(), &mut |_| {})
+            .await
+            .is_ok()
+            && self.unmark_untouched(lock.client(), m, direction).await;
+        let _ = lock.release().await;
+        !unmarked
     }
 
     /// After non-transactional `m` failed at its first statement: PostgreSQL ran that statement
@@ -1610,7 +1649,13 @@ impl Migrator {
                 }) => {
                     let dirty = !m.down_transactional
                         && self
-                            .left_dirty(conn, m, Direction::Down, statements_done.unwrap_or(0))
+                            .left_dirty(
+                                conn,
+                                m,
+                                Direction::Down,
+                                statements_done.unwrap_or(0),
+                                Some(&cause),
+                            )
                             .await;
                     (crate::error::pg_message(&cause), dirty)
                 }
@@ -1873,6 +1918,10 @@ async fn flush(conn: &Client) {
         tracing::warn!(target: "svcdb::migrate", error = %crate::error::pg_message(&e), "cannot flush the deploy's commits to disk");
     }
 }
+
+/// How long [`Migrator::left_dirty`] waits for the migration lock (and a server that is
+/// starting again) to take back the mark of a migration whose session the server ended.
+const RELOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// A statement waited longer than `lock_timeout` for a lock (SQLSTATE 55P03).
 fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {

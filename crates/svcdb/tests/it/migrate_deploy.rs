@@ -827,3 +827,67 @@ async fn a_concurrent_index_waits_out_another_services_old_transaction() {
         .get(0);
     assert!(valid);
 }
+
+/// Runs `up` of a non-transactional migration whose statement number `slow` (1-based) sleeps,
+/// terminates its backend while it sleeps, and returns the failure.
+async fn terminated_in_statement(slow: usize) -> (TestDb, ServiceDb, MigrateError) {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut statements = vec!["CREATE TABLE log (id int)", "CREATE TABLE audit (id int)"];
+    statements.insert(slow - 1, "SELECT pg_sleep(30)");
+    write(
+        dir.path(),
+        &[(
+            "1_slow.up.sql",
+            &format!("-- svcdb:no-transaction\n{};\n", statements.join(";\n")),
+        )],
+    );
+    let (task, _events) = spawn_up(migrator(&svc, dir.path(), MigrateOptions::default()));
+    let admin = db.admin().await;
+    let mut terminated = false;
+    for _ in 0..200 {
+        terminated = admin
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity a, pg_terminate_backend(a.pid) t \
+                 WHERE a.datname = current_database() AND a.query LIKE 'SELECT pg_sleep(30)%' AND t",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if terminated {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(terminated, "the sleeping statement never ran");
+    let err = task.await.unwrap().unwrap_err();
+    (db, svc, err)
+}
+
+/// Found by a user trial: `pg_terminate_backend` (as a restart or a failover does) in the
+/// first statement of a non-transactional migration left the schema dirty, and every replica
+/// was then refused until someone ran `repair`, though the server had rolled that statement
+/// back. The mark is now taken back on a new connection, and the migration stays pending.
+/// The control: terminated in its second statement, after the first committed, it is dirty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_by_the_server_in_the_first_statement_leaves_the_migration_pending() {
+    let (_db, svc, err) = terminated_in_statement(1).await;
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err}");
+    assert!(!failure(&err).dirty, "{err}");
+    assert!(history(&svc).await.is_empty());
+    assert!(!table_exists(&svc, "log").await);
+
+    let (_db, svc, err) = terminated_in_statement(2).await;
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err}");
+    assert!(failure(&err).dirty, "{err}");
+    assert_eq!(
+        history(&svc)
+            .await
+            .iter()
+            .map(|r| (r.0, r.1))
+            .collect::<Vec<_>>(),
+        [(1, true)]
+    );
+}
