@@ -493,6 +493,18 @@ impl fmt::Display for AcquireTimeoutDisplay<'_> {
 /// What to do about connection attempts that got no answer.
 pub(crate) const NO_ANSWER_HINT: &str = "check that DATABASE_URL names PostgreSQL's host and port (what answers there is not PostgreSQL, or is stuck); for a slow server or network, raise SVCDB_CONNECT_TIMEOUT";
 
+/// True for PostgreSQL's "too many connections for role …" and "… for database …": a limit
+/// set on that role or database, not the server's `max_connections` ("sorry, too many
+/// clients already").
+fn per_role_or_database(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.message().starts_with("too many connections for role")
+            || db
+                .message()
+                .starts_with("too many connections for database")
+    })
+}
+
 /// What to do about a failed connection attempt, by its cause.
 pub(crate) fn connect_hint(e: &tokio_postgres::Error) -> &'static str {
     // A TLS failure has no SQLSTATE, yet the server answered: not the "is it running" case.
@@ -514,6 +526,10 @@ pub(crate) fn connect_hint(e: &tokio_postgres::Error) -> &'static str {
         }
         (None, Some(c)) if *c == SqlState::INVALID_PARAMETER_VALUE => {
             "a setting DATABASE_URL passes at startup (in options=-c name=value) has a value the server refuses: correct the value or remove the setting"
+        }
+        // Found by a user trial: a role's CONNECTION LIMIT was blamed on max_connections.
+        (None, Some(c)) if *c == SqlState::TOO_MANY_CONNECTIONS && per_role_or_database(e) => {
+            "the role or the database in DATABASE_URL is at its own CONNECTION LIMIT (ALTER ROLE/DATABASE … CONNECTION LIMIT), which counts every session of it, other replicas' pools included: raise that limit (a service needs its SVCDB_POOL_MAX per replica, and `svcdb migrate up` two connections: the migration's and its checks'), or lower SVCDB_POOL_MAX"
         }
         (None, Some(c)) if *c == SqlState::CANNOT_CONNECT_NOW || *c == SqlState::TOO_MANY_CONNECTIONS => {
             "the server cannot take a connection now (starting up, shutting down, or out of connection slots): svcdb retried until SVCDB_ACQUIRE_TIMEOUT; raise it to wait longer, or free connection slots (lower SVCDB_POOL_MAX of the services sharing the server, or raise its max_connections)"

@@ -133,6 +133,29 @@ async fn a_full_connection_limit_is_retried_until_a_slot_frees() {
     assert!(forwarder.accepted() >= 2, "retried after the refusal");
 }
 
+/// Found by a user trial: a role at its own CONNECTION LIMIT was told to lower other
+/// services' pools or raise the server's max_connections. The hint now names the role's
+/// limit (the old hint fails both checks).
+#[tokio::test]
+async fn a_roles_connection_limit_is_named_as_the_cause() {
+    let db = TestDb::new().await;
+    let role = db.role_name("limited");
+    db.admin()
+        .await
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"))
+        .await
+        .unwrap();
+    let mut config = svcdb::Config::new(&db.url_as(&role), "public").unwrap();
+    config.acquire_timeout = Duration::from_millis(500);
+    let err = ServiceDb::connect(config).await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("CONNECTION LIMIT") && !shown.contains("max_connections"),
+        "{shown}"
+    );
+}
+
 /// Regression: a server that wants a password failed every command after 5 s with "password
 /// missing" (or 28P01) and a hint to check that PostgreSQL is running. Both now fail on the
 /// first attempt, with a hint about the password.
