@@ -139,8 +139,8 @@ mod tests {
                 "by the statement timeout (`--statement-timeout`, raise it, or 0 for none), or",
             ),
             (
-                "revert it with that release's `svcdb migrate down` (Gate::allow_unknown_applied accepts it as it is)",
-                "revert it with that release's `svcdb migrate down`",
+                "accept it with `--ignore-missing` (Gate::allow_unknown_applied, MigrateOptions::ignore_missing for a service)",
+                "accept it with `--ignore-missing`",
             ),
         ] {
             assert_eq!(for_cli(library), cli);

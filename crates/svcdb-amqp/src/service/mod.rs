@@ -286,7 +286,12 @@ where
     /// How the start-up migration runs (with [`Service::migrate`]): lock and statement
     /// timeouts, lock retries, `allow_unsafe` for the lint's findings, … Default:
     /// [`MigrateOptions::default`], as `svcdb migrate up` without options (found by a user
-    /// trial: the migration errors pointed at options a service could not set).
+    /// trial: the migration errors pointed at options a service could not set). Its
+    /// `ignore_missing` also lets the start-up gate accept applied migrations this release does
+    /// not ship ([`Gate::allow_unknown_applied`](svcdb::schema::Gate::allow_unknown_applied)),
+    /// migrating or not: a migration removed on purpose is accepted by both, as by `svcdb
+    /// migrate up --ignore-missing` and `svcdb health --ignore-missing` (found by a user trial:
+    /// `up` accepted it and the gate kept every replica unready).
     #[must_use]
     pub fn migrate_options(mut self, options: MigrateOptions) -> Self {
         self.migrate_options = options;
@@ -552,6 +557,7 @@ where
             .await?;
         // From here on a failed step closes the pool it opened.
         let started = async {
+            let ignore_missing = migrate_options.ignore_missing;
             let migrated = match (&migrations, migrate) {
                 (Some(migrations), true) => {
                     let began = Instant::now();
@@ -591,7 +597,7 @@ where
 
             let (gate, report) = steps
                 .run(Step::Gate, async {
-                    let mut gate = Gate::new();
+                    let mut gate = Gate::new().allow_unknown_applied(ignore_missing);
                     if let Some(migrations) = migrations {
                         gate = gate.with_migrations(migrations);
                     }

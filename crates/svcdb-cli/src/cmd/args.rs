@@ -31,6 +31,12 @@ pub struct GateArgs {
     /// for `svcdb health` with a broker, also the longest wait for the broker.
     #[arg(long, allow_hyphen_values = true, value_name = "DURATION", default_value = "2s", value_parser = crate::global::positive_duration)]
     timeout: Duration,
+
+    /// Accept applied migrations that --dir does not hold though it holds newer ones (removed
+    /// on purpose), as `svcdb migrate up --ignore-missing` does; by default they make the
+    /// service not ready, as a branch's or another release's migration.
+    #[arg(long)]
+    ignore_missing: bool,
 }
 
 impl GateArgs {
@@ -43,7 +49,10 @@ impl GateArgs {
     /// becomes a problem in the report rather than an error before it, and nothing is created
     /// (not even with `SVCDB_CREATE_SCHEMA`), since a check must not change what it checks.
     pub fn prepare(&self, global: &Global) -> Result<(ServiceDb, Gate)> {
-        let mut gate = Gate::new().timeout(self.timeout).require(&self.require)?;
+        let mut gate = Gate::new()
+            .timeout(self.timeout)
+            .require(&self.require)?
+            .allow_unknown_applied(self.ignore_missing);
         if global.dir.exists() || global.dir != Path::new(DEFAULT_MIGRATIONS_DIR) {
             gate = gate.with_migrations(global.migrations()?);
         } else {

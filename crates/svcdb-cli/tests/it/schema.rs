@@ -132,6 +132,38 @@ async fn tables_lists_names_and_kinds() {
     );
 }
 
+/// Found by a user trial: with an applied migration removed on purpose (older than ones still
+/// shipped), `migrate up --ignore-missing` passed and `health` and `schema verify` stayed "not
+/// ready", with no way to accept it. They take `--ignore-missing` too; without it they still
+/// refuse (the control).
+#[tokio::test]
+async fn a_migration_removed_on_purpose_is_accepted_by_the_gate_with_ignore_missing() {
+    let p = Project::new().await;
+    p.write(ORDERS);
+    p.run(&["migrate", "up"]).expect_code(0);
+    std::fs::remove_file(p.migrations().join("0001_orders.up.sql")).unwrap();
+
+    let out = p.run(&["migrate", "up"]).expect_code(1);
+    assert!(
+        out.stderr.contains("svcdb health --ignore-missing"),
+        "{out}"
+    );
+    p.run(&["migrate", "up", "--ignore-missing"]).expect_code(0);
+    for command in ["health", "verify"] {
+        let args: &[&str] = if command == "health" {
+            &["health", "--json"]
+        } else {
+            &["schema", "verify", "--json"]
+        };
+        let report = p.run(args).expect_code(1).json();
+        assert_eq!(kinds(&report), ["unknown_applied"], "{report}");
+        let mut accepting = args.to_vec();
+        accepting.push("--ignore-missing");
+        let report = p.run(&accepting).expect_code(0).json();
+        assert_eq!(report["ready"], true, "{report}");
+    }
+}
+
 #[tokio::test]
 async fn health_reports_the_database_the_pool_the_outbox_and_the_gate() {
     let p = Project::new().await;

@@ -550,7 +550,7 @@ fn missing_message(version: &Version, name: &str, missing: usize, none_found: bo
         n => format!(" (and {} more applied without a file)", n - 1),
     };
     format!(
-        "migration {named} is applied but its file is missing from the migrations folder{more}\n  hint: restore the file, or pass `--ignore-missing` (MigrateOptions::ignore_missing) if it was removed on purpose"
+        "migration {named} is applied but its file is missing from the migrations folder{more}\n  hint: restore the file; or, if it was removed on purpose, pass `--ignore-missing` (MigrateOptions::ignore_missing), here and to the start-up gate's checks (`svcdb health --ignore-missing`, a service's `Service::migrate_options`), which otherwise keep the service not ready"
     )
 }
 

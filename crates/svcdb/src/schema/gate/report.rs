@@ -206,7 +206,7 @@ impl Problem {
                 "restore the file and put the change in a new migration, or run `svcdb migrate repair` if the edit is harmless"
             }
             Problem::UnknownApplied { .. } => {
-                "find the branch or release that ships it: add its file to this release if it belongs, or revert it with that release's `svcdb migrate down` (Gate::allow_unknown_applied accepts it as it is)"
+                "find the branch or release that ships it: add its file to this release if it belongs, or revert it with that release's `svcdb migrate down` (which reverts the ones after it too); if its file was removed on purpose, accept it with `--ignore-missing` (Gate::allow_unknown_applied, MigrateOptions::ignore_missing for a service)"
             }
             Problem::MissingTable { .. } => MISSING_TABLES_HINT,
         })
