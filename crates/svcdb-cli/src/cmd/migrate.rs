@@ -136,6 +136,11 @@ pub struct AdoptArgs {
     #[arg(long)]
     allow_changed: bool,
 
+    /// Leave out, with a warning, versions the tool applied whose files were removed on
+    /// purpose (squashed into a later one), instead of refusing.
+    #[arg(long)]
+    ignore_missing: bool,
+
     #[command(flatten)]
     timeouts: Timeouts,
 }
@@ -683,6 +688,7 @@ async fn adopt(global: &Global, args: AdoptArgs) -> Result<Outcome> {
             history_table: args.history_table,
             dry_run: args.dry_run,
             allow_changed: args.allow_changed,
+            ignore_missing: args.ignore_missing,
         })
         .await?;
     for warning in &report.warnings {

@@ -171,6 +171,11 @@ pub struct AdoptOptions {
     /// removed, `COPY … FROM stdin` turned into `INSERT`s, a no-transaction directive added).
     /// The edit must change nothing the database sees, since nothing runs again.
     pub allow_changed: bool,
+    /// Leave out, with a warning, the versions the other tool applied whose files are gone
+    /// (squashed or deleted on purpose), instead of refusing: goose, golang-migrate and diesel
+    /// keep working over them, and svcdb's history then records the rest. Those versions stay
+    /// unknown to svcdb (nothing of theirs runs again, and `up` does not miss them).
+    pub ignore_missing: bool,
 }
 
 impl AdoptOptions {
@@ -181,6 +186,7 @@ impl AdoptOptions {
             history_table: None,
             dry_run: false,
             allow_changed: false,
+            ignore_missing: false,
         }
     }
 }
@@ -429,6 +435,13 @@ fn refused_message(tool: &Tool, table: &str, problems: &[AdoptProblem]) -> Strin
     {
         s.push_str("; a file changed on purpose in a way the database does not see (a psql line removed, a no-transaction directive added) can be adopted as it is with `--allow-changed` (AdoptOptions::allow_changed)");
     }
+    if problems
+        .iter()
+        .any(|p| matches!(p, AdoptProblem::NoFile { .. }))
+    {
+        // Found by a user trial: a goose folder whose first versions were squashed away.
+        s.push_str("; versions whose files were removed on purpose (squashed into a later one) can be left out with `--ignore-missing` (AdoptOptions::ignore_missing)");
+    }
     s
 }
 
@@ -508,7 +521,7 @@ impl Migrator {
         let (adopted_repeatables, repeatable_warnings) =
             self.match_repeatables(&tool_history.repeatables);
         let (plan, pending, mut warnings) =
-            self.match_files(tool, &table, tool_history, options.allow_changed)?;
+            self.match_files(tool, &table, tool_history, options)?;
         warnings.extend(repeatable_warnings);
         let schema = self.service_db().schema();
         // `ours`: svcdb's history already there.
@@ -643,8 +656,12 @@ impl Migrator {
         tool: Tool,
         table: &str,
         read: ToolHistory,
-        allow_changed: bool,
+        options: &AdoptOptions,
     ) -> Result<(Vec<&Migration>, Vec<Version>, Vec<String>), AdoptError> {
+        let allow_changed = options.allow_changed;
+        let ignored_missing = |version: &str| {
+            format!("version {version}: applied by {tool}, but no file in the folder has it; left out (ignore_missing)")
+        };
         let ToolHistory {
             applied,
             up_to,
@@ -658,9 +675,13 @@ impl Migrator {
             match text.parse::<Version>() {
                 Ok(limit) => {
                     if migrations.get(&limit).is_none() && tool == Tool::GolangMigrate {
-                        problems.push(AdoptProblem::NoFile {
-                            version: text.clone(),
-                        });
+                        if options.ignore_missing {
+                            warnings.push(ignored_missing(&text));
+                        } else {
+                            problems.push(AdoptProblem::NoFile {
+                                version: text.clone(),
+                            });
+                        }
                     }
                     for m in migrations.iter().filter(|m| m.version <= limit) {
                         plan.insert(m.version.clone(), m);
@@ -684,7 +705,11 @@ impl Migrator {
                 }
             };
             let Some(m) = migrations.get(&version) else {
-                problems.push(AdoptProblem::NoFile { version: a.text });
+                if options.ignore_missing {
+                    warnings.push(ignored_missing(&a.text));
+                } else {
+                    problems.push(AdoptProblem::NoFile { version: a.text });
+                }
                 continue;
             };
             if let Some(recorded) = &a.checksum {

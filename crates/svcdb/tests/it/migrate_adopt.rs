@@ -633,6 +633,54 @@ async fn dbmate_schema_is_adopted_and_a_missing_file_is_refused() {
     .await;
 }
 
+/// Found by a user trial: a folder whose oldest versions were squashed into a later one (the
+/// other tool keeps working over their rows) could not be adopted, and the refusal named no
+/// way out. `ignore_missing` leaves them out with a warning; without it the refusal names it.
+#[tokio::test]
+async fn versions_squashed_away_are_left_out_with_ignore_missing() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "20240102000000_squashed.sql",
+            "-- migrate:up\nCREATE TABLE a (id int);\n-- migrate:down\nDROP TABLE a;\n",
+        )],
+    );
+    sql(
+        &svc,
+        "CREATE TABLE IF NOT EXISTS shop.schema_migrations (version varchar(128) primary key);
+         INSERT INTO shop.schema_migrations (version) VALUES ('20240101000000'), ('20240102000000');
+         CREATE TABLE shop.a (id int);",
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    let err = m
+        .adopt(&AdoptOptions::from(Tool::Dbmate))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--ignore-missing"), "{err}");
+    let report = m
+        .adopt(&AdoptOptions {
+            ignore_missing: true,
+            ..AdoptOptions::from(Tool::Dbmate)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ours(&svc)
+            .await
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect::<Vec<_>>(),
+        ["20240102000000"]
+    );
+    assert_eq!(report.warnings.len(), 1, "{report:?}");
+    assert!(report.warnings[0].contains("20240101000000"), "{report:?}");
+    assert!(m.status().await.unwrap().is_up_to_date());
+}
+
 /// Flyway's DDL (PostgreSQL `createMetaDataTable.sql`).
 pub(crate) const FLYWAY_DDL: &str = "CREATE TABLE shop.flyway_schema_history (
     installed_rank INT NOT NULL,

@@ -1521,7 +1521,7 @@ fn add_column(
         out.push(s.finding(
             at,
             Rule::AddColumnNotNullWithoutDefault,
-            format!("adding column {table}.{name} NOT NULL without a default fails on a table that has rows, and the old release's INSERTs would not set it"),
+            format!("adding column {table}.{name} NOT NULL without a default fails as soon as the table has rows, and the old release's INSERTs would not set it"),
             "add it with a constant default (no rewrite since PostgreSQL 11), or add it nullable, backfill, then add a NOT VALID CHECK (… IS NOT NULL), validate it and SET NOT NULL".into(),
         ));
     }
