@@ -1881,6 +1881,61 @@ fn spawn_up(
     (task, rx)
 }
 
+/// Found by a user trial: while another replica applied a transactional group, `health`
+/// listed its migrations as pending with "run `svcdb migrate up`" and nothing about the
+/// runner, where `migrate status` said the lock was held. The gate now notes the held lock;
+/// once the runner is done, the notice is gone (the control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_group_in_progress_is_noted_by_the_gate() {
+    let Fixture { db, svc, dir } = Fixture::new().await;
+    write(
+        dir.path(),
+        &[
+            ("0001_items.up.sql", "CREATE TABLE items (id bigint);"),
+            (
+                "0002_wait.up.sql",
+                &format!("SELECT pg_advisory_lock_shared({HELD_BY_TEST});"),
+            ),
+        ],
+    );
+    let test_session = db.admin().await;
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_lock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
+    let runner = migrator(&svc, dir.path()).with_options(MigrateOptions {
+        lock_timeout: Duration::ZERO,
+        ..options()
+    });
+    let (runner, mut events) = spawn_up(runner);
+    wait_for_event(
+        &mut events,
+        |e| matches!(e, MigrateEvent::Started { version, .. } if version.number() == 2),
+    )
+    .await;
+
+    let replica = db.service("shop").await;
+    let gate = svcdb::Gate::new().with_migrations(Migrations::from_dir(dir.path()).unwrap());
+    let health = replica.health(&gate).await;
+    assert!(!health.gate.ready, "{health}");
+    assert!(
+        matches!(
+            health.gate.notices.as_slice(),
+            [svcdb::Notice::MigrationLocked { .. }]
+        ),
+        "{health}"
+    );
+
+    test_session
+        .batch_execute(&format!("SELECT pg_advisory_unlock({HELD_BY_TEST})"))
+        .await
+        .unwrap();
+    runner.await.unwrap().unwrap();
+    let health = replica.health(&gate).await;
+    assert!(health.gate.ready, "{health}");
+    assert!(health.gate.notices.is_empty(), "{health}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_migration_is_not_reported_dirty() {
     let Fixture { db, svc, dir } = Fixture::new().await;

@@ -128,15 +128,36 @@ impl Gate {
                 probe_schema(client, schema, &self.required, &db.config().extra_schemas),
                 history::read(client, schema, false)
             );
-            Ok::<_, Error>((row, history, started.elapsed()))
+            Ok::<_, Error>((row, history, started.elapsed(), conn))
         };
         let mut notices = Vec::new();
-        let (problems, version, latency) = match tokio::time::timeout(self.timeout, queries).await {
-            Ok(Ok((Ok(row), history, latency))) => {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let (problems, version, latency) = match tokio::time::timeout_at(deadline, queries).await {
+            Ok(Ok((Ok(row), history, latency, conn))) => {
                 let (problems, version) = self.assess(schema, row, history, &mut notices);
+                // Found by a user trial: while another replica applied a transactional group,
+                // health listed its migrations as pending with "run `svcdb migrate up`", where
+                // `migrate status` said the lock was held. Asked only then: one more query.
+                let pending = problems
+                    .iter()
+                    .any(|p| matches!(p, Problem::Pending { .. } | Problem::NoHistory { .. }));
+                if pending {
+                    let held = format!(
+                        "SELECT {}",
+                        crate::migrate::lock::held_by_another_sql(schema)
+                    );
+                    let asked = tokio::time::timeout_at(deadline, conn.query_one(&held, &[]));
+                    if let Ok(Ok(row)) = asked.await {
+                        if row.get::<_, bool>(0) {
+                            notices.push(Notice::MigrationLocked {
+                                schema: schema.as_str().to_owned(),
+                            });
+                        }
+                    }
+                }
                 (problems, version, Some(latency))
             }
-            Ok(Ok((Err(e), _, latency))) => (
+            Ok(Ok((Err(e), _, latency, _))) => (
                 vec![Problem::from_error(&Error::Db(e))],
                 None,
                 Some(latency),

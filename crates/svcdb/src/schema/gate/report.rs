@@ -283,6 +283,13 @@ pub enum Notice {
         /// Its name in the history table.
         name: String,
     },
+    /// Migrations are pending (or the history is missing) while another session holds the
+    /// schema's migration lock: a runner is applying them right now, in a transaction whose
+    /// work shows only when it commits.
+    MigrationLocked {
+        /// The service schema.
+        schema: String,
+    },
 }
 
 impl Notice {
@@ -308,6 +315,9 @@ impl Notice {
             Notice::NewerDirty { version, name } => format!(
                 "migration {} of a newer release failed part-way and is dirty; this release does not ship it and keeps serving, but that release cannot migrate until it is repaired (`svcdb migrate status` with its migrations says how)",
                 Named(version, name)
+            ),
+            Notice::MigrationLocked { schema } => format!(
+                "a runner holds schema {schema}'s migration lock: the pending migrations are most likely being applied now, and show once its transaction commits"
             ),
         }
     }
