@@ -555,6 +555,48 @@ fn renames_and_drops_are_warnings_on_existing_tables_only() {
     );
 }
 
+/// Found by a user trial: a value added and used in one transactional script passed the lint
+/// and always failed (55P04).
+#[test]
+fn an_enum_value_used_in_the_transaction_that_adds_it() {
+    assert_each_flags(
+        Rule::EnumValueUsedBeforeCommit,
+        &[
+            "ALTER TYPE order_state ADD VALUE 'shipped';\nUPDATE orders SET state = 'shipped' WHERE id = 1;",
+            "ALTER TYPE s.order_state ADD VALUE IF NOT EXISTS 'shipped' AFTER 'paid';\nINSERT INTO log (state) VALUES ('shipped');",
+        ],
+    );
+    assert_eq!(
+        findings(&[(
+            "1_m.up.sql",
+            "SELECT 1;\nALTER TYPE order_state ADD VALUE 'shipped';\nUPDATE orders SET state = 'shipped';",
+        )]),
+        [(Rule::EnumValueUsedBeforeCommit, 3, false)]
+    );
+    assert_all_fine(&[
+        // Used in a later migration, after svcdb committed this one.
+        "ALTER TYPE order_state ADD VALUE 'shipped';\nUPDATE orders SET state = 'paid';",
+        // Outside a transaction each statement commits on its own.
+        &format!("{NO_TX}ALTER TYPE order_state ADD VALUE 'shipped';\nUPDATE orders SET state = 'shipped';"),
+        // A type created in the same transaction takes its new values at once.
+        "CREATE TYPE mood AS ENUM ('sad');\nALTER TYPE mood ADD VALUE 'happy';\nCREATE TABLE m (x mood DEFAULT 'happy');",
+        // Used before it is added.
+        "UPDATE orders SET note = 'shipped';\nALTER TYPE order_state ADD VALUE 'shipped';",
+        // A column of that name is no constant.
+        "ALTER TYPE order_state ADD VALUE 'shipped';\nUPDATE orders SET shipped = true;",
+    ]);
+    assert_eq!(
+        findings(&[
+            (
+                "1_add.up.sql",
+                "ALTER TYPE order_state ADD VALUE 'shipped';"
+            ),
+            ("2_use.up.sql", "UPDATE orders SET state = 'shipped';"),
+        ]),
+        []
+    );
+}
+
 #[test]
 fn vacuum_full_cluster_and_lock_table() {
     // VACUUM runs outside a transaction only.

@@ -110,6 +110,10 @@ pub enum Rule {
     /// A comment that reads like the no-transaction marker but is not one (not the first
     /// line, or spelled otherwise): the migration runs in a transaction (warning).
     IgnoredMarker,
+    /// A value that `ALTER TYPE … ADD VALUE` added earlier in the same transactional script,
+    /// used as a string constant: PostgreSQL refuses an enum value before the transaction that
+    /// added it commits (SQLSTATE 55P04), so the deploy would fail there.
+    EnumValueUsedBeforeCommit,
 }
 
 impl Rule {
@@ -141,6 +145,7 @@ impl Rule {
         Rule::UnparsedOutsideTransaction,
         Rule::UnknownAllow,
         Rule::IgnoredMarker,
+        Rule::EnumValueUsedBeforeCommit,
     ];
 
     /// The name used in findings and in `-- svcdb:allow <rule>`, e.g.
@@ -173,6 +178,7 @@ impl Rule {
             Rule::UnparsedOutsideTransaction => "unparsed-outside-transaction",
             Rule::UnknownAllow => "unknown-allow",
             Rule::IgnoredMarker => "ignored-marker",
+            Rule::EnumValueUsedBeforeCommit => "enum-value-used-before-commit",
         }
     }
 

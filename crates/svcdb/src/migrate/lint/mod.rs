@@ -47,6 +47,7 @@
 //! | `unparsed` | warning | a script PostgreSQL's parser rejects: nothing in it could be checked |
 //! | `unparsed-outside-transaction` | error | a non-transactional script (up or down) PostgreSQL's parser rejects: its statements before the one the server refuses would stay, leaving it dirty and half-applied |
 //! | `unknown-allow` | warning | a `-- svcdb:allow` comment naming no rule, or a rule that is never allowed (it allows nothing) |
+//! | `enum-value-used-before-commit` | error | in a transactional migration, a string constant equal to a value that `ALTER TYPE … ADD VALUE` added earlier in the same script (to a type the script did not create): PostgreSQL refuses the new value until the transaction commits (55P04); allow it if the constant is not that enum's |
 //! | `ignored-marker` | warning | a comment that reads like `-- svcdb:no-transaction` (another case, no space, not the first line) in a migration that runs in a transaction: the marker is read only as the file's first line, exactly |
 //!
 //! Volatility is read from the function's name (PostgreSQL's `pg_proc.provolatile` is not
@@ -298,6 +299,59 @@ fn outside_transaction(transactional: bool) -> &'static str {
         ""
     } else {
         ", and as it runs outside a transaction the statements before the one the server refuses would stay: it would be left dirty, half-applied"
+    }
+}
+
+/// In a transactional script: reports `node`'s string constants that equal a value an earlier
+/// statement added to an enum type (found by a user trial: `ADD VALUE 'shipped'` then an
+/// `UPDATE … SET state = 'shipped'` passed the lint and always failed with 55P04), and notes
+/// the values `node` adds. A type created in the same script is left out: PostgreSQL lets its
+/// new values be used at once.
+fn enum_values(
+    s: &Script<'_>,
+    at: usize,
+    node: &NodeEnum,
+    added: &mut Vec<String>,
+    created: &mut HashSet<String>,
+    out: &mut Vec<Finding>,
+) {
+    let type_name = |names: &[pg_query::Node]| match names.last().and_then(|n| n.node.as_ref()) {
+        Some(NodeEnum::String(s)) => s.sval.clone(),
+        _ => String::new(),
+    };
+    match node {
+        NodeEnum::CreateEnumStmt(create) => {
+            created.insert(type_name(&create.type_name));
+        }
+        NodeEnum::AlterEnumStmt(alter)
+            if !alter.new_val.is_empty()
+                && alter.old_val.is_empty()
+                && !created.contains(&type_name(&alter.type_name)) =>
+        {
+            added.push(alter.new_val.clone());
+        }
+        _ if !added.is_empty() => {
+            // pg_query's own walk (`nodes()`) visits only where tables are named; the tree's
+            // serialized form holds every string constant, as `{"Sval":{"sval":…}}` (an
+            // identifier is a `{"String":{"sval":…}}`), wherever it sits.
+            let tree = serde_json::to_string(node).unwrap_or_default();
+            let used = added.iter().find(|value| {
+                let constant = format!(
+                    "{{\"Sval\":{{\"sval\":{}}}}}",
+                    serde_json::Value::from(value.as_str())
+                );
+                tree.contains(&constant)
+            });
+            if let Some(value) = used {
+                out.push(s.finding(
+                    at,
+                    Rule::EnumValueUsedBeforeCommit,
+                    format!("'{value}' was added to an enum type earlier in this migration's transaction, and PostgreSQL refuses a new enum value until the transaction that added it commits (SQLSTATE 55P04): the deploy would fail here"),
+                    format!("move the statements that use '{value}' to a later migration (svcdb commits a migration that adds an enum value before the next one runs); allow the rule in the file if this constant is not that enum's"),
+                ));
+            }
+        }
+        _ => {}
     }
 }
 
@@ -600,6 +654,9 @@ impl Deploy {
             ));
             return;
         }
+        // Values this script's transaction added to enum types it did not create.
+        let mut added_values: Vec<String> = Vec::new();
+        let mut created_enums: HashSet<String> = HashSet::new();
         for piece in parsed_pieces(script.up) {
             let (offset, parsed) = match piece {
                 Ok(piece) => piece,
@@ -620,6 +677,16 @@ impl Deploy {
                 // The parser's location may include the comments before the statement.
                 let location = offset + usize::try_from(raw.stmt_location).unwrap_or(0);
                 let at = code_start(script.up, location);
+                if script.transactional {
+                    enum_values(
+                        &script,
+                        at,
+                        node,
+                        &mut added_values,
+                        &mut created_enums,
+                        out,
+                    );
+                }
                 self.statement(&script, at, node, out);
                 self.live.apply(node);
                 if !script.transactional {
