@@ -162,16 +162,6 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
     let mut changes = Vec::new();
 
     // 1. The role.
-    let password_clause = spec
-        .password
-        .as_ref()
-        .map(|p| {
-            // Only the salted verifier crosses the wire, so the password cannot land in the
-            // server log even with log_statement = 'all'.
-            let verifier = postgres_protocol::password::scram_sha_256(p.expose().as_bytes());
-            format!(" PASSWORD '{verifier}'")
-        })
-        .unwrap_or_default();
     let existing = tx
         .query_opt(
             "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1",
@@ -181,9 +171,12 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
     match existing {
         None => {
             tx.batch_execute(&format!(
-                "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS{password_clause}"
+                "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
             ))
             .await?;
+            if let Some(password) = &spec.password {
+                set_password(&tx, role, password).await?;
+            }
             changes.push(format!("created login role {}", role.as_str()));
         }
         Some(row) => {
@@ -193,11 +186,10 @@ pub async fn provision(admin: &mut Client, spec: &ProvisionSpec) -> Result<Provi
                     .await?;
                 changes.push(format!("allowed role {} to log in", role.as_str()));
             }
-            if spec.password.is_some() {
+            if let Some(password) = &spec.password {
                 // Set again on every run: PostgreSQL keeps only a salted verifier, so whether
                 // the password is the same cannot be asked.
-                tx.batch_execute(&format!("ALTER ROLE {role}{password_clause}"))
-                    .await?;
+                set_password(&tx, role, password).await?;
                 changes.push(format!("set the password of role {}", role.as_str()));
             }
         }
@@ -552,6 +544,63 @@ const UNSAFE_ATTRIBUTES: [(&str, &str, &str); 5] = [
     ("rolreplication", "REPLICATION", "NOREPLICATION"),
     ("rolbypassrls", "BYPASSRLS", "NOBYPASSRLS"),
 ];
+
+/// Sets `role`'s password. Only the salted SCRAM verifier crosses the wire, so the password
+/// itself cannot land in the server's log even with `log_statement = 'all'`; and the verifier
+/// (which can be attacked offline) is in no statement's text, but a parameter that shows as
+/// `<redacted>` in tokio-postgres's debug log (found by a user trial: with `RUST_LOG` naming
+/// `tokio_postgres`, the `ALTER ROLE … PASSWORD '…'` statement was logged whole). `ALTER
+/// ROLE` takes no parameters, so a function of the session's own (`pg_temp`, dropped again)
+/// runs it.
+async fn set_password(
+    tx: &tokio_postgres::Transaction<'_>,
+    role: &Ident,
+    password: &Password,
+) -> Result<()> {
+    let verifier = postgres_protocol::password::scram_sha_256(password.expose().as_bytes());
+    tx.batch_execute(
+        "CREATE FUNCTION pg_temp.svcdb_set_password(role_name text, verifier text) RETURNS void
+         LANGUAGE plpgsql AS $$ BEGIN
+           EXECUTE format('ALTER ROLE %I PASSWORD %L', role_name, verifier);
+         END $$",
+    )
+    .await?;
+    tx.execute(
+        "SELECT pg_temp.svcdb_set_password($1, $2)",
+        &[&role.as_str(), &Redacted(&verifier)],
+    )
+    .await?;
+    tx.batch_execute("DROP FUNCTION pg_temp.svcdb_set_password(text, text)")
+        .await?;
+    Ok(())
+}
+
+/// A text parameter whose `Debug` (what tokio-postgres logs of a statement's parameters)
+/// hides it.
+struct Redacted<'a>(&'a str);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl tokio_postgres::types::ToSql for Redacted<'_> {
+    fn to_sql(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        self.0.to_sql(ty, out)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        <&str as tokio_postgres::types::ToSql>::accepts(ty)
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
 
 /// Refuses (or, with `fix`, removes) what an existing `role` has beyond a service's needs:
 /// the [`UNSAFE_ATTRIBUTES`] and membership in other roles, through which it holds another
