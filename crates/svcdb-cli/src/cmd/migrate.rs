@@ -93,6 +93,9 @@ Exit codes:
         // Not named `version`: that is the id of the propagated `--version` flag.
         #[arg(value_name = "VERSION")]
         up_to: Version,
+        /// List what would be recorded, refusing as a real run would, without writing anything.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         timeouts: Timeouts,
     },
@@ -311,7 +314,11 @@ pub async fn run(global: &Global, command: Command) -> Result<Outcome> {
         Command::Validate(drift) => validate(global, drift).await,
         Command::Lint(args) => crate::cmd::lint::run(global, args).await,
         Command::New { name } => new(global, &name),
-        Command::Baseline { up_to, timeouts } => baseline(global, &up_to, timeouts).await,
+        Command::Baseline {
+            up_to,
+            dry_run,
+            timeouts,
+        } => baseline(global, &up_to, dry_run, timeouts).await,
         Command::Repair(timeouts) => repair(global, timeouts).await,
         Command::Adopt(args) => adopt(global, args).await,
     }
@@ -646,9 +653,18 @@ fn new(global: &Global, name: &str) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-async fn baseline(global: &Global, version: &Version, timeouts: Timeouts) -> Result<Outcome> {
+async fn baseline(
+    global: &Global,
+    version: &Version,
+    dry_run: bool,
+    timeouts: Timeouts,
+) -> Result<Outcome> {
     let migrator = migrator(global, timeouts.apply(MigrateOptions::default())).await?;
-    let report = migrator.baseline(version).await?;
+    let report = if dry_run {
+        migrator.baseline_dry_run(version).await?
+    } else {
+        migrator.baseline(version).await?
+    };
     output::report(global.json, &report, |r| {
         if r.recorded.is_empty() {
             return format!(
@@ -656,16 +672,29 @@ async fn baseline(global: &Global, version: &Version, timeouts: Timeouts) -> Res
                 r.schema
             );
         }
+        let verb = if r.dry_run {
+            "would record"
+        } else {
+            "recorded"
+        };
         let mut lines: Vec<String> = r
             .recorded
             .iter()
-            .map(|m| format!("recorded {} {} as applied", m.version, m.name))
+            .map(|m| format!("{verb} {} {} as applied", m.version, m.name))
             .collect();
-        lines.push(format!(
-            "baselined schema {}: {} recorded without running",
-            r.schema,
-            count(r.recorded.len())
-        ));
+        lines.push(if r.dry_run {
+            format!(
+                "dry run: {} would be recorded in schema {} without running; nothing was written",
+                count(r.recorded.len()),
+                r.schema
+            )
+        } else {
+            format!(
+                "baselined schema {}: {} recorded without running",
+                r.schema,
+                count(r.recorded.len())
+            )
+        });
         lines.join("\n")
     })?;
     Ok(Outcome::Success)

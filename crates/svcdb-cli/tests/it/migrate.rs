@@ -528,6 +528,18 @@ async fn a_changed_file_is_refused_until_allowed_or_repaired() {
 async fn baseline_records_versions_without_running_them() {
     let p = Project::new().await;
     p.write(THREE);
+    // Found by a user trial: no dry run, where `adopt` and `down` had one.
+    let out = p
+        .run(&["migrate", "baseline", "2", "--dry-run"])
+        .expect_code(0);
+    assert!(out.stdout.contains("would record 0002"), "{out}");
+    let report = p
+        .run(&["migrate", "baseline", "2", "--dry-run", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(versions(&report["recorded"]), [1, 2]);
+    assert_eq!(report["dry_run"], true);
+    assert!(!p.schema_exists().await, "the dry run wrote");
     let report = p
         .run(&["migrate", "baseline", "2", "--json"])
         .expect_code(0)

@@ -71,6 +71,8 @@ pub struct RedoReport {
 pub struct BaselineReport {
     /// The service schema.
     pub schema: String,
+    /// True when nothing was written ([`Migrator::baseline_dry_run`](super::Migrator::baseline_dry_run)).
+    pub dry_run: bool,
     /// Migrations recorded as applied without running them.
     pub recorded: Vec<RunEntry>,
 }

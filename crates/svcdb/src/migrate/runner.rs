@@ -766,6 +766,64 @@ impl Migrator {
     pub async fn baseline(&self, version: &Version) -> Result<BaselineReport, MigrateError> {
         let (lock, history) = self.lock(&mut ignore, true).await?;
         let result = async {
+            let rows: Vec<(&Migration, Option<Duration>)> = self
+                .baseline_plan(lock.client(), &history, version)
+                .await?
+                .into_iter()
+                .map(|m| (m, None))
+                .collect();
+            if !history.exists {
+                history::create_table(lock.client(), self.db.schema()).await?;
+            }
+            history::insert(lock.client(), self.db.schema(), &rows, false).await?;
+            Ok(rows)
+        }
+        .await;
+        let rows = lock.release_after(result).await?;
+        Ok(BaselineReport {
+            schema: self.schema(),
+            dry_run: false,
+            recorded: rows.iter().map(|(m, _)| planned(m)).collect(),
+        })
+    }
+
+    /// What [`Self::baseline`] would record, refused as it would be, without writing anything
+    /// or taking the lock (found by a user trial: `adopt` and `down` had a dry run, `baseline`,
+    /// which writes the history as `adopt` does, had none).
+    pub async fn baseline_dry_run(
+        &self,
+        version: &Version,
+    ) -> Result<BaselineReport, MigrateError> {
+        let conn = self.db.get().await?;
+        let client: &Client = &conn;
+        // A schema `baseline` would create (SVCDB_CREATE_SCHEMA) has no history yet.
+        let history = match history::read(client, self.db.schema(), true).await {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME) => {
+                History::default()
+            }
+            read => read?,
+        };
+        let recorded = self
+            .baseline_plan(client, &history, version)
+            .await?
+            .into_iter()
+            .map(planned)
+            .collect();
+        Ok(BaselineReport {
+            schema: self.schema(),
+            dry_run: true,
+            recorded,
+        })
+    }
+
+    /// The migrations [`Self::baseline`] records, or why it refuses.
+    async fn baseline_plan(
+        &self,
+        client: &Client,
+        history: &History,
+        version: &Version,
+    ) -> Result<Vec<&Migration>, MigrateError> {
+        {
             if let Some(dirty) = history.rows.iter().find(|r| r.dirty) {
                 return Err(MigrateError::Dirty {
                     schema: self.schema(),
@@ -782,9 +840,8 @@ impl Migrator {
             if history.rows.is_empty() {
                 // Found by a user trial: over golang-migrate's dirty version 5, `baseline 4`
                 // recorded 1-4 and said nothing, and `up` would have run 5 over its half.
-                let others = adopt::other_histories(lock.client(), self.db.schema()).await?;
-                let over =
-                    adopt::applied_by_other_tool(lock.client(), self.db.schema(), &others).await?;
+                let others = adopt::other_histories(client, self.db.schema()).await?;
+                let over = adopt::applied_by_other_tool(client, self.db.schema(), &others).await?;
                 if let Some(other) = over.filter(|o| !o.dirty.is_empty()) {
                     return Err(MigrateError::OtherToolApplied {
                         schema: self.schema(),
@@ -792,24 +849,12 @@ impl Migrator {
                     });
                 }
             }
-            let rows: Vec<(&Migration, Option<Duration>)> = self
+            Ok(self
                 .migrations
                 .iter()
                 .filter(|m| m.version <= *version && history.get(&m.version).is_none())
-                .map(|m| (m, None))
-                .collect();
-            if !history.exists {
-                history::create_table(lock.client(), self.db.schema()).await?;
-            }
-            history::insert(lock.client(), self.db.schema(), &rows, false).await?;
-            Ok(rows)
+                .collect())
         }
-        .await;
-        let rows = lock.release_after(result).await?;
-        Ok(BaselineReport {
-            schema: self.schema(),
-            recorded: rows.iter().map(|(m, _)| planned(m)).collect(),
-        })
     }
 
     /// Deletes dirty history rows (so those migrations count as pending again; fix the schema
