@@ -288,7 +288,7 @@ where
     /// [`MigrateOptions::default`], as `svcdb migrate up` without options (found by a user
     /// trial: the migration errors pointed at options a service could not set). Its
     /// `ignore_missing` also lets the start-up gate accept applied migrations this release does
-    /// not ship ([`Gate::allow_unknown_applied`](svcdb::schema::Gate::allow_unknown_applied)),
+    /// not ship ([`Gate::allow_unknown_applied`](svcdb::Gate::allow_unknown_applied)),
     /// migrating or not: a migration removed on purpose is accepted by both, as by `svcdb
     /// migrate up --ignore-missing` and `svcdb health --ignore-missing` (found by a user trial:
     /// `up` accepted it and the gate kept every replica unready).
