@@ -338,6 +338,20 @@ pub enum AdoptError {
         /// The service schema.
         schema: String,
     },
+    /// Every version the other tool applied was left out ([`AdoptOptions::ignore_missing`]):
+    /// their files are gone, so there is nothing to record, and `up` would run the folder's
+    /// files over what that tool made.
+    #[error("{tool} ({table}) applied {}, and no file in the folder has any of them: there is nothing to adopt; nothing was recorded\n  hint: {}", left_out.join(", "), nothing_left_hint(first_pending.as_ref()))]
+    NothingLeft {
+        /// The tool.
+        tool: Tool,
+        /// Its table.
+        table: String,
+        /// The versions it applied, all without a file.
+        left_out: Vec<String>,
+        /// The folder's first migration.
+        first_pending: Option<Version>,
+    },
     /// Reading the folder, the database, the lock, or svcdb's own history failed.
     #[error(transparent)]
     Migrate(#[from] MigrateError),
@@ -443,6 +457,14 @@ fn refused_message(tool: &Tool, table: &str, problems: &[AdoptProblem]) -> Strin
         s.push_str("; versions whose files were removed on purpose (squashed into a later one) can be left out with `--ignore-missing` (AdoptOptions::ignore_missing)");
     }
     s
+}
+
+/// What to do when every version another tool applied is gone from the folder.
+fn nothing_left_hint(first_pending: Option<&Version>) -> String {
+    match first_pending {
+        Some(v) => format!("if their files were squashed into migration {v} (or later ones), what the schema holds is what those files make: record them as applied without running them with `svcdb migrate baseline <the newest of them>` (`--dry-run` first); otherwise point --dir at the folder the tool applied"),
+        None => "point --dir at the folder the tool applied".to_owned(),
+    }
 }
 
 /// How `tool` clears the mark of a dirty or failed version, once it is finished or undone by
@@ -660,8 +682,9 @@ impl Migrator {
     ) -> Result<(Vec<&Migration>, Vec<Version>, Vec<String>), AdoptError> {
         let allow_changed = options.allow_changed;
         let ignored_missing = |version: &str| {
-            format!("version {version}: applied by {tool}, but no file in the folder has it; left out (ignore_missing)")
+            format!("version {version}: applied by {tool}, but no file in the folder has it; left out (--ignore-missing)")
         };
+        let mut left_out = Vec::new();
         let ToolHistory {
             applied,
             up_to,
@@ -677,6 +700,7 @@ impl Migrator {
                     if migrations.get(&limit).is_none() && tool == Tool::GolangMigrate {
                         if options.ignore_missing {
                             warnings.push(ignored_missing(&text));
+                            left_out.push(text.clone());
                         } else {
                             problems.push(AdoptProblem::NoFile {
                                 version: text.clone(),
@@ -707,6 +731,7 @@ impl Migrator {
             let Some(m) = migrations.get(&version) else {
                 if options.ignore_missing {
                     warnings.push(ignored_missing(&a.text));
+                    left_out.push(a.text.clone());
                 } else {
                     problems.push(AdoptProblem::NoFile { version: a.text });
                 }
@@ -742,11 +767,21 @@ impl Migrator {
                 problems,
             });
         }
-        let pending = migrations
+        let pending: Vec<Version> = migrations
             .iter()
             .filter(|m| !plan.contains_key(&m.version))
             .map(|m| m.version.clone())
             .collect();
+        if plan.is_empty() && !left_out.is_empty() {
+            // Found by a user trial: every applied version squashed away, adopt recorded
+            // nothing and said "run up", and `up` sent them back to adopt.
+            return Err(AdoptError::NothingLeft {
+                tool,
+                table: table.to_owned(),
+                left_out,
+                first_pending: pending.first().cloned(),
+            });
+        }
         Ok((plan.into_values().collect(), pending, warnings))
     }
 }

@@ -681,6 +681,48 @@ async fn versions_squashed_away_are_left_out_with_ignore_missing() {
     assert!(m.status().await.unwrap().is_up_to_date());
 }
 
+/// Found by a later trial: with every applied version squashed into a new file, `adopt
+/// --ignore-missing` recorded nothing and said "run up", and `up` refused, pointing back at
+/// adopt. It now refuses, naming `baseline`, which records the squashed file.
+#[tokio::test]
+async fn a_history_squashed_whole_is_refused_with_the_baseline_to_run() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[(
+            "20240103000000_squashed.sql",
+            "-- migrate:up\nCREATE TABLE a (id int);\n-- migrate:down\nDROP TABLE a;\n",
+        )],
+    );
+    sql(
+        &svc,
+        "CREATE TABLE IF NOT EXISTS shop.schema_migrations (version varchar(128) primary key);
+         INSERT INTO shop.schema_migrations (version) VALUES ('20240101000000'), ('20240102000000');
+         CREATE TABLE shop.a (id int);",
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    let err = m
+        .adopt(&AdoptOptions {
+            ignore_missing: true,
+            ..AdoptOptions::from(Tool::Dbmate)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AdoptError::NothingLeft { left_out, .. } if left_out.len() == 2),
+        "{err}"
+    );
+    assert!(err.to_string().contains("svcdb migrate baseline"), "{err}");
+    assert_eq!(ours(&svc).await, [] as [(String, String); 0]);
+    m.baseline(&"20240103000000".parse().unwrap())
+        .await
+        .unwrap();
+    assert!(m.status().await.unwrap().is_up_to_date());
+}
+
 /// Flyway's DDL (PostgreSQL `createMetaDataTable.sql`).
 pub(crate) const FLYWAY_DDL: &str = "CREATE TABLE shop.flyway_schema_history (
     installed_rank INT NOT NULL,

@@ -112,7 +112,8 @@ pub enum Rule {
     IgnoredMarker,
     /// A value that `ALTER TYPE … ADD VALUE` added earlier in the same transactional script,
     /// used as a string constant: PostgreSQL refuses an enum value before the transaction that
-    /// added it commits (SQLSTATE 55P04), so the deploy would fail there.
+    /// added it commits (SQLSTATE 55P04), so the deploy would fail there (warning: the
+    /// constant may be another column's text).
     EnumValueUsedBeforeCommit,
 }
 
@@ -210,7 +211,8 @@ impl Rule {
             | Rule::EmptyUp
             | Rule::Unparsed
             | Rule::UnknownAllow
-            | Rule::IgnoredMarker => Severity::Warning,
+            | Rule::IgnoredMarker
+            | Rule::EnumValueUsedBeforeCommit => Severity::Warning,
             _ => Severity::Error,
         }
     }

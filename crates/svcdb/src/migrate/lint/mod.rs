@@ -47,7 +47,7 @@
 //! | `unparsed` | warning | a script PostgreSQL's parser rejects: nothing in it could be checked |
 //! | `unparsed-outside-transaction` | error | a non-transactional script (up or down) PostgreSQL's parser rejects: its statements before the one the server refuses would stay, leaving it dirty and half-applied |
 //! | `unknown-allow` | warning | a `-- svcdb:allow` comment naming no rule, or a rule that is never allowed (it allows nothing) |
-//! | `enum-value-used-before-commit` | error | in a transactional migration, a string constant equal to a value that `ALTER TYPE … ADD VALUE` added earlier in the same script (to a type the script did not create): PostgreSQL refuses the new value until the transaction commits (55P04); allow it if the constant is not that enum's |
+//! | `enum-value-used-before-commit` | warning | in a transactional migration, a string constant equal to a value that `ALTER TYPE … ADD VALUE` added earlier in the same script (in a statement, a `DO` block or a `LANGUAGE sql` function's body): PostgreSQL refuses the new value until the transaction commits (55P04); a warning, since a constant of that spelling may be another column's text |
 //! | `ignored-marker` | warning | a comment that reads like `-- svcdb:no-transaction` (another case, no space, not the first line) in a migration that runs in a transaction: the marker is read only as the file's first line, exactly |
 //!
 //! Volatility is read from the function's name (PostgreSQL's `pg_proc.provolatile` is not
@@ -305,49 +305,52 @@ fn outside_transaction(transactional: bool) -> &'static str {
 /// In a transactional script: reports `node`'s string constants that equal a value an earlier
 /// statement added to an enum type (found by a user trial: `ADD VALUE 'shipped'` then an
 /// `UPDATE … SET state = 'shipped'` passed the lint and always failed with 55P04), and notes
-/// the values `node` adds. A type created in the same script is left out: PostgreSQL lets its
-/// new values be used at once.
+/// the values `node` adds. Also in the bodies the server runs or checks at once: a `DO` block
+/// and a `LANGUAGE sql` function (a PL/pgSQL body is checked only when called). A warning:
+/// a constant of that spelling may well be another column's text, and the catalog is not
+/// asked whether an `ADD VALUE IF NOT EXISTS` added anything.
 fn enum_values(
     s: &Script<'_>,
     at: usize,
     node: &NodeEnum,
     added: &mut Vec<String>,
-    created: &mut HashSet<String>,
     out: &mut Vec<Finding>,
 ) {
-    let type_name = |names: &[pg_query::Node]| match names.last().and_then(|n| n.node.as_ref()) {
-        Some(NodeEnum::String(s)) => s.sval.clone(),
-        _ => String::new(),
-    };
     match node {
-        NodeEnum::CreateEnumStmt(create) => {
-            created.insert(type_name(&create.type_name));
-        }
-        NodeEnum::AlterEnumStmt(alter)
-            if !alter.new_val.is_empty()
-                && alter.old_val.is_empty()
-                && !created.contains(&type_name(&alter.type_name)) =>
-        {
+        NodeEnum::AlterEnumStmt(alter) if !alter.new_val.is_empty() && alter.old_val.is_empty() => {
             added.push(alter.new_val.clone());
         }
         _ if !added.is_empty() => {
             // pg_query's own walk (`nodes()`) visits only where tables are named; the tree's
             // serialized form holds every string constant, as `{"Sval":{"sval":…}}` (an
-            // identifier is a `{"String":{"sval":…}}`), wherever it sits.
+            // identifier is a `{"String":{"sval":…}}`), wherever it sits, and a body as the
+            // text it is, the constant quoted in it.
             let tree = serde_json::to_string(node).unwrap_or_default();
+            let body_run_now = match node {
+                NodeEnum::DoStmt(_) => true,
+                NodeEnum::CreateFunctionStmt(f) => f.options.iter().any(|o| {
+                    matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname == "language"
+                        && matches!(d.arg.as_deref().and_then(|a| a.node.as_ref()),
+                            Some(NodeEnum::String(l)) if l.sval.eq_ignore_ascii_case("sql")))
+                }),
+                _ => false,
+            };
             let used = added.iter().find(|value| {
                 let constant = format!(
                     "{{\"Sval\":{{\"sval\":{}}}}}",
                     serde_json::Value::from(value.as_str())
                 );
-                tree.contains(&constant)
+                let quoted =
+                    serde_json::Value::from(format!("'{}'", value.replace('\'', "''"))).to_string();
+                let quoted = &quoted[1..quoted.len() - 1];
+                tree.contains(&constant) || (body_run_now && tree.contains(quoted))
             });
             if let Some(value) = used {
                 out.push(s.finding(
                     at,
                     Rule::EnumValueUsedBeforeCommit,
                     format!("'{value}' was added to an enum type earlier in this migration's transaction, and PostgreSQL refuses a new enum value until the transaction that added it commits (SQLSTATE 55P04): the deploy would fail here"),
-                    format!("move the statements that use '{value}' to a later migration (svcdb commits a migration that adds an enum value before the next one runs); allow the rule in the file if this constant is not that enum's"),
+                    format!("move the statements that use '{value}' to a later migration (svcdb commits a migration that adds an enum value before the next one runs); nothing to do if this constant is not that enum's"),
                 ));
             }
         }
@@ -654,9 +657,8 @@ impl Deploy {
             ));
             return;
         }
-        // Values this script's transaction added to enum types it did not create.
+        // Values this script's transaction added to enum types.
         let mut added_values: Vec<String> = Vec::new();
-        let mut created_enums: HashSet<String> = HashSet::new();
         for piece in parsed_pieces(script.up) {
             let (offset, parsed) = match piece {
                 Ok(piece) => piece,
@@ -678,14 +680,7 @@ impl Deploy {
                 let location = offset + usize::try_from(raw.stmt_location).unwrap_or(0);
                 let at = code_start(script.up, location);
                 if script.transactional {
-                    enum_values(
-                        &script,
-                        at,
-                        node,
-                        &mut added_values,
-                        &mut created_enums,
-                        out,
-                    );
+                    enum_values(&script, at, node, &mut added_values, out);
                 }
                 self.statement(&script, at, node, out);
                 self.live.apply(node);
