@@ -684,9 +684,14 @@ async fn baseline(
             .collect();
         lines.push(if r.dry_run {
             format!(
-                "dry run: {} would be recorded in schema {} without running; nothing was written",
+                "dry run: {} would be recorded in schema {} without running; nothing was written{}",
                 count(r.recorded.len()),
-                r.schema
+                r.schema,
+                if r.locked {
+                    "\nnote: another runner holds the schema's migration lock: the real run waits for it (--lock-wait), then records only what that runner did not apply"
+                } else {
+                    ""
+                }
             )
         } else {
             format!(

@@ -73,6 +73,9 @@ pub struct BaselineReport {
     pub schema: String,
     /// True when nothing was written ([`Migrator::baseline_dry_run`](super::Migrator::baseline_dry_run)).
     pub dry_run: bool,
+    /// In a dry run, true when another runner held the schema's migration lock: the real run
+    /// waits for it (up to the lock wait), then records only what that runner did not apply.
+    pub locked: bool,
     /// Migrations recorded as applied without running them.
     pub recorded: Vec<RunEntry>,
 }

@@ -783,6 +783,7 @@ impl Migrator {
         Ok(BaselineReport {
             schema: self.schema(),
             dry_run: false,
+            locked: false,
             recorded: rows.iter().map(|(m, _)| planned(m)).collect(),
         })
     }
@@ -809,9 +810,17 @@ impl Migrator {
             .into_iter()
             .map(planned)
             .collect();
+        // Found by a user trial: while another runner migrated, the dry run listed what the
+        // real run would find applied by then (and would wait for first).
+        let held = format!(
+            "SELECT {}",
+            super::lock::held_by_another_sql(self.db.schema())
+        );
+        let locked: bool = client.query_one(&held, &[]).await?.get(0);
         Ok(BaselineReport {
             schema: self.schema(),
             dry_run: true,
+            locked,
             recorded,
         })
     }

@@ -1925,6 +1925,12 @@ async fn a_transactional_group_in_progress_is_noted_by_the_gate() {
         ),
         "{health}"
     );
+    // A baseline's dry run says so too (found by a user trial); the real run would wait.
+    let dry = migrator(&replica, dir.path())
+        .baseline_dry_run(&v(2))
+        .await
+        .unwrap();
+    assert!(dry.locked && dry.dry_run, "{dry:?}");
 
     test_session
         .batch_execute(&format!("SELECT pg_advisory_unlock({HELD_BY_TEST})"))
@@ -1934,6 +1940,11 @@ async fn a_transactional_group_in_progress_is_noted_by_the_gate() {
     let health = replica.health(&gate).await;
     assert!(health.gate.ready, "{health}");
     assert!(health.gate.notices.is_empty(), "{health}");
+    let dry = migrator(&replica, dir.path())
+        .baseline_dry_run(&v(2))
+        .await
+        .unwrap();
+    assert!(!dry.locked && dry.recorded.is_empty(), "{dry:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
