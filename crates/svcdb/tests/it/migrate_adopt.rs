@@ -586,6 +586,18 @@ async fn a_version_the_other_tool_rolled_back_below_applied_ones_is_named_out_of
     assert!(m.status().await.unwrap().is_up_to_date());
 }
 
+/// dbmate's history table (its DDL: pkg/driver/postgres `CreateMigrationsTable`) recording
+/// versions `20240101000000` and `20240102000000`, and the table they made.
+async fn dbmate_applied_two(svc: &ServiceDb) {
+    sql(
+        svc,
+        "CREATE TABLE IF NOT EXISTS shop.schema_migrations (version varchar(128) primary key);
+         INSERT INTO shop.schema_migrations (version) VALUES ('20240101000000'), ('20240102000000');
+         CREATE TABLE shop.a (id int);",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn dbmate_schema_is_adopted_and_a_missing_file_is_refused() {
     let db = TestDb::new().await;
@@ -598,14 +610,7 @@ async fn dbmate_schema_is_adopted_and_a_missing_file_is_refused() {
             "-- migrate:up\nCREATE TABLE a (id int);\n\n-- migrate:down\nDROP TABLE a;\n",
         )],
     );
-    // dbmate's DDL (pkg/driver/postgres `CreateMigrationsTable`).
-    sql(
-        &svc,
-        "CREATE TABLE IF NOT EXISTS shop.schema_migrations (version varchar(128) primary key);
-         INSERT INTO shop.schema_migrations (version) VALUES ('20240101000000'), ('20240102000000');
-         CREATE TABLE shop.a (id int);",
-    )
-    .await;
+    dbmate_applied_two(&svc).await;
     let m = migrator(&svc, dir.path());
     let err = m
         .adopt(&AdoptOptions::from(Tool::Dbmate))
@@ -648,13 +653,7 @@ async fn versions_squashed_away_are_left_out_with_ignore_missing() {
             "-- migrate:up\nCREATE TABLE a (id int);\n-- migrate:down\nDROP TABLE a;\n",
         )],
     );
-    sql(
-        &svc,
-        "CREATE TABLE IF NOT EXISTS shop.schema_migrations (version varchar(128) primary key);
-         INSERT INTO shop.schema_migrations (version) VALUES ('20240101000000'), ('20240102000000');
-         CREATE TABLE shop.a (id int);",
-    )
-    .await;
+    dbmate_applied_two(&svc).await;
     let m = migrator(&svc, dir.path());
     let err = m
         .adopt(&AdoptOptions::from(Tool::Dbmate))
@@ -696,13 +695,7 @@ async fn a_history_squashed_whole_is_refused_with_the_baseline_to_run() {
             "-- migrate:up\nCREATE TABLE a (id int);\n-- migrate:down\nDROP TABLE a;\n",
         )],
     );
-    sql(
-        &svc,
-        "CREATE TABLE IF NOT EXISTS shop.schema_migrations (version varchar(128) primary key);
-         INSERT INTO shop.schema_migrations (version) VALUES ('20240101000000'), ('20240102000000');
-         CREATE TABLE shop.a (id int);",
-    )
-    .await;
+    dbmate_applied_two(&svc).await;
     let m = migrator(&svc, dir.path());
     let err = m
         .adopt(&AdoptOptions {
