@@ -799,7 +799,7 @@ impl Migrator {
         let client: &Client = &conn;
         // A schema `baseline` would create (SVCDB_CREATE_SCHEMA) has no history yet.
         let history = match history::read(client, self.db.schema(), true).await {
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME) => {
+            Err(e) if e.code() == Some(&crate::error::SqlState::INVALID_SCHEMA_NAME) => {
                 History::default()
             }
             read => read?,
@@ -832,38 +832,36 @@ impl Migrator {
         history: &History,
         version: &Version,
     ) -> Result<Vec<&Migration>, MigrateError> {
-        {
-            if let Some(dirty) = history.rows.iter().find(|r| r.dirty) {
-                return Err(MigrateError::Dirty {
+        if let Some(dirty) = history.rows.iter().find(|r| r.dirty) {
+            return Err(MigrateError::Dirty {
+                schema: self.schema(),
+                version: dirty.version.clone(),
+                name: dirty.name.clone(),
+            });
+        }
+        MigrateError::check_known(
+            &self.schema(),
+            version,
+            self.migrations.iter().map(|m| &m.version),
+            false,
+        )?;
+        if history.rows.is_empty() {
+            // Found by a user trial: over golang-migrate's dirty version 5, `baseline 4`
+            // recorded 1-4 and said nothing, and `up` would have run 5 over its half.
+            let others = adopt::other_histories(client, self.db.schema()).await?;
+            let over = adopt::applied_by_other_tool(client, self.db.schema(), &others).await?;
+            if let Some(other) = over.filter(|o| !o.dirty.is_empty()) {
+                return Err(MigrateError::OtherToolApplied {
                     schema: self.schema(),
-                    version: dirty.version.clone(),
-                    name: dirty.name.clone(),
+                    other,
                 });
             }
-            MigrateError::check_known(
-                &self.schema(),
-                version,
-                self.migrations.iter().map(|m| &m.version),
-                false,
-            )?;
-            if history.rows.is_empty() {
-                // Found by a user trial: over golang-migrate's dirty version 5, `baseline 4`
-                // recorded 1-4 and said nothing, and `up` would have run 5 over its half.
-                let others = adopt::other_histories(client, self.db.schema()).await?;
-                let over = adopt::applied_by_other_tool(client, self.db.schema(), &others).await?;
-                if let Some(other) = over.filter(|o| !o.dirty.is_empty()) {
-                    return Err(MigrateError::OtherToolApplied {
-                        schema: self.schema(),
-                        other,
-                    });
-                }
-            }
-            Ok(self
-                .migrations
-                .iter()
-                .filter(|m| m.version <= *version && history.get(&m.version).is_none())
-                .collect())
         }
+        Ok(self
+            .migrations
+            .iter()
+            .filter(|m| m.version <= *version && history.get(&m.version).is_none())
+            .collect())
     }
 
     /// Deletes dirty history rows (so those migrations count as pending again; fix the schema
@@ -1087,12 +1085,20 @@ impl Migrator {
             .map(|schema| schema.as_str().to_owned())
             .collect();
         format!(
-            "set_config('search_path', '{}', false), set_config('lock_timeout', '{}ms', false), \
+            "set_config('search_path', '{}', false), {}, \
              set_config('statement_timeout', '{}ms', false)",
             // Identifiers hold only `[a-z0-9_$]`: nothing to escape in the literal.
             path.join(","),
-            server_millis(self.options.lock_timeout),
+            self.lock_timeout_call(),
             server_millis(self.options.statement_timeout.unwrap_or_default()),
+        )
+    }
+
+    /// `set_config(…)` of svcdb's `lock_timeout` for the session.
+    fn lock_timeout_call(&self) -> String {
+        format!(
+            "set_config('lock_timeout', '{}ms', false)",
+            server_millis(self.options.lock_timeout)
         )
     }
 
@@ -1459,37 +1465,20 @@ impl Migrator {
                 return Err(self.stopped_in(conn, m, direction, done).await);
             }
             let lifted = self.lift_lock_timeout_for(conn, statement).await?;
-            let mut retries = 0;
-            while let Err(cause) = self.interruptible(conn.batch_execute(statement)).await {
-                let retry = retries < self.options.lock_retries
-                    && is_lock_timeout(&cause)
-                    && invalid_indexes(conn, schema)
-                        .await
-                        .is_ok_and(|found| found.is_empty());
-                if !retry {
-                    return Err(StepError::Script {
-                        cause,
-                        statements_done: Some(done),
-                        at: None,
-                        lock_retries: retries,
-                    });
-                }
-                retries += 1;
-                if self
-                    .pause_before_retry(m, direction, Some(done + 1), retries, observer)
-                    .await
-                {
-                    // As between two statements: the one that timed out changed nothing.
-                    return Err(self.stopped_in(conn, m, direction, done).await);
-                }
-            }
+            let ran = self
+                .statement_with_retries(conn, m, direction, done, statement, observer)
+                .await;
             if lifted {
-                conn.batch_execute(&format!(
-                    "SELECT set_config('lock_timeout', '{}ms', false)",
-                    server_millis(self.options.lock_timeout)
-                ))
-                .await?;
+                // Put back on a failure too: the undo of the deploy's earlier ups, on this
+                // session, must run under svcdb's bound.
+                let restored = conn
+                    .batch_execute(&format!("SELECT {}", self.lock_timeout_call()))
+                    .await;
+                if ran.is_ok() {
+                    restored?;
+                }
             }
+            ran?;
         }
         let took = start.elapsed();
         conn.batch_execute(reset).await?;
@@ -1501,6 +1490,45 @@ impl Migrator {
         }
         // The duration recorded in the history, so that `status` and the progress line agree.
         Ok(finished(m, direction, took, observer))
+    }
+
+    /// Runs `statement`, number `done + 1` of non-transactional `m`: again after a lock timeout,
+    /// at most [`MigrateOptions::lock_retries`] times, unless the schema now holds an invalid
+    /// index.
+    async fn statement_with_retries(
+        &self,
+        conn: &Client,
+        m: &Migration,
+        direction: Direction,
+        done: usize,
+        statement: &str,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+    ) -> Result<(), StepError> {
+        let mut retries = 0;
+        while let Err(cause) = self.interruptible(conn.batch_execute(statement)).await {
+            let retry = retries < self.options.lock_retries
+                && is_lock_timeout(&cause)
+                && invalid_indexes(conn, self.db.schema())
+                    .await
+                    .is_ok_and(|found| found.is_empty());
+            if !retry {
+                return Err(StepError::Script {
+                    cause,
+                    statements_done: Some(done),
+                    at: None,
+                    lock_retries: retries,
+                });
+            }
+            retries += 1;
+            if self
+                .pause_before_retry(m, direction, Some(done + 1), retries, observer)
+                .await
+            {
+                // As between two statements: the one that timed out changed nothing.
+                return Err(self.stopped_in(conn, m, direction, done).await);
+            }
+        }
+        Ok(())
     }
 
     /// Before `statement` of a non-transactional script: when it is one of the `CONCURRENTLY`
@@ -1579,8 +1607,8 @@ impl Migrator {
             return false;
         }
         let ended_by_server = cause.and_then(|c| c.code()).is_some_and(|code| {
-            *code == tokio_postgres::error::SqlState::ADMIN_SHUTDOWN
-                || *code == tokio_postgres::error::SqlState::CRASH_SHUTDOWN
+            *code == crate::error::SqlState::ADMIN_SHUTDOWN
+                || *code == crate::error::SqlState::CRASH_SHUTDOWN
         });
         if !ended_by_server {
             return true;
