@@ -13,6 +13,8 @@
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
+use tokio_util::task::AbortOnDropHandle;
+
 use super::error::MigrateError;
 use crate::connection::DedicatedConn;
 use crate::ident::Ident;
@@ -51,7 +53,17 @@ impl MigrationLock {
         wait: Duration,
         on_wait: impl FnOnce(),
     ) -> Result<Self, MigrateError> {
-        let conn = dedicated_when_a_slot_frees(db).await?;
+        Self::acquire_on(Connecting::start(db), db, wait, on_wait).await
+    }
+
+    /// [`Self::acquire`] on the connection `connecting` opens.
+    pub(crate) async fn acquire_on(
+        connecting: Connecting,
+        db: &ServiceDb,
+        wait: Duration,
+        on_wait: impl FnOnce(),
+    ) -> Result<Self, MigrateError> {
+        let conn = connecting.finish().await?;
         let key = key_sql(db.schema());
         let try_lock = format!("SELECT pg_try_advisory_lock({key})");
         let deadline = Instant::now() + crate::config::capped_wait(wait);
@@ -183,6 +195,31 @@ impl Deref for MigrationLock {
 impl DerefMut for MigrationLock {
     fn deref_mut(&mut self) -> &mut DedicatedConn {
         &mut self.conn
+    }
+}
+
+/// The lock's own connection, opened in a task of its own from [`Connecting::start`] on, so
+/// that `up` can lint while the server starts the session (a backend's start-up is a few
+/// milliseconds of the server's time, the lint's parse a few of the client's). Dropped
+/// unfinished, the task is aborted and the connection closed.
+pub(crate) struct Connecting(AbortOnDropHandle<Result<DedicatedConn, MigrateError>>);
+
+impl Connecting {
+    /// Starts opening the connection for the lock of `db`'s schema.
+    pub(crate) fn start(db: &ServiceDb) -> Self {
+        let db = db.clone();
+        Self(AbortOnDropHandle::new(tokio::spawn(async move {
+            dedicated_when_a_slot_frees(&db).await
+        })))
+    }
+
+    /// The connection, once open.
+    async fn finish(self) -> Result<DedicatedConn, MigrateError> {
+        match self.0.await {
+            Ok(connected) => connected,
+            // Never aborted while awaited; a panic in it is this call's own.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
 }
 

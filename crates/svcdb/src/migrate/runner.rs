@@ -14,7 +14,7 @@ use super::event::{Direction, MigrateEvent};
 use super::history::{self, History};
 use super::interrupt::Interrupt;
 use super::location::{locate, Location};
-use super::lock::MigrationLock;
+use super::lock::{Connecting, MigrationLock};
 use super::migration::{adds_enum_value, Migration};
 use super::options::{DownOptions, MigrateOptions, UpOptions};
 use super::repeatable::{self, Repeatable, RepeatableRun, RepeatableState};
@@ -23,7 +23,7 @@ use super::report::{
     UpReport,
 };
 use super::source::Migrations;
-use super::split::{statements_to_run, waits_out_older_transactions};
+use super::split::{may_change_lock_timeout, statements_to_run, waits_out_older_transactions};
 use super::status::StatusReport;
 use super::version::Version;
 use crate::pool::ServiceDb;
@@ -392,6 +392,21 @@ impl Migrator {
         let status = StatusReport::build(&self.schema(), &self.migrations, &history);
         let plan = self.plan_up(&status, options.to.as_ref())?;
         super::template::refuse_untouched(&plan)?;
+        let stale = self.stale_repeatables(&status, options, &recorded);
+        // A migration in progress may be one this call would run, or may fail: only under the
+        // lock, once its runner is done, is there nothing to do.
+        // A history table an older release wrote is upgraded under the lock first. A schema
+        // `up` may create is made under it too, with nothing to apply (found by a user trial:
+        // an empty folder said "up to date" and left the service without its schema).
+        let may_create = !history.exists && self.db.config().create_schema;
+        let locks = !options.dry_run
+            && !(plan.is_empty()
+                && stale.is_empty()
+                && status.in_progress.is_none()
+                && !history.legacy
+                && !may_create);
+        // The lock's connection opens while the checks and the lint below run.
+        let connecting = locks.then(|| Connecting::start(&self.db));
         if history.rows.is_empty() && !plan.is_empty() {
             let conn = self.db.get().await?;
             let others = adopt::other_histories(client(&conn), self.db.schema()).await?;
@@ -401,21 +416,8 @@ impl Migrator {
             self.refuse_applied_by_other_tool(client(&conn), &plan)
                 .await?;
         }
-        let stale = self.stale_repeatables(&status, options, &recorded);
         self.lint_before_up(&plan, &stale, observer).await?;
-        // A migration in progress may be one this call would run, or may fail: only under the
-        // lock, once its runner is done, is there nothing to do.
-        // A history table an older release wrote is upgraded under the lock first. A schema
-        // `up` may create is made under it too, with nothing to apply (found by a user trial:
-        // an empty folder said "up to date" and left the service without its schema).
-        let may_create = !history.exists && self.db.config().create_schema;
-        if (plan.is_empty()
-            && stale.is_empty()
-            && status.in_progress.is_none()
-            && !history.legacy
-            && !may_create)
-            || options.dry_run
-        {
+        let Some(connecting) = connecting else {
             return Ok(UpReport {
                 schema: self.schema(),
                 dry_run: options.dry_run,
@@ -431,8 +433,8 @@ impl Migrator {
                     })
                     .collect(),
             });
-        }
-        let (mut lock, history) = self.lock(observer, true).await?;
+        };
+        let (mut lock, history) = self.lock_on(connecting, observer, true).await?;
         let result = async {
             let status = StatusReport::build(&self.schema(), &self.migrations, &history);
             let plan = self.plan_up(&status, options.to.as_ref())?;
@@ -983,12 +985,24 @@ impl Migrator {
         observer: &mut (dyn FnMut(&MigrateEvent) + Send),
         creates: bool,
     ) -> Result<(MigrationLock, History), MigrateError> {
+        self.lock_on(Connecting::start(&self.db), observer, creates)
+            .await
+    }
+
+    /// [`Self::lock`] on the connection `connecting` opens.
+    async fn lock_on(
+        &self,
+        connecting: Connecting,
+        observer: &mut (dyn FnMut(&MigrateEvent) + Send),
+        creates: bool,
+    ) -> Result<(MigrationLock, History), MigrateError> {
         let schema = self.db.schema();
-        let acquire = MigrationLock::acquire(&self.db, self.options.lock_wait, || {
-            observer(&MigrateEvent::WaitingForLock {
-                schema: schema.as_str().to_owned(),
-            })
-        });
+        let acquire =
+            MigrationLock::acquire_on(connecting, &self.db, self.options.lock_wait, || {
+                observer(&MigrateEvent::WaitingForLock {
+                    schema: schema.as_str().to_owned(),
+                })
+            });
         let mut lock = match &self.interrupt {
             Some(interrupt) => tokio::select! {
                 lock = acquire => lock?,
@@ -1459,18 +1473,29 @@ impl Migrator {
             Direction::Down => history::set_dirty(&*conn, schema, &m.version, true, None).await?,
         }
         let start = started(m, direction, observer);
-        for (done, statement) in statements_to_run(sql).into_iter().enumerate() {
+        let statements = statements_to_run(sql);
+        for (done, &statement) in statements.iter().enumerate() {
             if self.interrupt.as_ref().is_some_and(Interrupt::take) {
                 // Between two statements: none of this one ran.
                 return Err(self.stopped_in(conn, m, direction, done).await);
             }
-            let lifted = self.lift_lock_timeout_for(conn, statement).await?;
-            let ran = self
-                .statement_with_retries(conn, m, direction, done, statement, observer)
-                .await;
-            if lifted {
-                // Put back on a failure too: the undo of the deploy's earlier ups, on this
-                // session, must run under svcdb's bound.
+            if !self.lifts_lock_timeout(&statements[..done], statement) {
+                self.statement_with_retries(conn, m, direction, done, statement, observer)
+                    .await?;
+                continue;
+            }
+            // Sent together (`biased`: in this order), one round trip: the lift cannot fail
+            // but with the connection, which fails the statement too.
+            let (lifted, ran) = tokio::join!(
+                biased;
+                conn.batch_execute("SET lock_timeout = 0"),
+                self.statement_with_retries(conn, m, direction, done, statement, observer)
+            );
+            let last = done + 1 == statements.len();
+            if ran.is_err() || !last {
+                // Put back for the statements after it, and on a failure too: the undo of
+                // the deploy's earlier ups, on this session, must run under svcdb's bound.
+                // After the last one the session reset below puts it back.
                 let restored = conn
                     .batch_execute(&format!("SELECT {}", self.lock_timeout_call()))
                     .await;
@@ -1479,6 +1504,12 @@ impl Migrator {
                 }
             }
             ran?;
+            lifted.map_err(|cause| StepError::Script {
+                cause,
+                statements_done: Some(done + 1),
+                at: None,
+                lock_retries: 0,
+            })?;
         }
         let took = start.elapsed();
         conn.batch_execute(reset).await?;
@@ -1531,33 +1562,19 @@ impl Migrator {
         Ok(())
     }
 
-    /// Before `statement` of a non-transactional script: when it is one of the `CONCURRENTLY`
+    /// Whether `statement` of a non-transactional script, after the script's statements
+    /// `before`, runs without svcdb's own `lock_timeout`: when it is one of the `CONCURRENTLY`
     /// statements whose waits for older transactions block nobody
-    /// ([`waits_out_older_transactions`]), lifts svcdb's own `lock_timeout` for it, so that
-    /// another service's long transaction in the same database does not cut it short and leave
-    /// an invalid index (found by a user trial: two services deploying at once). Only svcdb's
-    /// own bound: a script that set `lock_timeout` itself keeps its value, and
-    /// `statement_timeout` still applies. True when it was lifted, to be put back after.
-    async fn lift_lock_timeout_for(
-        &self,
-        conn: &Client,
-        statement: &str,
-    ) -> Result<bool, tokio_postgres::Error> {
-        let ours = server_millis(self.options.lock_timeout);
-        if ours == 0 || !waits_out_older_transactions(statement) {
-            return Ok(false);
-        }
-        // `setting` is in milliseconds, as svcdb set it, unless the script changed it.
-        let lifted = conn
-            .query_opt(
-                &format!(
-                    "SELECT set_config('lock_timeout', '0', false) FROM pg_settings \
-                     WHERE name = 'lock_timeout' AND setting = '{ours}'"
-                ),
-                &[],
-            )
-            .await?;
-        Ok(lifted.is_some())
+    /// ([`waits_out_older_transactions`]), so that another service's long transaction in the
+    /// same database does not cut it short and leave an invalid index (found by a user trial:
+    /// two services deploying at once). Only svcdb's own bound: a script that set
+    /// `lock_timeout` itself before it keeps its value ([`may_change_lock_timeout`]; a trial
+    /// found one that set svcdb's very value lifted when the server's setting was compared),
+    /// and `statement_timeout` still applies.
+    fn lifts_lock_timeout(&self, before: &[&str], statement: &str) -> bool {
+        server_millis(self.options.lock_timeout) != 0
+            && waits_out_older_transactions(statement)
+            && !before.iter().any(|s| may_change_lock_timeout(s))
     }
 
     /// The interrupt stopped non-transactional `m` after `statements_done` of its statements

@@ -74,6 +74,37 @@ pub(crate) fn waits_out_older_transactions(statement: &str) -> bool {
         })
 }
 
+/// True when `statement`, run in a non-transactional script before a statement of
+/// [`waits_out_older_transactions`], may have set the session's `lock_timeout` itself, which
+/// the runner then keeps: a `SET` or `RESET` of it, `RESET ALL`, `DISCARD ALL`, a call of
+/// `set_config`, code the parser cannot see into (`DO`, `CALL`), or a statement the parser
+/// rejects. Told on the client, from the script's own text: the session reset after every
+/// script puts svcdb's bound back, so only the script's earlier statements can have changed
+/// it. (A function of the script's that sets it internally is not seen.)
+pub(crate) fn may_change_lock_timeout(statement: &str) -> bool {
+    use pg_query::protobuf::VariableSetKind;
+    use pg_query::NodeEnum;
+    let Ok(parsed) = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT) else {
+        return true;
+    };
+    let sets = parsed
+        .protobuf
+        .stmts
+        .iter()
+        .filter_map(|raw| raw.stmt.as_ref().and_then(|s| s.node.as_ref()))
+        .any(|node| match node {
+            NodeEnum::VariableSetStmt(set) => {
+                set.name == "lock_timeout" || set.kind == VariableSetKind::VarResetAll as i32
+            }
+            NodeEnum::DiscardStmt(_) | NodeEnum::DoStmt(_) | NodeEnum::CallStmt(_) => true,
+            _ => false,
+        });
+    sets || parsed
+        .call_functions()
+        .iter()
+        .any(|f| f.rsplit('.').next() == Some("set_config"))
+}
+
 /// The most script the lint parses at once. PostgreSQL's parse tree, as pg_query hands it
 /// over, takes about 80 times the script's size: a 17 MB seed-data migration took 1.4 GB in
 /// one piece (found by a trial).
@@ -652,6 +683,35 @@ mod tests {
             "CREATE INDEX CONCURRENTLY i ON t (a",
         ] {
             assert!(!waits(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn the_statements_that_may_set_lock_timeout_are_told_apart() {
+        use super::may_change_lock_timeout as sets;
+        for yes in [
+            "SET lock_timeout = '250ms'",
+            "set local lock_timeout to 0",
+            "RESET lock_timeout",
+            "RESET ALL",
+            "DISCARD ALL",
+            "SELECT set_config('lock_timeout', '1s', false)",
+            "SELECT pg_catalog.set_config('lock_timeout', '1s', false)",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "CALL setup()",
+            "SET lock_timeout = ",
+        ] {
+            assert!(sets(yes), "{yes}");
+        }
+        for no in [
+            "SET search_path = app",
+            "SET statement_timeout = '5min'",
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "SELECT count(*) FROM t",
+            "UPDATE t SET a = lower(a)",
+            "SELECT 'SET lock_timeout = 0'",
+        ] {
+            assert!(!sets(no), "{no}");
         }
     }
 

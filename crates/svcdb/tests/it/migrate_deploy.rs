@@ -707,6 +707,19 @@ async fn no_lock_retries_fails_at_the_first_lock_timeout() {
 
 #[tokio::test]
 async fn a_concurrent_index_cut_short_by_lock_timeout_is_not_retried() {
+    concurrent_index_under_the_scripts_own_lock_timeout("250ms").await;
+}
+
+/// Found by a trial: a script that set svcdb's very value itself had it lifted, when the runner
+/// told the script's bound from its own by the server's setting.
+#[tokio::test]
+async fn a_scripts_own_lock_timeout_equal_to_svcdbs_is_kept_for_a_concurrent_index() {
+    concurrent_index_under_the_scripts_own_lock_timeout("300ms").await;
+}
+
+/// A `CREATE INDEX CONCURRENTLY` after the script's own `SET lock_timeout = '<set>'`, while a
+/// writer's transaction stays open: cut short by that bound, not retried, the index named.
+async fn concurrent_index_under_the_scripts_own_lock_timeout(set: &str) {
     let db = TestDb::new().await;
     let svc = db.service("shop").await;
     let dir = tempfile::tempdir().unwrap();
@@ -735,15 +748,20 @@ async fn a_concurrent_index_cut_short_by_lock_timeout_is_not_retried() {
         dir.path(),
         &[(
             "2_items_id.up.sql",
-            "-- svcdb:no-transaction\nSET lock_timeout = '250ms';\nCREATE INDEX CONCURRENTLY items_id ON items (id);\n",
+            &format!("-- svcdb:no-transaction\nSET lock_timeout = '{set}';\nCREATE INDEX CONCURRENTLY items_id ON items (id);\n"),
         )],
     );
 
     let mut events = Vec::new();
-    let err = migrator(&svc, dir.path(), lock_options(3))
-        .up_with(&UpOptions::default(), &mut |e| events.push(e.clone()))
-        .await
-        .unwrap_err();
+    // Lifted, the build would wait for the writer for good.
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        migrator(&svc, dir.path(), lock_options(3))
+            .up_with(&UpOptions::default(), &mut |e| events.push(e.clone())),
+    )
+    .await
+    .expect("the index build waited past the script's own lock_timeout")
+    .unwrap_err();
     // Run again, the statement would fail on the index it left (42P07), or with IF NOT EXISTS
     // accept the broken one: the lock timeout is the failure, with the index named.
     assert_eq!(err.code(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{err}");
