@@ -399,12 +399,12 @@ impl Migrator {
         // `up` may create is made under it too, with nothing to apply (found by a user trial:
         // an empty folder said "up to date" and left the service without its schema).
         let may_create = !history.exists && self.db.config().create_schema;
-        let locks = !options.dry_run
-            && !(plan.is_empty()
-                && stale.is_empty()
-                && status.in_progress.is_none()
-                && !history.legacy
-                && !may_create);
+        let nothing_to_do = plan.is_empty()
+            && stale.is_empty()
+            && status.in_progress.is_none()
+            && !history.legacy
+            && !may_create;
+        let locks = !options.dry_run && !nothing_to_do;
         // The lock's connection opens while the checks and the lint below run.
         let connecting = locks.then(|| Connecting::start(&self.db));
         if history.rows.is_empty() && !plan.is_empty() {
