@@ -58,6 +58,10 @@ pub struct Version {
     major: i64,
     /// Whether the first 14 digits read as a date and time.
     timestamp: bool,
+    /// More digits than a 64-bit integer holds (ory's pop writes 20, whose first 14 are not
+    /// always a date: `20150100000001000000`): ordered as a timestamp is, by its first 14
+    /// digits and then the rest, and keyed in the history by a hash, as a dotted version is.
+    wide: bool,
     /// A dotted version's parts after the first, without trailing zeros (`1.2.0` → `[2]`);
     /// empty for every other version. The second ordering key.
     minor: Box<[u64]>,
@@ -73,8 +77,8 @@ pub enum ParseVersionError {
         /// The text given.
         text: String,
     },
-    /// More digits than a 64-bit integer holds (in a dotted version, in one of its parts).
-    #[error("version {text} is too large: svcdb reads versions of at most 18 digits (19 below 9223372036854775808; in a dotted version, per part), as its history keys them with a 64-bit integer\n  hint: a folder whose tool writes wider versions (ory's pop folders: 20 digits) cannot be read as it is; for a migration of your own, give it a shorter version (a 14-digit timestamp, YYYYMMDDHHMMSS)")]
+    /// A part of a dotted version with more digits than a 64-bit integer holds.
+    #[error("version {text} is too large: each part of a dotted version is read as a 64-bit integer, at most 9223372036854775807\n  hint: give the migration a version with smaller parts")]
     TooLarge {
         /// The text given.
         text: String,
@@ -101,7 +105,8 @@ impl Version {
 
     /// Every digit read as one integer (`2026-01-20-162913` → 20260120162913, `0003` → 3): how
     /// svcdb before text versions recorded it, and how sqlx, golang-migrate, goose and refinery
-    /// record theirs. Not an ordering: use the version itself.
+    /// record theirs. Not an ordering: use the version itself. A version too wide for a
+    /// 64-bit integer (ory's pop writes 20 digits) is `i64::MAX`.
     pub fn number(&self) -> i64 {
         // Parsing checked that the digits fit.
         self.digits().fold(0i64, |n, d| {
@@ -123,17 +128,29 @@ impl Version {
     ///   so that equal versions (`1.1`, `1_1`, `01.1.0`) share it. Reading a folder refuses two
     ///   versions that would share a key ([`Version::key`] collisions are checked there).
     ///
+    /// * a version too wide for a 64-bit integer (`20150100000001000000`) is a negative number
+    ///   between -3·2^60 and -2^61, from the SHA-256 of its first 14 digits and the rest.
+    ///
     /// A dotted version without such a part (`2.0`) is its first part, as the version `2` it
     /// equals. No other version is negative.
     pub(crate) fn key(&self) -> i64 {
-        if !self.minor.is_empty() {
-            use sha2::Digest;
+        use sha2::Digest;
+        let hashed = |parts: &mut dyn Iterator<Item = [u8; 8]>| -> u64 {
             let mut hash = sha2::Sha256::new();
-            hash.update(self.major.to_be_bytes());
-            self.minor.iter().for_each(|p| hash.update(p.to_be_bytes()));
+            parts.for_each(|p| hash.update(p));
             let bytes: [u8; 8] = hash.finalize()[..8].try_into().unwrap_or_default();
+            u64::from_be_bytes(bytes)
+        };
+        if !self.minor.is_empty() {
+            let mut parts = std::iter::once(self.major.to_be_bytes())
+                .chain(self.minor.iter().map(|p| p.to_be_bytes()));
             const DOTTED_BASE: i64 = -(1 << 62);
-            DOTTED_BASE - (u64::from_be_bytes(bytes) >> 3) as i64
+            DOTTED_BASE - (hashed(&mut parts) >> 3) as i64
+        } else if self.wide {
+            let mut parts = std::iter::once(self.major.to_be_bytes())
+                .chain(self.rest().map(|d| u64::from(d).to_be_bytes()));
+            const WIDE_BASE: i64 = -(1 << 61);
+            WIDE_BASE - (hashed(&mut parts) >> 4) as i64
         } else if self.is_zero() {
             -i64::try_from(self.rest().count()).unwrap_or(i64::MAX)
         } else if self.is_dotted() {
@@ -150,15 +167,28 @@ impl Version {
     /// number, 0, to them): reading a folder refuses those where its tool would run them in
     /// another order ([`source`](super::source)).
     pub(crate) fn cmp_as_integers(&self, other: &Self) -> Ordering {
-        let first = |v: &Self| if v.is_dotted() { v.major } else { v.number() };
-        first(self)
-            .cmp(&first(other))
-            .then_with(|| self.minor.cmp(&other.minor))
+        if self.is_dotted() || other.is_dotted() {
+            let first = |v: &Self| if v.is_dotted() { v.major } else { v.number() };
+            return first(self)
+                .cmp(&first(other))
+                .then_with(|| self.minor.cmp(&other.minor));
+        }
+        // Every digit as one integer, however wide: fewer significant digits is smaller.
+        let significant = |v: &Self| -> Vec<u8> { v.digits().skip_while(|&d| d == b'0').collect() };
+        let (a, b) = (significant(self), significant(other));
+        a.len().cmp(&b.len()).then_with(|| a.cmp(&b))
+    }
+
+    /// The version as one number for a metric: every digit, as [`Version::number`], however
+    /// wide (a 20-digit timestamp to the nearest `f64`).
+    pub(crate) fn as_f64(&self) -> f64 {
+        let digits: String = self.digits().map(char::from).collect();
+        digits.parse().unwrap_or(0.0)
     }
 
     /// True for a version of zeros only (`0`, `00000000000000`, `0.0`).
     fn is_zero(&self) -> bool {
-        !self.timestamp && self.major == 0 && self.minor.is_empty()
+        !self.timestamp && !self.wide && self.major == 0 && self.minor.is_empty()
     }
 
     /// True for a version written with `.` (or, as Flyway's file names write it, `_`).
@@ -169,7 +199,7 @@ impl Version {
     /// A timestamp's digits after the 14th, or a run of zeros' (none for a plain integer or a
     /// dotted version): the tie-break after `major` and `minor`.
     fn rest(&self) -> impl Iterator<Item = u8> + '_ {
-        let skip = if self.timestamp || (self.is_zero() && !self.is_dotted()) {
+        let skip = if self.timestamp || self.wide || (self.is_zero() && !self.is_dotted()) {
             TIME_DIGITS
         } else {
             usize::MAX
@@ -241,6 +271,7 @@ impl FromStr for Version {
                 text: text.into(),
                 major,
                 timestamp: false,
+                wide: false,
                 minor: minor.into(),
             });
         }
@@ -253,17 +284,18 @@ impl FromStr for Version {
             return Err(not_a_number());
         }
         let digits: String = text.chars().filter(char::is_ascii_digit).collect();
-        let number: i64 = digits.parse().map_err(|_| too_large())?;
+        let number = digits.parse::<i64>().ok();
         let timestamp = digits.len() >= TIME_DIGITS && looks_like_time(&digits[..TIME_DIGITS]);
-        let major = if timestamp {
-            digits[..TIME_DIGITS].parse().map_err(|_| too_large())?
-        } else {
-            number
+        let major = match number {
+            Some(number) if !timestamp => number,
+            // A timestamp, or wider than any integer (so wider than 14 digits).
+            _ => digits[..TIME_DIGITS].parse().map_err(|_| too_large())?,
         };
         Ok(Self {
             text: text.into(),
             major,
             timestamp,
+            wide: number.is_none(),
             minor: Box::default(),
         })
     }
@@ -276,6 +308,7 @@ impl From<u32> for Version {
             text: n.to_string().into(),
             major: n.into(),
             timestamp: false,
+            wide: false,
             minor: Box::default(),
         }
     }
@@ -488,9 +521,48 @@ mod tests {
             .is_too_large());
         assert!("1.9223372036854775807".parse::<Version>().is_ok());
         assert!(Version::try_from(-5_i64).unwrap_err().is_not_a_number());
-        assert!("99999999999999999999"
-            .parse::<Version>()
-            .unwrap_err()
-            .is_too_large());
+    }
+
+    /// ory's pop writes 20-digit versions, the first ones not even dates (`20150100000001…`):
+    /// read, in order, each its own history key. Found by a trial on kratos's folder.
+    #[test]
+    fn versions_wider_than_an_integer_order_by_their_first_14_digits_and_key_apart() {
+        let v = |t: &str| t.parse::<Version>().unwrap();
+        let ordered = [
+            v("20150100000001000000"),
+            v("20150100000001000001"),
+            v("20150100000002"),
+            v("20191100000001000000"),
+            v("20200519101057000000"),
+            v("99999999999999999999"),
+        ];
+        for pair in ordered.windows(2) {
+            assert!(pair[0] < pair[1], "{} < {}", pair[0], pair[1]);
+            assert_eq!(
+                pair[0].cmp_as_integers(&pair[1]),
+                pair[0]
+                    .as_str()
+                    .len()
+                    .cmp(&pair[1].as_str().len())
+                    .then(Ordering::Less),
+                "{} vs {}",
+                pair[0],
+                pair[1]
+            );
+        }
+        let keys: std::collections::HashSet<i64> = ordered.iter().map(Version::key).collect();
+        assert_eq!(keys.len(), ordered.len());
+        for wide in [&ordered[0], &ordered[1], &ordered[3], &ordered[5]] {
+            assert!(
+                (-3 * (1_i64 << 60)..=-(1_i64 << 61)).contains(&wide.key()),
+                "{wide}"
+            );
+            assert_eq!(wide.key(), v(wide.as_str()).key());
+            assert_eq!(wide.number(), i64::MAX);
+        }
+        assert_eq!(ordered[2].key(), 20150100000002);
+        assert!(v("20150100000001000000").as_f64() > 2.01e19);
+        // Leading zeros still make no integer wide.
+        assert_eq!(v("000000000000000000000042").key(), 42);
     }
 }

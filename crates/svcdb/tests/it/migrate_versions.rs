@@ -366,3 +366,83 @@ async fn lemmys_two_zero_versions_are_applied_recorded_and_reverted_apart() {
     m.up().await.unwrap();
     assert!(m.status().await.unwrap().is_up_to_date());
 }
+
+/// Found by a trial on ory kratos's folder: pop's 20-digit versions (the first ones not even
+/// dates) and a file per database were refused whole. They apply in order, each keeps its text
+/// in the history, and down reverts them newest first.
+#[tokio::test]
+async fn a_pop_folder_with_20_digit_versions_is_applied_recorded_and_reverted() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "20150100000001000000_networks.postgres.up.sql",
+                "CREATE TABLE networks (id uuid);",
+            ),
+            (
+                "20150100000001000000_networks.postgres.down.sql",
+                "DROP TABLE networks;",
+            ),
+            (
+                "20150100000001000000_networks.mysql.up.sql",
+                "CREATE TABLE networks (id char(36)) ENGINE=InnoDB;",
+            ),
+            (
+                "20200519101057000000_identities.postgres.up.sql",
+                "CREATE TABLE identities (id uuid);",
+            ),
+            (
+                "20200519101057000000_identities.postgres.down.sql",
+                "DROP TABLE identities;",
+            ),
+            (
+                "20200519101057000000_identities.sqlite3.up.sql",
+                "CREATE TABLE identities (id TEXT);",
+            ),
+            (
+                "20200519101057000001_seed.up.sql",
+                "INSERT INTO identities VALUES (gen_random_uuid());",
+            ),
+            (
+                "20200519101057000001_seed.down.sql",
+                "DELETE FROM identities;",
+            ),
+        ],
+    );
+    let m = migrator(&svc, dir.path());
+    let applied = versions(&m.up().await.unwrap().migrations);
+    assert_eq!(
+        applied,
+        [
+            "20150100000001000000",
+            "20200519101057000000",
+            "20200519101057000001"
+        ]
+    );
+    let conn = svc.get().await.unwrap();
+    let texts: Vec<String> = history(&conn).await.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts.len(), 3);
+    for version in &applied {
+        assert!(texts.contains(version), "{texts:?}");
+    }
+    assert!(m.status().await.unwrap().is_up_to_date());
+
+    let down = m
+        .down(&DownOptions {
+            to: Some("20150100000001000000".parse().unwrap()),
+            ..DownOptions::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        versions(&down.migrations),
+        ["20200519101057000001", "20200519101057000000"]
+    );
+    let texts: Vec<String> = history(&conn).await.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, ["20150100000001000000"]);
+    m.up().await.unwrap();
+    assert!(m.status().await.unwrap().is_up_to_date());
+}

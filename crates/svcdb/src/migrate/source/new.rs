@@ -160,7 +160,14 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
                     &digits[6..8],
                     &digits[8..]
                 ),
-                _ => digits,
+                // As wide as the newest (pop's 20 digits, `…000000`): the tools that compare
+                // versions as integers would otherwise run a narrower one first, and reading
+                // the folder refuses that.
+                Some(v) => {
+                    let width = v.as_str().bytes().filter(u8::is_ascii_digit).count();
+                    format!("{digits:0<width$}")
+                }
+                None => digits,
             }
         }
     };
@@ -351,6 +358,25 @@ mod tests {
     /// The text of the file `rel` of `dir`.
     fn read(dir: &tempfile::TempDir, rel: &str) -> String {
         std::fs::read_to_string(dir.path().join(rel)).unwrap()
+    }
+
+    /// A pop folder's versions are 20 digits: a 14-digit one after them would run before
+    /// them by integers, and the folder would be refused.
+    #[test]
+    fn new_migration_after_wider_versions_is_as_wide() {
+        let (dir, files) = new_in(
+            &[
+                ("20200519101057000000_a.postgres.up.sql", b"SELECT 1;"),
+                ("20200519101057000000_a.mysql.up.sql", b"SELECT 1;"),
+            ],
+            "b",
+        );
+        let version = files[0].split_once('_').unwrap().0;
+        assert_eq!(version.len(), 20, "{files:?}");
+        assert!(version.ends_with("000000"), "{files:?}");
+        let m = Migrations::from_dir(dir.path()).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.latest().unwrap().name, "b");
     }
 
     #[test]

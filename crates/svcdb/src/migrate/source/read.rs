@@ -133,6 +133,25 @@ fn pair_downs_by_version(groups: &mut BTreeMap<(String, Layout), Group<'_>>) {
     }
 }
 
+/// The databases ory's pop writes a file of each migration for
+/// (`<version>_<name>.<dialect>.up.sql`).
+const POP_DIALECTS: [&str; 5] = ["postgres", "cockroach", "mysql", "sqlite3", "mariadb"];
+
+/// True for pop's PostgreSQL file of a migration (`20200519101057000000_x.postgres.up.sql`). A
+/// folder holding one is pop's: its migrations are those files, and the files without a
+/// dialect (pop runs those on every database); the other databases' files are left alone.
+fn is_pop_postgres(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.ends_with(".postgres.up.sql") || name.ends_with(".postgres.down.sql")
+}
+
+/// A pop migration's stem without its dialect, and the dialect (`1_x.mysql` → `1_x`, `mysql`);
+/// `None` for a stem without one.
+fn pop_dialect(stem: &str) -> Option<(&str, &str)> {
+    let (rest, dialect) = stem.rsplit_once('.')?;
+    POP_DIALECTS.contains(&dialect).then_some((rest, dialect))
+}
+
 /// The files of one migration, before validation.
 #[derive(Default)]
 struct Group<'a> {
@@ -292,6 +311,7 @@ impl Migrations {
         let mut repeatable_files: BTreeMap<String, SourceFile<'_>> = BTreeMap::new();
         let mut undo_configs: BTreeMap<Version, SourceFile<'_>> = BTreeMap::new();
         let mut repeatable_configs: BTreeMap<String, SourceFile<'_>> = BTreeMap::new();
+        let pop = files.iter().any(|f| is_pop_postgres(&f.path));
         for file in files {
             let Some(class) = classify(&file.path) else {
                 if file.path.to_ascii_lowercase().ends_with(".sql") {
@@ -300,6 +320,13 @@ impl Migrations {
                 continue;
             };
             let (stem, layout, role) = match class {
+                Class::Part { stem, layout, role } if pop && layout == Layout::Native => {
+                    match pop_dialect(&stem) {
+                        Some((stem, "postgres")) => (stem.to_owned(), layout, role),
+                        Some(_) => continue,
+                        None => (stem, layout, role),
+                    }
+                }
                 Class::Part { stem, layout, role } => (stem, layout, role),
                 Class::Refused(why) => return Err(refuse(&file, why)),
                 Class::Repeatable { name } => {
@@ -830,6 +857,61 @@ mod tests {
             "an up without a down is allowed"
         );
         assert_eq!(m.latest().unwrap().version.number(), 10);
+    }
+
+    /// Found by a trial on ory kratos's folder: pop writes 20-digit versions and a file per
+    /// database.
+    #[test]
+    fn a_pop_folder_is_read_as_its_postgres_files_and_those_for_every_database() {
+        let m = parse(&[
+            (
+                "20150100000001000000_networks.postgres.up.sql",
+                b"CREATE TABLE networks (id uuid);",
+            ),
+            (
+                "20150100000001000000_networks.postgres.down.sql",
+                b"DROP TABLE networks;",
+            ),
+            (
+                "20150100000001000000_networks.mysql.up.sql",
+                b"CREATE TABLE networks (id char(36));",
+            ),
+            (
+                "20150100000001000000_networks.sqlite3.up.sql",
+                b"CREATE TABLE networks (id TEXT);",
+            ),
+            (
+                "20150100000001000000_networks.cockroach.up.sql",
+                b"CREATE TABLE networks (id UUID);",
+            ),
+            (
+                "20191100000001000000_identities.up.sql",
+                b"CREATE TABLE identities (id uuid);",
+            ),
+            ("20200519101057000000_x.postgres.up.sql", b"SELECT 1;"),
+            ("20200519101057000000_x.mysql.up.sql", b"SELECT 2;"),
+        ])
+        .unwrap();
+        let read: Vec<(&str, &str)> = m
+            .iter()
+            .map(|m| (m.version.as_str(), m.name.as_str()))
+            .collect();
+        assert_eq!(
+            read,
+            [
+                ("20150100000001000000", "networks"),
+                ("20191100000001000000", "identities"),
+                ("20200519101057000000", "x")
+            ]
+        );
+        let networks = m.iter().next().unwrap();
+        assert_eq!(networks.up, "CREATE TABLE networks (id uuid);");
+        assert_eq!(networks.down.as_deref(), Some("DROP TABLE networks;"));
+        assert!(m.ignored().is_empty(), "{:?}", m.ignored());
+
+        // Without a PostgreSQL file, a dot in a name is only a dot.
+        let plain = parse(&[("1_a.mysql.up.sql", b"SELECT 1;")]).unwrap();
+        assert_eq!(plain.iter().next().unwrap().name, "a.mysql");
     }
 
     #[test]

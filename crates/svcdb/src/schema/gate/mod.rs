@@ -188,7 +188,7 @@ impl Gate {
             0.0
         });
         if let Some(version) = &report.migration_version {
-            metrics::gauge!("svcdb_migration_version", labels.iter()).set(version.number() as f64);
+            metrics::gauge!("svcdb_migration_version", labels.iter()).set(version.as_f64());
         }
         (report, latency.filter(|_| answered))
     }
