@@ -590,10 +590,15 @@ async fn status(global: &Global, drift: Drift) -> Result<Outcome> {
         }
     })?;
     Ok(if let Some(refused) = refusal {
-        errln!(
-            "not up to date: {}",
-            refused.text().trim_start_matches("error: ")
-        );
+        let text = refused.text();
+        let text = text.trim_start_matches("error: ");
+        if global.json {
+            errln!("not up to date: {text}");
+        } else if let Some((_, details)) = text.split_once('\n') {
+            // The summary above said why in its first line (found by a trial: the refusal
+            // was printed twice); its details and hint follow.
+            errln!("{details}");
+        }
         Outcome::NotReady
     } else if report.pending().next().is_some()
         || report.stale_repeatables().next().is_some()

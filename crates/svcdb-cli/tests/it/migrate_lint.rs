@@ -182,6 +182,12 @@ async fn up_refuses_an_unsafe_migration_unless_allow_unsafe() {
         .json();
     assert_eq!(status["entries"][1]["state"], "pending", "{status}");
     assert_eq!(status["refused"]["code"], "unsafe", "{status}");
+    // In text, the summary says why once and the finding follows (found by a trial: the
+    // refusal was printed twice, on stdout and again on stderr).
+    let text = p.run(&["migrate", "status"]).expect_code(1);
+    let both = format!("{}{}", text.stdout, text.stderr);
+    assert_eq!(both.matches("unsafe statement").count(), 1, "{text}");
+    assert!(text.stderr.contains("0002_label.up.sql:2"), "{text}");
     p.run(&["migrate", "validate"]).expect_code(1);
     p.run(&["migrate", "status", "--allow-unsafe"])
         .expect_code(2);

@@ -27,7 +27,11 @@ async fn up_refuses_the_template_migrate_new_wrote_until_it_is_written() {
     assert_eq!(project.tables().await, Vec::<String>::new(), "nothing ran");
     // `status` says `up` would refuse, and why.
     let out = project.run(&["migrate", "status"]).expect_code(1);
-    assert!(out.stderr.contains(&up_path), "{out}");
+    assert!(
+        out.stdout.contains("would refuse") && out.stdout.contains(&up_path),
+        "{out}"
+    );
+    assert!(out.stderr.contains("hint: replace the comment"), "{out}");
 
     std::fs::write(&up_path, "CREATE TABLE products (id bigint PRIMARY KEY);\n").unwrap();
     std::fs::write(&down_path, "DROP TABLE products;\n").unwrap();
