@@ -1925,6 +1925,16 @@ async fn a_transactional_group_in_progress_is_noted_by_the_gate() {
         ),
         "{health}"
     );
+    // The pending migration's hint says to wait for that runner, not to run `up` (found by a
+    // user trial), in the text and the JSON alike.
+    let shown = health.gate.to_string();
+    assert!(!shown.contains("hint: run `svcdb migrate up`"), "{shown}");
+    let json = serde_json::to_value(&health.gate).unwrap();
+    let hint = json["problems"][0]["hint"].as_str().unwrap();
+    assert!(
+        shown.contains(hint) && hint.contains("wait for it"),
+        "{json}"
+    );
     // A baseline's dry run says so too (found by a user trial); the real run would wait.
     let dry = migrator(&replica, dir.path())
         .baseline_dry_run(&v(2))

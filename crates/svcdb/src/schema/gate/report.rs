@@ -220,8 +220,10 @@ impl fmt::Display for Problem {
     }
 }
 
-/// The gate's verdict: every problem it found, and the migration version it saw.
-#[derive(Debug, Clone, Serialize)]
+/// The gate's verdict: every problem it found, and the migration version it saw. Serialized with
+/// its fields, each problem as a `kind`, its fields, a `message` and a `hint`, each notice as a
+/// `kind`, its fields and a `message`.
+#[derive(Debug, Clone)]
 pub struct GateReport {
     /// True when there is no problem.
     pub ready: bool,
@@ -233,12 +235,45 @@ pub struct GateReport {
     /// database did not answer.
     pub migrations_checked: bool,
     /// Every problem found, schema first, then migrations, then tables.
-    #[serde(serialize_with = "serialize_problems")]
     pub problems: Vec<Problem>,
     /// What is worth knowing but does not stop the service (a migration in progress, newer
     /// migrations applied by a newer release), by version.
-    #[serde(serialize_with = "serialize_notices")]
     pub notices: Vec<Notice>,
+}
+
+/// The hint of a pending migration (or a history not yet made) while another session holds
+/// the migration lock ([`Notice::MigrationLocked`]).
+const LOCKED_HINT: &str = "another runner holds the migration lock and is most likely applying them now: wait for it to commit (`svcdb migrate up` would wait for it too; `svcdb migrate status` shows the lock)";
+
+impl GateReport {
+    /// What to do about `problem`, knowing the notices: found by a user trial, "run `svcdb
+    /// migrate up`" beside the note that a runner was applying the migrations.
+    fn hint_of<'a>(&self, problem: &'a Problem) -> Cow<'a, str> {
+        let locked = self
+            .notices
+            .iter()
+            .any(|n| matches!(n, Notice::MigrationLocked { .. }));
+        match problem {
+            Problem::Pending { .. } | Problem::NoHistory { .. } if locked => {
+                Cow::Borrowed(LOCKED_HINT)
+            }
+            _ => problem.hint(),
+        }
+    }
+}
+
+impl Serialize for GateReport {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut report = s.serialize_struct("GateReport", 6)?;
+        report.serialize_field("ready", &self.ready)?;
+        report.serialize_field("schema", &self.schema)?;
+        report.serialize_field("migration_version", &self.migration_version)?;
+        report.serialize_field("migrations_checked", &self.migrations_checked)?;
+        report.serialize_field("problems", &ShownProblems(self))?;
+        report.serialize_field("notices", &ShownNotices(&self.notices))?;
+        report.end()
+    }
 }
 
 /// A state of the history the gate reports without failing on it: the normal states of a
@@ -355,7 +390,7 @@ impl fmt::Display for GateReport {
             write!(f, "\n  - {}", p.message())?;
         }
         let mut hints: Vec<Cow<'_, str>> = Vec::new();
-        for hint in self.problems.iter().map(Problem::hint) {
+        for hint in self.problems.iter().map(|p| self.hint_of(p)) {
             if !hints.contains(&hint) {
                 hints.push(hint);
             }
@@ -377,33 +412,42 @@ impl GateReport {
 }
 
 /// Notices as JSON objects: `kind`, the variant's fields and `message`.
-fn serialize_notices<S: Serializer>(notices: &[Notice], s: S) -> Result<S::Ok, S::Error> {
-    #[derive(Serialize)]
-    struct Shown<'a> {
-        #[serde(flatten)]
-        notice: &'a Notice,
-        message: String,
+struct ShownNotices<'a>(&'a [Notice]);
+
+impl Serialize for ShownNotices<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            #[serde(flatten)]
+            notice: &'a Notice,
+            message: String,
+        }
+        s.collect_seq(self.0.iter().map(|notice| Shown {
+            notice,
+            message: notice.message(),
+        }))
     }
-    s.collect_seq(notices.iter().map(|notice| Shown {
-        notice,
-        message: notice.message(),
-    }))
 }
 
-/// Problems as JSON objects: `kind`, the variant's fields, `message` and `hint`.
-fn serialize_problems<S: Serializer>(problems: &[Problem], s: S) -> Result<S::Ok, S::Error> {
-    #[derive(Serialize)]
-    struct Shown<'a> {
-        #[serde(flatten)]
-        problem: &'a Problem,
-        message: String,
-        hint: Cow<'a, str>,
+/// A report's problems as JSON objects: `kind`, the variant's fields, `message` and `hint`.
+struct ShownProblems<'a>(&'a GateReport);
+
+impl Serialize for ShownProblems<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            #[serde(flatten)]
+            problem: &'a Problem,
+            message: String,
+            hint: Cow<'a, str>,
+        }
+        let report = self.0;
+        s.collect_seq(report.problems.iter().map(|problem| Shown {
+            problem,
+            message: problem.message(),
+            hint: report.hint_of(problem),
+        }))
     }
-    s.collect_seq(problems.iter().map(|problem| Shown {
-        problem,
-        message: problem.message(),
-        hint: problem.hint(),
-    }))
 }
 
 #[cfg(test)]
