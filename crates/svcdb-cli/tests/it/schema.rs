@@ -161,6 +161,12 @@ async fn a_migration_removed_on_purpose_is_accepted_by_the_gate_with_ignore_miss
         accepting.push("--ignore-missing");
         let report = p.run(&accepting).expect_code(0).json();
         assert_eq!(report["ready"], true, "{report}");
+        // Accepted, not unseen (found by a user trial: the gap passed without a word).
+        assert_eq!(
+            report["notices"][0]["kind"], "unknown_applied_accepted",
+            "{report}"
+        );
+        assert_eq!(report["notices"][0]["version"], "0001", "{report}");
     }
 }
 

@@ -325,6 +325,9 @@ impl Gate {
                 MigrationState::Missing => match newest_shipped {
                     Some(newest) if version < *newest => {
                         if self.allow_unknown_applied {
+                            // Accepted, and said (found by a user trial: a gap passed
+                            // without a word).
+                            notices.push(Notice::UnknownAppliedAccepted { version, name });
                             continue;
                         }
                         Problem::UnknownApplied {

@@ -325,6 +325,16 @@ pub enum Notice {
         /// The service schema.
         schema: String,
     },
+    /// An applied migration older than the newest this release ships, whose file it does not
+    /// ship (a gap: a branch's migration, or a file removed on purpose), accepted because the
+    /// gate was told to ([`Gate::allow_unknown_applied`](crate::Gate::allow_unknown_applied),
+    /// `--ignore-missing`).
+    UnknownAppliedAccepted {
+        /// Its version.
+        version: Version,
+        /// Its name in the history table.
+        name: String,
+    },
 }
 
 impl Notice {
@@ -349,6 +359,10 @@ impl Notice {
             ),
             Notice::NewerDirty { version, name } => format!(
                 "migration {} of a newer release failed part-way and is dirty; this release does not ship it and keeps serving, but that release cannot migrate until it is repaired (`svcdb migrate status` with its migrations says how)",
+                Named(version, name)
+            ),
+            Notice::UnknownAppliedAccepted { version, name } => format!(
+                "migration {} is applied but not shipped by this release, older than its newest: accepted as told (--ignore-missing)",
                 Named(version, name)
             ),
             Notice::MigrationLocked { schema } => format!(
