@@ -793,6 +793,19 @@ async fn status_on_a_schema_that_does_not_exist_exits_1() {
     assert_eq!(states(&report), ["pending"; 3], "{out}");
     assert_eq!(report["refused"]["code"], "3F000", "{out}");
     assert!(!p.schema_exists().await, "status created the schema");
+    // A misspelled SVCDB_SCHEMA is named, as connecting names it (found by a trial).
+    p.db.admin()
+        .await
+        .batch_execute("CREATE SCHEMA svc_orders")
+        .await
+        .unwrap();
+    let out = p
+        .run_with_env(&["migrate", "status"], &[("SVCDB_CREATE_SCHEMA", "false")])
+        .expect_code(1);
+    assert!(
+        out.stdout.contains("similar: svc_orders") && out.stderr.contains("misspelled"),
+        "{out}"
+    );
     p.run(&["migrate", "up"]).expect_code(0);
     p.run_with_env(&["migrate", "status"], &[("SVCDB_CREATE_SCHEMA", "false")])
         .expect_code(0);

@@ -194,10 +194,16 @@ pub enum MigrateError {
 
     /// The service's schema does not exist, so its history table cannot be made (SQLSTATE
     /// 3F000 from the server).
-    #[error("schema {schema} does not exist\n  hint: create it with the service's own role, `svcdb provision --service <name> --schema {}`; or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)", crate::error::shell_word(schema))]
+    #[error(
+        "schema {schema} does not exist{}",
+        schema_missing_hint(schema, similar)
+    )]
     SchemaMissing {
         /// The schema, as configured.
         schema: String,
+        /// The database's schemas that look like it (a misspelled `SVCDB_SCHEMA`), closest
+        /// first; empty when none does, or none was looked for.
+        similar: Vec<String>,
     },
 
     /// The connected role does not own the service's schema and may not act as its owner
@@ -876,6 +882,24 @@ fn other_tool_applied(schema: &str, other: &super::adopt::OtherHistory) -> Strin
         other.dirty.join(", "),
         super::adopt::clear_mark_how(other.tool)
     )
+}
+
+/// What [`MigrateError::SchemaMissing`] says after its first line: the look-alikes, when there
+/// are any (a misspelling is then the likelier mistake, so it is named first), and how to make
+/// the schema.
+fn schema_missing_hint(schema: &str, similar: &[String]) -> String {
+    let create = format!(
+        "create it with the service's own role, `svcdb provision --service <name> --schema {}`; or let svcdb create it when it connects (SVCDB_CREATE_SCHEMA=true, Config::create_schema)",
+        crate::error::shell_word(schema)
+    );
+    if similar.is_empty() {
+        format!("\n  hint: {create}")
+    } else {
+        format!(
+            "; similar: {}\n  hint: if SVCDB_SCHEMA is misspelled, set it to the right one; otherwise {create}",
+            similar.join(", ")
+        )
+    }
 }
 
 #[cfg(test)]

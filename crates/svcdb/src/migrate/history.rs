@@ -145,6 +145,7 @@ pub(crate) async fn create_table(
         if e.code() == Some(&SqlState::INVALID_SCHEMA_NAME) {
             MigrateError::SchemaMissing {
                 schema: schema.as_str().to_owned(),
+                similar: Vec::new(),
             }
         } else {
             e.into()

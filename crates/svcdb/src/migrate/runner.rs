@@ -281,16 +281,12 @@ impl Migrator {
         let status = self.status().await?;
         if !status.history_exists && !self.db.config().create_schema {
             let conn = self.db.get().await?;
-            let exists: bool = conn
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-                    &[&self.db.schema().as_str()],
-                )
-                .await?
-                .get(0);
-            if !exists {
+            let missing =
+                crate::pool::schemas_like(client(&conn), self.db.schema().as_str()).await?;
+            if let Some(similar) = missing {
                 return Err(MigrateError::SchemaMissing {
                     schema: self.schema(),
+                    similar,
                 });
             }
         }

@@ -395,11 +395,26 @@ impl ServiceDb {
     }
 }
 
-/// Fails with [`Error::SchemaMissing`] unless the service schema exists. `pg_namespace` lists
-/// every schema of the database to every role, so the look-alikes include schemas the role may
-/// not use (the start-up gate reports that separately).
+/// Fails with [`Error::SchemaMissing`] unless the service schema exists.
 async fn require_schema(client: &tokio_postgres::Client, config: &Config) -> Result<()> {
-    let schema = config.schema.as_str();
+    match schemas_like(client, config.schema.as_str()).await? {
+        None => Ok(()),
+        Some(similar) => Err(Error::SchemaMissing {
+            schema: config.schema.as_str().to_owned(),
+            target: config.target(),
+            similar,
+        }),
+    }
+}
+
+/// `None` when `schema` exists, else the database's schemas that look like it
+/// ([`look_alike`]). `pg_namespace` lists every schema of the database to every role, so the
+/// look-alikes include schemas the role may not use (the start-up gate reports that
+/// separately).
+pub(crate) async fn schemas_like(
+    client: &tokio_postgres::Client,
+    schema: &str,
+) -> std::result::Result<Option<Vec<String>>, tokio_postgres::Error> {
     let names: Vec<String> = client
         .query(
             "SELECT nspname::text FROM pg_namespace \
@@ -410,14 +425,7 @@ async fn require_schema(client: &tokio_postgres::Client, config: &Config) -> Res
         .into_iter()
         .map(|row| row.get(0))
         .collect();
-    if names.iter().any(|name| name == schema) {
-        return Ok(());
-    }
-    Err(Error::SchemaMissing {
-        schema: schema.to_owned(),
-        target: config.target(),
-        similar: look_alike(schema, names),
-    })
+    Ok((!names.iter().any(|name| name == schema)).then(|| look_alike(schema, names)))
 }
 
 /// The names that look like `wanted`: a few edits away (at most a third of its length, as
