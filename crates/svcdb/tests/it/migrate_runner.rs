@@ -1637,7 +1637,7 @@ async fn up_on_a_schema_that_does_not_exist_says_how_to_create_it() {
         m.baseline(&v(2)).await.unwrap_err(),
     ] {
         assert!(
-            matches!(&err, MigrateError::SchemaMissing { schema } if schema == "never_made"),
+            matches!(&err, MigrateError::SchemaMissing { schema, .. } if schema == "never_made"),
             "{err}"
         );
         assert_eq!(err.code(), Some(&svcdb::SqlState::INVALID_SCHEMA_NAME));
