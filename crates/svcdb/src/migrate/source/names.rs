@@ -278,7 +278,7 @@ mod tests {
             "0001.up.sql",
             "0001_.up.sql",
             "12a_x.up.sql",
-            "99999999999999999999_huge.up.sql",
+            "V1.99999999999999999999__huge.sql",
             "_x.up.sql",
             "0001.sql",
             "12a_x.sql",
