@@ -629,9 +629,17 @@ fn failed_message(f: &MigrationFailure) -> String {
         ));
     }
     if *dirty {
-        let done = statements_done.unwrap_or(0);
+        // Found by a trial: "0 of its statements ran" beside an invalid index the first
+        // statement had left, which read as if nothing had happened.
+        let what = match statements_done.unwrap_or(0) {
+            0 if !invalid_indexes.is_empty() => {
+                "its first statement failed part-way, leaving the invalid index below".to_owned()
+            }
+            0 => "its first statement may have done part of its work before it failed".to_owned(),
+            done => format!("{done} of its statements ran before the failing one"),
+        };
         s.push_str(&format!(
-            "\n  the migration is not transactional: {done} of its statements ran before the failing one, so the schema is marked dirty"
+            "\n  the migration is not transactional: {what}, so the schema is marked dirty"
         ));
     } else if *statements_done == Some(0) {
         s.push_str(&format!(

@@ -1364,9 +1364,17 @@ impl Migrator {
                     tracing::warn!(target: "svcdb::migrate", error = %crate::error::pg_message(&e), "cannot drop the history table");
                 }
             }
-            // Best effort: the failure is the news, and a connection that broke cannot be
-            // asked.
-            let invalid_indexes = invalid_indexes(conn, schema).await.unwrap_or_else(|e| {
+            // Best effort: the failure is the news. A session the server ended (a restart, a
+            // failover, `pg_terminate_backend` in a `CREATE INDEX CONCURRENTLY`) is asked
+            // again on a pooled connection (found by a trial: the index it left went unnamed).
+            let listed = match invalid_indexes(conn, schema).await {
+                Err(_) if conn.is_closed() => match self.db.get().await {
+                    Ok(pooled) => invalid_indexes(client(&pooled), schema).await,
+                    Err(e) => Err(e.into()),
+                },
+                listed => listed,
+            };
+            let invalid_indexes = listed.unwrap_or_else(|e| {
                 tracing::warn!(target: "svcdb::migrate", error = %e, "cannot list the schema's invalid indexes");
                 Vec::new()
             });

@@ -846,6 +846,73 @@ async fn a_concurrent_index_waits_out_another_services_old_transaction() {
     assert!(valid);
 }
 
+/// Found by a trial: a `CREATE INDEX CONCURRENTLY` whose session the server ended (a restart,
+/// a failover) left an invalid index that the failure did not name: the runner asked for
+/// invalid indexes on the dead session. It now asks on a pooled connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_build_ended_by_the_server_names_the_invalid_index_it_left() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[("1_items.up.sql", "CREATE TABLE items (id bigint);")],
+    );
+    migrator(&svc, dir.path(), MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    // An old transaction the build waits out, so that it is still running when ended.
+    let other = db.admin().await;
+    other
+        .batch_execute("CREATE TABLE public.ledger (id int)")
+        .await
+        .unwrap();
+    other
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM public.ledger;")
+        .await
+        .unwrap();
+    write(
+        dir.path(),
+        &[(
+            "2_items_id.up.sql",
+            "-- svcdb:no-transaction\nCREATE INDEX CONCURRENTLY items_id ON items (id);\n",
+        )],
+    );
+    let (task, _events) = spawn_up(migrator(&svc, dir.path(), MigrateOptions::default()));
+    let admin = db.admin().await;
+    let mut terminated = false;
+    for _ in 0..200 {
+        terminated = admin
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity a, pg_terminate_backend(a.pid) t \
+                 WHERE a.datname = current_database() AND a.query LIKE 'CREATE INDEX CONCURRENTLY%' \
+                   AND a.wait_event_type = 'Lock' AND t",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if terminated {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(terminated, "the index build was never seen waiting");
+    let err = task.await.unwrap().unwrap_err();
+    other.batch_execute("COMMIT").await.unwrap();
+    let f = failure(&err);
+    assert!(f.dirty, "{err}");
+    assert_eq!(
+        f.invalid_indexes
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>(),
+        ["items_id"],
+        "{err}"
+    );
+}
+
 /// Runs `up` of a non-transactional migration whose statement number `slow` (1-based) sleeps,
 /// terminates its backend while it sleeps, and returns the failure.
 async fn terminated_in_statement(slow: usize) -> (TestDb, ServiceDb, MigrateError) {
