@@ -107,7 +107,7 @@ Exit codes:
     /// The table is looked up in the service schema, then in public: __diesel_schema_migrations
     /// (diesel), _sqlx_migrations (sqlx), schema_migrations (golang-migrate, dbmate),
     /// goose_db_version (goose), flyway_schema_history (Flyway), refinery_schema_history
-    /// (refinery). Refused, naming each version, when the tool marked a version dirty or
+    /// (refinery), schema_migration (pop). Refused, naming each version, when the tool marked a version dirty or
     /// failed, when an applied version has no file, or when a file no longer matches the
     /// checksum the tool recorded (sqlx, Flyway, refinery).
     Adopt(AdoptArgs),
@@ -120,8 +120,8 @@ Exit codes:
 /// Options of `migrate adopt`.
 #[derive(clap::Args)]
 pub struct AdoptArgs {
-    /// The tool that migrated the schema: diesel, sqlx, golang-migrate, goose, dbmate, flyway
-    /// or refinery.
+    /// The tool that migrated the schema: diesel, sqlx, golang-migrate, goose, dbmate, flyway,
+    /// refinery or pop.
     #[arg(long, value_name = "TOOL")]
     from: Tool,
 

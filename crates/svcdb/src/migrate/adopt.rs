@@ -15,6 +15,7 @@
 //! | dbmate | `schema_migrations` (`version` only) | every row | — |
 //! | Flyway | `flyway_schema_history` | `SQL` rows, minus those undone (`UNDO_SQL`) or deleted (`DELETE`); a `BASELINE` row counts every file up to its version; a repeatable (`R__`) whose newest run was of the file as it is now | `success = false`; a CRC32 of the file's lines other than `checksum`; Java migrations |
 //! | refinery | `refinery_schema_history` | every row | a SipHash-1-3 of name, version and file other than `checksum` |
+//! | pop | `schema_migration` | every row; a 14-digit row that no file has counts for every migration whose version starts with it (ory's popx wrote those before 20-digit versions) | — |
 //!
 //! Every applied version must have its file; each problem is named with its version, all of
 //! them at once ([`AdoptError::Refused`]). A table that is not the tool's, lacking a column
@@ -60,11 +61,13 @@ pub enum Tool {
     Flyway,
     /// refinery: `refinery_schema_history`.
     Refinery,
+    /// pop (gobuffalo's, and ory's popx, which kratos, hydra and keto use): `schema_migration`.
+    Pop,
 }
 
 impl Tool {
     /// Every tool, in the order `--from` lists them.
-    pub const ALL: [Tool; 7] = [
+    pub const ALL: [Tool; 8] = [
         Tool::Diesel,
         Tool::Sqlx,
         Tool::GolangMigrate,
@@ -72,6 +75,7 @@ impl Tool {
         Tool::Dbmate,
         Tool::Flyway,
         Tool::Refinery,
+        Tool::Pop,
     ];
 
     /// The name `--from` takes (`golang-migrate`).
@@ -84,6 +88,7 @@ impl Tool {
             Tool::Dbmate => "dbmate",
             Tool::Flyway => "flyway",
             Tool::Refinery => "refinery",
+            Tool::Pop => "pop",
         }
     }
 
@@ -96,13 +101,14 @@ impl Tool {
             Tool::Goose => "goose_db_version",
             Tool::Flyway => "flyway_schema_history",
             Tool::Refinery => "refinery_schema_history",
+            Tool::Pop => "schema_migration",
         }
     }
 
     /// The columns the tool's table must have to be read as that tool's.
     fn columns(self) -> &'static [&'static str] {
         match self {
-            Tool::Diesel | Tool::Dbmate => &["version"],
+            Tool::Diesel | Tool::Dbmate | Tool::Pop => &["version"],
             Tool::Sqlx => &["version", "success", "checksum"],
             Tool::GolangMigrate => &["version", "dirty"],
             Tool::Goose => &["id", "version_id", "is_applied"],
@@ -130,6 +136,8 @@ impl Tool {
                 "success",
             ],
             Tool::Refinery => &["version", "name", "applied_on", "checksum"],
+            // popx's; gobuffalo's pop has `version` alone, read as dbmate's table is.
+            Tool::Pop => &["version", "version_self"],
         }
     }
 }
@@ -475,7 +483,7 @@ pub(crate) fn clear_mark_how(tool: Tool) -> &'static str {
         Tool::Flyway => "`flyway repair`",
         Tool::Sqlx => "delete the row whose success is false",
         // The others record no failed version.
-        Tool::Diesel | Tool::Goose | Tool::Dbmate | Tool::Refinery => "its own way",
+        Tool::Diesel | Tool::Goose | Tool::Dbmate | Tool::Refinery | Tool::Pop => "its own way",
     }
 }
 
@@ -729,7 +737,10 @@ impl Migrator {
                 }
             };
             let Some(m) = migrations.get(&version) else {
-                if options.ignore_missing {
+                let legacy = pop_legacy(tool, migrations, &a.text);
+                if !legacy.is_empty() {
+                    plan.extend(legacy.into_iter().map(|m| (m.version.clone(), m)));
+                } else if options.ignore_missing {
                     warnings.push(ignored_missing(&a.text));
                     left_out.push(a.text.clone());
                 } else {
@@ -784,6 +795,28 @@ impl Migrator {
         }
         Ok((plan.into_values().collect(), pending, warnings))
     }
+}
+
+/// The migrations a pop row of a 14-digit version applied when no file has that version:
+/// ory's popx recorded its migrations under their first 14 digits before it wrote 20, and
+/// counts such a row as applying every migration whose version starts with it (popx's
+/// `Status`: `applied == version[:14]`). None for other tools or rows.
+fn pop_legacy<'m>(tool: Tool, migrations: &'m super::Migrations, text: &str) -> Vec<&'m Migration> {
+    if tool != Tool::Pop || text.len() != 14 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Vec::new();
+    }
+    migrations
+        .iter()
+        .filter(|m| {
+            let digits: String = m
+                .version
+                .as_str()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect();
+            digits.len() > 14 && digits.starts_with(text)
+        })
+        .collect()
 }
 
 /// Another tool's history table, found where [`Migrator::adopt`] looks for it (the service
@@ -940,7 +973,9 @@ pub(crate) async fn pending_applied_by_other_tool(
         // The version column, and what makes a row an applied version, as `read_tool` reads
         // them. golang-migrate's one row names the newest version: every one up to it.
         let (version, applied, up_to) = match other.tool {
-            Tool::Diesel | Tool::Dbmate | Tool::Refinery => ("version::text", "true", false),
+            Tool::Diesel | Tool::Dbmate | Tool::Refinery | Tool::Pop => {
+                ("version::text", "true", false)
+            }
             Tool::Sqlx => ("version::text", "success", false),
             Tool::GolangMigrate => ("version::text", "NOT dirty", true),
             Tool::Goose => ("version_id::text", "is_applied", false),
@@ -1216,7 +1251,7 @@ async fn read_tool(
         checksum: None,
     };
     match tool {
-        Tool::Diesel | Tool::Dbmate => {
+        Tool::Diesel | Tool::Dbmate | Tool::Pop => {
             let rows = client
                 .query(&format!("SELECT version::text FROM {table}"), &[])
                 .await?;
@@ -1532,6 +1567,7 @@ mod tests {
                 "success",
             ],
             Tool::Refinery => &["version", "name", "applied_on", "checksum"],
+            Tool::Pop => &["version", "version_self"],
         };
         columns.iter().map(|c| (*c).to_owned()).collect()
     }
@@ -1547,7 +1583,8 @@ mod tests {
             assert_eq!(fit(owner, &columns), Ok(()), "{owner}");
             for asked in Tool::ALL.into_iter().filter(|t| *t != owner) {
                 let result = fit(asked, &columns);
-                if (asked, owner) == (Tool::Diesel, Tool::Dbmate) {
+                // diesel and gobuffalo's pop read a table of `version` alone as dbmate does.
+                if matches!((asked, owner), (Tool::Diesel | Tool::Pop, Tool::Dbmate)) {
                     assert_eq!(result, Ok(()));
                     continue;
                 }

@@ -638,6 +638,65 @@ async fn dbmate_schema_is_adopted_and_a_missing_file_is_refused() {
     .await;
 }
 
+/// ory's popx (kratos, hydra, keto) keeps `schema_migration` (its DDL: popx
+/// `createTransactionalMigrationTable`) and counts a 14-digit row, written before its versions
+/// had 20 digits, for the migration whose version starts with it. Both kinds of rows are
+/// adopted, and the migration no row names stays pending; a row no file has is refused.
+#[tokio::test]
+async fn a_pop_schema_with_legacy_rows_is_adopted() {
+    let db = TestDb::new().await;
+    let svc = db.service("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            (
+                "20150100000001000000_networks.postgres.up.sql",
+                "CREATE TABLE networks (id int);",
+            ),
+            (
+                "20150100000001000000_networks.mysql.up.sql",
+                "CREATE TABLE networks (id int) ENGINE=InnoDB;",
+            ),
+            (
+                "20200519101057000000_identities.postgres.up.sql",
+                "CREATE TABLE identities (id int);",
+            ),
+            (
+                "20210410175418000000_sessions.up.sql",
+                "CREATE TABLE sessions (id int);",
+            ),
+        ],
+    );
+    sql(
+        &svc,
+        "CREATE TABLE shop.schema_migration (version VARCHAR (48) NOT NULL, version_self INT NOT NULL DEFAULT 0);
+         CREATE UNIQUE INDEX schema_migration_version_idx ON shop.schema_migration (version);
+         INSERT INTO shop.schema_migration (version) VALUES ('20150100000001'), ('20200519101057000000'), ('20190100000001');
+         CREATE TABLE shop.networks (id int); CREATE TABLE shop.identities (id int);",
+    )
+    .await;
+    let m = migrator(&svc, dir.path());
+    let err = m.adopt(&AdoptOptions::from(Tool::Pop)).await.unwrap_err();
+    assert!(
+        matches!(err.problems(), [AdoptProblem::NoFile { version }] if version == "20190100000001"),
+        "{err}"
+    );
+    // The control: without the row no file has, both others are adopted.
+    sql(
+        &svc,
+        "DELETE FROM shop.schema_migration WHERE version = '20190100000001'",
+    )
+    .await;
+    adopt_then_up_to_date(
+        &svc,
+        dir.path(),
+        Tool::Pop,
+        &["20150100000001000000", "20200519101057000000"],
+    )
+    .await;
+}
+
 /// Found by a user trial: a folder whose oldest versions were squashed into a later one (the
 /// other tool keeps working over their rows) could not be adopted, and the refusal named no
 /// way out. `ignore_missing` leaves them out with a warning; without it the refusal names it.
