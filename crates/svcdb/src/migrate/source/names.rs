@@ -55,6 +55,9 @@ pub(super) enum Class {
     Refused(String),
 }
 
+/// Why a pop `.fizz` migration is refused.
+const FIZZ: &str = "is a pop fizz migration, which svcdb cannot run (fizz is pop's own language, which pop turns into each database's SQL)\n  hint: write its PostgreSQL as a file of the same name ending in `.postgres.up.sql` (or `.down.sql`) instead, holding the SQL pop runs for it on PostgreSQL, then remove the fizz file";
+
 /// What the file at `rel` is to a migration; `None` for other files.
 pub(super) fn classify(rel: &str) -> Option<Class> {
     let part = |stem: &str, layout, role| {
@@ -65,6 +68,10 @@ pub(super) fn classify(rel: &str) -> Option<Class> {
         })
     };
     match rel.split_once('/') {
+        // pop's own migration language: skipped, the folder would run without it.
+        None if rel.ends_with(".up.fizz") || rel.ends_with(".down.fizz") => {
+            Some(Class::Refused(FIZZ.to_owned()))
+        }
         None => {
             // Flyway's script config file (`V2__x.sql.conf`) goes with its script.
             if let Some(script) = rel.strip_suffix(".conf").filter(|s| s.ends_with(".sql")) {
@@ -285,6 +292,7 @@ mod tests {
             "V1_init.sql",
             "V1a__x.sql",
             "V2__.sql",
+            "20150100000001000000_networks.up.fizz",
         ] {
             let path = source_error_path(&[(bad, b"SELECT 1;")]);
             assert!(path.ends_with(bad), "{bad}: {path}");
