@@ -39,6 +39,27 @@ async fn up_refuses_the_template_migrate_new_wrote_until_it_is_written() {
     assert_eq!(project.tables().await, ["products", "svcdb_migrations"]);
 }
 
+/// Found by a trial: the readiness check said "run `svcdb migrate up`" for a pending migration
+/// that is still the template, which `up` refuses. It names the template instead; once the SQL
+/// is written the migration is merely pending (the control).
+#[tokio::test]
+async fn health_names_a_pending_template_as_unwritten() {
+    let project = Project::new().await;
+    project.write(&[("0001_a.up.sql", "CREATE TABLE a (id int);\n")]);
+    project.run(&["migrate", "up"]).expect_code(0);
+    let created = project
+        .run(&["migrate", "new", "b", "--json"])
+        .expect_code(0)
+        .json();
+    let up_path = created["up_path"].as_str().unwrap().to_owned();
+    let health = project.run(&["health", "--json"]).expect_code(1).json();
+    assert_eq!(health["problems"][0]["kind"], "unwritten", "{health}");
+    assert_eq!(health["problems"][0]["path"], up_path.as_str(), "{health}");
+    std::fs::write(&up_path, "CREATE TABLE b (id int);\n").unwrap();
+    let health = project.run(&["health", "--json"]).expect_code(1).json();
+    assert_eq!(health["problems"][0]["kind"], "pending", "{health}");
+}
+
 /// Control for the check above: a migration of comments only that the user wrote is not the
 /// template, and runs (with the lint's warning).
 #[tokio::test]

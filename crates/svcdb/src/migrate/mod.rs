@@ -149,7 +149,7 @@ mod runner;
 pub mod source;
 pub(crate) mod split;
 mod status;
-mod template;
+pub(crate) mod template;
 pub mod version;
 
 pub use adopt::{AdoptError, AdoptOptions, AdoptProblem, AdoptReport, OtherHistory, Tool};

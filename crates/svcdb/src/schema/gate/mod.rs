@@ -316,7 +316,16 @@ impl Gate {
                 }
                 // Without the service's migrations, only a dirty row means anything.
                 _ if self.migrations.is_none() => continue,
-                MigrationState::Pending => Problem::Pending { version, name },
+                // Found by a trial: "run `svcdb migrate up`" for a migration `up` refuses,
+                // still `migrate new`'s template.
+                MigrationState::Pending => match source.get(&version) {
+                    Some(m) if crate::migrate::template::is_untouched(m) => Problem::Unwritten {
+                        version,
+                        name,
+                        path: m.path.clone(),
+                    },
+                    _ => Problem::Pending { version, name },
+                },
                 MigrationState::Changed => Problem::Changed {
                     version,
                     name,

@@ -87,6 +87,16 @@ pub enum Problem {
         /// Its name.
         name: String,
     },
+    /// A migration the service ships is not applied, and its file is still the template
+    /// `svcdb migrate new` wrote, which `svcdb migrate up` refuses to run.
+    Unwritten {
+        /// Its version.
+        version: Version,
+        /// Its name.
+        name: String,
+        /// Its up file.
+        path: String,
+    },
     /// An applied migration's file changed since it was applied.
     Changed {
         /// Its version.
@@ -148,6 +158,14 @@ impl Problem {
             Problem::Pending { version, name } => {
                 format!("migration {} is not applied", Named(version, name))
             }
+            Problem::Unwritten {
+                version,
+                name,
+                path,
+            } => format!(
+                "migration {} is not applied, and {path} is still the template `svcdb migrate new` wrote",
+                Named(version, name)
+            ),
             Problem::NoneShipped { applied } => format!(
                 "the service ships no versioned migration, but the history has {applied} applied: the migrations checked are not the service's"
             ),
@@ -198,6 +216,9 @@ impl Problem {
             }
             Problem::Pending { .. } => {
                 "run `svcdb migrate up` (a migration older than the newest applied one also needs `--allow-out-of-order`, or a newer version)"
+            }
+            Problem::Unwritten { .. } => {
+                "write the migration's SQL in it (and the statements that undo them in its down script), then run `svcdb migrate up`"
             }
             Problem::Dirty { .. } => {
                 "finish or undo that migration's statements by hand (`svcdb migrate repair` names the invalid indexes to drop), then run `svcdb migrate repair`; if you finished them, `svcdb migrate baseline <its version>` then records it as applied"
