@@ -404,7 +404,11 @@ impl Migrations {
                 if let Some(config) = group.metadata.filter(|_| layout == Layout::Flyway) {
                     return Err(refuse(&config, WITHOUT_SCRIPT.to_owned()));
                 }
-                if let Some(down) = group.down {
+                // pop runs, on each database, the migrations that have an up file for it;
+                // kratos ships PostgreSQL down scripts of versions whose up is only for other
+                // databases (`…000002_requests.postgres.down.sql` beside the MySQL and SQLite
+                // ups), which pop never runs on PostgreSQL either.
+                if let Some(down) = group.down.filter(|_| !(pop && layout == Layout::Native)) {
                     let up_name = match layout {
                         Layout::Diesel => format!("{stem}/up.sql"),
                         _ => format!("{stem}.up.sql"),
@@ -890,6 +894,12 @@ mod tests {
             ),
             ("20200519101057000000_x.postgres.up.sql", b"SELECT 1;"),
             ("20200519101057000000_x.mysql.up.sql", b"SELECT 2;"),
+            // As kratos ships them: a PostgreSQL down of a version whose ups are for others.
+            (
+                "20191100000002000002_requests.postgres.down.sql",
+                b"SELECT 3;",
+            ),
+            ("20191100000002000002_requests.mysql.up.sql", b"SELECT 3;"),
         ])
         .unwrap();
         let read: Vec<(&str, &str)> = m
