@@ -382,6 +382,18 @@ impl Migrations {
                 Role::Down => &mut group.down,
                 Role::Metadata => &mut group.metadata,
             };
+            // pop runs a database's own file of a migration rather than the one for every
+            // database.
+            if pop && layout == Layout::Native {
+                match slot {
+                    Some(other) if is_pop_postgres(&other.path) => continue,
+                    Some(_) if is_pop_postgres(&file.path) => {
+                        *slot = Some(file);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             // Flyway's files of one name in two folders (`2024/V2__b.sql`, `old/V2__b.sql`).
             if let Some(other) = slot {
                 let message = format!(
@@ -900,6 +912,10 @@ mod tests {
                 b"SELECT 3;",
             ),
             ("20191100000002000002_requests.mysql.up.sql", b"SELECT 3;"),
+            // A file for every database beside PostgreSQL's own: pop runs the latter.
+            ("20200519101057000000_x.up.sql", b"SELECT 4;"),
+            ("20210410175418000000_y.up.sql", b"SELECT 5;"),
+            ("20210410175418000000_y.postgres.up.sql", b"SELECT 6;"),
         ])
         .unwrap();
         let read: Vec<(&str, &str)> = m
@@ -911,9 +927,12 @@ mod tests {
             [
                 ("20150100000001000000", "networks"),
                 ("20191100000001000000", "identities"),
-                ("20200519101057000000", "x")
+                ("20200519101057000000", "x"),
+                ("20210410175418000000", "y")
             ]
         );
+        let ups: Vec<&str> = m.iter().skip(2).map(|m| m.up.as_str()).collect();
+        assert_eq!(ups, ["SELECT 1;", "SELECT 6;"]);
         let networks = m.iter().next().unwrap();
         assert_eq!(networks.up, "CREATE TABLE networks (id uuid);");
         assert_eq!(networks.down.as_deref(), Some("DROP TABLE networks;"));
