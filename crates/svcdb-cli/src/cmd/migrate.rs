@@ -107,9 +107,9 @@ Exit codes:
     /// The table is looked up in the service schema, then in public: __diesel_schema_migrations
     /// (diesel), _sqlx_migrations (sqlx), schema_migrations (golang-migrate, dbmate),
     /// goose_db_version (goose), flyway_schema_history (Flyway), refinery_schema_history
-    /// (refinery), schema_migration (pop). Refused, naming each version, when the tool marked a version dirty or
-    /// failed, when an applied version has no file, or when a file no longer matches the
-    /// checksum the tool recorded (sqlx, Flyway, refinery).
+    /// (refinery), schema_migration (pop). Refused, naming each version, when the tool marked a
+    /// version dirty or failed, when an applied version has no file, or when a file no longer
+    /// matches the checksum the tool recorded (sqlx, Flyway, refinery).
     Adopt(AdoptArgs),
     /// Clear a dirty mark (after fixing the schema by hand) and accept the current checksum of
     /// changed migration files; name every invalid index of the schema (left by a failed

@@ -807,15 +807,7 @@ fn pop_legacy<'m>(tool: Tool, migrations: &'m super::Migrations, text: &str) -> 
     }
     migrations
         .iter()
-        .filter(|m| {
-            let digits: String = m
-                .version
-                .as_str()
-                .chars()
-                .filter(char::is_ascii_digit)
-                .collect();
-            digits.len() > 14 && digits.starts_with(text)
-        })
+        .filter(|m| m.version.digits().count() > 14 && m.version.digits().take(14).eq(text.bytes()))
         .collect()
 }
 

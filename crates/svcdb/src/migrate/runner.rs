@@ -1478,12 +1478,13 @@ impl Migrator {
         }
         let start = started(m, direction, observer);
         let statements = statements_to_run(sql);
+        let mut own_bound = OwnBound::default();
         for (done, &statement) in statements.iter().enumerate() {
             if self.interrupt.as_ref().is_some_and(Interrupt::take) {
                 // Between two statements: none of this one ran.
                 return Err(self.stopped_in(conn, m, direction, done).await);
             }
-            if !self.lifts_lock_timeout(&statements[..done], statement) {
+            if !self.lifts_lock_timeout(statement) || own_bound.set_before(&statements, done) {
                 self.statement_with_retries(conn, m, direction, done, statement, observer)
                     .await?;
                 continue;
@@ -1566,19 +1567,15 @@ impl Migrator {
         Ok(())
     }
 
-    /// Whether `statement` of a non-transactional script, after the script's statements
-    /// `before`, runs without svcdb's own `lock_timeout`: when it is one of the `CONCURRENTLY`
-    /// statements whose waits for older transactions block nobody
-    /// ([`waits_out_older_transactions`]), so that another service's long transaction in the
-    /// same database does not cut it short and leave an invalid index (found by a user trial:
-    /// two services deploying at once). Only svcdb's own bound: a script that set
-    /// `lock_timeout` itself before it keeps its value ([`may_change_lock_timeout`]; a trial
-    /// found one that set svcdb's very value lifted when the server's setting was compared),
-    /// and `statement_timeout` still applies.
-    fn lifts_lock_timeout(&self, before: &[&str], statement: &str) -> bool {
-        server_millis(self.options.lock_timeout) != 0
-            && waits_out_older_transactions(statement)
-            && !before.iter().any(|s| may_change_lock_timeout(s))
+    /// Whether `statement` of a non-transactional script runs without svcdb's own
+    /// `lock_timeout`: when it is one of the `CONCURRENTLY` statements whose waits for older
+    /// transactions block nobody ([`waits_out_older_transactions`]), so that another service's
+    /// long transaction in the same database does not cut it short and leave an invalid index
+    /// (found by a user trial: two services deploying at once). Only svcdb's own bound: a
+    /// script that set `lock_timeout` itself before it keeps its value ([`OwnBound`]), and
+    /// `statement_timeout` still applies.
+    fn lifts_lock_timeout(&self, statement: &str) -> bool {
+        server_millis(self.options.lock_timeout) != 0 && waits_out_older_transactions(statement)
     }
 
     /// The interrupt stopped non-transactional `m` after `statements_done` of its statements
@@ -1921,6 +1918,30 @@ impl Migrator {
             .await
             .map_err(|cause| (group.len() - 1, StepError::script(cause, None)))?;
         Ok(done)
+    }
+}
+
+/// Whether a non-transactional script's statements so far set `lock_timeout` themselves
+/// ([`may_change_lock_timeout`]; a trial found a script that set svcdb's very value lifted when
+/// the server's setting was compared). Each statement is read once, and only when a later one
+/// would lift the bound: parsing every statement of every such script would cost more.
+#[derive(Default)]
+struct OwnBound {
+    /// The statements read so far.
+    read: usize,
+    set: bool,
+}
+
+impl OwnBound {
+    /// Whether any of `statements[..i]` set the bound.
+    fn set_before(&mut self, statements: &[&str], i: usize) -> bool {
+        if !self.set {
+            self.set = statements[self.read..i]
+                .iter()
+                .any(|s| may_change_lock_timeout(s));
+            self.read = i;
+        }
+        self.set
     }
 }
 

@@ -10,6 +10,9 @@
 //!   strings) runs them; read as plain integers, every 14-digit version would come first.
 //! * **Plain integers** (`1`, `2`, `10`, `0001`…`0010`): numerically; leading zeros do not
 //!   count (`0001` is version `1`).
+//! * **Versions wider than a 64-bit integer**: ory's pop writes 20 digits, whose first 14 are
+//!   not always a date (`20150100000001000000`). They order as timestamps do, by their first
+//!   14 digits, then by the rest.
 //! * **Runs of zeros wider than a timestamp**: `diesel setup` writes
 //!   `00000000000000_diesel_initial_setup`, version 0 like `0`. A run of more than 14 zeros is
 //!   a version of its own, after it and before `1`, the wider the later, as diesel (comparing
@@ -108,13 +111,14 @@ impl Version {
     /// record theirs. Not an ordering: use the version itself. A version too wide for a
     /// 64-bit integer (ory's pop writes 20 digits) is `i64::MAX`.
     pub fn number(&self) -> i64 {
-        // Parsing checked that the digits fit.
+        // Parsing checked that the digits fit, unless the version is wide.
         self.digits().fold(0i64, |n, d| {
             n.saturating_mul(10).saturating_add(i64::from(d - b'0'))
         })
     }
 
-    fn digits(&self) -> impl Iterator<Item = u8> + '_ {
+    /// Its digits, as ASCII bytes, without the `-` and `.` between them.
+    pub(crate) fn digits(&self) -> impl Iterator<Item = u8> + '_ {
         self.text.bytes().filter(u8::is_ascii_digit)
     }
 

@@ -790,24 +790,7 @@ async fn a_concurrent_index_waits_out_another_services_old_transaction() {
     let db = TestDb::new().await;
     let svc = db.service("shop").await;
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        &[("1_items.up.sql", "CREATE TABLE items (id bigint);")],
-    );
-    migrator(&svc, dir.path(), MigrateOptions::default())
-        .up()
-        .await
-        .unwrap();
-    // Another service's transaction, on none of this schema's tables, holding its snapshot.
-    let other = db.admin().await;
-    other
-        .batch_execute("CREATE TABLE public.ledger (id int)")
-        .await
-        .unwrap();
-    other
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM public.ledger;")
-        .await
-        .unwrap();
+    let other = items_under_an_old_transaction(&db, &svc, dir.path()).await;
     write(
         dir.path(),
         &[(
@@ -854,24 +837,8 @@ async fn an_index_build_ended_by_the_server_names_the_invalid_index_it_left() {
     let db = TestDb::new().await;
     let svc = db.service("shop").await;
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        &[("1_items.up.sql", "CREATE TABLE items (id bigint);")],
-    );
-    migrator(&svc, dir.path(), MigrateOptions::default())
-        .up()
-        .await
-        .unwrap();
     // An old transaction the build waits out, so that it is still running when ended.
-    let other = db.admin().await;
-    other
-        .batch_execute("CREATE TABLE public.ledger (id int)")
-        .await
-        .unwrap();
-    other
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM public.ledger;")
-        .await
-        .unwrap();
+    let other = items_under_an_old_transaction(&db, &svc, dir.path()).await;
     write(
         dir.path(),
         &[(
@@ -880,25 +847,14 @@ async fn an_index_build_ended_by_the_server_names_the_invalid_index_it_left() {
         )],
     );
     let (task, _events) = spawn_up(migrator(&svc, dir.path(), MigrateOptions::default()));
-    let admin = db.admin().await;
-    let mut terminated = false;
-    for _ in 0..200 {
-        terminated = admin
-            .query_one(
-                "SELECT count(*) > 0 FROM pg_stat_activity a, pg_terminate_backend(a.pid) t \
-                 WHERE a.datname = current_database() AND a.query LIKE 'CREATE INDEX CONCURRENTLY%' \
-                   AND a.wait_event_type = 'Lock' AND t",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if terminated {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(terminated, "the index build was never seen waiting");
+    assert!(
+        terminate_backends(
+            &db,
+            "a.query LIKE 'CREATE INDEX CONCURRENTLY%' AND a.wait_event_type = 'Lock'"
+        )
+        .await,
+        "the index build was never seen waiting"
+    );
     let err = task.await.unwrap().unwrap_err();
     other.batch_execute("COMMIT").await.unwrap();
     let f = failure(&err);
@@ -911,6 +867,51 @@ async fn an_index_build_ended_by_the_server_names_the_invalid_index_it_left() {
         ["items_id"],
         "{err}"
     );
+}
+
+/// Applies `1_items` (a table `items`) in `dir` and opens another service's transaction, on
+/// none of this schema's tables, that holds its snapshot: a `CREATE INDEX CONCURRENTLY` waits
+/// for it to end. Returns that session (`COMMIT` ends it).
+async fn items_under_an_old_transaction(
+    db: &TestDb,
+    svc: &ServiceDb,
+    dir: &std::path::Path,
+) -> svcdb::DedicatedConn {
+    write(
+        dir,
+        &[("1_items.up.sql", "CREATE TABLE items (id bigint);")],
+    );
+    migrator(svc, dir, MigrateOptions::default())
+        .up()
+        .await
+        .unwrap();
+    let other = db.admin().await;
+    other
+        .batch_execute("CREATE TABLE public.ledger (id int)")
+        .await
+        .unwrap();
+    other
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM public.ledger;")
+        .await
+        .unwrap();
+    other
+}
+
+/// Terminates the backends of `db` whose `pg_stat_activity` row (`a`) matches `condition`,
+/// asking every 25 ms for up to 5 s; false if none ever matched.
+async fn terminate_backends(db: &TestDb, condition: &str) -> bool {
+    let admin = db.admin().await;
+    let sql = format!(
+        "SELECT count(*) > 0 FROM pg_stat_activity a, pg_terminate_backend(a.pid) t \
+         WHERE a.datname = current_database() AND {condition} AND t"
+    );
+    for _ in 0..200 {
+        if admin.query_one(&sql, &[]).await.unwrap().get(0) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
 }
 
 /// Runs `up` of a non-transactional migration whose statement number `slow` (1-based) sleeps,
@@ -929,24 +930,10 @@ async fn terminated_in_statement(slow: usize) -> (TestDb, ServiceDb, MigrateErro
         )],
     );
     let (task, _events) = spawn_up(migrator(&svc, dir.path(), MigrateOptions::default()));
-    let admin = db.admin().await;
-    let mut terminated = false;
-    for _ in 0..200 {
-        terminated = admin
-            .query_one(
-                "SELECT count(*) > 0 FROM pg_stat_activity a, pg_terminate_backend(a.pid) t \
-                 WHERE a.datname = current_database() AND a.query LIKE 'SELECT pg_sleep(30)%' AND t",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if terminated {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(terminated, "the sleeping statement never ran");
+    assert!(
+        terminate_backends(&db, "a.query LIKE 'SELECT pg_sleep(30)%'").await,
+        "the sleeping statement never ran"
+    );
     let err = task.await.unwrap().unwrap_err();
     (db, svc, err)
 }

@@ -164,7 +164,7 @@ pub fn new_migration(dir: impl AsRef<Path>, name: &str) -> Result<NewMigration, 
                 // versions as integers would otherwise run a narrower one first, and reading
                 // the folder refuses that.
                 Some(v) => {
-                    let width = v.as_str().bytes().filter(u8::is_ascii_digit).count();
+                    let width = v.digits().count();
                     format!("{digits:0<width$}")
                 }
                 None => digits,

@@ -384,13 +384,14 @@ impl Migrations {
             };
             // pop runs a database's own file of a migration rather than the one for every
             // database.
-            if pop && layout == Layout::Native {
-                match slot {
-                    Some(other) if is_pop_postgres(&other.path) => continue,
-                    Some(_) if is_pop_postgres(&file.path) => {
+            if let Some(other) = slot.as_ref().filter(|_| pop && layout == Layout::Native) {
+                match (is_pop_postgres(&other.path), is_pop_postgres(&file.path)) {
+                    (true, false) => continue,
+                    (false, true) => {
                         *slot = Some(file);
                         continue;
                     }
+                    // Two of one kind: refused below, as anywhere.
                     _ => {}
                 }
             }
