@@ -215,7 +215,7 @@ impl Problem {
                 "point the check at the service's migrations folder (`--dir`, SVCDB_MIGRATIONS_DIR), or give the gate the service's embedded migrations"
             }
             Problem::Pending { .. } => {
-                "run `svcdb migrate up` (a migration older than the newest applied one also needs `--allow-out-of-order`, or a newer version)"
+                "run `svcdb migrate up` (a migration older than the newest applied one also needs `--allow-out-of-order`, or a newer version); `svcdb migrate status` says first whether `up` would refuse one, and why (an unsafe statement, a changed file)"
             }
             Problem::Unwritten { .. } => {
                 "write the migration's SQL in it (and the statements that undo them in its down script), then run `svcdb migrate up`"
