@@ -10,7 +10,8 @@
 //! * **raw lapin**: the same N envelopes published straight to the broker (batches of 100
 //!   with publisher confirms, like the relay), then a plain lapin consumer (same prefetch,
 //!   same pool, deliveries handled concurrently) that decodes each, does the same `INSERT` in
-//!   a transaction of its own and acks: no outbox, no claim, at least once.
+//!   a transaction of its own (the driver's, whose `BEGIN` is waited for, as a service without
+//!   svcdb writes it) and acks: no outbox, no claim, at least once.
 //! * **batched consume**, in `--consume-rounds` rounds: N new envelopes published straight
 //!   into a queue of their own, then a [`Consumer`] with batches of `--consume-batch` (the
 //!   claims in one statement, each `INSERT` under a savepoint, one commit per batch) and a
@@ -128,7 +129,8 @@ pub struct EventsArgs {
     )]
     amqp_url: String,
 
-    /// Deliveries per transaction of the batched consumer (at most the prefetch, 32).
+    /// Deliveries per transaction of the batched consumer (at most 32, a quarter of its
+    /// prefetch).
     #[arg(long, default_value_t = svcdb_amqp::DEFAULT_BATCH, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=32))]
     consume_batch: usize,
 }
@@ -768,15 +770,16 @@ async fn raw_consume_as(
                 tasks.spawn(async move {
                     let event = Envelope::from_slice(&delivery.data)?;
                     // The same envelopes as the svcdb path (payload phase "svcdb"): the
-                    // effects are told apart by the path that wrote them.
-                    db.transaction(async |tx| {
-                        tx.execute(EFFECT_SQL, &[&event.id, &phase]).await?;
-                        if let Some(timeline) = &timeline {
-                            timeline.handled(&event);
-                        }
-                        Ok::<_, svcdb::Error>(())
-                    })
-                    .await?;
+                    // effects are told apart by the path that wrote them. The driver's own
+                    // transaction, as a service without svcdb writes it (its `BEGIN` waited
+                    // for), on a connection of the same pool.
+                    let mut conn = db.get().await?;
+                    let tx = conn.transaction().await?;
+                    tx.execute(EFFECT_SQL, &[&event.id, &phase]).await?;
+                    if let Some(timeline) = &timeline {
+                        timeline.handled(&event);
+                    }
+                    tx.commit().await?;
                     delivery.ack(BasicAckOptions::default()).await?;
                     anyhow::Ok(())
                 });
