@@ -10,19 +10,20 @@ use tokio_postgres::{Row, Statement};
 /// [`idempotency::claim`](crate::idempotency::claim),
 /// [`idempotency::claim_batch`](crate::idempotency::claim_batch)):
 ///
-/// * svcdb's [`Transaction`](crate::Transaction), from [`ServiceDb::transaction`](crate::ServiceDb::transaction)
-///   or a pooled connection: svcdb's statements are prepared once per connection and reused,
-///   so the server parses and plans them once, not on every call (an outbox row per business
-///   transaction is a hot path);
+/// * svcdb's [`Transaction`](crate::Transaction), from [`ServiceDb::transaction`](crate::ServiceDb::transaction),
+///   or one of its [`Savepoint`](crate::Savepoint)s, or the driver's transaction on a pooled
+///   connection (`conn.transaction()`): svcdb's statements are prepared once per connection
+///   and reused, so the server parses and plans them once, not on every call (an outbox row
+///   per business transaction is a hot path);
 /// * a plain [`tokio_postgres::Transaction`] (on a [`DedicatedConn`](crate::DedicatedConn) or
 ///   a connection of your own): each statement is sent with its text, in one round trip, and
 ///   parsed and planned every time.
 ///
-/// Sealed: implemented for these two only.
+/// Sealed: implemented for these only.
 pub trait AnyTransaction: sealed::Sealed + Sync {
-    /// The driver's transaction.
+    /// The driver's client the transaction runs on.
     #[doc(hidden)]
-    fn pg(&self) -> &tokio_postgres::Transaction<'_>;
+    fn pg_client(&self) -> &tokio_postgres::Client;
 
     /// `sql` prepared with parameter `types` on this transaction's connection, from its
     /// statement cache; `None` without one.
@@ -38,11 +39,13 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for tokio_postgres::Transaction<'_> {}
     impl Sealed for deadpool_postgres::Transaction<'_> {}
+    impl Sealed for crate::Transaction<'_> {}
+    impl Sealed for crate::Savepoint<'_> {}
 }
 
 impl AnyTransaction for tokio_postgres::Transaction<'_> {
-    fn pg(&self) -> &tokio_postgres::Transaction<'_> {
-        self
+    fn pg_client(&self) -> &tokio_postgres::Client {
+        self.client()
     }
 
     async fn cached(
@@ -55,8 +58,8 @@ impl AnyTransaction for tokio_postgres::Transaction<'_> {
 }
 
 impl AnyTransaction for deadpool_postgres::Transaction<'_> {
-    fn pg(&self) -> &tokio_postgres::Transaction<'_> {
-        self
+    fn pg_client(&self) -> &tokio_postgres::Client {
+        self.client()
     }
 
     async fn cached(
@@ -65,6 +68,40 @@ impl AnyTransaction for deadpool_postgres::Transaction<'_> {
         types: &[Type],
     ) -> Result<Option<Statement>, tokio_postgres::Error> {
         self.prepare_typed_cached(sql, types).await.map(Some)
+    }
+}
+
+impl AnyTransaction for crate::Transaction<'_> {
+    fn pg_client(&self) -> &tokio_postgres::Client {
+        self.pooled_client()
+    }
+
+    async fn cached(
+        &self,
+        sql: &str,
+        types: &[Type],
+    ) -> Result<Option<Statement>, tokio_postgres::Error> {
+        self.pooled_client()
+            .prepare_typed_cached(sql, types)
+            .await
+            .map(Some)
+    }
+}
+
+impl AnyTransaction for crate::Savepoint<'_> {
+    fn pg_client(&self) -> &tokio_postgres::Client {
+        self.pooled_client()
+    }
+
+    async fn cached(
+        &self,
+        sql: &str,
+        types: &[Type],
+    ) -> Result<Option<Statement>, tokio_postgres::Error> {
+        self.pooled_client()
+            .prepare_typed_cached(sql, types)
+            .await
+            .map(Some)
     }
 }
 
@@ -77,8 +114,8 @@ pub(crate) async fn query(
     params: &[(&(dyn ToSql + Sync), Type)],
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
     match cached(tx, sql, params).await? {
-        Some(statement) => tx.pg().query(&statement, &values(params)).await,
-        None => tx.pg().query_typed(sql, params).await,
+        Some(statement) => tx.pg_client().query(&statement, &values(params)).await,
+        None => tx.pg_client().query_typed(sql, params).await,
     }
 }
 
@@ -89,8 +126,8 @@ pub(crate) async fn execute(
     params: &[(&(dyn ToSql + Sync), Type)],
 ) -> Result<u64, tokio_postgres::Error> {
     match cached(tx, sql, params).await? {
-        Some(statement) => tx.pg().execute(&statement, &values(params)).await,
-        None => tx.pg().execute_typed(sql, params).await,
+        Some(statement) => tx.pg_client().execute(&statement, &values(params)).await,
+        None => tx.pg_client().execute_typed(sql, params).await,
     }
 }
 

@@ -57,11 +57,13 @@ use futures_util::FutureExt;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
+use crate::any_tx::AnyTransaction;
 use crate::error::{Error, Result};
 use crate::event::Envelope;
 use crate::ident::IdentError;
 use crate::pool::ServiceDb;
-use crate::tx::{Retryable, Transaction, TxOptions};
+use crate::transaction::Transaction;
+use crate::tx::{Retryable, TxOptions};
 
 /// The claims table's name, in the service schema.
 pub const PROCESSED_EVENTS_TABLE: &str = "svcdb_processed_events";
@@ -218,10 +220,11 @@ pub async fn claim_batch(
 /// A savepoint that writes is a subtransaction of `tx`; beyond 64 in one transaction
 /// PostgreSQL's per-backend subtransaction cache overflows and other sessions' snapshots get
 /// slower, so keep batches below that.
-pub fn savepoint_event(tx: &tokio_postgres::Transaction<'_>, id: Uuid) {
+pub fn savepoint_event(tx: &impl AnyTransaction, id: Uuid) {
     // The driver sends a request when its future is first polled and reads the answer of one
     // whose future was dropped; polled once here, the `SAVEPOINT` is on its way.
     let _ = tx
+        .pg_client()
         .batch_execute(&format!("SAVEPOINT {}", event_savepoint(id)))
         .now_or_never();
 }
@@ -230,16 +233,12 @@ pub fn savepoint_event(tx: &tokio_postgres::Transaction<'_>, id: Uuid) {
 /// it: a redelivery handles it again. Earlier events' claims and work stay, and `tx` can go on
 /// (also when an error aborted it). Fails when that savepoint was never set (the transaction
 /// was aborted before it): the batch cannot go on.
-pub async fn undo_event(
-    tx: &tokio_postgres::Transaction<'_>,
-    consumer: &str,
-    id: Uuid,
-) -> Result<()> {
+pub async fn undo_event(tx: &impl AnyTransaction, consumer: &str, id: Uuid) -> Result<()> {
     // Sent together: one round trip.
     let rollback_to = format!("ROLLBACK TO SAVEPOINT {}", event_savepoint(id));
-    let rollback = tx.batch_execute(&rollback_to);
+    let rollback = tx.pg_client().batch_execute(&rollback_to);
     let params: [(&(dyn ToSql + Sync), Type); 2] = [(&consumer, Type::TEXT), (&id, Type::UUID)];
-    let unclaim = tx.execute_typed(
+    let unclaim = tx.pg_client().execute_typed(
         "DELETE FROM svcdb_processed_events WHERE consumer = $1 AND event_id = $2",
         &params,
     );
@@ -251,8 +250,8 @@ pub async fn undo_event(
 /// rollback, not an error, so a batch on a transaction of your own checks before it commits
 /// that no statement failed unseen (a [`savepoint_event`], a handler that swallowed an
 /// error). The transactions of [`ServiceDb`] check as they commit, in the same round trip.
-pub async fn check_batch(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
-    Ok(tx.batch_execute("SELECT").await?)
+pub async fn check_batch(tx: &impl AnyTransaction) -> Result<()> {
+    Ok(tx.pg_client().batch_execute("SELECT").await?)
 }
 
 /// The name of the savepoint [`savepoint_event`] sets for the event `id`: `svcdb_event_`

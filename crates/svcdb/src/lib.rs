@@ -16,7 +16,7 @@
 //! | the pool: schema pinned per connection, acquire timeout, min/max, status | [`ServiceDb`], [`PooledConn`], [`PoolStatus`] |
 //! | TLS: libpq's `sslmode`/`sslrootcert` on rustls, one connector per pool, why a handshake failed | [`Tls`], [`TlsMode`], [`TlsFailure`] |
 //! | connections outside the pool (locks, long jobs, provisioning) | [`DedicatedConn`] |
-//! | transactions: commit on `Ok`, rollback on error or drop, retry on 40001/40P01 | [`ServiceDb::transaction`], [`TxOptions`], [`Retryable`] |
+//! | transactions: commit on `Ok`, rollback on error or drop, retry on 40001/40P01; the `BEGIN` sent with the first statement, savepoints | [`ServiceDb::transaction`], [`Transaction`], [`Savepoint`], [`TxOptions`], [`Retryable`] |
 //! | a login role per service owning its schema; nothing for `PUBLIC` | [`provision()`], [`ProvisionSpec`], [`ProvisionReport`] |
 //! | validated, always-quoted schema/role/table names | [`Ident`] |
 //! | errors, matched by variant and SQLSTATE; a failure rendered with its hints | [`Error`], [`SqlState`]; [`error`] ([`error::Report`]) |
@@ -30,7 +30,7 @@
 //! | the transactional outbox and its relay (`FOR UPDATE SKIP LOCKED`, retries, waking relays on commit) | [`outbox`] ([`outbox::enqueue`], [`Outbox`], [`outbox::Wakeups`]) |
 //! | trace context across the broker: the W3C traceparent of the current span (stored with an outbox row), a span continuing a remote one | [`trace`] ([`trace::TraceParent`], [`trace::current`], [`trace::continue_trace`]) |
 //! | a throwaway database per test (feature `testing`, for dev-dependencies) | `testing::TestDb` |
-//! | the driver's types a service uses, under svcdb's names | [`Transaction`], [`IsolationLevel`], [`SqlState`], [`PooledConn`] |
+//! | the driver's types a service uses, under svcdb's names | [`IsolationLevel`], [`SqlState`], [`PooledConn`] |
 //! | the transactions svcdb's own statements run in, prepared once per pooled connection | [`AnyTransaction`] |
 //! | the driver itself, the same version as svcdb's, for its other types (`Row`, `types::ToSql`, …) | [`tokio_postgres`][pg] |
 //!
@@ -85,6 +85,7 @@ mod pool;
 mod provision;
 mod schema;
 mod tls;
+mod transaction;
 mod tx;
 
 pub use any_tx::AnyTransaction;
@@ -100,7 +101,8 @@ pub use pool::{PoolStatus, PooledConn, ServiceDb, WaitPercentiles};
 pub use provision::{provision, Password, ProvisionReport, ProvisionSpec};
 pub use schema::{Gate, GateReport, Notice, Problem, TableInfo, TableKind};
 pub use tls::{Tls, TlsFailure, TlsMode};
-pub use tx::{IsolationLevel, Retryable, Transaction, TxOptions};
+pub use transaction::{Savepoint, Transaction};
+pub use tx::{IsolationLevel, Retryable, TxOptions};
 
 /// Compiles a migrations folder into the binary, as a
 /// [`migrate::EmbeddedMigrations`] for [`migrate::Migrations::from_embedded`].

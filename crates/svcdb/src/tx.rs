@@ -3,27 +3,11 @@
 
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
 use tracing::Instrument;
 
 use crate::error::Error;
 use crate::pool::ServiceDb;
-
-/// The transaction [`ServiceDb::transaction`] and [`ServiceDb::transaction_with`] hand to
-/// their closure, on a connection of the service's pool (so on the service schema).
-///
-/// svcdb commits it when the closure returns `Ok` and rolls it back when it returns `Err`,
-/// panics or is cancelled: the closure does not call `commit` or `rollback` itself. It
-/// dereferences to [`tokio_postgres::Transaction`][pg-tx], whose methods run statements
-/// (`query`, `query_one`, `query_opt`, `execute`, `batch_execute`, …; savepoints with
-/// `savepoint`), and adds `prepare_cached`, which prepares a statement once per pooled
-/// connection rather than once per call.
-///
-/// An alias of deadpool-postgres' `Transaction`, under svcdb's name so that a service needs
-/// no dependency of its own on deadpool-postgres.
-///
-/// [pg-tx]: https://docs.rs/tokio-postgres/0.7/tokio_postgres/struct.Transaction.html
-pub type Transaction<'a> = deadpool_postgres::Transaction<'a>;
+use crate::transaction::Transaction;
 
 /// The isolation level of a transaction, set with [`TxOptions::isolation`]:
 /// `ReadUncommitted`, `ReadCommitted` (PostgreSQL's default), `RepeatableRead` or
@@ -126,9 +110,10 @@ impl ServiceDb {
         E: From<Error>,
     {
         let mut open = Unsettled::new(self, self.get().await?);
-        let mut tx = open.conn().transaction().await.map_err(Error::from)?;
-        let (result, enqueued) = crate::outbox::tracking_enqueues(f(&mut tx)).await;
-        let outcome = settle(tx, result).await;
+        let (mut tx, begun) = Transaction::begin(open.conn(), IsolationLevel::ReadCommitted, false);
+        let ((result, enqueued), begun) =
+            tokio::join!(crate::outbox::tracking_enqueues(f(&mut tx)), begun);
+        let outcome = settle(tx, begun, result).await;
         let conn = open.settled();
         if outcome.is_err() {
             self.retire_if_read_only(conn).await;
@@ -188,21 +173,11 @@ impl ServiceDb {
             // No inner `async` block here: one that borrows `f` makes the returned future
             // lose `Send` for callers that spawn it (rustc's higher-ranked auto-trait limits).
             let mut open = Unsettled::new(self, self.get().await?);
-            let mut builder = open
-                .conn()
-                .build_transaction()
-                .isolation_level(options.isolation);
-            // Never an explicit `READ WRITE`: on a hot standby it fails at once with 0A000
-            // ("cannot set transaction read-write mode during recovery"), which says nothing
-            // of an outage, and on a primary fenced with `default_transaction_read_only` it
-            // would write through the fence. Left unsaid, the first write fails with 25006,
-            // a database-unavailable error, until connections reach the new primary.
-            if options.read_only {
-                builder = builder.read_only(true);
-            }
-            let mut tx = builder.start().await.map_err(Error::from)?;
-            let (result, enqueued) = crate::outbox::tracking_enqueues(f(&mut tx)).await;
-            let outcome = settle(tx, result).await;
+            let (mut tx, begun) =
+                Transaction::begin(open.conn(), options.isolation, options.read_only);
+            let ((result, enqueued), begun) =
+                tokio::join!(crate::outbox::tracking_enqueues(f(&mut tx)), begun);
+            let outcome = settle(tx, begun, result).await;
             let conn = open.settled();
             if enqueued && outcome.is_ok() {
                 crate::outbox::committed(self);
@@ -313,36 +288,25 @@ impl Drop for Unsettled {
     }
 }
 
-/// Commits `tx` when `outcome` is `Ok` (a failed commit becomes the error, and so does an
-/// aborted transaction: [`commit`]), rolls it back otherwise. A failed rollback means the
-/// connection broke; the pool discards it.
-async fn settle<T, E: From<Error>>(tx: Transaction<'_>, outcome: Result<T, E>) -> Result<T, E> {
-    match outcome {
-        Ok(value) => commit(tx).await.map(|()| value).map_err(E::from),
-        Err(e) => {
+/// Commits `tx` when `outcome` is `Ok` and its `BEGIN` succeeded (a failed commit becomes the
+/// error, and so does an aborted transaction: [`Transaction::commit`]), rolls it back
+/// otherwise. A failed `BEGIN` is the error, whatever `outcome` says: the statements after it
+/// failed for it (25P02, in the block it aborted). A failed rollback means the connection
+/// broke; the pool discards it.
+async fn settle<T, E: From<Error>>(
+    tx: Transaction<'_>,
+    begun: Result<(), tokio_postgres::Error>,
+    outcome: Result<T, E>,
+) -> Result<T, E> {
+    match (begun, outcome) {
+        (Ok(()), Ok(value)) => tx.commit().await.map(|()| value).map_err(E::from),
+        (begun, Err(e)) => {
             let _ = tx.rollback().await;
-            Err(e)
+            Err(begun.map_or_else(|failed| E::from(failed.into()), |()| e))
+        }
+        (Err(failed), Ok(_)) => {
+            let _ = tx.rollback().await;
+            Err(E::from(failed.into()))
         }
     }
-}
-
-/// Commits `tx`, or fails with [`Error::Aborted`] when a statement of it had failed unseen.
-///
-/// PostgreSQL answers the `COMMIT` of a transaction that an error aborted with a rollback, not
-/// an error, and the driver does not tell the two apart: a closure that dropped a statement's
-/// error would be reported committed with nothing committed. So an empty `SELECT` travels
-/// with the `COMMIT` (sent first, answered first, no extra round trip): in an aborted
-/// transaction it fails with 25P02.
-async fn commit(tx: Transaction<'_>) -> Result<(), Error> {
-    let check = tx.client().simple_query_raw("SELECT").await?;
-    let (checked, committed) = tokio::join!(check.try_collect::<Vec<_>>(), tx.commit());
-    committed?;
-    checked.map_err(|e| {
-        if e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) {
-            Error::Aborted(e)
-        } else {
-            Error::from(e)
-        }
-    })?;
-    Ok(())
 }

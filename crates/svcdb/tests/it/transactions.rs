@@ -377,3 +377,110 @@ async fn a_closure_that_drops_a_statement_error_gets_an_error_not_a_silent_rollb
     .unwrap();
     assert_eq!(count(&svc).await, 1);
 }
+
+// The `BEGIN` is not waited for: the first statement goes out behind it. What it carries must
+// hold from that first statement on, at every isolation level and read-only.
+#[tokio::test]
+async fn the_first_statement_runs_inside_the_transaction_with_its_characteristics() {
+    use svcdb::IsolationLevel;
+    let (db, svc) = setup().await;
+    for (isolation, name) in [
+        (IsolationLevel::ReadCommitted, "read committed"),
+        (IsolationLevel::RepeatableRead, "repeatable read"),
+        (IsolationLevel::Serializable, "serializable"),
+    ] {
+        for read_only in [false, true] {
+            let options = TxOptions {
+                isolation,
+                read_only,
+                ..TxOptions::default()
+            };
+            let (level, ro): (String, String) = svc
+                .transaction_with(&options, async |tx| {
+                    let row = tx
+                        .query_one(
+                            "SELECT current_setting('transaction_isolation'), \
+                             current_setting('transaction_read_only')",
+                            &[],
+                        )
+                        .await?;
+                    Ok::<_, Error>((row.get(0), row.get(1)))
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                (level.as_str(), ro.as_str()),
+                (name, if read_only { "on" } else { "off" })
+            );
+        }
+    }
+    // One transaction from the first statement: now() is its start, which a later statement's
+    // own start (statement_timestamp) passes; each statement on its own would be equal.
+    let one_transaction: bool = svc
+        .transaction(async |tx| {
+            tx.execute("SELECT pg_sleep(0.01)", &[]).await?;
+            let row = tx
+                .query_one("SELECT now() < statement_timestamp()", &[])
+                .await?;
+            Ok::<_, Error>(row.get(0))
+        })
+        .await
+        .unwrap();
+    assert!(one_transaction);
+    // Read-only from the first statement: a write is refused (25006) and nothing is kept.
+    let refused = svc
+        .transaction_with(
+            &TxOptions {
+                read_only: true,
+                ..TxOptions::default()
+            },
+            async |tx| {
+                tx.execute("INSERT INTO t VALUES (2, 0)", &[]).await?;
+                Ok::<_, Error>(())
+            },
+        )
+        .await
+        .expect_err("a read-only transaction refuses a write");
+    assert_eq!(refused.code(), Some(&SqlState::READ_ONLY_SQL_TRANSACTION));
+    assert_eq!(count(&svc).await, 0);
+    assert_nothing_left_open(&db, &[2]).await;
+}
+
+#[tokio::test]
+async fn a_savepoint_rolled_back_or_dropped_undoes_only_its_own_statements() {
+    let (db, svc) = setup().await;
+    svc.transaction(async |tx| {
+        tx.execute("INSERT INTO t VALUES (1, 0)", &[]).await?;
+        // An expected failure under a savepoint: rolled back to it, the transaction goes on.
+        let savepoint = tx.savepoint("dup").await?;
+        let duplicate = savepoint.execute("INSERT INTO t VALUES (1, 0)", &[]).await;
+        assert_eq!(
+            duplicate.expect_err("a duplicate key").code(),
+            Some(&SqlState::UNIQUE_VIOLATION)
+        );
+        savepoint.rollback().await?;
+        // Dropped without release: rolled back to it as well.
+        let dropped = tx.savepoint("it's \"quoted\"").await?;
+        dropped.execute("INSERT INTO t VALUES (2, 0)", &[]).await?;
+        drop(dropped);
+        // Released: its work stays.
+        let kept = tx.savepoint("kept").await?;
+        kept.execute("INSERT INTO t VALUES (3, 0)", &[]).await?;
+        kept.release().await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    let ids: Vec<i32> = svc
+        .get()
+        .await
+        .unwrap()
+        .query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [1, 3]);
+    assert_nothing_left_open(&db, &[2]).await;
+}

@@ -1,0 +1,261 @@
+//! svcdb's transaction, whose `BEGIN` travels with its first statement, and its savepoints.
+
+use std::future::Future;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use deadpool_postgres::ClientWrapper;
+use futures_util::{FutureExt, TryStreamExt};
+
+use crate::error::Error;
+use crate::tx::IsolationLevel;
+
+/// The answer to a transaction's `BEGIN`, from [`Transaction::begin`]: read while the
+/// transaction's statements run (see there), it is `Err` when the `BEGIN` failed.
+pub(crate) type Begun<'a> =
+    Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>>;
+
+/// The transaction [`ServiceDb::transaction`](crate::ServiceDb::transaction) and
+/// [`ServiceDb::transaction_with`](crate::ServiceDb::transaction_with) hand to their closure,
+/// on a connection of the service's pool (so on the service schema).
+///
+/// svcdb commits it when the closure returns `Ok` and rolls it back when it returns `Err`,
+/// panics or is cancelled: the closure does not commit or roll back itself. It dereferences to
+/// the pooled client, whose methods run statements (`query`, `query_one`, `query_opt`,
+/// `execute`, `batch_execute`, `simple_query`, `copy_in`, …) and whose `prepare_cached`
+/// prepares a statement once per pooled connection rather than once per call;
+/// [`Transaction::savepoint`] sets a savepoint.
+///
+/// Its `BEGIN` is not waited for: the closure's first statement goes out right behind it, so a
+/// transaction costs the round trips of its statements and of its commit, one fewer than a
+/// driver's transaction (which waits for the `BEGIN`'s answer before it hands the transaction
+/// over). A `BEGIN` that failed is the transaction's error, whatever the closure returned;
+/// nothing is then reported committed.
+pub struct Transaction<'a> {
+    conn: &'a ClientWrapper,
+    /// Committed or rolled back: nothing to undo when dropped.
+    settled: bool,
+}
+
+impl<'a> Transaction<'a> {
+    /// Starts a transaction on `conn`: sends its `BEGIN` and returns at once, with the answer
+    /// to it. The caller reads that answer while the transaction's statements run (joined with
+    /// them), not after: the driver hands a request at most two pieces of its answer before it
+    /// waits for them to be read, holding up every answer behind it, and the `BEGIN` of a
+    /// transaction with characteristics can answer in three.
+    pub(crate) fn begin(
+        conn: &'a ClientWrapper,
+        isolation: IsolationLevel,
+        read_only: bool,
+    ) -> (Self, Begun<'a>) {
+        let mut begun: Begun<'a> = Box::pin(conn.batch_execute(begin_sql(isolation, read_only)));
+        // The driver sends a request when its future is first polled: one poll here, and the
+        // `BEGIN` is on its way before any statement of the transaction.
+        if let Poll::Ready(answer) = begun.as_mut().poll(&mut Context::from_waker(
+            futures_util::task::noop_waker_ref(),
+        )) {
+            // Not sent at all (the connection is closed).
+            begun = Box::pin(std::future::ready(answer));
+        }
+        let tx = Self {
+            conn,
+            settled: false,
+        };
+        (tx, begun)
+    }
+
+    /// Commits, or fails with [`Error::Aborted`] when a statement of the transaction had
+    /// failed unseen.
+    ///
+    /// PostgreSQL answers the `COMMIT` of a transaction that an error aborted with a rollback,
+    /// not an error, and the driver does not tell the two apart: a closure that dropped a
+    /// statement's error would be reported committed with nothing committed. So an empty
+    /// `SELECT` travels with the `COMMIT` (sent first, answered first, no extra round trip): in
+    /// an aborted transaction it fails with 25P02.
+    pub(crate) async fn commit(mut self) -> Result<(), Error> {
+        self.settled = true;
+        let check = self.conn.simple_query_raw("SELECT").await?;
+        let (checked, committed) = tokio::join!(
+            check.try_collect::<Vec<_>>(),
+            self.conn.batch_execute("COMMIT")
+        );
+        committed?;
+        checked.map_err(|e| {
+            if e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) {
+                Error::Aborted(e)
+            } else {
+                Error::from(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Rolls back. A failure means the connection broke; the pool then discards it.
+    pub(crate) async fn rollback(mut self) -> Result<(), tokio_postgres::Error> {
+        self.settled = true;
+        self.conn.batch_execute("ROLLBACK").await
+    }
+
+    /// Sets a savepoint named `name` (quoted as an identifier): statements run through the
+    /// [`Savepoint`] are undone alone by its [`rollback`](Savepoint::rollback), or when it is
+    /// dropped without [`release`](Savepoint::release), and the transaction goes on. Use it for a
+    /// statement that may fail (a unique violation you expect) without aborting the transaction.
+    pub async fn savepoint(&mut self, name: &str) -> Result<Savepoint<'_>, tokio_postgres::Error> {
+        let name = format!("\"{}\"", name.replace('"', "\"\""));
+        self.conn
+            .batch_execute(&format!("SAVEPOINT {name}"))
+            .await?;
+        Ok(Savepoint {
+            conn: self.conn,
+            name,
+            settled: false,
+        })
+    }
+
+    /// The pooled client, for svcdb's own statements.
+    pub(crate) fn pooled_client(&self) -> &'a ClientWrapper {
+        self.conn
+    }
+}
+
+impl Deref for Transaction<'_> {
+    type Target = ClientWrapper;
+
+    fn deref(&self) -> &ClientWrapper {
+        self.conn
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Sent, not waited for, as the driver's own transactions do when dropped.
+            let _ = self.conn.batch_execute("ROLLBACK").now_or_never();
+        }
+    }
+}
+
+impl std::fmt::Debug for Transaction<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transaction").finish_non_exhaustive()
+    }
+}
+
+/// A savepoint of a [`Transaction`], from [`Transaction::savepoint`]: it dereferences to the
+/// pooled client, as the transaction does. Dropped without [`release`](Self::release) or
+/// [`rollback`](Self::rollback), it rolls back to itself.
+pub struct Savepoint<'a> {
+    conn: &'a ClientWrapper,
+    name: String,
+    settled: bool,
+}
+
+impl Savepoint<'_> {
+    /// Keeps what ran since the savepoint (`RELEASE SAVEPOINT`), as part of the transaction.
+    pub async fn release(mut self) -> Result<(), tokio_postgres::Error> {
+        self.settled = true;
+        self.conn
+            .batch_execute(&format!("RELEASE SAVEPOINT {}", self.name))
+            .await
+    }
+
+    /// Undoes what ran since the savepoint (`ROLLBACK TO SAVEPOINT`); the transaction goes on,
+    /// also when a statement's error had aborted it.
+    pub async fn rollback(mut self) -> Result<(), tokio_postgres::Error> {
+        self.settled = true;
+        self.conn
+            .batch_execute(&format!("ROLLBACK TO SAVEPOINT {}", self.name))
+            .await
+    }
+
+    /// The pooled client, for svcdb's own statements.
+    pub(crate) fn pooled_client(&self) -> &ClientWrapper {
+        self.conn
+    }
+}
+
+impl Deref for Savepoint<'_> {
+    type Target = ClientWrapper;
+
+    fn deref(&self) -> &ClientWrapper {
+        self.conn
+    }
+}
+
+impl Drop for Savepoint<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            let rollback = format!("ROLLBACK TO SAVEPOINT {}", self.name);
+            let _ = self.conn.batch_execute(&rollback).now_or_never();
+        }
+    }
+}
+
+impl std::fmt::Debug for Savepoint<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Savepoint")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The message that starts a transaction with these characteristics: `BEGIN`, then the
+/// characteristics in a `SET TRANSACTION` of their own. The statements after it do not wait
+/// for its answer, so where it can fail it must fail inside the transaction block: a
+/// `SET TRANSACTION` that fails (`SERIALIZABLE` on a hot standby, 0A000) aborts the block, and
+/// the statements after it fail (25P02) instead of running on their own, as they would after a
+/// failed `BEGIN ISOLATION LEVEL SERIALIZABLE`.
+///
+/// Never an explicit `READ WRITE`: on a hot standby it fails at once with 0A000 ("cannot set
+/// transaction read-write mode during recovery"), which says nothing of an outage, and on a
+/// primary fenced with `default_transaction_read_only` it would write through the fence. Left
+/// unsaid, the first write fails with 25006, a database-unavailable error, until connections
+/// reach the new primary.
+fn begin_sql(isolation: IsolationLevel, read_only: bool) -> &'static str {
+    use tokio_postgres::IsolationLevel::{
+        ReadCommitted, ReadUncommitted, RepeatableRead, Serializable,
+    };
+    match (isolation, read_only) {
+        (ReadCommitted, false) => "BEGIN",
+        (ReadCommitted, true) => "BEGIN; SET TRANSACTION READ ONLY",
+        (RepeatableRead, false) => "BEGIN; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        (RepeatableRead, true) => {
+            "BEGIN; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+        }
+        (Serializable, false) => "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        (Serializable, true) => "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+        (ReadUncommitted, false) => "BEGIN; SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED",
+        (ReadUncommitted, true) => {
+            "BEGIN; SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED, READ ONLY"
+        }
+        // The driver's enum is non-exhaustive: a level it adds is the server's default here
+        // until svcdb names it.
+        (_, false) => "BEGIN",
+        (_, true) => "BEGIN; SET TRANSACTION READ ONLY",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn begin_statements_name_the_level_and_never_read_write() {
+        assert_eq!(begin_sql(IsolationLevel::ReadCommitted, false), "BEGIN");
+        assert_eq!(
+            begin_sql(IsolationLevel::Serializable, true),
+            "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"
+        );
+        for level in [
+            IsolationLevel::ReadUncommitted,
+            IsolationLevel::ReadCommitted,
+            IsolationLevel::RepeatableRead,
+            IsolationLevel::Serializable,
+        ] {
+            for read_only in [false, true] {
+                assert!(!begin_sql(level, read_only).contains("WRITE"));
+            }
+        }
+    }
+}
