@@ -71,39 +71,26 @@ impl AnyTransaction for deadpool_postgres::Transaction<'_> {
     }
 }
 
-impl AnyTransaction for crate::Transaction<'_> {
-    fn pg_client(&self) -> &tokio_postgres::Client {
-        self.pooled_client()
-    }
+/// svcdb's own transaction and its savepoints: on a pooled client, with its statement cache.
+macro_rules! on_pooled_client {
+    ($($ty:ty),*) => {$(
+        impl AnyTransaction for $ty {
+            fn pg_client(&self) -> &tokio_postgres::Client {
+                self.pooled_client()
+            }
 
-    async fn cached(
-        &self,
-        sql: &str,
-        types: &[Type],
-    ) -> Result<Option<Statement>, tokio_postgres::Error> {
-        self.pooled_client()
-            .prepare_typed_cached(sql, types)
-            .await
-            .map(Some)
-    }
+            async fn cached(
+                &self,
+                sql: &str,
+                types: &[Type],
+            ) -> Result<Option<Statement>, tokio_postgres::Error> {
+                self.pooled_client().prepare_typed_cached(sql, types).await.map(Some)
+            }
+        }
+    )*};
 }
 
-impl AnyTransaction for crate::Savepoint<'_> {
-    fn pg_client(&self) -> &tokio_postgres::Client {
-        self.pooled_client()
-    }
-
-    async fn cached(
-        &self,
-        sql: &str,
-        types: &[Type],
-    ) -> Result<Option<Statement>, tokio_postgres::Error> {
-        self.pooled_client()
-            .prepare_typed_cached(sql, types)
-            .await
-            .map(Some)
-    }
-}
+on_pooled_client!(crate::Transaction<'_>, crate::Savepoint<'_>);
 
 /// Runs `sql` with its typed parameters on `tx`: bind and execute of the cached statement
 /// where `tx` has a cache (its first use on a connection also prepares it), else parse, bind
