@@ -570,14 +570,31 @@ impl LiveColumns {
     }
 }
 
-/// `new` as `format_type` writes it, for the types [`LiveColumns::keeps_storage`] knows
-/// (`character varying(n)`, `character varying`, `text`); `None` for any other, or an array.
+/// `new` as `format_type` writes it (the spelling of the catalog's column types), or `None`
+/// where that is not known: an array, a type qualified with a schema other than
+/// `pg_catalog`, a name that is not a plain lowercase identifier (format_type would quote
+/// it), or modifiers on a type other than the character, numeric and timestamp types.
+///
+/// A plain name format_type writes as it is (`uuid`, `jsonb`, `date`, a type of the service's
+/// own) compares as written: the lint's catalog query and the migration resolve it on the
+/// same search path, where format_type leaves a visible type unqualified. Found by a user
+/// trial: ory/kratos changes columns to the type they already have (`TYPE UUID`,
+/// `TYPE jsonb`) in 18 migrations, which PostgreSQL neither rewrites nor rebuilds indexes
+/// for, and which the lint flagged as rewrites.
 fn render(new: &TypeName) -> Option<String> {
     if !new.array_bounds.is_empty() {
         return None;
     }
-    let name = match new.names.last()?.node.as_ref()? {
-        NodeEnum::String(s) => s.sval.as_str(),
+    let names: Vec<&str> = new
+        .names
+        .iter()
+        .map(|n| match n.node.as_ref() {
+            Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let name = match names.as_slice() {
+        [name] | ["pg_catalog", name] => *name,
         _ => return None,
     };
     let modifiers: Vec<i32> = new
@@ -592,13 +609,40 @@ fn render(new: &TypeName) -> Option<String> {
             _ => None,
         })
         .collect::<Option<_>>()?;
+    let plain = |name: &str| -> Option<String> {
+        let mut chars = name.chars();
+        let first = chars.next()?;
+        ((first.is_ascii_lowercase() || first == '_')
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        .then(|| name.to_owned())
+    };
     match (name, modifiers.as_slice()) {
-        ("text", []) => Some("text".to_owned()),
         ("varchar", []) => Some("character varying".to_owned()),
         ("varchar", [n]) => Some(format!("character varying({n})")),
+        ("bpchar", [n]) => Some(format!("character({n})")),
         ("numeric", []) => Some("numeric".to_owned()),
         ("numeric", [p]) => Some(format!("numeric({p},0)")),
         ("numeric", [p, s]) => Some(format!("numeric({p},{s})")),
+        ("int2", []) => Some("smallint".to_owned()),
+        ("int4", []) => Some("integer".to_owned()),
+        ("int8", []) => Some("bigint".to_owned()),
+        ("float4", []) => Some("real".to_owned()),
+        ("float8", []) => Some("double precision".to_owned()),
+        ("bool", []) => Some("boolean".to_owned()),
+        ("timestamp", []) => Some("timestamp without time zone".to_owned()),
+        ("timestamp", [p]) => Some(format!("timestamp({p}) without time zone")),
+        ("timestamptz", []) => Some("timestamp with time zone".to_owned()),
+        ("timestamptz", [p]) => Some(format!("timestamp({p}) with time zone")),
+        ("time", []) => Some("time without time zone".to_owned()),
+        ("timetz", []) => Some("time with time zone".to_owned()),
+        // Written differently by format_type, or not a type of its own (`char` is
+        // `character(1)`; `serial` is not a type).
+        (
+            "bpchar" | "char" | "interval" | "bit" | "varbit" | "serial" | "bigserial"
+            | "smallserial" | "serial2" | "serial4" | "serial8",
+            _,
+        ) => None,
+        (name, []) => plain(name),
         _ => None,
     }
 }
@@ -688,6 +732,60 @@ mod tests {
             assert!(!keeps(column, ty), "{column} → {ty}");
         }
         assert!(l.is_not_null("t", "n") && !l.is_not_null("t", "short"));
+    }
+
+    /// Found by a user trial (ory/kratos): a column changed to the type it already has was
+    /// flagged as a rewrite, for every type but the character and numeric ones.
+    #[test]
+    fn the_type_a_column_already_has_keeps_the_storage_however_it_is_spelled() {
+        let l = live(&[
+            ("t", "nid", "uuid", false),
+            ("t", "ui", "jsonb", false),
+            ("t", "n", "integer", false),
+            ("t", "big", "bigint", false),
+            ("t", "at", "timestamp without time zone", false),
+            ("t", "at3", "timestamp(3) with time zone", false),
+            ("t", "flag", "boolean", false),
+            ("t", "status", "order_status", false),
+            ("t", "quoted", "\"Mixed\"", false),
+        ]);
+        let keeps = |column: &str, ty: &str| {
+            l.keeps_storage(
+                "t",
+                column,
+                &type_of(&format!("ALTER TABLE t ALTER COLUMN {column} TYPE {ty}")),
+            )
+        };
+        for (column, ty) in [
+            ("nid", "UUID"),
+            ("nid", "pg_catalog.uuid"),
+            ("ui", "jsonb"),
+            ("n", "int"),
+            ("n", "integer"),
+            ("n", "int4"),
+            ("big", "int8"),
+            ("at", "timestamp"),
+            ("at3", "timestamptz(3)"),
+            ("at3", "timestamp(3) with time zone"),
+            ("flag", "bool"),
+            ("status", "order_status"),
+        ] {
+            assert!(keeps(column, ty), "{column} → {ty}");
+        }
+        // Another type, another schema's type of the same name, a quoted name, an array: a
+        // rewrite, or not known.
+        for (column, ty) in [
+            ("nid", "text"),
+            ("ui", "json"),
+            ("n", "bigint"),
+            ("at", "timestamptz"),
+            ("at3", "timestamptz"),
+            ("status", "other.order_status"),
+            ("quoted", "\"Mixed\""),
+            ("nid", "uuid[]"),
+        ] {
+            assert!(!keeps(column, ty), "{column} → {ty}");
+        }
     }
 
     /// Found by a user trial: numeric(15,2) to numeric(20,2) was flagged as a rewrite, which
