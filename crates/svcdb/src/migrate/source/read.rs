@@ -495,10 +495,14 @@ impl Migrations {
             } = scripts;
             // A down script without a statement (an empty file, comments only), or goose's
             // placeholder, undoes nothing: the migration is irreversible, and `down` refuses
-            // it before touching anything.
+            // it before touching anything. Except in pop's folders, where an empty down is
+            // a down that has nothing to undo: popx runs it as a no-op, and ory's projects
+            // ship many (kratos reverts a split migration in one of its files and leaves the
+            // others' downs empty, found by a trial: `down` refused to pass them).
             let down = down.filter(|d| {
-                !split_statements(&d.sql).is_empty()
-                    && !crate::migrate::template::is_goose_placeholder_down(&d.sql)
+                (pop && layout == Layout::Native)
+                    || (!split_statements(&d.sql).is_empty()
+                        && !crate::migrate::template::is_goose_placeholder_down(&d.sql))
             });
             refuse_unrunnable(&up_sql, &up_path, up_line)?;
             if let Some(d) = &down {
