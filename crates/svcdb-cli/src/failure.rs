@@ -7,7 +7,10 @@
 //! * `error`: what went wrong, the same text as on stderr without `error: ` and the hints;
 //! * `hint`: what to do, or `null`; several distinct hints are separated by newlines;
 //! * `code`: the SQLSTATE the server reported (`"42501"`, `"28P01"`, …), else the kind of
-//!   error (see [`Failure::code`]).
+//!   error (see [`Failure::code`]);
+//! * `findings`, only when the lint's findings refused a migration (`code` `"unsafe"`): each
+//!   blocking finding as `migrate lint --json` writes it (`path`, `line`, `rule`, `message`,
+//!   `fix`, …), so that a script need not parse them out of `error`.
 //!
 //! Every error of the binary goes through [`Failure`], which renders it with the library's
 //! [`Report`]: svcdb's errors carry their hints in their text (`\n  hint: …`), and an error
@@ -36,6 +39,8 @@ pub struct Failure {
     code: String,
     /// The exit code: 64 for a usage error (an invalid command line or configuration), else 1.
     exit: u8,
+    /// The lint's findings that refused the migrations, when they did.
+    findings: Option<serde_json::Value>,
 }
 
 impl Failure {
@@ -52,11 +57,22 @@ impl Failure {
             .any(|c| c.is::<Usage>() || c.is::<crate::usage::InvalidSetting>())
             || code == "invalid_name"
             || code == "config";
+        let findings = e.chain().find_map(|cause| {
+            let findings = match cause.downcast_ref::<MigrateError>() {
+                Some(MigrateError::Unsafe { findings }) => findings,
+                Some(_) | None => match cause.downcast_ref::<AdoptError>() {
+                    Some(AdoptError::Migrate(MigrateError::Unsafe { findings })) => findings,
+                    _ => return None,
+                },
+            };
+            serde_json::to_value(findings).ok()
+        });
         Self {
             error: for_cli(report.message()),
             hint: (!report.hints().is_empty()).then(|| for_cli(&report.hints().join("\n"))),
             code,
             exit: if usage { 64 } else { 1 },
+            findings,
         }
     }
 
@@ -112,6 +128,7 @@ impl Failure {
             hint: Some(hint),
             code: "usage".to_owned(),
             exit: 64,
+            findings: None,
         }
     }
 
@@ -204,9 +221,15 @@ impl Failure {
         self.value().to_string()
     }
 
-    /// `{"error", "hint", "code"}`, to print or to put in a report.
+    /// `{"error", "hint", "code"}` (and `findings`, when there are), to print or to put in a
+    /// report.
     pub fn value(&self) -> serde_json::Value {
-        serde_json::json!({"error": self.error, "hint": self.hint, "code": self.code})
+        let mut value =
+            serde_json::json!({"error": self.error, "hint": self.hint, "code": self.code});
+        if let Some(findings) = &self.findings {
+            value["findings"] = findings.clone();
+        }
+        value
     }
 
     /// The failure for people: `error: …`, then each hint on a line of its own.

@@ -40,7 +40,8 @@ const EXIT_CODES: &str = r#"Exit codes:
 
 With --json, stdout holds one JSON object whatever the outcome: the report, or on error
 {"error": what went wrong, "hint": what to do or null, "code": the SQLSTATE (e.g. "42501")
-or the kind of error (e.g. "usage", "connect", "changed")}; the text is on stderr too."#;
+or the kind of error (e.g. "usage", "connect", "changed"), and with "unsafe" the lint's
+"findings" that refused}; the text is on stderr too."#;
 
 /// Give each microservice its own safe slice of one PostgreSQL database.
 #[derive(clap::Parser)]

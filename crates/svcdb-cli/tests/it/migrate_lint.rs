@@ -174,6 +174,20 @@ async fn up_refuses_an_unsafe_migration_unless_allow_unsafe() {
             && out.stderr.contains("index-without-concurrently"),
         "{out}"
     );
+    // With --json, the findings are in the error object, as `lint --json` writes them (found
+    // by a trial: only inside the `error` text).
+    let refused = p.run(&["migrate", "up", "--json"]).expect_code(1).json();
+    assert_eq!(refused["code"], "unsafe", "{refused}");
+    let finding = &refused["findings"][0];
+    assert_eq!(finding["rule"], "index-without-concurrently", "{refused}");
+    assert_eq!(finding["line"], 2, "{refused}");
+    assert!(
+        finding["path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("0002_label.up.sql")),
+        "{refused}"
+    );
+    assert_eq!(refused["findings"].as_array().map(Vec::len), Some(1));
     // `status` and `validate` say that `up` would refuse (found by a user trial: status said
     // "run up"); judged as `up --allow-unsafe`, the migration is merely pending.
     let status = p
