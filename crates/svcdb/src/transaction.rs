@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use deadpool_postgres::ClientWrapper;
-use futures_util::{FutureExt, TryStreamExt};
+use futures_util::FutureExt;
 
 use crate::error::Error;
 use crate::tx::IsolationLevel;
@@ -71,24 +71,29 @@ impl<'a> Transaction<'a> {
     /// PostgreSQL answers the `COMMIT` of a transaction that an error aborted with a rollback,
     /// not an error, and the driver does not tell the two apart: a closure that dropped a
     /// statement's error would be reported committed with nothing committed. So an empty
-    /// `SELECT` travels with the `COMMIT` (sent first, answered first, no extra round trip): in
-    /// an aborted transaction it fails with 25P02.
+    /// `SELECT` goes first, in the same message as the `COMMIT`: in an aborted transaction it
+    /// fails with 25P02, and the server skips the rest of the message. One message rather
+    /// than two pipelined ones: the same round trip, less work on both ends per transaction.
     pub(crate) async fn commit(mut self) -> Result<(), Error> {
+        use tokio_postgres::error::SqlState;
         self.settled = true;
-        let check = self.conn.simple_query_raw("SELECT").await?;
-        let (checked, committed) = tokio::join!(
-            check.try_collect::<Vec<_>>(),
-            self.conn.batch_execute("COMMIT")
-        );
-        committed?;
-        checked.map_err(|e| {
-            if e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) {
-                Error::Aborted(e)
-            } else {
-                Error::from(e)
-            }
-        })?;
-        Ok(())
+        let Err(e) = self.conn.batch_execute("SELECT; COMMIT").await else {
+            return Ok(());
+        };
+        // The check failed, or was cancelled: the `COMMIT` was skipped and the transaction is
+        // still open, so end it. A `COMMIT` that failed (a deferred constraint, a
+        // serialization failure) has ended it already.
+        let open = [
+            &SqlState::IN_FAILED_SQL_TRANSACTION,
+            &SqlState::QUERY_CANCELED,
+        ];
+        if e.code().is_some_and(|code| open.contains(&code)) {
+            let _ = self.conn.batch_execute("ROLLBACK").await;
+        }
+        Err(match e.code() {
+            Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => Error::Aborted(e),
+            _ => Error::from(e),
+        })
     }
 
     /// Rolls back. A failure means the connection broke; the pool then discards it.

@@ -484,3 +484,30 @@ async fn a_savepoint_rolled_back_or_dropped_undoes_only_its_own_statements() {
     assert_eq!(ids, [1, 3]);
     assert_nothing_left_open(&db, &[2]).await;
 }
+
+// The commit's check and the COMMIT go in one message: a COMMIT that fails itself (a deferred
+// constraint) is the error, and leaves nothing open.
+#[tokio::test]
+async fn a_commit_that_fails_on_a_deferred_constraint_is_the_error() {
+    let (db, svc) = setup().await;
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE d (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+        .await
+        .unwrap();
+    let e = svc
+        .transaction(async |tx| {
+            tx.execute("INSERT INTO t VALUES (1, 0)", &[]).await?;
+            // Both pass here: the unique check waits for the commit.
+            tx.batch_execute("INSERT INTO d VALUES (1); INSERT INTO d VALUES (1)")
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .expect_err("the deferred check fails the commit");
+    assert_eq!(e.code(), Some(&SqlState::UNIQUE_VIOLATION), "{e:?}");
+    assert!(!matches!(e, Error::Aborted(_)), "{e:?}");
+    assert_eq!(count(&svc).await, 0);
+    assert_nothing_left_open(&db, &[1]).await;
+}
