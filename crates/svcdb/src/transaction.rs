@@ -25,7 +25,9 @@ pub(crate) type Begun<'a> =
 /// the pooled client, whose methods run statements (`query`, `query_one`, `query_opt`,
 /// `execute`, `batch_execute`, `simple_query`, `copy_in`, …) and whose `prepare_cached`
 /// prepares a statement once per pooled connection rather than once per call;
-/// [`Transaction::savepoint`] sets a savepoint.
+/// [`Transaction::savepoint`] sets a savepoint. A function of yours that takes
+/// `&impl tokio_postgres::GenericClient` takes [`tx.client()`](Transaction::client), the
+/// driver's client the transaction runs on.
 ///
 /// Its `BEGIN` is not waited for: the closure's first statement goes out right behind it, so a
 /// transaction costs the round trips of its statements and of its commit, one fewer than a
@@ -116,6 +118,12 @@ impl<'a> Transaction<'a> {
             name,
             settled: false,
         })
+    }
+
+    /// The driver's client the transaction runs on, for functions that take the driver's
+    /// `&impl GenericClient` or `&Client`: its statements are the transaction's.
+    pub fn client(&self) -> &'a tokio_postgres::Client {
+        self.conn
     }
 
     /// The pooled client, for svcdb's own statements.

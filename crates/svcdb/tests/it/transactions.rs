@@ -511,3 +511,25 @@ async fn a_commit_that_fails_on_a_deferred_constraint_is_the_error() {
     assert_eq!(count(&svc).await, 0);
     assert_nothing_left_open(&db, &[1]).await;
 }
+
+// A service's own helpers that take the driver's `GenericClient` run in the transaction, on
+// the client it dereferences to.
+#[tokio::test]
+async fn a_helper_taking_the_drivers_generic_client_runs_inside_the_transaction() {
+    use svcdb::tokio_postgres::GenericClient;
+    async fn insert(client: &impl GenericClient, id: i32) -> Result<u64, Error> {
+        Ok(client
+            .execute("INSERT INTO t VALUES ($1, 0)", &[&id])
+            .await?)
+    }
+    let (db, svc) = setup().await;
+    let outcome = svc
+        .transaction(async |tx| {
+            insert(tx.client(), 1).await?;
+            Err::<(), _>(Error::PoolClosed)
+        })
+        .await;
+    assert!(matches!(outcome, Err(Error::PoolClosed)));
+    assert_eq!(count(&svc).await, 0, "rolled back with the transaction");
+    assert_nothing_left_open(&db, &[1]).await;
+}
