@@ -33,7 +33,10 @@ pub(crate) type Begun<'a> =
 /// transaction costs the round trips of its statements and of its commit, one fewer than a
 /// driver's transaction (which waits for the `BEGIN`'s answer before it hands the transaction
 /// over). A `BEGIN` that failed is the transaction's error, whatever the closure returned;
-/// nothing is then reported committed.
+/// nothing is then reported committed. The window this leaves: a plain `BEGIN` that fails
+/// while its session lives (only a cancel landing on it: svcdb's own cancels close the
+/// connection, and a failing `SET TRANSACTION` aborts the block instead) lets the statements
+/// already sent behind it run on their own, each committed, before its error is read.
 pub struct Transaction<'a> {
     conn: &'a ClientWrapper,
     /// Committed or rolled back: nothing to undo when dropped.
