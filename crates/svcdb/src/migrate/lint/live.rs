@@ -692,15 +692,12 @@ mod tests {
         def.type_name.clone().unwrap()
     }
 
-    #[test]
-    fn longer_or_unlimited_character_types_keep_the_storage() {
-        let l = live(&[
-            ("t", "short", "character varying(30)", false),
-            ("t", "free", "character varying", false),
-            ("t", "body", "text", false),
-            ("t", "code", "character(2)", false),
-            ("t", "n", "integer", true),
-        ]);
+    /// Asserts that on a table `t` with `columns` (name, `format_type` spelling), changing each
+    /// of `kept` to its type keeps the storage, and each of `rewritten` does not.
+    fn assert_storage(columns: &[(&str, &str)], kept: &[(&str, &str)], rewritten: &[(&str, &str)]) {
+        let columns: Vec<(&str, &str, &str, bool)> =
+            columns.iter().map(|&(c, ty)| ("t", c, ty, false)).collect();
+        let l = live(&columns);
         let keeps = |column: &str, ty: &str| {
             l.keeps_storage(
                 "t",
@@ -708,29 +705,45 @@ mod tests {
                 &type_of(&format!("ALTER TABLE t ALTER COLUMN {column} TYPE {ty}")),
             )
         };
-        for (column, ty) in [
-            ("short", "varchar(100)"),
-            ("short", "varchar(30)"),
-            ("short", "text"),
-            ("short", "varchar"),
-            ("free", "text"),
-            ("body", "varchar"),
-            ("body", "text"),
-        ] {
+        for (column, ty) in kept {
             assert!(keeps(column, ty), "{column} → {ty}");
         }
-        // A shorter limit checks every row; char(n) pads; other types convert; unknown columns
-        // are not known.
-        for (column, ty) in [
-            ("short", "varchar(10)"),
-            ("code", "text"),
-            ("n", "bigint"),
-            ("body", "varchar(10)"),
-            ("missing", "text"),
-            ("short", "text[]"),
-        ] {
+        for (column, ty) in rewritten {
             assert!(!keeps(column, ty), "{column} → {ty}");
         }
+    }
+
+    #[test]
+    fn longer_or_unlimited_character_types_keep_the_storage() {
+        assert_storage(
+            &[
+                ("short", "character varying(30)"),
+                ("free", "character varying"),
+                ("body", "text"),
+                ("code", "character(2)"),
+                ("n", "integer"),
+            ],
+            &[
+                ("short", "varchar(100)"),
+                ("short", "varchar(30)"),
+                ("short", "text"),
+                ("short", "varchar"),
+                ("free", "text"),
+                ("body", "varchar"),
+                ("body", "text"),
+            ],
+            // A shorter limit checks every row; char(n) pads; other types convert; unknown
+            // columns are not known.
+            &[
+                ("short", "varchar(10)"),
+                ("code", "text"),
+                ("n", "bigint"),
+                ("body", "varchar(10)"),
+                ("missing", "text"),
+                ("short", "text[]"),
+            ],
+        );
+        let l = live(&[("t", "short", "text", false), ("t", "n", "integer", true)]);
         assert!(l.is_not_null("t", "n") && !l.is_not_null("t", "short"));
     }
 
@@ -738,83 +751,67 @@ mod tests {
     /// flagged as a rewrite, for every type but the character and numeric ones.
     #[test]
     fn the_type_a_column_already_has_keeps_the_storage_however_it_is_spelled() {
-        let l = live(&[
-            ("t", "nid", "uuid", false),
-            ("t", "ui", "jsonb", false),
-            ("t", "n", "integer", false),
-            ("t", "big", "bigint", false),
-            ("t", "at", "timestamp without time zone", false),
-            ("t", "at3", "timestamp(3) with time zone", false),
-            ("t", "flag", "boolean", false),
-            ("t", "status", "order_status", false),
-            ("t", "quoted", "\"Mixed\"", false),
-        ]);
-        let keeps = |column: &str, ty: &str| {
-            l.keeps_storage(
-                "t",
-                column,
-                &type_of(&format!("ALTER TABLE t ALTER COLUMN {column} TYPE {ty}")),
-            )
-        };
-        for (column, ty) in [
-            ("nid", "UUID"),
-            ("nid", "pg_catalog.uuid"),
-            ("ui", "jsonb"),
-            ("n", "int"),
-            ("n", "integer"),
-            ("n", "int4"),
-            ("big", "int8"),
-            ("at", "timestamp"),
-            ("at3", "timestamptz(3)"),
-            ("at3", "timestamp(3) with time zone"),
-            ("flag", "bool"),
-            ("status", "order_status"),
-        ] {
-            assert!(keeps(column, ty), "{column} → {ty}");
-        }
-        // Another type, another schema's type of the same name, a quoted name, an array: a
-        // rewrite, or not known.
-        for (column, ty) in [
-            ("nid", "text"),
-            ("ui", "json"),
-            ("n", "bigint"),
-            ("at", "timestamptz"),
-            ("at3", "timestamptz"),
-            ("status", "other.order_status"),
-            ("quoted", "\"Mixed\""),
-            ("nid", "uuid[]"),
-        ] {
-            assert!(!keeps(column, ty), "{column} → {ty}");
-        }
+        assert_storage(
+            &[
+                ("nid", "uuid"),
+                ("ui", "jsonb"),
+                ("n", "integer"),
+                ("big", "bigint"),
+                ("at", "timestamp without time zone"),
+                ("at3", "timestamp(3) with time zone"),
+                ("flag", "boolean"),
+                ("status", "order_status"),
+                ("quoted", "\"Mixed\""),
+            ],
+            &[
+                ("nid", "UUID"),
+                ("nid", "pg_catalog.uuid"),
+                ("ui", "jsonb"),
+                ("n", "int"),
+                ("n", "integer"),
+                ("n", "int4"),
+                ("big", "int8"),
+                ("at", "timestamp"),
+                ("at3", "timestamptz(3)"),
+                ("at3", "timestamp(3) with time zone"),
+                ("flag", "bool"),
+                ("status", "order_status"),
+            ],
+            // Another type, another schema's type of the same name, a quoted name, an array: a
+            // rewrite, or not known.
+            &[
+                ("nid", "text"),
+                ("ui", "json"),
+                ("n", "bigint"),
+                ("at", "timestamptz"),
+                ("at3", "timestamptz"),
+                ("status", "other.order_status"),
+                ("quoted", "\"Mixed\""),
+                ("nid", "uuid[]"),
+            ],
+        );
     }
 
     /// Found by a user trial: numeric(15,2) to numeric(20,2) was flagged as a rewrite, which
     /// PostgreSQL does not do (checked with pg_relation_filenode on 15).
     #[test]
     fn a_wider_or_unconstrained_numeric_keeps_the_storage() {
-        let l = live(&[
-            ("t", "price", "numeric(15,2)", false),
-            ("t", "free", "numeric", false),
-        ]);
-        let keeps = |column: &str, ty: &str| {
-            l.keeps_storage(
-                "t",
-                column,
-                &type_of(&format!("ALTER TABLE t ALTER COLUMN {column} TYPE {ty}")),
-            )
-        };
-        for ty in ["numeric(20,2)", "numeric(15,2)", "numeric", "decimal(18,2)"] {
-            assert!(keeps("price", ty), "price → {ty}");
-        }
-        // A smaller precision or another scale checks or rewrites; a limit on an unlimited one
-        // checks every row.
-        for (column, ty) in [
-            ("price", "numeric(10,2)"),
-            ("price", "numeric(20,3)"),
-            ("price", "numeric(20)"),
-            ("free", "numeric(20,2)"),
-        ] {
-            assert!(!keeps(column, ty), "{column} → {ty}");
-        }
+        assert_storage(
+            &[("price", "numeric(15,2)"), ("free", "numeric")],
+            &[
+                ("price", "numeric(20,2)"),
+                ("price", "numeric(15,2)"),
+                ("price", "numeric"),
+                ("price", "decimal(18,2)"),
+            ],
+            // A smaller precision or another scale checks or rewrites; a limit on an unlimited
+            // one checks every row.
+            &[
+                ("price", "numeric(10,2)"),
+                ("price", "numeric(20,3)"),
+                ("price", "numeric(20)"),
+                ("free", "numeric(20,2)"),
+            ],
+        );
     }
 }
