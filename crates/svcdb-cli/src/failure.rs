@@ -57,15 +57,9 @@ impl Failure {
             .any(|c| c.is::<Usage>() || c.is::<crate::usage::InvalidSetting>())
             || code == "invalid_name"
             || code == "config";
-        let findings = e.chain().find_map(|cause| {
-            let findings = match cause.downcast_ref::<MigrateError>() {
-                Some(MigrateError::Unsafe { findings }) => findings,
-                Some(_) | None => match cause.downcast_ref::<AdoptError>() {
-                    Some(AdoptError::Migrate(MigrateError::Unsafe { findings })) => findings,
-                    _ => return None,
-                },
-            };
-            serde_json::to_value(findings).ok()
+        let findings = e.chain().find_map(|cause| match migrate_error(cause)? {
+            MigrateError::Unsafe { findings } => serde_json::to_value(findings).ok(),
+            _ => None,
         });
         Self {
             error: for_cli(report.message()),
@@ -152,10 +146,8 @@ impl Failure {
                 Some(db.code())
             } else if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
                 e.code()
-            } else if let Some(e) = cause.downcast_ref::<MigrateError>() {
-                e.code()
-            } else if let Some(AdoptError::Migrate(e)) = cause.downcast_ref::<AdoptError>() {
-                // Found by a user trial: adopt's 42501 came out as `connection_lost`.
+            } else if let Some(e) = migrate_error(cause) {
+                // Adopt's too: found by a user trial, its 42501 came out as `connection_lost`.
                 e.code()
             } else {
                 None
@@ -288,6 +280,14 @@ fn migrate_kind(e: &MigrateError) -> &'static str {
     }
 }
 
+/// The migration error a link of the chain is, or that `migrate adopt`'s error wraps.
+fn migrate_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a MigrateError> {
+    match cause.downcast_ref::<AdoptError>() {
+        Some(AdoptError::Migrate(e)) => Some(e),
+        _ => cause.downcast_ref::<MigrateError>(),
+    }
+}
+
 /// The server's error a link of the chain is or carries: svcdb's errors show the driver's error
 /// in their message rather than return it as `source()`, so it is asked of them.
 fn db_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a DbError> {
@@ -297,11 +297,7 @@ fn db_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a DbEr
     if let Some(e) = cause.downcast_ref::<svcdb::Error>() {
         return e.as_db_error();
     }
-    let migrate = match cause.downcast_ref::<AdoptError>() {
-        Some(AdoptError::Migrate(e)) => e,
-        _ => cause.downcast_ref::<MigrateError>()?,
-    };
-    match migrate {
+    match migrate_error(cause)? {
         MigrateError::Db(e) => e.as_db_error(),
         MigrateError::Failed(failure) => failure.cause.as_db_error(),
         _ => None,

@@ -298,15 +298,11 @@ async fn settle<T, E: From<Error>>(
     begun: Result<(), tokio_postgres::Error>,
     outcome: Result<T, E>,
 ) -> Result<T, E> {
-    match (begun, outcome) {
-        (Ok(()), Ok(value)) => tx.commit().await.map(|()| value).map_err(E::from),
-        (begun, Err(e)) => {
+    match begun.map_err(|failed| E::from(failed.into())).and(outcome) {
+        Ok(value) => tx.commit().await.map(|()| value).map_err(E::from),
+        Err(e) => {
             let _ = tx.rollback().await;
-            Err(begun.map_or_else(|failed| E::from(failed.into()), |()| e))
-        }
-        (Err(failed), Ok(_)) => {
-            let _ = tx.rollback().await;
-            Err(E::from(failed.into()))
+            Err(e)
         }
     }
 }
