@@ -18,6 +18,8 @@ pub struct Server {
     conn: DedicatedConn,
     /// `server_version`, e.g. `15.20 (Debian 15.20-0+deb12u1)`, for the report.
     version: String,
+    /// The databases [`Server::scratch_database`] made, dropped by [`Server::drop_scratch`].
+    scratch: std::sync::Mutex<Vec<String>>,
 }
 
 impl Server {
@@ -36,6 +38,7 @@ impl Server {
             url: url.to_owned(),
             conn,
             version,
+            scratch: std::sync::Mutex::default(),
         })
     }
 
@@ -96,6 +99,38 @@ impl Server {
             .batch_execute(&format!("CREATE DATABASE {}", quoted(name)?))
             .await
             .with_context(|| format!("cannot create database {name}"))
+    }
+
+    /// A fresh database `name` for one measurement ([`Server::recreate_database`]), kept until
+    /// [`Server::drop_scratch`] at the end of the run rather than dropped when the measurement
+    /// is done.
+    ///
+    /// Dropping a database deletes thousands of files, and on some file systems that slows
+    /// the file creation of the next minutes, which is what DDL measurements time. ext4
+    /// without a journal (the benchmark machine's) will not reuse an inode freed in the last
+    /// 60 s, or 300 s while its inode-table block is unwritten (`recently_deleted()` in
+    /// `fs/ext4/ialloc.c`, `RECENTCY_MIN` and `RECENTCY_DIRTY`), and creating a file then scans
+    /// past every such inode: the same `svcdb migrate up` took 0.73–1.12 s into databases kept
+    /// and 1.30–1.64 s with a database dropped after each run (docs/benchmarks.md). Dropped
+    /// between measurements, each round was slower than the last and the tools' own costs
+    /// drowned in the file system's.
+    pub async fn scratch_database(&self, name: &str) -> Result<()> {
+        self.recreate_database(name).await?;
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if !scratch.iter().any(|kept| kept == name) {
+            scratch.push(name.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Drops every database [`Server::scratch_database`] made; after the last measurement,
+    /// also when one failed.
+    pub async fn drop_scratch(&self) -> Result<()> {
+        let names = std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|e| e.into_inner()));
+        for name in names {
+            self.drop_database(&name).await?;
+        }
+        Ok(())
     }
 
     /// Drops database `name` if it exists, disconnecting whoever is still in it.

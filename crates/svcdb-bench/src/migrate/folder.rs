@@ -44,39 +44,44 @@ pub async fn run(server: &Server, args: &MigrateArgs, folder: &Path) -> Result<(
     let config = config_dir.path().join("diesel.toml");
     std::fs::write(&config, "")?;
 
-    let name = |tool: &str| format!("{}_folder_{tool}", args.database_prefix);
-    let (svcdb_name, diesel_name) = (name("svcdb"), name("diesel"));
-    let diesel_command = diesel_in(server, &diesel, &diesel_name, folder, config);
-    let svcdb_command = || {
-        let mut cmd = svcdb_up(server, &svcdb, &svcdb_name, folder);
+    // Each round's databases kept to the end of the run (Server::scratch_database).
+    let name = |tool: &str, round: u32| format!("{}_folder_{tool}_{round}", args.database_prefix);
+    let svcdb_command = |db: &str| {
+        let mut cmd = svcdb_up(server, &svcdb, db, folder);
         cmd.arg("--allow-unsafe");
         cmd
     };
 
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut objects: Option<Fingerprint> = None;
-    for round in 1..=args.rounds {
-        for diesel_turn in [round % 2 == 0, round % 2 == 1] {
-            let (db, command, what) = if diesel_turn {
-                (&diesel_name, diesel_command(), "diesel migration run")
-            } else {
-                (&svcdb_name, svcdb_command(), "svcdb migrate up")
-            };
-            eprintln!("round {round}/{}: {what}…", args.rounds);
-            let conn = diesel_db(server, db).await?;
-            server.checkpoint().await;
-            let took = timed_call(command, what).await?;
-            let built = fingerprint(&conn).await?;
-            drop(conn);
-            server.drop_database(db).await?;
-            same_or_first(&mut objects, built, what)?;
-            if diesel_turn {
-                theirs.push(took);
-            } else {
-                ours.push(took);
+    let measured: Result<()> = async {
+        for round in 1..=args.rounds {
+            for diesel_turn in [round % 2 == 0, round % 2 == 1] {
+                let db = name(if diesel_turn { "diesel" } else { "svcdb" }, round);
+                let (command, what) = if diesel_turn {
+                    let command = diesel_in(server, &diesel, &db, folder, config.clone());
+                    (command(), "diesel migration run")
+                } else {
+                    (svcdb_command(&db), "svcdb migrate up")
+                };
+                eprintln!("round {round}/{}: {what}…", args.rounds);
+                let conn = diesel_db(server, &db).await?;
+                server.checkpoint().await;
+                let took = timed_call(command, what).await?;
+                same_or_first(&mut objects, fingerprint(&conn).await?, what)?;
+                if diesel_turn {
+                    theirs.push(took);
+                } else {
+                    ours.push(took);
+                }
             }
         }
+        Ok(())
     }
+    .await;
+    let dropped = server.drop_scratch().await;
+    measured?;
+    dropped?;
     let objects = objects.expect("at least one round");
 
     let ratio =

@@ -76,7 +76,8 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     backfill_rows: u32,
 
-    /// Prefix of the benchmark's databases (`<prefix>_svcdb`, …), dropped and recreated.
+    /// Prefix of the benchmark's databases (`<prefix>_svcdb_1`, …): recreated for each
+    /// measurement, and all dropped at the end of the run.
     #[arg(long, default_value = "svcdb_bench_migrate")]
     database_prefix: String,
 
@@ -104,8 +105,6 @@ struct SvcdbRun {
     outside_migrations: Duration,
     /// With no-op calls asked for.
     noop: Option<NoopFigures>,
-    /// When `down` to zero was asked for.
-    down: Option<Duration>,
     /// Objects in the schema after `up` (tables, indexes, sequences, functions, triggers,
     /// constraints), the history table left out.
     objects: Fingerprint,
@@ -284,7 +283,11 @@ pub async fn run(server: &Server, args: &MigrateArgs) -> Result<()> {
         }
     };
     let corpus = Corpus::write(&dir, args)?;
-    let results = measure(server, args, &corpus, psql.as_deref()).await?;
+    let results = measure(server, args, &corpus, psql.as_deref()).await;
+    // After the last measurement, also when one failed: see Server::scratch_database.
+    let dropped = server.drop_scratch().await;
+    let results = results?;
+    dropped?;
     let (figures, targets) = figures(args, &machine, &corpus, &results);
     let text = human_report(args, &machine, &corpus, &results);
     report::print(&text, &figures, &targets, args.json);
@@ -299,7 +302,9 @@ async fn measure(
     psql: Option<&Path>,
 ) -> Result<Results> {
     let count = corpus.migrations.len();
-    let db_name = |suffix: &str| format!("{}_{suffix}", args.database_prefix);
+    // Each measurement in a database of its own, all kept until the end of the run (see
+    // Server::scratch_database): `<prefix>_svcdb_1`, …
+    let db_name = |what: &str, round: u32| format!("{}_{what}_{round}", args.database_prefix);
     let diesel = pg::find_tool("diesel");
     if diesel.is_none() {
         eprintln!("diesel not found on PATH: the diesel references are left out");
@@ -308,29 +313,28 @@ async fn measure(
     // svcdb and the floor run back to back, each round in the other order (as diesel and svcdb
     // below), so that a burst of load from elsewhere on the machine hits both sides alike and
     // neither always runs first; the medians shrug off one unlucky round.
-    let (mut ups, mut outside, mut downs, mut floors) = (vec![], vec![], vec![], vec![]);
+    let (mut ups, mut outside, mut floors) = (vec![], vec![], vec![]);
     let mut noop = None;
     let mut objects: Option<Fingerprint> = None;
     for round in 1..=args.rounds {
         for floor_turn in [round % 2 == 0, round % 2 == 1] {
             if !floor_turn {
                 eprintln!(
-                    "round {round}/{}: svcdb up and down, {count} migrations…",
+                    "round {round}/{}: svcdb up, {count} migrations…",
                     args.rounds
                 );
                 let calls = if round == 1 { args.noop_calls } else { 0 };
-                let run =
-                    svcdb_run(server, &db_name("svcdb"), &corpus.migrations, calls, true).await?;
+                let name = db_name("svcdb", round);
+                let run = svcdb_run(server, &name, &corpus.migrations, calls).await?;
                 ups.push(run.up);
                 outside.push(run.outside_migrations);
-                downs.push(run.down.expect("down was asked for"));
                 noop = noop.or(run.noop);
                 same_or_first(&mut objects, run.objects, "an earlier svcdb round")?;
             } else if let Some(psql) = psql {
                 eprintln!("round {round}/{}: psql -f, one session…", args.rounds);
                 let single = std::slice::from_ref(&corpus.concatenated);
                 let (floor, built) =
-                    psql_timed(server, psql, &db_name("psql_single"), single, false).await?;
+                    psql_timed(server, psql, &db_name("psql", round), single, false).await?;
                 same_or_first(&mut objects, built, "one psql session")?;
                 floors.push(floor);
             }
@@ -345,13 +349,13 @@ async fn measure(
                     "round {round}/{}: svcdb up, the diesel layout…",
                     args.rounds
                 );
-                let run =
-                    svcdb_run(server, &db_name("svcdb_diesel"), &corpus.diesel, 0, false).await?;
+                let name = db_name("svcdb_diesel", round);
+                let run = svcdb_run(server, &name, &corpus.diesel, 0).await?;
                 same_schema(objects, &run.objects, "svcdb on the diesel layout")?;
                 svcdb_diesel_ups.push(run.up);
             } else if let Some(diesel) = &diesel {
                 eprintln!("round {round}/{}: diesel migration run…", args.rounds);
-                let run = diesel_run(server, diesel, &db_name("diesel"), corpus).await?;
+                let run = diesel_run(server, diesel, &db_name("diesel", round), corpus).await?;
                 same_schema(objects, &run.objects, "diesel")?;
                 diesel_ups.push(run.up);
             }
@@ -362,10 +366,9 @@ async fn measure(
     eprintln!("svcdb no-op up with {} applied…", args.applied);
     let applied = svcdb_run(
         server,
-        &db_name("applied"),
+        &db_name("applied", 1),
         &corpus.applied,
         args.noop_calls,
-        false,
     )
     .await?;
 
@@ -383,7 +386,7 @@ async fn measure(
             let (elapsed, built) = psql_timed(
                 server,
                 psql,
-                &db_name("psql_per_file"),
+                &db_name("psql_per_file", 1),
                 &corpus.up_files,
                 true,
             )
@@ -396,6 +399,14 @@ async fn measure(
             None
         }
     };
+
+    // The downs last: each drops every table, thousands of files, which would slow the file
+    // creation of every `up` after it (Server::scratch_database).
+    let mut downs = Vec::with_capacity(args.rounds as usize);
+    for round in 1..=args.rounds {
+        eprintln!("svcdb down to zero, {count} migrations, round {round}'s database…");
+        downs.push(svcdb_down(server, &db_name("svcdb", round), &corpus.migrations).await?);
+    }
     Ok(Results {
         ups,
         outside,
@@ -667,15 +678,13 @@ fn same_schema(svcdb: &Fingerprint, other: &Fingerprint, what: &str) -> Result<(
     Ok(())
 }
 
-/// In a fresh database `name`: `up` from empty (timed), `noop_calls` no-op `up`s, and with
-/// `down`, `down` to zero (timed) and a check that it left nothing behind. Drops the
-/// database at the end.
+/// In a fresh database `name`, kept to the end of the run: `up` from empty (timed), then
+/// `noop_calls` no-op `up`s.
 async fn svcdb_run(
     server: &Server,
     name: &str,
     migrations: &Migrations,
     noop_calls: u32,
-    down: bool,
 ) -> Result<SvcdbRun> {
     let bench = bench_db(server, name, migrations.clone()).await?;
     let expected = migrations.len();
@@ -708,48 +717,52 @@ async fn svcdb_run(
         );
     }
     let noop = noop_figures(&samples);
-
-    let down = if down {
-        server.checkpoint().await;
-        let started = Instant::now();
-        let report = bench
-            .down(&DownOptions {
-                to: Some(0u32.into()),
-                ..DownOptions::default()
-            })
-            .await?;
-        let elapsed = started.elapsed();
-        ensure!(
-            report.migrations.len() == expected,
-            "down reverted {} of {expected} migrations",
-            report.migrations.len()
-        );
-        let left = bench.objects().await?;
-        ensure!(
-            left.count == 0,
-            "down to zero left {} objects behind: {}",
-            left.count,
-            left.items
-        );
-        Some(elapsed)
-    } else {
-        None
-    };
-    drop(bench);
-    server.drop_database(name).await?;
     Ok(SvcdbRun {
         up,
         outside_migrations: up.saturating_sub(Duration::from_secs_f64(in_migrations / 1e3)),
         noop,
-        down,
         objects,
     })
 }
 
-/// A fresh database `name` and a runner for `migrations` on its schema `bench` (created by
-/// svcdb, as `SVCDB_CREATE_SCHEMA` would).
+/// `down` to zero (timed) of the database `name`, which a [`svcdb_run`] of `migrations`
+/// migrated, and a check that it left nothing behind.
+async fn svcdb_down(server: &Server, name: &str, migrations: &Migrations) -> Result<Duration> {
+    let bench = open_bench(server, name, migrations.clone()).await?;
+    let expected = migrations.len();
+    server.checkpoint().await;
+    let started = Instant::now();
+    let report = bench
+        .down(&DownOptions {
+            to: Some(0u32.into()),
+            ..DownOptions::default()
+        })
+        .await?;
+    let elapsed = started.elapsed();
+    ensure!(
+        report.migrations.len() == expected,
+        "down reverted {} of {expected} migrations",
+        report.migrations.len()
+    );
+    let left = bench.objects().await?;
+    ensure!(
+        left.count == 0,
+        "down to zero left {} objects behind: {}",
+        left.count,
+        left.items
+    );
+    Ok(elapsed)
+}
+
+/// A fresh database `name`, kept to the end of the run, and a runner for `migrations` on its
+/// schema `bench` (created by svcdb, as `SVCDB_CREATE_SCHEMA` would).
 async fn bench_db(server: &Server, name: &str, migrations: Migrations) -> Result<Bench> {
-    server.recreate_database(name).await?;
+    server.scratch_database(name).await?;
+    open_bench(server, name, migrations).await
+}
+
+/// A runner for `migrations` on the schema `bench` of the existing database `name`.
+async fn open_bench(server: &Server, name: &str, migrations: Migrations) -> Result<Bench> {
     let mut config =
         svcdb::Config::with_connection(server.database(name), Ident::new("schema", SCHEMA)?);
     config.create_schema = true;
@@ -785,7 +798,8 @@ impl std::ops::Deref for Bench {
 }
 
 /// Runs `psql -X -q -v ON_ERROR_STOP=1 -f <file>` for each file into a fresh database whose
-/// schema `bench` exists; returns the total time and what it built. With `pin_schema`, the
+/// schema `bench` exists, kept to the end of the run; returns the total time and what it
+/// built. With `pin_schema`, the
 /// search path goes in `PGOPTIONS` (a startup option, exactly as svcdb pins it); otherwise
 /// the file sets it itself.
 async fn psql_timed(
@@ -795,7 +809,7 @@ async fn psql_timed(
     files: &[PathBuf],
     pin_schema: bool,
 ) -> Result<(Duration, Fingerprint)> {
-    server.recreate_database(name).await?;
+    server.scratch_database(name).await?;
     let conn = DedicatedConn::connect(&server.database(name)).await?;
     conn.batch_execute(&format!("CREATE SCHEMA {SCHEMA}"))
         .await?;
@@ -812,8 +826,6 @@ async fn psql_timed(
     }
     let elapsed = started.elapsed();
     let objects = fingerprint(&conn).await?;
-    drop(conn);
-    server.drop_database(name).await?;
     Ok((elapsed, objects))
 }
 
@@ -859,8 +871,8 @@ struct DieselRun {
     objects: Fingerprint,
 }
 
-/// In a fresh database `name`: `diesel migration run` from empty, timed. Drops the database
-/// at the end.
+/// In a fresh database `name`, kept to the end of the run: `diesel migration run` from
+/// empty, timed.
 async fn diesel_run(
     server: &Server,
     diesel: &Path,
@@ -872,14 +884,13 @@ async fn diesel_run(
     server.checkpoint().await;
     let up = timed_call(command(), "diesel migration run").await?;
     let objects = fingerprint(&conn).await?;
-    drop(conn);
-    server.drop_database(name).await?;
     Ok(DieselRun { up, objects })
 }
 
-/// A fresh database `name` whose schema `bench` exists, for diesel, and a connection to it.
+/// A fresh database `name` whose schema `bench` exists, for diesel, and a connection to it;
+/// kept to the end of the run.
 async fn diesel_db(server: &Server, name: &str) -> Result<DedicatedConn> {
-    server.recreate_database(name).await?;
+    server.scratch_database(name).await?;
     let conn = DedicatedConn::connect(&server.database(name)).await?;
     conn.batch_execute(&format!("CREATE SCHEMA {SCHEMA}"))
         .await?;
@@ -960,14 +971,6 @@ async fn cli_noops(
         if let Some((_, command)) = &theirs {
             diesel_times.push(timed_call(command(), "diesel migration run (no-op)").await?);
         }
-    }
-    if let Some((bench, _)) = ours {
-        drop(bench);
-        server.drop_database(&svcdb_name).await?;
-    }
-    if let Some((conn, _)) = theirs {
-        drop(conn);
-        server.drop_database(&diesel_name).await?;
     }
     Ok((noop_figures(&svcdb_times), noop_figures(&diesel_times)))
 }
