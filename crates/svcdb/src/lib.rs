@@ -101,7 +101,7 @@ pub use pool::{PoolStatus, PooledConn, ServiceDb, WaitPercentiles};
 pub use provision::{provision, Password, ProvisionReport, ProvisionSpec};
 pub use schema::{Gate, GateReport, Notice, Problem, TableInfo, TableKind};
 pub use tls::{Tls, TlsFailure, TlsMode};
-pub use transaction::{Savepoint, Transaction};
+pub use transaction::{Execute, Savepoint, Transaction, MAX_CACHED_STATEMENTS};
 pub use tx::{IsolationLevel, Retryable, TxOptions};
 
 /// Compiles a migrations folder into the binary, as a

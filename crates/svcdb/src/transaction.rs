@@ -7,6 +7,8 @@ use std::task::{Context, Poll};
 
 use deadpool_postgres::ClientWrapper;
 use futures_util::FutureExt;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Statement;
 
 use crate::error::Error;
 use crate::tx::IsolationLevel;
@@ -23,9 +25,9 @@ pub(crate) type Begun<'a> =
 /// svcdb commits it when the closure returns `Ok` and rolls it back when it returns `Err`,
 /// panics or is cancelled: the closure does not commit or roll back itself. It dereferences to
 /// the pooled client, whose methods run statements (`query`, `query_one`, `query_opt`,
-/// `execute`, `batch_execute`, `simple_query`, `copy_in`, …) and whose `prepare_cached`
-/// prepares a statement once per pooled connection rather than once per call;
-/// [`Transaction::savepoint`] sets a savepoint. A function of yours that takes
+/// `batch_execute`, `simple_query`, `copy_in`, …) and whose `prepare_cached` prepares a
+/// statement once per pooled connection rather than once per call;
+/// [`Transaction::execute`] does that by itself; [`Transaction::savepoint`] sets a savepoint. A function of yours that takes
 /// `&impl tokio_postgres::GenericClient` takes [`tx.client()`](Transaction::client), the
 /// driver's client the transaction runs on.
 ///
@@ -129,6 +131,19 @@ impl<'a> Transaction<'a> {
         self.conn
     }
 
+    /// Runs a statement that returns no rows (`INSERT`, `UPDATE`, `DELETE`, DDL) and returns
+    /// how many rows it changed, as the driver's `execute` does, but with SQL text prepared
+    /// once per pooled connection: later calls with the same text, in this transaction or a
+    /// later one on the same connection, send only its parameters (one round trip instead of
+    /// two). See [`Execute`] for what is kept and what is not.
+    pub async fn execute(
+        &self,
+        statement: &(impl Execute + ?Sized),
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        execute(self.conn, statement, params).await
+    }
+
     /// The pooled client, for svcdb's own statements.
     pub(crate) fn pooled_client(&self) -> &'a ClientWrapper {
         self.conn
@@ -185,10 +200,92 @@ impl Savepoint<'_> {
             .await
     }
 
+    /// [`Transaction::execute`], inside the savepoint.
+    pub async fn execute(
+        &self,
+        statement: &(impl Execute + ?Sized),
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        execute(self.conn, statement, params).await
+    }
+
     /// The pooled client, for svcdb's own statements.
     pub(crate) fn pooled_client(&self) -> &ClientWrapper {
         self.conn
     }
+}
+
+/// What [`Transaction::execute`] and [`Savepoint::execute`] run: SQL text (`&str`,
+/// `&String`), or a [`Statement`] you prepared.
+///
+/// SQL text is prepared once per pooled connection and kept in the connection's statement
+/// cache (the one `prepare_cached` fills), unless
+///
+/// * the statement returns rows (`SELECT`, `… RETURNING`): PostgreSQL fails a kept statement
+///   whose rows change shape, as `SELECT *` or `RETURNING *` do once a migration adds a
+///   column (0A000, "cached plan must not change result type"), which would fail the old
+///   release's replicas in the middle of a rolling deploy. Such text is prepared for the call
+///   only, as the driver's `execute` does;
+/// * the connection already keeps [`MAX_CACHED_STATEMENTS`]: SQL built with values inlined
+///   would otherwise keep a prepared statement on the server for every value.
+///
+/// A statement that returns no rows is planned again by PostgreSQL when a table it uses
+/// changes, so a kept `INSERT` goes on working across a migration.
+pub trait Execute: Sync + sealed::Sealed {
+    /// The SQL text, or the prepared statement.
+    #[doc(hidden)]
+    fn sql_or_statement(&self) -> Result<&str, &Statement>;
+}
+
+impl Execute for str {
+    fn sql_or_statement(&self) -> Result<&str, &Statement> {
+        Ok(self)
+    }
+}
+
+impl Execute for String {
+    fn sql_or_statement(&self) -> Result<&str, &Statement> {
+        Ok(self)
+    }
+}
+
+impl Execute for Statement {
+    fn sql_or_statement(&self) -> Result<&str, &Statement> {
+        Err(self)
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for str {}
+    impl Sealed for String {}
+    impl Sealed for tokio_postgres::Statement {}
+}
+
+/// The most SQL texts [`Transaction::execute`] keeps prepared on one pooled connection (its
+/// own and `prepare_cached`'s together); past it, new texts are prepared for the call only.
+pub const MAX_CACHED_STATEMENTS: usize = 256;
+
+/// [`Transaction::execute`] on `conn`.
+async fn execute(
+    conn: &ClientWrapper,
+    statement: &(impl Execute + ?Sized),
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    let sql = match statement.sql_or_statement() {
+        Ok(sql) => sql,
+        Err(prepared) => return conn.execute(prepared, params).await,
+    };
+    let cached_before = conn.statement_cache.size();
+    let prepared = conn.prepare_cached(sql).await?;
+    let cached = conn.statement_cache.size();
+    if cached > cached_before && (!prepared.columns().is_empty() || cached > MAX_CACHED_STATEMENTS)
+    {
+        // Added by this call and not to be kept: out of the cache, and closed on the server
+        // once `prepared` is dropped (the driver sends the `Close` then, unawaited).
+        conn.statement_cache.remove(sql, &[]);
+    }
+    conn.execute(&prepared, params).await
 }
 
 impl Deref for Savepoint<'_> {

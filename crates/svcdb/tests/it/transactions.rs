@@ -533,3 +533,122 @@ async fn a_helper_taking_the_drivers_generic_client_runs_inside_the_transaction(
     assert_eq!(count(&svc).await, 0, "rolled back with the transaction");
     assert_nothing_left_open(&db, &[1]).await;
 }
+
+/// A service on `db` whose pool holds one connection, so that every statement, and the
+/// session's view of its prepared statements, is on that connection.
+async fn one_connection(db: &TestDb) -> ServiceDb {
+    let mut config = db.config("orders");
+    config.pool_max = 1;
+    let svc = ServiceDb::connect(config).await.unwrap();
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL)")
+        .await
+        .unwrap();
+    svc
+}
+
+/// How many prepared statements the pooled connection's session keeps with this text.
+async fn kept(svc: &ServiceDb, sql: &str) -> i64 {
+    svc.get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1",
+            &[&sql],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn execute_prepares_a_statement_once_per_connection_but_never_keeps_one_returning_rows() {
+    const INSERT: &str = "INSERT INTO t VALUES ($1, 0)";
+    const RETURNING: &str = "UPDATE t SET n = n + 1 WHERE id = $1 RETURNING *";
+    const DRIVERS: &str = "UPDATE t SET n = n + 1 WHERE id = $1";
+    let db = TestDb::new().await;
+    let svc = one_connection(&db).await;
+    for id in 1..=3 {
+        svc.transaction(async |tx| {
+            tx.execute(INSERT, &[&id]).await?;
+            assert_eq!(tx.execute(RETURNING, &[&id]).await?, 1);
+            // The driver's own execute, the control: it keeps nothing.
+            tx.client().execute(DRIVERS, &[&id]).await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(count(&svc).await, 3);
+    assert_eq!(kept(&svc, INSERT).await, 1, "one statement for three calls");
+    assert_eq!(kept(&svc, RETURNING).await, 0);
+    assert_eq!(kept(&svc, DRIVERS).await, 0);
+
+    // Why a statement returning rows is not kept: once a migration adds a column, PostgreSQL
+    // refuses to run a kept `RETURNING *` (0A000), where a new one runs. The kept `INSERT`
+    // is planned again and goes on working.
+    let control = svc
+        .transaction(async |tx| Ok::<_, Error>(tx.prepare(RETURNING).await?))
+        .await
+        .unwrap();
+    svc.get()
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE t ADD COLUMN note text")
+        .await
+        .unwrap();
+    let refused = svc
+        .transaction(async |tx| Ok::<_, Error>(tx.execute(&control, &[&1]).await?))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED));
+    svc.transaction(async |tx| {
+        assert_eq!(tx.execute(RETURNING, &[&1]).await?, 1);
+        tx.execute(INSERT, &[&4]).await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&svc).await, 4);
+}
+
+#[tokio::test]
+async fn execute_keeps_at_most_max_cached_statements_per_connection() {
+    let db = TestDb::new().await;
+    let svc = one_connection(&db).await;
+    let texts: Vec<String> = (0..svcdb::MAX_CACHED_STATEMENTS + 20)
+        .map(|id| format!("INSERT INTO t VALUES ({id}, 0)"))
+        .collect();
+    svc.transaction(async |tx| {
+        for text in &texts {
+            tx.execute(text, &[]).await?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&svc).await, texts.len() as i64);
+    let ours: i64 = svc
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'INSERT INTO t VALUES (%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        ours <= svcdb::MAX_CACHED_STATEMENTS as i64,
+        "{ours} statements kept"
+    );
+    assert_eq!(kept(&svc, &texts[0]).await, 1, "the first texts are kept");
+    assert_eq!(
+        kept(&svc, texts.last().unwrap()).await,
+        0,
+        "past the cap, not"
+    );
+}
