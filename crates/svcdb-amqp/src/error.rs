@@ -266,13 +266,21 @@ pub(crate) fn connect_failure_rank(e: &Error) -> u8 {
 }
 
 /// True for errors that mean the connection itself is gone or unusable.
+///
+/// That includes an operation refused because its channel is in lapin's `Error` state, which
+/// lapin gives every channel of a connection that failed (`set_connection_error`), and no
+/// channel otherwise (a channel the broker closed is `Closed`). Found by the shop's demo: a
+/// consumer reconnecting just as the new connection was cut got "invalid channel state:
+/// Error" from `basic.qos`, took it for a fault of its own and stopped the service.
 pub(crate) fn is_connection_level(e: &lapin::Error) -> bool {
-    use lapin::ErrorKind;
+    use lapin::{ChannelState, ErrorKind};
     e.is_io_error()
         || e.is_amqp_hard_error()
         || matches!(
             e.kind(),
-            ErrorKind::InvalidConnectionState(_) | ErrorKind::MissingHeartbeatError
+            ErrorKind::InvalidConnectionState(_)
+                | ErrorKind::MissingHeartbeatError
+                | ErrorKind::InvalidChannelState(ChannelState::Error, _)
         )
 }
 
@@ -293,5 +301,29 @@ fn amqp_hint(e: &lapin::Error) -> &'static str {
             "\n  hint: the user lacks configure/write/read permission on this resource (rabbitmqctl set_permissions)"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::{ChannelState, ErrorKind};
+
+    use super::*;
+
+    #[test]
+    fn a_channel_failed_with_its_connection_is_a_connection_error_and_one_the_broker_closed_is_not()
+    {
+        // What the shop's demo met: `basic.qos` on a channel whose new connection was cut.
+        let failed = Error::amqp(
+            "setting prefetch 4 on orders",
+            ErrorKind::InvalidChannelState(ChannelState::Error, "basic.qos").into(),
+        );
+        assert!(failed.is_connection_error(), "{failed}");
+        // A channel the broker closed (a refused declaration, say) stays the request's fault.
+        let closed = Error::amqp(
+            "declaring queue orders",
+            ErrorKind::InvalidChannelState(ChannelState::Closed, "queue.declare").into(),
+        );
+        assert!(!closed.is_connection_error(), "{closed}");
     }
 }
