@@ -16,7 +16,7 @@
 //! | the pool: schema pinned per connection, acquire timeout, min/max, status | [`ServiceDb`], [`PooledConn`], [`PoolStatus`] |
 //! | TLS: libpq's `sslmode`/`sslrootcert` on rustls, one connector per pool, why a handshake failed | [`Tls`], [`TlsMode`], [`TlsFailure`] |
 //! | connections outside the pool (locks, long jobs, provisioning) | [`DedicatedConn`] |
-//! | transactions: commit on `Ok`, rollback on error or drop, retry on 40001/40P01; the `BEGIN` sent with the first statement, savepoints | [`ServiceDb::transaction`], [`Transaction`], [`Savepoint`], [`TxOptions`], [`Retryable`] |
+//! | transactions: commit on `Ok`, rollback on error or drop, retry on 40001/40P01; the `BEGIN` sent with the first statement, savepoints; `execute` prepared once per connection | [`ServiceDb::transaction`], [`Transaction`], [`Savepoint`], [`Execute`], [`TxOptions`], [`Retryable`] |
 //! | a login role per service owning its schema; nothing for `PUBLIC` | [`provision()`], [`ProvisionSpec`], [`ProvisionReport`] |
 //! | validated, always-quoted schema/role/table names | [`Ident`] |
 //! | errors, matched by variant and SQLSTATE; a failure rendered with its hints | [`Error`], [`SqlState`]; [`error`] ([`error::Report`]) |
