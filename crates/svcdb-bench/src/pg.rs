@@ -18,7 +18,7 @@ pub struct Server {
     conn: DedicatedConn,
     /// `server_version`, e.g. `15.20 (Debian 15.20-0+deb12u1)`, for the report.
     version: String,
-    /// The databases [`Server::scratch_database`] made, dropped by [`Server::drop_scratch`].
+    /// The databases [`Server::scratch_database`] made, dropped by [`Server::measuring`].
     scratch: std::sync::Mutex<Vec<String>>,
 }
 
@@ -102,8 +102,8 @@ impl Server {
     }
 
     /// A fresh database `name` for one measurement ([`Server::recreate_database`]), kept until
-    /// [`Server::drop_scratch`] at the end of the run rather than dropped when the measurement
-    /// is done.
+    /// the end of the run ([`Server::measuring`]) rather than dropped when the measurement is
+    /// done.
     ///
     /// Dropping a database deletes thousands of files, and on some file systems that slows
     /// the file creation of the next minutes, which is what DDL measurements time. ext4
@@ -123,14 +123,20 @@ impl Server {
         Ok(())
     }
 
-    /// Drops every database [`Server::scratch_database`] made; after the last measurement,
-    /// also when one failed.
-    pub async fn drop_scratch(&self) -> Result<()> {
+    /// Runs `measurements`, then drops every database [`Server::scratch_database`] made, also
+    /// when they failed (their error is the one returned).
+    pub async fn measuring<T>(
+        &self,
+        measurements: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let measured = measurements.await;
         let names = std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut dropped = Ok(());
         for name in names {
-            self.drop_database(&name).await?;
+            dropped = dropped.and(self.drop_database(&name).await);
         }
-        Ok(())
+        let value = measured?;
+        dropped.map(|()| value)
     }
 
     /// Drops database `name` if it exists, disconnecting whoever is still in it.

@@ -54,34 +54,32 @@ pub async fn run(server: &Server, args: &MigrateArgs, folder: &Path) -> Result<(
 
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut objects: Option<Fingerprint> = None;
-    let measured: Result<()> = async {
-        for round in 1..=args.rounds {
-            for diesel_turn in [round % 2 == 0, round % 2 == 1] {
-                let db = name(if diesel_turn { "diesel" } else { "svcdb" }, round);
-                let (command, what) = if diesel_turn {
-                    let command = diesel_in(server, &diesel, &db, folder, config.clone());
-                    (command(), "diesel migration run")
-                } else {
-                    (svcdb_command(&db), "svcdb migrate up")
-                };
-                eprintln!("round {round}/{}: {what}…", args.rounds);
-                let conn = diesel_db(server, &db).await?;
-                server.checkpoint().await;
-                let took = timed_call(command, what).await?;
-                same_or_first(&mut objects, fingerprint(&conn).await?, what)?;
-                if diesel_turn {
-                    theirs.push(took);
-                } else {
-                    ours.push(took);
+    server
+        .measuring(async {
+            for round in 1..=args.rounds {
+                for diesel_turn in [round % 2 == 0, round % 2 == 1] {
+                    let db = name(if diesel_turn { "diesel" } else { "svcdb" }, round);
+                    let (command, what) = if diesel_turn {
+                        let command = diesel_in(server, &diesel, &db, folder, config.clone());
+                        (command(), "diesel migration run")
+                    } else {
+                        (svcdb_command(&db), "svcdb migrate up")
+                    };
+                    eprintln!("round {round}/{}: {what}…", args.rounds);
+                    let conn = diesel_db(server, &db).await?;
+                    server.checkpoint().await;
+                    let took = timed_call(command, what).await?;
+                    same_or_first(&mut objects, fingerprint(&conn).await?, what)?;
+                    if diesel_turn {
+                        theirs.push(took);
+                    } else {
+                        ours.push(took);
+                    }
                 }
             }
-        }
-        Ok(())
-    }
-    .await;
-    let dropped = server.drop_scratch().await;
-    measured?;
-    dropped?;
+            Ok(())
+        })
+        .await?;
     let objects = objects.expect("at least one round");
 
     let ratio =

@@ -283,11 +283,9 @@ pub async fn run(server: &Server, args: &MigrateArgs) -> Result<()> {
         }
     };
     let corpus = Corpus::write(&dir, args)?;
-    let results = measure(server, args, &corpus, psql.as_deref()).await;
-    // After the last measurement, also when one failed: see Server::scratch_database.
-    let dropped = server.drop_scratch().await;
-    let results = results?;
-    dropped?;
+    let results = server
+        .measuring(measure(server, args, &corpus, psql.as_deref()))
+        .await?;
     let (figures, targets) = figures(args, &machine, &corpus, &results);
     let text = human_report(args, &machine, &corpus, &results);
     report::print(&text, &figures, &targets, args.json);
